@@ -1,0 +1,35 @@
+# `make test` and `make demo` bootstrap .venv on a fresh machine (pinned CPU torch first:
+# an open-ended torch requirement installed first would pull a multi-GB CUDA build).
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+TORCH   ?= torch==2.13.0
+STAMP   := $(VENV)/.installed
+
+.PHONY: venv test test-all demo lint check clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+check: $(STAMP)
+	$(BIN)/hymba check configs/
+
+demo: $(STAMP)
+	$(BIN)/python -m hymba_plus.demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check hymba_plus tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,23 @@
+"""hymba_plus: a model zoo for hybrid language models built from YAML recipes."""
+
+from .core import registry
+from .core.registry import register
+
+# reserved now, registered by the work that implements them (reported "not available yet")
+registry.reserve("atlas", "ATL")
+registry.reserve("mamba3", "M3")
+registry.reserve("gdn", "GD")
+registry.reserve("hymba", "HY")
+registry.reserve("moe")
+
+from . import components  # noqa: E402,F401  (registers the available components)
+from .core.cache import HybridCache, LayerState, StepContext  # noqa: E402
+from .core.recipe import Recipe, RecipeError, load_recipe  # noqa: E402
+from .models import CheckpointError, HybridLM, ModelOutput, build_model, from_pretrained  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "registry", "register", "load_recipe", "Recipe", "RecipeError", "build_model", "from_pretrained",
+    "HybridLM", "ModelOutput", "HybridCache", "LayerState", "StepContext", "CheckpointError",
+]

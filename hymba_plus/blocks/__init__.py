@@ -1,0 +1,3 @@
+from .block import Block
+
+__all__ = ["Block"]

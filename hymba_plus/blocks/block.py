@@ -1,0 +1,43 @@
+"""The residual block: ``x + mixer(norm(x))`` then ``x + ffn(norm(x))`` (pre-norm,
+zero-centered RMSNorm as in Qwen3-Next). Either sublayer may be absent (``-`` / ``+none``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..core import registry
+from ..core.cache import LayerState, StepContext
+from ..core.pattern import LayerSpec
+from ..components.norm import RMSNorm
+
+
+class Block(nn.Module):
+    def __init__(self, spec: LayerSpec, recipe, layer_idx: int):  # noqa: ANN001 - Recipe
+        super().__init__()
+        m = recipe.model
+        self.spec = spec
+        self.layer_idx = layer_idx
+        kw = dict(d_model=m.d_model, model=m, layer_idx=layer_idx, recipe=recipe)
+        self.mixer = None
+        if spec.mixer != "none":
+            self.norm1 = RMSNorm(m.d_model, m.norm.eps, m.norm.zero_centered)
+            self.mixer = registry.build(spec.mixer, recipe.component(spec.mixer), **kw)
+        self.ffn = None
+        if spec.ffn != "none":
+            self.norm2 = RMSNorm(m.d_model, m.norm.eps, m.norm.zero_centered)
+            self.ffn = registry.build(spec.ffn, recipe.component(spec.ffn), **kw)
+        self.drop = nn.Dropout(m.dropout) if m.dropout > 0 else nn.Identity()
+
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> LayerState | None:
+        if self.mixer is None:
+            return None
+        return self.mixer.init_state(batch_size, device, dtype)
+
+    def forward(self, x: Tensor, ctx: StepContext, state: LayerState | None = None) -> Tensor:
+        ctx.layer_idx = self.layer_idx
+        if self.mixer is not None:
+            x = x + self.drop(self.mixer(self.norm1(x), ctx, state))
+        if self.ffn is not None:
+            x = x + self.drop(self.ffn(self.norm2(x), ctx))
+        return x

@@ -1,0 +1,155 @@
+"""Gated attention (Qwen3-Next; Qiu et al. 2025, "Gated Attention for Large Language
+Models", arXiv 2505.06708, the SDPA-output gate of Eq. 5 / position G1).
+
+    q, k = RMSNorm_zc(x Wq), RMSNorm_zc(x Wk)          (per head, zero-centered)
+    q, k = RoPE_partial(q, pos), RoPE_partial(k, pos)   (linear / NTK / YaRN scaling)
+    o    = SDPA(q, k, v) * sigmoid(x Wg)                (elementwise output gate)
+    y    = o Wo
+
+GQA (n_kv_heads < n_heads), optional sliding window. Without ``window`` the layer is
+global causal attention (a recipe never silently turns local). Meta tokens
+(positions < n_meta) stay visible through any window (Hymba, arXiv 2411.13676 §2.3).
+
+The cache keeps keys, values and each slot's position; a windowed layer keeps only the
+meta tokens plus the last ``window - 1`` positions of every row, so its memory is bounded.
+Kernel: ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient
+kernels on CUDA; the causal fast path needs no mask at all).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core.cache import LayerState, StepContext
+from ..core.config import spec
+from ..core.positions import RopeConfig, Rotary, rotary_dim
+from ..core.registry import register
+from .norm import RMSNorm
+
+
+@dataclass(frozen=True)
+class GatedAttentionConfig:
+    n_heads: int = spec(4, min=1)
+    n_kv_heads: int | None = spec(None, min=1)
+    head_dim: int | None = spec(None, min=1)
+    qk_norm: bool = True
+    output_gate: bool = True
+    window: int | None = spec(None, min=1)
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    bias: bool = False
+
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    def dim(self, d_model: int) -> int:
+        return self.head_dim or d_model // self.n_heads
+
+    def check(self, model):  # noqa: ANN001
+        if self.n_heads % self.kv_heads():
+            yield "n_kv_heads", f"must divide n_heads ({self.n_heads}), got {self.kv_heads()}"
+        if self.head_dim is None and model.d_model % self.n_heads:
+            yield "n_heads", f"must divide d_model ({model.d_model}) when head_dim is not given"
+        if self.rope.fraction > 0 and rotary_dim(self.dim(model.d_model), self.rope.fraction) < 2:
+            yield "rope.fraction", "rotates fewer than 2 dims of a head; use 0 for no RoPE"
+
+
+@dataclass
+class AttentionState(LayerState):
+    """Keys/values [B, Hkv, S, D] and each slot's position [B, S] (-1 = empty slot)."""
+
+    k: Tensor | None = None
+    v: Tensor | None = None
+    pos: Tensor | None = None
+
+
+def visible(qpos: Tensor, kpos: Tensor, window: int | None, n_meta: int) -> Tensor:
+    """[B, Tq, S] bool: causal (and windowed) visibility by position; kpos -1 = empty."""
+    q, k = qpos[:, :, None], kpos[:, None, :]
+    ok = (k >= 0) & (k <= q)
+    if window is not None:
+        ok &= (q - k < window) | (k < n_meta)
+    return ok
+
+
+@register("gated_attn", config=GatedAttentionConfig, aliases=("GA", "attn", "attention"))
+class GatedAttention(nn.Module):
+    def __init__(self, cfg: GatedAttentionConfig, *, d_model: int, **_: object):
+        super().__init__()
+        self.cfg = cfg
+        self.h, self.hkv, self.d = cfg.n_heads, cfg.kv_heads(), cfg.dim(d_model)
+        self.q_proj = nn.Linear(d_model, self.h * self.d, bias=cfg.bias)
+        self.k_proj = nn.Linear(d_model, self.hkv * self.d, bias=cfg.bias)
+        self.v_proj = nn.Linear(d_model, self.hkv * self.d, bias=cfg.bias)
+        self.g_proj = nn.Linear(d_model, self.h * self.d, bias=cfg.bias) if cfg.output_gate else None
+        self.o_proj = nn.Linear(self.h * self.d, d_model, bias=cfg.bias)
+        self.o_proj.is_residual_out = True
+        self.q_norm = RMSNorm(self.d) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.d) if cfg.qk_norm else None
+        self.rotary = Rotary(self.d, cfg.rope)
+
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> AttentionState:
+        return AttentionState()
+
+    # -- the three projections plus norm + rope; shared with hymba's attention heads
+    def qkv(self, x: Tensor, ctx: StepContext) -> tuple[Tensor, Tensor, Tensor]:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.h, self.d)
+        k = self.k_proj(x).view(B, T, self.hkv, self.d)
+        v = self.v_proj(x).view(B, T, self.hkv, self.d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = self.rotary.cos_sin(ctx.positions)
+        return self.rotary(q, cos, sin), self.rotary(k, cos, sin), v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: StepContext, state: AttentionState | None) -> Tensor:
+        """q [B,T,H,D], k/v [B,T,Hkv,D] of this chunk -> attention output [B,T,H,D]."""
+        B, T = q.shape[:2]
+        qpos = ctx.positions
+        valid = ctx.valid
+        kpos_new = qpos if valid is None else torch.where(valid, qpos, torch.full_like(qpos, -1))
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, T, D]
+        if state is not None and state.k is not None:
+            k_all = torch.cat([state.k, k], dim=2)
+            v_all = torch.cat([state.v, v], dim=2)
+            kpos = torch.cat([state.pos, kpos_new], dim=1)
+            fresh = False
+        else:
+            k_all, v_all, kpos, fresh = k, v, kpos_new, True
+        qh = q.transpose(1, 2)
+        gqa = self.h != self.hkv
+        if fresh and valid is None and self.cfg.window is None:
+            o = F.scaled_dot_product_attention(qh, k_all, v_all, is_causal=True, enable_gqa=gqa)
+        else:
+            mask = visible(qpos, kpos, self.cfg.window, ctx.n_meta)
+            if valid is not None:  # inert query slots: any finite output will do
+                mask = mask | ~valid[:, :, None]
+            o = F.scaled_dot_product_attention(qh, k_all, v_all, attn_mask=mask[:, None], enable_gqa=gqa)
+        if state is not None:
+            self._store(state, k_all, v_all, kpos, ctx)
+        return o.transpose(1, 2)
+
+    def _store(self, state: AttentionState, k: Tensor, v: Tensor, kpos: Tensor, ctx: StepContext) -> None:
+        w = self.cfg.window
+        if w is not None:
+            # keep meta tokens and the last (window - 1) positions of every row
+            last = kpos.max(dim=1, keepdim=True).values
+            keep = (kpos >= 0) & ((kpos < ctx.n_meta) | (last - kpos < w - 1))
+            n_keep = int(keep.sum(1).max().item())
+            if n_keep < kpos.shape[1]:
+                order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :n_keep]
+                kpos = torch.where(keep.gather(1, order), kpos.gather(1, order), -1)
+                idx = order[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+                k, v = k.gather(2, idx), v.gather(2, idx)
+        state.k, state.v, state.pos = k, v, kpos
+
+    def forward(self, x: Tensor, ctx: StepContext, state: AttentionState | None = None) -> Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x, ctx)
+        o = self.attend(q, k, v, ctx, state).reshape(B, T, self.h * self.d)
+        if self.g_proj is not None:
+            o = o * torch.sigmoid(self.g_proj(x))
+        return self.o_proj(o)

@@ -1,0 +1,42 @@
+"""RMSNorm, zero-centered (Qwen3-Next / Gemma style) and gated (Gated DeltaNet output).
+
+Zero-centered RMSNorm stores ``w`` and scales by ``(1 + w)``, so the weight starts at zero
+and weight decay pulls the scale towards 1 instead of 0 (Qwen3-Next). The plain form
+scales by ``w`` initialised to 1.
+
+Gated RMSNorm (Gated DeltaNet, arXiv 2412.06464, output stage): ``RMSNorm(o) * SiLU(z)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6, zero_centered: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.zero_centered = zero_centered
+        self.weight = nn.Parameter(torch.zeros(dim) if zero_centered else torch.ones(dim))
+
+    def scale(self) -> Tensor:
+        return 1.0 + self.weight if self.zero_centered else self.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        dt = x.dtype
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.scale().float()).to(dt)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, zero_centered={self.zero_centered}"
+
+
+class GatedRMSNorm(RMSNorm):
+    """``RMSNorm(x) * SiLU(gate)`` over the last dim (per head when x is [..., H, D])."""
+
+    def forward(self, x: Tensor, gate: Tensor) -> Tensor:  # type: ignore[override]
+        y = super().forward(x)
+        return (y.float() * F.silu(gate.float())).to(x.dtype)

@@ -1,0 +1,1 @@
+"""Registry, recipe language, block_pattern grammar, cache protocol, positions."""

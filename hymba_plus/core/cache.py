@@ -1,0 +1,138 @@
+"""One cache protocol for every component.
+
+``HybridCache`` holds one ``LayerState`` per layer application plus the per-row position
+counter. Positions always come from here, never from the caller.
+
+How padding works (the rule every component relies on)
+------------------------------------------------------
+The model *compacts* every chunk before the layers see it: in each row the real tokens
+are moved, in order, to the front of the chunk, and the padding to the back. A layer
+therefore sees ``StepContext.lengths[b]`` real tokens followed by inert slots. Its
+contract:
+
+* outputs at inert slots may be anything finite (they are discarded);
+* its state advances by exactly ``lengths[b]`` tokens in row ``b`` (inert slots never
+  touch a recurrent state; attention records them as invalid keys);
+* when ``lengths is None`` every slot is real (the fast training path).
+
+Because padding is removed this way, a padded row gives exactly the result of the
+unpadded row, whatever the mask looks like, and the cache remembers it: later chunks
+need no mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+
+class LayerState:
+    """Base for per-layer cache states.
+
+    Subclasses are dataclasses whose tensor fields have the batch on dim 0. Fields that
+    are ``None`` (not yet allocated) are allowed. ``reorder`` and ``nbytes`` work on every
+    tensor field (nested lists/tuples of tensors too), so a state type only declares its
+    fields and how it advances (the component does that).
+    """
+
+    def tensors(self) -> Iterator[tuple[str, Tensor]]:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor):
+                yield f.name, v
+            elif isinstance(v, (list, tuple)):
+                for i, t in enumerate(v):
+                    if isinstance(t, Tensor):
+                        yield f"{f.name}[{i}]", t
+
+    def reorder(self, index: Tensor) -> None:
+        """Select / reorder batch rows (beam search, dropping finished rows)."""
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor) and f.metadata.get("batch", True):
+                setattr(self, f.name, v.index_select(0, index.to(v.device)))
+            elif isinstance(v, list):
+                setattr(self, f.name, [t.index_select(0, index.to(t.device)) for t in v])
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for _, t in self.tensors())
+
+
+@dataclass
+class StepContext:
+    """What one forward call tells every layer besides the hidden states.
+
+    positions: [B, T] absolute position of every slot (inert slots: clamped, ignore them).
+    lengths:   [B] real tokens per row (they come first in the chunk), or None = all real.
+    n_meta:    meta tokens of the model; positions < n_meta are meta tokens (attention
+               keeps them visible through any sliding window).
+    aux_losses / stats: channel mixers (MoE) add their losses and routing statistics.
+    """
+
+    positions: Tensor
+    lengths: Tensor | None = None
+    n_meta: int = 0
+    aux_losses: list[Tensor] = field(default_factory=list)
+    stats: dict[str, object] = field(default_factory=dict)
+    layer_idx: int = 0
+
+    @property
+    def valid(self) -> Tensor | None:
+        """[B, T] bool: True at real tokens (a prefix of each row), or None = all real."""
+        if self.lengths is None:
+            return None
+        t = torch.arange(self.positions.shape[1], device=self.positions.device)
+        return t[None, :] < self.lengths[:, None]
+
+    def valid_or_ones(self) -> Tensor:
+        v = self.valid
+        if v is None:
+            return torch.ones(self.positions.shape, dtype=torch.bool, device=self.positions.device)
+        return v
+
+
+class HybridCache:
+    """Per-layer states plus the number of positions consumed by each row.
+
+    ``pos[b]`` counts real tokens (meta tokens included) seen by row ``b``; it is where the
+    next real token's position comes from. ``started`` is False until the first forward,
+    which is when meta tokens enter (once).
+    """
+
+    def __init__(self, states: list[LayerState | None], batch_size: int, device: torch.device):
+        self.states = states
+        self.batch_size = batch_size
+        self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.started = False
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def __getitem__(self, i: int) -> LayerState | None:
+        return self.states[i]
+
+    @property
+    def seq_len(self) -> int:
+        """Largest number of positions consumed by any row."""
+        return int(self.pos.max().item()) if self.batch_size else 0
+
+    def advance(self, lengths: Tensor | None, n_slots: int) -> None:
+        self.pos = self.pos + (lengths if lengths is not None else n_slots)
+        self.started = True
+
+    def reorder(self, index: Tensor) -> None:
+        for s in self.states:
+            if s is not None:
+                s.reorder(index)
+        self.pos = self.pos.index_select(0, index.to(self.pos.device))
+        self.batch_size = int(index.numel())
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in self.states if s is not None)
+
+    def layer_nbytes(self) -> list[int]:
+        return [s.nbytes() if s is not None else 0 for s in self.states]

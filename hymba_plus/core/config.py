@@ -1,0 +1,70 @@
+"""Declarative config fields: defaults plus range rules the recipe loader checks.
+
+    @dataclass(frozen=True)
+    class MyConfig:
+        n_heads: int = spec(4, min=1)
+        kind: str = spec("yarn", choices=("linear", "ntk", "yarn"))
+
+Cross-field rules go in an optional ``check(self, model) -> Iterable[(key, message)]``
+method (``model`` is the recipe's ModelConfig); the loader attaches file, line and the
+dotted key path to each message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator
+
+
+def spec(
+    default: Any = dataclasses.MISSING,
+    *,
+    min: float | None = None,  # noqa: A002 - reads naturally in config classes
+    max: float | None = None,  # noqa: A002
+    gt: float | None = None,
+    choices: tuple | None = None,
+    doc: str = "",
+    default_factory: Any = dataclasses.MISSING,
+) -> Any:
+    meta = {"min": min, "max": max, "gt": gt, "choices": choices, "doc": doc}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def range_errors(cfg: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """Yield (key path, message) for every field violating its spec (recursing)."""
+    if not dataclasses.is_dataclass(cfg):
+        return
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        m = f.metadata
+        if dataclasses.is_dataclass(v):
+            yield from range_errors(v, key + ".")
+            continue
+        if v is None or isinstance(v, bool):
+            continue
+        if m.get("choices") is not None and v not in m["choices"]:
+            yield key, f"must be one of {', '.join(map(repr, m['choices']))}, got {v!r}"
+        if isinstance(v, (int, float)):
+            if m.get("min") is not None and v < m["min"]:
+                yield key, f"must be >= {m['min']}, got {v}"
+            if m.get("gt") is not None and v <= m["gt"]:
+                yield key, f"must be > {m['gt']}, got {v}"
+            if m.get("max") is not None and v > m["max"]:
+                yield key, f"must be <= {m['max']}, got {v}"
+
+
+def cross_errors(cfg: Any, model: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """Yield (key path, message) from the config's own ``check`` and its nested configs'."""
+    if not dataclasses.is_dataclass(cfg):
+        return
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            yield from cross_errors(v, model, f"{prefix}{f.name}.")
+    check = getattr(cfg, "check", None)
+    if check is not None:
+        for key, msg in check(model):
+            yield f"{prefix}{key}" if key else prefix.rstrip("."), msg

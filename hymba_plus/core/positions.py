@@ -1,0 +1,92 @@
+"""Rotary position embeddings (RoPE, Su et al. 2021) with partial rotation and scaling.
+
+* partial RoPE: only the first ``fraction`` of each head's dims rotate (Qwen3-Next uses
+  a quarter, GPT-NeoX style "rotary_pct").
+* linear scaling (position interpolation, Chen et al. 2023): positions / factor.
+* NTK-aware scaling (bloc97, 2023): base theta * factor^(d / (d - 2)).
+* YaRN (Peng et al. 2023, arXiv 2309.00071, Eq. 18-21): per-frequency ramp between
+  interpolation and extrapolation by wavelength, plus the attention temperature
+  ``0.1 ln(s) + 1`` applied to cos/sin.
+
+Positions are absolute token positions from the cache (never from the caller).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import spec
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    kind: str = spec("yarn", choices=("linear", "ntk", "yarn"))
+    factor: float = spec(1.0, min=1.0)
+    original_max_seq_len: int = spec(2048, min=1)
+    beta_fast: float = spec(32.0, gt=0.0)
+    beta_slow: float = spec(1.0, gt=0.0)
+
+    def check(self, model):  # noqa: ANN001
+        if self.beta_fast <= self.beta_slow:
+            yield "beta_fast", f"must be > beta_slow ({self.beta_slow}), got {self.beta_fast}"
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float = spec(10000.0, gt=0.0)
+    fraction: float = spec(1.0, min=0.0, max=1.0)
+    scaling: RopeScaling | None = None
+
+
+def rotary_dim(head_dim: int, fraction: float) -> int:
+    """Rotated dims per head (even)."""
+    return int(head_dim * fraction) // 2 * 2
+
+
+def inv_freq_and_mscale(cfg: RopeConfig, rot_dim: int) -> tuple[Tensor, float]:
+    """Inverse frequencies [rot_dim/2] (float64) and the cos/sin magnitude scale."""
+    idx = torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim
+    theta = cfg.theta
+    sc = cfg.scaling
+    if sc is not None and sc.kind == "ntk":
+        theta = theta * sc.factor ** (rot_dim / max(rot_dim - 2, 1))
+    inv = 1.0 / theta**idx
+    mscale = 1.0
+    if sc is not None and sc.kind == "linear":
+        inv = inv / sc.factor
+    elif sc is not None and sc.kind == "yarn" and sc.factor > 1.0:
+        # number of full rotations each frequency makes over the original context
+        rotations = sc.original_max_seq_len * inv / (2 * math.pi)
+        # ramp: 1 = keep (extrapolate, high frequency), 0 = interpolate (low frequency)
+        ramp = ((rotations - sc.beta_slow) / (sc.beta_fast - sc.beta_slow)).clamp(0.0, 1.0)
+        inv = inv / sc.factor * (1 - ramp) + inv * ramp
+        mscale = 0.1 * math.log(sc.factor) + 1.0
+    return inv, mscale
+
+
+class Rotary(torch.nn.Module):
+    """Applies (partial, scaled) RoPE to [B, T, H, D] tensors at given positions [B, T]."""
+
+    def __init__(self, head_dim: int, cfg: RopeConfig):
+        super().__init__()
+        self.rot_dim = rotary_dim(head_dim, cfg.fraction)
+        inv, self.mscale = inv_freq_and_mscale(cfg, max(self.rot_dim, 2))
+        self.register_buffer("inv_freq", inv.float(), persistent=False)
+
+    def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        ang = positions.float()[..., None] * self.inv_freq.to(positions.device)  # [B, T, R/2]
+        return ang.cos() * self.mscale, ang.sin() * self.mscale
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        if self.rot_dim == 0:
+            return x
+        r = self.rot_dim
+        xr, xp = x[..., :r].float(), x[..., r:]
+        x1, x2 = xr[..., : r // 2], xr[..., r // 2 :]
+        c, s = cos[:, :, None, :], sin[:, :, None, :]
+        out = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+        return torch.cat([out, xp], dim=-1) if xp.shape[-1] else out

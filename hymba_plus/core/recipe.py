@@ -1,0 +1,446 @@
+"""Recipes: strict YAML -> frozen dataclasses (DESIGN §2).
+
+Loading is strict and total. Every problem is a ``RecipeError`` whose message reads
+``FILE:LINE: key.path: what is wrong (did you mean ...?)``. YAML is parsed with a
+SafeLoader subclass that remembers the line of every key; dacite (strict) does the
+dict -> dataclass step; declared ranges (``core.config.spec``) and cross-field rules run
+after it. ``Recipe.to_dict()`` round-trips through ``load_recipe`` to an equal recipe and
+``Recipe.hash()`` names checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import dacite
+import yaml
+
+from . import registry
+from .config import cross_errors, range_errors, spec
+from .pattern import LayerSpec, PatternError, expand_ratios, format_pattern, parse_pattern
+
+
+class RecipeError(ValueError):
+    """A recipe problem: ``FILE:LINE: key.path: message``. ``errors`` holds every one found."""
+
+    def __init__(self, errors: list[str]):
+        super().__init__(errors[0] if len(errors) == 1 else "\n".join(errors))
+        self.errors = errors
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass(frozen=True)
+class NormConfig:
+    zero_centered: bool = True
+    eps: float = spec(1e-6, gt=0.0)
+
+
+@dataclass(frozen=True)
+class LayoutConfig:
+    n_layers: int = spec(min=1, max=4096)
+    ratios: dict[str, float] = spec(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = spec(min=2)
+    d_model: int = spec(min=1)
+    max_seq_len: int = spec(2048, min=1)
+    block_pattern: str | None = None
+    layout: LayoutConfig | None = None
+    ffn: str = spec("mlp", choices=("mlp", "moe", "none"))
+    meta_tokens: int = spec(0, min=0)
+    tie_embeddings: bool = True
+    norm: NormConfig = dataclasses.field(default_factory=NormConfig)
+    init_std: float = spec(0.02, gt=0.0)
+    dropout: float = spec(0.0, min=0.0, max=1.0)
+
+
+def _train_config_type() -> type:
+    from ..training.config import TrainConfig
+
+    return TrainConfig
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    model: ModelConfig
+    components: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    train: Any = None  # training.config.TrainConfig | None
+    source: str | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    @functools.cached_property
+    def layers(self) -> tuple[LayerSpec, ...]:
+        """One LayerSpec per layer, from block_pattern or layout."""
+        return tuple(resolve_layers(self.model))
+
+    @property
+    def pattern(self) -> str:
+        return format_pattern(list(self.layers))
+
+    def component(self, name: str) -> Any:
+        """The config of component ``name`` (its recipe section or its defaults)."""
+        name = registry.canonical(name)
+        if name in self.components:
+            return self.components[name]
+        cfg_cls = registry.get(name).config
+        return cfg_cls() if cfg_cls is not None else None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "model": _asdict(self.model)}
+        d["components"] = {k: _asdict(v) for k, v in sorted(self.components.items())}
+        if self.train is not None:
+            d["train"] = _asdict(self.train)
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+    def hash(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def replace(self, **model_changes: Any) -> "Recipe":
+        """A copy with model fields changed (validated again)."""
+        d = self.to_dict()
+        d["model"].update(model_changes)
+        return load_recipe(d)
+
+
+def _asdict(cfg: Any) -> Any:
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: _asdict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [_asdict(v) for v in cfg]
+    if isinstance(cfg, Mapping):
+        return {k: _asdict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def resolve_layers(model: ModelConfig) -> list[LayerSpec]:
+    if model.block_pattern is not None:
+        return parse_pattern(model.block_pattern, model.ffn)
+    assert model.layout is not None
+    names = expand_ratios(model.layout.n_layers, dict(model.layout.ratios))
+    return [LayerSpec(registry.canonical(n), model.ffn) for n in names]
+
+
+# --------------------------------------------------------------------------- YAML with lines
+
+
+class LineDict(dict):
+    """A dict that knows the YAML line of itself and of each key."""
+
+    line: int = 0
+    key_lines: dict
+
+    def line_of(self, key: str) -> int:
+        return self.key_lines.get(key, self.line)
+
+
+class _LineLoader(yaml.SafeLoader):
+    pass
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> LineDict:
+    loader.flatten_mapping(node)
+    out = LineDict()
+    out.line = node.start_mark.line + 1
+    out.key_lines = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, str):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"keys must be strings, got {key!r}", key_node.start_mark
+            )
+        if key in out:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        out[key] = loader.construct_object(value_node, deep=True)
+        out.key_lines[key] = key_node.start_mark.line + 1
+    return out
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class _Errors:
+    def __init__(self, file: str, root: Any):
+        self.file = file
+        self.root = root
+        self.items: list[str] = []
+
+    def line(self, path: str) -> int:
+        """Line of the deepest existing key along a dotted path."""
+        node, line = self.root, getattr(self.root, "line", 1) or 1
+        for part in [p for p in path.split(".") if p]:
+            if isinstance(node, LineDict) and part in node:
+                line = node.line_of(part)
+                node = node[part]
+            else:
+                break
+        return line
+
+    def add(self, path: str, message: str, line: int | None = None) -> None:
+        ln = self.line(path) if line is None else line
+        where = f"{self.file}:{ln}: " if self.file else f"<recipe>:{ln}: "
+        self.items.append(f"{where}{path}: {message}" if path else f"{where}{message}")
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise RecipeError(self.items)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def _dataclass_of(tp: Any) -> type | None:
+    """The dataclass inside ``tp`` (``X``, ``X | None``, ``Optional[X]``), if any."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        for a in typing.get_args(tp):
+            if dataclasses.is_dataclass(a):
+                return a
+    return None
+
+
+def _check_keys(cls: type, data: Any, path: str, errs: _Errors) -> None:
+    """Unknown keys (with suggestions) and missing required keys, recursively."""
+    if not isinstance(data, Mapping):
+        return
+    fields = _field_types(cls)
+    known = list(fields)
+    for key in data:
+        if key not in fields:
+            errs.add(f"{path}{key}", "unknown key" + registry.suggest(str(key), known))
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and f.name not in data:
+            errs.add(f"{path}{f.name}", "missing required key", errs.line(path.rstrip(".")))
+        sub = _dataclass_of(fields[f.name])
+        if sub is not None and f.name in data and isinstance(data[f.name], Mapping):
+            _check_keys(sub, data[f.name], f"{path}{f.name}.", errs)
+
+
+def _to_dataclass(cls: type, data: Any, path: str, errs: _Errors) -> Any:
+    if not isinstance(data, Mapping):
+        errs.add(path.rstrip("."), f"must be a mapping, got {type(data).__name__}")
+        return None
+    before = len(errs.items)
+    _check_keys(cls, data, path, errs)
+    if len(errs.items) > before:
+        return None
+    try:
+        return dacite.from_dict(cls, dict(data), config=_DACITE)
+    except dacite.WrongTypeError as e:
+        got = type(e.value).__name__
+        errs.add(f"{path}{e.field_path}", f"wrong type: expected {_type_name(e.field_type)}, got {got} {e.value!r}")
+    except dacite.MissingValueError as e:
+        errs.add(f"{path}{e.field_path}", "missing required key")
+    except dacite.DaciteError as e:  # UnionMatchError, StrictUnionMatchError, ...
+        errs.add(path.rstrip("."), str(e))
+    return None
+
+
+_FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _as_float(v: Any) -> Any:
+    """ints become floats; YAML 1.1 reads ``1e-6`` as text, so such text becomes a float."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return float(v)
+    if isinstance(v, str) and _FLOAT_TEXT.match(v.strip()):
+        return float(v)
+    return v
+
+
+_DACITE = dacite.Config(strict=True, cast=[tuple], type_hooks={float: _as_float})
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "").replace("NoneType", "None")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_recipe(source: "str | os.PathLike | Mapping | Recipe") -> Recipe:
+    """Load and validate a recipe from a YAML path, a YAML string, a dict or a Recipe."""
+    if isinstance(source, Recipe):
+        return source
+    file = ""
+    if isinstance(source, Mapping):
+        data: Any = source
+    else:
+        text, file = _read_source(source)
+        try:
+            data = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - SafeLoader subclass
+        except yaml.MarkedYAMLError as e:
+            mark = e.problem_mark or e.context_mark
+            ln = mark.line + 1 if mark else 1
+            raise RecipeError([f"{file or '<recipe>'}:{ln}: invalid YAML: {e.problem or e}"]) from None
+        except yaml.YAMLError as e:
+            raise RecipeError([f"{file or '<recipe>'}:1: invalid YAML: {e}"]) from None
+    return _build(data, file)
+
+
+def _read_source(source: "str | os.PathLike") -> tuple[str, str]:
+    s = os.fspath(source)
+    if "\n" not in s and (s.endswith((".yaml", ".yml")) or os.path.exists(s)):
+        p = Path(s)
+        if not p.exists():
+            raise RecipeError([f"{s}:0: file not found"])
+        if p.is_dir():
+            raise RecipeError([f"{s}:0: is a directory, expected a recipe file"])
+        try:
+            return p.read_text(encoding="utf-8"), s
+        except (OSError, UnicodeDecodeError) as e:
+            raise RecipeError([f"{s}:0: cannot read: {e}"]) from None
+    return s, ""
+
+
+def _build(data: Any, file: str) -> Recipe:
+    errs = _Errors(file, data)
+    if not isinstance(data, Mapping):
+        errs.add("", f"a recipe must be a mapping with 'name' and 'model', got {type(data).__name__}", 1)
+        errs.raise_if_any()
+    top = ("name", "model", "components", "train")
+    for key in data:
+        if key not in top:
+            errs.add(str(key), "unknown key" + registry.suggest(str(key), list(top)))
+    for key in ("name", "model"):
+        if key not in data:
+            errs.add(key, "missing required key", getattr(data, "line", 1))
+    errs.raise_if_any()
+    name = data["name"]
+    if not isinstance(name, str) or not name.strip():
+        errs.add("name", f"must be a non-empty string, got {name!r}")
+    model = _to_dataclass(ModelConfig, data["model"], "model.", errs)
+    errs.raise_if_any()
+    assert model is not None
+    _check_model(model, errs)
+    errs.raise_if_any()
+    layers = resolve_layers(model)
+
+    comps_data = data.get("components") or {}
+    if not isinstance(comps_data, Mapping):
+        errs.add("components", f"must be a mapping of component name -> settings, got {type(comps_data).__name__}")
+        errs.raise_if_any()
+    comps: dict[str, Any] = {}
+    known = registry.names()
+    for key, section in comps_data.items():
+        path = f"components.{key}"
+        if key not in known:
+            if registry.is_reserved(key):
+                errs.add(path, f"component {key!r} is not available yet")
+            else:
+                alias = registry.aliases().get(key)
+                hint = f" (use its name {alias!r})" if alias else registry.suggest(str(key), known)
+                errs.add(path, "unknown component" + hint)
+            continue
+        cfg_cls = registry.get(key).config
+        if cfg_cls is None:
+            if section not in (None, {}):
+                errs.add(path, "this component takes no settings")
+            continue
+        cfg = _to_dataclass(cfg_cls, section if section is not None else {}, path + ".", errs)
+        if cfg is not None:
+            comps[key] = cfg
+    errs.raise_if_any()
+
+    used = {s.mixer for s in layers if s.mixer != "none"} | {s.ffn for s in layers if s.ffn != "none"}
+    for name_used in sorted(used):
+        if name_used in comps:
+            continue
+        cfg_cls = registry.get(name_used).config
+        if cfg_cls is None:
+            continue
+        try:
+            comps[name_used] = cfg_cls()
+        except TypeError:
+            errs.add(f"components.{name_used}", "the pattern uses this component but the recipe gives no "
+                     "settings for it and it has required keys", errs.line("model.block_pattern"))
+    errs.raise_if_any()
+
+    for key, cfg in comps.items():
+        for k, msg in range_errors(cfg, f"components.{key}."):
+            errs.add(k, msg)
+        if key in used:
+            for k, msg in cross_errors(cfg, model, f"components.{key}."):
+                errs.add(k, msg)
+    errs.raise_if_any()
+
+    train = None
+    if data.get("train") is not None:
+        train = _to_dataclass(_train_config_type(), data["train"], "train.", errs)
+        errs.raise_if_any()
+        for k, msg in range_errors(train, "train."):
+            errs.add(k, msg)
+        for k, msg in cross_errors(train, model, "train."):
+            errs.add(k, msg)
+        errs.raise_if_any()
+
+    recipe = Recipe(name=name, model=model, components=types.MappingProxyType(dict(sorted(comps.items()))),
+                    train=train, source=file or None)
+    recipe.__dict__["layers"] = tuple(layers)  # cached_property slot
+    return recipe
+
+
+def _check_model(model: ModelConfig, errs: _Errors) -> None:
+    for k, msg in range_errors(model, "model."):
+        errs.add(k, msg)
+    if model.block_pattern is None and model.layout is None:
+        errs.add("model.block_pattern", "give either block_pattern or layout", errs.line("model"))
+        return
+    if model.block_pattern is not None and model.layout is not None:
+        errs.add("model.layout", "give block_pattern or layout, not both")
+        return
+    if model.block_pattern is not None:
+        try:
+            parse_pattern(model.block_pattern, model.ffn)
+        except PatternError as e:
+            errs.add("model.block_pattern", str(e))
+        return
+    assert model.layout is not None
+    ratios = model.layout.ratios
+    if not ratios:
+        errs.add("model.layout.ratios", "must name at least one component")
+        return
+    for k, r in ratios.items():
+        path = f"model.layout.ratios.{k}"
+        try:
+            canon = registry.canonical(k)
+        except registry.RegistryError as e:
+            errs.add(path, str(e))
+            continue
+        if registry.get(canon).kind != "mixer":
+            errs.add(path, f"{k!r} is not a token mixer")
+        if not isinstance(r, (int, float)) or r <= 0:
+            errs.add(path, f"must be a positive number, got {r!r}")
+    total = sum(r for r in ratios.values() if isinstance(r, (int, float)))
+    if abs(total - 1.0) > 1e-6:
+        errs.add("model.layout.ratios", f"ratios must sum to 1, got {total:g}")

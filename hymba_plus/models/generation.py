@@ -1,0 +1,81 @@
+"""Decoding strategies. ``GENERATORS[mode]`` is what ``HybridLM.generate(mode=...)`` calls.
+
+``ar``: cached autoregressive decoding — one prefill of the (left-padded) prompt, then one
+token per step through the same ``HybridCache``. The loop over *generated* tokens is
+inherent to decoding; no training path goes through here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+
+def sample_next(
+    logits: Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Pick one token per row from logits [B, V]: greedy at temperature 0, else sampled
+    from the temperature-scaled distribution restricted to top-k and nucleus (top-p)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass before it already reaches top_p (the top one always stays)
+        drop = probs.cumsum(-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def generate_ar(
+    model: Any,
+    input_ids: Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    attention_mask: Tensor | None = None,
+    eos_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    streamer: Callable[[Tensor], Any] | None = None,
+) -> Tensor:
+    B = input_ids.shape[0]
+    max_len = model.config.max_seq_len
+    if input_ids.shape[1] + max_new_tokens > max_len:
+        raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) "
+                         f"exceeds max_seq_len ({max_len})")
+    cache = model.new_cache(B, device=input_ids.device)
+    out = model(input_ids, attention_mask=attention_mask, cache=cache)
+    last = out.logits[:, -1]
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    new = []
+    for _ in range(max_new_tokens):
+        nxt = sample_next(last, temperature, top_k, top_p, generator)
+        if eos_token_id is not None:
+            nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+            done |= nxt == eos_token_id
+        new.append(nxt)
+        if streamer is not None:
+            streamer(nxt)
+        if eos_token_id is not None and bool(done.all()):
+            break
+        last = model(nxt[:, None], cache=cache).logits[:, -1]
+    if not new:
+        return input_ids
+    return torch.cat([input_ids, torch.stack(new, 1)], dim=1)
+
+
+GENERATORS: dict[str, Callable[..., Tensor]] = {"ar": generate_ar}

@@ -1,0 +1,244 @@
+"""HybridLM: embeddings, Hymba meta tokens, blocks from the recipe, final norm, LM head.
+
+Data flow of one call ``model(input_ids, attention_mask, cache)``:
+
+1. embed ``input_ids`` [B, T];
+2. if the cache is empty (or there is no cache), prepend the ``meta_tokens`` learnable
+   embeddings (Hymba, arXiv 2411.13676 §2.3) — they enter exactly once;
+3. if a mask has zeros, compact every row so its real tokens come first
+   (``core.cache`` explains why this makes padding exact);
+4. positions = the cache's per-row counter + 0, 1, 2, ... (never from the caller);
+5. blocks (each advances its own state in the cache), final norm, LM head;
+6. undo the compaction and drop the meta slots: logits line up with ``input_ids``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..blocks import Block
+from ..components.norm import RMSNorm
+from ..core.cache import HybridCache, StepContext
+from ..core.recipe import Recipe, RecipeError, load_recipe
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor
+    loss: Tensor | None = None
+    aux_loss: Tensor | None = None
+    hidden_states: Tensor | None = None
+    stats: dict | None = None
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded (missing, corrupt, mismatched)."""
+
+
+class HybridLM(nn.Module):
+    def __init__(self, recipe: Recipe):
+        super().__init__()
+        self.recipe = recipe
+        m = recipe.model
+        self.config = m
+        self.embed = nn.Embedding(m.vocab_size, m.d_model)
+        self.meta = nn.Parameter(torch.zeros(m.meta_tokens, m.d_model)) if m.meta_tokens else None
+        self.blocks = nn.ModuleList(Block(spec, recipe, i) for i, spec in enumerate(recipe.layers))
+        self.norm = RMSNorm(m.d_model, m.norm.eps, m.norm.zero_centered)
+        self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
+        if m.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * max(len(self.blocks), 1))
+        for mod in self.modules():
+            if isinstance(mod, nn.Linear):
+                nn.init.normal_(mod.weight, 0.0, out_std if getattr(mod, "is_residual_out", False) else std)
+                if mod.bias is not None:
+                    nn.init.zeros_(mod.bias)
+            elif isinstance(mod, nn.Embedding):
+                nn.init.normal_(mod.weight, 0.0, std)
+        if self.meta is not None:
+            nn.init.normal_(self.meta, 0.0, std)
+        for mod in self.modules():  # component-specific parameters (A_log, dt_bias, ...)
+            if mod is not self and hasattr(mod, "reset_special"):
+                mod.reset_special()
+
+    # ------------------------------------------------------------------ cache
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def new_cache(self, batch_size: int, device: torch.device | None = None) -> HybridCache:
+        device = device or self.device
+        states = [b.init_state(batch_size, device, self.dtype) for b in self.blocks]
+        return HybridCache(states, batch_size, device)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        cache: HybridCache | None = None,
+        return_hidden: bool = False,
+        inputs_embeds: Tensor | None = None,
+    ) -> ModelOutput:
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T, _ = x.shape
+        if cache is not None and cache.batch_size != B:
+            raise ValueError(f"cache was made for batch size {cache.batch_size}, got input batch {B}")
+        valid = None
+        if attention_mask is not None:
+            if attention_mask.shape != (B, T):
+                raise ValueError(f"attention_mask must have shape {(B, T)}, got {tuple(attention_mask.shape)}")
+            valid = attention_mask.to(torch.bool)
+            if bool(valid.all()):
+                valid = None
+        n_meta = self.config.meta_tokens
+        add_meta = n_meta > 0 and (cache is None or not cache.started)
+        if add_meta:
+            x = torch.cat([self.meta.to(x.dtype)[None].expand(B, -1, -1), x], dim=1)
+            if valid is not None:
+                valid = torch.cat([valid.new_ones(B, n_meta), valid], dim=1)
+        S = x.shape[1]
+        order = lengths = None
+        if valid is not None:
+            order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
+            x = x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
+            lengths = valid.sum(1)
+        base = cache.pos if cache is not None else torch.zeros(B, dtype=torch.long, device=x.device)
+        positions = base[:, None] + torch.arange(S, device=x.device)[None]
+        ctx = StepContext(positions=positions, lengths=lengths, n_meta=n_meta)
+        for i, block in enumerate(self.blocks):
+            x = block(x, ctx, cache.states[i] if cache is not None else None)
+        h = self.norm(x)
+        if cache is not None:
+            cache.advance(lengths, S)
+        if order is not None:  # undo the compaction
+            h = torch.empty_like(h).scatter_(1, order[..., None].expand(-1, -1, h.shape[-1]), h)
+        if add_meta:
+            h = h[:, n_meta:]
+        logits = self.lm_head(h)
+        aux = torch.stack(ctx.aux_losses).sum() if ctx.aux_losses else None
+        loss = None
+        if labels is not None:
+            loss = self.lm_loss(logits, labels, attention_mask)
+            if aux is not None:
+                loss = loss + aux
+        return ModelOutput(logits=logits, loss=loss, aux_loss=aux,
+                           hidden_states=h if return_hidden else None, stats=ctx.stats or None)
+
+    @staticmethod
+    def lm_loss(logits: Tensor, labels: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Next-token cross entropy: position t predicts labels[t+1]; -100 and pads ignored."""
+        tgt = labels[:, 1:].clone()
+        if attention_mask is not None:
+            tgt[attention_mask[:, 1:] == 0] = -100
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tgt.flatten(), ignore_index=-100)
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int = 32,
+        mode: str = "ar",
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        attention_mask: Tensor | None = None,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+        streamer: Callable[[Tensor], Any] | None = None,
+    ) -> Tensor:
+        """Cached generation; returns prompt + new tokens [B, T + n]. ``temperature=0`` is greedy."""
+        from .generation import GENERATORS
+
+        if mode not in GENERATORS:
+            raise ValueError(f"unknown generation mode {mode!r}; available: {', '.join(sorted(GENERATORS))}")
+        return GENERATORS[mode](self, input_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                                top_k=top_k, top_p=top_p, attention_mask=attention_mask,
+                                eos_token_id=eos_token_id, generator=generator, streamer=streamer)
+
+    # ------------------------------------------------------------------ persistence
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, path: str | os.PathLike, extra_files: dict[str, str] | None = None) -> None:
+        """Write ``recipe.yaml`` + ``model.safetensors`` (+ extra text files) into ``path``."""
+        from safetensors.torch import save_file
+
+        p = Path(path)
+        p.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if self.config.tie_embeddings:
+            state.pop("lm_head.weight", None)
+        tmp = p / "model.safetensors.tmp"
+        save_file(state, str(tmp), metadata={"recipe_hash": self.recipe.hash(), "format": "hymba_plus"})
+        (p / "recipe.yaml.tmp").write_text(self.recipe.to_yaml())
+        for name, text in (extra_files or {}).items():
+            (p / f"{name}.tmp").write_text(text)
+        os.replace(tmp, p / "model.safetensors")
+        os.replace(p / "recipe.yaml.tmp", p / "recipe.yaml")
+        for name in extra_files or {}:
+            os.replace(p / f"{name}.tmp", p / name)
+
+
+def build_model(recipe: "Recipe | str | os.PathLike | dict", device: Any = None, dtype: Any = None) -> HybridLM:
+    """Build a HybridLM from a recipe, a recipe path, a YAML string or a dict."""
+    model = HybridLM(load_recipe(recipe))
+    if device is not None or dtype is not None:
+        model = model.to(device=device, dtype=dtype)
+    return model
+
+
+def from_pretrained(path: str | os.PathLike, device: Any = None, strict: bool = True) -> HybridLM:
+    """Load a folder written by ``save_pretrained`` (or a ``hymba train`` checkpoint)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: not a checkpoint folder")
+    for name in ("recipe.yaml", "model.safetensors"):
+        if not (p / name).is_file():
+            raise CheckpointError(f"{p / name}: missing")
+    try:
+        recipe = load_recipe(p / "recipe.yaml")
+    except RecipeError as e:
+        raise CheckpointError(f"{p / 'recipe.yaml'}: invalid recipe: {e.errors[0]}") from None
+    try:
+        state = load_file(str(p / "model.safetensors"), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{p / 'model.safetensors'}: corrupt or truncated ({e})") from None
+    model = HybridLM(recipe)
+    if recipe.model.tie_embeddings:
+        state.setdefault("lm_head.weight", state.get("embed.weight"))
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    bad_shape = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if strict and (missing or unexpected or bad_shape):
+        what = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
+                else f"shape mismatch {bad_shape[:3]}")
+        raise CheckpointError(f"{p / 'model.safetensors'}: does not match recipe.yaml ({what})")
+    model.load_state_dict(state, strict=strict)
+    if device is not None:
+        model = model.to(device)
+    return model

@@ -1,0 +1,1 @@
+"""Training stack: config, data, optimizers, checkpoints, the train loop."""
