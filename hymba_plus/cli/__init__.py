@@ -1,0 +1,56 @@
+"""The ``hymba`` console script. Each subcommand is a module in this package with
+``add_arguments(parser)`` and ``run(args) -> int``; ``COMMANDS`` lists them.
+
+Errors the user can fix (bad recipe, missing file, bad flag) print one line to stderr and
+exit non-zero — never a traceback. Exit codes: 0 ok, 1 invalid input / failed, 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+#: subcommand -> (module under hymba_plus.cli, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "check": ("check", "validate recipes (files or folders)"),
+    "info": ("info", "layer table, parameters, cache bytes of a recipe"),
+}
+
+
+class UsageError(Exception):
+    """Bad command-line usage: exit 2."""
+
+
+class UserError(Exception):
+    """Bad input (file, checkpoint, data): one line, exit 1."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hymba", description="hybrid language model zoo")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    modules = {}
+    for name, (mod_name, help_text) in COMMANDS.items():
+        mod = importlib.import_module(f"{__name__}.{mod_name}")
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod.add_arguments(p)
+        modules[name] = mod
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(modules[args.command].run(args) or 0)
+    except UsageError as e:
+        print(f"hymba {args.command}: {e}", file=sys.stderr)
+        return 2
+    except UserError as e:
+        print(f"hymba {args.command}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"hymba {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
