@@ -1,0 +1,39 @@
+"""Shared test helpers: tiny recipes and a small trainer for 'does it learn' tests."""
+
+from __future__ import annotations
+
+import torch
+
+from hymba_plus import build_model
+from hymba_plus.training.tasks import masked_accuracy, mqar_batch
+
+
+def tiny_recipe(pattern: str, components: dict | None = None, **model) -> dict:
+    m = {"vocab_size": 64, "d_model": 64, "max_seq_len": 256, "block_pattern": pattern, "ffn": "none"}
+    m.update(model)
+    return {"name": "test", "model": m, "components": components or {}}
+
+
+def train_mqar(recipe: dict, steps: int = 300, batch: int = 32, seq_len: int = 64, n_pairs: int = 8,
+               lr: float = 3e-3, seed: int = 0) -> float:
+    """Train on MQAR with AdamW, return accuracy on fresh held-out batches."""
+    torch.manual_seed(seed)
+    model = build_model(recipe)
+    V = model.config.vocab_size
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        ids, labels = mqar_batch(batch, seq_len, V, n_pairs, generator=g)
+        loss = model(ids, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    model.eval()
+    g_eval = torch.Generator().manual_seed(10_000 + seed)
+    with torch.no_grad():
+        ids, labels = mqar_batch(256, seq_len, V, n_pairs, generator=g_eval)
+        return masked_accuracy(model(ids).logits, labels)
