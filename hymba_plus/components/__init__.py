@@ -1,3 +1,4 @@
 """Registered components. Importing this package registers every available one."""
 
 from . import attention, mlp, none  # noqa: F401  (registration side effects)
+from . import gdn  # noqa: F401,E402  (Gated DeltaNet: gdn / GD)

@@ -1,0 +1,159 @@
+"""Gated DeltaNet token mixer (Yang, Kautz, Hatamizadeh, "Gated Delta Networks: Improving
+Mamba2 with Delta Rule", arXiv 2412.06464; the linear-attention layer of Qwen3-Next).
+
+    q, k, v = SiLU(ShortConv(x W_q)), SiLU(ShortConv(x W_k)), SiLU(ShortConv(x W_v))   (§3.3)
+    q, k    = q / ||q||_2, k / ||k||_2                                  (per head)
+    beta_t  = sigmoid(x_t W_b)                                          (write strength)
+    g_t     = -exp(A_log) * softplus(x_t W_a + dt_bias)                 (log decay a_t = e^{g_t}, Mamba2-style)
+    S_t     = e^{g_t} S_{t-1} + beta_t k_t (v_t - e^{g_t} S_{t-1}^T k_t)^T     (gated delta rule, Eq. 10)
+    o_t     = dk^{-1/2} S_t^T q_t
+    y       = W_o ( RMSNorm(o_t) * SiLU(x_t W_z) )                      (gated RMSNorm per head)
+
+The chunkwise-parallel form (WY representation + UT transform, arXiv 2406.06484) and the
+fla fast path live in ``kernels.gdn``; the short conv and its cache in ``kernels.conv``.
+
+Heads: ``n_heads`` query/key heads of ``head_dim`` and ``n_v_heads`` (a multiple of
+``n_heads``) value heads of ``head_dim * expand_v`` (grouped value heads, as Qwen3-Next).
+``delta_rule: false`` is the decay-only ablation ``S_t = e^{g_t} S_{t-1} + beta_t k_t v_t^T``
+(gated linear attention with a write gate: no erase term).
+
+State (``GDNState``): the conv tail ``[B, C_qkv, K-1]`` and the matrix memory
+``S [B, Hv, dk, dv]`` (float32) — constant size, whatever the length. Inert (padding)
+slots get ``beta = 0`` and ``g = 0``, which leave ``S`` exactly unchanged, and the conv
+keeps only real inputs, so a padded row advances by exactly its real tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core.cache import LayerState, StepContext
+from ..core.config import spec
+from ..core.registry import register
+from ..kernels.conv import causal_conv1d
+from ..kernels.gdn import gated_delta_rule
+from .norm import GatedRMSNorm
+
+
+@dataclass(frozen=True)
+class GatedDeltaNetConfig:
+    n_heads: int = spec(4, min=1, doc="query/key heads")
+    head_dim: int | None = spec(None, min=1, doc="query/key head dim (None: d_model // n_heads)")
+    n_v_heads: int | None = spec(None, min=1, doc="value heads, a multiple of n_heads (None: n_heads)")
+    expand_v: float = spec(1.0, gt=0, doc="value head dim = head_dim * expand_v")
+    use_short_conv: bool = True
+    conv_size: int = spec(4, min=2, doc="short causal conv width")
+    chunk_size: int = spec(64, min=1, doc="chunk length of the chunkwise reference")
+    delta_rule: bool = spec(True, doc="false: decay-only ablation (no erase term)")
+    norm_eps: float = spec(1e-6, gt=0)
+
+    def v_heads(self) -> int:
+        return self.n_v_heads or self.n_heads
+
+    def key_dim(self, d_model: int) -> int:
+        return self.head_dim or d_model // self.n_heads
+
+    def value_dim(self, d_model: int) -> int:
+        return int(round(self.key_dim(d_model) * self.expand_v))
+
+    def check(self, model):  # noqa: ANN001
+        if self.v_heads() % self.n_heads:
+            yield "n_v_heads", f"must be a multiple of n_heads ({self.n_heads}), got {self.v_heads()}"
+        if self.head_dim is None and model.d_model % self.n_heads:
+            yield "n_heads", f"must divide d_model ({model.d_model}) when head_dim is not given"
+        dk = self.key_dim(model.d_model)
+        dv = dk * self.expand_v
+        if dk < 1 or abs(dv - round(dv)) > 1e-9 or round(dv) < 1:
+            yield "expand_v", f"head_dim ({dk}) * expand_v ({self.expand_v:g}) must be a positive integer"
+
+
+@dataclass
+class GDNState(LayerState):
+    """conv: last K-1 pre-conv q|k|v inputs [B, C, K-1] (None without short conv);
+    S: the delta-rule memory [B, Hv, dk, dv] (float32)."""
+
+    conv: Tensor | None = None
+    S: Tensor | None = None
+
+
+@register("gdn", config=GatedDeltaNetConfig, aliases=("GD",))
+class GatedDeltaNet(nn.Module):
+    def __init__(self, cfg: GatedDeltaNetConfig, *, d_model: int, **_: object):
+        super().__init__()
+        self.cfg = cfg
+        self.h, self.hv = cfg.n_heads, cfg.v_heads()
+        self.dk, self.dv = cfg.key_dim(d_model), cfg.value_dim(d_model)
+        self.key_size, self.value_size = self.h * self.dk, self.hv * self.dv
+        self.qkv_size = 2 * self.key_size + self.value_size
+        self.qkv_proj = nn.Linear(d_model, self.qkv_size, bias=False)  # W_q | W_k | W_v
+        self.a_proj = nn.Linear(d_model, self.hv, bias=False)  # decay input
+        self.b_proj = nn.Linear(d_model, self.hv, bias=False)  # beta input
+        self.z_proj = nn.Linear(d_model, self.value_size, bias=False)  # output gate
+        self.o_proj = nn.Linear(self.value_size, d_model, bias=False)
+        self.o_proj.is_residual_out = True
+        self.A_log = nn.Parameter(torch.empty(self.hv))
+        self.dt_bias = nn.Parameter(torch.empty(self.hv))
+        self.A_log._no_weight_decay = True
+        self.dt_bias._no_weight_decay = True
+        # depthwise conv over the q|k|v channels, weight [C, K] (last column = current token)
+        self.conv_weight = (nn.Parameter(torch.empty(self.qkv_size, cfg.conv_size))
+                            if cfg.use_short_conv else None)
+        self.norm = GatedRMSNorm(self.dv, eps=cfg.norm_eps)
+        self.reset_special()
+
+    def reset_special(self) -> None:
+        """A_log = log U(1, 16); dt_bias = softplus^{-1}(dt), dt log-uniform in [1e-3, 1e-1]
+        (Mamba2 / GDN init); conv weight like nn.Conv1d (U(+-1/sqrt(K)))."""
+        with torch.no_grad():
+            self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1.0, 16.0).log())
+            lo, hi = math.log(1e-3), math.log(1e-1)
+            dt = torch.exp(torch.rand_like(self.dt_bias) * (hi - lo) + lo).clamp_min(1e-4)
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            if self.conv_weight is not None:
+                bound = 1.0 / math.sqrt(self.cfg.conv_size)
+                self.conv_weight.uniform_(-bound, bound)
+
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> GDNState:
+        sdt = torch.float64 if dtype == torch.float64 else torch.float32
+        conv = (torch.zeros(batch_size, self.qkv_size, self.cfg.conv_size - 1, device=device, dtype=dtype)
+                if self.conv_weight is not None else None)
+        S = torch.zeros(batch_size, self.hv, self.dk, self.dv, device=device, dtype=sdt)
+        return GDNState(conv=conv, S=S)
+
+    def forward(self, x: Tensor, ctx: StepContext, state: GDNState | None = None) -> Tensor:
+        B, T, _ = x.shape
+        qkv = self.qkv_proj(x)
+        new_conv = None
+        if self.conv_weight is not None:
+            qkv, new_conv = causal_conv1d(qkv, self.conv_weight, None, state.conv if state is not None else None,
+                                          ctx.lengths, activation="silu")
+        else:
+            qkv = F.silu(qkv)
+        q, k, v = qkv.split([self.key_size, self.key_size, self.value_size], dim=-1)
+        q = q.reshape(B, T, self.h, self.dk)
+        k = k.reshape(B, T, self.h, self.dk)
+        v = v.reshape(B, T, self.hv, self.dv)
+        beta = torch.sigmoid(self.b_proj(x))
+        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        valid = ctx.valid
+        if valid is not None:  # inert slots: no decay, no write -> the state does not move
+            beta = torch.where(valid[..., None], beta, torch.zeros_like(beta))
+            g = torch.where(valid[..., None], g, torch.zeros_like(g))
+        o, S = gated_delta_rule(
+            q, k, v, g, beta,
+            initial_state=state.S if state is not None else None,
+            output_final_state=state is not None,
+            use_qk_l2norm=True,
+            chunk_size=self.cfg.chunk_size,
+            delta_rule=self.cfg.delta_rule,
+        )
+        if state is not None:
+            state.S = S
+            state.conv = new_conv
+        o = self.norm(o, self.z_proj(x).reshape(B, T, self.hv, self.dv))
+        return self.o_proj(o.reshape(B, T, self.value_size))

@@ -1,0 +1,260 @@
+"""The gated delta rule (Yang, Kautz, Hatamizadeh, "Gated Delta Networks: Improving
+Mamba2 with Delta Rule", arXiv 2412.06464, Eq. 10) — the Qwen3-Next linear-attention
+recurrence.
+
+Per value head, with state ``S in R^{dk x dv}``, decay ``a_t = exp(g_t)`` (``g_t <= 0``),
+write strength ``beta_t in (0, 1)``::
+
+    paper (value-major):  S_t = a_t S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T
+    here (key-major, fla): S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T
+                               = a_t S_{t-1} + beta_t k_t (v_t - a_t S_{t-1}^T k_t)^T
+    o_t = scale * S_t^T q_t                                       (scale = dk^-1/2)
+
+``delta_rule=False`` drops the erase term — ``S_t = a_t S_{t-1} + beta_t k_t v_t^T`` — i.e.
+gated linear attention with a write gate (the Mamba2 / GLA-style ablation the paper
+compares against). Layout is fla's: q, k ``[B, T, H, dk]``, v ``[B, T, Hv, dv]``, g, beta
+``[B, T, Hv]``, state ``[B, Hv, dk, dv]``. ``Hv`` may be a multiple of ``H`` (grouped
+value heads, as fla's GVA): value head ``j`` reads query/key head ``j // (Hv / H)``.
+``use_qk_l2norm`` normalizes q and k as ``x / sqrt(sum x^2 + 1e-6)`` (fla's in-kernel
+l2norm), so the reference and the fast path see the same inputs.
+
+Three entry points:
+
+* ``recurrent_gated_delta_rule_ref`` — the exact per-token recurrence above. Used for
+  decode (one token) and as the oracle of the tests.
+* ``chunk_gated_delta_rule_ref`` — the chunkwise-parallel form (no loop over tokens; a
+  loop over chunks for the state only). Within a chunk of length C with local cumulative
+  log-decay ``G_i = sum_{s<=i} g_s`` and ``gamma_i = exp(G_i)``, unrolling the rule from
+  the chunk's initial state ``S_0`` gives, for the "new values" ``u_i`` (the bracket
+  above times ``beta_i``)::
+
+      (I + A) U = diag(beta) V - diag(beta * gamma) K S_0,
+      A_ij = beta_i exp(G_i - G_j) k_i^T k_j   (i > j; 0 otherwise)
+
+  so with the UT transform ``T = (I + A)^{-1}`` (a unit-lower-triangular solve) the WY
+  representation ``W = T diag(beta gamma) K``, ``U0 = T diag(beta) V`` gives
+  ``U = U0 - W S_0`` (Yang et al. 2024, "Parallelizing Linear Transformers with the Delta
+  Rule over Sequence Length", arXiv 2406.06484, §3 eq. 8–11, extended with the decay as in
+  GDN §3.3). Then::
+
+      O   = scale * ( diag(gamma) Q S_0 + (Q K^T o D) U ),   D_ij = exp(G_i - G_j) [i >= j]
+      S_C = gamma_C S_0 + K^T diag(exp(G_C - G_j)) U
+
+  ``T`` not divisible by ``C`` is padded with ``g = 0, beta = 0`` (exact no-ops).
+* ``gated_delta_rule`` — the dispatcher: fla's ``chunk_gated_delta_rule`` (T > 1) or
+  ``fused_recurrent_gated_delta_rule`` (T == 1) on CUDA when importable
+  (``kernels.dispatch``, op name ``"gdn"``), else the references (chunked for T > 1,
+  recurrent for T == 1). The ``delta_rule=False`` ablation always uses the reference.
+
+The references compute in float32 (float64 when given float64) and return the state in
+that dtype; outputs take the dtype of ``v``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import dispatch
+
+L2_EPS = 1e-6
+
+
+def _fla_gdn():
+    mod = importlib.import_module("fla.ops.gated_delta_rule")
+    return mod.chunk_gated_delta_rule, mod.fused_recurrent_gated_delta_rule
+
+
+dispatch.fast_path("gdn", probe=_fla_gdn,
+                   doc="fla.ops.gated_delta_rule chunk_gated_delta_rule / fused_recurrent_gated_delta_rule")
+
+
+def l2norm(x: Tensor, eps: float = L2_EPS) -> Tensor:
+    """``x / sqrt(sum(x^2) + eps)`` over the last dim (fla's l2norm formula)."""
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
+def _compute_dtype(*ts: Tensor | None) -> torch.dtype:
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial_state: Tensor | None) -> None:
+    B, T, H, dk = q.shape
+    Hv, dv = v.shape[2], v.shape[3]
+    if k.shape != q.shape:
+        raise ValueError(f"gdn: q and k must have the same shape, got {tuple(q.shape)} and {tuple(k.shape)}")
+    if v.shape[:2] != (B, T) or Hv % H:
+        raise ValueError(f"gdn: v must be [B, T, Hv, dv] with Hv a multiple of H={H}, got {tuple(v.shape)}")
+    if g.shape != (B, T, Hv) or beta.shape != (B, T, Hv):
+        raise ValueError(f"gdn: g and beta must be [B, T, Hv]={(B, T, Hv)}, got {tuple(g.shape)}, {tuple(beta.shape)}")
+    if initial_state is not None and initial_state.shape != (B, Hv, dk, dv):
+        raise ValueError(f"gdn: initial_state must be [B, Hv, dk, dv]={(B, Hv, dk, dv)}, "
+                         f"got {tuple(initial_state.shape)}")
+
+
+def _expand_qk(q: Tensor, k: Tensor, n_v_heads: int) -> tuple[Tensor, Tensor]:
+    """Repeat q, k heads so value head j uses q/k head j // (Hv / H)."""
+    rep = n_v_heads // q.shape[2]
+    if rep == 1:
+        return q, k
+    return q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)
+
+
+def _prepare(q, k, v, g, beta, initial_state, scale, use_qk_l2norm):  # noqa: ANN001, ANN202
+    _check(q, k, v, g, beta, initial_state)
+    dt = _compute_dtype(q, k, v, g, beta, initial_state)
+    B, T, H, dk = q.shape
+    Hv, dv = v.shape[2], v.shape[3]
+    q, k = q.to(dt), k.to(dt)
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    q, k = _expand_qk(q, k, Hv)
+    scale = dk ** -0.5 if scale is None else scale
+    # [B, Hv, T, d] / [B, Hv, T]
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v.to(dt)))
+    g, beta = g.to(dt).transpose(1, 2), beta.to(dt).transpose(1, 2)
+    S = (torch.zeros(B, Hv, dk, dv, dtype=dt, device=v.device) if initial_state is None
+         else initial_state.to(dt))
+    return q, k, v, g, beta, S, scale
+
+
+def recurrent_gated_delta_rule_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    initial_state: Tensor | None = None,
+    scale: float | None = None,
+    output_final_state: bool = True,
+    use_qk_l2norm: bool = False,
+    delta_rule: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """Exact per-token recurrence (GDN Eq. 10); the decode step and the tests' oracle.
+
+    Returns ``o [B, T, Hv, dv]`` (dtype of v) and the final state ``[B, Hv, dk, dv]``
+    (float32, or float64 for float64 inputs), or None when ``output_final_state`` is False.
+    """
+    out_dtype = v.dtype
+    q, k, v, g, beta, S, scale = _prepare(q, k, v, g, beta, initial_state, scale, use_qk_l2norm)
+    outs = []
+    for t in range(q.shape[2]):  # one step per token: decode and oracle only
+        S = S * g[:, :, t].exp()[..., None, None]
+        kt = k[:, :, t]
+        if delta_rule:
+            u = beta[:, :, t, None] * (v[:, :, t] - torch.einsum("bhk,bhkv->bhv", kt, S))
+        else:
+            u = beta[:, :, t, None] * v[:, :, t]
+        S = S + kt[..., :, None] * u[..., None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, :, t] * scale, S))
+    o = torch.stack(outs, dim=1) if outs else v.new_zeros(v.shape[0], 0, v.shape[1], v.shape[3])
+    return o.to(out_dtype), (S if output_final_state else None)
+
+
+def chunk_gated_delta_rule_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    initial_state: Tensor | None = None,
+    scale: float | None = None,
+    output_final_state: bool = True,
+    use_qk_l2norm: bool = False,
+    chunk_size: int = 64,
+    delta_rule: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """Chunkwise WY / UT-transform form of the gated delta rule (see the module docstring).
+
+    Everything inside a chunk is batched over all chunks at once (one triangular solve of
+    shape ``[B, Hv, N, C, C]``); only the inter-chunk state recurrence loops, over the
+    ``N = ceil(T / C)`` chunks. Same returns as ``recurrent_gated_delta_rule_ref``.
+    """
+    out_dtype = v.dtype
+    q, k, v, g, beta, S, scale = _prepare(q, k, v, g, beta, initial_state, scale, use_qk_l2norm)
+    B, Hv, T, dk = k.shape
+    dv = v.shape[-1]
+    C = max(1, min(chunk_size, T)) if T > 0 else 1
+    N = math.ceil(T / C)
+    pad = N * C - T
+    if pad:  # g = 0 (no decay) and beta = 0 (no write) make padded steps exact no-ops
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        g, beta = F.pad(g, (0, pad)), F.pad(beta, (0, pad))
+    q, k, v = (t.reshape(B, Hv, N, C, t.shape[-1]) for t in (q, k, v))
+    g, beta = g.reshape(B, Hv, N, C), beta.reshape(B, Hv, N, C)
+
+    G = g.cumsum(-1)  # local cumulative log-decay
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    decay = (G[..., :, None] - G[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # D_ij, i >= j
+    gamma = G.exp()  # decay from the chunk start
+    to_end = (G[..., -1:] - G).exp()  # decay from step j to the chunk end
+
+    if delta_rule:
+        eye = torch.eye(C, dtype=q.dtype, device=q.device)
+        A = (beta[..., :, None] * (k @ k.transpose(-1, -2)) * decay).tril(-1)
+        rhs = torch.cat([(beta * gamma)[..., None] * k, beta[..., None] * v], dim=-1)
+        sol = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
+        W, U0 = sol[..., :dk], sol[..., dk:]  # WY representation
+    else:
+        W, U0 = None, beta[..., None] * v
+    qs = q * scale
+    attn = (qs @ k.transpose(-1, -2)) * decay  # [B, Hv, N, C, C], causal within the chunk
+    kend = k * to_end[..., None]
+    a_end = G[..., -1].exp()  # [B, Hv, N]
+
+    starts, news = [], []
+    for n in range(N):  # state recurrence across chunks only
+        starts.append(S)
+        U = U0[:, :, n] if W is None else U0[:, :, n] - W[:, :, n] @ S
+        news.append(U)
+        S = a_end[:, :, n, None, None] * S + kend[:, :, n].transpose(-1, -2) @ U
+    S0 = torch.stack(starts, dim=2)  # [B, Hv, N, dk, dv]
+    U = torch.stack(news, dim=2)  # [B, Hv, N, C, dv]
+    o = (qs * gamma[..., None]) @ S0 + attn @ U
+    o = o.reshape(B, Hv, N * C, dv)[:, :, :T].transpose(1, 2)
+    return o.to(out_dtype), (S if output_final_state else None)
+
+
+def _fast_ok(q: Tensor, v: Tensor) -> bool:
+    return (q.dtype in (torch.float16, torch.bfloat16, torch.float32) and v.dtype == q.dtype
+            and q.shape[-1] <= 256 and v.shape[-1] <= 256)
+
+
+def gated_delta_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    initial_state: Tensor | None = None,
+    scale: float | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm: bool = False,
+    chunk_size: int = 64,
+    delta_rule: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """Gated delta rule with dispatch (see the module docstring).
+
+    q, k: [B, T, H, dk]; v: [B, T, Hv, dv]; g (log decay, <= 0), beta: [B, T, Hv];
+    initial_state: [B, Hv, dk, dv] | None (zeros). Returns ``(o [B, T, Hv, dv], state | None)``.
+    """
+    _check(q, k, v, g, beta, initial_state)
+    T = q.shape[1]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if delta_rule and _fast_ok(q, v) and dispatch.use_fast("gdn", q, k, v, g, beta):
+        chunk_fn, recurrent_fn = _fla_gdn()
+        qe, ke = _expand_qk(q, k, v.shape[2])
+        h0 = initial_state.float().contiguous() if initial_state is not None else None
+        fn = recurrent_fn if T == 1 else chunk_fn
+        o, S = fn(qe, ke, v, g=g.float(), beta=beta.to(q.dtype), scale=scale, initial_state=h0,
+                  output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm)
+        return o, S
+    if T == 1:
+        return recurrent_gated_delta_rule_ref(q, k, v, g, beta, initial_state, scale, output_final_state,
+                                              use_qk_l2norm, delta_rule)
+    return chunk_gated_delta_rule_ref(q, k, v, g, beta, initial_state, scale, output_final_state,
+                                      use_qk_l2norm, chunk_size, delta_rule)
