@@ -41,6 +41,7 @@ class GatedAttentionConfig:
     window: int | None = spec(None, min=1)
     rope: RopeConfig = field(default_factory=RopeConfig)
     bias: bool = False
+    kv_share: bool = spec(False, doc="pair consecutive layers of this mixer: the second reuses the first's K/V")
 
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
@@ -75,50 +76,88 @@ def visible(qpos: Tensor, kpos: Tensor, window: int | None, n_meta: int) -> Tens
     return ok
 
 
+KV_SHARING_MIXERS = ("gated_attn", "hymba")
+
+
+def kv_share_roles(recipe) -> list[str | None]:  # noqa: ANN001 - Recipe
+    """Cross-layer KV sharing (Hymba, arXiv 2411.13676 §2.3; Brandon et al. 2024 "CLA"):
+    consecutive layers of the same attention-bearing mixer whose config sets ``kv_share``
+    pair up greedily; the first of a pair is the "producer", the second the "consumer"
+    (no K/V projections, no KV cache of its own: it attends to the producer's)."""
+    layers = recipe.layers
+    roles: list[str | None] = [None] * len(layers)
+    for i in range(1, len(layers)):
+        a, b = layers[i - 1].mixer, layers[i].mixer
+        if a == b and b in KV_SHARING_MIXERS and roles[i - 1] is None and recipe.component(b).kv_share:
+            roles[i - 1], roles[i] = "producer", "consumer"
+    return roles
+
+
 @register("gated_attn", config=GatedAttentionConfig, aliases=("GA", "attn", "attention"))
 class GatedAttention(nn.Module):
-    def __init__(self, cfg: GatedAttentionConfig, *, d_model: int, **_: object):
+    def __init__(self, cfg: GatedAttentionConfig, *, d_model: int, project_out: bool = True,
+                 kv_role: str | None = "auto", recipe=None, layer_idx: int = 0, **_: object):  # noqa: ANN001
         super().__init__()
         self.cfg = cfg
         self.h, self.hkv, self.d = cfg.n_heads, cfg.kv_heads(), cfg.dim(d_model)
+        if kv_role == "auto":
+            kv_role = kv_share_roles(recipe)[layer_idx] if recipe is not None else None
+        self.kv_role = kv_role
         self.q_proj = nn.Linear(d_model, self.h * self.d, bias=cfg.bias)
-        self.k_proj = nn.Linear(d_model, self.hkv * self.d, bias=cfg.bias)
-        self.v_proj = nn.Linear(d_model, self.hkv * self.d, bias=cfg.bias)
+        if kv_role != "consumer":
+            self.k_proj = nn.Linear(d_model, self.hkv * self.d, bias=cfg.bias)
+            self.v_proj = nn.Linear(d_model, self.hkv * self.d, bias=cfg.bias)
         self.g_proj = nn.Linear(d_model, self.h * self.d, bias=cfg.bias) if cfg.output_gate else None
-        self.o_proj = nn.Linear(self.h * self.d, d_model, bias=cfg.bias)
-        self.o_proj.is_residual_out = True
+        self.o_proj = None
+        if project_out:
+            self.o_proj = nn.Linear(self.h * self.d, d_model, bias=cfg.bias)
+            self.o_proj.is_residual_out = True
         self.q_norm = RMSNorm(self.d) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(self.d) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.d) if cfg.qk_norm and kv_role != "consumer" else None
         self.rotary = Rotary(self.d, cfg.rope)
+
+    @property
+    def inner_dim(self) -> int:
+        return self.h * self.d
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> AttentionState:
         return AttentionState()
 
-    # -- the three projections plus norm + rope; shared with hymba's attention heads
-    def qkv(self, x: Tensor, ctx: StepContext) -> tuple[Tensor, Tensor, Tensor]:
+    # -- projections plus norm + rope (k, v are None for a KV-sharing consumer)
+    def qkv(self, x: Tensor, ctx: StepContext) -> tuple[Tensor, Tensor | None, Tensor | None]:
         B, T, _ = x.shape
+        cos, sin = self.rotary.cos_sin(ctx.positions)
         q = self.q_proj(x).view(B, T, self.h, self.d)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        q = self.rotary(q, cos, sin)
+        if self.kv_role == "consumer":
+            return q, None, None
         k = self.k_proj(x).view(B, T, self.hkv, self.d)
         v = self.v_proj(x).view(B, T, self.hkv, self.d)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = self.rotary.cos_sin(ctx.positions)
-        return self.rotary(q, cos, sin), self.rotary(k, cos, sin), v
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        return q, self.rotary(k, cos, sin), v
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: StepContext, state: AttentionState | None) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor | None, v: Tensor | None, ctx: StepContext,
+               state: AttentionState | None) -> Tensor:
         """q [B,T,H,D], k/v [B,T,Hkv,D] of this chunk -> attention output [B,T,H,D]."""
-        B, T = q.shape[:2]
         qpos = ctx.positions
         valid = ctx.valid
-        kpos_new = qpos if valid is None else torch.where(valid, qpos, torch.full_like(qpos, -1))
-        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, T, D]
-        if state is not None and state.k is not None:
-            k_all = torch.cat([state.k, k], dim=2)
-            v_all = torch.cat([state.v, v], dim=2)
-            kpos = torch.cat([state.pos, kpos_new], dim=1)
-            fresh = False
+        if self.kv_role == "consumer":  # the producer (previous layer) left its keys/values
+            k_all, v_all, kpos, fresh = ctx.shared.pop("kv")
         else:
-            k_all, v_all, kpos, fresh = k, v, kpos_new, True
+            kpos_new = qpos if valid is None else torch.where(valid, qpos, torch.full_like(qpos, -1))
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, T, D]
+            if state is not None and state.k is not None:
+                k_all = torch.cat([state.k, k], dim=2)
+                v_all = torch.cat([state.v, v], dim=2)
+                kpos = torch.cat([state.pos, kpos_new], dim=1)
+                fresh = False
+            else:
+                k_all, v_all, kpos, fresh = k, v, kpos_new, True
+            if self.kv_role == "producer":
+                ctx.shared["kv"] = (k_all, v_all, kpos, fresh)
         qh = q.transpose(1, 2)
         gqa = self.h != self.hkv
         if fresh and valid is None and self.cfg.window is None:
@@ -128,7 +167,7 @@ class GatedAttention(nn.Module):
             if valid is not None:  # inert query slots: any finite output will do
                 mask = mask | ~valid[:, :, None]
             o = F.scaled_dot_product_attention(qh, k_all, v_all, attn_mask=mask[:, None], enable_gqa=gqa)
-        if state is not None:
+        if state is not None and self.kv_role != "consumer":
             self._store(state, k_all, v_all, kpos, ctx)
         return o.transpose(1, 2)
 
@@ -152,4 +191,4 @@ class GatedAttention(nn.Module):
         o = self.attend(q, k, v, ctx, state).reshape(B, T, self.h * self.d)
         if self.g_proj is not None:
             o = o * torch.sigmoid(self.g_proj(x))
-        return self.o_proj(o)
+        return self.o_proj(o) if self.o_proj is not None else o

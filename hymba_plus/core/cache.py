@@ -44,6 +44,9 @@ class LayerState:
             v = getattr(self, f.name)
             if isinstance(v, Tensor):
                 yield f.name, v
+            elif isinstance(v, LayerState):  # nested states (hymba: attention + ssm)
+                for name, t in v.tensors():
+                    yield f"{f.name}.{name}", t
             elif isinstance(v, (list, tuple)):
                 for i, t in enumerate(v):
                     if isinstance(t, Tensor):
@@ -55,6 +58,8 @@ class LayerState:
             v = getattr(self, f.name)
             if isinstance(v, Tensor) and f.metadata.get("batch", True):
                 setattr(self, f.name, v.index_select(0, index.to(v.device)))
+            elif isinstance(v, LayerState):
+                v.reorder(index)
             elif isinstance(v, list):
                 setattr(self, f.name, [t.index_select(0, index.to(t.device)) for t in v])
 
@@ -71,6 +76,8 @@ class StepContext:
     n_meta:    meta tokens of the model; positions < n_meta are meta tokens (attention
                keeps them visible through any sliding window).
     aux_losses / stats: channel mixers (MoE) add their losses and routing statistics.
+    shared:    values one layer hands to a later one in the same call (cross-layer KV
+               sharing: the producer layer leaves its keys/values for the consumer).
     """
 
     positions: Tensor
@@ -78,6 +85,7 @@ class StepContext:
     n_meta: int = 0
     aux_losses: list[Tensor] = field(default_factory=list)
     stats: dict[str, object] = field(default_factory=dict)
+    shared: dict[str, object] = field(default_factory=dict)
     layer_idx: int = 0
 
     @property
