@@ -1,0 +1,266 @@
+"""ATLAS neural-memory token mixer (Behrouz et al. 2025, "ATLAS: Learning to Optimally
+Memorize the Context at Test Time", arXiv 2505.23735); registered as ``atlas`` / ``ATL``.
+
+Per head ``h`` and token ``t`` (d = head_dim)::
+
+    q, k, v = SiLU(ShortConv(x W_qkv))                     (Titans/ATLAS short conv, optional)
+    q, k    = q / ||q||, k / ||k||                          (L2-normalised)
+    γ_t = σ(x W_γ)   η_t = softplus(x W_η)   θ_t = σ(x W_θ)   α_t = σ(x W_α)   (per head)
+    phi     = polynomial feature map of degree p, learned per-degree coefficients (§3)
+    loss_t  = Σ_{i=t-c+1}^{t} γ_i ||M(phi(k_i)) - v_i||²    (Omega rule, Eq. 9, window c)
+    S_t     = θ_t S_{t-1} + ∇ loss_t                         (momentum)
+    M_t     = α_t M_{t-1} - η_t NS5(S_t)                     (Muon inner step; "sgd": no NS5)
+    y_t     = M(phi(q_t); W_n)                               (retrieval, chunk-start weights)
+    out     = W_o · concat_h GatedRMSNorm(y_t, x W_g)
+
+``M`` is a deep residual MLP (depth >= 2, ``M(x) = P x + W_L σ(... σ(W_1 x))``, paper
+Eq. 32-33 in spirit) whose initial weights are learned parameters of the layer, copied per
+sequence. Training is chunk-parallel (``kernels/atlas.py``: per-token gradients at the
+chunk-start weights by ``torch.func``, window sums by cumulative sums, the momentum scan as
+a decay matrix, NS5 batched over tokens, a closed form for the chunk's end weights).
+
+Cache (``AtlasState``): the memory weights and momentum of every row and head (the
+test-time-memorized memory), the tokens since the last chunk boundary (their keys, values
+and gates), the last ``c-1`` tokens before it (the Omega window tail) and the short-conv
+state. All of it has a fixed size. Chunk boundaries are counted in real tokens, so any
+split of a sequence into calls gives exactly the outputs of one full forward: each call
+prepends the row's buffered tokens to its new real tokens, runs the chunks, keeps the
+outputs of the new tokens, lets complete chunks update the memory and buffers the rest.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core.cache import LayerState, StepContext
+from ..core.config import spec
+from ..core.registry import register
+from ..kernels.atlas import atlas_memory, feature_dim, poly_features
+from ..kernels.conv import causal_conv1d
+from .norm import GatedRMSNorm
+
+MAX_FEATURE_DIM = 4096
+
+
+@dataclass(frozen=True)
+class AtlasConfig:
+    n_heads: int = spec(4, min=1)
+    head_dim: int | None = spec(16, min=1, doc="None = d_model // n_heads")
+    window: int = spec(4, min=1, doc="Omega-rule window c (1 = online, Titans-like)")
+    poly_degree: int = spec(2, min=1, max=3, doc="degree p of the polynomial key/query features")
+    memory_depth: int = spec(2, min=2, doc="layers of the memory MLP")
+    memory_hidden: int = spec(2, min=1, doc="hidden width of the memory MLP, in multiples of head_dim")
+    chunk_size: int = spec(16, min=1, doc="tokens per chunk of the parallel inner update")
+    inner_optimizer: str = spec("muon", choices=("muon", "sgd"))
+    ns_steps: int = spec(5, min=1, doc="Newton-Schulz steps of the Muon inner update")
+    conv_size: int = spec(4, min=0, doc="short causal conv on q, k, v; 0 = off")
+    inner_lr: float = spec(0.1, gt=0.0, doc="initial inner learning rate η (softplus bias)")
+
+    def dim(self, d_model: int) -> int:
+        return self.head_dim or d_model // self.n_heads
+
+    def check(self, model):  # noqa: ANN001
+        if self.head_dim is None and model.d_model % self.n_heads:
+            yield "n_heads", f"must divide d_model ({model.d_model}) when head_dim is not given"
+        fd = feature_dim(self.dim(model.d_model), self.poly_degree)
+        if fd > MAX_FEATURE_DIM:
+            yield "poly_degree", (f"gives {fd} features for head_dim {self.dim(model.d_model)} "
+                                  f"(limit {MAX_FEATURE_DIM}); lower poly_degree or head_dim")
+
+
+@dataclass
+class AtlasState(LayerState):
+    """Test-time memory of one ATLAS layer (every field has batch on dim 0, fixed size).
+
+    weights / momentum: per memory matrix [B, H, out, in] (None until the first call, when
+        they are copied from the layer's learned initial memory).
+    buf_k, buf_v [B, H, C, d], buf_gates [B, H, C, 4] (γ, η, log θ, log α): the tokens since
+        the row's last chunk boundary; ``n_buf`` [B] how many (0 .. C-1).
+    tail_k, tail_v [B, H, c-1, d], tail_gamma [B, H, c-1]: the c-1 tokens before that
+        boundary (the Omega window reaches into them); γ = 0 marks an empty slot.
+    conv: short-conv state [B, 3·H·d, K-1] (None without a conv).
+    """
+
+    weights: list[Tensor] | None = None
+    momentum: list[Tensor] | None = None
+    buf_k: Tensor | None = None
+    buf_v: Tensor | None = None
+    buf_gates: Tensor | None = None
+    n_buf: Tensor | None = None
+    tail_k: Tensor | None = None
+    tail_v: Tensor | None = None
+    tail_gamma: Tensor | None = None
+    conv: Tensor | None = None
+
+
+def _gather_time(x: Tensor, idx: Tensor) -> Tensor:
+    """x [B, H, S, ...], idx [B, T] -> x[b, :, idx[b, t], ...] as [B, H, T, ...]."""
+    B, H = x.shape[:2]
+    i = idx.view(B, 1, -1, *([1] * (x.dim() - 3))).expand(B, H, -1, *x.shape[3:])
+    return x.gather(2, i)
+
+
+@register("atlas", config=AtlasConfig, aliases=("ATL",))
+class Atlas(nn.Module):
+    def __init__(self, cfg: AtlasConfig, *, d_model: int, **_: object):
+        super().__init__()
+        self.cfg = cfg
+        H, d = cfg.n_heads, cfg.dim(d_model)
+        self.h, self.d = H, d
+        self.f = feature_dim(d, cfg.poly_degree)
+        hid = cfg.memory_hidden * d
+        self.qkv_proj = nn.Linear(d_model, 3 * H * d, bias=False)
+        self.conv_weight = nn.Parameter(torch.empty(3 * H * d, cfg.conv_size)) if cfg.conv_size else None
+        self.gate_proj = nn.Linear(d_model, 4 * H, bias=True)  # γ, η, θ, α per head
+        self.g_proj = nn.Linear(d_model, H * d, bias=False)
+        self.norm = GatedRMSNorm(d)
+        self.o_proj = nn.Linear(H * d, d_model, bias=False)
+        self.o_proj.is_residual_out = True
+        self.poly_coef = nn.Parameter(torch.empty(H, cfg.poly_degree))
+        # learned initial memory: P [d, F] (linear path), W_1 [hid, F], W_l [hid, hid], W_L [d, hid]
+        shapes = [(d, self.f), (hid, self.f)] + [(hid, hid)] * (cfg.memory_depth - 2) + [(d, hid)]
+        self.memory = nn.ParameterList(nn.Parameter(torch.empty(H, *s)) for s in shapes)
+        self.reset_special()
+
+    def reset_special(self) -> None:
+        cfg = self.cfg
+        H = self.h
+        with torch.no_grad():
+            for W in self.memory:
+                nn.init.normal_(W, 0.0, 1.0 / math.sqrt(W.shape[-1]))
+            for j in range(cfg.poly_degree):  # Taylor coefficients of exp: 1/sqrt(j!)
+                self.poly_coef[:, j] = 1.0 / math.sqrt(math.factorial(j + 1))
+            if self.conv_weight is not None:
+                bound = 1.0 / math.sqrt(cfg.conv_size)
+                nn.init.uniform_(self.conv_weight, -bound, bound)
+            b = self.gate_proj.bias.view(4, H)
+            b[0] = 0.0  # γ = 0.5
+            b[1] = math.log(math.expm1(cfg.inner_lr))  # η = inner_lr
+            b[2] = 0.0  # θ = 0.5
+            b[3] = 5.0  # α ≈ 0.993
+
+    # ------------------------------------------------------------------ state
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> AtlasState:
+        H, d, C, c = self.h, self.d, self.cfg.chunk_size, self.cfg.window
+        z = lambda *s: torch.zeros(batch_size, *s, device=device, dtype=dtype)  # noqa: E731
+        conv = z(3 * H * d, self.cfg.conv_size - 1) if self.conv_weight is not None else None
+        return AtlasState(
+            buf_k=z(H, C, d), buf_v=z(H, C, d), buf_gates=z(H, C, 4),
+            n_buf=torch.zeros(batch_size, dtype=torch.long, device=device),
+            tail_k=z(H, c - 1, d), tail_v=z(H, c - 1, d), tail_gamma=z(H, c - 1), conv=conv,
+        )
+
+    # ------------------------------------------------------------------ forward
+    def _project(self, x: Tensor, ctx: StepContext, state: AtlasState | None):
+        B, T, _ = x.shape
+        H, d = self.h, self.d
+        qkv = self.qkv_proj(x)
+        if self.conv_weight is not None:
+            qkv, conv_state = causal_conv1d(qkv, self.conv_weight, None, state.conv if state is not None else None,
+                                            ctx.lengths, activation="silu")
+            if state is not None:
+                state.conv = conv_state
+        else:
+            qkv = F.silu(qkv)
+        q, k, v = qkv.view(B, T, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, d]
+        q, k = F.normalize(q, dim=-1, eps=1e-6), F.normalize(k, dim=-1, eps=1e-6)
+        z = self.gate_proj(x).view(B, T, 4, H).permute(0, 3, 1, 2)  # [B, H, T, 4]
+        gates = torch.stack([torch.sigmoid(z[..., 0]), F.softplus(z[..., 1]),
+                             F.logsigmoid(z[..., 2]), F.logsigmoid(z[..., 3])], dim=-1)
+        return q, k, v, gates
+
+    def _memory(self, q, k, v, gates, tail_k, tail_v, tail_g, weights, momentum, n_valid, return_state):
+        """Run the kernel on [B, H, ...] tensors (sequence starts at a chunk boundary)."""
+        B, H, T, d = q.shape
+        cfg = self.cfg
+        coef = self.poly_coef[:, None, :]  # [H, 1, p]
+        qf = poly_features(q, coef).reshape(B * H, T, self.f)
+        k_ext = torch.cat([tail_k, k], dim=2)
+        kf = poly_features(k_ext, coef).reshape(B * H, -1, self.f)
+        v_ext = torch.cat([tail_v, v], dim=2).reshape(B * H, -1, d)
+        g_ext = torch.cat([tail_g, gates[..., 0]], dim=2).reshape(B * H, -1)
+        flat = lambda t: t.reshape(B * H, *t.shape[2:])  # noqa: E731
+        mom = None if momentum is None else [flat(m) for m in momentum]
+        nv = None if n_valid is None else n_valid[:, None].expand(B, H).reshape(-1)
+        y, W, S = atlas_memory(
+            qf, kf, v_ext, g_ext, flat(gates[..., 1]), flat(gates[..., 2]), flat(gates[..., 3]),
+            [flat(w) for w in weights], mom, chunk_size=cfg.chunk_size, window=cfg.window,
+            ns_steps=cfg.ns_steps, muon=cfg.inner_optimizer == "muon", n_valid=nv, return_state=return_state,
+        )
+        y = y.view(B, H, T, d)
+        if not return_state:
+            return y, None, None
+        return y, [w.view(B, H, *w.shape[1:]) for w in W], [s.view(B, H, *s.shape[1:]) for s in S]
+
+    def _initial_weights(self, B: int) -> list[Tensor]:
+        return [w[None].expand(B, *w.shape) for w in self.memory]
+
+    def forward(self, x: Tensor, ctx: StepContext, state: AtlasState | None = None) -> Tensor:
+        B, T, _ = x.shape
+        H, d = self.h, self.d
+        q, k, v, gates = self._project(x, ctx, state)
+        if state is None:
+            y = self._forward_full(q, k, v, gates, ctx.lengths)
+        else:
+            y = self._forward_cached(q, k, v, gates, ctx.lengths, state)
+        o = self.norm(y.transpose(1, 2), self.g_proj(x).view(B, T, H, d)).reshape(B, T, H * d)
+        return self.o_proj(o)
+
+    def _forward_full(self, q, k, v, gates, lengths):
+        B, H, T, d = q.shape
+        c = self.cfg.window
+        if lengths is not None:  # inert slots never write into the memory
+            real = (torch.arange(T, device=q.device)[None] < lengths[:, None])[:, None, :, None]
+            gates = gates * real
+        tail_k = q.new_zeros(B, H, c - 1, d)
+        tail_g = q.new_zeros(B, H, c - 1)
+        y, _, _ = self._memory(q, k, v, gates, tail_k, tail_k, tail_g, self._initial_weights(B), None,
+                               None, return_state=False)
+        return y
+
+    def _forward_cached(self, q, k, v, gates, lengths, st: AtlasState):
+        B, H, T, d = q.shape
+        C, c = self.cfg.chunk_size, self.cfg.window
+        dev = q.device
+        nb = st.n_buf
+        L = lengths.to(dev) if lengths is not None else torch.full((B,), T, dtype=torch.long, device=dev)
+        n_tot = nb + L  # real tokens since the row's last chunk boundary, this call's included
+        Tc = int(n_tot.max().item()) if B else 0
+        if Tc == 0:
+            return q.new_zeros(B, H, T, d)
+        # combined row = [buffered tokens, new real tokens, inert]; it starts at a chunk boundary
+        s = torch.arange(Tc, device=dev)[None]
+        idx = torch.where(s < nb[:, None], s, C + s - nb[:, None]).clamp(max=C + T - 1)
+        comb = lambda buf, new: _gather_time(torch.cat([buf.to(new.dtype), new], dim=2), idx)  # noqa: E731
+        real = (s < n_tot[:, None])[:, None, :, None]  # [B, 1, Tc, 1]
+        k_c, v_c = comb(st.buf_k, k), comb(st.buf_v, v)
+        g_c = comb(st.buf_gates, gates) * real
+        q_c = comb(q.new_zeros(B, H, C, d), q)
+        weights = st.weights if st.weights is not None else self._initial_weights(B)
+        y_c, W, S = self._memory(q_c, k_c, v_c, g_c, st.tail_k, st.tail_v, st.tail_gamma, weights,
+                                 st.momentum, n_tot, return_state=True)
+        # outputs of this call's tokens: combined slot n_buf + t
+        out_idx = (nb[:, None] + torch.arange(T, device=dev)[None]).clamp(max=Tc - 1)
+        y = _gather_time(y_c, out_idx)
+        # carry forward: memory, momentum, the new partial chunk and the window tail
+        start = (n_tot // C) * C
+        n_new = n_tot - start
+        j = torch.arange(C, device=dev)[None]
+        bidx = (start[:, None] + j).clamp(max=Tc - 1)
+        keep = (j < n_new[:, None])[:, None, :, None]
+        st.buf_k = _gather_time(k_c, bidx) * keep
+        st.buf_v = _gather_time(v_c, bidx) * keep
+        st.buf_gates = _gather_time(g_c, bidx) * keep
+        if c > 1:  # ext = [tail, combined]; the new tail is ext[start : start + c - 1]
+            tidx = start[:, None] + torch.arange(c - 1, device=dev)[None]
+            st.tail_k = _gather_time(torch.cat([st.tail_k, k_c], dim=2), tidx)
+            st.tail_v = _gather_time(torch.cat([st.tail_v, v_c], dim=2), tidx)
+            st.tail_gamma = _gather_time(torch.cat([st.tail_gamma, g_c[..., 0]], dim=2), tidx)
+        st.n_buf = n_new
+        st.weights, st.momentum = W, S
+        return y
