@@ -2,3 +2,4 @@
 
 from . import attention, mlp, none  # noqa: F401  (registration side effects)
 from . import gdn  # noqa: F401,E402  (Gated DeltaNet: gdn / GD)
+from . import atlas  # noqa: F401,E402  (ATLAS neural memory: atlas / ATL)
