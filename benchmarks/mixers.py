@@ -1,0 +1,227 @@
+"""Mixer layer benchmark: forward and forward+backward time of each registered token
+mixer next to the raw kernel it wraps, at B=4, T=4096, 16 heads x 128 (or the mixer's
+natural equivalent), bf16. Prints a markdown table and writes JSON with the device name.
+
+Columns per mixer:
+  layer      — the whole registered layer (projections, conv, norms, gates, kernel)
+  wrapper    — our kernel entry point (hymba_plus.kernels.*) on prepared inputs
+  raw        — the library kernel called directly on the same inputs (fla / mamba-ssm /
+               SDPA); ratio = wrapper / raw (target <= 1.15)
+
+    python benchmarks/mixers.py --out benchmarks/results/mixers.json           # GPU
+    python benchmarks/mixers.py --device cpu --quick                            # smoke test
+    python benchmarks/mixers.py --cpu-gdn-loop                                  # CPU reference
+                                                   # chunked vs per-token loop at T=2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import hymba_plus  # noqa: F401  (registers components)
+from hymba_plus import build_model, registry
+from hymba_plus.core.cache import StepContext
+
+
+def bench(fn: Callable[[], object], device: str, warmup: int = 3, iters: int = 10) -> float:
+    """Median milliseconds of fn()."""
+    for _ in range(warmup):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(iters):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            torch.cuda.synchronize()
+            times.append(s.elapsed_time(e))
+        return statistics.median(times)
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def fwd_bwd(fn: Callable[[], torch.Tensor], params: list[torch.Tensor]) -> Callable[[], None]:
+    def run() -> None:
+        for p in params:
+            p.grad = None
+        out = fn()
+        out = out[0] if isinstance(out, tuple) else out
+        out.float().sum().backward()
+
+    return run
+
+
+def mixer_recipes(quick: bool) -> dict[str, dict]:
+    """Per mixer: the layer's config at the benchmark shape (16 heads x 128)."""
+    H, D = (4, 32) if quick else (16, 128)
+    d_model = H * D
+    r = {
+        "gated_attn": (d_model, {"gated_attn": {"n_heads": H, "n_kv_heads": H, "head_dim": D,
+                                                "rope": {"fraction": 0.5}}}),
+        "gdn": (d_model, {"gdn": {"n_heads": H, "head_dim": D}}),
+        # Mamba-3: d_inner = expand * d_model = H * D heads of D, state 128 (SISO)
+        "mamba3": (H * D // 2, {"mamba3": {"head_dim": D, "expand": 2, "state_size": 32 if quick else 128}}),
+        # ATLAS has no fast kernel: natural small-head config (degree-2 features grow as D^2)
+        "atlas": (d_model, {"atlas": {"n_heads": H, "head_dim": 16, "poly_degree": 2}}),
+        "hymba": (d_model, {"hymba": {"ssm": "gdn", "attn": {"n_heads": H, "window": 1024}},
+                            "gdn": {"n_heads": H, "head_dim": D}}),
+    }
+    return {k: v for k, v in r.items() if k in registry.names()}
+
+
+def layer_of(name: str, d_model: int, comps: dict, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    alias = {"gated_attn": "GA", "gdn": "GD", "mamba3": "M3", "atlas": "ATL", "hymba": "HY"}[name]
+    recipe = {"name": f"bench-{name}", "model": {"vocab_size": 256, "d_model": d_model, "max_seq_len": 1 << 16,
+                                                  "block_pattern": alias, "ffn": "none"}, "components": comps}
+    model = build_model(recipe).to(device=device, dtype=dtype)
+    return model.blocks[0].mixer
+
+
+def raw_kernels(name: str, B: int, T: int, H: int, D: int, device: str, dtype: torch.dtype):
+    """(wrapper_fn, raw_fn, params) on identical prepared inputs, or None if no kernel."""
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device, dtype=dtype, generator=g) * scale).requires_grad_()
+
+    if name == "gated_attn":
+        q, k, v = rnd(B, H, T, D), rnd(B, H, T, D), rnd(B, H, T, D)
+
+        def raw():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        return None, raw, [q, k, v]
+    if name in ("gdn", "hymba"):
+        from hymba_plus.kernels.gdn import gated_delta_rule
+
+        q, k, v = rnd(B, T, H, D), rnd(B, T, H, D), rnd(B, T, H, D)
+        gg = (-torch.rand(B, T, H, device=device, generator=g).float() * 0.1).requires_grad_()
+        beta = torch.rand(B, T, H, device=device, generator=g).to(dtype).requires_grad_()
+
+        def wrapper():
+            return gated_delta_rule(q, k, v, gg, beta, use_qk_l2norm=True)[0]
+
+        raw = None
+        if device == "cuda":
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+            def raw():
+                return chunk_gated_delta_rule(q, k, v, gg, beta, use_qk_l2norm_in_kernel=True)[0]
+
+        return wrapper, raw, [q, k, v, gg, beta]
+    if name == "mamba3":
+        try:
+            from hymba_plus.kernels.mamba3 import bench_inputs  # provided by the mamba3 kernel module
+        except ImportError:
+            return None
+        return bench_inputs(B, T, H, D, device, dtype)
+    return None
+
+
+def run_mixers(args: argparse.Namespace) -> list[dict]:
+    device, dtype = args.device, (torch.bfloat16 if args.device == "cuda" else torch.float32)
+    B, T = (1, 256) if args.quick else (args.batch, args.seq_len)
+    H, D = (4, 32) if args.quick else (16, 128)
+    rows = []
+    for name, (d_model, comps) in mixer_recipes(args.quick).items():
+        if args.only and name not in args.only:
+            continue
+        row: dict = {"mixer": name, "B": B, "T": T, "d_model": d_model}
+        try:
+            layer = layer_of(name, d_model, comps, device, dtype)
+            x = torch.randn(B, T, d_model, device=device, dtype=dtype, requires_grad=True)
+            ctx = StepContext(positions=torch.arange(T, device=device)[None].expand(B, -1))
+            params = [x, *layer.parameters()]
+            with torch.no_grad():
+                row["layer_fwd_ms"] = bench(lambda: layer(x, ctx, None), device)
+            row["layer_fwdbwd_ms"] = bench(fwd_bwd(lambda: layer(x, ctx, None), params), device)
+        except Exception as e:  # noqa: BLE001 - report and continue with the other mixers
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
+        kernels = raw_kernels(name, B, T, H, D, device, dtype)
+        if kernels is not None:
+            wrapper, raw, kparams = kernels
+            for tag, fn in (("wrapper", wrapper), ("raw", raw)):
+                if fn is None:
+                    continue
+                try:
+                    with torch.no_grad():
+                        row[f"{tag}_fwd_ms"] = bench(fn, device)
+                    row[f"{tag}_fwdbwd_ms"] = bench(fwd_bwd(fn, kparams), device)
+                except Exception as e:  # noqa: BLE001
+                    row[f"{tag}_error"] = f"{type(e).__name__}: {e}"[:300]
+            if "wrapper_fwd_ms" in row and "raw_fwd_ms" in row:
+                row["ratio_fwd"] = row["wrapper_fwd_ms"] / row["raw_fwd_ms"]
+                row["ratio_fwdbwd"] = row["wrapper_fwdbwd_ms"] / row["raw_fwdbwd_ms"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def cpu_gdn_loop(args: argparse.Namespace) -> dict:
+    """CPU: chunked WY reference vs the per-token recurrence at T=2048 (target >= 10x)."""
+    from hymba_plus.kernels.gdn import chunk_gated_delta_rule_ref, recurrent_gated_delta_rule_ref
+
+    B, T, H, D = 1, 2048, 4, 64
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, T, H, D, generator=g) for _ in range(3))
+    k = F.normalize(k, dim=-1)
+    q = F.normalize(q, dim=-1)
+    gg = -torch.rand(B, T, H, generator=g) * 0.1
+    beta = torch.rand(B, T, H, generator=g)
+    with torch.no_grad():
+        chunk = bench(lambda: chunk_gated_delta_rule_ref(q, k, v, gg, beta), "cpu", 1, 3)
+        loop = bench(lambda: recurrent_gated_delta_rule_ref(q, k, v, gg, beta), "cpu", 1, 3)
+    return {"T": T, "chunked_ms": chunk, "per_token_loop_ms": loop, "speedup": loop / chunk}
+
+
+def table(rows: list[dict]) -> str:
+    cols = ["mixer", "layer_fwd_ms", "layer_fwdbwd_ms", "wrapper_fwd_ms", "wrapper_fwdbwd_ms",
+            "raw_fwd_ms", "raw_fwdbwd_ms", "ratio_fwd", "ratio_fwdbwd"]
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "-"))
+                                     for c in cols) + " |")
+    errs = [f"{r['mixer']}: " + "; ".join(f"{k}={v}" for k, v in r.items() if k.endswith("error")) for r in rows
+            if any(k.endswith("error") for k in r)]
+    return "\n".join(out + errs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=4096)
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
+    ap.add_argument("--only", nargs="*", help="mixers to run")
+    ap.add_argument("--cpu-gdn-loop", action="store_true", help="CPU chunked-vs-loop gdn reference timing")
+    ap.add_argument("--out", default="benchmarks/results/mixers.json")
+    args = ap.parse_args()
+    result: dict = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                    "torch": torch.__version__, "dtype": "bf16" if args.device == "cuda" else "fp32"}
+    if args.cpu_gdn_loop:
+        result["cpu_gdn_loop"] = cpu_gdn_loop(args)
+        print(json.dumps(result["cpu_gdn_loop"]))
+    else:
+        result["rows"] = run_mixers(args)
+        print(table(result["rows"]))
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
