@@ -1,0 +1,182 @@
+"""Mamba-3 token mixer (Lahoti et al. 2026, "Mamba-3: Improved Sequence Modeling using State
+Space Principles", arXiv 2603.15569), laid out as the official ``mamba_ssm.modules.Mamba3``.
+
+One ``in_proj`` (no bias, no short convolution) gives, per token::
+
+    [z | x | B | C | dd_dt | dd_A | trap | angles]
+     z, x: [H, P]   B, C: [R, G, N]   dd_dt, dd_A, trap: [H]   angles: [K]
+
+    Δ_t = softplus(dd_dt + dt_bias)                    (dt_bias: inverse-softplus of U_log[dt_min, dt_max])
+    A_t = -max(softplus(dd_A), A_floor)                (data-dependent, per head)
+    λ_t = sigmoid(trap)                                (the trapezoid's mixing weight, paper §3.1)
+    B_t = RMSNorm(B) + B_bias,  C_t = RMSNorm(C) + C_bias     (per-head, per-rank biases, init 1)
+    Θ_t = Θ_{t-1} + π tanh(angles_t) Δ_t               (data-dependent RoPE, shared over heads
+                                                         before the per-head Δ; paper §3.2)
+    h_t = e^{Δ_t A_t} h_{t-1} + (1-λ_t) Δ_t e^{Δ_t A_t} R(Θ_{t-1}) B_{t-1} x_{t-1}^T + λ_t Δ_t R(Θ_t) B_t x_t^T
+    y_t = (h_t^T R(Θ_t) C_t + D x_t) ⊙ SiLU(z_t)       (SISO; MIMO rank R: x, z up-projected
+                                                         per rank, ranks summed, paper §3.3)
+    out = out_proj(y)
+
+K = floor(N · rope_fraction / 2) angle pairs are rotated (the rest of the state is real).
+The equations and the kernels (reference chunked/step scan, mamba-ssm fast paths) are in
+``hymba_plus.kernels.mamba3``.
+
+Deviation from the brief, following the official code: A is data dependent
+(``-softplus(dd_A)`` floored at ``a_floor``), so there is no ``A_log`` parameter and no A init
+range; ``reset_special`` initialises ``dt_bias``, the B/C biases, ``D`` and the MIMO weights.
+
+State (``Mamba3State``): ``h [B,H,N,P]``, the previous real token's rotated B (``k [B,H,R,N]``)
+and x (``v [B,H,P]``) that the trapezoid needs, and the cumulative angle (``theta [B,H,K]``).
+Constant size. Inert (padding) slots get Δ = 0: no decay, no write, no rotation, and the
+previous-token memory stays at the last real token. Decode (T = 1) runs the exact step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core.cache import LayerState, StepContext
+from ..core.config import spec
+from ..core.registry import register
+from ..kernels.mamba3 import Mamba3Carry, mamba3, mamba3_step
+from .norm import RMSNorm
+
+
+@dataclass(frozen=True)
+class Mamba3Config:
+    state_size: int = spec(32, min=2, doc="N, the SSM state size per head (d_state)")
+    head_dim: int = spec(32, min=1, doc="P")
+    expand: int = spec(2, min=1, doc="d_inner = expand * d_model")
+    n_groups: int = spec(1, min=1, doc="B/C groups shared by heads")
+    mimo_rank: int = spec(1, min=1, doc="R; 1 = SISO")
+    rope_fraction: float = spec(0.5, min=0.0, max=1.0, doc="fraction of the state dims rotated")
+    chunk_size: int = spec(64, min=1)
+    dt_min: float = spec(0.001, gt=0.0)
+    dt_max: float = spec(0.1, gt=0.0)
+    dt_init_floor: float = spec(1e-4, gt=0.0)
+    a_floor: float = spec(1e-4, min=0.0, doc="A_t <= -a_floor")
+    bc_norm_eps: float = spec(1e-5, gt=0.0)
+
+    def d_inner(self, d_model: int) -> int:
+        return self.expand * d_model
+
+    def n_angles(self) -> int:
+        return int(self.state_size * self.rope_fraction) // 2
+
+    def check(self, model):  # noqa: ANN001
+        d_inner = self.d_inner(model.d_model)
+        if d_inner % self.head_dim:
+            yield "head_dim", f"must divide expand * d_model ({d_inner}), got {self.head_dim}"
+        elif (d_inner // self.head_dim) % self.n_groups:
+            yield "n_groups", f"must divide the number of heads ({d_inner // self.head_dim}), got {self.n_groups}"
+        if self.dt_min > self.dt_max:
+            yield "dt_min", f"must be <= dt_max ({self.dt_max}), got {self.dt_min}"
+        if self.rope_fraction > 0 and self.n_angles() < 1:
+            yield "rope_fraction", "rotates fewer than 2 state dims; use 0 for a real-valued state"
+        if self.mimo_rank > 1 and self.state_size % 2:
+            yield "state_size", f"must be even with mimo_rank > 1 (half-split rotation), got {self.state_size}"
+
+
+@dataclass
+class Mamba3State(LayerState):
+    """h [B,H,N,P]; k [B,H,R,N] and v [B,H,P]: the previous real token's rotated B and x;
+    theta [B,H,K]: cumulative rotation angle (mod 2π)."""
+
+    h: Tensor | None = None
+    k: Tensor | None = None
+    v: Tensor | None = None
+    theta: Tensor | None = None
+
+    def carry(self) -> Mamba3Carry:
+        return Mamba3Carry(self.h, self.k, self.v, self.theta)
+
+    def store(self, c: Mamba3Carry) -> None:
+        dt = self.h.dtype
+        self.h, self.k, self.v, self.theta = (t.to(dt) for t in c)
+
+
+@register("mamba3", config=Mamba3Config, aliases=("M3",))
+class Mamba3(nn.Module):
+    def __init__(self, cfg: Mamba3Config, *, d_model: int, **_: object):
+        super().__init__()
+        self.cfg = cfg
+        self.d_inner = cfg.d_inner(d_model)
+        self.P = cfg.head_dim
+        self.H = self.d_inner // self.P
+        self.N, self.R, self.G = cfg.state_size, cfg.mimo_rank, cfg.n_groups
+        self.K = cfg.n_angles()
+        self.pairing = "interleaved" if self.R == 1 else "half"  # as the official SISO / MIMO kernels
+        bc = self.R * self.G * self.N
+        self.splits = [self.d_inner, self.d_inner, bc, bc, self.H, self.H, self.H, self.K]
+        self.in_proj = nn.Linear(d_model, sum(self.splits), bias=False)
+        self.dt_bias = nn.Parameter(torch.empty(self.H))
+        self.B_bias = nn.Parameter(torch.ones(self.H, self.R, self.N))
+        self.C_bias = nn.Parameter(torch.ones(self.H, self.R, self.N))
+        self.B_norm = RMSNorm(self.N, cfg.bc_norm_eps, zero_centered=False)
+        self.C_norm = RMSNorm(self.N, cfg.bc_norm_eps, zero_centered=False)
+        self.D = nn.Parameter(torch.ones(self.H))
+        if self.R > 1:
+            self.mimo_x = nn.Parameter(torch.empty(self.H, self.R, self.P))
+            self.mimo_z = nn.Parameter(torch.empty(self.H, self.R, self.P))
+            self.mimo_o = nn.Parameter(torch.empty(self.H, self.R, self.P))
+        else:
+            self.mimo_x = self.mimo_z = self.mimo_o = None
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+        self.out_proj.is_residual_out = True
+        for p in (self.dt_bias, self.D):
+            p._no_weight_decay = True
+        self.reset_special()
+
+    def reset_special(self) -> None:
+        c = self.cfg
+        with torch.no_grad():
+            u = torch.rand(self.H, device=self.dt_bias.device, dtype=torch.float32)
+            dt = torch.exp(u * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min)).clamp(min=c.dt_init_floor)
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+            self.B_bias.fill_(1.0)
+            self.C_bias.fill_(1.0)
+            self.D.fill_(1.0)
+            if self.R > 1:
+                self.mimo_x.fill_(1.0 / self.R)
+                self.mimo_z.fill_(1.0)
+                self.mimo_o.fill_(1.0 / self.R)
+
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> Mamba3State:
+        sd = torch.float64 if dtype == torch.float64 else torch.float32
+        z = lambda *s: torch.zeros(batch_size, *s, device=device, dtype=sd)  # noqa: E731
+        return Mamba3State(h=z(self.H, self.N, self.P), k=z(self.H, self.R, self.N), v=z(self.H, self.P),
+                           theta=z(self.H, self.K))
+
+    def _project(self, u: Tensor):
+        Bsz, T, _ = u.shape
+        z, x, Bm, Cm, dd_dt, dd_A, trap, ang = torch.split(self.in_proj(u), self.splits, dim=-1)
+        z = z.reshape(Bsz, T, self.H, self.P)
+        x = x.reshape(Bsz, T, self.H, self.P)
+        Bm = self.B_norm(Bm.reshape(Bsz, T, self.R, self.G, self.N))
+        Cm = self.C_norm(Cm.reshape(Bsz, T, self.R, self.G, self.N))
+        A = -F.softplus(dd_A.float()).clamp(min=self.cfg.a_floor)
+        dt = F.softplus(dd_dt.float() + self.dt_bias.float())
+        angles = ang[:, :, None, :].expand(Bsz, T, self.H, self.K)
+        return Cm, Bm, x, A * dt, dt, trap, angles, z
+
+    def forward(self, u: Tensor, ctx: StepContext, state: Mamba3State | None = None) -> Tensor:
+        Bsz, T, _ = u.shape
+        q, k, x, adt, dt, trap, angles, z = self._project(u)
+        kw = dict(D=self.D, mimo_v=self.mimo_x, mimo_z=self.mimo_z, mimo_o=self.mimo_o, pairing=self.pairing)
+        carry = state.carry() if state is not None else None
+        if T == 1 and state is not None:  # decode: the exact recurrence step
+            valid = None if ctx.lengths is None else ctx.lengths > 0
+            y, new = mamba3_step(q[:, 0], k[:, 0], x[:, 0], adt[:, 0], dt[:, 0], trap[:, 0], angles[:, 0],
+                                 self.C_bias, self.B_bias, carry, z=z[:, 0], valid=valid, **kw)
+            y = y[:, None]
+        else:
+            y, new = mamba3(q, k, x, adt, dt, trap, angles, self.C_bias, self.B_bias, carry, z=z,
+                            lengths=ctx.lengths, chunk_size=self.cfg.chunk_size, need_state=state is not None, **kw)
+        if state is not None:
+            state.store(new)
+        return self.out_proj(y.reshape(Bsz, T, self.d_inner).to(u.dtype))
