@@ -1,4 +1,13 @@
-"""The recipe's optional ``train:`` section (defaults for ``hymba train``)."""
+"""The recipe's optional ``train:`` section (defaults for ``hymba train``).
+
+Every field can be overridden on the command line (``hymba train --help`` names the
+flags). Sizes are per process: one optimizer step consumes
+``batch_size * grad_accum * world_size`` sequences of ``seq_len`` tokens.
+
+``data`` is a built-in task name (``mqar``, ``selective_copy``, ``parity``: no files
+needed, accuracy is the eval metric) or a path: a text file, a folder of text files, or
+a folder written by ``hymba prepare`` (token shards + ``index.json``).
+"""
 
 from __future__ import annotations
 
@@ -9,22 +18,67 @@ from ..core.config import spec
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = spec(200, min=1)
-    batch_size: int = spec(16, min=1)
-    seq_len: int = spec(128, min=1)
-    lr: float = spec(3e-3, gt=0.0)
+    steps: int = spec(200, min=1, doc="optimizer steps of the whole run (the schedule's length)")
+    batch_size: int = spec(16, min=1, doc="sequences per micro-batch per process")
+    seq_len: int = spec(128, min=2)
+    grad_accum: int = spec(1, min=1, doc="micro-batches per optimizer step")
+    lr: float = spec(3e-3, gt=0.0, doc="AdamW learning rate (embeddings, head, norms, biases, ...)")
+    muon_lr: float = spec(0.02, gt=0.0, doc="Muon learning rate (2-D hidden weight matrices)")
+    muon_momentum: float = spec(0.95, min=0.0, max=1.0)
+    beta1: float = spec(0.9, min=0.0, max=1.0)
+    beta2: float = spec(0.95, min=0.0, max=1.0)
     weight_decay: float = spec(0.0, min=0.0)
-    warmup_steps: int = spec(20, min=0)
-    schedule: str = spec("cosine", choices=("cosine", "wsd", "constant"))
-    grad_clip: float = spec(1.0, min=0.0)
-    grad_accum: int = spec(1, min=1)
     optimizer: str = spec("muon", choices=("adamw", "muon"))
+    schedule: str = spec("cosine", choices=("cosine", "wsd", "constant"))
+    warmup_steps: int = spec(20, min=0)
+    decay_frac: float = spec(0.2, min=0.0, max=1.0, doc="wsd: fraction of steps spent decaying")
+    min_lr_frac: float = spec(0.1, min=0.0, max=1.0, doc="final lr as a fraction of the peak")
+    grad_clip: float = spec(1.0, min=0.0, doc="max global grad norm; 0 = off")
+    precision: str = spec("auto", choices=("auto", "fp32", "bf16"), doc="auto = bf16 autocast on CUDA")
     seed: int = 0
     data: str = spec("mqar", doc="built-in task name or a path")
+    tokenizer: str | None = spec(None, doc="a `tokenizers` JSON file (default: bytes)")
+    val_frac: float = spec(0.05, gt=0.0, max=0.5, doc="held-out fraction of a text corpus")
+    mqar_pairs: int | None = spec(None, min=1, doc="MQAR key/value pairs (default: min(seq_len/4, vocab/2 - 1))")
+    copy_tokens: int | None = spec(None, min=1, doc="selective copy: tokens to copy (default: seq_len/8)")
     eval_every: int = spec(50, min=1)
+    eval_batches: int = spec(4, min=1)
     save_every: int = spec(100, min=1)
-    keep_last: int = spec(2, min=1)
+    keep_last: int = spec(2, min=1, doc="checkpoints kept in OUT")
 
     def check(self, model):  # noqa: ANN001 - ModelConfig
         if self.seq_len > model.max_seq_len:
             yield "seq_len", f"must be <= model.max_seq_len ({model.max_seq_len}), got {self.seq_len}"
+        from .tasks import TASKS, TaskError
+
+        task = TASKS.get(self.data)
+        if task is not None:
+            try:
+                task.validate(self.seq_len, model.vocab_size, self)
+            except TaskError as e:
+                yield "data", str(e)
+
+
+#: command-line flag of each field (``hymba train``), where it is not ``--field-name``
+FLAG_NAMES = {"warmup_steps": "--warmup"}
+
+
+def flag_of(field_name: str) -> str:
+    return FLAG_NAMES.get(field_name, "--" + field_name.replace("_", "-"))
+
+
+class TrainConfigError(ValueError):
+    """A train setting out of range, phrased with the flag or recipe key it came from."""
+
+
+def validate(cfg: TrainConfig, model, overrides: dict | None = None, where: str = "the recipe") -> None:  # noqa: ANN001
+    """Range and cross-field checks of the effective config; the first error names the
+    command-line flag when the value came from one, else ``where: train.key``."""
+    from ..core.config import cross_errors, range_errors
+
+    overrides = overrides or {}
+    for key, msg in [*range_errors(cfg), *cross_errors(cfg, model)]:
+        name = key.split(".")[0]
+        if name in overrides:
+            raise TrainConfigError(f"{flag_of(name)} {overrides[name]}: {msg}")
+        raise TrainConfigError(f"{where}: train.{key}: {msg}")

@@ -1,0 +1,33 @@
+"""``hymba prepare DATA --out SHARDS``: tokenize a text file or folder into token shards
+(uint16/uint32 ``.bin`` files + ``index.json``) that ``hymba train --data SHARDS`` reads
+through ``numpy.memmap`` (hymba_plus/training/data.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+from . import UsageError, UserError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", metavar="DATA", help="a text file or a folder of text files")
+    p.add_argument("--out", required=True, help="folder to write the shards and index.json into")
+    p.add_argument("--tokenizer", help="a `tokenizers` JSON file (default: bytes)")
+    p.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard file (default 16M)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..training import tokenizer as tokmod
+    from ..training.data import DataError, prepare
+
+    if args.shard_tokens < 1:
+        raise UsageError(f"--shard-tokens {args.shard_tokens}: must be >= 1")
+    try:
+        tok = tokmod.load_file(args.tokenizer) if args.tokenizer else tokmod.ByteTokenizer()
+        index = prepare(args.data, args.out, tok, shard_tokens=args.shard_tokens, force=args.force, progress=True)
+    except (DataError, tokmod.TokenizerError) as e:
+        raise UserError(str(e)) from None
+    print(f"{args.out}: {index['tokens']:,} tokens in {len(index['shards'])} shard(s) of {index['dtype']} "
+          f"from {len(index['sources'])} file(s), vocab {index['vocab_size']}")
+    return 0

@@ -1,0 +1,92 @@
+"""``hymba train RECIPE``: train a model from a recipe (see hymba_plus/training/trainer.py).
+
+Defaults come from the recipe's optional ``train:`` section; flags override them (and,
+with ``--resume``, override the settings saved in the checkpoint). Under
+``torchrun --nproc-per-node N -m hymba_plus train ...`` the same command trains with
+FSDP2 over N processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from . import UsageError, UserError
+
+#: flag dest -> TrainConfig field
+_FIELDS = {
+    "steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len", "grad_accum": "grad_accum",
+    "lr": "lr", "muon_lr": "muon_lr", "weight_decay": "weight_decay", "optimizer": "optimizer",
+    "schedule": "schedule", "warmup": "warmup_steps", "grad_clip": "grad_clip", "precision": "precision",
+    "seed": "seed", "data": "data", "tokenizer": "tokenizer", "eval_every": "eval_every",
+    "eval_batches": "eval_batches", "save_every": "save_every", "keep_last": "keep_last",
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", metavar="RECIPE", help="recipe YAML file")
+    p.add_argument("--out", help="output folder for checkpoints, metrics.jsonl, loss.png (default: runs/NAME)")
+    p.add_argument("--data", help="built-in task (mqar, selective_copy, parity), a text file or folder, or a "
+                                  "folder written by `hymba prepare` (default: the recipe's, else mqar)")
+    p.add_argument("--tokenizer", help="a `tokenizers` JSON file for text data (default: bytes)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--steps", type=int, help="optimizer steps of the run (the schedule's length)")
+    p.add_argument("--stop-after", type=int, metavar="STEP",
+                   help="end this run at STEP with a checkpoint, keeping the schedule of --steps (resume later)")
+    p.add_argument("--batch-size", type=int, help="sequences per micro-batch per process")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, help="AdamW learning rate")
+    p.add_argument("--muon-lr", type=float, help="Muon learning rate")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--optimizer", choices=("muon", "adamw"))
+    p.add_argument("--schedule", choices=("cosine", "wsd", "constant"))
+    p.add_argument("--warmup", type=int, help="warmup steps")
+    p.add_argument("--grad-clip", type=float, help="max gradient norm (0 = off)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="auto = bf16 autocast on CUDA")
+    p.add_argument("--save-every", type=int, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--keep-last", type=int, help="checkpoints to keep")
+    p.add_argument("--eval-every", type=int, help="evaluate every N steps (and at the end)")
+    p.add_argument("--eval-batches", type=int, help="batches per evaluation")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..core.recipe import RecipeError, load_recipe
+    from ..models.lm import CheckpointError
+    from ..training.config import TrainConfig, TrainConfigError, validate
+    from ..training.data import DataError
+    from ..training.tasks import TaskError
+    from ..training.tokenizer import TokenizerError
+    from ..training.trainer import RunOptions, TrainError, train
+
+    try:
+        recipe = load_recipe(args.recipe)
+    except RecipeError as e:
+        raise UserError(str(e)) from None
+    overrides = {field: getattr(args, dest) for dest, field in _FIELDS.items() if getattr(args, dest) is not None}
+    if args.stop_after is not None and args.stop_after < 1:
+        raise UsageError(f"--stop-after {args.stop_after}: must be >= 1")
+    base = recipe.train if recipe.train is not None else TrainConfig()
+    try:
+        cfg = dataclasses.replace(base, **overrides)
+        validate(cfg, recipe.model, overrides, args.recipe)
+    except TrainConfigError as e:
+        raise UsageError(str(e)) from None
+    out = Path(args.out) if args.out else Path("runs") / recipe.name
+    opts = RunOptions(out=out, resume=args.resume, device=args.device, compile=args.compile,
+                      stop_after=args.stop_after, progress=not args.no_progress, recipe_name=args.recipe,
+                      overrides=overrides)
+    try:
+        summary = train(recipe, cfg, opts)
+    except (TrainError, DataError, TokenizerError, CheckpointError, TaskError, TrainConfigError) as e:
+        raise UserError(str(e)) from None
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(summary.line())
+    return 0

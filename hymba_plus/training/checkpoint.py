@@ -1,0 +1,294 @@
+"""Training checkpoints: ``OUT/step-N/``, crash-safe, no pickle.
+
+A checkpoint folder holds
+
+* ``recipe.yaml``, ``model.safetensors`` (+ ``tokenizer.json``): ``HybridLM.save_pretrained``,
+  so ``from_pretrained(OUT/step-N)`` and ``hymba generate OUT/step-N`` work on it;
+* ``optimizer.safetensors``: every optimizer state tensor, keyed
+  ``state/<param name>/<key>``, with the rest (param groups, scalars) as JSON in the
+  safetensors metadata (``structure``);
+* ``rng.safetensors``: torch CPU (and CUDA) generator states of every rank;
+* ``trainer_state.json`` (written last): step, data position, schedule, the effective
+  train config, world size.
+
+Crash safety: everything is written into ``OUT/.tmp-step-N-PID/`` and then renamed to
+``OUT/step-N`` with one ``os.replace`` (atomic on POSIX), so a ``step-N`` folder is always
+complete and a process killed at any moment leaves at most a ``.tmp-*`` folder, which
+loading ignores and the next save deletes. Old checkpoints beyond ``keep_last`` are first
+renamed to ``.trash-*`` and then deleted, so a half-deleted folder is never taken for a
+checkpoint. A new checkpoint never replaces an older good one: it only gets a new name.
+
+Under FSDP2 every rank takes part in gathering full state dicts
+(``torch.distributed.checkpoint.state_dict``, ``full_state_dict=True, cpu_offload=True``)
+and rank 0 alone writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.recipe import _asdict
+from ..models.lm import CheckpointError, HybridLM, from_pretrained
+from .distributed import DistInfo, all_gather_bytes, barrier
+
+STEP_RE = re.compile(r"^step-(\d+)$")
+STATE_FILE = "trainer_state.json"
+FILES = ("recipe.yaml", "model.safetensors", "optimizer.safetensors", "rng.safetensors", STATE_FILE)
+STATE_FORMAT = "hymba-train-state"
+
+
+# --------------------------------------------------------------------------- finding
+
+
+def list_checkpoints(out: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints in ``out`` (``step-N`` folders with a trainer state), oldest first."""
+    p = Path(out)
+    if not p.is_dir():
+        return []
+    found = []
+    for d in p.iterdir():
+        m = STEP_RE.match(d.name)
+        if m and d.is_dir() and (d / STATE_FILE).is_file():
+            found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def latest(out: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(out)
+    return found[-1][1] if found else None
+
+
+# --------------------------------------------------------------------------- state dicts
+
+
+def _full_model_state(model: nn.Module, info: DistInfo) -> dict[str, torch.Tensor]:
+    if info.enabled:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def _full_optim_state(model: nn.Module, opt: torch.optim.Optimizer, info: DistInfo) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, list):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (bool, int, float, str)) or v is None:
+        return v
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        return v.item()
+    raise TypeError(f"cannot store {type(v).__name__} in a checkpoint")
+
+
+def optim_to_safetensors(osd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state dict into flat tensors and a JSON structure."""
+    tensors: dict[str, torch.Tensor] = {}
+    state: dict[str, Any] = {}
+    for pname, st in osd.get("state", {}).items():
+        entry = {}
+        for key, val in st.items():
+            if isinstance(val, torch.Tensor):
+                name = f"state/{pname}/{key}"
+                tensors[name] = val.detach().cpu().contiguous()
+                entry[key] = {"tensor": name}
+            else:
+                entry[key] = {"value": _jsonable(val)}
+        state[str(pname)] = entry
+    groups = [_jsonable(g) for g in osd.get("param_groups", [])]
+    return tensors, {"state": state, "param_groups": groups}
+
+
+def optim_from_safetensors(tensors: dict[str, torch.Tensor], structure: dict[str, Any]) -> dict[str, Any]:
+    state = {}
+    for pname, entry in structure["state"].items():
+        st = {}
+        for key, spec in entry.items():
+            st[key] = tensors[spec["tensor"]] if "tensor" in spec else spec["value"]
+        state[pname] = st
+    groups = []
+    for g in structure["param_groups"]:
+        g = dict(g)
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    return {"state": state, "param_groups": groups}
+
+
+def _rng_states(info: DistInfo) -> dict[str, torch.Tensor]:
+    out = {}
+    for r, t in enumerate(all_gather_bytes(torch.get_rng_state(), info)):
+        out[f"rank{r}/cpu"] = t
+    if info.device.type == "cuda":
+        for r, t in enumerate(all_gather_bytes(torch.cuda.get_rng_state(info.device), info)):
+            out[f"rank{r}/cuda"] = t
+    return out
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def _write_model(path: Path, recipe: Any, state: dict[str, torch.Tensor], extra_files: dict[str, str]) -> None:
+    """``save_pretrained`` of a replica holding ``state`` (built on the meta device, then
+    the gathered tensors are assigned: no second initialisation of the weights)."""
+    with torch.device("meta"):
+        replica = HybridLM(recipe)
+    replica.load_state_dict(state, strict=False, assign=True)
+    if recipe.model.tie_embeddings:
+        replica.lm_head.weight = replica.embed.weight
+    replica.save_pretrained(path, extra_files=extra_files)
+
+
+def save(out: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer, trainer_state: dict[str, Any],
+         info: DistInfo, extra_files: dict[str, str] | None = None, keep_last: int = 2) -> Path:
+    """Write ``out/step-<step>`` (collective under FSDP: call on every rank)."""
+    from safetensors.torch import save_file
+
+    raw = getattr(model, "_orig_mod", model)
+    model_state = _full_model_state(raw, info)
+    osd = _full_optim_state(raw, opt, info)
+    rng = _rng_states(info)
+    final = out / f"step-{step}"
+    if info.is_main:
+        tmp = out / f".tmp-step-{step}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        if info.enabled:
+            _write_model(tmp, raw.recipe, model_state, extra_files or {})
+        else:
+            raw.save_pretrained(tmp, extra_files=extra_files or {})
+        tensors, structure = optim_to_safetensors(osd)
+        save_file(tensors, str(tmp / "optimizer.safetensors"),
+                  metadata={"format": "hymba-optimizer", "structure": json.dumps(structure)})
+        save_file(rng, str(tmp / "rng.safetensors"), metadata={"format": "hymba-rng"})
+        state = dict(trainer_state, format=STATE_FORMAT, version=1, step=step)
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        if final.exists():  # same step written again (never an older good checkpoint)
+            _discard(final)
+        os.replace(tmp, final)
+        _prune(out, keep_last)
+    barrier(info)
+    return final
+
+
+def _discard(d: Path) -> None:
+    trash = d.parent / f".trash-{d.name}-{os.getpid()}"
+    os.replace(d, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _prune(out: Path, keep_last: int) -> None:
+    found = list_checkpoints(out)
+    for _, d in found[: max(len(found) - keep_last, 0)]:
+        _discard(d)
+    for d in out.iterdir():  # leftovers of killed runs
+        if d.name.startswith((".tmp-step-", ".trash-")) and d.is_dir():
+            shutil.rmtree(d, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def read_state(ckpt: Path) -> dict[str, Any]:
+    p = ckpt / STATE_FILE
+    try:
+        state = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{p}: missing") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{p}: corrupt ({e})") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{p}: not a hymba trainer state")
+    return state
+
+
+def recipe_difference(a: Any, b: Any) -> str | None:
+    """The first model/components key whose value differs between two recipes, or None."""
+    da = {"model": _asdict(a.model), "components": _asdict(dict(a.components))}
+    db = {"model": _asdict(b.model), "components": _asdict(dict(b.components))}
+
+    def walk(x: Any, y: Any, path: str) -> str | None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y)):
+                r = walk(x.get(k), y.get(k), f"{path}.{k}" if path else k)
+                if r:
+                    return r
+            return None
+        return None if x == y else f"{path}: {x!r} vs {y!r}"
+
+    return walk(da, db, "")
+
+
+def load_model_state(ckpt: Path, recipe: Any, recipe_name: str) -> dict[str, torch.Tensor]:
+    """Full model state of a checkpoint, checked against ``recipe`` (CheckpointError otherwise)."""
+    saved = from_pretrained(ckpt)
+    diff = recipe_difference(saved.recipe, recipe)
+    if diff:
+        raise CheckpointError(f"{ckpt / 'recipe.yaml'}: was trained with another recipe than {recipe_name} "
+                              f"({diff.replace(' vs ', ' in the checkpoint, ', 1)} in {recipe_name})")
+    return saved.state_dict()
+
+
+def load_optimizer(ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer, info: DistInfo) -> None:
+    from safetensors import SafetensorError, safe_open
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    p = ckpt / "optimizer.safetensors"
+    if not p.is_file():
+        raise CheckpointError(f"{p}: missing")
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            structure = json.loads((f.metadata() or {})["structure"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        osd = optim_from_safetensors(tensors, structure)
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{p}: corrupt or truncated ({e})") from None
+    kinds_saved = [g.get("kind") for g in osd["param_groups"]]
+    kinds_now = [g.get("kind") for g in opt.param_groups]
+    if kinds_saved != kinds_now:
+        raise CheckpointError(f"{p}: optimizer groups {kinds_saved} do not match this run's {kinds_now} "
+                              "(was --optimizer changed?)")
+    base = [(g["base_lr"], g["weight_decay"]) for g in opt.param_groups]
+    raw = getattr(model, "_orig_mod", model)
+    try:
+        set_optimizer_state_dict(raw, opt, optim_state_dict=osd, options=StateDictOptions(full_state_dict=True))
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{p}: does not fit this model's parameters ({str(e).splitlines()[0]})") from None
+    for g, (lr, wd) in zip(opt.param_groups, base):  # this run's settings win over the saved ones
+        g["base_lr"], g["lr"], g["weight_decay"] = lr, lr, wd
+
+
+def load_rng(ckpt: Path, info: DistInfo) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = ckpt / "rng.safetensors"
+    try:
+        rng = load_file(str(p))
+    except FileNotFoundError:
+        raise CheckpointError(f"{p}: missing") from None
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{p}: corrupt or truncated ({e})") from None
+    ranks = sorted({int(k.split("/")[0][4:]) for k in rng})
+    r = info.rank if info.rank in ranks else ranks[info.rank % len(ranks)]
+    if f"rank{r}/cpu" in rng:
+        torch.set_rng_state(rng[f"rank{r}/cpu"])
+    if info.device.type == "cuda" and f"rank{r}/cuda" in rng:
+        torch.cuda.set_rng_state(rng[f"rank{r}/cuda"], info.device)

@@ -1,0 +1,372 @@
+"""Training data: built-in synthetic tasks and memory-mapped token shards.
+
+Token shards (``hymba prepare DATA --out SHARDS``): text files are tokenized once into
+flat ``shard-00000.bin`` files of uint16 (vocab <= 65536) or uint32 tokens plus an
+``index.json`` (tokenizer, shard sizes, source fingerprint). Training reads them with
+``numpy.memmap``: only the windows a batch needs are paged in, so a corpus larger than
+RAM streams.
+
+Both kinds of data are addressed by a *global sample index*: an optimizer step consumes
+the samples ``[c, c + batch_size * grad_accum * world_size)``, and rank ``r``'s micro-batch
+``m`` is a fixed slice of that range. The data position saved in a checkpoint is the one
+integer ``c``; samples do not depend on the batch split, so a resumed run sees exactly the
+stream the uninterrupted run would have seen.
+
+Text: every shard is cut into non-overlapping windows of ``seq_len`` tokens; the last
+``val_frac`` of the windows (at least one) are held out for eval perplexity, the rest are
+visited once per epoch in a pseudo-random order (an affine permutation
+``j = (a * k + b) mod n`` with ``gcd(a, n) = 1`` drawn per epoch: O(1) memory).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import tokenizer as tokmod
+from .tasks import TASKS, Task
+
+INDEX = "index.json"
+FORMAT = "hymba-shards"
+
+
+class DataError(ValueError):
+    """Unusable data (missing, empty, corrupt, too short): one line naming the file."""
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def list_sources(path: str | os.PathLike) -> list[Path]:
+    """The files a path names: itself, or every non-hidden, non-binary file under a folder."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: no such file or directory")
+    if p.is_file():
+        return [p]
+    if not p.is_dir():
+        raise DataError(f"{p}: not a regular file or folder")
+    files = []
+    for root, dirs, names in os.walk(p):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for n in sorted(names):
+            f = Path(root) / n
+            if n.startswith(".") or not f.is_file():
+                continue
+            try:
+                with open(f, "rb") as fh:
+                    if b"\0" in fh.read(8192):
+                        continue  # binary
+            except OSError as e:
+                raise DataError(f"{f}: cannot read ({e.strerror})") from None
+            files.append(f)
+    if not files:
+        raise DataError(f"{p}: no text files in this folder")
+    return files
+
+
+def fingerprint(files: list[Path]) -> list[dict[str, Any]]:
+    out = []
+    for f in files:
+        st = f.stat()
+        out.append({"path": str(f.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return out
+
+
+def _chunks(f: Path, tok: Any, chunk_bytes: int = 1 << 22) -> Iterator[np.ndarray]:
+    """Token arrays of one file, read in pieces (text pieces end at a line break)."""
+    try:
+        fh = open(f, "rb")
+    except OSError as e:
+        raise DataError(f"{f}: cannot read ({e.strerror})") from None
+    with fh:
+        if tok.kind == "bytes":
+            while block := fh.read(chunk_bytes):
+                yield np.frombuffer(block, dtype=np.uint8)
+            return
+        rest = b""
+        while True:
+            block = fh.read(chunk_bytes // 16)
+            data = rest + block
+            if not block:
+                if data:
+                    yield np.asarray(tok.encode(data.decode("utf-8", errors="replace")), dtype=np.int64)
+                return
+            cut = data.rfind(b"\n") + 1
+            if cut == 0:
+                rest = data
+                continue
+            rest = data[cut:]
+            yield np.asarray(tok.encode(data[:cut].decode("utf-8", errors="replace")), dtype=np.int64)
+
+
+def prepare(source: str | os.PathLike, out: str | os.PathLike, tokenizer: Any = None,
+            shard_tokens: int = 1 << 24, force: bool = False, progress: bool = False) -> dict[str, Any]:
+    """Tokenize a text file or folder into token shards in ``out``; returns the index.
+
+    Written into a temporary sibling folder and renamed, so ``out`` is either the old
+    complete folder or the new complete one. An existing non-empty ``out`` is replaced
+    only with ``force``."""
+    tok = tokenizer or tokmod.ByteTokenizer()
+    files = list_sources(source)
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise DataError(f"{out}: already exists and is not empty (use --force to replace it)")
+    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as e:
+        raise DataError(f"{out}: cannot write ({e.strerror})") from None
+    shards: list[dict[str, Any]] = []
+    buf = np.empty(shard_tokens, dtype=dtype)
+    fill = 0
+    total = 0
+
+    def flush() -> None:
+        nonlocal fill
+        if fill:
+            name = f"shard-{len(shards):05d}.bin"
+            buf[:fill].tofile(tmp / name)
+            shards.append({"file": name, "tokens": int(fill)})
+            fill = 0
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="prepare")
+    try:
+        for f in files:
+            for arr in _chunks(f, tok):
+                if arr.size and int(arr.max()) >= tok.vocab_size:
+                    raise DataError(f"{f}: tokenizer produced id {int(arr.max())} >= its vocab {tok.vocab_size}")
+                total += arr.size
+                while arr.size:
+                    take = min(arr.size, shard_tokens - fill)
+                    buf[fill : fill + take] = arr[:take]
+                    fill += take
+                    arr = arr[take:]
+                    if fill == shard_tokens:
+                        flush()
+            if bar is not None:
+                bar.update(f.stat().st_size)
+        flush()
+        if total == 0:
+            raise DataError(f"{source}: empty (no tokens)")
+        index = {
+            "format": FORMAT, "version": 1, "dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size,
+            "tokens": total, "shards": shards, "tokenizer": tok.to_json(), "sources": fingerprint(files),
+        }
+        (tmp / INDEX).write_text(json.dumps(index, indent=1))
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"{out}: cannot write ({e.strerror})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return index
+
+
+# --------------------------------------------------------------------------- shards
+
+
+class TokenShards:
+    """Read-only view of a folder written by ``prepare`` (numpy memmaps, opened lazily)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        ip = self.path / INDEX
+        try:
+            index = json.loads(ip.read_text())
+        except FileNotFoundError:
+            raise DataError(f"{ip}: missing (not a folder written by `hymba prepare`)") from None
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{ip}: corrupt ({e})") from None
+        if not isinstance(index, dict) or index.get("format") != FORMAT:
+            raise DataError(f"{ip}: not a hymba shard index")
+        try:
+            self.dtype = np.dtype(index["dtype"])
+            self.shards = [(self.path / s["file"], int(s["tokens"])) for s in index["shards"]]
+            self.vocab_size = int(index["vocab_size"])
+            self.tokenizer_json = str(index["tokenizer"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{ip}: corrupt ({e})") from None
+        self.index = index
+        for f, n in self.shards:
+            if not f.is_file():
+                raise DataError(f"{f}: missing shard")
+            if f.stat().st_size != n * self.dtype.itemsize:
+                raise DataError(f"{f}: truncated or corrupt shard ({f.stat().st_size} bytes, "
+                                f"index says {n} tokens of {self.dtype.name})")
+        self._maps: dict[int, np.memmap] = {}
+
+    @property
+    def tokens(self) -> int:
+        return sum(n for _, n in self.shards)
+
+    def tokenizer(self) -> Any:
+        return tokmod.from_json(self.tokenizer_json, str(self.path / INDEX))
+
+    def shard(self, i: int) -> np.memmap:
+        if i not in self._maps:
+            f, n = self.shards[i]
+            self._maps[i] = np.memmap(f, dtype=self.dtype, mode="r", shape=(n,))
+        return self._maps[i]
+
+
+# --------------------------------------------------------------------------- streams
+
+
+@dataclass
+class Batch:
+    input_ids: Tensor
+    labels: Tensor
+
+
+class TaskStream:
+    """A built-in task: sample ``i`` of stream ``s`` comes from ``default_rng([seed, s, i])``."""
+
+    metric = "accuracy"
+
+    def __init__(self, task: Task, seq_len: int, vocab_size: int, seed: int, cfg: Any):
+        self.task = task
+        self.seq_len = seq_len
+        self.vocab_size = vocab_size
+        self.seed = seed
+        self.cfg = cfg
+        self.tokenizer = tokmod.IdsTokenizer(vocab_size)
+        self.description = f"task {task.name} ({task.doc}; chance accuracy {task.chance(vocab_size, cfg):.3f})"
+
+    def train(self, indices: range) -> Batch:
+        return Batch(*self.task.batch(indices, self.seed, self.seq_len, self.vocab_size, self.cfg, stream=0))
+
+    def eval(self, indices: range) -> Batch:
+        return Batch(*self.task.batch(indices, self.seed, self.seq_len, self.vocab_size, self.cfg, stream=1))
+
+    def n_eval(self) -> int | None:
+        return None  # unlimited
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": "task", "name": self.task.name}
+
+
+class TextStream:
+    """Windows of ``seq_len`` tokens from token shards; the last ``val_frac`` held out."""
+
+    metric = "ppl"
+
+    def __init__(self, shards: TokenShards, seq_len: int, seed: int, val_frac: float):
+        self.shards = shards
+        self.seq_len = seq_len
+        self.seed = seed
+        counts = np.array([n // seq_len for _, n in shards.shards], dtype=np.int64)
+        self.cum = np.cumsum(counts)
+        total = int(self.cum[-1]) if counts.size else 0
+        if total < 2:
+            raise DataError(f"{shards.path}: {shards.tokens} tokens are too few for --seq-len {seq_len} "
+                            f"(need at least {2 * seq_len}: one training and one held-out window)")
+        self.n_val = max(1, int(total * val_frac))
+        self.n_train = total - self.n_val
+        self.tokenizer = shards.tokenizer()
+        self.description = (f"text {shards.path} ({shards.tokens:,} tokens; {self.n_train:,} train / "
+                            f"{self.n_val:,} held-out windows of {seq_len})")
+        self._perm: dict[int, tuple[int, int]] = {}
+
+    def _window(self, j: int) -> np.ndarray:
+        s = int(np.searchsorted(self.cum, j, side="right"))
+        start = (j - (int(self.cum[s - 1]) if s else 0)) * self.seq_len
+        return np.asarray(self.shards.shard(s)[start : start + self.seq_len], dtype=np.int64)
+
+    def _affine(self, epoch: int) -> tuple[int, int]:
+        if epoch not in self._perm:
+            n = self.n_train
+            rng = np.random.default_rng([self.seed, 2, epoch])
+            a = int(rng.integers(1, max(n, 2)))
+            while math.gcd(a, n) != 1:
+                a += 1
+            self._perm = {epoch: (a, int(rng.integers(0, n)))}
+        return self._perm[epoch]
+
+    def _batch(self, js: list[int]) -> Batch:
+        ids = torch.from_numpy(np.stack([self._window(j) for j in js]))
+        return Batch(ids, ids.clone())
+
+    def train(self, indices: range) -> Batch:
+        js = []
+        for c in indices:
+            e, k = divmod(c, self.n_train)
+            a, b = self._affine(e)
+            js.append((a * k + b) % self.n_train)
+        return self._batch(js)
+
+    def eval(self, indices: range) -> Batch:
+        return self._batch([self.n_train + (i % self.n_val) for i in indices])
+
+    def n_eval(self) -> int | None:
+        return self.n_val
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": "text", "path": str(self.shards.path), "tokens": self.shards.tokens,
+                "n_train": self.n_train}
+
+
+def open_stream(data: str, seq_len: int, vocab_size: int, seed: int, cfg: Any, cache_dir: Path | None,
+                tokenizer_path: str | None = None) -> TaskStream | TextStream:
+    """A stream for ``data``: a task name, a shard folder, or text (tokenized into
+    ``cache_dir`` first, reused while the source files are unchanged)."""
+    if data in TASKS:
+        return TaskStream(TASKS[data], seq_len, vocab_size, seed, cfg)
+    p = Path(data)
+    if not p.exists():
+        raise DataError(f"{p}: no such file or directory (and not a built-in task: {', '.join(TASKS)})")
+    if p.is_dir() and (p / INDEX).exists():
+        shards = TokenShards(p)
+        if tokenizer_path is not None:
+            want = tokmod.load_file(tokenizer_path).to_json()
+            if want != shards.tokenizer_json:
+                raise DataError(f"{p / INDEX}: these shards were made with another tokenizer than {tokenizer_path}")
+    else:
+        tok = tokmod.load_file(tokenizer_path) if tokenizer_path else tokmod.ByteTokenizer()
+        files = list_sources(p)
+        if sum(f.stat().st_size for f in files) == 0:
+            raise DataError(f"{p}: empty (no text)")
+        assert cache_dir is not None
+        shards = None
+        if (cache_dir / INDEX).exists():
+            try:
+                cached = TokenShards(cache_dir)
+                if cached.index.get("sources") == fingerprint(files) and cached.tokenizer_json == tok.to_json():
+                    shards = cached
+            except DataError:
+                shards = None
+        if shards is None:
+            prepare(p, cache_dir, tok, force=True)
+            shards = TokenShards(cache_dir)
+    if shards.vocab_size > vocab_size:
+        raise DataError(f"{shards.path}: the tokenizer has {shards.vocab_size} tokens but the model's "
+                        f"vocab_size is {vocab_size}")
+    return TextStream(shards, seq_len, seed, cfg.val_frac)

@@ -1,0 +1,119 @@
+"""Process groups and FSDP2 for ``hymba train`` under ``torchrun``.
+
+``torchrun --nproc-per-node N -m hymba_plus train RECIPE ...`` sets ``RANK``,
+``WORLD_SIZE`` and ``LOCAL_RANK``; ``init`` then starts the process group (NCCL on CUDA,
+gloo on CPU), builds a 1-D device mesh and ``shard_model`` applies PyTorch FSDP2
+(``fully_shard``) to every block and then to the root (embeddings, meta tokens, final
+norm and head stay in the root's group). Without those variables (or with
+``WORLD_SIZE=1``) everything here is a no-op and the model is not wrapped.
+
+Data is sharded by rank (``data.py``: rank ``r`` takes its own slice of every global
+batch); only rank 0 writes checkpoints, metrics and plots (``checkpoint.py`` gathers full
+state dicts with ``torch.distributed.checkpoint.state_dict``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    mesh: Any = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(name: str | None, local_rank: int = 0) -> torch.device:
+    """``auto`` -> cuda:LOCAL_RANK when CUDA is available, else cpu."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+        elif dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def init(device: str | None = None) -> DistInfo:
+    """Start the process group when launched by torchrun with more than one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device, local_rank)
+    if world <= 1:
+        return DistInfo(device=dev)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        kw: dict[str, Any] = {"backend": backend, "timeout": datetime.timedelta(minutes=30)}
+        if dev.type == "cuda":
+            kw["device_id"] = dev
+        dist.init_process_group(**kw)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(dev.type, (world,))
+    return DistInfo(rank=rank, world=world, local_rank=local_rank, device=dev, mesh=mesh)
+
+
+def shard_model(model: nn.Module, info: DistInfo) -> nn.Module:
+    """FSDP2: ``fully_shard`` every block, then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.blocks:
+        fully_shard(block, mesh=info.mesh)
+    fully_shard(model, mesh=info.mesh)
+    return model
+
+
+def all_reduce(values: list[float], info: DistInfo, op: str = "mean") -> list[float]:
+    """Sum or mean of a few floats over ranks (identity on one process)."""
+    if not info.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    if op == "mean":
+        t /= info.world
+    return t.tolist()
+
+
+def all_gather_bytes(t: torch.Tensor, info: DistInfo) -> list[torch.Tensor]:
+    """Every rank's copy of a same-sized uint8 tensor (RNG states), on the CPU."""
+    if not info.enabled:
+        return [t.cpu()]
+    src = t.to(info.device)
+    out = [torch.empty_like(src) for _ in range(info.world)]
+    dist.all_gather(out, src)
+    return [o.cpu() for o in out]
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,170 @@
+"""Tokenizers: bytes (default for text), ids (built-in tasks), or a `tokenizers` JSON file.
+
+A checkpoint stores its tokenizer as ``tokenizer.json`` (``save_pretrained``'s
+``extra_files``) so ``hymba generate`` decodes with what the model was trained on:
+
+* ``{"hymba_tokenizer": "bytes"}`` — UTF-8 bytes, ids 0..255;
+* ``{"hymba_tokenizer": "ids"}`` — the prompt is whitespace-separated token ids and the
+  output is printed as ids (models trained on the synthetic tasks);
+* anything else is a HuggingFace ``tokenizers`` JSON (the optional ``tokenizers`` package
+  is imported only then).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be loaded or text it cannot encode (one line)."""
+
+
+class ByteTokenizer:
+    kind = "bytes"
+    vocab_size = 256
+    eos_id: int | None = None
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_bytes(self, data: bytes) -> list[int]:
+        return list(data)
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def to_json(self) -> str:
+        return json.dumps({"hymba_tokenizer": "bytes"})
+
+
+class IdsTokenizer:
+    """Token ids written as text: ``"3 17 200"`` <-> ``[3, 17, 200]``."""
+
+    kind = "ids"
+    eos_id: int | None = None
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        ids = []
+        for word in text.replace(",", " ").split():
+            try:
+                i = int(word)
+            except ValueError:
+                raise TokenizerError(f"this model reads token ids (integers separated by spaces), got {word!r}") from None
+            if not 0 <= i < self.vocab_size:
+                raise TokenizerError(f"token id {i} is outside [0, {self.vocab_size})")
+            ids.append(i)
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(f" {i}" for i in ids)
+
+    def to_json(self) -> str:
+        return json.dumps({"hymba_tokenizer": "ids", "vocab_size": self.vocab_size})
+
+
+class HFTokenizer:
+    """A HuggingFace ``tokenizers`` tokenizer (``tokenizer.json``)."""
+
+    kind = "tokenizers"
+
+    def __init__(self, text: str, source: str = "tokenizer.json"):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise TokenizerError(f"{source}: reading a `tokenizers` JSON needs the optional package "
+                                 "'tokenizers' (pip install tokenizers)") from None
+        try:
+            self.tok = Tokenizer.from_str(text)
+        except Exception as e:  # the library raises its own Exception type
+            raise TokenizerError(f"{source}: not a valid tokenizers JSON ({str(e).splitlines()[0]})") from None
+        self.text = text
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        self.eos_id = None
+        for name in ("</s>", "<|endoftext|>", "<eos>", "[SEP]"):
+            i = self.tok.token_to_id(name)
+            if i is not None:
+                self.eos_id = i
+                break
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids)
+
+    def to_json(self) -> str:
+        return self.text
+
+
+Tokenizer = Any  # ByteTokenizer | IdsTokenizer | HFTokenizer
+
+
+def from_json(text: str, source: str = "tokenizer.json") -> Tokenizer:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TokenizerError(f"{source}: not JSON ({e})") from None
+    if isinstance(obj, dict) and "hymba_tokenizer" in obj:
+        kind = obj["hymba_tokenizer"]
+        if kind == "bytes":
+            return ByteTokenizer()
+        if kind == "ids" and isinstance(obj.get("vocab_size"), int):
+            return IdsTokenizer(obj["vocab_size"])
+        raise TokenizerError(f"{source}: unknown tokenizer kind {kind!r}")
+    return HFTokenizer(text, source)
+
+
+def load_file(path: str | os.PathLike) -> Tokenizer:
+    """A tokenizer from a JSON file (ours or a `tokenizers` file)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TokenizerError(f"{p}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{p}: cannot read ({e})") from None
+    return from_json(text, str(p))
+
+
+def for_checkpoint(path: str | os.PathLike, vocab_size: int) -> Tokenizer:
+    """The tokenizer saved in a checkpoint folder (ids for a model without one)."""
+    p = Path(path) / "tokenizer.json"
+    if p.is_file():
+        return load_file(p)
+    return ByteTokenizer() if vocab_size >= 256 else IdsTokenizer(vocab_size)
+
+
+class StreamDecoder:
+    """Incremental decoding for streaming: ``push(id)`` returns the new printable text.
+
+    Text is re-decoded from all ids so far (multi-byte characters and merged tokens come
+    out right); a trailing U+FFFD (an unfinished UTF-8 sequence) is held back until the
+    next token completes it."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.shown = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        text = self.tok.decode(self.ids)
+        stable = text.rstrip("\ufffd") if self.tok.kind != "ids" else text
+        new = stable[self.shown :]
+        self.shown = max(self.shown, len(stable))
+        return new
+
+    def flush(self) -> str:
+        text = self.tok.decode(self.ids)
+        new = text[self.shown :]
+        self.shown = len(text)
+        return new
