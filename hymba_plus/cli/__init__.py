@@ -15,6 +15,9 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("check", "validate recipes (files or folders)"),
     "info": ("info", "layer table, parameters, cache bytes of a recipe"),
+    "train": ("train", "train a model from a recipe (checkpoints, metrics, loss plot)"),
+    "generate": ("generate", "generate text from a checkpoint"),
+    "prepare": ("prepare", "tokenize text files into memory-mapped token shards"),
 }
 
 
