@@ -1,0 +1,191 @@
+"""Mixture of experts channel mixer (Qwen3-Next "ultra-sparse" MoE), registered as ``moe``.
+
+    logits = x W_r                                             router (one linear map)
+    E_n, w_n = top-k routing of softmax(logits) or sigmoid(logits) (+ balancing bias b)
+    y_n = sum_{e in E_n} w_n,e SwiGLU_e(x_n)                   routed experts
+        + sigmoid(x_n W_g) * SwiGLU_shared(x_n)                 shared expert(s), Qwen3-Next gate
+
+* Routing: Switch Transformer (Fedus et al. 2021, arXiv 2101.03961, Eq. 1-2) with top-k and
+  renormalized top-k weights (Qwen3-Next / Qwen3-MoE ``norm_topk_prob``); or sigmoid scores
+  with DeepSeek-V3's auxiliary-loss-free balancing (arXiv 2412.19437, Eq. 15-16, §2.1.2):
+  a per-expert bias ``b`` is added to the scores for *selection only*, and after each
+  optimizer step ``b_e += rate * sign(mean load - load_e)`` (``update_bias``).
+* Experts are SwiGLU (Shazeer 2020, Eq. 6) with weights stacked as tensors,
+  ``w_gate_up [E, d, 2h]`` (gate columns first) and ``w_down [E, h, d]``; the shared
+  expert(s) are one SwiGLU of width ``n_shared * d_shared`` scaled by ``sigmoid(x W_g)``.
+* Losses, per layer, added to ``ctx.aux_losses`` times their coefficients:
+  load balancing ``E * sum_e f_e P_e`` (Switch Eq. 4-6; 1 at uniform routing) and router
+  z-loss ``mean logsumexp(logits)^2`` (ST-MoE, arXiv 2202.08906, Eq. 5).
+* Statistics, per layer, in ``ctx.stats["moe/{layer}/..."]`` (detached tensors, no host
+  sync): ``tokens_per_expert`` [E], ``dropped``, ``entropy`` (nats), ``lb_loss``, ``z_loss``,
+  ``max_load`` (busiest expert's load / mean load).
+* Inert slots (``t >= ctx.lengths[b]``) are excluded from losses, statistics, the bias
+  update and expert capacity; their outputs are finite and discarded by the model.
+* Dispatch: ``hymba_plus.kernels.moe`` (sort by expert, grouped GEMM over contiguous
+  segments with ``torch._grouped_mm`` on CUDA bf16, a padded batched matmul elsewhere).
+  Dropless by default; ``capacity_factor`` enables Switch-style capacity in training
+  mode only (evaluation and cached decoding stay dropless, so chunked and full forwards
+  agree -- DESIGN §1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..core.cache import StepContext
+from ..core.config import spec
+from ..core.registry import register
+from ..kernels import moe as K
+from .mlp import MLPConfig, SwiGLU
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    n_experts: int = spec(8, min=1)
+    top_k: int = spec(2, min=1)
+    n_shared: int = spec(1, min=0, doc="shared experts (0 = none), gated by sigmoid(x W_g)")
+    d_expert: int | None = spec(None, min=1, doc="expert hidden size; default: (8/3 d_model) / (top_k + n_shared), "
+                                                  "rounded up to 8, so active width matches a dense SwiGLU")
+    d_shared: int | None = spec(None, min=1, doc="hidden size of each shared expert; default d_expert")
+    score: str = spec("softmax", choices=("softmax", "sigmoid"))
+    norm_topk: bool = True
+    aux_loss_coef: float = spec(0.01, min=0.0)
+    z_loss_coef: float = spec(0.001, min=0.0)
+    bias_update_rate: float = spec(0.0, min=0.0, doc="aux-loss-free balancing step (DeepSeek-V3 gamma); 0 = off")
+    capacity_factor: float | None = spec(None, gt=0.0, doc="None = dropless; else Switch capacity (training only)")
+
+    def expert_hidden(self, d_model: int) -> int:
+        if self.d_expert is not None:
+            return self.d_expert
+        width = 8 * d_model / 3 / (self.top_k + self.n_shared)
+        return max(8, (int(width) + 7) // 8 * 8)
+
+    def shared_hidden(self, d_model: int) -> int:
+        return self.d_shared if self.d_shared is not None else self.expert_hidden(d_model)
+
+    def check(self, model):  # noqa: ANN001 - ModelConfig
+        if self.top_k > self.n_experts:
+            yield "top_k", f"must be <= n_experts ({self.n_experts}), got {self.top_k}"
+        if self.top_k == 1 and self.norm_topk:
+            yield "norm_topk", ("with top_k 1 the normalized weight is always 1 and the router gets no gradient "
+                                "from the model loss; set norm_topk: false")
+        if self.d_shared is not None and self.n_shared == 0:
+            yield "d_shared", "is set but n_shared is 0 (no shared expert)"
+
+
+@register("moe", config=MoEConfig, kind="ffn")
+class MoE(nn.Module):
+    """Routed SwiGLU experts + gated shared expert(s); see the module docstring."""
+
+    def __init__(self, cfg: MoEConfig, *, d_model: int, model=None, recipe=None, **_: object):  # noqa: ANN001
+        super().__init__()
+        self.cfg = cfg
+        self.d_model = d_model
+        E, h = cfg.n_experts, cfg.expert_hidden(d_model)
+        self.d_expert = h
+        self.router = nn.Linear(d_model, E, bias=False)
+        self.w_gate_up = nn.Parameter(torch.empty(E, d_model, 2 * h))
+        self.w_down = nn.Parameter(torch.empty(E, h, d_model))
+        self.shared = self.shared_gate = None
+        if cfg.n_shared:
+            self.shared = SwiGLU(MLPConfig(d_hidden=cfg.n_shared * cfg.shared_hidden(d_model)), d_model=d_model)
+            self.shared_gate = nn.Linear(d_model, 1, bias=False)
+        # routing balance state, kept in float32 whatever the module dtype (see _apply)
+        self.register_buffer("expert_bias", torch.zeros(E), persistent=True)
+        self.register_buffer("load", torch.zeros(E), persistent=False)  # real assignments since update_bias
+        self._init_std = float(getattr(model, "init_std", 0.02))
+        self._n_layers = max(1, len(recipe.layers)) if recipe is not None else 1
+        self.impl = "auto"  # kernels.moe.moe_experts impl: auto | grouped | padded (benchmarks, tests)
+        self.reset_special()
+
+    # ------------------------------------------------------------------ init / bookkeeping
+    def reset_special(self) -> None:
+        """Expert weights: normal(0, init_std); the down projection is residual-scaled like
+        every ``is_residual_out`` Linear (std / sqrt(2 n_layers))."""
+        with torch.no_grad():
+            nn.init.normal_(self.w_gate_up, 0.0, self._init_std)
+            nn.init.normal_(self.w_down, 0.0, self._init_std / (2 * self._n_layers) ** 0.5)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202
+        bias, load = self.expert_bias, self.load
+        out = super()._apply(fn, recurse)
+        dev = self.expert_bias.device
+        self.expert_bias = bias.to(device=dev, dtype=torch.float32)
+        self.load = load.to(device=dev, dtype=torch.float32)
+        return out
+
+    def active_parameters(self) -> int:
+        """Parameters one token uses: router, top_k routed experts, shared expert(s) and gate."""
+        per_expert = self.w_gate_up[0].numel() + self.w_down[0].numel()
+        n = self.router.weight.numel() + self.cfg.top_k * per_expert
+        if self.shared is not None:
+            n += sum(p.numel() for p in self.shared.parameters()) + self.shared_gate.weight.numel()
+        return n
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """DeepSeek-V3 auxiliary-loss-free balancing step, from the load counted since the
+        last call (training forwards only): ``b_e += rate * sign(mean load - load_e)``.
+        The trainer calls it once per optimizer step (``update_expert_biases(model)``)."""
+        rate = self.cfg.bias_update_rate
+        if rate > 0 and bool(self.load.sum() > 0):
+            self.expert_bias += rate * torch.sign(self.load.mean() - self.load)
+        self.load.zero_()
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor, ctx: StepContext | None = None) -> Tensor:
+        cfg = self.cfg
+        B, T, D = x.shape
+        xf = x.reshape(-1, D)
+        valid = ctx.valid if ctx is not None else None
+        vflat = valid.reshape(-1) if valid is not None else None
+        logits = self.router(xf)
+        r = K.route(logits, cfg.top_k, cfg.score, cfg.norm_topk,
+                    self.expert_bias if cfg.bias_update_rate > 0 else None)
+        cap = None
+        if cfg.capacity_factor is not None and self.training:
+            cap = K.expert_capacity(xf.shape[0], cfg.top_k, cfg.n_experts, cfg.capacity_factor)
+        y, dropped = K.moe_experts(xf, r.experts, r.weights.to(x.dtype), self.w_gate_up, self.w_down,
+                                   capacity=cap, inert=None if vflat is None else ~vflat, impl=self.impl)
+        if self.shared is not None:
+            y = y + torch.sigmoid(self.shared_gate(xf)) * self.shared(xf)
+        self._account(r, dropped, vflat, ctx)
+        return y.view(B, T, D)
+
+    def _account(self, r: K.Routing, dropped: Tensor, valid: Tensor | None, ctx: StepContext | None) -> None:
+        cfg = self.cfg
+        load = K.expert_load(r.experts, cfg.n_experts, valid)
+        if self.training and cfg.bias_update_rate > 0:
+            self.load += load
+        if ctx is None:
+            return
+        lb = K.load_balancing_loss(r.probs, load, cfg.top_k, valid)
+        z = K.router_z_loss(r.logits, valid)
+        terms = []
+        if cfg.aux_loss_coef > 0:
+            terms.append(cfg.aux_loss_coef * lb)
+        if cfg.z_loss_coef > 0:
+            terms.append(cfg.z_loss_coef * z)
+        if terms:
+            ctx.aux_losses.append(torch.stack(terms).sum())
+        p = f"moe/{ctx.layer_idx}/"
+        ctx.stats[p + "tokens_per_expert"] = load
+        ctx.stats[p + "dropped"] = dropped
+        ctx.stats[p + "entropy"] = K.routing_entropy(r.probs.detach(), valid)
+        ctx.stats[p + "lb_loss"] = lb.detach()
+        ctx.stats[p + "z_loss"] = z.detach()
+        ctx.stats[p + "max_load"] = load.max() / load.mean().clamp_min(1e-9)
+
+
+def update_expert_biases(model: nn.Module) -> int:
+    """Apply every MoE layer's aux-loss-free bias update (call after each optimizer step);
+    returns the number of MoE layers visited."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.update_bias()
+            n += 1
+    return n

@@ -1,0 +1,484 @@
+"""Mixture-of-experts kernels: top-k routing, sort-based dispatch, grouped expert GEMMs.
+
+Routing (token choice, top-k)
+-----------------------------
+* softmax scores -- Switch Transformer (Fedus et al. 2021, arXiv 2101.03961, Eq. 1) / GShard
+  (Lepikhin et al. 2020, arXiv 2006.16668) / Qwen3-Next::
+
+      p = softmax(x W_r),   E_n = top-k(p_n + b),   w_n,e = p_n,e [/ sum_{e' in E_n} p_n,e']
+
+* sigmoid scores -- DeepSeek-V3 (arXiv 2412.19437, Eq. 15-16)::
+
+      s = sigmoid(x W_r),   E_n = top-k(s_n + b),   w_n,e = s_n,e [/ sum_{e' in E_n} s_n,e']
+
+  ``b`` is the auxiliary-loss-free balancing bias (DeepSeek-V3 §2.1.2, Wang et al. 2024,
+  arXiv 2408.15664): it only changes *which* experts are chosen, never the weights.
+
+Dispatch (dropless, sort based; MegaBlocks, Gale et al. 2022, arXiv 2211.15841)
+------------------------------------------------------------------------------
+The ``N * k`` (token, expert) assignments are stable-sorted by expert so that every expert
+owns one contiguous segment; then::
+
+    x_s = x[tok]                               gather rows in segment order
+    h   = x_s W_gu[e]                          grouped GEMM, one weight per segment
+    a   = SiLU(h_gate) * h_up * w              SwiGLU (Shazeer 2020, Eq. 6), routing weight folded in
+    o   = a W_down[e]                          grouped GEMM
+    y_n = sum_j o[inv[n k + j]]                un-sort: each token sums its k rows
+
+Two ways to run the grouped GEMMs, same numbers:
+
+* ``grouped`` -- ``torch._grouped_mm`` over the segments (offsets = cumulative counts):
+  the fast path on CUDA (sm90+, bf16), registered as ``moe_grouped_mm`` in ``dispatch``.
+* ``padded`` -- every segment is copied into a zero-padded ``[E, C, d]`` buffer and one
+  ``torch.bmm`` runs all experts (``C`` = the capacity, or the largest segment when
+  dropless). Runs on every device and dtype.
+
+Capacity (Switch Transformer §2.2, "expert capacity" = capacity_factor * N k / E): the
+assignments of an expert past its capacity, in token order, contribute zero and are
+counted as dropped. ``capacity=None`` (the default) is dropless.
+
+The gather / un-sort pair are each other's transposes, so their backward passes are
+written explicitly (a gather in one direction is a k-row sum in the other): no atomics,
+deterministic. On CUDA, Triton kernels fuse the SwiGLU activation with its routing weight
+and the k-row sum (``moe_triton`` fast path); elsewhere they are plain PyTorch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .dispatch import fast_path, use_fast
+
+try:  # Triton is optional: only the CUDA fast path uses it
+    import triton
+    import triton.language as tl
+except Exception:  # noqa: BLE001 - missing or broken install = no Triton path
+    triton = None
+    tl = None
+
+GROUPED_MM = "moe_grouped_mm"
+TRITON = "moe_triton"
+IMPLS = ("auto", "grouped", "padded")
+
+
+# ----------------------------------------------------------------------------- routing
+
+
+@dataclass
+class Routing:
+    """Result of ``route`` for N tokens.
+
+    experts: [N, k] long, chosen experts (selection used the bias, if any)
+    weights: [N, k] float32 combine weights (differentiable; the bias never enters them)
+    probs:   [N, E] float32 router distribution (softmax, or sigmoid scores normalized
+             to sum 1) -- the P of the balancing loss and of the routing entropy
+    logits:  [N, E] float32 router logits (the z-loss reads them)
+    """
+
+    experts: Tensor
+    weights: Tensor
+    probs: Tensor
+    logits: Tensor
+
+
+def route(logits: Tensor, top_k: int, score: str = "softmax", norm_topk: bool = True,
+          bias: Tensor | None = None) -> Routing:
+    """Token-choice top-k routing (see the module docstring for the equations); float32 at least."""
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    if score == "softmax":
+        scores = torch.softmax(logits, dim=-1)
+        probs = scores
+    elif score == "sigmoid":
+        scores = torch.sigmoid(logits)
+        probs = scores / scores.sum(-1, keepdim=True).clamp_min(1e-20)
+    else:
+        raise ValueError(f"score must be 'softmax' or 'sigmoid', got {score!r}")
+    select = scores if bias is None else scores.detach() + bias.float()
+    experts = torch.topk(select.detach(), top_k, dim=-1).indices
+    weights = scores.gather(-1, experts)
+    if norm_topk:
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
+    return Routing(experts=experts, weights=weights, probs=probs, logits=logits)
+
+
+def expert_load(experts: Tensor, n_experts: int, valid: Tensor | None = None) -> Tensor:
+    """[E] float32: assignments per expert, counting only real tokens (``valid`` [N] bool).
+
+    A scatter-add, not ``bincount``: bincount on CUDA reads its max back to the host.
+    """
+    flat = experts.reshape(-1)
+    ones = torch.ones(flat.shape, dtype=torch.float32, device=flat.device)
+    if valid is not None:
+        ones = ones * valid.to(torch.float32).repeat_interleave(experts.shape[-1])
+    return torch.zeros(n_experts, dtype=torch.float32, device=flat.device).scatter_add_(0, flat, ones)
+
+
+def load_balancing_loss(probs: Tensor, load: Tensor, top_k: int, valid: Tensor | None = None) -> Tensor:
+    """Switch / GShard balancing loss ``E * sum_e f_e P_e`` (Switch Transformer Eq. 4-6).
+
+    f_e = share of the (real) token->expert assignments that chose expert e (sums to 1),
+    P_e = mean router probability of expert e over real tokens. Equals 1 when routing is
+    uniform, grows with imbalance. Only P carries gradient (f comes from the argmax).
+    """
+    E = probs.shape[-1]
+    if valid is None:
+        n = probs.new_tensor(float(probs.shape[0]))
+        p_mean = probs.sum(0) / n.clamp_min(1.0)
+    else:
+        m = valid.to(probs.dtype)
+        n = m.sum()
+        p_mean = (probs * m[:, None]).sum(0) / n.clamp_min(1.0)
+    f = load / (n * top_k).clamp_min(1.0)
+    return E * (f * p_mean).sum()
+
+
+def router_z_loss(logits: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Router z-loss (ST-MoE, Zoph et al. 2022, arXiv 2202.08906, Eq. 5): mean (logsumexp x W_r)^2."""
+    z = torch.logsumexp(logits if logits.dtype == torch.float64 else logits.float(), dim=-1).square()
+    if valid is None:
+        return z.mean() if z.numel() else z.sum()
+    m = valid.to(z.dtype)
+    return (z * m).sum() / m.sum().clamp_min(1.0)
+
+
+def routing_entropy(probs: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Mean entropy (nats) of the router distribution over real tokens."""
+    h = -(probs * probs.clamp_min(1e-20).log()).sum(-1)
+    if valid is None:
+        return h.mean() if h.numel() else h.sum()
+    m = valid.to(h.dtype)
+    return (h * m).sum() / m.sum().clamp_min(1.0)
+
+
+# ----------------------------------------------------------------------------- fast-path probes
+
+
+def _probe_grouped_mm() -> None:
+    """Run once: torch._grouped_mm must exist here and match a per-group matmul (fwd + bwd)."""
+    if not hasattr(torch, "_grouped_mm"):
+        raise RuntimeError(f"torch {torch.__version__} has no torch._grouped_mm")
+    if not torch.cuda.is_available():
+        raise RuntimeError("CUDA is not available")
+    cap = torch.cuda.get_device_capability()
+    if cap < (9, 0):
+        raise RuntimeError(f"torch._grouped_mm needs sm90+, this device is sm{cap[0]}{cap[1]}")
+    g = torch.Generator().manual_seed(0)
+    sizes = [5, 0, 19, 8]  # ragged, with an empty group
+    x = torch.randn(sum(sizes), 64, generator=g)
+    w = torch.randn(len(sizes), 64, 48, generator=g) / 8
+    dy = torch.randn(sum(sizes), 48, generator=g)
+    xc = x.cuda().bfloat16().requires_grad_()
+    wc = w.cuda().bfloat16().requires_grad_()
+    offs = torch.tensor(sizes).cumsum(0).to(device="cuda", dtype=torch.int32)
+    y = torch._grouped_mm(xc, wc, offs=offs)
+    y.backward(dy.cuda().bfloat16())
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    yr = torch.cat([xr[a:b] @ wr[i] for i, (a, b) in enumerate(zip([0, *offs.tolist()[:-1]], offs.tolist()))])
+    yr.backward(dy)
+    for got, ref, what in ((y, yr, "output"), (xc.grad, xr.grad, "grad x"), (wc.grad, wr.grad, "grad w")):
+        err = float((got.float().cpu() - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
+        if not err < 3e-2:
+            raise RuntimeError(f"torch._grouped_mm {what} differs from the per-group reference (rel {err:.3g})")
+
+
+def _probe_triton() -> None:
+    if triton is None:
+        raise ImportError("triton is not installed")
+    if not torch.cuda.is_available():
+        raise RuntimeError("CUDA is not available")
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(7, 2 * 40, generator=g).cuda()
+    w = torch.rand(7, generator=g).cuda()
+    a = _swiglu_triton_fwd(h, w)
+    ref = _swiglu_torch(h, w)
+    if not torch.allclose(a, ref, atol=1e-5, rtol=1e-4):
+        raise RuntimeError("Triton SwiGLU kernel differs from PyTorch")
+    src = torch.randn(12, 40, generator=g).cuda()
+    idx = torch.randperm(12, generator=g).cuda()
+    if not torch.allclose(_gather_sum_triton(src, idx, 3), _gather_sum_torch(src, idx, 3), atol=1e-5):
+        raise RuntimeError("Triton gather-sum kernel differs from PyTorch")
+
+
+fast_path(GROUPED_MM, probe=_probe_grouped_mm, doc="torch._grouped_mm expert GEMMs (CUDA sm90+, bf16)")
+fast_path(TRITON, probe=_probe_triton, doc="Triton fused SwiGLU x routing weight and k-row sum")
+
+
+def grouped_mm_supported(x: Tensor, *weights: Tensor) -> bool:
+    """May ``x`` / ``weights`` take the torch._grouped_mm fast path (on this device, dtype, shape)?"""
+    tensors = (x, *weights)
+    if any(t.dtype != torch.bfloat16 for t in tensors):
+        return False
+    if any(t.shape[-1] % 8 or t.shape[-2] % 8 for t in weights):  # 16-byte aligned rows
+        return False
+    return use_fast(GROUPED_MM, *tensors)
+
+
+def _triton_ok(*tensors: Tensor) -> bool:
+    return all(t.is_cuda for t in tensors) and use_fast(TRITON, *tensors)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+if triton is not None:
+
+    @triton.jit
+    def _swiglu_fwd_kernel(h_ptr, w_ptr, a_ptr, H, stride_h, stride_a,
+                           HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = cols < H
+        g = tl.load(h_ptr + row * stride_h + cols, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(h_ptr + row * stride_h + H + cols, mask=m, other=0.0).to(tl.float32)
+        a = g * tl.sigmoid(g) * u
+        if HAS_W:
+            a = a * tl.load(w_ptr + row).to(tl.float32)
+        tl.store(a_ptr + row * stride_a + cols, a.to(a_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _swiglu_bwd_kernel(h_ptr, w_ptr, da_ptr, dh_ptr, dw_ptr, H, stride_h, stride_da, stride_dh,
+                           HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        if HAS_W:
+            wv = tl.load(w_ptr + row).to(tl.float32)
+        else:
+            wv = 1.0
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, H, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            m = cols < H
+            g = tl.load(h_ptr + row * stride_h + cols, mask=m, other=0.0).to(tl.float32)
+            u = tl.load(h_ptr + row * stride_h + H + cols, mask=m, other=0.0).to(tl.float32)
+            da = tl.load(da_ptr + row * stride_da + cols, mask=m, other=0.0).to(tl.float32)
+            s = tl.sigmoid(g)
+            silu = g * s
+            dg = da * wv * u * s * (1.0 + g * (1.0 - s))
+            du = da * wv * silu
+            tl.store(dh_ptr + row * stride_dh + cols, dg.to(dh_ptr.dtype.element_ty), mask=m)
+            tl.store(dh_ptr + row * stride_dh + H + cols, du.to(dh_ptr.dtype.element_ty), mask=m)
+            acc += da * silu * u
+        if HAS_W:
+            tl.store(dw_ptr + row, tl.sum(acc, axis=0).to(dw_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _gather_sum_kernel(src_ptr, idx_ptr, out_ptr, D, stride_src, stride_out,
+                           K: tl.constexpr, BLOCK: tl.constexpr):
+        n = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = cols < D
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for j in tl.static_range(K):
+            r = tl.load(idx_ptr + n * K + j).to(tl.int64)
+            acc += tl.load(src_ptr + r * stride_src + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(out_ptr + n * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def _block(n: int, cap: int = 1024) -> int:
+    return max(16, min(cap, 1 << (max(n, 1) - 1).bit_length()))
+
+
+def _swiglu_triton_fwd(h: Tensor, w: Tensor | None) -> Tensor:
+    h = h.contiguous()
+    M, H2 = h.shape
+    H = H2 // 2
+    a = h.new_empty(M, H)
+    if M == 0:
+        return a
+    B = _block(H)
+    wt = w.contiguous() if w is not None else h
+    _swiglu_fwd_kernel[(M, triton.cdiv(H, B))](h, wt, a, H, h.stride(0), a.stride(0),
+                                               HAS_W=w is not None, BLOCK=B)
+    return a
+
+
+def _swiglu_triton_bwd(h: Tensor, w: Tensor | None, da: Tensor) -> tuple[Tensor, Tensor | None]:
+    h, da = h.contiguous(), da.contiguous()
+    M, H2 = h.shape
+    H = H2 // 2
+    dh = torch.empty_like(h)
+    dw = torch.empty(M, dtype=torch.float32, device=h.device) if w is not None else None
+    if M:
+        wt = w.contiguous() if w is not None else h
+        _swiglu_bwd_kernel[(M,)](h, wt, da, dh, dw if dw is not None else h, H, h.stride(0), da.stride(0),
+                                 dh.stride(0), HAS_W=w is not None, BLOCK=_block(H, 512))
+    return dh, (dw.to(w.dtype) if w is not None else None)
+
+
+class _SwiGLUTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: Tensor, w: Tensor | None) -> Tensor:  # noqa: ANN001
+        ctx.save_for_backward(h, w)
+        return _swiglu_triton_fwd(h, w)
+
+    @staticmethod
+    def backward(ctx, da: Tensor):  # noqa: ANN001, ANN205
+        h, w = ctx.saved_tensors
+        return _swiglu_triton_bwd(h, w, da)
+
+
+def _swiglu_torch(h: Tensor, w: Tensor | None) -> Tensor:
+    g, u = h.chunk(2, dim=-1)
+    a = F.silu(g) * u
+    return a if w is None else a * w.to(a.dtype).unsqueeze(-1)
+
+
+def swiglu(h: Tensor, w: Tensor | None = None) -> Tensor:
+    """``SiLU(h[:, :H]) * h[:, H:] * w[:, None]`` for h [M, 2H], w [M] (or None)."""
+    if _triton_ok(h):
+        return _SwiGLUTriton.apply(h, w)
+    return _swiglu_torch(h, w)
+
+
+def _gather_sum_torch(src: Tensor, idx: Tensor, k: int) -> Tensor:
+    return src.index_select(0, idx).view(-1, k, src.shape[-1]).sum(1)
+
+
+def _gather_sum_triton(src: Tensor, idx: Tensor, k: int) -> Tensor:
+    src, idx = src.contiguous(), idx.contiguous()
+    N, D = idx.numel() // k, src.shape[-1]
+    out = src.new_empty(N, D)
+    if N:
+        B = _block(D)
+        _gather_sum_kernel[(N, triton.cdiv(D, B))](src, idx, out, D, src.stride(0), out.stride(0), K=k, BLOCK=B)
+    return out
+
+
+def gather_sum(src: Tensor, idx: Tensor, k: int) -> Tensor:
+    """out[n] = sum_{j<k} src[idx[n k + j]] (float32 accumulation in the Triton path)."""
+    if _triton_ok(src):
+        return _gather_sum_triton(src, idx, k)
+    return _gather_sum_torch(src, idx, k)
+
+
+class _GatherRows(torch.autograd.Function):
+    """x_s = x[tok] (rows in expert order); backward: each token sums its k row gradients."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, tok: Tensor, inv: Tensor, k: int) -> Tensor:  # noqa: ANN001
+        ctx.save_for_backward(inv)
+        ctx.k = k
+        return x.index_select(0, tok)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # noqa: ANN001, ANN205
+        (inv,) = ctx.saved_tensors
+        return gather_sum(g.contiguous(), inv, ctx.k), None, None, None
+
+
+class _SumRows(torch.autograd.Function):
+    """y[n] = sum_j o[inv[n k + j]] (un-sort + combine); backward: grad_o = grad_y[tok]."""
+
+    @staticmethod
+    def forward(ctx, o: Tensor, tok: Tensor, inv: Tensor, k: int) -> Tensor:  # noqa: ANN001
+        ctx.save_for_backward(tok)
+        return gather_sum(o, inv, k)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # noqa: ANN001, ANN205
+        (tok,) = ctx.saved_tensors
+        return g.index_select(0, tok), None, None, None
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+@dataclass
+class Plan:
+    """Sorted layout of the N*k assignments (a = n*k + j is token n's j-th choice).
+
+    order:  [A] assignment ids sorted by expert (stable: token order inside an expert;
+            with ``inert`` given, an expert's real tokens come before its inert ones)
+    inv:    [A] sorted position of assignment a (inverse of ``order``)
+    tok:    [A] token of each sorted row
+    expert: [A] expert of each sorted row
+    counts: [E] rows per expert (all assignments, inert slots included)
+    rank:   [A] position of each sorted row inside its expert's segment
+    """
+
+    order: Tensor
+    inv: Tensor
+    tok: Tensor
+    expert: Tensor
+    counts: Tensor
+    rank: Tensor
+    k: int
+
+
+def make_plan(experts: Tensor, n_experts: int, inert: Tensor | None = None) -> Plan:
+    N, k = experts.shape
+    flat = experts.reshape(-1)
+    key = flat if inert is None else flat * 2 + inert.to(flat.dtype).repeat_interleave(k)
+    order = torch.argsort(key, stable=True)
+    ar = torch.arange(flat.numel(), device=flat.device)
+    inv = torch.empty_like(order).scatter_(0, order, ar)
+    counts = torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    expert = flat.index_select(0, order)
+    starts = counts.cumsum(0) - counts
+    rank = ar - starts.index_select(0, expert)
+    return Plan(order=order, inv=inv, tok=order // k, expert=expert, counts=counts, rank=rank, k=k)
+
+
+def expert_capacity(n_tokens: int, top_k: int, n_experts: int, factor: float) -> int:
+    """Switch Transformer expert capacity: ceil(factor * tokens * k / experts), at least 1."""
+    return max(1, int(-(-factor * n_tokens * top_k // n_experts)))
+
+
+def moe_experts(x: Tensor, experts: Tensor, weights: Tensor, w_gate_up: Tensor, w_down: Tensor, *,
+                capacity: int | None = None, inert: Tensor | None = None,
+                impl: str = "auto") -> tuple[Tensor, Tensor]:
+    """Routed SwiGLU experts for N tokens: ``y_n = sum_j w_nj * FFN_{e_nj}(x_n)``.
+
+    x [N, d]; experts, weights [N, k]; w_gate_up [E, d, 2h] (gate columns first); w_down
+    [E, h, d]; capacity: rows per expert (None = dropless); inert [N] bool: slots that are
+    not real tokens (they never take capacity and are not counted as dropped); impl:
+    ``auto`` (grouped GEMM where supported and dropless, else padded), ``grouped``,
+    ``padded``. Returns (y [N, d], number of real assignments dropped, a 0-d long tensor).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    N, d = x.shape
+    E = w_gate_up.shape[0]
+    if impl == "auto":
+        impl = "grouped" if capacity is None and grouped_mm_supported(x, w_gate_up, w_down) else "padded"
+    if impl == "grouped" and capacity is not None:
+        raise ValueError("the grouped path is dropless; use impl='padded' with a capacity")
+    dropped = torch.zeros((), dtype=torch.long, device=x.device)
+    if N == 0:
+        return x.new_zeros(0, d), dropped
+    plan = make_plan(experts, E, inert if capacity is not None else None)
+    k = plan.k
+    xs = _GatherRows.apply(x, plan.tok, plan.inv, k)
+    ws = weights.reshape(-1).index_select(0, plan.order)
+    if impl == "grouped":
+        offs = plan.counts.cumsum(0).to(torch.int32)
+        h = torch._grouped_mm(xs, w_gate_up, offs=offs)
+        a = swiglu(h, ws)
+        o = torch._grouped_mm(a, w_down, offs=offs)
+    else:
+        if capacity is None:
+            cap = max(1, int(plan.counts.max()))  # host sync: the padded fallback needs a static size
+            slot = plan.expert * cap + plan.rank
+        else:
+            cap = capacity
+            keep = plan.rank < cap
+            real = ~inert.repeat_interleave(k).index_select(0, plan.order) if inert is not None else None
+            if real is not None:
+                dropped = (~keep & real).sum()
+                keep = keep & real
+            else:
+                dropped = (~keep).sum()
+            slot = torch.where(keep, plan.expert * cap + plan.rank, torch.full_like(plan.rank, E * cap))
+        rows = E * cap
+        xb = xs.new_zeros(rows + 1, d).index_add(0, slot, xs)[:rows].view(E, cap, d)
+        wb = ws.new_zeros(rows + 1).index_add(0, slot, ws)[:rows]
+        hb = torch.bmm(xb, w_gate_up)
+        ab = swiglu(hb.view(rows, -1), wb).view(E, cap, -1)
+        ob = torch.bmm(ab, w_down).view(rows, d)
+        if capacity is not None:  # dropped rows read the zero row appended at index rows
+            ob = torch.cat([ob, ob.new_zeros(1, d)])
+        o = ob.index_select(0, slot)
+    y = _SumRows.apply(o, plan.tok, plan.inv, k)
+    return y, dropped
