@@ -123,6 +123,17 @@ class GatedAttention(nn.Module):
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> AttentionState:
         return AttentionState()
 
+    def state_nbytes(self, seq_len: int, dtype: torch.dtype, *, n_meta: int = 0) -> int:
+        """Bytes of one sequence's cache after ``seq_len`` real tokens (plus ``n_meta`` meta
+        tokens), without running: K and V [Hkv, S, D] in ``dtype`` plus each slot's int64
+        position, S = n_meta + seq_len, or n_meta + min(seq_len, window - 1) with a window.
+        A KV-sharing consumer keeps no cache of its own."""
+        if self.kv_role == "consumer":
+            return 0
+        w = self.cfg.window
+        slots = n_meta + (seq_len if w is None else min(seq_len, w - 1))
+        return slots * (2 * self.hkv * self.d * dtype.itemsize + torch.int64.itemsize)
+
     # -- projections plus norm + rope (k, v are None for a KV-sharing consumer)
     def qkv(self, x: Tensor, ctx: StepContext) -> tuple[Tensor, Tensor | None, Tensor | None]:
         B, T, _ = x.shape

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import types
@@ -66,6 +67,7 @@ class ModelConfig:
     norm: NormConfig = dataclasses.field(default_factory=NormConfig)
     init_std: float = spec(0.02, gt=0.0)
     dropout: float = spec(0.0, min=0.0, max=1.0)
+    n_layers: int | None = spec(None, min=1, max=4096, doc="optional: must equal the pattern's layer count")
 
 
 def _train_config_type() -> type:
@@ -155,24 +157,66 @@ class _LineLoader(yaml.SafeLoader):
     pass
 
 
+# YAML 1.1 (PyYAML) reads ``1e-6`` (no dot) as a string; YAML 1.2 reads it as a float.
+# Recipes follow 1.2 here, so a float field never has to accept text.
+_LineLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> LineDict:
+    # duplicate and non-text keys were reported (with their key paths) by _node_errors;
+    # here a later key wins, which is also YAML's merge-key (``<<``) override rule
     loader.flatten_mapping(node)
     out = LineDict()
     out.line = node.start_mark.line + 1
     out.key_lines = {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
-        if not isinstance(key, str):
-            raise yaml.constructor.ConstructorError(
-                None, None, f"keys must be strings, got {key!r}", key_node.start_mark
-            )
-        if key in out:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
-            )
         out[key] = loader.construct_object(value_node, deep=True)
         out.key_lines[key] = key_node.start_mark.line + 1
     return out
+
+
+_STR_TAG = "tag:yaml.org,2002:str"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+#: the tags a recipe may carry (plain data); anything else (``!!python/...``, custom ``!tags``) is refused
+_SAFE_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "map", "seq",
+                                                   "merge", "timestamp")}
+
+
+def _node_errors(node: yaml.Node | None, path: str, errs: "_Errors", seen: set[int]) -> None:
+    """Duplicate keys and keys that are not text, with their key paths (before construction)."""
+    if node is None or id(node) in seen:
+        return
+    seen.add(id(node))
+    if node.tag not in _SAFE_TAGS:
+        tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+        errs.add(path.rstrip("."), f"YAML tag {tag!r} is not allowed in a recipe (plain data only)",
+                 node.start_mark.line + 1)
+        return
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG:
+                continue
+            line = key_node.start_mark.line + 1
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != _STR_TAG:
+                text = key_node.value if isinstance(key_node, yaml.ScalarNode) else "a collection"
+                errs.add(f"{path}{text}" if isinstance(key_node, yaml.ScalarNode) else path.rstrip("."),
+                         f"keys must be text, got {text!r}", line)
+                continue
+            key = key_node.value
+            if key in first:
+                errs.add(f"{path}{key}", f"duplicate key (first given at line {first[key]})", line)
+            else:
+                first[key] = line
+            _node_errors(value_node, f"{path}{key}.", errs, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _node_errors(item, f"{path.rstrip('.')}[{i}].", errs, seen)
 
 
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
@@ -224,8 +268,74 @@ def _dataclass_of(tp: Any) -> type | None:
     return None
 
 
+def _describe(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, Mapping):
+        return "a mapping"
+    if isinstance(v, (list, tuple)):
+        return "a list"
+    return f"{type(v).__name__} {v!r}"
+
+
+def _type_errors(tp: Any, v: Any, path: str, errs: _Errors) -> bool:
+    """Check a value against a field annotation for the shapes recipes use (scalars,
+    optionals, nested configs, ``dict[str, X]``, ``list/tuple[X, ...]``); True if it fits.
+    Nested dataclass contents are checked by ``_check_keys``. bool is not an int here."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if v is None and type(None) in args:
+            return True
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            return _type_errors(rest[0], v, path, errs)
+        return True  # a real union: dacite decides
+    ok: bool | None = None
+    if tp is bool:
+        ok = isinstance(v, bool)
+    elif tp is int:
+        ok = isinstance(v, int) and not isinstance(v, bool)
+    elif tp is float:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+    elif tp is str:
+        ok = isinstance(v, str)
+    elif dataclasses.is_dataclass(tp):
+        ok = isinstance(v, Mapping)
+    elif origin in (dict, Mapping, typing.Mapping) or tp in (dict,):
+        if not isinstance(v, Mapping):
+            ok = False
+        else:
+            kt, vt = (args + (Any, Any))[:2]
+            fine = True
+            for k, item in v.items():
+                if kt is str and not isinstance(k, str):
+                    errs.add(path, f"keys must be text, got {k!r}")
+                    fine = False
+                elif vt is not Any:
+                    fine = _type_errors(vt, item, f"{path}.{k}", errs) and fine
+            return fine
+    elif origin in (list, tuple):
+        if not isinstance(v, (list, tuple)):
+            ok = False
+        else:
+            fine = True
+            et = args[0] if args else Any
+            if et is not Any and et is not Ellipsis:
+                for i, item in enumerate(v):
+                    fine = _type_errors(et, item, f"{path}[{i}]", errs) and fine
+            return fine
+    if ok is None:
+        return True  # Any, Literal, ...: dacite decides
+    if not ok:
+        errs.add(path, f"wrong type: expected {_type_name(tp)}, got {_describe(v)}")
+    elif isinstance(v, float) and not math.isfinite(v):
+        errs.add(path, f"must be a finite number, got {v}")
+        return False
+    return ok
+
+
 def _check_keys(cls: type, data: Any, path: str, errs: _Errors) -> None:
-    """Unknown keys (with suggestions) and missing required keys, recursively."""
+    """Unknown keys (with suggestions), missing required keys and wrong value types, recursively."""
     if not isinstance(data, Mapping):
         return
     fields = _field_types(cls)
@@ -239,14 +349,18 @@ def _check_keys(cls: type, data: Any, path: str, errs: _Errors) -> None:
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if required and f.name not in data:
             errs.add(f"{path}{f.name}", "missing required key", errs.line(path.rstrip(".")))
+        if f.name not in data:
+            continue
+        if not _type_errors(fields[f.name], data[f.name], f"{path}{f.name}", errs):
+            continue
         sub = _dataclass_of(fields[f.name])
-        if sub is not None and f.name in data and isinstance(data[f.name], Mapping):
+        if sub is not None and isinstance(data[f.name], Mapping):
             _check_keys(sub, data[f.name], f"{path}{f.name}.", errs)
 
 
 def _to_dataclass(cls: type, data: Any, path: str, errs: _Errors) -> Any:
     if not isinstance(data, Mapping):
-        errs.add(path.rstrip("."), f"must be a mapping, got {type(data).__name__}")
+        errs.add(path.rstrip("."), f"must be a mapping, got {_describe(data)}")
         return None
     before = len(errs.items)
     _check_keys(cls, data, path, errs)
@@ -255,8 +369,7 @@ def _to_dataclass(cls: type, data: Any, path: str, errs: _Errors) -> Any:
     try:
         return dacite.from_dict(cls, dict(data), config=_DACITE)
     except dacite.WrongTypeError as e:
-        got = type(e.value).__name__
-        errs.add(f"{path}{e.field_path}", f"wrong type: expected {_type_name(e.field_type)}, got {got} {e.value!r}")
+        errs.add(f"{path}{e.field_path}", f"wrong type: expected {_type_name(e.field_type)}, got {_describe(e.value)}")
     except dacite.MissingValueError as e:
         errs.add(f"{path}{e.field_path}", "missing required key")
     except dacite.DaciteError as e:  # UnionMatchError, StrictUnionMatchError, ...
@@ -264,14 +377,9 @@ def _to_dataclass(cls: type, data: Any, path: str, errs: _Errors) -> Any:
     return None
 
 
-_FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-
-
 def _as_float(v: Any) -> Any:
-    """ints become floats; YAML 1.1 reads ``1e-6`` as text, so such text becomes a float."""
+    """ints become floats (``theta: 10000`` is a float field); nothing else is converted."""
     if isinstance(v, int) and not isinstance(v, bool):
-        return float(v)
-    if isinstance(v, str) and _FLOAT_TEXT.match(v.strip()):
         return float(v)
     return v
 
@@ -280,9 +388,18 @@ _DACITE = dacite.Config(strict=True, cast=[tuple], type_hooks={float: _as_float}
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        names = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(names) + (" or null" if type(None) in args else "")
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    if typing.get_origin(tp) in (dict, Mapping, typing.Mapping):
+        return "a mapping"
     if isinstance(tp, type):
-        return tp.__name__
-    return str(tp).replace("typing.", "").replace("NoneType", "None")
+        return {"int": "an integer", "float": "a number", "bool": "true or false", "str": "text"}.get(
+            tp.__name__, tp.__name__)
+    return str(tp).replace("typing.", "").replace("NoneType", "null")
 
 
 # --------------------------------------------------------------------------- loading
@@ -297,20 +414,44 @@ def load_recipe(source: "str | os.PathLike | Mapping | Recipe") -> Recipe:
         data: Any = source
     else:
         text, file = _read_source(source)
-        try:
-            data = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - SafeLoader subclass
-        except yaml.MarkedYAMLError as e:
-            mark = e.problem_mark or e.context_mark
-            ln = mark.line + 1 if mark else 1
-            raise RecipeError([f"{file or '<recipe>'}:{ln}: invalid YAML: {e.problem or e}"]) from None
-        except yaml.YAMLError as e:
-            raise RecipeError([f"{file or '<recipe>'}:1: invalid YAML: {e}"]) from None
+        data = _parse_yaml(text, file)
+        if data is _NOT_A_PATH:
+            raise RecipeError([f"<recipe>:1: {str(source)!r} is neither an existing recipe file nor a "
+                               "YAML mapping with 'name' and 'model'"])
     return _build(data, file)
+
+
+_NOT_A_PATH = object()
+
+
+def _parse_yaml(text: str, file: str) -> Any:
+    """Line-aware safe parse. Structural problems (duplicate keys, non-text keys) are
+    reported with key paths before anything is constructed."""
+    loader = _LineLoader(text)
+    try:
+        node = loader.get_single_node()
+        errs = _Errors(file, None)
+        _node_errors(node, "", errs, set())
+        errs.raise_if_any()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        ln = mark.line + 1 if mark else 1
+        raise RecipeError([f"{file or '<recipe>'}:{ln}: invalid YAML: {e.problem or e}"]) from None
+    except yaml.YAMLError as e:
+        raise RecipeError([f"{file or '<recipe>'}:1: invalid YAML: {e}"]) from None
+    finally:
+        loader.dispose()
+    if not file and isinstance(data, str) and "\n" not in text.strip():
+        return _NOT_A_PATH  # a one-line string that parsed as a scalar: a mistyped path
+    return data
 
 
 def _read_source(source: "str | os.PathLike") -> tuple[str, str]:
     s = os.fspath(source)
-    if "\n" not in s and (s.endswith((".yaml", ".yml")) or os.path.exists(s)):
+    as_path = not isinstance(source, str) or (
+        "\n" not in s and (s.endswith((".yaml", ".yml")) or os.path.exists(s)))
+    if as_path:
         p = Path(s)
         if not p.exists():
             raise RecipeError([f"{s}:0: file not found"])
@@ -325,8 +466,11 @@ def _read_source(source: "str | os.PathLike") -> tuple[str, str]:
 
 def _build(data: Any, file: str) -> Recipe:
     errs = _Errors(file, data)
+    if data is None:
+        errs.add("", "empty recipe: expected a mapping with 'name' and 'model'", 1)
+        errs.raise_if_any()
     if not isinstance(data, Mapping):
-        errs.add("", f"a recipe must be a mapping with 'name' and 'model', got {type(data).__name__}", 1)
+        errs.add("", f"a recipe must be a mapping with 'name' and 'model', got {_describe(data)}", 1)
         errs.raise_if_any()
     top = ("name", "model", "components", "train")
     for key in data:
@@ -348,7 +492,7 @@ def _build(data: Any, file: str) -> Recipe:
 
     comps_data = data.get("components") or {}
     if not isinstance(comps_data, Mapping):
-        errs.add("components", f"must be a mapping of component name -> settings, got {type(comps_data).__name__}")
+        errs.add("components", f"must be a mapping of component name -> settings, got {_describe(comps_data)}")
         errs.raise_if_any()
     comps: dict[str, Any] = {}
     known = registry.names()
@@ -386,12 +530,18 @@ def _build(data: Any, file: str) -> Recipe:
                      "settings for it and it has required keys", errs.line("model.block_pattern"))
     errs.raise_if_any()
 
+    pattern_line = errs.line("model.block_pattern" if model.block_pattern is not None else "model.layout")
     for key, cfg in comps.items():
+        # a component the recipe does not configure gets its defaults; its errors point at
+        # the pattern that asked for it and say the value is a default
+        given = key in comps_data
+        line = None if given else pattern_line
+        note = "" if given else " (default; set it under components." + key + ")"
         for k, msg in range_errors(cfg, f"components.{key}."):
-            errs.add(k, msg)
+            errs.add(k, msg + note, line)
         if key in used:
             for k, msg in cross_errors(cfg, model, f"components.{key}."):
-                errs.add(k, msg)
+                errs.add(k, msg + note, line)
     errs.raise_if_any()
 
     train = None
@@ -419,28 +569,56 @@ def _check_model(model: ModelConfig, errs: _Errors) -> None:
     if model.block_pattern is not None and model.layout is not None:
         errs.add("model.layout", "give block_pattern or layout, not both")
         return
+    if model.ffn != "none" and registry.is_reserved(model.ffn):
+        errs.add("model.ffn", f"{model.ffn!r} is not available yet")
+        return
     if model.block_pattern is not None:
         try:
-            parse_pattern(model.block_pattern, model.ffn)
+            layers = parse_pattern(model.block_pattern, model.ffn)
         except PatternError as e:
             errs.add("model.block_pattern", str(e))
+            return
+        if model.n_layers is not None and model.n_layers != len(layers):
+            errs.add("model.n_layers", f"is {model.n_layers} but block_pattern has {len(layers)} layers")
         return
     assert model.layout is not None
     ratios = model.layout.ratios
     if not ratios:
         errs.add("model.layout.ratios", "must name at least one component")
         return
+    n = model.layout.n_layers
+    if n < 1:
+        return  # reported by the range check
+    if model.n_layers is not None and model.n_layers != n:
+        errs.add("model.n_layers", f"is {model.n_layers} but layout.n_layers is {n}")
+    seen: dict[str, str] = {}
+    bad = False
     for k, r in ratios.items():
         path = f"model.layout.ratios.{k}"
         try:
             canon = registry.canonical(k)
         except registry.RegistryError as e:
             errs.add(path, str(e))
+            bad = True
             continue
         if registry.get(canon).kind != "mixer":
             errs.add(path, f"{k!r} is not a token mixer")
+            bad = True
+        elif canon in seen:
+            errs.add(path, f"names the same component as {seen[canon]!r}")
+            bad = True
+        seen.setdefault(canon, k)
         if not isinstance(r, (int, float)) or r <= 0:
             errs.add(path, f"must be a positive number, got {r!r}")
-    total = sum(r for r in ratios.values() if isinstance(r, (int, float)))
+            bad = True
+    if bad:
+        return
+    total = sum(ratios.values())
     if abs(total - 1.0) > 1e-6:
         errs.add("model.layout.ratios", f"ratios must sum to 1, got {total:g}")
+        return
+    names = expand_ratios(n, dict(ratios))
+    for k in ratios:
+        if k not in names:
+            errs.add(f"model.layout.ratios.{k}", f"gets 0 of {n} layers ({ratios[k]:g} x {n} rounds to 0); "
+                     "raise n_layers or drop it")

@@ -1,0 +1,183 @@
+"""``hymba info RECIPE``: what a recipe builds, without allocating it.
+
+Prints the resolved flat pattern, one row per layer (mixer, ffn, parameters, cache bytes
+per sequence), parameters total and active (MoE: only the routed experts a token uses),
+cache bytes per sequence at 1k and 32k tokens, and which fast kernels are importable.
+
+The model is built on the meta device (``torch.device("meta")``): every shape is real,
+no memory is allocated, so full-size recipes (40 layers, d_model 2048, 512 experts) are
+instant. State sizes come from each mixer's ``state_nbytes(seq_len, dtype, n_meta=)``
+(see docs/CONTRIBUTING.md, the mixer contract); a mixer without it shows ``n/a``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+from typing import Any
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_LENS = (1024, 32768)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", metavar="RECIPE", help="a recipe file")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="dtype of the cached tensors (default float32, what build_model gives)")
+    p.add_argument("--seq-lens", default=",".join(map(str, DEFAULT_LENS)), metavar="N,N",
+                   help="sequence lengths for the cache columns (default 1024,32768)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+
+
+def mixer_state_nbytes(mixer: Any, seq_len: int, dtype: torch.dtype, n_meta: int = 0) -> int | None:
+    """One sequence's state bytes for a mixer module after ``seq_len`` tokens, or None
+    when the component does not implement ``state_nbytes``."""
+    if mixer is None:
+        return 0
+    fn = getattr(mixer, "state_nbytes", None)
+    if fn is None:
+        return None
+    params = inspect.signature(fn).parameters
+    takes_meta = "n_meta" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return int(fn(seq_len, dtype, n_meta=n_meta) if takes_meta else fn(seq_len, dtype))
+
+
+def _numel(module: torch.nn.Module | None) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
+def _active(module: torch.nn.Module | None) -> int:
+    """Parameters a token uses in ``module`` (its ``active_parameters`` if it has one)."""
+    if module is None:
+        return 0
+    act = getattr(module, "active_parameters", None)
+    if act is None:
+        return _numel(module)
+    return int(act() if callable(act) else act)
+
+
+def describe(recipe: Any, dtype: torch.dtype = torch.float32, seq_lens: tuple[int, ...] = DEFAULT_LENS) -> dict:
+    """Everything ``hymba info`` prints, as a dict (built on the meta device)."""
+    from ..core.pattern import format_pattern
+    from ..kernels import dispatch
+    from ..models.lm import HybridLM
+
+    with torch.device("meta"):
+        model = HybridLM(recipe)
+    m = recipe.model
+    n_meta = m.meta_tokens
+    layers = []
+    for i, block in enumerate(model.blocks):
+        total = _numel(block)
+        active = total - (_numel(block.mixer) - _active(block.mixer)) - (_numel(block.ffn) - _active(block.ffn))
+        state = {str(n): mixer_state_nbytes(block.mixer, n, dtype, n_meta) for n in seq_lens}
+        layers.append({"index": i, "mixer": block.spec.mixer, "ffn": block.spec.ffn,
+                       "params": total, "active_params": active, "state_bytes": state})
+    total = _numel(model)
+    other = total - sum(r["params"] for r in layers)
+    active = other + sum(r["active_params"] for r in layers)
+    cache = {}
+    for n in seq_lens:
+        vals = [r["state_bytes"][str(n)] for r in layers]
+        cache[str(n)] = None if any(v is None for v in vals) else sum(vals)
+    kernels = {op: {"fast_path": doc, "available": ok, "error": err}
+               for op, (doc, ok, err) in dispatch.available().items()}
+    return {
+        "name": recipe.name, "source": recipe.source, "hash": recipe.hash(),
+        "pattern": format_pattern(list(recipe.layers)), "n_layers": len(layers),
+        "vocab_size": m.vocab_size, "d_model": m.d_model, "max_seq_len": m.max_seq_len,
+        "meta_tokens": n_meta, "tie_embeddings": m.tie_embeddings,
+        "layers": layers, "other_params": other,
+        "params_total": total, "params_active": active,
+        "cache_dtype": str(dtype).replace("torch.", ""), "cache_bytes": cache,
+        "missing_state_nbytes": sorted({r["mixer"] for r in layers
+                                        if any(v is None for v in r["state_bytes"].values())}),
+        "kernel_mode": dispatch.mode(), "kernels": kernels,
+    }
+
+
+def human_count(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n} B"
+
+
+def seq_label(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def format_info(d: dict) -> str:
+    lens = list(d["cache_bytes"])
+    out = [
+        f"recipe      {d['source'] or '<recipe>'}",
+        f"name        {d['name']}  (hash {d['hash']})",
+        f"model       vocab {d['vocab_size']}, d_model {d['d_model']}, max_seq_len {d['max_seq_len']}, "
+        f"meta tokens {d['meta_tokens']}, {'tied' if d['tie_embeddings'] else 'untied'} embeddings",
+        f"pattern     {d['pattern']}",
+        f"layers      {d['n_layers']}",
+        "",
+    ]
+    head = ["layer", "mixer", "ffn", "params", "active"] + [f"state@{seq_label(int(n))}" for n in lens]
+    rows = [[str(r["index"]), r["mixer"], r["ffn"], f"{r['params']:,}", f"{r['active_params']:,}"]
+            + [human_bytes(r["state_bytes"][n]) for n in lens] for r in d["layers"]]
+    rows.append(["-", "embed/meta/norm/head", "", f"{d['other_params']:,}", f"{d['other_params']:,}"]
+                + ["" for _ in lens])
+    widths = [max(len(x[i]) for x in [head] + rows) for i in range(len(head))]
+    right = {0, 3, 4} | set(range(5, len(head)))
+    for row in [head] + rows:
+        out.append("  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                   .rstrip())
+    out.append("")
+    out.append(f"parameters  total {d['params_total']:,} ({human_count(d['params_total'])}), "
+               f"active {d['params_active']:,} ({human_count(d['params_active'])})")
+    cache = ", ".join(f"{seq_label(int(n))} tokens {human_bytes(b)}" for n, b in d["cache_bytes"].items())
+    out.append(f"cache       per sequence ({d['cache_dtype']}): {cache}")
+    if d["missing_state_nbytes"]:
+        out.append(f"            n/a: {', '.join(d['missing_state_nbytes'])} do not report state_nbytes")
+    out.append("")
+    out.append(f"kernels     HYMBA_KERNELS={d['kernel_mode']}")
+    if not d["kernels"]:
+        out.append("            no fast paths registered")
+    kw = max((len(k) for k in d["kernels"]), default=0)
+    dw = max((len(v["fast_path"]) for v in d["kernels"].values()), default=0)
+    for op, k in d["kernels"].items():
+        status = "available" if k["available"] else f"unavailable ({k['error']})"
+        out.append(f"            {op.ljust(kw)}  {k['fast_path'].ljust(dw)}  {status}")
+    return "\n".join(out)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..core.recipe import RecipeError, load_recipe
+    from . import UsageError, UserError
+
+    try:
+        lens = tuple(int(x) for x in args.seq_lens.split(",") if x.strip())
+    except ValueError:
+        lens = ()
+    if not lens or any(n < 1 for n in lens):
+        raise UsageError(f"--seq-lens must be positive integers separated by commas, got {args.seq_lens!r}")
+    try:
+        recipe = load_recipe(args.recipe)
+    except RecipeError as e:
+        for line in e.errors:
+            print(" ".join(line.split("\n")), file=__import__("sys").stderr)
+        return 1
+    try:
+        d = describe(recipe, DTYPES[args.dtype], lens)
+    except Exception as e:  # noqa: BLE001 - a component that cannot build: one line, not a traceback
+        raise UserError(f"{args.recipe}: cannot build the model: {type(e).__name__}: {e}") from None
+    print(json.dumps(d, indent=1) if args.json else format_info(d))
+    return 0
