@@ -1,0 +1,303 @@
+"""HybridLM (DESIGN §1): build_model inputs, outputs and loss, gradients, meta tokens,
+positions from the cache, padding, generation, reorder, save/load and its errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from hymba_plus import CheckpointError, HybridLM, build_model, from_pretrained, load_recipe
+from hymba_plus.models.generation import sample_next
+from tests.conftest import rel_err
+
+ROOT = Path(__file__).resolve().parents[1]
+V = 48
+
+
+def recipe(meta: int = 2, tie: bool = True, pattern: str = "GA | GA", window=None, **model) -> dict:
+    m = {"vocab_size": V, "d_model": 32, "max_seq_len": 64, "block_pattern": pattern, "meta_tokens": meta,
+         "tie_embeddings": tie}
+    m.update(model)
+    return {"name": "m", "model": m, "components": {
+        "gated_attn": {"n_heads": 4, "n_kv_heads": 2, "head_dim": 8, "window": window,
+                       "rope": {"fraction": 0.5, "scaling": {"kind": "yarn", "factor": 2.0,
+                                                             "original_max_seq_len": 16}}},
+        "mlp": {"d_hidden": 64}}}
+
+
+def make(seed: int = 0, **kw) -> HybridLM:
+    torch.manual_seed(seed)
+    return build_model(recipe(**kw)).eval()
+
+
+def ids(B: int = 2, T: int = 10, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------- building
+
+
+def test_build_model_accepts_every_source(tmp_path):
+    d = recipe()
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(d))
+    models = []
+    for src in (d, p, str(p), p.read_text(), load_recipe(d)):
+        torch.manual_seed(0)
+        models.append(build_model(src))
+    x = ids()
+    ref = models[0](x).logits
+    for m in models[1:]:
+        assert m.recipe == models[0].recipe
+        assert torch.equal(m(x).logits, ref)
+
+
+def test_build_model_device_and_dtype():
+    m = build_model(recipe(), dtype=torch.float64)
+    assert m.dtype == torch.float64 and m(ids()).logits.dtype == torch.float64
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_outputs_shapes_and_tying(tie):
+    m = make(tie=tie)
+    out = m(ids(3, 7))
+    assert out.logits.shape == (3, 7, V) and out.loss is None and out.aux_loss is None
+    assert (m.lm_head.weight is m.embed.weight) == tie
+    n_embed = V * 32
+    blocks = sum(p.numel() for p in m.blocks.parameters())
+    assert m.num_parameters() == n_embed * (1 if tie else 2) + 2 * 32 + 32 + blocks  # + meta, final norm
+
+
+def test_loss_is_next_token_cross_entropy():
+    m = make()
+    x = ids(2, 9)
+    labels = x.clone()
+    labels[0, 4] = -100
+    out = m(x, labels=labels)
+    want = F.cross_entropy(out.logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert torch.allclose(out.loss, want, atol=1e-6)
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0  # pads never count as targets
+    out = m(x, labels=x, attention_mask=mask)
+    tgt = x[:, 1:].clone()
+    tgt[1, :2] = -100
+    want = F.cross_entropy(out.logits[:, :-1].reshape(-1, V), tgt.reshape(-1), ignore_index=-100)
+    assert torch.allclose(out.loss, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_every_parameter_gets_a_finite_gradient(tie):
+    m = make(tie=tie, window=4).train()
+    x = ids(2, 12)
+    m(x, labels=x).loss.backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_inputs_embeds_path():
+    m = make()
+    x = ids()
+    assert torch.equal(m(x, inputs_embeds=m.embed(x)).logits, m(x).logits)
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(0)
+    m = build_model(recipe(dropout=0.5))
+    x = ids()
+    m.eval()
+    assert torch.equal(m(x).logits, m(x).logits)
+    m.train()
+    assert not torch.equal(m(x).logits, m(x).logits)
+
+
+# --------------------------------------------------------------------------- cache, meta, positions
+
+
+def test_meta_tokens_enter_once_and_positions_come_from_the_cache():
+    m = make(meta=3)
+    x = ids(2, 10)
+    cache = m.new_cache(2)
+    assert len(cache) == 2 and not cache.started
+    with torch.no_grad():
+        a = m(x[:, :4], cache=cache).logits
+        assert cache.pos.tolist() == [3 + 4, 3 + 4] and cache.started
+        b = m(x[:, 4:], cache=cache).logits
+        assert cache.pos.tolist() == [3 + 10] * 2 and cache.seq_len == 13
+        full = m(x).logits
+        # the same chunk without the cache: meta tokens again, positions from 0 -> different
+        alone = m(x[:, 4:]).logits
+    assert rel_err(torch.cat([a, b], 1), full) < 1e-5
+    assert rel_err(alone, full[:, 4:]) > 1e-3
+
+
+def test_meta_tokens_matter():
+    m = make(meta=2)
+    x = ids()
+    with torch.no_grad():
+        before = m(x).logits
+        m.meta.add_(1.0)
+        assert not torch.allclose(m(x).logits, before)
+
+
+def test_input_errors():
+    m = make()
+    with pytest.raises(ValueError, match="cache was made for batch size 3, got input batch 2"):
+        m(ids(2, 4), cache=m.new_cache(3))
+    with pytest.raises(ValueError, match="attention_mask must have shape"):
+        m(ids(2, 4), attention_mask=torch.ones(2, 5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_equals_the_unpadded_row(side):
+    m = make(meta=2, window=3)
+    x = ids(2, 9)
+    mask = torch.ones_like(x)
+    real = slice(3, 9) if side == "left" else slice(0, 6)
+    mask[0] = 0
+    mask[0, real] = 1
+    with torch.no_grad():
+        padded = m(x, attention_mask=mask).logits
+        alone = m(x[:1, real]).logits
+        other = m(x[1:]).logits
+    assert rel_err(padded[0, real], alone[0]) < 1e-5
+    assert rel_err(padded[1], other[0]) < 1e-5
+    assert torch.isfinite(padded).all()
+
+
+def test_cache_remembers_the_padding():
+    m = make(meta=2)
+    x = ids(2, 8)
+    nxt = ids(2, 3, seed=5)
+    mask = torch.ones_like(x)
+    mask[0, :4] = 0
+    cache = m.new_cache(2)
+    with torch.no_grad():
+        m(x, attention_mask=mask, cache=cache)
+        step = m(nxt, cache=cache).logits  # no mask: the cache knows row 0 has 4 real tokens
+        ref = m(torch.cat([x[:1, 4:], nxt[:1]], 1)).logits
+    assert cache.pos.tolist() == [2 + 4 + 3, 2 + 8 + 3]
+    assert rel_err(step[0], ref[0, -3:]) < 1e-5
+
+
+def test_cache_reorder():
+    m = make(meta=1)
+    x = ids(3, 6)
+    nxt = ids(3, 2, seed=7)
+    idx = torch.tensor([2, 0])
+    with torch.no_grad():
+        cache = m.new_cache(3)
+        m(x, cache=cache)
+        cache.reorder(idx)
+        got = m(nxt[idx], cache=cache).logits
+        ref = m(torch.cat([x[idx], nxt[idx]], 1)).logits[:, -2:]
+    assert cache.batch_size == 2
+    assert rel_err(got, ref) < 1e-5
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def greedy_by_rerun(m: HybridLM, x: torch.Tensor, n: int) -> torch.Tensor:
+    for _ in range(n):
+        x = torch.cat([x, m(x).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return x
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_greedy_generation_equals_full_forward_rerun(window):
+    m = make(meta=2, window=window)
+    x = ids(2, 5)
+    with torch.no_grad():
+        got = m.generate(x, max_new_tokens=8, temperature=0.0)
+        want = greedy_by_rerun(m, x, 8)
+    assert torch.equal(got, want)
+
+
+def test_generation_with_left_padding():
+    m = make(meta=2)
+    x = ids(2, 6)
+    mask = torch.ones_like(x)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        got = m.generate(x, max_new_tokens=5, attention_mask=mask)
+        row0 = m.generate(x[:1, 2:], max_new_tokens=5)
+        row1 = m.generate(x[1:], max_new_tokens=5)
+    assert torch.equal(got[0, 6:], row0[0, 4:]) and torch.equal(got[1], row1[0])
+
+
+def test_generation_eos_limits_and_modes():
+    m = make()
+    x = ids(2, 4)
+    with torch.no_grad():
+        first = m.generate(x, max_new_tokens=1)[:, -1]
+        out = m.generate(x, max_new_tokens=6, eos_token_id=int(first[0]))
+    # row 0 stops at once: only eos after it
+    assert (out[0, 4:] == first[0]).all()
+    assert torch.equal(m.generate(x, max_new_tokens=0), x)
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        m.generate(x, max_new_tokens=61)
+    with pytest.raises(ValueError, match="unknown generation mode 'beam'"):
+        m.generate(x, mode="beam")
+    streamed = []
+    m.generate(x, max_new_tokens=3, streamer=streamed.append)
+    assert len(streamed) == 3 and streamed[0].shape == (2,)
+
+
+def test_sampling():
+    logits = torch.tensor([[0.0, 3.0, 1.0, -1.0]] * 4)
+    assert sample_next(logits).tolist() == [1] * 4
+    g = torch.Generator().manual_seed(0)
+    assert sample_next(logits, temperature=1.0, top_k=1, generator=g).tolist() == [1] * 4
+    assert sample_next(logits, temperature=5.0, top_p=0.01, generator=g).tolist() == [1] * 4
+    a = sample_next(logits.repeat(50, 1), 1.0, generator=torch.Generator().manual_seed(3))
+    b = sample_next(logits.repeat(50, 1), 1.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and len(set(a.tolist())) > 1
+    top2 = sample_next(logits.repeat(50, 1), 10.0, top_k=2, generator=g)
+    assert set(top2.tolist()) <= {1, 2}
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_save_and_load_round_trip(tmp_path, tie):
+    m = make(tie=tie, meta=2)
+    m.save_pretrained(tmp_path / "ckpt", extra_files={"notes.txt": "hello"})
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert files == ["model.safetensors", "notes.txt", "recipe.yaml"]
+    back = from_pretrained(tmp_path / "ckpt").eval()
+    assert back.recipe == m.recipe and back.recipe.hash() == m.recipe.hash()
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, m(x).logits)
+    assert (back.lm_head.weight is back.embed.weight) == tie
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="not a checkpoint folder"):
+        from_pretrained(tmp_path / "nope")
+    m = make()
+    d = tmp_path / "c"
+    m.save_pretrained(d)
+    (d / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        from_pretrained(d)
+    m.save_pretrained(d)
+    r = yaml.safe_load((d / "recipe.yaml").read_text())
+    r["model"]["d_model"] = 64
+    r["components"]["gated_attn"]["head_dim"] = 16
+    (d / "recipe.yaml").write_text(yaml.safe_dump(r))
+    with pytest.raises(CheckpointError, match="does not match recipe.yaml"):
+        from_pretrained(d)
+    r["model"]["d_model"] = -1
+    (d / "recipe.yaml").write_text(yaml.safe_dump(r))
+    with pytest.raises(CheckpointError, match=r"invalid recipe: .*model.d_model: must be >= 1"):
+        from_pretrained(d)
+    (d / "recipe.yaml").unlink()
+    with pytest.raises(CheckpointError, match="recipe.yaml: missing"):
+        from_pretrained(d)
