@@ -3,22 +3,25 @@
 Muon (Keller Jordan 2024, https://kellerjordan.github.io/posts/muon/): SGD-momentum with
 Nesterov, whose update is orthogonalised by five Newton–Schulz iterations
 (quintic coefficients a, b, c = 3.4445, -4.7750, 2.0315) and scaled by
-``sqrt(max(1, rows / cols))`` so tall and wide matrices move alike:
+``sqrt(max(1, fan_out / fan_in))`` so tall and wide matrices move alike:
 
     m  <- beta m + (1 - beta) g
     u  <- NS5(g + beta (m - g))        # Nesterov: lerp(g, m, beta)
-    W  <- (1 - lr wd) W - lr sqrt(max(1, rows/cols)) u
+    W  <- (1 - lr wd) W - lr sqrt(max(1, fan_out / fan_in)) u
 
 Which parameters get Muon (``split_params``):
 
-* Muon: the weight of every ``nn.Linear`` inside the blocks, and stacked matrices — 3-D
-  parameters ``[E, rows, cols]`` such as MoE expert weights — which are orthogonalised
-  *per matrix* (Newton–Schulz batched over the leading dim: every expert is its own
-  linear map, so each gets its own orthogonal update). A parameter with ``_muon = True``
-  is put in Muon whatever its shape (>= 2-D).
+* Muon: the weight of every ``nn.Linear`` in the blocks (layout ``[out, in]``), and the
+  stacked expert matrices of channel mixers registered with ``kind="ffn"`` (MoE:
+  raw 3-D parameters ``[E, in, out]`` used as ``x @ W[e]``). Those are orthogonalised
+  *per expert* (Newton–Schulz batched over the leading dim: each expert is its own linear
+  map, so each gets its own orthogonal update) and scaled by ``sqrt(max(1, out / in))``
+  like a Linear. A parameter with ``_muon = True`` is put in Muon whatever module owns it
+  (>= 2-D; ``_muon_layout = "in_out"`` if it is applied as ``x @ W``).
 * AdamW: embeddings, the LM head, meta tokens, norms, biases, every 0-/1-D parameter,
-  conv kernels, other raw 2-D parameters (per-head tables like ``A_log``), matrices with
-  a side of 1, and any parameter a component marks ``_no_muon = True``.
+  conv kernels, the raw parameters of token mixers (per-head tables such as ``A_log``,
+  ``B_bias``, initial memories), matrices with a side of 1, and any parameter or module
+  marked ``_no_muon = True``.
 
 Under FSDP2 a Muon parameter is a DTensor sharded on dim 0; Newton–Schulz needs the whole
 matrix, so its update is gathered (``full_tensor``), orthogonalised on every rank (the
@@ -71,7 +74,8 @@ def _is_dtensor(t: Tensor) -> bool:
 class MuonAdamW(torch.optim.Optimizer):
     """One optimizer over Muon groups (``use_muon=True``) and AdamW groups.
 
-    Muon group keys: ``lr, momentum, weight_decay, nesterov, ns_steps``.
+    Muon group keys: ``lr, momentum, weight_decay, nesterov, ns_steps, layout`` (``out_in``
+    for Linear weights ``[..., out, in]``, ``in_out`` for stacked ``x @ W`` weights).
     AdamW group keys: ``lr, betas, eps, weight_decay``. Every group also keeps
     ``base_lr``: the schedule sets ``lr = base_lr * factor(step)``.
     """
@@ -84,6 +88,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 g.setdefault("momentum", 0.95)
                 g.setdefault("nesterov", True)
                 g.setdefault("ns_steps", 5)
+                g.setdefault("layout", "out_in")
             else:
                 g.setdefault("betas", (0.9, 0.95))
                 g.setdefault("eps", 1e-8)
@@ -118,7 +123,8 @@ class MuonAdamW(torch.optim.Optimizer):
             sharded = _is_dtensor(u)
             full = u.full_tensor() if sharded else u
             o = newton_schulz5(full, group["ns_steps"]).to(p.dtype)
-            o = o * math.sqrt(max(1.0, full.size(-2) / full.size(-1)))
+            fan_out, fan_in = full.shape[-2:] if group["layout"] == "out_in" else full.shape[-2:][::-1]
+            o = o * math.sqrt(max(1.0, fan_out / fan_in))
             if sharded:
                 from torch.distributed.tensor import distribute_tensor
 
@@ -152,7 +158,8 @@ class MuonAdamW(torch.optim.Optimizer):
 
 @dataclass
 class ParamSplit:
-    muon: list[tuple[str, nn.Parameter]]
+    muon: list[tuple[str, nn.Parameter]]  # Linear layout [out, in]
+    muon_stacked: list[tuple[str, nn.Parameter]]  # x @ W layout [..., in, out]
     adamw_decay: list[tuple[str, nn.Parameter]]
     adamw_no_decay: list[tuple[str, nn.Parameter]]
 
@@ -161,24 +168,37 @@ class ParamSplit:
             total = sum(p.numel() for _, p in items)
             return f"{len(items)} tensors, {total / 1e6:.2f}M params"
 
-        return (f"Muon: {n(self.muon)}; AdamW: {n(self.adamw_decay + self.adamw_no_decay)}"
-                if self.muon else f"AdamW: {n(self.adamw_decay + self.adamw_no_decay)}")
+        adam = n(self.adamw_decay + self.adamw_no_decay)
+        muon = self.muon + self.muon_stacked
+        return f"Muon: {n(muon)}; AdamW: {adam}" if muon else f"AdamW: {adam}"
 
 
 _ADAM_MODULES = (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm, nn.GroupNorm)
 
 
-def _muon_ok(p: nn.Parameter, owner: nn.Module) -> bool:
+def _is_ffn(mod: nn.Module) -> bool:
+    from ..core import registry
+
+    name = getattr(type(mod), "registry_name", None)
+    try:
+        return name is not None and registry.get(name).kind == "ffn"
+    except KeyError:
+        return False
+
+
+def muon_layout(p: nn.Parameter, owner: nn.Module) -> str | None:
+    """``out_in`` / ``in_out`` when ``p`` should get Muon, else None (module doc)."""
     if getattr(p, "_no_muon", False) or getattr(owner, "_no_muon", False):
-        return False
+        return None
     if getattr(p, "_muon", False):
-        return p.ndim >= 2
+        return getattr(p, "_muon_layout", "out_in") if p.ndim >= 2 else None
     if isinstance(owner, _ADAM_MODULES) or "norm" in type(owner).__name__.lower():
-        return False
+        return None
     if isinstance(owner, nn.Linear):
-        return p.ndim == 2 and p is owner.weight and min(p.shape) > 1
-    # raw parameters of a component: stacked matrices [E, rows, cols] (MoE experts) only
-    return p.ndim == 3 and min(p.shape[-2:]) > 1
+        return "out_in" if p is owner.weight and p.ndim == 2 and min(p.shape) > 1 else None
+    if _is_ffn(owner) and p.ndim == 3 and min(p.shape[-2:]) > 1:
+        return "in_out"
+    return None
 
 
 def split_params(model: nn.Module, use_muon: bool = True) -> ParamSplit:
@@ -192,15 +212,18 @@ def split_params(model: nn.Module, use_muon: bool = True) -> ParamSplit:
     if isinstance(meta, nn.Parameter):
         special.add(id(meta))
     seen: set[int] = set()
-    split = ParamSplit([], [], [])
+    split = ParamSplit([], [], [], [])
     for mod_name, mod in model.named_modules():
         for p_name, p in mod.named_parameters(recurse=False):
             if id(p) in seen or not p.requires_grad:
                 continue
             seen.add(id(p))
             name = f"{mod_name}.{p_name}" if mod_name else p_name
-            if use_muon and id(p) not in special and _muon_ok(p, mod):
+            layout = muon_layout(p, mod) if use_muon and id(p) not in special else None
+            if layout == "out_in":
                 split.muon.append((name, p))
+            elif layout == "in_out":
+                split.muon_stacked.append((name, p))
             elif p.ndim >= 2 and id(p) != id(meta):
                 split.adamw_decay.append((name, p))
             else:
@@ -213,9 +236,10 @@ def build_optimizer(model: nn.Module, cfg: Any) -> tuple[MuonAdamW, ParamSplit]:
     split = split_params(model, use_muon=cfg.optimizer == "muon")
     betas = (cfg.beta1, cfg.beta2)
     groups: list[dict[str, Any]] = []
-    if split.muon:
-        groups.append({"params": [p for _, p in split.muon], "use_muon": True, "lr": cfg.muon_lr,
-                       "momentum": cfg.muon_momentum, "weight_decay": cfg.weight_decay, "kind": "muon"})
+    for kind, items, layout in (("muon", split.muon, "out_in"), ("muon_stacked", split.muon_stacked, "in_out")):
+        if items:
+            groups.append({"params": [p for _, p in items], "use_muon": True, "lr": cfg.muon_lr, "layout": layout,
+                           "momentum": cfg.muon_momentum, "weight_decay": cfg.weight_decay, "kind": kind})
     if split.adamw_decay:
         groups.append({"params": [p for _, p in split.adamw_decay], "lr": cfg.lr, "betas": betas,
                        "weight_decay": cfg.weight_decay, "kind": "adamw"})

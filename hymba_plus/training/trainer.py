@@ -321,12 +321,10 @@ class Trainer:
                 raise TrainError(self._nonfinite(step, f"gradient norm is {gnorm}"))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        for mod in self.model.modules():
-            if mod is not self.model and callable(getattr(mod, "update_bias", None)):
-                mod.update_bias()
+        self._update_biases()
         self.samples += cfg.batch_size * cfg.grad_accum * self.info.world
         row: dict[str, Any] = {"step": step + 1, "loss": loss, "lr": cfg.lr * factor}
-        if self.split.muon:
+        if self.split.muon or self.split.muon_stacked:
             row["muon_lr"] = cfg.muon_lr * factor
         if gnorm is not None:
             row["grad_norm"] = gnorm
@@ -334,6 +332,20 @@ class Trainer:
             row["aux_loss"] = vals[1]
         row.update({f"moe/{k}" if not k.startswith("moe") else k: v for k, v in _scalar_stats(stats).items()})
         return row
+
+    def _update_biases(self) -> None:
+        """Call ``update_bias()`` (aux-loss-free MoE balancing) on every module that has one.
+        Under FSDP the load a module counted (its ``load`` buffer) is first summed over
+        ranks, so every rank applies the same bias update."""
+        for mod in self.model.modules():
+            if mod is self.model or not callable(getattr(mod, "update_bias", None)):
+                continue
+            load = getattr(mod, "load", None)
+            if self.info.enabled and isinstance(load, torch.Tensor):
+                import torch.distributed as tdist
+
+                tdist.all_reduce(load, op=tdist.ReduceOp.SUM)
+            mod.update_bias()
 
     def _nonfinite(self, step: int, what: str) -> str:
         last = ckpt_mod.latest(self.out)

@@ -1,0 +1,295 @@
+"""hymba train: optimizer split, Muon, schedules, the loop's records, resume equality,
+gradient accumulation, non-finite losses, bad flags."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from hymba_plus import build_model, from_pretrained
+from hymba_plus.cli import main
+from hymba_plus.training.config import TrainConfig
+from hymba_plus.training.optim import MuonAdamW, build_optimizer, newton_schulz5, split_params
+from hymba_plus.training.schedule import lr_factor
+
+TINY = {
+    "name": "train-tiny",
+    "model": {"vocab_size": 32, "d_model": 32, "max_seq_len": 64, "block_pattern": "GA | GA", "meta_tokens": 2},
+    "components": {"gated_attn": {"n_heads": 2, "head_dim": 16}, "mlp": {"d_hidden": 64}},
+}
+FAST = ["--batch-size", "4", "--seq-len", "32", "--warmup", "2", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models train faster on one thread (and do not fight other processes for cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def write_recipe(tmp_path: Path, recipe: dict | None = None, name: str = "tiny.yaml") -> str:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(recipe or TINY, sort_keys=False))
+    return str(p)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+def test_split_puts_matrices_in_muon_and_the_rest_in_adamw():
+    model = build_model(TINY)
+    split = split_params(model)
+    muon = {n for n, _ in split.muon}
+    adam = {n for n, _ in split.adamw_decay + split.adamw_no_decay}
+    assert "embed.weight" in adam and "meta" in adam  # the tied head is the embedding
+    assert not any("lm_head" in n for n in muon)
+    assert any(n.endswith("ffn.w_up.weight") for n in muon)
+    assert all(p.ndim == 2 for _, p in split.muon)
+    assert all("norm" in n for n, p in split.adamw_no_decay if n != "meta")  # norms (1-D) undecayed
+    total = sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for _, p in split.muon + split.adamw_decay + split.adamw_no_decay) == total
+    assert not split_params(model, use_muon=False).muon
+
+
+def test_split_respects_no_muon_and_stacked_ffn_weights():
+    from hymba_plus.core import registry
+
+    class Fake(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+            self.marked = nn.Linear(8, 8)
+            self.marked.weight._no_muon = True
+            self.table = nn.Parameter(torch.zeros(4, 8))  # a raw per-head table
+            self.conv = nn.Conv1d(8, 8, 3, groups=8)
+
+    model = Fake()
+    split = split_params(model)
+    assert [n for n, _ in split.muon] == ["lin.weight"]
+    assert not split.muon_stacked
+    if "moe" in registry.names():  # stacked expert weights [E, in, out] are orthogonalised per expert
+        moe_model = build_model({**TINY, "model": {**TINY["model"], "block_pattern": "GA+moe"},
+                                 "components": {"gated_attn": {"n_heads": 2}, "moe": {"n_experts": 4, "top_k": 2}}})
+        stacked = split_params(moe_model).muon_stacked
+        assert stacked and all(p.ndim == 3 for _, p in stacked)
+
+
+def test_newton_schulz_orthogonalises_and_batches_per_matrix():
+    torch.manual_seed(0)
+    g = torch.randn(3, 16, 32)
+    o = newton_schulz5(g)
+    s = torch.linalg.svdvals(o)
+    assert float(s.min()) > 0.5 and float(s.max()) < 1.3  # NS5's quintic lands in ~[0.7, 1.2]
+    for e in range(3):
+        assert torch.allclose(o[e], newton_schulz5(g[e]), atol=1e-5)
+    tall = newton_schulz5(g[0].T)
+    assert torch.allclose(tall, o[0].T, atol=1e-5)
+
+
+def test_muon_step_matches_the_reference_update():
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(12, 6))
+    g = torch.randn(12, 6)
+    opt = MuonAdamW([{"params": [w], "use_muon": True, "lr": 0.1, "momentum": 0.9}])
+    w0 = w.detach().clone()
+    w.grad = g.clone()
+    opt.step()
+    m = 0.1 * g  # m = lerp(0, g, 1 - beta)
+    u = g + 0.9 * (m - g)  # Nesterov
+    ref = w0 - 0.1 * math.sqrt(12 / 6) * newton_schulz5(u)
+    assert torch.allclose(w.detach(), ref, atol=1e-6)
+
+
+def test_adamw_groups_match_torch_adamw():
+    torch.manual_seed(0)
+    a = nn.Parameter(torch.randn(5, 3))
+    b = nn.Parameter(a.detach().clone())
+    mine = MuonAdamW([{"params": [a], "lr": 0.01, "betas": (0.9, 0.95), "weight_decay": 0.1}])
+    ref = torch.optim.AdamW([b], lr=0.01, betas=(0.9, 0.95), weight_decay=0.1, eps=1e-8)
+    for _ in range(3):
+        g = torch.randn(5, 3)
+        a.grad, b.grad = g.clone(), g.clone()
+        mine.step()
+        ref.step()
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_build_optimizer_groups():
+    model = build_model(TINY)
+    opt, split = build_optimizer(model, TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.05))
+    kinds = {g["kind"]: g["lr"] for g in opt.param_groups}
+    assert kinds["muon"] == 0.05 and kinds["adamw"] == 1e-3
+    opt, _ = build_optimizer(model, TrainConfig(optimizer="adamw"))
+    assert not any(g["use_muon"] for g in opt.param_groups)
+
+
+def test_schedules():
+    f = [lr_factor(s, 100, 10, "cosine", 0.1) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[10] == pytest.approx(1.0) and f[-1] == pytest.approx(0.1)
+    assert all(x >= y - 1e-12 for x, y in zip(f[10:], f[11:]))  # monotone decay
+    w = [lr_factor(s, 100, 10, "wsd", 0.0, decay_frac=0.2) for s in range(100)]
+    assert w[50] == 1.0 and w[79] == 1.0 and w[80] < 1.0 and w[-1] == pytest.approx(0.0)
+    assert lr_factor(50, 100, 10, "constant") == 1.0
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def test_train_writes_metrics_plot_checkpoints_and_summary(tmp_path, capsys):
+    recipe = write_recipe(tmp_path)
+    out = tmp_path / "run"
+    rc = main(["train", recipe, "--out", str(out), "--steps", "6", "--eval-every", "3", "--save-every", "2",
+               "--keep-last", "2", *FAST])
+    assert rc == 0
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    for r in rows:
+        assert {"step", "loss", "lr", "tokens_per_s", "muon_lr", "grad_norm"} <= set(r)
+        assert math.isfinite(r["loss"]) and r["tokens_per_s"] > 0
+    assert "eval_accuracy" in rows[2] and "eval_loss" in rows[5] and "eval_accuracy" not in rows[3]
+    assert (out / "loss.png").stat().st_size > 1000
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("step-")) == ["step-4", "step-6"]
+    model = from_pretrained(out / "step-6")
+    assert json.loads((out / "step-6" / "tokenizer.json").read_text())["hymba_tokenizer"] == "ids"
+    assert model.config.vocab_size == 32
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("done: 6 steps") and "eval_accuracy" in last and "tokens/s" in last
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    """A run stopped at step 30 of 40 and resumed ends with exactly the uninterrupted losses."""
+    recipe = write_recipe(tmp_path)
+    common = ["--steps", "40", "--save-every", "10", "--eval-every", "20", "--batch-size", "2", "--seq-len", "16",
+              "--warmup", "5", "--no-progress"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", recipe, "--out", str(a), *common]) == 0
+    assert main(["train", recipe, "--out", str(b), "--stop-after", "30", *common]) == 0
+    assert [r["step"] for r in metrics(b)][-1] == 30
+    assert main(["train", recipe, "--out", str(b), "--resume", *common]) == 0
+    la, lb = [r["loss"] for r in metrics(a)], [r["loss"] for r in metrics(b)]
+    assert len(la) == len(lb) == 40
+    diff = max(abs(x - y) for x, y in zip(la, lb))
+    print(f"resume equality: max |loss diff| over 40 steps = {diff:.3g}")
+    assert diff <= 1e-6
+    wa, wb = from_pretrained(a / "step-40").state_dict(), from_pretrained(b / "step-40").state_dict()
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-6
+
+
+def test_grad_accumulation_matches_a_bigger_batch(tmp_path):
+    recipe = write_recipe(tmp_path)
+    common = ["--steps", "3", "--seq-len", "16", "--warmup", "1", "--no-progress"]
+    assert main(["train", recipe, "--out", str(tmp_path / "big"), "--batch-size", "4", *common]) == 0
+    assert main(["train", recipe, "--out", str(tmp_path / "acc"), "--batch-size", "2", "--grad-accum", "2",
+                 *common]) == 0
+    la = [r["loss"] for r in metrics(tmp_path / "big")]
+    lb = [r["loss"] for r in metrics(tmp_path / "acc")]
+    assert max(abs(x - y) for x, y in zip(la, lb)) < 1e-5
+
+
+@pytest.mark.parametrize("data", ["selective_copy", "parity"])
+def test_other_tasks_train_with_accuracy(tmp_path, data):
+    recipe = write_recipe(tmp_path)
+    out = tmp_path / data
+    assert main(["train", recipe, "--out", str(out), "--data", data, "--steps", "2", *FAST]) == 0
+    assert 0.0 <= metrics(out)[-1]["eval_accuracy"] <= 1.0
+
+
+def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(tmp_path, monkeypatch, capsys):
+    from hymba_plus.models import lm
+
+    recipe = write_recipe(tmp_path)
+    out = tmp_path / "nan"
+    calls = {"n": 0}
+    real = lm.HybridLM.lm_loss
+
+    def poisoned(logits, labels, attention_mask=None):
+        calls["n"] += 1
+        loss = real(logits, labels, attention_mask)
+        return loss * float("nan") if calls["n"] > 4 else loss
+
+    monkeypatch.setattr(lm.HybridLM, "lm_loss", staticmethod(poisoned))
+    rc = main(["train", recipe, "--out", str(out), "--steps", "8", "--save-every", "2", "--eval-every", "100", *FAST])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    line = [x for x in err.splitlines() if x.startswith("hymba train:")]
+    assert len(line) == 1 and "step 5: loss is nan" in line[0] and "step-4" in line[0]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("step-")) == ["step-2", "step-4"]
+    monkeypatch.setattr(lm.HybridLM, "lm_loss", staticmethod(real))
+    from_pretrained(out / "step-4")
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
+
+
+def test_update_bias_is_called_after_every_optimizer_step(tmp_path):
+    from hymba_plus.core.recipe import load_recipe
+    from hymba_plus.training.trainer import RunOptions, Trainer
+
+    class Counter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def update_bias(self):
+            self.calls += 1
+
+    tr = Trainer(load_recipe(TINY), TrainConfig(steps=3, batch_size=2, seq_len=16, warmup_steps=1),
+                 RunOptions(out=tmp_path / "ub", progress=False))
+    tr.setup()
+    tr.model.blocks[0].counter = Counter()
+    for step in range(3):
+        tr.train_step(step)
+    assert tr.model.blocks[0].counter.calls == 3
+
+
+def test_bad_flags_are_one_line_errors(tmp_path, capsys):
+    recipe = write_recipe(tmp_path)
+    cases = [
+        (["--seq-len", "100"], 2, "--seq-len 100"),  # longer than max_seq_len 64
+        (["--steps", "0"], 2, "--steps 0"),
+        (["--data", "mqar", "--seq-len", "2"], 2, "--data mqar"),
+        (["--data", str(tmp_path / "missing.txt")], 1, "missing.txt: no such file"),
+        (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:99"], 1, "--device"),
+        (["--stop-after", "9", "--steps", "3"], 1, "--stop-after 9"),
+    ]
+    for flags, code, needle in cases:
+        rc = main(["train", recipe, "--out", str(tmp_path / "o"), *FAST, *flags])
+        err = capsys.readouterr().err
+        assert rc == code, (flags, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and needle in err, (flags, err)
+    assert not list((tmp_path / "o").glob("step-*")) if (tmp_path / "o").exists() else True
+    rc = main(["train", str(tmp_path / "nope.yaml")])
+    assert rc == 1 and "nope.yaml" in capsys.readouterr().err
+
+
+def test_unwritable_out_is_a_one_line_error(tmp_path, capsys):
+    recipe = write_recipe(tmp_path)
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    rc = main(["train", recipe, "--out", str(blocker / "run"), *FAST, "--steps", "1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "--out" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert blocker.read_text() == "not a folder"
+
+
+def test_recipe_train_section_gives_defaults(tmp_path):
+    recipe = dict(TINY, train={"steps": 2, "batch_size": 2, "seq_len": 16, "warmup_steps": 1, "optimizer": "adamw",
+                               "data": "parity", "eval_every": 1})
+    path = write_recipe(tmp_path, recipe)
+    out = tmp_path / "sec"
+    assert main(["train", path, "--out", str(out), "--no-progress"]) == 0
+    rows = metrics(out)
+    assert len(rows) == 2 and "muon_lr" not in rows[0] and "eval_accuracy" in rows[0]
+    state = json.loads((out / "step-2" / "trainer_state.json").read_text())
+    assert state["train_config"]["data"] == "parity" and state["train_config"]["optimizer"] == "adamw"
