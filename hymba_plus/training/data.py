@@ -148,7 +148,7 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, tokenizer: Any = 
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="prepare")
+        bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="prepare", disable=None)
     try:
         for f in files:
             for arr in _chunks(f, tok):

@@ -1,0 +1,180 @@
+"""Checkpoints: no pickle, atomic step folders, SIGKILL at any moment, corrupt or
+mismatched checkpoints as one-line errors that overwrite nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from hymba_plus import from_pretrained
+from hymba_plus.cli import main
+from hymba_plus.training.checkpoint import list_checkpoints, optim_from_safetensors, optim_to_safetensors, read_state
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {
+    "name": "ckpt-tiny",
+    "model": {"vocab_size": 32, "d_model": 32, "max_seq_len": 64, "block_pattern": "GA | GA"},
+    "components": {"gated_attn": {"n_heads": 2}, "mlp": {"d_hidden": 64}},
+}
+FAST = ["--batch-size", "2", "--seq-len", "16", "--warmup", "1", "--eval-every", "100", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def recipe_file(tmp_path: Path, recipe: dict | None = None, name: str = "r.yaml") -> str:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(recipe or TINY))
+    return str(p)
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` -> sha256 (to prove nothing was overwritten)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_line_error(capsys, rc: int, needle: str) -> str:
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and needle in err, err
+    return err
+
+
+def test_optimizer_state_round_trips_through_safetensors_and_json():
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    osd = {"state": {"w": {"step": torch.tensor(3.0), "exp_avg": torch.randn(4, 3), "flag": 2}},
+           "param_groups": [{"lr": 0.1, "betas": (0.9, 0.95), "kind": "adamw", "params": ["w"]}]}
+    tensors, structure = optim_to_safetensors(osd)
+    assert set(tensors) == {"state/w/step", "state/w/exp_avg"}
+    back = optim_from_safetensors(tensors, json.loads(json.dumps(structure)))
+    assert torch.equal(back["state"]["w"]["exp_avg"], osd["state"]["w"]["exp_avg"])
+    assert back["state"]["w"]["flag"] == 2 and back["param_groups"][0]["betas"] == (0.9, 0.95)
+    del p
+
+
+def test_checkpoint_folder_has_no_pickle_and_loads(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", recipe_file(tmp_path), "--out", str(out), "--steps", "2", *FAST]) == 0
+    ck = out / "step-2"
+    assert sorted(p.name for p in ck.iterdir()) == sorted(
+        ["recipe.yaml", "model.safetensors", "optimizer.safetensors", "rng.safetensors", "tokenizer.json",
+         "trainer_state.json"])
+    for p in ck.iterdir():
+        assert not p.read_bytes().startswith(b"\x80")  # no pickle protocol header anywhere
+    state = read_state(ck)
+    assert state["step"] == 2 and state["samples"] == 4 and state["train_config"]["batch_size"] == 2
+    from_pretrained(ck)
+
+
+def test_incomplete_folders_are_ignored(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", recipe_file(tmp_path), "--out", str(out), "--steps", "2", "--save-every", "1",
+                 "--keep-last", "5", *FAST]) == 0
+    (out / ".tmp-step-3-999").mkdir()
+    (out / ".tmp-step-3-999" / "model.safetensors").write_bytes(b"half")
+    (out / "step-9").mkdir()  # no trainer_state.json: not complete
+    assert [s for s, _ in list_checkpoints(out)] == [1, 2]
+    assert main(["train", recipe_file(tmp_path), "--out", str(out), "--steps", "3", "--resume", *FAST]) == 0
+    assert [s for s, _ in list_checkpoints(out)] == [1, 2, 3]
+    assert not (out / ".tmp-step-3-999").exists()  # cleaned by the next save
+
+
+def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):
+    """Kill -9 a training process while it writes a checkpoint; the newest complete one
+    loads and the run resumes from it."""
+    recipe = recipe_file(tmp_path)
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "hymba_plus", "train", recipe, "--out", str(out), "--steps", "10000",
+           "--save-every", "1", "--keep-last", "3", *FAST]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed_during_save = False
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(list_checkpoints(out)) >= 2:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # wait for the next save to be in progress
+            if any(p.name.startswith(".tmp-step-") for p in out.iterdir()):
+                killed_during_save = True
+                break
+        time.sleep(random.uniform(0, 0.03))  # somewhere inside the save (or just after it)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    found = list_checkpoints(out)
+    assert found, "no complete checkpoint"
+    step, newest = found[-1]
+    model = from_pretrained(newest)
+    assert read_state(newest)["step"] == step
+    assert model.config.d_model == 32
+    print(f"killed during a save: {killed_during_save}; newest complete checkpoint: step-{step}")
+    # resuming continues from it and cleans the half-written folder
+    assert main(["train", recipe, "--out", str(out), "--steps", str(step + 1), "--resume", "--save-every", "1",
+                 "--keep-last", "3", *FAST]) == 0
+    assert list_checkpoints(out)[-1][0] == step + 1
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp-step-")]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, step + 2))
+
+
+def test_corrupt_checkpoint_is_a_one_line_error_and_nothing_is_overwritten(tmp_path, capsys):
+    recipe = recipe_file(tmp_path)
+    out = tmp_path / "run"
+    assert main(["train", recipe, "--out", str(out), "--steps", "4", "--save-every", "2", *FAST]) == 0
+    capsys.readouterr()
+    weights = out / "step-4" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    before = snapshot(out)
+    rc = main(["train", recipe, "--out", str(out), "--steps", "6", "--resume", *FAST])
+    one_line_error(capsys, rc, "step-4/model.safetensors")
+    assert snapshot(out) == before
+    rc = main(["generate", str(out / "step-4"), "--prompt", "1 2"])
+    one_line_error(capsys, rc, "model.safetensors: corrupt or truncated")
+    # a corrupt optimizer state is named too
+    out2 = tmp_path / "run2"
+    assert main(["train", recipe, "--out", str(out2), "--steps", "2", *FAST]) == 0
+    capsys.readouterr()
+    (out2 / "step-2" / "optimizer.safetensors").write_bytes(b"garbage")
+    before = snapshot(out2)
+    rc = main(["train", recipe, "--out", str(out2), "--steps", "4", "--resume", *FAST])
+    one_line_error(capsys, rc, "optimizer.safetensors: corrupt")
+    assert snapshot(out2) == before
+
+
+def test_mismatched_recipe_and_existing_checkpoints(tmp_path, capsys):
+    recipe = recipe_file(tmp_path)
+    out = tmp_path / "run"
+    assert main(["train", recipe, "--out", str(out), "--steps", "2", *FAST]) == 0
+    capsys.readouterr()
+    before = snapshot(out)
+    other = recipe_file(tmp_path, {**TINY, "model": {**TINY["model"], "d_model": 64}}, "other.yaml")
+    rc = main(["train", other, "--out", str(out), "--steps", "4", "--resume", *FAST])
+    err = one_line_error(capsys, rc, "recipe.yaml: was trained with another recipe")
+    assert "model.d_model" in err and "other.yaml" in err
+    rc = main(["train", recipe, "--out", str(out), "--steps", "4", *FAST])  # no --resume
+    one_line_error(capsys, rc, "already holds checkpoints")
+    assert snapshot(out) == before

@@ -1,0 +1,233 @@
+"""Data: built-in tasks, token shards (hymba prepare), memory-mapped text streams,
+tokenizers, and bad data through the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from hymba_plus.cli import main
+from hymba_plus.training.config import TrainConfig
+from hymba_plus.training.data import DataError, TextStream, TokenShards, open_stream, prepare
+from hymba_plus.training.tasks import TASKS, TaskError, masked_accuracy
+from hymba_plus.training.tokenizer import ByteTokenizer, IdsTokenizer, StreamDecoder, TokenizerError, from_json
+
+TINY = {
+    "name": "data-tiny",
+    "model": {"vocab_size": 256, "d_model": 32, "max_seq_len": 64, "block_pattern": "GA"},
+    "components": {"gated_attn": {"n_heads": 2}, "mlp": {"d_hidden": 64}},
+}
+TEXT = "The quick brown fox jumps over the lazy dog. Ünïcödé ✓ text\n" * 40
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def recipe_file(tmp_path: Path) -> str:
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(TINY))
+    return str(p)
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_tasks_are_deterministic_scored_and_in_vocab(name):
+    task, cfg = TASKS[name], TrainConfig()
+    ids, labels = task.batch(range(10, 14), seed=3, seq_len=64, vocab=40, cfg=cfg)
+    assert ids.shape == labels.shape == (4, 64) and ids.dtype == torch.long
+    assert int(ids.min()) >= 0 and int(ids.max()) < 40
+    scored = labels != -100
+    assert bool(scored.any(1).all())
+    assert torch.equal(labels[scored], ids[scored])  # labels are teacher-forced copies of the answers
+    again = task.batch(range(12, 13), seed=3, seq_len=64, vocab=40, cfg=cfg)
+    assert torch.equal(again[0][0], ids[2])  # a sample depends only on (seed, index)
+    other = task.batch(range(10, 14), seed=4, seq_len=64, vocab=40, cfg=cfg)
+    assert not torch.equal(other[0], ids)
+    # a perfect predictor scores 1, and chance is what the task says
+    perfect = torch.nn.functional.one_hot(torch.roll(ids, -1, 1), 40).float()
+    assert masked_accuracy(perfect, labels) == 1.0
+    assert 0 < task.chance(40, cfg) <= 0.5
+
+
+def test_task_answers():
+    cfg = TrainConfig(mqar_pairs=3)
+    ids, labels = TASKS["mqar"].batch([0], 0, 16, 20, cfg)
+    ids, labels = ids[0].tolist(), labels[0].tolist()
+    pairs = dict(zip(ids[0:6:2], ids[1:6:2]))
+    for k, v in zip(ids[6:12:2], ids[7:12:2]):
+        assert pairs[k] == v
+    assert [x for x in labels if x != -100] == ids[7:12:2]
+    ids, labels = TASKS["parity"].batch([0], 0, 12, 8, cfg)
+    bits = [b - 1 for b in ids[0, 0::2].tolist()]
+    assert [p - 3 for p in ids[0, 1::2].tolist()] == list(np.cumsum(bits) % 2)
+    ids, labels = TASKS["selective_copy"].batch([0], 0, 24, 10, TrainConfig(copy_tokens=3))
+    row = ids[0].tolist()
+    d = row.index(2)
+    assert [x for x in row[:d] if x != 1] == row[d + 1 :]
+
+
+def test_task_validation_errors():
+    with pytest.raises(TaskError, match="seq_len"):
+        TASKS["mqar"].validate(8, 64, TrainConfig(mqar_pairs=4))
+    with pytest.raises(TaskError, match="vocab"):
+        TASKS["parity"].validate(16, 4, TrainConfig())
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def test_prepare_writes_uint16_shards_and_memmaps_them(tmp_path):
+    src = tmp_path / "corpus"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text(TEXT)
+    (src / "sub" / "b.md").write_text(TEXT.upper())
+    (src / ".hidden").write_text("skip me")
+    (src / "blob.bin").write_bytes(b"\0\1\2binary")
+    index = prepare(src, tmp_path / "shards", ByteTokenizer(), shard_tokens=1000)
+    n = len((TEXT + TEXT.upper()).encode())
+    assert index["tokens"] == n and index["dtype"] == "uint16" and len(index["shards"]) == -(-n // 1000)
+    assert len(index["sources"]) == 2
+    shards = TokenShards(tmp_path / "shards")
+    assert isinstance(shards.shard(0), np.memmap)
+    flat = np.concatenate([shards.shard(i) for i in range(len(shards.shards))])
+    assert bytes(flat.astype(np.uint8)) == (TEXT + TEXT.upper()).encode()
+    assert shards.tokenizer().kind == "bytes"
+
+
+def test_text_stream_split_epochs_and_positions(tmp_path):
+    (tmp_path / "t.txt").write_text(TEXT)
+    prepare(tmp_path / "t.txt", tmp_path / "s", shard_tokens=700)
+    stream = TextStream(TokenShards(tmp_path / "s"), seq_len=16, seed=0, val_frac=0.1)
+    n_tr, n_val = stream.n_train, stream.n_val
+    assert n_val >= 1 and n_tr > n_val
+    # one epoch visits every training window exactly once; held-out windows never
+    seen = [tuple(stream.train(range(c, c + 1)).input_ids[0].tolist()) for c in range(n_tr)]
+    train_windows = {tuple(stream._window(j).tolist()) for j in range(n_tr)}
+    val_windows = [tuple(stream._window(n_tr + j).tolist()) for j in range(n_val)]
+    assert sorted(seen) == sorted(tuple(stream._window(j).tolist()) for j in range(n_tr))
+    assert set(seen) == train_windows
+    ev = stream.eval(range(n_val)).input_ids
+    assert [tuple(r) for r in ev.tolist()] == val_windows
+    b = stream.train(range(3, 7))
+    assert torch.equal(b.input_ids, b.labels)
+    # the same global index gives the same window (resume continues the stream)
+    again = TextStream(TokenShards(tmp_path / "s"), seq_len=16, seed=0, val_frac=0.1)
+    assert torch.equal(again.train(range(n_tr + 5, n_tr + 9)).input_ids, stream.train(range(n_tr + 5, n_tr + 9)).input_ids)
+
+
+def test_open_stream_caches_text_and_checks_vocab(tmp_path):
+    (tmp_path / "t.txt").write_text(TEXT)
+    cfg = TrainConfig()
+    s1 = open_stream(str(tmp_path / "t.txt"), 32, 256, 0, cfg, tmp_path / "cache")
+    mtime = (tmp_path / "cache" / "index.json").stat().st_mtime_ns
+    s2 = open_stream(str(tmp_path / "t.txt"), 32, 256, 0, cfg, tmp_path / "cache")
+    assert (tmp_path / "cache" / "index.json").stat().st_mtime_ns == mtime  # reused
+    assert s1.n_train == s2.n_train
+    with pytest.raises(DataError, match="vocab_size is 100"):
+        open_stream(str(tmp_path / "t.txt"), 32, 100, 0, cfg, tmp_path / "cache")
+    assert open_stream("parity", 32, 100, 0, cfg, None).metric == "accuracy"
+
+
+def test_truncated_shard_and_bad_index_are_errors(tmp_path):
+    (tmp_path / "t.txt").write_text(TEXT)
+    prepare(tmp_path / "t.txt", tmp_path / "s")
+    f = tmp_path / "s" / "shard-00000.bin"
+    f.write_bytes(f.read_bytes()[:-3])
+    with pytest.raises(DataError, match="shard-00000.bin: truncated"):
+        TokenShards(tmp_path / "s")
+    (tmp_path / "s" / "index.json").write_text("{not json")
+    with pytest.raises(DataError, match="index.json: corrupt"):
+        TokenShards(tmp_path / "s")
+
+
+def test_tokenizers_json_is_optional_and_works_when_installed(tmp_path):
+    with pytest.raises(TokenizerError):
+        from_json('{"hymba_tokenizer": "nope"}')
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=120, special_tokens=["[UNK]", "</s>"]))
+    tok.save(str(tmp_path / "tok.json"))
+    (tmp_path / "t.txt").write_text(TEXT)
+    rc = main(["prepare", str(tmp_path / "t.txt"), "--out", str(tmp_path / "s"), "--tokenizer", str(tmp_path / "tok.json")])
+    assert rc == 0
+    shards = TokenShards(tmp_path / "s")
+    t = shards.tokenizer()
+    assert t.kind == "tokenizers" and shards.vocab_size <= 120 and t.eos_id == 1
+    assert shards.tokens < len(TEXT) / 2  # merges happened
+
+
+def test_byte_and_ids_tokenizers_and_stream_decoding():
+    b = ByteTokenizer()
+    assert b.decode(b.encode("héllo ✓")) == "héllo ✓"
+    assert from_json(b.to_json()).kind == "bytes"
+    ids = IdsTokenizer(50)
+    assert ids.encode("3 17, 42") == [3, 17, 42] and ids.decode([1, 2]) == " 1 2"
+    with pytest.raises(TokenizerError, match="outside"):
+        ids.encode("3 99")
+    dec = StreamDecoder(b)
+    pieces = [dec.push(i) for i in "a✓b".encode()]
+    assert pieces == ["a", "", "", "✓", "b"]  # a split multi-byte character waits until complete
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def one_line_error(capsys, rc: int, code: int, needle: str) -> str:
+    err = capsys.readouterr().err
+    assert rc == code, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and needle in err, err
+    return err
+
+
+def test_cli_prepare_and_train_on_text(tmp_path, capsys):
+    (tmp_path / "t.txt").write_text(TEXT * 3)
+    assert main(["prepare", str(tmp_path / "t.txt"), "--out", str(tmp_path / "s")]) == 0
+    assert "tokens in 1 shard" in capsys.readouterr().out
+    rc = main(["prepare", str(tmp_path / "t.txt"), "--out", str(tmp_path / "s")])
+    one_line_error(capsys, rc, 1, "already exists")
+    out = tmp_path / "run"
+    rc = main(["train", recipe_file(tmp_path), "--data", str(tmp_path / "s"), "--out", str(out), "--steps", "3",
+               "--batch-size", "2", "--seq-len", "32", "--eval-every", "3", "--no-progress"])
+    assert rc == 0
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["eval_ppl"] > 1 and "eval_accuracy" not in last
+    assert json.loads((out / "step-3" / "tokenizer.json").read_text())["hymba_tokenizer"] == "bytes"
+    state = json.loads((out / "step-3" / "trainer_state.json").read_text())
+    assert state["data"]["kind"] == "text" and state["samples"] == 6
+
+
+def test_cli_bad_data(tmp_path, capsys):
+    recipe = recipe_file(tmp_path)
+    common = ["--steps", "1", "--batch-size", "2", "--seq-len", "32", "--no-progress"]
+    rc = main(["train", recipe, "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o1"), *common])
+    one_line_error(capsys, rc, 1, "missing.txt: no such file")
+    (tmp_path / "empty.txt").write_text("")
+    rc = main(["train", recipe, "--data", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "o2"), *common])
+    one_line_error(capsys, rc, 1, "empty.txt: empty")
+    (tmp_path / "short.txt").write_text("too short")
+    rc = main(["train", recipe, "--data", str(tmp_path / "short.txt"), "--out", str(tmp_path / "o3"), *common])
+    one_line_error(capsys, rc, 1, "too few")
+    (tmp_path / "emptydir").mkdir()
+    rc = main(["prepare", str(tmp_path / "emptydir"), "--out", str(tmp_path / "s")])
+    one_line_error(capsys, rc, 1, "emptydir: no text files")
+    rc = main(["prepare", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "s2")])
+    one_line_error(capsys, rc, 1, "empty.txt: empty")
+    assert not (tmp_path / "s2").exists()
+    rc = main(["train", recipe, "--data", str(tmp_path / "short.txt"), "--tokenizer", str(tmp_path / "no.json"),
+               "--out", str(tmp_path / "o4"), *common])
+    one_line_error(capsys, rc, 1, "no.json: no such file")
