@@ -41,8 +41,9 @@ Three entry points:
       S_C = gamma_C S_0 + K^T diag(exp(G_C - G_j)) U
 
   ``T`` not divisible by ``C`` is padded with ``g = 0, beta = 0`` (exact no-ops).
-* ``gated_delta_rule`` — the dispatcher: fla's ``chunk_gated_delta_rule`` (T > 1) or
-  ``fused_recurrent_gated_delta_rule`` (T == 1) on CUDA when importable
+* ``gated_delta_rule`` — the dispatcher: fla's ``chunk_gated_delta_rule`` (T > 1, or
+  whenever autograd needs a backward) or ``fused_recurrent_gated_delta_rule`` (decode:
+  T == 1 without autograd; fla gives it no backward) on CUDA when importable
   (``kernels.dispatch``, op name ``"gdn"``), else the references (chunked for T > 1,
   recurrent for T == 1). The ``delta_rule=False`` ablation always uses the reference.
 
@@ -249,7 +250,10 @@ def gated_delta_rule(
         chunk_fn, recurrent_fn = _fla_gdn()
         qe, ke = _expand_qk(q, k, v.shape[2])
         h0 = initial_state.float().contiguous() if initial_state is not None else None
-        fn = recurrent_fn if T == 1 else chunk_fn
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, g, beta, initial_state))
+        # fla's fused recurrent kernel has no backward: decode only (T == 1, no autograd)
+        fn = recurrent_fn if T == 1 and not needs_grad else chunk_fn
         o, S = fn(qe, ke, v, g=g.float(), beta=beta.to(q.dtype), scale=scale, initial_state=h0,
                   output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm)
         return o, S
