@@ -20,7 +20,8 @@ from . import UsageError, UserError
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint folder (or a training --out folder)")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens to generate (default: 64, or what fits in max_seq_len)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from ..training.distributed import pick_device
     from ..training.tokenizer import StreamDecoder, TokenizerError, for_checkpoint
 
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
     if args.temperature < 0:
         raise UsageError(f"--temperature {args.temperature}: must be >= 0")
@@ -83,9 +84,11 @@ def run(args: argparse.Namespace) -> int:
         prompts.append(ids)
     T = max(len(p) for p in prompts)
     max_len = model.config.max_seq_len
+    if T >= max_len:
+        raise UserError(f"--prompt: {T} tokens, longer than the model's max_seq_len ({max_len}) allows")
+    if args.max_new_tokens is None:
+        args.max_new_tokens = min(64, max_len - T)
     if T + args.max_new_tokens > max_len:
-        if T >= max_len:
-            raise UserError(f"--prompt: {T} tokens, longer than the model's max_seq_len ({max_len})")
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: prompt ({T} tokens) + new tokens exceed the "
                         f"model's max_seq_len ({max_len}); use at most {max_len - T}")
     B = len(prompts)
@@ -98,14 +101,15 @@ def run(args: argparse.Namespace) -> int:
     stream = B == 1 and not args.no_stream
     decoder = StreamDecoder(tok)
 
+    started = []
+
     def streamer(nxt: torch.Tensor) -> None:
+        if not started:  # the prompt is echoed once generation is known to run
+            started.append(True)
+            sys.stdout.write(tok.decode(prompts[0]))
         text = decoder.push(int(nxt[0]))
         if text:
             sys.stdout.write(text)
-            sys.stdout.flush()
-
-    if stream:
-        sys.stdout.write(tok.decode(prompts[0]))
         sys.stdout.flush()
     try:
         out = model.generate(

@@ -1,0 +1,122 @@
+"""hymba generate: streaming, batched prompts with left padding, sampling flags, the
+checkpoint's tokenizer, and one-line errors."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import pytest
+import torch
+
+from hymba_plus import build_model
+from hymba_plus.cli import main
+from hymba_plus.training.tokenizer import ByteTokenizer, IdsTokenizer
+
+RECIPE = {
+    "name": "gen-tiny",
+    "model": {"vocab_size": 256, "d_model": 32, "max_seq_len": 48, "block_pattern": "GA | GA", "meta_tokens": 2},
+    "components": {"gated_attn": {"n_heads": 2}, "mlp": {"d_hidden": 64}},
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model(RECIPE)
+    root = tmp_path_factory.mktemp("gen")
+    model.save_pretrained(root / "ids", extra_files={"tokenizer.json": IdsTokenizer(256).to_json()})
+    model.save_pretrained(root / "bytes", extra_files={"tokenizer.json": ByteTokenizer().to_json()})
+    return root
+
+
+def gen(capsys, *args: str) -> tuple[int, str, str]:
+    rc = main(["generate", *args])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def test_single_prompt_streams_token_by_token(ckpts, monkeypatch):
+    writes: list[str] = []
+
+    class Recorder(io.StringIO):
+        def write(self, s: str) -> int:
+            writes.append(s)
+            return super().write(s)
+
+    rec = Recorder()
+    monkeypatch.setattr(sys, "stdout", rec)
+    assert main(["generate", str(ckpts / "ids"), "--prompt", "5 6 7", "--max-new-tokens", "6",
+                 "--temperature", "0"]) == 0
+    text = rec.getvalue()
+    assert text.startswith(" 5 6 7") and len(text.split()) == 3 + 6
+    token_writes = [w for w in writes if w.strip() and w.strip().isdigit()]
+    assert len(token_writes) == 6  # one write per generated token, as it comes
+
+
+def test_batched_prompts_use_left_padding_and_match_single_runs(ckpts, capsys):
+    prompts = ["1 2 3 4 5 6", "9 8", "40 41 42 43"]
+    singles = []
+    for p in prompts:
+        rc, out, _ = gen(capsys, str(ckpts / "ids"), "--prompt", p, "--max-new-tokens", "5", "--temperature", "0",
+                         "--no-stream")
+        assert rc == 0
+        singles.append(out.strip())
+    args = [str(ckpts / "ids"), "--max-new-tokens", "5", "--temperature", "0"]
+    for p in prompts:
+        args += ["--prompt", p]
+    rc, out, _ = gen(capsys, *args)
+    assert rc == 0
+    lines = out.strip().splitlines()
+    assert [ln.split("]", 1)[1].strip() for ln in lines] == singles
+    assert lines[1].startswith("[1]  9 8")
+
+
+def test_sampling_flags_are_seeded(ckpts, capsys):
+    base = [str(ckpts / "bytes"), "--prompt", "hi", "--max-new-tokens", "8", "--no-stream"]
+    a = gen(capsys, *base, "--temperature", "1.0", "--top-p", "0.9", "--seed", "3")[1]
+    b = gen(capsys, *base, "--temperature", "1.0", "--top-p", "0.9", "--seed", "3")[1]
+    assert a == b and a.startswith("hi")
+    greedy = gen(capsys, *base, "--temperature", "0")[1]
+    top1 = gen(capsys, *base, "--temperature", "0.7", "--top-k", "1", "--seed", "5")[1]
+    assert top1 == greedy
+
+
+def test_training_out_folder_resolves_to_its_newest_checkpoint(ckpts, capsys, tmp_path):
+    import shutil
+
+    shutil.copytree(ckpts / "ids", tmp_path / "run" / "step-4")
+    (tmp_path / "run" / "step-4" / "trainer_state.json").write_text('{"format": "hymba-train-state", "step": 4}')
+    rc, out, _ = gen(capsys, str(tmp_path / "run"), "--prompt", "3", "--max-new-tokens", "2", "--temperature", "0")
+    assert rc == 0 and out.startswith(" 3")
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["--prompt", "1", "--mode", "nope"], 1, "--mode: unknown generation mode 'nope'"),
+    (["--prompt", "1 2", "--max-new-tokens", "47"], 1, "--max-new-tokens 47"),
+    (["--prompt", " ".join(["3"] * 60)], 1, "longer than the model's max_seq_len"),
+    (["--prompt", "1 x"], 1, "--prompt '1 x'"),
+    (["--prompt", "1 999"], 1, "outside [0, 256)"),
+    (["--prompt", "1", "--top-p", "1.5"], 2, "--top-p"),
+    (["--prompt", "1", "--max-new-tokens", "0"], 2, "--max-new-tokens"),
+])
+def test_bad_generate_input_is_one_line(ckpts, capsys, args, code, needle):
+    rc, out, err = gen(capsys, str(ckpts / "ids"), *args)
+    assert rc == code and "Traceback" not in err and len(err.strip().splitlines()) == 1 and needle in err, err
+    assert out == ""  # nothing streamed before the error
+
+
+def test_missing_checkpoint(capsys, tmp_path):
+    rc, _, err = gen(capsys, str(tmp_path / "nope"), "--prompt", "x")
+    assert rc == 1 and "nope: no such checkpoint folder" in err
+    (tmp_path / "empty").mkdir()
+    rc, _, err = gen(capsys, str(tmp_path / "empty"), "--prompt", "x")
+    assert rc == 1 and "recipe.yaml: missing" in err and "Traceback" not in err
