@@ -144,3 +144,212 @@ def test_kernel_partial_rows_keep_state():
             chunk_size=C, window=c) if full else (None, [p[r : r + 1] for p in params], [m[r : r + 1] for m in mom])
         for a, b in zip(W + S, list(W_f) + list(S_f)):
             assert rel_err(a[r : r + 1], b) < 1e-5
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def test_registered_as_atlas_and_atl():
+    assert registry.canonical("ATL") == "atlas" and registry.get("atlas").cls is Atlas
+    assert not registry.is_reserved("ATL") and not registry.is_reserved("atlas")
+
+
+@pytest.mark.parametrize("shape", [(5, 12, 40), (5, 40, 12), (3, 16, 16)])
+def test_newton_schulz_is_near_orthogonal(shape):
+    """NS5 maps every singular value of a generic matrix into Muon's band around 1."""
+    G = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    X = newton_schulz(G, 5)
+    sv = torch.linalg.svdvals(X)
+    assert float(sv.min()) > 0.6 and float(sv.max()) < 1.25, sv
+    # the polar factor U V^T of G is what NS approximates
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    cos = (X * (U @ Vh)).sum((-2, -1)) / (X.norm(dim=(-2, -1)) * (U @ Vh).norm(dim=(-2, -1)))
+    assert float(cos.min()) > 0.98
+    Z = torch.zeros(2, 4, 6, requires_grad=True)  # zero in, zero out, finite gradient
+    out = newton_schulz(Z, 5)
+    out.sum().backward()
+    assert float(out.abs().max()) == 0.0 and bool(torch.isfinite(Z.grad).all())
+
+
+@pytest.mark.parametrize("p", [1, 2, 3])
+def test_polynomial_features_are_the_polynomial_kernel(p):
+    g = torch.Generator().manual_seed(p)
+    x, y = torch.randn(7, 2, 5, generator=g, dtype=torch.float64), torch.randn(7, 2, 5, generator=g, dtype=torch.float64)
+    coef = torch.rand(2, p, generator=g, dtype=torch.float64) + 0.5  # per head, per degree
+    fx, fy = poly_features(x, coef), poly_features(y, coef)
+    assert fx.shape[-1] == feature_dim(5, p)
+    dot = (x * y).sum(-1)
+    want = sum(coef[:, j] ** 2 * dot ** (j + 1) for j in range(p))
+    assert rel_err((fx * fy).sum(-1), want) < 1e-12
+
+
+def test_memory_apply_matches_oracle():
+    g = torch.Generator().manual_seed(0)
+    W = [torch.randn(3, *s, generator=g) for s in [(4, 9), (6, 9), (6, 6), (4, 6)]]
+    x = torch.randn(3, 9, generator=g)
+    assert rel_err(memory_apply(W, x[:, None, :])[:, 0], mlp_oracle(W, x)) < 1e-6
+
+
+# ----------------------------------------------------------------------------- the module
+
+TINY = {"n_heads": 2, "head_dim": 4, "chunk_size": 4, "window": 3, "poly_degree": 2, "memory_hidden": 1}
+
+
+def ctx_for(x: torch.Tensor, lengths=None, start=0) -> StepContext:
+    B, T, _ = x.shape
+    return StepContext(positions=start + torch.arange(T)[None].expand(B, T), lengths=lengths)
+
+
+def test_shapes_and_state_fields():
+    torch.manual_seed(0)
+    cfg = AtlasConfig(**{**TINY, "memory_depth": 3})
+    mod = Atlas(cfg, d_model=32)
+    x = torch.randn(2, 11, 32)
+    assert mod(x, ctx_for(x)).shape == (2, 11, 32)
+    st = mod.init_state(2, x.device, x.dtype)
+    y = mod(x, ctx_for(x), st)
+    assert y.shape == (2, 11, 32)
+    Fd = feature_dim(4, 2)
+    assert [tuple(w.shape) for w in st.weights] == [(2, 2, 4, Fd), (2, 2, 4, Fd), (2, 2, 4, 4), (2, 2, 4, 4)]
+    assert [tuple(m.shape) for m in st.momentum] == [tuple(w.shape) for w in st.weights]
+    assert st.n_buf.tolist() == [3, 3] and st.buf_k.shape == (2, 2, 4, 4) and st.tail_k.shape == (2, 2, 2, 4)
+    assert isinstance(st, AtlasState)
+
+
+@pytest.mark.parametrize("opt", ["muon", "sgd"])
+def test_gradients_reach_every_parameter(opt):
+    torch.manual_seed(0)
+    mod = Atlas(AtlasConfig(**{**TINY, "inner_optimizer": opt}), d_model=32)
+    x = torch.randn(2, 13, 32)
+    (mod(x, ctx_for(x)) * torch.randn(2, 13, 32)).sum().backward()
+    for name, p in mod.named_parameters():
+        assert p.grad is not None and bool(torch.isfinite(p.grad).all()), name
+        assert float(p.grad.abs().max()) > 0, name
+
+
+def test_config_ranges_and_feature_limit():
+    good = tiny_recipe("ATL", {"atlas": {"poly_degree": 3, "head_dim": 8}})
+    load_recipe(good)
+    for bad in ({"poly_degree": 4}, {"window": 0}, {"memory_depth": 1}, {"inner_optimizer": "adam"},
+                {"poly_degree": 3, "head_dim": 32}, {"head_dim": None, "n_heads": 5}, {"chunk_size": 0}):
+        with pytest.raises(RecipeError):
+            load_recipe(tiny_recipe("ATL", {"atlas": bad}))
+
+
+# ----------------------------------------------------------------------------- in a model
+
+
+def tiny_model(atlas: dict | None = None, pattern: str = "ATL | GA", **model):
+    torch.manual_seed(0)
+    recipe = tiny_recipe(pattern, {"atlas": {**TINY, **(atlas or {})}, "gated_attn": {"n_heads": 2}},
+                         meta_tokens=2, **model)
+    return build_model(recipe).eval()
+
+
+def random_split(T: int, rng: random.Random) -> list[int]:
+    cuts = sorted(rng.sample(range(1, T), rng.randint(1, 6)))
+    return [b - a for a, b in zip([0, *cuts], [*cuts, T])]
+
+
+SETTINGS = [{}, {"window": 1, "poly_degree": 1, "memory_depth": 3, "inner_optimizer": "sgd"},
+            {"window": 6, "chunk_size": 3, "conv_size": 0}]
+
+
+@pytest.mark.parametrize("atlas", SETTINGS)
+def test_invariant_any_split_equals_full_forward(atlas):
+    """DESIGN §1: chunked through one cache == one full forward, splits unaligned to C."""
+    model = tiny_model(atlas)
+    T = 23
+    ids = torch.randint(0, 64, (2, T), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids).logits
+        rng = random.Random(0)
+        worst = 0.0
+        for _ in range(4):
+            cache = model.new_cache(2)
+            outs, a = [], 0
+            for n in random_split(T, rng):
+                outs.append(model(ids[:, a : a + n], cache=cache).logits)
+                a += n
+            worst = max(worst, rel_err(torch.cat(outs, 1), full))
+        # token by token (decode) too
+        cache = model.new_cache(2)
+        step = torch.cat([model(ids[:, t : t + 1], cache=cache).logits for t in range(T)], 1)
+        worst = max(worst, rel_err(step, full))
+    assert worst <= 1e-4, worst
+
+
+def test_left_padding_equals_unpadded_row():
+    """A left-padded row gives the unpadded row's logits, in one call and through a cache
+    that is then fed without a mask; the padding never enters the memory or its buffers."""
+    model = tiny_model()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 64, (2, 19), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        alone = model(ids[1:, 5:]).logits
+        padded = model(ids, attention_mask=mask).logits
+        assert rel_err(padded[1, 5:], alone[0]) <= 1e-4
+        ref0 = model(ids[:1]).logits
+        assert rel_err(padded[0], ref0[0]) <= 1e-4
+        cache = model.new_cache(2)
+        first = model(ids[:, :9], attention_mask=mask[:, :9], cache=cache).logits
+        rest = torch.cat([model(ids[:, 9:14], cache=cache).logits, model(ids[:, 14:15], cache=cache).logits,
+                          model(ids[:, 15:], cache=cache).logits], 1)
+        got = torch.cat([first, rest], 1)
+        assert rel_err(got[1, 5:], alone[0]) <= 1e-4
+        assert rel_err(got[0], ref0[0]) <= 1e-4
+
+
+def test_state_is_constant_in_length_and_reported():
+    model = tiny_model(pattern="ATL | ATL")
+    sizes = []
+    for T in (3, 9, 40):
+        cache = model.new_cache(1)
+        with torch.no_grad():
+            model(torch.randint(0, 64, (1, T)), cache=cache)
+        sizes.append(cache.nbytes())
+        for block, real in zip(model.blocks, cache.layer_nbytes()):
+            assert real == block.mixer.state_nbytes(T, model.dtype, n_meta=2)
+    assert sizes[0] == sizes[1] == sizes[2] > 0
+
+
+def test_reorder_selects_rows():
+    model = tiny_model()
+    ids = torch.randint(0, 64, (3, 15), generator=torch.Generator().manual_seed(2))
+    idx = torch.tensor([2, 0, 0])
+    with torch.no_grad():
+        cache = model.new_cache(3)
+        a = model(ids[:, :6], cache=cache).logits
+        cache.reorder(idx)
+        b = model(ids[idx, 6:], cache=cache).logits
+        full = model(ids[idx]).logits
+    assert rel_err(torch.cat([a[idx], b], 1), full) <= 1e-4
+
+
+def test_memory_memorizes_at_inference():
+    """Test-time memorization: the cached memory weights change exactly when a chunk of
+    real tokens completes, and the Omega loss of the tokens seen falls below that of the
+    initial (learned) memory."""
+    torch.manual_seed(0)
+    cfg = AtlasConfig(**{**TINY, "window": 2})
+    mod = Atlas(cfg, d_model=32).eval()
+    x = torch.randn(1, 16, 32)
+    st = mod.init_state(1, x.device, x.dtype)
+    init = [w.detach().clone() for w in mod.memory]
+    changes = []
+    with torch.no_grad():
+        for t in range(16):
+            prev = [w.clone() for w in st.weights] if st.weights is not None else [w[None] for w in init]
+            mod(x[:, t : t + 1], ctx_for(x[:, t : t + 1], start=t), st)
+            changes.append(any(not torch.equal(a, b) for a, b in zip(prev, st.weights)))
+        assert changes == [(t + 1) % cfg.chunk_size == 0 for t in range(16)]
+        q, k, v, gates = mod._project(x, ctx_for(x), None)
+        kf = poly_features(k, mod.poly_coef[:, None, :])  # [1, H, T, F]
+        def omega(weights):  # noqa: E306
+            pred = memory_apply([w.reshape(-1, *w.shape[-2:]) for w in weights], kf.reshape(2, 16, -1))
+            return float((pred - v.reshape(2, 16, -1)).pow(2).sum(-1).mean())
+        before, after = omega([w[None] for w in init]), omega(st.weights)
+    print(f"Omega loss of the seen tokens: initial memory {before:.4f}, after test-time memorization {after:.4f}")
+    assert after < 0.8 * before

@@ -155,6 +155,19 @@ class Atlas(nn.Module):
             tail_k=z(H, c - 1, d), tail_v=z(H, c - 1, d), tail_gamma=z(H, c - 1), conv=conv,
         )
 
+    def state_nbytes(self, seq_len: int, dtype: torch.dtype, *, n_meta: int = 0) -> int:
+        """Bytes of one sequence's state after ``seq_len`` (+ ``n_meta``) tokens, without
+        running: constant in the length (memory weights and momentum appear with the first
+        token). Memory + momentum 2·H·Σ out·in, buffer H·C·(2d + 4), n_buf (int64), window
+        tail H·(c-1)·(2d + 1), conv 3·H·d·(K-1); all but n_buf in ``dtype``."""
+        H, d, C, c = self.h, self.d, self.cfg.chunk_size, self.cfg.window
+        n = H * C * (2 * d + 4) + H * (c - 1) * (2 * d + 1)
+        if self.conv_weight is not None:
+            n += 3 * H * d * (self.cfg.conv_size - 1)
+        if seq_len + n_meta > 0:
+            n += 2 * sum(w.numel() for w in self.memory)
+        return n * dtype.itemsize + torch.int64.itemsize
+
     # ------------------------------------------------------------------ forward
     def _project(self, x: Tensor, ctx: StepContext, state: AtlasState | None):
         B, T, _ = x.shape
