@@ -155,6 +155,17 @@ def test_inert_slots_leave_state_alone(R):
         assert carry_err(Mamba3Carry(*(t[b:b + 1] for t in c)), c_b) <= 1e-10
 
 
+def test_step_with_invalid_row_keeps_state():
+    args, kw = make_inputs(B=2, T=1, R=2, seed=7)
+    one = {k_: (v_[:, 0] if v_.dim() >= 3 and v_.shape[1] == 1 else v_) for k_, v_ in {**args, **kw}.items()}
+    c0 = zero_carry(2, 4, 8, 6, 2, 2, dtype=F64)
+    c0 = Mamba3Carry(*(t + torch.randn_like(t) for t in c0))
+    c0 = c0._replace(theta=c0.theta.remainder(2 * math.pi))
+    y, c1 = mamba3_step(**one, carry=c0, pairing="half", valid=torch.tensor([True, False]))
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(c1, c0))
+    assert not torch.equal(c1.h[0], c0.h[0]) and torch.isfinite(y).all()
+
+
 def test_dispatch_is_reference_on_cpu():
     args, kw = make_inputs(T=9)
     y, c = mamba3(**args, chunk_size=4, **kw)
@@ -183,7 +194,7 @@ def test_registered_and_config_checks():
 
 @pytest.mark.parametrize("pattern", ["M3 | GA", "M3|M3"])
 @pytest.mark.parametrize("R", [1, 2])
-@settings(max_examples=4, deadline=None)
+@settings(max_examples=3, deadline=None)
 @given(cuts=st.lists(st.integers(1, 36), min_size=1, max_size=4, unique=True))
 def test_chunked_cache_invariant(pattern, R, cuts):
     torch.manual_seed(0)
@@ -258,15 +269,20 @@ def test_decode_step_matches_chunk_float64():
 
 
 def test_learns_mqar():
-    """2-layer Mamba-3 on multi-query associative recall; chance is 1 / (V/2) = 1/32."""
-    torch.manual_seed(0)
+    """2-layer Mamba-3 (SISO, defaults) on multi-query associative recall, 4 pairs in 32 tokens.
+
+    Chance is 1 / (V/2) = 1/32; always answering some value seen in the context would give
+    1/4, so the bar (0.35) needs real key -> value recall. Measured: 0.55 (250 steps, batch 16).
+    """
     recipe = tiny_recipe("M3|M3", {"mamba3": {"chunk_size": 32}})
-    acc = train_mqar(recipe, steps=MQAR_STEPS, seq_len=MQAR_SEQ, n_pairs=MQAR_PAIRS, lr=MQAR_LR)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: a second thread only adds sync cost (~10x slower on a busy box)
+    try:
+        acc = train_mqar(recipe, steps=250, batch=16, seq_len=32, n_pairs=4, lr=3e-3)
+    finally:
+        torch.set_num_threads(threads)
     print(f"mamba3 MQAR accuracy: {acc:.3f} (chance {1 / 32:.3f})")
-    assert acc >= MQAR_MIN
-
-
-MQAR_STEPS, MQAR_SEQ, MQAR_PAIRS, MQAR_LR, MQAR_MIN = 200, 64, 8, 3e-3, 0.25
+    assert acc >= 0.35
 
 
 # ----------------------------------------------------------------------------- GPU: fast vs reference
