@@ -29,6 +29,16 @@ from tests.helpers import tiny_recipe, train_mqar
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads; on a shared 2-core machine a second
+    thread that gets preempted makes every op wait (the MQAR test ran ~10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_inputs(B=2, T=16, R=1, G=1, N=8, H=4, P=6, K=2, dtype=F64, device="cpu", seed=0, mimo=None):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)  # noqa: E731
@@ -275,12 +285,7 @@ def test_learns_mqar():
     1/4, so the bar (0.35) needs real key -> value recall. Measured: 0.55 (250 steps, batch 16).
     """
     recipe = tiny_recipe("M3|M3", {"mamba3": {"chunk_size": 32}})
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: a second thread only adds sync cost (~10x slower on a busy box)
-    try:
-        acc = train_mqar(recipe, steps=250, batch=16, seq_len=32, n_pairs=4, lr=3e-3)
-    finally:
-        torch.set_num_threads(threads)
+    acc = train_mqar(recipe, steps=250, batch=16, seq_len=32, n_pairs=4, lr=3e-3)
     print(f"mamba3 MQAR accuracy: {acc:.3f} (chance {1 / 32:.3f})")
     assert acc >= 0.35
 
