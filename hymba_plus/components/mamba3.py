@@ -8,20 +8,20 @@ One ``in_proj`` (no bias, no short convolution) gives, per token::
 
     Δ_t = softplus(dd_dt + dt_bias)                    (dt_bias: inverse-softplus of U_log[dt_min, dt_max])
     A_t = -max(softplus(dd_A), A_floor)                (data-dependent, per head)
-    λ_t = sigmoid(trap)                                (the trapezoid's mixing weight, paper §3.1)
+    λ_t = sigmoid(trap)                                (the trapezoid's mixing weight)
     B_t = RMSNorm(B) + B_bias,  C_t = RMSNorm(C) + C_bias     (per-head, per-rank biases, init 1)
     Θ_t = Θ_{t-1} + π tanh(angles_t) Δ_t               (data-dependent RoPE, shared over heads
-                                                         before the per-head Δ; paper §3.2)
+                                                         before the per-head Δ)
     h_t = e^{Δ_t A_t} h_{t-1} + (1-λ_t) Δ_t e^{Δ_t A_t} R(Θ_{t-1}) B_{t-1} x_{t-1}^T + λ_t Δ_t R(Θ_t) B_t x_t^T
     y_t = (h_t^T R(Θ_t) C_t + D x_t) ⊙ SiLU(z_t)       (SISO; MIMO rank R: x, z up-projected
-                                                         per rank, ranks summed, paper §3.3)
+                                                         per rank, ranks summed)
     out = out_proj(y)
 
 K = floor(N · rope_fraction / 2) angle pairs are rotated (the rest of the state is real).
 The equations and the kernels (reference chunked/step scan, mamba-ssm fast paths) are in
 ``hymba_plus.kernels.mamba3``.
 
-Deviation from the brief, following the official code: A is data dependent
+Following the official code, A is data dependent
 (``-softplus(dd_A)`` floored at ``a_floor``), so there is no ``A_log`` parameter and no A init
 range; ``reset_special`` initialises ``dt_bias``, the B/C biases, ``D`` and the MIMO weights.
 

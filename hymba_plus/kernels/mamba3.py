@@ -8,7 +8,8 @@ module ``mamba_ssm/modules/mamba3.py`` (state-spaces/mamba).
 What is computed (per head; ``N`` state size, ``P`` head dim, ``R`` MIMO rank, ``K`` rotary
 angles, K <= N/2):
 
-* Exponential-trapezoidal discretisation (paper §3.1, the generalised trapezoid rule):
+* Exponential-trapezoidal discretisation (paper §3, "exponential-trapezoidal discretization";
+  the generalised trapezoid rule):
   with ``alpha_t = exp(Δ_t A_t)``, ``lambda_t = sigmoid(trap_t)``::
 
       h_t = alpha_t h_{t-1} + beta_t B_{t-1} x_{t-1}^T + gamma_t B_t x_t^T
@@ -16,16 +17,18 @@ angles, K <= N/2):
 
   (``lambda = 1`` is Mamba-2's exponential-Euler rule). ``A_t <= -A_floor`` and ``Δ_t`` are
   data dependent (``A_t = -softplus(.)``, ``Δ_t = softplus(. + dt_bias)``).
-* Complex state as rotations (paper §3.2, complex-to-real SSM equivalence and the "RoPE
-  trick"): a complex diagonal transition ``exp(Δ_t (A_t + i θ_t))`` equals the real scalar
-  decay ``alpha_t`` applied to a state whose inputs and readouts are rotated by the
-  cumulative angle ``Θ_t = Σ_{s<=t} Δ_s π tanh(θ_s)`` (kept mod 2π). So
-  ``B_t, C_t -> R(Θ_t) B_t, R(Θ_t) C_t`` with 2x2 block rotations over the first ``K`` pairs of
-  the state dims (the rest stay real), and the scalar-decay scan above runs on the rotated
-  ``B, C``. Pairing is "interleaved" (dims 2i, 2i+1: the official SISO kernel) or "half"
-  (dims i, i + N/2: the official MIMO kernel).
-* MIMO (paper §3.3): ``x_{t,r} = x_t ⊙ W^x_r``; the state takes ``Σ_r B_{t,r} x_{t,r}^T``; each
-  rank reads ``y_{t,r} = h_t^T C_{t,r} + D x_{t,r}``, is gated by ``SiLU(z_t ⊙ W^z_r)`` and the
+* Complex state as rotations (paper §3, "complex-valued SSM": the complex-to-real SSM
+  equivalence and the data-dependent RoPE equivalence, the "RoPE trick"): pairing state dims
+  into complex numbers, the complex diagonal transition ``exp(Δ_t (A_t - i ω_t))`` with
+  ``ω_t = π tanh(θ_t)`` equals the real scalar decay ``alpha_t`` on a state whose inputs and
+  readouts are rotated by the cumulative angle ``Θ_t = Σ_{s<=t} Δ_s ω_s`` (kept mod 2π):
+  ``B_t, C_t -> R(Θ_t) B_t, R(Θ_t) C_t`` with 2x2 block rotations over the first ``K`` pairs
+  (the rest of the state stays real), and the scalar-decay scan above runs on the rotated
+  ``B, C`` (the trapezoid's beta term carries the same complex decay). Pairing is
+  "interleaved" (dims 2i, 2i+1: the official SISO kernel) or "half" (dims i, i + N/2: the
+  official MIMO kernel). tests/test_mamba3.py checks this against a complex128 recurrence.
+* MIMO (paper §3, "multi-input, multi-output"): ``x_{t,r} = x_t ⊙ W^x_r``; the state takes
+  ``Σ_r B_{t,r} x_{t,r}^T``; each rank reads ``y_{t,r} = h_t^T C_{t,r} + D x_{t,r}``, is gated by ``SiLU(z_t ⊙ W^z_r)`` and the
   ranks are summed with ``W^o_r``. R = 1 (no W's) is SISO: ``y_t = (h_t^T C_t + D x_t) ⊙ SiLU(z_t)``.
 * B and C carry learned per-head (per-rank) biases added after their RMSNorm (the module does
   the norm; the bias is an argument here because the fast kernels fuse it).
