@@ -1,0 +1,249 @@
+"""``hymba check`` and ``hymba info``: exit codes, one line per problem, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from hymba_plus import build_model, load_recipe, registry
+from hymba_plus.cli import main
+from hymba_plus.cli.info import _active, describe, format_info
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+BAD = sorted((ROOT / "tests" / "bad_recipes").glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run(capsys, *argv: str) -> tuple[int, list[str], list[str]]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out.splitlines(), err.splitlines()
+
+
+def write(path: Path, recipe: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def good(**model) -> dict:
+    m = {"vocab_size": 64, "d_model": 32, "block_pattern": "GA | GA"}
+    m.update(model)
+    return {"name": "good", "model": m, "components": {"gated_attn": {"n_heads": 4}}}
+
+
+# --------------------------------------------------------------------------- hymba check
+
+
+def test_check_configs_folder_is_valid(capsys):
+    code, out, err = run(capsys, "check", str(ROOT / "configs"))
+    assert code == 0 and not [e for e in err if "invalid" not in e]
+    oks = [line for line in out if line.startswith("OK ")]
+    assert len(oks) == len(CONFIGS)
+    for line, path in zip(oks, CONFIGS):
+        r = load_recipe(path)
+        n = len(r.layers)
+        assert line == f"OK {path} ({r.name}, {n} layer{'s' if n != 1 else ''}, {r.hash()})"
+
+
+@pytest.mark.parametrize("path", BAD, ids=lambda p: p.stem)
+def test_check_bad_recipe_one_line(capsys, path):
+    code, out, err = run(capsys, "check", str(path))
+    assert code == 1 and out == []
+    assert len(err) == 1, err
+    assert re.match(rf"^{re.escape(str(path))}:\d+: ", err[0])
+    assert "Traceback" not in err[0]
+
+
+def test_check_corpus_in_a_real_process():
+    """The console entry point on the whole corpus: exit 1, one line per recipe, no traceback."""
+    res = subprocess.run([sys.executable, "-m", "hymba_plus", "check", "tests/bad_recipes"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1
+    assert "Traceback" not in res.stderr + res.stdout
+    lines = res.stderr.splitlines()
+    assert len(lines) == len(BAD) + 1
+    assert lines[-1] == f"{len(BAD)} recipes checked, {len(BAD)} invalid"
+    assert {line.split(":")[0] for line in lines[:-1]} == {f"tests/bad_recipes/{p.name}" for p in BAD}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["check"], "hymba check: give at least one recipe file or folder (hymba check PATH...)"),
+    (["check", "no/such/file.yaml"], "hymba check: no/such/file.yaml: no such file or folder"),
+])
+def test_check_usage_errors(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == [] and err == [message]
+
+
+def test_check_empty_folder_is_a_usage_error(capsys, tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    code, _, err = run(capsys, "check", str(tmp_path))
+    assert code == 2 and err == [f"hymba check: {tmp_path}: no *.yaml or *.yml recipes in this folder"]
+
+
+def test_check_no_command(capsys):
+    assert main([]) == 2
+
+
+def test_check_folders_recurse_and_mix(capsys, tmp_path):
+    a = write(tmp_path / "a.yaml", good())
+    b = write(tmp_path / "sub" / "deeper" / "b.yml", good(d_model=-1))
+    write(tmp_path / ".hidden" / "c.yaml", good(d_model=-2))  # hidden folders are skipped
+    (tmp_path / "readme.md").write_text("not a recipe")
+    code, out, err = run(capsys, "check", str(tmp_path))
+    assert code == 1
+    assert out == [f"OK {a} (good, 2 layers, {load_recipe(a).hash()})"]
+    assert len(err) == 2 and err[1] == "2 recipes checked, 1 invalid"
+    assert re.fullmatch(rf"{re.escape(str(b))}:\d+: model.d_model: must be >= 1, got -1", err[0])
+    # the same file twice is checked once; files and folders mix
+    code, out, err = run(capsys, "check", str(a), str(tmp_path / "a.yaml"))
+    assert code == 0 and len(out) == 1 and err == []
+    code, out, err = run(capsys, "check", "-q", str(a))
+    assert code == 0 and out == ["1 recipe checked, 0 invalid"]
+
+
+def test_check_reports_several_errors_of_one_file(capsys, tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("name: x\nmodel:\n  vocab_size: 0\n  d_model: 32\n  block_pattern: GA\n  meta_tokens: -1\n")
+    code, _, err = run(capsys, "check", str(p))
+    assert code == 1
+    assert err == [f"{p}:3: model.vocab_size: must be >= 2, got 0", f"{p}:6: model.meta_tokens: must be >= 0, got -1"]
+
+
+def test_check_builds_on_the_meta_device(capsys, tmp_path, monkeypatch):
+    """A recipe that validates but whose component fails to build is reported in one line."""
+    p = write(tmp_path / "r.yaml", good())
+    from hymba_plus.components import attention
+
+    def boom(*a, **k):
+        raise RuntimeError("kaboom\nsecond line")
+
+    monkeypatch.setattr(attention.GatedAttention, "__init__", boom)
+    code, out, err = run(capsys, "check", str(p))
+    assert code == 1 and out == []
+    assert err == [f"{p}:1: model: the recipe validates but the model cannot be built: RuntimeError: kaboom"]
+    code, out, err = run(capsys, "check", "--no-build", str(p))
+    assert code == 0
+
+
+# --------------------------------------------------------------------------- hymba info
+
+
+def test_info_tiny_recipe_matches_a_real_model(capsys, tmp_path):
+    p = write(tmp_path / "r.yaml", good(meta_tokens=3, block_pattern="GA | -+mlp | GA+none"))
+    code, out, err = run(capsys, "info", str(p), "--json", "--seq-lens", "5,17")
+    assert code == 0 and err == []
+    d = json.loads("\n".join(out))
+    model = build_model(p)
+    assert d["params_total"] == model.num_parameters() == d["params_active"]
+    assert d["pattern"] == "GA+mlp | -+mlp | GA+none" and d["n_layers"] == 3
+    assert [r["mixer"] for r in d["layers"]] == ["gated_attn", "none", "gated_attn"]
+    assert [r["ffn"] for r in d["layers"]] == ["mlp", "mlp", "none"]
+    assert [r["params"] for r in d["layers"]] == [sum(p.numel() for p in b.parameters()) for b in model.blocks]
+    for T in (5, 17):
+        cache = model.new_cache(1)
+        with torch.no_grad():
+            model(torch.randint(0, 64, (1, T)), cache=cache)
+        assert [r["state_bytes"][str(T)] for r in d["layers"]] == cache.layer_nbytes()
+        assert d["cache_bytes"][str(T)] == cache.nbytes()
+
+
+def test_info_text_output(capsys):
+    code, out, err = run(capsys, "info", str(ROOT / "configs" / "gpt_tiny.yaml"))
+    text = "\n".join(out)
+    assert code == 0 and err == []
+    r = load_recipe(ROOT / "configs" / "gpt_tiny.yaml")
+    assert f"pattern     {r.pattern}" in text
+    assert f"hash {r.hash()}" in text
+    assert re.search(r"^layer\s+mixer\s+ffn\s+params\s+active\s+state@1k\s+state@32k$", text, re.M)
+    assert re.search(r"^\s+0\s+gated_attn\s+mlp\s+[\d,]+\s+[\d,]+\s+[\d.]+ KiB\s+[\d.]+ MiB$", text, re.M)
+    assert f"total {build_model(r).num_parameters():,}" in text
+    assert "cache       per sequence (float32): 1k tokens" in text
+    assert "kernels     HYMBA_KERNELS=" in text
+
+
+def full_size_attention() -> dict:
+    return {"name": "full-attn", "model": {"vocab_size": 32000, "d_model": 2048, "max_seq_len": 32768,
+                                           "block_pattern": "(GA)*40", "meta_tokens": 128},
+            "components": {"gated_attn": {"n_heads": 16, "n_kv_heads": 2, "head_dim": 128,
+                                          "rope": {"fraction": 0.25}},
+                           "mlp": {"d_hidden": 5632}}}
+
+
+def test_info_full_size_on_the_meta_device(capsys, tmp_path):
+    """40 layers at d_model 2048 (~2B parameters): nothing is allocated, numbers are exact."""
+    p = write(tmp_path / "full.yaml", full_size_attention())
+    code, out, err = run(capsys, "info", str(p), "--json", "--dtype", "bfloat16")
+    assert code == 0, err
+    d = json.loads("\n".join(out))
+    D, H, Hkv, hd, F, V, M = 2048, 16, 2, 128, 5632, 32000, 128
+    attn = D * H * hd * 2 + D * Hkv * hd * 2 + H * hd * D + 2 * hd  # q, gate, k, v, o, q/k norms
+    layer = attn + 3 * D * F + 2 * D
+    assert d["params_total"] == V * D + M * D + D + 40 * layer
+    assert d["params_active"] == d["params_total"]
+    per_slot = 2 * Hkv * hd * 2 + 8  # bf16 K and V + an int64 position
+    assert d["cache_bytes"] == {"1024": 40 * (M + 1024) * per_slot, "32768": 40 * (M + 32768) * per_slot}
+
+
+def test_info_with_a_windowed_layer(capsys, tmp_path):
+    r = good(meta_tokens=2)
+    r["components"]["gated_attn"]["window"] = 64
+    p = write(tmp_path / "w.yaml", r)
+    code, out, _ = run(capsys, "info", str(p), "--json")
+    d = json.loads("\n".join(out))
+    per_slot = 2 * 4 * 8 * 4 + 8
+    assert d["cache_bytes"] == {"1024": 2 * (2 + 63) * per_slot, "32768": 2 * (2 + 63) * per_slot}
+
+
+def test_active_parameters_hook():
+    class Sparse(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(10, 4))
+
+        def active_parameters(self) -> int:
+            return 12
+
+    assert _active(Sparse()) == 12
+    assert _active(torch.nn.Linear(3, 2)) == 8
+    assert _active(None) == 0
+
+
+def test_info_moe_active_parameters(capsys, tmp_path):
+    """Active = total minus the routed experts a token does not use (MoE's own count)."""
+    assert "moe" in registry.names("ffn")
+    r = good(ffn="moe")
+    r["components"]["moe"] = {"n_experts": 8, "top_k": 2, "n_shared": 1, "d_expert": 16}
+    p = write(tmp_path / "moe.yaml", r)
+    d = describe(load_recipe(p))
+    model = build_model(p)
+    moe = [b.ffn for b in model.blocks]
+    inactive = sum(sum(p.numel() for p in m.parameters()) - m.active_parameters() for m in moe)
+    assert inactive > 0
+    assert d["params_active"] == d["params_total"] - inactive
+    assert "active" in format_info(d)
+
+
+def test_info_errors(capsys, tmp_path):
+    code, out, err = run(capsys, "info", str(ROOT / "tests" / "bad_recipes" / "kv_heads_not_dividing.yaml"))
+    assert code == 1 and out == [] and len(err) == 1 and "n_kv_heads: must divide" in err[0]
+    code, _, err = run(capsys, "info", str(tmp_path / "missing.yaml"))
+    assert code == 1 and err == [f"{tmp_path / 'missing.yaml'}:0: file not found"]
+    code, _, err = run(capsys, "info", str(ROOT / "configs" / "gpt_tiny.yaml"), "--seq-lens", "0,x")
+    assert code == 2 and err == ["hymba info: --seq-lens must be positive integers separated by commas, got '0,x'"]
