@@ -248,6 +248,7 @@ def test_state_bytes_constant_and_reorder():
         n4 = cache.nbytes()
         model(ids[:, 4:29], cache=cache)
         assert cache.nbytes() == n4 == model.new_cache(3).nbytes()
+        assert 3 * sum(b.mixer.state_nbytes(29, model.dtype) for b in model.blocks) == n4
         idx = torch.tensor([2, 0])
         cache.reorder(idx)
         out = model(ids[idx, 29:], cache=cache).logits

@@ -65,6 +65,10 @@ class Mamba3Config:
     def d_inner(self, d_model: int) -> int:
         return self.expand * d_model
 
+    def inner_dim(self, d_model: int) -> int:
+        """Width of ``Mamba3.inner``'s output (what ``hymba`` averages with its attention heads)."""
+        return self.d_inner(d_model)
+
     def n_angles(self) -> int:
         return int(self.state_size * self.rope_fraction) // 2
 
@@ -164,7 +168,14 @@ class Mamba3(nn.Module):
         angles = ang[:, :, None, :].expand(Bsz, T, self.H, self.K)
         return Cm, Bm, x, A * dt, dt, trap, angles, z
 
-    def forward(self, u: Tensor, ctx: StepContext, state: Mamba3State | None = None) -> Tensor:
+    def state_nbytes(self, seq_len: int, dtype: torch.dtype = torch.float32, *, n_meta: int = 0) -> int:
+        """Bytes of one sequence's state (any length): h, k, v, theta in float32 (float64 for a
+        float64 model), as ``init_state`` allocates them."""
+        elem = 8 if dtype == torch.float64 else 4
+        return elem * self.H * (self.N * self.P + self.R * self.N + self.P + self.K)
+
+    def inner(self, u: Tensor, ctx: StepContext, state: Mamba3State | None = None) -> Tensor:
+        """The gated SSM output before ``out_proj``: [B, T, d_inner]. Advances ``state``."""
         Bsz, T, _ = u.shape
         q, k, x, adt, dt, trap, angles, z = self._project(u)
         kw = dict(D=self.D, mimo_v=self.mimo_x, mimo_z=self.mimo_z, mimo_o=self.mimo_o, pairing=self.pairing)
@@ -179,4 +190,8 @@ class Mamba3(nn.Module):
                             lengths=ctx.lengths, chunk_size=self.cfg.chunk_size, need_state=state is not None, **kw)
         if state is not None:
             state.store(new)
-        return self.out_proj(y.reshape(Bsz, T, self.d_inner).to(u.dtype))
+        return y.reshape(Bsz, T, self.d_inner).to(u.dtype)
+
+    def forward(self, u: Tensor, ctx: StepContext, state: Mamba3State | None = None) -> Tensor:
+        y = self.inner(u, ctx, state)
+        return self.out_proj(y) if self.out_proj is not None else y
