@@ -247,3 +247,18 @@ def test_info_errors(capsys, tmp_path):
     assert code == 1 and err == [f"{tmp_path / 'missing.yaml'}:0: file not found"]
     code, _, err = run(capsys, "info", str(ROOT / "configs" / "gpt_tiny.yaml"), "--seq-lens", "0,x")
     assert code == 2 and err == ["hymba info: --seq-lens must be positive integers separated by commas, got '0,x'"]
+
+
+def test_info_full_seed_config_and_compact_pattern():
+    """The seed's full-size recipe: 40 layers, MoE 512 experts, 10 routed + 1 shared."""
+    from hymba_plus.core.pattern import parse_pattern
+
+    r = load_recipe(ROOT / "configs" / "quad_hybrid_full.yaml")
+    d = describe(r, torch.bfloat16)
+    assert d["n_layers"] == 40 and d["d_model"] == 2048
+    assert [s.mixer for s in r.layers].count("atlas") == 4 and [s.ffn for s in r.layers] == ["moe"] * 40
+    assert d["pattern_compact"] == "ATL+moe*4 | M3+moe*14 | GD+moe*14 | GA+moe*8"
+    assert parse_pattern(d["pattern_compact"]) == list(r.layers) == parse_pattern(d["pattern"])
+    assert d["params_active"] < d["params_total"] / 10  # ultra-sparse: a few percent active
+    moe = r.components["moe"]
+    assert (moe.n_experts, moe.top_k, moe.n_shared) == (512, 10, 1)

@@ -79,24 +79,37 @@ def describe(recipe: Any, dtype: torch.dtype = torch.float32, seq_lens: tuple[in
     total = _numel(model)
     other = total - sum(r["params"] for r in layers)
     active = other + sum(r["active_params"] for r in layers)
-    cache = {}
+    cache, known = {}, {}
     for n in seq_lens:
         vals = [r["state_bytes"][str(n)] for r in layers]
-        cache[str(n)] = None if any(v is None for v in vals) else sum(vals)
+        known[str(n)] = sum(v for v in vals if v is not None)
+        cache[str(n)] = None if any(v is None for v in vals) else known[str(n)]
     kernels = {op: {"fast_path": doc, "available": ok, "error": err}
                for op, (doc, ok, err) in dispatch.available().items()}
     return {
         "name": recipe.name, "source": recipe.source, "hash": recipe.hash(),
-        "pattern": format_pattern(list(recipe.layers)), "n_layers": len(layers),
+        "pattern": format_pattern(list(recipe.layers)),
+        "pattern_compact": compact_pattern([s.token() for s in recipe.layers]), "n_layers": len(layers),
         "vocab_size": m.vocab_size, "d_model": m.d_model, "max_seq_len": m.max_seq_len,
         "meta_tokens": n_meta, "tie_embeddings": m.tie_embeddings,
         "layers": layers, "other_params": other,
         "params_total": total, "params_active": active,
-        "cache_dtype": str(dtype).replace("torch.", ""), "cache_bytes": cache,
+        "cache_dtype": str(dtype).replace("torch.", ""), "cache_bytes": cache, "cache_bytes_known": known,
         "missing_state_nbytes": sorted({r["mixer"] for r in layers
                                         if any(v is None for v in r["state_bytes"].values())}),
         "kernel_mode": dispatch.mode(), "kernels": kernels,
     }
+
+
+def compact_pattern(tokens: list[str]) -> str:
+    """Run-length form of a flat pattern (``GA+mlp*3 | GD+mlp``); it parses to the same layers."""
+    runs: list[list] = []
+    for t in tokens:
+        if runs and runs[-1][0] == t:
+            runs[-1][1] += 1
+        else:
+            runs.append([t, 1])
+    return " | ".join(t if n == 1 else f"{t}*{n}" for t, n in runs)
 
 
 def human_count(n: int) -> str:
@@ -127,6 +140,7 @@ def format_info(d: dict) -> str:
         f"model       vocab {d['vocab_size']}, d_model {d['d_model']}, max_seq_len {d['max_seq_len']}, "
         f"meta tokens {d['meta_tokens']}, {'tied' if d['tie_embeddings'] else 'untied'} embeddings",
         f"pattern     {d['pattern']}",
+        *([f"            = {d['pattern_compact']}"] if d["pattern_compact"] != d["pattern"] else []),
         f"layers      {d['n_layers']}",
         "",
     ]
@@ -143,10 +157,14 @@ def format_info(d: dict) -> str:
     out.append("")
     out.append(f"parameters  total {d['params_total']:,} ({human_count(d['params_total'])}), "
                f"active {d['params_active']:,} ({human_count(d['params_active'])})")
-    cache = ", ".join(f"{seq_label(int(n))} tokens {human_bytes(b)}" for n, b in d["cache_bytes"].items())
+    cache = ", ".join(
+        f"{seq_label(int(n))} tokens {human_bytes(b) if b is not None else '>= ' + human_bytes(d['cache_bytes_known'][n])}"
+        for n, b in d["cache_bytes"].items())
     out.append(f"cache       per sequence ({d['cache_dtype']}): {cache}")
-    if d["missing_state_nbytes"]:
-        out.append(f"            n/a: {', '.join(d['missing_state_nbytes'])} do not report state_nbytes")
+    missing = d["missing_state_nbytes"]
+    if missing:
+        verb = "does" if len(missing) == 1 else "do"
+        out.append(f"            (not counting {', '.join(missing)}, which {verb} not report state_nbytes)")
     out.append("")
     out.append(f"kernels     HYMBA_KERNELS={d['kernel_mode']}")
     if not d["kernels"]:
