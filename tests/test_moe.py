@@ -22,6 +22,15 @@ from tests.helpers import tiny_recipe
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tests run many tiny ops: one thread is faster than two on a shared 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _ctx(B: int, T: int, lengths: torch.Tensor | None = None, device: str = "cpu") -> StepContext:
     return StepContext(positions=torch.arange(T, device=device).expand(B, T), lengths=lengths)
 
@@ -85,6 +94,9 @@ def test_registered_and_config_checks():
         load_recipe(tiny_recipe("GA+moe", {"moe": {"score": "relu"}}))
     with pytest.raises(RecipeError, match="capacity_factor"):
         load_recipe(tiny_recipe("GA+moe", {"moe": {"capacity_factor": 0.0}}))
+    # ``ffn: moe`` makes it every layer's default channel mixer
+    r = load_recipe(tiny_recipe("GA | GA+mlp | GA", ffn="moe"))
+    assert [s.ffn for s in r.layers] == ["moe", "mlp", "moe"]
     # the default expert width keeps the active width of a dense SwiGLU (8/3 d_model)
     assert MoEConfig(top_k=2, n_shared=1).expert_hidden(96) == 88
 
@@ -376,23 +388,22 @@ def test_moe_beats_dense_of_equal_active_parameters_on_a_mixture_of_languages():
     """8 random bigram languages, each announced by its id token: one attention layer can
     carry the id to every position, the channel mixer must then hold 8 separate bigram
     tables. With the same active parameters, 16 experts (top-2 + shared) hold more of them
-    than one dense SwiGLU; the router should split tokens by language."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: one thread is faster on a shared 2-core machine
-    try:
-        L, V, d = 8, 32, 32
-        P = _languages(L, V, 3, seed=0)
-        optimal = float(-(P * P.clamp_min(1e-30).log()).sum(-1).mean())
-        att = {"gated_attn": {"n_heads": 2, "head_dim": 16}}
-        moe_cfg = {"n_experts": 16, "top_k": 2, "n_shared": 1, "d_expert": 16}
-        moe_recipe = tiny_recipe("GA+moe", {**att, "moe": moe_cfg}, vocab_size=V + L, d_model=d)
-        active = build_model(moe_recipe).blocks[0].ffn.active_parameters()
-        d_dense = -(-active // (3 * d))  # dense SwiGLU with at least the MoE's active parameters
-        dense_recipe = tiny_recipe("GA+mlp", {**att, "mlp": {"d_hidden": d_dense}}, vocab_size=V + L, d_model=d)
-        moe_loss, moe_model, out, _ = _train_lm(moe_recipe, P, steps=200, B=32, T=32)
-        dense_loss, dense_model, _, _ = _train_lm(dense_recipe, P, steps=200, B=32, T=32)
-    finally:
-        torch.set_num_threads(threads)
+    than one dense SwiGLU; the router should split tokens by language.
+
+    Measured (CPU, this config, 250 steps, lr 5e-3; language seeds 0/1/2): MoE 1.27/1.41/1.29
+    vs dense 1.55/1.52/1.61 nats/token (optimal 1.07). Not unconditional: at lr 1e-2 and 200
+    steps seed 1 went the other way (MoE 1.51, dense 1.37)."""
+    L, V, d = 8, 32, 32
+    P = _languages(L, V, 3, seed=0)
+    optimal = float(-(P * P.clamp_min(1e-30).log()).sum(-1).mean())
+    att = {"gated_attn": {"n_heads": 2, "head_dim": 16}}
+    moe_cfg = {"n_experts": 16, "top_k": 2, "n_shared": 1, "d_expert": 16}
+    moe_recipe = tiny_recipe("GA+moe", {**att, "moe": moe_cfg}, vocab_size=V + L, d_model=d)
+    active = build_model(moe_recipe).blocks[0].ffn.active_parameters()
+    d_dense = -(-active // (3 * d))  # dense SwiGLU with at least the MoE's active parameters
+    dense_recipe = tiny_recipe("GA+mlp", {**att, "mlp": {"d_hidden": d_dense}}, vocab_size=V + L, d_model=d)
+    moe_loss, moe_model, out, _ = _train_lm(moe_recipe, P, steps=250, B=32, T=32, lr=5e-3)
+    dense_loss, dense_model, _, _ = _train_lm(dense_recipe, P, steps=250, B=32, T=32, lr=5e-3)
     assert sum(p.numel() for p in dense_model.blocks[0].ffn.parameters()) >= active
     mi = _language_expert_information(moe_model, P, T=32)
     load = out.stats["moe/0/tokens_per_expert"]
