@@ -262,3 +262,17 @@ def test_info_full_seed_config_and_compact_pattern():
     assert d["params_active"] < d["params_total"] / 10  # ultra-sparse: a few percent active
     moe = r.components["moe"]
     assert (moe.n_experts, moe.top_k, moe.n_shared) == (512, 10, 1)
+
+
+def test_demo_runs(capsys, tmp_path):
+    """`make demo` on one tiny recipe: check + info + invariant + cached generation."""
+    from hymba_plus import demo
+
+    (tmp_path / "gpt_tiny.yaml").write_text((ROOT / "configs" / "gpt_tiny.yaml").read_text())
+    assert demo.main(["--configs", str(tmp_path), "--new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "hymba check gpt_tiny.yaml: OK" in out and "parameters  total" in out
+    assert "(ok, bound 1e-4)" in out and "same tokens: yes" in out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert demo.main(["--configs", str(empty)]) == 2
