@@ -33,6 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.cache import StepContext
@@ -151,9 +152,19 @@ class MoE(nn.Module):
         y, dropped = K.moe_experts(xf, r.experts, r.weights.to(x.dtype), self.w_gate_up, self.w_down,
                                    capacity=cap, inert=None if vflat is None else ~vflat, impl=self.impl)
         if self.shared is not None:
-            y = y + torch.sigmoid(self.shared_gate(xf)) * self.shared(xf)
+            y = self._add_shared(y, xf)
         self._account(r, dropped, vflat, ctx)
         return y.view(B, T, D)
+
+    def _add_shared(self, y: Tensor, x: Tensor) -> Tensor:
+        """``y + sigmoid(x W_g) * SwiGLU_shared(x)``, with the gate folded into the hidden
+        activation (the down projection is linear) and the sum into the last GEMM: one GEMM
+        for gate+up, one fused activation, one ``addmm``."""
+        sh = self.shared
+        gate = torch.sigmoid(self.shared_gate(x)).squeeze(-1)
+        h = F.linear(x, torch.cat([sh.w_gate.weight, sh.w_up.weight]))
+        a = K.swiglu(h, gate)
+        return torch.addmm(y, a, sh.w_down.weight.t())
 
     def _account(self, r: K.Routing, dropped: Tensor, valid: Tensor | None, ctx: StepContext | None) -> None:
         cfg = self.cfg
