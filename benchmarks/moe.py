@@ -91,6 +91,22 @@ def time_layer(name: str, layer: nn.Module, x: torch.Tensor, gy: torch.Tensor, c
     return row
 
 
+def profile_layer(layer: MoE, x: torch.Tensor, gy: torch.Tensor, device: str) -> None:
+    """Top kernels of three forward+backward passes of our layer (where the time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    xg = x.detach().clone().requires_grad_()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(3):
+            y, aux = call_ours(layer, xg)
+            torch.autograd.backward([y, aux], [gy, torch.ones_like(aux)])
+        if device == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=20), flush=True)
+
+
 def call_ours(layer: MoE, x: torch.Tensor):  # noqa: ANN201
     T = x.shape[1]
     ctx = StepContext(positions=torch.arange(T, device=x.device).expand(x.shape[0], T))
@@ -162,6 +178,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers block")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (1 is best for --quick on a busy machine)")
+    ap.add_argument("--profile", action="store_true", help="also print our layer's top kernels (torch.profiler)")
     ap.add_argument("--out", default="benchmarks/results/moe.json")
     args = ap.parse_args()
     if args.quick:
@@ -190,6 +207,8 @@ def main() -> None:
 
     results["hymba_moe"] = time_layer(f"hymba moe ({auto_impl}{', triton' if triton_on else ''})", ours, x, gy,
                                       call_ours, dev, args.warmup, args.iters)
+    if args.profile:
+        profile_layer(ours, x, gy, dev)
     ours.impl = "padded"
     if auto_impl != "padded":
         results["hymba_moe_padded"] = time_layer("hymba moe (padded bmm)", ours, x, gy, call_ours, dev,
