@@ -280,7 +280,7 @@ def test_learns_mqar_and_delta_rule_beats_decay_only():
 
     The state per head is 32 x 32 but the keys come from 15 tokens through a learned
     projection with 6 pairs live at once; without the erase term, old associations under
-    similar keys pile up as crosstalk, the delta rule overwrites them (GDN paper §2, §4.1)."""
+    similar keys pile up as crosstalk, the delta rule overwrites them (GDN paper, §2-3)."""
     gdn = {"n_heads": 2, "chunk_size": 32}
     acc = train_mqar(tiny_recipe("GD|GD", {"gdn": gdn}, **MQAR_MODEL), **MQAR)
     acc_decay = train_mqar(tiny_recipe("GD|GD", {"gdn": {**gdn, "delta_rule": False}}, **MQAR_MODEL), **MQAR)

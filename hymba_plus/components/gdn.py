@@ -1,11 +1,11 @@
 """Gated DeltaNet token mixer (Yang, Kautz, Hatamizadeh, "Gated Delta Networks: Improving
 Mamba2 with Delta Rule", arXiv 2412.06464; the linear-attention layer of Qwen3-Next).
 
-    q, k, v = SiLU(ShortConv(x W_q)), SiLU(ShortConv(x W_k)), SiLU(ShortConv(x W_v))   (§3.3)
+    q, k, v = SiLU(ShortConv(x W_q)), SiLU(ShortConv(x W_k)), SiLU(ShortConv(x W_v))
     q, k    = q / ||q||_2, k / ||k||_2                                  (per head)
     beta_t  = sigmoid(x_t W_b)                                          (write strength)
     g_t     = -exp(A_log) * softplus(x_t W_a + dt_bias)                 (log decay a_t = e^{g_t}, Mamba2-style)
-    S_t     = e^{g_t} S_{t-1} + beta_t k_t (v_t - e^{g_t} S_{t-1}^T k_t)^T     (gated delta rule, Eq. 10)
+    S_t     = e^{g_t} S_{t-1} + beta_t k_t (v_t - e^{g_t} S_{t-1}^T k_t)^T     (gated delta rule, GDN §3)
     o_t     = dk^{-1/2} S_t^T q_t
     y       = W_o ( RMSNorm(o_t) * SiLU(x_t W_z) )                      (gated RMSNorm per head)
 

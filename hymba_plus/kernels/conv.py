@@ -1,5 +1,5 @@
 """Short causal depthwise convolution with a cache (the "ShortConv" of H3 / Mamba /
-DeltaNet / Gated DeltaNet, arXiv 2412.06464 §3.3, and of ATLAS).
+DeltaNet / Gated DeltaNet (arXiv 2412.06464), and of ATLAS).
 
 For each channel ``c`` and a kernel of width ``K``::
 

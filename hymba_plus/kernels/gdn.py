@@ -1,6 +1,6 @@
 """The gated delta rule (Yang, Kautz, Hatamizadeh, "Gated Delta Networks: Improving
-Mamba2 with Delta Rule", arXiv 2412.06464, Eq. 10) — the Qwen3-Next linear-attention
-recurrence.
+Mamba2 with Delta Rule", arXiv 2412.06464, §3: the gated delta rule and its chunkwise
+algorithm) — the Qwen3-Next linear-attention recurrence.
 
 Per value head, with state ``S in R^{dk x dv}``, decay ``a_t = exp(g_t)`` (``g_t <= 0``),
 write strength ``beta_t in (0, 1)``::
@@ -34,8 +34,8 @@ Three entry points:
   so with the UT transform ``T = (I + A)^{-1}`` (a unit-lower-triangular solve) the WY
   representation ``W = T diag(beta gamma) K``, ``U0 = T diag(beta) V`` gives
   ``U = U0 - W S_0`` (Yang et al. 2024, "Parallelizing Linear Transformers with the Delta
-  Rule over Sequence Length", arXiv 2406.06484, §3 eq. 8–11, extended with the decay as in
-  GDN §3.3). Then::
+  Rule over Sequence Length", arXiv 2406.06484, the WY / UT-transform chunkwise DeltaNet,
+  extended with the decay as in GDN §3). Then::
 
       O   = scale * ( diag(gamma) Q S_0 + (Q K^T o D) U ),   D_ij = exp(G_i - G_j) [i >= j]
       S_C = gamma_C S_0 + K^T diag(exp(G_C - G_j)) U
@@ -135,7 +135,7 @@ def recurrent_gated_delta_rule_ref(
     use_qk_l2norm: bool = False,
     delta_rule: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
-    """Exact per-token recurrence (GDN Eq. 10); the decode step and the tests' oracle.
+    """Exact per-token recurrence (the gated delta rule); the decode step and the tests' oracle.
 
     Returns ``o [B, T, Hv, dv]`` (dtype of v) and the final state ``[B, Hv, dk, dv]``
     (float32, or float64 for float64 inputs), or None when ``output_final_state`` is False.
