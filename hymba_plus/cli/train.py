@@ -21,6 +21,7 @@ _FIELDS = {
     "schedule": "schedule", "warmup": "warmup_steps", "grad_clip": "grad_clip", "precision": "precision",
     "seed": "seed", "data": "data", "tokenizer": "tokenizer", "eval_every": "eval_every",
     "eval_batches": "eval_batches", "save_every": "save_every", "keep_last": "keep_last",
+    "mqar_pairs": "mqar_pairs", "copy_tokens": "copy_tokens", "val_frac": "val_frac",
 }
 
 
@@ -30,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="built-in task (mqar, selective_copy, parity), a text file or folder, or a "
                                   "folder written by `hymba prepare` (default: the recipe's, else mqar)")
     p.add_argument("--tokenizer", help="a `tokenizers` JSON file for text data (default: bytes)")
+    p.add_argument("--mqar-pairs", type=int, help="mqar: key/value pairs per sequence")
+    p.add_argument("--copy-tokens", type=int, help="selective_copy: tokens to copy")
+    p.add_argument("--val-frac", type=float, help="text: held-out fraction for eval perplexity")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     p.add_argument("--steps", type=int, help="optimizer steps of the run (the schedule's length)")
     p.add_argument("--stop-after", type=int, metavar="STEP",

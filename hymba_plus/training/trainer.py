@@ -69,7 +69,7 @@ class Summary:
     start_step: int
     final_loss: float
     eval: dict[str, float]
-    tokens_per_s: float
+    tokens_per_s: float  # training steps only (not evals, checkpoints, plots)
     seconds: float
     checkpoint: Path | None
     out: Path
@@ -412,6 +412,7 @@ class Trainer:
             bar = tqdm(total=stop, initial=self.start_step, unit="step", dynamic_ncols=True, file=sys.stderr,
                        desc="train", disable=None)
         t_run = time.perf_counter()
+        train_seconds = 0.0
         rate = None
         last_eval: dict[str, float] = {}
         last_ckpt = None
@@ -424,6 +425,7 @@ class Trainer:
                 if info.device.type == "cuda":
                     torch.cuda.synchronize(info.device)
                 dt = time.perf_counter() - t0
+                train_seconds += dt
                 self.tokens_seen += tokens_per_step
                 tps = tokens_per_step / max(dt, 1e-9)
                 rate = tps if rate is None else 0.9 * rate + 0.1 * tps
@@ -458,7 +460,7 @@ class Trainer:
         seconds = time.perf_counter() - t_run
         done = stop - self.start_step
         summary = Summary(steps=stop, start_step=self.start_step, final_loss=loss, eval=last_eval,
-                          tokens_per_s=done * tokens_per_step / max(seconds, 1e-9), seconds=seconds,
+                          tokens_per_s=done * tokens_per_step / max(train_seconds, 1e-9), seconds=seconds,
                           checkpoint=last_ckpt or ckpt_mod.latest(self.out), out=self.out)
         return summary
 

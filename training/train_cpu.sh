@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# One process: train RECIPE into OUT (default runs/<recipe file name>); extra flags go to `hymba train`.
+#   training/train_cpu.sh configs/gpt_tiny.yaml runs/gpt --steps 300 --data mqar
+set -euo pipefail
+recipe=${1:?usage: train_cpu.sh RECIPE [OUT] [hymba train flags...]}
+out=${2:-runs/$(basename "${recipe%.*}")}
+shift $(( $# >= 2 ? 2 : 1 ))
+exec "${HYMBA:-hymba}" train "$recipe" --out "$out" "$@"

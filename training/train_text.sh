@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Tokenize TEXT (a file or folder) into shards once, then train RECIPE on them.
+#   training/train_text.sh corpus/ configs/gpt_tiny.yaml runs/text --seq-len 256 --steps 2000
+set -euo pipefail
+text=${1:?usage: train_text.sh TEXT RECIPE [OUT] [hymba train flags...]}
+recipe=${2:?usage: train_text.sh TEXT RECIPE [OUT] [hymba train flags...]}
+out=${3:-runs/text}
+shift $(( $# >= 3 ? 3 : 2 ))
+hymba=${HYMBA:-hymba}
+shards="$out.shards"
+[ -f "$shards/index.json" ] || "$hymba" prepare "$text" --out "$shards" ${TOKENIZER:+--tokenizer "$TOKENIZER"}
+exec "$hymba" train "$recipe" --data "$shards" --out "$out" "$@"
