@@ -135,7 +135,7 @@ def splits(draw, T: int) -> list[int]:
 def chunked(model, ids, bounds, mask=None):
     cache = model.new_cache(ids.shape[0])
     outs = []
-    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+    for a, b in zip(bounds[:-1], bounds[1:]):
         m = mask[:, a:b] if mask is not None and a < mask.shape[1] else None
         outs.append(model(ids[:, a:b], attention_mask=m, cache=cache).logits)
     return torch.cat(outs, 1), cache
