@@ -340,3 +340,55 @@ def test_generated_recipes_round_trip(d):
     again = load_recipe(r.to_yaml())
     assert again == r and again.hash() == r.hash()
     assert load_recipe(r.to_dict()).to_dict() == r.to_dict()
+
+
+# --------------------------------------------------------------------------- fuzz: never a traceback
+
+_LINE = re.compile(r"^(<recipe>|[^:\n]+):\d+: [^\n]+$")
+_leaf = st.one_of(st.none(), st.booleans(), st.integers(-5, 5000), st.floats(allow_nan=True),
+                  st.text(max_size=6), st.lists(st.integers(), max_size=2),
+                  st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
+
+
+def _paths(d, prefix=()):
+    for k, v in d.items():
+        yield (*prefix, k)
+        if isinstance(v, dict):
+            yield from _paths(v, (*prefix, k))
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(data=st.data())
+def test_mutated_recipes_load_or_fail_cleanly(data):
+    """Any change to a valid recipe (a value of any type, a deleted key, an unknown key)
+    either loads or raises RecipeError with one well-formed line per problem."""
+    base = yaml.safe_load((ROOT / "configs" / "quad_hybrid_tiny.yaml").read_text())
+    for _ in range(data.draw(st.integers(1, 3))):
+        paths = list(_paths(base))
+        path = data.draw(st.sampled_from(paths))
+        parent = base
+        for k in path[:-1]:
+            parent = parent[k]
+        action = data.draw(st.sampled_from(["set", "delete", "add"]))
+        if action == "set":
+            parent[path[-1]] = data.draw(_leaf)
+        elif action == "delete":
+            del parent[path[-1]]
+        elif isinstance(parent, dict):
+            parent[data.draw(st.text("abcxyz_", min_size=1, max_size=5))] = data.draw(_leaf)
+        if not isinstance(base, dict) or not base:
+            break
+    for source in (base, yaml.safe_dump(base)):
+        try:
+            load_recipe(source)
+        except RecipeError as e:
+            assert e.errors and all(_LINE.match(line) for line in e.errors), e.errors
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(text=st.text(alphabet="nameodl:{}[]-,\"'!&*#|> \n\t0123.eE", max_size=60))
+def test_arbitrary_text_loads_or_fails_cleanly(text):
+    try:
+        load_recipe(text + "\n")
+    except RecipeError as e:
+        assert e.errors and all(_LINE.match(line) for line in e.errors), e.errors

@@ -154,8 +154,8 @@ class LineDict(dict):
         return self.key_lines.get(key, self.line)
 
 
-class _LineLoader(yaml.SafeLoader):
-    pass
+class _LineLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser when installed
+    """SafeLoader (C parser if available) whose mappings remember their keys' lines."""
 
 
 # YAML 1.1 (PyYAML) reads ``1e-6`` (no dot) as a string; YAML 1.2 reads it as a float.
@@ -253,6 +253,7 @@ class _Errors:
             raise RecipeError(self.items)
 
 
+@functools.lru_cache(maxsize=None)
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
