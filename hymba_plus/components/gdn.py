@@ -61,6 +61,10 @@ class GatedDeltaNetConfig:
     def value_dim(self, d_model: int) -> int:
         return int(round(self.key_dim(d_model) * self.expand_v))
 
+    def inner_dim(self, d_model: int) -> int:
+        """Width of ``GatedDeltaNet.inner``'s output (all value heads)."""
+        return self.v_heads() * self.value_dim(d_model)
+
     def check(self, model):  # noqa: ANN001
         if self.v_heads() % self.n_heads:
             yield "n_v_heads", f"must be a multiple of n_heads ({self.n_heads}), got {self.v_heads()}"
@@ -94,8 +98,8 @@ class GatedDeltaNet(nn.Module):
         self.a_proj = nn.Linear(d_model, self.hv, bias=False)  # decay input
         self.b_proj = nn.Linear(d_model, self.hv, bias=False)  # beta input
         self.z_proj = nn.Linear(d_model, self.value_size, bias=False)  # output gate
-        self.o_proj = nn.Linear(self.value_size, d_model, bias=False)
-        self.o_proj.is_residual_out = True
+        self.out_proj = nn.Linear(self.value_size, d_model, bias=False)
+        self.out_proj.is_residual_out = True
         self.A_log = nn.Parameter(torch.empty(self.hv))
         self.dt_bias = nn.Parameter(torch.empty(self.hv))
         self.A_log._no_weight_decay = True
@@ -126,6 +130,11 @@ class GatedDeltaNet(nn.Module):
         return GDNState(conv=conv, S=S)
 
     def forward(self, x: Tensor, ctx: StepContext, state: GDNState | None = None) -> Tensor:
+        return self.out_proj(self.inner(x, ctx, state))
+
+    def inner(self, x: Tensor, ctx: StepContext, state: GDNState | None = None) -> Tensor:
+        """Everything before the output projection: [B, T, n_v_heads * value_dim]
+        (hymba's SSM heads use this and apply their own shared projection)."""
         B, T, _ = x.shape
         qkv = self.qkv_proj(x)
         new_conv = None
@@ -156,4 +165,4 @@ class GatedDeltaNet(nn.Module):
             state.S = S
             state.conv = new_conv
         o = self.norm(o, self.z_proj(x).reshape(B, T, self.hv, self.dv))
-        return self.o_proj(o.reshape(B, T, self.value_size))
+        return o.reshape(B, T, self.value_size)

@@ -519,6 +519,16 @@ def _build(data: Any, file: str) -> Recipe:
     errs.raise_if_any()
 
     used = {s.mixer for s in layers if s.mixer != "none"} | {s.ffn for s in layers if s.ffn != "none"}
+    # components a used component builds inside itself (hymba's SSM heads): ``uses()``
+    for name_used in sorted(used):
+        cfg_used = comps.get(name_used)
+        if cfg_used is None and registry.get(name_used).config is not None:
+            try:
+                cfg_used = registry.get(name_used).config()
+            except TypeError:
+                cfg_used = None
+        if cfg_used is not None and hasattr(cfg_used, "uses"):
+            used |= set(cfg_used.uses())
     for name_used in sorted(used):
         if name_used in comps:
             continue
@@ -544,6 +554,10 @@ def _build(data: Any, file: str) -> Recipe:
         if key in used:
             for k, msg in cross_errors(cfg, model, f"components.{key}."):
                 errs.add(k, msg + note, line)
+            # rules across components (hymba: attention width == its SSM's inner width)
+            if hasattr(cfg, "check_recipe"):
+                for k, msg in cfg.check_recipe(model, comps):
+                    errs.add(f"components.{key}.{k}", msg + note, line)
     errs.raise_if_any()
 
     train = None
