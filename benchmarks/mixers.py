@@ -124,11 +124,37 @@ def raw_kernels(name: str, B: int, T: int, H: int, D: int, device: str, dtype: t
 
         return wrapper, raw, [q, k, v, gg, beta]
     if name == "mamba3":
-        try:
-            from hymba_plus.kernels.mamba3 import bench_inputs  # provided by the mamba3 kernel module
-        except ImportError:
-            return None
-        return bench_inputs(B, T, H, D, device, dtype)
+        from hymba_plus.kernels.mamba3 import mamba3
+
+        N, K = (32 if device != "cuda" else 128), 16
+        q, k = rnd(B, T, 1, 1, N, scale=0.3), rnd(B, T, 1, 1, N, scale=0.3)
+        v, z = rnd(B, T, H, D), rnd(B, T, H, D)
+        dt = (torch.rand(B, T, H, device=device, generator=g) * 0.1).requires_grad_()
+        adt = (-dt.detach() * torch.rand(B, T, H, device=device, generator=g)).requires_grad_()
+        trap = torch.randn(B, T, H, device=device, generator=g).to(dtype).requires_grad_()
+        ang = (torch.randn(B, T, H, K, device=device, generator=g) * 0.1).requires_grad_()
+        qb = torch.ones(H, 1, N, device=device, requires_grad=True)
+        kb = torch.ones(H, 1, N, device=device, requires_grad=True)
+        Dp = torch.ones(H, device=device, requires_grad=True)
+
+        def wrapper():
+            return mamba3(q, k, v, adt, dt, trap, ang, qb, kb, None, D=Dp, z=z, need_state=False)[0]
+
+        raw = None
+        if device == "cuda":
+            from mamba_ssm.ops.triton.mamba3.mamba3_siso_combined import mamba3_siso_combined
+
+            # the raw kernel's own layout: [B,T,N] / [B,H,T] (the wrapper's transposes count against it)
+            q3, k3 = q.detach()[:, :, 0, 0].requires_grad_(), k.detach()[:, :, 0, 0].requires_grad_()
+            adt_h = adt.detach().transpose(1, 2).contiguous().requires_grad_()
+            dt_h = dt.detach().transpose(1, 2).contiguous().requires_grad_()
+            trap_h = trap.detach().transpose(1, 2).contiguous().requires_grad_()
+
+            def raw():
+                return mamba3_siso_combined(q3, k3, v, adt_h, dt_h, trap_h, qb[:, 0], kb[:, 0], ang, D=Dp, Z=z)
+
+            return wrapper, raw, [q, k, v, z, dt, adt, trap, ang, qb, kb, Dp, q3, k3, adt_h, dt_h, trap_h]
+        return wrapper, raw, [q, k, v, z, dt, adt, trap, ang, qb, kb, Dp]
     return None
 
 
