@@ -12,6 +12,7 @@ exist, a folder without recipes).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -80,6 +81,17 @@ def build_error(recipe) -> str:  # noqa: ANN001 - Recipe
     return ""
 
 
+def emit(text: str, err: bool = False) -> None:
+    """print, but a closed pipe (``hymba check ... | head``) ends the command quietly
+    (exit 141, like a process killed by SIGPIPE) instead of with a traceback."""
+    stream = sys.stderr if err else sys.stdout
+    try:
+        print(text, file=stream, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())  # no second error at exit
+        raise SystemExit(141) from None
+
+
 def run(args: argparse.Namespace) -> int:
     files = find_recipes(args.paths)
     bad = 0
@@ -88,10 +100,9 @@ def run(args: argparse.Namespace) -> int:
         if errors:
             bad += 1
             for line in errors:
-                print(line, file=sys.stderr)
+                emit(line, err=True)
         elif not args.quiet:
-            print(f"OK {f} ({summary})")
+            emit(f"OK {f} ({summary})")
     if len(files) > 1 or args.quiet:
-        print(f"{len(files)} recipe{'s' if len(files) != 1 else ''} checked, {bad} invalid",
-              file=sys.stderr if bad else sys.stdout)
+        emit(f"{len(files)} recipe{'s' if len(files) != 1 else ''} checked, {bad} invalid", err=bool(bad))
     return 1 if bad else 0

@@ -180,6 +180,7 @@ def format_info(d: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     from ..core.recipe import RecipeError, load_recipe
     from . import UsageError, UserError
+    from .check import emit
 
     try:
         lens = tuple(int(x) for x in args.seq_lens.split(",") if x.strip())
@@ -191,11 +192,11 @@ def run(args: argparse.Namespace) -> int:
         recipe = load_recipe(args.recipe)
     except RecipeError as e:
         for line in e.errors:
-            print(" ".join(line.split("\n")), file=__import__("sys").stderr)
+            emit(" ".join(line.split("\n")), err=True)
         return 1
     try:
         d = describe(recipe, DTYPES[args.dtype], lens)
     except Exception as e:  # noqa: BLE001 - a component that cannot build: one line, not a traceback
         raise UserError(f"{args.recipe}: cannot build the model: {type(e).__name__}: {e}") from None
-    print(json.dumps(d, indent=1) if args.json else format_info(d))
+    emit(json.dumps(d, indent=1) if args.json else format_info(d))
     return 0
