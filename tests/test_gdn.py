@@ -23,6 +23,16 @@ from tests.conftest import rel_err
 from tests.helpers import tiny_recipe, train_mqar
 
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are tiny: one intra-op thread is as fast, and it avoids OpenMP spin-waiting
+    when the 2 CPU cores are shared (2 threads there made the MQAR test ~20x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 def make_inputs(B, T, H, Hv, dk, dv, dtype=torch.float64, device="cpu", seed=0, h0=True):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
@@ -181,7 +191,7 @@ def variant_model(i: int):
     return small_model(pattern, **gdn)
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.integers(1, 12), min_size=1, max_size=5), st.sampled_from(range(len(VARIANTS))))
 def test_chunked_feeding_equals_full_forward(sizes, variant):
     model = variant_model(variant)
