@@ -11,7 +11,6 @@ from hymba_plus.kernels.conv import causal_conv1d, causal_conv1d_ref
 from tests.conftest import rel_err
 
 
-
 @pytest.fixture(autouse=True)
 def _one_thread():
     """These tensors are tiny: one intra-op thread is as fast, and it avoids OpenMP spin-waiting

@@ -23,7 +23,6 @@ from tests.conftest import rel_err
 from tests.helpers import tiny_recipe, train_mqar
 
 
-
 @pytest.fixture(autouse=True)
 def _one_thread():
     """These tensors are tiny: one intra-op thread is as fast, and it avoids OpenMP spin-waiting
@@ -185,7 +184,7 @@ def test_shapes_and_gradients(pattern, gdn):
         assert p.grad.abs().sum() > 0, name
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def variant_model(i: int):
     pattern, gdn = VARIANTS[i]
     return small_model(pattern, **gdn)

@@ -33,7 +33,7 @@ from . import dispatch
 
 
 def _fla_causal_conv1d():
-    fn = getattr(importlib.import_module("fla.modules.convolution"), "causal_conv1d")
+    fn = importlib.import_module("fla.modules.convolution").causal_conv1d
     if not callable(fn):
         raise ImportError("fla.modules.convolution.causal_conv1d is not callable")
     return fn
