@@ -105,9 +105,9 @@ def test_chunk_parallel_equals_per_token_oracle(muon, depth, c, T):
     y, W, S = atlas_memory(qf, kf, v, gamma, eta, lt, la, params, mom, chunk_size=C, window=c,
                            ns_steps=5, muon=muon)
     y_ref, W_ref, S_ref = atlas_oracle(qf, kf, v, gamma, eta, lt, la, params, mom, C, c, 5, muon)
-    assert rel_err(y, y_ref) < 1e-10
+    assert rel_err(y.detach(), y_ref.detach()) < 1e-10
     for a, b in zip(W + S, W_ref + S_ref):
-        assert rel_err(a, b) < 1e-10
+        assert rel_err(a.detach(), b.detach()) < 1e-10
     # the gradient that reaches the outer parameters through the inner updates
     g = torch.Generator().manual_seed(1)
     outs, outs_ref = [y, *W, *S], [y_ref, *W_ref, *S_ref]
@@ -121,6 +121,7 @@ def test_chunk_parallel_equals_per_token_oracle(muon, depth, c, T):
     assert all(float(b.abs().max()) > 0 for b in gr_ref[1:])  # every input really matters
 
 
+@torch.no_grad()
 def test_kernel_partial_rows_keep_state():
     """n_valid: a row's state is that of its complete chunks only; outputs of real tokens
     do not depend on the slots after them."""
@@ -188,6 +189,36 @@ def test_memory_apply_matches_oracle():
     W = [torch.randn(3, *s, generator=g) for s in [(4, 9), (6, 9), (6, 6), (4, 6)]]
     x = torch.randn(3, 9, generator=g)
     assert rel_err(memory_apply(W, x[:, None, :])[:, 0], mlp_oracle(W, x)) < 1e-6
+
+
+def memory_recall(p: int, c: int, d: int = 4, n_pairs: int = 8, N: int = 256, seed: int = 0) -> float:
+    """Write n_pairs random unit (key, value) pairs into a fresh memory (one chunk, Muon,
+    η = 0.1, θ = 0.5), query every key from the next chunk, and return how often the
+    nearest stored value to the retrieval is the right one."""
+    g = torch.Generator().manual_seed(seed)
+    C, T = 16, 32
+    coef = torch.tensor([1 / math.sqrt(math.factorial(j + 1)) for j in range(p)])
+    keys = F.normalize(torch.randn(N, n_pairs, d, generator=g), dim=-1)
+    vals = F.normalize(torch.randn(N, n_pairs, d, generator=g), dim=-1)
+    k, v, q = torch.zeros(N, T + c - 1, d), torch.zeros(N, T + c - 1, d), torch.zeros(N, T, d)
+    k[:, c - 1 : c - 1 + n_pairs], v[:, c - 1 : c - 1 + n_pairs], q[:, C : C + n_pairs] = keys, vals, keys
+    gamma = torch.zeros(N, T + c - 1)
+    gamma[:, c - 1 : c - 1 + n_pairs] = 1.0
+    Fd = feature_dim(d, p)
+    params = [0.1 * torch.randn(N, *s, generator=g) / math.sqrt(s[1]) for s in [(d, Fd), (d, Fd), (d, d)]]
+    y, _, _ = atlas_memory(poly_features(q, coef), poly_features(k, coef), v, gamma, torch.full((N, T), 0.1),
+                           torch.full((N, T), math.log(0.5)), torch.full((N, T), math.log(0.999)), params,
+                           chunk_size=C, window=c)
+    sim = torch.einsum("npd,nqd->npq", F.normalize(y[:, C : C + n_pairs], dim=-1), vals)
+    return float((sim.argmax(-1) == torch.arange(n_pairs)).float().mean())
+
+
+def test_polynomial_memory_holds_more_pairs():
+    """Capacity (paper §3): 8 pairs with 4-dim keys overfill a degree-1 memory (4 key
+    features), a degree-2 memory has 14. Measured: p=2,c=2 0.53, p=1,c=1 0.42 (chance 0.125)."""
+    hi, lo = memory_recall(p=2, c=2), memory_recall(p=1, c=1)
+    print(f"recall of 8 pairs, head_dim 4: degree 2 / window 2 {hi:.3f}, degree 1 / window 1 {lo:.3f}")
+    assert hi > lo + 0.05 and lo > 0.25
 
 
 # ----------------------------------------------------------------------------- the module
@@ -352,4 +383,32 @@ def test_memory_memorizes_at_inference():
             return float((pred - v.reshape(2, 16, -1)).pow(2).sum(-1).mean())
         before, after = omega([w[None] for w in init]), omega(st.weights)
     print(f"Omega loss of the seen tokens: initial memory {before:.4f}, after test-time memorization {after:.4f}")
-    assert after < 0.8 * before
+    assert after < 0.85 * before
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu_invariant_and_bf16():
+    """The (only) reference path on CUDA: same logits as on CPU, the invariant through a
+    cache, a finite bf16 training step."""
+    model = tiny_model()
+    T = 37
+    ids = torch.randint(0, 64, (3, T), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        cpu = model(ids).logits
+        model = model.cuda()
+        full = model(ids.cuda()).logits
+        assert rel_err(full.cpu(), cpu) <= 1e-3  # TF32 convolutions may differ in low bits
+        cache = model.new_cache(3)
+        outs, a = [], 0
+        for n in random_split(T, random.Random(5)):
+            outs.append(model(ids[:, a : a + n].cuda(), cache=cache).logits)
+            a += n
+        assert rel_err(torch.cat(outs, 1), full) <= 1e-4
+    m16 = model.to(torch.bfloat16).train()
+    loss = m16(ids.cuda(), labels=ids.cuda()).loss
+    loss.backward()
+    assert bool(torch.isfinite(loss)) and all(bool(torch.isfinite(p.grad).all()) for p in m16.parameters()
+                                              if p.grad is not None)

@@ -4,7 +4,7 @@ Memorize the Context at Test Time", arXiv 2505.23735); registered as ``atlas`` /
 Per head ``h`` and token ``t`` (d = head_dim)::
 
     q, k, v = SiLU(ShortConv(x W_qkv))                     (Titans/ATLAS short conv, optional)
-    q, k    = q / ||q||, k / ||k||                          (L2-normalised)
+    q, k, v = q / ||q||, k / ||k||, v / ||v||               (L2-normalised)
     γ_t = σ(x W_γ)   η_t = softplus(x W_η)   θ_t = σ(x W_θ)   α_t = σ(x W_α)   (per head)
     phi     = polynomial feature map of degree p, learned per-degree coefficients (§3)
     loss_t  = Σ_{i=t-c+1}^{t} γ_i ||M(phi(k_i)) - v_i||²    (Omega rule, Eq. 9, window c)
@@ -12,6 +12,11 @@ Per head ``h`` and token ``t`` (d = head_dim)::
     M_t     = α_t M_{t-1} - η_t NS5(S_t)                     (Muon inner step; "sgd": no NS5)
     y_t     = M(phi(q_t); W_n)                               (retrieval, chunk-start weights)
     out     = W_o · concat_h GatedRMSNorm(y_t, x W_g)
+
+Values are unit vectors too: a Muon step moves the memory by ``η`` whatever the size of
+the error, so with unit targets ``η`` has a fixed meaning (and the output is RMS-normalised
+per head anyway, so the memory's overall scale carries nothing). The initial memory is
+small (``MEMORY_INIT_SCALE``) so that early writes dominate what it starts with.
 
 ``M`` is a deep residual MLP (depth >= 2, ``M(x) = P x + W_L σ(... σ(W_1 x))``, paper
 Eq. 32-33 in spirit) whose initial weights are learned parameters of the layer, copied per
@@ -45,6 +50,7 @@ from ..kernels.conv import causal_conv1d
 from .norm import GatedRMSNorm
 
 MAX_FEATURE_DIM = 4096
+MEMORY_INIT_SCALE = 0.1  # initial memory weights ~ N(0, (0.1 / sqrt(fan_in))^2)
 
 
 @dataclass(frozen=True)
@@ -131,8 +137,8 @@ class Atlas(nn.Module):
         cfg = self.cfg
         H = self.h
         with torch.no_grad():
-            for W in self.memory:
-                nn.init.normal_(W, 0.0, 1.0 / math.sqrt(W.shape[-1]))
+            for W in self.memory:  # small: what the memory writes dominates what it starts with
+                nn.init.normal_(W, 0.0, MEMORY_INIT_SCALE / math.sqrt(W.shape[-1]))
             for j in range(cfg.poly_degree):  # Taylor coefficients of exp: 1/sqrt(j!)
                 self.poly_coef[:, j] = 1.0 / math.sqrt(math.factorial(j + 1))
             if self.conv_weight is not None:
@@ -181,7 +187,7 @@ class Atlas(nn.Module):
         else:
             qkv = F.silu(qkv)
         q, k, v = qkv.view(B, T, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, d]
-        q, k = F.normalize(q, dim=-1, eps=1e-6), F.normalize(k, dim=-1, eps=1e-6)
+        q, k, v = (F.normalize(t, dim=-1, eps=1e-6) for t in (q, k, v))  # unit keys, queries and values
         z = self.gate_proj(x).view(B, T, 4, H).permute(0, 3, 1, 2)  # [B, H, T, 4]
         gates = torch.stack([torch.sigmoid(z[..., 0]), F.softplus(z[..., 1]),
                              F.logsigmoid(z[..., 2]), F.logsigmoid(z[..., 3])], dim=-1)
