@@ -129,6 +129,13 @@ class GatedDeltaNet(nn.Module):
         S = torch.zeros(batch_size, self.hv, self.dk, self.dv, device=device, dtype=sdt)
         return GDNState(conv=conv, S=S)
 
+    def state_nbytes(self, seq_len: int, dtype: torch.dtype = torch.float32, *, n_meta: int = 0) -> int:
+        """Bytes of one sequence's state at any length (what ``init_state`` allocates): the conv
+        tail [C, K-1] in ``dtype`` and S [Hv, dk, dv] in float32 (float64 for a float64 model)."""
+        s_elt = 8 if dtype == torch.float64 else 4
+        conv = self.qkv_size * (self.cfg.conv_size - 1) * dtype.itemsize if self.conv_weight is not None else 0
+        return conv + self.hv * self.dk * self.dv * s_elt
+
     def forward(self, x: Tensor, ctx: StepContext, state: GDNState | None = None) -> Tensor:
         return self.out_proj(self.inner(x, ctx, state))
 
