@@ -293,3 +293,59 @@ def test_recipe_train_section_gives_defaults(tmp_path):
     assert len(rows) == 2 and "muon_lr" not in rows[0] and "eval_accuracy" in rows[0]
     state = json.loads((out / "step-2" / "trainer_state.json").read_text())
     assert state["train_config"]["data"] == "parity" and state["train_config"]["optimizer"] == "adamw"
+
+
+def test_time_limit_ends_the_run_with_an_eval_and_a_checkpoint(tmp_path, capsys):
+    recipe = write_recipe(tmp_path)
+    out = tmp_path / "tl"
+    assert main(["train", recipe, "--out", str(out), "--steps", "5", "--time-limit", "0.001", *FAST]) == 0
+    cap = capsys.readouterr()
+    assert "done: 1 of 5 steps" in cap.out and "--time-limit" in cap.err
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1] and "eval_accuracy" in rows[0]
+    assert [p.name for p in out.glob("step-*")] == ["step-1"]
+    assert main(["train", recipe, "--out", str(out), "--steps", "5", "--resume", *FAST]) == 0
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5]
+    assert main(["train", recipe, "--out", str(out), "--time-limit", "0", *FAST]) == 2
+
+
+def test_moe_recipe_records_aux_loss_and_routing_stats(tmp_path):
+    from hymba_plus.core import registry
+
+    if "moe" not in registry.names():
+        pytest.skip("moe is not registered in this build")
+    recipe = dict(TINY, model={**TINY["model"], "block_pattern": "GA | GA+moe"},
+                  components={**TINY["components"], "moe": {"n_experts": 4, "top_k": 2, "bias_update_rate": 0.01}})
+    out = tmp_path / "moe"
+    assert main(["train", write_recipe(tmp_path, recipe), "--out", str(out), "--steps", "3", *FAST]) == 0
+    row = metrics(out)[-1]
+    assert row["aux_loss"] > 0
+    assert any(k.startswith("moe/1/") for k in row) and isinstance(row["moe/1/tokens_per_expert"], list)
+    bias = from_pretrained(out / "step-3").blocks[1].ffn.expert_bias
+    assert float(bias.abs().sum()) > 0  # update_bias ran after each step (3 steps of +-rate cannot cancel)
+
+
+def test_demo_recipe_uses_every_component_and_is_valid():
+    from hymba_plus.core.recipe import load_recipe
+    from hymba_plus.demo import demo_recipe
+
+    r = load_recipe(demo_recipe())
+    used = {s.mixer for s in r.layers} | {s.ffn for s in r.layers}
+    assert {"gated_attn"} <= used
+    from hymba_plus.core import registry
+
+    for name in ("atlas", "mamba3", "gdn", "moe"):
+        assert (name in used) == (name in registry.names())
+    assert r.train.data == "mqar" and r.train.seq_len <= r.model.max_seq_len
+
+
+@pytest.mark.slow
+def test_demo_trains_recall_far_above_chance(tmp_path, capsys):
+    from hymba_plus.demo import main as demo_main
+
+    rc = demo_main(["--no-tour", "--out", str(tmp_path / "demo"), "--steps", "150"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert (tmp_path / "demo" / "loss.png").is_file()
+    final = [json.loads(x) for x in (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["eval_accuracy"] > 0.5  # chance 1/16

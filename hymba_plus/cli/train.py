@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="optimizer steps of the run (the schedule's length)")
     p.add_argument("--stop-after", type=int, metavar="STEP",
                    help="end this run at STEP with a checkpoint, keeping the schedule of --steps (resume later)")
+    p.add_argument("--time-limit", type=float, metavar="SECONDS",
+                   help="end this run with an eval and a checkpoint once SECONDS have passed (resume later)")
     p.add_argument("--batch-size", type=int, help="sequences per micro-batch per process")
     p.add_argument("--seq-len", type=int, help="tokens per sequence")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
@@ -75,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = {field: getattr(args, dest) for dest, field in _FIELDS.items() if getattr(args, dest) is not None}
     if args.stop_after is not None and args.stop_after < 1:
         raise UsageError(f"--stop-after {args.stop_after}: must be >= 1")
+    if args.time_limit is not None and args.time_limit <= 0:
+        raise UsageError(f"--time-limit {args.time_limit:g}: must be > 0")
     base = recipe.train if recipe.train is not None else TrainConfig()
     try:
         cfg = dataclasses.replace(base, **overrides)
@@ -83,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     out = Path(args.out) if args.out else Path("runs") / recipe.name
     opts = RunOptions(out=out, resume=args.resume, device=args.device, compile=args.compile,
-                      stop_after=args.stop_after, progress=not args.no_progress, recipe_name=args.recipe,
+                      stop_after=args.stop_after, time_limit=args.time_limit, progress=not args.no_progress, recipe_name=args.recipe,
                       overrides=overrides)
     try:
         summary = train(recipe, cfg, opts)

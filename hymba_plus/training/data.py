@@ -259,7 +259,8 @@ class TaskStream:
         self.seed = seed
         self.cfg = cfg
         self.tokenizer = tokmod.IdsTokenizer(vocab_size)
-        self.description = f"task {task.name} ({task.doc}; chance accuracy {task.chance(vocab_size, cfg):.3f})"
+        self.chance = task.chance(vocab_size, cfg)
+        self.description = f"task {task.name} ({task.doc}; chance accuracy {self.chance:.3f})"
 
     def train(self, indices: range) -> Batch:
         return Batch(*self.task.batch(indices, self.seed, self.seq_len, self.vocab_size, self.cfg, stream=0))

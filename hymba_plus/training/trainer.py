@@ -57,6 +57,7 @@ class RunOptions:
     device: str | None = None
     compile: bool = False
     stop_after: int | None = None  # end this run at this step (the schedule keeps cfg.steps)
+    time_limit: float | None = None  # end this run (eval + checkpoint) once this many seconds have passed
     progress: bool = True
     recipe_name: str = "the recipe"
     overrides: dict[str, Any] = field(default_factory=dict)  # flags given on the command line
@@ -66,6 +67,7 @@ class RunOptions:
 @dataclass
 class Summary:
     steps: int
+    total: int
     start_step: int
     final_loss: float
     eval: dict[str, float]
@@ -78,7 +80,8 @@ class Summary:
         ev = " ".join(f"{k} {_fmt(v)}" for k, v in self.eval.items())
         ck = f", checkpoint {self.checkpoint}" if self.checkpoint else ""
         resumed = f" (resumed at {self.start_step})" if self.start_step else ""
-        return (f"done: {self.steps} steps{resumed} in {self.seconds:.1f}s, loss {self.final_loss:.4f}"
+        of = f" of {self.total}" if self.steps < self.total else ""
+        return (f"done: {self.steps}{of} steps{resumed} in {self.seconds:.1f}s, loss {self.final_loss:.4f}"
                 f"{', ' + ev if ev else ''}, {self.tokens_per_s:,.0f} tokens/s{ck}")
 
 
@@ -134,8 +137,9 @@ def read_metrics(path: Path, upto: int | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-def plot_metrics(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
-    """``loss.png``: train (and eval) loss, and the eval metric, against the step."""
+def plot_metrics(rows: list[dict[str, Any]], path: Path, title: str = "", chance: float | None = None) -> None:
+    """``loss.png``: train (and eval) loss, and the eval metric (with the task's chance
+    level when known), against the step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,6 +165,9 @@ def plot_metrics(rows: list[dict[str, Any]], path: Path, title: str = "") -> Non
         ax2.set_ylabel(metric.replace("eval_", "eval "))
         if metric == "eval_accuracy":
             ax2.set_ylim(0, 1)
+            if chance is not None:
+                ax2.axhline(chance, ls="--", color="gray", lw=1, label=f"chance {chance:.3f}")
+                ax2.legend(loc="lower right")
         ax2.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
@@ -400,6 +407,15 @@ class Trainer:
         finally:
             dist_mod.shutdown(self.info)
 
+    def _out_of_time(self, t_run: float) -> bool:
+        """``time_limit`` passed (on any rank: the ranks agree, so all stop at the same step)."""
+        if self.opts.time_limit is None:
+            return False
+        over = float(time.perf_counter() - t_run >= self.opts.time_limit)
+        if self.info.enabled:
+            over = dist_mod.all_reduce([over], self.info, op="sum")[0]
+        return over > 0
+
     def _loop(self) -> Summary:
         cfg, info = self.cfg, self.info
         stop = self.opts.stop_after if self.opts.stop_after is not None else cfg.steps
@@ -433,15 +449,19 @@ class Trainer:
                 row["tokens"] = self.tokens_seen
                 n = step + 1
                 loss = row["loss"]
-                if n % cfg.eval_every == 0 or n == stop:
+                last = n == stop or self._out_of_time(t_run)
+                if n % cfg.eval_every == 0 or last:
                     last_eval = self.evaluate()
                     row.update(last_eval)
+                    self.log(f"step {n}/{cfg.steps}: loss {loss:.4f}, "
+                             + ", ".join(f"{k} {_fmt(v)}" for k, v in last_eval.items()))
                 self.rows.append(row)
                 if metrics_file is not None:
                     metrics_file.write(json.dumps(row) + "\n")
                     metrics_file.flush()
                 if "eval_loss" in row and info.is_main:
-                    plot_metrics(self.rows, self.out / "loss.png", f"{self.recipe.name} ({cfg.data})")
+                    plot_metrics(self.rows, self.out / "loss.png", f"{self.recipe.name} ({cfg.data})",
+                                 getattr(self.stream, "chance", None))
                 if bar is not None:
                     post = {"loss": f"{loss:.4f}", "tok/s": f"{rate:,.0f}"}
                     if "eval_accuracy" in last_eval:
@@ -450,16 +470,22 @@ class Trainer:
                         post["ppl"] = f"{last_eval['eval_ppl']:.2f}"
                     bar.set_postfix(post, refresh=False)
                     bar.update(1)
-                if n % cfg.save_every == 0 or n == stop:
+                if n % cfg.save_every == 0 or last:
                     last_ckpt = self.save(n)
+                if last:
+                    if n < stop:
+                        self.log(f"--time-limit {self.opts.time_limit:g}s reached at step {n}: stopping "
+                                 f"(continue with --resume)")
+                    break
         finally:
             if bar is not None:
                 bar.close()
             if metrics_file is not None:
                 metrics_file.close()
         seconds = time.perf_counter() - t_run
-        done = stop - self.start_step
-        summary = Summary(steps=stop, start_step=self.start_step, final_loss=loss, eval=last_eval,
+        reached = self.rows[-1]["step"] if self.rows and self.rows[-1]["step"] > self.start_step else self.start_step
+        done = reached - self.start_step
+        summary = Summary(steps=reached, total=cfg.steps, start_step=self.start_step, final_loss=loss, eval=last_eval,
                           tokens_per_s=done * tokens_per_step / max(train_seconds, 1e-9), seconds=seconds,
                           checkpoint=last_ckpt or ckpt_mod.latest(self.out), out=self.out)
         return summary
