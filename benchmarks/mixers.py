@@ -19,39 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from timing import bench  # benchmarks/timing.py (scripts run from the repo root as files)
 
 import hymba_plus  # noqa: F401  (registers components)
 from hymba_plus import build_model, registry
 from hymba_plus.core.cache import StepContext
-
-
-def bench(fn: Callable[[], object], device: str, warmup: int = 3, iters: int = 10) -> float:
-    """Median milliseconds of fn()."""
-    for _ in range(warmup):
-        fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(iters):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e))
-        return statistics.median(times)
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def fwd_bwd(fn: Callable[[], torch.Tensor], params: list[torch.Tensor]) -> Callable[[], None]:
@@ -173,8 +149,8 @@ def run_mixers(args: argparse.Namespace) -> list[dict]:
             ctx = StepContext(positions=torch.arange(T, device=device)[None].expand(B, -1))
             params = [x, *layer.parameters()]
             with torch.no_grad():
-                row["layer_fwd_ms"] = bench(lambda: layer(x, ctx, None), device)
-            row["layer_fwdbwd_ms"] = bench(fwd_bwd(lambda: layer(x, ctx, None), params), device)
+                row["layer_fwd_ms"] = bench(lambda: layer(x, ctx, None), device)  # noqa: B023 - timed at once
+            row["layer_fwdbwd_ms"] = bench(fwd_bwd(lambda: layer(x, ctx, None), params), device)  # noqa: B023
         except Exception as e:  # noqa: BLE001 - report and continue with the other mixers
             row["error"] = f"{type(e).__name__}: {e}"[:300]
         kernels = raw_kernels(name, B, T, H, D, device, dtype)

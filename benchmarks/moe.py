@@ -21,11 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from timing import bench  # benchmarks/timing.py (scripts run from the repo root as files)
 from torch import nn
 
 import hymba_plus  # noqa: F401  (registers components)
@@ -34,28 +33,6 @@ from hymba_plus.components.moe import MoE, MoEConfig
 from hymba_plus.core.cache import StepContext
 from hymba_plus.kernels import dispatch
 from hymba_plus.kernels import moe as K
-
-
-def bench(fn: Callable[[], object], device: str, warmup: int, iters: int) -> float:
-    """Median milliseconds of fn() (CUDA events on GPU, perf_counter on CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(iters):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e))
-    else:
-        for _ in range(iters):
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def _out(y: object) -> torch.Tensor:
