@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 
 import pytest
 import torch
@@ -134,7 +133,7 @@ def test_kernel_partial_rows_keep_state():
     y, W, S = atlas_memory(qf, kf, v, gam, eta, lt, la, params, mom, chunk_size=C, window=c, n_valid=n_valid)
     for r, n in enumerate(n_valid.tolist()):
         full = (n // C) * C  # the row's state is that after its last complete chunk
-        sl = lambda t, m: t[r : r + 1, :m]  # noqa: E731
+        sl = lambda t, m, r=r: t[r : r + 1, :m]  # noqa: E731
         y_r, W_r, S_r = atlas_memory(
             sl(qf, n), sl(kf, n + c - 1), sl(v, n + c - 1), sl(gam, n + c - 1), sl(eta, n), sl(lt, n), sl(la, n),
             [p[r : r + 1] for p in params], [m[r : r + 1] for m in mom], chunk_size=C, window=c)
@@ -412,3 +411,49 @@ def test_cuda_matches_cpu_invariant_and_bf16():
     loss.backward()
     assert bool(torch.isfinite(loss)) and all(bool(torch.isfinite(p.grad).all()) for p in m16.parameters()
                                               if p.grad is not None)
+
+
+# ----------------------------------------------------------------------------- learning
+
+#: vocab 32: keys 1..15, values 16..31 (chance 1/16); 6 pairs = 12 context tokens = chunk 0,
+#: the queries fill chunk 1, so every query reads a memory that has seen all the pairs
+MQAR = dict(steps=200, batch=32, seq_len=24, n_pairs=6, lr=5e-3)
+LEARN = {"n_heads": 1, "head_dim": 8, "chunk_size": 12, "window": 2, "poly_degree": 2, "memory_hidden": 1}
+
+
+def test_learns_mqar():
+    """A 2-layer ATLAS model (Muon inner optimizer, Omega window 2, degree-2 features) learns
+    associative recall through its test-time memory. Measured 0.24-0.26 after 200 steps
+    (chance 0.0625; a 2-layer attention model gets ~0.26 at a similar budget)."""
+    acc = train_mqar(tiny_recipe("ATL | ATL", {"atlas": LEARN}, vocab_size=32), **MQAR)
+    print(f"atlas MQAR accuracy: {acc:.3f} (chance {1 / 16:.3f})")
+    assert acc > 2.5 / 16
+
+
+#: 12 pairs with head_dim 8: more pairs than the 8 key features of a degree-1 memory can
+#: keep apart, well within the 44 features of degree 2
+CAPACITY = dict(steps=300, batch=32, seq_len=48, n_pairs=12, lr=5e-3)
+RICH = {"n_heads": 1, "head_dim": 8, "chunk_size": 24, "window": 2, "poly_degree": 2, "memory_hidden": 1}
+BASE = {**RICH, "window": 1, "poly_degree": 1}
+
+
+@pytest.mark.slow
+def test_mqar_window_and_degree_vs_online_linear_memory():
+    """The capacity comparison end to end, stated as measured. Same model, data and budget;
+    only the Omega window and the feature degree differ (the degree-2 memory has more
+    weights: P and W_1 read 44 features instead of 8, which is the point of the map).
+
+    Measured (300 steps, accuracy per seed 0 / 1): window 2 + degree 2: 0.144 / 0.496;
+    window 1 + degree 1: 0.364 / 0.162 (ablations, seed 0: window 1 + degree 2 0.140,
+    window 2 + degree 1 0.228). At this CPU budget the outcome is decided by whether a run
+    "finds" the recall solution, not by the memory: the richer memory does not reliably
+    store more pairs end to end, so this asserts only that both learn (mean over two seeds)
+    and prints the numbers. Without outer training the capacity gain is clear and is
+    asserted in ``test_polynomial_memory_holds_more_pairs``."""
+    accs = {}
+    for name, cfg in (("window 2, degree 2", RICH), ("window 1, degree 1", BASE)):
+        accs[name] = [train_mqar(tiny_recipe("ATL | ATL", {"atlas": cfg}, vocab_size=32), seed=s, **CAPACITY)
+                      for s in (0, 1)]
+    print("MQAR 12 pairs, head_dim 8 (chance 0.0625):", {k: [round(a, 3) for a in v] for k, v in accs.items()})
+    for v in accs.values():
+        assert sum(v) / len(v) > 2 / 16

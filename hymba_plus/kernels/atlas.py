@@ -50,7 +50,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -98,7 +98,7 @@ def newton_schulz(G: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
 # ----------------------------------------------------------------------------- features
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _monomials(d: int, degree: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
     """Index tuples i_1 <= ... <= i_j of the degree-j monomials and sqrt(multinomial) weights."""
     idx, w = [], []
