@@ -94,7 +94,7 @@ def main() -> int:
               "seq_len": args.seq_len, "steps": args.steps, "compile": args.compile, "results": results}
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"\ndevice: {report['device']}")
-    print(f"{'GPUs':>5} {'tokens/s':>12} {'speedup':>8} {'efficiency':>10}")
+    print(f"{'procs':>5} {'tokens/s':>12} {'speedup':>8} {'efficiency':>10}")
     for r in results:
         sp = f"{r['speedup']:.2f}" if r["speedup"] else "-"
         ef = f"{r['efficiency']:.0%}" if r["efficiency"] else "-"

@@ -349,3 +349,11 @@ def test_demo_trains_recall_far_above_chance(tmp_path, capsys):
     assert (tmp_path / "demo" / "loss.png").is_file()
     final = [json.loads(x) for x in (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()][-1]
     assert final["eval_accuracy"] > 0.5  # chance 1/16
+
+
+@pytest.mark.slow
+def test_compile_flag_trains_and_saves_a_loadable_checkpoint(tmp_path):
+    out = tmp_path / "compiled"
+    assert main(["train", write_recipe(tmp_path), "--out", str(out), "--steps", "2", "--compile", *FAST]) == 0
+    assert math.isfinite(metrics(out)[-1]["loss"])
+    from_pretrained(out / "step-2")  # saved from the module, not the compiled wrapper
