@@ -47,9 +47,9 @@ def gdn_fwd_bwd() -> str:
 
 
 def mamba3_siso() -> str:
-    from mamba_ssm.ops.triton.mamba3.mamba3_siso_combined import mamba3_siso_combined
-
     import inspect
+
+    from mamba_ssm.ops.triton.mamba3.mamba3_siso_combined import mamba3_siso_combined
 
     return "import ok; signature " + str(inspect.signature(mamba3_siso_combined))[:600]
 
@@ -89,8 +89,8 @@ def main() -> None:
         r["mamba3_siso"] = probe("mamba3", mamba3_siso)
         r["grouped_mm"] = probe("grouped_mm", grouped_mm)
     r["qwen3_next_moe"] = probe("qwen3next", qwen3_next_moe)
-    from hymba_plus.kernels import dispatch
     import hymba_plus  # noqa: F401  registers components and their fast paths
+    from hymba_plus.kernels import dispatch
 
     r["dispatch"] = {k: {"doc": v[0], "ok": v[1], "error": v[2]} for k, v in dispatch.available().items()}
     import os
