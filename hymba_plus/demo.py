@@ -211,7 +211,8 @@ def train_demo(out: Path, seed: int, steps: int | None, time_limit: float) -> tu
           f"{recipe.model.meta_tokens} meta tokens, {d['params_total']:,} parameters ({d['params_active']:,} active)")
     print(f"task     MQAR: {cfg.mqar_pairs} key/value pairs, then the keys again; the model must recall each "
           f"value (keys 1..{recipe.model.vocab_size // 2 - 1}, values {recipe.model.vocab_size // 2}.."
-          f"{recipe.model.vocab_size - 1}: chance {chance:.4f})")
+          f"{recipe.model.vocab_size - 1}: chance {chance:.4f}; guessing among the {cfg.mqar_pairs} values "
+          f"in the sequence: {1 / cfg.mqar_pairs:.2f})")
     print(f"training {cfg.steps} steps x {cfg.batch_size} sequences of {cfg.seq_len} tokens, Muon + AdamW, "
           f"cosine schedule; eval every {cfg.eval_every} steps (time limit {time_limit:.0f}s)\n", flush=True)
     t0 = time.perf_counter()
@@ -231,7 +232,7 @@ def train_demo(out: Path, seed: int, steps: int | None, time_limit: float) -> tu
     return summary.steps, final, chance, Path(ckpt)
 
 
-def recall_from_checkpoint(ckpt: Path, n: int = 8, seed: int = 0) -> float:
+def recall_from_checkpoint(ckpt: Path, n: int = 16, seed: int = 0) -> float:
     """Load the checkpoint as ``hymba generate`` does and let it recall values."""
     from .cli import main as cli_main
     from .models.lm import from_pretrained
@@ -239,8 +240,15 @@ def recall_from_checkpoint(ckpt: Path, n: int = 8, seed: int = 0) -> float:
     from .training.tasks import TASKS
 
     model = from_pretrained(ckpt).eval()
+    print(f"from_pretrained({ckpt}): the checkpoint recalls values it never saw in training")
     saved = model.recipe.train or TrainConfig()
     V, pairs = model.config.vocab_size, saved.mqar_pairs or 4
+    ids, labels = TASKS["mqar"].batch(range(20_000, 20_512), seed + 7, saved.seq_len, V, saved, stream=1)
+    with torch.no_grad():
+        pred = model(ids).logits[:, :-1].argmax(-1)
+    per_query = [float((pred[:, t] == labels[:, t + 1]).float().mean()) for t in range(2 * pairs, 4 * pairs, 2)]
+    print(f"accuracy by query on 512 new sequences: {', '.join(f'{a:.3f}' for a in per_query)} (the first query "
+          "cannot be answered by elimination: it is pure recall)")
     ids, _ = TASKS["mqar"].batch(range(10_000, 10_000 + n), seed + 7, saved.seq_len, V, saved, stream=1)
     prompts = ids[:, : 2 * pairs + 1]  # the pairs, then the first query key
     truth = ids[:, 2 * pairs + 1]
@@ -248,7 +256,7 @@ def recall_from_checkpoint(ckpt: Path, n: int = 8, seed: int = 0) -> float:
         out = model.generate(prompts, max_new_tokens=1, temperature=0.0)
     got = out[:, -1]
     correct = int((got == truth).sum())
-    print(f"from_pretrained({ckpt}) and generate: recall the value of the queried key")
+    print("generate (greedy, one new token after the first query key):")
     for i in range(min(n, 4)):
         row = prompts[i].tolist()
         kv = " ".join(f"{k}->{v}" for k, v in zip(row[0 : 2 * pairs : 2], row[1 : 2 * pairs : 2]))
