@@ -45,6 +45,16 @@ def resolve_checkpoint(path: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except BrokenPipeError:  # `hymba generate ... | head`: the reader left, which is fine
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _run(args: argparse.Namespace) -> int:
     import torch
 
     from ..models.lm import CheckpointError, from_pretrained
