@@ -103,6 +103,8 @@ def _chunks(f: Path, tok: Any, chunk_bytes: int = 1 << 22) -> Iterator[np.ndarra
                     yield np.asarray(tok.encode(data.decode("utf-8", errors="replace")), dtype=np.int64)
                 return
             cut = data.rfind(b"\n") + 1
+            if cut == 0 and len(data) > chunk_bytes:  # one huge line: cut at a space (bounded memory)
+                cut = data.rfind(b" ") + 1 or len(data)
             if cut == 0:
                 rest = data
                 continue
