@@ -118,6 +118,7 @@ def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):
             if any(p.name.startswith(".tmp-step-") for p in out.iterdir()):
                 killed_during_save = True
                 break
+            time.sleep(0.001)
         time.sleep(random.uniform(0, 0.03))  # somewhere inside the save (or just after it)
         proc.send_signal(signal.SIGKILL)
     finally:
