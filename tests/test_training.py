@@ -310,10 +310,6 @@ def test_time_limit_ends_the_run_with_an_eval_and_a_checkpoint(tmp_path, capsys)
 
 
 def test_moe_recipe_records_aux_loss_and_routing_stats(tmp_path):
-    from hymba_plus.core import registry
-
-    if "moe" not in registry.names():
-        pytest.skip("moe is not registered in this build")
     recipe = dict(TINY, model={**TINY["model"], "block_pattern": "GA | GA+moe"},
                   components={**TINY["components"], "moe": {"n_experts": 4, "top_k": 2, "bias_update_rate": 0.01}})
     out = tmp_path / "moe"
