@@ -15,16 +15,6 @@ from hymba_plus.core.cache import StepContext
 from hymba_plus.core.positions import RopeConfig, RopeScaling, Rotary, inv_freq_and_mscale, rotary_dim
 from tests.conftest import rel_err
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine a
-    second OpenMP thread that gets preempted makes every op wait (10-100x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 # --------------------------------------------------------------------------- RoPE frequencies
 
 

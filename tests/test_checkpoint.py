@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 
@@ -30,12 +29,6 @@ TINY = {
 FAST = ["--batch-size", "2", "--seq-len", "16", "--warmup", "1", "--eval-every", "100", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def recipe_file(tmp_path: Path, recipe: dict | None = None, name: str = "r.yaml") -> str:

@@ -21,12 +21,6 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 BAD = sorted((ROOT / "tests" / "bad_recipes").glob("*.yaml"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def run(capsys, *argv: str) -> tuple[int, list[str], list[str]]:

@@ -11,15 +11,6 @@ from hymba_plus.kernels.conv import causal_conv1d, causal_conv1d_ref
 from tests.conftest import rel_err
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: one intra-op thread is as fast, and it avoids OpenMP spin-waiting
-    when the 2 CPU cores are shared (2 threads there made the MQAR test ~20x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 def oracle(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, activation: str | None) -> torch.Tensor:
     """Plain F.conv1d over the whole sequence, zero history."""
     K = w.shape[1]

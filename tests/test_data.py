@@ -25,12 +25,6 @@ TINY = {
 TEXT = "The quick brown fox jumps over the lazy dog. Ünïcödé ✓ text\n" * 40
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def recipe_file(tmp_path: Path) -> str:

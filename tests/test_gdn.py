@@ -23,15 +23,6 @@ from tests.conftest import rel_err
 from tests.helpers import tiny_recipe, train_mqar
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: one intra-op thread is as fast, and it avoids OpenMP spin-waiting
-    when the 2 CPU cores are shared (2 threads there made the MQAR test ~20x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 def make_inputs(B, T, H, Hv, dk, dv, dtype=torch.float64, device="cpu", seed=0, h0=True):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731

@@ -10,14 +10,6 @@ from .conftest import rel_err
 from .helpers import tiny_recipe, train_mqar
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def recipe(ssm: str = "mamba3", pattern: str = "HY | HY | GA", kv_share: bool = False, window=None, **model):
     comps = {
         "hymba": {"ssm": ssm, "attn": {"n_heads": 4, "n_kv_heads": 2, "window": window, "kv_share": kv_share}},

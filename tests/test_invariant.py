@@ -30,16 +30,6 @@ from hymba_plus import build_model, from_pretrained, load_recipe, registry
 from hymba_plus.cli.info import describe, mixer_state_nbytes
 from tests.conftest import rel_err
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine a
-    second OpenMP thread that gets preempted makes every op wait (10-100x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 V, D = 37, 32

@@ -29,14 +29,6 @@ from tests.helpers import tiny_recipe, train_mqar
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a shared 2-core machine a second
-    thread that gets preempted makes every op wait (the MQAR test ran ~10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_inputs(B=2, T=16, R=1, G=1, N=8, H=4, P=6, K=2, dtype=F64, device="cpu", seed=0, mimo=None):

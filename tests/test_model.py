@@ -14,16 +14,6 @@ from hymba_plus import CheckpointError, HybridLM, build_model, from_pretrained, 
 from hymba_plus.models.generation import sample_next
 from tests.conftest import rel_err
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine a
-    second OpenMP thread that gets preempted makes every op wait (10-100x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 ROOT = Path(__file__).resolve().parents[1]
 V = 48
 

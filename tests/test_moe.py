@@ -22,13 +22,6 @@ from tests.helpers import tiny_recipe
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run many tiny ops: one thread is faster than two on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _ctx(B: int, T: int, lengths: torch.Tensor | None = None, device: str = "cpu") -> StepContext:

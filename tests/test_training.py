@@ -26,13 +26,6 @@ TINY = {
 FAST = ["--batch-size", "4", "--seq-len", "32", "--warmup", "2", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models train faster on one thread (and do not fight other processes for cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def write_recipe(tmp_path: Path, recipe: dict | None = None, name: str = "tiny.yaml") -> str:
