@@ -17,6 +17,7 @@ from hymba_plus.kernels import dispatch
 from hymba_plus.kernels.gdn import (
     chunk_gated_delta_rule_ref,
     gated_delta_rule,
+    gated_delta_rule_fla,
     recurrent_gated_delta_rule_ref,
 )
 from tests.conftest import rel_err
@@ -343,7 +344,9 @@ def _rms_rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_fast_matches_reference(monkeypatch, dtype, T):
     """fla (chunk for T > 1, fused recurrent for T == 1) vs the float32 reference on the same
     inputs: outputs and final state (max-abs relative error), input gradients (RMS relative
-    error, fla's own test measure)."""
+    error, fla's own test measure). bf16: < 1e-2. float32: fla computes its matmuls in tf32, so
+    the dispatcher keeps float32 on the reference; fla's float32 mode is held to the tf32 level
+    (the bf16 bound; its final state measured 1.01e-3 at T = 1 on an H100), not to 1e-3."""
     monkeypatch.setenv("HYMBA_KERNELS", "fast")
     dev = torch.device("cuda")
     ins = make_inputs(2, T, 2, 4, 64, 64, dtype=dtype, device=dev, seed=T)
@@ -352,7 +355,7 @@ def test_fast_matches_reference(monkeypatch, dtype, T):
     leaves = [t.detach().clone().requires_grad_() for t in ins]
     do = torch.randn(2, T, 4, 64, device=dev, dtype=dtype)
     ds = torch.randn(2, 4, 64, 64, device=dev)
-    o, s = gated_delta_rule(*leaves, output_final_state=True, use_qk_l2norm=True)
+    o, s = gated_delta_rule_fla(*leaves, output_final_state=True, use_qk_l2norm=True)
     assert o.dtype == dtype and s.dtype == torch.float32
     grads = torch.autograd.grad((o.float() * do.float()).sum() + (s * ds).sum(), leaves)
 
@@ -360,25 +363,28 @@ def test_fast_matches_reference(monkeypatch, dtype, T):
     ref_fn = recurrent_gated_delta_rule_ref if T == 1 else chunk_gated_delta_rule_ref
     o_r, s_r = ref_fn(*ref_leaves, use_qk_l2norm=True)
     ref_grads = torch.autograd.grad((o_r * do.float()).sum() + (s_r * ds).sum(), ref_leaves)
-    tol = 1e-2 if dtype == torch.bfloat16 else 1e-3
+    tol = 1e-2
     assert rel_err(o.float(), o_r) < tol
-    # the final state sums T rank-1 updates through fla's tf32 matmuls in fp32 mode (1.01e-3
-    # measured at T=1 on an H100); outputs and input gradients keep the stated bounds
-    assert rel_err(s, s_r) < 2 * tol
+    assert rel_err(s, s_r) < tol
     for name, a, b in zip("q k v g beta h0".split(), grads, ref_grads):
         assert _rms_rel(a, b) < tol, name
     if T == 1:  # without autograd, decode goes through fla's fused recurrent kernel
         with torch.no_grad():
             o1, s1 = gated_delta_rule(*ins, output_final_state=True, use_qk_l2norm=True)
-        assert rel_err(o1.float(), o_r) < tol and rel_err(s1, s_r) < 2 * tol
+        assert rel_err(o1.float(), o_r) < tol and rel_err(s1, s_r) < tol
+    if dtype == torch.float32:  # the dispatcher keeps float32 on the exact reference
+        with torch.no_grad():
+            o2, s2 = gated_delta_rule(*ins, output_final_state=True, use_qk_l2norm=True)
+        assert rel_err(o2, o_r) < 1e-5 and rel_err(s2, s_r) < 1e-5
 
 
 @pytest.mark.gpu
 def test_model_fast_equals_reference_and_chunked(monkeypatch):
-    """On CUDA, the whole model with fla kernels matches HYMBA_KERNELS=reference, and the
-    cache invariant holds on the fast path (chunked prefill with a state, fused-recurrent decode)."""
+    """On CUDA in bf16 (fla serves 16-bit inputs), the whole model with fla kernels matches
+    HYMBA_KERNELS=reference, and the cache invariant holds on the fast path (chunked prefill
+    with a state, fused-recurrent decode)."""
     dev = torch.device("cuda")
-    model = small_model("GD | GA | GD").to(dev)
+    model = small_model("GD | GA | GD").to(dev, torch.bfloat16)
     ids = torch.randint(0, 64, (2, 150), device=dev)
     with torch.no_grad():
         monkeypatch.setenv("HYMBA_KERNELS", "reference")
@@ -388,5 +394,5 @@ def test_model_fast_equals_reference_and_chunked(monkeypatch):
         cache = model.new_cache(2)
         parts = [model(ids[:, :70], cache=cache).logits, model(ids[:, 70:71], cache=cache).logits,
                  model(ids[:, 71:], cache=cache).logits]
-    assert rel_err(fast, ref) < 1e-3
-    assert rel_err(torch.cat(parts, 1), ref) < 1e-3
+    assert rel_err(fast.float(), ref.float()) < 2e-2
+    assert rel_err(torch.cat(parts, 1).float(), ref.float()) < 5e-2

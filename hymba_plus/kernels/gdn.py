@@ -44,8 +44,10 @@ Three entry points:
 * ``gated_delta_rule`` — the dispatcher: fla's ``chunk_gated_delta_rule`` (T > 1, or
   whenever autograd needs a backward) or ``fused_recurrent_gated_delta_rule`` (decode:
   T == 1 without autograd; fla gives it no backward) on CUDA when importable
-  (``kernels.dispatch``, op name ``"gdn"``), else the references (chunked for T > 1,
-  recurrent for T == 1). The ``delta_rule=False`` ablation always uses the reference.
+  (``kernels.dispatch``, op name ``"gdn"``) for float16/bfloat16 inputs, else the references
+  (chunked for T > 1, recurrent for T == 1). float32 stays on the reference: fla computes
+  float32 matmuls in tf32 (measured 1.01e-3 relative on the final state at T = 1 on an H100).
+  The ``delta_rule=False`` ablation always uses the reference.
 
 The references compute in float32 (float64 when given float64) and return the state in
 that dtype; outputs take the dtype of ``v``.
@@ -221,8 +223,28 @@ def chunk_gated_delta_rule_ref(
 
 
 def _fast_ok(q: Tensor, v: Tensor) -> bool:
-    return (q.dtype in (torch.float16, torch.bfloat16, torch.float32) and v.dtype == q.dtype
+    """fla for 16-bit inputs only: its chunk kernels compute float32 matmuls in tf32
+    (``input_precision='tf32'`` is hard-coded on GPUs that have it), which cannot meet a float32
+    tolerance, so float32 stays on the exact reference (as mamba3 does)."""
+    return (q.dtype in (torch.float16, torch.bfloat16) and v.dtype == q.dtype
             and q.shape[-1] <= 256 and v.shape[-1] <= 256)
+
+
+def gated_delta_rule_fla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
+                         initial_state: Tensor | None = None, scale: float | None = None,
+                         output_final_state: bool = False, use_qk_l2norm: bool = False) -> tuple[Tensor, Tensor | None]:
+    """fla's kernels on our layout (any dtype fla takes; the dispatcher sends 16-bit only):
+    ``chunk_gated_delta_rule``, or ``fused_recurrent_gated_delta_rule`` for decode (T == 1
+    without autograd: fla gives that kernel no backward). GQA q/k heads are repeated."""
+    chunk_fn, recurrent_fn = _fla_gdn()
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qe, ke = _expand_qk(q, k, v.shape[2])
+    h0 = initial_state.float().contiguous() if initial_state is not None else None
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, g, beta, initial_state))
+    fn = recurrent_fn if q.shape[1] == 1 and not needs_grad else chunk_fn
+    return fn(qe, ke, v, g=g.float(), beta=beta.to(q.dtype), scale=scale, initial_state=h0,
+              output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm)
 
 
 def gated_delta_rule(
@@ -247,16 +269,7 @@ def gated_delta_rule(
     T = q.shape[1]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if delta_rule and _fast_ok(q, v) and dispatch.use_fast("gdn", q, k, v, g, beta):
-        chunk_fn, recurrent_fn = _fla_gdn()
-        qe, ke = _expand_qk(q, k, v.shape[2])
-        h0 = initial_state.float().contiguous() if initial_state is not None else None
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (q, k, v, g, beta, initial_state))
-        # fla's fused recurrent kernel has no backward: decode only (T == 1, no autograd)
-        fn = recurrent_fn if T == 1 and not needs_grad else chunk_fn
-        o, S = fn(qe, ke, v, g=g.float(), beta=beta.to(q.dtype), scale=scale, initial_state=h0,
-                  output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm)
-        return o, S
+        return gated_delta_rule_fla(q, k, v, g, beta, initial_state, scale, output_final_state, use_qk_l2norm)
     if T == 1:
         return recurrent_gated_delta_rule_ref(q, k, v, g, beta, initial_state, scale, output_final_state,
                                               use_qk_l2norm, delta_rule)
