@@ -9,6 +9,7 @@ Columns per mixer:
                SDPA); ratio = wrapper / raw (target <= 1.15)
 
     python benchmarks/mixers.py --out benchmarks/results/mixers.json           # GPU
+    python benchmarks/mixers.py --only mamba3 --one-launch-config              # GPU, no autotune
     python benchmarks/mixers.py --device cpu --quick                            # smoke test
     python benchmarks/mixers.py --cpu-gdn-loop                                  # CPU reference
                                                    # chunked vs per-token loop at T=2048
@@ -17,6 +18,7 @@ Columns per mixer:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -134,7 +136,7 @@ def raw_kernels(name: str, B: int, T: int, H: int, D: int, device: str, dtype: t
     return None
 
 
-def run_mixers(args: argparse.Namespace) -> list[dict]:
+def run_mixers(args: argparse.Namespace, on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
     device, dtype = args.device, (torch.bfloat16 if args.device == "cuda" else torch.float32)
     B, T = (1, 256) if args.quick else (args.batch, args.seq_len)
     H, D = (4, 32) if args.quick else (16, 128)
@@ -143,34 +145,50 @@ def run_mixers(args: argparse.Namespace) -> list[dict]:
         if args.only and name not in args.only:
             continue
         row: dict = {"mixer": name, "B": B, "T": T, "d_model": d_model}
-        try:
-            layer = layer_of(name, d_model, comps, device, dtype)
-            x = torch.randn(B, T, d_model, device=device, dtype=dtype, requires_grad=True)
-            ctx = StepContext(positions=torch.arange(T, device=device)[None].expand(B, -1))
-            params = [x, *layer.parameters()]
-            with torch.no_grad():
-                row["layer_fwd_ms"] = bench(lambda: layer(x, ctx, None), device)  # noqa: B023 - timed at once
-            row["layer_fwdbwd_ms"] = bench(fwd_bwd(lambda: layer(x, ctx, None), params), device)  # noqa: B023
-        except Exception as e:  # noqa: BLE001 - report and continue with the other mixers
-            row["error"] = f"{type(e).__name__}: {e}"[:300]
-        kernels = raw_kernels(name, B, T, H, D, device, dtype)
-        if kernels is not None:
-            wrapper, raw, kparams = kernels
-            for tag, fn in (("wrapper", wrapper), ("raw", raw)):
-                if fn is None:
-                    continue
-                try:
-                    with torch.no_grad():
-                        row[f"{tag}_fwd_ms"] = bench(fn, device)
-                    row[f"{tag}_fwdbwd_ms"] = bench(fwd_bwd(fn, kparams), device)
-                except Exception as e:  # noqa: BLE001
-                    row[f"{tag}_error"] = f"{type(e).__name__}: {e}"[:300]
-            if "wrapper_fwd_ms" in row and "raw_fwd_ms" in row:
-                row["ratio_fwd"] = row["wrapper_fwd_ms"] / row["raw_fwd_ms"]
-                row["ratio_fwdbwd"] = row["wrapper_fwdbwd_ms"] / row["raw_fwdbwd_ms"]
+        pin = contextlib.nullcontext(0)
+        if name == "mamba3" and args.one_launch_config and device == "cuda":
+            from hymba_plus.kernels.mamba3 import pinned_launch_configs
+
+            pin = pinned_launch_configs()
+        with pin as n_pinned:
+            if n_pinned:
+                row["launch_configs"] = f"first config of each of {n_pinned} autotuned kernels (--one-launch-config)"
+            run_one(name, row, d_model, comps, args, device, dtype, B, T, H, D)
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if on_row is not None:
+            on_row(rows)
     return rows
+
+
+def run_one(name: str, row: dict, d_model: int, comps: dict, args: argparse.Namespace, device: str,
+            dtype: torch.dtype, B: int, T: int, H: int, D: int) -> None:
+    """Time one mixer: its whole layer, then our kernel entry point next to the raw kernel."""
+    try:
+        layer = layer_of(name, d_model, comps, device, dtype)
+        x = torch.randn(B, T, d_model, device=device, dtype=dtype, requires_grad=True)
+        ctx = StepContext(positions=torch.arange(T, device=device)[None].expand(B, -1))
+        params = [x, *layer.parameters()]
+        with torch.no_grad():
+            row["layer_fwd_ms"] = bench(lambda: layer(x, ctx, None), device)  # noqa: B023 - timed at once
+        row["layer_fwdbwd_ms"] = bench(fwd_bwd(lambda: layer(x, ctx, None), params), device)  # noqa: B023
+    except Exception as e:  # noqa: BLE001 - report and continue with the other mixers
+        row["error"] = f"{type(e).__name__}: {e}"[:300]
+    kernels = raw_kernels(name, B, T, H, D, device, dtype)
+    if kernels is not None:
+        wrapper, raw, kparams = kernels
+        for tag, fn in (("wrapper", wrapper), ("raw", raw)):
+            if fn is None:
+                continue
+            try:
+                with torch.no_grad():
+                    row[f"{tag}_fwd_ms"] = bench(fn, device)
+                row[f"{tag}_fwdbwd_ms"] = bench(fwd_bwd(fn, kparams), device)
+            except Exception as e:  # noqa: BLE001
+                row[f"{tag}_error"] = f"{type(e).__name__}: {e}"[:300]
+        if "wrapper_fwd_ms" in row and "raw_fwd_ms" in row:
+            row["ratio_fwd"] = row["wrapper_fwd_ms"] / row["raw_fwd_ms"]
+            row["ratio_fwdbwd"] = row["wrapper_fwdbwd_ms"] / row["raw_fwdbwd_ms"]
 
 
 def cpu_gdn_loop(args: argparse.Namespace) -> dict:
@@ -210,6 +228,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
     ap.add_argument("--only", nargs="*", help="mixers to run")
     ap.add_argument("--cpu-gdn-loop", action="store_true", help="CPU chunked-vs-loop gdn reference timing")
+    ap.add_argument("--one-launch-config", action="store_true",
+                    help="mamba3: pin mamba-ssm's autotuned kernels to one launch config (skips minutes of "
+                         "autotune compile; wrapper/raw ratios stay comparable, absolute times are not tuned)")
     ap.add_argument("--out", default="benchmarks/results/mixers.json")
     args = ap.parse_args()
     result: dict = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
@@ -218,10 +239,18 @@ def main() -> None:
         result["cpu_gdn_loop"] = cpu_gdn_loop(args)
         print(json.dumps(result["cpu_gdn_loop"]))
     else:
-        result["rows"] = run_mixers(args)
+        def save_rows(rows: list[dict]) -> None:  # after every mixer: a timeout keeps what was measured
+            result["rows"] = rows
+            write(args.out, result)
+
+        result["rows"] = run_mixers(args, on_row=save_rows)
         print(table(result["rows"]))
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
+    write(args.out, result)
+
+
+def write(path: str, result: dict) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
         json.dump(result, f, indent=1)
 
 

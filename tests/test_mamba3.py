@@ -21,6 +21,7 @@ from hymba_plus.kernels.mamba3 import (
     mamba3_recurrent,
     mamba3_siso_fast,
     mamba3_step,
+    pinned_launch_configs,
     zero_carry,
 )
 from tests.conftest import rel_err
@@ -342,25 +343,12 @@ def _check_close(label, pairs, fast, ref, fast_ins, ref_ins, loose=None):
 
 @pytest.fixture
 def one_launch_config():
-    """Pin mamba-ssm's autotuned Triton kernels to their first launch config for the test.
-
-    Autotuning compiles 27-54 configs per kernel for every new integer specialization
-    (T = 1, T % 16 != 0, T % 16 == 0 compile separately): minutes of ptxas per case. The
-    numerics do not depend on the launch config; benchmarks/mixers.py runs the autotuned path.
-    """
-    import importlib
-
-    from triton.runtime.autotuner import Autotuner
-    saved = []
-    for mod in ("mamba_ssm.ops.triton.mamba3.angle_dt", "mamba_ssm.ops.triton.mamba3.mamba3_siso_fwd",
-                "mamba_ssm.ops.triton.mamba3.mamba3_siso_bwd"):
-        for obj in vars(importlib.import_module(mod)).values():
-            if isinstance(obj, Autotuner) and len(obj.configs) > 1:
-                saved.append((obj, obj.configs))
-                obj.configs = obj.configs[:1]
-    yield
-    for obj, configs in saved:
-        obj.configs = configs
+    """Autotuning mamba-ssm's kernels costs minutes of compile per T class; the numerics do
+    not depend on the launch config (benchmarks/mixers.py times the autotuned path)."""
+    _need("mamba3")
+    with pinned_launch_configs() as n:
+        assert n >= 4  # forward + three backward kernels
+        yield
 
 
 @pytest.mark.gpu

@@ -72,8 +72,10 @@ Paths
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -324,6 +326,37 @@ dispatch.fast_path("mamba3", probe=_probe_siso,
                    doc="mamba-ssm Triton mamba3_siso_combined (Mamba-3 SISO, fwd+bwd, states)")
 dispatch.fast_path("mamba3_mimo", probe=_probe_mimo,
                    doc="mamba-ssm TileLang mamba3_mimo (Mamba-3 MIMO, training forward/backward)")
+
+_SISO_MODULES = ("mamba_ssm.ops.triton.mamba3.angle_dt", "mamba_ssm.ops.triton.mamba3.mamba3_siso_fwd",
+                 "mamba_ssm.ops.triton.mamba3.mamba3_siso_bwd")
+
+
+@contextlib.contextmanager
+def pinned_launch_configs() -> Iterator[int]:
+    """Within the block, mamba-ssm's autotuned SISO Triton kernels use their first launch
+    config instead of autotuning; yields how many kernels were pinned.
+
+    mamba-ssm autotunes 27-54 launch configs per kernel (forward and three backward kernels),
+    and Triton compiles them again for every new integer specialization (T = 1, T % 16 != 0,
+    T % 16 == 0 ...): minutes of ``ptxas`` before the first step. The numerics do not depend on
+    the launch config, so correctness tests, debugging and wrapper-overhead comparisons can
+    skip that; real training and absolute timings should autotune.
+    """
+    from triton.runtime.autotuner import Autotuner
+
+    _probe_siso()
+    saved = []
+    try:
+        for name in _SISO_MODULES:
+            for obj in vars(importlib.import_module(name)).values():
+                if isinstance(obj, Autotuner) and len(obj.configs) > 1:
+                    saved.append((obj, obj.configs))
+                    obj.configs = obj.configs[:1]
+        yield len(saved)
+    finally:
+        for obj, configs in saved:
+            obj.configs = configs
+
 
 _HALF = (torch.bfloat16, torch.float16)
 
