@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..components.norm import RMSNorm
 from ..core import registry
 from ..core.cache import LayerState, StepContext
 from ..core.pattern import LayerSpec
-from ..components.norm import RMSNorm
 
 
 class Block(nn.Module):

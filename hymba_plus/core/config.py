@@ -13,7 +13,8 @@ dotted key path to each message.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 
 def spec(

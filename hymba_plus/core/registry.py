@@ -12,8 +12,9 @@ are *reserved* (``reserve``): the parser reports them as "not available yet" ins
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 KINDS = ("mixer", "ffn")
 

@@ -19,8 +19,9 @@ and ARCHITECTURE.md use it). Nothing is registered for an op that has no real fa
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

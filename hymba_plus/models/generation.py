@@ -7,7 +7,8 @@ inherent to decoding; no training path goes through here.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
