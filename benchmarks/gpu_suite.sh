@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Run the GPU tests and benchmarks on a lent GPU machine, each step under its own time limit,
+# logs and JSON under ${OUT:-benchmarks/results/run}. Set up the packages first
+# (source benchmarks/gpu_env.sh 1, then 2: see that file). Steps, cheapest first:
+#   moe     pytest -m gpu tests/test_moe.py; benchmarks/moe.py --profile
+#   mamba3  pytest -m gpu tests/test_mamba3.py (one launch config per kernel); mixers.py --only mamba3 --one-launch-config
+#   gdn     pytest -m gpu tests/test_gdn.py tests/test_conv.py (first use compiles fla's backward through TileLang, ~100 s)
+#   atlas   pytest -m gpu tests/test_atlas.py
+#   mixers  mixers.py for gated_attn gdn hymba atlas (autotuned)
+# Usage: bash benchmarks/gpu_suite.sh [STEP ...]   (default: all, in that order)
+set -u
+OUT=$(realpath -m "${OUT:-benchmarks/results/run}")
+mkdir -p "$OUT"
+export PYTHONPATH=${HYMBA_SITE:-/tmp/hymba_site}:$PWD${PYTHONPATH:+:$PYTHONPATH}
+step() {  # step NAME SECONDS CMD...
+  local name=$1 limit=$2; shift 2
+  timeout -s INT "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "$name: rc=$? ($(tail -n 1 "$OUT/$name.log" | cut -c1-200))"
+}
+PYTEST=(python -m pytest -q -m gpu -p no:cacheprovider -rA --tb=short -s)
+for s in "${@:-moe mamba3 gdn atlas mixers}"; do
+  for s1 in $s; do
+    case $s1 in
+      moe)    step moe_tests 120 "${PYTEST[@]}" tests/test_moe.py
+              step moe_bench 180 python benchmarks/moe.py --profile --out "$OUT/moe.json" ;;
+      mamba3) step mamba3_tests 400 "${PYTEST[@]}" tests/test_mamba3.py
+              (cd benchmarks && step mamba3_bench 200 python mixers.py --only mamba3 --one-launch-config --out "$OUT/mixers_mamba3.json") ;;
+      gdn)    step gdn_tests 400 "${PYTEST[@]}" tests/test_gdn.py tests/test_conv.py ;;
+      atlas)  step atlas_tests 200 "${PYTEST[@]}" tests/test_atlas.py ;;
+      mixers) for m in gated_attn gdn hymba atlas; do
+                (cd benchmarks && step "mixers_$m" 200 python mixers.py --only "$m" --out "$OUT/mixers_$m.json")
+              done ;;
+      *) echo "unknown step $s1 (moe mamba3 gdn atlas mixers)"; exit 2 ;;
+    esac
+  done
+done
