@@ -73,7 +73,7 @@ def _fla_gdn():
 
 
 dispatch.fast_path("gdn", probe=_fla_gdn,
-                   doc="fla.ops.gated_delta_rule chunk_gated_delta_rule / fused_recurrent_gated_delta_rule")
+                   doc="fla.ops.gated_delta_rule chunk / fused_recurrent gated delta rule (16-bit inputs)")
 
 
 def l2norm(x: Tensor, eps: float = L2_EPS) -> Tensor:

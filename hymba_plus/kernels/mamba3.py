@@ -323,7 +323,7 @@ def _probe_mimo() -> object:
 
 
 dispatch.fast_path("mamba3", probe=_probe_siso,
-                   doc="mamba-ssm Triton mamba3_siso_combined (Mamba-3 SISO, fwd+bwd, states)")
+                   doc="mamba-ssm Triton mamba3_siso_combined (Mamba-3 SISO, 16-bit, fwd+bwd, states)")
 dispatch.fast_path("mamba3_mimo", probe=_probe_mimo,
                    doc="mamba-ssm TileLang mamba3_mimo (Mamba-3 MIMO, training forward/backward)")
 
