@@ -347,7 +347,7 @@ def one_launch_config():
     not depend on the launch config (benchmarks/mixers.py times the autotuned path)."""
     _need("mamba3")
     with pinned_launch_configs() as n:
-        assert n >= 4  # forward + three backward kernels
+        assert n >= 4  # mamba-ssm 2.3.2: angle_dt fwd/bwd, the forward and four backward kernels
         yield
 
 
@@ -398,8 +398,11 @@ def test_mimo_fast_matches_reference(T, R):
     fast = mamba3_mimo_fast(**ins, chunk_size=64 // R, **kw)
     ref_ins = {k_: v_.detach().float().requires_grad_() for k_, v_ in args.items()}
     ref, _ = mamba3_chunked(**ref_ins, chunk_size=64, pairing="half", **{k_: v_.float() for k_, v_ in kw.items()})
-    _check_close(f"T={T} R={R}", {"y": (fast, ref)}, fast, ref,
-                 [ins[k_] for k_ in GRAD_KEYS], [ref_ins[k_] for k_ in GRAD_KEYS])
+    assert rel_err(fast.float(), ref) < 1e-2
+    gf = _grads(fast, [ins[k_] for k_ in GRAD_KEYS])
+    gr = _grads(ref, [ref_ins[k_] for k_ in GRAD_KEYS])
+    for name, a, b in zip(GRAD_KEYS, gf, gr):
+        assert rel_err(a.float(), b) < 2e-2, name
 
 
 @pytest.mark.gpu
