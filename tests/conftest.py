@@ -22,3 +22,8 @@ def pytest_collection_modifyitems(config, items):
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b| (the DESIGN invariant's measure)."""
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def rms_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """RMS(a - b) / RMS(b): fla's ``get_err_ratio`` measure for low-precision kernels."""
+    return float((a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt().clamp_min(1e-30))

@@ -24,7 +24,7 @@ from hymba_plus.kernels.mamba3 import (
     pinned_launch_configs,
     zero_carry,
 )
-from tests.conftest import rel_err
+from tests.conftest import rel_err, rms_rel
 from tests.helpers import tiny_recipe, train_mqar
 
 F64 = torch.float64
@@ -300,11 +300,6 @@ def _grads(out, inputs, seed=0):
 GRAD_KEYS = ("q", "k", "v", "adt", "dt", "trap", "angles", "q_bias", "k_bias")
 
 
-def _rms_rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """RMS(a - b) / RMS(b): fla's ``get_err_ratio`` measure for low-precision kernels."""
-    return float((a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt().clamp_min(1e-30))
-
-
 # Quantities that go through the kernel's angle path (bf16 angles, PTX tanh.approx /
 # sin.approx / cos.approx, a reverse cumsum over T for d angles) and their (RMS, max-abs)
 # bounds. Worst measured on an H100 over T in {1, 63, 64, 1000, 4096}, with and without a
@@ -333,7 +328,7 @@ def _check_close(label, pairs, fast, ref, fast_ins, ref_ins, loose=None):
             continue
         pairs["d" + name] = (a, b)
     for name, (a, b) in pairs.items():
-        errs[name] = (round(_rms_rel(a, b), 5), round(rel_err(a.detach().float(), b.detach().float()), 5))
+        errs[name] = (round(rms_rel(a, b), 5), round(rel_err(a.detach().float(), b.detach().float()), 5))
         rms_bound, max_bound = loose.get(name, (1e-2, 3e-2))
         if errs[name][0] >= rms_bound or errs[name][1] >= max_bound:
             bad[name] = errs[name]

@@ -336,8 +336,8 @@ def pinned_launch_configs() -> Iterator[int]:
     """Within the block, mamba-ssm's autotuned SISO Triton kernels use their first launch
     config instead of autotuning; yields how many kernels were pinned.
 
-    mamba-ssm autotunes 27-54 launch configs per kernel (forward and three backward kernels),
-    and Triton compiles them again for every new integer specialization (T = 1, T % 16 != 0,
+    mamba-ssm 2.3.2 autotunes 9-81 launch configs for each of seven kernels (angle cumsum
+    forward/backward, the scan forward, four backward kernels), and Triton compiles them again for every new integer specialization (T = 1, T % 16 != 0,
     T % 16 == 0 ...): minutes of ``ptxas`` before the first step. The numerics do not depend on
     the launch config, so correctness tests, debugging and wrapper-overhead comparisons can
     skip that; real training and absolute timings should autotune.
