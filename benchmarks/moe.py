@@ -74,14 +74,19 @@ def profile_layer(layer: MoE, x: torch.Tensor, gy: torch.Tensor, device: str) ->
 
     xg = x.detach().clone().requires_grad_()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=acts) as prof:
+    params = [p for p in layer.parameters() if p.requires_grad]
+    with profile(activities=acts, record_shapes=True) as prof:
         for _ in range(3):
+            for p in params:  # as in the timed loop: no gradient accumulation
+                p.grad = None
             y, aux = call_ours(layer, xg)
             torch.autograd.backward([y, aux], [gy, torch.ones_like(aux)])
         if device == "cuda":
             torch.cuda.synchronize()
     key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=20), flush=True)
+    print(prof.key_averages().table(sort_by=key, row_limit=25), flush=True)
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=25, max_name_column_width=40),
+          flush=True)
 
 
 def call_ours(layer: MoE, x: torch.Tensor):  # noqa: ANN201
@@ -94,6 +99,14 @@ def call_ours(layer: MoE, x: torch.Tensor):  # noqa: ANN201
 
 def call_plain(layer: nn.Module, x: torch.Tensor):  # noqa: ANN201
     return _out(layer(x)), None
+
+
+def _marked(call: Callable) -> Callable:
+    """For CUDA-graph modes: each call starts a new step, so earlier outputs may be reused."""
+    def run(layer: nn.Module, x: torch.Tensor):  # noqa: ANN202
+        torch.compiler.cudagraph_mark_step_begin()
+        return call(layer, x)
+    return run
 
 
 def build_hf(ours: MoE, args: argparse.Namespace):  # noqa: ANN201
@@ -156,6 +169,9 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers block")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (1 is best for --quick on a busy machine)")
     ap.add_argument("--profile", action="store_true", help="also print our layer's top kernels (torch.profiler)")
+    ap.add_argument("--compile", nargs="*", default=[], metavar="MODE",
+                    choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                    help="also time torch.compile(mode=MODE) of our layer and of the dense layer")
     ap.add_argument("--out", default="benchmarks/results/moe.json")
     args = ap.parse_args()
     if args.quick:
@@ -196,6 +212,16 @@ def main() -> None:
     results["dense_swiglu"] = time_layer(f"dense SwiGLU ({hidden} hidden)", dense, x, gy, call_plain, dev,
                                          args.warmup, args.iters)
 
+    for mode in args.compile:  # same mode for both sides: compiled vs compiled
+        for key, layer, call in (("hymba_moe", ours, call_ours), ("dense_swiglu", dense, call_plain)):
+            try:
+                results[f"{key}_compiled_{mode}"] = time_layer(
+                    f"{key} torch.compile({mode})", torch.compile(layer, mode=mode), x, gy,
+                    _marked(call) if mode == "reduce-overhead" else call, dev, args.warmup, args.iters)
+            except Exception as e:  # noqa: BLE001 - report, keep benchmarking the rest
+                notes[f"{key}_compiled_{mode}"] = f"{type(e).__name__}: {e}"[:300]
+                print(f"  {key} compiled ({mode}): failed ({notes[f'{key}_compiled_{mode}']})", flush=True)
+
     parity: dict[str, float] = {}
     hf_version = None
     if not args.no_hf:
@@ -231,7 +257,14 @@ def main() -> None:
     for key in ("hf_qwen3next_eager", "hf_qwen3next_grouped_mm"):
         if key in results:
             ratios[f"{key}_over_ours"] = results[key]["fwd_bwd_ms"] / ours_t
+    for mode in args.compile:
+        a, b = results.get(f"hymba_moe_compiled_{mode}"), results.get(f"dense_swiglu_compiled_{mode}")
+        if a and b:
+            ratios[f"ours_over_dense_compiled_{mode}"] = a["fwd_bwd_ms"] / b["fwd_bwd_ms"]
     targets = {"within_1.5x_dense": ratios["ours_over_dense"] <= 1.5}
+    for key, v in ratios.items():
+        if key.startswith("ours_over_dense_compiled_"):
+            targets["within_1.5x_dense" + key.removeprefix("ours_over_dense")] = v <= 1.5
     if "hf_qwen3next_eager_over_ours" in ratios:
         targets["3x_faster_than_hf"] = ratios["hf_qwen3next_eager_over_ours"] >= 3.0
 

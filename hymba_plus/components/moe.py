@@ -143,7 +143,12 @@ class MoE(nn.Module):
         xf = x.reshape(-1, D)
         valid = ctx.valid if ctx is not None else None
         vflat = valid.reshape(-1) if valid is not None else None
-        logits = self.router(xf)
+        # the router and the shared-expert gate read x through one GEMM (one dx in backward)
+        if self.shared_gate is None:
+            logits, gate_logit = self.router(xf), None
+        else:
+            both = F.linear(xf, torch.cat([self.router.weight, self.shared_gate.weight]))
+            logits, gate_logit = both[:, : cfg.n_experts], both[:, cfg.n_experts]
         r = K.route(logits, cfg.top_k, cfg.score, cfg.norm_topk,
                     self.expert_bias if cfg.bias_update_rate > 0 else None)
         cap = None
@@ -152,16 +157,16 @@ class MoE(nn.Module):
         y, dropped = K.moe_experts(xf, r.experts, r.weights.to(x.dtype), self.w_gate_up, self.w_down,
                                    capacity=cap, inert=None if vflat is None else ~vflat, impl=self.impl)
         if self.shared is not None:
-            y = self._add_shared(y, xf)
+            y = self._add_shared(y, xf, gate_logit)
         self._account(r, dropped, vflat, ctx)
         return y.view(B, T, D)
 
-    def _add_shared(self, y: Tensor, x: Tensor) -> Tensor:
+    def _add_shared(self, y: Tensor, x: Tensor, gate_logit: Tensor) -> Tensor:
         """``y + sigmoid(x W_g) * SwiGLU_shared(x)``, with the gate folded into the hidden
         activation (the down projection is linear) and the sum into the last GEMM: one GEMM
-        for gate+up, one fused activation, one ``addmm``."""
+        for gate+up, one fused activation, one ``addmm``. ``gate_logit`` = x W_g [N]."""
         sh = self.shared
-        gate = torch.sigmoid(self.shared_gate(x)).squeeze(-1)
+        gate = torch.sigmoid(gate_logit)
         h = F.linear(x, torch.cat([sh.w_gate.weight, sh.w_up.weight]))
         a = K.swiglu(h, gate)
         return torch.addmm(y, a, sh.w_down.weight.t())

@@ -147,7 +147,7 @@ def router_z_loss(logits: Tensor, valid: Tensor | None = None) -> Tensor:
 
 def routing_entropy(probs: Tensor, valid: Tensor | None = None) -> Tensor:
     """Mean entropy (nats) of the router distribution over real tokens."""
-    h = -(probs * probs.clamp_min(1e-20).log()).sum(-1)
+    h = torch.special.entr(probs).sum(-1)
     if valid is None:
         return h.mean() if h.numel() else h.sum()
     m = valid.to(h.dtype)
@@ -218,6 +218,10 @@ def grouped_mm_supported(x: Tensor, *weights: Tensor) -> bool:
 
 
 def _triton_ok(*tensors: Tensor) -> bool:
+    """Hand-written Triton kernels in eager mode only: under ``torch.compile`` the PyTorch
+    forms are traced instead, so Inductor fuses them with their neighbours."""
+    if torch.compiler.is_compiling():
+        return False
     return all(t.is_cuda for t in tensors) and use_fast(TRITON, *tensors)
 
 
