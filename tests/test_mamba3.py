@@ -378,26 +378,67 @@ def test_siso_fast_matches_reference(T, dtype, with_state, one_launch_config):
         assert rel_err(y, y_ref) < 1e-6
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("T", [63, 64, 1000, 4096])
-@pytest.mark.parametrize("R", [2, 4])
-def test_mimo_fast_matches_reference(T, R):
-    _need("mamba3_mimo")
+def _mimo_inputs(T, R):
     B, H, N, P, K = 2, 4, 64, 64, 16
     args, kw = make_inputs(B=B, T=T, R=R, N=N, H=H, P=P, K=K, dtype=torch.bfloat16, device="cuda", seed=T)
     args["q"], args["k"] = F.rms_norm(args["q"], (N,)), F.rms_norm(args["k"], (N,))
     args["dt"] = args["dt"] * 0.1
     args["adt"] = args["adt"] * 0.1
     kw["mimo_v"], kw["mimo_o"] = kw["mimo_v"] / R, kw["mimo_o"] / R
+    return args, kw
+
+
+def _mimo_ref(args, kw, grad=False):
+    ins = {k_: v_.detach().float().requires_grad_(grad) for k_, v_ in args.items()}
+    y, _ = mamba3_chunked(**ins, chunk_size=64, pairing="half", **{k_: v_.float() for k_, v_ in kw.items()})
+    return y, ins
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [63, 64, 1000, 4096])
+@pytest.mark.parametrize("R", [2, 4])
+def test_mimo_fast_forward_matches_reference(T, R):
+    """The TileLang MIMO forward (used without gradients: evaluation, scoring) vs the float32
+    reference. Measured on an H100: <= 0.75% max-abs relative at T 63 / 1000, R 2 / 4."""
+    _need("mamba3_mimo")
+    args, kw = _mimo_inputs(T, R)
+    with torch.no_grad():
+        fast = mamba3_mimo_fast(**args, chunk_size=64 // R, **kw)
+        ref, _ = _mimo_ref(args, kw)
+    assert rel_err(fast.float(), ref) < 1e-2
+    assert rms_rel(fast.float(), ref) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [63, 64, 1000, 4096])
+@pytest.mark.parametrize("R", [2, 4])
+def test_mimo_fast_backward_matches_reference(T, R):
+    """Gradients of the TileLang MIMO kernel. Its backward does not compile with every
+    TileLang release (see ``_probe_mimo_backward``); then this path is not used, training
+    stays on the reference, and this test is skipped with the compiler's error."""
+    _need("mamba3_mimo_train")
+    args, kw = _mimo_inputs(T, R)
     ins = {k_: v_.detach().requires_grad_() for k_, v_ in args.items()}
     fast = mamba3_mimo_fast(**ins, chunk_size=64 // R, **kw)
-    ref_ins = {k_: v_.detach().float().requires_grad_() for k_, v_ in args.items()}
-    ref, _ = mamba3_chunked(**ref_ins, chunk_size=64, pairing="half", **{k_: v_.float() for k_, v_ in kw.items()})
+    ref, ref_ins = _mimo_ref(args, kw, grad=True)
     assert rel_err(fast.float(), ref) < 1e-2
     gf = _grads(fast, [ins[k_] for k_ in GRAD_KEYS])
     gr = _grads(ref, [ref_ins[k_] for k_ in GRAD_KEYS])
     for name, a, b in zip(GRAD_KEYS, gf, gr):
-        assert rel_err(a.float(), b) < 2e-2, name
+        assert rms_rel(a.float(), b) < 1e-2, name
+
+
+def test_mimo_dispatch_asks_for_the_backward_only_when_autograd_records():
+    """Training needs the MIMO backward, which has its own probe; evaluation needs only the forward."""
+    from hymba_plus.kernels.mamba3 import _mimo_path
+
+    x = torch.randn(2, 3)
+    w = torch.randn(2, 3, requires_grad=True)
+    assert _mimo_path(x, None) == "mamba3_mimo"
+    assert _mimo_path(x, w) == "mamba3_mimo_train"
+    with torch.no_grad():
+        assert _mimo_path(x, w) == "mamba3_mimo"
+    assert {"mamba3_mimo", "mamba3_mimo_train"} <= set(dispatch.available())
 
 
 @pytest.mark.gpu

@@ -322,10 +322,35 @@ def _probe_mimo() -> object:
     return importlib.import_module("mamba_ssm.ops.tilelang.mamba3.mamba3_mimo").mamba3_mimo
 
 
+def _probe_mimo_backward() -> None:
+    """Compile and run the MIMO kernel's backward once on a small problem.
+
+    Its TileLang backward does not compile on every TileLang release: mamba-ssm 2.3.2.post1
+    with TileLang 0.1.15 stops in ``mamba_mimo_bwd_bwd_kernel`` with an InternalError
+    ("ReduceOp cannot lower a layout ...", H100, 2026-11-23) while the forward compiles and
+    matches the reference. A failure here keeps training on the reference path."""
+    _probe_mimo()
+    g = torch.Generator().manual_seed(0)
+    B, T, R, H, N, P, K = 1, 32, 2, 2, 64, 64, 16  # shapes the forward is known to compile for
+    r = lambda *s: torch.randn(*s, generator=g).cuda()  # noqa: E731
+    dt = F.softplus(r(B, T, H) - 1.0)
+    ins = dict(q=r(B, T, R, 1, N), k=r(B, T, R, 1, N), v=r(B, T, H, P), adt=-0.5 * dt, dt=dt, trap=r(B, T, H),
+               angles=r(B, T, H, K), q_bias=r(H, R, N), k_bias=r(H, R, N))
+    ins = {n: (t.bfloat16() if n in ("q", "k", "v") else t).requires_grad_() for n, t in ins.items()}
+    y = mamba3_mimo_fast(**ins, D=r(H), z=r(B, T, H, P).bfloat16(), mimo_v=r(H, R, P) / R, mimo_z=r(H, R, P),
+                         mimo_o=r(H, R, P) / R, chunk_size=64 // R)
+    y.float().sum().backward()
+    bad = [n for n, t in ins.items() if t.grad is None or not bool(torch.isfinite(t.grad).all())]
+    if bad:
+        raise RuntimeError(f"MIMO backward gave no finite gradient for {bad}")
+
+
 dispatch.fast_path("mamba3", probe=_probe_siso,
                    doc="mamba-ssm Triton mamba3_siso_combined (Mamba-3 SISO, 16-bit, fwd+bwd, states)")
 dispatch.fast_path("mamba3_mimo", probe=_probe_mimo,
-                   doc="mamba-ssm TileLang mamba3_mimo (Mamba-3 MIMO, training forward/backward)")
+                   doc="mamba-ssm TileLang mamba3_mimo forward (Mamba-3 MIMO, 16-bit, no cache, no gradient)")
+dispatch.fast_path("mamba3_mimo_train", probe=_probe_mimo_backward,
+                   doc="mamba-ssm TileLang mamba3_mimo forward+backward (probe compiles the backward once)")
 
 _SISO_MODULES = ("mamba_ssm.ops.triton.mamba3.angle_dt", "mamba_ssm.ops.triton.mamba3.mamba3_siso_fwd",
                  "mamba_ssm.ops.triton.mamba3.mamba3_siso_bwd")
@@ -435,6 +460,12 @@ def mamba3_mimo_fast(
     return y[:, :T].to(v.dtype)
 
 
+def _mimo_path(*tensors: Tensor | None) -> str:
+    """The MIMO fast path to ask for: forward only, or forward+backward when autograd records."""
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return "mamba3_mimo_train" if grad else "mamba3_mimo"
+
+
 def mamba3(
     q: Tensor, k: Tensor, v: Tensor, adt: Tensor, dt: Tensor, trap: Tensor, angles: Tensor,
     q_bias: Tensor, k_bias: Tensor, carry: Mamba3Carry | None = None, *, D: Tensor | None = None,
@@ -453,7 +484,8 @@ def mamba3(
         return mamba3_siso_fast(q, k, v, adt, dt, trap, angles, q_bias, k_bias, carry, D=D, z=z, lengths=lengths,
                                 chunk_size=chunk_size, need_state=need_state, pairing=pairing)
     if (carry is None and lengths is None and not need_state and z is not None and D is not None
-            and mimo_fast_ok(v, N, P, K, R, pairing) and dispatch.use_fast("mamba3_mimo", v)):
+            and mimo_fast_ok(v, N, P, K, R, pairing) and dispatch.use_fast(_mimo_path(q, k, v, adt, dt, trap, angles, q_bias, k_bias, D, z,
+                                                               mimo_v, mimo_z, mimo_o), v)):
         return mamba3_mimo_fast(q, k, v, adt, dt, trap, angles, q_bias, k_bias, D=D, z=z, mimo_v=mimo_v,
                                 mimo_z=mimo_z, mimo_o=mimo_o, chunk_size=chunk_size), None
     return mamba3_chunked(q, k, v, adt, dt, trap, angles, q_bias, k_bias, carry, D=D, z=z, mimo_v=mimo_v,
