@@ -146,10 +146,8 @@ def run_mixers(args: argparse.Namespace, on_row: Callable[[list[dict]], None] | 
             continue
         row: dict = {"mixer": name, "B": B, "T": T, "d_model": d_model}
         pin = contextlib.nullcontext(0)
-        if name == "mamba3" and args.one_launch_config and device == "cuda":
-            from hymba_plus.kernels.mamba3 import pinned_launch_configs
-
-            pin = pinned_launch_configs()
+        if args.one_launch_config and device == "cuda":
+            pin = _pin_all()
         with pin as n_pinned:
             if n_pinned:
                 row["launch_configs"] = f"first config of each of {n_pinned} autotuned kernels (--one-launch-config)"
@@ -159,6 +157,23 @@ def run_mixers(args: argparse.Namespace, on_row: Callable[[list[dict]], None] | 
         if on_row is not None:
             on_row(rows)
     return rows
+
+
+@contextlib.contextmanager
+def _pin_all():  # noqa: ANN202
+    """fla's and mamba-ssm's autotuned Triton kernels (those importable here) at their first config."""
+    import importlib
+
+    from hymba_plus.kernels import dispatch
+
+    for mod in ("fla.ops.gated_delta_rule", "fla.modules.convolution", "mamba_ssm.ops.triton.mamba3.angle_dt",
+                "mamba_ssm.ops.triton.mamba3.mamba3_siso_fwd", "mamba_ssm.ops.triton.mamba3.mamba3_siso_bwd"):
+        try:
+            importlib.import_module(mod)
+        except Exception:  # noqa: BLE001, S112 - a missing package has nothing to pin
+            continue
+    with dispatch.pinned_autotune("fla.", "mamba_ssm.") as n:
+        yield n
 
 
 def run_one(name: str, row: dict, d_model: int, comps: dict, args: argparse.Namespace, device: str,
@@ -229,7 +244,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="mixers to run")
     ap.add_argument("--cpu-gdn-loop", action="store_true", help="CPU chunked-vs-loop gdn reference timing")
     ap.add_argument("--one-launch-config", action="store_true",
-                    help="mamba3: pin mamba-ssm's autotuned kernels to one launch config (skips minutes of "
+                    help="pin fla's and mamba-ssm's autotuned kernels to one launch config (skips minutes of "
                          "autotune compile; wrapper/raw ratios stay comparable, absolute times are not tuned)")
     ap.add_argument("--out", default="benchmarks/results/mixers.json")
     args = ap.parse_args()

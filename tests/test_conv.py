@@ -104,7 +104,7 @@ def test_bad_activation():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T", [1, 3, 64, 1000])
-def test_fast_matches_reference(monkeypatch, dtype, T):
+def test_fast_matches_reference(monkeypatch, dtype, T, fla_one_launch_config):
     monkeypatch.setenv("HYMBA_KERNELS", "fast")
     dev = torch.device("cuda")
     torch.manual_seed(T)

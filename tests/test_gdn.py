@@ -337,7 +337,7 @@ def test_delta_rule_erases_what_decay_only_cannot():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T", [1, 63, 64, 1000, 4096])
-def test_fast_matches_reference(monkeypatch, dtype, T):
+def test_fast_matches_reference(monkeypatch, dtype, T, fla_one_launch_config):
     """fla (chunk for T > 1, fused recurrent for T == 1) vs the float32 reference on the same
     inputs: outputs and final state (max-abs relative error), input gradients (RMS relative
     error, fla's own test measure). bf16: < 1e-2. float32: fla computes its matmuls in tf32, so
@@ -375,7 +375,7 @@ def test_fast_matches_reference(monkeypatch, dtype, T):
 
 
 @pytest.mark.gpu
-def test_model_fast_equals_reference_and_chunked(monkeypatch):
+def test_model_fast_equals_reference_and_chunked(monkeypatch, fla_one_launch_config):
     """On CUDA in bf16 (fla serves 16-bit inputs), the whole model with fla kernels matches
     HYMBA_KERNELS=reference, and the cache invariant holds on the fast path (chunked prefill
     with a state, fused-recurrent decode)."""

@@ -139,6 +139,12 @@ def test_grouped_and_padded_paths_agree():
     assert rel_err(out["grouped"][0].detach(), out["padded"][0].detach()) < 1e-5
     for a, b in zip(out["grouped"][1], out["padded"][1]):
         assert rel_err(a, b) < 1e-4
+    # frozen experts: the grouped backward skips their weight gradients, the rest is unchanged
+    m.impl = "grouped"
+    m.w_gate_up.requires_grad_(False)
+    m.w_down.requires_grad_(False)
+    gx = torch.autograd.grad(m(x, _ctx(3, 9)), x, probe)[0]
+    assert rel_err(gx, out["padded"][1][0]) < 1e-4
 
 
 def test_capacity_drops_are_counted_and_match_reference():
@@ -449,6 +455,10 @@ def test_triton_kernels_in_interpreter_match_pytorch():
             dh, dw = K._swiglu_triton_bwd(h.detach().float(), w.detach().float(), da.float())
             assert rel(a.double(), ref) < 1e-5, "fwd"
             assert rel(dh.double(), gh) < 1e-5 and rel(dw.double(), gw) < 1e-5, "bwd"
+            dh2, dw2, a2 = K._swiglu_triton_bwd(h.detach().float(), w.detach().float(), da.float(), want_a=True)
+            assert torch.equal(dh2, dh) and torch.equal(dw2, dw) and rel(a2.double(), ref) < 1e-5, "bwd + a"
+            th, tw, ta = K._swiglu_torch_bwd(h.detach(), w.detach(), da)
+            assert rel(th, gh) < 1e-12 and rel(tw, gw) < 1e-12 and rel(ta, ref) < 1e-12, "torch bwd"
             a0 = K._swiglu_triton_fwd(h.detach().float(), None)
             assert rel(a0.double(), K._swiglu_torch(h.detach(), None)) < 1e-5, "fwd no weight"
         src = torch.randn(12, 70, generator=g)

@@ -143,11 +143,13 @@ class MoE(nn.Module):
         xf = x.reshape(-1, D)
         valid = ctx.valid if ctx is not None else None
         vflat = valid.reshape(-1) if valid is not None else None
-        # the router and the shared-expert gate read x through one GEMM (one dx in backward)
+        # the router and the shared-expert gate read x through one GEMM (one dx in backward),
+        # its rows zero-padded to a multiple of 8 (16-byte aligned for the tensor-core GEMMs)
         if self.shared_gate is None:
             logits, gate_logit = self.router(xf), None
         else:
-            both = F.linear(xf, torch.cat([self.router.weight, self.shared_gate.weight]))
+            w = torch.cat([self.router.weight, self.shared_gate.weight])
+            both = F.linear(xf, F.pad(w, (0, 0, 0, -w.shape[0] % 8)))
             logits, gate_logit = both[:, : cfg.n_experts], both[:, cfg.n_experts]
         r = K.route(logits, cfg.top_k, cfg.score, cfg.norm_topk,
                     self.expert_bias if cfg.bias_update_rate > 0 else None)

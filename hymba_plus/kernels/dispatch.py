@@ -18,8 +18,10 @@ and ARCHITECTURE.md use it). Nothing is registered for an op that has no real fa
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,3 +77,37 @@ def use_fast(name: str, *tensors: torch.Tensor) -> bool:
 def available() -> dict[str, tuple[str, bool, str]]:
     """op -> (description, importable here, error)."""
     return {n: (fp.doc, fp.ok(), fp.error) for n, fp in sorted(_FAST.items())}
+
+
+@contextlib.contextmanager
+def pinned_autotune(*prefixes: str) -> Iterator[int]:
+    """Within the block, every Triton autotuned kernel defined in an imported module whose
+    name starts with one of ``prefixes`` runs its first launch config instead of autotuning;
+    yields how many kernels were pinned, and restores their configs afterwards.
+
+    fla and mamba-ssm autotune 9-81 launch configs per kernel, and Triton compiles them again
+    for every new integer specialization (T = 1, T % 16 != 0, ...): minutes of ``ptxas``
+    before a first step. The numerics do not depend on the launch config, so correctness
+    tests and wrapper-overhead comparisons can skip that; training and absolute timings should
+    autotune. Kernels wrapped by ``triton.heuristics`` are found through their ``fn`` chain.
+    """
+    from triton.runtime.autotuner import Autotuner
+
+    saved, seen = [], set()
+    try:
+        for name, mod in list(sys.modules.items()):
+            if mod is None or not name.startswith(prefixes):
+                continue
+            for obj in list(vars(mod).values()):
+                while obj is not None and type(obj).__module__.startswith("triton"):
+                    if isinstance(obj, Autotuner):
+                        if id(obj) not in seen and len(obj.configs) > 1:
+                            seen.add(id(obj))
+                            saved.append((obj, obj.configs))
+                            obj.configs = obj.configs[:1]
+                        break
+                    obj = getattr(obj, "fn", None)
+        yield len(saved)
+    finally:
+        for obj, configs in saved:
+            obj.configs = configs

@@ -352,35 +352,14 @@ dispatch.fast_path("mamba3_mimo", probe=_probe_mimo,
 dispatch.fast_path("mamba3_mimo_train", probe=_probe_mimo_backward,
                    doc="mamba-ssm TileLang mamba3_mimo forward+backward (probe compiles the backward once)")
 
-_SISO_MODULES = ("mamba_ssm.ops.triton.mamba3.angle_dt", "mamba_ssm.ops.triton.mamba3.mamba3_siso_fwd",
-                 "mamba_ssm.ops.triton.mamba3.mamba3_siso_bwd")
-
-
 @contextlib.contextmanager
 def pinned_launch_configs() -> Iterator[int]:
-    """Within the block, mamba-ssm's autotuned SISO Triton kernels use their first launch
-    config instead of autotuning; yields how many kernels were pinned.
-
-    mamba-ssm 2.3.2 autotunes 9-81 launch configs for each of seven kernels (angle cumsum
-    forward/backward, the scan forward, four backward kernels), and Triton compiles them again for every new integer specialization (T = 1, T % 16 != 0,
-    T % 16 == 0 ...): minutes of ``ptxas`` before the first step. The numerics do not depend on
-    the launch config, so correctness tests, debugging and wrapper-overhead comparisons can
-    skip that; real training and absolute timings should autotune.
-    """
-    from triton.runtime.autotuner import Autotuner
-
+    """mamba-ssm's autotuned Mamba-3 Triton kernels (seven for SISO in 2.3.2: angle cumsum
+    forward/backward, the scan forward, four backward kernels) pinned to their first launch
+    config within the block (``dispatch.pinned_autotune``); yields how many were pinned."""
     _probe_siso()
-    saved = []
-    try:
-        for name in _SISO_MODULES:
-            for obj in vars(importlib.import_module(name)).values():
-                if isinstance(obj, Autotuner) and len(obj.configs) > 1:
-                    saved.append((obj, obj.configs))
-                    obj.configs = obj.configs[:1]
-        yield len(saved)
-    finally:
-        for obj, configs in saved:
-            obj.configs = configs
+    with dispatch.pinned_autotune("mamba_ssm.ops.triton.mamba3") as n:
+        yield n
 
 
 _HALF = (torch.bfloat16, torch.float16)

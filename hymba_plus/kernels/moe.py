@@ -243,8 +243,8 @@ if triton is not None:
         tl.store(a_ptr + row * stride_a + cols, a.to(a_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _swiglu_bwd_kernel(h_ptr, w_ptr, da_ptr, dh_ptr, dw_ptr, H, stride_h, stride_da, stride_dh,
-                           HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+    def _swiglu_bwd_kernel(h_ptr, w_ptr, da_ptr, dh_ptr, dw_ptr, a_ptr, H, stride_h, stride_da, stride_dh, stride_a,
+                           HAS_W: tl.constexpr, STORE_A: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         if HAS_W:
             wv = tl.load(w_ptr + row).to(tl.float32)
@@ -263,6 +263,8 @@ if triton is not None:
             du = da * wv * silu
             tl.store(dh_ptr + row * stride_dh + cols, dg.to(dh_ptr.dtype.element_ty), mask=m)
             tl.store(dh_ptr + row * stride_dh + H + cols, du.to(dh_ptr.dtype.element_ty), mask=m)
+            if STORE_A:  # the forward output, recomputed (so the forward need not keep it)
+                tl.store(a_ptr + row * stride_a + cols, (silu * u * wv).to(a_ptr.dtype.element_ty), mask=m)
             acc += da * silu * u
         if HAS_W:
             tl.store(dw_ptr + row, tl.sum(acc, axis=0).to(dw_ptr.dtype.element_ty))
@@ -298,17 +300,20 @@ def _swiglu_triton_fwd(h: Tensor, w: Tensor | None) -> Tensor:
     return a
 
 
-def _swiglu_triton_bwd(h: Tensor, w: Tensor | None, da: Tensor) -> tuple[Tensor, Tensor | None]:
+def _swiglu_triton_bwd(h: Tensor, w: Tensor | None, da: Tensor, want_a: bool = False):  # noqa: ANN202
     h, da = h.contiguous(), da.contiguous()
     M, H2 = h.shape
     H = H2 // 2
     dh = torch.empty_like(h)
     dw = torch.empty(M, dtype=torch.float32, device=h.device) if w is not None else None
+    a = h.new_empty(M, H) if want_a else None
     if M:
         wt = w.contiguous() if w is not None else h
-        _swiglu_bwd_kernel[(M,)](h, wt, da, dh, dw if dw is not None else h, H, h.stride(0), da.stride(0),
-                                 dh.stride(0), HAS_W=w is not None, BLOCK=_block(H, 512))
-    return dh, (dw.to(w.dtype) if w is not None else None)
+        _swiglu_bwd_kernel[(M,)](h, wt, da, dh, dw if dw is not None else h, a if want_a else h, H, h.stride(0),
+                                 da.stride(0), dh.stride(0), a.stride(0) if want_a else 0,
+                                 HAS_W=w is not None, STORE_A=want_a, BLOCK=_block(H, 512))
+    dw = dw.to(w.dtype) if w is not None else None
+    return (dh, dw, a) if want_a else (dh, dw)
 
 
 class _SwiGLUTriton(torch.autograd.Function):
@@ -329,11 +334,36 @@ def _swiglu_torch(h: Tensor, w: Tensor | None) -> Tensor:
     return a if w is None else a * w.to(a.dtype).unsqueeze(-1)
 
 
+def _swiglu_torch_bwd(h: Tensor, w: Tensor | None, da: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(dh, dw, a) of ``a = SiLU(g) * u * w`` written out (16-bit inputs computed in float32)."""
+    ct = torch.promote_types(h.dtype, torch.float32)
+    g, u = h.to(ct).chunk(2, dim=-1)
+    da = da.to(ct)
+    s = torch.sigmoid(g)
+    silu = g * s
+    wv = w.to(ct).unsqueeze(-1) if w is not None else None
+    dwa = da if wv is None else da * wv
+    dh = torch.cat([dwa * u * s * (1.0 + g * (1.0 - s)), dwa * silu], dim=-1).to(h.dtype)
+    a = silu * u if wv is None else silu * u * wv
+    dw = (da * silu * u).sum(-1).to(w.dtype) if w is not None else None
+    return dh, dw, a.to(h.dtype)
+
+
 def swiglu(h: Tensor, w: Tensor | None = None) -> Tensor:
     """``SiLU(h[:, :H]) * h[:, H:] * w[:, None]`` for h [M, 2H], w [M] (or None)."""
     if _triton_ok(h):
         return _SwiGLUTriton.apply(h, w)
     return _swiglu_torch(h, w)
+
+
+def _swiglu_fwd_only(h: Tensor, w: Tensor | None) -> Tensor:
+    """``swiglu`` without autograd (inside an autograd.Function's forward)."""
+    return _swiglu_triton_fwd(h, w) if _triton_ok(h) else _swiglu_torch(h, w)
+
+
+def _swiglu_bwd_recompute(h: Tensor, w: Tensor | None, da: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(dh, dw, a): the SwiGLU backward, also returning its forward output recomputed."""
+    return _swiglu_triton_bwd(h, w, da, want_a=True) if _triton_ok(h, da) else _swiglu_torch_bwd(h, w, da)
 
 
 def _gather_sum_torch(src: Tensor, idx: Tensor, k: int) -> Tensor:
@@ -386,6 +416,41 @@ class _SumRows(torch.autograd.Function):
         return g.index_select(0, tok), None, None, None
 
 
+class _GroupedExperts(torch.autograd.Function):
+    """The dropless grouped path as one autograd node:
+
+        forward:  xs = x[tok];  h = xs W1[e];  a = SwiGLU(h) * w;  o = a W2[e];  y = k-row sum of o
+        backward: go = dy[tok]; da = go W2[e]^T; (dh, dw, a) = SwiGLU backward (a recomputed);
+                  dW2[e] = a_e^T go_e;  dxs = dh W1[e]^T;  dW1[e] = xs_e^T dh_e;  dx = k-row sum of dxs
+
+    Written out instead of composed so that the [A, h] activation ``a`` is recomputed in the
+    SwiGLU backward kernel rather than kept, and the five autograd nodes (gather, two GEMMs,
+    activation, un-sort) become one.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w_sorted: Tensor, w1: Tensor, w2: Tensor, tok: Tensor, inv: Tensor,  # noqa: ANN001
+                offs: Tensor, k: int) -> Tensor:
+        xs = x.index_select(0, tok)
+        h = torch._grouped_mm(xs, w1, offs=offs)
+        o = torch._grouped_mm(_swiglu_fwd_only(h, w_sorted), w2, offs=offs)
+        ctx.save_for_backward(xs, h, w_sorted, w1, w2, tok, inv, offs)
+        ctx.k = k
+        return gather_sum(o, inv, k)
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):  # noqa: ANN001, ANN205
+        xs, h, ws, w1, w2, tok, inv, offs = ctx.saved_tensors
+        need_x, need_w, need_w1, need_w2 = ctx.needs_input_grad[:4]
+        go = gy.contiguous().index_select(0, tok)
+        da = torch._grouped_mm(go, w2.transpose(-2, -1), offs=offs)
+        dh, dws, a = _swiglu_bwd_recompute(h, ws, da)
+        dw2 = torch._grouped_mm(a.t(), go, offs=offs) if need_w2 else None
+        dw1 = torch._grouped_mm(xs.t(), dh, offs=offs) if need_w1 else None
+        dx = gather_sum(torch._grouped_mm(dh, w1.transpose(-2, -1), offs=offs), inv, ctx.k) if need_x else None
+        return dx, (dws if need_w else None), dw1, dw2, None, None, None, None
+
+
 # ----------------------------------------------------------------------------- dispatch
 
 
@@ -415,6 +480,8 @@ def make_plan(experts: Tensor, n_experts: int, inert: Tensor | None = None) -> P
     N, k = experts.shape
     flat = experts.reshape(-1)
     key = flat if inert is None else flat * 2 + inert.to(flat.dtype).repeat_interleave(k)
+    # a radix sort makes one pass per key byte: sort 16-bit keys where they fit (2E < 2^15)
+    key = key.to(torch.int16 if 2 * n_experts < 2**15 else torch.int32)
     order = torch.argsort(key, stable=True)
     ar = torch.arange(flat.numel(), device=flat.device)
     inv = torch.empty_like(order).scatter_(0, order, ar)
@@ -454,35 +521,34 @@ def moe_experts(x: Tensor, experts: Tensor, weights: Tensor, w_gate_up: Tensor, 
         return x.new_zeros(0, d), dropped
     plan = make_plan(experts, E, inert if capacity is not None else None)
     k = plan.k
-    xs = _GatherRows.apply(x, plan.tok, plan.inv, k)
     ws = weights.reshape(-1).index_select(0, plan.order)
     if impl == "grouped":
         offs = plan.counts.cumsum(0).to(torch.int32)
-        h = torch._grouped_mm(xs, w_gate_up, offs=offs)
-        a = swiglu(h, ws)
-        o = torch._grouped_mm(a, w_down, offs=offs)
+        y = _GroupedExperts.apply(x, ws, w_gate_up, w_down, plan.tok, plan.inv, offs, k)
+        return y, dropped
+    xs = _GatherRows.apply(x, plan.tok, plan.inv, k)
+    # padded: every segment copied into a zero-padded [E, C, d] buffer, one bmm for all experts
+    if capacity is None:
+        cap = max(1, int(plan.counts.max()))  # host sync: the padded fallback needs a static size
+        slot = plan.expert * cap + plan.rank
     else:
-        if capacity is None:
-            cap = max(1, int(plan.counts.max()))  # host sync: the padded fallback needs a static size
-            slot = plan.expert * cap + plan.rank
+        cap = capacity
+        keep = plan.rank < cap
+        real = ~inert.repeat_interleave(k).index_select(0, plan.order) if inert is not None else None
+        if real is not None:
+            dropped = (~keep & real).sum()
+            keep = keep & real
         else:
-            cap = capacity
-            keep = plan.rank < cap
-            real = ~inert.repeat_interleave(k).index_select(0, plan.order) if inert is not None else None
-            if real is not None:
-                dropped = (~keep & real).sum()
-                keep = keep & real
-            else:
-                dropped = (~keep).sum()
-            slot = torch.where(keep, plan.expert * cap + plan.rank, torch.full_like(plan.rank, E * cap))
-        rows = E * cap
-        xb = xs.new_zeros(rows + 1, d).index_add(0, slot, xs)[:rows].view(E, cap, d)
-        wb = ws.new_zeros(rows + 1).index_add(0, slot, ws)[:rows]
-        hb = torch.bmm(xb, w_gate_up)
-        ab = swiglu(hb.view(rows, -1), wb).view(E, cap, -1)
-        ob = torch.bmm(ab, w_down).view(rows, d)
-        if capacity is not None:  # dropped rows read the zero row appended at index rows
-            ob = torch.cat([ob, ob.new_zeros(1, d)])
-        o = ob.index_select(0, slot)
+            dropped = (~keep).sum()
+        slot = torch.where(keep, plan.expert * cap + plan.rank, torch.full_like(plan.rank, E * cap))
+    rows = E * cap
+    xb = xs.new_zeros(rows + 1, d).index_add(0, slot, xs)[:rows].view(E, cap, d)
+    wb = ws.new_zeros(rows + 1).index_add(0, slot, ws)[:rows]
+    hb = torch.bmm(xb, w_gate_up)
+    ab = swiglu(hb.view(rows, -1), wb).view(E, cap, -1)
+    ob = torch.bmm(ab, w_down).view(rows, d)
+    if capacity is not None:  # dropped rows read the zero row appended at index rows
+        ob = torch.cat([ob, ob.new_zeros(1, d)])
+    o = ob.index_select(0, slot)
     y = _SumRows.apply(o, plan.tok, plan.inv, k)
     return y, dropped
