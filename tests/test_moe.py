@@ -533,6 +533,8 @@ def test_gpu_triton_kernels_match_pytorch(monkeypatch):
     ref = K._swiglu_torch(h, w)
     rh, rw = torch.autograd.grad(ref, (h, w), da)
     assert rel_err(a, ref) < 1e-5 and rel_err(dh, rh) < 1e-5 and rel_err(dw, rw) < 1e-5
+    dh2, dw2, a2 = K._swiglu_triton_bwd(h.detach(), w.detach(), da, want_a=True)  # the grouped path's backward
+    assert torch.equal(dh2, dh) and torch.equal(dw2, dw) and rel_err(a2, ref) < 1e-5
     src = torch.randn(3000, 130, generator=g).cuda()
     idx = torch.randperm(3000, generator=g).cuda()
     assert rel_err(K.gather_sum(src, idx, 10), K._gather_sum_torch(src, idx, 10)) < 1e-5

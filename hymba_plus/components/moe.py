@@ -182,20 +182,21 @@ class MoE(nn.Module):
             return
         lb = K.load_balancing_loss(r.probs, load, cfg.top_k, valid)
         z = K.router_z_loss(r.logits, valid)
-        terms = []
-        if cfg.aux_loss_coef > 0:
-            terms.append(cfg.aux_loss_coef * lb)
+        aux = cfg.aux_loss_coef * lb if cfg.aux_loss_coef > 0 else None
         if cfg.z_loss_coef > 0:
-            terms.append(cfg.z_loss_coef * z)
-        if terms:
-            ctx.aux_losses.append(torch.stack(terms).sum())
+            aux = cfg.z_loss_coef * z if aux is None else torch.add(aux, z, alpha=cfg.z_loss_coef)
+        if aux is not None:
+            ctx.aux_losses.append(aux)
         p = f"moe/{ctx.layer_idx}/"
         ctx.stats[p + "tokens_per_expert"] = load
         ctx.stats[p + "dropped"] = dropped
         ctx.stats[p + "entropy"] = K.routing_entropy(r.probs.detach(), valid)
         ctx.stats[p + "lb_loss"] = lb.detach()
         ctx.stats[p + "z_loss"] = z.detach()
-        ctx.stats[p + "max_load"] = load.max() / load.mean().clamp_min(1e-9)
+        if valid is None:  # the mean load is known on the host
+            ctx.stats[p + "max_load"] = load.max() * (cfg.n_experts / max(r.experts.numel(), 1))
+        else:
+            ctx.stats[p + "max_load"] = load.max() / load.mean().clamp_min(1e-9)
 
 
 def update_expert_biases(model: nn.Module) -> int:

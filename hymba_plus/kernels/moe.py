@@ -50,6 +50,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from .dispatch import fast_path, use_fast
 
@@ -97,6 +98,11 @@ def route(logits: Tensor, top_k: int, score: str = "softmax", norm_topk: bool = 
         probs = scores / scores.sum(-1, keepdim=True).clamp_min(1e-20)
     else:
         raise ValueError(f"score must be 'softmax' or 'sigmoid', got {score!r}")
+    if score == "softmax" and bias is None and norm_topk:
+        # softmax is monotone and its renormalized top-k is the softmax of the top-k logits:
+        # two kernels instead of a gather and a renormalization
+        top, experts = torch.topk(logits, top_k, dim=-1)
+        return Routing(experts=experts, weights=torch.softmax(top, dim=-1), probs=probs, logits=logits)
     select = scores if bias is None else scores.detach() + bias.float()
     experts = torch.topk(select.detach(), top_k, dim=-1).indices
     weights = scores.gather(-1, experts)
@@ -125,14 +131,13 @@ def load_balancing_loss(probs: Tensor, load: Tensor, top_k: int, valid: Tensor |
     uniform, grows with imbalance. Only P carries gradient (f comes from the argmax).
     """
     E = probs.shape[-1]
-    if valid is None:
-        n = probs.new_tensor(float(probs.shape[0]))
-        p_mean = probs.sum(0) / n.clamp_min(1.0)
-    else:
-        m = valid.to(probs.dtype)
-        n = m.sum()
-        p_mean = (probs * m[:, None]).sum(0) / n.clamp_min(1.0)
-    f = load / (n * top_k).clamp_min(1.0)
+    if valid is None:  # token count known on the host: no tensor made from a Python number
+        n = max(probs.shape[0], 1)
+        return (load * probs.sum(0)).sum() * (E / (n * n * top_k))
+    m = valid.to(probs.dtype)
+    n = m.sum().clamp_min(1.0)
+    p_mean = (probs * m[:, None]).sum(0) / n
+    f = load / (n * top_k)
     return E * (f * p_mean).sum()
 
 
@@ -220,7 +225,7 @@ def grouped_mm_supported(x: Tensor, *weights: Tensor) -> bool:
 def _triton_ok(*tensors: Tensor) -> bool:
     """Hand-written Triton kernels in eager mode only: under ``torch.compile`` the PyTorch
     forms are traced instead, so Inductor fuses them with their neighbours."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or any(is_fake(t) for t in tensors):  # traced, also backward graphs
         return False
     return all(t.is_cuda for t in tensors) and use_fast(TRITON, *tensors)
 
