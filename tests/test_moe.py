@@ -435,7 +435,6 @@ def _language_expert_information(model, P: torch.Tensor, T: int) -> float:
 # ----------------------------------------------------------------------------- kernels
 
 
-@pytest.mark.slow
 def test_triton_kernels_in_interpreter_match_pytorch():
     """The Triton fast-path kernels (SwiGLU x weight fwd/bwd, k-row gather-sum), run by
     Triton's CPU interpreter in a subprocess (TRITON_INTERPRET must be set before import)."""
