@@ -29,6 +29,8 @@ Two ways to run the grouped GEMMs, same numbers:
 
 * ``grouped`` -- ``torch._grouped_mm`` over the segments (offsets = cumulative counts):
   the fast path on CUDA (sm90+, bf16), registered as ``moe_grouped_mm`` in ``dispatch``.
+  Gather, GEMMs, activation and un-sort form one autograd node (``_GroupedExperts``) whose
+  backward recomputes the activation instead of keeping the [N k, h] tensor.
 * ``padded`` -- every segment is copied into a zero-padded ``[E, C, d]`` buffer and one
   ``torch.bmm`` runs all experts (``C`` = the capacity, or the largest segment when
   dropless). Runs on every device and dtype.
