@@ -22,4 +22,7 @@ else
   fi
   export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
   echo "stage 2 ready: PYTHONPATH=$PYTHONPATH"
+  # a machine given back and started again between the two stages loses stage 1: say so now
+  python3 -c "import tvm_ffi, tilelang" 2>/dev/null || echo "warning: tilelang does not import" \
+    "(stage 1 missing on this machine?): fla's Hopper gdn backward and mamba3 MIMO will be unavailable"
 fi

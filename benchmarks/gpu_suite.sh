@@ -4,7 +4,8 @@
 # (source benchmarks/gpu_env.sh 1, then 2: see that file). Steps, cheapest first:
 #   moe     pytest -m gpu tests/test_moe.py; benchmarks/moe.py --profile
 #   mamba3  pytest -m gpu tests/test_mamba3.py (one launch config per kernel); mixers.py --only mamba3 --one-launch-config
-#   gdn     pytest -m gpu tests/test_gdn.py tests/test_conv.py (first use compiles fla's backward through TileLang, ~100 s)
+#   gdn     pytest -m gpu tests/test_gdn.py tests/test_conv.py (one launch config per fla kernel; first use
+#           compiles fla's backward through TileLang, ~20 s a kernel)
 #   atlas   pytest -m gpu tests/test_atlas.py
 #   mixers  mixers.py for gated_attn gdn hymba atlas (autotuned)
 # Usage: bash benchmarks/gpu_suite.sh [STEP ...]   (default: all, in that order)
@@ -18,14 +19,22 @@ step() {  # step NAME SECONDS CMD...
   echo "$name: rc=$? ($(tail -n 1 "$OUT/$name.log" | cut -c1-200))"
 }
 PYTEST=(python -m pytest -q -m gpu -p no:cacheprovider -rA --tb=short -s)
+need_tilelang() {  # fla's gdn backward (Hopper) and mamba-ssm's MIMO kernel compile through TileLang
+  python -c "import tvm_ffi, tilelang" 2>/dev/null && return 0
+  echo "tilelang or its deps are missing: on this machine (a fresh one after any release) run" \
+       "'source benchmarks/gpu_env.sh 1' (carry .whl2) and then 'source benchmarks/gpu_env.sh 2' (carry .whl3)"
+  exit 2
+}
 for s in "${@:-moe mamba3 gdn atlas mixers}"; do
   for s1 in $s; do
     case $s1 in
       moe)    step moe_tests 120 "${PYTEST[@]}" tests/test_moe.py
               step moe_bench 180 python benchmarks/moe.py --profile --out "$OUT/moe.json" ;;
-      mamba3) step mamba3_tests 400 "${PYTEST[@]}" tests/test_mamba3.py
+      mamba3) need_tilelang
+              step mamba3_tests 400 "${PYTEST[@]}" tests/test_mamba3.py
               (cd benchmarks && step mamba3_bench 200 python mixers.py --only mamba3 --one-launch-config --out "$OUT/mixers_mamba3.json") ;;
-      gdn)    step gdn_tests 400 "${PYTEST[@]}" tests/test_gdn.py tests/test_conv.py ;;
+      gdn)    need_tilelang
+              step gdn_tests 400 "${PYTEST[@]}" tests/test_gdn.py tests/test_conv.py ;;
       atlas)  step atlas_tests 200 "${PYTEST[@]}" tests/test_atlas.py ;;
       mixers) for m in gated_attn gdn hymba atlas; do
                 (cd benchmarks && step "mixers_$m" 200 python mixers.py --only "$m" --out "$OUT/mixers_$m.json")
