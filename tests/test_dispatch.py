@@ -26,7 +26,7 @@ def test_every_registered_fast_path_is_reported():
     import hymba_plus  # noqa: F401 - registers every kernel module
 
     av = dispatch.available()
-    assert {"gdn", "mamba3", "mamba3_mimo", "mamba3_mimo_train", "moe_grouped_mm", "moe_triton"} <= set(av)
+    assert {"gdn", "mamba3", "mamba3_mimo", "mamba3_mimo_train", "moe_grouped_mm", "moe_triton", "moe_router"} <= set(av)
     for doc, ok, err in av.values():
         assert doc and (ok or err)  # an unavailable path says why
 

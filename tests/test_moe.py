@@ -237,6 +237,8 @@ def test_balancing_loss_is_one_at_uniform_routing_and_grows_with_skew():
     assert ctx.stats["moe/0/lb_loss"].item() == pytest.approx(1.0, abs=1e-9)
     assert ctx.stats["moe/0/entropy"].item() == pytest.approx(math.log(E), abs=1e-9)
     assert ctx.stats["moe/0/z_loss"].item() == pytest.approx(math.log(E) ** 2, abs=1e-9)
+    lg = torch.randn(5, E, dtype=torch.float64)  # the z-loss from a router-made logsumexp is the same
+    assert K.router_z_loss(lg, None, torch.logsumexp(lg, -1)).item() == pytest.approx(K.router_z_loss(lg).item())
 
 
 def test_aux_loss_reaches_model_output_and_stats_exclude_padding():
@@ -470,6 +472,43 @@ def test_triton_kernels_in_interpreter_match_pytorch():
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
 
 
+def test_fused_router_in_interpreter_matches_pytorch():
+    """The fused softmax router (probs, logsumexp, top-k experts and weights; d logits from
+    any subset of its outputs, and from a broadcast d probs as the balancing loss gives)
+    against its PyTorch oracle, run by Triton's CPU interpreter; E not a power of two, k 1-16."""
+    pytest.importorskip("triton")
+    code = textwrap.dedent("""
+        import torch
+        import hymba_plus.kernels.moe as K
+        g = torch.Generator().manual_seed(0)
+        worst = 0.0
+        for N, E, k in ((5, 6, 3), (9, 64, 4), (4, 100, 1), (3, 512, 10), (2, 37, 16)):
+            for dt in (torch.float32, torch.bfloat16):
+                logits = torch.randn(N, E, generator=g).to(dt).requires_grad_()
+                got = K._RouterTriton.apply(logits, k)
+                ref = K._router_torch(logits, k)
+                assert torch.equal(got[3], ref[3]), ("experts", N, E, k)
+                seeds = [torch.randn(t.shape, generator=g) for t in ref[:3]]
+                for use in ([0], [1], [2], [0, 1, 2]):
+                    ga = torch.autograd.grad(sum((got[i] * seeds[i]).sum() for i in use), logits, retain_graph=True)[0]
+                    gb = torch.autograd.grad(sum((ref[i] * seeds[i]).sum() for i in use), logits, retain_graph=True)[0]
+                    e = float((ga.float() - gb.float()).abs().max() / gb.float().abs().max().clamp_min(1e-6))
+                    tol = 1e-5 if dt == torch.float32 else 1e-2
+                    assert e < tol, ("grad", N, E, k, dt, use, e)
+                for a, b in zip(got[:3], ref[:3]):
+                    e = float((a - b).abs().max() / b.abs().max())
+                    assert e < 1e-5, ("out", N, E, k, dt, e)
+                # broadcast dp (the balancing loss reads probs.sum(0)): stride-0 rows
+                ga = torch.autograd.grad((got[1].sum(0) * seeds[1][0]).sum(), logits)[0]
+                gb = torch.autograd.grad((ref[1].sum(0) * seeds[1][0]).sum(), logits)[0]
+                assert float((ga.float() - gb.float()).abs().max() / gb.float().abs().max()) < (1e-5 if dt == torch.float32 else 1e-2)
+        print("ok")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
 def test_plan_is_a_permutation_grouped_by_expert():
     experts = torch.tensor([[2, 0], [1, 2], [2, 1], [0, 3]])
     p = K.make_plan(experts, 5)
@@ -534,6 +573,9 @@ def test_gpu_triton_kernels_match_pytorch(monkeypatch):
     assert rel_err(a, ref) < 1e-5 and rel_err(dh, rh) < 1e-5 and rel_err(dw, rw) < 1e-5
     dh2, dw2, a2 = K._swiglu_triton_bwd(h.detach(), w.detach(), da, want_a=True)  # the grouped path's backward
     assert torch.equal(dh2, dh) and torch.equal(dw2, dw) and rel_err(a2, ref) < 1e-5
+    K._probe_router()  # raises where the fused router differs from PyTorch (outputs, d logits)
+    r = K.route(torch.randn(300, 64, generator=g).cuda().requires_grad_(), 4)
+    assert r.lse is not None  # softmax, renormalized top-k, no bias: the fused router served it
     src = torch.randn(3000, 130, generator=g).cuda()
     idx = torch.randperm(3000, generator=g).cuda()
     assert rel_err(K.gather_sum(src, idx, 10), K._gather_sum_torch(src, idx, 10)) < 1e-5

@@ -181,7 +181,7 @@ class MoE(nn.Module):
         if ctx is None:
             return
         lb = K.load_balancing_loss(r.probs, load, cfg.top_k, valid)
-        z = K.router_z_loss(r.logits, valid)
+        z = K.router_z_loss(r.logits, valid, r.lse)
         aux = cfg.aux_loss_coef * lb if cfg.aux_loss_coef > 0 else None
         if cfg.z_loss_coef > 0:
             aux = cfg.z_loss_coef * z if aux is None else torch.add(aux, z, alpha=cfg.z_loss_coef)

@@ -65,6 +65,7 @@ except Exception:  # noqa: BLE001 - missing or broken install = no Triton path
 
 GROUPED_MM = "moe_grouped_mm"
 TRITON = "moe_triton"
+ROUTER = "moe_router"
 IMPLS = ("auto", "grouped", "padded")
 
 
@@ -80,17 +81,23 @@ class Routing:
     probs:   [N, E] float32 router distribution (softmax, or sigmoid scores normalized
              to sum 1) -- the P of the balancing loss and of the routing entropy
     logits:  [N, E] float32 router logits (the z-loss reads them)
+    lse:     [N] float32 logsumexp of the logits (differentiable), from the fused Triton
+             router (softmax scores, renormalized top-k, no bias); None elsewhere
     """
 
     experts: Tensor
     weights: Tensor
     probs: Tensor
     logits: Tensor
+    lse: Tensor | None = None  # [N] logsumexp of the logits, where the fused router made it
 
 
 def route(logits: Tensor, top_k: int, score: str = "softmax", norm_topk: bool = True,
           bias: Tensor | None = None) -> Routing:
     """Token-choice top-k routing (see the module docstring for the equations); float32 at least."""
+    if score == "softmax" and bias is None and norm_topk and _router_triton_ok(logits, top_k):
+        weights, probs, lse, experts = _RouterTriton.apply(logits, top_k)
+        return Routing(experts=experts, weights=weights, probs=probs, logits=logits, lse=lse)
     logits = logits if logits.dtype == torch.float64 else logits.float()
     if score == "softmax":
         scores = torch.softmax(logits, dim=-1)
@@ -143,9 +150,12 @@ def load_balancing_loss(probs: Tensor, load: Tensor, top_k: int, valid: Tensor |
     return E * (f * p_mean).sum()
 
 
-def router_z_loss(logits: Tensor, valid: Tensor | None = None) -> Tensor:
-    """Router z-loss (ST-MoE, Zoph et al. 2022, arXiv 2202.08906, Eq. 5): mean (logsumexp x W_r)^2."""
-    z = torch.logsumexp(logits if logits.dtype == torch.float64 else logits.float(), dim=-1).square()
+def router_z_loss(logits: Tensor, valid: Tensor | None = None, lse: Tensor | None = None) -> Tensor:
+    """Router z-loss (ST-MoE, Zoph et al. 2022, arXiv 2202.08906, Eq. 5): mean (logsumexp x W_r)^2.
+    ``lse``: the logsumexp when the router already computed it."""
+    if lse is None:
+        lse = torch.logsumexp(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
+    z = lse.square()
     if valid is None:
         return z.mean() if z.numel() else z.sum()
     m = valid.to(z.dtype)
@@ -210,8 +220,28 @@ def _probe_triton() -> None:
         raise RuntimeError("Triton gather-sum kernel differs from PyTorch")
 
 
+def _probe_router() -> None:
+    """The fused router against PyTorch on this GPU: outputs and d logits, several (E, k)."""
+    _probe_triton()
+    g = torch.Generator().manual_seed(0)
+    for E, k in ((64, 4), (6, 3), (100, 1), (512, 10)):
+        logits = torch.randn(33, E, generator=g).cuda().requires_grad_()
+        got = _RouterTriton.apply(logits, k)
+        ref = _router_torch(logits, k)
+        if not torch.equal(got[3], ref[3]):
+            raise RuntimeError(f"fused router picks other experts than torch.topk (E={E}, k={k})")
+        seeds = [torch.randn(t.shape, generator=g).cuda() for t in ref[:3]]
+        grads = [torch.autograd.grad(sum((o * s).sum() for o, s in zip(out[:3], seeds)), logits)[0]
+                 for out in (got, ref)]
+        for a, b in zip([*got[:3], grads[0]], [*ref[:3], grads[1]]):
+            if not torch.allclose(a, b, atol=1e-5, rtol=1e-4):
+                raise RuntimeError(f"fused router differs from PyTorch (E={E}, k={k})")
+
+
 fast_path(GROUPED_MM, probe=_probe_grouped_mm, doc="torch._grouped_mm expert GEMMs (CUDA sm90+, bf16)")
 fast_path(TRITON, probe=_probe_triton, doc="Triton fused SwiGLU x routing weight and k-row sum")
+fast_path(ROUTER, probe=_probe_router, doc="Triton fused softmax router: probs, logsumexp, top-k, weights "
+                                           "in one kernel, d logits in one (E <= 4096, k <= 16)")
 
 
 def grouped_mm_supported(x: Tensor, *weights: Tensor) -> bool:
@@ -277,6 +307,63 @@ if triton is not None:
             tl.store(dw_ptr + row, tl.sum(acc, axis=0).to(dw_ptr.dtype.element_ty))
 
     @triton.jit
+    def _router_fwd_kernel(l_ptr, p_ptr, w_ptr, e_ptr, lse_ptr, E, stride_l,
+                           K: tl.constexpr, KB: tl.constexpr, BLOCK_E: tl.constexpr):
+        """One token: softmax over E logits, logsumexp, and the top-K experts with their
+        renormalized weights (= softmax of the K largest logits), by K argmax passes."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_E)
+        m = cols < E
+        lv = tl.load(l_ptr + row * stride_l + cols, mask=m, other=-float("inf")).to(tl.float32)
+        mx = tl.max(lv, axis=0)
+        ex = tl.where(m, tl.exp(lv - mx), 0.0)
+        tot = tl.sum(ex, axis=0)
+        tl.store(p_ptr + row * E + cols, ex / tot, mask=m)
+        tl.store(lse_ptr + row, mx + tl.log(tot))
+        ks = tl.arange(0, KB)
+        top_v = tl.full([KB], -float("inf"), tl.float32)
+        top_i = tl.zeros([KB], dtype=tl.int32)
+        vals = lv
+        for j in tl.static_range(K):
+            v = tl.max(vals, axis=0)
+            i = tl.argmax(vals, axis=0)
+            top_v = tl.where(ks == j, v, top_v)
+            top_i = tl.where(ks == j, i, top_i)
+            vals = tl.where(cols == i, -float("inf"), vals)
+        w = tl.where(ks < K, tl.exp(top_v - mx), 0.0)
+        w = w / tl.sum(w, axis=0)
+        tl.store(w_ptr + row * K + ks, w, mask=ks < K)
+        tl.store(e_ptr + row * K + ks, top_i.to(tl.int64), mask=ks < K)
+
+    @triton.jit
+    def _router_bwd_kernel(l_ptr, lse_ptr, e_ptr, w_ptr, dw_ptr, dp_ptr, dlse_ptr, dl_ptr, E,
+                           stride_l, stride_dp, stride_dl, K: tl.constexpr, KB: tl.constexpr,
+                           BLOCK_E: tl.constexpr, HAS_DW: tl.constexpr, HAS_DP: tl.constexpr,
+                           HAS_DLSE: tl.constexpr):
+        """d logits of one token from d weights (softmax of the top-K logits), d probs
+        (softmax) and d lse: p (dp - <p, dp>) + p dlse + scatter_K w (dw - <w, dw>)."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_E)
+        m = cols < E
+        lv = tl.load(l_ptr + row * stride_l + cols, mask=m, other=0.0).to(tl.float32)
+        p = tl.where(m, tl.exp(lv - tl.load(lse_ptr + row)), 0.0)
+        dl = tl.zeros([BLOCK_E], dtype=tl.float32)
+        if HAS_DP:
+            dp = tl.load(dp_ptr + row * stride_dp + cols, mask=m, other=0.0).to(tl.float32)
+            dl += p * (dp - tl.sum(p * dp, axis=0))
+        if HAS_DLSE:
+            dl += p * tl.load(dlse_ptr + row).to(tl.float32)
+        if HAS_DW:
+            ks = tl.arange(0, KB)
+            km = ks < K
+            w = tl.load(w_ptr + row * K + ks, mask=km, other=0.0)
+            dw = tl.load(dw_ptr + row * K + ks, mask=km, other=0.0).to(tl.float32)
+            ei = tl.load(e_ptr + row * K + ks, mask=km, other=-1)
+            dtop = w * (dw - tl.sum(w * dw, axis=0))
+            dl += tl.sum(tl.where(ei[:, None] == cols[None, :], dtop[:, None], 0.0), axis=0)
+        tl.store(dl_ptr + row * stride_dl + cols, dl.to(dl_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
     def _gather_sum_kernel(src_ptr, idx_ptr, out_ptr, D, stride_src, stride_out,
                            K: tl.constexpr, BLOCK: tl.constexpr):
         n = tl.program_id(0).to(tl.int64)
@@ -287,6 +374,11 @@ if triton is not None:
             r = tl.load(idx_ptr + n * K + j).to(tl.int64)
             acc += tl.load(src_ptr + r * stride_src + cols, mask=m, other=0.0).to(tl.float32)
         tl.store(out_ptr + n * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def _pow2(n: int) -> int:
+    """Smallest power of two >= n, at least 2 (a Triton block over the k choices)."""
+    return max(2, 1 << (max(n, 1) - 1).bit_length())
 
 
 def _block(n: int, cap: int = 1024) -> int:
@@ -392,6 +484,73 @@ def gather_sum(src: Tensor, idx: Tensor, k: int) -> Tensor:
     if _triton_ok(src):
         return _gather_sum_triton(src, idx, k)
     return _gather_sum_torch(src, idx, k)
+
+
+ROUTER_MAX_EXPERTS, ROUTER_MAX_TOPK = 4096, 16
+
+
+def _router_triton_fwd(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    lg = logits.contiguous()
+    N, E = lg.shape
+    dev = lg.device
+    probs = torch.empty(N, E, dtype=torch.float32, device=dev)
+    weights = torch.empty(N, k, dtype=torch.float32, device=dev)
+    experts = torch.empty(N, k, dtype=torch.long, device=dev)
+    lse = torch.empty(N, dtype=torch.float32, device=dev)
+    if N:
+        _router_fwd_kernel[(N,)](lg, probs, weights, experts, lse, E, lg.stride(0), K=k, KB=_pow2(k),
+                                 BLOCK_E=_block(E, ROUTER_MAX_EXPERTS))
+    return weights, probs, lse, experts
+
+
+def _router_triton_bwd(logits: Tensor, lse: Tensor, experts: Tensor, weights: Tensor, dw: Tensor | None,
+                       dp: Tensor | None, dlse: Tensor | None) -> Tensor:
+    lg = logits.contiguous()
+    N, E = lg.shape
+    k = experts.shape[-1]
+    dl = torch.empty(N, E, dtype=logits.dtype, device=lg.device)
+    if dp is not None and dp.stride(-1) != 1:
+        dp = dp.contiguous()
+    if N:
+        _router_bwd_kernel[(N,)](
+            lg, lse, experts, weights, dw.contiguous() if dw is not None else weights, dp if dp is not None else lg,
+            dlse.contiguous() if dlse is not None else lse, dl, E, lg.stride(0), dp.stride(0) if dp is not None else 0,
+            dl.stride(0), K=k, KB=_pow2(k), BLOCK_E=_block(E, ROUTER_MAX_EXPERTS),
+            HAS_DW=dw is not None, HAS_DP=dp is not None, HAS_DLSE=dlse is not None)
+    return dl
+
+
+class _RouterTriton(torch.autograd.Function):
+    """Softmax routing in one kernel per direction: probs, logsumexp, top-k experts and
+    their renormalized weights (the softmax of the k largest logits) from the logits; the
+    backward sums the three gradients into d logits. ``dp`` may be a broadcast row (the
+    balancing loss reads ``probs.sum(0)``): it is read with stride 0, never expanded."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, k: int):  # noqa: ANN001, ANN205
+        weights, probs, lse, experts = _router_triton_fwd(logits, k)
+        ctx.save_for_backward(logits, lse, experts, weights)
+        ctx.mark_non_differentiable(experts)
+        return weights, probs, lse, experts
+
+    @staticmethod
+    def backward(ctx, dw: Tensor | None, dp: Tensor | None, dlse: Tensor | None, _de: Tensor | None):  # noqa: ANN001, ANN205
+        logits, lse, experts, weights = ctx.saved_tensors
+        return _router_triton_bwd(logits, lse, experts, weights, dw, dp, dlse), None
+
+
+def _router_torch(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """What ``_RouterTriton`` computes, in PyTorch (its oracle)."""
+    lf = logits.float()
+    lse = torch.logsumexp(lf, dim=-1)
+    top, experts = torch.topk(lf, k, dim=-1)
+    return torch.softmax(top, dim=-1), torch.exp(lf - lse[:, None]), lse, experts
+
+
+def _router_triton_ok(logits: Tensor, k: int) -> bool:
+    return (logits.dim() == 2 and logits.shape[-1] <= ROUTER_MAX_EXPERTS and k <= ROUTER_MAX_TOPK
+            and logits.dtype in (torch.float32, torch.bfloat16, torch.float16) and _triton_ok(logits)
+            and use_fast(ROUTER, logits))
 
 
 class _GatherRows(torch.autograd.Function):
