@@ -42,7 +42,9 @@ counted as dropped. ``capacity=None`` (the default) is dropless.
 The gather / un-sort pair are each other's transposes, so their backward passes are
 written explicitly (a gather in one direction is a k-row sum in the other): no atomics,
 deterministic. On CUDA, Triton kernels fuse the SwiGLU activation with its routing weight
-and the k-row sum (``moe_triton`` fast path); elsewhere they are plain PyTorch.
+and the k-row sum (``moe_triton`` fast path), and the softmax router (``moe_router``: probs,
+logsumexp, top-k and renormalized weights in one kernel, all their gradients in another);
+elsewhere they are plain PyTorch.
 """
 
 from __future__ import annotations
