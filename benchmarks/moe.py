@@ -68,8 +68,10 @@ def time_layer(name: str, layer: nn.Module, x: torch.Tensor, gy: torch.Tensor, c
     return row
 
 
-def profile_layer(layer: MoE, x: torch.Tensor, gy: torch.Tensor, device: str) -> None:
-    """Top kernels of three forward+backward passes of our layer (where the time goes)."""
+def profile_layer(layer: MoE, x: torch.Tensor, gy: torch.Tensor, device: str) -> dict:
+    """Top kernels of three forward+backward passes of our layer (where the time goes); returns
+    per pass the number of device kernels and their summed time (CUDA), or of aten ops (CPU).
+    A pass whose wall time is well above its kernel time is bound by launches, not the GPU."""
     from torch.profiler import ProfilerActivity, profile
 
     xg = x.detach().clone().requires_grad_()
@@ -87,6 +89,14 @@ def profile_layer(layer: MoE, x: torch.Tensor, gy: torch.Tensor, device: str) ->
     print(prof.key_averages().table(sort_by=key, row_limit=25), flush=True)
     print(prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=25, max_name_column_width=40),
           flush=True)
+    if device == "cuda":
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        row = {"kernels_per_pass": len(kernels) / 3,
+               "kernel_ms_per_pass": sum(e.device_time_total for e in kernels) / 3 / 1e3}
+    else:
+        row = {"aten_ops_per_pass": sum(1 for e in prof.events() if e.name.startswith("aten::")) / 3}
+    print(f"  per forward+backward: {json.dumps({k: round(v, 3) for k, v in row.items()})}", flush=True)
+    return row
 
 
 def call_ours(layer: MoE, x: torch.Tensor):  # noqa: ANN201
@@ -201,7 +211,7 @@ def main() -> None:
     results["hymba_moe"] = time_layer(f"hymba moe ({auto_impl}{', triton' if triton_on else ''})", ours, x, gy,
                                       call_ours, dev, args.warmup, args.iters)
     if args.profile:
-        profile_layer(ours, x, gy, dev)
+        results["hymba_moe"]["profile"] = profile_layer(ours, x, gy, dev)
     ours.impl = "padded"
     if auto_impl != "padded":
         results["hymba_moe_padded"] = time_layer("hymba moe (padded bmm)", ours, x, gy, call_ours, dev,
