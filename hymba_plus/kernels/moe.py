@@ -492,7 +492,7 @@ ROUTER_MAX_EXPERTS, ROUTER_MAX_TOPK = 4096, 16
 
 
 def _router_triton_fwd(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    lg = logits.contiguous()
+    lg = logits if logits.stride(-1) == 1 else logits.contiguous()  # row stride is a kernel argument
     N, E = lg.shape
     dev = lg.device
     probs = torch.empty(N, E, dtype=torch.float32, device=dev)
@@ -507,7 +507,7 @@ def _router_triton_fwd(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, 
 
 def _router_triton_bwd(logits: Tensor, lse: Tensor, experts: Tensor, weights: Tensor, dw: Tensor | None,
                        dp: Tensor | None, dlse: Tensor | None) -> Tensor:
-    lg = logits.contiguous()
+    lg = logits if logits.stride(-1) == 1 else logits.contiguous()  # row stride is a kernel argument
     N, E = lg.shape
     k = experts.shape[-1]
     dl = torch.empty(N, E, dtype=logits.dtype, device=lg.device)
