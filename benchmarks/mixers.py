@@ -30,6 +30,7 @@ from timing import bench  # benchmarks/timing.py (scripts run from the repo root
 import hymba_plus  # noqa: F401  (registers components)
 from hymba_plus import build_model, registry
 from hymba_plus.core.cache import StepContext
+from hymba_plus.kernels import dispatch
 
 
 def fwd_bwd(fn: Callable[[], torch.Tensor], params: list[torch.Tensor]) -> Callable[[], None]:
@@ -147,7 +148,7 @@ def run_mixers(args: argparse.Namespace, on_row: Callable[[list[dict]], None] | 
         row: dict = {"mixer": name, "B": B, "T": T, "d_model": d_model}
         pin = contextlib.nullcontext(0)
         if args.one_launch_config and device == "cuda":
-            pin = _pin_all()
+            pin = dispatch.pinned_autotune("fla.", "mamba_ssm.")
         with pin as n_pinned:
             if n_pinned:
                 row["launch_configs"] = f"first config of each of {n_pinned} autotuned kernels (--one-launch-config)"
@@ -157,23 +158,6 @@ def run_mixers(args: argparse.Namespace, on_row: Callable[[list[dict]], None] | 
         if on_row is not None:
             on_row(rows)
     return rows
-
-
-@contextlib.contextmanager
-def _pin_all():  # noqa: ANN202
-    """fla's and mamba-ssm's autotuned Triton kernels (those importable here) at their first config."""
-    import importlib
-
-    from hymba_plus.kernels import dispatch
-
-    for mod in ("fla.ops.gated_delta_rule", "fla.modules.convolution", "mamba_ssm.ops.triton.mamba3.angle_dt",
-                "mamba_ssm.ops.triton.mamba3.mamba3_siso_fwd", "mamba_ssm.ops.triton.mamba3.mamba3_siso_bwd"):
-        try:
-            importlib.import_module(mod)
-        except Exception:  # noqa: BLE001, S112 - a missing package has nothing to pin
-            continue
-    with dispatch.pinned_autotune("fla.", "mamba_ssm.") as n:
-        yield n
 
 
 def run_one(name: str, row: dict, d_model: int, comps: dict, args: argparse.Namespace, device: str,

@@ -21,7 +21,6 @@ from hymba_plus.kernels.mamba3 import (
     mamba3_recurrent,
     mamba3_siso_fast,
     mamba3_step,
-    pinned_launch_configs,
     zero_carry,
 )
 from tests.conftest import rel_err, rms_rel
@@ -341,7 +340,7 @@ def one_launch_config():
     """Autotuning mamba-ssm's kernels costs minutes of compile per T class; the numerics do
     not depend on the launch config (benchmarks/mixers.py times the autotuned path)."""
     _need("mamba3")
-    with pinned_launch_configs() as n:
+    with dispatch.pinned_autotune("mamba_ssm.") as n:
         assert n >= 4  # mamba-ssm 2.3.2: angle_dt fwd/bwd, the forward and four backward kernels
         yield
 

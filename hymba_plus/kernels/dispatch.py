@@ -19,6 +19,7 @@ and ARCHITECTURE.md use it). Nothing is registered for an op that has no real fa
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -79,6 +80,13 @@ def available() -> dict[str, tuple[str, bool, str]]:
     return {n: (fp.doc, fp.ok(), fp.error) for n, fp in sorted(_FAST.items())}
 
 
+#: the modules that define the third-party autotuned kernels our fast paths call, by package
+AUTOTUNED_MODULES = {
+    "fla.": ("fla.ops.gated_delta_rule", "fla.modules.convolution"),
+    "mamba_ssm.": ("mamba_ssm.ops.triton.mamba3.mamba3_siso_combined",),
+}
+
+
 @contextlib.contextmanager
 def pinned_autotune(*prefixes: str) -> Iterator[int]:
     """Within the block, every Triton autotuned kernel defined in an imported module whose
@@ -90,8 +98,15 @@ def pinned_autotune(*prefixes: str) -> Iterator[int]:
     before a first step. The numerics do not depend on the launch config, so correctness
     tests and wrapper-overhead comparisons can skip that; training and absolute timings should
     autotune. Kernels wrapped by ``triton.heuristics`` are found through their ``fn`` chain.
+    The ``AUTOTUNED_MODULES`` of a prefix are imported first (a package missing here has
+    nothing to pin).
     """
     from triton.runtime.autotuner import Autotuner
+
+    for prefix in prefixes:
+        for name in AUTOTUNED_MODULES.get(prefix, ()):
+            with contextlib.suppress(Exception):  # not installed, or broken here: nothing to pin
+                importlib.import_module(name)
 
     saved, seen = [], set()
     try:

@@ -72,10 +72,8 @@ Paths
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import math
-from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -352,15 +350,6 @@ dispatch.fast_path("mamba3_mimo", probe=_probe_mimo,
 dispatch.fast_path("mamba3_mimo_train", probe=_probe_mimo_backward,
                    doc="mamba-ssm TileLang mamba3_mimo forward+backward (probe compiles the backward once)")
 
-@contextlib.contextmanager
-def pinned_launch_configs() -> Iterator[int]:
-    """mamba-ssm's autotuned Mamba-3 Triton kernels (seven for SISO in 2.3.2: angle cumsum
-    forward/backward, the scan forward, four backward kernels) pinned to their first launch
-    config within the block (``dispatch.pinned_autotune``); yields how many were pinned."""
-    _probe_siso()
-    with dispatch.pinned_autotune("mamba_ssm.ops.triton.mamba3") as n:
-        yield n
-
 
 _HALF = (torch.bfloat16, torch.float16)
 
@@ -463,8 +452,9 @@ def mamba3(
         return mamba3_siso_fast(q, k, v, adt, dt, trap, angles, q_bias, k_bias, carry, D=D, z=z, lengths=lengths,
                                 chunk_size=chunk_size, need_state=need_state, pairing=pairing)
     if (carry is None and lengths is None and not need_state and z is not None and D is not None
-            and mimo_fast_ok(v, N, P, K, R, pairing) and dispatch.use_fast(_mimo_path(q, k, v, adt, dt, trap, angles, q_bias, k_bias, D, z,
-                                                               mimo_v, mimo_z, mimo_o), v)):
+            and mimo_fast_ok(v, N, P, K, R, pairing)
+            and dispatch.use_fast(_mimo_path(q, k, v, adt, dt, trap, angles, q_bias, k_bias, D, z, mimo_v, mimo_z,
+                                             mimo_o), v)):
         return mamba3_mimo_fast(q, k, v, adt, dt, trap, angles, q_bias, k_bias, D=D, z=z, mimo_v=mimo_v,
                                 mimo_z=mimo_z, mimo_o=mimo_o, chunk_size=chunk_size), None
     return mamba3_chunked(q, k, v, adt, dt, trap, angles, q_bias, k_bias, carry, D=D, z=z, mimo_v=mimo_v,
