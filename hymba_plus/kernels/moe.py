@@ -82,9 +82,9 @@ class Routing:
     weights: [N, k] float32 combine weights (differentiable; the bias never enters them)
     probs:   [N, E] float32 router distribution (softmax, or sigmoid scores normalized
              to sum 1) -- the P of the balancing loss and of the routing entropy
-    logits:  [N, E] float32 router logits (the z-loss reads them)
-    lse:     [N] float32 logsumexp of the logits (differentiable), from the fused Triton
-             router (softmax scores, renormalized top-k, no bias); None elsewhere
+    logits:  [N, E] router logits (the z-loss reads them where ``lse`` is None)
+    lse:     [N] logsumexp of the logits (differentiable) for softmax scores with
+             renormalized top-k and no bias; None otherwise
     """
 
     experts: Tensor
@@ -97,8 +97,11 @@ class Routing:
 def route(logits: Tensor, top_k: int, score: str = "softmax", norm_topk: bool = True,
           bias: Tensor | None = None) -> Routing:
     """Token-choice top-k routing (see the module docstring for the equations); float32 at least."""
-    if score == "softmax" and bias is None and norm_topk and _router_triton_ok(logits, top_k):
-        weights, probs, lse, experts = _RouterTriton.apply(logits, top_k)
+    if score == "softmax" and bias is None and norm_topk:
+        # softmax is monotone and its renormalized top-k is the softmax of the k largest
+        # logits: one fused Triton kernel on CUDA, else four PyTorch ops (no gather)
+        fused = _router_triton_ok(logits, top_k)
+        weights, probs, lse, experts = (_RouterTriton.apply if fused else _router_torch)(logits, top_k)
         return Routing(experts=experts, weights=weights, probs=probs, logits=logits, lse=lse)
     logits = logits if logits.dtype == torch.float64 else logits.float()
     if score == "softmax":
@@ -109,11 +112,6 @@ def route(logits: Tensor, top_k: int, score: str = "softmax", norm_topk: bool = 
         probs = scores / scores.sum(-1, keepdim=True).clamp_min(1e-20)
     else:
         raise ValueError(f"score must be 'softmax' or 'sigmoid', got {score!r}")
-    if score == "softmax" and bias is None and norm_topk:
-        # softmax is monotone and its renormalized top-k is the softmax of the top-k logits:
-        # two kernels instead of a gather and a renormalization
-        top, experts = torch.topk(logits, top_k, dim=-1)
-        return Routing(experts=experts, weights=torch.softmax(top, dim=-1), probs=probs, logits=logits)
     select = scores if bias is None else scores.detach() + bias.float()
     experts = torch.topk(select.detach(), top_k, dim=-1).indices
     weights = scores.gather(-1, experts)
@@ -542,8 +540,9 @@ class _RouterTriton(torch.autograd.Function):
 
 
 def _router_torch(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """What ``_RouterTriton`` computes, in PyTorch (its oracle)."""
-    lf = logits.float()
+    """(weights, probs, lse, experts) of softmax routing with renormalized top-k, in PyTorch:
+    ``route``'s path off CUDA and ``_RouterTriton``'s oracle (float32 at least)."""
+    lf = logits if logits.dtype == torch.float64 else logits.float()
     lse = torch.logsumexp(lf, dim=-1)
     top, experts = torch.topk(lf, k, dim=-1)
     return torch.softmax(top, dim=-1), torch.exp(lf - lse[:, None]), lse, experts
