@@ -91,8 +91,8 @@ def run(args: argparse.Namespace) -> int:
     except TrainConfigError as e:
         raise UsageError(str(e)) from None
     out = Path(args.out) if args.out else Path("runs") / recipe.name
-    opts = RunOptions(out=out, resume=args.resume, device=args.device, compile=args.compile or args.compile_mode is not None,
-                      compile_mode=args.compile_mode or "default",
+    compile_mode = args.compile_mode or ("default" if args.compile else None)
+    opts = RunOptions(out=out, resume=args.resume, device=args.device, compile=compile_mode,
                       stop_after=args.stop_after, time_limit=args.time_limit, progress=not args.no_progress, recipe_name=args.recipe,
                       overrides=overrides)
     try:

@@ -55,8 +55,7 @@ class RunOptions:
     out: Path
     resume: bool = False
     device: str | None = None
-    compile: bool = False
-    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune | ...
+    compile: str | None = None  # torch.compile mode (default | reduce-overhead | max-autotune | ...); None = eager
     stop_after: int | None = None  # end this run at this step (the schedule keeps cfg.steps)
     time_limit: float | None = None  # end this run (eval + checkpoint) once this many seconds have passed
     progress: bool = True
@@ -240,9 +239,8 @@ class Trainer:
             ckpt_mod.load_optimizer(self.resume_from, model, self.opt, self.info)
             ckpt_mod.load_rng(self.resume_from, self.info)
         self.fwd = model
-        if self.opts.compile:
-            mode = self.opts.compile_mode
-            self.fwd = torch.compile(model, mode=None if mode == "default" else mode)
+        if self.opts.compile is not None:
+            self.fwd = torch.compile(model, mode=None if self.opts.compile == "default" else self.opts.compile)
 
         cache_dir = self.out / "data"
         if self.info.is_main:
@@ -306,7 +304,7 @@ class Trainer:
             ids, labels = batch.input_ids.to(dev), batch.labels.to(dev)
             if self.info.enabled and cfg.grad_accum > 1:
                 self.model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
-            if self.opts.compile:  # CUDA-graph modes: outputs of the previous step may be reused
+            if self.opts.compile is not None:  # CUDA-graph modes: outputs of the previous step may be reused
                 torch.compiler.cudagraph_mark_step_begin()
             with _autocast(cfg, dev):
                 out = self.fwd(ids, labels=labels)
@@ -380,7 +378,7 @@ class Trainer:
             start = (k * info.world + info.rank) * B
             batch = self.stream.eval(range(start, start + B))
             ids, labels = batch.input_ids.to(dev), batch.labels.to(dev)
-            if self.opts.compile:
+            if self.opts.compile is not None:
                 torch.compiler.cudagraph_mark_step_begin()
             with _autocast(cfg, dev):
                 out = self.fwd(ids)
