@@ -1,17 +1,30 @@
 #!/usr/bin/env bash
 # Set up the fast-path packages on a lent GPU machine that has no network (see
-# ARCHITECTURE.md, "Fast paths"). Wheels travel in ignored folders:
-#   stage 1:  .whl2/  z3-solver, apache-tvm-ffi, torch-c-dlpack-ext   (tilelang's deps)
-#   stage 2:  .whl3/  tilelang;  .whl/  fla-core, dacite;  .whl/src/mamba_ssm (mamba-ssm
-#             2.3.2.post1 Python sources: the Mamba-3 Triton/TileLang kernels need no build)
-# Usage: source benchmarks/gpu_env.sh [1|2]   (stage 2 also exports PYTHONPATH)
+# ARCHITECTURE.md, "Fast paths"). Packages travel in ignored folders:
+#   .whl/   fla-core, dacite wheels; .whl/src/mamba_ssm (mamba-ssm 2.3.2.post1 Python sources:
+#           the Mamba-3 Triton/TileLang kernels need no build)
+#   .whl4/site.tar.xz   tilelang 0.1.15 with apache-tvm-ffi, torch-c-dlpack-ext and z3-solver,
+#           unpacked and xz-compressed (38 MB, so everything fits one call's 64 MiB carry;
+#           the wheels alone are 82 MB). Build it here once with `bash benchmarks/gpu_env.sh pack`
+#           from the wheels in .whl2/ and .whl3/.
+# Usage on the GPU machine (carry .whl and .whl4):  source benchmarks/gpu_env.sh
+# (exports PYTHONPATH).  Older two-call form: stage 1 carries .whl2, stage 2 .whl3 + .whl, on one
+# warm machine (it is given back 30 s after a call): source benchmarks/gpu_env.sh 1; ... 2
 set -u
 SITE=${HYMBA_SITE:-/tmp/hymba_site}
+if [ "${1:-}" = pack ]; then  # on the CPU machine: wheels -> .whl4/site.tar.xz
+  tmp=$(mktemp -d) && mkdir "$tmp/site"
+  for w in .whl2/*.whl .whl3/*.whl; do unzip -q -o "$w" -d "$tmp/site" || return 1 2>/dev/null || exit 1; done
+  rm -rf "$tmp"/site/*.data  # z3's command-line binary (22 MB); the Python bindings use lib/
+  mkdir -p .whl4 && tar -cf - -C "$tmp/site" . | xz -9 -T0 > .whl4/site.tar.xz && rm -rf "$tmp"
+  ls -la .whl4/site.tar.xz
+  return 0 2>/dev/null || exit 0
+fi
 mkdir -p "$SITE"
 pipi() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$@"; }
-if [ "${1:-2}" = 1 ]; then
-  pipi .whl2/*.whl && echo "stage 1 installed into $SITE"
-else
+if [ -f .whl4/site.tar.xz ]; then tar -xJf .whl4/site.tar.xz -C "$SITE" && echo "tilelang and its deps unpacked into $SITE"; fi
+if [ -d .whl2 ]; then pipi .whl2/*.whl && echo "tilelang deps installed into $SITE"; fi
+if [ "${1:-}" != 1 ]; then
   if [ -d .whl3 ]; then pipi .whl3/*.whl; fi
   if [ -d .whl ]; then pipi .whl/*.whl; fi
   if [ -d .whl/src/mamba_ssm ]; then
@@ -21,8 +34,7 @@ else
     [ -f "$SITE/selective_scan_cuda.py" ] || printf 'def fwd(*a, **k):\n    raise RuntimeError("selective_scan_cuda (Mamba-1 CUDA extension) is not built here")\n\n\nbwd = fwd\n' > "$SITE/selective_scan_cuda.py"
   fi
   export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-  echo "stage 2 ready: PYTHONPATH=$PYTHONPATH"
-  # a machine given back and started again between the two stages loses stage 1: say so now
+  echo "ready: PYTHONPATH=$PYTHONPATH"
   python3 -c "import tvm_ffi, tilelang" 2>/dev/null || echo "warning: tilelang does not import" \
-    "(stage 1 missing on this machine?): fla's Hopper gdn backward and mamba3 MIMO will be unavailable"
+    "(carry .whl4, or run stage 1 on this same machine): fla's Hopper gdn backward and mamba3 MIMO will be unavailable"
 fi

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the GPU tests and benchmarks on a lent GPU machine, each step under its own time limit,
 # logs and JSON under ${OUT:-benchmarks/results/run}. Set up the packages first
-# (source benchmarks/gpu_env.sh 1, then 2: see that file). Steps, cheapest first:
+# (source benchmarks/gpu_env.sh, carrying .whl and .whl4: see that file). Steps, cheapest first:
 #   moe     pytest -m gpu tests/test_moe.py; benchmarks/moe.py --profile
 #   mamba3  pytest -m gpu tests/test_mamba3.py (one launch config per kernel); mixers.py --only mamba3 --one-launch-config
 #   gdn     pytest -m gpu tests/test_gdn.py tests/test_conv.py (one launch config per fla kernel; first use
@@ -21,8 +21,8 @@ step() {  # step NAME SECONDS CMD...
 PYTEST=(python -m pytest -q -m gpu -p no:cacheprovider -rA --tb=short -s)
 need_tilelang() {  # fla's gdn backward (Hopper) and mamba-ssm's MIMO kernel compile through TileLang
   python -c "import tvm_ffi, tilelang" 2>/dev/null && return 0
-  echo "tilelang or its deps are missing: on this machine (a fresh one after any release) run" \
-       "'source benchmarks/gpu_env.sh 1' (carry .whl2) and then 'source benchmarks/gpu_env.sh 2' (carry .whl3)"
+  echo "tilelang or its deps are missing: on this machine run" \
+       "'source benchmarks/gpu_env.sh' carrying .whl and .whl4 (see gpu_env.sh)"
   exit 2
 }
 for s in "${@:-moe mamba3 gdn atlas mixers}"; do

@@ -123,8 +123,8 @@ def raw_kernels(name: str, B: int, T: int, H: int, D: int, device: str, dtype: t
         if device == "cuda":
             from mamba_ssm.ops.triton.mamba3.mamba3_siso_combined import mamba3_siso_combined
 
-            # the raw kernel's own layout: [B,T,N] / [B,H,T] (the wrapper's transposes count against it)
-            q3, k3 = q.detach()[:, :, 0, 0].requires_grad_(), k.detach()[:, :, 0, 0].requires_grad_()
+            # the raw kernel's own layout: [B,T,G,N] / [B,H,T] (the wrapper's transposes count against it)
+            q3, k3 = q.detach()[:, :, :, 0].requires_grad_(), k.detach()[:, :, :, 0].requires_grad_()
             adt_h = adt.detach().transpose(1, 2).contiguous().requires_grad_()
             dt_h = dt.detach().transpose(1, 2).contiguous().requires_grad_()
             trap_h = trap.detach().transpose(1, 2).contiguous().requires_grad_()

@@ -31,6 +31,22 @@ def test_every_registered_fast_path_is_reported():
         assert doc and (ok or err)  # an unavailable path says why
 
 
+def test_probe_runs_with_autograd_whatever_the_callers_grad_mode():
+    """A fast path's first use may come under no_grad / inference_mode (generation, a
+    benchmark's forward timing); probes that check a backward must still run their backward."""
+
+    def probe():
+        x = torch.ones(3, requires_grad=True)
+        (g,) = torch.autograd.grad((x * x).sum(), x)
+        assert torch.equal(g, 2 * x)
+
+    for ctx in (torch.no_grad, torch.inference_mode):
+        fp = dispatch.FastPath("probe_with_grad", probe, "test")
+        with ctx():
+            assert fp.ok(), fp.error
+        assert torch.is_grad_enabled()
+
+
 def test_pinned_autotune_pins_and_restores():
     triton = pytest.importorskip("triton")
     tl = pytest.importorskip("triton.language")

@@ -9,7 +9,8 @@ and asks, at call time, ``use_fast("gdn", x)``. The answer is True only when
 
 * ``HYMBA_KERNELS`` is not ``reference`` (``auto``, the default, or ``fast``),
 * every given tensor is on CUDA, and
-* the probe succeeded (it runs once; an ImportError or any failure means "not available").
+* the probe succeeded (it runs once, with autograd on whatever the caller's grad mode; an
+  ImportError or any failure means "not available").
 
 ``HYMBA_KERNELS=fast`` makes a missing fast path an error instead of a silent fallback
 (for benchmarks and GPU tests). ``available()`` reports every op's status (``hymba info``
@@ -40,7 +41,10 @@ class FastPath:
     def ok(self) -> bool:
         if self.status is None:
             try:
-                self.probe()
+                # a first use may come under no_grad / inference_mode; probes that check a
+                # backward need autograd, and what they make is thrown away
+                with torch.inference_mode(False), torch.enable_grad():
+                    self.probe()
                 self.status = True
             except Exception as e:  # noqa: BLE001 - any import/probe failure = unavailable
                 self.status, self.error = False, f"{type(e).__name__}: {e}"
