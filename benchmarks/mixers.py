@@ -10,6 +10,7 @@ Columns per mixer:
 
     python benchmarks/mixers.py --out benchmarks/results/mixers.json           # GPU
     python benchmarks/mixers.py --only mamba3 --one-launch-config              # GPU, no autotune
+    python benchmarks/mixers.py --only gated_attn --profile                     # GPU, + top kernels
     python benchmarks/mixers.py --device cpu --quick                            # smoke test
     python benchmarks/mixers.py --cpu-gdn-loop                                  # CPU reference
                                                    # chunked vs per-token loop at T=2048
@@ -25,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from timing import bench  # benchmarks/timing.py (scripts run from the repo root as files)
+from timing import bench, profile_passes  # benchmarks/timing.py (scripts run from the repo root as files)
 
 import hymba_plus  # noqa: F401  (registers components)
 from hymba_plus import build_model, registry
@@ -171,6 +172,9 @@ def run_one(name: str, row: dict, d_model: int, comps: dict, args: argparse.Name
         with torch.no_grad():
             row["layer_fwd_ms"] = bench(lambda: layer(x, ctx, None), device)  # noqa: B023 - timed at once
         row["layer_fwdbwd_ms"] = bench(fwd_bwd(lambda: layer(x, ctx, None), params), device)  # noqa: B023
+        if args.profile:
+            print(f"--- {name}: layer forward+backward", flush=True)
+            row["layer_profile"] = profile_passes(fwd_bwd(lambda: layer(x, ctx, None), params), device)  # noqa: B023
     except Exception as e:  # noqa: BLE001 - report and continue with the other mixers
         row["error"] = f"{type(e).__name__}: {e}"[:300]
     kernels = raw_kernels(name, B, T, H, D, device, dtype)
@@ -230,6 +234,8 @@ def main() -> None:
     ap.add_argument("--one-launch-config", action="store_true",
                     help="pin fla's and mamba-ssm's autotuned kernels to one launch config (skips minutes of "
                          "autotune compile; wrapper/raw ratios stay comparable, absolute times are not tuned)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print each layer's top kernels for forward+backward (torch.profiler)")
     ap.add_argument("--out", default="benchmarks/results/mixers.json")
     args = ap.parse_args()
     result: dict = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",

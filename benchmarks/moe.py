@@ -13,6 +13,8 @@ Our forward+backward includes the router, the balancing and z losses and the sta
 (everything the layer does in training); the HF block and the dense layer have no losses.
 
     python benchmarks/moe.py                                  # GPU, writes benchmarks/results/moe.json
+    python benchmarks/moe.py --compile default reduce-overhead --cuda-graph --profile
+                                                              # + torch.compile, CUDA-graph replay, kernels
     python benchmarks/moe.py --device cpu --quick --threads 1  # smoke test at tiny sizes
 """
 
@@ -24,7 +26,7 @@ import os
 from collections.abc import Callable
 
 import torch
-from timing import bench  # benchmarks/timing.py (scripts run from the repo root as files)
+from timing import bench, profile_passes  # benchmarks/timing.py (scripts run from the repo root as files)
 from torch import nn
 
 import hymba_plus  # noqa: F401  (registers components)
@@ -69,34 +71,17 @@ def time_layer(name: str, layer: nn.Module, x: torch.Tensor, gy: torch.Tensor, c
 
 
 def profile_layer(layer: MoE, x: torch.Tensor, gy: torch.Tensor, device: str) -> dict:
-    """Top kernels of three forward+backward passes of our layer (where the time goes); returns
-    per pass the number of device kernels and their summed time (CUDA), or of aten ops (CPU).
-    A pass whose wall time is well above its kernel time is bound by launches, not the GPU."""
-    from torch.profiler import ProfilerActivity, profile
-
+    """Where one forward+backward of our layer spends its time (``timing.profile_passes``)."""
     xg = x.detach().clone().requires_grad_()
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     params = [p for p in layer.parameters() if p.requires_grad]
-    with profile(activities=acts, record_shapes=True) as prof:
-        for _ in range(3):
-            for p in params:  # as in the timed loop: no gradient accumulation
-                p.grad = None
-            y, aux = call_ours(layer, xg)
-            torch.autograd.backward([y, aux], [gy, torch.ones_like(aux)])
-        if device == "cuda":
-            torch.cuda.synchronize()
-    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=25), flush=True)
-    print(prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=25, max_name_column_width=40),
-          flush=True)
-    if device == "cuda":
-        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        row = {"kernels_per_pass": len(kernels) / 3,
-               "kernel_ms_per_pass": sum(e.device_time_total for e in kernels) / 3 / 1e3}
-    else:
-        row = {"aten_ops_per_pass": sum(1 for e in prof.events() if e.name.startswith("aten::")) / 3}
-    print(f"  per forward+backward: {json.dumps({k: round(v, 3) for k, v in row.items()})}", flush=True)
-    return row
+
+    def pass_() -> None:
+        for p in params:  # as in the timed loop: no gradient accumulation
+            p.grad = None
+        y, aux = call_ours(layer, xg)
+        torch.autograd.backward([y, aux], [gy, torch.ones_like(aux)])
+
+    return profile_passes(pass_, device)
 
 
 def call_ours(layer: MoE, x: torch.Tensor):  # noqa: ANN201
@@ -117,6 +102,28 @@ def _marked(call: Callable) -> Callable:
         torch.compiler.cudagraph_mark_step_begin()
         return call(layer, x)
     return run
+
+
+def graphed(layer: nn.Module, call: Callable, x: torch.Tensor) -> tuple[nn.Module, Callable]:
+    """``layer`` with its forward and backward each captured once in a CUDA graph
+    (``torch.cuda.make_graphed_callables``) and replayed: the eager kernels, none of the
+    per-op launch cost. Works because the layer is capture-safe: static shapes (dropless
+    routing) and no host synchronization."""
+    class _Step(nn.Module):
+        def __init__(self, inner: nn.Module):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor):  # noqa: ANN202
+            y, aux = call(self.inner, x)
+            return (y,) if aux is None else (y, aux)
+
+    step = torch.cuda.make_graphed_callables(_Step(layer), (x.detach().clone().requires_grad_(),))
+
+    def run(_: nn.Module, x: torch.Tensor):  # noqa: ANN202
+        out = step(x)
+        return out[0], (out[1] if len(out) > 1 else None)
+    return step, run
 
 
 def build_hf(ours: MoE, args: argparse.Namespace):  # noqa: ANN201
@@ -182,6 +189,9 @@ def main() -> None:
     ap.add_argument("--compile", nargs="*", default=[], metavar="MODE",
                     choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                     help="also time torch.compile(mode=MODE) of our layer and of the dense layer")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="also time our layer and the dense layer replayed from CUDA graphs (eager kernels, "
+                         "torch.cuda.make_graphed_callables)")
     ap.add_argument("--out", default="benchmarks/results/moe.json")
     args = ap.parse_args()
     if args.quick:
@@ -232,6 +242,16 @@ def main() -> None:
                 notes[f"{key}_compiled_{mode}"] = f"{type(e).__name__}: {e}"[:300]
                 print(f"  {key} compiled ({mode}): failed ({notes[f'{key}_compiled_{mode}']})", flush=True)
 
+    if args.cuda_graph and dev == "cuda":
+        for key, layer, call in (("hymba_moe", ours, call_ours), ("dense_swiglu", dense, call_plain)):
+            try:
+                g_layer, g_call = graphed(layer, call, x)
+                results[f"{key}_cuda_graph"] = time_layer(f"{key} CUDA graph", g_layer, x, gy, g_call, dev,
+                                                          args.warmup, args.iters)
+            except Exception as e:  # noqa: BLE001 - report, keep benchmarking the rest
+                notes[f"{key}_cuda_graph"] = f"{type(e).__name__}: {e}"[:300]
+                print(f"  {key} CUDA graph: failed ({notes[f'{key}_cuda_graph']})", flush=True)
+
     parity: dict[str, float] = {}
     hf_version = None
     if not args.no_hf:
@@ -271,9 +291,12 @@ def main() -> None:
         a, b = results.get(f"hymba_moe_compiled_{mode}"), results.get(f"dense_swiglu_compiled_{mode}")
         if a and b:
             ratios[f"ours_over_dense_compiled_{mode}"] = a["fwd_bwd_ms"] / b["fwd_bwd_ms"]
+    a, b = results.get("hymba_moe_cuda_graph"), results.get("dense_swiglu_cuda_graph")
+    if a and b:
+        ratios["ours_over_dense_cuda_graph"] = a["fwd_bwd_ms"] / b["fwd_bwd_ms"]
     targets = {"within_1.5x_dense": ratios["ours_over_dense"] <= 1.5}
     for key, v in ratios.items():
-        if key.startswith("ours_over_dense_compiled_"):
+        if key.startswith(("ours_over_dense_compiled_", "ours_over_dense_cuda_graph")):
             targets["within_1.5x_dense" + key.removeprefix("ours_over_dense")] = v <= 1.5
     if "hf_qwen3next_eager_over_ours" in ratios:
         targets["3x_faster_than_hf"] = ratios["hf_qwen3next_eager_over_ours"] >= 3.0

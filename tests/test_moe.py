@@ -475,16 +475,22 @@ def test_triton_kernels_in_interpreter_match_pytorch():
 def test_fused_router_in_interpreter_matches_pytorch():
     """The fused softmax router (probs, logsumexp, top-k experts and weights; d logits from
     any subset of its outputs, and from a broadcast d probs as the balancing loss gives)
-    against its PyTorch oracle, run by Triton's CPU interpreter; E not a power of two, k 1-16."""
+    against its PyTorch oracle, run by Triton's CPU interpreter; E not a power of two, k 1-16,
+    tokens spread over several programs (a partial last block)."""
     pytest.importorskip("triton")
     code = textwrap.dedent("""
         import torch
         import hymba_plus.kernels.moe as K
         g = torch.Generator().manual_seed(0)
         worst = 0.0
-        for N, E, k in ((5, 6, 3), (9, 64, 4), (4, 100, 1), (3, 512, 10), (2, 37, 16)):
+        for N, E, k in ((5, 6, 3), (9, 64, 4), (4, 100, 1), (3, 512, 10), (2, 37, 16), (70, 64, 4), (13, 512, 10)):
             for dt in (torch.float32, torch.bfloat16):
-                logits = torch.randn(N, E, generator=g).to(dt).requires_grad_()
+                logits = torch.randn(N, E, generator=g)
+                if dt == torch.bfloat16:  # distinct per row (n / 32, |n| <= 256: exact in bf16), so
+                    # the top-k set is unique (ties may be broken either way, by torch.topk too)
+                    perm = torch.stack([torch.randperm(E, generator=g) for _ in range(N)])
+                    logits = (perm - E // 2).float() / 32
+                logits = logits.to(dt).requires_grad_()
                 got = K._RouterTriton.apply(logits, k)
                 ref = K._router_torch(logits, k)
                 assert torch.equal(got[3], ref[3]), ("experts", N, E, k)
@@ -520,7 +526,7 @@ def test_fused_router_in_interpreter_matches_pytorch():
 
 def test_plan_is_a_permutation_grouped_by_expert():
     experts = torch.tensor([[2, 0], [1, 2], [2, 1], [0, 3]])
-    p = K.make_plan(experts, 5)
+    p = K.Plan(experts, 5)
     flat = experts.reshape(-1)
     assert p.counts.tolist() == [2, 2, 3, 1, 0]
     assert torch.equal(flat[p.order], p.expert) and torch.equal(p.expert, flat.sort().values)
@@ -588,3 +594,39 @@ def test_gpu_triton_kernels_match_pytorch(monkeypatch):
     src = torch.randn(3000, 130, generator=g).cuda()
     idx = torch.randperm(3000, generator=g).cuda()
     assert rel_err(K.gather_sum(src, idx, 10), K._gather_sum_torch(src, idx, 10)) < 1e-5
+
+
+@pytest.mark.gpu
+def test_gpu_layer_replays_from_a_cuda_graph(monkeypatch):
+    """The training path is CUDA-graph safe (static shapes, no host sync): forward and
+    backward captured by make_graphed_callables replay to the eager outputs and gradients."""
+    monkeypatch.setenv("HYMBA_KERNELS", "fast")
+    torch.manual_seed(0)
+    m = MoE(MoEConfig(n_experts=16, top_k=4, n_shared=1, d_expert=64), d_model=128).cuda().bfloat16()
+
+    class Step(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            ctx = _ctx(2, 256, device="cuda")
+            y = self.inner(x, ctx)
+            return y, torch.stack(ctx.aux_losses).sum()
+
+    step = Step(m)
+    sample = torch.randn(2, 256, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    graphed = torch.cuda.make_graphed_callables(step, (sample,))
+    probe = torch.randn(2, 256, 128, device="cuda", dtype=torch.bfloat16)
+    res = []
+    for fn in (step, graphed):
+        for p in m.parameters():
+            p.grad = None
+        x = torch.randn(2, 256, 128, device="cuda", dtype=torch.bfloat16,
+                        generator=torch.Generator("cuda").manual_seed(1)).requires_grad_()
+        y, aux = fn(x)
+        torch.autograd.backward([y, aux], [probe, torch.ones_like(aux)])
+        res.append([y.detach().clone(), aux.detach().clone(), x.grad.clone(),
+                    *[p.grad.clone() for p in m.parameters()]])
+    for a, b in zip(*res):
+        assert rel_err(a.float(), b.float()) < 1e-2

@@ -156,11 +156,11 @@ class MoE(nn.Module):
         cap = None
         if cfg.capacity_factor is not None and self.training:
             cap = K.expert_capacity(xf.shape[0], cfg.top_k, cfg.n_experts, cfg.capacity_factor)
-        y, dropped = K.moe_experts(xf, r.experts, r.weights.to(x.dtype), self.w_gate_up, self.w_down,
+        y, dropped, counts = K.moe_experts(xf, r.experts, r.weights.to(x.dtype), self.w_gate_up, self.w_down,
                                    capacity=cap, inert=None if vflat is None else ~vflat, impl=self.impl)
         if self.shared is not None:
             y = self._add_shared(y, xf, gate_logit)
-        self._account(r, dropped, vflat, ctx)
+        self._account(r, dropped, counts, vflat, ctx)
         return y.view(B, T, D)
 
     def _add_shared(self, y: Tensor, x: Tensor, gate_logit: Tensor) -> Tensor:
@@ -173,9 +173,11 @@ class MoE(nn.Module):
         a = K.swiglu(h, gate)
         return torch.addmm(y, a, sh.w_down.weight.t())
 
-    def _account(self, r: K.Routing, dropped: Tensor, valid: Tensor | None, ctx: StepContext | None) -> None:
+    def _account(self, r: K.Routing, dropped: Tensor, counts: Tensor, valid: Tensor | None,
+                 ctx: StepContext | None) -> None:
         cfg = self.cfg
-        load = K.expert_load(r.experts, cfg.n_experts, valid)
+        # every assignment is a real token's unless some are padding: then count the real ones
+        load = counts.float() if valid is None else K.expert_load(r.experts, cfg.n_experts, valid)
         if self.training and cfg.bias_update_rate > 0:
             self.load += load
         if ctx is None:

@@ -1,4 +1,4 @@
-"""RMSNorm, zero-centered (Qwen3-Next / Gemma style) and gated (Gated DeltaNet output).
+"""RMSNorm (Zhang & Sennrich 2019, arXiv 1910.07467), zero-centered (Qwen3-Next / Gemma style) and gated (Gated DeltaNet output).
 
 Zero-centered RMSNorm stores ``w`` and scales by ``(1 + w)``, so the weight starts at zero
 and weight decay pulls the scale towards 1 instead of 0 (Qwen3-Next). The plain form
@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels.norm import rms_norm
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6, zero_centered: bool = True):
@@ -25,10 +27,7 @@ class RMSNorm(nn.Module):
         return 1.0 + self.weight if self.zero_centered else self.weight
 
     def forward(self, x: Tensor) -> Tensor:
-        dt = x.dtype
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.scale().float()).to(dt)
+        return rms_norm(x, self.scale(), self.eps)  # kernels.norm: float32 math, fused on CUDA
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, zero_centered={self.zero_centered}"

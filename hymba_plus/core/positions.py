@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..kernels.rotary import apply_rope
 from .config import spec
 
 
@@ -84,9 +85,4 @@ class Rotary(torch.nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         if self.rot_dim == 0:
             return x
-        r = self.rot_dim
-        xr, xp = x[..., :r].float(), x[..., r:]
-        x1, x2 = xr[..., : r // 2], xr[..., r // 2 :]
-        c, s = cos[:, :, None, :], sin[:, :, None, :]
-        out = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
-        return torch.cat([out, xp], dim=-1) if xp.shape[-1] else out
+        return apply_rope(x, cos, sin)  # kernels.rotary: float32 math, one Triton kernel on CUDA

@@ -79,6 +79,15 @@ def use_fast(name: str, *tensors: torch.Tensor) -> bool:
     return True
 
 
+def tracing(*tensors: torch.Tensor) -> bool:
+    """Is this call being traced (``torch.compile``, also its backward graphs, or fake
+    tensors)? Hand-written Triton kernels run in eager mode only: under tracing the PyTorch
+    reference is traced instead, so Inductor fuses it with its neighbours."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return torch.compiler.is_compiling() or any(is_fake(t) for t in tensors)
+
+
 def available() -> dict[str, tuple[str, bool, str]]:
     """op -> (description, importable here, error)."""
     return {n: (fp.doc, fp.ok(), fp.error) for n, fp in sorted(_FAST.items())}

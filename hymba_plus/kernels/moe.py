@@ -49,14 +49,14 @@ elsewhere they are plain PyTorch.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
 
-from .dispatch import fast_path, use_fast
+from .dispatch import fast_path, tracing, use_fast
 
 try:  # Triton is optional: only the CUDA fast path uses it
     import triton
@@ -257,7 +257,7 @@ def grouped_mm_supported(x: Tensor, *weights: Tensor) -> bool:
 def _triton_ok(*tensors: Tensor) -> bool:
     """Hand-written Triton kernels in eager mode only: under ``torch.compile`` the PyTorch
     forms are traced instead, so Inductor fuses them with their neighbours."""
-    if torch.compiler.is_compiling() or any(is_fake(t) for t in tensors):  # traced, also backward graphs
+    if tracing(*tensors):
         return False
     return all(t.is_cuda for t in tensors) and use_fast(TRITON, *tensors)
 
@@ -307,61 +307,71 @@ if triton is not None:
             tl.store(dw_ptr + row, tl.sum(acc, axis=0).to(dw_ptr.dtype.element_ty))
 
     @triton.jit
-    def _router_fwd_kernel(l_ptr, p_ptr, w_ptr, e_ptr, lse_ptr, E, stride_l,
-                           K: tl.constexpr, KB: tl.constexpr, BLOCK_E: tl.constexpr):
-        """One token: softmax over E logits, logsumexp, and the top-K experts with their
+    def _router_fwd_kernel(l_ptr, p_ptr, w_ptr, e_ptr, lse_ptr, N, E, stride_l,
+                           K: tl.constexpr, KB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+        """BLOCK_M tokens: softmax over E logits, logsumexp, and the top-K experts with their
         renormalized weights (= softmax of the K largest logits), by K argmax passes."""
-        row = tl.program_id(0).to(tl.int64)
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_E)
-        m = cols < E
-        lv = tl.load(l_ptr + row * stride_l + cols, mask=m, other=-float("inf")).to(tl.float32)
-        mx = tl.max(lv, axis=0)
-        ex = tl.where(m, tl.exp(lv - mx), 0.0)
-        tot = tl.sum(ex, axis=0)
-        tl.store(p_ptr + row * E + cols, ex / tot, mask=m)
-        tl.store(lse_ptr + row, mx + tl.log(tot))
+        rm = rows < N
+        m = rm[:, None] & (cols < E)[None, :]
+        lv = tl.load(l_ptr + rows[:, None] * stride_l + cols[None, :], mask=m, other=-float("inf")).to(tl.float32)
+        mx = tl.max(lv, axis=1)
+        mx = tl.where(rm, mx, 0.0)  # rows past N: keep the arithmetic finite
+        ex = tl.where(m, tl.exp(lv - mx[:, None]), 0.0)
+        tot = tl.where(rm, tl.sum(ex, axis=1), 1.0)
+        tl.store(p_ptr + rows[:, None] * E + cols[None, :], ex / tot[:, None], mask=m)
+        tl.store(lse_ptr + rows, mx + tl.log(tot), mask=rm)
         ks = tl.arange(0, KB)
-        top_v = tl.full([KB], -float("inf"), tl.float32)
-        top_i = tl.zeros([KB], dtype=tl.int32)
+        top_v = tl.full([BLOCK_M, KB], -float("inf"), tl.float32)
+        top_i = tl.zeros([BLOCK_M, KB], dtype=tl.int32)
         vals = lv
         for j in tl.static_range(K):
-            v = tl.max(vals, axis=0)
-            i = tl.argmax(vals, axis=0)
-            top_v = tl.where(ks == j, v, top_v)
-            top_i = tl.where(ks == j, i, top_i)
-            vals = tl.where(cols == i, -float("inf"), vals)
-        w = tl.where(ks < K, tl.exp(top_v - mx), 0.0)
-        w = w / tl.sum(w, axis=0)
-        tl.store(w_ptr + row * K + ks, w, mask=ks < K)
-        tl.store(e_ptr + row * K + ks, top_i.to(tl.int64), mask=ks < K)
+            v = tl.max(vals, axis=1)
+            i = tl.argmax(vals, axis=1)
+            top_v = tl.where(ks[None, :] == j, v[:, None], top_v)
+            top_i = tl.where(ks[None, :] == j, i[:, None], top_i)
+            vals = tl.where(cols[None, :] == i[:, None], -float("inf"), vals)
+        km = rm[:, None] & (ks < K)[None, :]
+        w = tl.where(km, tl.exp(top_v - mx[:, None]), 0.0)
+        w = w / tl.where(rm, tl.sum(w, axis=1), 1.0)[:, None]
+        tl.store(w_ptr + rows[:, None] * K + ks[None, :], w, mask=km)
+        tl.store(e_ptr + rows[:, None] * K + ks[None, :], top_i.to(tl.int64), mask=km)
 
     @triton.jit
-    def _router_bwd_kernel(l_ptr, lse_ptr, e_ptr, w_ptr, dw_ptr, dp_ptr, dlse_ptr, dl_ptr, E,
+    def _router_bwd_kernel(l_ptr, lse_ptr, e_ptr, w_ptr, dw_ptr, dp_ptr, dlse_ptr, dl_ptr, N, E,
                            stride_l, stride_dp, stride_dl, K: tl.constexpr, KB: tl.constexpr,
-                           BLOCK_E: tl.constexpr, HAS_DW: tl.constexpr, HAS_DP: tl.constexpr,
-                           HAS_DLSE: tl.constexpr):
-        """d logits of one token from d weights (softmax of the top-K logits), d probs
+                           BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, HAS_DW: tl.constexpr,
+                           HAS_DP: tl.constexpr, HAS_DLSE: tl.constexpr):
+        """d logits of BLOCK_M tokens from d weights (softmax of the top-K logits), d probs
         (softmax) and d lse: p (dp - <p, dp>) + p dlse + scatter_K w (dw - <w, dw>)."""
-        row = tl.program_id(0).to(tl.int64)
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_E)
-        m = cols < E
-        lv = tl.load(l_ptr + row * stride_l + cols, mask=m, other=0.0).to(tl.float32)
-        p = tl.where(m, tl.exp(lv - tl.load(lse_ptr + row)), 0.0)
-        dl = tl.zeros([BLOCK_E], dtype=tl.float32)
+        rm = rows < N
+        m = rm[:, None] & (cols < E)[None, :]
+        lv = tl.load(l_ptr + rows[:, None] * stride_l + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        lse = tl.load(lse_ptr + rows, mask=rm, other=0.0)
+        p = tl.where(m, tl.exp(lv - lse[:, None]), 0.0)
+        dl = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
         if HAS_DP:
-            dp = tl.load(dp_ptr + row * stride_dp + cols, mask=m, other=0.0).to(tl.float32)
-            dl += p * (dp - tl.sum(p * dp, axis=0))
+            dp = tl.load(dp_ptr + rows[:, None] * stride_dp + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            dl += p * (dp - tl.sum(p * dp, axis=1)[:, None])
         if HAS_DLSE:
-            dl += p * tl.load(dlse_ptr + row).to(tl.float32)
+            dl += p * tl.load(dlse_ptr + rows, mask=rm, other=0.0).to(tl.float32)[:, None]
         if HAS_DW:
             ks = tl.arange(0, KB)
-            km = ks < K
-            w = tl.load(w_ptr + row * K + ks, mask=km, other=0.0)
-            dw = tl.load(dw_ptr + row * K + ks, mask=km, other=0.0).to(tl.float32)
-            ei = tl.load(e_ptr + row * K + ks, mask=km, other=-1)
-            dtop = w * (dw - tl.sum(w * dw, axis=0))
-            dl += tl.sum(tl.where(ei[:, None] == cols[None, :], dtop[:, None], 0.0), axis=0)
-        tl.store(dl_ptr + row * stride_dl + cols, dl.to(dl_ptr.dtype.element_ty), mask=m)
+            km = rm[:, None] & (ks < K)[None, :]
+            off = rows[:, None] * K + ks[None, :]
+            w = tl.load(w_ptr + off, mask=km, other=0.0)
+            dw = tl.load(dw_ptr + off, mask=km, other=0.0).to(tl.float32)
+            ei = tl.load(e_ptr + off, mask=km, other=-1)
+            dtop = w * (dw - tl.sum(w * dw, axis=1)[:, None])  # [BLOCK_M, KB]
+            for j in tl.static_range(K):  # scatter the K choices into their expert columns
+                sel = ks[None, :] == j
+                e_j = tl.sum(tl.where(sel, ei, 0), axis=1)
+                d_j = tl.sum(tl.where(sel, dtop, 0.0), axis=1)
+                dl += tl.where(cols[None, :] == e_j[:, None], d_j[:, None], 0.0)
+        tl.store(dl_ptr + rows[:, None] * stride_dl + cols[None, :], dl.to(dl_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
     def _gather_sum_kernel(src_ptr, idx_ptr, out_ptr, D, stride_src, stride_out,
@@ -489,6 +499,12 @@ def gather_sum(src: Tensor, idx: Tensor, k: int) -> Tensor:
 ROUTER_MAX_EXPERTS, ROUTER_MAX_TOPK = 4096, 16
 
 
+def _router_rows(block_e: int) -> int:
+    """Tokens per router program: about 2048 logits per program (one token per program
+    left most of a 64-expert block idle: 16k programs of 64 lanes)."""
+    return max(1, min(64, 2048 // block_e))
+
+
 def _router_triton_fwd(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     lg = logits if logits.stride(-1) == 1 else logits.contiguous()  # row stride is a kernel argument
     N, E = lg.shape
@@ -498,8 +514,10 @@ def _router_triton_fwd(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, 
     experts = torch.empty(N, k, dtype=torch.long, device=dev)
     lse = torch.empty(N, dtype=torch.float32, device=dev)
     if N:
-        _router_fwd_kernel[(N,)](lg, probs, weights, experts, lse, E, lg.stride(0), K=k, KB=_pow2(k),
-                                 BLOCK_E=_block(E, ROUTER_MAX_EXPERTS))
+        be = _block(E, ROUTER_MAX_EXPERTS)
+        bm = _router_rows(be)
+        _router_fwd_kernel[(triton.cdiv(N, bm),)](lg, probs, weights, experts, lse, N, E, lg.stride(0), K=k,
+                                                  KB=_pow2(k), BLOCK_M=bm, BLOCK_E=be)
     return weights, probs, lse, experts
 
 
@@ -512,10 +530,12 @@ def _router_triton_bwd(logits: Tensor, lse: Tensor, experts: Tensor, weights: Te
     if dp is not None and dp.stride(-1) != 1:
         dp = dp.contiguous()
     if N:
-        _router_bwd_kernel[(N,)](
+        be = _block(E, ROUTER_MAX_EXPERTS)
+        bm = _router_rows(be)
+        _router_bwd_kernel[(triton.cdiv(N, bm),)](
             lg, lse, experts, weights, dw.contiguous() if dw is not None else weights, dp if dp is not None else lg,
-            dlse.contiguous() if dlse is not None else lse, dl, E, lg.stride(0), dp.stride(0) if dp is not None else 0,
-            dl.stride(0), K=k, KB=_pow2(k), BLOCK_E=_block(E, ROUTER_MAX_EXPERTS),
+            dlse.contiguous() if dlse is not None else lse, dl, N, E, lg.stride(0), dp.stride(0) if dp is not None else 0,
+            dl.stride(0), K=k, KB=_pow2(k), BLOCK_M=bm, BLOCK_E=be,
             HAS_DW=dw is not None, HAS_DP=dp is not None, HAS_DLSE=dlse is not None)
     return dl
 
@@ -621,7 +641,6 @@ class _GroupedExperts(torch.autograd.Function):
 # ----------------------------------------------------------------------------- dispatch
 
 
-@dataclass
 class Plan:
     """Sorted layout of the N*k assignments (a = n*k + j is token n's j-th choice).
 
@@ -629,34 +648,32 @@ class Plan:
             with ``inert`` given, an expert's real tokens come before its inert ones)
     inv:    [A] sorted position of assignment a (inverse of ``order``)
     tok:    [A] token of each sorted row
-    expert: [A] expert of each sorted row
     counts: [E] rows per expert (all assignments, inert slots included)
-    rank:   [A] position of each sorted row inside its expert's segment
+    expert: [A] expert of each sorted row       (computed on first use: the padded path's)
+    rank:   [A] position of each sorted row inside its expert's segment      (likewise)
     """
 
-    order: Tensor
-    inv: Tensor
-    tok: Tensor
-    expert: Tensor
-    counts: Tensor
-    rank: Tensor
-    k: int
+    def __init__(self, experts: Tensor, n_experts: int, inert: Tensor | None = None):
+        N, self.k = experts.shape
+        self.flat = flat = experts.reshape(-1)
+        key = flat if inert is None else flat * 2 + inert.to(flat.dtype).repeat_interleave(self.k)
+        # a radix sort makes one pass per key byte: sort 16-bit keys where they fit (2E < 2^15)
+        key = key.to(torch.int16 if 2 * n_experts < 2**15 else torch.int32)
+        self.order = torch.argsort(key, stable=True)
+        self.arange = torch.arange(flat.numel(), device=flat.device)
+        self.inv = torch.empty_like(self.order).scatter_(0, self.order, self.arange)
+        self.counts = torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(
+            0, flat, torch.ones_like(flat))
+        self.tok = self.order // self.k
 
+    @functools.cached_property
+    def expert(self) -> Tensor:
+        return self.flat.index_select(0, self.order)
 
-def make_plan(experts: Tensor, n_experts: int, inert: Tensor | None = None) -> Plan:
-    N, k = experts.shape
-    flat = experts.reshape(-1)
-    key = flat if inert is None else flat * 2 + inert.to(flat.dtype).repeat_interleave(k)
-    # a radix sort makes one pass per key byte: sort 16-bit keys where they fit (2E < 2^15)
-    key = key.to(torch.int16 if 2 * n_experts < 2**15 else torch.int32)
-    order = torch.argsort(key, stable=True)
-    ar = torch.arange(flat.numel(), device=flat.device)
-    inv = torch.empty_like(order).scatter_(0, order, ar)
-    counts = torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
-    expert = flat.index_select(0, order)
-    starts = counts.cumsum(0) - counts
-    rank = ar - starts.index_select(0, expert)
-    return Plan(order=order, inv=inv, tok=order // k, expert=expert, counts=counts, rank=rank, k=k)
+    @functools.cached_property
+    def rank(self) -> Tensor:
+        starts = self.counts.cumsum(0) - self.counts
+        return self.arange - starts.index_select(0, self.expert)
 
 
 def expert_capacity(n_tokens: int, top_k: int, n_experts: int, factor: float) -> int:
@@ -666,14 +683,15 @@ def expert_capacity(n_tokens: int, top_k: int, n_experts: int, factor: float) ->
 
 def moe_experts(x: Tensor, experts: Tensor, weights: Tensor, w_gate_up: Tensor, w_down: Tensor, *,
                 capacity: int | None = None, inert: Tensor | None = None,
-                impl: str = "auto") -> tuple[Tensor, Tensor]:
+                impl: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
     """Routed SwiGLU experts for N tokens: ``y_n = sum_j w_nj * FFN_{e_nj}(x_n)``.
 
     x [N, d]; experts, weights [N, k]; w_gate_up [E, d, 2h] (gate columns first); w_down
     [E, h, d]; capacity: rows per expert (None = dropless); inert [N] bool: slots that are
     not real tokens (they never take capacity and are not counted as dropped); impl:
     ``auto`` (grouped GEMM where supported and dropless, else padded), ``grouped``,
-    ``padded``. Returns (y [N, d], number of real assignments dropped, a 0-d long tensor).
+    ``padded``. Returns (y [N, d], number of real assignments dropped (a 0-d long tensor),
+    assignments per expert [E] long (inert slots included: with none, the expert load)).
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -685,14 +703,14 @@ def moe_experts(x: Tensor, experts: Tensor, weights: Tensor, w_gate_up: Tensor, 
         raise ValueError("the grouped path is dropless; use impl='padded' with a capacity")
     dropped = torch.zeros((), dtype=torch.long, device=x.device)
     if N == 0:
-        return x.new_zeros(0, d), dropped
-    plan = make_plan(experts, E, inert if capacity is not None else None)
+        return x.new_zeros(0, d), dropped, torch.zeros(E, dtype=torch.long, device=x.device)
+    plan = Plan(experts, E, inert if capacity is not None else None)
     k = plan.k
     ws = weights.reshape(-1).index_select(0, plan.order)
     if impl == "grouped":
         offs = plan.counts.cumsum(0).to(torch.int32)
         y = _GroupedExperts.apply(x, ws, w_gate_up, w_down, plan.tok, plan.inv, offs, k)
-        return y, dropped
+        return y, dropped, plan.counts
     xs = _GatherRows.apply(x, plan.tok, plan.inv, k)
     # padded: every segment copied into a zero-padded [E, C, d] buffer, one bmm for all experts
     if capacity is None:
@@ -718,4 +736,4 @@ def moe_experts(x: Tensor, experts: Tensor, weights: Tensor, w_gate_up: Tensor, 
         ob = torch.cat([ob, ob.new_zeros(1, d)])
     o = ob.index_select(0, slot)
     y = _SumRows.apply(o, plan.tok, plan.inv, k)
-    return y, dropped
+    return y, dropped, plan.counts

@@ -1,0 +1,104 @@
+"""kernels.norm (RMSNorm) and kernels.rotary (RoPE): references against the textbook
+formulas, the Triton RoPE kernel in Triton's CPU interpreter, and both fast paths on a GPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from hymba_plus.components.norm import GatedRMSNorm, RMSNorm
+from hymba_plus.kernels import norm as N
+from hymba_plus.kernels import rotary as R
+from tests.conftest import rel_err
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_rms_norm_reference_is_the_formula():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 16, generator=g, dtype=torch.float64)
+    s = torch.randn(16, generator=g, dtype=torch.float64)
+    want = x / (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt() * s
+    assert rel_err(N.rms_norm(x, s, 1e-6), want) < 1e-12
+    xb = x.bfloat16()  # 16-bit input: float32 math, result in the input dtype
+    got = N.rms_norm(xb, s.float(), 1e-6)
+    assert got.dtype == torch.bfloat16 and rel_err(got.double(), want) < 1e-2
+
+
+def test_norm_modules_use_the_op():
+    torch.manual_seed(0)
+    n = RMSNorm(8)  # zero-centered: scale 1 + w
+    with torch.no_grad():
+        n.weight.normal_()
+    x, z = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    assert torch.equal(n(x), N.rms_norm(x, 1 + n.weight, n.eps))
+    gn = GatedRMSNorm(8)
+    assert torch.allclose(gn(x, z), N.rms_norm(x, 1 + gn.weight, gn.eps) * torch.nn.functional.silu(z))
+
+
+def test_rope_reference_rotates_pairs_and_keeps_the_rest():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 3, 10, generator=g, dtype=torch.float64)
+    ang = torch.randn(2, 5, 3, generator=g, dtype=torch.float64)  # R = 3 pairs of 10 dims
+    y = R.rope_ref(x, ang.cos(), ang.sin())
+    z = torch.complex(x[..., :3], x[..., 3:6]) * torch.exp(1j * ang)[:, :, None]
+    assert torch.allclose(y[..., :3], z.real) and torch.allclose(y[..., 3:6], z.imag)
+    assert torch.equal(y[..., 6:], x[..., 6:])
+    assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1))  # a rotation
+
+
+def test_rope_triton_kernel_in_interpreter_matches_reference():
+    """The fused RoPE kernel forward and backward (rotation by -angle), run by Triton's CPU
+    interpreter in a subprocess (TRITON_INTERPRET must be set before import); partial and full
+    rotation, head counts that are not powers of two, fp32 and bf16, a strided input."""
+    pytest.importorskip("triton")
+    code = textwrap.dedent("""
+        import torch
+        import hymba_plus.kernels.rotary as R
+        g = torch.Generator().manual_seed(0)
+        rel = lambda a, b: float((a.float() - b.float()).abs().max() / b.float().abs().max())
+        for B, T, H, D, r in ((2, 3, 3, 16, 8), (1, 4, 5, 12, 3), (2, 2, 2, 8, 2)):
+            for dt in (torch.float32, torch.bfloat16):
+                x = torch.randn(B, T, H, D, generator=g).to(dt).requires_grad_()
+                ang = torch.randn(B, T, r, generator=g)
+                cos, sin = ang.cos(), ang.sin()
+                y = R._RopeTriton.apply(x, cos, sin)
+                ref = R.rope_ref(x, cos, sin)
+                gy = torch.randn(y.shape, generator=g).to(dt)
+                gx = torch.autograd.grad(y, x, gy)[0]
+                rx = torch.autograd.grad(ref, x, gy)[0]
+                tol = 1e-6 if dt == torch.float32 else 1e-2
+                assert y.dtype == dt and rel(y, ref) < tol and rel(gx, rx) < tol, (B, T, H, D, r, dt)
+        # a head slice of a wider projection (strided tokens), cos/sin broadcast over the batch
+        wide = torch.randn(2, 3, 4 * 16, generator=g)
+        x = wide.view(2, 3, 4, 16)[:, :, 1:3]
+        ang = torch.randn(1, 3, 8, generator=g).expand(2, 3, 8)
+        assert rel(R._rope_triton(x, ang.cos(), ang.sin(), 1), R.rope_ref(x, ang.cos(), ang.sin())) < 1e-6
+        print("ok")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.gpu
+def test_gpu_fast_paths_match_references(monkeypatch):
+    """Both fast paths run here (HYMBA_KERNELS=fast makes a missing one an error) and match
+    their references: outputs and gradients, bf16 and fp32."""
+    monkeypatch.setenv("HYMBA_KERNELS", "fast")
+    g = torch.Generator().manual_seed(0)
+    for dt, tol in ((torch.bfloat16, 2e-2), (torch.float32, 1e-5)):
+        x = torch.randn(4, 64, 16, 128, generator=g).to("cuda", dt).requires_grad_()
+        s = (1 + 0.1 * torch.randn(128, generator=g)).to("cuda", dt).requires_grad_()
+        ang = torch.randn(4, 64, 32, generator=g).cuda()
+        for fast, ref, args, wrt in ((N.rms_norm, N.rms_norm_ref, (x, s, 1e-6), (x, s)),
+                                     (R.apply_rope, R.rope_ref, (x, ang.cos(), ang.sin()), (x,))):
+            y, y0 = fast(*args), ref(*args)
+            gy = torch.randn_like(y)
+            for a, b in zip((y, *torch.autograd.grad(y, wrt, gy)), (y0, *torch.autograd.grad(y0, wrt, gy))):
+                assert rel_err(a.float(), b.float()) < tol, (fast.__name__, dt)
