@@ -40,6 +40,7 @@ from ..models.lm import HybridLM
 from . import checkpoint as ckpt_mod
 from . import distributed as dist_mod
 from .config import TrainConfig, validate
+from .cuda_graph import CaptureError, GradAccumulator, GraphedStep
 from .data import open_stream
 from .optim import build_optimizer, set_lr
 from .schedule import from_config as lr_factor_of
@@ -56,6 +57,7 @@ class RunOptions:
     resume: bool = False
     device: str | None = None
     compile: str | None = None  # torch.compile mode (default | reduce-overhead | max-autotune | ...); None = eager
+    cuda_graph: bool = False  # replay the training forward+backward from CUDA graphs (training/cuda_graph.py)
     stop_after: int | None = None  # end this run at this step (the schedule keeps cfg.steps)
     time_limit: float | None = None  # end this run (eval + checkpoint) once this many seconds have passed
     progress: bool = True
@@ -103,10 +105,11 @@ def check_writable(out: Path) -> None:
         raise TrainError(f"--out {out}: cannot write there ({e.strerror or e})") from None
 
 
-def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+def _autocast(cfg: TrainConfig, device: torch.device, cache: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast where the config asks for it; ``cache=False`` for CUDA-graph capture."""
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     if use_bf16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
 
 
@@ -241,6 +244,9 @@ class Trainer:
         self.fwd = model
         if self.opts.compile is not None:
             self.fwd = torch.compile(model, mode=None if self.opts.compile == "default" else self.opts.compile)
+        self.graphed = None
+        if self.opts.cuda_graph:
+            self.graphed = self._capture()
 
         cache_dir = self.out / "data"
         if self.info.is_main:
@@ -265,6 +271,23 @@ class Trainer:
                  f"device {where}")
         if self.resume_from is not None:
             self.log(f"resumed from {self.resume_from} (step {self.start_step})")
+
+    def _capture(self) -> GraphedStep:
+        """Capture the training step in CUDA graphs (``--cuda-graph``), at the run's batch shape."""
+        if self.opts.compile is not None:
+            raise TrainError("--cuda-graph: use it instead of --compile / --compile-mode, not with them")
+        if self.info.enabled:
+            raise TrainError("--cuda-graph: one process only (FSDP2's collectives are not captured)")
+        cfg, dev = self.cfg, self.info.device
+        g = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        ids = torch.randint(self.recipe.model.vocab_size, (cfg.batch_size, cfg.seq_len), generator=g).to(dev)
+        self.model.train()
+        try:
+            graphed = GraphedStep(self.model, ids, ids.clone(), lambda: _autocast(cfg, dev, cache=False))
+        except CaptureError as e:
+            raise TrainError(str(e)) from None
+        self.log(f"cuda graph: training forward+backward captured at batch {cfg.batch_size} x {cfg.seq_len}")
+        return graphed
 
     def _resumed_config(self, state: dict[str, Any]) -> TrainConfig:
         saved = state.get("train_config")
@@ -299,6 +322,7 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         aux_sum = None
         stats = None
+        acc = GradAccumulator() if self.graphed is not None and cfg.grad_accum > 1 else None
         for micro in range(cfg.grad_accum):
             batch = self.stream.train(self._micro_indices(micro))
             ids, labels = batch.input_ids.to(dev), batch.labels.to(dev)
@@ -306,14 +330,21 @@ class Trainer:
                 self.model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
             if self.opts.compile is not None:  # CUDA-graph modes: outputs of the previous step may be reused
                 torch.compiler.cudagraph_mark_step_begin()
-            with _autocast(cfg, dev):
-                out = self.fwd(ids, labels=labels)
-            (out.loss / cfg.grad_accum).backward()
-            loss_sum += out.loss.detach().double()
-            if out.aux_loss is not None:
-                a = out.aux_loss.detach().double()
+            if self.graphed is not None:
+                loss_t, aux_t, stats = self.graphed(ids, labels)
+            else:
+                with _autocast(cfg, dev):
+                    out = self.fwd(ids, labels=labels)
+                loss_t, aux_t, stats = out.loss, out.aux_loss, out.stats
+            (loss_t / cfg.grad_accum).backward()
+            if acc is not None:
+                acc.take(list(self.model.parameters()))
+            loss_sum += loss_t.detach().double()
+            if aux_t is not None:
+                a = aux_t.detach().double()
                 aux_sum = a if aux_sum is None else aux_sum + a
-            stats = out.stats
+        if acc is not None:
+            acc.restore()
         vals = [float(loss_sum) / cfg.grad_accum]
         if aux_sum is not None:
             vals.append(float(aux_sum) / cfg.grad_accum)

@@ -1,0 +1,111 @@
+"""The training forward+backward replayed from CUDA graphs (``hymba train --cuda-graph``).
+
+``torch.cuda.make_graphed_callables`` captures the model's forward (loss, aux loss, routing
+statistics) in one CUDA graph and its backward in another, after a few warm-up passes on a
+side stream (Triton autotuning and lazy initialisation happen there, not in the capture).
+Each step then copies the batch into the graph's static inputs and replays: the same eager
+kernels (fla / mamba-ssm / our Triton kernels included), without the per-op launch cost
+that bounds small and MoE layers (``benchmarks/moe.py --cuda-graph``). Unlike
+``torch.compile(mode="reduce-overhead")`` nothing is traced or regenerated.
+
+What capture needs, and what happens otherwise:
+
+* a CUDA device, one process (FSDP2's collectives and hooks are not captured), no
+  ``torch.compile`` -- checked up front with a one-line error;
+* static shapes and no host synchronisation in the training forward and backward: every
+  training path here is written that way (dropless MoE routing, no ``.item()``); a
+  component that synchronises makes the capture fail, reported as one line naming it;
+* gradients: a replayed backward writes the parameter gradients into the graph's static
+  buffers, which the next replay overwrites, so with gradient accumulation each micro-step's
+  gradients are summed into buffers of our own (``GradAccumulator``).
+
+Buffers updated in place inside the forward (the MoE load counts of aux-loss-free
+balancing) keep their storage, so the replays update them; the counts of the warm-up and
+capture passes are cleared afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+
+class CaptureError(RuntimeError):
+    """The model could not be captured in a CUDA graph (one line: why)."""
+
+
+class _LossStep(nn.Module):
+    """(ids, labels) -> (loss, aux loss, *statistics): the graph's tensors-only interface."""
+
+    def __init__(self, model: nn.Module, has_aux: bool, stat_keys: list[str]):
+        super().__init__()
+        self.model = model
+        self.has_aux = has_aux
+        self.stat_keys = stat_keys
+
+    def forward(self, ids: Tensor, labels: Tensor) -> tuple[Tensor, ...]:
+        out = self.model(ids, labels=labels)
+        aux = out.aux_loss.detach() if self.has_aux else out.loss.detach()
+        stats = out.stats or {}
+        return (out.loss, aux, *[stats[k].detach() for k in self.stat_keys])
+
+
+class GraphedStep:
+    """Callable ``(ids, labels) -> (loss, aux_loss or None, stats or None)`` whose forward and
+    backward replay CUDA graphs captured for the shapes of ``sample_ids``."""
+
+    def __init__(self, model: nn.Module, sample_ids: Tensor, sample_labels: Tensor,
+                 autocast: Callable[[], contextlib.AbstractContextManager]):
+        if sample_ids.device.type != "cuda":
+            raise CaptureError(f"--cuda-graph needs a CUDA device (the model is on {sample_ids.device})")
+        self.autocast = autocast
+        with torch.no_grad(), autocast():  # which outputs exist (aux loss, statistics)
+            probe = model(sample_ids, labels=sample_labels)
+        self.has_aux = probe.aux_loss is not None
+        self.stat_keys = sorted(k for k, v in (probe.stats or {}).items() if isinstance(v, Tensor))
+        del probe
+        step = _LossStep(model, self.has_aux, self.stat_keys)
+        try:
+            with autocast():
+                self.step = torch.cuda.make_graphed_callables(step, (sample_ids, sample_labels),
+                                                               allow_unused_input=True)
+        except RuntimeError as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CaptureError(f"--cuda-graph: the training step could not be captured ({msg[:300]})") from None
+        for m in model.modules():  # counts the warm-up and capture passes added
+            load = getattr(m, "load", None)
+            if isinstance(load, Tensor) and hasattr(m, "update_bias"):
+                load.zero_()
+
+    def __call__(self, ids: Tensor, labels: Tensor) -> tuple[Tensor, Tensor | None, dict | None]:
+        outs = self.step(ids, labels)
+        stats = dict(zip(self.stat_keys, outs[2:])) or None
+        return outs[0], (outs[1] if self.has_aux else None), stats
+
+
+class GradAccumulator:
+    """Sums the gradients of several replayed backwards into buffers of our own (a replay
+    overwrites the static gradient buffers that ``param.grad`` may alias)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[nn.Parameter, Tensor] = {}
+
+    def take(self, params: list[nn.Parameter]) -> None:
+        """Move the current ``.grad`` of each parameter into the running sums."""
+        for p in params:
+            if p.grad is None:
+                continue
+            if p in self.sums:
+                self.sums[p].add_(p.grad)
+            else:
+                self.sums[p] = p.grad.clone()
+            p.grad = None
+
+    def restore(self) -> None:
+        """Put the sums back as ``.grad`` (for clipping and the optimizer)."""
+        for p, g in self.sums.items():
+            p.grad = g
+        self.sums = {}
