@@ -74,7 +74,9 @@ class GraphedStep:
                                                                allow_unused_input=True)
         except RuntimeError as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CaptureError(f"--cuda-graph: the training step could not be captured ({msg[:300]})") from None
+            raise CaptureError(f"--cuda-graph: the training step could not be captured ({msg[:200]}); something in "
+                               "it synchronizes with the host, e.g. MoE experts in float32, which take the padded "
+                               "path (bf16 takes the grouped one): train with --precision bf16") from None
         for m in model.modules():  # counts the warm-up and capture passes added
             load = getattr(m, "load", None)
             if isinstance(load, Tensor) and hasattr(m, "update_bias"):
