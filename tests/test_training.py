@@ -398,3 +398,10 @@ def test_gpu_cuda_graph_training_matches_eager(tmp_path):
     for ra, rb in zip(a, b):
         assert abs(ra["loss"] - rb["loss"]) < 1e-3 * abs(ra["loss"]), (ra, rb)
         assert sum(ra["moe/1/tokens_per_expert"]) == sum(rb["moe/1/tokens_per_expert"]) > 0
+
+
+def test_run_rate_leaves_out_the_first_step():
+    from hymba_plus.training.trainer import _rate
+
+    assert _rate(5, 100, 10.0 + 4 * 0.5, 10.0) == 4 * 100 / 2.0  # first step paid 10 s of compiles
+    assert _rate(1, 100, 2.0, 2.0) == 50.0  # one step: nothing to leave out

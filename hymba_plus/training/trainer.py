@@ -73,7 +73,7 @@ class Summary:
     start_step: int
     final_loss: float
     eval: dict[str, float]
-    tokens_per_s: float  # training steps only (not evals, checkpoints, plots)
+    tokens_per_s: float  # training steps only (not evals, checkpoints, plots), after the run's first step
     seconds: float
     checkpoint: Path | None
     out: Path
@@ -85,6 +85,15 @@ class Summary:
         of = f" of {self.total}" if self.steps < self.total else ""
         return (f"done: {self.steps}{of} steps{resumed} in {self.seconds:.1f}s, loss {self.final_loss:.4f}"
                 f"{', ' + ev if ev else ''}, {self.tokens_per_s:,.0f} tokens/s{ck}")
+
+
+def _rate(steps: int, tokens_per_step: int, seconds: float, first_seconds: float | None) -> float:
+    """Training tokens/s of a run: without its first step when there are more (that one also
+    pays one-time costs: Triton compiles and autotuning, CUDA-graph warm-up), so short runs
+    in different modes compare."""
+    if steps > 1 and first_seconds is not None and seconds > first_seconds:
+        return (steps - 1) * tokens_per_step / (seconds - first_seconds)
+    return steps * tokens_per_step / max(seconds, 1e-9)
 
 
 def _fmt(v: float) -> str:
@@ -471,6 +480,7 @@ class Trainer:
         last_ckpt = None
         loss = float("nan")
         step = self.start_step
+        first_seconds = None  # the run's first step also pays kernel compiles and autotuning
         try:
             for step in range(self.start_step, stop):
                 t0 = time.perf_counter()
@@ -479,6 +489,8 @@ class Trainer:
                     torch.cuda.synchronize(info.device)
                 dt = time.perf_counter() - t0
                 train_seconds += dt
+                if first_seconds is None:
+                    first_seconds = dt
                 self.tokens_seen += tokens_per_step
                 tps = tokens_per_step / max(dt, 1e-9)
                 rate = tps if rate is None else 0.9 * rate + 0.1 * tps
@@ -523,7 +535,7 @@ class Trainer:
         reached = self.rows[-1]["step"] if self.rows and self.rows[-1]["step"] > self.start_step else self.start_step
         done = reached - self.start_step
         summary = Summary(steps=reached, total=cfg.steps, start_step=self.start_step, final_loss=loss, eval=last_eval,
-                          tokens_per_s=done * tokens_per_step / max(train_seconds, 1e-9), seconds=seconds,
+                          tokens_per_s=_rate(done, tokens_per_step, train_seconds, first_seconds), seconds=seconds,
                           checkpoint=last_ckpt or ckpt_mod.latest(self.out), out=self.out)
         return summary
 
