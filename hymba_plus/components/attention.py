@@ -28,6 +28,7 @@ from ..core.cache import LayerState, StepContext
 from ..core.config import spec
 from ..core.positions import RopeConfig, Rotary, rotary_dim
 from ..core.registry import register
+from ..kernels.rotary import apply_rope
 from .norm import RMSNorm
 
 
@@ -141,14 +142,17 @@ class GatedAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.h, self.d)
         if self.q_norm is not None:
             q = self.q_norm(q)
-        q = self.rotary(q, cos, sin)
+        q = self._rope(q, cos, sin)
         if self.kv_role == "consumer":
             return q, None, None
         k = self.k_proj(x).view(B, T, self.hkv, self.d)
         v = self.v_proj(x).view(B, T, self.hkv, self.d)
         if self.k_norm is not None:
             k = self.k_norm(k)
-        return q, self.rotary(k, cos, sin), v
+        return q, self._rope(k, cos, sin), v
+
+    def _rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        return apply_rope(x, cos, sin) if self.rotary.rot_dim else x
 
     def attend(self, q: Tensor, k: Tensor | None, v: Tensor | None, ctx: StepContext,
                state: AttentionState | None) -> Tensor:

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..kernels.rotary import apply_rope
 from .config import spec
 
 
@@ -70,7 +69,8 @@ def inv_freq_and_mscale(cfg: RopeConfig, rot_dim: int) -> tuple[Tensor, float]:
 
 
 class Rotary(torch.nn.Module):
-    """Applies (partial, scaled) RoPE to [B, T, H, D] tensors at given positions [B, T]."""
+    """The (partial, scaled) RoPE angles of given positions [B, T]: ``cos_sin`` gives the
+    [B, T, rot_dim / 2] tables that ``kernels.rotary.apply_rope`` rotates q and k by."""
 
     def __init__(self, head_dim: int, cfg: RopeConfig):
         super().__init__()
@@ -81,8 +81,3 @@ class Rotary(torch.nn.Module):
     def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         ang = positions.float()[..., None] * self.inv_freq.to(positions.device)  # [B, T, R/2]
         return ang.cos() * self.mscale, ang.sin() * self.mscale
-
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        if self.rot_dim == 0:
-            return x
-        return apply_rope(x, cos, sin)  # kernels.rotary: float32 math, one Triton kernel on CUDA
