@@ -7,22 +7,32 @@
 #           unpacked and xz-compressed (38 MB, so everything fits one call's 64 MiB carry;
 #           the wheels alone are 82 MB). Build it here once with `bash benchmarks/gpu_env.sh pack`
 #           from the wheels in .whl2/ and .whl3/.
+#   .whl5/site.tar.xz   optional second stack for mamba-ssm's MIMO backward, which does not compile
+#           with tilelang 0.1.15: tilelang 0.1.8 + apache-tvm-ffi 0.1.9 (the pins public mamba-ssm
+#           setups use) + the same dlpack / z3:
+#           bash benchmarks/gpu_env.sh pack .whl5 tilelang-0.1.8-*.whl apache_tvm_ffi-0.1.9-*.whl \
+#                .whl2/torch_c_dlpack*.whl .whl2/z3_solver*.whl
 # Usage on the GPU machine (carry .whl and .whl4):  source benchmarks/gpu_env.sh
 # (exports PYTHONPATH).  Older two-call form: stage 1 carries .whl2, stage 2 .whl3 + .whl, on one
 # warm machine (it is given back 30 s after a call): source benchmarks/gpu_env.sh 1; ... 2
 set -u
 SITE=${HYMBA_SITE:-/tmp/hymba_site}
-if [ "${1:-}" = pack ]; then  # on the CPU machine: wheels -> .whl4/site.tar.xz
+if [ "${1:-}" = pack ]; then  # on the CPU machine: wheels -> DIR/site.tar.xz (default .whl4 from .whl2 + .whl3)
+  dest=${2:-.whl4}
+  if [ $# -gt 2 ]; then wheels=("${@:3}"); else wheels=(.whl2/*.whl .whl3/*.whl); fi
   tmp=$(mktemp -d) && mkdir "$tmp/site"
-  for w in .whl2/*.whl .whl3/*.whl; do unzip -q -o "$w" -d "$tmp/site" || return 1 2>/dev/null || exit 1; done
+  for w in "${wheels[@]}"; do unzip -q -o "$w" -d "$tmp/site" || { rm -rf "$tmp"; return 1 2>/dev/null || exit 1; }; done
   rm -rf "$tmp"/site/*.data  # z3's command-line binary (22 MB); the Python bindings use lib/
-  mkdir -p .whl4 && tar -cf - -C "$tmp/site" . | xz -9 -T0 > .whl4/site.tar.xz && rm -rf "$tmp"
-  ls -la .whl4/site.tar.xz
+  mkdir -p "$dest" && tar -cf - -C "$tmp/site" . | xz -9 -T0 > "$dest/site.tar.xz" && rm -rf "$tmp"
+  ls -la "$dest/site.tar.xz"
   return 0 2>/dev/null || exit 0
 fi
 mkdir -p "$SITE"
 pipi() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$@"; }
 if [ -f .whl4/site.tar.xz ]; then tar -xJf .whl4/site.tar.xz -C "$SITE" && echo "tilelang and its deps unpacked into $SITE"; fi
+# .whl5: another tilelang stack for mamba-ssm's MIMO kernels (gpu_suite.sh mimo_alt puts it first on the path)
+if [ -f .whl5/site.tar.xz ]; then mkdir -p "${SITE}_alt" && tar -xJf .whl5/site.tar.xz -C "${SITE}_alt" \
+  && echo "alternative tilelang stack unpacked into ${SITE}_alt"; fi
 if [ -d .whl2 ]; then pipi .whl2/*.whl && echo "tilelang deps installed into $SITE"; fi
 if [ "${1:-}" != 1 ]; then
   if [ -d .whl3 ]; then pipi .whl3/*.whl; fi
