@@ -30,6 +30,18 @@ def test_rms_norm_reference_is_the_formula():
     assert got.dtype == torch.bfloat16 and rel_err(got.double(), want) < 1e-2
 
 
+def test_fused_norm_only_where_the_scale_has_the_input_dtype(monkeypatch):
+    """The fused kernel needs the scale in x's dtype; a float32 scale on bf16 activations
+    (master weights under autocast) keeps the reference, so the scale is not rounded."""
+    monkeypatch.setattr(N.dispatch, "use_fast", lambda name, *t: True)  # as on a GPU
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 64, generator=g).bfloat16()
+    s = 1 + 1e-3 * torch.randn(64, generator=g)  # steps finer than bf16 resolves near 1
+    assert torch.equal(N.rms_norm(x, s, 1e-6), N.rms_norm_ref(x, s, 1e-6))
+    sb = s.bfloat16()
+    assert torch.equal(N.rms_norm(x, sb, 1e-6), N._rms_norm_fused(x, sb, 1e-6))
+
+
 def test_norm_modules_use_the_op():
     torch.manual_seed(0)
     n = RMSNorm(8)  # zero-centered: scale 1 + w

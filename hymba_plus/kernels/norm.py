@@ -6,9 +6,9 @@ over the last dim, computed in float32 (float64 for float64 inputs) and returned
 
 Reference (any device): the float32 formula above, several elementwise kernels and a
 reduction. Fast path (``rms_norm``, CUDA): PyTorch's fused RMSNorm kernel
-(``aten::_fused_rms_norm``, one kernel forward and one backward, float32 accumulation), with
-``scale`` in x's dtype (the kernel's requirement; for a bf16 model, whose weights are bf16
-anyway, this is the same scale). The probe checks on the GPU that the fused kernel is the one
+(``aten::_fused_rms_norm``, one kernel forward and one backward, float32 accumulation), used
+where ``scale`` already has x's dtype (the kernel's requirement): bf16 models and float32.
+Under bf16 autocast with float32 master weights the reference runs. The probe checks on the GPU that the fused kernel is the one
 that runs (its autograd node) and that it matches the reference.
 """
 
@@ -59,7 +59,11 @@ dispatch.fast_path(FAST, probe=_probe, doc="PyTorch fused RMSNorm kernel (aten::
 
 
 def rms_norm(x: Tensor, scale: Tensor, eps: float) -> Tensor:
-    """``x * rsqrt(mean(x^2, -1) + eps) * scale`` in float32, returned in x's dtype."""
-    if x.dtype != torch.float64 and dispatch.use_fast(FAST, x, scale):
+    """``x * rsqrt(mean(x^2, -1) + eps) * scale`` in float32, returned in x's dtype.
+
+    The fused kernel takes the scale in x's dtype, so it is used only where the scale already
+    has it (a bf16 model, or float32): with float32 master weights under bf16 autocast the
+    reference keeps the float32 scale, whose small updates a bf16 copy would round away."""
+    if x.dtype != torch.float64 and scale.dtype == x.dtype and dispatch.use_fast(FAST, x, scale):
         return _rms_norm_fused(x, scale, eps)
     return rms_norm_ref(x, scale, eps)
