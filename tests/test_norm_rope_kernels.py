@@ -30,16 +30,20 @@ def test_rms_norm_reference_is_the_formula():
     assert got.dtype == torch.bfloat16 and rel_err(got.double(), want) < 1e-2
 
 
-def test_fused_norm_only_where_the_scale_has_the_input_dtype(monkeypatch):
-    """The fused kernel needs the scale in x's dtype; a float32 scale on bf16 activations
-    (master weights under autocast) keeps the reference, so the scale is not rounded."""
+def test_fused_norm_keeps_a_float32_scale_in_float32(monkeypatch):
+    """The fused kernel needs one dtype for x and scale: bf16 activations with a float32 scale
+    (master weights under autocast) run it in float32, so the scale is not rounded to bf16 and
+    the result is the reference's (here on CPU, where F.rms_norm is the composite form)."""
     monkeypatch.setattr(N.dispatch, "use_fast", lambda name, *t: True)  # as on a GPU
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, 64, generator=g).bfloat16()
-    s = 1 + 1e-3 * torch.randn(64, generator=g)  # steps finer than bf16 resolves near 1
-    assert torch.equal(N.rms_norm(x, s, 1e-6), N.rms_norm_ref(x, s, 1e-6))
-    sb = s.bfloat16()
-    assert torch.equal(N.rms_norm(x, sb, 1e-6), N._rms_norm_fused(x, sb, 1e-6))
+    x = torch.randn(2, 3, 64, generator=g).bfloat16().requires_grad_()
+    s = (1 + 1e-3 * torch.randn(64, generator=g)).requires_grad_()  # steps finer than bf16 resolves near 1
+    y, ref = N.rms_norm(x, s, 1e-6), N.rms_norm_ref(x, s, 1e-6)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, ref)
+    assert not torch.equal(N.rms_norm_ref(x, s.bfloat16(), 1e-6), ref)  # a bf16 copy of the scale would differ
+    gy = torch.randn(y.shape, generator=g).bfloat16()
+    for a, b in zip(torch.autograd.grad(y, (x, s), gy), torch.autograd.grad(ref, (x, s), gy)):
+        assert a.dtype == b.dtype and rel_err(a.float(), b.float()) < 1e-5
 
 
 def test_norm_modules_use_the_op():
@@ -114,3 +118,10 @@ def test_gpu_fast_paths_match_references(monkeypatch):
             gy = torch.randn_like(y)
             for a, b in zip((y, *torch.autograd.grad(y, wrt, gy)), (y0, *torch.autograd.grad(y0, wrt, gy))):
                 assert rel_err(a.float(), b.float()) < tol, (fast.__name__, dt)
+    # bf16 activations with a float32 scale (master weights under autocast): fused in float32
+    x = torch.randn(4, 64, 16, 128, generator=g).to("cuda", torch.bfloat16).requires_grad_()
+    s = (1 + 0.1 * torch.randn(128, generator=g)).cuda().requires_grad_()
+    y, y0 = N.rms_norm(x, s, 1e-6), N.rms_norm_ref(x, s, 1e-6)
+    gy = torch.randn_like(y)
+    for a, b in zip((y, *torch.autograd.grad(y, (x, s), gy)), (y0, *torch.autograd.grad(y0, (x, s), gy))):
+        assert a.dtype == b.dtype and rel_err(a.float(), b.float()) < 2e-2
