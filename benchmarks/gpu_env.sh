@@ -12,6 +12,9 @@
 #           setups use) + the same dlpack / z3:
 #           bash benchmarks/gpu_env.sh pack .whl5 tilelang-0.1.8-*.whl apache_tvm_ffi-0.1.9-*.whl \
 #                .whl2/torch_c_dlpack*.whl .whl2/z3_solver*.whl
+#   .whl6/site.tar.xz   optional: tilelang 0.1.9 alone (28 MB; the rest from .whl5), the next pin
+#           to try: bash benchmarks/gpu_env.sh pack .whl6 tilelang-0.1.9-*.whl
+#           (.whl + .whl5 + .whl6 fit one call's 64 MiB)
 # Usage on the GPU machine (carry .whl and .whl4):  source benchmarks/gpu_env.sh
 # (exports PYTHONPATH).  Older two-call form: stage 1 carries .whl2, stage 2 .whl3 + .whl, on one
 # warm machine (it is given back 30 s after a call): source benchmarks/gpu_env.sh 1; ... 2
@@ -33,6 +36,9 @@ if [ -f .whl4/site.tar.xz ]; then tar -xJf .whl4/site.tar.xz -C "$SITE" && echo 
 # .whl5: another tilelang stack for mamba-ssm's MIMO kernels (gpu_suite.sh mimo_alt puts it first on the path)
 if [ -f .whl5/site.tar.xz ]; then mkdir -p "${SITE}_alt" && tar -xJf .whl5/site.tar.xz -C "${SITE}_alt" \
   && echo "alternative tilelang stack unpacked into ${SITE}_alt"; fi
+# .whl6: tilelang 0.1.9 alone (its deps from .whl5): gpu_suite.sh mimo_alt2 puts it before .whl5's
+if [ -f .whl6/site.tar.xz ]; then mkdir -p "${SITE}_alt2" && tar -xJf .whl6/site.tar.xz -C "${SITE}_alt2" \
+  && echo "tilelang 0.1.9 unpacked into ${SITE}_alt2"; fi
 if [ -d .whl2 ]; then pipi .whl2/*.whl && echo "tilelang deps installed into $SITE"; fi
 if [ "${1:-}" != 1 ]; then
   if [ -d .whl3 ]; then pipi .whl3/*.whl; fi

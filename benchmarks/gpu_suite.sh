@@ -7,7 +7,8 @@
 #   gdn     pytest -m gpu tests/test_gdn.py tests/test_conv.py (one launch config per fla kernel; first use
 #           compiles fla's backward through TileLang, ~20 s a kernel)
 #   atlas   pytest -m gpu tests/test_atlas.py
-#   mimo_alt  the mamba3 MIMO GPU tests with the tilelang stack of .whl5 first on the path
+#   mimo_alt  the mamba3 MIMO GPU tests with the tilelang stack of .whl5 (0.1.8) first on the path
+#   mimo_alt2 the same with tilelang 0.1.9 (.whl6) before it
 #   mixers  mixers.py for gated_attn gdn hymba atlas (autotuned)
 # Usage: bash benchmarks/gpu_suite.sh [STEP ...]   (default: all, in that order)
 set -u
@@ -41,10 +42,14 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
               [ -d "$alt/tilelang" ] || { echo "no $alt/tilelang: carry .whl5 (see gpu_env.sh)"; exit 2; }
               PYTHONPATH=$alt:$PYTHONPATH python -c "import tilelang; print('tilelang', tilelang.__version__)"
               PYTHONPATH=$alt:$PYTHONPATH step mimo_alt_tests 400 "${PYTEST[@]}" tests/test_mamba3.py -k mimo ;;
+      mimo_alt2) alt=${HYMBA_SITE:-/tmp/hymba_site}_alt; alt2=${alt}2
+              [ -d "$alt2/tilelang" ] && [ -d "$alt/tvm_ffi" ] || { echo "carry .whl5 and .whl6 (see gpu_env.sh)"; exit 2; }
+              PYTHONPATH=$alt2:$alt:$PYTHONPATH python -c "import tilelang; print('tilelang', tilelang.__version__)"
+              PYTHONPATH=$alt2:$alt:$PYTHONPATH step mimo_alt2_tests 400 "${PYTEST[@]}" tests/test_mamba3.py -k mimo ;;
       mixers) for m in gated_attn gdn hymba atlas; do
                 (cd benchmarks && step "mixers_$m" 200 python mixers.py --only "$m" --out "$OUT/mixers_$m.json")
               done ;;
-      *) echo "unknown step $s1 (moe mamba3 gdn atlas mixers mimo_alt)"; exit 2 ;;
+      *) echo "unknown step $s1 (moe mamba3 gdn atlas mixers mimo_alt mimo_alt2)"; exit 2 ;;
     esac
   done
 done
