@@ -630,3 +630,18 @@ def test_gpu_layer_replays_from_a_cuda_graph(monkeypatch):
                     *[p.grad.clone() for p in m.parameters()]])
     for a, b in zip(*res):
         assert rel_err(a.float(), b.float()) < 1e-2
+
+
+def test_experts_run_in_the_autocast_dtype():
+    """Under autocast the expert GEMMs take the autocast dtype, as nn.Linear's do (float32
+    master weights would otherwise keep the grouped path off on CUDA)."""
+    g = torch.Generator().manual_seed(0)
+    x, w1, w2 = torch.randn(12, 16, generator=g), torch.randn(4, 16, 24, generator=g), torch.randn(4, 12, 16, generator=g)
+    experts = torch.randint(4, (12, 2), generator=g)
+    weights = torch.rand(12, 2, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _, counts = K.moe_experts(x, experts, weights, w1, w2)
+    bf = torch.bfloat16
+    y0, _, _ = K.moe_experts(x.to(bf), experts, weights.to(bf), w1.to(bf), w2.to(bf))
+    assert y.dtype == bf and torch.equal(y, y0)
+    assert torch.equal(counts, torch.bincount(experts.reshape(-1), minlength=4))

@@ -156,14 +156,8 @@ class MoE(nn.Module):
         cap = None
         if cfg.capacity_factor is not None and self.training:
             cap = K.expert_capacity(xf.shape[0], cfg.top_k, cfg.n_experts, cfg.capacity_factor)
-        xe, w1, w2 = xf, self.w_gate_up, self.w_down
-        dev = x.device.type
-        if torch.is_autocast_enabled(dev):  # the expert GEMMs in the autocast dtype, as nn.Linear's are
-            # (torch._grouped_mm has no autocast rule; bf16 is what lets it take the grouped path)
-            dt = torch.get_autocast_dtype(dev)
-            xe, w1, w2 = xf.to(dt), w1.to(dt), w2.to(dt)
-        y, dropped, counts = K.moe_experts(xe, r.experts, r.weights.to(xe.dtype), w1, w2, capacity=cap,
-                                           inert=None if vflat is None else ~vflat, impl=self.impl)
+        y, dropped, counts = K.moe_experts(xf, r.experts, r.weights.to(x.dtype), self.w_gate_up, self.w_down,
+                                           capacity=cap, inert=None if vflat is None else ~vflat, impl=self.impl)
         if self.shared is not None:
             y = self._add_shared(y, xf, gate_logit)
         self._account(r, dropped, counts, vflat, ctx)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 
 @dataclass
@@ -83,9 +84,14 @@ def tracing(*tensors: torch.Tensor) -> bool:
     """Is this call being traced (``torch.compile``, also its backward graphs, or fake
     tensors)? Hand-written Triton kernels run in eager mode only: under tracing the PyTorch
     reference is traced instead, so Inductor fuses it with its neighbours."""
-    from torch._subclasses.fake_tensor import is_fake
-
     return torch.compiler.is_compiling() or any(is_fake(t) for t in tensors)
+
+
+def max_rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want| in float32 on the host (how probes compare a fast path
+    with its reference)."""
+    got, want = got.detach().float().cpu(), want.detach().float().cpu()
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-6))
 
 
 def available() -> dict[str, tuple[str, bool, str]]:

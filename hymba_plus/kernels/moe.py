@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import fast_path, tracing, use_fast
+from .dispatch import fast_path, max_rel_err, tracing, use_fast
 
 try:  # Triton is optional: only the CUDA fast path uses it
     import triton
@@ -197,7 +197,7 @@ def _probe_grouped_mm() -> None:
     yr = torch.cat([xr[a:b] @ wr[i] for i, (a, b) in enumerate(zip([0, *offs.tolist()[:-1]], offs.tolist()))])
     yr.backward(dy)
     for got, ref, what in ((y, yr, "output"), (xc.grad, xr.grad, "grad x"), (wc.grad, wr.grad, "grad w")):
-        err = float((got.float().cpu() - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
+        err = max_rel_err(got, ref)
         if not err < 3e-2:
             raise RuntimeError(f"torch._grouped_mm {what} differs from the per-group reference (rel {err:.3g})")
 
@@ -690,11 +690,17 @@ def moe_experts(x: Tensor, experts: Tensor, weights: Tensor, w_gate_up: Tensor, 
     [E, h, d]; capacity: rows per expert (None = dropless); inert [N] bool: slots that are
     not real tokens (they never take capacity and are not counted as dropped); impl:
     ``auto`` (grouped GEMM where supported and dropless, else padded), ``grouped``,
-    ``padded``. Returns (y [N, d], number of real assignments dropped (a 0-d long tensor),
+    ``padded``. Under autocast the inputs and weights are cast to the autocast dtype first.
+    Returns (y [N, d], number of real assignments dropped (a 0-d long tensor),
     assignments per expert [E] long (inert slots included: with none, the expert load)).
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):  # the expert GEMMs in the autocast dtype, as nn.Linear's are
+        # (torch._grouped_mm has no autocast rule; bf16 is what lets it take the grouped path)
+        dt = torch.get_autocast_dtype(dev)
+        x, weights, w_gate_up, w_down = x.to(dt), weights.to(dt), w_gate_up.to(dt), w_down.to(dt)
     N, d = x.shape
     E = w_gate_up.shape[0]
     if impl == "auto":
