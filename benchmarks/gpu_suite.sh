@@ -44,6 +44,8 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
               PYTHONPATH=$alt:$PYTHONPATH step mimo_alt_tests 400 "${PYTEST[@]}" tests/test_mamba3.py -k mimo ;;
       mimo_alt2) alt=${HYMBA_SITE:-/tmp/hymba_site}_alt; alt2=${alt}2
               [ -d "$alt2/tilelang" ] && [ -d "$alt/tvm_ffi" ] || { echo "carry .whl5 and .whl6 (see gpu_env.sh)"; exit 2; }
+              # tilelang 0.1.9's TVM links libz3.so by name: put z3-solver's lib folder on the loader path
+              export LD_LIBRARY_PATH=$alt/z3/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
               PYTHONPATH=$alt2:$alt:$PYTHONPATH python -c "import tilelang; print('tilelang', tilelang.__version__)"
               PYTHONPATH=$alt2:$alt:$PYTHONPATH step mimo_alt2_tests 400 "${PYTEST[@]}" tests/test_mamba3.py -k mimo ;;
       mixers) for m in gated_attn gdn hymba atlas; do

@@ -55,7 +55,8 @@ def run_one(nproc: int, recipe: str, args: argparse.Namespace, work: Path) -> di
            "--device", args.device, "--no-progress"]
     if args.compile:
         cmd.append("--compile")
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    path = os.environ.get("PYTHONPATH")  # keep fast-path packages installed with --target (gpu_env.sh)
+    env = dict(os.environ, PYTHONPATH=str(REPO) + (os.pathsep + path if path else ""))
     print("$", " ".join(cmd), flush=True)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode != 0:

@@ -73,3 +73,50 @@ def test_fsdp2_two_gloo_processes_match_one_process_and_resume(tmp_path):
         wd = from_pretrained(chain / f"step-{step}").state_dict()
         ws = from_pretrained(single / f"step-{step}").state_dict()
         assert max(float((wd[k] - ws[k]).abs().max()) for k in ws) < 1e-5
+
+
+def _sharded_helpers_worker(rank: int, world: int, port: int) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from hymba_plus.training.optim import _gather_full, _shard_of, clip_grad_norm_
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        g = torch.Generator().manual_seed(0)  # the same full tensors on every rank
+        fulls = [torch.randn(5, 3, generator=g), torch.randn(1, 4, generator=g),  # uneven; rank 1 holds nothing
+                 torch.randn(3, 4, 2, generator=g), torch.randn(6, 2, generator=g).double()]
+        shards = [distribute_tensor(t, mesh, [Shard(0)]) for t in fulls]
+        got = _gather_full([s.to_local() for s in shards], shards)
+        for t, s, f in zip(fulls, shards, got):
+            assert torch.equal(f, t), "gathered tensor differs"
+            assert torch.equal(_shard_of(t, s), s.to_local()), "local shard differs"
+        params = [torch.nn.Parameter(distribute_tensor(t.float(), mesh, [Shard(0)])) for t in fulls]
+        plain = [torch.nn.Parameter(t.float().clone()) for t in fulls]
+        for p, q in zip(params, plain):
+            p.grad = distribute_tensor(q.data * 3, mesh, [Shard(0)])
+            q.grad = q.data * 3
+        n_sharded = clip_grad_norm_(params, 1.0)
+        n_plain = clip_grad_norm_(plain, 1.0)
+        assert torch.allclose(n_sharded, n_plain, rtol=1e-6), (n_sharded, n_plain)
+        for p, q in zip(params, plain):
+            assert torch.allclose(p.grad.full_tensor(), q.grad, rtol=1e-6, atol=1e-7)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_optimizer_helpers_gather_once_and_clip_like_one_process():
+    """The optimizer's FSDP helpers: one all-gather rebuilds uneven dim-0 shards (2-D, 3-D, a
+    shard with no rows, two dtypes) exactly; slicing the whole tensor gives back each rank's
+    shard; the local-shard gradient clipping equals clipping the plain tensors."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sharded_helpers_worker, args=(2, port), nprocs=2, join=True)

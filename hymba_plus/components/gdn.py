@@ -36,6 +36,7 @@ from ..core.cache import LayerState, StepContext
 from ..core.config import spec
 from ..core.registry import register
 from ..kernels.conv import causal_conv1d
+from ..kernels.dispatch import compute_dtype
 from ..kernels.gdn import gated_delta_rule
 from .norm import GatedRMSNorm
 
@@ -123,7 +124,7 @@ class GatedDeltaNet(nn.Module):
                 self.conv_weight.uniform_(-bound, bound)
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> GDNState:
-        sdt = torch.float64 if dtype == torch.float64 else torch.float32
+        sdt = compute_dtype(dtype)
         conv = (torch.zeros(batch_size, self.qkv_size, self.cfg.conv_size - 1, device=device, dtype=dtype)
                 if self.conv_weight is not None else None)
         S = torch.zeros(batch_size, self.hv, self.dk, self.dv, device=device, dtype=sdt)
@@ -155,7 +156,9 @@ class GatedDeltaNet(nn.Module):
         k = k.reshape(B, T, self.h, self.dk)
         v = v.reshape(B, T, self.hv, self.dv)
         beta = torch.sigmoid(self.b_proj(x))
-        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        a = self.a_proj(x)
+        cdt = compute_dtype(a)
+        g = -self.A_log.to(cdt).exp() * F.softplus(a.to(cdt) + self.dt_bias.to(cdt))
         valid = ctx.valid
         if valid is not None:  # inert slots: no decay, no write -> the state does not move
             beta = torch.where(valid[..., None], beta, torch.zeros_like(beta))

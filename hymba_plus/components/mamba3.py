@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from ..core.cache import LayerState, StepContext
 from ..core.config import spec
 from ..core.registry import register
+from ..kernels.dispatch import compute_dtype
 from ..kernels.mamba3 import Mamba3Carry, mamba3, mamba3_step
 from .norm import RMSNorm
 
@@ -151,7 +152,7 @@ class Mamba3(nn.Module):
                 self.mimo_o.fill_(1.0 / self.R)
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> Mamba3State:
-        sd = torch.float64 if dtype == torch.float64 else torch.float32
+        sd = compute_dtype(dtype)
         z = lambda *s: torch.zeros(batch_size, *s, device=device, dtype=sd)  # noqa: E731
         return Mamba3State(h=z(self.H, self.N, self.P), k=z(self.H, self.R, self.N), v=z(self.H, self.P),
                            theta=z(self.H, self.K))
@@ -163,8 +164,9 @@ class Mamba3(nn.Module):
         x = x.reshape(Bsz, T, self.H, self.P)
         Bm = self.B_norm(Bm.reshape(Bsz, T, self.R, self.G, self.N))
         Cm = self.C_norm(Cm.reshape(Bsz, T, self.R, self.G, self.N))
-        A = -F.softplus(dd_A.float()).clamp(min=self.cfg.a_floor)
-        dt = F.softplus(dd_dt.float() + self.dt_bias.float())
+        cdt = compute_dtype(dd_dt)  # float32 for 16-bit models, float64 stays float64
+        A = -F.softplus(dd_A.to(cdt)).clamp(min=self.cfg.a_floor)
+        dt = F.softplus(dd_dt.to(cdt) + self.dt_bias.to(cdt))
         angles = ang[:, :, None, :].expand(Bsz, T, self.H, self.K)
         return Cm, Bm, x, A * dt, dt, trap, angles, z
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels.dispatch import compute_dtype
 from ..kernels.norm import rms_norm
 
 
@@ -38,4 +39,5 @@ class GatedRMSNorm(RMSNorm):
 
     def forward(self, x: Tensor, gate: Tensor) -> Tensor:  # type: ignore[override]
         y = super().forward(x)
-        return (y.float() * F.silu(gate.float())).to(x.dtype)
+        cdt = compute_dtype(y, gate)
+        return (y.to(cdt) * F.silu(gate.to(cdt))).to(x.dtype)

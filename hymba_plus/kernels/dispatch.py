@@ -87,6 +87,13 @@ def tracing(*tensors: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() or any(is_fake(t) for t in tensors)
 
 
+def compute_dtype(*xs: "torch.Tensor | torch.dtype | None") -> torch.dtype:
+    """The dtype reference math runs in: float64 when any input is float64, else float32
+    (16-bit models compute their recurrences and gates in float32)."""
+    f64 = any(x is not None and (x if isinstance(x, torch.dtype) else x.dtype) == torch.float64 for x in xs)
+    return torch.float64 if f64 else torch.float32
+
+
 def max_rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     """max |got - want| / max |want| in float32 on the host (how probes compare a fast path
     with its reference)."""

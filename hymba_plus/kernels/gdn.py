@@ -81,10 +81,6 @@ def l2norm(x: Tensor, eps: float = L2_EPS) -> Tensor:
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 
 
-def _compute_dtype(*ts: Tensor | None) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in ts) else torch.float32
-
-
 def _check(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial_state: Tensor | None) -> None:
     B, T, H, dk = q.shape
     Hv, dv = v.shape[2], v.shape[3]
@@ -109,7 +105,7 @@ def _expand_qk(q: Tensor, k: Tensor, n_v_heads: int) -> tuple[Tensor, Tensor]:
 
 def _prepare(q, k, v, g, beta, initial_state, scale, use_qk_l2norm):  # noqa: ANN001, ANN202
     _check(q, k, v, g, beta, initial_state)
-    dt = _compute_dtype(q, k, v, g, beta, initial_state)
+    dt = dispatch.compute_dtype(q, k, v, g, beta, initial_state)
     B, T, H, dk = q.shape
     Hv, dv = v.shape[2], v.shape[3]
     q, k = q.to(dt), k.to(dt)

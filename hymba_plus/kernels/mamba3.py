@@ -102,10 +102,6 @@ def zero_carry(batch: int, n_heads: int, state_size: int, head_dim: int, rank: i
                        z(batch, n_heads, head_dim), z(batch, n_heads, n_angles))
 
 
-def compute_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 # ----------------------------------------------------------------------------- helpers
 def rotate(x: Tensor, cos: Tensor, sin: Tensor, pairing: str = "interleaved") -> Tensor:
     """Rotate the first K pairs of the last dim of ``x`` by the angles whose cos/sin are
@@ -164,7 +160,7 @@ def mamba3_step(
     dt = Δ, trap (pre-sigmoid) [B,H]; angles [B,H,K] (pre-tanh); q_bias/k_bias [H,R,N];
     valid [B] bool (False: the row's state is left exactly as it was). Returns y [B,H,P].
     """
-    cdt = compute_dtype(v)
+    cdt = dispatch.compute_dtype(v)
     H = v.shape[1]
     dt, adt = dt.to(cdt), adt.to(cdt)
     if valid is not None:
@@ -203,7 +199,7 @@ def mamba3_recurrent(
     Bsz, T = v.shape[:2]
     if carry is None:
         carry = zero_carry(Bsz, v.shape[2], q.shape[-1], v.shape[3], q.shape[2], angles.shape[-1],
-                           v.device, compute_dtype(v))
+                           v.device, dispatch.compute_dtype(v))
     z = kw.pop("z", None)
     ys = []
     for t in range(T):
@@ -230,7 +226,7 @@ def mamba3_chunked(
     """
     Bsz, T, R, G, N = q.shape
     H, P = v.shape[2], v.shape[3]
-    cdt = compute_dtype(v)
+    cdt = dispatch.compute_dtype(v)
     dev = v.device
     if carry is None:
         carry = zero_carry(Bsz, H, N, P, R, angles.shape[-1], dev, cdt)
@@ -422,7 +418,8 @@ def mamba3_mimo_fast(
         adt, dt, trap = (F.pad(t, (0, 0, 0, pad)) for t in (adt, dt, trap))
         angles = F.pad(angles, (0, 0, 0, 0, 0, pad))
     y = fn(q.contiguous(), k.contiguous(), v.contiguous(), adt.float().transpose(1, 2).contiguous(),
-           dt.float().transpose(1, 2).contiguous(), trap.transpose(1, 2).contiguous(), q_bias.float(), k_bias.float(),
+           dt.float().transpose(1, 2).contiguous(), trap.to(v.dtype).transpose(1, 2).contiguous(), q_bias.float(),
+           k_bias.float(),
            mimo_v.float(), mimo_z.float(), mimo_o.float(), angles.float().contiguous(), D.float(), z.contiguous(),
            L, N // K, v.dtype)
     return y[:, :T].to(v.dtype)

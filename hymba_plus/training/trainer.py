@@ -42,7 +42,7 @@ from . import distributed as dist_mod
 from .config import TrainConfig, validate
 from .cuda_graph import CaptureError, GradAccumulator, GraphedStep
 from .data import open_stream
-from .optim import build_optimizer, set_lr
+from .optim import build_optimizer, clip_grad_norm_, set_lr
 from .schedule import from_config as lr_factor_of
 from .tasks import masked_correct
 
@@ -364,10 +364,7 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.grad is not None]
         gnorm = None
         if cfg.grad_clip > 0:
-            n = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            if hasattr(n, "full_tensor"):
-                n = n.full_tensor()
-            gnorm = float(n)
+            gnorm = float(clip_grad_norm_(params, cfg.grad_clip))
             if not math.isfinite(gnorm):
                 raise TrainError(self._nonfinite(step, f"gradient norm is {gnorm}"))
         self.opt.step()
