@@ -33,12 +33,20 @@ def bench(fn: Callable[[], object], device: str, warmup: int = 3, iters: int = 1
 
 def profile_passes(fn: Callable[[], object], device: str, passes: int = 3, rows: int = 25) -> dict:
     """Run fn() ``passes`` times under torch.profiler; print the top ops / kernels (also by input
-    shape) and return per pass the number of device kernels and their summed time (CUDA), or
-    the number of aten ops (CPU). A pass whose wall time is well above its kernel time is bound
+    shape, and on CUDA by host time) and return per pass the number of device kernels, their
+    summed time and the host time to issue the pass (CUDA), or the number of aten ops (CPU).
+    A pass whose wall time is well above its kernel time, and close to its host time, is bound
     by launches, not by the GPU."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()  # warm: first-call compiles and caches stay out of the profile
+    host = []  # host time to issue one pass (no sync inside): launch-bound when close to the wall time
+    for _ in range(passes):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        host.append((time.perf_counter() - t) * 1e3)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=acts, record_shapes=True) as prof:
         for _ in range(passes):
@@ -50,9 +58,11 @@ def profile_passes(fn: Callable[[], object], device: str, passes: int = 3, rows:
     print(prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=rows, max_name_column_width=40),
           flush=True)
     if device == "cuda":
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows), flush=True)
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         out = {"kernels_per_pass": len(kernels) / passes,
-               "kernel_ms_per_pass": sum(e.device_time_total for e in kernels) / passes / 1e3}
+               "kernel_ms_per_pass": sum(e.device_time_total for e in kernels) / passes / 1e3,
+               "host_ms_per_pass": statistics.median(host)}
     else:
         out = {"aten_ops_per_pass": sum(1 for e in prof.events() if e.name.startswith("aten::")) / passes}
     print(f"  per pass: {', '.join(f'{k} {v:.3f}' for k, v in out.items())}", flush=True)
