@@ -9,11 +9,12 @@
 #           from the wheels in .whl2/ and .whl3/.
 #   .whl5/site.tar.xz   optional second stack for mamba-ssm's MIMO backward, which does not compile
 #           with tilelang 0.1.15: tilelang 0.1.8 + apache-tvm-ffi 0.1.9 (the pins public mamba-ssm
-#           setups use) + the same dlpack / z3:
+#           setups use) + the same dlpack / z3. This is the stack that trains MIMO on the fast
+#           kernel (verified on an H200: MIMO backward tests 8/8, benchmarks/results/gpu_tests_h100.md):
 #           bash benchmarks/gpu_env.sh pack .whl5 tilelang-0.1.8-*.whl apache_tvm_ffi-0.1.9-*.whl \
 #                .whl2/torch_c_dlpack*.whl .whl2/z3_solver*.whl
-#   .whl6/site.tar.xz   optional: tilelang 0.1.9 alone (28 MB; the rest from .whl5), the next pin
-#           to try: bash benchmarks/gpu_env.sh pack .whl6 tilelang-0.1.9-*.whl
+#   .whl6/site.tar.xz   optional: tilelang 0.1.9 alone (28 MB; the rest from .whl5); the MIMO
+#           backward also compiles with it: bash benchmarks/gpu_env.sh pack .whl6 tilelang-0.1.9-*.whl
 #           (.whl + .whl5 + .whl6 fit one call's 64 MiB)
 # Usage on the GPU machine (carry .whl and .whl4):  source benchmarks/gpu_env.sh
 # (exports PYTHONPATH).  Older two-call form: stage 1 carries .whl2, stage 2 .whl3 + .whl, on one

@@ -7,8 +7,9 @@
 #   gdn     pytest -m gpu tests/test_gdn.py tests/test_conv.py (one launch config per fla kernel; first use
 #           compiles fla's backward through TileLang, ~20 s a kernel)
 #   atlas   pytest -m gpu tests/test_atlas.py
-#   mimo_alt  the mamba3 MIMO GPU tests with the tilelang stack of .whl5 (0.1.8) first on the path
-#   mimo_alt2 the same with tilelang 0.1.9 (.whl6) before it
+#   mimo_alt  the mamba3 MIMO GPU tests with the tilelang stack of .whl5 (0.1.8) first on the path:
+#           the stack that trains MIMO on the fast kernel (verified: forward and backward 8/8 on an H200)
+#   mimo_alt2 the same with tilelang 0.1.9 (.whl6) before it (the MIMO backward also compiles)
 #   mixers  mixers.py for gated_attn gdn hymba atlas (autotuned)
 # Usage: bash benchmarks/gpu_suite.sh [STEP ...]   (default: all, in that order)
 set -u
