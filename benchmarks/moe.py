@@ -214,6 +214,8 @@ def main() -> None:
     x = torch.randn(1, args.tokens, args.d_model, device=dev, dtype=dtype)
     gy = torch.randn_like(x)
     auto_impl = "grouped" if K.grouped_mm_supported(x[0], ours.w_gate_up, ours.w_down) else "padded"
+    if K.fused_layer_supported(x[0], ours.router.weight, ours.w_gate_up, ours.w_down, args.top_k):
+        auto_impl = "fused"  # the whole layer as one autograd node (kernels.moe.moe_layer)
     triton_on = dev == "cuda" and K._triton_ok(x)
     results: dict[str, dict] = {}
     notes: dict[str, str] = {}
@@ -222,6 +224,12 @@ def main() -> None:
                                       call_ours, dev, args.warmup, args.iters)
     if args.profile:
         results["hymba_moe"]["profile"] = profile_layer(ours, x, gy, dev)
+    if auto_impl == "fused":  # the same layer composed of separate autograd ops
+        ours.impl = "grouped"
+        results["hymba_moe_composed"] = time_layer("hymba moe (composed: grouped GEMM ops)", ours, x, gy, call_ours,
+                                                   dev, args.warmup, args.iters)
+        if args.profile:
+            results["hymba_moe_composed"]["profile"] = profile_layer(ours, x, gy, dev)
     ours.impl = "padded"
     if auto_impl != "padded":
         results["hymba_moe_padded"] = time_layer("hymba moe (padded bmm)", ours, x, gy, call_ours, dev,

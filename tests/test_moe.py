@@ -123,10 +123,7 @@ def test_dispatch_matches_loop_reference_float64(score, norm, bias, shared):
 def test_grouped_and_padded_paths_agree():
     """The sort/segment path (torch._grouped_mm over contiguous segments) and the padded
     [E, C, d] bmm path give the same outputs and gradients."""
-    try:
-        torch._grouped_mm(torch.zeros(4, 8), torch.zeros(2, 8, 8), offs=torch.tensor([1, 4], dtype=torch.int32))
-    except (AttributeError, RuntimeError, NotImplementedError) as e:
-        pytest.skip(f"this torch ({torch.__version__}) has no CPU torch._grouped_mm: {e}")
+    _grouped_mm_on_cpu()
     m = _module(torch.float32, n_experts=8, top_k=2, n_shared=1, d_expert=16, d_model=32)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(3, 9, 32, generator=g).requires_grad_()
@@ -145,6 +142,71 @@ def test_grouped_and_padded_paths_agree():
     m.w_down.requires_grad_(False)
     gx = torch.autograd.grad(m(x, _ctx(3, 9)), x, probe)[0]
     assert rel_err(gx, out["padded"][1][0]) < 1e-4
+
+
+def _grouped_mm_on_cpu() -> None:
+    try:
+        torch._grouped_mm(torch.zeros(4, 8), torch.zeros(2, 8, 8), offs=torch.tensor([1, 4], dtype=torch.int32))
+    except (AttributeError, RuntimeError, NotImplementedError) as e:
+        pytest.skip(f"this torch ({torch.__version__}) has no CPU torch._grouped_mm: {e}")
+
+
+@pytest.mark.parametrize("n_shared", [1, 0])
+@pytest.mark.parametrize("coefs", [(0.01, 0.001), (0.3, 0.0), (0.0, 0.0)])
+def test_fused_layer_matches_composed_layer(n_shared, coefs):
+    """``kernels.moe.moe_layer`` (the whole layer as one autograd node, hand-written
+    backward) against the composed layer (route, moe_experts, shared_expert, losses as
+    separate autograd ops), float32 on the CPU (its PyTorch forms): output, the aux loss
+    that reaches the model loss, every statistic and every gradient; then with frozen
+    experts and a frozen router. On CUDA the same function is its fast path's probe."""
+    _grouped_mm_on_cpu()
+    m = _module(torch.float32, n_experts=8, top_k=3, n_shared=n_shared, d_expert=16, d_model=32,
+                aux_loss_coef=coefs[0], z_loss_coef=coefs[1])
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 11, 32, generator=g).requires_grad_()
+    probe = torch.randn(2, 11, 32, generator=g)
+    out = {}
+    for impl in ("grouped", "fused"):
+        m.impl = impl
+        ctx = _ctx(2, 11)
+        y = m(x, ctx)
+        loss = (y * probe).sum() + sum(ctx.aux_losses)
+        params = [x] + [p for p in m.parameters() if p.requires_grad]
+        out[impl] = (y, ctx.stats, len(ctx.aux_losses), torch.autograd.grad(loss, params))
+    (y0, st0, na0, g0), (y1, st1, na1, g1) = out["grouped"], out["fused"]
+    assert rel_err(y1.detach(), y0.detach()) < 1e-5 and na0 == na1 == (1 if any(coefs) else 0)
+    assert st0.keys() == st1.keys()
+    for key in st0:
+        assert torch.allclose(st1[key].float(), st0[key].float(), rtol=1e-5, atol=1e-6), key
+    for a, b in zip(g1, g0, strict=True):
+        assert rel_err(a, b) < 1e-4
+    m.w_gate_up.requires_grad_(False)
+    m.router.weight.requires_grad_(False)
+    res = []
+    for impl in ("grouped", "fused"):
+        m.impl = impl
+        ctx = _ctx(2, 11)
+        loss = (m(x, ctx) * probe).sum() + sum(ctx.aux_losses)
+        res.append(torch.autograd.grad(loss, [x, m.w_down]))
+    for a, b in zip(*res):
+        assert rel_err(a, b) < 1e-4
+
+
+def test_fused_layer_is_taken_only_in_its_case():
+    """``impl`` fused outside its case (padding slots, capacity, sigmoid scores, bias
+    balancing) is an error; ``auto`` on the CPU keeps the composed layer."""
+    m = _module(torch.float32, n_experts=4, top_k=2, d_model=16, score="sigmoid")
+    m.impl = "fused"
+    with pytest.raises(ValueError, match="fused"):
+        m(torch.randn(1, 3, 16), _ctx(1, 3))
+    m = _module(torch.float32, n_experts=4, top_k=2, d_model=16)
+    m.impl = "fused"
+    with pytest.raises(ValueError, match="fused"):
+        m(torch.randn(2, 3, 16), _ctx(2, 3, lengths=torch.tensor([3, 2])))
+    x = torch.randn(1, 3, 16)
+    assert m._fused(x.view(-1, 16), None, None)
+    m.impl = "auto"
+    assert not m._fused(x.view(-1, 16), None, None)
 
 
 def test_capacity_drops_are_counted_and_match_reference():
@@ -465,6 +527,9 @@ def test_triton_kernels_in_interpreter_match_pytorch():
         src = torch.randn(12, 70, generator=g)
         idx = torch.randperm(12, generator=g)
         assert rel(K._gather_sum_triton(src, idx, 3), K._gather_sum_torch(src, idx, 3)) < 1e-5
+        base = torch.randn(4, 80, generator=g)  # accumulate into rows of a wider buffer
+        acc = K._gather_sum_triton(src, idx, 3, out=base.clone()[:, :70])
+        assert rel(acc, base[:, :70] + K._gather_sum_torch(src, idx, 3)) < 1e-5
         print("ok")
     """)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
@@ -517,6 +582,15 @@ def test_fused_router_in_interpreter_matches_pytorch():
         ga = torch.autograd.grad(sum(t.sum() * (i + 1) for i, t in enumerate(got[:3])), wide)[0]
         gb = torch.autograd.grad(sum(t.sum() * (i + 1) for i, t in enumerate(ref[:3])), wide)[0]
         assert float((ga - gb).abs().max()) < 1e-5
+        # the fused layer's backward: d logits written into a column block of a wider buffer,
+        # from d weights + a broadcast d probs + d lse, equal to the PyTorch form
+        lg = wide.detach()[:, :64]
+        w, p, lse, ex = K._router_torch(lg, 4)
+        dw, dp, dlse = torch.randn(7, 4, generator=g), torch.randn(64, generator=g).expand(7, 64), torch.randn(7, generator=g)
+        buf = torch.full((7, 72), 7.0)
+        K._router_triton_bwd(lg, lse, ex, w, dw, dp, dlse, out=buf[:, :64])
+        assert float((buf[:, :64] - K._router_torch_bwd(lg, lse, ex, w, dw, dp, dlse)).abs().max()) < 1e-5
+        assert bool((buf[:, 64:] == 7.0).all())  # the columns past the block are untouched
         print("ok strided")
     """)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
@@ -545,15 +619,44 @@ def test_gpu_grouped_mm_fast_path_matches_padded(monkeypatch):
     m = MoE(MoEConfig(n_experts=16, top_k=4, n_shared=1, d_expert=64), d_model=128).cuda().bfloat16()
     x = torch.randn(4, 256, 128, device="cuda", dtype=torch.bfloat16).requires_grad_()
     assert K.grouped_mm_supported(x.reshape(-1, 128), m.w_gate_up, m.w_down)
+    assert K.fused_layer_supported(x.reshape(-1, 128), m.router.weight, m.w_gate_up, m.w_down, 4)  # auto: fused
     probe = torch.randn_like(x)
     res = {}
-    for impl in ("grouped", "padded"):
+    for impl in ("fused", "grouped", "padded"):
         m.impl = impl
         y = m(x, _ctx(4, 256, device="cuda"))
         res[impl] = (y.float(), [t.float() for t in _grads(m, x, y, probe)])
-    assert rel_err(res["grouped"][0].detach(), res["padded"][0].detach()) < 2e-2
-    for a, b in zip(res["grouped"][1], res["padded"][1]):
-        assert rel_err(a, b) < 5e-2
+    for impl in ("fused", "grouped"):
+        assert rel_err(res[impl][0].detach(), res["padded"][0].detach()) < 2e-2
+        for a, b in zip(res[impl][1], res["padded"][1]):
+            assert rel_err(a, b) < 5e-2
+
+
+@pytest.mark.gpu
+def test_gpu_fused_layer_under_autocast_matches_composed(monkeypatch):
+    """float32 master weights under bf16 autocast (how ``hymba train`` runs): the fused layer
+    casts inside its one node and returns float32 weight gradients, like the composed layer;
+    the aux loss and statistics agree."""
+    monkeypatch.setenv("HYMBA_KERNELS", "fast")
+    torch.manual_seed(0)
+    m = MoE(MoEConfig(n_experts=16, top_k=4, n_shared=1, d_expert=64), d_model=128).cuda()
+    x = torch.randn(2, 256, 128, device="cuda").requires_grad_()
+    probe = torch.randn_like(x)
+    res = {}
+    for impl in ("fused", "grouped"):
+        m.impl = impl
+        ctx = _ctx(2, 256, device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = m(x, ctx)
+            loss = (y.float() * probe).sum() + sum(ctx.aux_losses)
+        params = [x, *m.parameters()]
+        res[impl] = (y, ctx.stats, torch.autograd.grad(loss, params))
+    assert res["fused"][0].dtype == torch.bfloat16
+    assert rel_err(res["fused"][0].float().detach(), res["grouped"][0].float().detach()) < 2e-2
+    for key, v in res["grouped"][1].items():
+        assert torch.allclose(res["fused"][1][key].float(), v.float(), rtol=2e-2, atol=1e-3), key
+    for a, b in zip(res["fused"][2], res["grouped"][2], strict=True):
+        assert a.dtype == b.dtype == torch.float32 and rel_err(a, b) < 5e-2
 
 
 @pytest.mark.gpu

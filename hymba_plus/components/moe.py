@@ -99,7 +99,8 @@ class MoE(nn.Module):
         self.register_buffer("load", torch.zeros(E), persistent=False)  # real assignments since update_bias
         self._init_std = float(getattr(model, "init_std", 0.02))
         self._n_layers = max(1, len(recipe.layers)) if recipe is not None else 1
-        self.impl = "auto"  # kernels.moe.moe_experts impl: auto | grouped | padded (benchmarks, tests)
+        # auto | grouped | padded (kernels.moe.moe_experts) | fused (kernels.moe.moe_layer); benchmarks, tests
+        self.impl = "auto"
         self.reset_special()
 
     # ------------------------------------------------------------------ init / bookkeeping
@@ -143,6 +144,19 @@ class MoE(nn.Module):
         xf = x.reshape(-1, D)
         valid = ctx.valid if ctx is not None else None
         vflat = valid.reshape(-1) if valid is not None else None
+        cap = None
+        if cfg.capacity_factor is not None and self.training:
+            cap = K.expert_capacity(xf.shape[0], cfg.top_k, cfg.n_experts, cfg.capacity_factor)
+        if self._fused(xf, vflat, cap):  # the whole layer as one autograd node (eager CUDA)
+            sh = self.shared
+            y, aux, load, lb, z, ent = K.moe_layer(
+                xf, self.router.weight, None if sh is None else self.shared_gate.weight, self.w_gate_up, self.w_down,
+                *(() if sh is None else (sh.w_gate.weight, sh.w_up.weight, sh.w_down.weight)),
+                top_k=cfg.top_k, aux_coef=cfg.aux_loss_coef, z_coef=cfg.z_loss_coef)
+            if ctx is not None:
+                self._log(ctx, aux if cfg.aux_loss_coef > 0 or cfg.z_loss_coef > 0 else None, load,
+                          torch.zeros((), dtype=torch.long, device=x.device), ent, lb, z, xf.shape[0] * cfg.top_k)
+            return y.view(B, T, D)
         # the router and the shared-expert gate read x through one GEMM (one dx in backward),
         # its rows zero-padded to a multiple of 8 (16-byte aligned for the tensor-core GEMMs)
         if self.shared_gate is None:
@@ -153,25 +167,29 @@ class MoE(nn.Module):
             logits, gate_logit = both[:, : cfg.n_experts], both[:, cfg.n_experts]
         r = K.route(logits, cfg.top_k, cfg.score, cfg.norm_topk,
                     self.expert_bias if cfg.bias_update_rate > 0 else None)
-        cap = None
-        if cfg.capacity_factor is not None and self.training:
-            cap = K.expert_capacity(xf.shape[0], cfg.top_k, cfg.n_experts, cfg.capacity_factor)
         y, dropped, counts = K.moe_experts(xf, r.experts, r.weights.to(x.dtype), self.w_gate_up, self.w_down,
                                            capacity=cap, inert=None if vflat is None else ~vflat, impl=self.impl)
         if self.shared is not None:
-            y = self._add_shared(y, xf, gate_logit)
+            sh = self.shared
+            y = K.shared_expert(y, xf, gate_logit, sh.w_gate.weight, sh.w_up.weight, sh.w_down.weight)
         self._account(r, dropped, counts, vflat, ctx)
         return y.view(B, T, D)
 
-    def _add_shared(self, y: Tensor, x: Tensor, gate_logit: Tensor) -> Tensor:
-        """``y + sigmoid(x W_g) * SwiGLU_shared(x)``, with the gate folded into the hidden
-        activation (the down projection is linear) and the sum into the last GEMM: one GEMM
-        for gate+up, one fused activation, one ``addmm``. ``gate_logit`` = x W_g [N]."""
-        sh = self.shared
-        gate = torch.sigmoid(gate_logit)
-        h = F.linear(x, torch.cat([sh.w_gate.weight, sh.w_up.weight]))
-        a = K.swiglu(h, gate)
-        return torch.addmm(y, a, sh.w_down.weight.t())
+    def _fused(self, xf: Tensor, valid: Tensor | None, cap: int | None) -> bool:
+        """Take ``kernels.moe.moe_layer``? Its case: softmax scores, renormalized top-k, no
+        balancing bias, dropless, no padding slots; with ``impl`` auto only where its fast
+        path applies (``fused_layer_supported``), with ``impl`` fused always (else an error)."""
+        cfg = self.cfg
+        if self.impl not in ("auto", "fused"):
+            return False
+        case = (cfg.score == "softmax" and cfg.norm_topk and cfg.bias_update_rate == 0 and cap is None
+                and valid is None)
+        if self.impl == "fused":
+            if not case:
+                raise ValueError("impl 'fused' needs softmax scores, norm_topk, no bias balancing, no capacity "
+                                 "and no padding slots")
+            return True
+        return case and K.fused_layer_supported(xf, self.router.weight, self.w_gate_up, self.w_down, cfg.top_k)
 
     def _account(self, r: K.Routing, dropped: Tensor, counts: Tensor, valid: Tensor | None,
                  ctx: StepContext | None) -> None:
@@ -187,16 +205,23 @@ class MoE(nn.Module):
         aux = cfg.aux_loss_coef * lb if cfg.aux_loss_coef > 0 else None
         if cfg.z_loss_coef > 0:
             aux = cfg.z_loss_coef * z if aux is None else torch.add(aux, z, alpha=cfg.z_loss_coef)
+        self._log(ctx, aux, load, dropped, K.routing_entropy(r.probs.detach(), valid), lb, z,
+                  r.experts.numel() if valid is None else None)
+
+    def _log(self, ctx: StepContext, aux: Tensor | None, load: Tensor, dropped: Tensor, entropy: Tensor,
+             lb: Tensor, z: Tensor, n_assign: int | None) -> None:
+        """Append the aux loss; record the layer's statistics. ``n_assign``: the number of real
+        assignments when the host knows it (no padding), else None."""
         if aux is not None:
             ctx.aux_losses.append(aux)
         p = f"moe/{ctx.layer_idx}/"
         ctx.stats[p + "tokens_per_expert"] = load
         ctx.stats[p + "dropped"] = dropped
-        ctx.stats[p + "entropy"] = K.routing_entropy(r.probs.detach(), valid)
+        ctx.stats[p + "entropy"] = entropy
         ctx.stats[p + "lb_loss"] = lb.detach()
         ctx.stats[p + "z_loss"] = z.detach()
-        if valid is None:  # the mean load is known on the host
-            ctx.stats[p + "max_load"] = load.max() * (cfg.n_experts / max(r.experts.numel(), 1))
+        if n_assign is not None:  # the mean load is known on the host
+            ctx.stats[p + "max_load"] = load.max() * (self.cfg.n_experts / max(n_assign, 1))
         else:
             ctx.stats[p + "max_load"] = load.max() / load.mean().clamp_min(1e-9)
 

@@ -68,7 +68,8 @@ except Exception:  # noqa: BLE001 - missing or broken install = no Triton path
 GROUPED_MM = "moe_grouped_mm"
 TRITON = "moe_triton"
 ROUTER = "moe_router"
-IMPLS = ("auto", "grouped", "padded")
+LAYER = "moe_layer"
+IMPLS = ("auto", "grouped", "padded", "fused")
 
 
 # ----------------------------------------------------------------------------- routing
@@ -240,8 +241,34 @@ def _probe_router() -> None:
 
 fast_path(GROUPED_MM, probe=_probe_grouped_mm, doc="torch._grouped_mm expert GEMMs (CUDA sm90+, bf16)")
 fast_path(TRITON, probe=_probe_triton, doc="Triton fused SwiGLU x routing weight and k-row sum")
+def _probe_layer() -> None:
+    """The fused layer on this GPU (bf16: grouped GEMMs, Triton router / SwiGLU / k-row sums)
+    against the same function on the CPU in float32 (its PyTorch forms): outputs, losses
+    and every gradient."""
+    _probe_router()
+    _probe_grouped_mm()
+    g = torch.Generator().manual_seed(0)
+    N, d, E, k, h, hs = 40, 64, 8, 2, 32, 32
+    shapes = [(N, d), (E, d), (1, d), (E, d, 2 * h), (E, h, d), (hs, d), (hs, d), (d, hs)]
+    ins = [torch.randn(*sh, generator=g) / (8.0 if len(sh) == 3 or sh[0] != N else 1.0) for sh in shapes]
+    gy = torch.randn(N, d, generator=g)
+    res = []
+    for dev, dt in (("cuda", torch.bfloat16), ("cpu", torch.float32)):
+        ts = [t.to(dev, dt).requires_grad_() for t in ins]
+        y, aux, *_ = _MoELayer.apply(*ts, k, 0.5, 0.25, dt)
+        torch.autograd.backward([y, aux], [gy.to(dev, dt), torch.ones_like(aux)])
+        res.append([y, aux] + [t.grad for t in ts])
+    for i, (a, b) in enumerate(zip(*res)):
+        err = max_rel_err(a, b)
+        if not err < 3e-2:
+            raise RuntimeError(f"fused MoE layer differs from its CPU form (output {i}: rel {err:.3g})")
+
+
 fast_path(ROUTER, probe=_probe_router, doc="Triton fused softmax router: probs, logsumexp, top-k, weights "
                                            "in one kernel, d logits in one (E <= 4096, k <= 16)")
+fast_path(LAYER, probe=_probe_layer, doc="the whole MoE layer (router GEMM + shared gate, softmax top-k, grouped "
+                                         "experts, gated shared expert, balance and z losses) as one autograd "
+                                         "node with a hand-written backward (eager CUDA, bf16)")
 
 
 def grouped_mm_supported(x: Tensor, *weights: Tensor) -> bool:
@@ -375,11 +402,14 @@ if triton is not None:
 
     @triton.jit
     def _gather_sum_kernel(src_ptr, idx_ptr, out_ptr, D, stride_src, stride_out,
-                           K: tl.constexpr, BLOCK: tl.constexpr):
+                           K: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
         n = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         m = cols < D
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        if ACC:  # out += the k-row sum (one pass instead of a sum and an add)
+            acc = tl.load(out_ptr + n * stride_out + cols, mask=m, other=0.0).to(tl.float32)
+        else:
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
         for j in tl.static_range(K):
             r = tl.load(idx_ptr + n * K + j).to(tl.int64)
             acc += tl.load(src_ptr + r * stride_src + cols, mask=m, other=0.0).to(tl.float32)
@@ -475,25 +505,29 @@ def _swiglu_bwd_recompute(h: Tensor, w: Tensor | None, da: Tensor) -> tuple[Tens
     return _swiglu_triton_bwd(h, w, da, want_a=True) if _triton_ok(h, da) else _swiglu_torch_bwd(h, w, da)
 
 
-def _gather_sum_torch(src: Tensor, idx: Tensor, k: int) -> Tensor:
-    return src.index_select(0, idx).view(-1, k, src.shape[-1]).sum(1)
+def _gather_sum_torch(src: Tensor, idx: Tensor, k: int, out: Tensor | None = None) -> Tensor:
+    s = src.index_select(0, idx).view(-1, k, src.shape[-1]).sum(1)
+    return s if out is None else out.add_(s)
 
 
-def _gather_sum_triton(src: Tensor, idx: Tensor, k: int) -> Tensor:
+def _gather_sum_triton(src: Tensor, idx: Tensor, k: int, out: Tensor | None = None) -> Tensor:
     src, idx = src.contiguous(), idx.contiguous()
     N, D = idx.numel() // k, src.shape[-1]
-    out = src.new_empty(N, D)
+    acc = out is not None
+    out = src.new_empty(N, D) if out is None else out
     if N:
         B = _block(D)
-        _gather_sum_kernel[(N, triton.cdiv(D, B))](src, idx, out, D, src.stride(0), out.stride(0), K=k, BLOCK=B)
+        _gather_sum_kernel[(N, triton.cdiv(D, B))](src, idx, out, D, src.stride(0), out.stride(0), K=k, BLOCK=B,
+                                                   ACC=acc)
     return out
 
 
-def gather_sum(src: Tensor, idx: Tensor, k: int) -> Tensor:
-    """out[n] = sum_{j<k} src[idx[n k + j]] (float32 accumulation in the Triton path)."""
-    if _triton_ok(src):
-        return _gather_sum_triton(src, idx, k)
-    return _gather_sum_torch(src, idx, k)
+def gather_sum(src: Tensor, idx: Tensor, k: int, out: Tensor | None = None) -> Tensor:
+    """out[n] = sum_{j<k} src[idx[n k + j]] (float32 accumulation in the Triton path); with
+    ``out`` given (row stride free, last dim contiguous), the sum is added to it in place."""
+    if _triton_ok(src) and (out is None or (out.is_cuda and out.stride(-1) == 1)):
+        return _gather_sum_triton(src, idx, k, out)
+    return _gather_sum_torch(src, idx, k, out)
 
 
 ROUTER_MAX_EXPERTS, ROUTER_MAX_TOPK = 4096, 16
@@ -522,11 +556,12 @@ def _router_triton_fwd(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, 
 
 
 def _router_triton_bwd(logits: Tensor, lse: Tensor, experts: Tensor, weights: Tensor, dw: Tensor | None,
-                       dp: Tensor | None, dlse: Tensor | None) -> Tensor:
+                       dp: Tensor | None, dlse: Tensor | None, out: Tensor | None = None) -> Tensor:
+    """d logits (into ``out`` [N, E] when given: any row stride, last dim contiguous)."""
     lg = logits if logits.stride(-1) == 1 else logits.contiguous()  # row stride is a kernel argument
     N, E = lg.shape
     k = experts.shape[-1]
-    dl = torch.empty(N, E, dtype=logits.dtype, device=lg.device)
+    dl = torch.empty(N, E, dtype=logits.dtype, device=lg.device) if out is None else out
     if dp is not None and dp.stride(-1) != 1:
         dp = dp.contiguous()
     if N:
@@ -566,6 +601,21 @@ def _router_torch(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tenso
     lse = torch.logsumexp(lf, dim=-1)
     top, experts = torch.topk(lf, k, dim=-1)
     return torch.softmax(top, dim=-1), torch.exp(lf - lse[:, None]), lse, experts
+
+
+def _router_torch_bwd(logits: Tensor, lse: Tensor, experts: Tensor, weights: Tensor, dw: Tensor | None,
+                      dp: Tensor | None, dlse: Tensor | None) -> Tensor:
+    """``_router_triton_bwd`` in PyTorch: p (dp - <p, dp>) + p dlse + scatter_k w (dw - <w, dw>)."""
+    lf = logits if logits.dtype == torch.float64 else logits.float()
+    p = torch.exp(lf - lse[:, None])
+    dl = torch.zeros_like(lf)
+    if dp is not None:
+        dl = dl + p * (dp - (p * dp).sum(-1, keepdim=True))
+    if dlse is not None:
+        dl = dl + p * dlse[:, None]
+    if dw is not None:
+        dl = dl.scatter_add(-1, experts, weights * (dw - (weights * dw).sum(-1, keepdim=True)))
+    return dl.to(logits.dtype)
 
 
 def _router_triton_ok(logits: Tensor, k: int) -> bool:
@@ -743,3 +793,167 @@ def moe_experts(x: Tensor, experts: Tensor, weights: Tensor, w_gate_up: Tensor, 
     o = ob.index_select(0, slot)
     y = _SumRows.apply(o, plan.tok, plan.inv, k)
     return y, dropped, plan.counts
+
+
+# ----------------------------------------------------------------------------- the fused layer
+
+
+@functools.lru_cache(maxsize=16)
+def _zero_rows(n: int, d: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A cached block of zero rows (pads the router weight to a multiple of 8 rows)."""
+    return torch.zeros(n, d, dtype=dtype, device=device)
+
+
+class _MoELayer(torch.autograd.Function):
+    """The MoE layer of ``components.moe`` in its common training case (softmax scores,
+    renormalized top-k, no balancing bias, dropless, no padding slots) as ONE autograd node::
+
+        [logits | gate] = x [W_r; W_g]^T                 router and shared gate, one GEMM
+        w, p, lse, E_n  = softmax top-k routing          (fused router kernel)
+        y = grouped SwiGLU experts (sorted dispatch)     as ``_GroupedExperts``
+          + sigmoid(gate) SwiGLU_shared(x)               as ``shared_expert``
+        aux = aux_coef * lb(p, load) + z_coef * mean(lse^2)
+
+    The backward is written out: d logits come from the routing weights' gradient and the
+    two losses' closed forms (d lb / d p_ne = E load_e / (N^2 k), d z / d lse_n = 2 lse_n / N)
+    in one router kernel, written beside the gate's gradient into one [N, E+pad] buffer, so
+    that one GEMM gives dW_r and dW_g and one more adds into dx; the experts' k-row sum of
+    dx is accumulated in place. Eager PyTorch would run ~35 autograd nodes and ~110 kernels
+    for the same pass; this is one node and ~70 kernels (the layer is launch-bound at
+    16k tokens). Inputs are cast to ``dt`` (the autocast dtype) inside; gradients come back
+    in each input's dtype. Returns (y, aux, load [E] float, lb, z, mean routing entropy);
+    only y and aux are differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w_router: Tensor, w_gate: Tensor | None, w1: Tensor, w2: Tensor,  # noqa: ANN001
+                w_sg: Tensor | None, w_su: Tensor | None, w_sd: Tensor | None, k: int, aux_coef: float,
+                z_coef: float, dt: torch.dtype):
+        N, d = x.shape
+        E = w_router.shape[0]
+        shared = w_gate is not None
+        xc = x.to(dt)
+        rows = [w_router.to(dt)] + ([w_gate.to(dt)] if shared else [])
+        pad = -(E + shared) % 8
+        if pad:
+            rows.append(_zero_rows(pad, d, dt, x.device))
+        wb = torch.cat(rows) if len(rows) > 1 else rows[0]
+        both = xc @ wb.t()
+        logits = both[:, :E]
+        fused_router = _router_triton_ok(logits, k)
+        weights, probs, lse, experts = (_router_triton_fwd if fused_router else _router_torch)(logits, k)
+        plan = Plan(experts, E)
+        ws = weights.view(-1).index_select(0, plan.order).to(dt)
+        offs = plan.counts.cumsum(0).to(torch.int32)
+        w1c, w2c = w1.to(dt), w2.to(dt)
+        xs = xc.index_select(0, plan.tok)
+        h = torch._grouped_mm(xs, w1c, offs=offs)
+        y = gather_sum(torch._grouped_mm(_swiglu_fwd_only(h, ws), w2c, offs=offs), plan.inv, k)
+        saved = [xc, wb, both, lse, experts, weights, xs, h, ws, w1c, w2c, plan.tok, plan.inv, offs]
+        if shared:
+            gs = torch.sigmoid(both[:, E])
+            wgu, wsd = torch.cat([w_sg.to(dt), w_su.to(dt)]), w_sd.to(dt)
+            hsh = xc @ wgu.t()
+            y = torch.addmm(y, _swiglu_fwd_only(hsh, gs), wsd.t())
+            saved += [gs, wgu, wsd, hsh]
+        load = plan.counts.float()
+        lb = load_balancing_loss(probs, load, k)
+        z = router_z_loss(logits, None, lse)
+        aux = torch.add(lb * aux_coef, z, alpha=z_coef)
+        ent = routing_entropy(probs)
+        saved.append(load)
+        ctx.save_for_backward(*saved)
+        ctx.k, ctx.E, ctx.pad, ctx.shared, ctx.fused_router = k, E, pad, shared, fused_router
+        ctx.coefs = (aux_coef, z_coef)
+        ctx.dtypes = [None if t is None else t.dtype for t in (x, w_router, w_gate, w1, w2, w_sg, w_su, w_sd)]
+        ctx.mark_non_differentiable(load, lb, z, ent)
+        return y, aux, load, lb, z, ent
+
+    @staticmethod
+    def backward(ctx, gy: Tensor | None, gaux: Tensor | None, *_: Tensor):  # noqa: ANN001, ANN205
+        xc, wb, both, lse, experts, weights, xs, h, ws, w1c, w2c, tok, inv, offs, *rest = ctx.saved_tensors
+        load = rest[-1]
+        k, E, shared = ctx.k, ctx.E, ctx.shared
+        N = xc.shape[0]
+        nx, nwr, nwg, nw1, nw2, nsg, nsu, nsd = ctx.needs_input_grad[:8]
+        gy = torch.zeros_like(xc) if gy is None else gy.to(xc.dtype).contiguous()
+        # routed experts (as _GroupedExperts.backward)
+        go = gy.index_select(0, tok)
+        da = torch._grouped_mm(go, w2c.transpose(-2, -1), offs=offs)
+        dh, dws, a = _swiglu_bwd_recompute(h, ws, da)
+        dw2 = torch._grouped_mm(a.t(), go, offs=offs) if nw2 else None
+        dw1 = torch._grouped_mm(xs.t(), dh, offs=offs) if nw1 else None
+        dweights = dws.float().index_select(0, inv).view(N, k)
+        # shared expert: y += SwiGLU(hsh, gs) W_sd^T, hsh = x W_gu^T, gs = sigmoid(gate)
+        dx = dwgu = dwsd = dgate = None
+        if shared:
+            gs, wgu, wsd, hsh = rest[:4]
+            dhsh, dgs, a_sh = _swiglu_bwd_recompute(hsh, gs, gy @ wsd)
+            dwsd = gy.t() @ a_sh if nsd else None
+            dwgu = dhsh.t() @ xc if (nsg or nsu) else None
+            dgate = dgs * gs * (1 - gs)
+            dx = dhsh @ wgu if nx else None
+        # router: d logits from d weights and the two losses, beside d gate in one buffer
+        aux_coef, z_coef = ctx.coefs
+        dp = dlse = None
+        if gaux is not None and aux_coef:
+            dp = (load * (gaux.float() * (aux_coef * E / (N * N * k)))).expand(N, E)
+        if gaux is not None and z_coef:
+            dlse = lse * (gaux.float() * (2.0 * z_coef / N))
+        dboth = torch.empty_like(both)
+        if ctx.fused_router:
+            _router_triton_bwd(both[:, :E], lse, experts, weights, dweights, dp, dlse, out=dboth[:, :E])
+        else:
+            dboth[:, :E] = _router_torch_bwd(both[:, :E], lse, experts, weights, dweights, dp, dlse)
+        if shared:
+            dboth[:, E] = dgate
+        if ctx.pad:
+            dboth[:, E + shared:] = 0
+        dwb = dboth.t() @ xc if (nwr or nwg) else None
+        if nx:
+            dx = dboth @ wb if dx is None else dx.addmm_(dboth, wb)
+            dx = gather_sum(torch._grouped_mm(dh, w1c.transpose(-2, -1), offs=offs), inv, k, out=dx)
+        cast = lambda t, i: None if t is None else t.to(ctx.dtypes[i])  # noqa: E731
+        hs = None if dwgu is None else dwgu.shape[0] // 2
+        return (cast(dx, 0), cast(dwb[:E] if nwr else None, 1), cast(dwb[E:E + 1] if shared and nwg else None, 2),
+                cast(dw1, 3), cast(dw2, 4), cast(dwgu[:hs] if nsg else None, 5), cast(dwgu[hs:] if nsu else None, 6),
+                cast(dwsd, 7), None, None, None, None)
+
+
+def layer_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the expert GEMMs run in: the autocast dtype where autocast is on, else x's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+def fused_layer_supported(x: Tensor, w_router: Tensor, w1: Tensor, w2: Tensor, top_k: int) -> bool:
+    """May this layer call take ``moe_layer`` (the ``moe_layer`` fast path): eager CUDA,
+    bf16 expert GEMMs (``torch._grouped_mm``), 16-byte aligned expert shapes, and a
+    softmax router the fused kernel handles."""
+    if tracing(x) or not x.is_cuda or layer_dtype(x) != torch.bfloat16:
+        return False
+    if any(t.shape[-1] % 8 or t.shape[-2] % 8 for t in (w1, w2)) or x.shape[-1] % 8:
+        return False
+    if w_router.shape[0] > ROUTER_MAX_EXPERTS or top_k > ROUTER_MAX_TOPK:
+        return False
+    return use_fast(GROUPED_MM, x) and use_fast(LAYER, x)
+
+
+def moe_layer(x: Tensor, w_router: Tensor, w_gate: Tensor | None, w_gate_up: Tensor, w_down: Tensor,
+              w_shared_gate: Tensor | None = None, w_shared_up: Tensor | None = None,
+              w_shared_down: Tensor | None = None, *, top_k: int, aux_coef: float, z_coef: float
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The fused MoE layer (``_MoELayer``) for N tokens x [N, d]: router weight [E, d], shared
+    gate [1, d] and shared SwiGLU weights (nn.Linear layouts: gate/up [hs, d], down [d, hs])
+    or None, experts as in ``moe_experts``. Returns (y [N, d], aux, load [E], lb, z, entropy)."""
+    return _MoELayer.apply(x, w_router, w_gate, w_gate_up, w_down, w_shared_gate, w_shared_up, w_shared_down,
+                           top_k, aux_coef, z_coef, layer_dtype(x))
+
+
+def shared_expert(y: Tensor, x: Tensor, gate_logit: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
+    """``y + sigmoid(x W_g) * SwiGLU_shared(x)`` (Qwen3-Next), with the gate folded into the
+    hidden activation (the down projection is linear) and the sum into the last GEMM: one
+    GEMM for gate+up, one fused activation, one ``addmm``. ``gate_logit`` = x W_g [N];
+    weights in nn.Linear layout (gate / up [hs, d], down [d, hs])."""
+    h = F.linear(x, torch.cat([w_gate, w_up]))
+    return torch.addmm(y, swiglu(h, torch.sigmoid(gate_logit)), w_down.t())
