@@ -70,16 +70,21 @@ def time_layer(name: str, layer: nn.Module, x: torch.Tensor, gy: torch.Tensor, c
     return row
 
 
-def profile_layer(layer: MoE, x: torch.Tensor, gy: torch.Tensor, device: str) -> dict:
-    """Where one forward+backward of our layer spends its time (``timing.profile_passes``)."""
+def profile_layer(layer: nn.Module, x: torch.Tensor, gy: torch.Tensor, device: str, call: Callable | None = None
+                  ) -> dict:
+    """Where one forward+backward of a layer spends its time (``timing.profile_passes``)."""
     xg = x.detach().clone().requires_grad_()
     params = [p for p in layer.parameters() if p.requires_grad]
+    call = call or call_ours
 
     def pass_() -> None:
         for p in params:  # as in the timed loop: no gradient accumulation
             p.grad = None
-        y, aux = call_ours(layer, xg)
-        torch.autograd.backward([y, aux], [gy, torch.ones_like(aux)])
+        y, aux = call(layer, xg)
+        if aux is not None:
+            torch.autograd.backward([y, aux], [gy, torch.ones_like(aux)])
+        else:
+            y.backward(gy)
 
     return profile_passes(pass_, device)
 
@@ -239,6 +244,8 @@ def main() -> None:
     dense = SwiGLU(MLPConfig(d_hidden=hidden), d_model=args.d_model).to(dev, dtype)
     results["dense_swiglu"] = time_layer(f"dense SwiGLU ({hidden} hidden)", dense, x, gy, call_plain, dev,
                                          args.warmup, args.iters)
+    if args.profile:
+        results["dense_swiglu"]["profile"] = profile_layer(dense, x, gy, dev, call_plain)
 
     for mode in args.compile:  # same mode for both sides: compiled vs compiled
         for key, layer, call in (("hymba_moe", ours, call_ours), ("dense_swiglu", dense, call_plain)):
