@@ -668,24 +668,43 @@ class _GroupedExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, w_sorted: Tensor, w1: Tensor, w2: Tensor, tok: Tensor, inv: Tensor,  # noqa: ANN001
                 offs: Tensor, k: int) -> Tensor:
-        xs = x.index_select(0, tok)
-        h = torch._grouped_mm(xs, w1, offs=offs)
-        o = torch._grouped_mm(_swiglu_fwd_only(h, w_sorted), w2, offs=offs)
+        y, xs, h = _experts_fwd(x, w_sorted, w1, w2, tok, inv, offs, k)
         ctx.save_for_backward(xs, h, w_sorted, w1, w2, tok, inv, offs)
         ctx.k = k
-        return gather_sum(o, inv, k)
+        return y
 
     @staticmethod
     def backward(ctx, gy: Tensor):  # noqa: ANN001, ANN205
         xs, h, ws, w1, w2, tok, inv, offs = ctx.saved_tensors
         need_x, need_w, need_w1, need_w2 = ctx.needs_input_grad[:4]
-        go = gy.contiguous().index_select(0, tok)
-        da = torch._grouped_mm(go, w2.transpose(-2, -1), offs=offs)
-        dh, dws, a = _swiglu_bwd_recompute(h, ws, da)
-        dw2 = torch._grouped_mm(a.t(), go, offs=offs) if need_w2 else None
-        dw1 = torch._grouped_mm(xs.t(), dh, offs=offs) if need_w1 else None
-        dx = gather_sum(torch._grouped_mm(dh, w1.transpose(-2, -1), offs=offs), inv, ctx.k) if need_x else None
+        dh, dws, dw1, dw2 = _experts_bwd(gy.contiguous(), xs, h, ws, w1, w2, tok, offs, need_w1, need_w2)
+        dx = _experts_dx(dh, w1, inv, offs, ctx.k) if need_x else None
         return dx, (dws if need_w else None), dw1, dw2, None, None, None, None
+
+
+def _experts_fwd(x: Tensor, ws: Tensor, w1: Tensor, w2: Tensor, tok: Tensor, inv: Tensor, offs: Tensor,
+                 k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Grouped SwiGLU experts over sorted rows: (y, xs, h) -- the output and what the
+    backward keeps (the gathered rows and the gate/up activations)."""
+    xs = x.index_select(0, tok)
+    h = torch._grouped_mm(xs, w1, offs=offs)
+    return gather_sum(torch._grouped_mm(_swiglu_fwd_only(h, ws), w2, offs=offs), inv, k), xs, h
+
+
+def _experts_bwd(gy: Tensor, xs: Tensor, h: Tensor, ws: Tensor, w1: Tensor, w2: Tensor, tok: Tensor, offs: Tensor,
+                 need_w1: bool, need_w2: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """(dh, d sorted weights, dW1, dW2) of ``_experts_fwd``; the activation is recomputed."""
+    go = gy.index_select(0, tok)
+    da = torch._grouped_mm(go, w2.transpose(-2, -1), offs=offs)
+    dh, dws, a = _swiglu_bwd_recompute(h, ws, da)
+    dw2 = torch._grouped_mm(a.t(), go, offs=offs) if need_w2 else None
+    dw1 = torch._grouped_mm(xs.t(), dh, offs=offs) if need_w1 else None
+    return dh, dws, dw1, dw2
+
+
+def _experts_dx(dh: Tensor, w1: Tensor, inv: Tensor, offs: Tensor, k: int, out: Tensor | None = None) -> Tensor:
+    """dx of ``_experts_fwd``: each token sums its k rows of dh W1^T (added to ``out`` if given)."""
+    return gather_sum(torch._grouped_mm(dh, w1.transpose(-2, -1), offs=offs), inv, k, out=out)
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -846,9 +865,7 @@ class _MoELayer(torch.autograd.Function):
         ws = weights.view(-1).index_select(0, plan.order).to(dt)
         offs = plan.counts.cumsum(0).to(torch.int32)
         w1c, w2c = w1.to(dt), w2.to(dt)
-        xs = xc.index_select(0, plan.tok)
-        h = torch._grouped_mm(xs, w1c, offs=offs)
-        y = gather_sum(torch._grouped_mm(_swiglu_fwd_only(h, ws), w2c, offs=offs), plan.inv, k)
+        y, xs, h = _experts_fwd(xc, ws, w1c, w2c, plan.tok, plan.inv, offs, k)
         saved = [xc, wb, both, lse, experts, weights, xs, h, ws, w1c, w2c, plan.tok, plan.inv, offs]
         if shared:
             gs = torch.sigmoid(both[:, E])
@@ -877,12 +894,7 @@ class _MoELayer(torch.autograd.Function):
         N = xc.shape[0]
         nx, nwr, nwg, nw1, nw2, nsg, nsu, nsd = ctx.needs_input_grad[:8]
         gy = torch.zeros_like(xc) if gy is None else gy.to(xc.dtype).contiguous()
-        # routed experts (as _GroupedExperts.backward)
-        go = gy.index_select(0, tok)
-        da = torch._grouped_mm(go, w2c.transpose(-2, -1), offs=offs)
-        dh, dws, a = _swiglu_bwd_recompute(h, ws, da)
-        dw2 = torch._grouped_mm(a.t(), go, offs=offs) if nw2 else None
-        dw1 = torch._grouped_mm(xs.t(), dh, offs=offs) if nw1 else None
+        dh, dws, dw1, dw2 = _experts_bwd(gy, xs, h, ws, w1c, w2c, tok, offs, nw1, nw2)  # routed experts
         dweights = dws.float().index_select(0, inv).view(N, k)
         # shared expert: y += SwiGLU(hsh, gs) W_sd^T, hsh = x W_gu^T, gs = sigmoid(gate)
         dx = dwgu = dwsd = dgate = None
@@ -912,7 +924,7 @@ class _MoELayer(torch.autograd.Function):
         dwb = dboth.t() @ xc if (nwr or nwg) else None
         if nx:
             dx = dboth @ wb if dx is None else dx.addmm_(dboth, wb)
-            dx = gather_sum(torch._grouped_mm(dh, w1c.transpose(-2, -1), offs=offs), inv, k, out=dx)
+            dx = _experts_dx(dh, w1c, inv, offs, k, out=dx)
         cast = lambda t, i: None if t is None else t.to(ctx.dtypes[i])  # noqa: E731
         hs = None if dwgu is None else dwgu.shape[0] // 2
         return (cast(dx, 0), cast(dwb[:E] if nwr else None, 1), cast(dwb[E:E + 1] if shared and nwg else None, 2),
