@@ -26,6 +26,11 @@
   Dropless by default; ``capacity_factor`` enables Switch-style capacity in training
   mode only (evaluation and cached decoding stay dropless, so chunked and full forwards
   agree -- DESIGN §1).
+* Fused layer: in the common training case (softmax, renormalized top-k, no bias, dropless,
+  no padding slots) on eager CUDA in bf16, the whole layer -- router and shared gate GEMM,
+  routing, experts, shared expert, both losses -- runs as ONE autograd node with a
+  hand-written backward (``kernels.moe.moe_layer``, fast path ``moe_layer``); it equals
+  this composed form (tests/test_moe.py) and only cuts the per-op launch and autograd cost.
 """
 
 from __future__ import annotations

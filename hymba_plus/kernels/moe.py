@@ -45,6 +45,10 @@ deterministic. On CUDA, Triton kernels fuse the SwiGLU activation with its routi
 and the k-row sum (``moe_triton`` fast path), and the softmax router (``moe_router``: probs,
 logsumexp, top-k and renormalized weights in one kernel, all their gradients in another);
 elsewhere they are plain PyTorch.
+
+Fused layer (``moe_layer``): the router + shared-gate GEMM, routing, the grouped experts,
+the gated shared expert and the balance / z losses as one autograd node (``_MoELayer``)
+whose backward is written out, for the launch-bound eager training case on CUDA.
 """
 
 from __future__ import annotations
