@@ -205,6 +205,7 @@ def test_fused_layer_is_taken_only_in_its_case():
         m(torch.randn(2, 3, 16), _ctx(2, 3, lengths=torch.tensor([3, 2])))
     x = torch.randn(1, 3, 16)
     assert m._fused(x.view(-1, 16), None, None)
+    assert m(torch.randn(1, 0, 16), _ctx(1, 0)).shape == (1, 0, 16)  # no tokens: the composed path
     m.impl = "auto"
     assert not m._fused(x.view(-1, 16), None, None)
 

@@ -185,7 +185,7 @@ class MoE(nn.Module):
         balancing bias, dropless, no padding slots; with ``impl`` auto only where its fast
         path applies (``fused_layer_supported``), with ``impl`` fused always (else an error)."""
         cfg = self.cfg
-        if self.impl not in ("auto", "fused"):
+        if self.impl not in ("auto", "fused") or xf.shape[0] == 0:  # no tokens: the composed path's early exit
             return False
         case = (cfg.score == "softmax" and cfg.norm_topk and cfg.bias_update_rate == 0 and cap is None
                 and valid is None)
