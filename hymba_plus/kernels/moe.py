@@ -275,10 +275,11 @@ fast_path(LAYER, probe=_probe_layer, doc="the whole MoE layer (router GEMM + sha
                                          "node with a hand-written backward (eager CUDA, bf16)")
 
 
-def grouped_mm_supported(x: Tensor, *weights: Tensor) -> bool:
-    """May ``x`` / ``weights`` take the torch._grouped_mm fast path (on this device, dtype, shape)?"""
+def grouped_mm_supported(x: Tensor, *weights: Tensor, dtype: torch.dtype | None = None) -> bool:
+    """May ``x`` / ``weights`` take the torch._grouped_mm fast path (on this device, dtype, shape)?
+    ``dtype``: the dtype the GEMMs will run in, where they are cast first (default: their own)."""
     tensors = (x, *weights)
-    if any(t.dtype != torch.bfloat16 for t in tensors):
+    if any((dtype or t.dtype) != torch.bfloat16 for t in tensors):
         return False
     if any(t.shape[-1] % 8 or t.shape[-2] % 8 for t in weights):  # 16-byte aligned rows
         return False
@@ -772,7 +773,7 @@ def moe_experts(x: Tensor, experts: Tensor, weights: Tensor, w_gate_up: Tensor, 
     dev = x.device.type
     if torch.is_autocast_enabled(dev):  # the expert GEMMs in the autocast dtype, as nn.Linear's are
         # (torch._grouped_mm has no autocast rule; bf16 is what lets it take the grouped path)
-        dt = torch.get_autocast_dtype(dev)
+        dt = layer_dtype(x)
         x, weights, w_gate_up, w_down = x.to(dt), weights.to(dt), w_gate_up.to(dt), w_down.to(dt)
     N, d = x.shape
     E = w_gate_up.shape[0]
@@ -946,13 +947,9 @@ def fused_layer_supported(x: Tensor, w_router: Tensor, w1: Tensor, w2: Tensor, t
     """May this layer call take ``moe_layer`` (the ``moe_layer`` fast path): eager CUDA,
     bf16 expert GEMMs (``torch._grouped_mm``), 16-byte aligned expert shapes, and a
     softmax router the fused kernel handles."""
-    if tracing(x) or not x.is_cuda or layer_dtype(x) != torch.bfloat16:
+    if tracing(x) or not x.is_cuda or w_router.shape[0] > ROUTER_MAX_EXPERTS or top_k > ROUTER_MAX_TOPK:
         return False
-    if any(t.shape[-1] % 8 or t.shape[-2] % 8 for t in (w1, w2)) or x.shape[-1] % 8:
-        return False
-    if w_router.shape[0] > ROUTER_MAX_EXPERTS or top_k > ROUTER_MAX_TOPK:
-        return False
-    return use_fast(GROUPED_MM, x) and use_fast(LAYER, x)
+    return grouped_mm_supported(x, w1, w2, dtype=layer_dtype(x)) and use_fast(LAYER, x)
 
 
 def moe_layer(x: Tensor, w_router: Tensor, w_gate: Tensor | None, w_gate_up: Tensor, w_down: Tensor,
