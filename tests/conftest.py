@@ -1,13 +1,38 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+
+from tests.helpers import tree_changes, tree_snapshot
 
 os.environ.setdefault("HYMBA_TEST", "1")
+# Tests write under tmp_path only; hypothesis keeps no example database in the checkout.
+settings.register_profile("hymba", database=None)
+settings.load_profile("hymba")
+REPO = Path(__file__).resolve().parents[1]
 # The test models are tiny: one intra-op thread is as fast as two and avoids OpenMP
 # spin-waiting when the 2 CI cores are shared (measured: 2 threads made one MQAR test
 # 10x slower under load).
 torch.set_num_threads(1)
+
+
+def pytest_sessionstart(session):
+    session.config._checkout_before = tree_snapshot(REPO)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The suite fails when it changed the checkout (tracked, untracked or ignored files such
+    as a user's runs/): tests write under tmp_path only."""
+    before = getattr(session.config, "_checkout_before", None)
+    if before is None:
+        return
+    changes = tree_changes(before, tree_snapshot(REPO))
+    if changes:
+        shown = "\n  ".join(changes[:20]) + (f"\n  ... {len(changes) - 20} more" if len(changes) > 20 else "")
+        print(f"\nthe test run changed the checkout {REPO} (tests must write under tmp_path):\n  {shown}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_collection_modifyitems(config, items):

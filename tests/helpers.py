@@ -37,3 +37,37 @@ def train_mqar(recipe: dict, steps: int = 300, batch: int = 32, seq_len: int = 6
     with torch.no_grad():
         ids, labels = mqar_batch(256, seq_len, V, n_pairs, generator=g_eval)
         return masked_accuracy(model(ids).logits, labels)
+
+
+# --------------------------------------------------------------------------- the checkout guard
+
+#: folders that tooling, not the tests, writes into a checkout (venv, bytecode, build metadata)
+TOOL_DIRS = (".git", ".venv", "__pycache__", ".ruff_cache", ".mypy_cache")
+TOOL_SUFFIXES = (".egg-info",)
+
+
+def tree_snapshot(root) -> dict[str, tuple[int, int]]:  # noqa: ANN001 - a path
+    """{relative path: (size, mtime_ns)} of every file under ``root`` (tracked, untracked and
+    ignored alike: a user's ``runs/`` counts), less the tooling folders above."""
+    import os
+
+    snap = {}
+    root = os.fspath(root)
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in TOOL_DIRS and not d.endswith(TOOL_SUFFIXES)]
+        for name in filenames:
+            p = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(p)
+            except FileNotFoundError:
+                continue
+            snap[os.path.relpath(p, root)] = (st.st_size, st.st_mtime_ns)
+    return snap
+
+
+def tree_changes(before: dict, after: dict) -> list[str]:
+    """'added X' / 'removed X' / 'changed X' lines between two ``tree_snapshot``s."""
+    out = [f"added {p}" for p in sorted(set(after) - set(before))]
+    out += [f"removed {p}" for p in sorted(set(before) - set(after))]
+    out += [f"changed {p}" for p in sorted(set(before) & set(after)) if before[p] != after[p]]
+    return out

@@ -29,8 +29,17 @@ class UserError(Exception):
     """Bad input (file, checkpoint, data): one line, exit 1."""
 
 
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .. import __version__
+
     parser = argparse.ArgumentParser(prog="hymba", description="hybrid language model zoo")
+    parser.add_argument("--version", action="version", version=f"hymba {__version__} (torch {_torch_version()})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = {}
     for name, (mod_name, help_text) in COMMANDS.items():

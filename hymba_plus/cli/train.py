@@ -1,7 +1,8 @@
 """``hymba train RECIPE``: train a model from a recipe (see hymba_plus/training/trainer.py).
 
-Defaults come from the recipe's optional ``train:`` section; flags override them (and,
-with ``--resume``, override the settings saved in the checkpoint). Under
+Defaults come from the recipe's optional ``train:`` section (else ``TrainConfig``'s defaults,
+which ``--help`` shows); flags override them (and, with ``--resume``, override the settings
+saved in the checkpoint). Under
 ``torchrun --nproc-per-node N -m hymba_plus train ...`` the same command trains with
 FSDP2 over N processes.
 """
@@ -27,16 +28,30 @@ _FIELDS = {
 }
 
 
+def _default(field: str) -> str:
+    """``(default: V)`` of a TrainConfig field, for --help."""
+    from ..training.config import TrainConfig
+
+    v = {f.name: f.default for f in dataclasses.fields(TrainConfig)}[field]
+    if v is None:
+        return ""
+    return f" (default: {v:g})" if isinstance(v, float) else f" (default: {v})"
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (f"{p.description or ''}. Settings come from the recipe's train: section where it has one, "
+                     "else the defaults shown; flags override both (and, with --resume, the checkpoint's).")
     p.add_argument("recipe", metavar="RECIPE", help="recipe YAML file")
     p.add_argument("--out", help="output folder for checkpoints, metrics.jsonl, loss.png (default: runs/NAME)")
     p.add_argument("--data", help="built-in task (mqar, selective_copy, parity), a text file or folder, or a "
-                                  "folder written by `hymba prepare` (default: the recipe's, else mqar)")
+                                  "folder written by `hymba prepare`")
     p.add_argument("--tokenizer", help="a `tokenizers` JSON file for text data (default: bytes)")
-    p.add_argument("--mqar-pairs", type=int, help="mqar: key/value pairs per sequence")
-    p.add_argument("--copy-tokens", type=int, help="selective_copy: tokens to copy")
+    p.add_argument("--mqar-pairs", type=int, help="mqar: key/value pairs per sequence (default: min(seq_len / 4, vocab_size / 2 - 1))")
+    p.add_argument("--copy-tokens", type=int, help="selective_copy: tokens to copy (default: seq_len / 8)")
     p.add_argument("--val-frac", type=float, help="text: held-out fraction for eval perplexity")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--resume", nargs="?", const="yes", choices=("yes", "auto"), default="no", metavar="auto",
+                   help="continue from the newest intact checkpoint in --out (an error when there is none); "
+                        "--resume auto starts from scratch when there is none (for job scripts)")
     p.add_argument("--steps", type=int, help="optimizer steps of the run (the schedule's length)")
     p.add_argument("--stop-after", type=int, metavar="STEP",
                    help="end this run at STEP with a checkpoint, keeping the schedule of --steps (resume later)")
@@ -67,7 +82,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="capture the training forward+backward in CUDA graphs and replay them (eager kernels, "
                         "no launch overhead; one CUDA process, not with --compile): an MoE layer on an H100 "
                         "4.3 -> 2.4 ms")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar on a terminal, no progress lines without one")
+    p.add_argument("--progress-interval", type=float, default=10.0, metavar="SECONDS",
+                   help="seconds between progress lines when stderr is not a terminal (default: 10)")
+    for action in p._actions:  # every train setting shows its default
+        field = _FIELDS.get(action.dest)
+        if field is not None and action.help is not argparse.SUPPRESS:
+            action.help = (action.help or field.replace("_", " ")) + _default(field)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,9 +97,10 @@ def run(args: argparse.Namespace) -> int:
     from ..models.lm import CheckpointError
     from ..training.config import TrainConfig, TrainConfigError, validate
     from ..training.data import DataError
+    from ..training.signals import EXIT_INTERRUPTED
     from ..training.tasks import TaskError
     from ..training.tokenizer import TokenizerError
-    from ..training.trainer import RunOptions, TrainError, train
+    from ..training.trainer import RunOptions, TrainError, TrainInterrupted, train
 
     try:
         recipe = load_recipe(args.recipe)
@@ -86,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = {field: getattr(args, dest) for dest, field in _FIELDS.items() if getattr(args, dest) is not None}
     if args.stop_after is not None and args.stop_after < 1:
         raise UsageError(f"--stop-after {args.stop_after}: must be >= 1")
+    if args.progress_interval < 0:
+        raise UsageError(f"--progress-interval {args.progress_interval:g}: must be >= 0")
     if args.time_limit is not None and args.time_limit <= 0:
         raise UsageError(f"--time-limit {args.time_limit:g}: must be > 0")
     base = recipe.train if recipe.train is not None else TrainConfig()
@@ -99,12 +124,19 @@ def run(args: argparse.Namespace) -> int:
     if args.cuda_graph and compile_mode is not None:
         raise UsageError("--cuda-graph: use it instead of --compile / --compile-mode, not with them")
     opts = RunOptions(out=out, resume=args.resume, device=args.device, compile=compile_mode, cuda_graph=args.cuda_graph,
-                      stop_after=args.stop_after, time_limit=args.time_limit, progress=not args.no_progress, recipe_name=args.recipe,
-                      overrides=overrides)
+                      stop_after=args.stop_after, time_limit=args.time_limit, progress=not args.no_progress,
+                      progress_interval=args.progress_interval, recipe_name=args.recipe, overrides=overrides)
     try:
         summary = train(recipe, cfg, opts)
     except (TrainError, DataError, TokenizerError, CheckpointError, TaskError, TrainConfigError) as e:
         raise UserError(str(e)) from None
+    except TrainInterrupted as e:
+        import os
+        import sys
+
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"hymba train: {e}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     import os
 
     if int(os.environ.get("RANK", "0")) == 0:

@@ -11,6 +11,13 @@ A checkpoint folder holds
 * ``trainer_state.json`` (written last): step, data position, schedule, the effective
   train config, world size.
 
+Resuming takes the newest *intact* checkpoint (``find_resumable``): one whose trainer state
+parses and whose recipe and safetensors files open with complete headers (a truncated or
+garbled file is caught there); a corrupt newer one is skipped with a one-line warning and
+never deleted: should the resumed run reach its step again, the corrupt folder is renamed
+``step-N.corrupt`` (``-2``, ... if taken) before the new one takes its name. Checkpoints
+ahead of the step being saved are never pruned.
+
 Crash safety: everything is written into ``OUT/.tmp-step-N-PID/`` and then renamed to
 ``OUT/step-N`` with one ``os.replace`` (atomic on POSIX), so a ``step-N`` folder is always
 complete and a process killed at any moment leaves at most a ``.tmp-*`` folder, which
@@ -180,10 +187,10 @@ def save(out: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer, tra
         save_file(rng, str(tmp / "rng.safetensors"), metadata={"format": "hymba-rng"})
         state = dict(trainer_state, format=STATE_FORMAT, version=1, step=step)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-        if final.exists():  # same step written again (never an older good checkpoint)
-            _discard(final)
+        if final.exists():  # a corrupt or incomplete folder of this step, skipped at resume: kept aside
+            os.replace(final, _free_name(out, f"{final.name}.corrupt"))
         os.replace(tmp, final)
-        _prune(out, keep_last)
+        _prune(out, keep_last, step)
     barrier(info)
     return final
 
@@ -194,8 +201,18 @@ def _discard(d: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _prune(out: Path, keep_last: int) -> None:
-    found = list_checkpoints(out)
+def _free_name(out: Path, name: str) -> Path:
+    p, k = out / name, 1
+    while p.exists():
+        k += 1
+        p = out / f"{name}-{k}"
+    return p
+
+
+def _prune(out: Path, keep_last: int, step: int) -> None:
+    """Keep the newest ``keep_last`` checkpoints up to ``step``; those ahead of it (skipped
+    at resume) are left alone."""
+    found = [(s, d) for s, d in list_checkpoints(out) if s <= step]
     for _, d in found[: max(len(found) - keep_last, 0)]:
         _discard(d)
     for d in out.iterdir():  # leftovers of killed runs
@@ -219,6 +236,53 @@ def read_state(ckpt: Path) -> dict[str, Any]:
     return state
 
 
+def verify(ckpt: Path) -> dict[str, Any]:
+    """The trainer state of ``ckpt`` after checking that every file is there and readable:
+    the state parses, ``recipe.yaml`` loads, each safetensors file opens with a complete
+    header (which catches truncation). CheckpointError naming the file otherwise."""
+    from safetensors import SafetensorError, safe_open
+
+    from ..core.recipe import RecipeError, load_recipe
+
+    state = read_state(ckpt)
+    try:
+        load_recipe(ckpt / "recipe.yaml")
+    except RecipeError as e:
+        raise CheckpointError(f"{ckpt / 'recipe.yaml'}: {e.errors[0]}") from None
+    for name in ("model.safetensors", "optimizer.safetensors", "rng.safetensors"):
+        p = ckpt / name
+        if not p.is_file():
+            raise CheckpointError(f"{p}: missing")
+        try:
+            with safe_open(str(p), framework="pt", device="cpu") as f:
+                f.keys()
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{p}: corrupt or truncated ({e})") from None
+    return state
+
+
+def find_resumable(out: Path, warn: Any = None) -> tuple[Path, dict[str, Any]] | None:
+    """(newest intact checkpoint in ``out``, its trainer state), or None when ``out`` has no
+    checkpoint. Corrupt newer ones are skipped, each with one warning line through ``warn``;
+    CheckpointError when every checkpoint is corrupt."""
+    found = list_checkpoints(out)
+    errors = []
+    for _, d in reversed(found):
+        try:
+            state = verify(d)
+        except CheckpointError as e:
+            errors.append((d, str(e)))
+            continue
+        for bad, e in errors if warn is not None else ():
+            warn(f"warning: skipping corrupt checkpoint {bad.name} ({e}); it is kept")
+        return d, state
+    if errors:
+        errors = [e for _, e in errors]
+        raise CheckpointError(f"{errors[0]} (and no older intact checkpoint in {out})" if len(errors) == 1
+                              else f"{errors[0]} (all {len(errors)} checkpoints in {out} are corrupt)")
+    return None
+
+
 def recipe_difference(a: Any, b: Any) -> str | None:
     """The first model/components key whose value differs between two recipes, or None."""
     da = {"model": _asdict(a.model), "components": _asdict(dict(a.components))}
@@ -236,14 +300,24 @@ def recipe_difference(a: Any, b: Any) -> str | None:
     return walk(da, db, "")
 
 
-def load_model_state(ckpt: Path, recipe: Any, recipe_name: str) -> dict[str, torch.Tensor]:
-    """Full model state of a checkpoint, checked against ``recipe`` (CheckpointError otherwise)."""
-    saved = from_pretrained(ckpt)
-    diff = recipe_difference(saved.recipe, recipe)
+def check_recipe(ckpt: Path, recipe: Any, recipe_name: str) -> None:
+    """CheckpointError unless ``ckpt`` was trained with ``recipe``'s model and components."""
+    from ..core.recipe import RecipeError, load_recipe
+
+    try:
+        saved = load_recipe(ckpt / "recipe.yaml")
+    except RecipeError as e:
+        raise CheckpointError(f"{ckpt / 'recipe.yaml'}: {e.errors[0]}") from None
+    diff = recipe_difference(saved, recipe)
     if diff:
         raise CheckpointError(f"{ckpt / 'recipe.yaml'}: was trained with another recipe than {recipe_name} "
                               f"({diff.replace(' vs ', ' in the checkpoint, ', 1)} in {recipe_name})")
-    return saved.state_dict()
+
+
+def load_model_state(ckpt: Path, recipe: Any, recipe_name: str) -> dict[str, torch.Tensor]:
+    """Full model state of a checkpoint, checked against ``recipe`` (CheckpointError otherwise)."""
+    check_recipe(ckpt, recipe, recipe_name)
+    return from_pretrained(ckpt).state_dict()
 
 
 def load_optimizer(ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer, info: DistInfo) -> None:

@@ -7,16 +7,28 @@ gradient-norm clipping, the optimizer step (Muon + AdamW, ``optim.py``), the lea
 rate from the schedule (``schedule.py``), and ``update_bias()`` on every module that has
 one (aux-loss-free MoE balancing). bf16 autocast on CUDA (``precision: auto``).
 
-Records (rank 0): a tqdm bar (loss, tokens/s, ETA), ``OUT/metrics.jsonl`` (one JSON
+Records (rank 0): progress on stderr (``progress.py``: a live bar on a terminal, a plain line
+every ~10 s elsewhere), ``OUT/metrics.jsonl`` (one JSON
 object per optimizer step; eval metrics on eval steps; MoE routing stats when the model
 reports them), ``OUT/loss.png`` redrawn at every eval, ``OUT/step-N/`` checkpoints
 (``checkpoint.py``) and a final summary line.
 
-Resume (``--resume``): the newest complete checkpoint gives the weights, the optimizer
-state, the step, the data position and the RNG states, so the resumed run produces the
-same losses as one that never stopped (``tests/test_training.py`` checks it bitwise on CPU).
-A non-finite loss or gradient norm stops the run with a ``TrainError`` before the
-optimizer step; no checkpoint is written then.
+Resume (``--resume``): the newest intact checkpoint (corrupt newer ones are skipped with a
+warning, and kept) gives the weights, the optimizer state, the step, the data position and
+the RNG states, so the resumed run produces the same losses as one that never stopped
+(``tests/test_training.py`` checks it bitwise on CPU). ``--resume`` on a folder without a
+checkpoint is an error (a mistyped ``--out``); ``--resume auto`` starts from scratch then.
+A resumed run with another ``--steps`` or other schedule settings re-plans its schedule from
+the current learning rate (``schedule.py``: no second warm-up) and says so in one line; a
+finished run resumed with the same ``--steps`` has nothing to do.
+
+Interrupts (``signals.py``): the first SIGINT / SIGTERM finishes the current step, writes a
+checkpoint if a step ran since the last one and raises ``TrainInterrupted`` (``hymba train``
+exits 130 with the command that resumes); a second one aborts at once.
+
+Bad input (data, task, ``--out``) leaves nothing behind: a folder that setup created is
+removed again when setup fails. A non-finite loss or gradient norm stops the run with a
+``TrainError`` before the optimizer step; no checkpoint is written then.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -43,7 +56,9 @@ from .config import TrainConfig, validate
 from .cuda_graph import CaptureError, GradAccumulator, GraphedStep
 from .data import open_stream
 from .optim import build_optimizer, clip_grad_norm_, set_lr
-from .schedule import from_config as lr_factor_of
+from .progress import Progress
+from .schedule import Schedule
+from .signals import StopRequest
 from .tasks import masked_correct
 
 
@@ -51,19 +66,43 @@ class TrainError(RuntimeError):
     """The run cannot go on (non-finite loss, unusable output folder): one line."""
 
 
+class TrainInterrupted(Exception):
+    """The run stopped at a signal after saving what a checkpoint can keep (exit 130)."""
+
+    def __init__(self, step: int, checkpoint: Path | None, resume_command: str):
+        self.step, self.checkpoint = step, checkpoint
+        super().__init__(f"interrupted at step {step}; resume with: {resume_command}")
+
+
+RESUME_MODES = ("no", "yes", "auto")
+
+
 @dataclass
 class RunOptions:
     out: Path
-    resume: bool = False
+    resume: bool | str = False  # False / "no"; True / "yes": a checkpoint must exist; "auto": if there is one
     device: str | None = None
     compile: str | None = None  # torch.compile mode (default | reduce-overhead | max-autotune | ...); None = eager
     cuda_graph: bool = False  # replay the training forward+backward from CUDA graphs (training/cuda_graph.py)
     stop_after: int | None = None  # end this run at this step (the schedule keeps cfg.steps)
     time_limit: float | None = None  # end this run (eval + checkpoint) once this many seconds have passed
     progress: bool = True
+    progress_interval: float = 10.0  # seconds between plain progress lines (no terminal)
     recipe_name: str = "the recipe"
     overrides: dict[str, Any] = field(default_factory=dict)  # flags given on the command line
     log: Callable[[str], None] | None = None
+
+    @property
+    def resume_mode(self) -> str:
+        mode = ("yes" if self.resume else "no") if isinstance(self.resume, bool) else self.resume
+        if mode not in RESUME_MODES:
+            raise ValueError(f"resume: {self.resume!r} is not one of {RESUME_MODES}")
+        return mode
+
+    def resume_command(self) -> str:
+        import shlex
+
+        return f"hymba train {shlex.quote(self.recipe_name)} --out {shlex.quote(str(self.out))} --resume"
 
 
 @dataclass
@@ -77,8 +116,11 @@ class Summary:
     seconds: float
     checkpoint: Path | None
     out: Path
+    note: str | None = None  # a run with nothing to do says why instead
 
     def line(self) -> str:
+        if self.note is not None:
+            return self.note
         ev = " ".join(f"{k} {_fmt(v)}" for k, v in self.eval.items())
         ck = f", checkpoint {self.checkpoint}" if self.checkpoint else ""
         resumed = f" (resumed at {self.start_step})" if self.start_step else ""
@@ -101,6 +143,18 @@ def _fmt(v: float) -> str:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def first_missing(path: Path) -> Path | None:
+    """The outermost folder that creating ``path`` would create (None if it exists)."""
+    missing = None
+    p = path.absolute()
+    while not p.exists():
+        missing = p
+        if p.parent == p:
+            break
+        p = p.parent
+    return missing
 
 
 def check_writable(out: Path) -> None:
@@ -152,10 +206,27 @@ def read_metrics(path: Path, upto: int | None = None) -> list[dict[str, Any]]:
 def plot_metrics(rows: list[dict[str, Any]], path: Path, title: str = "", chance: float | None = None) -> None:
     """``loss.png``: train (and eval) loss, and the eval metric (with the task's chance
     level when known), against the step."""
+    import matplotlib.pyplot as plt
+
+    fig = metrics_figure(rows, title, chance)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def metrics_figure(rows: list[dict[str, Any]], title: str = "", chance: float | None = None) -> Any:
+    """The figure of ``loss.png``. The loss axis is logarithmic with plain tick labels
+    (``3``, ``4``, ``5.6``, not ``5.6×10^0``), major and minor alike."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogFormatter
+
+    class Plain(LogFormatter):  # LogFormatter picks which ticks get a label; the label is plain
+        def __call__(self, x: float, pos: int | None = None) -> str:
+            return f"{x:.3g}" if super().__call__(x, pos) else ""
 
     steps = [r["step"] for r in rows]
     ev = [r for r in rows if "eval_loss" in r]
@@ -168,6 +239,8 @@ def plot_metrics(rows: list[dict[str, Any]], path: Path, title: str = "", chance
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(Plain(labelOnlyBase=False))
+    ax.yaxis.set_minor_formatter(Plain(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
     ax.grid(alpha=0.3)
     ax.legend()
     if ev:
@@ -184,10 +257,7 @@ def plot_metrics(rows: list[dict[str, Any]], path: Path, title: str = "", chance
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    return fig
 
 
 # --------------------------------------------------------------------------- the loop
@@ -205,58 +275,71 @@ class Trainer:
             return
         if self.opts.log is not None:
             self.opts.log(msg)
-            return
-        from tqdm import tqdm
-
-        tqdm.write(msg, file=sys.stderr)
+        elif getattr(self, "progress", None) is not None:
+            self.progress.write(msg)
+        else:
+            print(msg, file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
+        """Everything before the first step. A folder this created is removed again when it
+        fails (bad data, task, checkpoint or --out leave nothing behind)."""
         try:
             self.info = dist_mod.init(self.opts.device)
         except ValueError as e:
             raise TrainError(str(e)) from None
-        check_writable(self.out)
-        existing = ckpt_mod.latest(self.out)
-        self.resume_from = existing if self.opts.resume else None
-        if existing is not None and not self.opts.resume:
-            raise TrainError(f"--out {self.out}: already holds checkpoints (newest {existing.name}); "
+        created = first_missing(self.out) if self.info.is_main else None
+        try:
+            self._setup()
+        except BaseException:
+            if created is not None and created.is_dir():
+                shutil.rmtree(created, ignore_errors=True)
+            raise
+
+    def _setup(self) -> None:
+        opts = self.opts
+        if self.out.exists() and not self.out.is_dir():
+            raise TrainError(f"--out {self.out}: exists and is not a folder")
+        mode = opts.resume_mode
+        found = ckpt_mod.list_checkpoints(self.out)
+        if found and mode == "no":
+            raise TrainError(f"--out {self.out}: already holds checkpoints (newest {found[-1][1].name}); "
                              "pass --resume to continue it, or choose another --out")
+        self.resume_from, state = None, None
+        if mode != "no":
+            res = ckpt_mod.find_resumable(self.out, warn=self.log)
+            if res is not None:
+                self.resume_from, state = res
+                ckpt_mod.check_recipe(self.resume_from, self.recipe, opts.recipe_name)
+            elif mode == "yes":
+                where = "does not exist" if not self.out.exists() else "holds no checkpoint"
+                raise TrainError(f"--resume: {self.out} {where} (a mistyped --out?); use --resume auto to start "
+                                 "from scratch when there is no checkpoint")
+            else:
+                self.log(f"--resume auto: no checkpoint in {self.out}: starting from scratch")
         self.start_step, self.samples, self.tokens_seen = 0, 0, 0
-        state = None
-        if self.resume_from is not None:
-            state = ckpt_mod.read_state(self.resume_from)
-            self.cfg = self._resumed_config(state)
-        elif self.opts.resume:
-            self.log(f"no checkpoint in {self.out}: starting from scratch")
-        cfg = self.cfg
-        if self.opts.stop_after is not None and self.opts.stop_after > cfg.steps:
-            raise TrainError(f"--stop-after {self.opts.stop_after}: must be <= --steps ({cfg.steps})")
-
-        torch.manual_seed(cfg.seed)
-        model = HybridLM(self.recipe)
+        self.schedule = Schedule.of(self.cfg)
+        self.nothing_to_do: str | None = None
         if state is not None:
-            assert self.resume_from is not None
-            full = ckpt_mod.load_model_state(self.resume_from, self.recipe, self.opts.recipe_name)
-            model.load_state_dict(full)
+            saved_cfg, self.cfg = self._resumed_config(state)
             self.start_step = state["step"]
-            self.samples = int(state["samples"])
-            self.tokens_seen = int(state.get("tokens", 0))
-        model = model.to(self.info.device)
-        if self.info.enabled:
-            dist_mod.shard_model(model, self.info)
-        self.model = model
-        self.opt, self.split = build_optimizer(model, cfg)
-        if self.resume_from is not None:
-            ckpt_mod.load_optimizer(self.resume_from, model, self.opt, self.info)
-            ckpt_mod.load_rng(self.resume_from, self.info)
-        self.fwd = model
-        if self.opts.compile is not None:
-            self.fwd = torch.compile(model, mode=None if self.opts.compile == "default" else self.opts.compile)
-        self.graphed = None
-        if self.opts.cuda_graph:
-            self.graphed = self._capture()
+            saved_plan = state.get("schedule", {})
+            before = (Schedule.from_dict(saved_plan) if "steps" in saved_plan else Schedule.of(saved_cfg))
+            self.schedule = before.replan(Schedule.of(self.cfg), self.start_step)
+            if not before.same_plan(self.schedule) and self.start_step < self.cfg.steps:
+                self.log(before.describe_change(self.schedule, self.start_step, self.cfg.lr))
+        cfg = self.cfg
+        if opts.stop_after is not None and opts.stop_after > cfg.steps:
+            raise TrainError(f"--stop-after {opts.stop_after}: must be <= --steps ({cfg.steps})")
+        stop = opts.stop_after if opts.stop_after is not None else cfg.steps
+        if self.start_step >= stop:
+            until = f"--stop-after {stop}" if opts.stop_after is not None else f"{cfg.steps}"
+            self.nothing_to_do = (f"already at step {self.start_step} of {until}: nothing to do"
+                                  + ("" if opts.stop_after is not None else " (pass a larger --steps to go on)"))
+            return
+        check_writable(self.out)
 
+        # the data first: a bad source fails before anything is built or written
         cache_dir = self.out / "data"
         if self.info.is_main:
             self.stream = open_stream(cfg.data, cfg.seq_len, self.recipe.model.vocab_size, cfg.seed, cfg,
@@ -268,6 +351,30 @@ class Trainer:
         if state is not None and state.get("data", {}).get("kind") != self.stream.state()["kind"]:
             raise TrainError(f"--data {cfg.data}: the checkpoint {self.resume_from} was trained on "
                              f"{state.get('data', {}).get('kind')} data")
+
+        torch.manual_seed(cfg.seed)
+        model = HybridLM(self.recipe)
+        if state is not None:
+            assert self.resume_from is not None
+            full = ckpt_mod.load_model_state(self.resume_from, self.recipe, opts.recipe_name)
+            model.load_state_dict(full)
+            self.samples = int(state["samples"])
+            self.tokens_seen = int(state.get("tokens", 0))
+        model = model.to(self.info.device)
+        if self.info.enabled:
+            dist_mod.shard_model(model, self.info)
+        self.model = model
+        self.opt, self.split = build_optimizer(model, cfg)
+        if self.resume_from is not None:
+            ckpt_mod.load_optimizer(self.resume_from, model, self.opt, self.info)
+            ckpt_mod.load_rng(self.resume_from, self.info)
+        self.fwd = model
+        if opts.compile is not None:
+            self.fwd = torch.compile(model, mode=None if opts.compile == "default" else opts.compile)
+        self.graphed = None
+        if opts.cuda_graph:
+            self.graphed = self._capture()
+
         self.rows = read_metrics(self.out / "metrics.jsonl", upto=self.start_step)
         if self.info.is_main:
             self._rewrite_metrics()
@@ -298,7 +405,8 @@ class Trainer:
         self.log(f"cuda graph: training forward+backward captured at batch {cfg.batch_size} x {cfg.seq_len}")
         return graphed
 
-    def _resumed_config(self, state: dict[str, Any]) -> TrainConfig:
+    def _resumed_config(self, state: dict[str, Any]) -> tuple[TrainConfig, TrainConfig]:
+        """(the config the checkpoint was trained with, that config with this run's flags)."""
         saved = state.get("train_config")
         if not isinstance(saved, dict):
             raise ckpt_mod.CheckpointError(f"{self.resume_from / ckpt_mod.STATE_FILE}: no train_config")
@@ -309,7 +417,7 @@ class Trainer:
             raise ckpt_mod.CheckpointError(f"{self.resume_from / ckpt_mod.STATE_FILE}: bad train_config ({e})") from None
         cfg = dataclasses.replace(base, **self.opts.overrides)
         validate(cfg, self.recipe.model, self.opts.overrides, str(self.resume_from / ckpt_mod.STATE_FILE))
-        return cfg
+        return base, cfg
 
     def _rewrite_metrics(self) -> None:
         p = self.out / "metrics.jsonl"
@@ -325,7 +433,7 @@ class Trainer:
 
     def train_step(self, step: int) -> dict[str, Any]:
         cfg, dev = self.cfg, self.info.device
-        factor = lr_factor_of(cfg, step)
+        factor = self.schedule.factor(step)
         set_lr(self.opt, factor)
         self.model.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
@@ -434,7 +542,7 @@ class Trainer:
     def save(self, step: int) -> Path:
         state = {
             "samples": self.samples, "tokens": self.tokens_seen, "world_size": self.info.world,
-            "schedule": {"kind": self.cfg.schedule, "lr_factor": lr_factor_of(self.cfg, max(step - 1, 0))},
+            "schedule": dict(self.schedule.to_dict(), lr_factor=self.schedule.factor(max(step - 1, 0))),
             "train_config": dataclasses.asdict(self.cfg), "data": self.stream.state(),
             "recipe_hash": self.recipe.hash(), "metrics": self.rows[-1] if self.rows else None,
         }
@@ -444,88 +552,86 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
     def run(self) -> Summary:
-        self.setup()
         try:
+            self.setup()
+            if self.nothing_to_do is not None:
+                return Summary(steps=self.start_step, total=self.cfg.steps, start_step=self.start_step,
+                               final_loss=float("nan"), eval={}, tokens_per_s=0.0, seconds=0.0,
+                               checkpoint=self.resume_from, out=self.out, note=self.nothing_to_do)
             return self._loop()
         finally:
-            dist_mod.shutdown(self.info)
+            if hasattr(self, "info"):
+                dist_mod.shutdown(self.info)
 
-    def _out_of_time(self, t_run: float) -> bool:
-        """``time_limit`` passed (on any rank: the ranks agree, so all stop at the same step)."""
-        if self.opts.time_limit is None:
-            return False
-        over = float(time.perf_counter() - t_run >= self.opts.time_limit)
+    def _stop_flags(self, t_run: float, stop: StopRequest) -> tuple[bool, bool]:
+        """(out of time, stop requested by a signal), agreed by all ranks (one all-reduce)
+        so every rank stops at the same step."""
+        over = self.opts.time_limit is not None and time.perf_counter() - t_run >= self.opts.time_limit
+        flags = [float(over), float(stop.requested is not None)]
         if self.info.enabled:
-            over = dist_mod.all_reduce([over], self.info, op="sum")[0]
-        return over > 0
+            flags = dist_mod.all_reduce(flags, self.info, op="sum")
+        return flags[0] > 0, flags[1] > 0
 
     def _loop(self) -> Summary:
         cfg, info = self.cfg, self.info
         stop = self.opts.stop_after if self.opts.stop_after is not None else cfg.steps
         tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * info.world
         metrics_file = open(self.out / "metrics.jsonl", "a") if info.is_main else None
-        bar = None
-        if info.is_main and self.opts.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=stop, initial=self.start_step, unit="step", dynamic_ncols=True, file=sys.stderr,
-                       desc="train", disable=None)
+        self.progress = Progress(stop, self.start_step, enabled=info.is_main and self.opts.progress,
+                                 interval=self.opts.progress_interval)
         t_run = time.perf_counter()
         train_seconds = 0.0
         rate = None
         last_eval: dict[str, float] = {}
         last_ckpt = None
+        saved_step = self.start_step  # the step of the newest checkpoint of this run (or the resumed one)
         loss = float("nan")
         step = self.start_step
         first_seconds = None  # the run's first step also pays kernel compiles and autotuning
         try:
-            for step in range(self.start_step, stop):
-                t0 = time.perf_counter()
-                row = self.train_step(step)
-                if info.device.type == "cuda":
-                    torch.cuda.synchronize(info.device)
-                dt = time.perf_counter() - t0
-                train_seconds += dt
-                if first_seconds is None:
-                    first_seconds = dt
-                self.tokens_seen += tokens_per_step
-                tps = tokens_per_step / max(dt, 1e-9)
-                rate = tps if rate is None else 0.9 * rate + 0.1 * tps
-                row["tokens_per_s"] = tps
-                row["tokens"] = self.tokens_seen
-                n = step + 1
-                loss = row["loss"]
-                last = n == stop or self._out_of_time(t_run)
-                if n % cfg.eval_every == 0 or last:
-                    last_eval = self.evaluate()
-                    row.update(last_eval)
-                    self.log(f"step {n}/{cfg.steps}: loss {loss:.4f}, "
-                             + ", ".join(f"{k} {_fmt(v)}" for k, v in last_eval.items()))
-                self.rows.append(row)
-                if metrics_file is not None:
-                    metrics_file.write(json.dumps(row) + "\n")
-                    metrics_file.flush()
-                if "eval_loss" in row and info.is_main:
-                    plot_metrics(self.rows, self.out / "loss.png", f"{self.recipe.name} ({cfg.data})",
-                                 getattr(self.stream, "chance", None))
-                if bar is not None:
-                    post = {"loss": f"{loss:.4f}", "tok/s": f"{rate:,.0f}"}
-                    if "eval_accuracy" in last_eval:
-                        post["acc"] = f"{last_eval['eval_accuracy']:.3f}"
-                    elif "eval_ppl" in last_eval:
-                        post["ppl"] = f"{last_eval['eval_ppl']:.2f}"
-                    bar.set_postfix(post, refresh=False)
-                    bar.update(1)
-                if n % cfg.save_every == 0 or last:
-                    last_ckpt = self.save(n)
-                if last:
-                    if n < stop:
-                        self.log(f"--time-limit {self.opts.time_limit:g}s reached at step {n}: stopping "
-                                 f"(continue with --resume)")
-                    break
+            with StopRequest(say=self.log) as signals:
+                for step in range(self.start_step, stop):
+                    t0 = time.perf_counter()
+                    row = self.train_step(step)
+                    if info.device.type == "cuda":
+                        torch.cuda.synchronize(info.device)
+                    dt = time.perf_counter() - t0
+                    train_seconds += dt
+                    if first_seconds is None:
+                        first_seconds = dt
+                    self.tokens_seen += tokens_per_step
+                    tps = tokens_per_step / max(dt, 1e-9)
+                    rate = tps if rate is None else 0.9 * rate + 0.1 * tps
+                    row["tokens_per_s"] = tps
+                    row["tokens"] = self.tokens_seen
+                    n = step + 1
+                    loss = row["loss"]
+                    out_of_time, interrupted = self._stop_flags(t_run, signals)
+                    last = n == stop or out_of_time
+                    if (n % cfg.eval_every == 0 or last) and not interrupted:
+                        last_eval = self.evaluate()
+                        row.update(last_eval)
+                        self.log(f"step {n}/{cfg.steps}: loss {loss:.4f}, "
+                                 + ", ".join(f"{k} {_fmt(v)}" for k, v in last_eval.items()))
+                    self.rows.append(row)
+                    if metrics_file is not None:
+                        metrics_file.write(json.dumps(row) + "\n")
+                        metrics_file.flush()
+                    if "eval_loss" in row and info.is_main:
+                        plot_metrics(self.rows, self.out / "loss.png", f"{self.recipe.name} ({cfg.data})",
+                                     getattr(self.stream, "chance", None))
+                    self.progress.update(n, loss, rate, row["lr"])
+                    if n % cfg.save_every == 0 or last or (interrupted and n > saved_step):
+                        last_ckpt, saved_step = self.save(n), n
+                    if interrupted:
+                        raise TrainInterrupted(n, last_ckpt or self.resume_from, self.opts.resume_command())
+                    if last:
+                        if n < stop:
+                            self.log(f"--time-limit {self.opts.time_limit:g}s reached at step {n}: stopping "
+                                     f"(continue with --resume)")
+                        break
         finally:
-            if bar is not None:
-                bar.close()
+            self.progress.close()
             if metrics_file is not None:
                 metrics_file.close()
         seconds = time.perf_counter() - t_run

@@ -1,0 +1,351 @@
+"""``hymba train`` as a user meets it (issue 13): the suite leaves the checkout alone, progress
+shows, Ctrl-C / SIGTERM save and exit 130, resume semantics a user can predict (schedule
+re-planned without a second warm-up, a finished run has nothing to do, corrupt checkpoints
+skipped and kept, --resume without a checkpoint is an error), bad input leaves nothing
+behind, --help shows the defaults, plain loss-plot labels, file modes."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hymba_plus.cli import main
+from hymba_plus.training import checkpoint as ckpt_mod
+from hymba_plus.training.progress import Progress
+from hymba_plus.training.schedule import Schedule, lr_factor
+from hymba_plus.training.signals import StopRequest
+from tests.helpers import tree_changes, tree_snapshot
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {
+    "name": "train-cli-tiny",
+    "model": {"vocab_size": 32, "d_model": 32, "max_seq_len": 64, "block_pattern": "GA | GA"},
+    "components": {"gated_attn": {"n_heads": 2}, "mlp": {"d_hidden": 64}},
+}
+FAST = ["--batch-size", "2", "--seq-len", "16", "--warmup", "1", "--eval-every", "100", "--no-progress"]
+
+
+def recipe_file(tmp_path: Path) -> str:
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(TINY))
+    return str(p)
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------- 1. the checkout guard
+
+
+def test_tree_snapshot_sees_added_changed_and_removed_files_in_ignored_folders(tmp_path):
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    (tmp_path / "runs" / "demo" / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "keep.txt").write_text("a")
+    (tmp_path / "__pycache__").mkdir()
+    before = tree_snapshot(tmp_path)
+    (tmp_path / "runs" / "demo" / "model.safetensors").write_bytes(b"other weights")
+    (tmp_path / "runs" / "new.txt").write_text("x")
+    (tmp_path / "keep.txt").unlink()
+    (tmp_path / "__pycache__" / "m.pyc").write_bytes(b"bytecode")  # tooling: not a user file
+    assert tree_changes(before, tree_snapshot(tmp_path)) == [
+        "added runs/new.txt", "removed keep.txt", "changed runs/demo/model.safetensors"]
+
+
+def test_demo_default_out_is_the_callers_runs_demo_not_written_by_the_suite():
+    """The suite's demo tests pass --out under tmp_path (the default is ./runs/demo, the
+    user's); the session guard in conftest.py fails the suite if any test wrote there."""
+    import inspect
+
+    from hymba_plus import demo
+
+    assert 'Path("runs/demo")' in inspect.getsource(demo.main)
+    src = (REPO / "tests" / "test_cli.py").read_text() + (REPO / "tests" / "test_training.py").read_text()
+    for call in [ln for ln in src.splitlines() if "demo.main(" in ln or "demo_main(" in ln]:
+        assert "--no-train" in call or "--out" in call or "--configs" in call and "empty" in call, call
+
+
+# --------------------------------------------------------------------------- 2. progress
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_on_a_terminal_shows_step_total_loss_rate_lr_and_eta():
+    tty = FakeTTY()
+    p = Progress(total=5, stream=tty)
+    for n in range(1, 6):
+        p.update(n, loss=2.5 - n * 0.1, tokens_per_s=1234.0, lr=3e-4)
+    p.close()
+    text = tty.getvalue()
+    assert "5/5" in text and "loss=2.0000" in text and "tok/s=1,234" in text and "lr=3.00e-04" in text
+    assert "<" in text  # tqdm's [elapsed<remaining]
+
+
+def test_progress_lines_without_a_terminal_every_interval(monkeypatch):
+    from hymba_plus.training import progress as progress_mod
+
+    clock = [100.0]
+    monkeypatch.setattr(progress_mod.time, "perf_counter", lambda: clock[0])
+    pipe = io.StringIO()
+    p = Progress(total=100, stream=pipe, interval=10.0)
+    for n in range(1, 51):
+        clock[0] += 1.0  # one second a step
+        p.update(n, loss=1.0, tokens_per_s=500.0, lr=1e-3)
+    lines = pipe.getvalue().splitlines()
+    # after the first step, then every 10 s: steps 1, 11, 21, 31, 41
+    assert [ln.split(":")[0] for ln in lines] == ["step 1/100 (1%)", "step 11/100 (11%)", "step 21/100 (21%)",
+                                                  "step 31/100 (31%)", "step 41/100 (41%)"]
+    assert lines[-1].endswith("elapsed 41s, eta 59s") and "lr 1.00e-03" in lines[-1] and "500 tokens/s" in lines[-1]
+
+
+def test_hymba_train_prints_progress_lines_and_no_progress_turns_them_off(tmp_path, capsys):
+    recipe = recipe_file(tmp_path)
+    args = ["train", recipe, "--steps", "3", "--batch-size", "2", "--seq-len", "16", "--warmup", "1",
+            "--eval-every", "100"]
+    assert main([*args, "--out", str(tmp_path / "a"), "--progress-interval", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "step 1/3 (33%): loss" in err and "step 3/3 (100%)" in err and "tokens/s" in err and "lr " in err
+    assert main([*args, "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "(33%)" not in err and "it/s" not in err and "step 3/3: loss" in err  # the eval line stays
+
+
+# --------------------------------------------------------------------------- 3. Ctrl-C saves
+
+
+def test_second_signal_aborts_at_once():
+    with StopRequest(say=lambda msg: None) as stop:
+        signal.raise_signal(signal.SIGINT)
+        assert stop.requested == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_finishes_the_step_saves_and_exits_130(tmp_path, sig):
+    recipe = recipe_file(tmp_path)
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "hymba_plus", "train", recipe, "--out", str(out), "--steps", "100000",
+           "--save-every", "100000", "--batch-size", "2", "--seq-len", "16", "--eval-every", "100000",
+           "--progress-interval", "0"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        for line in proc.stderr:  # wait until a few steps ran
+            if line.startswith("step 3/") or time.monotonic() > deadline:
+                break
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("hymba train: interrupted at step ") and last.endswith(f"--out {out} --resume"), err
+    n = int(last.split("interrupted at step ")[1].split(";")[0])
+    assert n >= 3 and [s for s, _ in ckpt_mod.list_checkpoints(out)] == [n]
+    assert [r["step"] for r in rows(out)] == list(range(1, n + 1))
+    assert "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- 4. resume
+
+
+@pytest.mark.parametrize("kind", ["cosine", "wsd", "constant"])
+@pytest.mark.parametrize("seam", [3, 10, 25, 40])
+def test_replanned_schedule_is_continuous_and_never_warms_up_again(kind, seam):
+    old = Schedule(kind, 40, warmup=5, min_frac=0.1, decay_frac=0.25)
+    for total in (seam + 1, 60, 200):
+        new = old.replan(Schedule(kind, total, warmup=5, min_frac=0.1, decay_frac=0.25), seam)
+        f_last, f_next = old.factor(seam - 1), new.factor(seam)
+        if seam < 5:  # during warm-up: the warm-up goes on as before
+            assert f_next == old.factor(seam) == (seam + 1) / 5
+            continue
+        # past warm-up: never above where the old plan was, and down to the floor at the new end
+        assert max(new.factor(s) for s in range(seam, total)) <= f_last + 1e-12
+        end = new.factor(total - 1)
+        assert math.isclose(end, f_last if kind == "constant" else 0.1, rel_tol=1e-9), (total, end)
+        if total - seam >= 20:  # with room to decay: no jump at the seam
+            assert abs(f_next - f_last) <= 0.05 * f_last
+
+
+def test_wsd_resumed_in_its_stable_phase_equals_the_longer_plan_from_the_start():
+    old = Schedule("wsd", 100, warmup=10, min_frac=0.0, decay_frac=0.2)
+    new = old.replan(Schedule("wsd", 300, warmup=10, min_frac=0.0, decay_frac=0.2), 50)
+    assert [new.factor(s) for s in range(50, 300)] == [lr_factor(s, 300, 10, "wsd", 0.0, 0.2) for s in range(50, 300)]
+
+
+def test_replans_chain_through_checkpoints():
+    a = Schedule("cosine", 40, warmup=2, min_frac=0.0)
+    b = a.replan(Schedule("cosine", 80, warmup=2, min_frac=0.0), 30)
+    b2 = Schedule.from_dict(json.loads(json.dumps(b.to_dict())))
+    assert b2 == b and b.replan(Schedule("cosine", 80, warmup=2, min_frac=0.0), 50) == b  # same plan: kept
+    c = b.replan(Schedule("cosine", 120, warmup=2, min_frac=0.0), 60)
+    assert math.isclose(c.factor(59), b.factor(59)) and c.factor(60) <= b.factor(59)
+
+
+def test_resume_with_more_steps_keeps_the_lr_continuous(tmp_path, capsys):
+    recipe = recipe_file(tmp_path)
+    out = tmp_path / "run"
+    assert main(["train", recipe, "--out", str(out), "--steps", "12", "--warmup", "3", *FAST[:4], "--no-progress",
+                 "--eval-every", "100"]) == 0
+    capsys.readouterr()
+    assert main(["train", recipe, "--out", str(out), "--steps", "24", "--resume", *FAST[:4], "--no-progress",
+                 "--eval-every", "100"]) == 0
+    err = capsys.readouterr().err
+    assert "schedule re-planned at step 12 (steps 12 -> 24)" in err and "no new warm-up" in err
+    lr = {r["step"]: r["lr"] for r in rows(out)}
+    assert lr[13] <= lr[12] * (1 + 1e-9) and max(lr[s] for s in range(13, 25)) <= lr[12] * (1 + 1e-9)
+    # the schedule and its anchor are in the checkpoint: a plain resume continues the same plan
+    state = ckpt_mod.read_state(out / "step-24")
+    assert state["schedule"]["steps"] == 24 and state["schedule"]["anchor"][0] == 12
+
+
+def test_wsd_resume_extends_the_stable_phase(tmp_path, capsys):
+    recipe = recipe_file(tmp_path)
+    out = tmp_path / "run"
+    common = [*FAST[:4], "--no-progress", "--eval-every", "100", "--schedule", "wsd", "--warmup", "2"]
+    assert main(["train", recipe, "--out", str(out), "--steps", "20", "--stop-after", "10", *common]) == 0
+    assert main(["train", recipe, "--out", str(out), "--steps", "40", "--resume", *common]) == 0
+    err = capsys.readouterr().err
+    assert "wsd holds lr" in err
+    lr = [r["lr"] for r in rows(out)]
+    peak = lr[5]
+    assert lr[:32] == [peak * lr_factor(s, 40, 2, "wsd", 0.1, 0.2) for s in range(32)]
+    assert lr[10:32] == [peak] * 22 and lr[-1] == pytest.approx(peak * 0.1)
+
+
+def test_resuming_a_finished_run_has_nothing_to_do(tmp_path, capsys):
+    recipe = recipe_file(tmp_path)
+    out = tmp_path / "run"
+    assert main(["train", recipe, "--out", str(out), "--steps", "3", *FAST]) == 0
+    capsys.readouterr()
+    before = tree_snapshot(out)
+    assert main(["train", recipe, "--out", str(out), "--steps", "3", "--resume", *FAST]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == "already at step 3 of 3: nothing to do (pass a larger --steps to go on)"
+    assert "nan" not in captured.out + captured.err
+    assert tree_changes(before, tree_snapshot(out)) == []
+
+
+@pytest.mark.parametrize("victim", ["model.safetensors", "optimizer.safetensors", "rng.safetensors",
+                                    "trainer_state.json", "recipe.yaml"])
+def test_corrupt_newest_checkpoint_is_skipped_with_a_warning_and_kept(tmp_path, capsys, victim):
+    recipe = recipe_file(tmp_path)
+    out = tmp_path / "run"
+    assert main(["train", recipe, "--out", str(out), "--steps", "4", "--save-every", "2", *FAST]) == 0
+    capsys.readouterr()
+    f = out / "step-4" / victim
+    f.write_bytes(f.read_bytes()[: max(f.stat().st_size // 2, 1)] if victim != "recipe.yaml" else b"model: [")
+    corrupt = f.read_bytes()
+    assert main(["train", recipe, "--out", str(out), "--steps", "6", "--resume", *FAST]) == 0
+    err = capsys.readouterr().err
+    warnings = [ln for ln in err.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "skipping corrupt checkpoint step-4" in warnings[0] and victim in warnings[0], err
+    assert "resumed from" in err and "step-2 (step 2)" in err
+    # the corrupt folder was never deleted: renamed aside when the run reached step 4 again
+    assert (out / "step-4.corrupt" / victim).read_bytes() == corrupt
+    assert [s for s, _ in ckpt_mod.list_checkpoints(out)] == [4, 6]
+    assert [r["step"] for r in rows(out)] == list(range(1, 7))
+
+
+def test_resume_without_a_checkpoint_is_an_error_unless_auto(tmp_path, capsys):
+    recipe = recipe_file(tmp_path)
+    out = tmp_path / "typo"
+    assert main(["train", recipe, "--out", str(out), "--steps", "2", "--resume", *FAST]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--resume: {out} does not exist" in err and "--resume auto" in err
+    assert not out.exists()
+    out.mkdir()
+    assert main(["train", recipe, "--out", str(out), "--steps", "2", "--resume", *FAST]) == 1
+    assert "holds no checkpoint" in capsys.readouterr().err
+    assert main(["train", recipe, "--out", str(out), "--steps", "2", "--resume", "auto", *FAST]) == 0
+    assert "--resume auto: no checkpoint" in capsys.readouterr().err
+    assert main(["train", recipe, "--out", str(out), "--steps", "3", "--resume", "auto", *FAST]) == 0
+    assert [s for s, _ in ckpt_mod.list_checkpoints(out)] == [2, 3]
+
+
+# --------------------------------------------------------------------------- 5. bad input
+
+
+@pytest.mark.parametrize("case", ["missing data", "empty data", "unknown task", "out under a file"])
+def test_bad_input_creates_no_output_folder(tmp_path, capsys, case):
+    recipe = recipe_file(tmp_path)
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "a-file").write_text("x")
+    out = tmp_path / "runs" / "nested" / "x"
+    data = {"missing data": str(tmp_path / "nope.txt"), "empty data": str(tmp_path / "empty.txt"),
+            "unknown task": "mqarr"}.get(case, "mqar")
+    if case == "out under a file":
+        out = tmp_path / "a-file" / "x"
+    before = tree_snapshot(tmp_path)
+    rc = main(["train", recipe, "--out", str(out), "--data", data, "--steps", "2", *FAST])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "runs").exists()
+    assert tree_changes(before, tree_snapshot(tmp_path)) == []
+
+
+# --------------------------------------------------------------------------- 6. --help, --version
+
+
+def test_help_shows_every_default_and_version_exists(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, default in [("--batch-size", "16"), ("--seq-len", "128"), ("--lr", "0.003"), ("--muon-lr", "0.02"),
+                          ("--eval-every", "50"), ("--save-every", "100"), ("--keep-last", "2"), ("--steps", "200"),
+                          ("--warmup", "20"), ("--schedule", "cosine"), ("--eval-batches", "4")]:
+        i = text.index(f"{flag} ", text.index("options:"))
+        assert f"(default: {default})" in text[i: text.index(" --", i + len(flag) + 1)], flag
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    from hymba_plus import __version__
+
+    assert capsys.readouterr().out.startswith(f"hymba {__version__} (torch ")
+
+
+# --------------------------------------------------------------------------- 9. loss.png, file modes
+
+
+def test_loss_plot_log_axis_has_plain_labels():
+    from hymba_plus.training.trainer import metrics_figure
+
+    rows_ = [{"step": s, "loss": 5.6 - 0.02 * s} for s in range(1, 60)]
+    rows_ += [{"step": 60, "loss": 4.4, "eval_loss": 4.5, "eval_accuracy": 0.2}]
+    fig = metrics_figure(rows_, "t", chance=0.06)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.yaxis.get_majorticklabels() + ax.yaxis.get_minorticklabels()]
+    shown = [x for x in labels if x]
+    assert shown and all("times" not in x and "^" not in x and "×" not in x and "e" not in x for x in shown), shown
+
+
+def test_checkpoint_files_share_one_mode(tmp_path):
+    recipe = recipe_file(tmp_path)
+    out = tmp_path / "run"
+    old = os.umask(0o022)
+    try:
+        assert main(["train", recipe, "--out", str(out), "--steps", "1", *FAST]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (out / "step-1").iterdir()}
+    assert set(modes.values()) == {0o644}, {k: oct(v) for k, v in modes.items()}
