@@ -152,6 +152,111 @@ def test_input_errors():
         m(ids(2, 4), attention_mask=torch.ones(2, 5, dtype=torch.long))
 
 
+# --------------------------------------------------------------------------- input checks (ids, max_seq_len)
+# recipe(): vocab_size 48, max_seq_len 64. Meta tokens do not count against max_seq_len.
+
+
+@pytest.mark.parametrize("bad, where", [(V, [1, 7]), (V + 252, [0, 3]), (-1, [0, 2])])
+def test_token_id_outside_the_vocabulary(bad, where):
+    m = make(meta=2)
+    x = ids(2, 10)
+    x[tuple(where)] = bad
+    cache = m.new_cache(2)
+    msg = rf"^input_ids: token id {bad} at \[{where[0]}, {where[1]}\] is outside the vocabulary \(vocab_size {V}\)$"
+    for kw in ({}, {"cache": cache}, {"attention_mask": torch.ones_like(x)}):
+        with pytest.raises(ValueError, match=msg):
+            m(x, **kw)
+    assert not cache.started and cache.pos.tolist() == [0, 0]
+    with torch.no_grad():  # a cache in use: the next chunk is checked too
+        m(ids(2, 4), cache=cache)
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            m(x, cache=cache)
+    assert cache.pos.tolist() == [2 + 4] * 2
+    # inputs_embeds calls do not look at input_ids
+    good = ids(2, 10)
+    assert torch.equal(m(x, inputs_embeds=m.embed(good)).logits, m(good).logits)
+
+
+def test_input_must_be_two_dimensional():
+    m = make()
+    with pytest.raises(ValueError, match=r"input_ids must have shape \[B, T\], got \(10,\)"):
+        m(ids(1, 10)[0])
+
+
+@pytest.mark.parametrize("meta", [0, 3])
+def test_full_forward_longer_than_max_seq_len(meta):
+    m = make(meta=meta)
+    note = f" \\(the {meta} meta tokens are not counted\\)" if meta else ""
+    with pytest.raises(ValueError, match=f"^input_ids: 65 positions exceed max_seq_len 64{note}$"):
+        m(ids(2, 65))
+    with pytest.raises(ValueError, match="^inputs_embeds: 65 positions exceed max_seq_len 64"):
+        m(None, inputs_embeds=m.embed(ids(2, 65)))
+    cache = m.new_cache(2)
+    with pytest.raises(ValueError, match="65 positions exceed max_seq_len 64"):
+        m(ids(2, 65), cache=cache)
+    assert not cache.started and cache.pos.tolist() == [0, 0]
+    with torch.no_grad():  # exactly max_seq_len is accepted, meta tokens on top
+        assert m(ids(2, 64)).logits.shape == (2, 64, V)
+        assert m(ids(2, 64), cache=cache).logits.shape == (2, 64, V)
+    assert cache.pos.tolist() == [meta + 64] * 2
+
+
+def test_cached_chunks_that_cross_max_seq_len():
+    m = make(meta=2)
+    x = ids(2, 64)
+    cache = m.new_cache(2)
+    with torch.no_grad():
+        full = m(x).logits
+        parts = [m(x[:, :30], cache=cache).logits, m(x[:, 30:60], cache=cache).logits]
+        with pytest.raises(ValueError, match=r"^input_ids: 5 new positions after 60 cached exceed max_seq_len 64 "
+                                             r"\(row 0; the 2 meta tokens are not counted\)$"):
+            m(ids(2, 5, seed=9), cache=cache)
+        assert cache.pos.tolist() == [2 + 60] * 2  # not advanced
+        parts.append(m(x[:, 60:], cache=cache).logits)  # reaches exactly max_seq_len
+        assert cache.pos.tolist() == [2 + 64] * 2
+        with pytest.raises(ValueError, match="1 new positions after 64 cached exceed max_seq_len 64"):
+            m(x[:, :1], cache=cache)
+        with pytest.raises(ValueError, match="^inputs_embeds: 1 new positions after 64 cached"):
+            m(None, inputs_embeds=m.embed(x[:, :1]), cache=cache)
+    assert cache.pos.tolist() == [2 + 64] * 2
+    # the refused chunk left the states alone: the chunks still equal the full forward
+    assert rel_err(torch.cat(parts, 1), full) < 1e-5
+
+
+def test_left_padding_does_not_count_pads():
+    m = make(meta=2)
+    x = ids(2, 70)
+    mask = torch.ones_like(x)
+    mask[0, :10] = 0
+    mask[1, :6] = 0  # rows of 60 and 64 real tokens
+    with torch.no_grad():
+        padded = m(x, attention_mask=mask).logits
+        assert rel_err(padded[1, 6:], m(x[1:, 6:]).logits[0]) < 1e-5
+        mask[1, 5] = 1  # 65 real tokens in row 1
+        with pytest.raises(ValueError, match=r"^input_ids: 65 positions exceed max_seq_len 64 \(row 1; "):
+            m(x, attention_mask=mask)
+        # through a cache: each row counts its own real tokens
+        cache = m.new_cache(2)
+        first = torch.ones(2, 40, dtype=torch.long)
+        first[0, :20] = 0  # row 0: 20 real tokens, row 1: 40
+        m(x[:, :40], attention_mask=first, cache=cache)
+        m(x[:, 40:64], cache=cache)  # row 1 reaches 64
+        assert cache.pos.tolist() == [2 + 44, 2 + 64]
+        with pytest.raises(ValueError, match=r"^input_ids: 1 new positions after 64 cached exceed max_seq_len 64 "
+                                             r"\(row 1; "):
+            m(x[:, :1], cache=cache)
+        m(x[:, :1], attention_mask=torch.tensor([[1], [0]]), cache=cache)  # a pad in row 1: fine
+        assert cache.pos.tolist() == [2 + 45, 2 + 64]
+
+
+def test_checks_are_skipped_while_compiling():
+    m = make(meta=2)
+    x = ids(2, 10)
+    compiled = torch.compile(m, backend="eager", fullgraph=True)  # a host read would break the graph
+    with torch.no_grad():
+        assert rel_err(compiled(x).logits, m(x).logits) < 1e-6
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padding_equals_the_unpadded_row(side):
     m = make(meta=2, window=3)
@@ -246,6 +351,42 @@ def test_generation_eos_limits_and_modes():
     streamed = []
     m.generate(x, max_new_tokens=3, streamer=streamed.append)
     assert len(streamed) == 3 and streamed[0].shape == (2,)
+
+
+def test_generation_refuses_to_run_past_max_seq_len():
+    m = make(meta=2)
+    calls = []
+    m.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    x = ids(2, 4)
+    with pytest.raises(ValueError, match=r"^generate: prompt \(4 tokens\) \+ max_new_tokens \(61\) = 65 exceeds "
+                                         r"max_seq_len 64 \(use max_new_tokens <= 60; the 2 meta tokens"):
+        m.generate(x, max_new_tokens=61)
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 0, got -1"):
+        m.generate(x, max_new_tokens=-1)
+    assert calls == []  # refused before any work
+    with torch.no_grad():
+        assert m.generate(x, max_new_tokens=60).shape == (2, 64)  # exactly max_seq_len
+        # pads do not count: 10 columns, but 8 real tokens per row
+        p = ids(2, 10)
+        mask = torch.ones_like(p)
+        mask[:, :2] = 0
+        assert m.generate(p, max_new_tokens=56, attention_mask=mask).shape == (2, 66)
+        with pytest.raises(ValueError, match=r"prompt \(8 tokens\) \+ max_new_tokens \(57\)"):
+            m.generate(p, max_new_tokens=57, attention_mask=mask)
+        bad = x.clone()
+        bad[1, 3] = V
+        with pytest.raises(ValueError, match=r"token id 48 at \[1, 3\] is outside the vocabulary"):
+            m.generate(bad, max_new_tokens=3)
+
+
+def test_decoding_checks_the_prompt_once(monkeypatch):
+    m = make(meta=2)
+    seen = []
+    check = HybridLM._check_inputs
+    monkeypatch.setattr(HybridLM, "_check_inputs", lambda self, *a: seen.append(a[0].shape) or check(self, *a))
+    with torch.no_grad():
+        out = m.generate(ids(2, 5), max_new_tokens=6)
+    assert out.shape == (2, 11) and seen == [(2, 5)]  # the prefill only, not the sampled tokens
 
 
 def test_sampling():

@@ -7,6 +7,7 @@ inherent to decoding; no training path goes through here.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +41,28 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def check_length(model: Any, input_ids: Tensor, max_new_tokens: int, attention_mask: Tensor | None = None) -> None:
+    """Refuse, before any work, a generation that would run past ``max_seq_len``: the longest
+    prompt row (real tokens: pads do not count, nor do meta tokens, as in ``HybridLM.forward``)
+    plus ``max_new_tokens``. One host read when there is a mask."""
+    try:
+        ok = not isinstance(max_new_tokens, bool) and operator.index(max_new_tokens) >= 0
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must have shape [B, T], got {tuple(input_ids.shape)}")
+    T = input_ids.shape[1]
+    if attention_mask is not None and attention_mask.shape == input_ids.shape and T:
+        T = int(attention_mask.to(torch.bool).sum(1).max())  # a wrong shape: the prefill says so
+    max_len, n_meta = model.config.max_seq_len, model.config.meta_tokens
+    if T + max_new_tokens > max_len:
+        note = f"; the {n_meta} meta tokens are not counted" if n_meta else ""
+        raise ValueError(f"generate: prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) = {T + max_new_tokens} "
+                         f"exceeds max_seq_len {max_len} (use max_new_tokens <= {max(max_len - T, 0)}{note})")
+
+
 def generate_ar(
     model: Any,
     input_ids: Tensor,
@@ -54,12 +77,9 @@ def generate_ar(
     streamer: Callable[[Tensor], Any] | None = None,
 ) -> Tensor:
     B = input_ids.shape[0]
-    max_len = model.config.max_seq_len
-    if input_ids.shape[1] + max_new_tokens > max_len:
-        raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) "
-                         f"exceeds max_seq_len ({max_len})")
+    check_length(model, input_ids, max_new_tokens, attention_mask)
     cache = model.new_cache(B, device=input_ids.device)
-    out = model(input_ids, attention_mask=attention_mask, cache=cache)
+    out = model(input_ids, attention_mask=attention_mask, cache=cache)  # checks the prompt's ids
     last = out.logits[:, -1]
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     new = []
@@ -73,7 +93,9 @@ def generate_ar(
             streamer(nxt)
         if eos_token_id is not None and bool(done.all()):
             break
-        last = model(nxt[:, None], cache=cache).logits[:, -1]
+        # sampled from the model's own logits, and the length was checked above: no checks
+        # (they would cost a device sync per token on CUDA)
+        last = model(nxt[:, None], cache=cache, _prechecked=True).logits[:, -1]
     if not new:
         return input_ids
     return torch.cat([input_ids, torch.stack(new, 1)], dim=1)

@@ -10,6 +10,11 @@ Data flow of one call ``model(input_ids, attention_mask, cache)``:
 4. positions = the cache's per-row counter + 0, 1, 2, ... (never from the caller);
 5. blocks (each advances its own state in the cache), final norm, LM head;
 6. undo the compaction and drop the meta slots: logits line up with ``input_ids``.
+
+Before step 1 the call is checked (``HybridLM.forward`` says how, and what it costs):
+every token id must lie in ``[0, vocab_size)``, and no row may hold more than
+``max_seq_len`` real tokens (cached + new; pads and meta tokens not counted). Either
+problem is one ``ValueError`` line naming the limit and what was given.
 """
 
 from __future__ import annotations
@@ -99,15 +104,46 @@ class HybridLM(nn.Module):
         cache: HybridCache | None = None,
         return_hidden: bool = False,
         inputs_embeds: Tensor | None = None,
+        *,
+        _prechecked: bool = False,
     ) -> ModelOutput:
-        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        B, T, _ = x.shape
+        """Logits [B, T, V] for ``input_ids`` [B, T] (or ``inputs_embeds`` [B, T, D]).
+
+        Checked first, each problem one ``ValueError`` line:
+
+        * token ids: every id in ``[0, vocab_size)`` (not for ``inputs_embeds`` calls);
+        * length: per row, the real tokens the cache already holds plus the real tokens of
+          this call must not exceed ``max_seq_len``. Pads (``attention_mask == 0``) do not
+          count, and neither do the meta tokens: they are a prefix on top of the sequence
+          (positions ``0 .. meta_tokens - 1``; real tokens start at ``meta_tokens``), as in
+          training (``train.seq_len <= max_seq_len`` tokens, meta prepended), in the
+          attention cache (``n_meta + seq_len`` slots) and in ``hymba generate``. So a
+          row's positions, ``cache.pos`` included, never exceed ``meta_tokens +
+          max_seq_len``. A call that fails the check changes nothing in the cache.
+
+        Cost: on CUDA one device sync per call (the id range and, with a cache already in
+        use, its positions are read back together in one copy); none for an
+        ``inputs_embeds`` call without a started cache (unless it is longer than
+        ``max_seq_len`` and masked). The checks are skipped while ``torch.compile`` /
+        export or ``torch.jit.trace`` trace the model and during CUDA-graph capture.
+        ``_prechecked=True`` (private: the decoding loop of ``models/generation.py`` for
+        tokens the model sampled itself, after ``generate`` checked the whole length up
+        front) skips them too.
+        """
+        if inputs_embeds is None and input_ids.ndim != 2:
+            raise ValueError(f"input_ids must have shape [B, T], got {tuple(input_ids.shape)}")
+        if inputs_embeds is not None and inputs_embeds.ndim != 3:
+            raise ValueError(f"inputs_embeds must have shape [B, T, D], got {tuple(inputs_embeds.shape)}")
+        B, T = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
         if cache is not None and cache.batch_size != B:
             raise ValueError(f"cache was made for batch size {cache.batch_size}, got input batch {B}")
+        if attention_mask is not None and attention_mask.shape != (B, T):
+            raise ValueError(f"attention_mask must have shape {(B, T)}, got {tuple(attention_mask.shape)}")
+        if not _prechecked and not _skip_checks(input_ids if inputs_embeds is None else inputs_embeds):
+            self._check_inputs(input_ids, inputs_embeds, attention_mask, cache, T)
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         valid = None
         if attention_mask is not None:
-            if attention_mask.shape != (B, T):
-                raise ValueError(f"attention_mask must have shape {(B, T)}, got {tuple(attention_mask.shape)}")
             valid = attention_mask.to(torch.bool)
             if bool(valid.all()):
                 valid = None
@@ -145,6 +181,45 @@ class HybridLM(nn.Module):
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux,
                            hidden_states=h if return_hidden else None, stats=ctx.stats or None)
 
+    def _check_inputs(self, input_ids: Tensor | None, inputs_embeds: Tensor | None,
+                      attention_mask: Tensor | None, cache: HybridCache | None, T: int) -> None:
+        """The id and length checks of ``forward`` (its docstring): at most one host read."""
+        V, limit, n_meta = self.config.vocab_size, self.config.max_seq_len, self.config.meta_tokens
+        name = "input_ids" if inputs_embeds is None else "inputs_embeds"
+        started = cache is not None and cache.started
+        reads: list[Tensor] = []
+        check_ids = inputs_embeds is None and input_ids.numel() > 0
+        if check_ids:
+            reads += torch.aminmax(input_ids)
+        # real tokens per row after this call = cache.pos - n_meta (if started) + new tokens
+        new: Tensor | int = T
+        bound = limit  # the largest allowed value of reads[-1]
+        if started and attention_mask is None:  # every row gets T more: read max(pos) only
+            reads.append(cache.pos.max())
+            bound = limit + n_meta - T
+        elif started or (T > limit and attention_mask is not None):
+            new = attention_mask.to(torch.bool).sum(1) if attention_mask is not None else T
+            reads.append(((cache.pos - n_meta) if started else 0) + new)
+            reads[-1] = reads[-1].max()
+        elif T > limit:  # no cache in use, no mask: every row has T real tokens
+            raise ValueError(f"{name}: {T} positions exceed max_seq_len {limit}{_rule_note(n_meta)}")
+        if not reads:
+            return
+        vals = torch.stack([r.to(reads[-1]) for r in reads]).tolist()  # the one device sync
+        if check_ids and (vals[0] < 0 or vals[1] >= V):
+            at = ((input_ids < 0) | (input_ids >= V)).nonzero()[0]
+            raise ValueError(f"{name}: token id {int(input_ids[tuple(at)])} at {at.tolist()} is outside the "
+                             f"vocabulary (vocab_size {V})")
+        if len(reads) > 2 * check_ids and vals[-1] > bound:  # error path: find the row
+            cached = (cache.pos - n_meta) if started else torch.zeros_like(new)
+            row = int((cached + new).argmax())
+            new_r = new if isinstance(new, int) else int(new[row])
+            where = f"row {row}" if cached.shape[0] > 1 else None
+            if started:
+                raise ValueError(f"{name}: {new_r} new positions after {int(cached[row])} cached exceed "
+                                 f"max_seq_len {limit}{_rule_note(n_meta, where)}")
+            raise ValueError(f"{name}: {new_r} positions exceed max_seq_len {limit}{_rule_note(n_meta, where)}")
+
     @staticmethod
     def lm_loss(logits: Tensor, labels: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Next-token cross entropy: position t predicts labels[t+1]; -100 and pads ignored."""
@@ -168,7 +243,11 @@ class HybridLM(nn.Module):
         generator: torch.Generator | None = None,
         streamer: Callable[[Tensor], Any] | None = None,
     ) -> Tensor:
-        """Cached generation; returns prompt + new tokens [B, T + n]. ``temperature=0`` is greedy."""
+        """Cached generation; returns prompt + new tokens [B, T + n]. ``temperature=0`` is greedy.
+
+        Raises ``ValueError`` before any work when the longest prompt row (real tokens) plus
+        ``max_new_tokens`` exceeds ``max_seq_len``, and at the prefill for an id outside the
+        vocabulary (``forward``'s checks); the decoding steps skip the checks."""
         from .generation import GENERATORS
 
         if mode not in GENERATORS:
@@ -199,6 +278,22 @@ class HybridLM(nn.Module):
         os.replace(p / "recipe.yaml.tmp", p / "recipe.yaml")
         for name in extra_files or {}:
             os.replace(p / f"{name}.tmp", p / name)
+
+
+def _skip_checks(t: Tensor) -> bool:
+    """True while the forward is being traced or compiled, or captured into a CUDA graph:
+    the input checks read tensors back to the host, which those modes cannot do."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return True
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _rule_note(n_meta: int, where: str | None = None) -> str:
+    """' (row 1; the 8 meta tokens are not counted)', the parts that apply."""
+    parts = [where] if where else []
+    if n_meta:
+        parts.append(f"the {n_meta} meta tokens are not counted")
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def build_model(recipe: "Recipe | str | os.PathLike | dict", device: Any = None, dtype: Any = None) -> HybridLM:
