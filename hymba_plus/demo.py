@@ -50,12 +50,12 @@ def tiny_recipes(folder: Path = CONFIGS) -> list[Path]:
 
 
 def show(path: Path) -> Recipe:
-    errors, summary = check_file(path)
-    if errors:
-        raise SystemExit("\n".join(errors))
-    print(f"hymba check {path.name}: OK ({summary})")
+    result = check_file(path)
+    if result.errors:
+        raise SystemExit("\n".join(result.errors))
+    print(f"hymba check {path.name}: OK ({result.summary})" + (f": {result.layout}" if result.layout else ""))
     recipe = load_recipe(path)
-    print(format_info(describe(recipe)))
+    print(format_info(describe(recipe), kernels="summary"))  # the kernel table: hymba info --kernels
     return recipe
 
 
@@ -129,7 +129,8 @@ def tour(configs: Path, new_tokens: int) -> int:
         rule(f"{full.name} (meta device: nothing allocated)")
         r = load_recipe(full)
         d = describe(r, torch.bfloat16)
-        print(f"{r.name}: {d['n_layers']} layers, d_model {d['d_model']}, pattern {d['pattern_compact']}")
+        print(f"{r.name}: {d['n_layers']} layers, d_model {d['d_model']}, "
+              f"{r.layout_line or 'pattern ' + d['pattern_compact']}")
         print(f"parameters total {d['params_total']:,}, active {d['params_active']:,} per token")
     print("\nevery recipe kept the invariant: chunked == full forward, cached generation == re-run")
     return 0

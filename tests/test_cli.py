@@ -52,7 +52,8 @@ def test_check_configs_folder_is_valid(capsys):
     for line, path in zip(oks, CONFIGS):
         r = load_recipe(path)
         n = len(r.layers)
-        assert line == f"OK {path} ({r.name}, {n} layer{'s' if n != 1 else ''}, {r.hash()})"
+        layout = f": {r.layout_line}" if r.layout_line else ""  # ratio layouts: what they resolve to
+        assert line == f"OK {path} ({r.name}, {n} layer{'s' if n != 1 else ''}, {r.hash()}){layout}"
 
 
 @pytest.mark.parametrize("path", BAD, ids=lambda p: p.stem)
@@ -169,7 +170,7 @@ def test_info_text_output(capsys):
     assert re.search(r"^\s+0\s+gated_attn\s+mlp\s+[\d,]+\s+[\d,]+\s+[\d.]+ KiB\s+[\d.]+ MiB$", text, re.M)
     assert f"total {build_model(r).num_parameters():,}" in text
     assert "cache       per sequence (float32): 1k tokens" in text
-    assert "kernels     HYMBA_KERNELS=" in text
+    assert re.search(r"^kernels     (fast paths: |HYMBA_KERNELS=)", text, re.M)
 
 
 def full_size_attention() -> dict:
@@ -238,7 +239,9 @@ def test_info_errors(capsys, tmp_path):
     code, out, err = run(capsys, "info", str(ROOT / "tests" / "bad_recipes" / "kv_heads_not_dividing.yaml"))
     assert code == 1 and out == [] and len(err) == 1 and "n_kv_heads: must divide" in err[0]
     code, _, err = run(capsys, "info", str(tmp_path / "missing.yaml"))
-    assert code == 1 and err == [f"{tmp_path / 'missing.yaml'}:0: file not found"]
+    assert code == 1 and err == [f"{tmp_path / 'missing.yaml'}: file not found"]  # no line: no ':0:'
+    code, _, err = run(capsys, "info", str(tmp_path))
+    assert code == 1 and err == [f"{tmp_path}: is a directory, expected a recipe file"]
     code, _, err = run(capsys, "info", str(ROOT / "configs" / "gpt_tiny.yaml"), "--seq-lens", "0,x")
     assert code == 2 and err == ["hymba info: --seq-lens must be positive integers separated by commas, got '0,x'"]
 
@@ -251,11 +254,94 @@ def test_info_full_seed_config_and_compact_pattern():
     d = describe(r, torch.bfloat16)
     assert d["n_layers"] == 40 and d["d_model"] == 2048
     assert [s.mixer for s in r.layers].count("atlas") == 4 and [s.ffn for s in r.layers] == ["moe"] * 40
-    assert d["pattern_compact"] == "ATL+moe*4 | M3+moe*14 | GD+moe*14 | GA+moe*8"
+    assert d["pattern_compact"] == d["pattern"]  # interleaved: no runs to compact
+    assert d["pattern"].startswith("M3+moe | GD+moe | GA+moe | M3+moe | ATL+moe | GD+moe | M3+moe | GA+moe")
     assert parse_pattern(d["pattern_compact"]) == list(r.layers) == parse_pattern(d["pattern"])
+    assert d["layout"]["counts"] == {"atlas": 4, "mamba3": 14, "gdn": 14, "gated_attn": 8}
+    assert d["layout"]["rounding"] == [] and d["layout"]["line"] == r.layout_line
     assert d["params_active"] < d["params_total"] / 10  # ultra-sparse: a few percent active
     moe = r.components["moe"]
     assert (moe.n_experts, moe.top_k, moe.n_shared) == (512, 10, 1)
+
+
+def layout_recipe(tmp_path: Path) -> Path:
+    p = tmp_path / "layout.yaml"  # the order of the ratios breaks rounding ties: keep it (no sort_keys)
+    p.write_text(yaml.safe_dump({
+        "name": "lay", "model": {"vocab_size": 64, "d_model": 32,
+                                 "layout": {"n_layers": 6, "ratios": {"gdn": 0.5, "mamba3": 0.25, "gated_attn": 0.25}}},
+        "components": {"gated_attn": {"n_heads": 4}, "gdn": {"n_heads": 2, "head_dim": 16},
+                       "mamba3": {"state_size": 8, "head_dim": 16}}}, sort_keys=False))
+    return p
+
+
+LAYOUT_LINE = "layout 6 layers -> GD | M3 | GD | GA | M3 | GD (rounded: mamba3 1.5 -> 2, gated_attn 1.5 -> 1)"
+
+
+def test_check_and_info_show_a_ratio_layout(capsys, tmp_path):
+    """One line each: the layers a ratio layout resolves to and what was rounded."""
+    p = layout_recipe(tmp_path)
+    h = load_recipe(p).hash()
+    code, out, err = run(capsys, "check", str(p))
+    assert code == 0 and err == []
+    assert out == [f"OK {p} (lay, 6 layers, {h}): {LAYOUT_LINE}"]
+    code, out, err = run(capsys, "info", str(p))
+    assert code == 0 and err == []
+    assert [line for line in out if line.startswith("pattern ")] == [f"pattern     {LAYOUT_LINE}"]
+    assert not any(line.startswith("            = ") for line in out)
+    assert [line.split()[1] for line in out if re.match(r"^\s+\d+\s", line)] == [
+        "gdn", "mamba3", "gdn", "gated_attn", "mamba3", "gdn"]
+    code, out, _ = run(capsys, "info", str(p), "--json")
+    d = json.loads("\n".join(out))
+    assert d["layout"]["rounding"] == ["mamba3 0.25 x 6 = 1.5 -> 2", "gated_attn 0.25 x 6 = 1.5 -> 1"]
+    assert d["layout"]["counts"] == {"gdn": 3, "mamba3": 2, "gated_attn": 1}
+
+
+def test_info_kernels_one_line_without_cuda(capsys, monkeypatch):
+    from hymba_plus.cli import info
+
+    monkeypatch.setattr(info, "cuda_available", lambda: False)
+    code, out, _ = run(capsys, "info", str(ROOT / "configs" / "gpt_tiny.yaml"))
+    assert code == 0
+    assert out[-1] == "kernels     fast paths: none (CPU: reference paths)"
+    assert not [line for line in out if "unavailable" in line or "HYMBA_KERNELS" in line]
+    assert max(map(len, out)) <= 120
+    # the whole table on request: every registered op, what it is, why it is unavailable
+    code, full, _ = run(capsys, "info", str(ROOT / "configs" / "gpt_tiny.yaml"), "--kernels")
+    assert code == 0 and full[:len(out) - 1] == out[:-1]
+    start = full.index("kernels     HYMBA_KERNELS=auto")
+    ops = describe(load_recipe(ROOT / "configs" / "gpt_tiny.yaml"))["kernels"]
+    assert [line.split()[0] for line in full[start + 1:]] == list(ops)
+    for line, k in zip(full[start + 1:], ops.values()):
+        assert k["fast_path"] in line and (("unavailable" in line) != k["available"])
+
+
+def fake_info(cuda: bool, mode: str = "auto") -> dict:
+    d = describe(load_recipe(ROOT / "configs" / "gpt_tiny.yaml"))
+    d["cuda"], d["kernel_mode"] = cuda, mode
+    d["kernels"] = {"gdn": {"fast_path": "fla chunk_gated_delta_rule " + "x" * 80, "available": True, "error": ""},
+                    "mamba3": {"fast_path": "mamba-ssm", "available": False,
+                               "error": "RuntimeError: needs a CUDA device of compute capability >= 9.0 " + "y" * 80}}
+    return d
+
+
+def test_info_kernels_on_cuda_compact_table():
+    from hymba_plus.cli.info import format_kernels
+
+    d = fake_info(cuda=True)
+    assert format_kernels(d) == [
+        "kernels     fast paths: 1 of 2 available, HYMBA_KERNELS=auto (--kernels: what each is, full errors)",
+        "            gdn     available",
+        "            mamba3  unavailable (RuntimeError: needs a CUDA device of compute capability ...)",
+    ]
+    assert format_kernels(d, "summary") == [
+        "kernels     fast paths: 1 of 2 available (HYMBA_KERNELS=auto; hymba info --kernels lists them)"]
+    full = format_kernels(d, "full")
+    assert len(full) == 3 and "y" * 80 in full[2] and "x" * 80 in full[1]
+    assert format_kernels(fake_info(cuda=True, mode="reference")) == [
+        "kernels     fast paths: off (HYMBA_KERNELS=reference: reference paths)"]
+    assert format_kernels(fake_info(cuda=False)) == format_kernels(fake_info(cuda=False), "summary") == [
+        "kernels     fast paths: none (CPU: reference paths)"]
+    assert format_info(d).splitlines()[-3:] == format_kernels(d)
 
 
 def test_demo_runs(capsys, tmp_path):
@@ -263,10 +349,16 @@ def test_demo_runs(capsys, tmp_path):
     from hymba_plus import demo
 
     (tmp_path / "gpt_tiny.yaml").write_text((ROOT / "configs" / "gpt_tiny.yaml").read_text())
-    assert demo.main(["--configs", str(tmp_path), "--new-tokens", "4"]) == 0
+    # part 1 only (part 2 is test_training.py's demo test, writing under tmp_path): the demo's
+    # default --out is the user's runs/demo, which the suite must never touch
+    assert demo.main(["--configs", str(tmp_path), "--new-tokens", "4", "--no-train",
+                      "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     assert "hymba check gpt_tiny.yaml: OK" in out and "parameters  total" in out
     assert "(ok, bound 1e-4)" in out and "same tokens: yes" in out
+    # never the kernel table, CUDA or not: one line (hymba info --kernels has the table)
+    assert len([line for line in out.splitlines() if line.startswith("kernels ")]) == 1
+    assert "unavailable" not in out and "fast paths: " in out
     empty = tmp_path / "empty"
     empty.mkdir()
     assert demo.main(["--configs", str(empty)]) == 2

@@ -13,9 +13,13 @@ from hymba_plus.core.pattern import (
     ALIAS_ORDER,
     LayerSpec,
     PatternError,
+    describe_layout,
+    expand_ratios,
     format_pattern,
     known_mixers,
+    layout_rounding,
     parse_pattern,
+    ratio_counts,
 )
 
 
@@ -228,3 +232,63 @@ def test_arbitrary_text_parses_or_fails_with_a_column(text):
         assert f"column {e.column}" in str(e) or str(e) == "block_pattern is empty"
     else:
         assert 1 <= len(layers) <= 4096
+
+
+# --------------------------------------------------------------------------- ratio layouts
+
+
+def runs_of(names: list[str], name: str) -> list[int]:
+    """Gaps between consecutive layers of ``name`` (1 = adjacent)."""
+    at = [i for i, n in enumerate(names) if n == name]
+    return [b - a for a, b in zip(at, at[1:])]
+
+
+def test_ratio_layout_interleaves_the_brief_example():
+    """Not grouped by type (``GD*3 | M3*2 | GA`` before): each type spread through depth."""
+    ratios = {"gdn": 0.5, "mamba3": 0.25, "gated_attn": 0.25}
+    assert expand_ratios(6, ratios) == ["gdn", "mamba3", "gdn", "gated_attn", "mamba3", "gdn"]
+    assert describe_layout(6, ratios) == (
+        "layout 6 layers -> GD | M3 | GD | GA | M3 | GD (rounded: mamba3 1.5 -> 2, gated_attn 1.5 -> 1)")
+
+
+def test_ratio_layout_rounding_is_reported():
+    ratios = {"gdn": 0.5, "mamba3": 0.25, "gated_attn": 0.25}
+    assert ratio_counts(6, ratios) == {"gdn": 3, "mamba3": 2, "gated_attn": 1}  # equal remainders: named first
+    assert [str(r) for r in layout_rounding(6, ratios)] == ["mamba3 0.25 x 6 = 1.5 -> 2",
+                                                           "gated_attn 0.25 x 6 = 1.5 -> 1"]
+    assert layout_rounding(8, ratios) == [] and "rounded" not in describe_layout(8, ratios)
+    # float noise is not a rounding (0.29 x 100 = 28.999999999999996 in binary)
+    assert layout_rounding(100, {"GA": 0.29, "GD": 0.71}) == []
+    assert ratio_counts(100, {"GA": 0.29, "GD": 0.71}) == {"GA": 29, "GD": 71}
+    assert describe_layout(1, {"GA": 1.0}) == "layout 1 layer -> GA"
+
+
+def test_equal_counts_alternate_and_attention_is_spaced():
+    """Two types with the same count share periods, staggered: attention at half the
+    layers then alternates with them instead of doubling up (``GA GD M3 GA GA ...``)."""
+    assert expand_ratios(8, {"GA": 0.5, "GD": 0.25, "M3": 0.25}) == ["GA", "GD", "GA", "M3"] * 2
+    seed = {"atlas": 0.1, "mamba3": 0.35, "gdn": 0.35, "gated_attn": 0.2}
+    forty = expand_ratios(40, seed)
+    assert runs_of(forty, "gated_attn") == [5] * 7  # 8 attention layers, one every 5
+    assert runs_of(forty, "atlas") == [10] * 3
+    assert min(runs_of(forty, "mamba3") + runs_of(forty, "gdn")) >= 2
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(n=st.integers(1, 120), weights=st.lists(st.integers(1, 20), min_size=1, max_size=5))
+def test_ratio_layout_properties(n, weights):
+    names = [f"c{i}" for i in range(len(weights))]
+    ratios = {k: w / sum(weights) for k, w in zip(names, weights)}
+    out = expand_ratios(n, ratios)
+    counts = ratio_counts(n, ratios)
+    assert len(out) == n and out == expand_ratios(n, dict(ratios))  # deterministic
+    assert {k: out.count(k) for k in names} == counts
+    for k, r in ratios.items():
+        assert abs(counts[k] - r * n) < 1.0 + 1e-9  # largest remainder: within one layer
+        if 2 * counts[k] <= n + 1:  # at most half (rounded up): never next to itself
+            assert 1 not in runs_of(out, k), (k, out)
+        if counts[k] >= 2:  # spread through depth: no gap much wider than its share
+            assert max(runs_of(out, k)) <= 2 * n / counts[k] + 2, (k, out)
+    rounded = {r.name: r for r in layout_rounding(n, ratios)}
+    for k in names:
+        assert (k in rounded) == (abs(ratios[k] * n - counts[k]) > 1e-6)

@@ -150,7 +150,7 @@ def test_dict_sources_are_named_recipe():
 
 
 @pytest.mark.parametrize("source, message", [
-    ("missing/recipe.yaml", "missing/recipe.yaml:0: file not found"),
+    ("missing/recipe.yaml", "missing/recipe.yaml: file not found"),
     ("configs/gpt_tiny", "'configs/gpt_tiny' is neither an existing recipe file nor a YAML mapping"),
     ("", "empty recipe"),
     ("- 1\n- 2\n", "a recipe must be a mapping with 'name' and 'model', got a list"),
@@ -161,8 +161,30 @@ def test_bad_sources(source, message):
 
 
 def test_directory_and_pathlike(tmp_path):
-    assert "is a directory" in errors_of(tmp_path)[0]
-    assert "file not found" in errors_of(tmp_path / "nope")[0]  # a Path is always a path
+    # no line to name: FILE: message, not FILE:0: message
+    assert errors_of(tmp_path) == [f"{tmp_path}: is a directory, expected a recipe file"]
+    assert errors_of(tmp_path / "nope") == [f"{tmp_path / 'nope'}: file not found"]  # a Path is always a path
+    assert errors_of(str(tmp_path / "nope.yaml")) == [f"{tmp_path / 'nope.yaml'}: file not found"]
+    (tmp_path / "latin1.yaml").write_bytes(b"name: caf\xe9\n")
+    (err,) = errors_of(tmp_path / "latin1.yaml")
+    assert err.startswith(f"{tmp_path / 'latin1.yaml'}: cannot read: ") and ":0:" not in err
+
+
+@pytest.mark.parametrize("text, line, context", [
+    # the problem is found at the end of the stream, on the line after the last one
+    ("name: x\nmodel: {vocab_size: 64, d_model: 32,\n  block_pattern: GA\n", 3, "flow mapping started at line 2"),
+    ("name: x\nmodel: {vocab_size: 64, d_model: 32,\n  block_pattern: GA", 3, "flow mapping started at line 2"),
+    ("name: x\nmodel: [1,\n\n\n", 2, None),  # trailing blank lines: the last line with text
+    ("name: 'x\n", 1, None),
+])
+def test_yaml_error_at_the_end_points_at_the_last_line(tmp_path, text, line, context):
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    (err,) = errors_of(p)
+    assert err.startswith(f"{p}:{line}: invalid YAML: "), err
+    assert line <= len(text.splitlines())
+    if context:
+        assert err.endswith(f"(while parsing a {context})"), err
 
 
 def test_bool_is_never_a_number():
@@ -220,13 +242,44 @@ def test_reserved_ffn_default_is_not_available(moe_not_available):
 # --------------------------------------------------------------------------- layout and n_layers
 
 
+#: the seed's 40-layer recipe (configs/quad_hybrid_full.yaml) resolves to exactly this
+QUAD_HYBRID_FULL = ("M3 | GD | GA | M3 | ATL | GD | M3 | GA | GD | M3 | GD | M3 | GA | GD | ATL | M3 | GD | GA | "
+                    "M3 | GD | M3 | GD | GA | M3 | ATL | GD | M3 | GA | GD | M3 | GD | M3 | GA | GD | ATL | M3 | "
+                    "GD | GA | M3 | GD")
+
+
 def test_expand_ratios_seed_example():
     seed = {"atlas": 0.1, "mamba3": 0.35, "gdn": 0.35, "gated_attn": 0.2}
     ten = expand_ratios(10, seed)
     assert [ten.count(k) for k in seed] == [1, 4, 3, 2]
-    assert ten == sorted(ten, key=list(seed).index)  # blocks in the order given
+    # interleaved through depth, not grouped by type (ATL, M3 x4, GD x3, GA x2 before)
+    assert ten == ["mamba3", "gdn", "gated_attn", "mamba3", "atlas", "gdn", "mamba3", "gated_attn", "gdn", "mamba3"]
     forty = expand_ratios(40, seed)
     assert [forty.count(k) for k in seed] == [4, 14, 14, 8]
+
+
+def test_seed_full_recipe_layout_is_pinned():
+    r = load_recipe(ROOT / "configs" / "quad_hybrid_full.yaml")
+    again = load_recipe(ROOT / "configs" / "quad_hybrid_full.yaml")
+    assert again.layers == r.layers and again.hash() == r.hash()
+    assert " | ".join(s.token().split("+")[0] for s in r.layers) == QUAD_HYBRID_FULL
+    assert {s.ffn for s in r.layers} == {"moe"}
+    assert r.layout_line == f"layout 40 layers -> {QUAD_HYBRID_FULL}"  # every share whole: nothing rounded
+
+
+def test_layout_hash_names_the_resolved_layers():
+    """A checkpoint's hash names its layer order: the expansion is part of a layout
+    recipe's hash (the canonical JSON sorts the ratios, whose order breaks ties)."""
+    def layout(ratios):
+        return {"name": "t", "model": {"vocab_size": 64, "d_model": 32, "layout": {"n_layers": 6, "ratios": ratios}},
+                "components": {"gated_attn": {"n_heads": 4}}}
+
+    a = load_recipe(layout({"gdn": 0.5, "mamba3": 0.25, "gated_attn": 0.25}))
+    b = load_recipe(layout({"gdn": 0.5, "gated_attn": 0.25, "mamba3": 0.25}))
+    assert a.layers != b.layers and a.hash() != b.hash()
+    assert load_recipe(a.to_yaml()).hash() == a.hash() and load_recipe(a.to_dict()).layers == a.layers
+    assert a.layout_line.endswith("(rounded: mamba3 1.5 -> 2, gated_attn 1.5 -> 1)")
+    assert load_recipe(tiny()).layout_line is None
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)
@@ -239,6 +292,7 @@ def test_expand_ratios_properties(n, weights):
     assert out == expand_ratios(n, dict(ratios))  # deterministic
     for k, r in ratios.items():
         assert abs(out.count(k) - r * n) < 1.0 + 1e-9  # largest remainder: within one layer
+    # (interleaving and spacing: tests/test_pattern.py)
 
 
 def test_layout_recipe_resolves_and_round_trips():

@@ -2,7 +2,9 @@
 
 Every problem is one line ``FILE:LINE: key.path: message (did you mean ...?)`` on stderr;
 every valid recipe one line ``OK FILE (name, N layers, hash)`` on stdout (``-q`` hides
-them). A valid recipe is also built on the meta device (no memory is allocated), so a
+them); a recipe laid out by ratios adds what they resolve to and any rounding on the same
+line: ``OK FILE (name, 6 layers, hash): layout 6 layers -> GD | M3 | GD | GA | M3 | GD
+(rounded: mamba3 1.5 -> 2, gated_attn 1.5 -> 1)``. A valid recipe is also built on the meta device (no memory is allocated), so a
 recipe the loader accepts but a component cannot build is reported too.
 
 Exit status: 0 every recipe valid, 1 any invalid, 2 usage (no path, a path that does not
@@ -15,6 +17,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from . import UsageError
 
@@ -51,20 +54,29 @@ def find_recipes(paths: list[str]) -> list[Path]:
     return [f for f in out if not (f.resolve() in seen or seen.add(f.resolve()))]
 
 
-def check_file(path: Path, build: bool = True) -> tuple[list[str], str]:
-    """(error lines, summary of the valid recipe). Never raises for a bad recipe."""
+class Checked(NamedTuple):
+    errors: list[str]  # one line per problem; empty when the recipe is valid
+    summary: str  # ``name, N layers, hash`` of a valid recipe
+    layout: str | None = None  # a ratio layout: ``layout N layers -> ... (rounded: ...)``
+
+    def ok_line(self, path: "Path | str") -> str:
+        return f"OK {path} ({self.summary})" + (f": {self.layout}" if self.layout else "")
+
+
+def check_file(path: Path, build: bool = True) -> Checked:
+    """(error lines, summary of the valid recipe, its layout line). Never raises for a bad recipe."""
     from ..core.recipe import RecipeError, load_recipe
 
     try:
         recipe = load_recipe(path)
     except RecipeError as e:
-        return [" ".join(line.split("\n")) for line in e.errors], ""
+        return Checked([" ".join(line.split("\n")) for line in e.errors], "")
     if build:
         err = build_error(recipe)
         if err:
-            return [f"{path}:1: model: the recipe validates but the model cannot be built: {err}"], ""
+            return Checked([f"{path}:1: model: the recipe validates but the model cannot be built: {err}"], "")
     n = len(recipe.layers)
-    return [], f"{recipe.name}, {n} layer{'s' if n != 1 else ''}, {recipe.hash()}"
+    return Checked([], f"{recipe.name}, {n} layer{'s' if n != 1 else ''}, {recipe.hash()}", recipe.layout_line)
 
 
 def build_error(recipe) -> str:  # noqa: ANN001 - Recipe
@@ -96,13 +108,13 @@ def run(args: argparse.Namespace) -> int:
     files = find_recipes(args.paths)
     bad = 0
     for f in files:
-        errors, summary = check_file(f, build=not args.no_build)
-        if errors:
+        result = check_file(f, build=not args.no_build)
+        if result.errors:
             bad += 1
-            for line in errors:
+            for line in result.errors:
                 emit(line, err=True)
         elif not args.quiet:
-            emit(f"OK {f} ({summary})")
+            emit(result.ok_line(f))
     if len(files) > 1 or args.quiet:
         emit(f"{len(files)} recipe{'s' if len(files) != 1 else ''} checked, {bad} invalid", err=bool(bad))
     return 1 if bad else 0

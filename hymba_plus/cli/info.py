@@ -1,8 +1,11 @@
 """``hymba info RECIPE``: what a recipe builds, without allocating it.
 
-Prints the resolved flat pattern, one row per layer (mixer, ffn, parameters, cache bytes
-per sequence), parameters total and active (MoE: only the routed experts a token uses),
-cache bytes per sequence at 1k and 32k tokens, and which fast kernels are importable.
+Prints the resolved flat pattern (a ratio layout: the layers it resolves to and what was
+rounded, on one line), one row per layer (mixer, ffn, parameters, cache bytes per
+sequence), parameters total and active (MoE: only the routed experts a token uses), cache
+bytes per sequence at 1k and 32k tokens, and the fast kernels: one line without CUDA
+(``fast paths: none (CPU: reference paths)``), a short table with it, every op with its
+fast path and why it is unavailable with ``--kernels``.
 
 The model is built on the meta device (``torch.device("meta")``): every shape is real,
 no memory is allocated, so full-size recipes (40 layers, d_model 2048, 512 experts) are
@@ -30,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-lens", default=",".join(map(str, DEFAULT_LENS)), metavar="N,N",
                    help="sequence lengths for the cache columns (default 1024,32768)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--kernels", action="store_true",
+                   help="list every fast path, what it is and why it is unavailable (default: one line "
+                        "without CUDA, a short table with it)")
 
 
 def mixer_state_nbytes(mixer: Any, seq_len: int, dtype: torch.dtype, n_meta: int = 0) -> int | None:
@@ -86,10 +92,20 @@ def describe(recipe: Any, dtype: torch.dtype = torch.float32, seq_lens: tuple[in
         cache[str(n)] = None if any(v is None for v in vals) else known[str(n)]
     kernels = {op: {"fast_path": doc, "available": ok, "error": err}
                for op, (doc, ok, err) in dispatch.available().items()}
+    layout = None
+    if m.layout is not None:
+        from ..core.pattern import layout_rounding, ratio_counts
+
+        ratios = dict(m.layout.ratios)
+        layout = {"n_layers": m.layout.n_layers, "ratios": ratios,
+                  "counts": ratio_counts(m.layout.n_layers, ratios),
+                  "rounding": [str(r) for r in layout_rounding(m.layout.n_layers, ratios)],
+                  "line": recipe.layout_line}
     return {
         "name": recipe.name, "source": recipe.source, "hash": recipe.hash(),
         "pattern": format_pattern(list(recipe.layers)),
         "pattern_compact": compact_pattern([s.token() for s in recipe.layers]), "n_layers": len(layers),
+        "layout": layout,
         "vocab_size": m.vocab_size, "d_model": m.d_model, "max_seq_len": m.max_seq_len,
         "meta_tokens": n_meta, "tie_embeddings": m.tie_embeddings,
         "layers": layers, "other_params": other,
@@ -97,8 +113,13 @@ def describe(recipe: Any, dtype: torch.dtype = torch.float32, seq_lens: tuple[in
         "cache_dtype": str(dtype).replace("torch.", ""), "cache_bytes": cache, "cache_bytes_known": known,
         "missing_state_nbytes": sorted({r["mixer"] for r in layers
                                         if any(v is None for v in r["state_bytes"].values())}),
-        "kernel_mode": dispatch.mode(), "kernels": kernels,
+        "kernel_mode": dispatch.mode(), "cuda": cuda_available(), "kernels": kernels,
     }
+
+
+def cuda_available() -> bool:
+    """Whether fast paths can run at all (they need CUDA tensors)."""
+    return torch.cuda.is_available()
 
 
 def compact_pattern(tokens: list[str]) -> str:
@@ -132,15 +153,58 @@ def seq_label(n: int) -> str:
     return f"{n // 1024}k" if n % 1024 == 0 else str(n)
 
 
-def format_info(d: dict) -> str:
+KERNEL_LEVELS = ("auto", "summary", "full")
+LABEL = " " * 12  # the width of the labels (``pattern     ``)
+ERROR_WIDTH = 60  # the compact table cuts a fast path's error here
+
+
+def format_kernels(d: dict, level: str = "auto") -> list[str]:
+    """The kernels section. ``full``: every op, its fast path and its status (``hymba info
+    --kernels``); ``auto``: one line when the fast paths cannot run (no CUDA, or
+    HYMBA_KERNELS=reference), else one short row per op; ``summary``: always one line (the demo)."""
+    if level not in KERNEL_LEVELS:
+        raise ValueError(f"kernels level must be one of {', '.join(KERNEL_LEVELS)}, got {level!r}")
+    ks, mode = d["kernels"], d["kernel_mode"]
+    head = "kernels     "
+    if level == "full":
+        out = [f"{head}HYMBA_KERNELS={mode}"]
+        if not ks:
+            out.append(f"{LABEL}no fast paths registered")
+        kw = max((len(k) for k in ks), default=0)
+        dw = max((len(v["fast_path"]) for v in ks.values()), default=0)
+        for op, k in ks.items():
+            status = "available" if k["available"] else f"unavailable ({k['error']})"
+            out.append(f"{LABEL}{op.ljust(kw)}  {k['fast_path'].ljust(dw)}  {status}")
+        return out
+    if not d.get("cuda", True):
+        return [f"{head}fast paths: none (CPU: reference paths)"]
+    if mode == "reference":
+        return [f"{head}fast paths: off (HYMBA_KERNELS=reference: reference paths)"]
+    n_ok = sum(bool(k["available"]) for k in ks.values())
+    count = f"fast paths: {n_ok} of {len(ks)} available"
+    if level == "summary" or not ks:
+        return [f"{head}{count} (HYMBA_KERNELS={mode}; hymba info --kernels lists them)"]
+    out = [f"{head}{count}, HYMBA_KERNELS={mode} (--kernels: what each is, full errors)"]
+    kw = max(len(k) for k in ks)
+    for op, k in ks.items():
+        err = k["error"]
+        if len(err) > ERROR_WIDTH:  # cut at a word
+            err = err[:ERROR_WIDTH - 4].rsplit(" ", 1)[0] + " ..."
+        out.append(f"{LABEL}{op.ljust(kw)}  {'available' if k['available'] else f'unavailable ({err})'}")
+    return out
+
+
+def format_info(d: dict, kernels: str = "auto") -> str:
+    """The text ``hymba info`` prints; ``kernels``: how much of the kernel table (``format_kernels``)."""
     lens = list(d["cache_bytes"])
+    layout = (d.get("layout") or {}).get("line")
     out = [
         f"recipe      {d['source'] or '<recipe>'}",
         f"name        {d['name']}  (hash {d['hash']})",
         f"model       vocab {d['vocab_size']}, d_model {d['d_model']}, max_seq_len {d['max_seq_len']}, "
         f"meta tokens {d['meta_tokens']}, {'tied' if d['tie_embeddings'] else 'untied'} embeddings",
-        f"pattern     {d['pattern']}",
-        *([f"            = {d['pattern_compact']}"] if d["pattern_compact"] != d["pattern"] else []),
+        f"pattern     {layout or d['pattern']}",
+        *([f"            = {d['pattern_compact']}"] if not layout and d["pattern_compact"] != d["pattern"] else []),
         f"layers      {d['n_layers']}",
         "",
     ]
@@ -166,14 +230,7 @@ def format_info(d: dict) -> str:
         verb = "does" if len(missing) == 1 else "do"
         out.append(f"            (not counting {', '.join(missing)}, which {verb} not report state_nbytes)")
     out.append("")
-    out.append(f"kernels     HYMBA_KERNELS={d['kernel_mode']}")
-    if not d["kernels"]:
-        out.append("            no fast paths registered")
-    kw = max((len(k) for k in d["kernels"]), default=0)
-    dw = max((len(v["fast_path"]) for v in d["kernels"].values()), default=0)
-    for op, k in d["kernels"].items():
-        status = "available" if k["available"] else f"unavailable ({k['error']})"
-        out.append(f"            {op.ljust(kw)}  {k['fast_path'].ljust(dw)}  {status}")
+    out += format_kernels(d, kernels)
     return "\n".join(out)
 
 
@@ -198,5 +255,5 @@ def run(args: argparse.Namespace) -> int:
         d = describe(recipe, DTYPES[args.dtype], lens)
     except Exception as e:  # noqa: BLE001 - a component that cannot build: one line, not a traceback
         raise UserError(f"{args.recipe}: cannot build the model: {type(e).__name__}: {e}") from None
-    emit(json.dumps(d, indent=1) if args.json else format_info(d))
+    emit(json.dumps(d, indent=1) if args.json else format_info(d, "full" if args.kernels else "auto"))
     return 0

@@ -10,12 +10,17 @@
 
 Whitespace is ignored. Every error carries the 1-based column of the offending text:
 ``unknown mixer 'GX' at column 7; known: ATL, M3, GD, GA, HY, -``.
+
+A recipe may give ratios instead (``layout: {n_layers, ratios}``): ``expand_ratios``
+turns them into one mixer per layer, each component spread evenly through depth.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 
 from . import registry
 
@@ -177,14 +182,121 @@ def format_pattern(layers: list[LayerSpec]) -> str:
     return " | ".join(s.token() for s in layers)
 
 
-def expand_ratios(n_layers: int, ratios: dict[str, float]) -> list[str]:
-    """Deterministic layout from ratios (seed §2): largest-remainder counts, blocks in the
-    order given (``{atlas: .1, mamba3: .35, gdn: .35, gated_attn: .2}`` with 10 layers ->
-    ATL, M3 x4, GD x3, GA x2 — the seed's 10-layer example)."""
-    raw = {k: r * n_layers for k, r in ratios.items()}
-    counts = {k: int(v) for k, v in raw.items()}
+@dataclass(frozen=True)
+class Rounding:
+    """One component whose share of a ratio layout is not a whole number of layers."""
+
+    name: str
+    ratio: float
+    n_layers: int
+    exact: float  # ratio x n_layers
+    count: int  # layers it gets
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.ratio:g} x {self.n_layers} = {self.exact:g} -> {self.count}"
+
+    def short(self) -> str:
+        return f"{self.name} {self.exact:g} -> {self.count}"
+
+
+def _exact_shares(n_layers: int, ratios: dict[str, float]) -> dict[str, float]:
+    # rounded to 9 decimals so that binary float noise (0.29 x 100 = 28.999999999999996)
+    # neither costs a layer nor shows up as a rounding
+    return {k: round(r * n_layers, 9) for k, r in ratios.items()}
+
+
+def ratio_counts(n_layers: int, ratios: dict[str, float]) -> dict[str, int]:
+    """Layers per component, by largest remainder: each gets ``floor(ratio x n_layers)``,
+    then the layers left go one each to the largest fractional parts; equal fractional
+    parts go to the component named first. Every count is within one of ``ratio x n``."""
+    exact = _exact_shares(n_layers, ratios)
+    counts = {k: math.floor(v) for k, v in exact.items()}
     left = n_layers - sum(counts.values())
-    order = sorted(raw, key=lambda k: (-(raw[k] - counts[k]), list(raw).index(k)))
-    for k in order[:left]:
+    order = list(ratios)
+    for k in sorted(order, key=lambda k: (-(exact[k] - counts[k]), order.index(k)))[:max(left, 0)]:
         counts[k] += 1
-    return [k for k in ratios for _ in range(counts[k])]
+    return counts
+
+
+def layout_rounding(n_layers: int, ratios: dict[str, float]) -> list[Rounding]:
+    """The components whose ``ratio x n_layers`` is not whole, with the count each got
+    (``str()``: ``mamba3 0.25 x 6 = 1.5 -> 2``), in the order the ratios are given."""
+    exact = _exact_shares(n_layers, ratios)
+    counts = ratio_counts(n_layers, ratios)
+    return [Rounding(k, ratios[k], n_layers, exact[k], counts[k]) for k in ratios if exact[k] != counts[k]]
+
+
+def expand_ratios(n_layers: int, ratios: dict[str, float]) -> list[str]:
+    """Deterministic layout from ratios (seed §2, DESIGN §2): one name per layer, each
+    component spread evenly through depth, the components interleaved.
+
+    1. Counts by largest remainder (``ratio_counts``; ``layout_rounding`` reports what was
+       rounded).
+    2. The k-th layer of a component with ``c`` layers has the ideal position
+       ``(k + 1/2) x n / c`` (the middle of its k-th share of the depth). Components with
+       the same count share these periods and are staggered inside them in the order
+       given (two of them: at 1/4 and 3/4 of each period), so they alternate instead of
+       always sitting side by side.
+    3. Layers are placed one slot at a time, earliest ideal position first (ties: the
+       component named first), except that a component with at most half the layers
+       (rounded up) never takes two adjacent slots: the next candidate is taken when the
+       earliest one would repeat the previous layer, or would leave the remaining layers
+       unable to avoid that. Such an arrangement always exists; only a component with
+       more than half the layers may sit next to itself.
+
+    ``{gdn: .5, mamba3: .25, gated_attn: .25}`` with 6 layers -> gdn, mamba3, gdn,
+    gated_attn, mamba3, gdn (mamba3 1.5 -> 2 and gated_attn 1.5 -> 1 layers). Like
+    Megatron-LM's hybrid layer allocation, which spaces attention layers evenly through
+    a Mamba stack, but for any number of components."""
+    counts = {k: c for k, c in ratio_counts(n_layers, ratios).items() if c > 0}
+    order = list(counts)
+    n = sum(counts.values())
+    spread = {k for k, c in counts.items() if 2 * c <= n + 1}  # never adjacent to itself
+    peers = {k: [j for j in order if counts[j] == counts[k]] for k in order}
+
+    def ideal(k: str, i: int) -> Fraction:
+        g = peers[k]
+        return Fraction(n, counts[k]) * (i + Fraction(2 * g.index(k) + 1, 2 * len(g)))
+
+    def still_possible(left: dict[str, int], slots: int, last: str) -> bool:
+        # a component that must not repeat fits r layers into s slots iff r <= ceil(s/2),
+        # or r <= floor(s/2) when the slot before the first is its own
+        return all(r <= (slots // 2 if k == last else (slots + 1) // 2)
+                   for k, r in left.items() if k in spread)
+
+    left = dict(counts)
+    placed = {k: 0 for k in order}
+    out: list[str] = []
+    for slot in range(n):
+        candidates = sorted((k for k in order if left[k]), key=lambda k: (ideal(k, placed[k]), order.index(k)))
+        pick = candidates[0]
+        for k in candidates:
+            if k in spread and out and out[-1] == k:
+                continue
+            left[k] -= 1
+            fits = still_possible(left, n - slot - 1, k)
+            left[k] += 1
+            if fits:
+                pick = k
+                break
+        out.append(pick)
+        left[pick] -= 1
+        placed[pick] += 1
+    return out
+
+
+def mixer_token(name: str) -> str:
+    """The pattern token of a mixer name (its DESIGN alias: ``gated_attn`` -> ``GA``)."""
+    try:
+        return LayerSpec(registry.canonical(name), None).token()  # type: ignore[arg-type]
+    except registry.RegistryError:
+        return name
+
+
+def describe_layout(n_layers: int, ratios: dict[str, float]) -> str:
+    """One line: ``layout 6 layers -> GD | M3 | GD | GA | M3 | GD (rounded: mamba3 1.5 -> 2,
+    gated_attn 1.5 -> 1)`` (no parenthesis when every share is whole)."""
+    pattern = " | ".join(mixer_token(k) for k in expand_ratios(n_layers, ratios))
+    rounded = layout_rounding(n_layers, ratios)
+    note = f" (rounded: {', '.join(r.short() for r in rounded)})" if rounded else ""
+    return f"layout {n_layers} layer{'s' if n_layers != 1 else ''} -> {pattern}{note}"

@@ -1,7 +1,8 @@
 """Recipes: strict YAML -> frozen dataclasses (DESIGN §2).
 
 Loading is strict and total. Every problem is a ``RecipeError`` whose message reads
-``FILE:LINE: key.path: what is wrong (did you mean ...?)``. YAML is parsed with a
+``FILE:LINE: key.path: what is wrong (did you mean ...?)`` (``FILE: message`` when there is
+no line: a missing or unreadable file, a folder). YAML is parsed with a
 SafeLoader subclass that remembers the line of every key; dacite (strict) does the
 dict -> dataclass step; declared ranges (``core.config.spec``) and cross-field rules run
 after it. ``Recipe.to_dict()`` round-trips through ``load_recipe`` to an equal recipe and
@@ -29,11 +30,12 @@ import yaml
 
 from . import registry
 from .config import cross_errors, range_errors, spec
-from .pattern import LayerSpec, PatternError, expand_ratios, format_pattern, parse_pattern
+from .pattern import LayerSpec, PatternError, describe_layout, expand_ratios, format_pattern, parse_pattern
 
 
 class RecipeError(ValueError):
-    """A recipe problem: ``FILE:LINE: key.path: message``. ``errors`` holds every one found."""
+    """A recipe problem: ``FILE:LINE: key.path: message`` (``FILE: message`` when no line
+    applies: a missing file, a folder). ``errors`` holds every one found."""
 
     def __init__(self, errors: list[str]):
         super().__init__(errors[0] if len(errors) == 1 else "\n".join(errors))
@@ -94,6 +96,15 @@ class Recipe:
     def pattern(self) -> str:
         return format_pattern(list(self.layers))
 
+    @property
+    def layout_line(self) -> str | None:
+        """For a ratio layout, one line with the layers it resolves to and what was rounded
+        (``layout 6 layers -> GD | M3 | GD | GA | M3 | GD (rounded: mamba3 1.5 -> 2,
+        gated_attn 1.5 -> 1)``); None for a block_pattern recipe."""
+        if self.model.layout is None:
+            return None
+        return describe_layout(self.model.layout.n_layers, dict(self.model.layout.ratios))
+
     def component(self, name: str) -> Any:
         """The config of component ``name`` (its recipe section or its defaults)."""
         name = registry.canonical(name)
@@ -113,7 +124,13 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
     def hash(self) -> str:
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        d = self.to_dict()
+        if self.model.layout is not None:
+            # the layers a ratio layout resolves to depend on the expansion rule (and on the
+            # order of the ratios, which the canonical JSON sorts away): name them too, so a
+            # checkpoint's hash names its layer order
+            d["resolved_pattern"] = self.pattern
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def replace(self, **model_changes: Any) -> "Recipe":
@@ -438,8 +455,14 @@ def _parse_yaml(text: str, file: str) -> Any:
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
-        ln = mark.line + 1 if mark else 1
-        raise RecipeError([f"{file or '<recipe>'}:{ln}: invalid YAML: {e.problem or e}"]) from None
+        # a problem found at the end of the stream (an unclosed bracket or quote) is marked
+        # on the line after the last one: point at the last line that has text instead
+        last = max((i + 1 for i, t in enumerate(text.splitlines()) if t.strip()), default=1)
+        ln = min(mark.line + 1, last) if mark else 1
+        where = ""
+        if e.context and e.context_mark is not None and e.context_mark.line + 1 != ln:
+            where = f" ({e.context} started at line {e.context_mark.line + 1})"
+        raise RecipeError([f"{file or '<recipe>'}:{ln}: invalid YAML: {e.problem or e}{where}"]) from None
     except yaml.YAMLError as e:
         raise RecipeError([f"{file or '<recipe>'}:1: invalid YAML: {e}"]) from None
     finally:
@@ -456,13 +479,13 @@ def _read_source(source: "str | os.PathLike") -> tuple[str, str]:
     if as_path:
         p = Path(s)
         if not p.exists():
-            raise RecipeError([f"{s}:0: file not found"])
+            raise RecipeError([f"{s}: file not found"])  # no line to name: FILE: message
         if p.is_dir():
-            raise RecipeError([f"{s}:0: is a directory, expected a recipe file"])
+            raise RecipeError([f"{s}: is a directory, expected a recipe file"])
         try:
             return p.read_text(encoding="utf-8"), s
         except (OSError, UnicodeDecodeError) as e:
-            raise RecipeError([f"{s}:0: cannot read: {e}"]) from None
+            raise RecipeError([f"{s}: cannot read: {e}"]) from None
     return s, ""
 
 

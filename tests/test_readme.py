@@ -1,0 +1,140 @@
+"""README.md does not drift from the code.
+
+* Every ``$ hymba check ...`` / ``$ hymba info ...`` sample in a fenced block is run (in
+  process, from the repository root) and its output compared line by line with the
+  sample; a line ``...`` in the sample stands for any run of lines (none included).
+  The samples show a machine without CUDA (``fast paths: none (CPU: reference paths)``).
+* The configs table names exactly the recipes in ``configs/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from hymba_plus.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+READ_ONLY = ("check", "info")  # the commands a sample may run: they never write
+
+
+def fenced_blocks(text: str) -> list[list[str]]:
+    blocks, cur = [], None
+    for line in text.splitlines():
+        if line.startswith("```"):
+            if cur is None:
+                cur = []
+            else:
+                blocks.append(cur)
+                cur = None
+        elif cur is not None:
+            cur.append(line)
+    return blocks
+
+
+def samples(text: str) -> list[tuple[str, list[str]]]:
+    """(command line, expected output lines) of every ``$ hymba check|info`` in a fenced block."""
+    out: list[tuple[str, list[str]]] = []
+    for block in fenced_blocks(text):
+        if not block or not block[0].startswith("$ "):
+            continue  # not a terminal session
+        for line in block:
+            if line.startswith("$ "):
+                out.append((line[2:], []))
+            else:
+                out[-1][1].append(line)
+    for _, lines in out:  # a blank line may separate two commands of one block
+        while lines and not lines[-1].strip():
+            lines.pop()
+    return [(cmd, lines) for cmd, lines in out if shlex.split(cmd)[:2] in (["hymba", c] for c in READ_ONLY)]
+
+
+def matches(expected: list[str], actual: list[str]) -> bool:
+    """Line-equal, where a ``...`` line of ``expected`` matches any run of ``actual`` lines."""
+    memo: dict[tuple[int, int], bool] = {}
+
+    def go(i: int, j: int) -> bool:
+        if (i, j) not in memo:
+            if i == len(expected):
+                memo[i, j] = j == len(actual)
+            elif expected[i] == "...":
+                memo[i, j] = any(go(i + 1, k) for k in range(j, len(actual) + 1))
+            else:
+                memo[i, j] = j < len(actual) and expected[i] == actual[j] and go(i + 1, j + 1)
+        return memo[i, j]
+
+    return go(0, 0)
+
+
+def snapshot(paths: list[Path]) -> dict[str, tuple[int, int]]:
+    """(size, mtime) of every file under the paths a command names, and the names at the root."""
+    snap: dict[str, tuple[int, int]] = {p.name: (0, 0) for p in ROOT.iterdir()}
+    for p in paths:
+        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
+        for f in files:
+            st = f.stat()
+            snap[str(f)] = (st.st_size, st.st_mtime_ns)
+    return snap
+
+
+SAMPLES = samples(README.read_text())
+
+
+def test_readme_has_the_cli_samples():
+    assert {shlex.split(cmd)[1] for cmd, _ in SAMPLES} == set(READ_ONLY)
+    assert all(lines for _, lines in SAMPLES)
+
+
+@pytest.mark.parametrize("cmd, expected", SAMPLES, ids=[c for c, _ in SAMPLES])
+def test_readme_cli_sample(cmd, expected, monkeypatch, capsys):
+    from hymba_plus.cli import info
+
+    argv = shlex.split(cmd)[1:]
+    assert argv[0] in READ_ONLY
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("HYMBA_KERNELS", raising=False)
+    monkeypatch.setattr(info, "cuda_available", lambda: False)  # the samples show a CPU machine
+    named = [ROOT / a for a in argv[1:] if not a.startswith("-") and (ROOT / a).exists()]
+    before = snapshot(named)
+    both = io.StringIO()  # stdout and stderr interleaved, as a terminal shows them
+    with contextlib.redirect_stdout(both), contextlib.redirect_stderr(both):
+        main(argv)
+    assert snapshot(named) == before, "a README sample command wrote files"
+    actual = both.getvalue().splitlines()
+    assert capsys.readouterr().out == ""
+    assert matches(expected, actual), (
+        f"README.md's sample of `{cmd}` differs from what it prints now:\n" + "\n".join(actual))
+
+
+def test_matches():
+    assert matches(["a", "...", "d"], ["a", "b", "c", "d"])
+    assert matches(["a", "...", "b"], ["a", "b"])
+    assert matches(["..."], [])
+    assert not matches(["a", "...", "d"], ["a", "b", "c"])
+    assert not matches(["a", "b"], ["a", "b", "c"])
+    assert not matches(["a", "c"], ["a", "b", "c"])
+
+
+def configs_table(text: str) -> list[str]:
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("The recipes in `configs/`"))
+    names = []
+    for line in lines[start + 1:]:
+        if names and not line.startswith("|"):
+            break
+        if m := re.match(r"^\| `([^`]+)` \|", line):
+            names.append(m.group(1))
+    return names
+
+
+def test_configs_table_names_every_recipe():
+    names = configs_table(README.read_text())
+    on_disk = sorted(p.name for p in (ROOT / "configs").iterdir() if p.suffix in (".yaml", ".yml"))
+    assert len(names) == len(set(names)), names
+    assert sorted(names) == on_disk
