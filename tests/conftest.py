@@ -1,16 +1,22 @@
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import settings
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from tests.helpers import tree_changes, tree_snapshot
 
 os.environ.setdefault("HYMBA_TEST", "1")
-# Tests write under tmp_path only; hypothesis keeps no example database in the checkout.
+# Tests write under tmp_path only: hypothesis keeps no example database, and its other
+# files (a constants cache) go to a temporary folder instead of ./.hypothesis.
 settings.register_profile("hymba", database=None)
 settings.load_profile("hymba")
+_HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="hymba-hypothesis-")
+set_hypothesis_home_dir(_HYPOTHESIS_HOME)
 REPO = Path(__file__).resolve().parents[1]
 # The test models are tiny: one intra-op thread is as fast as two and avoids OpenMP
 # spin-waiting when the 2 CI cores are shared (measured: 2 threads made one MQAR test
@@ -25,6 +31,7 @@ def pytest_sessionstart(session):
 def pytest_sessionfinish(session, exitstatus):
     """The suite fails when it changed the checkout (tracked, untracked or ignored files such
     as a user's runs/): tests write under tmp_path only."""
+    shutil.rmtree(_HYPOTHESIS_HOME, ignore_errors=True)
     before = getattr(session.config, "_checkout_before", None)
     if before is None:
         return

@@ -95,7 +95,7 @@ def generate_ar(
             break
         # sampled from the model's own logits, and the length was checked above: no checks
         # (they would cost a device sync per token on CUDA)
-        last = model(nxt[:, None], cache=cache, _prechecked=True).logits[:, -1]
+        last = model(nxt[:, None], cache=cache, check_inputs=False).logits[:, -1]
     if not new:
         return input_ids
     return torch.cat([input_ids, torch.stack(new, 1)], dim=1)

@@ -105,7 +105,7 @@ class HybridLM(nn.Module):
         return_hidden: bool = False,
         inputs_embeds: Tensor | None = None,
         *,
-        _prechecked: bool = False,
+        check_inputs: bool = True,
     ) -> ModelOutput:
         """Logits [B, T, V] for ``input_ids`` [B, T] (or ``inputs_embeds`` [B, T, D]).
 
@@ -126,9 +126,10 @@ class HybridLM(nn.Module):
         ``inputs_embeds`` call without a started cache (unless it is longer than
         ``max_seq_len`` and masked). The checks are skipped while ``torch.compile`` /
         export or ``torch.jit.trace`` trace the model and during CUDA-graph capture.
-        ``_prechecked=True`` (private: the decoding loop of ``models/generation.py`` for
-        tokens the model sampled itself, after ``generate`` checked the whole length up
-        front) skips them too.
+        ``check_inputs=False`` skips them too: the decoding loop of ``models/generation.py``
+        for tokens the model sampled itself (``generate`` checked the whole length up front)
+        and the training loop, whose data streams are validated at setup (token ids below
+        ``vocab_size``, ``seq_len <= max_seq_len``), so eager CUDA training pays no sync.
         """
         if inputs_embeds is None and input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape [B, T], got {tuple(input_ids.shape)}")
@@ -139,7 +140,7 @@ class HybridLM(nn.Module):
             raise ValueError(f"cache was made for batch size {cache.batch_size}, got input batch {B}")
         if attention_mask is not None and attention_mask.shape != (B, T):
             raise ValueError(f"attention_mask must have shape {(B, T)}, got {tuple(attention_mask.shape)}")
-        if not _prechecked and not _skip_checks(input_ids if inputs_embeds is None else inputs_embeds):
+        if check_inputs and not _skip_checks(input_ids if inputs_embeds is None else inputs_embeds):
             self._check_inputs(input_ids, inputs_embeds, attention_mask, cache, T)
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         valid = None
@@ -262,15 +263,13 @@ class HybridLM(nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike, extra_files: dict[str, str] | None = None) -> None:
         """Write ``recipe.yaml`` + ``model.safetensors`` (+ extra text files) into ``path``."""
-        from safetensors.torch import save_file
-
         p = Path(path)
         p.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         if self.config.tie_embeddings:
             state.pop("lm_head.weight", None)
         tmp = p / "model.safetensors.tmp"
-        save_file(state, str(tmp), metadata={"recipe_hash": self.recipe.hash(), "format": "hymba_plus"})
+        write_safetensors(state, tmp, metadata={"recipe_hash": self.recipe.hash(), "format": "hymba_plus"})
         (p / "recipe.yaml.tmp").write_text(self.recipe.to_yaml())
         for name, text in (extra_files or {}).items():
             (p / f"{name}.tmp").write_text(text)
@@ -302,6 +301,17 @@ def build_model(recipe: "Recipe | str | os.PathLike | dict", device: Any = None,
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
     return model
+
+
+def write_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file``, with the file mode every other file gets (0666 less
+    the umask): safetensors writes through a private temporary file (0600)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def from_pretrained(path: str | os.PathLike, device: Any = None, strict: bool = True) -> HybridLM:

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..core.recipe import _asdict
-from ..models.lm import CheckpointError, HybridLM, from_pretrained
+from ..models.lm import CheckpointError, HybridLM, from_pretrained, write_safetensors
 from .distributed import DistInfo, all_gather_bytes, barrier
 
 STEP_RE = re.compile(r"^step-(\d+)$")
@@ -165,8 +165,6 @@ def _write_model(path: Path, recipe: Any, state: dict[str, torch.Tensor], extra_
 def save(out: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer, trainer_state: dict[str, Any],
          info: DistInfo, extra_files: dict[str, str] | None = None, keep_last: int = 2) -> Path:
     """Write ``out/step-<step>`` (collective under FSDP: call on every rank)."""
-    from safetensors.torch import save_file
-
     raw = getattr(model, "_orig_mod", model)
     model_state = _full_model_state(raw, info)
     osd = _full_optim_state(raw, opt, info)
@@ -182,9 +180,9 @@ def save(out: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer, tra
         else:
             raw.save_pretrained(tmp, extra_files=extra_files or {})
         tensors, structure = optim_to_safetensors(osd)
-        save_file(tensors, str(tmp / "optimizer.safetensors"),
-                  metadata={"format": "hymba-optimizer", "structure": json.dumps(structure)})
-        save_file(rng, str(tmp / "rng.safetensors"), metadata={"format": "hymba-rng"})
+        write_safetensors(tensors, tmp / "optimizer.safetensors",
+                          metadata={"format": "hymba-optimizer", "structure": json.dumps(structure)})
+        write_safetensors(rng, tmp / "rng.safetensors", metadata={"format": "hymba-rng"})
         state = dict(trainer_state, format=STATE_FORMAT, version=1, step=step)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         if final.exists():  # a corrupt or incomplete folder of this step, skipped at resume: kept aside

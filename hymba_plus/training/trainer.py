@@ -451,7 +451,7 @@ class Trainer:
                 loss_t, aux_t, stats = self.graphed(ids, labels)
             else:
                 with _autocast(cfg, dev):
-                    out = self.fwd(ids, labels=labels)
+                    out = self.fwd(ids, labels=labels, check_inputs=False)  # validated at setup
                 loss_t, aux_t, stats = out.loss, out.aux_loss, out.stats
             (loss_t / cfg.grad_accum).backward()
             if acc is not None:
@@ -526,7 +526,7 @@ class Trainer:
             if self.opts.compile is not None:
                 torch.compiler.cudagraph_mark_step_begin()
             with _autocast(cfg, dev):
-                out = self.fwd(ids)
+                out = self.fwd(ids, check_inputs=False)
             loss_sum += float(HybridLM.lm_loss(out.logits, labels))
             c, t = masked_correct(out.logits, labels)
             correct, total = correct + c, total + t
