@@ -1,6 +1,8 @@
 """Registered components. Importing this package registers every available one:
 attention (gated_attn / GA), mlp, none, gdn (Gated DeltaNet / GD), mamba3 (Mamba-3 / M3),
-atlas (ATLAS neural memory / ATL), moe (mixture-of-experts channel mixer) and hymba
-(Hymba parallel attention + SSM heads / HY, which imports the mixers it composes)."""
+atlas (ATLAS neural memory / ATL), moe (mixture-of-experts channel mixer), hymba
+(Hymba parallel attention + SSM heads / HY, which imports the mixers it composes) and
+etd_router (the controller of ETD models: adaptive think iterations, Dr.LLM layer routes,
+MoDr LoRA branches)."""
 
-from . import atlas, attention, gdn, hymba, mamba3, mlp, moe, none  # noqa: F401  (registration side effects)
+from . import atlas, attention, etd_router, gdn, hymba, mamba3, mlp, moe, none  # noqa: F401  (registration)

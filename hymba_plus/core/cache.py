@@ -108,7 +108,10 @@ class HybridCache:
 
     ``pos[b]`` counts real tokens (meta tokens included) seen by row ``b``; it is where the
     next real token's position comes from. ``started`` is False until the first forward,
-    which is when meta tokens enter (once).
+    which is when meta tokens enter (once). ``extra`` holds decisions the model's structure
+    takes once per sequence at the prefill and keeps for decoding (ETD: the number of think
+    iterations, Dr.LLM routes ``[B, slots]``); tensors with a batch dim are reordered with
+    the states.
     """
 
     def __init__(self, states: list[LayerState | None], batch_size: int, device: torch.device):
@@ -116,6 +119,7 @@ class HybridCache:
         self.batch_size = batch_size
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.started = False
+        self.extra: dict[str, Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.states)
@@ -137,6 +141,9 @@ class HybridCache:
             if s is not None:
                 s.reorder(index)
         self.pos = self.pos.index_select(0, index.to(self.pos.device))
+        for k, v in self.extra.items():
+            if v.dim() > 0 and v.shape[0] == self.batch_size:
+                self.extra[k] = v.index_select(0, index.to(v.device))
         self.batch_size = int(index.numel())
 
     def nbytes(self) -> int:

@@ -58,6 +58,28 @@ class LayoutConfig:
 
 
 @dataclass(frozen=True)
+class ETDConfig:
+    """Encode-Think-Decode (Koishekenov et al. 2025, arXiv 2510.07358): the layers that the
+    block_pattern (or layout) gives, split in order into ``encoder_layers | think_layers |
+    decoder_layers``. The think layers are applied ``iterations`` times with tied weights;
+    every (layer, iteration) application has its own cache state. The controller (adaptive
+    halting, Dr.LLM layer routes, MoDr branches) is the ``etd_router`` component."""
+
+    encoder_layers: int = spec(min=0)
+    think_layers: int = spec(min=1)
+    decoder_layers: int = spec(min=0)
+    iterations: int = spec(2, min=1, max=64, doc="think iterations in training (and by default at inference)")
+    max_iterations: int | None = spec(None, min=1, max=64,
+                                      doc="most think iterations a cache holds states for: the adaptive "
+                                          "controller's cap, and what inference may ask for (default: "
+                                          "iterations)")
+
+    @property
+    def cap(self) -> int:
+        return self.max_iterations if self.max_iterations is not None else self.iterations
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = spec(min=2)
     d_model: int = spec(min=1)
@@ -71,6 +93,7 @@ class ModelConfig:
     init_std: float = spec(0.02, gt=0.0)
     dropout: float = spec(0.0, min=0.0, max=1.0)
     n_layers: int | None = spec(None, min=1, max=4096, doc="optional: must equal the pattern's layer count")
+    etd: ETDConfig | None = None
 
 
 def _train_config_type() -> type:
@@ -542,6 +565,10 @@ def _build(data: Any, file: str) -> Recipe:
     errs.raise_if_any()
 
     used = {s.mixer for s in layers if s.mixer != "none"} | {s.ffn for s in layers if s.ffn != "none"}
+    if model.etd is not None:
+        used.add("etd_router")
+    elif "etd_router" in comps_data:
+        errs.add("components.etd_router", "takes effect only in an ETD model: add a model.etd section")
     # components a used component builds inside itself (hymba's SSM heads): ``uses()``
     for name_used in sorted(used):
         cfg_used = comps.get(name_used)
@@ -619,6 +646,7 @@ def _check_model(model: ModelConfig, errs: _Errors) -> None:
             return
         if model.n_layers is not None and model.n_layers != len(layers):
             errs.add("model.n_layers", f"is {model.n_layers} but block_pattern has {len(layers)} layers")
+        _check_etd(model, len(layers), "block_pattern", errs)
         return
     assert model.layout is not None
     ratios = model.layout.ratios
@@ -661,3 +689,18 @@ def _check_model(model: ModelConfig, errs: _Errors) -> None:
         if k not in names:
             errs.add(f"model.layout.ratios.{k}", f"gets 0 of {n} layers ({ratios[k]:g} x {n} rounds to 0); "
                      "raise n_layers or drop it")
+    _check_etd(model, n, "layout", errs)
+
+
+def _check_etd(model: ModelConfig, n_layers: int, source: str, errs: _Errors) -> None:
+    """The ETD partition must cover the pattern's layers exactly; the iteration cap must
+    hold the training iterations."""
+    etd = model.etd
+    if etd is None:
+        return
+    total = etd.encoder_layers + etd.think_layers + etd.decoder_layers
+    if total != n_layers:
+        errs.add("model.etd", f"encoder_layers + think_layers + decoder_layers = {etd.encoder_layers} + "
+                 f"{etd.think_layers} + {etd.decoder_layers} = {total}, but the {source} gives {n_layers} layers")
+    if etd.max_iterations is not None and etd.max_iterations < etd.iterations:
+        errs.add("model.etd.max_iterations", f"must be >= iterations ({etd.iterations}), got {etd.max_iterations}")

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-KINDS = ("mixer", "ffn")
+KINDS = ("mixer", "ffn", "router")  # router: structure-level controllers (etd_router)
 
 
 class RegistryError(KeyError):
@@ -71,7 +71,7 @@ def reserve(name: str, *aliases: str) -> None:
 
 
 def names(kind: str | None = None) -> list[str]:
-    """Registered component names (optionally only mixers or only ffns)."""
+    """Registered component names (optionally only one kind: mixer, ffn or router)."""
     return sorted(n for n, e in _ENTRIES.items() if kind is None or e.kind == kind)
 
 

@@ -32,8 +32,10 @@ from torch import Tensor, nn
 
 from ..blocks import Block
 from ..components.norm import RMSNorm
+from ..core import registry
 from ..core.cache import HybridCache, StepContext
 from ..core.recipe import Recipe, RecipeError, load_recipe
+from .etd import ETDStack, PlainStack
 
 
 @dataclass
@@ -58,6 +60,15 @@ class HybridLM(nn.Module):
         self.embed = nn.Embedding(m.vocab_size, m.d_model)
         self.meta = nn.Parameter(torch.zeros(m.meta_tokens, m.d_model)) if m.meta_tokens else None
         self.blocks = nn.ModuleList(Block(spec, recipe, i) for i, spec in enumerate(recipe.layers))
+        # the structure: which layer applications run, each with its own cache state (models/etd.py)
+        self.etd_router = None
+        if m.etd is not None:
+            think = [self.blocks[i] for i in range(m.etd.encoder_layers, m.etd.encoder_layers + m.etd.think_layers)]
+            self.etd_router = registry.build("etd_router", recipe.component("etd_router"), d_model=m.d_model,
+                                             n_layers=len(self.blocks), think=think)
+            self.structure: ETDStack | PlainStack = ETDStack(m.etd, self.etd_router, len(self.blocks))
+        else:
+            self.structure = PlainStack(len(self.blocks))
         self.norm = RMSNorm(m.d_model, m.norm.eps, m.norm.zero_centered)
         self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
         if m.tie_embeddings:
@@ -92,7 +103,7 @@ class HybridLM(nn.Module):
 
     def new_cache(self, batch_size: int, device: torch.device | None = None) -> HybridCache:
         device = device or self.device
-        states = [b.init_state(batch_size, device, self.dtype) for b in self.blocks]
+        states = [self.blocks[b].init_state(batch_size, device, self.dtype) for b in self.structure.state_blocks()]
         return HybridCache(states, batch_size, device)
 
     # ------------------------------------------------------------------ forward
@@ -105,6 +116,8 @@ class HybridLM(nn.Module):
         return_hidden: bool = False,
         inputs_embeds: Tensor | None = None,
         *,
+        routes: Tensor | None = None,
+        think_iterations: int | None = None,
         check_inputs: bool = True,
     ) -> ModelOutput:
         """Logits [B, T, V] for ``input_ids`` [B, T] (or ``inputs_embeds`` [B, T, D]).
@@ -163,8 +176,9 @@ class HybridLM(nn.Module):
         base = cache.pos if cache is not None else torch.zeros(B, dtype=torch.long, device=x.device)
         positions = base[:, None] + torch.arange(S, device=x.device)[None]
         ctx = StepContext(positions=positions, lengths=lengths, n_meta=n_meta)
-        for i, block in enumerate(self.blocks):
-            x = block(x, ctx, cache.states[i] if cache is not None else None)
+        structure_options = {k: v for k, v in (("routes", routes), ("think_iterations", think_iterations))
+                             if v is not None}
+        x = self.structure(self.blocks, x, ctx, cache, **structure_options)
         h = self.norm(x)
         if cache is not None:
             cache.advance(lengths, S)

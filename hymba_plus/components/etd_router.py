@@ -1,0 +1,242 @@
+"""``etd_router``: the controller of an ETD (encode-think-decode) model — how much it thinks
+and how. The structure itself (which layer applications run, with which cache state) is
+``models/etd.py``; this module holds the learned parts and their math:
+
+* **Adaptive think iterations** (``halting.kind: act``): Adaptive Computation Time (Graves
+  2016, arXiv 1603.08983, Eq. 1-14; as in the Universal Transformer, Dehghani et al. 2019,
+  arXiv 1807.03819 §2.2) per token. After think iteration n a halting unit gives
+  ``p_n = sigmoid(w · h_n + b)``; a token halts at the first n where ``sum_{i<=n} p_i >=
+  threshold`` (or at ``max_iterations``), its output is ``sum_{i<N} p_i h_i + R h_N`` with
+  the remainder ``R = 1 - sum_{i<N} p_i``, and the ponder cost ``tau * (N + R)`` (Eq. 8-10) joins
+  the loss. A halted token is inactive in every later iteration: those layer applications
+  never see it, so their states stay untouched, exactly as padding (``core/cache.py``).
+  Each decision depends only on the token's own hidden states, which are causal, so a
+  cached chunked forward takes the same decisions as the full forward.
+* **Dr.LLM layer routes** (``layer_router``; Heakl et al. 2025, arXiv 2510.12773 §3): one
+  bottleneck router per layer, ``Linear(d, hidden) -> GELU -> Linear(hidden, 3)`` over
+  *windowed mean pooling* of the hidden states entering the layer (the sequence's real
+  tokens cut into ``windows`` equal windows, each mean-pooled, the router's logits averaged
+  over the windows), choosing skip / execute / repeat per sequence. The route is decided
+  once, at the prefill (the call that starts a cache), and kept for decoding; routers are
+  trained with the base frozen on routes found by search, with the paper's focal loss and
+  class weights (``focal_loss``).
+* **MoDr branches** (``branches``; Mixture-of-Depth-Recurrent Transformers, ICLR 2026):
+  ``n_branches`` LoRA branches (Hu et al. 2021, arXiv 2106.09685: ``W x + (alpha / r) B A x``)
+  on every projection (``nn.Linear``) of the think blocks' token mixers and dense MLPs; a
+  hard-gate router picks one branch per think iteration and token (``argmax(logits + bias)``;
+  the chosen branch's output is scaled by its softmax probability, so the router learns), and
+  the bias is updated from the branch load after every optimizer step, without an auxiliary
+  loss (DeepSeek-V3, arXiv 2412.19437 §2.1.2).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core.config import spec
+from ..core.registry import register
+
+SKIP, EXECUTE, REPEAT = 0, 1, 2
+ROUTE_NAMES = ("skip", "execute", "repeat")
+
+
+@dataclass(frozen=True)
+class HaltingConfig:
+    kind: str = spec("none", choices=("none", "act"), doc="none: fixed iterations; act: adaptive per token")
+    ponder_cost: float = spec(0.01, min=0.0, doc="tau: weight of the ponder cost N + R in the loss")
+    threshold: float = spec(0.99, gt=0.0, max=1.0, doc="1 - epsilon: halt once the summed p reaches it")
+    init_bias: float = spec(-2.0, doc="initial bias of the halting unit (negative: think longer at first)")
+
+
+@dataclass(frozen=True)
+class LayerRouterConfig:
+    enabled: bool = False
+    hidden: int = spec(64, min=1, doc="bottleneck width of each router MLP")
+    windows: int = spec(4, min=1, doc="windowed mean pooling: windows per sequence")
+    focal_gamma: float = spec(2.0, min=0.0, doc="focal loss gamma of router training")
+
+
+@dataclass(frozen=True)
+class BranchConfig:
+    n_branches: int = spec(0, min=0, max=64, doc="LoRA branches in the think block (0 = off)")
+    rank: int = spec(4, min=1)
+    alpha: float = spec(8.0, gt=0.0, doc="LoRA scale alpha / rank")
+    bias_update_rate: float = spec(1e-3, min=0.0, doc="gamma of the loss-free balancing bias update")
+
+
+@dataclass(frozen=True)
+class EtdRouterConfig:
+    halting: HaltingConfig = field(default_factory=HaltingConfig)
+    layer_router: LayerRouterConfig = field(default_factory=LayerRouterConfig)
+    branches: BranchConfig = field(default_factory=BranchConfig)
+
+
+class LayerRouter(nn.Module):
+    """Dr.LLM's bottleneck router of one layer: windowed mean pooling -> MLP -> 3 logits."""
+
+    def __init__(self, d_model: int, hidden: int, windows: int):
+        super().__init__()
+        self.windows = windows
+        self.up = nn.Linear(d_model, hidden)
+        self.down = nn.Linear(hidden, 3)
+
+    def forward(self, x: Tensor, valid: Tensor | None) -> Tensor:
+        """x [B, S, D] (real tokens first in each row), valid [B, S] or None -> logits [B, 3]."""
+        B, S, _ = x.shape
+        n = valid.sum(1) if valid is not None else torch.full((B,), S, device=x.device)
+        t = torch.arange(S, device=x.device)
+        # window of each slot: floor(t * W / n) for the real ones; inert slots get weight 0
+        w = torch.clamp(t[None] * self.windows // n.clamp_min(1)[:, None], max=self.windows - 1)
+        onehot = F.one_hot(w, self.windows).to(x.dtype)  # [B, S, W]
+        if valid is not None:
+            onehot = onehot * valid[..., None].to(x.dtype)
+        count = onehot.sum(1)  # [B, W]
+        pooled = torch.einsum("bsw,bsd->bwd", onehot, x) / count.clamp_min(1)[..., None]
+        logits = self.down(F.gelu(self.up(pooled)))  # [B, W, 3]
+        used = (count > 0).to(x.dtype)
+        return (logits * used[..., None]).sum(1) / used.sum(1, keepdim=True).clamp_min(1)
+
+
+def focal_loss(logits: Tensor, target: Tensor, gamma: float = 2.0, weight: Tensor | None = None) -> Tensor:
+    """Focal loss (Lin et al. 2017, arXiv 1708.02002, Eq. 5) with per-class weights, as
+    Dr.LLM trains its routers (most searched routes are 'execute': the classes are skewed).
+    logits [N, C], target [N] -> scalar."""
+    logp = F.log_softmax(logits.float(), -1)
+    lp = logp.gather(-1, target[:, None]).squeeze(-1)
+    loss = -((1 - lp.exp()) ** gamma) * lp
+    if weight is not None:
+        w = weight.to(loss)[target]
+        return (loss * w).sum() / w.sum().clamp_min(1e-12)
+    return loss.mean()
+
+
+def class_weights(targets: Tensor, n_classes: int = 3) -> Tensor:
+    """Inverse-frequency class weights (classes never seen get weight 0), normalised to mean 1
+    over the classes present: Dr.LLM's class balancing."""
+    counts = torch.bincount(targets.flatten(), minlength=n_classes).float()
+    w = torch.where(counts > 0, counts.sum() / counts.clamp_min(1), torch.zeros_like(counts))
+    return w / w[counts > 0].mean()
+
+
+@register("etd_router", config=EtdRouterConfig, kind="router")
+class ETDRouter(nn.Module):
+    """The learned controller of an ETD model (see the module docstring). Built by
+    ``models/etd.py`` when the recipe has ``model.etd``; ``n_layers`` is the model's layer
+    count (one layer router each) and ``think`` the think blocks (LoRA targets)."""
+
+    def __init__(self, cfg: EtdRouterConfig, *, d_model: int, n_layers: int, think: list[nn.Module] | None = None,
+                 **_: object):
+        super().__init__()
+        self.cfg = cfg
+        self.d_model = d_model
+        self.halt = None
+        if cfg.halting.kind == "act":
+            self.halt = nn.Linear(d_model, 1)
+        self.routers = None
+        if cfg.layer_router.enabled:
+            lr = cfg.layer_router
+            self.routers = nn.ModuleList(LayerRouter(d_model, lr.hidden, lr.windows) for _ in range(n_layers))
+        self.n_branches = cfg.branches.n_branches
+        self.branch_router = None
+        self._gate: Tensor | None = None  # [B, S, n_branches] set around each think application
+        if self.n_branches:
+            br = cfg.branches
+            self.branch_router = nn.Linear(d_model, self.n_branches, bias=False)
+            self.register_buffer("bias", torch.zeros(self.n_branches), persistent=True)
+            self.register_buffer("load", torch.zeros(self.n_branches), persistent=False)
+            self.lora_a = nn.ParameterList()
+            self.lora_b = nn.ParameterList()
+            self._targets: list[nn.Linear] = []
+            for blk in think or []:
+                for name, mod in blk.named_modules():
+                    if isinstance(mod, nn.Linear) and _lora_target(blk, name):
+                        self._attach(mod, br.rank)
+
+    # ------------------------------------------------------------------ init
+    def reset_special(self) -> None:
+        if self.halt is not None:
+            nn.init.zeros_(self.halt.weight)
+            nn.init.constant_(self.halt.bias, self.cfg.halting.init_bias)
+        if self.n_branches:
+            for a, b in zip(self.lora_a, self.lora_b):
+                nn.init.normal_(a, 0.0, 1.0 / math.sqrt(a.shape[0]))
+                nn.init.zeros_(b)  # every branch starts as the base model
+            self.bias.zero_()
+
+    # ------------------------------------------------------------------ halting (ACT)
+    def halting_prob(self, h: Tensor) -> Tensor:
+        assert self.halt is not None
+        return torch.sigmoid(self.halt(h).squeeze(-1).float())
+
+    # ------------------------------------------------------------------ Dr.LLM routes
+    def route_logits(self, layer: int, x: Tensor, valid: Tensor | None) -> Tensor:
+        assert self.routers is not None
+        return self.routers[layer](x, valid)
+
+    # ------------------------------------------------------------------ MoDr branches
+    def _attach(self, linear: nn.Linear, rank: int) -> None:
+        n, i = self.n_branches, len(self._targets)
+        self.lora_a.append(nn.Parameter(torch.empty(linear.in_features, n * rank)))
+        self.lora_b.append(nn.Parameter(torch.empty(n * rank, linear.out_features)))
+        self.lora_a[-1]._no_muon = True  # small adapters: AdamW
+        self.lora_b[-1]._no_muon = True
+        self._targets.append(linear)
+        # a partial of a bound method (not a lambda): deepcopy / pickling of the model rebind it
+        linear.register_forward_hook(functools.partial(self._lora, i))
+
+    def _lora(self, i: int, mod: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> Tensor:
+        x = inputs[0]
+        gate = self._gate
+        if gate is None:  # outside a think application (or no branches chosen): the base layer
+            return out
+        if x.shape[:-1] != gate.shape[:-1]:
+            if x.dim() == 2 and x.shape[0] == gate.shape[0] * gate.shape[1]:
+                gate = gate.reshape(-1, gate.shape[-1])
+            else:
+                raise RuntimeError(f"MoDr branches: a think-block projection saw input {tuple(x.shape)}, "
+                                   f"expected [B, S, d] with B, S = {tuple(gate.shape[:2])}")
+        r = self.cfg.branches.rank
+        z = (x @ self.lora_a[i].to(x.dtype)).unflatten(-1, (self.n_branches, r)) * gate[..., None].to(x.dtype)
+        delta = z.flatten(-2) @ self.lora_b[i].to(x.dtype)
+        return out + delta * (self.cfg.branches.alpha / r)
+
+    def choose_branches(self, h: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(gate [B, S, n]: the chosen branch's probability at its index, 0 elsewhere; choice
+        [B, S]). The load of the real tokens is accumulated for ``update_bias``."""
+        assert self.branch_router is not None
+        logits = self.branch_router(h).float()
+        choice = torch.argmax(logits.detach() + self.bias, dim=-1)
+        prob = torch.softmax(logits, -1)
+        onehot = F.one_hot(choice, self.n_branches).to(prob.dtype)
+        if self.training:
+            counted = onehot if valid is None else onehot * valid[..., None].to(onehot.dtype)
+            self.load += counted.detach().sum(dim=(0, 1))
+        return prob * onehot, choice
+
+    def set_gate(self, gate: Tensor | None) -> None:
+        self._gate = gate
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """Loss-free balancing: raise the bias of under-loaded branches, lower the others'."""
+        if not self.n_branches or float(self.load.sum()) == 0:
+            return
+        err = self.load.mean() - self.load
+        self.bias += self.cfg.branches.bias_update_rate * torch.sign(err)
+        self.load.zero_()
+
+
+def _lora_target(block: nn.Module, name: str) -> bool:
+    """Projections of the token mixer and of a dense MLP ffn (not MoE routers/experts, which
+    see flattened tokens, and not the Dr.LLM routers)."""
+    top = name.split(".")[0]
+    if top == "mixer":
+        return True
+    ffn = getattr(block, "ffn", None)
+    return top == "ffn" and ffn is not None and getattr(ffn, "registry_name", "") == "mlp"

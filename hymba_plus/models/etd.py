@@ -1,0 +1,257 @@
+"""Model structure: which layer applications run, in which order, with which cache state.
+
+A model is a list of layer *applications*; each owns one cache state (``HybridCache.states``
+is indexed by application, not by block). ``PlainStack`` applies every block once.
+``ETDStack`` (Encode-Think-Decode, arXiv 2510.07358) applies the encoder blocks once, the
+think blocks ``iterations`` times with tied weights, then the decoder blocks once:
+
+    states: [enc_0 .. enc_E-1 | think_0@it0 .. think_T-1@it0 | ... @it(cap-1) | dec_0 .. dec_D-1]
+
+(with Dr.LLM layer routes every slot has a second state for its *repeat*). The cache holds
+states for ``max_iterations`` think iterations, so inference may think longer than training.
+
+**Active tokens.** Adaptive halting, Dr.LLM routes and padding all come down to one rule: an
+application sees only its *active* tokens. ``run_active`` compacts them to the front of
+each row (the padding rule of ``core/cache.py``: ``lengths`` = active count, positions kept),
+runs the block, scatters the outputs back and leaves inactive tokens unchanged — so an
+inactive token never touches that application's state, in the full forward and in the cache
+alike. Per-token decisions (ACT halting, MoDr branches) depend only on the token's own
+causal hidden state, so a cached chunked forward takes exactly the decisions of the full
+forward. Per-sequence decisions (Dr.LLM routes, the number of think iterations) are taken
+at the prefill — the call that starts the cache, or the whole call without a cache — and
+kept in ``HybridCache.extra``; the invariant holds for the same route (pass ``routes=`` to a
+full forward to reproduce a cached run).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..components.etd_router import EXECUTE, REPEAT, ROUTE_NAMES, SKIP, ETDRouter
+from ..core.cache import HybridCache, StepContext
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One layer application place: block ``block`` in ``stage`` at think ``iteration``."""
+
+    stage: str  # "encoder" | "think" | "decoder" | "stack"
+    block: int
+    iteration: int = 0
+
+
+def run_active(block: nn.Module, x: Tensor, ctx: StepContext, state, active: Tensor | None,  # noqa: ANN001
+               router: ETDRouter | None = None, gate: Tensor | None = None) -> Tensor:
+    """``block`` applied to the tokens where ``active`` [B, S] is True (a subset of the real
+    slots; None = all of them); inactive tokens keep ``x`` and never touch ``state``. ``gate``
+    [B, S, n] is the MoDr branch gate of every slot (compacted with the tokens)."""
+    if active is None:
+        if router is not None:
+            router.set_gate(gate)
+        try:
+            return block(x, ctx, state)
+        finally:
+            if router is not None:
+                router.set_gate(None)
+    order = torch.argsort((~active).to(torch.int8), dim=1, stable=True)
+    lengths = active.sum(1)
+    xs = x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
+    sub = StepContext(positions=ctx.positions.gather(1, order), lengths=lengths, n_meta=ctx.n_meta,
+                      aux_losses=ctx.aux_losses, stats=ctx.stats, shared=ctx.shared)
+    if router is not None:
+        router.set_gate(None if gate is None else gate.gather(1, order[..., None].expand(-1, -1, gate.shape[-1])))
+    try:
+        ys = block(xs, sub, state)
+    finally:
+        if router is not None:
+            router.set_gate(None)
+    y = torch.empty_like(ys).scatter_(1, order[..., None].expand(-1, -1, ys.shape[-1]), ys)
+    return torch.where(active[..., None], y, x)
+
+
+class PlainStack:
+    """Every block once, in order: state i belongs to block i."""
+
+    def __init__(self, n_blocks: int):
+        self.slots = [Slot("stack", i) for i in range(n_blocks)]
+
+    def state_blocks(self) -> list[int]:
+        return [s.block for s in self.slots]
+
+    def __call__(self, blocks: nn.ModuleList, x: Tensor, ctx: StepContext, cache: HybridCache | None,
+                 **options: object) -> Tensor:
+        if options:
+            raise ValueError(f"{', '.join(options)}: only for ETD models (a recipe with model.etd)")
+        for i, block in enumerate(blocks):
+            x = block(x, ctx, cache.states[i] if cache is not None else None)
+        return x
+
+
+class ETDStack:
+    """Encoder once, think ``iterations`` times (tied weights, own states), decoder once;
+    adaptive halting, Dr.LLM routes and MoDr branches from the ``etd_router``."""
+
+    def __init__(self, etd, router: ETDRouter, n_blocks: int):  # noqa: ANN001 - ETDConfig
+        self.etd, self.router = etd, router
+        E, T = etd.encoder_layers, etd.think_layers
+        self.enc = list(range(E))
+        self.think = list(range(E, E + T))
+        self.dec = list(range(E + T, n_blocks))
+        self.slots = ([Slot("encoder", b) for b in self.enc]
+                      + [Slot("think", b, it) for it in range(etd.cap) for b in self.think]
+                      + [Slot("decoder", b) for b in self.dec])
+        self.routed = router.routers is not None
+        self.index = {s: i for i, s in enumerate(self.slots)}
+
+    # a slot's states: (first application, repeat) when routed, else one
+    def state_of(self, slot: int, repeat: int = 0) -> int:
+        return 2 * slot + repeat if self.routed else slot
+
+    def state_blocks(self) -> list[int]:
+        return [s.block for s in self.slots for _ in range(2 if self.routed else 1)]
+
+    # ------------------------------------------------------------------ the forward
+    def __call__(self, blocks: nn.ModuleList, x: Tensor, ctx: StepContext, cache: HybridCache | None,
+                 routes: Tensor | None = None, think_iterations: int | None = None) -> Tensor:
+        valid = ctx.valid  # [B, S] real slots (a prefix of each row) or None
+        B = x.shape[0]
+        extra = cache.extra if cache is not None else {}
+        prefill = cache is None or not cache.started
+        # per-sequence decisions: taken at the prefill, kept in the cache
+        if think_iterations is None:
+            think_iterations = int(extra["iterations"]) if "iterations" in extra else (
+                self.etd.cap if self.router.halt is not None else self.etd.iterations)
+        if not 1 <= think_iterations <= self.etd.cap:
+            raise ValueError(f"think_iterations must be in [1, {self.etd.cap}] (model.etd.max_iterations), "
+                             f"got {think_iterations}")
+        if cache is not None:
+            if "iterations" in extra and int(extra["iterations"]) != think_iterations:
+                raise ValueError(f"think_iterations {think_iterations} differs from the {int(extra['iterations'])} "
+                                 "this cache was started with")
+            extra["iterations"] = torch.tensor(think_iterations)
+        decide = logits_wanted = False
+        if self.routed:
+            given = routes is not None
+            if routes is None and "routes" in extra:
+                routes = extra["routes"]
+            decide = routes is None
+            logits_wanted = decide or given  # teacher-forced routes (router training) report logits too
+            if decide:
+                routes = torch.full((B, len(self.slots)), EXECUTE, dtype=torch.long, device=x.device)
+            elif routes.shape != (B, len(self.slots)):
+                raise ValueError(f"routes must have shape {(B, len(self.slots))} (rows x layer slots), "
+                                 f"got {tuple(routes.shape)}")
+            self._route_logits = torch.zeros(B, len(self.slots), 3, device=x.device)
+            self._route_used = torch.zeros(len(self.slots), dtype=torch.bool)
+        self._routes, self._decide, self._logits_wanted = routes, decide, logits_wanted
+        self._valid, self._ctx, self._blocks, self._cache = valid, ctx, blocks, cache
+
+        for b in self.enc:
+            x = self._apply(self.index[Slot("encoder", b)], x, None)
+        x = self._think(x, think_iterations)
+        for b in self.dec:
+            x = self._apply(self.index[Slot("decoder", b)], x, None)
+
+        if self.routed:
+            if cache is not None and prefill:
+                extra["routes"] = routes
+            ctx.stats["etd/layer_applications"] = self.applications(routes, think_iterations).float().mean()
+            ctx.stats["etd/routes"] = routes
+            if logits_wanted:
+                ctx.stats["etd/route_logits"] = self._route_logits  # [B, slots, 3]; slots not run: 0
+                ctx.stats["etd/route_slots"] = self._route_used  # [slots] bool: which slots ran
+        return x
+
+    def _apply(self, slot: int, x: Tensor, active: Tensor | None, gate: Tensor | None = None) -> Tensor:
+        """The application(s) of one slot: skipped, executed or repeated per row (its route)."""
+        block = self._blocks[self.slots[slot].block]
+        states = self._cache.states if self._cache is not None else None
+        if not self.routed:
+            st = states[self.state_of(slot)] if states is not None else None
+            return run_active(block, x, self._ctx, st, active, self.router, gate)
+        if self._logits_wanted:  # Dr.LLM: the router of this layer, on the hidden states entering it
+            logits = self.router.route_logits(self.slots[slot].block, x, self._valid if active is None else active)
+            self._route_logits = self._route_logits.index_copy(1, torch.tensor([slot], device=x.device),
+                                                               logits[:, None].float())
+            self._route_used[slot] = True
+            if self._decide:
+                self._routes[:, slot] = logits.detach().argmax(-1)
+        route = self._routes[:, slot]
+        for rep, need in ((0, EXECUTE), (1, REPEAT)):
+            rows = route >= need
+            if active is None and bool(rows.all()):
+                act = None  # every row: the block sees the call's own context (the un-routed path)
+            else:
+                base = self._valid if active is None else active
+                act = rows[:, None] & (base if base is not None else torch.ones_like(x[..., 0], dtype=torch.bool))
+                if not bool(act.any()):
+                    continue
+            st = states[self.state_of(slot, rep)] if states is not None else None
+            x = run_active(block, x, self._ctx, st, act, self.router, gate)
+        return x
+
+    def _think(self, x: Tensor, n_iter: int) -> Tensor:
+        router, ctx = self.router, self._ctx
+        act = router.halt is not None
+        running = self._valid if act else None  # ACT: tokens still thinking
+        if act:
+            real = self._valid if self._valid is not None else torch.ones_like(x[..., 0], dtype=torch.bool)
+            running = real.clone()
+            cum = torch.zeros(x.shape[:2], dtype=torch.float32, device=x.device)
+            out = torch.zeros_like(x)
+            n_used = torch.zeros_like(cum)
+            ponder = torch.zeros_like(cum)
+        for it in range(n_iter):
+            gate = None
+            if router.n_branches:
+                gate, _ = router.choose_branches(x, running if act else self._valid)
+            active = running if act and not bool((running == real).all()) else None
+            for b in self.think:
+                x = self._apply(self.index[Slot("think", b, it)], x, active, gate)
+            if act:
+                p = router.halting_prob(x)
+                last = it == n_iter - 1
+                halt = running & ((cum + p >= router.cfg.halting.threshold) | last)
+                w = torch.where(halt, 1.0 - cum, torch.where(running, p, torch.zeros_like(p)))
+                out = out + w[..., None].to(x.dtype) * x
+                n_used = n_used + running.float()
+                ponder = ponder + torch.where(halt, n_used + (1.0 - cum), torch.zeros_like(cum))
+                cum = torch.where(running & ~halt, cum + p, cum)
+                running = running & ~halt
+                if not last and not bool(running.any()):
+                    break
+        if not act:
+            return x
+        n_real = real.sum().clamp_min(1)
+        mean_ponder = (ponder * real).sum() / n_real
+        if self.router.training and router.cfg.halting.ponder_cost > 0:
+            ctx.aux_losses.append(router.cfg.halting.ponder_cost * mean_ponder)
+        ctx.stats["etd/ponder"] = mean_ponder.detach()
+        ctx.stats["etd/iterations"] = ((n_used * real).sum() / n_real).detach()
+        self._n_used = n_used
+        return out
+
+    # ------------------------------------------------------------------ reporting
+    def applications(self, routes: Tensor, think_iterations: int) -> Tensor:
+        """Layer applications per row under ``routes`` ([B]): skip 0, execute 1, repeat 2."""
+        keep = torch.ones(len(self.slots), dtype=torch.bool, device=routes.device)
+        for i, s in enumerate(self.slots):
+            keep[i] = s.stage != "think" or s.iteration < think_iterations
+        return (routes * keep).sum(1)
+
+    def describe_route(self, routes: Tensor, think_iterations: int) -> str:
+        """One row's route: ``enc 0 execute, ..., think 2@it1 skip, ...`` (only the slots in use)."""
+        parts = []
+        for i, s in enumerate(self.slots):
+            if s.stage == "think" and s.iteration >= think_iterations:
+                continue
+            name = {"encoder": "enc", "think": "think", "decoder": "dec"}[s.stage]
+            at = f"@it{s.iteration}" if s.stage == "think" else ""
+            parts.append(f"{name} {s.block}{at} {ROUTE_NAMES[int(routes[i])]}")
+        return ", ".join(parts)
+
+
+__all__ = ["ETDStack", "PlainStack", "Slot", "run_active", "SKIP", "EXECUTE", "REPEAT"]
