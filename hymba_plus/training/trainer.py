@@ -486,7 +486,8 @@ class Trainer:
             row["grad_norm"] = gnorm
         if aux_sum is not None:
             row["aux_loss"] = vals[1]
-        row.update({f"moe/{k}" if not k.startswith("moe") else k: v for k, v in _scalar_stats(stats).items()})
+        # statistics are namespaced by who reports them (moe/..., etd/...); bare keys are MoE's
+        row.update({k if "/" in k else f"moe/{k}": v for k, v in _scalar_stats(stats).items()})
         return row
 
     def _update_biases(self) -> None:
