@@ -19,7 +19,9 @@ and how. The structure itself (which layer applications run, with which cache st
   over the windows), choosing skip / execute / repeat per sequence. The route is decided
   once, at the prefill (the call that starts a cache), and kept for decoding; routers are
   trained with the base frozen on routes found by search, with the paper's focal loss and
-  class weights (``focal_loss``).
+  class weights (``focal_loss``). Until that training switches them on (``enable_routes``,
+  a buffer saved with the weights) the routes are all-execute: the base trains as a plain
+  ETD model, as Dr.LLM retrofits routers to a trained model.
 * **MoDr branches** (``branches``; Mixture-of-Depth-Recurrent Transformers, ICLR 2026):
   ``n_branches`` LoRA branches (Hu et al. 2021, arXiv 2106.09685: ``W x + (alpha / r) B A x``)
   on every projection (``nn.Linear``) of the think blocks' token mixers and dense MLPs; a
@@ -142,6 +144,9 @@ class ETDRouter(nn.Module):
         if cfg.layer_router.enabled:
             lr = cfg.layer_router
             self.routers = nn.ModuleList(LayerRouter(d_model, lr.hidden, lr.windows) for _ in range(n_layers))
+            # Dr.LLM retrofits routers to a trained base: until router training switches them on
+            # (saved with the weights), every route is all-execute and the routers are not asked
+            self.register_buffer("routes_on", torch.zeros((), dtype=torch.bool), persistent=True)
         self.n_branches = cfg.branches.n_branches
         self.branch_router = None
         self._gate: Tensor | None = None  # [B, S, n_branches] set around each think application
@@ -175,6 +180,14 @@ class ETDRouter(nn.Module):
         return torch.sigmoid(self.halt(h).squeeze(-1).float())
 
     # ------------------------------------------------------------------ Dr.LLM routes
+    @property
+    def routing(self) -> bool:
+        """True once the routers are trained (``enable_routes``): they then decide the routes."""
+        return self.routers is not None and bool(self.routes_on)
+
+    def enable_routes(self, on: bool = True) -> None:
+        self.routes_on.fill_(on)
+
     def route_logits(self, layer: int, x: Tensor, valid: Tensor | None) -> Tensor:
         assert self.routers is not None
         return self.routers[layer](x, valid)

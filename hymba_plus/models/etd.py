@@ -137,7 +137,7 @@ class ETDStack:
             given = routes is not None
             if routes is None and "routes" in extra:
                 routes = extra["routes"]
-            decide = routes is None
+            decide = routes is None and self.router.routing  # untrained routers: all-execute
             logits_wanted = decide or given  # teacher-forced routes (router training) report logits too
             if decide:
                 routes = torch.full((B, len(self.slots)), EXECUTE, dtype=torch.long, device=x.device)
