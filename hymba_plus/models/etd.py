@@ -139,7 +139,7 @@ class ETDStack:
                 routes = extra["routes"]
             decide = routes is None and self.router.routing  # untrained routers: all-execute
             logits_wanted = decide or given  # teacher-forced routes (router training) report logits too
-            if decide:
+            if routes is None:  # decided by the routers below, or all-execute while they are off
                 routes = torch.full((B, len(self.slots)), EXECUTE, dtype=torch.long, device=x.device)
             elif routes.shape != (B, len(self.slots)):
                 raise ValueError(f"routes must have shape {(B, len(self.slots))} (rows x layer slots), "

@@ -1,0 +1,267 @@
+"""ETD (encode-think-decode) with the etd_router: the invariant for every mixer in the think
+block — fixed and adaptive iterations, Dr.LLM routes, MoDr branches, random chunk splits and
+left padding — plus tied weights, per-application states, halting that leaves later
+iterations untouched, all-execute == the un-routed model bit for bit, recipe checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hymba_plus import RecipeError, build_model, load_recipe, registry
+from hymba_plus.components.etd_router import EXECUTE, REPEAT, SKIP, class_weights, focal_loss
+from tests.conftest import rel_err
+from tests.test_invariant import SETTINGS, TINY, V, chunked, splits
+
+MIXERS = [m for m in registry.names("mixer") if m not in ("none", "hymba")] + ["hymba"]
+
+
+@st.composite
+def etd_recipes(draw, think_mixer: str | None = None) -> dict:
+    mixer = think_mixer or draw(st.sampled_from(MIXERS))
+    n_enc, n_dec = draw(st.integers(0, 1)), draw(st.integers(0, 1))
+    think = [mixer] + [draw(st.sampled_from(["gated_attn", "gdn", mixer]))]
+    layers = ["gdn"] * n_enc + think + ["gated_attn"] * n_dec
+    used = set(layers) | ({"mamba3", "gdn"} if "hymba" in layers else set())
+    ffn = draw(st.sampled_from(["mlp", "none", "moe"]))
+    comps = {name: draw(TINY[name]) for name in sorted(used)}
+    if ffn != "none":
+        comps[ffn] = draw(TINY[ffn])
+    halting = draw(st.sampled_from(["none", "act"]))
+    comps["etd_router"] = {
+        "halting": {"kind": halting, "threshold": draw(st.sampled_from([0.5, 0.9])),
+                    "init_bias": draw(st.sampled_from([-1.0, 0.0, 1.0]))},
+        "layer_router": {"enabled": draw(st.booleans()), "hidden": 8, "windows": draw(st.integers(1, 3))},
+        "branches": {"n_branches": draw(st.sampled_from([0, 2, 3])), "rank": 2},
+    }
+    iters = draw(st.integers(1, 3))
+    return {"name": "etd-generated", "model": {
+        "vocab_size": V, "d_model": 32, "max_seq_len": 64, "meta_tokens": draw(st.integers(0, 2)),
+        "ffn": ffn, "block_pattern": " | ".join(layers),
+        "etd": {"encoder_layers": n_enc, "think_layers": 2, "decoder_layers": n_dec, "iterations": iters,
+                "max_iterations": iters + draw(st.integers(0, 1))}}, "components": comps}
+
+
+def make(d: dict, seed: int = 0, routes: bool = True):
+    torch.manual_seed(seed)
+    model = build_model(d).eval()
+    with torch.no_grad():
+        model.embed.weight.mul_(20.0)
+        r = model.etd_router
+        if r.halt is not None:  # halting that depends on the token: some halt early, some late
+            r.halt.weight.normal_(0, 1.0)
+        if r.n_branches:  # branches that differ, so the branch choice matters
+            for b in r.lora_b:
+                b.normal_(0, 0.3)
+        if r.routers is not None and routes:
+            r.enable_routes()
+    return model
+
+
+@SETTINGS
+@given(data=st.data())
+def test_etd_chunked_cached_equals_full_forward(data):
+    d = data.draw(etd_recipes())
+    model = make(d)
+    T = data.draw(st.integers(1, 12), label="T")
+    ids = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(T))
+    bounds = splits(data.draw, T)
+    with torch.no_grad():
+        got, cache = chunked(model, ids, bounds)
+        # per-sequence decisions are taken at the prefill: the full forward gets the same route
+        routes = cache.extra.get("routes")
+        full = model(ids, routes=routes).logits if routes is not None else model(ids).logits
+    assert rel_err(got, full) <= 1e-4, (d, bounds)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_etd_left_padding_equals_unpadded(data):
+    d = data.draw(etd_recipes())
+    model = make(d)
+    T = data.draw(st.integers(2, 10), label="T")
+    pad = data.draw(st.integers(1, T - 1), label="pad")
+    ids = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(T * 7 + pad))
+    mask = torch.ones_like(ids)
+    mask[0, :pad] = 0
+    first = data.draw(st.integers(pad, T), label="first chunk")
+    bounds = [0, first, T] if first < T else [0, T]
+    with torch.no_grad():
+        got, cache = chunked(model, ids, bounds, mask=mask[:, :first])
+        routes = cache.extra.get("routes")
+        kw0 = {"routes": routes[:1]} if routes is not None else {}
+        kw1 = {"routes": routes[1:]} if routes is not None else {}
+        row0 = model(ids[:1, pad:], **kw0).logits
+        row1 = model(ids[1:], **kw1).logits
+    assert rel_err(got[0, pad:], row0[0]) <= 1e-4, d
+    assert rel_err(got[1], row1[0]) <= 1e-4, d
+
+
+def _recipe(think_mixer: str = "gated_attn", **router) -> dict:
+    comps = {"gated_attn": {"n_heads": 2, "head_dim": 8}, "gdn": {"n_heads": 2, "head_dim": 8},
+             "mamba3": {"state_size": 8, "head_dim": 8, "expand": 1}, "mlp": {"d_hidden": 32},
+             "etd_router": router}
+    return {"name": "etd", "model": {"vocab_size": V, "d_model": 32, "max_seq_len": 64, "meta_tokens": 2,
+                                     "block_pattern": f"gdn | {think_mixer} | gdn | gated_attn",
+                                     "etd": {"encoder_layers": 1, "think_layers": 2, "decoder_layers": 1,
+                                             "iterations": 3}},
+            "components": comps}
+
+
+def test_think_weights_are_tied_and_each_application_has_its_own_state():
+    d = _recipe()
+    plain = {**d, "model": {k: v for k, v in d["model"].items() if k != "etd"}, "components":
+             {k: v for k, v in d["components"].items() if k != "etd_router"}}
+    etd, base = build_model(d), build_model(plain)
+    assert etd.num_parameters() == base.num_parameters()  # fixed iterations, no router parts
+    cache = etd.new_cache(1)
+    assert len(cache.states) == 1 + 2 * 3 + 1  # encoder + think x 3 iterations + decoder
+    with torch.no_grad():
+        etd(torch.randint(0, V, (1, 5)), cache=cache)
+    sizes = cache.layer_nbytes()
+    assert all(s > 0 for s in sizes)
+    # the think attention's three iterations hold different keys (same weights, other inputs)
+    k = [cache.states[1 + 2 * it].k for it in range(3)]
+    assert not torch.equal(k[0], k[1]) and not torch.equal(k[1], k[2])
+
+
+def test_more_think_iterations_at_inference_up_to_max_iterations():
+    d = _recipe()
+    d["model"]["etd"]["max_iterations"] = 5
+    model = build_model(d).eval()
+    ids = torch.randint(0, V, (2, 6))
+    with torch.no_grad():
+        a = model(ids).logits
+        b = model(ids, think_iterations=5).logits
+        c = model(ids, think_iterations=3).logits
+        cache = model.new_cache(2)
+        x = torch.cat([model(ids[:, :4], cache=cache, think_iterations=5).logits,
+                       model(ids[:, 4:], cache=cache).logits], 1)  # the cache keeps the iterations
+    assert torch.equal(a, c) and not torch.allclose(a, b)
+    assert rel_err(x, b) <= 1e-5
+    with pytest.raises(ValueError, match=r"think_iterations must be in \[1, 5\]"):
+        model(ids, think_iterations=6)
+
+
+def test_halted_tokens_leave_later_iterations_untouched():
+    """ACT with a halting unit that always halts after the first iteration: the later
+    iterations' states never see a token (as padding), and the output is iteration 1's."""
+    d = _recipe(halting={"kind": "act", "init_bias": 20.0, "threshold": 0.5})
+    model = build_model(d).eval()
+    cache = model.new_cache(2)
+    with torch.no_grad():
+        out = model(torch.randint(0, V, (2, 7)), cache=cache)
+    sizes = cache.layer_nbytes()
+    think_states = sizes[1:7]  # iteration 0: slots 1, 2; iterations 1, 2: slots 3..6
+    assert think_states[0] > 0 and think_states[1] > 0
+    assert out.stats["etd/iterations"] == 1.0
+    att = cache.states[1 + 2 * 1]  # think attention at iteration 1: no key was stored
+    assert att.k is None or bool((att.pos < 0).all())
+    # and an always-thinking unit runs every iteration
+    d2 = _recipe(halting={"kind": "act", "init_bias": -20.0})
+    m2 = build_model(d2).eval()
+    with torch.no_grad():
+        assert m2(torch.randint(0, V, (2, 7))).stats["etd/iterations"] == 3.0
+
+
+def test_act_ponder_cost_is_in_the_training_loss_and_trains_the_halting_unit():
+    d = _recipe(halting={"kind": "act", "ponder_cost": 0.1, "init_bias": 0.0})
+    model = build_model(d).train()
+    ids = torch.randint(0, V, (2, 8))
+    out = model(ids, labels=ids)
+    assert out.aux_loss is not None and float(out.aux_loss.detach()) > 0.1  # tau * (N + R) >= tau
+    out.loss.backward()
+    assert model.etd_router.halt.bias.grad is not None and model.etd_router.halt.bias.grad.abs() > 0
+
+
+def test_all_execute_route_reproduces_the_unrouted_model_bit_for_bit():
+    d = _recipe(layer_router={"enabled": True, "hidden": 8})
+    plain = _recipe()
+    routed, base = build_model(d).eval(), build_model(plain).eval()
+    base.load_state_dict(routed.state_dict(), strict=False)
+    ids = torch.randint(0, V, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    n = len(routed.structure.slots)
+    with torch.no_grad():
+        assert torch.equal(routed(ids).logits, base(ids).logits)  # routers off: all-execute
+        routed.etd_router.enable_routes()
+        every = torch.full((2, n), EXECUTE)
+        assert torch.equal(routed(ids, routes=every).logits, base(ids).logits)
+        assert torch.equal(routed(ids, attention_mask=mask, routes=every).logits,
+                           base(ids, attention_mask=mask).logits)
+
+
+def test_routes_skip_and_repeat_per_row():
+    """A skipped layer's states stay empty for that row; a repeated one fills its second state."""
+    d = _recipe(layer_router={"enabled": True, "hidden": 8})
+    model = build_model(d).eval()
+    s = model.structure
+    n = len(s.slots)
+    routes = torch.full((2, n), EXECUTE)
+    dec = s.index[[x for x in s.slots if x.stage == "decoder"][0]]
+    routes[0, dec] = SKIP
+    routes[1, dec] = REPEAT
+    ids = torch.randint(0, V, (2, 6))
+    cache = model.new_cache(2)
+    with torch.no_grad():
+        a = model(ids, routes=routes, cache=cache).logits
+        b = model(ids[:1], routes=routes[:1]).logits
+    first, second = cache.states[s.state_of(dec, 0)], cache.states[s.state_of(dec, 1)]
+    assert bool((first.pos[0] < 0).all()) and bool((first.pos[1] >= 0).any())  # row 0 skipped it
+    assert bool((second.pos[0] < 0).all()) and bool((second.pos[1] >= 0).any())  # row 1 repeated it
+    assert rel_err(a[:1], b) <= 1e-5  # rows are independent
+    assert torch.equal(cache.extra["routes"], routes)
+    assert int(s.applications(routes, 3)[0]) == n - 1 and int(s.applications(routes, 3)[1]) == n + 1
+
+
+def test_branch_load_is_counted_and_the_bias_balances_it():
+    d = _recipe(branches={"n_branches": 3, "rank": 2, "bias_update_rate": 0.05})
+    model = build_model(d).train()
+    r = model.etd_router
+    with torch.no_grad():
+        r.bias[0] = 1.0  # start unbalanced: branch 0 gets most tokens
+    ids = torch.randint(0, V, (4, 16), generator=torch.Generator().manual_seed(0))
+    loads = []
+    for _ in range(60):
+        with torch.no_grad():
+            model(ids)
+        loads.append(r.load.clone())
+        r.update_bias()
+    first, last = loads[0] / loads[0].sum(), loads[-1] / loads[-1].sum()
+    assert first.max() > 0.6 and last.max() < first.max()  # the bias spreads the load
+
+
+def test_router_losses():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    target = torch.tensor([0, 2])
+    w = class_weights(torch.tensor([1, 1, 1, 0, 2]))
+    assert w[0] > w[1] and w[2] > w[1]
+    assert focal_loss(logits, target, gamma=0.0) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(logits, target)))
+    assert focal_loss(logits, target, gamma=2.0) < focal_loss(logits, target, gamma=0.0)
+
+
+def test_recipe_checks_the_partition(tmp_path):
+    d = _recipe()
+    d["model"]["etd"]["think_layers"] = 3
+    p = tmp_path / "bad.yaml"
+    import yaml
+
+    p.write_text(yaml.safe_dump(d, sort_keys=False))
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    line = e.value.errors[0]
+    assert line.startswith(f"{p}:") and "model.etd: encoder_layers + think_layers + decoder_layers = 1 + 3 + 1 = 5" \
+        in line and "gives 4 layers" in line
+    d = _recipe()
+    d["model"]["etd"]["max_iterations"] = 2
+    with pytest.raises(RecipeError, match="max_iterations: must be >= iterations"):
+        load_recipe(d)
+    d = _recipe()
+    del d["model"]["etd"]
+    with pytest.raises(RecipeError, match="components.etd_router: takes effect only in an ETD model"):
+        load_recipe(d)
+    assert "etd_router" in registry.names()
