@@ -6,6 +6,14 @@ Text is encoded and decoded with the tokenizer saved in the checkpoint
 models trained on the built-in tasks. One prompt streams its tokens to the terminal as
 they come; several ``--prompt`` are generated as one batch (left padding + attention
 mask, through the same cache) and printed one per line.
+
+ETD checkpoints (``model.etd``) print, after generation and to stderr, one line per prompt
+row: the think iterations used (ACT: also the mean over the prompt's tokens, meta tokens
+included, at the prefill) and, when the model has Dr.LLM layer routers, the route the
+prefill took (``ETDStack.describe_route``), e.g. ``etd: 3 think iterations (ACT: mean over
+prompt tokens 2.40 of max 4); route: enc 0 execute, think 1@it0 repeat, ...``.
+``--think-iterations N`` runs N think iterations (1..max_iterations), more or fewer than
+the model was trained with (forward's ``think_iterations``).
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from . import UsageError, UserError
 
@@ -29,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default="ar", help="decoding mode the model supports (default: ar)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, auto")
     p.add_argument("--no-stream", action="store_true", help="print the whole completion at the end")
+    p.add_argument("--think-iterations", type=int, default=None, metavar="N",
+                   help="ETD models: think iterations to run, 1..max_iterations (default: the model's "
+                        "iterations; with ACT halting max_iterations, each token halting on its own)")
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -69,6 +81,8 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(f"--top-k {args.top_k}: must be >= 1")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UsageError(f"--top-p {args.top_p}: must be in (0, 1]")
+    if args.think_iterations is not None and args.think_iterations < 1:
+        raise UsageError(f"--think-iterations {args.think_iterations}: must be >= 1")
     try:
         device = pick_device(args.device)
     except ValueError as e:
@@ -80,6 +94,13 @@ def _run(args: argparse.Namespace) -> int:
     except (CheckpointError, TokenizerError) as e:
         raise UserError(str(e)) from None
     model.eval()
+    etd = model.config.etd
+    if args.think_iterations is not None:
+        if etd is None:
+            raise UsageError(f"--think-iterations: {ckpt} is not an ETD model (its recipe has no model.etd)")
+        if args.think_iterations > etd.cap:
+            raise UsageError(f"--think-iterations {args.think_iterations}: the model holds states for at most "
+                             f"{etd.cap} think iterations (model.etd.max_iterations)")
     V = model.config.vocab_size
     if tok.vocab_size > V:
         raise UserError(f"{ckpt / 'tokenizer.json'}: {tok.vocab_size} tokens but the model has vocab_size {V}")
@@ -121,6 +142,10 @@ def _run(args: argparse.Namespace) -> int:
         if text:
             sys.stdout.write(text)
         sys.stdout.flush()
+    prefill: list = []  # (cache, stats) of the model's first call: generate's prefill
+    hooks = []
+    if etd is not None:
+        hooks = watch_prefill(model, prefill, args.think_iterations)
     try:
         out = model.generate(
             input_ids.to(device), max_new_tokens=args.max_new_tokens, mode=args.mode,
@@ -130,15 +155,77 @@ def _run(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         msg = str(e).splitlines()[0]
-        flag = "--mode" if "mode" in msg else "--max-new-tokens"
+        flag = "--mode" if "mode" in msg else "--think-iterations" if "think_iterations" in msg else "--max-new-tokens"
         raise UserError(f"{flag}: {msg}") from None
+    finally:
+        for h in hooks:
+            h.remove()
     if stream:
         sys.stdout.write(decoder.flush() + "\n")
-        return 0
-    for i, p in enumerate(prompts):
-        new = out[i, T:].tolist()
-        if tok.eos_id is not None and tok.eos_id in new:
-            new = new[: new.index(tok.eos_id)]
-        text = tok.decode(p) + tok.decode(new)
-        print(text if B == 1 else f"[{i}] {text}")
+    else:
+        for i, p in enumerate(prompts):
+            new = out[i, T:].tolist()
+            if tok.eos_id is not None and tok.eos_id in new:
+                new = new[: new.index(tok.eos_id)]
+            text = tok.decode(p) + tok.decode(new)
+            print(text if B == 1 else f"[{i}] {text}")
+    if etd is not None and prefill:
+        sys.stdout.flush()
+        for i, line in enumerate(etd_lines(model, prefill[0], prompts, device)):
+            print(line if B == 1 else f"[{i}] {line}", file=sys.stderr)
     return 0
+
+
+def watch_prefill(model: Any, seen: list, think_iterations: int | None) -> list:
+    """Forward hooks on an ETD model for one ``generate`` call: every forward gets
+    ``think_iterations`` (when given), and the first call's (cache, stats) — the prefill,
+    where the per-sequence decisions are taken — is appended to ``seen``. Returns the handles."""
+
+    def pre(_mod: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if think_iterations is not None:
+            kwargs = {**kwargs, "think_iterations": think_iterations}
+        return args, kwargs
+
+    def post(_mod: Any, _args: tuple, kwargs: dict, out: Any) -> None:
+        if not seen:
+            seen.append((kwargs.get("cache"), out.stats or {}))
+
+    return [model.register_forward_pre_hook(pre, with_kwargs=True),
+            model.register_forward_hook(post, with_kwargs=True)]
+
+
+def etd_lines(model: Any, prefill: tuple, prompts: list[list[int]], device: Any) -> list[str]:
+    """One ``etd: ...`` line per prompt row from generate's prefill: think iterations used (ACT:
+    the mean over the row's prompt tokens) and, with layer routers, the route taken."""
+    import torch
+
+    cache, stats = prefill
+    structure, etd = model.structure, model.config.etd
+    if cache is not None and "iterations" in cache.extra:
+        n_iter = int(cache.extra["iterations"])
+    else:  # ETDStack's default
+        n_iter = etd.cap if model.etd_router.halt is not None else etd.iterations
+    routes = cache.extra.get("routes") if cache is not None else None
+    if routes is None:
+        routes = stats.get("etd/routes")
+    act = model.etd_router.halt is not None
+    its = f"{n_iter} think iteration{'s' if n_iter != 1 else ''}"
+    lines = []
+    for i, p in enumerate(prompts):
+        if act:
+            if len(prompts) == 1:
+                mean = float(stats["etd/iterations"])
+            else:  # the batch's statistic is a mean over all rows: this row alone, same route
+                row = torch.tensor([p], device=device)
+                with torch.no_grad():
+                    st = model(row, think_iterations=n_iter,
+                               routes=routes[i:i + 1] if routes is not None else None).stats
+                mean = float(st["etd/iterations"])
+            line = f"etd: {its} (ACT: mean over prompt tokens {mean:.2f} of max {etd.cap})"
+        else:
+            line = f"etd: {its} (fixed; trained with {etd.iterations}" + (
+                f", max {etd.cap})" if etd.cap != etd.iterations else ")")
+        if routes is not None:
+            line += f"; route: {structure.describe_route(routes[i], n_iter)}"
+        lines.append(line)
+    return lines

@@ -11,6 +11,17 @@ The model is built on the meta device (``torch.device("meta")``): every shape is
 no memory is allocated, so full-size recipes (40 layers, d_model 2048, 512 experts) are
 instant. State sizes come from each mixer's ``state_nbytes(seq_len, dtype, n_meta=)``
 (see docs/CONTRIBUTING.md, the mixer contract); a mixer without it shows ``n/a``.
+
+ETD recipes (``model.etd``, models/etd.py) add a ``stage`` column (encoder / think /
+decoder), an ``etd_router`` row (halting unit, Dr.LLM routers, MoDr LoRA branches: the
+think blocks' weights are tied and counted once) and the per-application view: layer
+applications per forward (``E + T x iterations + D``, and at ``max_iterations``) and the
+cache bytes of every think iteration — each (layer, iteration) application has its own
+state. ``cache`` is then what the states of ``max_iterations`` think iterations hold, every
+slot applied once (all-execute routes); a Dr.LLM *repeat* keeps a second state for its slot,
+so routes can double that (the worst case is printed). Recurrent mixers' states have a fixed
+size and ``new_cache`` allocates them for every slot (repeats included) up front; attention
+states grow with the tokens an application sees. ``--json`` gains an ``etd`` object.
 """
 
 from __future__ import annotations
@@ -75,21 +86,27 @@ def describe(recipe: Any, dtype: torch.dtype = torch.float32, seq_lens: tuple[in
         model = HybridLM(recipe)
     m = recipe.model
     n_meta = m.meta_tokens
+    stages = etd_stages(m.etd, len(model.blocks)) if m.etd is not None else None
     layers = []
     for i, block in enumerate(model.blocks):
         total = _numel(block)
         active = total - (_numel(block.mixer) - _active(block.mixer)) - (_numel(block.ffn) - _active(block.ffn))
         state = {str(n): mixer_state_nbytes(block.mixer, n, dtype, n_meta) for n in seq_lens}
-        layers.append({"index": i, "mixer": block.spec.mixer, "ffn": block.spec.ffn,
-                       "params": total, "active_params": active, "state_bytes": state})
+        row = {"index": i, "mixer": block.spec.mixer, "ffn": block.spec.ffn,
+               "params": total, "active_params": active, "state_bytes": state}
+        if stages is not None:
+            row = {"index": i, "stage": stages[i], **{k: v for k, v in row.items() if k != "index"}}
+        layers.append(row)
     total = _numel(model)
-    other = total - sum(r["params"] for r in layers)
-    active = other + sum(r["active_params"] for r in layers)
-    cache, known = {}, {}
-    for n in seq_lens:
-        vals = [r["state_bytes"][str(n)] for r in layers]
-        known[str(n)] = sum(v for v in vals if v is not None)
-        cache[str(n)] = None if any(v is None for v in vals) else known[str(n)]
+    router, router_active = _numel(model.etd_router), router_active_params(model.etd_router)
+    other = total - sum(r["params"] for r in layers) - router
+    active = other + sum(r["active_params"] for r in layers) + router_active
+    etd = None
+    if m.etd is not None:
+        etd = describe_etd(recipe, model, layers, seq_lens, router, router_active)
+        cache, known = etd["cache_bytes"]["max_iterations"], etd["cache_bytes_known"]["max_iterations"]
+    else:
+        cache, known = _sum_states([r["state_bytes"] for r in layers], seq_lens)
     kernels = {op: {"fast_path": doc, "available": ok, "error": err}
                for op, (doc, ok, err) in dispatch.available().items()}
     layout = None
@@ -114,6 +131,77 @@ def describe(recipe: Any, dtype: torch.dtype = torch.float32, seq_lens: tuple[in
         "missing_state_nbytes": sorted({r["mixer"] for r in layers
                                         if any(v is None for v in r["state_bytes"].values())}),
         "kernel_mode": dispatch.mode(), "cuda": cuda_available(), "kernels": kernels,
+        **({"etd": etd} if etd is not None else {}),
+    }
+
+
+def _sum_states(states: list[dict], seq_lens: tuple[int, ...]) -> tuple[dict, dict]:
+    """(total bytes per length, None where a state is unknown; the known part) of ``states``."""
+    total, known = {}, {}
+    for n in seq_lens:
+        vals = [st[str(n)] for st in states]
+        known[str(n)] = sum(v for v in vals if v is not None)
+        total[str(n)] = None if any(v is None for v in vals) else known[str(n)]
+    return total, known
+
+
+def etd_stages(etd: Any, n_layers: int) -> list[str]:
+    """The stage of every layer of an ETD partition (``model.etd``)."""
+    E, T = etd.encoder_layers, etd.think_layers
+    return ["encoder" if i < E else "think" if i < E + T else "decoder" for i in range(n_layers)]
+
+
+def router_active_params(router: torch.nn.Module | None) -> int:
+    """Parameters of the ``etd_router`` a token uses: all of it but the LoRA branches, of
+    which one (its MoDr choice) per think application."""
+    if router is None:
+        return 0
+    n = getattr(router, "n_branches", 0)
+    lora = sum(p.numel() for name, p in router.named_parameters() if name.startswith(("lora_a.", "lora_b.")))
+    return _numel(router) - lora + (lora // n if n else 0)
+
+
+def describe_etd(recipe: Any, model: torch.nn.Module, layers: list[dict], seq_lens: tuple[int, ...],
+                 router_params: int, router_active: int) -> dict:
+    """The ``etd`` object of ``describe``: the partition, the controller, the layer
+    applications and the cache states per stage and think iteration."""
+    etd = recipe.model.etd
+    cfg = model.etd_router.cfg
+    E, T, D = etd.encoder_layers, etd.think_layers, etd.decoder_layers
+    it, cap = etd.iterations, etd.cap
+    routed = model.etd_router.routers is not None
+    default = cap if cfg.halting.kind == "act" else it  # ETDStack's default think_iterations
+    by_stage = {s: [r for r in layers if r["stage"] == s] for s in ("encoder", "think", "decoder")}
+    parts = [{"stage": "encoder", "iteration": None, "layers": [r["index"] for r in by_stage["encoder"]]}]
+    parts += [{"stage": "think", "iteration": k, "layers": [r["index"] for r in by_stage["think"]]}
+              for k in range(cap)]
+    parts.append({"stage": "decoder", "iteration": None, "layers": [r["index"] for r in by_stage["decoder"]]})
+    for p in parts:
+        p["applications"] = len(p["layers"])
+        p["state_bytes"], p["state_bytes_known"] = _sum_states([layers[i]["state_bytes"] for i in p["layers"]],
+                                                               seq_lens)
+    cache, known = {}, {}
+    for key, n_iter in (("iterations", it), ("max_iterations", cap)):
+        used = [p for p in parts if p["stage"] != "think" or p["iteration"] < n_iter]
+        cache[key], known[key] = _sum_states([layers[i]["state_bytes"] for p in used for i in p["layers"]],
+                                             seq_lens)
+    repeat = None
+    if routed:  # every slot repeated: its second state as large as the first
+        repeat = {n: None if b is None else 2 * b for n, b in cache["max_iterations"].items()}
+    return {
+        "encoder_layers": E, "think_layers": T, "decoder_layers": D, "iterations": it, "max_iterations": cap,
+        "halting": cfg.halting.kind,
+        "halting_threshold": cfg.halting.threshold if cfg.halting.kind == "act" else None,
+        "ponder_cost": cfg.halting.ponder_cost if cfg.halting.kind == "act" else None,
+        "layer_routes": routed, "n_branches": cfg.branches.n_branches,
+        "branch_rank": cfg.branches.rank if cfg.branches.n_branches else None,
+        "default_think_iterations": default,
+        "applications": {"per_forward": E + T * default + D, "at_max_iterations": E + T * cap + D,
+                         "most_with_repeats": 2 * (E + T * cap + D) if routed else None},
+        "router_params": router_params, "router_active_params": router_active,
+        "cache_states": len(model.structure.state_blocks()),
+        "parts": parts, "cache_bytes": cache, "cache_bytes_known": known,
+        "cache_bytes_with_repeats": repeat,
     }
 
 
@@ -208,23 +296,38 @@ def format_info(d: dict, kernels: str = "auto") -> str:
         f"layers      {d['n_layers']}",
         "",
     ]
-    head = ["layer", "mixer", "ffn", "params", "active"] + [f"state@{seq_label(int(n))}" for n in lens]
+    etd = d.get("etd")
+    if etd is not None:
+        out[-1:-1] = format_etd_head(etd)
+    states = [f"state@{seq_label(int(n))}" for n in lens]
+    head = ["layer", "mixer", "ffn", "params", "active"] + states
     rows = [[str(r["index"]), r["mixer"], r["ffn"], f"{r['params']:,}", f"{r['active_params']:,}"]
             + [human_bytes(r["state_bytes"][n]) for n in lens] for r in d["layers"]]
+    if etd is not None:
+        rows.append(["-", "etd_router", "", f"{etd['router_params']:,}", f"{etd['router_active_params']:,}"]
+                    + ["" for _ in lens])
     rows.append(["-", "embed/meta/norm/head", "", f"{d['other_params']:,}", f"{d['other_params']:,}"]
                 + ["" for _ in lens])
-    widths = [max(len(x[i]) for x in [head] + rows) for i in range(len(head))]
     right = {0, 3, 4} | set(range(5, len(head)))
-    for row in [head] + rows:
-        out.append("  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
-                   .rstrip())
+    if etd is not None:  # a stage column after the layer index
+        head.insert(1, "stage")
+        for r, row in zip(d["layers"] + [{}, {}], rows):
+            row.insert(1, r.get("stage", ""))
+        right = {0, 4, 5} | set(range(6, len(head)))
+    out += _table(head, rows, right)
     out.append("")
+    if etd is not None:
+        out += format_etd_applications(etd, lens)
+        out.append("")
+    note = ""
+    if etd is not None:
+        note = f" (think weights counted once; etd_router {etd['router_params']:,})"
     out.append(f"parameters  total {d['params_total']:,} ({human_count(d['params_total'])}), "
-               f"active {d['params_active']:,} ({human_count(d['params_active'])})")
-    cache = ", ".join(
-        f"{seq_label(int(n))} tokens {human_bytes(b) if b is not None else '>= ' + human_bytes(d['cache_bytes_known'][n])}"
-        for n, b in d["cache_bytes"].items())
-    out.append(f"cache       per sequence ({d['cache_dtype']}): {cache}")
+               f"active {d['params_active']:,} ({human_count(d['params_active'])}){note}")
+    if etd is None:
+        out.append(f"cache       per sequence ({d['cache_dtype']}): {_cache_list(d['cache_bytes'], d['cache_bytes_known'])}")
+    else:
+        out += format_etd_cache(etd, d["cache_dtype"])
     missing = d["missing_state_nbytes"]
     if missing:
         verb = "does" if len(missing) == 1 else "do"
@@ -232,6 +335,94 @@ def format_info(d: dict, kernels: str = "auto") -> str:
     out.append("")
     out += format_kernels(d, kernels)
     return "\n".join(out)
+
+
+def _table(head: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    widths = [max(len(x[i]) for x in [head] + rows) for i in range(len(head))]
+    return ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+            for row in [head] + rows]
+
+
+def _cache_list(cache: dict, known: dict) -> str:
+    """``1k tokens 530.1 KiB, 32k tokens 16.5 MiB`` (``>= known`` where a state is unknown)."""
+    return ", ".join(f"{seq_label(int(n))} tokens {human_bytes(b) if b is not None else '>= ' + human_bytes(known[n])}"
+                     for n, b in cache.items())
+
+
+def _think_depth(etd: dict) -> str:
+    it, cap = etd["iterations"], etd["max_iterations"]
+    if etd["halting"] == "act":
+        return f"1..{cap} iterations (ACT, per token)"
+    return f"{it} iterations" + (f" (max {cap})" if cap != it else "")
+
+
+def format_etd_head(etd: dict) -> list[str]:
+    """The ``etd`` lines under ``layers``: the partition and the controller."""
+    lines = [f"etd         encoder {etd['encoder_layers']} | think {etd['think_layers']} x {_think_depth(etd)}, "
+             f"tied weights | decoder {etd['decoder_layers']}"]
+    if etd["halting"] == "act":
+        ctl = [f"ACT halting (threshold {etd['halting_threshold']:g}, ponder cost {etd['ponder_cost']:g})"]
+    else:
+        it, cap = etd["iterations"], etd["max_iterations"]
+        ctl = ["fixed iterations" + (f" (inference may ask for 1..{cap})" if cap != it else "")]
+    if etd["layer_routes"]:
+        ctl.append("Dr.LLM layer routes (skip / execute / repeat per sequence, once router training turns them on)")
+    if etd["n_branches"]:
+        ctl.append(f"MoDr {etd['n_branches']} LoRA branches of rank {etd['branch_rank']}")
+    lines.append(f"{LABEL}{'; '.join(ctl)}")
+    return lines
+
+
+def format_etd_applications(etd: dict, lens: list[str]) -> list[str]:
+    """Layer applications per forward and the cache states of every stage / think iteration."""
+    a, it, cap = etd["applications"], etd["iterations"], etd["max_iterations"]
+    act = etd["halting"] == "act"
+    total = f"at most {a['per_forward']}" if act else str(a["per_forward"])
+    line = (f"applied     per forward: encoder {etd['encoder_layers']} + think {etd['think_layers']} x "
+            f"{_think_depth(etd)} + decoder {etd['decoder_layers']} = {total} layer applications")
+    out = [line]
+    if not act and cap != it:
+        out.append(f"{LABEL}at max_iterations {cap}: {a['at_max_iterations']} layer applications")
+    if a["most_with_repeats"] is not None:
+        out.append(f"{LABEL}layer routes: per slot skip 0, execute 1, repeat 2 applications: "
+                   f"0 to {a['most_with_repeats']}")
+    out.append("")
+    head = ["application", "layers"] + [f"state@{seq_label(int(n))}" for n in lens]
+    rows = []
+    for p in etd["parts"]:
+        if not p["layers"]:  # no encoder / no decoder
+            continue
+        name = p["stage"] if p["iteration"] is None else f"think it{p['iteration']}"
+        if not act and p["iteration"] is not None and p["iteration"] >= it:
+            name += " *"
+        idx = p["layers"]
+        span = "-" if not idx else str(idx[0]) if len(idx) == 1 else f"{idx[0]}-{idx[-1]}"
+        rows.append([name, span] + [human_bytes(b) if b is not None else ">= " + human_bytes(p["state_bytes_known"][n])
+                                    for n, b in p["state_bytes"].items()])
+    out += _table(head, rows, set(range(2, len(head))))
+    if not act and cap != it:
+        out.append(f"* beyond iterations ({it}): only when inference asks for more (forward's think_iterations, "
+                   "hymba generate --think-iterations)")
+    return out
+
+
+def format_etd_cache(etd: dict, dtype: str) -> list[str]:
+    """The cache lines of an ETD recipe: every (layer, iteration) application has its own state."""
+    it, cap = etd["iterations"], etd["max_iterations"]
+    c, k = etd["cache_bytes"], etd["cache_bytes_known"]
+    if etd["halting"] == "act":
+        what = f"{cap} think iterations (max_iterations; tokens that halt earlier add less)"
+    else:
+        what = f"{cap} think iterations" + (" (max_iterations)" if cap != it else "")
+    out = [f"cache       per sequence ({dtype}), {what}: {_cache_list(c['max_iterations'], k['max_iterations'])}"]
+    if etd["halting"] != "act" and cap != it:
+        out.append(f"{LABEL}{it} think iterations: {_cache_list(c['iterations'], k['iterations'])}")
+    rep = etd["cache_bytes_with_repeats"]
+    if rep is not None:
+        known2 = {n: 2 * b for n, b in k["max_iterations"].items()}
+        out.append(f"{LABEL}layer routes: a repeat keeps a second state for its slot, so at worst (every slot "
+                   f"repeated) 2x: {_cache_list(rep, known2)}")
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
