@@ -147,7 +147,10 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
     def hash(self) -> str:
-        d = self.to_dict()
+        """12 hex digits of the canonical JSON. Settings that are null (unset optional
+        sections and fields) are left out, so adding an optional field to the schema keeps
+        the hashes of existing recipes."""
+        d = _drop_none(self.to_dict())
         if self.model.layout is not None:
             # the layers a ratio layout resolves to depend on the expansion rule (and on the
             # order of the ratios, which the canonical JSON sorts away): name them too, so a
@@ -161,6 +164,12 @@ class Recipe:
         d = self.to_dict()
         d["model"].update(model_changes)
         return load_recipe(d)
+
+
+def _drop_none(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _drop_none(v) for k, v in d.items() if v is not None}
+    return d
 
 
 def _asdict(cfg: Any) -> Any:
