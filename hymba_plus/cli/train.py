@@ -82,6 +82,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="capture the training forward+backward in CUDA graphs and replay them (eager kernels, "
                         "no launch overhead; one CUDA process, not with --compile): an MoE layer on an H100 "
                         "4.3 -> 2.4 ms")
+    p.add_argument("--train-only", choices=("routers", "branches", "all"), default=None,
+                   help="routers: train only the Dr.LLM layer routers on searched routes, the rest frozen; "
+                        "branches: only the MoDr branches (LM loss); all: everything (default: the resumed "
+                        "checkpoint's mode, else all; another mode than the checkpoint's starts a new phase)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar on a terminal, no progress lines without one")
     p.add_argument("--progress-interval", type=float, default=10.0, metavar="SECONDS",
@@ -123,9 +127,14 @@ def run(args: argparse.Namespace) -> int:
     compile_mode = args.compile_mode or ("default" if args.compile else None)
     if args.cuda_graph and compile_mode is not None:
         raise UsageError("--cuda-graph: use it instead of --compile / --compile-mode, not with them")
+    from ..training.routes import train_only_problem
+
+    if args.train_only is not None and train_only_problem(recipe, args.train_only):
+        raise UsageError(train_only_problem(recipe, args.train_only))
     opts = RunOptions(out=out, resume=args.resume, device=args.device, compile=compile_mode, cuda_graph=args.cuda_graph,
                       stop_after=args.stop_after, time_limit=args.time_limit, progress=not args.no_progress,
-                      progress_interval=args.progress_interval, recipe_name=args.recipe, overrides=overrides)
+                      progress_interval=args.progress_interval, recipe_name=args.recipe, overrides=overrides,
+                      train_only=args.train_only)
     try:
         summary = train(recipe, cfg, opts)
     except (TrainError, DataError, TokenizerError, CheckpointError, TaskError, TrainConfigError) as e:

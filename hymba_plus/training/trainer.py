@@ -26,6 +26,20 @@ Interrupts (``signals.py``): the first SIGINT / SIGTERM finishes the current ste
 checkpoint if a step ran since the last one and raises ``TrainInterrupted`` (``hymba train``
 exits 130 with the command that resumes); a second one aborts at once.
 
+Train-only modes (``--train-only``, ``routes.py``): ``routers`` freezes everything but the
+Dr.LLM layer routers, switches the routes on (``enable_routes``, saved with the weights) and
+trains them each step on the routes a length-aware beam search finds for the batch with the
+frozen model (no grad), with a forward teacher-forced on those routes and the focal loss of
+the routers' logits (``loss`` is that focal loss; ``lm_loss`` / ``accuracy`` of the searched
+routes and of all-execute are logged beside it). ``branches`` freezes everything but the
+MoDr branches and trains them with the LM loss (only their balancing bias is updated). The
+optimizer holds the trainable parameters only; checkpoints hold every weight and the mode,
+which a plain ``--resume`` keeps; resuming with another mode starts a new phase (a fresh
+optimizer, the schedule from the peak lr without warm-up). Outside router training the
+model trains at full depth: routers that are on are overridden with all-execute routes. When
+the routers are on, evals report the routed model and, on the same batches, all-execute
+(``eval_*_all_execute``) and the mean layer applications (``eval_applications``).
+
 Bad input (data, task, ``--out``) leaves nothing behind: a folder that setup created is
 removed again when setup fails. A non-finite loss or gradient norm stops the run with a
 ``TrainError`` before the optimizer step; no checkpoint is written then.
@@ -48,10 +62,12 @@ from typing import Any
 
 import torch
 
+from ..components.etd_router import EXECUTE, REPEAT, SKIP
 from ..core.recipe import Recipe
 from ..models.lm import HybridLM
 from . import checkpoint as ckpt_mod
 from . import distributed as dist_mod
+from . import routes as routes_mod
 from .config import TrainConfig, validate
 from .cuda_graph import CaptureError, GradAccumulator, GraphedStep
 from .data import open_stream
@@ -91,6 +107,13 @@ class RunOptions:
     recipe_name: str = "the recipe"
     overrides: dict[str, Any] = field(default_factory=dict)  # flags given on the command line
     log: Callable[[str], None] | None = None
+    # --train-only: "routers" | "branches" | "all"; None = the checkpoint's mode (a fresh run: all)
+    train_only: str | None = None
+    # router training (--train-only routers): the route search of training/routes.py
+    route_beam: int = 4
+    route_length_penalty: float = 0.1
+    route_tolerance: float = 0.02  # nats per row above all-execute's loss a target route may cost
+    route_max_rows: int | None = None  # rows per forward of the search (None: one call per slot)
 
     @property
     def resume_mode(self) -> str:
@@ -320,13 +343,26 @@ class Trainer:
         self.start_step, self.samples, self.tokens_seen = 0, 0, 0
         self.schedule = Schedule.of(self.cfg)
         self.nothing_to_do: str | None = None
+        # --train-only: sticky (a plain --resume continues the checkpoint's mode); another mode
+        # than the checkpoint's starts a new phase (fresh optimizer, schedule from the peak lr)
+        saved_mode = str(state.get("train_only") or "all") if state is not None else None
+        self.mode = opts.train_only or saved_mode or "all"
+        problem = routes_mod.train_only_problem(self.recipe, self.mode)
+        if problem is not None:
+            raise TrainError(problem)
+        if self.mode != "all" and opts.cuda_graph:
+            raise TrainError(f"--cuda-graph: not with --train-only {self.mode} (it captures the full training step)")
+        self.new_phase = state is not None and saved_mode != self.mode
         if state is not None:
             saved_cfg, self.cfg = self._resumed_config(state)
             self.start_step = state["step"]
             saved_plan = state.get("schedule", {})
             before = (Schedule.from_dict(saved_plan) if "steps" in saved_plan else Schedule.of(saved_cfg))
             self.schedule = before.replan(Schedule.of(self.cfg), self.start_step)
-            if not before.same_plan(self.schedule) and self.start_step < self.cfg.steps:
+            if self.new_phase:  # the new phase's plan starts at the peak lr (no warm-up) and decays to --steps
+                self.schedule = dataclasses.replace(Schedule.of(self.cfg), anchor=(self.start_step, 1.0)
+                                                    if self.start_step > 0 else None)
+            elif not before.same_plan(self.schedule) and self.start_step < self.cfg.steps:
                 self.log(before.describe_change(self.schedule, self.start_step, self.cfg.lr))
         cfg = self.cfg
         if opts.stop_after is not None and opts.stop_after > cfg.steps:
@@ -360,13 +396,19 @@ class Trainer:
             model.load_state_dict(full)
             self.samples = int(state["samples"])
             self.tokens_seen = int(state.get("tokens", 0))
+        if self.mode == "routers":  # router training switches the routes on (a buffer saved with the weights)
+            model.etd_router.enable_routes()
+        n_train, n_frozen = routes_mod.freeze(model, self.mode)
+        router = getattr(model, "etd_router", None)
+        self.routes_on = router is not None and bool(getattr(router, "routing", False))  # read once (no step syncs)
         model = model.to(self.info.device)
         if self.info.enabled:
             dist_mod.shard_model(model, self.info)
         self.model = model
-        self.opt, self.split = build_optimizer(model, cfg)
+        self.opt, self.split = build_optimizer(model, cfg)  # the trainable parameters only
         if self.resume_from is not None:
-            ckpt_mod.load_optimizer(self.resume_from, model, self.opt, self.info)
+            if not self.new_phase:
+                ckpt_mod.load_optimizer(self.resume_from, model, self.opt, self.info)
             ckpt_mod.load_rng(self.resume_from, self.info)
         self.fwd = model
         if opts.compile is not None:
@@ -387,6 +429,20 @@ class Trainer:
                  f"device {where}")
         if self.resume_from is not None:
             self.log(f"resumed from {self.resume_from} (step {self.start_step})")
+        if self.new_phase:
+            self.log(f"--train-only {self.mode}: a new phase at step {self.start_step} (the checkpoint trained "
+                     f"{saved_mode}): a fresh optimizer, lr from the peak {cfg.lr:.3g} (no warm-up) "
+                     f"decaying to step {cfg.steps}")
+        if self.mode != "all":
+            what = {"routers": "the Dr.LLM layer routers", "branches": "the MoDr branches"}[self.mode]
+            self.log(f"--train-only {self.mode}: training {what} ({n_train / 1e6:.3f}M params), "
+                     f"{n_frozen / 1e6:.2f}M params frozen")
+        if self.mode == "routers":
+            n = len(routes_mod.used_slots(model, routes_mod.default_iterations(model)))
+            self.log(f"route search: length-aware beam search, beam {opts.route_beam}, {n} slots, length penalty "
+                     f"{opts.route_length_penalty:g}, tolerance {opts.route_tolerance:g} nats: "
+                     f"{routes_mod.search_budget(n, opts.route_beam)} batch forwards per micro-batch (no grad), "
+                     "then one teacher-forced forward")
 
     def _capture(self) -> GraphedStep:
         """Capture the training step in CUDA graphs (``--cuda-graph``), at the run's batch shape."""
@@ -431,7 +487,18 @@ class Trainer:
         start = self.samples + (micro * W + self.info.rank) * B
         return range(start, start + B)
 
+    def _routing(self) -> bool:
+        """Whether the model's Dr.LLM routers decide its routes (switched on by router training;
+        read at setup)."""
+        return getattr(self, "routes_on", False)
+
+    def _all_execute(self, batch_size: int) -> torch.Tensor:
+        return torch.full((batch_size, len(self.model.structure.slots)), EXECUTE, dtype=torch.long,
+                          device=self.info.device)
+
     def train_step(self, step: int) -> dict[str, Any]:
+        if self.mode == "routers":
+            return self._router_step(step)
         cfg, dev = self.cfg, self.info.device
         factor = self.schedule.factor(step)
         set_lr(self.opt, factor)
@@ -450,9 +517,13 @@ class Trainer:
             if self.graphed is not None:
                 loss_t, aux_t, stats = self.graphed(ids, labels)
             else:
+                # the base (and MoDr branches) train at full depth: routers that are on do not route here
+                kw = {"routes": self._all_execute(ids.shape[0])} if self._routing() else {}
                 with _autocast(cfg, dev):
-                    out = self.fwd(ids, labels=labels, check_inputs=False)  # validated at setup
+                    out = self.fwd(ids, labels=labels, check_inputs=False, **kw)  # validated at setup
                 loss_t, aux_t, stats = out.loss, out.aux_loss, out.stats
+                if kw and stats is not None:
+                    stats = {k: v for k, v in stats.items() if k != "etd/route_slots"}
             (loss_t / cfg.grad_accum).backward()
             if acc is not None:
                 acc.take(list(self.model.parameters()))
@@ -490,14 +561,89 @@ class Trainer:
         row.update({k if "/" in k else f"moe/{k}": v for k, v in _scalar_stats(stats).items()})
         return row
 
+    def _router_step(self, step: int) -> dict[str, Any]:
+        """One step of router training (``--train-only routers``, ``routes.py``): per micro-batch
+        the route search with the frozen model (no grad), then a forward teacher-forced on the
+        searched routes and the focal loss of the routers' logits against them."""
+        cfg, dev, opts = self.cfg, self.info.device, self.opts
+        factor = self.schedule.factor(step)
+        set_lr(self.opt, factor)
+        self.model.eval()  # the frozen base is deterministic (no dropout, no balancing counts)
+        gamma = self.model.etd_router.cfg.layer_router.focal_gamma
+        means = ("route_loss", "route_acc", "applications", "applications_all_execute", "lm_loss",
+                 "lm_loss_all_execute", "route_skip", "route_repeat")
+        counts = ("correct", "correct_all_execute", "scored")
+        sums = dict.fromkeys(means + counts, 0.0)
+        forwards = 0
+        for micro in range(cfg.grad_accum):
+            batch = self.stream.train(self._micro_indices(micro))
+            ids, labels = batch.input_ids.to(dev), batch.labels.to(dev)
+            if self.info.enabled and cfg.grad_accum > 1:
+                self.model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
+            with _autocast(cfg, dev):
+                res = routes_mod.search_routes(self.model, ids, labels, beam=opts.route_beam,
+                                               length_penalty=opts.route_length_penalty,
+                                               tolerance=opts.route_tolerance, max_rows=opts.route_max_rows)
+                if opts.compile is not None:
+                    torch.compiler.cudagraph_mark_step_begin()
+                out = self.fwd(ids, routes=res.routes, check_inputs=False)
+            loss_t, acc_t = routes_mod.route_targets_loss(out.stats, res.routes, gamma)
+            (loss_t / cfg.grad_accum).backward()
+            forwards += res.evaluations + 1
+            tgt = res.routes[:, res.used]
+            vals = {"route_loss": loss_t.detach(), "route_acc": acc_t, "applications": res.applications.float().mean(),
+                    "applications_all_execute": res.base_applications.float().mean(),
+                    "lm_loss": res.loss.mean(), "lm_loss_all_execute": res.base_loss.mean(),
+                    "correct": res.correct.sum(), "correct_all_execute": res.base_correct.sum(),
+                    "scored": res.count.sum(), "route_skip": (tgt == SKIP).float().mean(),
+                    "route_repeat": (tgt == REPEAT).float().mean()}
+            got = torch.stack([vals[k].double() for k in means + counts]).tolist()  # one host read
+            for k, v in zip(means + counts, got):
+                sums[k] += v / cfg.grad_accum if k in means else v
+        keys = list(sums)
+        reduced = dict(zip(keys, dist_mod.all_reduce([sums[k] for k in keys], self.info)))
+        loss = reduced["route_loss"]
+        if not math.isfinite(loss):
+            raise TrainError(self._nonfinite(step, f"route loss is {loss}"))
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        gnorm = None
+        if cfg.grad_clip > 0:
+            gnorm = float(clip_grad_norm_(params, cfg.grad_clip))
+            if not math.isfinite(gnorm):
+                raise TrainError(self._nonfinite(step, f"gradient norm is {gnorm}"))
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.samples += cfg.batch_size * cfg.grad_accum * self.info.world
+        # loss: the objective trained here (the routers' focal loss); lm_loss: the task loss on the searched routes
+        row: dict[str, Any] = {"step": step + 1, "loss": loss, "lr": cfg.lr * factor}
+        if self.split.muon or self.split.muon_stacked:
+            row["muon_lr"] = cfg.muon_lr * factor
+        if gnorm is not None:
+            row["grad_norm"] = gnorm
+        for k in means:
+            row[k] = reduced[k]
+        if self.stream.metric == "accuracy":
+            row["accuracy"] = reduced["correct"] / max(reduced["scored"], 1.0)
+            row["accuracy_all_execute"] = reduced["correct_all_execute"] / max(reduced["scored"], 1.0)
+        row["search_forwards"] = forwards  # batch-sized forwards per step (search + teacher-forced)
+        return row
+
     def _update_biases(self) -> None:
         """Call ``update_bias()`` (aux-loss-free MoE balancing) on every module that has one.
         Under FSDP the load a module counted (its ``load`` buffer) is first summed over
-        ranks, so every rank applies the same bias update."""
+        ranks, so every rank applies the same bias update. With ``--train-only branches`` only
+        the etd_router's (MoDr balancing) runs: the frozen base's biases stay, its counts are
+        dropped; router training (``--train-only routers``) changes no bias."""
+        if self.mode == "routers":
+            return
         for mod in self.model.modules():
             if mod is self.model or not callable(getattr(mod, "update_bias", None)):
                 continue
             load = getattr(mod, "load", None)
+            if self.mode == "branches" and mod is not getattr(self.model, "etd_router", None):
+                if isinstance(load, torch.Tensor):
+                    load.zero_()
+                continue
             if self.info.enabled and isinstance(load, torch.Tensor):
                 import torch.distributed as tdist
 
@@ -512,6 +658,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """Held-out loss and accuracy (or perplexity) of the model as it runs at inference. When
+        its Dr.LLM routers are on (router training switched them on) that is with the routes
+        they decide, and the same batches are also evaluated all-execute (``*_all_execute``);
+        ``eval_applications`` is the mean layer applications per sequence of the routed run."""
         cfg, dev, info = self.cfg, self.info.device, self.info
         self.model.eval()
         B = cfg.batch_size
@@ -519,25 +669,38 @@ class Trainer:
         n_eval = self.stream.n_eval()
         if n_eval is not None:  # never more batches than held-out windows need
             n_batches = max(1, min(n_batches, math.ceil(n_eval / (B * info.world))))
-        loss_sum, correct, total = 0.0, 0, 0
+        runs = [""] + (["_all_execute"] if self._routing() else [])
+        sums = {r: [0.0, 0, 0, 0.0] for r in runs}  # loss, correct, scored, applications per row
         for k in range(n_batches):
             start = (k * info.world + info.rank) * B
             batch = self.stream.eval(range(start, start + B))
             ids, labels = batch.input_ids.to(dev), batch.labels.to(dev)
-            if self.opts.compile is not None:
-                torch.compiler.cudagraph_mark_step_begin()
-            with _autocast(cfg, dev):
-                out = self.fwd(ids, check_inputs=False)
-            loss_sum += float(HybridLM.lm_loss(out.logits, labels))
-            c, t = masked_correct(out.logits, labels)
-            correct, total = correct + c, total + t
-        loss_sum, correct, total = dist_mod.all_reduce([loss_sum, correct, total], info, op="sum")
-        eval_loss = loss_sum / (n_batches * info.world)
-        res = {"eval_loss": eval_loss}
-        if self.stream.metric == "accuracy":
-            res["eval_accuracy"] = correct / max(total, 1)
-        else:
-            res["eval_ppl"] = math.exp(min(eval_loss, 50.0))
+            for run in runs:
+                kw = {"routes": self._all_execute(ids.shape[0])} if run else {}
+                if self.opts.compile is not None:
+                    torch.compiler.cudagraph_mark_step_begin()
+                with _autocast(cfg, dev):
+                    out = self.fwd(ids, check_inputs=False, **kw)
+                acc = sums[run]
+                acc[0] += float(HybridLM.lm_loss(out.logits, labels))
+                c, t = masked_correct(out.logits, labels)
+                acc[1], acc[2] = acc[1] + c, acc[2] + t
+                if len(runs) > 1:
+                    apps = self.model.structure.applications(out.stats["etd/routes"],
+                                                             routes_mod.default_iterations(self.model))
+                    acc[3] += float(apps.float().mean())
+        flat = dist_mod.all_reduce([v for r in runs for v in sums[r]], info, op="sum")
+        res: dict[str, float] = {}
+        for i, run in enumerate(runs):
+            loss_sum, correct, total, apps = flat[4 * i: 4 * i + 4]
+            eval_loss = loss_sum / (n_batches * info.world)
+            res[f"eval_loss{run}"] = eval_loss
+            if self.stream.metric == "accuracy":
+                res[f"eval_accuracy{run}"] = correct / max(total, 1)
+            else:
+                res[f"eval_ppl{run}"] = math.exp(min(eval_loss, 50.0))
+            if len(runs) > 1:
+                res[f"eval_applications{run}"] = apps / (n_batches * info.world)
         return res
 
     def save(self, step: int) -> Path:
@@ -546,6 +709,7 @@ class Trainer:
             "schedule": dict(self.schedule.to_dict(), lr_factor=self.schedule.factor(max(step - 1, 0))),
             "train_config": dataclasses.asdict(self.cfg), "data": self.stream.state(),
             "recipe_hash": self.recipe.hash(), "metrics": self.rows[-1] if self.rows else None,
+            "train_only": self.mode,
         }
         return ckpt_mod.save(self.out, step, self.model, self.opt, state, self.info,
                              extra_files={"tokenizer.json": self.stream.tokenizer.to_json()},

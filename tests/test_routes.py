@@ -1,0 +1,189 @@
+"""Dr.LLM route targets (training/routes.py) and ``hymba train --train-only``: the beam search
+never accepts a route worse than all-execute beyond its tolerance and prefers fewer layer
+applications at equal loss; router training changes the routers alone and resumes exactly;
+branch training changes the MoDr branches alone; models without those parts are one-line
+errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from hymba_plus import build_model, from_pretrained
+from hymba_plus.cli import main
+from hymba_plus.components.etd_router import EXECUTE, SKIP
+from hymba_plus.training.routes import row_scores, search_budget, search_routes
+from hymba_plus.training.tasks import mqar_batch
+
+ETD = {
+    "name": "routes-tiny",
+    "model": {"vocab_size": 32, "d_model": 32, "max_seq_len": 64, "block_pattern": "GA | GA | GA",
+              "etd": {"encoder_layers": 1, "think_layers": 1, "decoder_layers": 1, "iterations": 2}},
+    "components": {"gated_attn": {"n_heads": 2, "head_dim": 16}, "mlp": {"d_hidden": 64},
+                   "etd_router": {"layer_router": {"enabled": True, "hidden": 8, "windows": 2}}},
+}
+FAST = ["--batch-size", "4", "--seq-len", "16", "--warmup", "1", "--no-progress", "--eval-batches", "1", "--keep-last", "9"]
+
+
+def with_router(**etd_router) -> dict:
+    return {**ETD, "components": {**ETD["components"], "etd_router": etd_router}}
+
+
+def write(tmp_path: Path, recipe: dict, name: str = "r.yaml") -> str:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return str(p)
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------- the search
+
+
+def identity_model(block: int = 1):
+    """A model whose other layers matter (large embeddings) and whose block ``block`` is an
+    exact identity (its residual output projections are zero): skipping it costs nothing."""
+    torch.manual_seed(0)
+    model = build_model(ETD).eval()
+    with torch.no_grad():
+        model.embed.weight.mul_(20.0)
+        for mod in model.blocks[block].modules():
+            if getattr(mod, "is_residual_out", False):
+                mod.weight.zero_()
+    return model
+
+
+def test_search_prefers_fewer_applications_at_equal_loss_and_never_loses_to_all_execute():
+    model = identity_model(block=1)
+    ids, labels = mqar_batch(6, 16, 32, 4, generator=torch.Generator().manual_seed(1))
+    tol = 1e-4
+    res = search_routes(model, ids, labels, beam=3, length_penalty=0.1, tolerance=tol)
+    slots = model.structure.slots
+    assert res.used == list(range(len(slots)))  # enc, think@it0, think@it1, dec
+    # never worse than all-execute beyond the tolerance, and the reported loss is the route's own
+    assert bool((res.loss <= res.base_loss + tol + 1e-5).all())
+    with torch.no_grad():
+        again, correct, count = row_scores(model(ids, routes=res.routes).logits, labels)
+    assert torch.allclose(again, res.loss, atol=1e-5) and torch.equal(count, res.count)
+    # the identity block is skipped in every iteration of every row; nothing costs more compute
+    think = [i for i, s in enumerate(slots) if s.block == 1]
+    assert bool((res.routes[:, think] == SKIP).all()), res.routes
+    assert bool((res.applications <= res.base_applications - len(think)).all())
+    assert bool((res.base_applications == len(slots)).all())
+    # budget: 1 + sum_t 2 min(K, 3^t) routes per row, in 1 + slots model calls
+    assert res.evaluations == search_budget(4, 3) == 1 + 2 * (1 + 3 + 3 + 3)
+    assert res.forwards == 1 + 4
+
+
+def test_tolerance_bounds_the_trade_and_the_penalty_buys_compute():
+    model = identity_model(block=1)
+    ids, labels = mqar_batch(4, 16, 32, 4, generator=torch.Generator().manual_seed(2))
+    strict = search_routes(model, ids, labels, beam=2, length_penalty=0.1, tolerance=0.0)
+    assert bool((strict.loss <= strict.base_loss + 1e-5).all())
+    # any loss is tolerated and compute is expensive: every layer is skipped
+    cheap = search_routes(model, ids, labels, beam=2, length_penalty=1e3, tolerance=1e3)
+    assert bool((cheap.applications == 0).all()) and bool((cheap.routes == SKIP).all())
+    # max_rows splits the candidates over more calls with the same answer
+    split = search_routes(model, ids, labels, beam=2, length_penalty=0.1, tolerance=0.0, max_rows=4)
+    assert torch.equal(split.routes, strict.routes) and split.forwards > strict.forwards
+
+
+def test_unused_think_iterations_stay_execute():
+    d = {**ETD, "model": {**ETD["model"], "etd": {**ETD["model"]["etd"], "max_iterations": 3}}}
+    torch.manual_seed(0)
+    model = build_model(d).eval()
+    ids, labels = mqar_batch(2, 16, 32, 4, generator=torch.Generator().manual_seed(3))
+    res = search_routes(model, ids, labels, beam=2, length_penalty=10.0, tolerance=10.0)
+    unused = [i for i in range(len(model.structure.slots)) if i not in res.used]
+    assert len(unused) == 1 and bool((res.routes[:, unused] == EXECUTE).all())
+
+
+# --------------------------------------------------------------------------- --train-only
+
+
+def _changed(a: dict, b: dict) -> set[str]:
+    return {k for k in a if not torch.equal(a[k], b[k])}
+
+
+def test_train_only_routers_changes_only_the_routers_and_resumes_exactly(tmp_path):
+    recipe = write(tmp_path, ETD)
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", recipe, "--out", str(a), "--steps", "4", "--eval-every", "4", *FAST]) == 0
+    shutil.copytree(a, b)
+    phase2 = ["--steps", "8", "--eval-every", "4", "--save-every", "2", *FAST]
+    assert main(["train", recipe, "--out", str(a), "--resume", "--train-only", "routers", *phase2]) == 0
+    base, routed = from_pretrained(a / "step-4").state_dict(), from_pretrained(a / "step-8").state_dict()
+    changed = _changed(base, routed)
+    assert changed and all(k.startswith("etd_router.routers.") or k == "etd_router.routes_on" for k in changed), changed
+    assert bool(routed["etd_router.routes_on"]) and not bool(base["etd_router.routes_on"])
+    r = rows(a)
+    assert [x["step"] for x in r] == list(range(1, 9))
+    for x in r[4:]:
+        assert {"route_loss", "route_acc", "applications", "applications_all_execute", "lm_loss",
+                "lm_loss_all_execute", "accuracy", "accuracy_all_execute", "search_forwards"} <= set(x)
+        assert x["loss"] == x["route_loss"] and 0.0 <= x["route_acc"] <= 1.0
+        assert x["applications"] <= x["applications_all_execute"] == 4
+        assert x["lm_loss"] <= x["lm_loss_all_execute"] + 0.02 + 1e-6  # the default tolerance
+    assert {"eval_accuracy", "eval_accuracy_all_execute", "eval_applications",
+            "eval_applications_all_execute"} <= set(r[-1])
+    # stopped at 6 and resumed (the mode is kept by a plain --resume): the same steps, bit for bit
+    assert main(["train", recipe, "--out", str(b), "--resume", "--train-only", "routers", "--stop-after", "6",
+                 *phase2]) == 0
+    assert main(["train", recipe, "--out", str(b), "--resume", *phase2]) == 0
+    ra, rb = rows(a), rows(b)
+    keys = ("loss", "route_acc", "applications", "lm_loss", "grad_norm", "lr")
+    assert [[x.get(k) for k in keys] for x in ra] == [[x.get(k) for k in keys] for x in rb]
+    assert not _changed(routed, from_pretrained(b / "step-8").state_dict())
+    # back to full training: a new phase at full depth (the routers stay on for evals and inference)
+    assert main(["train", recipe, "--out", str(b), "--resume", "--train-only", "all", "--steps", "9", *FAST]) == 0
+    last = rows(b)[-1]
+    assert last["step"] == 9 and "route_loss" not in last and last["eval_applications_all_execute"] == 4
+    full = from_pretrained(b / "step-9").state_dict()
+    assert bool(full["etd_router.routes_on"]) and any(k.startswith("blocks.") for k in _changed(routed, full))
+
+
+def test_train_only_branches_changes_only_the_branches(tmp_path):
+    d = with_router(branches={"n_branches": 2, "rank": 2})
+    recipe = write(tmp_path, d)
+    out = tmp_path / "br"
+    assert main(["train", recipe, "--out", str(out), "--steps", "2", *FAST]) == 0
+    assert main(["train", recipe, "--out", str(out), "--resume", "--train-only", "branches", "--steps", "5",
+                 *FAST]) == 0
+    before, after = from_pretrained(out / "step-2").state_dict(), from_pretrained(out / "step-5").state_dict()
+    changed = _changed(before, after)
+    branch = ("etd_router.lora_a.", "etd_router.lora_b.", "etd_router.branch_router.", "etd_router.bias")
+    assert any(k.startswith("etd_router.lora_b.") for k in changed)
+    assert all(k.startswith(branch) for k in changed), changed
+
+
+@pytest.mark.parametrize("recipe, mode, needle", [
+    ({"name": "plain", "model": {"vocab_size": 32, "d_model": 32, "max_seq_len": 64, "block_pattern": "GA"},
+      "components": {"gated_attn": {"n_heads": 2}}}, "routers", "no etd_router"),
+    (with_router(), "routers", "no Dr.LLM layer routers"),
+    (ETD, "branches", "no MoDr branches"),
+])
+def test_train_only_without_the_parts_is_a_one_line_error(tmp_path, capsys, recipe, mode, needle):
+    out = tmp_path / "o"
+    rc = main(["train", write(tmp_path, recipe), "--out", str(out), "--steps", "2", "--train-only", mode, *FAST])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("hymba train: --train-only") and needle in err[0], err
+    assert not out.exists()
+
+
+def test_trainer_api_rejects_a_mode_the_model_cannot_train(tmp_path):
+    from hymba_plus.core.recipe import load_recipe
+    from hymba_plus.training.config import TrainConfig
+    from hymba_plus.training.trainer import RunOptions, Trainer, TrainError
+
+    tr = Trainer(load_recipe(with_router()), TrainConfig(steps=2, batch_size=2, seq_len=16),
+                 RunOptions(out=tmp_path / "api", progress=False, train_only="routers"))
+    with pytest.raises(TrainError, match="no Dr.LLM layer routers"):
+        tr.setup()
+    assert not (tmp_path / "api").exists()
