@@ -537,24 +537,8 @@ class Trainer:
         if aux_sum is not None:
             vals.append(float(aux_sum) / cfg.grad_accum)
         vals = dist_mod.all_reduce(vals, self.info)
-        loss = vals[0]
-        if not math.isfinite(loss):
-            raise TrainError(self._nonfinite(step, f"loss is {loss}"))
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        gnorm = None
-        if cfg.grad_clip > 0:
-            gnorm = float(clip_grad_norm_(params, cfg.grad_clip))
-            if not math.isfinite(gnorm):
-                raise TrainError(self._nonfinite(step, f"gradient norm is {gnorm}"))
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        row = self._optimizer_step(step, vals[0], factor, "loss")
         self._update_biases()
-        self.samples += cfg.batch_size * cfg.grad_accum * self.info.world
-        row: dict[str, Any] = {"step": step + 1, "loss": loss, "lr": cfg.lr * factor}
-        if self.split.muon or self.split.muon_stacked:
-            row["muon_lr"] = cfg.muon_lr * factor
-        if gnorm is not None:
-            row["grad_norm"] = gnorm
         if aux_sum is not None:
             row["aux_loss"] = vals[1]
         # statistics are namespaced by who reports them (moe/..., etd/...); bare keys are MoE's
@@ -602,9 +586,22 @@ class Trainer:
                 sums[k] += v / cfg.grad_accum if k in means else v
         keys = list(sums)
         reduced = dict(zip(keys, dist_mod.all_reduce([sums[k] for k in keys], self.info)))
-        loss = reduced["route_loss"]
+        # loss: the objective trained here (the routers' focal loss); lm_loss: the task loss on the searched routes
+        row = self._optimizer_step(step, reduced["route_loss"], factor, "route loss")
+        for k in means:
+            row[k] = reduced[k]
+        if self.stream.metric == "accuracy":
+            row["accuracy"] = reduced["correct"] / max(reduced["scored"], 1.0)
+            row["accuracy_all_execute"] = reduced["correct_all_execute"] / max(reduced["scored"], 1.0)
+        row["search_forwards"] = forwards  # batch-sized forwards per step (search + teacher-forced)
+        return row
+
+    def _optimizer_step(self, step: int, loss: float, factor: float, what: str) -> dict[str, Any]:
+        """The end of every training step: the loss must be finite, global gradient clipping
+        (finite norm), the optimizer step; returns the step's metrics row so far."""
+        cfg = self.cfg
         if not math.isfinite(loss):
-            raise TrainError(self._nonfinite(step, f"route loss is {loss}"))
+            raise TrainError(self._nonfinite(step, f"{what} is {loss}"))
         params = [p for p in self.model.parameters() if p.grad is not None]
         gnorm = None
         if cfg.grad_clip > 0:
@@ -614,18 +611,11 @@ class Trainer:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.samples += cfg.batch_size * cfg.grad_accum * self.info.world
-        # loss: the objective trained here (the routers' focal loss); lm_loss: the task loss on the searched routes
         row: dict[str, Any] = {"step": step + 1, "loss": loss, "lr": cfg.lr * factor}
         if self.split.muon or self.split.muon_stacked:
             row["muon_lr"] = cfg.muon_lr * factor
         if gnorm is not None:
             row["grad_norm"] = gnorm
-        for k in means:
-            row[k] = reduced[k]
-        if self.stream.metric == "accuracy":
-            row["accuracy"] = reduced["correct"] / max(reduced["scored"], 1.0)
-            row["accuracy_all_execute"] = reduced["correct_all_execute"] / max(reduced["scored"], 1.0)
-        row["search_forwards"] = forwards  # batch-sized forwards per step (search + teacher-forced)
         return row
 
     def _update_biases(self) -> None:
