@@ -25,6 +25,7 @@ _FIELDS = {
     "seed": "seed", "data": "data", "tokenizer": "tokenizer", "eval_every": "eval_every",
     "eval_batches": "eval_batches", "save_every": "save_every", "keep_last": "keep_last",
     "mqar_pairs": "mqar_pairs", "copy_tokens": "copy_tokens", "val_frac": "val_frac",
+    "khop_hops": "khop_hops", "khop_nodes": "khop_nodes",
 }
 
 
@@ -43,11 +44,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      "else the defaults shown; flags override both (and, with --resume, the checkpoint's).")
     p.add_argument("recipe", metavar="RECIPE", help="recipe YAML file")
     p.add_argument("--out", help="output folder for checkpoints, metrics.jsonl, loss.png (default: runs/NAME)")
-    p.add_argument("--data", help="built-in task (mqar, selective_copy, parity), a text file or folder, or a "
+    p.add_argument("--data", help="built-in task (mqar, selective_copy, parity, khop), a text file or folder, or a "
                                   "folder written by `hymba prepare`")
     p.add_argument("--tokenizer", help="a `tokenizers` JSON file for text data (default: bytes)")
     p.add_argument("--mqar-pairs", type=int, help="mqar: key/value pairs per sequence (default: min(seq_len / 4, vocab_size / 2 - 1))")
     p.add_argument("--copy-tokens", type=int, help="selective_copy: tokens to copy (default: seq_len / 8)")
+    p.add_argument("--khop-hops", type=int, help="khop: pointers followed per query")
+    p.add_argument("--khop-nodes", type=int,
+                   help="khop: nodes of the cycle (default: min(vocab_size - 3, (seq_len - 1) / 5))")
     p.add_argument("--val-frac", type=float, help="text: held-out fraction for eval perplexity")
     p.add_argument("--resume", nargs="?", const="yes", choices=("yes", "auto"), default="no", metavar="auto",
                    help="continue from the newest intact checkpoint in --out (an error when there is none); "

@@ -4,8 +4,8 @@ Every field can be overridden on the command line (``hymba train --help`` names 
 flags). Sizes are per process: one optimizer step consumes
 ``batch_size * grad_accum * world_size`` sequences of ``seq_len`` tokens.
 
-``data`` is a built-in task name (``mqar``, ``selective_copy``, ``parity``: no files
-needed, accuracy is the eval metric) or a path: a text file, a folder of text files, or
+``data`` is a built-in task name (``mqar``, ``selective_copy``, ``parity``, ``khop``: no
+files needed, accuracy is the eval metric) or a path: a text file, a folder of text files, or
 a folder written by ``hymba prepare`` (token shards + ``index.json``).
 """
 
@@ -41,6 +41,8 @@ class TrainConfig:
     val_frac: float = spec(0.05, gt=0.0, max=0.5, doc="held-out fraction of a text corpus")
     mqar_pairs: int | None = spec(None, min=1, doc="MQAR key/value pairs (default: min(seq_len/4, vocab/2 - 1))")
     copy_tokens: int | None = spec(None, min=1, doc="selective copy: tokens to copy (default: seq_len/8)")
+    khop_hops: int = spec(2, min=1, doc="khop: pointers followed per query (k)")
+    khop_nodes: int | None = spec(None, min=2, doc="khop: nodes of the cycle (default: min(vocab - 3, (seq_len - 1)/5))")
     eval_every: int = spec(50, min=1)
     eval_batches: int = spec(4, min=1)
     save_every: int = spec(100, min=1)

@@ -8,6 +8,10 @@
   scattered among noise tokens; after a delimiter the model writes them in order.
 * parity — running parity (state tracking; Grazzi et al. 2024, arXiv 2411.12537):
   bits interleaved with the parity of every bit so far; each parity token is scored.
+* k-hop — pointer chasing (sequential reasoning steps, for depth-recurrent models): a
+  random cycle over N nodes written as shuffled ``a b ;`` triples, then every node as a
+  query followed directly by the node k pointers on; only those answers are scored
+  (``khop_hops``, ``khop_nodes``).
 
 The training stream draws *one sample per global sample index* from a generator seeded
 by ``(seed, index)`` (``Task.sample``), so a data position is one integer, a resumed run
@@ -164,6 +168,88 @@ def _parity_sample(rng: np.random.Generator, seq_len: int, vocab: int, cfg: Any)
     return ids, labels
 
 
+def _khop_hops(cfg: Any) -> int:
+    k = getattr(cfg, "khop_hops", None)
+    return k if k is not None else 2
+
+
+def _khop_nodes(seq_len: int, vocab: int, cfg: Any) -> int:
+    n = getattr(cfg, "khop_nodes", None)
+    return n if n is not None else min(vocab - 3, (seq_len - 1) // 5)
+
+
+def _khop_validate(seq_len: int, vocab: int, cfg: Any) -> None:
+    k = _khop_hops(cfg)
+    if k < 1:
+        raise TaskError(f"khop needs khop_hops >= 1, got {k}")
+    if vocab < 2 * k + 4:
+        raise TaskError(f"khop with {k} hops needs model.vocab_size >= {2 * k + 4} ({2 * k + 1} nodes + 3 specials), "
+                        f"got {vocab}")
+    n = _khop_nodes(seq_len, vocab, cfg)
+    if n > vocab - 3:
+        raise TaskError(f"khop: khop_nodes ({n}) must be <= vocab_size - 3 ({vocab - 3})")
+    if n < 2 * k + 1:
+        default = ("" if getattr(cfg, "khop_nodes", None) is not None else
+                   f" (the default min(vocab_size - 3, (seq_len - 1) / 5) at seq_len {seq_len}: "
+                   f"seq_len >= {10 * k + 6} holds enough)")
+        raise TaskError(f"khop with {k} hops needs >= {2 * k + 1} nodes, got {n}{default}")
+    if 5 * n + 1 > seq_len:
+        raise TaskError(f"khop with {n} nodes needs seq_len >= {5 * n + 1}, got {seq_len}")
+
+
+def _khop_sample(rng: np.random.Generator, seq_len: int, vocab: int, cfg: Any) -> tuple[np.ndarray, np.ndarray]:
+    """k-hop pointer chasing over N = ``khop_nodes`` nodes, k = ``khop_hops``.
+
+    Tokens: 0 pads the tail, 1 ends each pair, 2 separates the graph from the queries;
+    nodes are [3, N + 3). The graph is one random cycle through all N nodes (a random
+    cyclic permutation f), written as its N pairs ``a f(a) 1`` in random order; then every
+    node once, in random order, each followed by the node k pointers on::
+
+        a1 f(a1) 1  a2 f(a2) 1 ... aN f(aN) 1 | 2 | q1 f^k(q1) q2 f^k(q2) ... qN f^k(qN) | 0 0 ...
+
+    Only the answers f^k(q) are scored, and each query is followed directly by its k-hop
+    answer (no step f(q), ..., f^(k-1)(q) is written next to it), so a causal model must
+    chase the k pointers inside its forward pass at the query token. The pair end tells
+    sources from targets (without it a node's role is the parity of its position; a
+    2-layer attention model learned k = 1 much faster with it). N >= 2k + 1, so an answer
+    is never its query and f^k is no involution (whose earlier answers would give later
+    ones away). Because every node is queried, a later query whose cycle neighbour was
+    queried before has a route of 3 lookups whatever k (a hop or inverse hop to the
+    neighbour, find it among the queries, an inverse hop or hop from its answer): k <= 3
+    needs the full k lookups, larger k only partly.
+
+    Chance: distinct queries have distinct answers (f^k is a bijection), so a guess among
+    the nodes that are neither the query nor an earlier answer scores
+    (H_N - 1) / (N - 1) + 1 / N over the N queries (H_N the N-th harmonic number; 0.37 at
+    N = 8, 0.22 at N = 16): ``chance``. Models that cannot chase k pointers settle there.
+    """
+    k, n = _khop_hops(cfg), _khop_nodes(seq_len, vocab, cfg)
+    cycle = rng.permutation(n)  # cycle[0] -> cycle[1] -> ... -> cycle[n - 1] -> cycle[0]
+    where = np.empty(n, dtype=np.int64)
+    where[cycle] = np.arange(n)
+    src = rng.permutation(n)  # the order the pairs are written in
+    dst = cycle[(where[src] + 1) % n]
+    qry = rng.permutation(n)
+    ans = cycle[(where[qry] + k) % n]
+    ids = np.zeros(seq_len, dtype=np.int64)
+    ids[0 : 3 * n : 3], ids[1 : 3 * n : 3], ids[2 : 3 * n : 3] = src + 3, dst + 3, 1
+    ids[3 * n] = 2
+    q0 = 3 * n + 1
+    ids[q0 : q0 + 2 * n : 2], ids[q0 + 1 : q0 + 2 * n : 2] = qry + 3, ans + 3
+    labels = np.full(seq_len, -100, dtype=np.int64)
+    labels[q0 + 1 : q0 + 2 * n : 2] = ans + 3
+    return ids, labels
+
+
+def _khop_chance(vocab: int, cfg: Any) -> float:
+    """Query i of N (0-based) is answered by guessing among N - i - 1 nodes (not the query,
+    not the i earlier answers), or N - i when the query is itself an earlier answer
+    (probability i / (N - 1)); the last one is certain."""
+    n = max(2, _khop_nodes(getattr(cfg, "seq_len", 128), vocab, cfg))
+    harmonic = sum(1.0 / j for j in range(1, n + 1))
+    return (harmonic - 1.0) / (n - 1) + 1.0 / n
+
+
 @dataclass(frozen=True)
 class Task:
     name: str
@@ -189,4 +275,5 @@ TASKS: dict[str, Task] = {
                            _copy_validate, _copy_sample, lambda vocab, cfg: 1.0 / (vocab - 3)),
     "parity": Task("parity", "running parity of a bit stream", _parity_validate, _parity_sample,
                    lambda vocab, cfg: 0.5),
+    "khop": Task("khop", "k-hop pointer chasing on a random cycle", _khop_validate, _khop_sample, _khop_chance),
 }
