@@ -223,6 +223,8 @@ class ETDStack:
                 running = running & ~halt
                 if not last and not bool(running.any()):
                     break
+        if router.n_branches and router.training:  # MoDr: share of each branch since the last bias update
+            ctx.stats["etd/branch_load"] = (router.load / router.load.sum().clamp_min(1)).detach()
         if not act:
             return x
         n_real = real.sum().clamp_min(1)
