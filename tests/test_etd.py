@@ -265,3 +265,23 @@ def test_recipe_checks_the_partition(tmp_path):
     with pytest.raises(RecipeError, match="components.etd_router: takes effect only in an ETD model"):
         load_recipe(d)
     assert "etd_router" in registry.names()
+
+
+def test_the_seed_recipe_becomes_an_etd_model_by_adding_one_section():
+    """seeds/full-architecture.md §9: 40 layers as encoder 8 | think 24 x 4 | decoder 8."""
+    from pathlib import Path
+
+    import yaml
+
+    from hymba_plus.cli.info import describe
+
+    root = Path(__file__).resolve().parents[1]
+    d = yaml.safe_load((root / "configs" / "quad_hybrid_full.yaml").read_text())
+    d["model"]["etd"] = {"encoder_layers": 8, "think_layers": 24, "decoder_layers": 8, "iterations": 4}
+    r = load_recipe(d)
+    info = describe(r, torch.bfloat16)  # meta device: the 66B-parameter model costs nothing
+    plain = describe(load_recipe({**d, "model": {k: v for k, v in d["model"].items() if k != "etd"}}), torch.bfloat16)
+    assert info["params_total"] == plain["params_total"]  # tied think weights: no new parameters
+    with torch.device("meta"):
+        model = build_model(r)
+    assert len(model.structure.slots) == 8 + 24 * 4 + 8
