@@ -25,7 +25,7 @@ and how. The structure itself (which layer applications run, with which cache st
 * **MoDr branches** (``branches``; Mixture-of-Depth-Recurrent Transformers, ICLR 2026):
   ``n_branches`` LoRA branches (Hu et al. 2021, arXiv 2106.09685: ``W x + (alpha / r) B A x``)
   on every projection (``nn.Linear``) of the think blocks' token mixers and dense MLPs; a
-  hard-gate router picks one branch per think iteration and token (``argmax(logits + bias)``;
+  hard-gate router picks one branch per think iteration and token (``argmax(softmax + bias)``;
   the chosen branch's output is scaled by its softmax probability, so the router learns), and
   the bias is updated from the branch load after every optimizer step, without an auxiliary
   loss (DeepSeek-V3, arXiv 2412.19437 §2.1.2).
@@ -224,8 +224,10 @@ class ETDRouter(nn.Module):
         [B, S]). The load of the real tokens is accumulated for ``update_bias``."""
         assert self.branch_router is not None
         logits = self.branch_router(h).float()
-        choice = torch.argmax(logits.detach() + self.bias, dim=-1)
         prob = torch.softmax(logits, -1)
+        # the bias shifts the choice on the probability scale (DeepSeek-V3 adds it to affinities
+        # in [0, 1]), so a bounded bias can always rebalance whatever the logits' scale
+        choice = torch.argmax(prob.detach() + self.bias, dim=-1)
         onehot = F.one_hot(choice, self.n_branches).to(prob.dtype)
         if self.training:
             counted = onehot if valid is None else onehot * valid[..., None].to(onehot.dtype)
