@@ -62,6 +62,8 @@ class LayerRouterConfig:
     hidden: int = spec(64, min=1, doc="bottleneck width of each router MLP")
     windows: int = spec(4, min=1, doc="windowed mean pooling: windows per sequence")
     focal_gamma: float = spec(2.0, min=0.0, doc="focal loss gamma of router training")
+    class_balance: bool = spec(True, doc="router training weighs the route classes by inverse frequency "
+                                         "(Dr.LLM); false: every target weighs the same")
 
 
 @dataclass(frozen=True)

@@ -247,15 +247,16 @@ def search_routes(model: nn.Module, input_ids: Tensor, labels: Tensor, *, beam: 
                        used=used, forwards=calls, evaluations=search_budget(len(used), beam))
 
 
-def route_targets_loss(stats: dict, routes: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
+def route_targets_loss(stats: dict, routes: Tensor, gamma: float, balance: bool = True) -> tuple[Tensor, Tensor]:
     """(focal loss of the router logits of a teacher-forced forward against ``routes``, the
-    router accuracy), over the slots that ran, with Dr.LLM's class weights from the targets."""
+    router accuracy), over the slots that ran, with Dr.LLM's class weights from the targets
+    (``balance``; else every target weighs the same)."""
     from ..components.etd_router import class_weights, focal_loss
 
     logits, ran = stats["etd/route_logits"], stats["etd/route_slots"].to(routes.device)
     lg = logits[:, ran].reshape(-1, logits.shape[-1])
     tgt = routes[:, ran].reshape(-1)
-    loss = focal_loss(lg, tgt, gamma, class_weights(tgt, logits.shape[-1]))
+    loss = focal_loss(lg, tgt, gamma, class_weights(tgt, logits.shape[-1]) if balance else None)
     acc = (lg.detach().argmax(-1) == tgt).float().mean()
     return loss, acc
 

@@ -554,6 +554,7 @@ class Trainer:
         set_lr(self.opt, factor)
         self.model.eval()  # the frozen base is deterministic (no dropout, no balancing counts)
         gamma = self.model.etd_router.cfg.layer_router.focal_gamma
+        balance = self.model.etd_router.cfg.layer_router.class_balance
         means = ("route_loss", "route_acc", "applications", "applications_all_execute", "lm_loss",
                  "lm_loss_all_execute", "route_skip", "route_repeat")
         counts = ("correct", "correct_all_execute", "scored")
@@ -571,7 +572,7 @@ class Trainer:
                 if opts.compile is not None:
                     torch.compiler.cudagraph_mark_step_begin()
                 out = self.fwd(ids, routes=res.routes, check_inputs=False)
-            loss_t, acc_t = routes_mod.route_targets_loss(out.stats, res.routes, gamma)
+            loss_t, acc_t = routes_mod.route_targets_loss(out.stats, res.routes, gamma, balance)
             (loss_t / cfg.grad_accum).backward()
             forwards += res.evaluations + 1
             tgt = res.routes[:, res.used]
