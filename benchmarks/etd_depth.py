@@ -2,8 +2,9 @@
 beat fewer at equal parameters, and what do iterations beyond the trained number do?
 
 For each trained number of think iterations (``--iterations``, e.g. 1 2 3) the same recipe
-(same parameters: the think weights are tied) is trained with AdamW on the built-in ``khop``
-task, then evaluated on held-out samples at every iteration count up to
+(same parameters: the think weights are tied) is trained by the ``hymba train`` stack (Muon +
+AdamW, cosine schedule) on the built-in ``khop`` task, then evaluated on held-out samples at
+every iteration count up to
 ``--max-iterations`` (``forward(..., think_iterations=k)``). Also trains the ACT variant
 (adaptive iterations, ponder cost) and reports its mean iterations, and the MoDr variant
 (``--branches N``: N LoRA branches in the think block at the first trained iteration
@@ -18,18 +19,19 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-from hymba_plus import build_model
 from hymba_plus.training.tasks import TASKS, masked_accuracy
 
 
-def recipe(iterations: int, max_iterations: int, d_model: int, halting: str, vocab: int, branches: int = 0) -> dict:
-    return {
+def recipe(iterations: int, max_iterations: int, d_model: int, halting: str, vocab: int, branches: int = 0,
+           train: dict | None = None) -> dict:
+    return {"train": train or {},
         "name": f"etd-khop-{halting}-{iterations}",
         "model": {"vocab_size": vocab, "d_model": d_model, "max_seq_len": 64, "block_pattern": "GA | GA | GA",
                   "etd": {"encoder_layers": 1, "think_layers": 1, "decoder_layers": 1,
@@ -41,40 +43,26 @@ def recipe(iterations: int, max_iterations: int, d_model: int, halting: str, voc
     }
 
 
-def batches(task, cfg, vocab: int, seq_len: int, batch: int, seed: int, stream: int, start: int):
-    i = start
-    while True:
-        yield task.batch(range(i, i + batch), seed, seq_len, vocab, cfg, stream=stream)
-        i += batch
+def train_one(r: dict, args, seed: int) -> tuple[torch.nn.Module, float, list[float] | None]:
+    """Train with ``hymba train``'s loop into a temporary folder; (model, seconds, MoDr branch
+    load averaged over the last 100 steps' metrics or None)."""
+    from hymba_plus import from_pretrained, load_recipe
+    from hymba_plus.training.trainer import RunOptions, train
 
-
-def train_one(r: dict, task, cfg, args, seed: int) -> tuple[torch.nn.Module, float, list[float] | None]:
-    torch.manual_seed(seed)
-    model = build_model(r).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
-    data = batches(task, cfg, args.vocab, args.seq_len, args.batch, seed, 0, 0)
-    t0 = time.perf_counter()
-    router = model.etd_router
-    load = torch.zeros(max(router.n_branches, 1))
-    for step in range(args.steps):
-        ids, labels = next(data)
-        out = model(ids, labels=labels)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if router.n_branches:
-            if step >= args.steps - 100:  # the branch load of the last 100 steps
-                load += router.load
-            router.update_bias()  # loss-free balancing (no auxiliary loss)
-    share = (load / load.sum()).tolist() if router.n_branches else None
-    return model.eval(), time.perf_counter() - t0, share
+    recipe = load_recipe(r)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        summary = train(recipe, recipe.train, RunOptions(out=Path(tmp) / "run", progress=False, log=lambda m: None))
+        secs = time.perf_counter() - t0
+        model = from_pretrained(summary.checkpoint).eval()
+        rows = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    loads = [row["etd/branch_load"] for row in rows[-100:] if "etd/branch_load" in row]
+    share = [sum(col) / len(loads) for col in zip(*loads)] if loads else None
+    return model, secs, share
 
 
 @torch.no_grad()
-def evaluate(model, task, cfg, args, seed: int, k: int | None) -> tuple[float, float | None]:
+def evaluate(model, task, cfg, args, seed: int, k: int | None) -> tuple[float, float | None]:  # noqa: ANN001
     ids, labels = task.batch(range(10**6, 10**6 + args.eval_size), seed, args.seq_len, args.vocab, cfg, stream=1)
     out = model(ids, think_iterations=k) if k is not None else model(ids)
     it = out.stats.get("etd/iterations") if out.stats else None
@@ -92,7 +80,6 @@ def main() -> None:
     ap.add_argument("--d-model", type=int, default=64)
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--eval-size", type=int, default=1024)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--no-act", action="store_true", help="skip the adaptive (ACT) variant")
@@ -110,8 +97,11 @@ def main() -> None:
     variants += [("none", args.iterations[0], args.branches)] if args.branches else []
     for halting, n, n_br in variants:
         for seed in args.seeds:
-            r = recipe(n, args.max_iterations, args.d_model, halting, args.vocab, n_br)
-            model, secs, share = train_one(r, task, cfg, args, seed)
+            train_cfg = {"steps": args.steps, "batch_size": args.batch, "seq_len": args.seq_len, "data": "khop",
+                         "khop_hops": args.hops, "khop_nodes": args.nodes, "seed": seed, "warmup_steps": 50,
+                         "eval_every": args.steps, "save_every": args.steps, "keep_last": 1}
+            r = recipe(n, args.max_iterations, args.d_model, halting, args.vocab, n_br, train_cfg)
+            model, secs, share = train_one(r, args, seed)
             ks = range(1, args.max_iterations + 1) if halting == "none" else [None]
             acc = {}
             act_iters = None
@@ -131,7 +121,8 @@ def main() -> None:
     result = {"device": f"cpu ({platform.processor() or platform.machine()}, 1 thread)", "torch": torch.__version__,
               "task": {"name": "khop", "hops": args.hops, "nodes": args.nodes, "seq_len": args.seq_len,
                        "vocab": args.vocab, "chance": chance},
-              "train": {"steps": args.steps, "batch": args.batch, "lr": args.lr, "optimizer": "AdamW, one-cycle"},
+              "train": {"steps": args.steps, "batch": args.batch, "stack": "hymba train (Muon + AdamW, cosine, "
+                                                                             "warmup 50)"},
               "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
