@@ -62,11 +62,24 @@ def train_one(r: dict, args, seed: int) -> tuple[torch.nn.Module, float, list[fl
 
 
 @torch.no_grad()
-def evaluate(model, task, cfg, args, seed: int, k: int | None) -> tuple[float, float | None]:  # noqa: ANN001
+def evaluate(model, task, cfg, args, seed: int, k: int | None) -> tuple[float, float | None, float | None]:  # noqa: ANN001
+    """(accuracy, mean ACT iterations over all tokens, mean ACT iterations at the tokens whose
+    next token is scored). Also checks causality on these very inputs: changing the last
+    token changes no earlier logit (a guard against a leak in the reported numbers)."""
     ids, labels = task.batch(range(10**6, 10**6 + args.eval_size), seed, args.seq_len, args.vocab, cfg, stream=1)
-    out = model(ids, think_iterations=k) if k is not None else model(ids)
+    kw = {"think_iterations": k} if k is not None else {}
+    out = model(ids, **kw)
     it = out.stats.get("etd/iterations") if out.stats else None
-    return masked_accuracy(out.logits, labels), (float(it) if it is not None else None)
+    at_answers = None
+    n_used = getattr(model.structure, "_n_used", None)
+    if it is not None and n_used is not None:
+        n_meta = model.config.meta_tokens
+        scored = labels[:, 1:] != -100
+        at_answers = float(n_used[:, n_meta:-1][scored].float().mean())
+    probe = ids[:64].clone()
+    probe[:, -1] = (probe[:, -1] + 1) % args.vocab
+    assert torch.equal(model(probe, **kw).logits[:, :-1], out.logits[:64, :-1]), "a future token changed the past"
+    return masked_accuracy(out.logits, labels), (float(it) if it is not None else None), at_answers
 
 
 def main() -> None:
@@ -83,6 +96,7 @@ def main() -> None:
     ap.add_argument("--eval-size", type=int, default=1024)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--no-act", action="store_true", help="skip the adaptive (ACT) variant")
+    ap.add_argument("--only-act", action="store_true", help="train the adaptive (ACT) variant only")
     ap.add_argument("--branches", type=int, default=0, help="also train MoDr with this many branches (0 = no)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "etd_depth_cpu.json")
     args = ap.parse_args()
@@ -92,7 +106,7 @@ def main() -> None:
     task.validate(args.seq_len, args.vocab, cfg)
     chance = task.chance(args.vocab, cfg)
     rows = []
-    variants = [("none", n, 0) for n in args.iterations]
+    variants = [] if args.only_act else [("none", n, 0) for n in args.iterations]
     variants += [] if args.no_act else [("act", args.max_iterations, 0)]
     variants += [("none", args.iterations[0], args.branches)] if args.branches else []
     for halting, n, n_br in variants:
@@ -104,19 +118,22 @@ def main() -> None:
             model, secs, share = train_one(r, args, seed)
             ks = range(1, args.max_iterations + 1) if halting == "none" else [None]
             acc = {}
-            act_iters = None
+            act_iters = act_at_answers = None
             for k in ks:
-                a, it = evaluate(model, task, cfg, args, seed, k)
+                a, it, at_ans = evaluate(model, task, cfg, args, seed, k)
                 acc["adaptive" if k is None else k] = a
-                act_iters = it if k is None else act_iters
+                if k is None:
+                    act_iters, act_at_answers = it, at_ans
             row = {"halting": halting, "trained_iterations": n, "branches": n_br, "seed": seed,
                    "params": model.num_parameters(), "train_seconds": round(secs, 1), "accuracy": acc,
-                   "act_mean_iterations": act_iters, "branch_load_last_100_steps": share}
+                   "act_mean_iterations": act_iters, "act_mean_iterations_at_answers": act_at_answers,
+                   "branch_load_last_100_steps": share}
             rows.append(row)
             evals = " ".join(f"{k}:{v:.3f}" for k, v in acc.items())
             print(f"{halting:>4} trained@{n}{f' MoDr x{n_br}' if n_br else ''} seed {seed}: params "
                   f"{row['params']:,}, {secs:.0f}s, eval acc by iterations {evals}"
-                  + (f", mean iterations {act_iters:.2f}" if act_iters is not None else "")
+                  + (f", mean iterations {act_iters:.2f} ({act_at_answers:.2f} at the answers)"
+                     if act_iters is not None else "")
                   + (f", branch load {' '.join(f'{x:.2f}' for x in share)}" if share else ""), flush=True)
     result = {"device": f"cpu ({platform.processor() or platform.machine()}, 1 thread)", "torch": torch.__version__,
               "task": {"name": "khop", "hops": args.hops, "nodes": args.nodes, "seq_len": args.seq_len,
