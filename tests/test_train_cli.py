@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from hymba_plus.cli import main
 from hymba_plus.training import checkpoint as ckpt_mod
@@ -26,20 +25,9 @@ from hymba_plus.training.progress import Progress
 from hymba_plus.training.schedule import Schedule, lr_factor
 from hymba_plus.training.signals import StopRequest
 from tests.helpers import tree_changes, tree_snapshot
+from tests.test_checkpoint import FAST, recipe_file  # the tiny 2-layer recipe and fast flags
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {
-    "name": "train-cli-tiny",
-    "model": {"vocab_size": 32, "d_model": 32, "max_seq_len": 64, "block_pattern": "GA | GA"},
-    "components": {"gated_attn": {"n_heads": 2}, "mlp": {"d_hidden": 64}},
-}
-FAST = ["--batch-size", "2", "--seq-len", "16", "--warmup", "1", "--eval-every", "100", "--no-progress"]
-
-
-def recipe_file(tmp_path: Path) -> str:
-    p = tmp_path / "r.yaml"
-    p.write_text(yaml.safe_dump(TINY))
-    return str(p)
 
 
 def rows(out: Path) -> list[dict]:
