@@ -29,6 +29,14 @@ State (``Mamba3State``): ``h [B,H,N,P]``, the previous real token's rotated B (`
 and x (``v [B,H,P]``) that the trapezoid needs, and the cumulative angle (``theta [B,H,K]``).
 Constant size. Inert (padding) slots get Δ = 0: no decay, no write, no rotation, and the
 previous-token memory stays at the last real token. Decode (T = 1) runs the exact step.
+
+Block diffusion (``core.two_stream``): ``boundary_forward(x, ctx, block_size, offset)``
+returns the ordinary forward output plus the state at every block start ``offset + j*bs``
+as one ``Mamba3State`` of batch ``B*nb`` (row ``b*nb + j``), each equal to the state a cached
+prefix forward leaves. It runs the reference chunked scan (first the ``offset`` tokens, then
+the rest with chunks of ``gcd(chunk_size, bs)``) and takes h from its carries at chunk
+starts, and the previous-token k, v and angle sum from the per-token tensors; no loop over
+blocks beyond the scan's own chunk loop. ``boundary_inner`` is the same before ``out_proj``.
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ from ..core.cache import LayerState, StepContext
 from ..core.config import spec
 from ..core.registry import register
 from ..kernels.dispatch import compute_dtype
-from ..kernels.mamba3 import Mamba3Carry, mamba3, mamba3_step
+from ..kernels.mamba3 import Mamba3Carry, mamba3, mamba3_chunked, mamba3_step
 from .norm import RMSNorm
 
 
@@ -197,3 +205,50 @@ class Mamba3(nn.Module):
     def forward(self, u: Tensor, ctx: StepContext, state: Mamba3State | None = None) -> Tensor:
         y = self.inner(u, ctx, state)
         return self.out_proj(y) if self.out_proj is not None else y
+
+    def boundary_inner(self, u: Tensor, ctx: StepContext, block_size: int,
+                       offset: int) -> tuple[Tensor, Mamba3State]:
+        """``boundary_forward`` before ``out_proj``: ([B, T, d_inner], state of batch B*nb)
+        (hymba's SSM heads use this)."""
+        Bsz, T, _ = u.shape
+        if ctx.lengths is not None:
+            raise ValueError("boundary_forward takes no padding (ctx.lengths must be None)")
+        nb = (T - offset) // block_size
+        if block_size < 1 or offset < 0 or nb < 1 or offset + nb * block_size != T:
+            raise ValueError(f"need T = offset + nb * block_size with nb >= 1, got T={T}, "
+                             f"offset={offset}, block_size={block_size}")
+        q, k, x, adt, dt, trap, angles, z = self._project(u)
+        st0 = self.init_state(Bsz, u.device, u.dtype)
+        kw = dict(D=self.D, mimo_v=self.mimo_x, mimo_z=self.mimo_z, mimo_o=self.mimo_o, pairing=self.pairing)
+        ins = (q, k, x, adt, dt, trap, angles, z)
+        carry, ys = st0.carry(), []
+        if offset:  # the first offset tokens (meta) alone: their end carry is block 0's start
+            a = [t[:, :offset] for t in ins]
+            y0, carry = mamba3_chunked(*a[:7], self.C_bias, self.B_bias, carry, z=a[7],
+                                       chunk_size=self.cfg.chunk_size, **kw)
+            ys.append(y0)
+        L = math.gcd(self.cfg.chunk_size, block_size)  # chunks tile the blocks: block j starts chunk j*bs/L
+        a = [t[:, offset:] for t in ins]
+        y1, _, starts = mamba3_chunked(*a[:7], self.C_bias, self.B_bias, carry, z=a[7], chunk_size=L,
+                                       return_starts=True, **kw)
+        ys.append(y1)
+        y = torch.cat(ys, dim=1) if offset else y1
+        sel = slice(None, None, block_size // L)
+        fields = [t[:, sel].reshape(Bsz * nb, *t.shape[2:]).to(st0.h.dtype) for t in starts]
+        states = Mamba3State(h=fields[0], k=fields[1], v=fields[2], theta=fields[3])
+        return y.reshape(Bsz, T, self.d_inner).to(u.dtype), states
+
+    def boundary_forward(self, x: Tensor, ctx: StepContext, block_size: int,
+                         offset: int) -> tuple[Tensor, Mamba3State]:
+        """Block-diffusion clean pass (``core.two_stream``): the ordinary forward of ``x``
+        ([B, T, D], no padding, T = offset + nb * block_size) and the cache state at every
+        block start, as one ``Mamba3State`` of batch B*nb whose row ``b*nb + j`` is the state a
+        cached forward of ``x[b, :offset + j*block_size]`` from ``init_state`` leaves (j = 0:
+        after the first ``offset`` tokens; the init state if offset = 0).
+
+        Runs the reference ``mamba3_chunked`` (the first ``offset`` tokens, then the rest from
+        their carry with chunks of ``gcd(chunk_size, block_size)`` so that the chunk-start
+        carries include every block start) even where ``forward`` would take a mamba-ssm fast
+        kernel (16-bit CUDA): then y matches that forward only to the kernel's precision."""
+        y, states = self.boundary_inner(x, ctx, block_size, offset)
+        return (self.out_proj(y) if self.out_proj is not None else y), states

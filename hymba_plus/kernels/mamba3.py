@@ -46,7 +46,8 @@ Paths
   (``gamma_s`` on the diagonal, ``gamma_s + (1 - lambda_{s+1}) Δ_{s+1}`` below it) multiplies the
   rotated ``C B^T`` scores; only the state is carried over a Python loop over chunks. The
   trapezoid term that crosses a chunk boundary is folded into the chunk's initial state
-  (``h + (1 - lambda_{c0}) Δ_{c0} k_prev v_prev^T``).
+  (``h + (1 - lambda_{c0}) Δ_{c0} k_prev v_prev^T``). ``return_starts=True`` also returns the
+  carry at every chunk start (block diffusion's block-start states).
 * ``mamba3`` — dispatch. Fast paths (both from the ``mamba-ssm`` package, 2.3.x on PyPI, which
   ships the official Mamba-3 kernels; ``fla-core`` 0.6.0 has no Mamba-3 kernel):
 
@@ -216,18 +217,26 @@ def mamba3_chunked(
     q_bias: Tensor, k_bias: Tensor, carry: Mamba3Carry | None = None, *, D: Tensor | None = None,
     z: Tensor | None = None, mimo_v: Tensor | None = None, mimo_z: Tensor | None = None,
     mimo_o: Tensor | None = None, lengths: Tensor | None = None, chunk_size: int = 64,
-    pairing: str = "interleaved",
-) -> tuple[Tensor, Mamba3Carry]:
+    pairing: str = "interleaved", return_starts: bool = False,
+) -> tuple[Tensor, Mamba3Carry] | tuple[Tensor, Mamba3Carry, Mamba3Carry]:
     """Chunked (SSD) form of the same recurrence; no loop over tokens.
 
     q, k [B,T,R,G,N]; v, z [B,T,H,P]; adt, dt, trap [B,T,H]; angles [B,T,H,K]; lengths [B]
     (real tokens first; inert slots get Δ = 0 so they leave the state untouched).
     Returns y [B,T,H,P] (v's dtype) and the carry after the last real token.
+
+    ``return_starts=True`` (no ``lengths``) also returns the carry at every chunk start, a
+    ``Mamba3Carry`` whose fields have a chunk dim after the batch (``h [B,c,H,N,P]``,
+    ``k [B,c,H,R,N]``, ``v [B,c,H,P]``, ``theta [B,c,H,K]``): entry ``c`` is the carry after
+    tokens ``[0, c*L)`` (``L = min(chunk_size, T)``; entry 0 is the input carry). Block
+    diffusion (``Mamba3.boundary_forward``) takes the block starts from it.
     """
     Bsz, T, R, G, N = q.shape
     H, P = v.shape[2], v.shape[3]
     cdt = dispatch.compute_dtype(v)
     dev = v.device
+    if return_starts and lengths is not None:
+        raise ValueError("return_starts needs lengths=None (every slot real)")
     if carry is None:
         carry = zero_carry(Bsz, H, N, P, R, angles.shape[-1], dev, cdt)
     dt, adt = dt.to(cdt), adt.to(cdt)
@@ -277,8 +286,9 @@ def mamba3_chunked(
     fold = wc[..., 0, None, None] * (k_prev.transpose(-1, -2) @ v_prev)  # [B,H,c,N,P]
     a_chunk = torch.exp(cum[..., -1])[..., None, None]  # [B,H,c,1,1]
     h = carry.h.to(cdt)
-    starts = []
+    starts, h_starts = [], []
     for c in range(nc):
+        h_starts.append(h)  # the carried state at this chunk start (before the trapezoid fold)
         s0 = h + fold[:, :, c]
         starts.append(s0)
         h = a_chunk[:, :, c] * s0 + h_loc[:, :, c]
@@ -297,7 +307,15 @@ def mamba3_chunked(
         last_k = torch.where(has[:, None, None, None], kr[rows, idx], carry.k.to(cdt))
         last_v = torch.where(has[:, None, None], v[rows, idx].to(cdt), carry.v.to(cdt))
         last_th = torch.where(has[:, None, None], theta[rows, idx], carry.theta.to(cdt))
-    return out, Mamba3Carry(h, last_k, last_v, last_th)
+    if not return_starts:
+        return out, Mamba3Carry(h, last_k, last_v, last_th)
+    # chunk c starts after token c*L - 1: its previous-token terms and angle sum, gathered
+    prev = torch.arange(1, nc, device=dev) * L - 1
+    st_k = torch.cat([carry.k.to(cdt)[:, None], kr[:, prev]], dim=1)  # [B,c,H,R,N]
+    st_v = torch.cat([carry.v.to(cdt)[:, None], v[:, prev].to(cdt)], dim=1)  # [B,c,H,P]
+    st_th = torch.cat([carry.theta.to(cdt)[:, None], theta[:, prev]], dim=1)  # [B,c,H,K]
+    starts_c = Mamba3Carry(torch.stack(h_starts, dim=1), st_k, st_v, st_th)
+    return out, Mamba3Carry(h, last_k, last_v, last_th), starts_c
 
 
 # ----------------------------------------------------------------------------- fast paths
