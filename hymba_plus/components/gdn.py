@@ -21,6 +21,12 @@ State (``GDNState``): the conv tail ``[B, C_qkv, K-1]`` and the matrix memory
 ``S [B, Hv, dk, dv]`` (float32) — constant size, whatever the length. Inert (padding)
 slots get ``beta = 0`` and ``g = 0``, which leave ``S`` exactly unchanged, and the conv
 keeps only real inputs, so a padded row advances by exactly its real tokens.
+
+Block diffusion (``core.two_stream``): ``boundary_forward(x, ctx, block_size, offset)`` is
+the ordinary forward plus the cache state at every block start ``offset + j*block_size``, as
+one ``GDNState`` of batch ``B*nb``, in one kernel pass: S from the chunked reference's chunk
+start states advanced inside their chunk (``states_at`` in ``kernels.gdn``), the conv tails
+from ``conv_tails``. ``boundary_inner`` is the same before ``out_proj`` (for hymba).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from torch import Tensor, nn
 from ..core.cache import LayerState, StepContext
 from ..core.config import spec
 from ..core.registry import register
-from ..kernels.conv import causal_conv1d
+from ..kernels.conv import causal_conv1d, conv_tails
 from ..kernels.dispatch import compute_dtype
 from ..kernels.gdn import gated_delta_rule
 from .norm import GatedRMSNorm
@@ -143,12 +149,62 @@ class GatedDeltaNet(nn.Module):
     def inner(self, x: Tensor, ctx: StepContext, state: GDNState | None = None) -> Tensor:
         """Everything before the output projection: [B, T, n_v_heads * value_dim]
         (hymba's SSM heads use this and apply their own shared projection)."""
-        B, T, _ = x.shape
         qkv = self.qkv_proj(x)
+        q, k, v, g, beta, new_conv = self._gates(x, qkv, ctx, state.conv if state is not None else None)
+        o, S = gated_delta_rule(
+            q, k, v, g, beta,
+            initial_state=state.S if state is not None else None,
+            output_final_state=state is not None,
+            use_qk_l2norm=True,
+            chunk_size=self.cfg.chunk_size,
+            delta_rule=self.cfg.delta_rule,
+        )
+        if state is not None:
+            state.S = S
+            state.conv = new_conv
+        return self._output(o, x)
+
+    def boundary_forward(self, x: Tensor, ctx: StepContext, block_size: int, offset: int) -> tuple[Tensor, GDNState]:
+        """Block-diffusion clean pass (``core.two_stream``): ``(self(x, ctx), states)`` where
+        ``states`` (batch ``B*nb``, row ``b*nb + j``) is the cache state a cached forward of
+        ``x[b, :offset + j*block_size]`` leaves (``T = offset + nb*block_size``; no padding)."""
+        o, states = self.boundary_inner(x, ctx, block_size, offset)
+        return self.out_proj(o), states
+
+    def boundary_inner(self, x: Tensor, ctx: StepContext, block_size: int,
+                       offset: int) -> tuple[Tensor, GDNState]:
+        """``boundary_forward`` before the output projection: ``(self.inner(x, ctx), states)``.
+
+        One pass of the chunked reference kernel: the output equals the ordinary forward's
+        (same chunking, round-off only) and the S states at the block starts come from the
+        kernel's chunk start states (``states_at``); conv tails from ``conv_tails`` on the
+        pre-conv q|k|v. On CUDA with 16-bit inputs this clean pass uses the reference kernel,
+        not fla (which exposes no intermediate states); the noisy blocks then run through the
+        ordinary cached path (fla when selected)."""
+        B, T, _ = x.shape
+        nb = (T - offset) // block_size if block_size > 0 else 0
+        if block_size < 1 or offset < 0 or nb < 1 or T != offset + nb * block_size:
+            raise ValueError(f"gdn.boundary_forward: need T = offset + nb * block_size with nb >= 1, got T={T}, "
+                             f"offset={offset}, block_size={block_size}")
+        if ctx.lengths is not None:
+            raise ValueError("gdn.boundary_forward: padding (ctx.lengths) is not supported")
+        starts = offset + block_size * torch.arange(nb, device=x.device)  # [nb] tokens before block j
+        qkv = self.qkv_proj(x)
+        conv = conv_tails(qkv, starts, self.cfg.conv_size - 1) if self.conv_weight is not None else None
+        q, k, v, g, beta, _ = self._gates(x, qkv, ctx, None)
+        o, _, S = gated_delta_rule(q, k, v, g, beta, output_final_state=False, use_qk_l2norm=True,
+                                   chunk_size=self.cfg.chunk_size, delta_rule=self.cfg.delta_rule, states_at=starts)
+        S = S.to(compute_dtype(x.dtype)).reshape(B * nb, self.hv, self.dk, self.dv)
+        return self._output(o, x), GDNState(conv=conv, S=S)
+
+    def _gates(self, x: Tensor, qkv: Tensor, ctx: StepContext,
+               conv_state: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        """Kernel inputs from x and its pre-conv q|k|v projection: q, k [B, T, H, dk],
+        v [B, T, Hv, dv], g, beta [B, T, Hv] (inert slots: g = beta = 0), the new conv tail."""
+        B, T, _ = x.shape
         new_conv = None
         if self.conv_weight is not None:
-            qkv, new_conv = causal_conv1d(qkv, self.conv_weight, None, state.conv if state is not None else None,
-                                          ctx.lengths, activation="silu")
+            qkv, new_conv = causal_conv1d(qkv, self.conv_weight, None, conv_state, ctx.lengths, activation="silu")
         else:
             qkv = F.silu(qkv)
         q, k, v = qkv.split([self.key_size, self.key_size, self.value_size], dim=-1)
@@ -163,16 +219,10 @@ class GatedDeltaNet(nn.Module):
         if valid is not None:  # inert slots: no decay, no write -> the state does not move
             beta = torch.where(valid[..., None], beta, torch.zeros_like(beta))
             g = torch.where(valid[..., None], g, torch.zeros_like(g))
-        o, S = gated_delta_rule(
-            q, k, v, g, beta,
-            initial_state=state.S if state is not None else None,
-            output_final_state=state is not None,
-            use_qk_l2norm=True,
-            chunk_size=self.cfg.chunk_size,
-            delta_rule=self.cfg.delta_rule,
-        )
-        if state is not None:
-            state.S = S
-            state.conv = new_conv
+        return q, k, v, g, beta, new_conv
+
+    def _output(self, o: Tensor, x: Tensor) -> Tensor:
+        """Gated RMSNorm of the kernel output o [B, T, Hv, dv] -> [B, T, value_size]."""
+        B, T, _ = x.shape
         o = self.norm(o, self.z_proj(x).reshape(B, T, self.hv, self.dv))
         return o.reshape(B, T, self.value_size)

@@ -41,13 +41,18 @@ Three entry points:
       S_C = gamma_C S_0 + K^T diag(exp(G_C - G_j)) U
 
   ``T`` not divisible by ``C`` is padded with ``g = 0, beta = 0`` (exact no-ops).
+
+  ``states_at`` (block diffusion, ``core.two_stream``) also returns the state after ``p``
+  tokens for many ``p`` at once, without more loop steps: the chunk's start state ``S_0``
+  (collected by the loop anyway) advanced by its first ``i = p mod C`` steps,
+  ``gamma_{i-1} S_0 + K_{<i}^T diag(exp(G_{i-1} - G_j)) U_{<i}`` (the ``S_C`` formula cut at ``i``).
 * ``gated_delta_rule`` — the dispatcher: fla's ``chunk_gated_delta_rule`` (T > 1, or
   whenever autograd needs a backward) or ``fused_recurrent_gated_delta_rule`` (decode:
   T == 1 without autograd; fla gives it no backward) on CUDA when importable
   (``kernels.dispatch``, op name ``"gdn"``) for float16/bfloat16 inputs, else the references
   (chunked for T > 1, recurrent for T == 1). float32 stays on the reference: fla computes
   float32 matmuls in tf32 (measured 1.01e-3 relative on the final state at T = 1 on an H100).
-  The ``delta_rule=False`` ablation always uses the reference.
+  The ``delta_rule=False`` ablation, and any call with ``states_at``, use the reference.
 
 The references compute in float32 (float64 when given float64) and return the state in
 that dtype; outputs take the dtype of ``v``.
@@ -166,12 +171,16 @@ def chunk_gated_delta_rule_ref(
     use_qk_l2norm: bool = False,
     chunk_size: int = 64,
     delta_rule: bool = True,
-) -> tuple[Tensor, Tensor | None]:
+    states_at: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Tensor | None, Tensor]:
     """Chunkwise WY / UT-transform form of the gated delta rule (see the module docstring).
 
     Everything inside a chunk is batched over all chunks at once (one triangular solve of
     shape ``[B, Hv, N, C, C]``); only the inter-chunk state recurrence loops, over the
-    ``N = ceil(T / C)`` chunks. Same returns as ``recurrent_gated_delta_rule_ref``.
+    ``N = ceil(T / C)`` chunks. Same returns as ``recurrent_gated_delta_rule_ref``; with
+    ``states_at`` ([n] long, values in ``[0, T]``) a third value, the state after the first
+    ``states_at[m]`` tokens for every ``m`` (``initial_state`` for 0), as ``[B, n, Hv, dk, dv]``
+    in the state's dtype.
     """
     out_dtype = v.dtype
     q, k, v, g, beta, S, scale = _prepare(q, k, v, g, beta, initial_state, scale, use_qk_l2norm)
@@ -215,7 +224,32 @@ def chunk_gated_delta_rule_ref(
     U = torch.stack(news, dim=2)  # [B, Hv, N, C, dv]
     o = (qs * gamma[..., None]) @ S0 + attn @ U
     o = o.reshape(B, Hv, N * C, dv)[:, :, :T].transpose(1, 2)
-    return o.to(out_dtype), (S if output_final_state else None)
+    if states_at is None:
+        return o.to(out_dtype), (S if output_final_state else None)
+    return o.to(out_dtype), (S if output_final_state else None), _states_within(S0, S, U, k, G, states_at, T)
+
+
+def _states_within(S0: Tensor, S_end: Tensor, U: Tensor, k: Tensor, G: Tensor, at: Tensor, T: int) -> Tensor:
+    """State after ``p`` tokens for every ``p`` in ``at`` [n] (0 <= p <= T), from the chunk
+    start states ``S0`` [B, Hv, N, dk, dv], the final state, the new values ``U`` [B, Hv, N, C, dv],
+    keys [B, Hv, N, C, dk] and local cumulative log-decays ``G`` [B, Hv, N, C]: chunk
+    ``n = p // C`` advanced by its first ``i = p % C`` steps (``p == T == N*C``: the final state).
+    Returns [B, n, Hv, dk, dv]."""
+    N, C = G.shape[2], G.shape[3]
+    at = at.to(device=G.device, dtype=torch.long)
+    if at.dim() != 1 or (at.numel() and (int(at.min()) < 0 or int(at.max()) > T)):
+        raise ValueError(f"gdn: states_at must be a 1-D tensor of token counts in [0, {T}], got {at.tolist()}")
+    n_state = at // C  # index into [S0 | S_end] (N + 1 states)
+    n_in = n_state.clamp_max(N - 1)  # p == N*C: i = 0, nothing of the chunk is used
+    i = at - n_state * C  # steps of the chunk already taken, 0 <= i < C
+    starts = torch.cat([S0, S_end[:, :, None]], dim=2)[:, :, n_state]  # [B, Hv, n, dk, dv]
+    Gn = G[:, :, n_in]  # [B, Hv, n, C]
+    G_prev = torch.where(i > 0, Gn.gather(-1, (i - 1).clamp_min(0).expand(*Gn.shape[:2], -1)[..., None])[..., 0],
+                         torch.zeros_like(Gn[..., 0]))  # G_{i-1}, 0 for i = 0
+    before = torch.arange(C, device=G.device)[None, :] < i[:, None]  # [n, C]: steps j < i
+    w = (G_prev[..., None] - Gn).masked_fill(~before, float("-inf")).exp()  # exp(G_{i-1} - G_j), j < i
+    states = G_prev.exp()[..., None, None] * starts + (k[:, :, n_in] * w[..., None]).transpose(-1, -2) @ U[:, :, n_in]
+    return states.transpose(1, 2)
 
 
 def _fast_ok(q: Tensor, v: Tensor) -> bool:
@@ -255,15 +289,21 @@ def gated_delta_rule(
     use_qk_l2norm: bool = False,
     chunk_size: int = 64,
     delta_rule: bool = True,
-) -> tuple[Tensor, Tensor | None]:
+    states_at: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Tensor | None, Tensor]:
     """Gated delta rule with dispatch (see the module docstring).
 
     q, k: [B, T, H, dk]; v: [B, T, Hv, dv]; g (log decay, <= 0), beta: [B, T, Hv];
-    initial_state: [B, Hv, dk, dv] | None (zeros). Returns ``(o [B, T, Hv, dv], state | None)``.
+    initial_state: [B, Hv, dk, dv] | None (zeros). Returns ``(o [B, T, Hv, dv], state | None)``;
+    with ``states_at`` ([n] token counts in ``[0, T]``) also the states after those many
+    tokens, ``[B, n, Hv, dk, dv]`` (always the chunked reference, whatever the device).
     """
     _check(q, k, v, g, beta, initial_state)
     T = q.shape[1]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if states_at is not None:
+        return chunk_gated_delta_rule_ref(q, k, v, g, beta, initial_state, scale, output_final_state,
+                                          use_qk_l2norm, chunk_size, delta_rule, states_at)
     if delta_rule and _fast_ok(q, v) and dispatch.use_fast("gdn", q, k, v, g, beta):
         return gated_delta_rule_fla(q, k, v, g, beta, initial_state, scale, output_final_state, use_qk_l2norm)
     if T == 1:
