@@ -31,6 +31,16 @@ state. All of it has a fixed size. Chunk boundaries are counted in real tokens, 
 split of a sequence into calls gives exactly the outputs of one full forward: each call
 prepends the row's buffered tokens to its new real tokens, runs the chunks, keeps the
 outputs of the new tokens, lets complete chunks update the memory and buffers the rest.
+
+Block diffusion (``core/two_stream.py``): ``boundary_forward(x, ctx, block_size, offset)``
+returns the ordinary forward's output and, as one state of batch ``B*nb``, the cache a
+cached run would hold at every block start ``P_j = offset + j*block_size``, for any
+``block_size >= 1`` and ``offset >= 0`` (no alignment with the chunk size needed). A
+cached run's state at ``P`` is the memory at the start of chunk ``P // C`` (its weights
+and momentum, recorded inside the kernel's chunk loop by ``atlas_memory_snapshots``), the
+``P mod C`` tokens of that chunk before ``P`` as the buffer, the ``c-1`` tokens before the
+chunk start as the window tail and the conv inputs before ``P``; all but the memory are
+gathers from the full sequence's keys, values, gates and conv inputs.
 """
 
 from __future__ import annotations
@@ -45,8 +55,8 @@ from torch import Tensor, nn
 from ..core.cache import LayerState, StepContext
 from ..core.config import spec
 from ..core.registry import register
-from ..kernels.atlas import atlas_memory, feature_dim, poly_features
-from ..kernels.conv import causal_conv1d
+from ..kernels.atlas import atlas_memory, atlas_memory_snapshots, feature_dim, poly_features
+from ..kernels.conv import causal_conv1d, conv_tails
 from .norm import GatedRMSNorm
 
 MAX_FEATURE_DIM = 4096
@@ -175,10 +185,12 @@ class Atlas(nn.Module):
         return n * dtype.itemsize + torch.int64.itemsize
 
     # ------------------------------------------------------------------ forward
-    def _project(self, x: Tensor, ctx: StepContext, state: AtlasState | None):
+    def _project(self, x: Tensor, ctx: StepContext, state: AtlasState | None, qkv: Tensor | None = None):
+        """q, k, v [B, H, T, d] and gates [B, H, T, 4]; ``qkv``: the pre-conv projection if
+        the caller already has it."""
         B, T, _ = x.shape
         H, d = self.h, self.d
-        qkv = self.qkv_proj(x)
+        qkv = self.qkv_proj(x) if qkv is None else qkv
         if self.conv_weight is not None:
             qkv, conv_state = causal_conv1d(qkv, self.conv_weight, None, state.conv if state is not None else None,
                                             ctx.lengths, activation="silu")
@@ -193,8 +205,11 @@ class Atlas(nn.Module):
                              F.logsigmoid(z[..., 2]), F.logsigmoid(z[..., 3])], dim=-1)
         return q, k, v, gates
 
-    def _memory(self, q, k, v, gates, tail_k, tail_v, tail_g, weights, momentum, n_valid, return_state):
-        """Run the kernel on [B, H, ...] tensors (sequence starts at a chunk boundary)."""
+    def _memory(self, q, k, v, gates, tail_k, tail_v, tail_g, weights, momentum, n_valid, return_state,
+                snapshots=None):
+        """Run the kernel on [B, H, ...] tensors (sequence starts at a chunk boundary).
+        ``snapshots`` (chunk indices): return the weights / momentum at those chunk starts,
+        each [len(snapshots), B, H, out, in], instead of the final ones."""
         B, H, T, d = q.shape
         cfg = self.cfg
         coef = self.poly_coef[:, None, :]  # [H, 1, p]
@@ -206,11 +221,16 @@ class Atlas(nn.Module):
         flat = lambda t: t.reshape(B * H, *t.shape[2:])  # noqa: E731
         mom = None if momentum is None else [flat(m) for m in momentum]
         nv = None if n_valid is None else n_valid[:, None].expand(B, H).reshape(-1)
-        y, W, S = atlas_memory(
-            qf, kf, v_ext, g_ext, flat(gates[..., 1]), flat(gates[..., 2]), flat(gates[..., 3]),
-            [flat(w) for w in weights], mom, chunk_size=cfg.chunk_size, window=cfg.window,
-            ns_steps=cfg.ns_steps, muon=cfg.inner_optimizer == "muon", n_valid=nv, return_state=return_state,
-        )
+        args = (qf, kf, v_ext, g_ext, flat(gates[..., 1]), flat(gates[..., 2]), flat(gates[..., 3]),
+                [flat(w) for w in weights], mom)
+        kw = dict(chunk_size=cfg.chunk_size, window=cfg.window, ns_steps=cfg.ns_steps,
+                  muon=cfg.inner_optimizer == "muon")
+        if snapshots is not None:
+            y, W, S = atlas_memory_snapshots(*args, chunks=snapshots, **kw)
+            U = len(snapshots)
+            return (y.view(B, H, T, d), [w.view(U, B, H, *w.shape[2:]) for w in W],
+                    [s.view(U, B, H, *s.shape[2:]) for s in S])
+        y, W, S = atlas_memory(*args, n_valid=nv, return_state=return_state, **kw)
         y = y.view(B, H, T, d)
         if not return_state:
             return y, None, None
@@ -220,15 +240,75 @@ class Atlas(nn.Module):
         return [w[None].expand(B, *w.shape) for w in self.memory]
 
     def forward(self, x: Tensor, ctx: StepContext, state: AtlasState | None = None) -> Tensor:
-        B, T, _ = x.shape
-        H, d = self.h, self.d
         q, k, v, gates = self._project(x, ctx, state)
         if state is None:
             y = self._forward_full(q, k, v, gates, ctx.lengths)
         else:
             y = self._forward_cached(q, k, v, gates, ctx.lengths, state)
+        return self._output(y, x)
+
+    def _output(self, y: Tensor, x: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        H, d = self.h, self.d
         o = self.norm(y.transpose(1, 2), self.g_proj(x).view(B, T, H, d)).reshape(B, T, H * d)
         return self.o_proj(o)
+
+    def boundary_forward(self, x: Tensor, ctx: StepContext, block_size: int, offset: int) -> tuple[Tensor, AtlasState]:
+        """Block diffusion (``core/two_stream.py``): ``self(x, ctx, None)`` plus the cached
+        state at every block start ``P_j = offset + j*block_size`` (j < nb), as ONE state of
+        batch ``B*nb`` whose row ``b*nb + j`` is what a cached run (``init_state`` then a
+        forward of ``x[b, :P_j]``, in one call or any split) leaves for row ``b``.
+
+        Supports any ``block_size >= 1`` and ``offset >= 0`` with ``T = offset + nb*block_size``
+        (``nb >= 1``) and no padding (``ctx.lengths is None``); block starts need not be
+        chunk-aligned. Row j's memory weights / momentum are those at the start of chunk
+        ``P_j // C``, recorded inside the kernel's chunk loop; its buffer holds the
+        ``P_j mod C`` tokens since that chunk start, its window tail the ``c-1`` tokens
+        before it (empty slots zero, γ = 0), its conv state the ``K-1`` conv inputs before
+        ``P_j``. A block start at 0 gets the layer's initial memory and zero momentum (a
+        cached run that has seen nothing keeps ``weights = momentum = None``, which means
+        exactly that). Everything is differentiable (the states carry gradients)."""
+        if ctx.lengths is not None:
+            raise ValueError("Atlas.boundary_forward: padded input (ctx.lengths) is not supported")
+        B, T, _ = x.shape
+        if block_size < 1 or offset < 0 or T <= offset or (T - offset) % block_size:
+            raise ValueError(f"Atlas.boundary_forward: T ({T}) must be offset ({offset}) + nb*block_size "
+                             f"({block_size}) with nb >= 1")
+        nb = (T - offset) // block_size
+        H, d, C, c = self.h, self.d, self.cfg.chunk_size, self.cfg.window
+        dev = x.device
+        qkv_in = self.qkv_proj(x)
+        q, k, v, gates = self._project(x, ctx, None, qkv=qkv_in)
+        starts = offset + block_size * torch.arange(nb, device=dev)  # [nb] block starts P_j
+        chunk = starts // C  # the chunk each block start falls in (its start when aligned)
+        uniq, which = torch.unique(chunk, return_inverse=True)  # distinct chunks, block -> one of them
+        zk = q.new_zeros(B, H, c - 1, d)
+        y, W, S = self._memory(q, k, v, gates, zk, zk, q.new_zeros(B, H, c - 1), self._initial_weights(B), None,
+                               None, return_state=False, snapshots=uniq.tolist())
+
+        def per_block(t: Tensor) -> Tensor:  # [B, H, nb, ...] -> [B*nb, H, ...]
+            return t.transpose(1, 2).reshape(B * nb, H, *t.shape[3:])
+
+        def at_blocks(w: Tensor) -> Tensor:  # [U, B, H, ...] snapshots -> [B*nb, H, ...]
+            return w.index_select(0, which).transpose(0, 1).reshape(B * nb, *w.shape[2:])
+
+        c0 = chunk * C  # last chunk start at or before P_j
+        n_buf = starts - c0  # [nb] buffered tokens (0 .. C-1)
+        j = torch.arange(C, device=dev)
+        bidx = (c0[:, None] + j).clamp(max=T - 1)  # [nb, C]
+        keep = (j[None] < n_buf[:, None])[None, None, :, :, None]  # [1, 1, nb, C, 1]
+        buf = lambda t: per_block(t[:, :, bidx] * keep)  # noqa: E731 - [B, H, T, e] -> [B*nb, H, C, e]
+        tidx = c0[:, None] + torch.arange(c - 1, device=dev)  # [nb, c-1] into [zeros(c-1), sequence]
+        tail = lambda t: per_block(torch.cat([t.new_zeros(*t.shape[:2], c - 1, *t.shape[3:]), t], 2)[:, :, tidx])  # noqa: E731
+        conv = None
+        if self.conv_weight is not None:
+            conv = conv_tails(qkv_in, starts, self.cfg.conv_size - 1)
+        state = AtlasState(
+            weights=[at_blocks(w) for w in W], momentum=[at_blocks(s) for s in S],
+            buf_k=buf(k), buf_v=buf(v), buf_gates=buf(gates), n_buf=n_buf.repeat(B),
+            tail_k=tail(k), tail_v=tail(v), tail_gamma=tail(gates[..., 0]), conv=conv,
+        )
+        return self._output(y, x), state
 
     def _forward_full(self, q, k, v, gates, lengths):
         B, H, T, d = q.shape

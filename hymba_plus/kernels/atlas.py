@@ -37,6 +37,10 @@ Retrieval for the tokens of chunk ``n``: ``y_t = M(phi(q_t); W_n)``. The Python 
 over chunks only. Gradients flow to everything (keys, values, gates, the initial weights)
 through the inner updates: ``torch.func.grad`` composes with the outer autograd.
 
+``atlas_memory_snapshots`` runs the same loop and also records the weights and momentum
+at the start of chosen chunks (block diffusion needs the cached state at every block
+start: ``components/atlas.py``, ``Atlas.boundary_forward``).
+
 Chunks that are not complete in a row (``n_valid``) leave that row's weights and momentum
 unchanged: a partial chunk waits in the caller's buffer until it is complete, which is
 what makes a cached, chunk-split run equal one full forward.
@@ -254,6 +258,55 @@ def atlas_memory(
     Returns ``y`` [N, T, D] (retrieval with each chunk's start weights) and the weights /
     momentum after the last complete chunk of every row (None when not return_state).
     """
+    y, W, S, _ = _atlas_memory(qf, kf, v, gamma, eta, log_theta, log_alpha, params, mom, chunk_size=chunk_size,
+                               window=window, ns_steps=ns_steps, muon=muon, n_valid=n_valid,
+                               return_state=return_state, snapshots=())
+    return y, W, S
+
+
+def atlas_memory_snapshots(
+    qf: Tensor,
+    kf: Tensor,
+    v: Tensor,
+    gamma: Tensor,
+    eta: Tensor,
+    log_theta: Tensor,
+    log_alpha: Tensor,
+    params: Sequence[Tensor],
+    mom: Sequence[Tensor] | None = None,
+    *,
+    chunks: Sequence[int],
+    chunk_size: int,
+    window: int,
+    ns_steps: int = 5,
+    muon: bool = True,
+) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """``atlas_memory`` over fully real rows (no ``n_valid``), plus the memory weights and
+    momentum at the START of each chunk index in ``chunks`` (distinct, each < ceil(T / C)),
+    collected inside the chunk loop on the way (block diffusion: the state of a cached run
+    at every block start, ``components/atlas.py``). Returns ``y`` [N, T, D] and, per memory
+    matrix, the weights / momentum stacked as [len(chunks), N, out, in] (in the order of
+    ``chunks``; chunk 0's momentum is the given ``mom`` or zeros)."""
+    want = list(chunks)
+    n_chunks = -(-qf.shape[1] // chunk_size)
+    if not want or len(set(want)) != len(want) or any(not 0 <= n < n_chunks for n in want):
+        raise ValueError(f"atlas_memory_snapshots: chunks must be distinct indices in [0, {n_chunks}), got {want}")
+    y, _, _, snaps = _atlas_memory(qf, kf, v, gamma, eta, log_theta, log_alpha, params, mom,
+                                   chunk_size=chunk_size, window=window, ns_steps=ns_steps, muon=muon,
+                                   n_valid=None, return_state=False, snapshots=want)
+    W = tuple(torch.stack(ws) for ws in zip(*(snaps[n][0] for n in want)))
+    S = tuple(torch.stack(ms) for ms in zip(*(snaps[n][1] for n in want)))
+    return y, W, S
+
+
+def _atlas_memory(
+    qf: Tensor, kf: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, log_theta: Tensor, log_alpha: Tensor,
+    params: Sequence[Tensor], mom: Sequence[Tensor] | None, *, chunk_size: int, window: int, ns_steps: int,
+    muon: bool, n_valid: Tensor | None, return_state: bool, snapshots: Sequence[int],
+) -> tuple[Tensor, tuple[Tensor, ...] | None, tuple[Tensor, ...] | None,
+           dict[int, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]]]:
+    """The chunk loop of ``atlas_memory``; also returns {chunk index: (weights, momentum) at
+    that chunk's start} for the indices in ``snapshots``."""
     N, T, _ = qf.shape
     C, c = chunk_size, window
     params = tuple(params)
@@ -265,9 +318,13 @@ def atlas_memory(
         gamma, eta = F.pad(gamma, (0, pad)), F.pad(eta, (0, pad))
         log_theta, log_alpha = F.pad(log_theta, (0, pad)), F.pad(log_alpha, (0, pad))
     n_chunks = (T + pad) // C
+    want = set(snapshots)
+    snaps: dict[int, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]] = {}
     ys = []
     for n in range(n_chunks):
         s = n * C
+        if n in want:
+            snaps[n] = (params, mom)
         ys.append(memory_apply(params, qf[:, s : s + C]))
         last = n == n_chunks - 1
         if last and not return_state:
@@ -291,7 +348,10 @@ def atlas_memory(
             new_m = tuple(torch.where(m3, a, b) for a, b in zip(new_m, mom))
         params, mom = new_p, new_m
     if len(ys) < n_chunks:  # chunks after the last update see the same weights
+        for n in want:
+            if n >= len(ys):
+                snaps[n] = (params, mom)
         rest = qf[:, len(ys) * C :]
         ys.append(memory_apply(params, rest))
     y = torch.cat(ys, dim=1)[:, :T]
-    return y, (params if return_state else None), (mom if return_state else None)
+    return y, (params if return_state else None), (mom if return_state else None), snaps
