@@ -10,7 +10,7 @@ registry.reserve("gdn", "GD")
 registry.reserve("hymba", "HY")
 registry.reserve("moe")
 
-from . import components  # noqa: E402,F401  (registers the available components)
+from . import components, objectives  # noqa: E402,F401  (registers the components and the objectives)
 from .core.cache import HybridCache, LayerState, StepContext  # noqa: E402
 from .core.recipe import Recipe, RecipeError, load_recipe  # noqa: E402
 from .models import CheckpointError, HybridLM, ModelOutput, build_model, from_pretrained  # noqa: E402

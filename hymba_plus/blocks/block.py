@@ -10,6 +10,7 @@ from ..components.norm import RMSNorm
 from ..core import registry
 from ..core.cache import LayerState, StepContext
 from ..core.pattern import LayerSpec
+from ..core.two_stream import recurrent_two_stream
 
 
 class Block(nn.Module):
@@ -37,7 +38,12 @@ class Block(nn.Module):
     def forward(self, x: Tensor, ctx: StepContext, state: LayerState | None = None) -> Tensor:
         ctx.layer_idx = self.layer_idx
         if self.mixer is not None:
-            x = x + self.drop(self.mixer(self.norm1(x), ctx, state))
+            h = self.norm1(x)
+            if ctx.two_stream is not None and hasattr(self.mixer, "boundary_forward"):
+                y = recurrent_two_stream(self.mixer, h, ctx)  # block diffusion: core/two_stream.py
+            else:
+                y = self.mixer(h, ctx, state)
+            x = x + self.drop(y)
         if self.ffn is not None:
             x = x + self.drop(self.ffn(self.norm2(x), ctx))
         return x

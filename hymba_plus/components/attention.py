@@ -28,6 +28,7 @@ from ..core.cache import LayerState, StepContext
 from ..core.config import spec
 from ..core.positions import RopeConfig, Rotary, rotary_dim
 from ..core.registry import register
+from ..core.two_stream import two_stream_visible
 from ..kernels.rotary import apply_rope
 from .norm import RMSNorm
 
@@ -68,10 +69,15 @@ class AttentionState(LayerState):
     pos: Tensor | None = None
 
 
-def visible(qpos: Tensor, kpos: Tensor, window: int | None, n_meta: int) -> Tensor:
-    """[B, Tq, S] bool: causal (and windowed) visibility by position; kpos -1 = empty."""
+def visible(qpos: Tensor, kpos: Tensor, window: int | None, n_meta: int, bidirectional: bool = False) -> Tensor:
+    """[B, Tq, S] bool: causal (and windowed) visibility by position; kpos -1 = empty.
+    ``bidirectional``: the chunk's own tokens (positions from the chunk's first one, meta
+    tokens excluded; the queries are one chunk on top of the cache) see each other both ways."""
     q, k = qpos[:, :, None], kpos[:, None, :]
     ok = (k >= 0) & (k <= q)
+    if bidirectional:  # the chunk's tokens (not meta tokens entering with it) see each other
+        start = qpos[:, :1, None].clamp(min=n_meta)
+        ok |= (k >= start) & (q >= start)
     if window is not None:
         ok &= (q - k < window) | (k < n_meta)
     return ok
@@ -175,10 +181,13 @@ class GatedAttention(nn.Module):
                 ctx.shared["kv"] = (k_all, v_all, kpos, fresh)
         qh = q.transpose(1, 2)
         gqa = self.h != self.hkv
-        if fresh and valid is None and self.cfg.window is None:
+        if ctx.two_stream is not None:  # block-diffusion training: [meta | clean | noisy]
+            mask = two_stream_visible(ctx.two_stream, q.device, self.cfg.window)
+            o = F.scaled_dot_product_attention(qh, k_all, v_all, attn_mask=mask, enable_gqa=gqa)
+        elif fresh and valid is None and self.cfg.window is None and not ctx.bidirectional:
             o = F.scaled_dot_product_attention(qh, k_all, v_all, is_causal=True, enable_gqa=gqa)
         else:
-            mask = visible(qpos, kpos, self.cfg.window, ctx.n_meta)
+            mask = visible(qpos, kpos, self.cfg.window, ctx.n_meta, ctx.bidirectional)
             if valid is not None:  # inert query slots: any finite output will do
                 mask = mask | ~valid[:, :, None]
             o = F.scaled_dot_product_attention(qh, k_all, v_all, attn_mask=mask[:, None], enable_gqa=gqa)

@@ -33,6 +33,7 @@ from ..core import registry
 from ..core.cache import LayerState, StepContext
 from ..core.config import spec
 from ..core.registry import register
+from ..core.two_stream import recurrent_two_stream
 from .attention import AttentionState, GatedAttention, GatedAttentionConfig, kv_share_roles
 from .norm import RMSNorm
 
@@ -111,6 +112,9 @@ class Hymba(nn.Module):
     def forward(self, x: Tensor, ctx: StepContext, state: HymbaState | None = None) -> Tensor:
         a = self.attn(x, ctx, state.attn if state is not None else None)
         a = a.reshape(*x.shape[:2], -1)
-        s = self.ssm.inner(x, ctx, state.ssm if state is not None else None)
+        if ctx.two_stream is not None:  # block diffusion: the SSM heads from the clean block starts
+            s = recurrent_two_stream(self.ssm, x, ctx, inner=True)
+        else:
+            s = self.ssm.inner(x, ctx, state.ssm if state is not None else None)
         y = 0.5 * (self.beta_attn * self.attn_norm(a) + self.beta_ssm * self.ssm_norm(s))
         return self.out_proj(y)

@@ -66,6 +66,19 @@ class LayerState:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for _, t in self.tensors())
 
+    def fork(self) -> "LayerState":
+        """A copy that a forward may advance without touching this state. Components replace
+        a state's tensors rather than writing into them, so the copy shares the tensors
+        (no memory) and copies only the containers (nested states, lists)."""
+        new = dataclasses.replace(self)  # type: ignore[type-var]
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            if isinstance(v, LayerState):
+                setattr(new, f.name, v.fork())
+            elif isinstance(v, list):
+                setattr(new, f.name, list(v))
+        return new
+
 
 @dataclass
 class StepContext:
@@ -78,6 +91,11 @@ class StepContext:
     aux_losses / stats: channel mixers (MoE) add their losses and routing statistics.
     shared:    values one layer hands to a later one in the same call (cross-layer KV
                sharing: the producer layer leaves its keys/values for the consumer).
+    bidirectional: the real tokens of this chunk see each other both ways in attention
+               (block diffusion denoising a block on top of a cache); recurrent mixers stay
+               causal inside the chunk. The cache's earlier tokens are seen as usual.
+    two_stream: block-diffusion training layout ``[meta | clean x_0 | noisy x_t]``
+               (``core.two_stream``), or None.
     """
 
     positions: Tensor
@@ -87,6 +105,8 @@ class StepContext:
     stats: dict[str, object] = field(default_factory=dict)
     shared: dict[str, object] = field(default_factory=dict)
     layer_idx: int = 0
+    bidirectional: bool = False
+    two_stream: object | None = None
 
     @property
     def valid(self) -> Tensor | None:
@@ -148,6 +168,14 @@ class HybridCache:
 
     def nbytes(self) -> int:
         return sum(s.nbytes() for s in self.states if s is not None)
+
+    def fork(self) -> "HybridCache":
+        """A cache a forward may advance while this one stays as it is (block diffusion
+        denoises a block on a fork; ``LayerState.fork`` says why this costs no memory)."""
+        new = HybridCache([s.fork() if s is not None else None for s in self.states], self.batch_size,
+                          self.pos.device)
+        new.pos, new.started, new.extra = self.pos.clone(), self.started, dict(self.extra)
+        return new
 
     def layer_nbytes(self) -> list[int]:
         return [s.nbytes() if s is not None else 0 for s in self.states]

@@ -108,6 +108,7 @@ class Recipe:
     model: ModelConfig
     components: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     train: Any = None  # training.config.TrainConfig | None
+    objective: Any = None  # the objective's config (objectives/), None = next_token
     source: str | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @functools.cached_property
@@ -139,6 +140,8 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "model": _asdict(self.model)}
         d["components"] = {k: _asdict(v) for k, v in sorted(self.components.items())}
+        if self.objective is not None:
+            d["objective"] = _asdict(self.objective)
         if self.train is not None:
             d["train"] = _asdict(self.train)
         return d
@@ -529,7 +532,7 @@ def _build(data: Any, file: str) -> Recipe:
     if not isinstance(data, Mapping):
         errs.add("", f"a recipe must be a mapping with 'name' and 'model', got {_describe(data)}", 1)
         errs.raise_if_any()
-    top = ("name", "model", "components", "train")
+    top = ("name", "model", "components", "train", "objective")
     for key in data:
         if key not in top:
             errs.add(str(key), "unknown key" + registry.suggest(str(key), list(top)))
@@ -629,10 +632,43 @@ def _build(data: Any, file: str) -> Recipe:
             errs.add(k, msg)
         errs.raise_if_any()
 
+    objective = _build_objective(data.get("objective"), model, train, errs)
+    errs.raise_if_any()
+
     recipe = Recipe(name=name, model=model, components=types.MappingProxyType(dict(sorted(comps.items()))),
-                    train=train, source=file or None)
+                    train=train, objective=objective, source=file or None)
     recipe.__dict__["layers"] = tuple(layers)  # cached_property slot
     return recipe
+
+
+def _build_objective(data: Any, model: ModelConfig, train: Any, errs: _Errors) -> Any:
+    """The ``objective:`` section: ``kind`` names a registered objective, the other keys are
+    its settings. Absent (or ``kind: next_token`` without settings) = next-token prediction."""
+    if data is None:
+        return None
+    if not isinstance(data, Mapping):
+        errs.add("objective", f"must be a mapping with a 'kind', got {_describe(data)}")
+        return None
+    kinds = registry.names("objective")
+    kind = data.get("kind")
+    if kind is None:
+        errs.add("objective.kind", f"missing required key (one of: {', '.join(kinds)})", errs.line("objective"))
+        return None
+    if not isinstance(kind, str) or kind not in kinds:
+        errs.add("objective.kind", f"unknown objective {kind!r}; available: {', '.join(kinds)}"
+                 + (registry.suggest(kind, kinds) if isinstance(kind, str) else ""))
+        return None
+    cfg = _to_dataclass(registry.get(kind).config, data, "objective.", errs)
+    if cfg is None:
+        return None
+    for k, msg in range_errors(cfg, "objective."):
+        errs.add(k, msg)
+    for k, msg in cross_errors(cfg, model, "objective."):
+        errs.add(k, msg)
+    bs = getattr(cfg, "block_size", None)
+    if bs is not None and train is not None and train.seq_len % bs:
+        errs.add("train.seq_len", f"must be a multiple of objective.block_size ({bs}), got {train.seq_len}")
+    return None if kind == "next_token" else cfg
 
 
 def _check_model(model: ModelConfig, errs: _Errors) -> None:

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-KINDS = ("mixer", "ffn", "router")  # router: structure-level controllers (etd_router)
+KINDS = ("mixer", "ffn", "router", "objective")  # router: structure-level controllers (etd_router);
+# objective: what the model is trained to predict (objectives/, the recipe's objective section)
 
 
 class RegistryError(KeyError):

@@ -88,15 +88,17 @@ def two_stream_visible(ts: TwoStream, device: torch.device, window: int | None =
     return clean_rows | noisy_rows
 
 
-def recurrent_two_stream(mixer, x: Tensor, ctx: StepContext) -> Tensor:  # noqa: ANN001
-    """Two-stream forward of a recurrent mixer through its ``boundary_forward`` (see module)."""
+def recurrent_two_stream(mixer, x: Tensor, ctx: StepContext, inner: bool = False) -> Tensor:  # noqa: ANN001
+    """Two-stream forward of a recurrent mixer through its ``boundary_forward`` (see module);
+    ``inner=True``: through ``boundary_inner`` / ``inner`` (hymba's SSM heads, before the
+    output projection)."""
     ts: TwoStream = ctx.two_stream
     B, _, D = x.shape
     nb, bs, Mc = ts.n_blocks, ts.block_size, ts.clean_slots
     ctx_c = StepContext(positions=ctx.positions[:, :Mc], n_meta=ctx.n_meta, aux_losses=ctx.aux_losses,
                         stats=ctx.stats, shared=ctx.shared, layer_idx=ctx.layer_idx)
-    y_clean, states = mixer.boundary_forward(x[:, :Mc], ctx_c, bs, ts.n_meta)
+    y_clean, states = (mixer.boundary_inner if inner else mixer.boundary_forward)(x[:, :Mc], ctx_c, bs, ts.n_meta)
     ctx_n = StepContext(positions=ctx.positions[:, Mc:].reshape(B * nb, bs), n_meta=ctx.n_meta,
                         aux_losses=ctx.aux_losses, stats=ctx.stats, layer_idx=ctx.layer_idx, bidirectional=True)
-    y_noisy = mixer(x[:, Mc:].reshape(B * nb, bs, D), ctx_n, states)
+    y_noisy = (mixer.inner if inner else mixer)(x[:, Mc:].reshape(B * nb, bs, D), ctx_n, states)
     return torch.cat([y_clean, y_noisy.reshape(B, nb * bs, -1)], dim=1)

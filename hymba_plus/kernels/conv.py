@@ -63,6 +63,19 @@ def conv_state_update(xpad: Tensor, lengths: Tensor | None, width: int) -> Tenso
     return xpad.gather(2, idx[:, None, :].expand(B, C, width))
 
 
+def conv_tails(x: Tensor, starts: Tensor, width: int) -> Tensor:
+    """Conv cache states at many places of one sequence at once: for pre-conv inputs
+    x [B, T, C] and start indices ``starts`` [n], the state a cached conv would hold just
+    before token ``starts[j]`` (its last ``width`` inputs, zeros before the sequence start),
+    as [B * n, C, width] (row ``b * n + j``). Used by block diffusion to start every noisy
+    block from the clean prefix (``core.two_stream``)."""
+    B, T, C = x.shape
+    xp = F.pad(x, (0, 0, width, 0))  # index i of xp is input i - width
+    idx = starts.to(device=x.device, dtype=torch.long)[:, None] + torch.arange(width, device=x.device)  # [n, w]
+    tails = xp[:, idx]  # [B, n, w, C]
+    return tails.permute(0, 1, 3, 2).reshape(B * starts.numel(), C, width).contiguous()
+
+
 def causal_conv1d_ref(
     x: Tensor,
     weight: Tensor,

@@ -71,6 +71,10 @@ class HybridLM(nn.Module):
             self.structure = PlainStack(len(self.blocks))
         self.norm = RMSNorm(m.d_model, m.norm.eps, m.norm.zero_centered)
         self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
+        # what the model is trained to predict (objectives/): its loss, metric, [MASK] embedding
+        obj = recipe.objective
+        self.objective = registry.build(obj.kind if obj is not None else "next_token", obj, d_model=m.d_model,
+                                        vocab_size=m.vocab_size, init_std=m.init_std)
         if m.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.reset_parameters()
@@ -118,6 +122,7 @@ class HybridLM(nn.Module):
         *,
         routes: Tensor | None = None,
         think_iterations: int | None = None,
+        bidirectional: bool = False,
         check_inputs: bool = True,
     ) -> ModelOutput:
         """Logits [B, T, V] for ``input_ids`` [B, T] (or ``inputs_embeds`` [B, T, D]).
@@ -139,6 +144,9 @@ class HybridLM(nn.Module):
         ``inputs_embeds`` call without a started cache (unless it is longer than
         ``max_seq_len`` and masked). The checks are skipped while ``torch.compile`` /
         export or ``torch.jit.trace`` trace the model and during CUDA-graph capture.
+        ``bidirectional=True`` (block diffusion denoising a block on a forked cache): the real
+        tokens of this call see each other both ways in attention (``StepContext``).
+
         ``check_inputs=False`` skips them too: the decoding loop of ``models/generation.py``
         for tokens the model sampled itself (``generate`` checked the whole length up front)
         and the training loop, whose data streams are validated at setup (token ids below
@@ -155,7 +163,7 @@ class HybridLM(nn.Module):
             raise ValueError(f"attention_mask must have shape {(B, T)}, got {tuple(attention_mask.shape)}")
         if check_inputs and not _skip_checks(input_ids if inputs_embeds is None else inputs_embeds):
             self._check_inputs(input_ids, inputs_embeds, attention_mask, cache, T)
-        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         valid = None
         if attention_mask is not None:
             valid = attention_mask.to(torch.bool)
@@ -175,7 +183,7 @@ class HybridLM(nn.Module):
             lengths = valid.sum(1)
         base = cache.pos if cache is not None else torch.zeros(B, dtype=torch.long, device=x.device)
         positions = base[:, None] + torch.arange(S, device=x.device)[None]
-        ctx = StepContext(positions=positions, lengths=lengths, n_meta=n_meta)
+        ctx = StepContext(positions=positions, lengths=lengths, n_meta=n_meta, bidirectional=bidirectional)
         structure_options = {k: v for k, v in (("routes", routes), ("think_iterations", think_iterations))
                              if v is not None}
         x = self.structure(self.blocks, x, ctx, cache, **structure_options)
@@ -196,10 +204,22 @@ class HybridLM(nn.Module):
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux,
                            hidden_states=h if return_hidden else None, stats=ctx.stats or None)
 
+    def embed_tokens(self, ids: Tensor) -> Tensor:
+        """Token embeddings; the objective's [MASK] id (``vocab_size``, block diffusion) maps to
+        its learned mask embedding."""
+        mask_id = self.objective.mask_token_id
+        if mask_id is None:
+            return self.embed(ids)
+        is_mask = ids == mask_id
+        x = self.embed(ids.masked_fill(is_mask, 0))
+        return torch.where(is_mask[..., None], self.objective.mask_embed.to(x.dtype), x)
+
     def _check_inputs(self, input_ids: Tensor | None, inputs_embeds: Tensor | None,
                       attention_mask: Tensor | None, cache: HybridCache | None, T: int) -> None:
         """The id and length checks of ``forward`` (its docstring): at most one host read."""
         V, limit, n_meta = self.config.vocab_size, self.config.max_seq_len, self.config.meta_tokens
+        if self.objective.mask_token_id is not None:  # [MASK] is one id past the vocabulary
+            V += 1
         name = "input_ids" if inputs_embeds is None else "inputs_embeds"
         started = cache is not None and cache.started
         reads: list[Tensor] = []
@@ -224,7 +244,8 @@ class HybridLM(nn.Module):
         if check_ids and (vals[0] < 0 or vals[1] >= V):
             at = ((input_ids < 0) | (input_ids >= V)).nonzero()[0]
             raise ValueError(f"{name}: token id {int(input_ids[tuple(at)])} at {at.tolist()} is outside the "
-                             f"vocabulary (vocab_size {V})")
+                             f"vocabulary (vocab_size {self.config.vocab_size}"
+                             f"{'; the [MASK] id is ' + str(V - 1) if V > self.config.vocab_size else ''})")
         if len(reads) > 2 * check_ids and vals[-1] > bound:  # error path: find the row
             cached = (cache.pos - n_meta) if started else torch.zeros_like(new)
             row = int((cached + new).argmax())

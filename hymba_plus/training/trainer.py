@@ -75,7 +75,6 @@ from .optim import build_optimizer, clip_grad_norm_, set_lr
 from .progress import Progress
 from .schedule import Schedule
 from .signals import StopRequest
-from .tasks import masked_correct
 
 
 class TrainError(RuntimeError):
@@ -410,6 +409,10 @@ class Trainer:
             if not self.new_phase:
                 ckpt_mod.load_optimizer(self.resume_from, model, self.opt, self.info)
             ckpt_mod.load_rng(self.resume_from, self.info)
+        self.objective = model.objective
+        if self.objective.mask_token_id is not None and (opts.compile is not None or opts.cuda_graph):
+            raise TrainError(f"{'--cuda-graph' if opts.cuda_graph else '--compile'}: not available for the "
+                             f"{self.recipe.objective.kind} objective (its two-stream step runs eagerly)")
         self.fwd = model
         if opts.compile is not None:
             self.fwd = torch.compile(model, mode=None if opts.compile == "default" else opts.compile)
@@ -519,8 +522,8 @@ class Trainer:
             else:
                 # the base (and MoDr branches) train at full depth: routers that are on do not route here
                 kw = {"routes": self._all_execute(ids.shape[0])} if self._routing() else {}
-                with _autocast(cfg, dev):
-                    out = self.fwd(ids, labels=labels, check_inputs=False, **kw)  # validated at setup
+                with _autocast(cfg, dev):  # the objective's loss (objectives/); ids were validated at setup
+                    out = self.objective.train_forward(self.fwd, self.model, ids, labels, **kw)
                 loss_t, aux_t, stats = out.loss, out.aux_loss, out.stats
                 if kw and stats is not None:
                     stats = {k: v for k, v in stats.items() if k != "etd/route_slots"}
@@ -671,10 +674,9 @@ class Trainer:
                 if self.opts.compile is not None:
                     torch.compiler.cudagraph_mark_step_begin()
                 with _autocast(cfg, dev):
-                    out = self.fwd(ids, check_inputs=False, **kw)
+                    loss, c, t, out = self.objective.eval_batch(self.fwd, self.model, ids, labels, seed=start, **kw)
                 acc = sums[run]
-                acc[0] += float(HybridLM.lm_loss(out.logits, labels))
-                c, t = masked_correct(out.logits, labels)
+                acc[0] += loss
                 acc[1], acc[2] = acc[1] + c, acc[2] + t
                 if len(runs) > 1:
                     apps = self.model.structure.applications(out.stats["etd/routes"],

@@ -1,0 +1,195 @@
+"""Block diffusion (BD3-LM: Arriola et al., "Block Diffusion: Interpolating Between
+Autoregressive and Diffusion Language Models", ICLR 2025, arXiv 2503.09573), on hybrid
+stacks.
+
+A sequence of L tokens is cut into blocks of ``block_size``; the model is autoregressive
+over blocks and a masked (absorbing-state) diffusion model inside a block. Training
+minimises the block NELBO (BD3-LM Eq. 8-10, with MDLM's SUBS parameterisation):
+
+    L(x) = E_t [ sum_b  w(t_b) * sum_{i in block b, x_t^i = [MASK]}  -log p(x_0^i | x_t^b, x_0^{<b}) ] / L
+
+* one noise level t_b per block, drawn uniformly from the clipped range ``clip: [beta,
+  omega]`` (BD3-LM §5, "clipped" schedules that reduce the variance of the gradient);
+  every token of block b is replaced by [MASK] with probability m(t_b);
+* schedules (mask rate m(t), weight w(t) = m'(t) / m(t)): ``log_linear`` m = t, w = 1/t;
+  ``cosine`` m = 1 - cos(pi t / 2); ``exponential`` m = t^p (``exponent`` p; BD3-LM's
+  "square" for p = 2), w = p / t;
+* SUBS: the [MASK] token is an extra input id ``vocab_size`` (a learned embedding,
+  ``mask_embed``) that the LM head never predicts (it has ``vocab_size`` outputs), and only
+  masked tokens are scored (unmasked ones are carried over);
+* the [x_t, x_0] forward is vectorised: one call over ``[meta | x_0 | x_t]``
+  (``core/two_stream.py`` defines what every mixer computes there, recurrent ones
+  included); ``reference_logits`` is the slow per-block oracle it is tested against;
+* the held-out metric is the NELBO with t ~ U[eps, 1] (unclipped, a bound on the negative
+  log-likelihood per token): ``eval_loss`` and ``eval_ppl`` = exp(NELBO) are the
+  perplexity bound; ``eval_accuracy`` is argmax accuracy at the masked tokens.
+
+Sampling is ``generate(mode="block_diffusion")`` (``models/generation.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core import two_stream
+from ..core.cache import StepContext
+from ..core.config import spec
+from ..core.registry import register
+
+SCHEDULES = ("log_linear", "cosine", "exponential")
+T_EPS = 1e-3  # smallest noise level (the 1/t weights stay finite)
+
+
+@dataclass(frozen=True)
+class BlockDiffusionConfig:
+    kind: str = spec("block_diffusion", choices=("block_diffusion",))
+    block_size: int = spec(16, min=1, doc="tokens per diffusion block; divides max_seq_len and train.seq_len")
+    schedule: str = spec("log_linear", choices=SCHEDULES, doc="mask rate m(t): t, 1 - cos(pi t / 2) or t^exponent")
+    exponent: float = spec(2.0, gt=0.0, doc="the exponential schedule's p (m = t^p)")
+    clip: tuple[float, float] = spec((0.0, 1.0), doc="[beta, omega]: training noise levels t ~ U[beta, omega]")
+
+    def check(self, model):  # noqa: ANN001
+        lo, hi = self.clip
+        if not 0.0 <= lo <= hi <= 1.0:
+            yield "clip", f"must be [beta, omega] with 0 <= beta <= omega <= 1, got [{lo:g}, {hi:g}]"
+        if hi < T_EPS:
+            yield "clip", f"omega must be >= {T_EPS:g} (the smallest noise level), got {hi:g}"
+        if model.max_seq_len % self.block_size:
+            yield "block_size", (f"must divide model.max_seq_len ({model.max_seq_len}): blocks tile the sequence; "
+                                 f"got {self.block_size} (remainder {model.max_seq_len % self.block_size})")
+        if model.etd is not None:
+            yield "kind", "block_diffusion does not run ETD models (model.etd): the two-stream forward is "\
+                          "defined for plain stacks"
+
+
+def mask_rate(cfg: BlockDiffusionConfig, t: Tensor) -> Tensor:
+    if cfg.schedule == "log_linear":
+        return t
+    if cfg.schedule == "cosine":
+        return 1.0 - torch.cos(0.5 * math.pi * t)
+    return t ** cfg.exponent
+
+
+def weight(cfg: BlockDiffusionConfig, t: Tensor) -> Tensor:
+    """w(t) = m'(t) / m(t): the NELBO weight of a masked token at noise level t."""
+    if cfg.schedule == "log_linear":
+        return 1.0 / t
+    if cfg.schedule == "cosine":
+        a = 0.5 * math.pi * t
+        return 0.5 * math.pi * torch.sin(a) / (1.0 - torch.cos(a))
+    return cfg.exponent / t
+
+
+@register("block_diffusion", config=BlockDiffusionConfig, kind="objective")
+class BlockDiffusion(nn.Module):
+    """The BD3-LM objective and the [MASK] embedding (see the module docstring)."""
+
+    def __init__(self, cfg: BlockDiffusionConfig, *, d_model: int, vocab_size: int, init_std: float = 0.02,
+                 **_: Any):
+        super().__init__()
+        self.cfg = cfg
+        self.mask_token_id = vocab_size
+        self.init_std = init_std
+        self.mask_embed = nn.Parameter(torch.zeros(d_model))
+
+    def reset_special(self) -> None:
+        nn.init.normal_(self.mask_embed, 0.0, self.init_std)
+
+    # ------------------------------------------------------------------ noise
+    def sample_t(self, shape: tuple[int, ...], device: torch.device, lo: float, hi: float,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """Noise levels in [max(lo, eps), hi], antithetic (stratified over all blocks of the
+        batch, as MDLM / BD3-LM) so the batch covers the range evenly."""
+        n = math.prod(shape)
+        u = (torch.rand((), device=device, generator=generator) + torch.arange(n, device=device) / n) % 1.0
+        u = u[torch.randperm(n, device=device, generator=generator)].reshape(shape)
+        lo = max(lo, T_EPS)
+        return lo + (max(hi, lo) - lo) * u
+
+    def noise(self, x0: Tensor, t: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """(x_t, masked [B, L] bool) for per-block levels t [B, nb]."""
+        bs = self.cfg.block_size
+        m = mask_rate(self.cfg, t).repeat_interleave(bs, dim=1)
+        masked = torch.rand(x0.shape, device=x0.device, generator=generator) < m
+        return torch.where(masked, torch.full_like(x0, self.mask_token_id), x0), masked
+
+    # ------------------------------------------------------------------ forward over [x_t, x_0]
+    def two_stream_logits(self, model, xt: Tensor, x0: Tensor) -> tuple[Tensor, StepContext]:  # noqa: ANN001
+        """Logits [B, L, V] of the noisy stream: block b of x_t given x_0's blocks < b, in one
+        forward of ``[meta | x_0 | x_t]`` (``core/two_stream.py``)."""
+        B, L = x0.shape
+        bs = self.cfg.block_size
+        if L % bs:
+            raise ValueError(f"block diffusion: sequence length {L} is not a multiple of block_size {bs}")
+        n_meta = model.config.meta_tokens
+        ts = two_stream.TwoStream(block_size=bs, n_meta=n_meta, length=L)
+        x = torch.cat([model.embed_tokens(x0), model.embed_tokens(xt)], dim=1)
+        if n_meta:
+            x = torch.cat([model.meta.to(x.dtype)[None].expand(B, -1, -1), x], dim=1)
+        ctx = StepContext(positions=two_stream.positions(ts, B, x.device), n_meta=n_meta, two_stream=ts)
+        h = model.structure(model.blocks, x, ctx, None)
+        return model.lm_head(model.norm(h[:, ts.clean_slots:])), ctx
+
+    def nelbo(self, logits: Tensor, x0: Tensor, masked: Tensor, t: Tensor, scored: Tensor) -> Tensor:
+        """Mean over scored tokens of w(t_b) * CE at the masked ones (BD3-LM Eq. 10)."""
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), x0.flatten(), reduction="none").view_as(x0)
+        w = weight(self.cfg, t).repeat_interleave(self.cfg.block_size, dim=1)
+        per = torch.where(masked & scored, ce * w, torch.zeros_like(ce))
+        return per.sum() / scored.sum().clamp(min=1)
+
+    def train_forward(self, fwd, model, ids: Tensor, labels: Tensor, **kw: Any):  # noqa: ANN001, ANN201
+        """One training forward: noise levels from the clipped range, the two-stream forward,
+        the NELBO (tokens whose label is -100 are context only) plus auxiliary losses."""
+        from ..models.lm import ModelOutput
+
+        lo, hi = self.cfg.clip
+        t = self.sample_t((ids.shape[0], ids.shape[1] // self.cfg.block_size), ids.device, lo, hi)
+        xt, masked = self.noise(ids, t)
+        logits, ctx = self.two_stream_logits(model, xt, ids)
+        loss = self.nelbo(logits, ids, masked, t, labels != -100)
+        aux = torch.stack(ctx.aux_losses).sum() if ctx.aux_losses else None
+        ctx.stats["bd/mask_rate"] = masked.float().mean().detach()
+        return ModelOutput(logits=logits, loss=loss if aux is None else loss + aux, aux_loss=aux,
+                           stats=ctx.stats or None)
+
+    @torch.no_grad()
+    def eval_batch(self, fwd, model, ids: Tensor, labels: Tensor, seed: int, **kw: Any):  # noqa: ANN001, ANN201
+        """(NELBO with t ~ U[eps, 1], correct and scored masked tokens, output) of one held-out
+        batch; the noise is seeded by ``seed`` so evaluations are comparable across steps."""
+        g = torch.Generator(device=ids.device).manual_seed(seed)
+        t = self.sample_t((ids.shape[0], ids.shape[1] // self.cfg.block_size), ids.device, 0.0, 1.0, g)
+        xt, masked = self.noise(ids, t, g)
+        logits, ctx = self.two_stream_logits(model, xt, ids)
+        scored = labels != -100
+        loss = float(self.nelbo(logits, ids, masked, t, scored))
+        m = masked & scored
+        correct = int((logits.argmax(-1)[m] == ids[m]).sum())
+        from ..models.lm import ModelOutput
+
+        return loss, correct, int(m.sum()), ModelOutput(logits=logits, stats=ctx.stats or None)
+
+
+@torch.no_grad()
+def reference_logits(model, xt: Tensor, x0: Tensor, block_size: int) -> Tensor:  # noqa: ANN001
+    """The slow oracle of ``two_stream_logits``: for every block b, a cache consumes the clean
+    prefix x_0[:, :b*bs] and block b of x_t is run on a fork of it with bidirectional
+    attention, exactly as sampling denoises a block. A Python loop over blocks: tests only."""
+    return _reference(model, xt, x0, block_size)
+
+
+def _reference(model, xt: Tensor, x0: Tensor, block_size: int) -> Tensor:  # noqa: ANN001
+    B, L = x0.shape
+    cache = model.new_cache(B)
+    outs = []
+    for b in range(L // block_size):
+        if b:  # commit the previous clean block (meta tokens enter with the first call)
+            model(x0[:, (b - 1) * block_size:b * block_size], cache=cache, check_inputs=False)
+        sl = slice(b * block_size, (b + 1) * block_size)
+        outs.append(model(xt[:, sl], cache=cache.fork(), bidirectional=True, check_inputs=False).logits)
+    return torch.cat(outs, dim=1)

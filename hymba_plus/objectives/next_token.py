@@ -1,0 +1,40 @@
+"""The autoregressive objective: position t predicts token t + 1 (cross entropy)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..core.config import spec
+from ..core.registry import register
+
+
+@dataclass(frozen=True)
+class NextTokenConfig:
+    kind: str = spec("next_token", choices=("next_token",))
+
+
+@register("next_token", config=NextTokenConfig, kind="objective")
+class NextToken(nn.Module):
+    """Next-token cross entropy (``HybridLM.lm_loss``) plus the model's auxiliary losses."""
+
+    mask_token_id = None
+
+    def __init__(self, cfg: NextTokenConfig | None = None, **_: Any):
+        super().__init__()
+        self.cfg = cfg or NextTokenConfig()
+
+    def train_forward(self, fwd, model, ids: Tensor, labels: Tensor, **kw: Any):  # noqa: ANN001, ANN201
+        """The training forward: ``fwd`` is the model or its compiled form; returns a ModelOutput
+        whose ``loss`` is trained."""
+        return fwd(ids, labels=labels, check_inputs=False, **kw)
+
+    def eval_batch(self, fwd, model, ids: Tensor, labels: Tensor, seed: int, **kw: Any):  # noqa: ANN001, ANN201
+        """(loss, correct, scored, ModelOutput) of one held-out batch."""
+        from ..training.tasks import masked_correct
+
+        out = fwd(ids, check_inputs=False, **kw)
+        c, t = masked_correct(out.logits, labels)
+        return float(model.lm_loss(out.logits, labels)), c, t, out
