@@ -33,7 +33,7 @@ def recipe(iterations: int, max_iterations: int, d_model: int, halting: str, voc
            train: dict | None = None) -> dict:
     return {"train": train or {},
         "name": f"etd-khop-{halting}-{iterations}",
-        "model": {"vocab_size": vocab, "d_model": d_model, "max_seq_len": 64, "block_pattern": "GA | GA | GA",
+        "model": {"vocab_size": vocab, "d_model": d_model, "max_seq_len": max(64, (train or {}).get("seq_len", 64)), "block_pattern": "GA | GA | GA",
                   "etd": {"encoder_layers": 1, "think_layers": 1, "decoder_layers": 1,
                           "iterations": iterations, "max_iterations": max_iterations}},
         "components": {"gated_attn": {"n_heads": 4, "n_kv_heads": 4, "head_dim": d_model // 4},
@@ -52,7 +52,8 @@ def train_one(r: dict, args, seed: int) -> tuple[torch.nn.Module, float, list[fl
     recipe = load_recipe(r)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        summary = train(recipe, recipe.train, RunOptions(out=Path(tmp) / "run", progress=False, log=lambda m: None))
+        summary = train(recipe, recipe.train, RunOptions(out=Path(tmp) / "run", progress=False, log=lambda m: None,
+                                                         device=args.device))
         secs = time.perf_counter() - t0
         model = from_pretrained(summary.checkpoint).eval()
         rows = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -67,6 +68,7 @@ def evaluate(model, task, cfg, args, seed: int, k: int | None) -> tuple[float, f
     next token is scored). Also checks causality on these very inputs: changing the last
     token changes no earlier logit (a guard against a leak in the reported numbers)."""
     ids, labels = task.batch(range(10**6, 10**6 + args.eval_size), seed, args.seq_len, args.vocab, cfg, stream=1)
+    ids, labels = ids.to(model.device), labels.to(model.device)
     kw = {"think_iterations": k} if k is not None else {}
     out = model(ids, **kw)
     it = out.stats.get("etd/iterations") if out.stats else None
@@ -98,6 +100,9 @@ def main() -> None:
     ap.add_argument("--no-act", action="store_true", help="skip the adaptive (ACT) variant")
     ap.add_argument("--only-act", action="store_true", help="train the adaptive (ACT) variant only")
     ap.add_argument("--branches", type=int, default=0, help="also train MoDr with this many branches (0 = no)")
+    ap.add_argument("--muon-lr", type=float, default=None, help="train.muon_lr (default: the trainer's)")
+    ap.add_argument("--lr", type=float, default=None, help="train.lr, AdamW (default: the trainer's)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the trainer's device)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "etd_depth_cpu.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -114,6 +119,7 @@ def main() -> None:
             train_cfg = {"steps": args.steps, "batch_size": args.batch, "seq_len": args.seq_len, "data": "khop",
                          "khop_hops": args.hops, "khop_nodes": args.nodes, "seed": seed, "warmup_steps": 50,
                          "eval_every": args.steps, "save_every": args.steps, "keep_last": 1}
+            train_cfg.update({k: v for k, v in (("muon_lr", args.muon_lr), ("lr", args.lr)) if v is not None})
             r = recipe(n, args.max_iterations, args.d_model, halting, args.vocab, n_br, train_cfg)
             model, secs, share = train_one(r, args, seed)
             ks = range(1, args.max_iterations + 1) if halting == "none" else [None]
@@ -135,11 +141,13 @@ def main() -> None:
                   + (f", mean iterations {act_iters:.2f} ({act_at_answers:.2f} at the answers)"
                      if act_iters is not None else "")
                   + (f", branch load {' '.join(f'{x:.2f}' for x in share)}" if share else ""), flush=True)
-    result = {"device": f"cpu ({platform.processor() or platform.machine()}, 1 thread)", "torch": torch.__version__,
+    device = (torch.cuda.get_device_name() if args.device.startswith("cuda") else
+              f"cpu ({platform.processor() or platform.machine()}, 1 thread)")
+    result = {"device": device, "torch": torch.__version__,
               "task": {"name": "khop", "hops": args.hops, "nodes": args.nodes, "seq_len": args.seq_len,
                        "vocab": args.vocab, "chance": chance},
-              "train": {"steps": args.steps, "batch": args.batch, "stack": "hymba train (Muon + AdamW, cosine, "
-                                                                             "warmup 50)"},
+              "train": {"steps": args.steps, "batch": args.batch, "muon_lr": args.muon_lr, "lr": args.lr,
+                        "stack": "hymba train (Muon + AdamW, cosine, warmup 50)"},
               "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
