@@ -90,6 +90,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="routers: train only the Dr.LLM layer routers on searched routes, the rest frozen; "
                         "branches: only the MoDr branches (LM loss); all: everything (default: the resumed "
                         "checkpoint's mode, else all; another mode than the checkpoint's starts a new phase)")
+    p.add_argument("--route-beam", type=int, default=4, metavar="N",
+                   help="router training: beam width of the route search (default: 4)")
+    p.add_argument("--route-tolerance", type=float, default=0.02, metavar="NATS",
+                   help="router training: how much loss per row above all-execute's a target route may cost; "
+                        "smaller keeps accuracy, larger skips more (default: 0.02)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar on a terminal, no progress lines without one")
     p.add_argument("--progress-interval", type=float, default=10.0, metavar="SECONDS",
@@ -135,10 +140,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.train_only is not None and train_only_problem(recipe, args.train_only):
         raise UsageError(train_only_problem(recipe, args.train_only))
+    if args.route_beam < 1 or args.route_tolerance < 0:
+        raise UsageError("--route-beam must be >= 1 and --route-tolerance >= 0, got "
+                         f"{args.route_beam} and {args.route_tolerance:g}")
     opts = RunOptions(out=out, resume=args.resume, device=args.device, compile=compile_mode, cuda_graph=args.cuda_graph,
                       stop_after=args.stop_after, time_limit=args.time_limit, progress=not args.no_progress,
                       progress_interval=args.progress_interval, recipe_name=args.recipe, overrides=overrides,
-                      train_only=args.train_only)
+                      train_only=args.train_only, route_beam=args.route_beam,
+                      route_tolerance=args.route_tolerance)
     try:
         summary = train(recipe, cfg, opts)
     except (TrainError, DataError, TokenizerError, CheckpointError, TaskError, TrainConfigError) as e:
