@@ -14,6 +14,10 @@ prefill took (``ETDStack.describe_route``), e.g. ``etd: 3 think iterations (ACT:
 prompt tokens 2.40 of max 4); route: enc 0 execute, think 1@it0 repeat, ...``.
 ``--think-iterations N`` runs N think iterations (1..max_iterations), more or fewer than
 the model was trained with (forward's ``think_iterations``).
+
+``--mode block_diffusion`` (models trained with the ``block_diffusion`` objective) denoises
+block by block (``--block-size``, ``--threshold``, ``--steps``; ``models/generation.py``)
+and prints to stderr the forward passes, tokens per forward and denoising steps per block.
 """
 
 from __future__ import annotations
@@ -35,7 +39,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mode", default="ar", help="decoding mode the model supports (default: ar)")
+    p.add_argument("--mode", default="ar", help="decoding mode: ar (default) or block_diffusion (models trained "
+                   "with that objective)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="block_diffusion: tokens per block (default: the model's training block size)")
+    p.add_argument("--threshold", type=float, default=0.9,
+                   help="block_diffusion: unmask every token whose probability reaches this (at least one per "
+                        "step; >= 1: one per step) (default: 0.9)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="block_diffusion: at most this many denoising steps per block (default: the block size)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, auto")
     p.add_argument("--no-stream", action="store_true", help="print the whole completion at the end")
     p.add_argument("--think-iterations", type=int, default=None, metavar="N",
@@ -146,16 +158,26 @@ def _run(args: argparse.Namespace) -> int:
     hooks = []
     if etd is not None:
         hooks = watch_prefill(model, prefill, args.think_iterations)
+    options: dict[str, Any] = {}
+    if args.mode == "block_diffusion":
+        options = {"block_size": args.block_size, "threshold": args.threshold, "steps": args.steps}
+    else:
+        for flag, given in (("--block-size", args.block_size is not None), ("--steps", args.steps is not None)):
+            if given:
+                raise UsageError(f"{flag}: only for --mode block_diffusion")
+    stats: dict[str, Any] = {}
     try:
         out = model.generate(
             input_ids.to(device), max_new_tokens=args.max_new_tokens, mode=args.mode,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             attention_mask=mask.to(device) if bool((mask == 0).any()) else None,
-            eos_token_id=tok.eos_id, generator=gen, streamer=streamer if stream else None,
+            eos_token_id=tok.eos_id, generator=gen, streamer=streamer if stream else None, stats=stats, **options,
         )
     except ValueError as e:
         msg = str(e).splitlines()[0]
-        flag = "--mode" if "mode" in msg else "--think-iterations" if "think_iterations" in msg else "--max-new-tokens"
+        flag = next((f for k, f in (("block_size", "--block-size"), ("threshold", "--threshold"), ("steps", "--steps"),
+                                    ("mode", "--mode"), ("think_iterations", "--think-iterations")) if k in msg),
+                    "--max-new-tokens")
         raise UserError(f"{flag}: {msg}") from None
     finally:
         for h in hooks:
@@ -169,6 +191,12 @@ def _run(args: argparse.Namespace) -> int:
                 new = new[: new.index(tok.eos_id)]
             text = tok.decode(p) + tok.decode(new)
             print(text if B == 1 else f"[{i}] {text}")
+    if args.mode == "block_diffusion" and stats:
+        sys.stdout.flush()
+        print(f"block diffusion: block size {stats['block_size']}, {stats['forwards']} forward passes for "
+              f"{stats['tokens'] // B} tokens per row ({stats['tokens_per_forward']:.2f} tokens per forward, "
+              f"prefill and block commits included), {stats['steps_per_block']:.2f} denoising steps per block",
+              file=sys.stderr)
     if etd is not None and prefill:
         sys.stdout.flush()
         for i, line in enumerate(etd_lines(model, prefill[0], prompts, device)):

@@ -1,8 +1,24 @@
 """Decoding strategies. ``GENERATORS[mode]`` is what ``HybridLM.generate(mode=...)`` calls.
 
 ``ar``: cached autoregressive decoding — one prefill of the (left-padded) prompt, then one
-token per step through the same ``HybridCache``. The loop over *generated* tokens is
-inherent to decoding; no training path goes through here.
+token per step through the same ``HybridCache``.
+
+``block_diffusion``: block-by-block denoising for models trained with the
+``block_diffusion`` objective (BD3-LM, arXiv 2503.09573; parallel unmasking of Fast-dLLM,
+Wu et al. 2025, arXiv 2505.22618 §3.3). Each block of ``block_size`` starts all [MASK]; a
+denoising step runs the block on a *fork* of the cache with the block's tokens seeing each
+other both ways (``forward(..., bidirectional=True)``, the same computation as training's
+noisy stream, ``core/two_stream.py``), so the cache never moves while a block is denoised;
+every still-masked position whose chosen token has probability >= ``threshold`` is
+unmasked (at least the most confident one per row), or, without a threshold, the
+``ceil(masked / steps left)`` most confident ones so the block finishes in ``steps``. A
+fully denoised block is committed to the cache once, by the ordinary causal forward.
+Blocks start right after each row's prompt (a prompt whose length is a multiple of
+``block_size`` matches training's block layout exactly).
+
+Both take ``stats``: a dict filled with the forward passes, the tokens generated and tokens
+per forward (and, for block diffusion, the denoising steps per block). The loop over
+*generated* tokens or blocks is inherent to decoding; no training path goes through here.
 """
 
 from __future__ import annotations
@@ -75,6 +91,7 @@ def generate_ar(
     eos_token_id: int | None = None,
     generator: torch.Generator | None = None,
     streamer: Callable[[Tensor], Any] | None = None,
+    stats: dict | None = None,
 ) -> Tensor:
     B = input_ids.shape[0]
     check_length(model, input_ids, max_new_tokens, attention_mask)
@@ -96,9 +113,124 @@ def generate_ar(
         # sampled from the model's own logits, and the length was checked above: no checks
         # (they would cost a device sync per token on CUDA)
         last = model(nxt[:, None], cache=cache, check_inputs=False).logits[:, -1]
+    _report(stats, forwards=max(len(new), 1), tokens=len(new) * B, rows=B)  # prefill + one per token but the last
     if not new:
         return input_ids
     return torch.cat([input_ids, torch.stack(new, 1)], dim=1)
 
 
-GENERATORS: dict[str, Callable[..., Tensor]] = {"ar": generate_ar}
+def _report(stats: dict | None, forwards: int, tokens: int, rows: int, **more: Any) -> None:
+    if stats is not None:
+        stats.update(forwards=forwards, tokens=tokens, tokens_per_forward=tokens / max(forwards * rows, 1), **more)
+
+
+def token_confidence(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                     generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """(token, its probability) per position of logits [..., V]: greedy at temperature 0 (the
+    probability under softmax(logits)), else sampled (the probability under the filtered,
+    temperature-scaled distribution it was drawn from)."""
+    flat = logits.reshape(-1, logits.shape[-1]).float()
+    if temperature <= 0:
+        probs = flat.softmax(-1)
+        tok = probs.argmax(-1)
+    else:
+        tok = sample_next(flat, temperature, top_k, top_p, generator)
+        scaled = flat / temperature
+        if top_k is not None and 0 < top_k < scaled.shape[-1]:
+            kth = scaled.topk(top_k, dim=-1).values[..., -1:]
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        probs = scaled.softmax(-1)
+    conf = probs.gather(-1, tok[:, None]).squeeze(-1)
+    return tok.view(logits.shape[:-1]), conf.view(logits.shape[:-1])
+
+
+def generate_block_diffusion(
+    model: Any,
+    input_ids: Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    attention_mask: Tensor | None = None,
+    eos_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    streamer: Callable[[Tensor], Any] | None = None,
+    stats: dict | None = None,
+    block_size: int | None = None,
+    threshold: float | None = 0.9,
+    steps: int | None = None,
+) -> Tensor:
+    """Block-diffusion sampling (module docstring). ``block_size``: the model's training block
+    size by default; ``threshold``: confidence for parallel unmasking (None: ``steps``
+    schedule; 1.0 or more: one token per step); ``steps``: the most denoising steps per block
+    (default ``block_size``: one token per step at worst)."""
+    mask_id = model.objective.mask_token_id
+    if mask_id is None:
+        raise ValueError("mode block_diffusion needs a model trained with the block_diffusion objective "
+                         "(its recipe has no objective: {kind: block_diffusion})")
+    bs = block_size if block_size is not None else model.objective.cfg.block_size
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+        raise ValueError(f"block_size must be an integer >= 1, got {bs!r}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if threshold is not None and not threshold > 0:
+        raise ValueError(f"threshold must be > 0 (or None for the steps schedule), got {threshold!r}")
+    B = input_ids.shape[0]
+    check_length(model, input_ids, max_new_tokens, attention_mask)
+    cache = model.new_cache(B, device=input_ids.device)
+    model(input_ids, attention_mask=attention_mask, cache=cache)  # prefill: checks the prompt's ids
+    dev = input_ids.device
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    rows = torch.arange(B, device=dev)
+    forwards, blocks, steps_used = 1, [], []
+    for start in range(0, max_new_tokens, bs):
+        size = min(bs, max_new_tokens - start)
+        n_steps = min(steps if steps is not None else size, size)
+        x = torch.full((B, size), mask_id, dtype=input_ids.dtype, device=dev)
+        used = 0
+        while True:
+            masked = x == mask_id
+            if not bool(masked.any()):
+                break
+            # the cache does not move: the block runs on a fork (no memory: states are shared)
+            logits = model(x, cache=cache.fork(), bidirectional=True, check_inputs=False).logits
+            forwards += 1
+            used += 1
+            tok, conf = token_confidence(logits, temperature, top_k, top_p, generator)
+            conf = conf.masked_fill(~masked, -1.0)
+            if threshold is not None and used < n_steps:  # >= 1: one token per step
+                accept = masked & (conf >= threshold) if threshold < 1 else torch.zeros_like(masked)
+            elif used >= n_steps:  # the last allowed step unmasks everything left
+                accept = masked
+            else:  # steps schedule: the most confident ceil(masked / steps left) positions
+                k = (masked.sum(1) + (n_steps - used)) // (n_steps - used + 1)
+                ranks = conf.argsort(-1, descending=True).argsort(-1)
+                accept = masked & (ranks < k[:, None])
+            best = conf.argmax(-1)  # at least one token per row that still has masks
+            accept[rows, best] |= masked[rows, best]
+            x = torch.where(accept, tok, x)
+        if eos_token_id is not None:
+            x = torch.where(done[:, None], torch.full_like(x, eos_token_id), x)
+            after = (x == eos_token_id).int().cumsum(1) > 0  # from the first EOS on, the row is over
+            x = torch.where(after, torch.full_like(x, eos_token_id), x)
+            done |= after[:, -1]
+        blocks.append(x)
+        steps_used.append(used)
+        if streamer is not None:
+            for j in range(size):
+                streamer(x[:, j])
+        if eos_token_id is not None and bool(done.all()):
+            break
+        if start + size < max_new_tokens:  # commit the denoised block: the ordinary cached forward
+            model(x, cache=cache, check_inputs=False)
+            forwards += 1
+    n_tokens = sum(b.shape[1] for b in blocks)
+    _report(stats, forwards=forwards, tokens=n_tokens * B, rows=B, block_size=bs,
+            steps_per_block=sum(steps_used) / max(len(steps_used), 1))
+    if not blocks:
+        return input_ids
+    return torch.cat([input_ids, *blocks], dim=1)
+
+
+GENERATORS: dict[str, Callable[..., Tensor]] = {"ar": generate_ar, "block_diffusion": generate_block_diffusion}

@@ -278,8 +278,14 @@ class HybridLM(nn.Module):
         eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
         streamer: Callable[[Tensor], Any] | None = None,
+        stats: dict | None = None,
+        **options: Any,
     ) -> Tensor:
         """Cached generation; returns prompt + new tokens [B, T + n]. ``temperature=0`` is greedy.
+
+        ``stats``: a dict the decoder fills (forward passes, tokens, tokens per forward, ...).
+        ``options``: the mode's own settings (``block_diffusion``: ``block_size``,
+        ``threshold``, ``steps``); ``models/generation.py`` documents each mode.
 
         Raises ``ValueError`` before any work when the longest prompt row (real tokens) plus
         ``max_new_tokens`` exceeds ``max_seq_len``, and at the prefill for an id outside the
@@ -288,9 +294,18 @@ class HybridLM(nn.Module):
 
         if mode not in GENERATORS:
             raise ValueError(f"unknown generation mode {mode!r}; available: {', '.join(sorted(GENERATORS))}")
-        return GENERATORS[mode](self, input_ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                                top_k=top_k, top_p=top_p, attention_mask=attention_mask,
-                                eos_token_id=eos_token_id, generator=generator, streamer=streamer)
+        import inspect
+
+        fn = GENERATORS[mode]
+        allowed = [k for k, p in inspect.signature(fn).parameters.items() if p.kind == p.KEYWORD_ONLY]
+        for k in options:
+            if k not in allowed:
+                raise ValueError(f"generate(mode={mode!r}) takes no option {k!r}"
+                                 + (f"; its options: {', '.join(sorted(set(allowed) - _COMMON))}"
+                                    if set(allowed) - _COMMON else ""))
+        return fn(self, input_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                  attention_mask=attention_mask, eos_token_id=eos_token_id, generator=generator, streamer=streamer,
+                  stats=stats, **options)
 
     # ------------------------------------------------------------------ persistence
     def num_parameters(self) -> int:
@@ -312,6 +327,10 @@ class HybridLM(nn.Module):
         os.replace(p / "recipe.yaml.tmp", p / "recipe.yaml")
         for name in extra_files or {}:
             os.replace(p / f"{name}.tmp", p / name)
+
+
+_COMMON = {"max_new_tokens", "temperature", "top_k", "top_p", "attention_mask", "eos_token_id", "generator",
+           "streamer", "stats"}  # generate()'s own arguments; the rest of a decoder's keywords are its options
 
 
 def _skip_checks(t: Tensor) -> bool:
