@@ -132,7 +132,26 @@ def describe(recipe: Any, dtype: torch.dtype = torch.float32, seq_lens: tuple[in
                                         if any(v is None for v in r["state_bytes"].values())}),
         "kernel_mode": dispatch.mode(), "cuda": cuda_available(), "kernels": kernels,
         **({"etd": etd} if etd is not None else {}),
+        "objective": _objective(recipe),
     }
+
+
+def _objective(recipe: Any) -> dict:
+    """The training objective: its kind and settings (``next_token`` when the recipe has none)."""
+    import dataclasses
+
+    obj = recipe.objective
+    return {"kind": "next_token"} if obj is None else dataclasses.asdict(obj)
+
+
+def objective_line(obj: dict) -> str:
+    """``objective   block_diffusion: block 16, log_linear schedule, clip [0.3, 0.8], [MASK] id 256``."""
+    if obj["kind"] != "block_diffusion":
+        return f"objective   {obj['kind']}"
+    sched = obj["schedule"] + (f" (p = {obj['exponent']:g})" if obj["schedule"] == "exponential" else "")
+    lo, hi = obj["clip"]
+    return (f"objective   block_diffusion (BD3-LM): block {obj['block_size']}, {sched} schedule, "
+            f"clip [{lo:g}, {hi:g}], [MASK] = id vocab_size")
 
 
 def _sum_states(states: list[dict], seq_lens: tuple[int, ...]) -> tuple[dict, dict]:
@@ -294,6 +313,7 @@ def format_info(d: dict, kernels: str = "auto") -> str:
         f"pattern     {layout or d['pattern']}",
         *([f"            = {d['pattern_compact']}"] if not layout and d["pattern_compact"] != d["pattern"] else []),
         f"layers      {d['n_layers']}",
+        *([objective_line(d["objective"])] if d.get("objective", {}).get("kind", "next_token") != "next_token" else []),
         "",
     ]
     etd = d.get("etd")
