@@ -75,11 +75,11 @@ def visible(qpos: Tensor, kpos: Tensor, window: int | None, n_meta: int, bidirec
     tokens excluded; the queries are one chunk on top of the cache) see each other both ways."""
     q, k = qpos[:, :, None], kpos[:, None, :]
     ok = (k >= 0) & (k <= q)
-    if bidirectional:  # the chunk's tokens (not meta tokens entering with it) see each other
-        start = qpos[:, :1, None].clamp(min=n_meta)
-        ok |= (k >= start) & (q >= start)
     if window is not None:
         ok &= (q - k < window) | (k < n_meta)
+    if bidirectional:  # the chunk's tokens (not meta tokens entering with it) all see each other, window or not
+        start = qpos[:, :1, None].clamp(min=n_meta)
+        ok |= (k >= start) & (q >= start)
     return ok
 
 

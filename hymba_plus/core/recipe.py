@@ -661,8 +661,11 @@ def _build_objective(data: Any, model: ModelConfig, train: Any, errs: _Errors) -
     cfg = _to_dataclass(registry.get(kind).config, data, "objective.", errs)
     if cfg is None:
         return None
+    before = len(errs.items)
     for k, msg in range_errors(cfg, "objective."):
         errs.add(k, msg)
+    if len(errs.items) > before:  # the cross checks assume valid ranges
+        return None
     for k, msg in cross_errors(cfg, model, "objective."):
         errs.add(k, msg)
     bs = getattr(cfg, "block_size", None)

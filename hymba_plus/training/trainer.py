@@ -410,6 +410,10 @@ class Trainer:
                 ckpt_mod.load_optimizer(self.resume_from, model, self.opt, self.info)
             ckpt_mod.load_rng(self.resume_from, self.info)
         self.objective = model.objective
+        bs = getattr(self.recipe.objective, "block_size", None)
+        if bs is not None and cfg.seq_len % bs:
+            raise TrainError(f"seq_len {cfg.seq_len} is not a multiple of objective.block_size ({bs}): "
+                             "diffusion blocks tile every training sequence")
         if self.objective.mask_token_id is not None and (opts.compile is not None or opts.cuda_graph):
             raise TrainError(f"{'--cuda-graph' if opts.cuda_graph else '--compile'}: not available for the "
                              f"{self.recipe.objective.kind} objective (its two-stream step runs eagerly)")

@@ -1,0 +1,168 @@
+"""Block-diffusion sampling (``generate(mode="block_diffusion")``, ``models/generation.py``)
+and ``hymba generate --mode block_diffusion``: committing blocks through the cache equals
+recomputing the prefix for every block, threshold >= 1 is one token per step and
+deterministic, denoising never moves the cache, left padding is exact, EOS, the steps
+schedule, the stats, and the errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hymba_plus import build_model
+from hymba_plus.cli import main
+from hymba_plus.models.generation import token_confidence
+
+BASE = {
+    "name": "bd-gen",
+    "model": {"vocab_size": 24, "d_model": 32, "max_seq_len": 64, "block_pattern": "GD | GA | M3 | ATL | HY",
+              "meta_tokens": 2},
+    "components": {"gated_attn": {"n_heads": 2, "head_dim": 16, "window": 9},
+                   "gdn": {"n_heads": 2, "head_dim": 16},
+                   "mamba3": {"state_size": 8, "head_dim": 16, "expand": 1},
+                   "atlas": {"n_heads": 2, "head_dim": 16, "poly_degree": 1, "memory_hidden": 1, "ns_steps": 2},
+                   "hymba": {"ssm": "gdn", "attn": {"n_heads": 2, "head_dim": 16}},
+                   "mlp": {"d_hidden": 64}},
+    "objective": {"kind": "block_diffusion", "block_size": 4},
+}
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = build_model(BASE).double().eval()
+    with torch.no_grad():  # a sharper random model: confidences spread over (0, 1)
+        m.lm_head.weight.mul_(30.0)
+    return m
+
+
+def recompute_sampler(model, ids: torch.Tensor, n_new: int, threshold: float) -> torch.Tensor:
+    """The oracle: no cache is kept between blocks; every block's denoising steps run on a
+    fresh prefill of the prompt and all blocks committed so far (one row, greedy)."""
+    bs, mask_id = model.objective.cfg.block_size, model.objective.mask_token_id
+    seq = ids
+    for start in range(0, n_new, bs):
+        size = min(bs, n_new - start)
+        x = torch.full((1, size), mask_id, dtype=ids.dtype)
+        while bool((x == mask_id).any()):
+            cache = model.new_cache(1)
+            model(seq, cache=cache)
+            logits = model(x, cache=cache, bidirectional=True).logits
+            tok, conf = token_confidence(logits, 0.0, None, None, None)
+            masked = x == mask_id
+            conf = conf.masked_fill(~masked, -1.0)
+            accept = masked & (conf >= threshold) if threshold < 1 else torch.zeros_like(masked)
+            accept[0, conf[0].argmax()] = True
+            x = torch.where(accept, tok, x)
+        seq = torch.cat([seq, x], dim=1)
+    return seq
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.9, 1.0])
+def test_cached_blocks_equal_recomputing_the_prefix(model, threshold) -> None:
+    ids = torch.randint(0, 24, (1, 6), generator=torch.Generator().manual_seed(1))
+    want = recompute_sampler(model, ids, 10, threshold)
+    got = model.generate(ids, max_new_tokens=10, mode="block_diffusion", temperature=0.0, threshold=threshold)
+    assert torch.equal(got, want)
+
+
+def test_threshold_one_is_one_token_per_step_and_deterministic(model) -> None:
+    ids = torch.randint(0, 24, (2, 5), generator=torch.Generator().manual_seed(2))
+    st: dict = {}
+    a = model.generate(ids, max_new_tokens=8, mode="block_diffusion", threshold=1.0, stats=st)
+    b = model.generate(ids, max_new_tokens=8, mode="block_diffusion", threshold=1.0)
+    assert torch.equal(a, b)
+    assert st["steps_per_block"] == 4.0  # one token per denoising step
+    assert st["forwards"] == 1 + 2 * 4 + 1  # prefill, 4 steps per block, one commit between the blocks
+    assert st["tokens"] == 16 and st["tokens_per_forward"] == pytest.approx(8 / 10)
+    low: dict = {}
+    model.generate(ids, max_new_tokens=8, mode="block_diffusion", threshold=0.05, stats=low)
+    assert low["forwards"] < st["forwards"]  # a low threshold unmasks several tokens per step
+
+
+def test_denoising_never_moves_the_cache(model) -> None:
+    """A denoising step runs on ``cache.fork()``: every state tensor of the real cache (KV,
+    conv, gdn / mamba3 / ATLAS states, hymba's pair) and its positions stay as they were."""
+    ids = torch.randint(0, 24, (2, 7), generator=torch.Generator().manual_seed(3))
+    cache = model.new_cache(2)
+    model(ids, cache=cache)
+    before = [[(n, t.clone()) for n, t in s.tensors()] if s is not None else [] for s in cache.states]
+    pos = cache.pos.clone()
+    x = torch.full((2, 4), model.objective.mask_token_id)
+    for _ in range(3):
+        model(x, cache=cache.fork(), bidirectional=True)
+    assert torch.equal(cache.pos, pos)
+    kinds = set()
+    for s, old in zip(cache.states, before):
+        now = list(s.tensors()) if s is not None else []
+        assert [n for n, _ in now] == [n for n, _ in old]
+        for (name, t), (_, t0) in zip(now, old):
+            assert torch.equal(t, t0), name
+        kinds.add(type(s).__name__)
+    assert {"GDNState", "AttentionState", "Mamba3State", "AtlasState", "HymbaState"} <= kinds
+
+
+def test_left_padding_is_exact(model) -> None:
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randint(0, 24, (1, 7), generator=g), torch.randint(0, 24, (1, 4), generator=g)
+    ids = torch.zeros(2, 7, dtype=torch.long)
+    ids[0], ids[1, 3:] = a[0], b[0]
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :3] = 0
+    both = model.generate(ids, max_new_tokens=6, mode="block_diffusion", attention_mask=mask, threshold=0.5)
+    one_a = model.generate(a, max_new_tokens=6, mode="block_diffusion", threshold=0.5)
+    one_b = model.generate(b, max_new_tokens=6, mode="block_diffusion", threshold=0.5)
+    assert torch.equal(both[0, 7:], one_a[0, 7:]) and torch.equal(both[1, 7:], one_b[0, 4:])
+
+
+def test_steps_schedule_and_eos(model) -> None:
+    ids = torch.randint(0, 24, (2, 4), generator=torch.Generator().manual_seed(5))
+    st: dict = {}
+    model.generate(ids, max_new_tokens=8, mode="block_diffusion", threshold=None, steps=2, stats=st)
+    assert st["steps_per_block"] == 2.0  # 2 tokens per step: every block in 2 steps
+    out = model.generate(ids, max_new_tokens=8, mode="block_diffusion", threshold=0.5)
+    eos = int(out[0, 5])  # a token the first row generates at its second new position
+    got = model.generate(ids, max_new_tokens=8, mode="block_diffusion", threshold=0.5, eos_token_id=eos)
+    row = got[0, 4:].tolist()
+    first = row.index(eos)
+    assert all(t == eos for t in row[first:])  # from the first EOS on, the row is over
+
+
+def test_sampling_with_temperature_is_seeded(model) -> None:
+    ids = torch.randint(0, 24, (2, 4), generator=torch.Generator().manual_seed(6))
+    runs = [model.generate(ids, max_new_tokens=6, mode="block_diffusion", temperature=1.0, top_k=5,
+                           generator=torch.Generator().manual_seed(s)) for s in (7, 7, 8)]
+    assert torch.equal(runs[0], runs[1])
+    assert ((runs[0] >= 0) & (runs[0] < 24)).all()  # never the [MASK] id
+
+
+def test_errors(model) -> None:
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    ar = build_model({k: v for k, v in BASE.items() if k != "objective"})
+    with pytest.raises(ValueError, match="block_diffusion objective"):
+        ar.generate(ids, max_new_tokens=2, mode="block_diffusion")
+    with pytest.raises(ValueError, match="block_size"):
+        model.generate(ids, max_new_tokens=2, mode="block_diffusion", block_size=0)
+    with pytest.raises(ValueError, match="threshold"):
+        model.generate(ids, max_new_tokens=2, mode="block_diffusion", threshold=0.0)
+    with pytest.raises(ValueError, match="takes no option 'threshold'"):
+        model.generate(ids, max_new_tokens=2, threshold=0.5)
+
+
+def test_cli_block_diffusion(tmp_path, capsys) -> None:
+    from hymba_plus.training.tokenizer import IdsTokenizer
+
+    ckpt = tmp_path / "ckpt"
+    model = build_model(BASE)
+    model.save_pretrained(ckpt, extra_files={"tokenizer.json": IdsTokenizer(24).to_json()})
+    rc = main(["generate", str(ckpt), "--prompt", "3 4 5 6", "--mode", "block_diffusion", "--max-new-tokens", "8",
+               "--temperature", "0", "--threshold", "1"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert "block diffusion: block size 4, 10 forward passes for 8 tokens per row" in cap.err
+    assert "2.00 denoising steps" not in cap.err and "4.00 denoising steps per block" in cap.err
+    rc = main(["generate", str(ckpt), "--prompt", "3", "--steps", "2"])
+    assert rc == 2 and "--steps: only for --mode block_diffusion" in capsys.readouterr().err
+    rc = main(["generate", str(ckpt), "--prompt", "3", "--mode", "block_diffusion", "--threshold", "-1"])
+    err = capsys.readouterr().err
+    assert rc != 0 and err.count("\n") == 1 and "--threshold" in err
