@@ -169,6 +169,20 @@ class HybridCache:
     def nbytes(self) -> int:
         return sum(s.nbytes() for s in self.states if s is not None)
 
+    def snapshot(self) -> "HybridCache":
+        """A rollback point (speculative decoding): the cache as it is now, costing no tensor
+        memory (``fork``). ``restore`` returns to it, whatever was advanced since."""
+        return self.fork()
+
+    def restore(self, snapshot: "HybridCache") -> None:
+        """Return every state, the positions and the structure's decisions to ``snapshot``
+        (taken from this cache by ``snapshot()``); the snapshot stays usable."""
+        if len(snapshot.states) != len(self.states) or snapshot.batch_size != self.batch_size:
+            raise ValueError(f"restore: the snapshot has {len(snapshot.states)} states for batch "
+                             f"{snapshot.batch_size}, this cache {len(self.states)} for batch {self.batch_size}")
+        self.states = [s.fork() if s is not None else None for s in snapshot.states]
+        self.pos, self.started, self.extra = snapshot.pos.clone(), snapshot.started, dict(snapshot.extra)
+
     def fork(self) -> "HybridCache":
         """A cache a forward may advance while this one stays as it is (block diffusion
         denoises a block on a fork; ``LayerState.fork`` says why this costs no memory)."""

@@ -264,6 +264,21 @@ class HybridLM(nn.Module):
             tgt[attention_mask[:, 1:] == 0] = -100
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tgt.flatten(), ignore_index=-100)
 
+    def rewind(self, cache: HybridCache, snapshot: HybridCache, ids: Tensor, keep: Tensor) -> None:
+        """Roll ``cache`` back to the state after ``snapshot`` plus the first ``keep[b]`` tokens
+        of ``ids[b]`` (the tokens fed since the snapshot): exact for every state type (KV with
+        windows and meta tokens, conv, gdn / mamba3 / ATLAS states, hymba, ETD iterations and
+        routes), by restoring the snapshot and running the kept tokens again in one forward
+        (per-row lengths through the padding rule). Speculative decoding calls it after a
+        verify chunk with each row's accepted length."""
+        cache.restore(snapshot)
+        keep = keep.to(device=ids.device, dtype=torch.long)
+        if ids.shape[1] == 0 or not bool((keep > 0).any()):
+            return
+        n = int(keep.max())
+        mask = (torch.arange(n, device=ids.device)[None] < keep[:, None]).long()
+        self(ids[:, :n], attention_mask=None if bool(mask.all()) else mask, cache=cache, check_inputs=False)
+
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(
