@@ -27,6 +27,7 @@ states grow with the tokens an application sees. ``--json`` gains an ``etd`` obj
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 from typing import Any
@@ -99,8 +100,9 @@ def describe(recipe: Any, dtype: torch.dtype = torch.float32, seq_lens: tuple[in
         layers.append(row)
     total = _numel(model)
     router, router_active = _numel(model.etd_router), router_active_params(model.etd_router)
-    other = total - sum(r["params"] for r in layers) - router
-    active = other + sum(r["active_params"] for r in layers) + router_active
+    mtp = _numel(model.mtp)
+    other = total - sum(r["params"] for r in layers) - router - mtp
+    active = other + sum(r["active_params"] for r in layers) + router_active + mtp
     etd = None
     if m.etd is not None:
         etd = describe_etd(recipe, model, layers, seq_lens, router, router_active)
@@ -133,13 +135,12 @@ def describe(recipe: Any, dtype: torch.dtype = torch.float32, seq_lens: tuple[in
         "kernel_mode": dispatch.mode(), "cuda": cuda_available(), "kernels": kernels,
         **({"etd": etd} if etd is not None else {}),
         "objective": _objective(recipe),
+        **({"mtp": {**dataclasses.asdict(m.mtp), "params": mtp}} if m.mtp is not None else {}),
     }
 
 
 def _objective(recipe: Any) -> dict:
     """The training objective: its kind and settings (``next_token`` when the recipe has none)."""
-    import dataclasses
-
     obj = recipe.objective
     return {"kind": "next_token"} if obj is None else dataclasses.asdict(obj)
 
@@ -326,12 +327,16 @@ def format_info(d: dict, kernels: str = "auto") -> str:
     if etd is not None:
         rows.append(["-", "etd_router", "", f"{etd['router_params']:,}", f"{etd['router_active_params']:,}"]
                     + ["" for _ in lens])
+    if d.get("mtp") is not None:
+        mtp = d["mtp"]
+        rows.append(["-", f"mtp x{mtp['depth']} ({mtp['block']})", "", f"{mtp['params']:,}", f"{mtp['params']:,}"]
+                    + ["" for _ in lens])
     rows.append(["-", "embed/meta/norm/head", "", f"{d['other_params']:,}", f"{d['other_params']:,}"]
                 + ["" for _ in lens])
     right = {0, 3, 4} | set(range(5, len(head)))
     if etd is not None:  # a stage column after the layer index
         head.insert(1, "stage")
-        for r, row in zip(d["layers"] + [{}, {}], rows):
+        for r, row in zip(d["layers"] + [{}] * (len(rows) - len(d["layers"])), rows):
             row.insert(1, r.get("stage", ""))
         right = {0, 4, 5} | set(range(6, len(head)))
     out += _table(head, rows, right)

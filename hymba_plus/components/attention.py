@@ -100,6 +100,15 @@ def kv_share_roles(recipe) -> list[str | None]:  # noqa: ANN001 - Recipe
     return roles
 
 
+def kv_role_of(recipe, layer_idx: int) -> str | None:  # noqa: ANN001 - Recipe
+    """The KV-sharing role of layer ``layer_idx`` (None beyond the pattern's layers: blocks
+    outside the stack, such as MTP modules, never share)."""
+    if recipe is None:
+        return None
+    roles = kv_share_roles(recipe)
+    return roles[layer_idx] if layer_idx < len(roles) else None
+
+
 @register("gated_attn", config=GatedAttentionConfig, aliases=("GA", "attn", "attention"))
 class GatedAttention(nn.Module):
     def __init__(self, cfg: GatedAttentionConfig, *, d_model: int, project_out: bool = True,
@@ -108,7 +117,7 @@ class GatedAttention(nn.Module):
         self.cfg = cfg
         self.h, self.hkv, self.d = cfg.n_heads, cfg.kv_heads(), cfg.dim(d_model)
         if kv_role == "auto":
-            kv_role = kv_share_roles(recipe)[layer_idx] if recipe is not None else None
+            kv_role = kv_role_of(recipe, layer_idx)
         self.kv_role = kv_role
         self.q_proj = nn.Linear(d_model, self.h * self.d, bias=cfg.bias)
         if kv_role != "consumer":

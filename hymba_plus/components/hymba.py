@@ -34,7 +34,7 @@ from ..core.cache import LayerState, StepContext
 from ..core.config import spec
 from ..core.registry import register
 from ..core.two_stream import recurrent_two_stream
-from .attention import AttentionState, GatedAttention, GatedAttentionConfig, kv_share_roles
+from .attention import AttentionState, GatedAttention, GatedAttentionConfig, kv_role_of
 from .norm import RMSNorm
 
 SSM_CHOICES = ("mamba3", "gdn")
@@ -85,7 +85,7 @@ class Hymba(nn.Module):
         attn_cfg = cfg.attn
         if attn_cfg.head_dim is None:
             attn_cfg = dataclasses.replace(attn_cfg, head_dim=width // attn_cfg.n_heads)
-        role = kv_share_roles(recipe)[layer_idx] if recipe is not None else None
+        role = kv_role_of(recipe, layer_idx)
         self.attn = GatedAttention(attn_cfg, d_model=d_model, project_out=False, kv_role=role)
         self.ssm = registry.build(cfg.ssm, ssm_cfg, d_model=d_model, recipe=recipe, layer_idx=layer_idx, **kw)
         # the SSM's own output projection is replaced by the shared one below

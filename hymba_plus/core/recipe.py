@@ -80,6 +80,19 @@ class ETDConfig:
 
 
 @dataclass(frozen=True)
+class MTPConfig:
+    """Multi-token prediction (DeepSeek-V3, arXiv 2412.19437 §2.2): ``depth`` sequential modules;
+    module i joins the hidden state of module i - 1 (the trunk for i = 1) with the embedding of
+    the token i ahead, runs one ``block`` (a block_pattern token: a mixer and its channel
+    mixer, configured by the recipe's components) and predicts the token i + 1 ahead through
+    the shared final norm and head. Loss: ``weight`` times the mean of the depths' losses."""
+
+    depth: int = spec(1, min=1, max=8, doc="prediction modules (tokens predicted beyond the next one)")
+    weight: float = spec(0.3, min=0.0, doc="lambda: the MTP loss weight (mean over depths)")
+    block: str = spec("GA", doc="each module's block: one block_pattern token, e.g. GA, GD+mlp, M3+moe")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = spec(min=2)
     d_model: int = spec(min=1)
@@ -94,6 +107,7 @@ class ModelConfig:
     dropout: float = spec(0.0, min=0.0, max=1.0)
     n_layers: int | None = spec(None, min=1, max=4096, doc="optional: must equal the pattern's layer count")
     etd: ETDConfig | None = None
+    mtp: MTPConfig | None = None
 
 
 def _train_config_type() -> type:
@@ -577,6 +591,9 @@ def _build(data: Any, file: str) -> Recipe:
     errs.raise_if_any()
 
     used = {s.mixer for s in layers if s.mixer != "none"} | {s.ffn for s in layers if s.ffn != "none"}
+    if model.mtp is not None:  # the prediction modules' block (checked in _check_model)
+        mtp_spec = parse_pattern(model.mtp.block, model.ffn)[0]
+        used |= {n for n in (mtp_spec.mixer, mtp_spec.ffn) if n != "none"}
     if model.etd is not None:
         used.add("etd_router")
     elif "etd_router" in comps_data:
@@ -677,6 +694,14 @@ def _build_objective(data: Any, model: ModelConfig, train: Any, errs: _Errors) -
 def _check_model(model: ModelConfig, errs: _Errors) -> None:
     for k, msg in range_errors(model, "model."):
         errs.add(k, msg)
+    if model.mtp is not None:
+        try:
+            mtp_layers = parse_pattern(model.mtp.block, model.ffn)
+        except PatternError as e:
+            errs.add("model.mtp.block", str(e))
+        else:
+            if len(mtp_layers) != 1 or mtp_layers[0].mixer == "none":
+                errs.add("model.mtp.block", f"must be one block with a mixer (e.g. GA, GD+mlp), got {model.mtp.block!r}")
     if model.block_pattern is None and model.layout is None:
         errs.add("model.block_pattern", "give either block_pattern or layout", errs.line("model"))
         return

@@ -16,8 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-KINDS = ("mixer", "ffn", "router", "objective")  # router: structure-level controllers (etd_router);
-# objective: what the model is trained to predict (objectives/, the recipe's objective section)
+KINDS = ("mixer", "ffn", "router", "objective", "head")  # router: structure-level controllers (etd_router);
+# objective: what the model is trained to predict (objectives/, the recipe's objective section);
+# head: output modules besides the LM head (mtp)
 
 
 class RegistryError(KeyError):

@@ -71,6 +71,9 @@ class HybridLM(nn.Module):
             self.structure = PlainStack(len(self.blocks))
         self.norm = RMSNorm(m.d_model, m.norm.eps, m.norm.zero_centered)
         self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
+        # multi-token prediction modules (components/mtp.py), after the trunk, sharing its head
+        self.mtp = (registry.build("mtp", m.mtp, recipe=recipe, first_layer_idx=len(self.blocks))
+                    if m.mtp is not None else None)
         # what the model is trained to predict (objectives/): its loss, metric, [MASK] embedding
         obj = recipe.objective
         self.objective = registry.build(obj.kind if obj is not None else "next_token", obj, d_model=m.d_model,
@@ -187,6 +190,13 @@ class HybridLM(nn.Module):
         structure_options = {k: v for k, v in (("routes", routes), ("think_iterations", think_iterations))
                              if v is not None}
         x = self.structure(self.blocks, x, ctx, cache, **structure_options)
+        mtp_loss = None
+        if labels is not None and self.mtp is not None and cache is None:
+            if order is not None:
+                raise ValueError("the MTP loss needs unpadded rows (attention_mask all ones)")
+            n0 = n_meta if add_meta else 0
+            mtp_loss, per = self.mtp.losses(self, x[:, n0:], input_ids, labels, positions[:, n0:], n_meta)
+            ctx.stats.update({f"mtp/loss_{i + 1}": v.detach() for i, v in enumerate(per)})
         h = self.norm(x)
         if cache is not None:
             cache.advance(lengths, S)
@@ -201,6 +211,8 @@ class HybridLM(nn.Module):
             loss = self.lm_loss(logits, labels, attention_mask)
             if aux is not None:
                 loss = loss + aux
+            if mtp_loss is not None:
+                loss = loss + mtp_loss
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux,
                            hidden_states=h if return_hidden else None, stats=ctx.stats or None)
 

@@ -1,0 +1,79 @@
+"""Multi-token prediction modules (DeepSeek-V3, arXiv 2412.19437 §2.2, Eq. 21-25).
+
+``model.mtp: {depth: D, weight: lambda, block: GA}`` adds D sequential modules after the
+trunk. Module i (1-based) at position t joins the previous depth's hidden state
+(the trunk's for i = 1, before the final norm) with the embedding of token t + i:
+
+    h_i^t  = Block_i( M_i [ RMSNorm(h_{i-1}^t) ; RMSNorm(Emb(x_{t+i})) ] )     (Eq. 21-22)
+    p_i^t  = softmax( Head( FinalNorm(h_i^t) ) )        predicts x_{t+i+1}    (Eq. 23)
+    L_MTP  = lambda / D * sum_i CE(p_i, x_{.+i+1})                            (Eq. 24-25)
+
+The embedding, the final norm and the head are the trunk's (shared); each module owns its
+projection M_i (2d -> d), its two norms and one block of the recipe's ``block`` token
+(any mixer, with its channel mixer), built with the recipe's component settings. Training
+adds the loss to the next-token loss and logs ``mtp/loss_i`` per depth. At inference the
+modules draft tokens for self-speculative decoding (``generate(mode="mtp")``); each
+module's block keeps its own cache state (``new_cache``), advanced only over positions
+whose inputs are verified tokens (``models/mtp_decoding.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..blocks import Block
+from ..core.cache import HybridCache, StepContext
+from ..core.pattern import parse_pattern
+from ..core.registry import register
+from .norm import RMSNorm
+
+
+@register("mtp", config=None, kind="head")
+class MTP(nn.Module):
+    def __init__(self, cfg: Any, *, recipe: Any, first_layer_idx: int, **_: Any):
+        super().__init__()
+        m = recipe.model
+        self.cfg = cfg
+        self.depth = cfg.depth
+        spec = parse_pattern(cfg.block, m.ffn)[0]
+        norm = lambda: RMSNorm(m.d_model, m.norm.eps, m.norm.zero_centered)  # noqa: E731
+        self.norm_h = nn.ModuleList(norm() for _ in range(cfg.depth))
+        self.norm_e = nn.ModuleList(norm() for _ in range(cfg.depth))
+        self.proj = nn.ModuleList(nn.Linear(2 * m.d_model, m.d_model, bias=False) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(Block(spec, recipe, first_layer_idx + i) for i in range(cfg.depth))
+
+    def new_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> HybridCache:
+        """One state per module's block (its ``pos`` is unused: the decoder passes positions)."""
+        return HybridCache([b.init_state(batch_size, device, dtype) for b in self.blocks], batch_size, device)
+
+    def step(self, i: int, h_prev: Tensor, emb: Tensor, ctx: StepContext, state: Any = None) -> Tensor:
+        """Module ``i`` (0-based): the hidden states [B, T, d] from the previous depth's and the
+        embeddings of the tokens i + 1 ahead (Eq. 21-22)."""
+        x = self.proj[i](torch.cat([self.norm_h[i](h_prev), self.norm_e[i](emb)], dim=-1))
+        return self.blocks[i](x, ctx, state)
+
+    def losses(self, model: Any, trunk: Tensor, ids: Tensor, labels: Tensor, positions: Tensor,
+               n_meta: int) -> tuple[Tensor, list[Tensor]]:
+        """(lambda * mean over depths, [loss of each depth]) for unpadded rows: ``trunk`` [B, T, d]
+        the trunk's last hidden states (before the final norm) at the real tokens, ``positions``
+        theirs. Depth i (0-based) uses the positions t <= T - i - 2 and predicts x_{t+i+2};
+        ``labels`` -100 are not scored (as the next-token loss)."""
+        T = ids.shape[1]
+        h, per = trunk, []
+        for i in range(self.depth):
+            n = T - i - 1  # positions whose input token x_{t+i+1} exists
+            if n < 2:  # no position left with a target
+                break
+            ctx = StepContext(positions=positions[:, :n], n_meta=n_meta)
+            h = self.step(i, h[:, :n], model.embed_tokens(ids[:, i + 1:i + 1 + n]), ctx)
+            logits = model.lm_head(model.norm(h))
+            # lm_loss: position t predicts tgt[t + 1] = labels[t + i + 2]
+            tgt = labels[:, i + 1:i + 1 + n]
+            per.append(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tgt[:, 1:].flatten(), ignore_index=-100))
+        if not per:
+            return trunk.new_zeros(()), per
+        return self.cfg.weight * torch.stack(per).mean(), per
