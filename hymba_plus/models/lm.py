@@ -43,8 +43,9 @@ class ModelOutput:
     logits: Tensor
     loss: Tensor | None = None
     aux_loss: Tensor | None = None
-    hidden_states: Tensor | None = None
+    hidden_states: Tensor | None = None  # after the final norm (return_hidden=True)
     stats: dict | None = None
+    trunk_states: Tensor | None = None  # the last block's output, before the final norm (return_hidden=True)
 
 
 class CheckpointError(ValueError):
@@ -200,10 +201,14 @@ class HybridLM(nn.Module):
         h = self.norm(x)
         if cache is not None:
             cache.advance(lengths, S)
+        trunk = x if return_hidden else None
         if order is not None:  # undo the compaction
-            h = torch.empty_like(h).scatter_(1, order[..., None].expand(-1, -1, h.shape[-1]), h)
+            idx = order[..., None].expand(-1, -1, h.shape[-1])
+            h = torch.empty_like(h).scatter_(1, idx, h)
+            trunk = torch.empty_like(x).scatter_(1, idx, x) if return_hidden else None
         if add_meta:
             h = h[:, n_meta:]
+            trunk = trunk[:, n_meta:] if trunk is not None else None
         logits = self.lm_head(h)
         aux = torch.stack(ctx.aux_losses).sum() if ctx.aux_losses else None
         loss = None
@@ -213,8 +218,8 @@ class HybridLM(nn.Module):
                 loss = loss + aux
             if mtp_loss is not None:
                 loss = loss + mtp_loss
-        return ModelOutput(logits=logits, loss=loss, aux_loss=aux,
-                           hidden_states=h if return_hidden else None, stats=ctx.stats or None)
+        return ModelOutput(logits=logits, loss=loss, aux_loss=aux, hidden_states=h if return_hidden else None,
+                           stats=ctx.stats or None, trunk_states=trunk)
 
     def embed_tokens(self, ids: Tensor) -> Tensor:
         """Token embeddings; the objective's [MASK] id (``vocab_size``, block diffusion) maps to

@@ -1,0 +1,255 @@
+"""Self-speculative decoding with the MTP modules (``generate(mode="mtp")``).
+
+A model with ``model.mtp`` (``components/mtp.py``) drafts with its own prediction modules
+and verifies with its trunk, losslessly (speculative decoding: Leviathan et al. 2023,
+arXiv 2211.17192; Chen et al. 2023, arXiv 2302.01318; MTP drafting as DeepSeek-V3 §2.2
+suggests).
+
+Positions and who has seen what. Let the trunk's cache hold tokens x_0 .. x_{P-1} and let
+c = x_P be the next token, already chosen. Module i (1-based) at position s reads the
+depth-(i-1) hidden state at s and the embedding of x_{s+i}; its cache only ever consumes
+positions whose inputs are *verified* tokens, s <= P - i ("committed"). A round:
+
+1. **draft**: d_1 comes from module 1's output at its last committed position P - 1;
+   module i >= 2 runs positions P - i + 1 .. P - 1 on a *fork* of its cache (their inputs
+   include drafts d_1 .. d_{i-1}; the fork leaves the cache untouched) and its output at
+   P - 1 gives d_i;
+2. **verify**: one trunk forward of ``[c, d_1 .. d_k]`` on the cache (snapshot first)
+   scores every draft and one more token;
+3. **accept**: greedy keeps the longest prefix where d_j equals the trunk's argmax, then
+   the trunk's token; with temperature > 0, d_j is kept with probability
+   min(1, p_j(d_j) / q_j(d_j)), the first rejected position samples from
+   norm(max(0, p - q)), and a fully accepted round samples one more token from p: the
+   tokens are distributed exactly as sampling from the trunk alone (top-k / top-p apply to
+   p and q alike);
+4. **roll back** the trunk to ``[c, accepted drafts]`` per row (``HybridLM.rewind``: restore
+   the snapshot, re-run the kept tokens; skipped when every row kept everything), and
+   **commit** the a + 1 newly verified positions to every module's cache in one forward
+   per module (per-row lengths through the padding rule).
+
+Rows that reach ``max_new_tokens`` or EOS stop advancing (their rows are rolled back to
+nothing each round). ``stats``: trunk forwards (prefill + verify + rewind), module forwards,
+drafts proposed and accepted, acceptance rate, tokens per trunk forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..core.cache import StepContext
+from .generation import GENERATORS, check_length
+
+
+def filtered_probs(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None) -> Tensor:
+    """The distribution a token is drawn from: one-hot at the argmax for temperature 0 (so
+    greedy is the same accept / reject rule), else softmax(logits / T) restricted to top-k
+    and the nucleus top-p (as ``generation.sample_next``)."""
+    logits = logits.float()
+    if temperature <= 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    return logits.softmax(-1)
+
+
+def draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One token per row of probs [..., V]."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+
+
+def accept_drafts(p: Tensor, q: Tensor, drafts: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Speculative sampling's acceptance rule, vectorised over rows and positions.
+
+    p [B, k+1, V]: the target's distributions at the k drafts and one more; q [B, k, V]: the
+    draft distributions the drafts [B, k] were drawn from. Returns (accepted [B]: the length
+    of the kept prefix, next [B]: the token after it), sampled from norm(max(0, p - q)) at
+    the first rejection or from p[:, k] when all are kept."""
+    B, k = drafts.shape
+    pd = p[:, :k].gather(-1, drafts[..., None]).squeeze(-1)
+    qd = q.gather(-1, drafts[..., None]).squeeze(-1)
+    u = torch.rand(B, k, device=p.device, generator=generator)
+    ok = u * qd < pd  # u < p / q, without dividing by zero (q(d) > 0: d was drawn from q)
+    accepted = ok.long().cumprod(1).sum(1)
+    rows = torch.arange(B, device=p.device)
+    p_at = p[rows, accepted]
+    q_at = torch.cat([q, torch.zeros_like(q[:, :1])], 1)[rows, accepted]  # zero after the last draft
+    resid = (p_at - q_at).clamp(min=0)
+    norm = resid.sum(-1, keepdim=True)
+    resid = torch.where(norm > 0, resid / norm.clamp(min=1e-30), p_at)  # p == q there: any draw from p is exact
+    return accepted, draw(resid, generator)
+
+
+def _gather_at(x: Tensor, idx: Tensor) -> Tensor:
+    """x [B, T, D] at per-row index idx [B] -> [B, D]."""
+    return x.gather(1, idx.clamp(min=0)[:, None, None].expand(-1, 1, x.shape[-1])).squeeze(1)
+
+
+@torch.no_grad()
+def generate_mtp(
+    model: Any,
+    input_ids: Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    attention_mask: Tensor | None = None,
+    eos_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    streamer: Callable[[Tensor], Any] | None = None,
+    stats: dict | None = None,
+    k: int | None = None,
+) -> Tensor:
+    """Self-speculative decoding with the MTP modules (module docstring); ``k``: drafts per
+    round, 1 .. model.mtp.depth (default: the depth). ``streamer`` gets each round's new
+    tokens of row 0 one by one."""
+    mtp = model.mtp
+    if mtp is None:
+        raise ValueError("mode mtp needs a model with MTP modules (a recipe with model.mtp)")
+    D = mtp.depth
+    k = D if k is None else k
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= D:
+        raise ValueError(f"k must be an integer in [1, {D}] (model.mtp.depth), got {k!r}")
+    check_length(model, input_ids, max_new_tokens, attention_mask)
+    B, T = input_ids.shape
+    dev = input_ids.device
+    valid = attention_mask.to(torch.bool) if attention_mask is not None else torch.ones(B, T, dtype=torch.bool,
+                                                                                        device=dev)
+    L = valid.sum(1)
+    if bool((L < D).any()):
+        raise ValueError(f"mode mtp: every prompt needs at least {D} tokens (model.mtp.depth), got {int(L.min())}")
+    n_meta = model.config.meta_tokens
+    sample = lambda logits: filtered_probs(logits, temperature, top_k, top_p)  # noqa: E731
+    head = lambda h: model.lm_head(model.norm(h))  # noqa: E731
+
+    # prefill: the trunk, then every module commits the prompt positions it can (s <= L - i)
+    cache = model.new_cache(B, device=dev)
+    out = model(input_ids, attention_mask=attention_mask, cache=cache, return_hidden=True)
+    order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # real tokens first
+    real = input_ids.gather(1, order)
+    trunk = out.trunk_states.gather(1, order[..., None].expand(-1, -1, out.trunk_states.shape[-1]))
+    c = draw(sample(out.logits[:, -1]), generator)
+    tokens = torch.cat([real, torch.zeros_like(real[:, :1])], 1).scatter(1, L[:, None], c[:, None])
+    mcache = mtp.new_cache(B, dev, model.dtype)
+    last = [_gather_at(trunk, L - 1)]  # depth i's hidden state at its last committed position
+    h = trunk
+    m_fwd = 0
+    for i in range(1, D + 1):
+        width = T - i + 1
+        ctx = StepContext(positions=n_meta + torch.arange(width, device=dev)[None].expand(B, -1),
+                          lengths=L - i + 1, n_meta=n_meta)
+        h = mtp.step(i - 1, h[:, :width], model.embed_tokens(tokens[:, i:i + width]), ctx, mcache.states[i - 1])
+        last.append(_gather_at(h, L - i))
+        m_fwd += 1
+
+    P = L.clone()  # the position of c
+    emitted = torch.zeros(B, dtype=torch.long, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev) if max_new_tokens > 0 else torch.ones(B, dtype=torch.bool,
+                                                                                              device=dev)
+    out_tokens = torch.zeros(B, max_new_tokens + k + 1, dtype=input_ids.dtype, device=dev)
+    # c is the first new token of every row
+    if max_new_tokens > 0:
+        out_tokens[:, 0] = c
+        emitted += 1
+        if eos_token_id is not None:
+            done |= c == eos_token_id
+        done |= emitted >= max_new_tokens
+        if streamer is not None:
+            streamer(c)
+    forwards, rewinds, proposed, accepted_total, rounds = 1, 0, 0, 0, 0
+    rows = torch.arange(B, device=dev)
+    while not bool(done.all()):
+        rounds += 1
+        # 1. draft d_1 .. d_k (modules >= 2 on forks of their caches)
+        drafts, qs = [], []
+        q1 = sample(head(last[1]))
+        drafts.append(draw(q1, generator))
+        qs.append(q1)
+        prev_out = None  # module i-1's outputs at the draft positions P - i + 2 .. P - 1
+        for i in range(2, k + 1):
+            h_in = last[i - 1][:, None] if prev_out is None else torch.cat([last[i - 1][:, None], prev_out], 1)
+            pos = n_meta + (P - i + 1)[:, None] + torch.arange(i - 1, device=dev)[None]
+            emb = model.embed_tokens(torch.stack(drafts[:i - 1], 1))
+            o = mtp.step(i - 1, h_in, emb, StepContext(positions=pos, n_meta=n_meta), mcache.states[i - 1].fork())
+            m_fwd += 1
+            q = sample(head(o[:, -1]))
+            drafts.append(draw(q, generator))
+            qs.append(q)
+            prev_out = o
+        d = torch.stack(drafts, 1)  # [B, k]
+        # 2. verify [c, d_1 .. d_k] in one trunk forward
+        snap = cache.snapshot()
+        chunk = torch.cat([c[:, None], d], 1)
+        vo = model(chunk, cache=cache, return_hidden=True, check_inputs=False)
+        forwards += 1
+        # 3. accept
+        a, nxt = accept_drafts(sample(vo.logits), torch.stack(qs, 1), d, generator)
+        live = ~done
+        proposed += int(live.sum()) * k
+        accepted_total += int(a[live].sum())
+        # 4. roll the trunk back to [c, accepted drafts]; finished rows keep nothing
+        keep = torch.where(live, a + 1, torch.zeros_like(a))
+        if not bool((keep == k + 1).all()):
+            model.rewind(cache, snap, chunk, keep)
+            forwards += 1
+            rewinds += 1
+        # every module commits the a + 1 positions whose inputs are now verified
+        j = torch.arange(k + 1, device=dev)[None]
+        new_tok = torch.where(j < a[:, None], torch.cat([d, d[:, :1]], 1), nxt[:, None])  # d_1 .. d_a, next
+        emb = model.embed_tokens(new_tok)
+        new_last = [torch.where(live[:, None], _gather_at(vo.trunk_states, keep - 1), last[0])]
+        h_prev = vo.trunk_states
+        for i in range(1, D + 1):
+            h_in = h_prev if i == 1 else torch.cat([last[i - 1][:, None], h_prev[:, :k]], 1)
+            pos = n_meta + (P - i + 1)[:, None] + j
+            o = mtp.step(i - 1, h_in, emb, StepContext(positions=pos, lengths=keep, n_meta=n_meta),
+                         mcache.states[i - 1])
+            m_fwd += 1
+            new_last.append(torch.where(live[:, None], _gather_at(o, keep - 1), last[i]))
+            h_prev = o
+        last = new_last
+        # emit d_1 .. d_a and the next token, per row, up to max_new_tokens / EOS
+        room = (max_new_tokens - emitted).clamp(min=0)
+        n_new = torch.minimum(a + 1, room) * live
+        slot = emitted[:, None] + j
+        put = j < n_new[:, None]
+        out_tokens[rows[:, None].expand_as(slot)[put], slot[put]] = new_tok[put]
+        if eos_token_id is not None:
+            hit = put & (new_tok == eos_token_id)
+            first = torch.where(hit.any(1), hit.float().argmax(1), n_new)
+            n_new = torch.where(hit.any(1), first + 1, n_new)
+            done |= hit.any(1)
+        if streamer is not None:
+            for t in range(int(n_new[0])):
+                streamer(new_tok[:, t])
+        emitted += n_new
+        done |= emitted >= max_new_tokens
+        P = P + keep
+        c = torch.where(live, nxt, c)
+    new = out_tokens[:, :max_new_tokens]
+    if eos_token_id is not None:  # after a row's EOS, EOS (as generate_ar)
+        after = (torch.arange(max_new_tokens, device=dev)[None] >= emitted[:, None]) | (
+            (new == eos_token_id).long().cumsum(1) > 0)
+        new = torch.where(after, torch.full_like(new, eos_token_id), new)
+    if stats is not None:
+        stats.update(forwards=forwards, rewind_forwards=rewinds, mtp_forwards=m_fwd, rounds=rounds,
+                     drafts_proposed=proposed, drafts_accepted=accepted_total,
+                     acceptance_rate=accepted_total / max(proposed, 1), tokens=int(emitted.sum()),
+                     tokens_per_forward=float(emitted.float().mean()) / forwards)
+    return torch.cat([input_ids, new], dim=1) if max_new_tokens > 0 else input_ids
+
+
+GENERATORS["mtp"] = generate_mtp  # the decoding modes live in generation.GENERATORS

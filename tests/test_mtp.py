@@ -1,0 +1,226 @@
+"""Multi-token prediction (``model.mtp``, ``components/mtp.py``) and self-speculative
+decoding with it (``generate(mode="mtp")``, ``models/mtp_decoding.py``): the recipe
+section, the loss (per depth, gradients, the modules' cache consistency), greedy output
+token-for-token equal to AR over every mixer with left padding and EOS, the sampled
+distribution equal to AR sampling (chi-square), learning on a small task, and errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hymba_plus import RecipeError, build_model, load_recipe
+from hymba_plus.core.cache import StepContext
+from hymba_plus.models.mtp_decoding import accept_drafts, filtered_probs
+
+V = 16
+COMPS = {
+    "gated_attn": {"n_heads": 2, "head_dim": 16, "window": 6},
+    "gdn": {"n_heads": 2, "head_dim": 16},
+    "mamba3": {"state_size": 8, "head_dim": 16, "expand": 1},
+    "atlas": {"n_heads": 2, "head_dim": 16, "poly_degree": 1, "memory_hidden": 1, "ns_steps": 2, "chunk_size": 3},
+    "hymba": {"ssm": "gdn", "attn": {"n_heads": 2, "head_dim": 16}},
+    "mlp": {"d_hidden": 64},
+    "moe": {"n_experts": 4, "top_k": 2, "d_expert": 32},
+}
+
+
+def recipe(pattern: str = "GD | GA", depth: int = 2, block: str = "GD", meta: int = 0, weight: float = 0.3,
+           etd: dict | None = None) -> dict:
+    m = {"vocab_size": V, "d_model": 32, "max_seq_len": 64, "block_pattern": pattern, "meta_tokens": meta,
+         "mtp": {"depth": depth, "block": block, "weight": weight}}
+    if etd:
+        m["etd"] = etd
+    return {"name": "mtp", "model": m, "components": dict(COMPS)}
+
+
+def make(**kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(recipe(**kw)).double().eval()
+
+
+# --------------------------------------------------------------------------- recipe and loss
+
+
+def test_recipe_section_is_validated() -> None:
+    r = load_recipe(recipe(depth=3, block="M3+moe"))
+    assert r.model.mtp.depth == 3 and r.model.mtp.block == "M3+moe"
+    assert "moe" in r.components and "mamba3" in r.components  # the block's components are built
+    for bad, msg in ((dict(block="GX"), "model.mtp.block: unknown mixer 'GX'"),
+                     (dict(block="GA | GD"), "model.mtp.block: must be one block"),
+                     (dict(depth=0), "model.mtp.depth")):
+        with pytest.raises(RecipeError, match=msg):
+            load_recipe(recipe(**bad))
+
+
+def test_loss_adds_weighted_depth_losses_and_trains_every_module() -> None:
+    m = build_model(recipe(depth=3, weight=0.5, meta=2))
+    ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(0))
+    out = m(ids, labels=ids)
+    per = [out.stats[f"mtp/loss_{i}"] for i in (1, 2, 3)]
+    base = m.lm_loss(out.logits, ids)
+    assert torch.allclose(out.loss, base + 0.5 * torch.stack(per).mean(), atol=1e-5)
+    out.loss.backward()
+    for i in range(3):
+        for p in (m.mtp.proj[i].weight, m.mtp.norm_e[i].weight):
+            assert p.grad is not None and p.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="unpadded"):
+        mask = torch.ones_like(ids)
+        mask[0, 0] = 0
+        m(ids, labels=ids, attention_mask=mask)
+    short = m(ids[:, :3], labels=ids[:, :3])  # depth 2 and 3 have no target left: only depth 1 counts
+    assert set(k for k in short.stats if k.startswith("mtp/")) == {"mtp/loss_1"}
+
+
+def test_depth_loss_matches_an_explicit_computation() -> None:
+    """Depth i at position t reads x_{t+i} (1-based i) and predicts x_{t+i+1}, through the shared
+    norm and head; checked against a direct evaluation of the modules' equations."""
+    m = make(depth=2, block="GA")
+    ids = torch.randint(0, V, (2, 10), generator=torch.Generator().manual_seed(1))
+    out = m(ids, labels=ids, return_hidden=True)
+    T = ids.shape[1]
+    h = out.trunk_states
+    pos = torch.arange(T)[None].expand(2, -1)
+    for i in range(2):
+        n = T - i - 1
+        x = m.mtp.proj[i](torch.cat([m.mtp.norm_h[i](h[:, :n]), m.mtp.norm_e[i](m.embed(ids[:, i + 1:i + 1 + n]))], -1))
+        h = m.mtp.blocks[i](x, StepContext(positions=pos[:, :n]))
+        logits = m.lm_head(m.norm(h))[:, :-1]
+        want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, i + 2:i + 1 + n].flatten())
+        assert torch.allclose(out.stats[f"mtp/loss_{i + 1}"], want.float(), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- greedy == AR
+
+TRUNKS = ["GD | GA", "M3 | ATL", "HY | GA+moe", "GA | GD | M3 | GA"]
+BLOCKS = ["GD", "GA", "M3+mlp", "ATL", "HY"]
+
+
+@torch.no_grad()
+@settings(max_examples=10, deadline=None)
+@given(trunk=st.sampled_from(TRUNKS), block=st.sampled_from(BLOCKS), depth=st.integers(1, 3),
+       meta=st.sampled_from([0, 2]), seed=st.integers(0, 1000), data=st.data())
+def test_greedy_mtp_equals_greedy_ar(trunk, block, depth, meta, seed, data) -> None:
+    m = make(pattern=trunk, depth=depth, block=block, meta=meta)
+    g = torch.Generator().manual_seed(seed)
+    B, T = 3, 8
+    ids = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    for b in range(1, B):  # left padding, every row at least `depth` tokens
+        mask[b, : data.draw(st.integers(0, T - depth))] = 0
+    k = data.draw(st.integers(1, depth))
+    eos = data.draw(st.sampled_from([None, 3]))
+    ar = m.generate(ids, max_new_tokens=11, attention_mask=mask, eos_token_id=eos)
+    stats: dict = {}
+    got = m.generate(ids, max_new_tokens=11, mode="mtp", attention_mask=mask, eos_token_id=eos, k=k, stats=stats)
+    assert torch.equal(got, ar)
+    assert stats["drafts_accepted"] <= stats["drafts_proposed"]
+
+
+def test_greedy_mtp_on_an_etd_trunk() -> None:
+    m = make(pattern="GD | GA | M3 | GA", depth=2, block="GD",
+             etd={"encoder_layers": 1, "think_layers": 2, "decoder_layers": 1, "iterations": 2})
+    ids = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(m.generate(ids, max_new_tokens=9, mode="mtp"), m.generate(ids, max_new_tokens=9))
+
+
+# --------------------------------------------------------------------------- learning and distribution
+
+
+def cycle_batch(g: torch.Generator, B: int, T: int, f: torch.Tensor) -> torch.Tensor:
+    """Sequences of one fixed permutation cycle f over the vocabulary, from random starts."""
+    x = torch.empty(B, T, dtype=torch.long)
+    x[:, 0] = torch.randint(0, V, (B,), generator=g)
+    for t in range(1, T):
+        x[:, t] = f[x[:, t - 1]]
+    return x
+
+
+def test_modules_learn_and_drafts_get_accepted() -> None:
+    """On a deterministic successor task the modules learn f^2, f^3; self-speculative decoding
+    then accepts most drafts and needs fewer trunk forwards than tokens."""
+    torch.manual_seed(0)
+    m = build_model(recipe(pattern="GD | GA", depth=2, block="GD", weight=1.0))
+    g = torch.Generator().manual_seed(0)
+    f = torch.randperm(V, generator=g)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    first = None
+    for _ in range(80):
+        x = cycle_batch(g, 16, 24, f)
+        out = m(x, labels=x)
+        first = first or {k: float(v) for k, v in out.stats.items()}
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    last = {k: float(v) for k, v in out.stats.items()}
+    assert last["mtp/loss_2"] < 0.2 * first["mtp/loss_2"], (first, last)
+    m.eval()
+    x = cycle_batch(g, 4, 30, f)
+    stats: dict = {}
+    out = m.generate(x[:, :6], max_new_tokens=24, mode="mtp", stats=stats)
+    assert torch.equal(out, x)  # the trunk learned the cycle, and the output is the AR output
+    assert stats["acceptance_rate"] > 0.9, stats
+    assert stats["tokens_per_forward"] > 1.5, stats  # 24 tokens, well under 24 trunk forwards
+
+
+def test_accept_rule_is_exact_speculative_sampling() -> None:
+    """The accept / resample rule alone: the first token it returns is distributed as p[0],
+    whatever q (the classic proof), over many rows at once."""
+    g = torch.Generator().manual_seed(3)
+    N, Vs = 40000, 5
+    p = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
+    q = torch.tensor([0.1, 0.1, 0.2, 0.3, 0.3])
+    drafts = torch.multinomial(q.expand(N, -1), 1, replacement=True, generator=g)
+    a, nxt = accept_drafts(p.expand(N, 2, -1), q.expand(N, 1, -1), drafts, g)
+    first = torch.where(a >= 1, drafts[:, 0], nxt)
+    counts = torch.bincount(first, minlength=Vs).double()
+    chi2 = float(((counts - N * p) ** 2 / (N * p)).sum())
+    assert chi2 < 18.47, chi2  # chi-square, 4 degrees of freedom, p = 0.001
+
+
+@torch.no_grad()
+def test_sampled_tokens_match_ar_sampling() -> None:
+    """With temperature > 0 the first two new tokens of mode mtp have the trunk's joint
+    distribution p(x1) p(x2 | x1) (chi-square over every pair seen, many rows at once)."""
+    torch.manual_seed(0)
+    m = build_model(recipe(pattern="GD | GA", depth=2, block="GA")).double().eval()
+    with torch.no_grad():  # keep the draft different from the trunk: many rejections
+        for p in m.mtp.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    N = 6000
+    prompt = torch.tensor([[1, 2, 3, 4]]).expand(N, -1)
+    out = m.generate(prompt, max_new_tokens=2, mode="mtp", temperature=1.0, top_k=4,
+                     generator=torch.Generator().manual_seed(5))
+    x1, x2 = out[:, 4], out[:, 5]
+    p1 = filtered_probs(m(prompt[:1]).logits[0, -1], 1.0, 4, None)
+    pairs = torch.stack([torch.arange(V).repeat_interleave(V), torch.arange(V).repeat(V)], 1)
+    ctx = torch.cat([prompt[:1].expand(V, -1), torch.arange(V)[:, None]], 1)
+    p2 = filtered_probs(m(ctx).logits[:, -1], 1.0, 4, None)  # [V (x1), V (x2)]
+    joint = (p1[:, None] * p2).flatten()
+    counts = torch.bincount(x1 * V + x2, minlength=V * V).double()
+    keep = joint * N > 5  # the usual chi-square validity rule
+    assert counts[~keep].sum() <= N * joint[~keep].sum() * 3 + 10
+    chi2 = float(((counts[keep] - N * joint[keep]) ** 2 / (N * joint[keep])).sum())
+    dof = int(keep.sum()) - 1
+    crit = dof + 3.09 * math.sqrt(2 * dof) + 2  # ~ p = 0.001 (Wilson-Hilferty, loosely)
+    assert chi2 < crit, (chi2, dof)
+    assert len(pairs) == V * V
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_errors() -> None:
+    m = make(depth=3)
+    ids = torch.zeros(1, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"k must be an integer in \[1, 3\]"):
+        m.generate(ids, max_new_tokens=2, mode="mtp", k=4)
+    with pytest.raises(ValueError, match="at least 3 tokens"):
+        m.generate(ids[:, :2], max_new_tokens=2, mode="mtp")
+    plain = build_model({"name": "p", "model": {"vocab_size": V, "d_model": 32, "block_pattern": "GA"}})
+    with pytest.raises(ValueError, match="model.mtp"):
+        plain.generate(ids, max_new_tokens=2, mode="mtp")
