@@ -224,3 +224,24 @@ def test_errors() -> None:
     plain = build_model({"name": "p", "model": {"vocab_size": V, "d_model": 32, "block_pattern": "GA"}})
     with pytest.raises(ValueError, match="model.mtp"):
         plain.generate(ids, max_new_tokens=2, mode="mtp")
+
+
+def test_hymba_train_logs_every_depth_and_reloads(tmp_path, capsys) -> None:
+    import json
+    from pathlib import Path
+
+    from hymba_plus import from_pretrained
+    from hymba_plus.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    argv = ["train", str(root / "configs" / "mtp_tiny.yaml"), "--out", str(out), "--data", "mqar", "--steps", "6",
+            "--batch-size", "4", "--seq-len", "32", "--warmup", "1", "--eval-every", "6", "--eval-batches", "1",
+            "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["mtp/loss_1"]) and math.isfinite(r["mtp/loss_2"]) for r in rows)
+    model = from_pretrained(out / "step-6")
+    assert model.mtp is not None and model.mtp.depth == 2
+    ids = torch.randint(3, 64, (1, 6))
+    assert torch.equal(model.generate(ids, max_new_tokens=5, mode="mtp"), model.generate(ids, max_new_tokens=5))
