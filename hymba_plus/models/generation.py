@@ -16,9 +16,33 @@ fully denoised block is committed to the cache once, by the ordinary causal forw
 Blocks start right after each row's prompt (a prompt whose length is a multiple of
 ``block_size`` matches training's block layout exactly).
 
-Both take ``stats``: a dict filled with the forward passes, the tokens generated and tokens
+``speculative``: lossless draft-model speculative decoding (Leviathan et al. 2023, arXiv
+2211.17192; Chen et al. 2023, arXiv 2302.01318), options ``draft`` (a model with the same
+``vocab_size``) and ``k``. Target and draft each prefill the prompt into their own cache;
+between rounds both caches hold the prompt and every committed token but the last one. A
+round: the draft proposes up to ``k`` tokens, one cached step each; the target runs
+``[last, d_1 .. d_k]`` in ONE forward of ``k + 1`` tokens, which scores every draft and the
+bonus position at once. Greedy (temperature 0): the longest prefix where the draft equals
+the target's argmax is kept, then the target's token at the first mismatch (or the bonus).
+Sampling: ``d_i`` is kept with probability ``min(1, p(d_i) / q(d_i))``, the first rejected
+one is replaced by a draw from ``normalize(max(0, p - q))``, and if all are kept the bonus is
+drawn from ``p`` (``p``, ``q``: target and draft distributions after the same temperature,
+top-k and top-p as ``sample_next``), so every token has the target's own distribution. Rows
+keep different counts: both caches go back with ``HybridLM.rewind`` (restore the round's
+snapshot, re-run each row's kept tokens in one forward: exact for every state type) — the
+target only when some row rejected a draft, the draft unless every row kept exactly what it
+fed. A row never passes ``max_new_tokens`` (it is offered fewer drafts near the end; rows
+that finished or hit EOS stand still through padding) and stops at EOS like ``ar``. The
+output is ``ar``'s: token for token when greedy (up to floating-point ties), in
+distribution when sampling. ``stats`` adds ``target_forwards`` (prefill + verify + rewind,
+also ``forwards``), ``verify_forwards``, ``rewind_forwards``, ``draft_forwards`` (of which
+``draft_rewind_forwards``), ``rounds``, ``proposed`` / ``accepted`` drafts,
+``acceptance_rate`` and ``tokens_per_target_forward`` (per row).
+
+All take ``stats``: a dict filled with the forward passes, the tokens generated and tokens
 per forward (and, for block diffusion, the denoising steps per block). The loop over
-*generated* tokens or blocks is inherent to decoding; no training path goes through here.
+*generated* tokens, blocks or draft steps is inherent to decoding; no training path goes
+through here.
 """
 
 from __future__ import annotations
@@ -233,4 +257,192 @@ def generate_block_diffusion(
     return torch.cat([input_ids, *blocks], dim=1)
 
 
-GENERATORS: dict[str, Callable[..., Tensor]] = {"ar": generate_ar, "block_diffusion": generate_block_diffusion}
+def filtered_probs(logits: Tensor, temperature: float, top_k: int | None = None,
+                   top_p: float | None = None) -> Tensor:
+    """The distribution ``sample_next`` draws from at ``temperature > 0`` (float32 probabilities
+    over the last dim): temperature-scaled, restricted to top-k, then to the nucleus top-p."""
+    logits = logits.float() / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    return logits.softmax(-1)
+
+
+def _multinomial(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One draw per row of probs [..., V]."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+
+
+def generate_speculative(
+    model: Any,
+    input_ids: Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    attention_mask: Tensor | None = None,
+    eos_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    streamer: Callable[[Tensor], Any] | None = None,
+    stats: dict | None = None,
+    draft: Any = None,
+    k: int = 4,
+) -> Tensor:
+    """Lossless draft-model speculative decoding (module docstring). ``draft``: a smaller
+    ``HybridLM`` with the same ``vocab_size``; ``k``: tokens the draft proposes per round."""
+    if draft is None:
+        raise ValueError("mode speculative needs a draft model: generate(..., mode='speculative', draft=small_model)")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1 (draft tokens per round), got {k!r}")
+    V, Vd = model.config.vocab_size, draft.config.vocab_size
+    if V != Vd:
+        raise ValueError(f"the draft model's vocab_size {Vd} differs from the target model's vocab_size {V}: "
+                         "speculative decoding needs one shared vocabulary")
+    check_length(model, input_ids, max_new_tokens, attention_mask)
+    try:
+        check_length(draft, input_ids, max_new_tokens, attention_mask)
+    except ValueError as e:
+        raise ValueError(f"draft model: {e}") from None
+    B, N, dev = input_ids.shape[0], max_new_tokens, input_ids.device
+    greedy = temperature <= 0
+    ddev = draft.device
+
+    def target_dist(logits: Tensor) -> Tensor:
+        return logits if greedy else filtered_probs(logits, temperature, top_k, top_p)
+
+    def pick(dist: Tensor) -> Tensor:  # dist: raw logits (greedy) or probabilities
+        return dist.argmax(-1) if greedy else _multinomial(dist, generator)
+
+    cache = model.new_cache(B, device=dev)
+    first = model(input_ids, attention_mask=attention_mask, cache=cache).logits[:, -1]  # checks the prompt's ids
+    n_target = n_verify = n_rewind = n_draft = n_draft_rewind = rounds = 0
+    n_target += 1
+    if N == 0:
+        _report(stats, forwards=1, tokens=0, rows=B, target_forwards=1, verify_forwards=0, rewind_forwards=0,
+                draft_forwards=0, draft_rewind_forwards=0, rounds=0, proposed=0, accepted=0, acceptance_rate=0.0,
+                tokens_per_target_forward=0.0, k=k)
+        return input_ids
+    dcache = draft.new_cache(B, device=ddev)
+    draft(input_ids.to(ddev), attention_mask=None if attention_mask is None else attention_mask.to(ddev),
+          cache=dcache)
+    n_draft += 1
+    # Between rounds both caches hold the prompt and every committed token but the last one,
+    # ``last``: the next round feeds it first.
+    last = pick(target_dist(first))
+    fill = eos_token_id if eos_token_id is not None else 0
+    out = torch.full((B, N + k + 1), fill, dtype=input_ids.dtype, device=dev)  # k + 1 spare: no clamping
+    out[:, 0] = last
+    produced = torch.ones(B, dtype=torch.long, device=dev)
+    no = torch.zeros(B, dtype=torch.bool, device=dev)
+    done = last == eos_token_id if eos_token_id is not None else no
+    proposed = accepted = torch.zeros((), dtype=torch.long, device=dev)
+    cols = torch.arange(k + 1, device=dev)
+    rows = torch.arange(B, device=dev)
+    streamed = 0
+    while True:
+        active = ~done & (produced < N)
+        # drafts per row this round: a row never passes max_new_tokens (rows that are over: 0)
+        k_row = torch.where(active, (N - produced - 1).clamp(max=k), 0)
+        # columns every row has produced (a finished row's are EOS up to the longest row)
+        frontier = torch.where(done, produced.max(), produced).min()
+        n_active, K, k_min, frontier = torch.stack([active.sum(), k_row.max(), k_row.min(), frontier]).tolist()
+        if streamer is not None:
+            for j in range(streamed, frontier):
+                streamer(out[:, j])
+            streamed = max(streamed, frontier)
+        if n_active == 0:
+            break
+        rounds += 1
+        # 1. the draft proposes K tokens, one forward each; a row past its k_row stands still
+        dsnap = dcache.snapshot()
+        chunk, q_list = [last], []
+        for j in range(K):
+            part = active & (k_row > j)
+            m = None if k_min > j else part.long()[:, None].to(ddev)
+            logits = draft(chunk[-1][:, None].to(ddev), attention_mask=m, cache=dcache,
+                           check_inputs=False).logits[:, -1].to(dev)
+            n_draft += 1
+            q = target_dist(logits)
+            if not greedy:  # rows standing still: any finite distribution (their draws are unused)
+                q = torch.where(part[:, None], q, 1.0 / V)
+            q_list.append(q)
+            chunk.append(pick(q))
+        ids = torch.stack(chunk, 1)  # [B, K + 1]: last, d_1 .. d_K
+        drafts = ids[:, 1:]
+        # 2. the target scores the K drafts and the bonus position in one forward of K + 1 tokens
+        snap = cache.snapshot()
+        fed = torch.where(active, k_row + 1, 0)
+        vmask = None if n_active == B and k_min == K else (cols[None, : K + 1] < fed[:, None]).long()
+        tlogits = model(ids, attention_mask=vmask, cache=cache, check_inputs=False).logits  # [B, K + 1, V]
+        n_target += 1
+        n_verify += 1
+        in_row = cols[None, :K] < k_row[:, None]
+        if greedy:
+            ok = drafts == tlogits[:, :K].argmax(-1)
+        else:
+            P = filtered_probs(tlogits, temperature, top_k, top_p)  # [B, K + 1, V]
+            Q = torch.stack(q_list, 1) if K else P.new_zeros(B, 0, V)  # [B, K, V]
+            p_x = P[:, :K].gather(-1, drafts[..., None]).squeeze(-1)
+            q_x = Q.gather(-1, drafts[..., None]).squeeze(-1)
+            u = torch.rand(p_x.shape, generator=generator, device=dev, dtype=p_x.dtype)
+            ok = u * q_x < p_x  # accept with probability min(1, p / q)
+        n_acc = (ok & in_row).long().cumprod(1).sum(1)  # [B]: the longest accepted prefix
+        if greedy:
+            nxt = tlogits[rows, n_acc].argmax(-1)
+        else:  # at the first rejection: normalize(max(0, p - q)); all accepted: the bonus, from p
+            p_at = P[rows, n_acc]
+            q_at = torch.cat([Q, Q.new_zeros(B, 1, V)], 1)[rows, n_acc]
+            q_at = torch.where((n_acc == k_row)[:, None], 0.0, q_at)
+            resid = (p_at - q_at).clamp(min=0)
+            mass = resid.sum(-1, keepdim=True)
+            resid = torch.where(mass > 0, resid / mass.clamp(min=1e-30), p_at)
+            resid = torch.where(active[:, None], resid, 1.0 / V)  # rows standing still: unused
+            nxt = _multinomial(resid, generator)
+        # 3. commit per row: the accepted drafts, then the target's token; up to the first EOS
+        new = torch.cat([drafts, drafts.new_zeros(B, 1)], 1).scatter(1, n_acc[:, None], nxt[:, None])
+        n_new = torch.where(active, n_acc + 1, 0)
+        if eos_token_id is not None:
+            is_eos = (new == eos_token_id) & (cols[None, : K + 1] < n_new[:, None])
+            hit = is_eos.any(1)
+            n_new = torch.where(hit, is_eos.long().argmax(1) + 1, n_new)
+            done = done | hit
+        pos = produced[:, None] + cols[None, : K + 1]
+        out.scatter_(1, pos, torch.where(cols[None, : K + 1] < n_new[:, None], new, out.gather(1, pos)))
+        proposed = proposed + k_row.sum()
+        accepted = accepted + torch.minimum(n_acc, k_row).sum()
+        produced = produced + n_new
+        last = torch.where(n_new > 0, new.gather(1, (n_new - 1).clamp(min=0)[:, None]).squeeze(1), last)
+        # 4. roll back. The target fed ``fed`` tokens of ids and keeps n_new: ``last`` and the
+        # accepted drafts before the committed token. The draft fed k_row and needs n_new, only
+        # for rows that go on. ``rewind``: restore the snapshot, re-run the kept tokens, one forward.
+        going = ~done & (produced < N)
+        keep_d = torch.where(going, n_new, torch.where(active, k_row, 0))
+        need_t, need_d = torch.stack([(n_new != fed).any(), going.any() & (keep_d != k_row).any()]).tolist()
+        if need_t:
+            model.rewind(cache, snap, ids, n_new)
+            n_target += 1
+            n_rewind += 1
+        if need_d:
+            draft.rewind(dcache, dsnap, ids.to(ddev), keep_d.to(ddev))
+            n_draft += 1
+            n_draft_rewind += 1
+    L = int(produced.max())
+    tokens = L * B
+    n_prop, n_acc_total = int(proposed), int(accepted)
+    _report(stats, forwards=n_target, tokens=tokens, rows=B, target_forwards=n_target, verify_forwards=n_verify,
+            rewind_forwards=n_rewind, draft_forwards=n_draft, draft_rewind_forwards=n_draft_rewind, rounds=rounds,
+            proposed=n_prop, accepted=n_acc_total, acceptance_rate=n_acc_total / n_prop if n_prop else 0.0,
+            tokens_per_target_forward=tokens / (n_target * B), k=k)
+    return torch.cat([input_ids, out[:, :L]], dim=1)
+
+
+GENERATORS: dict[str, Callable[..., Tensor]] = {"ar": generate_ar, "block_diffusion": generate_block_diffusion,
+                                                "speculative": generate_speculative}
