@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from hymba_plus import RecipeError, build_model, load_recipe
 from hymba_plus.core.cache import StepContext
-from hymba_plus.models.mtp_decoding import accept_drafts, filtered_probs
+from hymba_plus.models.generation import filtered_probs
+from hymba_plus.models.mtp_decoding import accept_drafts
 
 V = 16
 COMPS = {
@@ -118,7 +119,7 @@ def test_greedy_mtp_equals_greedy_ar(trunk, block, depth, meta, seed, data) -> N
     stats: dict = {}
     got = m.generate(ids, max_new_tokens=11, mode="mtp", attention_mask=mask, eos_token_id=eos, k=k, stats=stats)
     assert torch.equal(got, ar)
-    assert stats["drafts_accepted"] <= stats["drafts_proposed"]
+    assert stats["accepted"] <= stats["proposed"]
 
 
 def test_greedy_mtp_on_an_etd_trunk() -> None:
@@ -245,3 +246,19 @@ def test_hymba_train_logs_every_depth_and_reloads(tmp_path, capsys) -> None:
     assert model.mtp is not None and model.mtp.depth == 2
     ids = torch.randint(3, 64, (1, 6))
     assert torch.equal(model.generate(ids, max_new_tokens=5, mode="mtp"), model.generate(ids, max_new_tokens=5))
+
+
+def test_cli_mode_mtp(tmp_path, capsys) -> None:
+    from hymba_plus.cli import main
+    from hymba_plus.training.tokenizer import IdsTokenizer
+
+    m = build_model(recipe(depth=2))
+    m.save_pretrained(tmp_path / "ckpt", extra_files={"tokenizer.json": IdsTokenizer(V).to_json()})
+    rc = main(["generate", str(tmp_path / "ckpt"), "--prompt", "3 4 5", "--mode", "mtp", "--k", "2",
+               "--max-new-tokens", "6", "--temperature", "0"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert "mtp: k 2, acceptance rate" in cap.err and "tokens per trunk forward" in cap.err
+    rc = main(["generate", str(tmp_path / "ckpt"), "--prompt", "3 4 5", "--mode", "mtp", "--k", "3"])
+    err = capsys.readouterr().err
+    assert rc != 0 and err.count("\n") == 1 and "--k" in err and "[1, 2]" in err

@@ -28,6 +28,10 @@ same distribution). After generation one line goes to stderr: the draft's accept
 tokens per forward of the main model and the rounds, e.g. ``speculative: k 4, acceptance
 rate 0.81 (52 of 64 drafts), 3.20 tokens per target forward (20 forwards, 4 of them
 rollbacks), 16 rounds``.
+
+``--mode mtp [--k N]`` (models with ``model.mtp``): self-speculative decoding, the model's own
+MTP modules draft up to ``model.mtp.depth`` tokens per round (``models/mtp_decoding.py``);
+the same guarantee and the same stderr line (``mtp: k 2, acceptance rate ...``).
 """
 
 from __future__ import annotations
@@ -250,6 +254,12 @@ def _run(args: argparse.Namespace) -> int:
               f"{stats['tokens'] // B} tokens per row ({stats['tokens_per_forward']:.2f} tokens per forward, "
               f"prefill and block commits included), {stats['steps_per_block']:.2f} denoising steps per block",
               file=sys.stderr)
+    if args.mode == "mtp" and stats:
+        sys.stdout.flush()
+        print(f"mtp: k {stats['k']}, acceptance rate {stats['acceptance_rate']:.2f} ({stats['accepted']} of "
+              f"{stats['proposed']} drafts), {stats['tokens_per_target_forward']:.2f} tokens per trunk forward "
+              f"({stats['target_forwards']} forwards, {stats['rewind_forwards']} of them rollbacks), "
+              f"{stats['rounds']} rounds", file=sys.stderr)
     if args.mode == "speculative" and stats:
         sys.stdout.flush()
         print(f"speculative: k {stats['k']}, acceptance rate {stats['acceptance_rate']:.2f} ({stats['accepted']} of "

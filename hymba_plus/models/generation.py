@@ -55,6 +55,30 @@ import torch
 from torch import Tensor
 
 
+def filtered_probs(logits: Tensor, temperature: float, top_k: int | None = None,
+                   top_p: float | None = None) -> Tensor:
+    """The distribution ``sample_next`` draws from at ``temperature > 0`` (float32 probabilities
+    over the last dim): temperature-scaled, restricted to top-k, then to the nucleus top-p
+    (a token is dropped when the mass before it already reaches top_p; the top one stays)."""
+    logits = logits.float() / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    return logits.softmax(-1)
+
+
+def draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One draw per row of probs [..., V]."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+
+
 def sample_next(
     logits: Tensor,
     temperature: float = 0.0,
@@ -63,22 +87,11 @@ def sample_next(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Pick one token per row from logits [B, V]: greedy at temperature 0, else sampled
-    from the temperature-scaled distribution restricted to top-k and nucleus (top-p)."""
+    from the temperature-scaled distribution restricted to top-k and nucleus (top-p)
+    (``filtered_probs``)."""
     if temperature <= 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and 0 < top_p < 1:
-        sorted_logits, idx = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the mass before it already reaches top_p (the top one always stays)
-        drop = probs.cumsum(-1) - probs >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw(filtered_probs(logits, temperature, top_k, top_p), generator)
 
 
 def check_length(model: Any, input_ids: Tensor, max_new_tokens: int, attention_mask: Tensor | None = None) -> None:
@@ -152,18 +165,14 @@ def token_confidence(logits: Tensor, temperature: float, top_k: int | None, top_
                      generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
     """(token, its probability) per position of logits [..., V]: greedy at temperature 0 (the
     probability under softmax(logits)), else sampled (the probability under the filtered,
-    temperature-scaled distribution it was drawn from)."""
+    temperature-scaled distribution it was drawn from, ``filtered_probs``)."""
     flat = logits.reshape(-1, logits.shape[-1]).float()
     if temperature <= 0:
         probs = flat.softmax(-1)
         tok = probs.argmax(-1)
     else:
-        tok = sample_next(flat, temperature, top_k, top_p, generator)
-        scaled = flat / temperature
-        if top_k is not None and 0 < top_k < scaled.shape[-1]:
-            kth = scaled.topk(top_k, dim=-1).values[..., -1:]
-            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-        probs = scaled.softmax(-1)
+        probs = filtered_probs(flat, temperature, top_k, top_p)
+        tok = draw(probs, generator)
     conf = probs.gather(-1, tok[:, None]).squeeze(-1)
     return tok.view(logits.shape[:-1]), conf.view(logits.shape[:-1])
 
@@ -257,29 +266,6 @@ def generate_block_diffusion(
     return torch.cat([input_ids, *blocks], dim=1)
 
 
-def filtered_probs(logits: Tensor, temperature: float, top_k: int | None = None,
-                   top_p: float | None = None) -> Tensor:
-    """The distribution ``sample_next`` draws from at ``temperature > 0`` (float32 probabilities
-    over the last dim): temperature-scaled, restricted to top-k, then to the nucleus top-p."""
-    logits = logits.float() / temperature
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and 0 < top_p < 1:
-        sorted_logits, idx = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
-    return logits.softmax(-1)
-
-
-def _multinomial(probs: Tensor, generator: torch.Generator | None) -> Tensor:
-    """One draw per row of probs [..., V]."""
-    flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
-
-
 def generate_speculative(
     model: Any,
     input_ids: Tensor,
@@ -319,7 +305,7 @@ def generate_speculative(
         return logits if greedy else filtered_probs(logits, temperature, top_k, top_p)
 
     def pick(dist: Tensor) -> Tensor:  # dist: raw logits (greedy) or probabilities
-        return dist.argmax(-1) if greedy else _multinomial(dist, generator)
+        return dist.argmax(-1) if greedy else draw(dist, generator)
 
     cache = model.new_cache(B, device=dev)
     first = model(input_ids, attention_mask=attention_mask, cache=cache).logits[:, -1]  # checks the prompt's ids
@@ -405,7 +391,7 @@ def generate_speculative(
             mass = resid.sum(-1, keepdim=True)
             resid = torch.where(mass > 0, resid / mass.clamp(min=1e-30), p_at)
             resid = torch.where(active[:, None], resid, 1.0 / V)  # rows standing still: unused
-            nxt = _multinomial(resid, generator)
+            nxt = draw(resid, generator)
         # 3. commit per row: the accepted drafts, then the target's token; up to the first EOS
         new = torch.cat([drafts, drafts.new_zeros(B, 1)], 1).scatter(1, n_acc[:, None], nxt[:, None])
         n_new = torch.where(active, n_acc + 1, 0)

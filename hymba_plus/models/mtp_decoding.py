@@ -27,8 +27,8 @@ positions whose inputs are *verified* tokens, s <= P - i ("committed"). A round:
    **commit** the a + 1 newly verified positions to every module's cache in one forward
    per module (per-row lengths through the padding rule).
 
-Rows that reach ``max_new_tokens`` or EOS stop advancing (their rows are rolled back to
-nothing each round). ``stats``: trunk forwards (prefill + verify + rewind), module forwards,
+Rows that reach ``max_new_tokens`` or EOS are finished: their output is fixed and their
+caches, never read again, are not rolled back (so they never force a rewind forward). ``stats``: trunk forwards (prefill + verify + rewind), module forwards,
 drafts proposed and accepted, acceptance rate, tokens per trunk forward.
 """
 
@@ -41,33 +41,15 @@ import torch
 from torch import Tensor
 
 from ..core.cache import StepContext
-from .generation import GENERATORS, check_length
+from .generation import GENERATORS, check_length, draw, filtered_probs
 
 
-def filtered_probs(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None) -> Tensor:
-    """The distribution a token is drawn from: one-hot at the argmax for temperature 0 (so
-    greedy is the same accept / reject rule), else softmax(logits / T) restricted to top-k
-    and the nucleus top-p (as ``generation.sample_next``)."""
-    logits = logits.float()
+def distribution(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None) -> Tensor:
+    """The distribution a token is drawn from: one-hot at the argmax for temperature 0 (so greedy
+    is the same accept / reject rule), else ``generation.filtered_probs``."""
     if temperature <= 0:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    logits = logits / temperature
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and 0 < top_p < 1:
-        sorted_logits, idx = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
-    return logits.softmax(-1)
-
-
-def draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
-    """One token per row of probs [..., V]."""
-    flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+    return filtered_probs(logits, temperature, top_k, top_p)
 
 
 def accept_drafts(p: Tensor, q: Tensor, drafts: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
@@ -132,7 +114,7 @@ def generate_mtp(
     if bool((L < D).any()):
         raise ValueError(f"mode mtp: every prompt needs at least {D} tokens (model.mtp.depth), got {int(L.min())}")
     n_meta = model.config.meta_tokens
-    sample = lambda logits: filtered_probs(logits, temperature, top_k, top_p)  # noqa: E731
+    sample = lambda logits: distribution(logits, temperature, top_k, top_p)  # noqa: E731
     head = lambda h: model.lm_head(model.norm(h))  # noqa: E731
 
     # prefill: the trunk, then every module commits the prompt positions it can (s <= L - i)
@@ -200,8 +182,9 @@ def generate_mtp(
         live = ~done
         proposed += int(live.sum()) * k
         accepted_total += int(a[live].sum())
-        # 4. roll the trunk back to [c, accepted drafts]; finished rows keep nothing
-        keep = torch.where(live, a + 1, torch.zeros_like(a))
+        # 4. roll the trunk back to [c, accepted drafts]; a finished row's caches are never read
+        # again, so it keeps whatever it was fed (it never forces a rewind forward)
+        keep = torch.where(live, a + 1, torch.full_like(a, k + 1))
         if not bool((keep == k + 1).all()):
             model.rewind(cache, snap, chunk, keep)
             forwards += 1
@@ -244,11 +227,12 @@ def generate_mtp(
         after = (torch.arange(max_new_tokens, device=dev)[None] >= emitted[:, None]) | (
             (new == eos_token_id).long().cumsum(1) > 0)
         new = torch.where(after, torch.full_like(new, eos_token_id), new)
-    if stats is not None:
-        stats.update(forwards=forwards, rewind_forwards=rewinds, mtp_forwards=m_fwd, rounds=rounds,
-                     drafts_proposed=proposed, drafts_accepted=accepted_total,
+    if stats is not None:  # the same keys as mode speculative where they mean the same
+        tokens_per_row = float(emitted.float().mean())
+        stats.update(forwards=forwards, target_forwards=forwards, rewind_forwards=rewinds, mtp_forwards=m_fwd,
+                     rounds=rounds, k=k, proposed=proposed, accepted=accepted_total,
                      acceptance_rate=accepted_total / max(proposed, 1), tokens=int(emitted.sum()),
-                     tokens_per_forward=float(emitted.float().mean()) / forwards)
+                     tokens_per_forward=tokens_per_row / forwards, tokens_per_target_forward=tokens_per_row / forwards)
     return torch.cat([input_ids, new], dim=1) if max_new_tokens > 0 else input_ids
 
 
