@@ -442,3 +442,25 @@ def test_checkpoint_errors(tmp_path):
     (d / "recipe.yaml").unlink()
     with pytest.raises(CheckpointError, match="recipe.yaml: missing"):
         from_pretrained(d)
+
+
+def test_deepcopy_shares_the_immutable_recipe():
+    import copy
+
+    m = build_model(ROOT / "configs" / "gpt_tiny.yaml")
+    c = copy.deepcopy(m)
+    assert c.recipe is m.recipe
+    assert all(torch.equal(a, b) and a.data_ptr() != b.data_ptr() for a, b in zip(m.parameters(), c.parameters()))
+
+
+def test_ar_generation_runs_one_forward_per_token_and_reports_it():
+    """The prefill gives the first token; each later token costs one forward; the last
+    token is not fed back (its logits would never be used)."""
+    m = build_model(ROOT / "configs" / "gpt_tiny.yaml").eval()
+    calls = []
+    h = m.register_forward_hook(lambda *a: calls.append(1))
+    stats: dict = {}
+    out = m.generate(torch.zeros(2, 3, dtype=torch.long), max_new_tokens=6, stats=stats)
+    h.remove()
+    assert out.shape == (2, 9) and len(calls) == 6 == stats["forwards"]
+    assert stats["tokens_per_forward"] == 1.0

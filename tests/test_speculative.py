@@ -8,6 +8,8 @@ forwards); the target's cache ends as if it had read prompt + output; stats; err
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -157,11 +159,8 @@ def test_streamer_length_limit_and_max_new_tokens(drafts) -> None:
 
 
 def noisy_copy(model, scale: float, seed: int = 0):  # noqa: ANN001, ANN201
-    """The model with noise on its LM head: a draft that agrees with it only sometimes.
-    (Rebuilt from the recipe: ``copy.deepcopy`` of a HybridLM fails on the recipe's
-    mappingproxy.)"""
-    d = build_model(model.recipe).to(model.dtype).eval()
-    d.load_state_dict(model.state_dict())
+    """The model with noise on its LM head: a draft that agrees with it only sometimes."""
+    d = copy.deepcopy(model).eval()
     torch.manual_seed(seed)
     with torch.no_grad():
         d.lm_head.weight.add_(scale * torch.randn_like(d.lm_head.weight))

@@ -151,6 +151,11 @@ class Recipe:
         cfg_cls = registry.get(name).config
         return cfg_cls() if cfg_cls is not None else None
 
+    def __deepcopy__(self, memo: dict) -> "Recipe":
+        """A recipe is immutable (frozen dataclasses, a read-only components mapping): copies
+        share it, so ``copy.deepcopy(model)`` works."""
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "model": _asdict(self.model)}
         d["components"] = {k: _asdict(v) for k, v in sorted(self.components.items())}

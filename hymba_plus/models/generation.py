@@ -145,8 +145,8 @@ def generate_ar(
         new.append(nxt)
         if streamer is not None:
             streamer(nxt)
-        if eos_token_id is not None and bool(done.all()):
-            break
+        if (eos_token_id is not None and bool(done.all())) or len(new) == max_new_tokens:
+            break  # the last token's logits would never be used: no forward for it
         # sampled from the model's own logits, and the length was checked above: no checks
         # (they would cost a device sync per token on CUDA)
         last = model(nxt[:, None], cache=cache, check_inputs=False).logits[:, -1]
