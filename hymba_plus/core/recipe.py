@@ -93,6 +93,42 @@ class MTPConfig:
 
 
 @dataclass(frozen=True)
+class ProphetConfig:
+    """Prophet early exit (Li et al. 2025, arXiv 2508.19982): stop denoising once the answer's
+    top-1 minus top-2 logit passes the threshold of the current third of the schedule."""
+
+    enabled: bool = True
+    thresholds: tuple[float, float, float] = spec((7.5, 5.0, 2.5), doc="logit-gap thresholds for progress "
+                                                  "[0, 1/3), [1/3, 2/3), [2/3, 1]")
+    check_every: int = spec(1, min=1, doc="denoising steps between two checks")
+
+    def check(self, model):  # noqa: ANN001
+        if any(not (t > 0) for t in self.thresholds):
+            yield "thresholds", f"must be positive, got {list(self.thresholds)}"
+
+
+@dataclass(frozen=True)
+class LaDiRConfig:
+    """Latent diffusion reasoning (LaDiR, Kang et al. 2025, arXiv 2510.04573): a VAE turns a
+    reasoning segment into ``memory_slots`` latent vectors of ``latent_dim``; a flow-matching
+    denoiser generates them from noise given the question; the LM answers after them
+    (``components/ladir.py``)."""
+
+    latent_dim: int = spec(128, min=1)
+    memory_slots: int = spec(3, min=1, max=64)
+    inference_steps: int = spec(50, min=1, max=10000, doc="Euler steps of the flow sampler")
+    beta_kl: float = spec(1e-3, min=0.0, doc="weight of the VAE's KL term")
+    samples: int = spec(1, min=1, max=64, doc="latent samples per question (answers by majority vote)")
+    denoiser_layers: int = spec(2, min=1, max=32, doc="layers of the dedicated flow denoiser")
+    denoiser_heads: int = spec(4, min=1)
+    prophet: ProphetConfig = dataclasses.field(default_factory=ProphetConfig)
+
+    def check(self, model):  # noqa: ANN001
+        if model.d_model % self.denoiser_heads:
+            yield "denoiser_heads", f"must divide d_model ({model.d_model}), got {self.denoiser_heads}"
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = spec(min=2)
     d_model: int = spec(min=1)
@@ -123,6 +159,7 @@ class Recipe:
     components: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     train: Any = None  # training.config.TrainConfig | None
     objective: Any = None  # the objective's config (objectives/), None = next_token
+    ladir: LaDiRConfig | None = None  # latent reasoning (components/ladir.py), or None
     source: str | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @functools.cached_property
@@ -161,6 +198,8 @@ class Recipe:
         d["components"] = {k: _asdict(v) for k, v in sorted(self.components.items())}
         if self.objective is not None:
             d["objective"] = _asdict(self.objective)
+        if self.ladir is not None:
+            d["ladir"] = _asdict(self.ladir)
         if self.train is not None:
             d["train"] = _asdict(self.train)
         return d
@@ -551,7 +590,7 @@ def _build(data: Any, file: str) -> Recipe:
     if not isinstance(data, Mapping):
         errs.add("", f"a recipe must be a mapping with 'name' and 'model', got {_describe(data)}", 1)
         errs.raise_if_any()
-    top = ("name", "model", "components", "train", "objective")
+    top = ("name", "model", "components", "train", "objective", "ladir")
     for key in data:
         if key not in top:
             errs.add(str(key), "unknown key" + registry.suggest(str(key), list(top)))
@@ -656,9 +695,19 @@ def _build(data: Any, file: str) -> Recipe:
 
     objective = _build_objective(data.get("objective"), model, train, errs)
     errs.raise_if_any()
+    ladir = None
+    if data.get("ladir") is not None:
+        ladir = _to_dataclass(LaDiRConfig, data["ladir"], "ladir.", errs)
+        errs.raise_if_any()
+        for k, msg in range_errors(ladir, "ladir."):
+            errs.add(k, msg)
+        errs.raise_if_any()
+        for k, msg in cross_errors(ladir, model, "ladir."):
+            errs.add(k, msg)
+        errs.raise_if_any()
 
     recipe = Recipe(name=name, model=model, components=types.MappingProxyType(dict(sorted(comps.items()))),
-                    train=train, objective=objective, source=file or None)
+                    train=train, objective=objective, ladir=ladir, source=file or None)
     recipe.__dict__["layers"] = tuple(layers)  # cached_property slot
     return recipe
 

@@ -134,8 +134,20 @@ def generate_ar(
     check_length(model, input_ids, max_new_tokens, attention_mask)
     cache = model.new_cache(B, device=input_ids.device)
     out = model(input_ids, attention_mask=attention_mask, cache=cache)  # checks the prompt's ids
-    last = out.logits[:, -1]
-    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    new = continue_ar(model, cache, out.logits[:, -1], max_new_tokens, temperature, top_k, top_p, eos_token_id,
+                      generator, streamer)
+    _report(stats, forwards=max(new.shape[1], 1), tokens=new.shape[1] * B, rows=B)  # prefill + one per token but the last
+    return torch.cat([input_ids, new], dim=1)
+
+
+def continue_ar(model: Any, cache: Any, last: Tensor, max_new_tokens: int, temperature: float = 0.0,
+                top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
+                generator: torch.Generator | None = None, streamer: Callable[[Tensor], Any] | None = None) -> Tensor:
+    """Autoregressive decoding on a cache that already holds the context, from the logits
+    ``last`` [B, V] of its last position: the new tokens [B, n] (n < max_new_tokens only when
+    every row has ended with EOS; after a row's EOS, EOS)."""
+    B = last.shape[0]
+    done = torch.zeros(B, dtype=torch.bool, device=last.device)
     new = []
     for _ in range(max_new_tokens):
         nxt = sample_next(last, temperature, top_k, top_p, generator)
@@ -150,10 +162,9 @@ def generate_ar(
         # sampled from the model's own logits, and the length was checked above: no checks
         # (they would cost a device sync per token on CUDA)
         last = model(nxt[:, None], cache=cache, check_inputs=False).logits[:, -1]
-    _report(stats, forwards=max(len(new), 1), tokens=len(new) * B, rows=B)  # prefill + one per token but the last
     if not new:
-        return input_ids
-    return torch.cat([input_ids, torch.stack(new, 1)], dim=1)
+        return torch.zeros(B, 0, dtype=torch.long, device=last.device)
+    return torch.stack(new, 1)
 
 
 def _report(stats: dict | None, forwards: int, tokens: int, rows: int, **more: Any) -> None:

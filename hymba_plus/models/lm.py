@@ -75,6 +75,9 @@ class HybridLM(nn.Module):
         # multi-token prediction modules (components/mtp.py), after the trunk, sharing its head
         self.mtp = (registry.build("mtp", m.mtp, recipe=recipe, first_layer_idx=len(self.blocks))
                     if m.mtp is not None else None)
+        # latent reasoning (components/ladir.py): memory slots, VAE heads, flow denoiser
+        self.ladir = (registry.build("ladir", recipe.ladir, d_model=m.d_model, init_std=m.init_std)
+                      if recipe.ladir is not None else None)
         # what the model is trained to predict (objectives/): its loss, metric, [MASK] embedding
         obj = recipe.objective
         self.objective = registry.build(obj.kind if obj is not None else "next_token", obj, d_model=m.d_model,

@@ -1,0 +1,215 @@
+"""Latent diffusion reasoning (LaDiR: Kang et al., "LaDiR: Latent Diffusion Enhances LLMs for
+Text Reasoning", arXiv 2510.04573), with Prophet early exit (Li et al., "Diffusion Language
+Models Know the Answer Before Decoding", arXiv 2508.19982).
+
+The model thinks in ``memory_slots`` continuous vectors before it answers:
+
+* **VAE** (LaDiR §3.1). Encoder: the language model reads ``[question, reasoning, M memory
+  embeddings]``; its final hidden states at the M memory positions give each slot's
+  posterior ``mu, log sigma^2`` (``latent_dim`` each, one Linear). Decoder: a latent
+  ``z`` becomes M slot embeddings (one Linear to ``d_model``) placed after the question;
+  the same LM reconstructs the reasoning after them:
+  ``L_vae = CE(reasoning | question, slots(z)) + beta_kl * KL(q(z | q, r) || N(0, I))``
+  (KL summed over ``latent_dim``, averaged over slots and rows).
+* **Flow matching** (LaDiR §3.2, rectified flow: Liu et al. 2022, arXiv 2209.03003): a
+  *dedicated* denoiser ``v_theta(z_t, t, question)`` — a small bidirectional transformer over
+  ``[question hidden states, M latent tokens]`` (``denoiser_layers``) — learns the velocity
+  ``z_1 - z_0`` on ``z_t = (1 - t) z_0 + t z_1``, ``z_0 ~ N(0, I)``, ``z_1`` the VAE's posterior
+  mean for the reasoning, ``t ~ U(0, 1)``; ``L_flow = || v_theta - (z_1 - z_0) ||^2``.
+  Why a dedicated stack rather than the backbone with latent inputs (the paper's choice):
+  sampling runs ``inference_steps`` denoiser calls, and here each is a few small layers
+  over the question's *cached* hidden states instead of a full backbone pass; the
+  question conditions it through attention over those states. Sampling: ``inference_steps``
+  Euler steps from noise, ``samples`` latents per question in parallel.
+* **Answering**: the slots of a sampled ``z`` enter the ``HybridCache`` once, after the
+  question (``forward(inputs_embeds=...)``, like meta tokens), and the LM decodes the answer
+  after them; a cached answer equals the full forward over ``[question, slots, answer]``.
+* **Prophet**: every ``check_every`` steps, the current estimate ``z_1 ~= z_t + (1 - t) v``
+  is decoded through the LM (on a fork of the question's cache) and the gap between the
+  top-1 and top-2 logits of the answer's first token is compared with the threshold of the
+  current third of the schedule (``thresholds``: 7.5 / 5.0 / 2.5 by default); a row whose gap
+  passes stops denoising there. The steps used are reported.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core.cache import HybridCache
+from ..core.registry import register
+
+
+def _timestep_embedding(t: Tensor, dim: int) -> Tensor:
+    """Sinusoidal embedding of t in [0, 1] (scaled to 1000 as in diffusion practice)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / max(half, 1))
+    ang = 1000.0 * t.float()[:, None] * freqs[None]
+    emb = torch.cat([ang.sin(), ang.cos()], dim=-1)
+    return F.pad(emb, (0, dim - emb.shape[-1]))
+
+
+class FlowDenoiser(nn.Module):
+    """v_theta(z_t, t | question): a bidirectional transformer over [question states, latents]."""
+
+    def __init__(self, latent_dim: int, d_model: int, layers: int, heads: int):
+        super().__init__()
+        self.cond = nn.Linear(d_model, d_model)
+        self.inp = nn.Linear(latent_dim, d_model)
+        self.time = nn.Sequential(nn.Linear(d_model, d_model), nn.SiLU(), nn.Linear(d_model, d_model))
+        layer = nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.stack = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.out = nn.Linear(d_model, latent_dim)
+        self.d = d_model
+
+    def forward(self, zt: Tensor, t: Tensor, cond: Tensor, cond_mask: Tensor) -> Tensor:
+        """zt [B, M, latent], t [B], cond [B, Lq, d] (question states), cond_mask [B, Lq] bool."""
+        M = zt.shape[1]
+        x = torch.cat([self.cond(cond), self.inp(zt) + self.time(_timestep_embedding(t, self.d).to(zt.dtype))[:, None]],
+                      dim=1)
+        pad = torch.cat([~cond_mask, cond_mask.new_zeros(cond_mask.shape[0], M)], dim=1)
+        return self.out(self.stack(x, src_key_padding_mask=pad)[:, -M:])
+
+
+@register("ladir", config=None, kind="head")
+class LaDiR(nn.Module):
+    """The memory embeddings, the VAE heads, the flow denoiser and the Prophet rule (module
+    docstring); the language model is the ``HybridLM`` that owns this module."""
+
+    def __init__(self, cfg: Any, *, d_model: int, init_std: float = 0.02, **_: Any):
+        super().__init__()
+        self.cfg = cfg
+        self.init_std = init_std
+        self.memory = nn.Parameter(torch.zeros(cfg.memory_slots, d_model))
+        self.to_stats = nn.Linear(d_model, 2 * cfg.latent_dim)
+        self.from_latent = nn.Linear(cfg.latent_dim, d_model)
+        self.denoiser = FlowDenoiser(cfg.latent_dim, d_model, cfg.denoiser_layers, cfg.denoiser_heads)
+
+    def reset_special(self) -> None:
+        nn.init.normal_(self.memory, 0.0, self.init_std)
+
+    # ------------------------------------------------------------------ VAE
+    def encode(self, model: Any, question: Tensor, q_mask: Tensor, reasoning: Tensor,
+               r_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(mu, logvar) [B, M, latent]: the LM over [question, reasoning, memory] (right-padded
+        segments; pads are removed by the padding rule), read at the memory slots."""
+        B, M = question.shape[0], self.cfg.memory_slots
+        x = torch.cat([model.embed_tokens(question), model.embed_tokens(reasoning),
+                       self.memory.to(model.dtype)[None].expand(B, -1, -1)], dim=1)
+        mask = torch.cat([q_mask, r_mask, q_mask.new_ones(B, M)], dim=1).long()
+        h = model(inputs_embeds=x, input_ids=None, attention_mask=mask, return_hidden=True,
+                  check_inputs=False).hidden_states[:, -M:]
+        mu, logvar = self.to_stats(h).float().chunk(2, dim=-1)
+        return mu, logvar.clamp(-20.0, 10.0)
+
+    def slots(self, z: Tensor, dtype: torch.dtype) -> Tensor:
+        """Slot embeddings [B, M, d_model] of latents z [B, M, latent]."""
+        return self.from_latent(z.to(self.from_latent.weight.dtype)).to(dtype)
+
+    def segment_loss(self, model: Any, z: Tensor, question: Tensor, q_mask: Tensor, target: Tensor,
+                     t_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean CE, token accuracy) of ``target`` (reasoning or answer) after [question, slots(z)]:
+        the last slot predicts target[0], target[j] predicts target[j + 1]."""
+        B, M = question.shape[0], self.cfg.memory_slots
+        x = torch.cat([model.embed_tokens(question), self.slots(z, model.dtype), model.embed_tokens(target)], dim=1)
+        mask = torch.cat([q_mask, q_mask.new_ones(B, M), t_mask], dim=1).long()
+        logits = model(inputs_embeds=x, input_ids=None, attention_mask=mask, check_inputs=False).logits
+        Lq, Lt = question.shape[1], target.shape[1]
+        pred = logits[:, Lq + M - 1:Lq + M - 1 + Lt]
+        tgt = target.masked_fill(~t_mask, -100)
+        ce = F.cross_entropy(pred.flatten(0, 1).float(), tgt.flatten(), ignore_index=-100)
+        acc = ((pred.argmax(-1) == target) & t_mask).sum() / t_mask.sum().clamp(min=1)
+        return ce, acc
+
+    @staticmethod
+    def kl(mu: Tensor, logvar: Tensor) -> Tensor:
+        """KL(N(mu, sigma^2) || N(0, I)), summed over the latent dims, mean over slots and rows."""
+        return (0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)).sum(-1).mean()
+
+    def vae_loss(self, model: Any, batch: dict, generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
+        """Reconstruction of the reasoning + beta * KL; also the answer's CE from the same
+        sampled slots (the decoder answers from them), both averaged."""
+        q, qm = batch["question"], batch["question_mask"]
+        mu, logvar = self.encode(model, q, qm, batch["reasoning"], batch["reasoning_mask"])
+        eps = torch.randn(mu.shape, device=mu.device, generator=generator, dtype=mu.dtype)
+        z = mu + (0.5 * logvar).exp() * eps
+        rec, rec_acc = self.segment_loss(model, z, q, qm, batch["reasoning"], batch["reasoning_mask"])
+        ans, ans_acc = self.segment_loss(model, z, q, qm, batch["answer"], batch["answer_mask"])
+        kl = self.kl(mu, logvar)
+        loss = rec + ans + self.cfg.beta_kl * kl
+        return loss, {"ladir/recon": rec.detach(), "ladir/recon_acc": rec_acc.detach(), "ladir/answer": ans.detach(),
+                      "ladir/answer_acc": ans_acc.detach(), "ladir/kl": kl.detach()}
+
+    # ------------------------------------------------------------------ flow matching
+    def question_states(self, model: Any, question: Tensor, q_mask: Tensor) -> Tensor:
+        """The LM's final hidden states of the question [B, Lq, d] (the denoiser's condition)."""
+        return model(question, attention_mask=q_mask.long(), return_hidden=True,
+                     check_inputs=False).hidden_states
+
+    def flow_loss(self, model: Any, batch: dict, generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
+        """Rectified-flow velocity loss towards the VAE's posterior means (the VAE and the LM
+        are only read here: no gradient reaches them)."""
+        q, qm = batch["question"], batch["question_mask"]
+        with torch.no_grad():
+            z1, _ = self.encode(model, q, qm, batch["reasoning"], batch["reasoning_mask"])
+            cond = self.question_states(model, q, qm)
+        B = z1.shape[0]
+        z0 = torch.randn(z1.shape, device=z1.device, generator=generator, dtype=z1.dtype)
+        t = torch.rand(B, device=z1.device, generator=generator)
+        zt = (1 - t)[:, None, None] * z0 + t[:, None, None] * z1
+        v = self.denoiser(zt, t, cond.detach().to(zt.dtype), qm)
+        loss = F.mse_loss(v.float(), (z1 - z0).float())
+        return loss, {"ladir/flow": loss.detach()}
+
+    @torch.no_grad()
+    def sample(self, model: Any, question: Tensor, q_mask: Tensor, steps: int | None = None,
+               prophet: bool | None = None, generator: torch.Generator | None = None,
+               z0: Tensor | None = None, qcache: HybridCache | None = None,
+               cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Euler sampling of z from noise given the (right-padded) question: (z [B, M, latent],
+        steps used per row [B]). With Prophet (``prophet``; default: the recipe's setting) a row
+        stops once the answer's top-1 / top-2 logit gap passes the current threshold.
+        ``qcache`` / ``cond``: a cache holding the question and its final hidden states, when
+        the caller has them (one prefill serves both); made here otherwise."""
+        cfg = self.cfg
+        steps = steps or cfg.inference_steps
+        prophet = cfg.prophet.enabled if prophet is None else prophet
+        B, M = question.shape[0], cfg.memory_slots
+        dev = question.device
+        if cond is None or (prophet and qcache is None):
+            qcache = model.new_cache(B)
+            cond = model(question, attention_mask=q_mask.long(), cache=qcache, return_hidden=True,
+                         check_inputs=False).hidden_states
+        cond = cond.float()
+        z = z0.clone().float() if z0 is not None else torch.randn(B, M, cfg.latent_dim, device=dev,
+                                                                   generator=generator)
+        used = torch.full((B,), steps, dtype=torch.long, device=dev)
+        active = torch.ones(B, dtype=torch.bool, device=dev)
+        dt = 1.0 / steps
+        for i in range(steps):
+            t = torch.full((B,), i * dt, device=dev)
+            v = self.denoiser(z.to(self.denoiser.out.weight.dtype), t, cond.to(self.denoiser.out.weight.dtype),
+                              q_mask).float()
+            z = torch.where(active[:, None, None], z + dt * v, z)
+            if prophet and (i + 1) % cfg.prophet.check_every == 0 and i + 1 < steps:
+                gap = self.answer_gap(model, qcache, z + (1.0 - (i + 1) * dt) * v)  # the estimate of z_1
+                third = min(int(3 * (i + 1) / steps), 2)
+                stop = active & (gap >= cfg.prophet.thresholds[third])
+                used = torch.where(stop, torch.full_like(used, i + 1), used)
+                active &= ~stop
+                if not bool(active.any()):
+                    break
+        return z, used
+
+    def answer_gap(self, model: Any, qcache: HybridCache, z: Tensor) -> Tensor:
+        """Top-1 minus top-2 logit of the answer's first token after [question, slots(z)]
+        (on a fork of the question's cache, which stays as it is)."""
+        logits = model(inputs_embeds=self.slots(z, model.dtype), input_ids=None, cache=qcache.fork(),
+                       check_inputs=False).logits[:, -1].float()
+        top = logits.topk(2, dim=-1).values
+        return top[:, 0] - top[:, 1]

@@ -1,0 +1,85 @@
+"""Answering through latent reasoning (``generate(mode="ladir")``, ``components/ladir.py``).
+
+The question (left- or right-padded with ``attention_mask``) is prefilled once into a cache;
+its final hidden states condition the flow denoiser, which samples ``samples`` latent
+reasonings per question in parallel (``steps`` Euler steps, Prophet early exit unless
+``prophet=False``); each latent's M slot embeddings enter that question's cache once, after
+the question (like meta tokens); the answer is decoded autoregressively after them. With
+several samples the answer is the majority vote over the samples' answers (ties: the
+first sample). ``stats``: denoising steps used per row (``steps_used``, its mean, and the
+rows that exited early through Prophet), forward passes of the LM, the vote's agreement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .generation import GENERATORS, check_length, continue_ar
+
+
+@torch.no_grad()
+def generate_ladir(
+    model: Any,
+    input_ids: Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    attention_mask: Tensor | None = None,
+    eos_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    streamer: Callable[[Tensor], Any] | None = None,
+    stats: dict | None = None,
+    steps: int | None = None,
+    prophet: bool | None = None,
+    samples: int | None = None,
+) -> Tensor:
+    """Question -> sampled latents -> answer (module docstring). ``steps``: Euler steps
+    (default ``ladir.inference_steps``); ``prophet``: early exit on/off (default: the recipe's);
+    ``samples``: latents per question (default ``ladir.samples``)."""
+    lad = model.ladir
+    if lad is None:
+        raise ValueError("mode ladir needs a model with latent reasoning (a recipe with a ladir section)")
+    S = samples if samples is not None else lad.cfg.samples
+    for name, v in (("samples", S), ("steps", steps if steps is not None else 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    M = lad.cfg.memory_slots
+    check_length(model, input_ids, max_new_tokens + M, attention_mask)  # the slots take positions too
+    B, T = input_ids.shape
+    dev = input_ids.device
+    valid = attention_mask.to(torch.bool) if attention_mask is not None else torch.ones(B, T, dtype=torch.bool,
+                                                                                        device=dev)
+    order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # right-padded questions
+    q, qm = input_ids.gather(1, order).repeat_interleave(S, 0), valid.gather(1, order).repeat_interleave(S, 0)
+    cache = model.new_cache(B * S, device=dev)
+    cond = model(q, attention_mask=qm.long(), cache=cache, return_hidden=True).hidden_states  # checks the ids
+    z, used = lad.sample(model, q, qm, steps=steps, prophet=prophet, generator=generator, qcache=cache, cond=cond)
+    last = model(inputs_embeds=lad.slots(z, model.dtype), input_ids=None, cache=cache,
+                 check_inputs=False).logits[:, -1]  # the slots enter the cache once
+    new = continue_ar(model, cache, last, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator,
+                      streamer if S == 1 else None)
+    n = new.shape[1]
+    if S > 1:  # majority vote over each question's samples
+        per = new.view(B, S, n)
+        same = (per[:, :, None] == per[:, None]).all(-1)  # [B, S, S]
+        votes = same.sum(-1)
+        best = votes.argmax(-1)  # first of the most voted
+        agreement = votes.gather(1, best[:, None]).squeeze(1).float() / S
+        new = per[torch.arange(B, device=dev), best]
+    else:
+        agreement = torch.ones(B, device=dev)
+    if stats is not None:
+        steps_total = steps or lad.cfg.inference_steps
+        stats.update(steps=steps_total, steps_used=used.view(B, S).tolist(), mean_steps=float(used.float().mean()),
+                     early_exits=int((used < steps_total).sum()), samples=S, vote_agreement=agreement.tolist(),
+                     tokens=n * B)
+    return torch.cat([input_ids, new], dim=1)
+
+
+GENERATORS["ladir"] = generate_ladir  # the decoding modes live in generation.GENERATORS
