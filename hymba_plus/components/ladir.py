@@ -14,8 +14,8 @@ The model thinks in ``memory_slots`` continuous vectors before it answers:
 * **Flow matching** (LaDiR §3.2, rectified flow: Liu et al. 2022, arXiv 2209.03003): a
   *dedicated* denoiser ``v_theta(z_t, t, question)`` — a small bidirectional transformer over
   ``[question hidden states, M latent tokens]`` (``denoiser_layers``) — learns the velocity
-  ``z_1 - z_0`` on ``z_t = (1 - t) z_0 + t z_1``, ``z_0 ~ N(0, I)``, ``z_1`` the VAE's posterior
-  mean for the reasoning, ``t ~ U(0, 1)``; ``L_flow = || v_theta - (z_1 - z_0) ||^2``.
+  ``z_1 - z_0`` on ``z_t = (1 - t) z_0 + t z_1``, ``z_0 ~ N(0, I)``, ``z_1`` drawn from the VAE's
+  posterior for the reasoning, ``t ~ U(0, 1)``; ``L_flow = || v_theta - (z_1 - z_0) ||^2``.
   Why a dedicated stack rather than the backbone with latent inputs (the paper's choice):
   sampling runs ``inference_steps`` denoiser calls, and here each is a few small layers
   over the question's *cached* hidden states instead of a full backbone pass; the
@@ -92,6 +92,10 @@ class LaDiR(nn.Module):
 
     def reset_special(self) -> None:
         nn.init.normal_(self.memory, 0.0, self.init_std)
+        # posteriors start narrow (sigma ~ 0.02, the scale of the means): with sigma = 1 the
+        # sampled z is all noise at first and the decoder learns to ignore the slots
+        with torch.no_grad():
+            self.to_stats.bias[self.cfg.latent_dim:].fill_(2.0 * math.log(self.init_std))
 
     # ------------------------------------------------------------------ VAE
     def encode(self, model: Any, question: Tensor, q_mask: Tensor, reasoning: Tensor,
@@ -152,13 +156,21 @@ class LaDiR(nn.Module):
                      check_inputs=False).hidden_states
 
     def flow_loss(self, model: Any, batch: dict, generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
-        """Rectified-flow velocity loss towards the VAE's posterior means (the VAE and the LM
-        are only read here: no gradient reaches them)."""
+        """Rectified-flow velocity loss towards latents drawn from the VAE's posterior (the
+        distribution the decoder was trained on; the VAE and the LM are only read here: no
+        gradient reaches them)."""
         q, qm = batch["question"], batch["question_mask"]
         with torch.no_grad():
-            z1, _ = self.encode(model, q, qm, batch["reasoning"], batch["reasoning_mask"])
+            mu, logvar = self.encode(model, q, qm, batch["reasoning"], batch["reasoning_mask"])
+            z1 = mu + (0.5 * logvar).exp() * torch.randn(mu.shape, device=mu.device, generator=generator)
             cond = self.question_states(model, q, qm)
+        return self.velocity_loss(z1, cond, qm, generator)
+
+    def velocity_loss(self, z1: Tensor, cond: Tensor, q_mask: Tensor,
+                      generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
+        """The rectified-flow loss for target latents z1 [B, M, latent] given question states."""
         B = z1.shape[0]
+        qm = q_mask
         z0 = torch.randn(z1.shape, device=z1.device, generator=generator, dtype=z1.dtype)
         t = torch.rand(B, device=z1.device, generator=generator)
         zt = (1 - t)[:, None, None] * z0 + t[:, None, None] * z1
