@@ -180,3 +180,37 @@ def test_flow_loss_trains_the_denoiser_towards_the_velocity() -> None:
         losses.append(float(loss.detach()))
     assert sum(losses[-20:]) / 20 < 0.7 * sum(losses[:20]) / 20, (losses[:3], losses[-3:])
     assert set(st) == {"ladir/flow"}
+
+
+def test_hymba_train_stages_and_generate(tmp_path, capsys) -> None:
+    """``hymba train`` on the built-in reasoning task: the vae stage, then (resumed) the flow
+    stage as a new phase; ``hymba generate --mode ladir`` answers and reports the steps."""
+    import json
+    from pathlib import Path
+
+    from hymba_plus.cli import main
+
+    cfg = Path(__file__).resolve().parents[1] / "configs" / "ladir_tiny.yaml"
+    out = tmp_path / "run"
+    common = ["--data", "chain_arith", "--eval-every", "4", "--eval-batches", "1", "--batch-size", "8",
+              "--out", str(out), "--no-progress"]
+    assert main(["train", str(cfg), "--ladir-stage", "vae", "--steps", "4", *common]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["train", str(cfg), "--ladir-stage", "flow", "--steps", "8", "--resume", *common]) == 0
+    err = capsys.readouterr().err
+    assert "--ladir-stage flow: a new phase at step 4" in err
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"ladir/recon", "ladir/kl"} <= set(rows[1]) and "ladir/flow" in rows[-1]
+    assert all(0.0 <= r["eval_accuracy"] <= 1.0 for r in rows if "eval_accuracy" in r)
+    rc = main(["generate", str(out), "--prompt", "7 3 9 4 6 3 5 2", "--mode", "ladir", "--max-new-tokens", "2",
+               "--temperature", "0"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert "ladir: denoising steps used" in cap.err and "of 16 per latent sample" in cap.err
+    # a recipe whose objective is ladir needs the ladir section; the data must be reasoning data
+    with pytest.raises(RecipeError, match="objective.kind: ladir trains the recipe's ladir section"):
+        load_recipe({"name": "x", "model": {"vocab_size": V, "d_model": 32, "block_pattern": "GA"},
+                     "objective": {"kind": "ladir"}})
+    rc = main(["train", str(cfg), "--data", "mqar", "--steps", "1", "--out", str(tmp_path / "bad"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc != 0 and err.count("\n") == 1 and "mqar" in err

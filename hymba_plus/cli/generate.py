@@ -32,6 +32,10 @@ rollbacks), 16 rounds``.
 ``--mode mtp [--k N]`` (models with ``model.mtp``): self-speculative decoding, the model's own
 MTP modules draft up to ``model.mtp.depth`` tokens per round (``models/mtp_decoding.py``);
 the same guarantee and the same stderr line (``mtp: k 2, acceptance rate ...``).
+
+``--mode ladir`` (models with a ``ladir`` section): latent reasoning before the answer
+(``models/ladir_decoding.py``); one stderr line per prompt gives the denoising steps each
+latent sample used and whether Prophet stopped it early.
 """
 
 from __future__ import annotations
@@ -254,6 +258,13 @@ def _run(args: argparse.Namespace) -> int:
               f"{stats['tokens'] // B} tokens per row ({stats['tokens_per_forward']:.2f} tokens per forward, "
               f"prefill and block commits included), {stats['steps_per_block']:.2f} denoising steps per block",
               file=sys.stderr)
+    if args.mode == "ladir" and stats:
+        sys.stdout.flush()
+        for i, row in enumerate(stats["steps_used"]):
+            exits = ", ".join(f"{u}" + (" (Prophet exit)" if u < stats["steps"] else "") for u in row)
+            line = (f"ladir: denoising steps used {exits} of {stats['steps']} per latent sample; "
+                    f"answer vote agreement {stats['vote_agreement'][i]:.2f}")
+            print(line if B == 1 else f"[{i}] {line}", file=sys.stderr)
     if args.mode == "mtp" and stats:
         sys.stdout.flush()
         print(f"mtp: k {stats['k']}, acceptance rate {stats['acceptance_rate']:.2f} ({stats['accepted']} of "

@@ -100,9 +100,9 @@ def describe(recipe: Any, dtype: torch.dtype = torch.float32, seq_lens: tuple[in
         layers.append(row)
     total = _numel(model)
     router, router_active = _numel(model.etd_router), router_active_params(model.etd_router)
-    mtp = _numel(model.mtp)
-    other = total - sum(r["params"] for r in layers) - router - mtp
-    active = other + sum(r["active_params"] for r in layers) + router_active + mtp
+    mtp, ladir = _numel(model.mtp), _numel(model.ladir)
+    other = total - sum(r["params"] for r in layers) - router - mtp - ladir
+    active = other + sum(r["active_params"] for r in layers) + router_active + mtp + ladir
     etd = None
     if m.etd is not None:
         etd = describe_etd(recipe, model, layers, seq_lens, router, router_active)
@@ -136,6 +136,7 @@ def describe(recipe: Any, dtype: torch.dtype = torch.float32, seq_lens: tuple[in
         **({"etd": etd} if etd is not None else {}),
         "objective": _objective(recipe),
         **({"mtp": {**dataclasses.asdict(m.mtp), "params": mtp}} if m.mtp is not None else {}),
+        **({"ladir": {**dataclasses.asdict(recipe.ladir), "params": ladir}} if recipe.ladir is not None else {}),
     }
 
 
@@ -143,6 +144,16 @@ def _objective(recipe: Any) -> dict:
     """The training objective: its kind and settings (``next_token`` when the recipe has none)."""
     obj = recipe.objective
     return {"kind": "next_token"} if obj is None else dataclasses.asdict(obj)
+
+
+def ladir_line(lad: dict) -> str:
+    """``ladir       3 memory slots x latent 128; flow: 50 Euler steps, 1 sample; Prophet 7.5/5/2.5``."""
+    p = lad["prophet"]
+    prophet = ("Prophet " + "/".join(f"{t:g}" for t in p["thresholds"]) + f" every {p['check_every']}"
+               if p["enabled"] else "Prophet off")
+    return (f"ladir       {lad['memory_slots']} memory slots x latent {lad['latent_dim']} (beta_kl {lad['beta_kl']:g}); "
+            f"flow: {lad['denoiser_layers']}-layer denoiser, {lad['inference_steps']} Euler steps, "
+            f"{lad['samples']} sample(s); {prophet}")
 
 
 def objective_line(obj: dict) -> str:
@@ -315,6 +326,7 @@ def format_info(d: dict, kernels: str = "auto") -> str:
         *([f"            = {d['pattern_compact']}"] if not layout and d["pattern_compact"] != d["pattern"] else []),
         f"layers      {d['n_layers']}",
         *([objective_line(d["objective"])] if d.get("objective", {}).get("kind", "next_token") != "next_token" else []),
+        *([ladir_line(d["ladir"])] if d.get("ladir") is not None else []),
         "",
     ]
     etd = d.get("etd")
@@ -330,6 +342,10 @@ def format_info(d: dict, kernels: str = "auto") -> str:
     if d.get("mtp") is not None:
         mtp = d["mtp"]
         rows.append(["-", f"mtp x{mtp['depth']} ({mtp['block']})", "", f"{mtp['params']:,}", f"{mtp['params']:,}"]
+                    + ["" for _ in lens])
+    if d.get("ladir") is not None:
+        lad = d["ladir"]
+        rows.append(["-", f"ladir ({lad['memory_slots']} slots)", "", f"{lad['params']:,}", f"{lad['params']:,}"]
                     + ["" for _ in lens])
     rows.append(["-", "embed/meta/norm/head", "", f"{d['other_params']:,}", f"{d['other_params']:,}"]
                 + ["" for _ in lens])

@@ -25,7 +25,7 @@ _FIELDS = {
     "seed": "seed", "data": "data", "tokenizer": "tokenizer", "eval_every": "eval_every",
     "eval_batches": "eval_batches", "save_every": "save_every", "keep_last": "keep_last",
     "mqar_pairs": "mqar_pairs", "copy_tokens": "copy_tokens", "val_frac": "val_frac",
-    "khop_hops": "khop_hops", "khop_nodes": "khop_nodes",
+    "khop_hops": "khop_hops", "khop_nodes": "khop_nodes", "ladir_stage": "ladir_stage",
 }
 
 
@@ -50,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mqar-pairs", type=int, help="mqar: key/value pairs per sequence (default: min(seq_len / 4, vocab_size / 2 - 1))")
     p.add_argument("--copy-tokens", type=int, help="selective_copy: tokens to copy (default: seq_len / 8)")
     p.add_argument("--khop-hops", type=int, help="khop: pointers followed per query")
+    p.add_argument("--ladir-stage", choices=("vae", "flow", "joint"),
+                   help="objective ladir: train the VAE (and the LM), the flow denoiser, or both")
     p.add_argument("--khop-nodes", type=int,
                    help="khop: nodes of the cycle (default: min(vocab_size - 3, (seq_len - 1) / 5))")
     p.add_argument("--val-frac", type=float, help="text: held-out fraction for eval perplexity")

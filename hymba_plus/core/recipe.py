@@ -705,11 +705,22 @@ def _build(data: Any, file: str) -> Recipe:
         for k, msg in cross_errors(ladir, model, "ladir."):
             errs.add(k, msg)
         errs.raise_if_any()
+    if objective is not None and objective.kind == "ladir" and ladir is None:
+        errs.add("objective.kind", "ladir trains the recipe's ladir section: add one (ladir: {latent_dim: ..., "
+                 "memory_slots: ...})")
+        errs.raise_if_any()
 
     recipe = Recipe(name=name, model=model, components=types.MappingProxyType(dict(sorted(comps.items()))),
                     train=train, objective=objective, ladir=ladir, source=file or None)
     recipe.__dict__["layers"] = tuple(layers)  # cached_property slot
     return recipe
+
+
+def objective_kinds() -> dict[str, str]:
+    """``objective.kind`` -> the registered objective that implements it (the kind is the
+    default of its config's ``kind`` field: ``ladir``'s objective is registered as
+    ``ladir_objective``, next to the ``ladir`` component)."""
+    return {registry.get(n).config().kind: n for n in registry.names("objective")}
 
 
 def _build_objective(data: Any, model: ModelConfig, train: Any, errs: _Errors) -> Any:
@@ -720,7 +731,8 @@ def _build_objective(data: Any, model: ModelConfig, train: Any, errs: _Errors) -
     if not isinstance(data, Mapping):
         errs.add("objective", f"must be a mapping with a 'kind', got {_describe(data)}")
         return None
-    kinds = registry.names("objective")
+    by_kind = objective_kinds()
+    kinds = sorted(by_kind)
     kind = data.get("kind")
     if kind is None:
         errs.add("objective.kind", f"missing required key (one of: {', '.join(kinds)})", errs.line("objective"))
@@ -729,7 +741,7 @@ def _build_objective(data: Any, model: ModelConfig, train: Any, errs: _Errors) -
         errs.add("objective.kind", f"unknown objective {kind!r}; available: {', '.join(kinds)}"
                  + (registry.suggest(kind, kinds) if isinstance(kind, str) else ""))
         return None
-    cfg = _to_dataclass(registry.get(kind).config, data, "objective.", errs)
+    cfg = _to_dataclass(registry.get(by_kind[kind]).config, data, "objective.", errs)
     if cfg is None:
         return None
     before = len(errs.items)

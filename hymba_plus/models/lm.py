@@ -34,7 +34,7 @@ from ..blocks import Block
 from ..components.norm import RMSNorm
 from ..core import registry
 from ..core.cache import HybridCache, StepContext
-from ..core.recipe import Recipe, RecipeError, load_recipe
+from ..core.recipe import Recipe, RecipeError, load_recipe, objective_kinds
 from .etd import ETDStack, PlainStack
 
 
@@ -80,8 +80,8 @@ class HybridLM(nn.Module):
                       if recipe.ladir is not None else None)
         # what the model is trained to predict (objectives/): its loss, metric, [MASK] embedding
         obj = recipe.objective
-        self.objective = registry.build(obj.kind if obj is not None else "next_token", obj, d_model=m.d_model,
-                                        vocab_size=m.vocab_size, init_std=m.init_std)
+        self.objective = registry.build(objective_kinds()[obj.kind] if obj is not None else "next_token", obj,
+                                        d_model=m.d_model, vocab_size=m.vocab_size, init_std=m.init_std)
         if m.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.reset_parameters()

@@ -143,7 +143,7 @@ class BlockDiffusion(nn.Module):
         per = torch.where(masked & scored, ce * w, torch.zeros_like(ce))
         return per.sum() / scored.sum().clamp(min=1)
 
-    def train_forward(self, fwd, model, ids: Tensor, labels: Tensor, **kw: Any):  # noqa: ANN001, ANN201
+    def train_forward(self, fwd, model, ids: Tensor, labels: Tensor, batch: Any = None, **kw: Any):  # noqa: ANN001, ANN201
         """One training forward: noise levels from the clipped range, the two-stream forward,
         the NELBO (tokens whose label is -100 are context only) plus auxiliary losses."""
         from ..models.lm import ModelOutput
@@ -159,7 +159,7 @@ class BlockDiffusion(nn.Module):
                            stats=ctx.stats or None)
 
     @torch.no_grad()
-    def eval_batch(self, fwd, model, ids: Tensor, labels: Tensor, seed: int, **kw: Any):  # noqa: ANN001, ANN201
+    def eval_batch(self, fwd, model, ids: Tensor, labels: Tensor, seed: int, batch: Any = None, **kw: Any):  # noqa: ANN001, ANN201
         """(NELBO with t ~ U[eps, 1], correct and scored masked tokens, output) of one held-out
         batch; the noise is seeded by ``seed`` so evaluations are comparable across steps."""
         g = torch.Generator(device=ids.device).manual_seed(seed)

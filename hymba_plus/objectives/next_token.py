@@ -26,12 +26,12 @@ class NextToken(nn.Module):
         super().__init__()
         self.cfg = cfg or NextTokenConfig()
 
-    def train_forward(self, fwd, model, ids: Tensor, labels: Tensor, **kw: Any):  # noqa: ANN001, ANN201
+    def train_forward(self, fwd, model, ids: Tensor, labels: Tensor, batch: Any = None, **kw: Any):  # noqa: ANN001, ANN201
         """The training forward: ``fwd`` is the model or its compiled form; returns a ModelOutput
         whose ``loss`` is trained."""
         return fwd(ids, labels=labels, check_inputs=False, **kw)
 
-    def eval_batch(self, fwd, model, ids: Tensor, labels: Tensor, seed: int, **kw: Any):  # noqa: ANN001, ANN201
+    def eval_batch(self, fwd, model, ids: Tensor, labels: Tensor, seed: int, batch: Any = None, **kw: Any):  # noqa: ANN001, ANN201
         """(loss, correct, scored, ModelOutput) of one held-out batch."""
         from ..training.tasks import masked_correct
 

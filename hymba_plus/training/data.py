@@ -247,6 +247,42 @@ class TokenShards:
 class Batch:
     input_ids: Tensor
     labels: Tensor
+    segments: dict | None = None  # reasoning data: question / reasoning / answer tensors and masks
+
+
+class ReasoningBatches:
+    """Reasoning data (``training/reasoning.py``: a built-in task such as ``chain_arith`` or a
+    JSONL file) for objectives that need the segments (``ladir``): ``input_ids`` / ``labels``
+    are question + reasoning + answer with the answer scored, ``segments`` the collated parts."""
+
+    metric = "accuracy"
+
+    def __init__(self, data: str, vocab_size: int, seed: int, cfg: Any, tokenizer_path: str | None,
+                 max_len: int | None):
+        from .reasoning import ReasoningStream
+
+        tok = tokmod.load_file(tokenizer_path) if tokenizer_path else None
+        self.inner = ReasoningStream(data, vocab_size, seed=seed, tokenizer=tok, val_frac=cfg.val_frac,
+                                     max_len=max_len)
+        self.tokenizer = self.inner.tokenizer
+        self.chance = self.inner.chance
+        self.description = self.inner.description
+
+    @staticmethod
+    def _batch(d: dict) -> Batch:
+        return Batch(d["full"], d["labels"], segments=d)
+
+    def train(self, indices: range) -> Batch:
+        return self._batch(self.inner.train(indices))
+
+    def eval(self, indices: range) -> Batch:
+        return self._batch(self.inner.eval(indices))
+
+    def n_eval(self) -> int | None:
+        return self.inner.n_eval()
+
+    def state(self) -> dict[str, Any]:
+        return self.inner.state()
 
 
 class TaskStream:
@@ -338,9 +374,13 @@ class TextStream:
 
 
 def open_stream(data: str, seq_len: int, vocab_size: int, seed: int, cfg: Any, cache_dir: Path | None,
-                tokenizer_path: str | None = None) -> TaskStream | TextStream:
+                tokenizer_path: str | None = None, segments: bool = False,
+                max_len: int | None = None) -> TaskStream | TextStream | ReasoningBatches:
     """A stream for ``data``: a task name, a shard folder, or text (tokenized into
-    ``cache_dir`` first, reused while the source files are unchanged)."""
+    ``cache_dir`` first, reused while the source files are unchanged); with ``segments``
+    (an objective that needs question / reasoning / answer), reasoning data."""
+    if segments:
+        return ReasoningBatches(data, vocab_size, seed, cfg, tokenizer_path, max_len)
     if data in TASKS:
         return TaskStream(TASKS[data], seq_len, vocab_size, seed, cfg)
     p = Path(data)

@@ -63,7 +63,8 @@ from typing import Any
 import torch
 
 from ..components.etd_router import EXECUTE, REPEAT, SKIP
-from ..core.recipe import Recipe
+from ..core import registry
+from ..core.recipe import Recipe, objective_kinds
 from ..models.lm import HybridLM
 from . import checkpoint as ckpt_mod
 from . import distributed as dist_mod
@@ -354,6 +355,10 @@ class Trainer:
         self.new_phase = state is not None and saved_mode != self.mode
         if state is not None:
             saved_cfg, self.cfg = self._resumed_config(state)
+            # another LaDiR stage (--ladir-stage) trains other parameters: a new phase too
+            self.stage_change = (self.recipe.objective is not None and self.recipe.objective.kind == "ladir"
+                                 and saved_cfg.ladir_stage != self.cfg.ladir_stage)
+            self.new_phase = self.new_phase or self.stage_change
             self.start_step = state["step"]
             saved_plan = state.get("schedule", {})
             before = (Schedule.from_dict(saved_plan) if "steps" in saved_plan else Schedule.of(saved_cfg))
@@ -376,13 +381,16 @@ class Trainer:
 
         # the data first: a bad source fails before anything is built or written
         cache_dir = self.out / "data"
+        obj = self.recipe.objective
+        # an objective that trains on question / reasoning / answer segments (ladir) reads reasoning data
+        segments = obj is not None and getattr(registry.get(objective_kinds()[obj.kind]).cls, "needs_segments", False)
+        stream_args = (cfg.data, cfg.seq_len, self.recipe.model.vocab_size, cfg.seed, cfg, cache_dir, cfg.tokenizer,
+                       segments, self.recipe.model.max_seq_len)
         if self.info.is_main:
-            self.stream = open_stream(cfg.data, cfg.seq_len, self.recipe.model.vocab_size, cfg.seed, cfg,
-                                      cache_dir, cfg.tokenizer)
+            self.stream = open_stream(*stream_args)
         dist_mod.barrier(self.info)
         if not self.info.is_main:
-            self.stream = open_stream(cfg.data, cfg.seq_len, self.recipe.model.vocab_size, cfg.seed, cfg,
-                                      cache_dir, cfg.tokenizer)
+            self.stream = open_stream(*stream_args)
         if state is not None and state.get("data", {}).get("kind") != self.stream.state()["kind"]:
             raise TrainError(f"--data {cfg.data}: the checkpoint {self.resume_from} was trained on "
                              f"{state.get('data', {}).get('kind')} data")
@@ -410,6 +418,8 @@ class Trainer:
                 ckpt_mod.load_optimizer(self.resume_from, model, self.opt, self.info)
             ckpt_mod.load_rng(self.resume_from, self.info)
         self.objective = model.objective
+        if hasattr(self.objective, "configure"):  # run settings of the objective (ladir: the stage)
+            self.objective.configure(cfg)
         bs = getattr(self.recipe.objective, "block_size", None)
         if bs is not None and cfg.seq_len % bs:
             raise TrainError(f"seq_len {cfg.seq_len} is not a multiple of objective.block_size ({bs}): "
@@ -436,7 +446,10 @@ class Trainer:
                  f"device {where}")
         if self.resume_from is not None:
             self.log(f"resumed from {self.resume_from} (step {self.start_step})")
-        if self.new_phase:
+        if getattr(self, "stage_change", False):
+            self.log(f"--ladir-stage {cfg.ladir_stage}: a new phase at step {self.start_step}: a fresh optimizer, "
+                     f"lr from the peak {cfg.lr:.3g} (no warm-up) decaying to step {cfg.steps}")
+        elif self.new_phase:
             self.log(f"--train-only {self.mode}: a new phase at step {self.start_step} (the checkpoint trained "
                      f"{saved_mode}): a fresh optimizer, lr from the peak {cfg.lr:.3g} (no warm-up) "
                      f"decaying to step {cfg.steps}")
@@ -527,7 +540,7 @@ class Trainer:
                 # the base (and MoDr branches) train at full depth: routers that are on do not route here
                 kw = {"routes": self._all_execute(ids.shape[0])} if self._routing() else {}
                 with _autocast(cfg, dev):  # the objective's loss (objectives/); ids were validated at setup
-                    out = self.objective.train_forward(self.fwd, self.model, ids, labels, **kw)
+                    out = self.objective.train_forward(self.fwd, self.model, ids, labels, batch=batch, **kw)
                 loss_t, aux_t, stats = out.loss, out.aux_loss, out.stats
                 if kw and stats is not None:
                     stats = {k: v for k, v in stats.items() if k != "etd/route_slots"}
@@ -678,7 +691,8 @@ class Trainer:
                 if self.opts.compile is not None:
                     torch.compiler.cudagraph_mark_step_begin()
                 with _autocast(cfg, dev):
-                    loss, c, t, out = self.objective.eval_batch(self.fwd, self.model, ids, labels, seed=start, **kw)
+                    loss, c, t, out = self.objective.eval_batch(self.fwd, self.model, ids, labels, seed=start,
+                                                                batch=batch, **kw)
                 acc = sums[run]
                 acc[0] += loss
                 acc[1], acc[2] = acc[1] + c, acc[2] + t
