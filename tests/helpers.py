@@ -7,6 +7,19 @@ import torch
 from hymba_plus import build_model
 from hymba_plus.training.tasks import masked_accuracy, mqar_batch
 
+#: tiny settings (d_model 32) for every mixer and channel mixer, with the options the cache
+#: tests care about (a window, ATLAS chunks shorter than a typical chunk, MoE): one place for the
+#: test files that draw recipes over every component
+EVERY_COMPONENT = {
+    "gated_attn": {"n_heads": 2, "head_dim": 16, "window": 6},
+    "gdn": {"n_heads": 2, "head_dim": 16},
+    "mamba3": {"state_size": 8, "head_dim": 16, "expand": 1},
+    "atlas": {"n_heads": 2, "head_dim": 16, "poly_degree": 1, "memory_hidden": 1, "ns_steps": 2, "chunk_size": 3},
+    "hymba": {"ssm": "gdn", "attn": {"n_heads": 2, "head_dim": 16}},
+    "mlp": {"d_hidden": 64},
+    "moe": {"n_experts": 4, "top_k": 2, "d_expert": 32},
+}
+
 
 def tiny_recipe(pattern: str, components: dict | None = None, **model) -> dict:
     m = {"vocab_size": 64, "d_model": 64, "max_seq_len": 256, "block_pattern": pattern, "ffn": "none"}

@@ -9,17 +9,10 @@ import pytest
 import torch
 
 from hymba_plus import RecipeError, build_model, load_recipe, registry
+from tests.helpers import EVERY_COMPONENT
 
 V = 24
-COMPS = {
-    "gated_attn": {"n_heads": 2, "head_dim": 16, "window": 6},
-    "gdn": {"n_heads": 2, "head_dim": 16},
-    "mamba3": {"state_size": 8, "head_dim": 16, "expand": 1},
-    "atlas": {"n_heads": 2, "head_dim": 16, "poly_degree": 1, "memory_hidden": 1, "ns_steps": 2, "chunk_size": 3},
-    "hymba": {"ssm": "gdn", "attn": {"n_heads": 2, "head_dim": 16}},
-    "mlp": {"d_hidden": 64},
-    "moe": {"n_experts": 4, "top_k": 2, "d_expert": 32},
-}
+COMPS = EVERY_COMPONENT
 
 
 def recipe(pattern: str = "GD | GA", meta: int = 0, etd: dict | None = None, **ladir) -> dict:

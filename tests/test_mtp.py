@@ -17,17 +17,10 @@ from hymba_plus import RecipeError, build_model, load_recipe
 from hymba_plus.core.cache import StepContext
 from hymba_plus.models.generation import filtered_probs
 from hymba_plus.models.mtp_decoding import accept_drafts
+from tests.helpers import EVERY_COMPONENT
 
 V = 16
-COMPS = {
-    "gated_attn": {"n_heads": 2, "head_dim": 16, "window": 6},
-    "gdn": {"n_heads": 2, "head_dim": 16},
-    "mamba3": {"state_size": 8, "head_dim": 16, "expand": 1},
-    "atlas": {"n_heads": 2, "head_dim": 16, "poly_degree": 1, "memory_hidden": 1, "ns_steps": 2, "chunk_size": 3},
-    "hymba": {"ssm": "gdn", "attn": {"n_heads": 2, "head_dim": 16}},
-    "mlp": {"d_hidden": 64},
-    "moe": {"n_experts": 4, "top_k": 2, "d_expert": 32},
-}
+COMPS = EVERY_COMPONENT
 
 
 def recipe(pattern: str = "GD | GA", depth: int = 2, block: str = "GD", meta: int = 0, weight: float = 0.3,

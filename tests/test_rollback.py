@@ -12,17 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hymba_plus import build_model
+from tests.helpers import EVERY_COMPONENT
 
 V = 20
-COMPS = {
-    "gated_attn": {"n_heads": 2, "head_dim": 16, "window": 5},
-    "gdn": {"n_heads": 2, "head_dim": 16},
-    "mamba3": {"state_size": 8, "head_dim": 16, "expand": 1},
-    "atlas": {"n_heads": 2, "head_dim": 16, "poly_degree": 1, "memory_hidden": 1, "ns_steps": 2, "chunk_size": 3},
-    "hymba": {"ssm": "mamba3", "attn": {"n_heads": 2, "head_dim": 16}},
-    "mlp": {"d_hidden": 64},
-    "moe": {"n_experts": 4, "top_k": 2, "d_expert": 32},
-}
+COMPS = {**EVERY_COMPONENT, "gated_attn": {**EVERY_COMPONENT["gated_attn"], "window": 5},
+         "hymba": {**EVERY_COMPONENT["hymba"], "ssm": "mamba3"}}
 RECIPES = {
     "every-mixer": ("GD | GA | M3 | ATL | HY", {}),
     "moe+meta": ("GA+moe | GD+moe", {"meta_tokens": 3}),
