@@ -58,7 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mode", default="ar", help="decoding mode: ar (default), block_diffusion (models trained "
-                   "with that objective) or speculative (with --draft)")
+                   "with that objective), speculative (with --draft), mtp (models with model.mtp) or ladir "
+                   "(models with a ladir section)")
     p.add_argument("--block-size", type=int, default=None,
                    help="block_diffusion: tokens per block (default: the model's training block size)")
     p.add_argument("--threshold", type=float, default=0.9,
@@ -69,8 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft", default=None, metavar="DRAFT_CKPT",
                    help="speculative: the draft model's checkpoint (same vocabulary)")
     p.add_argument("--k", type=int, default=None,
-                   help="speculative: tokens the draft proposes per round (default: 4); other modes with a k "
-                        "option (mtp) take it too")
+                   help="speculative: tokens the draft proposes per round (default: 4); mtp: drafts per round, "
+                        "1..model.mtp.depth (default: the depth)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, auto")
     p.add_argument("--no-stream", action="store_true", help="print the whole completion at the end")
     p.add_argument("--think-iterations", type=int, default=None, metavar="N",
