@@ -110,12 +110,44 @@ def main() -> None:
         logits = direct(qa, attention_mask=seg["qa_mask"].long()).logits
         rows = torch.arange(qa.shape[0], device=qa.device)
         direct_acc = float((logits[rows, start - 1].argmax(-1) == qa[rows, start]).float().mean())
-    res = {"vae_reconstruction_accuracy": float(recon_acc), "answer_from_posterior_mean": float(post_acc),
+        # per position of the reasoning chain: reconstruction accuracy from the posterior mean
+        M = lad.cfg.memory_slots
+        q, qm, rr, rm = seg["question"], seg["question_mask"], seg["reasoning"], seg["reasoning_mask"]
+        x = torch.cat([model.embed_tokens(q), lad.slots(mu, model.dtype), model.embed_tokens(rr)], 1)
+        mask = torch.cat([qm, qm.new_ones(qm.shape[0], M), rm], 1).long()
+        lg = model(inputs_embeds=x, input_ids=None, attention_mask=mask).logits
+        pred = lg[:, q.shape[1] + M - 1:q.shape[1] + M - 1 + rr.shape[1]].argmax(-1)
+        per_pos = [float(((pred[:, j] == rr[:, j]) & rm[:, j]).sum() / rm[:, j].sum().clamp(min=1))
+                   for j in range(rr.shape[1])]
+    res = {"vae_reconstruction_accuracy": float(recon_acc), "vae_reconstruction_by_position": per_pos, "answer_from_posterior_mean": float(post_acc),
            f"answer_via_flow_{n}_steps": acc_n, f"answer_via_flow_{max(1, n // 4)}_steps": acc_n4,
            "answer_via_flow_prophet": acc_p, "prophet_mean_steps": steps_p, "direct_answer_baseline": direct_acc,
            "chance": stream.chance}
     for k, v in res.items():
-        print(f"{k:<34} {v:.3f}")
+        print(f"{k:<34} " + (" ".join(f"{x:.3f}" for x in v) if isinstance(v, list) else f"{v:.3f}"))
+    try:  # the figure: reconstruction by position and the answer accuracies
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.2))
+        a1.bar([f"step {j + 1}" for j in range(len(per_pos))], per_pos)
+        a1.set_ylim(0, 1)
+        a1.set_title("VAE: reasoning reconstructed from the latents", fontsize=8)
+        names = ["posterior\nmean", f"flow\n{n} steps", f"flow\n{max(1, n // 4)} steps", "flow +\nProphet",
+                 "direct"]
+        vals = [res["answer_from_posterior_mean"], acc_n, acc_n4, acc_p, direct_acc]
+        a2.bar(names, vals)
+        a2.axhline(stream.chance, color="gray", ls="--", lw=1)
+        a2.set_ylim(0, 1)
+        a2.set_title("answer accuracy (dashed: chance)", fontsize=8)
+        for ax in (a1, a2):
+            ax.tick_params(labelsize=7)
+        fig.tight_layout()
+        fig.savefig(args.out.with_suffix(".png"), dpi=120)
+    except ImportError:
+        pass
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({platform.machine()})"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"device": device, "torch": torch.__version__, "recipe": str(recipe_path.name),
