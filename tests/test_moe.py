@@ -123,7 +123,6 @@ def test_dispatch_matches_loop_reference_float64(score, norm, bias, shared):
 def test_grouped_and_padded_paths_agree():
     """The sort/segment path (torch._grouped_mm over contiguous segments) and the padded
     [E, C, d] bmm path give the same outputs and gradients."""
-    _grouped_mm_on_cpu()
     m = _module(torch.float32, n_experts=8, top_k=2, n_shared=1, d_expert=16, d_model=32)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(3, 9, 32, generator=g).requires_grad_()
@@ -144,13 +143,6 @@ def test_grouped_and_padded_paths_agree():
     assert rel_err(gx, out["padded"][1][0]) < 1e-4
 
 
-def _grouped_mm_on_cpu() -> None:
-    try:
-        torch._grouped_mm(torch.zeros(4, 8), torch.zeros(2, 8, 8), offs=torch.tensor([1, 4], dtype=torch.int32))
-    except (AttributeError, RuntimeError, NotImplementedError) as e:
-        pytest.skip(f"this torch ({torch.__version__}) has no CPU torch._grouped_mm: {e}")
-
-
 @pytest.mark.parametrize("n_shared", [1, 0])
 @pytest.mark.parametrize("coefs", [(0.01, 0.001), (0.3, 0.0), (0.0, 0.0)])
 def test_fused_layer_matches_composed_layer(n_shared, coefs):
@@ -159,7 +151,6 @@ def test_fused_layer_matches_composed_layer(n_shared, coefs):
     separate autograd ops), float32 on the CPU (its PyTorch forms): output, the aux loss
     that reaches the model loss, every statistic and every gradient; then with frozen
     experts and a frozen router. On CUDA the same function is its fast path's probe."""
-    _grouped_mm_on_cpu()
     m = _module(torch.float32, n_experts=8, top_k=3, n_shared=n_shared, d_expert=16, d_model=32,
                 aux_loss_coef=coefs[0], z_loss_coef=coefs[1])
     g = torch.Generator().manual_seed(5)
