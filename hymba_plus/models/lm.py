@@ -34,7 +34,8 @@ from ..blocks import Block
 from ..components.norm import RMSNorm
 from ..core import registry
 from ..core.cache import HybridCache, StepContext
-from ..core.recipe import Recipe, RecipeError, load_recipe, objective_kinds
+from ..core.recipe import Recipe, RecipeError, load_recipe
+from ..objectives import objective_class
 from .etd import ETDStack, PlainStack
 
 
@@ -79,9 +80,8 @@ class HybridLM(nn.Module):
         self.ladir = (registry.build("ladir", recipe.ladir, d_model=m.d_model, init_std=m.init_std)
                       if recipe.ladir is not None else None)
         # what the model is trained to predict (objectives/): its loss, metric, [MASK] embedding
-        obj = recipe.objective
-        self.objective = registry.build(objective_kinds()[obj.kind] if obj is not None else "next_token", obj,
-                                        d_model=m.d_model, vocab_size=m.vocab_size, init_std=m.init_std)
+        self.objective = objective_class(recipe)(recipe.objective, d_model=m.d_model, vocab_size=m.vocab_size,
+                                                 init_std=m.init_std)
         if m.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.reset_parameters()

@@ -9,4 +9,17 @@ calls ``train_forward`` / ``eval_batch`` and never branches on the kind.
 * ``ladir``: LaDiR's VAE / flow stages on reasoning data (``ladir.py``).
 """
 
+from typing import Any
+
+from ..core import registry
 from . import block_diffusion, ladir, next_token  # noqa: F401  (registration)
+from .base import Objective
+
+
+def objective_class(recipe: Any) -> type[Objective]:
+    """The class of a recipe's objective (``next_token`` when it has none), before any model
+    is built: what the trainer asks it (data, compile, phases) comes from here."""
+    from ..core.recipe import objective_kinds
+
+    obj = recipe.objective
+    return registry.get(objective_kinds()[obj.kind] if obj is not None else "next_token").cls

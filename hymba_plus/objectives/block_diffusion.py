@@ -41,6 +41,7 @@ from ..core import two_stream
 from ..core.cache import StepContext
 from ..core.config import spec
 from ..core.registry import register
+from .base import Objective
 
 SCHEDULES = ("log_linear", "cosine", "exponential")
 T_EPS = 1e-3  # smallest noise level (the 1/t weights stay finite)
@@ -87,8 +88,10 @@ def weight(cfg: BlockDiffusionConfig, t: Tensor) -> Tensor:
 
 
 @register("block_diffusion", config=BlockDiffusionConfig, kind="objective")
-class BlockDiffusion(nn.Module):
+class BlockDiffusion(Objective):
     """The BD3-LM objective and the [MASK] embedding (see the module docstring)."""
+
+    eager_because = "its two-stream step runs eagerly"  # it calls the model's parts, not its forward
 
     def __init__(self, cfg: BlockDiffusionConfig, *, d_model: int, vocab_size: int, init_std: float = 0.02,
                  **_: Any):
@@ -100,6 +103,13 @@ class BlockDiffusion(nn.Module):
 
     def reset_special(self) -> None:
         nn.init.normal_(self.mask_embed, 0.0, self.init_std)
+
+    def run_problem(self, train_cfg: Any) -> str | None:
+        bs = self.cfg.block_size
+        if train_cfg.seq_len % bs:
+            return (f"seq_len {train_cfg.seq_len} is not a multiple of objective.block_size ({bs}): "
+                    "diffusion blocks tile every training sequence")
+        return None
 
     # ------------------------------------------------------------------ noise
     def sample_t(self, shape: tuple[int, ...], device: torch.device, lo: float, hi: float,

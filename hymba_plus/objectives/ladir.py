@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..core.config import spec
 from ..core.registry import register
+from .base import Objective
 
 STAGES = ("vae", "flow", "joint")
 
@@ -36,9 +37,10 @@ class LaDiRObjectiveConfig:
 
 
 @register("ladir_objective", config=LaDiRObjectiveConfig, kind="objective")
-class LaDiRObjective(nn.Module):
-    mask_token_id = None
+class LaDiRObjective(Objective):
     needs_segments = True  # the stream must give question / reasoning / answer segments
+    eager_because = "its losses call the model several times per step"
+    phase_settings = ("ladir_stage",)  # each stage trains other parameters
 
     def __init__(self, cfg: LaDiRObjectiveConfig, **_: Any):
         super().__init__()
@@ -46,7 +48,7 @@ class LaDiRObjective(nn.Module):
         self.stage = "joint"
 
     def configure(self, train_cfg: Any) -> None:
-        self.stage = getattr(train_cfg, "ladir_stage", "joint")
+        self.stage = train_cfg.ladir_stage
 
     def train_forward(self, fwd, model, ids: Tensor, labels: Tensor, batch: Any = None, **kw: Any):  # noqa: ANN001, ANN201
         from ..models.lm import ModelOutput

@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..core.config import spec
 from ..core.registry import register
+from .base import Objective
 
 
 @dataclass(frozen=True)
@@ -17,10 +18,8 @@ class NextTokenConfig:
 
 
 @register("next_token", config=NextTokenConfig, kind="objective")
-class NextToken(nn.Module):
+class NextToken(Objective):
     """Next-token cross entropy (``HybridLM.lm_loss``) plus the model's auxiliary losses."""
-
-    mask_token_id = None
 
     def __init__(self, cfg: NextTokenConfig | None = None, **_: Any):
         super().__init__()

@@ -63,9 +63,9 @@ from typing import Any
 import torch
 
 from ..components.etd_router import EXECUTE, REPEAT, SKIP
-from ..core import registry
-from ..core.recipe import Recipe, objective_kinds
+from ..core.recipe import Recipe
 from ..models.lm import HybridLM
+from ..objectives import objective_class
 from . import checkpoint as ckpt_mod
 from . import distributed as dist_mod
 from . import routes as routes_mod
@@ -353,12 +353,14 @@ class Trainer:
         if self.mode != "all" and opts.cuda_graph:
             raise TrainError(f"--cuda-graph: not with --train-only {self.mode} (it captures the full training step)")
         self.new_phase = state is not None and saved_mode != self.mode
+        self.objective_cls = objective_class(self.recipe)
+        self.phase_change: str | None = None
         if state is not None:
             saved_cfg, self.cfg = self._resumed_config(state)
-            # another LaDiR stage (--ladir-stage) trains other parameters: a new phase too
-            self.stage_change = (self.recipe.objective is not None and self.recipe.objective.kind == "ladir"
-                                 and saved_cfg.ladir_stage != self.cfg.ladir_stage)
-            self.new_phase = self.new_phase or self.stage_change
+            # a changed setting that picks which parameters the objective trains (ladir's stage): a new phase too
+            self.phase_change = next((f for f in self.objective_cls.phase_settings
+                                      if getattr(saved_cfg, f) != getattr(self.cfg, f)), None)
+            self.new_phase = self.new_phase or self.phase_change is not None
             self.start_step = state["step"]
             saved_plan = state.get("schedule", {})
             before = (Schedule.from_dict(saved_plan) if "steps" in saved_plan else Schedule.of(saved_cfg))
@@ -381,11 +383,9 @@ class Trainer:
 
         # the data first: a bad source fails before anything is built or written
         cache_dir = self.out / "data"
-        obj = self.recipe.objective
         # an objective that trains on question / reasoning / answer segments (ladir) reads reasoning data
-        segments = obj is not None and getattr(registry.get(objective_kinds()[obj.kind]).cls, "needs_segments", False)
         stream_args = (cfg.data, cfg.seq_len, self.recipe.model.vocab_size, cfg.seed, cfg, cache_dir, cfg.tokenizer,
-                       segments, self.recipe.model.max_seq_len)
+                       self.objective_cls.needs_segments, self.recipe.model.max_seq_len)
         if self.info.is_main:
             self.stream = open_stream(*stream_args)
         dist_mod.barrier(self.info)
@@ -417,16 +417,14 @@ class Trainer:
             if not self.new_phase:
                 ckpt_mod.load_optimizer(self.resume_from, model, self.opt, self.info)
             ckpt_mod.load_rng(self.resume_from, self.info)
-        self.objective = model.objective
-        if hasattr(self.objective, "configure"):  # run settings of the objective (ladir: the stage)
-            self.objective.configure(cfg)
-        bs = getattr(self.recipe.objective, "block_size", None)
-        if bs is not None and cfg.seq_len % bs:
-            raise TrainError(f"seq_len {cfg.seq_len} is not a multiple of objective.block_size ({bs}): "
-                             "diffusion blocks tile every training sequence")
-        if self.objective.mask_token_id is not None and (opts.compile is not None or opts.cuda_graph):
+        self.objective = model.objective  # its loss and metric (objectives/); the loop never asks which one
+        self.objective.configure(cfg)
+        problem = self.objective.run_problem(cfg)
+        if problem is not None:
+            raise TrainError(problem)
+        if self.objective.eager_because is not None and (opts.compile is not None or opts.cuda_graph):
             raise TrainError(f"{'--cuda-graph' if opts.cuda_graph else '--compile'}: not available for the "
-                             f"{self.recipe.objective.kind} objective (its two-stream step runs eagerly)")
+                             f"{self.objective.cfg.kind} objective ({self.objective.eager_because})")
         self.fwd = model
         if opts.compile is not None:
             self.fwd = torch.compile(model, mode=None if opts.compile == "default" else opts.compile)
@@ -446,9 +444,10 @@ class Trainer:
                  f"device {where}")
         if self.resume_from is not None:
             self.log(f"resumed from {self.resume_from} (step {self.start_step})")
-        if getattr(self, "stage_change", False):
-            self.log(f"--ladir-stage {cfg.ladir_stage}: a new phase at step {self.start_step}: a fresh optimizer, "
-                     f"lr from the peak {cfg.lr:.3g} (no warm-up) decaying to step {cfg.steps}")
+        if self.phase_change is not None:
+            self.log(f"--{self.phase_change.replace('_', '-')} {getattr(cfg, self.phase_change)}: a new phase at "
+                     f"step {self.start_step}: a fresh optimizer, lr from the peak {cfg.lr:.3g} (no warm-up) "
+                     f"decaying to step {cfg.steps}")
         elif self.new_phase:
             self.log(f"--train-only {self.mode}: a new phase at step {self.start_step} (the checkpoint trained "
                      f"{saved_mode}): a fresh optimizer, lr from the peak {cfg.lr:.3g} (no warm-up) "

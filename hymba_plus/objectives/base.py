@@ -1,0 +1,36 @@
+"""What every objective tells the training loop, so the loop never asks which one it has."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+
+class Objective(nn.Module):
+    """Base of the registered objectives (kind ``objective``). Besides ``train_forward`` and
+    ``eval_batch``, an objective declares:
+
+    * ``mask_token_id``: an extra input id it adds to the vocabulary (block diffusion's
+      [MASK]), or None;
+    * ``needs_segments``: its batches carry question / reasoning / answer segments, so the
+      trainer opens reasoning data (``training/data.ReasoningBatches``);
+    * ``eager_because``: why its training step cannot be captured by ``--compile`` /
+      ``--cuda-graph`` (None: the step is the model's forward, which they capture);
+    * ``phase_settings``: train settings that choose *which* parameters it trains (ladir's
+      stage); changing one on ``--resume`` starts a new phase (a fresh optimizer);
+    * ``configure(train_cfg)``: read the run's settings; ``run_problem(train_cfg)``: one line
+      when the run cannot train this objective, else None.
+    """
+
+    mask_token_id: int | None = None
+    needs_segments = False
+    eager_because: str | None = None
+    phase_settings: tuple[str, ...] = ()
+
+    def configure(self, train_cfg: Any) -> None:
+        """Read the run's settings (nothing by default)."""
+
+    def run_problem(self, train_cfg: Any) -> str | None:
+        """One line when the run's settings cannot train this objective, else None."""
+        return None
