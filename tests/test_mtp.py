@@ -15,8 +15,7 @@ from hypothesis import strategies as st
 
 from hymba_plus import RecipeError, build_model, load_recipe
 from hymba_plus.core.cache import StepContext
-from hymba_plus.models.generation import filtered_probs
-from hymba_plus.models.mtp_decoding import accept_drafts
+from hymba_plus.models.generation import accept_drafts, filtered_probs
 from tests.helpers import EVERY_COMPONENT
 
 V = 16

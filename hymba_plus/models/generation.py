@@ -79,6 +79,35 @@ def draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
 
 
+def accept_drafts(p: Tensor, q: Tensor, drafts: Tensor, generator: torch.Generator | None,
+                  limit: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Speculative sampling's acceptance rule (Leviathan et al. 2023, Chen et al. 2023),
+    vectorised over rows and positions; the draft-model and the MTP decoders share it.
+
+    p [B, k+1, V]: the target's distributions at the k drafts and one more; q [B, k, V]: the
+    draft distributions the drafts [B, k] were drawn from; ``limit`` [B]: drafts that count
+    per row (None: all k). Returns (accepted [B]: the length of the kept prefix, next [B]: the
+    token after it), drawn from norm(max(0, p - q)) at the first rejection or from p when every
+    counted draft is kept — so the tokens are distributed as sampling from p alone."""
+    B, k = drafts.shape
+    pd = p[:, :k].gather(-1, drafts[..., None]).squeeze(-1)
+    qd = q.gather(-1, drafts[..., None]).squeeze(-1)
+    u = torch.rand(B, k, device=p.device, generator=generator)
+    ok = u * qd < pd  # u < p / q, without dividing by zero (q(d) > 0: d was drawn from q)
+    if limit is not None:
+        ok &= torch.arange(k, device=p.device)[None] < limit[:, None]
+    accepted = ok.long().cumprod(1).sum(1)
+    rows = torch.arange(B, device=p.device)
+    p_at = p[rows, accepted]
+    q_at = torch.cat([q, q.new_zeros(B, 1, q.shape[-1])], 1)[rows, accepted]  # zero after the last draft
+    if limit is not None:  # every counted draft kept: the bonus comes from p
+        q_at = torch.where((accepted == limit)[:, None], 0.0, q_at)
+    resid = (p_at - q_at).clamp(min=0)
+    norm = resid.sum(-1, keepdim=True)
+    resid = torch.where(norm > 0, resid / norm.clamp(min=1e-30), p_at)  # p == q there: any draw from p is exact
+    return accepted, draw(resid, generator)
+
+
 def sample_next(
     logits: Tensor,
     temperature: float = 0.0,
@@ -381,28 +410,14 @@ def generate_speculative(
         tlogits = model(ids, attention_mask=vmask, cache=cache, check_inputs=False).logits  # [B, K + 1, V]
         n_target += 1
         n_verify += 1
-        in_row = cols[None, :K] < k_row[:, None]
-        if greedy:
-            ok = drafts == tlogits[:, :K].argmax(-1)
-        else:
-            P = filtered_probs(tlogits, temperature, top_k, top_p)  # [B, K + 1, V]
-            Q = torch.stack(q_list, 1) if K else P.new_zeros(B, 0, V)  # [B, K, V]
-            p_x = P[:, :K].gather(-1, drafts[..., None]).squeeze(-1)
-            q_x = Q.gather(-1, drafts[..., None]).squeeze(-1)
-            u = torch.rand(p_x.shape, generator=generator, device=dev, dtype=p_x.dtype)
-            ok = u * q_x < p_x  # accept with probability min(1, p / q)
-        n_acc = (ok & in_row).long().cumprod(1).sum(1)  # [B]: the longest accepted prefix
-        if greedy:
+        if greedy:  # the one-hot case of the rule below, without building the distributions
+            ok = (drafts == tlogits[:, :K].argmax(-1)) & (cols[None, :K] < k_row[:, None])
+            n_acc = ok.long().cumprod(1).sum(1)  # [B]: the longest accepted prefix
             nxt = tlogits[rows, n_acc].argmax(-1)
-        else:  # at the first rejection: normalize(max(0, p - q)); all accepted: the bonus, from p
-            p_at = P[rows, n_acc]
-            q_at = torch.cat([Q, Q.new_zeros(B, 1, V)], 1)[rows, n_acc]
-            q_at = torch.where((n_acc == k_row)[:, None], 0.0, q_at)
-            resid = (p_at - q_at).clamp(min=0)
-            mass = resid.sum(-1, keepdim=True)
-            resid = torch.where(mass > 0, resid / mass.clamp(min=1e-30), p_at)
-            resid = torch.where(active[:, None], resid, 1.0 / V)  # rows standing still: unused
-            nxt = draw(resid, generator)
+        else:
+            Q = torch.stack(q_list, 1) if K else tlogits.new_zeros(B, 0, V)  # [B, K, V]
+            n_acc, nxt = accept_drafts(filtered_probs(tlogits, temperature, top_k, top_p), Q, drafts, generator,
+                                       limit=k_row)
         # 3. commit per row: the accepted drafts, then the target's token; up to the first EOS
         new = torch.cat([drafts, drafts.new_zeros(B, 1)], 1).scatter(1, n_acc[:, None], nxt[:, None])
         n_new = torch.where(active, n_acc + 1, 0)

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from ..core.cache import StepContext
-from .generation import GENERATORS, check_length, draw, filtered_probs
+from .generation import GENERATORS, accept_drafts, check_length, draw, filtered_probs
 
 
 def distribution(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None) -> Tensor:
@@ -50,28 +50,6 @@ def distribution(logits: Tensor, temperature: float, top_k: int | None, top_p: f
     if temperature <= 0:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
     return filtered_probs(logits, temperature, top_k, top_p)
-
-
-def accept_drafts(p: Tensor, q: Tensor, drafts: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """Speculative sampling's acceptance rule, vectorised over rows and positions.
-
-    p [B, k+1, V]: the target's distributions at the k drafts and one more; q [B, k, V]: the
-    draft distributions the drafts [B, k] were drawn from. Returns (accepted [B]: the length
-    of the kept prefix, next [B]: the token after it), sampled from norm(max(0, p - q)) at
-    the first rejection or from p[:, k] when all are kept."""
-    B, k = drafts.shape
-    pd = p[:, :k].gather(-1, drafts[..., None]).squeeze(-1)
-    qd = q.gather(-1, drafts[..., None]).squeeze(-1)
-    u = torch.rand(B, k, device=p.device, generator=generator)
-    ok = u * qd < pd  # u < p / q, without dividing by zero (q(d) > 0: d was drawn from q)
-    accepted = ok.long().cumprod(1).sum(1)
-    rows = torch.arange(B, device=p.device)
-    p_at = p[rows, accepted]
-    q_at = torch.cat([q, torch.zeros_like(q[:, :1])], 1)[rows, accepted]  # zero after the last draft
-    resid = (p_at - q_at).clamp(min=0)
-    norm = resid.sum(-1, keepdim=True)
-    resid = torch.where(norm > 0, resid / norm.clamp(min=1e-30), p_at)  # p == q there: any draw from p is exact
-    return accepted, draw(resid, generator)
 
 
 def _gather_at(x: Tensor, idx: Tensor) -> Tensor:
