@@ -37,7 +37,7 @@ returns the ordinary forward's output and, as one state of batch ``B*nb``, the c
 cached run would hold at every block start ``P_j = offset + j*block_size``, for any
 ``block_size >= 1`` and ``offset >= 0`` (no alignment with the chunk size needed). A
 cached run's state at ``P`` is the memory at the start of chunk ``P // C`` (its weights
-and momentum, recorded inside the kernel's chunk loop by ``atlas_memory_snapshots``), the
+and momentum, recorded inside the kernel's chunk loop by ``atlas_memory(snapshots=...)``), the
 ``P mod C`` tokens of that chunk before ``P`` as the buffer, the ``c-1`` tokens before the
 chunk start as the window tail and the conv inputs before ``P``; all but the memory are
 gathers from the full sequence's keys, values, gates and conv inputs.
@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from ..core.cache import LayerState, StepContext
 from ..core.config import spec
 from ..core.registry import register
-from ..kernels.atlas import atlas_memory, atlas_memory_snapshots, feature_dim, poly_features
+from ..kernels.atlas import atlas_memory, feature_dim, poly_features
 from ..kernels.conv import causal_conv1d, conv_tails
 from .norm import GatedRMSNorm
 
@@ -226,7 +226,7 @@ class Atlas(nn.Module):
         kw = dict(chunk_size=cfg.chunk_size, window=cfg.window, ns_steps=cfg.ns_steps,
                   muon=cfg.inner_optimizer == "muon")
         if snapshots is not None:
-            y, W, S = atlas_memory_snapshots(*args, chunks=snapshots, **kw)
+            y, W, S = atlas_memory(*args, snapshots=snapshots, **kw)
             U = len(snapshots)
             return (y.view(B, H, T, d), [w.view(U, B, H, *w.shape[2:]) for w in W],
                     [s.view(U, B, H, *s.shape[2:]) for s in S])

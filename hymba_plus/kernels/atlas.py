@@ -37,7 +37,7 @@ Retrieval for the tokens of chunk ``n``: ``y_t = M(phi(q_t); W_n)``. The Python 
 over chunks only. Gradients flow to everything (keys, values, gates, the initial weights)
 through the inner updates: ``torch.func.grad`` composes with the outer autograd.
 
-``atlas_memory_snapshots`` runs the same loop and also records the weights and momentum
+``atlas_memory(..., snapshots=[...])`` returns, instead of the final state, the weights and momentum
 at the start of chosen chunks (block diffusion needs the cached state at every block
 start: ``components/atlas.py``, ``Atlas.boundary_forward``).
 
@@ -244,6 +244,7 @@ def atlas_memory(
     muon: bool = True,
     n_valid: Tensor | None = None,
     return_state: bool = True,
+    snapshots: Sequence[int] | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...] | None, tuple[Tensor, ...] | None]:
     """Chunk-parallel ATLAS memory over a sequence that starts at a chunk boundary.
 
@@ -257,40 +258,23 @@ def atlas_memory(
     return_state: False skips the update after the last chunk (nothing would read it).
     Returns ``y`` [N, T, D] (retrieval with each chunk's start weights) and the weights /
     momentum after the last complete chunk of every row (None when not return_state).
+
+    ``snapshots``: chunk indices (distinct, each < ceil(T / C); rows fully real): instead of
+    the final state, the weights and momentum at the START of each of those chunks, collected
+    inside the chunk loop on the way (block diffusion: a cached run's state at every block
+    start, ``components/atlas.py``), per memory matrix stacked as [len(snapshots), N, out, in]
+    in their order (chunk 0's momentum is the given ``mom`` or zeros).
     """
-    y, W, S, _ = _atlas_memory(qf, kf, v, gamma, eta, log_theta, log_alpha, params, mom, chunk_size=chunk_size,
-                               window=window, ns_steps=ns_steps, muon=muon, n_valid=n_valid,
-                               return_state=return_state, snapshots=())
-    return y, W, S
-
-
-def atlas_memory_snapshots(
-    qf: Tensor,
-    kf: Tensor,
-    v: Tensor,
-    gamma: Tensor,
-    eta: Tensor,
-    log_theta: Tensor,
-    log_alpha: Tensor,
-    params: Sequence[Tensor],
-    mom: Sequence[Tensor] | None = None,
-    *,
-    chunks: Sequence[int],
-    chunk_size: int,
-    window: int,
-    ns_steps: int = 5,
-    muon: bool = True,
-) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
-    """``atlas_memory`` over fully real rows (no ``n_valid``), plus the memory weights and
-    momentum at the START of each chunk index in ``chunks`` (distinct, each < ceil(T / C)),
-    collected inside the chunk loop on the way (block diffusion: the state of a cached run
-    at every block start, ``components/atlas.py``). Returns ``y`` [N, T, D] and, per memory
-    matrix, the weights / momentum stacked as [len(chunks), N, out, in] (in the order of
-    ``chunks``; chunk 0's momentum is the given ``mom`` or zeros)."""
-    want = list(chunks)
+    if snapshots is None:
+        y, W, S, _ = _atlas_memory(qf, kf, v, gamma, eta, log_theta, log_alpha, params, mom, chunk_size=chunk_size,
+                                   window=window, ns_steps=ns_steps, muon=muon, n_valid=n_valid,
+                                   return_state=return_state, snapshots=())
+        return y, W, S
+    want = list(snapshots)
     n_chunks = -(-qf.shape[1] // chunk_size)
-    if not want or len(set(want)) != len(want) or any(not 0 <= n < n_chunks for n in want):
-        raise ValueError(f"atlas_memory_snapshots: chunks must be distinct indices in [0, {n_chunks}), got {want}")
+    if not want or len(set(want)) != len(want) or any(not 0 <= n < n_chunks for n in want) or n_valid is not None:
+        raise ValueError(f"atlas_memory: snapshots must be distinct chunk indices in [0, {n_chunks}) of fully real "
+                         f"rows (no n_valid), got {want}")
     y, _, _, snaps = _atlas_memory(qf, kf, v, gamma, eta, log_theta, log_alpha, params, mom,
                                    chunk_size=chunk_size, window=window, ns_steps=ns_steps, muon=muon,
                                    n_valid=None, return_state=False, snapshots=want)
