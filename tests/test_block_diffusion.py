@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 from hymba_plus import RecipeError, build_model, from_pretrained, load_recipe, registry
 from hymba_plus.cli import main
 from hymba_plus.objectives import block_diffusion as bd
-from hymba_plus.objectives.block_diffusion import _reference, mask_rate, reference_logits, weight
+from hymba_plus.objectives.block_diffusion import mask_rate, reference_logits, weight
 
 ROOT = Path(__file__).resolve().parents[1]
 V, D = 37, 32
@@ -104,7 +104,7 @@ def check_two_stream(model, x0: torch.Tensor, xt: torch.Tensor, bs: int, grads: 
     w = torch.randn(fast.shape, generator=torch.Generator().manual_seed(1), dtype=fast.dtype)
     with torch.enable_grad():
         g_fast = param_grads(model, obj.two_stream_logits(model, xt, x0)[0], w)
-        g_slow = param_grads(model, _reference(model, xt, x0, bs), w)
+        g_slow = param_grads(model, reference_logits(model, xt, x0, bs, grad=True), w)
     for name in g_fast:
         torch.testing.assert_close(g_fast[name], g_slow[name], rtol=1e-7, atol=ATOL, msg=lambda m, n=name: f"{n}: {m}")
     if bool((xt == obj.mask_token_id).any()):  # the comparison means something: [MASK] is trained

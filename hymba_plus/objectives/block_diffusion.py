@@ -185,21 +185,18 @@ class BlockDiffusion(Objective):
         return loss, correct, int(m.sum()), ModelOutput(logits=logits, stats=ctx.stats or None)
 
 
-@torch.no_grad()
-def reference_logits(model, xt: Tensor, x0: Tensor, block_size: int) -> Tensor:  # noqa: ANN001
+def reference_logits(model, xt: Tensor, x0: Tensor, block_size: int, grad: bool = False) -> Tensor:  # noqa: ANN001
     """The slow oracle of ``two_stream_logits``: for every block b, a cache consumes the clean
     prefix x_0[:, :b*bs] and block b of x_t is run on a fork of it with bidirectional
-    attention, exactly as sampling denoises a block. A Python loop over blocks: tests only."""
-    return _reference(model, xt, x0, block_size)
-
-
-def _reference(model, xt: Tensor, x0: Tensor, block_size: int) -> Tensor:  # noqa: ANN001
+    attention, exactly as sampling denoises a block. A Python loop over blocks: tests only.
+    Without gradients unless ``grad`` (the tests compare gradients too)."""
     B, L = x0.shape
     cache = model.new_cache(B)
     outs = []
-    for b in range(L // block_size):
-        if b:  # commit the previous clean block (meta tokens enter with the first call)
-            model(x0[:, (b - 1) * block_size:b * block_size], cache=cache, check_inputs=False)
-        sl = slice(b * block_size, (b + 1) * block_size)
-        outs.append(model(xt[:, sl], cache=cache.fork(), bidirectional=True, check_inputs=False).logits)
-    return torch.cat(outs, dim=1)
+    with torch.set_grad_enabled(grad):
+        for b in range(L // block_size):
+            if b:  # commit the previous clean block (meta tokens enter with the first call)
+                model(x0[:, (b - 1) * block_size:b * block_size], cache=cache, check_inputs=False)
+            sl = slice(b * block_size, (b + 1) * block_size)
+            outs.append(model(xt[:, sl], cache=cache.fork(), bidirectional=True, check_inputs=False).logits)
+        return torch.cat(outs, dim=1)
