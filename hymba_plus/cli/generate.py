@@ -62,11 +62,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(models with a ladir section)")
     p.add_argument("--block-size", type=int, default=None,
                    help="block_diffusion: tokens per block (default: the model's training block size)")
-    p.add_argument("--threshold", type=float, default=0.9,
+    p.add_argument("--threshold", type=float, default=None,
                    help="block_diffusion: unmask every token whose probability reaches this (at least one per "
                         "step; >= 1: one per step) (default: 0.9)")
     p.add_argument("--steps", type=int, default=None,
-                   help="block_diffusion: at most this many denoising steps per block (default: the block size)")
+                   help="block_diffusion: at most this many denoising steps per block (default: the block size); "
+                        "ladir: Euler steps of the latent flow (default: ladir.inference_steps)")
     p.add_argument("--draft", default=None, metavar="DRAFT_CKPT",
                    help="speculative: the draft model's checkpoint (same vocabulary)")
     p.add_argument("--k", type=int, default=None,
@@ -77,6 +78,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--think-iterations", type=int, default=None, metavar="N",
                    help="ETD models: think iterations to run, 1..max_iterations (default: the model's "
                         "iterations; with ACT halting max_iterations, each token halting on its own)")
+
+
+def mode_flags(args: argparse.Namespace) -> tuple[tuple[str, str, Any], ...]:
+    """(flag, the decoders' option, its value or None) for the flags that only some modes take."""
+    return (("--draft", "draft", args.draft), ("--k", "k", args.k), ("--block-size", "block_size", args.block_size),
+            ("--threshold", "threshold", args.threshold), ("--steps", "steps", args.steps))
 
 
 def modes_taking(option: str) -> list[str]:
@@ -128,9 +135,9 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(f"--top-p {args.top_p}: must be in (0, 1]")
     if args.think_iterations is not None and args.think_iterations < 1:
         raise UsageError(f"--think-iterations {args.think_iterations}: must be >= 1")
-    for flag, option, given in (("--draft", "draft", args.draft is not None), ("--k", "k", args.k is not None)):
+    for flag, option, value in mode_flags(args):
         modes = modes_taking(option)
-        if given and args.mode not in modes:
+        if value is not None and args.mode not in modes:
             raise UsageError(f"{flag}: only for --mode {' or '.join(modes)}")
     if args.k is not None and args.k < 1:
         raise UsageError(f"--k {args.k}: must be >= 1")
@@ -215,17 +222,10 @@ def _run(args: argparse.Namespace) -> int:
     hooks = []
     if etd is not None:
         hooks = watch_prefill(model, prefill, args.think_iterations)
-    options: dict[str, Any] = {}
-    if args.mode == "block_diffusion":
-        options = {"block_size": args.block_size, "threshold": args.threshold, "steps": args.steps}
-    elif args.mode == "speculative":
-        options = {"draft": draft, "k": args.k if args.k is not None else 4}
-    elif args.k is not None:  # another mode with a k option (mtp)
-        options = {"k": args.k}
-    if args.mode != "block_diffusion":
-        for flag, given in (("--block-size", args.block_size is not None), ("--steps", args.steps is not None)):
-            if given:
-                raise UsageError(f"{flag}: only for --mode block_diffusion")
+    # the mode's own settings: each flag goes to the decoders that take it (checked above)
+    options = {opt: value for _, opt, value in mode_flags(args) if value is not None}
+    if draft is not None:
+        options["draft"] = draft  # the loaded model, not its path
     stats: dict[str, Any] = {}
     try:
         out = model.generate(
@@ -253,31 +253,11 @@ def _run(args: argparse.Namespace) -> int:
                 new = new[: new.index(tok.eos_id)]
             text = tok.decode(p) + tok.decode(new)
             print(text if B == 1 else f"[{i}] {text}")
-    if args.mode == "block_diffusion" and stats:
+    summary = stats.get("summary") or []  # the decoder's own report (models/generation.py)
+    if summary:
         sys.stdout.flush()
-        print(f"block diffusion: block size {stats['block_size']}, {stats['forwards']} forward passes for "
-              f"{stats['tokens'] // B} tokens per row ({stats['tokens_per_forward']:.2f} tokens per forward, "
-              f"prefill and block commits included), {stats['steps_per_block']:.2f} denoising steps per block",
-              file=sys.stderr)
-    if args.mode == "ladir" and stats:
-        sys.stdout.flush()
-        for i, row in enumerate(stats["steps_used"]):
-            exits = ", ".join(f"{u}" + (" (Prophet exit)" if u < stats["steps"] else "") for u in row)
-            line = (f"ladir: denoising steps used {exits} of {stats['steps']} per latent sample; "
-                    f"answer vote agreement {stats['vote_agreement'][i]:.2f}")
-            print(line if B == 1 else f"[{i}] {line}", file=sys.stderr)
-    if args.mode == "mtp" and stats:
-        sys.stdout.flush()
-        print(f"mtp: k {stats['k']}, acceptance rate {stats['acceptance_rate']:.2f} ({stats['accepted']} of "
-              f"{stats['proposed']} drafts), {stats['tokens_per_target_forward']:.2f} tokens per trunk forward "
-              f"({stats['target_forwards']} forwards, {stats['rewind_forwards']} of them rollbacks), "
-              f"{stats['rounds']} rounds", file=sys.stderr)
-    if args.mode == "speculative" and stats:
-        sys.stdout.flush()
-        print(f"speculative: k {stats['k']}, acceptance rate {stats['acceptance_rate']:.2f} ({stats['accepted']} of "
-              f"{stats['proposed']} drafts), {stats['tokens_per_target_forward']:.2f} tokens per target forward "
-              f"({stats['target_forwards']} forwards, {stats['rewind_forwards']} of them rollbacks), "
-              f"{stats['rounds']} rounds", file=sys.stderr)
+    for i, line in enumerate(summary):
+        print(line if len(summary) == 1 or B == 1 else f"[{i}] {line}", file=sys.stderr)
     if etd is not None and prefill:
         sys.stdout.flush()
         for i, line in enumerate(etd_lines(model, prefill[0], prompts, device)):

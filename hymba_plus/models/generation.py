@@ -196,6 +196,16 @@ def continue_ar(model: Any, cache: Any, last: Tensor, max_new_tokens: int, tempe
     return torch.stack(new, 1)
 
 
+def speculative_summary(mode: str, stats: dict, model_word: str = "target") -> str:
+    """The one-line report of a speculative decoder (``stats["summary"]``; ``hymba generate``
+    prints it): ``speculative: k 4, acceptance rate 0.81 (52 of 64 drafts), 3.20 tokens per
+    target forward (20 forwards, 4 of them rollbacks), 16 rounds``."""
+    return (f"{mode}: k {stats['k']}, acceptance rate {stats['acceptance_rate']:.2f} ({stats['accepted']} of "
+            f"{stats['proposed']} drafts), {stats['tokens_per_target_forward']:.2f} tokens per {model_word} forward "
+            f"({stats['target_forwards']} forwards, {stats['rewind_forwards']} of them rollbacks), "
+            f"{stats['rounds']} rounds")
+
+
 def _report(stats: dict | None, forwards: int, tokens: int, rows: int, **more: Any) -> None:
     if stats is not None:
         stats.update(forwards=forwards, tokens=tokens, tokens_per_forward=tokens / max(forwards * rows, 1), **more)
@@ -301,6 +311,10 @@ def generate_block_diffusion(
     n_tokens = sum(b.shape[1] for b in blocks)
     _report(stats, forwards=forwards, tokens=n_tokens * B, rows=B, block_size=bs,
             steps_per_block=sum(steps_used) / max(len(steps_used), 1))
+    if stats is not None:
+        stats["summary"] = [f"block diffusion: block size {bs}, {forwards} forward passes for {n_tokens} tokens per "
+                            f"row ({stats['tokens_per_forward']:.2f} tokens per forward, prefill and block commits "
+                            f"included), {stats['steps_per_block']:.2f} denoising steps per block"]
     if not blocks:
         return input_ids
     return torch.cat([input_ids, *blocks], dim=1)
@@ -453,6 +467,8 @@ def generate_speculative(
             rewind_forwards=n_rewind, draft_forwards=n_draft, draft_rewind_forwards=n_draft_rewind, rounds=rounds,
             proposed=n_prop, accepted=n_acc_total, acceptance_rate=n_acc_total / n_prop if n_prop else 0.0,
             tokens_per_target_forward=tokens / (n_target * B), k=k)
+    if stats is not None:
+        stats["summary"] = [speculative_summary("speculative", stats)]
     return torch.cat([input_ids, out[:, :L]], dim=1)
 
 

@@ -79,6 +79,11 @@ def generate_ladir(
         stats.update(steps=steps_total, steps_used=used.view(B, S).tolist(), mean_steps=float(used.float().mean()),
                      early_exits=int((used < steps_total).sum()), samples=S, vote_agreement=agreement.tolist(),
                      tokens=n * B)
+        stats["summary"] = [
+            "ladir: denoising steps used " + ", ".join(f"{u}" + (" (Prophet exit)" if u < steps_total else "")
+                                                       for u in row)
+            + f" of {steps_total} per latent sample; answer vote agreement {stats['vote_agreement'][i]:.2f}"
+            for i, row in enumerate(stats["steps_used"])]
     return torch.cat([input_ids, new], dim=1)
 
 

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from ..core.cache import StepContext
-from .generation import GENERATORS, accept_drafts, check_length, draw, filtered_probs
+from .generation import GENERATORS, accept_drafts, check_length, draw, filtered_probs, speculative_summary
 
 
 def distribution(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None) -> Tensor:
@@ -211,6 +211,7 @@ def generate_mtp(
                      rounds=rounds, k=k, proposed=proposed, accepted=accepted_total,
                      acceptance_rate=accepted_total / max(proposed, 1), tokens=int(emitted.sum()),
                      tokens_per_forward=tokens_per_row / forwards, tokens_per_target_forward=tokens_per_row / forwards)
+        stats["summary"] = [speculative_summary("mtp", stats, "trunk")]
     return torch.cat([input_ids, new], dim=1) if max_new_tokens > 0 else input_ids
 
 
