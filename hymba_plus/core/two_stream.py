@@ -56,10 +56,6 @@ class TwoStream:
     def clean_slots(self) -> int:
         return self.n_meta + self.length
 
-    def starts(self, device: torch.device) -> Tensor:
-        """[nb] index of every block's first clean token in the clean stream (meta included)."""
-        return self.n_meta + self.block_size * torch.arange(self.n_blocks, device=device)
-
 
 def positions(ts: TwoStream, batch: int, device: torch.device) -> Tensor:
     """[B, M + 2L]: meta 0..M-1, clean M..M+L-1, noisy the same as clean."""

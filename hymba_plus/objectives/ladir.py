@@ -28,8 +28,6 @@ from ..core.config import spec
 from ..core.registry import register
 from .base import Objective
 
-STAGES = ("vae", "flow", "joint")
-
 
 @dataclass(frozen=True)
 class LaDiRObjectiveConfig:
