@@ -13,6 +13,9 @@ is lossless). Prints a table and writes JSON with the device.
 
 ``--draft-steps`` also trains a one-layer Gated DeltaNet draft on the same task and decodes with
 ``mode="speculative"`` (k = 4); tokens/s are wall-clock over the whole greedy decode.
+``rewind share``: the fraction of a second decode (synchronised around each rollback) spent in
+the target's ``HybridLM.rewind`` (restore the snapshot, re-run the accepted tokens): the most a
+rollback from kept per-token states, with no re-run forward, could save.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=16)
     ap.add_argument("--d-model", type=int, default=64)
     ap.add_argument("--depth", type=int, default=3)
+    ap.add_argument("--pattern", default="GD | GA | GD | GA", help="the trunk's block_pattern")
+    ap.add_argument("--draft-pattern", default="GD", help="the draft model's block_pattern (--draft-steps)")
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe default)")
     ap.add_argument("--eval-size", type=int, default=64)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batches", type=int, nargs="+", default=None, help="decode batch sizes (default: 1 and "
@@ -55,12 +61,13 @@ def main() -> None:
     r = load_recipe({
         "name": "mtp-copy",
         "model": {"vocab_size": args.vocab, "d_model": d, "max_seq_len": args.seq_len,
-                  "block_pattern": "GD | GA | GD | GA", "mtp": {"depth": args.depth, "block": "GD+mlp", "weight": 0.3}},
+                  "block_pattern": args.pattern, "mtp": {"depth": args.depth, "block": "GD+mlp", "weight": 0.3}},
         "components": {"gated_attn": {"n_heads": 4, "n_kv_heads": 2, "head_dim": d // 4},
                        "gdn": {"n_heads": 2, "head_dim": d // 2}, "mlp": {"d_hidden": 2 * d}},
         "train": {"steps": args.steps, "batch_size": args.batch, "seq_len": args.seq_len, "data": "selective_copy",
                   "copy_tokens": args.copy_tokens, "warmup_steps": 50, "eval_every": args.steps,
-                  "save_every": args.steps, "keep_last": 1, "eval_batches": 2},
+                  "save_every": args.steps, "keep_last": 1, "eval_batches": 2,
+                  **({"lr": args.lr} if args.lr else {})},
     })
     secs = 0.0
     if args.save is not None and (args.save / "model.safetensors").exists():
@@ -86,7 +93,7 @@ def main() -> None:
     draft = None
     if args.draft_steps:
         dr = load_recipe({**{k: v for k, v in r.to_dict().items() if k != "train"}, "name": "draft",
-                          "model": {**r.to_dict()["model"], "block_pattern": "GD", "mtp": None},
+                          "model": {**r.to_dict()["model"], "block_pattern": args.draft_pattern, "mtp": None},
                           "train": {**r.to_dict()["train"], "steps": args.draft_steps, "eval_every": args.draft_steps,
                                     "save_every": args.draft_steps}})
         with tempfile.TemporaryDirectory() as tmp:
@@ -105,6 +112,33 @@ def main() -> None:
             torch.cuda.synchronize()
         return out, time.perf_counter() - t, stats
 
+    def rewind_share(prompts, **kw):  # noqa: ANN001, ANN202
+        """Seconds inside ``HybridLM.rewind`` (restore + re-run of the kept tokens) and the whole
+        decode, both timed with a device sync around each rollback: the most a per-token-state
+        rollback (no re-run forward) could save."""
+        inner, spent = model.rewind, [0.0]
+
+        def timed_rewind(*a, **k):  # noqa: ANN002, ANN003, ANN202
+            sync()
+            t0 = time.perf_counter()
+            inner(*a, **k)
+            sync()
+            spent[0] += time.perf_counter() - t0
+
+        model.rewind = timed_rewind
+        try:
+            sync()
+            t = time.perf_counter()
+            model.generate(prompts, max_new_tokens=args.copy_tokens, **kw)
+            sync()
+            return spent[0], time.perf_counter() - t
+        finally:
+            del model.rewind
+
+    def sync() -> None:
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
     rows = []
     for batch in args.batches or (1, args.eval_size):
         p, want = prompt[:batch], ref[:batch]
@@ -115,7 +149,8 @@ def main() -> None:
         for k in range(1, args.depth + 1):
             out, t, st = timed(p, mode="mtp", k=k)
             assert torch.equal(out, ar), "greedy mtp decoding differs from ar"
-            rows.append({"batch": batch, "decoding": f"mtp k={k}", "seconds": t,
+            rw, tot = rewind_share(p, mode="mtp", k=k)
+            rows.append({"batch": batch, "decoding": f"mtp k={k}", "seconds": t, "rewind_share": rw / tot,
                          "trunk_forwards_per_token": st["forwards"] / args.copy_tokens,
                          "acceptance_rate": st["acceptance_rate"], "rewind_forwards": st["rewind_forwards"],
                          "mtp_forwards": st["mtp_forwards"], "rounds": st["rounds"],
@@ -123,7 +158,8 @@ def main() -> None:
         if draft is not None:
             out, t, st = timed(p, mode="speculative", draft=draft, k=4)
             assert torch.equal(out, ar), "greedy speculative decoding differs from ar"
-            rows.append({"batch": batch, "decoding": "draft k=4", "seconds": t,
+            rw, tot = rewind_share(p, mode="speculative", draft=draft, k=4)
+            rows.append({"batch": batch, "decoding": "draft k=4", "seconds": t, "rewind_share": rw / tot,
                          "trunk_forwards_per_token": st["target_forwards"] / args.copy_tokens,
                          "acceptance_rate": st["acceptance_rate"], "rewind_forwards": st["rewind_forwards"],
                          "draft_forwards": st["draft_forwards"], "rounds": st["rounds"],
@@ -133,13 +169,16 @@ def main() -> None:
     print(f"trained {args.steps} steps in {secs:.0f}s; last train losses: "
           + ", ".join(f"{k} {last[k]:.3f}" for k in last if k.startswith("mtp/") or k == "loss"))
     print(f"{'batch':>5} {'decoding':<10} {'copy acc':>8} {'accept':>7} {'trunk fwd/token':>15} {'seconds':>8} "
-          f"{'tok/s':>8}")
+          f"{'tok/s':>8} {'rewind share':>12}")
     for row in rows:
         acc = f"{row['acceptance_rate']:.3f}" if "acceptance_rate" in row else "-"
         print(f"{row['batch']:>5} {row['decoding']:<10} {row['copy_accuracy']:>8.3f} {acc:>7} "
-              f"{row['trunk_forwards_per_token']:>15.3f} {row['seconds']:>8.3f} {row['tokens_per_second']:>8.0f}")
+              f"{row['trunk_forwards_per_token']:>15.3f} {row['seconds']:>8.3f} {row['tokens_per_second']:>8.0f} "
+              + (f"{row['rewind_share']:>12.3f}" if "rewind_share" in row else f"{'-':>12}"))
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({platform.machine()})"
-    result = {"device": device, "torch": torch.__version__, "train_seconds": round(secs, 1), "steps": args.steps,
+    result = {"device": device, "torch": torch.__version__, "pattern": args.pattern, "d_model": d,
+              "draft_pattern": args.draft_pattern if draft is not None else None,
+              "parameters": model.num_parameters(), "train_seconds": round(secs, 1), "steps": args.steps,
               "last_train_metrics": last, "prompt_tokens": n_prompt,
               "new_tokens": args.copy_tokens, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
