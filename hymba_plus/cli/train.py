@@ -26,6 +26,7 @@ _FIELDS = {
     "eval_batches": "eval_batches", "save_every": "save_every", "keep_last": "keep_last",
     "mqar_pairs": "mqar_pairs", "copy_tokens": "copy_tokens", "val_frac": "val_frac",
     "khop_hops": "khop_hops", "khop_nodes": "khop_nodes", "ladir_stage": "ladir_stage",
+    "chain_steps": "chain_steps", "chain_values": "chain_values",
 }
 
 
@@ -52,6 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--khop-hops", type=int, help="khop: pointers followed per query")
     p.add_argument("--ladir-stage", choices=("vae", "flow", "joint"),
                    help="objective ladir: train the VAE (and the LM), the flow denoiser, or both")
+    p.add_argument("--chain-steps", type=int,
+                   help="chain_arith: operations per question; chain_pointer: hops (default: 3)")
+    p.add_argument("--chain-values", type=int,
+                   help="chain_arith: the modulus (default: 10); chain_pointer: nodes of the cycle (default: 8)")
     p.add_argument("--khop-nodes", type=int,
                    help="khop: nodes of the cycle (default: min(vocab_size - 3, (seq_len - 1) / 5))")
     p.add_argument("--val-frac", type=float, help="text: held-out fraction for eval perplexity")

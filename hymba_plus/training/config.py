@@ -43,6 +43,10 @@ class TrainConfig:
     copy_tokens: int | None = spec(None, min=1, doc="selective copy: tokens to copy (default: seq_len/8)")
     khop_hops: int = spec(2, min=1, doc="khop: pointers followed per query (k)")
     khop_nodes: int | None = spec(None, min=2, doc="khop: nodes of the cycle (default: min(vocab - 3, (seq_len - 1)/5))")
+    chain_steps: int | None = spec(None, min=1, doc="chain_arith: operations per question; chain_pointer: hops "
+                                   "(default: the task's, 3)")
+    chain_values: int | None = spec(None, min=2, doc="chain_arith: the modulus; chain_pointer: nodes of the cycle "
+                                    "(default: the task's, 10 / 8)")
     ladir_stage: str = spec("joint", choices=("vae", "flow", "joint"),
                             doc="objective ladir: train the VAE, the flow denoiser, or both")
     eval_every: int = spec(50, min=1)

@@ -259,11 +259,11 @@ class ReasoningBatches:
 
     def __init__(self, data: str, vocab_size: int, seed: int, cfg: Any, tokenizer_path: str | None,
                  max_len: int | None):
-        from .reasoning import ReasoningStream
+        from .reasoning import ReasoningStream, params_from_train
 
         tok = tokmod.load_file(tokenizer_path) if tokenizer_path else None
         self.inner = ReasoningStream(data, vocab_size, seed=seed, tokenizer=tok, val_frac=cfg.val_frac,
-                                     max_len=max_len)
+                                     max_len=max_len, **params_from_train(data, cfg))
         self.tokenizer = self.inner.tokenizer
         self.chance = self.inner.chance
         self.description = self.inner.description

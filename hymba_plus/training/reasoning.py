@@ -149,6 +149,8 @@ class ReasoningTask:
     validate: Callable[[int, dict[str, Any]], None]
     sample: Callable[[np.random.Generator, int, dict[str, Any]], ReasoningExample]
     chance: Callable[[int, dict[str, Any]], float]
+    #: the parameters that ``train.chain_steps`` / ``train.chain_values`` set
+    train_keys: tuple[str, str] = ("steps", "modulus")
 
 
 REASONING_TASKS: dict[str, ReasoningTask] = {
@@ -157,7 +159,7 @@ REASONING_TASKS: dict[str, ReasoningTask] = {
                                  lambda vocab, p: 1.0 / p["modulus"]),
     "chain_pointer": ReasoningTask("chain_pointer", "k-hop pointer chasing, every hop in the chain",
                                    {"hops": 3, "nodes": 8}, _pointer_validate, _pointer_sample,
-                                   lambda vocab, p: 1.0 / (p["nodes"] - 1)),
+                                   lambda vocab, p: 1.0 / (p["nodes"] - 1), ("hops", "nodes")),
 }
 
 
@@ -177,6 +179,16 @@ def task_params(name: str, vocab_size: int, **params: Any) -> dict[str, Any]:
     p = {**task.defaults, **params}
     task.validate(int(vocab_size), p)
     return p
+
+
+def params_from_train(name: str, cfg: Any) -> dict[str, Any]:
+    """The task parameters a run's ``train`` settings give (``chain_steps``: operations or
+    hops; ``chain_values``: the modulus or the nodes); {} for a file or unset settings."""
+    if name not in REASONING_TASKS:
+        return {}
+    keys = REASONING_TASKS[name].train_keys
+    vals = (getattr(cfg, "chain_steps", None), getattr(cfg, "chain_values", None))
+    return {k: v for k, v in zip(keys, vals) if v is not None}
 
 
 def sample(name: str, seed: int, index: int, vocab_size: int, *, stream: int = 0, **params: Any) -> ReasoningExample:
