@@ -56,9 +56,13 @@ def _timestep_embedding(t: Tensor, dim: int) -> Tensor:
 class FlowDenoiser(nn.Module):
     """v_theta(z_t, t | question): a bidirectional transformer over [question states, latents]."""
 
-    def __init__(self, latent_dim: int, d_model: int, layers: int, heads: int):
+    def __init__(self, latent_dim: int, d_model: int, layers: int, heads: int, slots: int, max_len: int):
         super().__init__()
         self.cond = nn.Linear(d_model, d_model)
+        # which slot a latent token is and where a question state sits: without them the latent
+        # tokens are exchangeable (slot i could only learn the mean over slots)
+        self.slot = nn.Parameter(torch.randn(slots, d_model) * 0.02)
+        self.pos = nn.Parameter(torch.randn(max_len, d_model) * 0.02)
         self.inp = nn.Linear(latent_dim, d_model)
         self.time = nn.Sequential(nn.Linear(d_model, d_model), nn.SiLU(), nn.Linear(d_model, d_model))
         layer = nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout=0.0, activation="gelu",
@@ -69,9 +73,9 @@ class FlowDenoiser(nn.Module):
 
     def forward(self, zt: Tensor, t: Tensor, cond: Tensor, cond_mask: Tensor) -> Tensor:
         """zt [B, M, latent], t [B], cond [B, Lq, d] (question states), cond_mask [B, Lq] bool."""
-        M = zt.shape[1]
-        x = torch.cat([self.cond(cond), self.inp(zt) + self.time(_timestep_embedding(t, self.d).to(zt.dtype))[:, None]],
-                      dim=1)
+        M, Lq = zt.shape[1], cond.shape[1]
+        tok = self.inp(zt) + self.slot[:M].to(zt.dtype) + self.time(_timestep_embedding(t, self.d).to(zt.dtype))[:, None]
+        x = torch.cat([self.cond(cond) + self.pos[:Lq].to(cond.dtype), tok], dim=1)
         pad = torch.cat([~cond_mask, cond_mask.new_zeros(cond_mask.shape[0], M)], dim=1)
         return self.out(self.stack(x, src_key_padding_mask=pad)[:, -M:])
 
@@ -81,14 +85,15 @@ class LaDiR(nn.Module):
     """The memory embeddings, the VAE heads, the flow denoiser and the Prophet rule (module
     docstring); the language model is the ``HybridLM`` that owns this module."""
 
-    def __init__(self, cfg: Any, *, d_model: int, init_std: float = 0.02, **_: Any):
+    def __init__(self, cfg: Any, *, d_model: int, max_seq_len: int, init_std: float = 0.02, **_: Any):
         super().__init__()
         self.cfg = cfg
         self.init_std = init_std
         self.memory = nn.Parameter(torch.zeros(cfg.memory_slots, d_model))
         self.to_stats = nn.Linear(d_model, 2 * cfg.latent_dim)
         self.from_latent = nn.Linear(cfg.latent_dim, d_model)
-        self.denoiser = FlowDenoiser(cfg.latent_dim, d_model, cfg.denoiser_layers, cfg.denoiser_heads)
+        self.denoiser = FlowDenoiser(cfg.latent_dim, d_model, cfg.denoiser_layers, cfg.denoiser_heads,
+                                     cfg.memory_slots, max_seq_len)
 
     def reset_special(self) -> None:
         nn.init.normal_(self.memory, 0.0, self.init_std)

@@ -77,7 +77,8 @@ class HybridLM(nn.Module):
         self.mtp = (registry.build("mtp", m.mtp, recipe=recipe, first_layer_idx=len(self.blocks))
                     if m.mtp is not None else None)
         # latent reasoning (components/ladir.py): memory slots, VAE heads, flow denoiser
-        self.ladir = (registry.build("ladir", recipe.ladir, d_model=m.d_model, init_std=m.init_std)
+        self.ladir = (registry.build("ladir", recipe.ladir, d_model=m.d_model, max_seq_len=m.max_seq_len,
+                                     init_std=m.init_std)
                       if recipe.ladir is not None else None)
         # what the model is trained to predict (objectives/): its loss, metric, [MASK] embedding
         self.objective = objective_class(recipe)(recipe.objective, d_model=m.d_model, vocab_size=m.vocab_size,
