@@ -91,7 +91,7 @@ def main() -> None:
     ap.add_argument("--denoiser-layers", type=int, default=None, help="override ladir.denoiser_layers")
     ap.add_argument("--latent-dim", type=int, default=None, help="override ladir.latent_dim")
     ap.add_argument("--inference-steps", type=int, default=None, help="override ladir.inference_steps (N)")
-    ap.add_argument("--prophet-scales", type=float, nargs="+", default=[1.0, 2.0, 4.0],
+    ap.add_argument("--prophet-scales", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0],
                     help="Prophet runs with the recipe's thresholds times each scale")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--eval-size", type=int, default=512)

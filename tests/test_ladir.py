@@ -96,8 +96,17 @@ def test_sampling_prophet_and_mode() -> None:
     a, _ = m.ladir.sample(m, b["question"], b["question_mask"], prophet=False, z0=z0)
     c, _ = m.ladir.sample(m, b["question"], b["question_mask"], prophet=False, z0=z0)
     assert torch.equal(a, c)  # deterministic given the noise
-    _, used = m.ladir.sample(m, b["question"], b["question_mask"], prophet=True, z0=z0)
+    zp, used = m.ladir.sample(m, b["question"], b["question_mask"], prophet=True, z0=z0)
     assert (used < 9).any()  # small thresholds: some rows exit early
+    # an exiting row keeps the estimate z_t + (1 - t) v it was judged on
+    cond = m.ladir.question_states(m, b["question"], b["question_mask"]).float()
+    for row in (used < 9).nonzero().flatten().tolist():
+        k, dt = int(used[row]), 1.0 / 9
+        z = z0[row:row + 1].clone()
+        for i in range(k):
+            v = m.ladir.denoiser(z, torch.full((1,), i * dt), cond[row:row + 1], b["question_mask"][row:row + 1])
+            z = z + dt * v
+        torch.testing.assert_close(zp[row:row + 1], z + (1.0 - k * dt) * v, atol=1e-5, rtol=1e-5)
     ids = torch.randint(3, V, (2, 5))
     mask = torch.ones_like(ids)
     mask[1, :2] = 0

@@ -28,7 +28,8 @@ The model thinks in ``memory_slots`` continuous vectors before it answers:
   is decoded through the LM (on a fork of the question's cache) and the gap between the
   top-1 and top-2 logits of the answer's first token is compared with the threshold of the
   current third of the schedule (``thresholds``: 7.5 / 5.0 / 2.5 by default); a row whose gap
-  passes stops denoising there. The steps used are reported.
+  passes stops denoising there and keeps that estimate as its latent (as Prophet decodes every
+  remaining token from its current prediction). The steps used are reported.
 """
 
 from __future__ import annotations
@@ -214,10 +215,14 @@ class LaDiR(nn.Module):
                               q_mask).float()
             z = torch.where(active[:, None, None], z + dt * v, z)
             if prophet and (i + 1) % cfg.prophet.check_every == 0 and i + 1 < steps:
-                gap = self.answer_gap(model, qcache, z + (1.0 - (i + 1) * dt) * v)  # the estimate of z_1
+                est = z + (1.0 - (i + 1) * dt) * v  # the estimate of z_1 from the last velocity
+                gap = self.answer_gap(model, qcache, est)
                 third = min(int(3 * (i + 1) / steps), 2)
                 stop = active & (gap >= cfg.prophet.thresholds[third])
                 used = torch.where(stop, torch.full_like(used, i + 1), used)
+                # a row that exits commits to the estimate it was judged on (Prophet decodes all
+                # remaining tokens from the current prediction), not to the still-noisy z_t
+                z = torch.where(stop[:, None, None], est, z)
                 active &= ~stop
                 if not bool(active.any()):
                     break
