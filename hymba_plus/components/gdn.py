@@ -58,6 +58,9 @@ class GatedDeltaNetConfig:
     chunk_size: int = spec(64, min=1, doc="chunk length of the chunkwise reference")
     delta_rule: bool = spec(True, doc="false: decay-only ablation (no erase term)")
     norm_eps: float = spec(1e-6, gt=0)
+    norm_zero_centered: bool | None = spec(None, doc="gated output norm scale: true (default when unset) stores w "
+                                                     "and scales by 1 + w (weight decay pulls the scale to 1); false "
+                                                     "scales by w, initialised to 1 (HF Qwen3-Next)")
 
     def v_heads(self) -> int:
         return self.n_v_heads or self.n_heads
@@ -114,7 +117,7 @@ class GatedDeltaNet(nn.Module):
         # depthwise conv over the q|k|v channels, weight [C, K] (last column = current token)
         self.conv_weight = (nn.Parameter(torch.empty(self.qkv_size, cfg.conv_size))
                             if cfg.use_short_conv else None)
-        self.norm = GatedRMSNorm(self.dv, eps=cfg.norm_eps)
+        self.norm = GatedRMSNorm(self.dv, eps=cfg.norm_eps, zero_centered=cfg.norm_zero_centered is not False)
         self.reset_special()
 
     def reset_special(self) -> None:

@@ -1,0 +1,3 @@
+"""placeholder"""
+def hybridize(*a, **k):
+    raise RuntimeError
