@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-
 VOCAB = 96
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5, max_position_embeddings=128,

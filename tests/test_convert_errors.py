@@ -8,8 +8,8 @@ import shutil
 import pytest
 
 from hymba_plus.cli import main
-from tests.hf_models import VOCAB, hf_model, save_hf, word_tokenizer
 from tests.helpers import tree_changes, tree_snapshot
+from tests.hf_models import VOCAB, hf_model, save_hf, word_tokenizer
 
 pytest.importorskip("transformers")
 

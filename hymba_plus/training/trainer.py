@@ -426,6 +426,7 @@ class Trainer:
         self.objective = model.objective  # its loss and metric (objectives/); the loop never asks which one
         self.teacher = None
         if opts.distill is not None:
+            from .config import DistillConfig
             from .distill import DistillError, load_teacher
 
             if opts.cuda_graph or self.mode != "all":
@@ -434,8 +435,9 @@ class Trainer:
                 self.teacher = load_teacher(opts.distill, model, self.info.device)
             except DistillError as e:
                 raise TrainError(str(e)) from None
+            d = cfg.distill or DistillConfig()
             self.log(f"distilling from {opts.distill} ({sum(p.numel() for p in self.teacher.parameters()) / 1e6:.2f}M "
-                     f"params): {cfg.distill or 'kl_weight 1, ce_weight 1, temperature 1'}")
+                     f"params): kl_weight {d.kl_weight:g}, ce_weight {d.ce_weight:g}, temperature {d.temperature:g}")
         self.objective.configure(cfg)
         problem = self.objective.run_problem(cfg)
         if problem is not None:
