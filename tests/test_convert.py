@@ -126,8 +126,14 @@ def test_transformers5_fused_expert_layout_imports(tmp_path):
     (tmp_path / "fused").mkdir()
     for name in ("config.json", "tokenizer.json"):
         (tmp_path / "fused" / name).write_text((tmp_path / "hf" / name).read_text())
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "fused" / "model.safetensors"))
-    assert any(k.endswith("experts.gate_up_proj") for k in tensors(tmp_path / "fused"))
+    per_expert = tensors(tmp_path / "hf")
+    fused = {k: v for k, v in per_expert.items() if ".experts." not in k}
+    for i in (0, 2, 3):  # the MoE layers (layer 1 is mlp-only)
+        p = f"model.layers.{i}.mlp.experts"
+        fused[f"{p}.gate_up_proj"] = torch.stack([torch.cat([per_expert[f"{p}.{e}.gate_proj.weight"],
+                                                             per_expert[f"{p}.{e}.up_proj.weight"]]) for e in range(4)])
+        fused[f"{p}.down_proj"] = torch.stack([per_expert[f"{p}.{e}.down_proj.weight"] for e in range(4)])
+    save_file(fused, str(tmp_path / "fused" / "model.safetensors"))
     import_hf(tmp_path / "hf", tmp_path / "a")
     import_hf(tmp_path / "fused", tmp_path / "b")
     a, b = tensors(tmp_path / "a"), tensors(tmp_path / "b")
