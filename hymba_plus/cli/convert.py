@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="import: the recipe's name (default: SRC's folder name)")
     p.add_argument("--no-tokenizer", action="store_true", help="import without tokenizer.json")
     p.add_argument("--seed", type=int, default=0, help="hybridize: seed of the freshly initialised tensors")
+    p.add_argument("--no-attention-init", action="store_true",
+                   help="hybridize: replaced mixers start fresh instead of from the attention weights (ablation)")
 
 
 def parse_size(text: str) -> int:
@@ -56,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     shard = parse_size(args.max_shard_size) if args.max_shard_size else None
     try:
         if args.hybridize:
-            for line in hybridize(src, out, args.hybridize, seed=args.seed):
+            for line in hybridize(src, out, args.hybridize, seed=args.seed,
+                                  attention_init=not args.no_attention_init):
                 print(line)
             what = f"hybrid of {src} ({args.hybridize})"
         elif is_ours:

@@ -113,9 +113,10 @@ def init_mamba3(mixer: Any, attn: dict[str, Tensor], H: int, Hkv: int, D: int) -
 INIT = {"gdn": init_gdn, "mamba3": init_mamba3}
 
 
-def hybridize(src: str | Path, out: str | Path, recipe: Any, *, seed: int = 0) -> list[str]:
+def hybridize(src: str | Path, out: str | Path, recipe: Any, *, seed: int = 0, attention_init: bool = True) -> list[str]:
     """Write the hybrid checkpoint ``out`` of ``recipe`` from the source model ``src`` (a
-    hymba_plus checkpoint or an HF folder); returns one line per replaced layer."""
+    hymba_plus checkpoint or an HF folder); returns one line per replaced layer.
+    ``attention_init=False``: replaced mixers keep their own fresh init (the ablation)."""
     from ..models.lm import HybridLM, write_safetensors
 
     src, out = Path(src), Path(out)
@@ -173,7 +174,7 @@ def hybridize(src: str | Path, out: str | Path, recipe: Any, *, seed: int = 0) -
                 raise ConvertError(f"{where}: model.block_pattern: {token}: cannot start {t.mixer} from the "
                                    f"source's {s.mixer} (attention -> gdn or mamba3, or keep the layer)")
             attn = {k[len(f"blocks.{i}.mixer."):]: v for k, v in state.items() if k.startswith(f"blocks.{i}.mixer.")}
-            done = INIT[t.mixer](model.blocks[i].mixer, attn, H, Hkv, D)
+            done = INIT[t.mixer](model.blocks[i].mixer, attn, H, Hkv, D) if attention_init else []
             lines.append(f"layer {i}: attention -> {t.mixer}: {', '.join(done) if done else 'all fresh'}")
     model.load_state_dict(own)
     with staged(out) as tmp:
