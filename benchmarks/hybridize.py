@@ -65,7 +65,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=60, help="training steps of every hybrid")
-    ap.add_argument("--teacher-steps", type=int, default=150)
+    ap.add_argument("--teacher-steps", type=int, default=300)
     ap.add_argument("--eval-every", type=int, default=5)
     ap.add_argument("--vocab", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=16)
