@@ -20,6 +20,11 @@ def hf_model(arch: str, seed: int = 0, **overrides):  # noqa: ANN201 - a transfo
 
     torch.manual_seed(seed)
     kw = dict(COMMON, **overrides)
+    rope = kw.get("rope_parameters")
+    if rope is not None and int(tf.__version__.split(".")[0]) < 5:  # 4.x: rope_theta + rope_scaling
+        kw.pop("rope_parameters")
+        kw["rope_theta"] = rope["rope_theta"]
+        kw["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
     if arch == "LlamaForCausalLM":
         cfg = tf.LlamaConfig(**kw)
     elif arch == "Qwen3ForCausalLM":

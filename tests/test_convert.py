@@ -154,3 +154,26 @@ def test_pooled_balance_loss_equals_hf_router_aux_loss(tmp_path):
         want = model(ids, labels=ids).aux_loss * 0.05
         got = ours(ids, labels=ids).aux_loss
     assert float(got) > 0 and abs(float(got) - float(want)) <= 1e-5 * float(want)
+
+
+@pytest.mark.parametrize("arch, rope", [
+    ("LlamaForCausalLM", {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    ("Qwen3ForCausalLM", {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
+])
+def test_scaled_rope_imports_and_exports(arch, rope, tmp_path):
+    """Llama 3's RoPE scaling (the ``original_max_position_embeddings`` of 16 puts the 4 frequency
+    pairs of a head_dim 8 in all three bands) and linear scaling, both ways."""
+    model = hf_model(arch, seed=9, rope_parameters=rope)
+    save_hf(model, tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "ours")
+    ours = from_pretrained(tmp_path / "ours").eval()
+    assert ours.recipe.component("gated_attn").rope.scaling.kind == rope["rope_type"]
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(ids).logits
+        assert rel(ours(ids).logits, want) <= 1e-4
+    export_hf(tmp_path / "ours", tmp_path / "back")
+    back = getattr(tf, arch).from_pretrained(tmp_path / "back").eval()
+    with torch.no_grad():
+        assert rel(back(ids).logits, want) <= 1e-4

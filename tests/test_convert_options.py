@@ -68,3 +68,13 @@ def test_info_shows_the_conventions():
     line = [x for x in format_info(describe(r)).splitlines() if x.startswith("conventions")]
     assert line == ["conventions q/k norm scale w, eps 1e-05; gdn gated norm scale w; moe balance loss pooled over "
                     "layers (HF), coef 0.01"]
+
+
+@pytest.mark.parametrize("scaling, msg", [
+    ({"kind": "yarn", "factor": 2.0, "low_freq_factor": 1.0}, "rope.scaling.low_freq_factor: only for kind llama3"),
+    ({"kind": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 2.0},
+     "rope.scaling.high_freq_factor: must be > low_freq_factor"),
+])
+def test_llama3_rope_settings_are_strict(scaling, msg):
+    with pytest.raises(RecipeError, match=msg):
+        load_recipe(rec("GA", gated_attn={"rope": {"scaling": scaling}}))

@@ -57,13 +57,21 @@ class HFConfig:
         frac = rp.get("partial_rotary_factor", self.data.get("partial_rotary_factor", 1.0))
         kind = rp.get("rope_type") or sc.get("rope_type") or sc.get("type") or "default"
         out: dict[str, Any] = {"theta": float(theta), "fraction": float(frac)}
-        if kind == "linear":
-            factor = rp.get("factor", sc.get("factor"))
+        par = {**sc, **rp}
+        if kind in ("linear", "llama3"):
+            factor = par.get("factor")
             if not isinstance(factor, (int, float)) or factor < 1:
-                raise self.error("rope_parameters.factor", f"linear RoPE needs a factor >= 1, got {factor!r}")
-            out["scaling"] = {"kind": "linear", "factor": float(factor)}
-        elif kind != "default":
-            raise self.error("rope_parameters.rope_type", f"{kind!r} is not supported (default and linear RoPE only)")
+                raise self.error("rope_parameters.factor", f"{kind} RoPE needs a factor >= 1, got {factor!r}")
+            out["scaling"] = {"kind": kind, "factor": float(factor)}
+        if kind == "llama3":
+            orig = par.get("original_max_position_embeddings")
+            if not isinstance(orig, int) or orig < 1:
+                raise self.error("rope_parameters.original_max_position_embeddings", f"llama3 RoPE needs it, got {orig!r}")
+            out["scaling"].update(original_max_seq_len=orig, low_freq_factor=float(par.get("low_freq_factor", 1.0)),
+                                  high_freq_factor=float(par.get("high_freq_factor", 4.0)))
+        elif kind not in ("default", "linear"):
+            raise self.error("rope_parameters.rope_type", f"{kind!r} is not supported (default, linear and llama3 "
+                             "RoPE only)")
         if int(head_dim * out["fraction"]) % 2:
             raise self.error("partial_rotary_factor", f"rotates an odd number of dims ({head_dim} x {frac})")
         return out
@@ -190,8 +198,9 @@ class Family:
             out.append(f"components.gated_attn.qk_norm_eps: {a.qk_norm_eps or 1e-6:g} differs from model.norm.eps "
                        f"{eps:g} (HF has one rms_norm_eps)")
         sc = a.rope.scaling
-        if sc is not None and not (sc.kind == "linear" or (sc.kind == "yarn" and sc.factor == 1.0)):
-            out.append(f"components.gated_attn.rope.scaling.kind: {sc.kind} scaling is not exported (linear only)")
+        if sc is not None and not (sc.kind in ("linear", "llama3") or (sc.kind == "yarn" and sc.factor == 1.0)):
+            out.append(f"components.gated_attn.rope.scaling.kind: {sc.kind} scaling is not exported (linear and "
+                       "llama3 only)")
         if "mlp" in {s.ffn for s in recipe.layers} and recipe.component("mlp").bias and not self.mlp_bias_key:
             out.append(f"components.mlp.bias: {self.architecture} MLPs have no bias")
         return out
@@ -210,8 +219,13 @@ class Family:
         rope: dict[str, Any] = {"rope_type": "default", "rope_theta": a.rope.theta}
         if a.rope.fraction != 1.0:
             rope["partial_rotary_factor"] = a.rope.fraction
-        if a.rope.scaling is not None and a.rope.scaling.kind == "linear":
-            rope.update(rope_type="linear", factor=a.rope.scaling.factor)
+        sc = a.rope.scaling
+        if sc is not None and sc.kind in ("linear", "llama3"):
+            rope.update(rope_type=sc.kind, factor=sc.factor)
+        if sc is not None and sc.kind == "llama3":
+            low, high = sc.llama3_factors()
+            rope.update(original_max_position_embeddings=sc.original_max_seq_len, low_freq_factor=low,
+                        high_freq_factor=high)
         cfg = {
             "architectures": [self.architecture], "model_type": self.model_type,
             "vocab_size": m.vocab_size, "hidden_size": d,
@@ -223,7 +237,8 @@ class Family:
             "attention_bias": a.bias, "attention_dropout": 0.0, "use_cache": True,
             # transformers 5 reads rope_parameters, 4.x rope_theta / rope_scaling / partial_rotary_factor
             "rope_parameters": rope, "rope_theta": a.rope.theta,
-            "rope_scaling": None if rope["rope_type"] == "default" else {"rope_type": "linear", "factor": rope["factor"]},
+            "rope_scaling": None if rope["rope_type"] == "default" else {k: v for k, v in rope.items()
+                                                                          if k not in ("rope_theta", "partial_rotary_factor")},
         }
         if a.rope.fraction != 1.0:
             cfg["partial_rotary_factor"] = a.rope.fraction
