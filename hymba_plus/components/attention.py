@@ -1,7 +1,8 @@
 """Gated attention (Qwen3-Next; Qiu et al. 2025, "Gated Attention for Large Language
 Models", arXiv 2505.06708, the SDPA-output gate of Eq. 5 / position G1).
 
-    q, k = RMSNorm_zc(x Wq), RMSNorm_zc(x Wk)          (per head, zero-centered)
+    q, k = RMSNorm(x Wq), RMSNorm(x Wk)                (per head; scale 1 + w by default, w with
+                                                        qk_norm_zero_centered: false; eps qk_norm_eps)
     q, k = RoPE_partial(q, pos), RoPE_partial(k, pos)   (linear / NTK / YaRN scaling)
     o    = SDPA(q, k, v) * sigmoid(x Wg)                (elementwise output gate)
     y    = o Wo

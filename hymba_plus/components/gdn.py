@@ -7,7 +7,8 @@ Mamba2 with Delta Rule", arXiv 2412.06464; the linear-attention layer of Qwen3-N
     g_t     = -exp(A_log) * softplus(x_t W_a + dt_bias)                 (log decay a_t = e^{g_t}, Mamba2-style)
     S_t     = e^{g_t} S_{t-1} + beta_t k_t (v_t - e^{g_t} S_{t-1}^T k_t)^T     (gated delta rule, GDN §3)
     o_t     = dk^{-1/2} S_t^T q_t
-    y       = W_o ( RMSNorm(o_t) * SiLU(x_t W_z) )                      (gated RMSNorm per head)
+    y       = W_o ( RMSNorm(o_t) * SiLU(x_t W_z) )                      (gated RMSNorm per head; scale 1 + w,
+                                                                         or w with norm_zero_centered: false)
 
 The chunkwise-parallel form (WY representation + UT transform, arXiv 2406.06484) and the
 fla fast path live in ``kernels.gdn``; the short conv and its cache in ``kernels.conv``.
