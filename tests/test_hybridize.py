@@ -127,3 +127,35 @@ def test_hybridized_and_distilled_recovers_the_teacher_far_faster_than_scratch(t
     assert "distill/kl" in rows[-1] and "distill/kl" not in json.loads(
         (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()[-1])
     assert load_file(str(tmp_path / "d" / "step-30" / "model.safetensors"))  # a loadable checkpoint
+
+
+@pytest.mark.parametrize("change, msg", [
+    ({"model": {"norm": {"zero_centered": False}}}, "model.norm: {'zero_centered': False, 'eps': 1e-06} differs"),
+    ({"components": {"gated_attn": {**ATTN, "qk_norm": False}}}, "components.gated_attn.qk_norm: False differs "
+                                                                  "from the source's True"),
+])
+def test_hybrid_must_keep_what_copied_weights_mean(tmp_path, change, msg):
+    build_model(recipe("GA | GA")).save_pretrained(tmp_path / "src")
+    r = recipe("GD | GA")
+    for k, v in change.items():
+        r[k] = {**r[k], **v}
+    with pytest.raises(ConvertError, match=re.escape(msg)):
+        hybridize(tmp_path / "src", tmp_path / "out", r)
+    assert not (tmp_path / "out").exists()
+
+
+def test_hybridize_straight_from_an_hf_folder(tmp_path):
+    """SRC may be an HF folder: the hybrid recipe is the imported one with an edited pattern."""
+    pytest.importorskip("transformers")
+    from hymba_plus.convert.importer import hf_recipe
+    from tests.hf_models import VOCAB, hf_model, save_hf
+
+    save_hf(hf_model("Qwen3ForCausalLM", seed=11), tmp_path / "hf")
+    r = hf_recipe(tmp_path / "hf")[1].to_dict()
+    r["model"]["block_pattern"] = "GD+mlp | GA+mlp | GD+mlp | GA+mlp"
+    r["components"]["gdn"] = {"n_heads": 4, "head_dim": 8}
+    lines = hybridize(tmp_path / "hf", tmp_path / "h", r)
+    assert [ln.split(":")[0] for ln in lines] == ["layer 0", "layer 2"] and all("q<-q_proj" in ln for ln in lines)
+    m = from_pretrained(tmp_path / "h")
+    assert (tmp_path / "h" / "tokenizer.json").is_file()
+    assert m(torch.randint(0, VOCAB, (1, 8))).logits.isfinite().all()

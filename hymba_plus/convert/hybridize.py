@@ -112,6 +112,36 @@ def init_mamba3(mixer: Any, attn: dict[str, Tensor], H: int, Hkv: int, D: int) -
 
 INIT = {"gdn": init_gdn, "mamba3": init_mamba3}
 
+#: settings of a copied component that change what its weights compute (the rest -- loss
+#: coefficients, capacity, chunk sizes -- may differ)
+SAME = {"gated_attn": None, "mlp": None, "gdn": None, "mamba3": None,
+        "moe": ("n_experts", "top_k", "n_shared", "d_expert", "d_shared", "score", "norm_topk")}
+
+
+def _show(v: Any) -> str:
+    import dataclasses
+
+    return str(dataclasses.asdict(v)) if dataclasses.is_dataclass(v) else repr(v)
+
+
+def _check_same_components(source: Recipe, target: Recipe, where: str) -> None:
+    """Components whose weights are copied (the kept mixers, every channel mixer) must compute
+    the same thing: the first setting that differs is one line."""
+    import dataclasses
+
+    copied = set()
+    for s, t in zip(source.layers, target.layers):
+        copied.add(t.ffn)
+        if s.mixer == t.mixer:
+            copied.add(t.mixer)
+    for name in sorted(copied & set(SAME)):
+        a, b = source.component(name), target.component(name)
+        fields = SAME[name] or [f.name for f in dataclasses.fields(a)]
+        for f in fields:
+            if getattr(a, f) != getattr(b, f):
+                raise ConvertError(f"{where}: components.{name}.{f}: {_show(getattr(b, f))} differs from the "
+                                   f"source's {_show(getattr(a, f))} (its weights are copied)")
+
 
 def hybridize(src: str | Path, out: str | Path, recipe: Any, *, seed: int = 0, attention_init: bool = True) -> list[str]:
     """Write the hybrid checkpoint ``out`` of ``recipe`` from the source model ``src`` (a
@@ -128,9 +158,11 @@ def hybridize(src: str | Path, out: str | Path, recipe: Any, *, seed: int = 0, a
     where = f"{recipe}" if isinstance(recipe, (str, Path)) else "recipe"
     source, state, tok = _source(src)
     sm, tm = source.model, target.model
-    for key in ("d_model", "vocab_size", "tie_embeddings", "meta_tokens"):
+    for key in ("d_model", "vocab_size", "tie_embeddings", "meta_tokens", "norm"):
         if getattr(sm, key) != getattr(tm, key):
-            raise ConvertError(f"{where}: model.{key}: {getattr(tm, key)} differs from the source's {getattr(sm, key)}")
+            raise ConvertError(f"{where}: model.{key}: {_show(getattr(tm, key))} differs from the source's "
+                               f"{_show(getattr(sm, key))} (copied weights keep their meaning only with the same)")
+    _check_same_components(source, target, where)
     if len(source.layers) != len(target.layers):
         raise ConvertError(f"{where}: model.block_pattern: {len(target.layers)} layers, the source has "
                            f"{len(source.layers)}")
@@ -165,9 +197,6 @@ def hybridize(src: str | Path, out: str | Path, recipe: Any, *, seed: int = 0, a
                 continue
             copy(f"blocks.{i}.norm1.", f"blocks.{i}.norm1.", token)
             if t.mixer == s.mixer:
-                if t.mixer == "gated_attn" and target.component("gated_attn") != a:
-                    raise ConvertError(f"{where}: components.gated_attn: kept attention layers must keep the "
-                                       "source's settings")
                 copy(f"blocks.{i}.mixer.", f"blocks.{i}.mixer.", token)
                 continue
             if s.mixer != "gated_attn" or t.mixer not in INIT:
