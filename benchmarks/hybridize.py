@@ -2,7 +2,7 @@
 model recover the model's accuracy, against a hybrid trained from scratch?
 
 A GA-only teacher (``GA | GA | GA | GA``, d_model 64) is trained on MQAR by ``hymba train``
-until it solves it. Then, per seed, four hybrids ``GD | GA | GD | GA`` (half the layers gdn)
+until it solves it (seed 0). Then, per seed (the hybrids' fresh init and data), four hybrids ``GD | GA | GD | GA`` (half the layers gdn)
 train for ``--steps`` steps on the same task with the same settings:
 
 * hybridize + distill: ``hymba convert --hybridize`` (gdn q/k/v/out from the attention
@@ -80,14 +80,15 @@ def main() -> None:
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        for seed in range(args.seeds):
+        (root / "teacher.yaml").write_text(json.dumps(recipe("GA | GA | GA | GA", args, args.teacher_steps, 0,
+                                                             args.teacher_steps)))
+        run(["train", str(root / "teacher.yaml"), "--out", str(root / "t"), "--no-progress"], root / "t.log")
+        teacher_ckpt = root / "t" / f"step-{args.teacher_steps}"
+        res["teacher"].append(curve(root / "t")[-1][1])
+        print(f"teacher: accuracy {res['teacher'][-1]:.3f} after {args.teacher_steps} steps", flush=True)
+        for seed in range(args.seeds):  # one teacher; the hybrids' init and data differ per seed
             d = root / f"seed{seed}"
             d.mkdir()
-            (d / "teacher.yaml").write_text(json.dumps(recipe("GA | GA | GA | GA", args, args.teacher_steps, seed,
-                                                              args.teacher_steps)))
-            run(["train", str(d / "teacher.yaml"), "--out", str(d / "t"), "--no-progress"], d / "t.log")
-            teacher_ckpt = d / "t" / f"step-{args.teacher_steps}"
-            res["teacher"].append(curve(d / "t")[-1][1])
             for arm, (init, distill) in arms.items():
                 a = d / arm.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "p")
                 a.mkdir()
@@ -96,13 +97,13 @@ def main() -> None:
                 start = str(a / "hybrid.yaml")
                 if init is not None:
                     flags = ["--no-attention-init"] if init == "fresh" else []
-                    run(["convert", str(teacher_ckpt), str(a / "h"), "--hybridize", start, *flags], a / "h.log")
+                    run(["convert", str(teacher_ckpt), str(a / "h"), "--hybridize", start, "--seed", str(seed),
+                         *flags], a / "h.log")
                     start = str(a / "h")
                 extra = ["--distill", str(teacher_ckpt)] if distill else []
                 run(["train", start, "--out", str(a / "run"), "--no-progress", *extra], a / "run.log")
                 res["arms"][arm].append(curve(a / "run"))
-            print(f"seed {seed}: teacher {res['teacher'][-1]:.3f}, "
-                  + ", ".join(f"{arm} {res['arms'][arm][-1][-1][1]:.3f}" for arm in arms), flush=True)
+            print(f"seed {seed}: " + ", ".join(f"{arm} {res['arms'][arm][-1][-1][1]:.3f}" for arm in arms), flush=True)
     teacher = sum(res["teacher"]) / len(res["teacher"])
     summary = {}
     for arm, curves in res["arms"].items():
@@ -115,7 +116,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")
     marks = [s for s in (10, 20, 30, args.steps) if s in summary["scratch"]["steps"]]
-    print(f"\nteacher (GA x4, {args.teacher_steps} steps): accuracy {teacher:.3f} (mean of {args.seeds} seeds)")
+    print(f"\nteacher (GA x4, {args.teacher_steps} steps): accuracy {teacher:.3f}")
     print(f"{'arm':34s}" + "".join(f"  step {s:>3d}" for s in marks) + "  steps to 90% of teacher")
     for arm, s in summary.items():
         accs = [s["mean_accuracy"][s["steps"].index(m)] for m in marks]
