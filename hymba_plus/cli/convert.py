@@ -56,6 +56,12 @@ def run(args: argparse.Namespace) -> int:
     if not is_hf and not is_ours:
         raise UserError(f"{src}: neither an HF model folder (config.json) nor a hymba_plus checkpoint (recipe.yaml)")
     shard = parse_size(args.max_shard_size) if args.max_shard_size else None
+    given = [f for f, v in (("--architecture", args.architecture), ("--max-shard-size", shard), ("--name", args.name),
+                            ("--no-tokenizer", args.no_tokenizer)) if v]
+    if args.hybridize and given:
+        raise UsageError(f"{given[0]}: not with --hybridize")
+    if not args.hybridize and (args.no_attention_init or args.seed):
+        raise UsageError("--no-attention-init / --seed: only with --hybridize")
     try:
         if args.hybridize:
             for line in hybridize(src, out, args.hybridize, seed=args.seed,

@@ -135,6 +135,11 @@ def load_state(reader: ShardedReader, rules: list[Rule], ours: dict[str, Tensor]
 
 def read_hf(src: Path, name: str | None = None, tokenizer: bool = True) -> tuple[Recipe, dict[str, Tensor], str | None]:
     """(recipe, our state, tokenizer JSON or None) of an HF folder, after every check."""
+    _, recipe, state, tok = _read(src, name, tokenizer)
+    return recipe, state, tok
+
+
+def _read(src: Path, name: str | None, tokenizer: bool) -> tuple[Family, Recipe, dict[str, Tensor], str | None]:
     fam, recipe = hf_recipe(src, name)
     reader = ShardedReader(src)
     ours = meta_state(recipe)
@@ -143,7 +148,7 @@ def read_hf(src: Path, name: str | None = None, tokenizer: bool = True) -> tuple
     tied_head = ("lm_head.weight",) if recipe.model.tie_embeddings else ()
     plan(reader, rules, ours, fam.ignore_prefixes, tied_head)
     tok = check_tokenizer(src / "tokenizer.json", recipe.model.vocab_size) if tokenizer else None
-    return recipe, load_state(reader, rules, ours), tok
+    return fam, recipe, load_state(reader, rules, ours), tok
 
 
 def import_hf(src: str | Path, out: str | Path, *, name: str | None = None, tokenizer: bool = True) -> Path:
@@ -153,8 +158,8 @@ def import_hf(src: str | Path, out: str | Path, *, name: str | None = None, toke
 
     src, out = Path(src), Path(out)
     check_output(out)
-    recipe, state, tok = read_hf(src, name, tokenizer)
-    arch = family_of_config(read_hf_config(src), str(src / "config.json")).architecture
+    fam, recipe, state, tok = _read(src, name, tokenizer)
+    arch = fam.architecture
     with staged(out) as tmp:
         write_safetensors(state, tmp / "model.safetensors",
                           metadata={"recipe_hash": recipe.hash(), "format": "hymba_plus", "converted_from": arch})
