@@ -28,6 +28,8 @@ projection. Precisely (H query heads, Hkv key/value heads of dim D):
 
 The q/k norms, RoPE and the output gate of the replaced attention have no counterpart and
 are dropped. ``hybridize`` returns one line per replaced layer saying what was copied.
+Memory: the source's state and the hybrid are both held (unlike import and export, which
+stream), so hybridizing needs about twice the model's size.
 """
 
 from __future__ import annotations
