@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "train a model from a recipe (checkpoints, metrics, loss plot)"),
     "generate": ("generate", "generate text from a checkpoint"),
     "prepare": ("prepare", "tokenize text files into memory-mapped token shards"),
+    "convert": ("convert", "import / export HF transformers checkpoints, or hybridize a pretrained model"),
 }
 
 

@@ -135,9 +135,29 @@ def describe(recipe: Any, dtype: torch.dtype = torch.float32, seq_lens: tuple[in
         "kernel_mode": dispatch.mode(), "cuda": cuda_available(), "kernels": kernels,
         **({"etd": etd} if etd is not None else {}),
         "objective": _objective(recipe),
+        "conventions": conventions(recipe),
         **({"mtp": {**dataclasses.asdict(m.mtp), "params": mtp}} if m.mtp is not None else {}),
         **({"ladir": {**dataclasses.asdict(recipe.ladir), "params": ladir}} if recipe.ladir is not None else {}),
     }
+
+
+def conventions(recipe: Any) -> list[str]:
+    """The norm and loss conventions a recipe sets away from the defaults (imported HF models
+    do): q/k norm scale and eps, gdn's gated-norm scale, the MoE balancing loss."""
+    used = {s.mixer for s in recipe.layers} | {s.ffn for s in recipe.layers}
+    out = []
+    if "gated_attn" in used:
+        a = recipe.component("gated_attn")
+        if a.qk_norm and (a.qk_norm_eps is not None or a.qk_norm_zero_centered is not None):
+            scale = "w" if a.qk_norm_zero_centered is False else "1 + w"
+            out.append(f"q/k norm scale {scale}, eps {a.qk_norm_eps or 1e-6:g}")
+    if "gdn" in used and recipe.component("gdn").norm_zero_centered is not None:
+        out.append(f"gdn gated norm scale {'w' if recipe.component('gdn').norm_zero_centered is False else '1 + w'}")
+    if "moe" in used and recipe.component("moe").balance_loss is not None:
+        c = recipe.component("moe")
+        out.append("moe balance loss " + ("pooled over layers (HF), " if c.balance_loss == "pooled" else "per layer, ")
+                   + f"coef {c.aux_loss_coef:g}")
+    return out
 
 
 def _objective(recipe: Any) -> dict:
@@ -327,6 +347,7 @@ def format_info(d: dict, kernels: str = "auto") -> str:
         f"layers      {d['n_layers']}",
         *([objective_line(d["objective"])] if d.get("objective", {}).get("kind", "next_token") != "next_token" else []),
         *([ladir_line(d["ladir"])] if d.get("ladir") is not None else []),
+        *([f"conventions {'; '.join(d['conventions'])}"] if d.get("conventions") else []),
         "",
     ]
     etd = d.get("etd")

@@ -43,7 +43,11 @@ def _default(field: str) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = (f"{p.description or ''}. Settings come from the recipe's train: section where it has one, "
                      "else the defaults shown; flags override both (and, with --resume, the checkpoint's).")
-    p.add_argument("recipe", metavar="RECIPE", help="recipe YAML file")
+    p.add_argument("recipe", metavar="RECIPE", help="recipe YAML file, or a checkpoint folder: its recipe, starting "
+                                                    "from its weights (e.g. one `hymba convert --hybridize` wrote)")
+    p.add_argument("--distill", metavar="TEACHER_CKPT",
+                   help="also learn the teacher checkpoint's logits (KL); weights in the recipe's train.distill "
+                        "section (kl_weight, ce_weight, temperature; default 1, 1, 1)")
     p.add_argument("--out", help="output folder for checkpoints, metrics.jsonl, loss.png (default: runs/NAME)")
     p.add_argument("--data", help="built-in task (mqar, selective_copy, parity, khop), a text file or folder, or a "
                                   "folder written by `hymba prepare`")
@@ -122,8 +126,16 @@ def run(args: argparse.Namespace) -> int:
     from ..training.tokenizer import TokenizerError
     from ..training.trainer import RunOptions, TrainError, TrainInterrupted, train
 
+    init = None
+    recipe_path = Path(args.recipe)
+    if recipe_path.is_dir():  # a checkpoint folder: its recipe, starting from its weights
+        if not (recipe_path / "recipe.yaml").is_file() or not (recipe_path / "model.safetensors").is_file():
+            raise UserError(f"{recipe_path}: a folder, but not a checkpoint (recipe.yaml + model.safetensors)")
+        init, recipe_path = recipe_path, recipe_path / "recipe.yaml"
+    if args.distill is not None and not Path(args.distill).is_dir():
+        raise UserError(f"--distill {args.distill}: no such checkpoint folder")
     try:
-        recipe = load_recipe(args.recipe)
+        recipe = load_recipe(recipe_path)
     except RecipeError as e:
         raise UserError(str(e)) from None
     overrides = {field: getattr(args, dest) for dest, field in _FIELDS.items() if getattr(args, dest) is not None}
@@ -154,7 +166,8 @@ def run(args: argparse.Namespace) -> int:
                       stop_after=args.stop_after, time_limit=args.time_limit, progress=not args.no_progress,
                       progress_interval=args.progress_interval, recipe_name=args.recipe, overrides=overrides,
                       train_only=args.train_only, route_beam=args.route_beam,
-                      route_tolerance=args.route_tolerance)
+                      route_tolerance=args.route_tolerance, init=init,
+                      distill=Path(args.distill) if args.distill is not None else None)
     try:
         summary = train(recipe, cfg, opts)
     except (TrainError, DataError, TokenizerError, CheckpointError, TaskError, TrainConfigError) as e:

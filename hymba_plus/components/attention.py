@@ -1,7 +1,8 @@
 """Gated attention (Qwen3-Next; Qiu et al. 2025, "Gated Attention for Large Language
 Models", arXiv 2505.06708, the SDPA-output gate of Eq. 5 / position G1).
 
-    q, k = RMSNorm_zc(x Wq), RMSNorm_zc(x Wk)          (per head, zero-centered)
+    q, k = RMSNorm(x Wq), RMSNorm(x Wk)                (per head; scale 1 + w by default, w with
+                                                        qk_norm_zero_centered: false; eps qk_norm_eps)
     q, k = RoPE_partial(q, pos), RoPE_partial(k, pos)   (linear / NTK / YaRN scaling)
     o    = SDPA(q, k, v) * sigmoid(x Wg)                (elementwise output gate)
     y    = o Wo
@@ -39,6 +40,9 @@ class GatedAttentionConfig:
     n_kv_heads: int | None = spec(None, min=1)
     head_dim: int | None = spec(None, min=1)
     qk_norm: bool = True
+    qk_norm_eps: float | None = spec(None, gt=0.0, doc="epsilon of the q/k RMSNorms (default when unset: 1e-6)")
+    qk_norm_zero_centered: bool | None = spec(None, doc="q/k norm scale: true (default when unset) scales by 1 + w "
+                                                        "(Qwen3-Next); false by w (Qwen3, Qwen3-MoE)")
     output_gate: bool = True
     window: int | None = spec(None, min=1)
     rope: RopeConfig = field(default_factory=RopeConfig)
@@ -128,8 +132,9 @@ class GatedAttention(nn.Module):
         if project_out:
             self.o_proj = nn.Linear(self.h * self.d, d_model, bias=cfg.bias)
             self.o_proj.is_residual_out = True
-        self.q_norm = RMSNorm(self.d) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(self.d) if cfg.qk_norm and kv_role != "consumer" else None
+        eps, zc = cfg.qk_norm_eps or 1e-6, cfg.qk_norm_zero_centered is not False
+        self.q_norm = RMSNorm(self.d, eps, zc) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.d, eps, zc) if cfg.qk_norm and kv_role != "consumer" else None
         self.rotary = Rotary(self.d, cfg.rope)
 
     @property

@@ -7,7 +7,8 @@ Mamba2 with Delta Rule", arXiv 2412.06464; the linear-attention layer of Qwen3-N
     g_t     = -exp(A_log) * softplus(x_t W_a + dt_bias)                 (log decay a_t = e^{g_t}, Mamba2-style)
     S_t     = e^{g_t} S_{t-1} + beta_t k_t (v_t - e^{g_t} S_{t-1}^T k_t)^T     (gated delta rule, GDN §3)
     o_t     = dk^{-1/2} S_t^T q_t
-    y       = W_o ( RMSNorm(o_t) * SiLU(x_t W_z) )                      (gated RMSNorm per head)
+    y       = W_o ( RMSNorm(o_t) * SiLU(x_t W_z) )                      (gated RMSNorm per head; scale 1 + w,
+                                                                         or w with norm_zero_centered: false)
 
 The chunkwise-parallel form (WY representation + UT transform, arXiv 2406.06484) and the
 fla fast path live in ``kernels.gdn``; the short conv and its cache in ``kernels.conv``.
@@ -58,6 +59,9 @@ class GatedDeltaNetConfig:
     chunk_size: int = spec(64, min=1, doc="chunk length of the chunkwise reference")
     delta_rule: bool = spec(True, doc="false: decay-only ablation (no erase term)")
     norm_eps: float = spec(1e-6, gt=0)
+    norm_zero_centered: bool | None = spec(None, doc="gated output norm scale: true (default when unset) stores w "
+                                                     "and scales by 1 + w (weight decay pulls the scale to 1); false "
+                                                     "scales by w, initialised to 1 (HF Qwen3-Next)")
 
     def v_heads(self) -> int:
         return self.n_v_heads or self.n_heads
@@ -114,7 +118,7 @@ class GatedDeltaNet(nn.Module):
         # depthwise conv over the q|k|v channels, weight [C, K] (last column = current token)
         self.conv_weight = (nn.Parameter(torch.empty(self.qkv_size, cfg.conv_size))
                             if cfg.use_short_conv else None)
-        self.norm = GatedRMSNorm(self.dv, eps=cfg.norm_eps)
+        self.norm = GatedRMSNorm(self.dv, eps=cfg.norm_eps, zero_centered=cfg.norm_zero_centered is not False)
         self.reset_special()
 
     def reset_special(self) -> None:

@@ -62,6 +62,11 @@ class MoEConfig:
     z_loss_coef: float = spec(0.001, min=0.0)
     bias_update_rate: float = spec(0.0, min=0.0, doc="aux-loss-free balancing step (DeepSeek-V3 gamma); 0 = off")
     capacity_factor: float | None = spec(None, gt=0.0, doc="None = dropless; else Switch capacity (training only)")
+    balance_loss: str | None = spec(None, choices=("per_layer", "pooled"),
+                                    doc="per_layer (default): aux_loss_coef x E sum_e f_e P_e added per layer, f "
+                                        "summing to 1; pooled: HF's convention (Qwen3-MoE / Qwen3-Next "
+                                        "router_aux_loss_coef): f (summing to top_k) and P pooled over every MoE "
+                                        "layer of the forward, one loss times aux_loss_coef")
 
     def expert_hidden(self, d_model: int) -> int:
         if self.d_expert is not None:
@@ -188,7 +193,7 @@ class MoE(nn.Module):
         if self.impl not in ("auto", "fused") or xf.shape[0] == 0:  # no tokens: the composed path's early exit
             return False
         case = (cfg.score == "softmax" and cfg.norm_topk and cfg.bias_update_rate == 0 and cap is None
-                and valid is None)
+                and valid is None and cfg.balance_loss != "pooled")
         if self.impl == "fused":
             if not case:
                 raise ValueError("impl 'fused' needs softmax scores, norm_topk, no bias balancing, no capacity "
@@ -207,7 +212,12 @@ class MoE(nn.Module):
             return
         lb = K.load_balancing_loss(r.probs, load, cfg.top_k, valid)
         z = K.router_z_loss(r.logits, valid, r.lse)
-        aux = cfg.aux_loss_coef * lb if cfg.aux_loss_coef > 0 else None
+        aux = cfg.aux_loss_coef * lb if cfg.aux_loss_coef > 0 and cfg.balance_loss != "pooled" else None
+        if cfg.aux_loss_coef > 0 and cfg.balance_loss == "pooled":
+            probs = r.probs.float() if valid is None else r.probs.float() * valid.reshape(-1, 1)
+            n = r.probs.shape[0] if valid is None else valid.sum()
+            ctx.pooled.setdefault("moe_balance", (pooled_balance_loss, []))[1].append(
+                (load.float(), probs.sum(0), n, cfg.aux_loss_coef))
         if cfg.z_loss_coef > 0:
             aux = cfg.z_loss_coef * z if aux is None else torch.add(aux, z, alpha=cfg.z_loss_coef)
         self._log(ctx, aux, load, dropped, K.routing_entropy(r.probs.detach(), valid), lb, z,
@@ -229,6 +239,19 @@ class MoE(nn.Module):
             ctx.stats[p + "max_load"] = load.max() * (self.cfg.n_experts / max(n_assign, 1))
         else:
             ctx.stats[p + "max_load"] = load.max() / load.mean().clamp_min(1e-9)
+
+
+def pooled_balance_loss(terms: list) -> Tensor:
+    """HF's balancing loss (``load_balancing_loss_func`` of Qwen3-MoE / Qwen3-Next) from the
+    per-layer terms ``(load [E], sum of router probs [E], rows, coef)`` of one forward:
+    ``coef * E * sum_e (sum_layers load_e / N) (sum_layers P_e / N)`` with N the rows of all
+    layers together. Its f sums to top_k (ours per layer: 1), and one coefficient scales the
+    pooled loss (ours: one per layer)."""
+    load = torch.stack([t[0] for t in terms]).sum(0)
+    probs = torch.stack([t[1] for t in terms]).sum(0)
+    n = sum(t[2] for t in terms)
+    n = n.clamp_min(1.0) if isinstance(n, Tensor) else max(n, 1)
+    return terms[0][3] * load.shape[0] * ((load / n) * (probs / n)).sum()
 
 
 def update_expert_biases(model: nn.Module) -> int:

@@ -23,7 +23,7 @@ need no mask.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -96,6 +96,9 @@ class StepContext:
                causal inside the chunk. The cache's earlier tokens are seen as usual.
     two_stream: block-diffusion training layout ``[meta | clean x_0 | noisy x_t]``
                (``core.two_stream``), or None.
+    pooled:    losses computed once from statistics pooled over every layer of the call:
+               name -> (reduce, [per-layer terms]); ``aux_total`` adds ``reduce(terms)``
+               (MoE ``balance_loss: pooled``, the HF convention).
     """
 
     positions: Tensor
@@ -107,6 +110,12 @@ class StepContext:
     layer_idx: int = 0
     bidirectional: bool = False
     two_stream: object | None = None
+    pooled: dict[str, tuple[Callable[[list], Tensor], list]] = field(default_factory=dict)
+
+    def aux_total(self) -> Tensor | None:
+        """The sum of the auxiliary losses (per-layer ones plus the pooled ones), or None."""
+        losses = list(self.aux_losses) + [reduce(terms) for reduce, terms in self.pooled.values() if terms]
+        return torch.stack(losses).sum() if losses else None
 
     @property
     def valid(self) -> Tensor | None:

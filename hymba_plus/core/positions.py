@@ -7,6 +7,10 @@
 * YaRN (Peng et al. 2023, arXiv 2309.00071, Eq. 18-21): per-frequency ramp between
   interpolation and extrapolation by wavelength, plus the attention temperature
   ``0.1 ln(s) + 1`` applied to cos/sin.
+* Llama 3 (Meta's Llama 3.1 release; HF ``rope_type: llama3``): wavelengths above
+  ``original_max_seq_len / low_freq_factor`` are interpolated (frequency / factor), those
+  below ``original_max_seq_len / high_freq_factor`` kept, the band between blended linearly
+  in ``original_max_seq_len / wavelength``; no attention temperature.
 
 Positions are absolute token positions from the cache (never from the caller).
 """
@@ -24,15 +28,28 @@ from .config import spec
 
 @dataclass(frozen=True)
 class RopeScaling:
-    kind: str = spec("yarn", choices=("linear", "ntk", "yarn"))
+    kind: str = spec("yarn", choices=("linear", "ntk", "yarn", "llama3"))
     factor: float = spec(1.0, min=1.0)
     original_max_seq_len: int = spec(2048, min=1)
     beta_fast: float = spec(32.0, gt=0.0)
     beta_slow: float = spec(1.0, gt=0.0)
+    low_freq_factor: float | None = spec(None, gt=0.0, doc="llama3: wavelengths above original_max_seq_len / this "
+                                                           "are interpolated (unset: 1)")
+    high_freq_factor: float | None = spec(None, gt=0.0, doc="llama3: wavelengths below original_max_seq_len / this "
+                                                            "are kept (unset: 4)")
 
     def check(self, model):  # noqa: ANN001
         if self.beta_fast <= self.beta_slow:
             yield "beta_fast", f"must be > beta_slow ({self.beta_slow}), got {self.beta_fast}"
+        if self.kind != "llama3" and (self.low_freq_factor is not None or self.high_freq_factor is not None):
+            yield "low_freq_factor" if self.low_freq_factor is not None else "high_freq_factor", \
+                "only for kind llama3"
+        if self.kind == "llama3" and self.llama3_factors()[0] >= self.llama3_factors()[1]:
+            yield "high_freq_factor", f"must be > low_freq_factor ({self.llama3_factors()[0]:g})"
+
+    def llama3_factors(self) -> tuple[float, float]:
+        return (self.low_freq_factor if self.low_freq_factor is not None else 1.0,
+                self.high_freq_factor if self.high_freq_factor is not None else 4.0)
 
 
 @dataclass(frozen=True)
@@ -65,6 +82,15 @@ def inv_freq_and_mscale(cfg: RopeConfig, rot_dim: int) -> tuple[Tensor, float]:
         ramp = ((rotations - sc.beta_slow) / (sc.beta_fast - sc.beta_slow)).clamp(0.0, 1.0)
         inv = inv / sc.factor * (1 - ramp) + inv * ramp
         mscale = 0.1 * math.log(sc.factor) + 1.0
+    elif sc is not None and sc.kind == "llama3":
+        low, high = sc.llama3_factors()
+        old = sc.original_max_seq_len
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / low, inv / sc.factor, inv)
+        smooth = (old / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / sc.factor + smooth * scaled
+        medium = (wavelen >= old / high) & (wavelen <= old / low)
+        inv = torch.where(medium, blended, scaled)
     return inv, mscale
 
 

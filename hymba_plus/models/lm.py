@@ -214,7 +214,7 @@ class HybridLM(nn.Module):
             h = h[:, n_meta:]
             trunk = trunk[:, n_meta:] if trunk is not None else None
         logits = self.lm_head(h)
-        aux = torch.stack(ctx.aux_losses).sum() if ctx.aux_losses else None
+        aux = ctx.aux_total()
         loss = None
         if labels is not None:
             loss = self.lm_loss(logits, labels, attention_mask)

@@ -163,7 +163,7 @@ class BlockDiffusion(Objective):
         xt, masked = self.noise(ids, t)
         logits, ctx = self.two_stream_logits(model, xt, ids)
         loss = self.nelbo(logits, ids, masked, t, labels != -100)
-        aux = torch.stack(ctx.aux_losses).sum() if ctx.aux_losses else None
+        aux = ctx.aux_total()
         ctx.stats["bd/mask_rate"] = masked.float().mean().detach()
         return ModelOutput(logits=logits, loss=loss if aux is None else loss + aux, aux_loss=aux,
                            stats=ctx.stats or None)

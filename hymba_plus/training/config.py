@@ -17,6 +17,22 @@ from ..core.config import spec
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation (``hymba train --distill TEACHER_CKPT``; Hinton et al. 2015,
+    arXiv 1503.02531): the loss is ``ce_weight`` x the objective's loss plus ``kl_weight`` x
+    T^2 x KL(teacher || student) of the temperature-T softmaxes, averaged over every position
+    (the auxiliary losses, e.g. MoE balancing, are added unweighted)."""
+
+    kl_weight: float = spec(1.0, min=0.0, doc="weight of the KL term")
+    ce_weight: float = spec(1.0, min=0.0, doc="weight of the usual (next-token) loss")
+    temperature: float = spec(1.0, gt=0.0, doc="softmax temperature T of both models in the KL term")
+
+    def check(self, model):  # noqa: ANN001 - ModelConfig
+        if self.kl_weight == 0 and self.ce_weight == 0:
+            yield "kl_weight", "kl_weight and ce_weight are both 0: nothing to train"
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     steps: int = spec(200, min=1, doc="optimizer steps of the whole run (the schedule's length)")
     batch_size: int = spec(16, min=1, doc="sequences per micro-batch per process")
@@ -53,6 +69,8 @@ class TrainConfig:
     eval_batches: int = spec(4, min=1)
     save_every: int = spec(100, min=1)
     keep_last: int = spec(2, min=1, doc="checkpoints kept in OUT")
+    distill: DistillConfig | None = spec(None, doc="weights of --distill TEACHER_CKPT (default when unset: "
+                                                   "kl_weight 1, ce_weight 1, temperature 1)")
 
     def check(self, model):  # noqa: ANN001 - ModelConfig
         if self.seq_len > model.max_seq_len:

@@ -114,6 +114,8 @@ class RunOptions:
     route_length_penalty: float = 0.1
     route_tolerance: float = 0.02  # nats per row above all-execute's loss a target route may cost
     route_max_rows: int | None = None  # rows per forward of the search (None: one call per slot)
+    distill: Path | None = None  # --distill: the teacher checkpoint (training/distill.py)
+    init: Path | None = None  # a checkpoint whose weights a fresh run starts from (RECIPE given as a folder)
 
     @property
     def resume_mode(self) -> str:
@@ -403,6 +405,10 @@ class Trainer:
             model.load_state_dict(full)
             self.samples = int(state["samples"])
             self.tokens_seen = int(state.get("tokens", 0))
+        elif opts.init is not None:  # a fresh run from a checkpoint's weights (e.g. a hybridized model)
+            from ..models.lm import from_pretrained
+
+            model.load_state_dict(from_pretrained(opts.init).state_dict())
         if self.mode == "routers":  # router training switches the routes on (a buffer saved with the weights)
             model.etd_router.enable_routes()
         n_train, n_frozen = routes_mod.freeze(model, self.mode)
@@ -418,6 +424,20 @@ class Trainer:
                 ckpt_mod.load_optimizer(self.resume_from, model, self.opt, self.info)
             ckpt_mod.load_rng(self.resume_from, self.info)
         self.objective = model.objective  # its loss and metric (objectives/); the loop never asks which one
+        self.teacher = None
+        if opts.distill is not None:
+            from .config import DistillConfig
+            from .distill import DistillError, load_teacher
+
+            if opts.cuda_graph or self.mode != "all":
+                raise TrainError("--distill: not with --cuda-graph or --train-only")
+            try:
+                self.teacher = load_teacher(opts.distill, model, self.info.device)
+            except DistillError as e:
+                raise TrainError(str(e)) from None
+            d = cfg.distill or DistillConfig()
+            self.log(f"distilling from {opts.distill} ({sum(p.numel() for p in self.teacher.parameters()) / 1e6:.2f}M "
+                     f"params): kl_weight {d.kl_weight:g}, ce_weight {d.ce_weight:g}, temperature {d.temperature:g}")
         self.objective.configure(cfg)
         problem = self.objective.run_problem(cfg)
         if problem is not None:
@@ -541,6 +561,12 @@ class Trainer:
                 with _autocast(cfg, dev):  # the objective's loss (objectives/); ids were validated at setup
                     out = self.objective.train_forward(self.fwd, self.model, ids, labels, batch=batch, **kw)
                 loss_t, aux_t, stats = out.loss, out.aux_loss, out.stats
+                if self.teacher is not None:
+                    from .distill import distill_loss
+
+                    with _autocast(cfg, dev):
+                        loss_t, kl_t = distill_loss(out, self.teacher, ids, cfg.distill)
+                    stats = {**(stats or {}), "distill/kl": kl_t}
                 if kw and stats is not None:
                     stats = {k: v for k, v in stats.items() if k != "etd/route_slots"}
             (loss_t / cfg.grad_accum).backward()

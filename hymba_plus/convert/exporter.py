@@ -1,0 +1,85 @@
+"""Export: a hymba_plus checkpoint whose recipe an HF architecture expresses -> an HF folder
+(``config.json``, ``model.safetensors`` or shards with an index, ``generation_config.json``,
+the tokenizer) that ``transformers`` loads with no missing or unexpected weights.
+
+The family is the simplest one with every feature the recipe uses (``families``), or the one
+asked for; a recipe it cannot express is refused with one line naming the first layer or
+option (``Family.problems``). Tensors are read memory-mapped from ``model.safetensors`` and
+written shard by shard (``loader.ShardWriter``), experts in the per-expert layout HF
+checkpoints are saved in.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..core.recipe import RecipeError, load_recipe
+from .families import family_for_recipe
+from .importer import check_rules, meta_state
+from .loader import ConvertError, ShardedReader, ShardWriter
+from .staging import check_output, staged
+
+
+def export_hf(ckpt: str | Path, out: str | Path, *, architecture: str | None = None,
+              max_shard_bytes: int | None = None) -> Path:
+    """Write the HF folder ``out`` for the hymba_plus checkpoint ``ckpt``; returns ``out``."""
+    ckpt, out = Path(ckpt), Path(out)
+    check_output(out)
+    path = ckpt / "recipe.yaml"
+    if not path.is_file():
+        raise ConvertError(f"{path}: missing (not a hymba_plus checkpoint folder)")
+    try:
+        recipe = load_recipe(path)
+    except RecipeError as e:
+        raise ConvertError(e.errors[0]) from None
+    fam = family_for_recipe(recipe, architecture)
+    problems = fam.problems(recipe)
+    if problems:
+        raise ConvertError(f"{path}: {problems[0]} ({fam.architecture} cannot express it)")
+    reader = ShardedReader(ckpt)
+    ours = meta_state(recipe)
+    rules = fam.rules(recipe)
+    check_rules(rules, ours)
+    for k, t in ours.items():
+        if k not in reader:
+            raise ConvertError(f"{ckpt / 'model.safetensors'}: tensor {k!r} missing (recipe.yaml implies it)")
+        if reader.shape(k) != tuple(t.shape):
+            raise ConvertError(f"{ckpt / 'model.safetensors'}: tensor {k!r} has shape {list(reader.shape(k))}, "
+                               f"recipe.yaml implies {list(t.shape)}")
+    for rule in rules:
+        if not rule.theirs:  # a tensor HF lacks: it must be zero (MoE expert_bias)
+            for k in rule.ours:
+                if bool(reader.get(k).any()):
+                    raise ConvertError(f"{ckpt / 'model.safetensors'}: {k} is nonzero ({fam.architecture} has no "
+                                       "expert bias)")
+    tok_text = None
+    tok_path = ckpt / "tokenizer.json"
+    if tok_path.is_file():
+        from ..training.tokenizer import TokenizerError, load_file
+
+        try:
+            tok = load_file(tok_path)
+        except TokenizerError as e:
+            raise ConvertError(str(e)) from None
+        tok_text = tok.to_json() if tok.kind == "tokenizers" else None
+    cfg = fam.hf_config(recipe)
+    dtype = None
+    with staged(out) as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes, metadata={"format": "pt"})
+        for rule in rules:
+            if not rule.theirs:
+                continue
+            for name, t in zip(rule.theirs, rule.to_theirs([reader.get(k) for k in rule.ours])):
+                writer.add(name, t)
+                dtype = dtype or t.dtype
+        writer.close()
+        cfg["dtype"] = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+        cfg["torch_dtype"] = cfg["dtype"]
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps({"do_sample": False}, indent=2) + "\n")
+        if tok_text is not None:
+            (tmp / "tokenizer.json").write_text(tok_text, encoding="utf-8")
+            (tmp / "tokenizer_config.json").write_text(
+                json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}, indent=2) + "\n")
+    return out

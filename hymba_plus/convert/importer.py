@@ -1,0 +1,170 @@
+"""Import: an HF model folder -> a hymba_plus checkpoint (``recipe.yaml``, ``model.safetensors``,
+``tokenizer.json``) that ``from_pretrained`` / ``hymba generate`` load.
+
+Order of work (everything that can fail on bad input fails before anything is written):
+1. ``config.json`` -> the family (``families``) -> a recipe, validated by ``load_recipe``;
+2. the safetensors headers (``loader.ShardedReader``: index and shards present) against the
+   shapes the recipe implies (``to_theirs`` on meta tensors): a missing, extra or mis-shaped
+   tensor is one line;
+3. ``tokenizer.json`` (required unless ``tokenizer=False``): a valid ``tokenizers`` file whose
+   vocabulary fits ``vocab_size``;
+4. the tensors, rule by rule (one layer's source tensors at a time, read memory-mapped) into
+   the output state, written once to a staging folder renamed to ``out`` at the end.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..core.recipe import Recipe, RecipeError, load_recipe
+from .families import family_of_config
+from .family import Family, HFConfig
+from .loader import ConvertError, ShardedReader
+from .rules import Rule
+from .staging import staged
+
+
+def read_hf_config(src: Path) -> dict[str, Any]:
+    path = src / "config.json"
+    if not src.is_dir():
+        raise ConvertError(f"{src}: not a folder")
+    if not path.is_file():
+        raise ConvertError(f"{path}: missing (an HF model folder has config.json)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConvertError(f"{path}: not JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConvertError(f"{path}: must be a JSON object")
+    return data
+
+
+def hf_recipe(src: Path, name: str | None = None) -> tuple[Family, Recipe]:
+    """The family and the validated recipe of an HF folder's ``config.json``."""
+    data = read_hf_config(src)
+    source = str(src / "config.json")
+    fam = family_of_config(data, source)
+    rd = fam.recipe_dict(HFConfig(data, source), name or src.resolve().name or "imported")
+    try:
+        return fam, load_recipe(rd)
+    except RecipeError as e:
+        raise ConvertError(f"{source}: not expressible as a recipe: {e.errors[0]}") from None
+
+
+def meta_state(recipe: Recipe) -> dict[str, Tensor]:
+    """Our parameter and buffer shapes for ``recipe``, as meta tensors (no memory)."""
+    from ..models.lm import HybridLM
+
+    with torch.device("meta"):
+        model = HybridLM(recipe)
+    state = dict(model.state_dict())
+    if recipe.model.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def check_rules(rules: list[Rule], ours: dict[str, Tensor]) -> None:
+    """Every tensor of ours is produced by exactly one rule (a programming error otherwise)."""
+    covered = [k for r in rules for k in r.ours]
+    missing = sorted(set(ours) - set(covered))
+    extra = sorted(set(covered) - set(ours))
+    if missing or extra or len(covered) != len(set(covered)):
+        raise AssertionError(f"conversion rules do not cover the model: missing {missing[:3]}, extra {extra[:3]}")
+
+
+def expected_theirs(rule: Rule, ours: dict[str, Tensor]) -> list[Tensor]:
+    return rule.to_theirs([ours[k] for k in rule.ours]) if rule.theirs else []
+
+
+def check_tokenizer(path: Path, vocab_size: int) -> str:
+    from ..training.tokenizer import TokenizerError, load_file
+
+    if not path.is_file():
+        raise ConvertError(f"{path}: missing (pass --no-tokenizer to import the weights without one)")
+    try:
+        tok = load_file(path)
+    except TokenizerError as e:
+        raise ConvertError(str(e)) from None
+    if tok.kind != "tokenizers":
+        raise ConvertError(f"{path}: not a `tokenizers` JSON file")
+    if tok.vocab_size > vocab_size:
+        raise ConvertError(f"{path}: {tok.vocab_size} tokens but config.json vocab_size is {vocab_size} "
+                           "(the tokenizer does not match the model)")
+    return tok.to_json()
+
+
+def plan(reader: ShardedReader, rules: list[Rule], ours: dict[str, Tensor], ignore: tuple[str, ...],
+         allow_unused: tuple[str, ...] = ()) -> None:
+    """Check every HF tensor the rules read exists with the implied shape, and no other is left."""
+    used: set[str] = set()
+    for rule in rules:
+        for name, want in zip(rule.theirs, expected_theirs(rule, ours)):
+            if name not in reader:
+                raise ConvertError(f"{reader.folder}: tensor {name!r} missing (config.json implies it)")
+            got = reader.shape(name)
+            if got != tuple(want.shape):
+                raise ConvertError(f"{reader.folder}: tensor {name!r} has shape {list(got)} but config.json implies "
+                                   f"{list(want.shape)}")
+            used.add(name)
+    for k in reader.keys():
+        if k not in used and not k.startswith(ignore) and k not in allow_unused:
+            raise ConvertError(f"{reader.folder}: tensor {k!r} is not used by the model config.json describes "
+                               "(unexpected weight)")
+
+
+def fused_experts(reader: ShardedReader) -> bool:
+    """Whether the checkpoint stores experts fused as 3-D tensors (transformers 5 in-memory layout)."""
+    return any(k.endswith(".experts.gate_up_proj") for k in reader.keys())
+
+
+def load_state(reader: ShardedReader, rules: list[Rule], ours: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Our state from the HF tensors, rule by rule (only one rule's source tensors in memory)."""
+    state: dict[str, Tensor] = {}
+    for rule in rules:
+        src = [reader.get(k) for k in rule.theirs] if rule.theirs else [ours[k] for k in rule.ours]
+        for k, t in zip(rule.ours, rule.to_ours(src)):
+            state[k] = t.contiguous()
+        del src
+    return state
+
+
+def read_hf(src: Path, name: str | None = None, tokenizer: bool = True) -> tuple[Recipe, dict[str, Tensor], str | None]:
+    """(recipe, our state, tokenizer JSON or None) of an HF folder, after every check."""
+    _, recipe, state, tok = _read(src, name, tokenizer)
+    return recipe, state, tok
+
+
+def _read(src: Path, name: str | None, tokenizer: bool) -> tuple[Family, Recipe, dict[str, Tensor], str | None]:
+    fam, recipe = hf_recipe(src, name)
+    reader = ShardedReader(src)
+    ours = meta_state(recipe)
+    rules = fam.rules(recipe, fused_experts(reader))
+    check_rules(rules, ours)
+    tied_head = ("lm_head.weight",) if recipe.model.tie_embeddings else ()
+    plan(reader, rules, ours, fam.ignore_prefixes, tied_head)
+    tok = check_tokenizer(src / "tokenizer.json", recipe.model.vocab_size) if tokenizer else None
+    return fam, recipe, load_state(reader, rules, ours), tok
+
+
+def import_hf(src: str | Path, out: str | Path, *, name: str | None = None, tokenizer: bool = True) -> Path:
+    """Convert the HF folder ``src`` into the hymba_plus checkpoint folder ``out``; returns ``out``."""
+    from ..models.lm import write_safetensors
+    from .staging import check_output
+
+    src, out = Path(src), Path(out)
+    check_output(out)
+    fam, recipe, state, tok = _read(src, name, tokenizer)
+    arch = fam.architecture
+    with staged(out) as tmp:
+        write_safetensors(state, tmp / "model.safetensors",
+                          metadata={"recipe_hash": recipe.hash(), "format": "hymba_plus", "converted_from": arch})
+        (tmp / "recipe.yaml").write_text(f"# imported from {arch} ({src.resolve().name}) by hymba convert\n"
+                                         + recipe.to_yaml())
+        if tok is not None:
+            (tmp / "tokenizer.json").write_text(tok, encoding="utf-8")
+    return out

@@ -1,0 +1,65 @@
+"""Knowledge distillation for ``hymba train --distill TEACHER_CKPT`` (the recipe's
+``train.distill`` section, ``training.config.DistillConfig``): a frozen teacher checkpoint
+scores every training batch and the student learns
+
+    loss = ce_weight * objective loss + kl_weight * T^2 * KL(p_teacher^T || p_student^T) + aux losses
+
+with ``p^T = softmax(logits / T)``, the KL averaged over every position of the batch (Hinton,
+Vinyals, Dean 2015, arXiv 1503.02531; the T^2 keeps the gradient scale independent of T).
+The usual recovery step after hybridizing a pretrained transformer (``hymba convert
+--hybridize``): Mamba-in-the-Llama, arXiv 2408.15237 §4.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import DistillConfig
+
+
+class DistillError(ValueError):
+    """A teacher that cannot be used (one line)."""
+
+
+def load_teacher(path: str | Path, student: Any, device: torch.device) -> Any:
+    """The frozen teacher (eval mode, no gradients) from a checkpoint folder; its vocabulary
+    must be the student's."""
+    from ..models.lm import CheckpointError, from_pretrained
+
+    try:
+        teacher = from_pretrained(path)
+    except CheckpointError as e:
+        raise DistillError(f"--distill: {e}") from None
+    if teacher.config.vocab_size != student.config.vocab_size:
+        raise DistillError(f"--distill {path}: vocab_size {teacher.config.vocab_size} differs from the student's "
+                           f"{student.config.vocab_size}")
+    if student.objective.mask_token_id is not None:
+        raise DistillError("--distill: only for next-token training (the recipe's objective must be next_token)")
+    teacher.requires_grad_(False)
+    return teacher.to(device).eval()
+
+
+def kl_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """T^2 * mean over positions of KL(softmax(t / T) || softmax(s / T)), in float32."""
+    T = temperature
+    s = F.log_softmax(student_logits.float() / T, dim=-1).flatten(0, -2)
+    t = F.log_softmax(teacher_logits.float() / T, dim=-1).flatten(0, -2)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * (T * T)
+
+
+def distill_loss(out: Any, teacher: Any, ids: Tensor, cfg: DistillConfig | None) -> tuple[Tensor, Tensor]:
+    """(the loss to train, the KL term) for a student ``ModelOutput`` on ``ids``."""
+    cfg = cfg or DistillConfig()
+    with torch.no_grad():
+        t_logits = teacher(ids, check_inputs=False).logits
+    kl = kl_loss(out.logits, t_logits, cfg.temperature)
+    lm = out.loss if out.aux_loss is None else out.loss - out.aux_loss
+    loss = cfg.ce_weight * lm + cfg.kl_weight * kl
+    if out.aux_loss is not None:
+        loss = loss + out.aux_loss
+    return loss, kl.detach()

@@ -1,0 +1,179 @@
+"""``hymba convert``: import / export of HF checkpoints for every supported class, against the
+HF implementation itself (tiny random-init models, float32, no network)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from hymba_plus import from_pretrained
+from hymba_plus.cli import main
+from hymba_plus.convert import export_hf, import_hf
+from tests.hf_models import CLASSES, VOCAB, hf_model, save_hf
+
+tf = pytest.importorskip("transformers")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def tensors(path) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    out = {}
+    files = sorted(path.glob("*.safetensors"))
+    for f in files:
+        with safe_open(str(f), "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+@pytest.fixture(scope="module", params=CLASSES)
+def pair(request, tmp_path_factory):
+    """(architecture, HF model, its folder, our imported checkpoint) per class."""
+    arch = request.param
+    root = tmp_path_factory.mktemp(arch)
+    model = hf_model(arch)
+    src = save_hf(model, root / "hf")
+    assert main(["convert", str(src), str(root / "ours")]) == 0
+    return arch, model, src, root / "ours"
+
+
+def test_import_logits_cache_and_generate_match_hf(pair):
+    arch, hf, _, ours_dir = pair
+    ours = from_pretrained(ours_dir).eval()
+    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(ids).logits
+        got = ours(ids).logits
+        assert rel(got, want) <= 1e-4, arch
+        cache = ours.new_cache(2)  # prefill 7 tokens, then decode one token at a time
+        steps = [ours(ids[:, :7], cache=cache).logits] + [ours(ids[:, t:t + 1], cache=cache).logits
+                                                          for t in range(7, 20)]
+        assert rel(torch.cat(steps, 1), want) <= 1e-4, arch
+    prompt = ids[:, :6]
+    g_hf = hf.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    g_ours = ours.generate(prompt, max_new_tokens=10, temperature=0.0)
+    assert torch.equal(g_ours, g_hf), arch
+
+
+def test_import_writes_a_checkpoint_hymba_check_and_generate_accept(pair, capsys):
+    arch, _, _, ours_dir = pair
+    capsys.readouterr()
+    assert main(["check", str(ours_dir / "recipe.yaml")]) == 0
+    assert main(["generate", str(ours_dir), "--prompt", "t1 t2 t3", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert sorted(p.name for p in ours_dir.iterdir()) == ["model.safetensors", "recipe.yaml", "tokenizer.json"]
+
+
+def test_export_loads_in_hf_without_missing_or_unexpected_weights(pair, tmp_path):
+    arch, hf, src, ours_dir = pair
+    assert main(["convert", str(ours_dir), str(tmp_path / "hf")]) == 0
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["architectures"] == [arch]
+    back, info = getattr(tf, arch).from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert rel(back.eval()(ids).logits, hf(ids).logits) <= 1e-4
+    # the exported tensors are the original checkpoint's, bit for bit, under the same names
+    orig, exported = tensors(src), tensors(tmp_path / "hf")
+    assert sorted(orig) == sorted(exported)
+    assert all(torch.equal(orig[k], exported[k]) for k in orig)
+
+
+def test_round_trip_import_export_import_is_bit_exact(pair, tmp_path):
+    _, _, _, ours_dir = pair
+    export_hf(ours_dir, tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "again")
+    a, b = tensors(ours_dir), tensors(tmp_path / "again")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    body = [ln for ln in (ours_dir / "recipe.yaml").read_text().splitlines() if not ln.startswith("#")]
+    again = [ln for ln in (tmp_path / "again" / "recipe.yaml").read_text().splitlines() if not ln.startswith("#")]
+    assert body[1:] == again[1:]  # the name (the source folder's) aside
+
+
+@pytest.mark.parametrize("arch", ["Qwen3MoeForCausalLM", "Qwen3NextForCausalLM"])
+def test_sharded_checkpoints_import_and_export(arch, tmp_path):
+    model = hf_model(arch, seed=3, tie_word_embeddings=True)
+    save_hf(model, tmp_path / "one")
+    save_hf(model, tmp_path / "sharded", max_shard_size="40KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 2
+    import_hf(tmp_path / "one", tmp_path / "a")
+    import_hf(tmp_path / "sharded", tmp_path / "b")
+    a, b = tensors(tmp_path / "a"), tensors(tmp_path / "b")
+    assert "lm_head.weight" not in a and all(torch.equal(a[k], b[k]) for k in a)
+    assert main(["convert", str(tmp_path / "b"), str(tmp_path / "hf"), "--max-shard-size", "30KB"]) == 0
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    back, info = getattr(tf, arch).from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    ids = torch.randint(0, VOCAB, (1, 12))
+    with torch.no_grad():
+        assert rel(back.eval()(ids).logits, model(ids).logits) <= 1e-4
+
+
+def test_transformers5_fused_expert_layout_imports(tmp_path):
+    """Experts stored as 3-D ``gate_up_proj`` [E, 2h, d] / ``down_proj`` [E, d, h] (transformers 5's
+    in-memory layout) import to the same model as the per-expert layout checkpoints use."""
+    from safetensors.torch import save_file
+
+    model = hf_model("Qwen3MoeForCausalLM", seed=4)
+    save_hf(model, tmp_path / "hf")
+    (tmp_path / "fused").mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (tmp_path / "fused" / name).write_text((tmp_path / "hf" / name).read_text())
+    per_expert = tensors(tmp_path / "hf")
+    fused = {k: v for k, v in per_expert.items() if ".experts." not in k}
+    for i in (0, 2, 3):  # the MoE layers (layer 1 is mlp-only)
+        p = f"model.layers.{i}.mlp.experts"
+        fused[f"{p}.gate_up_proj"] = torch.stack([torch.cat([per_expert[f"{p}.{e}.gate_proj.weight"],
+                                                             per_expert[f"{p}.{e}.up_proj.weight"]]) for e in range(4)])
+        fused[f"{p}.down_proj"] = torch.stack([per_expert[f"{p}.{e}.down_proj.weight"] for e in range(4)])
+    save_file(fused, str(tmp_path / "fused" / "model.safetensors"))
+    import_hf(tmp_path / "hf", tmp_path / "a")
+    import_hf(tmp_path / "fused", tmp_path / "b")
+    a, b = tensors(tmp_path / "a"), tensors(tmp_path / "b")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pooled_balance_loss_equals_hf_router_aux_loss(tmp_path):
+    """``balance_loss: pooled`` (what an imported Qwen3-MoE recipe says) is HF's loss: pooled over
+    layers, f summing to top_k, one router_aux_loss_coef."""
+    model = hf_model("Qwen3MoeForCausalLM", seed=5, router_aux_loss_coef=0.05, output_router_logits=True,
+                     mlp_only_layers=[])
+    save_hf(model, tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "ours")
+    ours = from_pretrained(tmp_path / "ours").eval()
+    assert ours.recipe.component("moe").balance_loss == "pooled"
+    ids = torch.randint(0, VOCAB, (3, 10), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = model(ids, labels=ids).aux_loss * 0.05
+        got = ours(ids, labels=ids).aux_loss
+    assert float(got) > 0 and abs(float(got) - float(want)) <= 1e-5 * float(want)
+
+
+@pytest.mark.parametrize("arch, rope", [
+    ("LlamaForCausalLM", {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    ("Qwen3ForCausalLM", {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
+])
+def test_scaled_rope_imports_and_exports(arch, rope, tmp_path):
+    """Llama 3's RoPE scaling (the ``original_max_position_embeddings`` of 16 puts the 4 frequency
+    pairs of a head_dim 8 in all three bands) and linear scaling, both ways."""
+    model = hf_model(arch, seed=9, rope_parameters=rope)
+    save_hf(model, tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "ours")
+    ours = from_pretrained(tmp_path / "ours").eval()
+    assert ours.recipe.component("gated_attn").rope.scaling.kind == rope["rope_type"]
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(ids).logits
+        assert rel(ours(ids).logits, want) <= 1e-4
+    export_hf(tmp_path / "ours", tmp_path / "back")
+    back = getattr(tf, arch).from_pretrained(tmp_path / "back").eval()
+    with torch.no_grad():
+        assert rel(back(ids).logits, want) <= 1e-4

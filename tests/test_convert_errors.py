@@ -1,0 +1,137 @@
+"""``hymba convert`` on bad input: one line on stderr, exit 1, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from hymba_plus.cli import main
+from tests.helpers import tree_changes, tree_snapshot
+from tests.hf_models import VOCAB, hf_model, save_hf, word_tokenizer
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return save_hf(hf_model("Qwen3ForCausalLM", seed=7), root / "sharded", max_shard_size="40KB")
+
+
+def run_fails(capsys, tmp_path, args, *expect):  # noqa: ANN001
+    """Run ``hymba convert ARGS``; it must fail with one line containing every ``expect`` and leave
+    ``tmp_path`` unchanged."""
+    before = tree_snapshot(tmp_path)
+    capsys.readouterr()
+    rc = main(["convert", *map(str, args)])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for e in expect:
+        assert e in lines[0], lines[0]
+    assert tree_changes(before, tree_snapshot(tmp_path)) == []
+    return lines[0]
+
+
+def copy(src, dst):  # noqa: ANN001
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_unsupported_architecture(sharded, tmp_path, capsys):
+    src = copy(sharded, tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    run_fails(capsys, tmp_path, [src, tmp_path / "out"], "config.json: architectures: 'GPT2LMHeadModel' is not "
+              "supported", "Qwen3NextForCausalLM")
+
+
+def test_missing_shard(sharded, tmp_path, capsys):
+    src = copy(sharded, tmp_path / "src")
+    victim = sorted(src.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    run_fails(capsys, tmp_path, [src, tmp_path / "out"], victim.name, "missing shard")
+
+
+def test_shape_not_matching_config(sharded, tmp_path, capsys):
+    src = copy(sharded, tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["intermediate_size"] = 48
+    (src / "config.json").write_text(json.dumps(cfg))
+    run_fails(capsys, tmp_path, [src, tmp_path / "out"], "model.layers.0.mlp.gate_proj.weight", "[64, 32]",
+              "config.json implies [48, 32]")
+
+
+def test_tokenizer_not_matching_vocabulary(sharded, tmp_path, capsys):
+    src = copy(sharded, tmp_path / "src")
+    word_tokenizer(src / "tokenizer.json", VOCAB + 10)
+    run_fails(capsys, tmp_path, [src, tmp_path / "out"], "tokenizer.json", f"{VOCAB + 10} tokens",
+              f"vocab_size is {VOCAB}")
+    (src / "tokenizer.json").unlink()
+    run_fails(capsys, tmp_path, [src, tmp_path / "out"], "tokenizer.json: missing", "--no-tokenizer")
+
+
+def test_unexpected_tensor_and_unsupported_options(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    src = save_hf(hf_model("LlamaForCausalLM", seed=8), tmp_path / "src")
+    state = load_file(str(src / "model.safetensors"))
+    state["model.layers.0.self_attn.extra.weight"] = state["model.norm.weight"].clone()
+    save_file(state, str(src / "model.safetensors"))
+    run_fails(capsys, tmp_path, [src, tmp_path / "out"], "model.layers.0.self_attn.extra.weight", "unexpected")
+    src2 = save_hf(hf_model("LlamaForCausalLM", seed=8, rope_parameters={"rope_type": "yarn", "factor": 4.0,
+                                                                        "rope_theta": 1e4}), tmp_path / "src2")
+    run_fails(capsys, tmp_path, [src2, tmp_path / "out"], "rope_type", "'yarn' is not supported")
+    src3 = save_hf(hf_model("LlamaForCausalLM", seed=8, hidden_act="gelu"), tmp_path / "src3")
+    run_fails(capsys, tmp_path, [src3, tmp_path / "out"], "config.json: hidden_act: 'gelu' is not supported")
+
+
+def test_existing_output_is_never_overwritten(sharded, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    run_fails(capsys, tmp_path, [sharded, out], "already exists")
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_not_a_model_folder(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    run_fails(capsys, tmp_path, [tmp_path / "empty", tmp_path / "out"], "neither an HF model folder")
+    run_fails(capsys, tmp_path, [tmp_path / "nope", tmp_path / "out"], "no such folder")
+
+
+@pytest.mark.parametrize("pattern, first", [
+    ("GA | M3 | GA", "layer 1 (M3+mlp): mixer mamba3 is not expressible"),
+    ("GA | GA+moe", "components.moe.bias_update_rate"),
+])
+def test_export_names_the_first_thing_hf_cannot_express(tmp_path, capsys, pattern, first):
+    from hymba_plus import build_model
+
+    comps = {"gated_attn": {"n_heads": 2, "head_dim": 16}, "mamba3": {"state_size": 8, "head_dim": 16, "expand": 1},
+             "moe": {"n_experts": 4, "top_k": 2, "n_shared": 0, "bias_update_rate": 0.01}}
+    model = build_model({"name": "x", "model": {"vocab_size": 64, "d_model": 32, "block_pattern": pattern},
+                         "components": comps})
+    model.save_pretrained(tmp_path / "ckpt")
+    line = run_fails(capsys, tmp_path, [tmp_path / "ckpt", tmp_path / "hf"], first)
+    assert "cannot express it" in line
+
+
+def test_export_of_meta_tokens_and_windows_is_refused(tmp_path, capsys):
+    from hymba_plus import build_model
+
+    build_model({"name": "x", "model": {"vocab_size": 64, "d_model": 32, "block_pattern": "GA", "meta_tokens": 2},
+                 "components": {"gated_attn": {"n_heads": 2}}}).save_pretrained(tmp_path / "a")
+    run_fails(capsys, tmp_path, [tmp_path / "a", tmp_path / "hf"], "model.meta_tokens")
+    build_model({"name": "x", "model": {"vocab_size": 64, "d_model": 32, "block_pattern": "GA"},
+                 "components": {"gated_attn": {"n_heads": 2, "window": 8}}}).save_pretrained(tmp_path / "b")
+    run_fails(capsys, tmp_path, [tmp_path / "b", tmp_path / "hf"], "components.gated_attn.window")
+
+
+def test_usage_errors_exit_2(sharded, tmp_path, capsys):
+    assert main(["convert", str(sharded), str(tmp_path / "o"), "--max-shard-size", "lots"]) == 2
+    assert main(["convert", str(sharded), str(tmp_path / "o"), "--architecture", "LlamaForCausalLM"]) == 2
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,161 @@
+"""``hymba convert --hybridize`` and ``hymba train --distill``: which tensors map, the errors,
+and the CPU recovery experiment in small (``benchmarks/hybridize.py`` runs the full one)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hymba_plus import build_model, from_pretrained
+from hymba_plus.cli import main
+from hymba_plus.convert import ConvertError, hybridize
+from hymba_plus.core.recipe import RecipeError, load_recipe
+
+ATTN = {"n_heads": 4, "n_kv_heads": 2, "head_dim": 16}
+COMPS = {"gated_attn": ATTN, "gdn": {"n_heads": 4, "head_dim": 16}, "mlp": {"d_hidden": 128},
+         "mamba3": {"state_size": 16, "head_dim": 16, "expand": 1}}
+TRAIN = {"batch_size": 64, "seq_len": 16, "mqar_pairs": 4, "warmup_steps": 5, "eval_batches": 4, "save_every": 1000,
+         "data": "mqar"}
+
+
+def recipe(pattern: str, **train) -> dict:
+    r = {"name": "r", "model": {"vocab_size": 32, "d_model": 64, "block_pattern": pattern, "max_seq_len": 64},
+         "components": {k: v for k, v in COMPS.items() if k != "mamba3" or "M3" in pattern}}
+    if train:
+        r["train"] = {**TRAIN, **train}
+    return r
+
+
+def test_attention_weights_map_into_gdn_and_mamba3(tmp_path):
+    torch.manual_seed(0)
+    src = build_model(recipe("GA | GA | GA"))
+    src.save_pretrained(tmp_path / "src")
+    lines = hybridize(tmp_path / "src", tmp_path / "h", recipe("GD | GA | M3"))
+    assert lines == ["layer 0: attention -> gdn: q<-q_proj, k<-k_proj, v<-v_proj, out_proj<-o_proj, conv=identity",
+                     "layer 2: attention -> mamba3: x<-v_proj, B<-k_proj, C<-q_proj, out_proj<-o_proj"]
+    s, h = src.state_dict(), from_pretrained(tmp_path / "h").state_dict()
+    kv = [0, 0, 1, 1]  # GQA: 4 heads read 2 key/value heads
+
+    def heads(w, idx):  # noqa: ANN001, ANN202
+        return w.reshape(-1, 16, w.shape[-1])[idx].reshape(-1, w.shape[-1])
+
+    q, k, v = h["blocks.0.mixer.qkv_proj.weight"].split([64, 64, 64])
+    assert torch.equal(q, s["blocks.0.mixer.q_proj.weight"])
+    assert torch.equal(k, heads(s["blocks.0.mixer.k_proj.weight"], kv))
+    assert torch.equal(v, heads(s["blocks.0.mixer.v_proj.weight"], kv))
+    assert torch.equal(h["blocks.0.mixer.out_proj.weight"], s["blocks.0.mixer.o_proj.weight"])
+    conv = h["blocks.0.mixer.conv_weight"]
+    assert torch.equal(conv[:, -1], torch.ones(192)) and not conv[:, :-1].any()
+    m3 = from_pretrained(tmp_path / "h").blocks[2].mixer
+    w = h["blocks.2.mixer.in_proj.weight"]
+    z, x, B, C = (sum(m3.splits[:i]) for i in range(4))
+    assert torch.equal(w[x:x + 64], heads(s["blocks.2.mixer.v_proj.weight"], kv))
+    assert torch.equal(w[B:B + 16], s["blocks.2.mixer.k_proj.weight"][:16])
+    assert torch.equal(w[C:C + 16], s["blocks.2.mixer.q_proj.weight"][:16])
+    assert torch.equal(h["blocks.2.mixer.out_proj.weight"], s["blocks.2.mixer.o_proj.weight"])
+    # kept layers, norms, MLPs, embeddings: copied exactly
+    for key in s:
+        if not key.startswith(("blocks.0.mixer.", "blocks.2.mixer.")):
+            assert torch.equal(h[key], s[key]), key
+
+
+@pytest.mark.parametrize("pattern, msg", [
+    ("GD | GA", "model.block_pattern: 2 layers, the source has 3"),
+    ("GD | GA | GA+none", "layer 2 (GA+none): channel mixer none differs from the source's mlp"),
+    ("ATL | GA | GA", "cannot start atlas from the source's gated_attn"),
+])
+def test_hybridize_errors_are_one_line_and_write_nothing(tmp_path, capsys, pattern, msg):
+    build_model(recipe("GA | GA | GA")).save_pretrained(tmp_path / "src")
+    r = recipe(pattern)
+    r["components"]["atlas"] = {"n_heads": 4, "head_dim": 16, "poly_degree": 1}
+    (tmp_path / "h.yaml").write_text(json.dumps(r))
+    with pytest.raises(ConvertError, match=re.escape(msg)):
+        hybridize(tmp_path / "src", tmp_path / "out", tmp_path / "h.yaml")
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--hybridize", str(tmp_path / "h.yaml")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and msg in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_distill_settings_are_strict():
+    for bad, msg in [({"kl_wieght": 1.0}, "did you mean 'kl_weight'"),
+                     ({"temperature": 0.0}, "train.distill.temperature: must be > 0"),
+                     ({"kl_weight": 0.0, "ce_weight": 0.0}, "nothing to train")]:
+        with pytest.raises(RecipeError, match=msg):
+            load_recipe(recipe("GA", distill=bad))
+    assert load_recipe(recipe("GA", distill={"temperature": 2.0})).train.distill.temperature == 2.0
+
+
+def test_distill_teacher_must_share_the_vocabulary(tmp_path, capsys):
+    build_model({**recipe("GA"), "model": {**recipe("GA")["model"], "vocab_size": 40}}).save_pretrained(tmp_path / "t")
+    (tmp_path / "s.yaml").write_text(json.dumps(recipe("GA", steps=2)))
+    rc = main(["train", str(tmp_path / "s.yaml"), "--distill", str(tmp_path / "t"), "--out", str(tmp_path / "o"),
+               "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and "vocab_size 40 differs from the student's 32" in err[-1]
+    assert not (tmp_path / "o").exists()
+
+
+def final_accuracy(out) -> list[float]:  # noqa: ANN001
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["eval_accuracy"] for r in rows if "eval_accuracy" in r]
+
+
+def test_hybridized_and_distilled_recovers_the_teacher_far_faster_than_scratch(tmp_path):
+    """A GA-only teacher trained on MQAR; half its layers become gdn; 30 steps of distillation
+    recover most of its accuracy, 30 steps from scratch do not come close."""
+    (tmp_path / "teacher.yaml").write_text(json.dumps(recipe("GA | GA | GA | GA", steps=120, warmup_steps=20,
+                                                             eval_every=120)))
+    (tmp_path / "hybrid.yaml").write_text(json.dumps(recipe("GD | GA | GD | GA", steps=30, eval_every=30,
+                                                            distill={"kl_weight": 1.0, "ce_weight": 1.0})))
+    assert main(["train", str(tmp_path / "teacher.yaml"), "--out", str(tmp_path / "t"), "--no-progress"]) == 0
+    teacher = final_accuracy(tmp_path / "t")[-1]
+    assert teacher > 0.9
+    assert main(["convert", str(tmp_path / "t" / "step-120"), str(tmp_path / "h"), "--hybridize",
+                 str(tmp_path / "hybrid.yaml")]) == 0
+    assert main(["train", str(tmp_path / "h"), "--distill", str(tmp_path / "t" / "step-120"), "--out",
+                 str(tmp_path / "d"), "--no-progress"]) == 0
+    assert main(["train", str(tmp_path / "hybrid.yaml"), "--out", str(tmp_path / "s"), "--no-progress"]) == 0
+    distilled, scratch = final_accuracy(tmp_path / "d")[-1], final_accuracy(tmp_path / "s")[-1]
+    assert distilled >= 0.8 * teacher, (teacher, distilled, scratch)
+    assert distilled > scratch + 0.3, (teacher, distilled, scratch)
+    rows = [json.loads(x) for x in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
+    assert "distill/kl" in rows[-1] and "distill/kl" not in json.loads(
+        (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert load_file(str(tmp_path / "d" / "step-30" / "model.safetensors"))  # a loadable checkpoint
+
+
+@pytest.mark.parametrize("change, msg", [
+    ({"model": {"norm": {"zero_centered": False}}}, "model.norm: {'zero_centered': False, 'eps': 1e-06} differs"),
+    ({"components": {"gated_attn": {**ATTN, "qk_norm": False}}}, "components.gated_attn.qk_norm: False differs "
+                                                                  "from the source's True"),
+])
+def test_hybrid_must_keep_what_copied_weights_mean(tmp_path, change, msg):
+    build_model(recipe("GA | GA")).save_pretrained(tmp_path / "src")
+    r = recipe("GD | GA")
+    for k, v in change.items():
+        r[k] = {**r[k], **v}
+    with pytest.raises(ConvertError, match=re.escape(msg)):
+        hybridize(tmp_path / "src", tmp_path / "out", r)
+    assert not (tmp_path / "out").exists()
+
+
+def test_hybridize_straight_from_an_hf_folder(tmp_path):
+    """SRC may be an HF folder: the hybrid recipe is the imported one with an edited pattern."""
+    pytest.importorskip("transformers")
+    from hymba_plus.convert.importer import hf_recipe
+    from tests.hf_models import VOCAB, hf_model, save_hf
+
+    save_hf(hf_model("Qwen3ForCausalLM", seed=11), tmp_path / "hf")
+    r = hf_recipe(tmp_path / "hf")[1].to_dict()
+    r["model"]["block_pattern"] = "GD+mlp | GA+mlp | GD+mlp | GA+mlp"
+    r["components"]["gdn"] = {"n_heads": 4, "head_dim": 8}
+    lines = hybridize(tmp_path / "hf", tmp_path / "h", r)
+    assert [ln.split(":")[0] for ln in lines] == ["layer 0", "layer 2"] and all("q<-q_proj" in ln for ln in lines)
+    m = from_pretrained(tmp_path / "h")
+    assert (tmp_path / "h" / "tokenizer.json").is_file()
+    assert m(torch.randint(0, VOCAB, (1, 8))).logits.isfinite().all()
