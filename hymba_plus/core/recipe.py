@@ -212,6 +212,10 @@ class Recipe:
         sections and fields) are left out, so adding an optional field to the schema keeps
         the hashes of existing recipes."""
         d = _drop_none(self.to_dict())
+        if "train" in d and "data" not in d["train"] and self.reads_tokens:
+            # train.data was "mqar" by default before it could be unset (the objective's default):
+            # the same recipes keep their hashes
+            d["train"]["data"] = "mqar"
         if self.model.layout is not None:
             # the layers a ratio layout resolves to depend on the expansion rule (and on the
             # order of the ratios, which the canonical JSON sorts away): name them too, so a
@@ -219,6 +223,12 @@ class Recipe:
             d["resolved_pattern"] = self.pattern
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @property
+    def reads_tokens(self) -> bool:
+        """Whether the model reads token ids (False for objectives that read numbers: forecast)."""
+        kind = self.objective.kind if self.objective is not None else "next_token"
+        return registry.get(objective_kinds()[kind]).cls.reads_tokens
 
     def replace(self, **model_changes: Any) -> "Recipe":
         """A copy with model fields changed (validated again)."""

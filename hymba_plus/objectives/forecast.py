@@ -156,11 +156,17 @@ class Forecast(Objective):
         from ..models.lm import ModelOutput
 
         z_last, z, mu, sigma, out = self._window(fwd, ids, labels, **kw)
-        pred = self.ts_head.denormalize(z_last, mu, sigma)
+        pred = self.values(z_last, mu, sigma)
         sums = fm.window_sums(ids, labels, pred, self.levels, self.cfg.season)
         stats = dict(out.stats or {})
         stats.update({f"forecast/{k}": v for k, v in sums.items()})
         return float(self.loss(z_last, z)), 0, 0, ModelOutput(logits=pred, stats=stats)
+
+    def values(self, z: Tensor, mu: Tensor, sigma: Tensor) -> Tensor:
+        """Forecasts in the series' units from z-score outputs [B, ..., H, C, Q]: quantiles sorted
+        per step (monotone rearrangement, Chernozhukov et al. 2010: never a crossed band), then
+        RevIN's inverse."""
+        return self.ts_head.denormalize(z.sort(-1).values if self.levels is not None else z, mu, sigma)
 
     def eval_sums(self, out: Any) -> dict[str, float]:
         return {k[len("forecast/"):]: float(v) for k, v in (out.stats or {}).items() if k.startswith("forecast/")}
@@ -175,4 +181,4 @@ class Forecast(Objective):
         x = x.float()
         mu, sigma = self.ts_head.stats(x)
         z_hat, _ = self.patch_outputs(model, x, mu, sigma)
-        return self.ts_head.denormalize(z_hat[:, -1], mu, sigma)
+        return self.values(z_hat[:, -1], mu, sigma)
