@@ -93,7 +93,7 @@ def run_forecast(args: Any, model: Any, ckpt: Path) -> int:
             tgt = torch.stack([x[0, o:o + cfg.horizon] for o in origins[full].tolist()])
             sums = fm.window_sums(ctx, tgt, preds[full], levels.cpu() if levels is not None else None, cfg.season)
             res = fm.forecast_results({k: float(v) for k, v in sums.items()})
-            lines.append(f"backtest: {len(full)} rolling origins (one cached patch each): MASE {res['mase']:.3f} "
+            lines.append(f"backtest: {len(full)} rolling origin{'s' if len(full) != 1 else ''} (one cached patch each): MASE {res['mase']:.3f} "
                          f"(seasonal naive {res['snaive_mase']:.3f}), CRPS {res['crps']:.4g} (seasonal naive "
                          f"{res['snaive_crps']:.4g}), MSE {res['mse']:.4g}, MAE {res['mae']:.4g}")
         for r, o in enumerate(origins.tolist()):
