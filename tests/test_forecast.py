@@ -333,6 +333,19 @@ def test_info_shows_the_forecast_task(capsys) -> None:
     assert "objective   forecast (ts_head): context 96 = 12 patches of 8 -> horizon 24" in text
 
 
+def test_demo_tour_runs_the_forecast_config(capsys, tmp_path) -> None:
+    """`make demo` on configs/forecast_tiny.yaml: the patch invariant and the cached roll-out."""
+    import shutil
+
+    from hymba_plus import demo
+
+    shutil.copy(REPO / "configs" / "forecast_tiny.yaml", tmp_path / "forecast_tiny.yaml")
+    assert demo.main(["--configs", str(tmp_path), "--no-train", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "patches of 8 values in chunks" in out and "(ok, bound 1e-4)" in out
+    assert "rolled through the cache vs full re-runs" in out
+
+
 # --------------------------------------------------------------------------- it learns
 
 
