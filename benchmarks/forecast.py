@@ -76,7 +76,7 @@ def write_csv(path: Path, stamps: list[str], values: np.ndarray, columns: list[s
             w.writerow([t, *("" if np.isnan(v) else f"{v:.6g}" for v in row)])
 
 
-def recipe(s: dict, steps: int, batch: int, lr: float, data: str, seed: int) -> dict:
+def recipe(s: dict, steps: int, batch: int, lr: float, data: str, seed: int, optimizer: str = "muon") -> dict:
     return {
         "name": "forecast-bench",
         "model": {"d_model": 64, "max_seq_len": 64, "block_pattern": "GD | GA | M3"},
@@ -87,7 +87,7 @@ def recipe(s: dict, steps: int, batch: int, lr: float, data: str, seed: int) -> 
                       **{k: s[k] for k in ("context", "horizon", "patch", "season", "channels")}},
         "train": {"data": data, "steps": steps, "batch_size": batch, "lr": lr, "warmup_steps": max(steps // 20, 1),
                   "eval_every": max(steps // 4, 1), "eval_batches": 2, "save_every": steps, "keep_last": 1,
-                  "seed": seed},
+                  "seed": seed, "optimizer": optimizer},
     }
 
 
@@ -106,7 +106,7 @@ def run_dataset(name: str, args: argparse.Namespace, work: Path) -> dict:
         data = str(work / f"{name}.csv")
         write_csv(Path(data), stamps, values, [name])
         test_data = data
-    r = load_recipe(recipe(s, args.steps, args.batch, args.lr, data, args.seed))
+    r = load_recipe(recipe(s, args.steps, args.batch, args.lr, data, args.seed, args.optimizer))
     out = work / f"run-{name}"
     logs: list[str] = []
     t0 = time.perf_counter()
@@ -185,6 +185,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--optimizer", choices=("muon", "adamw"), default="muon")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "forecast_cpu.json"))
     p.add_argument("--fig", default=str(ROOT / "benchmarks" / "results" / "forecast_cpu.png"))
@@ -200,7 +201,7 @@ def main() -> None:
                   f"(seasonal naive {b['crps']:.4g})  MSE {m['mse']:.4g} ({b['mse']:.4g})  "
                   f"[{res['test_windows']} test windows, {res['steps']} steps, {res['train_seconds']:.0f}s]", flush=True)
     out = {"device": "cpu", "platform": platform.platform(), "torch": torch.__version__, "threads": args.threads,
-           "steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed,
+           "steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed, "optimizer": args.optimizer,
            "date": datetime.utcnow().strftime("%Y-%m-%d"), "results": results}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1))

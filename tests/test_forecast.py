@@ -319,6 +319,14 @@ def test_cli_train_then_generate_forecast(tmp_path, capsys) -> None:
                         "temp_q0.1", "temp_q0.5", "temp_q0.9"]
     assert table[1][:3] == ["2024-01-05 23:00:00", "2024-01-06 00:00:00", "1"] and len(table) == 1 + 12 + 4 * 8
     assert fc.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    # a bad series: one line naming file, line and column; nothing written
+    bad = [r[:] for r in good_rows()]
+    bad[3][1] = "n/a?"
+    bad_csv = write_csv(tmp_path / "bad.csv", bad)
+    assert main(["generate", str(out), "--mode", "forecast", "--data", str(bad_csv), "--out",
+                 str(tmp_path / "none" / "f.csv")]) == 1
+    assert capsys.readouterr().err.strip() == f"hymba generate: {bad_csv}:5: column 'load' (2): 'n/a?' is not a number"
+    assert not (tmp_path / "none").exists()
     # a token checkpoint is not a forecaster, and a forecaster reads no prompt
     assert main(["generate", str(out), "--prompt", "hi"]) == 2
     assert "use --mode forecast --data" in capsys.readouterr().err
