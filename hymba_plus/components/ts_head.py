@@ -58,6 +58,10 @@ class TSHead(nn.Module):
         self.revin_bias = nn.Parameter(torch.zeros(C)) if cfg.revin_affine else None
         self.patch_embed = nn.Linear(P if self.ci else P * C, d_model)
         self.out = nn.Linear(d_model, H * self.n_out * (1 if self.ci else C))
+        # the input embedding and the output head train with AdamW, as a token embedding and an
+        # LM head do (Muon is for hidden matrices: Jordan et al. 2024, "Muon")
+        self.patch_embed._no_muon = True
+        self.out._no_muon = True
 
     def reset_special(self) -> None:
         """After the model's generic init (every Linear from N(0, init_std)): RevIN starts as
