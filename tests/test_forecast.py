@@ -251,6 +251,25 @@ def test_csv_reading_fills_and_reports_missing_values(tmp_path) -> None:
     assert stream.splits.train[1] == lo and ev.labels.shape[0] == len(stream.val_starts)
 
 
+def test_statsmodels_series_go_through_the_csv_reader(tmp_path) -> None:
+    """The real series of benchmarks/forecast.py (the optional extra ``forecast``): CO2's gaps are
+    filled and reported, each dataset has the length the README states."""
+    pytest.importorskip("statsmodels")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_forecast", REPO / "benchmarks" / "forecast.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    lengths = {}
+    for name in ("co2", "sunspots", "elnino"):
+        stamps, values = bench.statsmodels_series(name)
+        bench.write_csv(tmp_path / f"{name}.csv", stamps, values, [name])
+        s = read_csv(tmp_path / f"{name}.csv")
+        assert not torch.isnan(torch.from_numpy(s.values)).any()
+        lengths[name] = (len(s.values), sum(s.filled.values()))
+    assert lengths == {"co2": (2284, 59), "sunspots": (309, 0), "elnino": (732, 0)}
+
+
 def _bad_csvs(tmp_path: Path) -> list[tuple[Path, str]]:
     rows = good_rows()
     only_time = write_csv(tmp_path / "only_time.csv", [[r[0]] for r in rows], header=("timestamp",))
