@@ -118,7 +118,7 @@ def check_two_stream(model, x0: torch.Tensor, xt: torch.Tensor, bs: int, grads: 
 
 def test_registry_names_both_objectives_and_a_plain_recipe_has_none():
     assert {"block_diffusion", "next_token"} <= set(registry.names())
-    assert registry.names("objective") == ["block_diffusion", "ladir_objective", "next_token"]
+    assert registry.names("objective") == ["block_diffusion", "forecast", "ladir_objective", "next_token"]
     d = bd_recipe("GA")
     del d["objective"]
     r = load_recipe(d)
@@ -416,7 +416,7 @@ BAD = {
                     r"objective\.blocksize: unknown key \(did you mean 'block_size'\?\)"),
     "next_token-settings": ({"kind": "next_token", "block_size": 4}, r"objective\.block_size: unknown key"),
     "missing-kind": ({"block_size": 4}, r"objective\.kind: missing required key \(one of: block_diffusion, "
-                                        r"ladir, next_token\)"),
+                                        r"forecast, ladir, next_token\)"),
     "schedule": ({"kind": "block_diffusion", "schedule": "linear"}, r"objective\.schedule: must be one of"),
     "exponent": ({"kind": "block_diffusion", "exponent": 0}, r"objective\.exponent: must be > 0"),
     "not-a-mapping": ("block_diffusion", r"objective: must be a mapping with a 'kind'"),

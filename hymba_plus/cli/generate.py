@@ -36,6 +36,9 @@ the same guarantee and the same stderr line (``mtp: k 2, acceptance rate ...``).
 ``--mode ladir`` (models with a ``ladir`` section): latent reasoning before the answer
 (``models/ladir_decoding.py``); one stderr line per prompt gives the denoising steps each
 latent sample used and whether Prophet stopped it early.
+
+``--mode forecast --data SERIES.csv`` (models trained with the ``forecast`` objective, which
+read numbers, not text): writes the forecast CSV and a PNG plot (``cli/forecast.py``).
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ from . import UsageError, UserError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint folder (or a training --out folder)")
-    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch); required but for "
+                   "--mode forecast")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="tokens to generate (default: 64, or what fits in max_seq_len)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -59,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mode", default="ar", help="decoding mode: ar (default), block_diffusion (models trained "
                    "with that objective), speculative (with --draft), mtp (models with model.mtp) or ladir "
-                   "(models with a ladir section)")
+                   "(models with a ladir section) or forecast (models trained with the forecast objective: --data)")
     p.add_argument("--block-size", type=int, default=None,
                    help="block_diffusion: tokens per block (default: the model's training block size)")
     p.add_argument("--threshold", type=float, default=None,
@@ -75,6 +79,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "1..model.mtp.depth (default: the depth)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, auto")
     p.add_argument("--no-stream", action="store_true", help="print the whole completion at the end")
+    p.add_argument("--data", default=None, metavar="SERIES.csv",
+                   help="forecast: the series to forecast (a timestamp column, then one column per channel)")
+    p.add_argument("--horizon", type=int, default=None,
+                   help="forecast: steps to forecast after the data (default: the model's horizon; longer rolls "
+                        "through the cache)")
+    p.add_argument("--rolling", type=int, default=None, metavar="R",
+                   help="forecast: also backtest at the last R patch boundaries (one cached patch per origin) and "
+                        "print MASE / CRPS next to seasonal naive")
+    p.add_argument("--out", default=None, metavar="FILE.csv",
+                   help="forecast: the forecast CSV (default: forecast.csv); the plot is FILE.png")
     p.add_argument("--think-iterations", type=int, default=None, metavar="N",
                    help="ETD models: think iterations to run, 1..max_iterations (default: the model's "
                         "iterations; with ACT halting max_iterations, each token halting on its own)")
@@ -147,13 +161,33 @@ def _run(args: argparse.Namespace) -> int:
         device = pick_device(args.device)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    series_flags = [f for f, v in (("--data", args.data), ("--horizon", args.horizon), ("--rolling", args.rolling),
+                                   ("--out", args.out)) if v is not None]
+    if series_flags and args.mode != "forecast":
+        raise UsageError(f"{series_flags[0]}: only for --mode forecast")
+    if args.mode != "forecast" and not args.prompt:
+        raise UsageError("--prompt TEXT is required (but for --mode forecast, which reads --data)")
     ckpt = resolve_checkpoint(Path(args.checkpoint))
     try:
         model = from_pretrained(ckpt, device=device)
-        tok = for_checkpoint(ckpt, model.config.vocab_size)
-    except (CheckpointError, TokenizerError) as e:
+    except CheckpointError as e:
         raise UserError(str(e)) from None
     model.eval()
+    # what the model reads decides the input: numbers (a series CSV) or text (prompts)
+    if not model.objective.reads_tokens:
+        if args.mode != "forecast":
+            raise UsageError(f"{ckpt} is a {model.objective.cfg.kind} model (it reads numbers, not text): use "
+                             "--mode forecast --data SERIES.csv")
+        from .forecast import run_forecast
+
+        return run_forecast(args, model, ckpt)
+    if args.mode == "forecast":
+        raise UserError(f"--mode forecast: {ckpt} is a token model (objective "
+                        f"{getattr(model.objective.cfg, 'kind', 'next_token')}), not a forecaster")
+    try:
+        tok = for_checkpoint(ckpt, model.config.vocab_size)
+    except TokenizerError as e:
+        raise UserError(str(e)) from None
     draft = None
     if args.mode == "speculative":
         try:

@@ -163,7 +163,12 @@ def conventions(recipe: Any) -> list[str]:
 def _objective(recipe: Any) -> dict:
     """The training objective: its kind and settings (``next_token`` when the recipe has none)."""
     obj = recipe.objective
-    return {"kind": "next_token"} if obj is None else dataclasses.asdict(obj)
+    if obj is None:
+        return {"kind": "next_token"}
+    d = dataclasses.asdict(obj)
+    if hasattr(obj, "describe"):  # the objective's own one-line summary (forecast)
+        d["line"] = obj.describe()
+    return d
 
 
 def ladir_line(lad: dict) -> str:
@@ -178,6 +183,8 @@ def ladir_line(lad: dict) -> str:
 
 def objective_line(obj: dict) -> str:
     """``objective   block_diffusion: block 16, log_linear schedule, clip [0.3, 0.8], [MASK] id 256``."""
+    if "line" in obj:
+        return f"objective   {obj['line']}"
     if obj["kind"] != "block_diffusion":
         return f"objective   {obj['kind']}"
     sched = obj["schedule"] + (f" (p = {obj['exponent']:g})" if obj["schedule"] == "exponential" else "")
@@ -340,8 +347,11 @@ def format_info(d: dict, kernels: str = "auto") -> str:
     out = [
         f"recipe      {d['source'] or '<recipe>'}",
         f"name        {d['name']}  (hash {d['hash']})",
-        f"model       vocab {d['vocab_size']}, d_model {d['d_model']}, max_seq_len {d['max_seq_len']}, "
-        f"meta tokens {d['meta_tokens']}, {'tied' if d['tie_embeddings'] else 'untied'} embeddings",
+        (f"model       vocab {d['vocab_size']}, d_model {d['d_model']}, max_seq_len {d['max_seq_len']}, "
+         f"meta tokens {d['meta_tokens']}, {'tied' if d['tie_embeddings'] else 'untied'} embeddings"
+         if d["vocab_size"] is not None else
+         f"model       no vocabulary (reads numbers: patch tokens), d_model {d['d_model']}, max_seq_len "
+         f"{d['max_seq_len']} patches, meta tokens {d['meta_tokens']}"),
         f"pattern     {layout or d['pattern']}",
         *([f"            = {d['pattern_compact']}"] if not layout and d["pattern_compact"] != d["pattern"] else []),
         f"layers      {d['n_layers']}",
@@ -368,7 +378,8 @@ def format_info(d: dict, kernels: str = "auto") -> str:
         lad = d["ladir"]
         rows.append(["-", f"ladir ({lad['memory_slots']} slots)", "", f"{lad['params']:,}", f"{lad['params']:,}"]
                     + ["" for _ in lens])
-    rows.append(["-", "embed/meta/norm/head", "", f"{d['other_params']:,}", f"{d['other_params']:,}"]
+    rows.append(["-", "embed/meta/norm/head" if d["vocab_size"] is not None else "ts_head/meta/norm", "",
+                 f"{d['other_params']:,}", f"{d['other_params']:,}"]
                 + ["" for _ in lens])
     right = {0, 3, 4} | set(range(5, len(head)))
     if etd is not None:  # a stage column after the layer index

@@ -50,7 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "section (kl_weight, ce_weight, temperature; default 1, 1, 1)")
     p.add_argument("--out", help="output folder for checkpoints, metrics.jsonl, loss.png (default: runs/NAME)")
     p.add_argument("--data", help="built-in task (mqar, selective_copy, parity, khop), a text file or folder, or a "
-                                  "folder written by `hymba prepare`")
+                                  "folder written by `hymba prepare` (default: mqar); forecast recipes: a series CSV "
+                                  "(timestamp column, then numeric columns) or synthetic (the default)")
     p.add_argument("--tokenizer", help="a `tokenizers` JSON file for text data (default: bytes)")
     p.add_argument("--mqar-pairs", type=int, help="mqar: key/value pairs per sequence (default: min(seq_len / 4, vocab_size / 2 - 1))")
     p.add_argument("--copy-tokens", type=int, help="selective_copy: tokens to copy (default: seq_len / 8)")

@@ -128,9 +128,9 @@ class LaDiRConfig:
             yield "denoiser_heads", f"must divide d_model ({model.d_model}), got {self.denoiser_heads}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # keyword-only: vocab_size (optional) stays first
 class ModelConfig:
-    vocab_size: int = spec(min=2)
+    vocab_size: int | None = spec(None, min=2, doc="required, except for models that read no tokens (forecast)")
     d_model: int = spec(min=1)
     max_seq_len: int = spec(2048, min=1)
     block_pattern: str | None = None
@@ -212,6 +212,10 @@ class Recipe:
         sections and fields) are left out, so adding an optional field to the schema keeps
         the hashes of existing recipes."""
         d = _drop_none(self.to_dict())
+        if "train" in d and "data" not in d["train"] and self.reads_tokens:
+            # train.data was "mqar" by default before it could be unset (the objective's default):
+            # the same recipes keep their hashes
+            d["train"]["data"] = "mqar"
         if self.model.layout is not None:
             # the layers a ratio layout resolves to depend on the expansion rule (and on the
             # order of the ratios, which the canonical JSON sorts away): name them too, so a
@@ -219,6 +223,12 @@ class Recipe:
             d["resolved_pattern"] = self.pattern
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @property
+    def reads_tokens(self) -> bool:
+        """Whether the model reads token ids (False for objectives that read numbers: forecast)."""
+        kind = self.objective.kind if self.objective is not None else "next_token"
+        return registry.get(objective_kinds()[kind]).cls.reads_tokens
 
     def replace(self, **model_changes: Any) -> "Recipe":
         """A copy with model fields changed (validated again)."""
@@ -592,7 +602,10 @@ def _build(data: Any, file: str) -> Recipe:
         errs.raise_if_any()
     top = ("name", "model", "components", "train", "objective", "ladir")
     for key in data:
-        if key not in top:
+        if key == "task":  # DESIGN §6: a task is what the model is trained to predict, i.e. an objective
+            errs.add("task", "unknown key: a task is given as the recipe's objective (e.g. objective: {kind: "
+                     "forecast, context: 512, horizon: 96, patch: 16})")
+        elif key not in top:
             errs.add(str(key), "unknown key" + registry.suggest(str(key), list(top)))
     for key in ("name", "model"):
         if key not in data:
@@ -705,6 +718,8 @@ def _build(data: Any, file: str) -> Recipe:
         for k, msg in cross_errors(ladir, model, "ladir."):
             errs.add(k, msg)
         errs.raise_if_any()
+    _check_tokens(objective, model, ladir, errs)
+    errs.raise_if_any()
     if objective is not None and objective.kind == "ladir" and ladir is None:
         errs.add("objective.kind", "ladir trains the recipe's ladir section: add one (ladir: {latent_dim: ..., "
                  "memory_slots: ...})")
@@ -755,6 +770,25 @@ def _build_objective(data: Any, model: ModelConfig, train: Any, errs: _Errors) -
     if bs is not None and train is not None and train.seq_len % bs:
         errs.add("train.seq_len", f"must be a multiple of objective.block_size ({bs}), got {train.seq_len}")
     return None if kind == "next_token" else cfg
+
+
+def _check_tokens(objective: Any, model: ModelConfig, ladir: Any, errs: _Errors) -> None:
+    """``model.vocab_size`` is required exactly when the objective reads tokens; the token-only
+    parts (MTP, LaDiR) need it."""
+    kind = objective.kind if objective is not None else "next_token"
+    reads_tokens = registry.get(objective_kinds()[kind]).cls.reads_tokens
+    if reads_tokens and model.vocab_size is None:
+        errs.add("model.vocab_size", "missing required key", errs.line("model"))
+    if reads_tokens:
+        return
+    what = f"the {kind} objective reads numbers, not tokens"
+    if model.vocab_size is not None:
+        errs.add("model.vocab_size", f"{what}: its model has no vocabulary (no token embedding, no LM head); "
+                 "remove vocab_size")
+    if model.mtp is not None:
+        errs.add("model.mtp", f"{what}: multi-token prediction needs a vocabulary")
+    if ladir is not None:
+        errs.add("ladir", f"{what}: latent reasoning needs a vocabulary")
 
 
 def _check_model(model: ModelConfig, errs: _Errors) -> None:

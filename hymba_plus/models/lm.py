@@ -59,7 +59,9 @@ class HybridLM(nn.Module):
         self.recipe = recipe
         m = recipe.model
         self.config = m
-        self.embed = nn.Embedding(m.vocab_size, m.d_model)
+        # no vocabulary (an objective that reads numbers, e.g. forecast): no embedding, no LM head;
+        # the model then runs on inputs_embeds and returns the final-normed hidden states as logits
+        self.embed = nn.Embedding(m.vocab_size, m.d_model) if m.vocab_size is not None else None
         self.meta = nn.Parameter(torch.zeros(m.meta_tokens, m.d_model)) if m.meta_tokens else None
         self.blocks = nn.ModuleList(Block(spec, recipe, i) for i, spec in enumerate(recipe.layers))
         # the structure: which layer applications run, each with its own cache state (models/etd.py)
@@ -72,7 +74,7 @@ class HybridLM(nn.Module):
         else:
             self.structure = PlainStack(len(self.blocks))
         self.norm = RMSNorm(m.d_model, m.norm.eps, m.norm.zero_centered)
-        self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
+        self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False) if m.vocab_size is not None else None
         # multi-token prediction modules (components/mtp.py), after the trunk, sharing its head
         self.mtp = (registry.build("mtp", m.mtp, recipe=recipe, first_layer_idx=len(self.blocks))
                     if m.mtp is not None else None)
@@ -83,7 +85,7 @@ class HybridLM(nn.Module):
         # what the model is trained to predict (objectives/): its loss, metric, [MASK] embedding
         self.objective = objective_class(recipe)(recipe.objective, d_model=m.d_model, vocab_size=m.vocab_size,
                                                  init_std=m.init_std)
-        if m.tie_embeddings:
+        if m.tie_embeddings and self.embed is not None:
             self.lm_head.weight = self.embed.weight
         self.reset_parameters()
 
@@ -107,11 +109,11 @@ class HybridLM(nn.Module):
     # ------------------------------------------------------------------ cache
     @property
     def device(self) -> torch.device:
-        return self.embed.weight.device
+        return self.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.weight.dtype
+        return (self.embed.weight if self.embed is not None else self.norm.weight).dtype
 
     def new_cache(self, batch_size: int, device: torch.device | None = None) -> HybridCache:
         device = device or self.device
@@ -160,6 +162,8 @@ class HybridLM(nn.Module):
         and the training loop, whose data streams are validated at setup (token ids below
         ``vocab_size``, ``seq_len <= max_seq_len``), so eager CUDA training pays no sync.
         """
+        if inputs_embeds is None and self.embed is None:
+            raise ValueError("this model reads no tokens (no vocabulary): pass inputs_embeds")
         if inputs_embeds is None and input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape [B, T], got {tuple(input_ids.shape)}")
         if inputs_embeds is not None and inputs_embeds.ndim != 3:
@@ -213,7 +217,7 @@ class HybridLM(nn.Module):
         if add_meta:
             h = h[:, n_meta:]
             trunk = trunk[:, n_meta:] if trunk is not None else None
-        logits = self.lm_head(h)
+        logits = self.lm_head(h) if self.lm_head is not None else h
         aux = ctx.aux_total()
         loss = None
         if labels is not None:
@@ -353,7 +357,7 @@ class HybridLM(nn.Module):
         p.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         if self.config.tie_embeddings:
-            state.pop("lm_head.weight", None)
+            state.pop("lm_head.weight", None)  # (a model without vocabulary has neither)
         tmp = p / "model.safetensors.tmp"
         write_safetensors(state, tmp, metadata={"recipe_hash": self.recipe.hash(), "format": "hymba_plus"})
         (p / "recipe.yaml.tmp").write_text(self.recipe.to_yaml())
@@ -424,8 +428,8 @@ def from_pretrained(path: str | os.PathLike, device: Any = None, strict: bool = 
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{p / 'model.safetensors'}: corrupt or truncated ({e})") from None
     model = HybridLM(recipe)
-    if recipe.model.tie_embeddings:
-        state.setdefault("lm_head.weight", state.get("embed.weight"))
+    if recipe.model.tie_embeddings and "embed.weight" in state:
+        state.setdefault("lm_head.weight", state["embed.weight"])
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

@@ -6,13 +6,14 @@ calls ``train_forward`` / ``eval_batch`` and never branches on the kind.
 
 * ``next_token``: next-token cross entropy (the default; no parameters);
 * ``block_diffusion``: BD3-LM block diffusion (``block_diffusion.py``);
-* ``ladir``: LaDiR's VAE / flow stages on reasoning data (``ladir.py``).
+* ``ladir``: LaDiR's VAE / flow stages on reasoning data (``ladir.py``);
+* ``forecast``: time-series forecasting with the ``ts_head`` (``forecast.py``).
 """
 
 from typing import Any
 
 from ..core import registry
-from . import block_diffusion, ladir, next_token  # noqa: F401  (registration)
+from . import block_diffusion, forecast, ladir, next_token  # noqa: F401  (registration)
 from .base import Objective
 
 

@@ -20,11 +20,22 @@ class Objective(nn.Module):
     * ``phase_settings``: train settings that choose *which* parameters it trains (ladir's
       stage); changing one on ``--resume`` starts a new phase (a fresh optimizer);
     * ``configure(train_cfg)``: read the run's settings; ``run_problem(train_cfg)``: one line
-      when the run cannot train this objective, else None.
+      when the run cannot train this objective, else None;
+    * ``reads_tokens``: the model reads token ids (``model.vocab_size`` required, embedding and
+      LM head); False for ``forecast``, whose model reads patches of numbers and has neither;
+    * ``needs_series``: its batches are numeric windows (``training/series.py``);
+    * ``default_data``: the ``--data`` a run uses when neither the flag nor the recipe's
+      ``train.data`` names one;
+    * ``eval_sums(out)`` / ``eval_results(sums)``: extra held-out metrics: per-batch sums the
+      trainer adds up (over batches and processes) and the metrics made from them (forecast:
+      MSE, MAE, MASE, CRPS and the seasonal-naive baseline's); none by default.
     """
 
     mask_token_id: int | None = None
     needs_segments = False
+    reads_tokens = True
+    needs_series = False
+    default_data = "mqar"
     eager_because: str | None = None
     phase_settings: tuple[str, ...] = ()
 
@@ -34,3 +45,11 @@ class Objective(nn.Module):
     def run_problem(self, train_cfg: Any) -> str | None:
         """One line when the run's settings cannot train this objective, else None."""
         return None
+
+    def eval_sums(self, out: Any) -> dict[str, float]:
+        """Sums of one held-out batch's output that ``eval_results`` turns into metrics."""
+        return {}
+
+    def eval_results(self, sums: dict[str, float]) -> dict[str, float]:
+        """Held-out metrics (without the ``eval_`` prefix) from the summed ``eval_sums``."""
+        return {}

@@ -157,7 +157,7 @@ def _write_model(path: Path, recipe: Any, state: dict[str, torch.Tensor], extra_
     with torch.device("meta"):
         replica = HybridLM(recipe)
     replica.load_state_dict(state, strict=False, assign=True)
-    if recipe.model.tie_embeddings:
+    if recipe.model.tie_embeddings and replica.embed is not None:
         replica.lm_head.weight = replica.embed.weight
     replica.save_pretrained(path, extra_files=extra_files)
 

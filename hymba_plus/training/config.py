@@ -6,7 +6,9 @@ flags). Sizes are per process: one optimizer step consumes
 
 ``data`` is a built-in task name (``mqar``, ``selective_copy``, ``parity``, ``khop``: no
 files needed, accuracy is the eval metric) or a path: a text file, a folder of text files, or
-a folder written by ``hymba prepare`` (token shards + ``index.json``).
+a folder written by ``hymba prepare`` (token shards + ``index.json``). Forecast recipes read
+a CSV of series or ``synthetic`` (``training/series.py``). Unset, it is the objective's
+``default_data`` (``mqar``; ``synthetic`` for forecast).
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ class TrainConfig:
     grad_clip: float = spec(1.0, min=0.0, doc="max global grad norm; 0 = off")
     precision: str = spec("auto", choices=("auto", "fp32", "bf16"), doc="auto = bf16 autocast on CUDA")
     seed: int = 0
-    data: str = spec("mqar", doc="built-in task name or a path")
+    data: str | None = spec(None, doc="built-in task name or a path (default: the objective's: mqar; forecast: "
+                                      "synthetic)")
     tokenizer: str | None = spec(None, doc="a `tokenizers` JSON file (default: bytes)")
     val_frac: float = spec(0.05, gt=0.0, max=0.5, doc="held-out fraction of a text corpus")
     mqar_pairs: int | None = spec(None, min=1, doc="MQAR key/value pairs (default: min(seq_len/4, vocab/2 - 1))")
@@ -73,11 +76,14 @@ class TrainConfig:
                                                    "kl_weight 1, ce_weight 1, temperature 1)")
 
     def check(self, model):  # noqa: ANN001 - ModelConfig
-        if self.seq_len > model.max_seq_len:
+        # a model without vocabulary (forecast) reads windows whose length its objective sets
+        if self.seq_len > model.max_seq_len and model.vocab_size is not None:
             yield "seq_len", f"must be <= model.max_seq_len ({model.max_seq_len}), got {self.seq_len}"
         from .tasks import TASKS, TaskError
 
-        task = TASKS.get(self.data)
+        # no data named: token models default to mqar (objectives' default_data); models without
+        # a vocabulary read series, not tasks
+        task = TASKS.get(self.data if self.data is not None else "mqar") if model.vocab_size is not None else None
         if task is not None:
             try:
                 task.validate(self.seq_len, model.vocab_size, self)

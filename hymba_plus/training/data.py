@@ -375,10 +375,16 @@ class TextStream:
 
 def open_stream(data: str, seq_len: int, vocab_size: int, seed: int, cfg: Any, cache_dir: Path | None,
                 tokenizer_path: str | None = None, segments: bool = False,
-                max_len: int | None = None) -> TaskStream | TextStream | ReasoningBatches:
+                max_len: int | None = None, series: Any = None) -> Any:
     """A stream for ``data``: a task name, a shard folder, or text (tokenized into
     ``cache_dir`` first, reused while the source files are unchanged); with ``segments``
-    (an objective that needs question / reasoning / answer), reasoning data."""
+    (an objective that needs question / reasoning / answer), reasoning data; with ``series``
+    (the forecast objective's config), windows of a CSV series or of the synthetic generator
+    (``series.py``)."""
+    if series is not None:
+        from .series import SeriesStream
+
+        return SeriesStream(data, series, seed)
     if segments:
         return ReasoningBatches(data, vocab_size, seed, cfg, tokenizer_path, max_len)
     if data in TASKS:

@@ -255,7 +255,7 @@ def metrics_figure(rows: list[dict[str, Any]], title: str = "", chance: float | 
 
     steps = [r["step"] for r in rows]
     ev = [r for r in rows if "eval_loss" in r]
-    metric = "eval_accuracy" if any("eval_accuracy" in r for r in ev) else "eval_ppl"
+    metric = next((k for k in ("eval_accuracy", "eval_mase") if any(k in r for r in ev)), "eval_ppl")
     fig, axes = plt.subplots(1, 2 if ev else 1, figsize=(10 if ev else 6, 4), squeeze=False)
     ax = axes[0, 0]
     ax.plot(steps, [r["loss"] for r in rows], lw=1, label="train loss")
@@ -271,6 +271,9 @@ def metrics_figure(rows: list[dict[str, Any]], title: str = "", chance: float | 
     if ev:
         ax2 = axes[0, 1]
         ax2.plot([r["step"] for r in ev], [r.get(metric, float("nan")) for r in ev], "o-", ms=3, color="C2")
+        if metric == "eval_mase" and "eval_snaive_mase" in ev[-1]:
+            ax2.axhline(ev[-1]["eval_snaive_mase"], ls="--", color="gray", lw=1, label="seasonal naive")
+            ax2.legend(loc="upper right")
         ax2.set_xlabel("step")
         ax2.set_ylabel(metric.replace("eval_", "eval "))
         if metric == "eval_accuracy":
@@ -356,6 +359,8 @@ class Trainer:
             raise TrainError(f"--cuda-graph: not with --train-only {self.mode} (it captures the full training step)")
         self.new_phase = state is not None and saved_mode != self.mode
         self.objective_cls = objective_class(self.recipe)
+        if self.cfg.data is None:  # neither --data nor train.data: the objective's default (mqar, synthetic)
+            self.cfg = dataclasses.replace(self.cfg, data=self.objective_cls.default_data)
         self.phase_change: str | None = None
         if state is not None:
             saved_cfg, self.cfg = self._resumed_config(state)
@@ -386,8 +391,10 @@ class Trainer:
         # the data first: a bad source fails before anything is built or written
         cache_dir = self.out / "data"
         # an objective that trains on question / reasoning / answer segments (ladir) reads reasoning data
+        # an objective that forecasts numbers reads series (a CSV or the synthetic generator)
         stream_args = (cfg.data, cfg.seq_len, self.recipe.model.vocab_size, cfg.seed, cfg, cache_dir, cfg.tokenizer,
-                       self.objective_cls.needs_segments, self.recipe.model.max_seq_len)
+                       self.objective_cls.needs_segments, self.recipe.model.max_seq_len,
+                       self.recipe.objective if self.objective_cls.needs_series else None)
         if self.info.is_main:
             self.stream = open_stream(*stream_args)
         dist_mod.barrier(self.info)
@@ -707,6 +714,7 @@ class Trainer:
             n_batches = max(1, min(n_batches, math.ceil(n_eval / (B * info.world))))
         runs = [""] + (["_all_execute"] if self._routing() else [])
         sums = {r: [0.0, 0, 0, 0.0] for r in runs}  # loss, correct, scored, applications per row
+        extra: dict[str, float] = {}  # the objective's own metric sums (eval_sums), of the first run
         for k in range(n_batches):
             start = (k * info.world + info.rank) * B
             batch = self.stream.eval(range(start, start + B))
@@ -718,6 +726,9 @@ class Trainer:
                 with _autocast(cfg, dev):
                     loss, c, t, out = self.objective.eval_batch(self.fwd, self.model, ids, labels, seed=start,
                                                                 batch=batch, **kw)
+                if not run:
+                    for key, v in self.objective.eval_sums(out).items():
+                        extra[key] = extra.get(key, 0.0) + v
                 acc = sums[run]
                 acc[0] += loss
                 acc[1], acc[2] = acc[1] + c, acc[2] + t
@@ -725,7 +736,9 @@ class Trainer:
                     apps = self.model.structure.applications(out.stats["etd/routes"],
                                                              routes_mod.default_iterations(self.model))
                     acc[3] += float(apps.float().mean())
-        flat = dist_mod.all_reduce([v for r in runs for v in sums[r]], info, op="sum")
+        keys = sorted(extra)
+        flat = dist_mod.all_reduce([v for r in runs for v in sums[r]] + [extra[k] for k in keys], info, op="sum")
+        extra = dict(zip(keys, flat[4 * len(runs):]))
         res: dict[str, float] = {}
         for i, run in enumerate(runs):
             loss_sum, correct, total, apps = flat[4 * i: 4 * i + 4]
@@ -733,10 +746,12 @@ class Trainer:
             res[f"eval_loss{run}"] = eval_loss
             if self.stream.metric == "accuracy":
                 res[f"eval_accuracy{run}"] = correct / max(total, 1)
-            else:
+            elif self.stream.metric == "ppl":
                 res[f"eval_ppl{run}"] = math.exp(min(eval_loss, 50.0))
             if len(runs) > 1:
                 res[f"eval_applications{run}"] = apps / (n_batches * info.world)
+        if keys:  # e.g. forecast: mse, mae, mase, crps and the seasonal-naive baseline's
+            res.update({f"eval_{k}": v for k, v in self.objective.eval_results(extra).items()})
         return res
 
     def save(self, step: int) -> Path:
@@ -747,8 +762,9 @@ class Trainer:
             "recipe_hash": self.recipe.hash(), "metrics": self.rows[-1] if self.rows else None,
             "train_only": self.mode,
         }
+        tok = self.stream.tokenizer  # None for series: a forecast model reads numbers
         return ckpt_mod.save(self.out, step, self.model, self.opt, state, self.info,
-                             extra_files={"tokenizer.json": self.stream.tokenizer.to_json()},
+                             extra_files={"tokenizer.json": tok.to_json()} if tok is not None else {},
                              keep_last=self.cfg.keep_last)
 
     # ------------------------------------------------------------------ run
@@ -776,7 +792,8 @@ class Trainer:
     def _loop(self) -> Summary:
         cfg, info = self.cfg, self.info
         stop = self.opts.stop_after if self.opts.stop_after is not None else cfg.steps
-        tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * info.world
+        # tokens per sequence: the stream's (forecast: patch tokens per window), else seq_len
+        tokens_per_step = cfg.batch_size * getattr(self.stream, "seq_len", cfg.seq_len) * cfg.grad_accum * info.world
         metrics_file = open(self.out / "metrics.jsonl", "a") if info.is_main else None
         self.progress = Progress(stop, self.start_step, enabled=info.is_main and self.opts.progress,
                                  interval=self.opts.progress_interval)

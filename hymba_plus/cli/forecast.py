@@ -1,0 +1,168 @@
+"""``hymba generate CKPT --mode forecast --data series.csv``: the forecast of a checkpoint
+trained with the ``forecast`` objective (``models/forecast_decoding.py``), written as a CSV
+and a PNG plot.
+
+* ``--horizon N``: steps to forecast after the data (default: the model's horizon; more rolls
+  through the cache);
+* ``--rolling R``: also backtest at the last R patch boundaries of the data (one cached patch
+  per origin) and print MSE / MAE / MASE / CRPS of those forecasts next to seasonal naive;
+* ``--out FILE.csv`` (default ``forecast.csv``; the plot is the same name with ``.png``).
+
+The CSV has one row per (origin, step): ``origin`` (the timestamp of the last value read),
+``timestamp`` (of the forecast step; after the data: the last spacing repeated), ``step``
+(1 ...), then per channel the point forecast ``<column>`` and each quantile
+``<column>_q<level>``. The plot shows the recent history, the forecast and the band between
+the lowest and highest quantile (matplotlib, Agg backend), one panel per channel (at most 4).
+Bad data is one line naming file, line and column; nothing is written then.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import UsageError, UserError
+
+MAX_PANELS = 4
+
+
+def _stamp(t: Any) -> str:
+    return t.isoformat(sep=" ") if hasattr(t, "isoformat") else f"{t:g}"
+
+
+def run_forecast(args: Any, model: Any, ckpt: Path) -> int:
+    import torch
+
+    from ..models.forecast_decoding import rolling_forecasts
+    from ..training import forecast_metrics as fm
+    from ..training.data import DataError
+    from ..training.series import read_csv
+
+    cfg = model.objective.cfg
+    if args.data is None:
+        raise UsageError("--mode forecast needs --data SERIES.csv (a timestamp column, then one column per series)")
+    horizon = args.horizon if args.horizon is not None else cfg.horizon
+    if horizon < 1:
+        raise UsageError(f"--horizon {horizon}: must be >= 1")
+    rolling = args.rolling or 0
+    if rolling < 0:
+        raise UsageError(f"--rolling {rolling}: must be >= 0")
+    out_csv = Path(args.out or "forecast.csv")
+    out_png = out_csv.with_suffix(".png")
+    try:
+        series = read_csv(args.data)
+    except DataError as e:
+        raise UserError(str(e)) from None
+    C = series.values.shape[1]
+    if C != cfg.channels:
+        raise UserError(f"{args.data}:1: {C} numeric column{'s' if C != 1 else ''} ({', '.join(series.columns[:6])}) "
+                        f"but the model forecasts {cfg.channels} channel{'s' if cfg.channels != 1 else ''}")
+    T = len(series.values)
+    need = cfg.context + rolling * cfg.patch
+    if T < need:
+        what = f"context {cfg.context}" + (f" + --rolling {rolling} x patch {cfg.patch}" if rolling else "")
+        raise UserError(f"{args.data}: {T} time steps are too short for the model's {what}: need at least {need}")
+    if series.report:
+        print(f"{args.data}: {series.report}", file=sys.stderr)
+    x = torch.from_numpy(series.values).float()[None]
+    stats: dict[str, Any] = {}
+    try:
+        fut = model.generate(x.to(model.device), max_new_tokens=horizon, mode="forecast", stats=stats)[0].cpu()
+        back = rolling_forecasts(model, x.to(model.device), rolling) if rolling else None
+    except ValueError as e:
+        raise UserError(f"--horizon: {str(e).splitlines()[0]}") from None
+    levels = model.objective.levels
+    lv = levels.tolist() if levels is not None else None
+    rows: list[list[str]] = []
+    point = fm.point_forecast(fut, levels.cpu() if levels is not None else None)  # [N, C]
+    future_ts = series.future_timestamps(horizon)
+    origin = _stamp(series.timestamps[-1])
+    rows += _rows(origin, future_ts, point, fut, lv)
+    lines = []
+    if back is not None:
+        preds, origins = back
+        preds = preds[0].cpu()  # [R + 1, H, C, Q]
+        # the backtest: origins whose whole horizon was observed
+        full = [r for r, o in enumerate(origins.tolist()) if o + cfg.horizon <= T]
+        if full:
+            ctx = torch.stack([x[0, o - cfg.context:o] for o in origins[full].tolist()])
+            tgt = torch.stack([x[0, o:o + cfg.horizon] for o in origins[full].tolist()])
+            sums = fm.window_sums(ctx, tgt, preds[full], levels.cpu() if levels is not None else None, cfg.season)
+            res = fm.forecast_results({k: float(v) for k, v in sums.items()})
+            lines.append(f"backtest: {len(full)} rolling origin{'s' if len(full) != 1 else ''} (one cached patch each): MASE {res['mase']:.3f} "
+                         f"(seasonal naive {res['snaive_mase']:.3f}), CRPS {res['crps']:.4g} (seasonal naive "
+                         f"{res['snaive_crps']:.4g}), MSE {res['mse']:.4g}, MAE {res['mae']:.4g}")
+        for r, o in enumerate(origins.tolist()):
+            if o == T:
+                continue  # the last origin is the forecast above
+            ts = [series.timestamps[o + j] if o + j < T else future_ts[o + j - T] for j in range(cfg.horizon)]
+            p = fm.point_forecast(preds[r], levels.cpu() if levels is not None else None)
+            rows += _rows(_stamp(series.timestamps[o - 1]), ts, p, preds[r], lv)
+    header = ["origin", "timestamp", "step"]
+    for c in series.columns:
+        header += [c] + ([f"{c}_q{q:g}" for q in lv] if lv else [])
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    try:
+        out_csv.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_csv.with_name(f".{out_csv.name}.tmp-{os.getpid()}")
+        tmp.write_text(buf.getvalue())
+        plot_forecast(series, fut, point, lv, cfg, out_png)
+        os.replace(tmp, out_csv)
+    except OSError as e:
+        raise UserError(f"--out {out_csv}: cannot write ({e.strerror or e})") from None
+    for line in stats.get("summary", []) + lines:
+        print(line, file=sys.stderr)
+    print(f"wrote {out_csv} ({len(rows)} rows) and {out_png}")
+    return 0
+
+
+def _rows(origin: str, stamps: list[Any], point: Any, q: Any, levels: list[float] | None) -> list[list[str]]:
+    out = []
+    for j, t in enumerate(stamps):
+        row = [origin, _stamp(t), str(j + 1)]
+        for c in range(point.shape[-1]):
+            row.append(f"{float(point[j, c]):.6g}")
+            if levels:
+                row += [f"{float(v):.6g}" for v in q[j, c]]
+        out.append(row)
+    return out
+
+
+def plot_forecast(series: Any, fut: Any, point: Any, levels: list[float] | None, cfg: Any, path: Path) -> None:
+    """History (the last 3 contexts at most), forecast and quantile band, one panel per channel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    C = min(point.shape[-1], MAX_PANELS)
+    T = len(series.values)
+    n_hist = min(T, 3 * cfg.context)
+    hist_x = list(range(T - n_hist, T))
+    fut_x = list(range(T, T + point.shape[0]))
+    fig, axes = plt.subplots(C, 1, figsize=(10, 2.8 * C), squeeze=False)
+    for c in range(C):
+        ax = axes[c, 0]
+        ax.plot(hist_x, series.values[T - n_hist:, c], lw=1, color="C0", label="history")
+        ax.plot(fut_x, point[:, c].numpy(), lw=1.5, color="C1", label="forecast")
+        if levels and len(levels) > 1:
+            ax.fill_between(fut_x, fut[:, c, 0].numpy(), fut[:, c, -1].numpy(), color="C1", alpha=0.25,
+                            label=f"q{levels[0]:g}-q{levels[-1]:g}")
+        ax.axvline(T - 0.5, color="gray", lw=0.8, ls="--")
+        ax.set_title(series.columns[c], fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", fontsize=8)
+    axes[-1, 0].set_xlabel(f"time step ({series.time_column}: {_stamp(series.timestamps[0])} ... "
+                           f"{_stamp(series.timestamps[-1])})")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

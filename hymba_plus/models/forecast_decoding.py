@@ -1,0 +1,126 @@
+"""Forecasting with a model trained by the ``forecast`` objective (``objectives/forecast.py``).
+
+``generate(series, max_new_tokens=N, mode="forecast")`` (``GENERATORS["forecast"]``): the
+argument in ``input_ids``' place is the series, values [B, T, C] (T >= ``context``); the
+result is the forecast of the N steps after it, [B, N, C, Q] (Q quantile levels, 1 for a
+point forecast), in the series' units. The last ``context`` values are read once: RevIN
+statistics, one prefill of their patches into a ``HybridCache``, the horizon head at the
+last patch. Beyond ``horizon`` the forecast *rolls*: the point forecast's first whole
+patches are fed back through the same cache (one cached forward of k = floor(H / P)
+patches, no recomputation of the context) and the head forecasts the next horizon from
+there; the RevIN statistics stay those of the context. Quantile bands past the first
+horizon are conditioned on that point path (not a sampled path).
+
+``rolling_forecasts(model, series, origins=R)``: backtesting with the cache. Origins are the
+last R + 1 patch boundaries: the first origin's context is prefilled, then each next origin
+costs one cached forward of the one observed patch since the previous origin. RevIN
+statistics are the first context's throughout, so the forecasts at every origin equal a full
+forward over all patches read so far (THE invariant, ``tests/test_forecast.py``) — not a
+fresh forecast from a re-normalised window, and the sequence grows past the training context
+by R patches.
+
+No options of token decoding apply (temperature, top-k, EOS, streaming).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..training import forecast_metrics as fm
+from .generation import GENERATORS
+
+
+def _objective(model: Any) -> Any:
+    obj = model.objective
+    if not hasattr(obj, "ts_head"):
+        raise ValueError("mode 'forecast' needs a model trained with the forecast objective "
+                         f"(this one has objective {obj.cfg.kind!r})")
+    return obj
+
+
+def _check_series(obj: Any, series: Tensor, need: int) -> None:
+    cfg = obj.cfg
+    if series.ndim != 3 or series.shape[-1] != cfg.channels:
+        raise ValueError(f"series must have shape [B, T, {cfg.channels}] (channels), got {tuple(series.shape)}")
+    if series.shape[1] < need:
+        raise ValueError(f"series: {series.shape[1]} steps, need at least {need} (context {cfg.context})")
+
+
+@torch.no_grad()
+def generate_forecast(
+    model: Any,
+    input_ids: Tensor,
+    *,
+    max_new_tokens: int,
+    stats: dict | None = None,
+    **_: Any,
+) -> Tensor:
+    """Forecasts [B, N, C, Q] of the N = ``max_new_tokens`` steps after the series
+    ``input_ids`` [B, T, C] (module docstring)."""
+    obj = _objective(model)
+    cfg, head = obj.cfg, obj.ts_head
+    _check_series(obj, input_ids, cfg.context)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    k = (cfg.horizon // cfg.patch) * cfg.patch  # values fed back per round
+    if max_new_tokens > cfg.horizon and k == 0:
+        raise ValueError(f"forecasts longer than the horizon ({cfg.horizon}) roll whole patches; this model's "
+                         f"horizon is shorter than one patch ({cfg.patch})")
+    x = input_ids[:, -cfg.context:].to(model.device, torch.float32)
+    mu, sigma = head.stats(x)
+    B = x.shape[0]
+    cache = model.new_cache(B * cfg.channels if cfg.channel_independent else B)
+    z, _ = obj.patch_outputs(model, x, mu, sigma, cache=cache, check_inputs=True)
+    parts, produced, forwards = [], 0, 1
+    while True:
+        pred = obj.values(z[:, -1], mu, sigma)  # [B, H, C, Q]
+        need = max_new_tokens - produced
+        if need <= cfg.horizon:
+            parts.append(pred[:, :need])
+            break
+        parts.append(pred[:, :k])
+        produced += k
+        feed = fm.point_forecast(pred[:, :k], obj.levels)  # [B, k, C]
+        z, _ = obj.patch_outputs(model, feed, mu, sigma, cache=cache, check_inputs=True)
+        forwards += 1
+    out = torch.cat(parts, 1)
+    if stats is not None:
+        stats.update(forwards=forwards, steps=max_new_tokens, rounds=forwards)
+        rolled = f", rolled {forwards - 1}x through the cache ({k} values per round)" if forwards > 1 else ""
+        stats["summary"] = [f"forecast: {max_new_tokens} steps x {cfg.channels} channel"
+                            f"{'s' if cfg.channels != 1 else ''} from the last {cfg.context} values, "
+                            f"{forwards} forward{'s' if forwards != 1 else ''}{rolled}"]
+    return out
+
+
+@torch.no_grad()
+def rolling_forecasts(model: Any, series: Tensor, origins: int, stats: dict | None = None) -> tuple[Tensor, Tensor]:
+    """(forecasts [B, R + 1, H, C, Q], origin indices [R + 1]) at the last R + 1 patch
+    boundaries of ``series`` [B, T, C]: origin r (time index ``T - (R - r) * patch``) forecasts
+    the ``horizon`` after it; one prefill, then one cached patch per origin (module docstring)."""
+    obj = _objective(model)
+    cfg, head = obj.cfg, obj.ts_head
+    P = cfg.patch
+    _check_series(obj, series, cfg.context + origins * P)
+    T = series.shape[1]
+    first = T - origins * P
+    x = series[:, first - cfg.context:].to(model.device, torch.float32)
+    mu, sigma = head.stats(x[:, :cfg.context])
+    B = x.shape[0]
+    cache = model.new_cache(B * cfg.channels if cfg.channel_independent else B)
+    z, _ = obj.patch_outputs(model, x[:, :cfg.context], mu, sigma, cache=cache, check_inputs=True)
+    preds = [z[:, -1]]
+    for r in range(origins):  # one observed patch per origin: a loop over decoding steps, not training
+        lo = cfg.context + r * P
+        z, _ = obj.patch_outputs(model, x[:, lo:lo + P], mu, sigma, cache=cache, check_inputs=True)
+        preds.append(z[:, -1])
+    z_all = torch.stack(preds, 1)  # [B, R + 1, H, C, Q]
+    if stats is not None:
+        stats.update(forwards=origins + 1, origins=origins + 1)
+    return obj.values(z_all, mu, sigma), torch.arange(first, T + 1, P)
+
+
+GENERATORS["forecast"] = generate_forecast  # the decoding modes live in generation.GENERATORS

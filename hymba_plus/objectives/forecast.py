@@ -1,0 +1,184 @@
+"""Time-series forecasting (``objective: {kind: forecast, ...}``): patches of numeric series
+in, ``horizon`` future values out, on any backbone (block_pattern, layout, ETD, MoE).
+
+The recipe section (all keys but ``kind`` optional)::
+
+    objective: {kind: forecast, context: 512, horizon: 96, patch: 16, channels: 1,
+                loss: quantile, quantiles: [0.1, 0.5, 0.9], season: 24}
+
+The model has no vocabulary (``model.vocab_size`` is left out: there is no token embedding
+and no LM head); ``model.max_seq_len`` counts patch tokens and must hold ``context /
+patch``. The ``ts_head`` component (``components/ts_head.py``: RevIN, PatchTST patching with
+channel independence, horizon head) wraps the backbone; this objective owns it.
+
+Training (one window of ``context`` values and the ``horizon`` values after it, per sample;
+``training/series.py``): RevIN statistics of the context, the backbone over its patches, the
+horizon head at the last patch. Loss in RevIN's z-score space (scale-free across windows):
+
+* ``loss: mse``: mean_h (z_hat_h - z_h)^2, z = (y - mu) / sigma;
+* ``loss: quantile``: the mean over levels q and steps h of the pinball loss
+  rho_q(z_h - z_hat_{h,q}) = max(q u, (q - 1) u) (Koenker & Bassett 1978), which a quantile
+  forecaster minimises at the true conditional quantiles.
+
+Held-out metrics (``training/forecast_metrics.py``), in original units, next to the
+seasonal-naive baseline of period ``season``: MSE, MAE, MASE, CRPS (and the pinball loss for
+quantile models): ``eval_mse``, ``eval_mae``, ``eval_mase``, ``eval_crps``, ``eval_snaive_*``.
+
+Forecasting beyond the data is ``generate(mode="forecast")`` (``models/forecast_decoding.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..core import registry
+from ..core.config import spec
+from ..core.registry import register
+from ..training import forecast_metrics as fm
+from .base import Objective
+
+DEFAULT_QUANTILES = (0.1, 0.5, 0.9)
+
+
+@dataclass(frozen=True)
+class ForecastConfig:
+    kind: str = spec("forecast", choices=("forecast",))
+    context: int = spec(512, min=1, doc="past values read per forecast (a multiple of patch)")
+    horizon: int = spec(96, min=1, doc="future values predicted at once")
+    patch: int = spec(16, min=1, doc="values per patch token (PatchTST)")
+    channels: int = spec(1, min=1, doc="series per sample (numeric columns of the data)")
+    channel_independent: bool = True
+    loss: str = spec("mse", choices=("mse", "quantile"), doc="mse (point forecast) or quantile (pinball)")
+    quantiles: tuple[float, ...] | None = spec(None, doc="levels for loss: quantile (default 0.1, 0.5, 0.9)")
+    season: int = spec(1, min=1, doc="period m of the seasonal-naive baseline and of MASE's scale")
+    revin_affine: bool = True
+    revin_eps: float = spec(1e-5, gt=0.0)
+
+    @property
+    def levels(self) -> tuple[float, ...] | None:
+        """The quantile levels the head predicts (None for a point forecast)."""
+        if self.loss != "quantile":
+            return None
+        return tuple(self.quantiles) if self.quantiles is not None else DEFAULT_QUANTILES
+
+    @property
+    def n_patches(self) -> int:
+        return self.context // self.patch
+
+    def check(self, model):  # noqa: ANN001
+        if self.context % self.patch:
+            yield "context", (f"must be a multiple of patch ({self.patch}): the context is cut into patches; got "
+                              f"{self.context} (remainder {self.context % self.patch})")
+        elif self.n_patches > model.max_seq_len:
+            yield "context", (f"context / patch = {self.n_patches} patch tokens exceed model.max_seq_len "
+                              f"({model.max_seq_len})")
+        if self.quantiles is not None:
+            q = list(self.quantiles)
+            if self.loss != "quantile":
+                yield "quantiles", "only with loss: quantile (loss: mse predicts one value per step)"
+            elif not q:
+                yield "quantiles", "must name at least one level"
+            elif any(not 0.0 < v < 1.0 for v in q):
+                yield "quantiles", f"levels must lie in (0, 1), got {q}"
+            elif any(b <= a for a, b in zip(q, q[1:])):
+                yield "quantiles", f"levels must be strictly increasing, got {q}"
+        if self.season > self.context:
+            yield "season", f"must be <= context ({self.context}): seasonal naive repeats the context's last season"
+
+    def describe(self) -> str:
+        """One line for ``hymba info``."""
+        out = ("quantiles " + ", ".join(f"{q:g}" for q in self.levels) + " (pinball)" if self.levels
+               else "point forecast (mse)")
+        mode = "channel-independent" if self.channel_independent else "channels mixed per patch"
+        return (f"forecast (ts_head): context {self.context} = {self.n_patches} patches of {self.patch} -> horizon "
+                f"{self.horizon}, {self.channels} channel{'s' if self.channels != 1 else ''} ({mode}), {out}, "
+                f"RevIN{' affine' if self.revin_affine else ''}, seasonal-naive period {self.season}")
+
+
+@register("forecast", config=ForecastConfig, kind="objective")
+class Forecast(Objective):
+    """The forecasting objective and its ``ts_head`` (see the module docstring)."""
+
+    reads_tokens = False
+    needs_series = True
+    default_data = "synthetic"
+    eager_because = "its patch embedding and horizon head run around the model's forward"
+
+    def __init__(self, cfg: ForecastConfig, *, d_model: int, init_std: float = 0.02, **_: Any):
+        super().__init__()
+        self.cfg = cfg
+        self.ts_head = registry.build("ts_head", cfg, d_model=d_model, init_std=init_std)
+        lv = cfg.levels
+        self.register_buffer("levels", torch.tensor(lv) if lv is not None else None, persistent=False)
+
+    # ------------------------------------------------------------------ the forward
+    def patch_outputs(self, fwd, x: Tensor, mu: Tensor, sigma: Tensor, cache: Any = None,  # noqa: ANN001
+                      check_inputs: bool = False, **kw: Any) -> tuple[Tensor, Any]:
+        """(z-score forecasts [B, N, H, C, Q] after each of the N patches of values x [B, N*P, C],
+        the backbone's output) with RevIN statistics (mu, sigma) [B, 1, C]; ``fwd`` is the model
+        (or its compiled form); a cache continues from the patches it holds."""
+        head = self.ts_head
+        emb = head.embed(head.normalize(x, mu, sigma))
+        out = fwd(None, inputs_embeds=emb, cache=cache, check_inputs=check_inputs, **kw)
+        return head.unaffine(head.head(out.logits, x.shape[0])), out
+
+    def loss(self, z_hat: Tensor, z: Tensor) -> Tensor:
+        """MSE or mean pinball loss of z-score forecasts [B, H, C, Q] against z-scores [B, H, C]."""
+        if self.levels is None:
+            return (z_hat[..., 0] - z).pow(2).mean()
+        return fm.pinball(z, z_hat, self.levels.to(z_hat)).mean()
+
+    def _window(self, fwd, x: Tensor, y: Tensor, **kw: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Any]:  # noqa: ANN001
+        head = self.ts_head
+        x, y = x.float(), y.float()
+        mu, sigma = head.stats(x)
+        z_hat, out = self.patch_outputs(fwd, x, mu, sigma, **kw)
+        z_last = z_hat[:, -1]
+        return z_last, (y - mu) / sigma, mu, sigma, out
+
+    def train_forward(self, fwd, model, ids: Tensor, labels: Tensor, batch: Any = None, **kw: Any):  # noqa: ANN001, ANN201
+        """``ids``: context windows [B, L, C]; ``labels``: the horizon after them [B, H, C]."""
+        from ..models.lm import ModelOutput
+
+        z_last, z, _, _, out = self._window(fwd, ids, labels, **kw)
+        loss = self.loss(z_last, z)
+        aux = out.aux_loss
+        return ModelOutput(logits=z_last, loss=loss if aux is None else loss + aux, aux_loss=aux, stats=out.stats)
+
+    @torch.no_grad()
+    def eval_batch(self, fwd, model, ids: Tensor, labels: Tensor, seed: int, batch: Any = None, **kw: Any):  # noqa: ANN001, ANN201
+        """(loss, 0, 0, output) of held-out windows; the output's stats carry the metric sums
+        (``forecast_metrics.window_sums``) that ``eval_sums`` hands to the trainer."""
+        from ..models.lm import ModelOutput
+
+        z_last, z, mu, sigma, out = self._window(fwd, ids, labels, **kw)
+        pred = self.values(z_last, mu, sigma)
+        sums = fm.window_sums(ids, labels, pred, self.levels, self.cfg.season)
+        stats = dict(out.stats or {})
+        stats.update({f"forecast/{k}": v for k, v in sums.items()})
+        return float(self.loss(z_last, z)), 0, 0, ModelOutput(logits=pred, stats=stats)
+
+    def values(self, z: Tensor, mu: Tensor, sigma: Tensor) -> Tensor:
+        """Forecasts in the series' units from z-score outputs [B, ..., H, C, Q]: quantiles sorted
+        per step (monotone rearrangement, Chernozhukov et al. 2010: never a crossed band), then
+        RevIN's inverse."""
+        return self.ts_head.denormalize(z.sort(-1).values if self.levels is not None else z, mu, sigma)
+
+    def eval_sums(self, out: Any) -> dict[str, float]:
+        return {k[len("forecast/"):]: float(v) for k, v in (out.stats or {}).items() if k.startswith("forecast/")}
+
+    def eval_results(self, sums: dict[str, float]) -> dict[str, float]:
+        return fm.forecast_results(sums)
+
+    @torch.no_grad()
+    def forecast(self, model, x: Tensor) -> Tensor:  # noqa: ANN001
+        """Forecasts [B, H, C, Q] (original units) of the horizon after contexts x [B, L, C]
+        (L = ``context``), in one forward."""
+        x = x.float()
+        mu, sigma = self.ts_head.stats(x)
+        z_hat, _ = self.patch_outputs(model, x, mu, sigma)
+        return self.values(z_hat[:, -1], mu, sigma)

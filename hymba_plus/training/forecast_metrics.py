@@ -1,0 +1,100 @@
+"""Forecast metrics and the seasonal-naive baseline (tensors; used by the ``forecast``
+objective's held-out evaluation, ``hymba generate --mode forecast`` and
+``benchmarks/forecast.py``).
+
+For a window with context x [L] (one channel), targets y [H] and forecasts y_hat [H]:
+
+* MSE = mean_h (y_h - y_hat_h)^2, MAE = mean_h |y_h - y_hat_h| (original units);
+* seasonal naive with period m repeats the last season: y_hat_{L+j} = x_{L - m + (j mod m)};
+* MASE (Hyndman & Koehler 2006, "Another look at measures of forecast accuracy"; the M4
+  definition) = MAE / s with the in-sample scale s = mean_{t >= m} |x_t - x_{t-m}| of the
+  window's context (m = 1 when the context is shorter than two seasons), averaged over
+  windows and channels; the seasonal-naive forecast scores < 1 only when the horizon is
+  easier than the one-season-ahead in-sample step;
+* pinball (quantile) loss at level q: rho_q(u) = max(q u, (q - 1) u), u = y - y_hat_q;
+* CRPS from quantiles (Gneiting & Raftery 2007, Eq. 20-21: CRPS = 2 int_0^1 rho_q dq),
+  approximated on the predicted levels: CRPS ~ (2 / |Q|) sum_q rho_q(y - y_hat_q). A point
+  forecast is a degenerate distribution, whose CRPS is its absolute error: so a model trained
+  with ``loss: mse`` and the seasonal-naive baseline report CRPS = MAE.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def seasonal_naive(x: Tensor, horizon: int, season: int) -> Tensor:
+    """Seasonal-naive forecasts [..., H, C] of contexts x [..., L, C]: the last season repeated."""
+    L = x.shape[-2]
+    m = min(season, L)
+    idx = L - m + (torch.arange(horizon, device=x.device) % m)
+    return x.index_select(-2, idx)
+
+
+def mase_scale(x: Tensor, season: int, eps: float = 1e-8) -> Tensor:
+    """In-sample seasonal-naive MAE [..., C] of contexts x [..., L, C] (period m, or 1 when the
+    context holds fewer than two seasons), floored at ``eps``."""
+    m = season if x.shape[-2] >= 2 * season else 1
+    return (x[..., m:, :] - x[..., :-m, :]).abs().mean(-2).clamp_min(eps)
+
+
+def pinball(y: Tensor, q_pred: Tensor, levels: Tensor) -> Tensor:
+    """rho_q(y - y_hat_q) [..., Q] for targets y [...] and quantile forecasts q_pred [..., Q]."""
+    u = y[..., None] - q_pred
+    return torch.maximum(levels * u, (levels - 1) * u)
+
+
+def crps(y: Tensor, q_pred: Tensor, levels: Tensor | None) -> Tensor:
+    """CRPS per point [...]: (2/|Q|) sum_q pinball for quantile forecasts [..., Q]; |error| for a
+    point forecast (``levels`` None, Q = 1)."""
+    if levels is None:
+        return (y - q_pred[..., 0]).abs()
+    return 2.0 * pinball(y, q_pred, levels).mean(-1)
+
+
+def point_forecast(q_pred: Tensor, levels: Tensor | None) -> Tensor:
+    """The point forecast [...] of outputs [..., Q]: the median level (the one nearest 0.5), or
+    the only output."""
+    if levels is None:
+        return q_pred[..., 0]
+    return q_pred[..., int((levels - 0.5).abs().argmin())]
+
+
+def window_sums(x: Tensor, y: Tensor, q_pred: Tensor, levels: Tensor | None, season: int) -> dict[str, Tensor]:
+    """Sums over windows of contexts x [B, L, C], targets y [B, H, C] and forecasts
+    q_pred [B, H, C, Q] (original units), for the model and for seasonal naive: ``points``,
+    ``series`` (windows x channels), ``sse``, ``sae``, ``mase`` (sum of per-series MASE),
+    ``crps`` and their ``snaive_*`` twins (and ``pinball``, mean over levels, for quantiles).
+    ``forecast_results`` turns accumulated sums into the metrics."""
+    x, y, q_pred = x.double(), y.double(), q_pred.double()
+    lv = levels.to(q_pred) if levels is not None else None
+    scale = mase_scale(x, season)  # [B, C]
+    point = point_forecast(q_pred, lv)
+    naive = seasonal_naive(x, y.shape[-2], season)
+    out = {"points": torch.tensor(float(y.numel()), dtype=torch.float64), "series": torch.tensor(float(scale.numel()),
+                                                                                                  dtype=torch.float64)}
+    for pre, f, c in (("", point, crps(y, q_pred, lv)), ("snaive_", naive, (y - naive).abs())):
+        err = y - f
+        out[pre + "sse"] = err.pow(2).sum()
+        out[pre + "sae"] = err.abs().sum()
+        out[pre + "mase"] = (err.abs().mean(-2) / scale).sum()
+        out[pre + "crps"] = c.sum()
+    if lv is not None:
+        out["pinball"] = pinball(y, q_pred, lv).mean(-1).sum()
+    return out
+
+
+def forecast_results(sums: dict[str, float]) -> dict[str, float]:
+    """Metrics from accumulated ``window_sums``: mse, mae, mase, crps (and pinball) of the model
+    and snaive_mse, snaive_mae, snaive_mase, snaive_crps of the seasonal-naive baseline."""
+    n, s = max(sums.get("points", 0.0), 1.0), max(sums.get("series", 0.0), 1.0)
+    res = {}
+    for pre in ("", "snaive_"):
+        res[pre + "mse"] = sums[pre + "sse"] / n
+        res[pre + "mae"] = sums[pre + "sae"] / n
+        res[pre + "mase"] = sums[pre + "mase"] / s
+        res[pre + "crps"] = sums[pre + "crps"] / n
+    if "pinball" in sums:
+        res["pinball"] = sums["pinball"] / n
+    return res

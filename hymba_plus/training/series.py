@@ -1,0 +1,276 @@
+"""Numeric series for the ``forecast`` objective: CSV files, the built-in synthetic
+generator, and the training stream of windows.
+
+**CSV** (``--data series.csv``): a header row, then one row per time step. The first column is
+the timestamp (numbers, or dates / date-times in ISO 8601 form such as ``2024-01-31`` or
+``2024-01-31 13:00``), strictly increasing; every other column is a numeric series (one
+channel). Empty cells and ``NA`` / ``NaN`` / ``null`` are missing values: each is filled by
+linear interpolation in time between its neighbours (forward / backward fill at the ends), and
+the fill is reported (``Series.report``). Anything else that is not a number is an error. Every
+problem is one ``DataError`` line naming the file, the line and the column, e.g.
+``series.csv:7: column 'load' (3): 'abc' is not a number``.
+
+**Synthetic** (``--data synthetic``, the default of forecast recipes): per channel, a daily-like
+season of period ``season`` (two harmonics with random amplitudes and phases) on a piecewise
+linear trend, with *regime changes* at random change points (level shifts, slope and
+seasonal-amplitude changes) and AR(1) noise; seeded, no files.
+
+**Splits by time**: the last 20% of the time steps (at least ``horizon``) are the test
+targets, the 10% before them (at least ``horizon``) the validation targets, the rest the
+training span. A training window is ``context`` values and the ``horizon`` after them, with
+every target inside the training span; validation and test windows have their targets in
+their span and read their context from before it (as the usual long-horizon benchmarks do).
+Training windows start at random (seeded by the global sample index, so a resumed run sees
+the same stream); validation / test windows are non-overlapping in their targets.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data import Batch, DataError
+
+MISSING = {"", "na", "nan", "null", "none", "n/a", "-"}
+SYNTHETIC = "synthetic"
+
+
+@dataclass
+class Series:
+    """Values [T, C] (float64, gaps filled), their timestamps and column names."""
+
+    values: np.ndarray
+    timestamps: list[Any]
+    columns: list[str]
+    source: str
+    time_column: str = "t"
+    filled: dict[str, int] = field(default_factory=dict)  # column -> missing values filled
+
+    @property
+    def report(self) -> str:
+        """What was done about missing values ('' when there were none)."""
+        if not self.filled:
+            return ""
+        n = sum(self.filled.values())
+        cols = ", ".join(f"{c}: {k}" for c, k in self.filled.items())
+        return f"{n} missing value{'s' if n != 1 else ''} filled by linear interpolation ({cols})"
+
+    def future_timestamps(self, n: int) -> list[Any]:
+        """Timestamps of the n steps after the data (the last step repeated at its spacing)."""
+        ts = self.timestamps
+        if len(ts) < 2:
+            return list(range(len(ts), len(ts) + n))
+        step = ts[-1] - ts[-2]
+        return [ts[-1] + step * (i + 1) for i in range(n)]
+
+
+def _parse_time(text: str) -> Any:
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    return datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+
+
+def read_csv(path: str | Path) -> Series:
+    """Read a series CSV (module docstring); ``DataError`` naming file, line and column."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: no such file")
+    try:
+        fh = open(p, newline="", encoding="utf-8")
+    except OSError as e:
+        raise DataError(f"{p}: cannot read ({e.strerror})") from None
+    with fh:
+        try:
+            rows = list(csv.reader(fh))
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise DataError(f"{p}: not a readable CSV file ({e})") from None
+    if not rows or not any(c.strip() for c in rows[0]):
+        raise DataError(f"{p}:1: empty: expected a header row (a timestamp column, then numeric columns)")
+    header = [c.strip() for c in rows[0]]
+    if len(header) < 2:
+        raise DataError(f"{p}:1: no numeric column: only {header[0]!r}; expected a timestamp column, then one "
+                        "column per series")
+    cols = header[1:]
+    times: list[Any] = []
+    prev = ""
+    vals = np.full((len(rows) - 1, len(cols)), np.nan)
+    kept = 0
+    for i, row in enumerate(rows[1:]):
+        line = i + 2
+        if not any(c.strip() for c in row):
+            continue  # blank line
+        if len(row) != len(header):
+            raise DataError(f"{p}:{line}: {len(row)} fields, the header has {len(header)}")
+        try:
+            t = _parse_time(row[0])
+        except ValueError:
+            raise DataError(f"{p}:{line}: column {header[0]!r} (1): {row[0]!r} is not a timestamp (a number or an "
+                            "ISO date such as 2024-01-31 13:00)") from None
+        if times:
+            try:
+                ok = t > times[-1]
+            except TypeError:
+                raise DataError(f"{p}:{line}: column {header[0]!r} (1): {row[0]!r} mixes timestamp kinds (numbers, "
+                                "dates, time zones) with the rows before") from None
+            if not ok:
+                raise DataError(f"{p}:{line}: column {header[0]!r} (1): timestamps must increase: {row[0]!r} is not "
+                                f"after the previous {prev!r}")
+        times.append(t)
+        prev = row[0]
+        for j, cell in enumerate(row[1:]):
+            c = cell.strip()
+            if c.lower() in MISSING:
+                continue
+            try:
+                v = float(c)
+            except ValueError:
+                raise DataError(f"{p}:{line}: column {cols[j]!r} ({j + 2}): {cell!r} is not a number") from None
+            if not math.isfinite(v):
+                raise DataError(f"{p}:{line}: column {cols[j]!r} ({j + 2}): {cell!r} is not a finite number")
+            vals[kept, j] = v
+        kept += 1
+    vals = vals[:kept]
+    if kept == 0:
+        raise DataError(f"{p}: no data rows after the header")
+    filled = {}
+    idx = np.arange(kept, dtype=np.float64)
+    for j, c in enumerate(cols):
+        miss = np.isnan(vals[:, j])
+        if miss.all():
+            raise DataError(f"{p}:2: column {c!r} ({j + 2}): every value is missing")
+        if miss.any():
+            vals[miss, j] = np.interp(idx[miss], idx[~miss], vals[~miss, j])  # ends: nearest value
+            filled[c] = int(miss.sum())
+    return Series(vals, times, cols, str(p), header[0], filled)
+
+
+def synthetic(length: int, channels: int, seed: int, season: int = 24) -> np.ndarray:
+    """Synthetic series [length, channels] (module docstring): season + trend + regime changes
+    + AR(1) noise, from ``default_rng(seed)``. Vectorised (no loop over time)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(length, dtype=np.float64)
+    P = max(season, 2)
+    out = np.empty((length, channels))
+    for c in range(channels):
+        a1, a2 = rng.uniform(0.5, 2.0), rng.uniform(0.0, 0.8)
+        p1, p2 = rng.uniform(0, 2 * np.pi, size=2)
+        shape = a1 * np.sin(2 * np.pi * t / P + p1) + a2 * np.sin(4 * np.pi * t / P + p2)
+        # regimes: change points, each regime with its level, slope and seasonal amplitude
+        n_reg = int(rng.integers(1, 5))
+        cuts = np.sort(rng.integers(P, max(length - P, P + 1), size=n_reg - 1))
+        starts = np.concatenate([[0], cuts]).astype(np.float64)
+        reg = np.searchsorted(cuts, t, side="right")
+        level = np.cumsum(rng.normal(0.0, 1.5, size=n_reg))
+        slope = rng.normal(0.0, 1.0, size=n_reg) / P / 4
+        amp = rng.uniform(0.6, 1.4, size=n_reg)
+        trend = level[reg] + slope[reg] * (t - starts[reg])
+        sigma = rng.uniform(0.1, 0.35)
+        eps = rng.normal(0.0, sigma, size=length + 64)
+        kernel = 0.5 ** np.arange(64)  # AR(1), phi = 0.5, as a truncated MA(inf) filter
+        noise = np.convolve(eps, kernel, mode="full")[64:64 + length]
+        scale = rng.uniform(0.5, 20.0)
+        out[:, c] = scale * (trend + amp[reg] * shape + noise) + rng.normal(0.0, 10.0)
+    return out
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Target spans [lo, hi) of the time axis: train, validation, test."""
+
+    train: tuple[int, int]
+    val: tuple[int, int]
+    test: tuple[int, int]
+
+
+def split_by_time(n: int, context: int, horizon: int, source: str) -> Splits:
+    """The time split of ``n`` steps (module docstring); too short is a ``DataError``."""
+    need = context + 3 * horizon
+    if n < need:
+        raise DataError(f"{source}: {n} time steps are too short for context {context} + horizon {horizon}: need "
+                        f"at least {need} (context + horizon to train on, then horizon each to validate and test)")
+    n_test = max(horizon, round(0.2 * n))
+    n_val = max(horizon, round(0.1 * n))
+    if n - n_test - n_val < context + horizon:  # short series: shrink the held-out spans to their minimum
+        n_test = n_val = horizon
+        spare = n - context - 3 * horizon
+        n_test += spare // 3
+        n_val += spare // 6
+    te, va = n - n_test, n - n_test - n_val
+    return Splits((0, va), (va, te), (te, n))
+
+
+class SeriesStream:
+    """Windows of a series for the forecast objective: ``Batch(input_ids=context [B, L, C],
+    labels=horizon [B, H, C])`` (float32)."""
+
+    metric = "forecast"
+    tokenizer = None  # numbers, no tokens
+
+    def __init__(self, data: str, obj: Any, seed: int, length: int = 4096):
+        self.obj = obj
+        self.seed = seed
+        L, H = obj.context, obj.horizon
+        if data == SYNTHETIC:
+            length = max(length, 4 * (L + 3 * H))
+            self.series = Series(synthetic(length, obj.channels, seed, max(obj.season, 2)), list(range(length)),
+                                 [f"y{c}" for c in range(obj.channels)], SYNTHETIC)
+            what = (f"synthetic series ({obj.channels} channel{'s' if obj.channels != 1 else ''} x {length} steps: "
+                    f"season {max(obj.season, 2)}, trend, regime changes, AR(1) noise; seed {seed})")
+        else:
+            self.series = read_csv(data)
+            what = f"{data} ({len(self.series.columns)} column{'s' if len(self.series.columns) != 1 else ''}: " \
+                   f"{', '.join(self.series.columns[:6])}{', ...' if len(self.series.columns) > 6 else ''}; " \
+                   f"{len(self.series.values)} steps)"
+        C = self.series.values.shape[1]
+        if C != obj.channels:
+            raise DataError(f"{data}:1: {C} numeric column{'s' if C != 1 else ''} "
+                            f"({', '.join(self.series.columns[:6])}) but the recipe's objective.channels is "
+                            f"{obj.channels}")
+        self.values = torch.from_numpy(self.series.values.astype(np.float32))
+        self.splits = split_by_time(len(self.values), L, H, data)
+        self.seq_len = L // obj.patch  # patch tokens per window
+        lo, hi = self.splits.train
+        self.n_train = hi - H - L + 1  # training windows (start positions)
+        self.val_starts = self._starts(self.splits.val)
+        self.test_starts = self._starts(self.splits.test)
+        fill = f"; {self.series.report}" if self.series.report else ""
+        self.description = (f"{what}{fill}; split by time: train targets [0, {hi}), validation [{hi}, "
+                            f"{self.splits.val[1]}) ({len(self.val_starts)} windows), test [{self.splits.test[0]}, "
+                            f"{self.splits.test[1]}) ({len(self.test_starts)} windows); context {L}, horizon {H}")
+
+    def _starts(self, span: tuple[int, int]) -> list[int]:
+        """Window starts (of the context) whose targets lie in ``span``, targets not overlapping."""
+        L, H = self.obj.context, self.obj.horizon
+        return [t0 - L for t0 in range(span[0], span[1] - H + 1, H)]
+
+    def _windows(self, starts: list[int]) -> Batch:
+        L, H = self.obj.context, self.obj.horizon
+        idx = torch.tensor(starts)[:, None] + torch.arange(L + H)[None]
+        w = self.values[idx]  # [B, L + H, C]
+        return Batch(w[:, :L].contiguous(), w[:, L:].contiguous())
+
+    def train(self, indices: range) -> Batch:
+        starts = [int(np.random.default_rng([self.seed, 0, i]).integers(0, self.n_train)) for i in indices]
+        return self._windows(starts)
+
+    def eval(self, indices: range) -> Batch:
+        return self._windows([self.val_starts[i % len(self.val_starts)] for i in indices])
+
+    def test(self) -> Batch:
+        """Every test window (benchmarks)."""
+        return self._windows(self.test_starts)
+
+    def n_eval(self) -> int | None:
+        return len(self.val_starts)
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": "series", "source": self.series.source, "steps": len(self.values)}
