@@ -1,20 +1,26 @@
-"""LaDiR on the built-in multi-step arithmetic task (``chain_arith``): does answering through
-sampled latents beat answering directly, do N Euler steps beat N / 4, what does Prophet save?
+"""LaDiR on the built-in reasoning tasks (``chain_arith`` / ``chain_pointer``): does answering
+through sampled latents beat answering directly, do N Euler steps beat N / 4, what does
+Prophet save?
 
-Trains, with the ``hymba train`` stack and the same backbone (``configs/ladir_tiny.yaml``):
+Trains, with the ``hymba train`` stack and the same backbone (``configs/ladir_tiny.yaml``,
+``--denoiser-layers`` / ``--latent-dim`` / ``--inference-steps`` override its ladir section):
 
 * LaDiR: ``--ladir-stage vae`` for ``--vae-steps``, then ``--ladir-stage flow`` for
   ``--flow-steps`` (resumed, a new phase);
 * the direct baseline: the same backbone as a plain next-token model on question + answer
-  (``qa`` sequences, answer scored) for ``--vae-steps + --flow-steps`` steps.
+  (``qa`` sequences, answer scored) for ``--vae-steps + --flow-steps`` steps (``--part``
+  runs either alone, so the two can run as parallel processes).
 
 On held-out questions it reports: the VAE's reconstruction accuracy of the reasoning chain
-and its answer accuracy from the posterior mean (the upper bound for the flow); answer
-accuracy (greedy, first answer token = the value) through latents sampled with N and N / 4
-Euler steps; with Prophet on, the mean denoising steps and the accuracy; and the direct
-baseline's answer accuracy. Prints a table, writes JSON with the device.
+and its answer accuracy from the posterior mean (the upper bound for the flow); by Euler
+steps (1, N/4, N/2, N, 4N, from the same noise): answer accuracy (greedy answer value), the
+latents' squared error against the posterior means and against the 4N-step solution of the
+ODE (both relative to the latents' spread); Prophet's mean steps and accuracy at the
+recipe's thresholds times each ``--prophet-scales``; the direct baseline's accuracy. Prints a
+table, writes JSON with the device (and a PNG next to it).
 
-    python benchmarks/ladir_reasoning.py --vae-steps 400 --flow-steps 600
+    python benchmarks/ladir_reasoning.py --task chain_arith --chain-steps 2 --vae-steps 300 \
+        --flow-steps 1200 --batch 64
 """
 
 from __future__ import annotations
