@@ -116,12 +116,17 @@ def test_hymba_train_prints_progress_lines_and_no_progress_turns_them_off(tmp_pa
 
 
 def test_second_signal_aborts_at_once():
-    with StopRequest(say=lambda msg: None) as stop:
-        signal.raise_signal(signal.SIGINT)
-        assert stop.requested == "SIGINT"
-        with pytest.raises(KeyboardInterrupt):
+    # a shell's background job starts with SIGINT ignored: install Python's handler for the test
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with StopRequest(say=lambda msg: None) as stop:
             signal.raise_signal(signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            assert stop.requested == "SIGINT"
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler before is back
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
