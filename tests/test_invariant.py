@@ -174,6 +174,31 @@ test_chunked_cached_equals_full_forward_many = pytest.mark.slow(MANY(given(data=
 test_left_padding_equals_unpadded_many = pytest.mark.slow(MANY(given(data=st.data())(padding_equals_unpadded)))
 
 
+@settings(SETTINGS, max_examples=15)
+@given(data=st.data())
+def test_logits_to_keep_is_the_last_positions_of_the_full_logits(data):
+    """A prefill that keeps only the last n logits (left-padded, through a cache) gives the
+    full forward's last n logits, and leaves the cache and hidden states as the full call."""
+    d = data.draw(recipes())
+    model = make(d)
+    T = data.draw(st.integers(2, 12), label="T")
+    n = data.draw(st.integers(1, T), label="n")
+    ids = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(T))
+    mask = torch.ones_like(ids)
+    mask[0, : data.draw(st.integers(0, T - 1), label="pad")] = 0
+    with torch.no_grad():
+        c_full, c_kept = model.new_cache(2), model.new_cache(2)
+        full = model(ids, attention_mask=mask, cache=c_full, return_hidden=True)
+        kept = model(ids, attention_mask=mask, cache=c_kept, return_hidden=True, logits_to_keep=n)
+        assert kept.logits.shape == (2, n, V)
+        assert torch.equal(kept.hidden_states, full.hidden_states)
+        assert rel_err(kept.logits, full.logits[:, -n:]) <= 1e-6  # the same rows through the head
+        nxt = ids[:, -1:]
+        assert torch.equal(model(nxt, cache=c_kept).logits, model(nxt, cache=c_full).logits)
+    with pytest.raises(ValueError, match="logits_to_keep needs labels=None"):
+        model(ids, labels=ids, logits_to_keep=1)
+
+
 @settings(SETTINGS, max_examples=10)
 @given(data=st.data())
 def test_greedy_generation_equals_full_forward_rerun(data):

@@ -232,6 +232,6 @@ class LaDiR(nn.Module):
         """Top-1 minus top-2 logit of the answer's first token after [question, slots(z)]
         (on a fork of the question's cache, which stays as it is)."""
         logits = model(inputs_embeds=self.slots(z, model.dtype), input_ids=None, cache=qcache.fork(),
-                       check_inputs=False).logits[:, -1].float()
+                       check_inputs=False, logits_to_keep=1).logits[:, -1].float()
         top = logits.topk(2, dim=-1).values
         return top[:, 0] - top[:, 1]

@@ -162,7 +162,7 @@ def generate_ar(
     B = input_ids.shape[0]
     check_length(model, input_ids, max_new_tokens, attention_mask)
     cache = model.new_cache(B, device=input_ids.device)
-    out = model(input_ids, attention_mask=attention_mask, cache=cache)  # checks the prompt's ids
+    out = model(input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1)  # checks the prompt's ids
     new = continue_ar(model, cache, out.logits[:, -1], max_new_tokens, temperature, top_k, top_p, eos_token_id,
                       generator, streamer)
     _report(stats, forwards=max(new.shape[1], 1), tokens=new.shape[1] * B, rows=B)  # prefill + one per token but the last
@@ -362,7 +362,8 @@ def generate_speculative(
         return dist.argmax(-1) if greedy else draw(dist, generator)
 
     cache = model.new_cache(B, device=dev)
-    first = model(input_ids, attention_mask=attention_mask, cache=cache).logits[:, -1]  # checks the prompt's ids
+    first = model(input_ids, attention_mask=attention_mask, cache=cache,
+                  logits_to_keep=1).logits[:, -1]  # checks the prompt's ids
     n_target = n_verify = n_rewind = n_draft = n_draft_rewind = rounds = 0
     n_target += 1
     if N == 0:

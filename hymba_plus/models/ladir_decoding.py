@@ -60,8 +60,8 @@ def generate_ladir(
     cache = model.new_cache(B * S, device=dev)
     cond = model(q, attention_mask=qm.long(), cache=cache, return_hidden=True).hidden_states  # checks the ids
     z, used = lad.sample(model, q, qm, steps=steps, prophet=prophet, generator=generator, qcache=cache, cond=cond)
-    last = model(inputs_embeds=lad.slots(z, model.dtype), input_ids=None, cache=cache,
-                 check_inputs=False).logits[:, -1]  # the slots enter the cache once
+    last = model(inputs_embeds=lad.slots(z, model.dtype), input_ids=None, cache=cache, check_inputs=False,
+                 logits_to_keep=1).logits[:, -1]  # the slots enter the cache once
     new = continue_ar(model, cache, last, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator,
                       streamer if S == 1 else None)
     n = new.shape[1]

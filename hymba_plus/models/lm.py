@@ -134,6 +134,7 @@ class HybridLM(nn.Module):
         think_iterations: int | None = None,
         bidirectional: bool = False,
         check_inputs: bool = True,
+        logits_to_keep: int = 0,
     ) -> ModelOutput:
         """Logits [B, T, V] for ``input_ids`` [B, T] (or ``inputs_embeds`` [B, T, D]).
 
@@ -156,6 +157,10 @@ class HybridLM(nn.Module):
         export or ``torch.jit.trace`` trace the model and during CUDA-graph capture.
         ``bidirectional=True`` (block diffusion denoising a block on a forked cache): the real
         tokens of this call see each other both ways in attention (``StepContext``).
+
+        ``logits_to_keep=n`` (n > 0; HF's argument of that name): logits of the last n
+        positions only, ``[B, n, V]`` (a prefill needs the last one: with left padding that is
+        every row's last token); the cache and ``hidden_states`` are as without it.
 
         ``check_inputs=False`` skips them too: the decoding loop of ``models/generation.py``
         for tokens the model sampled itself (``generate`` checked the whole length up front)
@@ -217,7 +222,13 @@ class HybridLM(nn.Module):
         if add_meta:
             h = h[:, n_meta:]
             trunk = trunk[:, n_meta:] if trunk is not None else None
-        logits = self.lm_head(h) if self.lm_head is not None else h
+        if logits_to_keep:  # e.g. a prefill whose next token is all that is used: no [B, T, V] logits
+            if labels is not None:
+                raise ValueError("logits_to_keep needs labels=None (the loss reads every position)")
+            h_out = h[:, -logits_to_keep:]
+        else:
+            h_out = h
+        logits = self.lm_head(h_out) if self.lm_head is not None else h_out
         aux = ctx.aux_total()
         loss = None
         if labels is not None:

@@ -97,7 +97,7 @@ def generate_mtp(
 
     # prefill: the trunk, then every module commits the prompt positions it can (s <= L - i)
     cache = model.new_cache(B, device=dev)
-    out = model(input_ids, attention_mask=attention_mask, cache=cache, return_hidden=True)
+    out = model(input_ids, attention_mask=attention_mask, cache=cache, return_hidden=True, logits_to_keep=1)
     order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # real tokens first
     real = input_ids.gather(1, order)
     trunk = out.trunk_states.gather(1, order[..., None].expand(-1, -1, out.trunk_states.shape[-1]))
