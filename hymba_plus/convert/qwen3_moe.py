@@ -47,6 +47,14 @@ class MoEMixin:
             comps["moe"] = moe
         return out
 
+    def ffn_rules(self, recipe: Any, ffn: str, p: str, h: str, fused_experts: bool) -> list[Rule]:
+        if ffn == "moe":
+            return self.moe_rules(recipe, p, h, fused_experts)
+        return super().ffn_rules(recipe, ffn, p, h, fused_experts)
+
+    def ffns(self) -> set[str]:
+        return {"mlp", "moe"}
+
     def moe_rules(self, recipe: Any, p: str, h: str, fused: bool) -> list[Rule]:
         c = recipe.component("moe")
         out = [same(f"{p}.router.weight", f"{h}.gate.weight"), *experts(p, h, c.n_experts, fused),
@@ -93,14 +101,6 @@ class Qwen3Moe(MoEMixin, Qwen3):
 
     def layers(self, cfg: HFConfig, comps: dict[str, Any]) -> list[LayerSpec]:
         return self.moe_layers(cfg, comps, ["gated_attn"] * cfg.req("num_hidden_layers"))
-
-    def ffn_rules(self, recipe: Any, ffn: str, p: str, h: str, fused_experts: bool) -> list[Rule]:
-        if ffn == "moe":
-            return self.moe_rules(recipe, p, h, fused_experts)
-        return super().ffn_rules(recipe, ffn, p, h, fused_experts)
-
-    def ffns(self) -> set[str]:
-        return {"mlp", "moe"}
 
     def problems(self, recipe: Any) -> list[str]:
         return super().problems(recipe) + self.moe_problems(recipe)

@@ -72,16 +72,8 @@ class Qwen3Next(MoEMixin, Family):
         out += [scale(f"{p}.{x}_norm.weight", f"{sa}.{x}_norm.weight", zc, True) for x in ("q", "k")]
         return out
 
-    def ffn_rules(self, recipe: Any, ffn: str, p: str, h: str, fused_experts: bool) -> list[Rule]:
-        if ffn == "moe":
-            return self.moe_rules(recipe, p, h, fused_experts)
-        return super().ffn_rules(recipe, ffn, p, h, fused_experts)
-
     def mixers(self) -> set[str]:
         return {"gated_attn", "gdn"}
-
-    def ffns(self) -> set[str]:
-        return {"mlp", "moe"}
 
     def problems(self, recipe: Any) -> list[str]:
         out = super().problems(recipe) + self.moe_problems(recipe)
