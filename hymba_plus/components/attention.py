@@ -66,11 +66,60 @@ class GatedAttentionConfig:
 
 @dataclass
 class AttentionState(LayerState):
-    """Keys/values [B, Hkv, S, D] and each slot's position [B, S] (-1 = empty slot)."""
+    """Keys/values [B, Hkv, S, D] and each slot's position [B, S] (-1 = empty slot).
+
+    Static form (the decode engine, ``static_copy``): the buffers are preallocated for
+    ``capacity`` slots and ``n`` (a 1-element device tensor) counts the filled ones; a forward
+    writes its chunk's keys at slots ``n .. n + T - 1`` in place (every row the same slots:
+    pads are slots with position -1) and attends over all slots, the empty ones masked by
+    their position -1. No host read, no reallocation: a CUDA graph can replay it. A windowed
+    layer keeps every slot there (the mask applies the window), so its memory is the capacity.
+    """
 
     k: Tensor | None = None
     v: Tensor | None = None
     pos: Tensor | None = None
+    n: Tensor | None = field(default=None, metadata={"batch": False})
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2] if self.k is not None else 0
+
+    def static_copy(self, capacity: int) -> "AttentionState":
+        if self.k is None:  # a KV-sharing consumer, or a layer that has seen nothing: no buffers
+            return AttentionState()
+        B, H, S, D = self.k.shape
+        st = AttentionState(k=self.k.new_zeros(B, H, capacity, D), v=self.v.new_zeros(B, H, capacity, self.v.shape[3]),
+                            pos=self.pos.new_full((B, capacity), -1),
+                            n=torch.zeros(1, dtype=torch.long, device=self.k.device))
+        st.load_(self)
+        return st
+
+    def load_(self, src: LayerState) -> None:
+        if not isinstance(src, AttentionState):
+            raise ValueError(f"AttentionState.load_: got {type(src).__name__}")
+        if self.n is None or src.n is not None:  # no buffers, or static into static: field by field
+            super().load_(src)
+            return
+        S = src.k.shape[2] if src.k is not None else 0
+        if S > self.capacity:
+            raise ValueError(f"AttentionState.load_: {S} cached slots exceed the static capacity {self.capacity}")
+        if S:
+            self.k[:, :, :S].copy_(src.k)
+            self.v[:, :, :S].copy_(src.v)
+            self.pos[:, :S].copy_(src.pos)
+        self.pos[:, S:].fill_(-1)
+        self.n.fill_(S)
+
+    def append_(self, k: Tensor, v: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Static form: write a chunk's k, v [B, Hkv, T, D] and positions [B, T] at the next T
+        slots; returns the whole buffers (k, v, pos)."""
+        slots = self.n + torch.arange(k.shape[2], device=k.device)
+        self.k.index_copy_(2, slots, k.to(self.k.dtype))
+        self.v.index_copy_(2, slots, v.to(self.v.dtype))
+        self.pos.index_copy_(1, slots, pos)
+        self.n.add_(k.shape[2])
+        return self.k, self.v, self.pos
 
 
 def visible(qpos: Tensor, kpos: Tensor, window: int | None, n_meta: int, bidirectional: bool = False) -> Tensor:
@@ -184,7 +233,10 @@ class GatedAttention(nn.Module):
         else:
             kpos_new = qpos if valid is None else torch.where(valid, qpos, torch.full_like(qpos, -1))
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, T, D]
-            if state is not None and state.k is not None:
+            if state is not None and state.n is not None:  # static buffers (decode engine)
+                k_all, v_all, kpos = state.append_(k, v, kpos_new)
+                fresh = False
+            elif state is not None and state.k is not None:
                 k_all = torch.cat([state.k, k], dim=2)
                 v_all = torch.cat([state.v, v], dim=2)
                 kpos = torch.cat([state.pos, kpos_new], dim=1)
@@ -205,7 +257,7 @@ class GatedAttention(nn.Module):
             if valid is not None:  # inert query slots: any finite output will do
                 mask = mask | ~valid[:, :, None]
             o = F.scaled_dot_product_attention(qh, k_all, v_all, attn_mask=mask[:, None], enable_gqa=gqa)
-        if state is not None and self.kv_role != "consumer":
+        if state is not None and self.kv_role != "consumer" and state.n is None:
             self._store(state, k_all, v_all, kpos, ctx)
         return o.transpose(1, 2)
 

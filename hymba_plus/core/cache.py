@@ -66,6 +66,41 @@ class LayerState:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for _, t in self.tensors())
 
+    def static_copy(self, capacity: int) -> "LayerState":
+        """A copy with buffers of its own that a decode step can be replayed on (the decode
+        engine, ``models/decode_engine.py``): what ``load_`` writes into, whatever ``src``
+        it is later given. Constant-size states clone their tensors; a state that grows
+        (attention's keys and values) overrides this to preallocate ``capacity`` slots."""
+        new = dataclasses.replace(self)  # type: ignore[type-var]
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor):
+                setattr(new, f.name, v.clone())
+            elif isinstance(v, LayerState):
+                setattr(new, f.name, v.static_copy(capacity))
+            elif isinstance(v, list):
+                setattr(new, f.name, [t.clone() if isinstance(t, Tensor) else t for t in v])
+        return new
+
+    def load_(self, src: "LayerState") -> None:
+        """Write ``src`` (a state of the same layer, as a forward left it) into this state's
+        buffers in place, so their addresses stay what a captured CUDA graph reads and writes.
+        A tensor ``src`` shares with this state is skipped. Raises ``ValueError`` when the
+        shapes differ or a field is set on one side only (the state cannot be static)."""
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            dst, v = getattr(self, f.name), getattr(src, f.name)
+            if isinstance(dst, LayerState):
+                if not isinstance(v, LayerState):
+                    raise ValueError(f"{type(self).__name__}.{f.name}: not set in the state to load")
+                dst.load_(v)
+            elif isinstance(dst, list) or isinstance(v, list):
+                if not (isinstance(dst, list) and isinstance(v, list)) or len(dst) != len(v):
+                    raise ValueError(f"{type(self).__name__}.{f.name}: lists of different lengths")
+                for a, b in zip(dst, v):
+                    _copy_buffer(type(self).__name__, f.name, a, b)
+            else:
+                _copy_buffer(type(self).__name__, f.name, dst, v)
+
     def fork(self) -> "LayerState":
         """A copy that a forward may advance without touching this state. Components replace
         a state's tensors rather than writing into them, so the copy shares the tensors
@@ -78,6 +113,19 @@ class LayerState:
             elif isinstance(v, list):
                 setattr(new, f.name, list(v))
         return new
+
+
+def _copy_buffer(owner: str, name: str, dst: object, src: object) -> None:
+    if dst is src:
+        return
+    if not (isinstance(dst, Tensor) and isinstance(src, Tensor)):
+        if dst is None and src is None:
+            return
+        raise ValueError(f"{owner}.{name}: set on one side only (a static buffer needs it allocated before)")
+    if dst.shape != src.shape:
+        raise ValueError(f"{owner}.{name}: shape {tuple(src.shape)} does not fit the static buffer "
+                         f"{tuple(dst.shape)}")
+    dst.copy_(src)
 
 
 @dataclass
@@ -199,6 +247,32 @@ class HybridCache:
                           self.pos.device)
         new.pos, new.started, new.extra = self.pos.clone(), self.started, dict(self.extra)
         return new
+
+    def static_copy(self, capacity: int) -> "HybridCache":
+        """A cache with buffers of its own, preallocated for ``capacity`` attention slots per
+        row (``LayerState.static_copy``), holding this cache's contents; ``load_`` refills it
+        in place. The decode engine replays its CUDA graph on such a cache."""
+        new = HybridCache([s.static_copy(capacity) if s is not None else None for s in self.states],
+                          self.batch_size, self.pos.device)
+        new.pos, new.started = self.pos.clone(), self.started
+        new.extra = {k: v.clone() for k, v in self.extra.items()}
+        return new
+
+    def load_(self, src: "HybridCache") -> None:
+        """Copy ``src`` (same model, same batch) into this cache's buffers in place: states,
+        positions and the structure's decisions (``extra``)."""
+        if len(src.states) != len(self.states) or src.batch_size != self.batch_size:
+            raise ValueError(f"load_: {len(src.states)} states for batch {src.batch_size} into a cache of "
+                             f"{len(self.states)} for batch {self.batch_size}")
+        for dst, s in zip(self.states, src.states):
+            if dst is not None:
+                dst.load_(s)
+        _copy_buffer("HybridCache", "pos", self.pos, src.pos)
+        self.started = src.started
+        if set(src.extra) != set(self.extra):
+            raise ValueError(f"load_: the cache's decisions differ ({sorted(src.extra)} vs {sorted(self.extra)})")
+        for k, v in src.extra.items():
+            _copy_buffer("HybridCache", f"extra[{k}]", self.extra[k], v)
 
     def layer_nbytes(self) -> list[int]:
         return [s.nbytes() if s is not None else 0 for s in self.states]

@@ -158,23 +158,48 @@ def generate_ar(
     generator: torch.Generator | None = None,
     streamer: Callable[[Tensor], Any] | None = None,
     stats: dict | None = None,
+    engine: str = "auto",
 ) -> Tensor:
+    """Cached autoregressive decoding. ``engine`` (``models/decode_engine.py``): ``graph``
+    replays each step from a CUDA graph over static caches, ``static`` runs the step eagerly
+    on static caches, ``dynamic`` on the growing cache; ``auto`` is ``graph`` on CUDA (when
+    there are more than a few steps) and ``dynamic`` elsewhere. Greedy output is the same
+    token for token. ``stats["engine"]`` says which ran (and ``stats["engine_notice"]`` why
+    a graph was not used, if capture failed)."""
+    from .decode_engine import engine_for, resolve_engine
+
     B = input_ids.shape[0]
     check_length(model, input_ids, max_new_tokens, attention_mask)
+    kind = resolve_engine(engine, input_ids.device, max_new_tokens)
     cache = model.new_cache(B, device=input_ids.device)
     out = model(input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1)  # checks the prompt's ids
+    eng = step = None
+    if kind != "dynamic" and max_new_tokens > 1:
+        eng = engine_for(model, cache, max_new_tokens, graph=kind == "graph")
+        cache, step = None, eng.step  # the engine holds its own copy of the cache
     new = continue_ar(model, cache, out.logits[:, -1], max_new_tokens, temperature, top_k, top_p, eos_token_id,
-                      generator, streamer)
-    _report(stats, forwards=max(new.shape[1], 1), tokens=new.shape[1] * B, rows=B)  # prefill + one per token but the last
+                      generator, streamer, step=step)
+    more = {"engine": eng.mode if eng is not None else "dynamic"}
+    if eng is not None and eng.notice:
+        more["engine_notice"] = eng.notice
+    # prefill + one per token but the last
+    _report(stats, forwards=max(new.shape[1], 1), tokens=new.shape[1] * B, rows=B, **more)
     return torch.cat([input_ids, new], dim=1)
 
 
 def continue_ar(model: Any, cache: Any, last: Tensor, max_new_tokens: int, temperature: float = 0.0,
                 top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
-                generator: torch.Generator | None = None, streamer: Callable[[Tensor], Any] | None = None) -> Tensor:
+                generator: torch.Generator | None = None, streamer: Callable[[Tensor], Any] | None = None,
+                step: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Autoregressive decoding on a cache that already holds the context, from the logits
     ``last`` [B, V] of its last position: the new tokens [B, n] (n < max_new_tokens only when
-    every row has ended with EOS; after a row's EOS, EOS)."""
+    every row has ended with EOS; after a row's EOS, EOS). ``step`` (tokens [B] -> logits
+    [B, V]) replaces the model call on ``cache`` (the decode engine's ``step``)."""
+    if step is None:
+        # sampled from the model's own logits, and the length was checked up front: no checks
+        # (they would cost a device sync per token on CUDA)
+        def step(tok: Tensor) -> Tensor:
+            return model(tok[:, None], cache=cache, check_inputs=False).logits[:, -1]
     B = last.shape[0]
     done = torch.zeros(B, dtype=torch.bool, device=last.device)
     new = []
@@ -188,9 +213,7 @@ def continue_ar(model: Any, cache: Any, last: Tensor, max_new_tokens: int, tempe
             streamer(nxt)
         if (eos_token_id is not None and bool(done.all())) or len(new) == max_new_tokens:
             break  # the last token's logits would never be used: no forward for it
-        # sampled from the model's own logits, and the length was checked above: no checks
-        # (they would cost a device sync per token on CUDA)
-        last = model(nxt[:, None], cache=cache, check_inputs=False).logits[:, -1]
+        last = step(nxt)
     if not new:
         return torch.zeros(B, 0, dtype=torch.long, device=last.device)
     return torch.stack(new, 1)

@@ -1,0 +1,161 @@
+"""Decode speed of one recipe by engine (``generate(engine=...)``: dynamic / static / graph):
+prefill time, decode milliseconds per step, tokens/s, and the weight-streaming limit.
+
+    python benchmarks/decode.py --device cuda --batches 1 16 --prompts 2048 8192 --new 64
+    python benchmarks/decode.py --device cuda --profile          # + the step's top CUDA kernels
+
+The default recipe is a Qwen3-Next-like hybrid (``(GD+moe)*3 | GA+moe`` three times, d 1024,
+64 experts top-4 + shared; benchmarks/side_by_side.py compares the converted HF model with
+HF ``generate``). Decode time = (generate with ``--new`` tokens) - (generate with 1 token),
+each the median of ``--repeats`` calls after a warm-up call, so the prefill and the
+engine's one-time capture do not count. The streaming limit is the bytes of the weights a
+step reads (embedding row excluded; for MoE at batch 1 only the active experts) over the
+GPU's memory bandwidth (``--bandwidth``, 4.8e12 B/s for an H200). Prints a table and writes
+JSON with the device name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+QWEN3_NEXT_LIKE = {
+    "name": "qwen3-next-like",
+    "model": {"vocab_size": 32000, "d_model": 1024, "max_seq_len": 40000, "ffn": "moe",
+              "block_pattern": "((GD)*3 | GA)*3", "tie_embeddings": False},
+    "components": {"gated_attn": {"n_heads": 8, "n_kv_heads": 2, "head_dim": 256, "rope": {"fraction": 0.25}},
+                   "gdn": {"n_heads": 16, "n_v_heads": 32, "head_dim": 128},
+                   "moe": {"n_experts": 64, "top_k": 4, "n_shared": 1, "d_expert": 512}},
+}
+
+
+def weight_bytes(model, batch: int) -> int:
+    """Bytes of weights one decode step reads (embedding table excluded: one row per token)."""
+    total = 0
+    for name, p in model.named_parameters():
+        if name.startswith("embed."):
+            continue
+        total += p.numel() * p.element_size()
+    if batch == 1:  # only top_k of n_experts routed experts are read
+        for m in model.modules():
+            cfg = getattr(m, "cfg", None)
+            if cfg is not None and hasattr(cfg, "n_experts") and hasattr(cfg, "top_k"):
+                routed = sum(p.numel() * p.element_size() for n, p in m.named_parameters()
+                             if n.startswith(("w_gate_up", "w_down", "experts")))
+                total -= routed * (1 - cfg.top_k / cfg.n_experts)
+    return int(total)
+
+
+def timed(fn, device: str, repeats: int) -> float:
+    fn()
+    out = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipe", default=None, help="a recipe YAML (default: the Qwen3-Next-like hybrid)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--prompts", type=int, nargs="+", default=[2048, 8192])
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--engines", nargs="+", default=["dynamic", "static", "graph"])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--bandwidth", type=float, default=4.8e12)
+    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of 8 static-engine steps")
+    ap.add_argument("--tiny", action="store_true", help="d 64, 2 layers, vocab 256 (a CPU smoke run)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode.json")
+    args = ap.parse_args()
+    from hymba_plus import build_model, load_recipe
+
+    recipe = load_recipe(args.recipe) if args.recipe else load_recipe(QWEN3_NEXT_LIKE)
+    if args.tiny:
+        recipe = load_recipe({"name": "tiny", "model": {"vocab_size": 256, "d_model": 64, "max_seq_len": 512,
+                                                        "ffn": "moe", "block_pattern": "GD | GA"},
+                              "components": {"moe": {"n_experts": 8, "top_k": 2, "n_shared": 1, "d_expert": 64}}})
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    model = build_model(recipe).to(device=args.device, dtype=dtype).eval()
+    V = recipe.model.vocab_size
+    rows = []
+    result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+              "torch": torch.__version__, "recipe": recipe.name, "params": model.num_parameters(),
+              "dtype": args.dtype, "new_tokens": args.new, "rows": rows}
+    print(f"{recipe.name}: {model.num_parameters() / 1e6:.1f}M params, {args.dtype}, {args.device}")
+    print(f"{'batch':>5} {'prompt':>6} {'engine':>8} {'prefill ms':>10} {'ms/step':>8} {'tok/s':>8} "
+          f"{'limit ms':>8}")
+    for T in args.prompts:
+        for B in args.batches:
+            ids = torch.randint(0, V, (B, T), device=args.device)
+            limit_ms = weight_bytes(model, B) / args.bandwidth * 1e3
+            for eng in args.engines:
+                if eng == "graph" and args.device != "cuda":
+                    continue
+                stats: dict = {}
+                try:
+                    with torch.no_grad():
+                        def gen(n: int, ids=ids, eng=eng, stats=stats) -> None:
+                            model.generate(ids, max_new_tokens=n, engine=eng, stats=stats)
+
+                        t1 = timed(lambda: gen(1), args.device, args.repeats)
+                        tn = timed(lambda: gen(args.new), args.device, args.repeats)
+                except torch.OutOfMemoryError as e:
+                    rows.append({"batch": B, "prompt": T, "engine": eng, "error": f"out of memory: {e}"[:200]})
+                    torch.cuda.empty_cache()
+                    continue
+                step_ms = (tn - t1) / (args.new - 1) * 1e3
+                row = {"batch": B, "prompt": T, "engine": stats.get("engine", eng), "prefill_ms": t1 * 1e3,
+                       "ms_per_step": step_ms, "decode_tok_s": B / step_ms * 1e3,
+                       "total_tok_s": B * args.new / tn, "weight_stream_limit_ms": limit_ms}
+                if stats.get("engine_notice"):
+                    row["notice"] = stats["engine_notice"]
+                rows.append(row)
+                print(f"{B:>5} {T:>6} {row['engine']:>8} {t1 * 1e3:>10.1f} {step_ms:>8.2f} "
+                      f"{row['decode_tok_s']:>8.0f} {limit_ms:>8.3f}", flush=True)
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(result, indent=1))
+            del ids
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+    if args.profile and args.device == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        from hymba_plus.models.decode_engine import engine_for
+
+        B, T = args.batches[-1], args.prompts[0]
+        ids = torch.randint(0, V, (B, T), device=args.device)
+        with torch.no_grad():
+            cache = model.new_cache(B)
+            last = model(ids, cache=cache, logits_to_keep=1).logits[:, -1]
+            eng = engine_for(model, cache, 32, graph=False)
+            tok = last.argmax(-1)
+            for _ in range(3):
+                tok = eng.step(tok).argmax(-1)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(8):
+                    tok = eng.step(tok).argmax(-1)
+                torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60)
+        print(f"static engine, batch {B}, prompt {T}, 8 steps:\n{table}")
+        result["profile"] = table
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""The decode engine (models/decode_engine.py): static caches give the dynamic path's
+tokens, over generated recipes and every config; on CUDA the captured step does too."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hymba_plus import build_model, load_recipe
+from hymba_plus.cli.info import describe
+from hymba_plus.models.decode_engine import CAPACITY_STEP, MAX_ENGINES, attention_slots, clear_engines, engine_for
+from tests.conftest import rel_err
+from tests.test_invariant import CPU_PARAM_LIMIT, SETTINGS, V, make, recipes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _prompt(B: int, T: int, pad: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[0, :pad] = 0
+    return ids, mask
+
+
+@settings(SETTINGS, max_examples=20)
+@given(data=st.data())
+def test_static_engine_equals_dynamic_greedy(data):
+    """Greedy tokens are the same, and so are the logits of every step (same kernels, same values)."""
+    model = make(data.draw(recipes()))
+    T = data.draw(st.integers(1, 8), label="T")
+    ids, mask = _prompt(3, T, data.draw(st.integers(0, T - 1), label="pad"), seed=T)
+    n = data.draw(st.integers(2, 10), label="new")
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=n, attention_mask=mask, engine="dynamic")
+        stats: dict = {}
+        got = model.generate(ids, max_new_tokens=n, attention_mask=mask, engine="static", stats=stats)
+        assert stats["engine"] == "static"
+        assert torch.equal(got, want)
+        # the step's logits themselves, along the generated sequence
+        cache = model.new_cache(3)
+        model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)
+        eng = engine_for(model, cache, n, graph=False)
+        for j in range(T, T + n - 1):
+            ref = model(want[:, j:j + 1], cache=cache, check_inputs=False).logits[:, -1]
+            assert rel_err(eng.step(want[:, j]), ref) <= 1e-6
+
+
+def test_engine_is_reused_and_reloaded():
+    """A second call of the same shape reuses the engine (its buffers are refilled, not
+    reallocated) and still equals the dynamic path; at most MAX_ENGINES are kept."""
+    model = make({"name": "t", "model": {"vocab_size": V, "d_model": 32, "max_seq_len": 64, "ffn": "none",
+                                         "block_pattern": "GA+mlp | GD+mlp"}, "components": {}})
+    ids, mask = _prompt(2, 6, 2)
+    with torch.no_grad():
+        a = model.generate(ids, max_new_tokens=5, attention_mask=mask, engine="static")
+        (eng,) = model._decode_engines.values()
+        buf = eng.buffers.states[0].k
+        ids2, mask2 = _prompt(2, 6, 0, seed=5)
+        b = model.generate(ids2, max_new_tokens=5, attention_mask=mask2, engine="static")
+        assert len(model._decode_engines) == 1 and eng.buffers.states[0].k is buf
+        assert torch.equal(b, model.generate(ids2, max_new_tokens=5, attention_mask=mask2, engine="dynamic"))
+        assert torch.equal(a, model.generate(ids, max_new_tokens=5, attention_mask=mask, engine="static"))
+        assert buf.shape[2] == CAPACITY_STEP  # capacity rounded up
+        for B in range(1, MAX_ENGINES + 3):
+            model.generate(ids[:1].expand(B, -1), max_new_tokens=3, engine="static")
+        assert len(model._decode_engines) == MAX_ENGINES
+    clear_engines(model)
+    assert not hasattr(model, "_decode_engines")
+
+
+def test_sampling_is_the_same_with_the_same_generator():
+    model = make({"name": "t", "model": {"vocab_size": V, "d_model": 32, "max_seq_len": 64, "ffn": "none",
+                                         "meta_tokens": 2, "block_pattern": "GA | M3"}, "components": {}})
+    ids, mask = _prompt(2, 5, 1)
+    with torch.no_grad():
+        outs = [model.generate(ids, max_new_tokens=8, attention_mask=mask, temperature=0.8, top_k=10,
+                               generator=torch.Generator().manual_seed(3), engine=e) for e in ("dynamic", "static")]
+    assert torch.equal(*outs)
+
+
+def test_static_attention_state_refuses_too_many_slots():
+    model = make({"name": "t", "model": {"vocab_size": V, "d_model": 32, "max_seq_len": 64, "ffn": "none",
+                                         "block_pattern": "GA"}, "components": {}})
+    ids, _ = _prompt(2, 9, 0)
+    with torch.no_grad():
+        cache = model.new_cache(2)
+        model(ids, cache=cache)
+        assert attention_slots(cache) == 9
+        static = cache.static_copy(16)
+        assert static.states[0].k.shape[2] == 16 and int(static.states[0].n) == 9
+        bigger = model.new_cache(2)
+        model(torch.cat([ids, ids], 1), cache=bigger)
+        with pytest.raises(ValueError, match="18 cached slots exceed the static capacity 16"):
+            static.load_(bigger)
+
+
+def test_engine_argument_is_checked():
+    model = make({"name": "t", "model": {"vocab_size": V, "d_model": 32, "max_seq_len": 64, "ffn": "none",
+                                         "block_pattern": "GA"}, "components": {}})
+    ids, _ = _prompt(1, 3, 0)
+    with pytest.raises(ValueError, match="engine must be one of auto, graph, static, dynamic"):
+        model.generate(ids, max_new_tokens=2, engine="fast")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="engine='graph' needs a CUDA device"):
+            model.generate(ids, max_new_tokens=2, engine="graph")
+    stats: dict = {}
+    model.generate(ids, max_new_tokens=4, stats=stats)  # auto on the CPU: the dynamic cache
+    assert stats["engine"] == "dynamic"
+
+
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_static_engine_for_every_config(path):
+    recipe = load_recipe(path)
+    if recipe.model.vocab_size is None:
+        pytest.skip("a model that reads no tokens (forecasting) is not decoded token by token")
+    if describe(recipe)["params_total"] > CPU_PARAM_LIMIT:  # counted on the meta device
+        pytest.skip("full-size recipe (test_invariant's meta-device checks cover it)")
+    torch.manual_seed(0)
+    model = build_model(recipe).eval()
+    vocab = recipe.model.vocab_size
+    ids = torch.randint(0, vocab, (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=6, attention_mask=mask, engine="dynamic")
+        got = model.generate(ids, max_new_tokens=6, attention_mask=mask, engine="static")
+    assert torch.equal(got, want)
+
+
+# ----------------------------------------------------------------------------- GPU: the captured step
+
+GPU_PATTERNS = ["GA+mlp | GD+mlp", "GA+moe | M3+mlp | HY", "GD | GA"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pattern", GPU_PATTERNS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graph_engine_equals_dynamic_on_cuda(pattern, dtype):
+    model = make({"name": "t", "model": {"vocab_size": V, "d_model": 64, "max_seq_len": 128, "ffn": "none",
+                                         "meta_tokens": 2, "block_pattern": pattern}, "components": {}})
+    model = model.to(device="cuda", dtype=dtype).eval()
+    ids, mask = (t.cuda() for t in _prompt(4, 12, 5))
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=16, attention_mask=mask, engine="dynamic")
+        for _ in range(2):  # capture, then reuse
+            stats: dict = {}
+            got = model.generate(ids, max_new_tokens=16, attention_mask=mask, engine="graph", stats=stats)
+            assert stats["engine"] == "graph", stats.get("engine_notice")
+            assert torch.equal(got, want)
+        default: dict = {}
+        model.generate(ids, max_new_tokens=16, attention_mask=mask, stats=default)
+        assert default["engine"] == "graph"
+
+
+@pytest.mark.gpu
+def test_graph_engine_falls_back_with_one_warning_when_capture_fails():
+    """ATLAS's cached chunking reads the buffered count back to the host: no graph, one
+    RuntimeWarning naming why, and the same tokens from the eager static step."""
+    model = make({"name": "t", "model": {"vocab_size": V, "d_model": 32, "max_seq_len": 128, "ffn": "none",
+                                         "block_pattern": "ATL | GA"}, "components": {}}).cuda().eval()
+    ids, mask = (t.cuda() for t in _prompt(2, 7, 2))
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=8, attention_mask=mask, engine="dynamic")
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            stats: dict = {}
+            got = model.generate(ids, max_new_tokens=8, attention_mask=mask, engine="graph", stats=stats)
+    assert torch.equal(got, want)
+    if stats["engine"] == "static":
+        assert "could not be captured" in stats["engine_notice"]
+        assert sum("could not be captured" in str(x.message) for x in w) == 1
