@@ -1,0 +1,116 @@
+"""``benchmarks/side_by_side.py --tiny`` on CPU: every selected row runs or is skipped with a
+reason, the JSON has the documented keys, and the Qwen3-Next model imported through
+``hymba_plus.convert`` gives HF's logits (the decode and quad_moe rows rely on it)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_bench():  # noqa: ANN201 - the script as a module
+    spec = importlib.util.spec_from_file_location("side_by_side", REPO / "benchmarks" / "side_by_side.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_tiny_run_writes_every_key(tmp_path, capsys) -> None:
+    bench = load_bench()
+    rc = bench.main(["--tiny", "--device", "cpu", "--rows", "attn", "gdn", "quad_moe", "decode",
+                     "--out-dir", str(tmp_path), "--decode-repeats", "1"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "ratios (ours / peer):" in out
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 2 and "latest.json" in files and files[0].startswith("cpu-")
+    rep = json.loads((tmp_path / "latest.json").read_text())
+    assert rep == json.loads((tmp_path / files[0]).read_text())
+    assert rep["device"].startswith("cpu") and rep["preset"] == "tiny"
+    assert {"torch", "triton", "transformers", "fla"} <= set(rep["versions"])
+    assert set(rep["rows"]) == {"attn", "gdn", "quad_moe", "decode"}
+
+    # fla's model needs CUDA: skipped, with the reason, and its ratio null with that note
+    assert rep["rows"]["gdn"]["status"] == "skipped" and rep["rows"]["gdn"]["reason"].startswith("gdn: ")
+    for name in ("attn", "quad_moe"):
+        row = rep["rows"][name]
+        assert row["status"] == "ok", row
+        assert row["peer"]["tokens_per_s"] > 0 and row["ours"]["modes"]["eager"]["tokens_per_s"] > 0
+        assert row["ours"]["modes"]["cuda_graph"] == {"error": "needs CUDA"}
+        assert row["ours_best_default_mode"] == "eager" and row["ratio"] > 0
+        assert row["peer"]["parameters"] == row["ours"]["parameters"]  # the same architecture
+        assert "config" in row
+    assert rep["rows"]["attn"]["ours"]["modes"]["eager"]["mfu"] > 0 and "mfu_formula" in rep["rows"]["attn"]
+    # HF's experts implementations are each timed, the faster one is the peer
+    moe = rep["rows"]["quad_moe"]
+    assert set(moe["peer_variants"]) == {"grouped_mm", "eager"}
+    assert moe["peer"]["tokens_per_s"] == max(v["tokens_per_s"] for v in moe["peer_variants"].values())
+    # imported through hymba_plus.convert: the same function as HF's model
+    assert rep["rows"]["quad_moe"]["conversion_check"]["logits_max_rel_diff"] < 1e-4
+
+    dec = rep["rows"]["decode"]
+    assert dec["status"] == "ok" and dec["engines"] and dec["weight_stream_limit_ms"] > 0
+    assert {(r["model"], r["batch"]) for r in dec["results"]} >= {("hf", 1), ("hf", 2), ("ours", 1), ("ours", 2)}
+    for r in dec["results"]:
+        assert r["prompt"] == 32 and r["tokens_per_s"] > 0 and "skipped" not in r
+        if r["batch"] == 1:
+            assert r["ms_per_token"] > 0 and r["weight_stream_limit_ms"] > 0
+        if r["model"] == "ours":
+            assert r["tokens_equal_to_hf"] == 1.0  # float32, same weights: greedy decoding agrees
+
+    ratios = rep["ratios"]
+    for key in ("attn_vs_hf_llama", "quad_moe_vs_hf_qwen3next", "decode_vs_hf"):
+        assert ratios[key] > 0
+    assert ratios["gdn_vs_fla"] is None and ratios["gdn_vs_fla_note"] == rep["rows"]["gdn"]["reason"]
+    assert ratios["fsdp2_2gpu_scaling"] is None and ratios["fsdp2_2gpu_scaling_note"]
+
+
+def test_merge_keeps_rows_not_rerun(tmp_path) -> None:
+    """--merge: a second call measuring other rows keeps the first call's rows in the same file."""
+    bench = load_bench()
+    base = ["--tiny", "--device", "cpu", "--out-dir", str(tmp_path)]
+    assert bench.main([*base, "--rows", "gdn", "fsdp2"]) == 0
+    assert bench.main([*base, "--rows", "fsdp2", "--merge"]) == 0
+    rep = json.loads((tmp_path / "latest.json").read_text())
+    assert set(rep["rows"]) == {"gdn", "fsdp2"} and rep["merged_from_earlier_run"] == ["gdn"]
+    assert rep["ratios"]["fsdp2_2gpu_scaling_note"].startswith("fsdp2: needs 2 CUDA devices")
+
+
+def test_full_size_configs_match_their_peers() -> None:
+    """The GPU configs, built on the meta device: our attn model has exactly HF Llama's ~374M
+    parameters, our gdn model fla's GatedDeltaNet count (fla's layout written out: fla is not
+    installed on CPU machines), the Qwen3-Next config ~1.35B."""
+    import torch
+    import transformers as tf
+
+    from hymba_plus import load_recipe
+    from hymba_plus.models.lm import HybridLM
+
+    bench = load_bench()
+    args = bench.parse_args(["--device", "cpu"])
+    hf_cfg, recipe = bench.attn_configs(args)
+    with torch.device("meta"):
+        hf, ours = tf.LlamaForCausalLM(tf.LlamaConfig(**hf_cfg)), HybridLM(load_recipe(recipe))
+    assert bench.n_params(hf) == bench.n_params(ours) == 373_867_520
+
+    fla_cfg, recipe = bench.gdn_configs(args)
+    with torch.device("meta"):
+        ours = HybridLM(load_recipe(recipe))
+    d, H, dk, K, inter, V, L = (fla_cfg[k] for k in ("hidden_size", "num_heads", "head_dim", "conv_size",
+                                                     "intermediate_size", "vocab_size", "num_hidden_layers"))
+    dv = int(dk * fla_cfg["expand_v"])
+    # q, k | v, g | o | a, b | A_log, dt_bias | q, k, v short convs | o_norm | 2 block norms | MLP
+    layer = 2 * d * H * dk + 2 * d * H * dv + H * dv * d + 2 * d * H + 2 * H + (2 * H * dk + H * dv) * K + dv \
+        + 2 * d + 3 * d * inter
+    assert bench.n_params(ours) == L * layer + 2 * V * d + d == 424_653_968
+
+    with torch.device("meta"):
+        hf = tf.Qwen3NextForCausalLM(tf.Qwen3NextConfig(**bench.qwen3_next_config(args)))
+    assert bench.n_params(hf) == 1_351_650_320
+    assert hf.config.layer_types[:4] == ["linear_attention"] * 3 + ["full_attention"]
