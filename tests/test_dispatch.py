@@ -69,3 +69,142 @@ def test_pinned_autotune_pins_and_restores():
             assert n == 0
     finally:
         del sys.modules[mod.__name__]
+
+
+# --------------------------------------------------------------------------- probes and CUDA graphs
+
+
+class _OnCuda:
+    """Stands in for a CUDA tensor (use_fast reads only ``is_cuda``) on a machine without one."""
+
+    is_cuda = True
+
+
+def _fake_path(monkeypatch, name: str, fail: Exception | None = None) -> tuple[dispatch.FastPath, list[int]]:
+    calls: list[int] = []
+
+    def probe():
+        calls.append(1)
+        if fail is not None:
+            raise fail
+
+    fp = dispatch.FastPath(name, probe, "a fake fast path")
+    monkeypatch.setitem(dispatch._FAST, name, fp)
+    return fp, calls
+
+
+def _capturing(monkeypatch, on: bool) -> None:
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: on)
+
+
+def test_capturing_is_false_without_cuda(monkeypatch):
+    def stub():  # what a CPU build's stub does
+        raise RuntimeError("Tried to instantiate dummy base class _cuda_isCurrentStreamCapturing")
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", stub)
+    assert dispatch.capturing() is False
+    _capturing(monkeypatch, True)
+    assert dispatch.capturing() is True
+
+
+def test_a_probe_never_runs_inside_a_capture_and_nothing_is_cached(monkeypatch):
+    """A first use inside a CUDA-graph capture raises a clear error instead of running the probe
+    (which would fail there for reasons unrelated to the fast path, and the cached failure would
+    keep the process on the reference path for good); outside the capture it then runs."""
+    monkeypatch.setenv("HYMBA_KERNELS", "auto")
+    fp, calls = _fake_path(monkeypatch, "fake_op")
+    _capturing(monkeypatch, True)
+    for _ in range(2):
+        with pytest.raises(dispatch.ProbeInCapture, match=r"'fake_op'.*probe_all\(\) before capturing"):
+            dispatch.use_fast("fake_op", _OnCuda())
+    assert calls == [] and fp.status is None and fp.error == ""
+    _capturing(monkeypatch, False)
+    assert dispatch.use_fast("fake_op", _OnCuda()) is True and calls == [1]
+    _capturing(monkeypatch, True)  # probed before: a capture just reads the cached answer
+    assert dispatch.use_fast("fake_op", _OnCuda()) is True and calls == [1]
+
+
+def test_a_probed_failure_is_read_inside_a_capture(monkeypatch):
+    monkeypatch.setenv("HYMBA_KERNELS", "auto")
+    fp, calls = _fake_path(monkeypatch, "fake_broken", ImportError("No module named 'fake'"))
+    assert dispatch.probe_all(["fake_broken"]) == {"fake_broken": False}
+    _capturing(monkeypatch, True)
+    assert dispatch.use_fast("fake_broken", _OnCuda()) is False and calls == [1]
+
+
+def test_cpu_calls_never_probe_even_inside_a_capture(monkeypatch):
+    fp, calls = _fake_path(monkeypatch, "fake_op")
+    _capturing(monkeypatch, True)
+    assert dispatch.use_fast("fake_op", torch.zeros(2)) is False and calls == [] and fp.status is None
+
+
+def test_probe_all_runs_the_probes_once_outside_captures(monkeypatch):
+    monkeypatch.setenv("HYMBA_KERNELS", "auto")
+    a, calls_a = _fake_path(monkeypatch, "fake_a")
+    b, calls_b = _fake_path(monkeypatch, "fake_b", RuntimeError("needs sm90"))
+    assert dispatch.probe_all(["fake_a", "fake_b"]) == {"fake_a": True, "fake_b": False}
+    assert dispatch.probe_all(["fake_a", "fake_b"]) == {"fake_a": True, "fake_b": False}
+    assert calls_a == calls_b == [1] and b.error == "RuntimeError: needs sm90"
+    with pytest.raises(KeyError, match="fake_c"):
+        dispatch.probe_all(["fake_c"])
+    c, calls_c = _fake_path(monkeypatch, "fake_c")
+    _capturing(monkeypatch, True)
+    with pytest.raises(dispatch.ProbeInCapture, match="before the capture"):
+        dispatch.probe_all(["fake_c"])
+    _capturing(monkeypatch, False)
+    monkeypatch.setenv("HYMBA_KERNELS", "reference")  # nothing will ask: nothing is probed
+    assert dispatch.probe_all(["fake_c"]) == {"fake_c": False} and calls_c == [] and c.status is None
+
+
+def test_probe_all_covers_every_registered_path_by_default(monkeypatch):
+    import hymba_plus  # noqa: F401 - registers every kernel module
+
+    seen = []
+    for name, fp in list(dispatch._FAST.items()):
+        monkeypatch.setitem(dispatch._FAST, name, dispatch.FastPath(name, lambda n=name: seen.append(n), fp.doc))
+    assert set(dispatch.probe_all()) == set(dispatch._FAST) and sorted(seen) == sorted(dispatch._FAST)
+
+
+def test_auto_mode_says_once_per_op_that_a_fast_path_is_unavailable(monkeypatch, capsys):
+    monkeypatch.setenv("HYMBA_KERNELS", "auto")
+    _fake_path(monkeypatch, "fake_gdn", ImportError("No module named 'fla'\nsecond line"))
+    _fake_path(monkeypatch, "fake_moe", RuntimeError("x" * 300))
+    for _ in range(3):
+        assert dispatch.use_fast("fake_gdn", _OnCuda()) is False
+        assert dispatch.use_fast("fake_moe", _OnCuda()) is False
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "fast path fake_gdn unavailable (ImportError: No module named 'fla'): using the reference path"
+    assert err[1].startswith("fast path fake_moe unavailable (RuntimeError: xxx") and "...): using the" in err[1]
+    assert len(err) == 2 and len(err[1]) < 300
+
+
+def test_no_notice_on_cpu_or_in_fast_mode(monkeypatch, capsys):
+    _fake_path(monkeypatch, "fake_gdn", ImportError("No module named 'fla'"))
+    monkeypatch.setenv("HYMBA_KERNELS", "auto")
+    assert dispatch.use_fast("fake_gdn", torch.zeros(1)) is False  # CPU: the reference is the path, no notice
+    monkeypatch.setenv("HYMBA_KERNELS", "fast")
+    with pytest.raises(RuntimeError, match="HYMBA_KERNELS=fast but the fast path for 'fake_gdn' is unavailable"):
+        dispatch.use_fast("fake_gdn", _OnCuda())
+    monkeypatch.setenv("HYMBA_KERNELS", "reference")
+    assert dispatch.use_fast("fake_gdn", _OnCuda()) is False
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.gpu
+def test_gpu_first_use_inside_a_real_capture_raises_and_caches_nothing(monkeypatch):
+    monkeypatch.setenv("HYMBA_KERNELS", "auto")
+    fp, calls = _fake_path(monkeypatch, "fake_op")
+    x = torch.ones(8, device="cuda")
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with pytest.raises(Exception) as ei:
+        with torch.cuda.graph(g):
+            y = x * 2
+            dispatch.use_fast("fake_op", y)
+    chain, e = [], ei.value
+    while e is not None:  # ending the aborted capture may raise on top of ours
+        chain.append(e)
+        e = e.__context__
+    assert any(isinstance(c, dispatch.ProbeInCapture) for c in chain), chain
+    assert calls == [] and fp.status is None
+    assert dispatch.use_fast("fake_op", x) is True and calls == [1]

@@ -392,9 +392,10 @@ def test_gpu_cuda_graph_training_matches_eager(tmp_path):
                   components={**TINY["components"], "moe": {"n_experts": 4, "top_k": 2, "bias_update_rate": 0.01}})
     path = write_recipe(tmp_path, recipe)
     args = ["--steps", "4", "--grad-accum", "2", "--precision", "bf16", "--device", "cuda", *FAST]
-    assert main(["train", path, "--out", str(tmp_path / "eager"), *args]) == 0
+    assert main(["train", path, "--out", str(tmp_path / "eager"), "--mode", "eager", *args]) == 0
     assert main(["train", path, "--out", str(tmp_path / "graph"), "--cuda-graph", *args]) == 0
     a, b = metrics(tmp_path / "eager"), metrics(tmp_path / "graph")
+    assert {r["mode"] for r in a} == {"eager"} and {r["mode"] for r in b} == {"cuda-graph"}
     for ra, rb in zip(a, b):
         assert abs(ra["loss"] - rb["loss"]) < 1e-3 * abs(ra["loss"]), (ra, rb)
         assert sum(ra["moe/1/tokens_per_expert"]) == sum(rb["moe/1/tokens_per_expert"]) > 0

@@ -5,6 +5,12 @@ which ``--help`` shows); flags override them (and, with ``--resume``, override t
 saved in the checkpoint). Under
 ``torchrun --nproc-per-node N -m hymba_plus train ...`` the same command trains with
 FSDP2 over N processes.
+
+``--mode`` picks how the training step runs: ``auto`` (the default) replays it from CUDA
+graphs on a GPU where the run allows it and the first batch's graphed loss matches the eager
+one, else eager (one line says which and why; on the CPU: eager, silently); ``eager``,
+``cuda-graph`` and ``compile`` force one (``--cuda-graph``, ``--compile`` and ``--compile-mode``
+are aliases).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from pathlib import Path
 from . import UsageError, UserError
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+TRAIN_MODES = ("auto", "eager", "cuda-graph", "compile")  # training/trainer.py's TRAIN_MODES
 
 #: flag dest -> TrainConfig field
 _FIELDS = {
@@ -90,14 +97,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-batches", type=int, help="batches per evaluation")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--mode", choices=TRAIN_MODES, default=None,
+                   help="how the training step runs. auto (default): on CUDA, replayed from CUDA graphs when the "
+                        "run allows it (one process, no --train-only / --distill, an objective whose step is the "
+                        "model's forward) and the capture gives the eager loss on the first batch, else eager, "
+                        "with one line saying which and why; on the CPU, eager. eager: plain PyTorch. cuda-graph: "
+                        "CUDA graphs, an error when they cannot be captured (= --cuda-graph). compile: "
+                        "torch.compile (= --compile). The mode that ran is in metrics.jsonl and the summary")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (= --mode compile)")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
-                   help="torch.compile mode (implies --compile); reduce-overhead replays CUDA graphs, which "
+                   help="torch.compile mode (implies --mode compile); reduce-overhead replays CUDA graphs, which "
                         "removes the launch overhead of many small kernels (an MoE layer on an H100: 4.3 -> 2.9 ms)")
     p.add_argument("--cuda-graph", action="store_true",
-                   help="capture the training forward+backward in CUDA graphs and replay them (eager kernels, "
-                        "no launch overhead; one CUDA process, not with --compile): an MoE layer on an H100 "
-                        "4.3 -> 2.4 ms")
+                   help="= --mode cuda-graph: capture the training forward+backward in CUDA graphs and replay them "
+                        "(eager kernels, no launch overhead; one CUDA process, not with --compile), an error when "
+                        "the capture fails: an MoE layer on an H100 4.3 -> 2.4 ms")
     p.add_argument("--train-only", choices=("routers", "branches", "all"), default=None,
                    help="routers: train only the Dr.LLM layer routers on searched routes, the rest frozen; "
                         "branches: only the MoDr branches (LM loss); all: everything (default: the resumed "
@@ -153,9 +167,14 @@ def run(args: argparse.Namespace) -> int:
     except TrainConfigError as e:
         raise UsageError(str(e)) from None
     out = Path(args.out) if args.out else Path("runs") / recipe.name
-    compile_mode = args.compile_mode or ("default" if args.compile else None)
+    compile_mode = args.compile_mode or ("default" if args.compile or args.mode == "compile" else None)
     if args.cuda_graph and compile_mode is not None:
         raise UsageError("--cuda-graph: use it instead of --compile / --compile-mode, not with them")
+    alias = "cuda-graph" if args.cuda_graph else "compile" if args.compile or args.compile_mode else None
+    if args.mode is not None and alias is not None and args.mode != alias:
+        flag = "--cuda-graph" if args.cuda_graph else "--compile-mode" if args.compile_mode else "--compile"
+        raise UsageError(f"--mode {args.mode}: not with {flag} (which means --mode {alias})")
+    mode = alias or args.mode or "auto"
     from ..training.routes import train_only_problem
 
     if args.train_only is not None and train_only_problem(recipe, args.train_only):
@@ -163,7 +182,8 @@ def run(args: argparse.Namespace) -> int:
     if args.route_beam < 1 or args.route_tolerance < 0:
         raise UsageError("--route-beam must be >= 1 and --route-tolerance >= 0, got "
                          f"{args.route_beam} and {args.route_tolerance:g}")
-    opts = RunOptions(out=out, resume=args.resume, device=args.device, compile=compile_mode, cuda_graph=args.cuda_graph,
+    opts = RunOptions(out=out, resume=args.resume, device=args.device, mode=mode, compile=compile_mode,
+                      cuda_graph=mode == "cuda-graph",
                       stop_after=args.stop_after, time_limit=args.time_limit, progress=not args.no_progress,
                       progress_interval=args.progress_interval, recipe_name=args.recipe, overrides=overrides,
                       train_only=args.train_only, route_beam=args.route_beam,

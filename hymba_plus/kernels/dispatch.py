@@ -12,9 +12,19 @@ and asks, at call time, ``use_fast("gdn", x)``. The answer is True only when
 * the probe succeeded (it runs once, with autograd on whatever the caller's grad mode; an
   ImportError or any failure means "not available").
 
-``HYMBA_KERNELS=fast`` makes a missing fast path an error instead of a silent fallback
-(for benchmarks and GPU tests). ``available()`` reports every op's status (``hymba info``
-and ARCHITECTURE.md use it). Nothing is registered for an op that has no real fast path.
+In ``auto`` mode a fast path whose probe failed is announced once, in one line on stderr, the
+first time a CUDA call falls back because of it ("fast path gdn unavailable (ImportError:
+...): using the reference path"). ``HYMBA_KERNELS=fast`` makes a missing fast path an error
+instead (for benchmarks and GPU tests). ``available()`` reports every op's status (``hymba
+info`` and ARCHITECTURE.md use it). Nothing is registered for an op that has no real fast path.
+
+Probes and CUDA graphs: a probe never runs while the current CUDA stream is capturing a graph
+(it would fail for reasons unrelated to its fast path, and the failure, cached, would keep
+the process on the reference path for good). A first use of an unprobed fast path inside a
+capture raises ``ProbeInCapture`` instead. Before capturing by hand, run the step once
+eagerly (``torch.cuda.make_graphed_callables``' warm-up does, so ``training/cuda_graph.py``
+needs nothing more) or call ``probe_all()``, which runs every registered probe (also those of
+ops the model never uses; the Mamba-3 MIMO one compiles a TileLang backward).
 """
 
 from __future__ import annotations
@@ -23,12 +33,24 @@ import contextlib
 import importlib
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
+
+
+class ProbeInCapture(RuntimeError):
+    """A fast path was used for the first time while a CUDA graph was being captured."""
+
+
+def capturing() -> bool:
+    """Is the current CUDA stream capturing a CUDA graph? (False without CUDA.)"""
+    try:
+        return bool(torch.cuda.is_current_stream_capturing())
+    except Exception:  # noqa: BLE001 - a build without CUDA has only a stub that raises
+        return False
 
 
 @dataclass
@@ -38,9 +60,15 @@ class FastPath:
     doc: str
     status: bool | None = None
     error: str = ""
+    warned: bool = False  # the one-line "unavailable" notice was printed (auto mode)
 
     def ok(self) -> bool:
         if self.status is None:
+            if capturing():  # never probe (nor cache a failure) inside a capture
+                raise ProbeInCapture(
+                    f"the fast path {self.name!r} was first used while a CUDA graph was being captured, where its "
+                    "probe cannot run (it would fail for reasons unrelated to the fast path): call "
+                    "hymba_plus.kernels.dispatch.probe_all() before capturing, or run the step once eagerly first")
             try:
                 # a first use may come under no_grad / inference_mode; probes that check a
                 # backward need autograd, and what they make is thrown away
@@ -76,8 +104,37 @@ def use_fast(name: str, *tensors: torch.Tensor) -> bool:
         if m == "fast" and on_cuda:
             why = "no fast path is registered" if fp is None else fp.error
             raise RuntimeError(f"HYMBA_KERNELS=fast but the fast path for {name!r} is unavailable: {why}")
+        if fp is not None and on_cuda and not fp.warned and not torch.compiler.is_compiling():  # auto: once per op
+            fp.warned = True
+            print(unavailable_line(fp), file=sys.stderr, flush=True)
         return False
     return True
+
+
+def unavailable_line(fp: FastPath) -> str:
+    """The one line ``auto`` mode prints when a CUDA call falls back from ``fp``."""
+    first = fp.error.strip().splitlines()[0] if fp.error.strip() else "probe failed"
+    if len(first) > 200:
+        first = first[:197] + "..."
+    return f"fast path {fp.name} unavailable ({first}): using the reference path"
+
+
+def probe_all(names: Iterable[str] | None = None) -> dict[str, bool]:
+    """Run the probes of ``names`` (default: every registered fast path) that have not run
+    yet, outside any CUDA-graph capture; returns op -> available. Call it before capturing a
+    step in a CUDA graph (a probe cannot run inside a capture). Nothing is probed with
+    ``HYMBA_KERNELS=reference`` (no fast path will be asked for). Prints nothing: the
+    fallback notice comes at a fast path's first use."""
+    if capturing():
+        raise ProbeInCapture("dispatch.probe_all() was called while a CUDA graph was being captured: call it "
+                             "before the capture")
+    selected = sorted(_FAST) if names is None else list(names)
+    unknown = [n for n in selected if n not in _FAST]
+    if unknown:
+        raise KeyError(f"no fast path is registered for {unknown}")
+    if mode() == "reference":
+        return {n: False for n in selected}
+    return {n: _FAST[n].ok() for n in selected}
 
 
 def tracing(*tensors: torch.Tensor) -> bool:

@@ -148,21 +148,24 @@ class ETDStack:
             self._route_used = torch.zeros(len(self.slots), dtype=torch.bool)
         self._routes, self._decide, self._logits_wanted = routes, decide, logits_wanted
         self._valid, self._ctx, self._blocks, self._cache = valid, ctx, blocks, cache
-
-        for b in self.enc:
-            x = self._apply(self.index[Slot("encoder", b)], x, None)
-        x = self._think(x, think_iterations)
-        for b in self.dec:
-            x = self._apply(self.index[Slot("decoder", b)], x, None)
-
-        if self.routed:
-            if cache is not None and prefill:
-                extra["routes"] = routes
-            ctx.stats["etd/layer_applications"] = self.applications(routes, think_iterations).float().mean()
-            ctx.stats["etd/routes"] = routes
-            if logits_wanted:
-                ctx.stats["etd/route_logits"] = self._route_logits  # [B, slots, 3]; slots not run: 0
-                ctx.stats["etd/route_slots"] = self._route_used  # [slots] bool: which slots ran
+        try:
+            for b in self.enc:
+                x = self._apply(self.index[Slot("encoder", b)], x, None)
+            x = self._think(x, think_iterations)
+            for b in self.dec:
+                x = self._apply(self.index[Slot("decoder", b)], x, None)
+            if self.routed:
+                if cache is not None and prefill:
+                    extra["routes"] = routes
+                ctx.stats["etd/layer_applications"] = self.applications(routes, think_iterations).float().mean()
+                ctx.stats["etd/routes"] = routes
+                if logits_wanted:
+                    ctx.stats["etd/route_logits"] = self._route_logits  # [B, slots, 3]; slots not run: 0
+                    ctx.stats["etd/route_slots"] = self._route_used  # [slots] bool: which slots ran
+        finally:  # the call's tensors (its context holds the aux losses) must not outlive it: a kept
+            # autograd graph breaks a later CUDA-graph capture (training/cuda_graph.py)
+            self._valid = self._ctx = self._blocks = self._cache = self._routes = None
+            self._route_logits = self._route_used = None
         return x
 
     def _apply(self, slot: int, x: Tensor, active: Tensor | None, gate: Tensor | None = None) -> Tensor:

@@ -17,7 +17,21 @@ What capture needs, and what happens otherwise:
   component that synchronises makes the capture fail, reported as one line naming it;
 * gradients: a replayed backward writes the parameter gradients into the graph's static
   buffers, which the next replay overwrites, so with gradient accumulation each micro-step's
-  gradients are summed into buffers of our own (``GradAccumulator``).
+  gradients are summed into buffers of our own (``GradAccumulator``);
+* no autograd graph of an earlier eager step still alive (a ``loss`` or output kept from a
+  forward with gradients): one can make the capture fail. A failed capture looks for such
+  tensors (``graph_holders``) and, where there are any, the error says to drop them instead of
+  blaming a host synchronisation (``capture_failure``). The trainer's own eager forwards
+  (``auto`` mode's verification) drop theirs before it captures;
+* the fast paths the step uses have been probed (a probe cannot run inside a capture:
+  ``kernels.dispatch`` raises ``ProbeInCapture`` there): the warm-up passes run the whole
+  step before the capture, so they probe exactly the ops the step uses (``dispatch.probe_all()``
+  would also run the probes of ops the model never calls, the Mamba-3 MIMO backward's TileLang
+  compile among them).
+
+The cyclic garbage collector is run before and paused during the capture, so that it cannot
+free an unrelated dead object in the middle of it (destroying a CUDA graph while a stream is
+capturing invalidates that capture).
 
 Buffers updated in place inside the forward (the MoE load counts of aux-loss-free
 balancing) keep their storage, so the replays update them; the counts of the warm-up and
@@ -27,7 +41,8 @@ capture passes are cleared afterwards.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import gc
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +50,59 @@ from torch import Tensor, nn
 
 class CaptureError(RuntimeError):
     """The model could not be captured in a CUDA graph (one line: why)."""
+
+
+def graph_holders(device_type: str | None = None) -> int:
+    """How many live tensors are attached to an autograd graph (``grad_fn`` set: results of a
+    forward with gradients that are still referenced, e.g. a kept ``loss``), on devices of
+    ``device_type`` (None: any). Collects garbage first, so only reachable ones count."""
+    gc.collect()
+    n = 0
+    for obj in gc.get_objects():
+        if not issubclass(type(obj), Tensor):  # type(), not isinstance: no proxy's __class__ is asked
+            continue
+        try:
+            if obj.grad_fn is not None and (device_type is None or obj.device.type == device_type):
+                n += 1
+        except Exception:  # noqa: BLE001, S112 - a tensor that cannot be inspected: not counted
+            continue
+    return n
+
+
+def capture_failure(error: str, holders: int) -> str:
+    """The one-line reason a capture failed with ``error`` (its first line), given how many
+    tensors from earlier eager work still hold an autograd graph (``graph_holders``)."""
+    what = f"the training step could not be captured ({error[:200]})"
+    if holders:
+        s = "" if holders == 1 else "s"
+        verb = "holds" if holders == 1 else "hold"
+        return (f"{what}: {holders} tensor{s} from an earlier eager step still {verb} an autograd graph "
+                f"(e.g. a loss you kept): drop them (del) before capturing")
+    return (f"{what}; something in it synchronizes with the host, e.g. MoE experts in float32, which take the "
+            "padded path (bf16 takes the grouped one): train with --precision bf16")
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Collect garbage now and not again until the block ends (a dead CUDA graph that the
+    collector destroys in the middle of a capture invalidates it)."""
+    gc.collect()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def reset_balancing_counts(model: nn.Module) -> None:
+    """Zero the load counts of aux-loss-free balancing (MoE, MoDr) that forwards made outside
+    training steps (warm-up, capture, verification)."""
+    for m in model.modules():
+        load = getattr(m, "load", None)
+        if isinstance(load, Tensor) and hasattr(m, "update_bias"):
+            load.zero_()
 
 
 class _LossStep(nn.Module):
@@ -68,19 +136,19 @@ class GraphedStep:
         self.stat_keys = sorted(k for k, v in (probe.stats or {}).items() if isinstance(v, Tensor))
         del probe
         step = _LossStep(model, self.has_aux, self.stat_keys)
+        error = None
         try:
-            with autocast():
+            with _gc_paused(), autocast():
                 self.step = torch.cuda.make_graphed_callables(step, (sample_ids, sample_labels),
                                                                allow_unused_input=True)
-        except RuntimeError as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CaptureError(f"--cuda-graph: the training step could not be captured ({msg[:200]}); something in "
-                               "it synchronizes with the host, e.g. MoE experts in float32, which take the padded "
-                               "path (bf16 takes the grouped one): train with --precision bf16") from None
-        for m in model.modules():  # counts the warm-up and capture passes added
-            load = getattr(m, "load", None)
-            if isinstance(load, Tensor) and hasattr(m, "update_bias"):
-                load.zero_()
+        except Exception as e:  # noqa: BLE001 - any failure of the capture is reported in one line
+            error = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        finally:
+            reset_balancing_counts(model)  # the counts the warm-up and capture passes added
+        if error is not None:
+            # out of the except block: the failed capture's traceback (and the warm-up outputs
+            # its frames hold) is gone, so what graph_holders finds was kept by the caller
+            raise CaptureError(capture_failure(error, graph_holders("cuda")))
 
     def __call__(self, ids: Tensor, labels: Tensor) -> tuple[Tensor, Tensor | None, dict | None]:
         outs = self.step(ids, labels)

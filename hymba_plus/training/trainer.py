@@ -40,6 +40,16 @@ model trains at full depth: routers that are on are overridden with all-execute 
 the routers are on, evals report the routed model and, on the same batches, all-execute
 (``eval_*_all_execute``) and the mean layer applications (``eval_applications``).
 
+Training mode (``--mode``, ``RunOptions.mode``): ``auto`` (the default) runs the fastest mode
+verified for the run. On CUDA that is the training forward+backward replayed from CUDA graphs
+(``cuda_graph.py``) where the run allows it (one process, no ``--train-only`` / ``--distill``,
+an objective whose step is the model's forward, Dr.LLM routers off) and the capture works and
+gives the eager loss on the first batch (within ``GRAPH_LOSS_RTOL``); otherwise eager, and one
+line says which mode runs and why. On the CPU ``auto`` is eager, silently. ``eager``,
+``cuda-graph`` (``--cuda-graph``; a capture that fails is an error) and ``compile``
+(``--compile`` / ``--compile-mode``) are explicit. The mode that ran is in every
+``metrics.jsonl`` row (``mode``) and in the summary line.
+
 Bad input (data, task, ``--out``) leaves nothing behind: a folder that setup created is
 removed again when setup fails. A non-finite loss or gradient norm stops the run with a
 ``TrainError`` before the optimizer step; no checkpoint is written then.
@@ -49,6 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -70,7 +81,7 @@ from . import checkpoint as ckpt_mod
 from . import distributed as dist_mod
 from . import routes as routes_mod
 from .config import TrainConfig, validate
-from .cuda_graph import CaptureError, GradAccumulator, GraphedStep
+from .cuda_graph import CaptureError, GradAccumulator, GraphedStep, reset_balancing_counts
 from .data import open_stream
 from .optim import build_optimizer, clip_grad_norm_, set_lr
 from .progress import Progress
@@ -91,6 +102,12 @@ class TrainInterrupted(Exception):
 
 
 RESUME_MODES = ("no", "yes", "auto")
+#: --mode: auto = CUDA graphs where eligible and verified, else eager (CPU: eager)
+TRAIN_MODES = ("auto", "eager", "cuda-graph", "compile")
+#: auto mode keeps CUDA graphs when the first batch's graphed loss is within this relative
+#: distance of its eager loss: the graph replays the same kernels, so only the order of
+#: floating-point reductions may differ (bf16 autocast: about one bf16 ulp of the loss)
+GRAPH_LOSS_RTOL = {"bf16": 5e-3, "fp32": 1e-4}
 
 
 @dataclass
@@ -98,8 +115,9 @@ class RunOptions:
     out: Path
     resume: bool | str = False  # False / "no"; True / "yes": a checkpoint must exist; "auto": if there is one
     device: str | None = None
-    compile: str | None = None  # torch.compile mode (default | reduce-overhead | max-autotune | ...); None = eager
-    cuda_graph: bool = False  # replay the training forward+backward from CUDA graphs (training/cuda_graph.py)
+    mode: str = "auto"  # TRAIN_MODES: auto | eager | cuda-graph | compile (the module docstring)
+    compile: str | None = None  # torch.compile mode (default | reduce-overhead | max-autotune | ...): mode compile
+    cuda_graph: bool = False  # alias of mode "cuda-graph": replay the training step from CUDA graphs (cuda_graph.py)
     stop_after: int | None = None  # end this run at this step (the schedule keeps cfg.steps)
     time_limit: float | None = None  # end this run (eval + checkpoint) once this many seconds have passed
     progress: bool = True
@@ -116,6 +134,19 @@ class RunOptions:
     route_max_rows: int | None = None  # rows per forward of the search (None: one call per slot)
     distill: Path | None = None  # --distill: the teacher checkpoint (training/distill.py)
     init: Path | None = None  # a checkpoint whose weights a fresh run starts from (RECIPE given as a folder)
+
+    def train_mode(self) -> tuple[str, str | None]:
+        """(the requested training mode, the torch.compile mode or None) from ``mode`` and its
+        aliases ``cuda_graph`` / ``compile``; ValueError (one line) when they disagree."""
+        if self.mode not in TRAIN_MODES:
+            raise ValueError(f"--mode {self.mode}: not one of {', '.join(TRAIN_MODES)}")
+        if self.cuda_graph and self.compile is not None:
+            raise ValueError("--cuda-graph: use it instead of --compile / --compile-mode, not with them")
+        alias = "cuda-graph" if self.cuda_graph else "compile" if self.compile is not None else None
+        if alias is not None and self.mode not in ("auto", alias):
+            raise ValueError(f"--mode {self.mode}: not with --{alias}")
+        mode = alias or self.mode
+        return mode, ((self.compile or "default") if mode == "compile" else None)
 
     @property
     def resume_mode(self) -> str:
@@ -142,6 +173,7 @@ class Summary:
     checkpoint: Path | None
     out: Path
     note: str | None = None  # a run with nothing to do says why instead
+    mode: str = "eager"  # the training mode that ran (eager | cuda-graph | compile)
 
     def line(self) -> str:
         if self.note is not None:
@@ -151,7 +183,7 @@ class Summary:
         resumed = f" (resumed at {self.start_step})" if self.start_step else ""
         of = f" of {self.total}" if self.steps < self.total else ""
         return (f"done: {self.steps}{of} steps{resumed} in {self.seconds:.1f}s, loss {self.final_loss:.4f}"
-                f"{', ' + ev if ev else ''}, {self.tokens_per_s:,.0f} tokens/s{ck}")
+                f"{', ' + ev if ev else ''}, {self.tokens_per_s:,.0f} tokens/s ({self.mode}){ck}")
 
 
 def _rate(steps: int, tokens_per_step: int, seconds: float, first_seconds: float | None) -> float:
@@ -326,6 +358,11 @@ class Trainer:
 
     def _setup(self) -> None:
         opts = self.opts
+        try:
+            self.requested, self.compile_mode = opts.train_mode()
+        except ValueError as e:
+            raise TrainError(str(e)) from None
+        self.run_mode = "eager"
         if self.out.exists() and not self.out.is_dir():
             raise TrainError(f"--out {self.out}: exists and is not a folder")
         mode = opts.resume_mode
@@ -355,7 +392,7 @@ class Trainer:
         problem = routes_mod.train_only_problem(self.recipe, self.mode)
         if problem is not None:
             raise TrainError(problem)
-        if self.mode != "all" and opts.cuda_graph:
+        if self.mode != "all" and self.requested == "cuda-graph":
             raise TrainError(f"--cuda-graph: not with --train-only {self.mode} (it captures the full training step)")
         self.new_phase = state is not None and saved_mode != self.mode
         self.objective_cls = objective_class(self.recipe)
@@ -436,7 +473,7 @@ class Trainer:
             from .config import DistillConfig
             from .distill import DistillError, load_teacher
 
-            if opts.cuda_graph or self.mode != "all":
+            if self.requested == "cuda-graph" or self.mode != "all":
                 raise TrainError("--distill: not with --cuda-graph or --train-only")
             try:
                 self.teacher = load_teacher(opts.distill, model, self.info.device)
@@ -449,15 +486,27 @@ class Trainer:
         problem = self.objective.run_problem(cfg)
         if problem is not None:
             raise TrainError(problem)
-        if self.objective.eager_because is not None and (opts.compile is not None or opts.cuda_graph):
-            raise TrainError(f"{'--cuda-graph' if opts.cuda_graph else '--compile'}: not available for the "
+        if self.objective.eager_because is not None and self.requested in ("compile", "cuda-graph"):
+            raise TrainError(f"--{self.requested}: not available for the "
                              f"{self.objective.cfg.kind} objective ({self.objective.eager_because})")
+        if self.requested == "cuda-graph" and self._routing():
+            raise TrainError("--cuda-graph: not while the Dr.LLM layer routers are on (the captured step has no "
+                             "routes input; eager steps train at full depth with all-execute routes)")
         self.fwd = model
-        if opts.compile is not None:
-            self.fwd = torch.compile(model, mode=None if opts.compile == "default" else opts.compile)
+        if self.compile_mode is not None:
+            self.fwd = torch.compile(model, mode=None if self.compile_mode == "default" else self.compile_mode)
+            self.run_mode = "compile"
         self.graphed = None
-        if opts.cuda_graph:
+        mode_line = None  # "training mode: ..." (CUDA graphs, or auto on CUDA)
+        if self.requested == "cuda-graph":
             self.graphed = self._capture()
+            self.run_mode = "cuda-graph"
+            mode_line = (f"training mode: cuda-graph (forward+backward captured at batch {cfg.batch_size} x "
+                         f"{cfg.seq_len})")
+        elif self.requested == "auto" and self.info.device.type == "cuda":  # CPU: eager, silently
+            self.graphed, why = self._auto_mode()
+            self.run_mode = "cuda-graph" if self.graphed is not None else "eager"
+            mode_line = f"training mode: {self.run_mode} ({why})"
 
         self.rows = read_metrics(self.out / "metrics.jsonl", upto=self.start_step)
         if self.info.is_main:
@@ -469,6 +518,8 @@ class Trainer:
         self.log(f"data: {self.stream.description}")
         self.log(f"optimizer: {self.split.describe()}; schedule {cfg.schedule}, warmup {cfg.warmup_steps}; "
                  f"device {where}")
+        if mode_line is not None:
+            self.log(mode_line)
         if self.resume_from is not None:
             self.log(f"resumed from {self.resume_from} (step {self.start_step})")
         if self.phase_change is not None:
@@ -491,21 +542,97 @@ class Trainer:
                      "then one teacher-forced forward")
 
     def _capture(self) -> GraphedStep:
-        """Capture the training step in CUDA graphs (``--cuda-graph``), at the run's batch shape."""
-        if self.opts.compile is not None:
+        """Capture the training step in CUDA graphs (``--cuda-graph``), at the run's batch shape;
+        any failure is a TrainError."""
+        if self.compile_mode is not None:
             raise TrainError("--cuda-graph: use it instead of --compile / --compile-mode, not with them")
         if self.info.enabled:
             raise TrainError("--cuda-graph: one process only (FSDP2's collectives are not captured)")
+        if self.info.device.type != "cuda":
+            raise TrainError(f"--cuda-graph needs a CUDA device (the model is on {self.info.device})")
+        try:
+            return self._graph_step()
+        except CaptureError as e:
+            raise TrainError(f"--cuda-graph: {e}") from None
+
+    def _graph_step(self) -> GraphedStep:
+        """The training step captured at the run's batch shape (sample: seeded random ids);
+        CaptureError when it cannot be."""
         cfg, dev = self.cfg, self.info.device
         g = torch.Generator(device="cpu").manual_seed(cfg.seed)
         ids = torch.randint(self.recipe.model.vocab_size, (cfg.batch_size, cfg.seq_len), generator=g).to(dev)
         self.model.train()
+        return GraphedStep(self.model, ids, ids.clone(), lambda: _autocast(cfg, dev, cache=False))
+
+    def graph_ineligible(self) -> str | None:
+        """Why ``auto`` cannot use CUDA graphs for this run (None: it may try)."""
+        if self.info.enabled:
+            return f"{self.info.world} processes: FSDP2's collectives are not captured"
+        if self.compile_mode is not None:
+            return "torch.compile"
+        if self.mode != "all":
+            return f"--train-only {self.mode}"
+        if self.teacher is not None:
+            return "--distill runs a teacher beside the step"
+        if self.objective.eager_because is not None:
+            return f"the {self.objective.cfg.kind} objective: {self.objective.eager_because}"
+        if self._routing():
+            return "the Dr.LLM layer routers are on"
+        return None
+
+    def _auto_mode(self) -> tuple[GraphedStep | None, str]:
+        """``auto`` on CUDA: (the captured step, a note on its verification), or (None, why the
+        run stays eager)."""
+        why = self.graph_ineligible()
+        if why is not None:
+            return None, why
+        cfg, dev = self.cfg, self.info.device
+        batch = self.stream.train(self._micro_indices(0))  # the first step's first micro-batch
+        ids, labels = batch.input_ids.to(dev), batch.labels.to(dev)
+        graphed, failed = None, None
         try:
-            graphed = GraphedStep(self.model, ids, ids.clone(), lambda: _autocast(cfg, dev, cache=False))
+            want = self._eager_loss(ids, labels, batch)  # returns a float: no autograd graph outlives it
+            graphed = self._graph_step()
+            got = self._graphed_loss(graphed, ids, labels)
         except CaptureError as e:
-            raise TrainError(str(e)) from None
-        self.log(f"cuda graph: training forward+backward captured at batch {cfg.batch_size} x {cfg.seq_len}")
-        return graphed
+            failed = f"CUDA graph capture failed: {e}"
+        except Exception as e:  # noqa: BLE001 - a failing replay or verification forward: eager it is
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            failed = f"CUDA graph check failed: {type(e).__name__}: {msg[:200]}"
+        finally:
+            reset_balancing_counts(self.model)  # the counts of the verification forwards
+        precision = "bf16" if isinstance(_autocast(cfg, dev), torch.autocast) else "fp32"
+        rtol = GRAPH_LOSS_RTOL[precision]
+        if failed is None and not (math.isfinite(got) and abs(got - want) <= rtol * max(1.0, abs(want))):
+            failed = (f"CUDA graph not verified: its loss on the first batch {got:.6g} differs from the eager loss "
+                      f"{want:.6g} by more than {rtol:g} ({precision})")
+        if failed is not None:
+            graphed = None  # its graphs and their memory pool go
+            gc.collect()
+            torch.cuda.empty_cache()
+            return None, failed
+        return graphed, (f"forward+backward captured at batch {cfg.batch_size} x {cfg.seq_len}; first batch's loss "
+                         f"{got:.4f} graphed, {want:.4f} eager")
+
+    def _eager_loss(self, ids: torch.Tensor, labels: torch.Tensor, batch: Any) -> float:
+        """The loss of one eager training forward (with gradients, so the same kernels as a
+        training step; no backward). Its output, and with it its autograd graph, is dropped
+        before this returns: a graph kept alive breaks the capture that follows."""
+        self.model.train()
+        with _autocast(self.cfg, self.info.device):
+            out = self.objective.train_forward(self.model, self.model, ids, labels, batch=batch)
+        loss = float(out.loss.detach())
+        del out
+        return loss
+
+    @staticmethod
+    def _graphed_loss(graphed: GraphedStep, ids: torch.Tensor, labels: torch.Tensor) -> float:
+        """The loss of one replay of the captured forward (no backward; the replay's outputs are
+        static buffers that the next replay overwrites)."""
+        loss_t, _, _ = graphed(ids, labels)
+        loss = float(loss_t.detach())
+        del loss_t
+        return loss
 
     def _resumed_config(self, state: dict[str, Any]) -> tuple[TrainConfig, TrainConfig]:
         """(the config the checkpoint was trained with, that config with this run's flags)."""
@@ -558,7 +685,7 @@ class Trainer:
             ids, labels = batch.input_ids.to(dev), batch.labels.to(dev)
             if self.info.enabled and cfg.grad_accum > 1:
                 self.model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
-            if self.opts.compile is not None:  # CUDA-graph modes: outputs of the previous step may be reused
+            if self.compile_mode is not None:  # CUDA-graph modes: outputs of the previous step may be reused
                 torch.compiler.cudagraph_mark_step_begin()
             if self.graphed is not None:
                 loss_t, aux_t, stats = self.graphed(ids, labels)
@@ -621,7 +748,7 @@ class Trainer:
                 res = routes_mod.search_routes(self.model, ids, labels, beam=opts.route_beam,
                                                length_penalty=opts.route_length_penalty,
                                                tolerance=opts.route_tolerance, max_rows=opts.route_max_rows)
-                if opts.compile is not None:
+                if self.compile_mode is not None:
                     torch.compiler.cudagraph_mark_step_begin()
                 out = self.fwd(ids, routes=res.routes, check_inputs=False)
             loss_t, acc_t = routes_mod.route_targets_loss(out.stats, res.routes, gamma, balance)
@@ -721,7 +848,7 @@ class Trainer:
             ids, labels = batch.input_ids.to(dev), batch.labels.to(dev)
             for run in runs:
                 kw = {"routes": self._all_execute(ids.shape[0])} if run else {}
-                if self.opts.compile is not None:
+                if self.compile_mode is not None:
                     torch.compiler.cudagraph_mark_step_begin()
                 with _autocast(cfg, dev):
                     loss, c, t, out = self.objective.eval_batch(self.fwd, self.model, ids, labels, seed=start,
@@ -822,6 +949,7 @@ class Trainer:
                     rate = tps if rate is None else 0.9 * rate + 0.1 * tps
                     row["tokens_per_s"] = tps
                     row["tokens"] = self.tokens_seen
+                    row["mode"] = self.run_mode
                     n = step + 1
                     loss = row["loss"]
                     out_of_time, interrupted = self._stop_flags(t_run, signals)
@@ -857,7 +985,7 @@ class Trainer:
         done = reached - self.start_step
         summary = Summary(steps=reached, total=cfg.steps, start_step=self.start_step, final_loss=loss, eval=last_eval,
                           tokens_per_s=_rate(done, tokens_per_step, train_seconds, first_seconds), seconds=seconds,
-                          checkpoint=last_ckpt or ckpt_mod.latest(self.out), out=self.out)
+                          checkpoint=last_ckpt or ckpt_mod.latest(self.out), out=self.out, mode=self.run_mode)
         return summary
 
 
