@@ -521,7 +521,9 @@ def row_decode(args: argparse.Namespace) -> dict:
     n = args.new_tokens
 
     def call_hf(ids: torch.Tensor, k: int) -> torch.Tensor:
-        return hf.generate(ids, max_new_tokens=k, do_sample=False, use_cache=True, num_beams=1)
+        # min_new_tokens: a random model that samples EOS must not stop early (ours has no EOS here)
+        return hf.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False, use_cache=True, num_beams=1,
+                           attention_mask=torch.ones_like(ids))
 
     def call_ours(engine: str | None) -> Callable[[torch.Tensor, int], torch.Tensor]:
         kw = {} if engine is None else {"engine": engine}
@@ -656,22 +658,25 @@ def ratios(rows: dict) -> dict:
         if out[key] is None:
             out[f"{key}_note"] = ((r or {}).get("reason") or ("row not run" if not r else "row did not finish"
                                   if r.get("status") == "partial" else "a peer or our model did not finish"))
-    out["decode_vs_hf"], note = decode_ratio(rows.get("decode"))
+    out["decode_vs_hf"], note = decode_ratio(rows.get("decode"), "decode_tokens_per_s")
     if note:
         out["decode_vs_hf_note"] = note
+    out["decode_vs_hf_whole_call"], _ = decode_ratio(rows.get("decode"), "tokens_per_s")
     f = rows.get("fsdp2")
     out["fsdp2_2gpu_scaling"] = f.get("speedup") if f else None
     if out["fsdp2_2gpu_scaling"] is None:
         out["fsdp2_2gpu_scaling_note"] = (f or {}).get("reason") or "row not run (--rows)"
     out["definitions"] = ("training: ours' best tokens/s among the modes that need no flag (eager, cuda graph; "
                           "not --compile) / the peer's tokens/s; decode_vs_hf: ours (engine auto, or the default "
-                          "when generate has no engine keyword) / HF, whole-call tokens/s at the largest decode "
-                          "batch (16), the worse of the 2k and 8k prompts; fsdp2_2gpu_scaling: tokens/s on 2 GPUs / "
+                          "when generate has no engine keyword) / HF, decode-only tokens/s (t(64 new) - t(1 new), "
+                          "so the prefill does not count) at the largest decode batch (16), the worse of the 2k "
+                          "and 8k prompts (decode_vs_hf_whole_call: the same with whole-call tokens/s, prefill "
+                          "included); fsdp2_2gpu_scaling: tokens/s on 2 GPUs / "
                           "on 1 (per-GPU batch fixed)")
     return out
 
 
-def decode_ratio(row: dict | None) -> tuple[float | None, str | None]:
+def decode_ratio(row: dict | None, key: str = "decode_tokens_per_s") -> tuple[float | None, str | None]:
     if not row or "results" not in row:
         return None, (row or {}).get("reason") or "row not run"
     res = row["results"]
@@ -681,7 +686,7 @@ def decode_ratio(row: dict | None) -> tuple[float | None, str | None]:
     vals = []
     for p in prompts:
         def tps(model: str, eng: str, p: int = p) -> float | None:
-            return next((r.get("tokens_per_s") for r in res if (r["model"], r["engine"], r["batch"], r["prompt"])
+            return next((r.get(key) for r in res if (r["model"], r["engine"], r["batch"], r["prompt"])
                          == (model, eng, batch, p)), None)
         ours, hf = tps("ours", engine), tps("hf", "default")
         if ours and hf:
