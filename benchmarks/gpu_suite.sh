@@ -11,6 +11,10 @@
 #           the stack that trains MIMO on the fast kernel (verified: forward and backward 8/8 on an H200)
 #   mimo_alt2 the same with tilelang 0.1.9 (.whl6) before it (the MIMO backward also compiles)
 #   mixers  mixers.py for gated_attn gdn hymba atlas (autotuned)
+#   loss    pytest -m gpu tests/test_linear_ce.py (Liger's fused linear cross entropy == the chunked
+#           reference; the model's fused loss == unfused with less peak memory; needs liger-kernel from .whl)
+#   memory  gdn's split q/k/v GPU tests, then train_memory.py --fla: peak memory and step time of
+#           (GD+mlp)*24 at batch 8 x 2048, vocab 32000, with/without the fused loss and the split (issue 18)
 # Usage: bash benchmarks/gpu_suite.sh [STEP ...]   (default: all, in that order)
 set -u
 OUT=$(realpath -m "${OUT:-benchmarks/results/run}")
@@ -52,7 +56,11 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
       mixers) for m in gated_attn gdn hymba atlas; do
                 (cd benchmarks && step "mixers_$m" 200 python mixers.py --only "$m" --out "$OUT/mixers_$m.json")
               done ;;
-      *) echo "unknown step $s1 (moe mamba3 gdn atlas mixers mimo_alt mimo_alt2)"; exit 2 ;;
+      loss)   step loss_tests 300 "${PYTEST[@]}" tests/test_linear_ce.py ;;
+      memory) need_tilelang
+              step gdn_split_tests 400 "${PYTEST[@]}" tests/test_gdn.py -k "split or model_fast"
+              step train_memory 580 python benchmarks/train_memory.py --fla --out "$OUT/train_memory.json" ;;
+      *) echo "unknown step $s1 (moe mamba3 gdn atlas mixers mimo_alt mimo_alt2 loss memory)"; exit 2 ;;
     esac
   done
 done

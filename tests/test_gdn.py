@@ -331,6 +331,101 @@ def test_delta_rule_erases_what_decay_only_cannot():
     assert errs[True] < 1e-2 and errs[False] > 0.3, errs
 
 
+# ------------------------------------------------------- q, k, v as separate tensors (fla path)
+
+
+def weight_grad_nodes(roots, param):
+    """Names of the autograd nodes that hand a gradient to ``param`` (its AccumulateGrad)."""
+    seen, stack, found = set(), [r.grad_fn for r in roots if r.grad_fn is not None], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for nxt, _ in node.next_functions:
+            if nxt is not None and type(nxt).__name__ == "AccumulateGrad" and nxt.variable is param:
+                found.append(type(node).__name__)
+            stack.append(nxt)
+    return found
+
+
+@pytest.mark.parametrize("gdn", [{}, {"n_v_heads": 4, "expand_v": 0.5}, {"use_short_conv": False}])
+@pytest.mark.parametrize("cached", [False, True])
+def test_split_qkv_equals_fused(gdn, cached):
+    """``GatedDeltaNet.qkv(split=True)`` (what the layer computes when fla runs the kernel: three
+    projections by row blocks of qkv_proj.weight, three convs by row blocks of conv_weight and
+    of the conv state) equals the fused projection + conv (float64): q, k, v, the new conv tail
+    and the gradients of x, both weights and the state; with a state and padding lengths too.
+    The split outputs are contiguous, and each weight's gradient comes from one split node
+    (torch.split's backward concatenates; slicing would allocate a full-size zero gradient per
+    block)."""
+    torch.manual_seed(0)
+    mixer = GatedDeltaNet(GatedDeltaNetConfig(n_heads=2, **gdn), d_model=16).double()
+    x = torch.randn(3, 9, 16, dtype=torch.float64, requires_grad=True)
+    pos = torch.arange(9)[None].expand(3, -1)
+    ctx = StepContext(positions=pos, lengths=torch.tensor([9, 4, 0]) if cached else None)
+    conv_state = None
+    if cached and mixer.conv_weight is not None:
+        conv_state = torch.randn(3, mixer.qkv_size, mixer.cfg.conv_size - 1, dtype=torch.float64, requires_grad=True)
+    leaves = [t for t in (x, mixer.qkv_proj.weight, mixer.conv_weight, conv_state) if t is not None]
+    res = {}
+    for split in (False, True):
+        q, k, v, tail = mixer.qkv(x, ctx, conv_state, split=split)
+        outs = [q, k, v] + ([tail] if tail is not None else [])
+        cot = [torch.randn(o.shape, dtype=o.dtype, generator=torch.Generator().manual_seed(i)) for i, o in enumerate(outs)]
+        if split:
+            assert all(t.is_contiguous() for t in (q, k, v))
+            for w in (mixer.qkv_proj.weight, mixer.conv_weight):
+                if w is not None:
+                    assert weight_grad_nodes([q, k, v], w) == ["SplitWithSizesBackward0"]
+        else:
+            assert not q.is_contiguous()  # views of one [B, T, C_qkv] tensor
+        grads = torch.autograd.grad(sum((o * c).sum() for o, c in zip(outs, cot)), leaves)
+        res[split] = [o.detach() for o in outs] + list(grads)
+    assert len(res[True]) == len(res[False])
+    for a, b in zip(res[True], res[False]):
+        assert a.shape == b.shape and rel_err(a, b) < 1e-12
+
+
+@pytest.mark.parametrize("pattern,gdn", VARIANTS[:2])
+def test_model_with_the_split_path_equals_the_reference_path(monkeypatch, pattern, gdn):
+    """The whole model with every gdn layer on the split path (``fla_selected`` forced true; the
+    kernel itself stays the reference on CPU) equals the fused path: loss and every parameter
+    gradient with padding, and the cache (chunked feeding with a conv state)."""
+    import hymba_plus.components.gdn as gdn_mod
+
+    model = small_model(pattern, **gdn).train().double()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 64, (2, 19), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    res = {}
+    for split in (False, True):
+        monkeypatch.setattr(gdn_mod, "fla_selected", lambda *a, **k: split)  # noqa: B023
+        model.zero_grad(set_to_none=True)
+        out = model(ids, labels=ids, attention_mask=mask)
+        out.loss.backward()
+        with torch.no_grad():
+            cache = model.new_cache(2)
+            parts = [model(ids[:, :7], cache=cache).logits, model(ids[:, 7:], cache=cache).logits]
+        res[split] = (out.loss.detach(), torch.cat(parts, 1),
+                      {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert rel_err(res[True][0], res[False][0]) < 1e-12
+    assert rel_err(res[True][1], res[False][1]) < 1e-12
+    assert res[True][2].keys() == res[False][2].keys()
+    for n, a in res[True][2].items():
+        assert rel_err(a, res[False][2][n]) < 1e-10, n
+
+
+def test_split_is_chosen_only_where_fla_runs():
+    """On CPU (and for float32) the layer keeps the fused reference path."""
+    from hymba_plus.kernels.gdn import fla_selected
+
+    x = torch.zeros(1, 2, 8)
+    assert not fla_selected(torch.bfloat16, 64, 64, x)
+    assert not fla_selected(torch.float32, 64, 64, x)
+
+
 # ----------------------------------------------------------------------------- GPU
 
 
@@ -392,3 +487,40 @@ def test_model_fast_equals_reference_and_chunked(monkeypatch, fla_one_launch_con
                  model(ids[:, 71:], cache=cache).logits]
     assert rel_err(fast.float(), ref.float()) < 2e-2
     assert rel_err(torch.cat(parts, 1).float(), ref.float()) < 5e-2
+
+
+@pytest.mark.gpu
+def test_gpu_layer_splits_qkv_on_the_fla_path(monkeypatch, fla_one_launch_config):
+    """bf16 autocast on CUDA with float32 weights (training precision): the layer takes the split
+    path by itself (fla runs the kernel) and its q, k, v are contiguous; the layer's output and
+    every gradient equal the fused path through the same fla kernel, and HYMBA_KERNELS=reference."""
+    import hymba_plus.components.gdn as gdn_mod
+
+    monkeypatch.setenv("HYMBA_KERNELS", "fast")
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    mixer = GatedDeltaNet(GatedDeltaNetConfig(n_heads=4, head_dim=64, n_v_heads=8), d_model=256).to(dev)
+    T = 300
+    x0 = torch.randn(2, T, 256, device=dev)
+    ctx = StepContext(positions=torch.arange(T, device=dev)[None].expand(2, -1))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        q, k, v, _ = mixer.qkv(x0, ctx)
+    assert q.dtype == torch.bfloat16 and all(t.is_contiguous() for t in (q, k, v))
+    cot = torch.randn(2, T, 256, device=dev)
+    params = [p for p in mixer.parameters()]
+
+    def run(split: bool | None, kernels: str) -> list[torch.Tensor]:
+        monkeypatch.setenv("HYMBA_KERNELS", kernels)
+        if split is not None:
+            monkeypatch.setattr(gdn_mod, "fla_selected", lambda *a, **kw: split)
+        x = x0.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = mixer(x, ctx)
+        return [y.detach().float(), *torch.autograd.grad((y.float() * cot).sum(), [x, *params])]
+
+    auto = run(None, "fast")
+    fused = run(False, "fast")
+    ref = run(False, "reference")
+    for i, (a, b, c) in enumerate(zip(auto, fused, ref)):
+        assert rms_rel(a, b) < 1e-2, i
+        assert rms_rel(a, c) < 2e-2, i

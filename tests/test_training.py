@@ -206,21 +206,21 @@ def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(tmp_path, monkeypat
     recipe = write_recipe(tmp_path)
     out = tmp_path / "nan"
     calls = {"n": 0}
-    real = lm.HybridLM.lm_loss
+    real = lm.HybridLM.hidden_lm_loss  # the training step's (fused) next-token loss
 
-    def poisoned(logits, labels, attention_mask=None):
+    def poisoned(self, h, labels, attention_mask=None):
         calls["n"] += 1
-        loss = real(logits, labels, attention_mask)
+        loss = real(self, h, labels, attention_mask)
         return loss * float("nan") if calls["n"] > 4 else loss
 
-    monkeypatch.setattr(lm.HybridLM, "lm_loss", staticmethod(poisoned))
+    monkeypatch.setattr(lm.HybridLM, "hidden_lm_loss", poisoned)
     rc = main(["train", recipe, "--out", str(out), "--steps", "8", "--save-every", "2", "--eval-every", "100", *FAST])
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err
     line = [x for x in err.splitlines() if x.startswith("hymba train:")]
     assert len(line) == 1 and "step 5: loss is nan" in line[0] and "step-4" in line[0]
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("step-")) == ["step-2", "step-4"]
-    monkeypatch.setattr(lm.HybridLM, "lm_loss", staticmethod(real))
+    monkeypatch.setattr(lm.HybridLM, "hidden_lm_loss", real)
     from_pretrained(out / "step-4")
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
 

@@ -12,6 +12,11 @@ Mamba2 with Delta Rule", arXiv 2412.06464; the linear-attention layer of Qwen3-N
 
 The chunkwise-parallel form (WY representation + UT transform, arXiv 2406.06484) and the
 fla fast path live in ``kernels.gdn``; the short conv and its cache in ``kernels.conv``.
+One ``qkv_proj`` [W_q | W_k | W_v] and one conv weight over the q|k|v channels hold the
+parameters (the checkpoint layout HF import / export use). The reference path projects and
+convolves all channels at once and views q, k, v in the result; when fla runs the kernel,
+``GatedDeltaNet.qkv`` computes q, k, v as three separate contiguous tensors from row blocks of
+those weights instead (same numbers), since fla copies non-contiguous inputs.
 
 Heads: ``n_heads`` query/key heads of ``head_dim`` and ``n_v_heads`` (a multiple of
 ``n_heads``) value heads of ``head_dim * expand_v`` (grouped value heads, as Qwen3-Next).
@@ -44,7 +49,7 @@ from ..core.config import spec
 from ..core.registry import register
 from ..kernels.conv import causal_conv1d, conv_tails
 from ..kernels.dispatch import compute_dtype
-from ..kernels.gdn import gated_delta_rule
+from ..kernels.gdn import fla_selected, gated_delta_rule
 from .norm import GatedRMSNorm
 
 
@@ -153,8 +158,8 @@ class GatedDeltaNet(nn.Module):
     def inner(self, x: Tensor, ctx: StepContext, state: GDNState | None = None) -> Tensor:
         """Everything before the output projection: [B, T, n_v_heads * value_dim]
         (hymba's SSM heads use this and apply their own shared projection)."""
-        qkv = self.qkv_proj(x)
-        q, k, v, g, beta, new_conv = self._gates(x, qkv, ctx, state.conv if state is not None else None)
+        q, k, v, new_conv = self.qkv(x, ctx, state.conv if state is not None else None)
+        g, beta = self._decay_beta(x, ctx)
         o, S = gated_delta_rule(
             q, k, v, g, beta,
             initial_state=state.S if state is not None else None,
@@ -195,17 +200,61 @@ class GatedDeltaNet(nn.Module):
         starts = offset + block_size * torch.arange(nb, device=x.device)  # [nb] tokens before block j
         qkv = self.qkv_proj(x)
         conv = conv_tails(qkv, starts, self.cfg.conv_size - 1) if self.conv_weight is not None else None
-        q, k, v, g, beta, _ = self._gates(x, qkv, ctx, None)
+        q, k, v, _ = self._qkv_fused(qkv, ctx, None)
+        g, beta = self._decay_beta(x, ctx)
         o, _, S = gated_delta_rule(q, k, v, g, beta, output_final_state=False, use_qk_l2norm=True,
                                    chunk_size=self.cfg.chunk_size, delta_rule=self.cfg.delta_rule, states_at=starts)
         S = S.to(compute_dtype(x.dtype)).reshape(B * nb, self.hv, self.dk, self.dv)
         return self._output(o, x), GDNState(conv=conv, S=S)
 
-    def _gates(self, x: Tensor, qkv: Tensor, ctx: StepContext,
-               conv_state: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-        """Kernel inputs from x and its pre-conv q|k|v projection: q, k [B, T, H, dk],
-        v [B, T, Hv, dv], g, beta [B, T, Hv] (inert slots: g = beta = 0), the new conv tail."""
+    def qkv(self, x: Tensor, ctx: StepContext, conv_state: Tensor | None = None, *,
+            split: bool | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """q, k [B, T, H, dk], v [B, T, Hv, dv] = SiLU(ShortConv(x W_q | x W_k | x W_v)) and the new
+        conv tail [B, C_qkv, K-1] (None without short conv), computed one of two equal ways:
+
+        * fused (``split=False``): one projection by ``qkv_proj`` and one conv over all C_qkv
+          channels, then q, k, v as views of the result (the reference path);
+        * split (``split=True``): three projections by row blocks of ``qkv_proj.weight`` and
+          three convs with the matching row blocks of ``conv_weight`` (and of the conv state),
+          so q, k and v are separate contiguous tensors. fla's kernels make a contiguous copy of
+          every non-contiguous input (``input_guard``), forward and backward; this avoids them.
+          The row blocks come from ``torch.split``, whose backward concatenates the three
+          weight gradients into one tensor (slicing ``W[a:b]`` would allocate a zero
+          gradient of W's full size per block). The depthwise conv treats channels
+          independently, so both ways compute the same numbers.
+
+        ``split=None`` (the layer's choice) splits exactly when ``gated_delta_rule`` will run
+        fla (CUDA, 16-bit q/k/v: ``kernels.gdn.fla_selected``). Parameters and checkpoints are
+        the same either way."""
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        if split is None:
+            split = fla_selected(dtype, self.dk, self.dv, x, self.cfg.delta_rule)
+        if not split:
+            return self._qkv_fused(self.qkv_proj(x), ctx, conv_state)
         B, T, _ = x.shape
+        x = x.to(dtype)  # under autocast: one cast of x for the three projections, not one each
+        sizes = [self.key_size, self.key_size, self.value_size]
+        ws = self.qkv_proj.weight.split(sizes, dim=0)
+        cws = self.conv_weight.split(sizes, dim=0) if self.conv_weight is not None else (None,) * 3
+        states = conv_state.split(sizes, dim=1) if conv_state is not None else (None,) * 3
+        outs, tails = [], []
+        for w, cw, st in zip(ws, cws, states):
+            y = F.linear(x, w)
+            if cw is not None:
+                y, tail = causal_conv1d(y, cw, None, st, ctx.lengths, activation="silu")
+                tails.append(tail)
+            else:
+                y = F.silu(y)
+            outs.append(y.contiguous())
+        q, k, v = outs
+        new_conv = torch.cat(tails, dim=1) if tails else None
+        return (q.view(B, T, self.h, self.dk), k.view(B, T, self.h, self.dk), v.view(B, T, self.hv, self.dv),
+                new_conv)
+
+    def _qkv_fused(self, qkv: Tensor, ctx: StepContext,
+                   conv_state: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """``qkv(split=False)`` from the pre-conv projection ``qkv`` [B, T, C_qkv]."""
+        B, T, _ = qkv.shape
         new_conv = None
         if self.conv_weight is not None:
             qkv, new_conv = causal_conv1d(qkv, self.conv_weight, None, conv_state, ctx.lengths, activation="silu")
@@ -215,6 +264,10 @@ class GatedDeltaNet(nn.Module):
         q = q.reshape(B, T, self.h, self.dk)
         k = k.reshape(B, T, self.h, self.dk)
         v = v.reshape(B, T, self.hv, self.dv)
+        return q, k, v, new_conv
+
+    def _decay_beta(self, x: Tensor, ctx: StepContext) -> tuple[Tensor, Tensor]:
+        """g (log decay) and beta [B, T, Hv] from x; inert slots get g = beta = 0."""
         beta = torch.sigmoid(self.b_proj(x))
         a = self.a_proj(x)
         cdt = compute_dtype(a)
@@ -223,7 +276,7 @@ class GatedDeltaNet(nn.Module):
         if valid is not None:  # inert slots: no decay, no write -> the state does not move
             beta = torch.where(valid[..., None], beta, torch.zeros_like(beta))
             g = torch.where(valid[..., None], g, torch.zeros_like(g))
-        return q, k, v, g, beta, new_conv
+        return g, beta
 
     def _output(self, o: Tensor, x: Tensor) -> Tensor:
         """Gated RMSNorm of the kernel output o [B, T, Hv, dv] -> [B, T, value_size]."""

@@ -29,6 +29,7 @@ from ..blocks import Block
 from ..core.cache import HybridCache, StepContext
 from ..core.pattern import parse_pattern
 from ..core.registry import register
+from ..kernels.linear_ce import linear_cross_entropy
 from .norm import RMSNorm
 
 
@@ -70,10 +71,10 @@ class MTP(nn.Module):
                 break
             ctx = StepContext(positions=positions[:, :n], n_meta=n_meta)
             h = self.step(i, h[:, :n], model.embed_tokens(ids[:, i + 1:i + 1 + n]), ctx)
-            logits = model.lm_head(model.norm(h))
-            # lm_loss: position t predicts tgt[t + 1] = labels[t + i + 2]
-            tgt = labels[:, i + 1:i + 1 + n]
-            per.append(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tgt[:, 1:].flatten(), ignore_index=-100))
+            # lm_loss: position t predicts tgt[t + 1] = labels[t + i + 2] (the last position nothing);
+            # the shared head's loss without its [B, n, V] logits (kernels.linear_ce)
+            tgt = F.pad(labels[:, i + 2:i + 1 + n], (0, 1), value=-100)
+            per.append(linear_cross_entropy(model.norm(h), model.lm_head.weight, tgt, ignore_index=-100))
         if not per:
             return trunk.new_zeros(()), per
         return self.cfg.weight * torch.stack(per).mean(), per

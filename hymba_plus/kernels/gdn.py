@@ -256,8 +256,19 @@ def _fast_ok(q: Tensor, v: Tensor) -> bool:
     """fla for 16-bit inputs only: its chunk kernels compute float32 matmuls in tf32
     (``input_precision='tf32'`` is hard-coded on GPUs that have it), which cannot meet a float32
     tolerance, so float32 stays on the exact reference (as mamba3 does)."""
-    return (q.dtype in (torch.float16, torch.bfloat16) and v.dtype == q.dtype
-            and q.shape[-1] <= 256 and v.shape[-1] <= 256)
+    return v.dtype == q.dtype and _fast_shape_ok(q.dtype, q.shape[-1], v.shape[-1])
+
+
+def _fast_shape_ok(dtype: torch.dtype, dk: int, dv: int) -> bool:
+    return dtype in (torch.float16, torch.bfloat16) and dk <= 256 and dv <= 256
+
+
+def fla_selected(dtype: torch.dtype, dk: int, dv: int, x: Tensor, delta_rule: bool = True) -> bool:
+    """Would ``gated_delta_rule`` (without ``states_at``) run fla for q, k, v of ``dtype`` with
+    head dims ``dk`` / ``dv``, computed from ``x`` (its device)? The question the layer asks
+    before it makes its kernel inputs (``components.gdn``: q, k, v as separate contiguous
+    tensors for fla), answered by the dispatcher's own rules."""
+    return delta_rule and _fast_shape_ok(dtype, dk, dv) and dispatch.use_fast("gdn", x)
 
 
 def gated_delta_rule_fla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,

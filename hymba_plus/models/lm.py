@@ -8,7 +8,9 @@ Data flow of one call ``model(input_ids, attention_mask, cache)``:
 3. if a mask has zeros, compact every row so its real tokens come first
    (``core.cache`` explains why this makes padding exact);
 4. positions = the cache's per-row counter + 0, 1, 2, ... (never from the caller);
-5. blocks (each advances its own state in the cache), final norm, LM head;
+5. blocks (each advances its own state in the cache), final norm, LM head (with
+   ``labels`` and ``return_logits=False``, the training step's call, no head: the loss comes
+   straight from the hidden states and the head's weight, ``kernels.linear_ce``);
 6. undo the compaction and drop the meta slots: logits line up with ``input_ids``.
 
 Before step 1 the call is checked (``HybridLM.forward`` says how, and what it costs):
@@ -35,13 +37,14 @@ from ..components.norm import RMSNorm
 from ..core import registry
 from ..core.cache import HybridCache, StepContext
 from ..core.recipe import Recipe, RecipeError, load_recipe
+from ..kernels.linear_ce import linear_cross_entropy
 from ..objectives import objective_class
 from .etd import ETDStack, PlainStack
 
 
 @dataclass
 class ModelOutput:
-    logits: Tensor
+    logits: Tensor | None  # None when forward(return_logits=False) (the training step's fused loss)
     loss: Tensor | None = None
     aux_loss: Tensor | None = None
     hidden_states: Tensor | None = None  # after the final norm (return_hidden=True)
@@ -135,6 +138,7 @@ class HybridLM(nn.Module):
         bidirectional: bool = False,
         check_inputs: bool = True,
         logits_to_keep: int = 0,
+        return_logits: bool = True,
     ) -> ModelOutput:
         """Logits [B, T, V] for ``input_ids`` [B, T] (or ``inputs_embeds`` [B, T, D]).
 
@@ -161,6 +165,14 @@ class HybridLM(nn.Module):
         ``logits_to_keep=n`` (n > 0; HF's argument of that name): logits of the last n
         positions only, ``[B, n, V]`` (a prefill needs the last one: with left padding that is
         every row's last token); the cache and ``hidden_states`` are as without it.
+
+        ``return_logits=False``: the LM head is not run and ``logits`` is None (a model without a
+        vocabulary returns its hidden states as ``logits`` regardless). With ``labels`` the
+        next-token loss is then computed from the final hidden states and the head's weight by
+        ``kernels.linear_ce.linear_cross_entropy``, chunk by chunk, without the ``[B, T, V]``
+        logits (``lm_loss``'s semantics; the training step asks for this unless something reads
+        its logits, e.g. ``--distill``). ``return_logits=True`` (the default) computes the logits
+        and takes ``lm_loss`` of them.
 
         ``check_inputs=False`` skips them too: the decoding loop of ``models/generation.py``
         for tokens the model sampled itself (``generate`` checked the whole length up front)
@@ -228,11 +240,18 @@ class HybridLM(nn.Module):
             h_out = h[:, -logits_to_keep:]
         else:
             h_out = h
-        logits = self.lm_head(h_out) if self.lm_head is not None else h_out
+        fused = not return_logits and self.lm_head is not None  # no head here; a loss reads h and the weight
+        if fused:
+            logits = None
+        else:
+            logits = self.lm_head(h_out) if self.lm_head is not None else h_out
         aux = ctx.aux_total()
         loss = None
         if labels is not None:
-            loss = self.lm_loss(logits, labels, attention_mask)
+            if fused:
+                loss = self.hidden_lm_loss(h, labels, attention_mask)
+            else:
+                loss = self.lm_loss(logits, labels, attention_mask)
             if aux is not None:
                 loss = loss + aux
             if mtp_loss is not None:
@@ -299,6 +318,17 @@ class HybridLM(nn.Module):
         if attention_mask is not None:
             tgt[attention_mask[:, 1:] == 0] = -100
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tgt.flatten(), ignore_index=-100)
+
+    def hidden_lm_loss(self, h: Tensor, labels: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """``lm_loss(self.lm_head(h), labels, attention_mask)`` from the final hidden states
+        ``h [B, T, D]`` without the logits (``kernels.linear_ce``: Liger's fused kernel on CUDA,
+        the chunked reference elsewhere; tied embeddings included, the head's weight is the
+        embedding's). Position t predicts labels[t+1]; the last position, -100 and pads are
+        not scored."""
+        tgt = F.pad(labels[:, 1:], (0, 1), value=-100)
+        if attention_mask is not None:
+            tgt = tgt.masked_fill(F.pad(attention_mask[:, 1:], (0, 1), value=1) == 0, -100)
+        return linear_cross_entropy(h, self.lm_head.weight, tgt, ignore_index=-100)
 
     def rewind(self, cache: HybridCache, snapshot: HybridCache, ids: Tensor, keep: Tensor) -> None:
         """Roll ``cache`` back to the state after ``snapshot`` plus the first ``keep[b]`` tokens

@@ -25,10 +25,14 @@ class NextToken(Objective):
         super().__init__()
         self.cfg = cfg or NextTokenConfig()
 
-    def train_forward(self, fwd, model, ids: Tensor, labels: Tensor, batch: Any = None, **kw: Any):  # noqa: ANN001, ANN201
+    def train_forward(self, fwd, model, ids: Tensor, labels: Tensor, batch: Any = None, *,  # noqa: ANN001, ANN201
+                      return_logits: bool = False, **kw: Any):
         """The training forward: ``fwd`` is the model or its compiled form; returns a ModelOutput
-        whose ``loss`` is trained."""
-        return fwd(ids, labels=labels, check_inputs=False, **kw)
+        whose ``loss`` is trained. Without ``return_logits`` its ``logits`` are None: the loss
+        comes from the final hidden states and the LM head's weight without materialising the
+        ``[B, T, V]`` logits (``HybridLM.hidden_lm_loss``); the trainer asks for them when it
+        reads them (``--distill``)."""
+        return fwd(ids, labels=labels, check_inputs=False, return_logits=return_logits, **kw)
 
     def eval_batch(self, fwd, model, ids: Tensor, labels: Tensor, seed: int, batch: Any = None, **kw: Any):  # noqa: ANN001, ANN201
         """(loss, correct, scored, ModelOutput) of one held-out batch."""

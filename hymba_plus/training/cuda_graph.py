@@ -115,7 +115,7 @@ class _LossStep(nn.Module):
         self.stat_keys = stat_keys
 
     def forward(self, ids: Tensor, labels: Tensor) -> tuple[Tensor, ...]:
-        out = self.model(ids, labels=labels)
+        out = self.model(ids, labels=labels, return_logits=False)  # the loss without [B, T, V] logits
         aux = out.aux_loss.detach() if self.has_aux else out.loss.detach()
         stats = out.stats or {}
         return (out.loss, aux, *[stats[k].detach() for k in self.stat_keys])
@@ -131,7 +131,7 @@ class GraphedStep:
             raise CaptureError(f"--cuda-graph needs a CUDA device (the model is on {sample_ids.device})")
         self.autocast = autocast
         with torch.no_grad(), autocast():  # which outputs exist (aux loss, statistics)
-            probe = model(sample_ids, labels=sample_labels)
+            probe = model(sample_ids, labels=sample_labels, return_logits=False)
         self.has_aux = probe.aux_loss is not None
         self.stat_keys = sorted(k for k, v in (probe.stats or {}).items() if isinstance(v, Tensor))
         del probe

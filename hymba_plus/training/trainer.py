@@ -2,7 +2,10 @@
 
 One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` sequences on every
 process; the loss of each micro-batch is ``out.loss`` (next-token cross entropy plus the
-model's auxiliary losses, e.g. MoE balancing) divided by ``grad_accum``. Then: global
+model's auxiliary losses, e.g. MoE balancing) divided by ``grad_accum``; the next-token
+objective computes it without ``[B, T, V]`` logits (``return_logits=False``: fused linear +
+cross entropy, ``kernels/linear_ce.py``) unless ``--distill`` reads them, while evaluations
+run the LM head (accuracy and the objectives' metrics read logits). Then: global
 gradient-norm clipping, the optimizer step (Muon + AdamW, ``optim.py``), the learning
 rate from the schedule (``schedule.py``), and ``update_bias()`` on every module that has
 one (aux-loss-free MoE balancing). bf16 autocast on CUDA (``precision: auto``).
@@ -692,6 +695,8 @@ class Trainer:
             else:
                 # the base (and MoDr branches) train at full depth: routers that are on do not route here
                 kw = {"routes": self._all_execute(ids.shape[0])} if self._routing() else {}
+                if self.teacher is not None:  # the KL term reads the student's logits; otherwise the
+                    kw["return_logits"] = True  # next-token loss is fused and no [B, T, V] logits exist
                 with _autocast(cfg, dev):  # the objective's loss (objectives/); ids were validated at setup
                     out = self.objective.train_forward(self.fwd, self.model, ids, labels, batch=batch, **kw)
                 loss_t, aux_t, stats = out.loss, out.aux_loss, out.stats
@@ -701,7 +706,7 @@ class Trainer:
                     with _autocast(cfg, dev):
                         loss_t, kl_t = distill_loss(out, self.teacher, ids, cfg.distill)
                     stats = {**(stats or {}), "distill/kl": kl_t}
-                if kw and stats is not None:
+                if "routes" in kw and stats is not None:
                     stats = {k: v for k, v in stats.items() if k != "etd/route_slots"}
             (loss_t / cfg.grad_accum).backward()
             if acc is not None:
