@@ -16,6 +16,7 @@ from hymba_plus.core.cache import StepContext
 from hymba_plus.kernels import dispatch
 from hymba_plus.kernels.gdn import (
     chunk_gated_delta_rule_ref,
+    fla_selected,
     gated_delta_rule,
     gated_delta_rule_fla,
     recurrent_gated_delta_rule_ref,
@@ -427,6 +428,23 @@ def test_split_is_chosen_only_where_fla_runs():
 
 
 # ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 200])
+def test_fast_matches_reference_at_fla_default_head_dims(monkeypatch, T, fla_one_launch_config):
+    """dk 256, dv 512 (fla's own GatedDeltaNet default: head_dim 256, expand_v 2) goes to fla
+    and matches the reference."""
+    monkeypatch.setenv("HYMBA_KERNELS", "fast")
+    dev = torch.device("cuda")
+    ins = make_inputs(2, T, 2, 2, 256, 512, dtype=torch.bfloat16, device=dev, seed=T)
+    ins[5] = ins[5].float() * 0.1
+    with torch.no_grad():
+        o, s = gated_delta_rule(*ins, output_final_state=True, use_qk_l2norm=True)
+        ref_fn = recurrent_gated_delta_rule_ref if T == 1 else chunk_gated_delta_rule_ref
+        o_r, s_r = ref_fn(*[t.float() for t in ins], use_qk_l2norm=True)
+    assert fla_selected(torch.bfloat16, 256, 512, ins[0])
+    assert rel_err(o.float(), o_r) < 1e-2 and rel_err(s, s_r) < 1e-2
 
 
 @pytest.mark.gpu

@@ -260,7 +260,9 @@ def _fast_ok(q: Tensor, v: Tensor) -> bool:
 
 
 def _fast_shape_ok(dtype: torch.dtype, dk: int, dv: int) -> bool:
-    return dtype in (torch.float16, torch.bfloat16) and dk <= 256 and dv <= 256
+    # fla's kernels hold a whole key head in one block (dk <= 256) and tile the value dim (its
+    # own default layer has dk 256, dv 512)
+    return dtype in (torch.float16, torch.bfloat16) and dk <= 256
 
 
 def fla_selected(dtype: torch.dtype, dk: int, dv: int, x: Tensor, delta_rule: bool = True) -> bool:

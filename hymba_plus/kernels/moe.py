@@ -755,6 +755,10 @@ def expert_capacity(n_tokens: int, top_k: int, n_experts: int, factor: float) ->
     return max(1, int(-(-factor * n_tokens * top_k // n_experts)))
 
 
+#: up to this many tokens the padded path sizes its buffers by the token count (no host sync)
+FEW_TOKENS = 64
+
+
 def moe_experts(x: Tensor, experts: Tensor, weights: Tensor, w_gate_up: Tensor, w_down: Tensor, *,
                 capacity: int | None = None, inert: Tensor | None = None,
                 impl: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
@@ -794,7 +798,10 @@ def moe_experts(x: Tensor, experts: Tensor, weights: Tensor, w_gate_up: Tensor, 
     xs = _GatherRows.apply(x, plan.tok, plan.inv, k)
     # padded: every segment copied into a zero-padded [E, C, d] buffer, one bmm for all experts
     if capacity is None:
-        cap = max(1, int(plan.counts.max()))  # host sync: the padded fallback needs a static size
+        # a static size: a few tokens (decode) take N rows per expert (a token picks an expert at
+        # most once, so none is dropped) and no host read, so the step can be a CUDA graph; more
+        # tokens read the largest count back (one host sync) rather than pad E x N rows
+        cap = N if N <= FEW_TOKENS else max(1, int(plan.counts.max()))
         slot = plan.expert * cap + plan.rank
     else:
         cap = capacity
