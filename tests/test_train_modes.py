@@ -146,7 +146,7 @@ class _Tiny(torch.nn.Module):
         super().__init__()
         self.w = torch.nn.Parameter(torch.ones(4))
 
-    def forward(self, ids, labels=None):  # noqa: ANN001, ANN201
+    def forward(self, ids, labels=None, return_logits=True):  # noqa: ANN001, ANN201, ARG002
         from hymba_plus.models.lm import ModelOutput
 
         return ModelOutput(logits=ids.float()[..., None] * self.w, loss=(ids.float()[..., None] * self.w).mean())
@@ -214,7 +214,7 @@ def test_a_failed_capture_resets_balancing_counts(monkeypatch):
         def update_bias(self) -> None:
             pass
 
-        def forward(self, ids, labels=None):  # noqa: ANN001, ANN201
+        def forward(self, ids, labels=None, return_logits=True):  # noqa: ANN001, ANN201, ARG002
             self.load += 1
             return super().forward(ids, labels)
 

@@ -158,6 +158,12 @@ def max_rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).abs().max() / want.abs().max().clamp_min(1e-6))
 
 
+def statuses() -> dict[str, bool | str | None]:
+    """op -> True (fast path in use), its probe's error, or None (not asked for yet), without
+    running any probe (``available`` runs them all, compiles included)."""
+    return {n: (fp.error or False) if fp.status is False else fp.status for n, fp in sorted(_FAST.items())}
+
+
 def available() -> dict[str, tuple[str, bool, str]]:
     """op -> (description, importable here, error)."""
     return {n: (fp.doc, fp.ok(), fp.error) for n, fp in sorted(_FAST.items())}
