@@ -399,11 +399,14 @@ def _atlas_memory(
 # * no host synchronisation: rows whose chunk is incomplete (``n_valid``) get identity
 #   coefficients (no gradient mixing, ``λ = 1``, no update, ``Π α = 1``) instead of a
 #   ``torch.where`` after a ``.any()``, so the path is CUDA-graph capturable;
-# * the loop body (``_chunk_step``) optionally runs under ``torch.compile``
-#   (``COMPILE_CHUNK_STEP``): one graph per chunk shape, its element-wise work fused.
+# * the loop body (``_chunk_step``) runs under ``torch.compile`` (``COMPILE_CHUNK_STEP``;
+#   ``CHUNKS_PER_CALL`` > 1 unrolls several chunks into one graph): its element-wise work
+#   fused, about 26 kernels forward and 48 backward per chunk (Inductor's CPU code for the
+#   benchmark's memory; the eager step issues ~78 and ~190 ops, the reference ~200 and ~440).
 #
 # It computes in float32 (float64 for float64 inputs) and returns y in the inputs' dtype,
-# the weights / momentum in the given weights' dtype.
+# the weights / momentum in the given weights' dtype: a bf16 model's memory recurrence runs
+# in float32 here (the reference runs it in bf16, far less accurately).
 
 # Newton-Schulz on the Gram matrices as one op (``hymba::atlas_ns_gram``): opaque to
 # torch.compile, with its own backward. On CUDA (float32, short side <= NS_TRITON_MAX) both
@@ -516,7 +519,7 @@ def _ns_gram_launch(A: Tensor, dR: Tensor | None, steps: int) -> Tensor:
         _ns_gram_fwd_kernel[(B,)](pad(A), out, M=M, STEPS=steps, a=a, b=b, c=c, num_warps=warps)
     else:
         _ns_gram_bwd_kernel[(B,)](pad(A), pad(dR), out, M=M, STEPS=steps, a=a, b=b, c=c, num_warps=warps)
-    return out[:, :m, :m] if M != m else out
+    return out[:, :m, :m].contiguous() if M != m else out
 
 
 @torch.library.custom_op("hymba::atlas_ns_gram", mutates_args=())
@@ -697,12 +700,12 @@ def _chunk_steps(
 
 @functools.cache
 def _compiled_chunk_step():  # noqa: ANN202
-    return torch.compile(_chunk_step, fullgraph=True)  # static shapes first; a new batch size goes dynamic
+    return torch.compile(_chunk_step, fullgraph=True, dynamic=False)
 
 
 @functools.cache
 def _compiled_chunk_steps():  # noqa: ANN202
-    return torch.compile(_chunk_steps, fullgraph=True)
+    return torch.compile(_chunk_steps, fullgraph=True, dynamic=False)
 
 
 def _atlas_memory_fast(
@@ -795,9 +798,10 @@ def _atlas_memory_fast_body(
 
 
 def _probe_fast() -> None:
-    """The fast path on this GPU (float32) against the reference on the CPU (float64):
-    outputs, end state and every input gradient, Muon with a window and a deep memory,
-    n_valid rows."""
+    """The fast path on this GPU (float32; its eager chunk step with the Triton NS kernels,
+    so that no compiled graph is specialised to these shapes) against the reference on the
+    CPU (float64): outputs, end state and every input gradient, Muon with a window and a
+    deep memory, n_valid rows. The compiled step is checked by the tests (GPU and CPU)."""
     if not torch.cuda.is_available():
         raise RuntimeError("CUDA is not available")
     g = torch.Generator().manual_seed(0)
@@ -815,8 +819,9 @@ def _probe_fast() -> None:
     res, seeds = [], None
     for impl, dev, dt in ((_atlas_memory_fast, "cuda", torch.float32), (_atlas_memory, "cpu", torch.float64)):
         ts = [t.to(dev, dt).requires_grad_() for t in ins + ws]
+        kw = {"compile": False} if impl is _atlas_memory_fast else {}  # no compile for the probe's shapes
         y, W, S, _ = impl(*ts[:7], ts[7:], None, chunk_size=C, window=c, ns_steps=5, muon=True,
-                          n_valid=n_valid.to(dev), return_state=True, snapshots=())
+                          n_valid=n_valid.to(dev), return_state=True, snapshots=(), **kw)
         outs = [y, *W, *S]
         seeds = seeds or [torch.randn(o.shape, generator=g) for o in outs]
         grads = torch.autograd.grad(sum((o * s.to(dev, dt)).sum() for o, s in zip(outs, seeds)), ts)
