@@ -226,14 +226,16 @@ class _Bound(torch.nn.Module):
         return self.layer(x, self.ctx, None)
 
 
-#: --atlas-paths: path -> (HYMBA_KERNELS, COMPILE_CHUNK_STEP, TRITON_NS, CHUNKS_PER_CALL, CUDA-graphed)
+#: --atlas-paths: path -> (HYMBA_KERNELS, settings of hymba_plus.kernels.atlas, CUDA-graphed)
 ATLAS_PATHS = {
-    "reference": ("reference", True, True, 1, False),
-    "fast": ("auto", True, True, 1, False),
-    "fast_torch_ns": ("auto", True, False, 1, False),
-    "fast_eager": ("auto", False, True, 1, False),
-    "fast_unroll4": ("auto", True, True, 4, False),
-    "fast_graphed": ("auto", True, True, 1, True),
+    "reference": ("reference", {}, False),
+    "fast": ("auto", {}, False),
+    "fast_torch_ns": ("auto", {"TRITON_NS": False}, False),
+    "fast_eager": ("auto", {"COMPILE_CHUNK_STEP": False}, False),
+    "fast_unroll4": ("auto", {"CHUNKS_PER_CALL": 4}, False),
+    "fast_ieee": ("auto", {"NS_TRITON_PRECISION": "ieee"}, False),
+    "fast_tf32": ("auto", {"NS_TRITON_PRECISION": "tf32"}, False),
+    "fast_graphed": ("auto", {}, True),
 }
 
 
@@ -244,10 +246,12 @@ def atlas_paths(args: argparse.Namespace) -> list[dict]:
 
       reference       HYMBA_KERNELS=reference: torch.func per-token gradients, chunk loop
       fast            the dispatch's fast path as shipped: closed-form chunk step under
-                      torch.compile, Newton-Schulz in the Triton kernels
+                      torch.compile, Newton-Schulz in the Triton kernels (tf32x3 matmuls)
       fast_torch_ns   the same with Newton-Schulz as batched matmuls (TRITON_NS off)
       fast_eager      the closed-form chunk step without torch.compile (Triton NS on)
       fast_unroll4    ``fast`` with 4 chunks per compiled call (CHUNKS_PER_CALL = 4)
+      fast_ieee       ``fast`` with the Triton NS in float32 FMAs (NS_TRITON_PRECISION)
+      fast_tf32       ``fast`` with the Triton NS in one TF32 product per matmul (~1e-3)
       fast_graphed    ``fast`` with the layer's forward+backward captured in CUDA graphs
                       (``make_graphed_callables``, as ``hymba train --cuda-graph`` does): no
                       per-launch host cost; compared with a graphed gdn layer too
@@ -260,8 +264,8 @@ def atlas_paths(args: argparse.Namespace) -> list[dict]:
     B, T, d_model = args.batch, args.seq_len, args.d_model
     x = torch.randn(B, T, d_model, device=device, dtype=dtype, requires_grad=True)
     ctx = StepContext(positions=torch.arange(T, device=device)[None].expand(B, -1))
-    saved = (os.environ.get("HYMBA_KERNELS"), atlas_kernels.COMPILE_CHUNK_STEP, atlas_kernels.TRITON_NS,
-             atlas_kernels.CHUNKS_PER_CALL, dispatch.use_fast)
+    knobs = ("COMPILE_CHUNK_STEP", "TRITON_NS", "CHUNKS_PER_CALL", "NS_TRITON_PRECISION")
+    saved = (os.environ.get("HYMBA_KERNELS"), {k: getattr(atlas_kernels, k) for k in knobs}, dispatch.use_fast)
     paths = args.atlas_paths or ["reference", "fast", "fast_torch_ns", "fast_eager"]
     todo = [("gdn", None)] + ([("gdn", "graphed")] if "fast_graphed" in paths else []) + [("atlas", p) for p in paths]
     rows: list[dict] = []
@@ -273,8 +277,9 @@ def atlas_paths(args: argparse.Namespace) -> list[dict]:
                 layer = layer_of("gdn", d_model, {"gdn": {"n_heads": max(1, d_model // 128), "head_dim": 128}},
                                  device, dtype)
             else:
-                (mode, atlas_kernels.COMPILE_CHUNK_STEP, atlas_kernels.TRITON_NS, atlas_kernels.CHUNKS_PER_CALL,
-                 graphed) = ATLAS_PATHS[path]
+                mode, knob_values, graphed = ATLAS_PATHS[path]
+                for k, val in knob_values.items():
+                    setattr(atlas_kernels, k, val)
                 os.environ["HYMBA_KERNELS"] = mode
                 if device != "cuda" and path != "reference":  # the dispatch's fast paths are CUDA-only
                     dispatch.use_fast = lambda op, *t: op == "atlas"  # noqa: E731
@@ -305,8 +310,9 @@ def atlas_paths(args: argparse.Namespace) -> list[dict]:
         except Exception as e:  # noqa: BLE001 - report and continue with the other paths
             row["error"] = f"{type(e).__name__}: {e}"[:300]
         finally:
-            (env, atlas_kernels.COMPILE_CHUNK_STEP, atlas_kernels.TRITON_NS, atlas_kernels.CHUNKS_PER_CALL,
-             dispatch.use_fast) = saved
+            env, knob_values, dispatch.use_fast = saved
+            for k, val in knob_values.items():
+                setattr(atlas_kernels, k, val)
             if env is None:
                 os.environ.pop("HYMBA_KERNELS", None)
             else:
@@ -341,7 +347,8 @@ def main() -> None:
     ap.add_argument("--cpu-gdn-loop", action="store_true", help="CPU chunked-vs-loop gdn reference timing")
     ap.add_argument("--atlas-paths", nargs="*", default=None,
                     help="time the ATLAS layer on its paths (reference, fast, fast_torch_ns, fast_eager, "
-                         "fast_unroll4, fast_graphed; default the first four) next to a gdn layer of the same width")
+                         "fast_unroll4, fast_ieee, fast_tf32, fast_graphed; default the first four) next to a gdn "
+                         "layer of the same width")
     ap.add_argument("--d-model", type=int, default=2048, help="width for --atlas-paths")
     ap.add_argument("--one-launch-config", action="store_true",
                     help="pin fla's and mamba-ssm's autotuned kernels to one launch config (skips minutes of "

@@ -277,8 +277,9 @@ def test_ns_triton_kernels_in_interpreter_match_pytorch():
 @pytest.mark.slow
 def test_ns_triton_kernels_compile_for_sm90():
     """The Triton Newton-Schulz kernels go through Triton's real compiler for an H100/H200
-    (sm_90) without a GPU: TTIR -> PTX -> cubin, at both padded sides and the launch's warps
-    (the interpreter test checks their numbers, this one that they compile)."""
+    (sm_90) without a GPU: TTIR -> PTX -> cubin, at both padded sides, the launch's warps and
+    the default and float32 matmul precisions (the interpreter test checks their numbers,
+    which it computes in float32 whatever the precision; this one that they compile)."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -286,8 +287,9 @@ def test_ns_triton_kernels_compile_for_sm90():
     a, b, c = atlas_kernels.NS_COEFFS
     for fn, ptrs in ((atlas_kernels._ns_gram_fwd_kernel, ("A_ptr", "R_ptr")),
                      (atlas_kernels._ns_gram_bwd_kernel, ("A_ptr", "dR_ptr", "dA_ptr"))):
-        for M, warps in ((16, 2), (32, 8)):
-            const = {"M": M, "STEPS": 5, "a": a, "b": b, "c": c}
+        for M, warps, prec in ((16, 2, atlas_kernels.NS_TRITON_PRECISION), (32, 8, atlas_kernels.NS_TRITON_PRECISION),
+                               (32, 8, "ieee")):
+            const = {"M": M, "STEPS": 5, "a": a, "b": b, "c": c, "PREC": prec}
             sig = {**{p: "*fp32" for p in ptrs}, **{k: "constexpr" for k in const}}
             k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
                                options={"num_warps": warps})

@@ -411,19 +411,20 @@ def _atlas_memory(
 # Newton-Schulz on the Gram matrices as one op (``hymba::atlas_ns_gram``): opaque to
 # torch.compile, with its own backward. On CUDA (float32, short side <= NS_TRITON_MAX) both
 # directions are one Triton kernel each, a program per matrix holding it in registers for all
-# the steps (the PyTorch form is 4 batched matmuls and an add per step, x 2-3 in the
+# the steps, its matmuls on tensor cores in float32 accuracy (``NS_TRITON_PRECISION``
+# "tf32x3"; the PyTorch form is 4 batched float32 matmuls and an add per step, x 2-3 in the
 # backward); elsewhere the PyTorch form: ``ns_gram_factor`` forward, ``_ns_gram_vjp`` backward.
 # The chunk step calls the op only where the Triton kernels apply (``_use_triton_ns``).
 
 if triton is not None:
 
     @triton.jit
-    def _ns_q(A, eye, a: tl.constexpr, b: tl.constexpr, c: tl.constexpr):
-        return a * eye + b * A + c * tl.dot(A, A, input_precision="ieee")
+    def _ns_q(A, eye, a: tl.constexpr, b: tl.constexpr, c: tl.constexpr, PREC: tl.constexpr):
+        return a * eye + b * A + c * tl.dot(A, A, input_precision=PREC)
 
     @triton.jit
     def _ns_gram_fwd_kernel(A_ptr, R_ptr, M: tl.constexpr, STEPS: tl.constexpr, a: tl.constexpr,
-                            b: tl.constexpr, c: tl.constexpr):
+                            b: tl.constexpr, c: tl.constexpr, PREC: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
         i = tl.arange(0, M)
         off = pid * M * M + i[:, None] * M + i[None, :]
@@ -431,15 +432,15 @@ if triton is not None:
         eye = (i[:, None] == i[None, :]).to(tl.float32)
         R = eye
         for k in tl.static_range(STEPS):  # ns_gram_factor, step for step
-            Q = _ns_q(A, eye, a, b, c)
-            R = Q if k == 0 else tl.dot(Q, R, input_precision="ieee")
+            Q = _ns_q(A, eye, a, b, c, PREC)
+            R = Q if k == 0 else tl.dot(Q, R, input_precision=PREC)
             if k < STEPS - 1:
-                A = tl.dot(tl.dot(Q, A, input_precision="ieee"), Q, input_precision="ieee")
+                A = tl.dot(tl.dot(Q, A, input_precision=PREC), Q, input_precision=PREC)
         tl.store(R_ptr + off, R)
 
     @triton.jit
     def _ns_gram_bwd_kernel(A_ptr, dR_ptr, dA_ptr, M: tl.constexpr, STEPS: tl.constexpr, a: tl.constexpr,
-                            b: tl.constexpr, c: tl.constexpr):
+                            b: tl.constexpr, c: tl.constexpr, PREC: tl.constexpr):
         """Reverse mode through the steps of ``ns_gram_factor``; step k's A_k and R_k are
         recomputed from A_0 (STEPS² / 2 steps of m×m products: no scratch memory)."""
         pid = tl.program_id(0).to(tl.int64)
@@ -453,27 +454,33 @@ if triton is not None:
             A = A0  # recompute A_k and R_k (the product of Q_0 .. Q_{k-1})
             R = eye
             for j in tl.static_range(k):
-                Q = _ns_q(A, eye, a, b, c)
-                R = Q if j == 0 else tl.dot(Q, R, input_precision="ieee")
-                A = tl.dot(tl.dot(Q, A, input_precision="ieee"), Q, input_precision="ieee")
-            Q = _ns_q(A, eye, a, b, c)
+                Q = _ns_q(A, eye, a, b, c, PREC)
+                R = Q if j == 0 else tl.dot(Q, R, input_precision=PREC)
+                A = tl.dot(tl.dot(Q, A, input_precision=PREC), Q, input_precision=PREC)
+            Q = _ns_q(A, eye, a, b, c, PREC)
             if k > 0:  # R_{k+1} = Q_k R_k
-                gQ = tl.dot(gR, tl.trans(R), input_precision="ieee")
-                gR = tl.dot(tl.trans(Q), gR, input_precision="ieee")
+                gQ = tl.dot(gR, tl.trans(R), input_precision=PREC)
+                gR = tl.dot(tl.trans(Q), gR, input_precision=PREC)
             else:  # R_1 = Q_0
                 gQ = gR
             if k < STEPS - 1:  # A_{k+1} = (Q_k A_k) Q_k
-                T = tl.dot(Q, A, input_precision="ieee")
-                gT = tl.dot(gA, tl.trans(Q), input_precision="ieee")
-                gQ += tl.dot(tl.trans(T), gA, input_precision="ieee") + tl.dot(gT, tl.trans(A), input_precision="ieee")
-                gA = tl.dot(tl.trans(Q), gT, input_precision="ieee")
+                T = tl.dot(Q, A, input_precision=PREC)
+                gT = tl.dot(gA, tl.trans(Q), input_precision=PREC)
+                gQ += tl.dot(tl.trans(T), gA, input_precision=PREC) + tl.dot(gT, tl.trans(A), input_precision=PREC)
+                gA = tl.dot(tl.trans(Q), gT, input_precision=PREC)
             else:
                 gA = tl.zeros([M, M], dtype=tl.float32)
             # Q_k = a I + b A_k + c A_k A_k
-            gA += b * gQ + c * (tl.dot(gQ, tl.trans(A), input_precision="ieee")
-                                + tl.dot(tl.trans(A), gQ, input_precision="ieee"))
+            gA += b * gQ + c * (tl.dot(gQ, tl.trans(A), input_precision=PREC)
+                                + tl.dot(tl.trans(A), gQ, input_precision=PREC))
         tl.store(dA_ptr + off, gA)
 
+
+#: the Triton kernels' matmul precision: "tf32x3" (three TF32 tensor-core products per
+#: matmul, float32 accuracy), "ieee" (float32 FMAs: NS5 is most of the step's flops, and
+#: float32 without tensor cores is the slowest way to do them) or "tf32" (one TF32 product:
+#: ~1e-3 relative, as Muon implementations that orthogonalise in bf16 accept)
+NS_TRITON_PRECISION = "tf32x3"
 
 #: largest Gram side the Triton kernels take (a program holds its matrices in registers:
 #: at 32 the backward already uses 255 registers per thread)
@@ -501,7 +508,8 @@ def _ns_triton_works() -> bool:
         Ar = A.clone().requires_grad_()
         R = ns_gram_factor(Ar, 5)
         (dA,) = torch.autograd.grad(R, Ar, dR)
-        return max_rel_err(_ns_gram_launch(A, None, 5), R) < 1e-4 and max_rel_err(_ns_gram_launch(A, dR, 5), dA) < 1e-4
+        tol = 3e-2 if NS_TRITON_PRECISION == "tf32" else 1e-4
+        return max_rel_err(_ns_gram_launch(A, None, 5), R) < tol and max_rel_err(_ns_gram_launch(A, dR, 5), dA) < tol
     except Exception:  # noqa: BLE001 - any compile / launch failure: use the PyTorch form
         return False
 
@@ -515,10 +523,11 @@ def _ns_gram_launch(A: Tensor, dR: Tensor | None, steps: int) -> Tensor:
     out = torch.empty(B, M, M, device=A.device, dtype=torch.float32)
     a, b, c = NS_COEFFS
     warps = 2 if M <= 16 else 8  # sm_90 ptxas: no spills at 16 / 2 warps; at 32 / 8 warps none forward, 0.4 KB backward
+    prec = NS_TRITON_PRECISION
     if dR is None:
-        _ns_gram_fwd_kernel[(B,)](pad(A), out, M=M, STEPS=steps, a=a, b=b, c=c, num_warps=warps)
+        _ns_gram_fwd_kernel[(B,)](pad(A), out, M=M, STEPS=steps, a=a, b=b, c=c, PREC=prec, num_warps=warps)
     else:
-        _ns_gram_bwd_kernel[(B,)](pad(A), pad(dR), out, M=M, STEPS=steps, a=a, b=b, c=c, num_warps=warps)
+        _ns_gram_bwd_kernel[(B,)](pad(A), pad(dR), out, M=M, STEPS=steps, a=a, b=b, c=c, PREC=prec, num_warps=warps)
     return out[:, :m, :m].contiguous() if M != m else out
 
 
@@ -655,8 +664,10 @@ def _chunk_step(
     # normalised momenta are never formed. ``pad_ns``: all weights share ONE batched
     # iteration, their Gram matrices zero-padded to the largest short side (a zero block stays
     # zero through the iteration, so the leading m×m block of R is the unpadded result): a
-    # third of the launches, for a GPU; otherwise one iteration per distinct short side (fewer
-    # flops, for a CPU).
+    # third of the launches, for the batched-matmul NS on a GPU; otherwise one iteration per
+    # distinct short side: fewer flops (the benchmark's memory: 2.4x fewer), for a CPU and
+    # for the Triton kernels (one launch per side; NS5 is most of the step's flops: at B 4,
+    # 16 heads of the benchmark's memory ~1.5 GFLOP per chunk forward, 3-5 backward).
     Xs = [S.mT.contiguous() if S.shape[-2] > S.shape[-1] else S for S in Ss]  # [N, R, m, n], m <= n
     Gs = [torch.matmul(X, X.mT) for X in Xs]
     invs = [1.0 / (G.diagonal(dim1=-2, dim2=-1).sum(-1) + 1e-14) for G in Gs]  # 1 / (||S||_F² + eps²)
@@ -719,8 +730,8 @@ def _atlas_memory_fast(
     every chunk first, then the chunk loop over ``_chunk_step`` (compiled when ``compile``,
     default ``COMPILE_CHUNK_STEP``), then retrieval for all chunks at once. Runs with autocast
     off (the memory is computed in float32 whatever the surrounding autocast says).
-    ``pad_ns`` / ``triton_ns`` (default: on CUDA / where the Triton kernels apply) choose the
-    Newton-Schulz layout and kernels (tests set them)."""
+    ``triton_ns`` (default: where the Triton kernels apply) / ``pad_ns`` (default: on CUDA
+    without them) choose the Newton-Schulz kernels and layout (tests set them)."""
     with torch.autocast(qf.device.type, enabled=False):
         return _atlas_memory_fast_body(
             qf, kf, v, gamma, eta, log_theta, log_alpha, params, mom, chunk_size=chunk_size, window=window,
@@ -771,7 +782,10 @@ def _atlas_memory_fast_body(
         group = max(1, CHUNKS_PER_CALL) if compiled else 1
         if triton_ns is None:
             triton_ns = _use_triton_ns(params, ct)
-        static = (ns_steps, muon, qf.is_cuda if pad_ns is None else pad_ns, muon and triton_ns)
+        triton_ns = muon and triton_ns
+        if pad_ns is None:  # one padded batch where launches cost more than the padding's flops
+            pad_ns = qf.is_cuda and not triton_ns
+        static = (ns_steps, muon, pad_ns, triton_ns)
         n = 0
         while n < U:
             if group > 1 and n + group <= U:  # several chunks per compiled call
