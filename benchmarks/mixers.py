@@ -303,6 +303,8 @@ def atlas_paths(args: argparse.Namespace) -> list[dict]:
                 with torch.no_grad():
                     row["layer_fwd_ms"] = bench(lambda: fn(x), device, *iters)  # noqa: B023
             row["layer_fwdbwd_ms"] = bench(step, device, *iters)
+            if name == "atlas" and atlas_kernels.compile_error:
+                row["compile_error"] = atlas_kernels.compile_error  # the chunk step ran eagerly
             if name == "atlas" and path != "reference" and device == "cuda":
                 row["fast_path_taken"] = dispatch.use_fast("atlas", x)
                 if not row["fast_path_taken"]:

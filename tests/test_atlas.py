@@ -231,6 +231,20 @@ def test_fast_path_compiled_several_chunks_per_call(monkeypatch):
     assert fwd < 1e-3 and bwd < 5e-3, (fwd, bwd)
 
 
+def test_fast_path_falls_back_to_eager_when_compile_fails(monkeypatch):
+    """A chunk step that cannot be compiled here warns once and runs eagerly (same results)."""
+    def broken(*args):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(atlas_kernels, "compile_error", None)
+    monkeypatch.setattr(atlas_kernels, "_compiled_chunk_step", lambda: broken)
+    args, leaves = random_problem(T=9, C=4, c=2)
+    with pytest.warns(UserWarning, match="no compiler"):
+        fwd, bwd = compare_impls(args, leaves, dict(compile=True), chunk_size=4, window=2, ns_steps=5, muon=True,
+                                 return_state=True, snapshots=(), n_valid=None)
+    assert fwd < 1e-10 and bwd < 1e-9 and "no compiler" in atlas_kernels.compile_error
+
+
 def test_ns_gram_op_matches_autograd():
     """hymba::atlas_ns_gram (the op the fast path's NS runs through; PyTorch on CPU, Triton on
     CUDA): forward and hand-written backward == autograd through ns_gram_factor, and the op

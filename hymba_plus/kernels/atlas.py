@@ -65,6 +65,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -709,6 +710,27 @@ def _chunk_steps(
     return Ws, Ss
 
 
+#: why torch.compile of the chunk step failed in this process (then the step runs eagerly)
+compile_error: str | None = None
+
+
+def _guarded(compiled, eager, *args):  # noqa: ANN001, ANN002, ANN202
+    """``compiled(*args)``; if that fails (no working compiler or Inductor backend here), warn
+    once, keep the reason in ``compile_error`` and run ``eager`` from then on. Out-of-memory
+    errors are raised."""
+    global compile_error
+    if compile_error is None:
+        try:
+            return compiled(*args)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - torch.compile failures come in many types
+            compile_error = f"{type(e).__name__}: {str(e)[:300]}"
+            warnings.warn(f"atlas fast path: torch.compile of the chunk step failed ({compile_error}); "
+                          "the step runs eagerly from now on", stacklevel=2)
+    return eager(*args)
+
+
 @functools.cache
 def _compiled_chunk_step():  # noqa: ANN202
     return torch.compile(_chunk_step, fullgraph=True, dynamic=False)
@@ -789,13 +811,14 @@ def _atlas_memory_fast_body(
         n = 0
         while n < U:
             if group > 1 and n + group <= U:  # several chunks per compiled call
-                ps, ms = _compiled_chunk_steps()(Ws[-1], Ss[-1], *(t[n : n + group] for t in
-                                                                   (Kc, Vc, Gc, mix, lam, wu, keep)), *static)
+                args = (*(t[n : n + group] for t in (Kc, Vc, Gc, mix, lam, wu, keep)), *static)
+                ps, ms = _guarded(_compiled_chunk_steps(), _chunk_steps, Ws[-1], Ss[-1], *args)
                 Ws.extend(ps)
                 Ss.extend(ms)
                 n += group
             else:
-                p, m = step(Ws[-1], Ss[-1], Kc[n], Vc[n], Gc[n], mix[n], lam[n], wu[n], keep[n], *static)
+                args = (Kc[n], Vc[n], Gc[n], mix[n], lam[n], wu[n], keep[n], *static)
+                p, m = _guarded(step, _chunk_step, Ws[-1], Ss[-1], *args) if compiled else step(Ws[-1], Ss[-1], *args)
                 Ws.append(p)
                 Ss.append(m)
                 n += 1
