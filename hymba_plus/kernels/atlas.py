@@ -871,4 +871,4 @@ def _probe_fast() -> None:
 
 fast_path("atlas", probe=_probe_fast,
           doc="closed-form chunk step (rank-1 per-token gradients, one mixing matmul for window + momentum, "
-              "NS5 on Gram matrices batched over tokens and weights, batched retrieval), torch.compile'd")
+              "NS5 on Gram matrices in Triton kernels, batched retrieval) under torch.compile")
