@@ -6,7 +6,9 @@
 #   mamba3  pytest -m gpu tests/test_mamba3.py (one launch config per kernel); mixers.py --only mamba3 --one-launch-config
 #   gdn     pytest -m gpu tests/test_gdn.py tests/test_conv.py (one launch config per fla kernel; first use
 #           compiles fla's backward through TileLang, ~20 s a kernel)
-#   atlas   pytest -m gpu tests/test_atlas.py
+#   atlas   pytest -m gpu tests/test_atlas.py, then mixers.py --atlas-paths (ATLAS reference / fast path /
+#           its NS in single TF32 / in CUDA graphs, next to gdn; more variants: fast_torch_ns fast_eager
+#           fast_unroll4 fast_ieee)
 #   mimo_alt  the mamba3 MIMO GPU tests with the tilelang stack of .whl5 (0.1.8) first on the path:
 #           the stack that trains MIMO on the fast kernel (verified: forward and backward 8/8 on an H200)
 #   mimo_alt2 the same with tilelang 0.1.9 (.whl6) before it (the MIMO backward also compiles)
@@ -42,7 +44,9 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
               (cd benchmarks && step mamba3_bench 200 python mixers.py --only mamba3 --one-launch-config --out "$OUT/mixers_mamba3.json") ;;
       gdn)    need_tilelang
               step gdn_tests 400 "${PYTEST[@]}" tests/test_gdn.py tests/test_conv.py ;;
-      atlas)  step atlas_tests 200 "${PYTEST[@]}" tests/test_atlas.py ;;
+      atlas)  step atlas_tests 400 "${PYTEST[@]}" tests/test_atlas.py  # first use compiles: Triton NS, Inductor
+              (cd benchmarks && step atlas_paths 600 python mixers.py --atlas-paths reference fast fast_tf32 fast_graphed \
+                 --out "$OUT/mixers_atlas_paths.json") ;;
       mimo_alt) alt=${HYMBA_SITE:-/tmp/hymba_site}_alt
               [ -d "$alt/tilelang" ] || { echo "no $alt/tilelang: carry .whl5 (see gpu_env.sh)"; exit 2; }
               PYTHONPATH=$alt:$PYTHONPATH python -c "import tilelang; print('tilelang', tilelang.__version__)"

@@ -14,6 +14,9 @@ Columns per mixer:
     python benchmarks/mixers.py --device cpu --quick                            # smoke test
     python benchmarks/mixers.py --cpu-gdn-loop                                  # CPU reference
                                                    # chunked vs per-token loop at T=2048
+    python benchmarks/mixers.py --atlas-paths --out benchmarks/results/mixers_atlas_paths_h200.json  # GPU
+                                                   # ATLAS reference vs fast-path variants vs gdn
+    python benchmarks/mixers.py --atlas-paths --device cpu --batch 2 --seq-len 512 --d-model 256  # CPU
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import argparse
 import contextlib
 import json
 import os
+import time
 from collections.abc import Callable
 
 import torch
@@ -211,6 +215,118 @@ def cpu_gdn_loop(args: argparse.Namespace) -> dict:
     return {"T": T, "chunked_ms": chunk, "per_token_loop_ms": loop, "speedup": loop / chunk}
 
 
+class _Bound(torch.nn.Module):
+    """layer(x, ctx, None) as a module of x alone (what make_graphed_callables captures)."""
+
+    def __init__(self, layer: torch.nn.Module, ctx: StepContext):
+        super().__init__()
+        self.layer, self.ctx = layer, ctx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x, self.ctx, None)
+
+
+#: --atlas-paths: path -> (HYMBA_KERNELS, settings of hymba_plus.kernels.atlas, CUDA-graphed)
+ATLAS_PATHS = {
+    "reference": ("reference", {}, False),
+    "fast": ("auto", {}, False),
+    "fast_torch_ns": ("auto", {"TRITON_NS": False}, False),
+    "fast_eager": ("auto", {"COMPILE_CHUNK_STEP": False}, False),
+    "fast_unroll4": ("auto", {"CHUNKS_PER_CALL": 4}, False),
+    "fast_ieee": ("auto", {"NS_TRITON_PRECISION": "ieee"}, False),
+    "fast_tf32": ("auto", {"NS_TRITON_PRECISION": "tf32"}, False),
+    "fast_graphed": ("auto", {}, True),
+}
+
+
+def atlas_paths(args: argparse.Namespace) -> list[dict]:
+    """The ATLAS layer on each of its paths next to a gdn layer of the same width (issue 18:
+    target ATLAS <= 10x gdn). ATLAS: the benchmark's config (16 heads x 16, degree-2
+    features, chunk 16, window 4, Muon); gdn: d_model / 128 heads of 128. Paths:
+
+      reference       HYMBA_KERNELS=reference: torch.func per-token gradients, chunk loop
+      fast            the dispatch's fast path as shipped: closed-form chunk step under
+                      torch.compile, Newton-Schulz in the Triton kernels (tf32x3 matmuls)
+      fast_torch_ns   the same with Newton-Schulz as batched matmuls (TRITON_NS off)
+      fast_eager      the closed-form chunk step without torch.compile (Triton NS on)
+      fast_unroll4    ``fast`` with 4 chunks per compiled call (CHUNKS_PER_CALL = 4)
+      fast_ieee       ``fast`` with the Triton NS in float32 FMAs (NS_TRITON_PRECISION)
+      fast_tf32       ``fast`` with the Triton NS in one TF32 product per matmul (~1e-3)
+      fast_graphed    ``fast`` with the layer's forward+backward captured in CUDA graphs
+                      (``make_graphed_callables``, as ``hymba train --cuda-graph`` does): no
+                      per-launch host cost; compared with a graphed gdn layer too
+
+    On a CPU the fast variants are forced through the dispatch (it never picks them there).
+    Rows: fwd / fwd+bwd ms, compile + first-call seconds, ratio to gdn's fwd+bwd."""
+    from hymba_plus.kernels import atlas as atlas_kernels
+
+    device, dtype = args.device, (torch.bfloat16 if args.device == "cuda" else torch.float32)
+    B, T, d_model = args.batch, args.seq_len, args.d_model
+    x = torch.randn(B, T, d_model, device=device, dtype=dtype, requires_grad=True)
+    ctx = StepContext(positions=torch.arange(T, device=device)[None].expand(B, -1))
+    knobs = ("COMPILE_CHUNK_STEP", "TRITON_NS", "CHUNKS_PER_CALL", "NS_TRITON_PRECISION")
+    saved = (os.environ.get("HYMBA_KERNELS"), {k: getattr(atlas_kernels, k) for k in knobs}, dispatch.use_fast)
+    paths = args.atlas_paths or ["reference", "fast", "fast_torch_ns", "fast_eager"]
+    todo = [("gdn", None)] + ([("gdn", "graphed")] if "fast_graphed" in paths else []) + [("atlas", p) for p in paths]
+    rows: list[dict] = []
+    for name, path in todo:
+        row: dict = {"mixer": name, "path": path or "as dispatched", "B": B, "T": T, "d_model": d_model}
+        graphed = path == "graphed"
+        try:
+            if name == "gdn":
+                layer = layer_of("gdn", d_model, {"gdn": {"n_heads": max(1, d_model // 128), "head_dim": 128}},
+                                 device, dtype)
+            else:
+                mode, knob_values, graphed = ATLAS_PATHS[path]
+                for k, val in knob_values.items():
+                    setattr(atlas_kernels, k, val)
+                os.environ["HYMBA_KERNELS"] = mode
+                if device != "cuda" and path != "reference":  # the dispatch's fast paths are CUDA-only
+                    dispatch.use_fast = lambda op, *t: op == "atlas"  # noqa: E731
+                layer = layer_of("atlas", d_model, {"atlas": {"n_heads": 16, "head_dim": 16, "poly_degree": 2}},
+                                 device, dtype)
+            params = [x, *layer.parameters()]
+            fn = _Bound(layer, ctx)
+            t0 = time.perf_counter()
+            if graphed:  # warm-up passes (compiles) on a side stream, then capture
+                fn = torch.cuda.make_graphed_callables(fn, (x,))
+            step = fwd_bwd(lambda: fn(x), params)  # noqa: B023 - timed at once
+            step()
+            if not graphed:
+                with torch.no_grad():
+                    fn(x)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            row["first_calls_s"] = time.perf_counter() - t0  # compiles (Triton, Inductor) happen here
+            iters = (1, 3) if path == "reference" else (2, 10)
+            if not graphed:  # a graphed callable replays only with autograd on
+                with torch.no_grad():
+                    row["layer_fwd_ms"] = bench(lambda: fn(x), device, *iters)  # noqa: B023
+            row["layer_fwdbwd_ms"] = bench(step, device, *iters)
+            if name == "atlas" and atlas_kernels.compile_error:
+                row["compile_error"] = atlas_kernels.compile_error  # the chunk step ran eagerly
+            if name == "atlas" and path != "reference" and device == "cuda":
+                row["fast_path_taken"] = dispatch.use_fast("atlas", x)
+                if not row["fast_path_taken"]:
+                    row["fast_path_error"] = dispatch.available()["atlas"][2]
+        except Exception as e:  # noqa: BLE001 - report and continue with the other paths
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
+        finally:
+            env, knob_values, dispatch.use_fast = saved
+            for k, val in knob_values.items():
+                setattr(atlas_kernels, k, val)
+            if env is None:
+                os.environ.pop("HYMBA_KERNELS", None)
+            else:
+                os.environ["HYMBA_KERNELS"] = env
+        base = [r for r in rows if r["mixer"] == "gdn" and r["path"] == ("graphed" if graphed else "as dispatched")]
+        if name == "atlas" and base and "layer_fwdbwd_ms" in row and "layer_fwdbwd_ms" in base[0]:
+            row["x_gdn_fwdbwd"] = row["layer_fwdbwd_ms"] / base[0]["layer_fwdbwd_ms"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def table(rows: list[dict]) -> str:
     cols = ["mixer", "layer_fwd_ms", "layer_fwdbwd_ms", "wrapper_fwd_ms", "wrapper_fwdbwd_ms",
             "raw_fwd_ms", "raw_fwdbwd_ms", "ratio_fwd", "ratio_fwdbwd"]
@@ -231,6 +347,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
     ap.add_argument("--only", nargs="*", help="mixers to run")
     ap.add_argument("--cpu-gdn-loop", action="store_true", help="CPU chunked-vs-loop gdn reference timing")
+    ap.add_argument("--atlas-paths", nargs="*", default=None,
+                    help="time the ATLAS layer on its paths (reference, fast, fast_torch_ns, fast_eager, "
+                         "fast_unroll4, fast_ieee, fast_tf32, fast_graphed; default the first four) next to a gdn "
+                         "layer of the same width")
+    ap.add_argument("--d-model", type=int, default=2048, help="width for --atlas-paths")
     ap.add_argument("--one-launch-config", action="store_true",
                     help="pin fla's and mamba-ssm's autotuned kernels to one launch config (skips minutes of "
                          "autotune compile; wrapper/raw ratios stay comparable, absolute times are not tuned)")
@@ -243,6 +364,8 @@ def main() -> None:
     if args.cpu_gdn_loop:
         result["cpu_gdn_loop"] = cpu_gdn_loop(args)
         print(json.dumps(result["cpu_gdn_loop"]))
+    elif args.atlas_paths is not None:
+        result["atlas_paths"] = atlas_paths(args)
     else:
         def save_rows(rows: list[dict]) -> None:  # after every mixer: a timeout keeps what was measured
             result["rows"] = rows

@@ -4,7 +4,11 @@ features, the DESIGN invariant, padding, cache state, test-time memorization, le
 from __future__ import annotations
 
 import math
+import os
 import random
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -13,9 +17,13 @@ import torch.nn.functional as F
 from hymba_plus import RecipeError, build_model, load_recipe, registry
 from hymba_plus.components.atlas import Atlas, AtlasConfig, AtlasState
 from hymba_plus.core.cache import StepContext
+from hymba_plus.kernels import atlas as atlas_kernels
+from hymba_plus.kernels import dispatch
 from hymba_plus.kernels.atlas import atlas_memory, feature_dim, memory_apply, newton_schulz, poly_features
-from tests.conftest import rel_err
+from tests.conftest import rel_err, rms_rel
 from tests.helpers import tiny_recipe, train_mqar
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 NS = (3.4445, -4.7750, 2.0315)
 
@@ -144,6 +152,210 @@ def test_kernel_partial_rows_keep_state():
             chunk_size=C, window=c) if full else (None, [p[r : r + 1] for p in params], [m[r : r + 1] for m in mom])
         for a, b in zip(W + S, list(W_f) + list(S_f)):
             assert rel_err(a[r : r + 1], b) < 1e-10
+
+
+# ----------------------------------------------------------------------------- fast path
+
+
+def run_impl(impl, args, **kw):
+    """(y, states..., snapshot states...) of one implementation as a flat list."""
+    (qf, kf, v, gamma, eta, lt, la, params, mom) = args
+    y, W, S, snaps = impl(qf, kf, v, gamma, eta, lt, la, params, mom, **kw)
+    return [y] + ([*W, *S] if W is not None else []) + [t for n in sorted(snaps) for t in (*snaps[n][0], *snaps[n][1])]
+
+
+def compare_impls(args, leaves, fast_kw, **kw):
+    """max rel error of the fast path against the reference: outputs, then every gradient."""
+    got = run_impl(atlas_kernels._atlas_memory_fast, args, **fast_kw, **kw)
+    want = run_impl(atlas_kernels._atlas_memory, args, **kw)
+    assert [t.shape for t in got] == [t.shape for t in want]
+    fwd = max(rel_err(a.detach(), b.detach()) for a, b in zip(got, want))
+    g = torch.Generator().manual_seed(1)
+    seeds = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in want]
+    ga = torch.autograd.grad(sum((o * r).sum() for o, r in zip(got, seeds)), leaves, allow_unused=True)
+    gb = torch.autograd.grad(sum((o * r).sum() for o, r in zip(want, seeds)), leaves, allow_unused=True)
+    zero = torch.zeros(())
+    bwd = max(rel_err(a if a is not None else zero, b) if b is not None else float((a if a is not None else zero).abs().max())
+              for a, b in zip(ga, gb))
+    return fwd, bwd
+
+
+FAST_CASES = [  # muon, depth, window, T, p, hid (p = 1 with hid 5 > 3 features: a tall W_1), n_valid
+    (True, 2, 3, 11, 2, 5, None), (False, 3, 1, 8, 2, 5, None), (True, 3, 6, 9, 2, 5, None),
+    (True, 2, 2, 13, 1, 5, None), (True, 3, 2, 12, 1, 5, None),
+    (True, 2, 2, 10, 2, 5, [10, 3, 7]), (False, 2, 2, 10, 2, 5, [10, 3, 7]),
+]
+
+
+@pytest.mark.parametrize("pad_ns", [False, True])
+@pytest.mark.parametrize("muon,depth,c,T,p,hid,n_valid", FAST_CASES)
+def test_fast_path_equals_reference(muon, depth, c, T, p, hid, n_valid, pad_ns):
+    """The closed-form chunk step (eager) == the torch.func reference in float64: outputs,
+    final state (or snapshots) and the gradient of every input; Muon and SGD, deep memories,
+    a tall weight, the Omega window reaching into the tail, partial rows (n_valid), with the
+    Gram matrices in one padded batch (the GPU layout) or per short side (the CPU layout)."""
+    C = 4
+    for return_state in (True, False):
+        args, leaves = random_problem(T=T, C=C, c=c, p=p, hid=hid, depth=depth)
+        if n_valid is not None:  # the kernel's contract: slots past n_valid have γ = 0
+            gam = args[3].detach().clone()
+            for r, n in enumerate(n_valid):
+                gam[r, c - 1 + n :] = 0.0
+            args = (*args[:3], gam.requires_grad_(), *args[4:])
+            leaves[3] = args[3]
+        snaps = [0, (T - 1) // C] if not return_state and n_valid is None else ()
+        fwd, bwd = compare_impls(args, leaves, dict(compile=False, pad_ns=pad_ns), chunk_size=C, window=c,
+                                 ns_steps=5, muon=muon, return_state=return_state, snapshots=snaps,
+                                 n_valid=None if n_valid is None else torch.tensor(n_valid))
+        assert fwd < 1e-10 and bwd < 1e-9, (return_state, fwd, bwd)
+
+
+def test_fast_path_compiled_equals_reference():
+    """The torch.compile'd chunk step (what CUDA runs; Inductor's CPU backend here) == the
+    reference in float32: outputs, state and gradients, Muon and SGD."""
+    for muon in (True, False):
+        args, leaves = random_problem(N=2, T=10, C=4, c=2, dtype=torch.float32, seed=3)
+        fwd, bwd = compare_impls(args, leaves, dict(compile=True, pad_ns=True), chunk_size=4, window=2, ns_steps=5,
+                                 muon=muon, return_state=True, snapshots=(), n_valid=None)
+        assert fwd < 1e-3 and bwd < 5e-3, (muon, fwd, bwd)  # float32 NS: the reference itself is ~1e-4 off float64
+
+
+@pytest.mark.slow
+def test_fast_path_compiled_several_chunks_per_call(monkeypatch):
+    """CHUNKS_PER_CALL = 2: pairs of chunks unrolled into one compiled graph (the last chunk
+    of an odd count through the one-chunk graph) == the reference, float32."""
+    monkeypatch.setattr(atlas_kernels, "CHUNKS_PER_CALL", 2)
+    args, leaves = random_problem(N=2, T=14, C=4, c=2, dtype=torch.float32, seed=3)
+    fwd, bwd = compare_impls(args, leaves, dict(compile=True, pad_ns=True), chunk_size=4, window=2, ns_steps=5,
+                             muon=True, return_state=True, snapshots=(), n_valid=None)
+    assert fwd < 1e-3 and bwd < 5e-3, (fwd, bwd)
+
+
+def test_fast_path_falls_back_to_eager_when_compile_fails(monkeypatch):
+    """A chunk step that cannot be compiled here warns once and runs eagerly (same results)."""
+    def broken(*args):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(atlas_kernels, "compile_error", None)
+    monkeypatch.setattr(atlas_kernels, "_compiled_chunk_step", lambda: broken)
+    args, leaves = random_problem(T=9, C=4, c=2)
+    with pytest.warns(UserWarning, match="no compiler"):
+        fwd, bwd = compare_impls(args, leaves, dict(compile=True), chunk_size=4, window=2, ns_steps=5, muon=True,
+                                 return_state=True, snapshots=(), n_valid=None)
+    assert fwd < 1e-10 and bwd < 1e-9 and "no compiler" in atlas_kernels.compile_error
+
+
+def test_ns_gram_op_matches_autograd():
+    """hymba::atlas_ns_gram (the op the fast path's NS runs through; PyTorch on CPU, Triton on
+    CUDA): forward and hand-written backward == autograd through ns_gram_factor, and the op
+    passes torch.library's checks (fake tensor, autograd registration, compile)."""
+    g = torch.Generator().manual_seed(0)
+    for m, n, steps in ((4, 9, 5), (6, 6, 3), (3, 8, 1)):
+        X = torch.randn(5, m, n, generator=g, dtype=torch.float64)
+        A = (X @ X.mT / X.pow(2).sum((-2, -1), keepdim=True)).requires_grad_()
+        dR = torch.randn(5, m, m, generator=g, dtype=torch.float64)
+        R = atlas_kernels.atlas_ns_gram(A, steps)
+        ref = atlas_kernels.ns_gram_factor(A, steps)
+        assert rel_err(R, ref) < 1e-13
+        got, want = torch.autograd.grad(R, A, dR)[0], torch.autograd.grad(ref, A, dR)[0]
+        assert rel_err(got, want) < 1e-11
+    torch.library.opcheck(torch.ops.hymba.atlas_ns_gram.default, (A.detach().requires_grad_(), 5))
+
+
+def test_ns_triton_kernels_in_interpreter_match_pytorch():
+    """The Triton Newton-Schulz kernels (forward, and the backward that recomputes the steps)
+    against autograd through ns_gram_factor, in Triton's CPU interpreter (subprocess:
+    TRITON_INTERPRET must be set before import); sides padded to 16 / 32, 1-5 steps."""
+    pytest.importorskip("triton")
+    code = textwrap.dedent("""
+        import torch
+        from hymba_plus.kernels.atlas import _ns_gram_launch, ns_gram_factor
+        g = torch.Generator().manual_seed(0)
+        rel = lambda a, b: float((a - b).abs().max() / b.abs().max())
+        for m, n, steps in ((16, 40, 5), (24, 40, 5), (32, 150, 3), (5, 7, 2), (16, 16, 1)):
+            X = torch.randn(3, m, n, generator=g, dtype=torch.float64)
+            A = X @ X.mT / X.pow(2).sum((-2, -1), keepdim=True)
+            dR = torch.randn(3, m, m, generator=g, dtype=torch.float64)
+            Ar = A.clone().requires_grad_()
+            R = ns_gram_factor(Ar, steps)
+            (dA,) = torch.autograd.grad(R, Ar, dR)
+            assert rel(_ns_gram_launch(A.float(), None, steps).double(), R.detach()) < 2e-5, ("fwd", m, steps)
+            assert rel(_ns_gram_launch(A.float(), dR.float(), steps).double(), dA) < 2e-5, ("bwd", m, steps)
+        print("ok")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_ns_triton_kernels_compile_for_sm90():
+    """The Triton Newton-Schulz kernels go through Triton's real compiler for an H100/H200
+    (sm_90) without a GPU: TTIR -> PTX -> cubin, at both padded sides, the launch's warps and
+    the default and float32 matmul precisions (the interpreter test checks their numbers,
+    which it computes in float32 whatever the precision; this one that they compile)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    a, b, c = atlas_kernels.NS_COEFFS
+    for fn, ptrs in ((atlas_kernels._ns_gram_fwd_kernel, ("A_ptr", "R_ptr")),
+                     (atlas_kernels._ns_gram_bwd_kernel, ("A_ptr", "dR_ptr", "dA_ptr"))):
+        for M, warps, prec in ((16, 2, atlas_kernels.NS_TRITON_PRECISION), (32, 8, atlas_kernels.NS_TRITON_PRECISION),
+                               (32, 8, "ieee")):
+            const = {"M": M, "STEPS": 5, "a": a, "b": b, "c": c, "PREC": prec}
+            sig = {**{p: "*fp32" for p in ptrs}, **{k: "constexpr" for k in const}}
+            k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                               options={"num_warps": warps})
+            assert k.asm["cubin"], (fn, M)
+
+
+@pytest.fixture
+def fast_on_cpu(monkeypatch):
+    """Route the layer through the fast path on the CPU (eager chunk step)."""
+    real = dispatch.use_fast
+    monkeypatch.setattr(dispatch, "use_fast", lambda name, *t: name == "atlas" or real(name, *t))
+    monkeypatch.setattr(atlas_kernels, "COMPILE_CHUNK_STEP", False)
+
+
+def test_layer_on_fast_path_equals_reference(fast_on_cpu, monkeypatch):
+    """The whole layer through the fast path == through the reference (float64): output and
+    every parameter gradient in a padded batch, and boundary_forward's states."""
+    torch.manual_seed(0)
+    mod = Atlas(AtlasConfig(**{**TINY, "memory_depth": 3, "memory_hidden": 2}), d_model=32).double()
+    x = torch.randn(2, 19, 32, dtype=torch.float64)
+    ctx = ctx_for(x, lengths=torch.tensor([19, 12]))
+    dy = torch.randn(2, 19, 32, dtype=torch.float64)
+    res = {}
+    for path in ("fast", "reference"):
+        if path == "reference":
+            monkeypatch.setattr(dispatch, "use_fast", lambda name, *t: False)
+        mod.zero_grad()
+        y = mod(x, ctx)
+        (y * dy).sum().backward()
+        _, st = mod.boundary_forward(x[:, :18], ctx_for(x[:, :18]), block_size=5, offset=3)
+        res[path] = [y[0], y[1, :12]] + [p.grad.clone() for p in mod.parameters()] + [*st.weights, *st.momentum]
+    for a, b in zip(res["fast"], res["reference"]):
+        assert rel_err(a.detach(), b.detach()) < 1e-9
+
+
+@pytest.mark.parametrize("atlas", [{}, {"inner_optimizer": "sgd", "window": 1}])
+def test_invariant_on_fast_path(fast_on_cpu, atlas):
+    """DESIGN §1 through the fast path: any split through one cache == one full forward
+    (the cached calls run partial chunks through n_valid's identity steps)."""
+    model = tiny_model(atlas)
+    T = 23
+    ids = torch.randint(0, 64, (2, T), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids).logits
+        rng = random.Random(1)
+        for _ in range(3):
+            cache = model.new_cache(2)
+            outs, a = [], 0
+            for n in random_split(T, rng):
+                outs.append(model(ids[:, a : a + n], cache=cache).logits)
+                a += n
+            assert rel_err(torch.cat(outs, 1), full) <= 1e-4
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -390,8 +602,9 @@ def test_memory_memorizes_at_inference():
 
 @pytest.mark.gpu
 def test_cuda_matches_cpu_invariant_and_bf16():
-    """The (only) reference path on CUDA: same logits as on CPU, the invariant through a
-    cache, a finite bf16 training step."""
+    """The layer on CUDA (the dispatch's fast path where its probe passes): same logits as
+    on CPU, the invariant through a cache (partial chunks: n_valid's identity steps), a
+    finite bf16 training step."""
     model = tiny_model()
     T = 37
     ids = torch.randint(0, 64, (3, T), generator=torch.Generator().manual_seed(3))
@@ -414,6 +627,48 @@ def test_cuda_matches_cpu_invariant_and_bf16():
     loss.backward()
     assert bool(torch.isfinite(loss)) and all(bool(torch.isfinite(p.grad).all()) for p in m16.parameters()
                                               if p.grad is not None)
+
+
+@pytest.mark.gpu
+def test_fast_path_on_cuda_matches_reference():
+    """The CUDA fast path (Triton Newton-Schulz; the chunk step compiled in two cases, eager
+    in the rest) in float32 against the reference on the CPU in float64: outputs, end state
+    and every input gradient, Muon (padded and tall weights, partial rows) and SGD; then the
+    dispatch picks it for a layer, and a bf16 layer's output and gradients match the float32
+    CPU reference's within bf16 rounding."""
+    assert dispatch.available()["atlas"][1], dispatch.available()["atlas"][2]
+    for i, (muon, depth, c, T, p, hid, n_valid) in enumerate(FAST_CASES):
+        args, leaves = random_problem(N=3, T=T + 40, C=4, c=c, p=p, hid=hid, depth=depth)  # float64, CPU
+        cuda = [t.detach().float().cuda().requires_grad_() for t in leaves]
+        kw = dict(chunk_size=4, window=c, ns_steps=5, muon=muon, return_state=True, snapshots=(),
+                  n_valid=None if n_valid is None else torch.tensor(n_valid).cuda() + 40)
+        fast = (*cuda[:7], cuda[7 : 8 + depth], cuda[8 + depth :])  # compiled for two cases (compile time)
+        got = run_impl(atlas_kernels._atlas_memory_fast, fast, compile=i < 2, **kw)
+        kw["n_valid"] = None if n_valid is None else kw["n_valid"].cpu()
+        want = run_impl(atlas_kernels._atlas_memory, args, **kw)
+        g = torch.Generator().manual_seed(1)
+        seeds = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in want]
+        ga = torch.autograd.grad(sum((o * r.float().cuda()).sum() for o, r in zip(got, seeds)), cuda)
+        gb = torch.autograd.grad(sum((o * r).sum() for o, r in zip(want, seeds)), leaves)
+        for a, b in zip(got + list(ga), want + list(gb)):  # float32 vs float64 (CPU float32: a few 1e-3)
+            assert rel_err(a.detach().double().cpu(), b.detach()) < 1e-2, (muon, depth, c, p)
+    torch.manual_seed(0)
+    mod = Atlas(AtlasConfig(n_heads=4, head_dim=16, chunk_size=16, window=4), d_model=64)
+    x = torch.randn(2, 100, 64)
+    ref = mod(x, ctx_for(x))  # float32 on the CPU: the reference
+    ref.sum().backward()
+    ref_grads = [p.grad.clone() for p in mod.parameters()]
+    m16 = mod.cuda().bfloat16()
+    m16.zero_grad()
+    xc = x.cuda().bfloat16()
+    y = m16(xc, StepContext(positions=torch.arange(100, device="cuda")[None].expand(2, -1)))
+    y.float().sum().backward()
+    # the fast path keeps the memory in float32: the same bf16 layer forced through it on a CPU
+    # (T 100) is 1.7e-2 RMS off in its output and <= 6.8e-2 in its gradients (the reference,
+    # whose memory then runs in bf16: 0.22 and up to 0.89)
+    assert rms_rel(y.detach().cpu(), ref.detach()) < 5e-2
+    for p, r in zip(m16.parameters(), ref_grads):
+        assert rms_rel(p.grad.cpu(), r) < 0.15
 
 
 # ----------------------------------------------------------------------------- learning

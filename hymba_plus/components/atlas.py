@@ -22,7 +22,10 @@ small (``MEMORY_INIT_SCALE``) so that early writes dominate what it starts with.
 Eq. 32-33 in spirit) whose initial weights are learned parameters of the layer, copied per
 sequence. Training is chunk-parallel (``kernels/atlas.py``: per-token gradients at the
 chunk-start weights by ``torch.func``, window sums by cumulative sums, the momentum scan as
-a decay matrix, NS5 batched over tokens, a closed form for the chunk's end weights).
+a decay matrix, NS5 batched over tokens, a closed form for the chunk's end weights). On
+CUDA the dispatch takes the kernel's fast path (closed-form rank-1 gradients, one mixing
+matmul per weight for window + momentum, NS5 on Gram matrices in a Triton kernel, the chunk
+step under ``torch.compile``), equal to that reference.
 
 Cache (``AtlasState``): the memory weights and momentum of every row and head (the
 test-time-memorized memory), the tokens since the last chunk boundary (their keys, values
