@@ -101,11 +101,23 @@ def test_training_out_folder_resolves_to_its_newest_checkpoint(ckpts, capsys, tm
     (["--prompt", "1 999"], 1, "outside [0, 256)"),
     (["--prompt", "1", "--top-p", "1.5"], 2, "--top-p"),
     (["--prompt", "1", "--max-new-tokens", "0"], 2, "--max-new-tokens"),
+    (["--prompt", "1", "--engine", "static", "--mode", "block_diffusion"], 2, "--engine: only for --mode ar"),
+    (["--prompt", "1", "--engine", "graph"], 1, "--engine: engine='graph' needs a CUDA device"),
 ])
 def test_bad_generate_input_is_one_line(ckpts, capsys, args, code, needle):
     rc, out, err = gen(capsys, str(ckpts / "ids"), *args)
     assert rc == code and "Traceback" not in err and len(err.strip().splitlines()) == 1 and needle in err, err
     assert out == ""  # nothing streamed before the error
+
+
+def test_engine_flag_gives_the_same_tokens(ckpts, capsys):
+    outs = []
+    for engine in ("dynamic", "static"):
+        rc, out, _ = gen(capsys, str(ckpts / "ids"), "--prompt", "4 5 6", "--prompt", "7", "--max-new-tokens", "8",
+                         "--temperature", "0", "--engine", engine)
+        assert rc == 0
+        outs.append(out)
+    assert outs[0] == outs[1]
 
 
 def test_missing_checkpoint(capsys, tmp_path):

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=None,
                    help="speculative: tokens the draft proposes per round (default: 4); mtp: drafts per round, "
                         "1..model.mtp.depth (default: the depth)")
+    p.add_argument("--engine", default=None, choices=("auto", "graph", "static", "dynamic"),
+                   help="--mode ar: graph = each step replayed from a CUDA graph over static caches (CUDA), "
+                        "static = static caches without the graph, dynamic = the growing cache; auto (default) "
+                        "= graph on CUDA, dynamic elsewhere; the tokens are the same")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, auto")
     p.add_argument("--no-stream", action="store_true", help="print the whole completion at the end")
     p.add_argument("--data", default=None, metavar="SERIES.csv",
@@ -97,7 +102,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def mode_flags(args: argparse.Namespace) -> tuple[tuple[str, str, Any], ...]:
     """(flag, the decoders' option, its value or None) for the flags that only some modes take."""
     return (("--draft", "draft", args.draft), ("--k", "k", args.k), ("--block-size", "block_size", args.block_size),
-            ("--threshold", "threshold", args.threshold), ("--steps", "steps", args.steps))
+            ("--threshold", "threshold", args.threshold), ("--steps", "steps", args.steps),
+            ("--engine", "engine", args.engine))
 
 
 def modes_taking(option: str) -> list[str]:
@@ -261,6 +267,8 @@ def _run(args: argparse.Namespace) -> int:
     if draft is not None:
         options["draft"] = draft  # the loaded model, not its path
     stats: dict[str, Any] = {}
+    # the decode engine's capture notice is printed below with the decoder's report, as one line
+    warnings.filterwarnings("ignore", message="decode: the step could not be captured", category=RuntimeWarning)
     try:
         out = model.generate(
             input_ids.to(device), max_new_tokens=args.max_new_tokens, mode=args.mode,
@@ -272,7 +280,8 @@ def _run(args: argparse.Namespace) -> int:
         msg = str(e).splitlines()[0]
         flag = next((f for k, f in (("draft model", "--draft"), ("k must", "--k"), ("block_size", "--block-size"),
                                     ("threshold", "--threshold"), ("steps", "--steps"), ("mode", "--mode"),
-                                    ("think_iterations", "--think-iterations")) if k in msg),
+                                    ("think_iterations", "--think-iterations"), ("engine", "--engine"))
+                     if k in msg),
                     "--max-new-tokens")
         raise UserError(f"{flag}: {msg}") from None
     finally:
@@ -288,6 +297,8 @@ def _run(args: argparse.Namespace) -> int:
             text = tok.decode(p) + tok.decode(new)
             print(text if B == 1 else f"[{i}] {text}")
     summary = stats.get("summary") or []  # the decoder's own report (models/generation.py)
+    if stats.get("engine_notice"):  # a graph was asked for and could not be captured: say so
+        summary = [*summary, stats["engine_notice"]]
     if summary:
         sys.stdout.flush()
     for i, line in enumerate(summary):
