@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Set up the fast-path packages on a lent GPU machine that has no network (see
 # ARCHITECTURE.md, "Fast paths"). Packages travel in ignored folders:
-#   .whl/   fla-core, dacite wheels; .whl/src/mamba_ssm (mamba-ssm 2.3.2.post1 Python sources:
-#           the Mamba-3 Triton/TileLang kernels need no build)
+#   .whl/   wheels: fla-core 0.6.0, flash-linear-attention 0.6.0 (fla's models: the side-by-side gdn peer),
+#           liger-kernel 0.8.5 (fused linear + cross entropy), dacite; .whl/src/mamba_ssm (mamba-ssm
+#           2.3.2.post1 Python sources, `git archive v2.3.2.post1 mamba_ssm` of state-spaces/mamba:
+#           the Mamba-3 Triton/TileLang kernels need no build). All of it is about 4 MB.
 #   .whl4/site.tar.xz   tilelang 0.1.15 with apache-tvm-ffi, torch-c-dlpack-ext and z3-solver,
 #           unpacked and xz-compressed (38 MB, so everything fits one call's 64 MiB carry;
 #           the wheels alone are 82 MB). Build it here once with `bash benchmarks/gpu_env.sh pack`

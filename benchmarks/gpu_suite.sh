@@ -17,14 +17,23 @@
 #           reference; the model's fused loss == unfused with less peak memory; needs liger-kernel from .whl)
 #   memory  gdn's split q/k/v GPU tests, then train_memory.py --fla: peak memory and step time of
 #           (GD+mlp)*24 at batch 8 x 2048, vocab 32000, with/without the fused loss and the split (issue 18)
-# Usage: bash benchmarks/gpu_suite.sh [STEP ...]   (default: all, in that order)
+#   decode  pytest -m gpu tests/test_decode_engine.py (graph == dynamic tokens, capture fallback), then
+#           decode.py --profile: ms per step by engine (dynamic / static / graph) of a 1.47B
+#           Qwen3-Next-like hybrid, batch 1 and 16 after 2k / 8k prompts, and the step's top kernels
+#   modes   pytest -m gpu tests/test_train_modes.py and the CUDA-graph training tests (hymba train --mode auto)
+#   side_train  side_by_side.py --rows gdn attn quad_moe (training vs fla / HF; --merge into the day's JSON)
+#   side_decode side_by_side.py --rows decode --engines auto dynamic (vs HF generate; --merge)
+#           (copy benchmarks/results/<device>-<date>.json into $OUT first to merge with an earlier call)
+# Usage: bash benchmarks/gpu_suite.sh [STEP ...]   (default: moe mamba3 gdn atlas mixers, in that order)
+# Each step runs under its own limit (SIGINT, then SIGKILL 20 s later: the trainer takes SIGINT as
+# "stop after this step", so a test that trains would otherwise outlive its limit).
 set -u
 OUT=$(realpath -m "${OUT:-benchmarks/results/run}")
 mkdir -p "$OUT"
 export PYTHONPATH=${HYMBA_SITE:-/tmp/hymba_site}:$PWD${PYTHONPATH:+:$PYTHONPATH}
 step() {  # step NAME SECONDS CMD...
   local name=$1 limit=$2; shift 2
-  timeout -s INT "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout -s INT -k 20 "$limit" "$@" > "$OUT/$name.log" 2>&1
   echo "$name: rc=$? ($(tail -n 1 "$OUT/$name.log" | cut -c1-200))"
 }
 PYTEST=(python -m pytest -q -m gpu -p no:cacheprovider -rA --tb=short -s)
@@ -64,7 +73,16 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
       memory) need_tilelang
               step gdn_split_tests 400 "${PYTEST[@]}" tests/test_gdn.py -k "split or model_fast"
               step train_memory 580 python benchmarks/train_memory.py --fla --out "$OUT/train_memory.json" ;;
-      *) echo "unknown step $s1 (moe mamba3 gdn atlas mixers mimo_alt mimo_alt2 loss memory)"; exit 2 ;;
+      decode) step decode_tests 240 "${PYTEST[@]}" tests/test_decode_engine.py
+              step decode_bench 300 python benchmarks/decode.py --device cuda --batches 1 16 --prompts 2048 8192 \
+                 --new 64 --repeats 2 --profile --out "$OUT/decode.json" ;;
+      modes)  step modes_tests 400 "${PYTEST[@]}" tests/test_train_modes.py tests/test_training.py -k "gpu" ;;
+      side_train) step side_train 580 python benchmarks/side_by_side.py --rows gdn attn quad_moe --merge \
+                 --out-dir "$OUT" ;;
+      side_decode) step side_decode 580 python benchmarks/side_by_side.py --rows decode --engines auto dynamic \
+                 --prompts 2048 8192 32768 --merge --out-dir "$OUT" ;;
+      *) echo "unknown step $s1 (moe mamba3 gdn atlas mixers mimo_alt mimo_alt2 loss memory decode modes" \
+              "side_train side_decode)"; exit 2 ;;
     esac
   done
 done
