@@ -152,11 +152,12 @@ class _Tiny(torch.nn.Module):
         return ModelOutput(logits=ids.float()[..., None] * self.w, loss=(ids.float()[..., None] * self.w).mean())
 
 
-def _capture(model, ids, make, monkeypatch):  # noqa: ANN001, ANN202
+def _capture(model, ids, make, monkeypatch, base: int = 0):  # noqa: ANN001, ANN202
     """Run GraphedStep's capture on the CPU: the device check is skipped by a sample that
-    says it is on CUDA, make_graphed_callables is ``make``."""
+    says it is on CUDA, make_graphed_callables is ``make``. ``base``: CPU tensors holding a
+    graph before the test began (left alive by other tests in the same process), not counted."""
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", make)
-    monkeypatch.setattr(cg, "graph_holders", lambda device_type=None: _GRAPH_HOLDERS("cpu"))
+    monkeypatch.setattr(cg, "graph_holders", lambda device_type=None: _GRAPH_HOLDERS("cpu") - base)
     sample = _CudaLooking(ids)
     return cg.GraphedStep(model, sample, sample, contextlib.nullcontext)
 
@@ -188,10 +189,11 @@ def test_a_failed_capture_blames_the_callers_kept_loss_not_its_own_warm_up(monke
         warm_up = step(*args)  # noqa: F841 - like make_graphed_callables: outputs with a graph in its frame
         raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nCUDA kernel errors ...")
 
+    base = _GRAPH_HOLDERS("cpu")
     model = _Tiny()
     ids = torch.ones(2, 3, dtype=torch.long)
     with pytest.raises(cg.CaptureError) as e:
-        _capture(model, ids, failing_make, monkeypatch)
+        _capture(model, ids, failing_make, monkeypatch, base)
     msg = str(e.value)
     assert msg.startswith("the training step could not be captured (CUDA error: operation not permitted when stream "
                           "is capturing); something in it synchronizes"), msg
@@ -199,10 +201,10 @@ def test_a_failed_capture_blames_the_callers_kept_loss_not_its_own_warm_up(monke
     kept = model(ids, labels=ids).loss  # an eager step's loss, kept
     with pytest.raises(cg.CaptureError, match=r"\): 1 tensor from an earlier eager step still holds an autograd "
                                               r"graph \(e\.g\. a loss you kept\): drop them \(del\) before capturing"):
-        _capture(model, ids, failing_make, monkeypatch)
+        _capture(model, ids, failing_make, monkeypatch, base)
     del kept
     with pytest.raises(cg.CaptureError, match="synchronizes with the host"):
-        _capture(model, ids, failing_make, monkeypatch)
+        _capture(model, ids, failing_make, monkeypatch, base)
 
 
 def test_a_failed_capture_resets_balancing_counts(monkeypatch):
