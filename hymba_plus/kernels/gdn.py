@@ -81,6 +81,42 @@ dispatch.fast_path("gdn", probe=_fla_gdn,
                    doc="fla.ops.gated_delta_rule chunk / fused_recurrent gated delta rule (16-bit inputs)")
 
 
+def _probe_gva() -> None:
+    """fla >= 0.6 reads q/k head ``j // (Hv / H)`` for value head ``j`` itself (grouped value
+    heads, our convention): check on this GPU that the chunk (forward and backward) and the
+    fused recurrent kernels given H < Hv heads equal the same kernels on q/k repeated to Hv."""
+    chunk_fn, recurrent_fn = _fla_gdn()
+    g0 = torch.Generator().manual_seed(0)
+    B, T, H, Hv, dk, dv = 2, 80, 2, 4, 64, 64
+    r = lambda *s: torch.randn(*s, generator=g0).cuda()  # noqa: E731
+    q, k, v = r(B, T, H, dk).bfloat16(), r(B, T, H, dk).bfloat16(), r(B, T, Hv, dv).bfloat16()
+    g = -torch.rand(B, T, Hv, generator=g0).cuda() * 0.1
+    beta = torch.rand(B, T, Hv, generator=g0).cuda().bfloat16()
+    h0 = 0.1 * r(B, Hv, dk, dv)
+    res = []
+    for native in (True, False):
+        qq, kk = (q, k) if native else (q.repeat_interleave(Hv // H, 2), k.repeat_interleave(Hv // H, 2))
+        qq, kk = qq.detach().requires_grad_(), kk.detach().requires_grad_()
+        o, s = chunk_fn(qq, kk, v, g=g, beta=beta, initial_state=h0, output_final_state=True,
+                        use_qk_l2norm_in_kernel=True)
+        dq, dkk = torch.autograd.grad(o.float().sum() + s.sum(), (qq, kk))
+        if not native:
+            dq, dkk = (t.unflatten(2, (H, Hv // H)).sum(3) for t in (dq, dkk))
+        with torch.no_grad():
+            o1, s1 = recurrent_fn(qq[:, :1], kk[:, :1], v[:, :1], g=g[:, :1], beta=beta[:, :1], initial_state=h0,
+                                  output_final_state=True, use_qk_l2norm_in_kernel=True)
+        res.append((o, s, dq, dkk, o1, s1))
+    for name, a, b in zip(("o", "state", "dq", "dk", "o (recurrent)", "state (recurrent)"), *res):
+        err = dispatch.max_rel_err(a, b)
+        if not err < 2e-2:
+            raise RuntimeError(f"fla with fewer q/k heads than value heads differs from repeated heads ({name}: "
+                               f"{err:.2e})")
+
+
+dispatch.fast_path("gdn_gva", probe=_probe_gva,
+                   doc="fla gdn kernels read grouped q/k heads themselves (no repeat to the value heads)")
+
+
 def l2norm(x: Tensor, eps: float = L2_EPS) -> Tensor:
     """``x / sqrt(sum(x^2) + eps)`` over the last dim (fla's l2norm formula)."""
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
@@ -278,10 +314,12 @@ def gated_delta_rule_fla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tenso
                          output_final_state: bool = False, use_qk_l2norm: bool = False) -> tuple[Tensor, Tensor | None]:
     """fla's kernels on our layout (any dtype fla takes; the dispatcher sends 16-bit only):
     ``chunk_gated_delta_rule``, or ``fused_recurrent_gated_delta_rule`` for decode (T == 1
-    without autograd: fla gives that kernel no backward). GQA q/k heads are repeated."""
+    without autograd: fla gives that kernel no backward). Grouped q/k heads (H < Hv) go to fla
+    as they are where its probe (``gdn_gva``) found that equal to repeating them, else repeated."""
     chunk_fn, recurrent_fn = _fla_gdn()
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    qe, ke = _expand_qk(q, k, v.shape[2])
+    grouped = q.shape[2] < v.shape[2] and dispatch.use_fast("gdn_gva", q)  # probe-checked on this GPU
+    qe, ke = (q, k) if grouped else _expand_qk(q, k, v.shape[2])
     h0 = initial_state.float().contiguous() if initial_state is not None else None
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, g, beta, initial_state))
