@@ -106,23 +106,7 @@ def test_chunk_rows():
     assert chunk_rows(10**6, 1 << 30) == 1
 
 
-def liger_path(tmp_path):
-    """A PYTHONPATH entry holding liger_kernel: installed, or unpacked from ``.whl/`` (where the GPU
-    runs carry the wheel); None when neither exists."""
-    import importlib.util
-    import zipfile
-    from pathlib import Path
-
-    if importlib.util.find_spec("liger_kernel") is not None:
-        return ""
-    wheels = sorted((Path(__file__).resolve().parents[1] / ".whl").glob("liger_kernel-*.whl"))
-    if not wheels:
-        return None
-    zipfile.ZipFile(wheels[-1]).extractall(tmp_path / "site")
-    return str(tmp_path / "site")
-
-
-def test_liger_in_the_triton_interpreter_matches_reference(tmp_path):
+def test_liger_in_the_triton_interpreter_matches_reference():
     """Liger's fused linear cross entropy as the fast path calls it (argument order, ignore_index,
     reduction, float32 weight-gradient accumulation, chunk size, NaN with no scored row, a scaled
     upstream gradient), run by Triton's CPU interpreter in a subprocess (TRITON_INTERPRET must be
@@ -133,10 +117,7 @@ def test_liger_in_the_triton_interpreter_matches_reference(tmp_path):
     import textwrap
     from pathlib import Path
 
-    pytest.importorskip("triton")
-    site = liger_path(tmp_path)
-    if site is None:
-        pytest.skip("liger-kernel is neither installed nor in .whl/")
+    pytest.importorskip("triton")  # the dev extra installs triton and liger-kernel on x86-64
     code = textwrap.dedent("""
         import torch
         from hymba_plus.kernels.linear_ce import linear_cross_entropy_liger as liger, linear_cross_entropy_ref as ref
@@ -160,7 +141,7 @@ def test_liger_in_the_triton_interpreter_matches_reference(tmp_path):
         print("ok")
     """)
     root = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(p for p in (root, site) if p))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
 
