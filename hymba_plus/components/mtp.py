@@ -22,14 +22,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..blocks import Block
 from ..core.cache import HybridCache, StepContext
 from ..core.pattern import parse_pattern
 from ..core.registry import register
-from ..kernels.linear_ce import linear_cross_entropy
 from .norm import RMSNorm
 
 
@@ -71,10 +69,9 @@ class MTP(nn.Module):
                 break
             ctx = StepContext(positions=positions[:, :n], n_meta=n_meta)
             h = self.step(i, h[:, :n], model.embed_tokens(ids[:, i + 1:i + 1 + n]), ctx)
-            # lm_loss: position t predicts tgt[t + 1] = labels[t + i + 2] (the last position nothing);
-            # the shared head's loss without its [B, n, V] logits (kernels.linear_ce)
-            tgt = F.pad(labels[:, i + 2:i + 1 + n], (0, 1), value=-100)
-            per.append(linear_cross_entropy(model.norm(h), model.lm_head.weight, tgt, ignore_index=-100))
+            # the trunk's loss one more token ahead: position t predicts labels[t + i + 2]; the shared
+            # head's loss without its [B, n, V] logits (kernels.linear_ce)
+            per.append(model.hidden_lm_loss(model.norm(h), labels[:, i + 1:i + 1 + n]))
         if not per:
             return trunk.new_zeros(()), per
         return self.cfg.weight * torch.stack(per).mean(), per

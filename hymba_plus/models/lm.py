@@ -241,17 +241,12 @@ class HybridLM(nn.Module):
         else:
             h_out = h
         fused = not return_logits and self.lm_head is not None  # no head here; a loss reads h and the weight
-        if fused:
-            logits = None
-        else:
-            logits = self.lm_head(h_out) if self.lm_head is not None else h_out
+        logits = None if fused else self.lm_head(h_out) if self.lm_head is not None else h_out
         aux = ctx.aux_total()
         loss = None
         if labels is not None:
-            if fused:
-                loss = self.hidden_lm_loss(h, labels, attention_mask)
-            else:
-                loss = self.lm_loss(logits, labels, attention_mask)
+            loss = (self.hidden_lm_loss(h, labels, attention_mask) if fused
+                    else self.lm_loss(logits, labels, attention_mask))
             if aux is not None:
                 loss = loss + aux
             if mtp_loss is not None:
@@ -314,9 +309,7 @@ class HybridLM(nn.Module):
     @staticmethod
     def lm_loss(logits: Tensor, labels: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Next-token cross entropy: position t predicts labels[t+1]; -100 and pads ignored."""
-        tgt = labels[:, 1:].clone()
-        if attention_mask is not None:
-            tgt[attention_mask[:, 1:] == 0] = -100
+        tgt = next_token_targets(labels, attention_mask)[:, :-1]
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tgt.flatten(), ignore_index=-100)
 
     def hidden_lm_loss(self, h: Tensor, labels: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -325,10 +318,8 @@ class HybridLM(nn.Module):
         the chunked reference elsewhere; tied embeddings included, the head's weight is the
         embedding's). Position t predicts labels[t+1]; the last position, -100 and pads are
         not scored."""
-        tgt = F.pad(labels[:, 1:], (0, 1), value=-100)
-        if attention_mask is not None:
-            tgt = tgt.masked_fill(F.pad(attention_mask[:, 1:], (0, 1), value=1) == 0, -100)
-        return linear_cross_entropy(h, self.lm_head.weight, tgt, ignore_index=-100)
+        return linear_cross_entropy(h, self.lm_head.weight, next_token_targets(labels, attention_mask),
+                                    ignore_index=-100)
 
     def rewind(self, cache: HybridCache, snapshot: HybridCache, ids: Tensor, keep: Tensor) -> None:
         """Roll ``cache`` back to the state after ``snapshot`` plus the first ``keep[b]`` tokens
@@ -412,6 +403,15 @@ class HybridLM(nn.Module):
 
 _COMMON = {"max_new_tokens", "temperature", "top_k", "top_p", "attention_mask", "eos_token_id", "generator",
            "streamer", "stats"}  # generate()'s own arguments; the rest of a decoder's keywords are its options
+
+
+def next_token_targets(labels: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """[B, T] class ids each position is scored against: position t predicts labels[t + 1];
+    the last position, pads (``attention_mask == 0``) and -100 labels get -100 (not scored)."""
+    tgt = F.pad(labels[:, 1:], (0, 1), value=-100)
+    if attention_mask is not None:
+        tgt = tgt.masked_fill(F.pad(attention_mask[:, 1:], (0, 1), value=1) == 0, -100)
+    return tgt
 
 
 def _skip_checks(t: Tensor) -> bool:
