@@ -81,8 +81,7 @@ class AttentionState(LayerState):
     pos: Tensor | None = None
     n: Tensor | None = field(default=None, metadata={"batch": False})
 
-    @property
-    def capacity(self) -> int:
+    def slots(self) -> int:
         return self.k.shape[2] if self.k is not None else 0
 
     def static_copy(self, capacity: int) -> "AttentionState":
@@ -102,8 +101,8 @@ class AttentionState(LayerState):
             super().load_(src)
             return
         S = src.k.shape[2] if src.k is not None else 0
-        if S > self.capacity:
-            raise ValueError(f"AttentionState.load_: {S} cached slots exceed the static capacity {self.capacity}")
+        if S > self.slots():
+            raise ValueError(f"AttentionState.load_: {S} cached slots exceed the static capacity {self.slots()}")
         if S:
             self.k[:, :, :S].copy_(src.k)
             self.v[:, :, :S].copy_(src.v)

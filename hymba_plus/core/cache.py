@@ -66,6 +66,12 @@ class LayerState:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for _, t in self.tensors())
 
+    def slots(self) -> int:
+        """Token slots this state keeps (what a static copy must hold): 0 for constant-size
+        states; a state that grows per token (attention) overrides it; nested states: the most."""
+        return max((v.slots() for f in dataclasses.fields(self)  # type: ignore[arg-type]
+                    if isinstance(v := getattr(self, f.name), LayerState)), default=0)
+
     def static_copy(self, capacity: int) -> "LayerState":
         """A copy with buffers of its own that a decode step can be replayed on (the decode
         engine, ``models/decode_engine.py``): what ``load_`` writes into, whatever ``src``

@@ -54,13 +54,8 @@ ENGINES = ("auto", "graph", "static", "dynamic")
 
 
 def attention_slots(cache: HybridCache) -> int:
-    """The most key/value slots any attention state of ``cache`` holds (0 without attention)."""
-    n = 0
-    for s in cache.states:
-        for name, t in (s.tensors() if s is not None else ()):
-            if name.split(".")[-1] == "pos" and t.dim() == 2:
-                n = max(n, t.shape[1])
-    return n
+    """The most token slots any state of ``cache`` holds (``LayerState.slots``; 0 without attention)."""
+    return max((s.slots() for s in cache.states if s is not None), default=0)
 
 
 def _params_key(model: Any) -> tuple:
