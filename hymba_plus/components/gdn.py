@@ -223,12 +223,14 @@ class GatedDeltaNet(nn.Module):
           gradient of W's full size per block). The depthwise conv treats channels
           independently, so both ways compute the same numbers.
 
-        ``split=None`` (the layer's choice) splits exactly when ``gated_delta_rule`` will run
-        fla (CUDA, 16-bit q/k/v: ``kernels.gdn.fla_selected``). Parameters and checkpoints are
+        ``split=None`` (the layer's choice) splits when ``gated_delta_rule`` will run fla (CUDA,
+        16-bit q/k/v: ``kernels.gdn.fla_selected``) on a chunk of more than one token: a decode
+        step's copies are three tiny kernels, fewer than the split's extra projections and
+        convs, and decoding is bound by the number of kernels. Parameters and checkpoints are
         the same either way."""
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         if split is None:
-            split = fla_selected(dtype, self.dk, self.dv, x, self.cfg.delta_rule)
+            split = x.shape[1] > 1 and fla_selected(dtype, self.dk, self.dv, x, self.cfg.delta_rule)
         if not split:
             return self._qkv_fused(self.qkv_proj(x), ctx, conv_state)
         B, T, _ = x.shape
