@@ -343,19 +343,7 @@ def test_layer_on_fast_path_equals_reference(fast_on_cpu, monkeypatch):
 def test_invariant_on_fast_path(fast_on_cpu, atlas):
     """DESIGN §1 through the fast path: any split through one cache == one full forward
     (the cached calls run partial chunks through n_valid's identity steps)."""
-    model = tiny_model(atlas)
-    T = 23
-    ids = torch.randint(0, 64, (2, T), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        full = model(ids).logits
-        rng = random.Random(1)
-        for _ in range(3):
-            cache = model.new_cache(2)
-            outs, a = [], 0
-            for n in random_split(T, rng):
-                outs.append(model(ids[:, a : a + n], cache=cache).logits)
-                a += n
-            assert rel_err(torch.cat(outs, 1), full) <= 1e-4
+    assert split_invariant_error(tiny_model(atlas), seed=1, splits=3) <= 1e-4
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -499,26 +487,30 @@ SETTINGS = [{}, {"window": 1, "poly_degree": 1, "memory_depth": 3, "inner_optimi
 
 @pytest.mark.parametrize("atlas", SETTINGS)
 def test_invariant_any_split_equals_full_forward(atlas):
-    """DESIGN §1: chunked through one cache == one full forward, splits unaligned to C."""
-    model = tiny_model(atlas)
-    T = 23
+    """DESIGN §1: chunked through one cache == one full forward, splits unaligned to C, and
+    token by token."""
+    worst = split_invariant_error(tiny_model(atlas), seed=0, splits=4)
+    assert worst <= 1e-4, worst
+
+
+def split_invariant_error(model, seed: int, splits: int, T: int = 23) -> float:  # noqa: ANN001
+    """The largest rel_err of ``splits`` random chunkings through one cache, and of token-by-token
+    decoding, against one full forward."""
     ids = torch.randint(0, 64, (2, T), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         full = model(ids).logits
-        rng = random.Random(0)
+        rng = random.Random(seed)
         worst = 0.0
-        for _ in range(4):
+        for _ in range(splits):
             cache = model.new_cache(2)
             outs, a = [], 0
             for n in random_split(T, rng):
                 outs.append(model(ids[:, a : a + n], cache=cache).logits)
                 a += n
             worst = max(worst, rel_err(torch.cat(outs, 1), full))
-        # token by token (decode) too
         cache = model.new_cache(2)
         step = torch.cat([model(ids[:, t : t + 1], cache=cache).logits for t in range(T)], 1)
-        worst = max(worst, rel_err(step, full))
-    assert worst <= 1e-4, worst
+        return max(worst, rel_err(step, full))
 
 
 def test_left_padding_equals_unpadded_row():
