@@ -19,11 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from timing import bench  # benchmarks/timing.py (scripts run from the repo root as files)
 
 QWEN3_NEXT_LIKE = {
     "name": "qwen3-next-like",
@@ -50,20 +49,6 @@ def weight_bytes(model, batch: int) -> int:
                              if n.startswith(("w_gate_up", "w_down", "experts")))
                 total -= routed * (1 - cfg.top_k / cfg.n_experts)
     return int(total)
-
-
-def timed(fn, device: str, repeats: int) -> float:
-    fn()
-    out = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
 
 
 def main() -> None:
@@ -112,8 +97,9 @@ def main() -> None:
                         def gen(n: int, ids=ids, eng=eng, stats=stats) -> None:
                             model.generate(ids, max_new_tokens=n, engine=eng, stats=stats)
 
-                        t1 = timed(lambda: gen(1), args.device, args.repeats)
-                        tn = timed(lambda: gen(args.new), args.device, args.repeats)
+                        # median seconds after one warm-up call (the engine for the shape is made there)
+                        t1 = bench(lambda: gen(1), args.device, warmup=1, iters=args.repeats) / 1e3
+                        tn = bench(lambda: gen(args.new), args.device, warmup=1, iters=args.repeats) / 1e3
                 except torch.OutOfMemoryError as e:
                     rows.append({"batch": B, "prompt": T, "engine": eng, "error": f"out of memory: {e}"[:200]})
                     torch.cuda.empty_cache()

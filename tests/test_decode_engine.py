@@ -181,3 +181,23 @@ def test_graph_engine_falls_back_with_one_warning_when_capture_fails():
     if stats["engine"] == "static":
         assert "could not be captured" in stats["engine_notice"]
         assert sum("could not be captured" in str(x.message) for x in w) == 1
+
+
+def test_decode_benchmark_runs_on_the_cpu(tmp_path):
+    """benchmarks/decode.py --tiny: a row per engine with its step time, in the JSON."""
+    import json
+    import math
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "decode.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--tiny", "--device", "cpu",
+                          "--batches", "2", "--prompts", "16", "--new", "4", "--engines", "dynamic", "static",
+                          "--repeats", "1", "--out", str(out)], capture_output=True, text=True, timeout=240,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["engine"] for r in rows] == ["dynamic", "static"]
+    for r in rows:  # (on a busy CPU the step time, t(new) - t(1), can be noise around 0: finite, not positive)
+        assert math.isfinite(r["ms_per_step"]) and r["prefill_ms"] > 0 and r["batch"] == 2 and r["prompt"] == 16
