@@ -77,16 +77,7 @@ class LayerState:
         engine, ``models/decode_engine.py``): what ``load_`` writes into, whatever ``src``
         it is later given. Constant-size states clone their tensors; a state that grows
         (attention's keys and values) overrides this to preallocate ``capacity`` slots."""
-        new = dataclasses.replace(self)  # type: ignore[type-var]
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            v = getattr(self, f.name)
-            if isinstance(v, Tensor):
-                setattr(new, f.name, v.clone())
-            elif isinstance(v, LayerState):
-                setattr(new, f.name, v.static_copy(capacity))
-            elif isinstance(v, list):
-                setattr(new, f.name, [t.clone() if isinstance(t, Tensor) else t for t in v])
-        return new
+        return self._rebuilt(Tensor.clone, lambda s: s.static_copy(capacity))
 
     def load_(self, src: "LayerState") -> None:
         """Write ``src`` (a state of the same layer, as a forward left it) into this state's
@@ -111,13 +102,21 @@ class LayerState:
         """A copy that a forward may advance without touching this state. Components replace
         a state's tensors rather than writing into them, so the copy shares the tensors
         (no memory) and copies only the containers (nested states, lists)."""
+        return self._rebuilt(lambda t: t, LayerState.fork)
+
+    def _rebuilt(self, tensor: Callable[[Tensor], Tensor],
+                 state: Callable[["LayerState"], "LayerState"]) -> "LayerState":
+        """A new state of this type: ``tensor`` applied to every tensor field (and list
+        element), ``state`` to every nested state; new list containers."""
         new = dataclasses.replace(self)  # type: ignore[type-var]
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             v = getattr(self, f.name)
-            if isinstance(v, LayerState):
-                setattr(new, f.name, v.fork())
+            if isinstance(v, Tensor):
+                setattr(new, f.name, tensor(v))
+            elif isinstance(v, LayerState):
+                setattr(new, f.name, state(v))
             elif isinstance(v, list):
-                setattr(new, f.name, list(v))
+                setattr(new, f.name, [tensor(t) if isinstance(t, Tensor) else t for t in v])
         return new
 
 
