@@ -1,6 +1,13 @@
-"""Short causal depthwise conv with cache (hymba_plus.kernels.conv)."""
+"""Short causal depthwise conv with cache (hymba_plus.kernels.conv): the reference against
+F.conv1d, the decode-step Triton kernel (``conv_update``) in Triton's CPU interpreter, and both
+fast paths on a GPU."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -9,6 +16,8 @@ import torch.nn.functional as F
 from hymba_plus.kernels import dispatch
 from hymba_plus.kernels.conv import causal_conv1d, causal_conv1d_ref
 from tests.conftest import rel_err
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def oracle(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, activation: str | None) -> torch.Tensor:
@@ -101,6 +110,75 @@ def test_bad_activation():
         causal_conv1d(torch.randn(1, 2, 3), torch.randn(3, 2), activation="relu")
 
 
+def test_decode_step_stays_on_the_reference_on_cpu_and_with_gradients(monkeypatch):
+    """``conv_update`` is asked for only for a one-token step with a state, without gradients
+    (the kernel has no backward); on CPU the reference runs."""
+    import hymba_plus.kernels.conv as CV
+
+    asked = []
+    monkeypatch.setattr(CV.dispatch, "use_fast", lambda name, *t: asked.append(name) or False)
+    x, w, s = torch.randn(2, 1, 5), torch.randn(5, 3), torch.randn(2, 5, 2)
+    with torch.no_grad():
+        y, st = causal_conv1d(x, w, None, s)
+        causal_conv1d(torch.randn(2, 2, 5), w, None, s)  # two tokens: the reference
+    assert asked == ["conv_update"]
+    assert torch.equal(y, causal_conv1d_ref(x, w, None, s)[0]) and torch.equal(st, causal_conv1d_ref(x, w, None, s)[1])
+    asked.clear()
+    causal_conv1d(x, w.requires_grad_(), None, s)  # a gradient is needed: never the kernel
+    assert asked == []
+
+
+def test_conv_update_kernel_in_interpreter_matches_reference():
+    """The decode-step kernel (T == 1 with a state), run by Triton's CPU interpreter in a
+    subprocess (TRITON_INTERPRET must be set before import), against ``causal_conv1d_ref``: C not
+    a power of two and above one block, K = 2, 3, 4, bias / no bias, SiLU / none, lengths with
+    zeros (inert rows keep their state), a strided x and a sliced state, float32 weights under
+    16-bit inputs.
+
+    float32: bit-equal without the SiLU (products and sums in the reference's order, no fused
+    multiply-add), the SiLU to 1e-6 (numpy's exp here, PyTorch's vectorised one in the reference).
+    float16: bit-equal without the SiLU (every intermediate rounded where the reference's fp16 ops
+    round it), within one fp16 rounding with it.
+    bfloat16: the interpreter converts float32 -> bf16 by truncation, not round-to-nearest-even
+    as GPUs and PyTorch do, so only a few bf16 ulps are asserted here; the GPU test holds bf16 to
+    one rounding. The new state is a copy of inputs: bit-equal always."""
+    pytest.importorskip("triton")
+    code = textwrap.dedent("""
+        import torch
+        import hymba_plus.kernels.conv as CV
+        g = torch.Generator().manual_seed(0)
+        rel = lambda a, b: float((a.float() - b.float()).abs().max() / b.float().abs().max())
+        n = 0
+        for B, C, K in ((3, 7, 2), (2, 100, 3), (4, 37, 4), (2, 1100, 4)):
+            for dt in (torch.float32, torch.float16, torch.bfloat16):
+                for has_bias in (False, True):
+                    for act in (None, "silu"):
+                        for lens in (None, torch.tensor([1, 0, 1, 0])[:B]):
+                            x = torch.randn(B, 1, 2 * C, generator=g).to(dt)[:, :, ::2]  # strided channels
+                            w = torch.randn(C, K, generator=g)
+                            bias = torch.randn(C, generator=g) if has_bias else None
+                            st = torch.randn(B, C + 3, K - 1, generator=g).to(dt)[:, 2:C + 2]  # a slice
+                            y, s = CV.conv_update_triton(x, w, bias, st, lens, act)
+                            y0, s0 = CV.causal_conv1d_ref(x, w, bias, st, lens, act)
+                            case = (B, C, K, dt, has_bias, act, lens)
+                            assert y.shape == (B, 1, C) and y.dtype == dt and y.is_contiguous(), case
+                            assert s.shape == (B, C, K - 1) and s.dtype == dt and torch.equal(s, s0), case
+                            if lens is not None:  # outputs of inert rows are don't-care
+                                y, y0 = y[lens.bool()], y0[lens.bool()]
+                            if dt == torch.bfloat16:
+                                assert rel(y, y0) < 3e-2, case
+                            elif act:  # exp differs in the last float32 bit: at most one fp16 rounding
+                                assert rel(y, y0) < (1e-6 if dt == torch.float32 else 1e-3), case
+                            else:
+                                assert torch.equal(y, y0), case
+                            n += 1
+        print("ok", n)
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok 96" in res.stdout, res.stderr[-3000:]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T", [1, 3, 64, 1000])
@@ -123,3 +201,56 @@ def test_fast_matches_reference(monkeypatch, dtype, T, fla_one_launch_config):
     assert torch.equal(s.float(), sr)
     assert rel_err(gx.float(), rx) < tol
     assert rel_err(gw.float(), rw) < tol
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_decode_step_kernel_matches_reference(monkeypatch, dtype):
+    """``causal_conv1d`` for T == 1 with a state runs the ``conv_update`` kernel on CUDA and gives
+    the reference's numbers: float32 bit-equal without the SiLU and to 1e-6 with it, bf16 to one
+    bf16 rounding, the new state bit-equal (a new tensor; the old state is not written); K 2-4,
+    C not a power of two, bias, lengths with zeros, float32 weights under bf16 inputs."""
+    monkeypatch.setenv("HYMBA_KERNELS", "fast")
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    for B, C, K in ((3, 7, 2), (2, 100, 3), (4, 1100, 4), (1, 6144, 4)):
+        x = torch.randn(B, 1, C, generator=g).to(dev, dtype)
+        w = torch.randn(C, K, generator=g).to(dev)
+        st = torch.randn(B, C, K - 1, generator=g).to(dev, dtype)
+        st_before = st.clone()
+        lens = (torch.arange(B) % 3 != 1).long().to(dev)
+        assert dispatch.use_fast("conv_update", x, w, st)
+        for bias in (None, torch.randn(C, generator=g).to(dev)):
+            for act in (None, "silu"):
+                for lengths in (None, lens):
+                    with torch.no_grad():
+                        y, s = causal_conv1d(x, w, bias, st, lengths, act)
+                    y0, s0 = causal_conv1d_ref(x, w, bias, st, lengths, act)
+                    assert torch.equal(s, s0) and torch.equal(st, st_before)
+                    if lengths is not None:
+                        y, y0 = y[lengths.bool()], y0[lengths.bool()]
+                    if dtype == torch.float32 and act is None:
+                        assert torch.equal(y, y0), (B, C, K)
+                    else:
+                        assert rel_err(y.float(), y0.float()) <= (1e-6 if dtype == torch.float32 else 1e-2), (B, C, K)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_step_kernel_in_a_cuda_graph(monkeypatch):
+    """The kernel is CUDA-graph capturable (fixed grid, no host read): a replay on new inputs
+    equals an eager call on them."""
+    monkeypatch.setenv("HYMBA_KERNELS", "fast")
+    dev = torch.device("cuda")
+    x = torch.randn(2, 1, 300, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(300, 4, device=dev)
+    st = torch.randn(2, 300, 3, device=dev, dtype=torch.bfloat16)
+    with torch.no_grad():
+        causal_conv1d(x, w, None, st)  # probe + compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y, s = causal_conv1d(x, w, None, st)
+        x.copy_(torch.randn_like(x))
+        st.copy_(torch.randn_like(st))
+        graph.replay()
+        y0, s0 = causal_conv1d(x, w, None, st)
+    assert torch.equal(y, y0) and torch.equal(s, s0)

@@ -16,9 +16,12 @@ from hymba_plus.core.cache import StepContext
 from hymba_plus.kernels import dispatch
 from hymba_plus.kernels.gdn import (
     chunk_gated_delta_rule_ref,
+    decode_gates_selected,
     fla_selected,
     gated_delta_rule,
+    gated_delta_rule_decode,
     gated_delta_rule_fla,
+    gdn_gates,
     recurrent_gated_delta_rule_ref,
 )
 from tests.conftest import rel_err, rms_rel
@@ -427,6 +430,63 @@ def test_split_is_chosen_only_where_fla_runs():
     assert not fla_selected(torch.float32, 64, 64, x)
 
 
+# ------------------------------------------------- decode step: gates inside fla's kernel
+
+
+def test_gdn_gates_are_the_formulas_and_the_decode_fallback_is_the_reference():
+    """``gdn_gates`` is g = -exp(A_log) softplus(a + dt_bias), beta = sigmoid(b); where fla's
+    in-kernel gates do not run (CPU, float32, gradients), ``gated_delta_rule_decode`` is those
+    gates + the exact recurrence, bit for bit."""
+    g0 = torch.Generator().manual_seed(0)
+    a, b = (3 * torch.randn(2, 1, 4, generator=g0, dtype=torch.float64) for _ in range(2))
+    A_log, dt_bias = torch.rand(4, generator=g0, dtype=torch.float64) * 2, -torch.rand(4, generator=g0) * 5
+    g, beta = gdn_gates(a, b, A_log, dt_bias)
+    assert torch.equal(g, -A_log.exp() * torch.log1p((a + dt_bias.double()).exp()).where(a + dt_bias < 20, a + dt_bias))
+    assert torch.equal(beta, 1 / (1 + (-b).exp()))
+    q, k, v, _, _, s0 = make_inputs(2, 1, 2, 4, 8, 6, seed=5)
+    for dt in (torch.float64, torch.float32):
+        ins = [t.to(dt) for t in (q, k, v, a, b)]
+        o, s = gated_delta_rule_decode(*ins, A_log, dt_bias, s0.to(dt), use_qk_l2norm=True)
+        o_r, s_r = recurrent_gated_delta_rule_ref(*ins[:3], *gdn_gates(*ins[3:], A_log, dt_bias), s0.to(dt),
+                                                  use_qk_l2norm=True)
+        assert torch.equal(o, o_r) and torch.equal(s, s_r)
+    with pytest.raises(ValueError, match="one-token"):
+        gated_delta_rule_decode(*make_inputs(1, 2, 1, 1, 4, 4)[:3], a[:1, :1, :1].expand(1, 2, 1),
+                                b[:1, :1, :1].expand(1, 2, 1), A_log[:1], dt_bias[:1])
+
+
+def test_decode_step_takes_the_gates_in_kernel_path_only_where_it_applies(monkeypatch):
+    """With ``decode_gates_selected`` forced true (as on a GPU with fla; the kernel itself falls
+    back to the reference here), exactly the unpadded one-token cached steps go through
+    ``gated_delta_rule_decode`` with the raw a / b projections, and greedy decoding gives the same
+    logits as the ordinary path (float64, bit for bit: the same gates and recurrence)."""
+    import hymba_plus.components.gdn as gdn_mod
+
+    model = small_model("GD | GA | GD").double()
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+
+    def decode() -> torch.Tensor:
+        with torch.no_grad():
+            cache = model.new_cache(2)
+            outs = [model(ids[:, :6], attention_mask=mask[:, :6], cache=cache).logits]
+            outs += [model(ids[:, t:t + 1], cache=cache).logits for t in range(6, 9)]
+            cache2 = model.new_cache(2)  # a padded one-token chunk keeps the ordinary gates
+            outs.append(model(ids[:, :1], attention_mask=mask[:, :1], cache=cache2).logits)
+        return torch.cat(outs, 1)
+
+    ref = decode()
+    calls = []
+    real = gdn_mod.gated_delta_rule_decode
+    monkeypatch.setattr(gdn_mod, "decode_gates_selected", lambda *a, **k: True)
+    monkeypatch.setattr(gdn_mod, "gated_delta_rule_decode", lambda *a, **k: calls.append(a[3].shape) or real(*a, **k))
+    got = decode()
+    assert calls == [(2, 1, 2)] * 6  # 3 decode steps x 2 gdn layers; not the prefill, not the padded step
+    assert torch.equal(got, ref)
+    assert not decode_gates_selected(torch.bfloat16, 64, 64, torch.zeros(1))  # CPU: never
+
+
 # ----------------------------------------------------------------------------- GPU
 
 
@@ -542,3 +602,76 @@ def test_gpu_layer_splits_qkv_on_the_fla_path(monkeypatch, fla_one_launch_config
     for i, (a, b, c) in enumerate(zip(auto, fused, ref)):
         assert rms_rel(a, b) < 1e-2, i
         assert rms_rel(a, c) < 2e-2, i
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pdt", [torch.float32, torch.bfloat16])
+def test_gpu_decode_gates_in_kernel_match_gates_and_recurrence(monkeypatch, pdt, fla_one_launch_config):
+    """fla's fused recurrent kernel with ``use_gate_in_kernel`` / ``use_beta_sigmoid_in_kernel``
+    (``gated_delta_rule_decode`` on CUDA, bf16) equals ``gdn_gates`` + the exact recurrence: a
+    and b over a wide range (softplus's identity branch above 20 included), A_log / dt_bias in
+    ``pdt``, grouped value heads."""
+    monkeypatch.setenv("HYMBA_KERNELS", "fast")
+    dev = torch.device("cuda")
+    q, k, v, _, _, s0 = make_inputs(3, 1, 2, 4, 64, 64, dtype=torch.bfloat16, device=dev, seed=7)
+    s0 = s0.float()
+    g0 = torch.Generator().manual_seed(1)
+    a = (5 * torch.randn(3, 1, 4, generator=g0)).to(dev, torch.bfloat16)
+    a[0, 0, 1] = 25.0
+    b = (3 * torch.randn(3, 1, 4, generator=g0)).to(dev, torch.bfloat16)
+    A_log = torch.empty(4).uniform_(1, 16, generator=g0).log().to(dev, pdt)
+    dt_bias = (-2 - 5 * torch.rand(4, generator=g0)).to(dev, pdt)
+    assert decode_gates_selected(torch.bfloat16, 64, 64, q)
+    with torch.no_grad():
+        o, s = gated_delta_rule_decode(q, k, v, a, b, A_log, dt_bias, s0, use_qk_l2norm=True)
+        g, beta = gdn_gates(a.float(), b.float(), A_log, dt_bias)
+        o_r, s_r = recurrent_gated_delta_rule_ref(q.float(), k.float(), v.float(), g, beta, s0, use_qk_l2norm=True)
+    assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
+    assert rel_err(o.float(), o_r) < 1e-2 and rel_err(s, s_r) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_layer_decode_step_fast_equals_reference(monkeypatch, dtype, fla_one_launch_config):
+    """A gdn layer's one-token cached step on CUDA with every decode fast path (the conv update
+    kernel, the gated norm kernel, and in bf16 fla with the gates inside its kernel) equals
+    HYMBA_KERNELS=reference from the same state: output and both new states. float32 keeps the
+    recurrence on the exact reference (fla computes in tf32), so it is held to 1e-5. The step also
+    replays from a CUDA graph with the same result."""
+    import hymba_plus.components.gdn as gdn_mod
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    mixer = GatedDeltaNet(GatedDeltaNetConfig(n_heads=2, head_dim=64, n_v_heads=4), d_model=128).to(dev, dtype)
+    x0 = torch.randn(2, 5, 128, device=dev, dtype=dtype)
+    x1 = torch.randn(2, 1, 128, device=dev, dtype=dtype)
+    ctx0 = StepContext(positions=torch.arange(5, device=dev)[None].expand(2, -1))
+    ctx1 = StepContext(positions=torch.full((2, 1), 5, device=dev))
+    monkeypatch.setenv("HYMBA_KERNELS", "reference")
+    st = mixer.init_state(2, dev, dtype)
+    with torch.no_grad():
+        mixer(x0, ctx0, st)
+    res = {}
+    calls = []
+    real = gdn_mod.gated_delta_rule_decode
+    monkeypatch.setattr(gdn_mod, "gated_delta_rule_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for kernels in ("reference", "fast"):
+        monkeypatch.setenv("HYMBA_KERNELS", kernels)
+        s = GDNState(conv=st.conv.clone(), S=st.S.clone())
+        with torch.no_grad():
+            y = mixer(x1, ctx1, s)
+        res[kernels] = (y.float(), s.conv.float(), s.S)
+    assert calls == ([1] if dtype == torch.bfloat16 else [])
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    (y, c, S), (y0, c0, S0) = res["fast"], res["reference"]
+    assert torch.equal(c, c0)
+    assert rel_err(y, y0) < tol and rel_err(S, S0) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+    s = GDNState(conv=st.conv.clone(), S=st.S.clone())
+    xs = x1.clone()
+    with torch.no_grad():
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            yg = mixer(xs, ctx1, s)
+        graph.replay()
+    assert torch.equal(yg.float(), y) and torch.equal(s.conv.float(), c) and torch.equal(s.S, S)

@@ -1,5 +1,6 @@
-"""kernels.norm (RMSNorm) and kernels.rotary (RoPE): references against the textbook
-formulas, the Triton RoPE kernel in Triton's CPU interpreter, and both fast paths on a GPU."""
+"""kernels.norm (RMSNorm, gated RMSNorm) and kernels.rotary (RoPE): references against the
+textbook formulas, the Triton gated-RMSNorm and RoPE kernels in Triton's CPU interpreter, and
+the fast paths on a GPU."""
 
 from __future__ import annotations
 
@@ -55,6 +56,64 @@ def test_norm_modules_use_the_op():
     assert torch.equal(n(x), N.rms_norm(x, 1 + n.weight, n.eps))
     gn = GatedRMSNorm(8)
     assert torch.allclose(gn(x, z), N.rms_norm(x, 1 + gn.weight, gn.eps) * torch.nn.functional.silu(z))
+
+
+def test_gated_norm_reference_is_the_formula_and_asks_for_the_kernel_only_without_gradients(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    x, z = (torch.randn(2, 3, 4, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    w = 0.1 * torch.randn(16, generator=g, dtype=torch.float64)
+    want = x / (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt() * (1 + w) * z * torch.sigmoid(z)
+    assert rel_err(N.gated_rms_norm(x, z, w, 1e-6), want) < 1e-12
+    assert rel_err(N.gated_rms_norm(x, z, 1 + w, 1e-6, zero_centered=False), want) < 1e-12
+    asked = []
+    monkeypatch.setattr(N.dispatch, "use_fast", lambda name, *t: asked.append(name) or False)
+    gn = GatedRMSNorm(16)
+    xf, zf = x.float(), z.float()
+    y = gn(xf, zf)  # the weight requires a gradient: the reference (its rms_norm), the kernel not asked for
+    assert asked == [N.FAST] and y.requires_grad
+    with torch.no_grad():
+        assert torch.equal(gn(xf, zf), y.detach())
+    assert asked == [N.FAST, N.GATED, N.FAST]  # asked for, unavailable here: the reference
+
+
+def test_gated_norm_triton_kernel_in_interpreter_matches_reference():
+    """The one-kernel gated RMSNorm, run by Triton's CPU interpreter in a subprocess, against
+    ``gated_rms_norm_ref``: D not a power of two, [..., H, D] and [N, D] inputs, a transposed
+    (non-contiguous) input, zero-centered or plain scale, float32 / bf16 / fp16 with the weight in
+    the input's dtype or float32. float32 to 1e-6 (the sum of squares in another order); float16
+    bit-equal (the scale 1 + w, the normalised value and the result rounded where the reference
+    rounds them); bf16 to 2e-2, because the interpreter converts float32 -> bf16 by truncation
+    rather than round-to-nearest-even (the GPU test holds it to one rounding)."""
+    pytest.importorskip("triton")
+    code = textwrap.dedent("""
+        import torch
+        import hymba_plus.kernels.norm as N
+        g = torch.Generator().manual_seed(0)
+        rel = lambda a, b: float((a.float() - b.float()).abs().max() / b.float().abs().max())
+        n = 0
+        for shape in ((2, 3, 4, 64), (5, 96), (1, 1, 3, 300)):
+            D = shape[-1]
+            for dt, wdt in ((torch.float32, torch.float32), (torch.float16, torch.float16),
+                            (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)):
+                for zc in (True, False):
+                    x, z = (torch.randn(*shape, generator=g).to(dt) for _ in range(2))
+                    w = (0.1 * torch.randn(D, generator=g) + (0.0 if zc else 1.0)).to(wdt)
+                    y, y0 = N.gated_rms_norm_triton(x, z, w, 1e-6, zc), N.gated_rms_norm_ref(x, z, w, 1e-6, zc)
+                    case = (shape, dt, wdt, zc)
+                    assert y.shape == x.shape and y.dtype == dt, case
+                    if dt == torch.float16:
+                        assert torch.equal(y, y0), case
+                    else:
+                        assert rel(y, y0) < (1e-6 if dt == torch.float32 else 2e-2), case
+                    n += 1
+        xt = torch.randn(2, 8, 3, 24, generator=g).transpose(1, 2)  # [B, T, H, D] from [B, H, T, D]
+        zt, wt = torch.randn(2, 3, 8, 24, generator=g), 0.1 * torch.randn(24, generator=g)
+        assert rel(N.gated_rms_norm_triton(xt, zt, wt, 1e-5), N.gated_rms_norm_ref(xt, zt, wt, 1e-5)) < 1e-6
+        print("ok", n)
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0 and "ok 24" in res.stdout, res.stderr[-3000:]
 
 
 def test_rope_reference_rotates_pairs_and_keeps_the_rest():
@@ -125,3 +184,36 @@ def test_gpu_fast_paths_match_references(monkeypatch):
     gy = torch.randn_like(y)
     for a, b in zip((y, *torch.autograd.grad(y, (x, s), gy)), (y0, *torch.autograd.grad(y0, (x, s), gy))):
         assert a.dtype == b.dtype and rel_err(a.float(), b.float()) < 2e-2
+
+
+@pytest.mark.gpu
+def test_gpu_gated_norm_kernel_matches_reference(monkeypatch):
+    """The gated RMSNorm kernel runs on CUDA without gradients (``GatedRMSNorm`` under no_grad)
+    and matches the reference: float32 to 1e-5, bf16 (weight bf16 or float32) to one rounding;
+    with gradients the module stays on the reference; the kernel replays in a CUDA graph."""
+    monkeypatch.setenv("HYMBA_KERNELS", "fast")
+    g = torch.Generator().manual_seed(0)
+    for dt, wdt, tol in ((torch.float32, torch.float32, 1e-5), (torch.bfloat16, torch.bfloat16, 1e-2),
+                         (torch.bfloat16, torch.float32, 1e-2)):
+        for zc in (True, False):
+            gn = GatedRMSNorm(96, zero_centered=zc).to("cuda", wdt)
+            with torch.no_grad():
+                gn.weight.add_(0.1 * torch.randn(96, generator=g).cuda())
+            x, z = (torch.randn(4, 1, 8, 96, generator=g).to("cuda", dt) for _ in range(2))
+            assert N.dispatch.use_fast(N.GATED, x, z, gn.weight)
+            with torch.no_grad():
+                y = gn(x, z)
+            y0 = N.gated_rms_norm_ref(x, z, gn.weight, gn.eps, zc)
+            assert y.dtype == dt and rel_err(y.float(), y0.float()) < tol, (dt, wdt, zc)
+            yg = gn(x, z)  # the weight needs a gradient: reference path, differentiable
+            assert yg.requires_grad and rel_err(yg.float(), y0.float()) < 1e-6
+    x, z = (torch.randn(2, 1, 4, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    w = torch.zeros(128, device="cuda")
+    with torch.no_grad():
+        N.gated_rms_norm(x, z, w, 1e-6)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = N.gated_rms_norm(x, z, w, 1e-6)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        assert torch.equal(y, N.gated_rms_norm(x, z, w, 1e-6))

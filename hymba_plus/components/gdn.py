@@ -18,6 +18,13 @@ convolves all channels at once and views q, k, v in the result; when fla runs th
 ``GatedDeltaNet.qkv`` computes q, k, v as three separate contiguous tensors from row blocks of
 those weights instead (same numbers), since fla copies non-contiguous inputs.
 
+A decode step (one token with a cache, no padding) is bound by its kernel count; on CUDA it
+takes three fast paths where their probes passed: the short conv's update as one Triton kernel
+(``kernels.conv``, ``conv_update``), the gates computed inside fla's fused recurrent kernel from
+the raw ``x W_a`` / ``x W_b`` (``kernels.gdn.gated_delta_rule_decode``, ``gdn_gates``; 16-bit
+only, as fla's path) and the gated RMSNorm as one Triton kernel (``kernels.norm``,
+``gated_rms_norm``; whenever no gradient is needed).
+
 Heads: ``n_heads`` query/key heads of ``head_dim`` and ``n_v_heads`` (a multiple of
 ``n_heads``) value heads of ``head_dim * expand_v`` (grouped value heads, as Qwen3-Next).
 ``delta_rule: false`` is the decay-only ablation ``S_t = e^{g_t} S_{t-1} + beta_t k_t v_t^T``
@@ -49,7 +56,7 @@ from ..core.config import spec
 from ..core.registry import register
 from ..kernels.conv import causal_conv1d, conv_tails
 from ..kernels.dispatch import compute_dtype
-from ..kernels.gdn import fla_selected, gated_delta_rule
+from ..kernels.gdn import decode_gates_selected, fla_selected, gated_delta_rule, gated_delta_rule_decode, gdn_gates
 from .norm import GatedRMSNorm
 
 
@@ -159,15 +166,19 @@ class GatedDeltaNet(nn.Module):
         """Everything before the output projection: [B, T, n_v_heads * value_dim]
         (hymba's SSM heads use this and apply their own shared projection)."""
         q, k, v, new_conv = self.qkv(x, ctx, state.conv if state is not None else None)
-        g, beta = self._decay_beta(x, ctx)
-        o, S = gated_delta_rule(
-            q, k, v, g, beta,
-            initial_state=state.S if state is not None else None,
-            output_final_state=state is not None,
-            use_qk_l2norm=True,
-            chunk_size=self.cfg.chunk_size,
-            delta_rule=self.cfg.delta_rule,
-        )
+        if self._gates_in_kernel(x, ctx, state):  # decode step: fla computes g and beta itself
+            o, S = gated_delta_rule_decode(q, k, v, self.a_proj(x), self.b_proj(x), self.A_log, self.dt_bias,
+                                           initial_state=state.S, use_qk_l2norm=True)
+        else:
+            g, beta = self._decay_beta(x, ctx)
+            o, S = gated_delta_rule(
+                q, k, v, g, beta,
+                initial_state=state.S if state is not None else None,
+                output_final_state=state is not None,
+                use_qk_l2norm=True,
+                chunk_size=self.cfg.chunk_size,
+                delta_rule=self.cfg.delta_rule,
+            )
         if state is not None:
             state.S = S
             state.conv = new_conv
@@ -268,12 +279,21 @@ class GatedDeltaNet(nn.Module):
         v = v.reshape(B, T, self.hv, self.dv)
         return q, k, v, new_conv
 
+    def _gates_in_kernel(self, x: Tensor, ctx: StepContext, state: GDNState | None) -> bool:
+        """A decode step (one token, a state, no padding) whose recurrence fla runs with the gates
+        inside its kernel (``kernels.gdn.decode_gates_selected``: CUDA, 16-bit, probe passed):
+        the raw a / b projections go to ``gated_delta_rule_decode`` instead of ``_decay_beta``'s
+        elementwise kernels (a decode step is bound by its kernel count). Padded steps keep
+        ``_decay_beta``, which zeroes the gates of inert slots."""
+        if state is None or x.shape[1] != 1 or ctx.lengths is not None or not self.cfg.delta_rule:
+            return False
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        return decode_gates_selected(dtype, self.dk, self.dv, x)
+
     def _decay_beta(self, x: Tensor, ctx: StepContext) -> tuple[Tensor, Tensor]:
-        """g (log decay) and beta [B, T, Hv] from x; inert slots get g = beta = 0."""
-        beta = torch.sigmoid(self.b_proj(x))
-        a = self.a_proj(x)
-        cdt = compute_dtype(a)
-        g = -self.A_log.to(cdt).exp() * F.softplus(a.to(cdt) + self.dt_bias.to(cdt))
+        """g (log decay) and beta [B, T, Hv] from x (``kernels.gdn.gdn_gates``); inert slots get
+        g = beta = 0."""
+        g, beta = gdn_gates(self.a_proj(x), self.b_proj(x), self.A_log, self.dt_bias)
         valid = ctx.valid
         if valid is not None:  # inert slots: no decay, no write -> the state does not move
             beta = torch.where(valid[..., None], beta, torch.zeros_like(beta))

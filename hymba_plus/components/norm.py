@@ -4,17 +4,17 @@ Zero-centered RMSNorm stores ``w`` and scales by ``(1 + w)``, so the weight star
 and weight decay pulls the scale towards 1 instead of 0 (Qwen3-Next). The plain form
 scales by ``w`` initialised to 1.
 
-Gated RMSNorm (Gated DeltaNet, arXiv 2412.06464, output stage): ``RMSNorm(o) * SiLU(z)``.
+Gated RMSNorm (Gated DeltaNet, arXiv 2412.06464, output stage): ``RMSNorm(o) * SiLU(z)``
+(``kernels.norm.gated_rms_norm``: one Triton kernel on CUDA when no gradient is needed, as in
+decoding; the float32 reference otherwise).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels.dispatch import compute_dtype
-from ..kernels.norm import rms_norm
+from ..kernels.norm import gated_rms_norm, norm_scale, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -25,7 +25,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if zero_centered else torch.ones(dim))
 
     def scale(self) -> Tensor:
-        return 1.0 + self.weight if self.zero_centered else self.weight
+        return norm_scale(self.weight, self.zero_centered)
 
     def forward(self, x: Tensor) -> Tensor:
         return rms_norm(x, self.scale(), self.eps)  # kernels.norm: float32 math, fused on CUDA
@@ -38,6 +38,4 @@ class GatedRMSNorm(RMSNorm):
     """``RMSNorm(x) * SiLU(gate)`` over the last dim (per head when x is [..., H, D])."""
 
     def forward(self, x: Tensor, gate: Tensor) -> Tensor:  # type: ignore[override]
-        y = super().forward(x)
-        cdt = compute_dtype(y, gate)
-        return (y.to(cdt) * F.silu(gate.to(cdt))).to(x.dtype)
+        return gated_rms_norm(x, gate, self.weight, self.eps, self.zero_centered)

@@ -15,10 +15,21 @@ tokens at the front of the chunk; the rest are inert. The new state is the last 
 (``lengths[b] == 0`` keeps the old state). Outputs at inert slots are finite garbage.
 
 Reference: ``K`` shifted multiply-adds over ``[state, x]`` (the same sum as
-``F.conv1d(groups=C)``) plus one ``gather`` for the state. Fast path (CUDA): fla's Triton
-``causal_conv1d`` (``fla.modules.convolution``), used only without a state and without
-lengths (the training path): fla's cache layout differs between versions, so the cached
-path (prefill chunks and decode, cheap elementwise work) stays on the reference.
+``F.conv1d(groups=C)``) plus one ``gather`` for the state. Fast paths (CUDA):
+
+* ``causal_conv1d``: fla's Triton ``causal_conv1d`` (``fla.modules.convolution``), used only
+  without a state and without lengths (the training path): fla's cache layout differs between
+  versions, so cached chunks of more than one token (prefill) stay on the reference.
+* ``conv_update`` (ours): the decode step -- ``T == 1`` with a state, no gradient needed --
+  as ONE Triton kernel (``_conv_update_kernel``) instead of the reference's ~12 (cat,
+  ``K`` multiply-adds, casts, the state gather). It reads ``x [B, 1, C]`` and the state (any
+  strides), writes ``y [B, 1, C]`` and a *new* state ``[B, C, K-1]`` (components replace state
+  tensors, never write into them), and keeps the old state for rows with ``lengths[b] == 0``.
+  It computes the reference's arithmetic in the reference's order: float32 products and sums
+  (no fused multiply-add), and for 16-bit x every product, partial sum, the weight, bias and
+  state rounded to x's dtype exactly where the reference's 16-bit PyTorch ops round them; the
+  SiLU is PyTorch's formula (``kernels._triton.silu_f32``). The new state is a copy of inputs
+  (exact). Launch config fixed by the shapes (CUDA-graph capturable, no autotuning).
 """
 
 from __future__ import annotations
@@ -30,6 +41,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch
+from ._triton import silu_f32, triton
+
+if triton is not None:
+    import triton.language as tl
 
 
 def _fla_causal_conv1d():
@@ -104,6 +119,109 @@ def causal_conv1d_ref(
     return _act(y, activation), conv_state_update(xpad.transpose(1, 2), lengths, K - 1)
 
 
+UPDATE = "conv_update"
+_UPDATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _conv_update_kernel(x_ptr, s_ptr, w_ptr, b_ptr, len_ptr, y_ptr, ns_ptr, C,
+                            sx_b, sx_c, ss_b, ss_c, ss_k, sw_c, sw_k, sy_b, sns_b, sns_c,
+                            K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                            SILU: tl.constexpr, BLOCK_C: tl.constexpr):
+        """One decode step of the depthwise causal conv for channels ``[pid_c * BLOCK_C, ...)``
+        of row ``pid_b``: y = act(x * w[K-1] + sum_j state[j] * w[j] + bias) in the reference's
+        order, and the new state (the old one shifted by x, or the old one where lengths == 0)."""
+        b = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        m = c < C
+        ty = y_ptr.dtype.element_ty  # x's dtype: the reference computes in it
+        xv = tl.load(x_ptr + b * sx_b + c * sx_c, mask=m, other=0.0).to(ty)
+        wl = tl.load(w_ptr + c * sw_c + (K - 1) * sw_k, mask=m, other=0.0).to(ty).to(tl.float32)
+        acc = (xv.to(tl.float32) * wl).to(ty).to(tl.float32)  # y = x_t * w[:, K-1]
+        if HAS_LENGTHS:
+            keep = tl.load(len_ptr + b) == 0  # an inert row keeps its old state
+        s_row = s_ptr + b * ss_b + c * ss_c
+        ns_row = ns_ptr + b * sns_b + c * sns_c
+        for j in tl.static_range(K - 1):  # y = y + state[j] * w[:, j], j = 0 .. K-2, rounded as the reference
+            sj = tl.load(s_row + j * ss_k, mask=m, other=0.0).to(ty)
+            wj = tl.load(w_ptr + c * sw_c + j * sw_k, mask=m, other=0.0).to(ty).to(tl.float32)
+            acc = (acc + (sj.to(tl.float32) * wj).to(ty).to(tl.float32)).to(ty).to(tl.float32)
+            if j > 0:  # new state[j-1] = old state[j]
+                nv = sj
+                if HAS_LENGTHS:
+                    nv = tl.where(keep, tl.load(s_row + (j - 1) * ss_k, mask=m, other=0.0).to(ty), sj)
+                tl.store(ns_row + (j - 1), nv, mask=m)
+        last = xv  # new state[K-2] = x
+        if HAS_LENGTHS:
+            last = tl.where(keep, tl.load(s_row + (K - 2) * ss_k, mask=m, other=0.0).to(ty), xv)
+        tl.store(ns_row + (K - 2), last, mask=m)
+        if HAS_BIAS:
+            acc = (acc + tl.load(b_ptr + c, mask=m, other=0.0).to(ty).to(tl.float32)).to(ty).to(tl.float32)
+        if SILU:
+            acc = silu_f32(acc)
+        tl.store(y_ptr + b * sy_b + c, acc.to(ty), mask=m)
+
+
+def conv_update_triton(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor, lengths: Tensor | None,
+                       activation: str | None) -> tuple[Tensor, Tensor]:
+    """The one-kernel decode step: x [B, 1, C], weight [C, K] (K >= 2), state [B, C, K-1],
+    lengths [B] | None -> (y [B, 1, C], new state [B, C, K-1]), both new tensors in x's dtype.
+    The same numbers as ``causal_conv1d_ref`` (see the module docstring)."""
+    B, _, C = x.shape
+    K = weight.shape[1]
+    y = torch.empty(B, 1, C, device=x.device, dtype=x.dtype)
+    new_state = torch.empty(B, C, K - 1, device=x.device, dtype=x.dtype)
+    block_c = min(triton.next_power_of_2(C), 1024)
+    grid = (B, triton.cdiv(C, block_c))
+    _conv_update_kernel[grid](
+        x, state, weight, bias if bias is not None else weight, lengths if lengths is not None else x, y, new_state, C,
+        x.stride(0), x.stride(2), state.stride(0), state.stride(1), state.stride(2), weight.stride(0),
+        weight.stride(1), y.stride(0), new_state.stride(0), new_state.stride(1),
+        K=K, HAS_BIAS=bias is not None, HAS_LENGTHS=lengths is not None, SILU=activation in ("silu", "swish"),
+        BLOCK_C=block_c, num_warps=4 if block_c >= 512 else 1, enable_fp_fusion=False)
+    return y, new_state
+
+
+def _probe_update() -> None:
+    """The kernel on this GPU against the reference: float32 to 1e-6 (bit-equal without the SiLU),
+    bf16 to one bf16 rounding, the new state bit-equal; K 2 and 4, bias and lengths with zeros."""
+    if triton is None or not torch.cuda.is_available():
+        raise RuntimeError("needs triton and a CUDA device")
+    g = torch.Generator().manual_seed(0)
+    for B, C, K, dt in ((3, 200, 4, torch.float32), (2, 96, 2, torch.bfloat16), (3, 1100, 4, torch.bfloat16)):
+        x = torch.randn(B, 1, C, generator=g).to("cuda", dt)
+        w, bias = torch.randn(C, K, generator=g).cuda(), torch.randn(C, generator=g).cuda()
+        st = torch.randn(B, C, K - 1, generator=g).to("cuda", dt)
+        lengths = (torch.arange(B) % 2).cuda()
+        for act in (None, "silu"):
+            y, s = conv_update_triton(x, w, bias, st, lengths, act)
+            y0, s0 = causal_conv1d_ref(x, w, bias, st, lengths, act)
+            err = dispatch.max_rel_err(y, y0)
+            tol = 1e-6 if dt == torch.float32 else 1e-2
+            if not (torch.equal(s, s0) and err <= tol and (act or dt != torch.float32 or torch.equal(y, y0))):
+                raise RuntimeError(f"conv_update differs from the reference ({dt}, C {C}, K {K}, {act}: {err:.2e})")
+
+
+dispatch.fast_path(UPDATE, probe=_probe_update,
+                   doc="own Triton kernel: the cached conv's decode step (T == 1) in one launch, inference")
+
+
+def _update_ok(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor | None,
+               lengths: Tensor | None) -> bool:
+    """The decode step's kernel applies: T == 1 with a state, K >= 2, float16/bfloat16/float32,
+    no gradient needed (the kernel has no backward), eager, and on CUDA with its probe passed."""
+    if state is None or x.shape[1] != 1 or weight.shape[1] < 2 or x.dtype not in _UPDATE_DTYPES:
+        return False
+    tensors = [t for t in (x, weight, bias, state, lengths) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if any(t.dtype not in _UPDATE_DTYPES for t in (weight, state) + ((bias,) if bias is not None else ())):
+        return False
+    return not dispatch.tracing(x) and dispatch.use_fast(UPDATE, *tensors)
+
+
 def causal_conv1d(
     x: Tensor,
     weight: Tensor,
@@ -132,4 +250,6 @@ def causal_conv1d(
         if tail.shape[2] < K - 1:
             tail = F.pad(tail, (K - 1 - tail.shape[2], 0))
         return y, tail.contiguous()
+    if _update_ok(x, weight, bias, state, lengths):
+        return conv_update_triton(x, weight, bias, state, lengths, activation)
     return causal_conv1d_ref(x, weight, bias, state, lengths, activation)

@@ -53,6 +53,17 @@ Three entry points:
   (chunked for T > 1, recurrent for T == 1). float32 stays on the reference: fla computes
   float32 matmuls in tf32 (measured 1.01e-3 relative on the final state at T = 1 on an H100).
   The ``delta_rule=False`` ablation, and any call with ``states_at``, use the reference.
+* ``gated_delta_rule_decode`` — the decode step with the gates inside the kernel (op name
+  ``"gdn_gates"``): given the raw projections ``a`` and ``b`` [B, 1, Hv] and the parameters
+  ``A_log``, ``dt_bias`` [Hv], fla's ``fused_recurrent_gated_delta_rule(...,
+  use_gate_in_kernel=True, A_log=, dt_bias=, use_beta_sigmoid_in_kernel=True)`` computes, per
+  value head and in float32 inside the recurrence kernel, ``g = -exp(A_log) * softplus(a +
+  dt_bias)`` (dt_bias added before the softplus, which switches to the identity above 20 as
+  ``F.softplus`` does; fla's PTX ``ex2``/``lg2`` approximations) and ``beta = sigmoid(b)``:
+  ``gdn_gates`` in the layer's formulas, with none of their elementwise kernels. The reference
+  rounds ``beta`` to the projection's 16-bit dtype; the kernel keeps it in float32 (closer to
+  exact). fla reads any dtype of ``A_log`` / ``dt_bias`` (cast to float32 in the kernel). Its
+  probe compares it on the GPU with ``gdn_gates`` + ``recurrent_gated_delta_rule_ref``.
 
 The references compute in float32 (float64 when given float64) and return the state in
 that dtype; outputs take the dtype of ``v``.
@@ -326,6 +337,89 @@ def gated_delta_rule_fla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tenso
     fn = recurrent_fn if q.shape[1] == 1 and not needs_grad else chunk_fn
     return fn(qe, ke, v, g=g.float(), beta=beta.to(q.dtype), scale=scale, initial_state=h0,
               output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm)
+
+
+def gdn_gates(a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor) -> tuple[Tensor, Tensor]:
+    """The Gated DeltaNet gates from the raw projections (Mamba2-style decay, GDN §3):
+    ``g = -exp(A_log) * softplus(a + dt_bias)`` in float32 (float64 for float64 inputs) and
+    ``beta = sigmoid(b)`` in b's dtype; a, b [B, T, Hv], A_log, dt_bias [Hv]."""
+    cdt = dispatch.compute_dtype(a)
+    g = -A_log.to(cdt).exp() * F.softplus(a.to(cdt) + dt_bias.to(cdt))
+    return g, torch.sigmoid(b)
+
+
+def _probe_gates() -> None:
+    """fla's in-kernel gates (``use_gate_in_kernel``, ``use_beta_sigmoid_in_kernel``) against
+    ``gdn_gates`` + the exact recurrence on this GPU (bf16 q/k/v and projections, float32 state):
+    a and b over a wide range (softplus's linear branch above 20 included), A_log / dt_bias in
+    float32 and in bf16, equal and grouped value heads."""
+    _fla_gdn()  # ImportError: unavailable
+    g0 = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g0).cuda()  # noqa: E731
+    for H, Hv, pdt in ((2, 2, torch.float32), (2, 4, torch.bfloat16)):
+        B, dk, dv = 3, 64, 64
+        q, k, v = r(B, 1, H, dk).bfloat16(), r(B, 1, H, dk).bfloat16(), r(B, 1, Hv, dv).bfloat16()
+        a, b = (4 * r(B, 1, Hv)).bfloat16(), (3 * r(B, 1, Hv)).bfloat16()
+        a[0, 0, 0] = 30.0  # softplus's identity branch
+        A_log = torch.empty(Hv).uniform_(1.0, 16.0, generator=g0).log().cuda().to(pdt)
+        dt = torch.exp(torch.rand(Hv, generator=g0) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+        dt_bias = (dt + torch.log(-torch.expm1(-dt))).cuda().to(pdt)
+        h0 = r(B, Hv, dk, dv)
+        with torch.no_grad():
+            o, s = _decode_fla(q, k, v, a, b, A_log, dt_bias, h0, dk ** -0.5, True)
+            g, beta = gdn_gates(a.float(), b.float(), A_log, dt_bias)
+            o_r, s_r = recurrent_gated_delta_rule_ref(q, k, v, g, beta, h0, use_qk_l2norm=True)
+        for name, x, y in (("o", o, o_r), ("state", s, s_r)):
+            err = dispatch.max_rel_err(x, y)
+            if not err < 1e-2:
+                raise RuntimeError(f"fla's in-kernel gdn gates differ from the reference ({name}, Hv {Hv}, "
+                                   f"A_log {pdt}: {err:.2e})")
+
+
+dispatch.fast_path("gdn_gates", probe=_probe_gates,
+                   doc="fla fused_recurrent_gated_delta_rule computes the gdn gates (decode step, 16-bit)")
+
+
+def _decode_fla(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor,
+                initial_state: Tensor | None, scale: float, use_qk_l2norm: bool) -> tuple[Tensor, Tensor]:
+    _, recurrent_fn = _fla_gdn()
+    grouped = q.shape[2] < v.shape[2] and dispatch.use_fast("gdn_gva", q)  # probe-checked on this GPU
+    qe, ke = (q, k) if grouped else _expand_qk(q, k, v.shape[2])
+    h0 = initial_state.float().contiguous() if initial_state is not None else None
+    return recurrent_fn(qe, ke, v, g=a, beta=b, scale=scale, initial_state=h0, output_final_state=True,
+                        use_qk_l2norm_in_kernel=use_qk_l2norm, use_gate_in_kernel=True, A_log=A_log,
+                        dt_bias=dt_bias, use_beta_sigmoid_in_kernel=True)
+
+
+def decode_gates_selected(dtype: torch.dtype, dk: int, dv: int, x: Tensor) -> bool:
+    """Would ``gated_delta_rule_decode`` run (fla selected for this dtype and these head dims,
+    and its in-kernel gates probe-checked on this GPU)? Asked by the layer for a decode step."""
+    return fla_selected(dtype, dk, dv, x) and dispatch.use_fast("gdn_gates", x)
+
+
+def gated_delta_rule_decode(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor,
+                            initial_state: Tensor | None = None, scale: float | None = None,
+                            use_qk_l2norm: bool = False) -> tuple[Tensor, Tensor]:
+    """One decode step (T == 1, no autograd) of the gated delta rule with its gates computed
+    from the raw projections ``a`` (decay input) and ``b`` (beta logits) [B, 1, Hv]::
+
+        g = -exp(A_log) * softplus(a + dt_bias),  beta = sigmoid(b)   (``gdn_gates``)
+
+    fla's fused recurrent kernel with the gates inside it where the ``gdn_gates`` probe passed
+    (CUDA, 16-bit q/k/v: ``decode_gates_selected``), else ``gdn_gates`` + ``gated_delta_rule``.
+    Returns ``(o [B, 1, Hv, dv], final state [B, Hv, dk, dv] float32)``."""
+    _check(q, k, v, a, b, initial_state)
+    if q.shape[1] != 1:
+        raise ValueError(f"gated_delta_rule_decode is the one-token step, got T={q.shape[1]}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, a, b, A_log, dt_bias, initial_state))
+    if (not needs_grad and _fast_ok(q, v) and dispatch.use_fast("gdn", q, k, v, a, b, A_log, dt_bias)
+            and dispatch.use_fast("gdn_gates", q)):
+        return _decode_fla(q, k, v, a, b, A_log, dt_bias, initial_state, scale, use_qk_l2norm)
+    g, beta = gdn_gates(a, b, A_log, dt_bias)
+    return gated_delta_rule(q, k, v, g, beta, initial_state, scale, output_final_state=True,
+                            use_qk_l2norm=use_qk_l2norm)
 
 
 def gated_delta_rule(

@@ -11,6 +11,20 @@ needs one dtype for x and scale, so it runs in the wider one: bf16 activations w
 master weights (autocast) run in float32 between two casts, and the scale is never rounded
 to bf16. The probe checks on the GPU that the fused kernel is the one
 that runs (its autograd node) and that it matches the reference.
+
+Gated RMSNorm (Gated DeltaNet's output stage, arXiv 2412.06464; also ATLAS's)::
+
+    y = rms_norm(x, scale) * SiLU(gate),    scale = 1 + w (zero-centered) or w
+
+Reference (``gated_rms_norm_ref``): ``rms_norm`` above (result in x's dtype), then the gate in
+float32, returned in x's dtype -- about seven elementwise kernels. Fast path
+(``gated_rms_norm``, CUDA, inference only: no input needs a gradient): ONE own Triton kernel
+per call (``_gated_rms_norm_kernel``, one row of the last dim per program), which reproduces
+the reference's roundings: the scale ``1 + w`` rounded to w's dtype (PyTorch adds in w's
+dtype), float32 normalisation, the normalised value rounded to x's dtype before the gate,
+PyTorch's SiLU formula in float32 (``kernels._triton.silu_f32``). Only the sum of squares is
+reduced in another order than PyTorch's (round-off). Fixed launch config from the shape (CUDA
+graphs: no autotuning, no host sync).
 """
 
 from __future__ import annotations
@@ -20,8 +34,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch
+from ._triton import silu_f32, triton
+
+if triton is not None:
+    import triton.language as tl
 
 FAST = "rms_norm"
+GATED = "gated_rms_norm"
+_GATED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def rms_norm_ref(x: Tensor, scale: Tensor, eps: float) -> Tensor:
@@ -69,3 +89,85 @@ def rms_norm(x: Tensor, scale: Tensor, eps: float) -> Tensor:
     if x.dtype != torch.float64 and scale.dtype != torch.float64 and dispatch.use_fast(FAST, x, scale):
         return _rms_norm_fused(x, scale, eps)
     return rms_norm_ref(x, scale, eps)
+
+
+def norm_scale(weight: Tensor, zero_centered: bool) -> Tensor:
+    """The RMSNorm scale a stored weight stands for: ``1 + w`` (zero-centered) or ``w``."""
+    return 1.0 + weight if zero_centered else weight
+
+
+def gated_rms_norm_ref(x: Tensor, gate: Tensor, weight: Tensor, eps: float, zero_centered: bool = True) -> Tensor:
+    """``rms_norm(x, scale) * SiLU(gate)``: the norm in float32 returned in x's dtype, then the
+    gate in float32 (float64 when any input is), the result in x's dtype."""
+    y = rms_norm(x, norm_scale(weight, zero_centered), eps)
+    cdt = dispatch.compute_dtype(y, gate)
+    return (y.to(cdt) * F.silu(gate.to(cdt))).to(x.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gated_rms_norm_kernel(x_ptr, g_ptr, w_ptr, o_ptr, D, eps, stride_x, stride_g, stride_o,
+                               ZERO_CENTERED: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Row ``pid`` of x [N, D]: rms_norm(x) * scale rounded to x's dtype, times SiLU(gate)."""
+        n = tl.program_id(0).to(tl.int64)
+        d = tl.arange(0, BLOCK_D)
+        m = d < D
+        x = tl.load(x_ptr + n * stride_x + d, mask=m, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + d, mask=m, other=0.0)
+        if ZERO_CENTERED:  # PyTorch's ``1.0 + w``, rounded to w's dtype
+            w = (1.0 + w.to(tl.float32)).to(w_ptr.dtype.element_ty)
+        rstd = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=0) / D + eps)
+        ty = o_ptr.dtype.element_ty
+        y = (x * rstd * w.to(tl.float32)).to(ty).to(tl.float32)  # rms_norm's result, in x's dtype
+        gt = tl.load(g_ptr + n * stride_g + d, mask=m, other=0.0).to(tl.float32)
+        tl.store(o_ptr + n * stride_o + d, (y * silu_f32(gt)).to(ty), mask=m)
+
+
+def gated_rms_norm_triton(x: Tensor, gate: Tensor, weight: Tensor, eps: float, zero_centered: bool = True) -> Tensor:
+    """The one-kernel gated RMSNorm (forward only): x, gate [..., D] (same shape), weight [D] ->
+    [..., D] in x's dtype."""
+    D = x.shape[-1]
+    xs, gs = x.reshape(-1, D), gate.reshape(-1, D)
+    if xs.stride(-1) != 1:
+        xs = xs.contiguous()
+    if gs.stride(-1) != 1:
+        gs = gs.contiguous()
+    w = weight if weight.stride(0) == 1 else weight.contiguous()
+    out = torch.empty(xs.shape, device=x.device, dtype=x.dtype)
+    block_d = triton.next_power_of_2(D)
+    if xs.shape[0]:
+        _gated_rms_norm_kernel[(xs.shape[0],)](xs, gs, w, out, D, eps, xs.stride(0), gs.stride(0), out.stride(0),
+                                               ZERO_CENTERED=zero_centered, BLOCK_D=block_d,
+                                               num_warps=min(8, max(1, block_d // 256)), enable_fp_fusion=False)
+    return out.view(x.shape)
+
+
+def _probe_gated() -> None:
+    if triton is None or not torch.cuda.is_available():
+        raise RuntimeError("needs triton and a CUDA device")
+    g = torch.Generator().manual_seed(0)
+    for dt, wdt, D, zc in ((torch.bfloat16, torch.bfloat16, 128, True), (torch.float32, torch.float32, 96, False),
+                           (torch.bfloat16, torch.float32, 300, True)):
+        x = torch.randn(3, 2, 4, D, generator=g).to("cuda", dt)
+        z = torch.randn(3, 2, 4, D, generator=g).to("cuda", dt)
+        w = (0.1 * torch.randn(D, generator=g) + (0.0 if zc else 1.0)).to("cuda", wdt)
+        err = dispatch.max_rel_err(gated_rms_norm_triton(x, z, w, 1e-6, zc), gated_rms_norm_ref(x, z, w, 1e-6, zc))
+        tol = 1e-5 if dt == torch.float32 else 1e-2
+        if not err <= tol:
+            raise RuntimeError(f"Triton gated RMSNorm differs from the reference ({dt}, weight {wdt}: {err:.2e})")
+
+
+dispatch.fast_path(GATED, probe=_probe_gated,
+                   doc="own Triton kernel: gated RMSNorm forward in one launch, inference (no gradient)")
+
+
+def gated_rms_norm(x: Tensor, gate: Tensor, weight: Tensor, eps: float, zero_centered: bool = True) -> Tensor:
+    """``rms_norm(x, 1 + w or w) * SiLU(gate)`` over the last dim, returned in x's dtype: one Triton
+    kernel on CUDA when no gradient is needed, else the reference."""
+    tensors = (x, gate, weight)
+    if (x.shape == gate.shape and all(t.dtype in _GATED_DTYPES for t in tensors)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+            and not dispatch.tracing(x) and dispatch.use_fast(GATED, *tensors)):
+        return gated_rms_norm_triton(x, gate, weight, eps, zero_centered)
+    return gated_rms_norm_ref(x, gate, weight, eps, zero_centered)
