@@ -24,6 +24,9 @@
 #   side_train  side_by_side.py --rows gdn attn quad_moe (training vs fla / HF; --merge into the day's JSON)
 #   side_decode side_by_side.py --rows decode --engines auto dynamic (vs HF generate; --merge)
 #           (copy benchmarks/results/<device>-<date>.json into $OUT first to merge with an earlier call)
+#   quad    quad_atlas.py --atlas-reference: tokens/s of the training step (hymba train's Trainer, modes auto
+#           and eager) of configs/quad_hybrid_tiny.yaml at batch 8 x 2048 next to the same recipe with its
+#           ATLAS layers swapped for gdn, and with ATLAS on its reference path (issue 18: atlas/gdn >= 0.5)
 # Usage: bash benchmarks/gpu_suite.sh [STEP ...]   (default: moe mamba3 gdn atlas mixers, in that order)
 # Each step runs under its own limit (SIGINT, then SIGKILL 20 s later: the trainer takes SIGINT as
 # "stop after this step", so a test that trains would otherwise outlive its limit).
@@ -81,8 +84,10 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
                  --out-dir "$OUT" ;;
       side_decode) step side_decode 580 python benchmarks/side_by_side.py --rows decode --engines auto dynamic \
                  --prompts 2048 8192 32768 --merge --out-dir "$OUT" ;;
+      quad)   need_tilelang  # the recipe's gdn and mamba3 layers run fla's / mamba-ssm's kernels
+              step quad 580 python benchmarks/quad_atlas.py --atlas-reference --out "$OUT/quad_atlas.json" ;;
       *) echo "unknown step $s1 (moe mamba3 gdn atlas mixers mimo_alt mimo_alt2 loss memory decode modes" \
-              "side_train side_decode)"; exit 2 ;;
+              "side_train side_decode quad)"; exit 2 ;;
     esac
   done
 done

@@ -1,0 +1,81 @@
+"""``benchmarks/quad_atlas.py``: the gdn-swapped recipe has exactly the original's layers with
+gdn for atlas, and a tiny CPU run of the script writes a row per recipe with its mode, the
+ATLAS path taken and the atlas / gdn ratio."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hymba_plus import load_recipe
+from hymba_plus.core.pattern import LayerSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_bench(monkeypatch):  # noqa: ANN001, ANN201 - the script as a module
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # it imports benchmarks/timing.py
+    spec = importlib.util.spec_from_file_location("quad_atlas", ROOT / "benchmarks" / "quad_atlas.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_swap_atlas_keeps_every_other_layer(monkeypatch) -> None:
+    bench = load_bench(monkeypatch)
+    comps = {"atlas": {"n_heads": 2, "head_dim": 16}, "gdn": {"n_heads": 2, "head_dim": 16},
+             "moe": {"n_experts": 4, "top_k": 2, "d_expert": 32}, "mlp": {"d_hidden": 64}}
+    grouped = load_recipe({"name": "g", "model": {"vocab_size": 64, "d_model": 32, "max_seq_len": 64,
+                                                  "block_pattern": "(atlas+moe | M3)*2 | ATL | GA+none"},
+                           "components": comps})
+    swapped = bench.swap_atlas(grouped)
+    assert [(s.mixer, s.ffn) for s in swapped.layers] == [
+        ("gdn", "moe"), ("mamba3", "mlp"), ("gdn", "moe"), ("mamba3", "mlp"), ("gdn", "mlp"), ("gated_attn", "none")]
+    assert swapped.components == grouped.components and swapped.model.d_model == 32
+
+    layout = load_recipe({"name": "l", "model": {"vocab_size": 64, "d_model": 32, "max_seq_len": 64,
+                                                 "layout": {"n_layers": 4, "ratios": {"atlas": 0.5, "gdn": 0.5}}},
+                          "components": comps})
+    swapped = bench.swap_atlas(layout)
+    assert swapped.model.layout is None
+    assert list(swapped.layers) == [LayerSpec("gdn", s.ffn) for s in layout.layers]
+
+    with pytest.raises(ValueError, match="no atlas layer"):
+        bench.swap_atlas(swapped)
+
+
+def test_tiny_cpu_run(tmp_path) -> None:
+    out = tmp_path / "quad_atlas.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quad_atlas.py"), "--device", "cpu",
+                          "--batch", "1", "--seq-len", "16", "--warmup", "1", "--iters", "1", "--threads", "1",
+                          "--atlas-reference", "--out", str(out)],
+                         capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-2000:] + res.stdout[-2000:]
+    assert "ratio atlas/gdn (mode auto" in res.stdout
+    rep = json.loads(out.read_text())
+    assert rep["device"].startswith("cpu")
+    assert "ATL" in rep["patterns"]["atlas"] and "ATL" not in rep["patterns"]["gdn"]
+    assert rep["patterns"]["gdn"] == rep["patterns"]["atlas"].replace("ATL", "GD")  # the tiny recipe's ffns kept
+    rows = {r["recipe"]: r for r in rep["rows"]}
+    assert [r["recipe"] for r in rep["rows"]] == ["atlas", "gdn", "atlas_reference"]
+    for r in rep["rows"]:
+        assert "error" not in r, r
+        assert r["mode_requested"] == "auto" and r["mode"] == "eager"  # auto on the CPU is eager
+        assert r["tokens_per_step"] == 16 and r["tokens_per_s"] == pytest.approx(16 / (r["step_ms"] / 1e3))
+        assert r["step_ms"] > 0 and r["first_step_s"] > 0 and r["data_ms"] >= 0
+        assert all(x == x and abs(x) < 100 for x in r["loss_first_last"])  # finite losses
+    # the CPU has no ATLAS fast path: the dispatch answered reference for both ATLAS rows
+    assert rows["atlas"]["atlas_path"] == "reference" and rows["atlas_reference"]["atlas_path"] == "reference"
+    assert rows["gdn"]["atlas_path"] is None and rows["gdn"]["parameters"] < rows["atlas"]["parameters"]
+    rat = rep["ratios"]
+    assert rat["atlas_vs_gdn_auto"] == pytest.approx(rows["atlas"]["tokens_per_s"] / rows["gdn"]["tokens_per_s"])
+    assert rat["atlas_reference_vs_gdn_auto"] == pytest.approx(
+        rows["atlas_reference"]["tokens_per_s"] / rows["gdn"]["tokens_per_s"])
+    assert rat["ratio_default"] == rat["atlas_vs_gdn_auto"] and rat["target"] == 0.5
+    assert rat["meets_target"] == (rat["ratio_default"] >= 0.5)
