@@ -183,6 +183,48 @@ def test_graph_engine_falls_back_with_one_warning_when_capture_fails():
         assert sum("could not be captured" in str(x.message) for x in w) == 1
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("attn", [{"n_heads": 8, "n_kv_heads": 2, "head_dim": 32},
+                                  {"n_heads": 4, "n_kv_heads": 1, "head_dim": 64, "window": 7, "kv_share": True}],
+                         ids=["gqa4", "gqa4-window-kvshare"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graph_engine_with_decode_attention_kernel_equals_reference(monkeypatch, attn, dtype):
+    """The captured step with the FlashDecoding kernel (kernels/decode_attention.py) against
+    HYMBA_KERNELS=reference (masked SDPA, dynamic cache), left-padded prompts: the logits of
+    every step along the reference's greedy sequence, and in float32 the greedy tokens."""
+    from hymba_plus.kernels import dispatch
+
+    if dispatch.mode() == "reference":
+        pytest.skip("HYMBA_KERNELS=reference")
+    model = make({"name": "t", "model": {"vocab_size": V, "d_model": 64, "max_seq_len": 128, "ffn": "mlp",
+                                         "meta_tokens": 2, "block_pattern": "GA | GA | GA"},
+                  "components": {"gated_attn": attn}})
+    model = model.to(device="cuda", dtype=dtype).eval()
+    ids, mask = (t.cuda() for t in _prompt(4, 12, 5))
+    n = 16
+    with torch.no_grad():
+        monkeypatch.setenv("HYMBA_KERNELS", "reference")
+        want = model.generate(ids, max_new_tokens=n, attention_mask=mask, engine="dynamic")
+        ref_cache = model.new_cache(4)
+        model(ids, attention_mask=mask, cache=ref_cache, logits_to_keep=1)
+        refs = [model(want[:, j:j + 1], cache=ref_cache, check_inputs=False).logits[:, -1]
+                for j in range(12, 12 + n - 1)]
+        monkeypatch.delenv("HYMBA_KERNELS")
+        clear_engines(model)
+        stats: dict = {}
+        got = model.generate(ids, max_new_tokens=n, attention_mask=mask, engine="graph", stats=stats)
+        assert stats["engine"] == "graph", stats.get("engine_notice")
+        assert dispatch.statuses()["decode_attention"] is True, dispatch.statuses()["decode_attention"]
+        if dtype == torch.float32:
+            assert torch.equal(got, want)
+        cache = model.new_cache(4)
+        model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)
+        eng = engine_for(model, cache, n, graph=True)
+        tol = 1e-4 if dtype == torch.float32 else 5e-2
+        for j, ref in zip(range(12, 12 + n - 1), refs):
+            assert rel_err(eng.step(want[:, j]).float(), ref.float()) <= tol, j
+
+
 def test_decode_benchmark_runs_on_the_cpu(tmp_path):
     """benchmarks/decode.py --tiny: a row per engine with its step time, in the JSON."""
     import json

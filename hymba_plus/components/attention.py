@@ -13,8 +13,14 @@ global causal attention (a recipe never silently turns local). Meta tokens
 
 The cache keeps keys, values and each slot's position; a windowed layer keeps only the
 meta tokens plus the last ``window - 1`` positions of every row, so its memory is bounded.
-Kernel: ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient
-kernels on CUDA; the causal fast path needs no mask at all).
+Kernels: ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient
+kernels on CUDA; the causal fast path needs no mask at all). A chunk on top of a cache
+(decoding, speculative verification, a denoised block) goes through
+``kernels.decode_attention``: on CUDA with at most 16 queries, a Triton FlashDecoding kernel
+(split-K over the cache slots + a combine kernel) that masks by the slots' positions in
+registers, so no dense ``[B, 1, T, S]`` mask is built per step, and reads only the filled
+slots of the decode engine's static cache (its fill counter is a device tensor: no host sync,
+CUDA-graph capturable); elsewhere the same masked SDPA as before (``visible``).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from ..core.config import spec
 from ..core.positions import RopeConfig, Rotary, rotary_dim
 from ..core.registry import register
 from ..core.two_stream import two_stream_visible
+from ..kernels.decode_attention import decode_attention, visible
 from ..kernels.rotary import apply_rope
 from .norm import RMSNorm
 
@@ -72,8 +79,9 @@ class AttentionState(LayerState):
     ``capacity`` slots and ``n`` (a 1-element device tensor) counts the filled ones; a forward
     writes its chunk's keys at slots ``n .. n + T - 1`` in place (every row the same slots:
     pads are slots with position -1) and attends over all slots, the empty ones masked by
-    their position -1. No host read, no reallocation: a CUDA graph can replay it. A windowed
-    layer keeps every slot there (the mask applies the window), so its memory is the capacity.
+    their position -1 (the CUDA decode kernel reads ``n`` on the device and skips them). No
+    host read, no reallocation: a CUDA graph can replay it. A windowed layer keeps every slot
+    there (the mask applies the window), so its memory is the capacity.
     """
 
     k: Tensor | None = None
@@ -119,20 +127,6 @@ class AttentionState(LayerState):
         self.pos.index_copy_(1, slots, pos)
         self.n.add_(k.shape[2])
         return self.k, self.v, self.pos
-
-
-def visible(qpos: Tensor, kpos: Tensor, window: int | None, n_meta: int, bidirectional: bool = False) -> Tensor:
-    """[B, Tq, S] bool: causal (and windowed) visibility by position; kpos -1 = empty.
-    ``bidirectional``: the chunk's own tokens (positions from the chunk's first one, meta
-    tokens excluded; the queries are one chunk on top of the cache) see each other both ways."""
-    q, k = qpos[:, :, None], kpos[:, None, :]
-    ok = (k >= 0) & (k <= q)
-    if window is not None:
-        ok &= (q - k < window) | (k < n_meta)
-    if bidirectional:  # the chunk's tokens (not meta tokens entering with it) all see each other, window or not
-        start = qpos[:, :1, None].clamp(min=n_meta)
-        ok |= (k >= start) & (q >= start)
-    return ok
 
 
 KV_SHARING_MIXERS = ("gated_attn", "hymba")
@@ -227,14 +221,15 @@ class GatedAttention(nn.Module):
         """q [B,T,H,D], k/v [B,T,Hkv,D] of this chunk -> attention output [B,T,H,D]."""
         qpos = ctx.positions
         valid = ctx.valid
+        n_filled = None  # the static cache's fill counter: the decode kernel reads slots below it only
         if self.kv_role == "consumer":  # the producer (previous layer) left its keys/values
-            k_all, v_all, kpos, fresh = ctx.shared.pop("kv")
+            k_all, v_all, kpos, fresh, n_filled = ctx.shared.pop("kv")
         else:
             kpos_new = qpos if valid is None else torch.where(valid, qpos, torch.full_like(qpos, -1))
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, T, D]
             if state is not None and state.n is not None:  # static buffers (decode engine)
                 k_all, v_all, kpos = state.append_(k, v, kpos_new)
-                fresh = False
+                fresh, n_filled = False, state.n
             elif state is not None and state.k is not None:
                 k_all = torch.cat([state.k, k], dim=2)
                 v_all = torch.cat([state.v, v], dim=2)
@@ -243,7 +238,7 @@ class GatedAttention(nn.Module):
             else:
                 k_all, v_all, kpos, fresh = k, v, kpos_new, True
             if self.kv_role == "producer":
-                ctx.shared["kv"] = (k_all, v_all, kpos, fresh)
+                ctx.shared["kv"] = (k_all, v_all, kpos, fresh, n_filled)
         qh = q.transpose(1, 2)
         gqa = self.h != self.hkv
         if ctx.two_stream is not None:  # block-diffusion training: [meta | clean | noisy]
@@ -251,6 +246,9 @@ class GatedAttention(nn.Module):
             o = F.scaled_dot_product_attention(qh, k_all, v_all, attn_mask=mask, enable_gqa=gqa)
         elif fresh and valid is None and self.cfg.window is None and not ctx.bidirectional:
             o = F.scaled_dot_product_attention(qh, k_all, v_all, is_causal=True, enable_gqa=gqa)
+        elif not fresh:  # a chunk on top of a cache: FlashDecoding kernel (CUDA, <= 16 queries) or masked SDPA
+            o = decode_attention(q, k_all, v_all, qpos, kpos, window=self.cfg.window, n_meta=ctx.n_meta,
+                                 bidirectional=ctx.bidirectional, valid=valid, n_filled=n_filled).transpose(1, 2)
         else:
             mask = visible(qpos, kpos, self.cfg.window, ctx.n_meta, ctx.bidirectional)
             if valid is not None:  # inert query slots: any finite output will do
