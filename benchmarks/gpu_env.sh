@@ -18,6 +18,12 @@
 #   .whl6/site.tar.xz   optional: tilelang 0.1.9 alone (28 MB; the rest from .whl5); the MIMO
 #           backward also compiles with it: bash benchmarks/gpu_env.sh pack .whl6 tilelang-0.1.9-*.whl
 #           (.whl + .whl5 + .whl6 fit one call's 64 MiB)
+#   .tcache/caches.tar.xz   optional: the Triton, Inductor and TileLang caches of an earlier call (compiled
+#           kernels and fla's autotuning results, FLA_CACHE_RESULTS=1). A fresh machine spends minutes
+#           autotuning fla's kernels (a gdn layer's first forward+backward took 150 s on an H200) and
+#           compiling TileLang / Inductor code; with the caches unpacked first that time is gone.
+#           Make it on the GPU machine at the end of a call with `bash benchmarks/gpu_suite.sh pack_caches`
+#           (writes $OUT/caches.tar.xz), then here: mkdir -p .tcache && cp <files_at>/caches.tar.xz .tcache/
 # Usage on the GPU machine (carry .whl and .whl4):  source benchmarks/gpu_env.sh
 # (exports PYTHONPATH).  Older two-call form: stage 1 carries .whl2, stage 2 .whl3 + .whl, on one
 # warm machine (it is given back 30 s after a call): source benchmarks/gpu_env.sh 1; ... 2
@@ -34,6 +40,14 @@ if [ "${1:-}" = pack ]; then  # on the CPU machine: wheels -> DIR/site.tar.xz (d
   return 0 2>/dev/null || exit 0
 fi
 mkdir -p "$SITE"
+# compile caches in fixed places, so that gpu_suite.sh pack_caches finds them and .tcache/ refills them
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/hymba_caches/triton}
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/hymba_caches/inductor}
+export TILELANG_CACHE_DIR=${TILELANG_CACHE_DIR:-/tmp/hymba_caches/tilelang}
+export FLA_CACHE_RESULTS=${FLA_CACHE_RESULTS:-1}  # fla's autotuners keep their results in the Triton cache
+mkdir -p "$TRITON_CACHE_DIR" "$TORCHINDUCTOR_CACHE_DIR" "$TILELANG_CACHE_DIR"
+if [ -f .tcache/caches.tar.xz ]; then tar -xJf .tcache/caches.tar.xz -C /tmp/hymba_caches \
+  && echo "Triton / Inductor / TileLang caches of an earlier call unpacked into /tmp/hymba_caches"; fi
 pipi() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$@"; }
 if [ -f .whl4/site.tar.xz ]; then tar -xJf .whl4/site.tar.xz -C "$SITE" && echo "tilelang and its deps unpacked into $SITE"; fi
 # .whl5: another tilelang stack for mamba-ssm's MIMO kernels (gpu_suite.sh mimo_alt puts it first on the path)

@@ -27,6 +27,7 @@
 #   quad    quad_atlas.py --atlas-reference: tokens/s of the training step (hymba train's Trainer, modes auto
 #           and eager) of configs/quad_hybrid_tiny.yaml at batch 8 x 2048 next to the same recipe with its
 #           ATLAS layers swapped for gdn, and with ATLAS on its reference path (issue 18: atlas/gdn >= 0.5)
+#   pack_caches  the Triton / Inductor / TileLang caches of this call as $OUT/caches.tar.xz (for .tcache/, see gpu_env.sh)
 # Usage: bash benchmarks/gpu_suite.sh [STEP ...]   (default: moe mamba3 gdn atlas mixers, in that order)
 # Each step runs under its own limit (SIGINT, then SIGKILL 20 s later: the trainer takes SIGINT as
 # "stop after this step", so a test that trains would otherwise outlive its limit).
@@ -80,14 +81,21 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
               step decode_bench 300 python benchmarks/decode.py --device cuda --batches 1 16 --prompts 2048 8192 \
                  --new 64 --repeats 2 --profile --out "$OUT/decode.json" ;;
       modes)  step modes_tests 400 "${PYTEST[@]}" tests/test_train_modes.py tests/test_training.py -k "gpu" ;;
-      side_train) step side_train 580 python benchmarks/side_by_side.py --rows gdn attn quad_moe --merge \
+      side_train) step side_train 580 python benchmarks/side_by_side.py --rows attn gdn quad_moe --hf-experts grouped_mm --merge \
                  --out-dir "$OUT" ;;
       side_decode) step side_decode 580 python benchmarks/side_by_side.py --rows decode --engines auto dynamic \
                  --prompts 2048 8192 32768 --merge --out-dir "$OUT" ;;
       quad)   need_tilelang  # the recipe's gdn and mamba3 layers run fla's / mamba-ssm's kernels
               step quad 580 python benchmarks/quad_atlas.py --atlas-reference --out "$OUT/quad_atlas.json" ;;
+      pack_caches) (cd /tmp/hymba_caches && tar -cJf "$OUT/caches.tar.xz" triton inductor tilelang
+                 # over a returned file's 16 MiB: keep the autotuning results (each kernel then compiles
+                 # its chosen config once instead of benchmarking them all) and Inductor's cache
+                 if [ "$(stat -c %s "$OUT/caches.tar.xz")" -gt 15000000 ]; then
+                   find triton -name "*.autotune.json" | tar -cJf "$OUT/caches.tar.xz" -T - inductor tilelang
+                 fi)
+                 echo "pack_caches: $(du -h "$OUT/caches.tar.xz" | cut -f1) in $OUT/caches.tar.xz" ;;
       *) echo "unknown step $s1 (moe mamba3 gdn atlas mixers mimo_alt mimo_alt2 loss memory decode modes" \
-              "side_train side_decode quad)"; exit 2 ;;
+              "side_train side_decode quad pack_caches)"; exit 2 ;;
     esac
   done
 done
