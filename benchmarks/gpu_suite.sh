@@ -5,7 +5,8 @@
 #   moe     pytest -m gpu tests/test_moe.py; benchmarks/moe.py --profile
 #   mamba3  pytest -m gpu tests/test_mamba3.py (one launch config per kernel); mixers.py --only mamba3 --one-launch-config
 #   gdn     pytest -m gpu tests/test_gdn.py tests/test_conv.py (one launch config per fla kernel; first use
-#           compiles fla's backward through TileLang, ~20 s a kernel)
+#           compiles fla's backward through TileLang, ~20 s a kernel); tests/test_gdn_decode.py and
+#           benchmarks/gdn_decode.py (our in-place decode-step kernel vs the reference and fla)
 #   atlas   pytest -m gpu tests/test_atlas.py, then mixers.py --atlas-paths (ATLAS reference / fast path /
 #           its NS in single TF32 / in CUDA graphs, next to gdn; more variants: fast_torch_ns fast_eager
 #           fast_unroll4 fast_ieee)
@@ -58,7 +59,9 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
               step mamba3_tests 400 "${PYTEST[@]}" tests/test_mamba3.py
               (cd benchmarks && step mamba3_bench 200 python mixers.py --only mamba3 --one-launch-config --out "$OUT/mixers_mamba3.json") ;;
       gdn)    need_tilelang
-              step gdn_tests 400 "${PYTEST[@]}" tests/test_gdn.py tests/test_conv.py ;;
+              step gdn_tests 400 "${PYTEST[@]}" tests/test_gdn.py tests/test_conv.py
+              step gdn_decode_tests 240 "${PYTEST[@]}" tests/test_gdn_decode.py
+              step gdn_decode_bench 120 python benchmarks/gdn_decode.py ;;
       atlas)  step atlas_tests 400 "${PYTEST[@]}" tests/test_atlas.py  # first use compiles: Triton NS, Inductor
               (cd benchmarks && step atlas_paths 600 python mixers.py --atlas-paths reference fast fast_tf32 fast_graphed \
                  --out "$OUT/mixers_atlas_paths.json") ;;

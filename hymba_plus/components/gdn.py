@@ -23,7 +23,13 @@ takes three fast paths where their probes passed: the short conv's update as one
 (``kernels.conv``, ``conv_update``), the gates computed inside fla's fused recurrent kernel from
 the raw ``x W_a`` / ``x W_b`` (``kernels.gdn.gated_delta_rule_decode``, ``gdn_gates``; 16-bit
 only, as fla's path) and the gated RMSNorm as one Triton kernel (``kernels.norm``,
-``gated_rms_norm``; whenever no gradient is needed).
+``gated_rms_norm``; whenever no gradient is needed). On the decode engine's static state
+(``GDNState.static``, set by ``static_copy``) the recurrence is instead our own kernel
+(``kernels.gdn.gated_delta_rule_decode_``, ``gdn_decode``; float16 / bfloat16 / float32, padded
+steps too): the gates, the q/k l2norm and the gated delta rule step in one launch reading q, k, v
+where the conv left them, and the new S written into the engine's buffer in place (fla writes a
+new state the engine copies back). Dynamic states are never written: their tensors are
+replaced, so a fork (speculative decoding, block diffusion) stays isolated.
 
 Heads: ``n_heads`` query/key heads of ``head_dim`` and ``n_v_heads`` (a multiple of
 ``n_heads``) value heads of ``head_dim * expand_v`` (grouped value heads, as Qwen3-Next).
@@ -31,7 +37,8 @@ Heads: ``n_heads`` query/key heads of ``head_dim`` and ``n_v_heads`` (a multiple
 (gated linear attention with a write gate: no erase term).
 
 State (``GDNState``): the conv tail ``[B, C_qkv, K-1]`` and the matrix memory
-``S [B, Hv, dk, dv]`` (float32) — constant size, whatever the length. Inert (padding)
+``S [B, Hv, dk, dv]`` (float32) — constant size, whatever the length — and ``static`` (the
+decode engine's buffers: S may be written in place). Inert (padding)
 slots get ``beta = 0`` and ``g = 0``, which leave ``S`` exactly unchanged, and the conv
 keeps only real inputs, so a padded row advances by exactly its real tokens.
 
@@ -45,7 +52,7 @@ from ``conv_tails``. ``boundary_inner`` is the same before ``out_proj`` (for hym
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +63,15 @@ from ..core.config import spec
 from ..core.registry import register
 from ..kernels.conv import causal_conv1d, conv_tails
 from ..kernels.dispatch import compute_dtype
-from ..kernels.gdn import decode_gates_selected, fla_selected, gated_delta_rule, gated_delta_rule_decode, gdn_gates
+from ..kernels.gdn import (
+    decode_gates_selected,
+    decode_in_place_ok,
+    fla_selected,
+    gated_delta_rule,
+    gated_delta_rule_decode,
+    gated_delta_rule_decode_,
+    gdn_gates,
+)
 from .norm import GatedRMSNorm
 
 
@@ -102,10 +117,23 @@ class GatedDeltaNetConfig:
 @dataclass
 class GDNState(LayerState):
     """conv: last K-1 pre-conv q|k|v inputs [B, C, K-1] (None without short conv);
-    S: the delta-rule memory [B, Hv, dk, dv] (float32)."""
+    S: the delta-rule memory [B, Hv, dk, dv] (float32).
+
+    Static form (the decode engine, ``static_copy``): ``static`` is True, the tensors are
+    buffers of the state's own, and a one-token step may write S in place
+    (``kernels.gdn.gated_delta_rule_decode_``: ``S`` stays the same tensor, so the engine's
+    ``load_`` has nothing to copy back). ``fork`` keeps the flag (the engine's binding is a fork
+    of the buffers); every other state (``static`` False) has its tensors replaced, never
+    written, as the cache protocol requires (a fork of a dynamic cache stays isolated)."""
 
     conv: Tensor | None = None
     S: Tensor | None = None
+    static: bool = field(default=False, metadata={"form": True})
+
+    def static_copy(self, capacity: int) -> "GDNState":
+        st = super().static_copy(capacity)
+        st.static = True
+        return st
 
 
 @register("gdn", config=GatedDeltaNetConfig, aliases=("GD",))
@@ -166,11 +194,16 @@ class GatedDeltaNet(nn.Module):
         """Everything before the output projection: [B, T, n_v_heads * value_dim]
         (hymba's SSM heads use this and apply their own shared projection)."""
         q, k, v, new_conv = self.qkv(x, ctx, state.conv if state is not None else None)
-        if self._gates_in_kernel(x, ctx, state):  # decode step: fla computes g and beta itself
-            o, S = gated_delta_rule_decode(q, k, v, self.a_proj(x), self.b_proj(x), self.A_log, self.dt_bias,
-                                           initial_state=state.S, use_qk_l2norm=True)
+        a, b = self.a_proj(x), self.b_proj(x)
+        if self._step_in_place(q, k, v, a, b, ctx, state):  # static buffers: one kernel, S written in place
+            o = gated_delta_rule_decode_(q, k, v, a, b, self.A_log, self.dt_bias, state.S, use_qk_l2norm=True,
+                                         lengths=ctx.lengths)
+            S = state.S
+        elif self._gates_in_kernel(x, ctx, state):  # decode step: fla computes g and beta itself
+            o, S = gated_delta_rule_decode(q, k, v, a, b, self.A_log, self.dt_bias, initial_state=state.S,
+                                           use_qk_l2norm=True)
         else:
-            g, beta = self._decay_beta(x, ctx)
+            g, beta = self._decay_beta(a, b, ctx)
             o, S = gated_delta_rule(
                 q, k, v, g, beta,
                 initial_state=state.S if state is not None else None,
@@ -212,7 +245,7 @@ class GatedDeltaNet(nn.Module):
         qkv = self.qkv_proj(x)
         conv = conv_tails(qkv, starts, self.cfg.conv_size - 1) if self.conv_weight is not None else None
         q, k, v, _ = self._qkv_fused(qkv, ctx, None)
-        g, beta = self._decay_beta(x, ctx)
+        g, beta = self._decay_beta(self.a_proj(x), self.b_proj(x), ctx)
         o, _, S = gated_delta_rule(q, k, v, g, beta, output_final_state=False, use_qk_l2norm=True,
                                    chunk_size=self.cfg.chunk_size, delta_rule=self.cfg.delta_rule, states_at=starts)
         S = S.to(compute_dtype(x.dtype)).reshape(B * nb, self.hv, self.dk, self.dv)
@@ -279,6 +312,18 @@ class GatedDeltaNet(nn.Module):
         v = v.reshape(B, T, self.hv, self.dv)
         return q, k, v, new_conv
 
+    def _step_in_place(self, q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, ctx: StepContext,
+                       state: GDNState | None) -> bool:
+        """A one-token step on a static state (the decode engine's own buffers, ``GDNState.static``)
+        whose recurrence our kernel can run (``kernels.gdn.decode_in_place_ok``: CUDA, float16 /
+        bfloat16 / float32, dk <= 256, no gradient, ``gdn_decode`` probe passed): gates, q/k
+        l2norm and the step in one launch, the new S written into ``state.S``. Padded steps are
+        fine (rows with ``lengths`` 0 keep their S). A dynamic state never gets here: a fork of it
+        shares its tensors, so they must be replaced, not written."""
+        if state is None or not state.static or state.S is None or q.shape[1] != 1 or not self.cfg.delta_rule:
+            return False
+        return decode_in_place_ok(q, k, v, a, b, self.A_log, self.dt_bias, state.S, ctx.lengths)
+
     def _gates_in_kernel(self, x: Tensor, ctx: StepContext, state: GDNState | None) -> bool:
         """A decode step (one token, a state, no padding) whose recurrence fla runs with the gates
         inside its kernel (``kernels.gdn.decode_gates_selected``: CUDA, 16-bit, probe passed):
@@ -290,10 +335,10 @@ class GatedDeltaNet(nn.Module):
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         return decode_gates_selected(dtype, self.dk, self.dv, x)
 
-    def _decay_beta(self, x: Tensor, ctx: StepContext) -> tuple[Tensor, Tensor]:
-        """g (log decay) and beta [B, T, Hv] from x (``kernels.gdn.gdn_gates``); inert slots get
-        g = beta = 0."""
-        g, beta = gdn_gates(self.a_proj(x), self.b_proj(x), self.A_log, self.dt_bias)
+    def _decay_beta(self, a: Tensor, b: Tensor, ctx: StepContext) -> tuple[Tensor, Tensor]:
+        """g (log decay) and beta [B, T, Hv] from the projections a = x W_a, b = x W_b
+        (``kernels.gdn.gdn_gates``); inert slots get g = beta = 0."""
+        g, beta = gdn_gates(a, b, self.A_log, self.dt_bias)
         valid = ctx.valid
         if valid is not None:  # inert slots: no decay, no write -> the state does not move
             beta = torch.where(valid[..., None], beta, torch.zeros_like(beta))

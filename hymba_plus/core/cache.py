@@ -82,9 +82,13 @@ class LayerState:
     def load_(self, src: "LayerState") -> None:
         """Write ``src`` (a state of the same layer, as a forward left it) into this state's
         buffers in place, so their addresses stay what a captured CUDA graph reads and writes.
-        A tensor ``src`` shares with this state is skipped. Raises ``ValueError`` when the
-        shapes differ or a field is set on one side only (the state cannot be static)."""
+        A tensor ``src`` shares with this state is skipped, and so is a field whose metadata
+        marks it as the state's *form* (``{"form": True}``, e.g. ``GDNState.static``: what kind of
+        buffers these are, not their contents). Raises ``ValueError`` when the shapes differ or a
+        field is set on one side only (the state cannot be static)."""
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            if f.metadata.get("form"):
+                continue
             dst, v = getattr(self, f.name), getattr(src, f.name)
             if isinstance(dst, LayerState):
                 if not isinstance(v, LayerState):

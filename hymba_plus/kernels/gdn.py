@@ -18,7 +18,7 @@ value heads, as fla's GVA): value head ``j`` reads query/key head ``j // (Hv / H
 ``use_qk_l2norm`` normalizes q and k as ``x / sqrt(sum x^2 + 1e-6)`` (fla's in-kernel
 l2norm), so the reference and the fast path see the same inputs.
 
-Three entry points:
+Entry points:
 
 * ``recurrent_gated_delta_rule_ref`` — the exact per-token recurrence above. Used for
   decode (one token) and as the oracle of the tests.
@@ -64,6 +64,28 @@ Three entry points:
   rounds ``beta`` to the projection's 16-bit dtype; the kernel keeps it in float32 (closer to
   exact). fla reads any dtype of ``A_log`` / ``dt_bias`` (cast to float32 in the kernel). Its
   probe compares it on the GPU with ``gdn_gates`` + ``recurrent_gated_delta_rule_ref``.
+* ``gated_delta_rule_decode_`` — our own Triton kernel for the decode step, updating the state
+  IN PLACE (op name ``"gdn_decode"``; ``decode_in_place_ok`` says when it applies). The gated
+  delta rule of GDN (Yang, Kautz, Hatamizadeh, arXiv 2412.06464) for one token,
+  ``S_t = S_{t-1} (a_t (I - beta_t k_t k_t^T)) + beta_t v_t k_t^T`` (value-major; the key-major
+  form above), in ONE launch with a grid over (batch, value head, dv tiles): it reads q, k, v
+  with their strides where they are (views of the conv output: no contiguous copies), q/k head
+  ``h // (Hv / H)`` for value head ``h`` (no repeat), L2-normalises q and k (``l2norm``, same
+  eps), computes the gates from the raw projections exactly as ``gdn_gates`` (``g = -exp(A_log)
+  softplus(a + dt_bias)`` in float32, softplus the identity above 20, ``beta = sigmoid(b)``
+  rounded to b's dtype), then ``recurrent_gated_delta_rule_ref``'s step in its order in float32
+  (decay, ``S^T k``, delta, rank-1 update, ``o = S'^T q * scale``), and writes the new state into
+  the state tensor it was given: each program owns a disjoint ``[dk, BV]`` column block, so the
+  in-place update is race-free. Returns ``o`` [B, 1, Hv, dv] in v's dtype; rows with ``lengths``
+  0 keep their state. The state is never copied (fla writes a new [B, Hv, dk, dv] float32 tensor
+  that the decode engine then copies back: one more read and write of the whole state per layer
+  per step). Only for a caller that owns the state: the decode engine's static buffers
+  (``components.gdn.GDNState.static``); dynamic caches keep the functional paths above (a fork
+  shares their tensors). Launch config fixed by the shapes, no host read: CUDA-graph capturable.
+  float16 / bfloat16 / float32 inputs (no tf32: reductions are elementwise products and sums),
+  dk <= 256, no autograd. Its probe compares it on the GPU with ``gdn_gates`` + the recurrence in
+  float64 (grouped heads, strided views, a = 30, bf16 / float32, an inert row) and checks the
+  update happened in the given tensor.
 
 The references compute in float32 (float64 when given float64) and return the state in
 that dtype; outputs take the dtype of ``v``.
@@ -79,6 +101,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch
+from ._triton import exp_f32, log_f32, triton
+
+if triton is not None:
+    import triton.language as tl
 
 L2_EPS = 1e-6
 
@@ -420,6 +446,173 @@ def gated_delta_rule_decode(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tenso
     g, beta = gdn_gates(a, b, A_log, dt_bias)
     return gated_delta_rule(q, k, v, g, beta, initial_state, scale, output_final_state=True,
                             use_qk_l2norm=use_qk_l2norm)
+
+
+# ----------------------------------------------------------------------------- our decode-step kernel
+
+DECODE = "gdn_decode"
+_DECODE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: the largest key head dim the kernel holds in one block (the state tile is [BK, BV] float32)
+DECODE_MAX_DK = 256
+
+
+if triton is not None:
+
+    @triton.jit
+    def _softplus_f32(x):
+        """``F.softplus`` (beta 1, threshold 20) of a float32 value: x above 20, else
+        log1p(exp(x)), the log1p as ``log(u) * e / (u - 1)`` with ``u = 1 + e`` (exact where
+        ``u`` rounds to 1), which keeps log1p's accuracy for small ``e``."""
+        e = exp_f32(x)
+        u = 1.0 + e
+        lp = tl.where(u == 1.0, e, log_f32(u) * tl.math.div_rn(e, u - 1.0))
+        return tl.where(x > 20.0, x, lp)
+
+    @triton.jit
+    def _gdn_decode_kernel(q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, s_ptr, o_ptr, len_ptr,
+                           DK, DV, GROUP, scale, eps,
+                           sq_b, sq_h, sq_d, sk_b, sk_h, sk_d, sv_b, sv_h, sv_d, sa_b, sa_h, sb_b, sb_h,
+                           ss_b, ss_h, ss_k, ss_v, so_b, so_h,
+                           L2NORM: tl.constexpr, HAS_LENGTHS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+        """One gated-delta-rule step of batch row ``pid 0``, value head ``pid 1`` and value
+        columns ``[pid 2 * BV, ...)`` (``gated_delta_rule_decode_``): the program owns that
+        ``[dk, BV]`` column block of the state, so it updates it in place without a race."""
+        i_b = tl.program_id(0).to(tl.int64)
+        i_h = tl.program_id(1).to(tl.int64)
+        i_hk = i_h // GROUP  # grouped value heads: q/k head h // (Hv / H)
+        ok = tl.arange(0, BK)
+        ov = tl.program_id(2) * BV + tl.arange(0, BV)
+        mk, mv = ok < DK, ov < DV
+        q = tl.load(q_ptr + i_b * sq_b + i_hk * sq_h + ok * sq_d, mask=mk, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + i_b * sk_b + i_hk * sk_h + ok * sk_d, mask=mk, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + i_b * sv_b + i_h * sv_h + ov * sv_d, mask=mv, other=0.0).to(tl.float32)
+        if L2NORM:  # x / sqrt(sum x^2 + eps) (``l2norm``)
+            q = q * tl.math.rsqrt(tl.sum(q * q, 0) + eps)
+            k = k * tl.math.rsqrt(tl.sum(k * k, 0) + eps)
+        # gates (``gdn_gates``): g = -exp(A_log) * softplus(a + dt_bias) in float32,
+        # beta = sigmoid(b) rounded to b's dtype
+        a = tl.load(a_ptr + i_b * sa_b + i_h * sa_h).to(tl.float32) + tl.load(dtb_ptr + i_h).to(tl.float32)
+        g = -exp_f32(tl.load(alog_ptr + i_h).to(tl.float32)) * _softplus_f32(a)
+        braw = tl.load(b_ptr + i_b * sb_b + i_h * sb_h)
+        beta = tl.math.div_rn(1.0, 1.0 + exp_f32(-braw.to(tl.float32))).to(braw.dtype).to(tl.float32)
+        # the step, in ``recurrent_gated_delta_rule_ref``'s order
+        s_ptrs = s_ptr + i_b * ss_b + i_h * ss_h + ok[:, None] * ss_k + ov[None, :] * ss_v
+        m2 = mk[:, None] & mv[None, :]
+        S = tl.load(s_ptrs, mask=m2, other=0.0)
+        S = S * exp_f32(g)  # decay
+        u = beta * (v - tl.sum(k[:, None] * S, 0))  # beta (v - S^T k)
+        S = S + k[:, None] * u[None, :]  # rank-1 update
+        o = tl.sum((q * scale)[:, None] * S, 0)  # o = S'^T (q * scale)
+        tl.store(o_ptr + i_b * so_b + i_h * so_h + ov, o.to(o_ptr.dtype.element_ty), mask=mv)
+        if HAS_LENGTHS:  # an inert row (lengths 0) leaves its state as it was
+            m2 = m2 & (tl.load(len_ptr + i_b + 0 * ok) > 0)[:, None]  # the row's length, broadcast
+        tl.store(s_ptrs, S, mask=m2)
+
+
+def _decode_launch(dk: int, dv: int) -> tuple[int, int, int]:
+    """(BK, BV, num_warps) from the head dims alone: the whole key head in one block, value
+    columns tiled so that a program's float32 state tile has at most 4096 elements (dk 128:
+    [128, 32], a full 128-byte line per state row) and 16 of them per thread. ptxas for sm_90
+    (CUDA 13.0, bf16, dk 64-256): 103-119 registers, no spills (32 per thread took 165-218)."""
+    bk = triton.next_power_of_2(dk)
+    bv = min(triton.next_power_of_2(dv), max(16, 4096 // bk))
+    return bk, bv, max(1, min(8, bk * bv // 512))
+
+
+def gated_delta_rule_decode_(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor,
+                             dt_bias: Tensor, state: Tensor, scale: float | None = None,
+                             use_qk_l2norm: bool = False, lengths: Tensor | None = None) -> Tensor:
+    """One decode step of the gated delta rule as ONE Triton kernel that writes the new state
+    IN PLACE into ``state`` [B, Hv, dk, dv] (float32); returns ``o [B, 1, Hv, dv]`` in v's dtype.
+
+    q, k [B, 1, H, dk] and v [B, 1, Hv, dv] are read with their strides (views of the conv
+    output, no copies); value head h reads q/k head ``h // (Hv / H)``; q and k are L2-normalised
+    in the kernel (``use_qk_l2norm``); the gates come from the raw projections a, b [B, 1, Hv]
+    and A_log, dt_bias [Hv] as ``gdn_gates`` computes them; then the step is
+    ``recurrent_gated_delta_rule_ref``'s for T = 1, in float32. Rows with ``lengths[b] == 0``
+    keep their state (their output is finite garbage). Only for a caller that owns ``state``
+    (the decode engine's static buffers): whoever else holds the tensor sees it change. Launch
+    config fixed by the shapes, no host read: CUDA-graph capturable. No autograd."""
+    _check(q, k, v, a, b, state)
+    B, T, H, dk = q.shape
+    Hv, dv = v.shape[2], v.shape[3]
+    if T != 1:
+        raise ValueError(f"gated_delta_rule_decode_ is the one-token step, got T={T}")
+    if state.dtype != torch.float32:
+        raise ValueError(f"gated_delta_rule_decode_ updates a float32 state, got {state.dtype}")
+    scale = dk ** -0.5 if scale is None else scale
+    o = torch.empty(B, 1, Hv, dv, device=v.device, dtype=v.dtype)
+    bk, bv, warps = _decode_launch(dk, dv)
+    _gdn_decode_kernel[(B, Hv, triton.cdiv(dv, bv))](
+        q, k, v, a, b, A_log, dt_bias, state, o, lengths if lengths is not None else state,
+        dk, dv, Hv // H, float(scale), L2_EPS,
+        q.stride(0), q.stride(2), q.stride(3), k.stride(0), k.stride(2), k.stride(3),
+        v.stride(0), v.stride(2), v.stride(3), a.stride(0), a.stride(2), b.stride(0), b.stride(2),
+        state.stride(0), state.stride(1), state.stride(2), state.stride(3), o.stride(0), o.stride(2),
+        L2NORM=use_qk_l2norm, HAS_LENGTHS=lengths is not None, BK=bk, BV=bv, num_warps=warps,
+        enable_fp_fusion=False)
+    return o
+
+
+def _probe_decode() -> None:
+    """The in-place kernel on this GPU against ``gdn_gates`` + ``recurrent_gated_delta_rule_ref``
+    (in float64 from the same gates): equal and grouped value heads, q/k/v as strided views of
+    one conv output, bf16 and float32 inputs, a = 30 (softplus's identity branch), dv not a
+    power of two, an inert row; the state must be updated in the given tensor."""
+    if triton is None or not torch.cuda.is_available():
+        raise RuntimeError("needs triton and a CUDA device")
+    g0 = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g0).cuda()  # noqa: E731
+    for B, H, Hv, dk, dv, dt in ((3, 2, 2, 64, 64, torch.bfloat16), (2, 2, 8, 128, 128, torch.float32),
+                                 (3, 1, 4, 32, 48, torch.bfloat16), (2, 2, 4, 128, 128, torch.float32)):
+        qkv = r(B, 1, 2 * H * dk + Hv * dv).to(dt)
+        q = qkv[..., :H * dk].unflatten(-1, (H, dk))
+        k = qkv[..., H * dk:2 * H * dk].unflatten(-1, (H, dk))
+        v = qkv[..., 2 * H * dk:].unflatten(-1, (Hv, dv))
+        a, b = (4 * r(B, 1, Hv)).to(dt), (3 * r(B, 1, Hv)).to(dt)
+        a[0, 0, 0] = 30.0
+        A_log = torch.empty(Hv).uniform_(1.0, 16.0, generator=g0).log().cuda()
+        dt_bias = (-2 - 5 * torch.rand(Hv, generator=g0)).cuda()
+        S = r(B, Hv, dk, dv)
+        S0 = S.clone()
+        lengths = (torch.arange(B) > 0).long().cuda() if dt == torch.bfloat16 else None
+        with torch.no_grad():
+            o = gated_delta_rule_decode_(q, k, v, a, b, A_log, dt_bias, S, use_qk_l2norm=True, lengths=lengths)
+            g, beta = gdn_gates(a, b, A_log, dt_bias)
+            o_r, S_r = recurrent_gated_delta_rule_ref(q.double(), k.double(), v.double(), g.double(), beta.double(),
+                                                      S0.double(), use_qk_l2norm=True)
+        if lengths is not None:  # the inert row 0 keeps its state bit for bit
+            if not torch.equal(S[0], S0[0]):
+                raise RuntimeError("gdn_decode changed the state of an inert row")
+            S, S_r, o, o_r = S[1:], S_r[1:], o[1:], o_r[1:]
+        if not torch.isfinite(o).all() or o.dtype != dt:
+            raise RuntimeError(f"gdn_decode output is not finite {dt}")
+        for name, x, y, tol in (("o", o, o_r, 1e-2 if dt == torch.bfloat16 else 1e-4), ("state", S, S_r, 1e-4)):
+            err = dispatch.max_rel_err(x, y)
+            if not err < tol:
+                raise RuntimeError(f"gdn_decode differs from the reference ({name}, {dt}, H {H}, Hv {Hv}, dk {dk}, "
+                                   f"dv {dv}: {err:.2e}; the state is updated in place)")
+
+
+dispatch.fast_path(DECODE, probe=_probe_decode,
+                   doc="own Triton kernel: the gdn decode step (gates, l2norm, recurrence) in one launch, "
+                       "state updated in place (decode engine's static buffers)")
+
+
+def decode_in_place_ok(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor,
+                       state: Tensor | None, lengths: Tensor | None = None) -> bool:
+    """Can ``gated_delta_rule_decode_`` run this step? One token, a float32 state, q/k/v of one
+    dtype among float16 / bfloat16 / float32, dk <= ``DECODE_MAX_DK``, no gradient needed (the
+    kernel has no backward), eager (not traced), on CUDA with the ``gdn_decode`` probe passed.
+    Whether the caller owns ``state`` (may it be written in place?) is the caller's question."""
+    if triton is None or state is None or q.shape[1] != 1 or state.dtype != torch.float32:
+        return False
+    if q.dtype not in _DECODE_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype or q.shape[-1] > DECODE_MAX_DK:
+        return False
+    tensors = [t for t in (q, k, v, a, b, A_log, dt_bias, state, lengths) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return not dispatch.tracing(q) and dispatch.use_fast(DECODE, *tensors)
 
 
 def gated_delta_rule(

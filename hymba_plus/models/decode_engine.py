@@ -17,6 +17,9 @@ How any recipe gets fixed addresses, without a second implementation of each com
   new containers, the same tensors). Components replace the tensors of their state as
   usual; afterwards ``load_`` copies every replaced tensor into its buffer. Captured, those
   copies are part of the graph, so a replay reads and writes exactly the static buffers.
+  A component may instead write a static buffer in place, skipping the copy (``load_`` skips a
+  tensor the binding still shares): attention appends its keys, gdn's decode kernel updates S
+  (``GDNState.static``, ``kernels.gdn.gated_delta_rule_decode_``).
 * The prefill stays the ordinary forward (one call, logits of the last position only);
   its cache is copied into the static buffers with ``load_``.
 
