@@ -71,3 +71,35 @@ def fla_one_launch_config():
 
     with dispatch.pinned_autotune("fla.") as n:
         yield n
+
+
+def check_graph_engine_against_reference(monkeypatch, model, ids, mask, n: int, fast_path: str, dtype) -> None:
+    """A GPU check shared by the decode-step kernels' tests: the graph engine with ``fast_path``
+    in use (``HYMBA_KERNELS`` unset) against ``HYMBA_KERNELS=reference`` on a dynamic cache, for
+    the prompt ``ids`` / ``mask`` [B, T]: the logits of every step along the reference's greedy
+    sequence (1e-4 in float32, 5e-2 in bf16) and, in float32, the greedy tokens themselves."""
+    from hymba_plus.kernels import dispatch
+    from hymba_plus.models.decode_engine import clear_engines, engine_for
+
+    B, T = ids.shape
+    with torch.no_grad():
+        monkeypatch.setenv("HYMBA_KERNELS", "reference")
+        want = model.generate(ids, max_new_tokens=n, attention_mask=mask, engine="dynamic")
+        ref_cache = model.new_cache(B)
+        model(ids, attention_mask=mask, cache=ref_cache, logits_to_keep=1)
+        refs = [model(want[:, j:j + 1], cache=ref_cache, check_inputs=False).logits[:, -1]
+                for j in range(T, T + n - 1)]
+        monkeypatch.delenv("HYMBA_KERNELS")
+        clear_engines(model)
+        stats: dict = {}
+        got = model.generate(ids, max_new_tokens=n, attention_mask=mask, engine="graph", stats=stats)
+        assert stats["engine"] == "graph", stats.get("engine_notice")
+        assert dispatch.statuses()[fast_path] is True, dispatch.statuses()[fast_path]
+        if dtype == torch.float32:
+            assert torch.equal(got, want)
+        cache = model.new_cache(B)
+        model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)
+        eng = engine_for(model, cache, n, graph=True)
+        tol = 1e-4 if dtype == torch.float32 else 5e-2
+        for j, ref in zip(range(T, T + n - 1), refs):
+            assert rel_err(eng.step(want[:, j]).float(), ref.float()) <= tol, j

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from hymba_plus import build_model, load_recipe
 from hymba_plus.cli.info import describe
 from hymba_plus.models.decode_engine import CAPACITY_STEP, MAX_ENGINES, attention_slots, clear_engines, engine_for
-from tests.conftest import rel_err
+from tests.conftest import check_graph_engine_against_reference, rel_err
 from tests.test_invariant import CPU_PARAM_LIMIT, SETTINGS, V, make, recipes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,28 +201,7 @@ def test_graph_engine_with_decode_attention_kernel_equals_reference(monkeypatch,
                   "components": {"gated_attn": attn}})
     model = model.to(device="cuda", dtype=dtype).eval()
     ids, mask = (t.cuda() for t in _prompt(4, 12, 5))
-    n = 16
-    with torch.no_grad():
-        monkeypatch.setenv("HYMBA_KERNELS", "reference")
-        want = model.generate(ids, max_new_tokens=n, attention_mask=mask, engine="dynamic")
-        ref_cache = model.new_cache(4)
-        model(ids, attention_mask=mask, cache=ref_cache, logits_to_keep=1)
-        refs = [model(want[:, j:j + 1], cache=ref_cache, check_inputs=False).logits[:, -1]
-                for j in range(12, 12 + n - 1)]
-        monkeypatch.delenv("HYMBA_KERNELS")
-        clear_engines(model)
-        stats: dict = {}
-        got = model.generate(ids, max_new_tokens=n, attention_mask=mask, engine="graph", stats=stats)
-        assert stats["engine"] == "graph", stats.get("engine_notice")
-        assert dispatch.statuses()["decode_attention"] is True, dispatch.statuses()["decode_attention"]
-        if dtype == torch.float32:
-            assert torch.equal(got, want)
-        cache = model.new_cache(4)
-        model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)
-        eng = engine_for(model, cache, n, graph=True)
-        tol = 1e-4 if dtype == torch.float32 else 5e-2
-        for j, ref in zip(range(12, 12 + n - 1), refs):
-            assert rel_err(eng.step(want[:, j]).float(), ref.float()) <= tol, j
+    check_graph_engine_against_reference(monkeypatch, model, ids, mask, 16, "decode_attention", dtype)
 
 
 def test_decode_benchmark_runs_on_the_cpu(tmp_path):

@@ -21,7 +21,7 @@ from hymba_plus.components.gdn import GDNState
 from hymba_plus.kernels import dispatch
 from hymba_plus.kernels import gdn as G
 from hymba_plus.models.decode_engine import clear_engines, engine_for
-from tests.conftest import rel_err
+from tests.conftest import check_graph_engine_against_reference, rel_err
 from tests.test_invariant import V, make
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -387,28 +387,7 @@ def test_gpu_graph_engine_with_gdn_decode_equals_reference(monkeypatch, dtype):
     ids = torch.randint(0, V, (4, 12), generator=torch.Generator().manual_seed(0)).cuda()
     mask = torch.ones_like(ids)
     mask[0, :5] = 0
-    n = 16
-    with torch.no_grad():
-        monkeypatch.setenv("HYMBA_KERNELS", "reference")
-        want = model.generate(ids, max_new_tokens=n, attention_mask=mask, engine="dynamic")
-        ref_cache = model.new_cache(4)
-        model(ids, attention_mask=mask, cache=ref_cache, logits_to_keep=1)
-        refs = [model(want[:, j:j + 1], cache=ref_cache, check_inputs=False).logits[:, -1]
-                for j in range(12, 12 + n - 1)]
-        monkeypatch.delenv("HYMBA_KERNELS")
-        clear_engines(model)
-        stats: dict = {}
-        got = model.generate(ids, max_new_tokens=n, attention_mask=mask, engine="graph", stats=stats)
-        assert stats["engine"] == "graph", stats.get("engine_notice")
-        assert dispatch.statuses()[G.DECODE] is True, dispatch.statuses()[G.DECODE]
-        if dtype == torch.float32:
-            assert torch.equal(got, want)
-        cache = model.new_cache(4)
-        model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)
-        eng = engine_for(model, cache, n, graph=True)
-        tol = 1e-4 if dtype == torch.float32 else 5e-2
-        for j, ref in zip(range(12, 12 + n - 1), refs):
-            assert rel_err(eng.step(want[:, j]).float(), ref.float()) <= tol, j
+    check_graph_engine_against_reference(monkeypatch, model, ids, mask, 16, G.DECODE, dtype)
 
 
 @pytest.mark.slow
