@@ -20,7 +20,8 @@
 #           (GD+mlp)*24 at batch 8 x 2048, vocab 32000, with/without the fused loss and the split (issue 18)
 #   decode  pytest -m gpu: the decode-step kernels (tests/test_decode_attention.py, the conv update in
 #           tests/test_conv.py, the gated norm in tests/test_norm_rope_kernels.py, gdn's in-kernel gates in
-#           tests/test_gdn.py) and tests/test_decode_engine.py (graph == dynamic tokens, capture fallback), then
+#           tests/test_gdn.py, gdn's in-place step in tests/test_gdn_decode.py) and tests/test_decode_engine.py
+#           (graph == dynamic tokens, capture fallback), then
 #           decode.py --profile: ms per step by engine (dynamic / static / graph) of a 1.47B
 #           Qwen3-Next-like hybrid, batch 1 and 16 after 2k / 8k prompts, and the step's top kernels
 #   modes   pytest -m gpu tests/test_train_modes.py and the CUDA-graph training tests (hymba train --mode auto)
