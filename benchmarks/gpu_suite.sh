@@ -17,7 +17,8 @@
 #           reference; the model's fused loss == unfused with less peak memory; needs liger-kernel from .whl)
 #   memory  gdn's split q/k/v GPU tests, then train_memory.py --fla: peak memory and step time of
 #           (GD+mlp)*24 at batch 8 x 2048, vocab 32000, with/without the fused loss and the split (issue 18)
-#   decode  pytest -m gpu tests/test_decode_engine.py (graph == dynamic tokens, capture fallback), then
+#   decode  pytest -m gpu tests/test_decode_engine.py tests/test_mamba3_step_kernel.py (graph == dynamic tokens,
+#           capture fallback; the Mamba-3 decode-step kernel == reference, in a CUDA graph), then
 #           decode.py --profile: ms per step by engine (dynamic / static / graph) of a 1.47B
 #           Qwen3-Next-like hybrid, batch 1 and 16 after 2k / 8k prompts, and the step's top kernels
 #   modes   pytest -m gpu tests/test_train_modes.py and the CUDA-graph training tests (hymba train --mode auto)
@@ -77,7 +78,7 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
       memory) need_tilelang
               step gdn_split_tests 400 "${PYTEST[@]}" tests/test_gdn.py -k "split or model_fast"
               step train_memory 580 python benchmarks/train_memory.py --fla --out "$OUT/train_memory.json" ;;
-      decode) step decode_tests 240 "${PYTEST[@]}" tests/test_decode_engine.py
+      decode) step decode_tests 240 "${PYTEST[@]}" tests/test_decode_engine.py tests/test_mamba3_step_kernel.py
               step decode_bench 300 python benchmarks/decode.py --device cuda --batches 1 16 --prompts 2048 8192 \
                  --new 64 --repeats 2 --profile --out "$OUT/decode.json" ;;
       modes)  step modes_tests 400 "${PYTEST[@]}" tests/test_train_modes.py tests/test_training.py -k "gpu" ;;
