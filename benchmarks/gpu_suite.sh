@@ -20,8 +20,9 @@
 #           (GD+mlp)*24 at batch 8 x 2048, vocab 32000, with/without the fused loss and the split (issue 18)
 #   decode  pytest -m gpu: the decode-step kernels (tests/test_decode_attention.py, the conv update in
 #           tests/test_conv.py, the gated norm in tests/test_norm_rope_kernels.py, gdn's in-kernel gates in
-#           tests/test_gdn.py, gdn's in-place step in tests/test_gdn_decode.py) and tests/test_decode_engine.py
-#           (graph == dynamic tokens, capture fallback), then
+#           tests/test_gdn.py, gdn's in-place step in tests/test_gdn_decode.py, Mamba-3's step in
+#           tests/test_mamba3_step_kernel.py) and tests/test_decode_engine.py (graph == dynamic tokens,
+#           capture fallback), then
 #           decode.py --profile: ms per step by engine (dynamic / static / graph) of a 1.47B
 #           Qwen3-Next-like hybrid, batch 1 and 16 after 2k / 8k prompts, and the step's top kernels
 #   modes   pytest -m gpu tests/test_train_modes.py and the CUDA-graph training tests (hymba train --mode auto)
@@ -85,7 +86,7 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
               step train_memory 580 python benchmarks/train_memory.py --fla --out "$OUT/train_memory.json" ;;
       decode) step decode_kernel_tests 240 "${PYTEST[@]}" tests/test_decode_attention.py tests/test_conv.py \
                  tests/test_norm_rope_kernels.py tests/test_gdn.py -k "gpu_kernel or gpu_decode or gated_norm_kernel or decode_gates or layer_decode_step"
-              step decode_gdn_tests 240 "${PYTEST[@]}" tests/test_gdn_decode.py
+              step decode_gdn_m3_tests 240 "${PYTEST[@]}" tests/test_gdn_decode.py tests/test_mamba3_step_kernel.py
               step decode_tests 240 "${PYTEST[@]}" tests/test_decode_engine.py
               step decode_bench 300 python benchmarks/decode.py --device cuda --batches 1 16 --prompts 2048 8192 \
                  --new 64 --repeats 2 --profile --out "$OUT/decode.json" ;;

@@ -28,7 +28,9 @@ range; ``reset_special`` initialises ``dt_bias``, the B/C biases, ``D`` and the 
 State (``Mamba3State``): ``h [B,H,N,P]``, the previous real token's rotated B (``k [B,H,R,N]``)
 and x (``v [B,H,P]``) that the trapezoid needs, and the cumulative angle (``theta [B,H,K]``).
 Constant size. Inert (padding) slots get Δ = 0: no decay, no write, no rotation, and the
-previous-token memory stays at the last real token. Decode (T = 1) runs the exact step.
+previous-token memory stays at the last real token. Decode (T = 1) runs the exact step
+(``kernels.mamba3.mamba3_decode``: our one-kernel Triton step on CUDA when no gradient is
+needed, the PyTorch reference ``mamba3_step`` elsewhere).
 
 Block diffusion (``core.two_stream``): ``boundary_forward(x, ctx, block_size, offset)``
 returns the ordinary forward output plus the state at every block start ``offset + j*bs``
@@ -52,7 +54,7 @@ from ..core.cache import LayerState, StepContext
 from ..core.config import spec
 from ..core.registry import register
 from ..kernels.dispatch import compute_dtype
-from ..kernels.mamba3 import Mamba3Carry, mamba3, mamba3_chunked, mamba3_step
+from ..kernels.mamba3 import Mamba3Carry, mamba3, mamba3_chunked, mamba3_decode
 from .norm import RMSNorm
 
 
@@ -190,10 +192,10 @@ class Mamba3(nn.Module):
         q, k, x, adt, dt, trap, angles, z = self._project(u)
         kw = dict(D=self.D, mimo_v=self.mimo_x, mimo_z=self.mimo_z, mimo_o=self.mimo_o, pairing=self.pairing)
         carry = state.carry() if state is not None else None
-        if T == 1 and state is not None:  # decode: the exact recurrence step
+        if T == 1 and state is not None:  # decode: the exact recurrence step (one Triton kernel on CUDA)
             valid = None if ctx.lengths is None else ctx.lengths > 0
-            y, new = mamba3_step(q[:, 0], k[:, 0], x[:, 0], adt[:, 0], dt[:, 0], trap[:, 0], angles[:, 0],
-                                 self.C_bias, self.B_bias, carry, z=z[:, 0], valid=valid, **kw)
+            y, new = mamba3_decode(q[:, 0], k[:, 0], x[:, 0], adt[:, 0], dt[:, 0], trap[:, 0], angles[:, 0],
+                                   self.C_bias, self.B_bias, carry, z=z[:, 0], valid=valid, **kw)
             y = y[:, None]
         else:
             y, new = mamba3(q, k, x, adt, dt, trap, angles, self.C_bias, self.B_bias, carry, z=z,

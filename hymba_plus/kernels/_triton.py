@@ -1,12 +1,20 @@
 """Shared pieces of our own Triton kernels (``kernels.conv`` decode update, ``kernels.norm``
-gated RMSNorm, ``kernels.gdn`` decode step): the optional import, float32 ``exp`` / ``log`` as
-PyTorch's CUDA kernels compute them and an fp32 SiLU that computes what PyTorch's does.
+gated RMSNorm, ``kernels.gdn`` and ``kernels.mamba3`` decode steps): the optional import, float32
+``exp`` / ``log`` as PyTorch's CUDA kernels compute them, an fp32 SiLU that computes what
+PyTorch's does, and the other float32 transcendental functions those kernels need.
 
 PyTorch's CUDA SiLU is ``x / (1 + expf(-x))`` in float32 (``opmath``): the accurate ``expf``
 and an IEEE division. Triton's ``tl.exp`` on float32 is the approximate ``ex2.approx`` and its
 ``/`` is not correctly rounded, so the compiled kernels use libdevice's ``exp`` (CUDA's
 ``expf``) and ``tl.math.div_rn``. Triton's CPU interpreter has no libdevice; there (TRITON_INTERPRET=1,
 read at import like Triton itself does) the exp is ``tl.exp`` (numpy's), and so is the log.
+
+The same holds for ``tanh`` / ``sin`` / ``cos`` / ``fmod`` (``tanh_f32``, ``sin_f32``,
+``cos_f32``, ``fmod_f32``): compiled, libdevice's (CUDA's ``tanhf`` / ``sinf`` / ``cosf`` /
+``fmodf``, what PyTorch's CUDA kernels call; ``tl.sin`` / ``tl.cos`` may lower to the
+``.approx`` PTX instructions). In the interpreter ``sin`` / ``cos`` are numpy's, ``fmod`` is
+``%`` (numpy's ``fmod``), and ``tanh`` is ``sign(x) (1 - 2 / (exp(2|x|) + 1))`` (Triton has
+no ``tl.tanh``): exact to a few 1e-8 in absolute terms, not in relative terms near 0.
 """
 
 from __future__ import annotations
@@ -48,6 +56,51 @@ if triton is not None:
 
     exp_f32 = _exp_tl if (INTERPRET or libdevice is None) else _exp_libdevice
     log_f32 = _log_tl if (INTERPRET or libdevice is None) else _log_libdevice
+
+    @triton.jit
+    def _tanh_libdevice(x):
+        return libdevice.tanh(x)
+
+    @triton.jit
+    def _tanh_tl(x):
+        e = tl.exp(2.0 * tl.abs(x))
+        t = 1.0 - 2.0 / (e + 1.0)
+        return tl.where(x < 0, -t, t)
+
+    @triton.jit
+    def _sin_libdevice(x):
+        return libdevice.sin(x)
+
+    @triton.jit
+    def _sin_tl(x):
+        return tl.sin(x)
+
+    @triton.jit
+    def _cos_libdevice(x):
+        return libdevice.cos(x)
+
+    @triton.jit
+    def _cos_tl(x):
+        return tl.cos(x)
+
+    @triton.jit
+    def _fmod_libdevice(x, y):
+        return libdevice.fmod(x, y)
+
+    @triton.jit
+    def _fmod_tl(x, y):
+        return x % y
+
+    _interp = INTERPRET or libdevice is None
+    tanh_f32 = _tanh_tl if _interp else _tanh_libdevice
+    sin_f32 = _sin_tl if _interp else _sin_libdevice
+    cos_f32 = _cos_tl if _interp else _cos_libdevice
+    fmod_f32 = _fmod_tl if _interp else _fmod_libdevice
+
+    @triton.jit
+    def sigmoid_f32(x):
+        """sigmoid of a float32 block as PyTorch's CUDA kernel computes it: 1 / (1 + exp(-x))."""
+        return tl.math.div_rn(1.0, 1.0 + exp_f32(-x))
 
     @triton.jit
     def silu_f32(x):

@@ -39,8 +39,8 @@ exactly what the trapezoid (previous token) and the rotation (angle sum) need.
 
 Paths
 -----
-* ``mamba3_step`` — the exact per-token recurrence (decode; ``mamba3_recurrent`` loops it over
-  T and is only the test oracle).
+* ``mamba3_step`` — the exact per-token recurrence in PyTorch (the decode step's reference and
+  the kernel's oracle; ``mamba3_recurrent`` loops it over T and is only the test oracle).
 * ``mamba3_chunked`` — reference chunked (SSD) form, pure PyTorch, runs anywhere: within a
   chunk a masked decay matrix ``exp(segsum(Δ A))`` times the trapezoid weights
   (``gamma_s`` on the diagonal, ``gamma_s + (1 - lambda_{s+1}) Δ_{s+1}`` below it) multiplies the
@@ -66,9 +66,36 @@ Paths
     not differentiable, so it is used only for R > 1, 16-bit inputs, no cache and no padding
     (the training forward), "half" pairing, K = N/2 or N/4.
 
-  Reference only: the decode step (T = 1), chunked prefill into a cache for R > 1, every
-  float32/float64 computation, and every CPU computation. The ``mamba_ssm`` CuTe decode step
-  (``mamba3_step_fn``) is not used.
+* ``mamba3_decode`` — the decode step (T = 1 with a carry; the layer's cached one-token call).
+  Fast path ``"mamba3_step"`` (ours; issue #18: a captured decode step is bound by its kernel
+  count, and the reference step is dozens of small kernels per layer): ``mamba3_step_triton``
+  computes one token of ``mamba3_step`` in ONE Triton kernel (``_mamba3_step_kernel``), one
+  program per (batch row, head, tile of the head dim P) with the state dim N in registers, all
+  in float32:
+
+  - the angle update ``Θ' = (Θ + π tanh(angles) Δ) mod 2π`` (``torch.remainder``'s fmod-based
+    rule) and the "RoPE trick" rotation of C (q) and B (k), after their per-head biases, by
+    ``Θ'`` (both pairings, any K <= N/2, grouped B/C shared by H / G heads);
+  - the exponential-trapezoidal update (paper §3) of the ``[N, P-tile]`` block of h,
+    ``h' = α h + β Σ_r k_prev,r v_prev,r^T + γ Σ_r kr_r vr_r^T`` with ``α = exp(ΔA)``,
+    ``β = (1 - λ) Δ α``, ``γ = λ Δ``, ``λ = sigmoid(trap)`` and the MIMO up-projection
+    ``v_r = x ⊙ W^x_r`` (R = 1: SISO);
+  - the readout ``y_r = qr_r^T h'``, D skip, ``SiLU(z ⊙ W^z_r)`` gate and rank sum with
+    ``W^o_r`` (``_finish``); a ``valid`` mask zeroes Δ and ΔA as the reference does and keeps the
+    carried k, x of invalid rows (their carry is the old one, bit for bit).
+
+  It returns y in x's dtype and a NEW float32 carry (nothing written in place), with libdevice's
+  ``exp`` / ``tanh`` / ``sin`` / ``cos`` / ``fmod`` and no fused multiply-add
+  (``kernels._triton``). The launch config is fixed by (N, P, R) (no autotuning, no host read), so
+  the decode engine compiles it in its eager warm-up steps and captures it in its CUDA graph.
+  Used for float16 / bfloat16 / float32 inputs, N <= 256, when no gradient is needed, eagerly;
+  its probe compares it on the GPU with ``mamba3_step`` in float64 (SISO / MIMO R 2 and 4, both
+  pairings, grouped heads, a valid mask). Checked in Triton's CPU interpreter and compiled for
+  sm_90 offline; it has not run on a GPU yet. The ``mamba_ssm`` CuTe decode step
+  (``mamba3_step_fn``) is not used: it needs the CUTLASS DSL, which the GPU machines here lack.
+
+  Reference only: the decode step with gradients, float64 or on the CPU, chunked prefill into a
+  cache for R > 1, every float32/float64 chunk, and every CPU computation.
 """
 
 from __future__ import annotations
@@ -82,6 +109,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch
+from ._triton import cos_f32, exp_f32, fmod_f32, sigmoid_f32, silu_f32, sin_f32, tanh_f32, triton
+
+if triton is not None:
+    import triton.language as tl
 
 TWO_PI = 2.0 * math.pi
 
@@ -209,6 +240,293 @@ def mamba3_recurrent(
                                q_bias, k_bias, carry, z=None if z is None else z[:, t], valid=valid, **kw)
         ys.append(y)
     return torch.stack(ys, 1), carry
+
+
+# ----------------------------------------------------------------------------- decode step kernel (ours)
+STEP = "mamba3_step"
+_STEP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+STEP_MAX_N = 256  # the state column [N] and an [N, BLOCK_P] tile of h live in registers
+
+if triton is not None:
+
+    @triton.jit
+    def _rot_index(n, N, K, INTERLEAVED: tl.constexpr):
+        """For state dims ``n``: rotated?, first element of its pair?, its angle index and its
+        partner dim (``rotate``'s pairings: (2i, 2i+1) or (i, N//2 + i), i < K)."""
+        if INTERLEAVED:
+            rot = n < 2 * K
+            first = (n % 2) == 0
+            i = n // 2
+            partner = tl.where(first, n + 1, n - 1)
+        else:
+            half = N // 2
+            first = n < K
+            second = (n >= half) & (n < half + K)
+            rot = first | second
+            i = tl.where(first, n, n - half)
+            partner = tl.where(first, n + half, n - half)
+        i = tl.where(rot, i, 0)
+        partner = tl.where(rot, partner, n)
+        return rot, first, i, partner
+
+    @triton.jit
+    def _angle(th_ptr, ang_ptr, i, m, dt, sa_k):
+        """theta' = (theta + pi tanh(angle) dt) mod 2 pi, as ``torch.remainder`` (fmod, then + 2 pi
+        where the result is negative), in the reference's order of operations."""
+        th0 = tl.load(th_ptr + i, mask=m, other=0.0).to(tl.float32)
+        an = tl.load(ang_ptr + i * sa_k, mask=m, other=0.0).to(tl.float32)
+        th = th0 + (3.141592653589793 * tanh_f32(an)) * dt
+        r = fmod_f32(th, 6.283185307179586)
+        return tl.where((r != 0) & (r < 0), r + 6.283185307179586, r)
+
+    @triton.jit
+    def _rotated(ptr, bptr, n, partner, rot, first, c, s, mn, s_n):
+        """(x + bias) rotated by the per-dim angle (cos c, sin s): x cos - x' sin for the first
+        element of a pair, x' sin + x cos for the second, x elsewhere (x' the partner)."""
+        x = tl.load(ptr + n * s_n, mask=mn, other=0.0).to(tl.float32) + tl.load(bptr + n, mask=mn, other=0.0).to(
+            tl.float32)
+        xp = tl.load(ptr + partner * s_n, mask=mn, other=0.0).to(tl.float32) + tl.load(
+            bptr + partner, mask=mn, other=0.0).to(tl.float32)
+        return tl.where(rot, tl.where(first, x * c - xp * s, xp * s + x * c), x)
+
+    @triton.jit
+    def _mamba3_step_kernel(
+        q_ptr, k_ptr, v_ptr, adt_ptr, dt_ptr, trap_ptr, ang_ptr, qb_ptr, kb_ptr,
+        h_ptr, kc_ptr, vc_ptr, th_ptr, d_ptr, z_ptr, mv_ptr, mz_ptr, mo_ptr, valid_ptr,
+        y_ptr, nh_ptr, nk_ptr, nv_ptr, nth_ptr,
+        H, N, P, K, HPG,
+        sq_b, sq_r, sq_g, sq_n, sk_b, sk_r, sk_g, sk_n, sv_b, sv_h, sv_p,
+        sadt_b, sadt_h, sdt_b, sdt_h, str_b, str_h, sa_b, sa_h, sa_k, sz_b, sz_h, sz_p,
+        R: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+        HAS_MV: tl.constexpr, HAS_MZ: tl.constexpr, HAS_MO: tl.constexpr, HAS_VALID: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """One Mamba-3 token (Lahoti et al., arXiv 2603.15569, §3: the exponential-trapezoidal
+        update on a state whose inputs / readouts are rotated by the cumulative data-dependent
+        angle, the "RoPE trick"; ``mamba3_step`` is the reference) for row ``b``, head ``h`` and head dims
+        ``[pt * BLOCK_P, ...)``: angle update, rotation of C (q) and B (k) with their biases,
+        the exponential-trapezoidal update of the ``[N, BLOCK_P]`` tile of h for every rank,
+        the readout, D skip, SiLU(z) gate and rank sum. The carried k and theta are written by
+        the tile ``pt == 0``. Parameters and carries are contiguous; activations are strided."""
+        b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        pt = tl.program_id(2)
+        bh = b * H + h
+        g = h // HPG
+        n = tl.arange(0, BLOCK_N)
+        mn = n < N
+        p = pt * BLOCK_P + tl.arange(0, BLOCK_P)
+        mp = p < P
+
+        dt = tl.load(dt_ptr + b * sdt_b + h * sdt_h).to(tl.float32)
+        adt = tl.load(adt_ptr + b * sadt_b + h * sadt_h).to(tl.float32)
+        if HAS_VALID:
+            ok = tl.load(valid_ptr + b) != 0
+            m = ok.to(tl.float32)
+            dt = dt * m
+            adt = adt * m
+        lam = sigmoid_f32(tl.load(trap_ptr + b * str_b + h * str_h).to(tl.float32))
+        alpha = exp_f32(adt)
+        beta = ((1.0 - lam) * dt) * alpha
+        gamma = lam * dt
+
+        # the new angle per state dim (both elements of a pair compute the same value)
+        rot, first, i, partner = _rot_index(n, N, K, INTERLEAVED)
+        th = _angle(th_ptr + bh * K, ang_ptr + b * sa_b + h * sa_h, i, rot & mn, dt, sa_k)
+        c = cos_f32(th)
+        s = sin_f32(th)
+        if pt == 0:  # the carried angle [K]
+            kk = tl.arange(0, BLOCK_K)
+            mk = kk < K
+            thk = _angle(th_ptr + bh * K, ang_ptr + b * sa_b + h * sa_h, kk, mk, dt, sa_k)
+            tl.store(nth_ptr + bh * K + kk, thk, mask=mk)
+
+        # h' = alpha h + beta sum_r k_prev,r v_prev,r^T + gamma sum_r kr_r vr_r^T
+        v = tl.load(v_ptr + b * sv_b + h * sv_h + p * sv_p, mask=mp, other=0.0).to(tl.float32)
+        vprev0 = tl.load(vc_ptr + bh * P + p, mask=mp, other=0.0).to(tl.float32)
+        s1 = tl.zeros((BLOCK_N, BLOCK_P), dtype=tl.float32)
+        s2 = tl.zeros((BLOCK_N, BLOCK_P), dtype=tl.float32)
+        for r in tl.static_range(R):
+            kr = _rotated(k_ptr + b * sk_b + r * sk_r + g * sk_g, kb_ptr + (h * R + r) * N, n, partner, rot, first,
+                          c, s, mn, sk_n)
+            kprev = tl.load(kc_ptr + (bh * R + r) * N + n, mask=mn, other=0.0).to(tl.float32)
+            vr = v
+            vprev = vprev0
+            if HAS_MV:
+                mv = tl.load(mv_ptr + (h * R + r) * P + p, mask=mp, other=0.0).to(tl.float32)
+                vr = v * mv
+                vprev = vprev0 * mv
+            s1 += kprev[:, None] * vprev[None, :]
+            s2 += kr[:, None] * vr[None, :]
+            if pt == 0:  # the carried k: this token's rotated B, or the old one on an invalid row
+                if HAS_VALID:
+                    kr = tl.where(ok, kr, kprev)
+                tl.store(nk_ptr + (bh * R + r) * N + n, kr, mask=mn)
+        hp = (h_ptr + bh * N * P) + n[:, None] * P + p[None, :]
+        mnp = mn[:, None] & mp[None, :]
+        h0 = tl.load(hp, mask=mnp, other=0.0).to(tl.float32)
+        hn = alpha * h0 + beta * s1 + gamma * s2
+        tl.store((nh_ptr + bh * N * P) + n[:, None] * P + p[None, :], hn, mask=mnp)
+        if HAS_VALID:
+            tl.store(nv_ptr + bh * P + p, tl.where(ok, v, vprev0), mask=mp)
+        else:
+            tl.store(nv_ptr + bh * P + p, v, mask=mp)
+
+        # y = sum_r w_o,r * (qr_r^T h' + D vr_r) * SiLU(z w_z,r)   (``_finish``)
+        if HAS_Z:
+            z = tl.load(z_ptr + b * sz_b + h * sz_h + p * sz_p, mask=mp, other=0.0).to(tl.float32)
+        acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
+        for r in tl.static_range(R):
+            qr = _rotated(q_ptr + b * sq_b + r * sq_r + g * sq_g, qb_ptr + (h * R + r) * N, n, partner, rot, first,
+                          c, s, mn, sq_n)
+            y = tl.sum(qr[:, None] * hn, axis=0)
+            if HAS_D:
+                vr = v
+                if HAS_MV:
+                    vr = v * tl.load(mv_ptr + (h * R + r) * P + p, mask=mp, other=0.0).to(tl.float32)
+                y = y + tl.load(d_ptr + h).to(tl.float32) * vr
+            if HAS_Z:
+                zr = z
+                if HAS_MZ:
+                    zr = z * tl.load(mz_ptr + (h * R + r) * P + p, mask=mp, other=0.0).to(tl.float32)
+                y = y * silu_f32(zr)
+            if HAS_MO:
+                acc += y * tl.load(mo_ptr + (h * R + r) * P + p, mask=mp, other=0.0).to(tl.float32)
+            else:
+                acc = y
+        tl.store(y_ptr + bh * P + p, acc.to(y_ptr.dtype.element_ty), mask=mp)
+
+
+def step_launch_config(N: int, P: int, R: int = 1) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_P, num_warps), fixed by the shapes: the whole state column in registers,
+    P in tiles of at most 32 (16 for N <= 16) with an h tile of at most 4096 float32 values, one
+    warp per 1024 of them. Chosen from ptxas's register reports for sm_90 (Triton 3.9): no spills
+    for N in 8 .. 256, R in 1, 2, 4; wider P tiles or more warps per tile spilled at N 32-64."""
+    block_n = triton.next_power_of_2(N)
+    block_p = min(triton.next_power_of_2(P), 32 if block_n >= 32 else 16, max(1, 4096 // block_n))
+    warps = max(1, block_n * block_p // 1024)
+    if block_n <= 16 and R >= 4:
+        warps = 2
+    return block_n, block_p, warps
+
+
+def mamba3_step_triton(
+    q: Tensor, k: Tensor, v: Tensor, adt: Tensor, dt: Tensor, trap: Tensor, angles: Tensor,
+    q_bias: Tensor, k_bias: Tensor, carry: Mamba3Carry, *, D: Tensor | None = None, z: Tensor | None = None,
+    mimo_v: Tensor | None = None, mimo_z: Tensor | None = None, mimo_o: Tensor | None = None,
+    pairing: str = "interleaved", valid: Tensor | None = None,
+) -> tuple[Tensor, Mamba3Carry]:
+    """``mamba3_step`` as ONE Triton kernel (same arguments, same results: y [B,H,P] in v's
+    dtype and a new float32 carry). Float16 / bfloat16 / float32 inputs, N <= ``STEP_MAX_N``,
+    ``mimo_o`` given when R > 1. Activations may be strided views; parameters and the carry
+    are made contiguous (no copy when they are)."""
+    Bsz, R, G, N = q.shape
+    H, P, K = v.shape[1], v.shape[2], angles.shape[-1]
+    if pairing not in ("interleaved", "half"):
+        raise ValueError(f"pairing must be 'interleaved' or 'half', got {pairing!r}")
+    dev, f32 = v.device, torch.float32
+    h0, kc, vc, th0 = (t.contiguous() for t in carry)
+    qb, kb = q_bias.contiguous(), k_bias.contiguous()
+    y = torch.empty(Bsz, H, P, device=dev, dtype=v.dtype)
+    new = Mamba3Carry(torch.empty(Bsz, H, N, P, device=dev, dtype=f32), torch.empty(Bsz, H, R, N, device=dev, dtype=f32),
+                      torch.empty(Bsz, H, P, device=dev, dtype=f32), torch.empty(Bsz, H, K, device=dev, dtype=f32))
+    params = [None if t is None else t.contiguous() for t in (D, mimo_v, mimo_z, mimo_o)]
+    zs = z.stride() if z is not None else (0, 0, 0)
+    ang_s = angles.stride() if K else (0, 0, 0)
+    block_n, block_p, warps = step_launch_config(N, P, R)
+    grid = (Bsz, H, triton.cdiv(P, block_p))
+    ph = lambda t: v if t is None else t  # noqa: E731 - placeholder pointer for an absent input
+    _mamba3_step_kernel[grid](
+        q, k, v, adt, dt, trap, angles if K else v, qb, kb,
+        h0, kc, vc, th0 if K else v, ph(params[0]), ph(z), ph(params[1]), ph(params[2]), ph(params[3]),
+        v if valid is None else valid.view(torch.uint8) if valid.dtype == torch.bool else valid,
+        y, new.h, new.k, new.v, new.theta if K else y,
+        H, N, P, K, H // G,
+        *q.stride(), *k.stride(), *v.stride(), *adt.stride(), *dt.stride(), *trap.stride(), *ang_s, *zs,
+        R=R, INTERLEAVED=pairing == "interleaved", HAS_D=D is not None, HAS_Z=z is not None,
+        HAS_MV=mimo_v is not None, HAS_MZ=mimo_z is not None and z is not None, HAS_MO=mimo_o is not None,
+        HAS_VALID=valid is not None, BLOCK_N=block_n, BLOCK_P=block_p,
+        BLOCK_K=triton.next_power_of_2(max(K, 1)), num_warps=warps, enable_fp_fusion=False)
+    return y, new
+
+
+STEP_PROBE_CASES = (  # B, R, G, H, N, P, K, pairing, dtype, D/z, valid, mimo
+    (3, 1, 2, 4, 32, 48, 8, "interleaved", torch.bfloat16, True, True, False),
+    (2, 2, 1, 4, 64, 64, 32, "half", torch.float32, True, False, True),
+    (3, 4, 2, 4, 16, 40, 4, "half", torch.bfloat16, False, True, True),
+    (2, 1, 1, 2, 128, 64, 64, "interleaved", torch.float32, True, True, False),
+)
+
+
+def _probe_step() -> None:
+    """The kernel on this GPU against ``mamba3_step`` in float64 on the GPU: y within one 16-bit
+    rounding (2e-2 of the largest) or 1e-4 (float32), the new h, k, v to 1e-4, the angle's cos and
+    sin to 1e-4; the carry of an invalid row bit-equal to the old one."""
+    if triton is None or not torch.cuda.is_available():
+        raise RuntimeError("needs triton and a CUDA device")
+    g = torch.Generator().manual_seed(0)
+    for B, R, G, H, N, P, K, pairing, dt_, dz, with_valid, mimo in STEP_PROBE_CASES:
+        r = lambda *s: torch.randn(*s, generator=g).cuda()  # noqa: E731
+        dt = F.softplus(r(B, H) - 1.0)
+        ins = dict(q=r(B, R, G, N).to(dt_), k=r(B, R, G, N).to(dt_), v=r(B, H, P).to(dt_), adt=-dt * 0.7, dt=dt,
+                   trap=r(B, H).to(dt_), angles=r(B, H, K).to(dt_), q_bias=r(H, R, N), k_bias=r(H, R, N))
+        kw = dict(D=r(H), z=r(B, H, P).to(dt_)) if dz else {}
+        if mimo:
+            kw.update(mimo_v=r(H, R, P), mimo_z=r(H, R, P), mimo_o=r(H, R, P))
+        carry = Mamba3Carry(r(B, H, N, P), r(B, H, R, N), r(B, H, P), r(B, H, K).remainder(TWO_PI))
+        valid = (torch.arange(B) % 2 == 0).cuda() if with_valid else None
+        y, new = mamba3_step_triton(**ins, carry=carry, pairing=pairing, valid=valid, **kw)
+        d64 = lambda t: t.double() if torch.is_tensor(t) and t.is_floating_point() else t  # noqa: E731
+        y0, ref = mamba3_step(**{n_: d64(t) for n_, t in ins.items()}, carry=Mamba3Carry(*map(d64, carry)),
+                              pairing=pairing, valid=valid, **{n_: d64(t) for n_, t in kw.items()})
+        errs = {"y": dispatch.max_rel_err(y, y0), "h": dispatch.max_rel_err(new.h, ref.h),
+                "k": dispatch.max_rel_err(new.k, ref.k), "v": dispatch.max_rel_err(new.v, ref.v),
+                "cos": float((torch.cos(new.theta.double()) - torch.cos(ref.theta)).abs().max()),
+                "sin": float((torch.sin(new.theta.double()) - torch.sin(ref.theta)).abs().max())}
+        tol = {n_: 1e-4 for n_ in errs} | {"y": 2e-2 if dt_ != torch.float32 else 1e-4}
+        bad = {n_: e for n_, e in errs.items() if not e <= tol[n_]}
+        if valid is not None:
+            inv = ~valid
+            if not all(torch.equal(a[inv], b[inv]) for a, b in zip(new, carry)):
+                bad["invalid row's carry changed"] = 1.0
+        if bad:
+            raise RuntimeError(f"mamba3_step kernel differs from the reference ({B, R, G, H, N, P, K, pairing, dt_}): "
+                               f"{bad}")
+
+
+dispatch.fast_path(STEP, probe=_probe_step,
+                   doc="own Triton kernel: the Mamba-3 decode step (T == 1 with a carry) in one launch, inference")
+
+
+def step_fast_ok(*tensors: Tensor | None, R: int, N: int, has_mimo_o: bool) -> bool:
+    """The decode-step kernel applies: Triton present, every tensor float16 / bfloat16 / float32
+    (a float64 computation stays exact on the reference), N <= ``STEP_MAX_N``, ``mimo_o`` given
+    when R > 1 (the reference keeps a rank dim otherwise), no gradient needed (the kernel has no
+    backward), eager, and on CUDA with the probe passed."""
+    ts = [t for t in tensors if t is not None]
+    if triton is None or N > STEP_MAX_N or (R > 1 and not has_mimo_o):
+        return False
+    if any(t.is_floating_point() and t.dtype not in _STEP_DTYPES for t in ts):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
+        return False
+    return not dispatch.tracing(*ts) and dispatch.use_fast(STEP, *ts)
+
+
+def mamba3_decode(
+    q: Tensor, k: Tensor, v: Tensor, adt: Tensor, dt: Tensor, trap: Tensor, angles: Tensor,
+    q_bias: Tensor, k_bias: Tensor, carry: Mamba3Carry, *, D: Tensor | None = None, z: Tensor | None = None,
+    mimo_v: Tensor | None = None, mimo_z: Tensor | None = None, mimo_o: Tensor | None = None,
+    pairing: str = "interleaved", valid: Tensor | None = None,
+) -> tuple[Tensor, Mamba3Carry]:
+    """One decode token (``mamba3_step``'s contract): the ``mamba3_step`` kernel when
+    ``step_fast_ok``, else the reference step (CPU, float64, gradients, tracing)."""
+    if step_fast_ok(q, k, v, adt, dt, trap, angles, q_bias, k_bias, *carry, D, z, mimo_v, mimo_z, mimo_o, valid,
+                    R=q.shape[1], N=q.shape[-1], has_mimo_o=mimo_o is not None):
+        return mamba3_step_triton(q, k, v, adt, dt, trap, angles, q_bias, k_bias, carry, D=D, z=z, mimo_v=mimo_v,
+                                  mimo_z=mimo_z, mimo_o=mimo_o, pairing=pairing, valid=valid)
+    return mamba3_step(q, k, v, adt, dt, trap, angles, q_bias, k_bias, carry, D=D, z=z, mimo_v=mimo_v, mimo_z=mimo_z,
+                       mimo_o=mimo_o, pairing=pairing, valid=valid)
 
 
 # ----------------------------------------------------------------------------- chunked reference
