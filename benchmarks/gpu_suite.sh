@@ -86,7 +86,8 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
               step train_memory 580 python benchmarks/train_memory.py --fla --out "$OUT/train_memory.json" ;;
       decode) step decode_kernel_tests 240 "${PYTEST[@]}" tests/test_decode_attention.py tests/test_conv.py \
                  tests/test_norm_rope_kernels.py tests/test_gdn.py -k "gpu_kernel or gpu_decode or gated_norm_kernel or decode_gates or layer_decode_step"
-              step decode_gdn_m3_tests 240 "${PYTEST[@]}" tests/test_gdn_decode.py tests/test_mamba3_step_kernel.py
+              step decode_gdn_m3_tests 240 "${PYTEST[@]}" tests/test_gdn_decode.py tests/test_mamba3_step_kernel.py \
+                 tests/test_moe_decode.py
               step decode_tests 240 "${PYTEST[@]}" tests/test_decode_engine.py
               step decode_bench 300 python benchmarks/decode.py --device cuda --batches 1 16 --prompts 2048 8192 \
                  --new 64 --repeats 2 --profile --out "$OUT/decode.json" ;;

@@ -31,6 +31,9 @@
   routing, experts, shared expert, both losses -- runs as ONE autograd node with a
   hand-written backward (``kernels.moe.moe_layer``, fast path ``moe_layer``); it equals
   this composed form (tests/test_moe.py) and only cuts the per-op launch and autograd cost.
+* Decode steps: a few tokens without gradients (N top_k <= ``kernels.moe.DECODE_MAX_ASSIGNMENTS``)
+  on CUDA take the composed form, whose routed experts are then two Triton kernels
+  (``moe_decode``: no sort, capturable in the decode engine's CUDA graph).
 """
 
 from __future__ import annotations
@@ -188,12 +191,16 @@ class MoE(nn.Module):
     def _fused(self, xf: Tensor, valid: Tensor | None, cap: int | None) -> bool:
         """Take ``kernels.moe.moe_layer``? Its case: softmax scores, renormalized top-k, no
         balancing bias, dropless, no padding slots; with ``impl`` auto only where its fast
-        path applies (``fused_layer_supported``), with ``impl`` fused always (else an error)."""
+        path applies (``fused_layer_supported``) and the few-token experts path does not
+        (``decode_supported``: no gradient, a decode step), with ``impl`` fused always (else
+        an error)."""
         cfg = self.cfg
         if self.impl not in ("auto", "fused") or xf.shape[0] == 0:  # no tokens: the composed path's early exit
             return False
         case = (cfg.score == "softmax" and cfg.norm_topk and cfg.bias_update_rate == 0 and cap is None
                 and valid is None and cfg.balance_loss != "pooled")
+        if self.impl == "auto" and K.decode_supported(xf, cfg.top_k, self.w_gate_up, self.w_down, capacity=cap):
+            return False  # a decode step: the composed layer, its experts as the moe_decode kernels
         if self.impl == "fused":
             if not case:
                 raise ValueError("impl 'fused' needs softmax scores, norm_topk, no bias balancing, no capacity "

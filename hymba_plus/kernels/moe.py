@@ -49,6 +49,15 @@ elsewhere they are plain PyTorch.
 Fused layer (``moe_layer``): the router + shared-gate GEMM, routing, the grouped experts,
 the gated shared expert and the balance / z losses as one autograd node (``_MoELayer``)
 whose backward is written out, for the launch-bound eager training case on CUDA.
+
+Few-token experts (``moe_decode``, ``moe_decode_triton``): a decode step or a short verify
+chunk (N k <= ``DECODE_MAX_ASSIGNMENTS``, no gradient needed, dropless) runs the routed
+experts as two Triton GEMV kernels and nothing else -- K1 per (token, slot) and block of h:
+``a = SiLU(x W_g[e]) * (x W_u[e]) * w``; K2 per token and block of d: ``y = sum_j a_j
+W_down[e_j]`` (float32 accumulation, no atomics), K2 also writing the per-expert counts and
+the dropped count -- instead of the sort / Plan / gather / grouped GEMMs / un-sort (~40
+kernels per layer), with launch configs fixed by the shapes, so the decode engine captures
+it. The layer (``components.moe``) then takes the composed form instead of ``moe_layer``.
 """
 
 from __future__ import annotations
@@ -60,6 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import dispatch
 from .dispatch import fast_path, max_rel_err, tracing, use_fast
 
 try:  # Triton is optional: only the CUDA fast path uses it
@@ -73,6 +83,7 @@ GROUPED_MM = "moe_grouped_mm"
 TRITON = "moe_triton"
 ROUTER = "moe_router"
 LAYER = "moe_layer"
+DECODE = "moe_decode"
 IMPLS = ("auto", "grouped", "padded", "fused")
 
 
@@ -420,6 +431,78 @@ if triton is not None:
             acc += tl.load(src_ptr + r * stride_src + cols, mask=m, other=0.0).to(tl.float32)
         tl.store(out_ptr + n * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=m)
 
+    @triton.jit
+    def _decode_gate_up_kernel(x_ptr, e_ptr, w_ptr, w1_ptr, a_ptr, D, H, stride_x, stride_e0, stride_e1,
+                               stride_w0, stride_w1, stride_1e, stride_1d, K: tl.constexpr,
+                               BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
+        """moe_decode K1 -- one (token n, slot j) assignment p = n K + j and BLOCK_H hidden
+        units per program: g, u = x_n W_gu[e][:, cols], x_n W_gu[e][:, H + cols] (float32
+        accumulation over d, rounded to x's dtype as the reference GEMM's output is), then
+        a[p, cols] = SiLU(g) * u * w_nj in float32, stored in a's dtype (SwiGLU, Shazeer 2020
+        Eq. 6, as ``_swiglu_fwd_kernel``)."""
+        p = tl.program_id(0)
+        n = (p // K).to(tl.int64)
+        j = p % K
+        e = tl.load(e_ptr + n * stride_e0 + j * stride_e1).to(tl.int64)
+        wv = tl.load(w_ptr + n * stride_w0 + j * stride_w1).to(tl.float32)
+        cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        hm = cols < H
+        acc_g = tl.zeros([BLOCK_H], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_H], dtype=tl.float32)
+        wbase = w1_ptr + e * stride_1e
+        for start in range(0, D, BLOCK_D):
+            rows = start + tl.arange(0, BLOCK_D)
+            dm = rows < D
+            xv = tl.load(x_ptr + n * stride_x + rows, mask=dm, other=0.0).to(tl.float32)
+            off = rows[:, None].to(tl.int64) * stride_1d + cols[None, :]
+            m = dm[:, None] & hm[None, :]
+            wg = tl.load(wbase + off, mask=m, other=0.0).to(tl.float32)
+            wu = tl.load(wbase + off + H, mask=m, other=0.0).to(tl.float32)
+            acc_g += tl.sum(xv[:, None] * wg, axis=0)
+            acc_u += tl.sum(xv[:, None] * wu, axis=0)
+        g = acc_g.to(a_ptr.dtype.element_ty).to(tl.float32)  # the reference's h is in x's dtype
+        u = acc_u.to(a_ptr.dtype.element_ty).to(tl.float32)
+        a = g * tl.sigmoid(g) * u * wv
+        tl.store(a_ptr + p.to(tl.int64) * H + cols, a.to(a_ptr.dtype.element_ty), mask=hm)
+
+    @triton.jit
+    def _decode_down_kernel(a_ptr, e_ptr, w2_ptr, y_ptr, cnt_ptr, drop_ptr, D, H, E, P, stride_e0, stride_e1,
+                            stride_2e, stride_2h, stride_y, K: tl.constexpr, BLOCK_H: tl.constexpr,
+                            BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
+        """moe_decode K2 -- token n, BLOCK_D output columns per program: for each of its K
+        slots, o_j = a[n K + j] W_down[e_nj][:, cols] (float32 accumulation over h, rounded to
+        y's dtype as the reference GEMM's output is), y_n = sum_j o_j in float32 (the
+        reference's k-row sum), in y's dtype. No atomics: each program owns its columns.
+        Program (0, 0) also writes the per-expert assignment counts [E] and the dropped
+        count (0: dropless), so the routed experts need no other kernel."""
+        n = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        dm = cols < D
+        y = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for j in tl.static_range(K):
+            e = tl.load(e_ptr + n * stride_e0 + j * stride_e1).to(tl.int64)
+            arow = a_ptr + (n * K + j) * H
+            wbase = w2_ptr + e * stride_2e
+            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for start in range(0, H, BLOCK_H):
+                rows = start + tl.arange(0, BLOCK_H)
+                hm = rows < H
+                av = tl.load(arow + rows, mask=hm, other=0.0).to(tl.float32)
+                wt = tl.load(wbase + rows[:, None].to(tl.int64) * stride_2h + cols[None, :],
+                             mask=hm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+                acc += tl.sum(av[:, None] * wt, axis=0)
+            y += acc.to(y_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(y_ptr + n * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=dm)
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            ps = tl.arange(0, BLOCK_P)
+            pm = ps < P
+            ev = tl.load(e_ptr + (ps // K).to(tl.int64) * stride_e0 + (ps % K) * stride_e1, mask=pm, other=-1)
+            for e0 in range(0, E, BLOCK_E):
+                es = e0 + tl.arange(0, BLOCK_E)
+                hit = (ev[None, :] == es[:, None]) & pm[None, :]
+                tl.store(cnt_ptr + es, tl.sum(hit.to(tl.int32), axis=1).to(tl.int64), mask=es < E)
+            tl.store(drop_ptr + ps, tl.zeros([BLOCK_P], dtype=tl.int64), mask=ps < 1)
+
 
 def _pow2(n: int) -> int:
     """Smallest power of two >= n, at least 2 (a Triton block over the k choices)."""
@@ -533,6 +616,115 @@ def gather_sum(src: Tensor, idx: Tensor, k: int, out: Tensor | None = None) -> T
     if _triton_ok(src) and (out is None or (out.is_cuda and out.stride(-1) == 1)):
         return _gather_sum_triton(src, idx, k, out)
     return _gather_sum_torch(src, idx, k, out)
+
+
+#: the few-token experts path (``moe_decode``) takes at most this many (token, expert)
+#: assignments N k: a decode step of batch 16 with top-4 routing, or a short verify chunk.
+#: Its kernels read an expert's weights once per assignment (no grouping by expert), so the
+#: bytes read grow with N k; past this bound the sorted grouped GEMMs read less.
+DECODE_MAX_ASSIGNMENTS = 64
+
+
+def _decode_launch(N: int, k: int, d: int, h: int, E: int) -> dict[str, int]:
+    """Fixed launch configuration of the two ``moe_decode`` kernels (a function of the shapes
+    only: no autotuning, so a CUDA graph captures the same kernels every time). Weight tiles
+    of at most 64 x 64 (two in K1: gate and up) per iteration, 4 warps."""
+    bp = _pow2(N * k)
+    return dict(BLOCK_D1=_block(d, 64), BLOCK_H1=_block(h, 64), BLOCK_H2=_block(h, 64), BLOCK_D2=_block(d, 64),
+                BLOCK_P=bp, BLOCK_E=max(16, min(_block(E, 1024), 2048 // bp)))
+
+
+def moe_decode_triton(x: Tensor, experts: Tensor, weights: Tensor, w_gate_up: Tensor, w_down: Tensor
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+    """The dropless routed SwiGLU experts (Shazeer 2020, Eq. 6; the dispatch of ``moe_experts``)
+    for a few tokens, inference only, as two Triton kernels and nothing else:
+
+        K1 (assignment p = n k + j, block of h):  a_p = SiLU(x_n W_g[e]) * (x_n W_u[e]) * w_nj
+        K2 (token n, block of d):                 y_n = sum_j a_{nk+j} W_down[e_nj]
+
+    GEMV style (weight tiles loaded, multiplied, reduced in float32), no sort, no ``Plan``, no
+    atomics (deterministic), no host read: a CUDA graph captures it. Rounding points are the
+    padded reference's on CUDA (gate / up and each slot's down projection rounded to x's dtype,
+    the SwiGLU x weight and the k-row sum in float32); the GEMMs' summation order differs (and
+    PyTorch's 16-bit CPU SwiGLU rounds each of its three products, the Triton one once).
+    x [N, d]; experts, weights [N, k]; w_gate_up [E, d, 2h] (gate columns first); w_down
+    [E, h, d]. Returns (y [N, d] in x's dtype, dropped (0-d long, always 0), assignments per
+    expert [E] long), as ``moe_experts``; K2's first program writes the last two.
+    """
+    N, d = x.shape
+    k = experts.shape[-1]
+    E, _, h2 = w_gate_up.shape
+    h = h2 // 2
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    w_gate_up = w_gate_up if w_gate_up.stride(-1) == 1 else w_gate_up.contiguous()
+    w_down = w_down if w_down.stride(-1) == 1 else w_down.contiguous()
+    a = torch.empty(N * k, h, dtype=x.dtype, device=x.device)
+    y = torch.empty(N, d, dtype=x.dtype, device=x.device)
+    counts = torch.empty(E, dtype=torch.long, device=x.device)
+    dropped = torch.empty((), dtype=torch.long, device=x.device)
+    if N == 0:
+        return y, dropped.zero_(), counts.zero_()
+    c = _decode_launch(N, k, d, h, E)
+    _decode_gate_up_kernel[(N * k, triton.cdiv(h, c["BLOCK_H1"]))](
+        x, experts, weights, w_gate_up, a, d, h, x.stride(0), experts.stride(0), experts.stride(1),
+        weights.stride(0), weights.stride(1), w_gate_up.stride(0), w_gate_up.stride(1), K=k,
+        BLOCK_D=c["BLOCK_D1"], BLOCK_H=c["BLOCK_H1"], num_warps=4, enable_fp_fusion=False)
+    _decode_down_kernel[(N, triton.cdiv(d, c["BLOCK_D2"]))](
+        a, experts, w_down, y, counts, dropped, d, h, E, N * k, experts.stride(0), experts.stride(1),
+        w_down.stride(0), w_down.stride(1), y.stride(0), K=k, BLOCK_H=c["BLOCK_H2"], BLOCK_D=c["BLOCK_D2"],
+        BLOCK_P=c["BLOCK_P"], BLOCK_E=c["BLOCK_E"], num_warps=4, enable_fp_fusion=False)
+    return y, dropped, counts
+
+
+def decode_supported(x: Tensor, top_k: int, w_gate_up: Tensor, w_down: Tensor, *, weights: Tensor | None = None,
+                     capacity: int | None = None, dtype: torch.dtype | None = None) -> bool:
+    """May this ``moe_experts`` call take ``moe_decode``: no gradient needed, at most
+    ``DECODE_MAX_ASSIGNMENTS`` assignments, dropless, eager (not traced), x and the expert
+    weights in one dtype (fp16 / bf16 / fp32; ``dtype``: the dtype they will be cast to
+    first; default: the autocast dtype where autocast is on), on CUDA with the probe passed
+    (``dispatch.use_fast``)."""
+    if capacity is not None or x.dim() != 2 or x.shape[0] * top_k > DECODE_MAX_ASSIGNMENTS or triton is None:
+        return False
+    tensors = [t for t in (x, weights, w_gate_up, w_down) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if dtype is None and torch.is_autocast_enabled(x.device.type):  # moe_experts casts everything to it
+        dtype = layer_dtype(x)
+    dts = {dtype} if dtype is not None else {x.dtype, w_gate_up.dtype, w_down.dtype}
+    if len(dts) != 1 or next(iter(dts)) not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    return not tracing(x) and dispatch.use_fast(DECODE, x, w_gate_up, w_down)
+
+
+def _probe_decode() -> None:
+    """``moe_decode_triton`` on this GPU against ``moe_experts(..., impl="padded")``: bf16 and
+    fp32, k 1 / 2 / 4, E not a power of two, d and h not multiples of the blocks, experts
+    repeated across tokens; outputs, counts and the dropped count."""
+    if triton is None:
+        raise ImportError("triton is not installed")
+    if not torch.cuda.is_available():
+        raise RuntimeError("CUDA is not available")
+    g = torch.Generator().manual_seed(0)
+    for N, k, E, d, h in ((1, 1, 5, 72, 40), (16, 4, 12, 200, 136), (7, 2, 64, 1000, 96), (3, 4, 6, 64, 64)):
+        x = torch.randn(N, d, generator=g)
+        w1 = torch.randn(E, d, 2 * h, generator=g) / d ** 0.5
+        w2 = torch.randn(E, h, d, generator=g) / h ** 0.5
+        experts = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)])
+        weights = torch.rand(N, k, generator=g)
+        for dt, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+            ins = [t.cuda().to(dt) if t.is_floating_point() else t.cuda() for t in (x, experts, weights, w1, w2)]
+            with torch.no_grad():
+                got = moe_decode_triton(*ins)
+                ref = moe_experts(*ins, impl="padded")
+            err = max_rel_err(got[0], ref[0])
+            if not (err < tol and got[0].dtype == dt and torch.equal(got[2], ref[2]) and int(got[1]) == 0):
+                raise RuntimeError(f"moe_decode differs from the padded reference (N {N}, k {k}, E {E}, d {d}, "
+                                   f"h {h}, {dt}: rel {err:.3g}, counts equal {torch.equal(got[2], ref[2])})")
+
+
+fast_path(DECODE, probe=_probe_decode, doc="few-token routed SwiGLU experts (decode steps, N k <= "
+                                           f"{DECODE_MAX_ASSIGNMENTS}, no grad, dropless): two Triton GEMV kernels, "
+                                           "no sort")
 
 
 ROUTER_MAX_EXPERTS, ROUTER_MAX_TOPK = 4096, 16
@@ -767,8 +959,10 @@ def moe_experts(x: Tensor, experts: Tensor, weights: Tensor, w_gate_up: Tensor, 
     x [N, d]; experts, weights [N, k]; w_gate_up [E, d, 2h] (gate columns first); w_down
     [E, h, d]; capacity: rows per expert (None = dropless); inert [N] bool: slots that are
     not real tokens (they never take capacity and are not counted as dropped); impl:
-    ``auto`` (grouped GEMM where supported and dropless, else padded), ``grouped``,
-    ``padded``. Under autocast the inputs and weights are cast to the autocast dtype first.
+    ``auto`` (``moe_decode_triton`` for a few tokens without gradients where
+    ``decode_supported``, else grouped GEMM where supported and dropless, else padded),
+    ``grouped``, ``padded``. Under autocast the inputs and weights are cast to the autocast
+    dtype first.
     Returns (y [N, d], number of real assignments dropped (a 0-d long tensor),
     assignments per expert [E] long (inert slots included: with none, the expert load)).
     """
@@ -781,6 +975,9 @@ def moe_experts(x: Tensor, experts: Tensor, weights: Tensor, w_gate_up: Tensor, 
         x, weights, w_gate_up, w_down = x.to(dt), weights.to(dt), w_gate_up.to(dt), w_down.to(dt)
     N, d = x.shape
     E = w_gate_up.shape[0]
+    if impl == "auto" and N and decode_supported(x, experts.shape[-1], w_gate_up, w_down, weights=weights,
+                                                 capacity=capacity):
+        return moe_decode_triton(x, experts, weights, w_gate_up, w_down)  # a few tokens, no grad: 2 kernels
     if impl == "auto":
         impl = "grouped" if capacity is None and grouped_mm_supported(x, w_gate_up, w_down) else "padded"
     if impl == "grouped" and capacity is not None:

@@ -1,0 +1,298 @@
+"""The few-token MoE experts path ``moe_decode`` (kernels/moe.py: ``moe_decode_triton``, two
+Triton GEMV kernels for the routed SwiGLU experts of a decode step): the kernels in Triton's
+CPU interpreter against ``moe_experts(..., impl="padded")``, whole MoE models decoding through
+them, when the path is taken, and on a GPU the compiled kernels, a CUDA-graph replay and the
+decode engine."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from hymba_plus.components.moe import MoE, MoEConfig
+from hymba_plus.kernels import dispatch
+from hymba_plus.kernels import moe as K
+from tests.conftest import rel_err
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _interpret(code: str, timeout: int = 600) -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                         timeout=timeout)
+    assert res.returncode == 0 and "ok" in res.stdout, (res.stdout[-2000:], res.stderr[-3000:])
+
+
+def _inputs(N: int, k: int, E: int, d: int, h: int, gen: torch.Generator, repeat: bool = False):
+    """x, experts, weights, w_gate_up, w_down; ``repeat``: every token picks from the same few
+    experts (an expert shared by many tokens)."""
+    x = torch.randn(N, d, generator=gen)
+    w1 = torch.randn(E, d, 2 * h, generator=gen) / d ** 0.5
+    w2 = torch.randn(E, h, d, generator=gen) / h ** 0.5
+    pool = k + 1 if repeat else E
+    experts = torch.stack([torch.randperm(pool, generator=gen)[:k] for _ in range(N)])
+    weights = torch.rand(N, k, generator=gen)
+    return x, experts, weights, w1, w2
+
+
+def test_path_is_taken_only_for_few_tokens_without_gradients(monkeypatch):
+    """``decode_supported``: no gradient needed, N k <= DECODE_MAX_ASSIGNMENTS, dropless, one
+    16/32-bit dtype, and dispatch's answer (CUDA + probe); the CPU never takes it."""
+    g = torch.Generator().manual_seed(0)
+    x, experts, weights, w1, w2 = _inputs(4, 2, 6, 16, 8, g)
+    assert not K.decode_supported(x, 2, w1, w2)  # CPU: dispatch says no
+    monkeypatch.setattr(dispatch, "use_fast", lambda name, *t: name == K.DECODE)
+    assert K.decode_supported(x, 2, w1, w2)
+    assert not K.decode_supported(x, 2, w1, w2, capacity=4)
+    big = torch.randn(K.DECODE_MAX_ASSIGNMENTS // 2 + 1, 16)
+    assert not K.decode_supported(big, 2, w1, w2)
+    assert not K.decode_supported(x.double(), 2, w1.double(), w2.double())
+    assert not K.decode_supported(x.bfloat16(), 2, w1, w2)  # mixed dtypes: the reference's bmm would refuse
+    w1g = w1.clone().requires_grad_()
+    assert not K.decode_supported(x, 2, w1g, w2)
+    with torch.no_grad():
+        assert K.decode_supported(x, 2, w1g, w2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # moe_experts casts all to bf16 first
+        assert K.decode_supported(x, 2, w1, w2)
+
+
+def test_layer_skips_the_fused_layer_for_a_decode_step(monkeypatch):
+    """With the path available, a no-grad MoE layer call with few tokens runs the composed
+    layer (router, moe_decode, shared expert) instead of ``moe_layer``; with gradients the
+    fused-layer decision is unchanged."""
+    m = MoE(MoEConfig(n_experts=6, top_k=2, n_shared=1, d_expert=8), d_model=16)
+    xf = torch.randn(3, 16)
+    monkeypatch.setattr(dispatch, "use_fast", lambda name, *t: name == K.DECODE)
+    monkeypatch.setattr(K, "fused_layer_supported", lambda *a, **k: True)
+    assert m._fused(xf, None, None)  # parameters need gradients: no decode path
+    with torch.no_grad():
+        assert not m._fused(xf, None, None)
+    m.impl = "fused"
+    with torch.no_grad():
+        assert m._fused(xf, None, None)  # an explicit impl is obeyed
+
+
+def test_kernels_in_interpreter_match_padded_reference():
+    """K1 (gate/up GEMV + SwiGLU x weight) and K2 (down GEMV + k-slot sum, counts, dropped)
+    in Triton's CPU interpreter against ``moe_experts(..., impl="padded")``: N 1-16, k 1 / 2 /
+    4, E 8 / 12, d and h no powers of two (and past one block), experts repeated across
+    tokens, fp32 (1e-5) and bf16 (3e-2: the interpreter truncates bf16 casts, and the CPU
+    reference rounds each product of its SwiGLU); strided (non-contiguous) experts / weights;
+    counts equal the reference's, dropped is 0; no tokens."""
+    pytest.importorskip("triton")
+    _interpret("""
+        import torch
+        import hymba_plus.kernels.moe as K
+        from tests.test_moe_decode import _inputs
+        g = torch.Generator().manual_seed(0)
+        rel = lambda a, b: float((a.float() - b.float()).abs().max() / b.float().abs().max())
+        cases = [(1, 1, 8, 40, 24, False), (2, 2, 12, 72, 40, True), (5, 4, 12, 100, 136, False),
+                 (16, 4, 8, 24, 70, True), (16, 2, 12, 130, 20, False), (9, 1, 8, 65, 33, True)]
+        for N, k, E, d, h, repeat in cases:
+            x, experts, weights, w1, w2 = _inputs(N, k, E, d, h, g, repeat)
+            for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+                ins = [t.to(dt) if t.is_floating_point() else t for t in (x, experts, weights, w1, w2)]
+                y, dropped, counts = K.moe_decode_triton(*ins)
+                ry, rd, rc = K.moe_experts(*ins, impl="padded")
+                assert y.dtype == dt and y.shape == ry.shape
+                assert rel(y, ry) < tol, (N, k, E, d, h, dt, rel(y, ry))
+                assert torch.equal(counts, rc) and counts.dtype == torch.long and int(dropped) == 0
+        # strided routing tensors (columns of wider ones) and a row-strided x
+        x, experts, weights, w1, w2 = _inputs(4, 2, 8, 48, 24, g)
+        xw = torch.randn(4, 60, generator=g)
+        xw[:, 5:53] = x
+        ew = torch.stack([experts, experts], -1)[..., 0]
+        ww = torch.stack([weights, weights], -1)[..., 1]
+        assert not ew.is_contiguous() and not ww.is_contiguous()
+        y, _, counts = K.moe_decode_triton(xw[:, 5:53], ew, ww, w1, w2)
+        ry, _, rc = K.moe_experts(x, experts, weights, w1, w2, impl="padded")
+        assert rel(y, ry) < 1e-5 and torch.equal(counts, rc)
+        y, dropped, counts = K.moe_decode_triton(x[:0], experts[:0], weights[:0], w1, w2)
+        assert y.shape == (0, 48) and int(dropped) == 0 and int(counts.sum()) == 0
+        print("ok")
+    """)
+
+
+def test_models_decode_through_kernels_in_interpreter():
+    """Whole float32 MoE models on the CPU with ``moe_decode`` forced on (the kernels in
+    Triton's interpreter): greedy tokens of the static engine and of the dynamic cache equal
+    the reference path's in a left-padded batch, so are the logits of every step (1e-5), and
+    the kernels did run (every decode step of every MoE layer); with and without a shared
+    expert."""
+    pytest.importorskip("triton")
+    _interpret("""
+        import torch
+        from hymba_plus.kernels import dispatch
+        import hymba_plus.kernels.moe as K
+        from hymba_plus.models.decode_engine import engine_for
+        from tests.test_invariant import make, V
+        rel = lambda a, b: float((a - b).abs().max() / b.abs().max())
+        calls = []
+        real_kernel = K.moe_decode_triton
+        def counted(*a, **k):
+            calls.append(a[0].shape[0])
+            return real_kernel(*a, **k)
+        K.moe_decode_triton = counted
+        real_use_fast = dispatch.use_fast
+        fast = lambda name, *t: name == K.DECODE
+        ids = torch.randint(0, V, (3, 7), generator=torch.Generator().manual_seed(0))
+        mask = torch.ones_like(ids)
+        mask[0, :3] = 0
+        mask[2, :1] = 0
+        for moe in ({"n_experts": 6, "top_k": 2, "n_shared": 1, "d_expert": 24},
+                    {"n_experts": 5, "top_k": 3, "n_shared": 0, "d_expert": 20, "norm_topk": False}):
+            model = make({"name": "t", "model": {"vocab_size": V, "d_model": 32, "max_seq_len": 64, "ffn": "none",
+                                                 "block_pattern": "GA+moe | GD+moe"},
+                          "components": {"moe": moe}})
+            with torch.no_grad():
+                dispatch.use_fast = real_use_fast
+                calls.clear()
+                want = model.generate(ids, max_new_tokens=8, attention_mask=mask, engine="dynamic")
+                assert not calls
+                dispatch.use_fast = fast
+                for engine in ("static", "dynamic"):
+                    calls.clear()
+                    got = model.generate(ids, max_new_tokens=8, attention_mask=mask, engine=engine)
+                    assert torch.equal(got, want), (moe, engine, got, want)
+                    assert calls.count(3) >= 2 * 7, (engine, calls)  # every decode step of both MoE layers
+                cache, ref_cache = model.new_cache(3), model.new_cache(3)
+                model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)
+                dispatch.use_fast = real_use_fast
+                model(ids, attention_mask=mask, cache=ref_cache, logits_to_keep=1)
+                eng = engine_for(model, cache, 8, graph=False)
+                for j in range(7, 14):
+                    dispatch.use_fast = real_use_fast
+                    ref = model(want[:, j:j + 1], cache=ref_cache, check_inputs=False).logits[:, -1]
+                    dispatch.use_fast = fast
+                    calls.clear()
+                    got = eng.step(want[:, j])
+                    assert calls == [3, 3], calls
+                    assert rel(got, ref) <= 1e-5, (moe, j, rel(got, ref))
+        print("ok")
+    """)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_kernels_match_padded_reference(monkeypatch, dtype):
+    """The compiled kernels (HYMBA_KERNELS=fast: a failed probe is an error) against the padded
+    reference on CUDA at the issue's shape (batch 16, 64 experts of 512, top-4, d 1024) and
+    smaller ones; ``moe_experts`` takes the path under no_grad only."""
+    monkeypatch.setenv("HYMBA_KERNELS", "fast")
+    g = torch.Generator().manual_seed(0)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    for N, k, E, d, h, repeat in ((16, 4, 64, 1024, 512, False), (16, 4, 64, 1024, 512, True), (1, 1, 12, 200, 72, False),
+                                  (7, 2, 12, 1000, 136, True), (3, 4, 8, 96, 1100, False)):
+        ins = [t.cuda().to(dtype) if t.is_floating_point() else t.cuda() for t in _inputs(N, k, E, d, h, g, repeat)]
+        with torch.no_grad():
+            ref = K.moe_experts(*ins, impl="padded")
+            got = K.moe_experts(*ins)
+        assert dispatch.statuses()[K.DECODE] is True
+        assert got[0].dtype == dtype and rel_err(got[0].float(), ref[0].float()) < tol, (N, k, E, d, h)
+        assert torch.equal(got[2], ref[2]) and int(got[1]) == 0
+        direct = K.moe_decode_triton(*ins)
+        assert torch.equal(direct[0], got[0])  # deterministic
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_replay_in_a_cuda_graph():
+    """Captured once, the two kernels follow the tokens, experts and weights written into their
+    input buffers between replays (no host read, no sort)."""
+    if dispatch.mode() == "reference":
+        pytest.skip("HYMBA_KERNELS=reference")
+    g = torch.Generator().manual_seed(0)
+    N, k, E, d, h = 16, 4, 64, 1024, 512
+    x, experts, weights, w1, w2 = (t.cuda().bfloat16() if t.is_floating_point() else t.cuda()
+                                   for t in _inputs(N, k, E, d, h, g))
+    K.moe_decode_triton(x, experts, weights, w1, w2)  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y, dropped, counts = K.moe_decode_triton(x, experts, weights, w1, w2)
+    for seed in range(3):
+        nx, ne, nw, _, _ = _inputs(N, k, E, d, h, torch.Generator().manual_seed(seed + 1), repeat=seed == 1)
+        x.copy_(nx)
+        experts.copy_(ne)
+        weights.copy_(nw)
+        graph.replay()
+        with torch.no_grad():
+            ref = K.moe_experts(x, experts, weights, w1, w2, impl="padded")
+        assert rel_err(y.float(), ref[0].float()) < 2e-2 and torch.equal(counts, ref[2]) and int(dropped) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_graph_engine_with_moe_decode_equals_reference(monkeypatch, dtype):
+    """A small MoE model's greedy decoding on the graph engine (moe_decode captured in the
+    step) gives the tokens of ``HYMBA_KERNELS=reference`` decoding on the dynamic cache."""
+    from tests.test_invariant import V, make
+
+    model = make({"name": "t", "model": {"vocab_size": V, "d_model": 64, "max_seq_len": 128, "ffn": "none",
+                                         "block_pattern": "GA+moe | GD+moe"},
+                  "components": {"moe": {"n_experts": 12, "top_k": 4, "n_shared": 1, "d_expert": 40}}})
+    model = model.to(device="cuda", dtype=dtype).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, V, (4, 9), generator=g).cuda()
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        monkeypatch.setenv("HYMBA_KERNELS", "reference")
+        want = model.generate(ids, max_new_tokens=12, attention_mask=mask, engine="dynamic")
+        monkeypatch.setenv("HYMBA_KERNELS", "auto")
+        stats: dict = {}
+        got = model.generate(ids, max_new_tokens=12, attention_mask=mask, engine="graph", stats=stats)
+    assert stats["engine"] == "graph", stats.get("engine_notice")
+    assert dispatch.statuses()[K.DECODE] is True
+    assert torch.equal(got, want)
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_without_spills(tmp_path):
+    """Triton's real compiler (TTIR -> PTX -> cubin) for an H100/H200 without a GPU, at the
+    launch configs ``_decode_launch`` picks for the issue's shape (bf16, d 1024, h 512, 64
+    experts, batch 16, top-4) and for float32; ptxas must report no spilled registers."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    for dtype, ptr in ((torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):
+        c = K._decode_launch(16, 4, 1024, 512, 64)
+        for fn, const in ((K._decode_gate_up_kernel, dict(K=4, BLOCK_D=c["BLOCK_D1"], BLOCK_H=c["BLOCK_H1"])),
+                          (K._decode_down_kernel, dict(K=4, BLOCK_H=c["BLOCK_H2"], BLOCK_D=c["BLOCK_D2"],
+                                                       BLOCK_P=c["BLOCK_P"], BLOCK_E=c["BLOCK_E"]))):
+            sig = {}
+            for name in fn.arg_names:
+                sig[name] = ("constexpr" if name in const else "*i64" if name in ("e_ptr", "cnt_ptr", "drop_ptr")
+                             else ptr if name.endswith("_ptr") else "i32")
+            kern = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const),
+                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "enable_fp_fusion": False})
+            assert kern.asm["cubin"]
+            report = _ptxas_report(kern.asm["ptx"], tmp_path / f"{fn.__name__}_{ptr[1:]}.ptx")
+            if report is not None:  # ptxas -v: "N bytes spill stores, M bytes spill loads"
+                assert " 0 bytes spill stores, 0 bytes spill loads" in report, (fn.__name__, dtype, report)
+
+
+def _ptxas_report(ptx: str, path) -> str | None:  # noqa: ANN001
+    """``ptxas -v`` on ``ptx`` for sm_90a with the ptxas Triton ships (None where there is none)."""
+    import shutil
+
+    import triton
+
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    exe = next((p for p in (os.path.join(bindir, "ptxas-blackwell"), os.path.join(bindir, "ptxas"),
+                            shutil.which("ptxas") or "") if p and os.access(p, os.X_OK)), None)
+    if exe is None:
+        return None
+    path.write_text(ptx)
+    res = subprocess.run([exe, "-v", "-arch=sm_90a", str(path), "-o", str(path.with_suffix(".cubin"))],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout + res.stderr
