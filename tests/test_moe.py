@@ -319,6 +319,29 @@ def test_aux_loss_reaches_model_output_and_stats_exclude_padding():
     assert model.blocks[0].ffn.router.weight.grad.abs().max() > 0
 
 
+def test_decode_steps_skip_aux_losses_and_stats():
+    """``collect_aux=False`` (what the decoding loops pass after the prompt): the MoE layers add
+    no losses or statistics (a decode step would spend kernels on them), and the logits and the
+    cache advance exactly as with them."""
+    comps = {"gated_attn": {"n_heads": 2, "head_dim": 16},
+             "moe": {"n_experts": 4, "top_k": 2, "d_expert": 16, "aux_loss_coef": 0.1, "z_loss_coef": 0.01,
+                     "balance_loss": "pooled"}}
+    torch.manual_seed(0)
+    model = build_model(tiny_recipe("GA+moe | GD+moe", comps, d_model=32)).eval()
+    ids = torch.randint(0, 64, (2, 6))
+    with torch.no_grad():
+        c1, c2 = model.new_cache(2), model.new_cache(2)
+        model(ids, cache=c1)
+        model(ids, cache=c2)
+        nxt = ids[:, -1:]
+        with_aux = model(nxt, cache=c1)
+        without = model(nxt, cache=c2, collect_aux=False)
+    assert with_aux.aux_loss is not None and with_aux.stats
+    assert without.aux_loss is None and not without.stats
+    assert torch.equal(with_aux.logits, without.logits)
+    assert torch.equal(c1.pos, c2.pos)
+
+
 def test_aux_loss_free_bias_update():
     """DeepSeek-V3 balancing: overloaded experts' bias goes down, underloaded up, and the
     load evens out over repeated steps (on a fixed batch: the router itself is frozen)."""

@@ -215,7 +215,7 @@ class MoE(nn.Module):
         load = counts.float() if valid is None else K.expert_load(r.experts, cfg.n_experts, valid)
         if self.training and cfg.bias_update_rate > 0:
             self.load += load
-        if ctx is None:
+        if ctx is None or not ctx.collect:  # no context, or a decode step: nobody reads losses / stats
             return
         lb = K.load_balancing_loss(r.probs, load, cfg.top_k, valid)
         z = K.router_z_loss(r.logits, valid, r.lse)

@@ -156,6 +156,8 @@ class StepContext:
     pooled:    losses computed once from statistics pooled over every layer of the call:
                name -> (reduce, [per-layer terms]); ``aux_total`` adds ``reduce(terms)``
                (MoE ``balance_loss: pooled``, the HF convention).
+    collect:   False: layers skip their auxiliary losses and statistics (a decode step, where
+               nothing reads them and each would be a few more kernels per layer per token).
     """
 
     positions: Tensor
@@ -168,6 +170,7 @@ class StepContext:
     bidirectional: bool = False
     two_stream: object | None = None
     pooled: dict[str, tuple[Callable[[list], Tensor], list]] = field(default_factory=dict)
+    collect: bool = True
 
     def aux_total(self) -> Tensor | None:
         """The sum of the auxiliary losses (per-layer ones plus the pooled ones), or None."""

@@ -97,7 +97,7 @@ class DecodeEngine:
     def _forward(self) -> Tensor:
         """One step on the static buffers; everything the forward replaced is copied back."""
         live = self._binding()
-        logits = self.model(self.tok, cache=live, check_inputs=False).logits[:, -1]
+        logits = self.model(self.tok, cache=live, check_inputs=False, collect_aux=False).logits[:, -1]
         self.buffers.load_(live)
         return logits
 

@@ -60,7 +60,8 @@ def run_active(block: nn.Module, x: Tensor, ctx: StepContext, state, active: Ten
     lengths = active.sum(1)
     xs = x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
     sub = StepContext(positions=ctx.positions.gather(1, order), lengths=lengths, n_meta=ctx.n_meta,
-                      aux_losses=ctx.aux_losses, stats=ctx.stats, shared=ctx.shared, pooled=ctx.pooled)
+                      aux_losses=ctx.aux_losses, stats=ctx.stats, shared=ctx.shared, pooled=ctx.pooled,
+                      collect=ctx.collect)
     if router is not None:
         router.set_gate(None if gate is None else gate.gather(1, order[..., None].expand(-1, -1, gate.shape[-1])))
     try:

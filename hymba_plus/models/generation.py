@@ -199,7 +199,7 @@ def continue_ar(model: Any, cache: Any, last: Tensor, max_new_tokens: int, tempe
         # sampled from the model's own logits, and the length was checked up front: no checks
         # (they would cost a device sync per token on CUDA)
         def step(tok: Tensor) -> Tensor:
-            return model(tok[:, None], cache=cache, check_inputs=False).logits[:, -1]
+            return model(tok[:, None], cache=cache, check_inputs=False, collect_aux=False).logits[:, -1]
     B = last.shape[0]
     done = torch.zeros(B, dtype=torch.bool, device=last.device)
     new = []

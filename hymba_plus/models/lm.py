@@ -139,6 +139,7 @@ class HybridLM(nn.Module):
         check_inputs: bool = True,
         logits_to_keep: int = 0,
         return_logits: bool = True,
+        collect_aux: bool = True,
     ) -> ModelOutput:
         """Logits [B, T, V] for ``input_ids`` [B, T] (or ``inputs_embeds`` [B, T, D]).
 
@@ -173,6 +174,10 @@ class HybridLM(nn.Module):
         logits (``lm_loss``'s semantics; the training step asks for this unless something reads
         its logits, e.g. ``--distill``). ``return_logits=True`` (the default) computes the logits
         and takes ``lm_loss`` of them.
+
+        ``collect_aux=False``: the layers skip their auxiliary losses and statistics (MoE
+        balance / z losses, routing statistics; ``StepContext.collect``): ``aux_loss`` and
+        ``stats`` are then None. The decoding loops pass it for every token after the prompt.
 
         ``check_inputs=False`` skips them too: the decoding loop of ``models/generation.py``
         for tokens the model sampled itself (``generate`` checked the whole length up front)
@@ -212,7 +217,8 @@ class HybridLM(nn.Module):
             lengths = valid.sum(1)
         base = cache.pos if cache is not None else torch.zeros(B, dtype=torch.long, device=x.device)
         positions = base[:, None] + torch.arange(S, device=x.device)[None]
-        ctx = StepContext(positions=positions, lengths=lengths, n_meta=n_meta, bidirectional=bidirectional)
+        ctx = StepContext(positions=positions, lengths=lengths, n_meta=n_meta, bidirectional=bidirectional,
+                          collect=collect_aux)
         structure_options = {k: v for k, v in (("routes", routes), ("think_iterations", think_iterations))
                              if v is not None}
         x = self.structure(self.blocks, x, ctx, cache, **structure_options)
