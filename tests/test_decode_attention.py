@@ -158,8 +158,8 @@ def test_kernels_in_interpreter_match_reference():
 def test_models_decode_through_kernel_in_interpreter():
     """Whole models on the CPU with the decode_attention fast path forced on (the kernels in
     Triton's interpreter): greedy tokens of the static engine (fill counter, in-place appends,
-    a KV-sharing pair reading the producer's counter) and of the dynamic cache equal the
-    reference path's, in left-padded batches, and so are the logits of every step (1e-5); with
+    a KV-sharing pair reading the producer's counter; the windowed config) or of the dynamic
+    cache (the global one) equal the reference path's, in left-padded batches, and so are the logits of every step (1e-5); with
     GQA 4 + window + meta tokens and with plain global attention; and the kernel did run."""
     pytest.importorskip("triton")
     _interpret("""
@@ -188,21 +188,21 @@ def test_models_decode_through_kernel_in_interpreter():
             with torch.no_grad():
                 dispatch.use_fast = real_use_fast
                 calls.clear()
-                want = model.generate(ids, max_new_tokens=8, attention_mask=mask, engine="dynamic")
+                want = model.generate(ids, max_new_tokens=5, attention_mask=mask, engine="dynamic")
                 assert not calls
                 dispatch.use_fast = lambda name, *t: name == "decode_attention"
-                for engine in ("static", "dynamic"):
+                for engine in (("static",) if meta else ("dynamic",)):  # one engine each (CI time)
                     calls.clear()
-                    got = model.generate(ids, max_new_tokens=8, attention_mask=mask, engine=engine)
+                    got = model.generate(ids, max_new_tokens=5, attention_mask=mask, engine=engine)
                     assert torch.equal(got, want), (attn, engine, got, want)
-                    assert len(calls) >= 2 * 7, (engine, len(calls))  # every decode step of both GA layers
+                    assert len(calls) >= 2 * 4, (engine, len(calls))  # every decode step of both GA layers
                 # the logits of every step along that sequence: kernel (static engine) vs reference (dynamic cache)
                 cache, ref_cache = model.new_cache(3), model.new_cache(3)
                 model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)
                 dispatch.use_fast = real_use_fast
                 model(ids, attention_mask=mask, cache=ref_cache, logits_to_keep=1)
-                eng = engine_for(model, cache, 8, graph=False)
-                for j in range(7, 14):
+                eng = engine_for(model, cache, 5, graph=False)
+                for j in range(7, 11):
                     dispatch.use_fast = real_use_fast
                     ref = model(want[:, j:j + 1], cache=ref_cache, check_inputs=False).logits[:, -1]
                     dispatch.use_fast = lambda name, *t: name == "decode_attention"

@@ -99,7 +99,7 @@ def test_step_kernel_in_interpreter_matches_reference():
     N and P not powers of two, P split over several tiles (N 128 / 256), grouped heads (G < H),
     valid masks with False rows (their carry bit-equal to the old one), D / z present and absent,
     MIMO up-projections, strided activations (the layer's views, angles expanded over heads),
-    float32, bfloat16 and float16 inputs. The outputs are new tensors and the inputs unchanged.
+    float32 inputs for every case, bfloat16 or float16 on alternate cases. The outputs are new tensors and the inputs unchanged.
 
     Bounds: float32 y, h, k to 1e-5 of the largest (reduction orders differ), v bit-equal, the
     angle to 2e-6 through its cos / sin (the interpreter's tanh is an exp formula, Triton has no
@@ -125,7 +125,7 @@ def test_step_kernel_in_interpreter_matches_reference():
         ]
         n = 0
         for i, (B, R, G, H, N, P, K, pairing) in enumerate(cases):
-            for dt in (torch.float32, torch.bfloat16, torch.float16):
+            for dt in (torch.float32, (torch.bfloat16, torch.float16)[i % 2]):  # 16-bit: alternate (CI time)
                 for dz, valid, strided, mimo in ((True, False, False, None), (False, True, True, None),
                                                  (True, True, True, None), (True, True, False, False)):
                     if mimo is False and R > 1:
@@ -159,12 +159,12 @@ def test_step_kernel_in_interpreter_matches_reference():
                     n += 1
         print("ok", n)
     """)
-    assert "ok 117" in out, out
+    assert "ok 78" in out, out
 
 
 def test_models_decode_through_step_kernel_in_interpreter():
     """Whole float32 models on the CPU with the ``mamba3_step`` fast path forced on (the kernel
-    in Triton's interpreter): the greedy tokens of the static engine and of the dynamic cache
+    in Triton's interpreter): the greedy tokens of the static engine (SISO) or the dynamic cache (MIMO)
     equal the reference's, in left-padded batches with meta tokens, and so are the logits of
     every step (1e-5); SISO (interleaved, K = N/4, grouped heads) next to attention and MIMO R 2
     (half pairing, K = N/2); a one-token chunk with a padded row (valid False: that row's state
@@ -199,21 +199,21 @@ def test_models_decode_through_step_kernel_in_interpreter():
             with torch.no_grad():
                 dispatch.use_fast = real_use_fast
                 calls.clear()
-                want = model.generate(ids, max_new_tokens=8, attention_mask=mask, engine="dynamic")
+                want = model.generate(ids, max_new_tokens=5, attention_mask=mask, engine="dynamic")
                 assert not calls
                 dispatch.use_fast = fast
-                for engine in ("static", "dynamic"):
+                for engine in (("static",) if n_m3 == 1 else ("dynamic",)):  # one engine each (CI time)
                     calls.clear()
-                    got = model.generate(ids, max_new_tokens=8, attention_mask=mask, engine=engine)
+                    got = model.generate(ids, max_new_tokens=5, attention_mask=mask, engine=engine)
                     assert torch.equal(got, want), (pattern, engine, got, want)
-                    assert len(calls) >= n_m3 * 7, (engine, len(calls))  # every decode step of every M3 layer
+                    assert len(calls) >= n_m3 * 4, (engine, len(calls))  # every decode step of every M3 layer
                 # the logits of every step along that sequence: kernel (static engine) vs reference (dynamic cache)
                 cache, ref_cache = model.new_cache(3), model.new_cache(3)
                 model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)
                 dispatch.use_fast = real_use_fast
                 model(ids, attention_mask=mask, cache=ref_cache, logits_to_keep=1)
-                eng = engine_for(model, cache, 8, graph=False)
-                for j in range(7, 14):
+                eng = engine_for(model, cache, 5, graph=False)
+                for j in range(7, 11):
                     dispatch.use_fast = real_use_fast
                     ref = model(want[:, j:j + 1], cache=ref_cache, check_inputs=False).logits[:, -1]
                     dispatch.use_fast = fast

@@ -121,8 +121,8 @@ def test_kernels_in_interpreter_match_padded_reference():
 
 def test_models_decode_through_kernels_in_interpreter():
     """Whole float32 MoE models on the CPU with ``moe_decode`` forced on (the kernels in
-    Triton's interpreter): greedy tokens of the static engine and of the dynamic cache equal
-    the reference path's in a left-padded batch, so are the logits of every step (1e-5), and
+    Triton's interpreter): greedy tokens of the static engine (with a shared expert) or of the
+    dynamic cache (without) equal the reference path's in a left-padded batch, so are the logits of every step (1e-5), and
     the kernels did run (every decode step of every MoE layer); with and without a shared
     expert."""
     pytest.importorskip("triton")
@@ -153,20 +153,20 @@ def test_models_decode_through_kernels_in_interpreter():
             with torch.no_grad():
                 dispatch.use_fast = real_use_fast
                 calls.clear()
-                want = model.generate(ids, max_new_tokens=8, attention_mask=mask, engine="dynamic")
+                want = model.generate(ids, max_new_tokens=5, attention_mask=mask, engine="dynamic")
                 assert not calls
                 dispatch.use_fast = fast
-                for engine in ("static", "dynamic"):
+                for engine in (("static",) if moe["n_shared"] else ("dynamic",)):  # one engine each (CI time)
                     calls.clear()
-                    got = model.generate(ids, max_new_tokens=8, attention_mask=mask, engine=engine)
+                    got = model.generate(ids, max_new_tokens=5, attention_mask=mask, engine=engine)
                     assert torch.equal(got, want), (moe, engine, got, want)
-                    assert calls.count(3) >= 2 * 7, (engine, calls)  # every decode step of both MoE layers
+                    assert calls.count(3) >= 2 * 4, (engine, calls)  # every decode step of both MoE layers
                 cache, ref_cache = model.new_cache(3), model.new_cache(3)
                 model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)
                 dispatch.use_fast = real_use_fast
                 model(ids, attention_mask=mask, cache=ref_cache, logits_to_keep=1)
-                eng = engine_for(model, cache, 8, graph=False)
-                for j in range(7, 14):
+                eng = engine_for(model, cache, 5, graph=False)
+                for j in range(7, 11):
                     dispatch.use_fast = real_use_fast
                     ref = model(want[:, j:j + 1], cache=ref_cache, check_inputs=False).logits[:, -1]
                     dispatch.use_fast = fast
