@@ -171,9 +171,13 @@ class MoE(nn.Module):
                           torch.zeros((), dtype=torch.long, device=x.device), ent, lb, z, xf.shape[0] * cfg.top_k)
             return y.view(B, T, D)
         # the router and the shared-expert gate read x through one GEMM (one dx in backward),
-        # its rows zero-padded to a multiple of 8 (16-byte aligned for the tensor-core GEMMs)
+        # its rows zero-padded to a multiple of 8 (16-byte aligned for the tensor-core GEMMs);
+        # without autograd (decoding) two GEMMs instead: the concatenation would be two more
+        # kernels per layer per step, for a backward that does not happen
         if self.shared_gate is None:
             logits, gate_logit = self.router(xf), None
+        elif not torch.is_grad_enabled():
+            logits, gate_logit = self.router(xf), self.shared_gate(xf)[:, 0]
         else:
             w = torch.cat([self.router.weight, self.shared_gate.weight])
             both = F.linear(xf, F.pad(w, (0, 0, 0, -w.shape[0] % 8)))
