@@ -164,50 +164,22 @@ def test_models_decode_through_kernel_in_interpreter():
     pytest.importorskip("triton")
     _interpret("""
         import torch
-        from hymba_plus.kernels import dispatch
         import hymba_plus.kernels.decode_attention as A
-        from hymba_plus.models.decode_engine import engine_for
         from tests.test_invariant import make, V
-        rel = lambda a, b: float((a - b).abs().max() / b.abs().max())
-        calls = []
-        real_kernel = A.decode_attention_triton
-        def counted(*a, **k):
-            calls.append(a[0].shape)
-            return real_kernel(*a, **k)
-        A.decode_attention_triton = counted
-        real_use_fast = dispatch.use_fast
+        from tests.decode_kernel_checks import counting, decode_matches_reference
         ids = torch.randint(0, V, (3, 7), generator=torch.Generator().manual_seed(0))
         mask = torch.ones_like(ids)
         mask[0, :3] = 0
         mask[2, :1] = 0
-        for attn, meta in (({"n_heads": 4, "n_kv_heads": 1, "head_dim": 16, "window": 5, "kv_share": True}, 2),
-                           ({"n_heads": 2, "head_dim": 32}, 0)):
-            model = make({"name": "t", "model": {"vocab_size": V, "d_model": 32, "max_seq_len": 64, "ffn": "none",
-                                                 "meta_tokens": meta, "block_pattern": "GA | GA | GD"},
-                          "components": {"gated_attn": attn}})
-            with torch.no_grad():
-                dispatch.use_fast = real_use_fast
-                calls.clear()
-                want = model.generate(ids, max_new_tokens=5, attention_mask=mask, engine="dynamic")
-                assert not calls
-                dispatch.use_fast = lambda name, *t: name == "decode_attention"
-                for engine in (("static",) if meta else ("dynamic",)):  # one engine each (CI time)
-                    calls.clear()
-                    got = model.generate(ids, max_new_tokens=5, attention_mask=mask, engine=engine)
-                    assert torch.equal(got, want), (attn, engine, got, want)
-                    assert len(calls) >= 2 * 4, (engine, len(calls))  # every decode step of both GA layers
-                # the logits of every step along that sequence: kernel (static engine) vs reference (dynamic cache)
-                cache, ref_cache = model.new_cache(3), model.new_cache(3)
-                model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)
-                dispatch.use_fast = real_use_fast
-                model(ids, attention_mask=mask, cache=ref_cache, logits_to_keep=1)
-                eng = engine_for(model, cache, 5, graph=False)
-                for j in range(7, 11):
-                    dispatch.use_fast = real_use_fast
-                    ref = model(want[:, j:j + 1], cache=ref_cache, check_inputs=False).logits[:, -1]
-                    dispatch.use_fast = lambda name, *t: name == "decode_attention"
-                    got = eng.step(want[:, j])
-                    assert rel(got, ref) <= 1e-5, (attn, j, rel(got, ref))
+        with counting(A, "decode_attention_triton") as calls:
+            for attn, meta in (({"n_heads": 4, "n_kv_heads": 1, "head_dim": 16, "window": 5, "kv_share": True}, 2),
+                               ({"n_heads": 2, "head_dim": 32}, 0)):
+                model = make({"name": "t", "model": {"vocab_size": V, "d_model": 32, "max_seq_len": 64, "ffn": "none",
+                                                     "meta_tokens": meta, "block_pattern": "GA | GA | GD"},
+                              "components": {"gated_attn": attn}})
+                # every decode step of both GA layers; one engine each (CI time)
+                decode_matches_reference(model, ids, mask, ("decode_attention",), calls,
+                                         engines={"static" if meta else "dynamic": 2 * 4})
         print("ok")
     """)
 

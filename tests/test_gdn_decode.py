@@ -143,53 +143,28 @@ def test_models_decode_through_kernel_in_interpreter():
     pytest.importorskip("triton")
     _interpret("""
         import torch
-        from hymba_plus.kernels import dispatch
         import hymba_plus.components.gdn as gdn_mod
-        from hymba_plus.models.decode_engine import engine_for, clear_engines
+        from tests.decode_kernel_checks import counting, decode_matches_reference, forced
         from tests.test_gdn_decode import _gdn_states, _model, _prompt
-        rel = lambda a, b: float((a - b).abs().max() / b.abs().max())
-        calls = []
-        real_kernel = gdn_mod.gated_delta_rule_decode_
-        def counted(*a, **k):
-            calls.append(a[7].data_ptr())  # the state it writes
-            return real_kernel(*a, **k)
-        gdn_mod.gated_delta_rule_decode_ = counted
-        real_use_fast = dispatch.use_fast
-        fast = lambda name, *t: name == "gdn_decode"
         ids, mask = _prompt()
+
+        first = {}
+
+        def wrote_engine_buffers(eng, calls):  # the kernel wrote the engine's own S buffers, in place
+            buffers = sorted(s.S.data_ptr() for s in _gdn_states(eng.buffers))
+            assert sorted(calls) == buffers == first.setdefault(id(eng), buffers), (calls, buffers)
+
         for pattern, gdn in (("GD | GA | GD", {"n_v_heads": 4, "head_dim": 16, "expand_v": 3.0}),
                              ("HY | GD", {"head_dim": 16})):
             model = _model(pattern, gdn)
-            with torch.no_grad():
-                dispatch.use_fast = real_use_fast
-                calls.clear()
-                want = model.generate(ids, max_new_tokens=8, attention_mask=mask, engine="dynamic")
-                assert not calls
-                dispatch.use_fast = fast
-                got = model.generate(ids, max_new_tokens=8, attention_mask=mask, engine="dynamic")
-                assert torch.equal(got, want) and not calls, (pattern, "dynamic")
-                clear_engines(model)
-                got = model.generate(ids, max_new_tokens=8, attention_mask=mask, engine="static")
-                assert torch.equal(got, want), (pattern, got, want)
-                assert len(calls) == 2 * 7, (pattern, len(calls))  # 7 decode steps x 2 gdn layers
-                # the logits of every step along that sequence: kernel (static engine) vs reference (dynamic)
-                cache, ref_cache = model.new_cache(3), model.new_cache(3)
-                dispatch.use_fast = real_use_fast
-                model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)
-                model(ids, attention_mask=mask, cache=ref_cache, logits_to_keep=1)
-                clear_engines(model)
-                eng = engine_for(model, cache, 8, graph=False)
-                buffers = sorted(s.S.data_ptr() for s in _gdn_states(eng.buffers))
-                for j in range(7, 14):
-                    dispatch.use_fast = real_use_fast
-                    ref = model(want[:, j:j + 1], cache=ref_cache, check_inputs=False).logits[:, -1]
-                    dispatch.use_fast = fast
+            with counting(gdn_mod, "gated_delta_rule_decode_", lambda a, k: a[7].data_ptr()) as calls:
+                # 4 decode steps x 2 gdn layers on the static engine
+                want = decode_matches_reference(model, ids, mask, ("gdn_decode",), calls, engines={"static": 2 * 4},
+                                                on_step=wrote_engine_buffers)
+                with torch.no_grad(), forced("gdn_decode"):  # a dynamic cache is not static: never in place
                     calls.clear()
-                    out = eng.step(want[:, j])
-                    assert sorted(calls) == buffers, (pattern, j)  # the kernel wrote the engine's own buffers
-                    assert sorted(s.S.data_ptr() for s in _gdn_states(eng.buffers)) == buffers
-                    assert rel(out, ref) <= 1e-5, (pattern, j, rel(out, ref))
-        dispatch.use_fast = real_use_fast
+                    got = model.generate(ids, max_new_tokens=5, attention_mask=mask, engine="dynamic")
+                assert torch.equal(got, want) and not calls, (pattern, "dynamic")
         print("ok")
     """)
 

@@ -172,20 +172,10 @@ def test_models_decode_through_step_kernel_in_interpreter():
     pytest.importorskip("triton")
     _interpret("""
         import torch
-        from hymba_plus.kernels import dispatch
         import hymba_plus.kernels.mamba3 as M
         from hymba_plus.components.mamba3 import Mamba3State
-        from hymba_plus.models.decode_engine import engine_for
         from tests.test_invariant import make, V
-        rel = lambda a, b: float((a - b).abs().max() / b.abs().max())
-        calls = []
-        real_kernel = M.mamba3_step_triton
-        def counted(*a, **k):
-            calls.append(a[0].shape)
-            return real_kernel(*a, **k)
-        M.mamba3_step_triton = counted
-        real_use_fast = dispatch.use_fast
-        fast = lambda name, *t: name == M.STEP
+        from tests.decode_kernel_checks import counting, decode_matches_reference, forced, rel
         ids = torch.randint(0, V, (3, 7), generator=torch.Generator().manual_seed(0))
         mask = torch.ones_like(ids)
         mask[0, :3] = 0
@@ -196,40 +186,21 @@ def test_models_decode_through_step_kernel_in_interpreter():
                                                  "meta_tokens": 2, "block_pattern": pattern},
                           "components": {"mamba3": m3}})
             n_m3 = pattern.count("M3")
-            with torch.no_grad():
-                dispatch.use_fast = real_use_fast
-                calls.clear()
-                want = model.generate(ids, max_new_tokens=5, attention_mask=mask, engine="dynamic")
-                assert not calls
-                dispatch.use_fast = fast
-                for engine in (("static",) if n_m3 == 1 else ("dynamic",)):  # one engine each (CI time)
-                    calls.clear()
-                    got = model.generate(ids, max_new_tokens=5, attention_mask=mask, engine=engine)
-                    assert torch.equal(got, want), (pattern, engine, got, want)
-                    assert len(calls) >= n_m3 * 4, (engine, len(calls))  # every decode step of every M3 layer
-                # the logits of every step along that sequence: kernel (static engine) vs reference (dynamic cache)
-                cache, ref_cache = model.new_cache(3), model.new_cache(3)
-                model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)
-                dispatch.use_fast = real_use_fast
-                model(ids, attention_mask=mask, cache=ref_cache, logits_to_keep=1)
-                eng = engine_for(model, cache, 5, graph=False)
-                for j in range(7, 11):
-                    dispatch.use_fast = real_use_fast
-                    ref = model(want[:, j:j + 1], cache=ref_cache, check_inputs=False).logits[:, -1]
-                    dispatch.use_fast = fast
-                    got = eng.step(want[:, j])
-                    assert rel(got, ref) <= 1e-5, (pattern, j, rel(got, ref))
+            with counting(M, "mamba3_step_triton") as calls, torch.no_grad():
+                # one engine each (CI time); every decode step of every M3 layer
+                want = decode_matches_reference(model, ids, mask, (M.STEP,), calls,
+                                                engines={"static" if n_m3 == 1 else "dynamic": n_m3 * 4})
                 # a one-token chunk whose middle row is padding: valid = [T, F, T]
                 step_mask = torch.tensor([[1], [0], [1]])
                 caches = []
-                for use in (real_use_fast, fast):
-                    dispatch.use_fast = use
-                    c = model.new_cache(3)
-                    model(ids, attention_mask=mask, cache=c, logits_to_keep=1)
-                    before = [(s.h.clone(), s.k.clone(), s.v.clone(), s.theta.clone())
-                              if isinstance(s, Mamba3State) else None for s in c.states]
-                    calls.clear()
-                    out = model(want[:, 7:8], attention_mask=step_mask, cache=c).logits[:, -1]
+                for names in ((), (M.STEP,)):  # the reference (every fast path off), then the kernel
+                    with forced(*names):
+                        c = model.new_cache(3)
+                        model(ids, attention_mask=mask, cache=c, logits_to_keep=1)
+                        before = [(s.h.clone(), s.k.clone(), s.v.clone(), s.theta.clone())
+                                  if isinstance(s, Mamba3State) else None for s in c.states]
+                        calls.clear()
+                        out = model(want[:, 7:8], attention_mask=step_mask, cache=c).logits[:, -1]
                     caches.append((c, before, out, len(calls)))
                 (c0, _, out0, _), (c1, before, out1, n_calls) = caches
                 assert n_calls == n_m3

@@ -128,52 +128,27 @@ def test_models_decode_through_kernels_in_interpreter():
     pytest.importorskip("triton")
     _interpret("""
         import torch
-        from hymba_plus.kernels import dispatch
         import hymba_plus.kernels.moe as K
-        from hymba_plus.models.decode_engine import engine_for
         from tests.test_invariant import make, V
-        rel = lambda a, b: float((a - b).abs().max() / b.abs().max())
-        calls = []
-        real_kernel = K.moe_decode_triton
-        def counted(*a, **k):
-            calls.append(a[0].shape[0])
-            return real_kernel(*a, **k)
-        K.moe_decode_triton = counted
-        real_use_fast = dispatch.use_fast
-        fast = lambda name, *t: name == K.DECODE
+        from tests.decode_kernel_checks import counting, decode_matches_reference
         ids = torch.randint(0, V, (3, 7), generator=torch.Generator().manual_seed(0))
         mask = torch.ones_like(ids)
         mask[0, :3] = 0
         mask[2, :1] = 0
-        for moe in ({"n_experts": 6, "top_k": 2, "n_shared": 1, "d_expert": 24},
-                    {"n_experts": 5, "top_k": 3, "n_shared": 0, "d_expert": 20, "norm_topk": False}):
-            model = make({"name": "t", "model": {"vocab_size": V, "d_model": 32, "max_seq_len": 64, "ffn": "none",
-                                                 "block_pattern": "GA+moe | GD+moe"},
-                          "components": {"moe": moe}})
-            with torch.no_grad():
-                dispatch.use_fast = real_use_fast
-                calls.clear()
-                want = model.generate(ids, max_new_tokens=5, attention_mask=mask, engine="dynamic")
-                assert not calls
-                dispatch.use_fast = fast
-                for engine in (("static",) if moe["n_shared"] else ("dynamic",)):  # one engine each (CI time)
-                    calls.clear()
-                    got = model.generate(ids, max_new_tokens=5, attention_mask=mask, engine=engine)
-                    assert torch.equal(got, want), (moe, engine, got, want)
-                    assert calls.count(3) >= 2 * 4, (engine, calls)  # every decode step of both MoE layers
-                cache, ref_cache = model.new_cache(3), model.new_cache(3)
-                model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)
-                dispatch.use_fast = real_use_fast
-                model(ids, attention_mask=mask, cache=ref_cache, logits_to_keep=1)
-                eng = engine_for(model, cache, 5, graph=False)
-                for j in range(7, 11):
-                    dispatch.use_fast = real_use_fast
-                    ref = model(want[:, j:j + 1], cache=ref_cache, check_inputs=False).logits[:, -1]
-                    dispatch.use_fast = fast
-                    calls.clear()
-                    got = eng.step(want[:, j])
-                    assert calls == [3, 3], calls
-                    assert rel(got, ref) <= 1e-5, (moe, j, rel(got, ref))
+
+        def both_layers_one_step(eng, calls):  # each step: both MoE layers, 3 tokens each
+            assert calls == [3, 3], calls
+
+        with counting(K, "moe_decode_triton", lambda a, k: a[0].shape[0]) as calls:
+            for moe in ({"n_experts": 6, "top_k": 2, "n_shared": 1, "d_expert": 24},
+                        {"n_experts": 5, "top_k": 3, "n_shared": 0, "d_expert": 20, "norm_topk": False}):
+                model = make({"name": "t", "model": {"vocab_size": V, "d_model": 32, "max_seq_len": 64, "ffn": "none",
+                                                     "block_pattern": "GA+moe | GD+moe"},
+                              "components": {"moe": moe}})
+                # one engine each (CI time); every decode step of both MoE layers
+                decode_matches_reference(model, ids, mask, (K.DECODE,), calls,
+                                         engines={"static" if moe["n_shared"] else "dynamic": 2 * 4},
+                                         on_step=both_layers_one_step)
         print("ok")
     """)
 
