@@ -1,6 +1,9 @@
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -73,16 +76,20 @@ def fla_one_launch_config():
         yield n
 
 
-def check_graph_engine_against_reference(monkeypatch, model, ids, mask, n: int, fast_path: str, dtype) -> None:
+def check_graph_engine_against_reference(monkeypatch, model, ids, mask, n: int, fast_path: str, dtype,
+                                          only: bool = False) -> None:
     """A GPU check shared by the decode-step kernels' tests: the graph engine with ``fast_path``
     in use (``HYMBA_KERNELS`` unset) against ``HYMBA_KERNELS=reference`` on a dynamic cache, for
     the prompt ``ids`` / ``mask`` [B, T]: the logits of every step along the reference's greedy
-    sequence (1e-4 in float32, 5e-2 in bf16) and, in float32, the greedy tokens themselves."""
+    sequence (1e-4 in float32, 5e-2 in bf16) and, in float32, the greedy tokens themselves.
+    ``only``: the fast run uses ``fast_path`` and no other fast path (its probe must pass), the
+    reference run none at all."""
     from hymba_plus.kernels import dispatch
     from hymba_plus.models.decode_engine import clear_engines, engine_for
 
     B, T = ids.shape
     with torch.no_grad():
+        real = dispatch.use_fast
         monkeypatch.setenv("HYMBA_KERNELS", "reference")
         want = model.generate(ids, max_new_tokens=n, attention_mask=mask, engine="dynamic")
         ref_cache = model.new_cache(B)
@@ -90,6 +97,9 @@ def check_graph_engine_against_reference(monkeypatch, model, ids, mask, n: int, 
         refs = [model(want[:, j:j + 1], cache=ref_cache, check_inputs=False).logits[:, -1]
                 for j in range(T, T + n - 1)]
         monkeypatch.delenv("HYMBA_KERNELS")
+        if only:
+            monkeypatch.setenv("HYMBA_KERNELS", "fast")  # a failed probe of fast_path is an error
+            monkeypatch.setattr(dispatch, "use_fast", lambda name, *t: name == fast_path and real(name, *t))
         clear_engines(model)
         stats: dict = {}
         got = model.generate(ids, max_new_tokens=n, attention_mask=mask, engine="graph", stats=stats)
@@ -103,3 +113,15 @@ def check_graph_engine_against_reference(monkeypatch, model, ids, mask, n: int, 
         tol = 1e-4 if dtype == torch.float32 else 5e-2
         for j, ref in zip(range(T, T + n - 1), refs):
             assert rel_err(eng.step(want[:, j]).float(), ref.float()) <= tol, j
+
+
+def run_in_interpreter(code: str, timeout: int = 600) -> str:
+    """Run ``code`` (dedented) in a subprocess with Triton's CPU interpreter on (TRITON_INTERPRET
+    must be set before triton is imported) and the repository on the path; it must exit 0 and
+    print "ok". Returns its stdout."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                         timeout=timeout)
+    assert res.returncode == 0 and "ok" in res.stdout, (res.stdout[-2000:], res.stderr[-3000:])
+    return res.stdout
+

@@ -6,19 +6,13 @@ models decoding with the engine), and on a GPU the compiled kernels and the deco
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
 from hymba_plus.kernels import decode_attention as A
 from hymba_plus.kernels import dispatch
-from tests.conftest import rel_err
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import rel_err, run_in_interpreter
 
 
 def _cache(B: int, S: int, n: int, Tq: int, pad: list[int], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,11 +81,6 @@ def test_supported_shapes():
     assert not A.supported(big_q, big_k, big_k) and A.supported(big_q.bfloat16(), big_k.bfloat16(), big_k.bfloat16())
 
 
-def _interpret(code: str, timeout: int = 600) -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
-    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                         timeout=timeout)
-    assert res.returncode == 0 and "ok" in res.stdout, (res.stdout[-2000:], res.stderr[-3000:])
 
 
 def test_kernels_in_interpreter_match_reference():
@@ -102,7 +91,7 @@ def test_kernels_in_interpreter_match_reference():
     and off, 1 and 3 queries, a bidirectional chunk, fp32 and bf16, strided q / cache views,
     and an inert query slot (padding) that sees no key: finite (0)."""
     pytest.importorskip("triton")
-    _interpret("""
+    run_in_interpreter("""
         import torch
         import hymba_plus.kernels.decode_attention as A
         g = torch.Generator().manual_seed(0)
@@ -162,7 +151,7 @@ def test_models_decode_through_kernel_in_interpreter():
     cache (the global one) equal the reference path's, in left-padded batches, and so are the logits of every step (1e-5); with
     GQA 4 + window + meta tokens and with plain global attention; and the kernel did run."""
     pytest.importorskip("triton")
-    _interpret("""
+    run_in_interpreter("""
         import torch
         import hymba_plus.kernels.decode_attention as A
         from tests.test_invariant import make, V
@@ -217,11 +206,10 @@ def test_gpu_kernel_matches_reference(monkeypatch, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_kernel_replays_in_a_cuda_graph():
+def test_gpu_kernel_replays_in_a_cuda_graph(monkeypatch):
     """Captured once, the kernels follow the fill counter and the positions written between
     replays (no host read: the split of the slots is computed on the device)."""
-    if dispatch.mode() == "reference":
-        pytest.skip("HYMBA_KERNELS=reference")
+    monkeypatch.setenv("HYMBA_KERNELS", "fast")  # the kernel under test, whatever the caller set
     g = torch.Generator().manual_seed(0)
     B, Hq, Hkv, D, S = 4, 8, 2, 128, 1024
     q = torch.randn(B, 1, Hq, D, generator=g).cuda().bfloat16()

@@ -192,10 +192,8 @@ def test_graph_engine_with_decode_attention_kernel_equals_reference(monkeypatch,
     """The captured step with the FlashDecoding kernel (kernels/decode_attention.py) against
     HYMBA_KERNELS=reference (masked SDPA, dynamic cache), left-padded prompts: the logits of
     every step along the reference's greedy sequence, and in float32 the greedy tokens."""
-    from hymba_plus.kernels import dispatch
 
-    if dispatch.mode() == "reference":
-        pytest.skip("HYMBA_KERNELS=reference")
+    monkeypatch.setenv("HYMBA_KERNELS", "fast")  # the kernel under test, whatever the caller set
     model = make({"name": "t", "model": {"vocab_size": V, "d_model": 64, "max_seq_len": 128, "ffn": "mlp",
                                          "meta_tokens": 2, "block_pattern": "GA | GA | GA"},
                   "components": {"gated_attn": attn}})

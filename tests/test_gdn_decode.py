@@ -8,11 +8,6 @@ replay and the graph engine against HYMBA_KERNELS=reference."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
@@ -21,17 +16,8 @@ from hymba_plus.components.gdn import GDNState
 from hymba_plus.kernels import dispatch
 from hymba_plus.kernels import gdn as G
 from hymba_plus.models.decode_engine import clear_engines, engine_for
-from tests.conftest import check_graph_engine_against_reference, rel_err
+from tests.conftest import check_graph_engine_against_reference, rel_err, run_in_interpreter
 from tests.test_invariant import V, make
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _interpret(code: str, timeout: int = 600) -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
-    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                         timeout=timeout)
-    assert res.returncode == 0 and "ok" in res.stdout, (res.stdout[-2000:], res.stderr[-3000:])
 
 
 def _model(pattern: str, gdn: dict | None = None, d_model: int = 32):
@@ -74,7 +60,7 @@ def test_kernel_in_interpreter_matches_reference():
     beta is taken rounded or truncated, whichever the interpreter did), the output to one 16-bit
     rounding (1e-2)."""
     pytest.importorskip("triton")
-    _interpret("""
+    run_in_interpreter("""
         import torch
         from hymba_plus.kernels import gdn as G
         g0 = torch.Generator().manual_seed(0)
@@ -141,7 +127,7 @@ def test_models_decode_through_kernel_in_interpreter():
     cache never runs it (its states are not static) and gives the same tokens. Patterns: plain
     gdn with grouped value heads (Hv = 2H, dv 48) next to attention, and hymba with gdn heads."""
     pytest.importorskip("triton")
-    _interpret("""
+    run_in_interpreter("""
         import torch
         import hymba_plus.components.gdn as gdn_mod
         from tests.decode_kernel_checks import counting, decode_matches_reference, forced
@@ -322,11 +308,10 @@ def test_gpu_kernel_matches_reference(monkeypatch, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_kernel_replays_in_a_cuda_graph():
+def test_gpu_kernel_replays_in_a_cuda_graph(monkeypatch):
     """Captured once over fixed input buffers and a state buffer, replays follow new inputs
     and keep advancing the state in place: 5 steps == 5 reference steps."""
-    if dispatch.mode() == "reference":
-        pytest.skip("HYMBA_KERNELS=reference")
+    monkeypatch.setenv("HYMBA_KERNELS", "fast")  # the kernel under test, whatever the caller set
     gen = torch.Generator().manual_seed(1)
     B, H, Hv, dk, dv = 4, 2, 4, 128, 128
     ins = [t.clone() for t in _gpu_case(B, H, Hv, dk, dv, torch.bfloat16, gen)]
@@ -353,8 +338,7 @@ def test_gpu_graph_engine_with_gdn_decode_equals_reference(monkeypatch, dtype):
     """The captured step with the gdn_decode kernel (in place on the engine's buffers) against
     HYMBA_KERNELS=reference on a dynamic cache, left-padded prompts: the logits of every step
     along the reference's greedy sequence, and in float32 the greedy tokens."""
-    if dispatch.mode() == "reference":
-        pytest.skip("HYMBA_KERNELS=reference")
+    monkeypatch.setenv("HYMBA_KERNELS", "fast")  # the kernel under test, whatever the caller set
     model = make({"name": "t", "model": {"vocab_size": V, "d_model": 128, "max_seq_len": 128, "ffn": "mlp",
                                          "meta_tokens": 2, "block_pattern": "GD | GA | GD"},
                   "components": {"gdn": {"n_heads": 2, "n_v_heads": 4, "head_dim": 64}}})

@@ -7,10 +7,6 @@ for sm_90 without a GPU."""
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -18,9 +14,7 @@ import torch.nn.functional as F
 
 from hymba_plus.kernels import dispatch
 from hymba_plus.kernels import mamba3 as M
-from tests.conftest import rel_err
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import check_graph_engine_against_reference, rel_err, run_in_interpreter
 
 
 def step_inputs(B, R, G, H, N, P, K, dtype, *, dz=True, mimo=None, valid=False, device="cpu", seed=0, strided=False):
@@ -75,8 +69,6 @@ def test_decode_dispatch_is_the_reference_on_cpu_and_with_gradients(monkeypatch)
 def test_launch_config_fits_registers():
     """Fixed by (N, P, R): the whole state column, P tiles of at most 32 (h tile <= 4096 float32),
     a warp per 1024 tile elements (the configs ptxas compiled without spills for sm_90)."""
-    if M.triton is None:
-        pytest.skip("triton not installed")
     for R in (1, 2, 4):
         for N in (2, 16, 48, 64, 128, 256):
             for P in (1, 16, 40, 64, 128):
@@ -85,12 +77,6 @@ def test_launch_config_fits_registers():
                 assert warps == (2 if bn <= 16 and R >= 4 else max(1, bn * bp // 1024)), (R, N, P)
 
 
-def _interpret(code: str, timeout: int = 600) -> str:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
-    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                         timeout=timeout)
-    assert res.returncode == 0 and "ok" in res.stdout, (res.stdout[-2000:], res.stderr[-3000:])
-    return res.stdout
 
 
 def test_step_kernel_in_interpreter_matches_reference():
@@ -105,7 +91,7 @@ def test_step_kernel_in_interpreter_matches_reference():
     angle to 2e-6 through its cos / sin (the interpreter's tanh is an exp formula, Triton has no
     ``tl.tanh``); 16-bit y to 1e-2 (one rounding: the interpreter truncates float32 -> bf16)."""
     pytest.importorskip("triton")
-    out = _interpret("""
+    out = run_in_interpreter("""
         import torch
         from hymba_plus.kernels import mamba3 as M
         from tests.test_mamba3_step_kernel import step_inputs
@@ -170,7 +156,7 @@ def test_models_decode_through_step_kernel_in_interpreter():
     (half pairing, K = N/2); a one-token chunk with a padded row (valid False: that row's state
     bit-equal to before); the kernel did run."""
     pytest.importorskip("triton")
-    _interpret("""
+    run_in_interpreter("""
         import torch
         import hymba_plus.kernels.mamba3 as M
         from hymba_plus.components.mamba3 import Mamba3State
@@ -263,11 +249,10 @@ def test_gpu_step_kernel_matches_reference(monkeypatch, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_step_kernel_replays_in_a_cuda_graph():
+def test_gpu_step_kernel_replays_in_a_cuda_graph(monkeypatch):
     """Captured once, the kernel reads the inputs and the carry written between replays (fixed
     launch config, no host read, fresh outputs from the graph's pool)."""
-    if dispatch.mode() == "reference":
-        pytest.skip("HYMBA_KERNELS=reference")
+    monkeypatch.setenv("HYMBA_KERNELS", "fast")  # the kernel under test, whatever the caller set
     B, R, G, H, N, P, K, pairing = 4, 2, 1, 8, 64, 64, 32, "half"
     static = step_inputs(B, R, G, H, N, P, K, torch.bfloat16, valid=True, device="cuda", seed=0)
     M.mamba3_step_triton(**static, pairing=pairing)  # compiles outside the capture
@@ -297,43 +282,16 @@ def test_gpu_graph_engine_with_step_kernel_equals_reference(monkeypatch, m3, dty
     """The decode engine's captured step with the kernel (every other fast path off) against the
     reference step (all fast paths off, dynamic cache), left-padded prompts with meta tokens:
     the logits of every step along the reference's greedy sequence, and in float32 the tokens."""
-    from hymba_plus.models.decode_engine import clear_engines, engine_for
     from tests.test_invariant import V, make
 
-    if dispatch.mode() == "reference":
-        pytest.skip("HYMBA_KERNELS=reference")
-    real = dispatch.use_fast
-    only_step = lambda name, *t: name == M.STEP and real(name, *t)  # noqa: E731
     model = make({"name": "t", "model": {"vocab_size": V, "d_model": 64, "max_seq_len": 128, "ffn": "mlp",
                                          "meta_tokens": 2, "block_pattern": "M3 | GA | M3"},
                   "components": {"mamba3": m3}})
     model = model.to(device="cuda", dtype=dtype).eval()
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, V, (4, 12), generator=g).cuda()
+    ids = torch.randint(0, V, (4, 12), generator=torch.Generator().manual_seed(0)).cuda()
     mask = torch.ones_like(ids)
     mask[1, :5], mask[3, :2] = 0, 0
-    n = 16
-    with torch.no_grad():
-        monkeypatch.setattr(dispatch, "use_fast", lambda name, *t: False)
-        want = model.generate(ids, max_new_tokens=n, attention_mask=mask, engine="dynamic")
-        ref_cache = model.new_cache(4)
-        model(ids, attention_mask=mask, cache=ref_cache, logits_to_keep=1)
-        refs = [model(want[:, j:j + 1], cache=ref_cache, check_inputs=False).logits[:, -1]
-                for j in range(12, 12 + n - 1)]
-        monkeypatch.setattr(dispatch, "use_fast", only_step)
-        clear_engines(model)
-        stats: dict = {}
-        got = model.generate(ids, max_new_tokens=n, attention_mask=mask, engine="graph", stats=stats)
-        assert stats["engine"] == "graph", stats.get("engine_notice")
-        assert dispatch.statuses()[M.STEP] is True, dispatch.statuses()[M.STEP]
-        if dtype == torch.float32:
-            assert torch.equal(got, want)
-        cache = model.new_cache(4)
-        model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)
-        eng = engine_for(model, cache, n, graph=True)
-        tol = 1e-4 if dtype == torch.float32 else 5e-2
-        for j, ref in zip(range(12, 12 + n - 1), refs):
-            assert rel_err(eng.step(want[:, j]).float(), ref.float()) <= tol, j
+    check_graph_engine_against_reference(monkeypatch, model, ids, mask, 16, M.STEP, dtype, only=True)
 
 
 @pytest.mark.slow

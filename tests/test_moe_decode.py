@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -17,16 +15,7 @@ import torch
 from hymba_plus.components.moe import MoE, MoEConfig
 from hymba_plus.kernels import dispatch
 from hymba_plus.kernels import moe as K
-from tests.conftest import rel_err
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _interpret(code: str, timeout: int = 600) -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
-    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                         timeout=timeout)
-    assert res.returncode == 0 and "ok" in res.stdout, (res.stdout[-2000:], res.stderr[-3000:])
+from tests.conftest import rel_err, run_in_interpreter
 
 
 def _inputs(N: int, k: int, E: int, d: int, h: int, gen: torch.Generator, repeat: bool = False):
@@ -86,7 +75,7 @@ def test_kernels_in_interpreter_match_padded_reference():
     reference rounds each product of its SwiGLU); strided (non-contiguous) experts / weights;
     counts equal the reference's, dropped is 0; no tokens."""
     pytest.importorskip("triton")
-    _interpret("""
+    run_in_interpreter("""
         import torch
         import hymba_plus.kernels.moe as K
         from tests.test_moe_decode import _inputs
@@ -126,7 +115,7 @@ def test_models_decode_through_kernels_in_interpreter():
     the kernels did run (every decode step of every MoE layer); with and without a shared
     expert."""
     pytest.importorskip("triton")
-    _interpret("""
+    run_in_interpreter("""
         import torch
         import hymba_plus.kernels.moe as K
         from tests.test_invariant import make, V
@@ -179,11 +168,10 @@ def test_gpu_kernels_match_padded_reference(monkeypatch, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_kernels_replay_in_a_cuda_graph():
+def test_gpu_kernels_replay_in_a_cuda_graph(monkeypatch):
     """Captured once, the two kernels follow the tokens, experts and weights written into their
     input buffers between replays (no host read, no sort)."""
-    if dispatch.mode() == "reference":
-        pytest.skip("HYMBA_KERNELS=reference")
+    monkeypatch.setenv("HYMBA_KERNELS", "fast")  # the kernel under test, whatever the caller set
     g = torch.Generator().manual_seed(0)
     N, k, E, d, h = 16, 4, 64, 1024, 512
     x, experts, weights, w1, w2 = (t.cuda().bfloat16() if t.is_floating_point() else t.cuda()

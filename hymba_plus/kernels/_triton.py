@@ -29,6 +29,12 @@ except ImportError:  # pragma: no cover - CPU machines without triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (Triton's ``next_power_of_2``, here without Triton: launch
+    configs are plain arithmetic on the shapes and are tested on machines without it)."""
+    return 1 << (max(n, 1) - 1).bit_length()
+
 if triton is not None:
     try:
         from triton.language.extra import libdevice

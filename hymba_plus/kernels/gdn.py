@@ -101,7 +101,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch
-from ._triton import exp_f32, log_f32, triton
+from ._triton import exp_f32, log_f32, next_pow2, triton
 
 if triton is not None:
     import triton.language as tl
@@ -514,8 +514,8 @@ def _decode_launch(dk: int, dv: int) -> tuple[int, int, int]:
     columns tiled so that a program's float32 state tile has at most 4096 elements (dk 128:
     [128, 32], a full 128-byte line per state row) and 16 of them per thread. ptxas for sm_90
     (CUDA 13.0, bf16, dk 64-256): 103-119 registers, no spills (32 per thread took 165-218)."""
-    bk = triton.next_power_of_2(dk)
-    bv = min(triton.next_power_of_2(dv), max(16, 4096 // bk))
+    bk = next_pow2(dk)
+    bv = min(next_pow2(dv), max(16, 4096 // bk))
     return bk, bv, max(1, min(8, bk * bv // 512))
 
 

@@ -109,7 +109,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch
-from ._triton import cos_f32, exp_f32, fmod_f32, sigmoid_f32, silu_f32, sin_f32, tanh_f32, triton
+from ._triton import cos_f32, exp_f32, fmod_f32, next_pow2, sigmoid_f32, silu_f32, sin_f32, tanh_f32, triton
 
 if triton is not None:
     import triton.language as tl
@@ -402,8 +402,8 @@ def step_launch_config(N: int, P: int, R: int = 1) -> tuple[int, int, int]:
     P in tiles of at most 32 (16 for N <= 16) with an h tile of at most 4096 float32 values, one
     warp per 1024 of them. Chosen from ptxas's register reports for sm_90 (Triton 3.9): no spills
     for N in 8 .. 256, R in 1, 2, 4; wider P tiles or more warps per tile spilled at N 32-64."""
-    block_n = triton.next_power_of_2(N)
-    block_p = min(triton.next_power_of_2(P), 32 if block_n >= 32 else 16, max(1, 4096 // block_n))
+    block_n = next_pow2(N)
+    block_p = min(next_pow2(P), 32 if block_n >= 32 else 16, max(1, 4096 // block_n))
     warps = max(1, block_n * block_p // 1024)
     if block_n <= 16 and R >= 4:
         warps = 2
