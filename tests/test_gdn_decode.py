@@ -265,19 +265,6 @@ def test_kernel_selection_rules(monkeypatch):
 # ----------------------------------------------------------------------------- GPU
 
 
-def _gpu_case(B, H, Hv, dk, dv, dt, gen):
-    r = lambda *s: torch.randn(*s, generator=gen).cuda()  # noqa: E731
-    qkv = r(B, 1, 2 * H * dk + Hv * dv).to(dt)
-    q = qkv[..., :H * dk].unflatten(-1, (H, dk))
-    k = qkv[..., H * dk:2 * H * dk].unflatten(-1, (H, dk))
-    v = qkv[..., 2 * H * dk:].unflatten(-1, (Hv, dv))
-    a, b = (4 * r(B, 1, Hv)).to(dt), (3 * r(B, 1, Hv)).to(dt)
-    a[0, 0, 0] = 30.0
-    A_log = torch.empty(Hv).uniform_(1.0, 16.0, generator=gen).log().cuda()
-    dt_bias = (-2 - 5 * torch.rand(Hv, generator=gen)).cuda()
-    return q, k, v, a, b, A_log, dt_bias
-
-
 def _ref64(q, k, v, a, b, A_log, dt_bias, S0):
     g, beta = G.gdn_gates(a, b, A_log, dt_bias)
     return G.recurrent_gated_delta_rule_ref(q.double(), k.double(), v.double(), g.double(), beta.double(),
@@ -294,7 +281,7 @@ def test_gpu_kernel_matches_reference(monkeypatch, dtype):
     monkeypatch.setenv("HYMBA_KERNELS", "fast")
     gen = torch.Generator().manual_seed(0)
     for B, H, Hv, dk, dv in ((16, 16, 32, 128, 128), (3, 2, 2, 64, 64), (2, 1, 4, 32, 48), (2, 2, 2, 256, 128)):
-        q, k, v, a, b, A_log, dt_bias = _gpu_case(B, H, Hv, dk, dv, dtype, gen)
+        q, k, v, a, b, A_log, dt_bias = G.decode_case(B, H, Hv, dk, dv, dtype, gen)
         S = torch.randn(B, Hv, dk, dv, generator=gen).cuda()
         S0, ptr = S.clone(), S.data_ptr()
         lengths = (torch.arange(B, device="cuda") > 0).long()
@@ -314,7 +301,7 @@ def test_gpu_kernel_replays_in_a_cuda_graph(monkeypatch):
     monkeypatch.setenv("HYMBA_KERNELS", "fast")  # the kernel under test, whatever the caller set
     gen = torch.Generator().manual_seed(1)
     B, H, Hv, dk, dv = 4, 2, 4, 128, 128
-    ins = [t.clone() for t in _gpu_case(B, H, Hv, dk, dv, torch.bfloat16, gen)]
+    ins = [t.clone() for t in G.decode_case(B, H, Hv, dk, dv, torch.bfloat16, gen)]
     S = 0.1 * torch.randn(B, Hv, dk, dv, generator=gen).cuda()
     with torch.no_grad():
         assert G.decode_in_place_ok(*ins, S)
@@ -324,7 +311,7 @@ def test_gpu_kernel_replays_in_a_cuda_graph(monkeypatch):
             out = G.gated_delta_rule_decode_(*ins, S, use_qk_l2norm=True)
         S_ref = S.double()
         for _ in range(5):
-            new = _gpu_case(B, H, Hv, dk, dv, torch.bfloat16, gen)
+            new = G.decode_case(B, H, Hv, dk, dv, torch.bfloat16, gen)
             for buf, x in zip(ins[:5], new[:5]):
                 buf.copy_(x)
             graph.replay()

@@ -554,6 +554,23 @@ def gated_delta_rule_decode_(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tens
     return o
 
 
+def decode_case(B: int, H: int, Hv: int, dk: int, dv: int, dtype: torch.dtype, gen: torch.Generator,
+                device: str = "cuda") -> tuple[Tensor, ...]:
+    """Inputs of one decode step as the layer makes them, for the probe and the GPU tests:
+    q, k [B, 1, H, dk] and v [B, 1, Hv, dv] as strided views of one conv output, raw gate
+    projections a, b [B, 1, Hv] (a[0, 0, 0] = 30: softplus's identity branch), A_log, dt_bias [Hv]."""
+    r = lambda *s: torch.randn(*s, generator=gen).to(device)  # noqa: E731
+    qkv = r(B, 1, 2 * H * dk + Hv * dv).to(dtype)
+    q = qkv[..., :H * dk].unflatten(-1, (H, dk))
+    k = qkv[..., H * dk:2 * H * dk].unflatten(-1, (H, dk))
+    v = qkv[..., 2 * H * dk:].unflatten(-1, (Hv, dv))
+    a, b = (4 * r(B, 1, Hv)).to(dtype), (3 * r(B, 1, Hv)).to(dtype)
+    a[0, 0, 0] = 30.0
+    A_log = torch.empty(Hv).uniform_(1.0, 16.0, generator=gen).log().to(device)
+    dt_bias = (-2 - 5 * torch.rand(Hv, generator=gen)).to(device)
+    return q, k, v, a, b, A_log, dt_bias
+
+
 def _probe_decode() -> None:
     """The in-place kernel on this GPU against ``gdn_gates`` + ``recurrent_gated_delta_rule_ref``
     (in float64 from the same gates): equal and grouped value heads, q/k/v as strided views of
@@ -562,18 +579,10 @@ def _probe_decode() -> None:
     if triton is None or not torch.cuda.is_available():
         raise RuntimeError("needs triton and a CUDA device")
     g0 = torch.Generator().manual_seed(0)
-    r = lambda *s: torch.randn(*s, generator=g0).cuda()  # noqa: E731
     for B, H, Hv, dk, dv, dt in ((3, 2, 2, 64, 64, torch.bfloat16), (2, 2, 8, 128, 128, torch.float32),
                                  (3, 1, 4, 32, 48, torch.bfloat16), (2, 2, 4, 128, 128, torch.float32)):
-        qkv = r(B, 1, 2 * H * dk + Hv * dv).to(dt)
-        q = qkv[..., :H * dk].unflatten(-1, (H, dk))
-        k = qkv[..., H * dk:2 * H * dk].unflatten(-1, (H, dk))
-        v = qkv[..., 2 * H * dk:].unflatten(-1, (Hv, dv))
-        a, b = (4 * r(B, 1, Hv)).to(dt), (3 * r(B, 1, Hv)).to(dt)
-        a[0, 0, 0] = 30.0
-        A_log = torch.empty(Hv).uniform_(1.0, 16.0, generator=g0).log().cuda()
-        dt_bias = (-2 - 5 * torch.rand(Hv, generator=g0)).cuda()
-        S = r(B, Hv, dk, dv)
+        q, k, v, a, b, A_log, dt_bias = decode_case(B, H, Hv, dk, dv, dt, g0)
+        S = torch.randn(B, Hv, dk, dv, generator=g0).cuda()
         S0 = S.clone()
         lengths = (torch.arange(B) > 0).long().cuda() if dt == torch.bfloat16 else None
         with torch.no_grad():
