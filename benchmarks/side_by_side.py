@@ -173,10 +173,12 @@ def hf_quiet() -> None:
 
 # ---------------------------------------------------------------------------------------------- training
 def time_training(loss_fn: Callable[[], torch.Tensor], params: list[torch.nn.Parameter], args: argparse.Namespace,
-                  use_autocast: bool = True) -> dict:
+                  use_autocast: bool = True, label: str = "") -> dict:
     """Tokens/s of ``--steps`` optimizer steps after ``--warmup`` (fused AdamW, a fresh optimizer);
     peak memory counted from before this call (so a capture or compile made inside the caller's
-    setup after ``reset_peak`` counts too)."""
+    setup after ``reset_peak`` counts too). With ``--profile``, two more steps under
+    torch.profiler afterwards: the top kernels are printed (``label`` first), the per-step
+    kernel count, kernel time and host time go into the result."""
     dev = args.device
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
 
@@ -202,6 +204,12 @@ def time_training(loss_fn: Callable[[], torch.Tensor], params: list[torch.nn.Par
     if dev.startswith("cuda"):
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+    if args.profile:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from timing import profile_passes  # benchmarks/timing.py
+
+        print(f"\n-- profile: {label}", flush=True)
+        out["profile"] = profile_passes(step, "cuda" if dev.startswith("cuda") else "cpu", passes=2, rows=20)
     opt.zero_grad(set_to_none=True)
     return out
 
@@ -218,7 +226,7 @@ def measure_peer(model: torch.nn.Module, ids: torch.Tensor, args: argparse.Names
     reset_peak(args.device)
     try:
         row = time_training(lambda: model(input_ids=ids, labels=ids, use_cache=False, **forward_kw).loss,
-                            list(model.parameters()), args)
+                            list(model.parameters()), args, label=f"peer {type(model).__name__}")
     except torch.cuda.OutOfMemoryError as e:
         row = {"error": short_error(e)}
     row["parameters"] = n_params(model)
@@ -239,7 +247,7 @@ def measure_ours(model: torch.nn.Module, ids: torch.Tensor, args: argparse.Names
         keep = None
         try:
             loss_fn, use_autocast, keep = setup()
-            modes[name] = time_training(loss_fn, params, args, use_autocast)
+            modes[name] = time_training(loss_fn, params, args, use_autocast, label=f"ours {name}")
         except (CaptureError, Skip) as e:
             modes[name] = {"error": str(e)}
         except Exception as e:  # noqa: BLE001 - one mode failing (OOM, a compile error) leaves the others
@@ -782,6 +790,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="HF Qwen3-Next experts implementations to time in row quad_moe (the fastest is the peer)")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (CPU runs)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of our model (training rows)")
+    ap.add_argument("--profile", action="store_true", help="training rows: print the top kernels of two more steps "
+                    "of each model and mode (benchmarks/timing.profile_passes)")
     ap.add_argument("--peak-flops", type=float, default=PEAK_BF16_FLOPS, help="bf16 peak for MFU (default 989e12)")
     ap.add_argument("--hbm-bw", type=float, default=HBM_BYTES_PER_S, help="bytes/s for the weight-streaming limit "
                     "(default 4.8e12, H200)")

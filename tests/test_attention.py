@@ -293,3 +293,38 @@ def test_kv_sharing_consumer_has_no_cache():
     sizes = cache.layer_nbytes()
     assert sizes[1] == 0 and sizes[0] > 0
     assert [b.mixer.state_nbytes(5, torch.float32) for b in model.blocks] == sizes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_kv", [4, 1])
+def test_gpu_cudnn_attention_matches_reference(monkeypatch, n_kv):
+    """kernels.sdpa: cuDNN first in SDPA's order (HYMBA_KERNELS=fast: a failed probe is an error)
+    == PyTorch's default order, outputs and gradients in bf16, MHA and GQA (which cuDNN may hand
+    on to the next backend), and a gated_attn layer's training step the same both ways."""
+    from hymba_plus.kernels import sdpa as S
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 300, 64, generator=g).to("cuda", torch.bfloat16).requires_grad_()
+    k, v = (torch.randn(2, n_kv, 300, 64, generator=g).to("cuda", torch.bfloat16).requires_grad_() for _ in range(2))
+    gy = torch.randn(2, 4, 300, 64, generator=g).to("cuda", torch.bfloat16)
+    outs = {}
+    for mode in ("fast", "reference"):
+        monkeypatch.setenv("HYMBA_KERNELS", mode)
+        y = S.causal_attention(q, k, v, enable_gqa=n_kv != 4)
+        outs[mode] = (y, *torch.autograd.grad(y, (q, k, v), gy))
+    for a, b in zip(outs["fast"], outs["reference"]):
+        assert rel_err(a.float(), b.float()) < 2e-2
+    torch.manual_seed(0)
+    m = layer(n_heads=8, n_kv_heads=n_kv, head_dim=64).cuda()
+    x = torch.randn(2, 256, m.q_proj.in_features, device="cuda")
+    ctx = StepContext(positions=torch.arange(256, device="cuda")[None].expand(2, -1))
+    res = {}
+    for mode in ("fast", "reference"):
+        monkeypatch.setenv("HYMBA_KERNELS", mode)
+        m.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = m(x, ctx)
+        y.float().square().mean().backward()
+        res[mode] = (y.float(), m.q_proj.weight.grad.clone())
+    for a, b in zip(res["fast"], res["reference"]):
+        assert rel_err(a, b) < 3e-2

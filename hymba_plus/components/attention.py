@@ -14,7 +14,9 @@ global causal attention (a recipe never silently turns local). Meta tokens
 The cache keeps keys, values and each slot's position; a windowed layer keeps only the
 meta tokens plus the last ``window - 1`` positions of every row, so its memory is bounded.
 Kernels: ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient
-kernels on CUDA; the causal fast path needs no mask at all). A chunk on top of a cache
+kernels on CUDA); a whole causal sequence (training, prefill) goes through
+``kernels.sdpa.causal_attention``, which needs no mask and on CUDA puts cuDNN's fused attention
+first in SDPA's backend order (probed; the default order otherwise). A chunk on top of a cache
 (decoding, speculative verification, a denoised block) goes through
 ``kernels.decode_attention``: on CUDA with at most 16 queries, a Triton FlashDecoding kernel
 (split-K over the cache slots + a combine kernel) that masks by the slots' positions in
@@ -38,6 +40,7 @@ from ..core.registry import register
 from ..core.two_stream import two_stream_visible
 from ..kernels.decode_attention import decode_attention, visible
 from ..kernels.rotary import apply_rope
+from ..kernels.sdpa import causal_attention
 from .norm import RMSNorm
 
 
@@ -245,7 +248,7 @@ class GatedAttention(nn.Module):
             mask = two_stream_visible(ctx.two_stream, q.device, self.cfg.window)
             o = F.scaled_dot_product_attention(qh, k_all, v_all, attn_mask=mask, enable_gqa=gqa)
         elif fresh and valid is None and self.cfg.window is None and not ctx.bidirectional:
-            o = F.scaled_dot_product_attention(qh, k_all, v_all, is_causal=True, enable_gqa=gqa)
+            o = causal_attention(qh, k_all, v_all, enable_gqa=gqa)  # kernels.sdpa: cuDNN first on CUDA
         elif not fresh:  # a chunk on top of a cache: FlashDecoding kernel (CUDA, <= 16 queries) or masked SDPA
             o = decode_attention(q, k_all, v_all, qpos, kpos, window=self.cfg.window, n_meta=ctx.n_meta,
                                  bidirectional=ctx.bidirectional, valid=valid, n_filled=n_filled).transpose(1, 2)
