@@ -39,6 +39,7 @@ from ..core.positions import RopeConfig, Rotary, rotary_dim
 from ..core.registry import register
 from ..core.two_stream import two_stream_visible
 from ..kernels.decode_attention import decode_attention, visible
+from ..kernels.linear import project
 from ..kernels.rotary import apply_rope
 from ..kernels.sdpa import causal_attention
 from .norm import RMSNorm
@@ -201,20 +202,24 @@ class GatedAttention(nn.Module):
         return slots * (2 * self.hkv * self.d * dtype.itemsize + torch.int64.itemsize)
 
     # -- projections plus norm + rope (k, v are None for a KV-sharing consumer)
-    def qkv(self, x: Tensor, ctx: StepContext) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def qkv(self, x: Tensor, ctx: StepContext) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        """(q, k, v, output-gate logits): the projections as one GEMM when training
+        (``kernels.linear.project``), then q/k norm and RoPE."""
         B, T, _ = x.shape
         cos, sin = self.rotary.cos_sin(ctx.positions)
-        q = self.q_proj(x).view(B, T, self.h, self.d)
+        mods = [self.q_proj] + ([self.k_proj, self.v_proj] if self.kv_role != "consumer" else [])
+        outs = list(project(x, *mods, *([self.g_proj] if self.g_proj is not None else [])))
+        gate = outs.pop() if self.g_proj is not None else None
+        q = outs[0].view(B, T, self.h, self.d)
         if self.q_norm is not None:
             q = self.q_norm(q)
         q = self._rope(q, cos, sin)
         if self.kv_role == "consumer":
-            return q, None, None
-        k = self.k_proj(x).view(B, T, self.hkv, self.d)
-        v = self.v_proj(x).view(B, T, self.hkv, self.d)
+            return q, None, None, gate
+        k, v = (t.view(B, T, self.hkv, self.d) for t in outs[1:])
         if self.k_norm is not None:
             k = self.k_norm(k)
-        return q, self._rope(k, cos, sin), v
+        return q, self._rope(k, cos, sin), v, gate
 
     def _rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         return apply_rope(x, cos, sin) if self.rotary.rot_dim else x
@@ -277,8 +282,8 @@ class GatedAttention(nn.Module):
 
     def forward(self, x: Tensor, ctx: StepContext, state: AttentionState | None = None) -> Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv(x, ctx)
+        q, k, v, gate = self.qkv(x, ctx)
         o = self.attend(q, k, v, ctx, state).reshape(B, T, self.h * self.d)
-        if self.g_proj is not None:
-            o = o * torch.sigmoid(self.g_proj(x))
+        if gate is not None:
+            o = o * torch.sigmoid(gate)
         return self.o_proj(o) if self.o_proj is not None else o

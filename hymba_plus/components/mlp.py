@@ -1,5 +1,6 @@
 """SwiGLU feed-forward (Shazeer 2020, "GLU Variants Improve Transformer", Eq. 6):
-``FFN(x) = (SiLU(x W1) * x W3) W2``. Registered as the ``mlp`` channel mixer."""
+``FFN(x) = (SiLU(x W1) * x W3) W2``. Registered as the ``mlp`` channel mixer. When training,
+``x W1`` and ``x W3`` are one GEMM (``kernels.linear.project``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 from ..core.cache import StepContext
 from ..core.config import spec
 from ..core.registry import register
+from ..kernels.linear import project
 
 
 @dataclass(frozen=True)
@@ -33,4 +35,5 @@ class SwiGLU(nn.Module):
         self.w_down.is_residual_out = True
 
     def forward(self, x: Tensor, ctx: StepContext | None = None) -> Tensor:
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        g, u = project(x, self.w_gate, self.w_up)  # one GEMM when training (kernels.linear)
+        return self.w_down(F.silu(g) * u)

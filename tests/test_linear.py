@@ -1,0 +1,64 @@
+"""kernels.linear.project: several projections of one input as one GEMM when training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from hymba_plus import build_model
+from hymba_plus.kernels.linear import fusable, project
+from tests.conftest import rel_err
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_project_equals_separate_linears_with_gradients(bias):
+    torch.manual_seed(0)
+    mods = [nn.Linear(24, n, bias=bias).double() for n in (16, 8, 8, 16)]
+    x = torch.randn(3, 5, 24, dtype=torch.float64, requires_grad=True)
+    assert fusable(*mods)
+    fused = project(x, *mods)
+    sep = [m(x) for m in mods]
+    gys = [torch.randn_like(y) for y in sep]
+    wrt = [x, *(p for m in mods for p in m.parameters())]
+    g_fused = torch.autograd.grad(fused, wrt, gys)
+    g_sep = torch.autograd.grad(sep, wrt, gys)
+    for a, b in zip([*fused, *g_fused], [*sep, *g_sep]):
+        assert a.shape == b.shape and rel_err(a.detach(), b.detach()) < 1e-12
+
+
+def test_project_runs_each_projection_without_autograd_or_with_hooks():
+    """No gradient (decoding): no weight concatenation per step; a module with a forward hook
+    (an ETD router's LoRA branch) runs its own call, so the hook still applies."""
+    mods = [nn.Linear(8, 8) for _ in range(2)]
+    with torch.no_grad():
+        assert not fusable(*mods)
+    calls = []
+    mods[1].register_forward_hook(lambda m, i, o: calls.append(m) or o * 2)
+    assert not fusable(*mods)
+    x = torch.randn(2, 8)
+    a, b = project(x, *mods)
+    assert calls == [mods[1]] and torch.allclose(b, mods[1](x))  # the hook ran (and doubles the output)
+    assert not fusable(nn.Linear(8, 4), nn.Linear(8, 4, bias=False)) and not fusable(nn.Linear(8, 4), nn.Linear(6, 4))
+
+
+def test_model_training_step_matches_unfused(monkeypatch):
+    """A (GA+mlp) model's loss and every gradient with the fused projections == with each
+    projection on its own (fusable forced False), float64."""
+    from hymba_plus.kernels import linear
+
+    recipe = {"name": "fused-projections", "model": {"d_model": 32, "vocab_size": 64, "block_pattern": "(GA+mlp)*2", "max_seq_len": 32},
+              "components": {"gated_attn": {"n_heads": 4, "n_kv_heads": 2}}}
+    torch.manual_seed(0)
+    model = build_model(recipe).double()
+    ids = torch.randint(0, 64, (2, 12))
+    out = {}
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(linear, "fusable", lambda *m: False)
+        model.zero_grad()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        out[fused] = [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+    for a, b in zip(out[True], out[False]):
+        assert rel_err(a, b) < 1e-10
