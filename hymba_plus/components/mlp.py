@@ -1,6 +1,7 @@
 """SwiGLU feed-forward (Shazeer 2020, "GLU Variants Improve Transformer", Eq. 6):
 ``FFN(x) = (SiLU(x W1) * x W3) W2``. Registered as the ``mlp`` channel mixer. When training,
-``x W1`` and ``x W3`` are one GEMM (``kernels.linear.project``)."""
+``x W1`` and ``x W3`` are one GEMM (``kernels.linear``) and the activation runs on its fused
+output (``kernels.swiglu``: Liger's fused kernel on CUDA)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from torch import Tensor, nn
 from ..core.cache import StepContext
 from ..core.config import spec
 from ..core.registry import register
-from ..kernels.linear import project
+from ..kernels.linear import fusable, fused_linear
+from ..kernels.swiglu import swiglu
 
 
 @dataclass(frozen=True)
@@ -35,5 +37,6 @@ class SwiGLU(nn.Module):
         self.w_down.is_residual_out = True
 
     def forward(self, x: Tensor, ctx: StepContext | None = None) -> Tensor:
-        g, u = project(x, self.w_gate, self.w_up)  # one GEMM when training (kernels.linear)
-        return self.w_down(F.silu(g) * u)
+        if fusable(self.w_gate, self.w_up):  # training: one GEMM, then SwiGLU on the fused output
+            return self.w_down(swiglu(fused_linear(x, self.w_gate, self.w_up)))
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))

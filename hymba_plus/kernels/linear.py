@@ -33,10 +33,16 @@ def fusable(*mods: nn.Linear) -> bool:
     return len({m.bias is None for m in mods}) == 1 and len({m.in_features for m in mods}) == 1
 
 
+def fused_linear(x: Tensor, *mods: nn.Linear) -> Tensor:
+    """``torch.cat([m(x) for m in mods], -1)`` as one GEMM over the concatenated weights (for
+    ``fusable`` modules: it runs no hooks)."""
+    w = torch.cat([m.weight for m in mods])
+    b = None if mods[0].bias is None else torch.cat([m.bias for m in mods])
+    return F.linear(x, w, b)
+
+
 def project(x: Tensor, *mods: nn.Linear) -> tuple[Tensor, ...]:
     """``tuple(m(x) for m in mods)``, as one GEMM where ``fusable``."""
     if not fusable(*mods):
         return tuple(m(x) for m in mods)
-    w = torch.cat([m.weight for m in mods])
-    b = None if mods[0].bias is None else torch.cat([m.bias for m in mods])
-    return F.linear(x, w, b).split([m.out_features for m in mods], dim=-1)
+    return fused_linear(x, *mods).split([m.out_features for m in mods], dim=-1)
