@@ -136,6 +136,9 @@ def test_boundary_states_gradients_match_cached_prefixes():
     got = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
     assert {"qkv_proj.weight", "a_proj.weight", "b_proj.weight", "A_log", "dt_bias", "conv_weight"} <= set(got)
     for n, gr in got.items():
+        if n == "z_proj.weight":  # the output gate does not reach the states: its block of the
+            assert not gr.any()   # fused a|b|z GEMM (kernels.linear) gets a zero gradient
+            continue
         assert torch.isfinite(gr).all() and gr.abs().sum() > 0, n
 
     m.zero_grad(set_to_none=True)

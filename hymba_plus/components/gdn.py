@@ -72,6 +72,7 @@ from ..kernels.gdn import (
     gated_delta_rule_decode_,
     gdn_gates,
 )
+from ..kernels.linear import project
 from .norm import GatedRMSNorm
 
 
@@ -194,7 +195,7 @@ class GatedDeltaNet(nn.Module):
         """Everything before the output projection: [B, T, n_v_heads * value_dim]
         (hymba's SSM heads use this and apply their own shared projection)."""
         q, k, v, new_conv = self.qkv(x, ctx, state.conv if state is not None else None)
-        a, b = self.a_proj(x), self.b_proj(x)
+        a, b, z = project(x, self.a_proj, self.b_proj, self.z_proj)  # one GEMM when training
         if self._step_in_place(q, k, v, a, b, ctx, state):  # static buffers: one kernel, S written in place
             o = gated_delta_rule_decode_(q, k, v, a, b, self.A_log, self.dt_bias, state.S, use_qk_l2norm=True,
                                          lengths=ctx.lengths)
@@ -215,7 +216,7 @@ class GatedDeltaNet(nn.Module):
         if state is not None:
             state.S = S
             state.conv = new_conv
-        return self._output(o, x)
+        return self._output(o, z)
 
     def boundary_forward(self, x: Tensor, ctx: StepContext, block_size: int, offset: int) -> tuple[Tensor, GDNState]:
         """Block-diffusion clean pass (``core.two_stream``): ``(self(x, ctx), states)`` where
@@ -245,11 +246,12 @@ class GatedDeltaNet(nn.Module):
         qkv = self.qkv_proj(x)
         conv = conv_tails(qkv, starts, self.cfg.conv_size - 1) if self.conv_weight is not None else None
         q, k, v, _ = self._qkv_fused(qkv, ctx, None)
-        g, beta = self._decay_beta(self.a_proj(x), self.b_proj(x), ctx)
+        a, b, z = project(x, self.a_proj, self.b_proj, self.z_proj)
+        g, beta = self._decay_beta(a, b, ctx)
         o, _, S = gated_delta_rule(q, k, v, g, beta, output_final_state=False, use_qk_l2norm=True,
                                    chunk_size=self.cfg.chunk_size, delta_rule=self.cfg.delta_rule, states_at=starts)
         S = S.to(compute_dtype(x.dtype)).reshape(B * nb, self.hv, self.dk, self.dv)
-        return self._output(o, x), GDNState(conv=conv, S=S)
+        return self._output(o, z), GDNState(conv=conv, S=S)
 
     def qkv(self, x: Tensor, ctx: StepContext, conv_state: Tensor | None = None, *,
             split: bool | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
@@ -345,8 +347,9 @@ class GatedDeltaNet(nn.Module):
             g = torch.where(valid[..., None], g, torch.zeros_like(g))
         return g, beta
 
-    def _output(self, o: Tensor, x: Tensor) -> Tensor:
-        """Gated RMSNorm of the kernel output o [B, T, Hv, dv] -> [B, T, value_size]."""
-        B, T, _ = x.shape
-        o = self.norm(o, self.z_proj(x).reshape(B, T, self.hv, self.dv))
+    def _output(self, o: Tensor, z: Tensor) -> Tensor:
+        """Gated RMSNorm of the kernel output o [B, T, Hv, dv] with the gate z = x W_z
+        [B, T, value_size] -> [B, T, value_size]."""
+        B, T, _ = z.shape
+        o = self.norm(o, z.reshape(B, T, self.hv, self.dv))
         return o.reshape(B, T, self.value_size)
