@@ -55,7 +55,8 @@ def main() -> None:
     with torch.no_grad():
         gens["hf"] = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
                                  num_beams=1, attention_mask=torch.ones_like(ids))[:, P:]
-        for name, engine, kernels in (("ours auto", "auto", "auto"), ("ours dynamic", "dynamic", "auto"),
+        for name, engine, kernels in (("ours auto", "auto", "auto"), ("ours static", "static", "auto"),
+                                      ("ours dynamic", "dynamic", "auto"),
                                       ("ours reference", "dynamic", "reference")):
             os.environ["HYMBA_KERNELS"] = kernels
             gens[name] = ours.generate(ids, max_new_tokens=n, engine=engine)[:, P:]
