@@ -11,7 +11,8 @@ round-off:
   bf16 run has) and the max |logit difference| of the two full forwards.
 
 Ours runs with the decode engine (``auto``: the CUDA-graph engine on CUDA), the dynamic cache,
-and the dynamic cache with ``HYMBA_KERNELS=reference`` (no fast path at all).
+and the dynamic cache with ``HYMBA_KERNELS=reference`` (no fast path at all); then the static
+engine with one decode-step fast path switched off at a time.
 
     python benchmarks/decode_agreement.py --device cuda --batch 4 --prompt 512 --new 16
     python benchmarks/decode_agreement.py --device cpu --tiny
@@ -80,6 +81,19 @@ def main() -> None:
             rows[f"fwd {who} on gen hf"] = (lg.argmax(-1) == gens["hf"]).float().mean().item()
         for name in names[1:]:
             rows[f"fwd ours on gen {name}"] = (fwd(ours, gens[name]).argmax(-1) == gens[name]).float().mean().item()
+        # one decode-step fast path off at a time (its probe result forced to "unavailable"):
+        # the static engine's self-consistency without it
+        from hymba_plus.kernels import dispatch
+
+        for op in ("conv_update", "gdn_decode", "gated_rms_norm", "decode_attention", "moe_decode", "moe_router",
+                   "rope", "rms_norm", "cudnn_attention"):
+            fp = dispatch._FAST.get(op)
+            if fp is None or fp.status is not True:
+                continue
+            fp.status, fp.warned = False, True  # off, silently
+            toks = ours.generate(ids, max_new_tokens=n, engine="static")[:, P:]
+            fp.status = True
+            rows[f"fwd ours on gen ours static without {op}"] = (fwd(ours, toks).argmax(-1) == toks).float().mean().item()
         rows["first token: gen ours auto == gen hf"] = (gens["ours auto"][:, 0] == gens["hf"][:, 0]).float().mean().item()
         top2 = logits_hf_on_hf.topk(2, dim=-1).values
         gap = (top2[..., 0] - top2[..., 1]).flatten()
