@@ -25,6 +25,10 @@
 #           capture fallback), then
 #           decode.py --profile: ms per step by engine (dynamic / static / graph) of a 1.47B
 #           Qwen3-Next-like hybrid, batch 1 and 16 after 2k / 8k prompts, and the step's top kernels
+#   fused   pytest -m gpu tests/test_attention.py tests/test_linear.py: cuDNN attention first in SDPA's order,
+#           Liger's SwiGLU on the fused gate-up GEMM (training-path fast paths of the attn row)
+#   agree   decode_agreement.py in float32 and bf16: our generate (graph / static / dynamic engines, and
+#           the static one with each decode-step fast path off in turn) against our full forward and HF's
 #   modes   pytest -m gpu tests/test_train_modes.py and the CUDA-graph training tests (hymba train --mode auto)
 #   side_train  side_by_side.py --rows gdn attn quad_moe (training vs fla / HF; --merge into the day's JSON)
 #   side_decode side_by_side.py --rows decode --engines auto dynamic (vs HF generate; --merge)
@@ -91,6 +95,11 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
               step decode_tests 240 "${PYTEST[@]}" tests/test_decode_engine.py
               step decode_bench 300 python benchmarks/decode.py --device cuda --batches 1 16 --prompts 2048 8192 \
                  --new 64 --repeats 2 --profile --out "$OUT/decode.json" ;;
+      fused)  step fused_tests 240 "${PYTEST[@]}" tests/test_attention.py tests/test_linear.py ;;
+      agree)  for dt in float32 bfloat16; do
+                step "agree_$dt" 200 python benchmarks/decode_agreement.py --device cuda --dtype $dt --batch 4 \
+                   --prompt 512 --new 16 --out "$OUT/agree_$dt.json"
+              done ;;
       modes)  step modes_tests 400 "${PYTEST[@]}" tests/test_train_modes.py tests/test_training.py -k "gpu" ;;
       side_train) step side_train 580 python benchmarks/side_by_side.py --rows attn gdn quad_moe --hf-experts grouped_mm --merge \
                  --out-dir "$OUT" ;;
@@ -105,7 +114,7 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
                    find triton -name "*.autotune.json" | tar -cJf "$OUT/caches.tar.xz" -T - inductor tilelang
                  fi)
                  echo "pack_caches: $(du -h "$OUT/caches.tar.xz" | cut -f1) in $OUT/caches.tar.xz" ;;
-      *) echo "unknown step $s1 (moe mamba3 gdn atlas mixers mimo_alt mimo_alt2 loss memory decode modes" \
+      *) echo "unknown step $s1 (moe mamba3 gdn atlas mixers mimo_alt mimo_alt2 loss memory decode fused agree modes" \
               "side_train side_decode quad pack_caches)"; exit 2 ;;
     esac
   done
