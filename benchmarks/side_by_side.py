@@ -572,6 +572,9 @@ def row_decode(args: argparse.Namespace) -> dict:
             for res, out in outs:  # greedy agreement with HF (bf16 rounding may flip near-ties)
                 if res["model"] != "hf" and hf_out is not None:
                     res["tokens_equal_to_hf"] = (out[:, prompt:] == hf_out[:, prompt:]).float().mean().item()
+                    row["tokens_equal_note"] = ("bf16 greedy agreement of a random-init pair is no correctness test: "
+                                                "near-tied logits flip under round-off and every later context "
+                                                "differs (benchmarks/decode_agreement.py: float32 agrees exactly)")
             del outs, ids
             free(dev)
             args.progress(row)  # a run killed later keeps the settings measured so far
