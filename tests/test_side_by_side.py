@@ -114,3 +114,19 @@ def test_full_size_configs_match_their_peers() -> None:
         hf = tf.Qwen3NextForCausalLM(tf.Qwen3NextConfig(**bench.qwen3_next_config(args)))
     assert bench.n_params(hf) == 1_351_650_320
     assert hf.config.layer_types[:4] == ["linear_attention"] * 3 + ["full_attention"]
+
+
+def test_decode_agreement_float32_tiny(tmp_path) -> None:
+    """``benchmarks/decode_agreement.py --tiny`` in float32 on the CPU: HF's greedy tokens == ours
+    from every engine, and each generate == its own model's teacher-forced full forward."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "agree.json"
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "decode_agreement.py"), "--device", "cpu",
+                          "--tiny", "--dtype", "float32", "--batch", "2", "--prompt", "24", "--new", "6",
+                          "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rep = json.loads(out.read_text())
+    assert rep["agreement"] and all(v == 1.0 for v in rep["agreement"].values()), rep["agreement"]
+    assert rep["logits"]["max |logit diff| hf vs ours fwd"] < 1e-4
