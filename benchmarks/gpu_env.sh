@@ -24,6 +24,12 @@
 #           compiling TileLang / Inductor code; with the caches unpacked first that time is gone.
 #           Make it on the GPU machine at the end of a call with `bash benchmarks/gpu_suite.sh pack_caches`
 #           (writes $OUT/caches.tar.xz), then here: mkdir -p .tcache && cp <files_at>/caches.tar.xz .tcache/
+#   benchmarks/tcache/autotune.tar.xz   committed, optional: the autotuning results alone ($OUT/autotune.tar.xz
+#           of the same step, kilobytes), unpacked where .tcache/ is missing (a fresh checkout): kernels
+#           then compile their chosen config once instead of benchmarking all of them
+# A fresh checkout has none of these folders: `bash benchmarks/gpu_env.sh fetch` (on the CPU machine,
+# with network) downloads the pinned wheels into .whl and .whl2, the mamba_ssm sources into .whl/src and
+# packs .whl4 (MAMBA_REPO=<local state-spaces/mamba clone> where GitHub is not reachable).
 # Usage on the GPU machine (carry .whl and .whl4):  source benchmarks/gpu_env.sh
 # (exports PYTHONPATH).  Older two-call form: stage 1 carries .whl2, stage 2 .whl3 + .whl, on one
 # warm machine (it is given back 30 s after a call): source benchmarks/gpu_env.sh 1; ... 2
@@ -39,6 +45,29 @@ if [ "${1:-}" = pack ]; then  # on the CPU machine: wheels -> DIR/site.tar.xz (d
   ls -la "$dest/site.tar.xz"
   return 0 2>/dev/null || exit 0
 fi
+if [ "${1:-}" = fetch ]; then  # on the CPU machine, once per fresh checkout: the ignored folders above
+  # .whl (wheels + mamba_ssm sources) and .whl4 (packed tilelang stack), from the package index and a
+  # state-spaces/mamba git repository (MAMBA_REPO: a local clone or mirror; default GitHub)
+  pins=(fla-core==0.6.0 flash-linear-attention==0.6.0 liger-kernel==0.8.5 dacite==1.9.2)
+  tl_pins=(tilelang==0.1.15 apache-tvm-ffi==0.1.12 torch-c-dlpack-ext==0.1.5 z3-solver==4.15.4.0)
+  plat=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp)
+  for n in 28 27 24 17; do plat+=(--platform "manylinux_2_${n}_x86_64"); done
+  plat+=(--platform manylinux2014_x86_64)
+  fetch_fail() { echo "gpu_env.sh fetch: $1" >&2; }
+  python3 -m pip download -q "${plat[@]}" -d .whl "${pins[@]}" || { fetch_fail "pip download ${pins[*]} failed"; return 1 2>/dev/null || exit 1; }
+  python3 -m pip download -q "${plat[@]}" -d .whl2 "${tl_pins[@]}" || { fetch_fail "pip download ${tl_pins[*]} failed"; return 1 2>/dev/null || exit 1; }
+  repo=${MAMBA_REPO:-https://github.com/state-spaces/mamba}
+  if [ ! -d "$repo" ]; then
+    tmp=$(mktemp -d) && git clone -q --bare --depth 1 --branch v2.3.2.post1 "$repo" "$tmp/mamba.git" \
+      || { rm -rf "$tmp"; fetch_fail "cannot clone $repo (set MAMBA_REPO to a local clone)"; return 1 2>/dev/null || exit 1; }
+    repo=$tmp/mamba.git
+  fi
+  rm -rf .whl/src && mkdir -p .whl/src && git -C "$repo" archive v2.3.2.post1 mamba_ssm | tar -x -C .whl/src \
+    || { fetch_fail "git archive v2.3.2.post1 mamba_ssm failed in $repo"; return 1 2>/dev/null || exit 1; }
+  [ -n "${tmp:-}" ] && rm -rf "$tmp"
+  bash "${BASH_SOURCE[0]}" pack .whl4 .whl2/*.whl && du -sh .whl .whl4
+  return 0 2>/dev/null || exit 0
+fi
 mkdir -p "$SITE"
 # compile caches in fixed places, so that gpu_suite.sh pack_caches finds them and .tcache/ refills them
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/hymba_caches/triton}
@@ -47,7 +76,9 @@ export TILELANG_CACHE_DIR=${TILELANG_CACHE_DIR:-/tmp/hymba_caches/tilelang}
 export FLA_CACHE_RESULTS=${FLA_CACHE_RESULTS:-1}  # fla's autotuners keep their results in the Triton cache
 mkdir -p "$TRITON_CACHE_DIR" "$TORCHINDUCTOR_CACHE_DIR" "$TILELANG_CACHE_DIR"
 if [ -f .tcache/caches.tar.xz ]; then tar -xJf .tcache/caches.tar.xz -C /tmp/hymba_caches \
-  && echo "Triton / Inductor / TileLang caches of an earlier call unpacked into /tmp/hymba_caches"; fi
+  && echo "Triton / Inductor / TileLang caches of an earlier call unpacked into /tmp/hymba_caches"
+elif [ -f benchmarks/tcache/autotune.tar.xz ]; then tar -xJf benchmarks/tcache/autotune.tar.xz -C /tmp/hymba_caches \
+  && echo "committed autotuning results (benchmarks/tcache/) unpacked into /tmp/hymba_caches"; fi
 pipi() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$@"; }
 if [ -f .whl4/site.tar.xz ]; then tar -xJf .whl4/site.tar.xz -C "$SITE" && echo "tilelang and its deps unpacked into $SITE"; fi
 # .whl5: another tilelang stack for mamba-ssm's MIMO kernels (gpu_suite.sh mimo_alt puts it first on the path)

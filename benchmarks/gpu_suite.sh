@@ -112,8 +112,12 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
                  # its chosen config once instead of benchmarking them all) and Inductor's cache
                  if [ "$(stat -c %s "$OUT/caches.tar.xz")" -gt 15000000 ]; then
                    find triton -name "*.autotune.json" | tar -cJf "$OUT/caches.tar.xz" -T - inductor tilelang
-                 fi)
-                 echo "pack_caches: $(du -h "$OUT/caches.tar.xz" | cut -f1) in $OUT/caches.tar.xz" ;;
+                 fi
+                 # the autotuning results alone (kilobytes): small enough to commit as
+                 # benchmarks/tcache/autotune.tar.xz, which a fresh checkout (no .tcache/) unpacks
+                 find triton -name "*.autotune.json" | tar -cJf "$OUT/autotune.tar.xz" -T -)
+                 echo "pack_caches: $(du -h "$OUT/caches.tar.xz" | cut -f1) in $OUT/caches.tar.xz," \
+                      "$(du -h "$OUT/autotune.tar.xz" | cut -f1) in $OUT/autotune.tar.xz" ;;
       *) echo "unknown step $s1 (moe mamba3 gdn atlas mixers mimo_alt mimo_alt2 loss memory decode fused agree modes" \
               "side_train side_decode quad pack_caches)"; exit 2 ;;
     esac

@@ -23,7 +23,8 @@ with the forward+backward replayed from CUDA graphs (``training/cuda_graph.Graph
 with ``--compile`` also ``torch.compile``. A missing peer package skips its row with the
 reason recorded. The JSON (``<out-dir>/<device-slug>-<date>.json`` and ``latest.json``) is
 rewritten after every row, so a run killed by a time limit keeps the rows it finished;
-``--merge`` keeps the rows of an earlier run of the same file that this run does not redo.
+``--merge`` keeps the rows of an earlier run of the same file that this run does not redo; each row
+keeps the settings, fast-path statuses and time of the call that measured it (``run``).
 
     python benchmarks/side_by_side.py                                # everything, GPU
     python benchmarks/side_by_side.py --rows decode --prompts 2048 8192 --merge
@@ -853,6 +854,10 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             res = {"status": "error", "reason": f"{row}: {short_error(e)}"}
         res["seconds"] = round(time.perf_counter() - t0, 1)
+        # each row keeps what it ran with, so that --merge of rows from several calls stays honest
+        res["run"] = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+                      "settings": report["settings"], "our_fast_paths": dispatch.statuses(),
+                      "hymba_kernels": report["hymba_kernels"]}
         report["rows"][row] = res
         free(dev)
         if res["status"] == "ok":

@@ -80,6 +80,10 @@ def test_merge_keeps_rows_not_rerun(tmp_path) -> None:
     rep = json.loads((tmp_path / "latest.json").read_text())
     assert set(rep["rows"]) == {"gdn", "fsdp2"} and rep["merged_from_earlier_run"] == ["gdn"]
     assert rep["ratios"]["fsdp2_2gpu_scaling_note"].startswith("fsdp2: needs 2 CUDA devices")
+    # each row keeps the settings it ran with (the top-level settings are the last call's)
+    assert rep["rows"]["gdn"]["run"]["settings"]["rows"] == ["gdn", "fsdp2"]
+    assert rep["rows"]["fsdp2"]["run"]["settings"]["rows"] == ["fsdp2"]
+    assert set(rep["rows"]["gdn"]["run"]["our_fast_paths"]) == set(rep["our_fast_paths"])
 
 
 def test_full_size_configs_match_their_peers() -> None:
