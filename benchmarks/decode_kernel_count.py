@@ -8,8 +8,9 @@ device-independent measure of what they remove.
     python benchmarks/decode_kernel_count.py --out /tmp/count.json
 
 Counted: every ATen op that launches a kernel (views, shape queries and allocations excluded),
-attributed to the innermost module, plus every Triton launch; one static-engine step (the
-step the decode engine captures) at batch 16 after a 40-token prompt. On a GPU some of the CPU
+attributed to the innermost module (a projection's GEMM to the module that calls it, e.g.
+``mm`` of GatedDeltaNet), plus every Triton launch; one static-engine step (the step the decode
+engine captures, with its packed projections) at batch 16 after a 40-token prompt. On a GPU some of the CPU
 ops are single kernels (the fused RMSNorm is one kernel there, pow / mean / rsqrt / mul here;
 ``promote_types`` launches nothing), so the table also lists them by module.
 """
@@ -47,7 +48,9 @@ def count_step(model, fast: set[str], batch: int, prompt: int) -> dict:
     from hymba_plus.models.decode_engine import DecodeEngine
 
     stack: list[str] = []
-    hooks = [h for m in model.modules() for h in (
+    # no hooks on nn.Linear: a hooked projection runs on its own (kernels.linear.project), and the
+    # engine's packed projections would not be counted as they run; their GEMMs count in the parent
+    hooks = [h for m in model.modules() if type(m) is not torch.nn.Linear for h in (
         m.register_forward_pre_hook(lambda mod, *a: stack.append(type(mod).__name__)),
         m.register_forward_hook(lambda mod, *a: (stack.pop(), None)[1]))]
     by: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)

@@ -73,6 +73,35 @@ def test_engine_is_reused_and_reloaded():
     assert not hasattr(model, "_decode_engines")
 
 
+def test_packed_projections_are_one_gemm_each_and_follow_weight_changes():
+    """The engine's packed projections (``kernels.linear.ProjectionPacks``): attention's q|k|v|gate,
+    gdn's q|k|v|a|b|z, SwiGLU's gate|up, the MoE router|shared gate and the shared expert's
+    gate|up are one packed weight each. Weights edited between calls -- in place through
+    ``.data``, which no version counter sees -- are in the next call's tokens: the reused static
+    engine still equals the dynamic path."""
+    model = make({"name": "t", "model": {"vocab_size": V, "d_model": 32, "max_seq_len": 64,
+                                         "block_pattern": "GA+mlp | GD+moe"},
+                  "components": {"moe": {"n_experts": 4, "top_k": 2, "n_shared": 1}}})
+    ids, mask = _prompt(2, 6, 2)
+    with torch.no_grad():
+        a = model.generate(ids, max_new_tokens=6, attention_mask=mask, engine="static")
+        assert torch.equal(a, model.generate(ids, max_new_tokens=6, attention_mask=mask, engine="dynamic"))
+        (eng,) = model._decode_engines.values()
+        groups = sorted(len(mods) for mods, _, _ in eng.packs._groups.values())
+        kind = {type(m).__name__: m for m in model.modules()}
+        ga, gd = kind["GatedAttention"], kind["GatedDeltaNet"]
+        assert groups == sorted([3 + (ga.g_proj is not None), 2, 4, 2, 2]), groups
+        packed_w = {id(w) for _, w, _ in eng.packs._groups.values()}
+        for p in model.parameters():
+            p.data.mul_(1.25)  # bumps no version counter
+        b = model.generate(ids, max_new_tokens=6, attention_mask=mask, engine="static")
+        assert model._decode_engines[next(iter(model._decode_engines))] is eng  # the same engine, refreshed
+        assert {id(w) for _, w, _ in eng.packs._groups.values()} == packed_w  # in place: a graph stays valid
+        assert torch.equal(b, model.generate(ids, max_new_tokens=6, attention_mask=mask, engine="dynamic"))
+        w, _ = eng.packs.stacked((gd.qkv_proj, gd.a_proj, gd.b_proj, gd.z_proj))
+        assert torch.equal(w, torch.cat([gd.qkv_proj.weight, gd.a_proj.weight, gd.b_proj.weight, gd.z_proj.weight]))
+
+
 def test_sampling_is_the_same_with_the_same_generator():
     model = make({"name": "t", "model": {"vocab_size": V, "d_model": 32, "max_seq_len": 64, "ffn": "none",
                                          "meta_tokens": 2, "block_pattern": "GA | M3"}, "components": {}})

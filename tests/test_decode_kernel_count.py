@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_decode_fast_paths_cut_the_step_kernels(tmp_path):
     """The decode.py recipe (gdn, attention, MoE) at width 64: with the decode fast paths the
     step launches well under half the reference's kernels, every gdn layer's recurrence and conv
-    are one Triton launch each, and every MoE layer's routed experts two."""
+    are one Triton launch each, and every MoE layer's routed experts two; projections of one input
+    are one GEMM (the engine's packed weights)."""
     pytest.importorskip("triton")
     out = tmp_path / "count.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -29,5 +30,9 @@ def test_decode_fast_paths_cut_the_step_kernels(tmp_path):
     assert ref["triton_launches"] == 0 and fast["triton_launches"] > 0
     assert fast["kernels"] < 0.5 * ref["kernels"], (fast["kernels"], ref["kernels"])
     gdn, moe = fast["by_module"]["GatedDeltaNet"], fast["by_module"]["MoE"]
-    assert gdn == {"triton:_conv_update_kernel": 9, "triton:_gdn_decode_kernel": 9}, gdn
+    # per gdn layer: the packed q|k|v|a|b|z GEMM and out_proj, the conv update, the recurrence
+    assert gdn == {"mm": 18, "triton:_conv_update_kernel": 9, "triton:_gdn_decode_kernel": 9}, gdn
+    # per attention layer: the packed q|k|v|gate GEMM and o_proj; per MoE layer: the packed
+    # router|shared-gate GEMM and the shared expert's packed gate|up GEMM
+    assert fast["by_module"]["GatedAttention"]["mm"] == 6 and moe["mm"] == 24
     assert moe["triton:_decode_gate_up_kernel"] == moe["triton:_decode_down_kernel"] == 12, moe

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from hymba_plus import build_model
-from hymba_plus.kernels.linear import fusable, project
+from hymba_plus.kernels.linear import ProjectionPacks, fusable, packed, project, stacked
 from tests.conftest import rel_err, run_in_interpreter
 
 
@@ -41,6 +41,39 @@ def test_project_runs_each_projection_without_autograd_or_with_hooks():
     a, b = project(x, *mods)
     assert calls == [mods[1]] and torch.allclose(b, mods[1](x))  # the hook ran (and doubles the output)
     assert not fusable(nn.Linear(8, 4), nn.Linear(8, 4, bias=False)) and not fusable(nn.Linear(8, 4), nn.Linear(6, 4))
+
+
+def test_projection_packs_one_gemm_on_a_packed_copy_refreshed_by_sync():
+    """Without autograd, inside ``packed(packs)``: one GEMM over a packed copy made on first use
+    (equal to the separate projections), reused as it is until ``sync`` copies the modules'
+    current weights into it in place; outside ``packed`` or with autograd on, as before; a
+    hooked module still runs its own call."""
+    torch.manual_seed(0)
+    mods = [nn.Linear(12, n).double() for n in (8, 4, 6)]
+    x = torch.randn(2, 3, 12, dtype=torch.float64)
+    packs = ProjectionPacks()
+    with torch.no_grad():
+        assert not fusable(*mods)
+        with packed(packs):
+            assert fusable(*mods)
+            out = project(x, *mods)
+            assert len(packs) == 1
+            for a, m in zip(out, mods):
+                assert rel_err(a, m(x)) < 1e-14
+            w, b = stacked(*mods)
+            mods[1].weight.data.add_(1.0)  # an edit between generate calls
+            assert torch.equal(stacked(*mods)[0], w) and not torch.equal(w[8:12], mods[1].weight)  # stale until sync
+            packs.sync()
+            w2, b2 = stacked(*mods)
+            assert w2 is w and b2 is b and torch.equal(w[8:12], mods[1].weight)  # refreshed in place
+            assert rel_err(project(x, *mods)[1], mods[1](x)) < 1e-14
+            mods[2].register_forward_hook(lambda m, i, o: o * 0)
+            assert not fusable(*mods) and torch.equal(project(x, *mods)[2], torch.zeros(2, 3, 6, dtype=torch.float64))
+        mods[0].weight = nn.Parameter(torch.randn(8, 12))  # float32 now: the group is remade on next use
+        packs.sync()
+        assert len(packs) == 0
+    with packed(packs):  # autograd on: a differentiable concatenation, not the packed copy
+        assert stacked(mods[1], mods[2])[0].requires_grad and len(packs) == 0
 
 
 def test_model_training_step_matches_unfused(monkeypatch):

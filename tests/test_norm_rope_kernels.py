@@ -109,6 +109,13 @@ def test_gated_norm_triton_kernel_in_interpreter_matches_reference():
         xt = torch.randn(2, 8, 3, 24, generator=g).transpose(1, 2)  # [B, T, H, D] from [B, H, T, D]
         zt, wt = torch.randn(2, 3, 8, 24, generator=g), 0.1 * torch.randn(24, generator=g)
         assert rel(N.gated_rms_norm_triton(xt, zt, wt, 1e-5), N.gated_rms_norm_ref(xt, zt, wt, 1e-5)) < 1e-6
+        # the gate a column slice of a wider projection (gdn's z from the decode engine's packed
+        # q|k|v|a|b|z GEMM), viewed as heads: read in place (no copy), same result
+        for T in (1, 3):
+            xs, wide = torch.randn(2, T, 3, 24, generator=g), torch.randn(2, T, 100, generator=g)
+            zs = wide[..., 20:92].reshape(2, T, 3, 24)
+            assert not zs.is_contiguous()
+            assert rel(N.gated_rms_norm_triton(xs, zs, wt, 1e-5), N.gated_rms_norm_ref(xs, zs, wt, 1e-5)) < 1e-6
         print("ok", n)
     """)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)

@@ -62,7 +62,7 @@ from ..core.cache import LayerState, StepContext
 from ..core.config import spec
 from ..core.registry import register
 from ..kernels.conv import causal_conv1d, conv_tails
-from ..kernels.dispatch import compute_dtype
+from ..kernels.dispatch import autocast_dtype, compute_dtype
 from ..kernels.gdn import (
     decode_gates_selected,
     decode_in_place_ok,
@@ -194,8 +194,13 @@ class GatedDeltaNet(nn.Module):
     def inner(self, x: Tensor, ctx: StepContext, state: GDNState | None = None) -> Tensor:
         """Everything before the output projection: [B, T, n_v_heads * value_dim]
         (hymba's SSM heads use this and apply their own shared projection)."""
-        q, k, v, new_conv = self.qkv(x, ctx, state.conv if state is not None else None)
-        a, b, z = project(x, self.a_proj, self.b_proj, self.z_proj)  # one GEMM when training
+        conv = state.conv if state is not None else None
+        if self._split(x):  # q, k, v projected and convolved apart (fla), a|b|z one GEMM when training
+            q, k, v, new_conv = self.qkv(x, ctx, conv, split=True)
+            a, b, z = project(x, self.a_proj, self.b_proj, self.z_proj)
+        else:  # q|k|v|a|b|z one GEMM when training or on the decode engine's packed weights
+            qkv, a, b, z = project(x, self.qkv_proj, self.a_proj, self.b_proj, self.z_proj)
+            q, k, v, new_conv = self._qkv_fused(qkv, ctx, conv)
         if self._step_in_place(q, k, v, a, b, ctx, state):  # static buffers: one kernel, S written in place
             o = gated_delta_rule_decode_(q, k, v, a, b, self.A_log, self.dt_bias, state.S, use_qk_l2norm=True,
                                          lengths=ctx.lengths)
@@ -274,13 +279,10 @@ class GatedDeltaNet(nn.Module):
         step's copies are three tiny kernels, fewer than the split's extra projections and
         convs, and decoding is bound by the number of kernels. Parameters and checkpoints are
         the same either way."""
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        if split is None:
-            split = x.shape[1] > 1 and fla_selected(dtype, self.dk, self.dv, x, self.cfg.delta_rule)
-        if not split:
+        if not (self._split(x) if split is None else split):
             return self._qkv_fused(self.qkv_proj(x), ctx, conv_state)
         B, T, _ = x.shape
-        x = x.to(dtype)  # under autocast: one cast of x for the three projections, not one each
+        x = x.to(autocast_dtype(x))  # under autocast: one cast of x for the three projections, not one each
         sizes = [self.key_size, self.key_size, self.value_size]
         ws = self.qkv_proj.weight.split(sizes, dim=0)
         cws = self.conv_weight.split(sizes, dim=0) if self.conv_weight is not None else (None,) * 3
@@ -298,6 +300,10 @@ class GatedDeltaNet(nn.Module):
         new_conv = torch.cat(tails, dim=1) if tails else None
         return (q.view(B, T, self.h, self.dk), k.view(B, T, self.h, self.dk), v.view(B, T, self.hv, self.dv),
                 new_conv)
+
+    def _split(self, x: Tensor) -> bool:
+        """``qkv``'s own choice of ``split`` (see there)."""
+        return x.shape[1] > 1 and fla_selected(autocast_dtype(x), self.dk, self.dv, x, self.cfg.delta_rule)
 
     def _qkv_fused(self, qkv: Tensor, ctx: StepContext,
                    conv_state: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
@@ -334,8 +340,7 @@ class GatedDeltaNet(nn.Module):
         ``_decay_beta``, which zeroes the gates of inert slots."""
         if state is None or x.shape[1] != 1 or ctx.lengths is not None or not self.cfg.delta_rule:
             return False
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        return decode_gates_selected(dtype, self.dk, self.dv, x)
+        return decode_gates_selected(autocast_dtype(x), self.dk, self.dv, x)
 
     def _decay_beta(self, a: Tensor, b: Tensor, ctx: StepContext) -> tuple[Tensor, Tensor]:
         """g (log decay) and beta [B, T, Hv] from the projections a = x W_a, b = x W_b

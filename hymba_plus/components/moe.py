@@ -48,6 +48,7 @@ from ..core.cache import StepContext
 from ..core.config import spec
 from ..core.registry import register
 from ..kernels import moe as K
+from ..kernels.linear import project, stacked
 from .mlp import MLPConfig, SwiGLU
 
 
@@ -172,12 +173,13 @@ class MoE(nn.Module):
             return y.view(B, T, D)
         # the router and the shared-expert gate read x through one GEMM (one dx in backward),
         # its rows zero-padded to a multiple of 8 (16-byte aligned for the tensor-core GEMMs);
-        # without autograd (decoding) two GEMMs instead: the concatenation would be two more
-        # kernels per layer per step, for a backward that does not happen
+        # without autograd (decoding) ``project``: one GEMM on the decode engine's packed
+        # weights, else two (a concatenation per step would cost more than it saves)
         if self.shared_gate is None:
             logits, gate_logit = self.router(xf), None
         elif not torch.is_grad_enabled():
-            logits, gate_logit = self.router(xf), self.shared_gate(xf)[:, 0]
+            logits, gate_logit = project(xf, self.router, self.shared_gate)
+            gate_logit = gate_logit[:, 0]
         else:
             w = torch.cat([self.router.weight, self.shared_gate.weight])
             both = F.linear(xf, F.pad(w, (0, 0, 0, -w.shape[0] % 8)))
@@ -188,7 +190,7 @@ class MoE(nn.Module):
                                            capacity=cap, inert=None if vflat is None else ~vflat, impl=self.impl)
         if self.shared is not None:
             sh = self.shared
-            y = K.shared_expert(y, xf, gate_logit, sh.w_gate.weight, sh.w_up.weight, sh.w_down.weight)
+            y = K.shared_expert(y, xf, gate_logit, stacked(sh.w_gate, sh.w_up)[0], sh.w_down.weight)
         self._account(r, dropped, counts, vflat, ctx)
         return y.view(B, T, D)
 

@@ -151,6 +151,12 @@ def compute_dtype(*xs: "torch.Tensor | torch.dtype | None") -> torch.dtype:
     return torch.float64 if f64 else torch.float32
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype x's GEMMs run in: autocast's where autocast is on for x's device, else x's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
 def max_rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     """max |got - want| / max |want| in float32 on the host (how probes compare a fast path
     with its reference)."""

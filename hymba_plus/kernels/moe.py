@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch
-from .dispatch import fast_path, max_rel_err, tracing, use_fast
+from .dispatch import autocast_dtype, fast_path, max_rel_err, tracing, use_fast
 
 try:  # Triton is optional: only the CUDA fast path uses it
     import triton
@@ -689,7 +689,7 @@ def decode_supported(x: Tensor, top_k: int, w_gate_up: Tensor, w_down: Tensor, *
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
     if dtype is None and torch.is_autocast_enabled(x.device.type):  # moe_experts casts everything to it
-        dtype = layer_dtype(x)
+        dtype = autocast_dtype(x)
     dts = {dtype} if dtype is not None else {x.dtype, w_gate_up.dtype, w_down.dtype}
     if len(dts) != 1 or next(iter(dts)) not in (torch.float16, torch.bfloat16, torch.float32):
         return False
@@ -971,7 +971,7 @@ def moe_experts(x: Tensor, experts: Tensor, weights: Tensor, w_gate_up: Tensor, 
     dev = x.device.type
     if torch.is_autocast_enabled(dev):  # the expert GEMMs in the autocast dtype, as nn.Linear's are
         # (torch._grouped_mm has no autocast rule; bf16 is what lets it take the grouped path)
-        dt = layer_dtype(x)
+        dt = autocast_dtype(x)
         x, weights, w_gate_up, w_down = x.to(dt), weights.to(dt), w_gate_up.to(dt), w_down.to(dt)
     N, d = x.shape
     E = w_gate_up.shape[0]
@@ -1141,19 +1141,13 @@ class _MoELayer(torch.autograd.Function):
                 cast(dwsd, 7), None, None, None, None)
 
 
-def layer_dtype(x: Tensor) -> torch.dtype:
-    """The dtype the expert GEMMs run in: the autocast dtype where autocast is on, else x's."""
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-
-
 def fused_layer_supported(x: Tensor, w_router: Tensor, w1: Tensor, w2: Tensor, top_k: int) -> bool:
     """May this layer call take ``moe_layer`` (the ``moe_layer`` fast path): eager CUDA,
     bf16 expert GEMMs (``torch._grouped_mm``), 16-byte aligned expert shapes, and a
     softmax router the fused kernel handles."""
     if tracing(x) or not x.is_cuda or w_router.shape[0] > ROUTER_MAX_EXPERTS or top_k > ROUTER_MAX_TOPK:
         return False
-    return grouped_mm_supported(x, w1, w2, dtype=layer_dtype(x)) and use_fast(LAYER, x)
+    return grouped_mm_supported(x, w1, w2, dtype=autocast_dtype(x)) and use_fast(LAYER, x)
 
 
 def moe_layer(x: Tensor, w_router: Tensor, w_gate: Tensor | None, w_gate_up: Tensor, w_down: Tensor,
@@ -1164,13 +1158,14 @@ def moe_layer(x: Tensor, w_router: Tensor, w_gate: Tensor | None, w_gate_up: Ten
     gate [1, d] and shared SwiGLU weights (nn.Linear layouts: gate/up [hs, d], down [d, hs])
     or None, experts as in ``moe_experts``. Returns (y [N, d], aux, load [E], lb, z, entropy)."""
     return _MoELayer.apply(x, w_router, w_gate, w_gate_up, w_down, w_shared_gate, w_shared_up, w_shared_down,
-                           top_k, aux_coef, z_coef, layer_dtype(x))
+                           top_k, aux_coef, z_coef, autocast_dtype(x))
 
 
-def shared_expert(y: Tensor, x: Tensor, gate_logit: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
+def shared_expert(y: Tensor, x: Tensor, gate_logit: Tensor, w_gate_up: Tensor, w_down: Tensor) -> Tensor:
     """``y + sigmoid(x W_g) * SwiGLU_shared(x)`` (Qwen3-Next), with the gate folded into the
     hidden activation (the down projection is linear) and the sum into the last GEMM: one
     GEMM for gate+up, one fused activation, one ``addmm``. ``gate_logit`` = x W_g [N];
-    weights in nn.Linear layout (gate / up [hs, d], down [d, hs])."""
-    h = F.linear(x, torch.cat([w_gate, w_up]))
+    weights in nn.Linear layout (``w_gate_up`` = [W_gate; W_up] [2 hs, d], down [d, hs]:
+    ``kernels.linear.stacked``, the decode engine's packed copy when decoding)."""
+    h = F.linear(x, w_gate_up)
     return torch.addmm(y, swiglu(h, torch.sigmoid(gate_logit)), w_down.t())

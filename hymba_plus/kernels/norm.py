@@ -107,9 +107,11 @@ def gated_rms_norm_ref(x: Tensor, gate: Tensor, weight: Tensor, eps: float, zero
 if triton is not None:
 
     @triton.jit
-    def _gated_rms_norm_kernel(x_ptr, g_ptr, w_ptr, o_ptr, D, eps, stride_x, stride_g, stride_o,
+    def _gated_rms_norm_kernel(x_ptr, g_ptr, w_ptr, o_ptr, D, eps, stride_x, GH, stride_g0, stride_g1, stride_o,
                                ZERO_CENTERED: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Row ``pid`` of x [N, D]: rms_norm(x) * scale rounded to x's dtype, times SiLU(gate)."""
+        """Row ``pid`` of x [N, D]: rms_norm(x) * scale rounded to x's dtype, times SiLU(gate);
+        gate row n at ``(n // GH) * stride_g0 + (n % GH) * stride_g1`` (a gate [M, GH, D] that is
+        a column slice of a wider projection needs no copy)."""
         n = tl.program_id(0).to(tl.int64)
         d = tl.arange(0, BLOCK_D)
         m = d < D
@@ -120,7 +122,7 @@ if triton is not None:
         rstd = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=0) / D + eps)
         ty = o_ptr.dtype.element_ty
         y = (x * rstd * w.to(tl.float32)).to(ty).to(tl.float32)  # rms_norm's result, in x's dtype
-        gt = tl.load(g_ptr + n * stride_g + d, mask=m, other=0.0).to(tl.float32)
+        gt = tl.load(g_ptr + (n // GH) * stride_g0 + (n % GH) * stride_g1 + d, mask=m, other=0.0).to(tl.float32)
         tl.store(o_ptr + n * stride_o + d, (y * silu_f32(gt)).to(ty), mask=m)
 
 
@@ -128,7 +130,8 @@ def gated_rms_norm_triton(x: Tensor, gate: Tensor, weight: Tensor, eps: float, z
     """The one-kernel gated RMSNorm (forward only): x, gate [..., D] (same shape), weight [D] ->
     [..., D] in x's dtype."""
     D = x.shape[-1]
-    xs, gs = x.reshape(-1, D), gate.reshape(-1, D)
+    GH = gate.shape[-2] if gate.dim() >= 2 else 1
+    xs, gs = x.reshape(-1, D), gate.reshape(-1, GH, D)  # [M, GH, D]: a view also for a column slice
     if xs.stride(-1) != 1:
         xs = xs.contiguous()
     if gs.stride(-1) != 1:
@@ -137,7 +140,8 @@ def gated_rms_norm_triton(x: Tensor, gate: Tensor, weight: Tensor, eps: float, z
     out = torch.empty(xs.shape, device=x.device, dtype=x.dtype)
     block_d = triton.next_power_of_2(D)
     if xs.shape[0]:
-        _gated_rms_norm_kernel[(xs.shape[0],)](xs, gs, w, out, D, eps, xs.stride(0), gs.stride(0), out.stride(0),
+        _gated_rms_norm_kernel[(xs.shape[0],)](xs, gs, w, out, D, eps, xs.stride(0), GH, gs.stride(0), gs.stride(1),
+                                               out.stride(0),
                                                ZERO_CENTERED=zero_centered, BLOCK_D=block_d,
                                                num_warps=min(8, max(1, block_d // 256)), enable_fp_fusion=False)
     return out.view(x.shape)

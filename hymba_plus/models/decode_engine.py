@@ -22,6 +22,11 @@ How any recipe gets fixed addresses, without a second implementation of each com
   (``GDNState.static``, ``kernels.gdn.gated_delta_rule_decode_``).
 * The prefill stays the ordinary forward (one call, logits of the last position only);
   its cache is copied into the static buffers with ``load_``.
+* Projections of one input (gdn's q|k|v|a|b|z, attention's q|k|v|gate, the MoE router and
+  shared-expert gate, SwiGLU's gate|up) run as one GEMM on packed weight copies the engine
+  owns (``kernels.linear.ProjectionPacks``, made in the first step); every ``load`` (once per
+  ``generate`` call) copies the modules' current weights into them in place, so the graph
+  reads them and never decodes with weights older than the call.
 
 The first ``WARMUP`` steps of a new engine run eagerly on a side stream (Triton compiles
 and autotunes there, lazily built tables are made), then the step is captured. If the
@@ -46,6 +51,7 @@ import torch
 from torch import Tensor
 
 from ..core.cache import HybridCache
+from ..kernels.linear import ProjectionPacks, packed
 
 #: eager steps before the capture (compiles and autotuning happen in them)
 WARMUP = 2
@@ -78,10 +84,13 @@ class DecodeEngine:
         self.eager_steps = 0
         self.notice: str | None = None  # why this engine decodes eagerly (capture failed)
         self.side = torch.cuda.Stream(device) if self.want_graph else None
+        self.packs = ProjectionPacks()
 
     # ------------------------------------------------------------------ buffers
     def load(self, cache: HybridCache) -> None:
-        """Copy a prefilled cache into the static buffers (allocated on the first load)."""
+        """Copy a prefilled cache into the static buffers (allocated on the first load) and the
+        model's current weights into the packed projections."""
+        self.packs.sync()
         if self.buffers is None:
             self.buffers = cache.static_copy(self.capacity)
         else:
@@ -97,7 +106,8 @@ class DecodeEngine:
     def _forward(self) -> Tensor:
         """One step on the static buffers; everything the forward replaced is copied back."""
         live = self._binding()
-        logits = self.model(self.tok, cache=live, check_inputs=False, collect_aux=False).logits[:, -1]
+        with packed(self.packs):
+            logits = self.model(self.tok, cache=live, check_inputs=False, collect_aux=False).logits[:, -1]
         self.buffers.load_(live)
         return logits
 
