@@ -328,3 +328,37 @@ def test_gpu_cudnn_attention_matches_reference(monkeypatch, n_kv):
         res[mode] = (y.float(), m.q_proj.weight.grad.clone())
     for a, b in zip(res["fast"], res["reference"]):
         assert rel_err(a, b) < 3e-2
+
+
+def test_rope_tables_are_made_once_per_call_for_layers_with_the_same_angles(monkeypatch):
+    """``Rotary.cos_sin(positions, ctx.shared)``: every attention layer of one forward call with
+    the same angles reuses the first layer's cos / sin (one ``cos`` kernel per call, not one per
+    layer); another positions tensor or another RoPE config makes its own; the model's logits are
+    the same as with a table per layer."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountCos(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            CountCos.n += func.overloadpacket.__name__ == "cos"
+            return func(*args, **(kwargs or {}))
+
+    recipe = {"name": "rope-once", "model": {"d_model": 32, "vocab_size": 64, "block_pattern": "(GA+mlp)*3",
+                                             "max_seq_len": 32}, "components": {"gated_attn": {"n_heads": 4}}}
+    torch.manual_seed(0)
+    model = build_model(recipe).double().eval()
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad(), CountCos():
+        shared_once = model(ids).logits
+    assert CountCos.n == 1
+    pos = torch.arange(5)[None]
+    r1, r2, r3 = Rotary(8, RopeConfig()), Rotary(8, RopeConfig()), Rotary(8, RopeConfig(theta=500.0))
+    shared: dict = {}
+    c1, _ = r1.cos_sin(pos, shared)
+    assert r2.cos_sin(pos, shared)[0] is c1 and r1.cos_sin(pos.clone(), shared)[0] is not c1
+    assert r3.cos_sin(pos, shared)[0] is not c1 and len(shared) == 2
+    real = Rotary.cos_sin
+    monkeypatch.setattr(Rotary, "cos_sin", lambda self, p, shared=None: real(self, p))  # a table per layer
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, shared_once)

@@ -206,7 +206,7 @@ class GatedAttention(nn.Module):
         """(q, k, v, output-gate logits): the projections as one GEMM when training
         (``kernels.linear.project``), then q/k norm and RoPE."""
         B, T, _ = x.shape
-        cos, sin = self.rotary.cos_sin(ctx.positions)
+        cos, sin = self.rotary.cos_sin(ctx.positions, ctx.shared)
         mods = [self.q_proj] + ([self.k_proj, self.v_proj] if self.kv_role != "consumer" else [])
         outs = list(project(x, *mods, *([self.g_proj] if self.g_proj is not None else [])))
         gate = outs.pop() if self.g_proj is not None else None

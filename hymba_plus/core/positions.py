@@ -103,7 +103,20 @@ class Rotary(torch.nn.Module):
         self.rot_dim = rotary_dim(head_dim, cfg.fraction)
         inv, self.mscale = inv_freq_and_mscale(cfg, max(self.rot_dim, 2))
         self.register_buffer("inv_freq", inv.float(), persistent=False)
+        # what makes two layers' tables equal (known on the host: no device read per call)
+        self.angles_key = ("rope", self.rot_dim, self.mscale, tuple(inv.float().tolist()))
 
-    def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+    def cos_sin(self, positions: Tensor, shared: dict | None = None) -> tuple[Tensor, Tensor]:
+        """cos, sin [B, T, rot_dim / 2] (times the scaling's mscale). ``shared``: a forward call's
+        ``StepContext.shared``; the tables are made once per call for every layer with the same
+        angles (they are the same numbers: a decode step of a model with n attention layers
+        launches their ~6 kernels once, not n times)."""
+        key = self.angles_key
+        hit = shared.get(key) if shared is not None else None
+        if hit is not None and hit[0] is positions:  # the very tensor (a held reference: no id reuse)
+            return hit[1], hit[2]
         ang = positions.float()[..., None] * self.inv_freq.to(positions.device)  # [B, T, R/2]
-        return ang.cos() * self.mscale, ang.sin() * self.mscale
+        cos, sin = ang.cos() * self.mscale, ang.sin() * self.mscale
+        if shared is not None:
+            shared[key] = (positions, cos, sin)
+        return cos, sin
