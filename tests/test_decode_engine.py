@@ -100,6 +100,12 @@ def test_packed_projections_are_one_gemm_each_and_follow_weight_changes():
         assert torch.equal(b, model.generate(ids, max_new_tokens=6, attention_mask=mask, engine="dynamic"))
         w, _ = eng.packs.stacked((gd.qkv_proj, gd.a_proj, gd.b_proj, gd.z_proj))
         assert torch.equal(w, torch.cat([gd.qkv_proj.weight, gd.a_proj.weight, gd.b_proj.weight, gd.z_proj.weight]))
+        # another batch size: another engine, the same packed copies (one per model, not per engine)
+        model.generate(ids[:1], max_new_tokens=3, engine="static")
+        assert len(model._decode_engines) == 2 and len(eng.packs) == len(groups)
+        assert all(e.packs is eng.packs for e in model._decode_engines.values())
+    clear_engines(model)
+    assert "_projection_packs" not in model.__dict__
 
 
 def test_sampling_is_the_same_with_the_same_generator():

@@ -103,8 +103,9 @@ class Rotary(torch.nn.Module):
         self.rot_dim = rotary_dim(head_dim, cfg.fraction)
         inv, self.mscale = inv_freq_and_mscale(cfg, max(self.rot_dim, 2))
         self.register_buffer("inv_freq", inv.float(), persistent=False)
-        # what makes two layers' tables equal (known on the host: no device read per call)
-        self.angles_key = ("rope", self.rot_dim, self.mscale, tuple(inv.float().tolist()))
+        # what makes two layers' tables equal (inv_freq is a function of these; no tensor read,
+        # so meta-device models build too)
+        self.angles_key = ("rope", self.rot_dim, repr(cfg))
 
     def cos_sin(self, positions: Tensor, shared: dict | None = None) -> tuple[Tensor, Tensor]:
         """cos, sin [B, T, rot_dim / 2] (times the scaling's mscale). ``shared``: a forward call's

@@ -23,10 +23,11 @@ How any recipe gets fixed addresses, without a second implementation of each com
 * The prefill stays the ordinary forward (one call, logits of the last position only);
   its cache is copied into the static buffers with ``load_``.
 * Projections of one input (gdn's q|k|v|a|b|z, attention's q|k|v|gate, the MoE router and
-  shared-expert gate, SwiGLU's gate|up) run as one GEMM on packed weight copies the engine
-  owns (``kernels.linear.ProjectionPacks``, made in the first step); every ``load`` (once per
-  ``generate`` call) copies the modules' current weights into them in place, so the graph
-  reads them and never decodes with weights older than the call.
+  shared-expert gate, SwiGLU's gate|up) run as one GEMM on packed weight copies
+  (``kernels.linear.ProjectionPacks``, one set per model shared by its engines, made in the
+  first step; one more copy of those weights in memory); every ``load`` (once per ``generate``
+  call) copies the modules' current weights into them in place, so the graphs read them and
+  never decode with weights older than the call.
 
 The first ``WARMUP`` steps of a new engine run eagerly on a side stream (Triton compiles
 and autotunes there, lazily built tables are made), then the step is captured. If the
@@ -84,7 +85,9 @@ class DecodeEngine:
         self.eager_steps = 0
         self.notice: str | None = None  # why this engine decodes eagerly (capture failed)
         self.side = torch.cuda.Stream(device) if self.want_graph else None
-        self.packs = ProjectionPacks()
+        # one set of packed projections per model, shared by its engines (one more copy of those
+        # weights, not one per engine)
+        self.packs = model.__dict__.setdefault("_projection_packs", ProjectionPacks())
 
     # ------------------------------------------------------------------ buffers
     def load(self, cache: HybridCache) -> None:
@@ -185,8 +188,10 @@ def engine_for(model: Any, cache: HybridCache, max_new_tokens: int, graph: bool)
 
 
 def clear_engines(model: Any) -> None:
-    """Drop the model's decode engines (their static caches and graphs' memory)."""
+    """Drop the model's decode engines (their static caches and graphs' memory) and its packed
+    projections."""
     model.__dict__.pop("_decode_engines", None)
+    model.__dict__.pop("_projection_packs", None)
 
 
 def resolve_engine(engine: str, device: torch.device, max_new_tokens: int) -> str:
