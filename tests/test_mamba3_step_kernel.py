@@ -148,6 +148,7 @@ def test_step_kernel_in_interpreter_matches_reference():
     assert "ok 78" in out, out
 
 
+@pytest.mark.slow  # ~12-26 s in the interpreter; the kernel-level interpreter test stays in `make test`
 def test_models_decode_through_step_kernel_in_interpreter():
     """Whole float32 models on the CPU with the ``mamba3_step`` fast path forced on (the kernel
     in Triton's interpreter): the greedy tokens of the static engine (SISO) or the dynamic cache (MIMO)

@@ -108,6 +108,7 @@ def test_kernels_in_interpreter_match_padded_reference():
     """)
 
 
+@pytest.mark.slow  # ~12-26 s in the interpreter; the kernel-level interpreter test stays in `make test`
 def test_models_decode_through_kernels_in_interpreter():
     """Whole float32 MoE models on the CPU with ``moe_decode`` forced on (the kernels in
     Triton's interpreter): greedy tokens of the static engine (with a shared expert) or of the
