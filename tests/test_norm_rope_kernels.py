@@ -196,7 +196,8 @@ def test_gpu_fast_paths_match_references(monkeypatch):
 @pytest.mark.gpu
 def test_gpu_gated_norm_kernel_matches_reference(monkeypatch):
     """The gated RMSNorm kernel runs on CUDA without gradients (``GatedRMSNorm`` under no_grad)
-    and matches the reference: float32 to 1e-5, bf16 (weight bf16 or float32) to one rounding;
+    and matches the reference: float32 to 1e-5, bf16 (weight bf16 or float32) to one rounding,
+    also with the gate a column slice of a wider tensor;
     with gradients the module stays on the reference; the kernel replays in a CUDA graph."""
     monkeypatch.setenv("HYMBA_KERNELS", "fast")
     g = torch.Generator().manual_seed(0)
@@ -214,6 +215,12 @@ def test_gpu_gated_norm_kernel_matches_reference(monkeypatch):
             assert y.dtype == dt and rel_err(y.float(), y0.float()) < tol, (dt, wdt, zc)
             yg = gn(x, z)  # the weight needs a gradient: reference path, differentiable
             assert yg.requires_grad and rel_err(yg.float(), y0.float()) < 1e-6
+            # the gate a column slice of a wider projection (the decode engine's packed gdn GEMM)
+            wide = torch.randn(4, 1, 8 * 96 + 40, generator=g).to("cuda", dt)
+            zs = wide[..., 24:24 + 8 * 96].view(4, 1, 8, 96)
+            with torch.no_grad():
+                ys = gn(x, zs)
+            assert rel_err(ys.float(), N.gated_rms_norm_ref(x, zs, gn.weight, gn.eps, zc).float()) < tol
     x, z = (torch.randn(2, 1, 4, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     w = torch.zeros(128, device="cuda")
     with torch.no_grad():
