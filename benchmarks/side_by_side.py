@@ -669,6 +669,8 @@ def ratios(rows: dict) -> dict:
                       ("quad_moe_vs_hf_qwen3next", "quad_moe")):
         r = rows.get(name)
         out[key] = r.get("ratio") if r else None
+        if out[key] is not None and r.get("launch_configs"):
+            out[f"{key}_note"] = f"not tuned: {r['launch_configs']}"
         if out[key] is None:
             out[f"{key}_note"] = ((r or {}).get("reason") or ("row not run" if not r else "row did not finish"
                                   if r.get("status") == "partial" else "a peer or our model did not finish"))
@@ -794,6 +796,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="HF Qwen3-Next experts implementations to time in row quad_moe (the fastest is the peer)")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (CPU runs)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of our model (training rows)")
+    ap.add_argument("--one-launch-config", action="store_true",
+                    help="pin fla's and mamba-ssm's autotuned kernels (ours and the peers') to their first launch "
+                         "config: a cold machine skips minutes of autotuning; the ratios are then marked not tuned")
     ap.add_argument("--profile", action="store_true", help="training rows: print the top kernels of two more steps "
                     "of each model and mode (benchmarks/timing.profile_passes)")
     ap.add_argument("--peak-flops", type=float, default=PEAK_BF16_FLOPS, help="bf16 peak for MFU (default 989e12)")
@@ -844,9 +849,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n== {row}", flush=True)
         t0 = time.perf_counter()
         args.progress = Progress(report, row, args.out_dir, file, t0)
+        pin = (dispatch.pinned_autotune("fla.", "mamba_ssm.") if args.one_launch_config and args.device == "cuda"
+               else contextlib.nullcontext(0))
         try:
-            res = ROW_FUNCS[row](args)
+            with pin as n_pinned:
+                res = ROW_FUNCS[row](args)
             res["status"] = "ok"
+            if n_pinned:
+                res["launch_configs"] = (f"fla's and mamba-ssm's autotuned kernels pinned to their first launch "
+                                         f"config ({n_pinned} kernels, --one-launch-config)")
         except Skip as e:
             res = {"status": "skipped", "reason": str(e)}
             print(f"skipped: {e}", flush=True)

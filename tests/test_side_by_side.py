@@ -24,7 +24,7 @@ def load_bench():  # noqa: ANN201 - the script as a module
 def test_tiny_run_writes_every_key(tmp_path, capsys) -> None:
     bench = load_bench()
     rc = bench.main(["--tiny", "--device", "cpu", "--rows", "attn", "gdn", "quad_moe", "decode",
-                     "--out-dir", str(tmp_path), "--decode-repeats", "1"])
+                     "--out-dir", str(tmp_path), "--decode-repeats", "1", "--one-launch-config"])  # CPU: pins nothing
     assert rc == 0
     out = capsys.readouterr().out
     assert "ratios (ours / peer):" in out
@@ -69,6 +69,11 @@ def test_tiny_run_writes_every_key(tmp_path, capsys) -> None:
         assert ratios[key] > 0
     assert ratios["gdn_vs_fla"] is None and ratios["gdn_vs_fla_note"] == rep["rows"]["gdn"]["reason"]
     assert ratios["fsdp2_2gpu_scaling"] is None and ratios["fsdp2_2gpu_scaling_note"]
+    assert "attn_vs_hf_llama_note" not in ratios and "launch_configs" not in rep["rows"]["attn"]
+    # --one-launch-config (GPU): a row measured with pinned launch configs says so in its ratio
+    pinned = dict(rep["rows"]["attn"], launch_configs="pinned (test)")
+    r2 = bench.ratios({**rep["rows"], "attn": pinned})
+    assert r2["attn_vs_hf_llama"] == ratios["attn_vs_hf_llama"] and r2["attn_vs_hf_llama_note"] == "not tuned: pinned (test)"
 
 
 def test_merge_keeps_rows_not_rerun(tmp_path) -> None:
