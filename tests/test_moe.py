@@ -515,7 +515,7 @@ def _language_expert_information(model, P: torch.Tensor, T: int) -> float:
 
 
 def test_triton_kernels_in_interpreter_match_pytorch():
-    """The Triton fast-path kernels (SwiGLU x weight fwd/bwd, k-row gather-sum), run by
+    """The Triton fast-path kernels (SwiGLU x weight fwd/bwd, x sigmoid(strided logits) fwd, k-row gather-sum), run by
     Triton's CPU interpreter in a subprocess (TRITON_INTERPRET must be set before import)."""
     pytest.importorskip("triton")
     code = textwrap.dedent("""
@@ -539,6 +539,11 @@ def test_triton_kernels_in_interpreter_match_pytorch():
             assert rel(th, gh) < 1e-12 and rel(tw, gw) < 1e-12 and rel(ta, ref) < 1e-12, "torch bwd"
             a0 = K._swiglu_triton_fwd(h.detach().float(), None)
             assert rel(a0.double(), K._swiglu_torch(h.detach(), None)) < 1e-5, "fwd no weight"
+            # the shared expert's decode form: w as gate logits read through a stride (a column
+            # of the packed router|shared-gate GEMM), its sigmoid inside the kernel
+            logits = torch.randn(M, 9, generator=g, dtype=torch.float64)
+            a_s = K._swiglu_triton_fwd(h.detach().float(), logits.float()[:, 8], w_sigmoid=True)
+            assert rel(a_s.double(), K._swiglu_torch(h.detach(), torch.sigmoid(logits[:, 8]))) < 1e-5, "fwd sigmoid"
         src = torch.randn(12, 70, generator=g)
         idx = torch.randperm(12, generator=g)
         assert rel(K._gather_sum_triton(src, idx, 3), K._gather_sum_torch(src, idx, 3)) < 1e-5

@@ -310,8 +310,8 @@ def _triton_ok(*tensors: Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _swiglu_fwd_kernel(h_ptr, w_ptr, a_ptr, H, stride_h, stride_a,
-                           HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+    def _swiglu_fwd_kernel(h_ptr, w_ptr, a_ptr, H, stride_h, stride_w, stride_a,
+                           HAS_W: tl.constexpr, W_SIGMOID: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         m = cols < H
@@ -319,7 +319,10 @@ if triton is not None:
         u = tl.load(h_ptr + row * stride_h + H + cols, mask=m, other=0.0).to(tl.float32)
         a = g * tl.sigmoid(g) * u
         if HAS_W:
-            a = a * tl.load(w_ptr + row).to(tl.float32)
+            wv = tl.load(w_ptr + row * stride_w).to(tl.float32)
+            if W_SIGMOID:  # w holds logits (the shared expert's gate): its sigmoid here, no kernel of its own
+                wv = tl.sigmoid(wv)
+            a = a * wv
         tl.store(a_ptr + row * stride_a + cols, a.to(a_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
@@ -513,7 +516,8 @@ def _block(n: int, cap: int = 1024) -> int:
     return max(16, min(cap, 1 << (max(n, 1) - 1).bit_length()))
 
 
-def _swiglu_triton_fwd(h: Tensor, w: Tensor | None) -> Tensor:
+def _swiglu_triton_fwd(h: Tensor, w: Tensor | None, w_sigmoid: bool = False) -> Tensor:
+    """``swiglu(h, w)`` forward; ``w_sigmoid``: w [M] (any stride) holds logits, scaled by sigmoid(w)."""
     h = h.contiguous()
     M, H2 = h.shape
     H = H2 // 2
@@ -521,9 +525,9 @@ def _swiglu_triton_fwd(h: Tensor, w: Tensor | None) -> Tensor:
     if M == 0:
         return a
     B = _block(H)
-    wt = w.contiguous() if w is not None else h
-    _swiglu_fwd_kernel[(M, triton.cdiv(H, B))](h, wt, a, H, h.stride(0), a.stride(0),
-                                               HAS_W=w is not None, BLOCK=B)
+    wt = w if w is not None else h
+    _swiglu_fwd_kernel[(M, triton.cdiv(H, B))](h, wt, a, H, h.stride(0), wt.stride(0) if w is not None else 0,
+                                               a.stride(0), HAS_W=w is not None, W_SIGMOID=w_sigmoid, BLOCK=B)
     return a
 
 
@@ -1168,4 +1172,6 @@ def shared_expert(y: Tensor, x: Tensor, gate_logit: Tensor, w_gate_up: Tensor, w
     weights in nn.Linear layout (``w_gate_up`` = [W_gate; W_up] [2 hs, d], down [d, hs]:
     ``kernels.linear.stacked``, the decode engine's packed copy when decoding)."""
     h = F.linear(x, w_gate_up)
+    if not torch.is_grad_enabled() and _triton_ok(h, gate_logit):  # decoding: the gate's sigmoid in the kernel
+        return torch.addmm(y, _swiglu_triton_fwd(h, gate_logit, w_sigmoid=True), w_down.t())
     return torch.addmm(y, swiglu(h, torch.sigmoid(gate_logit)), w_down.t())
