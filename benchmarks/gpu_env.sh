@@ -48,25 +48,28 @@ fi
 if [ "${1:-}" = fetch ]; then  # on the CPU machine, once per fresh checkout: the ignored folders above
   # .whl (wheels + mamba_ssm sources) and .whl4 (packed tilelang stack), from the package index and a
   # state-spaces/mamba git repository (MAMBA_REPO: a local clone or mirror; default GitHub)
-  pins=(fla-core==0.6.0 flash-linear-attention==0.6.0 liger-kernel==0.8.5 dacite==1.9.2)
-  tl_pins=(tilelang==0.1.15 apache-tvm-ffi==0.1.12 torch-c-dlpack-ext==0.1.5 z3-solver==4.15.4.0)
-  plat=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp)
-  for n in 28 27 24 17; do plat+=(--platform "manylinux_2_${n}_x86_64"); done
-  plat+=(--platform manylinux2014_x86_64)
-  fetch_fail() { echo "gpu_env.sh fetch: $1" >&2; }
-  python3 -m pip download -q "${plat[@]}" -d .whl "${pins[@]}" || { fetch_fail "pip download ${pins[*]} failed"; return 1 2>/dev/null || exit 1; }
-  python3 -m pip download -q "${plat[@]}" -d .whl2 "${tl_pins[@]}" || { fetch_fail "pip download ${tl_pins[*]} failed"; return 1 2>/dev/null || exit 1; }
-  repo=${MAMBA_REPO:-https://github.com/state-spaces/mamba}
-  if [ ! -d "$repo" ]; then
-    tmp=$(mktemp -d) && git clone -q --bare --depth 1 --branch v2.3.2.post1 "$repo" "$tmp/mamba.git" \
-      || { rm -rf "$tmp"; fetch_fail "cannot clone $repo (set MAMBA_REPO to a local clone)"; return 1 2>/dev/null || exit 1; }
-    repo=$tmp/mamba.git
-  fi
-  rm -rf .whl/src && mkdir -p .whl/src && git -C "$repo" archive v2.3.2.post1 mamba_ssm | tar -x -C .whl/src \
-    || { fetch_fail "git archive v2.3.2.post1 mamba_ssm failed in $repo"; return 1 2>/dev/null || exit 1; }
-  [ -n "${tmp:-}" ] && rm -rf "$tmp"
-  bash "${BASH_SOURCE[0]}" pack .whl4 .whl2/*.whl && du -sh .whl .whl4
-  return 0 2>/dev/null || exit 0
+  _fetch() {
+    local pins=(fla-core==0.6.0 flash-linear-attention==0.6.0 liger-kernel==0.8.5 dacite==1.9.2)
+    local tl_pins=(tilelang==0.1.15 apache-tvm-ffi==0.1.12 torch-c-dlpack-ext==0.1.5 z3-solver==4.15.4.0)
+    local plat=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp) n
+    for n in 28 27 24 17; do plat+=(--platform "manylinux_2_${n}_x86_64"); done
+    plat+=(--platform manylinux2014_x86_64)
+    python3 -m pip download -q "${plat[@]}" -d .whl "${pins[@]}" || { echo "pip download ${pins[*]} failed"; return 1; }
+    python3 -m pip download -q "${plat[@]}" -d .whl2 "${tl_pins[@]}" || { echo "pip download ${tl_pins[*]} failed"; return 1; }
+    local repo=${MAMBA_REPO:-https://github.com/state-spaces/mamba} tmp
+    tmp=$(mktemp -d) || return 1
+    if [ ! -d "$repo" ]; then
+      git clone -q --bare --depth 1 --branch v2.3.2.post1 "$repo" "$tmp/mamba.git" \
+        || { rm -rf "$tmp"; echo "cannot clone $repo (set MAMBA_REPO to a local clone)"; return 1; }
+      repo=$tmp/mamba.git
+    fi
+    rm -rf .whl/src && mkdir -p .whl/src && git -C "$repo" archive v2.3.2.post1 mamba_ssm | tar -x -C .whl/src
+    local rc=$?; rm -rf "$tmp"
+    [ $rc -eq 0 ] || { echo "git archive v2.3.2.post1 mamba_ssm failed in $repo"; return 1; }
+    bash "${BASH_SOURCE[0]}" pack .whl4 .whl2/*.whl && du -sh .whl .whl4
+  }
+  _fetch >&2; rc=$?; [ $rc -eq 0 ] || echo "gpu_env.sh fetch: failed" >&2
+  return $rc 2>/dev/null || exit $rc
 fi
 mkdir -p "$SITE"
 # compile caches in fixed places, so that gpu_suite.sh pack_caches finds them and .tcache/ refills them
