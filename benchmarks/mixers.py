@@ -239,7 +239,7 @@ ATLAS_PATHS = {
 }
 
 
-def atlas_paths(args: argparse.Namespace) -> list[dict]:
+def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """The ATLAS layer on each of its paths next to a gdn layer of the same width (issue 18:
     target ATLAS <= 10x gdn). ATLAS: the benchmark's config (16 heads x 16, degree-2
     features, chunk 16, window 4, Muon); gdn: d_model / 128 heads of 128. Paths:
@@ -324,6 +324,8 @@ def atlas_paths(args: argparse.Namespace) -> list[dict]:
             row["x_gdn_fwdbwd"] = row["layer_fwdbwd_ms"] / base[0]["layer_fwdbwd_ms"]
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if on_row is not None:  # a run stopped at its time limit keeps the paths measured so far
+            on_row(rows)
     return rows
 
 
@@ -365,7 +367,7 @@ def main() -> None:
         result["cpu_gdn_loop"] = cpu_gdn_loop(args)
         print(json.dumps(result["cpu_gdn_loop"]))
     elif args.atlas_paths is not None:
-        result["atlas_paths"] = atlas_paths(args)
+        result["atlas_paths"] = atlas_paths(args, on_row=lambda rows: write(args.out, {**result, "atlas_paths": rows}))
     else:
         def save_rows(rows: list[dict]) -> None:  # after every mixer: a timeout keeps what was measured
             result["rows"] = rows

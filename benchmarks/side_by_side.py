@@ -569,6 +569,7 @@ def row_decode(args: argparse.Namespace) -> dict:
                 print(f"  decode {prompt:>6} x {batch:<3} {who:<4} {engine or 'default':<8} "
                       + (f"{res['tokens_per_s']:10.1f} tok/s" if "tokens_per_s" in res else res.get("skipped", "")),
                       flush=True)
+                args.progress(row)  # each model's timing as soon as it exists (a killed call keeps it)
             hf_out = next((o for r, o in outs if r["model"] == "hf"), None)
             for res, out in outs:  # greedy agreement with HF (bf16 rounding may flip near-ties)
                 if res["model"] != "hf" and hf_out is not None:
@@ -578,7 +579,7 @@ def row_decode(args: argparse.Namespace) -> dict:
                                                 "differs (benchmarks/decode_agreement.py: float32 agrees exactly)")
             del outs, ids
             free(dev)
-            args.progress(row)  # a run killed later keeps the settings measured so far
+            args.progress(row)  # with the agreement with HF
     return row
 
 
@@ -673,7 +674,8 @@ def ratios(rows: dict) -> dict:
             out[f"{key}_note"] = f"not tuned: {r['launch_configs']}"
         if out[key] is None:
             out[f"{key}_note"] = ((r or {}).get("reason") or ("row not run" if not r else "row did not finish"
-                                  if r.get("status") == "partial" else "a peer or our model did not finish"))
+                                  if r.get("status") in ("partial", "interrupted") else
+                                  "a peer or our model did not finish"))
     out["decode_vs_hf"], note = decode_ratio(rows.get("decode"), "decode_tokens_per_s")
     if note:
         out["decode_vs_hf_note"] = note
@@ -693,23 +695,28 @@ def ratios(rows: dict) -> dict:
 
 
 def decode_ratio(row: dict | None, key: str = "decode_tokens_per_s") -> tuple[float | None, str | None]:
+    """Ours / HF at the largest batch, the worse of the prompts up to 8k; the note says when that is
+    not both 2k and 8k (an unfinished row, or a call that asked for other prompts)."""
     if not row or "results" not in row:
         return None, (row or {}).get("reason") or "row not run"
     res = row["results"]
     batch = max((r["batch"] for r in res), default=None)
     prompts = sorted({r["prompt"] for r in res if r["prompt"] <= 8192}) or sorted({r["prompt"] for r in res})[:1]
     engine = "auto" if "auto" in row["engines"] else row["engines"][0]
-    vals = []
-    for p in prompts:
-        def tps(model: str, eng: str, p: int = p) -> float | None:
-            return next((r.get(key) for r in res if (r["model"], r["engine"], r["batch"], r["prompt"])
-                         == (model, eng, batch, p)), None)
-        ours, hf = tps("ours", engine), tps("hf", "default")
-        if ours and hf:
-            vals.append(ours / hf)
+
+    def tps(model: str, eng: str, p: int) -> float | None:
+        return next((r.get(key) for r in res if (r["model"], r["engine"], r["batch"], r["prompt"])
+                     == (model, eng, batch, p)), None)
+
+    pairs = {p: (tps("ours", engine, p), tps("hf", "default", p)) for p in prompts}
+    vals = {p: o / h for p, (o, h) in pairs.items() if o and h}
     if not vals:
         return None, "no prompt with both HF and ours measured at the largest batch"
-    return min(vals), None
+    note = None
+    if row.get("status") != "ok" or not {2048, 8192} <= set(vals):  # the definition asks for both
+        note = (f"row {row.get('status', 'unfinished')}: prompt(s) {sorted(vals)} measured at batch {batch}, "
+                f"not both 2k and 8k")
+    return min(vals.values()), note
 
 
 def print_train_row(name: str, r: dict) -> None:
@@ -844,7 +851,7 @@ def main(argv: list[str] | None = None) -> int:
         report["rows"] = {k: v for k, v in prev.get("rows", {}).items() if k not in args.rows}
         report["merged_from_earlier_run"] = sorted(report["rows"])
     print(f"device: {name}; rows: {' '.join(args.rows)}", flush=True)
-    path = None
+    path, interrupted = None, False
     for row in args.rows:
         print(f"\n== {row}", flush=True)
         t0 = time.perf_counter()
@@ -861,6 +868,11 @@ def main(argv: list[str] | None = None) -> int:
         except Skip as e:
             res = {"status": "skipped", "reason": str(e)}
             print(f"skipped: {e}", flush=True)
+        except KeyboardInterrupt:  # a time limit's SIGINT: keep what the row measured so far, stop
+            res = {k: v for k, v in report["rows"].get(row, {}).items() if k != "seconds"}
+            res.update(status="interrupted", reason=f"{row}: stopped (SIGINT, e.g. a time limit) after "
+                       f"{time.perf_counter() - t0:.0f} s; the results above are the ones finished by then")
+            interrupted = True
         except Exception as e:  # noqa: BLE001 - record it and go on to the next row
             traceback.print_exc()
             res = {"status": "error", "reason": f"{row}: {short_error(e)}"}
@@ -881,13 +893,17 @@ def main(argv: list[str] | None = None) -> int:
                       f"{res['results'][1]['tokens_per_s']:,.0f} tok/s: {res['speedup']:.2f}x")
         report["ratios"] = ratios(report["rows"])
         path = write_report(report, args.out_dir, file)
+        if interrupted:
+            print(f"interrupted in row {row}: its finished results are kept (status interrupted); "
+                  f"rows after it not run", flush=True)
+            break
     print("\nratios (ours / peer):")
     for k, v in report["ratios"].items():
         if k != "definitions" and not k.endswith("_note"):
             note = report["ratios"].get(f"{k}_note")
             print(f"  {k:<26} {f'{v:.2f}' if v is not None else '-':>6}  {note or ''}")
     print(f"wrote {path} and {args.out_dir / 'latest.json'}")
-    return 0
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":

@@ -139,3 +139,37 @@ def test_decode_agreement_float32_tiny(tmp_path) -> None:
     rep = json.loads(out.read_text())
     assert rep["agreement"] and all(v == 1.0 for v in rep["agreement"].values()), rep["agreement"]
     assert rep["logits"]["max |logit diff| hf vs ours fwd"] < 1e-4
+
+
+def test_interrupted_row_keeps_its_finished_results(tmp_path, monkeypatch) -> None:
+    """A time limit's SIGINT in the middle of a row: the results finished by then stay in the JSON
+    (status interrupted, exit 130), the rows after it are not run, and a decode ratio made of fewer
+    prompts than 2k and 8k says so."""
+    bench = load_bench()
+    real = bench.time_generate
+    calls = {"n": 0}
+
+    def time_generate(fn, ids, n, args):  # noqa: ANN001, ANN202 - the second model's timing is cut off
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(fn, ids, n, args)
+
+    monkeypatch.setattr(bench, "time_generate", time_generate)
+    rc = bench.main(["--tiny", "--device", "cpu", "--rows", "decode", "attn", "--out-dir", str(tmp_path),
+                     "--decode-repeats", "1", "--decode-batches", "2"])
+    assert rc == 130
+    rep = json.loads((tmp_path / "latest.json").read_text())
+    dec = rep["rows"]["decode"]
+    assert set(rep["rows"]) == {"decode"} and dec["status"] == "interrupted" and "SIGINT" in dec["reason"]
+    assert dec["results"][0]["model"] == "hf" and dec["results"][0]["tokens_per_s"] > 0
+    assert rep["ratios"]["decode_vs_hf"] is None
+    # a decode row with only one prompt measured: a ratio, with a note that it is not the 2k / 8k one
+    row = {"status": "ok", "engines": ["auto"], "results": [
+        {"prompt": 2048, "batch": 16, "model": m, "engine": e, "decode_tokens_per_s": t}
+        for m, e, t in (("hf", "default", 500.0), ("ours", "auto", 5000.0))]}
+    ratio, note = bench.decode_ratio(row)
+    assert ratio == 10.0 and "[2048]" in note and "not both 2k and 8k" in note
+    row["results"] += [{**r, "prompt": 8192, "decode_tokens_per_s": r["decode_tokens_per_s"] / 2}
+                       for r in row["results"][:1]] + [{**row["results"][1], "prompt": 8192}]
+    assert bench.decode_ratio(row) == (10.0, None)
