@@ -153,3 +153,73 @@ def test_gpu_swiglu_and_fused_mlp_match_reference(monkeypatch):
         res.append([y.float(), *(p.grad.clone() for p in mlp.parameters())])
     for a, b in zip(*res):
         assert rel_err(a, b) < 3e-2
+
+
+def _saved_bytes(fn) -> int:  # noqa: ANN001 - bytes of the distinct storages autograd keeps for fn()
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def test_mlp_recompute_act_equals_plain_and_keeps_less():
+    """recompute_act (default): the MLP's output and every gradient equal the layer that keeps the
+    SwiGLU product (float64 gradcheck; bit-equal under bf16 autocast), autograd keeps
+    B * T * d_hidden 16-bit values less, and a hooked down projection runs as a module."""
+    from hymba_plus.components.mlp import MLPConfig, SwiGLU
+
+    torch.manual_seed(0)
+    for bias in (False, True):
+        a = SwiGLU(MLPConfig(d_hidden=96, bias=bias), d_model=32).double()
+        b = SwiGLU(MLPConfig(d_hidden=96, bias=bias, recompute_act=False), d_model=32).double()
+        b.load_state_dict(a.state_dict())
+        x = torch.randn(2, 5, 32, dtype=torch.double, requires_grad=True)
+        assert torch.autograd.gradcheck(a, (x,))
+        a.float(), b.float()
+        x = torch.randn(2, 5, 32, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            (ya, kept_a), (yb, kept_b) = _saved_bytes(lambda: a(x)), _saved_bytes(lambda: b(x))  # noqa: B023
+        assert ya.dtype == yb.dtype == torch.bfloat16 and torch.equal(ya, yb)
+        ga = torch.autograd.grad(ya.float().square().sum(), [x, *a.parameters()])
+        gb = torch.autograd.grad(yb.float().square().sum(), [x, *b.parameters()])
+        for p, q in zip(ga, gb):
+            assert p.dtype == q.dtype == torch.float32 and torch.equal(p, q)
+        # the [2, 5, 96] bf16 product at least (the reference activation also keeps SiLU(g))
+        assert kept_b - kept_a >= 2 * 5 * 96 * 2
+    calls = []
+    a.w_down.register_forward_hook(lambda *args: calls.append(1))
+    a(torch.randn(2, 5, 32)).sum().backward()
+    assert calls == [1]
+    with torch.no_grad():  # inference: the plain layer (nothing to keep)
+        assert torch.equal(a(x), b(x))
+
+
+@pytest.mark.gpu
+def test_gpu_mlp_recompute_act_matches_plain(monkeypatch):
+    """On the GPU (Liger's SwiGLU, HYMBA_KERNELS=fast) recompute_act's bf16-autocast training step
+    == the layer that keeps the product, and its peak memory is lower."""
+    from hymba_plus.components.mlp import MLPConfig, SwiGLU
+
+    monkeypatch.setenv("HYMBA_KERNELS", "fast")
+    torch.manual_seed(0)
+    x = torch.randn(4, 2048, 1024, device="cuda", requires_grad=True)
+    res, peaks = [], []
+    for recompute in (True, False):
+        torch.manual_seed(0)
+        mlp = SwiGLU(MLPConfig(d_hidden=2816, recompute_act=recompute), d_model=1024).cuda()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = mlp(x)
+        peaks.append(torch.cuda.max_memory_allocated() - base)
+        g = torch.autograd.grad(y.float().square().mean(), [x, *mlp.parameters()])
+        res.append([y.float(), *g])
+    for a, b in zip(*res):
+        assert rel_err(a, b) < 1e-2
+    assert peaks[0] < peaks[1]

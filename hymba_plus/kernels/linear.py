@@ -91,7 +91,7 @@ def _cat(mods: tuple[nn.Linear, ...]) -> tuple[Tensor, Tensor | None]:
     return w, b
 
 
-def _plain(mods: tuple[nn.Linear, ...]) -> bool:
+def plain(*mods: nn.Linear) -> bool:
     """Plain ``nn.Linear`` without hooks, biases all present or all absent, one input width."""
     if any(type(m) is not nn.Linear or m._forward_hooks or m._forward_pre_hooks for m in mods):
         return False
@@ -103,7 +103,7 @@ def fusable(*mods: nn.Linear) -> bool:
     ``nn.Linear`` without hooks, biases all present or all absent, one input width."""
     if len(mods) < 2 or not (torch.is_grad_enabled() or _ACTIVE):
         return False
-    return _plain(mods)
+    return plain(*mods)
 
 
 def stacked(*mods: nn.Linear) -> tuple[Tensor, Tensor | None]:

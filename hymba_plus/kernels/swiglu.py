@@ -12,6 +12,14 @@ offset and writes the product (SiLU in float32 rounded to the input's dtype, as 
 one kernel backward recomputes SiLU and writes d gate and d up straight into one
 ``[..., 2h]`` gradient, so no concatenation. The probe compares it with the reference on the
 GPU, forward and backward, bf16 and float32.
+
+``swiglu_linear(gu, down)`` is ``down(swiglu(gu))`` that keeps only ``gu`` (and the weight) for the
+backward and recomputes the activation there, as flash-linear-attention's ``SwiGLULinear`` does
+(its ``fuse_swiglu``): autograd would otherwise keep the ``[..., h]`` product for the down
+projection's weight gradient too -- ``B * T * h`` 16-bit values per MLP layer (92 MB at batch
+8 x 2048, h 2816) -- for one extra elementwise pass in the backward. The activation and its
+backward are ``swiglu``'s (Liger's kernels on CUDA, the reference elsewhere); the GEMMs are
+cuBLAS's in autocast's dtype, as ``nn.Linear`` under autocast.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import importlib
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import dispatch
 
@@ -63,3 +71,40 @@ def swiglu(gu: Tensor) -> Tensor:
     if gu.dtype != torch.float64 and not dispatch.tracing(gu) and dispatch.use_fast(FAST, gu):
         return swiglu_liger(gu)
     return swiglu_ref(gu)
+
+
+class _SwiGLULinear(torch.autograd.Function):
+    """``y = SiLU(g) * u @ W^T + b`` saving ``gu`` and ``W``; the backward recomputes the product."""
+
+    @staticmethod
+    def forward(ctx, gu: Tensor, w: Tensor, b: Tensor | None) -> Tensor:  # noqa: ANN001
+        with torch.no_grad():
+            h = swiglu(gu)
+        ctx.save_for_backward(gu, w)
+        ctx.has_bias = b is not None
+        return F.linear(h, w, b)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
+        gu, w = ctx.saved_tensors
+        with torch.enable_grad():
+            gu_ = gu.detach().requires_grad_()
+            h = swiglu(gu_)  # the forward's product again (its backward: swiglu's, below)
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dw = dy2.t() @ h.detach().reshape(-1, h.shape[-1]) if ctx.needs_input_grad[1] else None
+        db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        dgu = None
+        if ctx.needs_input_grad[0]:
+            dgu, = torch.autograd.grad(h, gu_, dy @ w)
+        return dgu, dw, db
+
+
+def swiglu_linear(gu: Tensor, down: nn.Linear) -> Tensor:
+    """``down(swiglu(gu))`` keeping ``gu`` instead of the activation for the backward (see the
+    module docstring). The weight (and bias) is cast to autocast's dtype as ``nn.Linear`` would
+    be; the product runs with autocast off in that dtype."""
+    dt = dispatch.autocast_dtype(gu)
+    w = down.weight.to(dt)
+    b = None if down.bias is None else down.bias.to(dt)
+    with torch.autocast(gu.device.type, enabled=False):
+        return _SwiGLULinear.apply(gu.to(dt), w, b)
