@@ -85,7 +85,8 @@ def test_step_kernel_in_interpreter_matches_reference():
     N and P not powers of two, P split over several tiles (N 128 / 256), grouped heads (G < H),
     valid masks with False rows (their carry bit-equal to the old one), D / z present and absent,
     MIMO up-projections, strided activations (the layer's views, angles expanded over heads),
-    float32 inputs for every case, bfloat16 or float16 on alternate cases. The outputs are new tensors and the inputs unchanged.
+    float32 inputs for every case and variant, bfloat16 or float16 on alternate cases (with D / z,
+    masks and strides). The outputs are new tensors and the inputs unchanged.
 
     Bounds: float32 y, h, k to 1e-5 of the largest (reduction orders differ), v bit-equal, the
     angle to 2e-6 through its cos / sin (the interpreter's tanh is an exp formula, Triton has no
@@ -114,8 +115,8 @@ def test_step_kernel_in_interpreter_matches_reference():
             for dt in (torch.float32, (torch.bfloat16, torch.float16)[i % 2]):  # 16-bit: alternate (CI time)
                 for dz, valid, strided, mimo in ((True, False, False, None), (False, True, True, None),
                                                  (True, True, True, None), (True, True, False, False)):
-                    if mimo is False and R > 1:
-                        continue
+                    if (mimo is False and R > 1) or (dt != torch.float32 and not (valid and strided and dz)):
+                        continue  # 16-bit: one variant per case (CI time), float32: all
                     kw = step_inputs(B, R, G, H, N, P, K, dt, dz=dz, valid=valid, strided=strided, mimo=mimo, seed=n)
                     before = {k_: (t.clone() if torch.is_tensor(t) else tuple(x.clone() for x in t))
                               for k_, t in kw.items()}
@@ -145,7 +146,7 @@ def test_step_kernel_in_interpreter_matches_reference():
                     n += 1
         print("ok", n)
     """)
-    assert "ok 78" in out, out
+    assert "ok 50" in out, out
 
 
 @pytest.mark.slow  # ~12-26 s in the interpreter; the kernel-level interpreter test stays in `make test`
