@@ -37,6 +37,8 @@
 #           and eager) of configs/quad_hybrid_tiny.yaml at batch 8 x 2048 next to the same recipe with its
 #           ATLAS layers swapped for gdn, and with ATLAS on its reference path (issue 18: atlas/gdn >= 0.5)
 #   pack_caches  the Triton / Inductor / TileLang caches of this call as $OUT/caches.tar.xz (for .tcache/, see gpu_env.sh)
+#   pack_out  last: every other file under $OUT (logs, JSON) into $OUT/out.tar.xz, so a call of many steps
+#           stays within the device's 8 returned files (unpack here: tar -xJf <files_at>/out.tar.xz)
 # Usage: bash benchmarks/gpu_suite.sh [STEP ...]   (default: moe mamba3 gdn atlas mixers, in that order)
 # Each step runs under its own limit (SIGINT, then SIGKILL 20 s later: the trainer takes SIGINT as
 # "stop after this step", so a test that trains would otherwise outlive its limit).
@@ -118,8 +120,11 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
                  find triton -name "*.autotune.json" | tar -cJf "$OUT/autotune.tar.xz" -T -)
                  echo "pack_caches: $(du -h "$OUT/caches.tar.xz" | cut -f1) in $OUT/caches.tar.xz," \
                       "$(du -h "$OUT/autotune.tar.xz" | cut -f1) in $OUT/autotune.tar.xz" ;;
+      pack_out) (cd "$OUT" && find . -type f ! -name "*.tar.xz" | sort > /tmp/hymba_pack_out.txt \
+                 && tar -cJf out.tar.xz -T /tmp/hymba_pack_out.txt && xargs rm -f < /tmp/hymba_pack_out.txt)
+                 echo "pack_out: $(tar -tJf "$OUT/out.tar.xz" | wc -l) files in $OUT/out.tar.xz" ;;
       *) echo "unknown step $s1 (moe mamba3 gdn atlas mixers mimo_alt mimo_alt2 loss memory decode fused agree modes" \
-              "side_train side_decode quad pack_caches)"; exit 2 ;;
+              "side_train side_decode quad pack_caches pack_out)"; exit 2 ;;
     esac
   done
 done
