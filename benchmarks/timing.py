@@ -66,4 +66,27 @@ def profile_passes(fn: Callable[[], object], device: str, passes: int = 3, rows:
     else:
         out = {"aten_ops_per_pass": sum(1 for e in prof.events() if e.name.startswith("aten::")) / passes}
     print(f"  per pass: {', '.join(f'{k} {v:.3f}' for k, v in out.items())}", flush=True)
+    # the tables' top rows also in the result (a device call returns only the end of its output)
+    out["top"] = _top_rows(prof.key_averages(), device, passes, rows)
+    out["top_by_shape"] = _top_rows(prof.key_averages(group_by_input_shape=True), device, passes, rows, shapes=True)
     return out
+
+
+def _top_rows(avgs: object, device: str, passes: int, rows: int, shapes: bool = False) -> list[dict]:
+    """[{name, calls, ms (self time on the device, or the CPU), [shapes]}] per pass, largest first."""
+    def self_ms(e: object) -> float:
+        if device == "cuda":
+            us = getattr(e, "self_device_time_total", None)
+            us = getattr(e, "self_cuda_time_total", 0.0) if us is None else us
+        else:
+            us = e.self_cpu_time_total
+        return us / passes / 1e3
+
+    top = sorted(avgs, key=self_ms, reverse=True)[:rows]
+    res = []
+    for e in top:
+        r = {"name": e.key, "calls": e.count / passes, "ms": round(self_ms(e), 4)}
+        if shapes:
+            r["shapes"] = str(e.input_shapes)[:200]
+        res.append(r)
+    return res
