@@ -21,6 +21,19 @@ EVERY_COMPONENT = {
 }
 
 
+def saved_bytes(fn):  # noqa: ANN001, ANN201 - (fn(), bytes of the distinct storages autograd keeps for it)
+    """Run ``fn()`` and count what autograd saves for its backward (each storage once)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
 def tiny_recipe(pattern: str, components: dict | None = None, **model) -> dict:
     m = {"vocab_size": 64, "d_model": 64, "max_seq_len": 256, "block_pattern": pattern, "ffn": "none"}
     m.update(model)

@@ -10,6 +10,7 @@ from torch import nn
 from hymba_plus import build_model
 from hymba_plus.kernels.linear import ProjectionPacks, fusable, packed, project, stacked
 from tests.conftest import rel_err, run_in_interpreter
+from tests.helpers import saved_bytes
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -155,18 +156,6 @@ def test_gpu_swiglu_and_fused_mlp_match_reference(monkeypatch):
         assert rel_err(a, b) < 3e-2
 
 
-def _saved_bytes(fn) -> int:  # noqa: ANN001 - bytes of the distinct storages autograd keeps for fn()
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(seen.values())
-
-
 def test_mlp_recompute_act_equals_plain_and_keeps_less():
     """recompute_act (default): the MLP's output and every gradient equal the layer that keeps the
     SwiGLU product (float64 gradcheck; bit-equal under bf16 autocast), autograd keeps
@@ -183,7 +172,7 @@ def test_mlp_recompute_act_equals_plain_and_keeps_less():
         a.float(), b.float()
         x = torch.randn(2, 5, 32, requires_grad=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            (ya, kept_a), (yb, kept_b) = _saved_bytes(lambda: a(x)), _saved_bytes(lambda: b(x))  # noqa: B023
+            (ya, kept_a), (yb, kept_b) = saved_bytes(lambda: a(x)), saved_bytes(lambda: b(x))  # noqa: B023
         assert ya.dtype == yb.dtype == torch.bfloat16 and torch.equal(ya, yb)
         ga = torch.autograd.grad(ya.float().square().sum(), [x, *a.parameters()])
         gb = torch.autograd.grad(yb.float().square().sum(), [x, *b.parameters()])

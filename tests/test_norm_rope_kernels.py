@@ -16,6 +16,7 @@ from hymba_plus.components.norm import GatedRMSNorm, RMSNorm
 from hymba_plus.kernels import norm as N
 from hymba_plus.kernels import rotary as R
 from tests.conftest import rel_err
+from tests.helpers import saved_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,15 +93,8 @@ def test_gated_norm_training_keeps_inputs_only_and_its_gradient_is_the_formula()
                    w.detach().float().requires_grad_()]
             kept, dy = {}, torch.randn(x.shape, generator=g).to(dt)
             for name, fn in (("fn", N.gated_rms_norm), ("ref", N.gated_rms_norm_ref)):
-                seen: dict[int, int] = {}
-
-                def pack(t: torch.Tensor, seen: dict = seen) -> torch.Tensor:
-                    seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-                    return t
-
-                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                    y = fn(*ins, 1e-6, zc)
-                kept[name] = (y, torch.autograd.grad(y, ins, dy), sum(seen.values()))
+                y, nbytes = saved_bytes(lambda fn=fn: fn(*ins, 1e-6, zc))  # noqa: B023
+                kept[name] = (y, torch.autograd.grad(y, ins, dy), nbytes)
             (y, grads, b_fn), (y0, grads0, b_ref) = kept["fn"], kept["ref"]
             assert torch.equal(y, y0) and type(y.grad_fn).__name__ == "_GatedRMSNormFnBackward"
             for a, b in zip(grads, grads0):

@@ -81,7 +81,6 @@ class _SwiGLULinear(torch.autograd.Function):
         with torch.no_grad():
             h = swiglu(gu)
         ctx.save_for_backward(gu, w)
-        ctx.has_bias = b is not None
         return F.linear(h, w, b)
 
     @staticmethod
@@ -92,7 +91,7 @@ class _SwiGLULinear(torch.autograd.Function):
             h = swiglu(gu_)  # the forward's product again (its backward: swiglu's, below)
         dy2 = dy.reshape(-1, dy.shape[-1])
         dw = dy2.t() @ h.detach().reshape(-1, h.shape[-1]) if ctx.needs_input_grad[1] else None
-        db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        db = dy2.sum(0) if ctx.needs_input_grad[2] else None  # False for a None bias
         dgu = None
         if ctx.needs_input_grad[0]:
             dgu, = torch.autograd.grad(h, gu_, dy @ w)
