@@ -191,24 +191,26 @@ def test_mlp_recompute_act_equals_plain_and_keeps_less():
 @pytest.mark.gpu
 def test_gpu_mlp_recompute_act_matches_plain(monkeypatch):
     """On the GPU (Liger's SwiGLU, HYMBA_KERNELS=fast) recompute_act's bf16-autocast training step
-    == the layer that keeps the product, and its peak memory is lower."""
+    == the layer that keeps the product, and what it keeps for the backward is at least the
+    [B, T, d_hidden] bf16 product smaller (the forward's peak is the same: the product exists
+    for the down projection either way)."""
     from hymba_plus.components.mlp import MLPConfig, SwiGLU
 
     monkeypatch.setenv("HYMBA_KERNELS", "fast")
     torch.manual_seed(0)
     x = torch.randn(4, 2048, 1024, device="cuda", requires_grad=True)
-    res, peaks = [], []
+    res, kept = [], []
     for recompute in (True, False):
         torch.manual_seed(0)
         mlp = SwiGLU(MLPConfig(d_hidden=2816, recompute_act=recompute), d_model=1024).cuda()
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             y = mlp(x)
-        peaks.append(torch.cuda.max_memory_allocated() - base)
+        torch.cuda.synchronize()
+        kept.append(torch.cuda.memory_allocated() - base)
         g = torch.autograd.grad(y.float().square().mean(), [x, *mlp.parameters()])
         res.append([y.float(), *g])
     for a, b in zip(*res):
         assert rel_err(a, b) < 1e-2
-    assert peaks[0] < peaks[1]
+    assert kept[1] - kept[0] >= 4 * 2048 * 2816 * 2

@@ -150,6 +150,73 @@ def test_gated_norm_triton_kernel_in_interpreter_matches_reference():
     assert res.returncode == 0 and "ok 24" in res.stdout, res.stderr[-3000:]
 
 
+def test_gated_norm_backward_kernel_in_interpreter_matches_closed_form():
+    """The gated-RMSNorm backward kernel, run by Triton's CPU interpreter in a subprocess, against
+    the PyTorch closed form ``gated_rms_norm_bwd_ref`` (dx, d gate, d weight): D not a power of
+    two (96, 300), the gate a column slice of a wider tensor viewed as [.., 3, D] (read through
+    its strides), zero-centered or plain scale, 30 rows over 8 programs (each walks several rows
+    and sums its part of d weight) and over 1 and 30 programs, float32 (1e-5) and bf16 inputs with
+    a bf16 or float32 weight (2e-2: the interpreter rounds float32 -> bf16 by truncation, here the
+    scale 1 + w and the gradients -- with those truncations emulated it is bit-equal; the probe
+    and the GPU test hold it to one rounding). Then
+    the autograd node with ``fast`` on (its backward is the kernel): the same gradients, only
+    those asked for, a differentiable backward under create_graph, and the result for no rows."""
+    pytest.importorskip("triton")
+    code = textwrap.dedent("""
+        import torch
+        import hymba_plus.kernels.norm as N
+        g = torch.Generator().manual_seed(0)
+        rel = lambda a, b: float((a.float() - b.float()).abs().max() / b.float().abs().max())
+        n = 0
+        for D in (96, 300):
+            for dt, wdt in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                            (torch.bfloat16, torch.float32)):
+                tol = 1e-5 if dt == torch.float32 else 2e-2
+                for zc in (True, False):
+                    x = torch.randn(2, 5, 3, D, generator=g).to(dt)
+                    wide = torch.randn(2, 5, 3 * D + 20, generator=g).to(dt)
+                    z = wide[..., 7:7 + 3 * D].view(2, 5, 3, D)  # GH = 3, rows strided
+                    assert not z.is_contiguous()
+                    w = (0.1 * torch.randn(D, generator=g) + (0.0 if zc else 1.0)).to(wdt)
+                    dy = torch.randn(x.shape, generator=g).to(dt)
+                    want = N.gated_rms_norm_bwd_ref(x, z, w, dy, 1e-6, zc)
+                    for programs in ((None, 1, 30) if D == 96 else (None,)):
+                        got = N.gated_rms_norm_bwd_triton(x, z, w, dy, 1e-6, zc, programs=programs)
+                        for a, b in zip(got, want):
+                            case = (D, dt, wdt, zc, programs, tuple(b.shape))
+                            assert a.dtype == b.dtype and a.shape == b.shape and a.is_contiguous(), case
+                            assert rel(a, b) < tol, (case, rel(a, b))
+                        n += 1
+        # the autograd node with the fast flag: forward and backward kernels, only the asked gradients
+        x, wide = torch.randn(4, 7, 2, 96, generator=g), torch.randn(4, 7, 2 * 96 + 5, generator=g)
+        z, w = wide[..., 5:].view(4, 7, 2, 96), 0.1 * torch.randn(96, generator=g)
+        dy = torch.randn(x.shape, generator=g)
+        bwd, calls = N.gated_rms_norm_bwd_triton, []
+        N.gated_rms_norm_bwd_triton = lambda *a, **k: calls.append(a[6]) or bwd(*a, **k)  # a[6]: needs
+        for needs in ((True, True, True), (True, False, True), (False, True, False)):
+            ins = [t.clone().requires_grad_(r) for t, r in zip((x, z, w), needs)]
+            y = N._GatedRMSNormFn.apply(*ins, 1e-6, True, True)
+            assert torch.equal(y, N.gated_rms_norm_triton(x, z, w, 1e-6))
+            got = torch.autograd.grad(y, [t for t in ins if t.requires_grad], dy)
+            want = [b for b in N.gated_rms_norm_bwd_ref(x, z, w, dy, 1e-6, True, needs) if b is not None]
+            assert len(got) == len(want) and all(rel(a, b) < 1e-5 for a, b in zip(got, want)), needs
+        assert calls == [(True, True, True), (True, False, True), (False, True, False)], calls
+        ins = [t.clone().requires_grad_() for t in (x, z, w)]
+        g2 = torch.autograd.grad(N._GatedRMSNormFn.apply(*ins, 1e-6, True, True), ins, dy, create_graph=True)
+        want = N.gated_rms_norm_bwd_ref(x, z, w, dy, 1e-6)  # create_graph: the PyTorch form, differentiable
+        assert all(a.requires_grad and rel(a, b) < 1e-5 for a, b in zip(g2, want))
+        assert len(calls) == 3
+        N.gated_rms_norm_bwd_triton = bwd
+        e = torch.zeros(0, 3, 96)
+        dx, dz, dw = N.gated_rms_norm_bwd_triton(e, e, w, e, 1e-6)
+        assert dx.shape == dz.shape == e.shape and torch.equal(dw, torch.zeros(96))
+        print("ok", n)
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0 and "ok 24" in res.stdout, res.stderr[-3000:]
+
+
 def test_rope_reference_rotates_pairs_and_keeps_the_rest():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 3, 10, generator=g, dtype=torch.float64)
@@ -225,8 +292,11 @@ def test_gpu_gated_norm_kernel_matches_reference(monkeypatch):
     """The gated RMSNorm kernel runs on CUDA without gradients (``GatedRMSNorm`` under no_grad)
     and matches the reference: float32 to 1e-5, bf16 (weight bf16 or float32) to one rounding,
     also with the gate a column slice of a wider tensor;
-    with gradients the forward is the same kernel and the closed-form backward matches the
-    reference's gradients; the kernel replays in a CUDA graph."""
+    with gradients the forward is the same kernel and the backward is the Triton backward kernel,
+    whose gradients match autograd through the reference -- also at the gdn row's output norm
+    shape with a smaller batch (x and the gate [2, 256, 3, 512], the gate a column slice of a
+    wider projection, bf16 with a bf16 or float32 weight to 1e-2, float32 to 1e-5) -- and the
+    PyTorch closed form (the same formulas: one rounding); both kernels replay in a CUDA graph."""
     monkeypatch.setenv("HYMBA_KERNELS", "fast")
     g = torch.Generator().manual_seed(0)
     for dt, wdt, tol in ((torch.float32, torch.float32, 1e-5), (torch.bfloat16, torch.bfloat16, 1e-2),
@@ -242,7 +312,7 @@ def test_gpu_gated_norm_kernel_matches_reference(monkeypatch):
             y0 = N.gated_rms_norm_ref(x, z, gn.weight, gn.eps, zc)
             assert y.dtype == dt and rel_err(y.float(), y0.float()) < tol, (dt, wdt, zc)
             xg, zg = x.clone().requires_grad_(), z.clone().requires_grad_()
-            yg = gn(xg, zg)  # training: the kernel forward, the closed-form backward
+            yg = gn(xg, zg)  # training: the kernel forward, the Triton backward kernel
             assert yg.requires_grad and torch.equal(yg, y)
             dy = torch.randn(yg.shape, generator=g).to("cuda", dt)
             got = torch.autograd.grad(yg, (xg, zg, gn.weight), dy)
@@ -256,13 +326,42 @@ def test_gpu_gated_norm_kernel_matches_reference(monkeypatch):
             with torch.no_grad():
                 ys = gn(x, zs)
             assert rel_err(ys.float(), N.gated_rms_norm_ref(x, zs, gn.weight, gn.eps, zc).float()) < tol
+    # the gdn row's output norm (smaller batch): training runs the backward kernel (counted)
+    bwd, calls = N.gated_rms_norm_bwd_triton, []
+    monkeypatch.setattr(N, "gated_rms_norm_bwd_triton", lambda *a, **k: calls.append(1) or bwd(*a, **k))
+    for dt, wdt, tol in ((torch.bfloat16, torch.bfloat16, 1e-2), (torch.bfloat16, torch.float32, 1e-2),
+                         (torch.float32, torch.float32, 1e-5)):
+        for zc in (True, False):
+            x = torch.randn(2, 256, 3, 512, generator=g).to("cuda", dt).requires_grad_()
+            wide = torch.randn(2, 256, 3 * 512 + 64, generator=g).to("cuda", dt).requires_grad_()
+            z = wide[..., 64:].view(2, 256, 3, 512)  # gdn's gate: a column slice of its projection
+            w = (0.1 * torch.randn(512, generator=g) + (0.0 if zc else 1.0)).to("cuda", wdt).requires_grad_()
+            dy = torch.randn(x.shape, generator=g).to("cuda", dt)
+            y = N.gated_rms_norm(x, z, w, 1e-6, zc)
+            got = torch.autograd.grad(y, (x, wide, w), dy)
+            want = torch.autograd.grad(N.gated_rms_norm_ref(x, z, w, 1e-6, zc), (x, wide, w), dy)
+            closed = list(N.gated_rms_norm_bwd_ref(x.detach(), z.detach(), w.detach(), dy, 1e-6, zc))
+            closed[1] = closed[1].view(2, 256, 3 * 512)  # as the slice of d wide
+            assert not got[1][..., :64].any()
+            for name, a, b, c in zip(("dx", "dgate", "dw"), (got[0], got[1][..., 64:], got[2]),
+                                     (want[0], want[1][..., 64:], want[2]), closed):
+                case = (name, dt, wdt, zc)
+                assert a.dtype == b.dtype == c.dtype and rel_err(a.float(), b.float()) < tol, case
+                assert rel_err(a.float(), c.float()) < (1e-5 if a.dtype == torch.float32 else 1e-2), case
+    assert len(calls) == 6
     x, z = (torch.randn(2, 1, 4, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     w = torch.zeros(128, device="cuda")
+    dy = torch.randn_like(x)
     with torch.no_grad():
         N.gated_rms_norm(x, z, w, 1e-6)
+        bwd(x, z, w, dy, 1e-6)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             y = N.gated_rms_norm(x, z, w, 1e-6)
+            grads = bwd(x, z, w, dy, 1e-6)
         x.copy_(torch.randn_like(x))
+        dy.copy_(torch.randn_like(dy))
         graph.replay()
         assert torch.equal(y, N.gated_rms_norm(x, z, w, 1e-6))
+        for a, b in zip(grads, bwd(x, z, w, dy, 1e-6)):
+            assert torch.equal(a, b)

@@ -28,9 +28,15 @@ graphs: no autotuning, no host sync).
 
 Training (any input needs a gradient; ``_GatedRMSNormFn``): the forward is the same (the Triton
 kernel where the fast path is on, else the reference without autograd) and keeps only x, the
-gate and the weight; the backward recomputes the normalisation in float32 (float64 for float64
-inputs) and writes the three gradients by the closed form of the formula above (the RMSNorm
-gradient ``rstd (dxh - xh mean(dxh xh))``, ``d gate = dy y SiLU'(gate)``, ``d scale = sum dxh' xh``).
+gate and the weight; the backward recomputes the normalisation in float32 and writes the three
+gradients by the closed form of the formula above (the RMSNorm gradient ``rstd (dxh - xh
+mean(dxh xh))``, ``d gate = dy y SiLU'(gate)``, ``d scale = sum dxh' xh``). Where the forward ran
+the kernel, the backward is ONE own Triton kernel too (``_gated_rms_norm_bwd_kernel``: each
+program walks a strided set of rows, writes their dx and d gate and accumulates its part of the
+weight gradient in float32, [programs, D], 16 programs per SM) plus one small sum over the
+programs for dw; elsewhere (CPU, float64, fast path off) it is the PyTorch closed form
+(``gated_rms_norm_bwd_ref``, float64 for float64 inputs, ~20 elementwise kernels over
+[.., D] float32 on a GPU), which is also the reference the kernel is checked against.
 Autograd through the reference would keep the float32 copies of the normalised value, the gate
 and its SiLU instead -- three [.., D] float32 tensors per call (96 MiB each for the side-by-side
 gdn row's output norm at batch 8 x 2048, where x and the gate kept in bf16 are 48 MiB each: ~5.6
@@ -45,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch
-from ._triton import silu_f32, triton
+from ._triton import sigmoid_f32, silu_f32, triton
 
 if triton is not None:
     import triton.language as tl
@@ -136,17 +142,71 @@ if triton is not None:
         gt = tl.load(g_ptr + (n // GH) * stride_g0 + (n % GH) * stride_g1 + d, mask=m, other=0.0).to(tl.float32)
         tl.store(o_ptr + n * stride_o + d, (y * silu_f32(gt)).to(ty), mask=m)
 
+    @triton.jit
+    def _gated_rms_norm_bwd_kernel(x_ptr, g_ptr, w_ptr, do_ptr, dx_ptr, dg_ptr, dwp_ptr, N, D, eps, stride_x, GH,
+                                   stride_g0, stride_g1, stride_do,
+                                   ZERO_CENTERED: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DG: tl.constexpr,
+                                   WRITE_DW: tl.constexpr, BLOCK_D: tl.constexpr):
+        """The closed-form gradients of ``y = rms_norm(x) * scale * SiLU(gate)`` for rows ``pid,
+        pid + P, pid + 2P, ...`` of x [N, D] (P programs), in float32 (``gated_rms_norm_bwd_ref``'s
+        formulas, in its order): with ``rstd = 1 / sqrt(mean x^2 + eps)``, ``xh = x * rstd``,
+        ``s = sigmoid(gate)`` and ``do`` the output gradient,
+        ``dgate = do * xh * scale * s * (1 + gate * (1 - s))``, ``dy = do * gate * s``,
+        ``dx = rstd * (dy * scale - xh * mean(dy * scale * xh))`` -- dx [N, D] and dgate [N, D]
+        (contiguous) in their pointers' dtypes -- and the program's part of d weight (= d scale),
+        ``sum over its rows of dy * xh``, as row ``pid`` of the float32 [P, D] partial sums. The gate is addressed as in the forward
+        kernel (row n at ``(n // GH) * stride_g0 + (n % GH) * stride_g1``); the scale is
+        ``1 + w`` rounded to w's dtype (zero-centered) or w. WRITE_*: which outputs to store."""
+        pid = tl.program_id(0)
+        P = tl.num_programs(0)
+        d = tl.arange(0, BLOCK_D)
+        m = d < D
+        w = tl.load(w_ptr + d, mask=m, other=0.0)
+        if ZERO_CENTERED:  # PyTorch's ``1.0 + w``, rounded to w's dtype
+            w = (1.0 + w.to(tl.float32)).to(w_ptr.dtype.element_ty)
+        scale = w.to(tl.float32)
+        dw = tl.zeros([BLOCK_D], dtype=tl.float32)
+        n = pid.to(tl.int64)  # the row, in int64 offsets
+        for _ in range(pid, N, P):
+            x = tl.load(x_ptr + n * stride_x + d, mask=m, other=0.0).to(tl.float32)
+            gt = tl.load(g_ptr + (n // GH) * stride_g0 + (n % GH) * stride_g1 + d, mask=m, other=0.0).to(tl.float32)
+            dd = tl.load(do_ptr + n * stride_do + d, mask=m, other=0.0).to(tl.float32)
+            rstd = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=0) / D + eps)
+            xh = x * rstd
+            sig = sigmoid_f32(gt)
+            if WRITE_DG:
+                dg = dd * (xh * scale) * sig * (1.0 + gt * (1.0 - sig))
+                tl.store(dg_ptr + n * D + d, dg.to(dg_ptr.dtype.element_ty), mask=m)
+            dy = dd * gt * sig  # through SiLU(gate)
+            if WRITE_DW:
+                dw += dy * xh
+            if WRITE_DX:
+                dxh = dy * scale
+                dx = rstd * (dxh - xh * (tl.sum(dxh * xh, axis=0) / D))
+                tl.store(dx_ptr + n * D + d, dx.to(dx_ptr.dtype.element_ty), mask=m)
+            n += P
+        if WRITE_DW:
+            tl.store(dwp_ptr + pid * D + d, dw, mask=m)
+
+
+def _gated_rows(x: Tensor, gate: Tensor) -> tuple[Tensor, Tensor, int]:
+    """x as rows [N, D] and the gate as [M, GH, D] (GH = its next-to-last dim; a view also for a
+    column slice of a wider tensor), both with a unit last stride (copied only where needed)."""
+    D = x.shape[-1]
+    GH = gate.shape[-2] if gate.dim() >= 2 else 1
+    xs, gs = x.reshape(-1, D), gate.reshape(-1, GH, D)
+    if xs.stride(-1) != 1:
+        xs = xs.contiguous()
+    if gs.stride(-1) != 1:
+        gs = gs.contiguous()
+    return xs, gs, GH
+
 
 def gated_rms_norm_triton(x: Tensor, gate: Tensor, weight: Tensor, eps: float, zero_centered: bool = True) -> Tensor:
     """The one-kernel gated RMSNorm (forward only): x, gate [..., D] (same shape), weight [D] ->
     [..., D] in x's dtype."""
     D = x.shape[-1]
-    GH = gate.shape[-2] if gate.dim() >= 2 else 1
-    xs, gs = x.reshape(-1, D), gate.reshape(-1, GH, D)  # [M, GH, D]: a view also for a column slice
-    if xs.stride(-1) != 1:
-        xs = xs.contiguous()
-    if gs.stride(-1) != 1:
-        gs = gs.contiguous()
+    xs, gs, GH = _gated_rows(x, gate)
     w = weight if weight.stride(0) == 1 else weight.contiguous()
     out = torch.empty(xs.shape, device=x.device, dtype=x.dtype)
     block_d = triton.next_power_of_2(D)
@@ -158,33 +218,113 @@ def gated_rms_norm_triton(x: Tensor, gate: Tensor, weight: Tensor, eps: float, z
     return out.view(x.shape)
 
 
+def _bwd_programs(n_rows: int, device: torch.device) -> int:
+    """Programs of the backward kernel: 16 per SM on CUDA (each walks its strided rows and keeps
+    one float32 partial sum of the weight gradient; 16 small programs per SM keep its loads in
+    flight), 8 elsewhere (Triton's CPU interpreter); never more than the rows."""
+    if device.type == "cuda":
+        return max(1, min(n_rows, 16 * torch.cuda.get_device_properties(device).multi_processor_count))
+    return max(1, min(n_rows, 8))
+
+
+def gated_rms_norm_bwd_triton(x: Tensor, gate: Tensor, weight: Tensor, dout: Tensor, eps: float,
+                              zero_centered: bool = True, needs: tuple[bool, bool, bool] = (True, True, True),
+                              programs: int | None = None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The gradients (dx, d gate, d weight) of ``gated_rms_norm(x, gate, weight)`` for the output
+    gradient ``dout``: one Triton kernel (dx in x's dtype, d gate in the gate's dtype and shape,
+    both contiguous; float32 partial sums of d weight per program) and one sum of the partial sums
+    (in weight's dtype). ``needs``: which of the three to compute (None for the others).
+    ``programs`` overrides the number of programs (``_bwd_programs``; tests)."""
+    D = x.shape[-1]
+    xs, gs, GH = _gated_rows(x, gate)
+    ds = dout.reshape(-1, D)
+    if ds.stride(-1) != 1:
+        ds = ds.contiguous()
+    w = weight if weight.stride(0) == 1 else weight.contiguous()
+    N = xs.shape[0]
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if needs[0] else None
+    dg = torch.empty(gate.shape, device=gate.device, dtype=gate.dtype) if needs[1] else None
+    if not N:
+        dw = torch.zeros(weight.shape, device=weight.device, dtype=weight.dtype) if needs[2] else None
+        return dx, dg, dw
+    P = programs if programs is not None else _bwd_programs(N, x.device)
+    part = torch.empty(P, D, device=x.device, dtype=torch.float32) if needs[2] else None
+    block_d = triton.next_power_of_2(D)
+    # outputs not asked for: a dummy pointer (never written, its WRITE_* flag is off)
+    _gated_rms_norm_bwd_kernel[(P,)](xs, gs, w, ds, xs if dx is None else dx, xs if dg is None else dg,
+                                     xs if part is None else part, N, D, eps, xs.stride(0), GH, gs.stride(0),
+                                     gs.stride(1), ds.stride(0),
+                                     ZERO_CENTERED=zero_centered, WRITE_DX=dx is not None, WRITE_DG=dg is not None,
+                                     WRITE_DW=part is not None, BLOCK_D=block_d,
+                                     num_warps=min(8, max(1, block_d // 256)), enable_fp_fusion=False)
+    return dx, dg, None if part is None else part.sum(0).to(weight.dtype)
+
+
+def gated_rms_norm_bwd_ref(x: Tensor, gate: Tensor, weight: Tensor, dout: Tensor, eps: float,
+                           zero_centered: bool = True, needs: tuple[bool, bool, bool] = (True, True, True)
+                           ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The closed-form gradients (dx, d gate, d weight) of ``gated_rms_norm(x, gate, weight)`` for
+    the output gradient ``dout`` in PyTorch ops, float32 (float64 for float64 inputs); each in
+    its input's dtype, None where ``needs`` says it is not needed (module docstring)."""
+    cdt = dispatch.compute_dtype(x, gate, weight)
+    xf = x.to(cdt)
+    rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    xh = xf * rstd
+    scale = norm_scale(weight, zero_centered).to(cdt)
+    gf = gate.to(cdt)
+    sig = torch.sigmoid(gf)
+    d = dout.to(cdt)
+    dgate = (d * (xh * scale) * sig * (1 + gf * (1 - sig))).to(gate.dtype) if needs[1] else None
+    dy = d * gf * sig  # through SiLU(gate)
+    dw = (dy * xh).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype) if needs[2] else None
+    dx = None
+    if needs[0]:
+        dxh = dy * scale
+        dx = (rstd * (dxh - xh * (dxh * xh).mean(-1, keepdim=True))).to(x.dtype)
+    return dx, dgate, dw
+
+
 def _probe_gated() -> None:
     if triton is None or not torch.cuda.is_available():
         raise RuntimeError("needs triton and a CUDA device")
     g = torch.Generator().manual_seed(0)
     for dt, wdt, D, zc in ((torch.bfloat16, torch.bfloat16, 128, True), (torch.float32, torch.float32, 96, False),
-                           (torch.bfloat16, torch.float32, 300, True)):
+                           (torch.bfloat16, torch.float32, 300, True), (torch.bfloat16, torch.bfloat16, 96, False),
+                           (torch.float32, torch.float32, 64, True)):
         x = torch.randn(3, 2, 4, D, generator=g).to("cuda", dt)
-        z = torch.randn(3, 2, 4, D, generator=g).to("cuda", dt)
+        wide = torch.randn(3, 2, 4 * D + 8, generator=g).to("cuda", dt)
+        z = wide[..., 8:].view(3, 2, 4, D)  # a column slice of a wider tensor, as the decode engine's gate
         w = (0.1 * torch.randn(D, generator=g) + (0.0 if zc else 1.0)).to("cuda", wdt)
-        err = dispatch.max_rel_err(gated_rms_norm_triton(x, z, w, 1e-6, zc), gated_rms_norm_ref(x, z, w, 1e-6, zc))
+        dy = torch.randn(3, 2, 4, D, generator=g).to("cuda", dt)
         tol = 1e-5 if dt == torch.float32 else 1e-2
+        err = dispatch.max_rel_err(gated_rms_norm_triton(x, z, w, 1e-6, zc), gated_rms_norm_ref(x, z, w, 1e-6, zc))
         if not err <= tol:
             raise RuntimeError(f"Triton gated RMSNorm differs from the reference ({dt}, weight {wdt}: {err:.2e})")
+        want = gated_rms_norm_bwd_ref(x, z, w, dy, 1e-6, zc)
+        for programs in (None, 5):  # one row per program; several rows per program
+            got = gated_rms_norm_bwd_triton(x, z, w, dy, 1e-6, zc, programs=programs)
+            for name, a, b in zip(("dx", "dgate", "dweight"), got, want):
+                err = dispatch.max_rel_err(a, b)
+                if a.dtype != b.dtype or a.shape != b.shape or not err <= tol:
+                    raise RuntimeError(f"Triton gated RMSNorm backward differs from the closed form ({name}, {dt}, "
+                                       f"weight {wdt}, zero_centered {zc}: {err:.2e}, {a.dtype} vs {b.dtype})")
 
 
 dispatch.fast_path(GATED, probe=_probe_gated,
-                   doc="own Triton kernel: gated RMSNorm forward in one launch (training: closed-form backward)")
+                   doc="own Triton kernels: gated RMSNorm forward in one launch; training: backward in one launch "
+                       "+ a sum of per-program weight-gradient partials")
 
 
 class _GatedRMSNormFn(torch.autograd.Function):
-    """Gated RMSNorm keeping x, gate and weight for a closed-form backward (module docstring)."""
+    """Gated RMSNorm keeping x, gate and weight for a closed-form backward (module docstring): the
+    Triton backward kernel where the forward ran the Triton kernel, else (and for a backward
+    that builds a graph: double backward) the PyTorch form."""
 
     @staticmethod
     def forward(ctx, x: Tensor, gate: Tensor, weight: Tensor, eps: float, zero_centered: bool,  # noqa: ANN001
                 fast: bool) -> Tensor:
         ctx.save_for_backward(x, gate, weight)
-        ctx.eps, ctx.zero_centered = eps, zero_centered
+        ctx.eps, ctx.zero_centered, ctx.fast = eps, zero_centered, fast
         if fast:
             return gated_rms_norm_triton(x, gate, weight, eps, zero_centered)
         return gated_rms_norm_ref(x, gate, weight, eps, zero_centered)
@@ -192,22 +332,13 @@ class _GatedRMSNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
         x, gate, weight = ctx.saved_tensors
-        cdt = dispatch.compute_dtype(x, gate, weight)
-        xf = x.to(cdt)
-        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + ctx.eps)
-        xh = xf * rstd
-        scale = norm_scale(weight, ctx.zero_centered).to(cdt)
-        gf = gate.to(cdt)
-        sig = torch.sigmoid(gf)
-        d = dout.to(cdt)
-        dgate = d * (xh * scale) * sig * (1 + gf * (1 - sig)) if ctx.needs_input_grad[1] else None
-        dy = d * gf * sig  # through SiLU(gate)
-        dw = (dy * xh).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype) if ctx.needs_input_grad[2] else None
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dxh = dy * scale
-            dx = (rstd * (dxh - xh * (dxh * xh).mean(-1, keepdim=True))).to(x.dtype)
-        return dx, None if dgate is None else dgate.to(gate.dtype), dw, None, None, None
+        needs = tuple(ctx.needs_input_grad[:3])
+        # the kernel where the forward ran its kernel; the PyTorch form under create_graph (grad mode
+        # on in a backward), which autograd can differentiate again
+        fast = ctx.fast and not torch.is_grad_enabled()
+        bwd = gated_rms_norm_bwd_triton if fast else gated_rms_norm_bwd_ref
+        dx, dgate, dw = bwd(x, gate, weight, dout, ctx.eps, ctx.zero_centered, needs)
+        return dx, dgate, dw, None, None, None
 
 
 def gated_rms_norm(x: Tensor, gate: Tensor, weight: Tensor, eps: float, zero_centered: bool = True) -> Tensor:
