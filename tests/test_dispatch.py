@@ -47,6 +47,25 @@ def test_probe_runs_with_autograd_whatever_the_callers_grad_mode():
         assert torch.is_grad_enabled()
 
 
+def test_probe_runs_with_autocast_off_whatever_the_callers_autocast():
+    """A first use inside a training forward's bf16 autocast must not turn a probe's float32
+    checks into bf16 ones (on an H200 the ATLAS probe's backward ran in bf16 there and failed,
+    turning ATLAS's fast path off for the training run); the caller's autocast is back after."""
+
+    def probe():
+        assert not torch.is_autocast_enabled("cpu")
+        a = torch.randn(8, 8, dtype=torch.float32, requires_grad=True)
+        y = a @ a
+        (g,) = torch.autograd.grad(y.square().sum(), a)
+        assert y.dtype == g.dtype == torch.float32
+
+    fp = dispatch.FastPath("probe_in_autocast", probe, "test")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fp.ok(), fp.error
+        assert torch.is_autocast_enabled("cpu")
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+
+
 def test_pinned_autotune_pins_and_restores():
     triton = pytest.importorskip("triton")
     tl = pytest.importorskip("triton.language")

@@ -9,8 +9,8 @@ and asks, at call time, ``use_fast("gdn", x)``. The answer is True only when
 
 * ``HYMBA_KERNELS`` is not ``reference`` (``auto``, the default, or ``fast``),
 * every given tensor is on CUDA, and
-* the probe succeeded (it runs once, with autograd on whatever the caller's grad mode; an
-  ImportError or any failure means "not available").
+* the probe succeeded (it runs once, with autograd on and autocast off whatever the caller's
+  grad mode and autocast; an ImportError or any failure means "not available").
 
 In ``auto`` mode a fast path whose probe failed is announced once, in one line on stderr, the
 first time a CUDA call falls back because of it ("fast path gdn unavailable (ImportError:
@@ -71,8 +71,11 @@ class FastPath:
                     "hymba_plus.kernels.dispatch.probe_all() before capturing, or run the step once eagerly first")
             try:
                 # a first use may come under no_grad / inference_mode; probes that check a
-                # backward need autograd, and what they make is thrown away
-                with torch.inference_mode(False), torch.enable_grad():
+                # backward need autograd, and what they make is thrown away. It may also come
+                # inside a training forward's autocast: a probe sets its own dtypes, and a
+                # backward it runs there would run in bf16 (the ATLAS probe's gradients were off
+                # by 160% on an H200 this way, so the fast path was turned off in training)
+                with torch.inference_mode(False), torch.enable_grad(), _no_autocast():
                     self.probe()
                 self.status = True
             except Exception as e:  # noqa: BLE001 - any import/probe failure = unavailable
@@ -81,6 +84,13 @@ class FastPath:
 
 
 _FAST: dict[str, FastPath] = {}
+
+
+@contextlib.contextmanager
+def _no_autocast() -> Iterator[None]:
+    """Autocast off on the CPU and on CUDA (probes run with the dtypes they choose)."""
+    with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+        yield
 
 
 def fast_path(name: str, probe: Callable[[], Any], doc: str) -> None:
