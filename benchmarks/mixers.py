@@ -269,6 +269,15 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
     paths = args.atlas_paths or ["reference", "fast", "fast_torch_ns", "fast_eager"]
     todo = [("gdn", None)] + ([("gdn", "graphed")] if "fast_graphed" in paths else []) + [("atlas", p) for p in paths]
     rows: list[dict] = []
+    if args.gdn_from:  # the gdn rows of an earlier call at the same shape (its first call autotunes fla: minutes)
+        with open(args.gdn_from) as f:
+            earlier = json.load(f).get("atlas_paths", [])
+        rows = [{**r, "from": args.gdn_from} for r in earlier if r.get("mixer") == "gdn" and "layer_fwdbwd_ms" in r
+                and (r.get("B"), r.get("T"), r.get("d_model")) == (B, T, d_model)]
+        if not rows:
+            raise SystemExit(f"--gdn-from {args.gdn_from}: no gdn row at B {B}, T {T}, d_model {d_model}")
+        todo = [t for t in todo if t[0] != "gdn" or ("graphed" if t[1] else "as dispatched")
+                not in {r["path"] for r in rows}]
     for name, path in todo:
         row: dict = {"mixer": name, "path": path or "as dispatched", "B": B, "T": T, "d_model": d_model}
         graphed = path == "graphed"
@@ -354,6 +363,9 @@ def main() -> None:
                          "fast_unroll4, fast_ieee, fast_tf32, fast_graphed; default the first four) next to a gdn "
                          "layer of the same width")
     ap.add_argument("--d-model", type=int, default=2048, help="width for --atlas-paths")
+    ap.add_argument("--gdn-from", default=None,
+                    help="--atlas-paths: take the gdn rows from this earlier --atlas-paths JSON (same B, T, width) "
+                         "instead of timing them again")
     ap.add_argument("--one-launch-config", action="store_true",
                     help="pin fla's and mamba-ssm's autotuned kernels to one launch config (skips minutes of "
                          "autotune compile; wrapper/raw ratios stay comparable, absolute times are not tuned)")
