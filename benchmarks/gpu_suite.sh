@@ -7,7 +7,8 @@
 #   gdn     pytest -m gpu tests/test_gdn.py tests/test_conv.py (one launch config per fla kernel; first use
 #           compiles fla's backward through TileLang, ~20 s a kernel); tests/test_gdn_decode.py and
 #           benchmarks/gdn_decode.py (our in-place decode-step kernel vs the reference and fla)
-#   atlas   pytest -m gpu tests/test_atlas.py, then mixers.py --atlas-paths (ATLAS reference / fast path /
+#   atlas   atlas_check.py (Triton NS kernels per launch width, the probe's problem per NS variant, the
+#           probe inside autocast), pytest -m gpu tests/test_atlas.py, then mixers.py --atlas-paths (ATLAS reference / fast path /
 #           its NS in single TF32 / in CUDA graphs, next to gdn; more variants: fast_torch_ns fast_eager
 #           fast_unroll4 fast_ieee)
 #   mimo_alt  the mamba3 MIMO GPU tests with the tilelang stack of .whl5 (0.1.8) first on the path:
@@ -70,7 +71,8 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
               step gdn_tests 400 "${PYTEST[@]}" tests/test_gdn.py tests/test_conv.py
               step gdn_decode_tests 240 "${PYTEST[@]}" tests/test_gdn_decode.py
               step gdn_decode_bench 120 python benchmarks/gdn_decode.py ;;
-      atlas)  step atlas_tests 400 "${PYTEST[@]}" tests/test_atlas.py  # first use compiles: Triton NS, Inductor
+      atlas)  step atlas_check 150 python benchmarks/atlas_check.py  # NS kernels and the probe's problem vs float64
+              step atlas_tests 400 "${PYTEST[@]}" tests/test_atlas.py  # first use compiles: Triton NS, Inductor
               (cd benchmarks && step atlas_paths 600 python mixers.py --atlas-paths reference fast fast_tf32 fast_graphed \
                  --out "$OUT/mixers_atlas_paths.json") ;;
       mimo_alt) alt=${HYMBA_SITE:-/tmp/hymba_site}_alt
