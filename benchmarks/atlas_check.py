@@ -6,7 +6,7 @@ path's probe failed on an H200 while every CPU check passes).
 1. The Triton Newton-Schulz kernels (``_ns_gram_fwd_kernel`` / ``_ns_gram_bwd_kernel``) on Gram
    matrices of short side m (padded to M = 16 / 32), for each launch width (num_warps) and matmul
    precision, against ``ns_gram_factor`` / ``_ns_gram_vjp`` in float64 on the CPU.
-2. The probe's problem (``kernels.atlas._probe_fast``'s inputs) through ``_atlas_memory_fast`` on
+2. The probe's problem (``kernels.atlas.probe_errors``) through ``_atlas_memory_fast`` on
    this GPU with the PyTorch Newton-Schulz and with the Triton kernels (eager chunk step), and
    with the compiled chunk step: the worst relative error of each output and input gradient.
 3. ``_probe_fast`` itself as the dispatch runs it, inside a bf16 autocast region (a training
@@ -15,7 +15,6 @@ path's probe failed on an H200 while every CPU check passes).
 
 from __future__ import annotations
 
-import math
 import sys
 
 import torch
@@ -53,31 +52,6 @@ def ns_kernels() -> None:
                     print(f"ns m={m:2d} M={M} {prec:6s} warps={warps}: {type(e).__name__}: {str(e)[:120]}", flush=True)
 
 
-def probe_problem(dev: str, **kw: object) -> list[float]:
-    g = torch.Generator().manual_seed(0)
-    N, T, C, c, d, hid, p = 3, 21, 4, 3, 4, 6, 2
-    coef = torch.tensor([1.0, 1 / math.sqrt(2)])
-    Fd = A.feature_dim(d, p)
-    ins = [A.poly_features(F.normalize(torch.randn(N, T, d, generator=g), dim=-1), coef),
-           A.poly_features(F.normalize(torch.randn(N, T + c - 1, d, generator=g), dim=-1), coef),
-           F.normalize(torch.randn(N, T + c - 1, d, generator=g), dim=-1), torch.rand(N, T + c - 1, generator=g),
-           0.1 * torch.rand(N, T, generator=g), F.logsigmoid(torch.randn(N, T, generator=g)),
-           F.logsigmoid(torch.randn(N, T, generator=g) + 3)]
-    ws = [torch.randn(N, *s, generator=g) / math.sqrt(s[1]) for s in [(d, Fd), (hid, Fd), (hid, hid), (d, hid)]]
-    ins[3][:, : c - 1] = 0.0
-    n_valid = torch.tensor([T, 9, 16])
-    res, seeds = [], None
-    for impl, dv, dt, kws in ((A._atlas_memory_fast, dev, torch.float32, kw), (A._atlas_memory, "cpu", torch.float64, {})):
-        ts = [t.to(dv, dt).requires_grad_() for t in ins + ws]
-        y, W, S, _ = impl(*ts[:7], ts[7:], None, chunk_size=C, window=c, ns_steps=5, muon=True,
-                          n_valid=n_valid.to(dv), return_state=True, snapshots=(), **kws)
-        outs = [y, *W, *S]
-        seeds = seeds or [torch.randn(o.shape, generator=g) for o in outs]
-        grads = torch.autograd.grad(sum((o * s.to(dv, dt)).sum() for o, s in zip(outs, seeds)), ts)
-        res.append([t.detach().cpu().double() for t in outs + list(grads)])
-    return [max_rel_err(x, y) for x, y in zip(*res)]
-
-
 def main() -> None:
     print("device:", torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     ns_kernels()
@@ -87,7 +61,7 @@ def main() -> None:
                      ("torch NS, compiled", {"compile": True, "triton_ns": False}),
                      ("triton NS, compiled", {"compile": True, "triton_ns": True})):
         try:
-            errs = probe_problem("cuda", **kw)
+            errs = A.probe_errors("cuda", **kw)
             print(f"probe {name}: worst {max(errs):.1e} at result {errs.index(max(errs))};",
                   " ".join(f"{e:.0e}" for e in errs), flush=True)
         except Exception as e:  # noqa: BLE001

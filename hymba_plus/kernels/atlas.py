@@ -834,13 +834,13 @@ def _atlas_memory_fast_body(
     return y, cast(Ws[-1]), cast(Ss[-1]), snaps
 
 
-def _probe_fast() -> None:
-    """The fast path on this GPU (float32; its eager chunk step with the Triton NS kernels,
-    so that no compiled graph is specialised to these shapes) against the reference on the
-    CPU (float64): outputs, end state and every input gradient, Muon with a window and a
-    deep memory, n_valid rows. The compiled step is checked by the tests (GPU and CPU)."""
-    if not torch.cuda.is_available():
-        raise RuntimeError("CUDA is not available")
+def probe_errors(device: str = "cuda", **fast_kwargs: object) -> list[float]:
+    """The fast path on ``device`` (float32; by default its eager chunk step with the Triton NS
+    kernels where they apply, so that no compiled graph is specialised to these shapes; tests and
+    ``benchmarks/atlas_check.py`` pass ``compile`` / ``triton_ns`` / ``pad_ns``) against the
+    reference on the CPU (float64) on one small problem -- Muon with a window and a deep memory,
+    n_valid rows: the relative error of each result, in the order output, end weights, end
+    momenta, then the gradient of every input (7 inputs, then the 4 weights)."""
     g = torch.Generator().manual_seed(0)
     N, T, C, c, d, hid, p = 3, 21, 4, 3, 4, 6, 2
     coef = torch.tensor([1.0, 1 / math.sqrt(2)])
@@ -854,18 +854,26 @@ def _probe_fast() -> None:
     ins[3][:, : c - 1] = 0.0
     n_valid = torch.tensor([T, 9, 16])
     res, seeds = [], None
-    for impl, dev, dt in ((_atlas_memory_fast, "cuda", torch.float32), (_atlas_memory, "cpu", torch.float64)):
+    for impl, dev, dt in ((_atlas_memory_fast, device, torch.float32), (_atlas_memory, "cpu", torch.float64)):
         ts = [t.to(dev, dt).requires_grad_() for t in ins + ws]
-        kw = {"compile": False} if impl is _atlas_memory_fast else {}  # no compile for the probe's shapes
+        kw = {"compile": False, **fast_kwargs} if impl is _atlas_memory_fast else {}
         y, W, S, _ = impl(*ts[:7], ts[7:], None, chunk_size=C, window=c, ns_steps=5, muon=True,
                           n_valid=n_valid.to(dev), return_state=True, snapshots=(), **kw)
         outs = [y, *W, *S]
         seeds = seeds or [torch.randn(o.shape, generator=g) for o in outs]
         grads = torch.autograd.grad(sum((o * s.to(dev, dt)).sum() for o, s in zip(outs, seeds)), ts)
         res.append(outs + list(grads))
-    for i, (a, b) in enumerate(zip(*res)):
-        err = max_rel_err(a, b)
-        if not err < 1e-2:  # float32 vs float64; on a CPU: <= 2.2e-3 (the reference in float32: 2.6e-3)
+    return [max_rel_err(a, b) for a, b in zip(*res)]
+
+
+def _probe_fast() -> None:
+    """``probe_errors`` on this GPU, every result within 1e-2 (float32 vs float64; on a CPU:
+    <= 2.2e-3, the reference in float32: 2.6e-3). The compiled step is checked by the tests
+    (GPU and CPU)."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("CUDA is not available")
+    for i, err in enumerate(probe_errors("cuda")):
+        if not err < 1e-2:
             raise RuntimeError(f"atlas fast path differs from the reference (result {i}: rel {err:.3g})")
 
 
