@@ -276,8 +276,8 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
                 and (r.get("B"), r.get("T"), r.get("d_model")) == (B, T, d_model)]
         if not rows:
             raise SystemExit(f"--gdn-from {args.gdn_from}: no gdn row at B {B}, T {T}, d_model {d_model}")
-        todo = [t for t in todo if t[0] != "gdn" or ("graphed" if t[1] else "as dispatched")
-                not in {r["path"] for r in rows}]
+        have = {r["path"] for r in rows}
+        todo = [t for t in todo if t[0] != "gdn" or (t[1] or "as dispatched") not in have]
     for name, path in todo:
         row: dict = {"mixer": name, "path": path or "as dispatched", "B": B, "T": T, "d_model": d_model}
         graphed = path == "graphed"
