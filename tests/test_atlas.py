@@ -187,13 +187,15 @@ FAST_CASES = [  # muon, depth, window, T, p, hid (p = 1 with hid 5 > 3 features:
 ]
 
 
-@pytest.mark.parametrize("pad_ns", [False, True])
+@pytest.mark.parametrize("pad_ns,factor", [(False, None), (True, None), (False, True), (True, True)])
 @pytest.mark.parametrize("muon,depth,c,T,p,hid,n_valid", FAST_CASES)
-def test_fast_path_equals_reference(muon, depth, c, T, p, hid, n_valid, pad_ns):
+def test_fast_path_equals_reference(muon, depth, c, T, p, hid, n_valid, pad_ns, factor):
     """The closed-form chunk step (eager) == the torch.func reference in float64: outputs,
     final state (or snapshots) and the gradient of every input; Muon and SGD, deep memories,
     a tall weight, the Omega window reaching into the tail, partial rows (n_valid), with the
-    Gram matrices in one padded batch (the GPU layout) or per short side (the CPU layout)."""
+    Gram matrices in one padded batch (the GPU layout) or per short side (the CPU layout), and
+    with the Gram matrices and update of every wide weight factored (``factor``; the default
+    picks per weight by flop count, which at these sizes is the direct form)."""
     C = 4
     for return_state in (True, False):
         args, leaves = random_problem(T=T, C=C, c=c, p=p, hid=hid, depth=depth)
@@ -204,8 +206,8 @@ def test_fast_path_equals_reference(muon, depth, c, T, p, hid, n_valid, pad_ns):
             args = (*args[:3], gam.requires_grad_(), *args[4:])
             leaves[3] = args[3]
         snaps = [0, (T - 1) // C] if not return_state and n_valid is None else ()
-        fwd, bwd = compare_impls(args, leaves, dict(compile=False, pad_ns=pad_ns), chunk_size=C, window=c,
-                                 ns_steps=5, muon=muon, return_state=return_state, snapshots=snaps,
+        fwd, bwd = compare_impls(args, leaves, dict(compile=False, pad_ns=pad_ns, factor=factor), chunk_size=C,
+                                 window=c, ns_steps=5, muon=muon, return_state=return_state, snapshots=snaps,
                                  n_valid=None if n_valid is None else torch.tensor(n_valid))
         assert fwd < 1e-10 and bwd < 1e-9, (return_state, fwd, bwd)
 

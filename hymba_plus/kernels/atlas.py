@@ -415,7 +415,8 @@ def _atlas_memory(
 # the steps, its matmuls on tensor cores in float32 accuracy (``NS_TRITON_PRECISION``
 # "tf32x3"; the PyTorch form is 4 batched float32 matmuls and an add per step, x 2-3 in the
 # backward); elsewhere the PyTorch form: ``ns_gram_factor`` forward, ``_ns_gram_vjp`` backward.
-# The chunk step calls the op only where the Triton kernels apply (``_use_triton_ns``).
+# The chunk step calls the op only where the Triton kernels apply (``_use_triton_ns``: CUDA,
+# float32, the kernels checked once on this GPU), for each Gram side <= NS_TRITON_MAX.
 
 if triton is not None:
 
@@ -494,7 +495,7 @@ TRITON_NS = True
 
 def _use_triton_ns(params: Sequence[Tensor], dtype: torch.dtype) -> bool:
     return (TRITON_NS and triton is not None and params[0].is_cuda and dtype == torch.float32
-            and max(min(p.shape[-2:]) for p in params) <= NS_TRITON_MAX and _ns_triton_works())
+            and min(min(p.shape[-2:]) for p in params) <= NS_TRITON_MAX and _ns_triton_works())
 
 
 @functools.cache
@@ -535,7 +536,7 @@ def _ns_gram_launch(A: Tensor, dR: Tensor | None, steps: int) -> Tensor:
 @torch.library.custom_op("hymba::atlas_ns_gram", mutates_args=())
 def atlas_ns_gram(A: Tensor, steps: int) -> Tensor:
     """``ns_gram_factor(A, steps)`` as one op (Triton on CUDA, else PyTorch); A [B, m, m]
-    float32 with m <= ``NS_TRITON_MAX`` on CUDA (``_use_triton_ns`` checks that)."""
+    float32 with m <= ``NS_TRITON_MAX`` on CUDA (the chunk step calls it only then)."""
     if A.is_cuda and triton is not None:
         return _ns_gram_launch(A, None, steps)
     with torch.no_grad():
@@ -624,6 +625,7 @@ def _window_matrix(C: int, c: int, device: torch.device, dtype: torch.dtype) -> 
 def _chunk_step(
     params: tuple[Tensor, ...], mom: tuple[Tensor, ...], K: Tensor, V: Tensor, gam: Tensor, mix: Tensor,
     lam: Tensor, wu: Tensor, keep: Tensor, ns_steps: int, muon: bool, pad_ns: bool, triton_ns: bool,
+    factor: bool | None,
 ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
     """One chunk of the Atlas update in closed form (see the fast-path notes above).
 
@@ -651,27 +653,45 @@ def _chunk_step(
             sg = torch.sigmoid(zs[i - 2])  # σ'(z) = s (1 + z (1 - s)), s = sigmoid(z), for σ = SiLU
             delta = torch.bmm(delta, Ls[i - 1]) * (sg * (1 + zs[i - 2] * (1 - sg)))
     N, R, Cp = mix.shape
-    Ss = []
+    kp = keep[:, None, None]
+    if not muon:  # mix rows: the new momentum, the whole update
+        Ss = [torch.baddbmm((lam[:, :, None, None] * S0[:, None]).reshape(N, R * W.shape[-2], W.shape[-1]),
+                            (mix[:, :, None, :] * a.mT[:, None]).reshape(N, R * W.shape[-2], Cp), b)
+              .view(N, R, *W.shape[-2:]) for W, S0, (a, b) in zip(params, mom, fac)]
+        return tuple(kp * W - S[:, 1] for W, S in zip(params, Ss)), tuple(S[:, 0].contiguous() for S in Ss)
+    # Token t's momentum of a weight [o, n] is S_t = L_t B + λ_t S_0 with L_t = aᵀ diag(mix_t)
+    # [o, C'] and B = b [C', n] (the chunk's rank-1 gradient factors). NS5 of every S_t runs on
+    # its Gram matrix G_t = S_t S_tᵀ (short side first): X_0 = S / ||S||_F has Gram G / tr G,
+    # and NS5(S_t) = R_t X_0 = R_t S_t / ||S_t||_F, so the normalised momenta are never formed.
+    # Two ways to the Gram matrices and the update (``_factor_gram``, by flop count):
+    # * direct: every S_t formed ([C, o, n] per row), G_t = X_t X_tᵀ;
+    # * factored (o <= n): G_t = L_t (B Bᵀ) L_tᵀ + λ_t (H_t + H_tᵀ) + λ_t² S_0 S_0ᵀ with
+    #   H_t = L_t (B S_0ᵀ), and the update Σ_t w_t R_t S_t = (Σ_t w_t R_t L_t) B + (Σ_t w_t λ_t R_t) S_0:
+    #   only [C', C'], [C', o] and [o, o] products per token, no S_t at all (for the memory's
+    #   feature-wide weights, n = feature dim >> C' = C + c - 1, several times fewer flops
+    #   and no [C, o, n] tensors through the backward). Equal in exact arithmetic.
+    lam4 = lam[:, :, None, None]
+    parts, Gs = [], []
     for W, S0, (a, b) in zip(params, mom, fac):
         o, n = W.shape[-2:]
-        L = (mix[:, :, None, :] * a.mT[:, None]).reshape(N, R * o, Cp)  # [N, R·out, C']
-        S = torch.baddbmm((lam[:, :, None, None] * S0[:, None]).reshape(N, R * o, n), L, b)
-        Ss.append(S.view(N, R, o, n))
-    kp = keep[:, None, None]
-    if not muon:
-        return tuple(kp * W - S[:, 1] for W, S in zip(params, Ss)), tuple(S[:, 0].contiguous() for S in Ss)
-    # NS5 of every token's momentum from its Gram matrix G = S Sᵀ (short side first):
-    # X_0 = S / ||S||_F has Gram G / tr G, and NS5(S_t) = R_t X_0 = R_t S_t / ||S_t||_F, so the
-    # normalised momenta are never formed. ``pad_ns``: all weights share ONE batched
-    # iteration, their Gram matrices zero-padded to the largest short side (a zero block stays
-    # zero through the iteration, so the leading m×m block of R is the unpadded result): a
-    # third of the launches, for the batched-matmul NS on a GPU; otherwise one iteration per
-    # distinct short side: fewer flops (the benchmark's memory: 2.4x fewer), for a CPU and
-    # for the Triton kernels (one launch per side; NS5 is most of the step's flops: at B 4,
-    # 16 heads of the benchmark's memory ~1.5 GFLOP per chunk forward, 3-5 backward).
-    Xs = [S.mT.contiguous() if S.shape[-2] > S.shape[-1] else S for S in Ss]  # [N, R, m, n], m <= n
-    Gs = [torch.matmul(X, X.mT) for X in Xs]
+        L = mix[:, :, None, :] * a.mT[:, None]  # [N, C, o, C']
+        if o <= n and (_factor_gram(o, n, R, Cp) if factor is None else factor):
+            Lf = L.reshape(N, R * o, Cp)
+            LBL = torch.matmul(torch.bmm(Lf, torch.bmm(b, b.mT)).view(N, R, o, Cp), L.mT)
+            H = torch.bmm(Lf, torch.bmm(b, S0.mT)).view(N, R, o, o)
+            Gs.append(LBL + lam4 * (H + H.mT) + lam4.square() * torch.bmm(S0, S0.mT)[:, None])
+            parts.append((L, None))
+        else:
+            S = torch.baddbmm((lam4 * S0[:, None]).reshape(N, R * o, n), L.reshape(N, R * o, Cp), b).view(N, R, o, n)
+            X = S.mT.contiguous() if o > n else S  # [N, C, m, n'], m <= n'
+            Gs.append(torch.matmul(X, X.mT))
+            parts.append((S, X))
     invs = [1.0 / (G.diagonal(dim1=-2, dim2=-1).sum(-1) + 1e-14) for G in Gs]  # 1 / (||S||_F² + eps²)
+    # ``pad_ns``: all weights share ONE batched iteration, their Gram matrices zero-padded to the
+    # largest short side (a zero block stays zero through the iteration, so the leading m×m block
+    # of R is the unpadded result): a third of the launches, for the batched-matmul NS on a GPU;
+    # otherwise one iteration per distinct short side: fewer flops, for a CPU and for the Triton
+    # kernels (one launch per side <= NS_TRITON_MAX; larger sides take the batched-matmul form).
     Rs: list[Tensor] = [Gs[0]] * len(Gs)
     groups = [list(range(len(Gs)))] if pad_ns else [[j for j in range(len(Gs)) if Gs[j].shape[-1] == m]
                                                     for m in dict.fromkeys(G.shape[-1] for G in Gs)]
@@ -679,24 +699,41 @@ def _chunk_step(
         M = max(Gs[j].shape[-1] for j in js)
         A = torch.cat([F.pad(Gs[j] * invs[j][..., None, None], (0, M - Gs[j].shape[-1], 0, M - Gs[j].shape[-1]))
                        .view(-1, M, M) for j in js])
-        Rg = atlas_ns_gram(A, ns_steps) if triton_ns else ns_gram_factor(A, ns_steps)
+        Rg = atlas_ns_gram(A, ns_steps) if triton_ns and M <= NS_TRITON_MAX else ns_gram_factor(A, ns_steps)
         for j, Rj in zip(js, Rg.split(N * R)):
             m = Gs[j].shape[-1]
             Rs[j] = Rj.view(N, R, M, M)[..., :m, :m]
-    new_p = []
-    for W, X, Rj, inv in zip(params, Xs, Rs, invs):
-        m, n = X.shape[-2:]
-        # Σ_t w_t R_t X_0,t as one matmul: R_t is symmetric (a polynomial in G_t), so the
+    new_p, new_m = [], []
+    for W, S0, (_, b), (S, X), Rj, inv in zip(params, mom, fac, parts, Rs, invs):
+        o, n = W.shape[-2:]
+        m = Rj.shape[-1]
+        # Σ_t w_t R_t Y_t as one matmul: R_t is symmetric (a polynomial in G_t), so the
         # [m, (t, r)] left factor is the transposed [(t, r), m] view of the scaled R
-        left = (Rj * (wu * inv.sqrt())[..., None, None]).reshape(N, R * m, m).mT
-        upd = torch.bmm(left, X.reshape(N, R * m, n))
-        new_p.append(kp * W - (upd.mT if W.shape[-2] > W.shape[-1] else upd))
-    return tuple(new_p), tuple(S[:, -1].contiguous() for S in Ss)
+        Rw = Rj * (wu * inv.sqrt())[..., None, None]
+        left = Rw.reshape(N, R * m, m).mT
+        if X is None:  # factored: S is L
+            upd = torch.baddbmm(torch.bmm((Rw * lam4).sum(1), S0), torch.bmm(left, S.reshape(N, R * o, Cp)), b)
+            new_m.append(torch.baddbmm(lam[:, -1, None, None] * S0, S[:, -1], b))
+        else:
+            upd = torch.bmm(left, X.reshape(N, R * m, -1))
+            upd = upd.mT if o > n else upd
+            new_m.append(S[:, -1].contiguous())
+        new_p.append(kp * W - upd)
+    return tuple(new_p), tuple(new_m)
+
+
+def _factor_gram(o: int, n: int, C: int, Cp: int) -> bool:
+    """Whether the factored Gram / update of ``_chunk_step`` (a wide weight [o, n], C tokens, C'
+    gradient factors) takes fewer multiply-adds than forming every token's momentum."""
+    direct = C * o * Cp * n + 2 * C * o * o * n  # S_t, X_t X_tᵀ, Σ_t R_t X_t
+    factored = C * o * Cp * Cp + 3 * C * o * o * Cp + Cp * Cp * n + 3 * Cp * o * n + 2 * o * o * n
+    return factored < direct
 
 
 def _chunk_steps(
     params: tuple[Tensor, ...], mom: tuple[Tensor, ...], K: Tensor, V: Tensor, gam: Tensor, mix: Tensor,
     lam: Tensor, wu: Tensor, keep: Tensor, ns_steps: int, muon: bool, pad_ns: bool, triton_ns: bool,
+    factor: bool | None,
 ) -> tuple[list[tuple[Tensor, ...]], list[tuple[Tensor, ...]]]:
     """``K.shape[0]`` consecutive chunk steps (the per-chunk arguments stacked on dim 0): the
     weights and momentum after each. Compiled as one graph (``CHUNKS_PER_CALL``): one call's
@@ -704,7 +741,7 @@ def _chunk_steps(
     Ws, Ss = [], []
     for i in range(K.shape[0]):
         params, mom = _chunk_step(params, mom, K[i], V[i], gam[i], mix[i], lam[i], wu[i], keep[i], ns_steps, muon,
-                                  pad_ns, triton_ns)
+                                  pad_ns, triton_ns, factor)
         Ws.append(params)
         Ss.append(mom)
     return Ws, Ss
@@ -745,7 +782,7 @@ def _atlas_memory_fast(
     qf: Tensor, kf: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, log_theta: Tensor, log_alpha: Tensor,
     params: Sequence[Tensor], mom: Sequence[Tensor] | None, *, chunk_size: int, window: int, ns_steps: int,
     muon: bool, n_valid: Tensor | None, return_state: bool, snapshots: Sequence[int], compile: bool | None = None,
-    pad_ns: bool | None = None, triton_ns: bool | None = None,
+    pad_ns: bool | None = None, triton_ns: bool | None = None, factor: bool | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...] | None, tuple[Tensor, ...] | None,
            dict[int, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]]]:
     """``_atlas_memory`` (same arguments and results) by the fast path: gate coefficients of
@@ -753,19 +790,21 @@ def _atlas_memory_fast(
     default ``COMPILE_CHUNK_STEP``), then retrieval for all chunks at once. Runs with autocast
     off (the memory is computed in float32 whatever the surrounding autocast says).
     ``triton_ns`` (default: where the Triton kernels apply) / ``pad_ns`` (default: on CUDA
-    without them) choose the Newton-Schulz kernels and layout (tests set them)."""
+    without them) choose the Newton-Schulz kernels and layout, ``factor`` the factored Gram
+    matrices (default None: per weight by flop count, ``_factor_gram``; True: every wide weight;
+    False: none) (tests set them)."""
     with torch.autocast(qf.device.type, enabled=False):
         return _atlas_memory_fast_body(
             qf, kf, v, gamma, eta, log_theta, log_alpha, params, mom, chunk_size=chunk_size, window=window,
             ns_steps=ns_steps, muon=muon, n_valid=n_valid, return_state=return_state, snapshots=snapshots,
-            compile=compile, pad_ns=pad_ns, triton_ns=triton_ns)
+            compile=compile, pad_ns=pad_ns, triton_ns=triton_ns, factor=factor)
 
 
 def _atlas_memory_fast_body(
     qf: Tensor, kf: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, log_theta: Tensor, log_alpha: Tensor,
     params: Sequence[Tensor], mom: Sequence[Tensor] | None, *, chunk_size: int, window: int, ns_steps: int,
     muon: bool, n_valid: Tensor | None, return_state: bool, snapshots: Sequence[int], compile: bool | None,
-    pad_ns: bool | None, triton_ns: bool | None,
+    pad_ns: bool | None, triton_ns: bool | None, factor: bool | None,
 ) -> tuple[Tensor, tuple[Tensor, ...] | None, tuple[Tensor, ...] | None,
            dict[int, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]]]:
     N, T, Fd = qf.shape
@@ -807,7 +846,7 @@ def _atlas_memory_fast_body(
         triton_ns = muon and triton_ns
         if pad_ns is None:  # one padded batch where launches cost more than the padding's flops
             pad_ns = qf.is_cuda and not triton_ns
-        static = (ns_steps, muon, pad_ns, triton_ns)
+        static = (ns_steps, muon, pad_ns, triton_ns, factor)
         n = 0
         while n < U:
             if group > 1 and n + group <= U:  # several chunks per compiled call
