@@ -236,6 +236,8 @@ ATLAS_PATHS = {
     "fast_ieee": ("auto", {"NS_TRITON_PRECISION": "ieee"}, False),
     "fast_tf32": ("auto", {"NS_TRITON_PRECISION": "tf32"}, False),
     "fast_graphed": ("auto", {}, True),
+    "fast_direct": ("auto", {"FACTOR_GRAM": False}, False),
+    "fast_direct_graphed": ("auto", {"FACTOR_GRAM": False}, True),
 }
 
 
@@ -255,6 +257,8 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
       fast_graphed    ``fast`` with the layer's forward+backward captured in CUDA graphs
                       (``make_graphed_callables``, as ``hymba train --cuda-graph`` does): no
                       per-launch host cost; compared with a graphed gdn layer too
+      fast_direct     ``fast`` with every token's momentum formed (FACTOR_GRAM off: no factored
+                      Gram matrices); fast_direct_graphed: the same in CUDA graphs
 
     On a CPU the fast variants are forced through the dispatch (it never picks them there).
     Rows: fwd / fwd+bwd ms, compile + first-call seconds, ratio to gdn's fwd+bwd."""
@@ -264,10 +268,10 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
     B, T, d_model = args.batch, args.seq_len, args.d_model
     x = torch.randn(B, T, d_model, device=device, dtype=dtype, requires_grad=True)
     ctx = StepContext(positions=torch.arange(T, device=device)[None].expand(B, -1))
-    knobs = ("COMPILE_CHUNK_STEP", "TRITON_NS", "CHUNKS_PER_CALL", "NS_TRITON_PRECISION")
+    knobs = ("COMPILE_CHUNK_STEP", "TRITON_NS", "CHUNKS_PER_CALL", "NS_TRITON_PRECISION", "FACTOR_GRAM")
     saved = (os.environ.get("HYMBA_KERNELS"), {k: getattr(atlas_kernels, k) for k in knobs}, dispatch.use_fast)
     paths = args.atlas_paths or ["reference", "fast", "fast_torch_ns", "fast_eager"]
-    todo = [("gdn", None)] + ([("gdn", "graphed")] if "fast_graphed" in paths else []) + [("atlas", p) for p in paths]
+    todo = [("gdn", None)] + ([("gdn", "graphed")] if any(p.endswith("graphed") for p in paths) else []) + [("atlas", p) for p in paths]
     rows: list[dict] = []
     if args.gdn_from:  # the gdn rows of an earlier call at the same shape (its first call autotunes fla: minutes)
         with open(args.gdn_from) as f:
@@ -360,7 +364,8 @@ def main() -> None:
     ap.add_argument("--cpu-gdn-loop", action="store_true", help="CPU chunked-vs-loop gdn reference timing")
     ap.add_argument("--atlas-paths", nargs="*", default=None,
                     help="time the ATLAS layer on its paths (reference, fast, fast_torch_ns, fast_eager, "
-                         "fast_unroll4, fast_ieee, fast_tf32, fast_graphed; default the first four) next to a gdn "
+                         "fast_unroll4, fast_ieee, fast_tf32, fast_graphed, fast_direct, fast_direct_graphed; default the first four) "
+                         "next to a gdn "
                          "layer of the same width")
     ap.add_argument("--d-model", type=int, default=2048, help="width for --atlas-paths")
     ap.add_argument("--gdn-from", default=None,

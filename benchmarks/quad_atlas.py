@@ -54,7 +54,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from timing import bench  # benchmarks/timing.py (scripts run from the repo root as files)
+from timing import bench, profile_passes  # benchmarks/timing.py (scripts run from the repo root as files)
 
 import hymba_plus  # noqa: F401  (registers components)
 from hymba_plus.core import registry
@@ -172,6 +172,9 @@ def run_row(label: str, recipe: Recipe, mode: str, reference: bool, args: argpar
             if dev.type == "cuda":
                 row["peak_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
                 row["peak_reserved_gib"] = torch.cuda.max_memory_reserved(dev) / 2**30
+            if args.profile:  # where the step's time goes: top kernels, kernel and host ms per step
+                print(f"--- profile: {label}, {row['mode']}", flush=True)
+                row["profile"] = profile_passes(step, dev.type, passes=2, rows=args.profile_rows)
             idx = range(cfg.batch_size)
             row["data_ms"] = statistics.median(_ms(lambda: trainer.stream.train(idx)) for _ in range(5))
         except Exception as e:  # noqa: BLE001 - report and go on with the other rows
@@ -251,6 +254,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
                     help="hymba train --precision (default: the recipe's, else auto = bf16 autocast on CUDA)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU runs)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after timing, two more steps per row under torch.profiler: print the top kernels, "
+                         "record kernels / kernel ms / host ms per step and the top rows in the row's 'profile'")
+    ap.add_argument("--profile-rows", type=int, default=25, help="rows of each profile table")
     ap.add_argument("--out", default="benchmarks/results/quad_atlas.json")
     args = ap.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

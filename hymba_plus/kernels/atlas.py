@@ -609,6 +609,9 @@ atlas_ns_gram.register_autograd(_ns_gram_backward, setup_context=_ns_gram_setup)
 
 #: compile the loop body with ``torch.compile`` (fullgraph, static shapes) on the fast path
 COMPILE_CHUNK_STEP = True
+#: the factored Gram matrices / update of ``_chunk_step`` for wide weights: None = per weight by
+#: flop count (``_factor_gram``), True = every wide weight, False = never (every token's momentum formed)
+FACTOR_GRAM: bool | None = None
 #: chunks per compiled call (1: one graph per chunk; k > 1: k chunks unrolled into one graph,
 #: compile time x k, host overhead / k; the remainder runs one chunk per call)
 CHUNKS_PER_CALL = 1
@@ -791,8 +794,7 @@ def _atlas_memory_fast(
     off (the memory is computed in float32 whatever the surrounding autocast says).
     ``triton_ns`` (default: where the Triton kernels apply) / ``pad_ns`` (default: on CUDA
     without them) choose the Newton-Schulz kernels and layout, ``factor`` the factored Gram
-    matrices (default None: per weight by flop count, ``_factor_gram``; True: every wide weight;
-    False: none) (tests set them)."""
+    matrices (default ``FACTOR_GRAM``) (tests set them)."""
     with torch.autocast(qf.device.type, enabled=False):
         return _atlas_memory_fast_body(
             qf, kf, v, gamma, eta, log_theta, log_alpha, params, mom, chunk_size=chunk_size, window=window,
@@ -846,7 +848,7 @@ def _atlas_memory_fast_body(
         triton_ns = muon and triton_ns
         if pad_ns is None:  # one padded batch where launches cost more than the padding's flops
             pad_ns = qf.is_cuda and not triton_ns
-        static = (ns_steps, muon, pad_ns, triton_ns, factor)
+        static = (ns_steps, muon, pad_ns, triton_ns, FACTOR_GRAM if factor is None else factor)
         n = 0
         while n < U:
             if group > 1 and n + group <= U:  # several chunks per compiled call
