@@ -2,6 +2,7 @@
 path's probe failed on an H200 while every CPU check passes).
 
     python benchmarks/atlas_check.py            # prints one line per check, writes nothing
+    python benchmarks/atlas_check.py --grads    # only 4.: gradient norms of the Quad-Hybrid's ATLAS layer
 
 1. The Triton Newton-Schulz kernels (``_ns_gram_fwd_kernel`` / ``_ns_gram_bwd_kernel``) on Gram
    matrices of short side m (padded to M = 16 / 32), for each launch width (num_warps) and matmul
@@ -11,11 +12,18 @@ path's probe failed on an H200 while every CPU check passes).
    with the compiled chunk step: the worst relative error of each output and input gradient.
 3. ``_probe_fast`` itself as the dispatch runs it, inside a bf16 autocast region (a training
    forward's first ATLAS call): the dispatch runs probes with autocast off.
+4. ``--grads``: the ATLAS layer of ``configs/quad_hybrid_tiny.yaml`` (d_model 128, its ``atlas``
+   section) at batch x seq-len (default 8 x 2048, as ``quad_atlas.py`` trains it), forward under
+   bf16 autocast as a training step runs it, backward of the output's mean square: the gradient
+   norm of the input and of the layer's parameters on each fast-path variant (eager chunk step:
+   factored or direct Gram matrices, Triton or PyTorch Newton-Schulz), finite or not.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +60,52 @@ def ns_kernels() -> None:
                     print(f"ns m={m:2d} M={M} {prec:6s} warps={warps}: {type(e).__name__}: {str(e)[:120]}", flush=True)
 
 
+def layer_grads(batch: int, seq_len: int, dev: str = "cuda") -> None:
+    from hymba_plus.components.atlas import Atlas
+    from hymba_plus.core.cache import StepContext
+    from hymba_plus.core.recipe import load_recipe
+    from hymba_plus.kernels import dispatch
+
+    recipe = load_recipe(__file__.rsplit("/", 2)[0] + "/configs/quad_hybrid_tiny.yaml")
+    cfg = recipe.component("atlas")
+    torch.manual_seed(0)
+    layer = Atlas(cfg, d_model=recipe.model.d_model).to(dev)
+    x0 = torch.randn(batch, seq_len, recipe.model.d_model, device=dev)
+    ctx = StepContext(positions=torch.arange(seq_len, device=dev)[None].expand(batch, -1))
+    real, orig = dispatch.use_fast, A._atlas_memory_fast
+    try:
+        dispatch.use_fast = lambda name, *t: name == "atlas" or real(name, *t)  # noqa: E731
+        for name, kw in (("factored, triton NS", {"factor": True, "triton_ns": dev == "cuda"}),
+                         ("direct, triton NS", {"factor": False, "triton_ns": dev == "cuda"}),
+                         ("factored, torch NS", {"factor": True, "triton_ns": False}),
+                         ("direct, torch NS (padded)", {"factor": False, "triton_ns": False, "pad_ns": True})):
+            A._atlas_memory_fast = lambda *a, _kw=kw, **k: orig(*a, **{**k, "compile": False, **_kw})  # noqa: E731
+            layer.zero_grad()
+            x = x0.clone().requires_grad_()
+            t = time.perf_counter()
+            with torch.autocast(dev, dtype=torch.bfloat16):
+                y = layer(x, ctx)
+            y.float().pow(2).mean().backward()
+            torch.cuda.synchronize() if dev == "cuda" else None
+            norms = {n: float(p.grad.norm()) for n, p in layer.named_parameters() if p.grad is not None}
+            worst = max(norms, key=norms.get)
+            print(f"grads {name}: {time.perf_counter() - t:.1f} s, |y| {float(y.detach().float().norm()):.4g}, "
+                  f"|dx| {float(x.grad.norm()):.3g}, largest |d{worst}| {norms[worst]:.3g}, "
+                  f"all finite: {all(map(lambda v: v == v and v != float('inf'), norms.values()))}", flush=True)
+    finally:
+        dispatch.use_fast, A._atlas_memory_fast = real, orig
+
+
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--grads", action="store_true", help="only check 4 (gradient norms)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    args = ap.parse_args()
     print("device:", torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
+    if args.grads:
+        layer_grads(args.batch, args.seq_len)
+        return
     ns_kernels()
     for name, kw in (("torch NS, eager", {"compile": False, "triton_ns": False}),
                      ("triton NS, eager", {"compile": False, "triton_ns": True}),
