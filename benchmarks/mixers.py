@@ -236,8 +236,8 @@ ATLAS_PATHS = {
     "fast_ieee": ("auto", {"NS_TRITON_PRECISION": "ieee"}, False),
     "fast_tf32": ("auto", {"NS_TRITON_PRECISION": "tf32"}, False),
     "fast_graphed": ("auto", {}, True),
-    "fast_direct": ("auto", {"FACTOR_GRAM": False}, False),
-    "fast_direct_graphed": ("auto", {"FACTOR_GRAM": False}, True),
+    "fast_factored": ("auto", {"FACTOR_GRAM": None}, False),
+    "fast_factored_graphed": ("auto", {"FACTOR_GRAM": None}, True),
 }
 
 
@@ -257,8 +257,8 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
       fast_graphed    ``fast`` with the layer's forward+backward captured in CUDA graphs
                       (``make_graphed_callables``, as ``hymba train --cuda-graph`` does): no
                       per-launch host cost; compared with a graphed gdn layer too
-      fast_direct     ``fast`` with every token's momentum formed (FACTOR_GRAM off: no factored
-                      Gram matrices); fast_direct_graphed: the same in CUDA graphs
+      fast_factored   ``fast`` with the factored Gram matrices and update where they take fewer
+                      flops (FACTOR_GRAM None); fast_factored_graphed: the same in CUDA graphs
 
     On a CPU the fast variants are forced through the dispatch (it never picks them there).
     Rows: fwd / fwd+bwd ms, compile + first-call seconds, ratio to gdn's fwd+bwd."""
@@ -364,7 +364,7 @@ def main() -> None:
     ap.add_argument("--cpu-gdn-loop", action="store_true", help="CPU chunked-vs-loop gdn reference timing")
     ap.add_argument("--atlas-paths", nargs="*", default=None,
                     help="time the ATLAS layer on its paths (reference, fast, fast_torch_ns, fast_eager, "
-                         "fast_unroll4, fast_ieee, fast_tf32, fast_graphed, fast_direct, fast_direct_graphed; default the first four) "
+                         "fast_unroll4, fast_ieee, fast_tf32, fast_graphed, fast_factored, fast_factored_graphed; default the first four) "
                          "next to a gdn "
                          "layer of the same width")
     ap.add_argument("--d-model", type=int, default=2048, help="width for --atlas-paths")

@@ -194,8 +194,8 @@ def test_fast_path_equals_reference(muon, depth, c, T, p, hid, n_valid, pad_ns, 
     final state (or snapshots) and the gradient of every input; Muon and SGD, deep memories,
     a tall weight, the Omega window reaching into the tail, partial rows (n_valid), with the
     Gram matrices in one padded batch (the GPU layout) or per short side (the CPU layout), and
-    with the Gram matrices and update of every wide weight factored (``factor``; the default
-    picks per weight by flop count, which at these sizes is the direct form)."""
+    with the Gram matrices and update of every wide weight factored (``factor`` True; None: the
+    default, ``FACTOR_GRAM``, the direct form)."""
     C = 4
     for return_state in (True, False):
         args, leaves = random_problem(T=T, C=C, c=c, p=p, hid=hid, depth=depth)
@@ -210,6 +210,14 @@ def test_fast_path_equals_reference(muon, depth, c, T, p, hid, n_valid, pad_ns, 
                                  window=c, ns_steps=5, muon=muon, return_state=return_state, snapshots=snaps,
                                  n_valid=None if n_valid is None else torch.tensor(n_valid))
         assert fwd < 1e-10 and bwd < 1e-9, (return_state, fwd, bwd)
+
+
+def test_factor_gram_picks_the_form_with_fewer_flops():
+    """By flop count (FACTOR_GRAM None) the feature-wide weights of the Quad-Hybrid's memory
+    (head 32: 560 degree-2 features, hidden 64; chunk 16, window 16) are factored, the tests'
+    small ones (3 x 9, chunk 4, window 3) and tall ones are not."""
+    assert atlas_kernels._factor_gram(32, 560, 16, 31) and atlas_kernels._factor_gram(64, 560, 16, 31)
+    assert not atlas_kernels._factor_gram(3, 9, 4, 6) and not atlas_kernels._factor_gram(5, 9, 4, 6)
 
 
 def test_fast_path_compiled_equals_reference():

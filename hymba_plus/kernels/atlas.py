@@ -416,7 +416,7 @@ def _atlas_memory(
 # "tf32x3"; the PyTorch form is 4 batched float32 matmuls and an add per step, x 2-3 in the
 # backward); elsewhere the PyTorch form: ``ns_gram_factor`` forward, ``_ns_gram_vjp`` backward.
 # The chunk step calls the op only where the Triton kernels apply (``_use_triton_ns``: CUDA,
-# float32, the kernels checked once on this GPU), for each Gram side <= NS_TRITON_MAX.
+# float32, every Gram side <= NS_TRITON_MAX, the kernels checked once on this GPU).
 
 if triton is not None:
 
@@ -495,7 +495,7 @@ TRITON_NS = True
 
 def _use_triton_ns(params: Sequence[Tensor], dtype: torch.dtype) -> bool:
     return (TRITON_NS and triton is not None and params[0].is_cuda and dtype == torch.float32
-            and min(min(p.shape[-2:]) for p in params) <= NS_TRITON_MAX and _ns_triton_works())
+            and max(min(p.shape[-2:]) for p in params) <= NS_TRITON_MAX and _ns_triton_works())
 
 
 @functools.cache
@@ -610,8 +610,12 @@ atlas_ns_gram.register_autograd(_ns_gram_backward, setup_context=_ns_gram_setup)
 #: compile the loop body with ``torch.compile`` (fullgraph, static shapes) on the fast path
 COMPILE_CHUNK_STEP = True
 #: the factored Gram matrices / update of ``_chunk_step`` for wide weights: None = per weight by
-#: flop count (``_factor_gram``), True = every wide weight, False = never (every token's momentum formed)
-FACTOR_GRAM: bool | None = None
+#: flop count (``_factor_gram``), True = every wide weight, False = never (every token's momentum
+#: formed). Off by default: on an H200 (B 4, T 4096, d 2048, CUDA graphs) the layer took 577.6 ms
+#: forward+backward with it (by flop count, i.e. every weight factored) against 550.6 ms without,
+#: the step being bound by its Newton-Schulz work and its kernel count there, not by these products
+#: (on a CPU, the Quad-Hybrid's memory: 2x faster with it)
+FACTOR_GRAM: bool | None = False
 #: chunks per compiled call (1: one graph per chunk; k > 1: k chunks unrolled into one graph,
 #: compile time x k, host overhead / k; the remainder runs one chunk per call)
 CHUNKS_PER_CALL = 1
@@ -666,7 +670,7 @@ def _chunk_step(
     # [o, C'] and B = b [C', n] (the chunk's rank-1 gradient factors). NS5 of every S_t runs on
     # its Gram matrix G_t = S_t S_tᵀ (short side first): X_0 = S / ||S||_F has Gram G / tr G,
     # and NS5(S_t) = R_t X_0 = R_t S_t / ||S_t||_F, so the normalised momenta are never formed.
-    # Two ways to the Gram matrices and the update (``_factor_gram``, by flop count):
+    # Two ways to the Gram matrices and the update (``factor``; default ``FACTOR_GRAM``, direct):
     # * direct: every S_t formed ([C, o, n] per row), G_t = X_t X_tᵀ;
     # * factored (o <= n): G_t = L_t (B Bᵀ) L_tᵀ + λ_t (H_t + H_tᵀ) + λ_t² S_0 S_0ᵀ with
     #   H_t = L_t (B S_0ᵀ), and the update Σ_t w_t R_t S_t = (Σ_t w_t R_t L_t) B + (Σ_t w_t λ_t R_t) S_0:
@@ -694,7 +698,8 @@ def _chunk_step(
     # largest short side (a zero block stays zero through the iteration, so the leading m×m block
     # of R is the unpadded result): a third of the launches, for the batched-matmul NS on a GPU;
     # otherwise one iteration per distinct short side: fewer flops, for a CPU and for the Triton
-    # kernels (one launch per side <= NS_TRITON_MAX; larger sides take the batched-matmul form).
+    # kernels (one launch per side; a side over NS_TRITON_MAX, when triton_ns is forced, takes the
+    # batched-matmul form).
     Rs: list[Tensor] = [Gs[0]] * len(Gs)
     groups = [list(range(len(Gs)))] if pad_ns else [[j for j in range(len(Gs)) if Gs[j].shape[-1] == m]
                                                     for m in dict.fromkeys(G.shape[-1] for G in Gs)]
