@@ -54,7 +54,7 @@ def test_tiny_cpu_run(tmp_path) -> None:
     out = tmp_path / "quad_atlas.json"
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quad_atlas.py"), "--device", "cpu",
                           "--batch", "1", "--seq-len", "16", "--warmup", "1", "--iters", "1", "--threads", "1",
-                          "--atlas-reference", "--out", str(out)],
+                          "--atlas-reference", "--profile", "--profile-rows", "3", "--out", str(out)],
                          capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert res.returncode == 0, res.stderr[-2000:] + res.stdout[-2000:]
     assert "ratio atlas/gdn (mode auto" in res.stdout
@@ -70,6 +70,8 @@ def test_tiny_cpu_run(tmp_path) -> None:
         assert r["tokens_per_step"] == 16 and r["tokens_per_s"] == pytest.approx(16 / (r["step_ms"] / 1e3))
         assert r["step_ms"] > 0 and r["first_step_s"] > 0 and r["data_ms"] >= 0
         assert all(x == x and abs(x) < 100 for x in r["loss_first_last"])  # finite losses
+        prof = r["profile"]  # --profile: two more steps under torch.profiler (aten ops on the CPU)
+        assert prof["aten_ops_per_pass"] > 0 and len(prof["top"]) == 3 and prof["top"][0]["ms"] > 0
     # the CPU has no ATLAS fast path: the dispatch answered reference for both ATLAS rows
     assert rows["atlas"]["atlas_path"] == "reference" and rows["atlas_reference"]["atlas_path"] == "reference"
     assert rows["gdn"]["atlas_path"] is None and rows["gdn"]["parameters"] < rows["atlas"]["parameters"]
