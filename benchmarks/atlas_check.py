@@ -15,13 +15,14 @@ path's probe failed on an H200 while every CPU check passes).
 4. ``--grads``: the ATLAS layer of ``configs/quad_hybrid_tiny.yaml`` (d_model 128, its ``atlas``
    section) at batch x seq-len (default 8 x 2048, as ``quad_atlas.py`` trains it), forward under
    bf16 autocast as a training step runs it, backward of the output's mean square: the gradient
-   norm of the input and of the layer's parameters on each fast-path variant (eager chunk step:
-   factored or direct Gram matrices, Triton or PyTorch Newton-Schulz), finite or not.
+   norm of the input and of the layer's parameters with the eager chunk step and the factored or
+   the direct Gram matrices (``FACTOR_GRAM``; Newton-Schulz as dispatched), finite or not.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
@@ -72,28 +73,31 @@ def layer_grads(batch: int, seq_len: int, dev: str = "cuda") -> None:
     layer = Atlas(cfg, d_model=recipe.model.d_model).to(dev)
     x0 = torch.randn(batch, seq_len, recipe.model.d_model, device=dev)
     ctx = StepContext(positions=torch.arange(seq_len, device=dev)[None].expand(batch, -1))
-    real, orig = dispatch.use_fast, A._atlas_memory_fast
+    knobs = ("FACTOR_GRAM", "COMPILE_CHUNK_STEP")
+    saved = dispatch.use_fast, {k: getattr(A, k) for k in knobs}
     try:
+        real = dispatch.use_fast
         dispatch.use_fast = lambda name, *t: name == "atlas" or real(name, *t)  # noqa: E731
-        for name, kw in (("factored, triton NS", {"factor": True, "triton_ns": dev == "cuda"}),
-                         ("direct, triton NS", {"factor": False, "triton_ns": dev == "cuda"}),
-                         ("factored, torch NS", {"factor": True, "triton_ns": False}),
-                         ("direct, torch NS (padded)", {"factor": False, "triton_ns": False, "pad_ns": True})):
-            A._atlas_memory_fast = lambda *a, _kw=kw, **k: orig(*a, **{**k, "compile": False, **_kw})  # noqa: E731
+        A.COMPILE_CHUNK_STEP = False  # eager chunk step: no compile per variant
+        for name, factor in (("factored Gram", True), ("direct Gram", False)):
+            A.FACTOR_GRAM = factor
             layer.zero_grad()
             x = x0.clone().requires_grad_()
             t = time.perf_counter()
             with torch.autocast(dev, dtype=torch.bfloat16):
                 y = layer(x, ctx)
             y.float().pow(2).mean().backward()
-            torch.cuda.synchronize() if dev == "cuda" else None
+            if dev == "cuda":
+                torch.cuda.synchronize()
             norms = {n: float(p.grad.norm()) for n, p in layer.named_parameters() if p.grad is not None}
             worst = max(norms, key=norms.get)
             print(f"grads {name}: {time.perf_counter() - t:.1f} s, |y| {float(y.detach().float().norm()):.4g}, "
                   f"|dx| {float(x.grad.norm()):.3g}, largest |d{worst}| {norms[worst]:.3g}, "
-                  f"all finite: {all(map(lambda v: v == v and v != float('inf'), norms.values()))}", flush=True)
+                  f"all finite: {all(math.isfinite(v) for v in norms.values())}", flush=True)
     finally:
-        dispatch.use_fast, A._atlas_memory_fast = real, orig
+        dispatch.use_fast = saved[0]
+        for k, v in saved[1].items():
+            setattr(A, k, v)
 
 
 def main() -> None:

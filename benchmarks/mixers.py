@@ -364,9 +364,8 @@ def main() -> None:
     ap.add_argument("--cpu-gdn-loop", action="store_true", help="CPU chunked-vs-loop gdn reference timing")
     ap.add_argument("--atlas-paths", nargs="*", default=None,
                     help="time the ATLAS layer on its paths (reference, fast, fast_torch_ns, fast_eager, "
-                         "fast_unroll4, fast_ieee, fast_tf32, fast_graphed, fast_factored, fast_factored_graphed; default the first four) "
-                         "next to a gdn "
-                         "layer of the same width")
+                         "fast_unroll4, fast_ieee, fast_tf32, fast_graphed, fast_factored, fast_factored_graphed; "
+                         "default the first four) next to a gdn layer of the same width")
     ap.add_argument("--d-model", type=int, default=2048, help="width for --atlas-paths")
     ap.add_argument("--gdn-from", default=None,
                     help="--atlas-paths: take the gdn rows from this earlier --atlas-paths JSON (same B, T, width) "

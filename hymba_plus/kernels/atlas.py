@@ -661,10 +661,15 @@ def _chunk_step(
             delta = torch.bmm(delta, Ls[i - 1]) * (sg * (1 + zs[i - 2] * (1 - sg)))
     N, R, Cp = mix.shape
     kp = keep[:, None, None]
+    lam4 = lam[:, :, None, None]
+    Lt = [mix[:, :, None, :] * a.mT[:, None] for a, _ in fac]  # per weight [N, R, out, C']
+
+    def momenta(L: Tensor, b: Tensor, S0: Tensor) -> Tensor:  # S_t = L_t b + λ_t S_0, [N, R, out, in]
+        o, n = S0.shape[-2:]
+        return torch.baddbmm((lam4 * S0[:, None]).reshape(N, R * o, n), L.reshape(N, R * o, Cp), b).view(N, R, o, n)
+
     if not muon:  # mix rows: the new momentum, the whole update
-        Ss = [torch.baddbmm((lam[:, :, None, None] * S0[:, None]).reshape(N, R * W.shape[-2], W.shape[-1]),
-                            (mix[:, :, None, :] * a.mT[:, None]).reshape(N, R * W.shape[-2], Cp), b)
-              .view(N, R, *W.shape[-2:]) for W, S0, (a, b) in zip(params, mom, fac)]
+        Ss = [momenta(L, b, S0) for L, (_, b), S0 in zip(Lt, fac, mom)]
         return tuple(kp * W - S[:, 1] for W, S in zip(params, Ss)), tuple(S[:, 0].contiguous() for S in Ss)
     # Token t's momentum of a weight [o, n] is S_t = L_t B + λ_t S_0 with L_t = aᵀ diag(mix_t)
     # [o, C'] and B = b [C', n] (the chunk's rank-1 gradient factors). NS5 of every S_t runs on
@@ -677,22 +682,22 @@ def _chunk_step(
     #   only [C', C'], [C', o] and [o, o] products per token, no S_t at all (for the memory's
     #   feature-wide weights, n = feature dim >> C' = C + c - 1, several times fewer flops
     #   and no [C, o, n] tensors through the backward). Equal in exact arithmetic.
-    lam4 = lam[:, :, None, None]
-    parts, Gs = [], []
-    for W, S0, (a, b) in zip(params, mom, fac):
-        o, n = W.shape[-2:]
-        L = mix[:, :, None, :] * a.mT[:, None]  # [N, C, o, C']
+    Ss, Xs, Gs = [], [], []  # per weight: the momenta, short side first (None: factored), Gram matrices
+    for L, S0, (_, b) in zip(Lt, mom, fac):
+        o, n = S0.shape[-2:]
         if o <= n and (_factor_gram(o, n, R, Cp) if factor is None else factor):
             Lf = L.reshape(N, R * o, Cp)
             LBL = torch.matmul(torch.bmm(Lf, torch.bmm(b, b.mT)).view(N, R, o, Cp), L.mT)
             H = torch.bmm(Lf, torch.bmm(b, S0.mT)).view(N, R, o, o)
             Gs.append(LBL + lam4 * (H + H.mT) + lam4.square() * torch.bmm(S0, S0.mT)[:, None])
-            parts.append((L, None))
+            Ss.append(None)
+            Xs.append(None)
         else:
-            S = torch.baddbmm((lam4 * S0[:, None]).reshape(N, R * o, n), L.reshape(N, R * o, Cp), b).view(N, R, o, n)
+            S = momenta(L, b, S0)
             X = S.mT.contiguous() if o > n else S  # [N, C, m, n'], m <= n'
             Gs.append(torch.matmul(X, X.mT))
-            parts.append((S, X))
+            Ss.append(S)
+            Xs.append(X)
     invs = [1.0 / (G.diagonal(dim1=-2, dim2=-1).sum(-1) + 1e-14) for G in Gs]  # 1 / (||S||_F² + eps²)
     # ``pad_ns``: all weights share ONE batched iteration, their Gram matrices zero-padded to the
     # largest short side (a zero block stays zero through the iteration, so the leading m×m block
@@ -712,16 +717,16 @@ def _chunk_step(
             m = Gs[j].shape[-1]
             Rs[j] = Rj.view(N, R, M, M)[..., :m, :m]
     new_p, new_m = [], []
-    for W, S0, (_, b), (S, X), Rj, inv in zip(params, mom, fac, parts, Rs, invs):
+    for W, S0, L, (_, b), S, X, Rj, inv in zip(params, mom, Lt, fac, Ss, Xs, Rs, invs):
         o, n = W.shape[-2:]
         m = Rj.shape[-1]
         # Σ_t w_t R_t Y_t as one matmul: R_t is symmetric (a polynomial in G_t), so the
         # [m, (t, r)] left factor is the transposed [(t, r), m] view of the scaled R
         Rw = Rj * (wu * inv.sqrt())[..., None, None]
         left = Rw.reshape(N, R * m, m).mT
-        if X is None:  # factored: S is L
-            upd = torch.baddbmm(torch.bmm((Rw * lam4).sum(1), S0), torch.bmm(left, S.reshape(N, R * o, Cp)), b)
-            new_m.append(torch.baddbmm(lam[:, -1, None, None] * S0, S[:, -1], b))
+        if X is None:  # factored
+            upd = torch.baddbmm(torch.bmm((Rw * lam4).sum(1), S0), torch.bmm(left, L.reshape(N, R * o, Cp)), b)
+            new_m.append(torch.baddbmm(lam[:, -1, None, None] * S0, L[:, -1], b))
         else:
             upd = torch.bmm(left, X.reshape(N, R * m, -1))
             upd = upd.mT if o > n else upd
