@@ -86,7 +86,7 @@ def main() -> None:
         from hymba_plus.kernels import dispatch
 
         for op in ("conv_update", "gdn_decode", "gated_rms_norm", "decode_attention", "moe_decode", "moe_router",
-                   "rope", "rms_norm", "cudnn_attention"):
+                   "rope", "rms_norm", "add_rms_norm", "cudnn_attention"):
             fp = dispatch._FAST.get(op)
             if fp is None or fp.status is not True:
                 continue

@@ -38,7 +38,7 @@ NO_KERNEL = {"view", "t", "slice", "unsqueeze", "permute", "select", "transpose"
              "empty_strided", "new_empty", "is_same_size", "sym_size", "promote_types"}
 #: the fast paths of a decode step whose implementations run on the CPU (Triton interpreter)
 DECODE_FAST = ("conv_update", "gdn_decode", "gated_rms_norm", "decode_attention", "moe_decode", "moe_router",
-               "rope", "mamba3_step")
+               "rope", "mamba3_step", "add_rms_norm")
 
 
 def count_step(model, fast: set[str], batch: int, prompt: int) -> dict:

@@ -1,5 +1,10 @@
 """The residual block: ``x + mixer(norm(x))`` then ``x + ffn(norm(x))`` (pre-norm,
-zero-centered RMSNorm as in Qwen3-Next). Either sublayer may be absent (``-`` / ``+none``)."""
+zero-centered RMSNorm as in Qwen3-Next). Either sublayer may be absent (``-`` / ``+none``).
+
+The mixer's residual add and the ffn's norm are one op (``RMSNorm.add``: one kernel forward and
+one backward on CUDA), and both norms return their output in the dtype the sublayer's GEMMs run
+in (autocast's bf16 while the residual stream stays float32), so no separate add and cast
+kernels run between the sublayers."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from ..core import registry
 from ..core.cache import LayerState, StepContext
 from ..core.pattern import LayerSpec
 from ..core.two_stream import recurrent_two_stream
+from ..kernels.dispatch import autocast_dtype
 
 
 class Block(nn.Module):
@@ -37,13 +43,17 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, ctx: StepContext, state: LayerState | None = None) -> Tensor:
         ctx.layer_idx = self.layer_idx
+        # the sublayers' input dtype: autocast casts a float32 activation at the first GEMM anyway
+        cdt = autocast_dtype(x) if x.dtype == torch.float32 else x.dtype
+        y = None  # the mixer's output, not yet added to the residual stream
         if self.mixer is not None:
-            h = self.norm1(x)
+            _, h = self.norm1.add(x, None, cdt)
             if ctx.two_stream is not None and hasattr(self.mixer, "boundary_forward"):
                 y = recurrent_two_stream(self.mixer, h, ctx)  # block diffusion: core/two_stream.py
             else:
                 y = self.mixer(h, ctx, state)
-            x = x + self.drop(y)
-        if self.ffn is not None:
-            x = x + self.drop(self.ffn(self.norm2(x), ctx))
-        return x
+            y = self.drop(y)
+        if self.ffn is None:
+            return x if y is None else x + y
+        x, h = self.norm2.add(x, y, cdt)  # x + y and the ffn's norm in one op
+        return x + self.drop(self.ffn(h, ctx))

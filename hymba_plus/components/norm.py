@@ -7,6 +7,10 @@ scales by ``w`` initialised to 1.
 Gated RMSNorm (Gated DeltaNet, arXiv 2412.06464, output stage): ``RMSNorm(o) * SiLU(z)``
 (``kernels.norm.gated_rms_norm``: one Triton kernel on CUDA when no gradient is needed, as in
 decoding; the float32 reference otherwise).
+
+``RMSNorm.add(x, y, out_dtype)``: the pre-norm block's residual add and the next norm in one op,
+``(x + y, RMSNorm(x + y))``, the norm returned in the dtype its consumer's GEMMs run in
+(``kernels.add_norm``: one Triton kernel forward and one backward on CUDA).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..kernels.add_norm import add_rms_norm
 from ..kernels.norm import gated_rms_norm, norm_scale, rms_norm
 
 
@@ -29,6 +34,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return rms_norm(x, self.scale(), self.eps)  # kernels.norm: float32 math, fused on CUDA
+
+    def add(self, x: Tensor, y: Tensor | None = None, out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """``(s, h)``: the residual ``s = x + y`` (x without y) and ``h = self(s)`` in ``out_dtype``
+        (default s's dtype), in one op (``kernels.add_norm.add_rms_norm``)."""
+        return add_rms_norm(x, y, self.weight, self.eps, self.zero_centered, out_dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, zero_centered={self.zero_centered}"
