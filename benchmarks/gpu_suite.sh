@@ -26,8 +26,9 @@
 #           capture fallback), then
 #           decode.py --profile: ms per step by engine (dynamic / static / graph) of a 1.47B
 #           Qwen3-Next-like hybrid, batch 1 and 16 after 2k / 8k prompts, and the step's top kernels
-#   fused   pytest -m gpu tests/test_attention.py tests/test_linear.py: cuDNN attention first in SDPA's order,
-#           Liger's SwiGLU on the fused gate-up GEMM (training-path fast paths of the attn row)
+#   fused   pytest -m gpu tests/test_attention.py tests/test_linear.py tests/test_add_norm.py: cuDNN attention first
+#           in SDPA's order, Liger's SwiGLU on the fused gate-up GEMM, the residual add + RMSNorm kernels
+#           (training-path fast paths of the attn row)
 #   agree   decode_agreement.py in float32 and bf16: our generate (graph / static / dynamic engines, and
 #           the static one with each decode-step fast path off in turn) against our full forward and HF's
 #   modes   pytest -m gpu tests/test_train_modes.py and the CUDA-graph training tests (hymba train --mode auto)
@@ -99,7 +100,7 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
               step decode_tests 240 "${PYTEST[@]}" tests/test_decode_engine.py
               step decode_bench 300 python benchmarks/decode.py --device cuda --batches 1 16 --prompts 2048 8192 \
                  --new 64 --repeats 2 --profile --out "$OUT/decode.json" ;;
-      fused)  step fused_tests 240 "${PYTEST[@]}" tests/test_attention.py tests/test_linear.py ;;
+      fused)  step fused_tests 240 "${PYTEST[@]}" tests/test_attention.py tests/test_linear.py tests/test_add_norm.py ;;
       agree)  for dt in float32 bfloat16; do
                 step "agree_$dt" 200 python benchmarks/decode_agreement.py --device cuda --dtype $dt --batch 4 \
                    --prompt 512 --new 16 --out "$OUT/agree_$dt.json"

@@ -41,12 +41,16 @@ def test_reference_is_the_add_then_the_norm_then_the_cast(zero_centered):
     assert s1 is x and h1.dtype == x.dtype and torch.equal(h1, N.rms_norm_ref(x, scale, 1e-6))
 
 
-def test_block_is_the_pre_norm_block():
-    """``Block.forward`` == ``x + mixer(norm1(x))`` then ``+ ffn(norm2(.))`` exactly (float32, CPU),
-    including a block without ffn and one without mixer; under autocast the sublayers get their
-    input in the autocast dtype while the residual stream stays float32."""
+def test_blocks_are_the_pre_norm_blocks():
+    """The model's trunk (each residual add inside the next norm: ``Block(pending=, defer=)`` in
+    ``PlainStack``) == the textbook loop ``x = x + mixer(norm1(x)); x = x + ffn(norm2(x))`` exactly
+    (float32, CPU), including a block without ffn and one without mixer; a block called on its
+    own (``block(x, ctx)``, as ETD and MTP call it) is the textbook block; under autocast the
+    sublayers get their input in the autocast dtype while the residual stream stays float32."""
+    from hymba_plus.core.cache import StepContext
+
     torch.manual_seed(0)
-    model = build_model(_recipe("GA+mlp | GA | -+mlp")).eval()
+    model = build_model(_recipe("GA+mlp | GA | -+mlp | GA+mlp")).eval()
     ids = torch.randint(0, 97, (2, 9))
     seen = []  # the dtype each sublayer receives
     for blk in model.blocks:
@@ -61,20 +65,17 @@ def test_block_is_the_pre_norm_block():
             x = x + blk.ffn(blk.norm2(x), c)
         return x
 
-    got_blocks, want_blocks = [], []
-
-    def capture(blk, args, result):  # noqa: ANN001, ANN202
-        got_blocks.append(result)
-        want_blocks.append(textbook(blk, args[0], args[1]))
-
-    hooks = [blk.register_forward_hook(capture) for blk in model.blocks]
     with torch.no_grad():
-        model(ids)
-    for h in hooks:
-        h.remove()
-    assert len(got_blocks) == 3
-    for a, b in zip(got_blocks, want_blocks):
-        assert a.dtype == torch.float32 and torch.equal(a, b)
+        got = model(ids, return_hidden=True).hidden_states
+        x = model.embed_tokens(ids)
+        pos = torch.arange(9)[None].expand(2, -1)
+        for blk in model.blocks:
+            c = StepContext(positions=pos)
+            one = blk(x, c)  # a block on its own
+            x = textbook(blk, x, StepContext(positions=pos))
+            assert one.dtype == torch.float32 and torch.equal(one, x)
+        want = model.norm(x)
+    assert torch.equal(got, want)
     assert set(seen) == {torch.float32}
     seen.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -1,10 +1,11 @@
 """The residual block: ``x + mixer(norm(x))`` then ``x + ffn(norm(x))`` (pre-norm,
 zero-centered RMSNorm as in Qwen3-Next). Either sublayer may be absent (``-`` / ``+none``).
 
-The mixer's residual add and the ffn's norm are one op (``RMSNorm.add``: one kernel forward and
-one backward on CUDA), and both norms return their output in the dtype the sublayer's GEMMs run
-in (autocast's bf16 while the residual stream stays float32), so no separate add and cast
-kernels run between the sublayers."""
+Each residual add runs inside the next norm (``RMSNorm.add``: one kernel forward and one
+backward on CUDA): the mixer's output is added in the ffn's norm, and in a plain stack the ffn's
+output in the next block's first norm (``forward(pending=, defer=)``); both norms return their
+output in the dtype the sublayer's GEMMs run in (autocast's bf16 while the residual stream stays
+float32), so no separate add and cast kernels run between the sublayers."""
 
 from __future__ import annotations
 
@@ -41,19 +42,27 @@ class Block(nn.Module):
             return None
         return self.mixer.init_state(batch_size, device, dtype)
 
-    def forward(self, x: Tensor, ctx: StepContext, state: LayerState | None = None) -> Tensor:
+    def forward(self, x: Tensor, ctx: StepContext, state: LayerState | None = None, *,
+                pending: Tensor | None = None, defer: bool = False) -> Tensor | tuple[Tensor, Tensor | None]:
+        """The block on the residual stream ``x`` (``x + pending`` when ``pending``, the previous
+        block's last branch output, is given: it is added inside this block's first norm).
+        ``defer=True`` returns ``(x, y)``: the residual stream and this block's last branch output,
+        not yet added (``models.etd.PlainStack`` chains blocks so, so every residual add runs
+        inside the next norm's kernel); otherwise ``x + y``."""
         ctx.layer_idx = self.layer_idx
         # the sublayers' input dtype: autocast casts a float32 activation at the first GEMM anyway
         cdt = autocast_dtype(x) if x.dtype == torch.float32 else x.dtype
-        y = None  # the mixer's output, not yet added to the residual stream
+        y = pending  # a branch output not yet added to the residual stream
         if self.mixer is not None:
-            _, h = self.norm1.add(x, None, cdt)
+            x, h = self.norm1.add(x, y, cdt)  # x + y and the mixer's norm in one op
             if ctx.two_stream is not None and hasattr(self.mixer, "boundary_forward"):
                 y = recurrent_two_stream(self.mixer, h, ctx)  # block diffusion: core/two_stream.py
             else:
                 y = self.mixer(h, ctx, state)
             y = self.drop(y)
-        if self.ffn is None:
-            return x if y is None else x + y
-        x, h = self.norm2.add(x, y, cdt)  # x + y and the ffn's norm in one op
-        return x + self.drop(self.ffn(h, ctx))
+        if self.ffn is not None:
+            x, h = self.norm2.add(x, y, cdt)  # x + y and the ffn's norm in one op
+            y = self.drop(self.ffn(h, ctx))
+        if defer:
+            return x, y
+        return x if y is None else x + y

@@ -86,9 +86,10 @@ class PlainStack:
                  **options: object) -> Tensor:
         if options:
             raise ValueError(f"{', '.join(options)}: only for ETD models (a recipe with model.etd)")
+        y = None  # each block's last branch output is added inside the next block's first norm
         for i, block in enumerate(blocks):
-            x = block(x, ctx, cache.states[i] if cache is not None else None)
-        return x
+            x, y = block(x, ctx, cache.states[i] if cache is not None else None, pending=y, defer=True)
+        return x if y is None else x + y
 
 
 class ETDStack:
