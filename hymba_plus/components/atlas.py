@@ -18,6 +18,17 @@ the error, so with unit targets ``η`` has a fixed meaning (and the output is RM
 per head anyway, so the memory's overall scale carries nothing). The initial memory is
 small (``MEMORY_INIT_SCALE``) so that early writes dominate what it starts with.
 
+The inner learning rate starts at ``inner_lr`` = 0.01 (the gate's bias; η is learned per
+token after that). Because a Muon step moves the memory by ``η`` however small the momentum,
+the outer gradient through the chain of inner steps is multiplied per chunk by about ``α + η
+|dNS5/dS| |H|`` (H the inner loss's curvature), and with η too large that factor exceeds 1:
+at initialisation the gradient norms of the Quad-Hybrid recipe's ATLAS layer (head_dim 32,
+window 16, chunk 16; CPU, float32, loss ``mean(y^2)``; the qkv projection's) grew from 0.11 at T 128 to 7.7 at
+T 512 with η = 0.1 (4.0e3 at T 1024; ~4e9 on an H200 at T 2048 under bf16 autocast, and a
+training run overflowed), rose from 0.031 at T 1024 to 1.69 at T 4096 with η = 0.03, and
+stayed flat with η = 0.01 (0.044 at T 128, 0.018 at T 1024, 0.013 at T 2048, 0.011 at T 4096;
+``tests/test_atlas.py::test_gradients_do_not_grow_with_length`` checks a shorter form of this).
+
 ``M`` is a deep residual MLP (depth >= 2, ``M(x) = P x + W_L σ(... σ(W_1 x))``, paper
 Eq. 32-33 in spirit) whose initial weights are learned parameters of the layer, copied per
 sequence. Training is chunk-parallel (``kernels/atlas.py``: per-token gradients at the
@@ -78,7 +89,8 @@ class AtlasConfig:
     inner_optimizer: str = spec("muon", choices=("muon", "sgd"))
     ns_steps: int = spec(5, min=1, doc="Newton-Schulz steps of the Muon inner update")
     conv_size: int = spec(4, min=0, doc="short causal conv on q, k, v; 0 = off")
-    inner_lr: float = spec(0.1, gt=0.0, doc="initial inner learning rate η (softplus bias)")
+    inner_lr: float = spec(0.01, gt=0.0, doc="initial inner learning rate η (softplus bias); above ~0.03 the "
+                           "layer's gradients grow with every chunk (module docstring)")
 
     def dim(self, d_model: int) -> int:
         return self.head_dim or d_model // self.n_heads
