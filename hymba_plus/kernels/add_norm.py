@@ -38,7 +38,7 @@ from torch import Tensor
 
 from . import dispatch
 from ._triton import triton
-from .norm import _bwd_programs, norm_scale, rms_norm
+from .norm import bwd_programs, norm_scale, rms_norm, row_warps, rows
 
 if triton is not None:
     import triton.language as tl
@@ -118,22 +118,12 @@ if triton is not None:
             tl.store(dwp_ptr + pid * D + d, dw, mask=m)
 
 
-def _rows(t: Tensor) -> Tensor:
-    """t as rows [N, D] with a unit last stride (a view where possible)."""
-    r = t.reshape(-1, t.shape[-1])
-    return r if r.stride(-1) == 1 else r.contiguous()
-
-
-def _warps(block_d: int) -> int:
-    return min(8, max(1, block_d // 256))
-
-
 def add_rms_norm_triton(x: Tensor, y: Tensor | None, weight: Tensor, eps: float, zero_centered: bool = True,
                         out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """The one-kernel forward: ``(s, h)`` as ``add_rms_norm_ref`` (s is x itself without y)."""
     D = x.shape[-1]
-    xs = _rows(x)
-    ys = None if y is None else _rows(y)
+    xs = rows(x)
+    ys = None if y is None else rows(y)
     sdt = x.dtype if y is None else torch.promote_types(x.dtype, y.dtype)
     s = x if y is None else torch.empty(x.shape, device=x.device, dtype=sdt)
     h = torch.empty(x.shape, device=x.device, dtype=out_dtype or sdt)
@@ -143,7 +133,7 @@ def add_rms_norm_triton(x: Tensor, y: Tensor | None, weight: Tensor, eps: float,
         _add_rms_norm_fwd_kernel[(xs.shape[0],)](
             xs, xs if ys is None else ys, w, xs if y is None else s, h, D, eps, xs.stride(0),
             0 if ys is None else ys.stride(0), HAS_Y=y is not None, ZERO_CENTERED=zero_centered, BLOCK_D=block_d,
-            num_warps=_warps(block_d), enable_fp_fusion=False)
+            num_warps=row_warps(block_d), enable_fp_fusion=False)
     return s, h
 
 
@@ -167,9 +157,9 @@ def add_rms_norm_bwd_triton(s: Tensor, weight: Tensor, dh: Tensor | None, ds: Te
         return (None if dx is None else dx.copy_(g)), (None if dy is None else dy.copy_(g)), dw
     if not N:
         return dx, dy, torch.zeros(weight.shape, device=weight.device, dtype=weight.dtype) if needs[2] else None
-    dhs = _rows(dh)
-    dss = None if ds is None else _rows(ds)
-    P = programs if programs is not None else _bwd_programs(N, dev)
+    dhs = rows(dh)
+    dss = None if ds is None else rows(ds)
+    P = programs if programs is not None else bwd_programs(N, dev)
     part = torch.empty(P, D, device=dev, dtype=torch.float32) if needs[2] else None
     w = weight if weight.stride(0) == 1 else weight.contiguous()
     block_d = triton.next_power_of_2(D)
@@ -178,7 +168,7 @@ def add_rms_norm_bwd_triton(s: Tensor, weight: Tensor, dh: Tensor | None, ds: Te
         s, w, dhs, dummy if dss is None else dss, dummy if dx is None else dx, dummy if dy is None else dy,
         dummy if part is None else part, N, D, eps, dhs.stride(0), 0 if dss is None else dss.stride(0),
         HAS_DS=dss is not None, WRITE_DX=dx is not None, WRITE_DY=dy is not None, WRITE_DW=part is not None,
-        ZERO_CENTERED=zero_centered, BLOCK_D=block_d, num_warps=_warps(block_d), enable_fp_fusion=False)
+        ZERO_CENTERED=zero_centered, BLOCK_D=block_d, num_warps=row_warps(block_d), enable_fp_fusion=False)
     return dx, dy, None if part is None else part.sum(0).to(weight.dtype)
 
 

@@ -189,17 +189,23 @@ if triton is not None:
             tl.store(dwp_ptr + pid * D + d, dw, mask=m)
 
 
+def rows(t: Tensor, *lead: int) -> Tensor:
+    """t as rows [N, *lead, D] with a unit last stride (a view where possible, else a copy): the
+    layout the row-per-program norm kernels (here and ``kernels.add_norm``) read."""
+    r = t.reshape(-1, *lead, t.shape[-1])
+    return r if r.stride(-1) == 1 else r.contiguous()
+
+
+def row_warps(block_d: int) -> int:
+    """num_warps of a row-per-program norm kernel over rows of ``block_d`` (padded) elements."""
+    return min(8, max(1, block_d // 256))
+
+
 def _gated_rows(x: Tensor, gate: Tensor) -> tuple[Tensor, Tensor, int]:
     """x as rows [N, D] and the gate as [M, GH, D] (GH = its next-to-last dim; a view also for a
     column slice of a wider tensor), both with a unit last stride (copied only where needed)."""
-    D = x.shape[-1]
     GH = gate.shape[-2] if gate.dim() >= 2 else 1
-    xs, gs = x.reshape(-1, D), gate.reshape(-1, GH, D)
-    if xs.stride(-1) != 1:
-        xs = xs.contiguous()
-    if gs.stride(-1) != 1:
-        gs = gs.contiguous()
-    return xs, gs, GH
+    return rows(x), rows(gate, GH), GH
 
 
 def gated_rms_norm_triton(x: Tensor, gate: Tensor, weight: Tensor, eps: float, zero_centered: bool = True) -> Tensor:
@@ -214,11 +220,11 @@ def gated_rms_norm_triton(x: Tensor, gate: Tensor, weight: Tensor, eps: float, z
         _gated_rms_norm_kernel[(xs.shape[0],)](xs, gs, w, out, D, eps, xs.stride(0), GH, gs.stride(0), gs.stride(1),
                                                out.stride(0),
                                                ZERO_CENTERED=zero_centered, BLOCK_D=block_d,
-                                               num_warps=min(8, max(1, block_d // 256)), enable_fp_fusion=False)
+                                               num_warps=row_warps(block_d), enable_fp_fusion=False)
     return out.view(x.shape)
 
 
-def _bwd_programs(n_rows: int, device: torch.device) -> int:
+def bwd_programs(n_rows: int, device: torch.device) -> int:
     """Programs of the backward kernel: 16 per SM on CUDA (each walks its strided rows and keeps
     one float32 partial sum of the weight gradient; 16 small programs per SM keep its loads in
     flight), 8 elsewhere (Triton's CPU interpreter); never more than the rows."""
@@ -234,12 +240,10 @@ def gated_rms_norm_bwd_triton(x: Tensor, gate: Tensor, weight: Tensor, dout: Ten
     gradient ``dout``: one Triton kernel (dx in x's dtype, d gate in the gate's dtype and shape,
     both contiguous; float32 partial sums of d weight per program) and one sum of the partial sums
     (in weight's dtype). ``needs``: which of the three to compute (None for the others).
-    ``programs`` overrides the number of programs (``_bwd_programs``; tests)."""
+    ``programs`` overrides the number of programs (``bwd_programs``; tests)."""
     D = x.shape[-1]
     xs, gs, GH = _gated_rows(x, gate)
-    ds = dout.reshape(-1, D)
-    if ds.stride(-1) != 1:
-        ds = ds.contiguous()
+    ds = rows(dout)
     w = weight if weight.stride(0) == 1 else weight.contiguous()
     N = xs.shape[0]
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if needs[0] else None
@@ -247,7 +251,7 @@ def gated_rms_norm_bwd_triton(x: Tensor, gate: Tensor, weight: Tensor, dout: Ten
     if not N:
         dw = torch.zeros(weight.shape, device=weight.device, dtype=weight.dtype) if needs[2] else None
         return dx, dg, dw
-    P = programs if programs is not None else _bwd_programs(N, x.device)
+    P = programs if programs is not None else bwd_programs(N, x.device)
     part = torch.empty(P, D, device=x.device, dtype=torch.float32) if needs[2] else None
     block_d = triton.next_power_of_2(D)
     # outputs not asked for: a dummy pointer (never written, its WRITE_* flag is off)
@@ -256,7 +260,7 @@ def gated_rms_norm_bwd_triton(x: Tensor, gate: Tensor, weight: Tensor, dout: Ten
                                      gs.stride(1), ds.stride(0),
                                      ZERO_CENTERED=zero_centered, WRITE_DX=dx is not None, WRITE_DG=dg is not None,
                                      WRITE_DW=part is not None, BLOCK_D=block_d,
-                                     num_warps=min(8, max(1, block_d // 256)), enable_fp_fusion=False)
+                                     num_warps=row_warps(block_d), enable_fp_fusion=False)
     return dx, dg, None if part is None else part.sum(0).to(weight.dtype)
 
 
