@@ -238,6 +238,17 @@ ATLAS_PATHS = {
     "fast_graphed": ("auto", {}, True),
     "fast_factored": ("auto", {"FACTOR_GRAM": None}, False),
     "fast_factored_graphed": ("auto", {"FACTOR_GRAM": None}, True),
+    "fast_split": ("auto", {"TRITON_NS_SPLIT": True}, False),
+    "fast_split_graphed": ("auto", {"TRITON_NS_SPLIT": True}, True),
+    "fast_split_factored_graphed": ("auto", {"TRITON_NS_SPLIT": True, "FACTOR_GRAM": None}, True),
+}
+
+
+#: ATLAS configs of ``--atlas-config``: the benchmark's (d 2048) and the Quad-Hybrid recipe's
+#: (``configs/quad_hybrid_tiny.yaml``: 4 heads x 32, window 16; run it with --d-model 128 --batch 8 --seq-len 2048)
+ATLAS_CONFIGS = {
+    "bench": {"n_heads": 16, "head_dim": 16, "poly_degree": 2},
+    "quad": {"n_heads": 4, "head_dim": 32, "window": 16, "poly_degree": 2, "memory_depth": 2},
 }
 
 
@@ -257,6 +268,8 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
       fast_graphed    ``fast`` with the layer's forward+backward captured in CUDA graphs
                       (``make_graphed_callables``, as ``hymba train --cuda-graph`` does): no
                       per-launch host cost; compared with a graphed gdn layer too
+      fast_split      ``fast`` with Gram sides within the Triton kernels' limit through them and the
+                      wider ones through batched matmuls (TRITON_NS_SPLIT; _graphed, _factored_graphed)
       fast_factored   ``fast`` with the factored Gram matrices and update where they take fewer
                       flops (FACTOR_GRAM None); fast_factored_graphed: the same in CUDA graphs
 
@@ -268,10 +281,12 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
     B, T, d_model = args.batch, args.seq_len, args.d_model
     x = torch.randn(B, T, d_model, device=device, dtype=dtype, requires_grad=True)
     ctx = StepContext(positions=torch.arange(T, device=device)[None].expand(B, -1))
-    knobs = ("COMPILE_CHUNK_STEP", "TRITON_NS", "CHUNKS_PER_CALL", "NS_TRITON_PRECISION", "FACTOR_GRAM")
+    knobs = ("COMPILE_CHUNK_STEP", "TRITON_NS", "CHUNKS_PER_CALL", "NS_TRITON_PRECISION", "FACTOR_GRAM",
+             "TRITON_NS_SPLIT")
     saved = (os.environ.get("HYMBA_KERNELS"), {k: getattr(atlas_kernels, k) for k in knobs}, dispatch.use_fast)
     paths = args.atlas_paths or ["reference", "fast", "fast_torch_ns", "fast_eager"]
-    todo = [("gdn", None)] + ([("gdn", "graphed")] if any(p.endswith("graphed") for p in paths) else []) + [("atlas", p) for p in paths]
+    todo = [] if args.skip_gdn else [("gdn", None)] + ([("gdn", "graphed")] if any(p.endswith("graphed") for p in paths) else [])
+    todo += [("atlas", p) for p in paths]
     rows: list[dict] = []
     if args.gdn_from:  # the gdn rows of an earlier call at the same shape (its first call autotunes fla: minutes)
         with open(args.gdn_from) as f:
@@ -284,6 +299,8 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
         todo = [t for t in todo if t[0] != "gdn" or (t[1] or "as dispatched") not in have]
     for name, path in todo:
         row: dict = {"mixer": name, "path": path or "as dispatched", "B": B, "T": T, "d_model": d_model}
+        if name == "atlas":
+            row["atlas_config"] = args.atlas_config
         graphed = path == "graphed"
         try:
             if name == "gdn":
@@ -296,8 +313,7 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
                 os.environ["HYMBA_KERNELS"] = mode
                 if device != "cuda" and path != "reference":  # the dispatch's fast paths are CUDA-only
                     dispatch.use_fast = lambda op, *t: op == "atlas"  # noqa: E731
-                layer = layer_of("atlas", d_model, {"atlas": {"n_heads": 16, "head_dim": 16, "poly_degree": 2}},
-                                 device, dtype)
+                layer = layer_of("atlas", d_model, {"atlas": ATLAS_CONFIGS[args.atlas_config]}, device, dtype)
             params = [x, *layer.parameters()]
             fn = _Bound(layer, ctx)
             t0 = time.perf_counter()
@@ -316,6 +332,9 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
                 with torch.no_grad():
                     row["layer_fwd_ms"] = bench(lambda: fn(x), device, *iters)  # noqa: B023
             row["layer_fwdbwd_ms"] = bench(step, device, *iters)
+            if args.profile and name == "atlas":  # where the layer's forward+backward goes, per kernel
+                print(f"--- profile: atlas {path}", flush=True)
+                row["profile"] = profile_passes(step, device, passes=2, rows=30)
             if name == "atlas" and atlas_kernels.compile_error:
                 row["compile_error"] = atlas_kernels.compile_error  # the chunk step ran eagerly
             if name == "atlas" and path != "reference" and device == "cuda":
@@ -367,6 +386,10 @@ def main() -> None:
                          "fast_unroll4, fast_ieee, fast_tf32, fast_graphed, fast_factored, fast_factored_graphed; "
                          "default the first four) next to a gdn layer of the same width")
     ap.add_argument("--d-model", type=int, default=2048, help="width for --atlas-paths")
+    ap.add_argument("--atlas-config", choices=tuple(ATLAS_CONFIGS), default="bench",
+                    help="--atlas-paths: the ATLAS layer's config (bench: 16 heads x 16, window 4; quad: the "
+                         "Quad-Hybrid recipe's 4 heads x 32, window 16)")
+    ap.add_argument("--skip-gdn", action="store_true", help="--atlas-paths: time the ATLAS paths only")
     ap.add_argument("--gdn-from", default=None,
                     help="--atlas-paths: take the gdn rows from this earlier --atlas-paths JSON (same B, T, width) "
                          "instead of timing them again")

@@ -493,9 +493,18 @@ NS_TRITON_MAX = 32
 TRITON_NS = True
 
 
+#: Gram sides over NS_TRITON_MAX next to sides within it: False = every side through the
+#: batched-matmul form, zero-padded to the largest (one iteration for all weights); True = the
+#: sides within it through the Triton kernels, the others through batched matmuls (one
+#: iteration per side: 8x fewer flops for a 32-side weight next to a 64-side one)
+TRITON_NS_SPLIT = False
+
+
 def _use_triton_ns(params: Sequence[Tensor], dtype: torch.dtype) -> bool:
+    sides = [min(p.shape[-2:]) for p in params]
+    fits = (min if TRITON_NS_SPLIT else max)(sides) <= NS_TRITON_MAX
     return (TRITON_NS and triton is not None and params[0].is_cuda and dtype == torch.float32
-            and max(min(p.shape[-2:]) for p in params) <= NS_TRITON_MAX and _ns_triton_works())
+            and fits and _ns_triton_works())
 
 
 @functools.cache
