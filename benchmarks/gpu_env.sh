@@ -77,6 +77,9 @@ export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/hymba_caches/triton}
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/hymba_caches/inductor}
 export TILELANG_CACHE_DIR=${TILELANG_CACHE_DIR:-/tmp/hymba_caches/tilelang}
 export FLA_CACHE_RESULTS=${FLA_CACHE_RESULTS:-1}  # fla's autotuners keep their results in the Triton cache
+# every other Triton autotuner too (mamba-ssm's Mamba-3 kernels: their autotuning at the mixers benchmark's
+# shapes outlasted two calls' limits, 200 s and 330 s, on 2026-12-04); packed by gpu_suite.sh pack_caches
+export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
 mkdir -p "$TRITON_CACHE_DIR" "$TORCHINDUCTOR_CACHE_DIR" "$TILELANG_CACHE_DIR"
 if [ -f .tcache/caches.tar.xz ]; then tar -xJf .tcache/caches.tar.xz -C /tmp/hymba_caches \
   && echo "Triton / Inductor / TileLang caches of an earlier call unpacked into /tmp/hymba_caches"
