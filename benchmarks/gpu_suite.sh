@@ -11,6 +11,10 @@
 #           probe inside autocast), pytest -m gpu tests/test_atlas.py, then mixers.py --atlas-paths (ATLAS reference / fast path /
 #           its NS in single TF32 / in CUDA graphs, next to gdn; more variants: fast_torch_ns fast_eager
 #           fast_unroll4 fast_ieee)
+#   mamba3_tuned  mixers.py --only mamba3 gdn, autotuned (issue 18: Mamba-3 tuned next to gdn; its autotuning
+#           outlasted 330 s on a fresh machine: run it alone in a call, then pack_caches with > 60 s to spare)
+#   atlas_profile  mixers.py --atlas-paths --profile: the ATLAS layer's kernel breakdown at the Quad-Hybrid
+#           recipe's shape (--atlas-config quad, B 8 x 2048) and at the d 2048 benchmark shape
 #   mimo_alt  the mamba3 MIMO GPU tests with the tilelang stack of .whl5 (0.1.8) first on the path:
 #           the stack that trains MIMO on the fast kernel (verified: forward and backward 8/8 on an H200)
 #   mimo_alt2 the same with tilelang 0.1.9 (.whl6) before it (the MIMO backward also compiles)
@@ -76,6 +80,12 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
               step atlas_tests 400 "${PYTEST[@]}" tests/test_atlas.py  # first use compiles: Triton NS, Inductor
               (cd benchmarks && step atlas_paths 600 python mixers.py --atlas-paths reference fast fast_tf32 fast_graphed \
                  --out "$OUT/mixers_atlas_paths.json") ;;
+      mamba3_tuned) need_tilelang
+              (cd benchmarks && step mamba3_tuned 560 python mixers.py --only mamba3 gdn --out "$OUT/mixers_mamba3_tuned.json") ;;
+      atlas_profile) (cd benchmarks && step atlas_profile_quad 300 python mixers.py --atlas-paths fast fast_split \
+                 --atlas-config quad --d-model 128 --batch 8 --seq-len 2048 --skip-gdn --profile --out "$OUT/atlas_profile_quad.json"
+              step atlas_profile_bench 240 python mixers.py --atlas-paths fast --gdn-from results/mixers_atlas_paths_h200.json \
+                 --profile --out "$OUT/atlas_profile_bench.json") ;;
       mimo_alt) alt=${HYMBA_SITE:-/tmp/hymba_site}_alt
               [ -d "$alt/tilelang" ] || { echo "no $alt/tilelang: carry .whl5 (see gpu_env.sh)"; exit 2; }
               PYTHONPATH=$alt:$PYTHONPATH python -c "import tilelang; print('tilelang', tilelang.__version__)"
