@@ -90,6 +90,54 @@ def test_pinned_autotune_pins_and_restores():
         del sys.modules[mod.__name__]
 
 
+def _autotuned_module(name: str):
+    """A module ``name`` holding one autotuned Triton kernel with three launch configs."""
+    triton = pytest.importorskip("triton")
+    tl = pytest.importorskip("triton.language")
+
+    def body(x_ptr, BLOCK: tl.constexpr):
+        tl.store(x_ptr + tl.arange(0, BLOCK), 0.0)
+
+    mod = types.ModuleType(name)
+    mod.kernel = triton.autotune([triton.Config({"BLOCK": b}) for b in (16, 32, 64)], key=[])(triton.jit(body))
+    return mod
+
+
+def test_probes_run_pinned_and_retry_autotuned(monkeypatch):
+    """On a CUDA machine a probe runs PROBE_PINNED's autotuned kernels on their first launch
+    config (restored afterwards); a probe that fails pinned is run again autotuned, and only a
+    failure there turns the fast path off."""
+    mod = _autotuned_module("hymba_probe_pin.kernels")
+    monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    monkeypatch.setattr(dispatch, "PROBE_PINNED", ("hymba_probe_pin",))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    seen = []
+
+    def probe():
+        seen.append(len(mod.kernel.configs))
+
+    assert dispatch.FastPath("pinned", probe, "test").ok()
+    assert seen == [1] and len(mod.kernel.configs) == 3
+
+    def only_autotuned():  # e.g. a first launch config that does not fit this GPU
+        seen.append(len(mod.kernel.configs))
+        if len(mod.kernel.configs) == 1:
+            raise RuntimeError("out of resources")
+
+    seen.clear()
+    assert dispatch.FastPath("retried", only_autotuned, "test").ok()
+    assert seen == [1, 3]
+
+    def broken():
+        raise ImportError("no module named fla")
+
+    fp = dispatch.FastPath("broken", broken, "test")
+    assert not fp.ok() and fp.error == "ImportError: no module named fla"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no CUDA: nothing pinned
+    seen.clear()
+    assert dispatch.FastPath("cpu", probe, "test").ok() and seen == [3]
+
+
 # --------------------------------------------------------------------------- probes and CUDA graphs
 
 

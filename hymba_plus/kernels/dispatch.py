@@ -10,7 +10,9 @@ and asks, at call time, ``use_fast("gdn", x)``. The answer is True only when
 * ``HYMBA_KERNELS`` is not ``reference`` (``auto``, the default, or ``fast``),
 * every given tensor is on CUDA, and
 * the probe succeeded (it runs once, with autograd on and autocast off whatever the caller's
-  grad mode and autocast; an ImportError or any failure means "not available").
+  grad mode and autocast, fla's and mamba-ssm's autotuned kernels on their first launch config
+  (``PROBE_PINNED``; retried autotuned if that fails); an ImportError or any failure means
+  "not available").
 
 In ``auto`` mode a fast path whose probe failed is announced once, in one line on stderr, the
 first time a CUDA call falls back because of it ("fast path gdn unavailable (ImportError:
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -76,7 +79,7 @@ class FastPath:
                 # backward it runs there would run in bf16 (the ATLAS probe's gradients were off
                 # by 160% on an H200 this way, so the fast path was turned off in training)
                 with torch.inference_mode(False), torch.enable_grad(), _no_autocast():
-                    self.probe()
+                    _run_probe(self.probe)
                 self.status = True
             except Exception as e:  # noqa: BLE001 - any import/probe failure = unavailable
                 self.status, self.error = False, f"{type(e).__name__}: {e}"
@@ -84,6 +87,26 @@ class FastPath:
 
 
 _FAST: dict[str, FastPath] = {}
+
+#: packages whose autotuned Triton kernels a probe runs with their first launch config
+#: (``pinned_autotune``): a probe's small shapes are never used again, so benchmarking every
+#: launch config there (fla 0.6.0 has 141 autotuned kernels) only delays the first step; the
+#: op autotunes at its real shapes afterwards. Empty: probes autotune like any call.
+PROBE_PINNED = ("fla.", "mamba_ssm.")
+
+
+def _run_probe(probe: Callable[[], Any]) -> None:
+    """``probe()`` with ``PROBE_PINNED``'s kernels on their first launch config where CUDA and
+    Triton are here; if that fails, once more as the op will run (autotuned: a first launch
+    config that does not fit this GPU must not turn a working fast path off)."""
+    if not PROBE_PINNED or not torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
+        probe()
+        return
+    try:
+        with pinned_autotune(*PROBE_PINNED):
+            probe()
+    except Exception:  # noqa: BLE001 - any failure: the probe as the op runs decides
+        probe()
 
 
 @contextlib.contextmanager
