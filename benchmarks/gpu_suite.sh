@@ -122,11 +122,11 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
                  --prompts 2048 8192 32768 --merge --out-dir "$OUT" ;;
       quad)   need_tilelang  # the recipe's gdn and mamba3 layers run fla's / mamba-ssm's kernels
               step quad 580 python benchmarks/quad_atlas.py --atlas-reference --out "$OUT/quad_atlas.json" ;;
-      pack_caches) (cd /tmp/hymba_caches && tar -cJf "$OUT/caches.tar.xz" triton inductor tilelang
+      pack_caches) (cd /tmp/hymba_caches && tar -cf - triton inductor tilelang | xz -6 -T0 > "$OUT/caches.tar.xz"  # all cores: a 60 s limit cut a single-threaded pack short
                  # over a returned file's 16 MiB: keep the autotuning results (each kernel then compiles
                  # its chosen config once instead of benchmarking them all) and Inductor's cache
                  if [ "$(stat -c %s "$OUT/caches.tar.xz")" -gt 15000000 ]; then
-                   find triton -name "*.autotune.json" | tar -cJf "$OUT/caches.tar.xz" -T - inductor tilelang
+                   find triton -name "*.autotune.json" | tar -cf - -T - inductor tilelang | xz -6 -T0 > "$OUT/caches.tar.xz"
                  fi
                  # the autotuning results alone (kilobytes): small enough to commit as
                  # benchmarks/tcache/autotune.tar.xz, which a fresh checkout (no .tcache/) unpacks
