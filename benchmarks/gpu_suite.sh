@@ -84,7 +84,7 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
               (cd benchmarks && step mamba3_tuned 560 python mixers.py --only mamba3 gdn --out "$OUT/mixers_mamba3_tuned.json") ;;
       atlas_profile) (cd benchmarks && step atlas_profile_quad 300 python mixers.py --atlas-paths fast fast_split \
                  --atlas-config quad --d-model 128 --batch 8 --seq-len 2048 --skip-gdn --profile --out "$OUT/atlas_profile_quad.json"
-              step atlas_profile_bench 240 python mixers.py --atlas-paths fast --gdn-from results/mixers_atlas_paths_h200.json \
+              step atlas_profile_bench 300 python mixers.py --atlas-paths fast fast_ns_saved --gdn-from results/mixers_atlas_paths_h200.json \
                  --profile --out "$OUT/atlas_profile_bench.json") ;;
       mimo_alt) alt=${HYMBA_SITE:-/tmp/hymba_site}_alt
               [ -d "$alt/tilelang" ] || { echo "no $alt/tilelang: carry .whl5 (see gpu_env.sh)"; exit 2; }

@@ -238,6 +238,8 @@ ATLAS_PATHS = {
     "fast_graphed": ("auto", {}, True),
     "fast_factored": ("auto", {"FACTOR_GRAM": None}, False),
     "fast_factored_graphed": ("auto", {"FACTOR_GRAM": None}, True),
+    "fast_ns_saved": ("auto", {"NS_BWD_SAVED": True}, False),
+    "fast_ns_saved_graphed": ("auto", {"NS_BWD_SAVED": True}, True),
     "fast_split": ("auto", {"TRITON_NS_SPLIT": True}, False),
     "fast_split_graphed": ("auto", {"TRITON_NS_SPLIT": True}, True),
     "fast_split_factored_graphed": ("auto", {"TRITON_NS_SPLIT": True, "FACTOR_GRAM": None}, True),
@@ -268,6 +270,8 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
       fast_graphed    ``fast`` with the layer's forward+backward captured in CUDA graphs
                       (``make_graphed_callables``, as ``hymba train --cuda-graph`` does): no
                       per-launch host cost; compared with a graphed gdn layer too
+      fast_ns_saved   ``fast`` with the Newton-Schulz backward kernel that keeps the forward
+                      iterates in scratch memory (NS_BWD_SAVED; _graphed in CUDA graphs)
       fast_split      ``fast`` with Gram sides within the Triton kernels' limit through them and the
                       wider ones through batched matmuls (TRITON_NS_SPLIT; _graphed, _factored_graphed)
       fast_factored   ``fast`` with the factored Gram matrices and update where they take fewer
@@ -282,7 +286,7 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
     x = torch.randn(B, T, d_model, device=device, dtype=dtype, requires_grad=True)
     ctx = StepContext(positions=torch.arange(T, device=device)[None].expand(B, -1))
     knobs = ("COMPILE_CHUNK_STEP", "TRITON_NS", "CHUNKS_PER_CALL", "NS_TRITON_PRECISION", "FACTOR_GRAM",
-             "TRITON_NS_SPLIT")
+             "TRITON_NS_SPLIT", "NS_BWD_SAVED")
     saved = (os.environ.get("HYMBA_KERNELS"), {k: getattr(atlas_kernels, k) for k in knobs}, dispatch.use_fast)
     paths = args.atlas_paths or ["reference", "fast", "fast_torch_ns", "fast_eager"]
     todo = [] if args.skip_gdn else [("gdn", None)] + ([("gdn", "graphed")] if any(p.endswith("graphed") for p in paths) else [])

@@ -273,16 +273,20 @@ def test_ns_gram_op_matches_autograd():
 
 
 def test_ns_triton_kernels_in_interpreter_match_pytorch():
-    """The Triton Newton-Schulz kernels (forward, and the backward that recomputes the steps)
-    against autograd through ns_gram_factor, in Triton's CPU interpreter (subprocess:
+    """The Triton Newton-Schulz kernels (forward, the backward that recomputes the steps and
+    the one that keeps them in scratch memory, ``NS_BWD_SAVED``) against autograd through ns_gram_factor, in Triton's CPU interpreter (subprocess:
     TRITON_INTERPRET must be set before import); sides padded to 16 / 32, 1-5 steps."""
     pytest.importorskip("triton")
     code = textwrap.dedent("""
+        import itertools
         import torch
+        from hymba_plus.kernels import atlas
         from hymba_plus.kernels.atlas import _ns_gram_launch, ns_gram_factor
         g = torch.Generator().manual_seed(0)
         rel = lambda a, b: float((a - b).abs().max() / b.abs().max())
-        for m, n, steps in ((16, 40, 5), (24, 40, 5), (32, 150, 3), (5, 7, 2), (16, 16, 1)):
+        cases = ((16, 40, 5), (24, 40, 5), (32, 150, 3), (5, 7, 2), (16, 16, 1))
+        for saved, (m, n, steps) in itertools.product((False, True), cases):
+            atlas.NS_BWD_SAVED = saved  # the recomputing backward kernel, and the one with scratch
             X = torch.randn(3, m, n, generator=g, dtype=torch.float64)
             A = X @ X.mT / X.pow(2).sum((-2, -1), keepdim=True)
             dR = torch.randn(3, m, m, generator=g, dtype=torch.float64)
@@ -290,7 +294,7 @@ def test_ns_triton_kernels_in_interpreter_match_pytorch():
             R = ns_gram_factor(Ar, steps)
             (dA,) = torch.autograd.grad(R, Ar, dR)
             assert rel(_ns_gram_launch(A.float(), None, steps).double(), R.detach()) < 2e-5, ("fwd", m, steps)
-            assert rel(_ns_gram_launch(A.float(), dR.float(), steps).double(), dA) < 2e-5, ("bwd", m, steps)
+            assert rel(_ns_gram_launch(A.float(), dR.float(), steps).double(), dA) < 2e-5, ("bwd", saved, m, steps)
         print("ok")
     """)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
@@ -310,7 +314,8 @@ def test_ns_triton_kernels_compile_for_sm90():
 
     a, b, c = atlas_kernels.NS_COEFFS
     for fn, ptrs in ((atlas_kernels._ns_gram_fwd_kernel, ("A_ptr", "R_ptr")),
-                     (atlas_kernels._ns_gram_bwd_kernel, ("A_ptr", "dR_ptr", "dA_ptr"))):
+                     (atlas_kernels._ns_gram_bwd_kernel, ("A_ptr", "dR_ptr", "dA_ptr")),
+                     (atlas_kernels._ns_gram_bwd_saved_kernel, ("A_ptr", "dR_ptr", "dA_ptr", "W_ptr"))):
         for M, warps, prec in ((16, 2, atlas_kernels.NS_TRITON_PRECISION), (32, 8, atlas_kernels.NS_TRITON_PRECISION),
                                (32, 8, "ieee")):
             const = {"M": M, "STEPS": 5, "a": a, "b": b, "c": c, "PREC": prec}
@@ -634,6 +639,26 @@ def test_cuda_matches_cpu_invariant_and_bf16():
     loss.backward()
     assert bool(torch.isfinite(loss)) and all(bool(torch.isfinite(p.grad).all()) for p in m16.parameters()
                                               if p.grad is not None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("saved", [False, True])
+def test_ns_triton_kernels_on_cuda(monkeypatch, saved):
+    """Both Triton Newton-Schulz backward kernels (``NS_BWD_SAVED``) and the forward on the GPU
+    against autograd through ns_gram_factor in float64 on the CPU, at padded sides 16 and 32."""
+    monkeypatch.setattr(atlas_kernels, "NS_BWD_SAVED", saved)
+    g = torch.Generator().manual_seed(0)
+    for m, n in ((12, 40), (16, 40), (24, 60), (32, 150)):
+        X = torch.randn(64, m, n, generator=g, dtype=torch.float64)
+        A = X @ X.mT / X.pow(2).sum((-2, -1), keepdim=True)
+        dR = torch.randn(64, m, m, generator=g, dtype=torch.float64)
+        Ar = A.clone().requires_grad_()
+        R = atlas_kernels.ns_gram_factor(Ar, 5)
+        (dA,) = torch.autograd.grad(R, Ar, dR)
+        got_r = atlas_kernels._ns_gram_launch(A.float().cuda(), None, 5).cpu().double()
+        got_da = atlas_kernels._ns_gram_launch(A.float().cuda(), dR.float().cuda(), 5).cpu().double()
+        assert rel_err(got_r, R.detach()) < 1e-4, (m, "forward")
+        assert rel_err(got_da, dA) < 1e-4, (m, "backward")
 
 
 @pytest.mark.gpu

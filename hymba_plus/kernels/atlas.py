@@ -478,6 +478,63 @@ if triton is not None:
         tl.store(dA_ptr + off, gA)
 
 
+    @triton.jit
+    def _ns_gram_bwd_saved_kernel(A_ptr, dR_ptr, dA_ptr, W_ptr, M: tl.constexpr, STEPS: tl.constexpr,
+                                  a: tl.constexpr, b: tl.constexpr, c: tl.constexpr, PREC: tl.constexpr):
+        """``_ns_gram_bwd_kernel`` without the recomputation: one forward pass writes every
+        step's A_k, Q_k and R_k to the program's slice of the scratch ``W`` [B, 3, STEPS, M, M]
+        (read back at once, so it stays in L2), then the reverse pass loads them instead of
+        keeping them live in registers."""
+        pid = tl.program_id(0).to(tl.int64)
+        i = tl.arange(0, M)
+        tile = i[:, None] * M + i[None, :]
+        off = pid * M * M + tile
+        ws = W_ptr + pid * 3 * STEPS * M * M + tile  # slot (j, k) at + (j * STEPS + k) * M * M
+        A = tl.load(A_ptr + off)
+        eye = (i[:, None] == i[None, :]).to(tl.float32)
+        R = eye
+        for k in tl.static_range(STEPS):  # the forward, keeping A_k, Q_k, R_k (R_0 = I)
+            Q = _ns_q(A, eye, a, b, c, PREC)
+            tl.store(ws + k * M * M, A)
+            tl.store(ws + (STEPS + k) * M * M, Q)
+            tl.store(ws + (2 * STEPS + k) * M * M, R)
+            R = Q if k == 0 else tl.dot(Q, R, input_precision=PREC)
+            if k < STEPS - 1:
+                A = tl.dot(tl.dot(Q, A, input_precision=PREC), Q, input_precision=PREC)
+        tl.debug_barrier()
+        gR = tl.load(dR_ptr + off)
+        gA = tl.zeros([M, M], dtype=tl.float32)
+        for k in tl.static_range(STEPS - 1, -1, -1):
+            A = tl.load(ws + k * M * M)
+            Q = tl.load(ws + (STEPS + k) * M * M)
+            if k > 0:  # R_{k+1} = Q_k R_k
+                R = tl.load(ws + (2 * STEPS + k) * M * M)
+                gQ = tl.dot(gR, tl.trans(R), input_precision=PREC)
+                gR = tl.dot(tl.trans(Q), gR, input_precision=PREC)
+            else:  # R_1 = Q_0
+                gQ = gR
+            if k < STEPS - 1:  # A_{k+1} = (Q_k A_k) Q_k
+                T = tl.dot(Q, A, input_precision=PREC)
+                gT = tl.dot(gA, tl.trans(Q), input_precision=PREC)
+                gQ += tl.dot(tl.trans(T), gA, input_precision=PREC) + tl.dot(gT, tl.trans(A), input_precision=PREC)
+                gA = tl.dot(tl.trans(Q), gT, input_precision=PREC)
+            else:
+                gA = tl.zeros([M, M], dtype=tl.float32)
+            gA += b * gQ + c * (tl.dot(gQ, tl.trans(A), input_precision=PREC)
+                                + tl.dot(tl.trans(A), gQ, input_precision=PREC))
+        tl.store(dA_ptr + off, gA)
+
+
+#: the Triton backward of Newton-Schulz: False = ``_ns_gram_bwd_kernel`` (recomputes every
+#: step's iterates from A_0; Triton's compiler merges the repeated, fully unrolled products, so
+#: what it costs is registers: all iterates live at once), True = ``_ns_gram_bwd_saved_kernel``
+#: (writes them once to a scratch buffer of 3 x steps m×m matrices per Gram matrix and reads them
+#: back; 8% more MMA instructions). Triton 3.9 + ptxas 13.4 for sm_90a, 5 steps, tf32x3: side 16 /
+#: 2 warps 255 registers + 736 B spilled -> 178 registers, no spills; side 32 / 8 warps 255 +
+#: 2,236 B -> 255 + 1,500 B. Off until timed on a GPU (the recomputing kernel was 49% of the
+#: d 2048 layer's kernel time on an H200, 2026-12-04; ``mixers.py --atlas-paths fast_ns_saved``)
+NS_BWD_SAVED = False
+
 #: the Triton kernels' matmul precision: "tf32x3" (three TF32 tensor-core products per
 #: matmul, float32 accuracy), "ieee" (float32 FMAs: NS5 is most of the step's flops, and
 #: float32 without tensor cores is the slowest way to do them) or "tf32" (one TF32 product:
@@ -533,10 +590,15 @@ def _ns_gram_launch(A: Tensor, dR: Tensor | None, steps: int) -> Tensor:
     pad = lambda t: F.pad(t, (0, M - m, 0, M - m)).contiguous()  # noqa: E731
     out = torch.empty(B, M, M, device=A.device, dtype=torch.float32)
     a, b, c = NS_COEFFS
-    warps = 2 if M <= 16 else 8  # sm_90 ptxas: no spills at 16 / 2 warps; at 32 / 8 warps none forward, 0.4 KB backward
+    # sm_90: forward no spills at 16 / 2 warps or 32 / 8 warps; backward: see NS_BWD_SAVED
+    warps = 2 if M <= 16 else 8
     prec = NS_TRITON_PRECISION
     if dR is None:
         _ns_gram_fwd_kernel[(B,)](pad(A), out, M=M, STEPS=steps, a=a, b=b, c=c, PREC=prec, num_warps=warps)
+    elif NS_BWD_SAVED:
+        scratch = torch.empty(B, 3, steps, M, M, device=A.device, dtype=torch.float32)
+        _ns_gram_bwd_saved_kernel[(B,)](pad(A), pad(dR), out, scratch, M=M, STEPS=steps, a=a, b=b, c=c, PREC=prec,
+                                        num_warps=warps)
     else:
         _ns_gram_bwd_kernel[(B,)](pad(A), pad(dR), out, M=M, STEPS=steps, a=a, b=b, c=c, PREC=prec, num_warps=warps)
     return out[:, :m, :m].contiguous() if M != m else out
