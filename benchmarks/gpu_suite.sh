@@ -82,9 +82,9 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
                  --out "$OUT/mixers_atlas_paths.json") ;;
       mamba3_tuned) need_tilelang
               (cd benchmarks && step mamba3_tuned 560 python mixers.py --only mamba3 gdn --out "$OUT/mixers_mamba3_tuned.json") ;;
-      atlas_profile) (cd benchmarks && step atlas_profile_quad 300 python mixers.py --atlas-paths fast fast_split \
+      atlas_profile) (cd benchmarks && step atlas_profile_quad 300 python mixers.py --atlas-paths fast fast_ns64 \
                  --atlas-config quad --d-model 128 --batch 8 --seq-len 2048 --skip-gdn --profile --out "$OUT/atlas_profile_quad.json"
-              step atlas_profile_bench 300 python mixers.py --atlas-paths fast fast_ns_saved --gdn-from results/mixers_atlas_paths_h200.json \
+              step atlas_profile_bench 300 python mixers.py --atlas-paths fast fast_ns_saved fast_ns64 --gdn-from results/mixers_atlas_paths_h200.json \
                  --profile --out "$OUT/atlas_profile_bench.json") ;;
       mimo_alt) alt=${HYMBA_SITE:-/tmp/hymba_site}_alt
               [ -d "$alt/tilelang" ] || { echo "no $alt/tilelang: carry .whl5 (see gpu_env.sh)"; exit 2; }

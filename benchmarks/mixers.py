@@ -243,6 +243,8 @@ ATLAS_PATHS = {
     "fast_split": ("auto", {"TRITON_NS_SPLIT": True}, False),
     "fast_split_graphed": ("auto", {"TRITON_NS_SPLIT": True}, True),
     "fast_split_factored_graphed": ("auto", {"TRITON_NS_SPLIT": True, "FACTOR_GRAM": None}, True),
+    "fast_ns64": ("auto", {"NS_TRITON_MAX": 64, "NS_BWD_SAVED": True}, False),
+    "fast_ns64_graphed": ("auto", {"NS_TRITON_MAX": 64, "NS_BWD_SAVED": True}, True),
 }
 
 
@@ -274,6 +276,9 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
                       iterates in scratch memory (NS_BWD_SAVED; _graphed in CUDA graphs)
       fast_split      ``fast`` with Gram sides within the Triton kernels' limit through them and the
                       wider ones through batched matmuls (TRITON_NS_SPLIT; _graphed, _factored_graphed)
+      fast_ns64       ``fast`` with Gram sides up to 64 through the Triton kernels (NS_TRITON_MAX
+                      64: the Quad-Hybrid's 64 x 560 weight) and the saved-iterate backward at
+                      every side (NS_BWD_SAVED); _graphed in CUDA graphs
       fast_factored   ``fast`` with the factored Gram matrices and update where they take fewer
                       flops (FACTOR_GRAM None); fast_factored_graphed: the same in CUDA graphs
 
@@ -286,7 +291,7 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
     x = torch.randn(B, T, d_model, device=device, dtype=dtype, requires_grad=True)
     ctx = StepContext(positions=torch.arange(T, device=device)[None].expand(B, -1))
     knobs = ("COMPILE_CHUNK_STEP", "TRITON_NS", "CHUNKS_PER_CALL", "NS_TRITON_PRECISION", "FACTOR_GRAM",
-             "TRITON_NS_SPLIT", "NS_BWD_SAVED")
+             "TRITON_NS_SPLIT", "NS_BWD_SAVED", "NS_TRITON_MAX")
     saved = (os.environ.get("HYMBA_KERNELS"), {k: getattr(atlas_kernels, k) for k in knobs}, dispatch.use_fast)
     paths = args.atlas_paths or ["reference", "fast", "fast_torch_ns", "fast_eager"]
     todo = [] if args.skip_gdn else [("gdn", None)] + ([("gdn", "graphed")] if any(p.endswith("graphed") for p in paths) else [])

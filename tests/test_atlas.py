@@ -275,7 +275,8 @@ def test_ns_gram_op_matches_autograd():
 def test_ns_triton_kernels_in_interpreter_match_pytorch():
     """The Triton Newton-Schulz kernels (forward, the backward that recomputes the steps and
     the one that keeps them in scratch memory, ``NS_BWD_SAVED``) against autograd through ns_gram_factor, in Triton's CPU interpreter (subprocess:
-    TRITON_INTERPRET must be set before import); sides padded to 16 / 32, 1-5 steps."""
+    TRITON_INTERPRET must be set before import); sides padded to 16 / 32 / 64 (64: the
+    saved-iterate backward whatever NS_BWD_SAVED says), 1-5 steps."""
     pytest.importorskip("triton")
     code = textwrap.dedent("""
         import itertools
@@ -284,7 +285,7 @@ def test_ns_triton_kernels_in_interpreter_match_pytorch():
         from hymba_plus.kernels.atlas import _ns_gram_launch, ns_gram_factor
         g = torch.Generator().manual_seed(0)
         rel = lambda a, b: float((a - b).abs().max() / b.abs().max())
-        cases = ((16, 40, 5), (24, 40, 5), (32, 150, 3), (5, 7, 2), (16, 16, 1))
+        cases = ((16, 40, 5), (24, 40, 5), (32, 150, 3), (5, 7, 2), (16, 16, 1), (48, 80, 5), (64, 560, 5))
         for saved, (m, n, steps) in itertools.product((False, True), cases):
             atlas.NS_BWD_SAVED = saved  # the recomputing backward kernel, and the one with scratch
             X = torch.randn(3, m, n, generator=g, dtype=torch.float64)
@@ -305,7 +306,7 @@ def test_ns_triton_kernels_in_interpreter_match_pytorch():
 @pytest.mark.slow
 def test_ns_triton_kernels_compile_for_sm90():
     """The Triton Newton-Schulz kernels go through Triton's real compiler for an H100/H200
-    (sm_90) without a GPU: TTIR -> PTX -> cubin, at both padded sides, the launch's warps and
+    (sm_90) without a GPU: TTIR -> PTX -> cubin, at the padded sides, the launch's warps and
     the default and float32 matmul precisions (the interpreter test checks their numbers,
     which it computes in float32 whatever the precision; this one that they compile)."""
     triton = pytest.importorskip("triton")
@@ -313,11 +314,13 @@ def test_ns_triton_kernels_compile_for_sm90():
     from triton.compiler import ASTSource
 
     a, b, c = atlas_kernels.NS_COEFFS
+    prec0 = atlas_kernels.NS_TRITON_PRECISION
     for fn, ptrs in ((atlas_kernels._ns_gram_fwd_kernel, ("A_ptr", "R_ptr")),
                      (atlas_kernels._ns_gram_bwd_kernel, ("A_ptr", "dR_ptr", "dA_ptr")),
                      (atlas_kernels._ns_gram_bwd_saved_kernel, ("A_ptr", "dR_ptr", "dA_ptr", "W_ptr"))):
-        for M, warps, prec in ((16, 2, atlas_kernels.NS_TRITON_PRECISION), (32, 8, atlas_kernels.NS_TRITON_PRECISION),
-                               (32, 8, "ieee")):
+        # side 64 (one warpgroup): the forward and the saved-iterate backward, the only one launched there
+        side64 = [] if fn is atlas_kernels._ns_gram_bwd_kernel else [(64, 4, prec0)]
+        for M, warps, prec in [(16, 2, prec0), (32, 8, prec0), (32, 8, "ieee"), *side64]:
             const = {"M": M, "STEPS": 5, "a": a, "b": b, "c": c, "PREC": prec}
             sig = {**{p: "*fp32" for p in ptrs}, **{k: "constexpr" for k in const}}
             k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
@@ -645,10 +648,11 @@ def test_cuda_matches_cpu_invariant_and_bf16():
 @pytest.mark.parametrize("saved", [False, True])
 def test_ns_triton_kernels_on_cuda(monkeypatch, saved):
     """Both Triton Newton-Schulz backward kernels (``NS_BWD_SAVED``) and the forward on the GPU
-    against autograd through ns_gram_factor in float64 on the CPU, at padded sides 16 and 32."""
+    against autograd through ns_gram_factor in float64 on the CPU, at padded sides 16, 32 and 64
+    (64: one warpgroup on wgmma, the saved-iterate backward either way)."""
     monkeypatch.setattr(atlas_kernels, "NS_BWD_SAVED", saved)
     g = torch.Generator().manual_seed(0)
-    for m, n in ((12, 40), (16, 40), (24, 60), (32, 150)):
+    for m, n in ((12, 40), (16, 40), (24, 60), (32, 150), (48, 80), (64, 560)):
         X = torch.randn(64, m, n, generator=g, dtype=torch.float64)
         A = X @ X.mT / X.pow(2).sum((-2, -1), keepdim=True)
         dR = torch.randn(64, m, m, generator=g, dtype=torch.float64)
@@ -659,6 +663,27 @@ def test_ns_triton_kernels_on_cuda(monkeypatch, saved):
         got_da = atlas_kernels._ns_gram_launch(A.float().cuda(), dR.float().cuda(), 5).cpu().double()
         assert rel_err(got_r, R.detach()) < 1e-4, (m, "forward")
         assert rel_err(got_da, dA) < 1e-4, (m, "backward")
+
+
+@pytest.mark.gpu
+def test_fast_path_on_cuda_with_side_64_triton_ns(monkeypatch):
+    """``NS_TRITON_MAX = 64``: a memory on 8-dim keys (44 features) with a 40-wide hidden layer
+    (Gram sides 8 and 40, the 40 padded to 64 as the Quad-Hybrid's 64 x 560 weight is) takes the
+    Triton kernels for every side, and the fast path still equals the float64 CPU reference,
+    gradients included."""
+    monkeypatch.setattr(atlas_kernels, "NS_TRITON_MAX", 64)
+    args, leaves = random_problem(N=3, T=30, C=4, c=3, d=8, p=2, hid=40, depth=2)
+    cuda = [t.detach().float().cuda().requires_grad_() for t in leaves]
+    assert atlas_kernels._use_triton_ns(cuda[7:9], torch.float32)
+    kw = dict(chunk_size=4, window=3, ns_steps=5, muon=True, return_state=True, snapshots=(), n_valid=None)
+    got = run_impl(atlas_kernels._atlas_memory_fast, (*cuda[:7], cuda[7:9], cuda[9:]), compile=False, **kw)
+    want = run_impl(atlas_kernels._atlas_memory, args, **kw)
+    g = torch.Generator().manual_seed(1)
+    seeds = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in want]
+    ga = torch.autograd.grad(sum((o * r.float().cuda()).sum() for o, r in zip(got, seeds)), cuda)
+    gb = torch.autograd.grad(sum((o * r).sum() for o, r in zip(want, seeds)), leaves)
+    for a, b in zip(got + list(ga), want + list(gb)):
+        assert rel_err(a.detach().double().cpu(), b.detach()) < 1e-2
 
 
 @pytest.mark.gpu

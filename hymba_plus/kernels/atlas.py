@@ -481,58 +481,65 @@ if triton is not None:
     @triton.jit
     def _ns_gram_bwd_saved_kernel(A_ptr, dR_ptr, dA_ptr, W_ptr, M: tl.constexpr, STEPS: tl.constexpr,
                                   a: tl.constexpr, b: tl.constexpr, c: tl.constexpr, PREC: tl.constexpr):
-        """``_ns_gram_bwd_kernel`` without the recomputation: one forward pass writes every
-        step's A_k, Q_k and R_k to the program's slice of the scratch ``W`` [B, 3, STEPS, M, M]
+        """``_ns_gram_bwd_kernel`` without the recomputation, for a symmetric A_0 (a Gram
+        matrix: what the chunk step passes). One forward pass writes every step's A_k, Q_k,
+        R_k and T_k = Q_k A_k to the program's slice of the scratch ``W`` [B, 4, STEPS, M, M]
         (read back at once, so it stays in L2), then the reverse pass loads them instead of
-        keeping them live in registers."""
+        keeping them live in registers. All of them are polynomials in A_0, hence symmetric and
+        commuting, so the transposes of the general reverse mode drop out (``_ns_gram_vjp``
+        with ``Xᵀ = X``): no layout changes, one product fewer per step."""
         pid = tl.program_id(0).to(tl.int64)
         i = tl.arange(0, M)
         tile = i[:, None] * M + i[None, :]
         off = pid * M * M + tile
-        ws = W_ptr + pid * 3 * STEPS * M * M + tile  # slot (j, k) at + (j * STEPS + k) * M * M
+        ws = W_ptr + pid * 4 * STEPS * M * M + tile  # slot (j, k) at + (j * STEPS + k) * M * M
         A = tl.load(A_ptr + off)
         eye = (i[:, None] == i[None, :]).to(tl.float32)
         R = eye
-        for k in tl.static_range(STEPS):  # the forward, keeping A_k, Q_k, R_k (R_0 = I)
+        for k in tl.static_range(STEPS):  # the forward, keeping A_k, Q_k, R_k (R_0 = I), T_k
             Q = _ns_q(A, eye, a, b, c, PREC)
             tl.store(ws + k * M * M, A)
             tl.store(ws + (STEPS + k) * M * M, Q)
             tl.store(ws + (2 * STEPS + k) * M * M, R)
             R = Q if k == 0 else tl.dot(Q, R, input_precision=PREC)
             if k < STEPS - 1:
-                A = tl.dot(tl.dot(Q, A, input_precision=PREC), Q, input_precision=PREC)
+                T = tl.dot(Q, A, input_precision=PREC)
+                tl.store(ws + (3 * STEPS + k) * M * M, T)
+                A = tl.dot(T, Q, input_precision=PREC)
         tl.debug_barrier()
         gR = tl.load(dR_ptr + off)
         gA = tl.zeros([M, M], dtype=tl.float32)
         for k in tl.static_range(STEPS - 1, -1, -1):
-            A = tl.load(ws + k * M * M)
             Q = tl.load(ws + (STEPS + k) * M * M)
             if k > 0:  # R_{k+1} = Q_k R_k
-                R = tl.load(ws + (2 * STEPS + k) * M * M)
-                gQ = tl.dot(gR, tl.trans(R), input_precision=PREC)
-                gR = tl.dot(tl.trans(Q), gR, input_precision=PREC)
+                gQ = tl.dot(gR, tl.load(ws + (2 * STEPS + k) * M * M), input_precision=PREC)
+                gR = tl.dot(Q, gR, input_precision=PREC)
             else:  # R_1 = Q_0
                 gQ = gR
-            if k < STEPS - 1:  # A_{k+1} = (Q_k A_k) Q_k
-                T = tl.dot(Q, A, input_precision=PREC)
-                gT = tl.dot(gA, tl.trans(Q), input_precision=PREC)
-                gQ += tl.dot(tl.trans(T), gA, input_precision=PREC) + tl.dot(gT, tl.trans(A), input_precision=PREC)
-                gA = tl.dot(tl.trans(Q), gT, input_precision=PREC)
+            A = tl.load(ws + k * M * M)
+            if k < STEPS - 1:  # A_{k+1} = T_k Q_k, T_k = Q_k A_k
+                gT = tl.dot(gA, Q, input_precision=PREC)
+                gQ += tl.dot(tl.load(ws + (3 * STEPS + k) * M * M), gA, input_precision=PREC)
+                gQ += tl.dot(gT, A, input_precision=PREC)
+                gA = tl.dot(Q, gT, input_precision=PREC)
             else:
                 gA = tl.zeros([M, M], dtype=tl.float32)
-            gA += b * gQ + c * (tl.dot(gQ, tl.trans(A), input_precision=PREC)
-                                + tl.dot(tl.trans(A), gQ, input_precision=PREC))
+            # Q_k = a I + b A_k + c A_k A_k
+            gA += b * gQ + c * (tl.dot(gQ, A, input_precision=PREC) + tl.dot(A, gQ, input_precision=PREC))
         tl.store(dA_ptr + off, gA)
 
 
 #: the Triton backward of Newton-Schulz: False = ``_ns_gram_bwd_kernel`` (recomputes every
 #: step's iterates from A_0; Triton's compiler merges the repeated, fully unrolled products, so
 #: what it costs is registers: all iterates live at once), True = ``_ns_gram_bwd_saved_kernel``
-#: (writes them once to a scratch buffer of 3 x steps m×m matrices per Gram matrix and reads them
-#: back; 8% more MMA instructions). Triton 3.9 + ptxas 13.4 for sm_90a, 5 steps, tf32x3: side 16 /
-#: 2 warps 255 registers + 736 B spilled -> 178 registers, no spills; side 32 / 8 warps 255 +
-#: 2,236 B -> 255 + 1,500 B. Off until timed on a GPU (the recomputing kernel was 49% of the
-#: d 2048 layer's kernel time on an H200, 2026-12-04; ``mixers.py --atlas-paths fast_ns_saved``)
+#: (writes them once to a scratch buffer of 4 x steps m×m matrices per Gram matrix, reads them
+#: back, and uses that they are symmetric: no transposes, one product fewer per step). Triton 3.9
+#: + ptxas 13.4 for sm_90a, 5 steps, tf32x3, per thread: side 16 / 2 warps 255 registers + 736 B
+#: spilled -> 174 registers, no spills; side 32 / 8 warps 255 + 2,236 B -> 255 + 84 B; side 64 /
+#: 4 warps (wgmma m64n64k8): the recomputing kernel needs 256 KiB of shared memory (it cannot
+#: run), this one 96 KiB and 4 KB of spills, so side 64 always takes it. Off below 64 until timed
+#: on a GPU (the recomputing kernel was 49% of the d 2048 layer's kernel time on an H200,
+#: 2026-12-04; ``mixers.py --atlas-paths fast_ns_saved``)
 NS_BWD_SAVED = False
 
 #: the Triton kernels' matmul precision: "tf32x3" (three TF32 tensor-core products per
@@ -541,8 +548,12 @@ NS_BWD_SAVED = False
 #: ~1e-3 relative, as Muon implementations that orthogonalise in bf16 accept)
 NS_TRITON_PRECISION = "tf32x3"
 
-#: largest Gram side the Triton kernels take (a program holds its matrices in registers:
-#: at 32 the backward already uses 255 registers per thread)
+#: largest Gram side the Triton kernels take, 32 or 64 (a program holds its matrices in registers:
+#: at 32 the backward already uses 255 registers per thread; at 64 a program is one warpgroup on
+#: Hopper's wgmma, 255 registers and a few KB spilled in each direction, the backward through the
+#: saved-iterate kernel). 64 is what the Quad-Hybrid's memory needs (its 64 x 560 weight: without
+#: it every side there runs as float32 batched matmuls, 65% of that layer's kernel time on an
+#: H200, 2026-12-04). 32 until a GPU times 64 (``mixers.py --atlas-paths fast_ns64``)
 NS_TRITON_MAX = 32
 
 
@@ -561,22 +572,30 @@ def _use_triton_ns(params: Sequence[Tensor], dtype: torch.dtype) -> bool:
     sides = [min(p.shape[-2:]) for p in params]
     fits = (min if TRITON_NS_SPLIT else max)(sides) <= NS_TRITON_MAX
     return (TRITON_NS and triton is not None and params[0].is_cuda and dtype == torch.float32
-            and fits and _ns_triton_works())
+            and fits and all(_ns_triton_works(_ns_side(m), NS_BWD_SAVED, NS_TRITON_PRECISION)
+                             for m in sides if m <= NS_TRITON_MAX))
+
+
+def _ns_side(m: int) -> int:
+    """The side a Gram matrix of side m is zero-padded to for the Triton kernels."""
+    return max(16, 1 << (m - 1).bit_length())
 
 
 @functools.cache
-def _ns_triton_works() -> bool:
-    """The Triton kernels against the PyTorch form on this GPU, once (else: PyTorch form)."""
+def _ns_triton_works(M: int = 32, saved: bool = False, precision: str = "tf32x3") -> bool:
+    """The Triton kernels at padded side M against the PyTorch form on this GPU, once per side,
+    backward kernel and precision (the arguments key the cache; the kernels read the module's
+    settings) (else: PyTorch form)."""
     try:
         g = torch.Generator().manual_seed(0)
-        X = torch.randn(6, 24, 40, generator=g)
+        X = torch.randn(6, M - M // 4, M + 8, generator=g)
         X = X / X.norm(dim=(-2, -1), keepdim=True)
-        A = F.pad(X @ X.mT, (0, 8, 0, 8)).cuda()
-        dR = torch.randn(6, 32, 32, generator=g).cuda()
+        A = F.pad(X @ X.mT, (0, M // 4, 0, M // 4)).cuda()
+        dR = torch.randn(6, M, M, generator=g).cuda()
         Ar = A.clone().requires_grad_()
         R = ns_gram_factor(Ar, 5)
         (dA,) = torch.autograd.grad(R, Ar, dR)
-        tol = 3e-2 if NS_TRITON_PRECISION == "tf32" else 1e-4
+        tol = 3e-2 if precision == "tf32" else 1e-4
         return max_rel_err(_ns_gram_launch(A, None, 5), R) < tol and max_rel_err(_ns_gram_launch(A, dR, 5), dA) < tol
     except Exception:  # noqa: BLE001 - any compile / launch failure: use the PyTorch form
         return False
@@ -586,17 +605,18 @@ def _ns_gram_launch(A: Tensor, dR: Tensor | None, steps: int) -> Tensor:
     """R (``dR is None``) or dA for A [B, m, m], float32, through the Triton kernels (m is
     zero-padded to a power of two >= 16; the padding stays zero, see ``_chunk_step``)."""
     B, m = A.shape[0], A.shape[-1]
-    M = max(16, triton.next_power_of_2(m))
+    M = _ns_side(m)
     pad = lambda t: F.pad(t, (0, M - m, 0, M - m)).contiguous()  # noqa: E731
     out = torch.empty(B, M, M, device=A.device, dtype=torch.float32)
     a, b, c = NS_COEFFS
-    # sm_90: forward no spills at 16 / 2 warps or 32 / 8 warps; backward: see NS_BWD_SAVED
-    warps = 2 if M <= 16 else 8
+    # sm_90: forward no spills at 16 / 2 warps or 32 / 8 warps, 196 B at 64 / 4 warps (one
+    # warpgroup: wgmma); backward: see NS_BWD_SAVED
+    warps = 2 if M <= 16 else 8 if M <= 32 else 4
     prec = NS_TRITON_PRECISION
     if dR is None:
         _ns_gram_fwd_kernel[(B,)](pad(A), out, M=M, STEPS=steps, a=a, b=b, c=c, PREC=prec, num_warps=warps)
-    elif NS_BWD_SAVED:
-        scratch = torch.empty(B, 3, steps, M, M, device=A.device, dtype=torch.float32)
+    elif NS_BWD_SAVED or M > 32:
+        scratch = torch.empty(B, 4, steps, M, M, device=A.device, dtype=torch.float32)
         _ns_gram_bwd_saved_kernel[(B,)](pad(A), pad(dR), out, scratch, M=M, STEPS=steps, a=a, b=b, c=c, PREC=prec,
                                         num_warps=warps)
     else:
