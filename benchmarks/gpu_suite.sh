@@ -14,7 +14,10 @@
 #   mamba3_tuned  mixers.py --only mamba3 gdn, autotuned (issue 18: Mamba-3 tuned next to gdn; its autotuning
 #           outlasted 330 s on a fresh machine: run it alone in a call, then pack_caches with > 60 s to spare)
 #   atlas_profile  mixers.py --atlas-paths --profile: the ATLAS layer's kernel breakdown at the Quad-Hybrid
-#           recipe's shape (--atlas-config quad, B 8 x 2048) and at the d 2048 benchmark shape
+#           recipe's shape (--atlas-config quad, B 8 x 2048): as shipped, with Newton-Schulz at side 64 in
+#           Triton (fast_ns64), and that with the factored Gram matrices (fast_ns64_factored)
+#   atlas_profile_bench  the same at the d 2048 benchmark shape (fast, fast_ns_saved, fast_ns64); each of
+#           the two fills most of one call
 #   mimo_alt  the mamba3 MIMO GPU tests with the tilelang stack of .whl5 (0.1.8) first on the path:
 #           the stack that trains MIMO on the fast kernel (verified: forward and backward 8/8 on an H200)
 #   mimo_alt2 the same with tilelang 0.1.9 (.whl6) before it (the MIMO backward also compiles)
@@ -82,10 +85,12 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
                  --out "$OUT/mixers_atlas_paths.json") ;;
       mamba3_tuned) need_tilelang
               (cd benchmarks && step mamba3_tuned 560 python mixers.py --only mamba3 gdn --out "$OUT/mixers_mamba3_tuned.json") ;;
-      atlas_profile) (cd benchmarks && step atlas_profile_quad 300 python mixers.py --atlas-paths fast fast_ns64 \
-                 --atlas-config quad --d-model 128 --batch 8 --seq-len 2048 --skip-gdn --profile --out "$OUT/atlas_profile_quad.json"
-              step atlas_profile_bench 300 python mixers.py --atlas-paths fast fast_ns_saved fast_ns64 --gdn-from results/mixers_atlas_paths_h200.json \
-                 --profile --out "$OUT/atlas_profile_bench.json") ;;
+      atlas_profile) (cd benchmarks && step atlas_profile_quad 540 python mixers.py --atlas-paths fast fast_ns64 \
+                 fast_ns64_factored --atlas-config quad --d-model 128 --batch 8 --seq-len 2048 --skip-gdn --profile \
+                 --out "$OUT/atlas_profile_quad.json") ;;
+      atlas_profile_bench) (cd benchmarks && step atlas_profile_bench 540 python mixers.py --atlas-paths fast \
+                 fast_ns_saved fast_ns64 --gdn-from results/mixers_atlas_paths_h200.json --profile \
+                 --out "$OUT/atlas_profile_bench.json") ;;
       mimo_alt) alt=${HYMBA_SITE:-/tmp/hymba_site}_alt
               [ -d "$alt/tilelang" ] || { echo "no $alt/tilelang: carry .whl5 (see gpu_env.sh)"; exit 2; }
               PYTHONPATH=$alt:$PYTHONPATH python -c "import tilelang; print('tilelang', tilelang.__version__)"
