@@ -627,7 +627,8 @@ def _ns_gram_launch(A: Tensor, dR: Tensor | None, steps: int) -> Tensor:
 @torch.library.custom_op("hymba::atlas_ns_gram", mutates_args=())
 def atlas_ns_gram(A: Tensor, steps: int) -> Tensor:
     """``ns_gram_factor(A, steps)`` as one op (Triton on CUDA, else PyTorch); A [B, m, m]
-    float32 with m <= ``NS_TRITON_MAX`` on CUDA (the chunk step calls it only then)."""
+    float32 with m <= ``NS_TRITON_MAX`` on CUDA (the chunk step calls it only then), symmetric
+    (Gram matrices: the saved-iterate backward kernel relies on it; the others do not)."""
     if A.is_cuda and triton is not None:
         return _ns_gram_launch(A, None, steps)
     with torch.no_grad():
