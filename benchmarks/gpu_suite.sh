@@ -12,7 +12,9 @@
 #           its NS in single TF32 / in CUDA graphs, next to gdn; more variants: fast_torch_ns fast_eager
 #           fast_unroll4 fast_ieee)
 #   mamba3_tuned  mixers.py --only mamba3 gdn, autotuned (issue 18: Mamba-3 tuned next to gdn; its autotuning
-#           outlasted 330 s on a fresh machine: run it alone in a call, then pack_caches with > 60 s to spare)
+#           outlasted 330 s on a fresh machine, compiling one config after another), after warm_autotune.py has
+#           compiled every launch config in 8 parallel processes (one shard of each kernel's configs each) into
+#           Triton's cache: run it alone in a call, then pack_caches with > 60 s to spare
 #   atlas_profile  mixers.py --atlas-paths --profile: the ATLAS layer's kernel breakdown at the Quad-Hybrid
 #           recipe's shape (--atlas-config quad, B 8 x 2048): as shipped, with Newton-Schulz at side 64 in
 #           Triton (fast_ns64), and that with the factored Gram matrices (fast_ns64_factored)
@@ -83,8 +85,10 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
               step atlas_tests 400 "${PYTEST[@]}" tests/test_atlas.py  # first use compiles: Triton NS, Inductor
               (cd benchmarks && step atlas_paths 600 python mixers.py --atlas-paths reference fast fast_tf32 fast_graphed \
                  --out "$OUT/mixers_atlas_paths.json") ;;
-      mamba3_tuned) need_tilelang
-              (cd benchmarks && step mamba3_tuned 560 python mixers.py --only mamba3 gdn --out "$OUT/mixers_mamba3_tuned.json") ;;
+      mamba3_tuned) need_tilelang  # 8 processes compile the autotuned kernels' configs between them, then the timed run
+              (cd benchmarks && step mamba3_warm 280 python warm_autotune.py --shards 8 --logs /tmp/warm-logs mixers.py \
+                 --only mamba3 gdn --out "/tmp/warm-{shard}.json"
+              step mamba3_tuned 220 python mixers.py --only mamba3 gdn --out "$OUT/mixers_mamba3_tuned.json") ;;
       atlas_profile) (cd benchmarks && step atlas_profile_quad 540 python mixers.py --atlas-paths fast fast_ns64 \
                  fast_ns64_factored --atlas-config quad --d-model 128 --batch 8 --seq-len 2048 --skip-gdn --profile \
                  --out "$OUT/atlas_profile_quad.json") ;;

@@ -103,6 +103,26 @@ def _autotuned_module(name: str):
     return mod
 
 
+def test_sharded_autotune_partitions_launch_configs(monkeypatch):
+    """``sharded_autotune``: shard i of N keeps configs[i::N] (its first config where that is
+    empty), the shards together cover every config once, and the list is restored."""
+    mod = _autotuned_module("hymba_shard_probe.kernels")
+    monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    blocks = lambda: [c.kwargs["BLOCK"] for c in mod.kernel.configs]  # noqa: E731
+    seen = []
+    for shard in range(2):
+        with dispatch.sharded_autotune("hymba_shard_probe", shard=shard, of=2) as n:
+            assert n == 1
+            seen.append(blocks())
+    assert seen == [[16, 64], [32]] and blocks() == [16, 32, 64]
+    with dispatch.sharded_autotune("hymba_shard_probe", shard=3, of=4):
+        assert blocks() == [16]
+    with pytest.raises(ValueError, match="shard 2 of 2"):
+        with dispatch.sharded_autotune("hymba_shard_probe", shard=2, of=2):
+            pass
+    assert blocks() == [16, 32, 64]
+
+
 def test_probes_run_pinned_and_retry_autotuned(monkeypatch):
     """On a CUDA machine a probe runs PROBE_PINNED's autotuned kernels on their first launch
     config (restored afterwards); a probe that fails pinned is run again autotuned, and only a

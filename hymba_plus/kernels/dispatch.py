@@ -229,11 +229,35 @@ def pinned_autotune(*prefixes: str) -> Iterator[int]:
     The ``AUTOTUNED_MODULES`` of a prefix are imported first (a package missing here has
     nothing to pin).
     """
+    with _sliced_autotune(prefixes, lambda configs: configs[:1]) as n:
+        yield n
+
+
+@contextlib.contextmanager
+def sharded_autotune(*prefixes: str, shard: int, of: int) -> Iterator[int]:
+    """Like ``pinned_autotune``, but each kernel keeps every ``of``-th launch config from number
+    ``shard`` on (``configs[shard::of]``; its first one where that is empty). ``of`` processes
+    that run the same workload, one per shard, compile every config once between them, in
+    parallel; Triton's on-disk cache then holds them all, and a last run with the full lists
+    only benchmarks (``benchmarks/warm_autotune.py``: Triton compiles an autotuned kernel's
+    configs one after another, minutes of ``ptxas`` for mamba-ssm's Mamba-3 backward). The
+    shards' autotuning results never stand in for the full list's: Triton keys them by the
+    config list."""
+    if not 0 <= shard < of:
+        raise ValueError(f"autotune shard {shard} of {of}: need 0 <= shard < of")
+    with _sliced_autotune(prefixes, lambda configs: configs[shard::of] or configs[:1]) as n:
+        yield n
+
+
+@contextlib.contextmanager
+def _sliced_autotune(prefixes: tuple[str, ...], pick: Callable[[list], list]) -> Iterator[int]:
+    """Replace the launch configs of the autotuned kernels under ``prefixes`` by ``pick(configs)``
+    for the block (see ``pinned_autotune``); yields how many kernels changed."""
     from triton.runtime.autotuner import Autotuner
 
     for prefix in prefixes:
         for name in AUTOTUNED_MODULES.get(prefix, ()):
-            with contextlib.suppress(Exception):  # not installed, or broken here: nothing to pin
+            with contextlib.suppress(Exception):  # not installed, or broken here: nothing to change
                 importlib.import_module(name)
 
     saved, seen = [], set()
@@ -247,7 +271,7 @@ def pinned_autotune(*prefixes: str) -> Iterator[int]:
                         if id(obj) not in seen and len(obj.configs) > 1:
                             seen.add(id(obj))
                             saved.append((obj, obj.configs))
-                            obj.configs = obj.configs[:1]
+                            obj.configs = pick(obj.configs)
                         break
                     obj = getattr(obj, "fn", None)
         yield len(saved)
