@@ -303,6 +303,29 @@ def test_ns_triton_kernels_in_interpreter_match_pytorch():
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
 
 
+def test_ns_triton_check_says_once_why_it_falls_back(monkeypatch, capsys):
+    """The Triton Newton-Schulz kernels' check on the GPU (``_ns_triton_works``): a failed check
+    prints one line naming the side and the reason, once, and the PyTorch form is used; inside a
+    CUDA-graph capture an unchecked side is not checked (no kernels may launch there) but said."""
+    monkeypatch.setattr(atlas_kernels, "_NS_CHECKED", {})
+    calls = []
+
+    def check(M, precision):
+        calls.append(M)
+        return None if M == 16 else "relative error 0.5 over 0.0001"
+
+    monkeypatch.setattr(atlas_kernels, "_ns_check", check)
+    assert atlas_kernels._ns_triton_works(16) and not atlas_kernels._ns_triton_works(64, True)
+    assert not atlas_kernels._ns_triton_works(64, True) and calls == [16, 64]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["atlas: Newton-Schulz Triton kernels at side 64 unavailable (relative error 0.5 over 0.0001): "
+                   "batched matmuls instead"]
+    monkeypatch.setattr(dispatch, "capturing", lambda: True)
+    assert not atlas_kernels._ns_triton_works(32) and calls == [16, 64] and (32, False, "tf32x3") not in atlas_kernels._NS_CHECKED
+    assert "side 32 not checked before this CUDA-graph capture" in capsys.readouterr().err
+    assert atlas_kernels._ns_side(40) == 64 and atlas_kernels._ns_side(5) == 16 and atlas_kernels._ns_side(32) == 32
+
+
 @pytest.mark.slow
 def test_ns_triton_kernels_compile_for_sm90():
     """The Triton Newton-Schulz kernels go through Triton's real compiler for an H100/H200

@@ -65,6 +65,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import sys
 import warnings
 from collections.abc import Sequence
 
@@ -581,11 +582,34 @@ def _ns_side(m: int) -> int:
     return max(16, 1 << (m - 1).bit_length())
 
 
-@functools.cache
+#: the Triton kernels' check on this GPU per (padded side, NS_BWD_SAVED, NS_TRITON_PRECISION)
+_NS_CHECKED: dict[tuple[int, bool, str], bool] = {}
+
+
 def _ns_triton_works(M: int = 32, saved: bool = False, precision: str = "tf32x3") -> bool:
-    """The Triton kernels at padded side M against the PyTorch form on this GPU, once per side,
-    backward kernel and precision (the arguments key the cache; the kernels read the module's
-    settings) (else: PyTorch form)."""
+    """Do the Triton kernels at padded side M match the PyTorch form on this GPU? Checked once
+    per side, backward kernel and precision (the arguments key the check; the kernels read the
+    module's settings); a failed check says so in one line, and the PyTorch form runs there.
+    The layer's probe (``_probe_fast``, run before any CUDA-graph capture) checks every side up
+    to NS_TRITON_MAX; a side first met inside a capture (the settings changed after the probe)
+    cannot be checked there and takes the PyTorch form, with a line saying so."""
+    key = (M, saved, precision)
+    if key not in _NS_CHECKED:
+        if dispatch.capturing():
+            print(f"atlas: Newton-Schulz Triton kernels at side {M} not checked before this CUDA-graph capture: "
+                  "batched matmuls in this graph", file=sys.stderr, flush=True)
+            return False
+        why = _ns_check(M, precision)
+        _NS_CHECKED[key] = why is None
+        if why is not None:
+            print(f"atlas: Newton-Schulz Triton kernels at side {M} unavailable ({why}): batched matmuls instead",
+                  file=sys.stderr, flush=True)
+    return _NS_CHECKED[key]
+
+
+def _ns_check(M: int, precision: str) -> str | None:
+    """Why the Triton kernels at padded side M disagree with the PyTorch form here (None: they
+    agree, forward and backward, within the precision's tolerance)."""
     try:
         g = torch.Generator().manual_seed(0)
         X = torch.randn(6, M - M // 4, M + 8, generator=g)
@@ -596,9 +620,11 @@ def _ns_triton_works(M: int = 32, saved: bool = False, precision: str = "tf32x3"
         R = ns_gram_factor(Ar, 5)
         (dA,) = torch.autograd.grad(R, Ar, dR)
         tol = 3e-2 if precision == "tf32" else 1e-4
-        return max_rel_err(_ns_gram_launch(A, None, 5), R) < tol and max_rel_err(_ns_gram_launch(A, dR, 5), dA) < tol
-    except Exception:  # noqa: BLE001 - any compile / launch failure: use the PyTorch form
-        return False
+        errs = (max_rel_err(_ns_gram_launch(A, None, 5), R), max_rel_err(_ns_gram_launch(A, dR, 5), dA))
+        return None if max(errs) < tol else f"relative error {max(errs):.2g} over {tol:g}"
+    except Exception as e:  # noqa: BLE001 - any compile / launch failure: use the PyTorch form
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        return f"{type(e).__name__}: {first}"
 
 
 def _ns_gram_launch(A: Tensor, dR: Tensor | None, steps: int) -> Tensor:
@@ -1012,9 +1038,15 @@ def probe_errors(device: str = "cuda", **fast_kwargs: object) -> list[float]:
 def _probe_fast() -> None:
     """``probe_errors`` on this GPU, every result within 1e-2 (float32 vs float64; on a CPU:
     <= 2.2e-3, the reference in float32: 2.6e-3). The compiled step is checked by the tests
-    (GPU and CPU)."""
+    (GPU and CPU). First the Triton Newton-Schulz kernels are checked at every padded side the
+    chunk step may give them (``_ns_triton_works``: the probe runs before any CUDA-graph capture,
+    their checks cannot run inside one)."""
     if not torch.cuda.is_available():
         raise RuntimeError("CUDA is not available")
+    if TRITON_NS and triton is not None:
+        for M in (16, 32, 64):
+            if M <= max(16, NS_TRITON_MAX):
+                _ns_triton_works(M, NS_BWD_SAVED, NS_TRITON_PRECISION)
     for i, err in enumerate(probe_errors("cuda")):
         if not err < 1e-2:
             raise RuntimeError(f"atlas fast path differs from the reference (result {i}: rel {err:.3g})")
