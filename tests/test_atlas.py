@@ -331,24 +331,36 @@ def test_ns_triton_kernels_compile_for_sm90():
     """The Triton Newton-Schulz kernels go through Triton's real compiler for an H100/H200
     (sm_90) without a GPU: TTIR -> PTX -> cubin, at the padded sides, the launch's warps and
     the default and float32 matmul precisions (the interpreter test checks their numbers,
-    which it computes in float32 whatever the precision; this one that they compile)."""
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    which it computes in float32 whatever the precision; this one that they compile). Where
+    Triton ships ptxas, the resources of what ``_ns_gram_launch`` launches are held: no spills
+    in the forward at sides 16 / 32 or the saved-iterate backward at 16, shared memory within
+    an H100's 227 KiB, and side 64 on Hopper's wgmma (``benchmarks/kernel_resources.py`` prints
+    them all)."""
+    pytest.importorskip("triton")
+    from hymba_plus.kernels._triton import compile_for, ptxas_resources
 
     a, b, c = atlas_kernels.NS_COEFFS
     prec0 = atlas_kernels.NS_TRITON_PRECISION
-    for fn, ptrs in ((atlas_kernels._ns_gram_fwd_kernel, ("A_ptr", "R_ptr")),
-                     (atlas_kernels._ns_gram_bwd_kernel, ("A_ptr", "dR_ptr", "dA_ptr")),
-                     (atlas_kernels._ns_gram_bwd_saved_kernel, ("A_ptr", "dR_ptr", "dA_ptr", "W_ptr"))):
+    fwd, bwd, saved = (atlas_kernels._ns_gram_fwd_kernel, atlas_kernels._ns_gram_bwd_kernel,
+                       atlas_kernels._ns_gram_bwd_saved_kernel)
+    for fn, ptrs in ((fwd, ("A_ptr", "R_ptr")), (bwd, ("A_ptr", "dR_ptr", "dA_ptr")),
+                     (saved, ("A_ptr", "dR_ptr", "dA_ptr", "W_ptr"))):
         # side 64 (one warpgroup): the forward and the saved-iterate backward, the only one launched there
-        side64 = [] if fn is atlas_kernels._ns_gram_bwd_kernel else [(64, 4, prec0)]
-        for M, warps, prec in [(16, 2, prec0), (32, 8, prec0), (32, 8, "ieee"), *side64]:
+        for M, prec in [(16, prec0), (32, prec0), (32, "ieee"), *([] if fn is bwd else [(64, prec0)])]:
             const = {"M": M, "STEPS": 5, "a": a, "b": b, "c": c, "PREC": prec}
             sig = {**{p: "*fp32" for p in ptrs}, **{k: "constexpr" for k in const}}
-            k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                               options={"num_warps": warps})
+            k = compile_for(fn, sig, const, atlas_kernels._ns_warps(M))
             assert k.asm["cubin"], (fn, M)
+            if prec != prec0:
+                continue
+            res = ptxas_resources(k.asm["ptx"])
+            if res is None:  # no ptxas in this Triton
+                continue
+            assert k.metadata.shared <= 227 * 1024, (fn.__name__, M, k.metadata.shared)
+            if fn is fwd and M <= 32 or fn is saved and M == 16:
+                assert res["spill_stores"] == 0, (fn.__name__, M, res)
+            if M == 64:
+                assert res["wgmma"] > 0, (fn.__name__, res)
 
 
 @pytest.fixture

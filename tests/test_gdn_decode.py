@@ -341,9 +341,8 @@ def test_kernel_compiles_for_sm90():
     """Triton's real compiler (TTIR -> PTX -> cubin) for an H100/H200 without a GPU, at the
     launch configs ``_decode_launch`` picks: dk/dv 128 bf16 (the issue's shape), 256 x 256 and
     64 x 48 float32, with and without lengths (the interpreter tests check the numbers)."""
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    pytest.importorskip("triton")
+    from hymba_plus.kernels._triton import compile_for
 
     ptr_of = {torch.bfloat16: "*bf16", torch.float32: "*fp32"}
     for dtype, dk, dv, lengths in ((torch.bfloat16, 128, 128, False), (torch.float32, 256, 256, True),
@@ -356,7 +355,5 @@ def test_kernel_compiles_for_sm90():
                          else ptr_of[dtype] if name in ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "a_ptr", "b_ptr")
                          else "*i64" if name == "len_ptr" else "*fp32" if name.endswith("_ptr")
                          else "fp32" if name in ("scale", "eps") else "i32")
-        kern = triton.compile(ASTSource(fn=G._gdn_decode_kernel, signature=sig, constexprs=const),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": warps,
-                                                                         "enable_fp_fusion": False})
+        kern = compile_for(G._gdn_decode_kernel, sig, const, warps, enable_fp_fusion=False)
         assert kern.asm["cubin"], (dtype, dk, dv, lengths)

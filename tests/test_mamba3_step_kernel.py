@@ -305,8 +305,7 @@ def test_step_kernel_compiles_for_sm90():
     ``ptxas-blackwell -v``, sm_90a) reported no spills for these configs at N 8 .. 256, P 16 / 64,
     R 1 / 2 / 4, bf16 and float32 (128-238 registers); that is not asserted here."""
     triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from hymba_plus.kernels._triton import compile_for
 
     act = ("q_ptr", "k_ptr", "v_ptr", "trap_ptr", "ang_ptr", "z_ptr", "y_ptr")
     for dtype, R, N, P, inter, dz, valid in (("bf16", 1, 128, 64, True, True, True),
@@ -319,6 +318,5 @@ def test_step_kernel_compiles_for_sm90():
         for name in M._mamba3_step_kernel.arg_names:
             sig[name] = ("constexpr" if name in const else f"*{dtype}" if name in act
                          else "*u8" if name == "valid_ptr" else "*fp32" if name.endswith("_ptr") else "i32")
-        k = triton.compile(ASTSource(fn=M._mamba3_step_kernel, signature=sig, constexprs=const),
-                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "enable_fp_fusion": False})
+        k = compile_for(M._mamba3_step_kernel, sig, const, warps, enable_fp_fusion=False)
         assert k.asm["cubin"], (dtype, R, N, P)

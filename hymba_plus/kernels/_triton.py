@@ -30,6 +30,50 @@ except ImportError:  # pragma: no cover - CPU machines without triton
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def compile_for(fn, signature: dict[str, str], constexprs: dict, num_warps: int, arch: int = 90,  # noqa: ANN001
+                **options: object):  # noqa: ANN201
+    """``fn`` (a ``triton.jit`` function) through Triton's real compiler (TTIR -> PTX -> cubin)
+    for CUDA compute capability ``arch`` without a GPU: the compiled kernel, its PTX in
+    ``.asm["ptx"]``. ``signature`` maps each argument to its Triton type ("*fp32", "i32",
+    "constexpr"); ``constexprs`` gives the constexpr values. The slow tests check that our
+    kernels compile for Hopper this way; ``ptxas_resources`` reads their register use."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                          target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, **options})
+
+
+def ptxas_resources(ptx: str, arch: str = "sm_90a") -> dict | None:
+    """``ptxas -v`` on ``ptx`` with the ptxas that Triton ships (None where there is none):
+    registers per thread, spill stores / loads and stack frame in bytes per thread, the tensor
+    core instructions in the PTX (``mma.sync`` / ``wgmma.mma_async``), and ptxas's own lines."""
+    import re
+    import shutil
+    import subprocess
+    import tempfile
+
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    exe = next((p for p in (os.path.join(bindir, "ptxas-blackwell"), os.path.join(bindir, "ptxas"),
+                            shutil.which("ptxas") or "") if p and os.access(p, os.X_OK)), None)
+    if exe is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        res = subprocess.run([exe, "-v", f"-arch={arch}", src, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, timeout=600)
+    if res.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {res.stderr.strip()[-500:]}")
+    text = res.stdout + res.stderr
+    num = lambda pat: int(m.group(1)) if (m := re.search(pat, text)) else 0  # noqa: E731
+    return {"registers": num(r"Used (\d+) registers"), "spill_stores": num(r"(\d+) bytes spill stores"),
+            "spill_loads": num(r"(\d+) bytes spill loads"), "stack_frame": num(r"(\d+) bytes stack frame"),
+            "mma_sync": len(re.findall(r"\bmma\.sync\.", ptx)), "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
+            "ptxas": [line.strip() for line in text.splitlines() if line.strip()]}
+
+
 def next_pow2(n: int) -> int:
     """Smallest power of two >= n (Triton's ``next_power_of_2``, here without Triton: launch
     configs are plain arithmetic on the shapes and are tested on machines without it)."""

@@ -75,6 +75,7 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from . import dispatch
+from ._triton import next_pow2
 from .dispatch import fast_path, max_rel_err
 
 try:  # Triton is optional: only the CUDA fast path's Newton-Schulz kernels use it
@@ -579,7 +580,14 @@ def _use_triton_ns(params: Sequence[Tensor], dtype: torch.dtype) -> bool:
 
 def _ns_side(m: int) -> int:
     """The side a Gram matrix of side m is zero-padded to for the Triton kernels."""
-    return max(16, 1 << (m - 1).bit_length())
+    return max(16, next_pow2(m))
+
+
+def _ns_warps(M: int) -> int:
+    """The Triton kernels' warps at padded side M. sm_90, tf32x3: the forward spills nothing at
+    16 / 2 warps or 32 / 8 warps and 196 B at 64 / 4 warps (one warpgroup: wgmma); the backward:
+    see NS_BWD_SAVED (``benchmarks/kernel_resources.py`` reports them)."""
+    return 2 if M <= 16 else 8 if M <= 32 else 4
 
 
 #: the Triton kernels' check on this GPU per (padded side, NS_BWD_SAVED, NS_TRITON_PRECISION)
@@ -635,9 +643,7 @@ def _ns_gram_launch(A: Tensor, dR: Tensor | None, steps: int) -> Tensor:
     pad = lambda t: F.pad(t, (0, M - m, 0, M - m)).contiguous()  # noqa: E731
     out = torch.empty(B, M, M, device=A.device, dtype=torch.float32)
     a, b, c = NS_COEFFS
-    # sm_90: forward no spills at 16 / 2 warps or 32 / 8 warps, 196 B at 64 / 4 warps (one
-    # warpgroup: wgmma); backward: see NS_BWD_SAVED
-    warps = 2 if M <= 16 else 8 if M <= 32 else 4
+    warps = _ns_warps(M)
     prec = NS_TRITON_PRECISION
     if dR is None:
         _ns_gram_fwd_kernel[(B,)](pad(A), out, M=M, STEPS=steps, a=a, b=b, c=c, PREC=prec, num_warps=warps)

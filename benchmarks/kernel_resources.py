@@ -1,0 +1,84 @@
+"""Registers, spills and tensor-core instructions of our Triton kernels for a Hopper GPU, without
+one: Triton's compiler to PTX for sm_90, then ``ptxas -v`` for sm_90a (the ptxas Triton ships).
+
+    python benchmarks/kernel_resources.py                                   # ATLAS's Newton-Schulz kernels
+    python benchmarks/kernel_resources.py --sides 32 64 --precisions tf32x3 tf32 --out /tmp/ns.json
+
+For each of ATLAS's Newton-Schulz kernels (``kernels/atlas.py``: the forward, the backward that
+recomputes the iterates, the one that keeps them in scratch memory) at each padded Gram side, with
+the warps ``_ns_gram_launch`` uses there (``--warps`` overrides): registers per thread, spilled
+bytes per thread, the stack frame, shared memory per program, and the ``mma.sync`` /
+``wgmma.mma_async`` instructions of the PTX. A register count of 255 with spills means the
+program keeps more live than a thread can hold; shared memory over 227 KiB means it cannot launch
+on an H100 / H200. This is what the compiler reports, not a timing. Prints a table and writes JSON
+with the Triton version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+KERNELS = {  # name -> pointer arguments
+    "_ns_gram_fwd_kernel": ("A_ptr", "R_ptr"),
+    "_ns_gram_bwd_kernel": ("A_ptr", "dR_ptr", "dA_ptr"),
+    "_ns_gram_bwd_saved_kernel": ("A_ptr", "dR_ptr", "dA_ptr", "W_ptr"),
+}
+
+
+def ns_resources(side: int, kernel: str, precision: str, warps: int | None, steps: int = 5) -> dict:
+    from hymba_plus.kernels import atlas
+    from hymba_plus.kernels._triton import compile_for, ptxas_resources
+
+    a, b, c = atlas.NS_COEFFS
+    const = {"M": side, "STEPS": steps, "a": a, "b": b, "c": c, "PREC": precision}
+    sig = {**{p: "*fp32" for p in KERNELS[kernel]}, **{k: "constexpr" for k in const}}
+    w = warps or atlas._ns_warps(side)
+    k = compile_for(getattr(atlas, kernel), sig, const, w)
+    res = ptxas_resources(k.asm["ptx"]) or {}
+    res.pop("ptxas", None)
+    return {"kernel": kernel, "side": side, "warps": w, "precision": precision, "steps": steps,
+            "shared_bytes": k.metadata.shared, **res}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sides", type=int, nargs="+", default=[16, 32, 64], choices=(16, 32, 64))
+    ap.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=tuple(KERNELS))
+    ap.add_argument("--precisions", nargs="+", default=["tf32x3"], choices=("tf32x3", "tf32", "ieee"))
+    ap.add_argument("--warps", type=int, default=None, help="warps per program (default: the launch's)")
+    ap.add_argument("--out", default=None, help="JSON file (default: print only)")
+    args = ap.parse_args(argv)
+    try:
+        import triton
+    except ImportError:
+        print("kernel_resources: Triton is not installed here", file=sys.stderr)
+        return 2
+    warnings.filterwarnings("ignore", category=UserWarning)
+    rows = []
+    for prec in args.precisions:
+        for side in args.sides:
+            for kernel in args.kernels:
+                if kernel == "_ns_gram_bwd_kernel" and side > 32 and args.warps is None:
+                    continue  # never launched there (_ns_gram_launch: side 64 takes the saved-iterate backward)
+                row = ns_resources(side, kernel, prec, args.warps)
+                rows.append(row)
+                print(f"{kernel:28s} side {side:3d} warps {row['warps']:2d} {prec:7s} registers "
+                      f"{row.get('registers', '?'):>3} spills {row.get('spill_stores', '?'):>5} B stored / "
+                      f"{row.get('spill_loads', '?'):>5} B loaded, shared {row['shared_bytes'] // 1024:3d} KiB, "
+                      f"mma.sync {row.get('mma_sync', '?'):>5}, wgmma {row.get('wgmma', '?'):>4}", flush=True)
+    if args.out:
+        report = {"target": "sm_90a (ptxas -v), PTX for sm_90", "triton": triton.__version__, "rows": rows}
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
