@@ -486,8 +486,8 @@ if triton is not None:
         """``_ns_gram_bwd_kernel`` without the recomputation, for a symmetric A_0 (a Gram
         matrix: what the chunk step passes). One forward pass writes every step's A_k, Q_k,
         R_k and T_k = Q_k A_k to the program's slice of the scratch ``W`` [B, 4, STEPS, M, M]
-        (read back at once, so it stays in L2), then the reverse pass loads them instead of
-        keeping them live in registers. All of them are polynomials in A_0, hence symmetric and
+        (80 KiB a program at side 32, 320 KiB at 64: it stays in L2 only while few programs are
+        in flight), then the reverse pass loads them instead of keeping them live in registers. All of them are polynomials in A_0, hence symmetric and
         commuting, so the transposes of the general reverse mode drop out (``_ns_gram_vjp``
         with ``Xᵀ = X``): no layout changes, one product fewer per step."""
         pid = tl.program_id(0).to(tl.int64)
