@@ -247,6 +247,7 @@ ATLAS_PATHS = {
     "fast_ns64_graphed": ("auto", {"NS_TRITON_MAX": 64, "NS_BWD_SAVED": True}, True),
     "fast_ns64_factored": ("auto", {"NS_TRITON_MAX": 64, "NS_BWD_SAVED": True, "FACTOR_GRAM": None}, False),
     "fast_ns64_factored_graphed": ("auto", {"NS_TRITON_MAX": 64, "NS_BWD_SAVED": True, "FACTOR_GRAM": None}, True),
+    "fast_ns64_tf32": ("auto", {"NS_TRITON_MAX": 64, "NS_BWD_SAVED": True, "NS_TRITON_PRECISION": "tf32"}, False),
 }
 
 
@@ -281,7 +282,8 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
       fast_ns64       ``fast`` with Gram sides up to 64 through the Triton kernels (NS_TRITON_MAX
                       64: the Quad-Hybrid's 64 x 560 weight) and the saved-iterate backward at
                       every side (NS_BWD_SAVED); _graphed in CUDA graphs; _factored[_graphed]: with
-                      FACTOR_GRAM None as well (the Quad-Hybrid's 560-wide weights: ~6x fewer flops)
+                      FACTOR_GRAM None as well (the Quad-Hybrid's 560-wide weights: ~6x fewer flops);
+                      _tf32: in one TF32 pass per product (a third of the tensor-core work of tf32x3)
       fast_factored   ``fast`` with the factored Gram matrices and update where they take fewer
                       flops (FACTOR_GRAM None); fast_factored_graphed: the same in CUDA graphs
 
