@@ -598,9 +598,9 @@ def _ns_triton_works(M: int = 32, saved: bool = False, precision: str = "tf32x3"
     """Do the Triton kernels at padded side M match the PyTorch form on this GPU? Checked once
     per side, backward kernel and precision (the arguments key the check; the kernels read the
     module's settings); a failed check says so in one line, and the PyTorch form runs there.
-    The layer's probe (``_probe_fast``, run before any CUDA-graph capture) checks every side up
-    to NS_TRITON_MAX; a side first met inside a capture (the settings changed after the probe)
-    cannot be checked there and takes the PyTorch form, with a line saying so."""
+    The first call that needs a side runs eagerly (the training step's eager first step, or
+    the warm-up passes before a CUDA-graph capture); a side first met inside a capture cannot
+    be checked there (no kernel may launch) and takes the PyTorch form, with a line saying so."""
     key = (M, saved, precision)
     if key not in _NS_CHECKED:
         if dispatch.capturing():
@@ -1044,15 +1044,10 @@ def probe_errors(device: str = "cuda", **fast_kwargs: object) -> list[float]:
 def _probe_fast() -> None:
     """``probe_errors`` on this GPU, every result within 1e-2 (float32 vs float64; on a CPU:
     <= 2.2e-3, the reference in float32: 2.6e-3). The compiled step is checked by the tests
-    (GPU and CPU). First the Triton Newton-Schulz kernels are checked at every padded side the
-    chunk step may give them (``_ns_triton_works``: the probe runs before any CUDA-graph capture,
-    their checks cannot run inside one)."""
+    (GPU and CPU). The Triton Newton-Schulz kernels are checked per padded side at the first call
+    that needs that side (``_ns_triton_works``)."""
     if not torch.cuda.is_available():
         raise RuntimeError("CUDA is not available")
-    if TRITON_NS and triton is not None:
-        for M in (16, 32, 64):
-            if M <= max(16, NS_TRITON_MAX):
-                _ns_triton_works(M, NS_BWD_SAVED, NS_TRITON_PRECISION)
     for i, err in enumerate(probe_errors("cuda")):
         if not err < 1e-2:
             raise RuntimeError(f"atlas fast path differs from the reference (result {i}: rel {err:.3g})")
