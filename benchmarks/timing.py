@@ -68,8 +68,16 @@ def profile_passes(fn: Callable[[], object], device: str, passes: int = 3, rows:
     print(f"  per pass: {', '.join(f'{k} {v:.3f}' for k, v in out.items())}", flush=True)
     # the tables' top rows also in the result (a device call returns only the end of its output)
     out["top"] = _top_rows(prof.key_averages(), device, passes, rows)
-    out["top_by_shape"] = _top_rows(prof.key_averages(group_by_input_shape=True), device, passes, rows, shapes=True)
+    by_shape = prof.key_averages(group_by_input_shape=True)
+    out["top_by_shape"] = _top_rows(by_shape, device, passes, rows, shapes=True)
+    # every dtype cast / copy by input shape (weight-sized vs activation-sized: which casts a
+    # change of the parameters' dtype would remove and which it would not)
+    out["copies_by_shape"] = _top_rows([e for e in by_shape if e.key in COPY_OPS], device, passes, 60, shapes=True)
     return out
+
+
+#: the aten ops that move data into another dtype / layout (``copies_by_shape``)
+COPY_OPS = ("aten::copy_", "aten::_to_copy", "aten::to", "aten::contiguous", "aten::clone")
 
 
 def _top_rows(avgs: object, device: str, passes: int, rows: int, shapes: bool = False) -> list[dict]:
