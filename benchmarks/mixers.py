@@ -295,9 +295,7 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
     B, T, d_model = args.batch, args.seq_len, args.d_model
     x = torch.randn(B, T, d_model, device=device, dtype=dtype, requires_grad=True)
     ctx = StepContext(positions=torch.arange(T, device=device)[None].expand(B, -1))
-    knobs = ("COMPILE_CHUNK_STEP", "TRITON_NS", "CHUNKS_PER_CALL", "NS_TRITON_PRECISION", "FACTOR_GRAM",
-             "TRITON_NS_SPLIT", "NS_BWD_SAVED", "NS_TRITON_MAX")
-    saved = (os.environ.get("HYMBA_KERNELS"), {k: getattr(atlas_kernels, k) for k in knobs}, dispatch.use_fast)
+    saved = (os.environ.get("HYMBA_KERNELS"), dispatch.use_fast)
     paths = args.atlas_paths or ["reference", "fast", "fast_torch_ns", "fast_eager"]
     todo = [] if args.skip_gdn else [("gdn", None)] + ([("gdn", "graphed")] if any(p.endswith("graphed") for p in paths) else [])
     todo += [("atlas", p) for p in paths]
@@ -316,14 +314,14 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
         if name == "atlas":
             row["atlas_config"] = args.atlas_config
         graphed = path == "graphed"
+        knobs = contextlib.ExitStack()  # the path's atlas settings, restored after the row
         try:
             if name == "gdn":
                 layer = layer_of("gdn", d_model, {"gdn": {"n_heads": max(1, d_model // 128), "head_dim": 128}},
                                  device, dtype)
             else:
                 mode, knob_values, graphed = ATLAS_PATHS[path]
-                for k, val in knob_values.items():
-                    setattr(atlas_kernels, k, val)
+                knobs.enter_context(atlas_kernels.settings(**knob_values))
                 os.environ["HYMBA_KERNELS"] = mode
                 if device != "cuda" and path != "reference":  # the dispatch's fast paths are CUDA-only
                     dispatch.use_fast = lambda op, *t: op == "atlas"  # noqa: E731
@@ -358,9 +356,8 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
         except Exception as e:  # noqa: BLE001 - report and continue with the other paths
             row["error"] = f"{type(e).__name__}: {e}"[:300]
         finally:
-            env, knob_values, dispatch.use_fast = saved
-            for k, val in knob_values.items():
-                setattr(atlas_kernels, k, val)
+            knobs.close()
+            env, dispatch.use_fast = saved
             if env is None:
                 os.environ.pop("HYMBA_KERNELS", None)
             else:

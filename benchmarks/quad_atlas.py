@@ -60,6 +60,7 @@ import hymba_plus  # noqa: F401  (registers components)
 from hymba_plus.core import registry
 from hymba_plus.core.pattern import LayerSpec, format_pattern
 from hymba_plus.core.recipe import Recipe, load_recipe
+from hymba_plus.kernels import atlas as atlas_kernels
 from hymba_plus.kernels import dispatch
 from hymba_plus.training import distributed as dist_mod
 from hymba_plus.training.config import TrainConfig, validate
@@ -236,6 +237,13 @@ def table(rows: list[dict], rat: dict) -> str:
     return "\n".join(lines)
 
 
+def _atlas_setting(text: str) -> tuple[str, object]:
+    try:
+        return atlas_kernels.parse_setting(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="recipe YAML with atlas layers (default: %(default)s)")
@@ -258,6 +266,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="after timing, two more steps per row under torch.profiler: print the top kernels, "
                          "record kernels / kernel ms / host ms per step and the top rows in the row's 'profile'")
     ap.add_argument("--profile-rows", type=int, default=25, help="rows of each profile table")
+    ap.add_argument("--atlas-setting", action="append", default=[], type=_atlas_setting, metavar="NAME=VALUE",
+                    help="a setting of ATLAS's fast path (kernels/atlas.py SETTINGS, e.g. NS_TRITON_MAX=64) for the "
+                         "whole run; repeatable")
     ap.add_argument("--out", default="benchmarks/results/quad_atlas.json")
     args = ap.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -285,9 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {report['device']}\natlas recipe: {atlas.pattern}\ngdn recipe:   {gdn.pattern}", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    report["settings"]["atlas_setting"] = dict(args.atlas_setting)
     for mode in args.modes:
         for label, recipe, reference in variants:
-            row = run_row(label, recipe, mode, reference, args)
+            with atlas_kernels.settings(**dict(args.atlas_setting)):
+                row = run_row(label, recipe, mode, reference, args)
             print(json.dumps(row), flush=True)
             report["rows"].append(row)
             report["ratios"] = ratios(report["rows"])

@@ -326,6 +326,30 @@ def test_ns_triton_check_says_once_why_it_falls_back(monkeypatch, capsys):
     assert atlas_kernels._ns_side(40) == 64 and atlas_kernels._ns_side(5) == 16 and atlas_kernels._ns_side(32) == 32
 
 
+def test_fast_path_settings_parse_check_and_restore():
+    """``parse_setting`` reads a benchmark's NAME=VALUE into the setting's type or says in one
+    line what it takes; ``settings`` sets them for a block and restores them, refusing a name or
+    value outside ``SETTINGS`` before setting anything."""
+    assert atlas_kernels.parse_setting("NS_TRITON_MAX=64") == ("NS_TRITON_MAX", 64)
+    assert atlas_kernels.parse_setting("NS_BWD_SAVED=1") == ("NS_BWD_SAVED", True)
+    assert atlas_kernels.parse_setting("FACTOR_GRAM=none") == ("FACTOR_GRAM", None)
+    assert atlas_kernels.parse_setting("CHUNKS_PER_CALL=4") == ("CHUNKS_PER_CALL", 4)
+    assert atlas_kernels.parse_setting("NS_TRITON_PRECISION=tf32") == ("NS_TRITON_PRECISION", "tf32")
+    for bad, msg in (("NS_TRITON_MAX=48", "takes 16 / 32 / 64"), ("NS_BWD_SAVED=none", "takes true / false"),
+                     ("CHUNKS_PER_CALL=0", "a positive integer"), ("EVAL=1", "expected NAME=VALUE"),
+                     ("NS_TRITON_MAX", "expected NAME=VALUE")):
+        with pytest.raises(ValueError, match=msg):
+            atlas_kernels.parse_setting(bad)
+    before = atlas_kernels.NS_TRITON_MAX, atlas_kernels.NS_BWD_SAVED
+    with atlas_kernels.settings(NS_TRITON_MAX=64, NS_BWD_SAVED=True):
+        assert (atlas_kernels.NS_TRITON_MAX, atlas_kernels.NS_BWD_SAVED) == (64, True)
+    assert (atlas_kernels.NS_TRITON_MAX, atlas_kernels.NS_BWD_SAVED) == before
+    with pytest.raises(ValueError, match="NS_TRITON_MAX=48"):
+        with atlas_kernels.settings(NS_BWD_SAVED=True, NS_TRITON_MAX=48):
+            pass
+    assert (atlas_kernels.NS_TRITON_MAX, atlas_kernels.NS_BWD_SAVED) == before
+
+
 @pytest.mark.slow
 def test_ns_triton_kernels_compile_for_sm90():
     """The Triton Newton-Schulz kernels go through Triton's real compiler for an H100/H200

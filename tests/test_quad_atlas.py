@@ -54,7 +54,8 @@ def test_tiny_cpu_run(tmp_path) -> None:
     out = tmp_path / "quad_atlas.json"
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quad_atlas.py"), "--device", "cpu",
                           "--batch", "1", "--seq-len", "16", "--warmup", "1", "--iters", "1", "--threads", "1",
-                          "--atlas-reference", "--profile", "--profile-rows", "3", "--out", str(out)],
+                          "--atlas-reference", "--profile", "--profile-rows", "3", "--out", str(out),
+                          "--atlas-setting", "NS_TRITON_MAX=64", "--atlas-setting", "FACTOR_GRAM=none"],
                          capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert res.returncode == 0, res.stderr[-2000:] + res.stdout[-2000:]
     assert "ratio atlas/gdn (mode auto" in res.stdout
@@ -81,3 +82,14 @@ def test_tiny_cpu_run(tmp_path) -> None:
         rows["atlas_reference"]["tokens_per_s"] / rows["gdn"]["tokens_per_s"])
     assert rat["ratio_default"] == rat["atlas_vs_gdn_auto"] and rat["target"] == 0.5
     assert rat["meets_target"] == (rat["ratio_default"] >= 0.5)
+    assert rep["settings"]["atlas_setting"] == {"NS_TRITON_MAX": 64, "FACTOR_GRAM": None}
+
+
+def test_a_bad_atlas_setting_is_one_line_and_exit_2(tmp_path) -> None:
+    out = tmp_path / "q.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quad_atlas.py"), "--device", "cpu",
+                          "--atlas-setting", "NS_TRITON_MAX=48", "--out", str(out)],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 2 and not out.exists()
+    assert "argument --atlas-setting: 'NS_TRITON_MAX=48': NS_TRITON_MAX takes 16 / 32 / 64" in res.stderr
+    assert "Traceback" not in res.stderr

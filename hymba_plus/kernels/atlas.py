@@ -62,12 +62,13 @@ Two implementations of the same recurrence, chosen by ``kernels/dispatch.py``:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -882,6 +883,57 @@ def _chunk_steps(
         Ws.append(params)
         Ss.append(mom)
     return Ws, Ss
+
+
+#: the fast path's module settings a benchmark may change for a run (``settings``): name -> the
+#: values it takes (a tuple of choices, or ``int`` for a positive integer)
+SETTINGS: dict[str, tuple | type] = {
+    "COMPILE_CHUNK_STEP": (True, False), "TRITON_NS": (True, False), "CHUNKS_PER_CALL": int,
+    "NS_TRITON_PRECISION": ("tf32x3", "tf32", "ieee"), "FACTOR_GRAM": (None, True, False),
+    "TRITON_NS_SPLIT": (True, False), "NS_BWD_SAVED": (True, False), "NS_TRITON_MAX": (16, 32, 64),
+}
+
+
+def parse_setting(text: str) -> tuple[str, object]:
+    """``NAME=VALUE`` (a benchmark's command line) -> (NAME, value) for a name of ``SETTINGS``:
+    booleans as true / false (or 1 / 0 where the setting is a switch), None as none, integers
+    as digits. ValueError (one line) for anything else."""
+    name, sep, raw = text.partition("=")
+    name, raw = name.strip(), raw.strip()
+    if not sep or name not in SETTINGS:
+        raise ValueError(f"{text!r}: expected NAME=VALUE with NAME one of {', '.join(SETTINGS)}")
+    low = raw.lower()
+    value: object = {"true": True, "false": False, "none": None}.get(low, int(raw) if raw.isdigit() else raw)
+    switch = SETTINGS[name] is not int and True in SETTINGS[name]
+    if switch and low in ("0", "1"):
+        value = low == "1"
+    if not _setting_ok(name, value):
+        allowed = SETTINGS[name]
+        want = "a positive integer" if allowed is int else " / ".join(str(c).lower() for c in allowed)
+        raise ValueError(f"{text!r}: {name} takes {want}")
+    return name, value
+
+
+def _setting_ok(name: str, value: object) -> bool:
+    allowed = SETTINGS.get(name)
+    if allowed is int:
+        return type(value) is int and value >= 1
+    return allowed is not None and any(type(value) is type(c) and value == c for c in allowed)
+
+
+@contextlib.contextmanager
+def settings(**values: object) -> Iterator[None]:
+    """The fast path's module settings (names of ``SETTINGS``) set to ``values`` for the block,
+    restored after it; a name or value outside ``SETTINGS`` is a ValueError, nothing set."""
+    for name, v in values.items():
+        if not _setting_ok(name, v):
+            raise ValueError(f"atlas setting {name}={v!r}: not one of {SETTINGS.get(name, tuple(SETTINGS))}")
+    old = {name: globals()[name] for name in values}
+    globals().update(values)
+    try:
+        yield
+    finally:
+        globals().update(old)
 
 
 #: why torch.compile of the chunk step failed in this process (then the step runs eagerly)
