@@ -1,0 +1,106 @@
+"""How many operations one compiled ATLAS chunk step launches, counted on a CPU: a proxy for the
+kernels per chunk on a GPU, where the chunk loop is bound by them (issue 18).
+
+    python benchmarks/atlas_step_ops.py                                   # the Quad-Hybrid's memory
+    python benchmarks/atlas_step_ops.py --atlas-config bench --atlas-setting NS_TRITON_MAX=64
+
+The fast path's chunk step (``kernels/atlas.py`` ``_chunk_step``) is compiled with ``torch.compile``
+as the CUDA path compiles it (fullgraph, static shapes), with the Newton-Schulz layout the GPU would
+use for these settings (``triton_ns`` as ``_use_triton_ns`` would answer on CUDA; otherwise one
+padded batch), then run forward + backward once under the profiler. Counted: the loops Inductor
+generates (``torch._inductor.metrics.generated_kernel_count``; on a GPU each is one Triton kernel)
+and the matmul calls it leaves to the library (bmm / baddbmm / mm: one cuBLAS kernel each on a GPU)
+and the Newton-Schulz ops (one Triton kernel each on a GPU; their CPU bodies are not counted).
+Inductor's CPU code fuses somewhat differently from its GPU code, so this is a proxy: the GPU
+profile of 2026-12-04 found ~199 kernels per chunk at the quad shape where this counts 178.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from hymba_plus.kernels import atlas as ak  # noqa: E402
+
+#: memory shapes per config: (rows, head dim, polynomial degree, hidden width, chunk, window); the
+#: rows only scale the work, not the count
+CONFIGS = {"quad": (4, 32, 2, 64, 16, 16), "bench": (4, 16, 2, 32, 16, 4)}
+MATMULS = ("aten::bmm", "aten::baddbmm", "aten::mm", "aten::addmm")
+
+
+def count(config: str, settings: dict) -> dict:
+    from torch._inductor import metrics
+    from torch.profiler import ProfilerActivity, profile
+
+    N, d, p, hid, C, c = CONFIGS[config]
+    Fd, Cp = ak.feature_dim(d, p), C + c - 1
+    shapes = [(d, Fd), (hid, Fd), (d, hid)]
+    with ak.settings(**settings):
+        sides = [min(s) for s in shapes]
+        triton_ns = ak.TRITON_NS and max(sides) <= ak.NS_TRITON_MAX  # what _use_triton_ns answers on CUDA
+        g = torch.Generator().manual_seed(0)
+
+        def inputs() -> tuple:
+            params = tuple((torch.randn(N, *s, generator=g) / math.sqrt(s[1])).requires_grad_() for s in shapes)
+            mom = tuple((0.1 * torch.randn(N, *s, generator=g)).requires_grad_() for s in shapes)
+            return (params, mom, torch.randn(N, Cp, Fd, generator=g).requires_grad_(), torch.randn(N, Cp, d, generator=g),
+                    torch.rand(N, Cp, generator=g), torch.rand(N, C, Cp, generator=g), torch.rand(N, C, generator=g),
+                    torch.rand(N, C, generator=g), torch.rand(N, generator=g))
+
+        static = (5, True, not triton_ns, triton_ns, ak.FACTOR_GRAM)
+        torch._dynamo.reset()
+        metrics.reset()
+        step = torch.compile(ak._chunk_step, fullgraph=True, dynamic=False)
+        P, M = step(*inputs(), *static)
+        sum(x.sum() for x in P + M).backward()
+        loops = metrics.generated_kernel_count  # forward and backward graphs
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            P, M = step(*inputs(), *static)
+            sum(x.sum() for x in P + M).backward()
+
+    def in_ns_op(e: object) -> bool:  # the CPU body of a Newton-Schulz op: one Triton kernel on a GPU
+        q = e.cpu_parent
+        while q is not None:
+            if q.name.startswith("hymba::"):
+                return True
+            q = q.cpu_parent
+        return False
+
+    calls = Counter(e.name for e in prof.events() if e.name.startswith((*MATMULS, "hymba::")) and not in_ns_op(e))
+    return {"config": config, "settings": settings, "triton_ns": triton_ns, "generated_loops": loops, "calls": dict(calls), "ops_per_chunk": loops + sum(calls.values())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--atlas-config", choices=tuple(CONFIGS), default="quad")
+    ap.add_argument("--atlas-setting", action="append", default=[], metavar="NAME=VALUE",
+                    help="a fast-path setting (kernels/atlas.py SETTINGS) for the second count; repeatable "
+                         "(default: NS_TRITON_MAX=64)")
+    ap.add_argument("--out", default=None, help="JSON file (default: print only)")
+    args = ap.parse_args(argv)
+    try:
+        changed = dict(ak.parse_setting(s) for s in args.atlas_setting) or {"NS_TRITON_MAX": 64}
+    except ValueError as e:
+        ap.error(f"--atlas-setting {e}")
+    rows = [count(args.atlas_config, {}), count(args.atlas_config, changed)]
+    for r in rows:
+        print(f"{r['config']} {r['settings'] or 'as shipped'}: {r['ops_per_chunk']} ops per chunk (forward + backward): "
+              f"{r['generated_loops']} Inductor loops, library calls {r['calls']}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"device": "cpu (a proxy for a GPU's kernels per chunk)",
+                                              "torch": torch.__version__, "rows": rows}, indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
