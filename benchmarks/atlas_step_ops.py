@@ -11,6 +11,8 @@ padded batch), then run forward + backward once under the profiler. Counted: the
 generates (``torch._inductor.metrics.generated_kernel_count``; on a GPU each is one Triton kernel)
 and the matmul calls it leaves to the library (bmm / baddbmm / mm: one cuBLAS kernel each on a GPU)
 and the Newton-Schulz ops (one Triton kernel each on a GPU; their CPU bodies are not counted).
+With ``CHUNKS_PER_CALL`` k > 1 (``--atlas-setting CHUNKS_PER_CALL=4``) the k-chunk graph is counted and
+divided by k.
 Inductor's CPU code fuses somewhat differently from its GPU code, so this is a proxy: the GPU
 profile of 2026-12-04 found ~199 kernels per chunk at the quad shape where this counts 178.
 """
@@ -49,23 +51,30 @@ def count(config: str, settings: dict) -> dict:
         triton_ns = ak.TRITON_NS and max(sides) <= ak.NS_TRITON_MAX  # what _use_triton_ns answers on CUDA
         g = torch.Generator().manual_seed(0)
 
+        k = ak.CHUNKS_PER_CALL  # > 1: k chunks unrolled into one compiled graph (``_chunk_steps``)
+
         def inputs() -> tuple:
             params = tuple((torch.randn(N, *s, generator=g) / math.sqrt(s[1])).requires_grad_() for s in shapes)
             mom = tuple((0.1 * torch.randn(N, *s, generator=g)).requires_grad_() for s in shapes)
-            return (params, mom, torch.randn(N, Cp, Fd, generator=g).requires_grad_(), torch.randn(N, Cp, d, generator=g),
-                    torch.rand(N, Cp, generator=g), torch.rand(N, C, Cp, generator=g), torch.rand(N, C, generator=g),
-                    torch.rand(N, C, generator=g), torch.rand(N, generator=g))
+            lead = (k, N) if k > 1 else (N,)
+            return (params, mom, torch.randn(*lead, Cp, Fd, generator=g).requires_grad_(),
+                    torch.randn(*lead, Cp, d, generator=g), torch.rand(*lead, Cp, generator=g),
+                    torch.rand(*lead, C, Cp, generator=g), torch.rand(*lead, C, generator=g),
+                    torch.rand(*lead, C, generator=g), torch.rand(*lead, generator=g))
+
+        def run(step) -> None:  # noqa: ANN001
+            P, M = step(*inputs(), *static)
+            outs = [t for ts in (P + M if k == 1 else [*P, *M]) for t in (ts if k > 1 else (ts,))]
+            sum(x.sum() for x in outs).backward()
 
         static = (5, True, not triton_ns, triton_ns, ak.FACTOR_GRAM)
         torch._dynamo.reset()
         metrics.reset()
-        step = torch.compile(ak._chunk_step, fullgraph=True, dynamic=False)
-        P, M = step(*inputs(), *static)
-        sum(x.sum() for x in P + M).backward()
+        step = torch.compile(ak._chunk_step if k == 1 else ak._chunk_steps, fullgraph=True, dynamic=False)
+        run(step)
         loops = metrics.generated_kernel_count  # forward and backward graphs
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            P, M = step(*inputs(), *static)
-            sum(x.sum() for x in P + M).backward()
+            run(step)
 
     def in_ns_op(e: object) -> bool:  # the CPU body of a Newton-Schulz op: one Triton kernel on a GPU
         q = e.cpu_parent
@@ -76,7 +85,8 @@ def count(config: str, settings: dict) -> dict:
         return False
 
     calls = Counter(e.name for e in prof.events() if e.name.startswith((*MATMULS, "hymba::")) and not in_ns_op(e))
-    return {"config": config, "settings": settings, "triton_ns": triton_ns, "generated_loops": loops, "calls": dict(calls), "ops_per_chunk": loops + sum(calls.values())}
+    return {"config": config, "settings": settings, "triton_ns": triton_ns, "chunks_per_graph": k,
+            "generated_loops": loops, "calls": dict(calls), "ops_per_chunk": (loops + sum(calls.values())) / k}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--atlas-setting {e}")
     rows = [count(args.atlas_config, {}), count(args.atlas_config, changed)]
     for r in rows:
-        print(f"{r['config']} {r['settings'] or 'as shipped'}: {r['ops_per_chunk']} ops per chunk (forward + backward): "
+        print(f"{r['config']} {r['settings'] or 'as shipped'}: {r['ops_per_chunk']:g} ops per chunk (forward + backward): "
               f"{r['generated_loops']} Inductor loops, library calls {r['calls']}")
     if args.out:
         Path(args.out).write_text(json.dumps({"device": "cpu (a proxy for a GPU's kernels per chunk)",
