@@ -392,10 +392,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
     ap.add_argument("--only", nargs="*", help="mixers to run")
     ap.add_argument("--cpu-gdn-loop", action="store_true", help="CPU chunked-vs-loop gdn reference timing")
-    ap.add_argument("--atlas-paths", nargs="*", default=None,
-                    help="time the ATLAS layer on its paths (reference, fast, fast_torch_ns, fast_eager, "
-                         "fast_unroll4, fast_ieee, fast_tf32, fast_graphed, fast_factored, fast_factored_graphed; "
-                         "default the first four) next to a gdn layer of the same width")
+    ap.add_argument("--atlas-paths", nargs="*", default=None, choices=tuple(ATLAS_PATHS), metavar="PATH",
+                    help="time the ATLAS layer on these paths next to a gdn layer of the same width (none given: "
+                         "reference fast fast_torch_ns fast_eager); one of: " + ", ".join(ATLAS_PATHS))
     ap.add_argument("--d-model", type=int, default=2048, help="width for --atlas-paths")
     ap.add_argument("--atlas-config", choices=tuple(ATLAS_CONFIGS), default="bench",
                     help="--atlas-paths: the ATLAS layer's config (bench: 16 heads x 16, window 4; quad: the "
