@@ -55,6 +55,8 @@ def run_one(nproc: int, recipe: str, args: argparse.Namespace, work: Path) -> di
            "--device", args.device, "--no-progress"]
     if args.compile:
         cmd.append("--compile")
+    if args.fsdp_param_dtype:
+        cmd += ["--fsdp-param-dtype", args.fsdp_param_dtype]
     path = os.environ.get("PYTHONPATH")  # keep fast-path packages installed with --target (gpu_env.sh)
     env = dict(os.environ, PYTHONPATH=str(REPO) + (os.pathsep + path if path else ""))
     print("$", " ".join(cmd), flush=True)
@@ -78,6 +80,9 @@ def main() -> int:
     ap.add_argument("--data", default="mqar")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--fsdp-param-dtype", choices=("float32", "bfloat16"), default=None,
+                    help="hymba train --fsdp-param-dtype (several processes: bf16 gathered parameters, float32 "
+                         "gradient reduce)")
     ap.add_argument("--out", default="bench_train_scaling.json")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="hymba-scaling-") as tmp:
@@ -92,7 +97,8 @@ def main() -> int:
         r["speedup"] = r["tokens_per_s"] / base if base else None
         r["efficiency"] = r["speedup"] / r["nproc"] if base else None
     report = {"device": device_name(), "recipe": args.recipe or DEFAULT_RECIPE, "batch_size_per_gpu": args.batch_size,
-              "seq_len": args.seq_len, "steps": args.steps, "compile": args.compile, "results": results}
+              "seq_len": args.seq_len, "steps": args.steps, "compile": args.compile,
+              "fsdp_param_dtype": args.fsdp_param_dtype or "float32", "results": results}
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"\ndevice: {report['device']}")
     print(f"{'procs':>5} {'tokens/s':>12} {'speedup':>8} {'efficiency':>10}")

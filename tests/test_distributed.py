@@ -75,6 +75,38 @@ def test_fsdp2_two_gloo_processes_match_one_process_and_resume(tmp_path):
         assert max(float((wd[k] - ws[k]).abs().max()) for k in ws) < 1e-5
 
 
+def test_fsdp2_bf16_parameters_train_like_autocast(tmp_path):
+    """``--fsdp-param-dtype bfloat16`` (FSDP2's MixedPrecisionPolicy: bf16 gathered parameters,
+    float32 gradient reduce into float32 shards) trains like one process under bf16 autocast
+    (the GEMMs see the same bf16 weights; the rest rounds differently): losses and gradient
+    norms within 1e-3. With precision fp32 it is refused in one line."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE))
+    args = ["--steps", "3", "--seq-len", "16", "--warmup", "1", "--eval-every", "100", "--save-every", "100",
+            "--device", "cpu", "--no-progress", "--precision", "bf16"]
+    r = torchrun(["train", str(recipe), "--out", str(tmp_path / "mp"), "--batch-size", "2",
+                  "--fsdp-param-dtype", "bfloat16", *args])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "x2 (FSDP2, bf16 parameters, float32 gradient reduce)" in r.stderr
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["train", str(recipe), "--out", str(tmp_path / "one"), "--batch-size", "4", *args]) == 0
+    finally:
+        torch.set_num_threads(n)
+    mp, one = rows(tmp_path / "mp"), rows(tmp_path / "one")
+    assert len(mp) == len(one) == 3
+    for a, b in zip(mp, one):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-2)
+    bad = subprocess.run([sys.executable, "-m", "hymba_plus", "train", str(recipe), "--out", str(tmp_path / "bad"),
+                          "--fsdp-param-dtype", "bfloat16", "--precision", "fp32", "--steps", "1", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert bad.returncode != 0 and not (tmp_path / "bad").exists()
+    assert bad.stderr.strip().splitlines() == [
+        "hymba train: --fsdp-param-dtype bfloat16: bfloat16 computes with bf16 parameters: not with precision fp32 "
+        "(use bf16)"]
+
+
 def _sharded_helpers_worker(rank: int, world: int, port: int) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh

@@ -53,6 +53,12 @@ class TrainConfig:
     min_lr_frac: float = spec(0.1, min=0.0, max=1.0, doc="final lr as a fraction of the peak")
     grad_clip: float = spec(1.0, min=0.0, doc="max global grad norm; 0 = off")
     precision: str = spec("auto", choices=("auto", "fp32", "bf16"), doc="auto = bf16 autocast on CUDA")
+    fsdp_param_dtype: str = spec("float32", choices=("float32", "bfloat16"),
+                                 doc="under FSDP2 (several processes): the dtype of the gathered parameters the "
+                                     "forward and backward use; bfloat16 = torchtitan's mixed precision (bf16 "
+                                     "all-gathers, gradients reduced in float32 into the float32 shards the "
+                                     "optimizer updates; needs bf16 precision); float32 = the shards' dtype, "
+                                     "autocast casting for the GEMMs")
     seed: int = 0
     data: str | None = spec(None, doc="built-in task name or a path (default: the objective's: mqar; forecast: "
                                       "synthetic)")
@@ -76,6 +82,8 @@ class TrainConfig:
                                                    "kl_weight 1, ce_weight 1, temperature 1)")
 
     def check(self, model):  # noqa: ANN001 - ModelConfig
+        if self.fsdp_param_dtype == "bfloat16" and self.precision == "fp32":
+            yield "fsdp_param_dtype", "bfloat16 computes with bf16 parameters: not with precision fp32 (use bf16)"
         # a model without vocabulary (forecast) reads windows whose length its objective sets
         if self.seq_len > model.max_seq_len and model.vocab_size is not None:
             yield "seq_len", f"must be <= model.max_seq_len ({model.max_seq_len}), got {self.seq_len}"

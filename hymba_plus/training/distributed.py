@@ -78,13 +78,18 @@ def init(device: str | None = None) -> DistInfo:
     return DistInfo(rank=rank, world=world, local_rank=local_rank, device=dev, mesh=mesh)
 
 
-def shard_model(model: nn.Module, info: DistInfo) -> nn.Module:
-    """FSDP2: ``fully_shard`` every block, then the root."""
-    from torch.distributed.fsdp import fully_shard
+def shard_model(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | None = None) -> nn.Module:
+    """FSDP2: ``fully_shard`` every block, then the root. ``param_dtype`` (e.g. bf16): the
+    gathered parameters' dtype for forward and backward, gradients reduce-scattered in float32
+    into the float32 shards (``MixedPrecisionPolicy``, as torchtitan trains); None: the shards'
+    dtype (autocast casts for the GEMMs)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    kw = {} if param_dtype is None else {"mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype,
+                                                                            reduce_dtype=torch.float32)}
     for block in model.blocks:
-        fully_shard(block, mesh=info.mesh)
-    fully_shard(model, mesh=info.mesh)
+        fully_shard(block, mesh=info.mesh, **kw)
+    fully_shard(model, mesh=info.mesh, **kw)
     return model
 
 

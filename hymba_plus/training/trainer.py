@@ -463,7 +463,11 @@ class Trainer:
         self.routes_on = router is not None and bool(getattr(router, "routing", False))  # read once (no step syncs)
         model = model.to(self.info.device)
         if self.info.enabled:
-            dist_mod.shard_model(model, self.info)
+            bf16_params = cfg.fsdp_param_dtype == "bfloat16"
+            if bf16_params and not isinstance(_autocast(cfg, self.info.device), torch.autocast):
+                raise TrainError(f"--fsdp-param-dtype bfloat16 needs bf16 precision (precision {cfg.precision} on "
+                                 f"{self.info.device.type} is float32): add --precision bf16")
+            dist_mod.shard_model(model, self.info, torch.bfloat16 if bf16_params else None)
         self.model = model
         self.opt, self.split = build_optimizer(model, cfg)  # the trainable parameters only
         if self.resume_from is not None:
@@ -516,7 +520,8 @@ class Trainer:
             self._rewrite_metrics()
         n_params = sum(p.numel() for p in model.parameters())
         dev = self.info.device
-        where = f"{dev}" + (f" x{self.info.world} (FSDP2)" if self.info.enabled else "")
+        fsdp = "FSDP2" + (", bf16 parameters, float32 gradient reduce" if cfg.fsdp_param_dtype == "bfloat16" else "")
+        where = f"{dev}" + (f" x{self.info.world} ({fsdp})" if self.info.enabled else "")
         self.log(f"model {self.recipe.name}: {n_params / 1e6:.2f}M params, pattern {self.recipe.pattern}")
         self.log(f"data: {self.stream.description}")
         self.log(f"optimizer: {self.split.describe()}; schedule {cfg.schedule}, warmup {cfg.warmup_steps}; "
