@@ -645,7 +645,7 @@ def row_fsdp2(args: argparse.Namespace) -> dict:
 
     recipe = fsdp2_recipe(args)
     ns = argparse.Namespace(steps=max(args.steps, 10), batch_size=args.batch, seq_len=args.seq_len, data="mqar",
-                            device="cuda", compile=args.compile)
+                            device="cuda", compile=args.compile, fsdp_param_dtype=args.fsdp_param_dtype)
     with tempfile.TemporaryDirectory(prefix="hymba-sbs-fsdp2-") as tmp:
         path = Path(tmp) / "recipe.yaml"
         path.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -656,7 +656,7 @@ def row_fsdp2(args: argparse.Namespace) -> dict:
     one, two = (r["tokens_per_s"] for r in results)
     return {"config": {"recipe": recipe, "batch_size_per_gpu": args.batch, "seq_len": args.seq_len,
                        "steps": ns.steps, "data": "mqar", "optimizer": "hymba train default (Muon + AdamW)",
-                       "compile": args.compile},
+                       "compile": args.compile, "fsdp_param_dtype": args.fsdp_param_dtype or "float32"},
             "results": results, "speedup": two / one, "efficiency": two / (2 * one)}
 
 
@@ -803,6 +803,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="HF Qwen3-Next experts implementations to time in row quad_moe (the fastest is the peer)")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (CPU runs)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of our model (training rows)")
+    ap.add_argument("--fsdp-param-dtype", choices=("float32", "bfloat16"), default=None,
+                    help="fsdp2 row: hymba train --fsdp-param-dtype (bf16 gathered parameters, float32 gradient "
+                         "reduce; default float32)")
     ap.add_argument("--one-launch-config", action="store_true",
                     help="pin fla's and mamba-ssm's autotuned kernels (ours and the peers') to their first launch "
                          "config: a cold machine skips minutes of autotuning; the ratios are then marked not tuned")
