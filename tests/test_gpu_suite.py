@@ -22,7 +22,7 @@ VARS = {"OUT": "/tmp/gpu-suite-test", "m": "gdn", "dt": "float32"}
 # parser accepted the arguments (argparse's own exit 2 and message when it does not)
 BOOT = r"""
 import argparse, json, os, runpy, sys
-class Parsed(Exception):
+class Parsed(BaseException):  # not caught by a script's "except Exception"
     pass
 orig = argparse.ArgumentParser.parse_known_args
 def parse_known_args(self, args=None, namespace=None):
