@@ -25,26 +25,27 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-KERNELS = {  # name -> pointer arguments
-    "_ns_gram_fwd_kernel": ("A_ptr", "R_ptr"),
-    "_ns_gram_bwd_kernel": ("A_ptr", "dR_ptr", "dA_ptr"),
-    "_ns_gram_bwd_saved_kernel": ("A_ptr", "dR_ptr", "dA_ptr", "W_ptr"),
-}
+#: ATLAS's Newton-Schulz kernels (``kernels/atlas.py``)
+KERNELS = ("_ns_gram_fwd_kernel", "_ns_gram_bwd_kernel", "_ns_gram_bwd_saved_kernel")
 
 
-def ns_resources(side: int, kernel: str, precision: str, warps: int | None, steps: int = 5) -> dict:
+def ns_resources(side: int, kernel: str, precision: str, warps: int | None = None, steps: int = 5) -> dict:
+    """One Newton-Schulz kernel compiled for sm_90 at padded ``side`` (``warps``: the launch's by
+    default): its warps, shared memory, and ptxas's registers / spills / mma counts (absent where
+    Triton ships no ptxas). Every ``*_ptr`` argument is float32; the rest are constexprs."""
     from hymba_plus.kernels import atlas
     from hymba_plus.kernels._triton import compile_for, ptxas_resources
 
+    fn = getattr(atlas, kernel)
     a, b, c = atlas.NS_COEFFS
     const = {"M": side, "STEPS": steps, "a": a, "b": b, "c": c, "PREC": precision}
-    sig = {**{p: "*fp32" for p in KERNELS[kernel]}, **{k: "constexpr" for k in const}}
+    sig = {p: "*fp32" if p.endswith("_ptr") else "constexpr" for p in fn.arg_names}
     w = warps or atlas._ns_warps(side)
-    k = compile_for(getattr(atlas, kernel), sig, const, w)
+    k = compile_for(fn, sig, const, w)
     res = ptxas_resources(k.asm["ptx"]) or {}
     res.pop("ptxas", None)
     return {"kernel": kernel, "side": side, "warps": w, "precision": precision, "steps": steps,
-            "shared_bytes": k.metadata.shared, **res}
+            "cubin_bytes": len(k.asm["cubin"]), "shared_bytes": k.metadata.shared, **res}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,8 +76,10 @@ def profile_passes(fn: Callable[[], object], device: str, passes: int = 3, rows:
     return out
 
 
-#: the aten ops that move data into another dtype / layout (``copies_by_shape``)
-COPY_OPS = ("aten::copy_", "aten::_to_copy", "aten::to", "aten::contiguous", "aten::clone")
+#: the aten ops of ``copies_by_shape``: ``_to_copy`` is every dtype cast (its input's shape),
+#: ``copy_`` every copy, casts included, and it holds their kernels' time (``to`` / ``contiguous``
+#: / ``clone`` only wrap these two)
+COPY_OPS = ("aten::copy_", "aten::_to_copy")
 
 
 def _top_rows(avgs: object, device: str, passes: int, rows: int, shapes: bool = False) -> list[dict]:

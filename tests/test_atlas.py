@@ -3,6 +3,7 @@ features, the DESIGN invariant, padding, cache state, test-time memorization, le
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import random
@@ -315,8 +316,11 @@ def test_ns_triton_check_says_once_why_it_falls_back(monkeypatch, capsys):
         return None if M == 16 else "relative error 0.5 over 0.0001"
 
     monkeypatch.setattr(atlas_kernels, "_ns_check", check)
-    assert atlas_kernels._ns_triton_works(16) and not atlas_kernels._ns_triton_works(64, True)
-    assert not atlas_kernels._ns_triton_works(64, True) and calls == [16, 64]
+    monkeypatch.setattr(atlas_kernels, "NS_BWD_SAVED", False)
+    assert atlas_kernels._ns_triton_works(16) and not atlas_kernels._ns_triton_works(64)
+    monkeypatch.setattr(atlas_kernels, "NS_BWD_SAVED", True)  # side 64 takes the saved backward either way
+    assert not atlas_kernels._ns_triton_works(64) and calls == [16, 64]
+    monkeypatch.setattr(atlas_kernels, "NS_BWD_SAVED", False)
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["atlas: Newton-Schulz Triton kernels at side 64 unavailable (relative error 0.5 over 0.0001): "
                    "batched matmuls instead"]
@@ -361,30 +365,23 @@ def test_ns_triton_kernels_compile_for_sm90():
     an H100's 227 KiB, and side 64 on Hopper's wgmma (``benchmarks/kernel_resources.py`` prints
     them all)."""
     pytest.importorskip("triton")
-    from hymba_plus.kernels._triton import compile_for, ptxas_resources
+    spec = importlib.util.spec_from_file_location("kernel_resources", os.path.join(ROOT, "benchmarks", "kernel_resources.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
 
-    a, b, c = atlas_kernels.NS_COEFFS
     prec0 = atlas_kernels.NS_TRITON_PRECISION
-    fwd, bwd, saved = (atlas_kernels._ns_gram_fwd_kernel, atlas_kernels._ns_gram_bwd_kernel,
-                       atlas_kernels._ns_gram_bwd_saved_kernel)
-    for fn, ptrs in ((fwd, ("A_ptr", "R_ptr")), (bwd, ("A_ptr", "dR_ptr", "dA_ptr")),
-                     (saved, ("A_ptr", "dR_ptr", "dA_ptr", "W_ptr"))):
+    for kernel in bench.KERNELS:
         # side 64 (one warpgroup): the forward and the saved-iterate backward, the only one launched there
-        for M, prec in [(16, prec0), (32, prec0), (32, "ieee"), *([] if fn is bwd else [(64, prec0)])]:
-            const = {"M": M, "STEPS": 5, "a": a, "b": b, "c": c, "PREC": prec}
-            sig = {**{p: "*fp32" for p in ptrs}, **{k: "constexpr" for k in const}}
-            k = compile_for(fn, sig, const, atlas_kernels._ns_warps(M))
-            assert k.asm["cubin"], (fn, M)
-            if prec != prec0:
+        for M, prec in [(16, prec0), (32, prec0), (32, "ieee"), *([] if kernel == "_ns_gram_bwd_kernel" else [(64, prec0)])]:
+            res = bench.ns_resources(M, kernel, prec)
+            assert res["cubin_bytes"] > 0, (kernel, M)
+            if prec != prec0 or "registers" not in res:  # no ptxas in this Triton
                 continue
-            res = ptxas_resources(k.asm["ptx"])
-            if res is None:  # no ptxas in this Triton
-                continue
-            assert k.metadata.shared <= 227 * 1024, (fn.__name__, M, k.metadata.shared)
-            if fn is fwd and M <= 32 or fn is saved and M == 16:
-                assert res["spill_stores"] == 0, (fn.__name__, M, res)
+            assert res["shared_bytes"] <= 227 * 1024, (kernel, M, res["shared_bytes"])
+            if kernel == "_ns_gram_fwd_kernel" and M <= 32 or kernel == "_ns_gram_bwd_saved_kernel" and M == 16:
+                assert res["spill_stores"] == 0, (kernel, M, res)
             if M == 64:
-                assert res["wgmma"] > 0, (fn.__name__, res)
+                assert res["wgmma"] > 0, (kernel, res)
 
 
 @pytest.fixture

@@ -575,8 +575,7 @@ def _use_triton_ns(params: Sequence[Tensor], dtype: torch.dtype) -> bool:
     sides = [min(p.shape[-2:]) for p in params]
     fits = (min if TRITON_NS_SPLIT else max)(sides) <= NS_TRITON_MAX
     return (TRITON_NS and triton is not None and params[0].is_cuda and dtype == torch.float32
-            and fits and all(_ns_triton_works(_ns_side(m), NS_BWD_SAVED, NS_TRITON_PRECISION)
-                             for m in sides if m <= NS_TRITON_MAX))
+            and fits and all(_ns_triton_works(_ns_side(m)) for m in sides if m <= NS_TRITON_MAX))
 
 
 def _ns_side(m: int) -> int:
@@ -591,24 +590,30 @@ def _ns_warps(M: int) -> int:
     return 2 if M <= 16 else 8 if M <= 32 else 4
 
 
-#: the Triton kernels' check on this GPU per (padded side, NS_BWD_SAVED, NS_TRITON_PRECISION)
+def _ns_saved_bwd(M: int) -> bool:
+    """Does the Newton-Schulz backward at padded side M take the saved-iterate kernel? (At 64 the
+    recomputing one needs more shared memory than an SM has: see NS_BWD_SAVED.)"""
+    return NS_BWD_SAVED or M > 32
+
+
+#: the Triton kernels' check on this GPU per (padded side, saved-iterate backward, precision)
 _NS_CHECKED: dict[tuple[int, bool, str], bool] = {}
 
 
-def _ns_triton_works(M: int = 32, saved: bool = False, precision: str = "tf32x3") -> bool:
-    """Do the Triton kernels at padded side M match the PyTorch form on this GPU? Checked once
-    per side, backward kernel and precision (the arguments key the check; the kernels read the
-    module's settings); a failed check says so in one line, and the PyTorch form runs there.
-    The first call that needs a side runs eagerly (the training step's eager first step, or
-    the warm-up passes before a CUDA-graph capture); a side first met inside a capture cannot
-    be checked there (no kernel may launch) and takes the PyTorch form, with a line saying so."""
-    key = (M, saved, precision)
+def _ns_triton_works(M: int) -> bool:
+    """Do the Triton kernels at padded side M, as the module's settings launch them, match the
+    PyTorch form on this GPU? Checked once per side, backward kernel and precision; a failed
+    check says so in one line, and the PyTorch form runs there. The first call that needs a
+    side runs eagerly (the training step's eager first step, or the warm-up passes before a
+    CUDA-graph capture); a side first met inside a capture cannot be checked there (no kernel
+    may launch) and takes the PyTorch form, with a line saying so."""
+    key = (M, _ns_saved_bwd(M), NS_TRITON_PRECISION)
     if key not in _NS_CHECKED:
         if dispatch.capturing():
             print(f"atlas: Newton-Schulz Triton kernels at side {M} not checked before this CUDA-graph capture: "
                   "batched matmuls in this graph", file=sys.stderr, flush=True)
             return False
-        why = _ns_check(M, precision)
+        why = _ns_check(M, NS_TRITON_PRECISION)
         _NS_CHECKED[key] = why is None
         if why is not None:
             print(f"atlas: Newton-Schulz Triton kernels at side {M} unavailable ({why}): batched matmuls instead",
@@ -648,7 +653,7 @@ def _ns_gram_launch(A: Tensor, dR: Tensor | None, steps: int) -> Tensor:
     prec = NS_TRITON_PRECISION
     if dR is None:
         _ns_gram_fwd_kernel[(B,)](pad(A), out, M=M, STEPS=steps, a=a, b=b, c=c, PREC=prec, num_warps=warps)
-    elif NS_BWD_SAVED or M > 32:
+    elif _ns_saved_bwd(M):
         scratch = torch.empty(B, 4, steps, M, M, device=A.device, dtype=torch.float32)
         _ns_gram_bwd_saved_kernel[(B,)](pad(A), pad(dR), out, scratch, M=M, STEPS=steps, a=a, b=b, c=c, PREC=prec,
                                         num_warps=warps)
