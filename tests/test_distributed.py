@@ -139,8 +139,13 @@ def _sharded_helpers_worker(rank: int, world: int, port: int) -> None:
         # no rank tears gloo down while the other may still be finishing its last collective
         # (seen once in a full suite run: SIGABRT "terminate called without an active exception")
         dist.barrier()
+        del mesh, shards, got, params, p
     finally:
+        import gc
+
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def test_sharded_optimizer_helpers_gather_once_and_clip_like_one_process():

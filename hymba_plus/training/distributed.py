@@ -15,6 +15,7 @@ state dicts with ``torch.distributed.checkpoint.state_dict``).
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -120,5 +121,13 @@ def barrier(info: DistInfo) -> None:
 
 
 def shutdown(info: DistInfo) -> None:
+    """Destroy the process group, and with it every object that still holds it, while the
+    interpreter is alive: a gloo group freed only at interpreter exit (through the device mesh, a
+    DTensor or an FSDP module that outlived ``destroy_process_group``) aborted the process with
+    "terminate called without an active exception" in ~7% of 2-process CPU runs. Callers drop
+    their references first (``Trainer.run``); the mesh is dropped here."""
     if info.enabled and dist.is_initialized():
+        info.mesh = None
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()

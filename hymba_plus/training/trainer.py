@@ -915,7 +915,11 @@ class Trainer:
             return self._loop()
         finally:
             if hasattr(self, "info"):
-                dist_mod.shutdown(self.info)
+                info = self.info
+                if info.enabled:  # the sharded model and optimizer state hold the process group: drop them
+                    vars(self).clear()  # now (a finished run is not used again), see distributed.shutdown
+                    self.info = info
+                dist_mod.shutdown(info)
 
     def _stop_flags(self, t_run: float, stop: StopRequest) -> tuple[bool, bool]:
         """(out of time, stop requested by a signal), agreed by all ranks (one all-reduce)
