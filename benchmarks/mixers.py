@@ -326,6 +326,11 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
                 if device != "cuda" and path != "reference":  # the dispatch's fast paths are CUDA-only
                     dispatch.use_fast = lambda op, *t: op == "atlas"  # noqa: E731
                 layer = layer_of("atlas", d_model, {"atlas": ATLAS_CONFIGS[args.atlas_config]}, device, dtype)
+            if name == "atlas" and path != "reference" and device == "cuda":
+                row["fast_path_taken"] = dispatch.use_fast("atlas", x)  # probes under this path's settings
+                if not row["fast_path_taken"]:  # not timed: it would be the reference under this path's name
+                    row["fast_path_error"] = dispatch.statuses()["atlas"]
+                    raise RuntimeError(f"the fast path is unavailable: {row['fast_path_error']}")
             params = [x, *layer.parameters()]
             fn = _Bound(layer, ctx)
             t0 = time.perf_counter()
@@ -349,10 +354,6 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
                 row["profile"] = profile_passes(step, device, passes=2, rows=30)
             if name == "atlas" and atlas_kernels.compile_error:
                 row["compile_error"] = atlas_kernels.compile_error  # the chunk step ran eagerly
-            if name == "atlas" and path != "reference" and device == "cuda":
-                row["fast_path_taken"] = dispatch.use_fast("atlas", x)
-                if not row["fast_path_taken"]:
-                    row["fast_path_error"] = dispatch.available()["atlas"][2]
         except Exception as e:  # noqa: BLE001 - report and continue with the other paths
             row["error"] = f"{type(e).__name__}: {e}"[:300]
         finally:

@@ -304,6 +304,45 @@ def test_ns_triton_kernels_in_interpreter_match_pytorch():
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
 
 
+def test_fast_path_with_triton_ns_kernels_in_interpreter():
+    """The fast path with the Triton Newton-Schulz kernels in it, end to end, in Triton's CPU
+    interpreter (the custom ops' CPU kernels replaced by the Triton launchers): the dispatch
+    probe's problem within the probe's limits with either backward kernel (the saved-iterate one
+    failed the probe on an H200 when the probe started from zero momenta: see ``probe_errors``),
+    and ``NS_TRITON_MAX = 64`` on a memory whose 40-wide hidden layer pads to side 64 (the
+    Quad-Hybrid's case) against the float64 reference, outputs and gradients."""
+    pytest.importorskip("triton")
+    code = textwrap.dedent("""
+        import torch
+        from hymba_plus.kernels import atlas
+        atlas.atlas_ns_gram.register_kernel("cpu")(lambda a, steps: atlas._ns_gram_launch(a, None, steps))
+        atlas.atlas_ns_gram_bwd.register_kernel("cpu")(lambda a, dr, steps: atlas._ns_gram_launch(a, dr, steps))
+        for saved in (False, True):
+            atlas.NS_BWD_SAVED = saved
+            errs = atlas.probe_errors("cpu", triton_ns=True)
+            assert max(errs[:9]) < 1e-3 and max(errs[9:]) < 1e-2, (saved, errs)
+        print("probe ok", flush=True)
+        import sys; sys.path.insert(0, "tests")
+        from test_atlas import random_problem, run_impl, rel_err
+        atlas.NS_TRITON_MAX = 64
+        args, leaves = random_problem(N=2, T=14, C=4, c=3, d=8, p=2, hid=40, depth=2)
+        f32 = [t.detach().float().requires_grad_() for t in leaves]
+        kw = dict(chunk_size=4, window=3, ns_steps=5, muon=True, return_state=True, snapshots=(), n_valid=None)
+        got = run_impl(atlas._atlas_memory_fast, (*f32[:7], f32[7:10], f32[10:]), compile=False, triton_ns=True, **kw)
+        want = run_impl(atlas._atlas_memory, args, **kw)
+        g = torch.Generator().manual_seed(1)
+        seeds = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in want]
+        ga = torch.autograd.grad(sum((o * r.float()).sum() for o, r in zip(got, seeds)), f32)
+        gb = torch.autograd.grad(sum((o * r).sum() for o, r in zip(want, seeds)), leaves)
+        for i, (a, b) in enumerate(zip(got + list(ga), want + list(gb))):
+            assert rel_err(a.detach().double(), b.detach()) < 2e-3, i  # float32 reference: 3e-4
+        print("ok")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stdout[-1000:] + res.stderr[-3000:]
+
+
 def test_ns_triton_check_says_once_why_it_falls_back(monkeypatch, capsys):
     """The Triton Newton-Schulz kernels' check on the GPU (``_ns_triton_works``): a failed check
     prints one line naming the side and the reason, once, and the PyTorch form is used; inside a
@@ -330,10 +369,11 @@ def test_ns_triton_check_says_once_why_it_falls_back(monkeypatch, capsys):
     assert atlas_kernels._ns_side(40) == 64 and atlas_kernels._ns_side(5) == 16 and atlas_kernels._ns_side(32) == 32
 
 
-def test_fast_path_settings_parse_check_and_restore():
+def test_fast_path_settings_parse_check_and_restore(monkeypatch):
     """``parse_setting`` reads a benchmark's NAME=VALUE into the setting's type or says in one
     line what it takes; ``settings`` sets them for a block and restores them, refusing a name or
-    value outside ``SETTINGS`` before setting anything."""
+    value outside ``SETTINGS`` before setting anything, and makes the dispatch probe the fast
+    path again under the settings in effect."""
     assert atlas_kernels.parse_setting("NS_TRITON_MAX=64") == ("NS_TRITON_MAX", 64)
     assert atlas_kernels.parse_setting("NS_BWD_SAVED=1") == ("NS_BWD_SAVED", True)
     assert atlas_kernels.parse_setting("FACTOR_GRAM=none") == ("FACTOR_GRAM", None)
@@ -345,9 +385,14 @@ def test_fast_path_settings_parse_check_and_restore():
         with pytest.raises(ValueError, match=msg):
             atlas_kernels.parse_setting(bad)
     before = atlas_kernels.NS_TRITON_MAX, atlas_kernels.NS_BWD_SAVED
+    fp = dispatch._FAST["atlas"]
+    monkeypatch.setattr(fp, "status", False)
+    monkeypatch.setattr(fp, "error", "RuntimeError: probed under other settings")
     with atlas_kernels.settings(NS_TRITON_MAX=64, NS_BWD_SAVED=True):
         assert (atlas_kernels.NS_TRITON_MAX, atlas_kernels.NS_BWD_SAVED) == (64, True)
-    assert (atlas_kernels.NS_TRITON_MAX, atlas_kernels.NS_BWD_SAVED) == before
+        assert (fp.status, fp.error) == (None, "")  # the dispatch probes again under these settings
+        fp.status = True
+    assert (atlas_kernels.NS_TRITON_MAX, atlas_kernels.NS_BWD_SAVED) == before and fp.status is None
     with pytest.raises(ValueError, match="NS_TRITON_MAX=48"):
         with atlas_kernels.settings(NS_BWD_SAVED=True, NS_TRITON_MAX=48):
             pass
@@ -732,7 +777,7 @@ def test_fast_path_on_cuda_with_side_64_triton_ns(monkeypatch):
     cuda = [t.detach().float().cuda().requires_grad_() for t in leaves]
     assert atlas_kernels._use_triton_ns(cuda[7:9], torch.float32)
     kw = dict(chunk_size=4, window=3, ns_steps=5, muon=True, return_state=True, snapshots=(), n_valid=None)
-    got = run_impl(atlas_kernels._atlas_memory_fast, (*cuda[:7], cuda[7:9], cuda[9:]), compile=False, **kw)
+    got = run_impl(atlas_kernels._atlas_memory_fast, (*cuda[:7], cuda[7:10], cuda[10:]), compile=False, **kw)
     want = run_impl(atlas_kernels._atlas_memory, args, **kw)
     g = torch.Generator().manual_seed(1)
     seeds = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in want]

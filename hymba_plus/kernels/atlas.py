@@ -484,63 +484,66 @@ if triton is not None:
     @triton.jit
     def _ns_gram_bwd_saved_kernel(A_ptr, dR_ptr, dA_ptr, W_ptr, M: tl.constexpr, STEPS: tl.constexpr,
                                   a: tl.constexpr, b: tl.constexpr, c: tl.constexpr, PREC: tl.constexpr):
-        """``_ns_gram_bwd_kernel`` without the recomputation, for a symmetric A_0 (a Gram
-        matrix: what the chunk step passes). One forward pass writes every step's A_k, Q_k,
-        R_k and T_k = Q_k A_k to the program's slice of the scratch ``W`` [B, 4, STEPS, M, M]
-        (80 KiB a program at side 32, 320 KiB at 64: it stays in L2 only while few programs are
-        in flight), then the reverse pass loads them instead of keeping them live in registers. All of them are polynomials in A_0, hence symmetric and
-        commuting, so the transposes of the general reverse mode drop out (``_ns_gram_vjp``
-        with ``Xᵀ = X``): no layout changes, one product fewer per step."""
+        """``_ns_gram_bwd_kernel`` without the recomputation: one forward pass writes every step's
+        A_k, Q_k, R_k and T_k = Q_k A_k to the program's slice of the scratch ``W`` [B, 4, STEPS,
+        M, M] (80 KiB a program at side 32, 320 KiB at 64: it stays in L2 only while few programs
+        are in flight), then the reverse pass loads them instead of keeping them live in registers;
+        a transposed operand is loaded transposed (the tile's offsets swapped), not permuted in
+        registers. The iterates are polynomials in A_0, so for a symmetric A_0 the transposes could
+        drop out (one product fewer a step), but in float32 that form is an order of magnitude less
+        accurate through the chunk step (``test_fast_path_with_triton_ns_kernels_in_interpreter``:
+        1e-2 against 3e-4), so this is the general reverse mode, as autograd does it."""
         pid = tl.program_id(0).to(tl.int64)
         i = tl.arange(0, M)
         tile = i[:, None] * M + i[None, :]
+        tile_t = i[None, :] * M + i[:, None]  # the same tile, loaded transposed
         off = pid * M * M + tile
-        ws = W_ptr + pid * 4 * STEPS * M * M + tile  # slot (j, k) at + (j * STEPS + k) * M * M
+        ws = W_ptr + pid * 4 * STEPS * M * M  # slot (j, k) at + (j * STEPS + k) * M * M
         A = tl.load(A_ptr + off)
         eye = (i[:, None] == i[None, :]).to(tl.float32)
         R = eye
         for k in tl.static_range(STEPS):  # the forward, keeping A_k, Q_k, R_k (R_0 = I), T_k
             Q = _ns_q(A, eye, a, b, c, PREC)
-            tl.store(ws + k * M * M, A)
-            tl.store(ws + (STEPS + k) * M * M, Q)
-            tl.store(ws + (2 * STEPS + k) * M * M, R)
+            tl.store(ws + k * M * M + tile, A)
+            tl.store(ws + (STEPS + k) * M * M + tile, Q)
+            tl.store(ws + (2 * STEPS + k) * M * M + tile, R)
             R = Q if k == 0 else tl.dot(Q, R, input_precision=PREC)
             if k < STEPS - 1:
                 T = tl.dot(Q, A, input_precision=PREC)
-                tl.store(ws + (3 * STEPS + k) * M * M, T)
+                tl.store(ws + (3 * STEPS + k) * M * M + tile, T)
                 A = tl.dot(T, Q, input_precision=PREC)
         tl.debug_barrier()
         gR = tl.load(dR_ptr + off)
         gA = tl.zeros([M, M], dtype=tl.float32)
         for k in tl.static_range(STEPS - 1, -1, -1):
-            Q = tl.load(ws + (STEPS + k) * M * M)
+            Qt = tl.load(ws + (STEPS + k) * M * M + tile_t)
             if k > 0:  # R_{k+1} = Q_k R_k
-                gQ = tl.dot(gR, tl.load(ws + (2 * STEPS + k) * M * M), input_precision=PREC)
-                gR = tl.dot(Q, gR, input_precision=PREC)
+                gQ = tl.dot(gR, tl.load(ws + (2 * STEPS + k) * M * M + tile_t), input_precision=PREC)
+                gR = tl.dot(Qt, gR, input_precision=PREC)
             else:  # R_1 = Q_0
                 gQ = gR
-            A = tl.load(ws + k * M * M)
+            At = tl.load(ws + k * M * M + tile_t)
             if k < STEPS - 1:  # A_{k+1} = T_k Q_k, T_k = Q_k A_k
-                gT = tl.dot(gA, Q, input_precision=PREC)
-                gQ += tl.dot(tl.load(ws + (3 * STEPS + k) * M * M), gA, input_precision=PREC)
-                gQ += tl.dot(gT, A, input_precision=PREC)
-                gA = tl.dot(Q, gT, input_precision=PREC)
+                gT = tl.dot(gA, Qt, input_precision=PREC)
+                gQ += tl.dot(tl.load(ws + (3 * STEPS + k) * M * M + tile_t), gA, input_precision=PREC)
+                gQ += tl.dot(gT, At, input_precision=PREC)
+                gA = tl.dot(Qt, gT, input_precision=PREC)
             else:
                 gA = tl.zeros([M, M], dtype=tl.float32)
             # Q_k = a I + b A_k + c A_k A_k
-            gA += b * gQ + c * (tl.dot(gQ, A, input_precision=PREC) + tl.dot(A, gQ, input_precision=PREC))
+            gA += b * gQ + c * (tl.dot(gQ, At, input_precision=PREC) + tl.dot(At, gQ, input_precision=PREC))
         tl.store(dA_ptr + off, gA)
 
 
 #: the Triton backward of Newton-Schulz: False = ``_ns_gram_bwd_kernel`` (recomputes every
 #: step's iterates from A_0; Triton's compiler merges the repeated, fully unrolled products, so
 #: what it costs is registers: all iterates live at once), True = ``_ns_gram_bwd_saved_kernel``
-#: (writes them once to a scratch buffer of 4 x steps m×m matrices per Gram matrix, reads them
-#: back, and uses that they are symmetric: no transposes, one product fewer per step). Triton 3.9
-#: + ptxas 13.4 for sm_90a, 5 steps, tf32x3, per thread: side 16 / 2 warps 255 registers + 736 B
-#: spilled -> 174 registers, no spills; side 32 / 8 warps 255 + 2,236 B -> 255 + 84 B; side 64 /
-#: 4 warps (wgmma m64n64k8): the recomputing kernel needs 256 KiB of shared memory (it cannot
-#: run), this one 96 KiB and 4 KB of spills, so side 64 always takes it. Off below 64 until timed
+#: (writes them once to a scratch buffer of 4 x steps m×m matrices per Gram matrix and reads them
+#: back, transposed operands loaded transposed; the same products). Triton 3.9 + ptxas 13.4 for
+#: sm_90a, 5 steps, tf32x3, per thread: side 16 / 2 warps 255 registers + 736 B spilled -> 183
+#: registers, no spills; side 32 / 8 warps 255 + 2,236 B -> 255 + 56 B; side 64 / 4 warps (wgmma
+#: m64n64k8): the recomputing kernel needs 256 KiB of shared memory (it cannot run), this one
+#: 96 KiB and 4.4 KB of spills, so side 64 always takes it. Off below 64 until timed
 #: on a GPU (the recomputing kernel was 49% of the d 2048 layer's kernel time on an H200,
 #: 2026-12-04; ``mixers.py --atlas-paths fast_ns_saved``)
 NS_BWD_SAVED = False
@@ -929,16 +932,20 @@ def _setting_ok(name: str, value: object) -> bool:
 @contextlib.contextmanager
 def settings(**values: object) -> Iterator[None]:
     """The fast path's module settings (names of ``SETTINGS``) set to ``values`` for the block,
-    restored after it; a name or value outside ``SETTINGS`` is a ValueError, nothing set."""
+    restored after it; a name or value outside ``SETTINGS`` is a ValueError, nothing set. The
+    dispatch probe's result is dropped on the way in and out: it checked the fast path as the
+    settings then were (a setting may change which kernels the probe's problem runs)."""
     for name, v in values.items():
         if not _setting_ok(name, v):
             raise ValueError(f"atlas setting {name}={v!r}: not one of {SETTINGS.get(name, tuple(SETTINGS))}")
     old = {name: globals()[name] for name in values}
     globals().update(values)
+    dispatch.forget("atlas")
     try:
         yield
     finally:
         globals().update(old)
+        dispatch.forget("atlas")
 
 
 #: why torch.compile of the chunk step failed in this process (then the step runs eagerly)
@@ -1072,7 +1079,14 @@ def probe_errors(device: str = "cuda", **fast_kwargs: object) -> list[float]:
     ``benchmarks/atlas_check.py`` pass ``compile`` / ``triton_ns`` / ``pad_ns``) against the
     reference on the CPU (float64) on one small problem -- Muon with a window and a deep memory,
     n_valid rows: the relative error of each result, in the order output, end weights, end
-    momenta, then the gradient of every input (7 inputs, then the 4 weights)."""
+    momenta, then the gradient of every input (7 inputs, then the 4 weights).
+
+    The memory starts from random momenta, so that every Gram matrix has full rank. From zero
+    momenta the first chunks' Gram matrices are singular, and the gradient through Newton-Schulz
+    there is ill-conditioned: float64 autograd through the float32 forward's iterates is itself
+    2.4e-2 from the float64 reference (1e-2 from a correct kernel or not was then rounding luck:
+    the saved-iterate backward measured 1.8e-2, the recomputing one 2.3e-3, both as accurate per
+    call). From these momenta that floor is 6.5e-3 and every backward is within 3e-3 (CPU)."""
     g = torch.Generator().manual_seed(0)
     N, T, C, c, d, hid, p = 3, 21, 4, 3, 4, 6, 2
     coef = torch.tensor([1.0, 1 / math.sqrt(2)])
@@ -1082,14 +1096,17 @@ def probe_errors(device: str = "cuda", **fast_kwargs: object) -> list[float]:
            F.normalize(torch.randn(N, T + c - 1, d, generator=g), dim=-1), torch.rand(N, T + c - 1, generator=g),
            0.1 * torch.rand(N, T, generator=g), F.logsigmoid(torch.randn(N, T, generator=g)),
            F.logsigmoid(torch.randn(N, T, generator=g) + 3)]
-    ws = [torch.randn(N, *s, generator=g) / math.sqrt(s[1]) for s in [(d, Fd), (hid, Fd), (hid, hid), (d, hid)]]
+    shapes = [(d, Fd), (hid, Fd), (hid, hid), (d, hid)]
+    ws = [torch.randn(N, *s, generator=g) / math.sqrt(s[1]) for s in shapes]
+    moms = [0.3 * torch.randn(N, *s, generator=g) / math.sqrt(s[1]) for s in shapes]
     ins[3][:, : c - 1] = 0.0
     n_valid = torch.tensor([T, 9, 16])
     res, seeds = [], None
     for impl, dev, dt in ((_atlas_memory_fast, device, torch.float32), (_atlas_memory, "cpu", torch.float64)):
         ts = [t.to(dev, dt).requires_grad_() for t in ins + ws]
         kw = {"compile": False, **fast_kwargs} if impl is _atlas_memory_fast else {}
-        y, W, S, _ = impl(*ts[:7], ts[7:], None, chunk_size=C, window=c, ns_steps=5, muon=True,
+        mom = [m.to(dev, dt) for m in moms]
+        y, W, S, _ = impl(*ts[:7], ts[7:], mom, chunk_size=C, window=c, ns_steps=5, muon=True,
                           n_valid=n_valid.to(dev), return_state=True, snapshots=(), **kw)
         outs = [y, *W, *S]
         seeds = seeds or [torch.randn(o.shape, generator=g) for o in outs]
@@ -1099,14 +1116,15 @@ def probe_errors(device: str = "cuda", **fast_kwargs: object) -> list[float]:
 
 
 def _probe_fast() -> None:
-    """``probe_errors`` on this GPU, every result within 1e-2 (float32 vs float64; on a CPU:
-    <= 2.2e-3, the reference in float32: 2.6e-3). The compiled step is checked by the tests
+    """``probe_errors`` on this GPU: the outputs and end state within 1e-3, the gradients within
+    1e-2 (float32 vs float64; on a CPU: <= 1.4e-4 and 2.9e-3 with either Triton backward kernel in
+    the interpreter, 2.1e-3 without them). The compiled step is checked by the tests
     (GPU and CPU). The Triton Newton-Schulz kernels are checked per padded side at the first call
     that needs that side (``_ns_triton_works``)."""
     if not torch.cuda.is_available():
         raise RuntimeError("CUDA is not available")
     for i, err in enumerate(probe_errors("cuda")):
-        if not err < 1e-2:
+        if not err < (1e-3 if i < 9 else 1e-2):
             raise RuntimeError(f"atlas fast path differs from the reference (result {i}: rel {err:.3g})")
 
 

@@ -120,6 +120,13 @@ def fast_path(name: str, probe: Callable[[], Any], doc: str) -> None:
     _FAST[name] = FastPath(name, probe, doc)
 
 
+def forget(name: str) -> None:
+    """Drop the fast path's probe result, so that its next use probes again (after a change of
+    the settings the probe ran under, e.g. ``kernels.atlas.settings``)."""
+    fp = _FAST[name]
+    fp.status, fp.error, fp.warned = None, "", False
+
+
 def mode() -> str:
     m = os.environ.get("HYMBA_KERNELS", "auto").lower()
     if m not in ("auto", "reference", "fast"):
