@@ -2,7 +2,7 @@
 kernels per chunk on a GPU, where the chunk loop is bound by them (issue 18).
 
     python benchmarks/atlas_step_ops.py                                   # the Quad-Hybrid's memory
-    python benchmarks/atlas_step_ops.py --atlas-config bench --atlas-setting NS_TRITON_MAX=64
+    python benchmarks/atlas_step_ops.py --atlas-config bench --atlas-setting NS_TRITON_MAX=32
 
 The fast path's chunk step (``kernels/atlas.py`` ``_chunk_step``) is compiled with ``torch.compile``
 as the CUDA path compiles it (fullgraph, static shapes), with the Newton-Schulz layout the GPU would
@@ -14,7 +14,8 @@ and the Newton-Schulz ops (one Triton kernel each on a GPU; their CPU bodies are
 With ``CHUNKS_PER_CALL`` k > 1 (``--atlas-setting CHUNKS_PER_CALL=4``) the k-chunk graph is counted and
 divided by k.
 Inductor's CPU code fuses somewhat differently from its GPU code, so this is a proxy: the GPU
-profile of 2026-12-04 found ~199 kernels per chunk at the quad shape where this counts 178.
+profile of 2026-12-04 found ~199 kernels per chunk at the quad shape where this counts 178 (with
+NS_TRITON_MAX 32, as then shipped; 119 with today's 64).
 """
 
 from __future__ import annotations
@@ -94,11 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--atlas-config", choices=tuple(CONFIGS), default="quad")
     ap.add_argument("--atlas-setting", action="append", default=[], metavar="NAME=VALUE",
                     help="a fast-path setting (kernels/atlas.py SETTINGS) for the second count; repeatable "
-                         "(default: NS_TRITON_MAX=64)")
+                         "(default: NS_TRITON_MAX=32, the layout shipped before 2026-12-04 evening)")
     ap.add_argument("--out", default=None, help="JSON file (default: print only)")
     args = ap.parse_args(argv)
     try:
-        changed = dict(ak.parse_setting(s) for s in args.atlas_setting) or {"NS_TRITON_MAX": 64}
+        changed = dict(ak.parse_setting(s) for s in args.atlas_setting) or {"NS_TRITON_MAX": 32}
     except ValueError as e:
         ap.error(f"--atlas-setting {e}")
     rows = [count(args.atlas_config, {}), count(args.atlas_config, changed)]

@@ -16,10 +16,10 @@
 #           compiled every launch config in 8 parallel processes (one shard of each kernel's configs each) into
 #           Triton's cache: run it alone in a call, then pack_caches with > 60 s to spare
 #   atlas_profile  the Newton-Schulz kernels' GPU tests (sides 16-64), then mixers.py --atlas-paths --profile: the
-#           ATLAS layer's kernel breakdown at the Quad-Hybrid recipe's shape (--atlas-config quad, B 8 x 2048) with
-#           Newton-Schulz at side 64 in Triton (fast_ns64), as shipped (fast), and with the factored Gram
-#           matrices too (fast_ns64_factored)
-#   atlas_profile_bench  the same at the d 2048 benchmark shape (fast, fast_ns_saved, fast_ns64); each of
+#           ATLAS layer's kernel breakdown at the Quad-Hybrid recipe's shape (--atlas-config quad, B 8 x 2048)
+#           as shipped (fast: Newton-Schulz in Triton up to side 64), with the factored Gram matrices
+#           (fast_factored) and as shipped before 2026-12-04 evening (fast_ns32)
+#   atlas_profile_bench  the same at the d 2048 benchmark shape (fast, fast_ns_recompute, fast_graphed); each of
 #           the two fills most of one call
 #   mimo_alt  the mamba3 MIMO GPU tests with the tilelang stack of .whl5 (0.1.8) first on the path:
 #           the stack that trains MIMO on the fast kernel (verified: forward and backward 8/8 on an H200)
@@ -92,11 +92,11 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
               step mamba3_tuned 220 python mixers.py --only mamba3 gdn --out "$OUT/mixers_mamba3_tuned.json") ;;
       atlas_profile) step atlas_ns_tests 120 "${PYTEST[@]}" tests/test_atlas.py -k "ns_triton or side_64"
               # rows are written as they finish: a limit that ends the last path keeps the others
-              (cd benchmarks && step atlas_profile_quad 420 python mixers.py --atlas-paths fast_ns64 fast \
-                 fast_ns64_factored --atlas-config quad --d-model 128 --batch 8 --seq-len 2048 --skip-gdn --profile \
+              (cd benchmarks && step atlas_profile_quad 420 python mixers.py --atlas-paths fast fast_factored \
+                 fast_ns32 --atlas-config quad --d-model 128 --batch 8 --seq-len 2048 --skip-gdn --profile \
                  --out "$OUT/atlas_profile_quad.json") ;;
       atlas_profile_bench) (cd benchmarks && step atlas_profile_bench 540 python mixers.py --atlas-paths fast \
-                 fast_ns_saved fast_ns64 --gdn-from results/mixers_atlas_paths_h200.json --profile \
+                 fast_ns_recompute fast_graphed --gdn-from results/mixers_atlas_paths_h200.json --profile \
                  --out "$OUT/atlas_profile_bench.json") ;;
       mimo_alt) alt=${HYMBA_SITE:-/tmp/hymba_site}_alt
               [ -d "$alt/tilelang" ] || { echo "no $alt/tilelang: carry .whl5 (see gpu_env.sh)"; exit 2; }

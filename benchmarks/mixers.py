@@ -238,16 +238,13 @@ ATLAS_PATHS = {
     "fast_graphed": ("auto", {}, True),
     "fast_factored": ("auto", {"FACTOR_GRAM": None}, False),
     "fast_factored_graphed": ("auto", {"FACTOR_GRAM": None}, True),
-    "fast_ns_saved": ("auto", {"NS_BWD_SAVED": True}, False),
-    "fast_ns_saved_graphed": ("auto", {"NS_BWD_SAVED": True}, True),
+    "fast_ns_recompute": ("auto", {"NS_BWD_SAVED": False}, False),
+    "fast_ns_recompute_graphed": ("auto", {"NS_BWD_SAVED": False}, True),
     "fast_split": ("auto", {"TRITON_NS_SPLIT": True}, False),
     "fast_split_graphed": ("auto", {"TRITON_NS_SPLIT": True}, True),
     "fast_split_factored_graphed": ("auto", {"TRITON_NS_SPLIT": True, "FACTOR_GRAM": None}, True),
-    "fast_ns64": ("auto", {"NS_TRITON_MAX": 64, "NS_BWD_SAVED": True}, False),
-    "fast_ns64_graphed": ("auto", {"NS_TRITON_MAX": 64, "NS_BWD_SAVED": True}, True),
-    "fast_ns64_factored": ("auto", {"NS_TRITON_MAX": 64, "NS_BWD_SAVED": True, "FACTOR_GRAM": None}, False),
-    "fast_ns64_factored_graphed": ("auto", {"NS_TRITON_MAX": 64, "NS_BWD_SAVED": True, "FACTOR_GRAM": None}, True),
-    "fast_ns64_tf32": ("auto", {"NS_TRITON_MAX": 64, "NS_BWD_SAVED": True, "NS_TRITON_PRECISION": "tf32"}, False),
+    "fast_ns32": ("auto", {"NS_TRITON_MAX": 32, "NS_BWD_SAVED": False}, False),
+    "fast_ns32_graphed": ("auto", {"NS_TRITON_MAX": 32, "NS_BWD_SAVED": False}, True),
 }
 
 
@@ -275,15 +272,14 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
       fast_graphed    ``fast`` with the layer's forward+backward captured in CUDA graphs
                       (``make_graphed_callables``, as ``hymba train --cuda-graph`` does): no
                       per-launch host cost; compared with a graphed gdn layer too
-      fast_ns_saved   ``fast`` with the Newton-Schulz backward kernel that keeps the forward
-                      iterates in scratch memory (NS_BWD_SAVED; _graphed in CUDA graphs)
+      fast_ns_recompute  ``fast`` with the Newton-Schulz backward kernel that recomputes the
+                      forward iterates (NS_BWD_SAVED False; the default before 2026-12-04 evening;
+                      sides up to 32: side 64 always saves them); _graphed in CUDA graphs
       fast_split      ``fast`` with Gram sides within the Triton kernels' limit through them and the
                       wider ones through batched matmuls (TRITON_NS_SPLIT; _graphed, _factored_graphed)
-      fast_ns64       ``fast`` with Gram sides up to 64 through the Triton kernels (NS_TRITON_MAX
-                      64: the Quad-Hybrid's 64 x 560 weight) and the saved-iterate backward at
-                      every side (NS_BWD_SAVED); _graphed in CUDA graphs; _factored[_graphed]: with
-                      FACTOR_GRAM None as well (the Quad-Hybrid's 560-wide weights: ~6x fewer flops);
-                      _tf32: in one TF32 pass per product (a third of the tensor-core work of tf32x3)
+      fast_ns32       the fast path as shipped before 2026-12-04 evening: Gram sides up to 32
+                      through the Triton kernels, wider ones as batched matmuls (NS_TRITON_MAX 32),
+                      the recomputing backward (NS_BWD_SAVED False); _graphed in CUDA graphs
       fast_factored   ``fast`` with the factored Gram matrices and update where they take fewer
                       flops (FACTOR_GRAM None); fast_factored_graphed: the same in CUDA graphs
 

@@ -543,10 +543,12 @@ if triton is not None:
 #: sm_90a, 5 steps, tf32x3, per thread: side 16 / 2 warps 255 registers + 736 B spilled -> 183
 #: registers, no spills; side 32 / 8 warps 255 + 2,236 B -> 255 + 56 B; side 64 / 4 warps (wgmma
 #: m64n64k8): the recomputing kernel needs 256 KiB of shared memory (it cannot run), this one
-#: 96 KiB and 4.4 KB of spills, so side 64 always takes it. Off below 64 until timed
-#: on a GPU (the recomputing kernel was 49% of the d 2048 layer's kernel time on an H200,
-#: 2026-12-04; ``mixers.py --atlas-paths fast_ns_saved``)
-NS_BWD_SAVED = False
+#: 96 KiB and 4.4 KB of spills, so side 64 always takes it. Timed on an H200 (2026-12-04
+#: evening, with NS_TRITON_MAX = 64; ``mixers.py --atlas-paths fast_ns_saved fast``, eager layer
+#: forward+backward): the Quad-Hybrid's shape 512.2 ms against 551.7, d 2048 913.3 against
+#: 957.4; the Quad-Hybrid recipe's CUDA-graph training step 464.9 against 512.9 ms
+#: (``quad_atlas.py --atlas-setting NS_BWD_SAVED=true``). So on at every side
+NS_BWD_SAVED = True
 
 #: the Triton kernels' matmul precision: "tf32x3" (three TF32 tensor-core products per
 #: matmul, float32 accuracy), "ieee" (float32 FMAs: NS5 is most of the step's flops, and
@@ -559,8 +561,10 @@ NS_TRITON_PRECISION = "tf32x3"
 #: Hopper's wgmma, 255 registers and a few KB spilled in each direction, the backward through the
 #: saved-iterate kernel). 64 is what the Quad-Hybrid's memory needs (its 64 x 560 weight: without
 #: it every side there runs as float32 batched matmuls, 65% of that layer's kernel time on an
-#: H200, 2026-12-04). 32 until a GPU times 64 (``mixers.py --atlas-paths fast_ns64``)
-NS_TRITON_MAX = 32
+#: H200, 2026-12-04). Timed at the Quad-Hybrid's shape (H200, 2026-12-04 evening, eager layer
+#: forward+backward, ``mixers.py --atlas-paths fast_ns64 fast --atlas-config quad``): 543.8 ms at
+#: 64 against 799.8 ms at 32, so 64
+NS_TRITON_MAX = 64
 
 
 #: on CUDA, run Newton-Schulz through the Triton kernels (``atlas_ns_gram``) where they apply
