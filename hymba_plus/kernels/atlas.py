@@ -149,8 +149,11 @@ def _monomials(d: int, degree: int) -> tuple[tuple[int, ...], tuple[float, ...]]
 
 @functools.lru_cache(maxsize=64)
 def _monomial_tensors(d: int, degree: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """One-hot selection matrices [degree, d, n] (column m of slice r picks the r-th index of
+    monomial m) and the monomials' weights [n]."""
     idx, w = _monomials(d, degree)
-    return torch.tensor(idx, device=device), torch.tensor(w, device=device, dtype=dtype)
+    sel = F.one_hot(torch.tensor(idx).mT, d).mT  # [degree, d, n]
+    return sel.to(device, dtype), torch.tensor(w, device=device, dtype=dtype)
 
 
 def feature_dim(d: int, degree: int) -> int:
@@ -169,10 +172,13 @@ def poly_features(x: Tensor, coef: Tensor) -> Tensor:
     coef = coef.to(x.dtype)
     parts = [x * coef[..., 0:1]]
     for j in range(2, p + 1):
-        it, wt = _monomial_tensors(d, j, x.device, x.dtype)
-        m = x[..., it[:, 0]]
+        # each factor gathered as a matmul with a one-hot matrix (exact): its backward is a matmul
+        # too, where indexing's is a sort-based index_put (4 a training step of the Quad-Hybrid's
+        # ATLAS layer, 5.2 ms each on an H200 at batch 8 x 2048)
+        sel, wt = _monomial_tensors(d, j, x.device, x.dtype)
+        m = x @ sel[0]
         for r in range(1, j):
-            m = m * x[..., it[:, r]]
+            m = m * (x @ sel[r])
         parts.append(m * wt * coef[..., j - 1 : j])
     return torch.cat(parts, dim=-1)
 
