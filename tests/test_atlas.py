@@ -898,3 +898,20 @@ def test_mqar_window_and_degree_vs_online_linear_memory():
     print("MQAR 12 pairs, head_dim 8 (chance 0.0625):", {k: [round(a, 3) for a in v] for k, v in accs.items()})
     for v in accs.values():
         assert sum(v) / len(v) > 2 / 16
+
+
+def test_fast_path_backward_is_linear_in_the_chunks():
+    """Each chunk's inputs are pieces of one split of the stacked per-chunk tensors: the backward
+    fills no zero gradient of a whole stack per chunk (indexing chunks out of the stack did, and
+    summed them: 32 ms of the Quad-Hybrid's ATLAS step on an H200, quadratic in the chunks)."""
+    U, C, c, d, p = 12, 4, 3, 3, 2
+    args, leaves = random_problem(N=2, T=U * C, C=C, c=c, d=d, p=p, hid=5, depth=2)
+    stack = [U, 2, C + c - 1, feature_dim(d, p)]  # Kc: [chunks, N, C', F]
+    kw = dict(chunk_size=C, window=c, ns_steps=5, muon=True, return_state=True, snapshots=(), n_valid=None)
+    out = run_impl(atlas_kernels._atlas_memory_fast, args, compile=False, **kw)
+    loss = sum(o.sum() for o in out)
+    with torch.profiler.profile(record_shapes=True) as prof:
+        torch.autograd.grad(loss, leaves)
+    n = sum(e.count for e in prof.key_averages(group_by_input_shape=True)
+            if e.key in ("aten::fill_", "aten::zero_", "aten::add_") and e.input_shapes and list(e.input_shapes[0]) == stack)
+    assert n <= 2, f"{n} fills / adds of a whole stack's gradient for {U} chunks"
