@@ -502,6 +502,38 @@ def test_polynomial_features_are_the_polynomial_kernel(p):
     assert rel_err((fx * fy).sum(-1), want) < 1e-12
 
 
+def test_polynomial_features_equal_the_indexed_monomials():
+    """The monomials' factors are gathered by one-hot matmuls (their backward is a matmul, not a
+    sort-based index_put): the features are bit-equal to indexing the factors, in float32, bf16
+    and under bf16 autocast (the gather runs in x's dtype), and the gradient matches autograd
+    through the indexed form."""
+    from hymba_plus.kernels.atlas import _monomials
+
+    def indexed(x, coef):
+        parts = [x * coef[..., 0:1].to(x.dtype)]
+        for j in range(2, coef.shape[-1] + 1):
+            idx, w = _monomials(x.shape[-1], j)
+            it = torch.tensor(idx)
+            m = x[..., it[:, 0]]
+            for r in range(1, j):
+                m = m * x[..., it[:, r]]
+            parts.append(m * torch.tensor(w, dtype=x.dtype) * coef[..., j - 1 : j].to(x.dtype))
+        return torch.cat(parts, dim=-1)
+
+    g = torch.Generator().manual_seed(0)
+    coef = torch.rand(3, 1, 3, generator=g) + 0.5
+    for dtype, autocast in ((torch.float32, False), (torch.bfloat16, False), (torch.float32, True)):
+        x = torch.randn(2, 3, 7, 6, generator=g).to(dtype)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            got, want = poly_features(x, coef), indexed(x, coef)
+        assert got.dtype == want.dtype and torch.equal(got, want), (dtype, autocast)
+    x = torch.randn(2, 3, 7, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    seed = torch.randn(2, 3, 7, feature_dim(6, 3), generator=g, dtype=torch.float64)
+    (ga,) = torch.autograd.grad(poly_features(x, coef.double()), x, seed)
+    (gb,) = torch.autograd.grad(indexed(x, coef.double()), x, seed)
+    assert rel_err(ga, gb) < 1e-13
+
+
 def test_memory_apply_matches_oracle():
     g = torch.Generator().manual_seed(0)
     W = [torch.randn(3, *s, generator=g) for s in [(4, 9), (6, 9), (6, 6), (4, 6)]]

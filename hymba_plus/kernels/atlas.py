@@ -176,9 +176,10 @@ def poly_features(x: Tensor, coef: Tensor) -> Tensor:
         # too, where indexing's is a sort-based index_put (4 a training step of the Quad-Hybrid's
         # ATLAS layer, 5.2 ms each on an H200 at batch 8 x 2048)
         sel, wt = _monomial_tensors(d, j, x.device, x.dtype)
-        m = x @ sel[0]
-        for r in range(1, j):
-            m = m * (x @ sel[r])
+        with torch.autocast(x.device.type, enabled=False):  # in x's dtype, as indexing would be
+            m = x @ sel[0]
+            for r in range(1, j):
+                m = m * (x @ sel[r])
         parts.append(m * wt * coef[..., j - 1 : j])
     return torch.cat(parts, dim=-1)
 
