@@ -317,6 +317,8 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
                                  device, dtype)
             else:
                 mode, knob_values, graphed = ATLAS_PATHS[path]
+                torch._dynamo.reset()  # each path compiles its own chunk step (not past the recompile limit)
+                atlas_kernels.compile_error, atlas_kernels.recompile_limit_hits = None, 0
                 knobs.enter_context(atlas_kernels.settings(**knob_values))
                 os.environ["HYMBA_KERNELS"] = mode
                 if device != "cuda" and path != "reference":  # the dispatch's fast paths are CUDA-only
@@ -350,6 +352,8 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
                 row["profile"] = profile_passes(step, device, passes=2, rows=30)
             if name == "atlas" and atlas_kernels.compile_error:
                 row["compile_error"] = atlas_kernels.compile_error  # the chunk step ran eagerly
+            if name == "atlas" and atlas_kernels.recompile_limit_hits:
+                row["recompile_limit_hits"] = atlas_kernels.recompile_limit_hits  # some calls ran eagerly
         except Exception as e:  # noqa: BLE001 - report and continue with the other paths
             row["error"] = f"{type(e).__name__}: {e}"[:300]
         finally:

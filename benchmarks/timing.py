@@ -59,7 +59,10 @@ def profile_passes(fn: Callable[[], object], device: str, passes: int = 3, rows:
           flush=True)
     if device == "cuda":
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows), flush=True)
-        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        # GPU-side ranges of user annotations (Inductor's "## Call CompiledFxGraph ... ##" around a
+        # compiled graph's kernels) are not kernels: counting them counted those kernels twice
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                   and not getattr(e, "is_user_annotation", False) and not e.name.startswith("## ")]
         out = {"kernels_per_pass": len(kernels) / passes,
                "kernel_ms_per_pass": sum(e.device_time_total for e in kernels) / passes / 1e3,
                "host_ms_per_pass": statistics.median(host)}

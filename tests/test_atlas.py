@@ -256,6 +256,26 @@ def test_fast_path_falls_back_to_eager_when_compile_fails(monkeypatch):
     assert fwd < 1e-10 and bwd < 1e-9 and "no compiler" in atlas_kernels.compile_error
 
 
+def test_fast_path_runs_shapes_past_the_recompile_limit_eagerly(monkeypatch):
+    """A call past torch.compile's recompile limit runs that call eagerly (same results), says so
+    once, and does not turn compilation off for the process (``compile_error`` stays None)."""
+    calls = []
+
+    def limited(*args):
+        calls.append(1)
+        raise torch._dynamo.exc.FailOnRecompileLimitHit("recompile_limit reached")
+
+    monkeypatch.setattr(atlas_kernels, "compile_error", None)
+    monkeypatch.setattr(atlas_kernels, "recompile_limit_hits", 0)
+    monkeypatch.setattr(atlas_kernels, "_compiled_chunk_step", lambda: limited)
+    args, leaves = random_problem(T=9, C=4, c=2)
+    with pytest.warns(UserWarning, match="recompile limit"):
+        fwd, bwd = compare_impls(args, leaves, dict(compile=True), chunk_size=4, window=2, ns_steps=5, muon=True,
+                                 return_state=True, snapshots=(), n_valid=None)
+    assert fwd < 1e-10 and bwd < 1e-9
+    assert atlas_kernels.compile_error is None and atlas_kernels.recompile_limit_hits == len(calls) == 2
+
+
 def test_ns_gram_op_matches_autograd():
     """hymba::atlas_ns_gram (the op the fast path's NS runs through; PyTorch on CPU, Triton on
     CUDA): forward and hand-written backward == autograd through ns_gram_factor, and the op

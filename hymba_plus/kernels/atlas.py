@@ -963,16 +963,28 @@ def settings(**values: object) -> Iterator[None]:
 compile_error: str | None = None
 
 
+#: shapes / settings beyond torch.compile's recompile limit met in this process (they run eagerly)
+recompile_limit_hits = 0
+
+
 def _guarded(compiled, eager, *args):  # noqa: ANN001, ANN002, ANN202
     """``compiled(*args)``; if that fails (no working compiler or Inductor backend here), warn
-    once, keep the reason in ``compile_error`` and run ``eager`` from then on. Out-of-memory
-    errors are raised."""
-    global compile_error
+    once, keep the reason in ``compile_error`` and run ``eager`` from then on. A call past
+    torch.compile's recompile limit (more distinct shapes / settings than it keeps graphs for:
+    training, evaluation and generation batch sizes in one process) runs eagerly by itself, said
+    once; the shapes compiled before stay compiled. Out-of-memory errors are raised."""
+    global compile_error, recompile_limit_hits
     if compile_error is None:
         try:
             return compiled(*args)
         except torch.OutOfMemoryError:
             raise
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            recompile_limit_hits += 1
+            if recompile_limit_hits == 1:
+                warnings.warn("atlas fast path: torch.compile's recompile limit reached for the chunk step "
+                              "(torch._dynamo.config.recompile_limit); new shapes run it eagerly", stacklevel=2)
+            return eager(*args)
         except Exception as e:  # noqa: BLE001 - torch.compile failures come in many types
             compile_error = f"{type(e).__name__}: {str(e)[:300]}"
             warnings.warn(f"atlas fast path: torch.compile of the chunk step failed ({compile_error}); "
