@@ -551,8 +551,8 @@ if triton is not None:
 #: registers, no spills; side 32 / 8 warps 255 + 2,236 B -> 255 + 56 B; side 64 / 4 warps (wgmma
 #: m64n64k8): the recomputing kernel needs 256 KiB of shared memory (it cannot run), this one
 #: 96 KiB and 4.4 KB of spills, so side 64 always takes it. Timed on an H200 (2026-12-04
-#: evening, with NS_TRITON_MAX = 64; ``mixers.py --atlas-paths fast_ns_saved fast``, eager layer
-#: forward+backward): the Quad-Hybrid's shape 512.2 ms against 551.7, d 2048 913.3 against
+#: evening, with NS_TRITON_MAX = 64; eager layer forward+backward, today's ``mixers.py
+#: --atlas-paths fast fast_ns_recompute``): the Quad-Hybrid's shape 512.2 ms against 551.7, d 2048 913.3 against
 #: 957.4; the Quad-Hybrid recipe's CUDA-graph training step 464.9 against 512.9 ms
 #: (``quad_atlas.py --atlas-setting NS_BWD_SAVED=true``). So on at every side
 NS_BWD_SAVED = True
@@ -569,8 +569,8 @@ NS_TRITON_PRECISION = "tf32x3"
 #: saved-iterate kernel). 64 is what the Quad-Hybrid's memory needs (its 64 x 560 weight: without
 #: it every side there runs as float32 batched matmuls, 65% of that layer's kernel time on an
 #: H200, 2026-12-04). Timed at the Quad-Hybrid's shape (H200, 2026-12-04 evening, eager layer
-#: forward+backward, ``mixers.py --atlas-paths fast_ns64 fast --atlas-config quad``): 543.8 ms at
-#: 64 against 799.8 ms at 32, so 64
+#: forward+backward, today's ``mixers.py --atlas-paths fast_ns_recompute fast_ns32 --atlas-config
+#: quad``): 543.8 ms at 64 against 799.8 ms at 32, so 64
 NS_TRITON_MAX = 64
 
 
@@ -1111,8 +1111,8 @@ def probe_errors(device: str = "cuda", **fast_kwargs: object) -> list[float]:
     momenta the first chunks' Gram matrices are singular, and the gradient through Newton-Schulz
     there is ill-conditioned: float64 autograd through the float32 forward's iterates is itself
     2.4e-2 from the float64 reference (1e-2 from a correct kernel or not was then rounding luck:
-    the saved-iterate backward measured 1.8e-2, the recomputing one 2.3e-3, both as accurate per
-    call). From these momenta that floor is 6.5e-3 and every backward is within 3e-3 (CPU)."""
+    the saved-iterate backward's symmetric form, since replaced, measured 1.8e-2, the recomputing
+    one 2.3e-3, both as accurate per call). From these momenta that floor is 6.5e-3 and every backward is within 3e-3 (CPU)."""
     g = torch.Generator().manual_seed(0)
     N, T, C, c, d, hid, p = 3, 21, 4, 3, 4, 6, 2
     coef = torch.tensor([1.0, 1 / math.sqrt(2)])
