@@ -569,8 +569,8 @@ NS_TRITON_PRECISION = "tf32x3"
 #: saved-iterate kernel). 64 is what the Quad-Hybrid's memory needs (its 64 x 560 weight: without
 #: it every side there runs as float32 batched matmuls, 65% of that layer's kernel time on an
 #: H200, 2026-12-04). Timed at the Quad-Hybrid's shape (H200, 2026-12-04 evening, eager layer
-#: forward+backward, today's ``mixers.py --atlas-paths fast_ns_recompute fast_ns32 --atlas-config
-#: quad``): 543.8 ms at 64 against 799.8 ms at 32, so 64
+#: forward+backward, today's ``mixers.py --atlas-paths fast fast_ns32 --atlas-config quad``):
+#: 543.8 ms at 64 (saved-iterate backward) against 799.8 ms at 32 (recomputing), so 64
 NS_TRITON_MAX = 64
 
 
