@@ -181,6 +181,22 @@ def compare_impls(args, leaves, fast_kw, **kw):
     return fwd, bwd
 
 
+
+def float32_errors(args, leaves, depth, device, fast_kw=None, **kw):
+    """The fast path in float32 on ``device`` against the reference in float64 on the CPU, one
+    problem of ``random_problem``: the relative error of each output, end state and input
+    gradient (the same random cotangents on both)."""
+    f32 = [t.detach().float().to(device).requires_grad_() for t in leaves]
+    nv = kw.get("n_valid")
+    got = run_impl(atlas_kernels._atlas_memory_fast, (*f32[:7], f32[7 : 8 + depth], f32[8 + depth :]),
+                   **(fast_kw or {}), **{**kw, "n_valid": None if nv is None else nv.to(device)})
+    want = run_impl(atlas_kernels._atlas_memory, args, **kw)
+    g = torch.Generator().manual_seed(1)
+    seeds = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in want]
+    ga = torch.autograd.grad(sum((o * r.float().to(device)).sum() for o, r in zip(got, seeds)), f32)
+    gb = torch.autograd.grad(sum((o * r).sum() for o, r in zip(want, seeds)), leaves)
+    return [rel_err(a.detach().double().cpu(), b.detach()) for a, b in zip(got + list(ga), want + list(gb))]
+
 FAST_CASES = [  # muon, depth, window, T, p, hid (p = 1 with hid 5 > 3 features: a tall W_1), n_valid
     (True, 2, 3, 11, 2, 5, None), (False, 3, 1, 8, 2, 5, None), (True, 3, 6, 9, 2, 5, None),
     (True, 2, 2, 13, 1, 5, None), (True, 3, 2, 12, 1, 5, None),
@@ -342,20 +358,12 @@ def test_fast_path_with_triton_ns_kernels_in_interpreter():
             errs = atlas.probe_errors("cpu", triton_ns=True)
             assert max(errs[:9]) < 1e-3 and max(errs[9:]) < 1e-2, (saved, errs)
         print("probe ok", flush=True)
-        import sys; sys.path.insert(0, "tests")
-        from test_atlas import random_problem, run_impl, rel_err
+        from tests.test_atlas import float32_errors, random_problem
         atlas.NS_TRITON_MAX = 64
         args, leaves = random_problem(N=2, T=14, C=4, c=3, d=8, p=2, hid=40, depth=2)
-        f32 = [t.detach().float().requires_grad_() for t in leaves]
-        kw = dict(chunk_size=4, window=3, ns_steps=5, muon=True, return_state=True, snapshots=(), n_valid=None)
-        got = run_impl(atlas._atlas_memory_fast, (*f32[:7], f32[7:10], f32[10:]), compile=False, triton_ns=True, **kw)
-        want = run_impl(atlas._atlas_memory, args, **kw)
-        g = torch.Generator().manual_seed(1)
-        seeds = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in want]
-        ga = torch.autograd.grad(sum((o * r.float()).sum() for o, r in zip(got, seeds)), f32)
-        gb = torch.autograd.grad(sum((o * r).sum() for o, r in zip(want, seeds)), leaves)
-        for i, (a, b) in enumerate(zip(got + list(ga), want + list(gb))):
-            assert rel_err(a.detach().double(), b.detach()) < 2e-3, i  # float32 reference: 3e-4
+        errs = float32_errors(args, leaves, 2, "cpu", dict(compile=False, triton_ns=True), chunk_size=4, window=3,
+                              ns_steps=5, muon=True, return_state=True, snapshots=(), n_valid=None)
+        assert max(errs) < 2e-3, errs  # float32 reference: 3e-4
         print("ok")
     """)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
@@ -826,17 +834,10 @@ def test_fast_path_on_cuda_with_side_64_triton_ns(monkeypatch):
     gradients included."""
     monkeypatch.setattr(atlas_kernels, "NS_TRITON_MAX", 64)
     args, leaves = random_problem(N=3, T=30, C=4, c=3, d=8, p=2, hid=40, depth=2)
-    cuda = [t.detach().float().cuda().requires_grad_() for t in leaves]
-    assert atlas_kernels._use_triton_ns(cuda[7:9], torch.float32)
-    kw = dict(chunk_size=4, window=3, ns_steps=5, muon=True, return_state=True, snapshots=(), n_valid=None)
-    got = run_impl(atlas_kernels._atlas_memory_fast, (*cuda[:7], cuda[7:10], cuda[10:]), compile=False, **kw)
-    want = run_impl(atlas_kernels._atlas_memory, args, **kw)
-    g = torch.Generator().manual_seed(1)
-    seeds = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in want]
-    ga = torch.autograd.grad(sum((o * r.float().cuda()).sum() for o, r in zip(got, seeds)), cuda)
-    gb = torch.autograd.grad(sum((o * r).sum() for o, r in zip(want, seeds)), leaves)
-    for a, b in zip(got + list(ga), want + list(gb)):
-        assert rel_err(a.detach().double().cpu(), b.detach()) < 1e-2
+    assert atlas_kernels._use_triton_ns([t.float().cuda() for t in leaves[7:10]], torch.float32)
+    errs = float32_errors(args, leaves, 2, "cuda", dict(compile=False), chunk_size=4, window=3, ns_steps=5,
+                          muon=True, return_state=True, snapshots=(), n_valid=None)
+    assert max(errs) < 1e-2, errs
 
 
 @pytest.mark.gpu
@@ -849,19 +850,10 @@ def test_fast_path_on_cuda_matches_reference():
     assert dispatch.available()["atlas"][1], dispatch.available()["atlas"][2]
     for i, (muon, depth, c, T, p, hid, n_valid) in enumerate(FAST_CASES):
         args, leaves = random_problem(N=3, T=T + 40, C=4, c=c, p=p, hid=hid, depth=depth)  # float64, CPU
-        cuda = [t.detach().float().cuda().requires_grad_() for t in leaves]
-        kw = dict(chunk_size=4, window=c, ns_steps=5, muon=muon, return_state=True, snapshots=(),
-                  n_valid=None if n_valid is None else torch.tensor(n_valid).cuda() + 40)
-        fast = (*cuda[:7], cuda[7 : 8 + depth], cuda[8 + depth :])  # compiled for two cases (compile time)
-        got = run_impl(atlas_kernels._atlas_memory_fast, fast, compile=i < 2, **kw)
-        kw["n_valid"] = None if n_valid is None else kw["n_valid"].cpu()
-        want = run_impl(atlas_kernels._atlas_memory, args, **kw)
-        g = torch.Generator().manual_seed(1)
-        seeds = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in want]
-        ga = torch.autograd.grad(sum((o * r.float().cuda()).sum() for o, r in zip(got, seeds)), cuda)
-        gb = torch.autograd.grad(sum((o * r).sum() for o, r in zip(want, seeds)), leaves)
-        for a, b in zip(got + list(ga), want + list(gb)):  # float32 vs float64 (CPU float32: a few 1e-3)
-            assert rel_err(a.detach().double().cpu(), b.detach()) < 1e-2, (muon, depth, c, p)
+        errs = float32_errors(args, leaves, depth, "cuda", dict(compile=i < 2),  # compiled for two cases (compile time)
+                              chunk_size=4, window=c, ns_steps=5, muon=muon, return_state=True, snapshots=(),
+                              n_valid=None if n_valid is None else torch.tensor(n_valid) + 40)
+        assert max(errs) < 1e-2, (muon, depth, c, p, errs)  # float32 vs float64 (CPU float32: a few 1e-3)
     torch.manual_seed(0)
     mod = Atlas(AtlasConfig(n_heads=4, head_dim=16, chunk_size=16, window=4), d_model=64)
     x = torch.randn(2, 100, 64)

@@ -552,9 +552,9 @@ if triton is not None:
 #: m64n64k8): the recomputing kernel needs 256 KiB of shared memory (it cannot run), this one
 #: 96 KiB and 4.4 KB of spills, so side 64 always takes it. Timed on an H200 (2026-12-04
 #: evening, with NS_TRITON_MAX = 64; eager layer forward+backward, today's ``mixers.py
-#: --atlas-paths fast fast_ns_recompute``): the Quad-Hybrid's shape 512.2 ms against 551.7, d 2048 913.3 against
-#: 957.4; the Quad-Hybrid recipe's CUDA-graph training step 464.9 against 512.9 ms
-#: (``quad_atlas.py --atlas-setting NS_BWD_SAVED=true``). So on at every side
+#: --atlas-paths fast fast_ns_recompute``): the Quad-Hybrid's shape 512.2 ms against 551.7,
+#: d 2048 913.3 against 957.4; the Quad-Hybrid recipe's CUDA-graph training step 464.9 against
+#: 512.9 ms (``quad_atlas.py --atlas-setting NS_BWD_SAVED=true``). So on at every side
 NS_BWD_SAVED = True
 
 #: the Triton kernels' matmul precision: "tf32x3" (three TF32 tensor-core products per
@@ -679,8 +679,7 @@ def _ns_gram_launch(A: Tensor, dR: Tensor | None, steps: int) -> Tensor:
 @torch.library.custom_op("hymba::atlas_ns_gram", mutates_args=())
 def atlas_ns_gram(A: Tensor, steps: int) -> Tensor:
     """``ns_gram_factor(A, steps)`` as one op (Triton on CUDA, else PyTorch); A [B, m, m]
-    float32 with m <= ``NS_TRITON_MAX`` on CUDA (the chunk step calls it only then), symmetric
-    (Gram matrices: the saved-iterate backward kernel relies on it; the others do not)."""
+    float32 with m <= ``NS_TRITON_MAX`` on CUDA (the chunk step calls it only then)."""
     if A.is_cuda and triton is not None:
         return _ns_gram_launch(A, None, steps)
     with torch.no_grad():
