@@ -55,7 +55,7 @@ def run_one(nproc: int, recipe: str, args: argparse.Namespace, work: Path) -> di
            "--device", args.device, "--no-progress"]
     if args.compile:
         cmd.append("--compile")
-    if getattr(args, "fsdp_param_dtype", None):
+    if args.fsdp_param_dtype:
         cmd += ["--fsdp-param-dtype", args.fsdp_param_dtype]
     path = os.environ.get("PYTHONPATH")  # keep fast-path packages installed with --target (gpu_env.sh)
     env = dict(os.environ, PYTHONPATH=str(REPO) + (os.pathsep + path if path else ""))
