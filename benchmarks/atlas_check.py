@@ -92,7 +92,8 @@ def layer_grads(batch: int, seq_len: int, dev: str = "cuda") -> None:
             norms = {n: float(p.grad.norm()) for n, p in layer.named_parameters() if p.grad is not None}
             worst = max(norms, key=norms.get)
             print(f"grads {name}: {time.perf_counter() - t:.1f} s, |y| {float(y.detach().float().norm()):.4g}, "
-                  f"|dx| {float(x.grad.norm()):.3g}, largest |d{worst}| {norms[worst]:.3g}, "
+                  f"y finite: {bool(torch.isfinite(y).all())}, |dx| {float(x.grad.norm()):.3g}, "
+                  f"largest |d{worst}| {norms[worst]:.3g}, "
                   f"all finite: {all(math.isfinite(v) for v in norms.values())}", flush=True)
     finally:
         dispatch.use_fast = saved[0]

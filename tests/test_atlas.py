@@ -848,15 +848,15 @@ def test_fast_path_on_cuda_with_side_64_triton_ns(monkeypatch):
 
 @pytest.mark.gpu
 def test_fast_path_on_cuda_matches_reference():
-    """The CUDA fast path (Triton Newton-Schulz; the chunk step compiled in two cases, eager
+    """The CUDA fast path (Triton Newton-Schulz; the chunk step compiled in the first case, eager
     in the rest) in float32 against the reference on the CPU in float64: outputs, end state
     and every input gradient, Muon (padded and tall weights, partial rows) and SGD; then the
     dispatch picks it for a layer, and a bf16 layer's output and gradients match the float32
     CPU reference's within bf16 rounding."""
-    assert dispatch.available()["atlas"][1], dispatch.available()["atlas"][2]
+    assert dispatch.probe_all(["atlas"])["atlas"], dispatch.statuses()["atlas"]  # (available() probes every op)
     for i, (muon, depth, c, T, p, hid, n_valid) in enumerate(FAST_CASES):
         args, leaves = random_problem(N=3, T=T + 12, C=4, c=c, p=p, hid=hid, depth=depth, float32=True)  # CPU
-        errs = float32_errors(args, leaves, depth, "cuda", dict(compile=i < 2),  # compiled for two cases (compile time)
+        errs = float32_errors(args, leaves, depth, "cuda", dict(compile=i == 0),  # compiled once (compile time)
                               chunk_size=4, window=c, ns_steps=5, muon=muon, return_state=True, snapshots=(),
                               n_valid=None if n_valid is None else torch.tensor(n_valid) + 12)
         assert max(errs) < 1e-2, (muon, depth, c, p, errs)  # float32 vs float64 (CPU float32: a few 1e-3)
