@@ -15,6 +15,9 @@
 #           outlasted 330 s on a fresh machine, compiling one config after another), after warm_autotune.py has
 #           compiled every launch config in 8 parallel processes (one shard of each kernel's configs each) into
 #           Triton's cache: run it alone in a call, then pack_caches with > 60 s to spare
+#   atlas_verify  the ATLAS GPU tests that have not passed on a GPU yet (the fast path against the float64
+#           reference, the layer on CUDA vs CPU), then atlas_check.py --grads (the Quad-Hybrid's ATLAS layer at
+#           8 x 2048, factored vs direct Gram matrices: finite or not; FACTOR_GRAM gave a NaN loss in the recipe)
 #   atlas_profile  the Newton-Schulz kernels' GPU tests (sides 16-64), then mixers.py --atlas-paths --profile: the
 #           ATLAS layer's kernel breakdown at the Quad-Hybrid recipe's shape (--atlas-config quad, B 8 x 2048)
 #           as shipped (fast: Newton-Schulz in Triton up to side 64), with the factored Gram matrices
@@ -86,6 +89,8 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
               step atlas_tests 400 "${PYTEST[@]}" tests/test_atlas.py  # first use compiles: Triton NS, Inductor
               (cd benchmarks && step atlas_paths 600 python mixers.py --atlas-paths reference fast fast_tf32 fast_graphed \
                  --out "$OUT/mixers_atlas_paths.json") ;;
+      atlas_verify) step atlas_gpu_tests 300 "${PYTEST[@]}" tests/test_atlas.py -k "matches_reference or invariant_and_bf16"
+              step atlas_grads 150 python benchmarks/atlas_check.py --grads ;;
       mamba3_tuned) need_tilelang  # 8 processes compile the autotuned kernels' configs between them, then the timed run
               (cd benchmarks && step mamba3_warm 280 python warm_autotune.py --shards 8 --logs /tmp/warm-logs mixers.py \
                  --only mamba3 gdn --out "/tmp/warm-{shard}.json"
