@@ -282,6 +282,7 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
                       the recomputing backward (NS_BWD_SAVED False); _graphed in CUDA graphs
       fast_factored   ``fast`` with the factored Gram matrices and update where they take fewer
                       flops (FACTOR_GRAM None); fast_factored_graphed: the same in CUDA graphs
+                      (not for float32 training: NaN where a momentum cancels, see FACTOR_GRAM)
 
     On a CPU the fast variants are forced through the dispatch (it never picks them there).
     Rows: fwd / fwd+bwd ms, compile + first-call seconds, ratio to gdn's fwd+bwd."""

@@ -243,6 +243,46 @@ def test_factor_gram_picks_the_form_with_fewer_flops():
     assert not atlas_kernels._factor_gram(3, 9, 4, 6) and not atlas_kernels._factor_gram(5, 9, 4, 6)
 
 
+@pytest.mark.parametrize("cancel", [1e-2, 1e-4])
+def test_direct_gram_stays_accurate_when_a_momentum_cancels(cancel):
+    """Why ``FACTOR_GRAM`` is off: one token's momentum of the first weight, ``S_t = Σ_i mix_ti
+    e_i k_iᵀ + λ_t S_0``, cancels to ``cancel`` of its parts (the new gradients against the
+    decayed momentum, as after an update that overshot). In float32 the direct form (S_t
+    formed, then S_t S_tᵀ: positive semi-definite by construction) keeps the chunk step within
+    1e-3 of float64 (measured 8.9e-6 at 1e-2, 6.9e-6 at 1e-3, 1.0e-5 at 1e-4); the factored Gram
+    matrix, a sum of products of the parts, carries their rounding (~1e-7 of |parts|²) into a
+    matrix whose trace is ``cancel``² of it: 3.8e-4 off at 1e-2, 0.20 at 1e-3, and at 1e-4 no
+    longer positive semi-definite, so its
+    trace-normalised Newton-Schulz diverges to NaN (the Quad-Hybrid recipe's first loss was NaN
+    on an H200 with it on)."""
+    g = torch.Generator().manual_seed(0)
+    N, C, c, Fd, D, H = 2, 4, 3, 40, 6, 8
+    f64 = torch.float64
+    rn = lambda *s: torch.randn(*s, generator=g, dtype=f64)  # noqa: E731
+    K, V, gam = F.normalize(rn(N, C + c - 1, Fd), dim=-1), rn(N, C + c - 1, D), torch.rand(N, C + c - 1, generator=g,
+                                                                                            dtype=f64)
+    params = (rn(N, D, Fd) / math.sqrt(Fd), rn(N, H, Fd) / math.sqrt(Fd), rn(N, D, H) / math.sqrt(H))
+    lth = F.logsigmoid(rn(N, C) + 2)
+    mix = atlas_kernels._decay_matrix(lth) @ atlas_kernels._window_matrix(C, c, "cpu", f64)
+    lam, wu, keep = lth.cumsum(-1).exp(), 0.05 * torch.rand(N, C, generator=g, dtype=f64), torch.ones(N, dtype=f64)
+    P, W1, W2 = params
+    e = 2 * gam[..., None] * (F.silu(K @ W1.mT) @ W2.mT + K @ P.mT - V)  # the per-token gradient factors of P
+    part = torch.einsum("ni,nid,nif->ndf", mix[:, 0], e, K) / lam[:, 0, None, None]
+    mom = [-part + cancel * part.norm() / math.sqrt(part[0].numel()) * rn(*part.shape)]
+    mom += [0.3 * rn(*p.shape) / math.sqrt(p.shape[-1]) for p in params[1:]]
+
+    def step(dt, factor):
+        cv = lambda ts: tuple(t.to(dt) for t in ts)  # noqa: E731
+        return atlas_kernels._chunk_step(cv(params), cv(mom), *cv((K, V, gam, mix, lam, wu, keep)), 5, True, False,
+                                         False, factor)[0]
+
+    ref = step(f64, False)
+    err = lambda got: max(float((a.double() - b).norm() / b.norm()) for a, b in zip(got, ref))  # noqa: E731
+    assert err(step(torch.float32, False)) < 1e-3
+    fac = err(step(torch.float32, True))
+    assert (fac > 1e-4) if cancel == 1e-2 else not fac < 1.0, fac  # NaN compares False
+
+
 def test_fast_path_compiled_equals_reference():
     """The torch.compile'd chunk step (what CUDA runs; Inductor's CPU backend here) == the
     reference in float32: outputs, state and gradients, Muon and SGD."""

@@ -757,8 +757,11 @@ COMPILE_CHUNK_STEP = True
 #: formed). Off by default: on an H200 (B 4, T 4096, d 2048, CUDA graphs) the layer took 577.6 ms
 #: forward+backward with it (by flop count, i.e. every weight factored) against 550.6 ms without,
 #: the step being bound by its Newton-Schulz work and its kernel count there, not by these products
-#: (on a CPU, the Quad-Hybrid's memory: 2x faster with it). In the Quad-Hybrid recipe on an H200
-#: (compiled step, Triton NS to side 64) its first loss was NaN, not reproduced on a CPU (RESULTS.md)
+#: (on a CPU, the Quad-Hybrid's memory: 2x faster with it). Not for float32 training: where a
+#: token's momentum cancels (new gradients against the decayed momentum) the factored Gram matrix
+#: keeps the rounding of its parts, is no longer positive semi-definite, and Newton-Schulz
+#: diverges (``test_direct_gram_stays_accurate_when_a_momentum_cancels``: NaN at cancellation 1e-4,
+#: the direct form 1e-5 off float64); the Quad-Hybrid recipe's first loss was NaN with it on an H200
 FACTOR_GRAM: bool | None = False
 #: chunks per compiled call (1: one graph per chunk; k > 1: k chunks unrolled into one graph,
 #: compile time x k, host overhead / k; the remainder runs one chunk per call)
