@@ -252,15 +252,14 @@ def test_direct_gram_stays_accurate_when_a_momentum_cancels(cancel):
     1e-3 of float64 (measured 8.9e-6 at 1e-2, 6.9e-6 at 1e-3, 1.0e-5 at 1e-4); the factored Gram
     matrix, a sum of products of the parts, carries their rounding (~1e-7 of |parts|²) into a
     matrix whose trace is ``cancel``² of it: 3.8e-4 off at 1e-2, 0.20 at 1e-3, and at 1e-4 no
-    longer positive semi-definite, so its
-    trace-normalised Newton-Schulz diverges to NaN (the Quad-Hybrid recipe's first loss was NaN
-    on an H200 with it on)."""
+    longer positive semi-definite, so its trace-normalised Newton-Schulz diverges to NaN (the
+    Quad-Hybrid recipe's first loss was NaN on an H200 with it on)."""
     g = torch.Generator().manual_seed(0)
     N, C, c, Fd, D, H = 2, 4, 3, 40, 6, 8
     f64 = torch.float64
     rn = lambda *s: torch.randn(*s, generator=g, dtype=f64)  # noqa: E731
-    K, V, gam = F.normalize(rn(N, C + c - 1, Fd), dim=-1), rn(N, C + c - 1, D), torch.rand(N, C + c - 1, generator=g,
-                                                                                            dtype=f64)
+    Cp = C + c - 1
+    K, V, gam = F.normalize(rn(N, Cp, Fd), dim=-1), rn(N, Cp, D), torch.rand(N, Cp, generator=g, dtype=f64)
     params = (rn(N, D, Fd) / math.sqrt(Fd), rn(N, H, Fd) / math.sqrt(Fd), rn(N, D, H) / math.sqrt(H))
     lth = F.logsigmoid(rn(N, C) + 2)
     mix = atlas_kernels._decay_matrix(lth) @ atlas_kernels._window_matrix(C, c, "cpu", f64)
@@ -899,7 +898,7 @@ def test_fast_path_on_cuda_matches_reference():
         errs = float32_errors(args, leaves, depth, "cuda", dict(compile=i == 0),  # compiled once (compile time)
                               chunk_size=4, window=c, ns_steps=5, muon=muon, return_state=True, snapshots=(),
                               n_valid=None if n_valid is None else torch.tensor(n_valid) + 12)
-        assert max(errs) < 1e-2, (muon, depth, c, p, errs)  # float32 vs float64 (CPU float32: a few 1e-3)
+        assert max(errs) < 1e-2, (muon, depth, c, p, errs)  # float32 vs float64 (CPU float32: <= 1.6e-3)
     torch.manual_seed(0)
     mod = Atlas(AtlasConfig(n_heads=4, head_dim=16, chunk_size=16, window=4), d_model=64)
     x = torch.randn(2, 100, 64)
