@@ -264,8 +264,7 @@ def test_direct_gram_stays_accurate_when_a_momentum_cancels(cancel):
     lth = F.logsigmoid(rn(N, C) + 2)
     mix = atlas_kernels._decay_matrix(lth) @ atlas_kernels._window_matrix(C, c, "cpu", f64)
     lam, wu, keep = lth.cumsum(-1).exp(), 0.05 * torch.rand(N, C, generator=g, dtype=f64), torch.ones(N, dtype=f64)
-    P, W1, W2 = params
-    e = 2 * gam[..., None] * (F.silu(K @ W1.mT) @ W2.mT + K @ P.mT - V)  # the per-token gradient factors of P
+    e = 2 * gam[..., None] * (memory_apply(params, K) - V)  # the per-token gradient factors of P (with K)
     part = torch.einsum("ni,nid,nif->ndf", mix[:, 0], e, K) / lam[:, 0, None, None]
     mom = [-part + cancel * part.norm() / math.sqrt(part[0].numel()) * rn(*part.shape)]
     mom += [0.3 * rn(*p.shape) / math.sqrt(p.shape[-1]) for p in params[1:]]

@@ -1115,7 +1115,8 @@ def probe_errors(device: str = "cuda", **fast_kwargs: object) -> list[float]:
     there is ill-conditioned: float64 autograd through the float32 forward's iterates is itself
     2.4e-2 from the float64 reference (1e-2 from a correct kernel or not was then rounding luck:
     the saved-iterate backward's symmetric form, since replaced, measured 1.8e-2, the recomputing
-    one 2.3e-3, both as accurate per call). From these momenta that floor is 6.5e-3 and every backward is within 3e-3 (CPU)."""
+    one 2.3e-3, both as accurate per call). From these momenta that floor is 6.5e-3 and every
+    backward is within 3e-3 (CPU)."""
     g = torch.Generator().manual_seed(0)
     N, T, C, c, d, hid, p = 3, 21, 4, 3, 4, 6, 2
     coef = torch.tensor([1.0, 1 / math.sqrt(2)])
