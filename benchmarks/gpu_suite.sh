@@ -16,7 +16,7 @@
 #           compiled every launch config in 8 parallel processes (one shard of each kernel's configs each) into
 #           Triton's cache: run it alone in a call, then pack_caches with > 60 s to spare
 #   atlas_verify  the ATLAS GPU tests that have not passed on a GPU yet (the fast path against the float64
-#           reference, the layer on CUDA vs CPU), then atlas_check.py --grads (the Quad-Hybrid's ATLAS layer at
+#           reference, the layer on CUDA vs CPU, the fast path under TF32), then atlas_check.py --grads (the Quad-Hybrid's ATLAS layer at
 #           8 x 2048, factored vs direct Gram matrices: finite or not; FACTOR_GRAM gave a NaN loss in the recipe)
 #   atlas_profile  the Newton-Schulz kernels' GPU tests (sides 16-64), then mixers.py --atlas-paths --profile: the
 #           ATLAS layer's kernel breakdown at the Quad-Hybrid recipe's shape (--atlas-config quad, B 8 x 2048)
@@ -51,6 +51,9 @@
 #   quad    quad_atlas.py --atlas-reference: tokens/s of the training step (hymba train's Trainer, modes auto
 #           and eager) of configs/quad_hybrid_tiny.yaml at batch 8 x 2048 next to the same recipe with its
 #           ATLAS layers swapped for gdn, and with ATLAS on its reference path (issue 18: atlas/gdn >= 0.5)
+#   quad_tf32  quad_atlas.py --modes auto --tf32: the same two recipes with TF32 float32 matmuls (hymba train --tf32:
+#           the ATLAS memory's GEMMs on tensor cores, its Newton-Schulz in one TF32 pass), 30 timed steps; compare
+#           step_ms and loss_first_last with the quad step's float32 rows
 #   pack_caches  the Triton / Inductor / TileLang caches of this call as $OUT/caches.tar.xz (for .tcache/, see gpu_env.sh)
 #   pack_out  last: every other file under $OUT (logs, JSON) into $OUT/out.tar.xz, so a call of many steps
 #           stays within the device's 8 returned files (unpack here: tar -xJf <files_at>/out.tar.xz)
@@ -89,7 +92,8 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
               step atlas_tests 400 "${PYTEST[@]}" tests/test_atlas.py  # first use compiles: Triton NS, Inductor
               (cd benchmarks && step atlas_paths 600 python mixers.py --atlas-paths reference fast fast_tf32 fast_graphed \
                  --out "$OUT/mixers_atlas_paths.json") ;;
-      atlas_verify) step atlas_gpu_tests 300 "${PYTEST[@]}" tests/test_atlas.py -k "matches_reference or invariant_and_bf16"
+      atlas_verify) step atlas_gpu_tests 300 "${PYTEST[@]}" tests/test_atlas.py \
+                 -k "matches_reference or invariant_and_bf16 or under_tf32"
               step atlas_grads 150 python benchmarks/atlas_check.py --grads ;;
       mamba3_tuned) need_tilelang  # 8 processes compile the autotuned kernels' configs between them, then the timed run
               (cd benchmarks && step mamba3_warm 280 python warm_autotune.py --shards 8 --logs /tmp/warm-logs mixers.py \
@@ -139,6 +143,9 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
                  --prompts 2048 8192 32768 --merge --out-dir "$OUT" ;;
       quad)   need_tilelang  # the recipe's gdn and mamba3 layers run fla's / mamba-ssm's kernels
               step quad 580 python benchmarks/quad_atlas.py --atlas-reference --out "$OUT/quad_atlas.json" ;;
+      quad_tf32) need_tilelang
+              step quad_tf32 540 python benchmarks/quad_atlas.py --modes auto --tf32 --iters 30 \
+                 --out "$OUT/quad_atlas_tf32.json" ;;
       pack_caches) (cd /tmp/hymba_caches && tar -cf - triton inductor tilelang | xz -6 -T0 > "$OUT/caches.tar.xz"  # all cores: a 60 s limit cut a single-threaded pack short
                  # over a returned file's 16 MiB: keep the autotuning results (each kernel then compiles
                  # its chosen config once instead of benchmarking them all) and Inductor's cache
@@ -153,8 +160,9 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
       pack_out) (cd "$OUT" && find . -type f ! -name "*.tar.xz" | sort > /tmp/hymba_pack_out.txt \
                  && tar -cJf out.tar.xz -T /tmp/hymba_pack_out.txt && xargs rm -f < /tmp/hymba_pack_out.txt)
                  echo "pack_out: $(tar -tJf "$OUT/out.tar.xz" | wc -l) files in $OUT/out.tar.xz" ;;
-      *) echo "unknown step $s1 (moe mamba3 gdn atlas mixers mimo_alt mimo_alt2 loss memory decode fused agree modes" \
-              "side_train side_decode quad pack_caches pack_out)"; exit 2 ;;
+      *) echo "unknown step $s1 (moe mamba3 gdn atlas atlas_verify mamba3_tuned atlas_profile atlas_profile_bench" \
+              "mixers mimo_alt mimo_alt2 loss memory decode fused agree modes side_train side_decode quad quad_tf32" \
+              "pack_caches pack_out)"; exit 2 ;;
     esac
   done
 done

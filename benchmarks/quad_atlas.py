@@ -32,7 +32,8 @@ is what the dispatch answered for atlas during the row (fast / reference / mixed
 Per row: ``step_ms``, ``tokens_per_s`` (batch x seq_len x grad_accum per step; meta tokens not
 counted, as ``hymba train`` counts), ``peak_gib`` (``torch.cuda.max_memory_allocated`` over
 the steps after setup, CUDA graph pools included), ``data_ms`` (median time to make one batch,
-inside ``step_ms``: the same for both recipes). Ratios: ATLAS tokens/s / gdn tokens/s per
+inside ``step_ms``: the same for both recipes), ``tf32`` (``--tf32``: float32 matmuls in TF32 for
+both recipes, i.e. the ATLAS memory's). Ratios: ATLAS tokens/s / gdn tokens/s per
 requested mode; ``ratio_default`` is the ``auto`` one (what ``hymba train`` runs), target 0.5.
 Prints a table and writes JSON with the device name (rewritten after every row).
 """
@@ -120,7 +121,7 @@ def train_config(recipe: Recipe, args: argparse.Namespace) -> TrainConfig:
     with the benchmark's flags over it, checked as the CLI checks them."""
     over = {"batch_size": args.batch, "seq_len": args.seq_len, "steps": 10**6, "eval_every": 10**6,
             "save_every": 10**6}
-    for key in ("data", "optimizer", "precision"):
+    for key in ("data", "optimizer", "precision", "tf32"):
         if getattr(args, key) is not None:
             over[key] = getattr(args, key)
     cfg = dataclasses.replace(recipe.train if recipe.train is not None else TrainConfig(), **over)
@@ -142,6 +143,7 @@ def run_row(label: str, recipe: Recipe, mode: str, reference: bool, args: argpar
     with tempfile.TemporaryDirectory(prefix="hymba-quad-atlas-") as tmp, atlas_dispatch(reference) as seen:
         try:
             cfg = train_config(recipe, args)
+            row["tf32"] = cfg.tf32
             opts = RunOptions(out=Path(tmp) / "run", device=args.device, mode=mode, progress=False,
                               recipe_name=str(recipe.source or recipe.name), log=notes.append)
             trainer = Trainer(recipe, cfg, opts)
@@ -261,6 +263,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="hymba train --optimizer (default: the recipe's, else muon: Muon + AdamW)")
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
                     help="hymba train --precision (default: the recipe's, else auto = bf16 autocast on CUDA)")
+    ap.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
+                    help="hymba train --tf32: float32 matmuls (the ATLAS memory's) in TF32, its Newton-Schulz "
+                         "kernels in one TF32 pass (default: the recipe's, else off)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU runs)")
     ap.add_argument("--profile", action="store_true",
                     help="after timing, two more steps per row under torch.profiler: print the top kernels, "

@@ -472,11 +472,34 @@ def test_fast_path_settings_parse_check_and_restore(monkeypatch):
 
 
 @pytest.mark.slow
+def test_ns_precision_follows_tf32(monkeypatch):
+    """``NS_TRITON_PRECISION = "auto"`` (the default) launches the Newton-Schulz kernels in one TF32
+    pass where TF32 is allowed for float32 matmuls (``hymba train --tf32``), else in tf32x3
+    (float32 accuracy); a set precision stays as set. The kernels are checked once per side and
+    per precision they launch at."""
+    assert atlas_kernels.NS_TRITON_PRECISION == "auto"
+    checked = []
+    monkeypatch.setattr(atlas_kernels, "_NS_CHECKED", {})
+    monkeypatch.setattr(atlas_kernels, "_ns_check", lambda M, prec: checked.append((M, prec)))
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for tf32, want in ((False, "tf32x3"), (True, "tf32")):
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            assert atlas_kernels._ns_precision() == want
+            assert atlas_kernels._ns_triton_works(32) and atlas_kernels._ns_triton_works(32)
+            with atlas_kernels.settings(NS_TRITON_PRECISION="ieee"):
+                assert atlas_kernels._ns_precision() == "ieee"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    assert checked == [(32, "tf32x3"), (32, "tf32")]
+
+
 def test_ns_triton_kernels_compile_for_sm90():
     """The Triton Newton-Schulz kernels go through Triton's real compiler for an H100/H200
     (sm_90) without a GPU: TTIR -> PTX -> cubin, at the padded sides, the launch's warps and
-    the default and float32 matmul precisions (the interpreter test checks their numbers,
-    which it computes in float32 whatever the precision; this one that they compile). Where
+    the default and float32 matmul precisions, and one TF32 pass at side 64 (the interpreter
+    test checks their numbers, which it computes in float32 whatever the precision; this one
+    that they compile). Where
     Triton ships ptxas, the resources of what ``_ns_gram_launch`` launches are held: no spills
     in the forward at sides 16 / 32 or the saved-iterate backward at 16, shared memory within
     an H100's 227 KiB, and side 64 on Hopper's wgmma (``benchmarks/kernel_resources.py`` prints
@@ -486,10 +509,11 @@ def test_ns_triton_kernels_compile_for_sm90():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
 
-    prec0 = atlas_kernels.NS_TRITON_PRECISION
+    prec0 = "tf32x3"  # what "auto" launches without TF32 (``hymba train --tf32``: "tf32", compiled here too)
     for kernel in bench.KERNELS:
         # side 64 (one warpgroup): the forward and the saved-iterate backward, the only one launched there
-        for M, prec in [(16, prec0), (32, prec0), (32, "ieee"), *([] if kernel == "_ns_gram_bwd_kernel" else [(64, prec0)])]:
+        side64 = [] if kernel == "_ns_gram_bwd_kernel" else [(64, prec0), (64, "tf32")]
+        for M, prec in [(16, prec0), (32, prec0), (32, "ieee"), *side64]:
             res = bench.ns_resources(M, kernel, prec)
             assert res["cubin_bytes"] > 0, (kernel, M)
             if prec != prec0 or "registers" not in res:  # no ptxas in this Triton
@@ -882,6 +906,27 @@ def test_fast_path_on_cuda_with_side_64_triton_ns(monkeypatch):
     errs = float32_errors(args, leaves, 2, "cuda", dict(compile=False), chunk_size=4, window=3, ns_steps=5,
                           muon=True, return_state=True, snapshots=(), n_valid=None)
     assert max(errs) < 1e-2, errs
+
+
+@pytest.mark.gpu
+def test_fast_path_on_cuda_under_tf32():
+    """``hymba train --tf32``: with TF32 allowed the chunk step's float32 matmuls run on tensor
+    cores and Newton-Schulz takes the one-pass TF32 kernels (checked once at that precision);
+    the result stays finite and near the float64 reference (TF32 rounds inputs to ~1e-3). The
+    dispatch's probe still ran in float32."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert dispatch.probe_all(["atlas"])["atlas"], dispatch.statuses()["atlas"]
+        assert atlas_kernels._ns_precision() == "tf32"
+        args, leaves = random_problem(N=3, T=32, C=4, c=3, p=2, hid=2, depth=2, float32=True)
+        errs = float32_errors(args, leaves, 2, "cuda", dict(compile=False), chunk_size=4, window=3, ns_steps=5,
+                              muon=True, return_state=True, snapshots=(), n_valid=None)
+        print("tf32 errors:", [f"{e:.2g}" for e in errs])
+        assert all(math.isfinite(e) for e in errs) and max(errs) < 0.1, errs
+        assert (atlas_kernels._ns_side(8), True, "tf32") in atlas_kernels._NS_CHECKED
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 @pytest.mark.gpu

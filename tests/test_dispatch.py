@@ -66,6 +66,29 @@ def test_probe_runs_with_autocast_off_whatever_the_callers_autocast():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
 
 
+def test_probe_runs_with_tf32_off_whatever_the_callers_setting():
+    """``hymba train --tf32`` allows TF32 for float32 matmuls process-wide; probes hold float32
+    kernels to float32 tolerances, so they run with it off, and the caller's setting is back
+    after (also after a failing probe)."""
+    seen = []
+
+    def probe():
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+
+    def broken():
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        raise RuntimeError("no kernel")
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert dispatch.FastPath("probe_tf32", probe, "test").ok()
+        assert not dispatch.FastPath("broken_tf32", broken, "test").ok()
+        assert seen == [False, False] and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def test_pinned_autotune_pins_and_restores():
     triton = pytest.importorskip("triton")
     tl = pytest.importorskip("triton.language")

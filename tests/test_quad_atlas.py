@@ -55,7 +55,7 @@ def test_tiny_cpu_run(tmp_path) -> None:
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quad_atlas.py"), "--device", "cpu",
                           "--batch", "1", "--seq-len", "16", "--warmup", "1", "--iters", "1", "--threads", "1",
                           "--atlas-reference", "--profile", "--profile-rows", "3", "--out", str(out),
-                          "--atlas-setting", "NS_TRITON_MAX=64", "--atlas-setting", "FACTOR_GRAM=none"],
+                          "--atlas-setting", "NS_TRITON_MAX=64", "--atlas-setting", "FACTOR_GRAM=none", "--tf32"],
                          capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert res.returncode == 0, res.stderr[-2000:] + res.stdout[-2000:]
     assert "ratio atlas/gdn (mode auto" in res.stdout
@@ -68,6 +68,7 @@ def test_tiny_cpu_run(tmp_path) -> None:
     for r in rep["rows"]:
         assert "error" not in r, r
         assert r["mode_requested"] == "auto" and r["mode"] == "eager"  # auto on the CPU is eager
+        assert r["tf32"] is True  # --tf32 reached the trainer's config (no effect on the CPU)
         assert r["tokens_per_step"] == 16 and r["tokens_per_s"] == pytest.approx(16 / (r["step_ms"] / 1e3))
         assert r["step_ms"] > 0 and r["first_step_s"] > 0 and r["data_ms"] >= 0
         assert all(x == x and abs(x) < 100 for x in r["loss_first_last"])  # finite losses

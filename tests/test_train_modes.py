@@ -106,6 +106,31 @@ def test_auto_on_the_cpu_is_eager_silently_and_recorded(tmp_path, capsys):
     assert metrics(tmp_path / "e")[0]["mode"] == "eager"
 
 
+def test_tf32_is_set_for_the_run_and_restored(tmp_path, capsys, monkeypatch):
+    """``--tf32`` / the recipe's ``train: {tf32: true}`` allow TF32 for float32 matmuls during the
+    run (each step sees it), ``--no-tf32`` overrides the recipe, the caller's setting is back
+    afterwards; on the CPU the run says the flag has no effect there."""
+    seen: list[bool] = []
+    real = Trainer.train_step
+
+    def step(self, i):  # noqa: ANN001, ANN202
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return real(self, i)
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    before = torch.backends.cuda.matmul.allow_tf32
+    assert main(["train", write_recipe(tmp_path), "--out", str(tmp_path / "a"), "--steps", "2", "--tf32",
+                 "--device", "cpu", *FAST]) == 0
+    assert seen == [True, True] and torch.backends.cuda.matmul.allow_tf32 == before
+    assert "(--tf32: CUDA only, no effect here)" in capsys.readouterr().err
+    path = write_recipe(tmp_path, {**TINY, "train": {"tf32": True, "seq_len": 32}})
+    seen.clear()
+    assert main(["train", path, "--out", str(tmp_path / "b"), "--steps", "1", "--device", "cpu", *FAST]) == 0
+    assert main(["train", path, "--out", str(tmp_path / "c"), "--steps", "1", "--no-tf32", "--device", "cpu",
+                 *FAST]) == 0
+    assert seen == [True, False] and torch.backends.cuda.matmul.allow_tf32 == before
+
+
 # --------------------------------------------------------------------------- the capture's diagnosis
 
 

@@ -29,7 +29,7 @@ _FIELDS = {
     "steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len", "grad_accum": "grad_accum",
     "lr": "lr", "muon_lr": "muon_lr", "weight_decay": "weight_decay", "optimizer": "optimizer",
     "schedule": "schedule", "warmup": "warmup_steps", "grad_clip": "grad_clip", "precision": "precision",
-    "fsdp_param_dtype": "fsdp_param_dtype",
+    "tf32": "tf32", "fsdp_param_dtype": "fsdp_param_dtype",
     "seed": "seed", "data": "data", "tokenizer": "tokenizer", "eval_every": "eval_every",
     "eval_batches": "eval_batches", "save_every": "save_every", "keep_last": "keep_last",
     "mqar_pairs": "mqar_pairs", "copy_tokens": "copy_tokens", "val_frac": "val_frac",
@@ -92,6 +92,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, help="warmup steps")
     p.add_argument("--grad-clip", type=float, help="max gradient norm (0 = off)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="auto = bf16 autocast on CUDA")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
+                   help="float32 matmuls on CUDA in TF32 (~1e-3 relative): the ATLAS memory's, which run outside "
+                        "bf16 autocast; --no-tf32 keeps float32 accuracy")
     p.add_argument("--fsdp-param-dtype", choices=("float32", "bfloat16"),
                    help="under torchrun (FSDP2): bfloat16 = bf16 all-gathered parameters, float32 gradient reduce "
                         "(torchtitan's mixed precision; needs bf16 precision); float32 (default) = autocast only")

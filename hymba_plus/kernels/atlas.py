@@ -423,8 +423,8 @@ def _atlas_memory(
 # torch.compile, with its own backward. On CUDA (float32, short side <= NS_TRITON_MAX) both
 # directions are one Triton kernel each, a program per matrix holding it in registers for all
 # the steps, its matmuls on tensor cores in float32 accuracy (``NS_TRITON_PRECISION``
-# "tf32x3"; the PyTorch form is 4 batched float32 matmuls and an add per step, x 2-3 in the
-# backward); elsewhere the PyTorch form: ``ns_gram_factor`` forward, ``_ns_gram_vjp`` backward.
+# "tf32x3"; one TF32 pass under ``hymba train --tf32``; the PyTorch form is 4 batched float32
+# matmuls and an add per step, x 2-3 in the backward); elsewhere the PyTorch form: ``ns_gram_factor`` forward, ``_ns_gram_vjp`` backward.
 # The chunk step calls the op only where the Triton kernels apply (``_use_triton_ns``: CUDA,
 # float32, every Gram side <= NS_TRITON_MAX, the kernels checked once on this GPU).
 
@@ -559,9 +559,19 @@ NS_BWD_SAVED = True
 
 #: the Triton kernels' matmul precision: "tf32x3" (three TF32 tensor-core products per
 #: matmul, float32 accuracy), "ieee" (float32 FMAs: NS5 is most of the step's flops, and
-#: float32 without tensor cores is the slowest way to do them) or "tf32" (one TF32 product:
-#: ~1e-3 relative, as Muon implementations that orthogonalise in bf16 accept)
-NS_TRITON_PRECISION = "tf32x3"
+#: float32 without tensor cores is the slowest way to do them), "tf32" (one TF32 product:
+#: ~1e-3 relative, as Muon implementations that orthogonalise in bf16 accept) or "auto": the
+#: process's float32 matmul precision decides, "tf32" where TF32 is allowed for them
+#: (``torch.backends.cuda.matmul.allow_tf32``, ``hymba train --tf32``: the chunk step's other
+#: float32 matmuls then run in TF32 too), else "tf32x3"
+NS_TRITON_PRECISION = "auto"
+
+
+def _ns_precision() -> str:
+    """The precision the Newton-Schulz Triton kernels launch with now (``NS_TRITON_PRECISION``)."""
+    if NS_TRITON_PRECISION != "auto":
+        return NS_TRITON_PRECISION
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
 
 #: largest Gram side the Triton kernels take, 32 or 64 (a program holds its matrices in registers:
 #: at 32 the backward already uses 255 registers per thread; at 64 a program is one warpgroup on
@@ -621,13 +631,13 @@ def _ns_triton_works(M: int) -> bool:
     side runs eagerly (the training step's eager first step, or the warm-up passes before a
     CUDA-graph capture); a side first met inside a capture cannot be checked there (no kernel
     may launch) and takes the PyTorch form, with a line saying so."""
-    key = (M, _ns_saved_bwd(M), NS_TRITON_PRECISION)
+    key = (M, _ns_saved_bwd(M), _ns_precision())
     if key not in _NS_CHECKED:
         if dispatch.capturing():
             print(f"atlas: Newton-Schulz Triton kernels at side {M} not checked before this CUDA-graph capture: "
                   "batched matmuls in this graph", file=sys.stderr, flush=True)
             return False
-        why = _ns_check(M, NS_TRITON_PRECISION)
+        why = _ns_check(M, key[2])
         _NS_CHECKED[key] = why is None
         if why is not None:
             print(f"atlas: Newton-Schulz Triton kernels at side {M} unavailable ({why}): batched matmuls instead",
@@ -637,7 +647,7 @@ def _ns_triton_works(M: int) -> bool:
 
 def _ns_check(M: int, precision: str) -> str | None:
     """Why the Triton kernels at padded side M disagree with the PyTorch form here (None: they
-    agree, forward and backward, within the precision's tolerance)."""
+    agree, forward and backward, within the precision's tolerance; the PyTorch form in float32)."""
     try:
         g = torch.Generator().manual_seed(0)
         X = torch.randn(6, M - M // 4, M + 8, generator=g)
@@ -645,26 +655,29 @@ def _ns_check(M: int, precision: str) -> str | None:
         A = F.pad(X @ X.mT, (0, M // 4, 0, M // 4)).cuda()
         dR = torch.randn(6, M, M, generator=g).cuda()
         Ar = A.clone().requires_grad_()
-        R = ns_gram_factor(Ar, 5)
-        (dA,) = torch.autograd.grad(R, Ar, dR)
+        with dispatch.full_float32():
+            R = ns_gram_factor(Ar, 5)
+            (dA,) = torch.autograd.grad(R, Ar, dR)
         tol = 3e-2 if precision == "tf32" else 1e-4
-        errs = (max_rel_err(_ns_gram_launch(A, None, 5), R), max_rel_err(_ns_gram_launch(A, dR, 5), dA))
+        errs = (max_rel_err(_ns_gram_launch(A, None, 5, precision), R),
+                max_rel_err(_ns_gram_launch(A, dR, 5, precision), dA))
         return None if max(errs) < tol else f"relative error {max(errs):.2g} over {tol:g}"
     except Exception as e:  # noqa: BLE001 - any compile / launch failure: use the PyTorch form
         first = (str(e).strip().splitlines() or [""])[0][:160]
         return f"{type(e).__name__}: {first}"
 
 
-def _ns_gram_launch(A: Tensor, dR: Tensor | None, steps: int) -> Tensor:
+def _ns_gram_launch(A: Tensor, dR: Tensor | None, steps: int, precision: str | None = None) -> Tensor:
     """R (``dR is None``) or dA for A [B, m, m], float32, through the Triton kernels (m is
-    zero-padded to a power of two >= 16; the padding stays zero, see ``_chunk_step``)."""
+    zero-padded to a power of two >= 16; the padding stays zero, see ``_chunk_step``), at
+    ``precision`` (default ``_ns_precision()``)."""
     B, m = A.shape[0], A.shape[-1]
     M = _ns_side(m)
     pad = lambda t: F.pad(t, (0, M - m, 0, M - m)).contiguous()  # noqa: E731
     out = torch.empty(B, M, M, device=A.device, dtype=torch.float32)
     a, b, c = NS_COEFFS
     warps = _ns_warps(M)
-    prec = NS_TRITON_PRECISION
+    prec = precision or _ns_precision()
     if dR is None:
         _ns_gram_fwd_kernel[(B,)](pad(A), out, M=M, STEPS=steps, a=a, b=b, c=c, PREC=prec, num_warps=warps)
     elif _ns_saved_bwd(M):
@@ -911,7 +924,7 @@ def _chunk_steps(
 #: values it takes (a tuple of choices, or ``int`` for a positive integer)
 SETTINGS: dict[str, tuple | type] = {
     "COMPILE_CHUNK_STEP": (True, False), "TRITON_NS": (True, False), "CHUNKS_PER_CALL": int,
-    "NS_TRITON_PRECISION": ("tf32x3", "tf32", "ieee"), "FACTOR_GRAM": (None, True, False),
+    "NS_TRITON_PRECISION": ("auto", "tf32x3", "tf32", "ieee"), "FACTOR_GRAM": (None, True, False),
     "TRITON_NS_SPLIT": (True, False), "NS_BWD_SAVED": (True, False), "NS_TRITON_MAX": (16, 32, 64),
 }
 

@@ -9,10 +9,10 @@ and asks, at call time, ``use_fast("gdn", x)``. The answer is True only when
 
 * ``HYMBA_KERNELS`` is not ``reference`` (``auto``, the default, or ``fast``),
 * every given tensor is on CUDA, and
-* the probe succeeded (it runs once, with autograd on and autocast off whatever the caller's
-  grad mode and autocast, fla's and mamba-ssm's autotuned kernels on their first launch config
-  (``PROBE_PINNED``; retried autotuned if that fails); an ImportError or any failure means
-  "not available").
+* the probe succeeded (it runs once, with autograd on, autocast off and TF32 off whatever the
+  caller's grad mode, autocast and ``allow_tf32``, fla's and mamba-ssm's autotuned kernels on
+  their first launch config (``PROBE_PINNED``; retried autotuned if that fails); an ImportError
+  or any failure means "not available").
 
 In ``auto`` mode a fast path whose probe failed is announced once, in one line on stderr, the
 first time a CUDA call falls back because of it ("fast path gdn unavailable (ImportError:
@@ -78,7 +78,9 @@ class FastPath:
                 # inside a training forward's autocast: a probe sets its own dtypes, and a
                 # backward it runs there would run in bf16 (the ATLAS probe's gradients were off
                 # by 160% on an H200 this way, so the fast path was turned off in training)
-                with torch.inference_mode(False), torch.enable_grad(), _no_autocast():
+                # and under TF32 float32 matmuls (``hymba train --tf32``): probes hold float32 kernels
+                # to float32 tolerances, so they run with TF32 off
+                with torch.inference_mode(False), torch.enable_grad(), _no_autocast(), full_float32():
                     _run_probe(self.probe)
                 self.status = True
             except Exception as e:  # noqa: BLE001 - any import/probe failure = unavailable
@@ -114,6 +116,18 @@ def _no_autocast() -> Iterator[None]:
     """Autocast off on the CPU and on CUDA (probes run with the dtypes they choose)."""
     with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
         yield
+
+
+@contextlib.contextmanager
+def full_float32() -> Iterator[None]:
+    """float32 matmuls on CUDA in float32 for the block (TF32 off), the caller's setting
+    restored after it. For checks that compare float32 kernels with float64 references."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def fast_path(name: str, probe: Callable[[], Any], doc: str) -> None:

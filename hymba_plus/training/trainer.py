@@ -351,6 +351,9 @@ class Trainer:
             self.info = dist_mod.init(self.opts.device)
         except ValueError as e:
             raise TrainError(str(e)) from None
+        # process-wide, like autocast's dtype: set for the run, the caller's setting back after it (``run``)
+        self.tf32_before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = self.cfg.tf32
         created = first_missing(self.out) if self.info.is_main else None
         try:
             self._setup()
@@ -524,6 +527,8 @@ class Trainer:
         where = f"{dev}" + (f" x{self.info.world} ({fsdp})" if self.info.enabled else "")
         self.log(f"model {self.recipe.name}: {n_params / 1e6:.2f}M params, pattern {self.recipe.pattern}")
         self.log(f"data: {self.stream.description}")
+        if cfg.tf32:
+            where += ", float32 matmuls in TF32" if dev.type == "cuda" else " (--tf32: CUDA only, no effect here)"
         self.log(f"optimizer: {self.split.describe()}; schedule {cfg.schedule}, warmup {cfg.warmup_steps}; "
                  f"device {where}")
         if mode_line is not None:
@@ -914,6 +919,8 @@ class Trainer:
                                checkpoint=self.resume_from, out=self.out, note=self.nothing_to_do)
             return self._loop()
         finally:
+            if hasattr(self, "tf32_before"):
+                torch.backends.cuda.matmul.allow_tf32 = self.tf32_before
             if hasattr(self, "info"):
                 info = self.info
                 if info.enabled:  # the sharded model and optimizer state hold the process group: drop them
