@@ -52,8 +52,8 @@
 #           and eager) of configs/quad_hybrid_tiny.yaml at batch 8 x 2048 next to the same recipe with its
 #           ATLAS layers swapped for gdn, and with ATLAS on its reference path (issue 18: atlas/gdn >= 0.5)
 #   quad_tf32  quad_atlas.py --modes auto --tf32: the same two recipes with TF32 float32 matmuls (hymba train --tf32:
-#           the ATLAS memory's GEMMs on tensor cores, its Newton-Schulz in one TF32 pass), 30 timed steps; compare
-#           step_ms and loss_first_last with the quad step's float32 rows
+#           the ATLAS memory's cuBLAS GEMMs on tensor cores; Newton-Schulz stays tf32x3), 30 timed steps: what the
+#           GEMMs' precision is worth in time (benchmarks/atlas_tf32.py: what it costs in accuracy, on a CPU)
 #   pack_caches  the Triton / Inductor / TileLang caches of this call as $OUT/caches.tar.xz (for .tcache/, see gpu_env.sh)
 #   pack_out  last: every other file under $OUT (logs, JSON) into $OUT/out.tar.xz, so a call of many steps
 #           stays within the device's 8 returned files (unpack here: tar -xJf <files_at>/out.tar.xz)

@@ -264,8 +264,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
                     help="hymba train --precision (default: the recipe's, else auto = bf16 autocast on CUDA)")
     ap.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
-                    help="hymba train --tf32: float32 matmuls (the ATLAS memory's) in TF32, its Newton-Schulz "
-                         "kernels in one TF32 pass (default: the recipe's, else off)")
+                    help="hymba train --tf32: float32 matmuls in TF32, i.e. the ATLAS memory's cuBLAS GEMMs "
+                         "(its Newton-Schulz kernels stay tf32x3; default: the recipe's, else off)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU runs)")
     ap.add_argument("--profile", action="store_true",
                     help="after timing, two more steps per row under torch.profiler: print the top kernels, "

@@ -472,23 +472,21 @@ def test_fast_path_settings_parse_check_and_restore(monkeypatch):
 
 
 @pytest.mark.slow
-def test_ns_precision_follows_tf32(monkeypatch):
-    """``NS_TRITON_PRECISION = "auto"`` (the default) launches the Newton-Schulz kernels in one TF32
-    pass where TF32 is allowed for float32 matmuls (``hymba train --tf32``), else in tf32x3
-    (float32 accuracy); a set precision stays as set. The kernels are checked once per side and
-    per precision they launch at."""
-    assert atlas_kernels.NS_TRITON_PRECISION == "auto"
+def test_ns_kernels_keep_their_precision_under_tf32(monkeypatch):
+    """``hymba train --tf32`` moves cuBLAS float32 matmuls to TF32; the Newton-Schulz Triton
+    kernels keep ``NS_TRITON_PRECISION`` (tf32x3: float32 accuracy), checked once per side and
+    precision, the check's PyTorch form in float32 (TF32 off around it)."""
+    assert atlas_kernels.NS_TRITON_PRECISION == "tf32x3"
     checked = []
     monkeypatch.setattr(atlas_kernels, "_NS_CHECKED", {})
     monkeypatch.setattr(atlas_kernels, "_ns_check", lambda M, prec: checked.append((M, prec)))
     before = torch.backends.cuda.matmul.allow_tf32
     try:
-        for tf32, want in ((False, "tf32x3"), (True, "tf32")):
+        for tf32 in (False, True):
             torch.backends.cuda.matmul.allow_tf32 = tf32
-            assert atlas_kernels._ns_precision() == want
-            assert atlas_kernels._ns_triton_works(32) and atlas_kernels._ns_triton_works(32)
-            with atlas_kernels.settings(NS_TRITON_PRECISION="ieee"):
-                assert atlas_kernels._ns_precision() == "ieee"
+            assert atlas_kernels._ns_triton_works(32)
+        with atlas_kernels.settings(NS_TRITON_PRECISION="tf32"):
+            assert atlas_kernels._ns_triton_works(32)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
     assert checked == [(32, "tf32x3"), (32, "tf32")]
@@ -497,9 +495,9 @@ def test_ns_precision_follows_tf32(monkeypatch):
 def test_ns_triton_kernels_compile_for_sm90():
     """The Triton Newton-Schulz kernels go through Triton's real compiler for an H100/H200
     (sm_90) without a GPU: TTIR -> PTX -> cubin, at the padded sides, the launch's warps and
-    the default and float32 matmul precisions, and one TF32 pass at side 64 (the interpreter
-    test checks their numbers, which it computes in float32 whatever the precision; this one
-    that they compile). Where
+    the default and float32 matmul precisions, and one TF32 pass (``NS_TRITON_PRECISION``
+    "tf32") at side 64 (the interpreter test checks their numbers, which it computes in float32
+    whatever the precision; this one that they compile). Where
     Triton ships ptxas, the resources of what ``_ns_gram_launch`` launches are held: no spills
     in the forward at sides 16 / 32 or the saved-iterate backward at 16, shared memory within
     an H100's 227 KiB, and side 64 on Hopper's wgmma (``benchmarks/kernel_resources.py`` prints
@@ -509,7 +507,7 @@ def test_ns_triton_kernels_compile_for_sm90():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
 
-    prec0 = "tf32x3"  # what "auto" launches without TF32 (``hymba train --tf32``: "tf32", compiled here too)
+    prec0 = atlas_kernels.NS_TRITON_PRECISION
     for kernel in bench.KERNELS:
         # side 64 (one warpgroup): the forward and the saved-iterate backward, the only one launched there
         side64 = [] if kernel == "_ns_gram_bwd_kernel" else [(64, prec0), (64, "tf32")]
@@ -910,21 +908,21 @@ def test_fast_path_on_cuda_with_side_64_triton_ns(monkeypatch):
 
 @pytest.mark.gpu
 def test_fast_path_on_cuda_under_tf32():
-    """``hymba train --tf32``: with TF32 allowed the chunk step's float32 matmuls run on tensor
-    cores and Newton-Schulz takes the one-pass TF32 kernels (checked once at that precision);
-    the result stays finite and near the float64 reference (TF32 rounds inputs to ~1e-3). The
-    dispatch's probe still ran in float32."""
+    """``hymba train --tf32``: TF32 allowed for float32 matmuls moves the chunk step's cuBLAS
+    GEMMs to tensor cores, Newton-Schulz stays in tf32x3, the dispatch's probe still checks in
+    float32 and passes. The result stays finite; its outputs and end state near the float64
+    reference (a CPU emulation of TF32 rounding, ``benchmarks/atlas_tf32.py``, puts the probe's
+    problem at 2.4e-3 / 1.1e-2 there and its gradients 0.64 off, so those are only printed)."""
     before = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = True
+        dispatch.forget("atlas")
         assert dispatch.probe_all(["atlas"])["atlas"], dispatch.statuses()["atlas"]
-        assert atlas_kernels._ns_precision() == "tf32"
         args, leaves = random_problem(N=3, T=32, C=4, c=3, p=2, hid=2, depth=2, float32=True)
         errs = float32_errors(args, leaves, 2, "cuda", dict(compile=False), chunk_size=4, window=3, ns_steps=5,
                               muon=True, return_state=True, snapshots=(), n_valid=None)
-        print("tf32 errors:", [f"{e:.2g}" for e in errs])
-        assert all(math.isfinite(e) for e in errs) and max(errs) < 0.1, errs
-        assert (atlas_kernels._ns_side(8), True, "tf32") in atlas_kernels._NS_CHECKED
+        print("tf32 errors (output, end state, gradients):", [f"{e:.2g}" for e in errs])
+        assert all(math.isfinite(e) for e in errs) and max(errs[:7]) < 5e-2, errs  # y, 3 weights, 3 momenta
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
 

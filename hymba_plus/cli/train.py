@@ -93,8 +93,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-clip", type=float, help="max gradient norm (0 = off)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="auto = bf16 autocast on CUDA")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
-                   help="float32 matmuls on CUDA in TF32 (~1e-3 relative): the ATLAS memory's, which run outside "
-                        "bf16 autocast; --no-tf32 keeps float32 accuracy")
+                   help="float32 matmuls on CUDA in TF32 (~1e-3 relative): those outside bf16 autocast, e.g. "
+                        "--precision fp32 runs and the ATLAS memory's GEMMs; --no-tf32 keeps float32 accuracy")
     p.add_argument("--fsdp-param-dtype", choices=("float32", "bfloat16"),
                    help="under torchrun (FSDP2): bfloat16 = bf16 all-gathered parameters, float32 gradient reduce "
                         "(torchtitan's mixed precision; needs bf16 precision); float32 (default) = autocast only")

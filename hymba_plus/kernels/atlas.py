@@ -423,8 +423,8 @@ def _atlas_memory(
 # torch.compile, with its own backward. On CUDA (float32, short side <= NS_TRITON_MAX) both
 # directions are one Triton kernel each, a program per matrix holding it in registers for all
 # the steps, its matmuls on tensor cores in float32 accuracy (``NS_TRITON_PRECISION``
-# "tf32x3"; one TF32 pass under ``hymba train --tf32``; the PyTorch form is 4 batched float32
-# matmuls and an add per step, x 2-3 in the backward); elsewhere the PyTorch form: ``ns_gram_factor`` forward, ``_ns_gram_vjp`` backward.
+# "tf32x3", also under ``hymba train --tf32``; the PyTorch form is 4 batched float32 matmuls
+# and an add per step, x 2-3 in the backward); elsewhere the PyTorch form: ``ns_gram_factor`` forward, ``_ns_gram_vjp`` backward.
 # The chunk step calls the op only where the Triton kernels apply (``_use_triton_ns``: CUDA,
 # float32, every Gram side <= NS_TRITON_MAX, the kernels checked once on this GPU).
 
@@ -560,18 +560,13 @@ NS_BWD_SAVED = True
 #: the Triton kernels' matmul precision: "tf32x3" (three TF32 tensor-core products per
 #: matmul, float32 accuracy), "ieee" (float32 FMAs: NS5 is most of the step's flops, and
 #: float32 without tensor cores is the slowest way to do them), "tf32" (one TF32 product:
-#: ~1e-3 relative, as Muon implementations that orthogonalise in bf16 accept) or "auto": the
-#: process's float32 matmul precision decides, "tf32" where TF32 is allowed for them
-#: (``torch.backends.cuda.matmul.allow_tf32``, ``hymba train --tf32``: the chunk step's other
-#: float32 matmuls then run in TF32 too), else "tf32x3"
-NS_TRITON_PRECISION = "auto"
-
-
-def _ns_precision() -> str:
-    """The precision the Newton-Schulz Triton kernels launch with now (``NS_TRITON_PRECISION``)."""
-    if NS_TRITON_PRECISION != "auto":
-        return NS_TRITON_PRECISION
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+#: ~1e-3 relative, as Muon implementations that orthogonalise in bf16 accept). It does not follow
+#: ``torch.backends.cuda.matmul.allow_tf32`` (``hymba train --tf32``, which moves the chunk step's
+#: cuBLAS matmuls to TF32): in a CPU emulation of TF32 rounding (``benchmarks/atlas_tf32.py``),
+#: one-pass NS on top of TF32 GEMMs took the probe problem's gradients 3.9 off float64 (the GEMMs
+#: alone 0.64, float32 3e-3) and the 2-layer ATLAS MQAR model's mean final loss over 6 seeds
+#: from 2.36 to 2.69 (the GEMMs alone 2.37)
+NS_TRITON_PRECISION = "tf32x3"
 
 #: largest Gram side the Triton kernels take, 32 or 64 (a program holds its matrices in registers:
 #: at 32 the backward already uses 255 registers per thread; at 64 a program is one warpgroup on
@@ -631,7 +626,7 @@ def _ns_triton_works(M: int) -> bool:
     side runs eagerly (the training step's eager first step, or the warm-up passes before a
     CUDA-graph capture); a side first met inside a capture cannot be checked there (no kernel
     may launch) and takes the PyTorch form, with a line saying so."""
-    key = (M, _ns_saved_bwd(M), _ns_precision())
+    key = (M, _ns_saved_bwd(M), NS_TRITON_PRECISION)
     if key not in _NS_CHECKED:
         if dispatch.capturing():
             print(f"atlas: Newton-Schulz Triton kernels at side {M} not checked before this CUDA-graph capture: "
@@ -670,14 +665,14 @@ def _ns_check(M: int, precision: str) -> str | None:
 def _ns_gram_launch(A: Tensor, dR: Tensor | None, steps: int, precision: str | None = None) -> Tensor:
     """R (``dR is None``) or dA for A [B, m, m], float32, through the Triton kernels (m is
     zero-padded to a power of two >= 16; the padding stays zero, see ``_chunk_step``), at
-    ``precision`` (default ``_ns_precision()``)."""
+    ``precision`` (default ``NS_TRITON_PRECISION``)."""
     B, m = A.shape[0], A.shape[-1]
     M = _ns_side(m)
     pad = lambda t: F.pad(t, (0, M - m, 0, M - m)).contiguous()  # noqa: E731
     out = torch.empty(B, M, M, device=A.device, dtype=torch.float32)
     a, b, c = NS_COEFFS
     warps = _ns_warps(M)
-    prec = precision or _ns_precision()
+    prec = precision or NS_TRITON_PRECISION
     if dR is None:
         _ns_gram_fwd_kernel[(B,)](pad(A), out, M=M, STEPS=steps, a=a, b=b, c=c, PREC=prec, num_warps=warps)
     elif _ns_saved_bwd(M):
@@ -924,7 +919,7 @@ def _chunk_steps(
 #: values it takes (a tuple of choices, or ``int`` for a positive integer)
 SETTINGS: dict[str, tuple | type] = {
     "COMPILE_CHUNK_STEP": (True, False), "TRITON_NS": (True, False), "CHUNKS_PER_CALL": int,
-    "NS_TRITON_PRECISION": ("auto", "tf32x3", "tf32", "ieee"), "FACTOR_GRAM": (None, True, False),
+    "NS_TRITON_PRECISION": ("tf32x3", "tf32", "ieee"), "FACTOR_GRAM": (None, True, False),
     "TRITON_NS_SPLIT": (True, False), "NS_BWD_SAVED": (True, False), "NS_TRITON_MAX": (16, 32, 64),
 }
 
