@@ -24,7 +24,8 @@ memory, 5 chunks) per configuration against the float64 reference: the worst rel
 the output, the end state and the input gradients.
 
 Part 2: learning. The 2-layer ATLAS model of ``tests/test_atlas.py::test_learns_mqar`` (its recipe,
-MQAR task and budget), trained under bf16 autocast as on a GPU (the memory in float32, the fast path's
+MQAR task and budget, and its trainer ``tests/helpers.train_mqar``; run from the repository, which
+this script puts on ``sys.path``), trained under bf16 autocast as on a GPU (the memory in float32, the fast path's
 eager chunk step), per configuration and seed: held-out accuracy and the mean loss of the last 20
 steps. Prints the tables; writes JSON with the device.
 """
@@ -46,18 +47,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from hymba_plus import build_model  # noqa: E402
 from hymba_plus.kernels import atlas as A  # noqa: E402
 from hymba_plus.kernels import dispatch  # noqa: E402
-from hymba_plus.training.tasks import masked_accuracy, mqar_batch  # noqa: E402
+from tests.helpers import tiny_recipe, train_mqar  # noqa: E402
+from tests.test_atlas import LEARN, MQAR  # noqa: E402  (test_learns_mqar's setup)
 
 CONFIGS = ("float32", "tf32_gemm", "tf32_all")
-#: test_atlas.py's MQAR learning setup (LEARN, MQAR there)
-LEARN = {"n_heads": 1, "head_dim": 8, "chunk_size": 12, "window": 2, "poly_degree": 2, "memory_hidden": 1,
-         "inner_lr": 0.1}
-MQAR = dict(batch=32, seq_len=24, n_pairs=6, lr=5e-3)
-RECIPE = {"name": "atlas-mqar", "components": {"atlas": LEARN},
-          "model": {"vocab_size": 32, "d_model": 64, "max_seq_len": 256, "block_pattern": "ATL | ATL", "ffn": "none"}}
 
 
 def tf32_round(x: torch.Tensor) -> torch.Tensor:
@@ -116,31 +111,12 @@ def probe_part() -> dict:
 
 
 def train(name: str, seed: int, steps: int) -> dict:
-    """test_learns_mqar's model and budget under bf16 autocast, with ``name``'s rounding."""
+    """test_learns_mqar's model, data and budget under bf16 autocast, with ``name``'s rounding."""
     t0 = time.perf_counter()
-    torch.manual_seed(seed)
-    model = build_model(RECIPE)
-    opt = torch.optim.AdamW(model.parameters(), lr=MQAR["lr"], weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=MQAR["lr"], total_steps=steps, pct_start=0.1)
-    g = torch.Generator().manual_seed(seed)
-    losses = []
+    losses: list[float] = []
     with configuration(name):
-        model.train()
-        for _ in range(steps):
-            ids, labels = mqar_batch(MQAR["batch"], MQAR["seq_len"], 32, MQAR["n_pairs"], generator=g)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = model(ids, labels=labels).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-        model.eval()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            ids, labels = mqar_batch(256, MQAR["seq_len"], 32, MQAR["n_pairs"],
-                                     generator=torch.Generator().manual_seed(10_000 + seed))
-            acc = masked_accuracy(model(ids).logits.float(), labels)
+        acc = train_mqar(tiny_recipe("ATL | ATL", {"atlas": LEARN}, vocab_size=32),
+                         **{**MQAR, "steps": steps}, seed=seed, autocast=torch.bfloat16, losses=losses)
     tail = losses[-20:]
     return {"config": name, "seed": seed, "accuracy": acc, "final_loss": sum(tail) / len(tail),
             "seconds": round(time.perf_counter() - t0, 1)}

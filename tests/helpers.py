@@ -1,6 +1,12 @@
-"""Shared test helpers: tiny recipes and a small trainer for 'does it learn' tests."""
+"""Shared test helpers: tiny recipes, a small trainer for 'does it learn' tests, and the
+benchmark scripts as modules."""
 
 from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -19,6 +25,20 @@ EVERY_COMPONENT = {
     "mlp": {"d_hidden": 64},
     "moe": {"n_experts": 4, "top_k": 2, "d_expert": 32},
 }
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` as a module (the scripts are files, not a package), with
+    ``benchmarks/`` on ``sys.path`` while it loads (several import ``timing`` from there)."""
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", folder / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(folder))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(folder))
+    return mod
 
 
 def saved_bytes(fn):  # noqa: ANN001, ANN201 - (fn(), bytes of the distinct storages autograd keeps for it)
@@ -41,28 +61,34 @@ def tiny_recipe(pattern: str, components: dict | None = None, **model) -> dict:
 
 
 def train_mqar(recipe: dict, steps: int = 300, batch: int = 32, seq_len: int = 64, n_pairs: int = 8,
-               lr: float = 3e-3, seed: int = 0) -> float:
-    """Train on MQAR with AdamW, return accuracy on fresh held-out batches."""
+               lr: float = 3e-3, seed: int = 0, autocast: torch.dtype | None = None,
+               losses: list[float] | None = None) -> float:
+    """Train on MQAR with AdamW, return accuracy on fresh held-out batches. ``autocast``: the
+    forwards under CPU autocast to that dtype; ``losses`` collects each step's loss."""
     torch.manual_seed(seed)
     model = build_model(recipe)
     V = model.config.vocab_size
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     g = torch.Generator().manual_seed(seed)
+    cast = lambda: torch.autocast("cpu", dtype=autocast, enabled=autocast is not None)  # noqa: E731
     model.train()
     for _ in range(steps):
         ids, labels = mqar_batch(batch, seq_len, V, n_pairs, generator=g)
-        loss = model(ids, labels=labels).loss
+        with cast():
+            loss = model(ids, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        if losses is not None:
+            losses.append(float(loss.detach()))
     model.eval()
     g_eval = torch.Generator().manual_seed(10_000 + seed)
-    with torch.no_grad():
+    with torch.no_grad(), cast():
         ids, labels = mqar_batch(256, seq_len, V, n_pairs, generator=g_eval)
-        return masked_accuracy(model(ids).logits, labels)
+        return masked_accuracy(model(ids).logits.float(), labels)
 
 
 # --------------------------------------------------------------------------- the checkout guard

@@ -3,7 +3,6 @@ features, the DESIGN invariant, padding, cache state, test-time memorization, le
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import random
@@ -22,7 +21,7 @@ from hymba_plus.kernels import atlas as atlas_kernels
 from hymba_plus.kernels import dispatch
 from hymba_plus.kernels.atlas import atlas_memory, feature_dim, memory_apply, newton_schulz, poly_features
 from tests.conftest import rel_err, rms_rel
-from tests.helpers import tiny_recipe, train_mqar
+from tests.helpers import load_benchmark, tiny_recipe, train_mqar
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -503,9 +502,7 @@ def test_ns_triton_kernels_compile_for_sm90():
     an H100's 227 KiB, and side 64 on Hopper's wgmma (``benchmarks/kernel_resources.py`` prints
     them all)."""
     pytest.importorskip("triton")
-    spec = importlib.util.spec_from_file_location("kernel_resources", os.path.join(ROOT, "benchmarks", "kernel_resources.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("kernel_resources")
 
     prec0 = atlas_kernels.NS_TRITON_PRECISION
     for kernel in bench.KERNELS:

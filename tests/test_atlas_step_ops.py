@@ -3,12 +3,9 @@ on the CPU (a proxy for the GPU's kernels per chunk)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import load_benchmark
 
 
 @pytest.mark.slow
@@ -17,9 +14,7 @@ def test_side_64_newton_schulz_cuts_the_quad_steps_operations():
     padded batched matmuls; with 64, as shipped now, every side goes through the NS op (one launch
     per side and direction) and the step issues fewer operations (178 -> 119 with torch 2.13's
     Inductor on a CPU)."""
-    spec = importlib.util.spec_from_file_location("atlas_step_ops", ROOT / "benchmarks" / "atlas_step_ops.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("atlas_step_ops")
     ns32, ns64 = mod.count("quad", {"NS_TRITON_MAX": 32}), mod.count("quad", {})
     assert not ns32["triton_ns"] and ns64["triton_ns"]
     assert "hymba::atlas_ns_gram" not in ns32["calls"]

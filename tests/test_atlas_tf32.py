@@ -4,20 +4,15 @@ the probe errors and MQAR rows of each configuration."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import load_benchmark
 
 
 def load_bench():  # noqa: ANN201 - the script as a module
-    spec = importlib.util.spec_from_file_location("atlas_tf32", ROOT / "benchmarks" / "atlas_tf32.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("atlas_tf32")
 
 
 def test_tf32_round_keeps_ten_mantissa_bits():

@@ -19,7 +19,7 @@ from hymba_plus.models.forecast_decoding import rolling_forecasts
 from hymba_plus.training import forecast_metrics as fm
 from hymba_plus.training.series import SeriesStream, read_csv, synthetic
 from tests.conftest import rel_err
-from tests.helpers import EVERY_COMPONENT
+from tests.helpers import EVERY_COMPONENT, load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 OBJ = {"kind": "forecast", "context": 32, "horizon": 8, "patch": 4, "channels": 2, "loss": "quantile",
@@ -255,11 +255,7 @@ def test_statsmodels_series_go_through_the_csv_reader(tmp_path) -> None:
     """The real series of benchmarks/forecast.py (the optional extra ``forecast``): CO2's gaps are
     filled and reported, each dataset has the length the README states."""
     pytest.importorskip("statsmodels")
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_forecast", REPO / "benchmarks" / "forecast.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("forecast")
     lengths = {}
     for name in ("co2", "sunspots", "elnino"):
         stamps, values = bench.statsmodels_series(name)

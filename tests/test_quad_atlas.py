@@ -4,7 +4,6 @@ ATLAS path taken and the atlas / gdn ratio."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,16 +14,13 @@ import pytest
 
 from hymba_plus import load_recipe
 from hymba_plus.core.pattern import LayerSpec
+from tests.helpers import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_bench(monkeypatch):  # noqa: ANN001, ANN201 - the script as a module
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # it imports benchmarks/timing.py
-    spec = importlib.util.spec_from_file_location("quad_atlas", ROOT / "benchmarks" / "quad_atlas.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("quad_atlas")
 
 
 def test_swap_atlas_keeps_every_other_layer(monkeypatch) -> None:

@@ -4,21 +4,19 @@ reason, the JSON has the documented keys, and the Qwen3-Next model imported thro
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import load_benchmark
 
 pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parents[1]
 
 
 def load_bench():  # noqa: ANN201 - the script as a module
-    spec = importlib.util.spec_from_file_location("side_by_side", REPO / "benchmarks" / "side_by_side.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("side_by_side")
 
 
 def test_tiny_run_writes_every_key(tmp_path, capsys) -> None:
