@@ -249,11 +249,13 @@ ATLAS_PATHS = {
 
 
 #: ATLAS configs of ``--atlas-config``: the benchmark's (d 2048) and the Quad-Hybrid recipe's
-#: (``configs/quad_hybrid_tiny.yaml``: 4 heads x 32, window 16; run it with --d-model 128 --batch 8 --seq-len 2048)
+#: (``configs/quad_hybrid_tiny.yaml``: 4 heads x 32, window 16; run it with --d-model 128 --batch 8 --seq-len 2048),
+#: each also with Newton-Schulz once per chunk (``*_chunk``: ``inner_optimizer: muon_chunk``)
 ATLAS_CONFIGS = {
     "bench": {"n_heads": 16, "head_dim": 16, "poly_degree": 2},
     "quad": {"n_heads": 4, "head_dim": 32, "window": 16, "poly_degree": 2, "memory_depth": 2},
 }
+ATLAS_CONFIGS.update({f"{k}_chunk": {**v, "inner_optimizer": "muon_chunk"} for k, v in list(ATLAS_CONFIGS.items())})
 
 
 def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:

@@ -5,11 +5,15 @@ recipe with gdn in their place).
     python benchmarks/quad_atlas.py --out benchmarks/results/quad_atlas_h200.json          # GPU, 8 x 2048
     python benchmarks/quad_atlas.py --atlas-reference --modes auto eager                    # GPU, + ATLAS reference
     python benchmarks/quad_atlas.py --device cpu --batch 2 --seq-len 32 --iters 2           # CPU smoke test
+    python benchmarks/quad_atlas.py --modes auto --atlas-config inner_optimizer=muon_chunk  # GPU, NS per chunk
 
 Recipes: ``--recipe`` (default ``configs/quad_hybrid_tiny.yaml``) and its copy whose layer list
 has gdn wherever the original has atlas (``swap_atlas``: the recipe's layers, from its
 block_pattern or layout, with each atlas mixer renamed and its ffn kept, written back as a flat
 block_pattern and validated by the recipe loader; the gdn layers use the recipe's gdn section).
+``--atlas-config KEY=VALUE`` sets keys of the recipe's atlas section first (e.g.
+``inner_optimizer=muon_chunk``: Newton-Schulz once per memory chunk; a bad key or value is a
+one-line error, exit 2).
 
 Each row is one recipe in one training mode, run by the project's own training step: a
 ``Trainer`` (``hymba_plus/training/trainer.py``) set up as ``hymba train`` sets it up (the
@@ -55,12 +59,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import yaml
 from timing import bench, profile_passes  # benchmarks/timing.py (scripts run from the repo root as files)
 
 import hymba_plus  # noqa: F401  (registers components)
 from hymba_plus.core import registry
 from hymba_plus.core.pattern import LayerSpec, format_pattern
-from hymba_plus.core.recipe import Recipe, load_recipe
+from hymba_plus.core.recipe import Recipe, RecipeError, load_recipe
 from hymba_plus.kernels import atlas as atlas_kernels
 from hymba_plus.kernels import dispatch
 from hymba_plus.training import distributed as dist_mod
@@ -89,6 +94,25 @@ def swap_atlas(recipe: Recipe, to: str = "gdn") -> Recipe:
     swapped = load_recipe(d)
     assert list(swapped.layers) == want, (swapped.pattern, format_pattern(want))
     return swapped
+
+
+def atlas_config_item(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of ``--atlas-config`` -> (KEY, the value as YAML reads it)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE (a key of the recipe's atlas section)")
+    return key.strip(), yaml.safe_load(raw)
+
+
+def with_atlas_config(recipe: Recipe, items: list[tuple[str, object]]) -> Recipe:
+    """``recipe`` with its ``components.atlas`` keys set to ``items`` (checked by the recipe
+    loader: a RecipeError names a bad key or value)."""
+    if not items:
+        return recipe
+    d = recipe.to_dict()
+    d["components"].setdefault("atlas", {}).update(dict(items))
+    d["name"] = f"{recipe.name}-" + "-".join(f"{k}={v}" for k, v in items)
+    return load_recipe(d)
 
 
 @contextlib.contextmanager
@@ -274,6 +298,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--atlas-setting", action="append", default=[], type=_atlas_setting, metavar="NAME=VALUE",
                     help="a setting of ATLAS's fast path (kernels/atlas.py SETTINGS, e.g. NS_TRITON_MAX=64) for the "
                          "whole run; repeatable")
+    ap.add_argument("--atlas-config", action="append", default=[], type=atlas_config_item, metavar="KEY=VALUE",
+                    help="set a key of the recipe's atlas section (components.atlas) for the ATLAS rows, e.g. "
+                         "inner_optimizer=muon_chunk; repeatable")
     ap.add_argument("--out", default="benchmarks/results/quad_atlas.json")
     args = ap.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -288,7 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    atlas = load_recipe(args.recipe)
+    try:
+        atlas = with_atlas_config(load_recipe(args.recipe), args.atlas_config)
+    except RecipeError as e:
+        print(f"quad_atlas.py: {e}", file=sys.stderr)
+        return 2
     gdn = swap_atlas(atlas)
     variants = [("atlas", atlas, False), ("gdn", gdn, False)]
     if args.atlas_reference:
@@ -302,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report["settings"]["atlas_setting"] = dict(args.atlas_setting)
+    report["settings"]["atlas_config"] = dict(args.atlas_config)
     for mode in args.modes:
         for label, recipe, reference in variants:
             with atlas_kernels.settings(**dict(args.atlas_setting)):

@@ -58,6 +58,7 @@ CONFIGS = [  # (offset, block_size, nb, config overrides)
     (0, 2, 5, {}),  # divides the chunk
     (3, 3, 4, {}),  # not aligned, smaller than the chunk
     (3, 6, 3, {"inner_optimizer": "sgd"}),  # not aligned, larger than the chunk
+    (3, 3, 4, {"inner_optimizer": "muon_chunk"}),  # Newton-Schulz once per chunk
     (5, 1, 6, {"window": 1, "conv_size": 0}),  # one-token blocks, online rule, no conv
     (2, 5, 3, {"chunk_size": 3, "poly_degree": 1, "conv_size": 2}),
 ]

@@ -82,11 +82,26 @@ def test_tiny_cpu_run(tmp_path) -> None:
     assert rep["settings"]["atlas_setting"] == {"NS_TRITON_MAX": 64, "FACTOR_GRAM": None}
 
 
-def test_a_bad_atlas_setting_is_one_line_and_exit_2(tmp_path) -> None:
+def test_atlas_config_sets_keys_of_the_atlas_section(monkeypatch) -> None:
+    bench = load_bench(monkeypatch)
+    recipe = load_recipe(ROOT / "configs" / "quad_hybrid_tiny.yaml")
+    item = bench.atlas_config_item("inner_optimizer=muon_chunk")
+    assert item == ("inner_optimizer", "muon_chunk") and bench.atlas_config_item("window=4") == ("window", 4)
+    changed = bench.with_atlas_config(recipe, [item])
+    assert changed.components["atlas"].inner_optimizer == "muon_chunk"
+    assert changed.layers == recipe.layers and bench.with_atlas_config(recipe, []) is recipe
+    assert bench.swap_atlas(changed).pattern == bench.swap_atlas(recipe).pattern
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--atlas-setting", "NS_TRITON_MAX=48", "argument --atlas-setting: 'NS_TRITON_MAX=48': NS_TRITON_MAX takes 16 / 32 / 64"),
+    ("--atlas-config", "inner_optimizer=adam",
+     "components.atlas.inner_optimizer: must be one of 'muon', 'muon_chunk', 'sgd', got 'adam'"),
+])
+def test_a_bad_atlas_argument_is_one_line_and_exit_2(tmp_path, flag, value, needle) -> None:
     out = tmp_path / "q.json"
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quad_atlas.py"), "--device", "cpu",
-                          "--atlas-setting", "NS_TRITON_MAX=48", "--out", str(out)],
+                          flag, value, "--out", str(out)],
                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert res.returncode == 2 and not out.exists()
-    assert "argument --atlas-setting: 'NS_TRITON_MAX=48': NS_TRITON_MAX takes 16 / 32 / 64" in res.stderr
-    assert "Traceback" not in res.stderr
+    assert needle in res.stderr and "Traceback" not in res.stderr, res.stderr

@@ -9,7 +9,9 @@ Per head ``h`` and token ``t`` (d = head_dim)::
     phi     = polynomial feature map of degree p, learned per-degree coefficients (§3)
     loss_t  = Σ_{i=t-c+1}^{t} γ_i ||M(phi(k_i)) - v_i||²    (Omega rule, Eq. 9, window c)
     S_t     = θ_t S_{t-1} + ∇ loss_t                         (momentum)
-    M_t     = α_t M_{t-1} - η_t NS5(S_t)                     (Muon inner step; "sgd": no NS5)
+    M_t     = α_t M_{t-1} - η_t NS5(S_t)                     (Muon inner step; "sgd": no NS5;
+                                                              "muon_chunk": NS5 once per chunk,
+                                                              kernels/atlas.py)
     y_t     = M(phi(q_t); W_n)                               (retrieval, chunk-start weights)
     out     = W_o · concat_h GatedRMSNorm(y_t, x W_g)
 
@@ -86,7 +88,10 @@ class AtlasConfig:
     memory_depth: int = spec(2, min=2, doc="layers of the memory MLP")
     memory_hidden: int = spec(2, min=1, doc="hidden width of the memory MLP, in multiples of head_dim")
     chunk_size: int = spec(16, min=1, doc="tokens per chunk of the parallel inner update")
-    inner_optimizer: str = spec("muon", choices=("muon", "sgd"))
+    inner_optimizer: str = spec("muon", choices=("muon", "muon_chunk", "sgd"),
+                                doc="muon: the paper's step, NS5 of every token's momentum; muon_chunk: NS5 once per "
+                                    "chunk of the chunk's weighted momentum sum (a variant: chunk_size times fewer "
+                                    "Newton-Schulz problems); sgd: momentum SGD, no NS5")
     ns_steps: int = spec(5, min=1, doc="Newton-Schulz steps of the Muon inner update")
     conv_size: int = spec(4, min=0, doc="short causal conv on q, k, v; 0 = off")
     inner_lr: float = spec(0.01, gt=0.0, doc="initial inner learning rate η (softplus bias); above ~0.03 the "
@@ -239,7 +244,7 @@ class Atlas(nn.Module):
         args = (qf, kf, v_ext, g_ext, flat(gates[..., 1]), flat(gates[..., 2]), flat(gates[..., 3]),
                 [flat(w) for w in weights], mom)
         kw = dict(chunk_size=cfg.chunk_size, window=cfg.window, ns_steps=cfg.ns_steps,
-                  muon=cfg.inner_optimizer == "muon")
+                  muon=cfg.inner_optimizer != "sgd", ns_chunk=cfg.inner_optimizer == "muon_chunk")
         if snapshots is not None:
             y, W, S = atlas_memory(*args, snapshots=snapshots, **kw)
             U = len(snapshots)

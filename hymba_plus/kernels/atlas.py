@@ -19,6 +19,12 @@ learned *inside* the forward pass (test-time memorization). Notation of this mod
   ``M_t = α_t M_{t-1} - η_t NS5(S_t)``, NS5 = the 5-step quintic Newton–Schulz
   orthogonalisation of Muon applied to every 2-D weight (1-D weights would take the raw
   momentum; this memory has none). ``muon=False`` ablates NS (plain momentum SGD).
+  ``ns_chunk=True`` (``inner_optimizer: muon_chunk``, a variant, not the paper's step) applies
+  NS5 once per chunk instead of per token, to the chunk's update: ``Σ_t w_t NS5(S_t)`` becomes
+  ``(Σ_t w_t) NS5(Σ_t w_t S_t)`` (``w_t = η_t Π_{s>t} α_s``, step 5 below; the momentum
+  recurrence is unchanged). The weights inside a chunk are never read (retrieval uses the
+  chunk-start weights), so this changes only how the chunk's summed step is orthogonalised,
+  with C times fewer Newton-Schulz problems and no per-token momenta.
 
 Chunk-parallel form (as in Titans / ATLAS training): the sequence is cut into chunks of
 ``C`` tokens. Inside chunk ``n`` every per-token gradient is taken at the chunk-start
@@ -234,8 +240,10 @@ def chunk_update(
     window: int,
     ns_steps: int,
     muon: bool,
+    ns_chunk: bool = False,
 ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
-    """One chunk of the Atlas update, all tokens in parallel (steps 1-5 of the module doc).
+    """One chunk of the Atlas update, all tokens in parallel (steps 1-5 of the module doc;
+    ``ns_chunk``: NS5 once on the chunk's weighted momentum sum, see the module doc).
 
     params/mom: tuples of [N, out, in] at the chunk start. kf [N, C+c-1, F], v [N, C+c-1, D],
     gamma [N, C+c-1]: the chunk's tokens preceded by the ``c-1`` window-tail tokens.
@@ -258,10 +266,14 @@ def chunk_update(
         # momentum: S_t = θ_t S_{t-1} + ∇_t for the whole chunk at once
         S = torch.bmm(D_theta, G) + lt.exp()[..., None] * S0.reshape(N, 1, -1)
         S = S.view(N, C, *W.shape[1:])
-        # NS5 on every 2-D weight (per token); vectors would take the raw momentum
-        U = newton_schulz(S, ns_steps) if (muon and W.dim() == 3) else S
-        # M_t = α_t M_{t-1} - η_t U_t, closed form over the chunk
-        upd = torch.bmm(w_upd[:, None, :], U.reshape(N, C, -1))[:, 0]
+        if muon and ns_chunk and W.dim() == 3:  # NS5 once: (Σ_t w_t) NS5(Σ_t w_t S_t)
+            summed = torch.bmm(w_upd[:, None, :], S.reshape(N, C, -1))[:, 0].view_as(W)
+            upd = (newton_schulz(summed, ns_steps) * w_upd.sum(-1)[:, None, None]).reshape(N, -1)
+        else:
+            # NS5 on every 2-D weight (per token); vectors would take the raw momentum
+            U = newton_schulz(S, ns_steps) if (muon and W.dim() == 3) else S
+            # M_t = α_t M_{t-1} - η_t U_t, closed form over the chunk
+            upd = torch.bmm(w_upd[:, None, :], U.reshape(N, C, -1))[:, 0]
         new_p.append((keep[:, None] * W.reshape(N, -1) - upd).view_as(W))
         new_m.append(S[:, -1])
     return tuple(new_p), tuple(new_m)
@@ -282,6 +294,7 @@ def atlas_memory(
     window: int,
     ns_steps: int = 5,
     muon: bool = True,
+    ns_chunk: bool = False,
     n_valid: Tensor | None = None,
     return_state: bool = True,
     snapshots: Sequence[int] | None = None,
@@ -308,7 +321,7 @@ def atlas_memory(
     impl = _atlas_memory_fast if dispatch.use_fast("atlas", qf) and not dispatch.tracing(qf) else _atlas_memory
     if snapshots is None:
         y, W, S, _ = impl(qf, kf, v, gamma, eta, log_theta, log_alpha, params, mom, chunk_size=chunk_size,
-                          window=window, ns_steps=ns_steps, muon=muon, n_valid=n_valid,
+                          window=window, ns_steps=ns_steps, muon=muon, ns_chunk=ns_chunk, n_valid=n_valid,
                           return_state=return_state, snapshots=())
         return y, W, S
     want = list(snapshots)
@@ -317,7 +330,8 @@ def atlas_memory(
         raise ValueError(f"atlas_memory: snapshots must be distinct chunk indices in [0, {n_chunks}) of fully real "
                          f"rows (no n_valid), got {want}")
     y, _, _, snaps = impl(qf, kf, v, gamma, eta, log_theta, log_alpha, params, mom, chunk_size=chunk_size,
-                          window=window, ns_steps=ns_steps, muon=muon, n_valid=None, return_state=False,
+                          window=window, ns_steps=ns_steps, muon=muon, ns_chunk=ns_chunk, n_valid=None,
+                          return_state=False,
                           snapshots=want)
     W = tuple(torch.stack(ws) for ws in zip(*(snaps[n][0] for n in want)))
     S = tuple(torch.stack(ms) for ms in zip(*(snaps[n][1] for n in want)))
@@ -327,7 +341,7 @@ def atlas_memory(
 def _atlas_memory(
     qf: Tensor, kf: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, log_theta: Tensor, log_alpha: Tensor,
     params: Sequence[Tensor], mom: Sequence[Tensor] | None, *, chunk_size: int, window: int, ns_steps: int,
-    muon: bool, n_valid: Tensor | None, return_state: bool, snapshots: Sequence[int],
+    muon: bool, n_valid: Tensor | None, return_state: bool, snapshots: Sequence[int], ns_chunk: bool = False,
 ) -> tuple[Tensor, tuple[Tensor, ...] | None, tuple[Tensor, ...] | None,
            dict[int, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]]]:
     """The chunk loop of ``atlas_memory``; also returns {chunk index: (weights, momentum) at
@@ -365,7 +379,7 @@ def _atlas_memory(
         new_p, new_m = chunk_update(
             params, mom, kf[:, s : s + C + c - 1], v[:, s : s + C + c - 1], gamma[:, s : s + C + c - 1],
             eta[:, s : s + C], log_theta[:, s : s + C], log_alpha[:, s : s + C],
-            window=c, ns_steps=ns_steps, muon=muon,
+            window=c, ns_steps=ns_steps, muon=muon, ns_chunk=ns_chunk,
         )
         if complete is not None and not bool(complete.all()):
             m3 = complete[:, None, None]
@@ -787,7 +801,7 @@ def _window_matrix(C: int, c: int, device: torch.device, dtype: torch.dtype) -> 
 def _chunk_step(
     params: tuple[Tensor, ...], mom: tuple[Tensor, ...], K: Tensor, V: Tensor, gam: Tensor, mix: Tensor,
     lam: Tensor, wu: Tensor, keep: Tensor, ns_steps: int, muon: bool, pad_ns: bool, triton_ns: bool,
-    factor: bool | None,
+    factor: bool | None, ns_chunk: bool = False,
 ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
     """One chunk of the Atlas update in closed form (see the fast-path notes above).
 
@@ -795,7 +809,9 @@ def _chunk_step(
     (C' = C + c - 1: the window tail, then the chunk). Muon: mix [N, C, C'], lam [N, C] (the
     momentum of token t is ``Σ_i mix[t, i] ∇_i + lam[t] S_0``), wu [N, C] the update weights
     ``η_t Π_{s>t} α_s``. SGD: mix [N, 2, C'], lam [N, 2] give the new momentum (row 0) and the
-    whole update ``Σ_t wu_t S_t`` (row 1) directly. keep [N] = ``Π_t α_t``.
+    whole update ``Σ_t wu_t S_t`` (row 1) directly. Muon with ``ns_chunk``: mix [N, 2, C'], lam
+    [N, 2] give ``Σ_t wu_t S_t`` (row 0, Newton-Schulz's one input) and the new momentum (row 1),
+    wu [N, 1] = ``Σ_t wu_t``. keep [N] = ``Π_t α_t``.
     """
     P, *Ls = params
     hs, zs, h, z = [K], [], K, K
@@ -826,6 +842,10 @@ def _chunk_step(
     if not muon:  # mix rows: the new momentum, the whole update
         Ss = [momenta(L, b, S0) for L, (_, b), S0 in zip(Lt, fac, mom)]
         return tuple(kp * W - S[:, 1] for W, S in zip(params, Ss)), tuple(S[:, 0].contiguous() for S in Ss)
+    end_m = None
+    if ns_chunk:  # row 1 is the new momentum; row 0, the weighted sum, is the one "token" NS5 sees
+        end_m = [torch.baddbmm(lam[:, 1, None, None] * S0, L[:, 1], b) for L, (_, b), S0 in zip(Lt, fac, mom)]
+        Lt, lam4, R = [L[:, :1] for L in Lt], lam4[:, :1], 1
     # Token t's momentum of a weight [o, n] is S_t = L_t B + λ_t S_0 with L_t = aᵀ diag(mix_t)
     # [o, C'] and B = b [C', n] (the chunk's rank-1 gradient factors). NS5 of every S_t runs on
     # its Gram matrix G_t = S_t S_tᵀ (short side first): X_0 = S / ||S||_F has Gram G / tr G,
@@ -887,7 +907,7 @@ def _chunk_step(
             upd = upd.mT if o > n else upd
             new_m.append(S[:, -1].contiguous())
         new_p.append(kp * W - upd)
-    return tuple(new_p), tuple(new_m)
+    return tuple(new_p), tuple(new_m if end_m is None else end_m)
 
 
 def _factor_gram(o: int, n: int, C: int, Cp: int) -> bool:
@@ -901,7 +921,7 @@ def _factor_gram(o: int, n: int, C: int, Cp: int) -> bool:
 def _chunk_steps(
     params: tuple[Tensor, ...], mom: tuple[Tensor, ...], K: Tensor, V: Tensor, gam: Tensor, mix: Tensor,
     lam: Tensor, wu: Tensor, keep: Tensor, ns_steps: int, muon: bool, pad_ns: bool, triton_ns: bool,
-    factor: bool | None,
+    factor: bool | None, ns_chunk: bool = False,
 ) -> tuple[list[tuple[Tensor, ...]], list[tuple[Tensor, ...]]]:
     """``K.shape[0]`` consecutive chunk steps (the per-chunk arguments stacked on dim 0): the
     weights and momentum after each. Compiled as one graph (``CHUNKS_PER_CALL``): one call's
@@ -909,7 +929,7 @@ def _chunk_steps(
     Ws, Ss = [], []
     for i in range(K.shape[0]):
         params, mom = _chunk_step(params, mom, K[i], V[i], gam[i], mix[i], lam[i], wu[i], keep[i], ns_steps, muon,
-                                  pad_ns, triton_ns, factor)
+                                  pad_ns, triton_ns, factor, ns_chunk)
         Ws.append(params)
         Ss.append(mom)
     return Ws, Ss
@@ -1017,7 +1037,7 @@ def _atlas_memory_fast(
     qf: Tensor, kf: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, log_theta: Tensor, log_alpha: Tensor,
     params: Sequence[Tensor], mom: Sequence[Tensor] | None, *, chunk_size: int, window: int, ns_steps: int,
     muon: bool, n_valid: Tensor | None, return_state: bool, snapshots: Sequence[int], compile: bool | None = None,
-    pad_ns: bool | None = None, triton_ns: bool | None = None, factor: bool | None = None,
+    pad_ns: bool | None = None, triton_ns: bool | None = None, factor: bool | None = None, ns_chunk: bool = False,
 ) -> tuple[Tensor, tuple[Tensor, ...] | None, tuple[Tensor, ...] | None,
            dict[int, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]]]:
     """``_atlas_memory`` (same arguments and results) by the fast path: gate coefficients of
@@ -1031,14 +1051,14 @@ def _atlas_memory_fast(
         return _atlas_memory_fast_body(
             qf, kf, v, gamma, eta, log_theta, log_alpha, params, mom, chunk_size=chunk_size, window=window,
             ns_steps=ns_steps, muon=muon, n_valid=n_valid, return_state=return_state, snapshots=snapshots,
-            compile=compile, pad_ns=pad_ns, triton_ns=triton_ns, factor=factor)
+            compile=compile, pad_ns=pad_ns, triton_ns=triton_ns, factor=factor, ns_chunk=ns_chunk)
 
 
 def _atlas_memory_fast_body(
     qf: Tensor, kf: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, log_theta: Tensor, log_alpha: Tensor,
     params: Sequence[Tensor], mom: Sequence[Tensor] | None, *, chunk_size: int, window: int, ns_steps: int,
     muon: bool, n_valid: Tensor | None, return_state: bool, snapshots: Sequence[int], compile: bool | None,
-    pad_ns: bool | None, triton_ns: bool | None, factor: bool | None,
+    pad_ns: bool | None, triton_ns: bool | None, factor: bool | None, ns_chunk: bool = False,
 ) -> tuple[Tensor, tuple[Tensor, ...] | None, tuple[Tensor, ...] | None,
            dict[int, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]]]:
     N, T, Fd = qf.shape
@@ -1071,6 +1091,10 @@ def _atlas_memory_fast_body(
         if not muon:  # rows: the new momentum S_{C-1}; the update Σ_t wu_t S_t
             mix = torch.stack([mix[..., -1, :], (wu[..., None] * mix).sum(-2)], dim=-2)
             lam = torch.stack([lam[..., -1], (wu * lam).sum(-1)], dim=-1)
+        elif ns_chunk:  # rows: Σ_t wu_t S_t (NS5's one input), the new momentum; its weight Σ_t wu_t
+            mix = torch.stack([(wu[..., None] * mix).sum(-2), mix[..., -1, :]], dim=-2)
+            lam = torch.stack([(wu * lam).sum(-1), lam[..., -1]], dim=-1)
+            wu = wu.sum(-1, keepdim=True)
         mix, lam, wu, keep = (t.transpose(0, 1).contiguous() for t in (mix, lam, wu, keep))
         compiled = COMPILE_CHUNK_STEP if compile is None else compile
         step = _compiled_chunk_step() if compiled else _chunk_step
@@ -1080,7 +1104,7 @@ def _atlas_memory_fast_body(
         triton_ns = muon and triton_ns
         if pad_ns is None:  # one padded batch where launches cost more than the padding's flops
             pad_ns = qf.is_cuda and not triton_ns
-        static = (ns_steps, muon, pad_ns, triton_ns, FACTOR_GRAM if factor is None else factor)
+        static = (ns_steps, muon, pad_ns, triton_ns, FACTOR_GRAM if factor is None else factor, muon and ns_chunk)
         # groups of chunks per compiled call, then single chunks; each call's inputs are pieces of
         # one split, whose backward concatenates the pieces' gradients once (indexing each chunk
         # out of the stacked tensors gave every chunk a zero-filled gradient of the whole stack,
