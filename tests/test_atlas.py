@@ -947,6 +947,21 @@ def test_fast_path_on_cuda_with_side_64_triton_ns(monkeypatch):
 
 
 @pytest.mark.gpu
+def test_fast_path_on_cuda_muon_chunk():
+    """``inner_optimizer: muon_chunk`` on the CUDA fast path (Triton Newton-Schulz on one Gram
+    matrix per weight and chunk, eager and compiled chunk step) against the float64 CPU
+    reference of that form: outputs, end state and every input gradient."""
+    assert dispatch.probe_all(["atlas"])["atlas"], dispatch.statuses()["atlas"]
+    for compile_step in (False, True):
+        args, leaves = random_problem(N=3, T=32, C=4, c=3, p=2, hid=5, depth=3, float32=True)
+        errs = float32_errors(args, leaves, 3, "cuda", dict(compile=compile_step), chunk_size=4, window=3,
+                              ns_steps=5, muon=True, ns_chunk=True, return_state=True, snapshots=(), n_valid=None)
+        print("muon_chunk errors:", [f"{e:.2g}" for e in errs])
+        # float32 vs float64 on a CPU over seeds 0-4: outputs and state <= 1.2e-3, gradients <= 1.7e-2
+        assert max(errs[:9]) < 5e-3 and max(errs[9:]) < 5e-2, (compile_step, errs)  # y, 4 weights, 4 momenta
+
+
+@pytest.mark.gpu
 def test_fast_path_on_cuda_under_tf32():
     """``hymba train --tf32``: TF32 allowed for float32 matmuls moves the chunk step's cuBLAS
     GEMMs to tensor cores, Newton-Schulz stays in tf32x3, the dispatch's probe still checks in
