@@ -3,6 +3,7 @@ kernels per chunk on a GPU, where the chunk loop is bound by them (issue 18).
 
     python benchmarks/atlas_step_ops.py                                   # the Quad-Hybrid's memory
     python benchmarks/atlas_step_ops.py --atlas-config bench --atlas-setting NS_TRITON_MAX=32
+    python benchmarks/atlas_step_ops.py --atlas-config quad_chunk       # Newton-Schulz once per chunk
 
 The fast path's chunk step (``kernels/atlas.py`` ``_chunk_step``) is compiled with ``torch.compile``
 as the CUDA path compiles it (fullgraph, static shapes), with the Newton-Schulz layout the GPU would
@@ -35,8 +36,10 @@ import torch  # noqa: E402
 from hymba_plus.kernels import atlas as ak  # noqa: E402
 
 #: memory shapes per config: (rows, head dim, polynomial degree, hidden width, chunk, window); the
-#: rows only scale the work, not the count
+#: rows only scale the work, not the count; ``*_chunk``: the same memory with ``inner_optimizer:
+#: muon_chunk`` (Newton-Schulz once per chunk)
 CONFIGS = {"quad": (4, 32, 2, 64, 16, 16), "bench": (4, 16, 2, 32, 16, 4)}
+CONFIGS.update({f"{k}_chunk": v for k, v in list(CONFIGS.items())})
 MATMULS = ("aten::bmm", "aten::baddbmm", "aten::mm", "aten::addmm")
 
 
@@ -46,6 +49,8 @@ def count(config: str, settings: dict) -> dict:
 
     N, d, p, hid, C, c = CONFIGS[config]
     Fd, Cp = ak.feature_dim(d, p), C + c - 1
+    ns_chunk = config.endswith("_chunk")
+    R, W = (2, 1) if ns_chunk else (C, C)  # mixing rows, update weights (_chunk_step's mix, wu)
     shapes = [(d, Fd), (hid, Fd), (d, hid)]
     with ak.settings(**settings):
         sides = [min(s) for s in shapes]
@@ -60,15 +65,15 @@ def count(config: str, settings: dict) -> dict:
             lead = (k, N) if k > 1 else (N,)
             return (params, mom, torch.randn(*lead, Cp, Fd, generator=g).requires_grad_(),
                     torch.randn(*lead, Cp, d, generator=g), torch.rand(*lead, Cp, generator=g),
-                    torch.rand(*lead, C, Cp, generator=g), torch.rand(*lead, C, generator=g),
-                    torch.rand(*lead, C, generator=g), torch.rand(*lead, generator=g))
+                    torch.rand(*lead, R, Cp, generator=g), torch.rand(*lead, R, generator=g),
+                    torch.rand(*lead, W, generator=g), torch.rand(*lead, generator=g))
 
         def run(step) -> None:  # noqa: ANN001
             P, M = step(*inputs(), *static)
             outs = [t for ts in (P + M if k == 1 else [*P, *M]) for t in (ts if k > 1 else (ts,))]
             sum(x.sum() for x in outs).backward()
 
-        static = (5, True, not triton_ns, triton_ns, ak.FACTOR_GRAM)
+        static = (5, True, not triton_ns, triton_ns, ak.FACTOR_GRAM, ns_chunk)
         torch._dynamo.reset()
         metrics.reset()
         step = torch.compile(ak._chunk_step if k == 1 else ak._chunk_steps, fullgraph=True, dynamic=False)
