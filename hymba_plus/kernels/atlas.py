@@ -331,8 +331,7 @@ def atlas_memory(
                          f"rows (no n_valid), got {want}")
     y, _, _, snaps = impl(qf, kf, v, gamma, eta, log_theta, log_alpha, params, mom, chunk_size=chunk_size,
                           window=window, ns_steps=ns_steps, muon=muon, ns_chunk=ns_chunk, n_valid=None,
-                          return_state=False,
-                          snapshots=want)
+                          return_state=False, snapshots=want)
     W = tuple(torch.stack(ws) for ws in zip(*(snaps[n][0] for n in want)))
     S = tuple(torch.stack(ms) for ms in zip(*(snaps[n][1] for n in want)))
     return y, W, S
@@ -438,7 +437,8 @@ def _atlas_memory(
 # directions are one Triton kernel each, a program per matrix holding it in registers for all
 # the steps, its matmuls on tensor cores in float32 accuracy (``NS_TRITON_PRECISION``
 # "tf32x3", also under ``hymba train --tf32``; the PyTorch form is 4 batched float32 matmuls
-# and an add per step, x 2-3 in the backward); elsewhere the PyTorch form: ``ns_gram_factor`` forward, ``_ns_gram_vjp`` backward.
+# and an add per step, x 2-3 in the backward); elsewhere the PyTorch form: ``ns_gram_factor``
+# forward, ``_ns_gram_vjp`` backward.
 # The chunk step calls the op only where the Triton kernels apply (``_use_triton_ns``: CUDA,
 # float32, every Gram side <= NS_TRITON_MAX, the kernels checked once on this GPU).
 
