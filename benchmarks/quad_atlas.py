@@ -167,7 +167,7 @@ def run_row(label: str, recipe: Recipe, mode: str, reference: bool, args: argpar
     with tempfile.TemporaryDirectory(prefix="hymba-quad-atlas-") as tmp, atlas_dispatch(reference) as seen:
         try:
             cfg = train_config(recipe, args)
-            row["tf32"] = cfg.tf32
+            row["tf32"] = bool(cfg.tf32)
             opts = RunOptions(out=Path(tmp) / "run", device=args.device, mode=mode, progress=False,
                               recipe_name=str(recipe.source or recipe.name), log=notes.append)
             trainer = Trainer(recipe, cfg, opts)

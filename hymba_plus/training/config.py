@@ -53,10 +53,12 @@ class TrainConfig:
     min_lr_frac: float = spec(0.1, min=0.0, max=1.0, doc="final lr as a fraction of the peak")
     grad_clip: float = spec(1.0, min=0.0, doc="max global grad norm; 0 = off")
     precision: str = spec("auto", choices=("auto", "fp32", "bf16"), doc="auto = bf16 autocast on CUDA")
-    tf32: bool = spec(False, doc="float32 matmuls on CUDA in TF32 (torch.backends.cuda.matmul.allow_tf32, as HF "
-                                 "Trainer's tf32): those outside autocast (fp32 runs, the ATLAS memory's cuBLAS "
-                                 "GEMMs) on tensor cores at ~1e-3 relative; fast-path probes still check in float32. "
-                                 "Off: float32 accuracy (benchmarks/atlas_tf32.py: what it does to ATLAS, emulated)")
+    # None (unset) = off, so that recipes written before the key keep their hashes (Recipe.hash)
+    tf32: bool | None = spec(None, doc="true: float32 matmuls on CUDA in TF32 (torch.backends.cuda.matmul.allow_tf32, "
+                                       "as HF Trainer's tf32): those outside autocast (fp32 runs, the ATLAS memory's "
+                                       "cuBLAS GEMMs) on tensor cores at ~1e-3 relative; fast-path probes still check "
+                                       "in float32. Unset or false: float32 accuracy (benchmarks/atlas_tf32.py: what "
+                                       "it does to ATLAS, emulated)")
     fsdp_param_dtype: str = spec("float32", choices=("float32", "bfloat16"),
                                  doc="under FSDP2 (several processes): the dtype of the gathered parameters the "
                                      "forward and backward use; bfloat16 = torchtitan's mixed precision (bf16 "

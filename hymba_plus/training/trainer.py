@@ -353,7 +353,7 @@ class Trainer:
             raise TrainError(str(e)) from None
         # process-wide, like autocast's dtype: set for the run, the caller's setting back after it (``run``)
         self.tf32_before = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = self.cfg.tf32
+        torch.backends.cuda.matmul.allow_tf32 = bool(self.cfg.tf32)
         created = first_missing(self.out) if self.info.is_main else None
         try:
             self._setup()
