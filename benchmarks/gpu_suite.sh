@@ -52,8 +52,9 @@
 #           and eager) of configs/quad_hybrid_tiny.yaml at batch 8 x 2048 next to the same recipe with its
 #           ATLAS layers swapped for gdn, and with ATLAS on its reference path (issue 18: atlas/gdn >= 0.5)
 #   quad_chunk  quad_atlas.py --modes auto --atlas-config inner_optimizer=muon_chunk (Newton-Schulz once per memory
-#           chunk, a variant of ours: the recipe pair's tokens/s with it), then the ATLAS layer alone at the quad shape
-#           with it in CUDA graphs (mixers.py --atlas-config quad_chunk)
+#           chunk, a variant of ours): the recipe pair's tokens/s with it (one call)
+#   atlas_chunk_layer  the ATLAS layer alone at the quad shape with muon_chunk, eager and in CUDA graphs, profiled
+#           (mixers.py --atlas-config quad_chunk --profile; one call)
 #   quad_tf32  quad_atlas.py --modes auto --tf32: the same two recipes with TF32 float32 matmuls (hymba train --tf32:
 #           the ATLAS memory's cuBLAS GEMMs on tensor cores; Newton-Schulz stays tf32x3), 30 timed steps: what the
 #           GEMMs' precision is worth in time (benchmarks/atlas_tf32.py: what it costs in accuracy, on a CPU)
@@ -147,10 +148,10 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
       quad)   need_tilelang  # the recipe's gdn and mamba3 layers run fla's / mamba-ssm's kernels
               step quad 580 python benchmarks/quad_atlas.py --atlas-reference --out "$OUT/quad_atlas.json" ;;
       quad_chunk) need_tilelang
-              step quad_chunk 420 python benchmarks/quad_atlas.py --modes auto --atlas-config inner_optimizer=muon_chunk \
-                 --out "$OUT/quad_atlas_muon_chunk.json"
-              (cd benchmarks && step atlas_chunk_layer 150 python mixers.py --atlas-paths fast_graphed \
-                 --atlas-config quad_chunk --d-model 128 --batch 8 --seq-len 2048 --skip-gdn \
+              step quad_chunk 500 python benchmarks/quad_atlas.py --modes auto --atlas-config inner_optimizer=muon_chunk \
+                 --out "$OUT/quad_atlas_muon_chunk.json" ;;
+      atlas_chunk_layer) (cd benchmarks && step atlas_chunk_layer 400 python mixers.py --atlas-paths fast fast_graphed \
+                 --atlas-config quad_chunk --d-model 128 --batch 8 --seq-len 2048 --skip-gdn --profile \
                  --out "$OUT/mixers_atlas_quad_chunk.json") ;;
       quad_tf32) need_tilelang
               step quad_tf32 540 python benchmarks/quad_atlas.py --modes auto --tf32 --iters 30 \
@@ -170,7 +171,8 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
                  && tar -cJf out.tar.xz -T /tmp/hymba_pack_out.txt && xargs rm -f < /tmp/hymba_pack_out.txt)
                  echo "pack_out: $(tar -tJf "$OUT/out.tar.xz" | wc -l) files in $OUT/out.tar.xz" ;;
       *) echo "unknown step $s1 (moe mamba3 gdn atlas atlas_verify mamba3_tuned atlas_profile atlas_profile_bench" \
-              "mixers mimo_alt mimo_alt2 loss memory decode fused agree modes side_train side_decode quad quad_chunk quad_tf32" \
+              "mixers mimo_alt mimo_alt2 loss memory decode fused agree modes side_train side_decode quad quad_chunk" \
+              "atlas_chunk_layer quad_tf32" \
               "pack_caches pack_out)"; exit 2 ;;
     esac
   done
