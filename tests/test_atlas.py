@@ -321,12 +321,13 @@ def test_direct_gram_stays_accurate_when_a_momentum_cancels(cancel):
 
 def test_fast_path_compiled_equals_reference():
     """The torch.compile'd chunk step (what CUDA runs; Inductor's CPU backend here) == the
-    reference in float32: outputs, state and gradients, Muon and SGD."""
-    for muon in (True, False):
+    reference in float32: outputs, state and gradients, Muon (per token and per chunk) and SGD."""
+    for muon, ns_chunk in ((True, False), (True, True), (False, False)):
         args, leaves = random_problem(N=2, T=10, C=4, c=2, dtype=torch.float32, seed=3)
         fwd, bwd = compare_impls(args, leaves, dict(compile=True, pad_ns=True), chunk_size=4, window=2, ns_steps=5,
-                                 muon=muon, return_state=True, snapshots=(), n_valid=None)
-        assert fwd < 1e-3 and bwd < 5e-3, (muon, fwd, bwd)  # float32 NS: the reference itself is ~1e-4 off float64
+                                 muon=muon, ns_chunk=ns_chunk, return_state=True, snapshots=(), n_valid=None)
+        # float32 NS: the reference itself is ~1e-4 off float64
+        assert fwd < 1e-3 and bwd < 5e-3, (muon, ns_chunk, fwd, bwd)
 
 
 @pytest.mark.slow
@@ -334,10 +335,11 @@ def test_fast_path_compiled_several_chunks_per_call(monkeypatch):
     """CHUNKS_PER_CALL = 2: pairs of chunks unrolled into one compiled graph (the last chunk
     of an odd count through the one-chunk graph) == the reference, float32."""
     monkeypatch.setattr(atlas_kernels, "CHUNKS_PER_CALL", 2)
-    args, leaves = random_problem(N=2, T=14, C=4, c=2, dtype=torch.float32, seed=3)
-    fwd, bwd = compare_impls(args, leaves, dict(compile=True, pad_ns=True), chunk_size=4, window=2, ns_steps=5,
-                             muon=True, return_state=True, snapshots=(), n_valid=None)
-    assert fwd < 1e-3 and bwd < 5e-3, (fwd, bwd)
+    for ns_chunk in (False, True):
+        args, leaves = random_problem(N=2, T=14, C=4, c=2, dtype=torch.float32, seed=3)
+        fwd, bwd = compare_impls(args, leaves, dict(compile=True, pad_ns=True), chunk_size=4, window=2, ns_steps=5,
+                                 muon=True, ns_chunk=ns_chunk, return_state=True, snapshots=(), n_valid=None)
+        assert fwd < 1e-3 and bwd < 5e-3, (ns_chunk, fwd, bwd)
 
 
 def test_fast_path_falls_back_to_eager_when_compile_fails(monkeypatch):
