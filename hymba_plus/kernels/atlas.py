@@ -835,16 +835,15 @@ def _chunk_step(
     lam4 = lam[:, :, None, None]
     Lt = [mix[:, :, None, :] * a.mT[:, None] for a, _ in fac]  # per weight [N, R, out, C']
 
-    def momenta(L: Tensor, b: Tensor, S0: Tensor) -> Tensor:  # S_t = L_t b + λ_t S_0, [N, R, out, in]
-        o, n = S0.shape[-2:]
-        return torch.baddbmm((lam4 * S0[:, None]).reshape(N, R * o, n), L.reshape(N, R * o, Cp), b).view(N, R, o, n)
+    def momenta(L: Tensor, b: Tensor, S0: Tensor, lam4: Tensor) -> Tensor:  # S_t = L_t b + λ_t S_0, [N, r, out, in]
+        (o, n), r = S0.shape[-2:], L.shape[1]
+        return torch.baddbmm((lam4 * S0[:, None]).reshape(N, r * o, n), L.reshape(N, r * o, Cp), b).view(N, r, o, n)
 
     if not muon:  # mix rows: the new momentum, the whole update
-        Ss = [momenta(L, b, S0) for L, (_, b), S0 in zip(Lt, fac, mom)]
+        Ss = [momenta(L, b, S0, lam4) for L, (_, b), S0 in zip(Lt, fac, mom)]
         return tuple(kp * W - S[:, 1] for W, S in zip(params, Ss)), tuple(S[:, 0].contiguous() for S in Ss)
-    end_m = None
-    if ns_chunk:  # row 1 is the new momentum; row 0, the weighted sum, is the one "token" NS5 sees
-        end_m = [torch.baddbmm(lam[:, 1, None, None] * S0, L[:, 1], b) for L, (_, b), S0 in zip(Lt, fac, mom)]
+    rows, lam_rows, end_m = Lt, lam4, []
+    if ns_chunk:  # row 0, the weighted sum, is the one "token" NS5 sees; row 1 is the new momentum
         Lt, lam4, R = [L[:, :1] for L in Lt], lam4[:, :1], 1
     # Token t's momentum of a weight [o, n] is S_t = L_t B + λ_t S_0 with L_t = aᵀ diag(mix_t)
     # [o, C'] and B = b [C', n] (the chunk's rank-1 gradient factors). NS5 of every S_t runs on
@@ -858,7 +857,7 @@ def _chunk_step(
     #   feature-wide weights, n = feature dim >> C' = C + c - 1, several times fewer flops
     #   and no [C, o, n] tensors through the backward). Equal in exact arithmetic.
     Ss, Xs, Gs = [], [], []  # per weight: the momenta, short side first (None: factored), Gram matrices
-    for L, S0, (_, b) in zip(Lt, mom, fac):
+    for L, S0, (_, b), L2 in zip(Lt, mom, fac, rows):
         o, n = S0.shape[-2:]
         if o <= n and (_factor_gram(o, n, R, Cp) if factor is None else factor):
             Lf = L.reshape(N, R * o, Cp)
@@ -867,8 +866,15 @@ def _chunk_step(
             Gs.append(LBL + lam4 * (H + H.mT) + lam4.square() * torch.bmm(S0, S0.mT)[:, None])
             Ss.append(None)
             Xs.append(None)
+            if ns_chunk:
+                end_m.append(torch.baddbmm(lam[:, 1, None, None] * S0, L2[:, 1], b))
         else:
-            S = momenta(L, b, S0)
+            if ns_chunk:  # both rows from one matmul: the weighted sum and the new momentum
+                S2 = momenta(L2, b, S0, lam_rows)
+                S = S2[:, :1]
+                end_m.append(S2[:, 1].contiguous())
+            else:
+                S = momenta(L, b, S0, lam4)
             X = S.mT.contiguous() if o > n else S  # [N, C, m, n'], m <= n'
             Gs.append(torch.matmul(X, X.mT))
             Ss.append(S)
@@ -907,7 +913,7 @@ def _chunk_step(
             upd = upd.mT if o > n else upd
             new_m.append(S[:, -1].contiguous())
         new_p.append(kp * W - upd)
-    return tuple(new_p), tuple(new_m if end_m is None else end_m)
+    return tuple(new_p), tuple(end_m if ns_chunk else new_m)
 
 
 def _factor_gram(o: int, n: int, C: int, Cp: int) -> bool:
