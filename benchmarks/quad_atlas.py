@@ -101,7 +101,10 @@ def atlas_config_item(text: str) -> tuple[str, object]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE (a key of the recipe's atlas section)")
-    return key.strip(), yaml.safe_load(raw)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: the value is not YAML ({str(e).splitlines()[0]})") from None
 
 
 def with_atlas_config(recipe: Recipe, items: list[tuple[str, object]]) -> Recipe:

@@ -97,6 +97,7 @@ def test_atlas_config_sets_keys_of_the_atlas_section(monkeypatch) -> None:
     ("--atlas-setting", "NS_TRITON_MAX=48", "argument --atlas-setting: 'NS_TRITON_MAX=48': NS_TRITON_MAX takes 16 / 32 / 64"),
     ("--atlas-config", "inner_optimizer=adam",
      "components.atlas.inner_optimizer: must be one of 'muon', 'muon_chunk', 'sgd', got 'adam'"),
+    ("--atlas-config", "window=[", "argument --atlas-config: 'window=[': the value is not YAML"),
 ])
 def test_a_bad_atlas_argument_is_one_line_and_exit_2(tmp_path, flag, value, needle) -> None:
     out = tmp_path / "q.json"
