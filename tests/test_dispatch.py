@@ -84,7 +84,8 @@ def test_probe_runs_with_tf32_off_whatever_the_callers_setting():
         torch.backends.cuda.matmul.allow_tf32 = True
         assert dispatch.FastPath("probe_tf32", probe, "test").ok()
         assert not dispatch.FastPath("broken_tf32", broken, "test").ok()
-        assert seen == [False, False] and torch.backends.cuda.matmul.allow_tf32
+        # (a failing probe runs twice where CUDA and Triton are: pinned, then autotuned)
+        assert len(seen) >= 2 and not any(seen) and torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
 
