@@ -16,8 +16,9 @@
 #           compiled every launch config in 8 parallel processes (one shard of each kernel's configs each) into
 #           Triton's cache: run it alone in a call, then pack_caches with > 60 s to spare
 #   atlas_verify  the ATLAS GPU tests that have not passed on a GPU yet (the fast path against the float64
-#           reference, the layer on CUDA vs CPU, the fast path under TF32), then atlas_check.py --grads (the Quad-Hybrid's ATLAS layer at
-#           8 x 2048, factored vs direct Gram matrices: finite or not; FACTOR_GRAM gave a NaN loss in the recipe)
+#           reference, the layer on CUDA vs CPU, the fast path under TF32, muon_chunk's fast path), then
+#           atlas_check.py --grads (the Quad-Hybrid's ATLAS layer at 8 x 2048, factored vs direct Gram matrices:
+#           finite or not; FACTOR_GRAM gave a NaN loss in the recipe)
 #   atlas_profile  the Newton-Schulz kernels' GPU tests (sides 16-64), then mixers.py --atlas-paths --profile: the
 #           ATLAS layer's kernel breakdown at the Quad-Hybrid recipe's shape (--atlas-config quad, B 8 x 2048)
 #           as shipped (fast: Newton-Schulz in Triton up to side 64) and in CUDA graphs (fast_graphed); the

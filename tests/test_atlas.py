@@ -215,6 +215,7 @@ def float32_errors(args, leaves, depth, device, fast_kw=None, **kw):
     gb = torch.autograd.grad(sum((o * r).sum() for o, r in zip(want, seeds)), leaves)
     return [rel_err(a.detach().double().cpu(), b.detach()) for a, b in zip(got + list(ga), want + list(gb))]
 
+
 def with_valid_lengths(args, leaves, n_valid, c):  # noqa: ANN001, ANN201
     """``random_problem``'s arguments for rows with ``n_valid`` real tokens (None: all): the
     kernel's contract, γ = 0 in the slots past them (``leaves`` updated in place)."""
