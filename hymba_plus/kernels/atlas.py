@@ -868,13 +868,11 @@ def _chunk_step(
             Xs.append(None)
             if ns_chunk:
                 end_m.append(torch.baddbmm(lam[:, 1, None, None] * S0, L2[:, 1], b))
-        else:
-            if ns_chunk:  # both rows from one matmul: the weighted sum and the new momentum
-                S2 = momenta(L2, b, S0, lam_rows)
-                S = S2[:, :1]
-                end_m.append(S2[:, 1].contiguous())
-            else:
-                S = momenta(L, b, S0, lam4)
+        else:  # every mixing row's momentum in one matmul (ns_chunk: the weighted sum, the new momentum)
+            S = momenta(L2, b, S0, lam_rows)
+            if ns_chunk:
+                end_m.append(S[:, 1].contiguous())
+                S = S[:, :1]
             X = S.mT.contiguous() if o > n else S  # [N, C, m, n'], m <= n'
             Gs.append(torch.matmul(X, X.mT))
             Ss.append(S)
