@@ -288,6 +288,24 @@ def test_recipe_train_section_gives_defaults(tmp_path):
     assert state["train_config"]["data"] == "parity" and state["train_config"]["optimizer"] == "adamw"
 
 
+def test_train_section_is_checked_on_the_keys_it_sets(tmp_path, capsys):
+    """A `train:` section that sets a few keys loads although a default it leaves (seq_len 128)
+    does not fit the model (max_seq_len 64); `hymba train` checks the effective settings, and an
+    unfitting default says it is one and how to set it. A key the recipe sets is checked at load."""
+    from hymba_plus.core.recipe import RecipeError, load_recipe
+
+    few = write_recipe(tmp_path, dict(TINY, train={"tf32": True, "steps": 1}), "few.yaml")
+    assert load_recipe(few).train.tf32 is True
+    assert main(["train", few, "--out", str(tmp_path / "a"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "train.seq_len" in err and "(the default: set --seq-len or train.seq_len)" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "a").exists()
+    assert main(["train", few, "--out", str(tmp_path / "b"), *FAST]) == 0
+    capsys.readouterr()
+    with pytest.raises(RecipeError, match=r"few\.yaml:\d+: train\.seq_len: must be <= model\.max_seq_len"):
+        load_recipe(write_recipe(tmp_path, dict(TINY, train={"seq_len": 128}), "few.yaml"))
+
+
 def test_time_limit_ends_the_run_with_an_eval_and_a_checkpoint(tmp_path, capsys):
     recipe = write_recipe(tmp_path)
     out = tmp_path / "tl"

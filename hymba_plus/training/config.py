@@ -127,4 +127,7 @@ def validate(cfg: TrainConfig, model, overrides: dict | None = None, where: str 
         name = key.split(".")[0]
         if name in overrides:
             raise TrainConfigError(f"{flag_of(name)} {overrides[name]}: {msg}")
+        field = TrainConfig.__dataclass_fields__.get(name)
+        if field is not None and getattr(cfg, name) == field.default:  # a default the model does not take
+            msg += f" (the default: set {flag_of(name)} or train.{name})"
         raise TrainConfigError(f"{where}: train.{key}: {msg}")
