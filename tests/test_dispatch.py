@@ -16,7 +16,7 @@ def test_modes_and_cpu_fallback(monkeypatch):
     for m in ("auto", "reference", "fast"):
         monkeypatch.setenv("HYMBA_KERNELS", m)
         assert dispatch.mode() == m
-        assert dispatch.use_fast("gdn", x) is False  # CPU tensors never take a fast path
+        assert dispatch.use_fast("gdn", x) is False  # CPU tensors never take a CUDA fast path
     monkeypatch.setenv("HYMBA_KERNELS", "turbo")
     with pytest.raises(ValueError, match="HYMBA_KERNELS"):
         dispatch.mode()
@@ -186,12 +186,14 @@ def test_probes_run_pinned_and_retry_autotuned(monkeypatch):
 
 
 class _OnCuda:
-    """Stands in for a CUDA tensor (use_fast reads only ``is_cuda``) on a machine without one."""
+    """Stands in for a CUDA tensor (use_fast reads only ``is_cuda`` / ``device``) on a machine without one."""
 
     is_cuda = True
+    device = torch.device("cuda")
 
 
-def _fake_path(monkeypatch, name: str, fail: Exception | None = None) -> tuple[dispatch.FastPath, list[int]]:
+def _fake_path(monkeypatch, name: str, fail: Exception | None = None,
+               device: str = "cuda") -> tuple[dispatch.FastPath, list[int]]:
     calls: list[int] = []
 
     def probe():
@@ -199,7 +201,7 @@ def _fake_path(monkeypatch, name: str, fail: Exception | None = None) -> tuple[d
         if fail is not None:
             raise fail
 
-    fp = dispatch.FastPath(name, probe, "a fake fast path")
+    fp = dispatch.FastPath(name, probe, "a fake fast path", device=device)
     monkeypatch.setitem(dispatch._FAST, name, fp)
     return fp, calls
 
@@ -299,6 +301,27 @@ def test_no_notice_on_cpu_or_in_fast_mode(monkeypatch, capsys):
     monkeypatch.setenv("HYMBA_KERNELS", "reference")
     assert dispatch.use_fast("fake_gdn", _OnCuda()) is False
     assert capsys.readouterr().err == ""
+
+
+def test_a_cpu_fast_path_takes_cpu_tensors_and_says_when_it_is_unavailable(monkeypatch, capsys):
+    """A fast path registered for the CPU (``fast_path(..., device="cpu")``, ATLAS's) is probed at
+    its first CPU call and taken there, never for CUDA tensors; a failed probe is said once in
+    ``auto`` and is an error under ``HYMBA_KERNELS=fast``, as a CUDA one's."""
+    monkeypatch.setenv("HYMBA_KERNELS", "auto")
+    fp, calls = _fake_path(monkeypatch, "fake_cpu", device="cpu")
+    assert dispatch.use_fast("fake_cpu", _OnCuda()) is False and calls == [] and fp.status is None
+    assert dispatch.use_fast("fake_cpu", torch.zeros(2), torch.ones(1)) is True and calls == [1]
+    assert dispatch.use_fast("fake_cpu", torch.zeros(2), _OnCuda()) is False  # mixed devices: not its call
+    _fake_path(monkeypatch, "fake_cpu_broken", RuntimeError("differs"), device="cpu")
+    for _ in range(2):
+        assert dispatch.use_fast("fake_cpu_broken", torch.zeros(2)) is False
+    assert capsys.readouterr().err == "fast path fake_cpu_broken unavailable (RuntimeError: differs): using the " \
+                                      "reference path\n"
+    monkeypatch.setenv("HYMBA_KERNELS", "fast")
+    with pytest.raises(RuntimeError, match="HYMBA_KERNELS=fast but the fast path for 'fake_cpu_broken'"):
+        dispatch.use_fast("fake_cpu_broken", torch.zeros(2))
+    monkeypatch.setenv("HYMBA_KERNELS", "reference")
+    assert dispatch.use_fast("fake_cpu", torch.zeros(2)) is False
 
 
 @pytest.mark.gpu

@@ -8,14 +8,15 @@ Each op module registers its fast path's availability probe::
 and asks, at call time, ``use_fast("gdn", x)``. The answer is True only when
 
 * ``HYMBA_KERNELS`` is not ``reference`` (``auto``, the default, or ``fast``),
-* every given tensor is on CUDA, and
+* every given tensor is on the fast path's device (CUDA, unless it was registered for another:
+  ``fast_path(..., device="cpu")``), and
 * the probe succeeded (it runs once, with autograd on, autocast off and TF32 off whatever the
   caller's grad mode, autocast and ``allow_tf32``, fla's and mamba-ssm's autotuned kernels on
   their first launch config (``PROBE_PINNED``; retried autotuned if that fails); an ImportError
   or any failure means "not available").
 
 In ``auto`` mode a fast path whose probe failed is announced once, in one line on stderr, the
-first time a CUDA call falls back because of it ("fast path gdn unavailable (ImportError:
+first time a call on its device falls back because of it ("fast path gdn unavailable (ImportError:
 ...): using the reference path"). ``HYMBA_KERNELS=fast`` makes a missing fast path an error
 instead (for benchmarks and GPU tests). ``available()`` reports every op's status (``hymba
 info`` and ARCHITECTURE.md use it). Nothing is registered for an op that has no real fast path.
@@ -64,6 +65,7 @@ class FastPath:
     status: bool | None = None
     error: str = ""
     warned: bool = False  # the one-line "unavailable" notice was printed (auto mode)
+    device: str = "cuda"  # the device type whose tensors it takes
 
     def ok(self) -> bool:
         if self.status is None:
@@ -130,8 +132,10 @@ def full_float32() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def fast_path(name: str, probe: Callable[[], Any], doc: str) -> None:
-    _FAST[name] = FastPath(name, probe, doc)
+def fast_path(name: str, probe: Callable[[], Any], doc: str, device: str = "cuda") -> None:
+    """Register ``name``'s fast path for tensors on ``device`` (a device type: most fast paths
+    are CUDA kernels; a CPU one is a faster PyTorch form of the reference's mathematics)."""
+    _FAST[name] = FastPath(name, probe, doc, device=device)
 
 
 def forget(name: str) -> None:
@@ -153,12 +157,13 @@ def use_fast(name: str, *tensors: torch.Tensor) -> bool:
     if m == "reference":
         return False
     fp = _FAST.get(name)
-    on_cuda = all(t.is_cuda for t in tensors)
-    if fp is None or not on_cuda or not fp.ok():
-        if m == "fast" and on_cuda:
+    device = "cuda" if fp is None else fp.device
+    on_device = all(t.is_cuda if device == "cuda" else t.device.type == device for t in tensors)
+    if fp is None or not on_device or not fp.ok():
+        if m == "fast" and on_device:
             why = "no fast path is registered" if fp is None else fp.error
             raise RuntimeError(f"HYMBA_KERNELS=fast but the fast path for {name!r} is unavailable: {why}")
-        if fp is not None and on_cuda and not fp.warned and not torch.compiler.is_compiling():  # auto: once per op
+        if fp is not None and on_device and not fp.warned and not torch.compiler.is_compiling():  # auto: once per op
             fp.warned = True
             print(unavailable_line(fp), file=sys.stderr, flush=True)
         return False
@@ -166,7 +171,7 @@ def use_fast(name: str, *tensors: torch.Tensor) -> bool:
 
 
 def unavailable_line(fp: FastPath) -> str:
-    """The one line ``auto`` mode prints when a CUDA call falls back from ``fp``."""
+    """The one line ``auto`` mode prints when a call on ``fp``'s device falls back from ``fp``."""
     first = fp.error.strip().splitlines()[0] if fp.error.strip() else "probe failed"
     if len(first) > 200:
         first = first[:197] + "..."
