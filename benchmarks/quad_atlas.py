@@ -29,7 +29,7 @@ Modes (``--modes``): ``auto`` is ``hymba train``'s default (on CUDA: the forward
 captured in CUDA graphs when the run allows it and the graphed loss matches the eager one on
 the first batch, else eager; on the CPU: eager), ``eager`` and ``cuda-graph`` are forced. The
 mode each row ran in is ``mode`` (``mode_note``: the trainer's line saying why). ATLAS runs
-on its dispatched path (the fast path on CUDA, the reference on CPU); ``--atlas-reference``
+on its dispatched path (the fast path: on CUDA compiled, on the CPU eager); ``--atlas-reference``
 adds rows with ATLAS forced to the reference (every other op as dispatched). ``atlas_path``
 is what the dispatch answered for atlas during the row (fast / reference / mixed).
 
@@ -125,8 +125,10 @@ def atlas_dispatch(reference: bool) -> Iterator[set[bool]]:
     orig, seen = dispatch.use_fast, set()
 
     def use_fast(name: str, *tensors: torch.Tensor) -> bool:
-        ans = False if reference and name == "atlas" else orig(name, *tensors)
-        if name == "atlas":
+        if name not in ("atlas", atlas_kernels.CPU_FAST):  # atlas has a fast path per device type
+            return orig(name, *tensors)
+        ans = False if reference else orig(name, *tensors)
+        if all(t.device.type == dispatch._FAST[name].device for t in tensors):  # the answer for this device
             seen.add(ans)
         return ans
 

@@ -302,7 +302,7 @@ def test_info_kernels_one_line_without_cuda(capsys, monkeypatch):
     monkeypatch.setattr(info, "cuda_available", lambda: False)
     code, out, _ = run(capsys, "info", str(ROOT / "configs" / "gpt_tiny.yaml"))
     assert code == 0
-    assert out[-1] == "kernels     fast paths: none (CPU: reference paths)"
+    assert out[-1] == "kernels     fast paths: atlas_cpu (CPU: reference paths for the rest)"
     assert not [line for line in out if "unavailable" in line or "HYMBA_KERNELS" in line]
     assert max(map(len, out)) <= 120
     # the whole table on request: every registered op, what it is, why it is unavailable
@@ -341,6 +341,12 @@ def test_info_kernels_on_cuda_compact_table():
         "kernels     fast paths: off (HYMBA_KERNELS=reference: reference paths)"]
     assert format_kernels(fake_info(cuda=False)) == format_kernels(fake_info(cuda=False), "summary") == [
         "kernels     fast paths: none (CPU: reference paths)"]
+    cpu = fake_info(cuda=False)  # a fast path of the CPU's own (atlas_cpu), available or not
+    cpu["kernels"]["atlas_cpu"] = {"fast_path": "eager chunk step", "available": True, "error": "", "device": "cpu"}
+    cpu["kernels"]["other_cpu"] = {"fast_path": "x", "available": False, "error": "RuntimeError", "device": "cpu"}
+    assert format_kernels(cpu) == ["kernels     fast paths: atlas_cpu (CPU: reference paths for the rest)"]
+    cpu["kernel_mode"] = "reference"
+    assert format_kernels(cpu) == ["kernels     fast paths: off (HYMBA_KERNELS=reference: reference paths)"]
     assert format_info(d).splitlines()[-3:] == format_kernels(d)
 
 

@@ -3,7 +3,7 @@
 * Every ``$ hymba check ...`` / ``$ hymba info ...`` sample in a fenced block is run (in
   process, from the repository root) and its output compared line by line with the
   sample; a line ``...`` in the sample stands for any run of lines (none included).
-  The samples show a machine without CUDA (``fast paths: none (CPU: reference paths)``).
+  The samples show a machine without CUDA (``fast paths: atlas_cpu (CPU: reference paths for the rest)``).
 * The configs table names exactly the recipes in ``configs/``.
 """
 

@@ -4,7 +4,7 @@ Prints the resolved flat pattern (a ratio layout: the layers it resolves to and 
 rounded, on one line), one row per layer (mixer, ffn, parameters, cache bytes per
 sequence), parameters total and active (MoE: only the routed experts a token uses), cache
 bytes per sequence at 1k and 32k tokens, and the fast kernels: one line without CUDA
-(``fast paths: none (CPU: reference paths)``), a short table with it, every op with its
+(``fast paths: atlas_cpu (CPU: reference paths for the rest)``), a short table with it, every op with its
 fast path and why it is unavailable with ``--kernels``.
 
 The model is built on the meta device (``torch.device("meta")``): every shape is real,
@@ -109,7 +109,7 @@ def describe(recipe: Any, dtype: torch.dtype = torch.float32, seq_lens: tuple[in
         cache, known = etd["cache_bytes"]["max_iterations"], etd["cache_bytes_known"]["max_iterations"]
     else:
         cache, known = _sum_states([r["state_bytes"] for r in layers], seq_lens)
-    kernels = {op: {"fast_path": doc, "available": ok, "error": err}
+    kernels = {op: {"fast_path": doc, "available": ok, "error": err, "device": dispatch.device_of(op)}
                for op, (doc, ok, err) in dispatch.available().items()}
     layout = None
     if m.layout is not None:
@@ -322,10 +322,12 @@ def format_kernels(d: dict, level: str = "auto") -> list[str]:
             status = "available" if k["available"] else f"unavailable ({k['error']})"
             out.append(f"{LABEL}{op.ljust(kw)}  {k['fast_path'].ljust(dw)}  {status}")
         return out
-    if not d.get("cuda", True):
-        return [f"{head}fast paths: none (CPU: reference paths)"]
     if mode == "reference":
         return [f"{head}fast paths: off (HYMBA_KERNELS=reference: reference paths)"]
+    if not d.get("cuda", True):  # the CPU's own fast paths (atlas_cpu), the reference for every other op
+        cpu = [op for op, k in ks.items() if k.get("device") == "cpu" and k["available"]]
+        return [f"{head}fast paths: {', '.join(cpu) if cpu else 'none'} (CPU: reference paths"
+                f"{' for the rest' if cpu else ''})"]
     n_ok = sum(bool(k["available"]) for k in ks.values())
     count = f"fast paths: {n_ok} of {len(ks)} available"
     if level == "summary" or not ks:

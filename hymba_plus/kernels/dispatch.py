@@ -229,6 +229,11 @@ def statuses() -> dict[str, bool | str | None]:
     return {n: (fp.error or False) if fp.status is False else fp.status for n, fp in sorted(_FAST.items())}
 
 
+def device_of(name: str) -> str:
+    """The device type whose tensors ``name``'s fast path takes (``cuda`` for most)."""
+    return _FAST[name].device
+
+
 def available() -> dict[str, tuple[str, bool, str]]:
     """op -> (description, importable here, error)."""
     return {n: (fp.doc, fp.ok(), fp.error) for n, fp in sorted(_FAST.items())}
