@@ -324,8 +324,8 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
                 atlas_kernels.compile_error, atlas_kernels.recompile_limit_hits = None, 0
                 knobs.enter_context(atlas_kernels.settings(**knob_values))
                 os.environ["HYMBA_KERNELS"] = mode
-                if device != "cuda" and path != "reference":  # the dispatch's fast paths are CUDA-only
-                    dispatch.use_fast = lambda op, *t: op == "atlas"  # noqa: E731
+                if device != "cuda" and path != "reference":  # CUDA's fast path with its settings (compiled
+                    dispatch.use_fast = lambda op, *t: op == "atlas"  # noqa: E731 - step), not the CPU's eager one
                 layer = layer_of("atlas", d_model, {"atlas": ATLAS_CONFIGS[args.atlas_config]}, device, dtype)
             if name == "atlas" and path != "reference" and device == "cuda":
                 row["fast_path_taken"] = dispatch.use_fast("atlas", x)  # probes under this path's settings

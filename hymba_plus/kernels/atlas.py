@@ -321,10 +321,12 @@ def atlas_memory(
     start, ``components/atlas.py``), per memory matrix stacked as [len(snapshots), N, out, in]
     in their order (chunk 0's momentum is the given ``mom`` or zeros).
     """
-    impl = _atlas_memory
-    if not dispatch.tracing(qf) and (dispatch.use_fast("atlas", qf) or dispatch.use_fast(CPU_FAST, qf)):
-        # the CPU's: the chunk step eagerly (no Inductor build on the first call, no C++ compiler needed)
-        impl = _atlas_memory_fast if qf.is_cuda else functools.partial(_atlas_memory_fast, compile=False)
+    impl = _atlas_memory  # traced code traces the reference
+    if not dispatch.tracing(qf):
+        if dispatch.use_fast("atlas", qf):  # CUDA's (COMPILE_CHUNK_STEP)
+            impl = _atlas_memory_fast
+        elif dispatch.use_fast(CPU_FAST, qf):  # the CPU's: the step eagerly (no Inductor build, no C++ compiler)
+            impl = functools.partial(_atlas_memory_fast, compile=False)
     if snapshots is None:
         y, W, S, _ = impl(qf, kf, v, gamma, eta, log_theta, log_alpha, params, mom, chunk_size=chunk_size,
                           window=window, ns_steps=ns_steps, muon=muon, ns_chunk=ns_chunk, n_valid=n_valid,
