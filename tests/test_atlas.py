@@ -561,6 +561,7 @@ def test_ns_kernels_keep_their_precision_under_tf32(monkeypatch):
     assert checked == [(32, "tf32x3"), (32, "tf32")]
 
 
+@pytest.mark.slow  # ~35 s of Triton / ptxas compiles on a CPU, like the other kernels' sm_90 compile tests
 def test_ns_triton_kernels_compile_for_sm90():
     """The Triton Newton-Schulz kernels go through Triton's real compiler for an H100/H200
     (sm_90) without a GPU: TTIR -> PTX -> cubin, at the padded sides, the launch's warps and
