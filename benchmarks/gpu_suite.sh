@@ -56,6 +56,9 @@
 #           chunk, a variant of ours): the recipe pair's tokens/s with it (one call)
 #   atlas_chunk_layer  the ATLAS layer alone at the quad shape with muon_chunk, eager and in CUDA graphs, profiled
 #           (mixers.py --atlas-config quad_chunk --profile; one call)
+#   atlas_chunk_bench  the d 2048 benchmark layer (B 4, T 4096) with muon_chunk, eager and in CUDA graphs, against
+#           the gdn rows of results/mixers_atlas_paths_h200.json (the ATLAS <= 10x gdn target with Newton-Schulz once
+#           per chunk; a CPU at d 256 measured 4.5x less than per token: 272 vs 1,219 ms fwd+bwd; one call)
 #   quad_tf32  quad_atlas.py --modes auto --tf32: the same two recipes with TF32 float32 matmuls (hymba train --tf32:
 #           the ATLAS memory's cuBLAS GEMMs on tensor cores; Newton-Schulz stays tf32x3), 30 timed steps: what the
 #           GEMMs' precision is worth in time (benchmarks/atlas_tf32.py: what it costs in accuracy, on a CPU)
@@ -154,6 +157,9 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
       atlas_chunk_layer) (cd benchmarks && step atlas_chunk_layer 400 python mixers.py --atlas-paths fast fast_graphed \
                  --atlas-config quad_chunk --d-model 128 --batch 8 --seq-len 2048 --skip-gdn --profile \
                  --out "$OUT/mixers_atlas_quad_chunk.json") ;;
+      atlas_chunk_bench) (cd benchmarks && step atlas_chunk_bench 480 python mixers.py --atlas-paths fast \
+                 fast_graphed --atlas-config bench_chunk --gdn-from results/mixers_atlas_paths_h200.json \
+                 --out "$OUT/mixers_atlas_bench_chunk.json") ;;
       quad_tf32) need_tilelang
               step quad_tf32 540 python benchmarks/quad_atlas.py --modes auto --tf32 --iters 30 \
                  --out "$OUT/quad_atlas_tf32.json" ;;
@@ -173,7 +179,7 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
                  echo "pack_out: $(tar -tJf "$OUT/out.tar.xz" | wc -l) files in $OUT/out.tar.xz" ;;
       *) echo "unknown step $s1 (moe mamba3 gdn atlas atlas_verify mamba3_tuned atlas_profile atlas_profile_bench" \
               "mixers mimo_alt mimo_alt2 loss memory decode fused agree modes side_train side_decode quad quad_chunk" \
-              "atlas_chunk_layer quad_tf32" \
+              "atlas_chunk_layer atlas_chunk_bench quad_tf32" \
               "pack_caches pack_out)"; exit 2 ;;
     esac
   done
