@@ -593,7 +593,8 @@ def test_ns_triton_kernels_compile_for_sm90():
 
 @pytest.fixture
 def fast_on_cpu(monkeypatch):
-    """Route the layer through the fast path on the CPU (eager chunk step)."""
+    """Route the layer through the fast path on the CPU (eager chunk step), as the CPU's dispatch
+    (``atlas_cpu``) does, whatever ``HYMBA_KERNELS`` or its probe say."""
     real = dispatch.use_fast
     monkeypatch.setattr(dispatch, "use_fast", lambda name, *t: name == "atlas" or real(name, *t))
     monkeypatch.setattr(atlas_kernels, "COMPILE_CHUNK_STEP", False)
@@ -799,9 +800,10 @@ SETTINGS = [{}, {"window": 1, "poly_degree": 1, "memory_depth": 3, "inner_optimi
 
 
 @pytest.mark.parametrize("atlas", SETTINGS)
-def test_invariant_any_split_equals_full_forward(atlas):
+def test_invariant_any_split_equals_full_forward(atlas, monkeypatch):
     """DESIGN §1: chunked through one cache == one full forward, splits unaligned to C, and
-    token by token."""
+    token by token, on the reference (``test_invariant_on_fast_path``: the fast path)."""
+    monkeypatch.setenv("HYMBA_KERNELS", "reference")
     worst = split_invariant_error(tiny_model(atlas), seed=0, splits=4)
     assert worst <= 1e-4, worst
 
