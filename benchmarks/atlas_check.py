@@ -10,7 +10,7 @@ path's probe failed on an H200 while every CPU check passes).
 2. The probe's problem (``kernels.atlas.probe_errors``) through ``_atlas_memory_fast`` on
    this GPU with the PyTorch Newton-Schulz and with the Triton kernels (eager chunk step), and
    with the compiled chunk step: the worst relative error of each output and input gradient.
-3. ``_probe_fast`` itself as the dispatch runs it, inside a bf16 autocast region (a training
+3. ``_probe("cuda")`` itself as the dispatch runs it, inside a bf16 autocast region (a training
    forward's first ATLAS call): the dispatch runs probes with autocast off.
 4. ``--grads``: the ATLAS layer of ``configs/quad_hybrid_tiny.yaml`` (d_model 128, its ``atlas``
    section) at batch x seq-len (default 8 x 2048, as ``quad_atlas.py`` trains it), forward under
@@ -22,6 +22,7 @@ path's probe failed on an H200 while every CPU check passes).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import time
@@ -123,7 +124,7 @@ def main() -> None:
                   " ".join(f"{e:.0e}" for e in errs), flush=True)
         except Exception as e:  # noqa: BLE001
             print(f"probe {name}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-    fp = FastPath("atlas_check", A._probe_fast, "atlas_check")
+    fp = FastPath("atlas_check", functools.partial(A._probe, "cuda"), "atlas_check")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         print("dispatch probe inside bf16 autocast:", "passes" if fp.ok() else fp.error, flush=True)
 

@@ -125,10 +125,10 @@ def atlas_dispatch(reference: bool) -> Iterator[set[bool]]:
     orig, seen = dispatch.use_fast, set()
 
     def use_fast(name: str, *tensors: torch.Tensor) -> bool:
-        if name not in ("atlas", atlas_kernels.CPU_FAST):  # atlas has a fast path per device type
+        if name not in atlas_kernels.FAST_PATHS:  # atlas has a fast path per device type
             return orig(name, *tensors)
         ans = False if reference else orig(name, *tensors)
-        if all(t.device.type == dispatch._FAST[name].device for t in tensors):  # the answer for this device
+        if all(t.device.type == dispatch.device_of(name) for t in tensors):  # the answer for this device
             seen.add(ans)
         return ans
 
