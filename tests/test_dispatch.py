@@ -186,9 +186,8 @@ def test_probes_run_pinned_and_retry_autotuned(monkeypatch):
 
 
 class _OnCuda:
-    """Stands in for a CUDA tensor (use_fast reads only ``is_cuda`` / ``device``) on a machine without one."""
+    """Stands in for a CUDA tensor (use_fast reads only ``device``) on a machine without one."""
 
-    is_cuda = True
     device = torch.device("cuda")
 
 

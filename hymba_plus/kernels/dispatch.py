@@ -158,7 +158,7 @@ def use_fast(name: str, *tensors: torch.Tensor) -> bool:
         return False
     fp = _FAST.get(name)
     device = "cuda" if fp is None else fp.device
-    on_device = all(t.is_cuda if device == "cuda" else t.device.type == device for t in tensors)
+    on_device = all(t.device.type == device for t in tensors)
     if fp is None or not on_device or not fp.ok():
         if m == "fast" and on_device:
             why = "no fast path is registered" if fp is None else fp.error
