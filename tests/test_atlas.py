@@ -593,11 +593,9 @@ def test_ns_triton_kernels_compile_for_sm90():
 
 @pytest.fixture
 def fast_on_cpu(monkeypatch):
-    """Route the layer through the fast path on the CPU (eager chunk step), as the CPU's dispatch
-    (``atlas_cpu``) does, whatever ``HYMBA_KERNELS`` or its probe say."""
-    real = dispatch.use_fast
-    monkeypatch.setattr(dispatch, "use_fast", lambda name, *t: name == "atlas" or real(name, *t))
-    monkeypatch.setattr(atlas_kernels, "COMPILE_CHUNK_STEP", False)
+    """The layer through the CPU's fast path (``atlas_cpu``: the eager chunk step) whatever the
+    caller's ``HYMBA_KERNELS`` says; a failed probe is an error (``fast``)."""
+    monkeypatch.setenv("HYMBA_KERNELS", "fast")
 
 
 def test_layer_on_fast_path_equals_reference(fast_on_cpu, monkeypatch):
