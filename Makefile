@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv test test-all demo lint check clean
+.PHONY: venv test test-all test-deep demo lint check clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,10 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -n auto
+
+# the property tests (hypothesis) with 10x their examples, drawn at random: new examples every run
+test-deep: $(STAMP)
+	HYMBA_TEST_DEEP=10 $(BIN)/python -m pytest -q -m "not slow" -n auto $$(grep -l "@given" tests/test_*.py)
 
 check: $(STAMP)
 	$(BIN)/hymba check configs/

@@ -45,7 +45,25 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+#: ``make test-deep``: HYMBA_TEST_DEEP=N runs every property test with N times its examples, drawn at
+#: random (not derandomized: each run tries new ones); a failure prints the example to reproduce
+DEEP = int(os.environ.get("HYMBA_TEST_DEEP", "0") or 0)
+
+
+def _deepen(items) -> None:
+    seen = set()  # a parametrized test's items share one function: deepen it once
+    for item in items:
+        fn = getattr(item, "obj", None)
+        s = getattr(fn, "_hypothesis_internal_use_settings", None)
+        if s is not None and id(fn) not in seen:
+            seen.add(id(fn))
+            fn._hypothesis_internal_use_settings = settings(s, max_examples=s.max_examples * DEEP,
+                                                            derandomize=False, database=None)
+
+
 def pytest_collection_modifyitems(config, items):
+    if DEEP > 1:
+        _deepen(items)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")

@@ -439,6 +439,21 @@ def test_mutated_recipes_load_or_fail_cleanly(data):
             assert e.errors and all(_LINE.match(line) for line in e.errors), e.errors
 
 
+@pytest.mark.parametrize(("change", "message"), [
+    ({"head_dim": -1}, "components.atlas.head_dim: must be >= 1, got -1"),
+    ({"head_dim": None, "n_heads": 0}, "components.atlas.n_heads: must be >= 1, got 0"),
+])
+def test_out_of_range_value_is_reported_before_the_rules_across_fields(change, message):
+    """A value out of its range is that one error, not a crash of a rule that reads it (ATLAS's
+    feature count of a negative head_dim raised ValueError, n_heads 0 divided by zero: found by
+    ``make test-deep`` in the mutated-recipes property)."""
+    base = yaml.safe_load((ROOT / "configs" / "quad_hybrid_tiny.yaml").read_text())
+    base["components"]["atlas"].update(change)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(base)
+    assert [line.split(": ", 1)[1] for line in e.value.errors] == [message]
+
+
 @settings(max_examples=200, deadline=None, derandomize=True)
 @given(text=st.text(alphabet="nameodl:{}[]-,\"'!&*#|> \n\t0123.eE", max_size=60))
 def test_arbitrary_text_loads_or_fails_cleanly(text):

@@ -58,8 +58,10 @@ def range_errors(cfg: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
 
 
 def cross_errors(cfg: Any, model: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
-    """Yield (key path, message) from the config's own ``check`` and its nested configs'."""
-    if not dataclasses.is_dataclass(cfg):
+    """Yield (key path, message) from the config's own ``check`` and its nested configs'. Nothing
+    while a field is out of range (``range_errors`` says that): the rules across fields assume
+    valid ones (a negative ``head_dim`` must not reach an ATLAS feature count)."""
+    if not dataclasses.is_dataclass(cfg) or next(range_errors(cfg), None) is not None:
         return
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)

@@ -679,14 +679,16 @@ def _build(data: Any, file: str) -> Recipe:
     errs.raise_if_any()
 
     pattern_line = errs.line("model.block_pattern" if model.block_pattern is not None else "model.layout")
+    # a component the recipe does not configure gets its defaults; its errors point at the
+    # pattern that asked for it and say the value is a default
+    where = {key: (None, "") if key in comps_data else
+             (pattern_line, " (default; set it under components." + key + ")") for key in comps}
     for key, cfg in comps.items():
-        # a component the recipe does not configure gets its defaults; its errors point at
-        # the pattern that asked for it and say the value is a default
-        given = key in comps_data
-        line = None if given else pattern_line
-        note = "" if given else " (default; set it under components." + key + ")"
         for k, msg in range_errors(cfg, f"components.{key}."):
-            errs.add(k, msg + note, line)
+            errs.add(k, msg + where[key][1], where[key][0])
+    errs.raise_if_any()  # the rules across fields and components assume valid ranges
+    for key, cfg in comps.items():
+        line, note = where[key]
         if key in used:
             for k, msg in cross_errors(cfg, model, f"components.{key}."):
                 errs.add(k, msg + note, line)
@@ -702,6 +704,7 @@ def _build(data: Any, file: str) -> Recipe:
         errs.raise_if_any()
         for k, msg in range_errors(train, "train."):
             errs.add(k, msg)
+        errs.raise_if_any()
         # rules across fields only where the recipe sets the key: a section that sets a few keys
         # leaves the others to their defaults or to ``hymba train``'s flags, and the effective
         # settings are checked in full there (``training.config.validate``)
