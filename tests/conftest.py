@@ -51,6 +51,8 @@ DEEP = int(os.environ.get("HYMBA_TEST_DEEP", "0") or 0)
 
 
 def _deepen(items) -> None:
+    """Scale each property test's own settings (hypothesis keeps them on the test function, where
+    explicit ``@settings`` win over any profile, so a profile cannot do this)."""
     seen = set()  # a parametrized test's items share one function: deepen it once
     for item in items:
         fn = getattr(item, "obj", None)
