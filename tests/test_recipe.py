@@ -414,9 +414,10 @@ def _paths(d, prefix=()):
 @settings(max_examples=200, deadline=None, derandomize=True)
 @given(data=st.data())
 def test_mutated_recipes_load_or_fail_cleanly(data):
-    """Any change to a valid recipe (a value of any type, a deleted key, an unknown key)
-    either loads or raises RecipeError with one well-formed line per problem."""
-    base = yaml.safe_load((ROOT / "configs" / "quad_hybrid_tiny.yaml").read_text())
+    """Any change to a valid recipe (any of configs/; a value of any type, a deleted key, an
+    unknown key) either loads or raises RecipeError with one well-formed line per problem."""
+    config = data.draw(st.sampled_from(sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))))
+    base = yaml.safe_load((ROOT / "configs" / config).read_text())
     for _ in range(data.draw(st.integers(1, 3))):
         paths = list(_paths(base))
         path = data.draw(st.sampled_from(paths))
@@ -439,16 +440,18 @@ def test_mutated_recipes_load_or_fail_cleanly(data):
             assert e.errors and all(_LINE.match(line) for line in e.errors), e.errors
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"head_dim": -1}, "components.atlas.head_dim: must be >= 1, got -1"),
-    ({"head_dim": None, "n_heads": 0}, "components.atlas.n_heads: must be >= 1, got 0"),
+@pytest.mark.parametrize(("config", "component", "change", "message"), [
+    ("quad_hybrid_tiny", "atlas", {"head_dim": -1}, "components.atlas.head_dim: must be >= 1, got -1"),
+    ("quad_hybrid_tiny", "atlas", {"head_dim": None, "n_heads": 0}, "components.atlas.n_heads: must be >= 1, got 0"),
+    ("hymba_tiny", "hymba", {"ssm": "x"}, "components.hymba.ssm: must be one of 'mamba3', 'gdn', got 'x'"),
 ])
-def test_out_of_range_value_is_reported_before_the_rules_across_fields(change, message):
+def test_out_of_range_value_is_reported_before_the_rules_across_fields(config, component, change, message):
     """A value out of its range is that one error, not a crash of a rule that reads it (ATLAS's
     feature count of a negative head_dim raised ValueError, n_heads 0 divided by zero: found by
-    ``make test-deep`` in the mutated-recipes property)."""
-    base = yaml.safe_load((ROOT / "configs" / "quad_hybrid_tiny.yaml").read_text())
-    base["components"]["atlas"].update(change)
+    ``make test-deep`` in the mutated-recipes property; hymba's ``ssm: x`` was looked up in the
+    registry as a component to build: found by mutating every config)."""
+    base = yaml.safe_load((ROOT / "configs" / f"{config}.yaml").read_text())
+    base["components"][component].update(change)
     with pytest.raises(RecipeError) as e:
         load_recipe(base)
     assert [line.split(": ", 1)[1] for line in e.value.errors] == [message]

@@ -663,7 +663,8 @@ def _build(data: Any, file: str) -> Recipe:
                 cfg_used = registry.get(name_used).config()
             except TypeError:
                 cfg_used = None
-        if cfg_used is not None and hasattr(cfg_used, "uses"):
+        # a config out of range (e.g. ``ssm: x``) names nothing to use: its range error is said below
+        if cfg_used is not None and hasattr(cfg_used, "uses") and next(range_errors(cfg_used), None) is None:
             used |= set(cfg_used.uses())
     for name_used in sorted(used):
         if name_used in comps:
