@@ -57,11 +57,17 @@ def range_errors(cfg: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
                 yield key, f"must be <= {m['max']}, got {v}"
 
 
+def in_range(cfg: Any) -> bool:
+    """Every field of the config (nested ones included) within its spec: what the rules across
+    fields (``check``) and a component's ``uses()`` may assume."""
+    return next(range_errors(cfg), None) is None
+
+
 def cross_errors(cfg: Any, model: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
     """Yield (key path, message) from the config's own ``check`` and its nested configs'. Nothing
     while a field is out of range (``range_errors`` says that): the rules across fields assume
     valid ones (a negative ``head_dim`` must not reach an ATLAS feature count)."""
-    if not dataclasses.is_dataclass(cfg) or next(range_errors(cfg), None) is not None:
+    if not dataclasses.is_dataclass(cfg) or not in_range(cfg):
         return
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)

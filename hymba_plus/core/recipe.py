@@ -29,7 +29,7 @@ import dacite
 import yaml
 
 from . import registry
-from .config import cross_errors, range_errors, spec
+from .config import cross_errors, in_range, range_errors, spec
 from .pattern import LayerSpec, PatternError, describe_layout, expand_ratios, format_pattern, parse_pattern
 
 
@@ -664,7 +664,7 @@ def _build(data: Any, file: str) -> Recipe:
             except TypeError:
                 cfg_used = None
         # a config out of range (e.g. ``ssm: x``) names nothing to use: its range error is said below
-        if cfg_used is not None and hasattr(cfg_used, "uses") and next(range_errors(cfg_used), None) is None:
+        if cfg_used is not None and hasattr(cfg_used, "uses") and in_range(cfg_used):
             used |= set(cfg_used.uses())
     for name_used in sorted(used):
         if name_used in comps:
