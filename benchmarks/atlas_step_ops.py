@@ -4,6 +4,7 @@ kernels per chunk on a GPU, where the chunk loop is bound by them (issue 18).
     python benchmarks/atlas_step_ops.py                                   # the Quad-Hybrid's memory
     python benchmarks/atlas_step_ops.py --atlas-config bench --atlas-setting NS_TRITON_MAX=32
     python benchmarks/atlas_step_ops.py --atlas-config quad_chunk       # Newton-Schulz once per chunk
+    python benchmarks/atlas_step_ops.py --flops                         # the step's arithmetic and its floor
 
 The fast path's chunk step (``kernels/atlas.py`` ``_chunk_step``) is compiled with ``torch.compile``
 as the CUDA path compiles it (fullgraph, static shapes), with the Newton-Schulz layout the GPU would
@@ -12,6 +13,10 @@ padded batch), then run forward + backward once under the profiler. Counted: the
 generates (``torch._inductor.metrics.generated_kernel_count``; on a GPU each is one Triton kernel)
 and the matmul calls it leaves to the library (bmm / baddbmm / mm: one cuBLAS kernel each on a GPU)
 and the Newton-Schulz ops (one Triton kernel each on a GPU; their CPU bodies are not counted).
+``--flops`` counts instead the chunk step's arithmetic (``torch.utils.flop_counter``, the step run
+eagerly: matmul flops forward and backward, Newton-Schulz on every Gram side unpadded, as the
+Triton kernels do it) and turns it into the least time the Quad-Hybrid's ATLAS layer (batch 8 x
+2048) can take at a GPU's matmul rate for each Newton-Schulz precision (``FLOOR_RATES``).
 With ``CHUNKS_PER_CALL`` k > 1 (``--atlas-setting CHUNKS_PER_CALL=4``) the k-chunk graph is counted and
 divided by k.
 Inductor's CPU code fuses somewhat differently from its GPU code, so this is a proxy: the GPU
@@ -95,6 +100,48 @@ def count(config: str, settings: dict) -> dict:
             "generated_loops": loops, "calls": dict(calls), "ops_per_chunk": (loops + sum(calls.values())) / k}
 
 
+#: matmul rates (TFLOP/s) the floor divides by: an H200's dense peaks (the H100 SXM's: 989 bf16, 494.7
+#: TF32, 66.9 float32 without tensor cores), TF32x3 three TF32 products per product (float32 accuracy,
+#: the Triton kernels' default), and the fraction of the bf16 peak a large GEMM reaches there (790 of
+#: 989 measured, ``device`` notes): the same fraction is applied to every row
+FLOOR_RATES = {"bf16": 989.0, "tf32": 494.7, "tf32x3": 494.7 / 3, "float32 (no tensor cores)": 66.9}
+GEMM_EFFICIENCY = 790.0 / 989.0
+#: the layer the floor is for (batch, tokens, heads): the Quad-Hybrid's ATLAS layer as
+#: ``benchmarks/quad_atlas.py`` trains it, and ``mixers.py --atlas-paths``'s d 2048 layer
+LAYER_SHAPES = {"quad": (8, 2048, 4), "bench": (4, 4096, 16)}
+
+
+def flops(config: str, factor: bool = False) -> dict:
+    """Matmul flops of one chunk step for one (row, head), forward and backward, and what they
+    mean for the Quad-Hybrid's layer (module doc)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    N, d, p, hid, C, c = CONFIGS[config]
+    Fd, Cp = ak.feature_dim(d, p), C + c - 1
+    ns_chunk = config.endswith("_chunk")
+    R, W = (2, 1) if ns_chunk else (C, C)
+    g = torch.Generator().manual_seed(0)
+    shapes = [(d, Fd), (hid, Fd), (d, hid)]
+    params = tuple((torch.randn(N, *s, generator=g) / math.sqrt(s[1])).requires_grad_() for s in shapes)
+    mom = tuple((0.1 * torch.randn(N, *s, generator=g)).requires_grad_() for s in shapes)
+    args = (params, mom, torch.randn(N, Cp, Fd, generator=g).requires_grad_(), torch.randn(N, Cp, d, generator=g),
+            torch.rand(N, Cp, generator=g), torch.rand(N, R, Cp, generator=g), torch.rand(N, R, generator=g),
+            torch.rand(N, W, generator=g), torch.rand(N, generator=g))
+    with FlopCounterMode(display=False) as fwd_count:  # unpadded sides, PyTorch NS, direct Gram unless factor
+        P, M = ak._chunk_step(*args, 5, True, False, False, factor, ns_chunk)
+    loss = sum(x.sum() for x in (*P, *M))
+    with FlopCounterMode(display=False) as bwd_count:
+        loss.backward()
+    fwd, bwd = fwd_count.get_total_flops() / N, bwd_count.get_total_flops() / N
+    B, T, H = LAYER_SHAPES[config.removesuffix("_chunk")]
+    chunks = T // C
+    total = (fwd + bwd) * B * H * chunks
+    floor_ms = {k: total / (r * 1e12 * GEMM_EFFICIENCY) * 1e3 for k, r in FLOOR_RATES.items()}
+    return {"config": config, "gram": "factored" if factor else "direct", "per_chunk_per_row_head": {"forward": fwd, "backward": bwd},
+            "layer": {"batch": B, "tokens": T, "heads": H, "chunks": chunks, "tflop": total / 1e12},
+            "floor_ms": floor_ms, "gemm_efficiency": GEMM_EFFICIENCY}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--atlas-config", choices=tuple(CONFIGS), default="quad")
@@ -102,7 +149,22 @@ def main(argv: list[str] | None = None) -> int:
                     help="a fast-path setting (kernels/atlas.py SETTINGS) for the second count; repeatable "
                          "(default: NS_TRITON_MAX=32, the layout shipped before 2026-12-04 evening)")
     ap.add_argument("--out", default=None, help="JSON file (default: print only)")
+    ap.add_argument("--flops", action="store_true", help="count the step's arithmetic and its floor instead")
+    ap.add_argument("--factored", action="store_true", help="--flops of the factored Gram form (FACTOR_GRAM)")
     args = ap.parse_args(argv)
+    if args.flops:
+        r = flops(args.atlas_config, args.factored)
+        f, lay = r["per_chunk_per_row_head"], r["layer"]
+        print(f"{r['config']} ({r['gram']} Gram matrices): {f['forward'] / 1e6:.1f} + {f['backward'] / 1e6:.1f} MFLOP per chunk per (row, head) "
+              f"forward + backward; the layer at {lay['batch']} x {lay['tokens']}, {lay['heads']} heads "
+              f"({lay['chunks']} chunks): {lay['tflop']:.2f} TFLOP")
+        for k, ms in r["floor_ms"].items():
+            print(f"  at {r['gemm_efficiency']:.0%} of the {k} peak: >= {ms:.1f} ms")
+        if args.out:
+            Path(args.out).write_text(json.dumps({"device": "cpu (flop count)", "torch": torch.__version__,
+                                                  **r}, indent=1))
+            print(f"wrote {args.out}")
+        return 0
     try:
         changed = dict(ak.parse_setting(s) for s in args.atlas_setting) or {"NS_TRITON_MAX": 32}
     except ValueError as e:

@@ -20,3 +20,27 @@ def test_side_64_newton_schulz_cuts_the_quad_steps_operations():
     assert "hymba::atlas_ns_gram" not in ns32["calls"]
     assert ns64["calls"]["hymba::atlas_ns_gram"] == ns64["calls"]["hymba::atlas_ns_gram_bwd"] == 2  # sides 32, 64
     assert ns64["ops_per_chunk"] < ns32["ops_per_chunk"]
+
+
+def test_flop_count_orders_the_memory_layouts_as_the_step_chooses_them():
+    """``--flops``: the step's matmul arithmetic per chunk. The factored Gram form takes fewer flops
+    than the direct one exactly where ``_factor_gram`` (the step's own multiply-add estimate) says
+    so, Newton-Schulz once per chunk takes several times fewer than per token, the backward is
+    counted, and the floor scales with the rate (TF32x3 = three TF32 products)."""
+    from hymba_plus.kernels import atlas as ak
+
+    mod = load_benchmark("atlas_step_ops")
+    direct, factored, chunk = mod.flops("quad"), mod.flops("quad", factor=True), mod.flops("quad_chunk")
+    total = {name: sum(r["per_chunk_per_row_head"].values()) for name, r in
+             (("direct", direct), ("factored", factored), ("chunk", chunk))}
+    _, d, p, hid, C, c = mod.CONFIGS["quad"]
+    assert ak._factor_gram(hid, ak.feature_dim(d, p), C, C + c - 1)  # the 64 x 560 weight: factoring pays
+    assert total["factored"] < 0.7 * total["direct"]
+    assert total["chunk"] < total["direct"] / 8
+    fwd, bwd = direct["per_chunk_per_row_head"].values()
+    assert fwd > 0 and bwd >= fwd
+    floor = direct["floor_ms"]
+    assert floor["tf32x3"] == pytest.approx(3 * floor["tf32"])
+    assert floor["bf16"] < floor["tf32"] < floor["float32 (no tensor cores)"]
+    B, T, H = mod.LAYER_SHAPES["quad"]
+    assert direct["layer"]["tflop"] == pytest.approx((fwd + bwd) * B * H * (T // C) / 1e12)
