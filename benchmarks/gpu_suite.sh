@@ -47,6 +47,10 @@
 #           the static one with each decode-step fast path off in turn) against our full forward and HF's
 #   modes   pytest -m gpu tests/test_train_modes.py and the CUDA-graph training tests (hymba train --mode auto)
 #   side_train  side_by_side.py --rows gdn attn quad_moe (training vs fla / HF; --merge into the day's JSON)
+#   attn_bf16w  the bf16-weights GPU test (tests/test_mixed_precision.py: eager and CUDA-graph training with bf16
+#           weights and float32 masters give autocast's losses), then side_by_side.py --rows attn --param-dtype
+#           bfloat16: the attn row with ours also in modes eager_bf16w / cuda_graph_bf16w (issue 18: attn >= 2.0x;
+#           the weight casts were ~7 ms of its 103 ms step)
 #   side_decode side_by_side.py --rows decode --engines auto dynamic (vs HF generate; --merge)
 #           (copy benchmarks/results/<device>-<date>.json into $OUT first to merge with an earlier call)
 #   quad    quad_atlas.py --atlas-reference: tokens/s of the training step (hymba train's Trainer, modes auto
@@ -147,6 +151,9 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
       modes)  step modes_tests 400 "${PYTEST[@]}" tests/test_train_modes.py tests/test_training.py -k "gpu" ;;
       side_train) step side_train 580 python benchmarks/side_by_side.py --rows attn gdn quad_moe --hf-experts grouped_mm --merge \
                  --out-dir "$OUT" ;;
+      attn_bf16w) step bf16w_tests 200 "${PYTEST[@]}" tests/test_mixed_precision.py
+              step attn_bf16w 480 python benchmarks/side_by_side.py --rows attn --param-dtype bfloat16 --merge \
+                 --out-dir "$OUT" ;;
       side_decode) step side_decode 580 python benchmarks/side_by_side.py --rows decode --engines auto dynamic \
                  --prompts 2048 8192 32768 --merge --out-dir "$OUT" ;;
       quad)   need_tilelang  # the recipe's gdn and mamba3 layers run fla's / mamba-ssm's kernels
@@ -178,7 +185,7 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
                  && tar -cJf out.tar.xz -T /tmp/hymba_pack_out.txt && xargs rm -f < /tmp/hymba_pack_out.txt)
                  echo "pack_out: $(tar -tJf "$OUT/out.tar.xz" | wc -l) files in $OUT/out.tar.xz" ;;
       *) echo "unknown step $s1 (moe mamba3 gdn atlas atlas_verify mamba3_tuned atlas_profile atlas_profile_bench" \
-              "mixers mimo_alt mimo_alt2 loss memory decode fused agree modes side_train side_decode quad quad_chunk" \
+              "mixers mimo_alt mimo_alt2 loss memory decode fused agree modes side_train attn_bf16w side_decode quad quad_chunk" \
               "atlas_chunk_layer atlas_chunk_bench quad_tf32" \
               "pack_caches pack_out)"; exit 2 ;;
     esac

@@ -144,10 +144,11 @@ def free(dev: str) -> None:
         torch.cuda.empty_cache()
 
 
-def autocast(dev: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (every peer); float32 on CPU (the smoke test)."""
-    if dev.startswith("cuda"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast(dev: str, cpu_bf16: bool = False) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (every peer); float32 on CPU (the smoke test), unless ``cpu_bf16`` (bf16
+    weights, which need bf16 autocast)."""
+    if dev.startswith("cuda") or cpu_bf16:
+        return torch.autocast(dev.split(":")[0], dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -174,21 +175,29 @@ def hf_quiet() -> None:
 
 # ---------------------------------------------------------------------------------------------- training
 def time_training(loss_fn: Callable[[], torch.Tensor], params: list[torch.nn.Parameter], args: argparse.Namespace,
-                  use_autocast: bool = True, label: str = "") -> dict:
+                  use_autocast: bool = True, label: str = "", masters: Any = None) -> dict:
     """Tokens/s of ``--steps`` optimizer steps after ``--warmup`` (fused AdamW, a fresh optimizer);
     peak memory counted from before this call (so a capture or compile made inside the caller's
     setup after ``reset_peak`` counts too). With ``--profile``, two more steps under
     torch.profiler afterwards: the top kernels are printed (``label`` first), the per-step
-    kernel count, kernel time and host time go into the result."""
+    kernel count, kernel time and host time go into the result. ``masters``
+    (``training/mixed.py`` MasterWeights over some of ``params``): bf16 weights, their gradients
+    collected into float32 after the backward and the optimizer stepping the float32 masters, as
+    ``hymba train --param-dtype bfloat16`` does."""
     dev = args.device
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    full = masters.full_precision if masters is not None else contextlib.nullcontext
+    with full():  # the optimizer's state is made for the float32 masters
+        opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
 
     def step() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
-        with autocast(dev) if use_autocast else contextlib.nullcontext():
+        with autocast(dev, cpu_bf16=masters is not None) if use_autocast else contextlib.nullcontext():
             loss = loss_fn()
         loss.backward()
-        opt.step()
+        if masters is not None:
+            masters.collect()
+        with full():
+            opt.step()
         return loss.detach()
 
     for _ in range(args.warmup):
@@ -235,20 +244,24 @@ def measure_peer(model: torch.nn.Module, ids: torch.Tensor, args: argparse.Names
 
 
 def measure_ours(model: torch.nn.Module, ids: torch.Tensor, args: argparse.Namespace) -> dict:
-    """Our model in each mode: eager, CUDA graphs (GraphedStep), torch.compile (--compile)."""
+    """Our model in each mode: eager, CUDA graphs (GraphedStep), torch.compile (--compile); with
+    ``--param-dtype bfloat16`` also eager and CUDA graphs with bf16 weights and float32 masters
+    (``eager_bf16w``, ``cuda_graph_bf16w``)."""
     from hymba_plus.training.cuda_graph import CaptureError, GraphedStep
+    from hymba_plus.training.mixed import MasterWeights, compute_weights
 
     dev = args.device
     params = list(model.parameters())
     model.train()
     modes: dict[str, dict] = {}
+    masters = None
 
     def run(name: str, setup: Callable[[], tuple[Callable[[], torch.Tensor], bool, Any]]) -> None:
         reset_peak(dev)
         keep = None
         try:
             loss_fn, use_autocast, keep = setup()
-            modes[name] = time_training(loss_fn, params, args, use_autocast, label=f"ours {name}")
+            modes[name] = time_training(loss_fn, params, args, use_autocast, label=f"ours {name}", masters=masters)
         except (CaptureError, Skip) as e:
             modes[name] = {"error": str(e)}
         except Exception as e:  # noqa: BLE001 - one mode failing (OOM, a compile error) leaves the others
@@ -274,6 +287,11 @@ def measure_ours(model: torch.nn.Module, ids: torch.Tensor, args: argparse.Names
             return (lambda: fwd(ids, labels=ids, check_inputs=False).loss), True, fwd
 
         run("compile", compiled)
+    if getattr(args, "param_dtype", None) == "bfloat16":
+        masters = MasterWeights(compute_weights(model))  # on a CPU: under CPU bf16 autocast (time_training)
+        run("eager_bf16w", lambda: (lambda: model(ids, labels=ids, check_inputs=False).loss, True, None))
+        run("cuda_graph_bf16w", graphed)
+        masters.release()
     return {"parameters": n_params(model), "modes": modes}
 
 
@@ -291,6 +309,9 @@ def finish_train_row(row: dict) -> dict:
     peer = row["peer"].get("tokens_per_s")
     row["ours_best_default_mode"] = mode
     row["ratio"] = tps / peer if tps and peer else None
+    bf16w = [r["tokens_per_s"] for m, r in row["ours"]["modes"].items() if m.endswith("_bf16w") and "tokens_per_s" in r]
+    if bf16w and peer:  # --param-dtype bfloat16: an opt-in flag, so beside the headline ratio, not in it
+        row["ratio_bf16_weights"] = max(bf16w) / peer
     return row
 
 
@@ -672,6 +693,8 @@ def ratios(rows: dict) -> dict:
         out[key] = r.get("ratio") if r else None
         if out[key] is not None and r.get("launch_configs"):
             out[f"{key}_note"] = f"not tuned: {r['launch_configs']}"
+        if r and r.get("ratio_bf16_weights") is not None:
+            out[f"{key}_bf16_weights"] = r["ratio_bf16_weights"]
         if out[key] is None:
             out[f"{key}_note"] = ((r or {}).get("reason") or ("row not run" if not r else "row did not finish"
                                   if r.get("status") in ("partial", "interrupted") else
@@ -690,7 +713,8 @@ def ratios(rows: dict) -> dict:
                           "so the prefill does not count) at the largest decode batch (16), the worse of the 2k "
                           "and 8k prompts (decode_vs_hf_whole_call: the same with whole-call tokens/s, prefill "
                           "included); fsdp2_2gpu_scaling: tokens/s on 2 GPUs / "
-                          "on 1 (per-GPU batch fixed)")
+                          "on 1 (per-GPU batch fixed); <row>_bf16_weights (--param-dtype bfloat16): ours' best "
+                          "with bf16 weights and float32 masters / the peer's")
     return out
 
 
@@ -806,6 +830,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--fsdp-param-dtype", choices=("float32", "bfloat16"), default=None,
                     help="fsdp2 row: hymba train --fsdp-param-dtype (bf16 gathered parameters, float32 gradient "
                          "reduce; default float32)")
+    ap.add_argument("--param-dtype", choices=("float32", "bfloat16"), default=None,
+                    help="training rows, CUDA: bfloat16 also times ours with bf16 weights and float32 masters "
+                         "(hymba train --param-dtype bfloat16: modes eager_bf16w, cuda_graph_bf16w; their ratio is "
+                         "ratios.<row>_bf16_weights, beside the headline one)")
     ap.add_argument("--one-launch-config", action="store_true",
                     help="pin fla's and mamba-ssm's autotuned kernels (ours and the peers') to their first launch "
                          "config: a cold machine skips minutes of autotuning; the ratios are then marked not tuned")

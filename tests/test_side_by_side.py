@@ -89,6 +89,21 @@ def test_merge_keeps_rows_not_rerun(tmp_path) -> None:
     assert set(rep["rows"]["gdn"]["run"]["our_fast_paths"]) == set(rep["our_fast_paths"])
 
 
+def test_bf16_weights_modes_time_ours_beside_the_headline(tmp_path) -> None:
+    """--param-dtype bfloat16: ours also runs with bf16 weights and float32 masters (eager_bf16w; the
+    CUDA-graph one is skipped on a CPU); its ratio is reported beside the headline, which keeps
+    to the modes that need no flag."""
+    bench = load_bench()
+    assert bench.main(["--tiny", "--device", "cpu", "--rows", "attn", "--param-dtype", "bfloat16",
+                       "--out-dir", str(tmp_path)]) == 0
+    rep = json.loads((tmp_path / "latest.json").read_text())
+    modes = rep["rows"]["attn"]["ours"]["modes"]
+    assert modes["eager_bf16w"]["tokens_per_s"] > 0 and "needs CUDA" in modes["cuda_graph_bf16w"]["error"]
+    assert rep["rows"]["attn"]["ours_best_default_mode"] in ("eager", "cuda_graph")
+    assert rep["ratios"]["attn_vs_hf_llama_bf16_weights"] > 0
+    assert rep["settings"]["param_dtype"] == "bfloat16"
+
+
 def test_full_size_configs_match_their_peers() -> None:
     """The GPU configs, built on the meta device: our attn model has exactly HF Llama's ~374M
     parameters, our gdn model fla's GatedDeltaNet count (fla's layout written out: fla is not

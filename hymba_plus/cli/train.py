@@ -29,7 +29,7 @@ _FIELDS = {
     "steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len", "grad_accum": "grad_accum",
     "lr": "lr", "muon_lr": "muon_lr", "weight_decay": "weight_decay", "optimizer": "optimizer",
     "schedule": "schedule", "warmup": "warmup_steps", "grad_clip": "grad_clip", "precision": "precision",
-    "tf32": "tf32", "fsdp_param_dtype": "fsdp_param_dtype",
+    "tf32": "tf32", "fsdp_param_dtype": "fsdp_param_dtype", "param_dtype": "param_dtype",
     "seed": "seed", "data": "data", "tokenizer": "tokenizer", "eval_every": "eval_every",
     "eval_batches": "eval_batches", "save_every": "save_every", "keep_last": "keep_last",
     "mqar_pairs": "mqar_pairs", "copy_tokens": "copy_tokens", "val_frac": "val_frac",
@@ -98,6 +98,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fsdp-param-dtype", choices=("float32", "bfloat16"),
                    help="under torchrun (FSDP2): bfloat16 = bf16 all-gathered parameters, float32 gradient reduce "
                         "(torchtitan's mixed precision; needs bf16 precision); float32 (default) = autocast only")
+    p.add_argument("--param-dtype", choices=("float32", "bfloat16"),
+                   help="bfloat16 = the GEMM weights held in bf16 with float32 master copies for the optimizer "
+                        "(one process; under torchrun the same as --fsdp-param-dtype bfloat16); needs bf16 precision")
     p.add_argument("--save-every", type=int, help="checkpoint every N steps (and at the end)")
     p.add_argument("--keep-last", type=int, help="checkpoints to keep")
     p.add_argument("--eval-every", type=int, help="evaluate every N steps (and at the end)")

@@ -65,6 +65,14 @@ class TrainConfig:
                                      "all-gathers, gradients reduced in float32 into the float32 shards the "
                                      "optimizer updates; needs bf16 precision); float32 = the shards' dtype, "
                                      "autocast casting for the GEMMs")
+    # None (unset) = float32, so that recipes written before the key keep their hashes (Recipe.hash)
+    param_dtype: str | None = spec(None, choices=("float32", "bfloat16"),
+                                   doc="dtype of the weights the forward and backward read; bfloat16 (needs bf16 "
+                                       "precision): on one process the GEMM weights are held in bf16 with float32 "
+                                       "master copies that clipping, the optimizer and checkpoints see (Megatron's "
+                                       "mixed precision: the same losses as float32 weights under autocast, without "
+                                       "its per-weight casts; training/mixed.py); under FSDP2 what fsdp_param_dtype "
+                                       "bfloat16 does. Unset or float32: float32 weights, autocast casting")
     seed: int = 0
     data: str | None = spec(None, doc="built-in task name or a path (default: the objective's: mqar; forecast: "
                                       "synthetic)")
@@ -90,6 +98,10 @@ class TrainConfig:
     def check(self, model):  # noqa: ANN001 - ModelConfig
         if self.fsdp_param_dtype == "bfloat16" and self.precision == "fp32":
             yield "fsdp_param_dtype", "bfloat16 computes with bf16 parameters: not with precision fp32 (use bf16)"
+        if self.param_dtype == "bfloat16" and self.precision == "fp32":
+            yield "param_dtype", "bfloat16 computes with bf16 weights: not with precision fp32 (use bf16)"
+        if self.param_dtype == "float32" and self.fsdp_param_dtype == "bfloat16":
+            yield "param_dtype", "float32 contradicts fsdp_param_dtype bfloat16 (set one of them)"
         # a model without vocabulary (forecast) reads windows whose length its objective sets
         if self.seq_len > model.max_seq_len and model.vocab_size is not None:
             yield "seq_len", f"must be <= model.max_seq_len ({model.max_seq_len}), got {self.seq_len}"

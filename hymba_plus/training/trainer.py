@@ -86,6 +86,7 @@ from . import routes as routes_mod
 from .config import TrainConfig, validate
 from .cuda_graph import CaptureError, GradAccumulator, GraphedStep, reset_balancing_counts
 from .data import open_stream
+from .mixed import MasterWeights, compute_weights
 from .optim import build_optimizer, clip_grad_norm_, set_lr
 from .progress import Progress
 from .schedule import Schedule
@@ -332,6 +333,7 @@ class Trainer:
         self.cfg = cfg
         self.opts = opts
         self.out = Path(opts.out)
+        self.masters: MasterWeights | None = None  # --param-dtype bfloat16 on one process (setup)
 
     def log(self, msg: str) -> None:
         if not self.info.is_main:
@@ -465,18 +467,23 @@ class Trainer:
         router = getattr(model, "etd_router", None)
         self.routes_on = router is not None and bool(getattr(router, "routing", False))  # read once (no step syncs)
         model = model.to(self.info.device)
+        bf16_flag = ("--param-dtype" if cfg.param_dtype == "bfloat16"
+                     else "--fsdp-param-dtype" if self.info.enabled and cfg.fsdp_param_dtype == "bfloat16" else None)
+        if bf16_flag is not None and not isinstance(_autocast(cfg, self.info.device), torch.autocast):
+            raise TrainError(f"{bf16_flag} bfloat16 needs bf16 precision (precision {cfg.precision} on "
+                             f"{self.info.device.type} is float32): add --precision bf16")
         if self.info.enabled:
-            bf16_params = cfg.fsdp_param_dtype == "bfloat16"
-            if bf16_params and not isinstance(_autocast(cfg, self.info.device), torch.autocast):
-                raise TrainError(f"--fsdp-param-dtype bfloat16 needs bf16 precision (precision {cfg.precision} on "
-                                 f"{self.info.device.type} is float32): add --precision bf16")
-            dist_mod.shard_model(model, self.info, torch.bfloat16 if bf16_params else None)
+            dist_mod.shard_model(model, self.info, torch.bfloat16 if bf16_flag else None)
         self.model = model
         self.opt, self.split = build_optimizer(model, cfg)  # the trainable parameters only
         if self.resume_from is not None:
             if not self.new_phase:
                 ckpt_mod.load_optimizer(self.resume_from, model, self.opt, self.info)
             ckpt_mod.load_rng(self.resume_from, self.info)
+        # one process, --param-dtype bfloat16: the GEMM weights switch to bf16 copies of themselves now,
+        # after the optimizer state is loaded (in float32) and before a CUDA graph captures them
+        self.masters = (MasterWeights(compute_weights(model)) if bf16_flag is not None and not self.info.enabled
+                        else None)
         self.objective = model.objective  # its loss and metric (objectives/); the loop never asks which one
         self.teacher = None
         if opts.distill is not None:
@@ -523,8 +530,11 @@ class Trainer:
             self._rewrite_metrics()
         n_params = sum(p.numel() for p in model.parameters())
         dev = self.info.device
-        fsdp = "FSDP2" + (", bf16 parameters, float32 gradient reduce" if cfg.fsdp_param_dtype == "bfloat16" else "")
+        fsdp = "FSDP2" + (", bf16 parameters, float32 gradient reduce" if bf16_flag else "")
         where = f"{dev}" + (f" x{self.info.world} ({fsdp})" if self.info.enabled else "")
+        if self.masters is not None:
+            where += (f", bf16 weights with float32 masters ({len(self.masters.params)} tensors, "
+                      f"{self.masters.numel() / 1e6:.2f}M params)")
         self.log(f"model {self.recipe.name}: {n_params / 1e6:.2f}M params, pattern {self.recipe.pattern}")
         self.log(f"data: {self.stream.description}")
         if cfg.tf32:
@@ -719,6 +729,8 @@ class Trainer:
                 if "routes" in kw and stats is not None:
                     stats = {k: v for k, v in stats.items() if k != "etd/route_slots"}
             (loss_t / cfg.grad_accum).backward()
+            if self.masters is not None:
+                self.masters.collect()
             if acc is not None:
                 acc.take(list(self.model.parameters()))
             loss_sum += loss_t.detach().double()
@@ -768,6 +780,8 @@ class Trainer:
                 out = self.fwd(ids, routes=res.routes, check_inputs=False)
             loss_t, acc_t = routes_mod.route_targets_loss(out.stats, res.routes, gamma, balance)
             (loss_t / cfg.grad_accum).backward()
+            if self.masters is not None:
+                self.masters.collect()
             forwards += res.evaluations + 1
             tgt = res.routes[:, res.used]
             vals = {"route_loss": loss_t.detach(), "route_acc": acc_t, "applications": res.applications.float().mean(),
@@ -797,14 +811,15 @@ class Trainer:
         cfg = self.cfg
         if not math.isfinite(loss):
             raise TrainError(self._nonfinite(step, f"{what} is {loss}"))
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        gnorm = None
-        if cfg.grad_clip > 0:
-            gnorm = float(clip_grad_norm_(params, cfg.grad_clip))
-            if not math.isfinite(gnorm):
-                raise TrainError(self._nonfinite(step, f"gradient norm is {gnorm}"))
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        with self._full_precision():  # --param-dtype bfloat16: the float32 masters and their gradients
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            gnorm = None
+            if cfg.grad_clip > 0:
+                gnorm = float(clip_grad_norm_(params, cfg.grad_clip))
+                if not math.isfinite(gnorm):
+                    raise TrainError(self._nonfinite(step, f"gradient norm is {gnorm}"))
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
         self.samples += cfg.batch_size * cfg.grad_accum * self.info.world
         row: dict[str, Any] = {"step": step + 1, "loss": loss, "lr": cfg.lr * factor}
         if self.split.muon or self.split.muon_stacked:
@@ -812,6 +827,11 @@ class Trainer:
         if gnorm is not None:
             row["grad_norm"] = gnorm
         return row
+
+    def _full_precision(self) -> contextlib.AbstractContextManager:
+        """The block in which the parameters are the float32 masters (``--param-dtype bfloat16``;
+        training/mixed.py); a no-op otherwise."""
+        return self.masters.full_precision() if self.masters is not None else contextlib.nullcontext()
 
     def _update_biases(self) -> None:
         """Call ``update_bias()`` (aux-loss-free MoE balancing) on every module that has one.
@@ -905,9 +925,10 @@ class Trainer:
             "train_only": self.mode,
         }
         tok = self.stream.tokenizer  # None for series: a forecast model reads numbers
-        return ckpt_mod.save(self.out, step, self.model, self.opt, state, self.info,
-                             extra_files={"tokenizer.json": tok.to_json()} if tok is not None else {},
-                             keep_last=self.cfg.keep_last)
+        with self._full_precision():  # checkpoints hold the float32 masters
+            return ckpt_mod.save(self.out, step, self.model, self.opt, state, self.info,
+                                 extra_files={"tokenizer.json": tok.to_json()} if tok is not None else {},
+                                 keep_last=self.cfg.keep_last)
 
     # ------------------------------------------------------------------ run
     def run(self) -> Summary:
@@ -919,6 +940,8 @@ class Trainer:
                                checkpoint=self.resume_from, out=self.out, note=self.nothing_to_do)
             return self._loop()
         finally:
+            if self.masters is not None:
+                self.masters.release()  # the model handed on after the run holds its float32 weights
             if hasattr(self, "tf32_before"):
                 torch.backends.cuda.matmul.allow_tf32 = self.tf32_before
             if hasattr(self, "info"):
