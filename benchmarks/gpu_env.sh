@@ -18,6 +18,12 @@
 #   .whl6/site.tar.xz   optional: tilelang 0.1.9 alone (28 MB; the rest from .whl5); the MIMO
 #           backward also compiles with it: bash benchmarks/gpu_env.sh pack .whl6 tilelang-0.1.9-*.whl
 #           (.whl + .whl5 + .whl6 fit one call's 64 MiB)
+#   .whl7/site.tar.xz   optional: FlashAttention-4 (flash-attn-4 4.0.0b36, CuTe DSL kernels for Hopper) with
+#           nvidia-cutlass-dsl 4.8.1 (its compiler: the cu13 MLIR library is most of it), quack-kernels,
+#           apache-tvm-ffi and torch-c-dlpack-ext, unpacked and xz-compressed with a 256 MiB dictionary
+#           (52 MiB; the wheels are 190 MB): `bash benchmarks/gpu_env.sh fetch_fa4` (about 5 minutes). Carry
+#           it with .whl (not .whl4: together they pass one call's 64 MiB) for
+#           benchmarks/attention_kernels.py (gpu_suite.sh fa4)
 #   .tcache/caches.tar.xz   optional: the Triton, Inductor and TileLang caches of an earlier call (compiled
 #           kernels and fla's autotuning results, FLA_CACHE_RESULTS=1). A fresh machine spends minutes
 #           autotuning fla's kernels (a gdn layer's first forward+backward took 150 s on an H200) and
@@ -44,6 +50,26 @@ if [ "${1:-}" = pack ]; then  # on the CPU machine: wheels -> DIR/site.tar.xz (d
   mkdir -p "$dest" && tar -cf - -C "$tmp/site" . | xz -9 -T0 > "$dest/site.tar.xz" && rm -rf "$tmp"
   ls -la "$dest/site.tar.xz"
   return 0 2>/dev/null || exit 0
+fi
+if [ "${1:-}" = fetch_fa4 ]; then  # on the CPU machine: the FlashAttention-4 stack -> .whl7/site.tar.xz
+  _fetch_fa4() {
+    local pins=(flash-attn-4==4.0.0b36 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1
+                nvidia-cutlass-dsl-libs-core==4.8.1 nvidia-cutlass-dsl-libs-cu13==4.8.1 quack-kernels==0.6.5
+                apache-tvm-ffi==0.1.12 torch-c-dlpack-ext==0.1.5)
+    local plat=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp) n tmp w
+    for n in 28 27 24 17; do plat+=(--platform "manylinux_2_${n}_x86_64"); done
+    plat+=(--platform manylinux2014_x86_64)
+    python3 -m pip download -q "${plat[@]}" -d .whl7dl "${pins[@]}" || { echo "pip download ${pins[*]} failed"; return 1; }
+    tmp=$(mktemp -d) && mkdir "$tmp/site"
+    for w in .whl7dl/*.whl; do unzip -q -o "$w" -d "$tmp/site" || { rm -rf "$tmp"; return 1; }; done
+    # iket: cutlass-dsl's profiler tool, imported by nothing FA4 runs
+    rm -rf "$tmp"/site/*.data "$tmp/site/nvidia_cutlass_dsl/dsl_packages/iket"
+    mkdir -p .whl7 && tar -cf - -C "$tmp/site" . | xz -T0 --lzma2=preset=9e,dict=256MiB > .whl7/site.tar.xz
+    local rc=$?; rm -rf "$tmp"; [ $rc -eq 0 ] && du -sh .whl7/site.tar.xz
+    return $rc
+  }
+  _fetch_fa4 >&2; rc=$?; [ $rc -eq 0 ] || echo "gpu_env.sh fetch_fa4: failed" >&2
+  return $rc 2>/dev/null || exit $rc
 fi
 if [ "${1:-}" = fetch ]; then  # on the CPU machine, once per fresh checkout: the ignored folders above
   # .whl (wheels + mamba_ssm sources) and .whl4 (packed tilelang stack), from the package index and a
@@ -93,6 +119,8 @@ if [ -f .whl5/site.tar.xz ]; then mkdir -p "${SITE}_alt" && tar -xJf .whl5/site.
 # .whl6: tilelang 0.1.9 alone (its deps from .whl5): gpu_suite.sh mimo_alt2 puts it before .whl5's
 if [ -f .whl6/site.tar.xz ]; then mkdir -p "${SITE}_alt2" && tar -xJf .whl6/site.tar.xz -C "${SITE}_alt2" \
   && echo "tilelang 0.1.9 unpacked into ${SITE}_alt2"; fi
+# .whl7: FlashAttention-4 and its CuTe DSL compiler (benchmarks/attention_kernels.py)
+if [ -f .whl7/site.tar.xz ]; then tar -xJf .whl7/site.tar.xz -C "$SITE" && echo "flash-attn-4 stack unpacked into $SITE"; fi
 if [ -d .whl2 ]; then pipi .whl2/*.whl && echo "tilelang deps installed into $SITE"; fi
 if [ "${1:-}" != 1 ]; then
   if [ -d .whl3 ]; then pipi .whl3/*.whl; fi
@@ -104,6 +132,10 @@ if [ "${1:-}" != 1 ]; then
     [ -f "$SITE/selective_scan_cuda.py" ] || printf 'def fwd(*a, **k):\n    raise RuntimeError("selective_scan_cuda (Mamba-1 CUDA extension) is not built here")\n\n\nbwd = fwd\n' > "$SITE/selective_scan_cuda.py"
   fi
   export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  # cutlass-dsl's .pth file (a site-packages hook) is not read from a PYTHONPATH folder: its path by hand
+  if [ -d "$SITE/nvidia_cutlass_dsl/dsl_packages" ]; then
+    export PYTHONPATH="$SITE/nvidia_cutlass_dsl/dsl_packages:$PYTHONPATH"
+  fi
   echo "ready: PYTHONPATH=$PYTHONPATH"
   python3 -c "import tvm_ffi, tilelang" 2>/dev/null || echo "warning: tilelang does not import" \
     "(carry .whl4, or run stage 1 on this same machine): fla's Hopper gdn backward and mamba3 MIMO will be unavailable"

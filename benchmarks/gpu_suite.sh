@@ -51,6 +51,9 @@
 #           weights and float32 masters give autocast's losses), then side_by_side.py --rows attn --param-dtype
 #           bfloat16: the attn row with ours also in modes eager_bf16w / cuda_graph_bf16w (issue 18: attn >= 2.0x;
 #           the weight casts were ~7 ms of its 103 ms step)
+#   fa4     attention_kernels.py: causal attention forward / forward+backward time and accuracy at the attn row's
+#           shape (B 8, T 2048, 16 x 64) and Qwen3-Next's (8 / 2 heads x 128), cuDNN (our fast path) / SDPA's flash
+#           and efficient backends / FlashAttention-4 (carry .whl7 from gpu_env.sh fetch_fa4, with .whl)
 #   side_decode side_by_side.py --rows decode --engines auto dynamic (vs HF generate; --merge)
 #           (copy benchmarks/results/<device>-<date>.json into $OUT first to merge with an earlier call)
 #   quad    quad_atlas.py --atlas-reference: tokens/s of the training step (hymba train's Trainer, modes auto
@@ -154,6 +157,10 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
       attn_bf16w) step bf16w_tests 200 "${PYTEST[@]}" tests/test_mixed_precision.py
               step attn_bf16w 480 python benchmarks/side_by_side.py --rows attn --param-dtype bfloat16 --merge \
                  --out-dir "$OUT" ;;
+      fa4)    python -c "import flash_attn.cute" 2>/dev/null || echo "flash-attn-4 does not import (carry .whl7: gpu_env.sh fetch_fa4)"
+              step fa4_hd64 300 python benchmarks/attention_kernels.py --out "$OUT/attention_kernels_hd64.json"
+              step fa4_hd128 240 python benchmarks/attention_kernels.py --heads 8 --kv-heads 2 --head-dim 128 \
+                 --out "$OUT/attention_kernels_hd128.json" ;;
       side_decode) step side_decode 580 python benchmarks/side_by_side.py --rows decode --engines auto dynamic \
                  --prompts 2048 8192 32768 --merge --out-dir "$OUT" ;;
       quad)   need_tilelang  # the recipe's gdn and mamba3 layers run fla's / mamba-ssm's kernels
@@ -185,7 +192,7 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
                  && tar -cJf out.tar.xz -T /tmp/hymba_pack_out.txt && xargs rm -f < /tmp/hymba_pack_out.txt)
                  echo "pack_out: $(tar -tJf "$OUT/out.tar.xz" | wc -l) files in $OUT/out.tar.xz" ;;
       *) echo "unknown step $s1 (moe mamba3 gdn atlas atlas_verify mamba3_tuned atlas_profile atlas_profile_bench" \
-              "mixers mimo_alt mimo_alt2 loss memory decode fused agree modes side_train attn_bf16w side_decode quad quad_chunk" \
+              "mixers mimo_alt mimo_alt2 loss memory decode fused agree modes side_train attn_bf16w fa4 side_decode quad quad_chunk" \
               "atlas_chunk_layer atlas_chunk_bench quad_tf32" \
               "pack_caches pack_out)"; exit 2 ;;
     esac
