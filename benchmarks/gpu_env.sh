@@ -21,7 +21,7 @@
 #   .whl7/site.tar.xz   optional: FlashAttention-4 (flash-attn-4 4.0.0b36, CuTe DSL kernels for Hopper) with
 #           nvidia-cutlass-dsl 4.8.1 (its compiler: the cu13 MLIR library is most of it), quack-kernels,
 #           apache-tvm-ffi and torch-c-dlpack-ext, unpacked and xz-compressed with a 256 MiB dictionary
-#           (52 MiB; the wheels are 190 MB): `bash benchmarks/gpu_env.sh fetch_fa4` (about 5 minutes). Carry
+#           (55 MiB; the wheels are 190 MB): `bash benchmarks/gpu_env.sh fetch_fa4` (about 5 minutes). Carry
 #           it with .whl (not .whl4: together they pass one call's 64 MiB) for
 #           benchmarks/attention_kernels.py (gpu_suite.sh fa4)
 #   .tcache/caches.tar.xz   optional: the Triton, Inductor and TileLang caches of an earlier call (compiled
