@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
 
 #: subcommand -> (module under hymba_plus.cli, one-line help)
@@ -20,6 +21,32 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("prepare", "tokenize text files into memory-mapped token shards"),
     "convert": ("convert", "import / export HF transformers checkpoints, or hybridize a pretrained model"),
 }
+
+
+#: seeds: what every generator seeded from one takes (torch's and NumPy's: 0 .. 2**32 - 1)
+SEED_MAX = 2**32 - 1
+
+
+def finite_float(text: str) -> float:
+    """argparse type of every float flag: a number, not nan or inf (NaN passes no range check)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return v
+
+
+def seed_int(text: str) -> int:
+    """argparse type of ``--seed``: an integer in 0 .. SEED_MAX."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not 0 <= v <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be in 0 .. {SEED_MAX}, got {text}")
+    return v
 
 
 class UsageError(Exception):

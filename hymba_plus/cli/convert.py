@@ -12,7 +12,7 @@ import argparse
 import re
 from pathlib import Path
 
-from . import UsageError, UserError
+from . import UsageError, UserError, seed_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-shard-size", metavar="SIZE", help="export: shard the weights (e.g. 5GB, 500MB)")
     p.add_argument("--name", help="import: the recipe's name (default: SRC's folder name)")
     p.add_argument("--no-tokenizer", action="store_true", help="import without tokenizer.json")
-    p.add_argument("--seed", type=int, default=0, help="hybridize: seed of the freshly initialised tensors")
+    p.add_argument("--seed", type=seed_int, default=0, help="hybridize: seed of the freshly initialised tensors")
     p.add_argument("--no-attention-init", action="store_true",
                    help="hybridize: replaced mixers start fresh instead of from the attention weights (ablation)")
 

@@ -18,6 +18,7 @@ Bad data is one line naming file, line and column; nothing is written then.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
@@ -51,7 +52,9 @@ def run_forecast(args: Any, model: Any, ckpt: Path) -> int:
     rolling = args.rolling or 0
     if rolling < 0:
         raise UsageError(f"--rolling {rolling}: must be >= 0")
-    out_csv = Path(args.out or "forecast.csv")
+    out_csv = Path(args.out if args.out is not None else "forecast.csv")
+    if not out_csv.name or out_csv.name in (".", "..") or out_csv.is_dir() or out_csv.with_suffix(".png").is_dir():
+        raise UsageError(f"--out {args.out}: expected a file name (FILE.csv; the plot is FILE.png)")
     out_png = out_csv.with_suffix(".png")
     try:
         series = read_csv(args.data)
@@ -109,14 +112,20 @@ def run_forecast(args: Any, model: Any, ckpt: Path) -> int:
     w = csv.writer(buf)
     w.writerow(header)
     w.writerows(rows)
-    try:
+    tmp = out_csv.with_name(f".{out_csv.name}.tmp-{os.getpid()}")
+    tmp_png = out_png.with_name(f".{out_png.stem}.tmp-{os.getpid()}.png")  # matplotlib reads the suffix
+    try:  # both files under temporary names first: a failure leaves neither, nor an old one changed
         out_csv.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_csv.with_name(f".{out_csv.name}.tmp-{os.getpid()}")
         tmp.write_text(buf.getvalue())
-        plot_forecast(series, fut, point, lv, cfg, out_png)
+        plot_forecast(series, fut, point, lv, cfg, tmp_png)
         os.replace(tmp, out_csv)
+        os.replace(tmp_png, out_png)
     except OSError as e:
         raise UserError(f"--out {out_csv}: cannot write ({e.strerror or e})") from None
+    finally:
+        for t in (tmp, tmp_png):
+            with contextlib.suppress(OSError):  # gone (replaced), or never made
+                t.unlink()
     for line in stats.get("summary", []) + lines:
         print(line, file=sys.stderr)
     print(f"wrote {out_csv} ({len(rows)} rows) and {out_png}")

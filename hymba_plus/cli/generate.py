@@ -49,7 +49,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from . import UsageError, UserError
+from . import UsageError, UserError, finite_float, seed_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,16 +58,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "--mode forecast")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="tokens to generate (default: 64, or what fits in max_seq_len)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--temperature", type=finite_float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-p", type=finite_float, default=None)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--mode", default="ar", help="decoding mode: ar (default), block_diffusion (models trained "
                    "with that objective), speculative (with --draft), mtp (models with model.mtp) or ladir "
                    "(models with a ladir section) or forecast (models trained with the forecast objective: --data)")
     p.add_argument("--block-size", type=int, default=None,
                    help="block_diffusion: tokens per block (default: the model's training block size)")
-    p.add_argument("--threshold", type=float, default=None,
+    p.add_argument("--threshold", type=finite_float, default=None,
                    help="block_diffusion: unmask every token whose probability reaches this (at least one per "
                         "step; >= 1: one per step) (default: 0.9)")
     p.add_argument("--steps", type=int, default=None,
@@ -143,7 +143,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from ..models.lm import CheckpointError, from_pretrained
     from ..training.distributed import pick_device
-    from ..training.tokenizer import StreamDecoder, TokenizerError, for_checkpoint
+    from ..training.tokenizer import ByteTokenizer, StreamDecoder, TokenizerError, for_checkpoint
 
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
@@ -194,6 +194,9 @@ def _run(args: argparse.Namespace) -> int:
         tok = for_checkpoint(ckpt, model.config.vocab_size)
     except TokenizerError as e:
         raise UserError(str(e)) from None
+    if not (ckpt / "tokenizer.json").is_file():  # e.g. save_pretrained's folders; hymba train always writes one
+        print(f"{ckpt}: no tokenizer.json: the prompt is read as "
+              f"{'UTF-8 bytes' if isinstance(tok, ByteTokenizer) else 'token ids'}", file=sys.stderr)
     draft = None
     if args.mode == "speculative":
         try:

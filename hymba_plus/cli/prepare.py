@@ -8,6 +8,9 @@ import argparse
 
 from . import UsageError, UserError
 
+#: the largest shard: its token buffer (4 bytes a token at most) is held in memory while it fills
+MAX_SHARD_TOKENS = 1 << 28
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", metavar="DATA", help="a text file or a folder of text files")
@@ -21,8 +24,8 @@ def run(args: argparse.Namespace) -> int:
     from ..training import tokenizer as tokmod
     from ..training.data import DataError, prepare
 
-    if args.shard_tokens < 1:
-        raise UsageError(f"--shard-tokens {args.shard_tokens}: must be >= 1")
+    if not 1 <= args.shard_tokens <= MAX_SHARD_TOKENS:  # a shard is one buffer in memory while it fills
+        raise UsageError(f"--shard-tokens {args.shard_tokens}: must be in 1 .. {MAX_SHARD_TOKENS:,}")
     try:
         tok = tokmod.load_file(args.tokenizer) if args.tokenizer else tokmod.ByteTokenizer()
         index = prepare(args.data, args.out, tok, shard_tokens=args.shard_tokens, force=args.force, progress=True)

@@ -19,7 +19,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from . import UsageError, UserError
+from . import UsageError, UserError, finite_float, seed_int
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 TRAIN_MODES = ("auto", "eager", "cuda-graph", "compile")  # training/trainer.py's TRAIN_MODES
@@ -72,25 +72,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="chain_arith: the modulus (default: 10); chain_pointer: nodes of the cycle (default: 8)")
     p.add_argument("--khop-nodes", type=int,
                    help="khop: nodes of the cycle (default: min(vocab_size - 3, (seq_len - 1) / 5))")
-    p.add_argument("--val-frac", type=float, help="text: held-out fraction for eval perplexity")
+    p.add_argument("--val-frac", type=finite_float, help="text: held-out fraction for eval perplexity")
     p.add_argument("--resume", nargs="?", const="yes", choices=("yes", "auto"), default="no", metavar="auto",
                    help="continue from the newest intact checkpoint in --out (an error when there is none); "
                         "--resume auto starts from scratch when there is none (for job scripts)")
     p.add_argument("--steps", type=int, help="optimizer steps of the run (the schedule's length)")
     p.add_argument("--stop-after", type=int, metavar="STEP",
                    help="end this run at STEP with a checkpoint, keeping the schedule of --steps (resume later)")
-    p.add_argument("--time-limit", type=float, metavar="SECONDS",
+    p.add_argument("--time-limit", type=finite_float, metavar="SECONDS",
                    help="end this run with an eval and a checkpoint once SECONDS have passed (resume later)")
     p.add_argument("--batch-size", type=int, help="sequences per micro-batch per process")
     p.add_argument("--seq-len", type=int, help="tokens per sequence")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, help="AdamW learning rate")
-    p.add_argument("--muon-lr", type=float, help="Muon learning rate")
-    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--lr", type=finite_float, help="AdamW learning rate")
+    p.add_argument("--muon-lr", type=finite_float, help="Muon learning rate")
+    p.add_argument("--weight-decay", type=finite_float)
     p.add_argument("--optimizer", choices=("muon", "adamw"))
     p.add_argument("--schedule", choices=("cosine", "wsd", "constant"))
     p.add_argument("--warmup", type=int, help="warmup steps")
-    p.add_argument("--grad-clip", type=float, help="max gradient norm (0 = off)")
+    p.add_argument("--grad-clip", type=finite_float, help="max gradient norm (0 = off)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="auto = bf16 autocast on CUDA")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
                    help="float32 matmuls on CUDA in TF32 (~1e-3 relative): those outside bf16 autocast, e.g. "
@@ -105,7 +105,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-last", type=int, help="checkpoints to keep")
     p.add_argument("--eval-every", type=int, help="evaluate every N steps (and at the end)")
     p.add_argument("--eval-batches", type=int, help="batches per evaluation")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=seed_int)
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--mode", choices=TRAIN_MODES, default=None,
                    help="how the training step runs. auto (default): on CUDA, replayed from CUDA graphs when the "
@@ -128,12 +128,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "checkpoint's mode, else all; another mode than the checkpoint's starts a new phase)")
     p.add_argument("--route-beam", type=int, default=4, metavar="N",
                    help="router training: beam width of the route search (default: 4)")
-    p.add_argument("--route-tolerance", type=float, default=0.02, metavar="NATS",
+    p.add_argument("--route-tolerance", type=finite_float, default=0.02, metavar="NATS",
                    help="router training: how much loss per row above all-execute's a target route may cost; "
                         "smaller keeps accuracy, larger skips more (default: 0.02)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar on a terminal, no progress lines without one")
-    p.add_argument("--progress-interval", type=float, default=10.0, metavar="SECONDS",
+    p.add_argument("--progress-interval", type=finite_float, default=10.0, metavar="SECONDS",
                    help="seconds between progress lines when stderr is not a terminal (default: 10)")
     for action in p._actions:  # every train setting shows its default
         field = _FIELDS.get(action.dest)

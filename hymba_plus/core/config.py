@@ -13,6 +13,7 @@ dotted key path to each message.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,8 +34,18 @@ def spec(
     return dataclasses.field(default=default, metadata=meta)
 
 
+def brief(v: Any, limit: int = 60) -> str:
+    """``repr(v)`` cut to ``limit`` characters: an error message quotes a value, never a whole file
+    that was read where a value was expected."""
+    r = repr(v)
+    if len(r) <= limit:
+        return r
+    return f"{r[:limit - 4]}... ({len(v) if isinstance(v, str) else len(r)} characters)"
+
+
 def range_errors(cfg: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
-    """Yield (key path, message) for every field violating its spec (recursing)."""
+    """Yield (key path, message) for every field violating its spec (recursing). A float must be
+    finite (NaN passes no comparison, so a range alone would let it through)."""
     if not dataclasses.is_dataclass(cfg):
         return
     for f in dataclasses.fields(cfg):
@@ -47,8 +58,10 @@ def range_errors(cfg: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
         if v is None or isinstance(v, bool):
             continue
         if m.get("choices") is not None and v not in m["choices"]:
-            yield key, f"must be one of {', '.join(map(repr, m['choices']))}, got {v!r}"
-        if isinstance(v, (int, float)):
+            yield key, f"must be one of {', '.join(map(repr, m['choices']))}, got {brief(v)}"
+        if isinstance(v, float) and not math.isfinite(v):
+            yield key, f"must be a finite number, got {v}"
+        elif isinstance(v, (int, float)):
             if m.get("min") is not None and v < m["min"]:
                 yield key, f"must be >= {m['min']}, got {v}"
             if m.get("gt") is not None and v <= m["gt"]:

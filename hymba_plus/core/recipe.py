@@ -29,7 +29,7 @@ import dacite
 import yaml
 
 from . import registry
-from .config import cross_errors, in_range, range_errors, spec
+from .config import brief, cross_errors, in_range, range_errors, spec
 from .pattern import LayerSpec, PatternError, describe_layout, expand_ratios, format_pattern, parse_pattern
 
 
@@ -397,7 +397,7 @@ def _describe(v: Any) -> str:
         return "a mapping"
     if isinstance(v, (list, tuple)):
         return "a list"
-    return f"{type(v).__name__} {v!r}"
+    return f"{type(v).__name__} {brief(v)}"
 
 
 def _type_errors(tp: Any, v: Any, path: str, errs: _Errors) -> bool:

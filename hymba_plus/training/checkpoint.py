@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.config import brief
 from ..core.recipe import _asdict
 from ..models.lm import CheckpointError, HybridLM, from_pretrained, write_safetensors
 from .distributed import DistInfo, all_gather_bytes, barrier
@@ -50,6 +51,7 @@ STEP_RE = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
 FILES = ("recipe.yaml", "model.safetensors", "optimizer.safetensors", "rng.safetensors", STATE_FILE)
 STATE_FORMAT = "hymba-train-state"
+STATE_VERSION = 1
 
 
 # --------------------------------------------------------------------------- finding
@@ -183,7 +185,7 @@ def save(out: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer, tra
         write_safetensors(tensors, tmp / "optimizer.safetensors",
                           metadata={"format": "hymba-optimizer", "structure": json.dumps(structure)})
         write_safetensors(rng, tmp / "rng.safetensors", metadata={"format": "hymba-rng"})
-        state = dict(trainer_state, format=STATE_FORMAT, version=1, step=step)
+        state = dict(trainer_state, format=STATE_FORMAT, version=STATE_VERSION, step=step)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         if final.exists():  # a corrupt or incomplete folder of this step, skipped at resume: kept aside
             os.replace(final, _free_name(out, f"{final.name}.corrupt"))
@@ -231,7 +233,28 @@ def read_state(ckpt: Path) -> dict[str, Any]:
         raise CheckpointError(f"{p}: corrupt ({e})") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or not isinstance(state.get("step"), int):
         raise CheckpointError(f"{p}: not a hymba trainer state")
+    problem = _state_problem(state, ckpt)
+    if problem is not None:
+        raise CheckpointError(f"{p}: {problem}")
     return state
+
+
+def _state_problem(state: dict[str, Any], ckpt: Path) -> str | None:
+    """What is wrong with a parsed trainer state's fields (None: nothing): the version this code
+    writes, the step of the folder's name, counts that are counts, sections that are mappings."""
+    if state.get("version") != STATE_VERSION:
+        return f"version {brief(state.get('version'))}: this hymba reads version {STATE_VERSION}"
+    m = STEP_RE.match(ckpt.name)
+    if state["step"] < 0 or (m is not None and int(m.group(1)) != state["step"]):
+        return f"step {state['step']} does not match the folder {ckpt.name}"
+    for key in ("samples", "tokens", "world_size"):
+        v = state.get(key, 0)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            return f"{key}: expected a count (an integer >= 0), got {brief(v)}"
+    for key in ("schedule", "train_config", "data"):
+        if key in state and not isinstance(state[key], dict):
+            return f"{key}: expected a mapping, got {brief(state[key])}"
+    return None
 
 
 def verify(ckpt: Path) -> dict[str, Any]:

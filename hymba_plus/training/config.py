@@ -37,7 +37,7 @@ class DistillConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = spec(200, min=1, doc="optimizer steps of the whole run (the schedule's length)")
-    batch_size: int = spec(16, min=1, doc="sequences per micro-batch per process")
+    batch_size: int = spec(16, min=1, max=1 << 20, doc="sequences per micro-batch per process")
     seq_len: int = spec(128, min=2)
     grad_accum: int = spec(1, min=1, doc="micro-batches per optimizer step")
     lr: float = spec(3e-3, gt=0.0, doc="AdamW learning rate (embeddings, head, norms, biases, ...)")
@@ -73,7 +73,7 @@ class TrainConfig:
                                        "mixed precision: the same losses as float32 weights under autocast, without "
                                        "its per-weight casts; training/mixed.py); under FSDP2 what fsdp_param_dtype "
                                        "bfloat16 does. Unset or float32: float32 weights, autocast casting")
-    seed: int = 0
+    seed: int = spec(0, min=0, max=2**32 - 1, doc="seeds torch's and NumPy's generators (0 .. 2**32 - 1)")
     data: str | None = spec(None, doc="built-in task name or a path (default: the objective's: mqar; forecast: "
                                       "synthetic)")
     tokenizer: str | None = spec(None, doc="a `tokenizers` JSON file (default: bytes)")

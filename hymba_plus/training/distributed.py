@@ -43,10 +43,16 @@ class DistInfo:
 
 
 def pick_device(name: str | None, local_rank: int = 0) -> torch.device:
-    """``auto`` -> cuda:LOCAL_RANK when CUDA is available, else cpu."""
+    """``auto`` -> cuda:LOCAL_RANK when CUDA is available, else cpu; otherwise ``cpu``, ``cuda`` or
+    ``cuda:N`` (ValueError, one line, for anything else: the models train and generate on those)."""
     if name in (None, "", "auto"):
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
+        raise ValueError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {name}: CUDA is not available on this machine")

@@ -6,7 +6,8 @@ the timestamp (numbers, or dates / date-times in ISO 8601 form such as ``2024-01
 ``2024-01-31 13:00``), strictly increasing; every other column is a numeric series (one
 channel). Empty cells and ``NA`` / ``NaN`` / ``null`` are missing values: each is filled by
 linear interpolation in time between its neighbours (forward / backward fill at the ends), and
-the fill is reported (``Series.report``). Anything else that is not a number is an error. Every
+the fill is reported (``Series.report``). Anything else that is not a number, or a value beyond
++-1e15 (``MAX_ABS_VALUE``: float32 statistics of it would overflow), is an error. Every
 problem is one ``DataError`` line naming the file, the line and the column, e.g.
 ``series.csv:7: column 'load' (3): 'abc' is not a number``.
 
@@ -36,9 +37,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.config import brief
 from .data import Batch, DataError
 
 MISSING = {"", "na", "nan", "null", "none", "n/a", "-"}
+#: the largest magnitude a series value may have: RevIN squares the values in float32 (max ~3.4e38)
+MAX_ABS_VALUE = 1e15
 SYNTHETIC = "synthetic"
 
 
@@ -113,16 +117,16 @@ def read_csv(path: str | Path) -> Series:
         try:
             t = _parse_time(row[0])
         except ValueError:
-            raise DataError(f"{p}:{line}: column {header[0]!r} (1): {row[0]!r} is not a timestamp (a number or an "
+            raise DataError(f"{p}:{line}: column {header[0]!r} (1): {brief(row[0])} is not a timestamp (a number or an "
                             "ISO date such as 2024-01-31 13:00)") from None
         if times:
             try:
                 ok = t > times[-1]
             except TypeError:
-                raise DataError(f"{p}:{line}: column {header[0]!r} (1): {row[0]!r} mixes timestamp kinds (numbers, "
+                raise DataError(f"{p}:{line}: column {header[0]!r} (1): {brief(row[0])} mixes timestamp kinds (numbers, "
                                 "dates, time zones) with the rows before") from None
             if not ok:
-                raise DataError(f"{p}:{line}: column {header[0]!r} (1): timestamps must increase: {row[0]!r} is not "
+                raise DataError(f"{p}:{line}: column {header[0]!r} (1): timestamps must increase: {brief(row[0])} is not "
                                 f"after the previous {prev!r}")
         times.append(t)
         prev = row[0]
@@ -133,9 +137,12 @@ def read_csv(path: str | Path) -> Series:
             try:
                 v = float(c)
             except ValueError:
-                raise DataError(f"{p}:{line}: column {cols[j]!r} ({j + 2}): {cell!r} is not a number") from None
+                raise DataError(f"{p}:{line}: column {cols[j]!r} ({j + 2}): {brief(cell)} is not a number") from None
             if not math.isfinite(v):
-                raise DataError(f"{p}:{line}: column {cols[j]!r} ({j + 2}): {cell!r} is not a finite number")
+                raise DataError(f"{p}:{line}: column {cols[j]!r} ({j + 2}): {brief(cell)} is not a finite number")
+            if abs(v) > MAX_ABS_VALUE:
+                raise DataError(f"{p}:{line}: column {cols[j]!r} ({j + 2}): {brief(cell)} is beyond +-{MAX_ABS_VALUE:g} "
+                                "(the model computes in float32: its statistics of such values overflow)")
             vals[kept, j] = v
         kept += 1
     vals = vals[:kept]

@@ -77,6 +77,7 @@ from typing import Any
 import torch
 
 from ..components.etd_router import EXECUTE, REPEAT, SKIP
+from ..core.config import brief
 from ..core.recipe import Recipe
 from ..models.lm import HybridLM
 from ..objectives import objective_class
@@ -450,7 +451,12 @@ class Trainer:
                              f"{state.get('data', {}).get('kind')} data")
 
         torch.manual_seed(cfg.seed)
-        model = HybridLM(self.recipe)
+        try:
+            model = HybridLM(self.recipe)
+        except (RuntimeError, MemoryError) as e:  # e.g. a vocabulary of 1e14: one line, not the allocator's trace
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TrainError(f"{opts.recipe_name}: the model cannot be built here ({brief(first, 160)}); "
+                             f"`hymba info` gives its parameter count") from None
         if state is not None:
             assert self.resume_from is not None
             full = ckpt_mod.load_model_state(self.resume_from, self.recipe, opts.recipe_name)
