@@ -141,3 +141,25 @@ def test_forecast_refuses_values_float32_cannot_hold(forecaster, tmp_path, capsy
                                         "--out", str(tmp_path / "f.csv")]))
     assert "huge.csv:2: column 'a' (2): '1e308' is beyond +-1e+15" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["huge.csv"]
+
+
+@pytest.mark.parametrize("resume", [[], ["--resume"], ["--resume", "auto"]])
+def test_a_checkpoint_without_its_state_is_not_written_over(ckpt, tmp_path, capsys, resume) -> None:
+    """A step folder whose trainer_state.json was removed is neither resumed nor replaced by a fresh
+    run (which would also rewrite the run's metrics)."""
+    out = tmp_path / "run"
+    shutil.copytree(ckpt.parent, out)
+    (out / "step-1" / "trainer_state.json").unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    err = _one_line_error(capsys, main(["train", GPT, "--out", str(out), *FAST, *resume]))
+    assert "step-1 has no trainer_state.json" in err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("flag", [["--prompt", "x"], ["--think-iterations", "2"], ["--top-k", "3"]])
+def test_forecast_refuses_the_token_modes_flags(forecaster, tmp_path, capsys, flag) -> None:
+    ck, csv = forecaster
+    err = _one_line_error(capsys, main(["generate", str(ck), "--mode", "forecast", "--data", str(csv),
+                                        "--out", str(tmp_path / "f.csv"), *flag]))
+    assert err.endswith(f"{flag[0]}: not for --mode forecast (it reads --data; --horizon sets the length)")
+    assert not any(tmp_path.iterdir())

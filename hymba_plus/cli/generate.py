@@ -171,6 +171,11 @@ def _run(args: argparse.Namespace) -> int:
                                    ("--out", args.out)) if v is not None]
     if series_flags and args.mode != "forecast":
         raise UsageError(f"{series_flags[0]}: only for --mode forecast")
+    token_flags = [f for f, v in (("--prompt", args.prompt), ("--max-new-tokens", args.max_new_tokens),
+                                  ("--top-k", args.top_k), ("--top-p", args.top_p),
+                                  ("--think-iterations", args.think_iterations)) if v is not None]
+    if token_flags and args.mode == "forecast":
+        raise UsageError(f"{token_flags[0]}: not for --mode forecast (it reads --data; --horizon sets the length)")
     if args.mode != "forecast" and not args.prompt:
         raise UsageError("--prompt TEXT is required (but for --mode forecast, which reads --data)")
     ckpt = resolve_checkpoint(Path(args.checkpoint))

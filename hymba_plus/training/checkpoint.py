@@ -70,6 +70,16 @@ def list_checkpoints(out: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def incomplete_checkpoints(out: str | os.PathLike) -> list[Path]:
+    """``step-N`` folders in ``out`` without a trainer state. ``save`` renames a finished folder into
+    place, so none comes from an interrupted save: a file was removed. A fresh run must not write
+    over them (nor over the run's metrics beside them)."""
+    p = Path(out)
+    if not p.is_dir():
+        return []
+    return sorted(d for d in p.iterdir() if STEP_RE.match(d.name) and d.is_dir() and not (d / STATE_FILE).is_file())
+
+
 def latest(out: str | os.PathLike) -> Path | None:
     found = list_checkpoints(out)
     return found[-1][1] if found else None

@@ -379,6 +379,10 @@ class Trainer:
         if found and mode == "no":
             raise TrainError(f"--out {self.out}: already holds checkpoints (newest {found[-1][1].name}); "
                              "pass --resume to continue it, or choose another --out")
+        broken = ckpt_mod.incomplete_checkpoints(self.out) if not found else []
+        if broken:  # a fresh start would write over them and over the run's metrics
+            raise TrainError(f"--out {self.out}: {broken[-1].name} has no {ckpt_mod.STATE_FILE} (a damaged checkpoint, "
+                             "not resumable): move it away, or choose another --out")
         self.resume_from, state = None, None
         if mode != "no":
             res = ckpt_mod.find_resumable(self.out, warn=self.log)
