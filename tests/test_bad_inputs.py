@@ -36,7 +36,9 @@ def ckpt(tmp_path_factory) -> Path:  # noqa: ANN001
     ("--lr", "nan", "must be a finite number"), ("--grad-clip", "nan", "must be a finite number"),
     ("--val-frac", "nan", "must be a finite number"), ("--time-limit", "inf", "must be a finite number"),
     ("--device", "bogus", "expected auto, cpu, cuda or cuda:N"), ("--device", "meta", "expected auto, cpu"),
-    ("--batch-size", "1000000000", "must be <= 1048576"),
+    ("--batch-size", "1000000000", "must be <= 1048576"), ("--grad-accum", "1000000000000", "must be <= 65536"),
+    ("--eval-batches", "1000000000000", "must be <= 1048576"), ("--steps", str(10**17), "must be <= 1099511627776"),
+    ("--route-beam", "1000000000", "--route-beam must be in 1 .. 64"),
 ])
 def test_train_flags(tmp_path, capsys, flag, value, says) -> None:
     """Out-of-range values are refused before anything is built or written (argparse's usage
@@ -163,3 +165,74 @@ def test_forecast_refuses_the_token_modes_flags(forecaster, tmp_path, capsys, fl
                                         "--out", str(tmp_path / "f.csv"), *flag]))
     assert err.endswith(f"{flag[0]}: not for --mode forecast (it reads --data; --horizon sets the length)")
     assert not any(tmp_path.iterdir())
+
+
+def test_prepare_never_replaces_the_folder_it_reads(tmp_path, capsys) -> None:
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "a.txt").write_text("some text to tokenize\n")
+    for src in (data, data / "a.txt"):
+        err = _one_line_error(capsys, main(["prepare", str(src), "--out", str(data), "--force"]))
+        assert "holds the data" in err
+    assert [p.name for p in data.iterdir()] == ["a.txt"]
+
+
+def test_forecast_out_is_never_the_data_file(forecaster, tmp_path, capsys) -> None:
+    ck, csv = forecaster
+    data = tmp_path / "s.csv"
+    shutil.copy(csv, data)
+    err = _one_line_error(capsys, main(["generate", str(ck), "--mode", "forecast", "--data", str(data), "--out",
+                                        str(data)]))
+    assert "is the --data file itself" in err and data.read_text() == csv.read_text()
+
+
+def test_a_path_the_system_refuses_is_one_line(tmp_path, capsys) -> None:
+    long = tmp_path / ("x" * 300)
+    err = _one_line_error(capsys, main(["train", GPT, "--out", str(long), *FAST]))
+    assert err.endswith("File name too long") and "(" in err and len(err) < 200
+
+
+def test_sampling_survives_tiny_temperatures_and_nuclei() -> None:
+    """A temperature or top_p below float32's range samples the top token (was nan: multinomial failed)."""
+    import torch
+
+    from hymba_plus.models.generation import filtered_probs
+
+    logits = torch.tensor([[0.0, 2.0, 1.0], [5.0, -1.0, 5.5]])
+    for t, p in ((1e-308, None), (0.8, 1e-300), (1e-40, 1e-300)):
+        probs = filtered_probs(logits, t, top_p=p)
+        assert torch.isfinite(probs).all() and torch.equal(probs.argmax(-1), torch.tensor([1, 2]))
+        assert torch.allclose(probs.max(-1).values, torch.ones(2))
+    assert torch.allclose(filtered_probs(logits, 0.8), (logits / 0.8).softmax(-1))  # unchanged at usual settings
+
+
+def test_non_finite_weights_and_bad_utf8_prompts_are_one_line(ckpt, tmp_path, capsys) -> None:
+    import torch
+
+    from hymba_plus import from_pretrained
+    from hymba_plus.training.tokenizer import ByteTokenizer, TokenizerError
+
+    model = from_pretrained(ckpt)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    model.save_pretrained(tmp_path / "nan")
+    err = _one_line_error(capsys, main(["generate", str(tmp_path / "nan"), "--prompt", "1 2", "--max-new-tokens", "2"]))
+    assert "next-token probabilities are not finite" in err
+    with pytest.raises(TokenizerError, match="not valid UTF-8"):
+        ByteTokenizer().encode("a\udcffb")
+
+
+def test_ladir_leaves_room_for_its_memory_slots(tmp_path, capsys) -> None:
+    """The default length of --mode ladir counts the memory slots (the documented command failed),
+    and the limit it names is the one that holds."""
+    from hymba_plus import build_model
+
+    model = build_model(ROOT / "configs" / "ladir_tiny.yaml")
+    model.save_pretrained(tmp_path / "ld")
+    prompt = ["--prompt", "7 3 9 4 6 3 5 2"]
+    assert main(["generate", str(tmp_path / "ld"), "--mode", "ladir", *prompt, "--temperature", "0"]) == 0
+    capsys.readouterr()
+    err = _one_line_error(capsys, main(["generate", str(tmp_path / "ld"), "--mode", "ladir", *prompt,
+                                        "--max-new-tokens", "54"]))
+    assert err.endswith("max_seq_len (64 less 3 for --mode ladir); use at most 53")

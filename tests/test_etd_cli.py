@@ -296,5 +296,5 @@ def test_train_route_search_flags_are_checked(capsys, tmp_path, flag) -> None:
     """The route-search flags of router training: a bad value is one line, exit 2, nothing written."""
     rc, out, err = run(capsys, "train", str(DRLLM), "--out", str(tmp_path / "run"), *flag)
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
-    assert "--route-beam must be >= 1 and --route-tolerance >= 0" in err
+    assert "--route-beam must be in 1 .. 64 and --route-tolerance >= 0" in err
     assert not (tmp_path / "run").exists()

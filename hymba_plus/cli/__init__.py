@@ -90,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"hymba {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a path the system refuses (a name too long, ...) wherever it was opened: one line
+        from ..core.config import brief
+
+        where = f"{brief(str(e.filename), 80)}: " if e.filename is not None else ""
+        print(f"hymba {args.command}: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -56,6 +56,8 @@ def run_forecast(args: Any, model: Any, ckpt: Path) -> int:
     if not out_csv.name or out_csv.name in (".", "..") or out_csv.is_dir() or out_csv.with_suffix(".png").is_dir():
         raise UsageError(f"--out {args.out}: expected a file name (FILE.csv; the plot is FILE.png)")
     out_png = out_csv.with_suffix(".png")
+    if Path(args.data).resolve() in (out_csv.resolve(), out_png.resolve()):
+        raise UsageError(f"--out {args.out}: is the --data file itself; choose another name")
     try:
         series = read_csv(args.data)
     except DataError as e:

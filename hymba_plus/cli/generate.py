@@ -141,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
+    from ..models.generation import reserved_positions
     from ..models.lm import CheckpointError, from_pretrained
     from ..training.distributed import pick_device
     from ..training.tokenizer import ByteTokenizer, StreamDecoder, TokenizerError, for_checkpoint
@@ -236,16 +237,18 @@ def _run(args: argparse.Namespace) -> int:
             raise UserError(f"--prompt {text!r}: empty after tokenization")
         prompts.append(ids)
     T = max(len(p) for p in prompts)
-    max_len = model.config.max_seq_len
+    reserved = reserved_positions(model, args.mode)  # e.g. ladir's memory slots take positions too
+    max_len = model.config.max_seq_len - reserved
+    room = f"max_seq_len ({model.config.max_seq_len}" + (f" less {reserved} for --mode {args.mode})" if reserved else ")")
     if T >= max_len:
-        raise UserError(f"--prompt: {T} tokens, longer than the model's max_seq_len ({max_len}) allows")
+        raise UserError(f"--prompt: {T} tokens, longer than the model's {room} allows")
     if args.max_new_tokens is None:
         args.max_new_tokens = min(64, max_len - T)
         if draft is not None:  # the draft reads the whole sequence too
             args.max_new_tokens = max(min(args.max_new_tokens, draft.config.max_seq_len - T), 1)
     if T + args.max_new_tokens > max_len:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: prompt ({T} tokens) + new tokens exceed the "
-                        f"model's max_seq_len ({max_len}); use at most {max_len - T}")
+                        f"model's {room}; use at most {max_len - T}")
     B = len(prompts)
     input_ids = torch.zeros(B, T, dtype=torch.long)
     mask = torch.zeros(B, T, dtype=torch.long)
@@ -292,6 +295,13 @@ def _run(args: argparse.Namespace) -> int:
                      if k in msg),
                     "--max-new-tokens")
         raise UserError(f"{flag}: {msg}") from None
+    except RuntimeError as e:
+        if "probability tensor contains" not in str(e):
+            raise
+        if stream:
+            sys.stdout.write("\n")
+        raise UserError(f"{ckpt}: the model's next-token probabilities are not finite (nan or inf logits: are its "
+                        "weights finite?)") from None
     finally:
         for h in hooks:
             h.remove()

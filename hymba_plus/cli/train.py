@@ -24,6 +24,9 @@ from . import UsageError, UserError, finite_float, seed_int
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 TRAIN_MODES = ("auto", "eager", "cuda-graph", "compile")  # training/trainer.py's TRAIN_MODES
 
+#: the widest route search: its batch forwards per micro-batch grow with the beam (training/routes.py)
+MAX_ROUTE_BEAM = 64
+
 #: flag dest -> TrainConfig field
 _FIELDS = {
     "steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len", "grad_accum": "grad_accum",
@@ -189,8 +192,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.train_only is not None and train_only_problem(recipe, args.train_only):
         raise UsageError(train_only_problem(recipe, args.train_only))
-    if args.route_beam < 1 or args.route_tolerance < 0:
-        raise UsageError("--route-beam must be >= 1 and --route-tolerance >= 0, got "
+    if not 1 <= args.route_beam <= MAX_ROUTE_BEAM or args.route_tolerance < 0:
+        raise UsageError(f"--route-beam must be in 1 .. {MAX_ROUTE_BEAM} and --route-tolerance >= 0, got "
                          f"{args.route_beam} and {args.route_tolerance:g}")
     opts = RunOptions(out=out, resume=args.resume, device=args.device, mode=mode, compile=compile_mode,
                       cuda_graph=mode == "cuda-graph",

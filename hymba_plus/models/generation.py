@@ -54,13 +54,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
+#: the least temperature ``filtered_probs`` divides by (float32's smallest normal number): below it,
+#: sampling is greedy up to exact ties
+MIN_TEMPERATURE = 1.1754944e-38
+
 
 def filtered_probs(logits: Tensor, temperature: float, top_k: int | None = None,
                    top_p: float | None = None) -> Tensor:
     """The distribution ``sample_next`` draws from at ``temperature > 0`` (float32 probabilities
     over the last dim): temperature-scaled, restricted to top-k, then to the nucleus top-p
     (a token is dropped when the mass before it already reaches top_p; the top one stays)."""
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # the max first and float32's smallest normal as the least temperature: a tiny one is greedy, not nan
+    logits = (logits - logits.amax(-1, keepdim=True)) / max(temperature, MIN_TEMPERATURE)
     if top_k is not None and 0 < top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -68,6 +74,7 @@ def filtered_probs(logits: Tensor, temperature: float, top_k: int | None = None,
         sorted_logits, idx = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs >= top_p
+        drop[..., 0] = False  # the top one stays, however small top_p (1e-300 is 0 in float32)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
     return logits.softmax(-1)
@@ -123,10 +130,23 @@ def sample_next(
     return draw(filtered_probs(logits, temperature, top_k, top_p), generator)
 
 
-def check_length(model: Any, input_ids: Tensor, max_new_tokens: int, attention_mask: Tensor | None = None) -> None:
+#: positions a decoding mode adds to the sequence besides the prompt and the new tokens, by mode
+#: (e.g. ladir's memory slots), registered next to the mode's generator
+RESERVED: dict[str, Callable[[Any], int]] = {}
+
+
+def reserved_positions(model: Any, mode: str) -> int:
+    """Positions ``mode`` takes besides the prompt and the new tokens (0 for most modes)."""
+    fn = RESERVED.get(mode)
+    return fn(model) if fn is not None else 0
+
+
+def check_length(model: Any, input_ids: Tensor, max_new_tokens: int, attention_mask: Tensor | None = None,
+                 reserved: int = 0, what: str = "") -> None:
     """Refuse, before any work, a generation that would run past ``max_seq_len``: the longest
     prompt row (real tokens: pads do not count, nor do meta tokens, as in ``HybridLM.forward``)
-    plus ``max_new_tokens``. One host read when there is a mask."""
+    plus ``max_new_tokens`` plus the ``reserved`` positions the mode adds (``what`` names them).
+    One host read when there is a mask."""
     try:
         ok = not isinstance(max_new_tokens, bool) and operator.index(max_new_tokens) >= 0
     except TypeError:
@@ -139,10 +159,12 @@ def check_length(model: Any, input_ids: Tensor, max_new_tokens: int, attention_m
     if attention_mask is not None and attention_mask.shape == input_ids.shape and T:
         T = int(attention_mask.to(torch.bool).sum(1).max())  # a wrong shape: the prefill says so
     max_len, n_meta = model.config.max_seq_len, model.config.meta_tokens
-    if T + max_new_tokens > max_len:
+    if T + max_new_tokens + reserved > max_len:
         note = f"; the {n_meta} meta tokens are not counted" if n_meta else ""
-        raise ValueError(f"generate: prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) = {T + max_new_tokens} "
-                         f"exceeds max_seq_len {max_len} (use max_new_tokens <= {max(max_len - T, 0)}{note})")
+        extra = f" + {what or 'reserved positions'} ({reserved})" if reserved else ""
+        raise ValueError(f"generate: prompt ({T} tokens) + max_new_tokens ({max_new_tokens}){extra} = "
+                         f"{T + max_new_tokens + reserved} exceeds max_seq_len {max_len} (use max_new_tokens <= "
+                         f"{max(max_len - T - reserved, 0)}{note})")
 
 
 def generate_ar(

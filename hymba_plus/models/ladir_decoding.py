@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .generation import GENERATORS, check_length, continue_ar
+from .generation import GENERATORS, RESERVED, check_length, continue_ar
 
 
 @torch.no_grad()
@@ -50,7 +50,7 @@ def generate_ladir(
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     M = lad.cfg.memory_slots
-    check_length(model, input_ids, max_new_tokens + M, attention_mask)  # the slots take positions too
+    check_length(model, input_ids, max_new_tokens, attention_mask, reserved=M, what="memory slots")
     B, T = input_ids.shape
     dev = input_ids.device
     valid = attention_mask.to(torch.bool) if attention_mask is not None else torch.ones(B, T, dtype=torch.bool,
@@ -88,3 +88,4 @@ def generate_ladir(
 
 
 GENERATORS["ladir"] = generate_ladir  # the decoding modes live in generation.GENERATORS
+RESERVED["ladir"] = lambda model: model.ladir.cfg.memory_slots if model.ladir is not None else 0

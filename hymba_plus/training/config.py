@@ -36,10 +36,10 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = spec(200, min=1, doc="optimizer steps of the whole run (the schedule's length)")
+    steps: int = spec(200, min=1, max=1 << 40, doc="optimizer steps of the whole run (the schedule's length)")
     batch_size: int = spec(16, min=1, max=1 << 20, doc="sequences per micro-batch per process")
     seq_len: int = spec(128, min=2)
-    grad_accum: int = spec(1, min=1, doc="micro-batches per optimizer step")
+    grad_accum: int = spec(1, min=1, max=1 << 16, doc="micro-batches per optimizer step")
     lr: float = spec(3e-3, gt=0.0, doc="AdamW learning rate (embeddings, head, norms, biases, ...)")
     muon_lr: float = spec(0.02, gt=0.0, doc="Muon learning rate (2-D hidden weight matrices)")
     muon_momentum: float = spec(0.95, min=0.0, max=1.0)
@@ -89,7 +89,7 @@ class TrainConfig:
     ladir_stage: str = spec("joint", choices=("vae", "flow", "joint"),
                             doc="objective ladir: train the VAE, the flow denoiser, or both")
     eval_every: int = spec(50, min=1)
-    eval_batches: int = spec(4, min=1)
+    eval_batches: int = spec(4, min=1, max=1 << 20)
     save_every: int = spec(100, min=1)
     keep_last: int = spec(2, min=1, doc="checkpoints kept in OUT")
     distill: DistillConfig | None = spec(None, doc="weights of --distill TEACHER_CKPT (default when unset: "

@@ -122,6 +122,9 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, tokenizer: Any = 
     tok = tokenizer or tokmod.ByteTokenizer()
     files = list_sources(source)
     out = Path(out)
+    src, dst = Path(source).resolve(), out.resolve()
+    if dst == src or dst in src.parents:  # replacing out would delete the text being read
+        raise DataError(f"{out}: holds the data {source} itself; choose an --out outside it")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise DataError(f"{out}: already exists and is not empty (use --force to replace it)")
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32

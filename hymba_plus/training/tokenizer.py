@@ -28,7 +28,10 @@ class ByteTokenizer:
     eos_id: int | None = None
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+        try:
+            return list(text.encode("utf-8"))
+        except UnicodeEncodeError as e:  # a lone surrogate: bytes that were not UTF-8 (a shell argument)
+            raise TokenizerError(f"not valid UTF-8 text (character {e.start}: {text[e.start]!r})") from None
 
     def encode_bytes(self, data: bytes) -> list[int]:
         return list(data)
