@@ -137,16 +137,20 @@ def test_bf16_weights_need_bf16_precision(tmp_path, capsys):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_bf16_weights_in_cuda_graphs_match_autocast(tmp_path):
-    """On CUDA, eager and CUDA-graph training with bf16 weights give the losses of float32 weights
-    under autocast (the graph is captured over the bf16 weights; their storage never moves)."""
+    """On CUDA, training with bf16 weights gives the losses of float32 weights under autocast bit for
+    bit, eager and replayed from CUDA graphs (captured over the bf16 weights, whose storage never
+    moves); graphed and eager differ as the trainer's graphed step does anywhere (on an H100: 1.1e-5
+    relative at step 4, in both)."""
     recipe = str(ROOT / "configs" / "gpt_tiny.yaml")
     common = ["--steps", "4", "--batch-size", "4", "--seq-len", "64", "--eval-every", "4", "--no-progress",
               "--device", "cuda", "--precision", "bf16"]
     runs = {}
     for name, flags in {"autocast": ["--mode", "eager"], "bf16_eager": ["--mode", "eager", "--param-dtype", "bfloat16"],
+                        "autocast_graph": ["--mode", "cuda-graph"],
                         "bf16_graph": ["--mode", "cuda-graph", "--param-dtype", "bfloat16"]}.items():
         out = tmp_path / name
         assert main(["train", recipe, "--out", str(out), *common, *flags]) == 0
         runs[name] = [r["loss"] for r in _metrics(out)]
     assert runs["bf16_eager"] == runs["autocast"]
-    assert runs["bf16_graph"] == pytest.approx(runs["autocast"], rel=1e-5)
+    assert runs["bf16_graph"] == runs["autocast_graph"]
+    assert runs["bf16_graph"] == pytest.approx(runs["autocast"], rel=1e-3)
