@@ -23,10 +23,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-#: seeds: what every generator seeded from one takes (torch's and NumPy's: 0 .. 2**32 - 1)
-SEED_MAX = 2**32 - 1
-
-
 def finite_float(text: str) -> float:
     """argparse type of every float flag: a number, not nan or inf (NaN passes no range check)."""
     try:
@@ -39,7 +35,9 @@ def finite_float(text: str) -> float:
 
 
 def seed_int(text: str) -> int:
-    """argparse type of ``--seed``: an integer in 0 .. SEED_MAX."""
+    """argparse type of ``--seed``: an integer in 0 .. ``training.config.SEED_MAX``."""
+    from ..training.config import SEED_MAX
+
     try:
         v = int(text)
     except ValueError:

@@ -53,9 +53,10 @@ def run_forecast(args: Any, model: Any, ckpt: Path) -> int:
     if rolling < 0:
         raise UsageError(f"--rolling {rolling}: must be >= 0")
     out_csv = Path(args.out if args.out is not None else "forecast.csv")
-    if not out_csv.name or out_csv.name in (".", "..") or out_csv.is_dir() or out_csv.with_suffix(".png").is_dir():
+    named = out_csv.name not in ("", ".", "..")  # with_suffix needs a name
+    out_png = out_csv.with_suffix(".png") if named else out_csv
+    if not named or out_csv.is_dir() or out_png.is_dir():
         raise UsageError(f"--out {args.out}: expected a file name (FILE.csv; the plot is FILE.png)")
-    out_png = out_csv.with_suffix(".png")
     if Path(args.data).resolve() in (out_csv.resolve(), out_png.resolve()):
         raise UsageError(f"--out {args.out}: is the --data file itself; choose another name")
     try:

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 
 from ..core.config import spec
 
+#: the largest seed: what every generator seeded from one takes (torch's and NumPy's)
+SEED_MAX = 2**32 - 1
+
 
 @dataclass(frozen=True)
 class DistillConfig:
@@ -73,7 +76,7 @@ class TrainConfig:
                                        "mixed precision: the same losses as float32 weights under autocast, without "
                                        "its per-weight casts; training/mixed.py); under FSDP2 what fsdp_param_dtype "
                                        "bfloat16 does. Unset or float32: float32 weights, autocast casting")
-    seed: int = spec(0, min=0, max=2**32 - 1, doc="seeds torch's and NumPy's generators (0 .. 2**32 - 1)")
+    seed: int = spec(0, min=0, max=SEED_MAX, doc="seeds torch's and NumPy's generators (0 .. 2**32 - 1)")
     data: str | None = spec(None, doc="built-in task name or a path (default: the objective's: mqar; forecast: "
                                       "synthetic)")
     tokenizer: str | None = spec(None, doc="a `tokenizers` JSON file (default: bytes)")

@@ -39,16 +39,12 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from .optim import _is_ffn
+from .optim import _is_ffn, embedding_and_head
 
 
 def compute_weights(model: nn.Module) -> list[nn.Parameter]:
     """The trainable parameters kept in bf16 for the forward and backward (module doc)."""
-    special = set()
-    for name in ("embed", "lm_head"):
-        mod = getattr(model, name, None)
-        if mod is not None:
-            special |= {id(p) for p in mod.parameters()}
+    special = embedding_and_head(model)
     seen: set[int] = set()
     out: list[nn.Parameter] = []
     for mod in model.modules():

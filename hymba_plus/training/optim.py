@@ -326,13 +326,20 @@ def muon_layout(p: nn.Parameter, owner: nn.Module) -> str | None:
     return None
 
 
-def split_params(model: nn.Module, use_muon: bool = True) -> ParamSplit:
-    """Sort parameters into Muon / AdamW-with-decay / AdamW-without-decay (module doc)."""
-    special = set()
+def embedding_and_head(model: nn.Module) -> set[int]:
+    """``id``s of the parameters of the model's embedding and LM head (tied or not): matrices that
+    are not hidden GEMM weights (no Muon; kept in float32 under ``--param-dtype``)."""
+    ids: set[int] = set()
     for name in ("embed", "lm_head"):
         mod = getattr(model, name, None)
         if mod is not None:
-            special |= {id(p) for p in mod.parameters()}
+            ids |= {id(p) for p in mod.parameters()}
+    return ids
+
+
+def split_params(model: nn.Module, use_muon: bool = True) -> ParamSplit:
+    """Sort parameters into Muon / AdamW-with-decay / AdamW-without-decay (module doc)."""
+    special = embedding_and_head(model)
     meta = getattr(model, "meta", None)
     if isinstance(meta, nn.Parameter):
         special.add(id(meta))
