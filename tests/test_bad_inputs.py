@@ -236,3 +236,141 @@ def test_ladir_leaves_room_for_its_memory_slots(tmp_path, capsys) -> None:
     err = _one_line_error(capsys, main(["generate", str(tmp_path / "ld"), "--mode", "ladir", *prompt,
                                         "--max-new-tokens", "54"]))
     assert err.endswith("max_seq_len (64 less 3 for --mode ladir); use at most 53")
+
+
+@pytest.mark.parametrize("key,value,says", [
+    ("channels", 10**9, "objective.channels: must be <= 16384, got 1000000000"),
+    ("horizon", 10**12, "objective.horizon: must be <= 65536, got 1000000000000"),
+    ("context", 10**12, "objective.context: must be <= 65536, got 1000000000000"),
+    ("patch", 10**12, "objective.patch: must be <= 65536, got 1000000000000"),
+    ("season", 10**11, "objective.season: must be <= 65536, got 100000000000"),
+])
+def test_forecast_sizes_have_bounds(tmp_path, capsys, key, value, says) -> None:
+    """channels: 1e9 or horizon: 1e12 passed the recipe check and failed allocating in training."""
+    lines = (ROOT / "configs" / "forecast_tiny.yaml").read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.lstrip().startswith(("objective:", "quantiles:"))
+              and f" {key}: " in line)
+    old = lines[at].split(f" {key}: ", 1)[1].split(",", 1)[0].split("}", 1)[0]
+    lines[at] = lines[at].replace(f" {key}: {old}", f" {key}: {value}", 1)
+    recipe = tmp_path / "fc.yaml"
+    recipe.write_text("\n".join(lines) + "\n")
+    for build in ([], ["--no-build"]):
+        assert _one_line_error(capsys, main(["check", *build, str(recipe)])) == f"{recipe}:{at + 1}: {says}"
+
+
+def test_synthetic_series_too_large_to_generate_is_one_line(tmp_path, capsys) -> None:
+    text = (ROOT / "configs" / "forecast_tiny.yaml").read_text()
+    recipe = tmp_path / "wide.yaml"
+    recipe.write_text(text.replace("horizon: 24, patch: 8, channels: 1,", "horizon: 60000, patch: 8, channels: 1000,"))
+    out = tmp_path / "o"
+    err = _one_line_error(capsys, main(["train", str(recipe), "--out", str(out), "--steps", "1", "--batch-size", "2",
+                                        "--device", "cpu", "--no-progress"]))
+    assert "synthetic: 1000 channels x 720384 steps" in err and "train on a --data CSV" in err
+    assert not out.exists()
+
+
+def _shards(tmp_path: Path) -> Path:
+    (tmp_path / "t.txt").write_text("some text to tokenize, over and over again\n" * 60)
+    assert main(["prepare", str(tmp_path / "t.txt"), "--out", str(tmp_path / "sh")]) == 0
+    return tmp_path / "sh"
+
+
+def test_prepare_records_the_largest_id_and_train_refuses_it_at_startup(tmp_path, capsys) -> None:
+    sh = _shards(tmp_path)
+    index = json.loads((sh / "index.json").read_text())
+    assert index["max_id"] == max(b"some text to tokenize, over and over again\n")
+    (sh / "index.json").write_text(json.dumps({**index, "max_id": 300}))
+    out = tmp_path / "o"
+    capsys.readouterr()
+    err = _one_line_error(capsys, main(["train", GPT, "--data", str(sh), "--out", str(out), *FAST]))
+    assert err.endswith(f"{sh}: holds token id 300 (index.json's max_id) but the model's vocab_size is 256")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("max_id", ["old", "stale"])
+def test_shards_with_ids_past_the_vocabulary_are_one_line(tmp_path, capsys, max_id) -> None:
+    """Shards from an older prepare (no max_id) or changed since: each batch is checked on the CPU
+    (was: torch's IndexError at the first forward)."""
+    import numpy as np
+
+    sh = _shards(tmp_path)
+    index = json.loads((sh / "index.json").read_text())
+    if max_id == "old":
+        del index["max_id"]
+        (sh / "index.json").write_text(json.dumps(index))
+    shard = sh / "shard-00000.bin"
+    a = np.fromfile(shard, dtype=np.uint16)
+    a[::7] = 300
+    a.tofile(shard)
+    capsys.readouterr()
+    err = _one_line_error(capsys, main(["train", GPT, "--data", str(sh), "--out", str(tmp_path / "o"), *FAST]))
+    assert err.startswith(f"hymba train: {shard}: token id 300 (window ") and "vocab_size 256" in err
+    assert not (tmp_path / "o" / "step-1").exists()
+
+
+def test_ladir_train_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path, capsys) -> None:
+    """Was: training ran, and only `hymba generate` refused the checkpoint's tokenizer.json."""
+    pytest.importorskip("tokenizers")
+    from tests.hf_models import word_tokenizer
+
+    word_tokenizer(tmp_path / "tok.json", 100)
+    out = tmp_path / "o"
+    err = _one_line_error(capsys, main(["train", str(ROOT / "configs" / "ladir_tiny.yaml"), "--data", "chain_arith",
+                                        "--tokenizer", str(tmp_path / "tok.json"), "--out", str(out), *FAST[:4], *FAST[6:]]))
+    assert err.endswith(f"--tokenizer {tmp_path / 'tok.json'}: 100 tokens but the model's vocab_size is 32")
+    assert not out.exists()
+
+
+def test_a_pattern_of_more_than_4096_layers_is_refused_without_building(tmp_path, capsys) -> None:
+    recipe = tmp_path / "deep.yaml"
+    text = Path(GPT).read_text()
+    old = next(line for line in text.splitlines() if "block_pattern:" in line)
+    line_no = text.splitlines().index(old) + 1
+    recipe.write_text(text.replace(old, '  block_pattern: "(GA)*4096 | (GA)*4096 | (GA)*4096"'))
+    err = _one_line_error(capsys, main(["check", "--no-build", str(recipe)]))
+    assert err == f"{recipe}:{line_no}: model.block_pattern: pattern expands to more than 4096 layers at column 13"
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", GPT, "--mode", "x" * 3000], ["train", GPT, "--device", "x" * 3000, *FAST[:-3]],
+    ["train", GPT, "--device=" + "x" * 3000, *FAST[:-3]], ["train", GPT, "--steps", "x" * 3000],
+    ["train", GPT, "y" * 3000], ["x" * 3000], ["generate", "CKPT", "--engine", "x" * 3000],
+])
+def test_a_long_bad_value_is_not_echoed_in_full(tmp_path, capsys, argv) -> None:
+    assert _exit_code([*argv, "--out", str(tmp_path / "o")] if argv[0] == "train" else argv) != 0
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "(3000 characters)" in err and len(err) < 300 and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_generate_shortens_a_long_mode_and_device(ckpt, capsys) -> None:
+    for flag in ("--mode", "--device"):
+        err = _one_line_error(capsys, _exit_code(["generate", str(ckpt), "--prompt", "1 2", flag, "x" * 3000]))
+        assert f"{flag}" in err and "(3000 characters)" in err and len(err) < 300
+
+
+def test_a_fresh_run_moves_an_earlier_runs_metrics_aside(tmp_path, capsys) -> None:
+    """An --out without a checkpoint but with the metrics and plot of a run that failed: a fresh
+    run moves them aside (numbered, with one line saying so) instead of replacing them."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
+    (out / "loss.png").write_bytes(b"old plot")
+    (out / "metrics.jsonl.1").write_text("older\n")  # taken: the next free number is used
+    assert main(["train", GPT, "--out", str(out), *FAST]) == 0
+    said = capsys.readouterr()
+    assert (f"--out {out}: an earlier run's metrics.jsonl and loss.png (no checkpoint) moved aside to "
+            "metrics.jsonl.2 and loss.png.2") in said.err + said.out
+    assert (out / "metrics.jsonl.2").read_text() == '{"step": 1, "loss": 3.0}\n'
+    assert (out / "loss.png.2").read_bytes() == b"old plot" and (out / "metrics.jsonl.1").read_text() == "older\n"
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1  # the new run's
+    assert (out / "step-1").is_dir()
+
+
+def test_an_empty_metrics_file_is_simply_replaced(tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("")
+    assert main(["train", GPT, "--out", str(out), *FAST]) == 0
+    assert "moved aside" not in "".join(capsys.readouterr())
+    assert not list(out.glob("*.1"))

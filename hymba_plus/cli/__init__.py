@@ -11,6 +11,9 @@ import argparse
 import importlib
 import math
 import sys
+from typing import NoReturn
+
+from ..core.config import brief
 
 #: subcommand -> (module under hymba_plus.cli, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -55,6 +58,31 @@ class UserError(Exception):
     """Bad input (file, checkpoint, data): one line, exit 1."""
 
 
+#: an argument longer than this is shortened (``core.config.brief``) where argparse echoes it
+ECHO_LIMIT = 80
+
+
+def shorten_echoes(message: str, argv: list[str]) -> str:
+    """``message`` with every over-long command-line value it echoes (quoted, as argparse's
+    ``invalid choice: '...'``, or bare) cut by ``brief``: a mistyped flag, not a whole
+    pasted file, ends up on the terminal."""
+    values = {a.split("=", 1)[1] if a.startswith("-") and "=" in a else a for a in argv}
+    for v in sorted((v for v in values if len(v) > ECHO_LIMIT), key=len, reverse=True):
+        message = message.replace(repr(v), brief(v, ECHO_LIMIT)).replace(v, brief(v, ECHO_LIMIT))
+    return message
+
+
+def _parser_class(argv: list[str]) -> type[argparse.ArgumentParser]:
+    """An ``ArgumentParser`` (inherited by the subcommands' parsers) whose usage errors quote
+    the values of ``argv`` shortened (``shorten_echoes``)."""
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> NoReturn:
+            super().error(shorten_echoes(message, argv))
+
+    return Parser
+
+
 def _torch_version() -> str:
     import torch
 
@@ -64,7 +92,8 @@ def _torch_version() -> str:
 def main(argv: list[str] | None = None) -> int:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(prog="hymba", description="hybrid language model zoo")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser_class(argv)(prog="hymba", description="hybrid language model zoo")
     parser.add_argument("--version", action="version", version=f"hymba {__version__} (torch {_torch_version()})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = {}
@@ -89,8 +118,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hymba {args.command}: interrupted", file=sys.stderr)
         return 130
     except OSError as e:  # a path the system refuses (a name too long, ...) wherever it was opened: one line
-        from ..core.config import brief
-
         where = f"{brief(str(e.filename), 80)}: " if e.filename is not None else ""
         print(f"hymba {args.command}: {where}{e.strerror or e}", file=sys.stderr)
         return 1

@@ -97,7 +97,10 @@ class _Parser:
         out = self.item(depth)
         while (t := self.peek()) is not None and t[0] == "|":
             self.take()
+            col = self.peek()[1] if self.peek() is not None else self.end_col()
             out += self.item(depth)
+            if len(out) > MAX_LAYERS:  # each repeat is bounded; their sequence must be too
+                raise PatternError(f"pattern expands to more than {MAX_LAYERS} layers at column {col}", col)
         return out
 
     def repeat(self, layers: list[LayerSpec]) -> list[LayerSpec]:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..core.config import brief
 from ..training import forecast_metrics as fm
 from .generation import GENERATORS
 
@@ -43,6 +44,9 @@ def _objective(model: Any) -> Any:
 
 def _check_series(obj: Any, series: Tensor, need: int) -> None:
     cfg = obj.cfg
+    if not isinstance(series, Tensor):
+        raise TypeError(f"series must be a torch.Tensor [B, T, {cfg.channels}] (channels), got "
+                        f"{type(series).__name__} {brief(series)}")
     if series.ndim != 3 or series.shape[-1] != cfg.channels:
         raise ValueError(f"series must have shape [B, T, {cfg.channels}] (channels), got {tuple(series.shape)}")
     if series.shape[1] < need:

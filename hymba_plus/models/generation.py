@@ -47,12 +47,16 @@ through here.
 
 from __future__ import annotations
 
+import math
+import numbers
 import operator
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from ..core.config import brief
 
 #: the least temperature ``filtered_probs`` divides by (float32's smallest normal number): below it,
 #: sampling is greedy up to exact ties
@@ -141,20 +145,59 @@ def reserved_positions(model: Any, mode: str) -> int:
     return fn(model) if fn is not None else 0
 
 
+def check_sampling(temperature: Any, top_k: Any, top_p: Any) -> None:
+    """Refuse sampling settings outside their meaning (one line each, before any work):
+    ``temperature`` a finite number >= 0 (0: greedy), ``top_k`` None (off) or an integer >= 1,
+    ``top_p`` None (off) or a number in (0, 1] (1: off). ``HybridLM.generate`` calls it."""
+    if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
+            or not math.isfinite(temperature) or temperature < 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {brief(temperature)}")
+    if top_k is not None:
+        try:
+            ok = not isinstance(top_k, bool) and operator.index(top_k) >= 1
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"top_k must be an integer >= 1 (or None: off), got {brief(top_k)}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real)
+                              or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be a number in (0, 1] (or None: off), got {brief(top_p)}")
+
+
+def check_prompt(input_ids: Any, attention_mask: Any = None, min_tokens: int = 1) -> None:
+    """Refuse a prompt that is not token ids: not a tensor, not integers, not [B, T], or (for
+    ``min_tokens`` 1: a mode that continues from the prompt's last token) no tokens at all; an
+    ``attention_mask`` that is not a tensor. No host read (``forward`` checks the ids' range)."""
+    if not isinstance(input_ids, Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor of token ids [B, T], got {type(input_ids).__name__} "
+                        f"{brief(input_ids)}")
+    if input_ids.dtype not in (torch.long, torch.int32):  # what the embedding reads
+        raise TypeError(f"input_ids must hold integer token ids (torch.long or torch.int32), got dtype "
+                        f"{input_ids.dtype}")
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must have shape [B, T], got {tuple(input_ids.shape)}")
+    if input_ids.shape[1] < min_tokens and input_ids.shape[0]:
+        raise ValueError(f"input_ids: an empty prompt (shape {tuple(input_ids.shape)}); generate continues a "
+                         "prompt of at least one token per row")
+    if attention_mask is not None and not isinstance(attention_mask, Tensor):
+        raise TypeError(f"attention_mask must be a torch.Tensor [B, T] (1: token, 0: pad) or None, got "
+                        f"{type(attention_mask).__name__} {brief(attention_mask)}")
+
+
 def check_length(model: Any, input_ids: Tensor, max_new_tokens: int, attention_mask: Tensor | None = None,
-                 reserved: int = 0, what: str = "") -> None:
-    """Refuse, before any work, a generation that would run past ``max_seq_len``: the longest
-    prompt row (real tokens: pads do not count, nor do meta tokens, as in ``HybridLM.forward``)
-    plus ``max_new_tokens`` plus the ``reserved`` positions the mode adds (``what`` names them).
-    One host read when there is a mask."""
+                 reserved: int = 0, what: str = "", min_tokens: int = 1) -> None:
+    """Refuse, before any work, a prompt that is not token ids (``check_prompt``; ``min_tokens``:
+    0 for a mode that can start from nothing) and a generation that would run past
+    ``max_seq_len``: the longest prompt row (real tokens: pads do not count, nor do meta tokens,
+    as in ``HybridLM.forward``) plus ``max_new_tokens`` plus the ``reserved`` positions the mode
+    adds (``what`` names them). One host read when there is a mask."""
     try:
         ok = not isinstance(max_new_tokens, bool) and operator.index(max_new_tokens) >= 0
     except TypeError:
         ok = False
     if not ok:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if input_ids.ndim != 2:
-        raise ValueError(f"input_ids must have shape [B, T], got {tuple(input_ids.shape)}")
+    check_prompt(input_ids, attention_mask, min_tokens)
     T = input_ids.shape[1]
     if attention_mask is not None and attention_mask.shape == input_ids.shape and T:
         T = int(attention_mask.to(torch.bool).sum(1).max())  # a wrong shape: the prefill says so
@@ -190,8 +233,8 @@ def generate_ar(
     a graph was not used, if capture failed)."""
     from .decode_engine import engine_for, resolve_engine
 
-    B = input_ids.shape[0]
     check_length(model, input_ids, max_new_tokens, attention_mask)
+    B = input_ids.shape[0]
     kind = resolve_engine(engine, input_ids.device, max_new_tokens)
     cache = model.new_cache(B, device=input_ids.device)
     out = model(input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1)  # checks the prompt's ids
@@ -304,8 +347,8 @@ def generate_block_diffusion(
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if threshold is not None and not threshold > 0:
         raise ValueError(f"threshold must be > 0 (or None for the steps schedule), got {threshold!r}")
+    check_length(model, input_ids, max_new_tokens, attention_mask, min_tokens=0)  # a block can start from nothing
     B = input_ids.shape[0]
-    check_length(model, input_ids, max_new_tokens, attention_mask)
     cache = model.new_cache(B, device=input_ids.device)
     model(input_ids, attention_mask=attention_mask, cache=cache)  # prefill: checks the prompt's ids
     dev = input_ids.device
@@ -385,6 +428,9 @@ def generate_speculative(
     ``HybridLM`` with the same ``vocab_size``; ``k``: tokens the draft proposes per round."""
     if draft is None:
         raise ValueError("mode speculative needs a draft model: generate(..., mode='speculative', draft=small_model)")
+    if not all(hasattr(draft, a) for a in ("config", "new_cache", "rewind")):  # a path, a state dict, ...
+        raise TypeError(f"draft must be a model (a HybridLM, e.g. from_pretrained(path)), got "
+                        f"{type(draft).__name__} {brief(draft)}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an integer >= 1 (draft tokens per round), got {k!r}")
     V, Vd = model.config.vocab_size, draft.config.vocab_size

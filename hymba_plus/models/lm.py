@@ -36,6 +36,7 @@ from ..blocks import Block
 from ..components.norm import RMSNorm
 from ..core import registry
 from ..core.cache import HybridCache, StepContext
+from ..core.config import brief
 from ..core.recipe import Recipe, RecipeError, load_recipe
 from ..kernels.linear_ce import linear_cross_entropy
 from ..objectives import objective_class
@@ -365,13 +366,17 @@ class HybridLM(nn.Module):
         ``options``: the mode's own settings (``block_diffusion``: ``block_size``,
         ``threshold``, ``steps``); ``models/generation.py`` documents each mode.
 
-        Raises ``ValueError`` before any work when the longest prompt row (real tokens) plus
-        ``max_new_tokens`` exceeds ``max_seq_len``, and at the prefill for an id outside the
-        vocabulary (``forward``'s checks); the decoding steps skip the checks."""
-        from .generation import GENERATORS
+        Raises, before any work, ``TypeError`` for ``input_ids`` that are not an integer tensor
+        (or a ``draft`` that is not a model) and ``ValueError`` for an empty prompt, a
+        ``temperature`` below 0 (or not finite), ``top_k`` below 1, ``top_p`` outside (0, 1] (None
+        is "off" for both), or when the longest prompt row (real tokens) plus ``max_new_tokens``
+        exceeds ``max_seq_len``; at the prefill, ``ValueError`` for an id outside the vocabulary
+        (``forward``'s checks); the decoding steps skip the checks."""
+        from .generation import GENERATORS, check_sampling
 
-        if mode not in GENERATORS:
-            raise ValueError(f"unknown generation mode {mode!r}; available: {', '.join(sorted(GENERATORS))}")
+        if not isinstance(mode, str) or mode not in GENERATORS:
+            raise ValueError(f"unknown generation mode {brief(mode)}; available: {', '.join(sorted(GENERATORS))}")
+        check_sampling(temperature, top_k, top_p)
         import inspect
 
         fn = GENERATORS[mode]
@@ -436,8 +441,30 @@ def _rule_note(n_meta: int, where: str | None = None) -> str:
     return f" ({'; '.join(parts)})" if parts else ""
 
 
+def check_device(device: Any, dtype: Any = None) -> None:
+    """Refuse, as one ``ValueError`` / ``TypeError`` line naming the argument, a ``device`` torch
+    does not know (``"gpu"``) or cannot use here (CUDA on a machine without it, a CUDA index
+    past the last card) and a ``dtype`` that is not a ``torch.dtype``. None passes."""
+    if device is not None:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError, ValueError):
+            raise ValueError(f"device {brief(device)}: not a device (expected e.g. 'cpu', 'cuda', 'cuda:0' or a "
+                             "torch.device)") from None
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"device {brief(device)}: CUDA is not available on this machine")
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise ValueError(f"device {brief(device)}: only {torch.cuda.device_count()} CUDA device(s)")
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype (e.g. torch.bfloat16), got {type(dtype).__name__} "
+                        f"{brief(dtype)}")
+
+
 def build_model(recipe: "Recipe | str | os.PathLike | dict", device: Any = None, dtype: Any = None) -> HybridLM:
-    """Build a HybridLM from a recipe, a recipe path, a YAML string or a dict."""
+    """Build a HybridLM from a recipe, a recipe path, a YAML string or a dict. A bad ``device``
+    or ``dtype`` is refused before anything is built (``check_device``)."""
+    check_device(device, dtype)
     model = HybridLM(load_recipe(recipe))
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
@@ -456,10 +483,12 @@ def write_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike, metad
 
 
 def from_pretrained(path: str | os.PathLike, device: Any = None, strict: bool = True) -> HybridLM:
-    """Load a folder written by ``save_pretrained`` (or a ``hymba train`` checkpoint)."""
+    """Load a folder written by ``save_pretrained`` (or a ``hymba train`` checkpoint). A bad
+    ``device`` is refused before anything is read (``check_device``)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    check_device(device)
     p = Path(path)
     if not p.is_dir():
         raise CheckpointError(f"{p}: not a checkpoint folder")

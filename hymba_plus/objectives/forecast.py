@@ -42,19 +42,25 @@ from ..training import forecast_metrics as fm
 from .base import Objective
 
 DEFAULT_QUANTILES = (0.1, 0.5, 0.9)
+#: bounds of the size fields: far above any forecasting setup (long-horizon benchmarks forecast
+#: 720 steps of a few hundred channels from a few thousand values), far below what would fail
+#: allocating the head's weights or the training windows
+MAX_CONTEXT = 1 << 16
+MAX_HORIZON = 1 << 16
+MAX_CHANNELS = 1 << 14
 
 
 @dataclass(frozen=True)
 class ForecastConfig:
     kind: str = spec("forecast", choices=("forecast",))
-    context: int = spec(512, min=1, doc="past values read per forecast (a multiple of patch)")
-    horizon: int = spec(96, min=1, doc="future values predicted at once")
-    patch: int = spec(16, min=1, doc="values per patch token (PatchTST)")
-    channels: int = spec(1, min=1, doc="series per sample (numeric columns of the data)")
+    context: int = spec(512, min=1, max=MAX_CONTEXT, doc="past values read per forecast (a multiple of patch)")
+    horizon: int = spec(96, min=1, max=MAX_HORIZON, doc="future values predicted at once")
+    patch: int = spec(16, min=1, max=MAX_CONTEXT, doc="values per patch token (PatchTST)")
+    channels: int = spec(1, min=1, max=MAX_CHANNELS, doc="series per sample (numeric columns of the data)")
     channel_independent: bool = True
     loss: str = spec("mse", choices=("mse", "quantile"), doc="mse (point forecast) or quantile (pinball)")
     quantiles: tuple[float, ...] | None = spec(None, doc="levels for loss: quantile (default 0.1, 0.5, 0.9)")
-    season: int = spec(1, min=1, doc="period m of the seasonal-naive baseline and of MASE's scale")
+    season: int = spec(1, min=1, max=MAX_CONTEXT, doc="period m of the seasonal-naive baseline and of MASE's scale")
     revin_affine: bool = True
     revin_eps: float = spec(1e-5, gt=0.0)
 

@@ -2,7 +2,7 @@
 
 Token shards (``hymba prepare DATA --out SHARDS``): text files are tokenized once into
 flat ``shard-00000.bin`` files of uint16 (vocab <= 65536) or uint32 tokens plus an
-``index.json`` (tokenizer, shard sizes, source fingerprint). Training reads them with
+``index.json`` (tokenizer, shard sizes, the largest token id, source fingerprint). Training reads them with
 ``numpy.memmap``: only the windows a batch needs are paged in, so a corpus larger than
 RAM streams.
 
@@ -140,6 +140,7 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, tokenizer: Any = 
     buf = np.empty(shard_tokens, dtype=dtype)
     fill = 0
     total = 0
+    max_id = -1
 
     def flush() -> None:
         nonlocal fill
@@ -157,8 +158,10 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, tokenizer: Any = 
     try:
         for f in files:
             for arr in _chunks(f, tok):
-                if arr.size and int(arr.max()) >= tok.vocab_size:
-                    raise DataError(f"{f}: tokenizer produced id {int(arr.max())} >= its vocab {tok.vocab_size}")
+                top = int(arr.max()) if arr.size else -1
+                if top >= tok.vocab_size:
+                    raise DataError(f"{f}: tokenizer produced id {top} >= its vocab {tok.vocab_size}")
+                max_id = max(max_id, top)
                 total += arr.size
                 while arr.size:
                     take = min(arr.size, shard_tokens - fill)
@@ -174,7 +177,7 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, tokenizer: Any = 
             raise DataError(f"{source}: empty (no tokens)")
         index = {
             "format": FORMAT, "version": 1, "dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size,
-            "tokens": total, "shards": shards, "tokenizer": tok.to_json(), "sources": fingerprint(files),
+            "max_id": max_id, "tokens": total, "shards": shards, "tokenizer": tok.to_json(), "sources": fingerprint(files),
         }
         (tmp / INDEX).write_text(json.dumps(index, indent=1))
         if out.exists():
@@ -218,6 +221,8 @@ class TokenShards:
             self.shards = [(self.path / s["file"], int(s["tokens"])) for s in index["shards"]]
             self.vocab_size = int(index["vocab_size"])
             self.tokenizer_json = str(index["tokenizer"])
+            # the largest token id (written by prepare; None in shards of older versions)
+            self.max_id = int(index["max_id"]) if index.get("max_id") is not None else None
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"{ip}: corrupt ({e})") from None
         self.index = index
@@ -265,6 +270,9 @@ class ReasoningBatches:
         from .reasoning import ReasoningStream, params_from_train
 
         tok = tokmod.load_file(tokenizer_path) if tokenizer_path else None
+        if tok is not None and tok.vocab_size > vocab_size:  # generate would refuse the checkpoint
+            raise DataError(f"--tokenizer {tokenizer_path}: {tok.vocab_size} tokens but the model's vocab_size is "
+                            f"{vocab_size}")
         self.inner = ReasoningStream(data, vocab_size, seed=seed, tokenizer=tok, val_frac=cfg.val_frac,
                                      max_len=max_len, **params_from_train(data, cfg))
         self.tokenizer = self.inner.tokenizer
@@ -317,14 +325,19 @@ class TaskStream:
 
 
 class TextStream:
-    """Windows of ``seq_len`` tokens from token shards; the last ``val_frac`` held out."""
+    """Windows of ``seq_len`` tokens from token shards; the last ``val_frac`` held out. With
+    ``vocab_size``, every batch's ids are checked below it on the CPU (a ``DataError`` naming the
+    shard, not the embedding's IndexError on the device): shards whose index records no
+    ``max_id`` (older ``hymba prepare``), or whose files were changed after it, are not trusted."""
 
     metric = "ppl"
 
-    def __init__(self, shards: TokenShards, seq_len: int, seed: int, val_frac: float):
+    def __init__(self, shards: TokenShards, seq_len: int, seed: int, val_frac: float,
+                 vocab_size: int | None = None):
         self.shards = shards
         self.seq_len = seq_len
         self.seed = seed
+        self.vocab_size = vocab_size
         counts = np.array([n // seq_len for _, n in shards.shards], dtype=np.int64)
         self.cum = np.cumsum(counts)
         total = int(self.cum[-1]) if counts.size else 0
@@ -354,7 +367,13 @@ class TextStream:
         return self._perm[epoch]
 
     def _batch(self, js: list[int]) -> Batch:
-        ids = torch.from_numpy(np.stack([self._window(j) for j in js]))
+        arr = np.stack([self._window(j) for j in js])
+        if self.vocab_size is not None and arr.size and int(arr.max()) >= self.vocab_size:
+            j = js[int(arr.max(1).argmax())]
+            s = int(np.searchsorted(self.cum, j, side="right"))
+            raise DataError(f"{self.shards.shards[s][0]}: token id {int(arr.max())} (window {j}) is outside the "
+                            f"model's vocab_size {self.vocab_size}: shards made for another vocabulary?")
+        ids = torch.from_numpy(arr)
         return Batch(ids, ids.clone())
 
     def train(self, indices: range) -> Batch:
@@ -421,4 +440,7 @@ def open_stream(data: str, seq_len: int, vocab_size: int, seed: int, cfg: Any, c
     if shards.vocab_size > vocab_size:
         raise DataError(f"{shards.path}: the tokenizer has {shards.vocab_size} tokens but the model's "
                         f"vocab_size is {vocab_size}")
-    return TextStream(shards, seq_len, seed, cfg.val_frac)
+    if shards.max_id is not None and shards.max_id >= vocab_size:
+        raise DataError(f"{shards.path}: holds token id {shards.max_id} ({INDEX}'s max_id) but the model's "
+                        f"vocab_size is {vocab_size}")
+    return TextStream(shards, seq_len, seed, cfg.val_frac, vocab_size)

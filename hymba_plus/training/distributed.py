@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..core.config import brief
+
 
 @dataclass
 class DistInfo:
@@ -51,11 +53,12 @@ def pick_device(name: str | None, local_rank: int = 0) -> torch.device:
         dev = torch.device(name)
     except (RuntimeError, ValueError, TypeError):
         dev = None
+    shown = name if len(str(name)) <= 80 else brief(name, 80)  # a whole pasted file is not echoed
     if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
-        raise ValueError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
+        raise ValueError(f"--device {shown}: expected auto, cpu, cuda or cuda:N")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available on this machine")
+            raise ValueError(f"--device {shown}: CUDA is not available on this machine")
         if dev.index is None:
             dev = torch.device("cuda", local_rank)
         elif dev.index >= torch.cuda.device_count():

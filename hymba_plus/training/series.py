@@ -44,6 +44,8 @@ MISSING = {"", "na", "nan", "null", "none", "n/a", "-"}
 #: the largest magnitude a series value may have: RevIN squares the values in float32 (max ~3.4e38)
 MAX_ABS_VALUE = 1e15
 SYNTHETIC = "synthetic"
+#: the most values (steps x channels) the synthetic generator makes: 1 GiB of float64
+MAX_SYNTHETIC_VALUES = 1 << 27
 
 
 @dataclass
@@ -228,6 +230,10 @@ class SeriesStream:
         L, H = obj.context, obj.horizon
         if data == SYNTHETIC:
             length = max(length, 4 * (L + 3 * H))
+            if length * obj.channels > MAX_SYNTHETIC_VALUES:
+                raise DataError(f"{SYNTHETIC}: {obj.channels} channels x {length} steps (4 x (context + 3 x horizon)) "
+                                f"are more values than the generator makes ({MAX_SYNTHETIC_VALUES:,}); train on a "
+                                "--data CSV, or use fewer channels or a shorter context / horizon")
             self.series = Series(synthetic(length, obj.channels, seed, max(obj.season, 2)), list(range(length)),
                                  [f"y{c}" for c in range(obj.channels)], SYNTHETIC)
             what = (f"synthetic series ({obj.channels} channel{'s' if obj.channels != 1 else ''} x {length} steps: "

@@ -14,7 +14,8 @@ Records (rank 0): progress on stderr (``progress.py``: a live bar on a terminal,
 every ~10 s elsewhere), ``OUT/metrics.jsonl`` (one JSON
 object per optimizer step; eval metrics on eval steps; MoE routing stats when the model
 reports them), ``OUT/loss.png`` redrawn at every eval, ``OUT/step-N/`` checkpoints
-(``checkpoint.py``) and a final summary line.
+(``checkpoint.py``) and a final summary line. A fresh run moves an earlier run's metrics and
+plot aside (``metrics.jsonl.1``, ...; an ``--out`` with checkpoints needs ``--resume``).
 
 Resume (``--resume``): the newest intact checkpoint (corrupt newer ones are skipped with a
 warning, and kept) gives the weights, the optimizer state, the step, the data position and
@@ -535,6 +536,8 @@ class Trainer:
             self.run_mode = "cuda-graph" if self.graphed is not None else "eager"
             mode_line = f"training mode: {self.run_mode} ({why})"
 
+        if self.resume_from is None and self.info.is_main:
+            self._set_aside_earlier_metrics()
         self.rows = read_metrics(self.out / "metrics.jsonl", upto=self.start_step)
         if self.info.is_main:
             self._rewrite_metrics()
@@ -680,6 +683,23 @@ class Trainer:
         cfg = dataclasses.replace(base, **self.opts.overrides)
         validate(cfg, self.recipe.model, self.opts.overrides, str(self.resume_from / ckpt_mod.STATE_FILE))
         return base, cfg
+
+    def _set_aside_earlier_metrics(self) -> None:
+        """A fresh run in an ``--out`` that holds an earlier run's ``metrics.jsonl`` / ``loss.png``
+        but no checkpoint (that run failed before its first one; checkpoints need ``--resume``):
+        move them aside with the next free number (``metrics.jsonl.1``, ``loss.png.1``) and say
+        so, rather than write over them. An empty ``metrics.jsonl`` holds nothing: replaced."""
+        old = [p for p in (self.out / "metrics.jsonl", self.out / "loss.png")
+               if p.is_file() and (p.name == "loss.png" or p.stat().st_size > 0)]
+        if not old:
+            return
+        n = 1
+        while any((self.out / f"{name}.{n}").exists() for name in ("metrics.jsonl", "loss.png")):
+            n += 1
+        for p in old:
+            os.replace(p, p.with_name(f"{p.name}.{n}"))
+        self.log(f"--out {self.out}: an earlier run's {' and '.join(p.name for p in old)} (no checkpoint) moved "
+                 f"aside to {' and '.join(f'{p.name}.{n}' for p in old)}")
 
     def _rewrite_metrics(self) -> None:
         p = self.out / "metrics.jsonl"

@@ -1,0 +1,145 @@
+"""Bad Python-API input found by a fuzzing pass (2026-12-05): ``generate`` (every decoding mode),
+``build_model`` and ``from_pretrained`` refuse it with one ``ValueError`` / ``TypeError`` line naming
+the argument, before any work, instead of a raw torch error from deep inside."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from hymba_plus import build_model, from_pretrained
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = ROOT / "configs"
+
+
+@pytest.fixture(scope="module")
+def models() -> dict:
+    torch.manual_seed(0)
+    return {name: build_model(CFG / f"{name}.yaml").eval()
+            for name in ("gpt_tiny", "bd_tiny", "mtp_tiny", "ladir_tiny", "forecast_tiny")}
+
+
+MODES = [("gpt_tiny", "ar", {}), ("bd_tiny", "block_diffusion", {}), ("mtp_tiny", "mtp", {}),
+         ("ladir_tiny", "ladir", {}), ("gpt_tiny", "speculative", {"draft": "self"})]
+
+
+def _gen(models: dict, name: str, mode: str, ids, **kw):  # noqa: ANN001, ANN202
+    model = models[name]
+    opts = {"draft": model} if kw.pop("draft", None) == "self" else {}
+    return model.generate(ids, max_new_tokens=3, mode=mode, **opts, **kw)
+
+
+def _one_line(e: pytest.ExceptionInfo) -> str:
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) < 300
+    return msg
+
+
+@pytest.mark.parametrize("name,mode,kw", MODES)
+@pytest.mark.parametrize("ids,err,says", [
+    ([[1, 2, 3]], TypeError, "input_ids must be a torch.Tensor of token ids [B, T], got list [[1, 2, 3]]"),
+    (torch.tensor([[1.0, 2.0, 3.0]]), TypeError, "input_ids must hold integer token ids"),
+    (torch.tensor([[1, 2, 3]], dtype=torch.uint8), TypeError, "got dtype torch.uint8"),
+    (torch.tensor([[1, 2, 9999]]), ValueError, "input_ids: token id 9999 at [0, 2] is outside the vocabulary"),
+    (torch.tensor([1, 2, 3]), ValueError, "input_ids must have shape [B, T], got (3,)"),
+])
+def test_generate_names_a_prompt_that_is_not_token_ids(models, name, mode, kw, ids, err, says) -> None:
+    with pytest.raises(err) as e:
+        _gen(models, name, mode, ids, **kw)
+    assert says in _one_line(e)
+
+
+@pytest.mark.parametrize("name,mode,kw", [m for m in MODES if m[1] != "block_diffusion"])
+def test_generate_refuses_an_empty_prompt(models, name, mode, kw) -> None:
+    with pytest.raises(ValueError) as e:
+        _gen(models, name, mode, torch.zeros(1, 0, dtype=torch.long), **kw)
+    assert "input_ids: an empty prompt (shape (1, 0))" in _one_line(e)
+
+
+def test_block_diffusion_may_start_from_nothing(models) -> None:
+    """A block is denoised from [MASK]s alone: an empty prompt is a valid start there (kept)."""
+    out = _gen(models, "bd_tiny", "block_diffusion", torch.zeros(1, 0, dtype=torch.long))
+    assert out.shape == (1, 3)
+
+
+@pytest.mark.parametrize("draft,says", [
+    ("runs/draft", "draft must be a model (a HybridLM, e.g. from_pretrained(path)), got str 'runs/draft'"),
+    ({"embed.weight": 0}, "got dict {'embed.weight': 0}"),
+])
+def test_speculative_refuses_a_draft_that_is_not_a_model(models, draft, says) -> None:
+    with pytest.raises(TypeError) as e:
+        models["gpt_tiny"].generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, mode="speculative", draft=draft)
+    assert says in _one_line(e)
+
+
+@pytest.mark.parametrize("name,mode,kw", MODES)
+@pytest.mark.parametrize("setting,says", [
+    ({"temperature": -0.5}, "temperature must be a finite number >= 0 (0: greedy), got -0.5"),
+    ({"temperature": float("nan")}, "temperature must be a finite number >= 0 (0: greedy), got nan"),
+    ({"temperature": float("inf")}, "temperature must be a finite number >= 0"),
+    ({"temperature": "0.7"}, "temperature must be a finite number >= 0 (0: greedy), got '0.7'"),
+    ({"temperature": 1.0, "top_k": 0}, "top_k must be an integer >= 1 (or None: off), got 0"),
+    ({"temperature": 1.0, "top_k": -3}, "top_k must be an integer >= 1 (or None: off), got -3"),
+    ({"temperature": 1.0, "top_k": 2.5}, "top_k must be an integer >= 1 (or None: off), got 2.5"),
+    ({"temperature": 1.0, "top_p": 0.0}, "top_p must be a number in (0, 1] (or None: off), got 0.0"),
+    ({"temperature": 1.0, "top_p": 1.5}, "top_p must be a number in (0, 1] (or None: off), got 1.5"),
+    ({"temperature": 1.0, "top_p": -0.2}, "top_p must be a number in (0, 1] (or None: off), got -0.2"),
+    ({"temperature": 1.0, "top_p": float("nan")}, "top_p must be a number in (0, 1] (or None: off), got nan"),
+])
+def test_generate_refuses_sampling_settings_outside_their_meaning(models, name, mode, kw, setting, says) -> None:
+    """The documented "off" values stay (temperature 0: greedy; top_k / top_p None); negatives and
+    values outside the range were silently taken as "off" before."""
+    with pytest.raises(ValueError) as e:
+        _gen(models, name, mode, torch.tensor([[1, 2, 3, 4]]), **kw, **setting)
+    assert says in _one_line(e)
+
+
+def test_valid_sampling_settings_are_unchanged(models) -> None:
+    """top_k >= vocab and top_p = 1 mean "no restriction": the same draws as None; greedy is greedy."""
+    model = models["gpt_tiny"]
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+
+    def run(**kw):  # noqa: ANN003, ANN202
+        return model.generate(ids, max_new_tokens=6, generator=torch.Generator().manual_seed(7), **kw)
+
+    plain = run(temperature=0.9)
+    assert torch.equal(run(temperature=0.9, top_k=model.config.vocab_size + 5, top_p=1.0), plain)
+    assert torch.equal(run(temperature=0), run(temperature=0.0, top_k=3, top_p=0.5))  # greedy ignores them
+    assert torch.equal(run(temperature=1, top_k=1), run(temperature=0))
+
+
+def test_forecast_names_a_series_that_is_not_a_tensor(models) -> None:
+    with pytest.raises(TypeError) as e:
+        models["forecast_tiny"].generate([[1.0, 2.0]], max_new_tokens=3, mode="forecast")
+    assert "series must be a torch.Tensor [B, T, 1] (channels), got list [[1.0, 2.0]]" in _one_line(e)
+
+
+def test_generate_names_an_unknown_mode_shortly(models) -> None:
+    with pytest.raises(ValueError) as e:
+        models["gpt_tiny"].generate(torch.tensor([[1, 2]]), mode="x" * 5000)
+    assert "unknown generation mode 'xxx" in _one_line(e) and "(5000 characters)" in str(e.value)
+
+
+@pytest.mark.parametrize("kw,err,says", [
+    ({"device": "gpu"}, ValueError, "device 'gpu': not a device (expected e.g. 'cpu', 'cuda', 'cuda:0'"),
+    ({"device": 3.5}, ValueError, "device 3.5: not a device"),
+    ({"device": "cuda:99"}, ValueError, "device 'cuda:99': "),
+    ({"dtype": "bf16"}, TypeError, "dtype must be a torch.dtype (e.g. torch.bfloat16), got str 'bf16'"),
+])
+def test_build_model_names_a_bad_device_or_dtype(kw, err, says) -> None:
+    with pytest.raises(err) as e:
+        build_model(CFG / "gpt_tiny.yaml", **kw)
+    assert says in _one_line(e)
+
+
+def test_build_and_load_on_a_valid_device(tmp_path) -> None:
+    model = build_model(CFG / "gpt_tiny.yaml", device="cpu", dtype=torch.float64)
+    assert model.device.type == "cpu" and next(model.parameters()).dtype == torch.float64
+    model.save_pretrained(tmp_path / "m")
+    assert from_pretrained(tmp_path / "m", device=torch.device("cpu")).device.type == "cpu"
+    with pytest.raises(ValueError) as e:
+        from_pretrained(tmp_path / "m", device="gpu")
+    assert "device 'gpu': not a device" in _one_line(e)
