@@ -1,5 +1,7 @@
-# `make test` and `make demo` bootstrap .venv on a fresh machine (pinned CPU torch first:
-# an open-ended torch requirement installed first would pull a multi-GB CUDA build).
+# `make test` and `make demo` bootstrap .venv on a fresh machine, the pinned torch first (an
+# open-ended torch requirement installed first would pull a multi-GB CUDA build). The pin alone does
+# not pick the CPU build: the project's machines get it from pip's local find-links; elsewhere
+# choose it with TORCH='torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu'.
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin

@@ -3,12 +3,8 @@
 from .core import registry
 from .core.registry import register
 
-# reserved now, registered by the work that implements them (reported "not available yet")
-registry.reserve("atlas", "ATL")
-registry.reserve("mamba3", "M3")
-registry.reserve("gdn", "GD")
-registry.reserve("hymba", "HY")
-registry.reserve("moe")
+# a name promised but not implemented yet would be reserved here (``registry.reserve``: reported
+# "not available yet"); every promised one is registered today
 
 from . import components, objectives  # noqa: E402,F401  (registers the components and the objectives)
 from .core.cache import HybridCache, LayerState, StepContext  # noqa: E402
