@@ -57,7 +57,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
-    ap.add_argument("--prompts", type=int, nargs="+", default=[2048, 8192])
+    ap.add_argument("--prompts", type=int, nargs="+", default=None,
+                    help="prompt lengths (default: 2048 8192; with --tiny 32 128)")
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--engines", nargs="+", default=["dynamic", "static", "graph"])
     ap.add_argument("--repeats", type=int, default=3)
@@ -71,6 +72,8 @@ def main() -> None:
                          "unaffected, but prefill times are then untuned")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode.json")
     args = ap.parse_args()
+    if args.prompts is None:  # --tiny's model has max_seq_len 512
+        args.prompts = [32, 128] if args.tiny else [2048, 8192]
     if args.pin_autotune and args.device == "cuda":
         from hymba_plus.kernels import dispatch
 

@@ -91,7 +91,7 @@ def main() -> None:
     ap.add_argument("--hops", type=int, default=2)
     ap.add_argument("--nodes", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=48)
     ap.add_argument("--d-model", type=int, default=64)
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--batch", type=int, default=64)

@@ -201,6 +201,13 @@ def main() -> None:
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "forecast_cpu.json"))
     p.add_argument("--fig", default=str(ROOT / "benchmarks" / "results" / "forecast_cpu.png"))
     args = p.parse_args()
+    real = [d for d in args.datasets if d != "synthetic"]
+    if real:  # before any training: the real series come from statsmodels
+        try:
+            import statsmodels  # noqa: F401
+        except ImportError:
+            raise SystemExit(f"benchmarks/forecast.py: --datasets {' '.join(real)} need{'s' if len(real) == 1 else ''} "
+                             "statsmodels, not installed: pip install -e '.[forecast]' (or --datasets synthetic)") from None
     torch.set_num_threads(args.threads)
     results = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -6,13 +6,15 @@ A ``GD | GA | GD | GA`` trunk with ``model.mtp: {depth: 3, block: GD+mlp}`` is t
 is predictable several tokens ahead, the scattered data before it is not). Held-out
 prompts end at the delimiter; the copy is generated with ``mode="ar"`` and ``mode="mtp"``
 at k = 1, 2, 3 drafts per round; the outputs must be identical (greedy speculative decoding
-is lossless). Prints a table and writes JSON with the device.
+is lossless). Prints a table and writes JSON with the device (default
+``benchmarks/results/mtp_speculative_<device>.json``: ``_cpu``, ``_cuda``).
 
     python benchmarks/mtp_speculative.py --steps 1500
     python benchmarks/mtp_speculative.py --device cuda --steps 2000 --batches 1 16 --draft-steps 1000   (GPU)
 
-``--draft-steps`` also trains a one-layer Gated DeltaNet draft on the same task and decodes with
-``mode="speculative"`` (k = 4); tokens/s are wall-clock over the whole greedy decode.
+``--draft-steps`` also trains a draft model of ``--draft-pattern`` (default one Gated DeltaNet
+layer) on the same task and decodes with ``mode="speculative"`` (k = 4); tokens/s are
+wall-clock over the whole greedy decode.
 ``rewind share``: the fraction of a second decode (synchronised around each rollback) spent in
 the target's ``HybridLM.rewind`` (restore the snapshot, re-run the accepted tokens): the most a
 rollback from kept per-token states, with no re-run forward, could save.
@@ -49,11 +51,14 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batches", type=int, nargs="+", default=None, help="decode batch sizes (default: 1 and "
                     "--eval-size)")
-    ap.add_argument("--draft-steps", type=int, default=0, help="also train a 1-layer GD draft model this many "
-                    "steps and decode with mode speculative (0: no)")
+    ap.add_argument("--draft-steps", type=int, default=0, help="also train a draft model (--draft-pattern) this "
+                    "many steps and decode with mode speculative (0: no)")
     ap.add_argument("--save", type=Path, default=None, help="keep the trained checkpoint here (reused if it exists)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "mtp_speculative.json")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON file (default: benchmarks/results/mtp_speculative_<device>.json, e.g. _cpu)")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = Path(__file__).parent / "results" / f"mtp_speculative_{args.device.split(':')[0]}.json"
     from hymba_plus import from_pretrained, load_recipe
     from hymba_plus.training.trainer import RunOptions, train
 

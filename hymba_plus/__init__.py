@@ -1,14 +1,10 @@
 """hymba_plus: a model zoo for hybrid language models built from YAML recipes."""
 
-from .core import registry
-from .core.registry import register
-
-# a name promised but not implemented yet would be reserved here (``registry.reserve``: reported
-# "not available yet"); every promised one is registered today
-
 from . import components, objectives  # noqa: E402,F401  (registers the components and the objectives)
+from .core import registry
 from .core.cache import HybridCache, LayerState, StepContext  # noqa: E402
 from .core.recipe import Recipe, RecipeError, load_recipe  # noqa: E402
+from .core.registry import register
 from .models import CheckpointError, HybridLM, ModelOutput, build_model, from_pretrained  # noqa: E402
 
 __version__ = "0.1.0"

@@ -256,21 +256,39 @@ def test_graph_engine_with_decode_attention_kernel_equals_reference(monkeypatch,
     check_graph_engine_against_reference(monkeypatch, model, ids, mask, 16, "decode_attention", dtype)
 
 
-def test_decode_benchmark_runs_on_the_cpu(tmp_path):
-    """benchmarks/decode.py --tiny: a row per engine with its step time, in the JSON."""
+def _decode_benchmark(tmp_path, *flags: str) -> list[dict]:  # noqa: ANN001
+    """The JSON rows of ``benchmarks/decode.py --tiny --device cpu FLAGS`` (one thread)."""
     import json
-    import math
     import os
     import subprocess
     import sys
 
     out = tmp_path / "decode.json"
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--tiny", "--device", "cpu",
-                          "--batches", "2", "--prompts", "16", "--new", "4", "--engines", "dynamic", "static",
-                          "--repeats", "1", "--out", str(out)], capture_output=True, text=True, timeout=240,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--tiny", "--device", "cpu", *flags,
+                          "--out", str(out)], capture_output=True, text=True, timeout=240,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
+    return json.loads(out.read_text())["rows"]
+
+
+def test_decode_benchmark_runs_on_the_cpu(tmp_path):
+    """benchmarks/decode.py --tiny: a row per engine with its step time, in the JSON."""
+    import math
+
+    rows = _decode_benchmark(tmp_path, "--batches", "2", "--prompts", "16", "--new", "4", "--engines", "dynamic",
+                             "static", "--repeats", "1")
     assert [r["engine"] for r in rows] == ["dynamic", "static"]
     for r in rows:  # (on a busy CPU the step time, t(new) - t(1), can be noise around 0: finite, not positive)
         assert math.isfinite(r["ms_per_step"]) and r["prefill_ms"] > 0 and r["batch"] == 2 and r["prompt"] == 16
+
+
+def test_decode_benchmark_tiny_smoke_run_with_its_defaults(tmp_path):
+    """Exactly ``--tiny --device cpu`` (its help's CPU smoke run, about 20 s): the default prompts
+    are then 32 and 128, inside the tiny model's max_seq_len 512 with the default 64 new tokens;
+    batches 1 16, engines dynamic static (graph: CUDA only)."""
+    import math
+
+    rows = _decode_benchmark(tmp_path)
+    assert [(r["prompt"], r["batch"], r["engine"]) for r in rows] == [
+        (T, B, e) for T in (32, 128) for B in (1, 16) for e in ("dynamic", "static")]
+    assert all(math.isfinite(r["ms_per_step"]) and "error" not in r for r in rows)

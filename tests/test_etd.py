@@ -291,3 +291,23 @@ def test_the_seed_recipe_becomes_an_etd_model_by_adding_one_section():
     with torch.device("meta"):
         model = build_model(r)
     assert len(model.structure.slots) == 8 + 24 * 4 + 8
+
+
+def test_etd_depth_benchmark_runs_with_its_default_task(tmp_path, monkeypatch):
+    """benchmarks/etd_depth.py with its defaults for the task (k-hop, 8 nodes, 2 hops, seq_len
+    48: 8 nodes need seq_len >= 41), cut to 2 steps of one variant: the JSON records the task."""
+    import json
+    import sys
+
+    from tests.helpers import load_benchmark
+
+    bench = load_benchmark("etd_depth")
+    out = tmp_path / "etd.json"
+    monkeypatch.setattr(sys, "argv", ["etd_depth.py", "--steps", "2", "--iterations", "1", "--max-iterations", "2",
+                                      "--no-act", "--eval-size", "64", "--out", str(out)])
+    bench.main()
+    res = json.loads(out.read_text())
+    assert res["task"] == {"name": "khop", "hops": 2, "nodes": 8, "seq_len": 48, "vocab": 16,
+                           "chance": res["task"]["chance"]}
+    assert [(r["halting"], r["trained_iterations"], sorted(r["accuracy"])) for r in res["rows"]] == [
+        ("none", 1, ["1", "2"])]

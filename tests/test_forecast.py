@@ -129,6 +129,52 @@ def test_revin_makes_forecasts_equivariant_to_affine_maps_of_the_series() -> Non
     assert rel_err(g, 1000.0 * f + 5e4) < 1e-4
 
 
+def test_revin_without_affine_has_no_parameters_and_inverts_exactly(tmp_path) -> None:
+    """``objective.revin_affine: false``: RevIN is the plain z-score, no gamma / beta parameters
+    (nor state-dict entries); denormalisation inverts normalisation exactly (as with the affine map
+    at any gamma, beta); the model trains and forecasts finite values, and reloads."""
+    torch.manual_seed(0)
+    m = build_model(recipe(revin_affine=False))
+    head = m.objective.ts_head
+    assert head.revin_weight is None and head.revin_bias is None
+    assert not [n for n, _ in m.named_parameters() if "revin" in n] and not [k for k in m.state_dict() if "revin" in k]
+    affine = build_model(recipe()).objective.ts_head
+    assert {n for n, _ in affine.named_parameters() if "revin" in n} == {"revin_weight", "revin_bias"}
+    assert "RevIN, seasonal-naive" in m.objective.cfg.describe()
+    x = torch.randn(3, 32, 2, dtype=torch.float64).cumsum(1) * 7 + 40
+    mu, sigma = head.stats(x)
+    z = head.normalize(x, mu, sigma)
+    assert torch.equal(z, (x - mu) / sigma) and torch.equal(head.unaffine(z[..., None]), z[..., None])
+    assert rel_err(head.denormalize(head.unaffine(z[..., None]), mu, sigma)[..., 0], x) < 1e-12
+    with torch.no_grad():  # the affine map's inverse too, at a gamma and beta away from the identity
+        affine.double()
+        affine.revin_weight.copy_(torch.tensor([0.5, 2.0]))
+        affine.revin_bias.copy_(torch.tensor([0.3, -1.0]))
+        za = affine.normalize(x, mu, sigma)
+        assert not torch.allclose(za, z)
+        assert rel_err(affine.denormalize(affine.unaffine(za[..., None]), mu, sigma)[..., 0], x) < 1e-9
+    stream = SeriesStream("synthetic", m.objective.cfg, seed=0)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    losses = []
+    for i in range(30):
+        b = stream.train(range(8 * i, 8 * (i + 1)))
+        loss = m.objective.train_forward(m, m, b.input_ids, b.labels).loss
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is None or torch.isfinite(p.grad).all() for p in m.parameters())
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert all(map(torch.isfinite, torch.tensor(losses))) and sum(losses[-5:]) < sum(losses[:5])
+    m.eval()
+    b = stream.test()
+    pred = m.objective.forecast(m, b.input_ids)
+    assert pred.shape == (b.input_ids.shape[0], 8, 2, 3) and torch.isfinite(pred).all()
+    m.save_pretrained(tmp_path / "m")
+    again = from_pretrained(tmp_path / "m")
+    assert again.objective.ts_head.revin_weight is None
+    assert torch.equal(again.objective.forecast(again, b.input_ids), pred)
+
+
 # --------------------------------------------------------------------------- the invariant
 
 
@@ -266,6 +312,27 @@ def test_statsmodels_series_go_through_the_csv_reader(tmp_path) -> None:
     assert lengths == {"co2": (2284, 59), "sunspots": (309, 0), "elnino": (732, 0)}
 
 
+def test_benchmark_without_statsmodels_is_one_line_and_synthetic_still_runs(tmp_path, monkeypatch, capsys) -> None:
+    """benchmarks/forecast.py without the extra (statsmodels made unimportable): the real datasets
+    stop before any training with one line naming the package and the extra; synthetic needs none."""
+    import sys
+
+    bench = load_benchmark("forecast")
+    monkeypatch.setitem(sys.modules, "statsmodels", None)  # import statsmodels -> ImportError
+    out = ["--json", str(tmp_path / "f.json"), "--fig", str(tmp_path / "f.png")]
+    monkeypatch.setattr(sys, "argv", ["forecast.py", "--datasets", "synthetic", "co2", *out])
+    with pytest.raises(SystemExit) as e:
+        bench.main()
+    assert e.value.code == ("benchmarks/forecast.py: --datasets co2 needs statsmodels, not installed: "
+                            "pip install -e '.[forecast]' (or --datasets synthetic)")
+    assert not (tmp_path / "f.json").exists()
+    monkeypatch.setattr(sys, "argv", ["forecast.py", "--datasets", "synthetic", "--steps", "2", "--batch", "4",
+                                      "--synthetic-channels", "1", "--threads", "1", *out])
+    bench.main()
+    assert "synthetic  MASE" in capsys.readouterr().out
+    assert json.loads((tmp_path / "f.json").read_text())["results"][0]["dataset"] == "synthetic"
+
+
 def _bad_csvs(tmp_path: Path) -> list[tuple[Path, str]]:
     rows = good_rows()
     only_time = write_csv(tmp_path / "only_time.csv", [[r[0]] for r in rows], header=("timestamp",))
@@ -328,7 +395,7 @@ def test_cli_train_then_generate_forecast(tmp_path, capsys) -> None:
                "--out", str(fc)])
     cap = capsys.readouterr()
     assert rc == 0, cap.err
-    assert "rolled 1x through the cache" in cap.err and "backtest: 3 rolling origins" in cap.err  # with a whole horizon observed
+    assert "rolled 1x through the cache" in cap.err and "backtest: 4 rolling origins" in cap.err  # each horizon observed
     table = list(csv.reader(fc.open()))
     assert table[0] == ["origin", "timestamp", "step", "load", "load_q0.1", "load_q0.5", "load_q0.9", "temp",
                         "temp_q0.1", "temp_q0.5", "temp_q0.9"]
@@ -347,6 +414,50 @@ def test_cli_train_then_generate_forecast(tmp_path, capsys) -> None:
     assert "use --mode forecast --data" in capsys.readouterr().err
     assert main(["generate", str(out), "--mode", "forecast"]) == 2
     assert "--mode forecast needs --data" in capsys.readouterr().err
+
+
+def test_cli_rolling_scores_r_origins_with_their_horizon_observed(tmp_path, capsys) -> None:
+    """``--rolling R`` backtests at R origins: the last R patch boundaries whose whole horizon lies
+    in the data (horizon 10 here: the last origin is 3 patches of 4 before the end), a patch
+    apart, each in the CSV; data too short for R origins is one line saying how many fit, and
+    R < 1 a usage error."""
+    torch.manual_seed(0)
+    m = build_model(recipe("GD | GA", horizon=10)).eval()
+    m.save_pretrained(tmp_path / "m")
+    data = write_csv(tmp_path / "s.csv", good_rows(60))
+    series = read_csv(data)
+    index = {str(t): i for i, t in enumerate(series.timestamps)}
+    for r in (1, 2, 5):  # T 60, context 32: origins 48, 44, ..., 48 - 4 (R - 1) >= 32
+        fc = tmp_path / f"f{r}.csv"
+        rc = main(["generate", str(tmp_path / "m"), "--mode", "forecast", "--data", str(data), "--rolling", str(r),
+                   "--out", str(fc)])
+        err = capsys.readouterr().err
+        assert rc == 0, err
+        assert f"backtest: {r} rolling origin{'s' if r > 1 else ''} (one cached patch each): MASE " in err
+        back = list(csv.reader(fc.open()))[1 + 10:]  # after the forecast past the data
+        assert len(back) == 10 * r
+        origins = sorted({index[row[0]] + 1 for row in back})
+        assert origins == [48 - 4 * k for k in reversed(range(r))]
+        assert all(index[row[1]] == index[row[0]] + int(row[2]) for row in back)  # every step observed
+    # the first origin reads one context: its forecast is the plain forecast of the data up to it
+    first = [row for row in back if index[row[0]] + 1 == 32]
+    x = torch.from_numpy(series.values).float()[None, :32]
+    ref = m.generate(x, max_new_tokens=10, mode="forecast")[0]  # [10, C, Q]
+    got = torch.tensor([[float(v) for v in row[3:]] for row in first]).view(10, 2, 4)[..., 1:]
+    assert rel_err(got, ref) < 1e-4
+    # too short for R origins / no origin fits / R < 1: one line, nothing written
+    for n, r, expected in [(60, 6, "need at least 64 (5 origins fit)"), (46, 2, "need at least 48 (1 origin fits)"),
+                           (40, 1, "need at least 44 (0 origins fit)")]:
+        short = write_csv(tmp_path / f"short{n}.csv", good_rows(n))
+        out = tmp_path / f"none{n}" / "f.csv"
+        assert main(["generate", str(tmp_path / "m"), "--mode", "forecast", "--data", str(short), "--rolling", str(r),
+                     "--out", str(out)]) == 1
+        assert capsys.readouterr().err.strip() == (
+            f"hymba generate: {short}: {n} time steps are too short for --rolling {r} with the model's context 32, "
+            f"horizon 10 and patch 4: {expected}")
+        assert not out.parent.exists()
+    assert main(["generate", str(tmp_path / "m"), "--mode", "forecast", "--data", str(data), "--rolling", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "hymba generate: --rolling 0: must be >= 1 (backtest origins)"
 
 
 def test_info_shows_the_forecast_task(capsys) -> None:

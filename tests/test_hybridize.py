@@ -63,6 +63,49 @@ def test_attention_weights_map_into_gdn_and_mamba3(tmp_path):
             assert torch.equal(h[key], s[key]), key
 
 
+def test_no_attention_init_starts_replaced_mixers_fresh(tmp_path, capsys):
+    """``hymba convert --hybridize R --no-attention-init`` (the ablation of benchmarks/hybridize.py):
+    the replaced mixers are exactly the target's own seeded init (``--seed``), nothing derived from
+    attention; everything else is copied as without the flag, which starts them from attention."""
+    from hymba_plus.models.lm import HybridLM
+
+    torch.manual_seed(0)
+    src = build_model(recipe("GA | GA | GA"))
+    src.save_pretrained(tmp_path / "src")
+    (tmp_path / "h.yaml").write_text(json.dumps(recipe("GD | GA | M3")))
+    s = src.state_dict()
+    replaced = ("blocks.0.mixer.", "blocks.2.mixer.")
+    states = {}
+    for name, flags in (("attn", []), ("fresh", ["--no-attention-init"]), ("fresh1", ["--no-attention-init",
+                                                                                    "--seed", "1"])):
+        assert main(["convert", str(tmp_path / "src"), str(tmp_path / name), "--hybridize", str(tmp_path / "h.yaml"),
+                     *flags]) == 0
+        out = capsys.readouterr().out
+        assert ("layer 0: attention -> gdn: all fresh" in out) == bool(flags)
+        assert ("layer 2: attention -> mamba3: all fresh" in out) == bool(flags)
+        states[name] = from_pretrained(tmp_path / name).state_dict()
+    for name, seed in (("fresh", 0), ("fresh1", 1)):
+        torch.manual_seed(seed)
+        own = HybridLM(load_recipe(recipe("GD | GA | M3"))).state_dict()
+        for key, v in states[name].items():
+            if key.startswith(replaced):
+                assert torch.equal(v, own[key]), key  # the component's own init, untouched
+            else:
+                assert torch.equal(v, states["attn"][key]) and torch.equal(v, s[key]), key
+    assert not torch.equal(states["fresh"]["blocks.0.mixer.qkv_proj.weight"],
+                           states["fresh1"]["blocks.0.mixer.qkv_proj.weight"])
+    q_rows = slice(0, 64)  # the gdn's q rows: q_proj's without the flag, not with it
+    assert torch.equal(states["attn"]["blocks.0.mixer.qkv_proj.weight"][q_rows], s["blocks.0.mixer.q_proj.weight"])
+    assert not torch.equal(states["fresh"]["blocks.0.mixer.qkv_proj.weight"][q_rows], s["blocks.0.mixer.q_proj.weight"])
+    assert not torch.equal(states["fresh"]["blocks.0.mixer.out_proj.weight"], s["blocks.0.mixer.o_proj.weight"])
+    assert not torch.equal(states["fresh"]["blocks.2.mixer.out_proj.weight"], s["blocks.2.mixer.o_proj.weight"])
+    conv = states["fresh"]["blocks.0.mixer.conv_weight"]
+    assert conv[:, :-1].any()  # not the identity conv of the attention init
+    # the flag means nothing without --hybridize
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "x"), "--no-attention-init"]) == 2
+    assert "--no-attention-init / --seed: only with --hybridize" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("pattern, msg", [
     ("GD | GA", "model.block_pattern: 2 layers, the source has 3"),
     ("GD | GA | GA+none", "layer 2 (GA+none): channel mixer none differs from the source's mlp"),

@@ -16,8 +16,9 @@ import yaml
 
 from hymba_plus import build_model, from_pretrained
 from hymba_plus.cli import main
-from hymba_plus.components.etd_router import EXECUTE, SKIP
-from hymba_plus.training.routes import row_scores, search_budget, search_routes
+from hymba_plus.components.etd_router import EXECUTE, REPEAT, SKIP
+from hymba_plus.training import routes as routes_mod
+from hymba_plus.training.routes import route_targets_loss, row_scores, search_budget, search_routes
 from hymba_plus.training.tasks import mqar_batch
 
 ETD = {
@@ -103,6 +104,57 @@ def test_unused_think_iterations_stay_execute():
     res = search_routes(model, ids, labels, beam=2, length_penalty=10.0, tolerance=10.0)
     unused = [i for i in range(len(model.structure.slots)) if i not in res.used]
     assert len(unused) == 1 and bool((res.routes[:, unused] == EXECUTE).all())
+
+
+def test_route_loss_class_balance_weighs_each_class_equally_or_not_at_all():
+    """``layer_router.class_balance``: with it the router loss is the mean over the target classes
+    of each class's mean loss (Dr.LLM's inverse-frequency weights), without it the plain mean over
+    the slots that ran (here gamma 0: cross entropy). Unbalanced targets: 9 execute, 2 skip, 1 repeat."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 3)
+    ran = torch.tensor([True, True, False, True, True])  # slot 2 did not run: not scored
+    routes = torch.full((3, 5), EXECUTE)
+    routes[0, 0] = routes[1, 3] = SKIP
+    routes[2, 4] = REPEAT
+    routes[:, 2] = SKIP  # would change both losses if the slot that did not run were scored
+    stats = {"etd/route_logits": logits, "etd/route_slots": ran}
+    lg, tgt = logits[:, ran].reshape(-1, 3), routes[:, ran].reshape(-1)
+    ce = torch.nn.functional.cross_entropy(lg, tgt, reduction="none")
+    plain, _ = route_targets_loss(stats, routes, 0.0, balance=False)
+    balanced, acc = route_targets_loss(stats, routes, 0.0, balance=True)
+    assert float(plain) == pytest.approx(float(ce.mean()), rel=1e-6)
+    per_class = [float(ce[tgt == c].mean()) for c in (SKIP, EXECUTE, REPEAT)]
+    assert float(balanced) == pytest.approx(sum(per_class) / 3, rel=1e-6)
+    assert abs(float(balanced) - float(plain)) > 0.05
+    assert float(acc) == pytest.approx(float((lg.argmax(-1) == tgt).float().mean()))
+    # balanced targets (4 of each class among the 12 scored): both are the plain mean
+    even = routes.clone()
+    even[:, ran] = torch.arange(12).remainder(3).view(3, 4)
+    assert float(route_targets_loss(stats, even, 0.0, balance=True)[0]) == pytest.approx(
+        float(route_targets_loss(stats, even, 0.0, balance=False)[0]), rel=1e-6)
+
+
+@pytest.mark.parametrize("class_balance", [None, True, False])
+def test_router_training_uses_the_recipe_class_balance(tmp_path, monkeypatch, class_balance):
+    """``hymba train --train-only routers`` trains the loss of the recipe's setting (default: on):
+    the loss it logs is ``route_targets_loss`` with that ``balance``."""
+    lr = {**ETD["components"]["etd_router"]["layer_router"]}
+    if class_balance is not None:
+        lr["class_balance"] = class_balance
+    recipe = write(tmp_path, with_router(layer_router=lr))
+    calls = []
+    real = routes_mod.route_targets_loss
+
+    def spy(stats, routes, gamma, balance=True):  # noqa: ANN001, ANN202
+        loss, acc = real(stats, routes, gamma, balance)
+        calls.append((balance, float(loss.detach())))
+        return loss, acc
+
+    monkeypatch.setattr(routes_mod, "route_targets_loss", spy)
+    out = tmp_path / "r"
+    assert main(["train", recipe, "--out", str(out), "--steps", "3", "--train-only", "routers", *FAST]) == 0
+    assert len(calls) == 3 and all(b is (class_balance is not False) for b, _ in calls)
+    assert [x["route_loss"] for x in rows(out)] == pytest.approx([loss for _, loss in calls], rel=1e-6)
 
 
 # --------------------------------------------------------------------------- --train-only

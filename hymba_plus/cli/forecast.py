@@ -4,8 +4,10 @@ and a PNG plot.
 
 * ``--horizon N``: steps to forecast after the data (default: the model's horizon; more rolls
   through the cache);
-* ``--rolling R``: also backtest at the last R patch boundaries of the data (one cached patch
-  per origin) and print MSE / MAE / MASE / CRPS of those forecasts next to seasonal naive;
+* ``--rolling R``: also backtest at R origins, the last R patch boundaries of the data whose
+  whole horizon (the model's) is observed (one cached patch per origin), and print MSE / MAE /
+  MASE / CRPS of those forecasts next to seasonal naive; data too short for R such origins is
+  a one-line error saying how many fit;
 * ``--out FILE.csv`` (default ``forecast.csv``; the plot is the same name with ``.png``).
 
 The CSV has one row per (origin, step): ``origin`` (the timestamp of the last value read),
@@ -50,8 +52,8 @@ def run_forecast(args: Any, model: Any, ckpt: Path) -> int:
     if horizon < 1:
         raise UsageError(f"--horizon {horizon}: must be >= 1")
     rolling = args.rolling or 0
-    if rolling < 0:
-        raise UsageError(f"--rolling {rolling}: must be >= 0")
+    if args.rolling is not None and rolling < 1:
+        raise UsageError(f"--rolling {rolling}: must be >= 1 (backtest origins)")
     out_csv = Path(args.out if args.out is not None else "forecast.csv")
     named = out_csv.name not in ("", ".", "..")  # with_suffix needs a name
     out_png = out_csv.with_suffix(".png") if named else out_csv
@@ -68,19 +70,30 @@ def run_forecast(args: Any, model: Any, ckpt: Path) -> int:
         raise UserError(f"{args.data}:1: {C} numeric column{'s' if C != 1 else ''} ({', '.join(series.columns[:6])}) "
                         f"but the model forecasts {cfg.channels} channel{'s' if cfg.channels != 1 else ''}")
     T = len(series.values)
-    need = cfg.context + rolling * cfg.patch
-    if T < need:
-        what = f"context {cfg.context}" + (f" + --rolling {rolling} x patch {cfg.patch}" if rolling else "")
-        raise UserError(f"{args.data}: {T} time steps are too short for the model's {what}: need at least {need}")
+    if T < cfg.context:
+        raise UserError(f"{args.data}: {T} time steps are too short for the model's context {cfg.context}: "
+                        f"need at least {cfg.context}")
+    # backtest origins: patch boundaries counted back from T, the last one a whole horizon (rounded
+    # up to patches) before T, so that every scored forecast is observed; R of them, a patch apart
+    back_by = -(-cfg.horizon // cfg.patch) * cfg.patch
+    need = cfg.context + back_by + (rolling - 1) * cfg.patch
+    if rolling and T < need:
+        fit = max(0, (T - cfg.context - back_by) // cfg.patch + 1)
+        raise UserError(f"{args.data}: {T} time steps are too short for --rolling {rolling} with the model's context "
+                        f"{cfg.context}, horizon {cfg.horizon} and patch {cfg.patch}: need at least {need} "
+                        f"({fit} origin{'s' if fit != 1 else ''} fit{'s' if fit == 1 else ''})")
     if series.report:
         print(f"{args.data}: {series.report}", file=sys.stderr)
     x = torch.from_numpy(series.values).float()[None]
     stats: dict[str, Any] = {}
     try:
         fut = model.generate(x.to(model.device), max_new_tokens=horizon, mode="forecast", stats=stats)[0].cpu()
-        back = rolling_forecasts(model, x.to(model.device), rolling) if rolling else None
     except ValueError as e:
         raise UserError(f"--horizon: {str(e).splitlines()[0]}") from None
+    try:  # the series up to the last origin: rolling_forecasts' origins end at its end
+        back = rolling_forecasts(model, x[:, :T - back_by].to(model.device), rolling - 1) if rolling else None
+    except ValueError as e:
+        raise UserError(f"--rolling: {str(e).splitlines()[0]}") from None
     levels = model.objective.levels
     lv = levels.tolist() if levels is not None else None
     rows: list[list[str]] = []
@@ -91,21 +104,16 @@ def run_forecast(args: Any, model: Any, ckpt: Path) -> int:
     lines = []
     if back is not None:
         preds, origins = back
-        preds = preds[0].cpu()  # [R + 1, H, C, Q]
-        # the backtest: origins whose whole horizon was observed
-        full = [r for r, o in enumerate(origins.tolist()) if o + cfg.horizon <= T]
-        if full:
-            ctx = torch.stack([x[0, o - cfg.context:o] for o in origins[full].tolist()])
-            tgt = torch.stack([x[0, o:o + cfg.horizon] for o in origins[full].tolist()])
-            sums = fm.window_sums(ctx, tgt, preds[full], levels.cpu() if levels is not None else None, cfg.season)
-            res = fm.forecast_results({k: float(v) for k, v in sums.items()})
-            lines.append(f"backtest: {len(full)} rolling origin{'s' if len(full) != 1 else ''} (one cached patch each): MASE {res['mase']:.3f} "
-                         f"(seasonal naive {res['snaive_mase']:.3f}), CRPS {res['crps']:.4g} (seasonal naive "
-                         f"{res['snaive_crps']:.4g}), MSE {res['mse']:.4g}, MAE {res['mae']:.4g}")
+        preds = preds[0].cpu()  # [R, H, C, Q], every horizon observed
+        ctx = torch.stack([x[0, o - cfg.context:o] for o in origins.tolist()])
+        tgt = torch.stack([x[0, o:o + cfg.horizon] for o in origins.tolist()])
+        sums = fm.window_sums(ctx, tgt, preds, levels.cpu() if levels is not None else None, cfg.season)
+        res = fm.forecast_results({k: float(v) for k, v in sums.items()})
+        lines.append(f"backtest: {rolling} rolling origin{'s' if rolling != 1 else ''} (one cached patch each): "
+                     f"MASE {res['mase']:.3f} (seasonal naive {res['snaive_mase']:.3f}), CRPS {res['crps']:.4g} "
+                     f"(seasonal naive {res['snaive_crps']:.4g}), MSE {res['mse']:.4g}, MAE {res['mae']:.4g}")
         for r, o in enumerate(origins.tolist()):
-            if o == T:
-                continue  # the last origin is the forecast above
-            ts = [series.timestamps[o + j] if o + j < T else future_ts[o + j - T] for j in range(cfg.horizon)]
+            ts = [series.timestamps[o + j] for j in range(cfg.horizon)]
             p = fm.point_forecast(preds[r], levels.cpu() if levels is not None else None)
             rows += _rows(_stamp(series.timestamps[o - 1]), ts, p, preds[r], lv)
     header = ["origin", "timestamp", "step"]

@@ -90,8 +90,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="forecast: steps to forecast after the data (default: the model's horizon; longer rolls "
                         "through the cache)")
     p.add_argument("--rolling", type=int, default=None, metavar="R",
-                   help="forecast: also backtest at the last R patch boundaries (one cached patch per origin) and "
-                        "print MASE / CRPS next to seasonal naive")
+                   help="forecast: also backtest at the last R patch boundaries whose whole horizon is in the data "
+                        "(one cached patch per origin) and print MASE / CRPS next to seasonal naive")
     p.add_argument("--out", default=None, metavar="FILE.csv",
                    help="forecast: the forecast CSV (default: forecast.csv); the plot is FILE.png")
     p.add_argument("--think-iterations", type=int, default=None, metavar="N",
