@@ -9,7 +9,7 @@ every iteration count up to
 (adaptive iterations, ponder cost) and reports its mean iterations, and the MoDr variant
 (``--branches N``: N LoRA branches in the think block at the first trained iteration
 count, loss-free balancing) with its branch load. Prints a table and
-writes ``benchmarks/results/etd_depth_cpu.json`` (``--out``).
+writes ``benchmarks/results/etd_depth_<device>.json`` (``--out``; ``_cpu`` by default).
 
     python benchmarks/etd_depth.py --steps 800 --seeds 0 1
 """
@@ -103,8 +103,11 @@ def main() -> None:
     ap.add_argument("--muon-lr", type=float, default=None, help="train.muon_lr (default: the trainer's)")
     ap.add_argument("--lr", type=float, default=None, help="train.lr, AdamW (default: the trainer's)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the trainer's device)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "etd_depth_cpu.json")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON file (default: benchmarks/results/etd_depth_<device>.json, e.g. _cpu)")
     args = ap.parse_args()
+    if args.out is None:  # a GPU run does not write over the CPU's recorded results
+        args.out = Path(__file__).parent / "results" / f"etd_depth_{args.device.split(':')[0]}.json"
     torch.set_num_threads(1)
     task = TASKS["khop"]
     cfg = SimpleNamespace(khop_hops=args.hops, khop_nodes=args.nodes, seq_len=args.seq_len)
