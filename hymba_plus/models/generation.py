@@ -145,6 +145,14 @@ def reserved_positions(model: Any, mode: str) -> int:
     return fn(model) if fn is not None else 0
 
 
+def _int_at_least(v: Any, least: int) -> bool:
+    """``v`` is an integer (``operator.index`` takes it; not a bool) and ``>= least``."""
+    try:
+        return not isinstance(v, bool) and operator.index(v) >= least
+    except TypeError:
+        return False
+
+
 def check_sampling(temperature: Any, top_k: Any, top_p: Any) -> None:
     """Refuse sampling settings outside their meaning (one line each, before any work):
     ``temperature`` a finite number >= 0 (0: greedy), ``top_k`` None (off) or an integer >= 1,
@@ -152,13 +160,8 @@ def check_sampling(temperature: Any, top_k: Any, top_p: Any) -> None:
     if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
             or not math.isfinite(temperature) or temperature < 0):
         raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {brief(temperature)}")
-    if top_k is not None:
-        try:
-            ok = not isinstance(top_k, bool) and operator.index(top_k) >= 1
-        except TypeError:
-            ok = False
-        if not ok:
-            raise ValueError(f"top_k must be an integer >= 1 (or None: off), got {brief(top_k)}")
+    if top_k is not None and not _int_at_least(top_k, 1):
+        raise ValueError(f"top_k must be an integer >= 1 (or None: off), got {brief(top_k)}")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real)
                               or not 0 < top_p <= 1):
         raise ValueError(f"top_p must be a number in (0, 1] (or None: off), got {brief(top_p)}")
@@ -191,11 +194,7 @@ def check_length(model: Any, input_ids: Tensor, max_new_tokens: int, attention_m
     ``max_seq_len``: the longest prompt row (real tokens: pads do not count, nor do meta tokens,
     as in ``HybridLM.forward``) plus ``max_new_tokens`` plus the ``reserved`` positions the mode
     adds (``what`` names them). One host read when there is a mask."""
-    try:
-        ok = not isinstance(max_new_tokens, bool) and operator.index(max_new_tokens) >= 0
-    except TypeError:
-        ok = False
-    if not ok:
+    if not _int_at_least(max_new_tokens, 0):
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     check_prompt(input_ids, attention_mask, min_tokens)
     T = input_ids.shape[1]

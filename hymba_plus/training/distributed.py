@@ -53,7 +53,7 @@ def pick_device(name: str | None, local_rank: int = 0) -> torch.device:
         dev = torch.device(name)
     except (RuntimeError, ValueError, TypeError):
         dev = None
-    shown = name if len(str(name)) <= 80 else brief(name, 80)  # a whole pasted file is not echoed
+    shown = str(name) if len(str(name)) <= 80 else brief(name, 80)  # a whole pasted file is not echoed
     if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
         raise ValueError(f"--device {shown}: expected auto, cpu, cuda or cuda:N")
     if dev.type == "cuda":
@@ -62,7 +62,7 @@ def pick_device(name: str | None, local_rank: int = 0) -> torch.device:
         if dev.index is None:
             dev = torch.device("cuda", local_rank)
         elif dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+            raise ValueError(f"--device {shown}: only {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 
