@@ -15,6 +15,16 @@ from hymba_plus.kernels import dispatch
 from hymba_plus.models.decode_engine import clear_engines, engine_for
 
 
+def left_padded_prompt(vocab: int, B: int = 3, T: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded ids [B, T] and an attention mask left-padding row 0 by 3 and row B-1 by 1 (the
+    other rows full): the batch every decode-kernel test decodes."""
+    ids = torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[B - 1, :1] = 0
+    return ids, mask
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 

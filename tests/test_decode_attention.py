@@ -155,11 +155,8 @@ def test_models_decode_through_kernel_in_interpreter():
         import torch
         import hymba_plus.kernels.decode_attention as A
         from tests.test_invariant import make, V
-        from tests.decode_kernel_checks import counting, decode_matches_reference
-        ids = torch.randint(0, V, (3, 7), generator=torch.Generator().manual_seed(0))
-        mask = torch.ones_like(ids)
-        mask[0, :3] = 0
-        mask[2, :1] = 0
+        from tests.decode_kernel_checks import counting, decode_matches_reference, left_padded_prompt
+        ids, mask = left_padded_prompt(V)
         with counting(A, "decode_attention_triton") as calls:
             for attn, meta in (({"n_heads": 4, "n_kv_heads": 1, "head_dim": 16, "window": 5, "kv_share": True}, 2),
                                ({"n_heads": 2, "head_dim": 32}, 0)):

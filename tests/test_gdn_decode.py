@@ -17,6 +17,7 @@ from hymba_plus.kernels import dispatch
 from hymba_plus.kernels import gdn as G
 from hymba_plus.models.decode_engine import clear_engines, engine_for
 from tests.conftest import check_graph_engine_against_reference, rel_err, run_in_interpreter
+from tests.decode_kernel_checks import left_padded_prompt
 from tests.test_invariant import V, make
 
 
@@ -40,11 +41,7 @@ def _gdn_states(cache) -> list[GDNState]:  # noqa: ANN001
 
 
 def _prompt(B: int = 3, T: int = 7):
-    ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0
-    mask[B - 1, :1] = 0
-    return ids, mask
+    return left_padded_prompt(V, B, T)
 
 
 # ----------------------------------------------------------------------------- interpreter

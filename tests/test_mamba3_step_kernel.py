@@ -163,11 +163,8 @@ def test_models_decode_through_step_kernel_in_interpreter():
         import hymba_plus.kernels.mamba3 as M
         from hymba_plus.components.mamba3 import Mamba3State
         from tests.test_invariant import make, V
-        from tests.decode_kernel_checks import counting, decode_matches_reference, forced, rel
-        ids = torch.randint(0, V, (3, 7), generator=torch.Generator().manual_seed(0))
-        mask = torch.ones_like(ids)
-        mask[0, :3] = 0
-        mask[2, :1] = 0
+        from tests.decode_kernel_checks import counting, decode_matches_reference, forced, rel, left_padded_prompt
+        ids, mask = left_padded_prompt(V)
         for pattern, m3 in (("M3 | GA", {"state_size": 16, "head_dim": 16, "n_groups": 2, "rope_fraction": 0.5}),
                             ("M3 | M3", {"state_size": 16, "head_dim": 8, "mimo_rank": 2, "rope_fraction": 1.0})):
             model = make({"name": "t", "model": {"vocab_size": V, "d_model": 32, "max_seq_len": 64, "ffn": "none",

@@ -117,11 +117,8 @@ def test_models_decode_through_kernels_in_interpreter():
         import torch
         import hymba_plus.kernels.moe as K
         from tests.test_invariant import make, V
-        from tests.decode_kernel_checks import counting, decode_matches_reference
-        ids = torch.randint(0, V, (3, 7), generator=torch.Generator().manual_seed(0))
-        mask = torch.ones_like(ids)
-        mask[0, :3] = 0
-        mask[2, :1] = 0
+        from tests.decode_kernel_checks import counting, decode_matches_reference, left_padded_prompt
+        ids, mask = left_padded_prompt(V)
 
         def both_layers_one_step(eng, calls):  # each step: both MoE layers, 3 tokens each
             assert calls == [3, 3], calls
