@@ -69,6 +69,10 @@
 #   quad_tf32  quad_atlas.py --modes auto --tf32: the same two recipes with TF32 float32 matmuls (hymba train --tf32:
 #           the ATLAS memory's cuBLAS GEMMs on tensor cores; Newton-Schulz stays tf32x3), 30 timed steps: what the
 #           GEMMs' precision is worth in time (benchmarks/atlas_tf32.py: what it costs in accuracy, on a CPU)
+#   profiles  where the time of two rows goes (torch.profiler, two passes): side_by_side.py --rows attn --profile
+#           (attn_vs_hf_llama, 1.71x against 2.0: copies_by_shape says which casts and copies the ~7 ms of copies a
+#           step are) and mixers.py --only gdn --profile (the gdn layer at B 4 x 4096, d 2048: 14.2 ms fwd+bwd on an
+#           H100 on 2026-12-05 against 10.4 on 2026-11-23, its kernel entry unchanged)
 #   pack_caches  the Triton / Inductor / TileLang caches of this call as $OUT/caches.tar.xz (for .tcache/, see gpu_env.sh)
 #   pack_out  last: every other file under $OUT (logs, JSON) into $OUT/out.tar.xz, so a call of many steps
 #           stays within the device's 8 returned files (unpack here: tar -xJf <files_at>/out.tar.xz)
@@ -177,6 +181,9 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
       quad_tf32) need_tilelang
               step quad_tf32 540 python benchmarks/quad_atlas.py --modes auto --tf32 --iters 30 \
                  --out "$OUT/quad_atlas_tf32.json" ;;
+      profiles) step attn_profile 330 python benchmarks/side_by_side.py --rows attn --profile --merge --out-dir "$OUT"
+              (cd benchmarks && step gdn_layer_profile 150 python mixers.py --only gdn --profile \
+                 --out "$OUT/mixers_gdn_profile.json") ;;
       pack_caches) (cd /tmp/hymba_caches && tar -cf - triton inductor tilelang | xz -6 -T0 > "$OUT/caches.tar.xz"  # all cores: a 60 s limit cut a single-threaded pack short
                  # over a returned file's 16 MiB: keep the autotuning results (each kernel then compiles
                  # its chosen config once instead of benchmarking them all) and Inductor's cache
@@ -193,7 +200,7 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
                  echo "pack_out: $(tar -tJf "$OUT/out.tar.xz" | wc -l) files in $OUT/out.tar.xz" ;;
       *) echo "unknown step $s1 (moe mamba3 gdn atlas atlas_verify mamba3_tuned atlas_profile atlas_profile_bench" \
               "mixers mimo_alt mimo_alt2 loss memory decode fused agree modes side_train attn_bf16w fa4 side_decode quad quad_chunk" \
-              "atlas_chunk_layer atlas_chunk_bench quad_tf32" \
+              "atlas_chunk_layer atlas_chunk_bench quad_tf32 profiles" \
               "pack_caches pack_out)"; exit 2 ;;
     esac
   done
