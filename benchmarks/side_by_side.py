@@ -18,7 +18,8 @@ Rows (``--rows``, default all; benchmarks/RESULTS.md has the exact configs):
   dense ``(GD+mlp | GA+mlp)*12`` recipe, when two GPUs are present.
 
 Training rows time ``--steps`` optimizer steps after ``--warmup`` (zero_grad, forward with
-labels under bf16 autocast, backward, ``torch.optim.AdamW(fused=True)``); ours in eager mode,
+labels under bf16 autocast, backward, ``torch.optim.AdamW(fused=True)``; ours with ``hymba train``'s
+loss: the fused linear + cross-entropy head, no [B, T, V] logits); ours in eager mode,
 with the forward+backward replayed from CUDA graphs (``training/cuda_graph.GraphedStep``) and
 with ``--compile`` also ``torch.compile``. A missing peer package skips its row with the
 reason recorded. The JSON (``<out-dir>/<device-slug>-<date>.json`` and ``latest.json``) is
@@ -246,7 +247,9 @@ def measure_peer(model: torch.nn.Module, ids: torch.Tensor, args: argparse.Names
 def measure_ours(model: torch.nn.Module, ids: torch.Tensor, args: argparse.Namespace) -> dict:
     """Our model in each mode: eager, CUDA graphs (GraphedStep), torch.compile (--compile); with
     ``--param-dtype bfloat16`` also eager and CUDA graphs with bf16 weights and float32 masters
-    (``eager_bf16w``, ``cuda_graph_bf16w``)."""
+    (``eager_bf16w``, ``cuda_graph_bf16w``). Every mode computes the loss as ``hymba train``'s step
+    does, ``return_logits=False``: the fused linear + cross-entropy head, no [B, T, V] logits (the
+    eager and compiled modes took the logits and the unfused loss until 2026-12-05)."""
     from hymba_plus.training.cuda_graph import CaptureError, GraphedStep
     from hymba_plus.training.mixed import MasterWeights, compute_weights
 
@@ -271,7 +274,10 @@ def measure_ours(model: torch.nn.Module, ids: torch.Tensor, args: argparse.Names
             p.grad = None
         free(dev)
 
-    run("eager", lambda: (lambda: model(ids, labels=ids, check_inputs=False).loss, True, None))
+    def loss(fwd: Callable[..., Any] = model) -> torch.Tensor:  # the training step's loss (training/cuda_graph.py's too)
+        return fwd(ids, labels=ids, check_inputs=False, return_logits=False).loss
+
+    run("eager", lambda: (loss, True, None))
 
     def graphed() -> tuple[Callable[[], torch.Tensor], bool, Any]:
         if not dev.startswith("cuda"):
@@ -284,12 +290,12 @@ def measure_ours(model: torch.nn.Module, ids: torch.Tensor, args: argparse.Names
     if args.compile:
         def compiled() -> tuple[Callable[[], torch.Tensor], bool, Any]:
             fwd = torch.compile(model)
-            return (lambda: fwd(ids, labels=ids, check_inputs=False).loss), True, fwd
+            return (lambda: loss(fwd)), True, fwd
 
         run("compile", compiled)
     if getattr(args, "param_dtype", None) == "bfloat16":
         masters = MasterWeights(compute_weights(model))  # on a CPU: under CPU bf16 autocast (time_training)
-        run("eager_bf16w", lambda: (lambda: model(ids, labels=ids, check_inputs=False).loss, True, None))
+        run("eager_bf16w", lambda: (loss, True, None))
         run("cuda_graph_bf16w", graphed)
         masters.release()
     return {"parameters": n_params(model), "modes": modes}

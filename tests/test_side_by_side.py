@@ -186,3 +186,31 @@ def test_interrupted_row_keeps_its_finished_results(tmp_path, monkeypatch) -> No
     row["results"] += [{**r, "prompt": 8192, "decode_tokens_per_s": r["decode_tokens_per_s"] / 2}
                        for r in row["results"][:1]] + [{**row["results"][1], "prompt": 8192}]
     assert bench.decode_ratio(row) == (10.0, None)
+
+
+def test_ours_times_the_training_steps_loss(monkeypatch) -> None:
+    """Every mode of ours calls the model as ``hymba train``'s step does (``return_logits=False``:
+    the fused head + loss, no [B, T, V] logits); an earlier version timed the eager mode with the
+    logits and the unfused loss."""
+    import argparse
+
+    import torch
+
+    from hymba_plus import build_model
+    from tests.helpers import tiny_recipe
+
+    bench = load_bench()
+    model = build_model(tiny_recipe("GA+mlp"))
+    seen: list = []
+    real = model.forward
+
+    def spy(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        seen.append(k.get("return_logits", True))
+        return real(*a, **k)
+
+    monkeypatch.setattr(model, "forward", spy)
+    monkeypatch.setattr(bench, "time_training", lambda fn, *a, **k: {"loss": fn().item()})
+    args = argparse.Namespace(device="cpu", compile=False, param_dtype="bfloat16")
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    modes = bench.measure_ours(model, ids, args)["modes"]
+    assert {"eager", "eager_bf16w"} <= set(modes) and seen and not any(seen)
