@@ -1,7 +1,8 @@
 """Fused linear + cross entropy (kernels/linear_ce.py) and the model's fused training loss:
 the chunked reference equals F.cross_entropy over the full logits (loss and every gradient),
-HybridLM.forward(labels, return_logits=False) equals lm_loss over the logits, and on CUDA
-Liger-Kernel's kernel equals the reference."""
+HybridLM.forward(labels, return_logits=False) equals lm_loss over the logits, and the fast path
+(Liger-Kernel's CE kernel in a capturable chunk loop) equals the reference in Triton's CPU
+interpreter and on CUDA, eagerly and replayed from a CUDA graph."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import torch.nn.functional as F
 
 from hymba_plus import build_model
 from hymba_plus.kernels import dispatch
+from hymba_plus.kernels import linear_ce as linear_ce_mod
 from hymba_plus.kernels.linear_ce import (
     chunk_rows,
     linear_cross_entropy,
-    linear_cross_entropy_liger,
+    linear_cross_entropy_fused,
     linear_cross_entropy_ref,
 )
 from hymba_plus.objectives.next_token import NextToken
@@ -106,11 +108,13 @@ def test_chunk_rows():
     assert chunk_rows(10**6, 1 << 30) == 1
 
 
-def test_liger_in_the_triton_interpreter_matches_reference():
-    """Liger's fused linear cross entropy as the fast path calls it (argument order, ignore_index,
-    reduction, float32 weight-gradient accumulation, chunk size, NaN with no scored row, a scaled
-    upstream gradient), run by Triton's CPU interpreter in a subprocess (TRITON_INTERPRET must be
-    set before import), equals the chunked reference; float32 and bf16."""
+def test_fused_in_the_triton_interpreter_matches_reference():
+    """The fast path (our chunk loop around Liger-Kernel's Triton cross-entropy kernel, as it
+    calls the kernel: argument order, ignore_index, ``reduction="sum"`` scaled on the device,
+    float32 weight-gradient accumulation, one chunk and several, NaN with no scored row, a scaled
+    upstream gradient, a gradient for h only, no_grad), run by Triton's CPU interpreter in a
+    subprocess (TRITON_INTERPRET must be set before import), equals the chunked reference;
+    float32 and bf16."""
     import os
     import subprocess
     import sys
@@ -118,24 +122,32 @@ def test_liger_in_the_triton_interpreter_matches_reference():
     from pathlib import Path
 
     pytest.importorskip("triton")  # the dev extra installs triton and liger-kernel on x86-64
+    pytest.importorskip("liger_kernel")
     code = textwrap.dedent("""
         import torch
-        from hymba_plus.kernels.linear_ce import linear_cross_entropy_liger as liger, linear_cross_entropy_ref as ref
+        from hymba_plus.kernels.linear_ce import linear_cross_entropy_fused as fused, linear_cross_entropy_ref as ref
         rel = lambda a, b: float((a.float() - b.float()).abs().max() / b.float().abs().max())
         g = torch.Generator().manual_seed(0)
         for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
             h0, w0 = torch.randn(70, 32, generator=g), 0.5 * torch.randn(300, 32, generator=g)
             t = torch.randint(0, 300, (70,), generator=g)
             t[::7] = -100
-            res = []
-            for fn in (liger, lambda a, b, c: ref(a, b, c, rows=16)):
-                h, w = h0.to(dt).requires_grad_(), w0.to(dt).requires_grad_()
-                loss = fn(h, w, t)
-                res.append([loss.detach(), *torch.autograd.grad(loss / 4, (h, w))])
-            for a, b in zip(*res):
-                assert a.dtype == b.dtype and rel(a, b) < tol, (dt, rel(a, b))
+            for rows in (None, 16):  # one chunk; five, the last partial
+                res = []
+                for fn in (lambda a, b, c: fused(a, b, c, rows=rows), lambda a, b, c: ref(a, b, c, rows=16)):
+                    h, w = h0.to(dt).requires_grad_(), w0.to(dt).requires_grad_()
+                    loss = fn(h, w, t)
+                    res.append([loss.detach(), *torch.autograd.grad(loss / 4, (h, w))])
+                for a, b in zip(*res):
+                    assert a.dtype == b.dtype and rel(a, b) < tol, (dt, rows, rel(a, b))
+            h = h0.to(dt).requires_grad_()
+            loss = fused(h, w0.to(dt), t, rows=16)  # the weight needs no gradient
+            (dh,) = torch.autograd.grad(loss, (h,))
+            assert rel(dh, torch.autograd.grad(ref(h, w0.to(dt), t), (h,))[0]) < tol
+            with torch.no_grad():
+                assert rel(fused(h0.to(dt), w0.to(dt), t), ref(h0.to(dt), w0.to(dt), t)) < tol
             h, w = h0.to(dt).requires_grad_(), w0.to(dt).requires_grad_()
-            loss = liger(h, w, torch.full_like(t, -100))
+            loss = fused(h, w, torch.full_like(t, -100))
             dh, dw = torch.autograd.grad(loss, (h, w))
             assert torch.isnan(loss) and not dh.any() and not dw.any()
         print("ok")
@@ -235,14 +247,15 @@ def test_return_logits_false_without_labels_and_the_objective():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("N, V", [(300, 1000), (4099, 32000)])
-def test_liger_matches_reference(monkeypatch, dtype, N, V):
-    """Liger-Kernel's fused linear cross entropy (the fast path) vs the chunked reference on the
-    same CUDA inputs: loss and gradients (RMS relative), ignored rows included."""
+def test_fused_matches_reference(monkeypatch, dtype, N, V):
+    """The fused linear cross entropy (the fast path: Liger-Kernel's CE kernel in our chunk loop)
+    vs the chunked reference on the same CUDA inputs: loss and gradients (RMS relative), ignored
+    rows included."""
     monkeypatch.setenv("HYMBA_KERNELS", "fast")
     h, w, t = inputs(N=N, D=256, V=V, dtype=dtype, ignore_every=7, device="cuda")
     w = w * 0.2
     assert dispatch.use_fast("linear_cross_entropy", h, w)
-    got = loss_and_grads(linear_cross_entropy_liger, h, w, t)
+    got = loss_and_grads(linear_cross_entropy_fused, h, w, t)
     want = loss_and_grads(lambda a, b, c: linear_cross_entropy_ref(a, b, c, rows=1024), h, w, t)
     full = loss_and_grads(full_ce, h, w, t)
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
@@ -251,18 +264,52 @@ def test_liger_matches_reference(monkeypatch, dtype, N, V):
     for a, b, c in zip(got[1:], want[1:], full[1:]):
         assert a.dtype == b.dtype == dtype
         assert rms_rel(a, b) < tol and rms_rel(b, c) < tol
-    # the dispatcher picks Liger here; with no scored row both are NaN with zero gradients
+    # the dispatcher picks the fast path here; with no scored row both are NaN with zero gradients
     t_none = torch.full_like(t, -100)
-    for fn in (linear_cross_entropy_liger, linear_cross_entropy_ref):
+    for fn in (linear_cross_entropy_fused, linear_cross_entropy_ref):
         res = loss_and_grads(fn, h, w, t_none)
         assert torch.isnan(res[0]) and not res[1].any() and not res[2].any()
 
 
 @pytest.mark.gpu
+def test_fused_is_captured_in_a_cuda_graph(monkeypatch):
+    """The fast path inside a CUDA graph (``hymba train``'s default mode on CUDA): the
+    dispatcher still picks it while capturing (nothing is read back to the host), and the
+    replayed loss and gradients, for new inputs copied into the captured ones, equal an eager
+    call's bit for bit (the same kernels in the same order)."""
+    monkeypatch.setenv("HYMBA_KERNELS", "fast")
+    h0, w0, t0 = inputs(N=4099, D=256, V=32000, dtype=torch.bfloat16, ignore_every=7, device="cuda")
+    w0 = w0 * 0.2
+    assert dispatch.use_fast("linear_cross_entropy", h0, w0)  # probed before the capture
+    h, w, t = h0.clone().requires_grad_(), w0.clone().requires_grad_(), t0.clone()
+    picked = []
+    real = linear_ce_mod.linear_cross_entropy_fused
+    monkeypatch.setattr(linear_ce_mod, "linear_cross_entropy_fused", lambda *a, **k: picked.append(1) or real(*a, **k))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graph's docs ask
+        for _ in range(2):
+            torch.autograd.grad(linear_ce_mod.linear_cross_entropy(h, w, t), (h, w))
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = linear_ce_mod.linear_cross_entropy(h, w, t)
+        dh, dw = torch.autograd.grad(loss, (h, w))
+    assert len(picked) == 3  # the fast path, also while capturing
+    h1, w1, t1 = inputs(N=4099, D=256, V=32000, dtype=torch.bfloat16, ignore_every=5, seed=1, device="cuda")
+    with torch.no_grad():
+        h.copy_(h1), w.copy_(w1 * 0.2), t.copy_(t1)
+    graph.replay()
+    want = loss_and_grads(linear_cross_entropy_fused, h1, w1 * 0.2, t1)
+    for a, b in zip((loss, dh, dw), want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
 def test_gpu_fused_training_loss_equals_unfused_and_saves_memory(monkeypatch):
-    """bf16 autocast with float32 weights on CUDA: the fused loss (Liger) equals the unfused one
+    """bf16 autocast with float32 weights on CUDA: the fused loss (the fast path) equals the unfused one
     and its gradients, and the peak memory of forward + backward drops by at least the bf16
-    logits (N x V x 2 bytes), for the reference and for Liger."""
+    logits (N x V x 2 bytes), for the reference and the fast path."""
     dev = torch.device("cuda")
     V, B, T = 32000, 4, 1024
     torch.manual_seed(0)
@@ -287,7 +334,7 @@ def test_gpu_fused_training_loss_equals_unfused_and_saves_memory(monkeypatch):
     monkeypatch.setenv("HYMBA_KERNELS", "reference")
     l2, g2, peak2 = step(True)
     logits_bytes = B * T * V * 2
-    print(f"peak unfused {peak0 / 2**20:.0f} MiB, Liger {peak1 / 2**20:.0f} MiB, reference {peak2 / 2**20:.0f} MiB")
+    print(f"peak unfused {peak0 / 2**20:.0f} MiB, fast {peak1 / 2**20:.0f} MiB, reference {peak2 / 2**20:.0f} MiB")
     assert abs(l1 - l0) < 1e-2 * l0 and abs(l2 - l0) < 1e-2 * l0
     assert rms_rel(g1, g0) < 2e-2 and rms_rel(g2, g0) < 2e-2
     assert peak1 < peak0 - logits_bytes and peak2 < peak0 - logits_bytes

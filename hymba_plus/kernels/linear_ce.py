@@ -19,11 +19,13 @@ as float32, and as much again for their gradient, while a chunk of 2048 rows is 
   floats); the backward recomputes each chunk's logits, turns them into ``dz`` in place and
   accumulates ``dh`` and ``dW`` (``dW`` in float32). It never synchronises with the host, so
   CUDA-graph capture works.
-* Fast path (CUDA, op ``"linear_cross_entropy"``): Liger-Kernel's
-  ``LigerFusedLinearCrossEntropyFunction`` (a Triton kernel writes the loss and ``dz`` into
-  the chunk's logits in one pass; the gradients are computed during the forward and scaled in
-  the backward). It reads ``sum(y != ignore_index)`` back to the host once per call, so it is
-  not used while a CUDA graph is being captured (the reference is).
+* Fast path (CUDA, op ``"linear_cross_entropy"``): ``linear_cross_entropy_fused``, Liger-Kernel's
+  algorithm in a chunk loop of ours: per chunk its Triton cross-entropy kernel writes each row's
+  loss and ``dz`` into the chunk's logits in one pass, and the gradients ``dh``, ``dW`` are
+  computed during the forward (``dW`` in float32, accumulated inside the GEMM on CUDA) and
+  scaled in the backward. The scored-row count stays on the device (Liger's own autograd
+  function reads it back to the host), so the same path runs eagerly and inside a CUDA graph
+  capture (``hymba train``'s default mode on CUDA), where until 2026-12-05 the reference ran.
 
 Both follow ``F.cross_entropy`` (mean over scored rows; float32 loss, float64 for float64
 inputs), including the case with no scored row: the loss is NaN and the gradients are zero.
@@ -44,6 +46,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import dispatch
+from ._triton import next_pow2
 
 FAST = "linear_cross_entropy"
 #: logits per chunk (2**26: 2048 rows of a 32k vocabulary, 256 MiB in float32)
@@ -117,37 +120,97 @@ def linear_cross_entropy_ref(h: Tensor, weight: Tensor, target: Tensor, ignore_i
     return _ChunkedLinearCE.apply(h, weight, target, ignore_index, rows)
 
 
-def _liger_function() -> Any:
-    mod = importlib.import_module("liger_kernel.ops.fused_linear_cross_entropy")
-    return mod.LigerFusedLinearCrossEntropyFunction
+def _liger_ce_kernel() -> tuple[Any, int]:
+    """Liger-Kernel's cross-entropy Triton kernel and its largest block (``MAX_FUSED_SIZE``)."""
+    mod = importlib.import_module("liger_kernel.ops.cross_entropy")
+    return mod.liger_cross_entropy_kernel, mod.MAX_FUSED_SIZE
 
 
-def linear_cross_entropy_liger(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int = -100) -> Tensor:
-    """Liger-Kernel's fused linear cross entropy on 2-D ``h``, ``weight`` of one dtype (no
-    autocast: the caller casts). Its chunk size is chosen the way ours is: Liger keeps about
-    ``chunk_mem_const * N * D`` transient logits, so ``chunk_mem_const = CHUNK_ELEMENTS // (N * D)``.
-    The weight gradient accumulates in float32 (``accum_dtype``). With no scored row Liger's
-    loss is 0; it is made NaN here, as ``F.cross_entropy`` and the reference return."""
-    fn = _liger_function()
-    if not torch.is_grad_enabled():  # Liger computes the gradients in its forward when inputs require them
+def _accumulate(dw: Tensor, dz_t: Tensor, h: Tensor) -> None:
+    """``dw += dz_t @ h`` into the float32 ``dw``: on CUDA (sm80+) for 16-bit operands one
+    ``addmm`` that accumulates in the GEMM's float32 epilogue (``out_dtype``, torch >= 2.8; as
+    Liger's own loop does), elsewhere a product in the operands' dtype and an add."""
+    if dz_t.dtype == dw.dtype:
+        dw.addmm_(dz_t, h)
+    elif (dw.is_cuda and _ADDMM_OUT_DTYPE and torch.cuda.get_device_capability(dw.device)[0] >= 8
+          and dz_t.dtype in (torch.float16, torch.bfloat16)):
+        torch.addmm(dw, dz_t, h, out_dtype=torch.float32, out=dw)
+    else:
+        dw.add_(dz_t @ h)
+
+
+#: ``torch.addmm(..., out_dtype=)`` (16-bit operands, float32 output) exists from torch 2.8
+_ADDMM_OUT_DTYPE = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 8)
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    """The fast path: Liger's fused linear cross entropy (Hsu et al., arXiv 2410.10989 §3.3) in a
+    chunk loop of ours, so that nothing is read back to the host and a CUDA graph can capture it.
+    Per chunk of rows: the logits ``z = h W^T`` into one reused buffer (the inputs' dtype),
+    Liger's Triton kernel turns each row into its loss (float32) and ``dz = softmax(z) -
+    onehot(y)`` in place (``reduction="sum"``: not yet divided by |S|; ignored rows get 0),
+    then ``dh = dz W`` and ``dW += dz^T h`` (float32). The forward thus holds both gradients;
+    the backward scales them by ``grad / |S|`` on the device. (Liger's own autograd function
+    reads |S| back to the host for its kernel's ``mean`` scaling, which a capture cannot.)"""
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, weight: Tensor, target: Tensor, ignore_index: int, rows: int) -> Tensor:
+        kernel, max_block = _liger_ce_kernel()
+        N, V = h.shape[0], weight.shape[0]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n = (target != ignore_index).sum()
+        row_loss = torch.zeros(N, dtype=torch.float32, device=h.device)
+        dh = torch.empty_like(h) if need_h else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        buf = torch.empty(min(rows, N), V, dtype=h.dtype, device=h.device)
+        target = target.contiguous()
+        for s in range(0, N, rows):
+            e = min(s + rows, N)
+            z = buf[: e - s]
+            torch.mm(h[s:e], weight.t(), out=z)
+            kernel[(e - s,)](
+                X_ptr=z, X_stride=z.stride(0), Y_ptr=target[s:e], Y_stride=1, weight_ptr=None,
+                loss_ptr=row_loss[s:e], z_loss_ptr=None, loss_stride=1, token_accuracy_ptr=None,
+                token_accuracy_stride=0, predicted_tokens_ptr=None, predicted_tokens_stride=0, n_cols=V,
+                n_non_ignore=1, sum_non_ignore_weight=1, weight_sum=0.0, ignore_index=ignore_index,
+                lse_square_scale=0.0, label_smoothing=0.0, reduction="sum", softcap=None, RETURN_Z_LOSS=False,
+                RETURN_TOKEN_ACCURACY=False, RETURN_PREDICTED_TOKENS=False, HAS_WEIGHT=False,
+                HAS_SOFTCAPPING=False, HAS_GRADIENTS=need_h or need_w,
+                BLOCK_SIZE=min(max_block, next_pow2(V)), num_warps=32,
+            )  # z now holds dz
+            if need_h:
+                torch.mm(z, weight, out=dh[s:e])
+            if need_w:
+                _accumulate(dw, z.t(), h[s:e])
+        ctx.save_for_backward(dh, dw, n)
+        ctx.w_dtype = weight.dtype
+        return row_loss.sum() / n  # 0 / 0 = NaN when nothing is scored (the gradients are then 0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        dh, dw, n = ctx.saved_tensors
+        scale = grad.float() / n.clamp_min(1)
+        gh = (dh.float() * scale).to(dh.dtype) if dh is not None else None
+        gw = (dw * scale).to(ctx.w_dtype) if dw is not None else None
+        return gh, gw, None, None, None
+
+
+def linear_cross_entropy_fused(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int = -100,
+                               rows: int | None = None) -> Tensor:
+    """The fast path (``_FusedLinearCE``) on 2-D ``h``, ``weight`` of one 16-bit or float32 dtype
+    (no autocast: the caller casts), ``target`` [N]; ``rows``: the chunk size (default
+    ``chunk_rows``, as the reference)."""
+    if not torch.is_grad_enabled():  # gradients are made in the forward when inputs require them
         h, weight = h.detach(), weight.detach()
-    N, D = h.shape
-    const = max(1, CHUNK_ELEMENTS // max(N * D, 1))
-    # LigerFusedLinearCrossEntropyFunction.forward(_input, weight, target, bias, ce_weight, ignore_index,
-    #   lse_square_scale, label_smoothing, reduction, softcap, return_z_loss, accum_dtype, use_token_scaling,
-    #   return_token_accuracy, return_predicted_tokens[, ce_impl, ce_mode, chunk_mem_const])
-    args: tuple = (h, weight, target, None, None, ignore_index, 0.0, 0.0, "mean", None, False, torch.float32,
-                   False, False, False)
-    if getattr(fn, "supports_inner_impl_dispatch", False):  # liger-kernel >= 0.8.5 (as its functional wrapper)
-        args += (None, None, const)
-    loss = fn.apply(*args)[0]
-    return torch.where((target != ignore_index).any(), loss, torch.full_like(loss, float("nan")))
+    rows = chunk_rows(h.shape[0], weight.shape[0]) if rows is None else max(1, int(rows))
+    return _FusedLinearCE.apply(h, weight, target, ignore_index, rows)
 
 
 def _probe() -> None:
     if not torch.cuda.is_available():
         raise RuntimeError("no CUDA device")
-    _liger_function()
+    _liger_ce_kernel()
     g = torch.Generator().manual_seed(0)
     h0 = torch.randn(300, 64, generator=g)
     w0 = 0.3 * torch.randn(1000, 64, generator=g)
@@ -155,7 +218,7 @@ def _probe() -> None:
     t[::7] = -100
     t = t.cuda()
     got, want = [], []
-    for fn, out in ((linear_cross_entropy_liger, got), (linear_cross_entropy_ref, want)):
+    for fn, out in ((linear_cross_entropy_fused, got), (linear_cross_entropy_ref, want)):
         h = h0.to("cuda", torch.bfloat16).requires_grad_()
         w = w0.to("cuda", torch.bfloat16).requires_grad_()
         loss = fn(h, w, t)
@@ -163,14 +226,11 @@ def _probe() -> None:
     for name, a, b in zip(("loss", "dh", "dW"), got, want):
         err = dispatch.max_rel_err(a, b)
         if not err < 2e-2:
-            raise RuntimeError(f"Liger fused linear cross entropy differs from the reference ({name}: {err:.2e})")
+            raise RuntimeError(f"the fused linear cross entropy differs from the reference ({name}: {err:.2e})")
 
 
-dispatch.fast_path(FAST, probe=_probe, doc="Liger-Kernel fused linear cross entropy (Triton), LM-head loss fwd + bwd")
-
-
-def _capturing(t: Tensor) -> bool:
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+dispatch.fast_path(FAST, probe=_probe, doc="fused linear cross entropy (Liger-Kernel's Triton CE kernel in a capturable "
+                   "chunk loop), LM-head loss fwd + bwd")
 
 
 def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int = -100, *,
@@ -198,7 +258,6 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore_index
     if dispatch.tracing(h, weight):
         return F.cross_entropy(F.linear(h, weight).to(dispatch.compute_dtype(h)), target, ignore_index=ignore_index)
     with torch.autocast(dev, enabled=False):
-        if (h.dtype in (torch.bfloat16, torch.float16, torch.float32) and not _capturing(h)
-                and dispatch.use_fast(FAST, h, weight)):
-            return linear_cross_entropy_liger(h, weight, target, ignore_index)
+        if h.dtype in (torch.bfloat16, torch.float16, torch.float32) and dispatch.use_fast(FAST, h, weight):
+            return linear_cross_entropy_fused(h, weight, target, ignore_index, rows)
         return linear_cross_entropy_ref(h, weight, target, ignore_index, rows)
