@@ -71,8 +71,9 @@
 #           GEMMs' precision is worth in time (benchmarks/atlas_tf32.py: what it costs in accuracy, on a CPU)
 #   profiles  where the time of two rows goes (torch.profiler, two passes): side_by_side.py --rows attn --profile
 #           (attn_vs_hf_llama, 1.71x against 2.0: copies_by_shape says which casts and copies the ~7 ms of copies a
-#           step are) and mixers.py --only gdn --profile (the gdn layer at B 4 x 4096, d 2048: 14.2 ms fwd+bwd on an
-#           H100 on 2026-12-05 against 10.4 on 2026-11-23, its kernel entry unchanged)
+#           step are) and mixers.py --only gdn --profile (the gdn layer at B 4 x 4096, d 2048); run on an H100 on
+#           2026-12-05 (benchmarks/RESULTS.md), 164 s
+#   loss    (above) after kernels/linear_ce.py's change of 2026-12-05: its GPU tests include the capture test
 #   pack_caches  the Triton / Inductor / TileLang caches of this call as $OUT/caches.tar.xz (for .tcache/, see gpu_env.sh)
 #   pack_out  last: every other file under $OUT (logs, JSON) into $OUT/out.tar.xz, so a call of many steps
 #           stays within the device's 8 returned files (unpack here: tar -xJf <files_at>/out.tar.xz)
