@@ -29,8 +29,9 @@
 #           the stack that trains MIMO on the fast kernel (verified: forward and backward 8/8 on an H200)
 #   mimo_alt2 the same with tilelang 0.1.9 (.whl6) before it (the MIMO backward also compiles)
 #   mixers  mixers.py for gated_attn gdn hymba atlas (autotuned)
-#   loss    pytest -m gpu tests/test_linear_ce.py (Liger's fused linear cross entropy == the chunked
-#           reference; the model's fused loss == unfused with less peak memory; needs liger-kernel from .whl)
+#   loss    pytest -m gpu tests/test_linear_ce.py (the fast path, Liger's CE kernel in our capturable chunk loop,
+#           == the chunked reference, eagerly and replayed from a CUDA graph; the model's fused loss == unfused
+#           with less peak memory; needs liger-kernel from .whl; not yet run since the change of 2026-12-05)
 #   memory  gdn's split q/k/v GPU tests, then train_memory.py --fla: peak memory and step time of
 #           (GD+mlp)*24 at batch 8 x 2048, vocab 32000, with/without the fused loss and the split (issue 18)
 #   decode  pytest -m gpu: the decode-step kernels (tests/test_decode_attention.py, the conv update in
@@ -73,7 +74,6 @@
 #           (attn_vs_hf_llama, 1.71x against 2.0: copies_by_shape says which casts and copies the ~7 ms of copies a
 #           step are) and mixers.py --only gdn --profile (the gdn layer at B 4 x 4096, d 2048); run on an H100 on
 #           2026-12-05 (benchmarks/RESULTS.md), 164 s
-#   loss    (above) after kernels/linear_ce.py's change of 2026-12-05: its GPU tests include the capture test
 #   pack_caches  the Triton / Inductor / TileLang caches of this call as $OUT/caches.tar.xz (for .tcache/, see gpu_env.sh)
 #   pack_out  last: every other file under $OUT (logs, JSON) into $OUT/out.tar.xz, so a call of many steps
 #           stays within the device's 8 returned files (unpack here: tar -xJf <files_at>/out.tar.xz)
