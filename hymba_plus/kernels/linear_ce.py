@@ -126,6 +126,10 @@ def _liger_ce_kernel() -> tuple[Any, int]:
     return mod.liger_cross_entropy_kernel, mod.MAX_FUSED_SIZE
 
 
+#: ``torch.addmm(..., out_dtype=)`` (16-bit operands, float32 output) exists from torch 2.8
+_ADDMM_OUT_DTYPE = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 8)
+
+
 def _accumulate(dw: Tensor, dz_t: Tensor, h: Tensor) -> None:
     """``dw += dz_t @ h`` into the float32 ``dw``: on CUDA (sm80+) for 16-bit operands one
     ``addmm`` that accumulates in the GEMM's float32 epilogue (``out_dtype``, torch >= 2.8; as
@@ -137,10 +141,6 @@ def _accumulate(dw: Tensor, dz_t: Tensor, h: Tensor) -> None:
         torch.addmm(dw, dz_t, h, out_dtype=torch.float32, out=dw)
     else:
         dw.add_(dz_t @ h)
-
-
-#: ``torch.addmm(..., out_dtype=)`` (16-bit operands, float32 output) exists from torch 2.8
-_ADDMM_OUT_DTYPE = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 8)
 
 
 class _FusedLinearCE(torch.autograd.Function):
