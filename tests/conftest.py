@@ -76,6 +76,7 @@ def pytest_collection_modifyitems(config, items):
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b| (the DESIGN invariant's measure)."""
+    a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
