@@ -1,11 +1,11 @@
 """hymba_plus: a model zoo for hybrid language models built from YAML recipes."""
 
-from . import components, objectives  # noqa: E402,F401  (registers the components and the objectives)
+from . import components, objectives  # noqa: F401  (registers the components and the objectives)
 from .core import registry
-from .core.cache import HybridCache, LayerState, StepContext  # noqa: E402
-from .core.recipe import Recipe, RecipeError, load_recipe  # noqa: E402
+from .core.cache import HybridCache, LayerState, StepContext
+from .core.recipe import Recipe, RecipeError, load_recipe
 from .core.registry import register
-from .models import CheckpointError, HybridLM, ModelOutput, build_model, from_pretrained  # noqa: E402
+from .models import CheckpointError, HybridLM, ModelOutput, build_model, from_pretrained
 
 __version__ = "0.1.0"
 

@@ -145,8 +145,9 @@ def reserved_positions(model: Any, mode: str) -> int:
     return fn(model) if fn is not None else 0
 
 
-def _int_at_least(v: Any, least: int) -> bool:
-    """``v`` is an integer (``operator.index`` takes it; not a bool) and ``>= least``."""
+def int_at_least(v: Any, least: int) -> bool:
+    """``v`` is an integer (``operator.index`` takes it; not a bool) and ``>= least``: the check of
+    every integer setting of the decoding modes."""
     try:
         return not isinstance(v, bool) and operator.index(v) >= least
     except TypeError:
@@ -160,7 +161,7 @@ def check_sampling(temperature: Any, top_k: Any, top_p: Any) -> None:
     if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
             or not math.isfinite(temperature) or temperature < 0):
         raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {brief(temperature)}")
-    if top_k is not None and not _int_at_least(top_k, 1):
+    if top_k is not None and not int_at_least(top_k, 1):
         raise ValueError(f"top_k must be an integer >= 1 (or None: off), got {brief(top_k)}")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real)
                               or not 0 < top_p <= 1):
@@ -194,7 +195,7 @@ def check_length(model: Any, input_ids: Tensor, max_new_tokens: int, attention_m
     ``max_seq_len``: the longest prompt row (real tokens: pads do not count, nor do meta tokens,
     as in ``HybridLM.forward``) plus ``max_new_tokens`` plus the ``reserved`` positions the mode
     adds (``what`` names them). One host read when there is a mask."""
-    if not _int_at_least(max_new_tokens, 0):
+    if not int_at_least(max_new_tokens, 0):
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     check_prompt(input_ids, attention_mask, min_tokens)
     T = input_ids.shape[1]
@@ -340,9 +341,9 @@ def generate_block_diffusion(
         raise ValueError("mode block_diffusion needs a model trained with the block_diffusion objective "
                          "(its recipe has no objective: {kind: block_diffusion})")
     bs = block_size if block_size is not None else model.objective.cfg.block_size
-    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+    if not int_at_least(bs, 1):
         raise ValueError(f"block_size must be an integer >= 1, got {bs!r}")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+    if steps is not None and not int_at_least(steps, 1):
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if threshold is not None and not threshold > 0:
         raise ValueError(f"threshold must be > 0 (or None for the steps schedule), got {threshold!r}")
@@ -430,7 +431,7 @@ def generate_speculative(
     if not all(hasattr(draft, a) for a in ("config", "new_cache", "rewind")):  # a path, a state dict, ...
         raise TypeError(f"draft must be a model (a HybridLM, e.g. from_pretrained(path)), got "
                         f"{type(draft).__name__} {brief(draft)}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if not int_at_least(k, 1):
         raise ValueError(f"k must be an integer >= 1 (draft tokens per round), got {k!r}")
     V, Vd = model.config.vocab_size, draft.config.vocab_size
     if V != Vd:

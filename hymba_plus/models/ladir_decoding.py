@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .generation import GENERATORS, RESERVED, check_length, continue_ar
+from .generation import GENERATORS, RESERVED, check_length, continue_ar, int_at_least
 
 
 @torch.no_grad()
@@ -47,7 +47,7 @@ def generate_ladir(
         raise ValueError("mode ladir needs a model with latent reasoning (a recipe with a ladir section)")
     S = samples if samples is not None else lad.cfg.samples
     for name, v in (("samples", S), ("steps", steps if steps is not None else 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if not int_at_least(v, 1):
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     M = lad.cfg.memory_slots
     check_length(model, input_ids, max_new_tokens, attention_mask, reserved=M, what="memory slots")

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from ..core.cache import StepContext
-from .generation import GENERATORS, accept_drafts, check_length, draw, filtered_probs, speculative_summary
+from .generation import GENERATORS, accept_drafts, check_length, draw, filtered_probs, int_at_least, speculative_summary
 
 
 def distribution(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None) -> Tensor:
@@ -81,7 +81,7 @@ def generate_mtp(
         raise ValueError("mode mtp needs a model with MTP modules (a recipe with model.mtp)")
     D = mtp.depth
     k = D if k is None else k
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= D:
+    if not int_at_least(k, 1) or k > D:
         raise ValueError(f"k must be an integer in [1, {D}] (model.mtp.depth), got {k!r}")
     check_length(model, input_ids, max_new_tokens, attention_mask)
     B, T = input_ids.shape
