@@ -3,6 +3,7 @@ path's probe failed on an H200 while every CPU check passes).
 
     python benchmarks/atlas_check.py            # prints one line per check, writes nothing
     python benchmarks/atlas_check.py --grads    # only 4.: gradient norms of the Quad-Hybrid's ATLAS layer
+    python benchmarks/atlas_check.py --time-ns  # only 5.: the Newton-Schulz kernels timed per launch width
 
 1. The Triton Newton-Schulz kernels (``_ns_gram_fwd_kernel`` / ``_ns_gram_bwd_kernel``) on Gram
    matrices of short side m (padded to M = 16 / 32), for each launch width (num_warps) and matmul
@@ -17,6 +18,11 @@ path's probe failed on an H200 while every CPU check passes).
    bf16 autocast as a training step runs it, backward of the output's mean square: the gradient
    norm of the input and of the layer's parameters with the eager chunk step and the factored or
    the direct Gram matrices (``FACTOR_GRAM``; Newton-Schulz as dispatched), finite or not.
+5. ``--time-ns``: the Newton-Schulz kernels (forward, saved-iterate backward) at the launches the
+   muon_chunk step makes per chunk (Quad-Hybrid: 32 problems of side 64, 64 of side 32; the d 2048
+   benchmark: 64 of side 32, 128 of side 16), per launch width and matmul precision: microseconds
+   per launch (``triton.testing.do_bench``) and the error against float64. The default launch
+   width is ``_ns_warps``; the saved-iterate backward at side 64 spills with 4 warps.
 """
 
 from __future__ import annotations
@@ -62,6 +68,37 @@ def ns_kernels() -> None:
                     print(f"ns m={m:2d} M={M} {prec:6s} warps={warps}: {type(e).__name__}: {str(e)[:120]}", flush=True)
 
 
+def time_ns() -> None:
+    from triton.testing import do_bench
+
+    a, b, c = A.NS_COEFFS
+    g = torch.Generator().manual_seed(0)
+    for B, M in ((32, 64), (64, 32), (128, 16)):
+        X = torch.randn(B, M, 4 * M, generator=g, dtype=torch.float64)
+        X = X / X.norm(dim=(-2, -1), keepdim=True)
+        Ad = X @ X.mT
+        dRd = torch.randn(B, M, M, generator=g, dtype=torch.float64)
+        want_r, want_d = A.ns_gram_factor(Ad, 5), A._ns_gram_vjp(Ad, dRd, 5)
+        Ag, dRg = Ad.float().cuda().contiguous(), dRd.float().cuda().contiguous()
+        r, d = torch.empty_like(Ag), torch.empty_like(Ag)
+        scratch = torch.empty(B, 4, 5, M, M, device="cuda")
+        for prec in ("tf32x3", "tf32"):
+            for warps in (2, 4, 8):
+                try:
+                    kw = dict(M=M, STEPS=5, a=a, b=b, c=c, PREC=prec, num_warps=warps)
+                    fwd = functools.partial(A._ns_gram_fwd_kernel[(B,)], Ag, r, **kw)
+                    bwd = functools.partial(A._ns_gram_bwd_saved_kernel[(B,)], Ag, dRg, d, scratch, **kw)
+                    tf, tb = do_bench(fwd) * 1e3, do_bench(bwd) * 1e3
+                    er = max_rel_err(r.double().cpu(), want_r)
+                    ed = max_rel_err(d.double().cpu(), want_d)
+                    mark = " (default)" if warps == A._ns_warps(M) and prec == A.NS_TRITON_PRECISION else ""
+                    print(f"ns time B={B:3d} M={M} {prec:6s} warps={warps}: fwd {tf:7.1f} us bwd {tb:7.1f} us; "
+                          f"err fwd {er:.1e} bwd {ed:.1e}{mark}", flush=True)
+                except Exception as e:  # noqa: BLE001
+                    print(f"ns time B={B:3d} M={M} {prec:6s} warps={warps}: {type(e).__name__}: {str(e)[:120]}",
+                          flush=True)
+
+
 def layer_grads(batch: int, seq_len: int, dev: str = "cuda") -> None:
     from hymba_plus.components.atlas import Atlas
     from hymba_plus.core.cache import StepContext
@@ -105,12 +142,16 @@ def layer_grads(batch: int, seq_len: int, dev: str = "cuda") -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--grads", action="store_true", help="only check 4 (gradient norms)")
+    ap.add_argument("--time-ns", action="store_true", help="only 5 (the Newton-Schulz kernels timed)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=2048)
     args = ap.parse_args()
     print("device:", torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     if args.grads:
         layer_grads(args.batch, args.seq_len)
+        return
+    if args.time_ns:
+        time_ns()
         return
     ns_kernels()
     for name, kw in (("torch NS, eager", {"compile": False, "triton_ns": False}),

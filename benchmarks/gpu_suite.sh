@@ -70,6 +70,9 @@
 #   quad_tf32  quad_atlas.py --modes auto --tf32: the same two recipes with TF32 float32 matmuls (hymba train --tf32:
 #           the ATLAS memory's cuBLAS GEMMs on tensor cores; Newton-Schulz stays tf32x3), 30 timed steps: what the
 #           GEMMs' precision is worth in time (benchmarks/atlas_tf32.py: what it costs in accuracy, on a CPU)
+#   atlas_inductor  atlas_check.py --time-ns (the Newton-Schulz kernels per launch width and precision at
+#           muon_chunk's launches), then the quad-shape muon_chunk layer in CUDA graphs with the chunk step
+#           compiled as shipped and with Inductor's combo kernels (mixers.py fast_graphed fast_combo_graphed)
 #   profiles  where the time of two rows goes (torch.profiler, two passes): side_by_side.py --rows attn --profile
 #           (attn_vs_hf_llama, 1.71x against 2.0: copies_by_shape says which casts and copies the ~7 ms of copies a
 #           step are) and mixers.py --only gdn --profile (the gdn layer at B 4 x 4096, d 2048); run on an H100 on
@@ -182,6 +185,11 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
       quad_tf32) need_tilelang
               step quad_tf32 540 python benchmarks/quad_atlas.py --modes auto --tf32 --iters 30 \
                  --out "$OUT/quad_atlas_tf32.json" ;;
+      atlas_inductor) step atlas_combo_tests 150 "${PYTEST[@]}" tests/test_atlas.py -k "cuda_muon_chunk"
+              (cd benchmarks && step atlas_ns_time 90 python atlas_check.py --time-ns
+              step atlas_inductor 460 python mixers.py --atlas-paths fast_graphed fast_combo_graphed \
+                 --atlas-config quad_chunk --d-model 128 --batch 8 --seq-len 2048 --skip-gdn \
+                 --out "$OUT/mixers_atlas_inductor.json") ;;
       profiles) step attn_profile 330 python benchmarks/side_by_side.py --rows attn --profile --merge --out-dir "$OUT"
               (cd benchmarks && step gdn_layer_profile 150 python mixers.py --only gdn --profile \
                  --out "$OUT/mixers_gdn_profile.json") ;;

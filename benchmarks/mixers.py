@@ -245,6 +245,9 @@ ATLAS_PATHS = {
     "fast_split_factored_graphed": ("auto", {"TRITON_NS_SPLIT": True, "FACTOR_GRAM": None}, True),
     "fast_ns32": ("auto", {"NS_TRITON_MAX": 32, "NS_BWD_SAVED": False}, False),
     "fast_ns32_graphed": ("auto", {"NS_TRITON_MAX": 32, "NS_BWD_SAVED": False}, True),
+    "fast_combo_graphed": ("auto", {"INDUCTOR": "combo"}, True),
+    "fast_gemm_graphed": ("auto", {"INDUCTOR": "gemm"}, True),
+    "fast_combo_gemm_graphed": ("auto", {"INDUCTOR": "combo_gemm"}, True),
 }
 
 
@@ -285,6 +288,9 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
       fast_factored   ``fast`` with the factored Gram matrices and update where they take fewer
                       flops (FACTOR_GRAM None); fast_factored_graphed: the same in CUDA graphs
                       (not for float32 training: NaN where a momentum cancels, see FACTOR_GRAM)
+      fast_combo_graphed / fast_gemm_graphed / fast_combo_gemm_graphed  ``fast_graphed`` with the
+                      chunk step compiled with other Inductor options (INDUCTOR: combo kernels,
+                      autotuned Triton GEMM templates next to cuBLAS, both)
 
     On a CPU the fast variants are forced through the dispatch (it never picks them there).
     Rows: fwd / fwd+bwd ms, compile + first-call seconds, ratio to gdn's fwd+bwd."""

@@ -520,6 +520,8 @@ def test_fast_path_settings_parse_check_and_restore(monkeypatch):
     assert atlas_kernels.parse_setting("FACTOR_GRAM=none") == ("FACTOR_GRAM", None)
     assert atlas_kernels.parse_setting("CHUNKS_PER_CALL=4") == ("CHUNKS_PER_CALL", 4)
     assert atlas_kernels.parse_setting("NS_TRITON_PRECISION=tf32") == ("NS_TRITON_PRECISION", "tf32")
+    assert atlas_kernels.parse_setting("INDUCTOR=combo") == ("INDUCTOR", "combo")
+    assert atlas_kernels.SETTINGS["INDUCTOR"] == tuple(atlas_kernels.INDUCTOR_OPTIONS)
     for bad, msg in (("NS_TRITON_MAX=48", "takes 16 / 32 / 64"), ("NS_BWD_SAVED=none", "takes true / false"),
                      ("CHUNKS_PER_CALL=0", "a positive integer"), ("EVAL=1", "expected NAME=VALUE"),
                      ("NS_TRITON_MAX", "expected NAME=VALUE")):
@@ -979,16 +981,19 @@ def test_fast_path_on_cuda_with_side_64_triton_ns(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_fast_path_on_cuda_muon_chunk():
+@pytest.mark.parametrize("inductor", ["default", "combo"])
+def test_fast_path_on_cuda_muon_chunk(inductor):
     """``inner_optimizer: muon_chunk`` on the CUDA fast path (Triton Newton-Schulz on one Gram
-    matrix per weight and chunk, eager and compiled chunk step) against the float64 CPU
-    reference of that form: outputs, end state and every input gradient."""
+    matrix per weight and chunk, eager and compiled chunk step, the latter also with Inductor's
+    combo kernels: ``INDUCTOR``) against the float64 CPU reference of that form: outputs, end
+    state and every input gradient."""
     assert dispatch.probe_all(["atlas"])["atlas"], dispatch.statuses()["atlas"]
-    for compile_step in (False, True):
+    for compile_step in (False, True) if inductor == "default" else (True,):
         args, leaves = random_problem(N=3, T=32, C=4, c=3, p=2, hid=5, depth=3, float32=True)
-        errs = float32_errors(args, leaves, 3, "cuda", dict(compile=compile_step), chunk_size=4, window=3,
-                              ns_steps=5, muon=True, ns_chunk=True, return_state=True, snapshots=(), n_valid=None)
-        print("muon_chunk errors:", [f"{e:.2g}" for e in errs])
+        with atlas_kernels.settings(INDUCTOR=inductor):
+            errs = float32_errors(args, leaves, 3, "cuda", dict(compile=compile_step), chunk_size=4, window=3,
+                                  ns_steps=5, muon=True, ns_chunk=True, return_state=True, snapshots=(), n_valid=None)
+        print("muon_chunk errors:", inductor, [f"{e:.2g}" for e in errs])
         # float32 vs float64 on a CPU over seeds 0-4: outputs and state <= 1.2e-3, gradients <= 1.7e-2
         assert max(errs[:9]) < 5e-3 and max(errs[9:]) < 5e-2, (compile_step, errs)  # y, 4 weights, 4 momenta
 

@@ -953,6 +953,7 @@ SETTINGS: dict[str, tuple | type] = {
     "COMPILE_CHUNK_STEP": (True, False), "TRITON_NS": (True, False), "CHUNKS_PER_CALL": int,
     "NS_TRITON_PRECISION": ("tf32x3", "tf32", "ieee"), "FACTOR_GRAM": (None, True, False),
     "TRITON_NS_SPLIT": (True, False), "NS_BWD_SAVED": (True, False), "NS_TRITON_MAX": (16, 32, 64),
+    "INDUCTOR": ("default", "combo", "gemm", "combo_gemm"),
 }
 
 
@@ -1038,14 +1039,34 @@ def _guarded(compiled, eager, *args):  # noqa: ANN001, ANN002, ANN202
     return eager(*args)
 
 
+#: Inductor options of the compiled chunk step, by name (``INDUCTOR``): "default" (Inductor's own);
+#: "combo" (``combo_kernels``: independent kernels of the step, e.g. the same element-wise work on
+#: the memory's three weights, horizontally fused into one launch); "gemm" (``max_autotune_gemm``
+#: with Triton templates next to cuBLAS: the step's small batched float32 matmuls may take a
+#: benchmarked Triton kernel with its neighbours' element-wise work fused in; compiles for minutes);
+#: "combo_gemm" both. A benchmark setting: the step is launch-bound (~136 kernels a chunk at the
+#: Quad-Hybrid's shape, 32 x 32-tile cuBLAS GEMMs on CUDA cores among them)
+INDUCTOR_OPTIONS: dict[str, dict[str, object]] = {
+    "default": {},
+    "combo": {"combo_kernels": True},
+    "gemm": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON"},
+    "combo_gemm": {"combo_kernels": True, "max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON"},
+}
+#: the chunk step's Inductor options (a name of ``INDUCTOR_OPTIONS``)
+INDUCTOR = "default"
+
+
 @functools.cache
+def _compile(fn, inductor: str):  # noqa: ANN001, ANN202
+    return torch.compile(fn, fullgraph=True, dynamic=False, options=dict(INDUCTOR_OPTIONS[inductor]) or None)
+
+
 def _compiled_chunk_step():  # noqa: ANN202
-    return torch.compile(_chunk_step, fullgraph=True, dynamic=False)
+    return _compile(_chunk_step, INDUCTOR)
 
 
-@functools.cache
 def _compiled_chunk_steps():  # noqa: ANN202
-    return torch.compile(_chunk_steps, fullgraph=True, dynamic=False)
+    return _compile(_chunk_steps, INDUCTOR)
 
 
 def _atlas_memory_fast(
