@@ -73,7 +73,7 @@ def time_ns() -> None:
 
     a, b, c = A.NS_COEFFS
     g = torch.Generator().manual_seed(0)
-    for B, M in ((32, 64), (64, 32), (128, 16)):
+    for B, M in ((32, 64), (64, 32)):
         X = torch.randn(B, M, 4 * M, generator=g, dtype=torch.float64)
         X = X / X.norm(dim=(-2, -1), keepdim=True)
         Ad = X @ X.mT
@@ -82,21 +82,21 @@ def time_ns() -> None:
         Ag, dRg = Ad.float().cuda().contiguous(), dRd.float().cuda().contiguous()
         r, d = torch.empty_like(Ag), torch.empty_like(Ag)
         scratch = torch.empty(B, 4, 5, M, M, device="cuda")
-        for prec in ("tf32x3", "tf32"):
-            for warps in (2, 4, 8):
-                try:
-                    kw = dict(M=M, STEPS=5, a=a, b=b, c=c, PREC=prec, num_warps=warps)
-                    fwd = functools.partial(A._ns_gram_fwd_kernel[(B,)], Ag, r, **kw)
-                    bwd = functools.partial(A._ns_gram_bwd_saved_kernel[(B,)], Ag, dRg, d, scratch, **kw)
-                    tf, tb = do_bench(fwd) * 1e3, do_bench(bwd) * 1e3
-                    er = max_rel_err(r.double().cpu(), want_r)
-                    ed = max_rel_err(d.double().cpu(), want_d)
-                    mark = " (default)" if warps == A._ns_warps(M) and prec == A.NS_TRITON_PRECISION else ""
-                    print(f"ns time B={B:3d} M={M} {prec:6s} warps={warps}: fwd {tf:7.1f} us bwd {tb:7.1f} us; "
-                          f"err fwd {er:.1e} bwd {ed:.1e}{mark}", flush=True)
-                except Exception as e:  # noqa: BLE001
-                    print(f"ns time B={B:3d} M={M} {prec:6s} warps={warps}: {type(e).__name__}: {str(e)[:120]}",
-                          flush=True)
+        for prec, warps in (("tf32x3", A._ns_warps(M)), ("tf32x3_split", A._ns_warps(M)), ("bf16x3", A._ns_warps(M)),
+                            ("bf16x6", A._ns_warps(M)), ("tf32", A._ns_warps(M)), ("tf32x3", 8 if M > 32 else 4)):
+            try:
+                kw = dict(M=M, STEPS=5, a=a, b=b, c=c, PREC=prec, num_warps=warps)
+                fwd = functools.partial(A._ns_gram_fwd_kernel[(B,)], Ag, r, **kw)
+                bwd = functools.partial(A._ns_gram_bwd_saved_kernel[(B,)], Ag, dRg, d, scratch, **kw)
+                tf, tb = do_bench(fwd) * 1e3, do_bench(bwd) * 1e3
+                er = max_rel_err(r.double().cpu(), want_r)
+                ed = max_rel_err(d.double().cpu(), want_d)
+                mark = " (default)" if warps == A._ns_warps(M) and prec == A.NS_TRITON_PRECISION else ""
+                print(f"ns time B={B:3d} M={M} {prec:6s} warps={warps}: fwd {tf:7.1f} us bwd {tb:7.1f} us; "
+                      f"err fwd {er:.1e} bwd {ed:.1e}{mark}", flush=True)
+            except Exception as e:  # noqa: BLE001
+                print(f"ns time B={B:3d} M={M} {prec:6s} warps={warps}: {type(e).__name__}: {str(e)[:120]}",
+                      flush=True)
 
 
 def layer_grads(batch: int, seq_len: int, dev: str = "cuda") -> None:

@@ -248,6 +248,8 @@ ATLAS_PATHS = {
     "fast_combo_graphed": ("auto", {"INDUCTOR": "combo"}, True),
     "fast_gemm_graphed": ("auto", {"INDUCTOR": "gemm"}, True),
     "fast_combo_gemm_graphed": ("auto", {"INDUCTOR": "combo_gemm"}, True),
+    "fast_combo_split_graphed": ("auto", {"INDUCTOR": "combo", "NS_TRITON_PRECISION": "tf32x3_split"}, True),
+    "fast_combo_bf16x3_graphed": ("auto", {"INDUCTOR": "combo", "NS_TRITON_PRECISION": "bf16x3"}, True),
 }
 
 
@@ -291,6 +293,9 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
       fast_combo_graphed / fast_gemm_graphed / fast_combo_gemm_graphed  ``fast_graphed`` with the
                       chunk step compiled with other Inductor options (INDUCTOR: combo kernels,
                       autotuned Triton GEMM templates next to cuBLAS, both)
+      fast_combo_split_graphed / fast_combo_bf16x3_graphed  ``fast_combo_graphed`` with the
+                      Newton-Schulz products as split TF32 ones written out in the kernel
+                      (NS_TRITON_PRECISION tf32x3_split) / as Triton's bf16x3
 
     On a CPU the fast variants are forced through the dispatch (it never picks them there).
     Rows: fwd / fwd+bwd ms, compile + first-call seconds, ratio to gdn's fwd+bwd."""

@@ -426,7 +426,8 @@ def test_ns_triton_kernels_in_interpreter_match_pytorch():
     """The Triton Newton-Schulz kernels (forward, the backward that recomputes the steps and
     the one that keeps them in scratch memory, ``NS_BWD_SAVED``) against autograd through ns_gram_factor, in Triton's CPU interpreter (subprocess:
     TRITON_INTERPRET must be set before import); sides padded to 16 / 32 / 64 (64: the
-    saved-iterate backward whatever NS_BWD_SAVED says), 1-5 steps."""
+    saved-iterate backward whatever NS_BWD_SAVED says), 1-5 steps; two of them also with the
+    products as split TF32 ones (``NS_TRITON_PRECISION`` "tf32x3_split")."""
     pytest.importorskip("triton")
     code = textwrap.dedent("""
         import itertools
@@ -446,6 +447,9 @@ def test_ns_triton_kernels_in_interpreter_match_pytorch():
             (dA,) = torch.autograd.grad(R, Ar, dR)
             assert rel(_ns_gram_launch(A.float(), None, steps).double(), R.detach()) < 2e-5, ("fwd", m, steps)
             assert rel(_ns_gram_launch(A.float(), dR.float(), steps).double(), dA) < 2e-5, ("bwd", saved, m, steps)
+            if saved and m in (24, 64):  # the products written out as split TF32 ones
+                assert rel(_ns_gram_launch(A.float(), None, steps, "tf32x3_split").double(), R.detach()) < 2e-5
+                assert rel(_ns_gram_launch(A.float(), dR.float(), steps, "tf32x3_split").double(), dA) < 2e-5
         print("ok")
     """)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)

@@ -453,8 +453,25 @@ def _atlas_memory(
 if triton is not None:
 
     @triton.jit
+    def _mm(x, y, PREC: tl.constexpr):
+        """x @ y in float32 for the Newton-Schulz kernels at matmul precision PREC: a precision of
+        ``tl.dot`` ("tf32", Triton's "tf32x3", "ieee", "bf16x3", "bf16x6"), or "tf32x3_split": three
+        TF32 products of split operands written out here, ``x = xh + xl`` with ``xh`` x's top 10
+        mantissa bits (what a TF32 product reads) and ``xl`` the exact remainder,
+        ``x y ~ xl yh + xh yl + xh yh`` (the ``xl yl`` term, ~2^-22 relative, dropped): the same
+        terms as Triton's "tf32x3", for comparison of what its lowering costs."""
+        if PREC == "tf32x3_split":
+            xh = (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+            yh = (y.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+            acc = tl.dot(x - xh, yh, input_precision="tf32")
+            acc = tl.dot(xh, y - yh, acc, input_precision="tf32")
+            return tl.dot(xh, yh, acc, input_precision="tf32")
+        else:
+            return tl.dot(x, y, input_precision=PREC)
+
+    @triton.jit
     def _ns_q(A, eye, a: tl.constexpr, b: tl.constexpr, c: tl.constexpr, PREC: tl.constexpr):
-        return a * eye + b * A + c * tl.dot(A, A, input_precision=PREC)
+        return a * eye + b * A + c * _mm(A, A, PREC)
 
     @triton.jit
     def _ns_gram_fwd_kernel(A_ptr, R_ptr, M: tl.constexpr, STEPS: tl.constexpr, a: tl.constexpr,
@@ -467,9 +484,9 @@ if triton is not None:
         R = eye
         for k in tl.static_range(STEPS):  # ns_gram_factor, step for step
             Q = _ns_q(A, eye, a, b, c, PREC)
-            R = Q if k == 0 else tl.dot(Q, R, input_precision=PREC)
+            R = Q if k == 0 else _mm(Q, R, PREC)
             if k < STEPS - 1:
-                A = tl.dot(tl.dot(Q, A, input_precision=PREC), Q, input_precision=PREC)
+                A = _mm(_mm(Q, A, PREC), Q, PREC)
         tl.store(R_ptr + off, R)
 
     @triton.jit
@@ -489,24 +506,24 @@ if triton is not None:
             R = eye
             for j in tl.static_range(k):
                 Q = _ns_q(A, eye, a, b, c, PREC)
-                R = Q if j == 0 else tl.dot(Q, R, input_precision=PREC)
-                A = tl.dot(tl.dot(Q, A, input_precision=PREC), Q, input_precision=PREC)
+                R = Q if j == 0 else _mm(Q, R, PREC)
+                A = _mm(_mm(Q, A, PREC), Q, PREC)
             Q = _ns_q(A, eye, a, b, c, PREC)
             if k > 0:  # R_{k+1} = Q_k R_k
-                gQ = tl.dot(gR, tl.trans(R), input_precision=PREC)
-                gR = tl.dot(tl.trans(Q), gR, input_precision=PREC)
+                gQ = _mm(gR, tl.trans(R), PREC)
+                gR = _mm(tl.trans(Q), gR, PREC)
             else:  # R_1 = Q_0
                 gQ = gR
             if k < STEPS - 1:  # A_{k+1} = (Q_k A_k) Q_k
-                T = tl.dot(Q, A, input_precision=PREC)
-                gT = tl.dot(gA, tl.trans(Q), input_precision=PREC)
-                gQ += tl.dot(tl.trans(T), gA, input_precision=PREC) + tl.dot(gT, tl.trans(A), input_precision=PREC)
-                gA = tl.dot(tl.trans(Q), gT, input_precision=PREC)
+                T = _mm(Q, A, PREC)
+                gT = _mm(gA, tl.trans(Q), PREC)
+                gQ += _mm(tl.trans(T), gA, PREC) + _mm(gT, tl.trans(A), PREC)
+                gA = _mm(tl.trans(Q), gT, PREC)
             else:
                 gA = tl.zeros([M, M], dtype=tl.float32)
             # Q_k = a I + b A_k + c A_k A_k
-            gA += b * gQ + c * (tl.dot(gQ, tl.trans(A), input_precision=PREC)
-                                + tl.dot(tl.trans(A), gQ, input_precision=PREC))
+            gA += b * gQ + c * (_mm(gQ, tl.trans(A), PREC)
+                                + _mm(tl.trans(A), gQ, PREC))
         tl.store(dA_ptr + off, gA)
 
 
@@ -536,31 +553,31 @@ if triton is not None:
             tl.store(ws + k * M * M + tile, A)
             tl.store(ws + (STEPS + k) * M * M + tile, Q)
             tl.store(ws + (2 * STEPS + k) * M * M + tile, R)
-            R = Q if k == 0 else tl.dot(Q, R, input_precision=PREC)
+            R = Q if k == 0 else _mm(Q, R, PREC)
             if k < STEPS - 1:
-                T = tl.dot(Q, A, input_precision=PREC)
+                T = _mm(Q, A, PREC)
                 tl.store(ws + (3 * STEPS + k) * M * M + tile, T)
-                A = tl.dot(T, Q, input_precision=PREC)
+                A = _mm(T, Q, PREC)
         tl.debug_barrier()
         gR = tl.load(dR_ptr + off)
         gA = tl.zeros([M, M], dtype=tl.float32)
         for k in tl.static_range(STEPS - 1, -1, -1):
             Qt = tl.load(ws + (STEPS + k) * M * M + tile_t)
             if k > 0:  # R_{k+1} = Q_k R_k
-                gQ = tl.dot(gR, tl.load(ws + (2 * STEPS + k) * M * M + tile_t), input_precision=PREC)
-                gR = tl.dot(Qt, gR, input_precision=PREC)
+                gQ = _mm(gR, tl.load(ws + (2 * STEPS + k) * M * M + tile_t), PREC)
+                gR = _mm(Qt, gR, PREC)
             else:  # R_1 = Q_0
                 gQ = gR
             At = tl.load(ws + k * M * M + tile_t)
             if k < STEPS - 1:  # A_{k+1} = T_k Q_k, T_k = Q_k A_k
-                gT = tl.dot(gA, Qt, input_precision=PREC)
-                gQ += tl.dot(tl.load(ws + (3 * STEPS + k) * M * M + tile_t), gA, input_precision=PREC)
-                gQ += tl.dot(gT, At, input_precision=PREC)
-                gA = tl.dot(Qt, gT, input_precision=PREC)
+                gT = _mm(gA, Qt, PREC)
+                gQ += _mm(tl.load(ws + (3 * STEPS + k) * M * M + tile_t), gA, PREC)
+                gQ += _mm(gT, At, PREC)
+                gA = _mm(Qt, gT, PREC)
             else:
                 gA = tl.zeros([M, M], dtype=tl.float32)
             # Q_k = a I + b A_k + c A_k A_k
-            gA += b * gQ + c * (tl.dot(gQ, At, input_precision=PREC) + tl.dot(At, gQ, input_precision=PREC))
+            gA += b * gQ + c * (_mm(gQ, At, PREC) + _mm(At, gQ, PREC))
         tl.store(dA_ptr + off, gA)
 
 
@@ -951,7 +968,7 @@ def _chunk_steps(
 #: values it takes (a tuple of choices, or ``int`` for a positive integer)
 SETTINGS: dict[str, tuple | type] = {
     "COMPILE_CHUNK_STEP": (True, False), "TRITON_NS": (True, False), "CHUNKS_PER_CALL": int,
-    "NS_TRITON_PRECISION": ("tf32x3", "tf32", "ieee"), "FACTOR_GRAM": (None, True, False),
+    "NS_TRITON_PRECISION": ("tf32x3", "tf32", "ieee", "tf32x3_split", "bf16x3", "bf16x6"), "FACTOR_GRAM": (None, True, False),
     "TRITON_NS_SPLIT": (True, False), "NS_BWD_SAVED": (True, False), "NS_TRITON_MAX": (16, 32, 64),
     "INDUCTOR": ("default", "combo", "gemm", "combo_gemm"),
 }
