@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sides", type=int, nargs="+", default=[16, 32, 64], choices=(16, 32, 64))
     ap.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=tuple(KERNELS))
-    ap.add_argument("--precisions", nargs="+", default=["tf32x3"], choices=("tf32x3", "tf32", "ieee"))
+    ap.add_argument("--precisions", nargs="+", default=["tf32x3"], choices=("tf32x3", "tf32", "ieee", "tf32x3_split", "bf16x3", "bf16x6"))
     ap.add_argument("--warps", type=int, default=None, help="warps per program (default: the launch's)")
     ap.add_argument("--out", default=None, help="JSON file (default: print only)")
     args = ap.parse_args(argv)

@@ -250,6 +250,8 @@ ATLAS_PATHS = {
     "fast_combo_gemm_graphed": ("auto", {"INDUCTOR": "combo_gemm"}, True),
     "fast_combo_split_graphed": ("auto", {"INDUCTOR": "combo", "NS_TRITON_PRECISION": "tf32x3_split"}, True),
     "fast_combo_bf16x3_graphed": ("auto", {"INDUCTOR": "combo", "NS_TRITON_PRECISION": "bf16x3"}, True),
+    "fast_bmm32_graphed": ("auto", {"BMM": "bmm32"}, True),
+    "fast_combo_bmm32_graphed": ("auto", {"INDUCTOR": "combo", "BMM": "bmm32"}, True),
 }
 
 
@@ -296,6 +298,8 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
       fast_combo_split_graphed / fast_combo_bf16x3_graphed  ``fast_combo_graphed`` with the
                       Newton-Schulz products as split TF32 ones written out in the kernel
                       (NS_TRITON_PRECISION tf32x3_split) / as Triton's bf16x3
+      fast_bmm32_graphed / fast_combo_bmm32_graphed  ``fast_graphed`` / ``fast_combo_graphed`` with
+                      the chunk step's GEMMs through kernels/bmm32.py (3xTF32 on tensor cores; BMM)
 
     On a CPU the fast variants are forced through the dispatch (it never picks them there).
     Rows: fwd / fwd+bwd ms, compile + first-call seconds, ratio to gdn's fwd+bwd."""

@@ -156,3 +156,21 @@ if triton is not None:
     def silu_f32(x):
         """SiLU of a float32 block as PyTorch computes it: x / (1 + exp(-x))."""
         return tl.math.div_rn(x, 1.0 + exp_f32(-x))
+
+    @triton.jit
+    def dot_f32(x, y, acc, PREC: tl.constexpr):
+        """``acc + x @ y`` for float32 blocks at matmul precision PREC: a precision of ``tl.dot``
+        ("tf32", Triton's "tf32x3", "ieee", "bf16x3", "bf16x6"), or "tf32x3_split": three TF32
+        tensor-core products of split operands written out here (3xTF32), ``x = xh + xl`` with
+        ``xh`` x's top 10 mantissa bits (what a TF32 product reads) and ``xl`` the exact
+        remainder, ``x y ~ xl yh + xh yl + xh yh`` (the ``xl yl`` term, ~2^-22 relative, dropped;
+        the small terms first): float32 accuracy on tensor cores, the terms Triton's "tf32x3"
+        lowering makes (``kernels.atlas``, ``kernels.bmm32``)."""
+        if PREC == "tf32x3_split":
+            xh = (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+            yh = (y.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+            acc = tl.dot(x - xh, yh, acc, input_precision="tf32")
+            acc = tl.dot(xh, y - yh, acc, input_precision="tf32")
+            return tl.dot(xh, yh, acc, input_precision="tf32")
+        else:
+            return tl.dot(x, y, acc, input_precision=PREC)

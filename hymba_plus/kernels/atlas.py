@@ -86,6 +86,7 @@ from torch.func import grad, vmap
 
 from . import dispatch
 from ._triton import next_pow2
+from .bmm32 import bmm_f32
 from .dispatch import fast_path, max_rel_err
 
 try:  # Triton is optional: only the CUDA fast path's Newton-Schulz kernels use it
@@ -451,23 +452,12 @@ def _atlas_memory(
 # float32, every Gram side <= NS_TRITON_MAX, the kernels checked once on this GPU).
 
 if triton is not None:
+    from ._triton import dot_f32
 
     @triton.jit
     def _mm(x, y, PREC: tl.constexpr):
-        """x @ y in float32 for the Newton-Schulz kernels at matmul precision PREC: a precision of
-        ``tl.dot`` ("tf32", Triton's "tf32x3", "ieee", "bf16x3", "bf16x6"), or "tf32x3_split": three
-        TF32 products of split operands written out here, ``x = xh + xl`` with ``xh`` x's top 10
-        mantissa bits (what a TF32 product reads) and ``xl`` the exact remainder,
-        ``x y ~ xl yh + xh yl + xh yh`` (the ``xl yl`` term, ~2^-22 relative, dropped): the same
-        terms as Triton's "tf32x3", for comparison of what its lowering costs."""
-        if PREC == "tf32x3_split":
-            xh = (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
-            yh = (y.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
-            acc = tl.dot(x - xh, yh, input_precision="tf32")
-            acc = tl.dot(xh, y - yh, acc, input_precision="tf32")
-            return tl.dot(xh, yh, acc, input_precision="tf32")
-        else:
-            return tl.dot(x, y, input_precision=PREC)
+        """x @ y in float32 at matmul precision PREC (``_triton.dot_f32``)."""
+        return dot_f32(x, y, tl.zeros((x.shape[0], y.shape[1]), dtype=tl.float32), PREC)
 
     @triton.jit
     def _ns_q(A, eye, a: tl.constexpr, b: tl.constexpr, c: tl.constexpr, PREC: tl.constexpr):
@@ -604,7 +594,12 @@ NS_BWD_SAVED = True
 #: cuBLAS matmuls to TF32): in a CPU emulation of TF32 rounding (``benchmarks/atlas_tf32.py``),
 #: one-pass NS on top of TF32 GEMMs took the probe problem's gradients 3.9 off float64 (the GEMMs
 #: alone 0.64, float32 3e-3) and the 2-layer ATLAS MQAR model's mean final loss over 6 seeds
-#: from 2.36 to 2.69 (the GEMMs alone 2.37)
+#: from 2.36 to 2.69 (the GEMMs alone 2.37). Benchmark choices besides: "tf32x3_split" (the same
+#: three products written out in ``_mm``), Triton's "bf16x3" / "bf16x6" (split bf16 products; not in
+#: Triton's CPU interpreter). Timed per launch on an H100 (2026-12-05, ``atlas_check.py --time-ns``,
+#: muon_chunk's Quad-Hybrid launches, forward / backward): side 64 x 32 problems tf32x3 52 / 215 us,
+#: tf32 12 / 43 us; side 32 x 64 problems 17 / 104 us against 10 / 22: Triton's tf32x3 costs 4-5x
+#: one TF32 pass, not 3x
 NS_TRITON_PRECISION = "tf32x3"
 
 #: largest Gram side the Triton kernels take, 32 or 64 (a program holds its matrices in registers:
@@ -841,12 +836,12 @@ def _chunk_step(
     P, *Ls = params
     hs, zs, h, z = [K], [], K, K
     for i, W in enumerate(Ls):  # the memory MLP on the keys, at the chunk-start weights
-        z = torch.bmm(h, W.mT)
+        z = _bmm(h, W.mT)
         if i < len(Ls) - 1:
             zs.append(z)
             h = F.silu(z)
             hs.append(h)
-    e = (2.0 * gam)[..., None] * (torch.baddbmm(z, K, P.mT) - V)  # ∂/∂M of γ_i ||M(phi(k_i)) - v_i||²
+    e = (2.0 * gam)[..., None] * (_baddbmm(z, K, P.mT) - V)  # ∂/∂M of γ_i ||M(phi(k_i)) - v_i||²
     # per-token gradient of weight j = outer product a_i b_iᵀ of the factors fac[j] = (a, b)
     fac: list[tuple[Tensor, Tensor]] = [(e, K)] * (len(Ls) + 1)
     delta = e
@@ -854,7 +849,7 @@ def _chunk_step(
         fac[i] = (delta, hs[i - 1])
         if i > 1:
             sg = torch.sigmoid(zs[i - 2])  # σ'(z) = s (1 + z (1 - s)), s = sigmoid(z), for σ = SiLU
-            delta = torch.bmm(delta, Ls[i - 1]) * (sg * (1 + zs[i - 2] * (1 - sg)))
+            delta = _bmm(delta, Ls[i - 1]) * (sg * (1 + zs[i - 2] * (1 - sg)))
     N, R, Cp = mix.shape
     kp = keep[:, None, None]
     lam4 = lam[:, :, None, None]
@@ -862,7 +857,7 @@ def _chunk_step(
 
     def momenta(L: Tensor, b: Tensor, S0: Tensor, lam4: Tensor) -> Tensor:  # S_t = L_t b + λ_t S_0, [N, r, out, in]
         (o, n), r = S0.shape[-2:], L.shape[1]
-        return torch.baddbmm((lam4 * S0[:, None]).reshape(N, r * o, n), L.reshape(N, r * o, Cp), b).view(N, r, o, n)
+        return _baddbmm((lam4 * S0[:, None]).reshape(N, r * o, n), L.reshape(N, r * o, Cp), b).view(N, r, o, n)
 
     if not muon:  # mix rows: the new momentum, the whole update
         Ss = [momenta(L, b, S0, lam4) for L, (_, b), S0 in zip(Lt, fac, mom)]
@@ -899,7 +894,7 @@ def _chunk_step(
                 end_m.append(S[:, 1].contiguous())
                 S = S[:, :1]
             X = S.mT.contiguous() if o > n else S  # [N, C, m, n'], m <= n'
-            Gs.append(torch.matmul(X, X.mT))
+            Gs.append(_gram(X))
             Ss.append(S)
             Xs.append(X)
     invs = [1.0 / (G.diagonal(dim1=-2, dim2=-1).sum(-1) + 1e-14) for G in Gs]  # 1 / (||S||_F² + eps²)
@@ -932,11 +927,34 @@ def _chunk_step(
             upd = torch.baddbmm(torch.bmm((Rw * lam4).sum(1), S0), torch.bmm(left, L.reshape(N, R * o, Cp)), b)
             new_m.append(torch.baddbmm(lam[:, -1, None, None] * S0, L[:, -1], b))
         else:
-            upd = torch.bmm(left, X.reshape(N, R * m, -1))
+            upd = _bmm(left, X.reshape(N, R * m, -1))
             upd = upd.mT if o > n else upd
             new_m.append(S[:, -1].contiguous())
         new_p.append(kp * W - upd)
     return tuple(new_p), tuple(end_m if ns_chunk else new_m)
+
+
+#: the chunk step's batched matmuls (the default, direct form's): "cublas" (``torch.bmm`` /
+#: ``baddbmm``: float32 cuBLAS, CUDA-core kernels unless TF32 is on) or "bmm32" (on CUDA in float32,
+#: ``kernels.bmm32``'s 3xTF32 Triton kernel: float32 accuracy on tensor cores; elsewhere torch.bmm).
+#: A benchmark setting until measured
+BMM = "cublas"
+
+
+def _bmm(a: Tensor, b: Tensor) -> Tensor:
+    return bmm_f32(a, b) if BMM == "bmm32" else torch.bmm(a, b)
+
+
+def _baddbmm(c: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    return c + bmm_f32(a, b) if BMM == "bmm32" else torch.baddbmm(c, a, b)
+
+
+def _gram(X: Tensor) -> Tensor:
+    """X Xᵀ for X [N, R, m, n]."""
+    if BMM != "bmm32":
+        return torch.matmul(X, X.mT)
+    Xf = X.flatten(0, 1)
+    return bmm_f32(Xf, Xf.mT).view(*X.shape[:-1], X.shape[-2])
 
 
 def _factor_gram(o: int, n: int, C: int, Cp: int) -> bool:
@@ -970,7 +988,7 @@ SETTINGS: dict[str, tuple | type] = {
     "COMPILE_CHUNK_STEP": (True, False), "TRITON_NS": (True, False), "CHUNKS_PER_CALL": int,
     "NS_TRITON_PRECISION": ("tf32x3", "tf32", "ieee", "tf32x3_split", "bf16x3", "bf16x6"), "FACTOR_GRAM": (None, True, False),
     "TRITON_NS_SPLIT": (True, False), "NS_BWD_SAVED": (True, False), "NS_TRITON_MAX": (16, 32, 64),
-    "INDUCTOR": ("default", "combo", "gemm", "combo_gemm"),
+    "INDUCTOR": ("default", "combo", "gemm", "combo_gemm"), "BMM": ("cublas", "bmm32"),
 }
 
 

@@ -1,0 +1,140 @@
+"""kernels/bmm32.py: the 3xTF32 batched float32 matmul (Triton) against torch.bmm in float64, in
+Triton's CPU interpreter and on CUDA; the op's autograd and fake kernel; the ATLAS chunk step
+with its GEMMs through it (``BMM = "bmm32"``) against the float64 reference."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from hymba_plus.kernels import atlas as atlas_kernels
+from hymba_plus.kernels import bmm32
+from tests.conftest import rel_err
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: (G, M, K, N) and how the operands are laid out: the ATLAS chunk step's problems (a Gram matrix
+#: [64, 560] x [560, 64], the momenta [128, 31] x [31, 560], the MLP [31, 560] x [560, 64]), edges
+#: of the tiles, a K shorter than one K block, and strided / transposed / batch-broadcast operands
+CASES = [(3, 64, 560, 64, "plain"), (2, 128, 31, 560, "plain"), (2, 31, 560, 64, "b_transposed"),
+         (2, 5, 7, 3, "plain"), (4, 70, 33, 17, "a_transposed"), (3, 16, 16, 16, "b_broadcast"),
+         (2, 9, 0, 4, "plain")]
+
+
+def operands(G, M, K, N, layout, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(G, M, K, generator=g, dtype=torch.float64)
+    b = torch.randn(G, K, N, generator=g, dtype=torch.float64)
+    if layout == "a_transposed":
+        a = torch.randn(G, K, M, generator=g, dtype=torch.float64).mT
+    if layout == "b_transposed":
+        b = torch.randn(G, N, K, generator=g, dtype=torch.float64).mT
+    if layout == "b_broadcast":
+        b = b[:1].expand(G, K, N)
+    return a.to(device), b.to(device)
+
+
+def test_bmm_kernel_in_interpreter_matches_float64():
+    """The Triton kernel (3xTF32 split products) in Triton's CPU interpreter == torch.bmm in
+    float64 within float32 rounding, for every case's shape and operand layout."""
+    pytest.importorskip("triton")
+    code = textwrap.dedent("""
+        import torch
+        from hymba_plus.kernels import bmm32
+        from tests.test_bmm32 import CASES, operands
+        for G, M, K, N, layout in CASES:
+            a, b = operands(G, M, K, N, layout)
+            want = torch.bmm(a, b)
+            got = bmm32.bmm_launch(a.float(), b.float()).double()
+            assert got.shape == want.shape and got.is_contiguous(), (G, M, K, N, layout)
+            scale = want.abs().max().clamp_min(1e-30)
+            err = float((got - want).abs().max() / scale) if want.numel() else 0.0
+            assert err < 1e-5, (G, M, K, N, layout, err)
+        print("ok")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stdout[-1000:] + res.stderr[-3000:]
+
+
+def test_op_autograd_and_fake_kernel():
+    """``hymba::bmm_f32`` (torch.bmm on a CPU): its hand-written backward == autograd through
+    torch.bmm, for transposed and broadcast operands; ``torch.library.opcheck`` passes (the fake
+    kernel's shapes, the autograd registration)."""
+    for G, M, K, N, layout in CASES[:6]:
+        a, b = (t.float().requires_grad_() for t in operands(G, M, K, N, layout, seed=1))
+        out = bmm32.bmm_f32(a, b)
+        ref_a, ref_b = (t.detach().clone().requires_grad_() for t in (a, b))
+        want = torch.bmm(ref_a, ref_b)
+        assert torch.equal(out, want)
+        seed = torch.randn_like(want)
+        ga, gb = torch.autograd.grad(out, (a, b), seed)
+        wa, wb = torch.autograd.grad(want, (ref_a, ref_b), seed)
+        assert rel_err(ga, wa) < 1e-6 and rel_err(gb, wb) < 1e-6, (G, M, K, N, layout)
+    a, b = (t.float().requires_grad_() for t in operands(2, 5, 7, 3, "plain"))
+    torch.library.opcheck(bmm32.bmm_f32, (a, b))
+
+
+def test_atlas_chunk_step_through_bmm32_in_interpreter():
+    """The ATLAS fast path with its chunk step's GEMMs through the Triton kernel
+    (``BMM = "bmm32"``; the op's CPU kernel replaced by the launcher, in Triton's CPU
+    interpreter) against the float64 reference: Muon per chunk and per token, outputs, state
+    and every gradient."""
+    pytest.importorskip("triton")
+    code = textwrap.dedent("""
+        import torch
+        from hymba_plus.kernels import atlas, bmm32
+        bmm32.bmm_f32.register_kernel("cpu")(lambda a, b: bmm32.bmm_launch(a, b))
+        atlas.BMM = "bmm32"
+        from tests.test_atlas import float32_errors, random_problem
+        for ns_chunk in (True, False):
+            args, leaves = random_problem(N=2, T=14, C=4, c=3, d=8, p=2, hid=40, depth=2)
+            errs = float32_errors(args, leaves, 2, "cpu", dict(compile=False), chunk_size=4, window=3, ns_steps=5,
+                                  muon=True, ns_chunk=ns_chunk, return_state=True, snapshots=(), n_valid=None)
+            assert max(errs) < 2e-3, (ns_chunk, errs)  # the float32 reference: 3e-4
+        print("ok")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stdout[-1000:] + res.stderr[-3000:]
+
+
+@pytest.mark.gpu
+def test_bmm_kernel_on_cuda():
+    """On the GPU: the kernel == torch.bmm in float64 within 1e-5 (3xTF32; one TF32 pass is
+    ~1e-3 off), the op's gradients == torch.bmm's, and the op inside torch.compile."""
+    for G, M, K, N, layout in CASES:
+        a, b = operands(G, M, K, N, layout, device="cuda")
+        want = torch.bmm(a, b)
+        got = bmm32.bmm_f32(a.float(), b.float()).double()
+        scale = want.abs().max().clamp_min(1e-30)
+        err = float((got - want).abs().max() / scale) if want.numel() else 0.0
+        assert err < 1e-5, (G, M, K, N, layout, err)
+    a, b = (t.float().requires_grad_() for t in operands(4, 64, 560, 64, "plain", device="cuda"))
+    seed = torch.randn(4, 64, 64, device="cuda")
+    ga, gb = torch.autograd.grad(bmm32.bmm_f32(a, b), (a, b), seed)
+    with torch.backends.cuda.matmul.flags(allow_tf32=False):
+        wa, wb = torch.autograd.grad(torch.bmm(a, b), (a, b), seed)
+    assert rel_err(ga, wa) < 1e-5 and rel_err(gb, wb) < 1e-5
+    fn = torch.compile(lambda x, y: bmm32.bmm_f32(x, y).relu() + 1, fullgraph=True)
+    assert rel_err(fn(a, b), bmm32.bmm_f32(a, b).relu() + 1) < 1e-6
+
+
+@pytest.mark.gpu
+def test_atlas_fast_path_on_cuda_with_bmm32():
+    """The CUDA fast path with ``BMM = "bmm32"`` (muon_chunk, eager and compiled chunk step)
+    against the float64 CPU reference, within the limits of the cuBLAS path's test."""
+    from tests.test_atlas import float32_errors, random_problem
+
+    for compile_step in (False, True):
+        args, leaves = random_problem(N=3, T=32, C=4, c=3, p=2, hid=5, depth=3, float32=True)
+        with atlas_kernels.settings(BMM="bmm32"):
+            errs = float32_errors(args, leaves, 3, "cuda", dict(compile=compile_step), chunk_size=4, window=3,
+                                  ns_steps=5, muon=True, ns_chunk=True, return_state=True, snapshots=(), n_valid=None)
+        print("bmm32 errors:", [f"{e:.2g}" for e in errs])
+        assert max(errs[:9]) < 5e-3 and max(errs[9:]) < 5e-2, (compile_step, errs)
