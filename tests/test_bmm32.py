@@ -81,20 +81,19 @@ def test_op_autograd_and_fake_kernel():
 
 
 def test_atlas_chunk_step_through_bmm32_in_interpreter():
-    """The ATLAS fast path with its chunk step's GEMMs through the Triton kernel
-    (``BMM = "bmm32"``; the op's CPU kernel replaced by the launcher, in Triton's CPU
-    interpreter) against the float64 reference: Muon per chunk and per token, outputs, state
+    """The ATLAS fast path with its chunk step's GEMMs through the Triton kernel (``BMM =
+    "bmm32"``, which applies on CUDA, asked for on CPU tensors; the op's CPU kernel replaced by the
+    launcher, in Triton's CPU interpreter) against the float64 reference: Muon per chunk and per token, outputs, state
     and every gradient."""
     pytest.importorskip("triton")
     code = textwrap.dedent("""
         import torch
         from hymba_plus.kernels import atlas, bmm32
         bmm32.bmm_f32.register_kernel("cpu")(lambda a, b: bmm32.bmm_launch(a, b))
-        atlas.BMM = "bmm32"
         from tests.test_atlas import float32_errors, random_problem
         for ns_chunk in (True, False):
             args, leaves = random_problem(N=2, T=14, C=4, c=3, d=8, p=2, hid=40, depth=2)
-            errs = float32_errors(args, leaves, 2, "cpu", dict(compile=False), chunk_size=4, window=3, ns_steps=5,
+            errs = float32_errors(args, leaves, 2, "cpu", dict(compile=False, bmm32=True), chunk_size=4, window=3, ns_steps=5,
                                   muon=True, ns_chunk=ns_chunk, return_state=True, snapshots=(), n_valid=None)
             assert max(errs) < 2e-3, (ns_chunk, errs)  # the float32 reference: 3e-4
         print("ok")
@@ -102,6 +101,19 @@ def test_atlas_chunk_step_through_bmm32_in_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
     assert res.returncode == 0 and "ok" in res.stdout, res.stdout[-1000:] + res.stderr[-3000:]
+
+
+def test_atlas_compiled_chunk_step_with_the_op():
+    """The chunk step compiled (Inductor's CPU backend) with its GEMMs through ``hymba::bmm_f32``
+    (torch.bmm on a CPU: what torch.compile makes of the op and its backward on CUDA, with the
+    choice passed as the step's static argument) == the reference in float32 (muon_chunk; the
+    per-token form goes through the same helpers)."""
+    from tests.test_atlas import compare_impls, random_problem
+
+    args, leaves = random_problem(N=2, T=10, C=4, c=2, dtype=torch.float32, seed=3)
+    fwd, bwd = compare_impls(args, leaves, dict(compile=True, pad_ns=True, bmm32=True), chunk_size=4, window=2,
+                             ns_steps=5, muon=True, ns_chunk=True, return_state=True, snapshots=(), n_valid=None)
+    assert fwd < 1e-3 and bwd < 5e-3, (fwd, bwd)
 
 
 @pytest.mark.gpu
@@ -118,8 +130,7 @@ def test_bmm_kernel_on_cuda():
     a, b = (t.float().requires_grad_() for t in operands(4, 64, 560, 64, "plain", device="cuda"))
     seed = torch.randn(4, 64, 64, device="cuda")
     ga, gb = torch.autograd.grad(bmm32.bmm_f32(a, b), (a, b), seed)
-    with torch.backends.cuda.matmul.flags(allow_tf32=False):
-        wa, wb = torch.autograd.grad(torch.bmm(a, b), (a, b), seed)
+    wa, wb = (t.float() for t in torch.autograd.grad(torch.bmm(a.double(), b.double()), (a, b), seed.double()))
     assert rel_err(ga, wa) < 1e-5 and rel_err(gb, wb) < 1e-5
     fn = torch.compile(lambda x, y: bmm32.bmm_f32(x, y).relu() + 1, fullgraph=True)
     assert rel_err(fn(a, b), bmm32.bmm_f32(a, b).relu() + 1) < 1e-6
@@ -127,8 +138,8 @@ def test_bmm_kernel_on_cuda():
 
 @pytest.mark.gpu
 def test_atlas_fast_path_on_cuda_with_bmm32():
-    """The CUDA fast path with ``BMM = "bmm32"`` (muon_chunk, eager and compiled chunk step)
-    against the float64 CPU reference, within the limits of the cuBLAS path's test."""
+    """The CUDA fast path with ``BMM = "bmm32"`` (the default; muon_chunk, eager and compiled chunk
+    step) against the float64 CPU reference, within the limits of the cuBLAS path's test."""
     from tests.test_atlas import float32_errors, random_problem
 
     for compile_step in (False, True):

@@ -821,7 +821,7 @@ def _window_matrix(C: int, c: int, device: torch.device, dtype: torch.dtype) -> 
 def _chunk_step(
     params: tuple[Tensor, ...], mom: tuple[Tensor, ...], K: Tensor, V: Tensor, gam: Tensor, mix: Tensor,
     lam: Tensor, wu: Tensor, keep: Tensor, ns_steps: int, muon: bool, pad_ns: bool, triton_ns: bool,
-    factor: bool | None, ns_chunk: bool = False,
+    factor: bool | None, ns_chunk: bool = False, bmm32: bool = False,
 ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
     """One chunk of the Atlas update in closed form (see the fast-path notes above).
 
@@ -831,17 +831,18 @@ def _chunk_step(
     ``η_t Π_{s>t} α_s``. SGD: mix [N, 2, C'], lam [N, 2] give the new momentum (row 0) and the
     whole update ``Σ_t wu_t S_t`` (row 1) directly. Muon with ``ns_chunk``: mix [N, 2, C'], lam
     [N, 2] give ``Σ_t wu_t S_t`` (row 0, Newton-Schulz's one input) and the new momentum (row 1),
-    wu [N, 1] = ``Σ_t wu_t``. keep [N] = ``Π_t α_t``.
+    wu [N, 1] = ``Σ_t wu_t``. keep [N] = ``Π_t α_t``. ``bmm32``: the batched matmuls of the direct
+    form through ``kernels.bmm32`` (``BMM``), else torch's.
     """
     P, *Ls = params
     hs, zs, h, z = [K], [], K, K
     for i, W in enumerate(Ls):  # the memory MLP on the keys, at the chunk-start weights
-        z = _bmm(h, W.mT)
+        z = _bmm(h, W.mT, bmm32)
         if i < len(Ls) - 1:
             zs.append(z)
             h = F.silu(z)
             hs.append(h)
-    e = (2.0 * gam)[..., None] * (_baddbmm(z, K, P.mT) - V)  # ∂/∂M of γ_i ||M(phi(k_i)) - v_i||²
+    e = (2.0 * gam)[..., None] * (_baddbmm(z, K, P.mT, bmm32) - V)  # ∂/∂M of γ_i ||M(phi(k_i)) - v_i||²
     # per-token gradient of weight j = outer product a_i b_iᵀ of the factors fac[j] = (a, b)
     fac: list[tuple[Tensor, Tensor]] = [(e, K)] * (len(Ls) + 1)
     delta = e
@@ -849,7 +850,7 @@ def _chunk_step(
         fac[i] = (delta, hs[i - 1])
         if i > 1:
             sg = torch.sigmoid(zs[i - 2])  # σ'(z) = s (1 + z (1 - s)), s = sigmoid(z), for σ = SiLU
-            delta = _bmm(delta, Ls[i - 1]) * (sg * (1 + zs[i - 2] * (1 - sg)))
+            delta = _bmm(delta, Ls[i - 1], bmm32) * (sg * (1 + zs[i - 2] * (1 - sg)))
     N, R, Cp = mix.shape
     kp = keep[:, None, None]
     lam4 = lam[:, :, None, None]
@@ -857,7 +858,7 @@ def _chunk_step(
 
     def momenta(L: Tensor, b: Tensor, S0: Tensor, lam4: Tensor) -> Tensor:  # S_t = L_t b + λ_t S_0, [N, r, out, in]
         (o, n), r = S0.shape[-2:], L.shape[1]
-        return _baddbmm((lam4 * S0[:, None]).reshape(N, r * o, n), L.reshape(N, r * o, Cp), b).view(N, r, o, n)
+        return _baddbmm((lam4 * S0[:, None]).reshape(N, r * o, n), L.reshape(N, r * o, Cp), b, bmm32).view(N, r, o, n)
 
     if not muon:  # mix rows: the new momentum, the whole update
         Ss = [momenta(L, b, S0, lam4) for L, (_, b), S0 in zip(Lt, fac, mom)]
@@ -894,7 +895,7 @@ def _chunk_step(
                 end_m.append(S[:, 1].contiguous())
                 S = S[:, :1]
             X = S.mT.contiguous() if o > n else S  # [N, C, m, n'], m <= n'
-            Gs.append(_gram(X))
+            Gs.append(_gram(X, bmm32))
             Ss.append(S)
             Xs.append(X)
     invs = [1.0 / (G.diagonal(dim1=-2, dim2=-1).sum(-1) + 1e-14) for G in Gs]  # 1 / (||S||_F² + eps²)
@@ -927,31 +928,35 @@ def _chunk_step(
             upd = torch.baddbmm(torch.bmm((Rw * lam4).sum(1), S0), torch.bmm(left, L.reshape(N, R * o, Cp)), b)
             new_m.append(torch.baddbmm(lam[:, -1, None, None] * S0, L[:, -1], b))
         else:
-            upd = _bmm(left, X.reshape(N, R * m, -1))
+            upd = _bmm(left, X.reshape(N, R * m, -1), bmm32)
             upd = upd.mT if o > n else upd
             new_m.append(S[:, -1].contiguous())
         new_p.append(kp * W - upd)
     return tuple(new_p), tuple(end_m if ns_chunk else new_m)
 
 
-#: the chunk step's batched matmuls (the default, direct form's): "cublas" (``torch.bmm`` /
-#: ``baddbmm``: float32 cuBLAS, CUDA-core kernels unless TF32 is on) or "bmm32" (on CUDA in float32,
-#: ``kernels.bmm32``'s 3xTF32 Triton kernel: float32 accuracy on tensor cores; elsewhere torch.bmm).
-#: A benchmark setting until measured
-BMM = "cublas"
+#: the chunk step's batched matmuls (its default, direct form's) on CUDA: "bmm32" (``kernels.bmm32``'s
+#: Triton kernel: three TF32 tensor-core products of split operands per matmul, float32 accuracy;
+#: its backward the same kernel) or "cublas" (``torch.bmm`` / ``baddbmm`` in float32: cuBLAS's
+#: CUDA-core kernels with 32 x 32 tiles at these shapes). With TF32 allowed (``hymba train --tf32``)
+#: the GEMMs stay cuBLAS's, in TF32 as asked; on a CPU always torch's. Measured on an H100
+#: (2026-12-05, ``mixers.py --atlas-paths fast_combo_graphed fast_combo_bmm32_graphed --atlas-config
+#: quad_chunk``, the Quad-Hybrid's muon_chunk layer at 8 x 2048 in CUDA graphs, one process):
+#: 127.7 ms forward+backward with cuBLAS, 115.3 with bmm32; so bmm32
+BMM = "bmm32"
 
 
-def _bmm(a: Tensor, b: Tensor) -> Tensor:
-    return bmm_f32(a, b) if BMM == "bmm32" else torch.bmm(a, b)
+def _bmm(a: Tensor, b: Tensor, bmm32: bool) -> Tensor:
+    return bmm_f32(a, b) if bmm32 else torch.bmm(a, b)
 
 
-def _baddbmm(c: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    return c + bmm_f32(a, b) if BMM == "bmm32" else torch.baddbmm(c, a, b)
+def _baddbmm(c: Tensor, a: Tensor, b: Tensor, bmm32: bool) -> Tensor:
+    return c + bmm_f32(a, b) if bmm32 else torch.baddbmm(c, a, b)
 
 
-def _gram(X: Tensor) -> Tensor:
+def _gram(X: Tensor, bmm32: bool) -> Tensor:
     """X Xᵀ for X [N, R, m, n]."""
-    if BMM != "bmm32":
+    if not bmm32:
         return torch.matmul(X, X.mT)
     Xf = X.flatten(0, 1)
     return bmm_f32(Xf, Xf.mT).view(*X.shape[:-1], X.shape[-2])
@@ -968,7 +973,7 @@ def _factor_gram(o: int, n: int, C: int, Cp: int) -> bool:
 def _chunk_steps(
     params: tuple[Tensor, ...], mom: tuple[Tensor, ...], K: Tensor, V: Tensor, gam: Tensor, mix: Tensor,
     lam: Tensor, wu: Tensor, keep: Tensor, ns_steps: int, muon: bool, pad_ns: bool, triton_ns: bool,
-    factor: bool | None, ns_chunk: bool = False,
+    factor: bool | None, ns_chunk: bool = False, bmm32: bool = False,
 ) -> tuple[list[tuple[Tensor, ...]], list[tuple[Tensor, ...]]]:
     """``K.shape[0]`` consecutive chunk steps (the per-chunk arguments stacked on dim 0): the
     weights and momentum after each. Compiled as one graph (``CHUNKS_PER_CALL``): one call's
@@ -976,7 +981,7 @@ def _chunk_steps(
     Ws, Ss = [], []
     for i in range(K.shape[0]):
         params, mom = _chunk_step(params, mom, K[i], V[i], gam[i], mix[i], lam[i], wu[i], keep[i], ns_steps, muon,
-                                  pad_ns, triton_ns, factor, ns_chunk)
+                                  pad_ns, triton_ns, factor, ns_chunk, bmm32)
         Ws.append(params)
         Ss.append(mom)
     return Ws, Ss
@@ -1076,11 +1081,12 @@ def _guarded(compiled, eager, *args):  # noqa: ANN001, ANN002, ANN202
 
 #: Inductor options of the compiled chunk step, by name (``INDUCTOR``): "default" (Inductor's own);
 #: "combo" (``combo_kernels``: independent kernels of the step, e.g. the same element-wise work on
-#: the memory's three weights, horizontally fused into one launch); "gemm" (``max_autotune_gemm``
-#: with Triton templates next to cuBLAS: the step's small batched float32 matmuls may take a
-#: benchmarked Triton kernel with its neighbours' element-wise work fused in; compiles for minutes);
-#: "combo_gemm" both. A benchmark setting: the step is launch-bound (~136 kernels a chunk at the
-#: Quad-Hybrid's shape, 32 x 32-tile cuBLAS GEMMs on CUDA cores among them)
+#: the memory's weights, horizontally fused into one launch); "gemm" (``max_autotune_gemm`` with
+#: Triton templates next to cuBLAS: benchmarked GEMM kernels with their neighbours' element-wise work
+#: fused in; compiles for minutes; not measured); "combo_gemm" both. The step is launch-bound (~136
+#: kernels a chunk at the Quad-Hybrid's shape). Measured on an H100 (2026-12-05, the Quad-Hybrid's
+#: muon_chunk layer at 8 x 2048 in CUDA graphs, one process, cuBLAS GEMMs): 133.1 ms forward+backward
+#: with "default", 127.8 with "combo" (tested equal to the reference on CUDA); so "combo"
 INDUCTOR_OPTIONS: dict[str, dict[str, object]] = {
     "default": {},
     "combo": {"combo_kernels": True},
@@ -1088,7 +1094,7 @@ INDUCTOR_OPTIONS: dict[str, dict[str, object]] = {
     "combo_gemm": {"combo_kernels": True, "max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON"},
 }
 #: the chunk step's Inductor options (a name of ``INDUCTOR_OPTIONS``)
-INDUCTOR = "default"
+INDUCTOR = "combo"
 
 
 @functools.cache
@@ -1109,6 +1115,7 @@ def _atlas_memory_fast(
     params: Sequence[Tensor], mom: Sequence[Tensor] | None, *, chunk_size: int, window: int, ns_steps: int,
     muon: bool, n_valid: Tensor | None, return_state: bool, snapshots: Sequence[int], compile: bool | None = None,
     pad_ns: bool | None = None, triton_ns: bool | None = None, factor: bool | None = None, ns_chunk: bool = False,
+    bmm32: bool | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...] | None, tuple[Tensor, ...] | None,
            dict[int, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]]]:
     """``_atlas_memory`` (same arguments and results) by the fast path: gate coefficients of
@@ -1117,12 +1124,13 @@ def _atlas_memory_fast(
     off (the memory is computed in float32 whatever the surrounding autocast says).
     ``triton_ns`` (default: where the Triton kernels apply) / ``pad_ns`` (default: on CUDA
     without them) choose the Newton-Schulz kernels and layout, ``factor`` the factored Gram
-    matrices (default ``FACTOR_GRAM``) (tests set them)."""
+    matrices (default ``FACTOR_GRAM``), ``bmm32`` the GEMMs through ``kernels.bmm32`` (default: ``BMM``
+    on CUDA in float32 without TF32) (tests set them)."""
     with torch.autocast(qf.device.type, enabled=False):
         return _atlas_memory_fast_body(
             qf, kf, v, gamma, eta, log_theta, log_alpha, params, mom, chunk_size=chunk_size, window=window,
             ns_steps=ns_steps, muon=muon, n_valid=n_valid, return_state=return_state, snapshots=snapshots,
-            compile=compile, pad_ns=pad_ns, triton_ns=triton_ns, factor=factor, ns_chunk=ns_chunk)
+            compile=compile, pad_ns=pad_ns, triton_ns=triton_ns, factor=factor, ns_chunk=ns_chunk, bmm32=bmm32)
 
 
 def _atlas_memory_fast_body(
@@ -1130,6 +1138,7 @@ def _atlas_memory_fast_body(
     params: Sequence[Tensor], mom: Sequence[Tensor] | None, *, chunk_size: int, window: int, ns_steps: int,
     muon: bool, n_valid: Tensor | None, return_state: bool, snapshots: Sequence[int], compile: bool | None,
     pad_ns: bool | None, triton_ns: bool | None, factor: bool | None, ns_chunk: bool = False,
+    bmm32: bool | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...] | None, tuple[Tensor, ...] | None,
            dict[int, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]]]:
     N, T, Fd = qf.shape
@@ -1175,7 +1184,10 @@ def _atlas_memory_fast_body(
         triton_ns = muon and triton_ns
         if pad_ns is None:  # one padded batch where launches cost more than the padding's flops
             pad_ns = qf.is_cuda and not triton_ns
-        static = (ns_steps, muon, pad_ns, triton_ns, FACTOR_GRAM if factor is None else factor, muon and ns_chunk)
+        if bmm32 is None:  # TF32 allowed (hymba train --tf32): cuBLAS's TF32 GEMMs, as asked
+            bmm32 = BMM == "bmm32" and qf.is_cuda and ct == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+        static = (ns_steps, muon, pad_ns, triton_ns, FACTOR_GRAM if factor is None else factor, muon and ns_chunk,
+                  bmm32)
         # groups of chunks per compiled call, then single chunks; each call's inputs are pieces of
         # one split, whose backward concatenates the pieces' gradients once (indexing each chunk
         # out of the stacked tensors gave every chunk a zero-filled gradient of the whole stack,
