@@ -31,7 +31,7 @@
 #   mixers  mixers.py for gated_attn gdn hymba atlas (autotuned)
 #   loss    pytest -m gpu tests/test_linear_ce.py (the fast path, Liger's CE kernel in our capturable chunk loop,
 #           == the chunked reference, eagerly and replayed from a CUDA graph; the model's fused loss == unfused
-#           with less peak memory; needs liger-kernel from .whl; not yet run since the change of 2026-12-05)
+#           with less peak memory; needs liger-kernel from .whl; 6/6 passed on an H100 2026-12-05)
 #   memory  gdn's split q/k/v GPU tests, then train_memory.py --fla: peak memory and step time of
 #           (GD+mlp)*24 at batch 8 x 2048, vocab 32000, with/without the fused loss and the split (issue 18)
 #   decode  pytest -m gpu: the decode-step kernels (tests/test_decode_attention.py, the conv update in
@@ -72,9 +72,11 @@
 #           GEMMs' precision is worth in time (benchmarks/atlas_tf32.py: what it costs in accuracy, on a CPU)
 #   atlas_inductor  atlas_check.py --time-ns (the Newton-Schulz kernels per launch width and precision at
 #           muon_chunk's launches), then the quad-shape muon_chunk layer in CUDA graphs with the chunk step
-#           compiled as shipped and with Inductor's combo kernels (mixers.py fast_graphed fast_combo_graphed)
+#           compiled as shipped and with Inductor's combo kernels (mixers.py fast_graphed fast_combo_graphed); run on
+#           an H100 2026-12-05 (the --time-ns part outlasted its 90 s there: its sweep is shorter since)
 #   atlas_bmm32  pytest -m gpu tests/test_bmm32.py (the 3xTF32 batched-matmul kernel and the ATLAS fast path through
 #           it), then the quad-shape muon_chunk layer in CUDA graphs with combo kernels, its GEMMs by cuBLAS or by it
+#           (run on an H100 2026-12-05, before both became defaults: 127.7 against 115.3 ms)
 #   profiles  where the time of two rows goes (torch.profiler, two passes): side_by_side.py --rows attn --profile
 #           (attn_vs_hf_llama, 1.71x against 2.0: copies_by_shape says which casts and copies the ~7 ms of copies a
 #           step are) and mixers.py --only gdn --profile (the gdn layer at B 4 x 4096, d 2048); run on an H100 on

@@ -939,7 +939,8 @@ def _chunk_step(
 #: Triton kernel: three TF32 tensor-core products of split operands per matmul, float32 accuracy;
 #: its backward the same kernel) or "cublas" (``torch.bmm`` / ``baddbmm`` in float32: cuBLAS's
 #: CUDA-core kernels with 32 x 32 tiles at these shapes). With TF32 allowed (``hymba train --tf32``)
-#: the GEMMs stay cuBLAS's, in TF32 as asked; on a CPU always torch's. Measured on an H100
+#: the GEMMs stay cuBLAS's, in TF32 as asked; before sm_80 (no TF32 tensor cores) and on a CPU
+#: always torch's. Measured on an H100
 #: (2026-12-05, ``mixers.py --atlas-paths fast_combo_graphed fast_combo_bmm32_graphed --atlas-config
 #: quad_chunk``, the Quad-Hybrid's muon_chunk layer at 8 x 2048 in CUDA graphs, one process):
 #: 127.7 ms forward+backward with cuBLAS, 115.3 with bmm32; so bmm32
@@ -1185,7 +1186,8 @@ def _atlas_memory_fast_body(
         if pad_ns is None:  # one padded batch where launches cost more than the padding's flops
             pad_ns = qf.is_cuda and not triton_ns
         if bmm32 is None:  # TF32 allowed (hymba train --tf32): cuBLAS's TF32 GEMMs, as asked
-            bmm32 = BMM == "bmm32" and qf.is_cuda and ct == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+            bmm32 = (BMM == "bmm32" and qf.is_cuda and ct == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+                     and torch.cuda.get_device_capability(qf.device)[0] >= 8)  # TF32 tensor cores: sm_80 on
         static = (ns_steps, muon, pad_ns, triton_ns, FACTOR_GRAM if factor is None else factor, muon and ns_chunk,
                   bmm32)
         # groups of chunks per compiled call, then single chunks; each call's inputs are pieces of
