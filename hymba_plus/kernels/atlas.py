@@ -992,7 +992,8 @@ def _chunk_steps(
 #: values it takes (a tuple of choices, or ``int`` for a positive integer)
 SETTINGS: dict[str, tuple | type] = {
     "COMPILE_CHUNK_STEP": (True, False), "TRITON_NS": (True, False), "CHUNKS_PER_CALL": int,
-    "NS_TRITON_PRECISION": ("tf32x3", "tf32", "ieee", "tf32x3_split", "bf16x3", "bf16x6"), "FACTOR_GRAM": (None, True, False),
+    "NS_TRITON_PRECISION": ("tf32x3", "tf32", "ieee", "tf32x3_split", "bf16x3", "bf16x6"),
+    "FACTOR_GRAM": (None, True, False),
     "TRITON_NS_SPLIT": (True, False), "NS_BWD_SAVED": (True, False), "NS_TRITON_MAX": (16, 32, 64),
     "INDUCTOR": ("default", "combo", "gemm", "combo_gemm"), "BMM": ("cublas", "bmm32"),
 }

@@ -12,8 +12,10 @@ their strides (transposed views and batch-broadcast operands cost no copy).
 
 ``bmm_f32(a, b)`` is the op (``hymba::bmm_f32``: opaque to torch.compile, its backward two
 more of itself, so the chunk step's backward GEMMs take it too); on a CPU, or for other dtypes,
-it is ``torch.bmm``. ``kernels/atlas.py`` routes its chunk step's GEMMs through it where
-``BMM`` says so (a benchmark setting; measured before it becomes a default).
+it is ``torch.bmm``. ``kernels/atlas.py`` routes its chunk step's GEMMs through it (``BMM``, the
+default on CUDA from sm_80 while TF32 is off: on an H100 the Quad-Hybrid's muon_chunk ATLAS layer
+went from 127.7 to 115.3 ms forward+backward in CUDA graphs with it). Tested against torch.bmm in
+float64 in Triton's CPU interpreter and on CUDA (``tests/test_bmm32.py``).
 """
 
 from __future__ import annotations
