@@ -116,6 +116,26 @@ def test_atlas_compiled_chunk_step_with_the_op():
     assert fwd < 1e-3 and bwd < 5e-3, (fwd, bwd)
 
 
+@pytest.mark.slow  # Triton's compiler for sm_90 on a CPU, like the other kernels' compile tests
+def test_bmm_kernel_compiles_for_sm90():
+    """The kernel through Triton's real compiler for an H100 / H200 (sm_90a) at the tiles the
+    launcher picks: a 64-row tile on Hopper's wgmma, 32 rows on mma.sync; where Triton ships
+    ptxas, no spills."""
+    pytest.importorskip("triton")
+    from hymba_plus.kernels._triton import compile_for, ptxas_resources
+
+    fn = bmm32._bmm_kernel
+    tiles = {"BM", "BN", "BK", "PREC"}
+    sig = {p: "*fp32" if p.endswith("_ptr") else "constexpr" if p in tiles else "i32" for p in fn.arg_names}
+    for BM, BN in ((64, 64), (32, 64), (64, 16), (16, 16)):
+        k = compile_for(fn, sig, {"BM": BM, "BN": BN, "BK": 32, "PREC": bmm32.PRECISION}, 4)
+        assert len(k.asm["cubin"]) > 0
+        res = ptxas_resources(k.asm["ptx"])
+        if res is not None:
+            assert res["spill_stores"] == 0, (BM, BN, res)
+            assert (res["wgmma"] if BM == 64 else res["mma_sync"]) > 0, (BM, BN, res)
+
+
 @pytest.mark.gpu
 def test_bmm_kernel_on_cuda():
     """On the GPU: the kernel == torch.bmm in float64 within 1e-5 (3xTF32; one TF32 pass is
