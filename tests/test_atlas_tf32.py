@@ -51,5 +51,9 @@ def test_short_run_writes_each_configuration(tmp_path):
     assert probe["float32"]["output"] < 1e-4 and probe["float32"]["gradients"] < 1e-2  # the library's probe limits
     # the rounding reaches the chunk step's GEMMs, then Newton-Schulz as well
     assert probe["float32"]["end_state"] < probe["tf32_gemm"]["end_state"] < probe["tf32_all"]["end_state"]
+    # a rounded Newton-Schulz backward leaves the forward as it was and reaches the gradients
+    assert probe["tf32_ns_bwd"]["output"] == probe["float32"]["output"]
+    assert probe["tf32_ns_bwd"]["end_state"] == probe["float32"]["end_state"]
+    assert probe["tf32_ns_bwd"]["gradients"] > probe["float32"]["gradients"]
     assert [(r["config"], r["seed"]) for r in rep["mqar"]] == [(c, 0) for c in bench.CONFIGS]
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["final_loss"] > 0 for r in rep["mqar"])

@@ -599,7 +599,9 @@ NS_BWD_SAVED = True
 #: Triton's CPU interpreter). Timed per launch on an H100 (2026-12-05, ``atlas_check.py --time-ns``,
 #: muon_chunk's Quad-Hybrid launches, forward / backward): side 64 x 32 problems tf32x3 52 / 215 us,
 #: tf32 12 / 43 us; side 32 x 64 problems 17 / 104 us against 10 / 22: Triton's tf32x3 costs 4-5x
-#: one TF32 pass, not 3x
+#: one TF32 pass, not 3x. A one-pass backward alone is no option: emulated on a CPU
+#: (``atlas_tf32.py`` tf32_ns_bwd) it took the probe's gradients 1.3e6 off float64 and the MQAR
+#: model to chance (mean final loss 3.12 against 2.36 over 6 seeds)
 NS_TRITON_PRECISION = "tf32x3"
 
 #: largest Gram side the Triton kernels take, 32 or 64 (a program holds its matrices in registers:
