@@ -72,11 +72,13 @@
 #           GEMMs' precision is worth in time (benchmarks/atlas_tf32.py: what it costs in accuracy, on a CPU)
 #   atlas_inductor  atlas_check.py --time-ns (the Newton-Schulz kernels per launch width and precision at
 #           muon_chunk's launches), then the quad-shape muon_chunk layer in CUDA graphs with the chunk step
-#           compiled as shipped and with Inductor's combo kernels (mixers.py fast_graphed fast_combo_graphed); run on
-#           an H100 2026-12-05 (the --time-ns part outlasted its 90 s there: its sweep is shorter since)
+#           compiled with Inductor's defaults and with its combo kernels, cuBLAS GEMMs (mixers.py fast_cublas_graphed
+#           fast_combo_cublas_graphed; run on an H100 2026-12-05 as fast_graphed fast_combo_graphed, before the
+#           defaults changed; the --time-ns part outlasted its 90 s there: its sweep is shorter since)
 #   atlas_bmm32  pytest -m gpu tests/test_bmm32.py (the 3xTF32 batched-matmul kernel and the ATLAS fast path through
 #           it), then the quad-shape muon_chunk layer in CUDA graphs with combo kernels, its GEMMs by cuBLAS or by it
-#           (run on an H100 2026-12-05, before both became defaults: 127.7 against 115.3 ms)
+#           (fast_combo_cublas_graphed, fast_graphed; run on an H100 2026-12-05 before both became defaults, as
+#           fast_combo_graphed fast_combo_bmm32_graphed: 127.7 against 115.3 ms)
 #   profiles  where the time of two rows goes (torch.profiler, two passes): side_by_side.py --rows attn --profile
 #           (attn_vs_hf_llama, 1.71x against 2.0: copies_by_shape says which casts and copies the ~7 ms of copies a
 #           step are) and mixers.py --only gdn --profile (the gdn layer at B 4 x 4096, d 2048); run on an H100 on
@@ -191,12 +193,12 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
                  --out "$OUT/quad_atlas_tf32.json" ;;
       atlas_inductor) step atlas_combo_tests 150 "${PYTEST[@]}" tests/test_atlas.py -k "cuda_muon_chunk"
               (cd benchmarks && step atlas_ns_time 90 python atlas_check.py --time-ns
-              step atlas_inductor 460 python mixers.py --atlas-paths fast_graphed fast_combo_graphed \
+              step atlas_inductor 460 python mixers.py --atlas-paths fast_cublas_graphed fast_combo_cublas_graphed \
                  --atlas-config quad_chunk --d-model 128 --batch 8 --seq-len 2048 --skip-gdn \
                  --out "$OUT/mixers_atlas_inductor.json") ;;
       atlas_bmm32) step bmm32_tests 150 "${PYTEST[@]}" tests/test_bmm32.py
-              (cd benchmarks && step atlas_bmm32 330 python mixers.py --atlas-paths fast_combo_graphed \
-                 fast_combo_bmm32_graphed --atlas-config quad_chunk --d-model 128 --batch 8 --seq-len 2048 --skip-gdn \
+              (cd benchmarks && step atlas_bmm32 330 python mixers.py --atlas-paths fast_combo_cublas_graphed \
+                 fast_graphed --atlas-config quad_chunk --d-model 128 --batch 8 --seq-len 2048 --skip-gdn \
                  --out "$OUT/mixers_atlas_bmm32.json") ;;
       profiles) step attn_profile 330 python benchmarks/side_by_side.py --rows attn --profile --merge --out-dir "$OUT"
               (cd benchmarks && step gdn_layer_profile 150 python mixers.py --only gdn --profile \

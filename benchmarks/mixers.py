@@ -245,13 +245,12 @@ ATLAS_PATHS = {
     "fast_split_factored_graphed": ("auto", {"TRITON_NS_SPLIT": True, "FACTOR_GRAM": None}, True),
     "fast_ns32": ("auto", {"NS_TRITON_MAX": 32, "NS_BWD_SAVED": False}, False),
     "fast_ns32_graphed": ("auto", {"NS_TRITON_MAX": 32, "NS_BWD_SAVED": False}, True),
-    "fast_combo_graphed": ("auto", {"INDUCTOR": "combo"}, True),
-    "fast_gemm_graphed": ("auto", {"INDUCTOR": "gemm"}, True),
-    "fast_combo_gemm_graphed": ("auto", {"INDUCTOR": "combo_gemm"}, True),
-    "fast_combo_split_graphed": ("auto", {"INDUCTOR": "combo", "NS_TRITON_PRECISION": "tf32x3_split"}, True),
-    "fast_combo_bf16x3_graphed": ("auto", {"INDUCTOR": "combo", "NS_TRITON_PRECISION": "bf16x3"}, True),
-    "fast_bmm32_graphed": ("auto", {"BMM": "bmm32"}, True),
-    "fast_combo_bmm32_graphed": ("auto", {"INDUCTOR": "combo", "BMM": "bmm32"}, True),
+    "fast_cublas_graphed": ("auto", {"INDUCTOR": "default", "BMM": "cublas"}, True),
+    "fast_combo_cublas_graphed": ("auto", {"INDUCTOR": "combo", "BMM": "cublas"}, True),
+    "fast_gemm_graphed": ("auto", {"INDUCTOR": "gemm", "BMM": "cublas"}, True),
+    "fast_combo_gemm_graphed": ("auto", {"INDUCTOR": "combo_gemm", "BMM": "cublas"}, True),
+    "fast_tf32x3_split_graphed": ("auto", {"NS_TRITON_PRECISION": "tf32x3_split"}, True),
+    "fast_bf16x3_graphed": ("auto", {"NS_TRITON_PRECISION": "bf16x3"}, True),
 }
 
 
@@ -292,14 +291,16 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
       fast_factored   ``fast`` with the factored Gram matrices and update where they take fewer
                       flops (FACTOR_GRAM None); fast_factored_graphed: the same in CUDA graphs
                       (not for float32 training: NaN where a momentum cancels, see FACTOR_GRAM)
-      fast_combo_graphed / fast_gemm_graphed / fast_combo_gemm_graphed  ``fast_graphed`` with the
-                      chunk step compiled with other Inductor options (INDUCTOR: combo kernels,
-                      autotuned Triton GEMM templates next to cuBLAS, both)
-      fast_combo_split_graphed / fast_combo_bf16x3_graphed  ``fast_combo_graphed`` with the
-                      Newton-Schulz products as split TF32 ones written out in the kernel
-                      (NS_TRITON_PRECISION tf32x3_split) / as Triton's bf16x3
-      fast_bmm32_graphed / fast_combo_bmm32_graphed  ``fast_graphed`` / ``fast_combo_graphed`` with
-                      the chunk step's GEMMs through kernels/bmm32.py (3xTF32 on tensor cores; BMM)
+      fast_cublas_graphed  ``fast_graphed`` as shipped before 2026-12-05 afternoon: the chunk step's
+                      GEMMs by cuBLAS in float32 (BMM cublas), Inductor's default options
+                      (INDUCTOR default); today's default is kernels/bmm32.py's 3xTF32 GEMMs and
+                      Inductor's combo kernels
+      fast_combo_cublas_graphed / fast_gemm_graphed / fast_combo_gemm_graphed  cuBLAS GEMMs with
+                      other Inductor options: combo kernels, autotuned Triton GEMM templates next to
+                      cuBLAS, both
+      fast_tf32x3_split_graphed / fast_bf16x3_graphed  ``fast_graphed`` with the NS products as
+                      split TF32 ones written out in the kernel (NS_TRITON_PRECISION tf32x3_split) /
+                      as Triton's bf16x3
 
     On a CPU the fast variants are forced through the dispatch (it never picks them there).
     Rows: fwd / fwd+bwd ms, compile + first-call seconds, ratio to gdn's fwd+bwd."""

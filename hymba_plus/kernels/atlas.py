@@ -943,8 +943,8 @@ def _chunk_step(
 #: CUDA-core kernels with 32 x 32 tiles at these shapes). With TF32 allowed (``hymba train --tf32``)
 #: the GEMMs stay cuBLAS's, in TF32 as asked; before sm_80 (no TF32 tensor cores) and on a CPU
 #: always torch's. Measured on an H100
-#: (2026-12-05, ``mixers.py --atlas-paths fast_combo_graphed fast_combo_bmm32_graphed --atlas-config
-#: quad_chunk``, the Quad-Hybrid's muon_chunk layer at 8 x 2048 in CUDA graphs, one process):
+#: (2026-12-05, ``mixers.py --atlas-paths fast_combo_cublas_graphed fast_graphed --atlas-config
+#: quad_chunk``, then named otherwise; the Quad-Hybrid's muon_chunk layer at 8 x 2048 in CUDA graphs, one process):
 #: 127.7 ms forward+backward with cuBLAS, 115.3 with bmm32; so bmm32
 BMM = "bmm32"
 
