@@ -371,6 +371,18 @@ def test_fast_path_compiled_several_chunks_per_call(monkeypatch):
         assert fwd < 1e-3 and bwd < 5e-3, (ns_chunk, fwd, bwd)
 
 
+def test_compile_options_this_inductor_lacks_are_left_out(monkeypatch):
+    """``INDUCTOR``'s options reach torch.compile, less any this PyTorch's Inductor does not have
+    (which would fail the compile and run the chunk step eagerly); none left: no options."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw["options"]) or fn)
+    monkeypatch.setitem(atlas_kernels.INDUCTOR_OPTIONS, "test", {"combo_kernels": True, "no_such_option": 1})
+    monkeypatch.setitem(atlas_kernels.INDUCTOR_OPTIONS, "test_none", {"no_such_option": 1})
+    assert atlas_kernels._compile(len, "test") is len and atlas_kernels._compile(len, "test_none") is len
+    assert seen == [{"combo_kernels": True}, None]
+    atlas_kernels._compile.cache_clear()
+
+
 def test_fast_path_falls_back_to_eager_when_compile_fails(monkeypatch):
     """A chunk step that cannot be compiled here warns once and runs eagerly (same results)."""
     def broken(*args):

@@ -1103,7 +1103,12 @@ INDUCTOR = "combo"
 
 @functools.cache
 def _compile(fn, inductor: str):  # noqa: ANN001, ANN202
-    return torch.compile(fn, fullgraph=True, dynamic=False, options=dict(INDUCTOR_OPTIONS[inductor]) or None)
+    """``fn`` under torch.compile with the options of ``inductor`` that this PyTorch's Inductor has
+    (an option it lacks is left out rather than failing the compile, which would run the step eagerly)."""
+    import torch._inductor.config as inductor_config
+
+    opts = {k: v for k, v in INDUCTOR_OPTIONS[inductor].items() if hasattr(inductor_config, k)}
+    return torch.compile(fn, fullgraph=True, dynamic=False, options=opts or None)
 
 
 def _compiled_chunk_step():  # noqa: ANN202
