@@ -20,7 +20,8 @@ path's probe failed on an H200 while every CPU check passes).
    the direct Gram matrices (``FACTOR_GRAM``; Newton-Schulz as dispatched), finite or not.
 5. ``--time-ns``: the Newton-Schulz kernels (forward, saved-iterate backward) at the launches the
    muon_chunk step makes per chunk (Quad-Hybrid: 32 problems of side 64, 64 of side 32; the d 2048
-   benchmark: 64 of side 32, 128 of side 16), per launch width and matmul precision: microseconds
+   benchmark: 64 of side 32, 128 of side 16; and the two quad sides as one padded launch, 96 of side
+   64, ``PAD_NS``), per launch width and matmul precision: microseconds
    per launch (``triton.testing.do_bench``) and the error against float64. The default launch
    width is ``_ns_warps``; the saved-iterate backward at side 64 spills with 4 warps.
 """
@@ -73,7 +74,7 @@ def time_ns() -> None:
 
     a, b, c = A.NS_COEFFS
     g = torch.Generator().manual_seed(0)
-    for B, M in ((32, 64), (64, 32)):
+    for B, M in ((32, 64), (64, 32), (96, 64)):  # (96, 64): both sides in one padded launch (PAD_NS)
         X = torch.randn(B, M, 4 * M, generator=g, dtype=torch.float64)
         X = X / X.norm(dim=(-2, -1), keepdim=True)
         Ad = X @ X.mT
@@ -82,8 +83,9 @@ def time_ns() -> None:
         Ag, dRg = Ad.float().cuda().contiguous(), dRd.float().cuda().contiguous()
         r, d = torch.empty_like(Ag), torch.empty_like(Ag)
         scratch = torch.empty(B, 4, 5, M, M, device="cuda")
-        for prec, warps in (("tf32x3", A._ns_warps(M)), ("tf32x3_split", A._ns_warps(M)), ("bf16x3", A._ns_warps(M)),
-                            ("bf16x6", A._ns_warps(M)), ("tf32", A._ns_warps(M)), ("tf32x3", 8 if M > 32 else 4)):
+        variants = (("tf32x3", A._ns_warps(M)), ("tf32x3_split", A._ns_warps(M)), ("bf16x3", A._ns_warps(M)),
+                    ("bf16x6", A._ns_warps(M)), ("tf32", A._ns_warps(M)), ("tf32x3", 8 if M > 32 else 4))
+        for prec, warps in variants if B != 96 else variants[:1]:
             try:
                 kw = dict(M=M, STEPS=5, a=a, b=b, c=c, PREC=prec, num_warps=warps)
                 fwd = functools.partial(A._ns_gram_fwd_kernel[(B,)], Ag, r, **kw)

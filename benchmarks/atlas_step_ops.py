@@ -78,10 +78,11 @@ def count(config: str, settings: dict) -> dict:
             outs = [t for ts in (P + M if k == 1 else [*P, *M]) for t in (ts if k > 1 else (ts,))]
             sum(x.sum() for x in outs).backward()
 
-        static = (5, True, not triton_ns, triton_ns, ak.FACTOR_GRAM, ns_chunk)
+        # the GEMMs as CUDA runs them (BMM: kernels/bmm32.py's op, one Triton kernel each), the Inductor options
+        static = (5, True, not triton_ns, triton_ns, ak.FACTOR_GRAM, ns_chunk, ak.BMM == "bmm32")
         torch._dynamo.reset()
         metrics.reset()
-        step = torch.compile(ak._chunk_step if k == 1 else ak._chunk_steps, fullgraph=True, dynamic=False)
+        step = ak._compile.__wrapped__(ak._chunk_step if k == 1 else ak._chunk_steps, ak.INDUCTOR)
         run(step)
         loops = metrics.generated_kernel_count  # forward and backward graphs
         with profile(activities=[ProfilerActivity.CPU]) as prof:

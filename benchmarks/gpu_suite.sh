@@ -79,6 +79,9 @@
 #           it), then the quad-shape muon_chunk layer in CUDA graphs with combo kernels, its GEMMs by cuBLAS or by it
 #           (fast_combo_cublas_graphed, fast_graphed; run on an H100 2026-12-05 before both became defaults, as
 #           fast_combo_graphed fast_combo_bmm32_graphed: 127.7 against 115.3 ms)
+#   atlas_padns  atlas_check.py --time-ns (with the one padded launch of both quad sides, 96 x side 64), then the quad-shape
+#           muon_chunk layer in CUDA graphs with Newton-Schulz per side (as shipped) and in one padded launch (PAD_NS);
+#           not yet run
 #   profiles  where the time of two rows goes (torch.profiler, two passes): side_by_side.py --rows attn --profile
 #           (attn_vs_hf_llama, 1.71x against 2.0: copies_by_shape says which casts and copies the ~7 ms of copies a
 #           step are) and mixers.py --only gdn --profile (the gdn layer at B 4 x 4096, d 2048); run on an H100 on
@@ -200,6 +203,10 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
               (cd benchmarks && step atlas_bmm32 330 python mixers.py --atlas-paths fast_combo_cublas_graphed \
                  fast_graphed --atlas-config quad_chunk --d-model 128 --batch 8 --seq-len 2048 --skip-gdn \
                  --out "$OUT/mixers_atlas_bmm32.json") ;;
+      atlas_padns) (cd benchmarks && step atlas_ns_time 150 python atlas_check.py --time-ns
+              step atlas_padns 330 python mixers.py --atlas-paths fast_graphed fast_padns_graphed \
+                 --atlas-config quad_chunk --d-model 128 --batch 8 --seq-len 2048 --skip-gdn \
+                 --out "$OUT/mixers_atlas_padns.json") ;;
       profiles) step attn_profile 330 python benchmarks/side_by_side.py --rows attn --profile --merge --out-dir "$OUT"
               (cd benchmarks && step gdn_layer_profile 150 python mixers.py --only gdn --profile \
                  --out "$OUT/mixers_gdn_profile.json") ;;
@@ -219,7 +226,7 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
                  echo "pack_out: $(tar -tJf "$OUT/out.tar.xz" | wc -l) files in $OUT/out.tar.xz" ;;
       *) echo "unknown step $s1 (moe mamba3 gdn atlas atlas_verify mamba3_tuned atlas_profile atlas_profile_bench" \
               "mixers mimo_alt mimo_alt2 loss memory decode fused agree modes side_train attn_bf16w fa4 side_decode quad quad_chunk" \
-              "atlas_chunk_layer atlas_chunk_bench quad_tf32 atlas_inductor atlas_bmm32 profiles" \
+              "atlas_chunk_layer atlas_chunk_bench quad_tf32 atlas_inductor atlas_bmm32 atlas_padns profiles" \
               "pack_caches pack_out)"; exit 2 ;;
     esac
   done

@@ -251,6 +251,7 @@ ATLAS_PATHS = {
     "fast_combo_gemm_graphed": ("auto", {"INDUCTOR": "combo_gemm", "BMM": "cublas"}, True),
     "fast_tf32x3_split_graphed": ("auto", {"NS_TRITON_PRECISION": "tf32x3_split"}, True),
     "fast_bf16x3_graphed": ("auto", {"NS_TRITON_PRECISION": "bf16x3"}, True),
+    "fast_padns_graphed": ("auto", {"PAD_NS": True}, True),
 }
 
 
@@ -301,6 +302,8 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
       fast_tf32x3_split_graphed / fast_bf16x3_graphed  ``fast_graphed`` with the NS products as
                       split TF32 ones written out in the kernel (NS_TRITON_PRECISION tf32x3_split) /
                       as Triton's bf16x3
+      fast_padns_graphed  ``fast_graphed`` with Newton-Schulz of all weights in one launch, the
+                      Gram matrices zero-padded to the widest side (PAD_NS)
 
     On a CPU the fast variants are forced through the dispatch (it never picks them there).
     Rows: fwd / fwd+bwd ms, compile + first-call seconds, ratio to gdn's fwd+bwd."""

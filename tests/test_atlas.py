@@ -475,7 +475,8 @@ def test_fast_path_with_triton_ns_kernels_in_interpreter():
     probe's problem within the probe's limits with either backward kernel (the saved-iterate one
     failed the probe on an H200 when the probe started from zero momenta: see ``probe_errors``),
     and ``NS_TRITON_MAX = 64`` on a memory whose 40-wide hidden layer pads to side 64 (the
-    Quad-Hybrid's case) against the float64 reference, outputs and gradients."""
+    Quad-Hybrid's case) against the float64 reference, outputs and gradients; the same with
+    muon_chunk and every side padded into one launch (``PAD_NS``)."""
     pytest.importorskip("triton")
     code = textwrap.dedent("""
         import torch
@@ -493,6 +494,10 @@ def test_fast_path_with_triton_ns_kernels_in_interpreter():
         errs = float32_errors(args, leaves, 2, "cpu", dict(compile=False, triton_ns=True), chunk_size=4, window=3,
                               ns_steps=5, muon=True, return_state=True, snapshots=(), n_valid=None)
         assert max(errs) < 2e-3, errs  # float32 reference: 3e-4
+        atlas.PAD_NS = True  # every weight's Gram matrix padded to side 64, one launch (muon_chunk)
+        errs = float32_errors(args, leaves, 2, "cpu", dict(compile=False, triton_ns=True), chunk_size=4, window=3,
+                              ns_steps=5, muon=True, ns_chunk=True, return_state=True, snapshots=(), n_valid=None)
+        assert max(errs) < 2e-3, ("pad_ns", errs)
         print("ok")
     """)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)

@@ -618,6 +618,15 @@ NS_TRITON_MAX = 64
 #: on CUDA, run Newton-Schulz through the Triton kernels (``atlas_ns_gram``) where they apply
 TRITON_NS = True
 
+#: Newton-Schulz of all the memory's weights in ONE launch, every Gram matrix zero-padded to the
+#: widest side (``_chunk_step``'s ``pad_ns``): None = only where the batched-matmul form runs
+#: (CUDA without the Triton kernels), True / False = always / never. A benchmark setting: with
+#: muon_chunk a chunk has only 32-64 Newton-Schulz problems per side at the Quad-Hybrid's shape, one
+#: program each, so a launch is as long as its slowest program (side 64: 52 us forward, 215 us
+#: backward for 32 problems, H100) and the side-32 launch (17 / 104 us) could ride along in the
+#: side-64 one for the price of padding; per-token Muon has 16x the problems, where padding costs
+PAD_NS: bool | None = None
+
 
 #: Gram sides over NS_TRITON_MAX next to sides within it: False = every side through the
 #: batched-matmul form, zero-padded to the largest (one iteration for all weights); True = the
@@ -997,7 +1006,7 @@ SETTINGS: dict[str, tuple | type] = {
     "NS_TRITON_PRECISION": ("tf32x3", "tf32", "ieee", "tf32x3_split", "bf16x3", "bf16x6"),
     "FACTOR_GRAM": (None, True, False),
     "TRITON_NS_SPLIT": (True, False), "NS_BWD_SAVED": (True, False), "NS_TRITON_MAX": (16, 32, 64),
-    "INDUCTOR": ("default", "combo", "gemm", "combo_gemm"), "BMM": ("cublas", "bmm32"),
+    "INDUCTOR": ("default", "combo", "gemm", "combo_gemm"), "BMM": ("cublas", "bmm32"), "PAD_NS": (None, True, False),
 }
 
 
@@ -1192,7 +1201,7 @@ def _atlas_memory_fast_body(
             triton_ns = _use_triton_ns(params, ct)
         triton_ns = muon and triton_ns
         if pad_ns is None:  # one padded batch where launches cost more than the padding's flops
-            pad_ns = qf.is_cuda and not triton_ns
+            pad_ns = PAD_NS if PAD_NS is not None else qf.is_cuda and not triton_ns
         if bmm32 is None:  # TF32 allowed (hymba train --tf32): cuBLAS's TF32 GEMMs, as asked
             bmm32 = (BMM == "bmm32" and qf.is_cuda and ct == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
                      and torch.cuda.get_device_capability(qf.device)[0] >= 8)  # TF32 tensor cores: sm_80 on
