@@ -42,16 +42,22 @@ import hymba_plus.kernels.atlas as A  # noqa: E402
 from hymba_plus.kernels.dispatch import FastPath, max_rel_err  # noqa: E402
 
 
+def gram_problem(B: int, m: int, n: int, g: torch.Generator) -> tuple:
+    """B normalised Gram matrices of side m (of [m, n] matrices), a cotangent, and Newton-Schulz's
+    result and vector-Jacobian product for them, all float64 on the CPU."""
+    X = torch.randn(B, m, n, generator=g, dtype=torch.float64)
+    X = X / X.norm(dim=(-2, -1), keepdim=True)
+    Ad = X @ X.mT
+    dRd = torch.randn(B, m, m, generator=g, dtype=torch.float64)
+    return Ad, dRd, A.ns_gram_factor(Ad, 5), A._ns_gram_vjp(Ad, dRd, 5)
+
+
 def ns_kernels() -> None:
     g = torch.Generator().manual_seed(0)
     a, b, c = A.NS_COEFFS
     for m in (4, 6, 24):
         M = max(16, 1 << (m - 1).bit_length())
-        X = torch.randn(8, m, 3 * m, generator=g, dtype=torch.float64)
-        X = X / X.norm(dim=(-2, -1), keepdim=True)
-        Ad = X @ X.mT
-        dRd = torch.randn(8, m, m, generator=g, dtype=torch.float64)
-        want_r, want_d = A.ns_gram_factor(Ad, 5), A._ns_gram_vjp(Ad, dRd, 5)
+        Ad, dRd, want_r, want_d = gram_problem(8, m, 3 * m, g)
         Ap = F.pad(Ad, (0, M - m, 0, M - m)).float().cuda().contiguous()
         dRp = F.pad(dRd, (0, M - m, 0, M - m)).float().cuda().contiguous()
         for prec in ("tf32x3", "ieee"):
@@ -75,11 +81,7 @@ def time_ns() -> None:
     a, b, c = A.NS_COEFFS
     g = torch.Generator().manual_seed(0)
     for B, M in ((32, 64), (64, 32), (96, 64)):  # (96, 64): both sides in one padded launch (PAD_NS)
-        X = torch.randn(B, M, 4 * M, generator=g, dtype=torch.float64)
-        X = X / X.norm(dim=(-2, -1), keepdim=True)
-        Ad = X @ X.mT
-        dRd = torch.randn(B, M, M, generator=g, dtype=torch.float64)
-        want_r, want_d = A.ns_gram_factor(Ad, 5), A._ns_gram_vjp(Ad, dRd, 5)
+        Ad, dRd, want_r, want_d = gram_problem(B, M, 4 * M, g)
         Ag, dRg = Ad.float().cuda().contiguous(), dRd.float().cuda().contiguous()
         r, d = torch.empty_like(Ag), torch.empty_like(Ag)
         scratch = torch.empty(B, 4, 5, M, M, device="cuda")

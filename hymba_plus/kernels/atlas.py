@@ -999,6 +999,24 @@ def _chunk_steps(
     return Ws, Ss
 
 
+#: Inductor options of the compiled chunk step, by name (``INDUCTOR``): "default" (Inductor's own);
+#: "combo" (``combo_kernels``: independent kernels of the step, e.g. the same element-wise work on
+#: the memory's weights, horizontally fused into one launch); "gemm" (``max_autotune_gemm`` with
+#: Triton templates next to cuBLAS: benchmarked GEMM kernels with their neighbours' element-wise work
+#: fused in; compiles for minutes; not measured); "combo_gemm" both. The step is launch-bound (~136
+#: kernels a chunk at the Quad-Hybrid's shape). Measured on an H100 (2026-12-05, the Quad-Hybrid's
+#: muon_chunk layer at 8 x 2048 in CUDA graphs, one process, cuBLAS GEMMs): 133.1 ms forward+backward
+#: with "default", 127.8 with "combo" (tested equal to the reference on CUDA); so "combo"
+INDUCTOR_OPTIONS: dict[str, dict[str, object]] = {
+    "default": {},
+    "combo": {"combo_kernels": True},
+    "gemm": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON"},
+    "combo_gemm": {"combo_kernels": True, "max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON"},
+}
+#: the chunk step's Inductor options (a name of ``INDUCTOR_OPTIONS``)
+INDUCTOR = "combo"
+
+
 #: the fast path's module settings a benchmark may change for a run (``settings``): name -> the
 #: values it takes (a tuple of choices, or ``int`` for a positive integer)
 SETTINGS: dict[str, tuple | type] = {
@@ -1006,7 +1024,7 @@ SETTINGS: dict[str, tuple | type] = {
     "NS_TRITON_PRECISION": ("tf32x3", "tf32", "ieee", "tf32x3_split", "bf16x3", "bf16x6"),
     "FACTOR_GRAM": (None, True, False),
     "TRITON_NS_SPLIT": (True, False), "NS_BWD_SAVED": (True, False), "NS_TRITON_MAX": (16, 32, 64),
-    "INDUCTOR": ("default", "combo", "gemm", "combo_gemm"), "BMM": ("cublas", "bmm32"), "PAD_NS": (None, True, False),
+    "INDUCTOR": tuple(INDUCTOR_OPTIONS), "BMM": ("cublas", "bmm32"), "PAD_NS": (None, True, False),
 }
 
 
@@ -1090,24 +1108,6 @@ def _guarded(compiled, eager, *args):  # noqa: ANN001, ANN002, ANN202
             warnings.warn(f"atlas fast path: torch.compile of the chunk step failed ({compile_error}); "
                           "the step runs eagerly from now on", stacklevel=2)
     return eager(*args)
-
-
-#: Inductor options of the compiled chunk step, by name (``INDUCTOR``): "default" (Inductor's own);
-#: "combo" (``combo_kernels``: independent kernels of the step, e.g. the same element-wise work on
-#: the memory's weights, horizontally fused into one launch); "gemm" (``max_autotune_gemm`` with
-#: Triton templates next to cuBLAS: benchmarked GEMM kernels with their neighbours' element-wise work
-#: fused in; compiles for minutes; not measured); "combo_gemm" both. The step is launch-bound (~136
-#: kernels a chunk at the Quad-Hybrid's shape). Measured on an H100 (2026-12-05, the Quad-Hybrid's
-#: muon_chunk layer at 8 x 2048 in CUDA graphs, one process, cuBLAS GEMMs): 133.1 ms forward+backward
-#: with "default", 127.8 with "combo" (tested equal to the reference on CUDA); so "combo"
-INDUCTOR_OPTIONS: dict[str, dict[str, object]] = {
-    "default": {},
-    "combo": {"combo_kernels": True},
-    "gemm": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON"},
-    "combo_gemm": {"combo_kernels": True, "max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON"},
-}
-#: the chunk step's Inductor options (a name of ``INDUCTOR_OPTIONS``)
-INDUCTOR = "combo"
 
 
 @functools.cache
