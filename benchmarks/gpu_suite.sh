@@ -77,11 +77,17 @@
 #           defaults changed; the --time-ns part outlasted its 90 s there: its sweep is shorter since)
 #   atlas_bmm32  pytest -m gpu tests/test_bmm32.py (the 3xTF32 batched-matmul kernel and the ATLAS fast path through
 #           it), then the quad-shape muon_chunk layer in CUDA graphs with combo kernels, its GEMMs by cuBLAS or by it
-#           (fast_combo_cublas_graphed, fast_graphed; run on an H100 2026-12-05 before both became defaults, as
+#           (fast_combo_cublas_graphed, fast_combo_bmm32_graphed; run on an H100 2026-12-05 before both became defaults, as
 #           fast_combo_graphed fast_combo_bmm32_graphed: 127.7 against 115.3 ms)
 #   atlas_padns  atlas_check.py --time-ns (with the one padded launch of both quad sides, 96 x side 64), then the quad-shape
-#           muon_chunk layer in CUDA graphs with Newton-Schulz per side (as shipped) and in one padded launch (PAD_NS);
-#           not yet run
+#           muon_chunk layer in CUDA graphs with Newton-Schulz per side and in one padded launch (PAD_NS); run on
+#           an H100 2026-12-05 evening with combo kernels the default then: 115.1 against 100.3 ms (the --time-ns part
+#           outlasted its 150 s there; since, muon_chunk pads by default and its fast_graphed names that)
+#   atlas_defaults  the ATLAS fast path's GPU tests (pytest -m gpu tests/test_atlas.py: muon_chunk with the padded
+#           Newton-Schulz launch under Inductor's defaults and per side under combo kernels), then the quad-shape
+#           muon_chunk layer in CUDA graphs as shipped on 2026-12-05 afternoon (fast_combo_bmm32_graphed), as
+#           shipped since (fast_graphed: default Inductor, padded NS, tf32x3_split) and without the padding
+#           (fast_nopad_graphed); not yet run
 #   profiles  where the time of two rows goes (torch.profiler, two passes): side_by_side.py --rows attn --profile
 #           (attn_vs_hf_llama, 1.71x against 2.0: copies_by_shape says which casts and copies the ~7 ms of copies a
 #           step are) and mixers.py --only gdn --profile (the gdn layer at B 4 x 4096, d 2048); run on an H100 on
@@ -201,12 +207,16 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
                  --out "$OUT/mixers_atlas_inductor.json") ;;
       atlas_bmm32) step bmm32_tests 150 "${PYTEST[@]}" tests/test_bmm32.py
               (cd benchmarks && step atlas_bmm32 330 python mixers.py --atlas-paths fast_combo_cublas_graphed \
-                 fast_graphed --atlas-config quad_chunk --d-model 128 --batch 8 --seq-len 2048 --skip-gdn \
+                 fast_combo_bmm32_graphed --atlas-config quad_chunk --d-model 128 --batch 8 --seq-len 2048 --skip-gdn \
                  --out "$OUT/mixers_atlas_bmm32.json") ;;
-      atlas_padns) (cd benchmarks && step atlas_ns_time 150 python atlas_check.py --time-ns
-              step atlas_padns 330 python mixers.py --atlas-paths fast_graphed fast_padns_graphed \
+      atlas_padns) (cd benchmarks && step atlas_ns_time 240 python atlas_check.py --time-ns
+              step atlas_padns 330 python mixers.py --atlas-paths fast_nopad_graphed fast_padns_graphed \
                  --atlas-config quad_chunk --d-model 128 --batch 8 --seq-len 2048 --skip-gdn \
                  --out "$OUT/mixers_atlas_padns.json") ;;
+      atlas_defaults) step atlas_gpu_tests 300 "${PYTEST[@]}" tests/test_atlas.py
+              (cd benchmarks && step atlas_defaults 420 python mixers.py --atlas-paths fast_combo_bmm32_graphed \
+                 fast_graphed fast_nopad_graphed --atlas-config quad_chunk --d-model 128 --batch 8 --seq-len 2048 \
+                 --skip-gdn --out "$OUT/mixers_atlas_defaults.json") ;;
       profiles) step attn_profile 330 python benchmarks/side_by_side.py --rows attn --profile --merge --out-dir "$OUT"
               (cd benchmarks && step gdn_layer_profile 150 python mixers.py --only gdn --profile \
                  --out "$OUT/mixers_gdn_profile.json") ;;
@@ -226,7 +236,7 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
                  echo "pack_out: $(tar -tJf "$OUT/out.tar.xz" | wc -l) files in $OUT/out.tar.xz" ;;
       *) echo "unknown step $s1 (moe mamba3 gdn atlas atlas_verify mamba3_tuned atlas_profile atlas_profile_bench" \
               "mixers mimo_alt mimo_alt2 loss memory decode fused agree modes side_train attn_bf16w fa4 side_decode quad quad_chunk" \
-              "atlas_chunk_layer atlas_chunk_bench quad_tf32 atlas_inductor atlas_bmm32 atlas_padns profiles" \
+              "atlas_chunk_layer atlas_chunk_bench quad_tf32 atlas_inductor atlas_bmm32 atlas_padns atlas_defaults profiles" \
               "pack_caches pack_out)"; exit 2 ;;
     esac
   done

@@ -49,12 +49,14 @@ def ns_resources(side: int, kernel: str, precision: str, warps: int | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hymba_plus.kernels.atlas import NS_TRITON_PRECISION
     from hymba_plus.kernels.atlas import SETTINGS as atlas_settings
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sides", type=int, nargs="+", default=[16, 32, 64], choices=(16, 32, 64))
     ap.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=tuple(KERNELS))
-    ap.add_argument("--precisions", nargs="+", default=["tf32x3"], choices=atlas_settings["NS_TRITON_PRECISION"])
+    ap.add_argument("--precisions", nargs="+", default=[NS_TRITON_PRECISION],
+                    choices=atlas_settings["NS_TRITON_PRECISION"], help="default: the library's")
     ap.add_argument("--warps", type=int, default=None, help="warps per program (default: the launch's)")
     ap.add_argument("--out", default=None, help="JSON file (default: print only)")
     args = ap.parse_args(argv)

@@ -245,11 +245,14 @@ ATLAS_PATHS = {
     "fast_split_factored_graphed": ("auto", {"TRITON_NS_SPLIT": True, "FACTOR_GRAM": None}, True),
     "fast_ns32": ("auto", {"NS_TRITON_MAX": 32, "NS_BWD_SAVED": False}, False),
     "fast_ns32_graphed": ("auto", {"NS_TRITON_MAX": 32, "NS_BWD_SAVED": False}, True),
-    "fast_cublas_graphed": ("auto", {"INDUCTOR": "default", "BMM": "cublas"}, True),
+    "fast_cublas_graphed": ("auto", {"INDUCTOR": "default", "BMM": "cublas", "PAD_NS": False,
+                                     "NS_TRITON_PRECISION": "tf32x3"}, True),
+    "fast_combo_bmm32_graphed": ("auto", {"INDUCTOR": "combo", "NS_TRITON_PRECISION": "tf32x3"}, True),
+    "fast_nopad_graphed": ("auto", {"PAD_NS": False}, True),
+    "fast_tf32x3_graphed": ("auto", {"NS_TRITON_PRECISION": "tf32x3"}, True),
     "fast_combo_cublas_graphed": ("auto", {"INDUCTOR": "combo", "BMM": "cublas"}, True),
     "fast_gemm_graphed": ("auto", {"INDUCTOR": "gemm", "BMM": "cublas"}, True),
     "fast_combo_gemm_graphed": ("auto", {"INDUCTOR": "combo_gemm", "BMM": "cublas"}, True),
-    "fast_tf32x3_split_graphed": ("auto", {"NS_TRITON_PRECISION": "tf32x3_split"}, True),
     "fast_bf16x3_graphed": ("auto", {"NS_TRITON_PRECISION": "bf16x3"}, True),
     "fast_padns_graphed": ("auto", {"PAD_NS": True}, True),
 }
@@ -272,7 +275,7 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
 
       reference       HYMBA_KERNELS=reference: torch.func per-token gradients, chunk loop
       fast            the dispatch's fast path as shipped: closed-form chunk step under
-                      torch.compile, Newton-Schulz in the Triton kernels (tf32x3 matmuls)
+                      torch.compile, Newton-Schulz in the Triton kernels (tf32x3_split matmuls)
       fast_torch_ns   the same with Newton-Schulz as batched matmuls (TRITON_NS off)
       fast_eager      the closed-form chunk step without torch.compile (Triton NS on)
       fast_unroll4    ``fast`` with 4 chunks per compiled call (CHUNKS_PER_CALL = 4)
@@ -293,17 +296,21 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
                       flops (FACTOR_GRAM None); fast_factored_graphed: the same in CUDA graphs
                       (not for float32 training: NaN where a momentum cancels, see FACTOR_GRAM)
       fast_cublas_graphed  ``fast_graphed`` as shipped before 2026-12-05 afternoon: the chunk step's
-                      GEMMs by cuBLAS in float32 (BMM cublas), Inductor's default options
-                      (INDUCTOR default); today's default is kernels/bmm32.py's 3xTF32 GEMMs and
-                      Inductor's combo kernels
+                      GEMMs by cuBLAS in float32 (BMM cublas), Inductor's default options, one NS
+                      launch per side (PAD_NS False), Triton's tf32x3; the default since: the GEMMs in
+                      kernels/bmm32.py's 3xTF32, muon_chunk's NS padded into one launch, NS products
+                      as split TF32 ones written out in the kernel (tf32x3_split)
+      fast_combo_bmm32_graphed  as shipped on 2026-12-05 afternoon: bmm32 GEMMs, Inductor's combo kernels
+                      (INDUCTOR combo; under it PAD_NS's default keeps a launch per side), tf32x3
+      fast_nopad_graphed / fast_tf32x3_graphed  ``fast_graphed`` with a NS launch per side / with
+                      Triton's tf32x3 in the NS kernels
       fast_combo_cublas_graphed / fast_gemm_graphed / fast_combo_gemm_graphed  cuBLAS GEMMs with
                       other Inductor options: combo kernels, autotuned Triton GEMM templates next to
                       cuBLAS, both
-      fast_tf32x3_split_graphed / fast_bf16x3_graphed  ``fast_graphed`` with the NS products as
-                      split TF32 ones written out in the kernel (NS_TRITON_PRECISION tf32x3_split) /
-                      as Triton's bf16x3
+      fast_bf16x3_graphed  ``fast_graphed`` with the NS products as Triton's bf16x3 (fails the
+                      dispatch's probe: 1e-3 relative)
       fast_padns_graphed  ``fast_graphed`` with Newton-Schulz of all weights in one launch, the
-                      Gram matrices zero-padded to the widest side (PAD_NS)
+                      Gram matrices zero-padded to the widest side, whatever the optimizer (PAD_NS)
 
     On a CPU the fast variants are forced through the dispatch (it never picks them there).
     Rows: fwd / fwd+bwd ms, compile + first-call seconds, ratio to gdn's fwd+bwd."""
