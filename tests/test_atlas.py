@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 import textwrap
@@ -397,6 +398,73 @@ def test_fast_path_falls_back_to_eager_when_compile_fails(monkeypatch):
         fwd, bwd = compare_impls(args, leaves, dict(compile=True), chunk_size=4, window=2, ns_steps=5, muon=True,
                                  return_state=True, snapshots=(), n_valid=None)
     assert fwd < 1e-10 and bwd < 1e-9 and "no compiler" in atlas_kernels.compile_error
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """identity forward, gradient x 3: a compiled step whose gradients are wrong (the combo-kernel
+    miscompile's symptom) while its results are right."""
+
+    @staticmethod
+    def forward(ctx, x):  # noqa: ANN001, ANN205
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        return 3 * g
+
+
+@pytest.mark.parametrize("wrong", ["results", "gradients"])
+def test_compiled_step_that_disagrees_with_the_eager_one_runs_eagerly(monkeypatch, wrong):
+    """A compiled chunk step whose results, or only whose gradients, differ from the eager step's
+    (as the combo-kernel compile's did on an H100, 2026-12-05) is caught at its first call: said
+    once, the reason kept in ``compile_error``, the step eager from then on, and the layer's results
+    and gradients those of the reference."""
+    def miscompiled(params, *rest):
+        p, m = atlas_kernels._chunk_step(params, *rest)
+        bad = (lambda t: 1.01 * t) if wrong == "results" else _ScaleGrad.apply
+        return tuple(bad(t) for t in p), m
+
+    monkeypatch.setattr(atlas_kernels, "compile_error", None)
+    monkeypatch.setattr(atlas_kernels, "_STEP_CHECKED", {})
+    monkeypatch.setattr(atlas_kernels, "_compiled_chunk_step", lambda: miscompiled)
+    args, leaves = random_problem(T=9, C=4, c=2)
+    with pytest.warns(UserWarning, match="disagrees with the eager one"):
+        fwd, bwd = compare_impls(args, leaves, dict(compile=True), chunk_size=4, window=2, ns_steps=5, muon=True,
+                                 return_state=True, snapshots=(), n_valid=None)
+    assert fwd < 1e-10 and bwd < 1e-9
+    assert "disagrees with the eager one" in atlas_kernels.compile_error and list(atlas_kernels._STEP_CHECKED.values())
+    off = re.search(r"results (\S+), gradients (\S+) off", atlas_kernels.compile_error)
+    assert float(off[1 if wrong == "results" else 2]) > 1e-3 and (wrong == "results" or float(off[1]) == 0.0)
+
+
+def test_compiled_step_check_passes_a_correct_compile_without_a_second_graph(monkeypatch):
+    """The first-call check of a real torch.compile'd step (Inductor's CPU backend) agrees with the
+    eager step, per compiled graph, single chunks and 2-chunk calls (``CHUNKS_PER_CALL``), and
+    makes torch.compile build no graph beyond the ones the calls need (its inputs keep the call's
+    shapes, strides and requires_grad: a second ~100 s compile on a GPU otherwise); inside a
+    CUDA-graph capture no check runs."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(atlas_kernels, "compile_error", None)
+    monkeypatch.setattr(atlas_kernels, "_STEP_CHECKED", {})
+    args, leaves = random_problem(N=2, T=14, C=4, c=2, dtype=torch.float32, seed=3)
+    kw = dict(chunk_size=4, window=2, ns_steps=5, muon=True, ns_chunk=True, return_state=True, snapshots=(),
+              n_valid=None)
+    graphs = []
+    for check in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        with atlas_kernels.settings(CHECK_COMPILED_STEP=check, CHUNKS_PER_CALL=2):
+            fwd, bwd = compare_impls(args, leaves, dict(compile=True, pad_ns=True), **kw)
+        assert fwd < 1e-3 and bwd < 5e-3
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] == graphs[1] == 2  # _chunk_steps (2 chunks a call) and _chunk_step (the last chunk)
+    assert len(atlas_kernels._STEP_CHECKED) == 2 and set(atlas_kernels._STEP_CHECKED.values()) == {None}
+    assert atlas_kernels.compile_error is None
+    monkeypatch.setattr(atlas_kernels, "_STEP_CHECKED", {})
+    monkeypatch.setattr(dispatch, "capturing", lambda: True)
+    compare_impls(args, leaves, dict(compile=True, pad_ns=True), **kw)
+    assert atlas_kernels._STEP_CHECKED == {}
 
 
 def test_fast_path_runs_shapes_past_the_recompile_limit_eagerly(monkeypatch):

@@ -1044,6 +1044,7 @@ SETTINGS: dict[str, tuple | type] = {
     "FACTOR_GRAM": (None, True, False),
     "TRITON_NS_SPLIT": (True, False), "NS_BWD_SAVED": (True, False), "NS_TRITON_MAX": (16, 32, 64),
     "INDUCTOR": tuple(INDUCTOR_OPTIONS), "BMM": ("cublas", "bmm32"), "PAD_NS": (None, True, False),
+    "CHECK_COMPILED_STEP": (True, False),
 }
 
 
@@ -1104,15 +1105,86 @@ compile_error: str | None = None
 recompile_limit_hits = 0
 
 
+#: check each compiled chunk step against the eager one at its first call (``_step_disagreement``)
+CHECK_COMPILED_STEP = True
+
+#: compiled chunk steps checked so far, by compiled function, grad mode and arguments' shapes /
+#: strides / static values: None = they agreed, else how far they were apart
+_STEP_CHECKED: dict[tuple, str | None] = {}
+
+#: that check's limits, ``max_rel_err`` per tensor of the compiled step against the eager one, both
+#: in float32: results, input gradients. A correct compile differs by float32 rounding (Inductor
+#: fuses and reorders element-wise work; the GEMMs and Newton-Schulz are the same ops); the
+#: combo-kernel miscompile found on an H100 (2026-12-05, see ``INDUCTOR``) by 2-6 in gradients
+STEP_CHECK_TOL = (2e-3, 2e-2)
+
+
+def _step_key(compiled, args: tuple) -> tuple:  # noqa: ANN001
+    leaves = torch.utils._pytree.tree_leaves(args)
+    return (compiled, torch.is_grad_enabled(), *((tuple(t.shape), t.stride(), t.dtype, t.device, t.requires_grad)
+                                                 if isinstance(t, Tensor) else t for t in leaves))
+
+
+def _step_disagreement(compiled, eager, args: tuple) -> str | None:  # noqa: ANN001
+    """How far ``compiled(*args)`` is from ``eager(*args)`` (None: within ``STEP_CHECK_TOL``),
+    results and, with grad mode on, the gradients of every input that requires one for the same
+    random cotangents. The inputs are the call's own (detached: the same shapes, strides and
+    requires_grad, so the compiled graph is the one the call runs), but for the momenta
+    (``args[1]``), drawn at random: the first chunk's are zero, whose singular Gram matrices make
+    the gradient through Newton-Schulz ill-conditioned (see ``probe_errors``), which would make
+    float32 rounding look like a disagreement."""
+    g = torch.Generator().manual_seed(0)
+
+    detach = lambda t: t.detach().requires_grad_(t.requires_grad) if isinstance(t, Tensor) else t  # noqa: E731
+
+    def fresh(t: Tensor) -> Tensor:
+        r = torch.empty_like(t)  # the same strides for a dense layout
+        if r.stride() != t.stride():  # an overlapping one (expanded): the call's own values
+            return detach(t)
+        r.copy_(0.3 * torch.randn(t.shape, generator=g) / math.sqrt(t.shape[-1]))
+        return r.requires_grad_(t.requires_grad)
+
+    ins = torch.utils._pytree.tree_map(detach, args)
+    ins = (ins[0], tuple(fresh(m) for m in args[1]), *ins[2:])
+    wrt = [t for t in torch.utils._pytree.tree_leaves(ins) if isinstance(t, Tensor) and t.requires_grad]
+    runs, cots = [], None
+    for fn in (compiled, eager):
+        outs = [o for o in torch.utils._pytree.tree_leaves(fn(*ins)) if isinstance(o, Tensor)]
+        cots = cots or [torch.randn(o.shape, generator=g).to(o) for o in outs]
+        grads = []
+        if torch.is_grad_enabled() and wrt:
+            loss = sum((o * c).sum() for o, c in zip(outs, cots) if o.requires_grad)
+            grads = [torch.zeros_like(w) if d is None else d
+                     for w, d in zip(wrt, torch.autograd.grad(loss, wrt, allow_unused=True))]
+        runs.append((outs, grads))
+    err_out = max((max_rel_err(a, b) for a, b in zip(runs[0][0], runs[1][0])), default=0.0)
+    err_grad = max((max_rel_err(a, b) for a, b in zip(runs[0][1], runs[1][1])), default=0.0)
+    if err_out <= STEP_CHECK_TOL[0] and err_grad <= STEP_CHECK_TOL[1]:  # NaN fails
+        return None
+    return f"results {err_out:.2g}, gradients {err_grad:.2g} off the eager step"
+
+
 def _guarded(compiled, eager, *args):  # noqa: ANN001, ANN002, ANN202
     """``compiled(*args)``; if that fails (no working compiler or Inductor backend here), warn
     once, keep the reason in ``compile_error`` and run ``eager`` from then on. A call past
     torch.compile's recompile limit (more distinct shapes / settings than it keeps graphs for:
     training, evaluation and generation batch sizes in one process) runs eagerly by itself, said
-    once; the shapes compiled before stay compiled. Out-of-memory errors are raised."""
+    once; the shapes compiled before stay compiled. Out-of-memory errors are raised. Each compiled
+    graph's first call is checked against the eager step (``CHECK_COMPILED_STEP``; not inside a
+    CUDA-graph capture or an outer torch.compile, where no extra work may run): if they disagree,
+    that is said once and the step runs eagerly from then on, as for a failed compile."""
     global compile_error, recompile_limit_hits
     if compile_error is None:
         try:
+            if CHECK_COMPILED_STEP and not (dispatch.capturing() or torch.compiler.is_compiling()):
+                key = _step_key(compiled, args)
+                if key not in _STEP_CHECKED:
+                    _STEP_CHECKED[key] = why = _step_disagreement(compiled, eager, args)
+                    if why is not None:
+                        compile_error = f"the compiled chunk step disagrees with the eager one ({why})"
+                        warnings.warn(f"atlas fast path: {compile_error}; the step runs eagerly from now on",
+                                      stacklevel=2)
+                        return eager(*args)
             return compiled(*args)
         except torch.OutOfMemoryError:
             raise
