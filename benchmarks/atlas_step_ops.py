@@ -79,7 +79,9 @@ def count(config: str, settings: dict) -> dict:
             sum(x.sum() for x in outs).backward()
 
         # the GEMMs as CUDA runs them (BMM: kernels/bmm32.py's op, one Triton kernel each), the Inductor options
-        static = (5, True, ak._pad_ns(True, triton_ns, ns_chunk), triton_ns, ak.FACTOR_GRAM, ns_chunk, ak.BMM == "bmm32")
+        bmm32 = ak.BMM == "bmm32"
+        static = (5, True, ak._pad_ns(True, triton_ns, ns_chunk), triton_ns, ak.FACTOR_GRAM, ns_chunk, bmm32,
+                  bmm32 and ak.GROUP_GEMMS)
         torch._dynamo.reset()
         metrics.reset()
         step = ak._compile.__wrapped__(ak._chunk_step if k == 1 else ak._chunk_steps, ak.INDUCTOR)

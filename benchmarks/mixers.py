@@ -255,6 +255,7 @@ ATLAS_PATHS = {
     "fast_combo_gemm_graphed": ("auto", {"INDUCTOR": "combo_gemm", "BMM": "cublas"}, True),
     "fast_bf16x3_graphed": ("auto", {"NS_TRITON_PRECISION": "bf16x3"}, True),
     "fast_padns_graphed": ("auto", {"PAD_NS": True}, True),
+    "fast_group_graphed": ("auto", {"GROUP_GEMMS": True}, True),
 }
 
 
@@ -311,6 +312,8 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
                       dispatch's probe: 1e-3 relative)
       fast_padns_graphed  ``fast_graphed`` with Newton-Schulz of all weights in one launch, the
                       Gram matrices zero-padded to the widest side, whatever the optimizer (PAD_NS)
+      fast_group_graphed  ``fast_graphed`` with each phase's products of the memory's weights (momenta,
+                      Gram matrices, updates, and their backward) in one grouped launch (GROUP_GEMMS)
 
     On a CPU the fast variants are forced through the dispatch (it never picks them there).
     Rows: fwd / fwd+bwd ms, compile + first-call seconds, ratio to gdn's fwd+bwd."""

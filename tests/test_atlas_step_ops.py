@@ -44,3 +44,16 @@ def test_flop_count_orders_the_memory_layouts_as_the_step_chooses_them():
     assert floor["bf16"] < floor["tf32"] < floor["float32 (no tensor cores)"]
     B, T, H = mod.LAYER_SHAPES["quad"]
     assert direct["layer"]["tflop"] == pytest.approx((fwd + bwd) * B * H * (T // C) / 1e12)
+
+
+@pytest.mark.slow
+def test_grouped_gemms_cut_the_chunk_steps_matmul_calls():
+    """``GROUP_GEMMS``: the memory's three weights' momenta, Gram matrices and updates go as one
+    grouped call per phase, forward and backward (3 + 3 calls of ``hymba::bmm_f32_group``, the
+    backward's six products two launches each), instead of 27 single GEMMs; the MLP's products
+    stay single (their chain is sequential)."""
+    mod = load_benchmark("atlas_step_ops")
+    plain, grouped = mod.count("quad_chunk", {}), mod.count("quad_chunk", {"GROUP_GEMMS": True})
+    assert "hymba::bmm_f32_group" not in plain["calls"] and grouped["calls"]["hymba::bmm_f32_group"] == 6
+    assert plain["calls"]["hymba::bmm_f32"] - grouped["calls"]["hymba::bmm_f32"] == 27
+    assert grouped["ops_per_chunk"] < plain["ops_per_chunk"] - 15

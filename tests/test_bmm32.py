@@ -62,6 +62,53 @@ def test_bmm_kernel_in_interpreter_matches_float64():
     assert res.returncode == 0 and "ok" in res.stdout, res.stdout[-1000:] + res.stderr[-3000:]
 
 
+def test_grouped_kernel_in_interpreter_matches_float64():
+    """The grouped launch (``bmm_group_launch``: up to four products of different shapes, layouts
+    and tiles in one launch) in Triton's CPU interpreter == torch.bmm in float64 per problem: all
+    the cases at once (two launches, 4 + 3, one problem with K = 0), one problem, and the chunk
+    step's Gram phase (its three weights' [64, 560], [32, 560] and [32, 64] momenta)."""
+    pytest.importorskip("triton")
+    code = textwrap.dedent("""
+        import torch
+        from hymba_plus.kernels import bmm32
+        from tests.test_bmm32 import CASES, operands
+        gram = [torch.randn(4, m, n, dtype=torch.float64) for m, n in ((64, 560), (32, 560), (32, 64))]
+        for problems in ([operands(*case, seed=i) for i, case in enumerate(CASES)], [operands(*CASES[1])],
+                         [(x, x.mT) for x in gram]):
+            got = bmm32.bmm_group_launch([(a.float(), b.float()) for a, b in problems])
+            for (a, b), out in zip(problems, got):
+                want = torch.bmm(a, b)
+                assert out.shape == want.shape and out.is_contiguous()
+                err = float((out.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)) if want.numel() else 0.0
+                assert err < 1e-5, (a.shape, b.shape, err)
+        print("ok")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stdout[-1000:] + res.stderr[-3000:]
+
+
+def test_grouped_op_autograd_and_fake_kernel():
+    """``hymba::bmm_f32_group`` (torch.bmm each on a CPU): results and hand-written backward (one
+    grouped call for every da_i and db_i) == autograd through torch.bmm, also when an output gets
+    no gradient; ``torch.library.opcheck`` passes."""
+    problems = [[t.float().requires_grad_() for t in operands(*case, seed=i)] for i, case in enumerate(CASES[:4])]
+    a, b = [p[0] for p in problems], [p[1] for p in problems]
+    outs = bmm32.bmm_f32_group(a, b)
+    refs = [[t.detach().clone().requires_grad_() for t in p] for p in problems]
+    wants = [torch.bmm(x, y) for x, y in refs]
+    assert all(torch.equal(o, w) for o, w in zip(outs, wants))
+    seeds = [torch.randn_like(w) for w in wants]
+    used = [0, 1, 3]  # output 2 unused: its gradient arrives as None
+    got = torch.autograd.grad(sum((outs[i] * seeds[i]).sum() for i in used), [*a, *b])
+    want = torch.autograd.grad(sum((wants[i] * seeds[i]).sum() for i in used),
+                               [r[0] for r in refs] + [r[1] for r in refs], allow_unused=True)
+    for x, y in zip(got, want):  # the unused output's operands: zero gradients
+        assert rel_err(x, y) < 1e-6 if y is not None else float(x.abs().max()) == 0.0
+    torch.library.opcheck(bmm32.bmm_f32_group, ([t.detach().requires_grad_() for t in a[:2]],
+                                                [t.detach().requires_grad_() for t in b[:2]]))
+
+
 def test_op_autograd_and_fake_kernel():
     """``hymba::bmm_f32`` (torch.bmm on a CPU): its hand-written backward == autograd through
     torch.bmm, for transposed and broadcast operands; ``torch.library.opcheck`` passes (the fake
@@ -84,18 +131,20 @@ def test_atlas_chunk_step_through_bmm32_in_interpreter():
     """The ATLAS fast path with its chunk step's GEMMs through the Triton kernel (``BMM =
     "bmm32"``, which applies on CUDA, asked for on CPU tensors; the op's CPU kernel replaced by the
     launcher, in Triton's CPU interpreter) against the float64 reference: Muon per chunk and per token, outputs, state
-    and every gradient."""
+    and every gradient; the same with each phase's products in one grouped launch (``GROUP_GEMMS``)."""
     pytest.importorskip("triton")
     code = textwrap.dedent("""
         import torch
         from hymba_plus.kernels import atlas, bmm32
         bmm32.bmm_f32.register_kernel("cpu")(lambda a, b: bmm32.bmm_launch(a, b))
+        bmm32.bmm_f32_group.register_kernel("cpu")(lambda a, b: bmm32.bmm_group_launch(list(zip(a, b))))
         from tests.test_atlas import float32_errors, random_problem
-        for ns_chunk in (True, False):
+        for ns_chunk, group in ((True, False), (False, False), (True, True), (False, True)):
+            atlas.GROUP_GEMMS = group  # the weights' products of each phase in one grouped launch
             args, leaves = random_problem(N=2, T=14, C=4, c=3, d=8, p=2, hid=40, depth=2)
             errs = float32_errors(args, leaves, 2, "cpu", dict(compile=False, bmm32=True), chunk_size=4, window=3, ns_steps=5,
                                   muon=True, ns_chunk=ns_chunk, return_state=True, snapshots=(), n_valid=None)
-            assert max(errs) < 2e-3, (ns_chunk, errs)  # the float32 reference: 3e-4
+            assert max(errs) < 2e-3, (ns_chunk, group, errs)  # the float32 reference: 3e-4
         print("ok")
     """)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
@@ -107,13 +156,17 @@ def test_atlas_compiled_chunk_step_with_the_op():
     """The chunk step compiled (Inductor's CPU backend) with its GEMMs through ``hymba::bmm_f32``
     (torch.bmm on a CPU: what torch.compile makes of the op and its backward on CUDA, with the
     choice passed as the step's static argument) == the reference in float32 (muon_chunk; the
-    per-token form goes through the same helpers)."""
+    per-token form goes through the same helpers); also with ``hymba::bmm_f32_group`` (``GROUP_GEMMS``),
+    Muon per chunk and SGD."""
     from tests.test_atlas import compare_impls, random_problem
 
     args, leaves = random_problem(N=2, T=10, C=4, c=2, dtype=torch.float32, seed=3)
-    fwd, bwd = compare_impls(args, leaves, dict(compile=True, pad_ns=True, bmm32=True), chunk_size=4, window=2,
-                             ns_steps=5, muon=True, ns_chunk=True, return_state=True, snapshots=(), n_valid=None)
-    assert fwd < 1e-3 and bwd < 5e-3, (fwd, bwd)
+    for group, muon in ((False, True), (True, True), (True, False)):  # GROUP_GEMMS: hymba::bmm_f32_group
+        with atlas_kernels.settings(GROUP_GEMMS=group):
+            fwd, bwd = compare_impls(args, leaves, dict(compile=True, pad_ns=True, bmm32=True), chunk_size=4,
+                                     window=2, ns_steps=5, muon=muon, ns_chunk=muon, return_state=True, snapshots=(),
+                                     n_valid=None)
+        assert fwd < 1e-3 and bwd < 5e-3, (group, muon, fwd, bwd)
 
 
 @pytest.mark.slow  # Triton's compiler for sm_90 on a CPU, like the other kernels' compile tests
@@ -136,6 +189,27 @@ def test_bmm_kernel_compiles_for_sm90():
             assert (res["wgmma"] if BM == 64 else res["mma_sync"]) > 0, (BM, BN, res)
 
 
+@pytest.mark.slow  # Triton's compiler for sm_90 on a CPU
+def test_grouped_kernel_compiles_for_sm90():
+    """The grouped kernel through Triton's real compiler for sm_90a with the tiles of the
+    Quad-Hybrid's Gram phase (64 x 64, 32 x 32, 32 x 32) and of a backward launch (four slots in
+    use); where Triton ships ptxas, no spills, wgmma for the 64-row tiles."""
+    pytest.importorskip("triton")
+    from hymba_plus.kernels._triton import compile_for, ptxas_resources
+
+    fn = bmm32._bmm_group_kernel
+    consts = {n for n in fn.arg_names if n[:2] in ("BM", "BN") or n in ("NUM", "BK", "PREC")}
+    sig = {n: "*fp32" if len(n) == 2 and n[0] in "abc" else "constexpr" if n in consts else "i32" for n in fn.arg_names}
+    for tiles, num in (((64, 64, 32, 32, 32, 32, 16, 16), 3), ((64, 64, 32, 64, 64, 32, 32, 32), 4)):
+        const = dict(zip(("BM0", "BN0", "BM1", "BN1", "BM2", "BN2", "BM3", "BN3"), tiles), NUM=num, BK=32,
+                     PREC=bmm32.PRECISION)
+        k = compile_for(fn, sig, const, 4)
+        assert len(k.asm["cubin"]) > 0
+        res = ptxas_resources(k.asm["ptx"])
+        if res is not None:
+            assert res["spill_stores"] == 0 and res["wgmma"] > 0, (tiles, res)
+
+
 @pytest.mark.gpu
 def test_bmm_kernel_on_cuda():
     """On the GPU: the kernel == torch.bmm in float64 within 1e-5 (3xTF32; one TF32 pass is
@@ -154,18 +228,25 @@ def test_bmm_kernel_on_cuda():
     assert rel_err(ga, wa) < 1e-5 and rel_err(gb, wb) < 1e-5
     fn = torch.compile(lambda x, y: bmm32.bmm_f32(x, y).relu() + 1, fullgraph=True)
     assert rel_err(fn(a, b), bmm32.bmm_f32(a, b).relu() + 1) < 1e-6
+    problems = [operands(*case, device="cuda", seed=i) for i, case in enumerate(CASES)]  # grouped: 4 + 3 a launch
+    for (x, y), out in zip(problems, bmm32.bmm_f32_group([x.float() for x, _ in problems],
+                                                         [y.float() for _, y in problems])):
+        want = torch.bmm(x, y)
+        err = float((out.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)) if want.numel() else 0.0
+        assert err < 1e-5, (x.shape, y.shape, err)
 
 
 @pytest.mark.gpu
 def test_atlas_fast_path_on_cuda_with_bmm32():
     """The CUDA fast path with ``BMM = "bmm32"`` (the default; muon_chunk, eager and compiled chunk
-    step) against the float64 CPU reference, within the limits of the cuBLAS path's test."""
+    step, also with ``GROUP_GEMMS``) against the float64 CPU reference, within the limits of the
+    cuBLAS path's test."""
     from tests.test_atlas import float32_errors, random_problem
 
-    for compile_step in (False, True):
+    for compile_step, group in ((False, False), (True, False), (False, True), (True, True)):
         args, leaves = random_problem(N=3, T=32, C=4, c=3, p=2, hid=5, depth=3, float32=True)
-        with atlas_kernels.settings(BMM="bmm32"):
+        with atlas_kernels.settings(BMM="bmm32", GROUP_GEMMS=group):
             errs = float32_errors(args, leaves, 3, "cuda", dict(compile=compile_step), chunk_size=4, window=3,
                                   ns_steps=5, muon=True, ns_chunk=True, return_state=True, snapshots=(), n_valid=None)
         print("bmm32 errors:", [f"{e:.2g}" for e in errs])
-        assert max(errs[:9]) < 5e-3 and max(errs[9:]) < 5e-2, (compile_step, errs)
+        assert max(errs[:9]) < 5e-3 and max(errs[9:]) < 5e-2, (compile_step, group, errs)

@@ -86,7 +86,7 @@ from torch.func import grad, vmap
 
 from . import dispatch
 from ._triton import next_pow2
-from .bmm32 import bmm_f32
+from .bmm32 import bmm_f32, bmm_f32_group
 from .dispatch import fast_path, max_rel_err
 
 try:  # Triton is optional: only the CUDA fast path's Newton-Schulz kernels use it
@@ -846,7 +846,7 @@ def _window_matrix(C: int, c: int, device: torch.device, dtype: torch.dtype) -> 
 def _chunk_step(
     params: tuple[Tensor, ...], mom: tuple[Tensor, ...], K: Tensor, V: Tensor, gam: Tensor, mix: Tensor,
     lam: Tensor, wu: Tensor, keep: Tensor, ns_steps: int, muon: bool, pad_ns: bool, triton_ns: bool,
-    factor: bool | None, ns_chunk: bool = False, bmm32: bool = False,
+    factor: bool | None, ns_chunk: bool = False, bmm32: bool = False, group: bool = False,
 ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
     """One chunk of the Atlas update in closed form (see the fast-path notes above).
 
@@ -857,7 +857,8 @@ def _chunk_step(
     whole update ``Σ_t wu_t S_t`` (row 1) directly. Muon with ``ns_chunk``: mix [N, 2, C'], lam
     [N, 2] give ``Σ_t wu_t S_t`` (row 0, Newton-Schulz's one input) and the new momentum (row 1),
     wu [N, 1] = ``Σ_t wu_t``. keep [N] = ``Π_t α_t``. ``bmm32``: the batched matmuls of the direct
-    form through ``kernels.bmm32`` (``BMM``), else torch's.
+    form through ``kernels.bmm32`` (``BMM``), else torch's; ``group`` (with it): the memory's weights'
+    momenta, Gram matrices and updates one grouped launch per phase (``GROUP_GEMMS``).
     """
     P, *Ls = params
     hs, zs, h, z = [K], [], K, K
@@ -881,12 +882,17 @@ def _chunk_step(
     lam4 = lam[:, :, None, None]
     Lt = [mix[:, :, None, :] * a.mT[:, None] for a, _ in fac]  # per weight [N, R, out, C']
 
-    def momenta(L: Tensor, b: Tensor, S0: Tensor, lam4: Tensor) -> Tensor:  # S_t = L_t b + λ_t S_0, [N, r, out, in]
-        (o, n), r = S0.shape[-2:], L.shape[1]
-        return _baddbmm((lam4 * S0[:, None]).reshape(N, r * o, n), L.reshape(N, r * o, Cp), b, bmm32).view(N, r, o, n)
+    def momenta(items: list[tuple[Tensor, Tensor, Tensor]], lam4: Tensor) -> list[Tensor]:
+        """S_t = L_t b + λ_t S_0 [N, r, out, in] of every (L, b, S0)."""
+        shapes = [(S0.shape[-2], S0.shape[-1], L.shape[1]) for L, _, S0 in items]
+        lhs = [(L.reshape(N, r * o, Cp), b) for (L, b, _), (o, _, r) in zip(items, shapes)]
+        bias = [(lam4 * S0[:, None]).reshape(N, r * o, n) for (_, _, S0), (o, n, r) in zip(items, shapes)]
+        out = ([c + P for c, P in zip(bias, _bmms(lhs, bmm32, group))] if bmm32 else
+               [torch.baddbmm(c, L, b) for c, (L, b) in zip(bias, lhs)])
+        return [S.view(N, r, o, n) for S, (o, n, r) in zip(out, shapes)]
 
     if not muon:  # mix rows: the new momentum, the whole update
-        Ss = [momenta(L, b, S0, lam4) for L, (_, b), S0 in zip(Lt, fac, mom)]
+        Ss = momenta([(L, b, S0) for L, (_, b), S0 in zip(Lt, fac, mom)], lam4)
         return tuple(kp * W - S[:, 1] for W, S in zip(params, Ss)), tuple(S[:, 0].contiguous() for S in Ss)
     rows, lam_rows, end_m = Lt, lam4, []
     if ns_chunk:  # row 0, the weighted sum, is the one "token" NS5 sees; row 1 is the new momentum
@@ -903,9 +909,12 @@ def _chunk_step(
     #   feature-wide weights, n = feature dim >> C' = C + c - 1, several times fewer flops
     #   and no [C, o, n] tensors through the backward). Equal in exact arithmetic.
     Ss, Xs, Gs = [], [], []  # per weight: the momenta, short side first (None: factored), Gram matrices
-    for L, S0, (_, b), L2 in zip(Lt, mom, fac, rows):
+    factored = [o <= n and (_factor_gram(o, n, R, Cp) if factor is None else factor) for o, n in
+                (S0.shape[-2:] for S0 in mom)]
+    direct = iter(momenta([(L2, b, S0) for L2, (_, b), S0, f in zip(rows, fac, mom, factored) if not f], lam_rows))
+    for L, S0, (_, b), L2, f in zip(Lt, mom, fac, rows, factored):
         o, n = S0.shape[-2:]
-        if o <= n and (_factor_gram(o, n, R, Cp) if factor is None else factor):
+        if f:
             Lf = L.reshape(N, R * o, Cp)
             LBL = torch.matmul(torch.bmm(Lf, torch.bmm(b, b.mT)).view(N, R, o, Cp), L.mT)
             H = torch.bmm(Lf, torch.bmm(b, S0.mT)).view(N, R, o, o)
@@ -915,14 +924,16 @@ def _chunk_step(
             if ns_chunk:
                 end_m.append(torch.baddbmm(lam[:, 1, None, None] * S0, L2[:, 1], b))
         else:  # every mixing row's momentum in one matmul (ns_chunk: the weighted sum, the new momentum)
-            S = momenta(L2, b, S0, lam_rows)
+            S = next(direct)
             if ns_chunk:
                 end_m.append(S[:, 1].contiguous())
                 S = S[:, :1]
             X = S.mT.contiguous() if o > n else S  # [N, C, m, n'], m <= n'
-            Gs.append(_gram(X, bmm32))
+            Gs.append(None)
             Ss.append(S)
             Xs.append(X)
+    grams = iter(_grams([X for X in Xs if X is not None], bmm32, group))
+    Gs = [next(grams) if G is None else G for G in Gs]
     invs = [1.0 / (G.diagonal(dim1=-2, dim2=-1).sum(-1) + 1e-14) for G in Gs]  # 1 / (||S||_F² + eps²)
     # ``pad_ns``: all weights share ONE batched iteration, their Gram matrices zero-padded to the
     # largest short side (a zero block stays zero through the iteration, so the leading m×m block
@@ -942,18 +953,19 @@ def _chunk_step(
             m = Gs[j].shape[-1]
             Rs[j] = Rj.view(N, R, M, M)[..., :m, :m]
     new_p, new_m = [], []
-    for W, S0, L, (_, b), S, X, Rj, inv in zip(params, mom, Lt, fac, Ss, Xs, Rs, invs):
+    # Σ_t w_t R_t Y_t as one matmul: R_t is symmetric (a polynomial in G_t), so the
+    # [m, (t, r)] left factor is the transposed [(t, r), m] view of the scaled R
+    Rws = [Rj * (wu * inv.sqrt())[..., None, None] for Rj, inv in zip(Rs, invs)]
+    lefts = [Rw.reshape(N, R * Rw.shape[-1], Rw.shape[-1]).mT for Rw in Rws]
+    upds = iter(_bmms([(left, X.reshape(N, left.shape[-1], -1)) for left, X in zip(lefts, Xs) if X is not None],
+                      bmm32, group))  # left [N, m, R m]
+    for W, S0, L, (_, b), S, X, Rw, left in zip(params, mom, Lt, fac, Ss, Xs, Rws, lefts):
         o, n = W.shape[-2:]
-        m = Rj.shape[-1]
-        # Σ_t w_t R_t Y_t as one matmul: R_t is symmetric (a polynomial in G_t), so the
-        # [m, (t, r)] left factor is the transposed [(t, r), m] view of the scaled R
-        Rw = Rj * (wu * inv.sqrt())[..., None, None]
-        left = Rw.reshape(N, R * m, m).mT
         if X is None:  # factored
             upd = torch.baddbmm(torch.bmm((Rw * lam4).sum(1), S0), torch.bmm(left, L.reshape(N, R * o, Cp)), b)
             new_m.append(torch.baddbmm(lam[:, -1, None, None] * S0, L[:, -1], b))
         else:
-            upd = _bmm(left, X.reshape(N, R * m, -1), bmm32)
+            upd = next(upds)
             upd = upd.mT if o > n else upd
             new_m.append(S[:, -1].contiguous())
         new_p.append(kp * W - upd)
@@ -971,6 +983,14 @@ def _chunk_step(
 #: 127.7 ms forward+backward with cuBLAS, 115.3 with bmm32; so bmm32
 BMM = "bmm32"
 
+#: with bmm32: the memory's weights' products of one phase of the chunk step (their momenta, Gram
+#: matrices, updates; forward and backward) in one grouped launch (``kernels.bmm32.bmm_f32_group``)
+#: instead of one launch per weight: at the Quad-Hybrid's shape 3 products of 32-64 programs each,
+#: which fill a third of an H100's SMs one by one. A setting, off: built on 2026-12-05 evening
+#: without a GPU (tested in Triton's CPU interpreter), not yet timed (``mixers.py`` path
+#: ``fast_group_graphed``)
+GROUP_GEMMS = False
+
 
 def _bmm(a: Tensor, b: Tensor, bmm32: bool) -> Tensor:
     return bmm_f32(a, b) if bmm32 else torch.bmm(a, b)
@@ -980,12 +1000,19 @@ def _baddbmm(c: Tensor, a: Tensor, b: Tensor, bmm32: bool) -> Tensor:
     return c + bmm_f32(a, b) if bmm32 else torch.baddbmm(c, a, b)
 
 
-def _gram(X: Tensor, bmm32: bool) -> Tensor:
-    """X Xᵀ for X [N, R, m, n]."""
+def _bmms(pairs: list[tuple[Tensor, Tensor]], bmm32: bool, group: bool) -> list[Tensor]:
+    """``_bmm`` of every pair; with ``group`` (and bmm32) one grouped launch per ``GROUP_MAX`` pairs."""
+    if bmm32 and group and len(pairs) > 1:
+        return list(bmm_f32_group([a for a, _ in pairs], [b for _, b in pairs]))
+    return [_bmm(a, b, bmm32) for a, b in pairs]
+
+
+def _grams(Xs: list[Tensor], bmm32: bool, group: bool) -> list[Tensor]:
+    """X Xᵀ for every X [N, R, m, n]."""
     if not bmm32:
-        return torch.matmul(X, X.mT)
-    Xf = X.flatten(0, 1)
-    return bmm_f32(Xf, Xf.mT).view(*X.shape[:-1], X.shape[-2])
+        return [torch.matmul(X, X.mT) for X in Xs]
+    flat = [X.flatten(0, 1) for X in Xs]
+    return [G.view(*X.shape[:-1], X.shape[-2]) for G, X in zip(_bmms([(f, f.mT) for f in flat], bmm32, group), Xs)]
 
 
 def _factor_gram(o: int, n: int, C: int, Cp: int) -> bool:
@@ -999,7 +1026,7 @@ def _factor_gram(o: int, n: int, C: int, Cp: int) -> bool:
 def _chunk_steps(
     params: tuple[Tensor, ...], mom: tuple[Tensor, ...], K: Tensor, V: Tensor, gam: Tensor, mix: Tensor,
     lam: Tensor, wu: Tensor, keep: Tensor, ns_steps: int, muon: bool, pad_ns: bool, triton_ns: bool,
-    factor: bool | None, ns_chunk: bool = False, bmm32: bool = False,
+    factor: bool | None, ns_chunk: bool = False, bmm32: bool = False, group: bool = False,
 ) -> tuple[list[tuple[Tensor, ...]], list[tuple[Tensor, ...]]]:
     """``K.shape[0]`` consecutive chunk steps (the per-chunk arguments stacked on dim 0): the
     weights and momentum after each. Compiled as one graph (``CHUNKS_PER_CALL``): one call's
@@ -1007,7 +1034,7 @@ def _chunk_steps(
     Ws, Ss = [], []
     for i in range(K.shape[0]):
         params, mom = _chunk_step(params, mom, K[i], V[i], gam[i], mix[i], lam[i], wu[i], keep[i], ns_steps, muon,
-                                  pad_ns, triton_ns, factor, ns_chunk, bmm32)
+                                  pad_ns, triton_ns, factor, ns_chunk, bmm32, group)
         Ws.append(params)
         Ss.append(mom)
     return Ws, Ss
@@ -1044,7 +1071,7 @@ SETTINGS: dict[str, tuple | type] = {
     "FACTOR_GRAM": (None, True, False),
     "TRITON_NS_SPLIT": (True, False), "NS_BWD_SAVED": (True, False), "NS_TRITON_MAX": (16, 32, 64),
     "INDUCTOR": tuple(INDUCTOR_OPTIONS), "BMM": ("cublas", "bmm32"), "PAD_NS": (None, True, False),
-    "CHECK_COMPILED_STEP": (True, False),
+    "CHECK_COMPILED_STEP": (True, False), "GROUP_GEMMS": (True, False),
 }
 
 
@@ -1297,7 +1324,7 @@ def _atlas_memory_fast_body(
             bmm32 = (BMM == "bmm32" and qf.is_cuda and ct == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
                      and torch.cuda.get_device_capability(qf.device)[0] >= 8)  # TF32 tensor cores: sm_80 on
         static = (ns_steps, muon, pad_ns, triton_ns, FACTOR_GRAM if factor is None else factor, muon and ns_chunk,
-                  bmm32)
+                  bmm32, bmm32 and GROUP_GEMMS)
         # groups of chunks per compiled call, then single chunks; each call's inputs are pieces of
         # one split, whose backward concatenates the pieces' gradients once (indexing each chunk
         # out of the stacked tensors gave every chunk a zero-filled gradient of the whole stack,
