@@ -50,7 +50,7 @@ def test_flop_count_orders_the_memory_layouts_as_the_step_chooses_them():
 def test_grouped_gemms_cut_the_chunk_steps_matmul_calls():
     """``GROUP_GEMMS``: the memory's three weights' momenta, Gram matrices and updates go as one
     grouped call per phase, forward and backward (3 + 3 calls of ``hymba::bmm_f32_group``, the
-    backward's six products two launches each), instead of 27 single GEMMs; the MLP's products
+    backward's six products one launch each), instead of 27 single GEMMs; the MLP's products
     stay single (their chain is sequential)."""
     mod = load_benchmark("atlas_step_ops")
     plain, grouped = mod.count("quad_chunk", {}), mod.count("quad_chunk", {"GROUP_GEMMS": True})

@@ -65,7 +65,7 @@ def test_bmm_kernel_in_interpreter_matches_float64():
 def test_grouped_kernel_in_interpreter_matches_float64():
     """The grouped launch (``bmm_group_launch``: up to four products of different shapes, layouts
     and tiles in one launch) in Triton's CPU interpreter == torch.bmm in float64 per problem: all
-    the cases at once (two launches, 4 + 3, one problem with K = 0), one problem, and the chunk
+    the cases at once (two launches, 6 + 1, one problem with K = 0), one problem, and the chunk
     step's Gram phase (its three weights' [64, 560], [32, 560] and [32, 64] momenta)."""
     pytest.importorskip("triton")
     code = textwrap.dedent("""
@@ -192,7 +192,7 @@ def test_bmm_kernel_compiles_for_sm90():
 @pytest.mark.slow  # Triton's compiler for sm_90 on a CPU
 def test_grouped_kernel_compiles_for_sm90():
     """The grouped kernel through Triton's real compiler for sm_90a with the tiles of the
-    Quad-Hybrid's Gram phase (64 x 64, 32 x 32, 32 x 32) and of a backward launch (four slots in
+    Quad-Hybrid's Gram phase (64 x 64, 32 x 32, 32 x 32) and of a backward launch (all six slots in
     use); where Triton ships ptxas, no spills, wgmma for the 64-row tiles."""
     pytest.importorskip("triton")
     from hymba_plus.kernels._triton import compile_for, ptxas_resources
@@ -200,9 +200,8 @@ def test_grouped_kernel_compiles_for_sm90():
     fn = bmm32._bmm_group_kernel
     consts = {n for n in fn.arg_names if n[:2] in ("BM", "BN") or n in ("NUM", "BK", "PREC")}
     sig = {n: "*fp32" if len(n) == 2 and n[0] in "abc" else "constexpr" if n in consts else "i32" for n in fn.arg_names}
-    for tiles, num in (((64, 64, 32, 32, 32, 32, 16, 16), 3), ((64, 64, 32, 64, 64, 32, 32, 32), 4)):
-        const = dict(zip(("BM0", "BN0", "BM1", "BN1", "BM2", "BN2", "BM3", "BN3"), tiles), NUM=num, BK=32,
-                     PREC=bmm32.PRECISION)
+    for tiles, num in (((64, 64, 32, 32, 32, 32) + (16,) * 6, 3), ((64, 64, 32, 64, 64, 32, 32, 32, 64, 16, 16, 64), 6)):
+        const = dict(zip([f"B{x}{i}" for i in range(6) for x in "MN"], tiles), NUM=num, BK=32, PREC=bmm32.PRECISION)
         k = compile_for(fn, sig, const, 4)
         assert len(k.asm["cubin"]) > 0
         res = ptxas_resources(k.asm["ptx"])
@@ -228,7 +227,7 @@ def test_bmm_kernel_on_cuda():
     assert rel_err(ga, wa) < 1e-5 and rel_err(gb, wb) < 1e-5
     fn = torch.compile(lambda x, y: bmm32.bmm_f32(x, y).relu() + 1, fullgraph=True)
     assert rel_err(fn(a, b), bmm32.bmm_f32(a, b).relu() + 1) < 1e-6
-    problems = [operands(*case, device="cuda", seed=i) for i, case in enumerate(CASES)]  # grouped: 4 + 3 a launch
+    problems = [operands(*case, device="cuda", seed=i) for i, case in enumerate(CASES)]  # grouped: 6 + 1 a launch
     for (x, y), out in zip(problems, bmm32.bmm_f32_group([x.float() for x, _ in problems],
                                                          [y.float() for _, y in problems])):
         want = torch.bmm(x, y)
