@@ -24,6 +24,12 @@ path's probe failed on an H200 while every CPU check passes).
    64, ``PAD_NS``), per launch width and matmul precision: microseconds
    per launch (``triton.testing.do_bench``) and the error against float64. The default launch
    width is ``_ns_warps``; the saved-iterate backward at side 64 spills with 4 warps.
+6. ``--inductor``: the compiled muon_chunk step under each of ``INDUCTOR``'s option sets, with
+   Newton-Schulz per side and in one padded launch (``PAD_NS``), on the probe's problem against the
+   float64 reference: the worst error of the results and of the gradients, the compiled step's
+   first-call check off; then whether that check, on, catches the case (what it says). The combo
+   kernels with the padded launch gave gradients 2-6 off on an H100 (2026-12-05): which option
+   sets do, and whether the check sees it.
 """
 
 from __future__ import annotations
@@ -143,10 +149,37 @@ def layer_grads(batch: int, seq_len: int, dev: str = "cuda") -> None:
             setattr(A, k, v)
 
 
+def inductor_check(options: list[str], device: str = "cuda") -> list[str]:
+    """6.: per Inductor option set and Newton-Schulz layout, the compiled muon_chunk step's errors
+    against the float64 reference, and the first-call check's verdict (the lines, also printed)."""
+    lines = []
+    for opt in options:
+        for pad in (False, True):
+            name = f"inductor {opt:<16} pad_ns {pad!s:<5}"
+            try:
+                with A.settings(INDUCTOR=opt, CHECK_COMPILED_STEP=False):
+                    errs = A.probe_errors(device, ns_chunk=True, compile=True, pad_ns=pad)
+                A.compile_error = None
+                with A.settings(INDUCTOR=opt, CHECK_COMPILED_STEP=True):
+                    A._STEP_CHECKED.clear()
+                    A.probe_errors(device, ns_chunk=True, compile=True, pad_ns=pad)
+                verdict = A.compile_error or "agrees with the eager step"
+                A.compile_error = None
+                lines.append(f"{name}: results worst {max(errs[:9]):.1e}, gradients worst {max(errs[9:]):.1e}; "
+                             f"first-call check: {verdict}")
+            except Exception as e:  # noqa: BLE001 - a compile failure is a result here
+                A.compile_error = None
+                lines.append(f"{name}: {type(e).__name__}: {str(e)[:200]}")
+            print(lines[-1], flush=True)
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--grads", action="store_true", help="only check 4 (gradient norms)")
     ap.add_argument("--time-ns", action="store_true", help="only 5 (the Newton-Schulz kernels timed)")
+    ap.add_argument("--inductor", nargs="*", default=None, choices=tuple(A.INDUCTOR_OPTIONS),
+                    help="only 6 (the compiled muon_chunk step per Inductor option set; default: all)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=2048)
     args = ap.parse_args()
@@ -156,6 +189,9 @@ def main() -> None:
         return
     if args.time_ns:
         time_ns()
+        return
+    if args.inductor is not None:
+        inductor_check(args.inductor or list(A.INDUCTOR_OPTIONS))
         return
     ns_kernels()
     for name, kw in (("torch NS, eager", {"compile": False, "triton_ns": False}),

@@ -88,6 +88,9 @@
 #           muon_chunk layer in CUDA graphs as shipped on 2026-12-05 afternoon (fast_combo_bmm32_graphed), as
 #           shipped since (fast_graphed: default Inductor, padded NS, tf32x3_split) and without the padding
 #           (fast_nopad_graphed); not yet run
+#   atlas_combo  atlas_check.py --inductor: the compiled muon_chunk step under each INDUCTOR option set (incl.
+#           combo kernels element-wise only / one size only), Newton-Schulz per side and padded, against float64,
+#           and whether the first-call check catches what is off (why combo + PAD_NS failed on 2026-12-05); not yet run
 #   atlas_group  pytest -m gpu tests/test_bmm32.py (the grouped launch against float64, the fast path with it), then
 #           the quad-shape muon_chunk layer in CUDA graphs as shipped and with each phase's GEMMs of the memory's
 #           weights in one grouped launch (mixers.py fast_graphed fast_group_graphed: GROUP_GEMMS); not yet run
@@ -220,6 +223,8 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
               (cd benchmarks && step atlas_defaults 420 python mixers.py --atlas-paths fast_combo_bmm32_graphed \
                  fast_graphed fast_nopad_graphed --atlas-config quad_chunk --d-model 128 --batch 8 --seq-len 2048 \
                  --skip-gdn --out "$OUT/mixers_atlas_defaults.json") ;;
+      atlas_combo) (cd benchmarks && step atlas_combo 540 python atlas_check.py --inductor default combo \
+                 combo_pointwise combo_same_size) ;;
       atlas_group) step bmm32_tests 200 "${PYTEST[@]}" tests/test_bmm32.py
               (cd benchmarks && step atlas_group 330 python mixers.py --atlas-paths fast_graphed fast_group_graphed \
                  --atlas-config quad_chunk --d-model 128 --batch 8 --seq-len 2048 --skip-gdn \
@@ -243,7 +248,7 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
                  echo "pack_out: $(tar -tJf "$OUT/out.tar.xz" | wc -l) files in $OUT/out.tar.xz" ;;
       *) echo "unknown step $s1 (moe mamba3 gdn atlas atlas_verify mamba3_tuned atlas_profile atlas_profile_bench" \
               "mixers mimo_alt mimo_alt2 loss memory decode fused agree modes side_train attn_bf16w fa4 side_decode quad quad_chunk" \
-              "atlas_chunk_layer atlas_chunk_bench quad_tf32 atlas_inductor atlas_bmm32 atlas_padns atlas_defaults atlas_group profiles" \
+              "atlas_chunk_layer atlas_chunk_bench quad_tf32 atlas_inductor atlas_bmm32 atlas_padns atlas_defaults atlas_combo atlas_group profiles" \
               "pack_caches pack_out)"; exit 2 ;;
     esac
   done

@@ -1264,3 +1264,17 @@ def test_fast_path_backward_is_linear_in_the_chunks():
     n = sum(e.count for e in prof.key_averages(group_by_input_shape=True)
             if e.key in ("aten::fill_", "aten::zero_", "aten::add_") and e.input_shapes and list(e.input_shapes[0]) == stack)
     assert n <= 2, f"{n} fills / adds of a whole stack's gradient for {U} chunks"
+
+
+@pytest.mark.slow  # ~100 s of Inductor compiles on a CPU
+def test_atlas_check_inductor_mode_reports_errors_and_the_check():
+    """``benchmarks/atlas_check.py --inductor`` (what finds which Inductor options miscompile the
+    chunk step on a GPU), run on the CPU with Inductor's defaults: a line per Newton-Schulz layout
+    with the compiled muon_chunk step's errors against float64 (float32 rounding here) and the
+    first-call check agreeing; the module's check state left as found."""
+    mod = load_benchmark("atlas_check")
+    lines = mod.inductor_check(["default"], device="cpu")
+    assert len(lines) == 2 and all("first-call check: agrees with the eager step" in x for x in lines), lines
+    worst = [float(x) for line in lines for x in re.findall(r"worst (\S+?)[,;]", line)]
+    assert len(worst) == 4 and max(worst) < 1e-2, lines
+    assert atlas_kernels.compile_error is None and atlas_kernels.CHECK_COMPILED_STEP

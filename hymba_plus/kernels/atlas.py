@@ -1058,6 +1058,10 @@ INDUCTOR_OPTIONS: dict[str, dict[str, object]] = {
     "combo": {"combo_kernels": True},
     "gemm": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON"},
     "combo_gemm": {"combo_kernels": True, "max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON"},
+    # combo kernels restricted, to find what went wrong (``atlas_check.py --inductor``): element-wise
+    # kernels only / kernels of one size only
+    "combo_pointwise": {"combo_kernels": True, "combo_kernels_pointwise_only": True},
+    "combo_same_size": {"combo_kernels": True, "combo_kernel_allow_mixed_sizes": 0},
 }
 #: the chunk step's Inductor options (a name of ``INDUCTOR_OPTIONS``)
 INDUCTOR = "default"
@@ -1354,13 +1358,14 @@ def _atlas_memory_fast_body(
     return y, cast(Ws[-1]), cast(Ss[-1]), snaps
 
 
-def probe_errors(device: str = "cuda", **fast_kwargs: object) -> list[float]:
+def probe_errors(device: str = "cuda", ns_chunk: bool = False, **fast_kwargs: object) -> list[float]:
     """The fast path on ``device`` (float32; by default its eager chunk step with the Triton NS
     kernels where they apply, so that no compiled graph is specialised to these shapes; tests and
     ``benchmarks/atlas_check.py`` pass ``compile`` / ``triton_ns`` / ``pad_ns``) against the
     reference on the CPU (float64) on one small problem -- Muon with a window and a deep memory,
     n_valid rows: the relative error of each result, in the order output, end weights, end
-    momenta, then the gradient of every input (7 inputs, then the 4 weights).
+    momenta, then the gradient of every input (7 inputs, then the 4 weights). ``ns_chunk``: the
+    muon_chunk form on both sides.
 
     The memory starts from random momenta, so that every Gram matrix has full rank. From zero
     momenta the first chunks' Gram matrices are singular, and the gradient through Newton-Schulz
@@ -1388,7 +1393,7 @@ def probe_errors(device: str = "cuda", **fast_kwargs: object) -> list[float]:
         ts = [t.to(dev, dt).requires_grad_() for t in ins + ws]
         kw = {"compile": False, **fast_kwargs} if impl is _atlas_memory_fast else {}
         mom = [m.to(dev, dt) for m in moms]
-        y, W, S, _ = impl(*ts[:7], ts[7:], mom, chunk_size=C, window=c, ns_steps=5, muon=True,
+        y, W, S, _ = impl(*ts[:7], ts[7:], mom, chunk_size=C, window=c, ns_steps=5, muon=True, ns_chunk=ns_chunk,
                           n_valid=n_valid.to(dev), return_state=True, snapshots=(), **kw)
         outs = [y, *W, *S]
         seeds = seeds or [torch.randn(o.shape, generator=g) for o in outs]
