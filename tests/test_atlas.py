@@ -386,17 +386,25 @@ def test_compile_options_this_inductor_lacks_are_left_out(monkeypatch):
     atlas_kernels._compile.cache_clear()
 
 
+def with_compiled_step(monkeypatch, step, warning: str) -> tuple[float, float]:
+    """The fast path (Muon, float64) with ``step`` standing in for the compiled chunk step, from a
+    clean compile state, warning ``warning``: its errors against the reference."""
+    monkeypatch.setattr(atlas_kernels, "compile_error", None)
+    monkeypatch.setattr(atlas_kernels, "recompile_limit_hits", 0)
+    monkeypatch.setattr(atlas_kernels, "_STEP_CHECKED", {})
+    monkeypatch.setattr(atlas_kernels, "_compiled_chunk_step", lambda: step)
+    args, leaves = random_problem(T=9, C=4, c=2)
+    with pytest.warns(UserWarning, match=warning):
+        return compare_impls(args, leaves, dict(compile=True), chunk_size=4, window=2, ns_steps=5, muon=True,
+                             return_state=True, snapshots=(), n_valid=None)
+
+
 def test_fast_path_falls_back_to_eager_when_compile_fails(monkeypatch):
     """A chunk step that cannot be compiled here warns once and runs eagerly (same results)."""
     def broken(*args):
         raise RuntimeError("no compiler")
 
-    monkeypatch.setattr(atlas_kernels, "compile_error", None)
-    monkeypatch.setattr(atlas_kernels, "_compiled_chunk_step", lambda: broken)
-    args, leaves = random_problem(T=9, C=4, c=2)
-    with pytest.warns(UserWarning, match="no compiler"):
-        fwd, bwd = compare_impls(args, leaves, dict(compile=True), chunk_size=4, window=2, ns_steps=5, muon=True,
-                                 return_state=True, snapshots=(), n_valid=None)
+    fwd, bwd = with_compiled_step(monkeypatch, broken, "no compiler")
     assert fwd < 1e-10 and bwd < 1e-9 and "no compiler" in atlas_kernels.compile_error
 
 
@@ -424,13 +432,7 @@ def test_compiled_step_that_disagrees_with_the_eager_one_runs_eagerly(monkeypatc
         bad = (lambda t: 1.01 * t) if wrong == "results" else _ScaleGrad.apply
         return tuple(bad(t) for t in p), m
 
-    monkeypatch.setattr(atlas_kernels, "compile_error", None)
-    monkeypatch.setattr(atlas_kernels, "_STEP_CHECKED", {})
-    monkeypatch.setattr(atlas_kernels, "_compiled_chunk_step", lambda: miscompiled)
-    args, leaves = random_problem(T=9, C=4, c=2)
-    with pytest.warns(UserWarning, match="disagrees with the eager one"):
-        fwd, bwd = compare_impls(args, leaves, dict(compile=True), chunk_size=4, window=2, ns_steps=5, muon=True,
-                                 return_state=True, snapshots=(), n_valid=None)
+    fwd, bwd = with_compiled_step(monkeypatch, miscompiled, "disagrees with the eager one")
     assert fwd < 1e-10 and bwd < 1e-9
     assert "disagrees with the eager one" in atlas_kernels.compile_error and list(atlas_kernels._STEP_CHECKED.values())
     off = re.search(r"results (\S+), gradients (\S+) off", atlas_kernels.compile_error)
@@ -476,13 +478,7 @@ def test_fast_path_runs_shapes_past_the_recompile_limit_eagerly(monkeypatch):
         calls.append(1)
         raise torch._dynamo.exc.FailOnRecompileLimitHit("recompile_limit reached")
 
-    monkeypatch.setattr(atlas_kernels, "compile_error", None)
-    monkeypatch.setattr(atlas_kernels, "recompile_limit_hits", 0)
-    monkeypatch.setattr(atlas_kernels, "_compiled_chunk_step", lambda: limited)
-    args, leaves = random_problem(T=9, C=4, c=2)
-    with pytest.warns(UserWarning, match="recompile limit"):
-        fwd, bwd = compare_impls(args, leaves, dict(compile=True), chunk_size=4, window=2, ns_steps=5, muon=True,
-                                 return_state=True, snapshots=(), n_valid=None)
+    fwd, bwd = with_compiled_step(monkeypatch, limited, "recompile limit")
     assert fwd < 1e-10 and bwd < 1e-9
     assert atlas_kernels.compile_error is None and atlas_kernels.recompile_limit_hits == len(calls) == 2
 

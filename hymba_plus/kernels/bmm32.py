@@ -93,27 +93,28 @@ if triton is not None:
         each problem keeps its own tile shape."""
         pid = tl.program_id(0)
         if pid < E0:
-            _group_tile(pid, a0, b0, c0, M0, N0, K0, sab0, sam0, sak0, sbb0, sbk0, sbn0, scb0, scm0,
-                        scn0, 0, NM0, NN0, BM0, BN0, BK, PREC)
-        elif NUM > 1:
-            if pid < E1:
-                _group_tile(pid, a1, b1, c1, M1, N1, K1, sab1, sam1, sak1, sbb1, sbk1, sbn1, scb1, scm1,
-                            scn1, E0, NM1, NN1, BM1, BN1, BK, PREC)
-            elif NUM > 2:
-                if pid < E2:
-                    _group_tile(pid, a2, b2, c2, M2, N2, K2, sab2, sam2, sak2, sbb2, sbk2, sbn2, scb2, scm2,
-                                scn2, E1, NM2, NN2, BM2, BN2, BK, PREC)
-                elif NUM > 3:
-                    if pid < E3:
-                        _group_tile(pid, a3, b3, c3, M3, N3, K3, sab3, sam3, sak3, sbb3, sbk3, sbn3, scb3, scm3,
-                                    scn3, E2, NM3, NN3, BM3, BN3, BK, PREC)
-                    elif NUM > 4:
-                        if pid < E4:
-                            _group_tile(pid, a4, b4, c4, M4, N4, K4, sab4, sam4, sak4, sbb4, sbk4, sbn4, scb4, scm4,
-                                        scn4, E3, NM4, NN4, BM4, BN4, BK, PREC)
-                        elif NUM > 5:
-                            _group_tile(pid, a5, b5, c5, M5, N5, K5, sab5, sam5, sak5, sbb5, sbk5, sbn5, scb5, scm5,
-                                        scn5, E4, NM5, NN5, BM5, BN5, BK, PREC)
+            _group_tile(pid, a0, b0, c0, M0, N0, K0, sab0, sam0, sak0, sbb0, sbk0, sbn0, scb0, scm0, scn0, 0,
+                        NM0, NN0, BM0, BN0, BK, PREC)
+        if NUM > 1:  # slots past NUM are not compiled
+            if (pid >= E0) & (pid < E1):
+                _group_tile(pid, a1, b1, c1, M1, N1, K1, sab1, sam1, sak1, sbb1, sbk1, sbn1, scb1, scm1, scn1, E0,
+                            NM1, NN1, BM1, BN1, BK, PREC)
+        if NUM > 2:
+            if (pid >= E1) & (pid < E2):
+                _group_tile(pid, a2, b2, c2, M2, N2, K2, sab2, sam2, sak2, sbb2, sbk2, sbn2, scb2, scm2, scn2, E1,
+                            NM2, NN2, BM2, BN2, BK, PREC)
+        if NUM > 3:
+            if (pid >= E2) & (pid < E3):
+                _group_tile(pid, a3, b3, c3, M3, N3, K3, sab3, sam3, sak3, sbb3, sbk3, sbn3, scb3, scm3, scn3, E2,
+                            NM3, NN3, BM3, BN3, BK, PREC)
+        if NUM > 4:
+            if (pid >= E3) & (pid < E4):
+                _group_tile(pid, a4, b4, c4, M4, N4, K4, sab4, sam4, sak4, sbb4, sbk4, sbn4, scb4, scm4, scn4, E3,
+                            NM4, NN4, BM4, BN4, BK, PREC)
+        if NUM > 5:
+            if pid >= E4:
+                _group_tile(pid, a5, b5, c5, M5, N5, K5, sab5, sam5, sak5, sbb5, sbk5, sbn5, scb5, scm5, scn5, E4,
+                            NM5, NN5, BM5, BN5, BK, PREC)
 
 
 #: the kernel's matmul precision (a ``_triton.dot_f32`` precision; "tf32x3_split" keeps float32
