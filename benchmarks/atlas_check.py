@@ -30,6 +30,12 @@ path's probe failed on an H200 while every CPU check passes).
    first-call check off; then whether that check, on, catches the case (what it says). The combo
    kernels with the padded launch gave gradients 2-6 off on an H100 (2026-12-05): which option
    sets do, and whether the check sees it.
+7. ``--chain``: the muon_chunk GPU test's problem (``tests/test_atlas.py``'s random_problem: 8
+   chunks of Muon steps on a depth-3 memory, eager chunk step, padded Newton-Schulz) per Newton-Schulz
+   precision (``NS_TRITON_PRECISION``) and chunk-step GEMM (``BMM``) over three seeds, against the
+   float64 CPU reference: the worst error of the results (output, end weights and momenta) and of
+   the input gradients. Per-launch errors do not show a bias that a chain of steps accumulates:
+   this does (the first tf32x3_split, operands split by truncation: state 1.2e-2 off, 2026-12-05).
 """
 
 from __future__ import annotations
@@ -174,12 +180,36 @@ def inductor_check(options: list[str], device: str = "cuda") -> list[str]:
     return lines
 
 
+def chain_check(precisions: tuple[str, ...] = ("tf32x3", "tf32x3_split"), bmms: tuple[str, ...] = ("bmm32", "cublas"),
+                seeds: int = 3, device: str = "cuda") -> list[str]:
+    """7.: the muon_chunk GPU test's problem per NS precision and GEMM, eager, against float64 (the
+    lines, also printed; on a CPU the settings change nothing: no Triton kernels there)."""
+    from tests.test_atlas import float32_errors, random_problem
+
+    lines = []
+    for prec in precisions:
+        for bmm in bmms:
+            worst = [0.0, 0.0]
+            with A.settings(PAD_NS=True, NS_TRITON_PRECISION=prec, BMM=bmm):
+                for seed in range(seeds):
+                    args, leaves = random_problem(N=3, T=32, C=4, c=3, p=2, hid=5, depth=3, float32=True, seed=seed)
+                    errs = float32_errors(args, leaves, 3, device, dict(compile=False), chunk_size=4, window=3,
+                                          ns_steps=5, muon=True, ns_chunk=True, return_state=True, snapshots=(),
+                                          n_valid=None)
+                    worst = [max(worst[0], max(errs[:9])), max(worst[1], max(errs[9:]))]
+            lines.append(f"NS {prec:<13} GEMMs {bmm:<7} over {seeds} seeds: results worst {worst[0]:.1e} "
+                         f"(test limit 5e-3), gradients worst {worst[1]:.1e} (5e-2)")
+            print(lines[-1], flush=True)
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--grads", action="store_true", help="only check 4 (gradient norms)")
     ap.add_argument("--time-ns", action="store_true", help="only 5 (the Newton-Schulz kernels timed)")
     ap.add_argument("--inductor", nargs="*", default=None, choices=tuple(A.INDUCTOR_OPTIONS),
                     help="only 6 (the compiled muon_chunk step per Inductor option set; default: all)")
+    ap.add_argument("--chain", action="store_true", help="only 7 (a chain of muon_chunk steps per NS precision)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=2048)
     args = ap.parse_args()
@@ -189,6 +219,9 @@ def main() -> None:
         return
     if args.time_ns:
         time_ns()
+        return
+    if args.chain:
+        chain_check()
         return
     if args.inductor is not None:
         inductor_check(args.inductor or list(A.INDUCTOR_OPTIONS))

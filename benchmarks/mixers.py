@@ -250,6 +250,7 @@ ATLAS_PATHS = {
     "fast_combo_bmm32_graphed": ("auto", {"INDUCTOR": "combo", "NS_TRITON_PRECISION": "tf32x3"}, True),
     "fast_nopad_graphed": ("auto", {"PAD_NS": False}, True),
     "fast_tf32x3_graphed": ("auto", {"NS_TRITON_PRECISION": "tf32x3"}, True),
+    "fast_tf32x3_split_graphed": ("auto", {"NS_TRITON_PRECISION": "tf32x3_split"}, True),
     "fast_combo_cublas_graphed": ("auto", {"INDUCTOR": "combo", "BMM": "cublas"}, True),
     "fast_gemm_graphed": ("auto", {"INDUCTOR": "gemm", "BMM": "cublas"}, True),
     "fast_combo_gemm_graphed": ("auto", {"INDUCTOR": "combo_gemm", "BMM": "cublas"}, True),

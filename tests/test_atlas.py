@@ -1274,3 +1274,16 @@ def test_atlas_check_inductor_mode_reports_errors_and_the_check():
     worst = [float(x) for line in lines for x in re.findall(r"worst (\S+?)[,;]", line)]
     assert len(worst) == 4 and max(worst) < 1e-2, lines
     assert atlas_kernels.compile_error is None and atlas_kernels.CHECK_COMPILED_STEP
+
+
+def test_atlas_check_chain_mode_reports_worst_errors():
+    """``benchmarks/atlas_check.py --chain`` (a chain of muon_chunk steps per Newton-Schulz
+    precision and GEMM: what showed the truncating 3xTF32 split's bias on a GPU), run on the CPU
+    (the settings pick no Triton kernel there): a line per setting with the worst result and
+    gradient errors against float64, within the GPU test's limits (float32 on this CPU, seed 0:
+    4.8e-3 and 1.2e-2)."""
+    mod = load_benchmark("atlas_check")
+    lines = mod.chain_check(("tf32x3_split",), ("bmm32", "cublas"), seeds=1, device="cpu")
+    assert len(lines) == 2, lines
+    worst = [float(x) for line in lines for x in re.findall(r"worst (\S+)", line)]
+    assert len(worst) == 4 and max(worst[0::2]) < 5e-3 and max(worst[1::2]) < 5e-2, lines

@@ -249,3 +249,65 @@ def test_atlas_fast_path_on_cuda_with_bmm32():
                                   ns_steps=5, muon=True, ns_chunk=True, return_state=True, snapshots=(), n_valid=None)
         print("bmm32 errors:", [f"{e:.2g}" for e in errs])
         assert max(errs[:9]) < 5e-3 and max(errs[9:]) < 5e-2, (compile_step, group, errs)
+
+
+def tf32_truncate(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> what a tensor core reading it as TF32 uses: the low 13 mantissa bits dropped."""
+    return (x.view(torch.int32) & -8192).view(torch.float32)
+
+
+def tf32_round(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> the nearest TF32 value (ties away from zero), as ``_triton.round_tf32``."""
+    return ((x.view(torch.int32) + 0x1000) & -8192).view(torch.float32)
+
+
+def test_round_tf32_in_interpreter_is_round_to_nearest():
+    """``_triton.round_tf32`` in Triton's CPU interpreter: TF32 values (low 13 bits clear), within
+    half a TF32 unit of the input (at most 2^-11 relative), the same bits as ``tf32_round``,
+    carries into the exponent included (1.99999 -> 2)."""
+    pytest.importorskip("triton")
+    code = textwrap.dedent("""
+        import torch, triton, triton.language as tl
+        from hymba_plus.kernels._triton import round_tf32
+        from tests.test_bmm32 import tf32_round
+
+        @triton.jit
+        def k(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+            offs = tl.arange(0, BLOCK)
+            tl.store(y_ptr + offs, round_tf32(tl.load(x_ptr + offs, mask=offs < n)), mask=offs < n)
+
+        g = torch.Generator().manual_seed(0)
+        x = torch.cat([torch.randn(1000, generator=g) * 10.0 ** torch.randint(-20, 20, (1000,), generator=g),
+                       torch.tensor([1.99999, -1.99999, 1.0, -0.0, 3.0e-39])])
+        y = torch.empty_like(x)
+        k[(1,)](x, y, x.numel(), BLOCK=1024)
+        assert torch.equal(y.view(torch.int32), tf32_round(x).view(torch.int32))
+        assert not bool((y.view(torch.int32) & 8191).any())
+        assert float(((y.double() - x.double()).abs() / x.double().abs().clamp_min(1e-300))[:1000].max()) <= 2.0 ** -11
+        assert float(y[1000]) == 2.0 and float(y[1001]) == -2.0
+        print("ok")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stdout[-1000:] + res.stderr[-3000:]
+
+
+def test_split_tf32_products_unbiased_only_when_both_parts_are_rounded():
+    """Why ``dot_f32``'s "tf32x3_split" rounds: with a tensor core's TF32 read emulated (low 13
+    bits dropped), the three products of operands split by truncation (``xh`` = x's top bits,
+    the remainder read truncated too) sit below the float64 product on average, a bias a chain of
+    Muon steps accumulates (2026-12-05, H100: 4x tf32x3's error at the chain's end); split by
+    rounding, the mean error is a small fraction of the truncating split's."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 64, 256, generator=g) + 0.5  # positive: a bias shows in the mean
+    y = torch.rand(64, 256, 64, generator=g) + 0.5
+    want = x.double() @ y.double()
+
+    def three(split):  # x y ~ xl yh + xh yl + xh yh, each operand as the tensor core reads it
+        xh, yh = split(x), split(y)
+        xl, yl = (tf32_truncate(r) if split is tf32_truncate else tf32_round(r) for r in (x - xh, y - yh))
+        return xl.double() @ yh.double() + xh.double() @ yl.double() + xh.double() @ yh.double()
+
+    trunc, rnd = (float(((three(split) - want) / want).mean()) for split in (tf32_truncate, tf32_round))
+    print(f"mean relative error of split TF32 products: truncating {trunc:.2e}, rounding {rnd:.2e}")
+    assert trunc < -2e-8 and abs(rnd) < abs(trunc) / 10, (trunc, rnd)

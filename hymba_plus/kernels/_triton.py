@@ -158,19 +158,29 @@ if triton is not None:
         return tl.math.div_rn(x, 1.0 + exp_f32(-x))
 
     @triton.jit
+    def round_tf32(x):
+        """float32 block -> the nearest TF32 values (10 mantissa bits; ties away from zero), as
+        float32: adding half a unit of the 11th bit to the bits carries into the exponent where
+        the mantissa overflows, as rounding does."""
+        return ((x.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+    @triton.jit
     def dot_f32(x, y, acc, PREC: tl.constexpr):
         """``acc + x @ y`` for float32 blocks at matmul precision PREC: a precision of ``tl.dot``
         ("tf32", Triton's "tf32x3", "ieee", "bf16x3", "bf16x6"), or "tf32x3_split": three TF32
         tensor-core products of split operands written out here (3xTF32), ``x = xh + xl`` with
-        ``xh`` x's top 10 mantissa bits (what a TF32 product reads) and ``xl`` the exact
-        remainder, ``x y ~ xl yh + xh yl + xh yh`` (the ``xl yl`` term, ~2^-22 relative, dropped;
+        ``xh`` x rounded to TF32's 10 mantissa bits and ``xl`` the exact remainder, itself rounded
+        to TF32, ``x y ~ xl yh + xh yl + xh yh`` (the ``xl yl`` term, ~2^-22 relative, dropped;
         the small terms first): float32 accuracy on tensor cores, the terms Triton's "tf32x3"
-        lowering makes (``kernels.atlas``, ``kernels.bmm32``)."""
+        lowering makes (``kernels.atlas``, ``kernels.bmm32``). Both parts are rounded to nearest
+        (``round_tf32``): a tensor core reading float32 registers as TF32 drops the low 13 bits,
+        a bias toward zero that a chain of products accumulates (split by truncation, as first
+        written, the muon_chunk GPU test's state ended 4x further from float64 than tf32x3's)."""
         if PREC == "tf32x3_split":
-            xh = (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
-            yh = (y.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
-            acc = tl.dot(x - xh, yh, acc, input_precision="tf32")
-            acc = tl.dot(xh, y - yh, acc, input_precision="tf32")
+            xh = round_tf32(x)
+            yh = round_tf32(y)
+            acc = tl.dot(round_tf32(x - xh), yh, acc, input_precision="tf32")
+            acc = tl.dot(xh, round_tf32(y - yh), acc, input_precision="tf32")
             return tl.dot(xh, yh, acc, input_precision="tf32")
         else:
             return tl.dot(x, y, acc, input_precision=PREC)

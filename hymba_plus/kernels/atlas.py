@@ -602,10 +602,13 @@ NS_BWD_SAVED = True
 #: one TF32 pass, not 3x. A one-pass backward alone is no option: emulated on a CPU
 #: (``atlas_tf32.py`` tf32_ns_bwd) it took the probe's gradients 1.3e6 off float64 and the MQAR
 #: model to chance (mean final loss 3.12 against 2.36 over 6 seeds). Default "tf32x3_split": the
-#: same three products at float32 accuracy (per launch 9e-6 / 1.8e-5 off float64 against tf32x3's
-#: 6e-6 / 1.2e-5; the kernels' GPU tests pass with it) in 22 / 149 us instead of 52 / 215 at side 64;
-#: the Quad-Hybrid's muon_chunk layer (padded NS) 100.3 -> 90.0 ms (H100, 2026-12-05, ``mixers.py
-#: --atlas-paths fast_padns_graphed fast_tf32x3_split_graphed``, one card, combo kernels then)
+#: same three products written out (``_triton.dot_f32``), both parts of each operand rounded to
+#: nearest TF32. Its first form split by truncation, and the tensor cores' own truncation of the
+#: small part biased every product toward zero: per launch it was 9e-6 / 1.8e-5 off float64 (tf32x3
+#: 6e-6 / 1.2e-5), but the muon_chunk GPU test's problem, a chain of steps, ended 1.2e-2 off in its
+#: state (limit 5e-3; tf32x3 2.8e-3). Rounded (H100, 2026-12-05 evening, eager, 3 seeds, bmm32
+#: GEMMs): state <= 1.8e-3, gradients <= 1.6e-2, as tf32x3's 1.7e-3 / 2.1e-2; the Quad-Hybrid's
+#: muon_chunk layer (padded NS, default Inductor, CUDA graphs) 106.5 ms with tf32x3, 102.0 with it
 NS_TRITON_PRECISION = "tf32x3_split"
 
 #: largest Gram side the Triton kernels take, 32 or 64 (a program holds its matrices in registers:
@@ -986,10 +989,12 @@ BMM = "bmm32"
 #: with bmm32: the memory's weights' products of one phase of the chunk step (their momenta, Gram
 #: matrices, updates; forward and backward) in one grouped launch (``kernels.bmm32.bmm_f32_group``)
 #: instead of one launch per weight: at the Quad-Hybrid's shape 3 products of 32-64 programs each,
-#: which fill a third of an H100's SMs one by one. A setting, off: built on 2026-12-05 evening
-#: without a GPU (tested in Triton's CPU interpreter), not yet timed (``mixers.py`` path
-#: ``fast_group_graphed``)
-GROUP_GEMMS = False
+#: which fill a third of an H100's SMs one by one. On by default (it applies only where bmm32 does):
+#: the Quad-Hybrid's muon_chunk layer at 8 x 2048 in CUDA graphs 102.0 -> 92.3 ms forward+backward
+#: (H100, 2026-12-05 evening, ``mixers.py --atlas-paths fast_graphed fast_group_graphed``, one
+#: process, before this default); its GPU test (``test_atlas_fast_path_on_cuda_with_bmm32``: eager
+#: and compiled step against float64) passed there
+GROUP_GEMMS = True
 
 
 def _bmm(a: Tensor, b: Tensor, bmm32: bool) -> Tensor:
