@@ -83,17 +83,18 @@
 #           muon_chunk layer in CUDA graphs with Newton-Schulz per side and in one padded launch (PAD_NS); run on
 #           an H100 2026-12-05 evening with combo kernels the default then: 115.1 against 100.3 ms (the --time-ns part
 #           outlasted its 150 s there; since, muon_chunk pads by default and its fast_graphed names that)
-#   atlas_defaults  the ATLAS fast path's GPU tests (pytest -m gpu tests/test_atlas.py: muon_chunk with the padded
-#           Newton-Schulz launch under Inductor's defaults and per side under combo kernels), then the quad-shape
-#           muon_chunk layer in CUDA graphs as shipped on 2026-12-05 afternoon (fast_combo_bmm32_graphed), as
-#           shipped since (fast_graphed: default Inductor, padded NS, tf32x3_split) and without the padding
-#           (fast_nopad_graphed); not yet run
+#   atlas_defaults  the ATLAS fast path's GPU tests (pytest -m gpu tests/test_atlas.py), then the quad-shape muon_chunk
+#           layer in CUDA graphs as shipped on 2026-12-05 afternoon (fast_combo_bmm32_graphed), as shipped now
+#           (fast_graphed) and without the padded NS launch (fast_nopad_graphed); its first form, run in parts on an
+#           H100 on 2026-12-05 evening, found the truncating 3xTF32 split (benchmarks/RESULTS.md)
+#   atlas_chain  atlas_check.py --chain: the muon_chunk GPU test's problem per NS precision and GEMM (bmm32 / cuBLAS)
+#           over 3 seeds against float64 (what showed that bias), ~60 s
 #   atlas_combo  atlas_check.py --inductor: the compiled muon_chunk step under each INDUCTOR option set (incl.
 #           combo kernels element-wise only / one size only), Newton-Schulz per side and padded, against float64,
 #           and whether the first-call check catches what is off (why combo + PAD_NS failed on 2026-12-05); not yet run
 #   atlas_group  pytest -m gpu tests/test_bmm32.py (the grouped launch against float64, the fast path with it), then
-#           the quad-shape muon_chunk layer in CUDA graphs as shipped and with each phase's GEMMs of the memory's
-#           weights in one grouped launch (mixers.py fast_graphed fast_group_graphed: GROUP_GEMMS); not yet run
+#           the quad-shape muon_chunk layer in CUDA graphs as shipped (grouped since 2026-12-05 evening) and without
+#           the grouping (mixers.py fast_graphed fast_nogroup_graphed); run in parts on an H100: 102.0 -> 92.3 ms
 #   profiles  where the time of two rows goes (torch.profiler, two passes): side_by_side.py --rows attn --profile
 #           (attn_vs_hf_llama, 1.71x against 2.0: copies_by_shape says which casts and copies the ~7 ms of copies a
 #           step are) and mixers.py --only gdn --profile (the gdn layer at B 4 x 4096, d 2048); run on an H100 on
@@ -223,10 +224,11 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
               (cd benchmarks && step atlas_defaults 420 python mixers.py --atlas-paths fast_combo_bmm32_graphed \
                  fast_graphed fast_nopad_graphed --atlas-config quad_chunk --d-model 128 --batch 8 --seq-len 2048 \
                  --skip-gdn --out "$OUT/mixers_atlas_defaults.json") ;;
+      atlas_chain) (cd benchmarks && step atlas_chain 150 python atlas_check.py --chain) ;;
       atlas_combo) (cd benchmarks && step atlas_combo 540 python atlas_check.py --inductor default combo \
                  combo_pointwise combo_same_size) ;;
       atlas_group) step bmm32_tests 200 "${PYTEST[@]}" tests/test_bmm32.py
-              (cd benchmarks && step atlas_group 330 python mixers.py --atlas-paths fast_graphed fast_group_graphed \
+              (cd benchmarks && step atlas_group 330 python mixers.py --atlas-paths fast_graphed fast_nogroup_graphed \
                  --atlas-config quad_chunk --d-model 128 --batch 8 --seq-len 2048 --skip-gdn \
                  --out "$OUT/mixers_atlas_group.json") ;;
       profiles) step attn_profile 330 python benchmarks/side_by_side.py --rows attn --profile --merge --out-dir "$OUT"
@@ -248,7 +250,7 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
                  echo "pack_out: $(tar -tJf "$OUT/out.tar.xz" | wc -l) files in $OUT/out.tar.xz" ;;
       *) echo "unknown step $s1 (moe mamba3 gdn atlas atlas_verify mamba3_tuned atlas_profile atlas_profile_bench" \
               "mixers mimo_alt mimo_alt2 loss memory decode fused agree modes side_train attn_bf16w fa4 side_decode quad quad_chunk" \
-              "atlas_chunk_layer atlas_chunk_bench quad_tf32 atlas_inductor atlas_bmm32 atlas_padns atlas_defaults atlas_combo atlas_group profiles" \
+              "atlas_chunk_layer atlas_chunk_bench quad_tf32 atlas_inductor atlas_bmm32 atlas_padns atlas_defaults atlas_chain atlas_combo atlas_group profiles" \
               "pack_caches pack_out)"; exit 2 ;;
     esac
   done

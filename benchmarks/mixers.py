@@ -247,7 +247,8 @@ ATLAS_PATHS = {
     "fast_ns32_graphed": ("auto", {"NS_TRITON_MAX": 32, "NS_BWD_SAVED": False}, True),
     "fast_cublas_graphed": ("auto", {"INDUCTOR": "default", "BMM": "cublas", "PAD_NS": False,
                                      "NS_TRITON_PRECISION": "tf32x3"}, True),
-    "fast_combo_bmm32_graphed": ("auto", {"INDUCTOR": "combo", "NS_TRITON_PRECISION": "tf32x3"}, True),
+    "fast_combo_bmm32_graphed": ("auto", {"INDUCTOR": "combo", "NS_TRITON_PRECISION": "tf32x3", "GROUP_GEMMS": False},
+                                 True),
     "fast_nopad_graphed": ("auto", {"PAD_NS": False}, True),
     "fast_tf32x3_graphed": ("auto", {"NS_TRITON_PRECISION": "tf32x3"}, True),
     "fast_tf32x3_split_graphed": ("auto", {"NS_TRITON_PRECISION": "tf32x3_split"}, True),
@@ -257,6 +258,7 @@ ATLAS_PATHS = {
     "fast_bf16x3_graphed": ("auto", {"NS_TRITON_PRECISION": "bf16x3"}, True),
     "fast_padns_graphed": ("auto", {"PAD_NS": True}, True),
     "fast_group_graphed": ("auto", {"GROUP_GEMMS": True}, True),
+    "fast_nogroup_graphed": ("auto", {"GROUP_GEMMS": False}, True),
 }
 
 
@@ -304,8 +306,8 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
                       as split TF32 ones written out in the kernel (tf32x3_split)
       fast_combo_bmm32_graphed  as shipped on 2026-12-05 afternoon: bmm32 GEMMs, Inductor's combo kernels
                       (INDUCTOR combo; under it PAD_NS's default keeps a launch per side), tf32x3
-      fast_nopad_graphed / fast_tf32x3_graphed  ``fast_graphed`` with a NS launch per side / with
-                      Triton's tf32x3 in the NS kernels
+      fast_nopad_graphed / fast_tf32x3_graphed / fast_tf32x3_split_graphed  ``fast_graphed`` with a
+                      NS launch per side / with Triton's tf32x3 / with our split products in the NS kernels
       fast_combo_cublas_graphed / fast_gemm_graphed / fast_combo_gemm_graphed  cuBLAS GEMMs with
                       other Inductor options: combo kernels, autotuned Triton GEMM templates next to
                       cuBLAS, both
@@ -313,8 +315,9 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
                       dispatch's probe: 1e-3 relative)
       fast_padns_graphed  ``fast_graphed`` with Newton-Schulz of all weights in one launch, the
                       Gram matrices zero-padded to the widest side, whatever the optimizer (PAD_NS)
-      fast_group_graphed  ``fast_graphed`` with each phase's products of the memory's weights (momenta,
-                      Gram matrices, updates, and their backward) in one grouped launch (GROUP_GEMMS)
+      fast_group_graphed / fast_nogroup_graphed  ``fast_graphed`` with / without each phase's products of
+                      the memory's weights (momenta, Gram matrices, updates, and their backward) in one
+                      grouped launch (GROUP_GEMMS, the default since 2026-12-05 evening)
 
     On a CPU the fast variants are forced through the dispatch (it never picks them there).
     Rows: fwd / fwd+bwd ms, compile + first-call seconds, ratio to gdn's fwd+bwd."""

@@ -1,7 +1,7 @@
 """Batched float32 matmul on tensor cores at float32 accuracy (3xTF32), for small problems.
 
 Each product is three TF32 tensor-core products of split operands (``_triton.dot_f32``
-"tf32x3_split": ``x = xh + xl``, ``x y ~ xl yh + xh yl + xh yh``; the split of NVIDIA's
+"tf32x3_split": ``x = xh + xl``, ``x y ~ xl yh + xh yl + xh yh``, both parts rounded to nearest TF32; the split of NVIDIA's
 CUTLASS "3xTF32" GEMMs, Ootomo & Yokota 2022, "Recovering single precision accuracy from
 Tensor Cores while surpassing the FP32 theoretical peak performance"). cuBLAS in float32
 (TF32 off) takes CUDA-core kernels with 32 x 32 tiles for the ATLAS chunk step's problems
