@@ -259,6 +259,7 @@ ATLAS_PATHS = {
     "fast_padns_graphed": ("auto", {"PAD_NS": True}, True),
     "fast_group_graphed": ("auto", {"GROUP_GEMMS": True}, True),
     "fast_nogroup_graphed": ("auto", {"GROUP_GEMMS": False}, True),
+    "fast_pdl_graphed": ("auto", {"INDUCTOR": "pdl"}, True),
 }
 
 
@@ -318,6 +319,8 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
       fast_group_graphed / fast_nogroup_graphed  ``fast_graphed`` with / without each phase's products of
                       the memory's weights (momenta, Gram matrices, updates, and their backward) in one
                       grouped launch (GROUP_GEMMS, the default since 2026-12-05 evening)
+      fast_pdl_graphed  ``fast_graphed`` with the chunk step's Inductor kernels launched with Programmatic
+                      Dependent Launch (INDUCTOR pdl: each may start while its predecessor drains)
 
     On a CPU the fast variants are forced through the dispatch (it never picks them there).
     Rows: fwd / fwd+bwd ms, compile + first-call seconds, ratio to gdn's fwd+bwd."""

@@ -376,14 +376,22 @@ def test_fast_path_compiled_several_chunks_per_call(monkeypatch):
 
 def test_compile_options_this_inductor_lacks_are_left_out(monkeypatch):
     """``INDUCTOR``'s options reach torch.compile, less any this PyTorch's Inductor does not have
-    (which would fail the compile and run the chunk step eagerly); none left: no options."""
+    (which would fail the compile and run the chunk step eagerly), dotted names looked up through
+    the config's sections; none left: no options. The "pdl" set's option exists here, and a real
+    compile takes it (on a CPU Inductor generates no PDL code: the same result)."""
+    real_compile = torch.compile
     seen = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw["options"]) or fn)
-    monkeypatch.setitem(atlas_kernels.INDUCTOR_OPTIONS, "test", {"combo_kernels": True, "no_such_option": 1})
-    monkeypatch.setitem(atlas_kernels.INDUCTOR_OPTIONS, "test_none", {"no_such_option": 1})
+    monkeypatch.setitem(atlas_kernels.INDUCTOR_OPTIONS, "test", {"combo_kernels": True, "no_such_option": 1,
+                                                               "triton.enable_pdl": True, "triton.no_such": 2})
+    monkeypatch.setitem(atlas_kernels.INDUCTOR_OPTIONS, "test_none", {"no_such_option": 1, "no_such.section": 1})
     assert atlas_kernels._compile(len, "test") is len and atlas_kernels._compile(len, "test_none") is len
-    assert seen == [{"combo_kernels": True}, None]
+    assert seen == [{"combo_kernels": True, "triton.enable_pdl": True}, None]
     atlas_kernels._compile.cache_clear()
+    assert atlas_kernels.inductor_options("pdl") == {"triton.enable_pdl": True}
+    fn = real_compile(lambda x: torch.sigmoid(x) * x + 1, options=atlas_kernels.inductor_options("pdl"))
+    x = torch.randn(64)
+    assert torch.allclose(fn(x), torch.sigmoid(x) * x + 1)
 
 
 def with_compiled_step(monkeypatch, step, warning: str) -> tuple[float, float]:
@@ -1082,11 +1090,12 @@ def test_fast_path_on_cuda_with_side_64_triton_ns(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("inductor", ["default", "combo"])
+@pytest.mark.parametrize("inductor", ["default", "combo", "pdl"])
 def test_fast_path_on_cuda_muon_chunk(inductor):
     """``inner_optimizer: muon_chunk`` on the CUDA fast path (Triton Newton-Schulz on one Gram
     matrix per weight and chunk, eager and compiled chunk step, the latter also with Inductor's
-    combo kernels: ``INDUCTOR``) against the float64 CPU reference of that form: outputs, end
+    combo kernels and with Programmatic Dependent Launch: ``INDUCTOR``) against the float64 CPU
+    reference of that form: outputs, end
     state and every input gradient. By default muon_chunk pads every weight's Gram matrix into one
     Newton-Schulz launch (``PAD_NS``), under combo kernels not: padded, the combo-compiled step
     failed this test on an H100 (2026-12-05: gradients 2-6 relative off)."""

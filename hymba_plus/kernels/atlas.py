@@ -1067,6 +1067,12 @@ INDUCTOR_OPTIONS: dict[str, dict[str, object]] = {
     # kernels only / kernels of one size only
     "combo_pointwise": {"combo_kernels": True, "combo_kernels_pointwise_only": True},
     "combo_same_size": {"combo_kernels": True, "combo_kernel_allow_mixed_sizes": 0},
+    # Programmatic Dependent Launch (Hopper on): each Inductor kernel launched so that it may start
+    # while its predecessor finishes, waiting (griddepcontrol.wait) before it reads what that wrote;
+    # our Triton GEMM and Newton-Schulz kernels launch as before. For a step of ~100 small
+    # kernels a chunk, the gaps between them are much of its time. Off by default in PyTorch and
+    # here: not yet timed or GPU-tested (``mixers.py`` path ``fast_pdl_graphed``, ``gpu_suite.sh atlas_pdl``)
+    "pdl": {"triton.enable_pdl": True},
 }
 #: the chunk step's Inductor options (a name of ``INDUCTOR_OPTIONS``)
 INDUCTOR = "default"
@@ -1241,10 +1247,23 @@ def _guarded(compiled, eager, *args):  # noqa: ANN001, ANN002, ANN202
 def _compile(fn, inductor: str):  # noqa: ANN001, ANN202
     """``fn`` under torch.compile with the options of ``inductor`` that this PyTorch's Inductor has
     (an option it lacks is left out rather than failing the compile, which would run the step eagerly)."""
+    return torch.compile(fn, fullgraph=True, dynamic=False, options=inductor_options(inductor) or None)
+
+
+def inductor_options(inductor: str) -> dict[str, object]:
+    """``INDUCTOR_OPTIONS[inductor]`` less the options this PyTorch's Inductor config lacks (a
+    dotted name, ``triton.enable_pdl``, is looked up through its sections)."""
     import torch._inductor.config as inductor_config
 
-    opts = {k: v for k, v in INDUCTOR_OPTIONS[inductor].items() if hasattr(inductor_config, k)}
-    return torch.compile(fn, fullgraph=True, dynamic=False, options=opts or None)
+    def known(name: str) -> bool:
+        node: object = inductor_config
+        for part in name.split("."):
+            if not hasattr(node, part):
+                return False
+            node = getattr(node, part)
+        return True
+
+    return {k: v for k, v in INDUCTOR_OPTIONS[inductor].items() if known(k)}
 
 
 def _compiled_chunk_step():  # noqa: ANN202
