@@ -508,6 +508,33 @@ def test_ns_gram_op_matches_autograd():
     torch.library.opcheck(torch.ops.hymba.atlas_ns_gram.default, (A.detach().requires_grad_(), 5))
 
 
+def test_ns_launch_copies_nothing_at_a_padded_side(monkeypatch):
+    """``_ns_gram_launch`` on Gram matrices whose side is already the kernels' (muon_chunk's padded
+    launch: side 64) hands them to the kernels as they are, forward and backward (a pad by zero
+    used to copy both: three copy kernels a chunk step); a non-contiguous dR (a transposed view)
+    is made contiguous, a side under the kernels' is zero-padded. The kernels stand in as
+    recorders of what they are given."""
+    pytest.importorskip("triton")
+    given = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: given.append(args)
+
+    for name in ("_ns_gram_fwd_kernel", "_ns_gram_bwd_kernel", "_ns_gram_bwd_saved_kernel"):
+        monkeypatch.setattr(atlas_kernels, name, Recorder())
+    A, dR = torch.randn(3, 64, 64), torch.randn(3, 64, 64)
+    atlas_kernels._ns_gram_launch(A, None, 5)
+    atlas_kernels._ns_gram_launch(A, dR, 5)
+    assert given[0][0] is A and given[1][0] is A and given[1][1] is dR
+    atlas_kernels._ns_gram_launch(A, dR.mT, 5)
+    assert given[2][1].is_contiguous() and torch.equal(given[2][1], dR.mT)
+    atlas_kernels._ns_gram_launch(A[:, :40, :40], None, 5)  # side 40: padded to 64 with zeros
+    padded = given[3][0]
+    assert padded.shape == (3, 64, 64) and torch.equal(padded[:, :40, :40], A[:, :40, :40])
+    assert not padded[:, 40:].any() and not padded[:, :, 40:].any()
+
+
 def test_ns_triton_kernels_in_interpreter_match_pytorch():
     """The Triton Newton-Schulz kernels (forward, the backward that recomputes the steps and
     the one that keeps them in scratch memory, ``NS_BWD_SAVED``) against autograd through ns_gram_factor, in Triton's CPU interpreter (subprocess:

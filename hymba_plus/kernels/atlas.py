@@ -730,7 +730,9 @@ def _ns_gram_launch(A: Tensor, dR: Tensor | None, steps: int, precision: str | N
     ``precision`` (default ``NS_TRITON_PRECISION``)."""
     B, m = A.shape[0], A.shape[-1]
     M = _ns_side(m)
-    pad = lambda t: F.pad(t, (0, M - m, 0, M - m)).contiguous()  # noqa: E731
+    # the kernels read [B, M, M] contiguous: a tensor already so is passed as it is (F.pad by zero
+    # copies: three copy kernels a chunk step for muon_chunk's padded launch, whose sides are M)
+    pad = lambda t: t.contiguous() if M == m else F.pad(t, (0, M - m, 0, M - m)).contiguous()  # noqa: E731
     out = torch.empty(B, M, M, device=A.device, dtype=torch.float32)
     a, b, c = NS_COEFFS
     warps = _ns_warps(M)
