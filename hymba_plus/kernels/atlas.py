@@ -867,13 +867,16 @@ def _chunk_step(
     """
     P, *Ls = params
     hs, zs, h, z = [K], [], K, K
+    # grouped: the first layer and the linear residual both read the keys, one launch for the two
+    first = _bmms([(K, Ls[0].mT), (K, P.mT)], bmm32, group) if bmm32 and group and Ls else None
     for i, W in enumerate(Ls):  # the memory MLP on the keys, at the chunk-start weights
-        z = _bmm(h, W.mT, bmm32)
+        z = first[0] if first is not None and i == 0 else _bmm(h, W.mT, bmm32, group)
         if i < len(Ls) - 1:
             zs.append(z)
             h = F.silu(z)
             hs.append(h)
-    e = (2.0 * gam)[..., None] * (_baddbmm(z, K, P.mT, bmm32) - V)  # ∂/∂M of γ_i ||M(phi(k_i)) - v_i||²
+    out = z + first[1] if first is not None else _baddbmm(z, K, P.mT, bmm32)
+    e = (2.0 * gam)[..., None] * (out - V)  # ∂/∂M of γ_i ||M(phi(k_i)) - v_i||²
     # per-token gradient of weight j = outer product a_i b_iᵀ of the factors fac[j] = (a, b)
     fac: list[tuple[Tensor, Tensor]] = [(e, K)] * (len(Ls) + 1)
     delta = e
@@ -881,7 +884,7 @@ def _chunk_step(
         fac[i] = (delta, hs[i - 1])
         if i > 1:
             sg = torch.sigmoid(zs[i - 2])  # σ'(z) = s (1 + z (1 - s)), s = sigmoid(z), for σ = SiLU
-            delta = _bmm(delta, Ls[i - 1], bmm32) * (sg * (1 + zs[i - 2] * (1 - sg)))
+            delta = _bmm(delta, Ls[i - 1], bmm32, group) * (sg * (1 + zs[i - 2] * (1 - sg)))
     N, R, Cp = mix.shape
     kp = keep[:, None, None]
     lam4 = lam[:, :, None, None]
@@ -995,11 +998,18 @@ BMM = "bmm32"
 #: the Quad-Hybrid's muon_chunk layer at 8 x 2048 in CUDA graphs 102.0 -> 92.3 ms forward+backward
 #: (H100, 2026-12-05 evening, ``mixers.py --atlas-paths fast_graphed fast_group_graphed``, one
 #: process, before this default); its GPU test (``test_atlas_fast_path_on_cuda_with_bmm32``: eager
-#: and compiled step against float64) passed there
+#: and compiled step against float64) passed there. Since (not yet timed), the memory MLP's products
+#: go through the grouped op too: its first layer and linear residual, which both read the keys, in
+#: one launch, the others as groups of one, so that each one's backward is one launch for both
+#: gradients (``hymba::bmm_f32``'s backward is two)
 GROUP_GEMMS = True
 
 
-def _bmm(a: Tensor, b: Tensor, bmm32: bool) -> Tensor:
+def _bmm(a: Tensor, b: Tensor, bmm32: bool, group: bool = False) -> Tensor:
+    """a @ b batched; ``group`` (with bmm32): as a grouped op of one product, whose backward is then
+    one launch for both gradients (``hymba::bmm_f32``'s is two)."""
+    if bmm32 and group:
+        return bmm_f32_group([a], [b])[0]
     return bmm_f32(a, b) if bmm32 else torch.bmm(a, b)
 
 
@@ -1009,7 +1019,7 @@ def _baddbmm(c: Tensor, a: Tensor, b: Tensor, bmm32: bool) -> Tensor:
 
 def _bmms(pairs: list[tuple[Tensor, Tensor]], bmm32: bool, group: bool) -> list[Tensor]:
     """``_bmm`` of every pair; with ``group`` (and bmm32) one grouped launch per ``GROUP_MAX`` pairs."""
-    if bmm32 and group and len(pairs) > 1:
+    if bmm32 and group:
         return list(bmm_f32_group([a for a, _ in pairs], [b for _, b in pairs]))
     return [_bmm(a, b, bmm32) for a, b in pairs]
 
