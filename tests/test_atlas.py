@@ -577,11 +577,15 @@ def test_fast_path_with_triton_ns_kernels_in_interpreter():
     failed the probe on an H200 when the probe started from zero momenta: see ``probe_errors``),
     and ``NS_TRITON_MAX = 64`` on a memory whose 40-wide hidden layer pads to side 64 (the
     Quad-Hybrid's case) against the float64 reference, outputs and gradients; the same with
-    muon_chunk and every side padded into one launch (``PAD_NS``)."""
+    muon_chunk and every side padded into one launch (``PAD_NS``). The kernels' products run as
+    "tf32x3" here, one float32 product in the interpreter: the default split products cost 3.4x the
+    time in it (223 s against 65), and their arithmetic is checked per kernel in the interpreter
+    (``test_ns_triton_kernels_in_interpreter_match_pytorch``) and end to end on a GPU."""
     pytest.importorskip("triton")
     code = textwrap.dedent("""
         import torch
         from hymba_plus.kernels import atlas
+        atlas.NS_TRITON_PRECISION = "tf32x3"  # the interpreter's one float32 product (see the docstring)
         atlas.atlas_ns_gram.register_kernel("cpu")(lambda a, steps: atlas._ns_gram_launch(a, None, steps))
         atlas.atlas_ns_gram_bwd.register_kernel("cpu")(lambda a, dr, steps: atlas._ns_gram_launch(a, dr, steps))
         for saved in (False, True):
