@@ -1174,9 +1174,13 @@ STEP_CHECK_TOL = (2e-3, 2e-2)
 
 
 def _step_key(compiled, args: tuple) -> tuple:  # noqa: ANN001
-    leaves = torch.utils._pytree.tree_leaves(args)
-    return (compiled, torch.is_grad_enabled(), *((tuple(t.shape), t.stride(), t.dtype, t.device, t.requires_grad)
-                                                 if isinstance(t, Tensor) else t for t in leaves))
+    """What picks the compiled graph of a chunk-step call: the grad mode, every argument's shape /
+    strides / dtype / device / requires_grad, the static values. Built at every chunk call (eager
+    mode), so by hand: the step's arguments nest one level (the weights' and momenta's tuples);
+    ``tree_leaves`` took 24 us a call, this 10."""
+    sig = [(t.shape, t.stride(), t.dtype, t.device, t.requires_grad) if isinstance(t, Tensor) else t
+           for a in args for t in (a if isinstance(a, tuple) else (a,))]
+    return (compiled, torch.is_grad_enabled(), *sig)
 
 
 def _step_disagreement(compiled, eager, args: tuple) -> str | None:  # noqa: ANN001
