@@ -23,7 +23,8 @@ path's probe failed on an H200 while every CPU check passes).
    benchmark: 64 of side 32, 128 of side 16; and the two quad sides as one padded launch, 96 of side
    64, ``PAD_NS``), per launch width and matmul precision: microseconds
    per launch (``triton.testing.do_bench``) and the error against float64. The default launch
-   width is ``_ns_warps``; the saved-iterate backward at side 64 spills with 4 warps.
+   width is ``_ns_warps``; the saved-iterate backward at side 64 spills with 4 warps. ``--padded-only``:
+   only the padded launch, at 4 and 8 warps, the saved iterates read transposed each way (``NS_BWD_TRANS``).
 6. ``--inductor``: the compiled muon_chunk step under each of ``INDUCTOR``'s option sets, with
    Newton-Schulz per side and in one padded launch (``PAD_NS``), on the probe's problem against the
    float64 reference: the worst error of the results and of the gradients, the compiled step's
@@ -87,32 +88,39 @@ def ns_kernels() -> None:
                     print(f"ns m={m:2d} M={M} {prec:6s} warps={warps}: {type(e).__name__}: {str(e)[:120]}", flush=True)
 
 
-def time_ns() -> None:
+def time_ns(padded_only: bool = False) -> None:
+    """Check 5; ``padded_only``: only muon_chunk's one padded quad launch (96 problems of side 64),
+    the default precision at each launch width and way of reading the saved iterates transposed
+    (``NS_WARPS``, ``NS_BWD_TRANS``)."""
     from triton.testing import do_bench
 
     a, b, c = A.NS_COEFFS
     g = torch.Generator().manual_seed(0)
-    for B, M in ((32, 64), (64, 32), (96, 64)):  # (96, 64): both sides in one padded launch (PAD_NS)
+    prec0 = A.NS_TRITON_PRECISION
+    for B, M in ((96, 64),) if padded_only else ((32, 64), (64, 32), (96, 64)):  # (96, 64): PAD_NS's launch
         Ad, dRd, want_r, want_d = gram_problem(B, M, 4 * M, g)
         Ag, dRg = Ad.float().cuda().contiguous(), dRd.float().cuda().contiguous()
         r, d = torch.empty_like(Ag), torch.empty_like(Ag)
         scratch = torch.empty(B, 4, 5, M, M, device="cuda")
-        variants = (("tf32x3", A._ns_warps(M)), ("tf32x3_split", A._ns_warps(M)), ("bf16x3", A._ns_warps(M)),
-                    ("bf16x6", A._ns_warps(M)), ("tf32", A._ns_warps(M)), ("tf32x3", 8 if M > 32 else 4))
-        for prec, warps in variants if B != 96 else variants[:1]:
+        w0 = A._ns_warps(M)
+        if padded_only:
+            variants = [(prec0, w, t) for w in (w0, 8) for t in ("load", "store", "regs")]
+        else:
+            variants = [(p, w0, "load") for p in ("tf32x3", "tf32x3_split", "bf16x3", "bf16x6", "tf32")]
+            variants = variants[:1] if B == 96 else [*variants, ("tf32x3", 8 if M > 32 else 4, "load")]
+        for prec, warps, trans in variants:
+            name = f"ns time B={B:3d} M={M} {prec:6s} warps={warps} trans={trans}"
             try:
                 kw = dict(M=M, STEPS=5, a=a, b=b, c=c, PREC=prec, num_warps=warps)
                 fwd = functools.partial(A._ns_gram_fwd_kernel[(B,)], Ag, r, **kw)
-                bwd = functools.partial(A._ns_gram_bwd_saved_kernel[(B,)], Ag, dRg, d, scratch, **kw)
+                bwd = functools.partial(A._ns_gram_bwd_saved_kernel[(B,)], Ag, dRg, d, scratch, TRANS=trans, **kw)
                 tf, tb = do_bench(fwd) * 1e3, do_bench(bwd) * 1e3
                 er = max_rel_err(r.double().cpu(), want_r)
                 ed = max_rel_err(d.double().cpu(), want_d)
-                mark = " (default)" if warps == A._ns_warps(M) and prec == A.NS_TRITON_PRECISION else ""
-                print(f"ns time B={B:3d} M={M} {prec:6s} warps={warps}: fwd {tf:7.1f} us bwd {tb:7.1f} us; "
-                      f"err fwd {er:.1e} bwd {ed:.1e}{mark}", flush=True)
+                mark = " (default)" if (warps, prec, trans) == (w0, prec0, A.NS_BWD_TRANS) else ""
+                print(f"{name}: fwd {tf:7.1f} us bwd {tb:7.1f} us; err fwd {er:.1e} bwd {ed:.1e}{mark}", flush=True)
             except Exception as e:  # noqa: BLE001
-                print(f"ns time B={B:3d} M={M} {prec:6s} warps={warps}: {type(e).__name__}: {str(e)[:120]}",
-                      flush=True)
+                print(f"{name}: {type(e).__name__}: {str(e)[:120]}", flush=True)
 
 
 def layer_grads(batch: int, seq_len: int, dev: str = "cuda") -> None:
@@ -207,6 +215,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--grads", action="store_true", help="only check 4 (gradient norms)")
     ap.add_argument("--time-ns", action="store_true", help="only 5 (the Newton-Schulz kernels timed)")
+    ap.add_argument("--padded-only", action="store_true",
+                    help="with --time-ns: only the padded quad launch, per launch width and transposed read")
     ap.add_argument("--inductor", nargs="*", default=None, choices=tuple(A.INDUCTOR_OPTIONS),
                     help="only 6 (the compiled muon_chunk step per Inductor option set; default: all)")
     ap.add_argument("--chain", action="store_true", help="only 7 (a chain of muon_chunk steps per NS precision)")
@@ -218,7 +228,7 @@ def main() -> None:
         layer_grads(args.batch, args.seq_len)
         return
     if args.time_ns:
-        time_ns()
+        time_ns(args.padded_only)
         return
     if args.chain:
         chain_check()

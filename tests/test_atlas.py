@@ -540,7 +540,8 @@ def test_ns_triton_kernels_in_interpreter_match_pytorch():
     the one that keeps them in scratch memory, ``NS_BWD_SAVED``) against autograd through ns_gram_factor, in Triton's CPU interpreter (subprocess:
     TRITON_INTERPRET must be set before import); sides padded to 16 / 32 / 64 (64: the
     saved-iterate backward whatever NS_BWD_SAVED says), 1-5 steps; two of them also with the
-    products as split TF32 ones (``NS_TRITON_PRECISION`` "tf32x3_split")."""
+    products as split TF32 ones (``NS_TRITON_PRECISION`` "tf32x3_split"), two with the saved
+    iterates stored transposed / transposed in registers (``NS_BWD_TRANS``)."""
     pytest.importorskip("triton")
     code = textwrap.dedent("""
         import itertools
@@ -563,6 +564,11 @@ def test_ns_triton_kernels_in_interpreter_match_pytorch():
             if saved and m in (24, 64):  # the products written out as split TF32 ones
                 assert rel(_ns_gram_launch(A.float(), None, steps, "tf32x3_split").double(), R.detach()) < 2e-5
                 assert rel(_ns_gram_launch(A.float(), dR.float(), steps, "tf32x3_split").double(), dA) < 2e-5
+            if saved and m in (5, 24):  # the saved iterates read transposed the other ways (NS_BWD_TRANS)
+                for trans in ("store", "regs"):
+                    atlas.NS_BWD_TRANS = trans
+                    assert rel(_ns_gram_launch(A.float(), dR.float(), steps).double(), dA) < 2e-5, (trans, m)
+                atlas.NS_BWD_TRANS = "load"
         print("ok")
     """)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
@@ -631,7 +637,7 @@ def test_ns_triton_check_says_once_why_it_falls_back(monkeypatch, capsys):
     assert err == ["atlas: Newton-Schulz Triton kernels at side 64 unavailable (relative error 0.5 over 0.0001): "
                    "batched matmuls instead"]
     monkeypatch.setattr(dispatch, "capturing", lambda: True)
-    assert not atlas_kernels._ns_triton_works(32) and calls == [16, 64] and (32, False, atlas_kernels.NS_TRITON_PRECISION) not in atlas_kernels._NS_CHECKED
+    assert not atlas_kernels._ns_triton_works(32) and calls == [16, 64] and not any(k[0] == 32 for k in atlas_kernels._NS_CHECKED)
     assert "side 32 not checked before this CUDA-graph capture" in capsys.readouterr().err
     assert atlas_kernels._ns_side(40) == 64 and atlas_kernels._ns_side(5) == 16 and atlas_kernels._ns_side(32) == 32
 
@@ -1086,12 +1092,16 @@ def test_cuda_matches_cpu_invariant_and_bf16():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("saved", [False, True])
-def test_ns_triton_kernels_on_cuda(monkeypatch, saved):
-    """Both Triton Newton-Schulz backward kernels (``NS_BWD_SAVED``) and the forward on the GPU
-    against autograd through ns_gram_factor in float64 on the CPU, at padded sides 16, 32 and 64
-    (64: one warpgroup on wgmma, the saved-iterate backward either way)."""
+@pytest.mark.parametrize("saved,trans,warps", [(False, "load", None), (True, "load", None), (True, "store", None),
+                                               (True, "regs", None), (True, "load", 8)])
+def test_ns_triton_kernels_on_cuda(monkeypatch, saved, trans, warps):
+    """Both Triton Newton-Schulz backward kernels (``NS_BWD_SAVED``; the saved-iterate one reading its
+    iterates transposed each way, ``NS_BWD_TRANS``) and the forward on the GPU, at the sides' own
+    warps and at 8 (``NS_WARPS``), against autograd through ns_gram_factor in float64 on the CPU, at
+    padded sides 16, 32 and 64 (64: wgmma, the saved-iterate backward either way)."""
     monkeypatch.setattr(atlas_kernels, "NS_BWD_SAVED", saved)
+    monkeypatch.setattr(atlas_kernels, "NS_BWD_TRANS", trans)
+    monkeypatch.setattr(atlas_kernels, "NS_WARPS", warps)
     g = torch.Generator().manual_seed(0)
     for m, n in ((12, 40), (16, 40), (24, 60), (32, 150), (48, 80), (64, 560)):
         X = torch.randn(64, m, n, generator=g, dtype=torch.float64)

@@ -464,6 +464,16 @@ if triton is not None:
         return a * eye + b * A + c * _mm(A, A, PREC)
 
     @triton.jit
+    def _saved_t(ptr, tile, tile_t, TRANS: tl.constexpr):
+        """The transpose of the saved M×M tile at ``ptr`` (see ``_ns_gram_bwd_saved_kernel``'s TRANS)."""
+        if TRANS == "load":
+            return tl.load(ptr + tile_t)
+        elif TRANS == "store":
+            return tl.load(ptr + tile)
+        else:
+            return tl.trans(tl.load(ptr + tile))
+
+    @triton.jit
     def _ns_gram_fwd_kernel(A_ptr, R_ptr, M: tl.constexpr, STEPS: tl.constexpr, a: tl.constexpr,
                             b: tl.constexpr, c: tl.constexpr, PREC: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
@@ -519,49 +529,53 @@ if triton is not None:
 
     @triton.jit
     def _ns_gram_bwd_saved_kernel(A_ptr, dR_ptr, dA_ptr, W_ptr, M: tl.constexpr, STEPS: tl.constexpr,
-                                  a: tl.constexpr, b: tl.constexpr, c: tl.constexpr, PREC: tl.constexpr):
+                                  a: tl.constexpr, b: tl.constexpr, c: tl.constexpr, PREC: tl.constexpr,
+                                  TRANS: tl.constexpr = "load"):
         """``_ns_gram_bwd_kernel`` without the recomputation: one forward pass writes every step's
         A_k, Q_k, R_k and T_k = Q_k A_k to the program's slice of the scratch ``W`` [B, 4, STEPS,
         M, M] (80 KiB a program at side 32, 320 KiB at 64: it stays in L2 only while few programs
         are in flight), then the reverse pass loads them instead of keeping them live in registers;
-        a transposed operand is loaded transposed (the tile's offsets swapped), not permuted in
-        registers. The iterates are polynomials in A_0, so for a symmetric A_0 the transposes could
+        the reverse pass reads every saved iterate transposed, ``TRANS`` says how (``NS_BWD_TRANS``):
+        "load" loads the tile transposed (its offsets swapped: strided reads), "store" writes it
+        transposed in the forward pass (strided writes, which nothing waits on) and loads it as
+        stored, "regs" loads it as stored and transposes it in registers. The iterates are polynomials in A_0, so for a symmetric A_0 the transposes could
         drop out (one product fewer a step), but in float32 that form is an order of magnitude less
         accurate through the chunk step (``test_fast_path_with_triton_ns_kernels_in_interpreter``:
         1e-2 against 3e-4), so this is the general reverse mode, as autograd does it."""
         pid = tl.program_id(0).to(tl.int64)
         i = tl.arange(0, M)
         tile = i[:, None] * M + i[None, :]
-        tile_t = i[None, :] * M + i[:, None]  # the same tile, loaded transposed
+        tile_t = i[None, :] * M + i[:, None]  # the same tile, transposed
         off = pid * M * M + tile
         ws = W_ptr + pid * 4 * STEPS * M * M  # slot (j, k) at + (j * STEPS + k) * M * M
+        put = tile_t if TRANS == "store" else tile  # where the forward pass writes a saved tile
         A = tl.load(A_ptr + off)
         eye = (i[:, None] == i[None, :]).to(tl.float32)
         R = eye
         for k in tl.static_range(STEPS):  # the forward, keeping A_k, Q_k, R_k (R_0 = I), T_k
             Q = _ns_q(A, eye, a, b, c, PREC)
-            tl.store(ws + k * M * M + tile, A)
-            tl.store(ws + (STEPS + k) * M * M + tile, Q)
-            tl.store(ws + (2 * STEPS + k) * M * M + tile, R)
+            tl.store(ws + k * M * M + put, A)
+            tl.store(ws + (STEPS + k) * M * M + put, Q)
+            tl.store(ws + (2 * STEPS + k) * M * M + put, R)
             R = Q if k == 0 else _mm(Q, R, PREC)
             if k < STEPS - 1:
                 T = _mm(Q, A, PREC)
-                tl.store(ws + (3 * STEPS + k) * M * M + tile, T)
+                tl.store(ws + (3 * STEPS + k) * M * M + put, T)
                 A = _mm(T, Q, PREC)
         tl.debug_barrier()
         gR = tl.load(dR_ptr + off)
         gA = tl.zeros([M, M], dtype=tl.float32)
         for k in tl.static_range(STEPS - 1, -1, -1):
-            Qt = tl.load(ws + (STEPS + k) * M * M + tile_t)
+            Qt = _saved_t(ws + (STEPS + k) * M * M, tile, tile_t, TRANS)
             if k > 0:  # R_{k+1} = Q_k R_k
-                gQ = _mm(gR, tl.load(ws + (2 * STEPS + k) * M * M + tile_t), PREC)
+                gQ = _mm(gR, _saved_t(ws + (2 * STEPS + k) * M * M, tile, tile_t, TRANS), PREC)
                 gR = _mm(Qt, gR, PREC)
             else:  # R_1 = Q_0
                 gQ = gR
-            At = tl.load(ws + k * M * M + tile_t)
+            At = _saved_t(ws + k * M * M, tile, tile_t, TRANS)
             if k < STEPS - 1:  # A_{k+1} = T_k Q_k, T_k = Q_k A_k
                 gT = _mm(gA, Qt, PREC)
-                gQ += _mm(tl.load(ws + (3 * STEPS + k) * M * M + tile_t), gA, PREC)
+                gQ += _mm(_saved_t(ws + (3 * STEPS + k) * M * M, tile, tile_t, TRANS), gA, PREC)
                 gQ += _mm(gT, At, PREC)
                 gA = _mm(Qt, gT, PREC)
             else:
@@ -664,10 +678,21 @@ def _ns_side(m: int) -> int:
     return max(16, next_pow2(m))
 
 
+#: the Triton kernels' warps a program: None = by side (``_ns_warps``), else this many at every side
+NS_WARPS: int | None = None
+
+#: how the saved-iterate backward reads its saved iterates transposed (``_ns_gram_bwd_saved_kernel``'s
+#: TRANS): "load" (strided loads), "store" (written transposed, loaded as written), "regs"
+#: (transposed in registers)
+NS_BWD_TRANS = "load"
+
+
 def _ns_warps(M: int) -> int:
-    """The Triton kernels' warps at padded side M. sm_90, tf32x3: the forward spills nothing at
-    16 / 2 warps or 32 / 8 warps and 196 B at 64 / 4 warps (one warpgroup: wgmma); the backward:
-    see NS_BWD_SAVED (``benchmarks/kernel_resources.py`` reports them)."""
+    """The Triton kernels' warps at padded side M (``NS_WARPS`` where set). sm_90, tf32x3: the forward
+    spills nothing at 16 / 2 warps or 32 / 8 warps and 196 B at 64 / 4 warps (one warpgroup: wgmma);
+    the backward: see NS_BWD_SAVED (``benchmarks/kernel_resources.py`` reports them)."""
+    if NS_WARPS is not None:
+        return NS_WARPS
     return 2 if M <= 16 else 8 if M <= 32 else 4
 
 
@@ -677,8 +702,9 @@ def _ns_saved_bwd(M: int) -> bool:
     return NS_BWD_SAVED or M > 32
 
 
-#: the Triton kernels' check on this GPU per (padded side, saved-iterate backward, precision)
-_NS_CHECKED: dict[tuple[int, bool, str], bool] = {}
+#: the Triton kernels' check on this GPU per (padded side, saved-iterate backward, precision, warps,
+#: the backward's transposed reads)
+_NS_CHECKED: dict[tuple[int, bool, str, int, str], bool] = {}
 
 
 def _ns_triton_works(M: int) -> bool:
@@ -688,7 +714,7 @@ def _ns_triton_works(M: int) -> bool:
     side runs eagerly (the training step's eager first step, or the warm-up passes before a
     CUDA-graph capture); a side first met inside a capture cannot be checked there (no kernel
     may launch) and takes the PyTorch form, with a line saying so."""
-    key = (M, _ns_saved_bwd(M), NS_TRITON_PRECISION)
+    key = (M, _ns_saved_bwd(M), NS_TRITON_PRECISION, _ns_warps(M), NS_BWD_TRANS)
     if key not in _NS_CHECKED:
         if dispatch.capturing():
             print(f"atlas: Newton-Schulz Triton kernels at side {M} not checked before this CUDA-graph capture: "
@@ -742,7 +768,7 @@ def _ns_gram_launch(A: Tensor, dR: Tensor | None, steps: int, precision: str | N
     elif _ns_saved_bwd(M):
         scratch = torch.empty(B, 4, steps, M, M, device=A.device, dtype=torch.float32)
         _ns_gram_bwd_saved_kernel[(B,)](pad(A), pad(dR), out, scratch, M=M, STEPS=steps, a=a, b=b, c=c, PREC=prec,
-                                        num_warps=warps)
+                                        TRANS=NS_BWD_TRANS, num_warps=warps)
     else:
         _ns_gram_bwd_kernel[(B,)](pad(A), pad(dR), out, M=M, STEPS=steps, a=a, b=b, c=c, PREC=prec, num_warps=warps)
     return out[:, :m, :m].contiguous() if M != m else out
@@ -1099,6 +1125,7 @@ SETTINGS: dict[str, tuple | type] = {
     "TRITON_NS_SPLIT": (True, False), "NS_BWD_SAVED": (True, False), "NS_TRITON_MAX": (16, 32, 64),
     "INDUCTOR": tuple(INDUCTOR_OPTIONS), "BMM": ("cublas", "bmm32"), "PAD_NS": (None, True, False),
     "CHECK_COMPILED_STEP": (True, False), "GROUP_GEMMS": (True, False),
+    "NS_WARPS": (None, 2, 4, 8), "NS_BWD_TRANS": ("load", "store", "regs"),
 }
 
 
