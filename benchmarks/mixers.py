@@ -260,6 +260,7 @@ ATLAS_PATHS = {
     "fast_group_graphed": ("auto", {"GROUP_GEMMS": True}, True),
     "fast_nogroup_graphed": ("auto", {"GROUP_GEMMS": False}, True),
     "fast_pdl_graphed": ("auto", {"INDUCTOR": "pdl"}, True),
+    "fast_nopdl_graphed": ("auto", {"INDUCTOR": "default"}, True),
     "fast_nsw8_graphed": ("auto", {"NS_WARPS": 8}, True),
     "fast_nsstore_graphed": ("auto", {"NS_BWD_TRANS": "store"}, True),
     "fast_nsregs_graphed": ("auto", {"NS_BWD_TRANS": "regs"}, True),
@@ -322,8 +323,9 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
       fast_group_graphed / fast_nogroup_graphed  ``fast_graphed`` with / without each phase's products of
                       the memory's weights (momenta, Gram matrices, updates, and their backward) in one
                       grouped launch (GROUP_GEMMS, the default since 2026-12-05 evening)
-      fast_pdl_graphed  ``fast_graphed`` with the chunk step's Inductor kernels launched with Programmatic
-                      Dependent Launch (INDUCTOR pdl: each may start while its predecessor drains)
+      fast_pdl_graphed / fast_nopdl_graphed  ``fast_graphed`` with / without the chunk step's Inductor
+                      kernels launched with Programmatic Dependent Launch (INDUCTOR pdl, the default since
+                      2026-12-05 night: each may start while its predecessor drains)
       fast_nsw8_graphed / fast_nsstore_graphed / fast_nsregs_graphed  ``fast_graphed`` with the Newton-Schulz
                       kernels at 8 warps (NS_WARPS) / the backward's saved iterates written transposed /
                       transposed in registers (NS_BWD_TRANS; as shipped: loaded transposed)

@@ -678,7 +678,7 @@ def test_pad_ns_default_pads_muon_chunk_on_cuda_unless_combo_kernels():
     """``PAD_NS`` unset: one padded Newton-Schulz launch on CUDA where the batched-matmul form runs
     and for muon_chunk's Triton kernels, but not under Inductor's combo kernels (padded, that step
     failed its GPU test) nor for per-token Muon or on a CPU; set, it is obeyed."""
-    assert atlas_kernels.PAD_NS is None and atlas_kernels.INDUCTOR == "default"
+    assert atlas_kernels.PAD_NS is None and atlas_kernels.INDUCTOR == "pdl"
     pad = atlas_kernels._pad_ns
     assert pad(True, False, False) and pad(True, True, True)
     assert not pad(True, True, False) and not pad(False, True, True) and not pad(False, False, False)

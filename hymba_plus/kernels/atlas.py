@@ -1105,15 +1105,20 @@ INDUCTOR_OPTIONS: dict[str, dict[str, object]] = {
     # kernels only / kernels of one size only
     "combo_pointwise": {"combo_kernels": True, "combo_kernels_pointwise_only": True},
     "combo_same_size": {"combo_kernels": True, "combo_kernel_allow_mixed_sizes": 0},
-    # Programmatic Dependent Launch (Hopper on): each Inductor kernel launched so that it may start
-    # while its predecessor finishes, waiting (griddepcontrol.wait) before it reads what that wrote;
-    # our Triton GEMM and Newton-Schulz kernels launch as before. For a step of ~100 small
-    # kernels a chunk, the gaps between them are much of its time. Off by default in PyTorch and
-    # here: not yet timed or GPU-tested (``mixers.py`` path ``fast_pdl_graphed``, ``gpu_suite.sh atlas_pdl``)
+    # Programmatic Dependent Launch (Inductor emits it for sm_90 on, nothing before): each Inductor
+    # kernel launched so that it may start while its predecessor finishes; it waits
+    # (griddepcontrol.wait) before its first access to what the previous kernel writes, and every
+    # kernel waits before it lets its own successor start, so an earlier kernel's results are
+    # complete by then too; our Triton GEMM and Newton-Schulz kernels launch as before. Off by
+    # default in PyTorch. Measured on an H100 (2026-12-05 night, the Quad-Hybrid's muon_chunk layer
+    # at 8 x 2048 in CUDA graphs, one process, ``mixers.py --atlas-paths fast_graphed fast_pdl_graphed``
+    # before this default): 88.2 -> 85.5 ms forward+backward; ``test_fast_path_on_cuda_muon_chunk[pdl]``
+    # (compiled step against float64) passed there
     "pdl": {"triton.enable_pdl": True},
 }
-#: the chunk step's Inductor options (a name of ``INDUCTOR_OPTIONS``)
-INDUCTOR = "default"
+#: the chunk step's Inductor options (a name of ``INDUCTOR_OPTIONS``): "pdl" (see there; on a CPU or
+#: before sm_90 it is Inductor's defaults)
+INDUCTOR = "pdl"
 
 
 #: the fast path's module settings a benchmark may change for a run (``settings``): name -> the
