@@ -1296,9 +1296,11 @@ def test_mqar_window_and_degree_vs_online_linear_memory():
 
 
 def test_fast_path_backward_is_linear_in_the_chunks():
-    """Each chunk's inputs are pieces of one split of the stacked per-chunk tensors: the backward
+    """Each chunk's inputs are pieces of one unbind of the stacked per-chunk tensors: the backward
     fills no zero gradient of a whole stack per chunk (indexing chunks out of the stack did, and
-    summed them: 32 ms of the Quad-Hybrid's ATLAS step on an H200, quadratic in the chunks)."""
+    summed them: 32 ms of the Quad-Hybrid's ATLAS step on an H200, quadratic in the chunks), nor of
+    one chunk's inputs (a split into one-chunk pieces, each indexed, zero-filled and copied a
+    gradient per input and chunk: 14 kernels a chunk); it stacks each input's gradients once."""
     U, C, c, d, p = 12, 4, 3, 3, 2
     args, leaves = random_problem(N=2, T=U * C, C=C, c=c, d=d, p=p, hid=5, depth=2)
     stack = [U, 2, C + c - 1, feature_dim(d, p)]  # Kc: [chunks, N, C', F]
@@ -1307,9 +1309,13 @@ def test_fast_path_backward_is_linear_in_the_chunks():
     loss = sum(o.sum() for o in out)
     with torch.profiler.profile(record_shapes=True) as prof:
         torch.autograd.grad(loss, leaves)
-    n = sum(e.count for e in prof.key_averages(group_by_input_shape=True)
+    ops = prof.key_averages(group_by_input_shape=True)
+    n = sum(e.count for e in ops
             if e.key in ("aten::fill_", "aten::zero_", "aten::add_") and e.input_shapes and list(e.input_shapes[0]) == stack)
     assert n <= 2, f"{n} fills / adds of a whole stack's gradient for {U} chunks"
+    chunk = stack[1:]  # one chunk's keys [N, C', F]: no gradient of it is scattered into a zero piece
+    n = sum(e.count for e in ops if e.key == "aten::select_backward" and e.input_shapes and list(e.input_shapes[0]) == chunk)
+    assert n == 0, f"{n} one-chunk gradients of the keys zero-filled and copied for {U} chunks"
 
 
 @pytest.mark.slow  # ~100 s of Inductor compiles on a CPU

@@ -1402,22 +1402,23 @@ def _atlas_memory_fast_body(
         static = (ns_steps, muon, pad_ns, triton_ns, FACTOR_GRAM if factor is None else factor, muon and ns_chunk,
                   bmm32, bmm32 and GROUP_GEMMS)
         # groups of chunks per compiled call, then single chunks; each call's inputs are pieces of
-        # one split, whose backward concatenates the pieces' gradients once (indexing each chunk
-        # out of the stacked tensors gave every chunk a zero-filled gradient of the whole stack,
-        # summed in turn: quadratic in the chunks, 32 ms of a Quad-Hybrid ATLAS step on an H200)
-        sizes = [group] * (U // group if group > 1 else 0)
-        sizes += [1] * (U - sum(sizes))
-        pieces = list(zip(*(t.split(sizes) for t in (Kc, Vc, Gc, mix, lam, wu, keep))))
-        for size, piece in zip(sizes, pieces):
-            if size > 1:  # several chunks per compiled call
-                ps, ms = _guarded(_compiled_chunk_steps(), _chunk_steps, Ws[-1], Ss[-1], *piece, *static)
-                Ws.extend(ps)
-                Ss.extend(ms)
-            else:
-                args = (*(t[0] for t in piece), *static)
-                p, m = _guarded(step, _chunk_step, Ws[-1], Ss[-1], *args) if compiled else step(Ws[-1], Ss[-1], *args)
-                Ws.append(p)
-                Ss.append(m)
+        # one split / unbind, whose backward concatenates / stacks the pieces' gradients once
+        # (indexing each chunk out of the stacked tensors gave every chunk a zero-filled gradient of
+        # the whole stack, summed in turn: quadratic in the chunks, 32 ms of a Quad-Hybrid ATLAS
+        # step on an H200; a split into pieces of one chunk, each then indexed, still cost a
+        # zero-fill and a copy per input and chunk in the backward: 14 kernels a chunk)
+        n_multi = U // group * group if group > 1 else 0
+        per_step = (Kc, Vc, Gc, mix, lam, wu, keep)
+        heads, tails = zip(*(t.split([n_multi, U - n_multi]) for t in per_step)) if n_multi else ((), per_step)
+        for piece in zip(*(t.split(group) for t in heads)):  # several chunks per compiled call
+            ps, ms = _guarded(_compiled_chunk_steps(), _chunk_steps, Ws[-1], Ss[-1], *piece, *static)
+            Ws.extend(ps)
+            Ss.extend(ms)
+        for piece in zip(*(t.unbind(0) for t in tails)):  # one chunk per call
+            args = (*piece, *static)
+            p, m = _guarded(step, _chunk_step, Ws[-1], Ss[-1], *args) if compiled else step(Ws[-1], Ss[-1], *args)
+            Ws.append(p)
+            Ss.append(m)
     # retrieval with each chunk's start weights, all chunks at once
     q = F.pad(qf, (0, 0, 0, pad)).view(N, n_chunks, C, Fd).transpose(0, 1)  # [n_chunks, N, C, F]
     starts = [Ws[min(n, n_upd)] for n in range(n_chunks)]
