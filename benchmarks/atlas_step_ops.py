@@ -63,25 +63,28 @@ def count(config: str, settings: dict) -> dict:
         g = torch.Generator().manual_seed(0)
 
         k = ak.CHUNKS_PER_CALL  # > 1: k chunks unrolled into one compiled graph (``_chunk_steps``)
+        n_q = C if ak.RETRIEVE_IN_STEP else 0
 
         def inputs() -> tuple:
             params = tuple((torch.randn(N, *s, generator=g) / math.sqrt(s[1])).requires_grad_() for s in shapes)
             mom = tuple((0.1 * torch.randn(N, *s, generator=g)).requires_grad_() for s in shapes)
             lead = (k, N) if k > 1 else (N,)
-            return (params, mom, torch.randn(*lead, Cp, Fd, generator=g).requires_grad_(),
+            # the keys, then the chunk's queries where the step retrieves too (RETRIEVE_IN_STEP)
+            return (params, mom, torch.randn(*lead, Cp + n_q, Fd, generator=g).requires_grad_(),
                     torch.randn(*lead, Cp, d, generator=g), torch.rand(*lead, Cp, generator=g),
                     torch.rand(*lead, R, Cp, generator=g), torch.rand(*lead, R, generator=g),
                     torch.rand(*lead, W, generator=g), torch.rand(*lead, generator=g))
 
         def run(step) -> None:  # noqa: ANN001
-            P, M = step(*inputs(), *static)
+            P, M, *y = step(*inputs(), *static)
             outs = [t for ts in (P + M if k == 1 else [*P, *M]) for t in (ts if k > 1 else (ts,))]
+            outs += [t for ys in y for t in (ys if k > 1 else (ys,))]
             sum(x.sum() for x in outs).backward()
 
         # the GEMMs as CUDA runs them (BMM: kernels/bmm32.py's op, one Triton kernel each), the Inductor options
         bmm32 = ak.BMM == "bmm32"
         static = (5, True, ak._pad_ns(True, triton_ns, ns_chunk), triton_ns, ak.FACTOR_GRAM, ns_chunk, bmm32,
-                  bmm32 and ak.GROUP_GEMMS)
+                  bmm32 and ak.GROUP_GEMMS, n_q)
         torch._dynamo.reset()
         metrics.reset()
         step = ak._compile.__wrapped__(ak._chunk_step if k == 1 else ak._chunk_steps, ak.INDUCTOR)

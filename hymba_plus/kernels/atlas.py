@@ -64,7 +64,8 @@ Two implementations of the same recurrence, chosen by ``kernels/dispatch.py``:
   window and the momentum scan as one gate-only mixing matrix per chunk (all chunks' matrices
   built before the loop), NS5 on the Gram matrices batched over rows, tokens and weights
   (one Triton kernel per direction on CUDA, ``hymba::atlas_ns_gram``), the chunk's update as
-  one matmul per weight, retrieval for all chunks after the loop, no host synchronisation;
+  one matmul per weight, each chunk's retrieval in its step (the queries through the memory MLP
+  with the keys), no host synchronisation;
   the loop body runs under ``torch.compile``. Tested equal to the reference (outputs, states,
   every gradient) in ``tests/test_atlas.py``.
 """
@@ -427,8 +428,9 @@ def _atlas_memory(
 #   orthogonalised momenta ``U_t`` are never materialised); with ``inner_optimizer: sgd``
 #   the update ``Σ_t w_t S_t`` and the new momentum ``S_{C-1}`` are two rows of the same
 #   mixing matmul;
-# * retrieval ``y_t = M(phi(q_t); W_n)`` for all chunks at once after the loop, from the
-#   stacked chunk-start weights;
+# * retrieval ``y_t = M(phi(q_t); W_n)`` inside chunk n's step, the queries' rows going through
+#   the memory MLP with the keys' (``RETRIEVE_IN_STEP``; else for all chunks at once after the
+#   loop, from the stacked chunk-start weights);
 # * no host synchronisation: rows whose chunk is incomplete (``n_valid``) get identity
 #   coefficients (no gradient mixing, ``λ = 1``, no update, ``Π α = 1``) instead of a
 #   ``torch.where`` after a ``.any()``, so the path is CUDA-graph capturable;
@@ -861,6 +863,18 @@ COMPILE_CHUNK_STEP = True
 #: diverges (``test_direct_gram_stays_accurate_when_a_momentum_cancels``: NaN at cancellation 1e-4,
 #: the direct form 1e-5 off float64); the Quad-Hybrid recipe's first loss was NaN with it on an H200
 FACTOR_GRAM: bool | None = False
+#: each chunk's retrieval ``M(phi(q_t); W_n)`` inside its chunk step (``_chunk_step``'s ``n_q``): the
+#: chunk's queries go through the memory MLP with its keys, in the same launches; only the chunks
+#: after the last update (a partial one) are retrieved after the loop. False: every chunk after the
+#: loop at once, from the stacked chunk-start weights (a copy of every chunk's weights, [chunks, N,
+#: out, in] each, and in the backward an add per weight and chunk where the two uses' gradients meet:
+#: at the Quad-Hybrid's shape, B 8 x 2048, 127 chunks x 32 rows x 55.8k floats, 0.9 GB a copy; the
+#: H100 profile of 2026-12-05 night has 388 element-wise adds a pass, ~3 a chunk, 1.8 ms, which by their
+#: count are these). Counted on a CPU
+#: (``atlas_step_ops.py --atlas-config quad_chunk``) the step itself grows from 88 to 92 operations
+#: a chunk (the keys' and queries' rows sliced apart and their gradients joined). Not yet timed on a
+#: GPU (``gpu_suite.sh atlas_retrieve``: ``mixers.py`` paths fast_graphed / fast_retrieve_after_graphed)
+RETRIEVE_IN_STEP = True
 #: chunks per compiled call (1: one graph per chunk; k > 1: k chunks unrolled into one graph,
 #: compile time x k, host overhead / k; the remainder runs one chunk per call)
 CHUNKS_PER_CALL = 1
@@ -877,8 +891,8 @@ def _window_matrix(C: int, c: int, device: torch.device, dtype: torch.dtype) -> 
 def _chunk_step(
     params: tuple[Tensor, ...], mom: tuple[Tensor, ...], K: Tensor, V: Tensor, gam: Tensor, mix: Tensor,
     lam: Tensor, wu: Tensor, keep: Tensor, ns_steps: int, muon: bool, pad_ns: bool, triton_ns: bool,
-    factor: bool | None, ns_chunk: bool = False, bmm32: bool = False, group: bool = False,
-) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    factor: bool | None, ns_chunk: bool = False, bmm32: bool = False, group: bool = False, n_q: int = 0,
+) -> tuple[tuple[Tensor, ...], ...]:
     """One chunk of the Atlas update in closed form (see the fast-path notes above).
 
     params / mom: [N, out, in] each at the chunk start; K [N, C', F], V [N, C', D], gam [N, C']
@@ -889,19 +903,27 @@ def _chunk_step(
     [N, 2] give ``Σ_t wu_t S_t`` (row 0, Newton-Schulz's one input) and the new momentum (row 1),
     wu [N, 1] = ``Σ_t wu_t``. keep [N] = ``Π_t α_t``. ``bmm32``: the batched matmuls of the direct
     form through ``kernels.bmm32`` (``BMM``), else torch's; ``group`` (with it): the memory's weights'
-    momenta, Gram matrices and updates one grouped launch per phase (``GROUP_GEMMS``).
+    momenta, Gram matrices and updates one grouped launch per phase (``GROUP_GEMMS``). ``n_q`` > 0:
+    K's last ``n_q`` rows are the chunk's queries, which go through the memory MLP with the keys (the
+    same chunk-start weights, the same launches), and the step returns their retrieval
+    ``M(phi(q); W_n)`` [N, n_q, D] as a third result (``RETRIEVE_IN_STEP``).
     """
     P, *Ls = params
+    Cp = V.shape[1]
     hs, zs, h, z = [K], [], K, K
     # grouped: the first layer and the linear residual both read the keys, one launch for the two
     first = _bmms([(K, Ls[0].mT), (K, P.mT)], bmm32, group) if bmm32 and group and Ls else None
-    for i, W in enumerate(Ls):  # the memory MLP on the keys, at the chunk-start weights
+    for i, W in enumerate(Ls):  # the memory MLP on the keys (and queries), at the chunk-start weights
         z = first[0] if first is not None and i == 0 else _bmm(h, W.mT, bmm32, group)
         if i < len(Ls) - 1:
             zs.append(z)
             h = F.silu(z)
             hs.append(h)
     out = z + first[1] if first is not None else _baddbmm(z, K, P.mT, bmm32)
+    y = None
+    if n_q:  # the queries' rows: their retrieval; the keys' rows: the inner loss's gradient factors
+        y, out = out[:, Cp:], out[:, :Cp]
+        K, zs, hs = K[:, :Cp], [z[:, :Cp] for z in zs], [h[:, :Cp] for h in hs]
     e = (2.0 * gam)[..., None] * (out - V)  # ∂/∂M of γ_i ||M(phi(k_i)) - v_i||²
     # per-token gradient of weight j = outer product a_i b_iᵀ of the factors fac[j] = (a, b)
     fac: list[tuple[Tensor, Tensor]] = [(e, K)] * (len(Ls) + 1)
@@ -927,7 +949,8 @@ def _chunk_step(
 
     if not muon:  # mix rows: the new momentum, the whole update
         Ss = momenta([(L, b, S0) for L, (_, b), S0 in zip(Lt, fac, mom)], lam4)
-        return tuple(kp * W - S[:, 1] for W, S in zip(params, Ss)), tuple(S[:, 0].contiguous() for S in Ss)
+        res = tuple(kp * W - S[:, 1] for W, S in zip(params, Ss)), tuple(S[:, 0].contiguous() for S in Ss)
+        return (*res, y) if n_q else res
     rows, lam_rows, end_m = Lt, lam4, []
     if ns_chunk:  # row 0, the weighted sum, is the one "token" NS5 sees; row 1 is the new momentum
         Lt, lam4, R = [L[:, :1] for L in Lt], lam4[:, :1], 1
@@ -1003,7 +1026,8 @@ def _chunk_step(
             upd = upd.mT if o > n else upd
             new_m.append(S[:, -1].contiguous())
         new_p.append(kp * W - upd)
-    return tuple(new_p), tuple(end_m if ns_chunk else new_m)
+    res = tuple(new_p), tuple(end_m if ns_chunk else new_m)
+    return (*res, y) if n_q else res
 
 
 #: the chunk step's batched matmuls (its default, direct form's) on CUDA: "bmm32" (``kernels.bmm32``'s
@@ -1069,18 +1093,21 @@ def _factor_gram(o: int, n: int, C: int, Cp: int) -> bool:
 def _chunk_steps(
     params: tuple[Tensor, ...], mom: tuple[Tensor, ...], K: Tensor, V: Tensor, gam: Tensor, mix: Tensor,
     lam: Tensor, wu: Tensor, keep: Tensor, ns_steps: int, muon: bool, pad_ns: bool, triton_ns: bool,
-    factor: bool | None, ns_chunk: bool = False, bmm32: bool = False, group: bool = False,
-) -> tuple[list[tuple[Tensor, ...]], list[tuple[Tensor, ...]]]:
+    factor: bool | None, ns_chunk: bool = False, bmm32: bool = False, group: bool = False, n_q: int = 0,
+) -> tuple[list[tuple[Tensor, ...]], ...]:
     """``K.shape[0]`` consecutive chunk steps (the per-chunk arguments stacked on dim 0): the
-    weights and momentum after each. Compiled as one graph (``CHUNKS_PER_CALL``): one call's
-    host overhead and one autograd node per group of chunks, fusion across chunk borders."""
-    Ws, Ss = [], []
+    weights and momentum after each (and with ``n_q``, each chunk's retrieval). Compiled as one
+    graph (``CHUNKS_PER_CALL``): one call's host overhead and one autograd node per group of
+    chunks, fusion across chunk borders."""
+    Ws, Ss, ys = [], [], []
     for i in range(K.shape[0]):
-        params, mom = _chunk_step(params, mom, K[i], V[i], gam[i], mix[i], lam[i], wu[i], keep[i], ns_steps, muon,
-                                  pad_ns, triton_ns, factor, ns_chunk, bmm32, group)
+        out = _chunk_step(params, mom, K[i], V[i], gam[i], mix[i], lam[i], wu[i], keep[i], ns_steps, muon,
+                          pad_ns, triton_ns, factor, ns_chunk, bmm32, group, n_q)
+        params, mom = out[:2]
         Ws.append(params)
         Ss.append(mom)
-    return Ws, Ss
+        ys.append(out[2] if n_q else None)
+    return (Ws, Ss, ys) if n_q else (Ws, Ss)
 
 
 #: Inductor options of the compiled chunk step, by name (``INDUCTOR``): "default" (Inductor's own);
@@ -1130,7 +1157,7 @@ SETTINGS: dict[str, tuple | type] = {
     "TRITON_NS_SPLIT": (True, False), "NS_BWD_SAVED": (True, False), "NS_TRITON_MAX": (16, 32, 64),
     "INDUCTOR": tuple(INDUCTOR_OPTIONS), "BMM": ("cublas", "bmm32"), "PAD_NS": (None, True, False),
     "CHECK_COMPILED_STEP": (True, False), "GROUP_GEMMS": (True, False),
-    "NS_WARPS": (None, 2, 4, 8), "NS_BWD_TRANS": ("load", "store", "regs"),
+    "NS_WARPS": (None, 2, 4, 8), "NS_BWD_TRANS": ("load", "store", "regs"), "RETRIEVE_IN_STEP": (True, False),
 }
 
 
@@ -1332,7 +1359,8 @@ def _atlas_memory_fast(
            dict[int, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]]]:
     """``_atlas_memory`` (same arguments and results) by the fast path: gate coefficients of
     every chunk first, then the chunk loop over ``_chunk_step`` (compiled when ``compile``,
-    default ``COMPILE_CHUNK_STEP``), then retrieval for all chunks at once. Runs with autocast
+    default ``COMPILE_CHUNK_STEP``; each step retrieves its chunk's queries, ``RETRIEVE_IN_STEP``),
+    then retrieval of what follows the last update (else of all chunks at once). Runs with autocast
     off (the memory is computed in float32 whatever the surrounding autocast says).
     ``triton_ns`` (default: where the Triton kernels apply) / ``pad_ns`` (default: on CUDA
     without them) choose the Newton-Schulz kernels and layout, ``factor`` the factored Gram
@@ -1364,12 +1392,15 @@ def _atlas_memory_fast_body(
     pad = (-T) % C
     n_chunks = (T + pad) // C
     n_upd = T // C if return_state else min(T // C, n_chunks - 1)  # chunks whose update is used
-    Ws, Ss = [params], [mom]
+    Ws, Ss, ys = [params], [mom], []
+    retrieve = RETRIEVE_IN_STEP and n_upd > 0
     if n_upd:
         U, dev = n_upd, qf.device
         idx = (torch.arange(U, device=dev)[:, None] * C + torch.arange(Cp, device=dev)[None]).view(-1)
         per_chunk = lambda t: t.index_select(1, idx).view(N, U, Cp, *t.shape[2:]).transpose(0, 1).contiguous()  # noqa: E731
         Kc, Vc, Gc = per_chunk(kf), per_chunk(v), per_chunk(gamma)  # [U, N, C', ...]
+        if retrieve:  # each chunk's queries after its keys: [U, N, C' + C, F]
+            Kc = torch.cat([Kc, qf[:, : U * C].view(N, U, C, Fd).transpose(0, 1)], 2)
         lth = log_theta[:, : U * C].view(N, U, C)
         la = log_alpha[:, : U * C].view(N, U, C).cumsum(-1)
         mix = _decay_matrix(lth) @ _window_matrix(C, c, dev, ct)  # [N, U, C, C']
@@ -1400,7 +1431,7 @@ def _atlas_memory_fast_body(
             bmm32 = (BMM == "bmm32" and qf.is_cuda and ct == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
                      and torch.cuda.get_device_capability(qf.device)[0] >= 8)  # TF32 tensor cores: sm_80 on
         static = (ns_steps, muon, pad_ns, triton_ns, FACTOR_GRAM if factor is None else factor, muon and ns_chunk,
-                  bmm32, bmm32 and GROUP_GEMMS)
+                  bmm32, bmm32 and GROUP_GEMMS, C if retrieve else 0)
         # groups of chunks per compiled call, then single chunks; each call's inputs are pieces of
         # one split / unbind, whose backward concatenates / stacks the pieces' gradients once
         # (indexing each chunk out of the stacked tensors gave every chunk a zero-filled gradient of
@@ -1411,19 +1442,26 @@ def _atlas_memory_fast_body(
         per_step = (Kc, Vc, Gc, mix, lam, wu, keep)
         heads, tails = zip(*(t.split([n_multi, U - n_multi]) for t in per_step)) if n_multi else ((), per_step)
         for piece in zip(*(t.split(group) for t in heads)):  # several chunks per compiled call
-            ps, ms = _guarded(_compiled_chunk_steps(), _chunk_steps, Ws[-1], Ss[-1], *piece, *static)
-            Ws.extend(ps)
-            Ss.extend(ms)
+            out = _guarded(_compiled_chunk_steps(), _chunk_steps, Ws[-1], Ss[-1], *piece, *static)
+            Ws.extend(out[0])
+            Ss.extend(out[1])
+            ys.extend(out[2] if retrieve else ())
         for piece in zip(*(t.unbind(0) for t in tails)):  # one chunk per call
             args = (*piece, *static)
-            p, m = _guarded(step, _chunk_step, Ws[-1], Ss[-1], *args) if compiled else step(Ws[-1], Ss[-1], *args)
-            Ws.append(p)
-            Ss.append(m)
-    # retrieval with each chunk's start weights, all chunks at once
-    q = F.pad(qf, (0, 0, 0, pad)).view(N, n_chunks, C, Fd).transpose(0, 1)  # [n_chunks, N, C, F]
-    starts = [Ws[min(n, n_upd)] for n in range(n_chunks)]
-    y = memory_apply([torch.stack(ws) for ws in zip(*starts)], q)  # [n_chunks, N, C, D]
-    y = y.transpose(0, 1).reshape(N, n_chunks * C, -1)[:, :T].to(out_dtype)
+            out = _guarded(step, _chunk_step, Ws[-1], Ss[-1], *args) if compiled else step(Ws[-1], Ss[-1], *args)
+            Ws.append(out[0])
+            Ss.append(out[1])
+            ys.extend(out[2:])
+    if ys:  # the chunks with an update retrieved in their steps, the rest (one chunk's weights) here
+        y = torch.stack(ys, 1).flatten(1, 2)
+        if n_upd * C < T:
+            y = torch.cat([y, memory_apply(Ws[n_upd], qf[:, n_upd * C:])], 1)
+        y = y.to(out_dtype)
+    else:  # retrieval with each chunk's start weights, all chunks at once
+        q = F.pad(qf, (0, 0, 0, pad)).view(N, n_chunks, C, Fd).transpose(0, 1)  # [n_chunks, N, C, F]
+        starts = [Ws[min(n, n_upd)] for n in range(n_chunks)]
+        y = memory_apply([torch.stack(ws) for ws in zip(*starts)], q)  # [n_chunks, N, C, D]
+        y = y.transpose(0, 1).reshape(N, n_chunks * C, -1)[:, :T].to(out_dtype)
     cast = lambda ts: tuple(t.to(state_dtype) for t in ts)  # noqa: E731
     snaps = {n: (cast(Ws[min(n, n_upd)]), cast(Ss[min(n, n_upd)])) for n in snapshots}
     if not return_state:
@@ -1500,4 +1538,4 @@ fast_path(CPU_FAST, probe=functools.partial(_probe, "cpu"), device="cpu",
               "muon_chunk)")
 fast_path("atlas", probe=functools.partial(_probe, "cuda"),
           doc="closed-form chunk step (rank-1 per-token gradients, one mixing matmul for window + momentum, "
-              "NS5 on Gram matrices in Triton kernels, batched retrieval) under torch.compile")
+              "NS5 on Gram matrices in Triton kernels, retrieval in the step) under torch.compile")
