@@ -540,8 +540,9 @@ if triton is not None:
         the reverse pass reads every saved iterate transposed, ``TRANS`` says how (``NS_BWD_TRANS``):
         "load" loads the tile transposed (its offsets swapped: strided reads), "store" writes it
         transposed in the forward pass (strided writes, which nothing waits on) and loads it as
-        stored, "regs" loads it as stored and transposes it in registers. The iterates are polynomials in A_0, so for a symmetric A_0 the transposes could
-        drop out (one product fewer a step), but in float32 that form is an order of magnitude less
+        stored, "regs" loads it as stored and transposes it in registers (on an H200 all three
+        within 1%, 2026-12-05). The iterates are polynomials in A_0, so for a symmetric A_0 the
+        transposes could drop out (one product fewer a step), but in float32 that form is an order of magnitude less
         accurate through the chunk step (``test_fast_path_with_triton_ns_kernels_in_interpreter``:
         1e-2 against 3e-4), so this is the general reverse mode, as autograd does it."""
         pid = tl.program_id(0).to(tl.int64)
@@ -685,7 +686,9 @@ NS_WARPS: int | None = None
 
 #: how the saved-iterate backward reads its saved iterates transposed (``_ns_gram_bwd_saved_kernel``'s
 #: TRANS): "load" (strided loads), "store" (written transposed, loaded as written), "regs"
-#: (transposed in registers)
+#: (transposed in registers). Timed on an H200 (2026-12-05 night, the Quad-Hybrid's muon_chunk
+#: layer in CUDA graphs, one process, ``gpu_suite.sh atlas_ns_layout``): 84.6 / 85.4 / 84.8 ms, and
+#: 93.5 with 8 warps (``NS_WARPS``): the kernel waits on its chain of products, not on these reads
 NS_BWD_TRANS = "load"
 
 
@@ -1106,7 +1109,7 @@ def _chunk_steps(
         params, mom = out[:2]
         Ws.append(params)
         Ss.append(mom)
-        ys.append(out[2] if n_q else None)
+        ys.extend(out[2:])
     return (Ws, Ss, ys) if n_q else (Ws, Ss)
 
 
