@@ -261,6 +261,7 @@ ATLAS_PATHS = {
     "fast_nogroup_graphed": ("auto", {"GROUP_GEMMS": False}, True),
     "fast_pdl_graphed": ("auto", {"INDUCTOR": "pdl"}, True),
     "fast_nopdl_graphed": ("auto", {"INDUCTOR": "default"}, True),
+    "fast_retrieve_after": ("auto", {"RETRIEVE_IN_STEP": False}, False),
     "fast_retrieve_after_graphed": ("auto", {"RETRIEVE_IN_STEP": False}, True),
     "fast_nsw8_graphed": ("auto", {"NS_WARPS": 8}, True),
     "fast_nsstore_graphed": ("auto", {"NS_BWD_TRANS": "store"}, True),
@@ -327,8 +328,9 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
       fast_pdl_graphed / fast_nopdl_graphed  ``fast_graphed`` with / without the chunk step's Inductor
                       kernels launched with Programmatic Dependent Launch (INDUCTOR pdl, the default since
                       2026-12-05 night: each may start while its predecessor drains)
-      fast_retrieve_after_graphed  ``fast_graphed`` with every chunk's retrieval after the loop from the stacked
-                      chunk-start weights (RETRIEVE_IN_STEP off: the form before 2026-12-05 night)
+      fast_retrieve_after / fast_retrieve_after_graphed  ``fast`` / ``fast_graphed`` with every chunk's retrieval
+                      after the loop from the stacked chunk-start weights (RETRIEVE_IN_STEP off: the form
+                      before 2026-12-05 night)
       fast_nsw8_graphed / fast_nsstore_graphed / fast_nsregs_graphed  ``fast_graphed`` with the Newton-Schulz
                       kernels at 8 warps (NS_WARPS) / the backward's saved iterates written transposed /
                       transposed in registers (NS_BWD_TRANS; as shipped: loaded transposed)

@@ -875,8 +875,11 @@ FACTOR_GRAM: bool | None = False
 #: H100 profile of 2026-12-05 night has 388 element-wise adds a pass, ~3 a chunk, 1.8 ms, which by their
 #: count are these). Counted on a CPU
 #: (``atlas_step_ops.py --atlas-config quad_chunk``) the step itself grows from 88 to 92 operations
-#: a chunk (the keys' and queries' rows sliced apart and their gradients joined). Not yet timed on a
-#: GPU (``gpu_suite.sh atlas_retrieve``: ``mixers.py`` paths fast_graphed / fast_retrieve_after_graphed)
+#: a chunk (the keys' and queries' rows sliced apart and their gradients joined). On a 2-core CPU
+#: (Inductor's CPU backend, the quad-shape muon_chunk layer at 2 x 512, ``mixers.py --device cpu
+#: --atlas-paths fast fast_retrieve_after``, two rounds) 485.7 / 443.2 ms forward+backward against
+#: 518.4 / 531.7. Not yet timed on a GPU (``gpu_suite.sh atlas_retrieve``: ``mixers.py`` paths
+#: fast_graphed / fast_retrieve_after_graphed)
 RETRIEVE_IN_STEP = True
 #: chunks per compiled call (1: one graph per chunk; k > 1: k chunks unrolled into one graph,
 #: compile time x k, host overhead / k; the remainder runs one chunk per call)
