@@ -91,7 +91,8 @@ def ns_kernels() -> None:
 def time_ns(padded_only: bool = False) -> None:
     """Check 5; ``padded_only``: only muon_chunk's one padded quad launch (96 problems of side 64),
     the default precision at each launch width and way of reading the saved iterates transposed
-    (``NS_WARPS``, ``NS_BWD_TRANS``)."""
+    (``NS_WARPS``, ``NS_BWD_TRANS``), and the forward keeping its iterates for a backward that only
+    reads them (``NS_SAVE_FWD``)."""
     from triton.testing import do_bench
 
     a, b, c = A.NS_COEFFS
@@ -119,6 +120,20 @@ def time_ns(padded_only: bool = False) -> None:
                 ed = max_rel_err(d.double().cpu(), want_d)
                 mark = " (default)" if (warps, prec, trans) == (w0, prec0, A.NS_BWD_TRANS) else ""
                 print(f"{name}: fwd {tf:7.1f} us bwd {tb:7.1f} us; err fwd {er:.1e} bwd {ed:.1e}{mark}", flush=True)
+            except Exception as e:  # noqa: BLE001
+                print(f"{name}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+        if padded_only:  # the forward that keeps its iterates, the backward that only reads them (NS_SAVE_FWD)
+            name = f"ns time B={B:3d} M={M} {prec0:6s} warps={w0} save_fwd"
+            try:
+                W = torch.empty(B, 4, 5, M, M, device="cuda")
+                kw = dict(M=M, STEPS=5, b=b, c=c, PREC=prec0, num_warps=w0)
+                fwd = functools.partial(A._ns_gram_fwd_save_kernel[(B,)], Ag, r, W, a=a, **kw)
+                bwd = functools.partial(A._ns_gram_bwd_from_saved_kernel[(B,)], W, dRg, d, **kw)
+                tf = do_bench(fwd) * 1e3
+                fwd()
+                tb = do_bench(bwd) * 1e3
+                er, ed = max_rel_err(r.double().cpu(), want_r), max_rel_err(d.double().cpu(), want_d)
+                print(f"{name}: fwd {tf:7.1f} us bwd {tb:7.1f} us; err fwd {er:.1e} bwd {ed:.1e}", flush=True)
             except Exception as e:  # noqa: BLE001
                 print(f"{name}: {type(e).__name__}: {str(e)[:120]}", flush=True)
 

@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 #: ATLAS's Newton-Schulz kernels (``kernels/atlas.py``)
-KERNELS = ("_ns_gram_fwd_kernel", "_ns_gram_bwd_kernel", "_ns_gram_bwd_saved_kernel")
+KERNELS = ("_ns_gram_fwd_kernel", "_ns_gram_bwd_kernel", "_ns_gram_bwd_saved_kernel", "_ns_gram_fwd_save_kernel",
+           "_ns_gram_bwd_from_saved_kernel")
 
 
 def ns_resources(side: int, kernel: str, precision: str, warps: int | None = None, steps: int = 5) -> dict:
@@ -39,6 +40,7 @@ def ns_resources(side: int, kernel: str, precision: str, warps: int | None = Non
     fn = getattr(atlas, kernel)
     a, b, c = atlas.NS_COEFFS
     const = {"M": side, "STEPS": steps, "a": a, "b": b, "c": c, "PREC": precision}
+    const = {k: v for k, v in const.items() if k in fn.arg_names}  # the reverse-only kernel takes no a
     sig = {p: "*fp32" if p.endswith("_ptr") else "constexpr" for p in fn.arg_names}
     w = warps or atlas._ns_warps(side)
     k = compile_for(fn, sig, const, w)

@@ -266,6 +266,7 @@ ATLAS_PATHS = {
     "fast_nsw8_graphed": ("auto", {"NS_WARPS": 8}, True),
     "fast_nsstore_graphed": ("auto", {"NS_BWD_TRANS": "store"}, True),
     "fast_nsregs_graphed": ("auto", {"NS_BWD_TRANS": "regs"}, True),
+    "fast_nssave_graphed": ("auto", {"NS_SAVE_FWD": True}, True),
 }
 
 
@@ -334,6 +335,8 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
       fast_nsw8_graphed / fast_nsstore_graphed / fast_nsregs_graphed  ``fast_graphed`` with the Newton-Schulz
                       kernels at 8 warps (NS_WARPS) / the backward's saved iterates written transposed /
                       transposed in registers (NS_BWD_TRANS; as shipped: loaded transposed)
+      fast_nssave_graphed  ``fast_graphed`` with the Newton-Schulz forward keeping its iterates for a backward
+                      that only reads them (NS_SAVE_FWD)
 
     On a CPU the fast variants are forced through the dispatch (it never picks them there).
     Rows: fwd / fwd+bwd ms, compile + first-call seconds, ratio to gdn's fwd+bwd."""

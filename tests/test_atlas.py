@@ -285,6 +285,24 @@ def test_fast_path_retrieving_after_the_loop_equals_reference(muon, depth, c, T,
         assert rel_err(inside[0].detach(), after[0].detach()) < 1e-12
 
 
+@pytest.mark.parametrize("ns_chunk", [False, True])
+def test_ns_forward_keeping_its_iterates_equals_reference(monkeypatch, ns_chunk):
+    """``NS_SAVE_FWD``: the Newton-Schulz op that returns its steps' iterates (``atlas_ns_gram_save``,
+    its CPU body here) and the backward that reads them (``atlas_ns_gram_bwd_saved``) in the chunk
+    step: the fast path still equals the reference in float64, gradients included, and the step
+    took that op (not the one whose backward runs the steps again)."""
+    calls = []
+    real = atlas_kernels.atlas_ns_gram_bwd_saved
+    monkeypatch.setattr(atlas_kernels, "atlas_ns_gram_bwd_saved", lambda *a: calls.append(1) or real(*a))
+    args, leaves = random_problem(T=11, C=4, c=3, hid=5, depth=2)
+    kw = dict(chunk_size=4, window=3, ns_steps=5, muon=True, return_state=True, snapshots=(), n_valid=None)
+    with atlas_kernels.settings(NS_SAVE_FWD=True):
+        fwd, bwd = compare_impls(args, leaves, dict(compile=False, triton_ns=True, pad_ns=True), ns_chunk=ns_chunk,
+                                 **kw)
+    assert fwd < 1e-10 and bwd < 1e-9, (fwd, bwd)
+    assert calls, "the step did not take the iterate-keeping op"
+
+
 @pytest.mark.parametrize("pad_ns,factor", [(False, None), (True, True)])
 @pytest.mark.parametrize("depth,c,T,n_valid", [(2, 3, 11, None), (3, 2, 12, None), (2, 2, 10, [10, 3, 7])])
 def test_fast_path_equals_reference_muon_chunk(depth, c, T, n_valid, pad_ns, factor):
@@ -562,7 +580,8 @@ def test_ns_triton_kernels_in_interpreter_match_pytorch():
     TRITON_INTERPRET must be set before import); sides padded to 16 / 32 / 64 (64: the
     saved-iterate backward whatever NS_BWD_SAVED says), 1-5 steps; two of them also with the
     products as split TF32 ones (``NS_TRITON_PRECISION`` "tf32x3_split"), two with the saved
-    iterates stored transposed / transposed in registers (``NS_BWD_TRANS``)."""
+    iterates stored transposed / transposed in registers (``NS_BWD_TRANS``) and through the forward
+    that keeps its iterates and the backward that only reads them (``NS_SAVE_FWD``)."""
     pytest.importorskip("triton")
     code = textwrap.dedent("""
         import itertools
@@ -590,6 +609,10 @@ def test_ns_triton_kernels_in_interpreter_match_pytorch():
                     atlas.NS_BWD_TRANS = trans
                     assert rel(_ns_gram_launch(A.float(), dR.float(), steps).double(), dA) < 2e-5, (trans, m)
                 atlas.NS_BWD_TRANS = "load"
+                # the forward that keeps its iterates, the backward from them alone (NS_SAVE_FWD)
+                R_s, W = atlas._ns_save_launch(A.float(), steps)
+                assert rel(R_s.double(), R.detach()) < 2e-5, ("save fwd", m, steps)
+                assert rel(atlas._ns_bwd_saved_launch(W, dR.float(), steps).double(), dA) < 2e-5, ("save bwd", m)
         print("ok")
     """)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
@@ -1113,6 +1136,25 @@ def test_cuda_matches_cpu_invariant_and_bf16():
 
 
 @pytest.mark.gpu
+def test_ns_save_fwd_kernels_on_cuda():
+    """``NS_SAVE_FWD``'s kernels on the GPU (the forward that keeps its iterates, the backward that
+    only reads them) against autograd through ns_gram_factor in float64 on the CPU, at padded sides
+    16, 32 and 64."""
+    g = torch.Generator().manual_seed(0)
+    for m, n in ((12, 40), (24, 60), (32, 150), (48, 80), (64, 560)):
+        X = torch.randn(64, m, n, generator=g, dtype=torch.float64)
+        A = X @ X.mT / X.pow(2).sum((-2, -1), keepdim=True)
+        dR = torch.randn(64, m, m, generator=g, dtype=torch.float64)
+        Ar = A.clone().requires_grad_()
+        R = atlas_kernels.ns_gram_factor(Ar, 5)
+        (dA,) = torch.autograd.grad(R, Ar, dR)
+        got_r, W = atlas_kernels._ns_save_launch(A.float().cuda(), 5)
+        got_da = atlas_kernels._ns_bwd_saved_launch(W, dR.float().cuda(), 5)
+        assert rel_err(got_r.cpu().double(), R.detach()) < 1e-4, (m, "forward")
+        assert rel_err(got_da.cpu().double(), dA) < 1e-4, (m, "backward")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("saved,trans,warps", [(False, "load", None), (True, "load", None), (True, "store", None),
                                                (True, "regs", None), (True, "load", 8)])
 def test_ns_triton_kernels_on_cuda(monkeypatch, saved, trans, warps):
@@ -1152,7 +1194,7 @@ def test_fast_path_on_cuda_with_side_64_triton_ns(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("inductor", ["default", "combo", "pdl"])
+@pytest.mark.parametrize("inductor", ["default", "combo", "pdl", "pdl+save"])
 def test_fast_path_on_cuda_muon_chunk(inductor):
     """``inner_optimizer: muon_chunk`` on the CUDA fast path (Triton Newton-Schulz on one Gram
     matrix per weight and chunk, eager and compiled chunk step, the latter also with Inductor's
@@ -1160,11 +1202,13 @@ def test_fast_path_on_cuda_muon_chunk(inductor):
     reference of that form: outputs, end
     state and every input gradient. By default muon_chunk pads every weight's Gram matrix into one
     Newton-Schulz launch (``PAD_NS``), under combo kernels not: padded, the combo-compiled step
-    failed this test on an H100 (2026-12-05: gradients 2-6 relative off)."""
+    failed this test on an H100 (2026-12-05: gradients 2-6 relative off). "pdl+save": with the
+    Newton-Schulz forward keeping its iterates for the backward (``NS_SAVE_FWD``), eager and compiled."""
     assert dispatch.probe_all(["atlas"])["atlas"], dispatch.statuses()["atlas"]
-    for compile_step in (False, True) if inductor == "default" else (True,):
+    for compile_step in (False, True) if inductor in ("default", "pdl+save") else (True,):
         args, leaves = random_problem(N=3, T=32, C=4, c=3, p=2, hid=5, depth=3, float32=True)
-        with atlas_kernels.settings(INDUCTOR=inductor):
+        extra = {"NS_SAVE_FWD": True} if inductor.endswith("+save") else {}
+        with atlas_kernels.settings(INDUCTOR=inductor.removesuffix("+save"), **extra):
             errs = float32_errors(args, leaves, 3, "cuda", dict(compile=compile_step), chunk_size=4, window=3,
                                   ns_steps=5, muon=True, ns_chunk=True, return_state=True, snapshots=(), n_valid=None)
         print("muon_chunk errors:", inductor, [f"{e:.2g}" for e in errs])

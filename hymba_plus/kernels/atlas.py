@@ -551,11 +551,22 @@ if triton is not None:
         tile_t = i[None, :] * M + i[:, None]  # the same tile, transposed
         off = pid * M * M + tile
         ws = W_ptr + pid * 4 * STEPS * M * M  # slot (j, k) at + (j * STEPS + k) * M * M
-        put = tile_t if TRANS == "store" else tile  # where the forward pass writes a saved tile
-        A = tl.load(A_ptr + off)
+        _ns_save_iterates(tl.load(A_ptr + off), ws, tile, tile_t, M, STEPS, a, b, c, PREC, TRANS)
+        tl.debug_barrier()
+        gA = _ns_reverse_saved(tl.load(dR_ptr + off), ws, tile, tile_t, M, STEPS, b, c, PREC, TRANS)
+        tl.store(dA_ptr + off, gA)
+
+    @triton.jit
+    def _ns_save_iterates(A, ws, tile, tile_t, M: tl.constexpr, STEPS: tl.constexpr, a: tl.constexpr,
+                          b: tl.constexpr, c: tl.constexpr, PREC: tl.constexpr, TRANS: tl.constexpr):
+        """``ns_gram_factor``'s steps from A_0 = ``A``, writing A_k, Q_k, R_k (R_0 = I) and T_k = Q_k A_k
+        to the program's scratch slice ``ws`` (slot (j, k) at + (j * STEPS + k) * M * M; transposed
+        where TRANS is "store"); returns R."""
+        i = tl.arange(0, M)
+        put = tile_t if TRANS == "store" else tile  # where a saved tile is written
         eye = (i[:, None] == i[None, :]).to(tl.float32)
         R = eye
-        for k in tl.static_range(STEPS):  # the forward, keeping A_k, Q_k, R_k (R_0 = I), T_k
+        for k in tl.static_range(STEPS):
             Q = _ns_q(A, eye, a, b, c, PREC)
             tl.store(ws + k * M * M + put, A)
             tl.store(ws + (STEPS + k) * M * M + put, Q)
@@ -565,8 +576,13 @@ if triton is not None:
                 T = _mm(Q, A, PREC)
                 tl.store(ws + (3 * STEPS + k) * M * M + put, T)
                 A = _mm(T, Q, PREC)
-        tl.debug_barrier()
-        gR = tl.load(dR_ptr + off)
+        return R
+
+    @triton.jit
+    def _ns_reverse_saved(gR, ws, tile, tile_t, M: tl.constexpr, STEPS: tl.constexpr, b: tl.constexpr,
+                          c: tl.constexpr, PREC: tl.constexpr, TRANS: tl.constexpr):
+        """dA_0 from dR = ``gR`` by reverse mode through the steps whose iterates ``_ns_save_iterates``
+        wrote to ``ws``."""
         gA = tl.zeros([M, M], dtype=tl.float32)
         for k in tl.static_range(STEPS - 1, -1, -1):
             Qt = _saved_t(ws + (STEPS + k) * M * M, tile, tile_t, TRANS)
@@ -585,6 +601,33 @@ if triton is not None:
                 gA = tl.zeros([M, M], dtype=tl.float32)
             # Q_k = a I + b A_k + c A_k A_k
             gA += b * gQ + c * (_mm(gQ, At, PREC) + _mm(At, gQ, PREC))
+        return gA
+
+    @triton.jit
+    def _ns_gram_fwd_save_kernel(A_ptr, R_ptr, W_ptr, M: tl.constexpr, STEPS: tl.constexpr, a: tl.constexpr,
+                                 b: tl.constexpr, c: tl.constexpr, PREC: tl.constexpr, TRANS: tl.constexpr = "load"):
+        """The forward (``_ns_gram_fwd_kernel``'s R) that also keeps every step's iterates in the
+        scratch ``W`` [B, 4, STEPS, M, M] for ``_ns_gram_bwd_from_saved_kernel`` (``NS_SAVE_FWD``)."""
+        pid = tl.program_id(0).to(tl.int64)
+        i = tl.arange(0, M)
+        tile = i[:, None] * M + i[None, :]
+        tile_t = i[None, :] * M + i[:, None]
+        ws = W_ptr + pid * 4 * STEPS * M * M
+        R = _ns_save_iterates(tl.load(A_ptr + pid * M * M + tile), ws, tile, tile_t, M, STEPS, a, b, c, PREC, TRANS)
+        tl.store(R_ptr + pid * M * M + tile, R)
+
+    @triton.jit
+    def _ns_gram_bwd_from_saved_kernel(W_ptr, dR_ptr, dA_ptr, M: tl.constexpr, STEPS: tl.constexpr,
+                                       b: tl.constexpr, c: tl.constexpr, PREC: tl.constexpr,
+                                       TRANS: tl.constexpr = "load"):
+        """The saved-iterate backward's reverse pass alone, from the iterates the forward kept."""
+        pid = tl.program_id(0).to(tl.int64)
+        i = tl.arange(0, M)
+        tile = i[:, None] * M + i[None, :]
+        tile_t = i[None, :] * M + i[:, None]
+        off = pid * M * M + tile
+        gA = _ns_reverse_saved(tl.load(dR_ptr + off), W_ptr + pid * 4 * STEPS * M * M, tile, tile_t, M, STEPS,
+                               b, c, PREC, TRANS)
         tl.store(dA_ptr + off, gA)
 
 
@@ -641,6 +684,17 @@ NS_TRITON_MAX = 64
 
 #: on CUDA, run Newton-Schulz through the Triton kernels (``atlas_ns_gram``) where they apply
 TRITON_NS = True
+
+#: where the saved-iterate backward applies (``_ns_saved_bwd``) and the step is differentiated: the
+#: forward kernel keeps every step's iterates (``atlas_ns_gram_save``: 4 x steps M x M floats per Gram
+#: matrix, kept for the backward: at the Quad-Hybrid's shape with muon_chunk 96 x 320 KiB a chunk,
+#: ~3.9 GB for 127 chunks), so the backward kernel runs only the reverse pass (the saved-iterate
+#: backward first runs the forward steps again: ~18 of its ~56 chained 64 x 64 products, in the
+#: step's largest kernel, 196 us a chunk on an H100). ptxas for sm_90a at side 64, tf32x3_split, 4 warps
+#: (``benchmarks/kernel_resources.py``): the backward 1,200 wgmma instructions and 4.0 KB spilled a
+#: thread as shipped, 816 and 2.9 KB reading the kept iterates; the forward 408 either way. Off: not
+#: yet timed on a GPU (``gpu_suite.sh atlas_nssave``); tested in Triton's interpreter and end to end on a CPU
+NS_SAVE_FWD = False
 
 #: Newton-Schulz of all the memory's weights in ONE launch, every Gram matrix zero-padded to the
 #: widest side (``_chunk_step``'s ``pad_ns``): None = on CUDA where the batched-matmul form runs
@@ -708,8 +762,8 @@ def _ns_saved_bwd(M: int) -> bool:
 
 
 #: the Triton kernels' check on this GPU per (padded side, saved-iterate backward, precision, warps,
-#: the backward's transposed reads)
-_NS_CHECKED: dict[tuple[int, bool, str, int, str], bool] = {}
+#: the backward's transposed reads, the forward keeping its iterates)
+_NS_CHECKED: dict[tuple[int, bool, str, int, str, bool], bool] = {}
 
 
 def _ns_triton_works(M: int) -> bool:
@@ -719,7 +773,7 @@ def _ns_triton_works(M: int) -> bool:
     side runs eagerly (the training step's eager first step, or the warm-up passes before a
     CUDA-graph capture); a side first met inside a capture cannot be checked there (no kernel
     may launch) and takes the PyTorch form, with a line saying so."""
-    key = (M, _ns_saved_bwd(M), NS_TRITON_PRECISION, _ns_warps(M), NS_BWD_TRANS)
+    key = (M, _ns_saved_bwd(M), NS_TRITON_PRECISION, _ns_warps(M), NS_BWD_TRANS, NS_SAVE_FWD and _ns_saved_bwd(M))
     if key not in _NS_CHECKED:
         if dispatch.capturing():
             print(f"atlas: Newton-Schulz Triton kernels at side {M} not checked before this CUDA-graph capture: "
@@ -749,6 +803,9 @@ def _ns_check(M: int, precision: str) -> str | None:
         tol = 3e-2 if precision == "tf32" else 1e-4
         errs = (max_rel_err(_ns_gram_launch(A, None, 5, precision), R),
                 max_rel_err(_ns_gram_launch(A, dR, 5, precision), dA))
+        if NS_SAVE_FWD and _ns_saved_bwd(M):  # the forward that keeps its iterates, the backward from them
+            R_s, W = _ns_save_launch(A, 5, precision)
+            errs += (max_rel_err(R_s, R), max_rel_err(_ns_bwd_saved_launch(W, dR, 5, precision), dA))
         return None if max(errs) < tol else f"relative error {max(errs):.2g} over {tol:g}"
     except Exception as e:  # noqa: BLE001 - any compile / launch failure: use the PyTorch form
         first = (str(e).strip().splitlines() or [""])[0][:160]
@@ -763,7 +820,7 @@ def _ns_gram_launch(A: Tensor, dR: Tensor | None, steps: int, precision: str | N
     M = _ns_side(m)
     # the kernels read [B, M, M] contiguous: a tensor already so is passed as it is (F.pad by zero
     # copies: three copy kernels a chunk step for muon_chunk's padded launch, whose sides are M)
-    pad = lambda t: t.contiguous() if M == m else F.pad(t, (0, M - m, 0, M - m)).contiguous()  # noqa: E731
+    pad = functools.partial(_ns_pad, M=M)
     out = torch.empty(B, M, M, device=A.device, dtype=torch.float32)
     a, b, c = NS_COEFFS
     warps = _ns_warps(M)
@@ -776,6 +833,37 @@ def _ns_gram_launch(A: Tensor, dR: Tensor | None, steps: int, precision: str | N
                                         TRANS=NS_BWD_TRANS, num_warps=warps)
     else:
         _ns_gram_bwd_kernel[(B,)](pad(A), pad(dR), out, M=M, STEPS=steps, a=a, b=b, c=c, PREC=prec, num_warps=warps)
+    return out[:, :m, :m].contiguous() if M != m else out
+
+
+def _ns_pad(t: Tensor, M: int) -> Tensor:
+    """t [B, m, m] zero-padded to [B, M, M], contiguous (as it is where m == M)."""
+    m = t.shape[-1]
+    return t.contiguous() if M == m else F.pad(t, (0, M - m, 0, M - m)).contiguous()
+
+
+def _ns_save_launch(A: Tensor, steps: int, precision: str | None = None) -> tuple[Tensor, Tensor]:
+    """R and the steps' iterates W [B, 4, steps, M, M] (M the padded side) for A [B, m, m] through
+    ``_ns_gram_fwd_save_kernel`` (``NS_SAVE_FWD``)."""
+    B, m = A.shape[0], A.shape[-1]
+    M = _ns_side(m)
+    out = torch.empty(B, M, M, device=A.device, dtype=torch.float32)
+    W = torch.empty(B, 4, steps, M, M, device=A.device, dtype=torch.float32)
+    a, b, c = NS_COEFFS
+    _ns_gram_fwd_save_kernel[(B,)](_ns_pad(A, M), out, W, M=M, STEPS=steps, a=a, b=b, c=c,
+                                   PREC=precision or NS_TRITON_PRECISION, TRANS=NS_BWD_TRANS, num_warps=_ns_warps(M))
+    return (out[:, :m, :m].contiguous() if M != m else out), W
+
+
+def _ns_bwd_saved_launch(W: Tensor, dR: Tensor, steps: int, precision: str | None = None) -> Tensor:
+    """dA [B, m, m] from dR and the iterates ``_ns_save_launch`` kept, through
+    ``_ns_gram_bwd_from_saved_kernel``."""
+    B, m, M = dR.shape[0], dR.shape[-1], W.shape[-1]
+    out = torch.empty(B, M, M, device=dR.device, dtype=torch.float32)
+    _, b, c = NS_COEFFS
+    _ns_gram_bwd_from_saved_kernel[(B,)](W, _ns_pad(dR, M), out, M=M, STEPS=steps, b=b, c=c,
+                                         PREC=precision or NS_TRITON_PRECISION, TRANS=NS_BWD_TRANS,
+                                         num_warps=_ns_warps(M))
     return out[:, :m, :m].contiguous() if M != m else out
 
 
@@ -801,28 +889,40 @@ def _ns_gram_vjp(A: Tensor, dR: Tensor, steps: int) -> Tensor:
     """The reverse mode of ``ns_gram_factor`` written out (what the Triton backward kernel
     does, in batched matmuls): with ``Q_k = aI + bA_k + cA_k²``, ``R_{k+1} = Q_k R_k`` and
     ``A_{k+1} = (Q_k A_k) Q_k``, walk the steps backwards accumulating dQ_k, then dA_k."""
+    return _ns_reverse(_ns_iterates(A, steps)[1], dR, steps)
+
+
+def _ns_iterates(A: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+    """``ns_gram_factor(A, steps)`` and its steps' iterates ``W`` [B, 4, steps, m, m]: A_k, Q_k,
+    R_k (R_0 = I) and T_k = Q_k A_k (the last step's T unused, zero), as the Triton kernels keep them."""
     a, b, c = NS_COEFFS
-    aI = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).mul_(a).expand_as(A)
-    As, Rs, R = [], [], None
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A)
+    W = A.new_zeros(A.shape[0], 4, steps, *A.shape[1:])
+    R = eye
     for k in range(steps):
-        As.append(A)
-        Rs.append(R)
-        Q = torch.baddbmm(torch.add(aI, A, alpha=b), A, A, alpha=c)
-        R = Q if R is None else torch.bmm(Q, R)
+        Q = torch.baddbmm(torch.add(a * eye, A, alpha=b), A, A, alpha=c)
+        W[:, 0, k], W[:, 1, k], W[:, 2, k] = A, Q, R
+        R = Q if k == 0 else torch.bmm(Q, R)
         if k < steps - 1:
-            A = torch.bmm(torch.bmm(Q, A), Q)
+            W[:, 3, k] = T = torch.bmm(Q, A)
+            A = torch.bmm(T, Q)
+    return R, W
+
+
+def _ns_reverse(W: Tensor, dR: Tensor, steps: int) -> Tensor:
+    """dA_0 from dR through the steps whose iterates ``_ns_iterates`` returned."""
+    _, b, c = NS_COEFFS
     gR, gA = dR, None
     for k in reversed(range(steps)):
-        A, R = As[k], Rs[k]
-        Q = torch.baddbmm(torch.add(aI, A, alpha=b), A, A, alpha=c)
-        if R is not None:
+        A, Q, R, T = W[:, 0, k], W[:, 1, k], W[:, 2, k], W[:, 3, k]
+        if k > 0:  # R_{k+1} = Q_k R_k
             gQ = torch.bmm(gR, R.mT)
             gR = torch.bmm(Q.mT, gR)
         else:
             gQ = gR
-        if gA is not None:
+        if gA is not None:  # A_{k+1} = T_k Q_k
             gT = torch.bmm(gA, Q.mT)
-            gQ = gQ + torch.bmm(torch.bmm(Q, A).mT, gA) + torch.bmm(gT, A.mT)
+            gQ = gQ + torch.bmm(T.mT, gA) + torch.bmm(gT, A.mT)
             gA = torch.bmm(Q.mT, gT)
         else:
             gA = torch.zeros_like(A)
@@ -851,6 +951,49 @@ def _ns_gram_backward(ctx, dR):  # noqa: ANN001, ANN202
 
 
 atlas_ns_gram.register_autograd(_ns_gram_backward, setup_context=_ns_gram_setup)
+
+
+@torch.library.custom_op("hymba::atlas_ns_gram_save", mutates_args=())
+def atlas_ns_gram_save(A: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+    """``atlas_ns_gram`` that also returns its steps' iterates (``NS_SAVE_FWD``), which its backward
+    reads instead of running the steps again: ``_ns_save_launch`` on CUDA, ``_ns_iterates`` else."""
+    if A.is_cuda and triton is not None:
+        return _ns_save_launch(A, steps)
+    with torch.no_grad():
+        return _ns_iterates(A, steps)
+
+
+@torch.library.custom_op("hymba::atlas_ns_gram_bwd_saved", mutates_args=())
+def atlas_ns_gram_bwd_saved(W: Tensor, dR: Tensor, steps: int) -> Tensor:
+    """The vector-Jacobian product of ``atlas_ns_gram_save``: dA from dR and the kept iterates."""
+    if W.is_cuda and triton is not None:
+        return _ns_bwd_saved_launch(W, dR, steps)
+    return _ns_reverse(W, dR, steps)
+
+
+@atlas_ns_gram_save.register_fake
+def _(A: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+    M = _ns_side(A.shape[-1]) if A.is_cuda and triton is not None else A.shape[-1]
+    return A.new_empty(A.shape), A.new_empty(A.shape[0], 4, steps, M, M)
+
+
+@atlas_ns_gram_bwd_saved.register_fake
+def _(W: Tensor, dR: Tensor, steps: int) -> Tensor:
+    return dR.new_empty(dR.shape)
+
+
+def _ns_save_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    ctx.save_for_backward(output[1])
+    ctx.steps = inputs[1]
+    ctx.mark_non_differentiable(output[1])
+
+
+def _ns_save_backward(ctx, dR, _dW):  # noqa: ANN001, ANN202
+    (W,) = ctx.saved_tensors
+    return atlas_ns_gram_bwd_saved(W, dR.contiguous(), ctx.steps), None
+
+
+atlas_ns_gram_save.register_autograd(_ns_save_backward, setup_context=_ns_save_setup)
 
 
 #: compile the loop body with ``torch.compile`` (fullgraph, static shapes) on the fast path
@@ -1011,7 +1154,12 @@ def _chunk_step(
         M = max(Gs[j].shape[-1] for j in js)
         A = torch.cat([F.pad(Gs[j] * invs[j][..., None, None], (0, M - Gs[j].shape[-1], 0, M - Gs[j].shape[-1]))
                        .view(-1, M, M) for j in js])
-        Rg = atlas_ns_gram(A, ns_steps) if triton_ns and M <= NS_TRITON_MAX else ns_gram_factor(A, ns_steps)
+        if not (triton_ns and M <= NS_TRITON_MAX):
+            Rg = ns_gram_factor(A, ns_steps)
+        elif NS_SAVE_FWD and A.requires_grad and _ns_saved_bwd(_ns_side(M)):  # the backward reads the iterates
+            Rg = atlas_ns_gram_save(A, ns_steps)[0]
+        else:
+            Rg = atlas_ns_gram(A, ns_steps)
         for j, Rj in zip(js, Rg.split(N * R)):
             m = Gs[j].shape[-1]
             Rs[j] = Rj.view(N, R, M, M)[..., :m, :m]
@@ -1164,6 +1312,7 @@ SETTINGS: dict[str, tuple | type] = {
     "INDUCTOR": tuple(INDUCTOR_OPTIONS), "BMM": ("cublas", "bmm32"), "PAD_NS": (None, True, False),
     "CHECK_COMPILED_STEP": (True, False), "GROUP_GEMMS": (True, False),
     "NS_WARPS": (None, 2, 4, 8), "NS_BWD_TRANS": ("load", "store", "regs"), "RETRIEVE_IN_STEP": (True, False),
+    "NS_SAVE_FWD": (True, False),
 }
 
 
