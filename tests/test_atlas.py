@@ -1135,22 +1135,29 @@ def test_cuda_matches_cpu_invariant_and_bf16():
                                               if p.grad is not None)
 
 
-@pytest.mark.gpu
-def test_ns_save_fwd_kernels_on_cuda():
-    """``NS_SAVE_FWD``'s kernels on the GPU (the forward that keeps its iterates, the backward that
-    only reads them) against autograd through ns_gram_factor in float64 on the CPU, at padded sides
-    16, 32 and 64."""
+def ns_gram_problems():
+    """(m, A, dR, R, dA) at Gram sides 12-64 (padded sides 16, 32, 64): 64 normalised Gram matrices
+    of random m x n factors, a random cotangent, and float64 autograd's R and dA through ns_gram_factor."""
     g = torch.Generator().manual_seed(0)
-    for m, n in ((12, 40), (24, 60), (32, 150), (48, 80), (64, 560)):
+    for m, n in ((12, 40), (16, 40), (24, 60), (32, 150), (48, 80), (64, 560)):
         X = torch.randn(64, m, n, generator=g, dtype=torch.float64)
         A = X @ X.mT / X.pow(2).sum((-2, -1), keepdim=True)
         dR = torch.randn(64, m, m, generator=g, dtype=torch.float64)
         Ar = A.clone().requires_grad_()
         R = atlas_kernels.ns_gram_factor(Ar, 5)
         (dA,) = torch.autograd.grad(R, Ar, dR)
+        yield m, A, dR, R.detach(), dA
+
+
+@pytest.mark.gpu
+def test_ns_save_fwd_kernels_on_cuda():
+    """``NS_SAVE_FWD``'s kernels on the GPU (the forward that keeps its iterates, the backward that
+    only reads them) against autograd through ns_gram_factor in float64 on the CPU, at padded sides
+    16, 32 and 64."""
+    for m, A, dR, R, dA in ns_gram_problems():
         got_r, W = atlas_kernels._ns_save_launch(A.float().cuda(), 5)
         got_da = atlas_kernels._ns_bwd_saved_launch(W, dR.float().cuda(), 5)
-        assert rel_err(got_r.cpu().double(), R.detach()) < 1e-4, (m, "forward")
+        assert rel_err(got_r.cpu().double(), R) < 1e-4, (m, "forward")
         assert rel_err(got_da.cpu().double(), dA) < 1e-4, (m, "backward")
 
 
@@ -1165,17 +1172,10 @@ def test_ns_triton_kernels_on_cuda(monkeypatch, saved, trans, warps):
     monkeypatch.setattr(atlas_kernels, "NS_BWD_SAVED", saved)
     monkeypatch.setattr(atlas_kernels, "NS_BWD_TRANS", trans)
     monkeypatch.setattr(atlas_kernels, "NS_WARPS", warps)
-    g = torch.Generator().manual_seed(0)
-    for m, n in ((12, 40), (16, 40), (24, 60), (32, 150), (48, 80), (64, 560)):
-        X = torch.randn(64, m, n, generator=g, dtype=torch.float64)
-        A = X @ X.mT / X.pow(2).sum((-2, -1), keepdim=True)
-        dR = torch.randn(64, m, m, generator=g, dtype=torch.float64)
-        Ar = A.clone().requires_grad_()
-        R = atlas_kernels.ns_gram_factor(Ar, 5)
-        (dA,) = torch.autograd.grad(R, Ar, dR)
+    for m, A, dR, R, dA in ns_gram_problems():
         got_r = atlas_kernels._ns_gram_launch(A.float().cuda(), None, 5).cpu().double()
         got_da = atlas_kernels._ns_gram_launch(A.float().cuda(), dR.float().cuda(), 5).cpu().double()
-        assert rel_err(got_r, R.detach()) < 1e-4, (m, "forward")
+        assert rel_err(got_r, R) < 1e-4, (m, "forward")
         assert rel_err(got_da, dA) < 1e-4, (m, "backward")
 
 
