@@ -303,6 +303,24 @@ def test_ns_forward_keeping_its_iterates_equals_reference(monkeypatch, ns_chunk)
     assert calls, "the step did not take the iterate-keeping op"
 
 
+@pytest.mark.slow  # an Inductor compile of the chunk step on a CPU
+def test_ns_forward_keeping_its_iterates_through_the_compiled_step(monkeypatch):
+    """``NS_SAVE_FWD`` through torch.compile (the ops' CPU bodies inside an Inductor graph: the kept
+    iterates an output that the backward graph saves): no compile failure, and the float32 results
+    and gradients those of the step without it."""
+    monkeypatch.setattr(atlas_kernels, "compile_error", None)
+    args, leaves = random_problem(N=2, T=14, C=4, c=2, dtype=torch.float32, seed=3, float32=True)
+    kw = dict(chunk_size=4, window=2, ns_steps=5, muon=True, ns_chunk=True, return_state=True, snapshots=(),
+              n_valid=None)
+    errs = []
+    for save in (False, True):
+        torch._dynamo.reset()
+        with atlas_kernels.settings(NS_SAVE_FWD=save):
+            errs.append(compare_impls(args, leaves, dict(compile=True, triton_ns=True, pad_ns=True), **kw))
+    assert atlas_kernels.compile_error is None
+    assert errs[1][0] < 1e-3 and errs[1][1] < 5e-3 and abs(errs[1][1] - errs[0][1]) < 1e-4, errs
+
+
 @pytest.mark.parametrize("pad_ns,factor", [(False, None), (True, True)])
 @pytest.mark.parametrize("depth,c,T,n_valid", [(2, 3, 11, None), (3, 2, 12, None), (2, 2, 10, [10, 3, 7])])
 def test_fast_path_equals_reference_muon_chunk(depth, c, T, n_valid, pad_ns, factor):
