@@ -110,6 +110,10 @@
 #           them: kernels vs float64, the muon_chunk fast path eager and compiled), the padded launch's timings
 #           (atlas_check.py --time-ns --padded-only, incl. that pair), then the quad-shape layer with and without it
 #           (mixers.py fast_graphed fast_nssave_graphed); not yet run
+#   atlas_owed  what 2026-12-05 night left untimed, in one call: the ATLAS GPU tests it touches (NS_SAVE_FWD's kernels,
+#           the muon_chunk fast path incl. pdl+save, the bmm32 fast path with retrieval in the step), then the
+#           quad-shape layer as shipped (retrieval in the step, chunk inputs by unbind), with retrieval after the
+#           loop, and with NS_SAVE_FWD (mixers.py fast_graphed fast_retrieve_after_graphed fast_nssave_graphed)
 #   profiles  where the time of two rows goes (torch.profiler, two passes): side_by_side.py --rows attn --profile
 #           (attn_vs_hf_llama, 1.71x against 2.0: copies_by_shape says which casts and copies the ~7 ms of copies a
 #           step are) and mixers.py --only gdn --profile (the gdn layer at B 4 x 4096, d 2048); run on an H100 on
@@ -259,6 +263,11 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
               step atlas_nssave 330 python mixers.py --atlas-paths fast_graphed fast_nssave_graphed \
                  --atlas-config quad_chunk --d-model 128 --batch 8 --seq-len 2048 --skip-gdn \
                  --out "$OUT/mixers_atlas_nssave.json") ;;
+      atlas_owed) step atlas_owed_tests 200 "${PYTEST[@]}" tests/test_atlas.py tests/test_bmm32.py \
+                 -k "save_fwd_kernels or cuda_muon_chunk or with_bmm32"
+              (cd benchmarks && step atlas_owed 360 python mixers.py --atlas-paths fast_graphed \
+                 fast_retrieve_after_graphed fast_nssave_graphed --atlas-config quad_chunk --d-model 128 --batch 8 \
+                 --seq-len 2048 --skip-gdn --out "$OUT/mixers_atlas_owed.json") ;;
       atlas_retrieve) (cd benchmarks && step atlas_retrieve 400 python mixers.py --atlas-paths fast_graphed \
                  fast_retrieve_after_graphed --atlas-config quad_chunk --d-model 128 --batch 8 --seq-len 2048 --skip-gdn \
                  --profile --out "$OUT/mixers_atlas_retrieve.json") ;;
@@ -281,7 +290,7 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
                  echo "pack_out: $(tar -tJf "$OUT/out.tar.xz" | wc -l) files in $OUT/out.tar.xz" ;;
       *) echo "unknown step $s1 (moe mamba3 gdn atlas atlas_verify mamba3_tuned atlas_profile atlas_profile_bench" \
               "mixers mimo_alt mimo_alt2 loss memory decode fused agree modes side_train attn_bf16w fa4 side_decode quad quad_chunk" \
-              "atlas_chunk_layer atlas_chunk_bench quad_tf32 atlas_inductor atlas_bmm32 atlas_padns atlas_defaults atlas_chain atlas_combo atlas_group atlas_pdl atlas_ns_layout atlas_retrieve atlas_nssave profiles" \
+              "atlas_chunk_layer atlas_chunk_bench quad_tf32 atlas_inductor atlas_bmm32 atlas_padns atlas_defaults atlas_chain atlas_combo atlas_group atlas_pdl atlas_ns_layout atlas_retrieve atlas_nssave atlas_owed profiles" \
               "pack_caches pack_out)"; exit 2 ;;
     esac
   done
