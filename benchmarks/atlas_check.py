@@ -125,10 +125,9 @@ def time_ns(padded_only: bool = False) -> None:
         if padded_only:  # the forward that keeps its iterates, the backward that only reads them (NS_SAVE_FWD)
             name = f"ns time B={B:3d} M={M} {prec0:6s} warps={w0} save_fwd"
             try:
-                W = torch.empty(B, 4, 5, M, M, device="cuda")
-                kw = dict(M=M, STEPS=5, b=b, c=c, PREC=prec0, num_warps=w0)
-                fwd = functools.partial(A._ns_gram_fwd_save_kernel[(B,)], Ag, r, W, a=a, **kw)
-                bwd = functools.partial(A._ns_gram_bwd_from_saved_kernel[(B,)], W, dRg, d, **kw)
+                kw = dict(M=M, STEPS=5, b=b, c=c, PREC=prec0, num_warps=w0)  # the iterates kept in ``scratch``
+                fwd = functools.partial(A._ns_gram_fwd_save_kernel[(B,)], Ag, r, scratch, a=a, **kw)
+                bwd = functools.partial(A._ns_gram_bwd_from_saved_kernel[(B,)], scratch, dRg, d, **kw)
                 tf = do_bench(fwd) * 1e3
                 fwd()
                 tb = do_bench(bwd) * 1e3

@@ -466,6 +466,14 @@ if triton is not None:
         return a * eye + b * A + c * _mm(A, A, PREC)
 
     @triton.jit
+    def _saved_tiles(M: tl.constexpr, STEPS: tl.constexpr):
+        """This program's offsets: its M×M tile (row-major) and the same tile transposed, relative to
+        its matrix, and the start of its scratch slice (4 x STEPS tiles) in the saved iterates."""
+        pid = tl.program_id(0).to(tl.int64)
+        i = tl.arange(0, M)
+        return pid * M * M, i[:, None] * M + i[None, :], i[None, :] * M + i[:, None], pid * 4 * STEPS * M * M
+
+    @triton.jit
     def _saved_t(ptr, tile, tile_t, TRANS: tl.constexpr):
         """The transpose of the saved M×M tile at ``ptr`` (see ``_ns_gram_bwd_saved_kernel``'s TRANS)."""
         if TRANS == "load":
@@ -545,12 +553,9 @@ if triton is not None:
         transposes could drop out (one product fewer a step), but in float32 that form is an order of magnitude less
         accurate through the chunk step (``test_fast_path_with_triton_ns_kernels_in_interpreter``:
         1e-2 against 3e-4), so this is the general reverse mode, as autograd does it."""
-        pid = tl.program_id(0).to(tl.int64)
-        i = tl.arange(0, M)
-        tile = i[:, None] * M + i[None, :]
-        tile_t = i[None, :] * M + i[:, None]  # the same tile, transposed
-        off = pid * M * M + tile
-        ws = W_ptr + pid * 4 * STEPS * M * M  # slot (j, k) at + (j * STEPS + k) * M * M
+        base, tile, tile_t, slice0 = _saved_tiles(M, STEPS)
+        off = base + tile
+        ws = W_ptr + slice0  # slot (j, k) at + (j * STEPS + k) * M * M
         _ns_save_iterates(tl.load(A_ptr + off), ws, tile, tile_t, M, STEPS, a, b, c, PREC, TRANS)
         tl.debug_barrier()
         gA = _ns_reverse_saved(tl.load(dR_ptr + off), ws, tile, tile_t, M, STEPS, b, c, PREC, TRANS)
@@ -608,26 +613,19 @@ if triton is not None:
                                  b: tl.constexpr, c: tl.constexpr, PREC: tl.constexpr, TRANS: tl.constexpr = "load"):
         """The forward (``_ns_gram_fwd_kernel``'s R) that also keeps every step's iterates in the
         scratch ``W`` [B, 4, STEPS, M, M] for ``_ns_gram_bwd_from_saved_kernel`` (``NS_SAVE_FWD``)."""
-        pid = tl.program_id(0).to(tl.int64)
-        i = tl.arange(0, M)
-        tile = i[:, None] * M + i[None, :]
-        tile_t = i[None, :] * M + i[:, None]
-        ws = W_ptr + pid * 4 * STEPS * M * M
-        R = _ns_save_iterates(tl.load(A_ptr + pid * M * M + tile), ws, tile, tile_t, M, STEPS, a, b, c, PREC, TRANS)
-        tl.store(R_ptr + pid * M * M + tile, R)
+        base, tile, tile_t, slice0 = _saved_tiles(M, STEPS)
+        R = _ns_save_iterates(tl.load(A_ptr + base + tile), W_ptr + slice0, tile, tile_t, M, STEPS, a, b, c, PREC,
+                              TRANS)
+        tl.store(R_ptr + base + tile, R)
 
     @triton.jit
     def _ns_gram_bwd_from_saved_kernel(W_ptr, dR_ptr, dA_ptr, M: tl.constexpr, STEPS: tl.constexpr,
                                        b: tl.constexpr, c: tl.constexpr, PREC: tl.constexpr,
                                        TRANS: tl.constexpr = "load"):
         """The saved-iterate backward's reverse pass alone, from the iterates the forward kept."""
-        pid = tl.program_id(0).to(tl.int64)
-        i = tl.arange(0, M)
-        tile = i[:, None] * M + i[None, :]
-        tile_t = i[None, :] * M + i[:, None]
-        off = pid * M * M + tile
-        gA = _ns_reverse_saved(tl.load(dR_ptr + off), W_ptr + pid * 4 * STEPS * M * M, tile, tile_t, M, STEPS,
-                               b, c, PREC, TRANS)
+        base, tile, tile_t, slice0 = _saved_tiles(M, STEPS)
+        off = base + tile
+        gA = _ns_reverse_saved(tl.load(dR_ptr + off), W_ptr + slice0, tile, tile_t, M, STEPS, b, c, PREC, TRANS)
         tl.store(dA_ptr + off, gA)
 
 
@@ -833,13 +831,18 @@ def _ns_gram_launch(A: Tensor, dR: Tensor | None, steps: int, precision: str | N
                                         TRANS=NS_BWD_TRANS, num_warps=warps)
     else:
         _ns_gram_bwd_kernel[(B,)](pad(A), pad(dR), out, M=M, STEPS=steps, a=a, b=b, c=c, PREC=prec, num_warps=warps)
-    return out[:, :m, :m].contiguous() if M != m else out
+    return _ns_unpad(out, m)
 
 
 def _ns_pad(t: Tensor, M: int) -> Tensor:
     """t [B, m, m] zero-padded to [B, M, M], contiguous (as it is where m == M)."""
     m = t.shape[-1]
     return t.contiguous() if M == m else F.pad(t, (0, M - m, 0, M - m)).contiguous()
+
+
+def _ns_unpad(out: Tensor, m: int) -> Tensor:
+    """The leading [B, m, m] block of a kernel's [B, M, M] result (itself where m == M)."""
+    return out[:, :m, :m].contiguous() if out.shape[-1] != m else out
 
 
 def _ns_save_launch(A: Tensor, steps: int, precision: str | None = None) -> tuple[Tensor, Tensor]:
@@ -852,7 +855,7 @@ def _ns_save_launch(A: Tensor, steps: int, precision: str | None = None) -> tupl
     a, b, c = NS_COEFFS
     _ns_gram_fwd_save_kernel[(B,)](_ns_pad(A, M), out, W, M=M, STEPS=steps, a=a, b=b, c=c,
                                    PREC=precision or NS_TRITON_PRECISION, TRANS=NS_BWD_TRANS, num_warps=_ns_warps(M))
-    return (out[:, :m, :m].contiguous() if M != m else out), W
+    return _ns_unpad(out, m), W
 
 
 def _ns_bwd_saved_launch(W: Tensor, dR: Tensor, steps: int, precision: str | None = None) -> Tensor:
@@ -864,7 +867,7 @@ def _ns_bwd_saved_launch(W: Tensor, dR: Tensor, steps: int, precision: str | Non
     _ns_gram_bwd_from_saved_kernel[(B,)](W, _ns_pad(dR, M), out, M=M, STEPS=steps, b=b, c=c,
                                          PREC=precision or NS_TRITON_PRECISION, TRANS=NS_BWD_TRANS,
                                          num_warps=_ns_warps(M))
-    return out[:, :m, :m].contiguous() if M != m else out
+    return _ns_unpad(out, m)
 
 
 @torch.library.custom_op("hymba::atlas_ns_gram", mutates_args=())
