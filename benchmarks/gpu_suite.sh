@@ -105,15 +105,17 @@
 #           2026-12-05 night: 84.6 / 85.4 / 84.8 / 93.5 ms, none faster than as shipped
 #   atlas_retrieve  the quad-shape muon_chunk layer in CUDA graphs, profiled, with each chunk's retrieval in its
 #           chunk step (as shipped since 2026-12-05 night: RETRIEVE_IN_STEP) and after the loop from the stacked
-#           chunk-start weights (mixers.py fast_graphed fast_retrieve_after_graphed); not yet run
+#           chunk-start weights (mixers.py fast_graphed fast_retrieve_after_graphed); unprofiled in atlas_owed: 75.9 / 82.4 ms (H100)
 #   atlas_nssave  the GPU tests of NS_SAVE_FWD (the Newton-Schulz forward keeping its iterates, the backward reading
 #           them: kernels vs float64, the muon_chunk fast path eager and compiled), the padded launch's timings
 #           (atlas_check.py --time-ns --padded-only, incl. that pair), then the quad-shape layer with and without it
-#           (mixers.py fast_graphed fast_nssave_graphed); not yet run
+#           (mixers.py fast_graphed fast_nonssave_graphed: on by default for muon_chunk since 2026-12-05 late)
 #   atlas_owed  what 2026-12-05 night left untimed, in one call: the ATLAS GPU tests it touches (NS_SAVE_FWD's kernels,
 #           the muon_chunk fast path incl. pdl+save, the bmm32 fast path with retrieval in the step), then the
 #           quad-shape layer as shipped (retrieval in the step, chunk inputs by unbind), with retrieval after the
-#           loop, and with NS_SAVE_FWD (mixers.py fast_graphed fast_retrieve_after_graphed fast_nssave_graphed)
+#           loop, and without NS_SAVE_FWD (mixers.py fast_graphed fast_retrieve_after_graphed fast_nonssave_graphed); run
+#           on an H100 2026-12-05 late before NS_SAVE_FWD's default (then fast_nssave_graphed): 75.9 / 82.4 / 69.2 ms,
+#           the tests passed (on a fresh machine they need ~260 s: the first compiles)
 #   profiles  where the time of two rows goes (torch.profiler, two passes): side_by_side.py --rows attn --profile
 #           (attn_vs_hf_llama, 1.71x against 2.0: copies_by_shape says which casts and copies the ~7 ms of copies a
 #           step are) and mixers.py --only gdn --profile (the gdn layer at B 4 x 4096, d 2048); run on an H100 on
@@ -258,15 +260,15 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
               step atlas_ns_layout 400 python mixers.py --atlas-paths fast_graphed fast_nsstore_graphed \
                  fast_nsregs_graphed fast_nsw8_graphed --atlas-config quad_chunk --d-model 128 --batch 8 --seq-len 2048 \
                  --skip-gdn --out "$OUT/mixers_atlas_ns_variants.json") ;;
-      atlas_nssave) step atlas_nssave_tests 200 "${PYTEST[@]}" tests/test_atlas.py -k "save_fwd_kernels or (cuda_muon_chunk and save)"
+      atlas_nssave) step atlas_nssave_tests 200 "${PYTEST[@]}" tests/test_atlas.py -k "save_fwd_kernels or (cuda_muon_chunk and pdl)"
               (cd benchmarks && step atlas_ns_time 150 python atlas_check.py --time-ns --padded-only
-              step atlas_nssave 330 python mixers.py --atlas-paths fast_graphed fast_nssave_graphed \
+              step atlas_nssave 330 python mixers.py --atlas-paths fast_graphed fast_nonssave_graphed \
                  --atlas-config quad_chunk --d-model 128 --batch 8 --seq-len 2048 --skip-gdn \
                  --out "$OUT/mixers_atlas_nssave.json") ;;
-      atlas_owed) step atlas_owed_tests 200 "${PYTEST[@]}" tests/test_atlas.py tests/test_bmm32.py \
+      atlas_owed) step atlas_owed_tests 300 "${PYTEST[@]}" tests/test_atlas.py tests/test_bmm32.py \
                  -k "save_fwd_kernels or cuda_muon_chunk or with_bmm32"
               (cd benchmarks && step atlas_owed 360 python mixers.py --atlas-paths fast_graphed \
-                 fast_retrieve_after_graphed fast_nssave_graphed --atlas-config quad_chunk --d-model 128 --batch 8 \
+                 fast_retrieve_after_graphed fast_nonssave_graphed --atlas-config quad_chunk --d-model 128 --batch 8 \
                  --seq-len 2048 --skip-gdn --out "$OUT/mixers_atlas_owed.json") ;;
       atlas_retrieve) (cd benchmarks && step atlas_retrieve 400 python mixers.py --atlas-paths fast_graphed \
                  fast_retrieve_after_graphed --atlas-config quad_chunk --d-model 128 --batch 8 --seq-len 2048 --skip-gdn \

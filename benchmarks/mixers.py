@@ -267,6 +267,7 @@ ATLAS_PATHS = {
     "fast_nsstore_graphed": ("auto", {"NS_BWD_TRANS": "store"}, True),
     "fast_nsregs_graphed": ("auto", {"NS_BWD_TRANS": "regs"}, True),
     "fast_nssave_graphed": ("auto", {"NS_SAVE_FWD": True}, True),
+    "fast_nonssave_graphed": ("auto", {"NS_SAVE_FWD": False}, True),
 }
 
 
@@ -335,8 +336,9 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
       fast_nsw8_graphed / fast_nsstore_graphed / fast_nsregs_graphed  ``fast_graphed`` with the Newton-Schulz
                       kernels at 8 warps (NS_WARPS) / the backward's saved iterates written transposed /
                       transposed in registers (NS_BWD_TRANS; as shipped: loaded transposed)
-      fast_nssave_graphed  ``fast_graphed`` with the Newton-Schulz forward keeping its iterates for a backward
-                      that only reads them (NS_SAVE_FWD)
+      fast_nssave_graphed / fast_nonssave_graphed  ``fast_graphed`` with / without the Newton-Schulz forward
+                      keeping its iterates for a backward that only reads them (NS_SAVE_FWD; as shipped since
+                      2026-12-05 late: with muon_chunk, not with per-token Muon)
 
     On a CPU the fast variants are forced through the dispatch (it never picks them there).
     Rows: fwd / fwd+bwd ms, compile + first-call seconds, ratio to gdn's fwd+bwd."""

@@ -1212,7 +1212,7 @@ def test_fast_path_on_cuda_with_side_64_triton_ns(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("inductor", ["default", "combo", "pdl", "pdl+save"])
+@pytest.mark.parametrize("inductor", ["default", "combo", "pdl", "pdl+save", "pdl+nosave"])
 def test_fast_path_on_cuda_muon_chunk(inductor):
     """``inner_optimizer: muon_chunk`` on the CUDA fast path (Triton Newton-Schulz on one Gram
     matrix per weight and chunk, eager and compiled chunk step, the latter also with Inductor's
@@ -1220,13 +1220,15 @@ def test_fast_path_on_cuda_muon_chunk(inductor):
     reference of that form: outputs, end
     state and every input gradient. By default muon_chunk pads every weight's Gram matrix into one
     Newton-Schulz launch (``PAD_NS``), under combo kernels not: padded, the combo-compiled step
-    failed this test on an H100 (2026-12-05: gradients 2-6 relative off). "pdl+save": with the
-    Newton-Schulz forward keeping its iterates for the backward (``NS_SAVE_FWD``), eager and compiled."""
+    failed this test on an H100 (2026-12-05: gradients 2-6 relative off). "pdl+save" /
+    "pdl+nosave": with / without the Newton-Schulz forward keeping its iterates for the backward
+    (``NS_SAVE_FWD``; muon_chunk keeps them by default), eager and compiled."""
     assert dispatch.probe_all(["atlas"])["atlas"], dispatch.statuses()["atlas"]
-    for compile_step in (False, True) if inductor in ("default", "pdl+save") else (True,):
+    for compile_step in (False, True) if inductor in ("default", "pdl+save", "pdl+nosave") else (True,):
         args, leaves = random_problem(N=3, T=32, C=4, c=3, p=2, hid=5, depth=3, float32=True)
-        extra = {"NS_SAVE_FWD": True} if inductor.endswith("+save") else {}
-        with atlas_kernels.settings(INDUCTOR=inductor.removesuffix("+save"), **extra):
+        base, _, save = inductor.partition("+")
+        extra = {"NS_SAVE_FWD": save == "save"} if save else {}
+        with atlas_kernels.settings(INDUCTOR=base, **extra):
             errs = float32_errors(args, leaves, 3, "cuda", dict(compile=compile_step), chunk_size=4, window=3,
                                   ns_steps=5, muon=True, ns_chunk=True, return_state=True, snapshots=(), n_valid=None)
         print("muon_chunk errors:", inductor, [f"{e:.2g}" for e in errs])

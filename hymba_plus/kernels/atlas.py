@@ -685,14 +685,25 @@ TRITON_NS = True
 
 #: where the saved-iterate backward applies (``_ns_saved_bwd``) and the step is differentiated: the
 #: forward kernel keeps every step's iterates (``atlas_ns_gram_save``: 4 x steps M x M floats per Gram
-#: matrix, kept for the backward: at the Quad-Hybrid's shape with muon_chunk 96 x 320 KiB a chunk,
-#: ~3.9 GB for 127 chunks), so the backward kernel runs only the reverse pass (the saved-iterate
-#: backward first runs the forward steps again: ~18 of its ~56 chained 64 x 64 products, in the
+#: matrix, kept for the backward), so the backward kernel runs only the reverse pass (the saved-iterate
+#: backward otherwise first runs the forward steps again: ~18 of its ~56 chained 64 x 64 products, in the
 #: step's largest kernel, 196 us a chunk on an H100). ptxas for sm_90a at side 64, tf32x3_split, 4 warps
 #: (``benchmarks/kernel_resources.py``): the backward 1,200 wgmma instructions and 4.0 KB spilled a
-#: thread as shipped, 816 and 2.9 KB reading the kept iterates; the forward 408 either way. Off: not
-#: yet timed on a GPU (``gpu_suite.sh atlas_nssave``); tested in Triton's interpreter and end to end on a CPU
-NS_SAVE_FWD = False
+#: thread recomputing, 816 and 2.9 KB reading the kept iterates; the forward 408 either way. None (the
+#: default) = with muon_chunk only (one Gram matrix per weight and chunk: at the Quad-Hybrid's shape 96
+#: x 320 KiB a chunk, ~3.9 GB for 127 chunks); per-token Muon has 16x the problems there (~31 GB of
+#: kept iterates at 8 x 2048), so it recomputes; True / False = always / never. Measured on an H100
+#: (2026-12-05 late, the Quad-Hybrid's muon_chunk layer at 8 x 2048 in CUDA graphs, one process,
+#: ``mixers.py --atlas-paths fast_graphed fast_retrieve_after_graphed fast_nssave_graphed``, before this
+#: default): 75.9 -> 69.2 ms forward+backward; the recipe trained at 92.3 ms a step with it (the gdn
+#: swap 20.05, ratio 0.217, ``quad_atlas.py --atlas-setting NS_SAVE_FWD=True``); its GPU tests
+#: (``test_ns_save_fwd_kernels_on_cuda``, ``test_fast_path_on_cuda_muon_chunk[pdl+save]``) passed there
+NS_SAVE_FWD: bool | None = None
+
+
+def _ns_save_fwd(ns_chunk: bool) -> bool:
+    """Does the chunk step's Newton-Schulz forward keep its iterates (``NS_SAVE_FWD``)?"""
+    return ns_chunk if NS_SAVE_FWD is None else NS_SAVE_FWD
 
 #: Newton-Schulz of all the memory's weights in ONE launch, every Gram matrix zero-padded to the
 #: widest side (``_chunk_step``'s ``pad_ns``): None = on CUDA where the batched-matmul form runs
@@ -771,7 +782,8 @@ def _ns_triton_works(M: int) -> bool:
     side runs eagerly (the training step's eager first step, or the warm-up passes before a
     CUDA-graph capture); a side first met inside a capture cannot be checked there (no kernel
     may launch) and takes the PyTorch form, with a line saying so."""
-    key = (M, _ns_saved_bwd(M), NS_TRITON_PRECISION, _ns_warps(M), NS_BWD_TRANS, NS_SAVE_FWD and _ns_saved_bwd(M))
+    key = (M, _ns_saved_bwd(M), NS_TRITON_PRECISION, _ns_warps(M), NS_BWD_TRANS,
+           NS_SAVE_FWD is not False and _ns_saved_bwd(M))
     if key not in _NS_CHECKED:
         if dispatch.capturing():
             print(f"atlas: Newton-Schulz Triton kernels at side {M} not checked before this CUDA-graph capture: "
@@ -801,7 +813,7 @@ def _ns_check(M: int, precision: str) -> str | None:
         tol = 3e-2 if precision == "tf32" else 1e-4
         errs = (max_rel_err(_ns_gram_launch(A, None, 5, precision), R),
                 max_rel_err(_ns_gram_launch(A, dR, 5, precision), dA))
-        if NS_SAVE_FWD and _ns_saved_bwd(M):  # the forward that keeps its iterates, the backward from them
+        if NS_SAVE_FWD is not False and _ns_saved_bwd(M):  # the forward keeping its iterates, the backward from them
             R_s, W = _ns_save_launch(A, 5, precision)
             errs += (max_rel_err(R_s, R), max_rel_err(_ns_bwd_saved_launch(W, dR, 5, precision), dA))
         return None if max(errs) < tol else f"relative error {max(errs):.2g} over {tol:g}"
@@ -1024,8 +1036,9 @@ FACTOR_GRAM: bool | None = False
 #: a chunk (the keys' and queries' rows sliced apart and their gradients joined). On a 2-core CPU
 #: (Inductor's CPU backend, the quad-shape muon_chunk layer at 2 x 512, ``mixers.py --device cpu
 #: --atlas-paths fast fast_retrieve_after``, two rounds) 485.7 / 443.2 ms forward+backward against
-#: 518.4 / 531.7. Not yet timed on a GPU (``gpu_suite.sh atlas_retrieve``: ``mixers.py`` paths
-#: fast_graphed / fast_retrieve_after_graphed)
+#: 518.4 / 531.7. On an H100 (2026-12-05 late, the same layer at 8 x 2048 in CUDA graphs, one process,
+#: ``gpu_suite.sh atlas_owed``) 75.9 ms against 82.4 with every chunk retrieved after the loop (this
+#: and the chunk inputs by one unbind took the layer from 85.5 ms the evening before); its GPU tests passed
 RETRIEVE_IN_STEP = True
 #: chunks per compiled call (1: one graph per chunk; k > 1: k chunks unrolled into one graph,
 #: compile time x k, host overhead / k; the remainder runs one chunk per call)
@@ -1159,7 +1172,7 @@ def _chunk_step(
                        .view(-1, M, M) for j in js])
         if not (triton_ns and M <= NS_TRITON_MAX):
             Rg = ns_gram_factor(A, ns_steps)
-        elif NS_SAVE_FWD and A.requires_grad and _ns_saved_bwd(_ns_side(M)):  # the backward reads the iterates
+        elif _ns_save_fwd(ns_chunk) and A.requires_grad and _ns_saved_bwd(_ns_side(M)):  # the backward reads them
             Rg = atlas_ns_gram_save(A, ns_steps)[0]
         else:
             Rg = atlas_ns_gram(A, ns_steps)
@@ -1315,7 +1328,7 @@ SETTINGS: dict[str, tuple | type] = {
     "INDUCTOR": tuple(INDUCTOR_OPTIONS), "BMM": ("cublas", "bmm32"), "PAD_NS": (None, True, False),
     "CHECK_COMPILED_STEP": (True, False), "GROUP_GEMMS": (True, False),
     "NS_WARPS": (None, 2, 4, 8), "NS_BWD_TRANS": ("load", "store", "regs"), "RETRIEVE_IN_STEP": (True, False),
-    "NS_SAVE_FWD": (True, False),
+    "NS_SAVE_FWD": (None, True, False),
 }
 
 
