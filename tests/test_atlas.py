@@ -285,22 +285,28 @@ def test_fast_path_retrieving_after_the_loop_equals_reference(muon, depth, c, T,
         assert rel_err(inside[0].detach(), after[0].detach()) < 1e-12
 
 
+@pytest.mark.parametrize("setting", [True, None])
 @pytest.mark.parametrize("ns_chunk", [False, True])
-def test_ns_forward_keeping_its_iterates_equals_reference(monkeypatch, ns_chunk):
+def test_ns_forward_keeping_its_iterates_equals_reference(monkeypatch, ns_chunk, setting):
     """``NS_SAVE_FWD``: the Newton-Schulz op that returns its steps' iterates (``atlas_ns_gram_save``,
     its CPU body here) and the backward that reads them (``atlas_ns_gram_bwd_saved``) in the chunk
     step: the fast path still equals the reference in float64, gradients included, and the step
-    took that op (not the one whose backward runs the steps again)."""
+    took that op (not the one whose backward runs the steps again) where it is forced on, and by
+    default (None) with muon_chunk only (per-token Muon would keep 16x the iterates)."""
     calls = []
     real = atlas_kernels.atlas_ns_gram_bwd_saved
     monkeypatch.setattr(atlas_kernels, "atlas_ns_gram_bwd_saved", lambda *a: calls.append(1) or real(*a))
     args, leaves = random_problem(T=11, C=4, c=3, hid=5, depth=2)
     kw = dict(chunk_size=4, window=3, ns_steps=5, muon=True, return_state=True, snapshots=(), n_valid=None)
-    with atlas_kernels.settings(NS_SAVE_FWD=True):
+    assert atlas_kernels.NS_SAVE_FWD is None  # the default
+    with atlas_kernels.settings(NS_SAVE_FWD=setting):
         fwd, bwd = compare_impls(args, leaves, dict(compile=False, triton_ns=True, pad_ns=True), ns_chunk=ns_chunk,
                                  **kw)
     assert fwd < 1e-10 and bwd < 1e-9, (fwd, bwd)
-    assert calls, "the step did not take the iterate-keeping op"
+    if setting or ns_chunk:
+        assert calls, "the step did not take the iterate-keeping op"
+    else:
+        assert not calls, "per-token Muon kept its iterates by default"
 
 
 @pytest.mark.slow  # an Inductor compile of the chunk step on a CPU

@@ -705,6 +705,7 @@ def _ns_save_fwd(ns_chunk: bool) -> bool:
     """Does the chunk step's Newton-Schulz forward keep its iterates (``NS_SAVE_FWD``)?"""
     return ns_chunk if NS_SAVE_FWD is None else NS_SAVE_FWD
 
+
 #: Newton-Schulz of all the memory's weights in ONE launch, every Gram matrix zero-padded to the
 #: widest side (``_chunk_step``'s ``pad_ns``): None = on CUDA where the batched-matmul form runs
 #: (no Triton kernels) and with muon_chunk (not under ``INDUCTOR``'s combo kernels: see there), True /
