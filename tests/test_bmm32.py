@@ -88,6 +88,52 @@ def test_grouped_kernel_in_interpreter_matches_float64():
     assert res.returncode == 0 and "ok" in res.stdout, res.stdout[-1000:] + res.stderr[-3000:]
 
 
+def test_split_plan():
+    """``split_plan``: the problem of the longest K loop is split while the launch's programs stay
+    within the budget and each split keeps ``SPLIT_K_MIN_STEPS`` K steps; no empty splits; no
+    budget, no split."""
+    plan = bmm32.split_plan
+    assert plan([(32, 18), (32, 18), (32, 2)], 0) == [1, 1, 1]
+    assert plan([(32, 18), (32, 18), (32, 2)], 96) == [1, 1, 1]  # already at the budget
+    assert plan([(32, 18), (32, 18), (32, 2)], 264) == [4, 3, 1]  # 224 programs, 5-6 steps each
+    assert plan([(4, 18), (4, 18), (4, 2)], 10_000) == [5, 5, 1]  # 18 steps in 4 + 4 + 4 + 4 + 2
+    assert plan([(1, 6)], 10_000) == [1]  # a split would have fewer than SPLIT_K_MIN_STEPS steps
+    assert plan([(1, 1000)], 10_000) == [bmm32.SPLIT_K_MAX]
+    assert plan([], 100) == []
+
+
+def test_grouped_kernel_split_k_in_interpreter():
+    """The grouped launch with K split over several programs per tile (forced: a large
+    ``SPLIT_K_PROGRAMS``) in Triton's CPU interpreter == torch.bmm in float64; the tiles' partial
+    sums are added in split order, so two launches give the same bits; the per-tile counters are
+    zero again after each launch; with ``split_k`` False nothing is split (no counters made)."""
+    pytest.importorskip("triton")
+    code = textwrap.dedent("""
+        import torch
+        from hymba_plus.kernels import bmm32
+        from tests.test_bmm32 import CASES, operands
+        problems = [operands(*case, seed=i) for i, case in enumerate(CASES[:3])]
+        pairs = [(a.float(), b.float()) for a, b in problems]
+        bmm32.SPLIT_K_PROGRAMS = 10_000
+        bmm32.bmm_group_launch(pairs, split_k=False)
+        assert not bmm32._COUNTERS
+        shapes = [(a.shape[0] * -(-a.shape[1] // bmm32._tile(a.shape[1])) * -(-b.shape[2] // bmm32._tile(b.shape[2])),
+                   -(-a.shape[2] // 32)) for a, b in pairs]
+        assert max(bmm32.split_plan(shapes, 10_000)) > 1
+        runs = [bmm32.bmm_group_launch(pairs) for _ in range(2)]
+        assert int(bmm32._COUNTERS[torch.device("cpu")].abs().sum()) == 0
+        for (a, b), out, again in zip(problems, *runs):
+            want = torch.bmm(a, b)
+            assert torch.equal(out, again)
+            err = float((out.double() - want).abs().max() / want.abs().max().clamp_min(1e-30))
+            assert err < 1e-5, (a.shape, b.shape, err)
+        print("ok")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stdout[-1000:] + res.stderr[-3000:]
+
+
 def test_grouped_op_autograd_and_fake_kernel():
     """``hymba::bmm_f32_group`` (torch.bmm each on a CPU): results and hand-written backward (one
     grouped call for every da_i and db_i) == autograd through torch.bmm, also when an output gets
@@ -199,7 +245,8 @@ def test_grouped_kernel_compiles_for_sm90():
 
     fn = bmm32._bmm_group_kernel
     consts = {n for n in fn.arg_names if n[:2] in ("BM", "BN") or n in ("NUM", "BK", "PREC")}
-    sig = {n: "*fp32" if len(n) == 2 and n[0] in "abc" else "constexpr" if n in consts else "i32" for n in fn.arg_names}
+    sig = {n: "*fp32" if (len(n) == 2 and n[0] in "abc") or n == "ws" else "*i32" if n == "cnt" else
+           "constexpr" if n in consts else "i32" for n in fn.arg_names}
     for tiles, num in (((64, 64, 32, 32, 32, 32) + (16,) * 6, 3), ((64, 64, 32, 64, 64, 32, 32, 32, 64, 16, 16, 64), 6)):
         const = dict(zip([f"B{x}{i}" for i in range(6) for x in "MN"], tiles), NUM=num, BK=32, PREC=bmm32.PRECISION)
         k = compile_for(fn, sig, const, 4)

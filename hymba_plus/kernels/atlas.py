@@ -1225,12 +1225,18 @@ BMM = "bmm32"
 #: gradients (``hymba::bmm_f32``'s backward is two)
 GROUP_GEMMS = True
 
+#: with grouped GEMMs: a problem of few output tiles and a long K loop split over several programs
+#: per tile (``kernels.bmm32.split_plan``; forward and backward): at the Quad-Hybrid's shape the Gram
+#: matrices, the memory MLP's first layer and the backward's gradients of the momenta's left factors
+#: reduce over the 560 feature columns into one tile per memory row
+SPLIT_K = True
+
 
 def _bmm(a: Tensor, b: Tensor, bmm32: bool, group: bool = False) -> Tensor:
     """a @ b batched; ``group`` (with bmm32): as a grouped op of one product, whose backward is then
     one launch for both gradients (``hymba::bmm_f32``'s is two)."""
     if bmm32 and group:
-        return bmm_f32_group([a], [b])[0]
+        return bmm_f32_group([a], [b], split_k=SPLIT_K)[0]
     return bmm_f32(a, b) if bmm32 else torch.bmm(a, b)
 
 
@@ -1241,7 +1247,7 @@ def _baddbmm(c: Tensor, a: Tensor, b: Tensor, bmm32: bool) -> Tensor:
 def _bmms(pairs: list[tuple[Tensor, Tensor]], bmm32: bool, group: bool) -> list[Tensor]:
     """``_bmm`` of every pair; with ``group`` (and bmm32) one grouped launch per ``GROUP_MAX`` pairs."""
     if bmm32 and group:
-        return list(bmm_f32_group([a for a, _ in pairs], [b for _, b in pairs]))
+        return list(bmm_f32_group([a for a, _ in pairs], [b for _, b in pairs], split_k=SPLIT_K))
     return [_bmm(a, b, bmm32) for a, b in pairs]
 
 
@@ -1327,7 +1333,7 @@ SETTINGS: dict[str, tuple | type] = {
     "FACTOR_GRAM": (None, True, False),
     "TRITON_NS_SPLIT": (True, False), "NS_BWD_SAVED": (True, False), "NS_TRITON_MAX": (16, 32, 64),
     "INDUCTOR": tuple(INDUCTOR_OPTIONS), "BMM": ("cublas", "bmm32"), "PAD_NS": (None, True, False),
-    "CHECK_COMPILED_STEP": (True, False), "GROUP_GEMMS": (True, False),
+    "CHECK_COMPILED_STEP": (True, False), "GROUP_GEMMS": (True, False), "SPLIT_K": (True, False),
     "NS_WARPS": (None, 2, 4, 8), "NS_BWD_TRANS": ("load", "store", "regs"), "RETRIEVE_IN_STEP": (True, False),
     "NS_SAVE_FWD": (None, True, False),
 }
