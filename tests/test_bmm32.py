@@ -298,6 +298,28 @@ def test_atlas_fast_path_on_cuda_with_bmm32():
         assert max(errs[:9]) < 5e-3 and max(errs[9:]) < 5e-2, (compile_step, group, errs)
 
 
+@pytest.mark.gpu
+def test_atlas_fast_path_on_cuda_with_split_k():
+    """The CUDA fast path with the grouped GEMMs split over K (``SPLIT_K``; muon_chunk, the
+    Quad-Hybrid's memory: head dim 32, degree-2 features, K = 561 columns, so its Gram matrices and
+    first layer split), eager and compiled chunk step, against the float64 CPU reference within the
+    limits of the unsplit path's test (the unsplit path's errors printed next to them)."""
+    from tests.test_atlas import float32_errors, random_problem
+
+    args, leaves = random_problem(N=4, T=40, C=16, c=16, d=32, p=2, hid=64, depth=2, float32=True)
+    shapes = [(4 * 1 * 1, -(-561 // 32))] * 2
+    assert max(bmm32.split_plan(shapes, 2 * torch.cuda.get_device_properties(0).multi_processor_count)) > 1
+    for compile_step in (False, True):
+        errs = {}
+        for split in (False, True):
+            with atlas_kernels.settings(BMM="bmm32", GROUP_GEMMS=True, SPLIT_K=split):
+                errs[split] = float32_errors(args, leaves, 2, "cuda", dict(compile=compile_step), chunk_size=16,
+                                             window=16, ns_steps=5, muon=True, ns_chunk=True, return_state=True,
+                                             snapshots=(), n_valid=None)
+        print("split-K errors:", [f"{e:.2g}" for e in errs[True]], "unsplit:", [f"{e:.2g}" for e in errs[False]])
+        assert max(errs[True][:9]) < 5e-3 and max(errs[True][9:]) < 5e-2, (compile_step, errs)
+
+
 def tf32_truncate(x: torch.Tensor) -> torch.Tensor:
     """float32 -> what a tensor core reading it as TF32 uses: the low 13 mantissa bits dropped."""
     return (x.view(torch.int32) & -8192).view(torch.float32)

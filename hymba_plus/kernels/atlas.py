@@ -1228,8 +1228,9 @@ GROUP_GEMMS = True
 #: with grouped GEMMs: a problem of few output tiles and a long K loop split over several programs
 #: per tile (``kernels.bmm32.split_plan``; forward and backward): at the Quad-Hybrid's shape the Gram
 #: matrices, the memory MLP's first layer and the backward's gradients of the momenta's left factors
-#: reduce over the 560 feature columns into one tile per memory row
-SPLIT_K = True
+#: reduce over the 560 feature columns into one tile per memory row. Off until timed on a GPU
+#: (``mixers.py --atlas-paths fast_graphed fast_splitk_graphed --atlas-config quad_chunk``)
+SPLIT_K = False
 
 
 def _bmm(a: Tensor, b: Tensor, bmm32: bool, group: bool = False) -> Tensor:
