@@ -177,20 +177,26 @@ def test_atlas_chunk_step_through_bmm32_in_interpreter():
     """The ATLAS fast path with its chunk step's GEMMs through the Triton kernel (``BMM =
     "bmm32"``, which applies on CUDA, asked for on CPU tensors; the op's CPU kernel replaced by the
     launcher, in Triton's CPU interpreter) against the float64 reference: Muon per chunk and per token, outputs, state
-    and every gradient; the same with each phase's products in one grouped launch (``GROUP_GEMMS``)."""
+    and every gradient; the same with each phase's products in one grouped launch (``GROUP_GEMMS``), and
+    with those of two or more K steps split over programs (``SPLIT_K``)."""
     pytest.importorskip("triton")
     code = textwrap.dedent("""
         import torch
         from hymba_plus.kernels import atlas, bmm32
         bmm32.bmm_f32.register_kernel("cpu")(lambda a, b: bmm32.bmm_launch(a, b))
-        bmm32.bmm_f32_group.register_kernel("cpu")(lambda a, b: bmm32.bmm_group_launch(list(zip(a, b))))
+        bmm32.bmm_f32_group.register_kernel("cpu")(
+            lambda a, b, split_k=True: bmm32.bmm_group_launch(list(zip(a, b)), split_k=split_k))
+        bmm32.SPLIT_K_PROGRAMS, bmm32.SPLIT_K_MIN_STEPS = 10_000, 1  # every product of 2+ K steps split
         from tests.test_atlas import float32_errors, random_problem
-        for ns_chunk, group in ((True, False), (False, False), (True, True), (False, True)):
+        for ns_chunk, group, split in ((True, False, False), (False, False, False), (True, True, False),
+                                       (False, True, False), (True, True, True)):
             atlas.GROUP_GEMMS = group  # the weights' products of each phase in one grouped launch
+            atlas.SPLIT_K = split  # those of a long K split over programs
             args, leaves = random_problem(N=2, T=14, C=4, c=3, d=8, p=2, hid=40, depth=2)
             errs = float32_errors(args, leaves, 2, "cpu", dict(compile=False, bmm32=True), chunk_size=4, window=3, ns_steps=5,
                                   muon=True, ns_chunk=ns_chunk, return_state=True, snapshots=(), n_valid=None)
-            assert max(errs) < 2e-3, (ns_chunk, group, errs)  # the float32 reference: 3e-4
+            assert max(errs) < 2e-3, (ns_chunk, group, split, errs)  # the float32 reference: 3e-4
+        assert bmm32._COUNTERS  # the split launches ran
         print("ok")
     """)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
