@@ -262,14 +262,13 @@ def bmm_group_launch(pairs: list[tuple[Tensor, Tensor]], precision: str | None =
             shapes.append((BM, BN, G * triton.cdiv(M, BM) * triton.cdiv(b.shape[-1], BN), triton.cdiv(K, BK)))
         device = chunk[0][0].device
         sks = split_plan([(t, steps) for _, _, t, steps in shapes], _split_budget(device) if split_k else 0)
-        n_tiles = sum(t for (_, _, t, _), sk in zip(shapes, sks) if sk > 1)
-        cnt = _counters(device, n_tiles) if n_tiles else None
-        if n_tiles and cnt is None:
-            sks = [1] * len(sks)
+        cnt = _counters(device, sum(t for (_, _, t, _), sk in zip(shapes, sks) if sk > 1))
+        if cnt is None:  # capturing, no counters yet: no split (an int32 stand-in keeps the kernel's signature)
+            sks, cnt = [1] * len(sks), torch.empty(1, device=device, dtype=torch.int32)
         slots = sum(t * sk for (_, _, t, _), sk in zip(shapes, sks) if sk > 1)
         size = max((bm * bn for (bm, bn, _, _), sk in zip(shapes, sks) if sk > 1), default=1)
-        ws = torch.empty(max(slots, 1) * size, device=device, dtype=torch.float32)
-        cnt = ws if cnt is None else cnt  # unread without splits
+        # the partial tiles' workspace; without a split none is read (an output stands in)
+        ws = torch.empty(slots * size, device=device, dtype=torch.float32) if slots else chunk[0][2]
         args, tiles, end, wo, co = [], [], 0, 0, 0
         for (a, b, c), (BM, BN, t, steps), sk in zip(chunk, shapes, sks):
             M, N, K = a.shape[1], b.shape[-1], a.shape[2]
