@@ -1157,33 +1157,34 @@ def _chunk_step(
             Xs.append(X)
     grams = iter(_grams([X for X in Xs if X is not None], bmm32, group))
     Gs = [next(grams) if G is None else G for G in Gs]
-    invs = [1.0 / (G.diagonal(dim1=-2, dim2=-1).sum(-1) + 1e-14) for G in Gs]  # 1 / (||S||_F² + eps²)
     # ``pad_ns``: all weights share ONE batched iteration, their Gram matrices zero-padded to the
     # largest short side (a zero block stays zero through the iteration, so the leading m×m block
     # of R is the unpadded result): a third of the launches, for the batched-matmul NS on a GPU;
     # otherwise one iteration per distinct short side: fewer flops, for a CPU and for the Triton
     # kernels (one launch per side; a side over NS_TRITON_MAX, when triton_ns is forced, takes the
-    # batched-matmul form).
-    Rs: list[Tensor] = [Gs[0]] * len(Gs)
+    # batched-matmul form). The traces and both scalings run once per group on its stacked, padded
+    # Gram matrices (padding adds nothing to a trace): one kernel each for all its weights.
+    Rws: list[Tensor] = [Gs[0]] * len(Gs)  # per weight: R_t w_t / ||S_t||_F [N, R, m, m]
     groups = [list(range(len(Gs)))] if pad_ns else [[j for j in range(len(Gs)) if Gs[j].shape[-1] == m]
                                                     for m in dict.fromkeys(G.shape[-1] for G in Gs)]
     for js in groups:
         M = max(Gs[j].shape[-1] for j in js)
-        A = torch.cat([F.pad(Gs[j] * invs[j][..., None, None], (0, M - Gs[j].shape[-1], 0, M - Gs[j].shape[-1]))
-                       .view(-1, M, M) for j in js])
+        Gp = torch.cat([F.pad(Gs[j], (0, M - Gs[j].shape[-1], 0, M - Gs[j].shape[-1])).view(-1, M, M) for j in js])
+        inv = 1.0 / (Gp.diagonal(dim1=-2, dim2=-1).sum(-1) + 1e-14)  # 1 / (||S||_F² + eps²)
+        A = Gp * inv[:, None, None]
         if not (triton_ns and M <= NS_TRITON_MAX):
             Rg = ns_gram_factor(A, ns_steps)
         elif _ns_save_fwd(ns_chunk) and A.requires_grad and _ns_saved_bwd(_ns_side(M)):  # the backward reads them
             Rg = atlas_ns_gram_save(A, ns_steps)[0]
         else:
             Rg = atlas_ns_gram(A, ns_steps)
+        Rg = Rg * (wu.reshape(-1).repeat(len(js)) * inv.sqrt())[:, None, None]
         for j, Rj in zip(js, Rg.split(N * R)):
             m = Gs[j].shape[-1]
-            Rs[j] = Rj.view(N, R, M, M)[..., :m, :m]
+            Rws[j] = Rj.view(N, R, M, M)[..., :m, :m]
     new_p, new_m = [], []
     # Σ_t w_t R_t Y_t as one matmul: R_t is symmetric (a polynomial in G_t), so the
     # [m, (t, r)] left factor is the transposed [(t, r), m] view of the scaled R
-    Rws = [Rj * (wu * inv.sqrt())[..., None, None] for Rj, inv in zip(Rs, invs)]
     lefts = [Rw.reshape(N, R * Rw.shape[-1], Rw.shape[-1]).mT for Rw in Rws]
     upds = iter(_bmms([(left, X.reshape(N, left.shape[-1], -1)) for left, X in zip(lefts, Xs) if X is not None],
                       bmm32, group))  # left [N, m, R m]
