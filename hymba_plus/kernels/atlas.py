@@ -1041,9 +1041,28 @@ FACTOR_GRAM: bool | None = False
 #: ``gpu_suite.sh atlas_owed``) 75.9 ms against 82.4 with every chunk retrieved after the loop (this
 #: and the chunk inputs by one unbind took the layer from 85.5 ms the evening before); its GPU tests passed
 RETRIEVE_IN_STEP = True
+#: the chunk step's Gram traces and Newton-Schulz scalings (its input's 1 / tr G, its result's
+#: w / ||S||_F) once per Newton-Schulz launch on the stacked, padded Gram matrices of all its weights
+#: (padding adds nothing to a trace) instead of once per weight before the padding: the same
+#: arithmetic in fewer element-wise kernels, forward and backward. Counted on a CPU (``python
+#: benchmarks/atlas_step_ops.py --atlas-config quad_chunk``, the compiled step's Inductor loops and
+#: library calls) 92 -> 77 operations a chunk at the Quad-Hybrid's shape (muon_chunk, one padded
+#: launch); not yet timed on a GPU (``mixers.py --atlas-paths fast_graphed fast_unstacked_graphed``)
+STACKED_SCALING = True
+
 #: chunks per compiled call (1: one graph per chunk; k > 1: k chunks unrolled into one graph,
 #: compile time x k, host overhead / k; the remainder runs one chunk per call)
 CHUNKS_PER_CALL = 1
+
+
+def _pad_square(G: Tensor, M: int) -> Tensor:
+    """[..., m, m] -> [-1, M, M], zero-padded."""
+    return F.pad(G, (0, M - G.shape[-1], 0, M - G.shape[-1])).view(-1, M, M)
+
+
+def _trace_inv(G: Tensor) -> Tensor:
+    """1 / (tr G + eps²) of Gram matrices G = S Sᵀ: 1 / (||S||_F² + eps²)."""
+    return 1.0 / (G.diagonal(dim1=-2, dim2=-1).sum(-1) + 1e-14)
 
 
 def _window_matrix(C: int, c: int, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -1169,19 +1188,26 @@ def _chunk_step(
                                                     for m in dict.fromkeys(G.shape[-1] for G in Gs)]
     for js in groups:
         M = max(Gs[j].shape[-1] for j in js)
-        Gp = torch.cat([F.pad(Gs[j], (0, M - Gs[j].shape[-1], 0, M - Gs[j].shape[-1])).view(-1, M, M) for j in js])
-        inv = 1.0 / (Gp.diagonal(dim1=-2, dim2=-1).sum(-1) + 1e-14)  # 1 / (||S||_F² + eps²)
-        A = Gp * inv[:, None, None]
+        if STACKED_SCALING:
+            Gp = torch.cat([_pad_square(Gs[j], M) for j in js])
+            inv = _trace_inv(Gp)
+            A = Gp * inv[:, None, None]
+        else:  # per weight, before the padding (as before 2026-12-06)
+            invs = [_trace_inv(Gs[j]) for j in js]
+            A = torch.cat([_pad_square(Gs[j] * inv[..., None, None], M) for j, inv in zip(js, invs)])
         if not (triton_ns and M <= NS_TRITON_MAX):
             Rg = ns_gram_factor(A, ns_steps)
         elif _ns_save_fwd(ns_chunk) and A.requires_grad and _ns_saved_bwd(_ns_side(M)):  # the backward reads them
             Rg = atlas_ns_gram_save(A, ns_steps)[0]
         else:
             Rg = atlas_ns_gram(A, ns_steps)
-        Rg = Rg * (wu.reshape(-1).repeat(len(js)) * inv.sqrt())[:, None, None]
-        for j, Rj in zip(js, Rg.split(N * R)):
+        if STACKED_SCALING:
+            Rg = Rg * (wu.reshape(-1).repeat(len(js)) * inv.sqrt())[:, None, None]
+        for i, (j, Rj) in enumerate(zip(js, Rg.split(N * R))):
             m = Gs[j].shape[-1]
             Rws[j] = Rj.view(N, R, M, M)[..., :m, :m]
+            if not STACKED_SCALING:
+                Rws[j] = Rws[j] * (wu * invs[i].sqrt())[..., None, None]
     new_p, new_m = [], []
     # Σ_t w_t R_t Y_t as one matmul: R_t is symmetric (a polynomial in G_t), so the
     # [m, (t, r)] left factor is the transposed [(t, r), m] view of the scaled R
@@ -1336,6 +1362,7 @@ SETTINGS: dict[str, tuple | type] = {
     "TRITON_NS_SPLIT": (True, False), "NS_BWD_SAVED": (True, False), "NS_TRITON_MAX": (16, 32, 64),
     "INDUCTOR": tuple(INDUCTOR_OPTIONS), "BMM": ("cublas", "bmm32"), "PAD_NS": (None, True, False),
     "CHECK_COMPILED_STEP": (True, False), "GROUP_GEMMS": (True, False), "SPLIT_K": (True, False),
+    "STACKED_SCALING": (True, False),
     "NS_WARPS": (None, 2, 4, 8), "NS_BWD_TRANS": ("load", "store", "regs"), "RETRIEVE_IN_STEP": (True, False),
     "NS_SAVE_FWD": (None, True, False),
 }
