@@ -1047,8 +1047,13 @@ RETRIEVE_IN_STEP = True
 #: arithmetic in fewer element-wise kernels, forward and backward. Counted on a CPU (``python
 #: benchmarks/atlas_step_ops.py --atlas-config quad_chunk``, the compiled step's Inductor loops and
 #: library calls) 92 -> 77 operations a chunk at the Quad-Hybrid's shape (muon_chunk, one padded
-#: launch); not yet timed on a GPU (``mixers.py --atlas-paths fast_graphed fast_unstacked_graphed``)
-STACKED_SCALING = True
+#: launch). Off until timed on a GPU (``gpu_suite.sh atlas_splitk``: ``mixers.py --atlas-paths fast_graphed
+#: fast_stacked_graphed``). On a 2-core CPU, where the compiled step computes rather than waits on
+#: launches, no difference beyond the noise (the quad-shape muon_chunk layer at 2 x 512, Inductor's CPU
+#: backend, two processes of two rounds each: 482.1 / 528.4 ms forward+backward stacked against 436.1 /
+#: 475.7 per weight, then 475.2 / 472.0 against 479.2 / 477.0; ``results/mixers_atlas_stacked_cpu.json``
+#: is the second)
+STACKED_SCALING = False
 
 #: chunks per compiled call (1: one graph per chunk; k > 1: k chunks unrolled into one graph,
 #: compile time x k, host overhead / k; the remainder runs one chunk per call)
@@ -1192,7 +1197,7 @@ def _chunk_step(
             Gp = torch.cat([_pad_square(Gs[j], M) for j in js])
             inv = _trace_inv(Gp)
             A = Gp * inv[:, None, None]
-        else:  # per weight, before the padding (as before 2026-12-06)
+        else:  # per weight, before the padding
             invs = [_trace_inv(Gs[j]) for j in js]
             A = torch.cat([_pad_square(Gs[j] * inv[..., None, None], M) for j, inv in zip(js, invs)])
         if not (triton_ns and M <= NS_TRITON_MAX):

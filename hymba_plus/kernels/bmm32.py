@@ -20,8 +20,17 @@ float64 in Triton's CPU interpreter and on CUDA (``tests/test_bmm32.py``).
 ``bmm_f32_group(a_list, b_list)`` (``hymba::bmm_f32_group``) runs several such products of
 different shapes in one launch (up to ``GROUP_MAX``, each with its own tiles; its backward one
 grouped call for every da_i and db_i): the ATLAS chunk step's products of one phase, one per memory
-weight, are independent and each fills only a fraction of the GPU (``GROUP_GEMMS``; built without
-a GPU, tested in the interpreter, not yet timed).
+weight, are independent and each fills only a fraction of the GPU (``GROUP_GEMMS``: the quad-shape
+muon_chunk layer 102.0 -> 92.3 ms forward+backward in CUDA graphs, H100, 2026-12-05).
+
+Split-K (``split_plan``; ``split_k``, the ATLAS step's ``SPLIT_K``, off there until timed): a problem
+whose few output tiles each take a long K loop (a Gram matrix or the memory MLP's first layer at the
+Quad-Hybrid's shape: 560 feature columns into one tile per memory row) runs its K range over several
+programs per tile; each writes its partial tile to a workspace and counts itself in on the tile's
+counter, and the last adds the partials in split order (deterministic whichever program is last)
+and resets the counter: one launch, no atomics on the data (CUTLASS's serial split-K semaphore).
+Tested in the interpreter (forced splits, bit-identical twice, counters back to zero), compiled for
+sm_90a; on a GPU not yet run (``gpu_suite.sh atlas_splitk``).
 """
 
 from __future__ import annotations
