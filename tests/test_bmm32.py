@@ -95,7 +95,7 @@ def test_split_plan():
     plan = bmm32.split_plan
     assert plan([(32, 18), (32, 18), (32, 2)], 0) == [1, 1, 1]
     assert plan([(32, 18), (32, 18), (32, 2)], 96) == [1, 1, 1]  # already at the budget
-    assert plan([(32, 18), (32, 18), (32, 2)], 264) == [4, 3, 1]  # 224 programs, 5-6 steps each
+    assert plan([(32, 18), (32, 18), (32, 2)], 264) == [4, 3, 1]  # 256 programs, at most 6 steps each
     assert plan([(4, 18), (4, 18), (4, 2)], 10_000) == [5, 5, 1]  # 18 steps in 4 + 4 + 4 + 4 + 2
     assert plan([(1, 6)], 10_000) == [1]  # a split would have fewer than SPLIT_K_MIN_STEPS steps
     assert plan([(1, 1000)], 10_000) == [bmm32.SPLIT_K_MAX]

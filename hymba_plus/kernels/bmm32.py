@@ -90,9 +90,9 @@ if triton is not None:
         NM x NN tiles per batch entry, entries one after the other, SK programs per tile, each over
         KS of the K columns (split-K). With SK > 1 each program writes its partial tile to the
         workspace (tile t's SK partials from slot ``WO + t * SK``), then counts itself in on the
-        tile's counter (``CO + t``); the last of the tile's SK programs adds the partials in split order (the same sum
-        whichever program comes last) into c and resets the counter for the next launch (the
-        serial split-K fix-up of CUTLASS's semaphore: a CTA barrier, then one gpu-scope
+        tile's counter (``CO + t``); the last of the tile's SK programs adds the partials in split
+        order (the same sum whichever program comes last) into c and resets the counter for the next
+        launch (the serial split-K fix-up of CUTLASS's semaphore: a CTA barrier, then one gpu-scope
         acquire-release atomic)."""
         local = pid - start
         tile = local // SK
@@ -253,8 +253,8 @@ def bmm_group_launch(pairs: list[tuple[Tensor, Tensor]], precision: str | None =
                      split_k: bool = True) -> list[Tensor]:
     """``bmm_launch`` of every (a [G_i, M_i, K_i], b [G_i, K_i, N_i]) pair, up to ``GROUP_MAX``
     problems in one launch (each problem its own tile shape, a program per tile as there, or several
-    with split-K: ``split_plan``, unless ``split_k`` is False): the products of one phase of the ATLAS chunk step (one per memory
-    weight), which are independent and too small to fill the GPU one by one."""
+    with split-K: ``split_plan``, unless ``split_k`` is False): the products of one phase of the ATLAS
+    chunk step (one per memory weight), which are independent and too small to fill the GPU one by one."""
     outs = [torch.empty(a.shape[0], a.shape[1], b.shape[2], device=a.device, dtype=torch.float32) for a, b in pairs]
     live = [(a, b, c) for (a, b), c in zip(pairs, outs) if c.numel()]
     for a, _b, c in live:
