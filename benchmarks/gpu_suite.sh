@@ -116,8 +116,9 @@
 #           loop, and without NS_SAVE_FWD (mixers.py fast_graphed fast_retrieve_after_graphed fast_nonssave_graphed); run
 #           on an H100 2026-12-05 late before NS_SAVE_FWD's default (then fast_nssave_graphed): 75.9 / 82.4 / 69.2 ms,
 #           the tests passed (on a fresh machine they need ~260 s: the first compiles)
-#   atlas_splitk  what 2026-12-06 left untimed (no device could be started that night): the bmm32 GPU tests
-#           (incl. the fast path with split-K GEMMs at the Quad-Hybrid's memory shape against float64), then the
+#   atlas_splitk_tests  the bmm32 GPU tests, incl. the fast path with split-K GEMMs at the Quad-Hybrid's memory
+#           shape against float64 (one call: each compiles chunk steps)
+#   atlas_splitk  what 2026-12-06 left untimed (no device could be started that night), in one process: the
 #           quad-shape muon_chunk layer as shipped, with the Gram traces and Newton-Schulz scalings on the stacked
 #           Gram matrices (fast_stacked_graphed; STACKED_SCALING: 92 -> 77 operations a chunk on the CPU proxy) and
 #           with split-K GEMMs (fast_splitk_graphed; SPLIT_K); both off until this step times them
@@ -278,8 +279,8 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
       atlas_retrieve) (cd benchmarks && step atlas_retrieve 400 python mixers.py --atlas-paths fast_graphed \
                  fast_retrieve_after_graphed --atlas-config quad_chunk --d-model 128 --batch 8 --seq-len 2048 --skip-gdn \
                  --profile --out "$OUT/mixers_atlas_retrieve.json") ;;
-      atlas_splitk) step atlas_splitk_tests 300 "${PYTEST[@]}" tests/test_bmm32.py  # incl. the split-K fast-path test
-              (cd benchmarks && step atlas_splitk 420 python mixers.py --atlas-paths fast_graphed \
+      atlas_splitk_tests) step atlas_splitk_tests 400 "${PYTEST[@]}" tests/test_bmm32.py ;;  # incl. the split-K fast path
+      atlas_splitk) (cd benchmarks && step atlas_splitk 480 python mixers.py --atlas-paths fast_graphed \
                  fast_stacked_graphed fast_splitk_graphed --atlas-config quad_chunk --d-model 128 --batch 8 \
                  --seq-len 2048 --skip-gdn --out "$OUT/mixers_atlas_splitk.json") ;;
       profiles) step attn_profile 330 python benchmarks/side_by_side.py --rows attn --profile --merge --out-dir "$OUT"
@@ -301,7 +302,7 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
                  echo "pack_out: $(tar -tJf "$OUT/out.tar.xz" | wc -l) files in $OUT/out.tar.xz" ;;
       *) echo "unknown step $s1 (moe mamba3 gdn atlas atlas_verify mamba3_tuned atlas_profile atlas_profile_bench" \
               "mixers mimo_alt mimo_alt2 loss memory decode fused agree modes side_train attn_bf16w fa4 side_decode quad quad_chunk" \
-              "atlas_chunk_layer atlas_chunk_bench quad_tf32 atlas_inductor atlas_bmm32 atlas_padns atlas_defaults atlas_chain atlas_combo atlas_group atlas_pdl atlas_ns_layout atlas_retrieve atlas_nssave atlas_owed atlas_splitk profiles" \
+              "atlas_chunk_layer atlas_chunk_bench quad_tf32 atlas_inductor atlas_bmm32 atlas_padns atlas_defaults atlas_chain atlas_combo atlas_group atlas_pdl atlas_ns_layout atlas_retrieve atlas_nssave atlas_owed atlas_splitk_tests atlas_splitk profiles" \
               "pack_caches pack_out)"; exit 2 ;;
     esac
   done

@@ -1047,8 +1047,8 @@ RETRIEVE_IN_STEP = True
 #: arithmetic in fewer element-wise kernels, forward and backward. Counted on a CPU (``python
 #: benchmarks/atlas_step_ops.py --atlas-config quad_chunk``, the compiled step's Inductor loops and
 #: library calls) 92 -> 77 operations a chunk at the Quad-Hybrid's shape (muon_chunk, one padded
-#: launch). Off until timed on a GPU (``gpu_suite.sh atlas_splitk``: ``mixers.py --atlas-paths fast_graphed
-#: fast_stacked_graphed``). On a 2-core CPU, where the compiled step computes rather than waits on
+#: launch). Off until timed on a GPU (``gpu_suite.sh atlas_splitk``: ``mixers.py --atlas-paths
+#: fast_graphed fast_stacked_graphed``). On a 2-core CPU, where the compiled step computes rather than waits on
 #: launches, no difference beyond the noise (the quad-shape muon_chunk layer at 2 x 512, Inductor's CPU
 #: backend, two processes of two rounds each: 482.1 / 528.4 ms forward+backward stacked against 436.1 /
 #: 475.7 per weight, then 475.2 / 472.0 against 479.2 / 477.0; ``results/mixers_atlas_stacked_cpu.json``

@@ -30,7 +30,7 @@ programs per tile; each writes its partial tile to a workspace and counts itself
 counter, and the last adds the partials in split order (deterministic whichever program is last)
 and resets the counter: one launch, no atomics on the data (CUTLASS's serial split-K semaphore).
 Tested in the interpreter (forced splits, bit-identical twice, counters back to zero), compiled for
-sm_90a; on a GPU not yet run (``gpu_suite.sh atlas_splitk``).
+sm_90a; on a GPU not yet run (``gpu_suite.sh atlas_splitk_tests atlas_splitk``).
 """
 
 from __future__ import annotations
