@@ -122,7 +122,7 @@ def test_grouped_kernel_split_k_in_interpreter():
         shapes = [(a.shape[0] * -(-a.shape[1] // bmm32._tile(a.shape[1])) * -(-b.shape[2] // bmm32._tile(b.shape[2])),
                    -(-a.shape[2] // 32)) for a, b in pairs]
         assert max(bmm32.split_plan(shapes, 10_000)) > 1
-        runs = [bmm32.bmm_group_launch(pairs) for _ in range(2)]
+        runs = [bmm32.bmm_group_launch(pairs, split_k=True) for _ in range(2)]
         assert max(plans[-1]) > 1 and int(bmm32._COUNTERS[torch.device("cpu")].abs().sum()) == 0
         for (a, b), out, again, one in zip(problems, *runs, unsplit):
             want = torch.bmm(a, b)
@@ -188,7 +188,7 @@ def test_atlas_chunk_step_through_bmm32_in_interpreter():
         from hymba_plus.kernels import atlas, bmm32
         bmm32.bmm_f32.register_kernel("cpu")(lambda a, b: bmm32.bmm_launch(a, b))
         bmm32.bmm_f32_group.register_kernel("cpu")(
-            lambda a, b, split_k=True: bmm32.bmm_group_launch(list(zip(a, b)), split_k=split_k))
+            lambda a, b, split_k=False: bmm32.bmm_group_launch(list(zip(a, b)), split_k=split_k))
         bmm32.SPLIT_K_PROGRAMS, bmm32.SPLIT_K_MIN_STEPS = 10_000, 1  # every product of 2+ K steps split
         plans, plan = [], bmm32.split_plan
         bmm32.split_plan = lambda *a: plans.append(plan(*a)) or plans[-1]
@@ -271,7 +271,8 @@ def test_grouped_kernel_compiles_for_sm90():
 @pytest.mark.gpu
 def test_bmm_kernel_on_cuda():
     """On the GPU: the kernel == torch.bmm in float64 within 1e-5 (3xTF32; one TF32 pass is
-    ~1e-3 off), the op's gradients == torch.bmm's, and the op inside torch.compile."""
+    ~1e-3 off), the op's gradients == torch.bmm's, the op inside torch.compile, and the grouped op
+    with and without split-K (its tile counters back to zero after)."""
     for G, M, K, N, layout in CASES:
         a, b = operands(G, M, K, N, layout, device="cuda")
         want = torch.bmm(a, b)
@@ -287,11 +288,13 @@ def test_bmm_kernel_on_cuda():
     fn = torch.compile(lambda x, y: bmm32.bmm_f32(x, y).relu() + 1, fullgraph=True)
     assert rel_err(fn(a, b), bmm32.bmm_f32(a, b).relu() + 1) < 1e-6
     problems = [operands(*case, device="cuda", seed=i) for i, case in enumerate(CASES)]  # grouped: 6 + 1 a launch
-    for (x, y), out in zip(problems, bmm32.bmm_f32_group([x.float() for x, _ in problems],
-                                                         [y.float() for _, y in problems])):
-        want = torch.bmm(x, y)
-        err = float((out.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)) if want.numel() else 0.0
-        assert err < 1e-5, (x.shape, y.shape, err)
+    for split_k in (False, True):  # split: the [64, 560] x [560, 64] case over several programs per tile
+        for (x, y), out in zip(problems, bmm32.bmm_f32_group([x.float() for x, _ in problems],
+                                                             [y.float() for _, y in problems], split_k=split_k)):
+            want = torch.bmm(x, y)
+            err = float((out.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)) if want.numel() else 0.0
+            assert err < 1e-5, (x.shape, y.shape, split_k, err)
+    assert int(bmm32._COUNTERS[torch.device("cuda", 0)].abs().sum()) == 0
 
 
 @pytest.mark.gpu

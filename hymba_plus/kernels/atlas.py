@@ -1060,11 +1060,6 @@ STACKED_SCALING = False
 CHUNKS_PER_CALL = 1
 
 
-def _pad_square(G: Tensor, M: int) -> Tensor:
-    """[..., m, m] -> [-1, M, M], zero-padded."""
-    return F.pad(G, (0, M - G.shape[-1], 0, M - G.shape[-1])).view(-1, M, M)
-
-
 def _trace_inv(G: Tensor) -> Tensor:
     """1 / (tr G + eps²) of Gram matrices G = S Sᵀ: 1 / (||S||_F² + eps²)."""
     return 1.0 / (G.diagonal(dim1=-2, dim2=-1).sum(-1) + 1e-14)
@@ -1194,12 +1189,12 @@ def _chunk_step(
     for js in groups:
         M = max(Gs[j].shape[-1] for j in js)
         if STACKED_SCALING:
-            Gp = torch.cat([_pad_square(Gs[j], M) for j in js])
+            Gp = torch.cat([_ns_pad(Gs[j].flatten(0, -3), M) for j in js])
             inv = _trace_inv(Gp)
             A = Gp * inv[:, None, None]
         else:  # per weight, before the padding
             invs = [_trace_inv(Gs[j]) for j in js]
-            A = torch.cat([_pad_square(Gs[j] * inv[..., None, None], M) for j, inv in zip(js, invs)])
+            A = torch.cat([_ns_pad((Gs[j] * inv[..., None, None]).flatten(0, -3), M) for j, inv in zip(js, invs)])
         if not (triton_ns and M <= NS_TRITON_MAX):
             Rg = ns_gram_factor(A, ns_steps)
         elif _ns_save_fwd(ns_chunk) and A.requires_grad and _ns_saved_bwd(_ns_side(M)):  # the backward reads them

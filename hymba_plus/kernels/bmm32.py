@@ -23,7 +23,7 @@ grouped call for every da_i and db_i): the ATLAS chunk step's products of one ph
 weight, are independent and each fills only a fraction of the GPU (``GROUP_GEMMS``: the quad-shape
 muon_chunk layer 102.0 -> 92.3 ms forward+backward in CUDA graphs, H100, 2026-12-05).
 
-Split-K (``split_plan``; ``split_k``, the ATLAS step's ``SPLIT_K``, off there until timed): a problem
+Split-K (``split_plan``; the op's ``split_k``, the ATLAS step's ``SPLIT_K``: off until timed): a problem
 whose few output tiles each take a long K loop (a Gram matrix or the memory MLP's first layer at the
 Quad-Hybrid's shape: 560 feature columns into one tile per memory row) runs its K range over several
 programs per tile; each writes its partial tile to a workspace and counts itself in on the tile's
@@ -250,10 +250,10 @@ def _counters(device: torch.device, n: int) -> Tensor | None:
 
 
 def bmm_group_launch(pairs: list[tuple[Tensor, Tensor]], precision: str | None = None,
-                     split_k: bool = True) -> list[Tensor]:
+                     split_k: bool = False) -> list[Tensor]:
     """``bmm_launch`` of every (a [G_i, M_i, K_i], b [G_i, K_i, N_i]) pair, up to ``GROUP_MAX``
     problems in one launch (each problem its own tile shape, a program per tile as there, or several
-    with split-K: ``split_plan``, unless ``split_k`` is False): the products of one phase of the ATLAS
+    with split-K where ``split_k``: ``split_plan``): the products of one phase of the ATLAS
     chunk step (one per memory weight), which are independent and too small to fill the GPU one by one."""
     outs = [torch.empty(a.shape[0], a.shape[1], b.shape[2], device=a.device, dtype=torch.float32) for a, b in pairs]
     live = [(a, b, c) for (a, b), c in zip(pairs, outs) if c.numel()]
@@ -264,26 +264,26 @@ def bmm_group_launch(pairs: list[tuple[Tensor, Tensor]], precision: str | None =
     for i in range(0, len(live), GROUP_MAX):
         chunk = live[i : i + GROUP_MAX]
         BK = 32 if max(a.shape[2] for a, _, _ in chunk) > 16 else 16
-        shapes = []
+        shapes = []  # per problem: tile shape, tiles per batch entry along M and N, all its tiles, K steps
         for a, b, _c in chunk:
             G, M, K = a.shape
             BM, BN = _tile(M), _tile(b.shape[-1])
-            shapes.append((BM, BN, G * triton.cdiv(M, BM) * triton.cdiv(b.shape[-1], BN), triton.cdiv(K, BK)))
+            NM, NN = triton.cdiv(M, BM), triton.cdiv(b.shape[-1], BN)
+            shapes.append((BM, BN, NM, NN, G * NM * NN, triton.cdiv(K, BK)))
         device = chunk[0][0].device
-        sks = split_plan([(t, steps) for _, _, t, steps in shapes], _split_budget(device) if split_k else 0)
-        cnt = _counters(device, sum(t for (_, _, t, _), sk in zip(shapes, sks) if sk > 1))
+        sks = split_plan([(t, steps) for *_, t, steps in shapes], _split_budget(device) if split_k else 0)
+        cnt = _counters(device, sum(shape[4] for shape, sk in zip(shapes, sks) if sk > 1))
         if cnt is None:  # capturing, no counters yet: no split (an int32 stand-in keeps the kernel's signature)
             sks, cnt = [1] * len(sks), torch.empty(1, device=device, dtype=torch.int32)
-        slots = sum(t * sk for (_, _, t, _), sk in zip(shapes, sks) if sk > 1)
-        size = max((bm * bn for (bm, bn, _, _), sk in zip(shapes, sks) if sk > 1), default=1)
+        slots = sum(shape[4] * sk for shape, sk in zip(shapes, sks) if sk > 1)
+        size = max((shape[0] * shape[1] for shape, sk in zip(shapes, sks) if sk > 1), default=1)
         # the partial tiles' workspace; without a split none is read (an output stands in)
         ws = torch.empty(slots * size, device=device, dtype=torch.float32) if slots else chunk[0][2]
         args, tiles, end, wo, co = [], [], 0, 0, 0
-        for (a, b, c), (BM, BN, t, steps), sk in zip(chunk, shapes, sks):
-            M, N, K = a.shape[1], b.shape[-1], a.shape[2]
+        for (a, b, c), (BM, BN, NM, NN, t, steps), sk in zip(chunk, shapes, sks):
             end += t * sk
-            args += [a, b, c, M, N, K, *a.stride(), *b.stride(), *c.stride(), end, triton.cdiv(M, BM),
-                     triton.cdiv(N, BN), sk, triton.cdiv(steps, sk) * BK, wo * size // (BM * BN), co]
+            args += [a, b, c, a.shape[1], b.shape[-1], a.shape[2], *a.stride(), *b.stride(), *c.stride(), end, NM, NN,
+                     sk, triton.cdiv(steps, sk) * BK, wo * size // (BM * BN), co]
             tiles += [BM, BN]
             if sk > 1:
                 wo, co = wo + t * sk, co + t
@@ -328,9 +328,9 @@ bmm_f32.register_autograd(_backward, setup_context=_setup)
 
 
 @torch.library.custom_op("hymba::bmm_f32_group", mutates_args=())
-def bmm_f32_group(a: list[Tensor], b: list[Tensor], *, split_k: bool = True) -> list[Tensor]:
+def bmm_f32_group(a: list[Tensor], b: list[Tensor], *, split_k: bool = False) -> list[Tensor]:
     """``[torch.bmm(x, y) for x, y in zip(a, b)]`` for float32 CUDA tensors in one launch per
-    ``GROUP_MAX`` products (``bmm_group_launch``; ``split_k`` False: no problem split over K);
+    ``GROUP_MAX`` products (``bmm_group_launch``; ``split_k``: long-K problems split, not yet timed);
     elsewhere ``torch.bmm`` each."""
     if all(_applies(x, y) for x, y in zip(a, b)):
         return bmm_group_launch(list(zip(a, b)), split_k=split_k)
@@ -338,13 +338,13 @@ def bmm_f32_group(a: list[Tensor], b: list[Tensor], *, split_k: bool = True) -> 
 
 
 @bmm_f32_group.register_fake
-def _(a: list[Tensor], b: list[Tensor], *, split_k: bool = True) -> list[Tensor]:
+def _(a: list[Tensor], b: list[Tensor], *, split_k: bool = False) -> list[Tensor]:
     return [x.new_empty(x.shape[0], x.shape[1], y.shape[2]) for x, y in zip(a, b)]
 
 
 def _group_setup(ctx, inputs, keyword_only_inputs, output) -> None:  # noqa: ANN001
     ctx.n = len(inputs[0])
-    ctx.split_k = keyword_only_inputs.get("split_k", True)
+    ctx.split_k = keyword_only_inputs.get("split_k", False)
     ctx.save_for_backward(*inputs[0], *inputs[1])
 
 
