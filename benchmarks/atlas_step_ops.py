@@ -5,6 +5,7 @@ kernels per chunk on a GPU, where the chunk loop is bound by them (issue 18).
     python benchmarks/atlas_step_ops.py --atlas-config bench --atlas-setting NS_TRITON_MAX=32
     python benchmarks/atlas_step_ops.py --atlas-config quad_chunk       # Newton-Schulz once per chunk
     python benchmarks/atlas_step_ops.py --flops                         # the step's arithmetic and its floor
+    python benchmarks/atlas_step_ops.py --chain --atlas-config quad_chunk  # its chain of dependent products
 
 The fast path's chunk step (``kernels/atlas.py`` ``_chunk_step``) is compiled with ``torch.compile``
 as the CUDA path compiles it (fullgraph, static shapes), with the Newton-Schulz layout the GPU would
@@ -17,6 +18,11 @@ and the Newton-Schulz ops (one Triton kernel each on a GPU; their CPU bodies are
 eagerly: matmul flops forward and backward, Newton-Schulz on every Gram side unpadded, as the
 Triton kernels do it) and turns it into the least time the Quad-Hybrid's ATLAS layer (batch 8 x
 2048) can take at a GPU's matmul rate for each Newton-Schulz precision (``FLOOR_RATES``).
+``--chain`` counts instead the step's longest chain of dependent matrix products (and of all
+operations), forward (chunk-start weights and momenta -> the next chunk's) and backward (their
+gradients -> the previous chunk's), which no kernel design can run side by side: a chunk's step
+needs the weights the previous chunk wrote, so the layer is at least chunks x this chain of
+products long, whatever fills the GPU (``CHAIN_PRODUCT_US``).
 With ``CHUNKS_PER_CALL`` k > 1 (``--atlas-setting CHUNKS_PER_CALL=4``) the k-chunk graph is counted and
 divided by k.
 Inductor's CPU code fuses somewhat differently from its GPU code, so this is a proxy: the GPU
@@ -148,6 +154,71 @@ def flops(config: str, factor: bool = False) -> dict:
             "floor_ms": floor_ms, "gemm_efficiency": GEMM_EFFICIENCY}
 
 
+#: the least time of one dependent product at the step's shapes (at most 64 x 64 outputs a memory
+#: row, K <= 561), us, for ``--chain``'s floor: a 64 x 64 x 64 float32 product as three TF32 passes is
+#: 24 dependent wgmma m64n64k8 instructions of one warpgroup, each ~30-60 cycles before the next may
+#: use its result, ~0.5-1 us at ~1.8 GHz, before any load, store or synchronisation between steps
+CHAIN_PRODUCT_US = (0.5, 1.0, 2.0)
+
+
+def chain(config: str) -> dict:
+    """The chunk step's longest chains of dependent operations (module doc), counted eagerly on the
+    PyTorch form (unpadded Newton-Schulz on the Gram matrices, direct Gram matrices, torch matmuls): a
+    dispatch mode gives every tensor the length of the longest chain that produced it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.weak import WeakIdKeyDictionary
+
+    mm = {"bmm", "mm", "baddbmm", "addmm", "matmul"}
+
+    class Depth(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.depth: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+        def of(self, t: object) -> tuple[int, int]:
+            return self.depth.get(t, (0, 0)) if isinstance(t, torch.Tensor) else (0, 0)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            out = func(*args, **(kwargs or {}))
+            ins = [self.of(t) for t in torch.utils._pytree.tree_leaves((args, kwargs))]
+            d_mm, d_all = (max(x) for x in zip((0, 0), *ins))
+            view = func._schema.name.split("::")[-1] in ("view", "_unsafe_view", "t", "transpose", "expand",
+                                                          "slice", "select", "unsqueeze", "squeeze", "alias",
+                                                          "detach", "as_strided", "permute", "split", "unbind")
+            step = (int(func.__name__.split(".")[0] in mm), 0 if view else 1)
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.depth[t] = (d_mm + step[0], d_all + step[1])
+            return out
+
+    N, d, p, hid, C, c = CONFIGS[config]
+    Fd, Cp = ak.feature_dim(d, p), C + c - 1
+    ns_chunk = config.endswith("_chunk")
+    R, W = (2, 1) if ns_chunk else (C, C)
+    g = torch.Generator().manual_seed(0)
+    shapes = [(d, Fd), (hid, Fd), (d, hid)]
+    params = tuple((torch.randn(N, *s, generator=g) / math.sqrt(s[1])).requires_grad_() for s in shapes)
+    mom = tuple((0.1 * torch.randn(N, *s, generator=g)).requires_grad_() for s in shapes)
+    n_q = C if ak.RETRIEVE_IN_STEP else 0
+    args = (params, mom, torch.randn(N, Cp + n_q, Fd, generator=g).requires_grad_(),
+            torch.randn(N, Cp, d, generator=g), torch.rand(N, Cp, generator=g), torch.rand(N, R, Cp, generator=g),
+            torch.rand(N, R, generator=g), torch.rand(N, W, generator=g), torch.rand(N, generator=g))
+    with Depth() as mode:
+        P, M, *y = ak._chunk_step(*args, 5, True, False, False, False, ns_chunk, n_q=n_q)
+    fwd = [max(mode.of(t)[i] for t in (*P, *M)) for i in (0, 1)]
+    seeds = [torch.randn_like(t) for t in (*P, *M)]
+    with Depth() as mode:  # the backward's chain from the next chunk's weight / momentum gradients
+        grads = torch.autograd.grad((*P, *M), (*params, *mom), seeds)
+    bwd = [max(mode.of(t)[i] for t in grads) for i in (0, 1)]
+    B, T, H = LAYER_SHAPES[config.removesuffix("_chunk")]
+    chunks = T // C
+    products = fwd[0] + bwd[0]
+    return {"config": config, "forward": {"products": fwd[0], "operations": fwd[1]},
+            "backward": {"products": bwd[0], "operations": bwd[1]},
+            "layer": {"batch": B, "tokens": T, "heads": H, "chunks": chunks},
+            "floor_ms": {f"{us:g} us a product": products * chunks * us / 1e3 for us in CHAIN_PRODUCT_US}}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--atlas-config", choices=tuple(CONFIGS), default="quad")
@@ -157,7 +228,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="JSON file (default: print only)")
     ap.add_argument("--flops", action="store_true", help="count the step's arithmetic and its floor instead")
     ap.add_argument("--factored", action="store_true", help="--flops of the factored Gram form (FACTOR_GRAM)")
+    ap.add_argument("--chain", action="store_true", help="count the step's chain of dependent products instead")
     args = ap.parse_args(argv)
+    if args.chain:
+        r = chain(args.atlas_config)
+        f, b, lay = r["forward"], r["backward"], r["layer"]
+        print(f"{r['config']}: a chunk step's longest chain of dependent products {f['products']} forward + "
+              f"{b['products']} backward (of all operations, unfused: {f['operations']} + {b['operations']}); "
+              f"the layer at {lay['batch']} x {lay['tokens']} ({lay['chunks']} chunks in sequence):")
+        for k, ms in r["floor_ms"].items():
+            print(f"  at {k}: >= {ms:.1f} ms")
+        if args.out:
+            Path(args.out).write_text(json.dumps({"device": "cpu (dependency count)", "torch": torch.__version__,
+                                                  **r}, indent=1))
+            print(f"wrote {args.out}")
+        return 0
     if args.flops:
         r = flops(args.atlas_config, args.factored)
         f, lay = r["per_chunk_per_row_head"], r["layer"]

@@ -57,3 +57,25 @@ def test_grouped_gemms_cut_the_chunk_steps_matmul_calls():
     assert "hymba::bmm_f32_group" not in plain["calls"] and plain["calls"]["hymba::bmm_f32"] == 39
     assert "hymba::bmm_f32" not in grouped["calls"] and grouped["calls"]["hymba::bmm_f32_group"] == 12
     assert grouped["ops_per_chunk"] < plain["ops_per_chunk"] - 25
+
+
+def test_chain_counts_the_newton_schulz_iteration_and_scales_the_floor():
+    """``--chain``: the chunk step's longest chain of dependent products. Newton-Schulz alone is 13 of
+    them forward at 5 steps (Q_k = aI + bA_k + cA_k² one product, A_{k+1} = Q_k A_k Q_k two, for the
+    first four steps; the R_k products run beside them), the memory MLP, gradient factors, momenta,
+    Gram matrices and update add theirs before and after it; one step fewer shortens both directions;
+    the floor is chunks x chain x the time of a product."""
+    from hymba_plus.kernels import atlas as ak
+
+    mod = load_benchmark("atlas_step_ops")
+    r = mod.chain("quad_chunk")
+    f, b = r["forward"]["products"], r["backward"]["products"]
+    assert f >= 13 + 6 and b >= 13 and r["forward"]["operations"] > f and r["backward"]["operations"] > b
+    chunks = r["layer"]["chunks"]
+    for us in mod.CHAIN_PRODUCT_US:
+        assert r["floor_ms"][f"{us:g} us a product"] == pytest.approx((f + b) * chunks * us / 1e3)
+    with pytest.MonkeyPatch.context() as mp:  # 4 Newton-Schulz steps: 3 products fewer forward
+        real = ak._chunk_step
+        mp.setattr(ak, "_chunk_step", lambda *a, **k: real(*a[:9], 4, *a[10:], **k))
+        r4 = mod.chain("quad_chunk")
+    assert r4["forward"]["products"] == f - 3 and r4["backward"]["products"] < b
