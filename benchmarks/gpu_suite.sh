@@ -118,10 +118,9 @@
 #           the tests passed (on a fresh machine they need ~260 s: the first compiles)
 #   atlas_splitk_tests  the bmm32 GPU tests, incl. the fast path with split-K GEMMs at the Quad-Hybrid's memory
 #           shape against float64 (one call: each compiles chunk steps)
-#   atlas_splitk  what 2026-12-06 left untimed (no device could be started that night), in one process: the
-#           quad-shape muon_chunk layer as shipped, with the Gram traces and Newton-Schulz scalings on the stacked
-#           Gram matrices (fast_stacked_graphed; STACKED_SCALING: 92 -> 77 operations a chunk on the CPU proxy) and
-#           with split-K GEMMs (fast_splitk_graphed; SPLIT_K); both off until this step times them
+#   atlas_splitk  the quad-shape muon_chunk layer as shipped (split-K GEMMs on) and without split-K, one process
+#           (mixers.py fast_graphed fast_nosplitk_graphed); run on an H100 2026-12-06 before split-K and the stacked
+#           Newton-Schulz scalings were defaults: as then shipped 68.9 ms, split-K 67.7, stacked scalings 68.3
 #   profiles  where the time of two rows goes (torch.profiler, two passes): side_by_side.py --rows attn --profile
 #           (attn_vs_hf_llama, 1.71x against 2.0: copies_by_shape says which casts and copies the ~7 ms of copies a
 #           step are) and mixers.py --only gdn --profile (the gdn layer at B 4 x 4096, d 2048); run on an H100 on
@@ -281,7 +280,7 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
                  --profile --out "$OUT/mixers_atlas_retrieve.json") ;;
       atlas_splitk_tests) step atlas_splitk_tests 400 "${PYTEST[@]}" tests/test_bmm32.py ;;  # incl. the split-K fast path
       atlas_splitk) (cd benchmarks && step atlas_splitk 480 python mixers.py --atlas-paths fast_graphed \
-                 fast_stacked_graphed fast_splitk_graphed --atlas-config quad_chunk --d-model 128 --batch 8 \
+                 fast_nosplitk_graphed --atlas-config quad_chunk --d-model 128 --batch 8 \
                  --seq-len 2048 --skip-gdn --out "$OUT/mixers_atlas_splitk.json") ;;
       profiles) step attn_profile 330 python benchmarks/side_by_side.py --rows attn --profile --merge --out-dir "$OUT"
               (cd benchmarks && step gdn_layer_profile 150 python mixers.py --only gdn --profile \

@@ -270,8 +270,6 @@ ATLAS_PATHS = {
     "fast_nonssave_graphed": ("auto", {"NS_SAVE_FWD": False}, True),
     "fast_splitk_graphed": ("auto", {"SPLIT_K": True}, True),
     "fast_nosplitk_graphed": ("auto", {"SPLIT_K": False}, True),
-    "fast_stacked": ("auto", {"STACKED_SCALING": True}, False),
-    "fast_stacked_graphed": ("auto", {"STACKED_SCALING": True}, True),
 }
 
 
@@ -344,9 +342,7 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
                       keeping its iterates for a backward that only reads them (NS_SAVE_FWD; as shipped since
                       2026-12-05 late: with muon_chunk, not with per-token Muon)
       fast_splitk_graphed / fast_nosplitk_graphed  ``fast_graphed`` with / without split-K in the grouped GEMMs
-                      (SPLIT_K)
-      fast_stacked(_graphed)  ``fast`` (``fast_graphed``) with the Gram traces and Newton-Schulz scalings on the
-                      stacked Gram matrices of all weights (STACKED_SCALING; off until timed)
+                      (SPLIT_K; as shipped since 2026-12-06: with)
 
     On a CPU the fast variants are forced through the dispatch (it never picks them there).
     Rows: fwd / fwd+bwd ms, compile + first-call seconds, ratio to gdn's fwd+bwd."""

@@ -327,21 +327,19 @@ def test_ns_forward_keeping_its_iterates_through_the_compiled_step(monkeypatch):
     assert errs[1][0] < 1e-3 and errs[1][1] < 5e-3 and abs(errs[1][1] - errs[0][1]) < 1e-4, errs
 
 
-@pytest.mark.parametrize("stacked", [True, False])
 @pytest.mark.parametrize("pad_ns,factor", [(False, None), (True, True)])
 @pytest.mark.parametrize("depth,c,T,n_valid", [(2, 3, 11, None), (3, 2, 12, None), (2, 2, 10, [10, 3, 7])])
-def test_fast_path_equals_reference_muon_chunk(depth, c, T, n_valid, pad_ns, factor, stacked):
+def test_fast_path_equals_reference_muon_chunk(depth, c, T, n_valid, pad_ns, factor):
     """``inner_optimizer: muon_chunk`` (Newton-Schulz once per chunk on the weighted momentum
     sum): the fast path's two mixing rows == the reference in float64, outputs, end state and
-    every gradient, with partial rows and the factored form, the Gram traces and scalings on the
-    stacked Gram matrices or per weight (``STACKED_SCALING``); and it is a different update from
-    the per-token one."""
+    every gradient, with partial rows, the factored form and the padded Newton-Schulz launch (the
+    Gram traces and scalings on each launch's stacked Gram matrices); and it is a different update
+    from the per-token one."""
     args, leaves = random_problem(T=T, C=4, c=c, hid=5, depth=depth)
     args = with_valid_lengths(args, leaves, n_valid, c)
     kw = dict(chunk_size=4, window=c, ns_steps=5, muon=True, return_state=True, snapshots=(),
               n_valid=None if n_valid is None else torch.tensor(n_valid))
-    with atlas_kernels.settings(STACKED_SCALING=stacked):
-        fwd, bwd = compare_impls(args, leaves, dict(compile=False, pad_ns=pad_ns, factor=factor), ns_chunk=True, **kw)
+    fwd, bwd = compare_impls(args, leaves, dict(compile=False, pad_ns=pad_ns, factor=factor), ns_chunk=True, **kw)
     assert fwd < 1e-10 and bwd < 1e-9, (fwd, bwd)
     chunked = run_impl(atlas_kernels._atlas_memory, args, ns_chunk=True, **kw)
     per_token = run_impl(atlas_kernels._atlas_memory, args, **kw)

@@ -1041,20 +1041,6 @@ FACTOR_GRAM: bool | None = False
 #: ``gpu_suite.sh atlas_owed``) 75.9 ms against 82.4 with every chunk retrieved after the loop (this
 #: and the chunk inputs by one unbind took the layer from 85.5 ms the evening before); its GPU tests passed
 RETRIEVE_IN_STEP = True
-#: the chunk step's Gram traces and Newton-Schulz scalings (its input's 1 / tr G, its result's
-#: w / ||S||_F) once per Newton-Schulz launch on the stacked, padded Gram matrices of all its weights
-#: (padding adds nothing to a trace) instead of once per weight before the padding: the same
-#: arithmetic in fewer element-wise kernels, forward and backward. Counted on a CPU (``python
-#: benchmarks/atlas_step_ops.py --atlas-config quad_chunk``, the compiled step's Inductor loops and
-#: library calls) 92 -> 77 operations a chunk at the Quad-Hybrid's shape (muon_chunk, one padded
-#: launch). Off until timed on a GPU (``gpu_suite.sh atlas_splitk``: ``mixers.py --atlas-paths
-#: fast_graphed fast_stacked_graphed``). On a 2-core CPU, where the compiled step computes rather than waits on
-#: launches, no difference beyond the noise (the quad-shape muon_chunk layer at 2 x 512, Inductor's CPU
-#: backend, two processes of two rounds each: 482.1 / 528.4 ms forward+backward stacked against 436.1 /
-#: 475.7 per weight, then 475.2 / 472.0 against 479.2 / 477.0; ``results/mixers_atlas_stacked_cpu.json``
-#: is the second)
-STACKED_SCALING = False
-
 #: chunks per compiled call (1: one graph per chunk; k > 1: k chunks unrolled into one graph,
 #: compile time x k, host overhead / k; the remainder runs one chunk per call)
 CHUNKS_PER_CALL = 1
@@ -1182,32 +1168,28 @@ def _chunk_step(
     # otherwise one iteration per distinct short side: fewer flops, for a CPU and for the Triton
     # kernels (one launch per side; a side over NS_TRITON_MAX, when triton_ns is forced, takes the
     # batched-matmul form). The traces and both scalings run once per group on its stacked, padded
-    # Gram matrices (padding adds nothing to a trace): one kernel each for all its weights.
+    # Gram matrices (padding adds nothing to a trace): one kernel each for all its weights, forward
+    # and backward, instead of one per weight (the CPU proxy ``atlas_step_ops.py --atlas-config
+    # quad_chunk``: 92 -> 77 operations a chunk; the Quad-Hybrid's muon_chunk layer at 8 x 2048 in
+    # CUDA graphs on an H100, 2026-12-06, one process: 68.9 -> 68.3 ms forward+backward).
     Rws: list[Tensor] = [Gs[0]] * len(Gs)  # per weight: R_t w_t / ||S_t||_F [N, R, m, m]
     groups = [list(range(len(Gs)))] if pad_ns else [[j for j in range(len(Gs)) if Gs[j].shape[-1] == m]
                                                     for m in dict.fromkeys(G.shape[-1] for G in Gs)]
     for js in groups:
         M = max(Gs[j].shape[-1] for j in js)
-        if STACKED_SCALING:
-            Gp = torch.cat([_ns_pad(Gs[j].flatten(0, -3), M) for j in js])
-            inv = _trace_inv(Gp)
-            A = Gp * inv[:, None, None]
-        else:  # per weight, before the padding
-            invs = [_trace_inv(Gs[j]) for j in js]
-            A = torch.cat([_ns_pad((Gs[j] * inv[..., None, None]).flatten(0, -3), M) for j, inv in zip(js, invs)])
+        Gp = torch.cat([_ns_pad(Gs[j].flatten(0, -3), M) for j in js])
+        inv = _trace_inv(Gp)
+        A = Gp * inv[:, None, None]
         if not (triton_ns and M <= NS_TRITON_MAX):
             Rg = ns_gram_factor(A, ns_steps)
         elif _ns_save_fwd(ns_chunk) and A.requires_grad and _ns_saved_bwd(_ns_side(M)):  # the backward reads them
             Rg = atlas_ns_gram_save(A, ns_steps)[0]
         else:
             Rg = atlas_ns_gram(A, ns_steps)
-        if STACKED_SCALING:
-            Rg = Rg * (wu.reshape(-1).repeat(len(js)) * inv.sqrt())[:, None, None]
-        for i, (j, Rj) in enumerate(zip(js, Rg.split(N * R))):
+        Rg = Rg * (wu.reshape(-1).repeat(len(js)) * inv.sqrt())[:, None, None]
+        for j, Rj in zip(js, Rg.split(N * R)):
             m = Gs[j].shape[-1]
             Rws[j] = Rj.view(N, R, M, M)[..., :m, :m]
-            if not STACKED_SCALING:
-                Rws[j] = Rws[j] * (wu * invs[i].sqrt())[..., None, None]
     new_p, new_m = [], []
     # Σ_t w_t R_t Y_t as one matmul: R_t is symmetric (a polynomial in G_t), so the
     # [m, (t, r)] left factor is the transposed [(t, r), m] view of the scaled R
@@ -1255,9 +1237,13 @@ GROUP_GEMMS = True
 #: with grouped GEMMs: a problem of few output tiles and a long K loop split over several programs
 #: per tile (``kernels.bmm32.split_plan``; forward and backward): at the Quad-Hybrid's shape the Gram
 #: matrices, the memory MLP's first layer and the backward's gradients of the momenta's left factors
-#: reduce over the 560 feature columns into one tile per memory row. Off until timed on a GPU
-#: (``mixers.py --atlas-paths fast_graphed fast_splitk_graphed --atlas-config quad_chunk``)
-SPLIT_K = False
+#: reduce over the 560 feature columns into one tile per memory row (the Gram launch: 96 programs of
+#: <= 18 K steps -> 256 of <= 6). Measured on an H100 (2026-12-06, the Quad-Hybrid's muon_chunk
+#: layer at 8 x 2048 in CUDA graphs, one process, ``mixers.py --atlas-paths fast_graphed
+#: fast_splitk_graphed`` before this default): 68.9 -> 67.7 ms forward+backward; with the stacked
+#: Newton-Schulz scalings too 66.8 against 68.8 (the d 2048 layer: 90.3 -> 89.6); its GPU tests
+#: (``test_atlas_fast_path_on_cuda_with_split_k``, ``test_bmm_kernel_on_cuda``) passed there
+SPLIT_K = True
 
 
 def _bmm(a: Tensor, b: Tensor, bmm32: bool, group: bool = False) -> Tensor:
@@ -1362,7 +1348,6 @@ SETTINGS: dict[str, tuple | type] = {
     "TRITON_NS_SPLIT": (True, False), "NS_BWD_SAVED": (True, False), "NS_TRITON_MAX": (16, 32, 64),
     "INDUCTOR": tuple(INDUCTOR_OPTIONS), "BMM": ("cublas", "bmm32"), "PAD_NS": (None, True, False),
     "CHECK_COMPILED_STEP": (True, False), "GROUP_GEMMS": (True, False), "SPLIT_K": (True, False),
-    "STACKED_SCALING": (True, False),
     "NS_WARPS": (None, 2, 4, 8), "NS_BWD_TRANS": ("load", "store", "regs"), "RETRIEVE_IN_STEP": (True, False),
     "NS_SAVE_FWD": (None, True, False),
 }
