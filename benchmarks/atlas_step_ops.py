@@ -123,22 +123,36 @@ GEMM_EFFICIENCY = 790.0 / 989.0
 LAYER_SHAPES = {"quad": (8, 2048, 4), "bench": (4, 4096, 16)}
 
 
+def step_args(config: str, n_q: int = 0) -> tuple:
+    """One chunk step's arguments at a config's shapes (``_chunk_step``'s params .. keep), random,
+    the weights, momenta and keys requiring gradients; ``n_q`` query rows after the keys."""
+    N, d, p, hid, C, c = CONFIGS[config]
+    Fd, Cp = ak.feature_dim(d, p), C + c - 1
+    R, W = (2, 1) if config.endswith("_chunk") else (C, C)  # mixing rows, update weights (mix, wu)
+    g = torch.Generator().manual_seed(0)
+    shapes = [(d, Fd), (hid, Fd), (d, hid)]
+    params = tuple((torch.randn(N, *s, generator=g) / math.sqrt(s[1])).requires_grad_() for s in shapes)
+    mom = tuple((0.1 * torch.randn(N, *s, generator=g)).requires_grad_() for s in shapes)
+    return (params, mom, torch.randn(N, Cp + n_q, Fd, generator=g).requires_grad_(),
+            torch.randn(N, Cp, d, generator=g), torch.rand(N, Cp, generator=g), torch.rand(N, R, Cp, generator=g),
+            torch.rand(N, R, generator=g), torch.rand(N, W, generator=g), torch.rand(N, generator=g))
+
+
+def write(out: str | None, device: str, r: dict) -> None:
+    """``r`` as JSON at ``out`` (if given) with the device line and torch's version."""
+    if out:
+        Path(out).write_text(json.dumps({"device": device, "torch": torch.__version__, **r}, indent=1))
+        print(f"wrote {out}")
+
+
 def flops(config: str, factor: bool = False) -> dict:
     """Matmul flops of one chunk step for one (row, head), forward and backward, and what they
     mean for the Quad-Hybrid's layer (module doc)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    N, d, p, hid, C, c = CONFIGS[config]
-    Fd, Cp = ak.feature_dim(d, p), C + c - 1
-    ns_chunk = config.endswith("_chunk")
-    R, W = (2, 1) if ns_chunk else (C, C)
-    g = torch.Generator().manual_seed(0)
-    shapes = [(d, Fd), (hid, Fd), (d, hid)]
-    params = tuple((torch.randn(N, *s, generator=g) / math.sqrt(s[1])).requires_grad_() for s in shapes)
-    mom = tuple((0.1 * torch.randn(N, *s, generator=g)).requires_grad_() for s in shapes)
-    args = (params, mom, torch.randn(N, Cp, Fd, generator=g).requires_grad_(), torch.randn(N, Cp, d, generator=g),
-            torch.rand(N, Cp, generator=g), torch.rand(N, R, Cp, generator=g), torch.rand(N, R, generator=g),
-            torch.rand(N, W, generator=g), torch.rand(N, generator=g))
+    ns_chunk, C = config.endswith("_chunk"), CONFIGS[config][4]
+    args = step_args(config)
+    N = args[0][0].shape[0]
     with FlopCounterMode(display=False) as fwd_count:  # unpadded sides, PyTorch NS, direct Gram unless factor
         P, M = ak._chunk_step(*args, 5, True, False, False, factor, ns_chunk)
     loss = sum(x.sum() for x in (*P, *M))
@@ -191,18 +205,10 @@ def chain(config: str) -> dict:
                     self.depth[t] = (d_mm + step[0], d_all + step[1])
             return out
 
-    N, d, p, hid, C, c = CONFIGS[config]
-    Fd, Cp = ak.feature_dim(d, p), C + c - 1
-    ns_chunk = config.endswith("_chunk")
-    R, W = (2, 1) if ns_chunk else (C, C)
-    g = torch.Generator().manual_seed(0)
-    shapes = [(d, Fd), (hid, Fd), (d, hid)]
-    params = tuple((torch.randn(N, *s, generator=g) / math.sqrt(s[1])).requires_grad_() for s in shapes)
-    mom = tuple((0.1 * torch.randn(N, *s, generator=g)).requires_grad_() for s in shapes)
+    ns_chunk, C = config.endswith("_chunk"), CONFIGS[config][4]
     n_q = C if ak.RETRIEVE_IN_STEP else 0
-    args = (params, mom, torch.randn(N, Cp + n_q, Fd, generator=g).requires_grad_(),
-            torch.randn(N, Cp, d, generator=g), torch.rand(N, Cp, generator=g), torch.rand(N, R, Cp, generator=g),
-            torch.rand(N, R, generator=g), torch.rand(N, W, generator=g), torch.rand(N, generator=g))
+    args = step_args(config, n_q)
+    params, mom = args[:2]
     with Depth() as mode:
         P, M, *y = ak._chunk_step(*args, 5, True, False, False, False, ns_chunk, n_q=n_q)
     fwd = [max(mode.of(t)[i] for t in (*P, *M)) for i in (0, 1)]
@@ -238,10 +244,7 @@ def main(argv: list[str] | None = None) -> int:
               f"the layer at {lay['batch']} x {lay['tokens']} ({lay['chunks']} chunks in sequence):")
         for k, ms in r["floor_ms"].items():
             print(f"  at {k}: >= {ms:.1f} ms")
-        if args.out:
-            Path(args.out).write_text(json.dumps({"device": "cpu (dependency count)", "torch": torch.__version__,
-                                                  **r}, indent=1))
-            print(f"wrote {args.out}")
+        write(args.out, "cpu (dependency count)", r)
         return 0
     if args.flops:
         r = flops(args.atlas_config, args.factored)
@@ -251,10 +254,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({lay['chunks']} chunks): {lay['tflop']:.2f} TFLOP")
         for k, ms in r["floor_ms"].items():
             print(f"  at {r['gemm_efficiency']:.0%} of the {k} peak: >= {ms:.1f} ms")
-        if args.out:
-            Path(args.out).write_text(json.dumps({"device": "cpu (flop count)", "torch": torch.__version__,
-                                                  **r}, indent=1))
-            print(f"wrote {args.out}")
+        write(args.out, "cpu (flop count)", r)
         return 0
     try:
         changed = dict(ak.parse_setting(s) for s in args.atlas_setting) or {"NS_TRITON_MAX": 32}
@@ -264,10 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"{r['config']} {r['settings'] or 'as shipped'}: {r['ops_per_chunk']:g} ops per chunk (forward + backward): "
               f"{r['generated_loops']} Inductor loops, library calls {r['calls']}")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"device": "cpu (a proxy for a GPU's kernels per chunk)",
-                                              "torch": torch.__version__, "rows": rows}, indent=1))
-        print(f"wrote {args.out}")
+    write(args.out, "cpu (a proxy for a GPU's kernels per chunk)", {"rows": rows})
     return 0
 
 
