@@ -123,7 +123,7 @@ def test_grouped_kernel_split_k_in_interpreter():
                    -(-a.shape[2] // 32)) for a, b in pairs]
         assert max(bmm32.split_plan(shapes, 10_000)) > 1
         runs = [bmm32.bmm_group_launch(pairs, split_k=True) for _ in range(2)]
-        assert max(plans[-1]) > 1 and int(bmm32._COUNTERS[torch.device("cpu"), 0].abs().sum()) == 0
+        assert max(plans[-1]) > 1 and int(bmm32._COUNTERS[torch.device("cpu")].abs().sum()) == 0
         for (a, b), out, again, one in zip(problems, *runs, unsplit):
             want = torch.bmm(a, b)
             assert torch.equal(out, again)
@@ -272,7 +272,7 @@ def test_grouped_kernel_compiles_for_sm90():
 def test_bmm_kernel_on_cuda():
     """On the GPU: the kernel == torch.bmm in float64 within 1e-5 (3xTF32; one TF32 pass is
     ~1e-3 off), the op's gradients == torch.bmm's, the op inside torch.compile, and the grouped op
-    with and without split-K, also on a second stream (its own tile counters; all back to zero after)."""
+    with and without split-K (its tile counters back to zero after)."""
     for G, M, K, N, layout in CASES:
         a, b = operands(G, M, K, N, layout, device="cuda")
         want = torch.bmm(a, b)
@@ -294,15 +294,7 @@ def test_bmm_kernel_on_cuda():
             want = torch.bmm(x, y)
             err = float((out.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)) if want.numel() else 0.0
             assert err < 1e-5, (x.shape, y.shape, split_k, err)
-    side = torch.cuda.Stream()  # a split launch on another stream counts on its own counters
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        outs = bmm32.bmm_f32_group([x.float() for x, _ in problems], [y.float() for _, y in problems], split_k=True)
-    torch.cuda.synchronize()
-    for (x, y), out in zip(problems, outs):
-        assert torch.allclose(out.double(), torch.bmm(x, y), rtol=1e-5, atol=1e-5 * float(torch.bmm(x, y).abs().max()))
-    assert len([key for key in bmm32._COUNTERS if key[0].type == "cuda"]) >= 2
-    assert all(int(c.abs().sum()) == 0 for (dev, _), c in bmm32._COUNTERS.items() if dev.type == "cuda")
+    assert int(bmm32._COUNTERS[torch.device("cuda", 0)].abs().sum()) == 0
 
 
 @pytest.mark.gpu

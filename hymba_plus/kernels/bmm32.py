@@ -209,10 +209,9 @@ SPLIT_K_PROGRAMS: int | None = None
 SPLIT_K_MIN_STEPS = 4
 SPLIT_K_MAX = 8
 
-#: the per-tile counters of split launches, per device and stream (zero between launches: a tile's
-#: last program resets its own; launches on one stream run one after another, so they share them,
-#: while split launches on two streams at once each have their own)
-_COUNTERS: dict[tuple[torch.device, int], Tensor] = {}
+#: the per-tile counters of split launches, per device (zero between launches: a tile's last
+#: program resets its own)
+_COUNTERS: dict[torch.device, Tensor] = {}
 
 
 def split_plan(problems: list[tuple[int, int]], budget: int) -> list[int]:
@@ -242,15 +241,13 @@ def _split_budget(device: torch.device) -> int:
 
 
 def _counters(device: torch.device, n: int) -> Tensor | None:
-    """At least ``n`` zeroed int32 counters on ``device`` for the current stream (None: more are
-    needed while a CUDA graph is being captured, where a lasting buffer cannot be made: that launch
-    does not split)."""
-    key = (device, torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0)
-    have = _COUNTERS.get(key)
+    """At least ``n`` zeroed int32 counters on ``device`` (None: more are needed while a CUDA graph
+    is being captured, where a lasting buffer cannot be made: that launch does not split)."""
+    have = _COUNTERS.get(device)
     if have is None or have.numel() < n:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
-        _COUNTERS[key] = have = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = have = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
     return have
 
 
