@@ -210,7 +210,10 @@ SPLIT_K_MIN_STEPS = 4
 SPLIT_K_MAX = 8
 
 #: the per-tile counters of split launches, per device (zero between launches: a tile's last
-#: program resets its own)
+#: program resets its own). Shared by every stream of the device: split launches run one after
+#: another (one stream: the training step, its CUDA-graph replays). Not per stream: a graph is
+#: captured on ``torch.cuda.graph``'s own stream, after warm-up passes on another, and counters
+#: cannot be made during a capture, so per-stream ones would leave every captured launch unsplit
 _COUNTERS: dict[torch.device, Tensor] = {}
 
 
