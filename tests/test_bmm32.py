@@ -395,3 +395,15 @@ def test_split_tf32_products_unbiased_only_when_both_parts_are_rounded():
     trunc, rnd = (float(((three(split) - want) / want).mean()) for split in (tf32_truncate, tf32_round))
     print(f"mean relative error of split TF32 products: truncating {trunc:.2e}, rounding {rnd:.2e}")
     assert trunc < -2e-8 and abs(rnd) < abs(trunc) / 10, (trunc, rnd)
+
+
+def test_outgrown_split_counters_are_kept(monkeypatch):
+    """A launch needing more tile counters than the device has gets a larger buffer; the old one is
+    kept alive (a CUDA graph captured before may still point at it), not freed for reuse."""
+    monkeypatch.setattr(bmm32, "_COUNTERS", {})
+    monkeypatch.setattr(bmm32, "_RETIRED", [])
+    dev = torch.device("cpu")
+    first = bmm32._counters(dev, 10)
+    assert first.numel() >= 10 and bmm32._counters(dev, 10) is first  # reused while large enough
+    bigger = bmm32._counters(dev, first.numel() + 1)
+    assert bigger.numel() > first.numel() and bmm32._RETIRED == [first] and int(bigger.abs().sum()) == 0

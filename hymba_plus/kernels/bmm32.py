@@ -215,6 +215,8 @@ SPLIT_K_MAX = 8
 #: captured on ``torch.cuda.graph``'s own stream, after warm-up passes on another, and counters
 #: cannot be made during a capture, so per-stream ones would leave every captured launch unsplit
 _COUNTERS: dict[torch.device, Tensor] = {}
+#: counters outgrown by a larger launch, kept: a CUDA graph captured before may still point at them
+_RETIRED: list[Tensor] = []
 
 
 def split_plan(problems: list[tuple[int, int]], budget: int) -> list[int]:
@@ -250,6 +252,8 @@ def _counters(device: torch.device, n: int) -> Tensor | None:
     if have is None or have.numel() < n:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
+        if have is not None:
+            _RETIRED.append(have)
         _COUNTERS[device] = have = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
     return have
 
