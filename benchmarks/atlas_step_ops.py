@@ -145,6 +145,14 @@ def write(out: str | None, device: str, r: dict) -> None:
         print(f"wrote {out}")
 
 
+def report(headline: str, floors: dict[str, float], out: str | None, device: str, r: dict) -> None:
+    """Print a count's headline and its floors (label -> ms), then ``write`` it."""
+    print(headline)
+    for label, ms in floors.items():
+        print(f"  at {label}: >= {ms:.1f} ms")
+    write(out, device, r)
+
+
 def flops(config: str, factor: bool = False) -> dict:
     """Matmul flops of one chunk step for one (row, head), forward and backward, and what they
     mean for the Quad-Hybrid's layer (module doc)."""
@@ -239,22 +247,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.chain:
         r = chain(args.atlas_config)
         f, b, lay = r["forward"], r["backward"], r["layer"]
-        print(f"{r['config']}: a chunk step's longest chain of dependent products {f['products']} forward + "
-              f"{b['products']} backward (of all operations, unfused: {f['operations']} + {b['operations']}); "
-              f"the layer at {lay['batch']} x {lay['tokens']} ({lay['chunks']} chunks in sequence):")
-        for k, ms in r["floor_ms"].items():
-            print(f"  at {k}: >= {ms:.1f} ms")
-        write(args.out, "cpu (dependency count)", r)
+        report(f"{r['config']}: a chunk step's longest chain of dependent products {f['products']} forward + "
+               f"{b['products']} backward (of all operations, unfused: {f['operations']} + {b['operations']}); "
+               f"the layer at {lay['batch']} x {lay['tokens']} ({lay['chunks']} chunks in sequence):",
+               r["floor_ms"], args.out, "cpu (dependency count)", r)
         return 0
     if args.flops:
         r = flops(args.atlas_config, args.factored)
         f, lay = r["per_chunk_per_row_head"], r["layer"]
-        print(f"{r['config']} ({r['gram']} Gram matrices): {f['forward'] / 1e6:.1f} + {f['backward'] / 1e6:.1f} MFLOP per chunk per (row, head) "
-              f"forward + backward; the layer at {lay['batch']} x {lay['tokens']}, {lay['heads']} heads "
-              f"({lay['chunks']} chunks): {lay['tflop']:.2f} TFLOP")
-        for k, ms in r["floor_ms"].items():
-            print(f"  at {r['gemm_efficiency']:.0%} of the {k} peak: >= {ms:.1f} ms")
-        write(args.out, "cpu (flop count)", r)
+        report(f"{r['config']} ({r['gram']} Gram matrices): {f['forward'] / 1e6:.1f} + {f['backward'] / 1e6:.1f} MFLOP "
+               f"per chunk per (row, head) forward + backward; the layer at {lay['batch']} x {lay['tokens']}, "
+               f"{lay['heads']} heads ({lay['chunks']} chunks): {lay['tflop']:.2f} TFLOP",
+               {f"{r['gemm_efficiency']:.0%} of the {k} peak": ms for k, ms in r["floor_ms"].items()},
+               args.out, "cpu (flop count)", r)
         return 0
     try:
         changed = dict(ak.parse_setting(s) for s in args.atlas_setting) or {"NS_TRITON_MAX": 32}

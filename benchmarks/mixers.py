@@ -268,7 +268,6 @@ ATLAS_PATHS = {
     "fast_nsregs_graphed": ("auto", {"NS_BWD_TRANS": "regs"}, True),
     "fast_nssave_graphed": ("auto", {"NS_SAVE_FWD": True}, True),
     "fast_nonssave_graphed": ("auto", {"NS_SAVE_FWD": False}, True),
-    "fast_splitk_graphed": ("auto", {"SPLIT_K": True}, True),
     "fast_nosplitk_graphed": ("auto", {"SPLIT_K": False}, True),
 }
 
@@ -341,8 +340,8 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
       fast_nssave_graphed / fast_nonssave_graphed  ``fast_graphed`` with / without the Newton-Schulz forward
                       keeping its iterates for a backward that only reads them (NS_SAVE_FWD; as shipped since
                       2026-12-05 late: with muon_chunk, not with per-token Muon)
-      fast_splitk_graphed / fast_nosplitk_graphed  ``fast_graphed`` with / without split-K in the grouped GEMMs
-                      (SPLIT_K; as shipped since 2026-12-06: with)
+      fast_nosplitk_graphed  ``fast_graphed`` without split-K in the grouped GEMMs (SPLIT_K; on since 2026-12-06,
+                      ``fast_splitk_graphed`` before)
 
     On a CPU the fast variants are forced through the dispatch (it never picks them there).
     Rows: fwd / fwd+bwd ms, compile + first-call seconds, ratio to gdn's fwd+bwd."""

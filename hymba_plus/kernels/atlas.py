@@ -1046,11 +1046,6 @@ RETRIEVE_IN_STEP = True
 CHUNKS_PER_CALL = 1
 
 
-def _trace_inv(G: Tensor) -> Tensor:
-    """1 / (tr G + eps²) of Gram matrices G = S Sᵀ: 1 / (||S||_F² + eps²)."""
-    return 1.0 / (G.diagonal(dim1=-2, dim2=-1).sum(-1) + 1e-14)
-
-
 def _window_matrix(C: int, c: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """[C, C+c-1]: 1 where token t's Omega window covers slot i of the tail-extended chunk
     (token t sits at slot t + c - 1, its window is slots t .. t + c - 1)."""
@@ -1178,7 +1173,7 @@ def _chunk_step(
     for js in groups:
         M = max(Gs[j].shape[-1] for j in js)
         Gp = torch.cat([_ns_pad(Gs[j].flatten(0, -3), M) for j in js])
-        inv = _trace_inv(Gp)
+        inv = 1.0 / (Gp.diagonal(dim1=-2, dim2=-1).sum(-1) + 1e-14)  # 1 / (tr G + eps²) = 1 / (||S||_F² + eps²)
         A = Gp * inv[:, None, None]
         if not (triton_ns and M <= NS_TRITON_MAX):
             Rg = ns_gram_factor(A, ns_steps)

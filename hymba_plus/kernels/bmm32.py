@@ -91,7 +91,7 @@ if triton is not None:
         """Program ``pid`` of a grouped launch on its problem, whose programs begin at ``start``:
         NM x NN tiles per batch entry, entries one after the other, SK programs per tile, each over
         KS of the K columns (split-K). With SK > 1 each program writes its partial tile to the
-        workspace (tile t's SK partials from slot ``WO + t * SK``), then counts itself in on the
+        workspace (tile t's SK partials from element ``WO + t * SK * BM * BN``), then counts itself in on the
         tile's counter (``CO + t``); the last of the tile's SK programs adds the partials in split
         order (the same sum whichever program comes last) into c and resets the counter for the next
         launch (the serial split-K fix-up of CUTLASS's semaphore: a CTA barrier, then one gpu-scope
@@ -113,7 +113,7 @@ if triton is not None:
             tl.store(c_ptrs, acc, mask=c_mask)
         else:
             in_tile = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
-            part = ws_ptr + (WO + tile * SK).to(tl.int64) * (BM * BN) + in_tile
+            part = ws_ptr + WO + (tile * SK).to(tl.int64) * (BM * BN) + in_tile
             tl.store(part + s * (BM * BN), acc)
             tl.debug_barrier()  # every thread's partial is written before the count
             ticket = tl.atomic_add(cnt_ptr + CO + tile, 1, sem="acq_rel", scope="gpu")
@@ -284,18 +284,17 @@ def bmm_group_launch(pairs: list[tuple[Tensor, Tensor]], precision: str | None =
         cnt = _counters(device, sum(shape[4] for shape, sk in zip(shapes, sks) if sk > 1))
         if cnt is None:  # capturing, no counters yet: no split (an int32 stand-in keeps the kernel's signature)
             sks, cnt = [1] * len(sks), torch.empty(1, device=device, dtype=torch.int32)
-        slots = sum(shape[4] * sk for shape, sk in zip(shapes, sks) if sk > 1)
-        size = max((shape[0] * shape[1] for shape, sk in zip(shapes, sks) if sk > 1), default=1)
-        # the partial tiles' workspace; without a split none is read (an output stands in)
-        ws = torch.empty(slots * size, device=device, dtype=torch.float32) if slots else chunk[0][2]
+        # the partial tiles' workspace, a region per split problem; without a split none is read (an output stands in)
+        size = sum(BM * BN * t * sk for (BM, BN, _, _, t, _), sk in zip(shapes, sks) if sk > 1)
+        ws = torch.empty(size, device=device, dtype=torch.float32) if size else chunk[0][2]
         args, tiles, end, wo, co = [], [], 0, 0, 0
         for (a, b, c), (BM, BN, NM, NN, t, steps), sk in zip(chunk, shapes, sks):
             end += t * sk
             args += [a, b, c, a.shape[1], b.shape[-1], a.shape[2], *a.stride(), *b.stride(), *c.stride(), end, NM, NN,
-                     sk, triton.cdiv(steps, sk) * BK, wo * size // (BM * BN), co]
+                     sk, triton.cdiv(steps, sk) * BK, wo, co]
             tiles += [BM, BN]
             if sk > 1:
-                wo, co = wo + t * sk, co + t
+                wo, co = wo + BM * BN * t * sk, co + t
         pad = GROUP_MAX - len(chunk)  # unused slots: the first problem again, never reached (NUM)
         args += args[:22] * pad
         tiles += tiles[:2] * pad
