@@ -86,7 +86,7 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from . import dispatch
-from ._triton import next_pow2
+from ._triton import INTERPRET, next_pow2
 from .bmm32 import bmm_f32, bmm_f32_group
 from .dispatch import fast_path, max_rel_err
 
@@ -1334,6 +1334,48 @@ INDUCTOR_OPTIONS: dict[str, dict[str, object]] = {
 INDUCTOR = "pdl"
 
 
+#: the muon_chunk chunk step as one Triton program per memory row and direction
+#: (``kernels.atlas_fused``) where it applies (``atlas_fused.applies``: depth-2 memory, retrieval in
+#: the step, float32, sides <= 64) on CUDA: True = there, False = never (the compiled step). Checked
+#: once per shape against the eager step (``_fused``); a disagreement or a failed launch is said once
+#: and the unfused (compiled) step runs from then on
+FUSED_STEP = True
+
+#: why the fused chunk step is off in this process (it disagreed with the eager step, or failed)
+fused_error: str | None = None
+
+
+def _fused_applies(*args: object) -> bool:
+    from .atlas_fused import applies  # here: atlas_fused's kernels call this module's Triton helpers
+
+    return applies(*args)
+
+
+def _fused(args: tuple, fallback):  # noqa: ANN001, ANN202
+    """``atlas_fused.fused_chunk_step(*args)``, checked at its first call per shape against the eager
+    step like a compiled step (``_step_disagreement``; not inside a CUDA-graph capture); if they
+    disagree or the kernels fail, that is said once and ``fallback(*args)`` runs from then on."""
+    global fused_error
+    from .atlas_fused import fused_chunk_step
+
+    if fused_error is None:
+        try:
+            if CHECK_COMPILED_STEP and not dispatch.capturing():
+                key = _step_key(fused_chunk_step, args)
+                if key not in _STEP_CHECKED:
+                    _STEP_CHECKED[key] = why = _step_disagreement(fused_chunk_step, _chunk_step, args)
+                    if why is not None:
+                        raise RuntimeError(why)
+            return fused_chunk_step(*args)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a Triton compile / launch failure or the disagreement
+            fused_error = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+            warnings.warn(f"atlas fast path: the fused chunk step is off ({fused_error}); the unfused step "
+                          "runs from now on", stacklevel=2)
+    return fallback(*args)
+
+
 #: the fast path's module settings a benchmark may change for a run (``settings``): name -> the
 #: values it takes (a tuple of choices, or ``int`` for a positive integer)
 SETTINGS: dict[str, tuple | type] = {
@@ -1344,7 +1386,7 @@ SETTINGS: dict[str, tuple | type] = {
     "INDUCTOR": tuple(INDUCTOR_OPTIONS), "BMM": ("cublas", "bmm32"), "PAD_NS": (None, True, False),
     "CHECK_COMPILED_STEP": (True, False), "GROUP_GEMMS": (True, False), "SPLIT_K": (True, False),
     "NS_WARPS": (None, 2, 4, 8), "NS_BWD_TRANS": ("load", "store", "regs"), "RETRIEVE_IN_STEP": (True, False),
-    "NS_SAVE_FWD": (None, True, False),
+    "NS_SAVE_FWD": (None, True, False), "FUSED_STEP": (True, False),
 }
 
 
@@ -1619,6 +1661,10 @@ def _atlas_memory_fast_body(
                      and torch.cuda.get_device_capability(qf.device)[0] >= 8)  # TF32 tensor cores: sm_80 on
         static = (ns_steps, muon, pad_ns, triton_ns, FACTOR_GRAM if factor is None else factor, muon and ns_chunk,
                   bmm32, bmm32 and GROUP_GEMMS, C if retrieve else 0)
+        fused = (FUSED_STEP and (qf.is_cuda or INTERPRET) and retrieve  # INTERPRET: Triton's CPU interpreter
+                 and _fused_applies(params, Cp, C, ns_steps, muon, ns_chunk, static[4]))
+        if fused:  # one chunk a call (two launches a chunk, forward and backward)
+            group = 1
         # groups of chunks per compiled call, then single chunks; each call's inputs are pieces of
         # one split / unbind, whose backward concatenates / stacks the pieces' gradients once
         # (indexing each chunk out of the stacked tensors gave every chunk a zero-filled gradient of
@@ -1635,7 +1681,11 @@ def _atlas_memory_fast_body(
             ys.extend(out[2] if retrieve else ())
         for piece in zip(*(t.unbind(0) for t in tails)):  # one chunk per call
             args = (*piece, *static)
-            out = _guarded(step, _chunk_step, Ws[-1], Ss[-1], *args) if compiled else step(Ws[-1], Ss[-1], *args)
+            if fused:
+                fallback = functools.partial(_guarded, step, _chunk_step) if compiled else step
+                out = _fused((Ws[-1], Ss[-1], *args), fallback)
+            else:
+                out = _guarded(step, _chunk_step, Ws[-1], Ss[-1], *args) if compiled else step(Ws[-1], Ss[-1], *args)
             Ws.append(out[0])
             Ss.append(out[1])
             ys.extend(out[2:])
