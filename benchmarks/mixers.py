@@ -269,6 +269,7 @@ ATLAS_PATHS = {
     "fast_nssave_graphed": ("auto", {"NS_SAVE_FWD": True}, True),
     "fast_nonssave_graphed": ("auto", {"NS_SAVE_FWD": False}, True),
     "fast_nosplitk_graphed": ("auto", {"SPLIT_K": False}, True),
+    "fast_unfused_graphed": ("auto", {"FUSED_STEP": False}, True),
 }
 
 
@@ -342,6 +343,8 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
                       2026-12-05 late: with muon_chunk, not with per-token Muon)
       fast_nosplitk_graphed  ``fast_graphed`` without split-K in the grouped GEMMs (SPLIT_K; on since 2026-12-06,
                       ``fast_splitk_graphed`` before)
+      fast_unfused_graphed  ``fast_graphed`` with the muon_chunk step unfused (FUSED_STEP off: the compiled
+                      step of ~78 kernels a chunk, as shipped before 2026-12-06 late)
 
     On a CPU the fast variants are forced through the dispatch (it never picks them there).
     Rows: fwd / fwd+bwd ms, compile + first-call seconds, ratio to gdn's fwd+bwd."""

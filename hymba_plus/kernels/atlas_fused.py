@@ -24,7 +24,7 @@ chunk) and its C queries' after them, all [., F]:
 
 The backward recomputes 1-3 from the step's inputs (nothing is saved between the directions but
 the inputs), runs Newton-Schulz forward once more keeping its iterates in a per-row scratch
-slice (``kernels.atlas``'s ``_ns_save_iterates``) and walks them back (``_ns_reverse_saved``),
+slice (``_ns_save``) and walks them back (``_ns_back``),
 then the rows' products in reverse, the F-wide ones in two more passes over the tiles.
 
 Why: the step's work per row is a chain of ~41 dependent products of 32-64 wide matrices
@@ -116,7 +116,7 @@ if triton is not None:
     import triton.language as tl
 
     from ._triton import dot_f32, sigmoid_f32, silu_f32
-    from .atlas import _mm, _ns_q, _ns_reverse_saved, _ns_save_iterates
+    from .atlas import _mm, _ns_q
 
     @triton.jit
     def _ld(ptr, r, c, nr, nc, sr, sc):
@@ -167,6 +167,47 @@ if triton is not None:
         return z1k, h1k, z1q, h1q, y, e, g, sg, ds, gam, diff, w2
 
     @triton.jit
+    def _ns_save(A, ws, tile, M: tl.constexpr, STEPS: tl.constexpr, a: tl.constexpr, b: tl.constexpr,
+                 c: tl.constexpr, PREC: tl.constexpr):
+        """``ns_gram_factor``'s steps from A_0 = ``A`` as a loop (not unrolled: the kernels' code, and so
+        their compile time, stays that of one step), writing A_k, Q_k, R_k (R_0 = I) and T_k = Q_k A_k
+        to the program's scratch slice ``ws`` (slot (j, k) at + (j * STEPS + k) * M * M); returns R.
+        Every step is alike: the first one's R_1 = Q_0 I and the last one's unused T and A are formed
+        too (three M×M products more than the unrolled form in ``kernels.atlas``)."""
+        i = tl.arange(0, M)
+        eye = (i[:, None] == i[None, :]).to(tl.float32)
+        R = eye
+        for k in range(STEPS):
+            Q = _ns_q(A, eye, a, b, c, PREC)
+            T = _mm(Q, A, PREC)
+            tl.store(ws + k * M * M + tile, A)
+            tl.store(ws + (STEPS + k) * M * M + tile, Q)
+            tl.store(ws + (2 * STEPS + k) * M * M + tile, R)
+            tl.store(ws + (3 * STEPS + k) * M * M + tile, T)
+            R = _mm(Q, R, PREC)
+            A = _mm(T, Q, PREC)
+        return R
+
+    @triton.jit
+    def _ns_back(gR, ws, tile_t, M: tl.constexpr, STEPS: tl.constexpr, b: tl.constexpr, c: tl.constexpr,
+                 PREC: tl.constexpr):
+        """dA_0 from dR = ``gR`` by reverse mode through the steps ``_ns_save`` wrote to ``ws`` (the saved
+        tiles read transposed), as a loop: R_{k+1} = Q_k R_k, A_{k+1} = T_k Q_k, T_k = Q_k A_k,
+        Q_k = a I + b A_k + c A_k² (the last step's A_{k+1} unused: its gradient starts at zero)."""
+        gA = tl.zeros([M, M], dtype=tl.float32)
+        for j in range(STEPS):
+            k = STEPS - 1 - j
+            Qt = tl.load(ws + (STEPS + k) * M * M + tile_t)
+            At = tl.load(ws + k * M * M + tile_t)
+            gQ = _mm(gR, tl.load(ws + (2 * STEPS + k) * M * M + tile_t), PREC)
+            gR = _mm(Qt, gR, PREC)
+            gT = _mm(gA, Qt, PREC)
+            gQ += _mm(tl.load(ws + (3 * STEPS + k) * M * M + tile_t), gA, PREC) + _mm(gT, At, PREC)
+            gA = _mm(Qt, gT, PREC)
+            gA += b * gQ + c * (_mm(gQ, At, PREC) + _mm(At, gQ, PREC))
+        return gA
+
+    @triton.jit
     def _ns_scaled(G, wu, M: tl.constexpr, STEPS: tl.constexpr, a: tl.constexpr, b: tl.constexpr,
                    c: tl.constexpr, PREC: tl.constexpr):
         """``R w / ||X||_F``: Newton-Schulz's factor of the Gram matrix G = X Xᵀ [M, M] (``ns_gram_factor``
@@ -176,11 +217,10 @@ if triton is not None:
         inv = 1.0 / (tl.sum(G * eye) + 1e-14)
         A = G * inv
         R = eye
-        for k in tl.static_range(STEPS):
+        for _ in range(STEPS):  # a loop, see _ns_save
             Q = _ns_q(A, eye, a, b, c, PREC)
-            R = Q if k == 0 else _mm(Q, R, PREC)
-            if k < STEPS - 1:
-                A = _mm(_mm(Q, A, PREC), Q, PREC)
+            R = _mm(Q, R, PREC)
+            A = _mm(_mm(Q, A, PREC), Q, PREC)
         return R * (wu * tl.sqrt(inv))
 
     @triton.jit
@@ -195,12 +235,12 @@ if triton is not None:
         eye = (i[:, None] == i[None, :]).to(tl.float32)
         inv = 1.0 / (tl.sum(G * eye) + 1e-14)
         sq = tl.sqrt(inv)
-        R = _ns_save_iterates(G * inv, ws, tile, tile_t, M, STEPS, a, b, c, PREC, "load")
+        R = _ns_save(G * inv, ws, tile, M, STEPS, a, b, c, PREC)
         tl.debug_barrier()
         s = wu * sq
         gs = tl.sum(gRw * R)
         ginv = gs * wu * 0.5 / sq
-        gA = _ns_reverse_saved(gRw * s, ws, tile, tile_t, M, STEPS, b, c, PREC, "load")
+        gA = _ns_back(gRw * s, ws, tile_t, M, STEPS, b, c, PREC)
         ginv += tl.sum(gA * G)
         real = ((i[:, None] == i[None, :]) & (i[:, None] < MR)).to(tl.float32)
         gG = gA * inv - (ginv * inv * inv) * real  # d(1 / (tr G + eps)) = -inv² d tr G
