@@ -124,6 +124,10 @@
 #   atlas_fused  the quad-shape muon_chunk layer with the fused chunk step (kernels/atlas_fused.py, as shipped) and
 #           without it, one process (mixers.py fast_graphed fast_unfused_graphed); the first call per shape checks
 #           the fused step against the eager one (a disagreement is printed and the unfused step runs)
+#   atlas_reference_test  the per-token Muon fast path against the float64 reference on CUDA (cut by the call limit
+#           on 2026-12-06 morning)
+#   atlas_fused_bench  one chunk step at the Quad-Hybrid's memory, fused per launch config and unfused, each in a
+#           CUDA graph: us per chunk forward and forward+backward (benchmarks/atlas_fused_bench.py)
 #   atlas_fused_tests  pytest -m gpu tests/test_atlas_fused.py (fused step vs float64 at the Quad-Hybrid's memory;
 #           the fast path with it end to end)
 #   profiles  where the time of two rows goes (torch.profiler, two passes): side_by_side.py --rows attn --profile
@@ -290,6 +294,8 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
       atlas_fused) (cd benchmarks && step atlas_fused 400 python mixers.py --atlas-paths fast_graphed \
                  fast_unfused_graphed --atlas-config quad_chunk --d-model 128 --batch 8 \
                  --seq-len 2048 --skip-gdn --out "$OUT/mixers_atlas_fused.json") ;;
+      atlas_reference_test) step atlas_reference_test 200 "${PYTEST[@]}" tests/test_atlas.py -k cuda_matches_reference ;;
+      atlas_fused_bench) step atlas_fused_bench 300 python benchmarks/atlas_fused_bench.py --out "$OUT/atlas_fused_bench.json" ;;
       atlas_fused_tests) step atlas_fused_tests 170 "${PYTEST[@]}" tests/test_atlas_fused.py ;;
       profiles) step attn_profile 330 python benchmarks/side_by_side.py --rows attn --profile --merge --out-dir "$OUT"
               (cd benchmarks && step gdn_layer_profile 150 python mixers.py --only gdn --profile \
@@ -310,7 +316,7 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
                  echo "pack_out: $(tar -tJf "$OUT/out.tar.xz" | wc -l) files in $OUT/out.tar.xz" ;;
       *) echo "unknown step $s1 (moe mamba3 gdn atlas atlas_verify mamba3_tuned atlas_profile atlas_profile_bench" \
               "mixers mimo_alt mimo_alt2 loss memory decode fused agree modes side_train attn_bf16w fa4 side_decode quad quad_chunk" \
-              "atlas_chunk_layer atlas_chunk_bench quad_tf32 atlas_inductor atlas_bmm32 atlas_padns atlas_defaults atlas_chain atlas_combo atlas_group atlas_pdl atlas_ns_layout atlas_retrieve atlas_nssave atlas_owed atlas_splitk_tests atlas_splitk atlas_fused atlas_fused_tests profiles" \
+              "atlas_chunk_layer atlas_chunk_bench quad_tf32 atlas_inductor atlas_bmm32 atlas_padns atlas_defaults atlas_chain atlas_combo atlas_group atlas_pdl atlas_ns_layout atlas_retrieve atlas_nssave atlas_owed atlas_splitk_tests atlas_splitk atlas_fused atlas_fused_bench atlas_fused_tests atlas_reference_test profiles" \
               "pack_caches pack_out)"; exit 2 ;;
     esac
   done

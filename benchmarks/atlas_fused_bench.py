@@ -1,0 +1,113 @@
+"""One ATLAS muon_chunk chunk step at the Quad-Hybrid's memory, fused (``kernels/atlas_fused.py``: one
+Triton program per memory row and direction) per launch config, next to the unfused compiled step
+(``kernels/atlas.py`` ``_chunk_step`` as the fast path runs it: bmm32 grouped GEMMs, Triton
+Newton-Schulz, torch.compile), both replayed from CUDA graphs: microseconds per chunk, forward and
+forward+backward (issue 18: is the chunk step's chain cheaper in one program than in ~78 launches?).
+
+    python benchmarks/atlas_fused_bench.py                      # BLOCK_F x NUM_WARPS configs, the unfused step
+    python benchmarks/atlas_fused_bench.py --configs 32x8 16x4 --rows 64
+
+Each fused config's kernels are compiled first in parallel processes (``--jobs``; their first
+compile is minutes on one core), then timed in this one. JSON with the device name to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from benchmarks.timing import bench  # noqa: E402
+from hymba_plus.kernels import atlas as ak  # noqa: E402
+from hymba_plus.kernels import atlas_fused  # noqa: E402
+from tests.test_atlas_fused import step_problem  # noqa: E402
+
+
+def step_args(rows: int, device: str) -> tuple:
+    """The chunk step's arguments at the Quad-Hybrid's memory (head dim 32, hidden 64, degree 2: 560
+    features; chunk 16, window 16) for ``rows`` memory rows, as the fast path passes them."""
+    ins = [t.to(device).requires_grad_() for t in step_problem(N=rows, C=16, c=16, d=32, mh=2)]
+    triton_ns = ak._use_triton_ns(ins[:3], torch.float32)
+    return (tuple(ins[:3]), tuple(ins[3:6]), *ins[6:], 5, True, ak._pad_ns(True, triton_ns, True), triton_ns,
+            False, True, True, True, 16)
+
+
+def graphed(step, args: tuple, backward: bool):  # noqa: ANN001, ANN201
+    """``step(*args)`` (and its backward for fixed cotangents) captured in one CUDA graph: its replay."""
+    leaves = [t for a in args for t in (a if isinstance(a, tuple) else (a,)) if isinstance(t, torch.Tensor)]
+
+    def run() -> None:
+        outs = [o for part in step(*args) for o in (part if isinstance(part, tuple) else (part,))]
+        if backward:
+            torch.autograd.grad(sum(o.sum() for o in outs), leaves)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            run()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        run()
+    return g.replay
+
+
+def set_config(cfg: str) -> None:
+    bf, warps = (int(x) for x in cfg.split("x"))
+    atlas_fused.BLOCK_F, atlas_fused.NUM_WARPS = bf, warps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", nargs="+", default=["32x8", "16x8", "64x8", "32x4", "16x4"],
+                    help="fused launch configs BLOCK_F x NUM_WARPS")
+    ap.add_argument("--rows", type=int, default=32, help="memory rows (batch x heads; the Quad-Hybrid at B 8: 32)")
+    ap.add_argument("--jobs", type=int, default=8, help="processes compiling the fused configs first")
+    ap.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.compile_only:  # one config's kernels into the Triton cache
+        set_config(args.configs[0])
+        a = step_args(2, "cuda")
+        outs = atlas_fused.fused_chunk_step(*a)
+        torch.autograd.grad(sum(o.sum() for part in outs for o in (part if isinstance(part, tuple) else (part,))),
+                            [t for t in a[0]])
+        torch.cuda.synchronize()
+        return
+    cmd = [sys.executable, __file__, "--compile-only", "--configs"]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        codes = list(pool.map(lambda c: subprocess.run(cmd + [c], capture_output=True, text=True), args.configs))
+    rows = []
+    step_in = step_args(args.rows, "cuda")
+    for name, step in [(f"fused_{c}", c) for c, r in zip(args.configs, codes) if r.returncode == 0] + [
+            ("unfused_compiled", None)]:
+        if step is not None:
+            set_config(step)
+            fn = atlas_fused.fused_chunk_step
+        else:
+            fn = ak._compiled_chunk_step()
+        row = {"step": name}
+        for key, bwd in (("fwd_us", False), ("fwdbwd_us", True)):
+            row[key] = round(1e3 * bench(graphed(fn, step_in, bwd), "cuda", warmup=3, iters=20), 1)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    for c, r in zip(args.configs, codes):
+        if r.returncode != 0:
+            print(f"fused_{c}: compile failed: {r.stderr.strip().splitlines()[-1:]}", flush=True)
+    res = {"device": torch.cuda.get_device_name(), "rows": args.rows, "shape": "quad_chunk memory, C 16, window 16",
+           "torch": torch.__version__, "results": rows}
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
