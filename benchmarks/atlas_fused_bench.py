@@ -5,7 +5,7 @@ Newton-Schulz, torch.compile), both replayed from CUDA graphs: microseconds per 
 forward+backward (issue 18: is the chunk step's chain cheaper in one program than in ~78 launches?).
 
     python benchmarks/atlas_fused_bench.py                      # BLOCK_F x NUM_WARPS configs, the unfused step
-    python benchmarks/atlas_fused_bench.py --configs 32x8 16x4 --rows 64
+    python benchmarks/atlas_fused_bench.py --configs 32x4 32x4:tf32 --rows 128
 
 Each fused config's kernels are compiled first in parallel processes (``--jobs``; their first
 compile is minutes on one core), then timed in this one. JSON with the device name to ``--out``.
@@ -62,14 +62,19 @@ def graphed(step, args: tuple, backward: bool):  # noqa: ANN001, ANN201
 
 
 def set_config(cfg: str) -> None:
-    bf, warps = (int(x) for x in cfg.split("x"))
+    """``BLOCK_FxNUM_WARPS[:PRECISION]`` (e.g. 32x4, 32x4:tf32) -> atlas_fused's settings."""
+    size, _, prec = cfg.partition(":")
+    bf, warps = (int(x) for x in size.split("x"))
     atlas_fused.BLOCK_F, atlas_fused.NUM_WARPS = bf, warps
+    atlas_fused.PRECISION = prec or "tf32x3_split"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", nargs="+", default=["32x8", "16x8", "64x8", "32x4", "16x4"],
-                    help="fused launch configs BLOCK_F x NUM_WARPS")
+                    help="fused launch configs BLOCK_FxNUM_WARPS[:PRECISION] (PRECISION of _triton.dot_f32; "
+                         "default tf32x3_split, float32 accuracy; tf32: one product, ~1e-3, to see what the "
+                         "split products cost)")
     ap.add_argument("--rows", type=int, default=32, help="memory rows (batch x heads; the Quad-Hybrid at B 8: 32)")
     ap.add_argument("--jobs", type=int, default=8, help="processes compiling the fused configs first")
     ap.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
