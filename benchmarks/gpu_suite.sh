@@ -121,9 +121,12 @@
 #   atlas_splitk  the quad-shape muon_chunk layer as shipped (split-K GEMMs on) and without split-K, one process
 #           (mixers.py fast_graphed fast_nosplitk_graphed); run on an H100 2026-12-06 before split-K and the stacked
 #           Newton-Schulz scalings were defaults: as then shipped 68.9 ms, split-K 67.7, stacked scalings 68.3
-#   atlas_fused  the quad-shape muon_chunk layer with the fused chunk step (kernels/atlas_fused.py, as shipped) and
-#           without it, one process (mixers.py fast_graphed fast_unfused_graphed); the first call per shape checks
-#           the fused step against the eager one (a disagreement is printed and the unfused step runs)
+#   atlas_fused  the quad-shape muon_chunk layer without (as shipped) and with the fused chunk step
+#           (kernels/atlas_fused.py), one process (mixers.py fast_graphed fast_fused_graphed); the first call per
+#           shape checks the fused step against the eager one (a disagreement is printed and the unfused step runs).
+#           Run on an H100 2026-12-06 with the fused step then on: 274.4 ms fused, 67.5 unfused
+#   atlas_nstf32  the quad-shape muon_chunk layer with Newton-Schulz in one TF32 product per matmul against as
+#           shipped (float32-accurate split products), one process
 #   atlas_reference_test  the per-token Muon fast path against the float64 reference on CUDA (cut by the call limit
 #           on 2026-12-06 morning)
 #   atlas_fused_bench  one chunk step at the Quad-Hybrid's memory, fused per launch config and unfused, each in a
@@ -292,10 +295,13 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
                  fast_nosplitk_graphed --atlas-config quad_chunk --d-model 128 --batch 8 \
                  --seq-len 2048 --skip-gdn --out "$OUT/mixers_atlas_splitk.json") ;;
       atlas_fused) (cd benchmarks && step atlas_fused 400 python mixers.py --atlas-paths fast_graphed \
-                 fast_unfused_graphed --atlas-config quad_chunk --d-model 128 --batch 8 \
+                 fast_fused_graphed --atlas-config quad_chunk --d-model 128 --batch 8 \
                  --seq-len 2048 --skip-gdn --out "$OUT/mixers_atlas_fused.json") ;;
       atlas_reference_test) step atlas_reference_test 200 "${PYTEST[@]}" tests/test_atlas.py -k cuda_matches_reference ;;
-      atlas_fused_bench) step atlas_fused_bench 300 python benchmarks/atlas_fused_bench.py --out "$OUT/atlas_fused_bench.json" ;;
+      atlas_nstf32) (cd benchmarks && step atlas_nstf32 300 python mixers.py --atlas-paths fast_graphed \
+                 fast_nstf32_graphed --atlas-config quad_chunk --d-model 128 --batch 8 \
+                 --seq-len 2048 --skip-gdn --out "$OUT/mixers_atlas_nstf32.json") ;;
+      atlas_fused_bench) step atlas_fused_bench 300 python benchmarks/atlas_fused_bench.py --configs 32x4 32x4:tf32 64x4:tf32 --out "$OUT/atlas_fused_bench.json" ;;
       atlas_fused_tests) step atlas_fused_tests 170 "${PYTEST[@]}" tests/test_atlas_fused.py ;;
       profiles) step attn_profile 330 python benchmarks/side_by_side.py --rows attn --profile --merge --out-dir "$OUT"
               (cd benchmarks && step gdn_layer_profile 150 python mixers.py --only gdn --profile \
@@ -316,7 +322,7 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
                  echo "pack_out: $(tar -tJf "$OUT/out.tar.xz" | wc -l) files in $OUT/out.tar.xz" ;;
       *) echo "unknown step $s1 (moe mamba3 gdn atlas atlas_verify mamba3_tuned atlas_profile atlas_profile_bench" \
               "mixers mimo_alt mimo_alt2 loss memory decode fused agree modes side_train attn_bf16w fa4 side_decode quad quad_chunk" \
-              "atlas_chunk_layer atlas_chunk_bench quad_tf32 atlas_inductor atlas_bmm32 atlas_padns atlas_defaults atlas_chain atlas_combo atlas_group atlas_pdl atlas_ns_layout atlas_retrieve atlas_nssave atlas_owed atlas_splitk_tests atlas_splitk atlas_fused atlas_fused_bench atlas_fused_tests atlas_reference_test profiles" \
+              "atlas_chunk_layer atlas_chunk_bench quad_tf32 atlas_inductor atlas_bmm32 atlas_padns atlas_defaults atlas_chain atlas_combo atlas_group atlas_pdl atlas_ns_layout atlas_retrieve atlas_nssave atlas_owed atlas_splitk_tests atlas_splitk atlas_fused atlas_nstf32 atlas_fused_bench atlas_fused_tests atlas_reference_test profiles" \
               "pack_caches pack_out)"; exit 2 ;;
     esac
   done

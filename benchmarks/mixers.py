@@ -269,7 +269,8 @@ ATLAS_PATHS = {
     "fast_nssave_graphed": ("auto", {"NS_SAVE_FWD": True}, True),
     "fast_nonssave_graphed": ("auto", {"NS_SAVE_FWD": False}, True),
     "fast_nosplitk_graphed": ("auto", {"SPLIT_K": False}, True),
-    "fast_unfused_graphed": ("auto", {"FUSED_STEP": False}, True),
+    "fast_fused_graphed": ("auto", {"FUSED_STEP": True}, True),
+    "fast_nstf32_graphed": ("auto", {"NS_TRITON_PRECISION": "tf32"}, True),
 }
 
 
@@ -343,8 +344,10 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
                       2026-12-05 late: with muon_chunk, not with per-token Muon)
       fast_nosplitk_graphed  ``fast_graphed`` without split-K in the grouped GEMMs (SPLIT_K; on since 2026-12-06,
                       ``fast_splitk_graphed`` before)
-      fast_unfused_graphed  ``fast_graphed`` with the muon_chunk step unfused (FUSED_STEP off: the compiled
-                      step of ~78 kernels a chunk, as shipped before 2026-12-06 late)
+      fast_fused_graphed  ``fast_graphed`` with the muon_chunk step fused into one Triton program per memory row
+                      and direction (FUSED_STEP, kernels/atlas_fused.py; off as shipped: slower)
+      fast_nstf32_graphed  ``fast_graphed`` with Newton-Schulz's products in one TF32 product each (~1e-3
+                      relative, as ``fast_tf32``), to see what the float32-accurate split products cost
 
     On a CPU the fast variants are forced through the dispatch (it never picks them there).
     Rows: fwd / fwd+bwd ms, compile + first-call seconds, ratio to gdn's fwd+bwd."""

@@ -161,6 +161,7 @@ def test_fast_path_with_the_fused_step_in_interpreter():
         from hymba_plus.kernels import atlas, atlas_fused
         from tests.test_atlas import float32_errors, random_problem, with_valid_lengths
         atlas_fused.PRECISION = "tf32x3"
+        atlas.FUSED_STEP = True
         calls = []
         real = atlas_fused.fused_chunk_step
         atlas_fused.fused_chunk_step = lambda *a: calls.append(1) or real(*a)
@@ -194,14 +195,15 @@ def test_fused_step_on_cuda_matches_the_unfused_step():
 
 @pytest.mark.gpu
 def test_fast_path_with_the_fused_step_on_cuda():
-    """The CUDA fast path with the fused step (its default for muon_chunk at depth 2) against the
-    float64 reference, and the fused step having run."""
+    """The CUDA fast path with the fused step (``FUSED_STEP`` on) against the float64 reference, and
+    the fused step having run (not turned off by its first-call check)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     atlas_kernels.fused_error = None
     args, leaves = random_problem(N=3, T=32, C=4, c=3, d=8, p=2, hid=16, depth=2, float32=True)
-    errs = float32_errors(args, leaves, 2, "cuda", dict(compile=True), chunk_size=4, window=3, ns_steps=5,
-                          muon=True, ns_chunk=True, return_state=True, snapshots=(), n_valid=None)
+    with atlas_kernels.settings(FUSED_STEP=True):
+        errs = float32_errors(args, leaves, 2, "cuda", dict(compile=True), chunk_size=4, window=3, ns_steps=5,
+                              muon=True, ns_chunk=True, return_state=True, snapshots=(), n_valid=None)
     print("fused fast path errors:", [f"{e:.2g}" for e in errs])
     assert atlas_kernels.fused_error is None
     assert max(errs[:7]) < 5e-3 and max(errs[7:]) < 5e-2, errs
