@@ -1,5 +1,5 @@
-"""One ATLAS muon_chunk chunk step at the Quad-Hybrid's memory, fused (``kernels/atlas_fused.py``: one
-Triton program per memory row and direction) per launch config, next to the unfused compiled step
+"""One ATLAS muon_chunk chunk step at the Quad-Hybrid's memory, fused (``kernels/atlas_fused.py``: ten
+Triton launches, forward and backward) per launch config, next to the unfused compiled step
 (``kernels/atlas.py`` ``_chunk_step`` as the fast path runs it: bmm32 grouped GEMMs, Triton
 Newton-Schulz, torch.compile), both replayed from CUDA graphs: microseconds per chunk, forward and
 forward+backward (issue 18: is the chunk step's chain cheaper in one program than in ~78 launches?).
@@ -71,7 +71,7 @@ def set_config(cfg: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", nargs="+", default=["32x8", "16x8", "64x8", "32x4", "16x4"],
+    ap.add_argument("--configs", nargs="+", default=["32x4", "64x4", "16x4", "32x8"],
                     help="fused launch configs BLOCK_FxNUM_WARPS[:PRECISION] (PRECISION of _triton.dot_f32; "
                          "default tf32x3_split, float32 accuracy; tf32: one product, ~1e-3, to see what the "
                          "split products cost)")

@@ -1,36 +1,41 @@
-"""ATLAS's muon_chunk chunk step as one Triton program per memory row and direction.
+"""ATLAS's muon_chunk chunk step in ten Triton launches: five forward, five backward.
 
 The chunk step of ``kernels/atlas.py`` (``_chunk_step``: Behrouz et al. 2025, "ATLAS: Learning
 to Optimally Memorize the Context at Test Time", arXiv 2505.23735, the Omega rule of Eq. 9 with
 the Muon inner update; ``inner_optimizer: muon_chunk``, Newton-Schulz once per chunk on the
 chunk's weighted momentum sum) for a memory of depth 2, ``M(x) = P x + W_2 σ(W_1 x)``, written out
-for one memory row (a sequence x head) in one program: forward ``_fused_fwd_kernel``, backward
-``_fused_bwd_kernel`` (reverse mode by hand; no autograd graph inside the step).
+by hand, the backward included (reverse mode by hand; no autograd graph inside the step).
 
-Per chunk and row, with K the chunk's C' = C + c - 1 keys' features (window tail, then the
-chunk) and its C queries' after them, all [., F]:
+Per chunk and memory row (a sequence x head), with K the chunk's C' = C + c - 1 keys' features
+(window tail, then the chunk) and its C queries' after them, all [., F]:
 
 1. the memory MLP on keys and queries at the chunk-start weights, ``z = K W_1ᵀ``, ``h = σ(z)``,
    ``out = h W_2ᵀ + K Pᵀ``; the queries' rows are the chunk's retrieval ``y``;
 2. the per-token gradients' rank-1 factors: ``e = 2 γ (out - v)`` for P (with K) and W_2 (with h),
    ``δ = (e W_2) ⊙ σ'(z)`` for W_1 (with K);
 3. per weight the two mixing rows (the update's weighted sum ``X = Σ_i mix_0,i a_iᵀ b_i + λ_0 S_0``
-   and the new momentum ``Σ_i mix_1,i a_iᵀ b_i + λ_1 S_0``), F-wide ones a tile of 32-64 feature
-   columns at a time, their Gram matrices ``G = X Xᵀ`` accumulated over the tiles;
+   and the new momentum ``Σ_i mix_1,i a_iᵀ b_i + λ_1 S_0``) and the Gram matrix ``G = X Xᵀ``;
 4. Newton-Schulz on ``G / tr G`` (``ns_gram_factor``'s iteration, in registers), scaled by
    ``Σ_t w_t / ||X||_F``;
-5. the new weights ``Π α · W - R X``, the F-wide ones tile by tile again (X recomputed from its
-   factors: a [out, C'] x [C', tile] product, cheaper than keeping it).
+5. the new weights ``Π α · W - R X``.
 
-The backward recomputes 1-3 from the step's inputs (nothing is saved between the directions but
-the inputs), runs Newton-Schulz forward once more keeping its iterates in a per-row scratch
-slice (``_ns_save``) and walks them back (``_ns_back``),
-then the rows' products in reverse, the F-wide ones in two more passes over the tiles.
+The F-wide weights (P [D, F], W_1 [H, F]) are cut into tiles of ``BLOCK_F`` feature columns, a
+program per (row, tile); sums over F (K W_1ᵀ, the Gram matrices, the backward's K gXᵀ) are written
+per tile and added up by the next launch, a program per row (or per row and weight, for
+Newton-Schulz). Forward: (1) the tiles' shares of K W_1ᵀ, K Pᵀ; (2) per row the MLP's rest, y, the
+factors (kept for the backward) and all of W_2's step; (3) per tile the new momenta and the Gram
+shares; (4) per (row, weight) Newton-Schulz; (5) per tile the new weights (X recomputed from its
+factors, cheaper than keeping it). Backward: (1) per tile the shares of -gW_new Xᵀ; (2) per (row,
+weight) Newton-Schulz again keeping its iterates in a scratch slice (``_ns_save``), its reverse mode
+(``_ns_back``), and W_2's step's backward; (3) per tile X's and the old momenta's gradients and the
+shares of the factors' gradients; (4) per row the memory MLP's backward; (5) per tile the gradients
+into P, W_1 and the features. Matmuls at float32 accuracy on tensor cores (``_triton.dot_f32``'s
+"tf32x3_split").
 
-Why: the step's work per row is a chain of ~41 dependent products of 32-64 wide matrices
-(``benchmarks/atlas_step_ops.py --chain``); as separate launches each costs a launch and a
-dependency wait (~13 us a product on an H100, 2026-12-06), in one program it costs its
-arithmetic. Matmuls at float32 accuracy on tensor cores (``_triton.dot_f32``'s "tf32x3_split").
+A first form ran each row's whole step in one program per direction (2 launches a chunk): on an
+H100 (2026-12-06, the Quad-Hybrid's memory, 32 rows) 268 us forward and 1,574 forward+backward a
+chunk against 164 / 587 for the unfused compiled step (~78 launches): each row's ~970 small products
+in turn on 32 of 132 SMs cost more than the launches they save.
 
 Applies (``applies``) to muon_chunk with retrieval in the step, depth 2, a hidden width between
 the head dim and the feature dim, sides <= 64, float32, Triton; elsewhere the step of
@@ -73,31 +78,62 @@ def _meta(P: Tensor, W1: Tensor, V: Tensor, n_q: int, ns_steps: int) -> dict:
     a, b, c = NS_COEFFS
     return dict(D=D, H=W1.shape[-2], FD=Fd, CP=V.shape[1], CQ=n_q, BD=max(16, next_pow2(D)),
                 BH=max(16, next_pow2(W1.shape[-2])), BT=max(16, next_pow2(V.shape[1])), BQ=max(16, next_pow2(n_q)),
-                BF=BLOCK_F, STEPS=ns_steps, a=a, b=b, c=c, PREC=PRECISION)
+                BF=BLOCK_F, NT=-(-Fd // BLOCK_F), STEPS=ns_steps, a=a, b=b, c=c, PREC=PRECISION)
+
+
+def _launch(kernel, grid: tuple[int, ...], meta: dict, *ptrs: Tensor) -> None:  # noqa: ANN001
+    """``kernel[grid](*ptrs, <its constexprs from meta>)``."""
+    kernel[grid](*ptrs, **{k: v for k, v in meta.items() if k in kernel.arg_names}, num_warps=NUM_WARPS)
 
 
 class _FusedStep(torch.autograd.Function):
+    """The chunk step in 5 launches forward (grid: rows x F tiles, or rows, or rows x weights) and 5
+    backward; partial sums over the tiles go through small buffers that the next launch adds up."""
+
     @staticmethod
     def forward(ctx, P, W1, W2, MP, M1, M2, K, V, gam, mix, lam, wu, keep, n_q, ns_steps):  # noqa: ANN001, ANN205
         ins = [t.contiguous() for t in (P, W1, W2, MP, M1, M2, K, V, gam, mix, lam, wu, keep)]
+        P, W1, W2, MP, M1, M2, K, V, gam, mix, lam, wu, keep = ins
         N = P.shape[0]
-        outs = [torch.empty_like(t) for t in ins[:6]] + [P.new_empty(N, n_q, P.shape[-2])]
-        meta = _meta(P, W1, V, n_q, ns_steps)
-        _fused_fwd_kernel[(N,)](*ins, *outs, **meta, num_warps=NUM_WARPS)
-        ctx.save_for_backward(*ins)
-        ctx.meta = meta
-        return tuple(outs)
+        m = _meta(P, W1, V, n_q, ns_steps)
+        BT, BQ, BD, BH, NT = m["BT"], m["BQ"], m["BD"], m["BH"], m["NT"]
+        PN, W1N, W2N, MPN, M1N, M2N = (torch.empty_like(t) for t in ins[:6])
+        Y = P.new_empty(N, n_q, P.shape[-2])
+        SG = BD * BD + BH * BH
+        zp = P.new_empty(N, NT, BT * BH + BQ * BH + BT * BD + BQ * BD)
+        sav = P.new_empty(N, 2 * BT * BH + BQ * BH + 2 * BT * BD)
+        gp, gs, rw = P.new_empty(N, NT, SG), P.new_empty(N, SG), P.new_empty(N, SG)
+        _launch(_f1_mlp, (N, NT), m, K, P, W1, zp)
+        _launch(_f2_row, (N,), m, zp, W2, M2, V, gam, mix, lam, wu, keep, Y, W2N, M2N, sav)
+        _launch(_f3_gram, (N, NT), m, K, MP, M1, mix, lam, sav, MPN, M1N, gp)
+        _launch(_f4_ns, (N, 2), m, gp, wu, gs, rw)
+        _launch(_f5_update, (N, NT), m, K, P, W1, MP, M1, mix, lam, keep, sav, rw, PN, W1N)
+        ctx.save_for_backward(*ins, sav, gs)
+        ctx.meta = m
+        return PN, W1N, W2N, MPN, M1N, M2N, Y
 
     @staticmethod
     def backward(ctx, *grads):  # noqa: ANN001, ANN205
-        ins = ctx.saved_tensors
-        meta = ctx.meta
-        grads = [g.contiguous() for g in grads]
-        dins = [torch.empty_like(t) for t in ins]
-        BD, BH, S = meta["BD"], meta["BH"], meta["STEPS"]
-        ws = ins[0].new_empty(ins[0].shape[0], 4 * S * (2 * BD * BD + BH * BH))
-        _fused_bwd_kernel[(ins[0].shape[0],)](*ins, *grads, *dins, ws, **meta, num_warps=NUM_WARPS)
-        return (*dins, None, None)
+        *ins, sav, gs = ctx.saved_tensors
+        P, W1, W2, MP, M1, M2, K, V, gam, mix, lam, wu, keep = ins
+        GPN, GW1N, GW2N, GMPN, GM1N, GM2N, GY = (g.contiguous() for g in grads)
+        dP, dW1, dW2, dMP, dM1, dM2, dK, dV, dgam, dmix, dlam, dwu, dkeep = (torch.empty_like(t) for t in ins)
+        m = ctx.meta
+        N = P.shape[0]
+        BT, BQ, BD, BH, NT, S = m["BT"], m["BQ"], m["BD"], m["BH"], m["NT"], m["STEPS"]
+        SG = BD * BD + BH * BH
+        grp = P.new_empty(N, NT, SG + 1)
+        nb = P.new_empty(N, 2 * SG + BT * BD + BT * BH + 2 * BT + 6)
+        ws = P.new_empty(N, 3, 4 * S * BH * BH)
+        qp = P.new_empty(N, NT, 2 * BT * BD + 2 * BT * BH + 2)
+        gb = P.new_empty(N, BT * BD + BT * BH + BQ * BH)
+        _launch(_b1_gram_grads, (N, NT), m, K, P, W1, MP, M1, mix, lam, sav, GPN, GW1N, grp)
+        _launch(_b2_ns, (N, 3), m, grp, gs, sav, W2, M2, GW2N, GM2N, mix, lam, wu, ws, nb, dM2)
+        _launch(_b3_tiles, (N, NT), m, K, MP, M1, mix, lam, sav, nb, GPN, GW1N, GMPN, GM1N, dMP, dM1, dK, qp)
+        _launch(_b4_row, (N,), m, qp, grp, nb, sav, W2, GW2N, GY, gam, mix, lam, keep, dW2, dV, dgam, dmix, dlam,
+                dwu, dkeep, gb)
+        _launch(_b5_tiles, (N, NT), m, K, P, W1, GPN, GW1N, keep, gb, GY, dP, dW1, dK)
+        return dP, dW1, dW2, dMP, dM1, dM2, dK, dV, dgam, dmix, dlam, dwu, dkeep, None, None
 
 
 def fused_chunk_step(
@@ -115,7 +151,7 @@ def fused_chunk_step(
 if triton is not None:
     import triton.language as tl
 
-    from ._triton import dot_f32, sigmoid_f32, silu_f32
+    from ._triton import sigmoid_f32, silu_f32
     from .atlas import _mm, _ns_q
 
     @triton.jit
@@ -127,44 +163,6 @@ if triton is not None:
     @triton.jit
     def _st(ptr, r, c, nr, nc, sr, sc, x):
         tl.store(ptr + r[:, None] * sr + c[None, :] * sc, x, mask=(r[:, None] < nr) & (c[None, :] < nc))
-
-    @triton.jit
-    def _mlp(Kb, Pb, W1b, W2b, V, GAM, n, D: tl.constexpr, H: tl.constexpr, FD: tl.constexpr, CP: tl.constexpr,
-             CQ: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr,
-             BF: tl.constexpr, PREC: tl.constexpr):
-        """Steps 1-2 of the module doc: the memory on the keys (rows < CP) and the queries, the
-        gradient factors. Returns z and h of keys / queries, the queries' retrieval, e, e W_2, σ'(z)
-        of the keys, γ, out - v, W_2."""
-        rt = tl.arange(0, BT)
-        rq = tl.arange(0, BQ)
-        rd = tl.arange(0, BD)
-        rh = tl.arange(0, BH)
-        rf = tl.arange(0, BF)
-        z1k = tl.zeros((BT, BH), dtype=tl.float32)
-        z1q = tl.zeros((BQ, BH), dtype=tl.float32)
-        olk = tl.zeros((BT, BD), dtype=tl.float32)
-        olq = tl.zeros((BQ, BD), dtype=tl.float32)
-        for f0 in range(0, FD, BF):
-            cols = f0 + rf
-            kk = _ld(Kb, rt, cols, CP, FD, FD, 1)
-            kq = _ld(Kb + CP * FD, rq, cols, CQ, FD, FD, 1)
-            w1t = _ld(W1b, cols, rh, FD, H, 1, FD)  # [BF, BH]
-            pt = _ld(Pb, cols, rd, FD, D, 1, FD)
-            z1k = dot_f32(kk, w1t, z1k, PREC)
-            z1q = dot_f32(kq, w1t, z1q, PREC)
-            olk = dot_f32(kk, pt, olk, PREC)
-            olq = dot_f32(kq, pt, olq, PREC)
-        w2 = _ld(W2b, rd, rh, D, H, H, 1)
-        h1k = silu_f32(z1k)
-        h1q = silu_f32(z1q)
-        y = _mm(h1q, tl.trans(w2), PREC) + olq
-        diff = _mm(h1k, tl.trans(w2), PREC) + olk - _ld(V + n * CP * D, rt, rd, CP, D, D, 1)
-        gam = tl.load(GAM + n * CP + rt, mask=rt < CP, other=0.0)
-        e = (2.0 * gam)[:, None] * diff
-        g = _mm(e, w2, PREC)
-        sg = sigmoid_f32(z1k)
-        ds = sg * (1.0 + z1k * (1.0 - sg))
-        return z1k, h1k, z1q, h1q, y, e, g, sg, ds, gam, diff, w2
 
     @triton.jit
     def _ns_save(A, ws, tile, M: tl.constexpr, STEPS: tl.constexpr, a: tl.constexpr, b: tl.constexpr,
@@ -246,200 +244,408 @@ if triton is not None:
         gG = gA * inv - (ginv * inv * inv) * real  # d(1 / (tr G + eps)) = -inv² d tr G
         return R * s, gG + tl.trans(gG), gs * sq
 
-    @triton.jit
-    def _fused_fwd_kernel(P, W1, W2, MP, M1, M2, K, V, GAM, MIX, LAM, WU, KEEP,
-                          PN, W1N, W2N, MPN, M1N, M2N, Y,
-                          D: tl.constexpr, H: tl.constexpr, FD: tl.constexpr, CP: tl.constexpr, CQ: tl.constexpr,
-                          BD: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr,
-                          BF: tl.constexpr, STEPS: tl.constexpr, a: tl.constexpr, b: tl.constexpr,
-                          c: tl.constexpr, PREC: tl.constexpr):
-        n = tl.program_id(0).to(tl.int64)
-        rt = tl.arange(0, BT)
-        rq = tl.arange(0, BQ)
-        rd = tl.arange(0, BD)
-        rh = tl.arange(0, BH)
-        rf = tl.arange(0, BF)
-        Kb = K + n * (CP + CQ) * FD
-        oP, o1, o2 = n * D * FD, n * H * FD, n * D * H
-        z1k, h1k, z1q, h1q, y, e, g, sg, ds, gam, diff, w2 = _mlp(Kb, P + oP, W1 + o1, W2 + o2, V, GAM, n, D, H, FD,
-                                                                 CP, CQ, BD, BH, BT, BQ, BF, PREC)
-        _st(Y + n * CQ * D, rq, rd, CQ, D, D, 1, y)
-        d1 = g * ds
-        m0 = tl.load(MIX + n * 2 * CP + rt, mask=rt < CP, other=0.0)
-        m1 = tl.load(MIX + n * 2 * CP + CP + rt, mask=rt < CP, other=0.0)
-        lam0 = tl.load(LAM + 2 * n)
-        lam1 = tl.load(LAM + 2 * n + 1)
-        wu = tl.load(WU + n)
-        keep = tl.load(KEEP + n)
-        eT0 = tl.trans(e * m0[:, None])  # [BD, BT]
-        eT1 = tl.trans(e * m1[:, None])
-        dT0 = tl.trans(d1 * m0[:, None])  # [BH, BT]
-        dT1 = tl.trans(d1 * m1[:, None])
-        # W_2 [D, H], factors (e, h): in registers
-        mw2 = _ld(M2 + o2, rd, rh, D, H, H, 1)
-        x2 = _mm(eT0, h1k, PREC) + lam0 * mw2
-        _st(M2N + o2, rd, rh, D, H, H, 1, _mm(eT1, h1k, PREC) + lam1 * mw2)
-        rw2 = _ns_scaled(_mm(x2, tl.trans(x2), PREC), wu, BD, STEPS, a, b, c, PREC)
-        _st(W2N + o2, rd, rh, D, H, H, 1, keep * w2 - _mm(rw2, x2, PREC))
-        # P [D, F] (factors e, K) and W_1 [H, F] (factors δ, K): Gram matrices and new momenta by tiles
-        gp = tl.zeros((BD, BD), dtype=tl.float32)
-        g1 = tl.zeros((BH, BH), dtype=tl.float32)
-        for f0 in range(0, FD, BF):
-            cols = f0 + rf
-            kk = _ld(Kb, rt, cols, CP, FD, FD, 1)
-            mp = _ld(MP + oP, rd, cols, D, FD, FD, 1)
-            m1t = _ld(M1 + o1, rh, cols, H, FD, FD, 1)
-            xp = _mm(eT0, kk, PREC) + lam0 * mp
-            gp = dot_f32(xp, tl.trans(xp), gp, PREC)
-            _st(MPN + oP, rd, cols, D, FD, FD, 1, _mm(eT1, kk, PREC) + lam1 * mp)
-            x1 = _mm(dT0, kk, PREC) + lam0 * m1t
-            g1 = dot_f32(x1, tl.trans(x1), g1, PREC)
-            _st(M1N + o1, rh, cols, H, FD, FD, 1, _mm(dT1, kk, PREC) + lam1 * m1t)
-        rwp = _ns_scaled(gp, wu, BD, STEPS, a, b, c, PREC)
-        rw1 = _ns_scaled(g1, wu, BH, STEPS, a, b, c, PREC)
-        for f0 in range(0, FD, BF):  # the updates, X recomputed from its factors
-            cols = f0 + rf
-            kk = _ld(Kb, rt, cols, CP, FD, FD, 1)
-            xp = _mm(eT0, kk, PREC) + lam0 * _ld(MP + oP, rd, cols, D, FD, FD, 1)
-            x1 = _mm(dT0, kk, PREC) + lam0 * _ld(M1 + o1, rh, cols, H, FD, FD, 1)
-            _st(PN + oP, rd, cols, D, FD, FD, 1, keep * _ld(P + oP, rd, cols, D, FD, FD, 1) - _mm(rwp, xp, PREC))
-            _st(W1N + o1, rh, cols, H, FD, FD, 1, keep * _ld(W1 + o1, rh, cols, H, FD, FD, 1) - _mm(rw1, x1, PREC))
+
+    # ------------------------------------------------------------------ layout of the work buffers
+    # Per memory row, dense zero-padded blocks (BT x BH etc.); per (row, F tile) partial sums that the
+    # next per-row kernel adds up. SAV (forward -> backward): z of the keys, z of the queries, e, δ,
+    # out - v. G (forward -> backward): the Gram matrices of P and W_1.
 
     @triton.jit
-    def _fused_bwd_kernel(P, W1, W2, MP, M1, M2, K, V, GAM, MIX, LAM, WU, KEEP,
-                          GPN, GW1N, GW2N, GMPN, GM1N, GM2N, GY,
-                          DP, DW1, DW2, DMP, DM1, DM2, DK, DV, DGAM, DMIX, DLAM, DWU, DKEEP, WS,
-                          D: tl.constexpr, H: tl.constexpr, FD: tl.constexpr, CP: tl.constexpr, CQ: tl.constexpr,
-                          BD: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr,
-                          BF: tl.constexpr, STEPS: tl.constexpr, a: tl.constexpr, b: tl.constexpr,
-                          c: tl.constexpr, PREC: tl.constexpr):
-        n = tl.program_id(0).to(tl.int64)
+    def _blk(ptr, R: tl.constexpr, C: tl.constexpr):
+        r = tl.arange(0, R)
+        c = tl.arange(0, C)
+        return tl.load(ptr + r[:, None] * C + c[None, :])
+
+    @triton.jit
+    def _sblk(ptr, R: tl.constexpr, C: tl.constexpr, x):
+        r = tl.arange(0, R)
+        c = tl.arange(0, C)
+        tl.store(ptr + r[:, None] * C + c[None, :], x)
+
+    @triton.jit
+    def _sum_tiles(ptr, stride, NT: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
+        """Σ over the NT tiles' partial [R, C] blocks at ptr + j * stride."""
+        acc = tl.zeros((R, C), dtype=tl.float32)
+        for j in range(NT):
+            acc += _blk(ptr + j * stride, R, C)
+        return acc
+
+    @triton.jit
+    def _gates(MIX, LAM, n, CP: tl.constexpr, BT: tl.constexpr):
+        """The row's two mixing rows and their λ (muon_chunk: row 0 the update's sum, row 1 the new momentum)."""
         rt = tl.arange(0, BT)
-        rq = tl.arange(0, BQ)
-        rd = tl.arange(0, BD)
-        rh = tl.arange(0, BH)
-        rf = tl.arange(0, BF)
-        Kb = K + n * (CP + CQ) * FD
-        DKb = DK + n * (CP + CQ) * FD
-        oP, o1, o2 = n * D * FD, n * H * FD, n * D * H
-        z1k, h1k, z1q, h1q, y, e, g, sg, ds, gam, diff, w2 = _mlp(Kb, P + oP, W1 + o1, W2 + o2, V, GAM, n, D, H, FD,
-                                                                 CP, CQ, BD, BH, BT, BQ, BF, PREC)
-        d1 = g * ds
         m0 = tl.load(MIX + n * 2 * CP + rt, mask=rt < CP, other=0.0)
         m1 = tl.load(MIX + n * 2 * CP + CP + rt, mask=rt < CP, other=0.0)
-        lam0 = tl.load(LAM + 2 * n)
-        lam1 = tl.load(LAM + 2 * n + 1)
+        return m0, m1, tl.load(LAM + 2 * n), tl.load(LAM + 2 * n + 1)
+
+    @triton.jit
+    def _sav_offsets(BT: tl.constexpr, BQ: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr):
+        o_z1q = BT * BH
+        o_e = o_z1q + BQ * BH
+        o_d1 = o_e + BT * BD
+        o_diff = o_d1 + BT * BH
+        return o_z1q, o_e, o_d1, o_diff, o_diff + BT * BD
+
+    @triton.jit
+    def _tile_x(Kb, MPb, M1b, e, d1, m0, lam0, cols, D: tl.constexpr, H: tl.constexpr, FD: tl.constexpr,
+                CP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr):
+        """One F tile of X for P and W_1 (step 3: the update's momentum sum, X = (a m_0)ᵀ K + λ_0 S_0), with
+        the keys' tile and the old momenta's."""
+        rt = tl.arange(0, BT)
+        kk = _ld(Kb, rt, cols, CP, FD, FD, 1)
+        mp = _ld(MPb, tl.arange(0, BD), cols, D, FD, FD, 1)
+        m1t = _ld(M1b, tl.arange(0, BH), cols, H, FD, FD, 1)
+        xp = _mm(tl.trans(e * m0[:, None]), kk, PREC) + lam0 * mp
+        x1 = _mm(tl.trans(d1 * m0[:, None]), kk, PREC) + lam0 * m1t
+        return kk, mp, m1t, xp, x1
+
+    @triton.jit
+    def _f1_mlp(K, P, W1, ZP, D: tl.constexpr, H: tl.constexpr, FD: tl.constexpr, CP: tl.constexpr,
+                CQ: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr,
+                BF: tl.constexpr, NT: tl.constexpr, PREC: tl.constexpr):
+        """Forward 1, a program per (row, F tile): the tile's share of K W_1ᵀ and K Pᵀ, keys and queries."""
+        n = tl.program_id(0).to(tl.int64)
+        j = tl.program_id(1)
+        rt, rq, rd, rh = tl.arange(0, BT), tl.arange(0, BQ), tl.arange(0, BD), tl.arange(0, BH)
+        cols = j * BF + tl.arange(0, BF)
+        Kb = K + n * (CP + CQ) * FD
+        kk = _ld(Kb, rt, cols, CP, FD, FD, 1)
+        kq = _ld(Kb + CP * FD, rq, cols, CQ, FD, FD, 1)
+        w1t = _ld(W1 + n * H * FD, cols, rh, FD, H, 1, FD)  # [BF, BH]
+        pt = _ld(P + n * D * FD, cols, rd, FD, D, 1, FD)
+        zb = ZP + (n * NT + j) * (BT * BH + BQ * BH + BT * BD + BQ * BD)
+        _sblk(zb, BT, BH, _mm(kk, w1t, PREC))
+        _sblk(zb + BT * BH, BQ, BH, _mm(kq, w1t, PREC))
+        _sblk(zb + BT * BH + BQ * BH, BT, BD, _mm(kk, pt, PREC))
+        _sblk(zb + BT * BH + BQ * BH + BT * BD, BQ, BD, _mm(kq, pt, PREC))
+
+    @triton.jit
+    def _f2_row(ZP, W2, M2, V, GAM, MIX, LAM, WU, KEEP, Y, W2N, M2N, SAV, D: tl.constexpr, H: tl.constexpr,
+                CP: tl.constexpr, CQ: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr,
+                BQ: tl.constexpr, NT: tl.constexpr, STEPS: tl.constexpr, a: tl.constexpr, b: tl.constexpr,
+                c: tl.constexpr, PREC: tl.constexpr):
+        """Forward 2, a program per row: the memory MLP's rest (steps 1-2), the retrieval, the gradient
+        factors (kept in SAV), and all of W_2's step (its momenta, Gram matrix, Newton-Schulz, update)."""
+        n = tl.program_id(0).to(tl.int64)
+        rt, rq, rd, rh = tl.arange(0, BT), tl.arange(0, BQ), tl.arange(0, BD), tl.arange(0, BH)
+        S1: tl.constexpr = BT * BH + BQ * BH + BT * BD + BQ * BD
+        zb = ZP + n * NT * S1
+        z1k = _sum_tiles(zb, S1, NT, BT, BH)
+        z1q = _sum_tiles(zb + BT * BH, S1, NT, BQ, BH)
+        olk = _sum_tiles(zb + BT * BH + BQ * BH, S1, NT, BT, BD)
+        olq = _sum_tiles(zb + BT * BH + BQ * BH + BT * BD, S1, NT, BQ, BD)
+        w2 = _ld(W2 + n * D * H, rd, rh, D, H, H, 1)
+        h1k = silu_f32(z1k)
+        _st(Y + n * CQ * D, rq, rd, CQ, D, D, 1, _mm(silu_f32(z1q), tl.trans(w2), PREC) + olq)
+        diff = _mm(h1k, tl.trans(w2), PREC) + olk - _ld(V + n * CP * D, rt, rd, CP, D, D, 1)
+        gam = tl.load(GAM + n * CP + rt, mask=rt < CP, other=0.0)
+        e = (2.0 * gam)[:, None] * diff
+        sg = sigmoid_f32(z1k)
+        d1 = _mm(e, w2, PREC) * (sg * (1.0 + z1k * (1.0 - sg)))
+        o_z1q, o_e, o_d1, o_diff, S2 = _sav_offsets(BT, BQ, BD, BH)
+        sb = SAV + n * S2
+        _sblk(sb, BT, BH, z1k)
+        _sblk(sb + o_z1q, BQ, BH, z1q)
+        _sblk(sb + o_e, BT, BD, e)
+        _sblk(sb + o_d1, BT, BH, d1)
+        _sblk(sb + o_diff, BT, BD, diff)
+        m0, m1, lam0, lam1 = _gates(MIX, LAM, n, CP, BT)
+        mw2 = _ld(M2 + n * D * H, rd, rh, D, H, H, 1)
+        x2 = _mm(tl.trans(e * m0[:, None]), h1k, PREC) + lam0 * mw2
+        _st(M2N + n * D * H, rd, rh, D, H, H, 1, _mm(tl.trans(e * m1[:, None]), h1k, PREC) + lam1 * mw2)
+        rw2 = _ns_scaled(_mm(x2, tl.trans(x2), PREC), tl.load(WU + n), BD, STEPS, a, b, c, PREC)
+        _st(W2N + n * D * H, rd, rh, D, H, H, 1, tl.load(KEEP + n) * w2 - _mm(rw2, x2, PREC))
+
+    @triton.jit
+    def _f3_gram(K, MP, M1, MIX, LAM, SAV, MPN, M1N, GP, D: tl.constexpr, H: tl.constexpr, FD: tl.constexpr,
+                 CP: tl.constexpr, CQ: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr,
+                 BQ: tl.constexpr, BF: tl.constexpr, NT: tl.constexpr, PREC: tl.constexpr):
+        """Forward 3, a program per (row, F tile): P's and W_1's new momenta on the tile and its share of
+        their Gram matrices X Xᵀ."""
+        n = tl.program_id(0).to(tl.int64)
+        j = tl.program_id(1)
+        rd, rh = tl.arange(0, BD), tl.arange(0, BH)
+        cols = j * BF + tl.arange(0, BF)
+        o_z1q, o_e, o_d1, o_diff, S2 = _sav_offsets(BT, BQ, BD, BH)
+        e = _blk(SAV + n * S2 + o_e, BT, BD)
+        d1 = _blk(SAV + n * S2 + o_d1, BT, BH)
+        m0, m1, lam0, lam1 = _gates(MIX, LAM, n, CP, BT)
+        oP, o1 = n * D * FD, n * H * FD
+        kk, mp, m1t, xp, x1 = _tile_x(K + n * (CP + CQ) * FD, MP + oP, M1 + o1, e, d1, m0, lam0, cols, D, H, FD,
+                                      CP, BT, BD, BH, PREC)
+        _st(MPN + oP, rd, cols, D, FD, FD, 1, _mm(tl.trans(e * m1[:, None]), kk, PREC) + lam1 * mp)
+        _st(M1N + o1, rh, cols, H, FD, FD, 1, _mm(tl.trans(d1 * m1[:, None]), kk, PREC) + lam1 * m1t)
+        gb = GP + (n * NT + j) * (BD * BD + BH * BH)
+        _sblk(gb, BD, BD, _mm(xp, tl.trans(xp), PREC))
+        _sblk(gb + BD * BD, BH, BH, _mm(x1, tl.trans(x1), PREC))
+
+    @triton.jit
+    def _f4_ns(GP, WU, GS, RW, BD: tl.constexpr, BH: tl.constexpr, NT: tl.constexpr, STEPS: tl.constexpr,
+               a: tl.constexpr, b: tl.constexpr, c: tl.constexpr, PREC: tl.constexpr):
+        """Forward 4, a program per (row, weight P / W_1): the Gram matrix summed over the tiles (kept in
+        GS for the backward) and its scaled Newton-Schulz factor (to RW)."""
+        n = tl.program_id(0).to(tl.int64)
+        SG: tl.constexpr = BD * BD + BH * BH
         wu = tl.load(WU + n)
+        if tl.program_id(1) == 0:  # (a branch's values are its own: Triton types a name alike in both)
+            Gp = _sum_tiles(GP + n * NT * SG, SG, NT, BD, BD)
+            _sblk(GS + n * SG, BD, BD, Gp)
+            _sblk(RW + n * SG, BD, BD, _ns_scaled(Gp, wu, BD, STEPS, a, b, c, PREC))
+        else:
+            G1 = _sum_tiles(GP + n * NT * SG + BD * BD, SG, NT, BH, BH)
+            _sblk(GS + n * SG + BD * BD, BH, BH, G1)
+            _sblk(RW + n * SG + BD * BD, BH, BH, _ns_scaled(G1, wu, BH, STEPS, a, b, c, PREC))
+
+    @triton.jit
+    def _f5_update(K, P, W1, MP, M1, MIX, LAM, KEEP, SAV, RW, PN, W1N, D: tl.constexpr, H: tl.constexpr,
+                   FD: tl.constexpr, CP: tl.constexpr, CQ: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+                   BT: tl.constexpr, BQ: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr):
+        """Forward 5, a program per (row, F tile): the new P and W_1 on the tile, Π α W - R X (X again from
+        its factors)."""
+        n = tl.program_id(0).to(tl.int64)
+        j = tl.program_id(1)
+        rd, rh = tl.arange(0, BD), tl.arange(0, BH)
+        cols = j * BF + tl.arange(0, BF)
+        o_z1q, o_e, o_d1, o_diff, S2 = _sav_offsets(BT, BQ, BD, BH)
+        m0, m1, lam0, lam1 = _gates(MIX, LAM, n, CP, BT)
+        oP, o1 = n * D * FD, n * H * FD
+        kk, mp, m1t, xp, x1 = _tile_x(K + n * (CP + CQ) * FD, MP + oP, M1 + o1, _blk(SAV + n * S2 + o_e, BT, BD),
+                                      _blk(SAV + n * S2 + o_d1, BT, BH), m0, lam0, cols, D, H, FD, CP, BT, BD, BH,
+                                      PREC)
         keep = tl.load(KEEP + n)
-        ea0 = e * m0[:, None]
-        ea1 = e * m1[:, None]
-        da0 = d1 * m0[:, None]
-        da1 = d1 * m1[:, None]
-        mw2 = _ld(M2 + o2, rd, rh, D, H, H, 1)
-        x2 = _mm(tl.trans(ea0), h1k, PREC) + lam0 * mw2
-        gw2n = _ld(GW2N + o2, rd, rh, D, H, H, 1)
-        gs2 = _ld(GM2N + o2, rd, rh, D, H, H, 1)
-        # the Gram matrices again and the gradients of the scaled Newton-Schulz factors, Σ gU Xᵀ
-        gp = tl.zeros((BD, BD), dtype=tl.float32)
-        g1 = tl.zeros((BH, BH), dtype=tl.float32)
-        grp = tl.zeros((BD, BD), dtype=tl.float32)
-        gr1 = tl.zeros((BH, BH), dtype=tl.float32)
-        gkeep = tl.sum(gw2n * w2)
-        for f0 in range(0, FD, BF):
-            cols = f0 + rf
-            kk = _ld(Kb, rt, cols, CP, FD, FD, 1)
-            xp = _mm(tl.trans(ea0), kk, PREC) + lam0 * _ld(MP + oP, rd, cols, D, FD, FD, 1)
-            x1 = _mm(tl.trans(da0), kk, PREC) + lam0 * _ld(M1 + o1, rh, cols, H, FD, FD, 1)
-            gpn = _ld(GPN + oP, rd, cols, D, FD, FD, 1)
-            gw1n = _ld(GW1N + o1, rh, cols, H, FD, FD, 1)
-            gp = dot_f32(xp, tl.trans(xp), gp, PREC)
-            g1 = dot_f32(x1, tl.trans(x1), g1, PREC)
-            grp = dot_f32(-gpn, tl.trans(xp), grp, PREC)
-            gr1 = dot_f32(-gw1n, tl.trans(x1), gr1, PREC)
-            gkeep += tl.sum(gpn * _ld(P + oP, rd, cols, D, FD, FD, 1)) + tl.sum(gw1n * _ld(W1 + o1, rh, cols, H, FD,
-                                                                                           FD, 1))
-        wsb = WS + n * (4 * STEPS * (2 * BD * BD + BH * BH))
-        rwp, ggp, gwu = _ns_scaled_bwd(gp, grp, wu, wsb, D, BD, STEPS, a, b, c, PREC)
-        rw1, gg1, gwu1 = _ns_scaled_bwd(g1, gr1, wu, wsb + 4 * STEPS * BD * BD, H, BH, STEPS, a, b, c, PREC)
-        rw2, gg2, gwu2 = _ns_scaled_bwd(_mm(x2, tl.trans(x2), PREC), _mm(-gw2n, tl.trans(x2), PREC), wu,
-                                        wsb + 4 * STEPS * (BD * BD + BH * BH), D, BD, STEPS, a, b, c, PREC)
-        gwu += gwu1 + gwu2
-        # W_2: X's gradient, the momentum's, the factors' (a = e, b = h)
-        gx2 = _mm(tl.trans(rw2), -gw2n, PREC) + _mm(gg2, x2, PREC)
-        _st(DM2 + o2, rd, rh, D, H, H, 1, lam0 * gx2 + lam1 * gs2)
-        glam0 = tl.sum(gx2 * mw2)
-        glam1 = tl.sum(gs2 * mw2)
-        q0 = _mm(h1k, tl.trans(gx2), PREC)  # [BT, BD]
-        q1 = _mm(h1k, tl.trans(gs2), PREC)
-        gmix0 = tl.sum(e * q0, 1)
-        gmix1 = tl.sum(e * q1, 1)
-        ge = m0[:, None] * q0 + m1[:, None] * q1
-        gh1k = _mm(ea0, gx2, PREC) + _mm(ea1, gs2, PREC)
-        # P and W_1 by tiles: X's gradient, the momenta's, the factors' (a = e / δ, b = the keys)
-        qp0 = tl.zeros((BT, BD), dtype=tl.float32)
-        qp1 = tl.zeros((BT, BD), dtype=tl.float32)
-        q10 = tl.zeros((BT, BH), dtype=tl.float32)
-        q11 = tl.zeros((BT, BH), dtype=tl.float32)
-        for f0 in range(0, FD, BF):
-            cols = f0 + rf
-            kk = _ld(Kb, rt, cols, CP, FD, FD, 1)
-            mp = _ld(MP + oP, rd, cols, D, FD, FD, 1)
-            m1t = _ld(M1 + o1, rh, cols, H, FD, FD, 1)
-            gsp = _ld(GMPN + oP, rd, cols, D, FD, FD, 1)
-            gs1 = _ld(GM1N + o1, rh, cols, H, FD, FD, 1)
-            xp = _mm(tl.trans(ea0), kk, PREC) + lam0 * mp
-            x1 = _mm(tl.trans(da0), kk, PREC) + lam0 * m1t
-            gxp = _mm(tl.trans(rwp), -_ld(GPN + oP, rd, cols, D, FD, FD, 1), PREC) + _mm(ggp, xp, PREC)
-            gx1 = _mm(tl.trans(rw1), -_ld(GW1N + o1, rh, cols, H, FD, FD, 1), PREC) + _mm(gg1, x1, PREC)
-            _st(DMP + oP, rd, cols, D, FD, FD, 1, lam0 * gxp + lam1 * gsp)
-            _st(DM1 + o1, rh, cols, H, FD, FD, 1, lam0 * gx1 + lam1 * gs1)
-            glam0 += tl.sum(gxp * mp) + tl.sum(gx1 * m1t)
-            glam1 += tl.sum(gsp * mp) + tl.sum(gs1 * m1t)
-            qp0 = dot_f32(kk, tl.trans(gxp), qp0, PREC)
-            qp1 = dot_f32(kk, tl.trans(gsp), qp1, PREC)
-            q10 = dot_f32(kk, tl.trans(gx1), q10, PREC)
-            q11 = dot_f32(kk, tl.trans(gs1), q11, PREC)
-            gkk = _mm(ea0, gxp, PREC) + _mm(ea1, gsp, PREC) + _mm(da0, gx1, PREC) + _mm(da1, gs1, PREC)
-            _st(DKb, rt, cols, CP, FD, FD, 1, gkk)
-        ge += m0[:, None] * qp0 + m1[:, None] * qp1
-        gmix0 += tl.sum(e * qp0, 1) + tl.sum(d1 * q10, 1)
-        gmix1 += tl.sum(e * qp1, 1) + tl.sum(d1 * q11, 1)
+        rb = RW + n * (BD * BD + BH * BH)
+        _st(PN + oP, rd, cols, D, FD, FD, 1,
+            keep * _ld(P + oP, rd, cols, D, FD, FD, 1) - _mm(_blk(rb, BD, BD), xp, PREC))
+        _st(W1N + o1, rh, cols, H, FD, FD, 1,
+            keep * _ld(W1 + o1, rh, cols, H, FD, FD, 1) - _mm(_blk(rb + BD * BD, BH, BH), x1, PREC))
+
+    @triton.jit
+    def _nb_offsets(BT: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr):
+        """Offsets in a row's slice of NB (backward 2 -> 3, 4): R w / ||X|| of P and W_1, their Gram
+        gradients (symmetrised), then W_2's shares of the gradients of e, h, mix, λ, w and Π α."""
+        SG: tl.constexpr = BD * BD + BH * BH
+        o_ge2 = 2 * SG
+        o_gh1 = o_ge2 + BT * BD
+        o_gmix = o_gh1 + BT * BH
+        o_glam = o_gmix + 2 * BT
+        o_gwu = o_glam + 2
+        return SG, o_ge2, o_gh1, o_gmix, o_glam, o_gwu, o_gwu + 4
+
+    @triton.jit
+    def _b1_gram_grads(K, P, W1, MP, M1, MIX, LAM, SAV, GPN, GW1N, GRP, D: tl.constexpr, H: tl.constexpr,
+                       FD: tl.constexpr, CP: tl.constexpr, CQ: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+                       BT: tl.constexpr, BQ: tl.constexpr, BF: tl.constexpr, NT: tl.constexpr, PREC: tl.constexpr):
+        """Backward 1, a program per (row, F tile): the tile's share of the gradient of P's and W_1's
+        scaled Newton-Schulz factors, -gW_new Xᵀ, and of Π α's, Σ gW_new ⊙ W."""
+        n = tl.program_id(0).to(tl.int64)
+        j = tl.program_id(1)
+        rd, rh = tl.arange(0, BD), tl.arange(0, BH)
+        cols = j * BF + tl.arange(0, BF)
+        o_z1q, o_e, o_d1, o_diff, S2 = _sav_offsets(BT, BQ, BD, BH)
+        m0, m1, lam0, lam1 = _gates(MIX, LAM, n, CP, BT)
+        oP, o1 = n * D * FD, n * H * FD
+        kk, mp, m1t, xp, x1 = _tile_x(K + n * (CP + CQ) * FD, MP + oP, M1 + o1, _blk(SAV + n * S2 + o_e, BT, BD),
+                                      _blk(SAV + n * S2 + o_d1, BT, BH), m0, lam0, cols, D, H, FD, CP, BT, BD, BH,
+                                      PREC)
+        gpn = _ld(GPN + oP, rd, cols, D, FD, FD, 1)
+        gw1n = _ld(GW1N + o1, rh, cols, H, FD, FD, 1)
+        SG: tl.constexpr = BD * BD + BH * BH
+        gb = GRP + (n * NT + j) * (SG + 1)
+        _sblk(gb, BD, BD, _mm(-gpn, tl.trans(xp), PREC))
+        _sblk(gb + BD * BD, BH, BH, _mm(-gw1n, tl.trans(x1), PREC))
+        tl.store(gb + SG, tl.sum(gpn * _ld(P + oP, rd, cols, D, FD, FD, 1))
+                 + tl.sum(gw1n * _ld(W1 + o1, rh, cols, H, FD, FD, 1)))
+
+    @triton.jit
+    def _b2_ns(GRP, GS, SAV, W2, M2, GW2N, GM2N, MIX, LAM, WU, WS, NB, DM2, D: tl.constexpr, H: tl.constexpr,
+               CP: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr,
+               NT: tl.constexpr, STEPS: tl.constexpr, a: tl.constexpr, b: tl.constexpr, c: tl.constexpr,
+               PREC: tl.constexpr):
+        """Backward 2, a program per (row, weight): Newton-Schulz forward again and its reverse mode for P
+        and W_1 (their factors' gradients summed over the tiles); for W_2 its whole step's backward but
+        for the memory MLP (its shares of the gradients of e, h, mix, λ, w, Π α go to NB)."""
+        n = tl.program_id(0).to(tl.int64)
+        w = tl.program_id(1)
+        SG, o_ge2, o_gh1, o_gmix, o_glam, o_gwu, SNB = _nb_offsets(BT, BD, BH)
+        nb = NB + n * SNB
+        wu = tl.load(WU + n)
+        ws = WS + (n * 3 + w) * (4 * STEPS * BH * BH)
+        if w == 0:  # (each branch's names its own: Triton types a name alike in all branches)
+            rwp, ggp, gwup = _ns_scaled_bwd(_blk(GS + n * SG, BD, BD),
+                                            _sum_tiles(GRP + n * NT * (SG + 1), SG + 1, NT, BD, BD),
+                                            wu, ws, D, BD, STEPS, a, b, c, PREC)
+            _sblk(nb, BD, BD, rwp)
+            _sblk(nb + SG, BD, BD, ggp)
+            tl.store(nb + o_gwu, gwup)
+        elif w == 1:
+            rw1, gg1, gwu1 = _ns_scaled_bwd(_blk(GS + n * SG + BD * BD, BH, BH),
+                                            _sum_tiles(GRP + n * NT * (SG + 1) + BD * BD, SG + 1, NT, BH, BH),
+                                            wu, ws, H, BH, STEPS, a, b, c, PREC)
+            _sblk(nb + BD * BD, BH, BH, rw1)
+            _sblk(nb + SG + BD * BD, BH, BH, gg1)
+            tl.store(nb + o_gwu + 1, gwu1)
+        else:
+            rd, rh = tl.arange(0, BD), tl.arange(0, BH)
+            o_z1q, o_e, o_d1, o_diff, S2 = _sav_offsets(BT, BQ, BD, BH)
+            e = _blk(SAV + n * S2 + o_e, BT, BD)
+            h1k = silu_f32(_blk(SAV + n * S2, BT, BH))
+            m0, m1, lam0, lam1 = _gates(MIX, LAM, n, CP, BT)
+            o2 = n * D * H
+            w2 = _ld(W2 + o2, rd, rh, D, H, H, 1)
+            mw2 = _ld(M2 + o2, rd, rh, D, H, H, 1)
+            gw2n = _ld(GW2N + o2, rd, rh, D, H, H, 1)
+            gs2 = _ld(GM2N + o2, rd, rh, D, H, H, 1)
+            ea0 = e * m0[:, None]
+            ea1 = e * m1[:, None]
+            x2 = _mm(tl.trans(ea0), h1k, PREC) + lam0 * mw2
+            rw2, gg2, gwu = _ns_scaled_bwd(_mm(x2, tl.trans(x2), PREC), _mm(-gw2n, tl.trans(x2), PREC), wu, ws, D,
+                                           BD, STEPS, a, b, c, PREC)
+            gx2 = _mm(tl.trans(rw2), -gw2n, PREC) + _mm(gg2, x2, PREC)
+            _st(DM2 + o2, rd, rh, D, H, H, 1, lam0 * gx2 + lam1 * gs2)
+            q0 = _mm(h1k, tl.trans(gx2), PREC)  # [BT, BD]
+            q1 = _mm(h1k, tl.trans(gs2), PREC)
+            rt = tl.arange(0, BT)
+            _sblk(nb + o_ge2, BT, BD, m0[:, None] * q0 + m1[:, None] * q1)
+            _sblk(nb + o_gh1, BT, BH, _mm(ea0, gx2, PREC) + _mm(ea1, gs2, PREC))
+            tl.store(nb + o_gmix + rt, tl.sum(e * q0, 1))
+            tl.store(nb + o_gmix + BT + rt, tl.sum(e * q1, 1))
+            tl.store(nb + o_glam, tl.sum(gx2 * mw2))
+            tl.store(nb + o_glam + 1, tl.sum(gs2 * mw2))
+            tl.store(nb + o_gwu + 2, gwu)
+            tl.store(nb + o_gwu + 3, tl.sum(gw2n * w2))
+
+    @triton.jit
+    def _b3_tiles(K, MP, M1, MIX, LAM, SAV, NB, GPN, GW1N, GMPN, GM1N, DMP, DM1, DK, QP, D: tl.constexpr,
+                  H: tl.constexpr, FD: tl.constexpr, CP: tl.constexpr, CQ: tl.constexpr, BD: tl.constexpr,
+                  BH: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, BF: tl.constexpr, NT: tl.constexpr,
+                  PREC: tl.constexpr):
+        """Backward 3, a program per (row, F tile): X's gradient for P and W_1 on the tile (through Newton-Schulz
+        and the Gram matrix), the old momenta's, the keys' share through the momenta (to DK, completed by
+        backward 5), and the tile's share of the factors' gradients K gXᵀ and of λ's (to QP)."""
+        n = tl.program_id(0).to(tl.int64)
+        j = tl.program_id(1)
+        rt, rd, rh = tl.arange(0, BT), tl.arange(0, BD), tl.arange(0, BH)
+        cols = j * BF + tl.arange(0, BF)
+        o_z1q, o_e, o_d1, o_diff, S2 = _sav_offsets(BT, BQ, BD, BH)
+        SG, o_ge2, o_gh1, o_gmix, o_glam, o_gwu, SNB = _nb_offsets(BT, BD, BH)
+        e = _blk(SAV + n * S2 + o_e, BT, BD)
+        d1 = _blk(SAV + n * S2 + o_d1, BT, BH)
+        m0, m1, lam0, lam1 = _gates(MIX, LAM, n, CP, BT)
+        oP, o1 = n * D * FD, n * H * FD
+        Kb = K + n * (CP + CQ) * FD
+        kk, mp, m1t, xp, x1 = _tile_x(Kb, MP + oP, M1 + o1, e, d1, m0, lam0, cols, D, H, FD, CP, BT, BD, BH, PREC)
+        nb = NB + n * SNB
+        gsp = _ld(GMPN + oP, rd, cols, D, FD, FD, 1)
+        gs1 = _ld(GM1N + o1, rh, cols, H, FD, FD, 1)
+        gxp = (_mm(tl.trans(_blk(nb, BD, BD)), -_ld(GPN + oP, rd, cols, D, FD, FD, 1), PREC)
+               + _mm(_blk(nb + SG, BD, BD), xp, PREC))
+        gx1 = (_mm(tl.trans(_blk(nb + BD * BD, BH, BH)), -_ld(GW1N + o1, rh, cols, H, FD, FD, 1), PREC)
+               + _mm(_blk(nb + SG + BD * BD, BH, BH), x1, PREC))
+        _st(DMP + oP, rd, cols, D, FD, FD, 1, lam0 * gxp + lam1 * gsp)
+        _st(DM1 + o1, rh, cols, H, FD, FD, 1, lam0 * gx1 + lam1 * gs1)
+        SQ: tl.constexpr = 2 * BT * BD + 2 * BT * BH + 2
+        qb = QP + (n * NT + j) * SQ
+        _sblk(qb, BT, BD, _mm(kk, tl.trans(gxp), PREC))
+        _sblk(qb + BT * BD, BT, BD, _mm(kk, tl.trans(gsp), PREC))
+        _sblk(qb + 2 * BT * BD, BT, BH, _mm(kk, tl.trans(gx1), PREC))
+        _sblk(qb + 2 * BT * BD + BT * BH, BT, BH, _mm(kk, tl.trans(gs1), PREC))
+        tl.store(qb + SQ - 2, tl.sum(gxp * mp) + tl.sum(gx1 * m1t))
+        tl.store(qb + SQ - 1, tl.sum(gsp * mp) + tl.sum(gs1 * m1t))
+        gkk = (_mm(e * m0[:, None], gxp, PREC) + _mm(e * m1[:, None], gsp, PREC) + _mm(d1 * m0[:, None], gx1, PREC)
+               + _mm(d1 * m1[:, None], gs1, PREC))
+        _st(DK + n * (CP + CQ) * FD, rt, cols, CP, FD, FD, 1, gkk)
+
+    @triton.jit
+    def _b4_row(QP, GRP, NB, SAV, W2, GW2N, GY, GAM, MIX, LAM, KEEP, DW2, DV, DGAM, DMIX, DLAM, DWU, DKEEP, GB,
+                D: tl.constexpr, H: tl.constexpr, CP: tl.constexpr, CQ: tl.constexpr, BD: tl.constexpr,
+                BH: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, NT: tl.constexpr, PREC: tl.constexpr):
+        """Backward 4, a program per row: the factors' gradients summed over the tiles, through the memory
+        MLP by hand (δ = (e W_2) ⊙ σ'(z), e = 2 γ (out - v), out = h W_2ᵀ + K Pᵀ, the queries' y): W_2's,
+        v's, γ's, the gates', and the gradients of out and z (to GB) that backward 5 takes into P, W_1, K."""
+        n = tl.program_id(0).to(tl.int64)
+        rt, rq, rd, rh = tl.arange(0, BT), tl.arange(0, BQ), tl.arange(0, BD), tl.arange(0, BH)
+        SQ: tl.constexpr = 2 * BT * BD + 2 * BT * BH + 2
+        qb = QP + n * NT * SQ
+        qp0 = _sum_tiles(qb, SQ, NT, BT, BD)
+        qp1 = _sum_tiles(qb + BT * BD, SQ, NT, BT, BD)
+        q10 = _sum_tiles(qb + 2 * BT * BD, SQ, NT, BT, BH)
+        q11 = _sum_tiles(qb + 2 * BT * BD + BT * BH, SQ, NT, BT, BH)
+        glam0 = tl.load(qb + SQ - 2)
+        glam1 = tl.load(qb + SQ - 1)
+        SG, o_ge2, o_gh1, o_gmix, o_glam, o_gwu, SNB = _nb_offsets(BT, BD, BH)
+        gkeep = tl.load(NB + n * SNB + o_gwu + 3) + tl.load(GRP + n * NT * (SG + 1) + SG)
+        for j in range(1, NT):
+            glam0 += tl.load(qb + j * SQ + SQ - 2)
+            glam1 += tl.load(qb + j * SQ + SQ - 1)
+            gkeep += tl.load(GRP + (n * NT + j) * (SG + 1) + SG)
+        o_z1q, o_e, o_d1, o_diff, S2 = _sav_offsets(BT, BQ, BD, BH)
+        sb = SAV + n * S2
+        z1k = _blk(sb, BT, BH)
+        z1q = _blk(sb + o_z1q, BQ, BH)
+        e = _blk(sb + o_e, BT, BD)
+        d1 = _blk(sb + o_d1, BT, BH)
+        diff = _blk(sb + o_diff, BT, BD)
+        nb = NB + n * SNB
+        m0, m1, lam0, lam1 = _gates(MIX, LAM, n, CP, BT)
+        o2 = n * D * H
+        w2 = _ld(W2 + o2, rd, rh, D, H, H, 1)
+        sg = sigmoid_f32(z1k)
+        ds = sg * (1.0 + z1k * (1.0 - sg))
+        ge = _blk(nb + o_ge2, BT, BD) + m0[:, None] * qp0 + m1[:, None] * qp1
         gd1 = m0[:, None] * q10 + m1[:, None] * q11
         # δ = g ⊙ σ'(z), g = e W_2; σ''(z) = s (1 - s) (2 + z (1 - 2 s))
-        gz1k = gd1 * g * sg * (1.0 - sg) * (2.0 + z1k * (1.0 - 2.0 * sg))
+        gz1k = gd1 * _mm(e, w2, PREC) * sg * (1.0 - sg) * (2.0 + z1k * (1.0 - 2.0 * sg))
         gg = gd1 * ds
         ge += _mm(gg, tl.trans(w2), PREC)
-        gw2 = _mm(tl.trans(e), gg, PREC)
-        # e = 2 γ (out - v), out = h W_2ᵀ + K Pᵀ; the queries' rows: y
-        gout = (2.0 * gam)[:, None] * ge
+        gout = (2.0 * tl.load(GAM + n * CP + rt, mask=rt < CP, other=0.0))[:, None] * ge
         _st(DV + n * CP * D, rt, rd, CP, D, D, 1, -gout)
         tl.store(DGAM + n * CP + rt, 2.0 * tl.sum(ge * diff, 1), mask=rt < CP)
         gy = _ld(GY + n * CQ * D, rq, rd, CQ, D, D, 1)
-        gw2 += _mm(tl.trans(gout), h1k, PREC) + _mm(tl.trans(gy), h1q, PREC)
-        gh1k += _mm(gout, w2, PREC)
-        gz1k += gh1k * ds
+        gw2 = (_mm(tl.trans(e), gg, PREC) + _mm(tl.trans(gout), silu_f32(z1k), PREC)
+               + _mm(tl.trans(gy), silu_f32(z1q), PREC))
+        gz1k += (_blk(nb + o_gh1, BT, BH) + _mm(gout, w2, PREC)) * ds
         sq = sigmoid_f32(z1q)
         gz1q = _mm(gy, w2, PREC) * (sq * (1.0 + z1q * (1.0 - sq)))
-        _st(DW2 + o2, rd, rh, D, H, H, 1, keep * gw2n + gw2)
-        tl.store(DMIX + n * 2 * CP + rt, gmix0, mask=rt < CP)
-        tl.store(DMIX + n * 2 * CP + CP + rt, gmix1, mask=rt < CP)
-        tl.store(DLAM + 2 * n, glam0)
-        tl.store(DLAM + 2 * n + 1, glam1)
-        tl.store(DWU + n, gwu)
+        _st(DW2 + o2, rd, rh, D, H, H, 1, tl.load(KEEP + n) * _ld(GW2N + o2, rd, rh, D, H, H, 1) + gw2)
+        tl.store(DMIX + n * 2 * CP + rt, tl.load(nb + o_gmix + rt) + tl.sum(e * qp0, 1) + tl.sum(d1 * q10, 1),
+                 mask=rt < CP)
+        tl.store(DMIX + n * 2 * CP + CP + rt,
+                 tl.load(nb + o_gmix + BT + rt) + tl.sum(e * qp1, 1) + tl.sum(d1 * q11, 1), mask=rt < CP)
+        tl.store(DLAM + 2 * n, glam0 + tl.load(nb + o_glam))
+        tl.store(DLAM + 2 * n + 1, glam1 + tl.load(nb + o_glam + 1))
+        tl.store(DWU + n, tl.load(nb + o_gwu) + tl.load(nb + o_gwu + 1) + tl.load(nb + o_gwu + 2))
         tl.store(DKEEP + n, gkeep)
-        tl.debug_barrier()  # the keys' gradient tiles written above are read back below
-        for f0 in range(0, FD, BF):  # the gradients through the memory MLP into P, W_1 and the features
-            cols = f0 + rf
-            kk = _ld(Kb, rt, cols, CP, FD, FD, 1)
-            kq = _ld(Kb + CP * FD, rq, cols, CQ, FD, FD, 1)
-            p = _ld(P + oP, rd, cols, D, FD, FD, 1)
-            w1 = _ld(W1 + o1, rh, cols, H, FD, FD, 1)
-            dp = keep * _ld(GPN + oP, rd, cols, D, FD, FD, 1) + _mm(tl.trans(gout), kk, PREC) + _mm(tl.trans(gy), kq,
-                                                                                                      PREC)
-            _st(DP + oP, rd, cols, D, FD, FD, 1, dp)
-            dw1 = (keep * _ld(GW1N + o1, rh, cols, H, FD, FD, 1) + _mm(tl.trans(gz1k), kk, PREC)
-                   + _mm(tl.trans(gz1q), kq, PREC))
-            _st(DW1 + o1, rh, cols, H, FD, FD, 1, dw1)
-            dkk = _ld(DKb, rt, cols, CP, FD, FD, 1) + _mm(gout, p, PREC) + _mm(gz1k, w1, PREC)
-            _st(DKb, rt, cols, CP, FD, FD, 1, dkk)
-            _st(DKb + CP * FD, rq, cols, CQ, FD, FD, 1, _mm(gy, p, PREC) + _mm(gz1q, w1, PREC))
+        gb = GB + n * (BT * BD + BT * BH + BQ * BH)
+        _sblk(gb, BT, BD, gout)
+        _sblk(gb + BT * BD, BT, BH, gz1k)
+        _sblk(gb + BT * BD + BT * BH, BQ, BH, gz1q)
+
+    @triton.jit
+    def _b5_tiles(K, P, W1, GPN, GW1N, KEEP, GB, GY, DP, DW1, DK, D: tl.constexpr, H: tl.constexpr,
+                  FD: tl.constexpr, CP: tl.constexpr, CQ: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+                  BT: tl.constexpr, BQ: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr):
+        """Backward 5, a program per (row, F tile): the gradients through the memory MLP into P, W_1 (with
+        Π α gW_new) and the keys' and queries' features on the tile."""
+        n = tl.program_id(0).to(tl.int64)
+        j = tl.program_id(1)
+        rt, rq, rd, rh = tl.arange(0, BT), tl.arange(0, BQ), tl.arange(0, BD), tl.arange(0, BH)
+        cols = j * BF + tl.arange(0, BF)
+        gb = GB + n * (BT * BD + BT * BH + BQ * BH)
+        gout = _blk(gb, BT, BD)
+        gz1k = _blk(gb + BT * BD, BT, BH)
+        gz1q = _blk(gb + BT * BD + BT * BH, BQ, BH)
+        gy = _ld(GY + n * CQ * D, rq, rd, CQ, D, D, 1)
+        keep = tl.load(KEEP + n)
+        oP, o1 = n * D * FD, n * H * FD
+        Kb = K + n * (CP + CQ) * FD
+        DKb = DK + n * (CP + CQ) * FD
+        kk = _ld(Kb, rt, cols, CP, FD, FD, 1)
+        kq = _ld(Kb + CP * FD, rq, cols, CQ, FD, FD, 1)
+        p = _ld(P + oP, rd, cols, D, FD, FD, 1)
+        w1 = _ld(W1 + o1, rh, cols, H, FD, FD, 1)
+        _st(DP + oP, rd, cols, D, FD, FD, 1, keep * _ld(GPN + oP, rd, cols, D, FD, FD, 1)
+            + _mm(tl.trans(gout), kk, PREC) + _mm(tl.trans(gy), kq, PREC))
+        _st(DW1 + o1, rh, cols, H, FD, FD, 1, keep * _ld(GW1N + o1, rh, cols, H, FD, FD, 1)
+            + _mm(tl.trans(gz1k), kk, PREC) + _mm(tl.trans(gz1q), kq, PREC))
+        _st(DKb, rt, cols, CP, FD, FD, 1, _ld(DKb, rt, cols, CP, FD, FD, 1) + _mm(gout, p, PREC) + _mm(gz1k, w1, PREC))
+        _st(DKb + CP * FD, rq, cols, CQ, FD, FD, 1, _mm(gy, p, PREC) + _mm(gz1q, w1, PREC))
