@@ -294,15 +294,15 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
       atlas_splitk) (cd benchmarks && step atlas_splitk 480 python mixers.py --atlas-paths fast_graphed \
                  fast_nosplitk_graphed --atlas-config quad_chunk --d-model 128 --batch 8 \
                  --seq-len 2048 --skip-gdn --out "$OUT/mixers_atlas_splitk.json") ;;
-      atlas_fused) (cd benchmarks && step atlas_fused 400 python mixers.py --atlas-paths fast_graphed \
+      atlas_fused) (cd benchmarks && step atlas_fused 250 python mixers.py --atlas-paths fast_graphed \
                  fast_fused_graphed --atlas-config quad_chunk --d-model 128 --batch 8 \
                  --seq-len 2048 --skip-gdn --out "$OUT/mixers_atlas_fused.json") ;;
       atlas_reference_test) step atlas_reference_test 200 "${PYTEST[@]}" tests/test_atlas.py -k cuda_matches_reference ;;
       atlas_nstf32) (cd benchmarks && step atlas_nstf32 300 python mixers.py --atlas-paths fast_graphed \
                  fast_nstf32_graphed --atlas-config quad_chunk --d-model 128 --batch 8 \
                  --seq-len 2048 --skip-gdn --out "$OUT/mixers_atlas_nstf32.json") ;;
-      atlas_fused_bench) step atlas_fused_bench 300 python benchmarks/atlas_fused_bench.py --out "$OUT/atlas_fused_bench.json" ;;
-      atlas_fused_tests) step atlas_fused_tests 170 "${PYTEST[@]}" tests/test_atlas_fused.py ;;
+      atlas_fused_bench) step atlas_fused_bench 170 python benchmarks/atlas_fused_bench.py --out "$OUT/atlas_fused_bench.json" ;;
+      atlas_fused_tests) step atlas_fused_tests 150 "${PYTEST[@]}" tests/test_atlas_fused.py ;;
       profiles) step attn_profile 330 python benchmarks/side_by_side.py --rows attn --profile --merge --out-dir "$OUT"
               (cd benchmarks && step gdn_layer_profile 150 python mixers.py --only gdn --profile \
                  --out "$OUT/mixers_gdn_profile.json") ;;
