@@ -103,28 +103,28 @@ class _FusedStep(torch.autograd.Function):
         zp = P.new_empty(N, NT, BT * BH + BQ * BH + BT * BD + BQ * BD)
         sav = P.new_empty(N, 2 * BT * BH + BQ * BH + 2 * BT * BD)
         gp, gs, rw = P.new_empty(N, NT, SG), P.new_empty(N, SG), P.new_empty(N, SG)
+        ws = P.new_empty(N, 4 * m["STEPS"] * (2 * BD * BD + BH * BH))  # Newton-Schulz's iterates
         _launch(_f1_mlp, (N, NT), m, K, P, W1, zp)
-        _launch(_f2_row, (N,), m, zp, W2, M2, V, gam, mix, lam, wu, keep, Y, W2N, M2N, sav)
+        _launch(_f2_row, (N,), m, zp, W2, M2, V, gam, mix, lam, wu, keep, Y, W2N, M2N, sav, ws)
         _launch(_f3_gram, (N, NT), m, K, MP, M1, mix, lam, sav, MPN, M1N, gp)
-        _launch(_f4_ns, (N, 2), m, gp, wu, gs, rw)
+        _launch(_f4_ns, (N, 2), m, gp, wu, gs, rw, ws)
         _launch(_f5_update, (N, NT), m, K, P, W1, MP, M1, mix, lam, keep, sav, rw, PN, W1N)
-        ctx.save_for_backward(*ins, sav, gs)
+        ctx.save_for_backward(*ins, sav, gs, ws)
         ctx.meta = m
         return PN, W1N, W2N, MPN, M1N, M2N, Y
 
     @staticmethod
     def backward(ctx, *grads):  # noqa: ANN001, ANN205
-        *ins, sav, gs = ctx.saved_tensors
+        *ins, sav, gs, ws = ctx.saved_tensors
         P, W1, W2, MP, M1, M2, K, V, gam, mix, lam, wu, keep = ins
         GPN, GW1N, GW2N, GMPN, GM1N, GM2N, GY = (g.contiguous() for g in grads)
         dP, dW1, dW2, dMP, dM1, dM2, dK, dV, dgam, dmix, dlam, dwu, dkeep = (torch.empty_like(t) for t in ins)
         m = ctx.meta
         N = P.shape[0]
-        BT, BQ, BD, BH, NT, S = m["BT"], m["BQ"], m["BD"], m["BH"], m["NT"], m["STEPS"]
+        BT, BQ, BD, BH, NT = m["BT"], m["BQ"], m["BD"], m["BH"], m["NT"]
         SG = BD * BD + BH * BH
         grp = P.new_empty(N, NT, SG + 1)
         nb = P.new_empty(N, 2 * SG + BT * BD + BT * BH + 2 * BT + 6)
-        ws = P.new_empty(N, 3, 4 * S * BH * BH)
         qp = P.new_empty(N, NT, 2 * BT * BD + 2 * BT * BH + 2)
         gb = P.new_empty(N, BT * BD + BT * BH + BQ * BH)
         _launch(_b1_gram_grads, (N, NT), m, K, P, W1, MP, M1, mix, lam, sav, GPN, GW1N, grp)
@@ -206,35 +206,35 @@ if triton is not None:
         return gA
 
     @triton.jit
-    def _ns_scaled(G, wu, M: tl.constexpr, STEPS: tl.constexpr, a: tl.constexpr, b: tl.constexpr,
+    def _ws_slot(WS, n, w, STEPS: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr):
+        """Row n's Newton-Schulz iterates of weight w (0 P, 1 W_1, 2 W_2) in WS: 4 x STEPS tiles of its
+        padded side (BD, BH, BD), written by the forward for the backward."""
+        base = WS + n * (4 * STEPS * (2 * BD * BD + BH * BH))
+        return base + (w > 0) * (4 * STEPS * BD * BD) + (w > 1) * (4 * STEPS * BH * BH)
+
+    @triton.jit
+    def _ns_scaled(G, wu, ws, M: tl.constexpr, STEPS: tl.constexpr, a: tl.constexpr, b: tl.constexpr,
                    c: tl.constexpr, PREC: tl.constexpr):
         """``R w / ||X||_F``: Newton-Schulz's factor of the Gram matrix G = X Xᵀ [M, M] (``ns_gram_factor``
-        on G / (tr G + 1e-14)), scaled by the update weight w and 1 / sqrt(tr G + 1e-14)."""
+        on G / (tr G + 1e-14)), scaled by the update weight w and 1 / sqrt(tr G + 1e-14); the iterates
+        to the scratch slice ``ws`` (``_ns_save``) for the backward."""
         i = tl.arange(0, M)
-        eye = (i[:, None] == i[None, :]).to(tl.float32)
-        inv = 1.0 / (tl.sum(G * eye) + 1e-14)
-        A = G * inv
-        R = eye
-        for _ in range(STEPS):  # a loop, see _ns_save
-            Q = _ns_q(A, eye, a, b, c, PREC)
-            R = _mm(Q, R, PREC)
-            A = _mm(_mm(Q, A, PREC), Q, PREC)
+        inv = 1.0 / (tl.sum(G * (i[:, None] == i[None, :]).to(tl.float32)) + 1e-14)
+        R = _ns_save(G * inv, ws, i[:, None] * M + i[None, :], M, STEPS, a, b, c, PREC)
         return R * (wu * tl.sqrt(inv))
 
     @triton.jit
-    def _ns_scaled_bwd(G, gRw, wu, ws, MR: tl.constexpr, M: tl.constexpr, STEPS: tl.constexpr, a: tl.constexpr,
-                       b: tl.constexpr, c: tl.constexpr, PREC: tl.constexpr):
-        """``_ns_scaled`` again, and its reverse mode from the gradient gRw of its result: returns the
-        result, the gradient of G symmetrised (gG + gGᵀ, what X Xᵀ passes back as (gG + gGᵀ) X) and
-        the gradient of w. The iterates go through the program's scratch slice ``ws``."""
+    def _ns_scaled_bwd(G, gRw, wu, ws, MR: tl.constexpr, M: tl.constexpr, STEPS: tl.constexpr, b: tl.constexpr,
+                       c: tl.constexpr, PREC: tl.constexpr):
+        """The reverse mode of ``_ns_scaled`` from the gradient gRw of its result, through the iterates it
+        kept in ``ws``: returns its result, the gradient of G symmetrised (gG + gGᵀ, what X Xᵀ passes back
+        as (gG + gGᵀ) X) and the gradient of w."""
         i = tl.arange(0, M)
         tile = i[:, None] * M + i[None, :]
         tile_t = i[None, :] * M + i[:, None]
-        eye = (i[:, None] == i[None, :]).to(tl.float32)
-        inv = 1.0 / (tl.sum(G * eye) + 1e-14)
+        inv = 1.0 / (tl.sum(G * (i[:, None] == i[None, :]).to(tl.float32)) + 1e-14)
         sq = tl.sqrt(inv)
-        R = _ns_save(G * inv, ws, tile, M, STEPS, a, b, c, PREC)
-        tl.debug_barrier()
+        R = _mm(tl.load(ws + (2 * STEPS - 1) * M * M + tile), tl.load(ws + (3 * STEPS - 1) * M * M + tile), PREC)
         s = wu * sq
         gs = tl.sum(gRw * R)
         ginv = gs * wu * 0.5 / sq
@@ -243,7 +243,6 @@ if triton is not None:
         real = ((i[:, None] == i[None, :]) & (i[:, None] < MR)).to(tl.float32)
         gG = gA * inv - (ginv * inv * inv) * real  # d(1 / (tr G + eps)) = -inv² d tr G
         return R * s, gG + tl.trans(gG), gs * sq
-
 
     # ------------------------------------------------------------------ layout of the work buffers
     # Per memory row, dense zero-padded blocks (BT x BH etc.); per (row, F tile) partial sums that the
@@ -320,7 +319,7 @@ if triton is not None:
         _sblk(zb + BT * BH + BQ * BH + BT * BD, BQ, BD, _mm(kq, pt, PREC))
 
     @triton.jit
-    def _f2_row(ZP, W2, M2, V, GAM, MIX, LAM, WU, KEEP, Y, W2N, M2N, SAV, D: tl.constexpr, H: tl.constexpr,
+    def _f2_row(ZP, W2, M2, V, GAM, MIX, LAM, WU, KEEP, Y, W2N, M2N, SAV, WS, D: tl.constexpr, H: tl.constexpr,
                 CP: tl.constexpr, CQ: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr,
                 BQ: tl.constexpr, NT: tl.constexpr, STEPS: tl.constexpr, a: tl.constexpr, b: tl.constexpr,
                 c: tl.constexpr, PREC: tl.constexpr):
@@ -353,7 +352,8 @@ if triton is not None:
         mw2 = _ld(M2 + n * D * H, rd, rh, D, H, H, 1)
         x2 = _mm(tl.trans(e * m0[:, None]), h1k, PREC) + lam0 * mw2
         _st(M2N + n * D * H, rd, rh, D, H, H, 1, _mm(tl.trans(e * m1[:, None]), h1k, PREC) + lam1 * mw2)
-        rw2 = _ns_scaled(_mm(x2, tl.trans(x2), PREC), tl.load(WU + n), BD, STEPS, a, b, c, PREC)
+        rw2 = _ns_scaled(_mm(x2, tl.trans(x2), PREC), tl.load(WU + n), _ws_slot(WS, n, 2, STEPS, BD, BH), BD, STEPS,
+                         a, b, c, PREC)
         _st(W2N + n * D * H, rd, rh, D, H, H, 1, tl.load(KEEP + n) * w2 - _mm(rw2, x2, PREC))
 
     @triton.jit
@@ -380,7 +380,7 @@ if triton is not None:
         _sblk(gb + BD * BD, BH, BH, _mm(x1, tl.trans(x1), PREC))
 
     @triton.jit
-    def _f4_ns(GP, WU, GS, RW, BD: tl.constexpr, BH: tl.constexpr, NT: tl.constexpr, STEPS: tl.constexpr,
+    def _f4_ns(GP, WU, GS, RW, WS, BD: tl.constexpr, BH: tl.constexpr, NT: tl.constexpr, STEPS: tl.constexpr,
                a: tl.constexpr, b: tl.constexpr, c: tl.constexpr, PREC: tl.constexpr):
         """Forward 4, a program per (row, weight P / W_1): the Gram matrix summed over the tiles (kept in
         GS for the backward) and its scaled Newton-Schulz factor (to RW)."""
@@ -390,11 +390,12 @@ if triton is not None:
         if tl.program_id(1) == 0:  # (a branch's values are its own: Triton types a name alike in both)
             Gp = _sum_tiles(GP + n * NT * SG, SG, NT, BD, BD)
             _sblk(GS + n * SG, BD, BD, Gp)
-            _sblk(RW + n * SG, BD, BD, _ns_scaled(Gp, wu, BD, STEPS, a, b, c, PREC))
+            _sblk(RW + n * SG, BD, BD, _ns_scaled(Gp, wu, _ws_slot(WS, n, 0, STEPS, BD, BH), BD, STEPS, a, b, c, PREC))
         else:
             G1 = _sum_tiles(GP + n * NT * SG + BD * BD, SG, NT, BH, BH)
             _sblk(GS + n * SG + BD * BD, BH, BH, G1)
-            _sblk(RW + n * SG + BD * BD, BH, BH, _ns_scaled(G1, wu, BH, STEPS, a, b, c, PREC))
+            _sblk(RW + n * SG + BD * BD, BH, BH, _ns_scaled(G1, wu, _ws_slot(WS, n, 1, STEPS, BD, BH), BH, STEPS, a, b,
+                                                            c, PREC))
 
     @triton.jit
     def _f5_update(K, P, W1, MP, M1, MIX, LAM, KEEP, SAV, RW, PN, W1N, D: tl.constexpr, H: tl.constexpr,
@@ -469,18 +470,18 @@ if triton is not None:
         SG, o_ge2, o_gh1, o_gmix, o_glam, o_gwu, SNB = _nb_offsets(BT, BD, BH)
         nb = NB + n * SNB
         wu = tl.load(WU + n)
-        ws = WS + (n * 3 + w) * (4 * STEPS * BH * BH)
+        ws = _ws_slot(WS, n, w, STEPS, BD, BH)
         if w == 0:  # (each branch's names its own: Triton types a name alike in all branches)
             rwp, ggp, gwup = _ns_scaled_bwd(_blk(GS + n * SG, BD, BD),
                                             _sum_tiles(GRP + n * NT * (SG + 1), SG + 1, NT, BD, BD),
-                                            wu, ws, D, BD, STEPS, a, b, c, PREC)
+                                            wu, ws, D, BD, STEPS, b, c, PREC)
             _sblk(nb, BD, BD, rwp)
             _sblk(nb + SG, BD, BD, ggp)
             tl.store(nb + o_gwu, gwup)
         elif w == 1:
             rw1, gg1, gwu1 = _ns_scaled_bwd(_blk(GS + n * SG + BD * BD, BH, BH),
                                             _sum_tiles(GRP + n * NT * (SG + 1) + BD * BD, SG + 1, NT, BH, BH),
-                                            wu, ws, H, BH, STEPS, a, b, c, PREC)
+                                            wu, ws, H, BH, STEPS, b, c, PREC)
             _sblk(nb + BD * BD, BH, BH, rw1)
             _sblk(nb + SG + BD * BD, BH, BH, gg1)
             tl.store(nb + o_gwu + 1, gwu1)
@@ -499,7 +500,7 @@ if triton is not None:
             ea1 = e * m1[:, None]
             x2 = _mm(tl.trans(ea0), h1k, PREC) + lam0 * mw2
             rw2, gg2, gwu = _ns_scaled_bwd(_mm(x2, tl.trans(x2), PREC), _mm(-gw2n, tl.trans(x2), PREC), wu, ws, D,
-                                           BD, STEPS, a, b, c, PREC)
+                                           BD, STEPS, b, c, PREC)
             gx2 = _mm(tl.trans(rw2), -gw2n, PREC) + _mm(gg2, x2, PREC)
             _st(DM2 + o2, rd, rh, D, H, H, 1, lam0 * gx2 + lam1 * gs2)
             q0 = _mm(h1k, tl.trans(gx2), PREC)  # [BT, BD]
