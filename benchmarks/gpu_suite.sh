@@ -124,11 +124,13 @@
 #   atlas_fused  the quad-shape muon_chunk layer without (as shipped) and with the fused chunk step
 #           (kernels/atlas_fused.py), one process (mixers.py fast_graphed fast_fused_graphed); the first call per
 #           shape checks the fused step against the eager one (a disagreement is printed and the unfused step runs).
-#           Run on an H100 2026-12-06 with the fused step then on: 274.4 ms fused, 67.5 unfused
+#           2026-12-06: the first form (one program per row) 274.4 ms against 67.5 (H100); the ten-launch form 100.6
+#           against 67.7 (H100), with saved Newton-Schulz iterates 91.4 against 65.2 (H200)
 #   atlas_nstf32  the quad-shape muon_chunk layer with Newton-Schulz in one TF32 product per matmul against as
-#           shipped (float32-accurate split products), one process
+#           shipped (float32-accurate split products), one process; H100 2026-12-06: the tf32 path fails the fast path's
+#           probe (0.147 off the float64 reference), so it does not run
 #   atlas_reference_test  the per-token Muon fast path against the float64 reference on CUDA (cut by the call limit
-#           on 2026-12-06 morning)
+#           on 2026-12-06 morning; passed on an H100 later that day, 114 s)
 #   atlas_fused_bench  one chunk step at the Quad-Hybrid's memory, fused per launch config and unfused, each in a
 #           CUDA graph: us per chunk forward and forward+backward (benchmarks/atlas_fused_bench.py)
 #   atlas_fused_tests  pytest -m gpu tests/test_atlas_fused.py (fused step vs float64 at the Quad-Hybrid's memory;

@@ -1334,17 +1334,17 @@ INDUCTOR_OPTIONS: dict[str, dict[str, object]] = {
 INDUCTOR = "pdl"
 
 
-#: the muon_chunk chunk step as one Triton program per memory row and direction
+#: the muon_chunk chunk step as ten Triton launches, five a direction, its backward written by hand
 #: (``kernels.atlas_fused``) where it applies (``atlas_fused.applies``: depth-2 memory, retrieval in
 #: the step, float32, sides <= 64) on CUDA: True = there, False = never (the compiled step). Checked
 #: once per shape against the eager step (``_fused``); a disagreement or a failed launch is said once
-#: and the unfused (compiled) step runs from then on. Off: slower. Measured on an H100 (2026-12-06,
-#: the Quad-Hybrid's memory, 32 rows, one chunk step in a CUDA graph, ``benchmarks/atlas_fused_bench.py``):
-#: 268 us forward / 1,574 forward+backward at its best launch config (32-column tiles, 4 warps) against
-#: 164 / 587 for the unfused compiled step; the layer (``mixers.py --atlas-paths fast_graphed
-#: fast_unfused_graphed``, 32 x 8 warps then) 274.4 ms against 67.5. One program per row runs every
-#: product of the row in turn (~970 small tf32x3 products forward, ~0.3 us each) on 32 of 132 SMs;
-#: the unfused step spreads each product over many programs and pays a launch per phase instead
+#: and the unfused (compiled) step runs from then on. Off: not faster in the layer. Measured
+#: (2026-12-06, the Quad-Hybrid's memory, 32 rows; one chunk step in a CUDA graph,
+#: ``benchmarks/atlas_fused_bench.py``; the layer at 8 x 2048 in CUDA graphs, ``mixers.py --atlas-paths
+#: fast_graphed fast_fused_graphed``, one process each): on an H200 the step 111.5 us forward / 557.3
+#: forward+backward against 157.2 / 559.0 unfused, the layer 91.4 ms against 65.2; on an H100 (before
+#: the forward kept Newton-Schulz's iterates) 100.7 / 624.9 against 165.4 / 587.2, the layer 100.6 ms
+#: against 67.7. A first form, one program per row and direction, was 268 / 1,574 us a chunk (H100)
 FUSED_STEP = False
 
 #: why the fused chunk step is off in this process (it disagreed with the eager step, or failed)
