@@ -125,7 +125,8 @@
 #           (kernels/atlas_fused.py), one process (mixers.py fast_graphed fast_fused_graphed); the first call per
 #           shape checks the fused step against the eager one (a disagreement is printed and the unfused step runs).
 #           2026-12-06: the first form (one program per row) 274.4 ms against 67.5 (H100); the ten-launch form 100.6
-#           against 67.7 (H100), with saved Newton-Schulz iterates 91.4 against 65.2 (H200)
+#           against 67.7 (H100), with saved Newton-Schulz iterates 91.4 against 65.2 (H200), both at 8 warps, the
+#           launch sweep's worst (the defaults since: 64 columns, 4 warps; not yet timed in the layer)
 #   atlas_nstf32  the quad-shape muon_chunk layer with Newton-Schulz in one TF32 product per matmul against as
 #           shipped (float32-accurate split products), one process; H100 2026-12-06: the tf32 path fails the fast path's
 #           probe (0.147 off the float64 reference), so it does not run

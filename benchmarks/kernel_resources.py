@@ -3,6 +3,7 @@ one: Triton's compiler to PTX for sm_90, then ``ptxas -v`` for sm_90a (the ptxas
 
     python benchmarks/kernel_resources.py                                   # ATLAS's Newton-Schulz kernels
     python benchmarks/kernel_resources.py --sides 32 64 --precisions tf32x3 tf32 --out /tmp/ns.json
+    python benchmarks/kernel_resources.py --fused            # the fused muon_chunk step's ten kernels
 
 For each of ATLAS's Newton-Schulz kernels (``kernels/atlas.py``: the forward, the backward that
 recomputes the iterates, the one that keeps them in scratch memory) at each padded Gram side, with
@@ -50,6 +51,33 @@ def ns_resources(side: int, kernel: str, precision: str, warps: int | None = Non
             "cubin_bytes": len(k.asm["cubin"]), "shared_bytes": k.metadata.shared, **res}
 
 
+#: the fused muon_chunk step's kernels (``kernels/atlas_fused.py``), forward then backward
+FUSED_KERNELS = ("_f1_mlp", "_f2_row", "_f3_gram", "_f4_ns", "_f5_update", "_b1_gram_grads", "_b2_ns", "_b3_tiles",
+                 "_b4_row", "_b5_tiles")
+
+
+def fused_resources(kernel: str, warps: int | None = None, head_dim: int = 32, hidden: int = 64, features: int = 560,
+                    chunk: int = 16, window: int = 16) -> dict:
+    """One kernel of the fused muon_chunk step compiled for sm_90 at a memory of these sizes (default
+    the Quad-Hybrid's) with ``atlas_fused``'s launch settings (``warps`` overrides NUM_WARPS): as
+    ``ns_resources``. Every argument that is not a constexpr is a float32 pointer."""
+    import torch
+
+    from hymba_plus.kernels import atlas_fused
+    from hymba_plus.kernels._triton import compile_for, ptxas_resources
+
+    fn = getattr(atlas_fused, kernel)
+    meta = atlas_fused._meta(torch.empty(1, head_dim, features), torch.empty(1, hidden, features),
+                             torch.empty(1, chunk + window - 1, head_dim), chunk, 5)
+    sig = {p: "constexpr" if p in meta else "*fp32" for p in fn.arg_names}
+    w = warps or atlas_fused.NUM_WARPS
+    k = compile_for(fn, sig, {p: meta[p] for p in fn.arg_names if p in meta}, w)
+    res = ptxas_resources(k.asm["ptx"]) or {}
+    res.pop("ptxas", None)
+    return {"kernel": kernel, "warps": w, "block_f": meta["BF"], "precision": meta["PREC"],
+            "cubin_bytes": len(k.asm["cubin"]), "shared_bytes": k.metadata.shared, **res}
+
+
 def main(argv: list[str] | None = None) -> int:
     from hymba_plus.kernels.atlas import NS_TRITON_PRECISION
     from hymba_plus.kernels.atlas import SETTINGS as atlas_settings
@@ -60,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precisions", nargs="+", default=[NS_TRITON_PRECISION],
                     choices=atlas_settings["NS_TRITON_PRECISION"], help="default: the library's")
     ap.add_argument("--warps", type=int, default=None, help="warps per program (default: the launch's)")
+    ap.add_argument("--fused", action="store_true",
+                    help="the fused muon_chunk step's kernels (kernels/atlas_fused.py) at the Quad-Hybrid's memory instead")
     ap.add_argument("--out", default=None, help="JSON file (default: print only)")
     args = ap.parse_args(argv)
     try:
@@ -69,7 +99,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     warnings.filterwarnings("ignore", category=UserWarning)
     rows = []
-    for prec in args.precisions:
+    for kernel in FUSED_KERNELS if args.fused else ():
+        row = fused_resources(kernel, args.warps)
+        rows.append(row)
+        print(f"{kernel:16s} warps {row['warps']:2d} registers {row.get('registers', '?'):>3} spills "
+              f"{row.get('spill_stores', '?'):>5} B stored / {row.get('spill_loads', '?'):>5} B loaded, shared "
+              f"{row['shared_bytes'] // 1024:3d} KiB, mma.sync {row.get('mma_sync', '?'):>5}, wgmma "
+              f"{row.get('wgmma', '?'):>4}", flush=True)
+    for prec in args.precisions if not args.fused else ():
         for side in args.sides:
             for kernel in args.kernels:
                 if kernel == "_ns_gram_bwd_kernel" and side > 32 and args.warps is None:

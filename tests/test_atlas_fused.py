@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from hymba_plus.kernels import atlas as atlas_kernels
 from hymba_plus.kernels import atlas_fused
 from hymba_plus.kernels.dispatch import max_rel_err
+from tests.helpers import load_benchmark
 from tests.test_atlas import float32_errors, random_problem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -207,3 +208,34 @@ def test_fast_path_with_the_fused_step_on_cuda():
     print("fused fast path errors:", [f"{e:.2g}" for e in errs])
     assert atlas_kernels.fused_error is None
     assert max(errs[:7]) < 5e-3 and max(errs[7:]) < 5e-2, errs
+
+
+@pytest.mark.slow  # ~40 s of Triton / ptxas compiles on a CPU
+def test_fused_kernels_compile_for_sm90():
+    """Every kernel of the fused step goes through Triton's real compiler for an H100 / H200 (sm_90)
+    without a GPU, at the Quad-Hybrid's memory and the launch's settings, and fits an SM's 227 KiB of
+    shared memory (``benchmarks/kernel_resources.py --fused`` prints registers and spills: on
+    2026-12-06 the backward's Newton-Schulz launch 213 KiB and 2.2 KB of spills a thread)."""
+    pytest.importorskip("triton")
+    bench = load_benchmark("kernel_resources")
+    for kernel in bench.FUSED_KERNELS:
+        res = bench.fused_resources(kernel)
+        assert res["cubin_bytes"] > 0 and res["shared_bytes"] <= 227 * 1024, res
+
+
+def test_fused_bench_configs_and_arguments():
+    """``benchmarks/atlas_fused_bench.py``: a config names the tile width, the warps and optionally the
+    precision; the step's arguments are the fast path's (the unfused step runs on them here)."""
+    bench = load_benchmark("atlas_fused_bench")
+    saved = atlas_fused.BLOCK_F, atlas_fused.NUM_WARPS, atlas_fused.PRECISION
+    try:
+        bench.set_config("64x8:tf32")
+        assert (atlas_fused.BLOCK_F, atlas_fused.NUM_WARPS, atlas_fused.PRECISION) == (64, 8, "tf32")
+        bench.set_config("16x4")
+        assert (atlas_fused.BLOCK_F, atlas_fused.NUM_WARPS, atlas_fused.PRECISION) == (16, 4, "tf32x3_split")
+    finally:
+        atlas_fused.BLOCK_F, atlas_fused.NUM_WARPS, atlas_fused.PRECISION = saved
+    args = bench.step_args(2, "cpu")
+    assert atlas_fused.applies(args[0], args[3].shape[1], args[-1], 5, True, True, False)
+    new_p, new_m, y = atlas_kernels._chunk_step(*args)
+    assert y.shape == (2, 16, 32) and [p.shape for p in new_p] == [p.shape for p in args[0]]

@@ -1338,13 +1338,13 @@ INDUCTOR = "pdl"
 #: (``kernels.atlas_fused``) where it applies (``atlas_fused.applies``: depth-2 memory, retrieval in
 #: the step, float32, sides <= 64) on CUDA: True = there, False = never (the compiled step). Checked
 #: once per shape against the eager step (``_fused``); a disagreement or a failed launch is said once
-#: and the unfused (compiled) step runs from then on. Off: not faster in the layer. Measured
-#: (2026-12-06, the Quad-Hybrid's memory, 32 rows; one chunk step in a CUDA graph,
-#: ``benchmarks/atlas_fused_bench.py``; the layer at 8 x 2048 in CUDA graphs, ``mixers.py --atlas-paths
-#: fast_graphed fast_fused_graphed``, one process each): on an H200 the step 111.5 us forward / 557.3
-#: forward+backward against 157.2 / 559.0 unfused, the layer 91.4 ms against 65.2; on an H100 (before
-#: the forward kept Newton-Schulz's iterates) 100.7 / 624.9 against 165.4 / 587.2, the layer 100.6 ms
-#: against 67.7. A first form, one program per row and direction, was 268 / 1,574 us a chunk (H100)
+#: and the unfused (compiled) step runs from then on. Off: not faster. Measured (2026-12-06, the
+#: Quad-Hybrid's memory, 32 rows; one chunk step in a CUDA graph, ``benchmarks/atlas_fused_bench.py``,
+#: one process each): on an H200 111.5 us forward / 557.3 forward+backward against 157.2 / 559.0
+#: unfused; on an H100 (before the forward kept Newton-Schulz's iterates) 100.7 / 624.9 against 165.4 /
+#: 587.2. The layer (8 x 2048, CUDA graphs, ``mixers.py --atlas-paths fast_graphed fast_fused_graphed``)
+#: was timed only with 8 warps, the sweep's worst: 91.4 ms against 65.2 (H200). A first form, one
+#: program per row and direction, was 268 / 1,574 us a chunk (H100)
 FUSED_STEP = False
 
 #: why the fused chunk step is off in this process (it disagreed with the eager step, or failed)

@@ -49,10 +49,14 @@ from torch import Tensor
 
 from ._triton import next_pow2, triton
 
-#: the feature columns of one tile of the F-wide passes (a power of two >= 16)
-BLOCK_F = 32
-#: warps per program
-NUM_WARPS = 8
+#: the feature columns of one tile of the F-wide launches (a power of two >= 16) and the warps of every
+#: program. Swept on 2026-12-06 (``benchmarks/atlas_fused_bench.py``, the Quad-Hybrid's memory, one chunk
+#: step forward+backward in a CUDA graph): H100 16x4 615.8 us, 64x4 624.9, 32x4 625.3, 32x8 853.3; H200
+#: (iterates saved) 64x4 557.3, 32x4 562.9, 16x4 564.0. 8 warps spill no less (a program's values are
+#: spread over more threads, but ptxas still hits 255 registers in the backward's launches) and run
+#: fewer programs an SM
+BLOCK_F = 64
+NUM_WARPS = 4
 #: matmul precision of the kernels (``_triton.dot_f32``): float32 accuracy on tensor cores
 PRECISION = "tf32x3_split"
 #: the largest padded side (head dim, hidden width, C', C) the kernels take: a side-64 matrix is
