@@ -135,7 +135,7 @@ def _interpret(code: str, timeout: int = 500) -> str:
 def test_fused_step_in_interpreter_matches_the_unfused_step():
     """Forward and hand-written backward of the fused step in Triton's CPU interpreter against
     ``_chunk_step`` in float64 (autograd): every result and every input's gradient. Every side is
-    padded here (head dim 8 -> 16, C' 6 -> 16, queries 4 -> 16, 44 features in two 32-wide tiles),
+    padded here (head dim 8 -> 16, C' 6 -> 16, queries 4 -> 16, 44 features in three 16-wide tiles),
     so the masks are exercised; products as "tf32x3" (one float32 product in the interpreter; the
     split form's arithmetic is the Newton-Schulz kernels', checked there)."""
     pytest.importorskip("triton")
@@ -143,6 +143,7 @@ def test_fused_step_in_interpreter_matches_the_unfused_step():
         from hymba_plus.kernels import atlas_fused
         from tests.test_atlas_fused import step_errors, step_problem
         atlas_fused.PRECISION = "tf32x3"
+        atlas_fused.BLOCK_F = 16  # three feature tiles, the last one masked
         for seed, mh in ((0, 2), (1, 1)):
             errs = step_errors(step_problem(seed=seed, mh=mh), 4)
             print(seed, {k: f"{v:.1e}" for k, v in errs.items()})
@@ -162,6 +163,7 @@ def test_fast_path_with_the_fused_step_in_interpreter():
         from hymba_plus.kernels import atlas, atlas_fused
         from tests.test_atlas import float32_errors, random_problem, with_valid_lengths
         atlas_fused.PRECISION = "tf32x3"
+        atlas_fused.BLOCK_F = 32  # 44 features: two tiles
         atlas.FUSED_STEP = True
         calls = []
         real = atlas_fused.fused_chunk_step
