@@ -303,6 +303,24 @@ if triton is not None:
         return kk, mp, m1t, xp, x1
 
     @triton.jit
+    def _tile_start(K, MP, M1, MIX, LAM, SAV, D: tl.constexpr, H: tl.constexpr, FD: tl.constexpr, CP: tl.constexpr,
+                    CQ: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr,
+                    BF: tl.constexpr, PREC: tl.constexpr):
+        """What every (row, F tile) program after forward 2 starts from: its row n, its columns, the row's
+        offsets into the F-wide weights, the gates, the factors e and δ (SAV), and the tile's keys, old
+        momenta and X of P and W_1 (``_tile_x``)."""
+        n = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BF + tl.arange(0, BF)
+        o_z1q, o_e, o_d1, o_diff, S2 = _sav_offsets(BT, BQ, BD, BH)
+        e = _blk(SAV + n * S2 + o_e, BT, BD)
+        d1 = _blk(SAV + n * S2 + o_d1, BT, BH)
+        m0, m1, lam0, lam1 = _gates(MIX, LAM, n, CP, BT)
+        oP, o1 = n * D * FD, n * H * FD
+        kk, mp, m1t, xp, x1 = _tile_x(K + n * (CP + CQ) * FD, MP + oP, M1 + o1, e, d1, m0, lam0, cols, D, H, FD, CP,
+                                      BT, BD, BH, PREC)
+        return n, cols, oP, o1, e, d1, m0, m1, lam0, lam1, kk, mp, m1t, xp, x1
+
+    @triton.jit
     def _f1_mlp(K, P, W1, ZP, D: tl.constexpr, H: tl.constexpr, FD: tl.constexpr, CP: tl.constexpr,
                 CQ: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr,
                 BF: tl.constexpr, NT: tl.constexpr, PREC: tl.constexpr):
@@ -366,20 +384,12 @@ if triton is not None:
                  BQ: tl.constexpr, BF: tl.constexpr, NT: tl.constexpr, PREC: tl.constexpr):
         """Forward 3, a program per (row, F tile): P's and W_1's new momenta on the tile and its share of
         their Gram matrices X Xᵀ."""
-        n = tl.program_id(0).to(tl.int64)
-        j = tl.program_id(1)
+        n, cols, oP, o1, e, d1, m0, m1, lam0, lam1, kk, mp, m1t, xp, x1 = _tile_start(
+            K, MP, M1, MIX, LAM, SAV, D, H, FD, CP, CQ, BD, BH, BT, BQ, BF, PREC)
         rd, rh = tl.arange(0, BD), tl.arange(0, BH)
-        cols = j * BF + tl.arange(0, BF)
-        o_z1q, o_e, o_d1, o_diff, S2 = _sav_offsets(BT, BQ, BD, BH)
-        e = _blk(SAV + n * S2 + o_e, BT, BD)
-        d1 = _blk(SAV + n * S2 + o_d1, BT, BH)
-        m0, m1, lam0, lam1 = _gates(MIX, LAM, n, CP, BT)
-        oP, o1 = n * D * FD, n * H * FD
-        kk, mp, m1t, xp, x1 = _tile_x(K + n * (CP + CQ) * FD, MP + oP, M1 + o1, e, d1, m0, lam0, cols, D, H, FD,
-                                      CP, BT, BD, BH, PREC)
         _st(MPN + oP, rd, cols, D, FD, FD, 1, _mm(tl.trans(e * m1[:, None]), kk, PREC) + lam1 * mp)
         _st(M1N + o1, rh, cols, H, FD, FD, 1, _mm(tl.trans(d1 * m1[:, None]), kk, PREC) + lam1 * m1t)
-        gb = GP + (n * NT + j) * (BD * BD + BH * BH)
+        gb = GP + (n * NT + tl.program_id(1)) * (BD * BD + BH * BH)
         _sblk(gb, BD, BD, _mm(xp, tl.trans(xp), PREC))
         _sblk(gb + BD * BD, BH, BH, _mm(x1, tl.trans(x1), PREC))
 
@@ -407,16 +417,9 @@ if triton is not None:
                    BT: tl.constexpr, BQ: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr):
         """Forward 5, a program per (row, F tile): the new P and W_1 on the tile, Π α W - R X (X again from
         its factors)."""
-        n = tl.program_id(0).to(tl.int64)
-        j = tl.program_id(1)
+        n, cols, oP, o1, e, d1, m0, m1, lam0, lam1, kk, mp, m1t, xp, x1 = _tile_start(
+            K, MP, M1, MIX, LAM, SAV, D, H, FD, CP, CQ, BD, BH, BT, BQ, BF, PREC)
         rd, rh = tl.arange(0, BD), tl.arange(0, BH)
-        cols = j * BF + tl.arange(0, BF)
-        o_z1q, o_e, o_d1, o_diff, S2 = _sav_offsets(BT, BQ, BD, BH)
-        m0, m1, lam0, lam1 = _gates(MIX, LAM, n, CP, BT)
-        oP, o1 = n * D * FD, n * H * FD
-        kk, mp, m1t, xp, x1 = _tile_x(K + n * (CP + CQ) * FD, MP + oP, M1 + o1, _blk(SAV + n * S2 + o_e, BT, BD),
-                                      _blk(SAV + n * S2 + o_d1, BT, BH), m0, lam0, cols, D, H, FD, CP, BT, BD, BH,
-                                      PREC)
         keep = tl.load(KEEP + n)
         rb = RW + n * (BD * BD + BH * BH)
         _st(PN + oP, rd, cols, D, FD, FD, 1,
@@ -442,20 +445,13 @@ if triton is not None:
                        BT: tl.constexpr, BQ: tl.constexpr, BF: tl.constexpr, NT: tl.constexpr, PREC: tl.constexpr):
         """Backward 1, a program per (row, F tile): the tile's share of the gradient of P's and W_1's
         scaled Newton-Schulz factors, -gW_new Xᵀ, and of Π α's, Σ gW_new ⊙ W."""
-        n = tl.program_id(0).to(tl.int64)
-        j = tl.program_id(1)
+        n, cols, oP, o1, e, d1, m0, m1, lam0, lam1, kk, mp, m1t, xp, x1 = _tile_start(
+            K, MP, M1, MIX, LAM, SAV, D, H, FD, CP, CQ, BD, BH, BT, BQ, BF, PREC)
         rd, rh = tl.arange(0, BD), tl.arange(0, BH)
-        cols = j * BF + tl.arange(0, BF)
-        o_z1q, o_e, o_d1, o_diff, S2 = _sav_offsets(BT, BQ, BD, BH)
-        m0, m1, lam0, lam1 = _gates(MIX, LAM, n, CP, BT)
-        oP, o1 = n * D * FD, n * H * FD
-        kk, mp, m1t, xp, x1 = _tile_x(K + n * (CP + CQ) * FD, MP + oP, M1 + o1, _blk(SAV + n * S2 + o_e, BT, BD),
-                                      _blk(SAV + n * S2 + o_d1, BT, BH), m0, lam0, cols, D, H, FD, CP, BT, BD, BH,
-                                      PREC)
         gpn = _ld(GPN + oP, rd, cols, D, FD, FD, 1)
         gw1n = _ld(GW1N + o1, rh, cols, H, FD, FD, 1)
         SG: tl.constexpr = BD * BD + BH * BH
-        gb = GRP + (n * NT + j) * (SG + 1)
+        gb = GRP + (n * NT + tl.program_id(1)) * (SG + 1)
         _sblk(gb, BD, BD, _mm(-gpn, tl.trans(xp), PREC))
         _sblk(gb + BD * BD, BH, BH, _mm(-gw1n, tl.trans(x1), PREC))
         tl.store(gb + SG, tl.sum(gpn * _ld(P + oP, rd, cols, D, FD, FD, 1))
@@ -527,18 +523,10 @@ if triton is not None:
         """Backward 3, a program per (row, F tile): X's gradient for P and W_1 on the tile (through Newton-Schulz
         and the Gram matrix), the old momenta's, the keys' share through the momenta (to DK, completed by
         backward 5), and the tile's share of the factors' gradients K gXᵀ and of λ's (to QP)."""
-        n = tl.program_id(0).to(tl.int64)
-        j = tl.program_id(1)
+        n, cols, oP, o1, e, d1, m0, m1, lam0, lam1, kk, mp, m1t, xp, x1 = _tile_start(
+            K, MP, M1, MIX, LAM, SAV, D, H, FD, CP, CQ, BD, BH, BT, BQ, BF, PREC)
         rt, rd, rh = tl.arange(0, BT), tl.arange(0, BD), tl.arange(0, BH)
-        cols = j * BF + tl.arange(0, BF)
-        o_z1q, o_e, o_d1, o_diff, S2 = _sav_offsets(BT, BQ, BD, BH)
         SG, o_ge2, o_gh1, o_gmix, o_glam, o_gwu, SNB = _nb_offsets(BT, BD, BH)
-        e = _blk(SAV + n * S2 + o_e, BT, BD)
-        d1 = _blk(SAV + n * S2 + o_d1, BT, BH)
-        m0, m1, lam0, lam1 = _gates(MIX, LAM, n, CP, BT)
-        oP, o1 = n * D * FD, n * H * FD
-        Kb = K + n * (CP + CQ) * FD
-        kk, mp, m1t, xp, x1 = _tile_x(Kb, MP + oP, M1 + o1, e, d1, m0, lam0, cols, D, H, FD, CP, BT, BD, BH, PREC)
         nb = NB + n * SNB
         gsp = _ld(GMPN + oP, rd, cols, D, FD, FD, 1)
         gs1 = _ld(GM1N + o1, rh, cols, H, FD, FD, 1)
@@ -549,7 +537,7 @@ if triton is not None:
         _st(DMP + oP, rd, cols, D, FD, FD, 1, lam0 * gxp + lam1 * gsp)
         _st(DM1 + o1, rh, cols, H, FD, FD, 1, lam0 * gx1 + lam1 * gs1)
         SQ: tl.constexpr = 2 * BT * BD + 2 * BT * BH + 2
-        qb = QP + (n * NT + j) * SQ
+        qb = QP + (n * NT + tl.program_id(1)) * SQ
         _sblk(qb, BT, BD, _mm(kk, tl.trans(gxp), PREC))
         _sblk(qb + BT * BD, BT, BD, _mm(kk, tl.trans(gsp), PREC))
         _sblk(qb + 2 * BT * BD, BT, BH, _mm(kk, tl.trans(gx1), PREC))
