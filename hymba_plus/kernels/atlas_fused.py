@@ -26,8 +26,9 @@ Newton-Schulz). Forward: (1) the tiles' shares of K W_1ᵀ, K Pᵀ; (2) per row 
 factors (kept for the backward) and all of W_2's step; (3) per tile the new momenta and the Gram
 shares; (4) per (row, weight) Newton-Schulz; (5) per tile the new weights (X recomputed from its
 factors, cheaper than keeping it). Backward: (1) per tile the shares of -gW_new Xᵀ; (2) per (row,
-weight) Newton-Schulz again keeping its iterates in a scratch slice (``_ns_save``), its reverse mode
-(``_ns_back``), and W_2's step's backward; (3) per tile X's and the old momenta's gradients and the
+weight) Newton-Schulz's reverse mode (``_ns_back``) through the iterates the forward kept (``_ns_save``:
+4 x 5 tiles per weight, 0.5 MB a row and chunk at the Quad-Hybrid's memory, ~2 GB for its layer at
+8 x 2048, as the unfused step's ``NS_SAVE_FWD`` keeps), and W_2's step's backward; (3) per tile X's and the old momenta's gradients and the
 shares of the factors' gradients; (4) per row the memory MLP's backward; (5) per tile the gradients
 into P, W_1 and the features. Matmuls at float32 accuracy on tensor cores (``_triton.dot_f32``'s
 "tf32x3_split").
