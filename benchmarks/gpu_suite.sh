@@ -127,6 +127,8 @@
 #           2026-12-06: the first form (one program per row) 274.4 ms against 67.5 (H100); the ten-launch form 100.6
 #           against 67.7 (H100), with saved Newton-Schulz iterates 91.4 against 65.2 (H200), both at 8 warps, the
 #           launch sweep's worst (the defaults since: 64 columns, 4 warps; not yet timed in the layer)
+#   atlas_fused_recipe  the Quad-Hybrid recipe with muon_chunk and the fused step against its gdn twin (quad_chunk with
+#           FUSED_STEP on; not yet run)
 #   atlas_nstf32  the quad-shape muon_chunk layer with Newton-Schulz in one TF32 product per matmul against as
 #           shipped (float32-accurate split products), one process; H100 2026-12-06: the tf32 path fails the fast path's
 #           probe (0.147 off the float64 reference), so it does not run
@@ -301,6 +303,9 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
                  fast_fused_graphed --atlas-config quad_chunk --d-model 128 --batch 8 \
                  --seq-len 2048 --skip-gdn --out "$OUT/mixers_atlas_fused.json") ;;
       atlas_reference_test) step atlas_reference_test 200 "${PYTEST[@]}" tests/test_atlas.py -k cuda_matches_reference ;;
+      atlas_fused_recipe) need_tilelang
+              step atlas_fused_recipe 500 python benchmarks/quad_atlas.py --modes auto --atlas-config \
+                 inner_optimizer=muon_chunk --atlas-setting FUSED_STEP=true --out "$OUT/quad_atlas_fused.json" ;;
       atlas_nstf32) (cd benchmarks && step atlas_nstf32 300 python mixers.py --atlas-paths fast_graphed \
                  fast_nstf32_graphed --atlas-config quad_chunk --d-model 128 --batch 8 \
                  --seq-len 2048 --skip-gdn --out "$OUT/mixers_atlas_nstf32.json") ;;
@@ -325,7 +330,7 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
                  echo "pack_out: $(tar -tJf "$OUT/out.tar.xz" | wc -l) files in $OUT/out.tar.xz" ;;
       *) echo "unknown step $s1 (moe mamba3 gdn atlas atlas_verify mamba3_tuned atlas_profile atlas_profile_bench" \
               "mixers mimo_alt mimo_alt2 loss memory decode fused agree modes side_train attn_bf16w fa4 side_decode quad quad_chunk" \
-              "atlas_chunk_layer atlas_chunk_bench quad_tf32 atlas_inductor atlas_bmm32 atlas_padns atlas_defaults atlas_chain atlas_combo atlas_group atlas_pdl atlas_ns_layout atlas_retrieve atlas_nssave atlas_owed atlas_splitk_tests atlas_splitk atlas_fused atlas_nstf32 atlas_fused_bench atlas_fused_tests atlas_reference_test profiles" \
+              "atlas_chunk_layer atlas_chunk_bench quad_tf32 atlas_inductor atlas_bmm32 atlas_padns atlas_defaults atlas_chain atlas_combo atlas_group atlas_pdl atlas_ns_layout atlas_retrieve atlas_nssave atlas_owed atlas_splitk_tests atlas_splitk atlas_fused atlas_fused_recipe atlas_nstf32 atlas_fused_bench atlas_fused_tests atlas_reference_test profiles" \
               "pack_caches pack_out)"; exit 2 ;;
     esac
   done
