@@ -185,8 +185,6 @@ def test_fused_step_on_cuda_matches_the_unfused_step():
     """The fused step compiled for this GPU (split 3xTF32 products) against ``_chunk_step`` in
     float64, at the Quad-Hybrid's memory (head dim 32, hidden 64, 560 features, C 16, window 16)
     and at a padded one."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
     for kw in (dict(N=8, C=16, c=16, d=32, mh=2), dict(N=3, C=4, c=3, d=8, mh=2)):
         errs = step_errors(step_problem(**kw), kw["C"], "cuda")
         print(kw, {k: f"{v:.1e}" for k, v in errs.items()})
@@ -200,8 +198,6 @@ def test_fused_step_on_cuda_matches_the_unfused_step():
 def test_fast_path_with_the_fused_step_on_cuda():
     """The CUDA fast path with the fused step (``FUSED_STEP`` on) against the float64 reference, and
     the fused step having run (not turned off by its first-call check)."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
     atlas_kernels.fused_error = None
     args, leaves = random_problem(N=3, T=32, C=4, c=3, d=8, p=2, hid=16, depth=2, float32=True)
     with atlas_kernels.settings(FUSED_STEP=True):
