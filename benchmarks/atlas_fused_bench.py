@@ -85,7 +85,7 @@ def main() -> None:
         a = step_args(2, "cuda")
         outs = atlas_fused.fused_chunk_step(*a)
         torch.autograd.grad(sum(o.sum() for part in outs for o in (part if isinstance(part, tuple) else (part,))),
-                            [t for t in a[0]])
+                            list(a[0]))
         torch.cuda.synchronize()
         return
     cmd = [sys.executable, __file__, "--compile-only", "--configs"]

@@ -1351,27 +1351,18 @@ FUSED_STEP = False
 fused_error: str | None = None
 
 
-def _fused_applies(*args: object) -> bool:
-    from .atlas_fused import applies  # here: atlas_fused's kernels call this module's Triton helpers
-
-    return applies(*args)
-
-
 def _fused(args: tuple, fallback):  # noqa: ANN001, ANN202
     """``atlas_fused.fused_chunk_step(*args)``, checked at its first call per shape against the eager
     step like a compiled step (``_step_disagreement``; not inside a CUDA-graph capture); if they
     disagree or the kernels fail, that is said once and ``fallback(*args)`` runs from then on."""
     global fused_error
-    from .atlas_fused import fused_chunk_step
+    from .atlas_fused import fused_chunk_step  # here: atlas_fused's kernels call this module's Triton helpers
 
     if fused_error is None:
         try:
-            if CHECK_COMPILED_STEP and not dispatch.capturing():
-                key = _step_key(fused_chunk_step, args)
-                if key not in _STEP_CHECKED:
-                    _STEP_CHECKED[key] = why = _step_disagreement(fused_chunk_step, _chunk_step, args)
-                    if why is not None:
-                        raise RuntimeError(why)
+            why = _first_call_disagreement(fused_chunk_step, _chunk_step, args)
+            if why is not None:
+                raise RuntimeError(why)
             return fused_chunk_step(*args)
         except torch.OutOfMemoryError:
             raise
@@ -1516,6 +1507,20 @@ def _step_disagreement(compiled, eager, args: tuple) -> str | None:  # noqa: ANN
     return f"results {err_out:.2g}, gradients {err_grad:.2g} off the eager step"
 
 
+def _first_call_disagreement(step, eager, args: tuple) -> str | None:  # noqa: ANN001
+    """At ``step``'s first call for these arguments' shapes / settings (``_step_key``): how far it is
+    from ``eager`` (``_step_disagreement``), remembered; None after that, where they agreed, with
+    ``CHECK_COMPILED_STEP`` off, and inside a CUDA-graph capture or an outer torch.compile (where
+    no extra work may run)."""
+    if not CHECK_COMPILED_STEP or dispatch.capturing() or torch.compiler.is_compiling():
+        return None
+    key = _step_key(step, args)
+    if key not in _STEP_CHECKED:
+        _STEP_CHECKED[key] = _step_disagreement(step, eager, args)
+        return _STEP_CHECKED[key]
+    return None
+
+
 def _guarded(compiled, eager, *args):  # noqa: ANN001, ANN002, ANN202
     """``compiled(*args)``; if that fails (no working compiler or Inductor backend here), warn
     once, keep the reason in ``compile_error`` and run ``eager`` from then on. A call past
@@ -1528,15 +1533,11 @@ def _guarded(compiled, eager, *args):  # noqa: ANN001, ANN002, ANN202
     global compile_error, recompile_limit_hits
     if compile_error is None:
         try:
-            if CHECK_COMPILED_STEP and not (dispatch.capturing() or torch.compiler.is_compiling()):
-                key = _step_key(compiled, args)
-                if key not in _STEP_CHECKED:
-                    _STEP_CHECKED[key] = why = _step_disagreement(compiled, eager, args)
-                    if why is not None:
-                        compile_error = f"the compiled chunk step disagrees with the eager one ({why})"
-                        warnings.warn(f"atlas fast path: {compile_error}; the step runs eagerly from now on",
-                                      stacklevel=2)
-                        return eager(*args)
+            why = _first_call_disagreement(compiled, eager, args)
+            if why is not None:
+                compile_error = f"the compiled chunk step disagrees with the eager one ({why})"
+                warnings.warn(f"atlas fast path: {compile_error}; the step runs eagerly from now on", stacklevel=2)
+                return eager(*args)
             return compiled(*args)
         except torch.OutOfMemoryError:
             raise
@@ -1667,8 +1668,10 @@ def _atlas_memory_fast_body(
                      and torch.cuda.get_device_capability(qf.device)[0] >= 8)  # TF32 tensor cores: sm_80 on
         static = (ns_steps, muon, pad_ns, triton_ns, FACTOR_GRAM if factor is None else factor, muon and ns_chunk,
                   bmm32, bmm32 and GROUP_GEMMS, C if retrieve else 0)
+        from . import atlas_fused  # here: its kernels call this module's Triton helpers
+
         fused = (FUSED_STEP and (qf.is_cuda or INTERPRET) and retrieve  # INTERPRET: Triton's CPU interpreter
-                 and _fused_applies(params, Cp, C, ns_steps, muon, ns_chunk, static[4]))
+                 and atlas_fused.applies(params, Cp, C, ns_steps, muon, ns_chunk, static[4]))
         if fused:  # one chunk a call (two launches a chunk, forward and backward)
             group = 1
         # groups of chunks per compiled call, then single chunks; each call's inputs are pieces of

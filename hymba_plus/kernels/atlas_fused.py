@@ -461,8 +461,7 @@ if triton is not None:
     @triton.jit
     def _b2_ns(GRP, GS, SAV, W2, M2, GW2N, GM2N, MIX, LAM, WU, WS, NB, DM2, D: tl.constexpr, H: tl.constexpr,
                CP: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr,
-               NT: tl.constexpr, STEPS: tl.constexpr, a: tl.constexpr, b: tl.constexpr, c: tl.constexpr,
-               PREC: tl.constexpr):
+               NT: tl.constexpr, STEPS: tl.constexpr, b: tl.constexpr, c: tl.constexpr, PREC: tl.constexpr):
         """Backward 2, a program per (row, weight): Newton-Schulz forward again and its reverse mode for P
         and W_1 (their factors' gradients summed over the tiles); for W_2 its whole step's backward but
         for the memory MLP (its shares of the gradients of e, h, mix, λ, w, Π α go to NB)."""
