@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{row.get('spill_stores', '?'):>5} B stored / {row.get('spill_loads', '?'):>5} B loaded, shared "
               f"{row['shared_bytes'] // 1024:3d} KiB, mma.sync {row.get('mma_sync', '?'):>5}, wgmma "
               f"{row.get('wgmma', '?'):>4}", flush=True)
-    for prec in args.precisions if not args.fused else ():
+    for prec in () if args.fused else args.precisions:  # the Newton-Schulz kernels
         for side in args.sides:
             for kernel in args.kernels:
                 if kernel == "_ns_gram_bwd_kernel" and side > 32 and args.warps is None:
