@@ -106,7 +106,7 @@ class _FusedStep(torch.autograd.Function):
         Y = P.new_empty(N, n_q, P.shape[-2])
         SG = BD * BD + BH * BH
         zp = P.new_empty(N, NT, BT * BH + BQ * BH + BT * BD + BQ * BD)
-        sav = P.new_empty(N, 2 * BT * BH + BQ * BH + 2 * BT * BD)
+        sav = P.new_empty(N, 2 * BT * BH + BQ * BH + 2 * BT * BD)  # a row's slice as _sav_offsets lays it out
         gp, gs, rw = P.new_empty(N, NT, SG), P.new_empty(N, SG), P.new_empty(N, SG)
         ws = P.new_empty(N, 4 * m["STEPS"] * (2 * BD * BD + BH * BH))  # Newton-Schulz's iterates
         _launch(_f1_mlp, (N, NT), m, K, P, W1, zp)
@@ -129,7 +129,7 @@ class _FusedStep(torch.autograd.Function):
         BT, BQ, BD, BH, NT = m["BT"], m["BQ"], m["BD"], m["BH"], m["NT"]
         SG = BD * BD + BH * BH
         grp = P.new_empty(N, NT, SG + 1)
-        nb = P.new_empty(N, 2 * SG + BT * BD + BT * BH + 2 * BT + 6)
+        nb = P.new_empty(N, 2 * SG + BT * BD + BT * BH + 2 * BT + 6)  # a row's slice as _nb_offsets lays it out
         qp = P.new_empty(N, NT, 2 * BT * BD + 2 * BT * BH + 2)
         gb = P.new_empty(N, BT * BD + BT * BH + BQ * BH)
         _launch(_b1_gram_grads, (N, NT), m, K, P, W1, MP, M1, mix, lam, sav, GPN, GW1N, grp)
