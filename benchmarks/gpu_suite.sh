@@ -127,6 +127,8 @@
 #           2026-12-06: the first form (one program per row) 274.4 ms against 67.5 (H100); the ten-launch form 100.6
 #           against 67.7 (H100), with saved Newton-Schulz iterates 91.4 against 65.2 (H200), both at 8 warps, the
 #           launch sweep's worst (the defaults since: 64 columns, 4 warps; not yet timed in the layer)
+#   atlas_fused_d2048  the d 2048 muon_chunk layer (B 4 x 4096) without and with the fused chunk step, next to gdn in
+#           one process (issue 18: ATLAS <= 10x gdn; mixers.py --atlas-config bench_chunk)
 #   atlas_fused_recipe  the Quad-Hybrid recipe with muon_chunk and the fused step against its gdn twin (quad_chunk with
 #           FUSED_STEP on; not yet run)
 #   atlas_nstf32  the quad-shape muon_chunk layer with Newton-Schulz in one TF32 product per matmul against as
@@ -136,6 +138,8 @@
 #           on 2026-12-06 morning; passed on an H100 later that day, 114 s)
 #   atlas_fused_bench  one chunk step at the Quad-Hybrid's memory, fused per launch config and unfused, each in a
 #           CUDA graph: us per chunk forward and forward+backward (benchmarks/atlas_fused_bench.py)
+#   atlas_fused_profile  the same at the default config for the Quad-Hybrid's memory and the d 2048 layer's, with
+#           torch.profiler's kernel table of the fused and the unfused step's eager forward+backward
 #   atlas_fused_tests  pytest -m gpu tests/test_atlas_fused.py (fused step vs float64 at the Quad-Hybrid's memory;
 #           the fast path with it end to end)
 #   profiles  where the time of two rows goes (torch.profiler, two passes): side_by_side.py --rows attn --profile
@@ -302,6 +306,8 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
       atlas_fused) (cd benchmarks && step atlas_fused 250 python mixers.py --atlas-paths fast_graphed \
                  fast_fused_graphed --atlas-config quad_chunk --d-model 128 --batch 8 \
                  --seq-len 2048 --skip-gdn --out "$OUT/mixers_atlas_fused.json") ;;
+      atlas_fused_d2048) (cd benchmarks && step atlas_fused_d2048 400 python mixers.py --atlas-paths fast_graphed \
+                 fast_fused_graphed --atlas-config bench_chunk --out "$OUT/mixers_atlas_fused_d2048.json") ;;
       atlas_reference_test) step atlas_reference_test 200 "${PYTEST[@]}" tests/test_atlas.py -k cuda_matches_reference ;;
       atlas_fused_recipe) need_tilelang
               step atlas_fused_recipe 500 python benchmarks/quad_atlas.py --modes auto --atlas-config \
@@ -310,6 +316,9 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
                  fast_nstf32_graphed --atlas-config quad_chunk --d-model 128 --batch 8 \
                  --seq-len 2048 --skip-gdn --out "$OUT/mixers_atlas_nstf32.json") ;;
       atlas_fused_bench) step atlas_fused_bench 170 python benchmarks/atlas_fused_bench.py --out "$OUT/atlas_fused_bench.json" ;;
+      atlas_fused_profile) for sh in quad bench; do
+                 step atlas_fused_profile_$sh 200 python benchmarks/atlas_fused_bench.py --shape $sh --configs 64x4 \
+                    --profile --out "$OUT/atlas_fused_profile_$sh.json"; done ;;
       atlas_fused_tests) step atlas_fused_tests 150 "${PYTEST[@]}" tests/test_atlas_fused.py ;;
       profiles) step attn_profile 330 python benchmarks/side_by_side.py --rows attn --profile --merge --out-dir "$OUT"
               (cd benchmarks && step gdn_layer_profile 150 python mixers.py --only gdn --profile \
@@ -330,7 +339,7 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
                  echo "pack_out: $(tar -tJf "$OUT/out.tar.xz" | wc -l) files in $OUT/out.tar.xz" ;;
       *) echo "unknown step $s1 (moe mamba3 gdn atlas atlas_verify mamba3_tuned atlas_profile atlas_profile_bench" \
               "mixers mimo_alt mimo_alt2 loss memory decode fused agree modes side_train attn_bf16w fa4 side_decode quad quad_chunk" \
-              "atlas_chunk_layer atlas_chunk_bench quad_tf32 atlas_inductor atlas_bmm32 atlas_padns atlas_defaults atlas_chain atlas_combo atlas_group atlas_pdl atlas_ns_layout atlas_retrieve atlas_nssave atlas_owed atlas_splitk_tests atlas_splitk atlas_fused atlas_fused_recipe atlas_nstf32 atlas_fused_bench atlas_fused_tests atlas_reference_test profiles" \
+              "atlas_chunk_layer atlas_chunk_bench quad_tf32 atlas_inductor atlas_bmm32 atlas_padns atlas_defaults atlas_chain atlas_combo atlas_group atlas_pdl atlas_ns_layout atlas_retrieve atlas_nssave atlas_owed atlas_splitk_tests atlas_splitk atlas_fused atlas_fused_d2048 atlas_fused_recipe atlas_nstf32 atlas_fused_bench atlas_fused_profile atlas_fused_tests atlas_reference_test profiles" \
               "pack_caches pack_out)"; exit 2 ;;
     esac
   done
