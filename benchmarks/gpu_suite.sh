@@ -138,6 +138,7 @@
 #           on 2026-12-06 morning; passed on an H100 later that day, 114 s)
 #   atlas_fused_bench  one chunk step at the Quad-Hybrid's memory, fused per launch config and unfused, each in a
 #           CUDA graph: us per chunk forward and forward+backward (benchmarks/atlas_fused_bench.py)
+#   atlas_fused_sweep  atlas_fused_bench.py at both memories (quad, bench) for the backward's tile width (BLOCK_F_BWD)
 #   atlas_fused_profile  the same at the default config for the Quad-Hybrid's memory and the d 2048 layer's, with
 #           torch.profiler's kernel table of the fused and the unfused step's eager forward+backward
 #   atlas_fused_tests  pytest -m gpu tests/test_atlas_fused.py (fused step vs float64 at the Quad-Hybrid's memory;
@@ -316,6 +317,9 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
                  fast_nstf32_graphed --atlas-config quad_chunk --d-model 128 --batch 8 \
                  --seq-len 2048 --skip-gdn --out "$OUT/mixers_atlas_nstf32.json") ;;
       atlas_fused_bench) step atlas_fused_bench 170 python benchmarks/atlas_fused_bench.py --out "$OUT/atlas_fused_bench.json" ;;
+      atlas_fused_sweep) for sh in quad bench; do
+                 step atlas_fused_sweep_$sh 200 python benchmarks/atlas_fused_bench.py --shape $sh --configs 64x4 \
+                    64x4b32 64x4b16 32x4b16 --out "$OUT/atlas_fused_sweep_$sh.json"; done ;;
       atlas_fused_profile) for sh in quad bench; do
                  step atlas_fused_profile_$sh 200 python benchmarks/atlas_fused_bench.py --shape $sh --configs 64x4 \
                     --profile --out "$OUT/atlas_fused_profile_$sh.json"; done ;;
@@ -339,7 +343,7 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
                  echo "pack_out: $(tar -tJf "$OUT/out.tar.xz" | wc -l) files in $OUT/out.tar.xz" ;;
       *) echo "unknown step $s1 (moe mamba3 gdn atlas atlas_verify mamba3_tuned atlas_profile atlas_profile_bench" \
               "mixers mimo_alt mimo_alt2 loss memory decode fused agree modes side_train attn_bf16w fa4 side_decode quad quad_chunk" \
-              "atlas_chunk_layer atlas_chunk_bench quad_tf32 atlas_inductor atlas_bmm32 atlas_padns atlas_defaults atlas_chain atlas_combo atlas_group atlas_pdl atlas_ns_layout atlas_retrieve atlas_nssave atlas_owed atlas_splitk_tests atlas_splitk atlas_fused atlas_fused_d2048 atlas_fused_recipe atlas_nstf32 atlas_fused_bench atlas_fused_profile atlas_fused_tests atlas_reference_test profiles" \
+              "atlas_chunk_layer atlas_chunk_bench quad_tf32 atlas_inductor atlas_bmm32 atlas_padns atlas_defaults atlas_chain atlas_combo atlas_group atlas_pdl atlas_ns_layout atlas_retrieve atlas_nssave atlas_owed atlas_splitk_tests atlas_splitk atlas_fused atlas_fused_d2048 atlas_fused_recipe atlas_nstf32 atlas_fused_bench atlas_fused_sweep atlas_fused_profile atlas_fused_tests atlas_reference_test profiles" \
               "pack_caches pack_out)"; exit 2 ;;
     esac
   done

@@ -135,7 +135,8 @@ def _interpret(code: str, timeout: int = 500) -> str:
 def test_fused_step_in_interpreter_matches_the_unfused_step():
     """Forward and hand-written backward of the fused step in Triton's CPU interpreter against
     ``_chunk_step`` in float64 (autograd): every result and every input's gradient. Every side is
-    padded here (head dim 8 -> 16, C' 6 -> 16, queries 4 -> 16, 44 features in three 16-wide tiles),
+    padded here (head dim 8 -> 16, C' 6 -> 16, queries 4 -> 16, 44 features in three 16-wide tiles, and the
+    backward also in two 32-wide ones: ``BLOCK_F_BWD``),
     so the masks are exercised; products as "tf32x3" (one float32 product in the interpreter; the
     split form's arithmetic is the Newton-Schulz kernels', checked there)."""
     pytest.importorskip("triton")
@@ -144,7 +145,8 @@ def test_fused_step_in_interpreter_matches_the_unfused_step():
         from tests.test_atlas_fused import step_errors, step_problem
         atlas_fused.PRECISION = "tf32x3"
         atlas_fused.BLOCK_F = 16  # three feature tiles, the last one masked
-        for seed, mh in ((0, 2), (1, 1)):
+        for seed, mh, bwd in ((0, 2, None), (1, 1, None), (0, 2, 32)):  # 32: two backward tiles, three forward
+            atlas_fused.BLOCK_F_BWD = bwd
             errs = step_errors(step_problem(seed=seed, mh=mh), 4)
             print(seed, {k: f"{v:.1e}" for k, v in errs.items()})
             assert max(errs.values()) < 1e-4, errs  # measured <= 2.4e-5 (dlam)
@@ -225,14 +227,16 @@ def test_fused_bench_configs_and_arguments():
     """``benchmarks/atlas_fused_bench.py``: a config names the tile width, the warps and optionally the
     precision; the step's arguments are the fast path's (the unfused step runs on them here)."""
     bench = load_benchmark("atlas_fused_bench")
-    saved = atlas_fused.BLOCK_F, atlas_fused.NUM_WARPS, atlas_fused.PRECISION
+    names = ("BLOCK_F", "NUM_WARPS", "BLOCK_F_BWD", "PRECISION")
+    saved = [getattr(atlas_fused, k) for k in names]
     try:
         bench.set_config("64x8:tf32")
-        assert (atlas_fused.BLOCK_F, atlas_fused.NUM_WARPS, atlas_fused.PRECISION) == (64, 8, "tf32")
-        bench.set_config("16x4")
-        assert (atlas_fused.BLOCK_F, atlas_fused.NUM_WARPS, atlas_fused.PRECISION) == (16, 4, "tf32x3_split")
+        assert [getattr(atlas_fused, k) for k in names] == [64, 8, None, "tf32"]
+        bench.set_config("64x4b16")
+        assert [getattr(atlas_fused, k) for k in names] == [64, 4, 16, "tf32x3_split"]
     finally:
-        atlas_fused.BLOCK_F, atlas_fused.NUM_WARPS, atlas_fused.PRECISION = saved
+        for k, v in zip(names, saved):
+            setattr(atlas_fused, k, v)
     args = bench.step_args(2, "cpu")
     assert atlas_fused.applies(args[0], args[3].shape[1], args[-1], 5, True, True, False)
     new_p, new_m, y = atlas_kernels._chunk_step(*args)

@@ -57,6 +57,11 @@ from ._triton import next_pow2, triton
 #: spread over more threads, but ptxas still hits 255 registers in the backward's launches) and run
 #: fewer programs an SM
 BLOCK_F = 64
+#: the feature columns of the backward's tile launches (None: ``BLOCK_F``). Narrower tiles keep the
+#: backward's per-tile programs in registers (ptxas, sm_90a, 4 warps, the Quad-Hybrid's memory: backward 3
+#: spills 3.0 KB a thread at 64 columns, 1.2 KB at 32, 60 B at 16) at the price of more partial sums for
+#: the per-row launches to add
+BLOCK_F_BWD: int | None = None
 NUM_WARPS = 4
 #: matmul precision of the kernels (``_triton.dot_f32``): float32 accuracy on tensor cores
 PRECISION = "tf32x3_split"
@@ -124,12 +129,13 @@ class _FusedStep(torch.autograd.Function):
         P, W1, W2, MP, M1, M2, K, V, gam, mix, lam, wu, keep = ins
         GPN, GW1N, GW2N, GMPN, GM1N, GM2N, GY = (g.contiguous() for g in grads)
         dP, dW1, dW2, dMP, dM1, dM2, dK, dV, dgam, dmix, dlam, dwu, dkeep = (torch.empty_like(t) for t in ins)
-        m = ctx.meta
+        bf = BLOCK_F_BWD or ctx.meta["BF"]
+        m = dict(ctx.meta, BF=bf, NT=-(-ctx.meta["FD"] // bf))
         N = P.shape[0]
         BT, BQ, BD, BH, NT = m["BT"], m["BQ"], m["BD"], m["BH"], m["NT"]
         SG = BD * BD + BH * BH
         grp = P.new_empty(N, NT, SG + 1)
-        nb = P.new_empty(N, 2 * SG + BT * BD + BT * BH + 2 * BT + 6)  # a row's slice as _nb_offsets lays it out
+        nb = P.new_empty(N, 2 * SG + BT * BD + BT * BH + 2 * BT + 6 + BD * BD)  # a row's slice as _nb_offsets lays it out
         qp = P.new_empty(N, NT, 2 * BT * BD + 2 * BT * BH + 2)
         gb = P.new_empty(N, BT * BD + BT * BH + BQ * BH)
         _launch(_b1_gram_grads, (N, NT), m, K, P, W1, MP, M1, mix, lam, sav, GPN, GW1N, grp)
@@ -229,11 +235,12 @@ if triton is not None:
         return R * (wu * tl.sqrt(inv))
 
     @triton.jit
-    def _ns_scaled_bwd(G, gRw, wu, ws, MR: tl.constexpr, M: tl.constexpr, STEPS: tl.constexpr, b: tl.constexpr,
-                       c: tl.constexpr, PREC: tl.constexpr):
+    def _ns_scaled_bwd(G, gRw, wu, ws, RWO, MR: tl.constexpr, M: tl.constexpr, STEPS: tl.constexpr,
+                       b: tl.constexpr, c: tl.constexpr, PREC: tl.constexpr):
         """The reverse mode of ``_ns_scaled`` from the gradient gRw of its result, through the iterates it
-        kept in ``ws``: returns its result, the gradient of G symmetrised (gG + gGᵀ, what X Xᵀ passes back
-        as (gG + gGᵀ) X) and the gradient of w."""
+        kept in ``ws``: stores its result to ``RWO`` (an M x M block) and returns the gradient of G
+        symmetrised (gG + gGᵀ, what X Xᵀ passes back as (gG + gGᵀ) X) and the gradient of w. Neither G
+        nor the result stays live through the reverse loop (G / tr G is the saved A_0)."""
         i = tl.arange(0, M)
         tile = i[:, None] * M + i[None, :]
         tile_t = i[None, :] * M + i[:, None]
@@ -242,12 +249,13 @@ if triton is not None:
         R = _mm(tl.load(ws + (2 * STEPS - 1) * M * M + tile), tl.load(ws + (3 * STEPS - 1) * M * M + tile), PREC)
         s = wu * sq
         gs = tl.sum(gRw * R)
+        tl.store(RWO + tile, R * s)
         ginv = gs * wu * 0.5 / sq
         gA = _ns_back(gRw * s, ws, tile_t, M, STEPS, b, c, PREC)
-        ginv += tl.sum(gA * G)
+        ginv += tl.sum(gA * tl.load(ws + tile)) / inv  # Σ gA ⊙ G, G = A_0 / inv
         real = ((i[:, None] == i[None, :]) & (i[:, None] < MR)).to(tl.float32)
         gG = gA * inv - (ginv * inv * inv) * real  # d(1 / (tr G + eps)) = -inv² d tr G
-        return R * s, gG + tl.trans(gG), gs * sq
+        return gG + tl.trans(gG), gs * sq
 
     # ------------------------------------------------------------------ layout of the work buffers
     # Per memory row, dense zero-padded blocks (BT x BH etc.); per (row, F tile) partial sums that the
@@ -431,14 +439,15 @@ if triton is not None:
     @triton.jit
     def _nb_offsets(BT: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr):
         """Offsets in a row's slice of NB (backward 2 -> 3, 4): R w / ||X|| of P and W_1, their Gram
-        gradients (symmetrised), then W_2's shares of the gradients of e, h, mix, λ, w and Π α."""
+        gradients (symmetrised), then W_2's shares of the gradients of e, h, mix, λ, w and Π α, then W_2's
+        R w / ||X|| (at o_gwu + 4, used by backward 2 only); the last value is the slice's size."""
         SG: tl.constexpr = BD * BD + BH * BH
         o_ge2 = 2 * SG
         o_gh1 = o_ge2 + BT * BD
         o_gmix = o_gh1 + BT * BH
         o_glam = o_gmix + 2 * BT
         o_gwu = o_glam + 2
-        return SG, o_ge2, o_gh1, o_gmix, o_glam, o_gwu, o_gwu + 4
+        return SG, o_ge2, o_gh1, o_gmix, o_glam, o_gwu, o_gwu + 4 + BD * BD
 
     @triton.jit
     def _b1_gram_grads(K, P, W1, MP, M1, MIX, LAM, SAV, GPN, GW1N, GRP, D: tl.constexpr, H: tl.constexpr,
@@ -472,48 +481,65 @@ if triton is not None:
         wu = tl.load(WU + n)
         ws = _ws_slot(WS, n, w, STEPS, BD, BH)
         if w == 0:  # (each branch's names its own: Triton types a name alike in all branches)
-            rwp, ggp, gwup = _ns_scaled_bwd(_blk(GS + n * SG, BD, BD),
-                                            _sum_tiles(GRP + n * NT * (SG + 1), SG + 1, NT, BD, BD),
-                                            wu, ws, D, BD, STEPS, b, c, PREC)
-            _sblk(nb, BD, BD, rwp)
+            ggp, gwup = _ns_scaled_bwd(_blk(GS + n * SG, BD, BD),
+                                       _sum_tiles(GRP + n * NT * (SG + 1), SG + 1, NT, BD, BD),
+                                       wu, ws, nb, D, BD, STEPS, b, c, PREC)
             _sblk(nb + SG, BD, BD, ggp)
             tl.store(nb + o_gwu, gwup)
         elif w == 1:
-            rw1, gg1, gwu1 = _ns_scaled_bwd(_blk(GS + n * SG + BD * BD, BH, BH),
-                                            _sum_tiles(GRP + n * NT * (SG + 1) + BD * BD, SG + 1, NT, BH, BH),
-                                            wu, ws, H, BH, STEPS, b, c, PREC)
-            _sblk(nb + BD * BD, BH, BH, rw1)
+            gg1, gwu1 = _ns_scaled_bwd(_blk(GS + n * SG + BD * BD, BH, BH),
+                                       _sum_tiles(GRP + n * NT * (SG + 1) + BD * BD, SG + 1, NT, BH, BH),
+                                       wu, ws, nb + BD * BD, H, BH, STEPS, b, c, PREC)
             _sblk(nb + SG + BD * BD, BH, BH, gg1)
             tl.store(nb + o_gwu + 1, gwu1)
-        else:
+        else:  # what the reverse loop does not need is loaded after it, not kept live through it
             rd, rh = tl.arange(0, BD), tl.arange(0, BH)
             o_z1q, o_e, o_d1, o_diff, S2 = _sav_offsets(BT, BQ, BD, BH)
-            e = _blk(SAV + n * S2 + o_e, BT, BD)
-            h1k = silu_f32(_blk(SAV + n * S2, BT, BH))
             m0, m1, lam0, lam1 = _gates(MIX, LAM, n, CP, BT)
             o2 = n * D * H
-            w2 = _ld(W2 + o2, rd, rh, D, H, H, 1)
-            mw2 = _ld(M2 + o2, rd, rh, D, H, H, 1)
+            x2 = (_mm(tl.trans(_blk(SAV + n * S2 + o_e, BT, BD) * m0[:, None]), silu_f32(_blk(SAV + n * S2, BT, BH)),
+                      PREC) + lam0 * _ld(M2 + o2, rd, rh, D, H, H, 1))
+            gg2, gwu = _ns_scaled_bwd(_mm(x2, tl.trans(x2), PREC),
+                                      _mm(-_ld(GW2N + o2, rd, rh, D, H, H, 1), tl.trans(x2), PREC), wu, ws,
+                                      nb + o_gwu + 4, D, BD, STEPS, b, c, PREC)
             gw2n = _ld(GW2N + o2, rd, rh, D, H, H, 1)
+            gx2 = (_mm(tl.trans(_blk(nb + o_gwu + 4, BD, BD)), -gw2n, PREC)
+                   + _mm(gg2, x2, PREC))
             gs2 = _ld(GM2N + o2, rd, rh, D, H, H, 1)
-            ea0 = e * m0[:, None]
-            ea1 = e * m1[:, None]
-            x2 = _mm(tl.trans(ea0), h1k, PREC) + lam0 * mw2
-            rw2, gg2, gwu = _ns_scaled_bwd(_mm(x2, tl.trans(x2), PREC), _mm(-gw2n, tl.trans(x2), PREC), wu, ws, D,
-                                           BD, STEPS, b, c, PREC)
-            gx2 = _mm(tl.trans(rw2), -gw2n, PREC) + _mm(gg2, x2, PREC)
+            mw2 = _ld(M2 + o2, rd, rh, D, H, H, 1)
             _st(DM2 + o2, rd, rh, D, H, H, 1, lam0 * gx2 + lam1 * gs2)
+            tl.store(nb + o_glam, tl.sum(gx2 * mw2))
+            tl.store(nb + o_glam + 1, tl.sum(gs2 * mw2))
+            tl.store(nb + o_gwu + 2, gwu)
+            tl.store(nb + o_gwu + 3, tl.sum(gw2n * _ld(W2 + o2, rd, rh, D, H, H, 1)))
+            e = _blk(SAV + n * S2 + o_e, BT, BD)
+            h1k = silu_f32(_blk(SAV + n * S2, BT, BH))
             q0 = _mm(h1k, tl.trans(gx2), PREC)  # [BT, BD]
             q1 = _mm(h1k, tl.trans(gs2), PREC)
             rt = tl.arange(0, BT)
             _sblk(nb + o_ge2, BT, BD, m0[:, None] * q0 + m1[:, None] * q1)
-            _sblk(nb + o_gh1, BT, BH, _mm(ea0, gx2, PREC) + _mm(ea1, gs2, PREC))
+            _sblk(nb + o_gh1, BT, BH, _mm(e * m0[:, None], gx2, PREC) + _mm(e * m1[:, None], gs2, PREC))
             tl.store(nb + o_gmix + rt, tl.sum(e * q0, 1))
             tl.store(nb + o_gmix + BT + rt, tl.sum(e * q1, 1))
-            tl.store(nb + o_glam, tl.sum(gx2 * mw2))
-            tl.store(nb + o_glam + 1, tl.sum(gs2 * mw2))
-            tl.store(nb + o_gwu + 2, gwu)
-            tl.store(nb + o_gwu + 3, tl.sum(gw2n * w2))
+
+    @triton.jit
+    def _b3_weight(kk, a, m0, m1, lam0, lam1, S0, GWN, GSN, DS, RWB, GGB, QB, cols, NR: tl.constexpr,
+                   FD: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr):
+        """Backward 3 for one F-wide weight (P: factor e, W_1: factor δ, ``NR`` rows padded to ``BR``) on the
+        tile: X again from its factors, X's gradient through Newton-Schulz (R w / ||X|| at RWB) and the Gram
+        matrix (GGB), the old momentum's gradient (to DS), the tile's shares of K gXᵀ and K gSᵀ (to QB);
+        returns the keys' share and the tile's shares of λ's gradients."""
+        rr = tl.arange(0, BR)
+        s0 = _ld(S0, rr, cols, NR, FD, FD, 1)
+        x = _mm(tl.trans(a * m0[:, None]), kk, PREC) + lam0 * s0
+        gx = (_mm(tl.trans(_blk(RWB, BR, BR)), -_ld(GWN, rr, cols, NR, FD, FD, 1), PREC)
+              + _mm(_blk(GGB, BR, BR), x, PREC))
+        gs = _ld(GSN, rr, cols, NR, FD, FD, 1)
+        _st(DS, rr, cols, NR, FD, FD, 1, lam0 * gx + lam1 * gs)
+        _sblk(QB, BT, BR, _mm(kk, tl.trans(gx), PREC))
+        _sblk(QB + BT * BR, BT, BR, _mm(kk, tl.trans(gs), PREC))
+        gk = _mm(a * m0[:, None], gx, PREC) + _mm(a * m1[:, None], gs, PREC)
+        return gk, tl.sum(gx * s0), tl.sum(gs * s0)
 
     @triton.jit
     def _b3_tiles(K, MP, M1, MIX, LAM, SAV, NB, GPN, GW1N, GMPN, GM1N, DMP, DM1, DK, QP, D: tl.constexpr,
@@ -522,31 +548,27 @@ if triton is not None:
                   PREC: tl.constexpr):
         """Backward 3, a program per (row, F tile): X's gradient for P and W_1 on the tile (through Newton-Schulz
         and the Gram matrix), the old momenta's, the keys' share through the momenta (to DK, completed by
-        backward 5), and the tile's share of the factors' gradients K gXᵀ and of λ's (to QP)."""
-        n, cols, oP, o1, e, d1, m0, m1, lam0, lam1, kk, mp, m1t, xp, x1 = _tile_start(
-            K, MP, M1, MIX, LAM, SAV, D, H, FD, CP, CQ, BD, BH, BT, BQ, BF, PREC)
-        rt, rd, rh = tl.arange(0, BT), tl.arange(0, BD), tl.arange(0, BH)
+        backward 5), and the tile's share of the factors' gradients K gXᵀ and of λ's (to QP). One weight after
+        the other (``_b3_weight``), so that only one weight's tiles are live at a time."""
+        n = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BF + tl.arange(0, BF)
+        rt = tl.arange(0, BT)
+        o_z1q, o_e, o_d1, o_diff, S2 = _sav_offsets(BT, BQ, BD, BH)
+        m0, m1, lam0, lam1 = _gates(MIX, LAM, n, CP, BT)
+        oP, o1 = n * D * FD, n * H * FD
         SG, o_ge2, o_gh1, o_gmix, o_glam, o_gwu, SNB = _nb_offsets(BT, BD, BH)
         nb = NB + n * SNB
-        gsp = _ld(GMPN + oP, rd, cols, D, FD, FD, 1)
-        gs1 = _ld(GM1N + o1, rh, cols, H, FD, FD, 1)
-        gxp = (_mm(tl.trans(_blk(nb, BD, BD)), -_ld(GPN + oP, rd, cols, D, FD, FD, 1), PREC)
-               + _mm(_blk(nb + SG, BD, BD), xp, PREC))
-        gx1 = (_mm(tl.trans(_blk(nb + BD * BD, BH, BH)), -_ld(GW1N + o1, rh, cols, H, FD, FD, 1), PREC)
-               + _mm(_blk(nb + SG + BD * BD, BH, BH), x1, PREC))
-        _st(DMP + oP, rd, cols, D, FD, FD, 1, lam0 * gxp + lam1 * gsp)
-        _st(DM1 + o1, rh, cols, H, FD, FD, 1, lam0 * gx1 + lam1 * gs1)
         SQ: tl.constexpr = 2 * BT * BD + 2 * BT * BH + 2
         qb = QP + (n * NT + tl.program_id(1)) * SQ
-        _sblk(qb, BT, BD, _mm(kk, tl.trans(gxp), PREC))
-        _sblk(qb + BT * BD, BT, BD, _mm(kk, tl.trans(gsp), PREC))
-        _sblk(qb + 2 * BT * BD, BT, BH, _mm(kk, tl.trans(gx1), PREC))
-        _sblk(qb + 2 * BT * BD + BT * BH, BT, BH, _mm(kk, tl.trans(gs1), PREC))
-        tl.store(qb + SQ - 2, tl.sum(gxp * mp) + tl.sum(gx1 * m1t))
-        tl.store(qb + SQ - 1, tl.sum(gsp * mp) + tl.sum(gs1 * m1t))
-        gkk = (_mm(e * m0[:, None], gxp, PREC) + _mm(e * m1[:, None], gsp, PREC) + _mm(d1 * m0[:, None], gx1, PREC)
-               + _mm(d1 * m1[:, None], gs1, PREC))
-        _st(DK + n * (CP + CQ) * FD, rt, cols, CP, FD, FD, 1, gkk)
+        kk = _ld(K + n * (CP + CQ) * FD, rt, cols, CP, FD, FD, 1)
+        gkk, gl0, gl1 = _b3_weight(kk, _blk(SAV + n * S2 + o_e, BT, BD), m0, m1, lam0, lam1, MP + oP, GPN + oP,
+                                   GMPN + oP, DMP + oP, nb, nb + SG, qb, cols, D, FD, BT, BD, PREC)
+        gk1, gl0b, gl1b = _b3_weight(kk, _blk(SAV + n * S2 + o_d1, BT, BH), m0, m1, lam0, lam1, M1 + o1, GW1N + o1,
+                                     GM1N + o1, DM1 + o1, nb + BD * BD, nb + SG + BD * BD, qb + 2 * BT * BD, cols, H,
+                                     FD, BT, BH, PREC)
+        tl.store(qb + SQ - 2, gl0 + gl0b)
+        tl.store(qb + SQ - 1, gl1 + gl1b)
+        _st(DK + n * (CP + CQ) * FD, rt, cols, CP, FD, FD, 1, gkk + gk1)
 
     @triton.jit
     def _b4_row(QP, GRP, NB, SAV, W2, GW2N, GY, GAM, MIX, LAM, KEEP, DW2, DV, DGAM, DMIX, DLAM, DWU, DKEEP, GB,
