@@ -81,7 +81,7 @@ def graphed(step, args: tuple, backward: bool):  # noqa: ANN001, ANN201
 
 def set_config(cfg: str) -> None:
     """``BLOCK_FxNUM_WARPS[bBLOCK_F_BWD][:PRECISION]`` (e.g. 32x4, 64x4b16, 32x4:tf32) -> atlas_fused's
-    settings (no ``b``: the backward's tiles as the forward's)."""
+    settings (no ``b``: the backward's tiles as ``atlas_fused`` picks them, ``BLOCK_F_BWD = None``)."""
     size, _, prec = cfg.partition(":")
     size, _, bwd = size.partition("b")
     bf, warps = (int(x) for x in size.split("x"))
@@ -92,7 +92,7 @@ def set_config(cfg: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", nargs="+", default=["32x4", "64x4", "16x4"],
+    ap.add_argument("--configs", nargs="+", default=["64x4", "64x4b64", "64x4b32", "32x4"],
                     help="fused launch configs BLOCK_FxNUM_WARPS[bBLOCK_F_BWD][:PRECISION] (PRECISION of _triton.dot_f32; "
                          "default tf32x3_split, float32 accuracy; tf32: one product, ~1e-3, to see what the "
                          "split products cost)")

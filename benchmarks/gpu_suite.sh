@@ -121,16 +121,15 @@
 #   atlas_splitk  the quad-shape muon_chunk layer as shipped (split-K GEMMs on) and without split-K, one process
 #           (mixers.py fast_graphed fast_nosplitk_graphed); run on an H100 2026-12-06 before split-K and the stacked
 #           Newton-Schulz scalings were defaults: as then shipped 68.9 ms, split-K 67.7, stacked scalings 68.3
-#   atlas_fused  the quad-shape muon_chunk layer without (as shipped) and with the fused chunk step
-#           (kernels/atlas_fused.py), one process (mixers.py fast_graphed fast_fused_graphed); the first call per
+#   atlas_fused  the quad-shape muon_chunk layer without and with (as shipped since 2026-12-06) the fused chunk step
+#           (kernels/atlas_fused.py), one process (mixers.py fast_unfused_graphed fast_graphed); the first call per
 #           shape checks the fused step against the eager one (a disagreement is printed and the unfused step runs).
-#           2026-12-06: the first form (one program per row) 274.4 ms against 67.5 (H100); the ten-launch form 100.6
-#           against 67.7 (H100), with saved Newton-Schulz iterates 91.4 against 65.2 (H200), both at 8 warps, the
-#           launch sweep's worst (the defaults since: 64 columns, 4 warps; not yet timed in the layer)
+#           2026-12-06, H100: the first form (one program per row) 274.4 ms against 67.5; the ten-launch form at 8
+#           warps 100.6 against 67.7, at 64 columns x 4 warps 68.4 against 67.3 (before the backward's narrower tiles)
 #   atlas_fused_d2048  the d 2048 muon_chunk layer (B 4 x 4096) without and with the fused chunk step, next to gdn in
-#           one process (issue 18: ATLAS <= 10x gdn; mixers.py --atlas-config bench_chunk)
-#   atlas_fused_recipe  the Quad-Hybrid recipe with muon_chunk and the fused step against its gdn twin (quad_chunk with
-#           FUSED_STEP on; not yet run)
+#           one process (issue 18: ATLAS <= 10x gdn; mixers.py --atlas-config bench_chunk); H100 2026-12-06: 49.1 ms
+#           fused against 90.3, gdn graphed 6.83: 7.2x
+#   atlas_fused_recipe  the Quad-Hybrid recipe with muon_chunk (the fused step on, as shipped) against its gdn twin
 #   atlas_nstf32  the quad-shape muon_chunk layer with Newton-Schulz in one TF32 product per matmul against as
 #           shipped (float32-accurate split products), one process; H100 2026-12-06: the tf32 path fails the fast path's
 #           probe (0.147 off the float64 reference), so it does not run
@@ -304,15 +303,15 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
       atlas_splitk) (cd benchmarks && step atlas_splitk 480 python mixers.py --atlas-paths fast_graphed \
                  fast_nosplitk_graphed --atlas-config quad_chunk --d-model 128 --batch 8 \
                  --seq-len 2048 --skip-gdn --out "$OUT/mixers_atlas_splitk.json") ;;
-      atlas_fused) (cd benchmarks && step atlas_fused 250 python mixers.py --atlas-paths fast_graphed \
-                 fast_fused_graphed --atlas-config quad_chunk --d-model 128 --batch 8 \
+      atlas_fused) (cd benchmarks && step atlas_fused 250 python mixers.py --atlas-paths fast_unfused_graphed \
+                 fast_graphed --atlas-config quad_chunk --d-model 128 --batch 8 \
                  --seq-len 2048 --skip-gdn --out "$OUT/mixers_atlas_fused.json") ;;
-      atlas_fused_d2048) (cd benchmarks && step atlas_fused_d2048 400 python mixers.py --atlas-paths fast_graphed \
-                 fast_fused_graphed --atlas-config bench_chunk --out "$OUT/mixers_atlas_fused_d2048.json") ;;
+      atlas_fused_d2048) (cd benchmarks && step atlas_fused_d2048 400 python mixers.py --atlas-paths \
+                 fast_unfused_graphed fast_graphed --atlas-config bench_chunk --out "$OUT/mixers_atlas_fused_d2048.json") ;;
       atlas_reference_test) step atlas_reference_test 200 "${PYTEST[@]}" tests/test_atlas.py -k cuda_matches_reference ;;
       atlas_fused_recipe) need_tilelang
               step atlas_fused_recipe 500 python benchmarks/quad_atlas.py --modes auto --atlas-config \
-                 inner_optimizer=muon_chunk --atlas-setting FUSED_STEP=true --out "$OUT/quad_atlas_fused.json" ;;
+                 inner_optimizer=muon_chunk --out "$OUT/quad_atlas_fused.json" ;;
       atlas_nstf32) (cd benchmarks && step atlas_nstf32 300 python mixers.py --atlas-paths fast_graphed \
                  fast_nstf32_graphed --atlas-config quad_chunk --d-model 128 --batch 8 \
                  --seq-len 2048 --skip-gdn --out "$OUT/mixers_atlas_nstf32.json") ;;

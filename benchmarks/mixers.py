@@ -270,6 +270,7 @@ ATLAS_PATHS = {
     "fast_nonssave_graphed": ("auto", {"NS_SAVE_FWD": False}, True),
     "fast_nosplitk_graphed": ("auto", {"SPLIT_K": False}, True),
     "fast_fused_graphed": ("auto", {"FUSED_STEP": True}, True),
+    "fast_unfused_graphed": ("auto", {"FUSED_STEP": False}, True),
     "fast_nstf32_graphed": ("auto", {"NS_TRITON_PRECISION": "tf32"}, True),
 }
 
@@ -344,8 +345,9 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
                       2026-12-05 late: with muon_chunk, not with per-token Muon)
       fast_nosplitk_graphed  ``fast_graphed`` without split-K in the grouped GEMMs (SPLIT_K; on since 2026-12-06,
                       ``fast_splitk_graphed`` before)
-      fast_fused_graphed  ``fast_graphed`` with the muon_chunk step written out by hand in ten Triton launches,
-                      five a direction (FUSED_STEP, kernels/atlas_fused.py; off as shipped: not faster)
+      fast_fused_graphed / fast_unfused_graphed  ``fast_graphed`` with / without the muon_chunk step written out
+                      by hand in ten Triton launches, five a direction (FUSED_STEP, kernels/atlas_fused.py; on
+                      as shipped since 2026-12-06, where it applies)
       fast_nstf32_graphed  ``fast_graphed`` with Newton-Schulz's products in one TF32 product each (~1e-3
                       relative, as ``fast_tf32``), to see what the float32-accurate split products cost
 

@@ -1336,16 +1336,16 @@ INDUCTOR = "pdl"
 
 #: the muon_chunk chunk step as ten Triton launches, five a direction, its backward written by hand
 #: (``kernels.atlas_fused``) where it applies (``atlas_fused.applies``: depth-2 memory, retrieval in
-#: the step, float32, sides <= 64) on CUDA: True = there, False = never (the compiled step). Checked
-#: once per shape against the eager step (``_fused``); a disagreement or a failed launch is said once
-#: and the unfused (compiled) step runs from then on. Off: not faster. Measured (2026-12-06, the
-#: Quad-Hybrid's memory, 32 rows; one chunk step in a CUDA graph, ``benchmarks/atlas_fused_bench.py``,
-#: one process each): on an H200 111.5 us forward / 557.3 forward+backward against 157.2 / 559.0
-#: unfused; on an H100 (before the forward kept Newton-Schulz's iterates) 100.7 / 624.9 against 165.4 /
-#: 587.2. The layer (8 x 2048, CUDA graphs, ``mixers.py --atlas-paths fast_graphed fast_fused_graphed``)
-#: was timed only with 8 warps, the sweep's worst: 91.4 ms against 65.2 (H200). A first form, one
-#: program per row and direction, was 268 / 1,574 us a chunk (H100)
-FUSED_STEP = False
+#: the step, float32, sides <= 64) on CUDA: True = there (default since 2026-12-06), False = never (the
+#: compiled step). Checked once per shape against the eager step (``_fused``); a disagreement or a
+#: failed launch is said once and the unfused (compiled) step runs from then on. Measured on an H100
+#: (2026-12-06; one chunk step forward+backward in a CUDA graph, ``benchmarks/atlas_fused_bench.py``,
+#: fused and unfused in one process): the Quad-Hybrid's memory (32 rows) 543.1 us against 594.8, the
+#: d 2048 layer's (64 rows) 227.7 against 398.9; the d 2048 layer (B 4 x 4096, CUDA graphs, ``mixers.py
+#: --atlas-paths fast_graphed fast_fused_graphed --atlas-config bench_chunk``) 49.1 ms against 90.3,
+#: 7.2x a graphed gdn layer's 6.83 in the same process. A first form, one program per row and
+#: direction, was 268 / 1,574 us a chunk forward / forward+backward (H100)
+FUSED_STEP = True
 
 #: why the fused chunk step is off in this process (it disagreed with the eager step, or failed)
 fused_error: str | None = None

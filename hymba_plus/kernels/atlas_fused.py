@@ -57,10 +57,13 @@ from ._triton import next_pow2, triton
 #: spread over more threads, but ptxas still hits 255 registers in the backward's launches) and run
 #: fewer programs an SM
 BLOCK_F = 64
-#: the feature columns of the backward's tile launches (None: ``BLOCK_F``). Narrower tiles keep the
-#: backward's per-tile programs in registers (ptxas, sm_90a, 4 warps, the Quad-Hybrid's memory: backward 3
-#: spills 3.0 KB a thread at 64 columns, 1.2 KB at 32, 60 B at 16) at the price of more partial sums for
-#: the per-row launches to add
+#: the feature columns of the backward's tile launches (None: 16 where the padded hidden side is 64,
+#: else ``BLOCK_F``). Narrower tiles keep the backward's per-tile programs in registers (ptxas, sm_90a,
+#: 4 warps, the Quad-Hybrid's memory: backward 3 spills 3.0 KB a thread at 64 columns, 1.2 KB at 32, 60 B
+#: at 16) at the price of more partial sums for the per-row launches to add. H100, 2026-12-06, one chunk
+#: step forward+backward (``atlas_fused_bench.py --configs 64x4 64x4b32 64x4b16``): the Quad-Hybrid's
+#: memory (hidden 64, 560 features) 581.3 / 548.3 / 543.1 us at 64 / 32 / 16 backward columns; the d 2048
+#: layer's (hidden 32, 152 features) 227.7 / 237.6 / 245.8
 BLOCK_F_BWD: int | None = None
 NUM_WARPS = 4
 #: matmul precision of the kernels (``_triton.dot_f32``): float32 accuracy on tensor cores
@@ -129,7 +132,7 @@ class _FusedStep(torch.autograd.Function):
         P, W1, W2, MP, M1, M2, K, V, gam, mix, lam, wu, keep = ins
         GPN, GW1N, GW2N, GMPN, GM1N, GM2N, GY = (g.contiguous() for g in grads)
         dP, dW1, dW2, dMP, dM1, dM2, dK, dV, dgam, dmix, dlam, dwu, dkeep = (torch.empty_like(t) for t in ins)
-        bf = BLOCK_F_BWD or ctx.meta["BF"]
+        bf = BLOCK_F_BWD or (16 if ctx.meta["BH"] >= 64 else ctx.meta["BF"])
         m = dict(ctx.meta, BF=bf, NT=-(-ctx.meta["FD"] // bf))
         N = P.shape[0]
         BT, BQ, BD, BH, NT = m["BT"], m["BQ"], m["BD"], m["BH"], m["NT"]
