@@ -223,6 +223,23 @@ def test_fused_kernels_compile_for_sm90():
         assert res["cubin_bytes"] > 0 and res["shared_bytes"] <= 227 * 1024, res
 
 
+def test_backward_tile_width():
+    """``BLOCK_F_BWD``: None takes 16 feature columns where the padded hidden side is 64 (the Quad-Hybrid's
+    memory: the 64-wide tiles spill there) and the forward's width elsewhere; a value overrides both."""
+    quad = atlas_fused._meta(torch.empty(1, 32, 560), torch.empty(1, 64, 560), torch.empty(1, 31, 32), 16, 5)
+    bench = atlas_fused._meta(torch.empty(1, 16, 152), torch.empty(1, 32, 152), torch.empty(1, 19, 16), 16, 5)
+    saved = atlas_fused.BLOCK_F_BWD
+    try:
+        atlas_fused.BLOCK_F_BWD = None
+        assert (atlas_fused._bwd_meta(quad)["BF"], atlas_fused._bwd_meta(quad)["NT"]) == (16, 35)
+        assert atlas_fused._bwd_meta(bench)["BF"] == bench["BF"] == atlas_fused.BLOCK_F
+        atlas_fused.BLOCK_F_BWD = 32
+        assert (atlas_fused._bwd_meta(quad)["BF"], atlas_fused._bwd_meta(quad)["NT"]) == (32, 18)
+        assert quad["NT"] == -(-560 // atlas_fused.BLOCK_F)  # the forward's own tiles are unchanged
+    finally:
+        atlas_fused.BLOCK_F_BWD = saved
+
+
 def test_fused_bench_configs_and_arguments():
     """``benchmarks/atlas_fused_bench.py``: a config names the tile width, the warps and optionally the
     precision; the step's arguments are the fast path's (the unfused step runs on them here)."""

@@ -94,6 +94,13 @@ def _meta(P: Tensor, W1: Tensor, V: Tensor, n_q: int, ns_steps: int) -> dict:
                 BF=BLOCK_F, NT=-(-Fd // BLOCK_F), STEPS=ns_steps, a=a, b=b, c=c, PREC=PRECISION)
 
 
+def _bwd_meta(meta: dict) -> dict:
+    """The backward's launch constants: the forward's with the tile width ``BLOCK_F_BWD`` (None: 16
+    where the padded hidden side is 64, else the forward's) and its tile count."""
+    bf = BLOCK_F_BWD or (16 if meta["BH"] >= 64 else meta["BF"])
+    return dict(meta, BF=bf, NT=-(-meta["FD"] // bf))
+
+
 def _launch(kernel, grid: tuple[int, ...], meta: dict, *ptrs: Tensor) -> None:  # noqa: ANN001
     """``kernel[grid](*ptrs, <its constexprs from meta>)``."""
     kernel[grid](*ptrs, **{k: v for k, v in meta.items() if k in kernel.arg_names}, num_warps=NUM_WARPS)
@@ -132,8 +139,7 @@ class _FusedStep(torch.autograd.Function):
         P, W1, W2, MP, M1, M2, K, V, gam, mix, lam, wu, keep = ins
         GPN, GW1N, GW2N, GMPN, GM1N, GM2N, GY = (g.contiguous() for g in grads)
         dP, dW1, dW2, dMP, dM1, dM2, dK, dV, dgam, dmix, dlam, dwu, dkeep = (torch.empty_like(t) for t in ins)
-        bf = BLOCK_F_BWD or (16 if ctx.meta["BH"] >= 64 else ctx.meta["BF"])
-        m = dict(ctx.meta, BF=bf, NT=-(-ctx.meta["FD"] // bf))
+        m = _bwd_meta(ctx.meta)
         N = P.shape[0]
         BT, BQ, BD, BH, NT = m["BT"], m["BQ"], m["BD"], m["BH"], m["NT"]
         SG = BD * BD + BH * BH
