@@ -69,6 +69,8 @@ def fused_resources(kernel: str, warps: int | None = None, head_dim: int = 32, h
     fn = getattr(atlas_fused, kernel)
     meta = atlas_fused._meta(torch.empty(1, head_dim, features), torch.empty(1, hidden, features),
                              torch.empty(1, chunk + window - 1, head_dim), chunk, 5)
+    if kernel in ("_b3_tiles", "_b4_row", "_b5_tiles"):  # launched with the backward's tiles
+        meta = atlas_fused._bwd_meta(meta)
     sig = {p: "constexpr" if p in meta else "*fp32" for p in fn.arg_names}
     w = warps or atlas_fused.NUM_WARPS
     k = compile_for(fn, sig, {p: meta[p] for p in fn.arg_names if p in meta}, w)

@@ -231,7 +231,7 @@ def test_backward_tile_width():
     saved = atlas_fused.BLOCK_F_BWD
     try:
         atlas_fused.BLOCK_F_BWD = None
-        assert (atlas_fused._bwd_meta(quad)["BF"], atlas_fused._bwd_meta(quad)["NT"]) == (16, 35)
+        assert [atlas_fused._bwd_meta(quad)[k] for k in ("BF", "NT", "NG")] == [16, 35, quad["NT"]]
         assert atlas_fused._bwd_meta(bench)["BF"] == bench["BF"] == atlas_fused.BLOCK_F
         atlas_fused.BLOCK_F_BWD = 32
         assert (atlas_fused._bwd_meta(quad)["BF"], atlas_fused._bwd_meta(quad)["NT"]) == (32, 18)

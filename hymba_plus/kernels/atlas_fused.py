@@ -57,8 +57,9 @@ from ._triton import next_pow2, triton
 #: spread over more threads, but ptxas still hits 255 registers in the backward's launches) and run
 #: fewer programs an SM
 BLOCK_F = 64
-#: the feature columns of the backward's tile launches (None: 16 where the padded hidden side is 64,
-#: else ``BLOCK_F``). Narrower tiles keep the backward's per-tile programs in registers (ptxas, sm_90a,
+#: the feature columns of the backward's tile launches after Newton-Schulz's reverse (backward 3-5; None: 16
+#: where the padded hidden side is 64, else ``BLOCK_F``; backward 1 takes the forward's, so that backward 2
+#: adds up as few partial Gram gradients as forward 4 adds Gram matrices). Narrower tiles keep the backward's per-tile programs in registers (ptxas, sm_90a,
 #: 4 warps, the Quad-Hybrid's memory: backward 3 spills 3.0 KB a thread at 64 columns, 1.2 KB at 32, 60 B
 #: at 16) at the price of more partial sums for the per-row launches to add. H100, 2026-12-06, one chunk
 #: step forward+backward (``atlas_fused_bench.py --configs 64x4 64x4b32 64x4b16``): the Quad-Hybrid's
@@ -95,10 +96,11 @@ def _meta(P: Tensor, W1: Tensor, V: Tensor, n_q: int, ns_steps: int) -> dict:
 
 
 def _bwd_meta(meta: dict) -> dict:
-    """The backward's launch constants: the forward's with the tile width ``BLOCK_F_BWD`` (None: 16
-    where the padded hidden side is 64, else the forward's) and its tile count."""
+    """Backward 3-5's launch constants: the forward's with the tile width ``BLOCK_F_BWD`` (None: 16
+    where the padded hidden side is 64, else the forward's), its tile count NT, and NG, the forward's
+    (and backward 1's) tile count."""
     bf = BLOCK_F_BWD or (16 if meta["BH"] >= 64 else meta["BF"])
-    return dict(meta, BF=bf, NT=-(-meta["FD"] // bf))
+    return dict(meta, BF=bf, NT=-(-meta["FD"] // bf), NG=meta["NT"])
 
 
 def _launch(kernel, grid: tuple[int, ...], meta: dict, *ptrs: Tensor) -> None:  # noqa: ANN001
@@ -139,20 +141,21 @@ class _FusedStep(torch.autograd.Function):
         P, W1, W2, MP, M1, M2, K, V, gam, mix, lam, wu, keep = ins
         GPN, GW1N, GW2N, GMPN, GM1N, GM2N, GY = (g.contiguous() for g in grads)
         dP, dW1, dW2, dMP, dM1, dM2, dK, dV, dgam, dmix, dlam, dwu, dkeep = (torch.empty_like(t) for t in ins)
-        m = _bwd_meta(ctx.meta)
+        m = ctx.meta  # backward 1's tiles (whose partial Gram gradients backward 2 adds up): the forward's
+        m3 = _bwd_meta(m)  # backward 3-5's tiles: BLOCK_F_BWD's
         N = P.shape[0]
-        BT, BQ, BD, BH, NT = m["BT"], m["BQ"], m["BD"], m["BH"], m["NT"]
+        BT, BQ, BD, BH, NT, NT3 = m["BT"], m["BQ"], m["BD"], m["BH"], m["NT"], m3["NT"]
         SG = BD * BD + BH * BH
         grp = P.new_empty(N, NT, SG + 1)
         nb = P.new_empty(N, 2 * SG + BT * BD + BT * BH + 2 * BT + 6 + BD * BD)  # a row's slice as _nb_offsets lays it out
-        qp = P.new_empty(N, NT, 2 * BT * BD + 2 * BT * BH + 2)
+        qp = P.new_empty(N, NT3, 2 * BT * BD + 2 * BT * BH + 2)
         gb = P.new_empty(N, BT * BD + BT * BH + BQ * BH)
         _launch(_b1_gram_grads, (N, NT), m, K, P, W1, MP, M1, mix, lam, sav, GPN, GW1N, grp)
         _launch(_b2_ns, (N, 3), m, grp, gs, sav, W2, M2, GW2N, GM2N, mix, lam, wu, ws, nb, dM2)
-        _launch(_b3_tiles, (N, NT), m, K, MP, M1, mix, lam, sav, nb, GPN, GW1N, GMPN, GM1N, dMP, dM1, dK, qp)
-        _launch(_b4_row, (N,), m, qp, grp, nb, sav, W2, GW2N, GY, gam, mix, lam, keep, dW2, dV, dgam, dmix, dlam,
+        _launch(_b3_tiles, (N, NT3), m3, K, MP, M1, mix, lam, sav, nb, GPN, GW1N, GMPN, GM1N, dMP, dM1, dK, qp)
+        _launch(_b4_row, (N,), m3, qp, grp, nb, sav, W2, GW2N, GY, gam, mix, lam, keep, dW2, dV, dgam, dmix, dlam,
                 dwu, dkeep, gb)
-        _launch(_b5_tiles, (N, NT), m, K, P, W1, GPN, GW1N, keep, gb, GY, dP, dW1, dK)
+        _launch(_b5_tiles, (N, NT3), m3, K, P, W1, GPN, GW1N, keep, gb, GY, dP, dW1, dK)
         return dP, dW1, dW2, dMP, dM1, dM2, dK, dV, dgam, dmix, dlam, dwu, dkeep, None, None
 
 
@@ -582,8 +585,10 @@ if triton is not None:
     @triton.jit
     def _b4_row(QP, GRP, NB, SAV, W2, GW2N, GY, GAM, MIX, LAM, KEEP, DW2, DV, DGAM, DMIX, DLAM, DWU, DKEEP, GB,
                 D: tl.constexpr, H: tl.constexpr, CP: tl.constexpr, CQ: tl.constexpr, BD: tl.constexpr,
-                BH: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, NT: tl.constexpr, PREC: tl.constexpr):
-        """Backward 4, a program per row: the factors' gradients summed over the tiles, through the memory
+                BH: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, NT: tl.constexpr, NG: tl.constexpr,
+                PREC: tl.constexpr):
+        """Backward 4, a program per row: the factors' gradients summed over the tiles (backward 3's NT, and
+        Π α's shares over backward 1's NG), through the memory
         MLP by hand (δ = (e W_2) ⊙ σ'(z), e = 2 γ (out - v), out = h W_2ᵀ + K Pᵀ, the queries' y): W_2's,
         v's, γ's, the gates', and the gradients of out and z (to GB) that backward 5 takes into P, W_1, K."""
         n = tl.program_id(0).to(tl.int64)
@@ -597,11 +602,12 @@ if triton is not None:
         glam0 = tl.load(qb + SQ - 2)
         glam1 = tl.load(qb + SQ - 1)
         SG, o_ge2, o_gh1, o_gmix, o_glam, o_gwu, SNB = _nb_offsets(BT, BD, BH)
-        gkeep = tl.load(NB + n * SNB + o_gwu + 3) + tl.load(GRP + n * NT * (SG + 1) + SG)
+        gkeep = tl.load(NB + n * SNB + o_gwu + 3)
         for j in range(1, NT):
             glam0 += tl.load(qb + j * SQ + SQ - 2)
             glam1 += tl.load(qb + j * SQ + SQ - 1)
-            gkeep += tl.load(GRP + (n * NT + j) * (SG + 1) + SG)
+        for j in range(NG):
+            gkeep += tl.load(GRP + (n * NG + j) * (SG + 1) + SG)
         o_z1q, o_e, o_d1, o_diff, S2 = _sav_offsets(BT, BQ, BD, BH)
         sb = SAV + n * S2
         z1k = _blk(sb, BT, BH)
