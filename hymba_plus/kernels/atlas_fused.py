@@ -30,8 +30,11 @@ weight) Newton-Schulz's reverse mode (``_ns_back``) through the iterates the for
 4 x 5 tiles per weight, 0.5 MB a row and chunk at the Quad-Hybrid's memory, ~2 GB for its layer at
 8 x 2048, as the unfused step's ``NS_SAVE_FWD`` keeps), and W_2's step's backward; (3) per tile X's and the old momenta's gradients and the
 shares of the factors' gradients; (4) per row the memory MLP's backward; (5) per tile the gradients
-into P, W_1 and the features. Matmuls at float32 accuracy on tensor cores (``_triton.dot_f32``'s
-"tf32x3_split").
+into P, W_1 and the features; backward 3-5 on tiles of ``BLOCK_F_BWD`` columns (narrower where the
+hidden side is 64, against spills). Matmuls at float32 accuracy on tensor cores (``_triton.dot_f32``'s
+"tf32x3_split"): one TF32 product a matmul is not enough even for the reverse mode alone (Newton-Schulz's
+reverse in TF32, rounded operands, in Triton's interpreter: one chunk step's gradients ~1e-3 off float64,
+the fast path's through 4-16 chunks 0.1-2.0 off, against 2e-3-7e-3 in float32).
 
 A first form ran each row's whole step in one program per direction (2 launches a chunk): on an
 H100 (2026-12-06, the Quad-Hybrid's memory, 32 rows) 268 us forward and 1,574 forward+backward a
@@ -483,8 +486,9 @@ if triton is not None:
     def _b2_ns(GRP, GS, SAV, W2, M2, GW2N, GM2N, MIX, LAM, WU, WS, NB, DM2, D: tl.constexpr, H: tl.constexpr,
                CP: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr,
                NT: tl.constexpr, STEPS: tl.constexpr, b: tl.constexpr, c: tl.constexpr, PREC: tl.constexpr):
-        """Backward 2, a program per (row, weight): Newton-Schulz forward again and its reverse mode for P
-        and W_1 (their factors' gradients summed over the tiles); for W_2 its whole step's backward but
+        """Backward 2, a program per (row, weight): Newton-Schulz's reverse mode through the iterates forward 4
+        kept, for P and W_1 (their factors' gradients summed over backward 1's tiles); for W_2 (whose iterates
+        forward 2 kept) its whole step's backward but
         for the memory MLP (its shares of the gradients of e, h, mix, λ, w, Π α go to NB)."""
         n = tl.program_id(0).to(tl.int64)
         w = tl.program_id(1)
