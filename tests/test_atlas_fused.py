@@ -185,9 +185,10 @@ def test_fast_path_with_the_fused_step_in_interpreter():
 @pytest.mark.gpu
 def test_fused_step_on_cuda_matches_the_unfused_step():
     """The fused step compiled for this GPU (split 3xTF32 products) against ``_chunk_step`` in
-    float64, at the Quad-Hybrid's memory (head dim 32, hidden 64, 560 features, C 16, window 16)
-    and at a padded one."""
-    for kw in (dict(N=8, C=16, c=16, d=32, mh=2), dict(N=3, C=4, c=3, d=8, mh=2)):
+    float64, at the Quad-Hybrid's memory (head dim 32, hidden 64, 560 features, C 16, window 16:
+    the backward's 16-column tiles), at the d 2048 benchmark layer's (head dim 16, hidden 32, 152
+    features, window 4: C' 19 padded to 32) and at a padded one."""
+    for kw in (dict(N=8, C=16, c=16, d=32, mh=2), dict(N=4, C=16, c=4, d=16, mh=2), dict(N=3, C=4, c=3, d=8, mh=2)):
         errs = step_errors(step_problem(**kw), kw["C"], "cuda")
         print(kw, {k: f"{v:.1e}" for k, v in errs.items()})
         # H100, 2026-12-06, the Quad-Hybrid's memory: results <= 5.2e-5, gradients <= 2.3e-3 (dlam, a sum
@@ -215,7 +216,7 @@ def test_fused_kernels_compile_for_sm90():
     """Every kernel of the fused step goes through Triton's real compiler for an H100 / H200 (sm_90)
     without a GPU, at the Quad-Hybrid's memory and the launch's settings, and fits an SM's 227 KiB of
     shared memory (``benchmarks/kernel_resources.py --fused`` prints registers and spills: on
-    2026-12-06 the backward's Newton-Schulz launch 213 KiB and 2.2 KB of spills a thread)."""
+    2026-12-06 the backward's Newton-Schulz launch 208 KiB and 2.5 KB of spills a thread)."""
     pytest.importorskip("triton")
     bench = load_benchmark("kernel_resources")
     for kernel in bench.FUSED_KERNELS:
