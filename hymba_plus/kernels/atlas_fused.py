@@ -60,14 +60,15 @@ from ._triton import next_pow2, triton
 #: spread over more threads, but ptxas still hits 255 registers in the backward's launches) and run
 #: fewer programs an SM
 BLOCK_F = 64
-#: the feature columns of the backward's tile launches after Newton-Schulz's reverse (backward 3-5; None: 16
-#: where the padded hidden side is 64, else ``BLOCK_F``; backward 1 takes the forward's, so that backward 2
-#: adds up as few partial Gram gradients as forward 4 adds Gram matrices). Narrower tiles keep the backward's per-tile programs in registers (ptxas, sm_90a,
-#: 4 warps, the Quad-Hybrid's memory: backward 3 spills 3.0 KB a thread at 64 columns, 1.2 KB at 32, 60 B
-#: at 16) at the price of more partial sums for the per-row launches to add. H100, 2026-12-06, one chunk
-#: step forward+backward (``atlas_fused_bench.py --configs 64x4 64x4b32 64x4b16``): the Quad-Hybrid's
-#: memory (hidden 64, 560 features) 581.3 / 548.3 / 543.1 us at 64 / 32 / 16 backward columns; the d 2048
-#: layer's (hidden 32, 152 features) 227.7 / 237.6 / 245.8
+#: the feature columns of the backward's tile launches after Newton-Schulz's reverse (backward 3-5; None:
+#: 16 where the padded hidden side is 64, else ``BLOCK_F``; backward 1 keeps the forward's, so that backward
+#: 2 adds up as few partial Gram gradients as forward 4 adds Gram matrices). Narrower tiles keep backward 3's
+#: programs in registers (ptxas, sm_90a, 4 warps, the Quad-Hybrid's memory: 3.0 KB of spills a thread at 64
+#: columns, 1.2 KB at 32, 60 B at 16) at the price of more partial sums for backward 4 to add. H100,
+#: 2026-12-06, one chunk step forward+backward (``atlas_fused_bench.py --configs 64x4b64 64x4b32 64x4b16``,
+#: all backward launches at that width then): the Quad-Hybrid's memory (hidden 64, 560 features) 581.3 /
+#: 548.3 / 543.1 us at 64 / 32 / 16 backward columns; the d 2048 layer's (hidden 32, 152 features) 227.7 /
+#: 237.6 / 245.8
 BLOCK_F_BWD: int | None = None
 NUM_WARPS = 4
 #: matmul precision of the kernels (``_triton.dot_f32``): float32 accuracy on tensor cores
@@ -314,6 +315,11 @@ if triton is not None:
         return o_z1q, o_e, o_d1, o_diff, o_diff + BT * BD
 
     @triton.jit
+    def _x_tile(kk, a, m0, lam0, s0, PREC: tl.constexpr):
+        """One weight's X on a tile, (a m_0)ᵀ K + λ_0 S_0 (its gradient factor a: e for P, δ for W_1)."""
+        return _mm(tl.trans(a * m0[:, None]), kk, PREC) + lam0 * s0
+
+    @triton.jit
     def _tile_x(Kb, MPb, M1b, e, d1, m0, lam0, cols, D: tl.constexpr, H: tl.constexpr, FD: tl.constexpr,
                 CP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr):
         """One F tile of X for P and W_1 (step 3: the update's momentum sum, X = (a m_0)ᵀ K + λ_0 S_0), with
@@ -322,9 +328,7 @@ if triton is not None:
         kk = _ld(Kb, rt, cols, CP, FD, FD, 1)
         mp = _ld(MPb, tl.arange(0, BD), cols, D, FD, FD, 1)
         m1t = _ld(M1b, tl.arange(0, BH), cols, H, FD, FD, 1)
-        xp = _mm(tl.trans(e * m0[:, None]), kk, PREC) + lam0 * mp
-        x1 = _mm(tl.trans(d1 * m0[:, None]), kk, PREC) + lam0 * m1t
-        return kk, mp, m1t, xp, x1
+        return kk, mp, m1t, _x_tile(kk, e, m0, lam0, mp, PREC), _x_tile(kk, d1, m0, lam0, m1t, PREC)
 
     @triton.jit
     def _tile_start(K, MP, M1, MIX, LAM, SAV, D: tl.constexpr, H: tl.constexpr, FD: tl.constexpr, CP: tl.constexpr,
@@ -547,9 +551,8 @@ if triton is not None:
         returns the keys' share and the tile's shares of λ's gradients."""
         rr = tl.arange(0, BR)
         s0 = _ld(S0, rr, cols, NR, FD, FD, 1)
-        x = _mm(tl.trans(a * m0[:, None]), kk, PREC) + lam0 * s0
         gx = (_mm(tl.trans(_blk(RWB, BR, BR)), -_ld(GWN, rr, cols, NR, FD, FD, 1), PREC)
-              + _mm(_blk(GGB, BR, BR), x, PREC))
+              + _mm(_blk(GGB, BR, BR), _x_tile(kk, a, m0, lam0, s0, PREC), PREC))
         gs = _ld(GSN, rr, cols, NR, FD, FD, 1)
         _st(DS, rr, cols, NR, FD, FD, 1, lam0 * gx + lam1 * gs)
         _sblk(QB, BT, BR, _mm(kk, tl.trans(gx), PREC))
