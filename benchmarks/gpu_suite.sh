@@ -316,12 +316,16 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
                  fast_nstf32_graphed --atlas-config quad_chunk --d-model 128 --batch 8 \
                  --seq-len 2048 --skip-gdn --out "$OUT/mixers_atlas_nstf32.json") ;;
       atlas_fused_bench) step atlas_fused_bench 170 python benchmarks/atlas_fused_bench.py --out "$OUT/atlas_fused_bench.json" ;;
-      atlas_fused_sweep) for sh in quad bench; do
-                 step atlas_fused_sweep_$sh 200 python benchmarks/atlas_fused_bench.py --shape $sh --configs 64x4 \
-                    64x4b32 64x4b16 32x4b16 --out "$OUT/atlas_fused_sweep_$sh.json"; done ;;
-      atlas_fused_profile) for sh in quad bench; do
-                 step atlas_fused_profile_$sh 200 python benchmarks/atlas_fused_bench.py --shape $sh --configs 64x4 \
-                    --profile --out "$OUT/atlas_fused_profile_$sh.json"; done ;;
+      atlas_fused_sweep)
+              step atlas_fused_sweep_quad 200 python benchmarks/atlas_fused_bench.py --shape quad --configs 64x4 \
+                 64x4b64 64x4b32 32x4b16 --out "$OUT/atlas_fused_sweep_quad.json"
+              step atlas_fused_sweep_bench 200 python benchmarks/atlas_fused_bench.py --shape bench --configs 64x4 \
+                 64x4b32 64x4b16 32x4 --out "$OUT/atlas_fused_sweep_bench.json" ;;
+      atlas_fused_profile)
+              step atlas_fused_profile_quad 200 python benchmarks/atlas_fused_bench.py --shape quad --configs 64x4 \
+                 --profile --out "$OUT/atlas_fused_profile_quad.json"
+              step atlas_fused_profile_bench 200 python benchmarks/atlas_fused_bench.py --shape bench --configs 64x4 \
+                 --profile --out "$OUT/atlas_fused_profile_bench.json" ;;
       atlas_fused_tests) step atlas_fused_tests 150 "${PYTEST[@]}" tests/test_atlas_fused.py ;;
       profiles) step attn_profile 330 python benchmarks/side_by_side.py --rows attn --profile --merge --out-dir "$OUT"
               (cd benchmarks && step gdn_layer_profile 150 python mixers.py --only gdn --profile \

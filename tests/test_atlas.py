@@ -675,6 +675,7 @@ def test_fast_path_with_triton_ns_kernels_in_interpreter():
                               ns_steps=5, muon=True, return_state=True, snapshots=(), n_valid=None)
         assert max(errs) < 2e-3, errs  # float32 reference: 3e-4
         atlas.PAD_NS = True  # every weight's Gram matrix padded to side 64, one launch (muon_chunk)
+        atlas.FUSED_STEP = False  # the unfused step's launch is what this checks (tests/test_atlas_fused.py: the fused)
         errs = float32_errors(args, leaves, 2, "cpu", dict(compile=False, triton_ns=True), chunk_size=4, window=3,
                               ns_steps=5, muon=True, ns_chunk=True, return_state=True, snapshots=(), n_valid=None)
         assert max(errs) < 2e-3, ("pad_ns", errs)

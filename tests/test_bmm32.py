@@ -193,6 +193,7 @@ def test_atlas_chunk_step_through_bmm32_in_interpreter():
         plans, plan = [], bmm32.split_plan
         bmm32.split_plan = lambda *a: plans.append(plan(*a)) or plans[-1]
         from tests.test_atlas import float32_errors, random_problem
+        atlas.FUSED_STEP = False  # the unfused step's GEMMs are what this checks (muon_chunk would take the fused one)
         for ns_chunk, group, split in ((True, False, False), (False, False, False), (True, True, False),
                                        (False, True, False), (True, True, True)):
             atlas.GROUP_GEMMS = group  # the weights' products of each phase in one grouped launch
@@ -318,7 +319,8 @@ def test_atlas_fast_path_on_cuda_with_split_k():
     """The CUDA fast path with the grouped GEMMs split over K (``SPLIT_K``; muon_chunk, the
     Quad-Hybrid's memory: head dim 32, degree-2 features, K = 561 columns, so its Gram matrices and
     first layer split), eager and compiled chunk step, against the float64 CPU reference within the
-    limits of the unsplit path's test (the unsplit path's errors printed next to them)."""
+    limits of the unsplit path's test (the unsplit path's errors printed next to them); the unfused step
+    (``FUSED_STEP`` off: this memory would take the fused one, which has no GEMM launches)."""
     from tests.test_atlas import float32_errors, random_problem
 
     args, leaves = random_problem(N=4, T=40, C=16, c=16, d=32, p=2, hid=64, depth=2, float32=True)
@@ -327,7 +329,7 @@ def test_atlas_fast_path_on_cuda_with_split_k():
     for compile_step in (False, True):
         errs = {}
         for split in (False, True):
-            with atlas_kernels.settings(BMM="bmm32", GROUP_GEMMS=True, SPLIT_K=split):
+            with atlas_kernels.settings(BMM="bmm32", GROUP_GEMMS=True, SPLIT_K=split, FUSED_STEP=False):
                 errs[split] = float32_errors(args, leaves, 2, "cuda", dict(compile=compile_step), chunk_size=16,
                                              window=16, ns_steps=5, muon=True, ns_chunk=True, return_state=True,
                                              snapshots=(), n_valid=None)
