@@ -1353,7 +1353,7 @@ fused_error: str | None = None
 
 def _fused(args: tuple, fallback):  # noqa: ANN001, ANN202
     """``atlas_fused.fused_chunk_step(*args)``, checked at its first call per shape against the eager
-    step like a compiled step (``_step_disagreement``; not inside a CUDA-graph capture); if they
+    step like a compiled step (``_first_call_disagreement``; not inside a CUDA-graph capture); if they
     disagree or the kernels fail, that is said once and ``fallback(*args)`` runs from then on."""
     global fused_error
     from .atlas_fused import fused_chunk_step  # here: atlas_fused's kernels call this module's Triton helpers
@@ -1670,9 +1670,9 @@ def _atlas_memory_fast_body(
                   bmm32, bmm32 and GROUP_GEMMS, C if retrieve else 0)
         from . import atlas_fused  # here: its kernels call this module's Triton helpers
 
-        fused = (FUSED_STEP and (qf.is_cuda or INTERPRET) and retrieve  # INTERPRET: Triton's CPU interpreter
-                 and atlas_fused.applies(params, Cp, C, ns_steps, muon, ns_chunk, static[4]))
-        if fused:  # one chunk a call (two launches a chunk, forward and backward)
+        fused = (FUSED_STEP and (qf.is_cuda or INTERPRET)  # INTERPRET: Triton's CPU interpreter
+                 and atlas_fused.applies(params, Cp, static[8], ns_steps, muon, ns_chunk, static[4]))
+        if fused:  # one chunk a call (its ten launches, five a direction)
             group = 1
         # groups of chunks per compiled call, then single chunks; each call's inputs are pieces of
         # one split / unbind, whose backward concatenates / stacks the pieces' gradients once
@@ -1688,13 +1688,10 @@ def _atlas_memory_fast_body(
             Ws.extend(out[0])
             Ss.extend(out[1])
             ys.extend(out[2] if retrieve else ())
+        unfused = functools.partial(_guarded, step, _chunk_step) if compiled else step
         for piece in zip(*(t.unbind(0) for t in tails)):  # one chunk per call
-            args = (*piece, *static)
-            if fused:
-                fallback = functools.partial(_guarded, step, _chunk_step) if compiled else step
-                out = _fused((Ws[-1], Ss[-1], *args), fallback)
-            else:
-                out = _guarded(step, _chunk_step, Ws[-1], Ss[-1], *args) if compiled else step(Ws[-1], Ss[-1], *args)
+            args = (Ws[-1], Ss[-1], *piece, *static)
+            out = _fused(args, unfused) if fused else unfused(*args)
             Ws.append(out[0])
             Ss.append(out[1])
             ys.extend(out[2:])

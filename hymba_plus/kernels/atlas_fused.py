@@ -128,10 +128,10 @@ class _FusedStep(torch.autograd.Function):
         SG = BD * BD + BH * BH
         zp = P.new_empty(N, NT, BT * BH + BQ * BH + BT * BD + BQ * BD)
         sav = P.new_empty(N, 2 * BT * BH + BQ * BH + 2 * BT * BD)  # a row's slice as _sav_offsets lays it out
-        gp, gs, rw = P.new_empty(N, NT, SG), P.new_empty(N, SG), P.new_empty(N, SG)
+        gp, gs, rw = P.new_empty(N, NT, SG), P.new_empty(N, 3), P.new_empty(N, SG)  # gs: 1 / (tr G + eps) a weight
         ws = P.new_empty(N, 4 * m["STEPS"] * (2 * BD * BD + BH * BH))  # Newton-Schulz's iterates
         _launch(_f1_mlp, (N, NT), m, K, P, W1, zp)
-        _launch(_f2_row, (N,), m, zp, W2, M2, V, gam, mix, lam, wu, keep, Y, W2N, M2N, sav, ws)
+        _launch(_f2_row, (N,), m, zp, W2, M2, V, gam, mix, lam, wu, keep, Y, W2N, M2N, sav, ws, gs)
         _launch(_f3_gram, (N, NT), m, K, MP, M1, mix, lam, sav, MPN, M1N, gp)
         _launch(_f4_ns, (N, 2), m, gp, wu, gs, rw, ws)
         _launch(_f5_update, (N, NT), m, K, P, W1, MP, M1, mix, lam, keep, sav, rw, PN, W1N)
@@ -240,27 +240,28 @@ if triton is not None:
         return base + (w > 0) * (4 * STEPS * BD * BD) + (w > 1) * (4 * STEPS * BH * BH)
 
     @triton.jit
-    def _ns_scaled(G, wu, ws, M: tl.constexpr, STEPS: tl.constexpr, a: tl.constexpr, b: tl.constexpr,
+    def _ns_scaled(G, wu, ws, INV, M: tl.constexpr, STEPS: tl.constexpr, a: tl.constexpr, b: tl.constexpr,
                    c: tl.constexpr, PREC: tl.constexpr):
         """``R w / ||X||_F``: Newton-Schulz's factor of the Gram matrix G = X Xᵀ [M, M] (``ns_gram_factor``
         on G / (tr G + 1e-14)), scaled by the update weight w and 1 / sqrt(tr G + 1e-14); the iterates
-        to the scratch slice ``ws`` (``_ns_save``) for the backward."""
+        to the scratch slice ``ws`` (``_ns_save``) and 1 / (tr G + 1e-14) to ``INV``, for the backward."""
         i = tl.arange(0, M)
         inv = 1.0 / (tl.sum(G * (i[:, None] == i[None, :]).to(tl.float32)) + 1e-14)
+        tl.store(INV, inv)
         R = _ns_save(G * inv, ws, i[:, None] * M + i[None, :], M, STEPS, a, b, c, PREC)
         return R * (wu * tl.sqrt(inv))
 
     @triton.jit
-    def _ns_scaled_bwd(G, gRw, wu, ws, RWO, MR: tl.constexpr, M: tl.constexpr, STEPS: tl.constexpr,
+    def _ns_scaled_bwd(inv, gRw, wu, ws, RWO, MR: tl.constexpr, M: tl.constexpr, STEPS: tl.constexpr,
                        b: tl.constexpr, c: tl.constexpr, PREC: tl.constexpr):
         """The reverse mode of ``_ns_scaled`` from the gradient gRw of its result, through the iterates it
-        kept in ``ws``: stores its result to ``RWO`` (an M x M block) and returns the gradient of G
-        symmetrised (gG + gGᵀ, what X Xᵀ passes back as (gG + gGᵀ) X) and the gradient of w. Neither G
-        nor the result stays live through the reverse loop (G / tr G is the saved A_0)."""
+        kept in ``ws`` and ``inv`` = 1 / (tr G + 1e-14): stores its result to ``RWO`` (an M x M block) and
+        returns the gradient of G symmetrised (gG + gGᵀ, what X Xᵀ passes back as (gG + gGᵀ) X) and the
+        gradient of w. G itself is not needed (G / tr G is the saved A_0), and the result does not stay
+        live through the reverse loop."""
         i = tl.arange(0, M)
         tile = i[:, None] * M + i[None, :]
         tile_t = i[None, :] * M + i[:, None]
-        inv = 1.0 / (tl.sum(G * (i[:, None] == i[None, :]).to(tl.float32)) + 1e-14)
         sq = tl.sqrt(inv)
         R = _mm(tl.load(ws + (2 * STEPS - 1) * M * M + tile), tl.load(ws + (3 * STEPS - 1) * M * M + tile), PREC)
         s = wu * sq
@@ -276,7 +277,7 @@ if triton is not None:
     # ------------------------------------------------------------------ layout of the work buffers
     # Per memory row, dense zero-padded blocks (BT x BH etc.); per (row, F tile) partial sums that the
     # next per-row kernel adds up. SAV (forward -> backward): z of the keys, z of the queries, e, δ,
-    # out - v. G (forward -> backward): the Gram matrices of P and W_1.
+    # out - v. GS (forward -> backward): 1 / (tr G + eps) of P's, W_1's and W_2's Gram matrices.
 
     @triton.jit
     def _blk(ptr, R: tl.constexpr, C: tl.constexpr):
@@ -315,9 +316,11 @@ if triton is not None:
         return o_z1q, o_e, o_d1, o_diff, o_diff + BT * BD
 
     @triton.jit
-    def _x_tile(kk, a, m0, lam0, s0, PREC: tl.constexpr):
-        """One weight's X on a tile, (a m_0)ᵀ K + λ_0 S_0 (its gradient factor a: e for P, δ for W_1)."""
-        return _mm(tl.trans(a * m0[:, None]), kk, PREC) + lam0 * s0
+    def _mix_sum(b, a, m, lam, s0, PREC: tl.constexpr):
+        """One mixing row's sum for a weight, Σ_i m_i a_iᵀ b_i + λ S_0 = (a m)ᵀ b + λ S_0 (a: the gradient
+        factor, e for P and W_2, δ for W_1; b: the keys' features K, or h for W_2; S_0 the old momentum):
+        row 0 gives X, row 1 the new momentum (on a feature tile for P and W_1)."""
+        return _mm(tl.trans(a * m[:, None]), b, PREC) + lam * s0
 
     @triton.jit
     def _tile_x(Kb, MPb, M1b, e, d1, m0, lam0, cols, D: tl.constexpr, H: tl.constexpr, FD: tl.constexpr,
@@ -328,7 +331,7 @@ if triton is not None:
         kk = _ld(Kb, rt, cols, CP, FD, FD, 1)
         mp = _ld(MPb, tl.arange(0, BD), cols, D, FD, FD, 1)
         m1t = _ld(M1b, tl.arange(0, BH), cols, H, FD, FD, 1)
-        return kk, mp, m1t, _x_tile(kk, e, m0, lam0, mp, PREC), _x_tile(kk, d1, m0, lam0, m1t, PREC)
+        return kk, mp, m1t, _mix_sum(kk, e, m0, lam0, mp, PREC), _mix_sum(kk, d1, m0, lam0, m1t, PREC)
 
     @triton.jit
     def _tile_start(K, MP, M1, MIX, LAM, SAV, D: tl.constexpr, H: tl.constexpr, FD: tl.constexpr, CP: tl.constexpr,
@@ -369,7 +372,7 @@ if triton is not None:
         _sblk(zb + BT * BH + BQ * BH + BT * BD, BQ, BD, _mm(kq, pt, PREC))
 
     @triton.jit
-    def _f2_row(ZP, W2, M2, V, GAM, MIX, LAM, WU, KEEP, Y, W2N, M2N, SAV, WS, D: tl.constexpr, H: tl.constexpr,
+    def _f2_row(ZP, W2, M2, V, GAM, MIX, LAM, WU, KEEP, Y, W2N, M2N, SAV, WS, GS, D: tl.constexpr, H: tl.constexpr,
                 CP: tl.constexpr, CQ: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr,
                 BQ: tl.constexpr, NT: tl.constexpr, STEPS: tl.constexpr, a: tl.constexpr, b: tl.constexpr,
                 c: tl.constexpr, PREC: tl.constexpr):
@@ -400,10 +403,10 @@ if triton is not None:
         _sblk(sb + o_diff, BT, BD, diff)
         m0, m1, lam0, lam1 = _gates(MIX, LAM, n, CP, BT)
         mw2 = _ld(M2 + n * D * H, rd, rh, D, H, H, 1)
-        x2 = _mm(tl.trans(e * m0[:, None]), h1k, PREC) + lam0 * mw2
-        _st(M2N + n * D * H, rd, rh, D, H, H, 1, _mm(tl.trans(e * m1[:, None]), h1k, PREC) + lam1 * mw2)
-        rw2 = _ns_scaled(_mm(x2, tl.trans(x2), PREC), tl.load(WU + n), _ws_slot(WS, n, 2, STEPS, BD, BH), BD, STEPS,
-                         a, b, c, PREC)
+        x2 = _mix_sum(h1k, e, m0, lam0, mw2, PREC)
+        _st(M2N + n * D * H, rd, rh, D, H, H, 1, _mix_sum(h1k, e, m1, lam1, mw2, PREC))
+        rw2 = _ns_scaled(_mm(x2, tl.trans(x2), PREC), tl.load(WU + n), _ws_slot(WS, n, 2, STEPS, BD, BH), GS + 3 * n + 2,
+                         BD, STEPS, a, b, c, PREC)
         _st(W2N + n * D * H, rd, rh, D, H, H, 1, tl.load(KEEP + n) * w2 - _mm(rw2, x2, PREC))
 
     @triton.jit
@@ -415,8 +418,8 @@ if triton is not None:
         n, cols, oP, o1, e, d1, m0, m1, lam0, lam1, kk, mp, m1t, xp, x1 = _tile_start(
             K, MP, M1, MIX, LAM, SAV, D, H, FD, CP, CQ, BD, BH, BT, BQ, BF, PREC)
         rd, rh = tl.arange(0, BD), tl.arange(0, BH)
-        _st(MPN + oP, rd, cols, D, FD, FD, 1, _mm(tl.trans(e * m1[:, None]), kk, PREC) + lam1 * mp)
-        _st(M1N + o1, rh, cols, H, FD, FD, 1, _mm(tl.trans(d1 * m1[:, None]), kk, PREC) + lam1 * m1t)
+        _st(MPN + oP, rd, cols, D, FD, FD, 1, _mix_sum(kk, e, m1, lam1, mp, PREC))
+        _st(M1N + o1, rh, cols, H, FD, FD, 1, _mix_sum(kk, d1, m1, lam1, m1t, PREC))
         gb = GP + (n * NT + tl.program_id(1)) * (BD * BD + BH * BH)
         _sblk(gb, BD, BD, _mm(xp, tl.trans(xp), PREC))
         _sblk(gb + BD * BD, BH, BH, _mm(x1, tl.trans(x1), PREC))
@@ -424,20 +427,19 @@ if triton is not None:
     @triton.jit
     def _f4_ns(GP, WU, GS, RW, WS, BD: tl.constexpr, BH: tl.constexpr, NT: tl.constexpr, STEPS: tl.constexpr,
                a: tl.constexpr, b: tl.constexpr, c: tl.constexpr, PREC: tl.constexpr):
-        """Forward 4, a program per (row, weight P / W_1): the Gram matrix summed over the tiles (kept in
-        GS for the backward) and its scaled Newton-Schulz factor (to RW)."""
+        """Forward 4, a program per (row, weight P / W_1): the Gram matrix summed over the tiles and its
+        scaled Newton-Schulz factor (to RW; 1 / (tr G + eps) to GS for the backward)."""
         n = tl.program_id(0).to(tl.int64)
         SG: tl.constexpr = BD * BD + BH * BH
         wu = tl.load(WU + n)
         if tl.program_id(1) == 0:  # (a branch's values are its own: Triton types a name alike in both)
             Gp = _sum_tiles(GP + n * NT * SG, SG, NT, BD, BD)
-            _sblk(GS + n * SG, BD, BD, Gp)
-            _sblk(RW + n * SG, BD, BD, _ns_scaled(Gp, wu, _ws_slot(WS, n, 0, STEPS, BD, BH), BD, STEPS, a, b, c, PREC))
+            _sblk(RW + n * SG, BD, BD, _ns_scaled(Gp, wu, _ws_slot(WS, n, 0, STEPS, BD, BH), GS + 3 * n, BD, STEPS, a,
+                                                  b, c, PREC))
         else:
             G1 = _sum_tiles(GP + n * NT * SG + BD * BD, SG, NT, BH, BH)
-            _sblk(GS + n * SG + BD * BD, BH, BH, G1)
-            _sblk(RW + n * SG + BD * BD, BH, BH, _ns_scaled(G1, wu, _ws_slot(WS, n, 1, STEPS, BD, BH), BH, STEPS, a, b,
-                                                            c, PREC))
+            _sblk(RW + n * SG + BD * BD, BH, BH, _ns_scaled(G1, wu, _ws_slot(WS, n, 1, STEPS, BD, BH), GS + 3 * n + 1,
+                                                            BH, STEPS, a, b, c, PREC))
 
     @triton.jit
     def _f5_update(K, P, W1, MP, M1, MIX, LAM, KEEP, SAV, RW, PN, W1N, D: tl.constexpr, H: tl.constexpr,
@@ -501,13 +503,13 @@ if triton is not None:
         wu = tl.load(WU + n)
         ws = _ws_slot(WS, n, w, STEPS, BD, BH)
         if w == 0:  # (each branch's names its own: Triton types a name alike in all branches)
-            ggp, gwup = _ns_scaled_bwd(_blk(GS + n * SG, BD, BD),
+            ggp, gwup = _ns_scaled_bwd(tl.load(GS + 3 * n),
                                        _sum_tiles(GRP + n * NT * (SG + 1), SG + 1, NT, BD, BD),
                                        wu, ws, nb, D, BD, STEPS, b, c, PREC)
             _sblk(nb + SG, BD, BD, ggp)
             tl.store(nb + o_gwu, gwup)
         elif w == 1:
-            gg1, gwu1 = _ns_scaled_bwd(_blk(GS + n * SG + BD * BD, BH, BH),
+            gg1, gwu1 = _ns_scaled_bwd(tl.load(GS + 3 * n + 1),
                                        _sum_tiles(GRP + n * NT * (SG + 1) + BD * BD, SG + 1, NT, BH, BH),
                                        wu, ws, nb + BD * BD, H, BH, STEPS, b, c, PREC)
             _sblk(nb + SG + BD * BD, BH, BH, gg1)
@@ -517,9 +519,9 @@ if triton is not None:
             o_z1q, o_e, o_d1, o_diff, S2 = _sav_offsets(BT, BQ, BD, BH)
             m0, m1, lam0, lam1 = _gates(MIX, LAM, n, CP, BT)
             o2 = n * D * H
-            x2 = (_mm(tl.trans(_blk(SAV + n * S2 + o_e, BT, BD) * m0[:, None]), silu_f32(_blk(SAV + n * S2, BT, BH)),
-                      PREC) + lam0 * _ld(M2 + o2, rd, rh, D, H, H, 1))
-            gg2, gwu = _ns_scaled_bwd(_mm(x2, tl.trans(x2), PREC),
+            x2 = _mix_sum(silu_f32(_blk(SAV + n * S2, BT, BH)), _blk(SAV + n * S2 + o_e, BT, BD), m0, lam0,
+                          _ld(M2 + o2, rd, rh, D, H, H, 1), PREC)
+            gg2, gwu = _ns_scaled_bwd(tl.load(GS + 3 * n + 2),
                                       _mm(-_ld(GW2N + o2, rd, rh, D, H, H, 1), tl.trans(x2), PREC), wu, ws,
                                       nb + o_gwu + 4, D, BD, STEPS, b, c, PREC)
             gw2n = _ld(GW2N + o2, rd, rh, D, H, H, 1)
@@ -552,7 +554,7 @@ if triton is not None:
         rr = tl.arange(0, BR)
         s0 = _ld(S0, rr, cols, NR, FD, FD, 1)
         gx = (_mm(tl.trans(_blk(RWB, BR, BR)), -_ld(GWN, rr, cols, NR, FD, FD, 1), PREC)
-              + _mm(_blk(GGB, BR, BR), _x_tile(kk, a, m0, lam0, s0, PREC), PREC))
+              + _mm(_blk(GGB, BR, BR), _mix_sum(kk, a, m0, lam0, s0, PREC), PREC))
         gs = _ld(GSN, rr, cols, NR, FD, FD, 1)
         _st(DS, rr, cols, NR, FD, FD, 1, lam0 * gx + lam1 * gs)
         _sblk(QB, BT, BR, _mm(kk, tl.trans(gx), PREC))
