@@ -1,14 +1,10 @@
-"""The fused muon_chunk chunk step (``kernels/atlas_fused.py``): one Triton program per memory row
-and direction, against the unfused step (float64) and the float64 reference end to end; in
-Triton's CPU interpreter on any machine, compiled on a GPU."""
+"""The fused muon_chunk chunk step (``kernels/atlas_fused.py``: ten Triton launches, five a direction)
+against the unfused step (float64) and the float64 reference end to end; in Triton's CPU interpreter
+on any machine, compiled on a GPU."""
 
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-import textwrap
 import warnings
 
 import pytest
@@ -18,10 +14,10 @@ import torch.nn.functional as F
 from hymba_plus.kernels import atlas as atlas_kernels
 from hymba_plus.kernels import atlas_fused
 from hymba_plus.kernels.dispatch import max_rel_err
+from tests.conftest import run_in_interpreter
 from tests.helpers import load_benchmark
 from tests.test_atlas import float32_errors, random_problem
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP_NAMES = ("P", "W1", "W2", "S_P", "S_W1", "S_W2", "y", "dP", "dW1", "dW2", "dS_P", "dS_W1", "dS_W2", "dK", "dV",
               "dgamma", "dmix", "dlam", "dwu", "dkeep")
 
@@ -124,14 +120,6 @@ def test_a_fused_step_that_disagrees_is_not_used(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(out[0], want[0]))
 
 
-def _interpret(code: str, timeout: int = 500) -> str:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
-    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                         timeout=timeout, cwd=ROOT)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stdout[-2000:] + res.stderr[-3000:]
-    return res.stdout
-
-
 def test_fused_step_in_interpreter_matches_the_unfused_step():
     """Forward and hand-written backward of the fused step in Triton's CPU interpreter against
     ``_chunk_step`` in float64 (autograd): every result and every input's gradient. Every side is
@@ -140,7 +128,7 @@ def test_fused_step_in_interpreter_matches_the_unfused_step():
     so the masks are exercised; products as "tf32x3" (one float32 product in the interpreter; the
     split form's arithmetic is the Newton-Schulz kernels', checked there)."""
     pytest.importorskip("triton")
-    out = _interpret("""
+    out = run_in_interpreter("""
         from hymba_plus.kernels import atlas_fused
         from tests.test_atlas_fused import step_errors, step_problem
         atlas_fused.PRECISION = "tf32x3"
@@ -160,7 +148,7 @@ def test_fast_path_with_the_fused_step_in_interpreter():
     tokens) in Triton's CPU interpreter against the float64 reference: outputs, end state and every
     input's gradient; the fused step ran for every chunk."""
     pytest.importorskip("triton")
-    _interpret("""
+    run_in_interpreter("""
         import torch
         from hymba_plus.kernels import atlas, atlas_fused
         from tests.test_atlas import float32_errors, random_problem, with_valid_lengths
