@@ -108,10 +108,7 @@ def main() -> None:
     rows_n = args.rows or SHAPES[args.shape]["rows"]
     if args.compile_only:  # one config's kernels into the Triton cache
         set_config(args.configs[0])
-        a = step_args(2, "cuda", args.shape)
-        outs = atlas_fused.fused_chunk_step(*a)
-        torch.autograd.grad(sum(o.sum() for part in outs for o in (part if isinstance(part, tuple) else (part,))),
-                            list(a[0]))
+        eager(atlas_fused.fused_chunk_step, step_args(2, "cuda", args.shape), True)()
         torch.cuda.synchronize()
         return
     cmd = [sys.executable, __file__, "--compile-only", "--shape", args.shape, "--configs"]
@@ -138,7 +135,7 @@ def main() -> None:
     for c, r in zip(args.configs, codes):
         if r.returncode != 0:
             print(f"fused_{c}: compile failed: {r.stderr.strip().splitlines()[-1:]}", flush=True)
-    res = {"device": torch.cuda.get_device_name(), "rows": rows_n, "shape": args.shape, **SHAPES[args.shape],
+    res = {"device": torch.cuda.get_device_name(), **SHAPES[args.shape], "rows": rows_n, "shape": args.shape,
            "chunk": 16, "torch": torch.__version__, "results": rows, "profiles": profiles}
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))
