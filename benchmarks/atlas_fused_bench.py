@@ -6,6 +6,7 @@ forward+backward (issue 18: is the chunk step's chain cheaper in one program tha
 
     python benchmarks/atlas_fused_bench.py                      # BLOCK_F x NUM_WARPS configs, the unfused step
     python benchmarks/atlas_fused_bench.py --configs 32x4 32x4:tf32 64x4b16 --rows 128   # b16: backward tiles 16
+    python benchmarks/atlas_fused_bench.py --configs 64x4 64x4r8 64x4r16   # r8: 8 warps in the per-row launches
     python benchmarks/atlas_fused_bench.py --shape bench --configs 64x4 --profile   # the d 2048 layer's memory
 
 ``--shape quad`` is the Quad-Hybrid's memory (head dim 32, hidden 64, 560 features, window 16, 32 rows at
@@ -80,20 +81,23 @@ def graphed(step, args: tuple, backward: bool):  # noqa: ANN001, ANN201
 
 
 def set_config(cfg: str) -> None:
-    """``BLOCK_FxNUM_WARPS[bBLOCK_F_BWD][:PRECISION]`` (e.g. 32x4, 64x4b16, 32x4:tf32) -> atlas_fused's
-    settings (no ``b``: the backward's tiles as ``atlas_fused`` picks them, ``BLOCK_F_BWD = None``)."""
+    """``BLOCK_FxNUM_WARPS[bBLOCK_F_BWD][rROW_WARPS][:PRECISION]`` (e.g. 32x4, 64x4b16, 64x4r8, 32x4:tf32) ->
+    atlas_fused's settings (no ``b``: the backward's tiles as ``atlas_fused`` picks them, ``BLOCK_F_BWD =
+    None``; no ``r``: the per-row launches with NUM_WARPS, ``ROW_WARPS = None``)."""
     size, _, prec = cfg.partition(":")
+    size, _, row = size.partition("r")
     size, _, bwd = size.partition("b")
     bf, warps = (int(x) for x in size.split("x"))
     atlas_fused.BLOCK_F, atlas_fused.NUM_WARPS = bf, warps
     atlas_fused.BLOCK_F_BWD = int(bwd) if bwd else None
+    atlas_fused.ROW_WARPS = int(row) if row else None
     atlas_fused.PRECISION = prec or "tf32x3_split"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", nargs="+", default=["64x4", "64x4b64", "64x4b32", "32x4"],
-                    help="fused launch configs BLOCK_FxNUM_WARPS[bBLOCK_F_BWD][:PRECISION] (PRECISION of _triton.dot_f32; "
+                    help="fused launch configs BLOCK_FxNUM_WARPS[bBLOCK_F_BWD][rROW_WARPS][:PRECISION] (PRECISION of _triton.dot_f32; "
                          "default tf32x3_split, float32 accuracy; tf32: one product, ~1e-3, to see what the "
                          "split products cost)")
     ap.add_argument("--shape", choices=tuple(SHAPES), default="quad", help="the memory's sizes (see the docstring)")

@@ -48,6 +48,7 @@
 #           the static one with each decode-step fast path off in turn) against our full forward and HF's
 #   modes   pytest -m gpu tests/test_train_modes.py and the CUDA-graph training tests (hymba train --mode auto)
 #   side_train  side_by_side.py --rows gdn attn quad_moe (training vs fla / HF; --merge into the day's JSON)
+#   side_attn  side_by_side.py --rows attn alone (the attention row vs HF Llama; --merge), e.g. on the other card
 #   attn_bf16w  the bf16-weights GPU test (tests/test_mixed_precision.py: eager and CUDA-graph training with bf16
 #           weights and float32 masters give autocast's losses), then side_by_side.py --rows attn --param-dtype
 #           bfloat16: the attn row with ours also in modes eager_bf16w / cuda_graph_bf16w (issue 18: attn >= 2.0x;
@@ -231,6 +232,7 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
       modes)  step modes_tests 400 "${PYTEST[@]}" tests/test_train_modes.py tests/test_training.py -k "gpu" ;;
       side_train) step side_train 580 python benchmarks/side_by_side.py --rows attn gdn quad_moe --hf-experts grouped_mm --merge \
                  --out-dir "$OUT" ;;
+      side_attn) step side_attn 400 python benchmarks/side_by_side.py --rows attn --merge --out-dir "$OUT" ;;
       attn_bf16w) step bf16w_tests 200 "${PYTEST[@]}" tests/test_mixed_precision.py
               step attn_bf16w 480 python benchmarks/side_by_side.py --rows attn --param-dtype bfloat16 --merge \
                  --out-dir "$OUT" ;;
@@ -345,7 +347,7 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
                  && tar -cJf out.tar.xz -T /tmp/hymba_pack_out.txt && xargs rm -f < /tmp/hymba_pack_out.txt)
                  echo "pack_out: $(tar -tJf "$OUT/out.tar.xz" | wc -l) files in $OUT/out.tar.xz" ;;
       *) echo "unknown step $s1 (moe mamba3 gdn atlas atlas_verify mamba3_tuned atlas_profile atlas_profile_bench" \
-              "mixers mimo_alt mimo_alt2 loss memory decode fused agree modes side_train attn_bf16w fa4 side_decode quad quad_chunk" \
+              "mixers mimo_alt mimo_alt2 loss memory decode fused agree modes side_train side_attn attn_bf16w fa4 side_decode quad quad_chunk" \
               "atlas_chunk_layer atlas_chunk_bench quad_tf32 atlas_inductor atlas_bmm32 atlas_padns atlas_defaults atlas_chain atlas_combo atlas_group atlas_pdl atlas_ns_layout atlas_retrieve atlas_nssave atlas_owed atlas_splitk_tests atlas_splitk atlas_fused atlas_fused_d2048 atlas_fused_recipe atlas_nstf32 atlas_fused_bench atlas_fused_sweep atlas_fused_profile atlas_fused_tests atlas_reference_test profiles" \
               "pack_caches pack_out)"; exit 2 ;;
     esac

@@ -59,7 +59,7 @@ FUSED_KERNELS = ("_f1_mlp", "_f2_row", "_f3_gram", "_f4_ns", "_f5_update", "_b1_
 def fused_resources(kernel: str, warps: int | None = None, head_dim: int = 32, hidden: int = 64, features: int = 560,
                     chunk: int = 16, window: int = 16) -> dict:
     """One kernel of the fused muon_chunk step compiled for sm_90 at a memory of these sizes (default
-    the Quad-Hybrid's) with ``atlas_fused``'s launch settings (``warps`` overrides NUM_WARPS): as
+    the Quad-Hybrid's) with ``atlas_fused``'s launch settings (``warps`` overrides NUM_WARPS / ROW_WARPS): as
     ``ns_resources``. Every argument that is not a constexpr is a float32 pointer."""
     import torch
 
@@ -72,7 +72,8 @@ def fused_resources(kernel: str, warps: int | None = None, head_dim: int = 32, h
     if kernel in ("_b3_tiles", "_b4_row", "_b5_tiles"):  # launched with the backward's tiles
         meta = atlas_fused._bwd_meta(meta)
     sig = {p: "constexpr" if p in meta else "*fp32" for p in fn.arg_names}
-    w = warps or atlas_fused.NUM_WARPS
+    tile = fn in atlas_fused._TILE_KERNELS
+    w = warps or (atlas_fused.NUM_WARPS if tile else atlas_fused.ROW_WARPS or atlas_fused.NUM_WARPS)
     k = compile_for(fn, sig, {p: meta[p] for p in fn.arg_names if p in meta}, w)
     res = ptxas_resources(k.asm["ptx"]) or {}
     res.pop("ptxas", None)

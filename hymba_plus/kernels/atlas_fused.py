@@ -71,6 +71,10 @@ BLOCK_F = 64
 #: 237.6 / 245.8
 BLOCK_F_BWD: int | None = None
 NUM_WARPS = 4
+#: the warps of the per-row launches (forward 2 and 4, backward 2 and 4: a program per row, or per row and
+#: weight; None: NUM_WARPS). Those grids are smaller than the GPU (32-96 programs at the Quad-Hybrid's 32
+#: rows), so more warps a program cost no occupancy and spread each program's side-64 tiles over more threads
+ROW_WARPS: int | None = None
 #: matmul precision of the kernels (``_triton.dot_f32``): float32 accuracy on tensor cores
 PRECISION = "tf32x3_split"
 #: the largest padded side (head dim, hidden width, C', C) the kernels take: a side-64 matrix is
@@ -108,8 +112,10 @@ def _bwd_meta(meta: dict) -> dict:
 
 
 def _launch(kernel, grid: tuple[int, ...], meta: dict, *ptrs: Tensor) -> None:  # noqa: ANN001
-    """``kernel[grid](*ptrs, <its constexprs from meta>)``."""
-    kernel[grid](*ptrs, **{k: v for k, v in meta.items() if k in kernel.arg_names}, num_warps=NUM_WARPS)
+    """``kernel[grid](*ptrs, <its constexprs from meta>)``: a grid over F tiles with NUM_WARPS warps a
+    program, a per-row one with ROW_WARPS."""
+    warps = NUM_WARPS if kernel in _TILE_KERNELS else (ROW_WARPS or NUM_WARPS)
+    kernel[grid](*ptrs, **{k: v for k, v in meta.items() if k in kernel.arg_names}, num_warps=warps)
 
 
 class _FusedStep(torch.autograd.Function):
@@ -688,3 +694,6 @@ if triton is not None:
             + _mm(tl.trans(gz1k), kk, PREC) + _mm(tl.trans(gz1q), kq, PREC))
         _st(DKb, rt, cols, CP, FD, FD, 1, _ld(DKb, rt, cols, CP, FD, FD, 1) + _mm(gout, p, PREC) + _mm(gz1k, w1, PREC))
         _st(DKb + CP * FD, rq, cols, CQ, FD, FD, 1, _mm(gy, p, PREC) + _mm(gz1q, w1, PREC))
+
+    #: the launches over (row, F tile) grids (NUM_WARPS); the others are per row (ROW_WARPS)
+    _TILE_KERNELS = (_f1_mlp, _f3_gram, _f5_update, _b1_gram_grads, _b3_tiles, _b5_tiles)
