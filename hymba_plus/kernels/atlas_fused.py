@@ -201,42 +201,53 @@ if triton is not None:
     def _ns_save(A, ws, tile, M: tl.constexpr, STEPS: tl.constexpr, a: tl.constexpr, b: tl.constexpr,
                  c: tl.constexpr, PREC: tl.constexpr):
         """``ns_gram_factor``'s steps from A_0 = ``A`` as a loop (not unrolled: the kernels' code, and so
-        their compile time, stays that of one step), writing A_k, Q_k, R_k (R_0 = I) and T_k = Q_k A_k
-        to the program's scratch slice ``ws`` (slot (j, k) at + (j * STEPS + k) * M * M); returns R.
-        Every step is alike: the first one's R_1 = Q_0 I and the last one's unused T and A are formed
-        too (three M×M products more than the unrolled form in ``kernels.atlas``)."""
+        their compile time, stays that of one step): Q_k = a I + b A_k + c A_k², T_k = Q_k A_k, A_{k+1} =
+        T_k Q_k, R_{k+1} = Q_k R_k (R_1 = Q_0), 1 + 4 (STEPS - 1) products; returns R = R_STEPS. Writes what
+        ``_ns_tangent`` reads to the program's scratch slice ``ws`` (slot (j, k) at + (j * STEPS + k) * M * M):
+        A_k and Q_k for k < STEPS (j 0, 1), R_k for 1 <= k < STEPS (j 2), T_k for k < STEPS - 1 (j 3)."""
         i = tl.arange(0, M)
         eye = (i[:, None] == i[None, :]).to(tl.float32)
-        R = eye
-        for k in range(STEPS):
-            Q = _ns_q(A, eye, a, b, c, PREC)
+        Q = _ns_q(A, eye, a, b, c, PREC)
+        tl.store(ws + tile, A)
+        tl.store(ws + STEPS * M * M + tile, Q)
+        R = Q
+        for k in range(1, STEPS):
             T = _mm(Q, A, PREC)
+            A = _mm(T, Q, PREC)
+            Q = _ns_q(A, eye, a, b, c, PREC)
+            tl.store(ws + (3 * STEPS + k - 1) * M * M + tile, T)
             tl.store(ws + k * M * M + tile, A)
             tl.store(ws + (STEPS + k) * M * M + tile, Q)
             tl.store(ws + (2 * STEPS + k) * M * M + tile, R)
-            tl.store(ws + (3 * STEPS + k) * M * M + tile, T)
             R = _mm(Q, R, PREC)
-            A = _mm(T, Q, PREC)
         return R
 
     @triton.jit
-    def _ns_back(gR, ws, tile_t, M: tl.constexpr, STEPS: tl.constexpr, b: tl.constexpr, c: tl.constexpr,
-                 PREC: tl.constexpr):
-        """dA_0 from dR = ``gR`` by reverse mode through the steps ``_ns_save`` wrote to ``ws`` (the saved
-        tiles read transposed), as a loop: R_{k+1} = Q_k R_k, A_{k+1} = T_k Q_k, T_k = Q_k A_k,
-        Q_k = a I + b A_k + c A_k² (the last step's A_{k+1} unused: its gradient starts at zero)."""
-        gA = tl.zeros([M, M], dtype=tl.float32)
-        for j in range(STEPS):
-            k = STEPS - 1 - j
-            Qt = tl.load(ws + (STEPS + k) * M * M + tile_t)
-            At = tl.load(ws + k * M * M + tile_t)
-            gQ = _mm(gR, tl.load(ws + (2 * STEPS + k) * M * M + tile_t), PREC)
-            gR = _mm(Qt, gR, PREC)
-            gT = _mm(gA, Qt, PREC)
-            gQ += _mm(tl.load(ws + (3 * STEPS + k) * M * M + tile_t), gA, PREC) + _mm(gT, At, PREC)
-            gA = _mm(Qt, gT, PREC)
-            gA += b * gQ + c * (_mm(gQ, At, PREC) + _mm(At, gQ, PREC))
-        return gA
+    def _sym_prod(X, Y, PREC: tl.constexpr):
+        """X Y + (X Y)ᵀ."""
+        P = _mm(X, Y, PREC)
+        return P + tl.trans(P)
+
+    @triton.jit
+    def _ns_tangent(E, ws, tile, M: tl.constexpr, STEPS: tl.constexpr, b: tl.constexpr, c: tl.constexpr,
+                    PREC: tl.constexpr):
+        """The gradient of A_0 (its symmetric part) from dR = ``E`` symmetrised, in forward mode through the
+        iterates ``_ns_save`` kept: R_STEPS = f(A_0) for a polynomial f (every iterate is one of A_0, so
+        all commute and are symmetric), and for a symmetric A_0 the derivative E -> L_f(A_0)[E] is its own
+        adjoint, so sym(dA_0) = L_f(A_0)[sym(dR)], the tangent of R_STEPS along A_0's tangent sym(dR).
+        The tangents stay symmetric: Q'_k = b A'_k + c (A'_k A_k + (A'_k A_k)ᵀ), A'_{k+1} = Q'_k T_k +
+        (Q'_k T_k)ᵀ + Q_k A'_k Q_k, R'_{k+1} = Q'_k R_k + Q_k R'_k (R'_1 = Q'_0): 1 + 6 (STEPS - 1)
+        products against 8 STEPS for the reverse through the same steps."""
+        Ad = E
+        Qd = b * Ad + c * _sym_prod(Ad, tl.load(ws + tile), PREC)
+        Rd = Qd
+        for k in range(1, STEPS):
+            Q = tl.load(ws + (STEPS + k - 1) * M * M + tile)
+            Ad = _sym_prod(Qd, tl.load(ws + (3 * STEPS + k - 1) * M * M + tile), PREC) + _mm(_mm(Q, Ad, PREC), Q, PREC)
+            Qd = b * Ad + c * _sym_prod(Ad, tl.load(ws + k * M * M + tile), PREC)
+            Rd = _mm(Qd, tl.load(ws + (2 * STEPS + k) * M * M + tile), PREC) + _mm(
+                tl.load(ws + (STEPS + k) * M * M + tile), Rd, PREC)
+        return Rd
 
     @triton.jit
     def _ws_slot(WS, n, w, STEPS: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr):
@@ -263,22 +274,24 @@ if triton is not None:
         """The reverse mode of ``_ns_scaled`` from the gradient gRw of its result, through the iterates it
         kept in ``ws`` and ``inv`` = 1 / (tr G + 1e-14): stores its result to ``RWO`` (an M x M block) and
         returns the gradient of G symmetrised (gG + gGᵀ, what X Xᵀ passes back as (gG + gGᵀ) X) and the
-        gradient of w. G itself is not needed (G / tr G is the saved A_0), and the result does not stay
-        live through the reverse loop."""
+        gradient of w. Only the symmetric part of Newton-Schulz's input gradient matters here, which
+        ``_ns_tangent`` gives; G itself is not needed (G / tr G is the saved A_0)."""
         i = tl.arange(0, M)
         tile = i[:, None] * M + i[None, :]
-        tile_t = i[None, :] * M + i[:, None]
         sq = tl.sqrt(inv)
-        R = _mm(tl.load(ws + (2 * STEPS - 1) * M * M + tile), tl.load(ws + (3 * STEPS - 1) * M * M + tile), PREC)
+        if STEPS == 1:  # R = Q_0
+            R = tl.load(ws + M * M + tile)
+        else:  # R = Q_{STEPS-1} R_{STEPS-1}
+            R = _mm(tl.load(ws + (2 * STEPS - 1) * M * M + tile), tl.load(ws + (3 * STEPS - 1) * M * M + tile), PREC)
         s = wu * sq
         gs = tl.sum(gRw * R)
         tl.store(RWO + tile, R * s)
         ginv = gs * wu * 0.5 / sq
-        gA = _ns_back(gRw * s, ws, tile_t, M, STEPS, b, c, PREC)
+        gR = gRw * (0.5 * s)
+        gA = _ns_tangent(gR + tl.trans(gR), ws, tile, M, STEPS, b, c, PREC)
         ginv += tl.sum(gA * tl.load(ws + tile)) / inv  # Σ gA ⊙ G, G = A_0 / inv
         real = ((i[:, None] == i[None, :]) & (i[:, None] < MR)).to(tl.float32)
-        gG = gA * inv - (ginv * inv * inv) * real  # d(1 / (tr G + eps)) = -inv² d tr G
-        return gG + tl.trans(gG), gs * sq
+        return 2.0 * (gA * inv - (ginv * inv * inv) * real), gs * sq  # d(1 / (tr G + eps)) = -inv² d tr G
 
     # ------------------------------------------------------------------ layout of the work buffers
     # Per memory row, dense zero-padded blocks (BT x BH etc.); per (row, F tile) partial sums that the
