@@ -23,10 +23,10 @@ The F-wide weights (P [D, F], W_1 [H, F]) are cut into tiles of ``BLOCK_F`` feat
 program per (row, tile); sums over F (K W_1ᵀ, the Gram matrices, the backward's K gXᵀ) are written
 per tile and added up by the next launch, a program per row (or per row and weight, for
 Newton-Schulz). Forward: (1) the tiles' shares of K W_1ᵀ, K Pᵀ; (2) per row the MLP's rest, y, the
-factors (kept for the backward) and all of W_2's step; (3) per tile the new momenta and the Gram
-shares; (4) per (row, weight) Newton-Schulz; (5) per tile the new weights (X recomputed from its
-factors, cheaper than keeping it). Backward: (1) per tile the shares of -gW_new Xᵀ; (2) per (row,
-weight) Newton-Schulz's reverse mode (``_ns_back``) through the iterates the forward kept (``_ns_save``:
+factors (kept for the backward) and W_2's new momentum; (3) per tile the new momenta and the Gram
+shares; (4) per (row, weight) Newton-Schulz, and W_2's update; (5) per tile the new weights (X recomputed
+from its factors, cheaper than keeping it). Backward: (1) per tile the shares of -gW_new Xᵀ; (2) per (row,
+weight) Newton-Schulz's backward (``_ns_tangent``) through the iterates the forward kept (``_ns_save``:
 4 x 5 tiles per weight, 0.5 MB a row and chunk at the Quad-Hybrid's memory, ~2 GB for its layer at
 8 x 2048, as the unfused step's ``NS_SAVE_FWD`` keeps), and W_2's step's backward; (3) per tile X's and the old momenta's gradients and the
 shares of the factors' gradients; (4) per row the memory MLP's backward; (5) per tile the gradients
@@ -137,9 +137,9 @@ class _FusedStep(torch.autograd.Function):
         gp, gs, rw = P.new_empty(N, NT, SG), P.new_empty(N, 3), P.new_empty(N, SG)  # gs: 1 / (tr G + eps) a weight
         ws = P.new_empty(N, 4 * m["STEPS"] * (2 * BD * BD + BH * BH))  # Newton-Schulz's iterates
         _launch(_f1_mlp, (N, NT), m, K, P, W1, zp)
-        _launch(_f2_row, (N,), m, zp, W2, M2, V, gam, mix, lam, wu, keep, Y, W2N, M2N, sav, ws, gs)
+        _launch(_f2_row, (N,), m, zp, W2, M2, V, gam, mix, lam, Y, M2N, sav)
         _launch(_f3_gram, (N, NT), m, K, MP, M1, mix, lam, sav, MPN, M1N, gp)
-        _launch(_f4_ns, (N, 2), m, gp, wu, gs, rw, ws)
+        _launch(_f4_ns, (N, 3), m, gp, wu, gs, rw, ws, sav, W2, M2, mix, lam, keep, W2N)
         _launch(_f5_update, (N, NT), m, K, P, W1, MP, M1, mix, lam, keep, sav, rw, PN, W1N)
         ctx.save_for_backward(*ins, sav, gs, ws)
         ctx.meta = m
@@ -391,12 +391,11 @@ if triton is not None:
         _sblk(zb + BT * BH + BQ * BH + BT * BD, BQ, BD, _mm(kq, pt, PREC))
 
     @triton.jit
-    def _f2_row(ZP, W2, M2, V, GAM, MIX, LAM, WU, KEEP, Y, W2N, M2N, SAV, WS, GS, D: tl.constexpr, H: tl.constexpr,
-                CP: tl.constexpr, CQ: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr,
-                BQ: tl.constexpr, NT: tl.constexpr, STEPS: tl.constexpr, a: tl.constexpr, b: tl.constexpr,
-                c: tl.constexpr, PREC: tl.constexpr):
+    def _f2_row(ZP, W2, M2, V, GAM, MIX, LAM, Y, M2N, SAV, D: tl.constexpr, H: tl.constexpr, CP: tl.constexpr,
+                CQ: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr,
+                NT: tl.constexpr, PREC: tl.constexpr):
         """Forward 2, a program per row: the memory MLP's rest (steps 1-2), the retrieval, the gradient
-        factors (kept in SAV), and all of W_2's step (its momenta, Gram matrix, Newton-Schulz, update)."""
+        factors (kept in SAV) and W_2's new momentum (its Newton-Schulz and update are forward 4's)."""
         n = tl.program_id(0).to(tl.int64)
         rt, rq, rd, rh = tl.arange(0, BT), tl.arange(0, BQ), tl.arange(0, BD), tl.arange(0, BH)
         S1: tl.constexpr = BT * BH + BQ * BH + BT * BD + BQ * BD
@@ -421,12 +420,7 @@ if triton is not None:
         _sblk(sb + o_d1, BT, BH, d1)
         _sblk(sb + o_diff, BT, BD, diff)
         m0, m1, lam0, lam1 = _gates(MIX, LAM, n, CP, BT)
-        mw2 = _ld(M2 + n * D * H, rd, rh, D, H, H, 1)
-        x2 = _mix_sum(h1k, e, m0, lam0, mw2, PREC)
-        _st(M2N + n * D * H, rd, rh, D, H, H, 1, _mix_sum(h1k, e, m1, lam1, mw2, PREC))
-        rw2 = _ns_scaled(_mm(x2, tl.trans(x2), PREC), tl.load(WU + n), _ws_slot(WS, n, 2, STEPS, BD, BH), GS + 3 * n + 2,
-                         BD, STEPS, a, b, c, PREC)
-        _st(W2N + n * D * H, rd, rh, D, H, H, 1, tl.load(KEEP + n) * w2 - _mm(rw2, x2, PREC))
+        _st(M2N + n * D * H, rd, rh, D, H, H, 1, _mix_sum(h1k, e, m1, lam1, _ld(M2 + n * D * H, rd, rh, D, H, H, 1), PREC))
 
     @triton.jit
     def _f3_gram(K, MP, M1, MIX, LAM, SAV, MPN, M1N, GP, D: tl.constexpr, H: tl.constexpr, FD: tl.constexpr,
@@ -444,21 +438,33 @@ if triton is not None:
         _sblk(gb + BD * BD, BH, BH, _mm(x1, tl.trans(x1), PREC))
 
     @triton.jit
-    def _f4_ns(GP, WU, GS, RW, WS, BD: tl.constexpr, BH: tl.constexpr, NT: tl.constexpr, STEPS: tl.constexpr,
-               a: tl.constexpr, b: tl.constexpr, c: tl.constexpr, PREC: tl.constexpr):
-        """Forward 4, a program per (row, weight P / W_1): the Gram matrix summed over the tiles and its
-        scaled Newton-Schulz factor (to RW; 1 / (tr G + eps) to GS for the backward)."""
+    def _f4_ns(GP, WU, GS, RW, WS, SAV, W2, M2, MIX, LAM, KEEP, W2N, D: tl.constexpr, H: tl.constexpr,
+               CP: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr,
+               NT: tl.constexpr, STEPS: tl.constexpr, a: tl.constexpr, b: tl.constexpr, c: tl.constexpr,
+               PREC: tl.constexpr):
+        """Forward 4, a program per (row, weight): for P and W_1 the Gram matrix summed over the tiles and its
+        scaled Newton-Schulz factor (to RW); for W_2 its X (from the factors in SAV), Gram matrix, scaled
+        factor and new weights (to W2N). 1 / (tr G + eps) to GS for the backward."""
         n = tl.program_id(0).to(tl.int64)
+        w = tl.program_id(1)
         SG: tl.constexpr = BD * BD + BH * BH
         wu = tl.load(WU + n)
-        if tl.program_id(1) == 0:  # (a branch's values are its own: Triton types a name alike in both)
+        ws = _ws_slot(WS, n, w, STEPS, BD, BH)
+        if w == 0:  # (a branch's values are its own: Triton types a name alike in all branches)
             Gp = _sum_tiles(GP + n * NT * SG, SG, NT, BD, BD)
-            _sblk(RW + n * SG, BD, BD, _ns_scaled(Gp, wu, _ws_slot(WS, n, 0, STEPS, BD, BH), GS + 3 * n, BD, STEPS, a,
-                                                  b, c, PREC))
-        else:
+            _sblk(RW + n * SG, BD, BD, _ns_scaled(Gp, wu, ws, GS + 3 * n, BD, STEPS, a, b, c, PREC))
+        elif w == 1:
             G1 = _sum_tiles(GP + n * NT * SG + BD * BD, SG, NT, BH, BH)
-            _sblk(RW + n * SG + BD * BD, BH, BH, _ns_scaled(G1, wu, _ws_slot(WS, n, 1, STEPS, BD, BH), GS + 3 * n + 1,
-                                                            BH, STEPS, a, b, c, PREC))
+            _sblk(RW + n * SG + BD * BD, BH, BH, _ns_scaled(G1, wu, ws, GS + 3 * n + 1, BH, STEPS, a, b, c, PREC))
+        else:
+            rd, rh = tl.arange(0, BD), tl.arange(0, BH)
+            o_z1q, o_e, o_d1, o_diff, S2 = _sav_offsets(BT, BQ, BD, BH)
+            m0, m1, lam0, lam1 = _gates(MIX, LAM, n, CP, BT)
+            o2 = n * D * H
+            x2 = _mix_sum(silu_f32(_blk(SAV + n * S2, BT, BH)), _blk(SAV + n * S2 + o_e, BT, BD), m0, lam0,
+                          _ld(M2 + o2, rd, rh, D, H, H, 1), PREC)
+            rw2 = _ns_scaled(_mm(x2, tl.trans(x2), PREC), wu, ws, GS + 3 * n + 2, BD, STEPS, a, b, c, PREC)
+            _st(W2N + o2, rd, rh, D, H, H, 1, tl.load(KEEP + n) * _ld(W2 + o2, rd, rh, D, H, H, 1) - _mm(rw2, x2, PREC))
 
     @triton.jit
     def _f5_update(K, P, W1, MP, M1, MIX, LAM, KEEP, SAV, RW, PN, W1N, D: tl.constexpr, H: tl.constexpr,
