@@ -106,9 +106,10 @@ def _meta(P: Tensor, W1: Tensor, V: Tensor, n_q: int, ns_steps: int) -> dict:
 def _bwd_meta(meta: dict) -> dict:
     """Backward 3-5's launch constants: the forward's with the tile width ``BLOCK_F_BWD`` (None: 16
     where the padded hidden side is 64, else the forward's), its tile count NT, and NG, the forward's
-    (and backward 1's) tile count."""
+    (and backward 1's) tile count; NTP, NGP: their next powers of two."""
     bf = BLOCK_F_BWD or (16 if meta["BH"] >= 64 else meta["BF"])
-    return dict(meta, BF=bf, NT=-(-meta["FD"] // bf), NG=meta["NT"])
+    nt = -(-meta["FD"] // bf)
+    return dict(meta, BF=bf, NT=nt, NG=meta["NT"], NTP=next_pow2(nt), NGP=next_pow2(meta["NT"]))
 
 
 def _launch(kernel, grid: tuple[int, ...], meta: dict, *ptrs: Tensor) -> None:  # noqa: ANN001
@@ -319,6 +320,30 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _sum_tiles4(ptr, stride, NT: tl.constexpr, o1, o2, o3, R0: tl.constexpr, C0: tl.constexpr, R1: tl.constexpr,
+                    C1: tl.constexpr, R2: tl.constexpr, C2: tl.constexpr, R3: tl.constexpr, C3: tl.constexpr):
+        """``_sum_tiles`` of four blocks of every tile's slice (at offsets 0, o1, o2, o3) in one loop, so that
+        each tile's four loads are in flight together (the sums are latency-bound: a loop per block waits
+        for 4 NT loads in turn)."""
+        a0 = tl.zeros((R0, C0), dtype=tl.float32)
+        a1 = tl.zeros((R1, C1), dtype=tl.float32)
+        a2 = tl.zeros((R2, C2), dtype=tl.float32)
+        a3 = tl.zeros((R3, C3), dtype=tl.float32)
+        for j in range(NT):
+            p = ptr + j * stride
+            a0 += _blk(p, R0, C0)
+            a1 += _blk(p + o1, R1, C1)
+            a2 += _blk(p + o2, R2, C2)
+            a3 += _blk(p + o3, R3, C3)
+        return a0, a1, a2, a3
+
+    @triton.jit
+    def _sum_strided(ptr, stride, NT: tl.constexpr, NTP: tl.constexpr):
+        """Σ_j ptr[j * stride] over j < NT, in one masked vector load (NTP: a power of two >= NT)."""
+        j = tl.arange(0, NTP)
+        return tl.sum(tl.load(ptr + j * stride, mask=j < NT, other=0.0))
+
+    @triton.jit
     def _gates(MIX, LAM, n, CP: tl.constexpr, BT: tl.constexpr):
         """The row's two mixing rows and their λ (muon_chunk: row 0 the update's sum, row 1 the new momentum)."""
         rt = tl.arange(0, BT)
@@ -399,11 +424,8 @@ if triton is not None:
         n = tl.program_id(0).to(tl.int64)
         rt, rq, rd, rh = tl.arange(0, BT), tl.arange(0, BQ), tl.arange(0, BD), tl.arange(0, BH)
         S1: tl.constexpr = BT * BH + BQ * BH + BT * BD + BQ * BD
-        zb = ZP + n * NT * S1
-        z1k = _sum_tiles(zb, S1, NT, BT, BH)
-        z1q = _sum_tiles(zb + BT * BH, S1, NT, BQ, BH)
-        olk = _sum_tiles(zb + BT * BH + BQ * BH, S1, NT, BT, BD)
-        olq = _sum_tiles(zb + BT * BH + BQ * BH + BT * BD, S1, NT, BQ, BD)
+        z1k, z1q, olk, olq = _sum_tiles4(ZP + n * NT * S1, S1, NT, BT * BH, BT * BH + BQ * BH, BT * BH + BQ * BH + BT * BD,
+                                         BT, BH, BQ, BH, BT, BD, BQ, BD)
         w2 = _ld(W2 + n * D * H, rd, rh, D, H, H, 1)
         h1k = silu_f32(z1k)
         _st(Y + n * CQ * D, rq, rd, CQ, D, D, 1, _mm(silu_f32(z1q), tl.trans(w2), PREC) + olq)
@@ -620,7 +642,7 @@ if triton is not None:
     def _b4_row(QP, GRP, NB, SAV, W2, GW2N, GY, GAM, MIX, LAM, KEEP, DW2, DV, DGAM, DMIX, DLAM, DWU, DKEEP, GB,
                 D: tl.constexpr, H: tl.constexpr, CP: tl.constexpr, CQ: tl.constexpr, BD: tl.constexpr,
                 BH: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, NT: tl.constexpr, NG: tl.constexpr,
-                PREC: tl.constexpr):
+                NTP: tl.constexpr, NGP: tl.constexpr, PREC: tl.constexpr):
         """Backward 4, a program per row: the factors' gradients summed over the tiles (backward 3's NT, and
         Π α's shares over backward 1's NG), through the memory
         MLP by hand (δ = (e W_2) ⊙ σ'(z), e = 2 γ (out - v), out = h W_2ᵀ + K Pᵀ, the queries' y): W_2's,
@@ -629,19 +651,12 @@ if triton is not None:
         rt, rq, rd, rh = tl.arange(0, BT), tl.arange(0, BQ), tl.arange(0, BD), tl.arange(0, BH)
         SQ: tl.constexpr = 2 * BT * BD + 2 * BT * BH + 2
         qb = QP + n * NT * SQ
-        qp0 = _sum_tiles(qb, SQ, NT, BT, BD)
-        qp1 = _sum_tiles(qb + BT * BD, SQ, NT, BT, BD)
-        q10 = _sum_tiles(qb + 2 * BT * BD, SQ, NT, BT, BH)
-        q11 = _sum_tiles(qb + 2 * BT * BD + BT * BH, SQ, NT, BT, BH)
-        glam0 = tl.load(qb + SQ - 2)
-        glam1 = tl.load(qb + SQ - 1)
+        qp0, qp1, q10, q11 = _sum_tiles4(qb, SQ, NT, BT * BD, 2 * BT * BD, 2 * BT * BD + BT * BH, BT, BD, BT, BD, BT, BH,
+                                         BT, BH)
+        glam0 = _sum_strided(qb + SQ - 2, SQ, NT, NTP)
+        glam1 = _sum_strided(qb + SQ - 1, SQ, NT, NTP)
         SG, o_ge2, o_gh1, o_gmix, o_glam, o_gwu, SNB = _nb_offsets(BT, BD, BH)
-        gkeep = tl.load(NB + n * SNB + o_gwu + 3)
-        for j in range(1, NT):
-            glam0 += tl.load(qb + j * SQ + SQ - 2)
-            glam1 += tl.load(qb + j * SQ + SQ - 1)
-        for j in range(NG):
-            gkeep += tl.load(GRP + (n * NG + j) * (SG + 1) + SG)
+        gkeep = tl.load(NB + n * SNB + o_gwu + 3) + _sum_strided(GRP + n * NG * (SG + 1) + SG, SG + 1, NG, NGP)
         o_z1q, o_e, o_d1, o_diff, S2 = _sav_offsets(BT, BQ, BD, BH)
         sb = SAV + n * S2
         z1k = _blk(sb, BT, BH)
