@@ -77,6 +77,9 @@ NUM_WARPS = 4
 ROW_WARPS: int | None = None
 #: matmul precision of the kernels (``_triton.dot_f32``): float32 accuracy on tensor cores
 PRECISION = "tf32x3_split"
+#: matmul precision of the (row, F tile) launches (forward 1, 3, 5, backward 1, 3, 5; None: PRECISION). The
+#: per-row launches, Newton-Schulz's among them, keep PRECISION
+TILE_PRECISION: str | None = None
 #: the largest padded side (head dim, hidden width, C', C) the kernels take: a side-64 matrix is
 #: 4,096 float32 registers of the program
 MAX_SIDE = 64
@@ -114,8 +117,11 @@ def _bwd_meta(meta: dict) -> dict:
 
 def _launch(kernel, grid: tuple[int, ...], meta: dict, *ptrs: Tensor) -> None:  # noqa: ANN001
     """``kernel[grid](*ptrs, <its constexprs from meta>)``: a grid over F tiles with NUM_WARPS warps a
-    program, a per-row one with ROW_WARPS."""
-    warps = NUM_WARPS if kernel in _TILE_KERNELS else (ROW_WARPS or NUM_WARPS)
+    program (and TILE_PRECISION's products), a per-row one with ROW_WARPS."""
+    tile = kernel in _TILE_KERNELS
+    warps = NUM_WARPS if tile else (ROW_WARPS or NUM_WARPS)
+    if tile and TILE_PRECISION:
+        meta = dict(meta, PREC=TILE_PRECISION)
     kernel[grid](*ptrs, **{k: v for k, v in meta.items() if k in kernel.arg_names}, num_warps=warps)
 
 
