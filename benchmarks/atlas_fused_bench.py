@@ -81,11 +81,9 @@ def graphed(step, args: tuple, backward: bool):  # noqa: ANN001, ANN201
 
 
 def set_config(cfg: str) -> None:
-    """``BLOCK_FxNUM_WARPS[bBLOCK_F_BWD][rROW_WARPS][:PRECISION][@TILE_PRECISION]`` (e.g. 32x4, 64x4b16, 64x4r8,
-    32x4:tf32, 64x4@tf32_rn) -> atlas_fused's settings (no ``b``: the backward's tiles as ``atlas_fused`` picks
-    them, ``BLOCK_F_BWD = None``; no ``r``: the per-row launches with NUM_WARPS, ``ROW_WARPS = None``; no ``@``:
-    the tile launches at PRECISION, ``TILE_PRECISION = None``)."""
-    cfg, _, tile_prec = cfg.partition("@")
+    """``BLOCK_FxNUM_WARPS[bBLOCK_F_BWD][rROW_WARPS][:PRECISION]`` (e.g. 32x4, 64x4b16, 64x4r8, 32x4:tf32) ->
+    atlas_fused's settings (no ``b``: the backward's tiles as ``atlas_fused`` picks them, ``BLOCK_F_BWD =
+    None``; no ``r``: the per-row launches with NUM_WARPS, ``ROW_WARPS = None``)."""
     size, _, prec = cfg.partition(":")
     size, _, row = size.partition("r")
     size, _, bwd = size.partition("b")
@@ -94,13 +92,12 @@ def set_config(cfg: str) -> None:
     atlas_fused.BLOCK_F_BWD = int(bwd) if bwd else None
     atlas_fused.ROW_WARPS = int(row) if row else None
     atlas_fused.PRECISION = prec or "tf32x3_split"
-    atlas_fused.TILE_PRECISION = tile_prec or None
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", nargs="+", default=["64x4", "64x4b64", "64x4b32", "32x4"],
-                    help="fused launch configs BLOCK_FxNUM_WARPS[bBLOCK_F_BWD][rROW_WARPS][:PRECISION][@TILE_PRECISION] (PRECISION of _triton.dot_f32; "
+                    help="fused launch configs BLOCK_FxNUM_WARPS[bBLOCK_F_BWD][rROW_WARPS][:PRECISION] (PRECISION of _triton.dot_f32; "
                          "default tf32x3_split, float32 accuracy; tf32: one product, ~1e-3, to see what the "
                          "split products cost)")
     ap.add_argument("--shape", choices=tuple(SHAPES), default="quad", help="the memory's sizes (see the docstring)")

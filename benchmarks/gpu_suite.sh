@@ -139,7 +139,7 @@
 #   atlas_fused_bench  one chunk step at the Quad-Hybrid's memory, fused per launch config and unfused, each in a
 #           CUDA graph: us per chunk forward and forward+backward (benchmarks/atlas_fused_bench.py)
 #   atlas_fused_sweep  atlas_fused_bench.py at both memories (quad, bench): the default, 8 warps in the per-row
-#           launches (ROW_WARPS), the tile launches in one TF32 product (TILE_PRECISION), other tile widths
+#           launches (ROW_WARPS), another tile width
 #   atlas_fused_profile  the same at the default config for the Quad-Hybrid's memory and the d 2048 layer's, with
 #           torch.profiler's kernel table of the fused and the unfused step's eager forward+backward
 #   atlas_fused_tests  pytest -m gpu tests/test_atlas_fused.py (fused step vs float64 at the Quad-Hybrid's memory;
@@ -321,7 +321,7 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
       atlas_fused_bench) step atlas_fused_bench 170 python benchmarks/atlas_fused_bench.py --out "$OUT/atlas_fused_bench.json" ;;
       atlas_fused_sweep)
               step atlas_fused_sweep_quad 200 python benchmarks/atlas_fused_bench.py --shape quad --configs 64x4 \
-                 64x4r8 64x4@tf32_rn --out "$OUT/atlas_fused_sweep_quad.json"
+                 64x4r8 64x4b32 --out "$OUT/atlas_fused_sweep_quad.json"
               step atlas_fused_sweep_bench 200 python benchmarks/atlas_fused_bench.py --shape bench --configs 64x4 \
                  64x4r8 32x4 --out "$OUT/atlas_fused_sweep_bench.json" ;;
       atlas_fused_profile)

@@ -233,15 +233,15 @@ def test_fused_bench_configs_and_arguments():
     """``benchmarks/atlas_fused_bench.py``: a config names the tile width, the warps and optionally the
     precision; the step's arguments are the fast path's (the unfused step runs on them here)."""
     bench = load_benchmark("atlas_fused_bench")
-    names = ("BLOCK_F", "NUM_WARPS", "BLOCK_F_BWD", "ROW_WARPS", "PRECISION", "TILE_PRECISION")
+    names = ("BLOCK_F", "NUM_WARPS", "BLOCK_F_BWD", "ROW_WARPS", "PRECISION")
     saved = [getattr(atlas_fused, k) for k in names]
     try:
         bench.set_config("64x8:tf32")
-        assert [getattr(atlas_fused, k) for k in names] == [64, 8, None, None, "tf32", None]
+        assert [getattr(atlas_fused, k) for k in names] == [64, 8, None, None, "tf32"]
         bench.set_config("64x4b16")
-        assert [getattr(atlas_fused, k) for k in names] == [64, 4, 16, None, "tf32x3_split", None]
-        bench.set_config("32x4b16r8@tf32_rn")
-        assert [getattr(atlas_fused, k) for k in names] == [32, 4, 16, 8, "tf32x3_split", "tf32_rn"]
+        assert [getattr(atlas_fused, k) for k in names] == [64, 4, 16, None, "tf32x3_split"]
+        bench.set_config("32x4b16r8")
+        assert [getattr(atlas_fused, k) for k in names] == [32, 4, 16, 8, "tf32x3_split"]
     finally:
         for k, v in zip(names, saved):
             setattr(atlas_fused, k, v)

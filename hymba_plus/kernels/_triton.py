@@ -167,8 +167,7 @@ if triton is not None:
     @triton.jit
     def dot_f32(x, y, acc, PREC: tl.constexpr):
         """``acc + x @ y`` for float32 blocks at matmul precision PREC: a precision of ``tl.dot``
-        ("tf32", Triton's "tf32x3", "ieee", "bf16x3", "bf16x6"), "tf32_rn": one TF32 product of operands
-        rounded to nearest (``round_tf32``, which Triton's interpreter carries out too), or "tf32x3_split": three TF32
+        ("tf32", Triton's "tf32x3", "ieee", "bf16x3", "bf16x6"), or "tf32x3_split": three TF32
         tensor-core products of split operands written out here (3xTF32), ``x = xh + xl`` with
         ``xh`` x rounded to TF32's 10 mantissa bits and ``xl`` the exact remainder, itself rounded
         to TF32, ``x y ~ xl yh + xh yl + xh yh`` (the ``xl yl`` term, ~2^-22 relative, dropped;
@@ -177,9 +176,7 @@ if triton is not None:
         (``round_tf32``): a tensor core reading float32 registers as TF32 drops the low 13 bits,
         a bias toward zero that a chain of products accumulates (split by truncation, as first
         written, the muon_chunk GPU test's state ended 4x further from float64 than tf32x3's)."""
-        if PREC == "tf32_rn":  # one TF32 product of operands rounded to nearest (unbiased; the interpreter's too)
-            return tl.dot(round_tf32(x), round_tf32(y), acc, input_precision="tf32")
-        elif PREC == "tf32x3_split":
+        if PREC == "tf32x3_split":
             xh = round_tf32(x)
             yh = round_tf32(y)
             acc = tl.dot(round_tf32(x - xh), yh, acc, input_precision="tf32")

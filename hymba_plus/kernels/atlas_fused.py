@@ -23,10 +23,10 @@ The F-wide weights (P [D, F], W_1 [H, F]) are cut into tiles of ``BLOCK_F`` feat
 program per (row, tile); sums over F (K W_1ᵀ, the Gram matrices, the backward's K gXᵀ) are written
 per tile and added up by the next launch, a program per row (or per row and weight, for
 Newton-Schulz). Forward: (1) the tiles' shares of K W_1ᵀ, K Pᵀ; (2) per row the MLP's rest, y, the
-factors (kept for the backward) and W_2's new momentum; (3) per tile the new momenta and the Gram
-shares; (4) per (row, weight) Newton-Schulz, and W_2's update; (5) per tile the new weights (X recomputed
-from its factors, cheaper than keeping it). Backward: (1) per tile the shares of -gW_new Xᵀ; (2) per (row,
-weight) Newton-Schulz's backward (``_ns_tangent``) through the iterates the forward kept (``_ns_save``:
+factors (kept for the backward) and all of W_2's step; (3) per tile the new momenta and the Gram
+shares; (4) per (row, weight) Newton-Schulz; (5) per tile the new weights (X recomputed from its
+factors, cheaper than keeping it). Backward: (1) per tile the shares of -gW_new Xᵀ; (2) per (row,
+weight) Newton-Schulz's reverse mode (``_ns_back``) through the iterates the forward kept (``_ns_save``:
 4 x 5 tiles per weight, 0.5 MB a row and chunk at the Quad-Hybrid's memory, ~2 GB for its layer at
 8 x 2048, as the unfused step's ``NS_SAVE_FWD`` keeps), and W_2's step's backward; (3) per tile X's and the old momenta's gradients and the
 shares of the factors' gradients; (4) per row the memory MLP's backward; (5) per tile the gradients
@@ -73,13 +73,12 @@ BLOCK_F_BWD: int | None = None
 NUM_WARPS = 4
 #: the warps of the per-row launches (forward 2 and 4, backward 2 and 4: a program per row, or per row and
 #: weight; None: NUM_WARPS). Those grids are smaller than the GPU (32-96 programs at the Quad-Hybrid's 32
-#: rows), so more warps a program cost no occupancy and spread each program's side-64 tiles over more threads
+#: rows), so more warps a program cost no occupancy. H100, 2026-12-06 (``atlas_fused_bench.py --configs 64x4
+#: 64x4r8``, one chunk step forward+backward): the Quad-Hybrid's memory 517.6 us at 4, 520.4 at 8; the d 2048
+#: layer's 221.3 / 229.7 (ptxas: backward 4 spills 88 B a thread at 8 warps against 804 at 4, backward 2 as much)
 ROW_WARPS: int | None = None
 #: matmul precision of the kernels (``_triton.dot_f32``): float32 accuracy on tensor cores
 PRECISION = "tf32x3_split"
-#: matmul precision of the (row, F tile) launches (forward 1, 3, 5, backward 1, 3, 5; None: PRECISION). The
-#: per-row launches, Newton-Schulz's among them, keep PRECISION
-TILE_PRECISION: str | None = None
 #: the largest padded side (head dim, hidden width, C', C) the kernels take: a side-64 matrix is
 #: 4,096 float32 registers of the program
 MAX_SIDE = 64
@@ -109,19 +108,15 @@ def _meta(P: Tensor, W1: Tensor, V: Tensor, n_q: int, ns_steps: int) -> dict:
 def _bwd_meta(meta: dict) -> dict:
     """Backward 3-5's launch constants: the forward's with the tile width ``BLOCK_F_BWD`` (None: 16
     where the padded hidden side is 64, else the forward's), its tile count NT, and NG, the forward's
-    (and backward 1's) tile count; NTP, NGP: their next powers of two."""
+    (and backward 1's) tile count."""
     bf = BLOCK_F_BWD or (16 if meta["BH"] >= 64 else meta["BF"])
-    nt = -(-meta["FD"] // bf)
-    return dict(meta, BF=bf, NT=nt, NG=meta["NT"], NTP=next_pow2(nt), NGP=next_pow2(meta["NT"]))
+    return dict(meta, BF=bf, NT=-(-meta["FD"] // bf), NG=meta["NT"])
 
 
 def _launch(kernel, grid: tuple[int, ...], meta: dict, *ptrs: Tensor) -> None:  # noqa: ANN001
     """``kernel[grid](*ptrs, <its constexprs from meta>)``: a grid over F tiles with NUM_WARPS warps a
-    program (and TILE_PRECISION's products), a per-row one with ROW_WARPS."""
-    tile = kernel in _TILE_KERNELS
-    warps = NUM_WARPS if tile else (ROW_WARPS or NUM_WARPS)
-    if tile and TILE_PRECISION:
-        meta = dict(meta, PREC=TILE_PRECISION)
+    program, a per-row one with ROW_WARPS."""
+    warps = NUM_WARPS if kernel in _TILE_KERNELS else (ROW_WARPS or NUM_WARPS)
     kernel[grid](*ptrs, **{k: v for k, v in meta.items() if k in kernel.arg_names}, num_warps=warps)
 
 
@@ -144,9 +139,9 @@ class _FusedStep(torch.autograd.Function):
         gp, gs, rw = P.new_empty(N, NT, SG), P.new_empty(N, 3), P.new_empty(N, SG)  # gs: 1 / (tr G + eps) a weight
         ws = P.new_empty(N, 4 * m["STEPS"] * (2 * BD * BD + BH * BH))  # Newton-Schulz's iterates
         _launch(_f1_mlp, (N, NT), m, K, P, W1, zp)
-        _launch(_f2_row, (N,), m, zp, W2, M2, V, gam, mix, lam, Y, M2N, sav)
+        _launch(_f2_row, (N,), m, zp, W2, M2, V, gam, mix, lam, wu, keep, Y, W2N, M2N, sav, ws, gs)
         _launch(_f3_gram, (N, NT), m, K, MP, M1, mix, lam, sav, MPN, M1N, gp)
-        _launch(_f4_ns, (N, 3), m, gp, wu, gs, rw, ws, sav, W2, M2, mix, lam, keep, W2N)
+        _launch(_f4_ns, (N, 2), m, gp, wu, gs, rw, ws)
         _launch(_f5_update, (N, NT), m, K, P, W1, MP, M1, mix, lam, keep, sav, rw, PN, W1N)
         ctx.save_for_backward(*ins, sav, gs, ws)
         ctx.meta = m
@@ -208,53 +203,42 @@ if triton is not None:
     def _ns_save(A, ws, tile, M: tl.constexpr, STEPS: tl.constexpr, a: tl.constexpr, b: tl.constexpr,
                  c: tl.constexpr, PREC: tl.constexpr):
         """``ns_gram_factor``'s steps from A_0 = ``A`` as a loop (not unrolled: the kernels' code, and so
-        their compile time, stays that of one step): Q_k = a I + b A_k + c A_k², T_k = Q_k A_k, A_{k+1} =
-        T_k Q_k, R_{k+1} = Q_k R_k (R_1 = Q_0), 1 + 4 (STEPS - 1) products; returns R = R_STEPS. Writes what
-        ``_ns_tangent`` reads to the program's scratch slice ``ws`` (slot (j, k) at + (j * STEPS + k) * M * M):
-        A_k and Q_k for k < STEPS (j 0, 1), R_k for 1 <= k < STEPS (j 2), T_k for k < STEPS - 1 (j 3)."""
+        their compile time, stays that of one step), writing A_k, Q_k, R_k (R_0 = I) and T_k = Q_k A_k
+        to the program's scratch slice ``ws`` (slot (j, k) at + (j * STEPS + k) * M * M); returns R.
+        Every step is alike: the first one's R_1 = Q_0 I and the last one's unused T and A are formed
+        too (three M×M products more than the unrolled form in ``kernels.atlas``)."""
         i = tl.arange(0, M)
         eye = (i[:, None] == i[None, :]).to(tl.float32)
-        Q = _ns_q(A, eye, a, b, c, PREC)
-        tl.store(ws + tile, A)
-        tl.store(ws + STEPS * M * M + tile, Q)
-        R = Q
-        for k in range(1, STEPS):
-            T = _mm(Q, A, PREC)
-            A = _mm(T, Q, PREC)
+        R = eye
+        for k in range(STEPS):
             Q = _ns_q(A, eye, a, b, c, PREC)
-            tl.store(ws + (3 * STEPS + k - 1) * M * M + tile, T)
+            T = _mm(Q, A, PREC)
             tl.store(ws + k * M * M + tile, A)
             tl.store(ws + (STEPS + k) * M * M + tile, Q)
             tl.store(ws + (2 * STEPS + k) * M * M + tile, R)
+            tl.store(ws + (3 * STEPS + k) * M * M + tile, T)
             R = _mm(Q, R, PREC)
+            A = _mm(T, Q, PREC)
         return R
 
     @triton.jit
-    def _sym_prod(X, Y, PREC: tl.constexpr):
-        """X Y + (X Y)ᵀ."""
-        P = _mm(X, Y, PREC)
-        return P + tl.trans(P)
-
-    @triton.jit
-    def _ns_tangent(E, ws, tile, M: tl.constexpr, STEPS: tl.constexpr, b: tl.constexpr, c: tl.constexpr,
-                    PREC: tl.constexpr):
-        """The gradient of A_0 (its symmetric part) from dR = ``E`` symmetrised, in forward mode through the
-        iterates ``_ns_save`` kept: R_STEPS = f(A_0) for a polynomial f (every iterate is one of A_0, so
-        all commute and are symmetric), and for a symmetric A_0 the derivative E -> L_f(A_0)[E] is its own
-        adjoint, so sym(dA_0) = L_f(A_0)[sym(dR)], the tangent of R_STEPS along A_0's tangent sym(dR).
-        The tangents stay symmetric: Q'_k = b A'_k + c (A'_k A_k + (A'_k A_k)ᵀ), A'_{k+1} = Q'_k T_k +
-        (Q'_k T_k)ᵀ + Q_k A'_k Q_k, R'_{k+1} = Q'_k R_k + Q_k R'_k (R'_1 = Q'_0): 1 + 6 (STEPS - 1)
-        products against 8 STEPS for the reverse through the same steps."""
-        Ad = E
-        Qd = b * Ad + c * _sym_prod(Ad, tl.load(ws + tile), PREC)
-        Rd = Qd
-        for k in range(1, STEPS):
-            Q = tl.load(ws + (STEPS + k - 1) * M * M + tile)
-            Ad = _sym_prod(Qd, tl.load(ws + (3 * STEPS + k - 1) * M * M + tile), PREC) + _mm(_mm(Q, Ad, PREC), Q, PREC)
-            Qd = b * Ad + c * _sym_prod(Ad, tl.load(ws + k * M * M + tile), PREC)
-            Rd = _mm(Qd, tl.load(ws + (2 * STEPS + k) * M * M + tile), PREC) + _mm(
-                tl.load(ws + (STEPS + k) * M * M + tile), Rd, PREC)
-        return Rd
+    def _ns_back(gR, ws, tile_t, M: tl.constexpr, STEPS: tl.constexpr, b: tl.constexpr, c: tl.constexpr,
+                 PREC: tl.constexpr):
+        """dA_0 from dR = ``gR`` by reverse mode through the steps ``_ns_save`` wrote to ``ws`` (the saved
+        tiles read transposed), as a loop: R_{k+1} = Q_k R_k, A_{k+1} = T_k Q_k, T_k = Q_k A_k,
+        Q_k = a I + b A_k + c A_k² (the last step's A_{k+1} unused: its gradient starts at zero)."""
+        gA = tl.zeros([M, M], dtype=tl.float32)
+        for j in range(STEPS):
+            k = STEPS - 1 - j
+            Qt = tl.load(ws + (STEPS + k) * M * M + tile_t)
+            At = tl.load(ws + k * M * M + tile_t)
+            gQ = _mm(gR, tl.load(ws + (2 * STEPS + k) * M * M + tile_t), PREC)
+            gR = _mm(Qt, gR, PREC)
+            gT = _mm(gA, Qt, PREC)
+            gQ += _mm(tl.load(ws + (3 * STEPS + k) * M * M + tile_t), gA, PREC) + _mm(gT, At, PREC)
+            gA = _mm(Qt, gT, PREC)
+            gA += b * gQ + c * (_mm(gQ, At, PREC) + _mm(At, gQ, PREC))
+        return gA
 
     @triton.jit
     def _ws_slot(WS, n, w, STEPS: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr):
@@ -281,24 +265,22 @@ if triton is not None:
         """The reverse mode of ``_ns_scaled`` from the gradient gRw of its result, through the iterates it
         kept in ``ws`` and ``inv`` = 1 / (tr G + 1e-14): stores its result to ``RWO`` (an M x M block) and
         returns the gradient of G symmetrised (gG + gGᵀ, what X Xᵀ passes back as (gG + gGᵀ) X) and the
-        gradient of w. Only the symmetric part of Newton-Schulz's input gradient matters here, which
-        ``_ns_tangent`` gives; G itself is not needed (G / tr G is the saved A_0)."""
+        gradient of w. G itself is not needed (G / tr G is the saved A_0), and the result does not stay
+        live through the reverse loop."""
         i = tl.arange(0, M)
         tile = i[:, None] * M + i[None, :]
+        tile_t = i[None, :] * M + i[:, None]
         sq = tl.sqrt(inv)
-        if STEPS == 1:  # R = Q_0
-            R = tl.load(ws + M * M + tile)
-        else:  # R = Q_{STEPS-1} R_{STEPS-1}
-            R = _mm(tl.load(ws + (2 * STEPS - 1) * M * M + tile), tl.load(ws + (3 * STEPS - 1) * M * M + tile), PREC)
+        R = _mm(tl.load(ws + (2 * STEPS - 1) * M * M + tile), tl.load(ws + (3 * STEPS - 1) * M * M + tile), PREC)
         s = wu * sq
         gs = tl.sum(gRw * R)
         tl.store(RWO + tile, R * s)
         ginv = gs * wu * 0.5 / sq
-        gR = gRw * (0.5 * s)
-        gA = _ns_tangent(gR + tl.trans(gR), ws, tile, M, STEPS, b, c, PREC)
+        gA = _ns_back(gRw * s, ws, tile_t, M, STEPS, b, c, PREC)
         ginv += tl.sum(gA * tl.load(ws + tile)) / inv  # Σ gA ⊙ G, G = A_0 / inv
         real = ((i[:, None] == i[None, :]) & (i[:, None] < MR)).to(tl.float32)
-        return 2.0 * (gA * inv - (ginv * inv * inv) * real), gs * sq  # d(1 / (tr G + eps)) = -inv² d tr G
+        gG = gA * inv - (ginv * inv * inv) * real  # d(1 / (tr G + eps)) = -inv² d tr G
+        return gG + tl.trans(gG), gs * sq
 
     # ------------------------------------------------------------------ layout of the work buffers
     # Per memory row, dense zero-padded blocks (BT x BH etc.); per (row, F tile) partial sums that the
@@ -324,30 +306,6 @@ if triton is not None:
         for j in range(NT):
             acc += _blk(ptr + j * stride, R, C)
         return acc
-
-    @triton.jit
-    def _sum_tiles4(ptr, stride, NT: tl.constexpr, o1, o2, o3, R0: tl.constexpr, C0: tl.constexpr, R1: tl.constexpr,
-                    C1: tl.constexpr, R2: tl.constexpr, C2: tl.constexpr, R3: tl.constexpr, C3: tl.constexpr):
-        """``_sum_tiles`` of four blocks of every tile's slice (at offsets 0, o1, o2, o3) in one loop, so that
-        each tile's four loads are in flight together (the sums are latency-bound: a loop per block waits
-        for 4 NT loads in turn)."""
-        a0 = tl.zeros((R0, C0), dtype=tl.float32)
-        a1 = tl.zeros((R1, C1), dtype=tl.float32)
-        a2 = tl.zeros((R2, C2), dtype=tl.float32)
-        a3 = tl.zeros((R3, C3), dtype=tl.float32)
-        for j in range(NT):
-            p = ptr + j * stride
-            a0 += _blk(p, R0, C0)
-            a1 += _blk(p + o1, R1, C1)
-            a2 += _blk(p + o2, R2, C2)
-            a3 += _blk(p + o3, R3, C3)
-        return a0, a1, a2, a3
-
-    @triton.jit
-    def _sum_strided(ptr, stride, NT: tl.constexpr, NTP: tl.constexpr):
-        """Σ_j ptr[j * stride] over j < NT, in one masked vector load (NTP: a power of two >= NT)."""
-        j = tl.arange(0, NTP)
-        return tl.sum(tl.load(ptr + j * stride, mask=j < NT, other=0.0))
 
     @triton.jit
     def _gates(MIX, LAM, n, CP: tl.constexpr, BT: tl.constexpr):
@@ -422,16 +380,20 @@ if triton is not None:
         _sblk(zb + BT * BH + BQ * BH + BT * BD, BQ, BD, _mm(kq, pt, PREC))
 
     @triton.jit
-    def _f2_row(ZP, W2, M2, V, GAM, MIX, LAM, Y, M2N, SAV, D: tl.constexpr, H: tl.constexpr, CP: tl.constexpr,
-                CQ: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr,
-                NT: tl.constexpr, PREC: tl.constexpr):
+    def _f2_row(ZP, W2, M2, V, GAM, MIX, LAM, WU, KEEP, Y, W2N, M2N, SAV, WS, GS, D: tl.constexpr, H: tl.constexpr,
+                CP: tl.constexpr, CQ: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr,
+                BQ: tl.constexpr, NT: tl.constexpr, STEPS: tl.constexpr, a: tl.constexpr, b: tl.constexpr,
+                c: tl.constexpr, PREC: tl.constexpr):
         """Forward 2, a program per row: the memory MLP's rest (steps 1-2), the retrieval, the gradient
-        factors (kept in SAV) and W_2's new momentum (its Newton-Schulz and update are forward 4's)."""
+        factors (kept in SAV), and all of W_2's step (its momenta, Gram matrix, Newton-Schulz, update)."""
         n = tl.program_id(0).to(tl.int64)
         rt, rq, rd, rh = tl.arange(0, BT), tl.arange(0, BQ), tl.arange(0, BD), tl.arange(0, BH)
         S1: tl.constexpr = BT * BH + BQ * BH + BT * BD + BQ * BD
-        z1k, z1q, olk, olq = _sum_tiles4(ZP + n * NT * S1, S1, NT, BT * BH, BT * BH + BQ * BH, BT * BH + BQ * BH + BT * BD,
-                                         BT, BH, BQ, BH, BT, BD, BQ, BD)
+        zb = ZP + n * NT * S1
+        z1k = _sum_tiles(zb, S1, NT, BT, BH)
+        z1q = _sum_tiles(zb + BT * BH, S1, NT, BQ, BH)
+        olk = _sum_tiles(zb + BT * BH + BQ * BH, S1, NT, BT, BD)
+        olq = _sum_tiles(zb + BT * BH + BQ * BH + BT * BD, S1, NT, BQ, BD)
         w2 = _ld(W2 + n * D * H, rd, rh, D, H, H, 1)
         h1k = silu_f32(z1k)
         _st(Y + n * CQ * D, rq, rd, CQ, D, D, 1, _mm(silu_f32(z1q), tl.trans(w2), PREC) + olq)
@@ -448,7 +410,12 @@ if triton is not None:
         _sblk(sb + o_d1, BT, BH, d1)
         _sblk(sb + o_diff, BT, BD, diff)
         m0, m1, lam0, lam1 = _gates(MIX, LAM, n, CP, BT)
-        _st(M2N + n * D * H, rd, rh, D, H, H, 1, _mix_sum(h1k, e, m1, lam1, _ld(M2 + n * D * H, rd, rh, D, H, H, 1), PREC))
+        mw2 = _ld(M2 + n * D * H, rd, rh, D, H, H, 1)
+        x2 = _mix_sum(h1k, e, m0, lam0, mw2, PREC)
+        _st(M2N + n * D * H, rd, rh, D, H, H, 1, _mix_sum(h1k, e, m1, lam1, mw2, PREC))
+        rw2 = _ns_scaled(_mm(x2, tl.trans(x2), PREC), tl.load(WU + n), _ws_slot(WS, n, 2, STEPS, BD, BH), GS + 3 * n + 2,
+                         BD, STEPS, a, b, c, PREC)
+        _st(W2N + n * D * H, rd, rh, D, H, H, 1, tl.load(KEEP + n) * w2 - _mm(rw2, x2, PREC))
 
     @triton.jit
     def _f3_gram(K, MP, M1, MIX, LAM, SAV, MPN, M1N, GP, D: tl.constexpr, H: tl.constexpr, FD: tl.constexpr,
@@ -466,33 +433,21 @@ if triton is not None:
         _sblk(gb + BD * BD, BH, BH, _mm(x1, tl.trans(x1), PREC))
 
     @triton.jit
-    def _f4_ns(GP, WU, GS, RW, WS, SAV, W2, M2, MIX, LAM, KEEP, W2N, D: tl.constexpr, H: tl.constexpr,
-               CP: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr,
-               NT: tl.constexpr, STEPS: tl.constexpr, a: tl.constexpr, b: tl.constexpr, c: tl.constexpr,
-               PREC: tl.constexpr):
-        """Forward 4, a program per (row, weight): for P and W_1 the Gram matrix summed over the tiles and its
-        scaled Newton-Schulz factor (to RW); for W_2 its X (from the factors in SAV), Gram matrix, scaled
-        factor and new weights (to W2N). 1 / (tr G + eps) to GS for the backward."""
+    def _f4_ns(GP, WU, GS, RW, WS, BD: tl.constexpr, BH: tl.constexpr, NT: tl.constexpr, STEPS: tl.constexpr,
+               a: tl.constexpr, b: tl.constexpr, c: tl.constexpr, PREC: tl.constexpr):
+        """Forward 4, a program per (row, weight P / W_1): the Gram matrix summed over the tiles and its
+        scaled Newton-Schulz factor (to RW; 1 / (tr G + eps) to GS for the backward)."""
         n = tl.program_id(0).to(tl.int64)
-        w = tl.program_id(1)
         SG: tl.constexpr = BD * BD + BH * BH
         wu = tl.load(WU + n)
-        ws = _ws_slot(WS, n, w, STEPS, BD, BH)
-        if w == 0:  # (a branch's values are its own: Triton types a name alike in all branches)
+        if tl.program_id(1) == 0:  # (a branch's values are its own: Triton types a name alike in both)
             Gp = _sum_tiles(GP + n * NT * SG, SG, NT, BD, BD)
-            _sblk(RW + n * SG, BD, BD, _ns_scaled(Gp, wu, ws, GS + 3 * n, BD, STEPS, a, b, c, PREC))
-        elif w == 1:
-            G1 = _sum_tiles(GP + n * NT * SG + BD * BD, SG, NT, BH, BH)
-            _sblk(RW + n * SG + BD * BD, BH, BH, _ns_scaled(G1, wu, ws, GS + 3 * n + 1, BH, STEPS, a, b, c, PREC))
+            _sblk(RW + n * SG, BD, BD, _ns_scaled(Gp, wu, _ws_slot(WS, n, 0, STEPS, BD, BH), GS + 3 * n, BD, STEPS, a,
+                                                  b, c, PREC))
         else:
-            rd, rh = tl.arange(0, BD), tl.arange(0, BH)
-            o_z1q, o_e, o_d1, o_diff, S2 = _sav_offsets(BT, BQ, BD, BH)
-            m0, m1, lam0, lam1 = _gates(MIX, LAM, n, CP, BT)
-            o2 = n * D * H
-            x2 = _mix_sum(silu_f32(_blk(SAV + n * S2, BT, BH)), _blk(SAV + n * S2 + o_e, BT, BD), m0, lam0,
-                          _ld(M2 + o2, rd, rh, D, H, H, 1), PREC)
-            rw2 = _ns_scaled(_mm(x2, tl.trans(x2), PREC), wu, ws, GS + 3 * n + 2, BD, STEPS, a, b, c, PREC)
-            _st(W2N + o2, rd, rh, D, H, H, 1, tl.load(KEEP + n) * _ld(W2 + o2, rd, rh, D, H, H, 1) - _mm(rw2, x2, PREC))
+            G1 = _sum_tiles(GP + n * NT * SG + BD * BD, SG, NT, BH, BH)
+            _sblk(RW + n * SG + BD * BD, BH, BH, _ns_scaled(G1, wu, _ws_slot(WS, n, 1, STEPS, BD, BH), GS + 3 * n + 1,
+                                                            BH, STEPS, a, b, c, PREC))
 
     @triton.jit
     def _f5_update(K, P, W1, MP, M1, MIX, LAM, KEEP, SAV, RW, PN, W1N, D: tl.constexpr, H: tl.constexpr,
@@ -648,7 +603,7 @@ if triton is not None:
     def _b4_row(QP, GRP, NB, SAV, W2, GW2N, GY, GAM, MIX, LAM, KEEP, DW2, DV, DGAM, DMIX, DLAM, DWU, DKEEP, GB,
                 D: tl.constexpr, H: tl.constexpr, CP: tl.constexpr, CQ: tl.constexpr, BD: tl.constexpr,
                 BH: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, NT: tl.constexpr, NG: tl.constexpr,
-                NTP: tl.constexpr, NGP: tl.constexpr, PREC: tl.constexpr):
+                PREC: tl.constexpr):
         """Backward 4, a program per row: the factors' gradients summed over the tiles (backward 3's NT, and
         Π α's shares over backward 1's NG), through the memory
         MLP by hand (δ = (e W_2) ⊙ σ'(z), e = 2 γ (out - v), out = h W_2ᵀ + K Pᵀ, the queries' y): W_2's,
@@ -657,12 +612,19 @@ if triton is not None:
         rt, rq, rd, rh = tl.arange(0, BT), tl.arange(0, BQ), tl.arange(0, BD), tl.arange(0, BH)
         SQ: tl.constexpr = 2 * BT * BD + 2 * BT * BH + 2
         qb = QP + n * NT * SQ
-        qp0, qp1, q10, q11 = _sum_tiles4(qb, SQ, NT, BT * BD, 2 * BT * BD, 2 * BT * BD + BT * BH, BT, BD, BT, BD, BT, BH,
-                                         BT, BH)
-        glam0 = _sum_strided(qb + SQ - 2, SQ, NT, NTP)
-        glam1 = _sum_strided(qb + SQ - 1, SQ, NT, NTP)
+        qp0 = _sum_tiles(qb, SQ, NT, BT, BD)
+        qp1 = _sum_tiles(qb + BT * BD, SQ, NT, BT, BD)
+        q10 = _sum_tiles(qb + 2 * BT * BD, SQ, NT, BT, BH)
+        q11 = _sum_tiles(qb + 2 * BT * BD + BT * BH, SQ, NT, BT, BH)
+        glam0 = tl.load(qb + SQ - 2)
+        glam1 = tl.load(qb + SQ - 1)
         SG, o_ge2, o_gh1, o_gmix, o_glam, o_gwu, SNB = _nb_offsets(BT, BD, BH)
-        gkeep = tl.load(NB + n * SNB + o_gwu + 3) + _sum_strided(GRP + n * NG * (SG + 1) + SG, SG + 1, NG, NGP)
+        gkeep = tl.load(NB + n * SNB + o_gwu + 3)
+        for j in range(1, NT):
+            glam0 += tl.load(qb + j * SQ + SQ - 2)
+            glam1 += tl.load(qb + j * SQ + SQ - 1)
+        for j in range(NG):
+            gkeep += tl.load(GRP + (n * NG + j) * (SG + 1) + SG)
         o_z1q, o_e, o_d1, o_diff, S2 = _sav_offsets(BT, BQ, BD, BH)
         sb = SAV + n * S2
         z1k = _blk(sb, BT, BH)
