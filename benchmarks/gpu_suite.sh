@@ -329,7 +329,7 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
                  --profile --out "$OUT/atlas_fused_profile_quad.json"
               step atlas_fused_profile_bench 200 python benchmarks/atlas_fused_bench.py --shape bench --configs 64x4 \
                  --profile --out "$OUT/atlas_fused_profile_bench.json" ;;
-      atlas_fused_tests) step atlas_fused_tests 150 "${PYTEST[@]}" tests/test_atlas_fused.py ;;
+      atlas_fused_tests) step atlas_fused_tests 240 "${PYTEST[@]}" tests/test_atlas_fused.py ;;
       profiles) step attn_profile 330 python benchmarks/side_by_side.py --rows attn --profile --merge --out-dir "$OUT"
               (cd benchmarks && step gdn_layer_profile 150 python mixers.py --only gdn --profile \
                  --out "$OUT/mixers_gdn_profile.json") ;;
