@@ -37,7 +37,9 @@ reverse in TF32, rounded operands, in Triton's interpreter: one chunk step's gra
 the fast path's through 4-16 chunks 0.1-2.0 off, against 2e-3-7e-3 in float32). Nor is Newton-Schulz's backward
 in forward mode on symmetric tangents (every iterate a polynomial in A_0, so sym(dA_0) = L_f(A_0)[sym(dR)]: 25
 products against 40, backward 2 110 -> 100 us on an H100), exact in real arithmetic but, in float32 through 4
-chunks at the Quad-Hybrid's memory, gradients 1.5e-2 off float64 against 3.8e-4 in reverse mode.
+chunks at the Quad-Hybrid's memory, gradients 1.5e-2 off float64 against 3.8e-4 in reverse mode: through a chain
+W_1's Gram matrix is near-singular (the momentum decays), Newton-Schulz's derivative there is large, and the tangent
+carries that part through every step, where rounding leaks it into the rest (the reverse forms it only at its end).
 
 A first form ran each row's whole step in one program per direction (2 launches a chunk): on an
 H100 (2026-12-06, the Quad-Hybrid's memory, 32 rows) 268 us forward and 1,574 forward+backward a
