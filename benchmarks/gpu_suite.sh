@@ -126,11 +126,13 @@
 #           (kernels/atlas_fused.py), one process (mixers.py fast_unfused_graphed fast_graphed); the first call per
 #           shape checks the fused step against the eager one (a disagreement is printed and the unfused step runs).
 #           2026-12-06, H100: the first form (one program per row) 274.4 ms against 67.5; the ten-launch form at 8
-#           warps 100.6 against 67.7, at 64 columns x 4 warps 68.4 against 67.3 (before the backward's narrower tiles)
+#           warps 100.6 against 67.7, at 64 columns x 4 warps 68.4 against 67.3, with the backward's 16-column tiles
+#           (the default since) 62.1 against 67.8
 #   atlas_fused_d2048  the d 2048 muon_chunk layer (B 4 x 4096) without and with the fused chunk step, next to gdn in
-#           one process (issue 18: ATLAS <= 10x gdn; mixers.py --atlas-config bench_chunk); H100 2026-12-06: 49.1 ms
-#           fused against 90.3, gdn graphed 6.83: 7.2x
-#   atlas_fused_recipe  the Quad-Hybrid recipe with muon_chunk (the fused step on, as shipped) against its gdn twin
+#           one process (issue 18: ATLAS <= 10x gdn; mixers.py --atlas-config bench_chunk); H100 2026-12-06: 47.4 ms
+#           fused (as shipped) against 90.1, gdn graphed 6.83: 6.95x
+#   atlas_fused_recipe  the Quad-Hybrid recipe with muon_chunk (the fused step on, as shipped) against its gdn twin;
+#           H100 2026-12-06: 78.27 ms a step against 17.65 (0.226; the twin's step moves between calls)
 #   atlas_nstf32  the quad-shape muon_chunk layer with Newton-Schulz in one TF32 product per matmul against as
 #           shipped (float32-accurate split products), one process; H100 2026-12-06: the tf32 path fails the fast path's
 #           probe (0.147 off the float64 reference), so it does not run

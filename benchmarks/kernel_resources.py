@@ -72,8 +72,7 @@ def fused_resources(kernel: str, warps: int | None = None, head_dim: int = 32, h
     if kernel in ("_b3_tiles", "_b4_row", "_b5_tiles"):  # launched with the backward's tiles
         meta = atlas_fused._bwd_meta(meta)
     sig = {p: "constexpr" if p in meta else "*fp32" for p in fn.arg_names}
-    tile = fn in atlas_fused._TILE_KERNELS
-    w = warps or (atlas_fused.NUM_WARPS if tile else atlas_fused.ROW_WARPS or atlas_fused.NUM_WARPS)
+    w = warps or atlas_fused._warps(fn)
     k = compile_for(fn, sig, {p: meta[p] for p in fn.arg_names if p in meta}, w)
     res = ptxas_resources(k.asm["ptx"]) or {}
     res.pop("ptxas", None)

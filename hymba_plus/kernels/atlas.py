@@ -1339,12 +1339,13 @@ INDUCTOR = "pdl"
 #: the step, float32, sides <= 64) on CUDA: True = there (default since 2026-12-06), False = never (the
 #: compiled step). Checked once per shape against the eager step (``_fused``); a disagreement or a
 #: failed launch is said once and the unfused (compiled) step runs from then on. Measured on an H100
-#: (2026-12-06; one chunk step forward+backward in a CUDA graph, ``benchmarks/atlas_fused_bench.py``,
-#: fused and unfused in one process): the Quad-Hybrid's memory (32 rows) 543.1 us against 594.8, the
-#: d 2048 layer's (64 rows) 227.7 against 398.9; the d 2048 layer (B 4 x 4096, CUDA graphs, ``mixers.py
-#: --atlas-paths fast_graphed fast_fused_graphed --atlas-config bench_chunk``) 49.1 ms against 90.3,
-#: 7.2x a graphed gdn layer's 6.83 in the same process. A first form, one program per row and
-#: direction, was 268 / 1,574 us a chunk forward / forward+backward (H100)
+#: (2026-12-06, fused and unfused in one process each): one chunk step forward+backward in a CUDA graph
+#: (``benchmarks/atlas_fused_bench.py``) 522.7 us against 604.9 at the Quad-Hybrid's memory (32 rows),
+#: 227.7 against 437.5 at the d 2048 layer's (64 rows); the d 2048 layer (B 4 x 4096, CUDA graphs,
+#: ``mixers.py --atlas-paths fast_unfused_graphed fast_graphed --atlas-config bench_chunk``) 47.4 ms
+#: against 90.1, 6.95x a graphed gdn layer's 6.83; the Quad-Hybrid recipe's step 78.27 ms (91.25 before
+#: backward 1 went back to the forward's tiles and only 1 / tr G was kept). A first form, one program per row and direction, was 268 / 1,574 us a
+#: chunk forward / forward+backward (H100)
 FUSED_STEP = True
 
 #: why the fused chunk step is off in this process (it disagreed with the eager step, or failed)

@@ -118,11 +118,14 @@ def _bwd_meta(meta: dict) -> dict:
     return dict(meta, BF=bf, NT=-(-meta["FD"] // bf), NG=meta["NT"])
 
 
+def _warps(kernel) -> int:  # noqa: ANN001
+    """The warps a program of ``kernel``: NUM_WARPS over (row, F tile) grids, ROW_WARPS (or NUM_WARPS) per row."""
+    return NUM_WARPS if kernel in _TILE_KERNELS else (ROW_WARPS or NUM_WARPS)
+
+
 def _launch(kernel, grid: tuple[int, ...], meta: dict, *ptrs: Tensor) -> None:  # noqa: ANN001
-    """``kernel[grid](*ptrs, <its constexprs from meta>)``: a grid over F tiles with NUM_WARPS warps a
-    program, a per-row one with ROW_WARPS."""
-    warps = NUM_WARPS if kernel in _TILE_KERNELS else (ROW_WARPS or NUM_WARPS)
-    kernel[grid](*ptrs, **{k: v for k, v in meta.items() if k in kernel.arg_names}, num_warps=warps)
+    """``kernel[grid](*ptrs, <its constexprs from meta>)`` with ``_warps(kernel)`` warps a program."""
+    kernel[grid](*ptrs, **{k: v for k, v in meta.items() if k in kernel.arg_names}, num_warps=_warps(kernel))
 
 
 class _FusedStep(torch.autograd.Function):
