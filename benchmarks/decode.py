@@ -10,7 +10,8 @@ HF ``generate``). Decode time = (generate with ``--new`` tokens) - (generate wit
 each the median of ``--repeats`` calls after a warm-up call, so the prefill and the
 engine's one-time capture do not count. The streaming limit is the bytes of the weights a
 step reads (embedding row excluded; for MoE at batch 1 only the active experts) over the
-GPU's memory bandwidth (``--bandwidth``, 4.8e12 B/s for an H200). Prints a table and writes
+GPU's memory bandwidth (``--bandwidth``; default the GPU's datasheet figure, ``timing.GPU_PEAKS``: 4.8e12
+B/s on an H200, 3.35e12 on an H100 SXM). Prints a table and writes
 JSON with the device name.
 """
 
@@ -22,7 +23,7 @@ import platform
 from pathlib import Path
 
 import torch
-from timing import bench  # benchmarks/timing.py (scripts run from the repo root as files)
+from timing import bench, gpu_peaks  # benchmarks/timing.py (scripts run from the repo root as files)
 
 QWEN3_NEXT_LIKE = {
     "name": "qwen3-next-like",
@@ -62,7 +63,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--engines", nargs="+", default=["dynamic", "static", "graph"])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--bandwidth", type=float, default=4.8e12)
+    ap.add_argument("--bandwidth", type=float, default=None,
+                    help="HBM bytes/s for the streaming limit (default: the GPU's datasheet figure, timing.GPU_PEAKS)")
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of 8 static-engine steps")
     ap.add_argument("--tiny", action="store_true", help="d 64, 2 layers, vocab 256 (a CPU smoke run)")
     ap.add_argument("--pin-autotune", action="store_true",
@@ -72,6 +74,7 @@ def main() -> None:
                          "unaffected, but prefill times are then untuned")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode.json")
     args = ap.parse_args()
+    args.bandwidth = args.bandwidth or gpu_peaks(getattr(args, "device", "cuda"))[1]
     if args.prompts is None:  # --tiny's model has max_seq_len 512
         args.prompts = [32, 128] if args.tiny else [2048, 8192]
     if args.pin_autotune and args.device == "cuda":
@@ -99,7 +102,7 @@ def run(args: argparse.Namespace) -> None:
     rows = []
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "recipe": recipe.name, "params": model.num_parameters(),
-              "dtype": args.dtype, "new_tokens": args.new, "rows": rows}
+              "dtype": args.dtype, "new_tokens": args.new, "hbm_bytes_per_s": args.bandwidth, "rows": rows}
     print(f"{recipe.name}: {model.num_parameters() / 1e6:.1f}M params, {args.dtype}, {args.device}")
     print(f"{'batch':>5} {'prompt':>6} {'engine':>8} {'prefill ms':>10} {'ms/step':>8} {'tok/s':>8} "
           f"{'limit ms':>8}")

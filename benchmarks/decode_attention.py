@@ -7,8 +7,8 @@ each replayed from a CUDA graph (as the decode engine runs them), so launch over
     python benchmarks/decode_attention.py --slots 8192 --filled 4096 --window 1024
 
 The cache has ``--slots`` slots of which ``--filled`` hold keys (row b left-padded by b slots);
-``--bandwidth`` turns the K/V bytes of the filled slots into a streaming limit (4.8e12 B/s: an
-H200). Prints one line per path and checks the two outputs agree.
+``--bandwidth`` turns the K/V bytes of the filled slots into a streaming limit (default the GPU's
+datasheet bandwidth, ``timing.GPU_PEAKS``: 4.8e12 B/s on an H200). Prints one line per path and checks the two outputs agree.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from timing import bench  # benchmarks/timing.py (scripts run from the repo root as files)
+from timing import bench, gpu_peaks  # benchmarks/timing.py (scripts run from the repo root as files)
 
 from hymba_plus.kernels import decode_attention as A
 
@@ -31,9 +31,11 @@ def main() -> None:
     ap.add_argument("--filled", type=int, default=2048)
     ap.add_argument("--window", type=int, default=None)
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    ap.add_argument("--bandwidth", type=float, default=4.8e12)
+    ap.add_argument("--bandwidth", type=float, default=None,
+                    help="HBM bytes/s for the streaming limit (default: the GPU's datasheet figure, timing.GPU_PEAKS)")
     ap.add_argument("--iters", type=int, default=50)
     args = ap.parse_args()
+    args.bandwidth = args.bandwidth or gpu_peaks(getattr(args, "device", "cuda"))[1]
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
     dt = getattr(torch, args.dtype)

@@ -9,7 +9,8 @@ and our in-place kernel (``gated_delta_rule_decode_``: one launch, no copy).
     python benchmarks/gdn_decode.py --dtype float32 --v-heads 16
 
 q, k, v are views of one conv output (as in the layer). ``--bandwidth`` turns the state's bytes
-(read + write, float32) into a streaming limit (4.8e12 B/s: an H200). Prints one line per path
+(read + write, float32) into a streaming limit (default the GPU's datasheet bandwidth,
+``timing.GPU_PEAKS``: 4.8e12 B/s on an H200). Prints one line per path
 and checks the outputs and states agree with the reference's.
 """
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from timing import bench  # benchmarks/timing.py (scripts run from the repo root as files)
+from timing import bench, gpu_peaks  # benchmarks/timing.py (scripts run from the repo root as files)
 
 from hymba_plus.kernels import dispatch
 from hymba_plus.kernels import gdn as G
@@ -32,9 +33,11 @@ def main() -> None:
     ap.add_argument("--dk", type=int, default=128)
     ap.add_argument("--dv", type=int, default=128)
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    ap.add_argument("--bandwidth", type=float, default=4.8e12)
+    ap.add_argument("--bandwidth", type=float, default=None,
+                    help="HBM bytes/s for the streaming limit (default: the GPU's datasheet figure, timing.GPU_PEAKS)")
     ap.add_argument("--iters", type=int, default=100)
     args = ap.parse_args()
+    args.bandwidth = args.bandwidth or gpu_peaks(getattr(args, "device", "cuda"))[1]
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
     dt = getattr(torch, args.dtype)

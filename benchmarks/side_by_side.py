@@ -55,10 +55,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timing import gpu_peaks  # benchmarks/timing.py (scripts run from the repo root as files)
 
 ROWS = ("attn", "gdn", "quad_moe", "decode", "fsdp2")
-PEAK_BF16_FLOPS = 989e12  # H100 / H200 SXM dense bf16
-HBM_BYTES_PER_S = 4.8e12  # H200
 
 # Model sizes. FULL: the configs; TINY (--tiny): CPU-sized, seconds.
 FULL = {
@@ -845,9 +844,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "config: a cold machine skips minutes of autotuning; the ratios are then marked not tuned")
     ap.add_argument("--profile", action="store_true", help="training rows: print the top kernels of two more steps "
                     "of each model and mode (benchmarks/timing.profile_passes)")
-    ap.add_argument("--peak-flops", type=float, default=PEAK_BF16_FLOPS, help="bf16 peak for MFU (default 989e12)")
-    ap.add_argument("--hbm-bw", type=float, default=HBM_BYTES_PER_S, help="bytes/s for the weight-streaming limit "
-                    "(default 4.8e12, H200)")
+    ap.add_argument("--peak-flops", type=float, default=None, help="bf16 peak for MFU (default: the GPU's datasheet "
+                    "figure, timing.GPU_PEAKS; recorded with its source in settings.peaks_from)")
+    ap.add_argument("--hbm-bw", type=float, default=None, help="bytes/s for the weight-streaming limit (default: the "
+                    "GPU's datasheet figure, e.g. 4.8e12 on an H200, 3.35e12 on an H100 SXM)")
     ap.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--merge", action="store_true", help="keep the rows of an existing output file of the same "
                     "device and date that this run does not measure (several calls under a time limit)")
@@ -860,6 +860,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.decode_dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     if args.new_tokens < 1:
         ap.error("--new-tokens must be >= 1")
+    flops, bw, source = gpu_peaks(args.device)
+    args.peaks_from = ("given" if args.peak_flops else source, "given" if args.hbm_bw else source)
+    args.peak_flops, args.hbm_bw = args.peak_flops or flops, args.hbm_bw or bw
     return args
 
 

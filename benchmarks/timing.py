@@ -8,6 +8,34 @@ from collections.abc import Callable
 
 import torch
 
+#: datasheet peaks per GPU, matched in order on ``torch.cuda.get_device_name()``: (name part, dense bf16
+#: tensor-core FLOP/s, HBM bytes/s). The H100 rows before the bare "H100" (the SXM part, "H100 80GB HBM3")
+GPU_PEAKS = (
+    ("H200", 989e12, 4.8e12),
+    ("H100 NVL", 835e12, 3.9e12),
+    ("H100 PCIe", 756e12, 2.0e12),
+    ("H100", 989e12, 3.35e12),
+    ("A100-SXM4-80GB", 312e12, 2.039e12),
+    ("A100 80GB PCIe", 312e12, 1.935e12),
+    ("A100", 312e12, 1.555e12),
+)
+
+
+def peaks_of(name: str | None) -> tuple[float, float, str]:
+    """(bf16 FLOP/s, HBM bytes/s, whose figures) for a GPU named ``name`` (``torch.cuda.get_device_name()``);
+    for None (a CPU) or a GPU missing from ``GPU_PEAKS``, the H200's, said so in the third item (what the
+    results record next to an MFU or a streaming limit computed from them)."""
+    for part, flops, bw in GPU_PEAKS:
+        if name is not None and part in name:
+            return flops, bw, f"{part} datasheet"
+    return GPU_PEAKS[0][1], GPU_PEAKS[0][2], f"H200 datasheet (no figures for {name or 'a CPU'})"
+
+
+def gpu_peaks(device: str) -> tuple[float, float, str]:
+    """``peaks_of`` the GPU a run on ``device`` uses (a CPU: None)."""
+    on_gpu = device.startswith("cuda") and torch.cuda.is_available()
+    return peaks_of(torch.cuda.get_device_name() if on_gpu else None)
+
 
 def bench(fn: Callable[[], object], device: str, warmup: int = 3, iters: int = 10) -> float:
     """Median milliseconds of fn() (CUDA events on GPU, perf_counter on CPU)."""

@@ -19,6 +19,19 @@ def load_bench():  # noqa: ANN201 - the script as a module
     return load_benchmark("side_by_side")
 
 
+def test_datasheet_peaks_by_device_name() -> None:
+    """MFU and streaming limits divide by the GPU's own peaks (an H100 SXM streams 3.35e12 B/s, not the H200's
+    4.8e12); a device without figures gets the H200's, and the source says so."""
+    timing = load_benchmark("timing")
+    assert timing.peaks_of("NVIDIA H200")[:2] == (989e12, 4.8e12)
+    assert timing.peaks_of("NVIDIA H100 80GB HBM3") == (989e12, 3.35e12, "H100 datasheet")
+    assert timing.peaks_of("NVIDIA H100 PCIe")[1] == 2.0e12
+    assert timing.peaks_of("NVIDIA A100-SXM4-40GB")[1] == 1.555e12
+    flops, bw, source = timing.peaks_of(None)
+    assert (flops, bw) == (989e12, 4.8e12) and source == "H200 datasheet (no figures for a CPU)"
+    assert "no figures for NVIDIA L4" in timing.peaks_of("NVIDIA L4")[2]
+
+
 def test_tiny_run_writes_every_key(tmp_path, capsys) -> None:
     bench = load_bench()
     rc = bench.main(["--tiny", "--device", "cpu", "--rows", "attn", "gdn", "quad_moe", "decode",
@@ -31,6 +44,7 @@ def test_tiny_run_writes_every_key(tmp_path, capsys) -> None:
     rep = json.loads((tmp_path / "latest.json").read_text())
     assert rep == json.loads((tmp_path / files[0]).read_text())
     assert rep["device"].startswith("cpu") and rep["preset"] == "tiny"
+    assert rep["settings"]["peaks_from"] == ["H200 datasheet (no figures for a CPU)"] * 2
     assert {"torch", "triton", "transformers", "fla"} <= set(rep["versions"])
     assert set(rep["rows"]) == {"attn", "gdn", "quad_moe", "decode"}
 
