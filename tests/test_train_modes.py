@@ -371,6 +371,7 @@ def test_gpu_auto_uses_cuda_graphs_and_matches_eager(tmp_path, capsys):
     lines = [x for x in cap.err.splitlines() if x.startswith("training mode:")]
     assert len(lines) == 1 and lines[0].startswith("training mode: cuda-graph (forward+backward captured"), cap.err
     assert "tokens/s (cuda-graph)" in cap.out
+    assert "optimizer step: replayed from a CUDA graph" in cap.err, cap.err
     assert main(["train", path, "--out", str(tmp_path / "eager"), "--mode", "eager", *args]) == 0
     a, b = metrics(tmp_path / "eager"), metrics(tmp_path / "auto")
     assert {r["mode"] for r in a} == {"eager"} and {r["mode"] for r in b} == {"cuda-graph"}
@@ -423,3 +424,50 @@ def test_gpu_capture_with_a_kept_eager_loss_names_it(tmp_path):
     step = cg.GraphedStep(model, ids, ids.clone(), autocast)
     loss, _, _ = step(ids, ids)
     assert math.isfinite(float(loss))
+
+
+@pytest.mark.gpu
+def test_gpu_graphed_optimizer_step_equals_the_eager_step():
+    """``GraphedOptimizer``: Muon (several shape groups, Nesterov, decay) and AdamW replayed from a
+    CUDA graph give the eager step's parameters and state bit for bit, with the lr changing every
+    step, gradients in the captured tensors or in new ones (copied in), and a step with a missing
+    gradient left to the eager step (``replay`` is False)."""
+    from hymba_plus.training.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = build_model(MOE).cuda().train()
+    twin = build_model(MOE).cuda().train()
+    twin.load_state_dict(model.state_dict())
+    cfg = TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.02, weight_decay=0.1)
+    opt, _ = build_optimizer(model, cfg)
+    ref, _ = build_optimizer(twin, cfg)
+    params, tparams = list(model.parameters()), list(twin.parameters())
+    grads = [[torch.randn_like(p) for p in params] for _ in range(6)]
+    graphed = None
+    for k, gs in enumerate(grads):
+        for o in (opt, ref):
+            for g in o.param_groups:
+                g["lr"] = g["base_lr"] * (k + 1) / 6
+        for p, tp, g in zip(params, tparams, gs):
+            tp.grad = g.clone()
+            if graphed is not None and k % 2:  # the captured tensors, as a replayed backward leaves them
+                p.grad.copy_(g)
+            else:  # new tensors
+                p.grad = g.clone()
+        if k == 4:
+            params[0].grad = tparams[0].grad = None
+        if k == 1:
+            graphed = cg.GraphedOptimizer(opt, params)
+        ran = graphed is not None and graphed.replay()
+        assert ran == (graphed is not None and k != 4)
+        if not ran:
+            opt.step()
+        ref.step()
+        if k == 4:
+            params[0].grad = torch.zeros_like(params[0])
+    torch.cuda.synchronize()
+    for p, tp in zip(params, tparams):
+        assert torch.equal(p, tp)
+    for p, tp in zip(params, tparams):
+        for key, v in opt.state[p].items():
+            assert torch.equal(v, ref.state[tp][key]), key

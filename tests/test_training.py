@@ -119,6 +119,29 @@ def test_adamw_groups_match_torch_adamw():
     assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_optimizer_follows_the_schedule_through_its_lr_tensors():
+    """The step multiplies by each group's lr as a device tensor, refreshed from ``group["lr"]``
+    every step (what a CUDA-graph replay needs): a changing lr gives torch AdamW's updates, and a
+    state dict's CPU step counts (a checkpoint's) are taken over."""
+    torch.manual_seed(0)
+    a = nn.Parameter(torch.randn(5, 3))
+    b = nn.Parameter(a.detach().clone())
+    mine = MuonAdamW([{"params": [a], "lr": 0.01, "betas": (0.9, 0.95), "weight_decay": 0.1}])
+    ref = torch.optim.AdamW([b], lr=0.01, betas=(0.9, 0.95), weight_decay=0.1, eps=1e-8)
+    for k in range(4):
+        g = torch.randn(5, 3)
+        a.grad, b.grad = g.clone(), g.clone()
+        mine.param_groups[0]["lr"] = ref.param_groups[0]["lr"] = 0.01 * (k + 1) / 4
+        mine.step()
+        ref.step()
+        if k == 1:  # a round trip through a state dict, its step counts on the CPU as saved
+            sd = mine.state_dict()
+            mine = MuonAdamW([{"params": [a], "lr": 0.01, "betas": (0.9, 0.95), "weight_decay": 0.1}])
+            mine.load_state_dict(sd)
+    assert torch.allclose(a, b, atol=1e-6)
+    assert float(mine.lr_tensors[0]) == pytest.approx(0.01) and float(mine.state[a]["step"]) == 4
+
+
 def test_build_optimizer_groups():
     model = build_model(TINY)
     opt, split = build_optimizer(model, TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.05))

@@ -179,3 +179,56 @@ class GradAccumulator:
         for p, g in self.sums.items():
             p.grad = g
         self.sums = {}
+
+
+class GraphedOptimizer:
+    """``opt.step()`` of a ``training.optim.MuonAdamW`` replayed from one CUDA graph.
+
+    The eager step of a small model is bound by its launches: Muon's Newton-Schulz per group of
+    equal-shaped matrices and the foreach updates of every group. For the Quad-Hybrid recipe at 8 x
+    2048 on an H100 the step issued ~900 kernels, ~20 ms of host time against a few ms of GPU time,
+    so the recipe's whole step (forward+backward already replayed) stayed host-bound
+    (``benchmarks/quad_atlas.py --profile``). The optimizer reads its learning rates and step counts
+    from device tensors (``MuonAdamW.load_lr``), so the kernels of every step are the same and the
+    graph records exactly the eager step's: a replay updates the parameters and the state as the eager
+    step would.
+
+    Fixed at capture: the parameters, their optimizer state (created first, ``init_state``: state
+    made inside the capture would be re-zeroed by every replay) and the gradient tensors the step
+    reads. ``replay`` copies gradients that are other tensors than the captured ones (a backward that
+    allocated new ones, gradient accumulation's sums) into them first, and returns False, doing
+    nothing, when the parameters with a gradient are not the captured ones: the caller then steps
+    eagerly. The capture itself updates nothing; the caller replays it for the step it was made in.
+    """
+
+    def __init__(self, opt: torch.optim.Optimizer, params: list[nn.Parameter]):
+        self.opt = opt
+        self.params = [p for p in params if p.grad is not None]
+        bad = next((p for p in self.params if p.grad.device.type != "cuda" or type(p.grad) is not Tensor), None)
+        if not self.params or bad is not None:
+            raise CaptureError("the optimizer step needs plain CUDA gradients" if self.params else "no gradients")
+        opt.init_state()
+        self.grads = [p.grad for p in self.params]  # what the graph reads
+        opt.load_lr()
+        self.graph = torch.cuda.CUDAGraph()
+        try:
+            with _gc_paused(), torch.cuda.graph(self.graph):
+                opt.step(load_lr=False)
+        except Exception as e:  # noqa: BLE001 - any failure of the capture is reported in one line
+            raise CaptureError(f"the optimizer step could not be captured "
+                               f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})"
+                               ) from None
+
+    def replay(self) -> bool:
+        """One optimizer step by replay (the groups' current ``lr``); False, nothing done, when
+        the parameters with a gradient differ from the captured ones."""
+        have = [p for p in self.params if p.grad is not None]
+        if len(have) != len(self.params) or sum(p.grad is not None for g in self.opt.param_groups
+                                                for p in g["params"]) != len(self.params):
+            return False
+        moved = [(g, p.grad) for g, p in zip(self.grads, self.params) if p.grad.data_ptr() != g.data_ptr()]
+        if moved:
+            torch._foreach_copy_([g for g, _ in moved], [n for _, n in moved])
+        self.opt.load_lr()
+        self.graph.replay()
+        return True

@@ -192,6 +192,11 @@ class MuonAdamW(torch.optim.Optimizer):
     for Linear weights ``[..., out, in]``, ``in_out`` for stacked ``x @ W`` weights).
     AdamW group keys: ``lr, betas, eps, weight_decay``. Every group also keeps
     ``base_lr``: the schedule sets ``lr = base_lr * factor(step)``.
+
+    The step reads no Python number that changes from step to step: each group's ``lr`` is
+    copied into a 0-d tensor on its parameters' device (``load_lr``) and AdamW's step counts
+    live there too, so the same kernels run every step and a CUDA graph can replay them
+    (``training/cuda_graph.GraphedOptimizer``: ``step(load_lr=False)`` inside the capture).
     """
 
     def __init__(self, groups: list[dict[str, Any]]):
@@ -208,31 +213,64 @@ class MuonAdamW(torch.optim.Optimizer):
                 g.setdefault("eps", 1e-8)
             g.setdefault("base_lr", g["lr"])
         super().__init__(groups, {})
+        #: per group, its lr as a 0-d float32 tensor on its parameters' device (what the step multiplies by)
+        self.lr_tensors = [torch.zeros(()) for _ in self.param_groups]
+
+    def load_lr(self) -> None:
+        """Copy every group's ``lr`` (a float the schedule sets) into its lr tensor: one fill
+        kernel per group, no host synchronisation (the tensor follows the parameters' device)."""
+        for i, g in enumerate(self.param_groups):
+            dev = _local(g["params"][0]).device if g["params"] else self.lr_tensors[i].device
+            if self.lr_tensors[i].device != dev:
+                self.lr_tensors[i] = torch.zeros((), device=dev)
+            self.lr_tensors[i].fill_(g["lr"])
+
+    def init_state(self) -> None:
+        """Create the state of every parameter that has a gradient (momentum buffers, AdamW's
+        moments and step counts on the parameter's device), as the first step would; a step
+        captured in a CUDA graph must not create state inside the capture."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._state(p, group["use_muon"])
+
+    def _state(self, p: Tensor, muon: bool) -> dict[str, Any]:
+        st = self.state[p]
+        if muon:
+            if "momentum_buffer" not in st:
+                st["momentum_buffer"] = torch.zeros_like(p.grad)
+            return st
+        dev = _local(p).device
+        if "step" not in st:
+            st["step"] = torch.zeros((), dtype=torch.float32, device=dev)
+            st["exp_avg"] = torch.zeros_like(p)
+            st["exp_avg_sq"] = torch.zeros_like(p)
+        elif st["step"].device != dev:  # a checkpoint's (saved from the CPU) or an older run's
+            st["step"] = st["step"].to(device=dev, dtype=torch.float32)
+        return st
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:  # noqa: ANN401
+    def step(self, closure: Any = None, load_lr: bool = True) -> Any:  # noqa: ANN401
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        if load_lr:
+            self.load_lr()
+        for group, lr in zip(self.param_groups, self.lr_tensors):
             if group["use_muon"]:
-                self._muon(group)
+                self._muon(group, lr)
             else:
-                self._adamw(group)
+                self._adamw(group, lr)
         return loss
 
-    def _muon(self, group: dict[str, Any]) -> None:
-        lr, wd, beta = group["lr"], group["weight_decay"], group["momentum"]
+    def _muon(self, group: dict[str, Any], lr: Tensor) -> None:
+        wd, beta = group["weight_decay"], group["momentum"]
         ps = [p for p in group["params"] if p.grad is not None]
         if not ps:
             return
-        for p in ps:
-            st = self.state[p]
-            if "momentum_buffer" not in st:
-                st["momentum_buffer"] = torch.zeros_like(p.grad)
+        bufs = [_local(self._state(p, True)["momentum_buffer"]) for p in ps]
         grads = [_local(p.grad) for p in ps]
-        bufs = [_local(self.state[p]["momentum_buffer"]) for p in ps]
         torch._foreach_lerp_(bufs, grads, 1 - beta)
         us = torch._foreach_lerp(grads, bufs, beta) if group["nesterov"] else bufs
         fulls = _gather_full(us, [p.grad for p in ps])
@@ -250,20 +288,16 @@ class MuonAdamW(torch.optim.Optimizer):
         params = [_local(p) for p in ps]
         if wd:
             torch._foreach_mul_(params, 1 - lr * wd)
-        torch._foreach_add_(params, outs, alpha=-lr)
+        torch._foreach_mul_(outs, lr)  # outs: fresh tensors (or views of this step's o)
+        torch._foreach_sub_(params, outs)
 
-    def _adamw(self, group: dict[str, Any]) -> None:
-        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+    def _adamw(self, group: dict[str, Any], lr: Tensor) -> None:
+        wd, eps = group["weight_decay"], group["eps"]
         b1, b2 = group["betas"]
         ps = [p for p in group["params"] if p.grad is not None]
         if not ps:
             return
-        states = [self.state[p] for p in ps]
-        for p, st in zip(ps, states):
-            if "step" not in st:
-                st["step"] = torch.zeros((), dtype=torch.float32)
-                st["exp_avg"] = torch.zeros_like(p)
-                st["exp_avg_sq"] = torch.zeros_like(p)
+        states = [self._state(p, False) for p in ps]
         steps = [st["step"] for st in states]
         torch._foreach_add_(steps, 1.0)
         params, grads = [_local(p) for p in ps], [_local(p.grad) for p in ps]
@@ -274,11 +308,19 @@ class MuonAdamW(torch.optim.Optimizer):
         torch._foreach_lerp_(m, grads, 1 - b1)
         torch._foreach_mul_(v, b2)
         torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
-        ts = [float(t) for t in steps]
+        # p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps), with t a tensor
+        neg_bc1 = torch._foreach_pow(b1, steps)  # b1^t
+        torch._foreach_sub_(neg_bc1, 1.0)  # -(1 - b1^t)
+        torch._foreach_div_(neg_bc1, lr)
+        bc2 = torch._foreach_pow(b2, steps)
+        torch._foreach_sub_(bc2, 1.0)
+        torch._foreach_neg_(bc2)
+        torch._foreach_sqrt_(bc2)  # sqrt(1 - b2^t)
         denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, [math.sqrt(1 - b2**t) for t in ts])
+        torch._foreach_div_(denom, bc2)
         torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(params, m, denom, [-lr / (1 - b1**t) for t in ts])
+        torch._foreach_mul_(denom, neg_bc1)
+        torch._foreach_addcdiv_(params, m, denom)
 
 
 @dataclass

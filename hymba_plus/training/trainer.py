@@ -86,7 +86,7 @@ from . import checkpoint as ckpt_mod
 from . import distributed as dist_mod
 from . import routes as routes_mod
 from .config import TrainConfig, validate
-from .cuda_graph import CaptureError, GradAccumulator, GraphedStep, reset_balancing_counts
+from .cuda_graph import CaptureError, GradAccumulator, GraphedOptimizer, GraphedStep, reset_balancing_counts
 from .data import open_stream
 from .mixed import MasterWeights, compute_weights
 from .optim import build_optimizer, clip_grad_norm_, set_lr
@@ -525,6 +525,8 @@ class Trainer:
             self.fwd = torch.compile(model, mode=None if self.compile_mode == "default" else self.compile_mode)
             self.run_mode = "compile"
         self.graphed = None
+        self.graphed_opt: GraphedOptimizer | None = None  # the optimizer step in a CUDA graph (_graphed_opt_step)
+        self._eager_opt_steps = 0
         mode_line = None  # "training mode: ..." (CUDA graphs, or auto on CUDA)
         if self.requested == "cuda-graph":
             self.graphed = self._capture()
@@ -848,7 +850,8 @@ class Trainer:
                 gnorm = float(clip_grad_norm_(params, cfg.grad_clip))
                 if not math.isfinite(gnorm):
                     raise TrainError(self._nonfinite(step, f"gradient norm is {gnorm}"))
-            self.opt.step()
+            if not (self._graphed_opt_step(params) and self.graphed_opt.replay()):
+                self.opt.step()
             self.opt.zero_grad(set_to_none=True)
         self.samples += cfg.batch_size * cfg.grad_accum * self.info.world
         row: dict[str, Any] = {"step": step + 1, "loss": loss, "lr": cfg.lr * factor}
@@ -857,6 +860,20 @@ class Trainer:
         if gnorm is not None:
             row["grad_norm"] = gnorm
         return row
+
+    def _graphed_opt_step(self, params: list[torch.nn.Parameter]) -> bool:
+        """Whether this step's optimizer update replays ``self.graphed_opt``. With the forward+backward
+        in CUDA graphs (and no float32 masters, whose swap moves the parameters), the optimizer step is
+        captured too, at this process's second step (the first runs eagerly: its kernels' first use
+        stays out of the capture); a capture that fails says so once and the run steps eagerly."""
+        if self.graphed_opt is None and self.graphed is not None and self.masters is None and self._eager_opt_steps == 1:
+            try:
+                self.graphed_opt = GraphedOptimizer(self.opt, params)
+                self.log("optimizer step: replayed from a CUDA graph (captured at this process's second step)")
+            except CaptureError as e:
+                self.log(f"optimizer step: eager ({e})")
+        self._eager_opt_steps += self.graphed_opt is None
+        return self.graphed_opt is not None
 
     def _full_precision(self) -> contextlib.AbstractContextManager:
         """The block in which the parameters are the float32 masters (``--param-dtype bfloat16``;
