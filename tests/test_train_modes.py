@@ -442,7 +442,8 @@ def test_gpu_graphed_optimizer_step_equals_the_eager_step():
     opt, _ = build_optimizer(model, cfg)
     ref, _ = build_optimizer(twin, cfg)
     params, tparams = list(model.parameters()), list(twin.parameters())
-    grads = [[torch.randn_like(p) for p in params] for _ in range(6)]
+    gen = torch.Generator().manual_seed(1)  # on the CPU: a failed capture earlier in the process can leave CUDA's unusable
+    grads = [[torch.randn(p.shape, generator=gen).cuda() for p in params] for _ in range(6)]
     graphed = None
     for k, gs in enumerate(grads):
         for o in (opt, ref):
