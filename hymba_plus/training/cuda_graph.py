@@ -96,6 +96,17 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+def release_rng() -> None:
+    """Give every default CUDA generator a fresh state object with the same seed and offset. A
+    capture that ends in an error can leave a generator marked as capturing, after which every
+    random op on the device fails ("Offset increment outside graph capture encountered
+    unexpectedly"), the eager steps the trainer falls back to included; called after each failed
+    capture. (A graph captured earlier keeps the state object it registered: its replays go on from
+    that one's offset.)"""
+    for gen in torch.cuda.default_generators:
+        gen.graphsafe_set_state(gen.clone_state())
+
+
 def reset_balancing_counts(model: nn.Module) -> None:
     """Zero the load counts of aux-loss-free balancing (MoE, MoDr) that forwards made outside
     training steps (warm-up, capture, verification)."""
@@ -146,6 +157,7 @@ class GraphedStep:
         finally:
             reset_balancing_counts(model)  # the counts the warm-up and capture passes added
         if error is not None:
+            release_rng()
             # out of the except block: the failed capture's traceback (and the warm-up outputs
             # its frames hold) is gone, so what graph_holders finds was kept by the caller
             raise CaptureError(capture_failure(error, graph_holders("cuda")))
@@ -215,6 +227,7 @@ class GraphedOptimizer:
             with _gc_paused(), torch.cuda.graph(self.graph):
                 opt.step(load_lr=False)
         except Exception as e:  # noqa: BLE001 - any failure of the capture is reported in one line
+            release_rng()
             raise CaptureError(f"the optimizer step could not be captured "
                                f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})"
                                ) from None
