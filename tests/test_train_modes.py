@@ -321,6 +321,58 @@ def test_auto_is_not_tried_where_the_run_cannot_be_captured(tmp_path, monkeypatc
     assert tr.graph_ineligible() == "the next_token objective: its step runs eagerly"
 
 
+class _FakeGraphedOptimizer:
+    """Stands in for ``GraphedOptimizer``: ``replay`` steps eagerly and returns the next of ``answers``."""
+
+    made: list = []
+
+    def __init__(self, opt, params):  # noqa: ANN001
+        self.opt, self.answers, self.replays = opt, [True, False, False], 0
+        _FakeGraphedOptimizer.made.append(self)
+
+    def replay(self) -> bool:
+        ok = self.answers[self.replays]
+        self.replays += 1
+        if ok:
+            self.opt.step()
+        return ok
+
+
+def test_the_optimizer_step_is_captured_at_the_second_step_and_said(tmp_path, monkeypatch):
+    """With the forward+backward graphed the trainer captures the optimizer step at the process's second
+    step and replays it; a replay that cannot run (other parameters with gradients) steps eagerly, said
+    once; a failed capture is said once and not tried again. (CPU: capture and replay stood in for.)"""
+    import hymba_plus.training.trainer as trainer_mod
+
+    _FakeGraphedOptimizer.made = []
+    monkeypatch.setattr(trainer_mod, "GraphedOptimizer", _FakeGraphedOptimizer)
+    tr, lines = _trainer(tmp_path)
+    tr.graphed = _FakeGraph(tr.model)
+    eager_steps = []
+    real_step = tr.opt.step
+    monkeypatch.setattr(tr.opt, "step", lambda *a, **k: (eager_steps.append(1), real_step(*a, **k))[1])
+    for k in range(4):
+        tr.train_step(k)
+    (made,) = _FakeGraphedOptimizer.made
+    assert made.replays == 3 and len(eager_steps) == 1 + 1 + 2  # step 1 eager; replays: ok, refused, refused
+    said = [x for x in lines if x.startswith("optimizer step:")]
+    assert said == ["optimizer step: replayed from a CUDA graph (captured at this process's second step)",
+                    "optimizer step: eager at step 3 (the parameters with gradients are not the captured step's); "
+                    "so at every such step"]
+
+    def refuse(opt, params):  # noqa: ANN001, ANN202
+        raise cg.CaptureError("the optimizer step could not be captured (boom)")
+
+    monkeypatch.setattr(trainer_mod, "GraphedOptimizer", refuse)
+    tr, lines = _trainer(tmp_path / "b")
+    tr.graphed = _FakeGraph(tr.model)
+    for k in range(3):
+        tr.train_step(k)
+    assert tr.graphed_opt is None
+    assert [x for x in lines if x.startswith("optimizer step:")] == [
+        "optimizer step: eager (the optimizer step could not be captured (boom))"]
+
+
 def test_bf16_tolerance_is_about_one_bf16_ulp():
     assert GRAPH_LOSS_RTOL["bf16"] >= 2.0 ** -8 and GRAPH_LOSS_RTOL["fp32"] < 1e-3
 

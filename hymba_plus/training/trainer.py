@@ -527,6 +527,7 @@ class Trainer:
         self.graphed = None
         self.graphed_opt: GraphedOptimizer | None = None  # the optimizer step in a CUDA graph (_graphed_opt_step)
         self._eager_opt_steps = 0
+        self._said_opt_eager = False
         mode_line = None  # "training mode: ..." (CUDA graphs, or auto on CUDA)
         if self.requested == "cuda-graph":
             self.graphed = self._capture()
@@ -850,7 +851,13 @@ class Trainer:
                 gnorm = float(clip_grad_norm_(params, cfg.grad_clip))
                 if not math.isfinite(gnorm):
                     raise TrainError(self._nonfinite(step, f"gradient norm is {gnorm}"))
-            if not (self._graphed_opt_step(params) and self.graphed_opt.replay()):
+            if not self._graphed_opt_step(params):
+                self.opt.step()
+            elif not self.graphed_opt.replay():
+                if not self._said_opt_eager:
+                    self._said_opt_eager = True
+                    self.log(f"optimizer step: eager at step {step + 1} (the parameters with gradients are not the "
+                             "captured step's); so at every such step")
                 self.opt.step()
             self.opt.zero_grad(set_to_none=True)
         self.samples += cfg.batch_size * cfg.grad_accum * self.info.world
