@@ -339,9 +339,9 @@ class _FakeGraphedOptimizer:
 
 
 def test_the_optimizer_step_is_captured_at_the_second_step_and_said(tmp_path, monkeypatch):
-    """With the forward+backward graphed the trainer captures the optimizer step at the process's second
-    step and replays it; a replay that cannot run (other parameters with gradients) steps eagerly, said
-    once; a failed capture is said once and not tried again. (CPU: capture and replay stood in for.)"""
+    """The trainer captures the optimizer step at the process's second step and replays it; a replay that
+    cannot run (other parameters with gradients) steps eagerly, said once; ``--mode eager`` never
+    captures; a failed capture is said once and not tried again. (CPU: capture and replay stood in for.)"""
     import hymba_plus.training.trainer as trainer_mod
 
     _FakeGraphedOptimizer.made = []
@@ -362,6 +362,12 @@ def test_the_optimizer_step_is_captured_at_the_second_step_and_said(tmp_path, mo
 
     def refuse(opt, params):  # noqa: ANN001, ANN202
         raise cg.CaptureError("the optimizer step could not be captured (boom)")
+
+    tr, lines = _trainer(tmp_path / "eager", mode="eager")  # --mode eager never captures
+    tr.graphed = _FakeGraph(tr.model)
+    for k in range(3):
+        tr.train_step(k)
+    assert tr.graphed_opt is None and len(_FakeGraphedOptimizer.made) == 1
 
     monkeypatch.setattr(trainer_mod, "GraphedOptimizer", refuse)
     tr, lines = _trainer(tmp_path / "b")
@@ -451,10 +457,15 @@ def test_gpu_auto_falls_back_to_eager_in_one_line_when_capture_fails(tmp_path, c
 
 @pytest.mark.gpu
 def test_gpu_ineligible_run_says_why_it_is_eager(tmp_path, capsys):
+    """An objective that runs eagerly: the forward+backward stay eager, said once; the optimizer step is
+    still replayed from a CUDA graph from the second step on."""
     bd = Path(__file__).resolve().parents[1] / "configs" / "bd_tiny.yaml"
-    assert main(["train", str(bd), "--out", str(tmp_path / "bd"), "--steps", "1", "--device", "cuda", *FAST]) == 0
-    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("training mode:")]
+    assert main(["train", str(bd), "--out", str(tmp_path / "bd"), "--steps", "3", "--device", "cuda", *FAST]) == 0
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("training mode:")]
     assert lines == ["training mode: eager (the block_diffusion objective: its two-stream step runs eagerly)"]
+    assert "optimizer step: replayed from a CUDA graph" in err, err
+    assert all(math.isfinite(r["loss"]) for r in metrics(tmp_path / "bd"))
 
 
 @pytest.mark.gpu
