@@ -46,7 +46,9 @@
 #           (training-path fast paths of the attn row)
 #   agree   decode_agreement.py in float32 and bf16: our generate (graph / static / dynamic engines, and
 #           the static one with each decode-step fast path off in turn) against our full forward and HF's
-#   modes   pytest -m gpu tests/test_train_modes.py and the CUDA-graph training tests (hymba train --mode auto)
+#   modes   pytest -m gpu tests/test_train_modes.py and the CUDA-graph training tests (hymba train --mode auto; the
+#           optimizer step replayed from a graph, bit for bit the eager one; a cold machine compiles fla's TileLang
+#           backward for the block-diffusion test first: give it the whole 400 s)
 #   side_train  side_by_side.py --rows gdn attn quad_moe (training vs fla / HF; --merge into the day's JSON)
 #   side_attn  side_by_side.py --rows attn alone (the attention row vs HF Llama; --merge), e.g. on the other card
 #   attn_bf16w  the bf16-weights GPU test (tests/test_mixed_precision.py: eager and CUDA-graph training with bf16
