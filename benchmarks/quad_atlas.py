@@ -21,7 +21,8 @@ recipe's ``train:`` settings with ``--batch`` / ``--seq-len`` / ``--data`` / ``-
 over them: by default Muon + AdamW, bf16 autocast on CUDA, the fused loss, mqar data), then
 ``Trainer.train_step`` timed with ``timing.bench`` (median; CUDA events on a GPU): the batch
 from the data stream, forward + loss + backward (or the replay of the captured CUDA graphs),
-gradient clipping, the optimizer step and the MoE bias update. The first step is timed
+gradient clipping, the optimizer step (replayed from its own CUDA graph from the second step on, as
+``hymba train`` does unless ``--mode eager``) and the MoE bias update. The first step is timed
 apart (``first_step_s``: compiles, autotuning, optimizer state), then ``--warmup`` - 1
 more steps, then ``--iters`` timed ones.
 

@@ -106,23 +106,9 @@ def test_muon_step_matches_the_reference_update():
 
 
 def test_adamw_groups_match_torch_adamw():
-    torch.manual_seed(0)
-    a = nn.Parameter(torch.randn(5, 3))
-    b = nn.Parameter(a.detach().clone())
-    mine = MuonAdamW([{"params": [a], "lr": 0.01, "betas": (0.9, 0.95), "weight_decay": 0.1}])
-    ref = torch.optim.AdamW([b], lr=0.01, betas=(0.9, 0.95), weight_decay=0.1, eps=1e-8)
-    for _ in range(3):
-        g = torch.randn(5, 3)
-        a.grad, b.grad = g.clone(), g.clone()
-        mine.step()
-        ref.step()
-    assert torch.allclose(a, b, atol=1e-6)
-
-
-def test_optimizer_follows_the_schedule_through_its_lr_tensors():
-    """The step multiplies by each group's lr as a device tensor, refreshed from ``group["lr"]``
-    every step (what a CUDA-graph replay needs): a changing lr gives torch AdamW's updates, and a
-    state dict's CPU step counts (a checkpoint's) are taken over."""
+    """AdamW groups give torch.optim.AdamW's updates. The step multiplies by each group's lr as a
+    device tensor, refreshed from ``group["lr"]`` every step (what a CUDA-graph replay needs): the lr
+    changes every step here, and a state dict's CPU step counts (a checkpoint's) are taken over."""
     torch.manual_seed(0)
     a = nn.Parameter(torch.randn(5, 3))
     b = nn.Parameter(a.detach().clone())
