@@ -1,4 +1,4 @@
-"""The training forward+backward replayed from CUDA graphs (``hymba train --cuda-graph``).
+"""The training forward+backward, and the optimizer step, replayed from CUDA graphs (``hymba train --cuda-graph``).
 
 ``torch.cuda.make_graphed_callables`` captures the model's forward (loss, aux loss, routing
 statistics) in one CUDA graph and its backward in another, after a few warm-up passes on a
@@ -31,7 +31,13 @@ What capture needs, and what happens otherwise:
 
 The cyclic garbage collector is run before and paused during the capture, so that it cannot
 free an unrelated dead object in the middle of it (destroying a CUDA graph while a stream is
-capturing invalidates that capture).
+capturing invalidates that capture). A capture that fails can leave the device's default random
+generator marked as capturing, which makes every later random op on the device fail; after a
+failed capture each default CUDA generator gets a fresh state (``release_rng``), so the eager run
+that follows can draw random numbers.
+
+The optimizer step has a graph of its own (``GraphedOptimizer``, the trainer's from the second
+step on one CUDA process unless ``--mode eager``), replayed after the clipping.
 
 Buffers updated in place inside the forward (the MoE load counts of aux-loss-free
 balancing) keep their storage, so the replays update them; the counts of the warm-up and
