@@ -51,6 +51,8 @@
 #           backward for the block-diffusion test first: give it the whole 400 s)
 #   side_train  side_by_side.py --rows gdn attn quad_moe (training vs fla / HF; --merge into the day's JSON)
 #   side_attn  side_by_side.py --rows attn alone (the attention row vs HF Llama; --merge), e.g. on the other card
+#   opt_step  optimizer_step.py: MuonAdamW's step eager vs replayed from its CUDA graph (GraphedOptimizer), ms, host ms,
+#           kernels, and the replay's parameters against the eager steps', for the Quad-Hybrid recipe and moe_bench
 #   attn_bf16w  the bf16-weights GPU test (tests/test_mixed_precision.py: eager and CUDA-graph training with bf16
 #           weights and float32 masters give autocast's losses), then side_by_side.py --rows attn --param-dtype
 #           bfloat16: the attn row with ours also in modes eager_bf16w / cuda_graph_bf16w (issue 18: attn >= 2.0x;
@@ -238,6 +240,9 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
       side_train) step side_train 580 python benchmarks/side_by_side.py --rows attn gdn quad_moe --hf-experts grouped_mm --merge \
                  --out-dir "$OUT" ;;
       side_attn) step side_attn 400 python benchmarks/side_by_side.py --rows attn --merge --out-dir "$OUT" ;;
+      opt_step) step opt_step 150 python benchmarks/optimizer_step.py --out "$OUT/optimizer_step_quad.json"
+              step opt_step_moe 200 python benchmarks/optimizer_step.py --recipe configs/moe_bench.yaml \
+                 --out "$OUT/optimizer_step_moe_bench.json" ;;
       attn_bf16w) step bf16w_tests 200 "${PYTEST[@]}" tests/test_mixed_precision.py
               step attn_bf16w 480 python benchmarks/side_by_side.py --rows attn --param-dtype bfloat16 --merge \
                  --out-dir "$OUT" ;;
