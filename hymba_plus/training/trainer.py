@@ -840,7 +840,8 @@ class Trainer:
 
     def _optimizer_step(self, step: int, loss: float, factor: float, what: str) -> dict[str, Any]:
         """The end of every training step: the loss must be finite, global gradient clipping
-        (finite norm), the optimizer step; returns the step's metrics row so far."""
+        (finite norm), the optimizer step (replayed from its CUDA graph where one was captured,
+        ``_graphed_opt_step``); returns the step's metrics row so far."""
         cfg = self.cfg
         if not math.isfinite(loss):
             raise TrainError(self._nonfinite(step, f"{what} is {loss}"))
