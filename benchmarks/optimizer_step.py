@@ -23,11 +23,10 @@ import json
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-from timing import bench  # benchmarks/timing.py (scripts run from the repo root as files)
+from timing import bench, device_kernels, host_times  # benchmarks/timing.py (scripts run from the repo root as files)
 
 import hymba_plus  # noqa: F401  (registers components)
 from hymba_plus import build_model
@@ -39,28 +38,14 @@ from hymba_plus.training.optim import build_optimizer
 REPO = Path(__file__).resolve().parents[1]
 
 
-def host_ms(fn, iters: int) -> float:  # noqa: ANN001
-    """Median milliseconds for the host to issue fn() (synchronised before each, not after)."""
-    times = []
-    for _ in range(iters):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return statistics.median(times)
-
-
 def kernels_of(fn) -> int:  # noqa: ANN001
-    """Device kernels one fn() launches (torch.profiler, CUDA)."""
+    """Device kernels one fn() launches (torch.profiler, CUDA; ``timing.device_kernels``)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return len(device_kernels(prof))
 
 
 def setup(recipe, cfg: TrainConfig, device: str, seed: int):  # noqa: ANN001, ANN201
@@ -112,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     eager = Steps(opt, opt.step)
     rows: dict[str, dict] = {}
     rows["eager"] = {"ms": bench(eager, "cuda" if cuda else "cpu", args.warmup, args.iters),
-                     "host_ms": host_ms(eager, args.iters)}
+                     "host_ms": statistics.median(host_times(eager, "cuda" if cuda else "cpu", args.iters))}
     if cuda:
         rows["eager"]["kernels"] = kernels_of(eager)
         _, gopt, gparams, _ = setup(recipe, cfg, args.device, 0)
@@ -129,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
             replay.step_fn = replayed
             rows["cuda_graph"] = {"ms": bench(replay, "cuda", args.warmup, args.iters),
-                                  "host_ms": host_ms(replay, args.iters), "kernels": kernels_of(replay)}
+                                  "host_ms": statistics.median(host_times(replay, "cuda", args.iters)),
+                                  "kernels": kernels_of(replay)}
             _, ropt, rparams, _ = setup(recipe, cfg, args.device, 0)  # the same steps eagerly
             ref = Steps(ropt, ropt.step)
             while ref.k < replay.k:

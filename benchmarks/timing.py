@@ -59,6 +59,29 @@ def bench(fn: Callable[[], object], device: str, warmup: int = 3, iters: int = 1
     return statistics.median(times)
 
 
+def host_times(fn: Callable[[], object], device: str, passes: int) -> list[float]:
+    """Milliseconds for the host to issue fn() (synchronised before each pass, not after), per pass:
+    close to the wall time, a pass is bound by its launches."""
+    host = []
+    for _ in range(passes):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        host.append((time.perf_counter() - t) * 1e3)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return host
+
+
+def device_kernels(prof) -> list:  # noqa: ANN001
+    """The device kernels of a torch.profiler run. GPU-side ranges of user annotations (an
+    optimizer's ``Optimizer.step#...``, Inductor's "## Call CompiledFxGraph ... ##" around a
+    compiled graph's kernels) are not kernels: counting them counted those kernels twice."""
+    return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+            and not getattr(e, "is_user_annotation", False) and not e.name.startswith("## ")]
+
+
 def profile_passes(fn: Callable[[], object], device: str, passes: int = 3, rows: int = 25) -> dict:
     """Run fn() ``passes`` times under torch.profiler; print the top ops / kernels (also by input
     shape, and on CUDA by host time) and return per pass the number of device kernels, their
@@ -68,13 +91,7 @@ def profile_passes(fn: Callable[[], object], device: str, passes: int = 3, rows:
     from torch.profiler import ProfilerActivity, profile
 
     fn()  # warm: first-call compiles and caches stay out of the profile
-    host = []  # host time to issue one pass (no sync inside): launch-bound when close to the wall time
-    for _ in range(passes):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        host.append((time.perf_counter() - t) * 1e3)
+    host = host_times(fn, device, passes)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=acts, record_shapes=True) as prof:
         for _ in range(passes):
@@ -87,10 +104,7 @@ def profile_passes(fn: Callable[[], object], device: str, passes: int = 3, rows:
           flush=True)
     if device == "cuda":
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows), flush=True)
-        # GPU-side ranges of user annotations (Inductor's "## Call CompiledFxGraph ... ##" around a
-        # compiled graph's kernels) are not kernels: counting them counted those kernels twice
-        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-                   and not getattr(e, "is_user_annotation", False) and not e.name.startswith("## ")]
+        kernels = device_kernels(prof)
         out = {"kernels_per_pass": len(kernels) / passes,
                "kernel_ms_per_pass": sum(e.device_time_total for e in kernels) / passes / 1e3,
                "host_ms_per_pass": statistics.median(host)}

@@ -43,6 +43,13 @@ def brief(v: Any, limit: int = 60) -> str:
     return f"{r[:limit - 4]}... ({len(v) if isinstance(v, str) else len(r)} characters)"
 
 
+def first_line(error: BaseException, empty: str | None = None) -> str:
+    """The first line of ``str(error)`` (an error quoted in a one-line message); for an empty
+    message ``empty``, by default the error's type name."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else (type(error).__name__ if empty is None else empty)
+
+
 def range_errors(cfg: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
     """Yield (key path, message) for every field violating its spec (recursing). A float must be
     finite (NaN passes no comparison, so a range alone would let it through)."""

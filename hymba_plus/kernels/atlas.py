@@ -1344,8 +1344,8 @@ INDUCTOR = "pdl"
 #: 227.7 against 437.5 at the d 2048 layer's (64 rows); the d 2048 layer (B 4 x 4096, CUDA graphs,
 #: ``mixers.py --atlas-paths fast_unfused_graphed fast_graphed --atlas-config bench_chunk``) 47.4 ms
 #: against 90.1, 6.95x a graphed gdn layer's 6.83; the Quad-Hybrid recipe's step 78.27 ms (91.25 before
-#: backward 1 went back to the forward's tiles and only 1 / tr G was kept). A first form, one program per row and direction, was 268 / 1,574 us a
-#: chunk forward / forward+backward (H100)
+#: backward 1 went back to the forward's tiles and only 1 / tr G was kept). A first form, one program per
+#: row and direction, was 268 / 1,574 us a chunk forward / forward+backward (H100)
 FUSED_STEP = True
 
 #: why the fused chunk step is off in this process (it disagreed with the eager step, or failed)

@@ -53,6 +53,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from ..core.config import first_line
+
 
 class CaptureError(RuntimeError):
     """The model could not be captured in a CUDA graph (one line: why)."""
@@ -159,7 +161,7 @@ class GraphedStep:
                 self.step = torch.cuda.make_graphed_callables(step, (sample_ids, sample_labels),
                                                                allow_unused_input=True)
         except Exception as e:  # noqa: BLE001 - any failure of the capture is reported in one line
-            error = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            error = first_line(e)
         finally:
             reset_balancing_counts(model)  # the counts the warm-up and capture passes added
         if error is not None:
@@ -234,16 +236,13 @@ class GraphedOptimizer:
                 opt.step(load_lr=False)
         except Exception as e:  # noqa: BLE001 - any failure of the capture is reported in one line
             release_rng()
-            raise CaptureError(f"the optimizer step could not be captured "
-                               f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})"
-                               ) from None
+            raise CaptureError(f"the optimizer step could not be captured ({first_line(e)[:200]})") from None
 
     def replay(self) -> bool:
         """One optimizer step by replay (the groups' current ``lr``); False, nothing done, when
         the parameters with a gradient differ from the captured ones."""
-        have = [p for p in self.params if p.grad is not None]
-        if len(have) != len(self.params) or sum(p.grad is not None for g in self.opt.param_groups
-                                                for p in g["params"]) != len(self.params):
+        with_grad = sum(p.grad is not None for g in self.opt.param_groups for p in g["params"])
+        if with_grad != len(self.params) or any(p.grad is None for p in self.params):
             return False
         moved = [(g, p.grad) for g, p in zip(self.grads, self.params) if p.grad.data_ptr() != g.data_ptr()]
         if moved:

@@ -78,7 +78,7 @@ from typing import Any
 import torch
 
 from ..components.etd_router import EXECUTE, REPEAT, SKIP
-from ..core.config import brief
+from ..core.config import brief, first_line
 from ..core.recipe import Recipe
 from ..models.lm import HybridLM
 from ..objectives import objective_class
@@ -459,8 +459,7 @@ class Trainer:
         try:
             model = HybridLM(self.recipe)
         except (RuntimeError, MemoryError) as e:  # e.g. a vocabulary of 1e14: one line, not the allocator's trace
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise TrainError(f"{opts.recipe_name}: the model cannot be built here ({brief(first, 160)}); "
+            raise TrainError(f"{opts.recipe_name}: the model cannot be built here ({brief(first_line(e), 160)}); "
                              f"`hymba info` gives its parameter count") from None
         if state is not None:
             assert self.resume_from is not None
@@ -636,8 +635,7 @@ class Trainer:
         except CaptureError as e:
             failed = f"CUDA graph capture failed: {e}"
         except Exception as e:  # noqa: BLE001 - a failing replay or verification forward: eager it is
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            failed = f"CUDA graph check failed: {type(e).__name__}: {msg[:200]}"
+            failed = f"CUDA graph check failed: {type(e).__name__}: {first_line(e, empty='')[:200]}"
         finally:
             reset_balancing_counts(self.model)  # the counts of the verification forwards
         precision = "bf16" if isinstance(_autocast(cfg, dev), torch.autocast) else "fp32"
