@@ -53,6 +53,10 @@
 #   side_attn  side_by_side.py --rows attn alone (the attention row vs HF Llama; --merge), e.g. on the other card
 #   opt_step  optimizer_step.py: MuonAdamW's step eager vs replayed from its CUDA graph (GraphedOptimizer), ms, host ms,
 #           kernels, and the replay's parameters against the eager steps', for the Quad-Hybrid recipe and moe_bench
+#   bf16w_opt  the GPU tests of the optimizer step's graph: with bf16 weights and float32 masters (test_mixed_precision.py,
+#           whose graphed runs replay it over the masters) and bit for bit the eager step (test_train_modes.py)
+#   twin_profile  quad_atlas.py --recipes gdn --profile: where the Quad-Hybrid's gdn twin's step goes (kernels, and
+#           its host time by op: top_host), without the ATLAS recipe's compile
 #   attn_bf16w  the bf16-weights GPU test (tests/test_mixed_precision.py: eager and CUDA-graph training with bf16
 #           weights and float32 masters give autocast's losses), then side_by_side.py --rows attn --param-dtype
 #           bfloat16: the attn row with ours also in modes eager_bf16w / cuda_graph_bf16w (issue 18: attn >= 2.0x;
@@ -243,6 +247,11 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
       opt_step) step opt_step 150 python benchmarks/optimizer_step.py --out "$OUT/optimizer_step_quad.json"
               step opt_step_moe 200 python benchmarks/optimizer_step.py --recipe configs/moe_bench.yaml \
                  --out "$OUT/optimizer_step_moe_bench.json" ;;
+      bf16w_opt) step bf16w_opt_tests 240 "${PYTEST[@]}" tests/test_mixed_precision.py tests/test_train_modes.py \
+                 -k "bf16 or graphed_optimizer" ;;
+      twin_profile) need_tilelang
+              step twin_profile 240 python benchmarks/quad_atlas.py --recipes gdn --modes auto --profile \
+                 --out "$OUT/quad_twin_profile.json" ;;
       attn_bf16w) step bf16w_tests 200 "${PYTEST[@]}" tests/test_mixed_precision.py
               step attn_bf16w 480 python benchmarks/side_by_side.py --rows attn --param-dtype bfloat16 --merge \
                  --out-dir "$OUT" ;;

@@ -284,6 +284,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: 2048 on CUDA, 64 on CPU)")
     ap.add_argument("--modes", nargs="+", choices=MODES, default=None,
                     help="training modes to run each recipe in (default: auto eager on CUDA, auto on CPU)")
+    ap.add_argument("--recipes", nargs="+", choices=("atlas", "gdn"), default=["atlas", "gdn"],
+                    help="which of the pair to run (default: both; one alone gives no ratio, e.g. to profile the "
+                         "gdn twin without the ATLAS recipe's compile)")
     ap.add_argument("--atlas-reference", action="store_true",
                     help="also run the ATLAS recipe with ATLAS forced to its reference path")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps, the first one included (default: 3)")
@@ -327,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"quad_atlas.py: {e}", file=sys.stderr)
         return 2
     gdn = swap_atlas(atlas)
-    variants = [("atlas", atlas, False), ("gdn", gdn, False)]
+    variants = [v for v in [("atlas", atlas, False), ("gdn", gdn, False)] if v[0] in args.recipes]
     if args.atlas_reference:
         variants.append(("atlas_reference", atlas, True))
     dev = dist_mod.pick_device(args.device)

@@ -113,6 +113,8 @@ def profile_passes(fn: Callable[[], object], device: str, passes: int = 3, rows:
     print(f"  per pass: {', '.join(f'{k} {v:.3f}' for k, v in out.items())}", flush=True)
     # the tables' top rows also in the result (a device call returns only the end of its output)
     out["top"] = _top_rows(prof.key_averages(), device, passes, rows)
+    if device == "cuda":  # where the host's time goes (a pass bound by its host time)
+        out["top_host"] = _top_rows(prof.key_averages(), "cpu", passes, rows)
     by_shape = prof.key_averages(group_by_input_shape=True)
     out["top_by_shape"] = _top_rows(by_shape, device, passes, rows, shapes=True)
     # every dtype cast / copy by input shape (weight-sized vs activation-sized: which casts a

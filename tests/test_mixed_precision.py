@@ -136,10 +136,11 @@ def test_bf16_weights_need_bf16_precision(tmp_path, capsys):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_bf16_weights_in_cuda_graphs_match_autocast(tmp_path):
+def test_gpu_bf16_weights_in_cuda_graphs_match_autocast(tmp_path, capsys):
     """On CUDA, training with bf16 weights gives the losses of float32 weights under autocast bit for
     bit, eager and replayed from CUDA graphs (captured over the bf16 weights, whose storage never
-    moves); graphed and eager differ as the trainer's graphed step does anywhere (on an H100: 1.1e-5
+    moves; the optimizer step over the float32 masters replayed from its own graph, as without bf16
+    weights); graphed and eager differ as the trainer's graphed step does anywhere (on an H100: 1.1e-5
     relative at step 4, in both)."""
     recipe = str(ROOT / "configs" / "gpt_tiny.yaml")
     common = ["--steps", "4", "--batch-size", "4", "--seq-len", "64", "--eval-every", "4", "--no-progress",
@@ -151,6 +152,8 @@ def test_gpu_bf16_weights_in_cuda_graphs_match_autocast(tmp_path):
         out = tmp_path / name
         assert main(["train", recipe, "--out", str(out), *common, *flags]) == 0
         runs[name] = [r["loss"] for r in _metrics(out)]
+        err = capsys.readouterr().err
+        assert ("optimizer step: replayed from a CUDA graph" in err) == ("graph" in name), (name, err)
     assert runs["bf16_eager"] == runs["autocast"]
     assert runs["bf16_graph"] == runs["autocast_graph"]
     assert runs["bf16_graph"] == pytest.approx(runs["autocast"], rel=1e-3)

@@ -379,6 +379,45 @@ def test_the_optimizer_step_is_captured_at_the_second_step_and_said(tmp_path, mo
         "optimizer step: eager (the optimizer step could not be captured (boom))"]
 
 
+def _autocast_bf16(step, *args):  # noqa: ANN001, ANN202
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return step(*args)
+
+
+def test_the_optimizer_step_with_bf16_weights_is_captured_over_the_float32_masters(tmp_path, monkeypatch):
+    """``--param-dtype bfloat16``: the optimizer step is captured and replayed inside the masters' block, so
+    the graph reads the float32 masters and their float32 gradient sums, the tensors every step swaps in
+    (``MasterWeights``); after the step the parameters are the bf16 copies again. (CPU: the capture stood in for.)"""
+    import hymba_plus.training.trainer as trainer_mod
+
+    _FakeGraphedOptimizer.made = []
+    monkeypatch.setattr(trainer_mod, "GraphedOptimizer", _FakeGraphedOptimizer)
+    lines: list[str] = []
+    tr = Trainer(load_recipe(TINY), TrainConfig(steps=3, batch_size=2, seq_len=16, warmup_steps=0, precision="bf16",
+                                                param_dtype="bfloat16"),
+                 RunOptions(out=tmp_path / "run", progress=False, log=lines.append, device="cpu"))
+    tr.setup()
+    fake = _FakeGraph(tr.model)
+    tr.graphed = lambda ids, labels: _autocast_bf16(fake, ids, labels)  # a replay runs what autocast captured
+    seen = []
+    real_init = _FakeGraphedOptimizer.__init__
+
+    def init(self, opt, params):  # noqa: ANN001, ANN202
+        seen.append([(p.dtype, p.data_ptr(), p.grad.data_ptr()) for p in tr.masters.params])
+        real_init(self, opt, params)
+
+    monkeypatch.setattr(_FakeGraphedOptimizer, "__init__", init)
+    for k in range(3):
+        tr.train_step(k)
+    (at_capture,) = seen
+    assert {d for d, _, _ in at_capture} == {torch.float32}
+    assert [(m.data_ptr(), g.data_ptr()) for m, g in zip(tr.masters.masters, tr.masters.grads)] == [
+        (p, g) for _, p, g in at_capture]
+    assert _FakeGraphedOptimizer.made[0].replays == 2
+    assert all(p.dtype == torch.bfloat16 for p in tr.masters.params)
+    assert "optimizer step: replayed from a CUDA graph (captured at this process's second step)" in lines
+
+
 def test_bf16_tolerance_is_about_one_bf16_ulp():
     assert GRAPH_LOSS_RTOL["bf16"] >= 2.0 ** -8 and GRAPH_LOSS_RTOL["fp32"] < 1e-3
 

@@ -869,12 +869,13 @@ class Trainer:
 
     def _graphed_opt_step(self, params: list[torch.nn.Parameter]) -> bool:
         """Whether this step's optimizer update replays ``self.graphed_opt``. On one CUDA process, unless
-        the run asked for ``--mode eager`` (and without float32 masters, whose swap moves the parameters),
-        the optimizer step is captured in a CUDA graph at this process's second step (the first runs
+        the run asked for ``--mode eager``, the optimizer step is captured in a CUDA graph at this process's second step (the first runs
         eagerly: its kernels' first use stays out of the capture), whether the forward+backward are
         graphed or eager (``auto`` falling back, an objective that runs eagerly, ``--mode compile``); a
-        capture that fails says so once and the run steps eagerly."""
-        allowed = (self.masters is None and not self.info.enabled and self.requested != "eager"
+        capture that fails says so once and the run steps eagerly. With ``--param-dtype bfloat16`` it is
+        captured inside ``_full_precision``: the masters and their gradient sums it then reads and writes
+        are the same tensors at every step (``MasterWeights``), and the bf16 copy after it stays eager."""
+        allowed = (not self.info.enabled and self.requested != "eager"
                    and (self.graphed is not None or self.info.device.type == "cuda"))
         if self.graphed_opt is None and allowed and self._eager_opt_steps == 1:
             try:
