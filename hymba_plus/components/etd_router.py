@@ -241,8 +241,9 @@ class ETDRouter(nn.Module):
 
     @torch.no_grad()
     def update_bias(self) -> None:
-        """Loss-free balancing: raise the bias of under-loaded branches, lower the others'."""
-        if not self.n_branches or float(self.load.sum()) == 0:
+        """Loss-free balancing: raise the bias of under-loaded branches, lower the others'. No load
+        counted leaves the biases as they are (every sign is 0) without asking the device."""
+        if not self.n_branches:
             return
         err = self.load.mean() - self.load
         self.bias += self.cfg.branches.bias_update_rate * torch.sign(err)

@@ -145,9 +145,10 @@ class MoE(nn.Module):
     def update_bias(self) -> None:
         """DeepSeek-V3 auxiliary-loss-free balancing step, from the load counted since the
         last call (training forwards only): ``b_e += rate * sign(mean load - load_e)``.
-        The trainer calls it once per optimizer step (``update_expert_biases(model)``)."""
+        The trainer calls it once per optimizer step (``update_expert_biases(model)``). No
+        load counted leaves the biases as they are (every sign is 0) without asking the device."""
         rate = self.cfg.bias_update_rate
-        if rate > 0 and bool(self.load.sum() > 0):
+        if rate > 0:
             self.expert_bias += rate * torch.sign(self.load.mean() - self.load)
         self.load.zero_()
 

@@ -56,7 +56,8 @@ line says which mode runs and why. On the CPU ``auto`` is eager, silently. ``eag
 
 Bad input (data, task, ``--out``) leaves nothing behind: a folder that setup created is
 removed again when setup fails. A non-finite loss or gradient norm stops the run with a
-``TrainError`` before the optimizer step; no checkpoint is written then.
+``TrainError`` before the optimizer step; no checkpoint is written then. The host reads a step's
+numbers (loss, gradient norm, routing statistics) in one transfer after clipping.
 """
 
 from __future__ import annotations
@@ -239,18 +240,35 @@ def _autocast(cfg: TrainConfig, device: torch.device, cache: bool = True) -> con
     return contextlib.nullcontext()
 
 
-def _scalar_stats(stats: dict | None) -> dict[str, Any]:
-    """JSON-friendly routing statistics: scalars as floats, short vectors as lists."""
-    out: dict[str, Any] = {}
+def _read_step(values: list[torch.Tensor | None], stats: dict | None) -> tuple[list[float | None], dict[str, Any]]:
+    """The host's one read of a training step: the 0-d ``values`` (None stays None) and the
+    JSON-friendly routing statistics (scalars as floats, short vectors as lists rounded to 6
+    digits), copied together in one transfer, so the step waits for the device once."""
+    parts: list[torch.Tensor] = []
+    where: list[tuple[str | None, int, bool]] = []  # (stat key or None for a value, numel, is a list)
+    for v in values:
+        if v is not None:
+            parts.append(v.detach().reshape(1))
+        where.append((None, 0 if v is None else 1, False))
+    plain: dict[str, Any] = {}
     for k, v in (stats or {}).items():
         if isinstance(v, torch.Tensor):
-            if v.numel() == 1:
-                out[k] = float(v.detach().float())
-            elif v.dim() == 1 and v.numel() <= 64:
-                out[k] = [round(float(x), 6) for x in v.detach().float().cpu()]
+            if v.numel() == 1 or (v.dim() == 1 and v.numel() <= 64):
+                parts.append(v.detach().reshape(-1))
+                where.append((k, v.numel(), v.dim() == 1 and v.numel() > 1))
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[k] = float(v)
-    return out
+            plain[k] = float(v)
+    dev = next((t.device for t in parts if t.device.type != "cpu"), torch.device("cpu"))
+    flat = torch.cat([t.to(dev, torch.float64) for t in parts]).tolist() if parts else []
+    out, stats_out, i = [], {}, 0
+    for k, n, is_list in where:
+        got = flat[i:i + n]
+        i += n
+        if k is None:
+            out.append(got[0] if n else None)
+        else:
+            stats_out[k] = [round(x, 6) for x in got] if is_list else got[0]
+    return out, {**stats_out, **plain}
 
 
 def read_metrics(path: Path, upto: int | None = None) -> list[dict[str, Any]]:
@@ -770,16 +788,8 @@ class Trainer:
                 aux_sum = a if aux_sum is None else aux_sum + a
         if acc is not None:
             acc.restore()
-        vals = [float(loss_sum) / cfg.grad_accum]
-        if aux_sum is not None:
-            vals.append(float(aux_sum) / cfg.grad_accum)
-        vals = dist_mod.all_reduce(vals, self.info)
-        row = self._optimizer_step(step, vals[0], factor, "loss")
+        row = self._optimizer_step(step, loss_sum, factor, "loss", aux_sum, stats)
         self._update_biases()
-        if aux_sum is not None:
-            row["aux_loss"] = vals[1]
-        # statistics are namespaced by who reports them (moe/..., etd/...); bare keys are MoE's
-        row.update({k if "/" in k else f"moe/{k}": v for k, v in _scalar_stats(stats).items()})
         return row
 
     def _router_step(self, step: int) -> dict[str, Any]:
@@ -836,20 +846,29 @@ class Trainer:
         row["search_forwards"] = forwards  # batch-sized forwards per step (search + teacher-forced)
         return row
 
-    def _optimizer_step(self, step: int, loss: float, factor: float, what: str) -> dict[str, Any]:
-        """The end of every training step: the loss must be finite, global gradient clipping
-        (finite norm), the optimizer step (replayed from its CUDA graph where one was captured,
-        ``_graphed_opt_step``); returns the step's metrics row so far."""
+    def _optimizer_step(self, step: int, loss: float | torch.Tensor, factor: float, what: str,
+                        aux: torch.Tensor | None = None, stats: dict | None = None) -> dict[str, Any]:
+        """The end of every training step: global gradient clipping, then the loss and the gradient
+        norm must be finite, then the optimizer step (replayed from its CUDA graph where one was
+        captured, ``_graphed_opt_step``); returns the step's metrics row so far. ``loss`` and ``aux``
+        may be device tensors summed over the ``grad_accum`` micro-steps: they, the norm and the
+        routing statistics ``stats`` are read in one transfer (``_read_step``), so the host waits for
+        the device once a step. Clipping a non-finite gradient leaves the weights as they were: the
+        check comes before the optimizer step."""
         cfg = self.cfg
-        if not math.isfinite(loss):
-            raise TrainError(self._nonfinite(step, f"{what} is {loss}"))
         with self._full_precision():  # --param-dtype bfloat16: the float32 masters and their gradients
             params = [p for p in self.model.parameters() if p.grad is not None]
-            gnorm = None
-            if cfg.grad_clip > 0:
-                gnorm = float(clip_grad_norm_(params, cfg.grad_clip))
-                if not math.isfinite(gnorm):
-                    raise TrainError(self._nonfinite(step, f"gradient norm is {gnorm}"))
+            norm = clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
+            tensors = [loss if isinstance(loss, torch.Tensor) else None, aux, norm]
+            (loss_v, aux_v, gnorm), stat_row = _read_step(tensors, stats)
+            if isinstance(loss, torch.Tensor):  # sums over the micro-steps: the mean over them and the ranks
+                sums = [loss_v / cfg.grad_accum] + ([aux_v / cfg.grad_accum] if aux is not None else [])
+                loss, *aux_mean = dist_mod.all_reduce(sums, self.info)
+                aux_v = aux_mean[0] if aux_mean else None
+            if not math.isfinite(loss):
+                raise TrainError(self._nonfinite(step, f"{what} is {loss}"))
+            if gnorm is not None and not math.isfinite(gnorm):
+                raise TrainError(self._nonfinite(step, f"gradient norm is {gnorm}"))
             if not self._graphed_opt_step(params):
                 self.opt.step()
             elif not self.graphed_opt.replay():
@@ -865,6 +884,10 @@ class Trainer:
             row["muon_lr"] = cfg.muon_lr * factor
         if gnorm is not None:
             row["grad_norm"] = gnorm
+        if aux_v is not None:
+            row["aux_loss"] = aux_v
+        # statistics are namespaced by who reports them (moe/..., etd/...); bare keys are MoE's
+        row.update({k if "/" in k else f"moe/{k}": v for k, v in stat_row.items()})
         return row
 
     def _graphed_opt_step(self, params: list[torch.nn.Parameter]) -> bool:
