@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 ref()
             torch.cuda.synchronize()
             rows["cuda_graph"]["steps"] = replay.k
-            rows["cuda_graph"]["max_abs_diff"] = max(float((a - b).abs().max()) for a, b in zip(gparams, rparams))
+            rows["cuda_graph"]["max_abs_diff"] = max(float((a - b).detach().abs().max()) for a, b in zip(gparams, rparams))
     name = torch.cuda.get_device_name() if cuda else (platform.processor() or "cpu")
     print(f"{name}: {recipe.name}, {sum(p.numel() for p in params) / 1e6:.2f}M params; {split.describe()}")
     print(f"{'step':<11} {'ms':>8} {'host ms':>8} {'kernels':>8}")
