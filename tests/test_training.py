@@ -433,3 +433,24 @@ def test_run_rate_leaves_out_the_first_step():
 
     assert _rate(5, 100, 10.0 + 4 * 0.5, 10.0) == 4 * 100 / 2.0  # first step paid 10 s of compiles
     assert _rate(1, 100, 2.0, 2.0) == 50.0  # one step: nothing to leave out
+
+
+def test_a_steps_numbers_are_read_in_one_transfer(monkeypatch):
+    """``trainer._read_step``: the step's 0-d values (None kept) and its routing statistics (scalars of any
+    shape as floats, short vectors as lists rounded to 6 digits, Python numbers as floats; bools, long
+    vectors and matrices left out) come back as before, from one ``tolist`` of one concatenated tensor."""
+    from hymba_plus.training import trainer as trainer_mod
+
+    calls = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: (calls.append(self.shape), real(self))[1])
+    loss = torch.tensor(2.5, dtype=torch.float64, requires_grad=False)
+    norm = torch.tensor(0.75)
+    stats = {"lb": torch.tensor([[0.125]], requires_grad=True), "load": torch.tensor([1.0, 2.0 / 3.0]),
+             "count": torch.tensor(7), "empty": torch.zeros(0), "k": 3, "flag": True,
+             "long": torch.zeros(65), "mat": torch.zeros(2, 2)}
+    (a, b, c), row = trainer_mod._read_step([loss, None, norm], stats)
+    assert (a, b, c) == (2.5, None, 0.75)
+    assert row == {"lb": 0.125, "load": [1.0, 0.666667], "count": 7.0, "empty": [], "k": 3.0}
+    assert calls == [torch.Size([6])]
+    assert trainer_mod._read_step([None], None) == ([None], {})

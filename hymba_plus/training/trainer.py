@@ -255,7 +255,7 @@ def _read_step(values: list[torch.Tensor | None], stats: dict | None) -> tuple[l
         if isinstance(v, torch.Tensor):
             if v.numel() == 1 or (v.dim() == 1 and v.numel() <= 64):
                 parts.append(v.detach().reshape(-1))
-                where.append((k, v.numel(), v.dim() == 1 and v.numel() > 1))
+                where.append((k, v.numel(), v.numel() != 1))
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             plain[k] = float(v)
     dev = next((t.device for t in parts if t.device.type != "cpu"), torch.device("cpu"))
