@@ -892,8 +892,9 @@ class Trainer:
 
     def _graphed_opt_step(self, params: list[torch.nn.Parameter]) -> bool:
         """Whether this step's optimizer update replays ``self.graphed_opt``. On one CUDA process, unless
-        the run asked for ``--mode eager``, the optimizer step is captured in a CUDA graph at this process's second step (the first runs
-        eagerly: its kernels' first use stays out of the capture), whether the forward+backward are
+        the run asked for ``--mode eager``, the optimizer step is captured in a CUDA graph at this
+        process's second step (the first runs eagerly: its kernels' first use stays out of the
+        capture), whether the forward+backward are
         graphed or eager (``auto`` falling back, an objective that runs eagerly, ``--mode compile``); a
         capture that fails says so once and the run steps eagerly. With ``--param-dtype bfloat16`` it is
         captured inside ``_full_precision``: the masters and their gradient sums it then reads and writes
