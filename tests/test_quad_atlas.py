@@ -106,3 +106,18 @@ def test_a_bad_atlas_argument_is_one_line_and_exit_2(tmp_path, flag, value, need
                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert res.returncode == 2 and not out.exists()
     assert needle in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_one_recipe_alone_runs_without_a_ratio(tmp_path) -> None:
+    """``--recipes gdn``: only the gdn twin runs (e.g. to profile it without the ATLAS recipe's compile);
+    no ratio is claimed."""
+    out = tmp_path / "twin.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quad_atlas.py"), "--device", "cpu",
+                          "--batch", "1", "--seq-len", "16", "--warmup", "1", "--iters", "1", "--threads", "1",
+                          "--recipes", "gdn", "--out", str(out)],
+                         capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-2000:] + res.stdout[-2000:]
+    rep = json.loads(out.read_text())
+    assert [r["recipe"] for r in rep["rows"]] == ["gdn"] and "error" not in rep["rows"][0]
+    assert rep["ratios"]["ratio_default"] is None and rep["ratios"]["meets_target"] is None
+    assert "not measured" in res.stdout
