@@ -57,6 +57,8 @@
 #           whose graphed runs replay it over the masters) and bit for bit the eager step (test_train_modes.py)
 #   twin_profile  quad_atlas.py --recipes gdn --profile: where the Quad-Hybrid's gdn twin's step goes (kernels, and
 #           its host time by op: top_host), without the ATLAS recipe's compile
+#   train_loop  train_loop.py --swap-atlas: the tokens/s hymba train's own loop reports for the Quad-Hybrid's gdn twin,
+#           as shipped and with a device synchronize after every step (the loop before 2026-12-06)
 #   attn_bf16w  the bf16-weights GPU test (tests/test_mixed_precision.py: eager and CUDA-graph training with bf16
 #           weights and float32 masters give autocast's losses), then side_by_side.py --rows attn --param-dtype
 #           bfloat16: the attn row with ours also in modes eager_bf16w / cuda_graph_bf16w (issue 18: attn >= 2.0x;
@@ -252,6 +254,8 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
       twin_profile) need_tilelang
               step twin_profile 240 python benchmarks/quad_atlas.py --recipes gdn --modes auto --profile \
                  --out "$OUT/quad_twin_profile.json" ;;
+      train_loop) need_tilelang
+              step train_loop 300 python benchmarks/train_loop.py --swap-atlas --out "$OUT/train_loop_twin.json" ;;
       attn_bf16w) step bf16w_tests 200 "${PYTEST[@]}" tests/test_mixed_precision.py
               step attn_bf16w 480 python benchmarks/side_by_side.py --rows attn --param-dtype bfloat16 --merge \
                  --out-dir "$OUT" ;;

@@ -1063,9 +1063,11 @@ class Trainer:
             with StopRequest(say=self.log) as signals:
                 for step in range(self.start_step, stop):
                     t0 = time.perf_counter()
+                    # no synchronize after the step: its one read (``_optimizer_step``) already waited for
+                    # this step's backward, so the host runs at most one optimizer step ahead of the device,
+                    # and the device starts the next step while the host logs this one; the run's last
+                    # optimizer step is waited for below
                     row = self.train_step(step)
-                    if info.device.type == "cuda":
-                        torch.cuda.synchronize(info.device)
                     dt = time.perf_counter() - t0
                     train_seconds += dt
                     if first_seconds is None:
@@ -1106,6 +1108,10 @@ class Trainer:
             self.progress.close()
             if metrics_file is not None:
                 metrics_file.close()
+        if info.device.type == "cuda":  # the last optimizer step's device time counts
+            t0 = time.perf_counter()
+            torch.cuda.synchronize(info.device)
+            train_seconds += time.perf_counter() - t0
         seconds = time.perf_counter() - t_run
         reached = self.rows[-1]["step"] if self.rows and self.rows[-1]["step"] > self.start_step else self.start_step
         done = reached - self.start_step
