@@ -428,11 +428,14 @@ def test_gpu_cuda_graph_training_matches_eager(tmp_path):
         assert sum(ra["moe/1/tokens_per_expert"]) == sum(rb["moe/1/tokens_per_expert"]) > 0
 
 
-def test_run_rate_leaves_out_the_first_step():
+def test_run_rate_leaves_out_the_warm_up_steps():
     from hymba_plus.training.trainer import _rate
 
-    assert _rate(5, 100, 10.0 + 4 * 0.5, 10.0) == 4 * 100 / 2.0  # first step paid 10 s of compiles
-    assert _rate(1, 100, 2.0, 2.0) == 50.0  # one step: nothing to leave out
+    assert _rate(5, 100, 10.0 + 4 * 0.5, [10.0]) == 4 * 100 / 2.0  # first step paid 10 s of compiles
+    # and the second captured the optimizer step's CUDA graph
+    assert _rate(5, 100, 10.0 + 1.0 + 3 * 0.5, [10.0, 1.0]) == 3 * 100 / 1.5
+    assert _rate(1, 100, 2.0, [2.0]) == 50.0  # one step: nothing to leave out
+    assert _rate(2, 100, 4.0, [2.0, 2.0]) == 50.0
 
 
 def test_a_steps_numbers_are_read_in_one_transfer(monkeypatch):

@@ -193,12 +193,14 @@ class Summary:
                 f"{', ' + ev if ev else ''}, {self.tokens_per_s:,.0f} tokens/s ({self.mode}){ck}")
 
 
-def _rate(steps: int, tokens_per_step: int, seconds: float, first_seconds: float | None) -> float:
-    """Training tokens/s of a run: without its first step when there are more (that one also
-    pays one-time costs: Triton compiles and autotuning, CUDA-graph warm-up), so short runs
-    in different modes compare."""
-    if steps > 1 and first_seconds is not None and seconds > first_seconds:
-        return (steps - 1) * tokens_per_step / (seconds - first_seconds)
+def _rate(steps: int, tokens_per_step: int, seconds: float, warm: list[float]) -> float:
+    """Training tokens/s of a run: without its warm-up steps (``warm``: their seconds) when there
+    are more steps than those. The first step pays one-time costs (Triton compiles and autotuning,
+    CUDA-graph warm-up), and so does the step that captures the optimizer step's CUDA graph
+    (``_graphed_opt_step``, the second); leaving them out lets short runs in different modes
+    compare."""
+    if steps > len(warm) and seconds > sum(warm):
+        return (steps - len(warm)) * tokens_per_step / (seconds - sum(warm))
     return steps * tokens_per_step / max(seconds, 1e-9)
 
 
@@ -1058,7 +1060,7 @@ class Trainer:
         saved_step = self.start_step  # the step of the newest checkpoint of this run (or the resumed one)
         loss = float("nan")
         step = self.start_step
-        first_seconds = None  # the run's first step also pays kernel compiles and autotuning
+        warm: list[float] = []  # seconds of the run's first step and of the optimizer graph's capture (_rate)
         try:
             with StopRequest(say=self.log) as signals:
                 for step in range(self.start_step, stop):
@@ -1067,11 +1069,12 @@ class Trainer:
                     # this step's backward, so the host runs at most one optimizer step ahead of the device,
                     # and the device starts the next step while the host logs this one; the run's last
                     # optimizer step is waited for below
+                    captured = self.graphed_opt is not None
                     row = self.train_step(step)
                     dt = time.perf_counter() - t0
                     train_seconds += dt
-                    if first_seconds is None:
-                        first_seconds = dt
+                    if not warm or (not captured and self.graphed_opt is not None):
+                        warm.append(dt)
                     self.tokens_seen += tokens_per_step
                     tps = tokens_per_step / max(dt, 1e-9)
                     rate = tps if rate is None else 0.9 * rate + 0.1 * tps
@@ -1116,7 +1119,7 @@ class Trainer:
         reached = self.rows[-1]["step"] if self.rows and self.rows[-1]["step"] > self.start_step else self.start_step
         done = reached - self.start_step
         summary = Summary(steps=reached, total=cfg.steps, start_step=self.start_step, final_loss=loss, eval=last_eval,
-                          tokens_per_s=_rate(done, tokens_per_step, train_seconds, first_seconds), seconds=seconds,
+                          tokens_per_s=_rate(done, tokens_per_step, train_seconds, warm), seconds=seconds,
                           checkpoint=last_ckpt or ckpt_mod.latest(self.out), out=self.out, mode=self.run_mode)
         return summary
 
