@@ -46,6 +46,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from timing import write_json  # benchmarks/timing.py (scripts run from the repo root as files)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,10 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = "  ".join(f"{r['accuracy']:.3f}/{r['final_loss']:.2f}" for r in rows)
         mean_loss = sum(r["final_loss"] for r in rows) / len(rows)
         print(f"{name:<10} {cells}   mean loss {mean_loss:.3f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {out}")
+    write_json(report, args.out)
     return 0
 
 

@@ -1,10 +1,12 @@
-"""Timing shared by the benchmark scripts: median milliseconds, CUDA events on a GPU."""
+"""Timing shared by the benchmark scripts: median milliseconds, CUDA events on a GPU; and their JSON reports."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -19,6 +21,16 @@ GPU_PEAKS = (
     ("A100 80GB PCIe", 312e12, 1.935e12),
     ("A100", 312e12, 1.555e12),
 )
+
+
+def write_json(report: dict, out: str | Path, say: bool = True) -> Path:
+    """Write a benchmark's report as indented JSON (its folder made first); ``say``: print "wrote PATH"."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    if say:
+        print(f"wrote {out}")
+    return out
 
 
 def peaks_of(name: str | None) -> tuple[float, float, str]:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 from quad_atlas import device_name, swap_atlas  # benchmarks/ (scripts run from the repo root as files)
+from timing import write_json
 
 import hymba_plus  # noqa: F401  (registers components)
 from hymba_plus.core.recipe import Recipe, RecipeError, load_recipe
@@ -116,14 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         row = run_row(recipe, variant, args)
         print(json.dumps(row), flush=True)
         report["rows"].append(row)
+        write_json(report, args.out, say=False)  # after every row: a timeout keeps what was measured
     print(f"\n{report['device']}: {recipe.name} ({recipe.pattern}), batch {args.batch} x {args.seq_len}")
     print(f"{'variant':<16} {'mode':<11} {'tokens/s':>12} {'median step':>12}")
     for r in report["rows"]:
         print(f"{r['variant']:<16} {r['mode']:<11} {r['tokens_per_s']:>12,.0f} {r['median_step_tokens_per_s']:>12,.0f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {out}")
+    write_json(report, args.out)
     return 0
 
 
