@@ -243,6 +243,9 @@ def ratios(rows: list[dict]) -> dict:
         out[key] = v / base if v and base else None
     out["ratio_default"] = out.get("atlas_vs_gdn_auto")
     out["target"] = TARGET
+    # the ATLAS recipe's step that would meet the target against this gdn twin (same tokens per step)
+    twin = next((r.get("step_ms") for r in rows if r["recipe"] == "gdn" and r["mode_requested"] == "auto"), None)
+    out["atlas_step_ms_for_target"] = twin / TARGET if twin else None
     out["meets_target"] = None if out["ratio_default"] is None else out["ratio_default"] >= TARGET
     return out
 
@@ -265,7 +268,9 @@ def table(rows: list[dict], rat: dict) -> str:
             lines.append(f"  mode: {r['mode_note'][:160]}")
     d = rat["ratio_default"]
     lines.append(f"ratio atlas/gdn (mode auto, hymba train's default): {f'{d:.3f}' if d else '-'} "
-                 f"(target >= {TARGET}: {'met' if rat['meets_target'] else 'not met' if d else 'not measured'})")
+                 f"(target >= {TARGET}: {'met' if rat['meets_target'] else 'not met' if d else 'not measured'})"
+                 + (f"; the target needs an ATLAS step <= {rat['atlas_step_ms_for_target']:.2f} ms"
+                    if d and not rat["meets_target"] else ""))
     return "\n".join(lines)
 
 

@@ -78,6 +78,9 @@ def test_tiny_cpu_run(tmp_path) -> None:
     assert rat["atlas_reference_vs_gdn_auto"] == pytest.approx(
         rows["atlas_reference"]["tokens_per_s"] / rows["gdn"]["tokens_per_s"])
     assert rat["ratio_default"] == rat["atlas_vs_gdn_auto"] and rat["target"] == 0.5
+    assert rat["atlas_step_ms_for_target"] == pytest.approx(rows["gdn"]["step_ms"] / 0.5)
+    if not rat["meets_target"]:
+        assert "the target needs an ATLAS step <=" in res.stdout
     assert rat["meets_target"] == (rat["ratio_default"] >= 0.5)
     assert rep["settings"]["atlas_setting"] == {"NS_TRITON_MAX": 64, "FACTOR_GRAM": None}
 
