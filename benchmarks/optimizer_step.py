@@ -19,14 +19,13 @@ name.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
 from pathlib import Path
 
 import torch
-from timing import bench, device_kernels, host_times  # benchmarks/timing.py (scripts run from the repo root as files)
+from timing import bench, device_kernels, host_times, write_json  # benchmarks/timing.py (run as files)
 
 import hymba_plus  # noqa: F401  (registers components)
 from hymba_plus import build_model
@@ -132,11 +131,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"{k:<11} {r['ms']:>8.3f} {r['host_ms']:>8.3f} {r.get('kernels', '-'):>8}")
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"device": name, "torch": torch.__version__, "recipe": recipe.name,
-                                        "optimizer": args.optimizer, "params": sum(p.numel() for p in params),
-                                        "groups": split.describe(), "iters": args.iters, "rows": rows}, indent=1))
-        print(f"wrote {args.out}")
+        write_json({"device": name, "torch": torch.__version__, "recipe": recipe.name, "optimizer": args.optimizer,
+                    "params": sum(p.numel() for p in params), "groups": split.describe(), "iters": args.iters,
+                    "rows": rows}, args.out)
     return 0
 
 

@@ -146,13 +146,15 @@ def device_name(dev: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def train_config(recipe: Recipe, args: argparse.Namespace) -> TrainConfig:
+def train_config(recipe: Recipe, args: argparse.Namespace, steps: int = 10**6) -> TrainConfig:
     """``hymba train``'s settings for this run: the recipe's train section (else the defaults)
-    with the benchmark's flags over it, checked as the CLI checks them."""
-    over = {"batch_size": args.batch, "seq_len": args.seq_len, "steps": 10**6, "eval_every": 10**6,
+    with the benchmark's flags over it (``--data``, ``--optimizer``, ``--precision``, ``--tf32``
+    where the script has them), ``steps`` steps, evaluation and checkpoints never before the end,
+    checked as the CLI checks them."""
+    over = {"batch_size": args.batch, "seq_len": args.seq_len, "steps": steps, "eval_every": 10**6,
             "save_every": 10**6}
     for key in ("data", "optimizer", "precision", "tf32"):
-        if getattr(args, key) is not None:
+        if getattr(args, key, None) is not None:
             over[key] = getattr(args, key)
     cfg = dataclasses.replace(recipe.train if recipe.train is not None else TrainConfig(), **over)
     validate(cfg, recipe.model, over, str(recipe.source or recipe.name))

@@ -111,11 +111,11 @@ def profile_passes(fn: Callable[[], object], device: str, passes: int = 3, rows:
         if device == "cuda":
             torch.cuda.synchronize()
     key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=rows), flush=True)
-    print(prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=rows, max_name_column_width=40),
-          flush=True)
+    avgs, by_shape = prof.key_averages(), prof.key_averages(group_by_input_shape=True)  # each aggregated once
+    print(avgs.table(sort_by=key, row_limit=rows), flush=True)
+    print(by_shape.table(sort_by=key, row_limit=rows, max_name_column_width=40), flush=True)
     if device == "cuda":
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows), flush=True)
+        print(avgs.table(sort_by="self_cpu_time_total", row_limit=rows), flush=True)
         kernels = device_kernels(prof)
         out = {"kernels_per_pass": len(kernels) / passes,
                "kernel_ms_per_pass": sum(e.device_time_total for e in kernels) / passes / 1e3,
@@ -124,10 +124,9 @@ def profile_passes(fn: Callable[[], object], device: str, passes: int = 3, rows:
         out = {"aten_ops_per_pass": sum(1 for e in prof.events() if e.name.startswith("aten::")) / passes}
     print(f"  per pass: {', '.join(f'{k} {v:.3f}' for k, v in out.items())}", flush=True)
     # the tables' top rows also in the result (a device call returns only the end of its output)
-    out["top"] = _top_rows(prof.key_averages(), device, passes, rows)
+    out["top"] = _top_rows(avgs, device, passes, rows)
     if device == "cuda":  # where the host's time goes (a pass bound by its host time)
-        out["top_host"] = _top_rows(prof.key_averages(), "cpu", passes, rows)
-    by_shape = prof.key_averages(group_by_input_shape=True)
+        out["top_host"] = _top_rows(avgs, "cpu", passes, rows)
     out["top_by_shape"] = _top_rows(by_shape, device, passes, rows, shapes=True)
     # every dtype cast / copy by input shape (weight-sized vs activation-sized: which casts a
     # change of the parameters' dtype would remove and which it would not)

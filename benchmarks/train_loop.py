@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import statistics
 import sys
@@ -30,12 +29,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from quad_atlas import device_name, swap_atlas  # benchmarks/ (scripts run from the repo root as files)
+from quad_atlas import device_name, swap_atlas, train_config  # benchmarks/ (scripts run from the repo root as files)
 from timing import write_json
 
 import hymba_plus  # noqa: F401  (registers components)
 from hymba_plus.core.recipe import Recipe, RecipeError, load_recipe
-from hymba_plus.training.config import TrainConfig, validate
 from hymba_plus.training.trainer import RunOptions, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,10 +61,7 @@ def sync_each_step(on: bool) -> Iterator[None]:
 
 
 def run_row(recipe: Recipe, variant: str, args: argparse.Namespace) -> dict:
-    over = {"batch_size": args.batch, "seq_len": args.seq_len, "steps": args.steps, "eval_every": 10**6,
-            "save_every": 10**6}
-    cfg = dataclasses.replace(recipe.train if recipe.train is not None else TrainConfig(), **over)
-    validate(cfg, recipe.model, over, str(recipe.source or recipe.name))
+    cfg = train_config(recipe, args, steps=args.steps)
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="hymba-train-loop-") as tmp, sync_each_step(variant == "sync_each_step"):
         opts = RunOptions(out=Path(tmp) / "run", device=args.device, mode=args.mode, progress=False,

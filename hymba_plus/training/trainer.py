@@ -246,31 +246,21 @@ def _read_step(values: list[torch.Tensor | None], stats: dict | None) -> tuple[l
     """The host's one read of a training step: the 0-d ``values`` (None stays None) and the
     JSON-friendly routing statistics (scalars as floats, short vectors as lists rounded to 6
     digits), copied together in one transfer, so the step waits for the device once."""
-    parts: list[torch.Tensor] = []
-    where: list[tuple[str | None, int, bool]] = []  # (stat key or None for a value, numel, is a list)
-    for v in values:
-        if v is not None:
-            parts.append(v.detach().reshape(1))
-        where.append((None, 0 if v is None else 1, False))
+    read: dict[int | str, torch.Tensor] = {i: v for i, v in enumerate(values) if v is not None}
     plain: dict[str, Any] = {}
     for k, v in (stats or {}).items():
-        if isinstance(v, torch.Tensor):
-            if v.numel() == 1 or (v.dim() == 1 and v.numel() <= 64):
-                parts.append(v.detach().reshape(-1))
-                where.append((k, v.numel(), v.numel() != 1))
+        if isinstance(v, torch.Tensor) and (v.numel() == 1 or (v.dim() == 1 and v.numel() <= 64)):
+            read[k] = v
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             plain[k] = float(v)
+    parts = [v.detach().reshape(-1) for v in read.values()]
     dev = next((t.device for t in parts if t.device.type != "cpu"), torch.device("cpu"))
-    flat = torch.cat([t.to(dev, torch.float64) for t in parts]).tolist() if parts else []
-    out, stats_out, i = [], {}, 0
-    for k, n, is_list in where:
-        got = flat[i:i + n]
-        i += n
-        if k is None:
-            out.append(got[0] if n else None)
-        else:
-            stats_out[k] = [round(x, 6) for x in got] if is_list else got[0]
-    return out, {**stats_out, **plain}
+    flat = iter(torch.cat([t.to(dev, torch.float64) for t in parts]).tolist() if parts else [])
+    got = {k: [next(flat) for _ in range(v.numel())] for k, v in read.items()}
+    out = [got[i][0] if i in got else None for i in range(len(values))]
+    listed = {k: ([round(x, 6) for x in g] if read[k].numel() != 1 else g[0]) for k, g in got.items()
+              if isinstance(k, str)}
+    return out, {**listed, **plain}
 
 
 def read_metrics(path: Path, upto: int | None = None) -> list[dict[str, Any]]:
@@ -896,11 +886,11 @@ class Trainer:
         """Whether this step's optimizer update replays ``self.graphed_opt``. On one CUDA process, unless
         the run asked for ``--mode eager``, the optimizer step is captured in a CUDA graph at this
         process's second step (the first runs eagerly: its kernels' first use stays out of the
-        capture), whether the forward+backward are
-        graphed or eager (``auto`` falling back, an objective that runs eagerly, ``--mode compile``); a
-        capture that fails says so once and the run steps eagerly. With ``--param-dtype bfloat16`` it is
-        captured inside ``_full_precision``: the masters and their gradient sums it then reads and writes
-        are the same tensors at every step (``MasterWeights``), and the bf16 copy after it stays eager."""
+        capture), whether the forward+backward are graphed or eager (``auto`` falling back, an
+        objective that runs eagerly, ``--mode compile``); a capture that fails says so once and the
+        run steps eagerly. With ``--param-dtype bfloat16`` it is captured inside ``_full_precision``:
+        the masters and their gradient sums it then reads and writes are the same tensors at every
+        step (``MasterWeights``), and the bf16 copy after it stays eager."""
         allowed = (not self.info.enabled and self.requested != "eager"
                    and (self.graphed is not None or self.info.device.type == "cuda"))
         if self.graphed_opt is None and allowed and self._eager_opt_steps == 1:
