@@ -205,8 +205,9 @@ class GraphedOptimizer:
     """``opt.step()`` of a ``training.optim.MuonAdamW`` replayed from one CUDA graph.
 
     The eager step of a small model is bound by its launches: Muon's Newton-Schulz per group of
-    equal-shaped matrices and the foreach updates of every group. For the Quad-Hybrid recipe at 8 x
-    2048 on an H100 the step issued ~600 launches, ~20 ms of host time against a few ms of GPU time,
+    equal-shaped matrices and the multi-tensor updates of every group. For the Quad-Hybrid recipe at 8 x
+    2048 on an H100 the step issued ~600 launches (~230 since the fused AdamW and the merged Newton-Schulz
+    groups of ``optim.muon_updates``), ~20 ms of host time against a few ms of GPU time,
     so the recipe's whole step (forward+backward already replayed) stayed host-bound
     (``benchmarks/quad_atlas.py --profile``). The optimizer reads its learning rates and step counts
     from device tensors (``MuonAdamW.load_lr``), so the kernels of every step are the same and the
