@@ -95,7 +95,8 @@ def muon_updates(us: list[Tensor], layout: str, steps: int, dtypes: list[torch.d
     for idx in groups.values():
         wide = [i for i in idx if us[i].shape[-2] <= us[i].shape[-1]]
         tall = [i for i in idx if us[i].shape[-2] > us[i].shape[-1]]
-        o = newton_schulz5(torch.stack([us[i] for i in wide] + [us[i].mT for i in tall]), steps)
+        mats = [us[i] for i in wide] + [us[i].mT for i in tall]
+        o = newton_schulz5(torch.stack(mats) if len(mats) > 1 else mats[0][None], steps)
         for part, members in ((o[:len(wide)], wide), (o[len(wide):].mT, tall)):
             if not members:
                 continue
