@@ -8,7 +8,8 @@ second step unless ``--mode eager``), for a recipe's model with fixed random gra
 
 Per row: ``ms`` (median wall time of one step: CUDA events on a GPU, so an eager step bound by its
 launches shows its host time here), ``host_ms`` (median time for the host to issue one step, no
-sync), ``kernels`` (device kernels of one step under torch.profiler; CUDA only). The optimizer is
+sync), ``kernels`` (device kernels of one step under torch.profiler; CUDA only), ``ops`` (the eager step's
+top-level aten ops that are not views, ``timing.launching_ops``: on the CPU the stand-in for kernels). The optimizer is
 ``hymba train``'s (``--optimizer muon``: Muon for the hidden matrices, AdamW for the rest; ``adamw``:
 AdamW only) with the recipe's defaults, the lr changing every step as a schedule does. On the GPU
 the replayed step's parameters are checked against the eager step's after the same steps
@@ -25,7 +26,7 @@ import sys
 from pathlib import Path
 
 import torch
-from timing import bench, device_kernels, host_times, write_json  # benchmarks/timing.py (run as files)
+from timing import bench, device_kernels, host_times, launching_ops, write_json  # benchmarks/timing.py (run as files)
 
 import hymba_plus  # noqa: F401  (registers components)
 from hymba_plus import build_model
@@ -45,6 +46,16 @@ def kernels_of(fn) -> int:  # noqa: ANN001
         fn()
         torch.cuda.synchronize()
     return len(device_kernels(prof))
+
+
+def ops_of(fn) -> int:  # noqa: ANN001
+    """Top-level aten ops one fn() runs that are not views (torch.profiler, CPU; ``timing.launching_ops``):
+    on the CPU the stand-in for the kernels a CUDA step launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return len(launching_ops(prof))
 
 
 def setup(recipe, cfg: TrainConfig, device: str, seed: int):  # noqa: ANN001, ANN201
@@ -97,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, dict] = {}
     rows["eager"] = {"ms": bench(eager, "cuda" if cuda else "cpu", args.warmup, args.iters),
                      "host_ms": statistics.median(host_times(eager, "cuda" if cuda else "cpu", args.iters))}
+    rows["eager"]["ops"] = ops_of(eager)
     if cuda:
         rows["eager"]["kernels"] = kernels_of(eager)
         _, gopt, gparams, _ = setup(recipe, cfg, args.device, 0)
@@ -124,12 +136,12 @@ def main(argv: list[str] | None = None) -> int:
             rows["cuda_graph"]["max_abs_diff"] = max(float((a - b).detach().abs().max()) for a, b in zip(gparams, rparams))
     name = torch.cuda.get_device_name() if cuda else (platform.processor() or "cpu")
     print(f"{name}: {recipe.name}, {sum(p.numel() for p in params) / 1e6:.2f}M params; {split.describe()}")
-    print(f"{'step':<11} {'ms':>8} {'host ms':>8} {'kernels':>8}")
+    print(f"{'step':<11} {'ms':>8} {'host ms':>8} {'kernels':>8} {'ops':>6}")
     for k, r in rows.items():
         if "ms" not in r:
             print(f"{k:<11} {r['status']}")
             continue
-        print(f"{k:<11} {r['ms']:>8.3f} {r['host_ms']:>8.3f} {r.get('kernels', '-'):>8}")
+        print(f"{k:<11} {r['ms']:>8.3f} {r['host_ms']:>8.3f} {r.get('kernels', '-'):>8} {r.get('ops', '-'):>6}")
     if args.out is not None:
         write_json({"device": name, "torch": torch.__version__, "recipe": recipe.name, "optimizer": args.optimizer,
                     "params": sum(p.numel() for p in params), "groups": split.describe(), "iters": args.iters,

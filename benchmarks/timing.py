@@ -94,6 +94,19 @@ def device_kernels(prof) -> list:  # noqa: ANN001
             and not getattr(e, "is_user_annotation", False) and not e.name.startswith("## ")]
 
 
+#: aten ops that make views or empty tensors, no kernel (left out of ``launching_ops``)
+VIEW_OPS = frozenset(f"aten::{n}" for n in ("mT", "select", "slice", "reshape", "view", "unsqueeze", "squeeze", "empty",
+                                             "empty_like", "empty_strided", "transpose", "t", "detach", "alias",
+                                             "as_strided", "expand", "permute", "narrow", "unbind", "split"))
+
+
+def launching_ops(prof) -> list:  # noqa: ANN001
+    """The top-level aten ops of a torch.profiler run (called from Python, not from inside another
+    aten op) that are not views: on the CPU the stand-in for the kernels a CUDA run launches."""
+    return [e for e in prof.events() if e.name.startswith("aten::") and e.name not in VIEW_OPS
+            and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+
+
 def profile_passes(fn: Callable[[], object], device: str, passes: int = 3, rows: int = 25) -> dict:
     """Run fn() ``passes`` times under torch.profiler; print the top ops / kernels (also by input
     shape, and on CUDA by host time) and return per pass the number of device kernels, their
