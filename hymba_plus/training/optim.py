@@ -345,8 +345,9 @@ FUSED_ADAMW_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float6
 def fused_adamw_applies(device: torch.device, dtype: torch.dtype, grad_dtype: torch.dtype, lr: Tensor) -> bool:
     """Can ``adamw_fused`` run tensors of this device and dtype? (CUDA or CPU, gradients of the
     parameters' floating dtype, the lr tensor on their device.)"""
-    return (device.type in ("cuda", "cpu") and dtype == grad_dtype and dtype in FUSED_ADAMW_DTYPES
-            and lr.device == device and hasattr(torch, "_fused_adamw_"))
+    same = lr.device.type == device.type and (lr.device.index or 0) == (device.index or 0)  # "cuda" is "cuda:0"
+    return (device.type in ("cuda", "cpu") and dtype == grad_dtype and dtype in FUSED_ADAMW_DTYPES and same
+            and hasattr(torch, "_fused_adamw_"))
 
 
 def adamw_fused(params: list[Tensor], grads: list[Tensor], m: list[Tensor], v: list[Tensor], steps: list[Tensor],
