@@ -53,6 +53,10 @@
 #   side_attn  side_by_side.py --rows attn alone (the attention row vs HF Llama; --merge), e.g. on the other card
 #   opt_step  optimizer_step.py: MuonAdamW's step eager vs replayed from its CUDA graph (GraphedOptimizer), ms, host ms,
 #           kernels, and the replay's parameters against the eager steps', for the Quad-Hybrid recipe and moe_bench
+#           (H100 2026-12-06: Quad-Hybrid 724 -> 326 kernels with the fused AdamW and merged Newton-Schulz groups,
+#           replayed 1.76 -> 1.04 ms; moe_bench with them not yet timed)
+#   opt_tests  the GPU tests of the optimizer's kernels: fused vs foreach AdamW and muon_updates on CUDA, the graphed
+#           step bit for bit the eager one, bf16 weights with masters, CUDA-graph training vs eager
 #   bf16w_opt  the GPU tests of the optimizer step's graph: with bf16 weights and float32 masters (test_mixed_precision.py,
 #           whose graphed runs replay it over the masters) and bit for bit the eager step (test_train_modes.py)
 #   twin_profile  quad_atlas.py --recipes gdn --profile: where the Quad-Hybrid's gdn twin's step goes (kernels, and
@@ -249,6 +253,8 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
       opt_step) step opt_step 150 python benchmarks/optimizer_step.py --out "$OUT/optimizer_step_quad.json"
               step opt_step_moe 200 python benchmarks/optimizer_step.py --recipe configs/moe_bench.yaml \
                  --out "$OUT/optimizer_step_moe_bench.json" ;;
+      opt_tests) step opt_tests 200 "${PYTEST[@]}" tests/test_training.py tests/test_train_modes.py tests/test_mixed_precision.py \
+                 -k "muon_updates or fused_adamw or graphed_optimizer or bf16_weights_in_cuda_graphs or cuda_graph_training_matches" ;;
       bf16w_opt) step bf16w_opt_tests 240 "${PYTEST[@]}" tests/test_mixed_precision.py tests/test_train_modes.py \
                  -k "bf16 or graphed_optimizer" ;;
       twin_profile) need_tilelang
@@ -372,6 +378,7 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
       *) echo "unknown step $s1 (moe mamba3 gdn atlas atlas_verify mamba3_tuned atlas_profile atlas_profile_bench" \
               "mixers mimo_alt mimo_alt2 loss memory decode fused agree modes side_train side_attn attn_bf16w fa4 side_decode quad quad_chunk" \
               "atlas_chunk_layer atlas_chunk_bench quad_tf32 atlas_inductor atlas_bmm32 atlas_padns atlas_defaults atlas_chain atlas_combo atlas_group atlas_pdl atlas_ns_layout atlas_retrieve atlas_nssave atlas_owed atlas_splitk_tests atlas_splitk atlas_fused atlas_fused_d2048 atlas_fused_recipe atlas_nstf32 atlas_fused_bench atlas_fused_sweep atlas_fused_profile atlas_fused_tests atlas_reference_test profiles" \
+              "opt_step opt_tests bf16w_opt twin_profile train_loop" \
               "pack_caches pack_out)"; exit 2 ;;
     esac
   done
