@@ -206,7 +206,7 @@ class GraphedOptimizer:
 
     The eager step of a small model is bound by its launches: Muon's Newton-Schulz per group of
     equal-shaped matrices and the multi-tensor updates of every group. For the Quad-Hybrid recipe at 8 x
-    2048 on an H100 the step issued ~600 launches (~230 since the fused AdamW and the merged Newton-Schulz
+    2048 on an H100 the step issued ~700 launches (326 since the fused AdamW and the merged Newton-Schulz
     groups of ``optim.muon_updates``), ~20 ms of host time against a few ms of GPU time,
     so the recipe's whole step (forward+backward already replayed) stayed host-bound
     (``benchmarks/quad_atlas.py --profile``). The optimizer reads its learning rates and step counts

@@ -30,7 +30,7 @@ dozen ``torch._foreach_*`` ops where it does not apply), Muon's momentum and upd
 turned wide (a ``[4d, d]`` and a ``[d, 4d]`` weight share one), stacked (the iteration is per
 matrix, so stacking changes nothing but the number of launches), three batched products an
 iteration with the sums in their epilogues (``baddbmm``). For the Quad-Hybrid recipe that is
-~230 kernels a step where it was ~720.
+326 kernels a step on an H100 where it was 724 (``benchmarks/optimizer_step.py``).
 
 Under FSDP2 every parameter, gradient and state is a DTensor sharded on dim 0. Element-wise
 updates run on the local shards (``to_local()``: no DTensor dispatch, which costs tens of
