@@ -346,8 +346,7 @@ def fused_adamw_applies(device: torch.device, dtype: torch.dtype, grad_dtype: to
     """Can ``adamw_fused`` run tensors of this device and dtype? (CUDA or CPU, gradients of the
     parameters' floating dtype, the lr tensor on their device.)"""
     same = lr.device.type == device.type and (lr.device.index or 0) == (device.index or 0)  # "cuda" is "cuda:0"
-    return (device.type in ("cuda", "cpu") and dtype == grad_dtype and dtype in FUSED_ADAMW_DTYPES and same
-            and hasattr(torch, "_fused_adamw_"))
+    return device.type in ("cuda", "cpu") and dtype == grad_dtype and dtype in FUSED_ADAMW_DTYPES and same
 
 
 def adamw_fused(params: list[Tensor], grads: list[Tensor], m: list[Tensor], v: list[Tensor], steps: list[Tensor],
