@@ -50,6 +50,8 @@
 #           optimizer step replayed from a graph, bit for bit the eager one; a cold machine compiles fla's TileLang
 #           backward for the block-diffusion test first: give it the whole 400 s)
 #   side_train  side_by_side.py --rows gdn attn quad_moe (training vs fla / HF; --merge into the day's JSON)
+#   sweep   pytest -m gpu over ${SWEEP:-tests} (paths and pytest options, e.g. --ignore=tests/test_mamba3.py) under one
+#           570 s limit, the 40 slowest tests listed: the GPU suite in a few calls
 #   side_attn  side_by_side.py --rows attn alone (the attention row vs HF Llama; --merge), e.g. on the other card
 #   opt_step  optimizer_step.py: MuonAdamW's step eager vs replayed from its CUDA graph (GraphedOptimizer), ms, host ms,
 #           kernels, and the replay's parameters against the eager steps', for the Quad-Hybrid recipe and moe_bench
@@ -249,6 +251,7 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
       modes)  step modes_tests 400 "${PYTEST[@]}" tests/test_train_modes.py tests/test_training.py -k "gpu" ;;
       side_train) step side_train 580 python benchmarks/side_by_side.py --rows attn gdn quad_moe --hf-experts grouped_mm --merge \
                  --out-dir "$OUT" ;;
+      sweep)  step gpu_sweep 570 "${PYTEST[@]}" --durations=40 ${SWEEP:-tests} ;;  # SWEEP: pytest paths / --ignore=...
       side_attn) step side_attn 400 python benchmarks/side_by_side.py --rows attn --merge --out-dir "$OUT" ;;
       opt_step) step opt_step 150 python benchmarks/optimizer_step.py --out "$OUT/optimizer_step_quad.json"
               step opt_step_moe 200 python benchmarks/optimizer_step.py --recipe configs/moe_bench.yaml \
@@ -378,7 +381,7 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
       *) echo "unknown step $s1 (moe mamba3 gdn atlas atlas_verify mamba3_tuned atlas_profile atlas_profile_bench" \
               "mixers mimo_alt mimo_alt2 loss memory decode fused agree modes side_train side_attn attn_bf16w fa4 side_decode quad quad_chunk" \
               "atlas_chunk_layer atlas_chunk_bench quad_tf32 atlas_inductor atlas_bmm32 atlas_padns atlas_defaults atlas_chain atlas_combo atlas_group atlas_pdl atlas_ns_layout atlas_retrieve atlas_nssave atlas_owed atlas_splitk_tests atlas_splitk atlas_fused atlas_fused_d2048 atlas_fused_recipe atlas_nstf32 atlas_fused_bench atlas_fused_sweep atlas_fused_profile atlas_fused_tests atlas_reference_test profiles" \
-              "opt_step opt_tests bf16w_opt twin_profile train_loop" \
+              "opt_step opt_tests bf16w_opt twin_profile train_loop sweep" \
               "pack_caches pack_out)"; exit 2 ;;
     esac
   done
