@@ -130,8 +130,9 @@ def test_forecast_out_must_name_a_file(forecaster, tmp_path, capsys, monkeypatch
     ck, csv = forecaster
     monkeypatch.chdir(tmp_path)
     (tmp_path / "DIR").mkdir()
-    err = _one_line_error(capsys, main(["generate", str(ck), "--mode", "forecast", "--data", str(csv), "--out", out]))
-    assert "expected a file name" in err
+    err = _one_line_error(capsys, _exit_code(["generate", str(ck), "--mode", "forecast", "--data", str(csv),
+                                              "--out", out]))
+    assert ("an empty path" if out == "" else "expected a file name") in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["DIR"] and not any((tmp_path / "DIR").iterdir())
 
 
@@ -374,3 +375,44 @@ def test_an_empty_metrics_file_is_simply_replaced(tmp_path, capsys) -> None:
     assert main(["train", GPT, "--out", str(out), *FAST]) == 0
     assert "moved aside" not in "".join(capsys.readouterr())
     assert not list(out.glob("*.1"))
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["train", GPT, "--mode", "turbo"], "hymba train: argument --mode: invalid choice: 'turbo'"),
+    (["train", GPT, "--steps", "1.5"], "hymba train: argument --steps: invalid int value: '1.5'"),
+    (["prepare", "notes.txt"], "hymba prepare: the following arguments are required: --out"),
+    (["generate", "CKPT", "--max-new-tokens", "abc"], "hymba generate: argument --max-new-tokens: invalid int"),
+    (["train", GPT, "--out", ""], "hymba train: argument --out: an empty path"),
+    (["prepare", "notes.txt", "--out", " "], "hymba prepare: argument --out: an empty path"),
+    (["info", ""], "hymba info: argument RECIPE: an empty path"),
+])
+def test_usage_errors_are_one_line(tmp_path, capsys, monkeypatch, argv, says) -> None:
+    """argparse's own errors (types, choices, required flags) are one line too, not the usage block
+    first, exit 2; an empty path is refused (``--out ""`` would otherwise mean runs/NAME)."""
+    monkeypatch.chdir(tmp_path)
+    assert _exit_code(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(says) and err[0].endswith("--help lists the flags)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_prepare_refuses_a_binary_file_it_is_given(tmp_path, capsys) -> None:
+    """A folder's binary files are skipped; one named on the command line is refused, not tokenized."""
+    data = tmp_path / "blob.txt"
+    data.write_bytes(b"text\0\1\2" * 100)
+    err = _one_line_error(capsys, main(["prepare", str(data), "--out", str(tmp_path / "o")]))
+    assert err.endswith(f"{data}: a binary file (a NUL byte in its first 8 KiB), not text")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_checkpoint_with_integer_weights_is_refused(ckpt, tmp_path, capsys) -> None:
+    """Weights stored as integers (right names and shapes) would load through load_state_dict's cast."""
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "ints"
+    shutil.copytree(ckpt, bad)
+    state = load_file(str(bad / "model.safetensors"))
+    save_file({k: v.long() for k, v in state.items()}, str(bad / "model.safetensors"))
+    err = _one_line_error(capsys, main(["generate", str(bad), "--prompt", "1 2", "--max-new-tokens", "2"]))
+    assert f"{bad / 'model.safetensors'}: does not match recipe.yaml (dtype mismatch [" in err
+    assert "torch.int64 for torch.float32" in err

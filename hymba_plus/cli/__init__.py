@@ -72,13 +72,21 @@ def shorten_echoes(message: str, argv: list[str]) -> str:
     return message
 
 
+def path_text(text: str) -> str:
+    """argparse type of every path argument: not empty (an empty ``--out`` would mean "the default")."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path")
+    return text
+
+
 def _parser_class(argv: list[str]) -> type[argparse.ArgumentParser]:
-    """An ``ArgumentParser`` (inherited by the subcommands' parsers) whose usage errors quote
-    the values of ``argv`` shortened (``shorten_echoes``)."""
+    """An ``ArgumentParser`` (inherited by the subcommands' parsers) whose usage errors are one
+    line, ``hymba CMD: MESSAGE (hymba CMD --help lists the flags)``, exit 2 (argparse's own print the
+    usage block first), quoting the values of ``argv`` shortened (``shorten_echoes``)."""
 
     class Parser(argparse.ArgumentParser):
         def error(self, message: str) -> NoReturn:
-            super().error(shorten_echoes(message, argv))
+            self.exit(2, f"{self.prog}: {shorten_echoes(message, argv)} ({self.prog} --help lists the flags)\n")
 
     return Parser
 

@@ -12,14 +12,14 @@ import argparse
 import re
 from pathlib import Path
 
-from . import UsageError, UserError, seed_int
+from . import UsageError, UserError, path_text, seed_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = (f"{p.description or ''}. SRC with config.json (HF Llama / Qwen3 / Qwen3-MoE / Qwen3-Next) is "
                      "imported; SRC with recipe.yaml (a hymba_plus checkpoint) is exported to an HF folder.")
-    p.add_argument("src", metavar="SRC", help="an HF model folder, or a hymba_plus checkpoint folder")
-    p.add_argument("out", metavar="OUT", help="output folder (must not exist, or be empty)")
+    p.add_argument("src", type=path_text, metavar="SRC", help="an HF model folder, or a hymba_plus checkpoint folder")
+    p.add_argument("out", type=path_text, metavar="OUT", help="output folder (must not exist, or be empty)")
     p.add_argument("--hybridize", metavar="RECIPE",
                    help="write a hybrid of RECIPE instead: kept layers, embeddings, norms and MLPs copied, replaced "
                         "attention layers initialised from the attention weights (see README)")

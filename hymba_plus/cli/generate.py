@@ -49,11 +49,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from . import UsageError, UserError, finite_float, seed_int
+from . import UsageError, UserError, finite_float, path_text, seed_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint folder (or a training --out folder)")
+    p.add_argument("checkpoint", type=path_text, metavar="CKPT", help="checkpoint folder (or a training --out folder)")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch); required but for "
                    "--mode forecast")
     p.add_argument("--max-new-tokens", type=int, default=None,
@@ -73,7 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None,
                    help="block_diffusion: at most this many denoising steps per block (default: the block size); "
                         "ladir: Euler steps of the latent flow (default: ladir.inference_steps)")
-    p.add_argument("--draft", default=None, metavar="DRAFT_CKPT",
+    p.add_argument("--draft", type=path_text, default=None, metavar="DRAFT_CKPT",
                    help="speculative: the draft model's checkpoint (same vocabulary)")
     p.add_argument("--k", type=int, default=None,
                    help="speculative: tokens the draft proposes per round (default: 4); mtp: drafts per round, "
@@ -84,7 +84,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "= graph on CUDA, dynamic elsewhere; the tokens are the same")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, auto")
     p.add_argument("--no-stream", action="store_true", help="print the whole completion at the end")
-    p.add_argument("--data", default=None, metavar="SERIES.csv",
+    p.add_argument("--data", type=path_text, default=None, metavar="SERIES.csv",
                    help="forecast: the series to forecast (a timestamp column, then one column per channel)")
     p.add_argument("--horizon", type=int, default=None,
                    help="forecast: steps to forecast after the data (default: the model's horizon; longer rolls "
@@ -92,7 +92,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rolling", type=int, default=None, metavar="R",
                    help="forecast: also backtest at the last R patch boundaries whose whole horizon is in the data "
                         "(one cached patch per origin) and print MASE / CRPS next to seasonal naive")
-    p.add_argument("--out", default=None, metavar="FILE.csv",
+    p.add_argument("--out", type=path_text, default=None, metavar="FILE.csv",
                    help="forecast: the forecast CSV (default: forecast.csv); the plot is FILE.png")
     p.add_argument("--think-iterations", type=int, default=None, metavar="N",
                    help="ETD models: think iterations to run, 1..max_iterations (default: the model's "

@@ -34,12 +34,14 @@ from typing import Any
 
 import torch
 
+from . import path_text
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_LENS = (1024, 32768)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", metavar="RECIPE", help="a recipe file")
+    p.add_argument("recipe", type=path_text, metavar="RECIPE", help="a recipe file")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="dtype of the cached tensors (default float32, what build_model gives)")
     p.add_argument("--seq-lens", default=",".join(map(str, DEFAULT_LENS)), metavar="N,N",

@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import argparse
 
-from . import UsageError, UserError
+from . import UsageError, UserError, path_text
 
 #: the largest shard: its token buffer (4 bytes a token at most) is held in memory while it fills
 MAX_SHARD_TOKENS = 1 << 28
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data", metavar="DATA", help="a text file or a folder of text files")
-    p.add_argument("--out", required=True, help="folder to write the shards and index.json into")
-    p.add_argument("--tokenizer", help="a `tokenizers` JSON file (default: bytes)")
+    p.add_argument("data", type=path_text, metavar="DATA", help="a text file or a folder of text files")
+    p.add_argument("--out", type=path_text, required=True, help="folder to write the shards and index.json into")
+    p.add_argument("--tokenizer", type=path_text, help="a `tokenizers` JSON file (default: bytes)")
     p.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard file (default 16M)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
 

@@ -19,7 +19,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from . import UsageError, UserError, finite_float, seed_int
+from . import UsageError, UserError, finite_float, path_text, seed_int
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 TRAIN_MODES = ("auto", "eager", "cuda-graph", "compile")  # training/trainer.py's TRAIN_MODES
@@ -54,16 +54,16 @@ def _default(field: str) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = (f"{p.description or ''}. Settings come from the recipe's train: section where it has one, "
                      "else the defaults shown; flags override both (and, with --resume, the checkpoint's).")
-    p.add_argument("recipe", metavar="RECIPE", help="recipe YAML file, or a checkpoint folder: its recipe, starting "
+    p.add_argument("recipe", type=path_text, metavar="RECIPE", help="recipe YAML file, or a checkpoint folder: its recipe, starting "
                                                     "from its weights (e.g. one `hymba convert --hybridize` wrote)")
-    p.add_argument("--distill", metavar="TEACHER_CKPT",
+    p.add_argument("--distill", type=path_text, metavar="TEACHER_CKPT",
                    help="also learn the teacher checkpoint's logits (KL); weights in the recipe's train.distill "
                         "section (kl_weight, ce_weight, temperature; default 1, 1, 1)")
-    p.add_argument("--out", help="output folder for checkpoints, metrics.jsonl, loss.png (default: runs/NAME)")
-    p.add_argument("--data", help="built-in task (mqar, selective_copy, parity, khop), a text file or folder, or a "
+    p.add_argument("--out", type=path_text, help="output folder for checkpoints, metrics.jsonl, loss.png (default: runs/NAME)")
+    p.add_argument("--data", type=path_text, help="built-in task (mqar, selective_copy, parity, khop), a text file or folder, or a "
                                   "folder written by `hymba prepare` (default: mqar); forecast recipes: a series CSV "
                                   "(timestamp column, then numeric columns) or synthetic (the default)")
-    p.add_argument("--tokenizer", help="a `tokenizers` JSON file for text data (default: bytes)")
+    p.add_argument("--tokenizer", type=path_text, help="a `tokenizers` JSON file for text data (default: bytes)")
     p.add_argument("--mqar-pairs", type=int, help="mqar: key/value pairs per sequence (default: min(seq_len / 4, vocab_size / 2 - 1))")
     p.add_argument("--copy-tokens", type=int, help="selective_copy: tokens to copy (default: seq_len / 8)")
     p.add_argument("--khop-hops", type=int, help="khop: pointers followed per query")

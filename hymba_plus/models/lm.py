@@ -498,7 +498,7 @@ def from_pretrained(path: str | os.PathLike, device: Any = None, strict: bool = 
     try:
         recipe = load_recipe(p / "recipe.yaml")
     except RecipeError as e:
-        raise CheckpointError(f"{p / 'recipe.yaml'}: invalid recipe: {e.errors[0]}") from None
+        raise CheckpointError(f"invalid recipe: {e.errors[0]}") from None  # the error names the file and line
     try:
         state = load_file(str(p / "model.safetensors"), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -510,9 +510,12 @@ def from_pretrained(path: str | os.PathLike, device: Any = None, strict: bool = 
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     bad_shape = [k for k in own if k in state and state[k].shape != own[k].shape]
-    if strict and (missing or unexpected or bad_shape):
+    # a float parameter stored as integers (or the reverse) would load silently through load_state_dict's cast
+    bad_kind = [f"{k}: {state[k].dtype} for {own[k].dtype}" for k in own
+                if k in state and state[k].is_floating_point() != own[k].is_floating_point()]
+    if strict and (missing or unexpected or bad_shape) or bad_kind:
         what = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
-                else f"shape mismatch {bad_shape[:3]}")
+                else f"shape mismatch {bad_shape[:3]}" if bad_shape else f"dtype mismatch {bad_kind[:3]}")
         raise CheckpointError(f"{p / 'model.safetensors'}: does not match recipe.yaml ({what})")
     model.load_state_dict(state, strict=strict)
     if device is not None:

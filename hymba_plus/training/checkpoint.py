@@ -279,7 +279,7 @@ def verify(ckpt: Path) -> dict[str, Any]:
     try:
         load_recipe(ckpt / "recipe.yaml")
     except RecipeError as e:
-        raise CheckpointError(f"{ckpt / 'recipe.yaml'}: {e.errors[0]}") from None
+        raise CheckpointError(e.errors[0]) from None  # names the file (and line)
     for name in ("model.safetensors", "optimizer.safetensors", "rng.safetensors"):
         p = ckpt / name
         if not p.is_file():
@@ -338,7 +338,7 @@ def check_recipe(ckpt: Path, recipe: Any, recipe_name: str) -> None:
     try:
         saved = load_recipe(ckpt / "recipe.yaml")
     except RecipeError as e:
-        raise CheckpointError(f"{ckpt / 'recipe.yaml'}: {e.errors[0]}") from None
+        raise CheckpointError(e.errors[0]) from None  # names the file (and line)
     diff = recipe_difference(saved, recipe)
     if diff:
         raise CheckpointError(f"{ckpt / 'recipe.yaml'}: was trained with another recipe than {recipe_name} "

@@ -48,11 +48,14 @@ class DataError(ValueError):
 
 
 def list_sources(path: str | os.PathLike) -> list[Path]:
-    """The files a path names: itself, or every non-hidden, non-binary file under a folder."""
+    """The files a path names: itself (refused if binary), or every non-hidden, non-binary file under a
+    folder (binary ones skipped)."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: no such file or directory")
     if p.is_file():
+        if _binary(p):
+            raise DataError(f"{p}: a binary file (a NUL byte in its first 8 KiB), not text")
         return [p]
     if not p.is_dir():
         raise DataError(f"{p}: not a regular file or folder")
@@ -61,18 +64,21 @@ def list_sources(path: str | os.PathLike) -> list[Path]:
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for n in sorted(names):
             f = Path(root) / n
-            if n.startswith(".") or not f.is_file():
+            if n.startswith(".") or not f.is_file() or _binary(f):
                 continue
-            try:
-                with open(f, "rb") as fh:
-                    if b"\0" in fh.read(8192):
-                        continue  # binary
-            except OSError as e:
-                raise DataError(f"{f}: cannot read ({e.strerror})") from None
             files.append(f)
     if not files:
         raise DataError(f"{p}: no text files in this folder")
     return files
+
+
+def _binary(f: Path) -> bool:
+    """Whether a file has a NUL byte in its first 8 KiB (what no text file has)."""
+    try:
+        with open(f, "rb") as fh:
+            return b"\0" in fh.read(8192)
+    except OSError as e:
+        raise DataError(f"{f}: cannot read ({e.strerror})") from None
 
 
 def fingerprint(files: list[Path]) -> list[dict[str, Any]]:
