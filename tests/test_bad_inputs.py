@@ -385,6 +385,8 @@ def test_an_empty_metrics_file_is_simply_replaced(tmp_path, capsys) -> None:
     (["train", GPT, "--out", ""], "hymba train: argument --out: an empty path"),
     (["prepare", "notes.txt", "--out", " "], "hymba prepare: argument --out: an empty path"),
     (["info", ""], "hymba info: argument RECIPE: an empty path"),
+    (["check", ""], "hymba check: argument PATH: an empty path"),  # was the current folder, recursively
+    (["convert", "a", "b", "--hybridize", ""], "hymba convert: argument --hybridize: an empty path"),
 ])
 def test_usage_errors_are_one_line(tmp_path, capsys, monkeypatch, argv, says) -> None:
     """argparse's own errors (types, choices, required flags) are one line too, not the usage block

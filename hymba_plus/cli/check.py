@@ -19,13 +19,13 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
-from . import UsageError
+from . import UsageError, path_text
 
 SUFFIXES = (".yaml", ".yml")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("paths", nargs="*", metavar="PATH", help="recipe files or folders (searched recursively)")
+    p.add_argument("paths", nargs="*", type=path_text, metavar="PATH", help="recipe files or folders (searched recursively)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only problems and the summary")
     p.add_argument("--no-build", action="store_true", help="validate only; do not build on the meta device")
 

@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      "imported; SRC with recipe.yaml (a hymba_plus checkpoint) is exported to an HF folder.")
     p.add_argument("src", type=path_text, metavar="SRC", help="an HF model folder, or a hymba_plus checkpoint folder")
     p.add_argument("out", type=path_text, metavar="OUT", help="output folder (must not exist, or be empty)")
-    p.add_argument("--hybridize", metavar="RECIPE",
+    p.add_argument("--hybridize", type=path_text, metavar="RECIPE",
                    help="write a hybrid of RECIPE instead: kept layers, embeddings, norms and MLPs copied, replaced "
                         "attention layers initialised from the attention weights (see README)")
     p.add_argument("--architecture", help="export: the HF class to write (default: the simplest that expresses the "
