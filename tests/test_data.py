@@ -4,6 +4,7 @@ tokenizers, and bad data through the CLI."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +144,27 @@ def test_truncated_shard_and_bad_index_are_errors(tmp_path):
         TokenShards(tmp_path / "s")
     (tmp_path / "s" / "index.json").write_text("{not json")
     with pytest.raises(DataError, match="index.json: corrupt"):
+        TokenShards(tmp_path / "s")
+
+
+@pytest.mark.parametrize("edit,says", [
+    ({"dtype": "O"}, "dtype 'object': expected uint16 or uint32"),  # would read the bytes as pointers
+    ({"dtype": "float32"}, "dtype 'float32': expected uint16 or uint32"),
+    ({"file": "../elsewhere.bin"}, "shard file '../elsewhere.bin': expected a file name inside"),
+    ({"file": "/etc/hostname"}, "shard file '/etc/hostname': expected a file name inside"),
+])
+def test_an_index_that_names_another_dtype_or_file_is_refused(tmp_path, edit, says):
+    """An index.json is data: only the dtypes prepare writes, only files inside its folder."""
+    (tmp_path / "t.txt").write_text(TEXT)
+    prepare(tmp_path / "t.txt", tmp_path / "s")
+    ip = tmp_path / "s" / "index.json"
+    index = json.loads(ip.read_text())
+    if "dtype" in edit:
+        index["dtype"] = edit["dtype"]
+    else:
+        index["shards"][0]["file"] = edit["file"]
+    ip.write_text(json.dumps(index))
+    with pytest.raises(DataError, match=re.escape(f"{ip}: {says}")):
         TokenShards(tmp_path / "s")
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..core.config import brief
 from . import tokenizer as tokmod
 from .tasks import TASKS, Task
 
@@ -225,12 +226,19 @@ class TokenShards:
         try:
             self.dtype = np.dtype(index["dtype"])
             self.shards = [(self.path / s["file"], int(s["tokens"])) for s in index["shards"]]
+            names = [str(s["file"]) for s in index["shards"]]
             self.vocab_size = int(index["vocab_size"])
             self.tokenizer_json = str(index["tokenizer"])
             # the largest token id (written by prepare; None in shards of older versions)
             self.max_id = int(index["max_id"]) if index.get("max_id") is not None else None
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"{ip}: corrupt ({e})") from None
+        # what prepare writes, nothing else: an object dtype would read the shard's bytes as pointers
+        if self.dtype not in (np.dtype(np.uint16), np.dtype(np.uint32)):
+            raise DataError(f"{ip}: dtype {self.dtype.name!r}: expected uint16 or uint32 token ids")
+        bad = next((n for n in names if Path(n).name != n or n in ("", ".", "..")), None)
+        if bad is not None:
+            raise DataError(f"{ip}: shard file {brief(bad, 80)}: expected a file name inside {self.path}")
         self.index = index
         for f, n in self.shards:
             if not f.is_file():
