@@ -59,6 +59,34 @@ def test_generate_refuses_an_empty_prompt(models, name, mode, kw) -> None:
     assert "input_ids: an empty prompt (shape (1, 0))" in _one_line(e)
 
 
+@pytest.mark.parametrize("name,mode,kw", MODES)
+@pytest.mark.parametrize("mask,says", [
+    ([[1, 1, 1, 0], [1, 1, 1, 1]], "attention_mask: row 0 has a pad after a token (column 3): generate takes "
+                                   "left-padded prompts"),
+    ([[1, 1, 1, 1], [0, 1, 0, 1]], "attention_mask: row 1 has a pad after a token (column 2)"),
+    ([[0, 0, 0, 0], [1, 1, 1, 1]], "attention_mask: row 0 has no token (all pads)"),
+])
+def test_generate_takes_left_padded_prompts_only(models, name, mode, kw, mask, says) -> None:
+    """Every mode continues each row from its last column: a right-padded row would continue from a
+    pad's logits (silently wrong tokens, as a fuzzing pass found). Block diffusion may start a row
+    from nothing, as from an empty prompt."""
+    ids, mask = torch.tensor([[5, 6, 7, 8]] * 2), torch.tensor(mask)
+    if mode == "block_diffusion" and "all pads" in says:
+        assert _gen(models, name, mode, ids, attention_mask=mask, **kw).shape == (2, 7)
+        return
+    with pytest.raises(ValueError) as e:
+        _gen(models, name, mode, ids, attention_mask=mask, **kw)
+    assert says in _one_line(e)
+
+
+def test_left_padding_continues_as_the_row_alone(models) -> None:
+    model = models["gpt_tiny"]
+    alone = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3)
+    padded = model.generate(torch.tensor([[0, 5, 6, 7], [1, 2, 3, 4]]), max_new_tokens=3,
+                            attention_mask=torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]))
+    assert torch.equal(padded[0, 1:], alone[0])
+
+
 def test_block_diffusion_may_start_from_nothing(models) -> None:
     """A block is denoised from [MASK]s alone: an empty prompt is a valid start there (kept)."""
     out = _gen(models, "bd_tiny", "block_diffusion", torch.zeros(1, 0, dtype=torch.long))

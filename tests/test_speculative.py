@@ -64,7 +64,7 @@ def drafts():
 
 
 def prompts(B: int = 3, T: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A left-padded batch: rows of T, T - 2 and T - 4 real tokens."""
+    """A left-padded batch: rows of T, T - 2, T - 4, ... real tokens (B <= T / 2: none empty)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, V, (B, T), generator=g)
     mask = torch.ones(B, T, dtype=torch.long)
@@ -172,7 +172,7 @@ def noisy_copy(model, scale: float, seed: int = 0):  # noqa: ANN001, ANN201
 def test_noisy_copy_accepts_some_and_stats_add_up(name) -> None:
     target = make(*TARGETS[name])
     draft = noisy_copy(target, 0.5)
-    ids, mask = prompts(B=4, seed=3)
+    ids, mask = prompts(B=4, T=8, seed=3)  # rows of 8, 6, 4 and 2 tokens
     N, B = 12, ids.shape[0]
     ref = target.generate(ids, N, attention_mask=mask)
     st: dict = {}

@@ -188,6 +188,24 @@ def check_prompt(input_ids: Any, attention_mask: Any = None, min_tokens: int = 1
                         f"{type(attention_mask).__name__} {brief(attention_mask)}")
 
 
+def _check_left_padded(valid: Tensor, min_tokens: int) -> int:
+    """The longest row's real tokens of a prompt mask [B, T] (True: token), after refusing a row with
+    a pad after a token (``generate`` continues every row from its last column: left padding, as in
+    HF's decoder-only generation) and, for ``min_tokens`` 1, a row of pads only. One host read."""
+    counts = valid.sum(1)
+    late_pad = valid[:, :-1] & ~valid[:, 1:]  # a token followed by a pad
+    longest, shortest, bad = torch.stack([counts.max(), counts.min(), late_pad.any()]).tolist()
+    if bad:
+        row, col = late_pad.nonzero()[0].tolist()
+        raise ValueError(f"attention_mask: row {row} has a pad after a token (column {col + 1}): generate takes "
+                         "left-padded prompts (pads first, then the row's tokens)")
+    if shortest < min_tokens:
+        row = int((counts < min_tokens).nonzero()[0])
+        raise ValueError(f"attention_mask: row {row} has no token (all pads); generate continues a prompt of at "
+                         "least one token per row")
+    return int(longest)
+
+
 def check_length(model: Any, input_ids: Tensor, max_new_tokens: int, attention_mask: Tensor | None = None,
                  reserved: int = 0, what: str = "", min_tokens: int = 1) -> None:
     """Refuse, before any work, a prompt that is not token ids (``check_prompt``; ``min_tokens``:
@@ -199,8 +217,8 @@ def check_length(model: Any, input_ids: Tensor, max_new_tokens: int, attention_m
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     check_prompt(input_ids, attention_mask, min_tokens)
     T = input_ids.shape[1]
-    if attention_mask is not None and attention_mask.shape == input_ids.shape and T:
-        T = int(attention_mask.to(torch.bool).sum(1).max())  # a wrong shape: the prefill says so
+    if attention_mask is not None and attention_mask.shape == input_ids.shape and T and input_ids.shape[0]:
+        T = _check_left_padded(attention_mask.to(torch.bool), min_tokens)  # a wrong shape: the prefill says so
     max_len, n_meta = model.config.max_seq_len, model.config.meta_tokens
     if T + max_new_tokens + reserved > max_len:
         note = f"; the {n_meta} meta tokens are not counted" if n_meta else ""
