@@ -4,6 +4,7 @@ the argument, before any work, instead of a raw torch error from deep inside."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,22 @@ def test_build_and_load_on_a_valid_device(tmp_path) -> None:
     with pytest.raises(ValueError) as e:
         from_pretrained(tmp_path / "m", device="gpu")
     assert "device 'gpu': not a device" in _one_line(e)
+
+
+@pytest.mark.parametrize("field,value,says", [
+    ("meta_tokens", -2, "model.meta_tokens: must be >= 0, got -2"), ("d_model", -1, "model.d_model: must be >= 1"),
+    ("max_seq_len", "x", "model.max_seq_len: wrong type: expected an integer, got str 'x'"),
+    ("vocab_size", 0, "model.vocab_size: must be >= 2, got 0"),
+])
+def test_build_model_checks_a_recipe_changed_after_loading(field, value, says) -> None:
+    """A Recipe made with dataclasses.replace never went through the loader: build_model checks it
+    again (a raw torch error from a negative size, or a model that fails later, before)."""
+    import dataclasses
+
+    from hymba_plus import RecipeError, load_recipe
+
+    r = load_recipe(CFG / "gpt_tiny.yaml")
+    bad = dataclasses.replace(r, model=dataclasses.replace(r.model, **{field: value}))
+    with pytest.raises(RecipeError, match=re.escape(says)):
+        build_model(bad)
+    assert load_recipe(r) is r  # a valid one comes back as it is

@@ -528,8 +528,11 @@ def _type_name(tp: Any) -> str:
 
 
 def load_recipe(source: "str | os.PathLike | Mapping | Recipe") -> Recipe:
-    """Load and validate a recipe from a YAML path, a YAML string, a dict or a Recipe."""
+    """Load and validate a recipe from a YAML path, a YAML string, a dict or a Recipe. A Recipe is
+    checked again (one made with ``dataclasses.replace`` skipped the loader's checks) and returned
+    as it is."""
     if isinstance(source, Recipe):
+        _build(source.to_dict(), "")
         return source
     file = ""
     if isinstance(source, Mapping):
