@@ -3,6 +3,7 @@ positions from the cache, padding, generation, reorder, save/load and its errors
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -442,6 +443,44 @@ def test_checkpoint_errors(tmp_path):
     (d / "recipe.yaml").unlink()
     with pytest.raises(CheckpointError, match="recipe.yaml: missing"):
         from_pretrained(d)
+
+
+def test_from_pretrained_strict_false_allows_missing_tensors_not_wrong_ones(tmp_path):
+    """strict=False loads a checkpoint with tensors missing; a wrong shape or an integer tensor for a
+    float parameter is still a CheckpointError naming it (before: torch's load_state_dict error, or
+    the missing tensor named instead of the real problem)."""
+    from safetensors.torch import load_file, save_file
+
+    m = make()
+    d = tmp_path / "c"
+    m.save_pretrained(d)
+    state = load_file(str(d / "model.safetensors"))
+    first = sorted(state)[0]
+    del state[first]
+    save_file(state, str(d / "model.safetensors"))
+    from_pretrained(d, strict=False)
+    with pytest.raises(CheckpointError, match=re.escape(f"missing ['{first}']")):
+        from_pretrained(d)
+    name = next(k for k, v in state.items() if v.dim() == 2)
+    for bad, says in ((state[name][:-1], f"shape mismatch ['{name}']"), (state[name].long(), f"dtype mismatch ['{name}: ")):
+        save_file({**state, name: bad.contiguous()}, str(d / "model.safetensors"))
+        with pytest.raises(CheckpointError, match=re.escape(says)):
+            from_pretrained(d, strict=False)
+    with pytest.raises(TypeError, match="strict must be True or False, got str 'no'"):
+        from_pretrained(d, strict="no")
+
+
+@pytest.mark.parametrize("extra,err,says", [
+    ({"../escape.txt": "x"}, ValueError, "'../escape.txt' is not a plain file name inside the folder"),
+    ({"sub/notes.txt": "x"}, ValueError, "is not a plain file name"),
+    ({"recipe.yaml": "garbage"}, ValueError, "'recipe.yaml' is the checkpoint's own file"),
+    ({"model.safetensors": "x"}, ValueError, "'model.safetensors' is the checkpoint's own file"),
+    ({"notes.txt": b"bytes"}, TypeError, "extra_files['notes.txt'] must be text (str), got bytes"),
+])
+def test_save_pretrained_refuses_extra_files_outside_or_over_its_own(tmp_path, extra, err, says):
+    with pytest.raises(err, match=re.escape(says)):
+        make().save_pretrained(tmp_path / "c", extra_files=extra)
+    assert list(tmp_path.iterdir()) == []  # nothing written
 
 
 def test_deepcopy_shares_the_immutable_recipe():

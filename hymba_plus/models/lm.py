@@ -395,7 +395,16 @@ class HybridLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def save_pretrained(self, path: str | os.PathLike, extra_files: dict[str, str] | None = None) -> None:
-        """Write ``recipe.yaml`` + ``model.safetensors`` (+ extra text files) into ``path``."""
+        """Write ``recipe.yaml`` + ``model.safetensors`` (+ extra text files, each a plain file name other
+        than those two, its text a str) into ``path``. Bad ``extra_files`` are refused before anything
+        is written."""
+        for name, text in (extra_files or {}).items():
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..") or name.endswith(".tmp"):
+                raise ValueError(f"extra_files: {brief(name)} is not a plain file name inside the folder")
+            if name in ("model.safetensors", "recipe.yaml"):
+                raise ValueError(f"extra_files: {name!r} is the checkpoint's own file")
+            if not isinstance(text, str):
+                raise TypeError(f"extra_files[{name!r}] must be text (str), got {type(text).__name__}")
         p = Path(path)
         p.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
@@ -489,6 +498,8 @@ def from_pretrained(path: str | os.PathLike, device: Any = None, strict: bool = 
     from safetensors.torch import load_file
 
     check_device(device)
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict must be True or False, got {type(strict).__name__} {brief(strict)}")
     p = Path(path)
     if not p.is_dir():
         raise CheckpointError(f"{p}: not a checkpoint folder")
@@ -513,9 +524,11 @@ def from_pretrained(path: str | os.PathLike, device: Any = None, strict: bool = 
     # a float parameter stored as integers (or the reverse) would load silently through load_state_dict's cast
     bad_kind = [f"{k}: {state[k].dtype} for {own[k].dtype}" for k in own
                 if k in state and state[k].is_floating_point() != own[k].is_floating_point()]
-    if strict and (missing or unexpected or bad_shape) or bad_kind:
-        what = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
-                else f"shape mismatch {bad_shape[:3]}" if bad_shape else f"dtype mismatch {bad_kind[:3]}")
+    # strict=False allows missing and unexpected tensors, never a wrong shape or kind of dtype
+    what = (f"missing {missing[:3]}" if strict and missing else f"unexpected {unexpected[:3]}" if strict and unexpected
+            else f"shape mismatch {bad_shape[:3]}" if bad_shape else f"dtype mismatch {bad_kind[:3]}" if bad_kind
+            else None)
+    if what is not None:
         raise CheckpointError(f"{p / 'model.safetensors'}: does not match recipe.yaml ({what})")
     model.load_state_dict(state, strict=strict)
     if device is not None:

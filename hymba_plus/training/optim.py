@@ -332,9 +332,11 @@ class MuonAdamW(torch.optim.Optimizer):
         kw = dict(lr=lr, b1=group["betas"][0], b2=group["betas"][1], wd=group["weight_decay"], eps=group["eps"])
         by: dict[tuple, list[int]] = {}
         for i, (p, g) in enumerate(zip(params, grads)):
-            by.setdefault((p.device, p.dtype, g.dtype), []).append(i)
-        for (dev, dtype, gdtype), idx in by.items():
-            step = adamw_fused if fused_adamw_applies(dev, dtype, gdtype, lr) else adamw_foreach
+            # the fused kernel walks the four tensors as flat memory: one layout (contiguous) and dtype for all
+            flat = m[i].dtype == v[i].dtype == p.dtype and all(t.is_contiguous() for t in (p, g, m[i], v[i]))
+            by.setdefault((p.device, p.dtype, g.dtype, flat), []).append(i)
+        for (dev, dtype, gdtype, flat), idx in by.items():
+            step = adamw_fused if flat and fused_adamw_applies(dev, dtype, gdtype, lr) else adamw_foreach
             step(*([t[i] for i in idx] for t in (params, grads, m, v, steps)), **kw)
 
 
@@ -353,7 +355,9 @@ def adamw_fused(params: list[Tensor], grads: list[Tensor], m: list[Tensor], v: l
                 *, lr: Tensor, b1: float, b2: float, wd: float, eps: float) -> None:
     """AdamW (decoupled weight decay) over all the tensors in one multi-tensor kernel: PyTorch's fused
     AdamW (``torch._fused_adamw_``, what ``torch.optim.AdamW(fused=True)`` runs), the lr a device
-    tensor and the step counts ``steps`` (already advanced) read on the device."""
+    tensor and the step counts ``steps`` (already advanced) read on the device. The kernel walks each
+    parameter, gradient and moment as flat memory: ``MuonAdamW._adamw`` sends it only contiguous ones of one
+    dtype (a transposed parameter, or moments restored contiguous from a checkpoint, go to ``adamw_foreach``)."""
     torch._fused_adamw_(params, grads, m, v, [], steps, lr=lr, beta1=b1, beta2=b2, weight_decay=wd, eps=eps,
                         amsgrad=False, maximize=False)
 

@@ -846,11 +846,13 @@ class Trainer:
         may be device tensors summed over the ``grad_accum`` micro-steps: they, the norm and the
         routing statistics ``stats`` are read in one transfer (``_read_step``), so the host waits for
         the device once a step. Clipping a non-finite gradient leaves the weights as they were: the
-        check comes before the optimizer step."""
+        check comes before the optimizer step (with ``grad_clip`` 0 too: the norm is then taken and
+        nothing is clipped)."""
         cfg = self.cfg
         with self._full_precision():  # --param-dtype bfloat16: the float32 masters and their gradients
             params = [p for p in self.model.parameters() if p.grad is not None]
-            norm = clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
+            # grad_clip 0 clips nothing but still reads the norm: a non-finite gradient must stop the run
+            norm = clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             tensors = [loss if isinstance(loss, torch.Tensor) else None, aux, norm]
             (loss_v, aux_v, gnorm), stat_row = _read_step(tensors, stats)
             if isinstance(loss, torch.Tensor):  # sums over the micro-steps: the mean over them and the ranks
