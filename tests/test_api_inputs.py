@@ -191,3 +191,46 @@ def test_build_model_checks_a_recipe_changed_after_loading(field, value, says) -
     with pytest.raises(RecipeError, match=re.escape(says)):
         build_model(bad)
     assert load_recipe(r) is r  # a valid one comes back as it is
+
+
+@pytest.fixture(scope="module")
+def gpt():  # noqa: ANN201
+    torch.manual_seed(0)
+    return build_model(CFG / "gpt_tiny.yaml").eval()
+
+
+IDS = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("call,err,says", [
+    (lambda m: m(IDS.float()), TypeError, "input_ids must hold integer token ids"),
+    (lambda m: m([[1, 2]]), TypeError, "input_ids must be a torch.Tensor of token ids [B, T], got list [[1, 2]]"),
+    (lambda m: m(IDS, labels=IDS + 256), ValueError, f"labels: {int(IDS[0, 0]) + 256} at [0, 0] is neither -100"),
+    (lambda m: m(IDS, labels=IDS.float()), TypeError, "labels must hold integer token ids"),
+    (lambda m: m(IDS, labels=IDS[:, :5]), ValueError, "labels must have the inputs' shape (2, 8), got (2, 5)"),
+    (lambda m: m(None, inputs_embeds=torch.randn(2, 8, 7)), ValueError, "inputs_embeds must have shape [B, T, 64]"),
+    (lambda m: m(None, inputs_embeds=torch.ones(2, 8, 64, dtype=torch.long)), TypeError, "must be floating point"),
+    (lambda m: m(IDS, attention_mask=[[1] * 8] * 2), TypeError, "attention_mask must be a torch.Tensor"),
+    (lambda m: m(IDS, cache={}), TypeError, "cache must be a HybridCache (model.new_cache(batch_size)), got dict"),
+    (lambda m: m(IDS, logits_to_keep=-1), ValueError, "logits_to_keep must be an integer >= 0"),
+    (lambda m: m(IDS, cache=build_model(CFG / "hymba_tiny.yaml").new_cache(2)), ValueError,
+     "cache was made by another model"),
+    (lambda m: m.new_cache(-1), ValueError, "batch_size must be an integer >= 1, got -1"),
+    (lambda m: m.new_cache("2"), ValueError, "batch_size must be an integer >= 1, got '2'"),
+    (lambda m: m.new_cache(2, device="gpu"), ValueError, "device 'gpu': not a device"),
+    (lambda m: build_model(CFG / "gpt_tiny.yaml", dtype=torch.int64), ValueError,
+     "dtype torch.int64: a model's weights are floating point"),
+])
+def test_forward_and_new_cache_name_a_bad_argument(gpt, call, err, says) -> None:
+    """forward checks what generate checks, and more (found by a fuzzing pass: raw embedding / cross
+    entropy / attribute errors from deep inside before, and a negative logits_to_keep silently kept
+    all but the first position)."""
+    with pytest.raises(err) as e:
+        call(gpt)
+    assert says in _one_line(e)
+
+
+def test_block_diffusion_labels_exclude_the_mask_id() -> None:
+    bd = build_model(CFG / "bd_tiny.yaml")
+    with pytest.raises(ValueError, match=re.escape("labels: 256 at [0, 0] is neither -100")):
+        bd(IDS, labels=torch.full_like(IDS, 256))

@@ -203,9 +203,12 @@ class HybridCache:
     the states.
     """
 
-    def __init__(self, states: list[LayerState | None], batch_size: int, device: torch.device):
+    def __init__(self, states: list[LayerState | None], batch_size: int, device: torch.device,
+                 owner: str | None = None):
         self.states = states
         self.batch_size = batch_size
+        #: the recipe hash of the model that made it (``HybridLM.new_cache``): a model refuses another's cache
+        self.owner = owner
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.started = False
         self.extra: dict[str, Tensor] = {}
@@ -256,7 +259,7 @@ class HybridCache:
         """A cache a forward may advance while this one stays as it is (block diffusion
         denoises a block on a fork; ``LayerState.fork`` says why this costs no memory)."""
         new = HybridCache([s.fork() if s is not None else None for s in self.states], self.batch_size,
-                          self.pos.device)
+                          self.pos.device, self.owner)
         new.pos, new.started, new.extra = self.pos.clone(), self.started, dict(self.extra)
         return new
 
@@ -265,7 +268,7 @@ class HybridCache:
         row (``LayerState.static_copy``), holding this cache's contents; ``load_`` refills it
         in place. The decode engine replays its CUDA graph on such a cache."""
         new = HybridCache([s.static_copy(capacity) if s is not None else None for s in self.states],
-                          self.batch_size, self.pos.device)
+                          self.batch_size, self.pos.device, self.owner)
         new.pos, new.started = self.pos.clone(), self.started
         new.extra = {k: v.clone() for k, v in self.extra.items()}
         return new

@@ -102,7 +102,7 @@ class DecodeEngine:
     def _binding(self) -> HybridCache:
         """A cache whose states are new containers over the static buffers."""
         b = self.buffers
-        live = HybridCache([s.fork() if s is not None else None for s in b.states], b.batch_size, self.device)
+        live = HybridCache([s.fork() if s is not None else None for s in b.states], b.batch_size, self.device, b.owner)
         live.pos, live.started, live.extra = b.pos, b.started, b.extra
         return live
 

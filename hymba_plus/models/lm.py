@@ -61,6 +61,7 @@ class HybridLM(nn.Module):
     def __init__(self, recipe: Recipe):
         super().__init__()
         self.recipe = recipe
+        self._recipe_hash = recipe.hash()  # a cache this model makes carries it (HybridCache.owner)
         m = recipe.model
         self.config = m
         # no vocabulary (an objective that reads numbers, e.g. forecast): no embedding, no LM head;
@@ -120,9 +121,13 @@ class HybridLM(nn.Module):
         return (self.embed.weight if self.embed is not None else self.norm.weight).dtype
 
     def new_cache(self, batch_size: int, device: torch.device | None = None) -> HybridCache:
-        device = device or self.device
+        """An empty cache for ``batch_size`` rows on ``device`` (default: the model's)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {brief(batch_size)}")
+        check_device(device)
+        device = torch.device(device) if device is not None else self.device
         states = [self.blocks[b].init_state(batch_size, device, self.dtype) for b in self.structure.state_blocks()]
-        return HybridCache(states, batch_size, device)
+        return HybridCache(states, batch_size, device, owner=self._recipe_hash)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -187,17 +192,10 @@ class HybridLM(nn.Module):
         """
         if inputs_embeds is None and self.embed is None:
             raise ValueError("this model reads no tokens (no vocabulary): pass inputs_embeds")
-        if inputs_embeds is None and input_ids.ndim != 2:
-            raise ValueError(f"input_ids must have shape [B, T], got {tuple(input_ids.shape)}")
-        if inputs_embeds is not None and inputs_embeds.ndim != 3:
-            raise ValueError(f"inputs_embeds must have shape [B, T, D], got {tuple(inputs_embeds.shape)}")
+        self._check_call(input_ids, labels, attention_mask, cache, inputs_embeds, logits_to_keep)
         B, T = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
-        if cache is not None and cache.batch_size != B:
-            raise ValueError(f"cache was made for batch size {cache.batch_size}, got input batch {B}")
-        if attention_mask is not None and attention_mask.shape != (B, T):
-            raise ValueError(f"attention_mask must have shape {(B, T)}, got {tuple(attention_mask.shape)}")
         if check_inputs and not _skip_checks(input_ids if inputs_embeds is None else inputs_embeds):
-            self._check_inputs(input_ids, inputs_embeds, attention_mask, cache, T)
+            self._check_inputs(input_ids, inputs_embeds, attention_mask, cache, T, labels)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         valid = None
         if attention_mask is not None:
@@ -271,9 +269,56 @@ class HybridLM(nn.Module):
         x = self.embed(ids.masked_fill(is_mask, 0))
         return torch.where(is_mask[..., None], self.objective.mask_embed.to(x.dtype), x)
 
+    def _check_call(self, input_ids: Any, labels: Any, attention_mask: Any, cache: Any, inputs_embeds: Any,
+                    logits_to_keep: Any) -> None:
+        """``forward``'s arguments' types, dtypes and shapes, each problem one ValueError / TypeError line
+        naming the argument (no host read: ``_check_inputs`` reads the values)."""
+        def tensor(name: str, x: Any, dims: str) -> None:
+            if not isinstance(x, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor {dims}, got {type(x).__name__} {brief(x)}")
+
+        if inputs_embeds is None:
+            tensor("input_ids", input_ids, "of token ids [B, T]")
+            if input_ids.dtype not in (torch.long, torch.int32):
+                raise TypeError(f"input_ids must hold integer token ids (torch.long or torch.int32), got dtype "
+                                f"{input_ids.dtype}")
+            if input_ids.ndim != 2:
+                raise ValueError(f"input_ids must have shape [B, T], got {tuple(input_ids.shape)}")
+            B, T = input_ids.shape
+        else:
+            tensor("inputs_embeds", inputs_embeds, "[B, T, D]")
+            D = self.config.d_model
+            if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != D:
+                raise ValueError(f"inputs_embeds must have shape [B, T, {D}], got {tuple(inputs_embeds.shape)}")
+            if not inputs_embeds.is_floating_point():
+                raise TypeError(f"inputs_embeds must be floating point, got dtype {inputs_embeds.dtype}")
+            B, T = inputs_embeds.shape[:2]
+        if attention_mask is not None:
+            tensor("attention_mask", attention_mask, "[B, T] (1: token, 0: pad)")
+            if attention_mask.shape != (B, T):
+                raise ValueError(f"attention_mask must have shape {(B, T)}, got {tuple(attention_mask.shape)}")
+        if cache is not None:
+            if not isinstance(cache, HybridCache):
+                raise TypeError(f"cache must be a HybridCache (model.new_cache(batch_size)), got "
+                                f"{type(cache).__name__} {brief(cache)}")
+            if cache.owner is not None and cache.owner != self._recipe_hash:
+                raise ValueError(f"cache was made by another model (recipe {cache.owner}; this model's is "
+                                 f"{self._recipe_hash}): make it with this model's new_cache")
+            if cache.batch_size != B:
+                raise ValueError(f"cache was made for batch size {cache.batch_size}, got input batch {B}")
+        if labels is not None and self.lm_head is not None:  # next-token labels (a forecaster's are its own)
+            tensor("labels", labels, "of token ids [B, T]")
+            if labels.dtype not in (torch.long, torch.int32):
+                raise TypeError(f"labels must hold integer token ids (-100: not scored), got dtype {labels.dtype}")
+            if labels.shape != (B, T):
+                raise ValueError(f"labels must have the inputs' shape {(B, T)}, got {tuple(labels.shape)}")
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an integer >= 0 (0: every position), got {brief(logits_to_keep)}")
+
     def _check_inputs(self, input_ids: Tensor | None, inputs_embeds: Tensor | None,
-                      attention_mask: Tensor | None, cache: HybridCache | None, T: int) -> None:
-        """The id and length checks of ``forward`` (its docstring): at most one host read."""
+                      attention_mask: Tensor | None, cache: HybridCache | None, T: int,
+                      labels: Tensor | None = None) -> None:
+        """The id, label and length checks of ``forward`` (its docstring): at most one host read."""
         V, limit, n_meta = self.config.vocab_size, self.config.max_seq_len, self.config.meta_tokens
         if self.objective.mask_token_id is not None:  # [MASK] is one id past the vocabulary
             V += 1
@@ -283,6 +328,11 @@ class HybridLM(nn.Module):
         check_ids = inputs_embeds is None and input_ids.numel() > 0
         if check_ids:
             reads += torch.aminmax(input_ids)
+        check_labels = labels is not None and self.lm_head is not None and labels.numel() > 0
+        if check_labels:  # -100 (not scored) or a class of the vocabulary ([MASK] is no class)
+            vocab = self.config.vocab_size
+            reads.append(((labels != -100) & ((labels < 0) | (labels >= vocab))).any())
+        n_values = len(reads)
         # real tokens per row after this call = cache.pos - n_meta (if started) + new tokens
         new: Tensor | int = T
         bound = limit  # the largest allowed value of reads[-1]
@@ -303,7 +353,11 @@ class HybridLM(nn.Module):
             raise ValueError(f"{name}: token id {int(input_ids[tuple(at)])} at {at.tolist()} is outside the "
                              f"vocabulary (vocab_size {self.config.vocab_size}"
                              f"{'; the [MASK] id is ' + str(V - 1) if V > self.config.vocab_size else ''})")
-        if len(reads) > 2 * check_ids and vals[-1] > bound:  # error path: find the row
+        if check_labels and vals[n_values - 1]:
+            at = ((labels != -100) & ((labels < 0) | (labels >= vocab))).nonzero()[0]
+            raise ValueError(f"labels: {int(labels[tuple(at)])} at {at.tolist()} is neither -100 (not scored) nor "
+                             f"a token id of the vocabulary (vocab_size {vocab})")
+        if len(reads) > n_values and vals[-1] > bound:  # error path: find the row
             cached = (cache.pos - n_meta) if started else torch.zeros_like(new)
             row = int((cached + new).argmax())
             new_r = new if isinstance(new, int) else int(new[row])
@@ -468,6 +522,8 @@ def check_device(device: Any, dtype: Any = None) -> None:
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype (e.g. torch.bfloat16), got {type(dtype).__name__} "
                         f"{brief(dtype)}")
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"dtype {dtype}: a model's weights are floating point (e.g. torch.float32, torch.bfloat16)")
 
 
 def build_model(recipe: "Recipe | str | os.PathLike | dict", device: Any = None, dtype: Any = None) -> HybridLM:
