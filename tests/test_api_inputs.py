@@ -234,3 +234,34 @@ def test_block_diffusion_labels_exclude_the_mask_id() -> None:
     bd = build_model(CFG / "bd_tiny.yaml")
     with pytest.raises(ValueError, match=re.escape("labels: 256 at [0, 0] is neither -100")):
         bd(IDS, labels=torch.full_like(IDS, 256))
+
+
+@pytest.mark.parametrize("kw,says", [
+    ({"max_new_tokens": 10**6}, "max_new_tokens 1000000: at most 432 steps fit this model"),
+    ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer >= 1, got 2.5"),
+    ({"max_new_tokens": None}, "max_new_tokens must be an integer >= 1, got None"),
+    ({"max_new_tokens": 5, "temperature": 0.7}, "generate(mode='forecast') takes no temperature"),
+    ({"max_new_tokens": 5, "eos_token_id": 3, "top_k": 2}, "takes no top_k, eos_token_id"),
+])
+def test_forecast_checks_its_arguments_before_any_work(models, kw, says) -> None:
+    """The longest forecast that fits the cache is 432 steps for forecast_tiny (12 context patches plus 17
+    rounds of 24 fed-back values in 64 patches, then the horizon 24): past it the forward failed after
+    several rounds, naming inputs_embeds; sampling arguments were silently ignored."""
+    model = models["forecast_tiny"]
+    series = torch.randn(2, 96, 1)
+    with pytest.raises(ValueError) as e:
+        model.generate(series, mode="forecast", **kw)
+    assert says in _one_line(e)
+    assert model.generate(series, mode="forecast", max_new_tokens=432).shape == (2, 432, 1, 3)
+
+
+def test_speculative_caps_k_at_the_new_tokens_and_ladir_bounds_its_samples(models) -> None:
+    """k far above max_new_tokens only allocated B x (N + k + 1) (16 GB at k 1e9); samples above the
+    recipe's bound (64) decoded B x samples rows at once."""
+    gpt, ids = models["gpt_tiny"], torch.tensor([[1, 2, 3]])
+    st: dict = {}
+    out = gpt.generate(ids, max_new_tokens=4, mode="speculative", draft=gpt, k=10**9, stats=st)
+    assert torch.equal(out, gpt.generate(ids, max_new_tokens=4)) and st["k"] == 4
+    with pytest.raises(ValueError) as e:
+        models["ladir_tiny"].generate(ids, max_new_tokens=2, mode="ladir", samples=10**7)
+    assert "samples must be <= 64 (as ladir.samples in a recipe), got 10000000" in _one_line(e)

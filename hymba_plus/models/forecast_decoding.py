@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ..core.config import brief
 from ..training import forecast_metrics as fm
-from .generation import GENERATORS
+from .generation import GENERATORS, int_at_least
 
 
 def _objective(model: Any) -> Any:
@@ -60,19 +60,39 @@ def generate_forecast(
     *,
     max_new_tokens: int,
     stats: dict | None = None,
-    **_: Any,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    attention_mask: Tensor | None = None,
+    eos_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    streamer: Any = None,
 ) -> Tensor:
     """Forecasts [B, N, C, Q] of the N = ``max_new_tokens`` steps after the series
-    ``input_ids`` [B, T, C] (module docstring)."""
+    ``input_ids`` [B, T, C] (module docstring). The token-sampling arguments (temperature, top_k,
+    top_p, attention_mask, eos_token_id, generator, streamer) do not apply: given, they are refused."""
+    given = [n for n, v, off in (("temperature", temperature, 0.0), ("top_k", top_k, None), ("top_p", top_p, None),
+                                 ("attention_mask", attention_mask, None), ("eos_token_id", eos_token_id, None),
+                                 ("generator", generator, None), ("streamer", streamer, None)) if v != off]
+    if given:
+        raise ValueError(f"generate(mode='forecast') takes no {', '.join(given)}: a forecast is the head's values "
+                         "and quantiles for every step, not sampled tokens")
     obj = _objective(model)
     cfg, head = obj.cfg, obj.ts_head
     _check_series(obj, input_ids, cfg.context)
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not int_at_least(max_new_tokens, 1):
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {brief(max_new_tokens)}")
     k = (cfg.horizon // cfg.patch) * cfg.patch  # values fed back per round
     if max_new_tokens > cfg.horizon and k == 0:
         raise ValueError(f"forecasts longer than the horizon ({cfg.horizon}) roll whole patches; this model's "
                          f"horizon is shorter than one patch ({cfg.patch})")
+    # the cache holds the context's patches and each round's k fed-back values: at most max_seq_len patches
+    room = model.config.max_seq_len - cfg.context // cfg.patch
+    rounds = room // (k // cfg.patch) if k else 0
+    if max_new_tokens > cfg.horizon + rounds * k:
+        raise ValueError(f"max_new_tokens {max_new_tokens}: at most {cfg.horizon + rounds * k} steps fit this model "
+                         f"(the context's {cfg.context // cfg.patch} patches plus {rounds} rounds of {k} fed-back values "
+                         f"within max_seq_len {model.config.max_seq_len} patches, then the horizon {cfg.horizon})")
     x = input_ids[:, -cfg.context:].to(model.device, torch.float32)
     mu, sigma = head.stats(x)
     B = x.shape[0]

@@ -460,6 +460,7 @@ def generate_speculative(
         check_length(draft, input_ids, max_new_tokens, attention_mask)
     except ValueError as e:
         raise ValueError(f"draft model: {e}") from None
+    k = min(k, max(max_new_tokens, 1))  # more draft tokens than will be kept only cost memory (B x (N + k + 1))
     B, N, dev = input_ids.shape[0], max_new_tokens, input_ids.device
     greedy = temperature <= 0
     ddev = draft.device

@@ -20,6 +20,9 @@ from torch import Tensor
 
 from .generation import GENERATORS, RESERVED, check_length, continue_ar, int_at_least
 
+#: the most latents per question (the recipe schema's bound on ``ladir.samples``)
+MAX_SAMPLES = 64
+
 
 @torch.no_grad()
 def generate_ladir(
@@ -49,6 +52,8 @@ def generate_ladir(
     for name, v in (("samples", S), ("steps", steps if steps is not None else 1)):
         if not int_at_least(v, 1):
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if S > MAX_SAMPLES:  # the recipe's bound on ladir.samples: B x samples rows are decoded at once
+        raise ValueError(f"samples must be <= {MAX_SAMPLES} (as ladir.samples in a recipe), got {S}")
     M = lad.cfg.memory_slots
     check_length(model, input_ids, max_new_tokens, attention_mask, reserved=M, what="memory slots")
     B, T = input_ids.shape
