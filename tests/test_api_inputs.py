@@ -265,3 +265,27 @@ def test_speculative_caps_k_at_the_new_tokens_and_ladir_bounds_its_samples(model
     with pytest.raises(ValueError) as e:
         models["ladir_tiny"].generate(ids, max_new_tokens=2, mode="ladir", samples=10**7)
     assert "samples must be <= 64 (as ladir.samples in a recipe), got 10000000" in _one_line(e)
+
+
+@pytest.mark.parametrize("call,err,says", [
+    (lambda m: m["gpt_tiny"].generate(torch.tensor([[1, 2]]), max_new_tokens=2, stats=[]), TypeError,
+     "stats must be a dict the decoder fills (or None), got list []"),
+    (lambda m: m["gpt_tiny"].generate(torch.tensor([[1, 2]]), max_new_tokens=2, eos_token_id="a"), ValueError,
+     "eos_token_id must be a token id in [0, 256) (or None: no end token), got 'a'"),
+    (lambda m: m["gpt_tiny"].generate(torch.tensor([[1, 2]]), max_new_tokens=2, eos_token_id=999), ValueError,
+     "got 999"),
+    (lambda m: m["gpt_tiny"].generate(torch.tensor([[1, 2]]), max_new_tokens=2, eos_token_id=-1), ValueError,
+     "got -1"),
+    (lambda m: m["bd_tiny"].generate(torch.tensor([[1, 2]]), max_new_tokens=2, mode="block_diffusion",
+                                     threshold="x"), ValueError, "threshold must be a number > 0"),
+    (lambda m: m["ladir_tiny"].generate(torch.tensor([[1, 2]]), max_new_tokens=2, mode="ladir", prophet="no"),
+     TypeError, "prophet must be True, False or None (the recipe's), got str 'no'"),
+    (lambda m: build_model(CFG / "etd_tiny.yaml")(torch.tensor([[1, 2]]), routes=torch.zeros(1, 3, dtype=torch.long)),
+     ValueError, "routes: only for ETD models with Dr.LLM layer routers"),
+])
+def test_small_generate_arguments_are_checked_up_front(models, call, err, says) -> None:
+    """Each was found by a fuzzing pass: raised after the decoding (stats), deep in torch (eos, threshold),
+    or silently taken (eos 999 / -1, prophet 'no' as True, routes on an ETD model without routers)."""
+    with pytest.raises(err) as e:
+        call(models)
+    assert says in _one_line(e)

@@ -135,6 +135,9 @@ class ETDStack:
                                  "this cache was started with")
             extra["iterations"] = torch.tensor(think_iterations)
         decide = logits_wanted = False
+        if routes is not None and not self.routed:
+            raise ValueError("routes: only for ETD models with Dr.LLM layer routers (components.etd_router.layer_router); "
+                             "this one routes no layers")
         if self.routed:
             given = routes is not None
             if routes is None and "routes" in extra:

@@ -154,10 +154,18 @@ def int_at_least(v: Any, least: int) -> bool:
         return False
 
 
-def check_sampling(temperature: Any, top_k: Any, top_p: Any) -> None:
+def check_sampling(temperature: Any, top_k: Any, top_p: Any, eos_token_id: Any = None, stats: Any = None,
+                   vocab_size: int | None = None) -> None:
     """Refuse sampling settings outside their meaning (one line each, before any work):
     ``temperature`` a finite number >= 0 (0: greedy), ``top_k`` None (off) or an integer >= 1,
-    ``top_p`` None (off) or a number in (0, 1] (1: off). ``HybridLM.generate`` calls it."""
+    ``top_p`` None (off) or a number in (0, 1] (1: off), ``eos_token_id`` None or a token id of the
+    vocabulary, ``stats`` None or a dict. ``HybridLM.generate`` calls it."""
+    if eos_token_id is not None and (not int_at_least(eos_token_id, 0)
+                                     or (vocab_size is not None and eos_token_id >= vocab_size)):
+        raise ValueError(f"eos_token_id must be a token id in [0, {vocab_size}) (or None: no end token), got "
+                         f"{brief(eos_token_id)}")
+    if stats is not None and not isinstance(stats, dict):
+        raise TypeError(f"stats must be a dict the decoder fills (or None), got {type(stats).__name__} {brief(stats)}")
     if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
             or not math.isfinite(temperature) or temperature < 0):
         raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {brief(temperature)}")
@@ -363,8 +371,9 @@ def generate_block_diffusion(
         raise ValueError(f"block_size must be an integer >= 1, got {bs!r}")
     if steps is not None and not int_at_least(steps, 1):
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if threshold is not None and not threshold > 0:
-        raise ValueError(f"threshold must be > 0 (or None for the steps schedule), got {threshold!r}")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)
+                                  or not threshold > 0):
+        raise ValueError(f"threshold must be a number > 0 (or None for the steps schedule), got {brief(threshold)}")
     check_length(model, input_ids, max_new_tokens, attention_mask, min_tokens=0)  # a block can start from nothing
     B = input_ids.shape[0]
     cache = model.new_cache(B, device=input_ids.device)

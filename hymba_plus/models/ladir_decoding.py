@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..core.config import brief
 from .generation import GENERATORS, RESERVED, check_length, continue_ar, int_at_least
 
 #: the most latents per question (the recipe schema's bound on ``ladir.samples``)
@@ -52,6 +53,9 @@ def generate_ladir(
     for name, v in (("samples", S), ("steps", steps if steps is not None else 1)):
         if not int_at_least(v, 1):
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if prophet is not None and not isinstance(prophet, bool):
+        raise TypeError(f"prophet must be True, False or None (the recipe's), got {type(prophet).__name__} "
+                        f"{brief(prophet)}")
     if S > MAX_SAMPLES:  # the recipe's bound on ladir.samples: B x samples rows are decoded at once
         raise ValueError(f"samples must be <= {MAX_SAMPLES} (as ladir.samples in a recipe), got {S}")
     M = lad.cfg.memory_slots

@@ -430,7 +430,7 @@ class HybridLM(nn.Module):
 
         if not isinstance(mode, str) or mode not in GENERATORS:
             raise ValueError(f"unknown generation mode {brief(mode)}; available: {', '.join(sorted(GENERATORS))}")
-        check_sampling(temperature, top_k, top_p)
+        check_sampling(temperature, top_k, top_p, eos_token_id, stats, self.config.vocab_size)
         import inspect
 
         fn = GENERATORS[mode]
