@@ -273,6 +273,42 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-6
 
 
+@pytest.mark.parametrize("recipe,extra", [
+    ("etd_drllm_tiny.yaml", []),  # its layer routers get no gradient while all-execute
+    ("ladir_tiny.yaml", ["--data", "chain_arith", "--ladir-stage", "vae"]),  # the denoiser gets none in vae
+])
+def test_resume_with_parameters_that_never_had_a_gradient(tmp_path, recipe, extra):
+    """A parameter with no gradient has no optimizer state in the checkpoint: --resume loaded the state
+    strictly and stopped ("Missing optimizer state for parameter ..."); it now resumes exactly."""
+    cfg = str(Path(__file__).resolve().parents[1] / "configs" / recipe)
+    common = ["--steps", "4", "--device", "cpu", "--batch-size", "2", "--seq-len", "32", "--warmup", "2",
+              "--no-progress", *extra]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", cfg, "--out", str(a), *common]) == 0
+    assert main(["train", cfg, "--out", str(b), "--stop-after", "2", *common]) == 0
+    assert main(["train", cfg, "--out", str(b), "--resume", *common]) == 0
+    assert [r["loss"] for r in metrics(a)] == [r["loss"] for r in metrics(b)]
+    wa, wb = from_pretrained(a / "step-4").state_dict(), from_pretrained(b / "step-4").state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_refuses_another_split_of_the_text(tmp_path, capsys):
+    """Resuming with another --val-frac (or --seq-len, or changed text) would train on windows the first
+    run held out: refused, naming what differs."""
+    text = tmp_path / "t.txt"
+    text.write_text("".join(f"line {i} of some text to cut into windows\n" for i in range(400)))
+    recipe = str(Path(__file__).resolve().parents[1] / "configs" / "gpt_tiny.yaml")  # a byte vocabulary
+    common = ["--data", str(text), "--steps", "4", "--batch-size", "2", "--seq-len", "16", "--no-progress",
+              "--device", "cpu"]
+    out = tmp_path / "run"
+    assert main(["train", recipe, "--out", str(out), "--stop-after", "2", *common]) == 0
+    capsys.readouterr()
+    assert main(["train", recipe, "--out", str(out), "--resume", "--val-frac", "0.5", *common]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was trained on another split of it (n_train" in err[0] and "--val-frac" in err[0]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("step-")) == ["step-2"]
+
+
 def test_grad_accumulation_matches_a_bigger_batch(tmp_path):
     recipe = write_recipe(tmp_path)
     common = ["--steps", "3", "--seq-len", "16", "--warmup", "1", "--no-progress"]

@@ -373,7 +373,10 @@ def load_optimizer(ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer, inf
     base = [(g["base_lr"], g["weight_decay"]) for g in opt.param_groups]
     raw = getattr(model, "_orig_mod", model)
     try:
-        set_optimizer_state_dict(raw, opt, optim_state_dict=osd, options=StateDictOptions(full_state_dict=True))
+        # not strict: a parameter that never had a gradient (routers a phase overrides, the denoiser of LaDiR's
+        # vae stage) has no state in the checkpoint, as in the optimizer that saved it
+        set_optimizer_state_dict(raw, opt, optim_state_dict=osd,
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
     except (KeyError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{p}: does not fit this model's parameters ({str(e).splitlines()[0]})") from None
     for g, (lr, wd) in zip(opt.param_groups, base):  # this run's settings win over the saved ones

@@ -464,6 +464,15 @@ class Trainer:
         if state is not None and state.get("data", {}).get("kind") != self.stream.state()["kind"]:
             raise TrainError(f"--data {cfg.data}: the checkpoint {self.resume_from} was trained on "
                              f"{state.get('data', {}).get('kind')} data")
+        if state is not None:  # the same data cut the same way: another split would train on held-out windows
+            saved, now = state.get("data", {}), self.stream.state()
+            diff = next((k for k in now if k not in ("kind", "path", "source") and k in saved and saved[k] != now[k]),
+                        None)
+            if diff is not None:
+                raise TrainError(f"--data {cfg.data}: the checkpoint {self.resume_from} was trained on another "
+                                 f"{'task' if diff in ('name', 'params') else 'split'} of it ({diff} "
+                                 f"{brief(saved[diff], 60)} there, {brief(now[diff], 60)} now): resume with the "
+                                 "same --data, --seq-len and --val-frac, or start a new run")
 
         torch.manual_seed(cfg.seed)
         try:
