@@ -5,11 +5,16 @@ and the flow learn their jobs on a small synthetic reasoning task."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
 from hymba_plus import RecipeError, build_model, load_recipe, registry
 from tests.helpers import EVERY_COMPONENT
+
+ROOT = Path(__file__).resolve().parents[1]
 
 V = 24
 COMPS = EVERY_COMPONENT
@@ -244,3 +249,31 @@ def test_hymba_train_on_a_jsonl_file(tmp_path, capsys) -> None:
     assert main([*argv[:-3], "--out", str(tmp_path / "bad"), "--no-progress"]) != 0
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{data}:2:" in err
+
+
+def test_moe_in_the_lm_balances_in_the_vae_stage_and_stays_frozen_in_the_flow_stage(tmp_path):
+    """The VAE stage's LM passes add their MoE auxiliary loss (it was dropped: aux_loss_coef had no effect)
+    and report routing statistics; the flow stage only reads the LM under no_grad, so its MoE layers count
+    no load and their expert_bias stays (it drifted before: the frozen LM's routing changed)."""
+    import yaml
+
+    from hymba_plus import from_pretrained
+    from hymba_plus.cli import main
+
+    r = yaml.safe_load((ROOT / "configs" / "ladir_tiny.yaml").read_text())
+    r["model"]["block_pattern"] = "GD | GA+moe | GD | GA+moe"
+    r["components"]["moe"] = {"n_experts": 4, "top_k": 2, "d_expert": 32, "score": "sigmoid",
+                              "bias_update_rate": 0.01, "aux_loss_coef": 0.01}
+    recipe = tmp_path / "ladir_moe.yaml"
+    recipe.write_text(yaml.safe_dump(r))
+    out = tmp_path / "run"
+    common = ["--data", "chain_arith", "--device", "cpu", "--batch-size", "2", "--no-progress", "--warmup", "1"]
+    assert main(["train", str(recipe), "--out", str(out), "--ladir-stage", "vae", "--steps", "2", *common]) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["aux_loss"] > 0 and any(k.startswith("moe/") for k in rows[-1])
+    assert main(["train", str(recipe), "--out", str(out), "--ladir-stage", "flow", "--steps", "4", "--resume",
+                 *common]) == 0
+    a, b = from_pretrained(out / "step-2").state_dict(), from_pretrained(out / "step-4").state_dict()
+    biases = [k for k in a if k.endswith("expert_bias")]
+    assert biases and all(torch.equal(a[k], b[k]) for k in biases)
+    assert not torch.equal(a["ladir.denoiser.cond.weight"], b["ladir.denoiser.cond.weight"])  # the flow trained

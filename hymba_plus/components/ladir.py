@@ -105,15 +105,18 @@ class LaDiR(nn.Module):
 
     # ------------------------------------------------------------------ VAE
     def encode(self, model: Any, question: Tensor, q_mask: Tensor, reasoning: Tensor,
-               r_mask: Tensor) -> tuple[Tensor, Tensor]:
+               r_mask: Tensor, outs: list | None = None) -> tuple[Tensor, Tensor]:
         """(mu, logvar) [B, M, latent]: the LM over [question, reasoning, memory] (right-padded
-        segments; pads are removed by the padding rule), read at the memory slots."""
+        segments; pads are removed by the padding rule), read at the memory slots. ``outs``: a list
+        the LM's output is appended to (its auxiliary losses and statistics, ``vae_loss``)."""
         B, M = question.shape[0], self.cfg.memory_slots
         x = torch.cat([model.embed_tokens(question), model.embed_tokens(reasoning),
                        self.memory.to(model.dtype)[None].expand(B, -1, -1)], dim=1)
         mask = torch.cat([q_mask, r_mask, q_mask.new_ones(B, M)], dim=1).long()
-        h = model(inputs_embeds=x, input_ids=None, attention_mask=mask, return_hidden=True,
-                  check_inputs=False).hidden_states[:, -M:]
+        out = model(inputs_embeds=x, input_ids=None, attention_mask=mask, return_hidden=True, check_inputs=False)
+        if outs is not None:
+            outs.append(out)
+        h = out.hidden_states[:, -M:]
         mu, logvar = self.to_stats(h).float().chunk(2, dim=-1)
         return mu, logvar.clamp(-20.0, 10.0)
 
@@ -122,13 +125,16 @@ class LaDiR(nn.Module):
         return self.from_latent(z.to(self.from_latent.weight.dtype)).to(dtype)
 
     def segment_loss(self, model: Any, z: Tensor, question: Tensor, q_mask: Tensor, target: Tensor,
-                     t_mask: Tensor) -> tuple[Tensor, Tensor]:
+                     t_mask: Tensor, outs: list | None = None) -> tuple[Tensor, Tensor]:
         """(mean CE, token accuracy) of ``target`` (reasoning or answer) after [question, slots(z)]:
-        the last slot predicts target[0], target[j] predicts target[j + 1]."""
+        the last slot predicts target[0], target[j] predicts target[j + 1]. ``outs`` as in ``encode``."""
         B, M = question.shape[0], self.cfg.memory_slots
         x = torch.cat([model.embed_tokens(question), self.slots(z, model.dtype), model.embed_tokens(target)], dim=1)
         mask = torch.cat([q_mask, q_mask.new_ones(B, M), t_mask], dim=1).long()
-        logits = model(inputs_embeds=x, input_ids=None, attention_mask=mask, check_inputs=False).logits
+        out = model(inputs_embeds=x, input_ids=None, attention_mask=mask, check_inputs=False)
+        if outs is not None:
+            outs.append(out)
+        logits = out.logits
         Lq, Lt = question.shape[1], target.shape[1]
         pred = logits[:, Lq + M - 1:Lq + M - 1 + Lt]
         tgt = target.masked_fill(~t_mask, -100)
@@ -145,15 +151,21 @@ class LaDiR(nn.Module):
         """Reconstruction of the reasoning + beta * KL; also the answer's CE from the same
         sampled slots (the decoder answers from them), both averaged."""
         q, qm = batch["question"], batch["question_mask"]
-        mu, logvar = self.encode(model, q, qm, batch["reasoning"], batch["reasoning_mask"])
+        outs: list = []  # the LM's three passes: their auxiliary losses (MoE balance, z-loss) train it too
+        mu, logvar = self.encode(model, q, qm, batch["reasoning"], batch["reasoning_mask"], outs)
         eps = torch.randn(mu.shape, device=mu.device, generator=generator, dtype=mu.dtype)
         z = mu + (0.5 * logvar).exp() * eps
-        rec, rec_acc = self.segment_loss(model, z, q, qm, batch["reasoning"], batch["reasoning_mask"])
-        ans, ans_acc = self.segment_loss(model, z, q, qm, batch["answer"], batch["answer_mask"])
+        rec, rec_acc = self.segment_loss(model, z, q, qm, batch["reasoning"], batch["reasoning_mask"], outs)
+        ans, ans_acc = self.segment_loss(model, z, q, qm, batch["answer"], batch["answer_mask"], outs)
         kl = self.kl(mu, logvar)
         loss = rec + ans + self.cfg.beta_kl * kl
-        return loss, {"ladir/recon": rec.detach(), "ladir/recon_acc": rec_acc.detach(), "ladir/answer": ans.detach(),
-                      "ladir/answer_acc": ans_acc.detach(), "ladir/kl": kl.detach()}
+        aux = [o.aux_loss for o in outs if o.aux_loss is not None]
+        stats = dict(outs[0].stats or {})  # the encoder pass's routing statistics
+        if aux:  # in the loss, and reported as the step's aux_loss (``objectives/ladir.py``)
+            stats["aux_loss"] = torch.stack(aux).mean()
+            loss = loss + stats["aux_loss"]
+        return loss, {**stats, "ladir/recon": rec.detach(), "ladir/recon_acc": rec_acc.detach(),
+                      "ladir/answer": ans.detach(), "ladir/answer_acc": ans_acc.detach(), "ladir/kl": kl.detach()}
 
     # ------------------------------------------------------------------ flow matching
     def question_states(self, model: Any, question: Tensor, q_mask: Tensor) -> Tensor:

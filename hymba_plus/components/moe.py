@@ -220,8 +220,8 @@ class MoE(nn.Module):
         cfg = self.cfg
         # every assignment is a real token's unless some are padding: then count the real ones
         load = counts.float() if valid is None else K.expert_load(r.experts, cfg.n_experts, valid)
-        if self.training and cfg.bias_update_rate > 0:
-            self.load += load
+        if self.training and cfg.bias_update_rate > 0 and torch.is_grad_enabled():  # a pass that trains this layer
+            self.load += load  # (not a no-grad read in train mode: LaDiR's flow stage reads the frozen LM)
         if ctx is None or not ctx.collect:  # no context, or a decode step: nobody reads losses / stats
             return
         lb = K.load_balancing_loss(r.probs, load, cfg.top_k, valid)

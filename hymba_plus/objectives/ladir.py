@@ -62,7 +62,9 @@ class LaDiRObjective(Objective):
             loss, st = lad.flow_loss(model, seg)
             losses.append(loss)
             stats.update(st)
-        return ModelOutput(logits=ids.new_zeros(0), loss=torch.stack(losses).sum(), stats=stats)
+        aux = stats.pop("aux_loss", None)  # the LM's MoE losses of the vae passes, already in the loss
+        return ModelOutput(logits=ids.new_zeros(0), loss=torch.stack(losses).sum(), stats=stats,
+                           aux_loss=None if aux is None else aux.detach())
 
     @torch.no_grad()
     def eval_batch(self, fwd, model, ids: Tensor, labels: Tensor, seed: int, batch: Any = None, **kw: Any):  # noqa: ANN001, ANN201
