@@ -196,12 +196,14 @@ def check_prompt(input_ids: Any, attention_mask: Any = None, min_tokens: int = 1
                         f"{type(attention_mask).__name__} {brief(attention_mask)}")
 
 
-def _check_left_padded(valid: Tensor, min_tokens: int) -> int:
+def _check_left_padded(valid: Tensor, min_tokens: int, left_only: bool = True) -> int:
     """The longest row's real tokens of a prompt mask [B, T] (True: token), after refusing a row with
-    a pad after a token (``generate`` continues every row from its last column: left padding, as in
-    HF's decoder-only generation) and, for ``min_tokens`` 1, a row of pads only. One host read."""
+    a pad after a token (``left_only``: a mode that continues every row from its last column takes left
+    padding, as HF's decoder-only generation) and, for ``min_tokens`` 1, a row of pads only. One host read."""
     counts = valid.sum(1)
     late_pad = valid[:, :-1] & ~valid[:, 1:]  # a token followed by a pad
+    if not left_only:
+        late_pad = torch.zeros_like(late_pad)
     longest, shortest, bad = torch.stack([counts.max(), counts.min(), late_pad.any()]).tolist()
     if bad:
         row, col = late_pad.nonzero()[0].tolist()
@@ -215,7 +217,7 @@ def _check_left_padded(valid: Tensor, min_tokens: int) -> int:
 
 
 def check_length(model: Any, input_ids: Tensor, max_new_tokens: int, attention_mask: Tensor | None = None,
-                 reserved: int = 0, what: str = "", min_tokens: int = 1) -> None:
+                 reserved: int = 0, what: str = "", min_tokens: int = 1, left_only: bool = True) -> None:
     """Refuse, before any work, a prompt that is not token ids (``check_prompt``; ``min_tokens``:
     0 for a mode that can start from nothing) and a generation that would run past
     ``max_seq_len``: the longest prompt row (real tokens: pads do not count, nor do meta tokens,
@@ -226,7 +228,7 @@ def check_length(model: Any, input_ids: Tensor, max_new_tokens: int, attention_m
     check_prompt(input_ids, attention_mask, min_tokens)
     T = input_ids.shape[1]
     if attention_mask is not None and attention_mask.shape == input_ids.shape and T and input_ids.shape[0]:
-        T = _check_left_padded(attention_mask.to(torch.bool), min_tokens)  # a wrong shape: the prefill says so
+        T = _check_left_padded(attention_mask.to(torch.bool), min_tokens, left_only)  # a wrong shape: the prefill says
     max_len, n_meta = model.config.max_seq_len, model.config.meta_tokens
     if T + max_new_tokens + reserved > max_len:
         note = f"; the {n_meta} meta tokens are not counted" if n_meta else ""

@@ -59,7 +59,8 @@ def generate_ladir(
     if S > MAX_SAMPLES:  # the recipe's bound on ladir.samples: B x samples rows are decoded at once
         raise ValueError(f"samples must be <= {MAX_SAMPLES} (as ladir.samples in a recipe), got {S}")
     M = lad.cfg.memory_slots
-    check_length(model, input_ids, max_new_tokens, attention_mask, reserved=M, what="memory slots")
+    check_length(model, input_ids, max_new_tokens, attention_mask, reserved=M, what="memory slots",
+                 left_only=False)  # its questions are compacted: left or right padding
     B, T = input_ids.shape
     dev = input_ids.device
     valid = attention_mask.to(torch.bool) if attention_mask is not None else torch.ones(B, T, dtype=torch.bool,
