@@ -159,6 +159,14 @@ def test_modules_learn_and_drafts_get_accepted() -> None:
     assert torch.equal(out, x)  # the trunk learned the cycle, and the output is the AR output
     assert stats["acceptance_rate"] > 0.9, stats
     assert stats["tokens_per_forward"] > 1.5, stats  # 24 tokens, well under 24 trunk forwards
+    # accepted runs: the streamer gets each column once, every row's own token (it was paced by row 0,
+    # the other rows' tokens taken from row 0's offsets), and EOS gives ar's output and length (every
+    # row's EOS came at max_new_tokens before, EOS-padded)
+    for eos in (None, int(x[0, 8]), int(x[1, 7])):
+        got: list = []
+        out = m.generate(x[:, :6], max_new_tokens=24, mode="mtp", eos_token_id=eos, streamer=got.append)
+        assert torch.equal(out, m.generate(x[:, :6], max_new_tokens=24, eos_token_id=eos)), eos
+        assert torch.equal(torch.stack(got, 1), out[:, 6:]), eos
 
 
 def test_accept_rule_is_exact_speculative_sampling() -> None:

@@ -119,7 +119,17 @@ def generate_mtp(
     emitted = torch.zeros(B, dtype=torch.long, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev) if max_new_tokens > 0 else torch.ones(B, dtype=torch.bool,
                                                                                               device=dev)
-    out_tokens = torch.zeros(B, max_new_tokens + k + 1, dtype=input_ids.dtype, device=dev)
+    fill = eos_token_id if eos_token_id is not None else 0  # after a row's EOS: EOS (as generate_ar)
+    out_tokens = torch.full((B, max_new_tokens + k + 1), fill, dtype=input_ids.dtype, device=dev)
+    streamed = 0
+
+    def flush(upto: int) -> int:
+        """Stream the columns ``streamed .. upto - 1``, which every row has produced (a finished row's
+        are EOS); returns the new count."""
+        for t in range(streamed, upto):
+            streamer(out_tokens[:, t])
+        return max(streamed, upto)
+
     # c is the first new token of every row
     if max_new_tokens > 0:
         out_tokens[:, 0] = c
@@ -128,7 +138,7 @@ def generate_mtp(
             done |= c == eos_token_id
         done |= emitted >= max_new_tokens
         if streamer is not None:
-            streamer(c)
+            streamed = flush(1)
     forwards, rewinds, proposed, accepted_total, rounds = 1, 0, 0, 0, 0
     rows = torch.arange(B, device=dev)
     while not bool(done.all()):
@@ -193,16 +203,20 @@ def generate_mtp(
             first = torch.where(hit.any(1), hit.float().argmax(1), n_new)
             n_new = torch.where(hit.any(1), first + 1, n_new)
             done |= hit.any(1)
-        if streamer is not None:
-            for t in range(int(n_new[0])):
-                streamer(new_tok[:, t])
+            late = put & (j >= n_new[:, None])  # written after the row's EOS: EOS
+            out_tokens[rows[:, None].expand_as(slot)[late], slot[late]] = eos_token_id
         emitted += n_new
         done |= emitted >= max_new_tokens
+        if streamer is not None:  # the columns every row has (a finished row counts as the longest)
+            streamed = flush(int(torch.where(done, emitted.max(), emitted).min().clamp(max=max_new_tokens)))
         P = P + keep
         c = torch.where(live, nxt, c)
-    new = out_tokens[:, :max_new_tokens]
+    length = int(emitted.max()) if max_new_tokens > 0 else 0  # every row ended with EOS: as long as the longest
+    if streamer is not None:
+        flush(length)
+    new = out_tokens[:, :length]
     if eos_token_id is not None:  # after a row's EOS, EOS (as generate_ar)
-        after = (torch.arange(max_new_tokens, device=dev)[None] >= emitted[:, None]) | (
+        after = (torch.arange(length, device=dev)[None] >= emitted[:, None]) | (
             (new == eos_token_id).long().cumsum(1) > 0)
         new = torch.where(after, torch.full_like(new, eos_token_id), new)
     if stats is not None:  # the same keys as mode speculative where they mean the same
