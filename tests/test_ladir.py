@@ -277,3 +277,15 @@ def test_moe_in_the_lm_balances_in_the_vae_stage_and_stays_frozen_in_the_flow_st
     biases = [k for k in a if k.endswith("expert_bias")]
     assert biases and all(torch.equal(a[k], b[k]) for k in biases)
     assert not torch.equal(a["ladir.denoiser.cond.weight"], b["ladir.denoiser.cond.weight"])  # the flow trained
+
+
+def test_the_streamer_gets_the_voted_answer_with_several_samples():
+    """With samples > 1 the answer is a vote after decoding: the streamer got nothing (hymba generate
+    printed an empty line); it now gets the voted answer's columns."""
+    torch.manual_seed(0)
+    m = build_model(ROOT / "configs" / "ladir_tiny.yaml").eval()
+    for samples in (1, 3):
+        got: list = []
+        out = m.generate(torch.tensor([[3, 17, 20], [5, 6, 7]]), max_new_tokens=4, mode="ladir", samples=samples,
+                         streamer=got.append, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(torch.stack(got, 1), out[:, 3:]), samples

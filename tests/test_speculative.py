@@ -368,3 +368,16 @@ def test_cli_speculative(tmp_path, capsys) -> None:
         rc, out, err = run(*args)
         assert rc == code and err.count("\n") == 1 and text in err, (args, rc, err)
         assert "Traceback" not in err
+
+
+def test_a_row_that_stops_on_eos_forces_no_target_rewind():
+    """A round in which every row that goes on kept all it fed needs no rewind of the target: a row that
+    stops on EOS is never read again (it cost one target forward more, understating tokens per forward)."""
+    m = make("GA | GD", {})
+    ids = torch.tensor([[1, 2, 3]])
+    ref = m.generate(ids, max_new_tokens=6)
+    eos = int(ref[0, 5])  # the third new token
+    st: dict = {}
+    out = m.generate(ids, max_new_tokens=6, mode="speculative", draft=m, k=4, eos_token_id=eos, stats=st)
+    assert torch.equal(out, m.generate(ids, max_new_tokens=6, eos_token_id=eos))
+    assert st["rewind_forwards"] == 0, st  # the draft is the target: every draft accepted, no row goes on

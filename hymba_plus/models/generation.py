@@ -573,7 +573,8 @@ def generate_speculative(
         # for rows that go on. ``rewind``: restore the snapshot, re-run the kept tokens, one forward.
         going = ~done & (produced < N)
         keep_d = torch.where(going, n_new, torch.where(active, k_row, 0))
-        need_t, need_d = torch.stack([(n_new != fed).any(), going.any() & (keep_d != k_row).any()]).tolist()
+        # a row that stops here (EOS, or max_new_tokens) is never read again: it forces no rewind
+        need_t, need_d = torch.stack([(going & (n_new != fed)).any(), going.any() & (keep_d != k_row).any()]).tolist()
         if need_t:
             model.rewind(cache, snap, ids, n_new)
             n_target += 1

@@ -82,6 +82,9 @@ def generate_ladir(
         best = votes.argmax(-1)  # first of the most voted
         agreement = votes.gather(1, best[:, None]).squeeze(1).float() / S
         new = per[torch.arange(B, device=dev), best]
+        if streamer is not None:  # the voted answer, column by column, once it is known
+            for j in range(n):
+                streamer(new[:, j])
     else:
         agreement = torch.ones(B, device=dev)
     if stats is not None:
