@@ -320,6 +320,23 @@ def test_grad_accumulation_matches_a_bigger_batch(tmp_path):
     assert max(abs(x - y) for x, y in zip(la, lb)) < 1e-5
 
 
+def test_grad_accumulation_logs_the_whole_steps_routing_statistics(tmp_path):
+    """With --grad-accum the MoE statistics are the step's, not the last micro-batch's: assignments per
+    expert summed (the same as one batch of the same rows), the rest averaged."""
+    moe = {**TINY, "model": {**TINY["model"], "block_pattern": "GA+moe | GA"},
+           "components": {**TINY["components"], "moe": {"n_experts": 4, "top_k": 2, "d_expert": 32}}}
+    recipe = write_recipe(tmp_path, moe)
+    common = ["--steps", "1", "--seq-len", "16", "--warmup", "1", "--no-progress"]
+    assert main(["train", recipe, "--out", str(tmp_path / "big"), "--batch-size", "4", *common]) == 0
+    assert main(["train", recipe, "--out", str(tmp_path / "acc"), "--batch-size", "2", "--grad-accum", "2",
+                 *common]) == 0
+    big, acc = metrics(tmp_path / "big")[0], metrics(tmp_path / "acc")[0]
+    counts = [k for k in big if k.endswith("tokens_per_expert")]
+    assert counts and all(big[k] == pytest.approx(acc[k]) for k in counts)
+    assert sum(acc[counts[0]]) == 4 * (16 + 2) * 2  # rows x (tokens + meta tokens) x top_k
+    assert acc[counts[0].replace("tokens_per_expert", "entropy")] > 0
+
+
 @pytest.mark.parametrize("data", ["selective_copy", "parity"])
 def test_other_tasks_train_with_accuracy(tmp_path, data):
     recipe = write_recipe(tmp_path)
