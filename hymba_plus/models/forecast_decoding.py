@@ -60,23 +60,10 @@ def generate_forecast(
     *,
     max_new_tokens: int,
     stats: dict | None = None,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    attention_mask: Tensor | None = None,
-    eos_token_id: int | None = None,
-    generator: torch.Generator | None = None,
-    streamer: Any = None,
 ) -> Tensor:
     """Forecasts [B, N, C, Q] of the N = ``max_new_tokens`` steps after the series
-    ``input_ids`` [B, T, C] (module docstring). The token-sampling arguments (temperature, top_k,
-    top_p, attention_mask, eos_token_id, generator, streamer) do not apply: given, they are refused."""
-    given = [n for n, v, off in (("temperature", temperature, 0.0), ("top_k", top_k, None), ("top_p", top_p, None),
-                                 ("attention_mask", attention_mask, None), ("eos_token_id", eos_token_id, None),
-                                 ("generator", generator, None), ("streamer", streamer, None)) if v != off]
-    if given:
-        raise ValueError(f"generate(mode='forecast') takes no {', '.join(given)}: a forecast is the head's values "
-                         "and quantiles for every step, not sampled tokens")
+    ``input_ids`` [B, T, C] (module docstring). It samples no tokens: ``HybridLM.generate`` refuses the
+    token-sampling arguments (temperature, top_k, ...) for it, as this signature does not name them."""
     obj = _objective(model)
     cfg, head = obj.cfg, obj.ts_head
     _check_series(obj, input_ids, cfg.context)

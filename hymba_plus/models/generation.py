@@ -202,10 +202,8 @@ def _check_left_padded(valid: Tensor, min_tokens: int, left_only: bool = True) -
     padding, as HF's decoder-only generation) and, for ``min_tokens`` 1, a row of pads only. One host read."""
     counts = valid.sum(1)
     late_pad = valid[:, :-1] & ~valid[:, 1:]  # a token followed by a pad
-    if not left_only:
-        late_pad = torch.zeros_like(late_pad)
     longest, shortest, bad = torch.stack([counts.max(), counts.min(), late_pad.any()]).tolist()
-    if bad:
+    if bad and left_only:
         row, col = late_pad.nonzero()[0].tolist()
         raise ValueError(f"attention_mask: row {row} has a pad after a token (column {col + 1}): generate takes "
                          "left-padded prompts (pads first, then the row's tokens)")

@@ -41,6 +41,7 @@ from ..core.recipe import Recipe, RecipeError, load_recipe
 from ..kernels.linear_ce import linear_cross_entropy
 from ..objectives import objective_class
 from .etd import ETDStack, PlainStack
+from .generation import check_prompt
 
 
 @dataclass
@@ -278,12 +279,7 @@ class HybridLM(nn.Module):
                 raise TypeError(f"{name} must be a torch.Tensor {dims}, got {type(x).__name__} {brief(x)}")
 
         if inputs_embeds is None:
-            tensor("input_ids", input_ids, "of token ids [B, T]")
-            if input_ids.dtype not in (torch.long, torch.int32):
-                raise TypeError(f"input_ids must hold integer token ids (torch.long or torch.int32), got dtype "
-                                f"{input_ids.dtype}")
-            if input_ids.ndim != 2:
-                raise ValueError(f"input_ids must have shape [B, T], got {tuple(input_ids.shape)}")
+            check_prompt(input_ids, attention_mask, min_tokens=0)  # generate's checks of the ids and the mask
             B, T = input_ids.shape
         else:
             tensor("inputs_embeds", inputs_embeds, "[B, T, D]")
@@ -293,8 +289,9 @@ class HybridLM(nn.Module):
             if not inputs_embeds.is_floating_point():
                 raise TypeError(f"inputs_embeds must be floating point, got dtype {inputs_embeds.dtype}")
             B, T = inputs_embeds.shape[:2]
+            if attention_mask is not None:
+                tensor("attention_mask", attention_mask, "[B, T] (1: token, 0: pad)")
         if attention_mask is not None:
-            tensor("attention_mask", attention_mask, "[B, T] (1: token, 0: pad)")
             if attention_mask.shape != (B, T):
                 raise ValueError(f"attention_mask must have shape {(B, T)}, got {tuple(attention_mask.shape)}")
         if cache is not None:
@@ -430,7 +427,6 @@ class HybridLM(nn.Module):
 
         if not isinstance(mode, str) or mode not in GENERATORS:
             raise ValueError(f"unknown generation mode {brief(mode)}; available: {', '.join(sorted(GENERATORS))}")
-        check_sampling(temperature, top_k, top_p, eos_token_id, stats, self.config.vocab_size)
         import inspect
 
         fn = GENERATORS[mode]
@@ -440,9 +436,15 @@ class HybridLM(nn.Module):
                 raise ValueError(f"generate(mode={mode!r}) takes no option {k!r}"
                                  + (f"; its options: {', '.join(sorted(set(allowed) - _COMMON))}"
                                     if set(allowed) - _COMMON else ""))
-        return fn(self, input_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                  attention_mask=attention_mask, eos_token_id=eos_token_id, generator=generator, streamer=streamer,
-                  stats=stats, **options)
+        # the common arguments a mode names (a forecast samples no tokens): given to one that does not, refused
+        common = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                      attention_mask=attention_mask, eos_token_id=eos_token_id, generator=generator,
+                      streamer=streamer, stats=stats)
+        given = [k for k, v in common.items() if k not in allowed and (v != 0.0 if k == "temperature" else v is not None)]
+        if given:
+            raise ValueError(f"generate(mode={mode!r}) takes no {', '.join(given)}")
+        check_sampling(temperature, top_k, top_p, eos_token_id, stats, self.config.vocab_size)
+        return fn(self, input_ids, **{k: v for k, v in common.items() if k in allowed}, **options)
 
     # ------------------------------------------------------------------ persistence
     def num_parameters(self) -> int:
