@@ -79,6 +79,9 @@
 #           ATLAS layers swapped for gdn, and with ATLAS on its reference path (issue 18: atlas/gdn >= 0.5)
 #   quad_chunk  quad_atlas.py --modes auto --atlas-config inner_optimizer=muon_chunk (Newton-Schulz once per memory
 #           chunk, a variant of ours): the recipe pair's tokens/s with it (one call)
+#   quad_chunk32 / quad_chunk64  the same with the memory's chunk_size 32 / 64 (the recipe: 16; window 16 kept): fewer,
+#           larger sequential chunk steps, a different model (retrieval reads the chunk-start memory, so a query sees
+#           nothing its own chunk wrote): the speed side of that trade (one call each)
 #   atlas_chunk_layer  the ATLAS layer alone at the quad shape with muon_chunk, eager and in CUDA graphs, profiled
 #           (mixers.py --atlas-config quad_chunk --profile; one call)
 #   atlas_chunk_bench  the d 2048 benchmark layer (B 4, T 4096) with muon_chunk, eager and in CUDA graphs, against
@@ -279,6 +282,12 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
       quad_chunk) need_tilelang
               step quad_chunk 500 python benchmarks/quad_atlas.py --modes auto --atlas-config inner_optimizer=muon_chunk \
                  --out "$OUT/quad_atlas_muon_chunk.json" ;;
+      quad_chunk32) need_tilelang
+              step quad_chunk32 560 python benchmarks/quad_atlas.py --modes auto --atlas-config inner_optimizer=muon_chunk \
+                 --atlas-config chunk_size=32 --out "$OUT/quad_chunk32.json" ;;
+      quad_chunk64) need_tilelang
+              step quad_chunk64 560 python benchmarks/quad_atlas.py --modes auto --atlas-config inner_optimizer=muon_chunk \
+                 --atlas-config chunk_size=64 --out "$OUT/quad_chunk64.json" ;;
       atlas_chunk_layer) (cd benchmarks && step atlas_chunk_layer 400 python mixers.py --atlas-paths fast fast_graphed \
                  --atlas-config quad_chunk --d-model 128 --batch 8 --seq-len 2048 --skip-gdn --profile \
                  --out "$OUT/mixers_atlas_quad_chunk.json") ;;

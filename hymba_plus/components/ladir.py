@@ -113,7 +113,11 @@ class LaDiR(nn.Module):
         x = torch.cat([model.embed_tokens(question), model.embed_tokens(reasoning),
                        self.memory.to(model.dtype)[None].expand(B, -1, -1)], dim=1)
         mask = torch.cat([q_mask, r_mask, q_mask.new_ones(B, M)], dim=1).long()
-        out = model(inputs_embeds=x, input_ids=None, attention_mask=mask, return_hidden=True, check_inputs=False)
+        # ``model.forward``, not ``model(...)``: the trainer runs this inside ``model.run`` (one FSDP2
+        # forward of the root); a nested root call's hooks would reshard the root's parameters when
+        # the backward passes that call, before the slots' projection (a root parameter) is reached
+        out = model.forward(inputs_embeds=x, input_ids=None, attention_mask=mask, return_hidden=True,
+                            check_inputs=False)
         if outs is not None:
             outs.append(out)
         h = out.hidden_states[:, -M:]
@@ -131,7 +135,7 @@ class LaDiR(nn.Module):
         B, M = question.shape[0], self.cfg.memory_slots
         x = torch.cat([model.embed_tokens(question), self.slots(z, model.dtype), model.embed_tokens(target)], dim=1)
         mask = torch.cat([q_mask, q_mask.new_ones(B, M), t_mask], dim=1).long()
-        out = model(inputs_embeds=x, input_ids=None, attention_mask=mask, check_inputs=False)
+        out = model.forward(inputs_embeds=x, input_ids=None, attention_mask=mask, check_inputs=False)  # as encode
         if outs is not None:
             outs.append(out)
         logits = out.logits
@@ -170,8 +174,8 @@ class LaDiR(nn.Module):
     # ------------------------------------------------------------------ flow matching
     def question_states(self, model: Any, question: Tensor, q_mask: Tensor) -> Tensor:
         """The LM's final hidden states of the question [B, Lq, d] (the denoiser's condition)."""
-        return model(question, attention_mask=q_mask.long(), return_hidden=True,
-                     check_inputs=False).hidden_states
+        return model.forward(question, attention_mask=q_mask.long(), return_hidden=True,  # as encode
+                             check_inputs=False).hidden_states
 
     def flow_loss(self, model: Any, batch: dict, generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
         """Rectified-flow velocity loss towards latents drawn from the VAE's posterior (the

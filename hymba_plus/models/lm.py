@@ -379,6 +379,15 @@ class HybridLM(nn.Module):
         return linear_cross_entropy(h, self.lm_head.weight, next_token_targets(labels, attention_mask),
                                     ignore_index=-100)
 
+    def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` as a forward pass of this model. The trainer calls the objective's
+        training and evaluation passes through it: under FSDP2, ``training.distributed.shard_model``
+        registers this method as a forward (``register_fsdp_forward_method``), so the root's own
+        parameters (embedding, meta tokens, final norm, head, the objective's) are gathered around
+        it also for objectives that run the model's parts themselves (block diffusion's two-stream
+        pass, LaDiR's) instead of ``forward``; on one process it is a plain call."""
+        return fn(*args, **kwargs)
+
     def rewind(self, cache: HybridCache, snapshot: HybridCache, ids: Tensor, keep: Tensor) -> None:
         """Roll ``cache`` back to the state after ``snapshot`` plus the first ``keep[b]`` tokens
         of ``ids[b]`` (the tokens fed since the snapshot): exact for every state type (KV with

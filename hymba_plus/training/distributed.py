@@ -93,13 +93,16 @@ def shard_model(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | Non
     gathered parameters' dtype for forward and backward, gradients reduce-scattered in float32
     into the float32 shards (``MixedPrecisionPolicy``, as torchtitan trains); None: the shards'
     dtype (autocast casts for the GEMMs)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     kw = {} if param_dtype is None else {"mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype,
                                                                             reduce_dtype=torch.float32)}
     for block in model.blocks:
         fully_shard(block, mesh=info.mesh, **kw)
     fully_shard(model, mesh=info.mesh, **kw)
+    # the trainer runs the objectives' passes through ``model.run``: the root's parameters are
+    # gathered around it too (block diffusion and LaDiR call the model's parts, not its forward)
+    register_fsdp_forward_method(model, "run")
     return model
 
 

@@ -534,6 +534,9 @@ class Trainer:
                              f"{self.info.device.type} is float32): add --precision bf16")
         if self.info.enabled:
             dist_mod.shard_model(model, self.info, torch.bfloat16 if bf16_flag else None)
+            # every rank built the same model from cfg.seed; from here each draws its own noise (block
+            # diffusion's levels and masks, LaDiR's latents, dropout), not a copy of rank 0's
+            torch.manual_seed(cfg.seed + self.info.rank)
         self.model = model
         self.opt, self.split = build_optimizer(model, cfg)  # the trainable parameters only
         if self.resume_from is not None:
@@ -799,7 +802,8 @@ class Trainer:
                 if self.teacher is not None:  # the KL term reads the student's logits; otherwise the
                     kw["return_logits"] = True  # next-token loss is fused and no [B, T, V] logits exist
                 with _autocast(cfg, dev):  # the objective's loss (objectives/); ids were validated at setup
-                    out = self.objective.train_forward(self.fwd, self.model, ids, labels, batch=batch, **kw)
+                    out = self.model.run(self.objective.train_forward, self.fwd, self.model, ids, labels, batch=batch,
+                                              **kw)
                 loss_t, aux_t, stats = out.loss, out.aux_loss, out.stats
                 if self.teacher is not None:
                     from .distill import distill_loss
@@ -1005,8 +1009,8 @@ class Trainer:
                 if self.compile_mode is not None:
                     torch.compiler.cudagraph_mark_step_begin()
                 with _autocast(cfg, dev):
-                    loss, c, t, out = self.objective.eval_batch(self.fwd, self.model, ids, labels, seed=start,
-                                                                batch=batch, **kw)
+                    loss, c, t, out = self.model.run(self.objective.eval_batch, self.fwd, self.model, ids, labels,
+                                                     seed=start, batch=batch, **kw)
                 if not run:
                     for key, v in self.objective.eval_sums(out).items():
                         extra[key] = extra.get(key, 0.0) + v
