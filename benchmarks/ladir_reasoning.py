@@ -186,7 +186,7 @@ def main() -> None:
         # per position of the reasoning chain: reconstruction accuracy from the posterior mean
         M = lad.cfg.memory_slots
         rr, rm = seg["reasoning"], seg["reasoning_mask"]
-        x = torch.cat([model.embed_tokens(q), lad.slots(mu, model.dtype), model.embed_tokens(rr)], 1)
+        x = torch.cat([model.embed_tokens(q), lad.slots(mu, model.dtype, "reasoning"), model.embed_tokens(rr)], 1)
         mask = torch.cat([qm, qm.new_ones(qm.shape[0], M), rm], 1).long()
         lg = model(inputs_embeds=x, input_ids=None, attention_mask=mask).logits
         pred = lg[:, q.shape[1] + M - 1:q.shape[1] + M - 1 + rr.shape[1]].argmax(-1)

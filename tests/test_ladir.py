@@ -92,7 +92,7 @@ def test_invariant_with_latent_slots(pattern, etd) -> None:
 @torch.no_grad()
 def test_sampling_prophet_and_mode() -> None:
     torch.manual_seed(0)
-    m = build_model(recipe(inference_steps=9, prophet={"thresholds": [0.5, 0.2, 0.1]})).eval()
+    m = build_model(recipe(inference_steps=9, prophet={"thresholds": [0.05, 0.02, 0.01]})).eval()
     b = batch()
     z, used = m.ladir.sample(m, b["question"], b["question_mask"], prophet=False,
                              generator=torch.Generator().manual_seed(0))
@@ -147,8 +147,11 @@ def chain_batch(g: torch.Generator, B: int) -> dict:
 
 
 def test_vae_learns_to_reconstruct_the_reasoning() -> None:
-    """The VAE's slots carry the reasoning: reconstruction accuracy of the 2-step chain rises
-    from chance (0.1) to well above it on held-out questions (about 20 s on 2 CPU cores)."""
+    """The VAE's slots carry the reasoning: reconstruction and answer accuracy of the 2-step
+    chain rise from chance (0.1) to ~1 on held-out questions (about 20 s on 2 CPU cores). The
+    reasoning and the answer are decoded after slots with different marks: when both continued
+    the same input, the LM learned a mixture of their first tokens and this run reached only
+    0.59 / 0.64 (with the marks, seed 1: 0.23 / 0.21, not converged at 600 steps; seed 2: 1.0 / 1.0)."""
     torch.manual_seed(0)
     m = build_model(recipe(latent_dim=8, memory_slots=2, beta_kl=1e-4))
     g = torch.Generator().manual_seed(0)
@@ -162,7 +165,7 @@ def test_vae_learns_to_reconstruct_the_reasoning() -> None:
     with torch.no_grad():
         _, st = m.ladir.vae_loss(m, chain_batch(torch.Generator().manual_seed(99), 256),
                                  generator=torch.Generator().manual_seed(1))
-    assert st["ladir/recon_acc"] > 0.5 and st["ladir/answer_acc"] > 0.5, st
+    assert st["ladir/recon_acc"] > 0.95 and st["ladir/answer_acc"] > 0.95, st
 
 
 def test_flow_loss_trains_the_denoiser_towards_the_velocity() -> None:

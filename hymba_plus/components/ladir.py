@@ -7,10 +7,18 @@ The model thinks in ``memory_slots`` continuous vectors before it answers:
 * **VAE** (LaDiR §3.1). Encoder: the language model reads ``[question, reasoning, M memory
   embeddings]``; its final hidden states at the M memory positions give each slot's
   posterior ``mu, log sigma^2`` (``latent_dim`` each, one Linear). Decoder: a latent
-  ``z`` becomes M slot embeddings (one Linear to ``d_model``) placed after the question;
-  the same LM reconstructs the reasoning after them:
-  ``L_vae = CE(reasoning | question, slots(z)) + beta_kl * KL(q(z | q, r) || N(0, I))``
-  (KL summed over ``latent_dim``, averaged over slots and rows).
+  ``z`` becomes M slot embeddings (one Linear to ``d_model``, plus a learned embedding of what
+  the decoder is to write: ``marks``, one for the reasoning, one for the answer) placed after
+  the question; the same LM reconstructs the reasoning after ``slots_r(z)`` and answers after
+  ``slots_a(z)``:
+  ``L_vae = CE(reasoning | q, slots_r(z)) + CE(answer | q, slots_a(z)) + beta_kl *
+  KL(q(z | q, r) || N(0, I))`` (KL summed over ``latent_dim``, averaged over slots and rows).
+  Without the marks both targets continue the same input and the LM learns a mixture of
+  their first tokens. Deliberate differences from the paper: the decoder is this LM, trained, conditioned
+  on the question (LaDiR's is a frozen copy of the base LLM reading only the latents), and the
+  whole reasoning is one latent block of M slots (LaDiR encodes one block per reasoning
+  segment); LaDiR's latent-noise augmentation, classifier-free guidance and the diversity
+  guidance between samples are not implemented (samples differ by their starting noise).
 * **Flow matching** (LaDiR §3.2, rectified flow: Liu et al. 2022, arXiv 2209.03003): a
   *dedicated* denoiser ``v_theta(z_t, t, question)`` — a small bidirectional transformer over
   ``[question hidden states, M latent tokens]`` (``denoiser_layers``) — learns the velocity
@@ -21,9 +29,10 @@ The model thinks in ``memory_slots`` continuous vectors before it answers:
   over the question's *cached* hidden states instead of a full backbone pass; the
   question conditions it through attention over those states. Sampling: ``inference_steps``
   Euler steps from noise, ``samples`` latents per question in parallel.
-* **Answering**: the slots of a sampled ``z`` enter the ``HybridCache`` once, after the
-  question (``forward(inputs_embeds=...)``, like meta tokens), and the LM decodes the answer
-  after them; a cached answer equals the full forward over ``[question, slots, answer]``.
+* **Answering**: the answer slots ``slots_a(z)`` of a sampled ``z`` enter the ``HybridCache``
+  once, after the question (``forward(inputs_embeds=...)``, like meta tokens), and the LM
+  decodes the answer after them; a cached answer equals the full forward over ``[question,
+  slots, answer]``.
 * **Prophet**: every ``check_every`` steps, the current estimate ``z_1 ~= z_t + (1 - t) v``
   is decoded through the LM (on a fork of the question's cache) and the gap between the
   top-1 and top-2 logits of the answer's first token is compared with the threshold of the
@@ -43,6 +52,8 @@ from torch import Tensor, nn
 
 from ..core.cache import HybridCache
 from ..core.registry import register
+
+TARGETS = ("reasoning", "answer")  # the decoder's marks, in the order of ``LaDiR.marks``
 
 
 def _timestep_embedding(t: Tensor, dim: int) -> Tensor:
@@ -91,6 +102,7 @@ class LaDiR(nn.Module):
         self.cfg = cfg
         self.init_std = init_std
         self.memory = nn.Parameter(torch.zeros(cfg.memory_slots, d_model))
+        self.marks = nn.Parameter(torch.zeros(len(TARGETS), d_model))  # what the decoder is to write next
         self.to_stats = nn.Linear(d_model, 2 * cfg.latent_dim)
         self.from_latent = nn.Linear(cfg.latent_dim, d_model)
         self.denoiser = FlowDenoiser(cfg.latent_dim, d_model, cfg.denoiser_layers, cfg.denoiser_heads,
@@ -98,6 +110,7 @@ class LaDiR(nn.Module):
 
     def reset_special(self) -> None:
         nn.init.normal_(self.memory, 0.0, self.init_std)
+        nn.init.normal_(self.marks, 0.0, self.init_std)
         # posteriors start narrow (sigma ~ 0.02, the scale of the means): with sigma = 1 the
         # sampled z is all noise at first and the decoder learns to ignore the slots
         with torch.no_grad():
@@ -124,16 +137,22 @@ class LaDiR(nn.Module):
         mu, logvar = self.to_stats(h).float().chunk(2, dim=-1)
         return mu, logvar.clamp(-20.0, 10.0)
 
-    def slots(self, z: Tensor, dtype: torch.dtype) -> Tensor:
-        """Slot embeddings [B, M, d_model] of latents z [B, M, latent]."""
-        return self.from_latent(z.to(self.from_latent.weight.dtype)).to(dtype)
+    def slots(self, z: Tensor, dtype: torch.dtype, target: str = "answer") -> Tensor:
+        """Slot embeddings [B, M, d_model] of latents z [B, M, latent] for decoding ``target``
+        ("answer" or "reasoning", ``TARGETS``): the latents' projection plus the target's mark
+        (added to every slot, so the last slot, which predicts the target's first token, sees
+        it without attention)."""
+        s = self.from_latent(z.to(self.from_latent.weight.dtype))
+        return (s + self.marks[TARGETS.index(target)].to(s.dtype)).to(dtype)
 
     def segment_loss(self, model: Any, z: Tensor, question: Tensor, q_mask: Tensor, target: Tensor,
-                     t_mask: Tensor, outs: list | None = None) -> tuple[Tensor, Tensor]:
-        """(mean CE, token accuracy) of ``target`` (reasoning or answer) after [question, slots(z)]:
-        the last slot predicts target[0], target[j] predicts target[j + 1]. ``outs`` as in ``encode``."""
+                     t_mask: Tensor, outs: list | None = None, kind: str = "answer") -> tuple[Tensor, Tensor]:
+        """(mean CE, token accuracy) of ``target`` (``kind``: "reasoning" or "answer") after
+        [question, slots(z) for kind]: the last slot predicts target[0], target[j] predicts
+        target[j + 1]. ``outs`` as in ``encode``."""
         B, M = question.shape[0], self.cfg.memory_slots
-        x = torch.cat([model.embed_tokens(question), self.slots(z, model.dtype), model.embed_tokens(target)], dim=1)
+        x = torch.cat([model.embed_tokens(question), self.slots(z, model.dtype, kind), model.embed_tokens(target)],
+                      dim=1)
         mask = torch.cat([q_mask, q_mask.new_ones(B, M), t_mask], dim=1).long()
         out = model.forward(inputs_embeds=x, input_ids=None, attention_mask=mask, check_inputs=False)  # as encode
         if outs is not None:
@@ -153,14 +172,15 @@ class LaDiR(nn.Module):
 
     def vae_loss(self, model: Any, batch: dict, generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
         """Reconstruction of the reasoning + beta * KL; also the answer's CE from the same
-        sampled slots (the decoder answers from them), both averaged."""
+        sampled slots (the decoder answers from them), each after its own mark."""
         q, qm = batch["question"], batch["question_mask"]
         outs: list = []  # the LM's three passes: their auxiliary losses (MoE balance, z-loss) train it too
         mu, logvar = self.encode(model, q, qm, batch["reasoning"], batch["reasoning_mask"], outs)
         eps = torch.randn(mu.shape, device=mu.device, generator=generator, dtype=mu.dtype)
         z = mu + (0.5 * logvar).exp() * eps
-        rec, rec_acc = self.segment_loss(model, z, q, qm, batch["reasoning"], batch["reasoning_mask"], outs)
-        ans, ans_acc = self.segment_loss(model, z, q, qm, batch["answer"], batch["answer_mask"], outs)
+        rec, rec_acc = self.segment_loss(model, z, q, qm, batch["reasoning"], batch["reasoning_mask"], outs,
+                                         "reasoning")
+        ans, ans_acc = self.segment_loss(model, z, q, qm, batch["answer"], batch["answer_mask"], outs, "answer")
         kl = self.kl(mu, logvar)
         loss = rec + ans + self.cfg.beta_kl * kl
         aux = [o.aux_loss for o in outs if o.aux_loss is not None]
