@@ -162,9 +162,9 @@ def main() -> None:
     with torch.no_grad():
         mu, _ = lad.encode(model, seg["question"], seg["question_mask"], seg["reasoning"], seg["reasoning_mask"])
         _, recon_acc = lad.segment_loss(model, mu, seg["question"], seg["question_mask"], seg["reasoning"],
-                                        seg["reasoning_mask"])
+                                        seg["reasoning_mask"], kind="reasoning")
         _, post_acc = lad.segment_loss(model, mu, seg["question"], seg["question_mask"], seg["answer"][:, :1],
-                                       seg["answer_mask"][:, :1])
+                                       seg["answer_mask"][:, :1], kind="answer")
         q, qm = seg["question"], seg["question_mask"]
         z0 = torch.randn(q.shape[0], lad.cfg.memory_slots, lad.cfg.latent_dim,
                          generator=torch.Generator().manual_seed(1)).to(args.device)

@@ -146,7 +146,7 @@ class LaDiR(nn.Module):
         return (s + self.marks[TARGETS.index(target)].to(s.dtype)).to(dtype)
 
     def segment_loss(self, model: Any, z: Tensor, question: Tensor, q_mask: Tensor, target: Tensor,
-                     t_mask: Tensor, outs: list | None = None, kind: str = "answer") -> tuple[Tensor, Tensor]:
+                     t_mask: Tensor, *, kind: str, outs: list | None = None) -> tuple[Tensor, Tensor]:
         """(mean CE, token accuracy) of ``target`` (``kind``: "reasoning" or "answer") after
         [question, slots(z) for kind]: the last slot predicts target[0], target[j] predicts
         target[j + 1]. ``outs`` as in ``encode``."""
@@ -178,9 +178,10 @@ class LaDiR(nn.Module):
         mu, logvar = self.encode(model, q, qm, batch["reasoning"], batch["reasoning_mask"], outs)
         eps = torch.randn(mu.shape, device=mu.device, generator=generator, dtype=mu.dtype)
         z = mu + (0.5 * logvar).exp() * eps
-        rec, rec_acc = self.segment_loss(model, z, q, qm, batch["reasoning"], batch["reasoning_mask"], outs,
-                                         "reasoning")
-        ans, ans_acc = self.segment_loss(model, z, q, qm, batch["answer"], batch["answer_mask"], outs, "answer")
+        rec, rec_acc = self.segment_loss(model, z, q, qm, batch["reasoning"], batch["reasoning_mask"],
+                                         kind="reasoning", outs=outs)
+        ans, ans_acc = self.segment_loss(model, z, q, qm, batch["answer"], batch["answer_mask"], kind="answer",
+                                         outs=outs)
         kl = self.kl(mu, logvar)
         loss = rec + ans + self.cfg.beta_kl * kl
         aux = [o.aux_loss for o in outs if o.aux_loss is not None]

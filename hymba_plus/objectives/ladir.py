@@ -82,6 +82,6 @@ class LaDiRObjective(Objective):
             if self.stage == "joint":
                 loss = loss + lad.vae_loss(model, seg, generator=g)[0]
             z, _ = lad.sample(model, q, qm, prophet=False, generator=g)
-        _, acc = lad.segment_loss(model, z, q, qm, seg["answer"], seg["answer_mask"])
+        _, acc = lad.segment_loss(model, z, q, qm, seg["answer"], seg["answer_mask"], kind="answer")
         scored = int(seg["answer_mask"].sum())
         return float(loss), round(float(acc) * scored), scored, ModelOutput(logits=ids.new_zeros(0))
