@@ -38,12 +38,13 @@ def model():
 
 def recompute_sampler(model, ids: torch.Tensor, n_new: int, threshold: float) -> torch.Tensor:
     """The oracle: no cache is kept between blocks; every block's denoising steps run on a
-    fresh prefill of the prompt and all blocks committed so far (one row, greedy)."""
+    fresh prefill of the prompt and all blocks committed so far (one row, greedy). A last,
+    partial block is denoised at the full block size where it fits, then cut."""
     bs, mask_id = model.objective.cfg.block_size, model.objective.mask_token_id
     seq = ids
     for start in range(0, n_new, bs):
         size = min(bs, n_new - start)
-        x = torch.full((1, size), mask_id, dtype=ids.dtype)
+        x = torch.full((1, min(bs, model.config.max_seq_len - ids.shape[1] - start)), mask_id, dtype=ids.dtype)
         while bool((x == mask_id).any()):
             cache = model.new_cache(1)
             model(seq, cache=cache)
@@ -54,7 +55,7 @@ def recompute_sampler(model, ids: torch.Tensor, n_new: int, threshold: float) ->
             accept = masked & (conf >= threshold) if threshold < 1 else torch.zeros_like(masked)
             accept[0, conf[0].argmax()] = True
             x = torch.where(accept, tok, x)
-        seq = torch.cat([seq, x], dim=1)
+        seq = torch.cat([seq, x[:, :size]], dim=1)
     return seq
 
 
@@ -161,8 +162,42 @@ def test_cli_block_diffusion(tmp_path, capsys) -> None:
     assert rc == 0, cap.err
     assert "block diffusion: block size 4, 10 forward passes for 8 tokens per row" in cap.err
     assert "2.00 denoising steps" not in cap.err and "4.00 denoising steps per block" in cap.err
+    # --threshold none: the steps schedule (2 steps a block: 8 tokens in 4 denoising forwards + 1 commit + prefill)
+    rc = main(["generate", str(ckpt), "--prompt", "3 4 5 6", "--mode", "block_diffusion", "--max-new-tokens", "8",
+               "--temperature", "0", "--threshold", "none", "--steps", "2"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert "6 forward passes for 8 tokens per row" in cap.err and "2.00 denoising steps per block" in cap.err
     rc = main(["generate", str(ckpt), "--prompt", "3", "--steps", "2"])
     assert rc == 2 and "--steps: only for --mode block_diffusion" in capsys.readouterr().err
+    rc = main(["generate", str(ckpt), "--prompt", "3", "--threshold", "none"])
+    assert rc == 2 and "--threshold: only for --mode block_diffusion" in capsys.readouterr().err
     rc = main(["generate", str(ckpt), "--prompt", "3", "--mode", "block_diffusion", "--threshold", "-1"])
     err = capsys.readouterr().err
     assert rc != 0 and err.count("\n") == 1 and "--threshold" in err
+
+
+def test_a_cut_last_block_is_denoised_at_the_full_block_size(model) -> None:
+    """max_new_tokens 6 with block 4: the second block is denoised as 4 [MASK] slots (what
+    training shows) and cut to 2, so its tokens are the first 2 of max_new_tokens 8's (greedy).
+    Where max_seq_len leaves no room for the full block, the block is as long as the room."""
+    ids = torch.randint(0, 24, (3, 6), generator=torch.Generator().manual_seed(4))
+    full = model.generate(ids, max_new_tokens=8, mode="block_diffusion", threshold=0.9)
+    cut = model.generate(ids, max_new_tokens=6, mode="block_diffusion", threshold=0.9)
+    assert torch.equal(cut, full[:, :12])
+    tight = torch.randint(0, 24, (1, 58), generator=torch.Generator().manual_seed(5))  # max_seq_len 64
+    st: dict = {}
+    out = model.generate(tight, max_new_tokens=6, mode="block_diffusion", threshold=1.0, stats=st)
+    assert out.shape == (1, 64) and st["steps_per_block"] == 3.0  # blocks of 4 and 2: one token a step
+
+
+def test_confidence_is_the_models_probability_whatever_the_sampling_filter(model) -> None:
+    """The threshold compares the model's own softmax probability (Fast-dLLM), not the filtered
+    distribution's: with top_k 1 every filtered probability is 1, which unmasked whole blocks in one
+    step; now top_k 1 at temperature 1 takes the greedy path's tokens and steps."""
+    ids = torch.randint(0, 24, (2, 4), generator=torch.Generator().manual_seed(6))
+    greedy, topk1 = {}, {}
+    a = model.generate(ids, max_new_tokens=8, mode="block_diffusion", threshold=0.9, stats=greedy)
+    b = model.generate(ids, max_new_tokens=8, mode="block_diffusion", threshold=0.9, temperature=1.0, top_k=1,
+                       stats=topk1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and topk1["steps_per_block"] == greedy["steps_per_block"] > 1.0

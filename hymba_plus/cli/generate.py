@@ -67,9 +67,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(models with a ladir section) or forecast (models trained with the forecast objective: --data)")
     p.add_argument("--block-size", type=int, default=None,
                    help="block_diffusion: tokens per block (default: the model's training block size)")
-    p.add_argument("--threshold", type=finite_float, default=None,
+    p.add_argument("--threshold", type=threshold_arg, default=None,
                    help="block_diffusion: unmask every token whose probability reaches this (at least one per "
-                        "step; >= 1: one per step) (default: 0.9)")
+                        "step; >= 1: one per step), or none: the --steps schedule, the most confident "
+                        "ceil(masked / steps left) a step (default: 0.9)")
     p.add_argument("--steps", type=int, default=None,
                    help="block_diffusion: at most this many denoising steps per block (default: the block size); "
                         "ladir: Euler steps of the latent flow (default: ladir.inference_steps)")
@@ -97,6 +98,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--think-iterations", type=int, default=None, metavar="N",
                    help="ETD models: think iterations to run, 1..max_iterations (default: the model's "
                         "iterations; with ACT halting max_iterations, each token halting on its own)")
+
+
+#: ``--threshold none``: no threshold (the steps schedule); None is "not given"
+NO_THRESHOLD = "none"
+
+
+def threshold_arg(text: str) -> float | str:
+    """argparse type of ``--threshold``: a finite number, or ``none``."""
+    return NO_THRESHOLD if text.strip().lower() == NO_THRESHOLD else finite_float(text)
 
 
 def mode_flags(args: argparse.Namespace) -> tuple[tuple[str, str, Any], ...]:
@@ -275,6 +285,8 @@ def _run(args: argparse.Namespace) -> int:
         hooks = watch_prefill(model, prefill, args.think_iterations)
     # the mode's own settings: each flag goes to the decoders that take it (checked above)
     options = {opt: value for _, opt, value in mode_flags(args) if value is not None}
+    if options.get("threshold") == NO_THRESHOLD:
+        options["threshold"] = None
     if draft is not None:
         options["draft"] = draft  # the loaded model, not its path
     stats: dict[str, Any] = {}

@@ -9,12 +9,15 @@ Wu et al. 2025, arXiv 2505.22618 §3.3). Each block of ``block_size`` starts all
 denoising step runs the block on a *fork* of the cache with the block's tokens seeing each
 other both ways (``forward(..., bidirectional=True)``, the same computation as training's
 noisy stream, ``core/two_stream.py``), so the cache never moves while a block is denoised;
-every still-masked position whose chosen token has probability >= ``threshold`` is
-unmasked (at least the most confident one per row), or, without a threshold, the
-``ceil(masked / steps left)`` most confident ones so the block finishes in ``steps``. A
-fully denoised block is committed to the cache once, by the ordinary causal forward.
-Blocks start right after each row's prompt (a prompt whose length is a multiple of
-``block_size`` matches training's block layout exactly).
+every still-masked position whose chosen token has probability >= ``threshold`` under the
+model's ``softmax(logits)`` is unmasked (at least the most confident one per row), or, without
+a threshold, the ``ceil(masked / steps left)`` most confident ones so the block finishes in
+``steps`` (most confident first, as LLaDA / Fast-dLLM; BD3-LM's own samplers, which unmask
+uniformly random positions, are not offered). A fully denoised block is committed to the cache
+once, by the ordinary causal forward. A last block that ``max_new_tokens`` cuts is denoised at
+the full ``block_size`` where ``max_seq_len`` leaves room (training never shows a shorter noisy
+block) and cut. Blocks start right after each row's prompt (a prompt whose length is a multiple
+of ``block_size`` matches training's block layout exactly).
 
 ``speculative``: lossless draft-model speculative decoding (Leviathan et al. 2023, arXiv
 2211.17192; Chen et al. 2023, arXiv 2302.01318), options ``draft`` (a model with the same
@@ -215,12 +218,13 @@ def _check_left_padded(valid: Tensor, min_tokens: int, left_only: bool = True) -
 
 
 def check_length(model: Any, input_ids: Tensor, max_new_tokens: int, attention_mask: Tensor | None = None,
-                 reserved: int = 0, what: str = "", min_tokens: int = 1, left_only: bool = True) -> None:
+                 reserved: int = 0, what: str = "", min_tokens: int = 1, left_only: bool = True) -> int:
     """Refuse, before any work, a prompt that is not token ids (``check_prompt``; ``min_tokens``:
     0 for a mode that can start from nothing) and a generation that would run past
     ``max_seq_len``: the longest prompt row (real tokens: pads do not count, nor do meta tokens,
     as in ``HybridLM.forward``) plus ``max_new_tokens`` plus the ``reserved`` positions the mode
-    adds (``what`` names them). One host read when there is a mask."""
+    adds (``what`` names them). One host read when there is a mask. Returns the longest row's
+    real tokens."""
     if not int_at_least(max_new_tokens, 0):
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     check_prompt(input_ids, attention_mask, min_tokens)
@@ -234,6 +238,7 @@ def check_length(model: Any, input_ids: Tensor, max_new_tokens: int, attention_m
         raise ValueError(f"generate: prompt ({T} tokens) + max_new_tokens ({max_new_tokens}){extra} = "
                          f"{T + max_new_tokens + reserved} exceeds max_seq_len {max_len} (use max_new_tokens <= "
                          f"{max(max_len - T - reserved, 0)}{note})")
+    return T
 
 
 def generate_ar(
@@ -327,16 +332,14 @@ def _report(stats: dict | None, forwards: int, tokens: int, rows: int, **more: A
 
 def token_confidence(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
                      generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """(token, its probability) per position of logits [..., V]: greedy at temperature 0 (the
-    probability under softmax(logits)), else sampled (the probability under the filtered,
-    temperature-scaled distribution it was drawn from, ``filtered_probs``)."""
+    """(token, its confidence) per position of logits [..., V]: the token greedy at temperature 0,
+    else drawn from the filtered, temperature-scaled distribution (``filtered_probs``); its
+    confidence is its probability under the model's own ``softmax(logits)`` in both cases, as in
+    Fast-dLLM (under the filtered distribution, top_k 1 or a small top_p would make every
+    confidence ~1 and unmask a whole block in one step)."""
     flat = logits.reshape(-1, logits.shape[-1]).float()
-    if temperature <= 0:
-        probs = flat.softmax(-1)
-        tok = probs.argmax(-1)
-    else:
-        probs = filtered_probs(flat, temperature, top_k, top_p)
-        tok = draw(probs, generator)
+    probs = flat.softmax(-1)
+    tok = probs.argmax(-1) if temperature <= 0 else draw(filtered_probs(flat, temperature, top_k, top_p), generator)
     conf = probs.gather(-1, tok[:, None]).squeeze(-1)
     return tok.view(logits.shape[:-1]), conf.view(logits.shape[:-1])
 
@@ -374,7 +377,7 @@ def generate_block_diffusion(
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)
                                   or not threshold > 0):
         raise ValueError(f"threshold must be a number > 0 (or None for the steps schedule), got {brief(threshold)}")
-    check_length(model, input_ids, max_new_tokens, attention_mask, min_tokens=0)  # a block can start from nothing
+    longest = check_length(model, input_ids, max_new_tokens, attention_mask, min_tokens=0)  # may start from nothing
     B = input_ids.shape[0]
     cache = model.new_cache(B, device=input_ids.device)
     model(input_ids, attention_mask=attention_mask, cache=cache)  # prefill: checks the prompt's ids
@@ -382,10 +385,14 @@ def generate_block_diffusion(
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     rows = torch.arange(B, device=dev)
     forwards, blocks, steps_used = 1, [], []
+    room = model.config.max_seq_len - longest  # positions after the longest prompt
     for start in range(0, max_new_tokens, bs):
-        size = min(bs, max_new_tokens - start)
-        n_steps = min(steps if steps is not None else size, size)
-        x = torch.full((B, size), mask_id, dtype=input_ids.dtype, device=dev)
+        size = min(bs, max_new_tokens - start)  # the tokens this block gives
+        # a last, partial block is denoised at the full block size where it fits (as every noisy
+        # block in training) and cut: its first ``size`` tokens are a draw of the model's marginal
+        width = min(bs, room - start)
+        n_steps = min(steps if steps is not None else width, width)
+        x = torch.full((B, width), mask_id, dtype=input_ids.dtype, device=dev)
         used = 0
         while True:
             masked = x == mask_id
@@ -408,6 +415,7 @@ def generate_block_diffusion(
             best = conf.argmax(-1)  # at least one token per row that still has masks
             accept[rows, best] |= masked[rows, best]
             x = torch.where(accept, tok, x)
+        x = x[:, :size]
         if eos_token_id is not None:
             x = torch.where(done[:, None], torch.full_like(x, eos_token_id), x)
             after = (x == eos_token_id).int().cumsum(1) > 0  # from the first EOS on, the row is over
