@@ -375,6 +375,44 @@ def test_noise_masks_each_block_at_rate_m_t(schedule):
     torch.testing.assert_close(rate, mask_rate(obj.cfg, levels), atol=0.012, rtol=0)
 
 
+@pytest.mark.parametrize("schedule, clip", [("log_linear", (0.3, 0.8)), ("log_linear", (0.0, 0.6)),
+                                             ("cosine", (0.45, 1.0)), ("exponential", (0.5, 0.9))])
+def test_resample_draws_the_rejection_samplers_distribution(schedule, clip):
+    """``resample``: every block's masked fraction lies in [m(beta), m(omega)] (a bound at the range's
+    end not imposed), and the masks have the distribution of BD3-LM's loop (independent draws redrawn
+    until the fraction fits): per level, the histogram of masked counts matches the rejection
+    sampler's, and given the count every position is equally likely."""
+    obj = build_model(bd_recipe("GA", 4, schedule=schedule, exponent=2.0, clip=list(clip), resample=True)).objective
+    levels = torch.tensor([clip[0] + 0.01, sum(clip) / 2, clip[1]]).clamp(bd.T_EPS, 1.0)
+    n = 6000
+    x0 = torch.randint(0, V, (n, 4 * len(levels)))
+    t = levels[None].expand(n, -1)
+    xt, masked = obj.noise(x0, t, generator=torch.Generator().manual_seed(0), clip=clip)
+    assert torch.equal(xt[masked], torch.full((int(masked.sum()),), V)) and torch.equal(xt[~masked], x0[~masked])
+    counts = masked.view(n, len(levels), 4).sum(-1)
+    allowed = bd._allowed_counts(obj.cfg, *clip)
+    assert bool(allowed[counts].all())
+    g = torch.Generator().manual_seed(1)
+    for j, lv in enumerate(levels.tolist()):  # the rejection sampler, by brute force
+        draws = torch.rand(4 * n, 4, generator=g) < float(mask_rate(obj.cfg, torch.tensor(lv)))
+        keep = draws[allowed[draws.sum(-1)]]
+        want = torch.bincount(keep.sum(-1), minlength=5).double() / keep.shape[0]
+        got = torch.bincount(counts[:, j], minlength=5).double() / n
+        torch.testing.assert_close(got, want, atol=0.03, rtol=0)
+        pos = masked.view(n, len(levels), 4)[:, j].double().mean(0)  # exchangeable positions
+        torch.testing.assert_close(pos, pos.mean().expand(4), atol=0.03, rtol=0)
+    # unclipped (evaluation's U[eps, 1]): the independent draws, as without resample
+    plain = build_model(bd_recipe("GA", 4, schedule=schedule, exponent=2.0)).objective
+    a = obj.noise(x0, t, generator=torch.Generator().manual_seed(3))
+    b = plain.noise(x0, t, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a[1], b[1])
+
+
+def test_resample_with_a_clip_no_block_fraction_fits_is_refused():
+    with pytest.raises(RecipeError, match="objective.resample: no masked fraction k / 4"):
+        load_recipe(_yaml({"kind": "block_diffusion", "block_size": 4, "clip": [0.3, 0.45], "resample": True}))
+
+
 def test_eval_batch_is_seeded_and_counts_masked_scored_tokens():
     model = make(bd_recipe("GA | GD", 4))
     ids = torch.randint(0, V, (4, 12), generator=torch.Generator().manual_seed(0))

@@ -10,7 +10,11 @@ minimises the block NELBO (BD3-LM Eq. 8-10, with MDLM's SUBS parameterisation):
 
 * one noise level t_b per block, drawn uniformly from the clipped range ``clip: [beta,
   omega]`` (BD3-LM §5, "clipped" schedules that reduce the variance of the gradient);
-  every token of block b is replaced by [MASK] with probability m(t_b);
+  every token of block b is replaced by [MASK] with probability m(t_b); with ``resample``
+  (BD3-LM's training setting) conditioned on the block's masked fraction lying in
+  [m(beta), m(omega)], which the independent draws often miss at small blocks (block 4,
+  clip [0.3, 0.8]: ~40% of blocks, 7% with no mask at all and so no loss). BD3-LM's search
+  for the clip range of least variance is not implemented (``clip`` is fixed);
 * schedules (mask rate m(t), weight w(t) = m'(t) / m(t)): ``log_linear`` m = t, w = 1/t;
   ``cosine`` m = 1 - cos(pi t / 2); ``exponential`` m = t^p (``exponent`` p; BD3-LM's
   "square" for p = 2), w = p / t;
@@ -54,6 +58,8 @@ class BlockDiffusionConfig:
     schedule: str = spec("log_linear", choices=SCHEDULES, doc="mask rate m(t): t, 1 - cos(pi t / 2) or t^exponent")
     exponent: float = spec(2.0, gt=0.0, doc="the exponential schedule's p (m = t^p)")
     clip: tuple[float, float] = spec((0.0, 1.0), doc="[beta, omega]: training noise levels t ~ U[beta, omega]")
+    resample: bool = spec(False, doc="keep every block's masked fraction inside [m(beta), m(omega)] (BD3-LM's "
+                          "resampling, its training scripts' setting); off: each token masked on its own")
 
     def check(self, model):  # noqa: ANN001
         lo, hi = self.clip
@@ -64,9 +70,24 @@ class BlockDiffusionConfig:
         if model.max_seq_len % self.block_size:
             yield "block_size", (f"must divide model.max_seq_len ({model.max_seq_len}): blocks tile the sequence; "
                                  f"got {self.block_size} (remainder {model.max_seq_len % self.block_size})")
+        if self.resample and not _allowed_counts(self, lo, hi).any():
+            yield "resample", (f"no masked fraction k / {self.block_size} of a block lies in the clip range's mask "
+                               f"rates: widen clip or enlarge block_size")
         if model.etd is not None:
             yield "kind", "block_diffusion does not run ETD models (model.etd): the two-stream forward is "\
                           "defined for plain stacks"
+
+
+def _allowed_counts(cfg: BlockDiffusionConfig, lo: float, hi: float) -> Tensor:
+    """[block_size + 1] bool: the masked counts k whose fraction k / block_size lies in
+    [m(lo), m(hi)], a bound not imposed where the range reaches its end (lo <= eps, hi = 1)."""
+    frac = torch.arange(cfg.block_size + 1, dtype=torch.float64) / cfg.block_size
+    ok = torch.ones_like(frac, dtype=torch.bool)
+    if lo > T_EPS:
+        ok &= frac >= float(mask_rate(cfg, torch.tensor(lo, dtype=torch.float64))) - 1e-12
+    if hi < 1.0:
+        ok &= frac <= float(mask_rate(cfg, torch.tensor(hi, dtype=torch.float64))) + 1e-12
+    return ok
 
 
 def mask_rate(cfg: BlockDiffusionConfig, t: Tensor) -> Tensor:
@@ -122,11 +143,30 @@ class BlockDiffusion(Objective):
         lo = max(lo, T_EPS)
         return lo + (max(hi, lo) - lo) * u
 
-    def noise(self, x0: Tensor, t: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """(x_t, masked [B, L] bool) for per-block levels t [B, nb]."""
+    def noise(self, x0: Tensor, t: Tensor, generator: torch.Generator | None = None,
+              clip: tuple[float, float] = (0.0, 1.0)) -> tuple[Tensor, Tensor]:
+        """(x_t, masked [B, L] bool) for per-block levels t [B, nb]: each token masked with
+        probability m(t_b); with ``resample`` and a clipped range, conditioned on the block's
+        masked count k having k / block_size in [m(beta), m(omega)] (a bound at the range's end,
+        beta <= eps or omega = 1, is not imposed, as in BD3-LM). BD3-LM redraws an out-of-range
+        block until it fits; the same distribution is drawn here at once: k from the binomial
+        restricted to the allowed counts, then a uniformly random k-subset of the block."""
         bs = self.cfg.block_size
-        m = mask_rate(self.cfg, t).repeat_interleave(bs, dim=1)
-        masked = torch.rand(x0.shape, device=x0.device, generator=generator) < m
+        m = mask_rate(self.cfg, t)
+        lo, hi = clip
+        if self.cfg.resample and (lo > T_EPS or hi < 1.0):
+            B, nb = t.shape
+            k = torch.arange(bs + 1, device=t.device, dtype=m.dtype)
+            logp = (torch.lgamma(torch.tensor(bs + 1.0, device=t.device)) - torch.lgamma(k + 1) - torch.lgamma(bs - k + 1)
+                    + torch.xlogy(k, m[..., None]) + torch.xlogy(bs - k, 1 - m[..., None]))
+            logp = logp.masked_fill(~_allowed_counts(self.cfg, lo, hi).to(t.device), -math.inf)
+            cdf = logp.softmax(-1).cumsum(-1)
+            u = torch.rand((B, nb, 1), device=t.device, generator=generator)
+            n = (cdf < u * cdf[..., -1:]).sum(-1, keepdim=True)  # [B, nb, 1] masked tokens per block
+            order = torch.rand((B, nb, bs), device=t.device, generator=generator).argsort(-1).argsort(-1)
+            masked = (order < n).reshape(B, nb * bs)
+        else:
+            masked = torch.rand(x0.shape, device=x0.device, generator=generator) < m.repeat_interleave(bs, dim=1)
         return torch.where(masked, torch.full_like(x0, self.mask_token_id), x0), masked
 
     # ------------------------------------------------------------------ forward over [x_t, x_0]
@@ -160,7 +200,7 @@ class BlockDiffusion(Objective):
 
         lo, hi = self.cfg.clip
         t = self.sample_t((ids.shape[0], ids.shape[1] // self.cfg.block_size), ids.device, lo, hi)
-        xt, masked = self.noise(ids, t)
+        xt, masked = self.noise(ids, t, clip=(lo, hi))
         logits, ctx = self.two_stream_logits(model, xt, ids)
         loss = self.nelbo(logits, ids, masked, t, labels != -100)
         aux = ctx.aux_total()
