@@ -245,6 +245,12 @@ def test_router_losses():
     target = torch.tensor([0, 2])
     w = class_weights(torch.tensor([1, 1, 1, 0, 2]))
     assert w[0] > w[1] and w[2] > w[1]
+    # effective numbers (beta 0.999): ~inverse frequency at a batch's counts, flatter at a dataset's
+    small = class_weights(torch.repeat_interleave(torch.arange(3), torch.tensor([8, 150, 2])))
+    torch.testing.assert_close(small, torch.tensor([0.595, 0.034, 2.371]), atol=2e-3, rtol=0)
+    big = class_weights(torch.repeat_interleave(torch.arange(3), torch.tensor([10_000, 100_000, 2_000])))
+    torch.testing.assert_close(big, torch.tensor([0.95, 0.95, 1.10]), atol=1e-2, rtol=0)
+    assert class_weights(torch.tensor([1, 1]))[[0, 2]].tolist() == [0.0, 0.0]
     assert focal_loss(logits, target, gamma=0.0) == pytest.approx(
         float(torch.nn.functional.cross_entropy(logits, target)))
     assert focal_loss(logits, target, gamma=2.0) < focal_loss(logits, target, gamma=0.0)
@@ -311,3 +317,23 @@ def test_etd_depth_benchmark_runs_with_its_default_task(tmp_path, monkeypatch):
                            "chance": res["task"]["chance"]}
     assert [(r["halting"], r["trained_iterations"], sorted(r["accuracy"])) for r in res["rows"]] == [
         ("none", 1, ["1", "2"])]
+
+
+def test_layer_router_pools_the_real_tokens_in_windows_wherever_they_sit():
+    """Windowed mean pooling cuts a row's real tokens into equal windows by their rank among the
+    real tokens: the same tokens give the same logits whether they come first (padding) or are
+    scattered (the tokens ACT has not halted), where before every scattered token fell into the
+    last window."""
+    from hymba_plus.components.etd_router import LayerRouter
+
+    torch.manual_seed(0)
+    r = LayerRouter(8, 16, 4)
+    x = torch.randn(1, 12, 8)
+    first = torch.zeros(1, 12, dtype=torch.bool)
+    first[0, :4] = True
+    late = torch.zeros(1, 12, dtype=torch.bool)
+    late[0, 8:] = True
+    moved = torch.zeros_like(x)
+    moved[0, 8:] = x[0, :4]
+    torch.testing.assert_close(r(moved, late), r(x, first))
+    torch.testing.assert_close(r(x[:, :4], None), r(x, first))

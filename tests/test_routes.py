@@ -108,8 +108,9 @@ def test_unused_think_iterations_stay_execute():
 
 def test_route_loss_class_balance_weighs_each_class_equally_or_not_at_all():
     """``layer_router.class_balance``: with it the router loss is the mean over the target classes
-    of each class's mean loss (Dr.LLM's inverse-frequency weights), without it the plain mean over
-    the slots that ran (here gamma 0: cross entropy). Unbalanced targets: 9 execute, 2 skip, 1 repeat."""
+    of each class's mean loss (Dr.LLM's effective-number weights, at a batch's counts within 0.5% of
+    inverse frequency), without it the plain mean over the slots that ran (here gamma 0: cross
+    entropy). Unbalanced targets: 9 execute, 2 skip, 1 repeat."""
     torch.manual_seed(0)
     logits = torch.randn(3, 5, 3)
     ran = torch.tensor([True, True, False, True, True])  # slot 2 did not run: not scored
@@ -124,7 +125,7 @@ def test_route_loss_class_balance_weighs_each_class_equally_or_not_at_all():
     balanced, acc = route_targets_loss(stats, routes, 0.0, balance=True)
     assert float(plain) == pytest.approx(float(ce.mean()), rel=1e-6)
     per_class = [float(ce[tgt == c].mean()) for c in (SKIP, EXECUTE, REPEAT)]
-    assert float(balanced) == pytest.approx(sum(per_class) / 3, rel=1e-6)
+    assert float(balanced) == pytest.approx(sum(per_class) / 3, rel=5e-3)
     assert abs(float(balanced) - float(plain)) > 0.05
     assert float(acc) == pytest.approx(float((lg.argmax(-1) == tgt).float().mean()))
     # balanced targets (4 of each class among the 12 scored): both are the plain mean

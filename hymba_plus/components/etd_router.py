@@ -19,7 +19,7 @@ and how. The structure itself (which layer applications run, with which cache st
   over the windows), choosing skip / execute / repeat per sequence. The route is decided
   once, at the prefill (the call that starts a cache), and kept for decoding; routers are
   trained with the base frozen on routes found by search, with the paper's focal loss and
-  class weights (``focal_loss``). Until that training switches them on (``enable_routes``,
+  class rebalancing by effective numbers (``focal_loss``, ``class_weights``). Until that training switches them on (``enable_routes``,
   a buffer saved with the weights) the routes are all-execute: the base trains as a plain
   ETD model, as Dr.LLM retrofits routers to a trained model.
 * **MoDr branches** (``branches``; Mixture-of-Depth-Recurrent Transformers, ICLR 2026):
@@ -62,8 +62,9 @@ class LayerRouterConfig:
     hidden: int = spec(64, min=1, doc="bottleneck width of each router MLP")
     windows: int = spec(4, min=1, doc="windowed mean pooling: windows per sequence")
     focal_gamma: float = spec(2.0, min=0.0, doc="focal loss gamma of router training")
-    class_balance: bool = spec(True, doc="router training weighs the route classes by inverse frequency "
-                                         "(Dr.LLM); false: every target weighs the same")
+    class_balance: bool = spec(True, doc="router training weighs the route classes by their effective numbers "
+                                         "(Dr.LLM: beta 0.999; ~inverse frequency at a batch's counts); false: "
+                                         "every target weighs the same")
 
 
 @dataclass(frozen=True)
@@ -91,12 +92,14 @@ class LayerRouter(nn.Module):
         self.down = nn.Linear(hidden, 3)
 
     def forward(self, x: Tensor, valid: Tensor | None) -> Tensor:
-        """x [B, S, D] (real tokens first in each row), valid [B, S] or None -> logits [B, 3]."""
+        """x [B, S, D], valid [B, S] or None (the real tokens, anywhere in the row: padding, or
+        the tokens ACT has not halted) -> logits [B, 3]."""
         B, S, _ = x.shape
         n = valid.sum(1) if valid is not None else torch.full((B,), S, device=x.device)
-        t = torch.arange(S, device=x.device)
-        # window of each slot: floor(t * W / n) for the real ones; inert slots get weight 0
-        w = torch.clamp(t[None] * self.windows // n.clamp_min(1)[:, None], max=self.windows - 1)
+        # each real token's rank among its row's real tokens (its position when they come first)
+        t = (valid.long().cumsum(1) - 1).clamp_min(0) if valid is not None else torch.arange(S, device=x.device)[None]
+        # window of each slot: floor(rank * W / n) for the real ones; inert slots get weight 0
+        w = torch.clamp(t * self.windows // n.clamp_min(1)[:, None], max=self.windows - 1)
         onehot = F.one_hot(w, self.windows).to(x.dtype)  # [B, S, W]
         if valid is not None:
             onehot = onehot * valid[..., None].to(x.dtype)
@@ -120,12 +123,20 @@ def focal_loss(logits: Tensor, target: Tensor, gamma: float = 2.0, weight: Tenso
     return loss.mean()
 
 
-def class_weights(targets: Tensor, n_classes: int = 3) -> Tensor:
-    """Inverse-frequency class weights (classes never seen get weight 0), normalised to mean 1
-    over the classes present: Dr.LLM's class balancing."""
-    counts = torch.bincount(targets.flatten(), minlength=n_classes).float()
-    w = torch.where(counts > 0, counts.sum() / counts.clamp_min(1), torch.zeros_like(counts))
-    return w / w[counts > 0].mean()
+#: Dr.LLM's class rebalancing: effective number of samples with this beta (its README)
+EFFECTIVE_NUMBER_BETA = 0.999
+
+
+def class_weights(targets: Tensor, n_classes: int = 3, beta: float = EFFECTIVE_NUMBER_BETA) -> Tensor:
+    """Class weights by the effective number of samples (Cui et al. 2019, arXiv 1901.05555, Eq. 3:
+    ``w_c ∝ (1 - beta) / (1 - beta^n_c)``), as Dr.LLM rebalances its focal loss (beta 0.999),
+    from the counts of ``targets`` (the batch's); classes never seen get weight 0, the rest are
+    normalised to mean 1. At a batch's counts (n_c << 1 / (1 - beta)) this is close to inverse
+    frequency; at thousands of samples a class it flattens towards equal weights."""
+    counts = torch.bincount(targets.flatten(), minlength=n_classes).double()
+    effective = (1.0 - beta ** counts) / (1.0 - beta)
+    w = torch.where(counts > 0, 1.0 / effective.clamp_min(1e-12), torch.zeros_like(counts))
+    return (w / w[counts > 0].mean()).float()
 
 
 @register("etd_router", config=EtdRouterConfig, kind="router")

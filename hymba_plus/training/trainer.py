@@ -986,10 +986,14 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Held-out loss and accuracy (or perplexity) of the model as it runs at inference. When
-        its Dr.LLM routers are on (router training switched them on) that is with the routes
-        they decide, and the same batches are also evaluated all-execute (``*_all_execute``);
-        ``eval_applications`` is the mean layer applications per sequence of the routed run."""
+        """Held-out loss and accuracy (or perplexity) of the model, teacher-forced over whole
+        held-out sequences. When its Dr.LLM routers are on (router training switched them on)
+        that is with the routes they decide, and the same batches are also evaluated
+        all-execute (``*_all_execute``); ``eval_applications`` is the mean layer applications
+        per sequence of the routed run. The routes are decided from the whole sequence (as in
+        router training, and as Dr.LLM's code routes every forward); ``generate`` decides them
+        from the prompt at the prefill, so where answers follow a prompt, a route here can
+        differ from the one generation takes."""
         cfg, dev, info = self.cfg, self.info.device, self.info
         self.model.eval()
         B = cfg.batch_size
