@@ -253,6 +253,12 @@ def test_collate_max_len_and_empty():
                             "more than max_len 5")
     with pytest.raises(DataError, match="no examples"):
         collate([])
+    # LaDiR's passes add its memory slots: [question, slots, reasoning or answer] must fit too
+    assert collate(exs, max_len=6, reserve=2)["full"].shape == (1, 6)
+    with pytest.raises(DataError) as e:
+        collate(exs, max_len=6, reserve=3)
+    assert str(e.value) == ("collate: example 0 needs 7 positions (question 2 + 3 memory slots + the longer of "
+                            "reasoning 2 and answer 2), more than max_len 6")
 
 
 def test_collate_of_tasks_has_fixed_shapes():

@@ -15,6 +15,8 @@ class Objective(nn.Module):
       [MASK]), or None;
     * ``needs_segments``: its batches carry question / reasoning / answer segments, so the
       trainer opens reasoning data (``training/data.ReasoningBatches``);
+      ``segment_reserve(recipe)`` the positions its passes add to an example (ladir's memory
+      slots), which the data's length check counts;
     * ``eager_because``: why its training step cannot be captured by ``--compile`` /
       ``--cuda-graph`` (None: the step is the model's forward, which they capture);
     * ``phase_settings``: train settings that choose *which* parameters it trains (ladir's
@@ -38,6 +40,11 @@ class Objective(nn.Module):
     default_data = "mqar"
     eager_because: str | None = None
     phase_settings: tuple[str, ...] = ()
+
+    @staticmethod
+    def segment_reserve(recipe: Any) -> int:
+        """Positions this objective's passes add to a reasoning example (none by default)."""
+        return 0
 
     def configure(self, train_cfg: Any) -> None:
         """Read the run's settings (nothing by default)."""

@@ -40,6 +40,12 @@ class LaDiRObjective(Objective):
     eager_because = "its losses call the model several times per step"
     phase_settings = ("ladir_stage",)  # each stage trains other parameters
 
+    @staticmethod
+    def segment_reserve(recipe: Any) -> int:
+        """The memory slots: the encoder reads [question, reasoning, slots], the decoder
+        [question, slots, reasoning or answer]."""
+        return recipe.ladir.memory_slots if recipe.ladir is not None else 0
+
     def __init__(self, cfg: LaDiRObjectiveConfig, **_: Any):
         super().__init__()
         self.cfg = cfg

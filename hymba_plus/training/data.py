@@ -280,7 +280,7 @@ class ReasoningBatches:
     metric = "accuracy"
 
     def __init__(self, data: str, vocab_size: int, seed: int, cfg: Any, tokenizer_path: str | None,
-                 max_len: int | None):
+                 max_len: int | None, reserve: int = 0):
         from .reasoning import ReasoningStream, params_from_train
 
         tok = tokmod.load_file(tokenizer_path) if tokenizer_path else None
@@ -288,7 +288,7 @@ class ReasoningBatches:
             raise DataError(f"--tokenizer {tokenizer_path}: {tok.vocab_size} tokens but the model's vocab_size is "
                             f"{vocab_size}")
         self.inner = ReasoningStream(data, vocab_size, seed=seed, tokenizer=tok, val_frac=cfg.val_frac,
-                                     max_len=max_len, **params_from_train(data, cfg))
+                                     max_len=max_len, reserve=reserve, **params_from_train(data, cfg))
         self.tokenizer = self.inner.tokenizer
         self.chance = self.inner.chance
         self.description = self.inner.description
@@ -411,10 +411,11 @@ class TextStream:
 
 def open_stream(data: str, seq_len: int, vocab_size: int, seed: int, cfg: Any, cache_dir: Path | None,
                 tokenizer_path: str | None = None, segments: bool = False,
-                max_len: int | None = None, series: Any = None) -> Any:
+                max_len: int | None = None, series: Any = None, reserve: int = 0) -> Any:
     """A stream for ``data``: a task name, a shard folder, or text (tokenized into
     ``cache_dir`` first, reused while the source files are unchanged); with ``segments``
-    (an objective that needs question / reasoning / answer), reasoning data; with ``series``
+    (an objective that needs question / reasoning / answer), reasoning data (``reserve``: the
+    positions the objective's passes add to an example, within ``max_len``); with ``series``
     (the forecast objective's config), windows of a CSV series or of the synthetic generator
     (``series.py``)."""
     if series is not None:
@@ -422,7 +423,7 @@ def open_stream(data: str, seq_len: int, vocab_size: int, seed: int, cfg: Any, c
 
         return SeriesStream(data, series, seed)
     if segments:
-        return ReasoningBatches(data, vocab_size, seed, cfg, tokenizer_path, max_len)
+        return ReasoningBatches(data, vocab_size, seed, cfg, tokenizer_path, max_len, reserve)
     if data in TASKS:
         return TaskStream(TASKS[data], seq_len, vocab_size, seed, cfg)
     p = Path(data)

@@ -294,7 +294,7 @@ def _with_labels(prefixes: list[tuple[int, ...]], answers: list[tuple[int, ...]]
     return ids, mask, labels, start
 
 
-def collate(examples: Sequence[ReasoningExample], max_len: int | None = None) -> dict[str, Tensor]:
+def collate(examples: Sequence[ReasoningExample], max_len: int | None = None, reserve: int = 0) -> dict[str, Tensor]:
     """Right-padded (with 0) int64 tensors and bool masks for a batch of examples:
 
     * ``question`` / ``question_mask`` [B, Lq], ``reasoning`` / ``reasoning_mask`` [B, Lr],
@@ -308,7 +308,9 @@ def collate(examples: Sequence[ReasoningExample], max_len: int | None = None) ->
       answer (answering directly from the question).
 
     ``max_len`` bounds the length of ``full``: a longer example is a ``DataError`` (cutting
-    it would lose answer tokens)."""
+    it would lose answer tokens); with ``reserve`` (positions an objective's passes add: LaDiR's
+    memory slots) also those of [question, reasoning, reserve] and [question, reserve, reasoning
+    or answer]."""
     if not examples:
         raise DataError("collate: no examples")
     qs = [tuple(e.question) for e in examples]
@@ -319,6 +321,10 @@ def collate(examples: Sequence[ReasoningExample], max_len: int | None = None) ->
             if len(q) + len(r) + len(a) > max_len:
                 raise DataError(f"collate: example {b} has {len(q) + len(r) + len(a)} tokens "
                                 f"(question {len(q)} + reasoning {len(r)} + answer {len(a)}), more than max_len {max_len}")
+            if reserve and len(q) + reserve + max(len(r), len(a)) > max_len:
+                raise DataError(f"collate: example {b} needs {len(q) + reserve + max(len(r), len(a))} positions "
+                                f"(question {len(q)} + {reserve} memory slots + the longer of reasoning {len(r)} and "
+                                f"answer {len(a)}), more than max_len {max_len}")
     out: dict[str, Tensor] = {}
     for key, rows in (("question", qs), ("reasoning", rs), ("answer", ans)):
         out[key], out[f"{key}_mask"] = _pad(rows)
@@ -347,10 +353,11 @@ class ReasoningStream:
     """
 
     def __init__(self, data: str | os.PathLike, vocab_size: int, seed: int = 0, tokenizer: Any = None,
-                 val_frac: float = 0.1, max_len: int | None = None, **params: Any):
+                 val_frac: float = 0.1, max_len: int | None = None, reserve: int = 0, **params: Any):
         self.vocab_size = int(vocab_size)
         self.seed = int(seed)
         self.max_len = max_len
+        self.reserve = reserve
         self._perm: dict[int, np.ndarray] = {}
         if isinstance(data, str) and data in REASONING_TASKS:
             self.kind, self.name = "task", data
@@ -405,10 +412,10 @@ class ReasoningStream:
         return [self.examples[self.n_train + int(i) % self.n_val] for i in indices]
 
     def train(self, indices: Iterable[int]) -> dict[str, Tensor]:
-        return collate(self.train_examples(indices), self.max_len)
+        return collate(self.train_examples(indices), self.max_len, self.reserve)
 
     def eval(self, indices: Iterable[int]) -> dict[str, Tensor]:
-        return collate(self.eval_examples(indices), self.max_len)
+        return collate(self.eval_examples(indices), self.max_len, self.reserve)
 
     def n_eval(self) -> int | None:
         return None if self.kind == "task" else self.n_val

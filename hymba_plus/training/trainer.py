@@ -486,7 +486,8 @@ class Trainer:
         # an objective that forecasts numbers reads series (a CSV or the synthetic generator)
         stream_args = (cfg.data, cfg.seq_len, self.recipe.model.vocab_size, cfg.seed, cfg, cache_dir, cfg.tokenizer,
                        self.objective_cls.needs_segments, self.recipe.model.max_seq_len,
-                       self.recipe.objective if self.objective_cls.needs_series else None)
+                       self.recipe.objective if self.objective_cls.needs_series else None,
+                       self.objective_cls.segment_reserve(self.recipe))
         if self.info.is_main:
             self.stream = open_stream(*stream_args)
         dist_mod.barrier(self.info)
