@@ -195,7 +195,9 @@ class BlockDiffusion(Objective):
 
     def train_forward(self, fwd, model, ids: Tensor, labels: Tensor, batch: Any = None, **kw: Any):  # noqa: ANN001, ANN201
         """One training forward: noise levels from the clipped range, the two-stream forward,
-        the NELBO (tokens whose label is -100 are context only) plus auxiliary losses."""
+        the NELBO plus auxiliary losses. Tokens whose label is -100 are not scored; they are
+        still noised inside their own block like any other (clean context only for the blocks
+        after it), so a prompt that shares a block with its answer is partly masked there."""
         from ..models.lm import ModelOutput
 
         lo, hi = self.cfg.clip
