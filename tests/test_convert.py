@@ -177,3 +177,65 @@ def test_scaled_rope_imports_and_exports(arch, rope, tmp_path):
     back = getattr(tf, arch).from_pretrained(tmp_path / "back").eval()
     with torch.no_grad():
         assert rel(back(ids).logits, want) <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3NextForCausalLM"])
+def test_partial_rotary_factor_only_where_transformers_applies_it(arch, tmp_path):
+    """transformers rotates the whole head of Llama / Qwen3 / Qwen3-MoE whatever
+    ``partial_rotary_factor`` says, and part of it for Qwen3-Next: the import follows (it had
+    rotated half the head of the first two, 0.35 off HF's logits for Qwen3), and a recipe
+    with ``rope.fraction`` below 1 exports only to Qwen3-Next."""
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    model = hf_model(arch, seed=11, rope_parameters=rope, partial_rotary_factor=0.5)
+    save_hf(model, tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "ours")
+    ours = from_pretrained(tmp_path / "ours").eval()
+    want_frac = 0.5 if arch == "Qwen3NextForCausalLM" else 1.0
+    assert ours.recipe.component("gated_attn").rope.fraction == want_frac
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert rel(ours(ids).logits, model(ids).logits) <= 1e-4
+    if arch != "Qwen3NextForCausalLM":
+        from hymba_plus import load_recipe
+        from hymba_plus.convert.families import family_for_recipe
+
+        r = load_recipe((tmp_path / "ours" / "recipe.yaml").read_text().replace("fraction: 1.0", "fraction: 0.5"))
+        assert any("rope.fraction: 0.5: " in p and "rotates the whole head" in p
+                   for p in family_for_recipe(r, arch).problems(r))
+
+
+def test_rope_scaling_replaces_rope_parameters_as_in_transformers(tmp_path):
+    """A config with both keys: transformers runs ``rope_scaling`` (linear x4 here), so does the import."""
+    model = hf_model("LlamaForCausalLM", seed=12)
+    save_hf(model, tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg["rope_scaling"] = {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    hf = tf.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    import_hf(tmp_path / "hf", tmp_path / "ours")
+    ours = from_pretrained(tmp_path / "ours").eval()
+    assert ours.recipe.component("gated_attn").rope.scaling.kind == "linear"
+    ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert rel(ours(ids).logits, hf(ids).logits) <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ["Qwen3MoeForCausalLM", "Qwen3NextForCausalLM"])
+def test_missing_config_keys_take_the_config_classes_defaults(arch, tmp_path):
+    """A hand-written config without ``norm_topk_prob`` / ``partial_rotary_factor``: transformers'
+    class defaults (Qwen3-MoE false; Qwen3-Next true and 0.25), not ours."""
+    model = hf_model(arch, seed=13, norm_topk_prob=arch == "Qwen3NextForCausalLM")
+    save_hf(model, tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg.pop("norm_topk_prob")
+    cfg.pop("partial_rotary_factor", None)
+    for k in ("rope_parameters", "rope_scaling"):
+        if isinstance(cfg.get(k), dict):
+            cfg[k].pop("partial_rotary_factor", None)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    hf = getattr(tf, arch).from_pretrained(tmp_path / "hf").eval()
+    import_hf(tmp_path / "hf", tmp_path / "ours")
+    ours = from_pretrained(tmp_path / "ours").eval()
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert rel(ours(ids).logits, hf(ids).logits) <= 1e-4

@@ -135,3 +135,43 @@ def test_usage_errors_exit_2(sharded, tmp_path, capsys):
     assert main(["convert", str(sharded), str(tmp_path / "o"), "--max-shard-size", "lots"]) == 2
     assert main(["convert", str(sharded), str(tmp_path / "o"), "--architecture", "LlamaForCausalLM"]) == 2
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("edit, expect", [
+    (lambda c: c.update(num_experts_per_tok=1, norm_topk_prob=True),
+     "config.json: norm_topk_prob: true with num_experts_per_tok 1"),
+    (lambda c: c.update(quantization_config={"quant_method": "fp8"}),
+     "config.json: quantization_config: a quantized checkpoint (fp8) is not supported"),
+    (lambda c: c.update(mlp_only_layers=5), "config.json: mlp_only_layers: must be a list, got 5"),
+    (lambda c: c.update(rope_theta="abc", rope_parameters=None), "config.json: rope_theta: must be a number > 0, got 'abc'"),
+])
+def test_config_values_refused_in_one_line(edit, expect, tmp_path, capsys):
+    src = save_hf(hf_model("Qwen3MoeForCausalLM", seed=3), tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    edit(cfg)
+    (src / "config.json").write_text(json.dumps(cfg))
+    run_fails(capsys, tmp_path, [src, tmp_path / "out"], expect)
+
+
+def test_tied_config_with_a_different_stored_head_is_refused(tmp_path, capsys):
+    """transformers unties a stored ``lm_head.weight`` that differs from the embedding and uses it; the
+    import had dropped it (logits 100% off)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = save_hf(hf_model("LlamaForCausalLM", seed=4, tie_word_embeddings=True), tmp_path / "src")
+    st = load_file(src / "model.safetensors")
+    st["lm_head.weight"] = st["model.embed_tokens.weight"] + 0.1 * torch.randn_like(st["model.embed_tokens.weight"])
+    save_file(st, src / "model.safetensors", metadata={"format": "pt"})
+    run_fails(capsys, tmp_path, [src, tmp_path / "out"], "tie_word_embeddings: true, but the checkpoint's "
+              "lm_head.weight differs from its embedding")
+    st["lm_head.weight"] = st["model.embed_tokens.weight"].clone()  # equal: dropped, as before
+    save_file(st, src / "model.safetensors", metadata={"format": "pt"})
+    assert main(["convert", str(src), str(tmp_path / "ok")]) == 0
+
+
+def test_pickle_only_weights_are_named(tmp_path, capsys):
+    src = save_hf(hf_model("LlamaForCausalLM", seed=5), tmp_path / "src")
+    (src / "model.safetensors").rename(src / "pytorch_model.bin")
+    run_fails(capsys, tmp_path, [src, tmp_path / "out"], "only pickle weights (pytorch_model.bin)",
+              "reads safetensors only")

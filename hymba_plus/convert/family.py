@@ -37,6 +37,8 @@ class HFConfig:
             raise self.error(key, f"must be a number, got {v!r}")
         if kind is bool and not isinstance(v, bool):
             raise self.error(key, f"must be true or false, got {v!r}")
+        if kind is list and not isinstance(v, list):
+            raise self.error(key, f"must be a list, got {v!r}")
         return float(v) if kind is float else v
 
     def req(self, key: str, kind: type = int) -> Any:
@@ -44,20 +46,29 @@ class HFConfig:
             raise self.error(key, "missing")
         return self.get(key, kind=kind)
 
-    def rope(self, head_dim: int) -> dict[str, Any]:
+    def rope(self, head_dim: int, partial: bool = False, default_fraction: float = 1.0) -> dict[str, Any]:
         """Our ``rope`` settings from ``rope_parameters`` (transformers 5) or ``rope_theta`` /
-        ``rope_scaling`` / ``partial_rotary_factor`` (transformers 4). Default and linear RoPE
-        only: another ``rope_type`` (yarn, llama3, dynamic, longrope) computes its frequencies
-        differently from ours and is refused."""
+        ``rope_scaling`` / ``partial_rotary_factor`` (transformers 4), read as transformers
+        does: a ``rope_scaling`` replaces ``rope_parameters`` where both are given; the
+        fraction of the head rotated only where the family rotates part of it (``partial``:
+        Qwen3-Next, default ``default_fraction``; Llama and Qwen3 rotate the whole head
+        whatever ``partial_rotary_factor`` says). Default, linear and llama3 RoPE only: another
+        ``rope_type`` (yarn, dynamic, longrope) computes its frequencies differently from ours
+        and is refused."""
         rp = self.data.get("rope_parameters") or {}
         sc = self.data.get("rope_scaling") or {}
         if not isinstance(rp, dict) or not isinstance(sc, dict):
-            raise self.error("rope_parameters", "must be a mapping")
-        theta = rp.get("rope_theta", self.data.get("rope_theta", 10000.0))
-        frac = rp.get("partial_rotary_factor", self.data.get("partial_rotary_factor", 1.0))
-        kind = rp.get("rope_type") or sc.get("rope_type") or sc.get("type") or "default"
+            raise self.error("rope_parameters" if not isinstance(rp, dict) else "rope_scaling", "must be a mapping")
+        par = sc or rp  # transformers: rope_scaling, when given, is the rope parameters
+        theta = par.get("rope_theta", self.data.get("rope_theta", rp.get("rope_theta", 10000.0)))
+        frac = par.get("partial_rotary_factor", self.data.get("partial_rotary_factor", default_fraction))
+        for key, v in (("rope_theta", theta), ("partial_rotary_factor", frac)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise self.error(key, f"must be a number > 0, got {v!r}")
+        if not partial:
+            frac = 1.0
+        kind = par.get("rope_type") or par.get("type") or "default"
         out: dict[str, Any] = {"theta": float(theta), "fraction": float(frac)}
-        par = {**sc, **rp}
         if kind in ("linear", "llama3"):
             factor = par.get("factor")
             if not isinstance(factor, (int, float)) or factor < 1:
@@ -85,6 +96,8 @@ class Family:
     norm_zero_centered = False  # HF's block / final RMSNorm scales by w (Qwen3-Next: 1 + w)
     qk_norm = False
     output_gate = False
+    partial_rope = False  # True: partial_rotary_factor rotates part of each head (HF: Qwen3-Next only)
+    default_rotary_fraction = 1.0  # partial_rotary_factor when config.json has none
     mlp_bias_key: str | None = "mlp_bias"  # config key of the MLP bias (None: the family has none)
     ignore_prefixes: tuple[str, ...] = ()  # HF tensors not imported (Qwen3-Next's MTP head)
 
@@ -100,7 +113,8 @@ class Family:
         eps = cfg.get("rms_norm_eps", 1e-6, float)
         attn: dict[str, Any] = {
             "n_heads": n_heads, "n_kv_heads": cfg.get("num_key_value_heads", n_heads, int), "head_dim": head_dim,
-            "qk_norm": self.qk_norm, "output_gate": self.output_gate, "rope": cfg.rope(head_dim),
+            "qk_norm": self.qk_norm, "output_gate": self.output_gate,
+            "rope": cfg.rope(head_dim, self.partial_rope, self.default_rotary_fraction),
             "bias": cfg.get("attention_bias", False, bool)}
         if self.qk_norm:
             attn["qk_norm_eps"] = eps
@@ -197,6 +211,9 @@ class Family:
         if a.qk_norm and (a.qk_norm_eps or 1e-6) != eps:
             out.append(f"components.gated_attn.qk_norm_eps: {a.qk_norm_eps or 1e-6:g} differs from model.norm.eps "
                        f"{eps:g} (HF has one rms_norm_eps)")
+        if a.rope.fraction != 1.0 and not self.partial_rope:
+            out.append(f"components.gated_attn.rope.fraction: {a.rope.fraction:g}: {self.architecture} rotates the "
+                       "whole head (transformers ignores partial_rotary_factor for it)")
         sc = a.rope.scaling
         if sc is not None and not (sc.kind in ("linear", "llama3") or (sc.kind == "yarn" and sc.factor == 1.0)):
             out.append(f"components.gated_attn.rope.scaling.kind: {sc.kind} scaling is not exported (linear and "

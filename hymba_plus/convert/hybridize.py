@@ -164,10 +164,14 @@ def hybridize(src: str | Path, out: str | Path, recipe: Any, *, seed: int = 0, a
         if getattr(sm, key) != getattr(tm, key):
             raise ConvertError(f"{where}: model.{key}: {_show(getattr(tm, key))} differs from the source's "
                                f"{_show(getattr(sm, key))} (copied weights keep their meaning only with the same)")
-    _check_same_components(source, target, where)
     if len(source.layers) != len(target.layers):
         raise ConvertError(f"{where}: model.block_pattern: {len(target.layers)} layers, the source has "
                            f"{len(source.layers)}")
+    for i, (s, t) in enumerate(zip(source.layers, target.layers)):  # before the component checks, which
+        if s.ffn != t.ffn:  # would compare a channel mixer the source does not have with its defaults
+            raise ConvertError(f"{where}: model.block_pattern: layer {i} ({t.token()}): channel mixer {t.ffn} "
+                               f"differs from the source's {s.ffn} (MLPs and MoEs are copied)")
+    _check_same_components(source, target, where)
     torch.manual_seed(seed)
     model = HybridLM(target)
     own = model.state_dict()
@@ -190,9 +194,6 @@ def hybridize(src: str | Path, out: str | Path, recipe: Any, *, seed: int = 0, a
                 own[k].copy_(state[k])
         for i, (s, t) in enumerate(zip(source.layers, target.layers)):
             token = f"layer {i} ({t.token()})"
-            if s.ffn != t.ffn:
-                raise ConvertError(f"{where}: model.block_pattern: {token}: channel mixer {t.ffn} differs from the "
-                                   f"source's {s.ffn} (MLPs and MoEs are copied)")
             copy(f"blocks.{i}.norm2.", f"blocks.{i}.norm2.", token)
             copy(f"blocks.{i}.ffn.", f"blocks.{i}.ffn.", token)
             if t.mixer == "none":

@@ -48,6 +48,11 @@ def hf_recipe(src: Path, name: str | None = None) -> tuple[Family, Recipe]:
     """The family and the validated recipe of an HF folder's ``config.json``."""
     data = read_hf_config(src)
     source = str(src / "config.json")
+    if data.get("quantization_config"):
+        q = data["quantization_config"]
+        method = q.get("quant_method", "?") if isinstance(q, dict) else "?"
+        raise ConvertError(f"{source}: quantization_config: a quantized checkpoint ({method}) is not supported; "
+                           "import its unquantized weights")
     fam = family_of_config(data, source)
     rd = fam.recipe_dict(HFConfig(data, source), name or src.resolve().name or "imported")
     try:
@@ -146,6 +151,11 @@ def _read(src: Path, name: str | None, tokenizer: bool) -> tuple[Family, Recipe,
     rules = fam.rules(recipe, fused_experts(reader))
     check_rules(rules, ours)
     tied_head = ("lm_head.weight",) if recipe.model.tie_embeddings else ()
+    if tied_head and "lm_head.weight" in reader and "model.embed_tokens.weight" in reader and not torch.equal(
+            reader.get("lm_head.weight"), reader.get("model.embed_tokens.weight")):
+        # transformers unties a stored head that differs from the embedding and uses it
+        raise ConvertError(f"{src / 'config.json'}: tie_word_embeddings: true, but the checkpoint's lm_head.weight "
+                           "differs from its embedding (transformers then unties them); set it to false to import both")
     plan(reader, rules, ours, fam.ignore_prefixes, tied_head)
     tok = check_tokenizer(src / "tokenizer.json", recipe.model.vocab_size) if tokenizer else None
     return fam, recipe, load_state(reader, rules, ours), tok

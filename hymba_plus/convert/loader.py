@@ -56,6 +56,11 @@ class ShardedReader:
         else:
             found = sorted(p.name for p in self.folder.glob("*.safetensors"))
             if not found:
+                pickles = sorted(p.name for p in self.folder.glob("*.bin"))
+                if pickles:
+                    raise ConvertError(f"{self.folder}: only pickle weights ({pickles[0]}); hymba convert reads "
+                                       "safetensors only (pickle files are never loaded): save the model with "
+                                       "safe_serialization")
                 raise ConvertError(f"{self.folder}: no model.safetensors and no {INDEX}")
             if len(found) > 1:
                 raise ConvertError(f"{self.folder}: {len(found)} .safetensors files but no {INDEX}")

@@ -19,6 +19,7 @@ class MoEMixin:
     """Routed experts (and, for Qwen3-Next, a gated shared expert) as our ``moe``."""
 
     shared_expert = False
+    default_norm_topk = False  # norm_topk_prob when config.json has none (Qwen3MoeConfig's; Qwen3-Next: True)
 
     def moe_layers(self, cfg: HFConfig, comps: dict[str, Any], mixers: list[str]) -> list[LayerSpec]:
         n_exp = cfg.get("num_experts", None, int) or cfg.get("num_local_experts", 0, int)  # 5.x may write the latter
@@ -34,7 +35,7 @@ class MoEMixin:
             moe: dict[str, Any] = {
                 "n_experts": n_exp, "top_k": cfg.req("num_experts_per_tok"),
                 "d_expert": cfg.req("moe_intermediate_size"), "score": "softmax",
-                "norm_topk": cfg.get("norm_topk_prob", True, bool),
+                "norm_topk": cfg.get("norm_topk_prob", self.default_norm_topk, bool),
                 "aux_loss_coef": cfg.get("router_aux_loss_coef", 0.001, float), "z_loss_coef": 0.0,
                 "balance_loss": "pooled", "n_shared": 0}
             if self.shared_expert:
@@ -42,8 +43,9 @@ class MoEMixin:
                 if d_shared < 1:
                     raise cfg.error("shared_expert_intermediate_size", f"must be >= 1, got {d_shared}")
                 moe.update(n_shared=1, d_shared=d_shared)
-            if moe["top_k"] == 1 and moe["norm_topk"]:
-                moe["norm_topk"] = False  # a single renormalised weight is 1 either way
+            if moe["top_k"] == 1 and moe["norm_topk"]:  # HF weights the one expert 1, ours would by its p
+                raise cfg.error("norm_topk_prob", "true with num_experts_per_tok 1 (every token's expert weighted 1, "
+                                "its router untrained by the model loss) is not supported")
             comps["moe"] = moe
         return out
 

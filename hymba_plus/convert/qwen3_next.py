@@ -31,6 +31,9 @@ class Qwen3Next(MoEMixin, Family):
     mlp_bias_key = None
     shared_expert = True
     ignore_prefixes = ("mtp.",)
+    partial_rope = True
+    default_norm_topk = True  # Qwen3NextConfig's
+    default_rotary_fraction = 0.25  # Qwen3NextConfig's
 
     def layers(self, cfg: HFConfig, comps: dict[str, Any]) -> list[LayerSpec]:
         n = cfg.req("num_hidden_layers")
