@@ -5,6 +5,8 @@ iterations untouched, all-execute == the un-routed model bit for bit, recipe che
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hypothesis import given
@@ -337,3 +339,21 @@ def test_layer_router_pools_the_real_tokens_in_windows_wherever_they_sit():
     moved[0, 8:] = x[0, :4]
     torch.testing.assert_close(r(moved, late), r(x, first))
     torch.testing.assert_close(r(x[:, :4], None), r(x, first))
+
+
+@pytest.mark.parametrize("mixer, key", [("gated_attn", "components.gated_attn.kv_share"),
+                                        ("hymba", "components.hymba.attn.kv_share")])
+def test_kv_sharing_is_refused_in_etd_models(mixer, key):
+    """Cross-layer KV sharing pairs layers that run once each; ETD runs think layers per iteration and
+    routes skip or repeat them: the consumer popped a missing producer's K/V (KeyError) or a stale
+    one (the cache invariant off by 2e-2 with ACT). The recipe check refuses the combination."""
+    d = _recipe(mixer)
+    d["model"]["block_pattern"] = f"gdn | {mixer} | {mixer} | gated_attn"
+    if mixer == "hymba":
+        d["components"]["hymba"] = {"ssm": "gdn", "attn": {"n_heads": 2, "head_dim": 8, "kv_share": True}}
+    else:
+        d["components"]["gated_attn"]["kv_share"] = True
+    with pytest.raises(RecipeError, match=re.escape(key) + ": cross-layer KV sharing pairs layers"):
+        load_recipe(d)
+    del d["model"]["etd"], d["components"]["etd_router"]
+    load_recipe(d)  # a plain stack shares

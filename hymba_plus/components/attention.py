@@ -55,7 +55,8 @@ class GatedAttentionConfig:
     qk_norm_zero_centered: bool | None = spec(None, doc="q/k norm scale: true (default when unset) scales by 1 + w "
                                                         "(Qwen3-Next); false by w (Qwen3, Qwen3-MoE)")
     output_gate: bool = True
-    window: int | None = spec(None, min=1)
+    window: int | None = spec(None, min=1, doc="sliding window: keys a query sees, itself included (meta "
+                              "tokens always visible); None: all")
     rope: RopeConfig = field(default_factory=RopeConfig)
     bias: bool = False
     kv_share: bool = spec(False, doc="pair consecutive layers of this mixer: the second reuses the first's K/V")
@@ -73,6 +74,13 @@ class GatedAttentionConfig:
             yield "n_heads", f"must divide d_model ({model.d_model}) when head_dim is not given"
         if self.rope.fraction > 0 and rotary_dim(self.dim(model.d_model), self.rope.fraction) < 2:
             yield "rope.fraction", "rotates fewer than 2 dims of a head; use 0 for no RoPE"
+        if self.kv_share and model.etd is not None:
+            yield "kv_share", KV_SHARE_ETD
+
+
+#: why ``kv_share`` is refused in ETD models (the consumer pops what its producer left in the step)
+KV_SHARE_ETD = ("cross-layer KV sharing pairs layers that run once each, in order; an ETD model (model.etd) runs, "
+                "repeats or skips layers per iteration, route and token: not with it")
 
 
 @dataclass

@@ -16,7 +16,15 @@ shared output projection:
 * both branches must produce the same width: the attention heads' ``n_heads * head_dim``
   equals the SSM's inner width (``head_dim`` defaults to that width / ``n_heads``);
 * ``attn.kv_share``: consecutive ``hymba`` layers pair up and the second reuses the first's
-  keys/values (cross-layer KV sharing, §2.3).
+  keys/values (cross-layer KV sharing, §2.3; plain stacks only: an ETD model refuses it).
+
+Differences from the released model (nvidia/Hymba-1.5B), by design: the attention heads are
+``gated_attn``'s (output gate, q/k norm and partial RoPE where configured; the paper's have
+none of the three); q, k and v share one head dim (the release's values are twice as wide);
+``norm`` here is an RMSNorm with its own zero-centred weight, so each branch's per-channel
+scale is ``beta * (1 + w)`` (the release folds beta into the norm weight: the same family of
+functions, one vector more a branch); every ``hymba`` layer shares one config, so one window
+(the paper's global hybrid layers are expressed with plain ``GA`` layers, as ``hymba_tiny``).
 
 State: ``HymbaState`` nests the attention state and the SSM state.
 """
@@ -34,7 +42,7 @@ from ..core.cache import LayerState, StepContext
 from ..core.config import spec
 from ..core.registry import register
 from ..core.two_stream import recurrent_two_stream
-from .attention import AttentionState, GatedAttention, GatedAttentionConfig, kv_role_of
+from .attention import KV_SHARE_ETD, AttentionState, GatedAttention, GatedAttentionConfig, kv_role_of
 from .norm import RMSNorm
 
 SSM_CHOICES = ("mamba3", "gdn")
@@ -67,6 +75,8 @@ class HymbaConfig:
                                     f"must equal the {self.ssm} inner width ({width})")
         if self.attn.n_heads % self.attn.kv_heads():
             yield "attn.n_kv_heads", f"must divide attn.n_heads ({self.attn.n_heads})"
+        if self.attn.kv_share and model.etd is not None:
+            yield "attn.kv_share", KV_SHARE_ETD
 
 
 @dataclass

@@ -5,8 +5,10 @@ generator, and the training stream of windows.
 the timestamp (numbers, or dates / date-times in ISO 8601 form such as ``2024-01-31`` or
 ``2024-01-31 13:00``), strictly increasing; every other column is a numeric series (one
 channel). Empty cells and ``NA`` / ``NaN`` / ``null`` are missing values: each is filled by
-linear interpolation in time between its neighbours (forward / backward fill at the ends), and
-the fill is reported (``Series.report``). Anything else that is not a number, or a value beyond
+linear interpolation between its neighbouring rows (by row, not by timestamp; forward /
+backward fill at the ends), and the fill is reported (``Series.report``). The fill reads the
+whole series, so a gap at the end of a context is bridged with the value after it, and filled
+targets are scored as if observed: mind both with gappy data. Anything else that is not a number, or a value beyond
 +-1e15 (``MAX_ABS_VALUE``: float32 statistics of it would overflow), is an error. Every
 problem is one ``DataError`` line naming the file, the line and the column, e.g.
 ``series.csv:7: column 'load' (3): 'abc' is not a number``.
@@ -79,10 +81,12 @@ class Series:
 
 def _parse_time(text: str) -> Any:
     try:
-        return float(text)
+        v = float(text)
     except ValueError:
-        pass
-    return datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        return datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    if not math.isfinite(v):
+        raise ValueError(f"{text!r} is not a finite time")
+    return v
 
 
 def read_csv(path: str | Path) -> Series:
@@ -91,7 +95,7 @@ def read_csv(path: str | Path) -> Series:
     if not p.is_file():
         raise DataError(f"{p}: no such file")
     try:
-        fh = open(p, newline="", encoding="utf-8")
+        fh = open(p, newline="", encoding="utf-8-sig")  # a byte-order mark is not the first column's name
     except OSError as e:
         raise DataError(f"{p}: cannot read ({e.strerror})") from None
     with fh:
