@@ -126,9 +126,10 @@ def run_dataset(name: str, args: argparse.Namespace, work: Path) -> dict:
     # per-series MASE: the mean (reported as MASE) and the median (robust to a few windows
     # whose horizon holds a regime change that the context's in-sample scale does not)
     scale = fm.mase_scale(b.input_ids.double(), s["season"])
-    per_model = ((b.labels.double() - fm.point_forecast(pred.double(), obj.levels)).abs().mean(1) / scale)
+    has = scale > fm.MASE_MIN_SCALE  # series whose context changes in-sample (the others have no MASE)
+    per_model = ((b.labels.double() - fm.point_forecast(pred.double(), obj.levels)).abs().mean(1) / scale)[has]
     naive = fm.seasonal_naive(b.input_ids.double(), s["horizon"], s["season"])
-    per_naive = ((b.labels.double() - naive).abs().mean(1) / scale)
+    per_naive = ((b.labels.double() - naive).abs().mean(1) / scale)[has]
     res["median_mase"], res["snaive_median_mase"] = float(per_model.median()), float(per_naive.median())
     data_line = next((x for x in logs if x.startswith("data: ")), "")
     ex = len(b.input_ids) // 2  # an example test window for the figure

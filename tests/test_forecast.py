@@ -63,6 +63,7 @@ def _errors(tmp_path: Path, data: dict) -> list[str]:
     ({"loss": "mse"}, "objective.quantiles", "only with loss: quantile"),
     ({"quantiles": [0.5, 0.1]}, "objective.quantiles", "strictly increasing"),
     ({"quantiles": [0.0, 0.5]}, "objective.quantiles", "must lie in (0, 1)"),
+    ({"quantiles": [0.1, 0.9]}, "objective.quantiles", "must include 0.5, the median"),  # was the 0.9 one
     ({"loss": "mae"}, "objective.loss", "must be one of 'mse', 'quantile'"),
     ({"horizn": 8}, "objective.horizn", "unknown key (did you mean 'horizon'?)"),
     ({"horizon": 0}, "objective.horizon", "must be >= 1"),
@@ -238,7 +239,7 @@ def test_metrics_against_hand_computed_values() -> None:
     y = torch.tensor([1.0, 2, 3, 5])[None, :, None]
     naive = fm.seasonal_naive(x, 4, 4)
     assert naive.flatten().tolist() == [1, 2, 3, 4]
-    assert float(fm.mase_scale(x, 4)) == pytest.approx(1e-8)  # perfectly periodic: floored
+    assert float(fm.mase_scale(x, 4)) == 0.0  # perfectly periodic: no in-sample change
     assert float(fm.mase_scale(x, 1)) == pytest.approx((3 * 2 + 3) / 7)  # |steps| 1,1,1,3,1,1,1
     lv = torch.tensor([0.1, 0.5, 0.9])
     q = torch.tensor([[0.0, 1.0, 2.0]])
@@ -252,6 +253,12 @@ def test_metrics_against_hand_computed_values() -> None:
     assert res["mase"] == pytest.approx(1.0 / ((3 * 2 + 3) / 7))
     # season 1: naive repeats the last value, 4: |1-4|, |2-4|, |3-4|, |5-4| -> 1.75
     assert res["snaive_mae"] == pytest.approx(1.75) and res["snaive_crps"] == res["snaive_mae"]
+    # a window whose context does not change in-sample has no MASE: left out of the mean (it had
+    # divided by a 1e-8 floor: 2.5e6 from errors of 0.1 in the reviewer's case), counted apart
+    flat = torch.stack([x[0], torch.full_like(x[0], 3.0)])  # [2, 8, 1]
+    res2 = fm.window_sums(flat, torch.stack([y[0], y[0] + 0.1]), torch.stack([pred[0], pred[0]]), lv, 1)
+    assert float(res2["mase_series"]) == 1 and float(res2["series"]) == 2
+    assert fm.forecast_results({k: float(v) for k, v in res2.items()})["mase"] == pytest.approx(res["mase"])
 
 
 def test_quantile_crps_approaches_the_gaussian_closed_form() -> None:
@@ -516,3 +523,13 @@ def test_beats_seasonal_naive_on_held_out_synthetic_series() -> None:
                                                                       24).items()})
     assert res["mase"] < 0.92 * res["snaive_mase"], res
     assert res["crps"] < res["snaive_crps"], res
+
+
+def test_forecast_csv_keeps_timestamps_and_values_exact() -> None:
+    """Unix-epoch timestamps were written with 6 significant digits (every row 1.7055e+09) and
+    values as 1.23457e+06."""
+    from hymba_plus.cli.forecast import _num, _stamp
+
+    assert _stamp(1705500000.0) == "1705500000" and _stamp(1705500000.5) == "1705500000.5"
+    assert _stamp(0.25) == "0.25"
+    assert float(_num(torch.tensor(1234567.8))) == float(torch.tensor(1234567.8))

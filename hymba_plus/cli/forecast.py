@@ -34,7 +34,16 @@ MAX_PANELS = 4
 
 
 def _stamp(t: Any) -> str:
-    return t.isoformat(sep=" ") if hasattr(t, "isoformat") else f"{t:g}"
+    """A timestamp as the CSV had it: ISO 8601, or the number exactly (an integer without ".0")."""
+    if hasattr(t, "isoformat"):
+        return t.isoformat(sep=" ")
+    return str(int(t)) if float(t).is_integer() and abs(t) < 2**53 else repr(float(t))
+
+
+def _num(v: Any) -> str:
+    """A forecast value with 9 significant digits, enough to round-trip a float32 (6 had
+    written 1234567.8 as 1.23457e+06)."""
+    return f"{float(v):.9g}"
 
 
 def run_forecast(args: Any, model: Any, ckpt: Path) -> int:
@@ -148,9 +157,9 @@ def _rows(origin: str, stamps: list[Any], point: Any, q: Any, levels: list[float
     for j, t in enumerate(stamps):
         row = [origin, _stamp(t), str(j + 1)]
         for c in range(point.shape[-1]):
-            row.append(f"{float(point[j, c]):.6g}")
+            row.append(_num(point[j, c]))
             if levels:
-                row += [f"{float(v):.6g}" for v in q[j, c]]
+                row += [_num(v) for v in q[j, c]]
         out.append(row)
     return out
 

@@ -92,6 +92,9 @@ class ForecastConfig:
                 yield "quantiles", f"levels must lie in (0, 1), got {q}"
             elif any(b <= a for a, b in zip(q, q[1:])):
                 yield "quantiles", f"levels must be strictly increasing, got {q}"
+            elif 0.5 not in q:
+                yield "quantiles", (f"must include 0.5, the median: the point forecast (MSE, MAE, MASE, roll-outs) "
+                                    f"reads it; got {q}")
         if self.season > self.context:
             yield "season", f"must be <= context ({self.context}): seasonal naive repeats the context's last season"
 
