@@ -5,7 +5,7 @@ and a PNG plot.
 * ``--horizon N``: steps to forecast after the data (default: the model's horizon; more rolls
   through the cache);
 * ``--rolling R``: also backtest at R origins, the last R patch boundaries of the data whose
-  whole horizon (the model's) is observed (one cached patch per origin), and print MSE / MAE /
+  whole horizon (the model's) is observed (each forecast from its own window), and print MSE / MAE /
   MASE / CRPS of those forecasts next to seasonal naive; data too short for R such origins is
   a one-line error saying how many fit;
 * ``--out FILE.csv`` (default ``forecast.csv``; the plot is the same name with ``.png``).
@@ -118,7 +118,7 @@ def run_forecast(args: Any, model: Any, ckpt: Path) -> int:
         tgt = torch.stack([x[0, o:o + cfg.horizon] for o in origins.tolist()])
         sums = fm.window_sums(ctx, tgt, preds, levels.cpu() if levels is not None else None, cfg.season)
         res = fm.forecast_results({k: float(v) for k, v in sums.items()})
-        lines.append(f"backtest: {rolling} rolling origin{'s' if rolling != 1 else ''} (one cached patch each): "
+        lines.append(f"backtest: {rolling} rolling origin{'s' if rolling != 1 else ''} (each from its own window): "
                      f"MASE {res['mase']:.3f} (seasonal naive {res['snaive_mase']:.3f}), CRPS {res['crps']:.4g} "
                      f"(seasonal naive {res['snaive_crps']:.4g}), MSE {res['mse']:.4g}, MAE {res['mae']:.4g}")
         for r, o in enumerate(origins.tolist()):

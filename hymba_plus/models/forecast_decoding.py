@@ -11,13 +11,13 @@ patches, no recomputation of the context) and the head forecasts the next horizo
 there; the RevIN statistics stay those of the context. Quantile bands past the first
 horizon are conditioned on that point path (not a sampled path).
 
-``rolling_forecasts(model, series, origins=R)``: backtesting with the cache. Origins are the
-last R + 1 patch boundaries: the first origin's context is prefilled, then each next origin
-costs one cached forward of the one observed patch since the previous origin. RevIN
-statistics are the first context's throughout, so the forecasts at every origin equal a full
-forward over all patches read so far (THE invariant, ``tests/test_forecast.py``) — not a
-fresh forecast from a re-normalised window, and the sequence grows past the training context
-by R patches.
+``rolling_forecasts(model, series, origins=R)``: backtesting. Origins are the last R + 1
+patch boundaries; each origin is forecast from its own window of ``context`` values with its
+own RevIN statistics, exactly as ``generate`` forecasts from there (the windows go through
+the model as one batch, ``ROLLING_BATCH`` windows a forward). It was one cached sequence
+(one patch per origin), which kept the first origin's statistics and let the sequence grow R
+patches past the training context: later origins then scored far worse than the model
+forecasts from there (MASE 2.43 against 1.25 at origins 10-19 in a review's probe).
 
 No options of token decoding apply (temperature, top-k, EOS, streaming).
 """
@@ -107,31 +107,29 @@ def generate_forecast(
     return out
 
 
+#: windows per forward of ``rolling_forecasts``
+ROLLING_BATCH = 256
+
+
 @torch.no_grad()
 def rolling_forecasts(model: Any, series: Tensor, origins: int, stats: dict | None = None) -> tuple[Tensor, Tensor]:
     """(forecasts [B, R + 1, H, C, Q], origin indices [R + 1]) at the last R + 1 patch
     boundaries of ``series`` [B, T, C]: origin r (time index ``T - (R - r) * patch``) forecasts
-    the ``horizon`` after it; one prefill, then one cached patch per origin (module docstring)."""
+    the ``horizon`` after it from the ``context`` values before it (module docstring)."""
     obj = _objective(model)
-    cfg, head = obj.cfg, obj.ts_head
-    P = cfg.patch
-    _check_series(obj, series, cfg.context + origins * P)
+    cfg = obj.cfg
+    P, L = cfg.patch, cfg.context
+    _check_series(obj, series, L + origins * P)
     T = series.shape[1]
     first = T - origins * P
-    x = series[:, first - cfg.context:].to(model.device, torch.float32)
-    mu, sigma = head.stats(x[:, :cfg.context])
-    B = x.shape[0]
-    cache = model.new_cache(B * cfg.channels if cfg.channel_independent else B)
-    z, _ = obj.patch_outputs(model, x[:, :cfg.context], mu, sigma, cache=cache, check_inputs=True)
-    preds = [z[:, -1]]
-    for r in range(origins):  # one observed patch per origin: a loop over decoding steps, not training
-        lo = cfg.context + r * P
-        z, _ = obj.patch_outputs(model, x[:, lo:lo + P], mu, sigma, cache=cache, check_inputs=True)
-        preds.append(z[:, -1])
-    z_all = torch.stack(preds, 1)  # [B, R + 1, H, C, Q]
+    idx = (first - L + P * torch.arange(origins + 1))[:, None] + torch.arange(L)[None]  # [R + 1, L]
+    B, C = series.shape[0], series.shape[2]
+    windows = series[:, idx.flatten()].reshape(B * (origins + 1), L, C).to(model.device, torch.float32)
+    preds = [obj.forecast(model, windows[i:i + ROLLING_BATCH]) for i in range(0, len(windows), ROLLING_BATCH)]
     if stats is not None:
-        stats.update(forwards=origins + 1, origins=origins + 1)
-    return obj.values(z_all, mu, sigma), torch.arange(first, T + 1, P)
+        stats.update(forwards=len(preds), origins=origins + 1)
+    out = torch.cat(preds)
+    return out.view(B, origins + 1, *out.shape[1:]), torch.arange(first, T + 1, P)
 
 
 GENERATORS["forecast"] = generate_forecast  # the decoding modes live in generation.GENERATORS
