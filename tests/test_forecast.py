@@ -533,3 +533,22 @@ def test_forecast_csv_keeps_timestamps_and_values_exact() -> None:
     assert _stamp(1705500000.0) == "1705500000" and _stamp(1705500000.5) == "1705500000.5"
     assert _stamp(0.25) == "0.25"
     assert float(_num(torch.tensor(1234567.8))) == float(torch.tensor(1234567.8))
+
+
+@torch.no_grad()
+def test_eval_metrics_count_each_validation_window_once() -> None:
+    """An eval batch larger than the validation set wraps around (the forward keeps its batch shape);
+    the metric sums count only its distinct windows (15 of forecast_tiny's 17 had counted twice)."""
+    torch.manual_seed(0)
+    m = build_model(recipe("GD | GA")).eval()
+    stream = SeriesStream("synthetic", m.objective.cfg, seed=0)
+    n = stream.n_eval()
+    b = stream.eval(range(n + 5))
+    assert b.input_ids.shape[0] == n + 5 and b.unique == n
+    _, _, _, out = m.objective.eval_batch(m, m, b.input_ids, b.labels, seed=0, batch=b)
+    once = stream.eval(range(n))
+    assert once.unique is None
+    _, _, _, ref = m.objective.eval_batch(m, m, once.input_ids, once.labels, seed=0, batch=once)
+    got, want = m.objective.eval_sums(out), m.objective.eval_sums(ref)
+    assert got["series"] == want["series"] == n * m.objective.cfg.channels
+    assert got["sae"] == pytest.approx(want["sae"], rel=1e-5)

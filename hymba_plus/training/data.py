@@ -270,6 +270,9 @@ class Batch:
     input_ids: Tensor
     labels: Tensor
     segments: dict | None = None  # reasoning data: question / reasoning / answer tensors and masks
+    # held-out batches of a finite set: the first ``unique`` rows are distinct examples, the rest
+    # repeat them to fill the batch (None: every row counts); metrics summed per example read these
+    unique: int | None = None
 
 
 class ReasoningBatches:
