@@ -184,6 +184,22 @@ def test_wsd_resumed_in_its_stable_phase_equals_the_longer_plan_from_the_start()
     assert [new.factor(s) for s in range(50, 300)] == [lr_factor(s, 300, 10, "wsd", 0.0, 0.2) for s in range(50, 300)]
 
 
+def test_a_longer_warmup_on_resume_does_not_restart_the_ramp():
+    """Resumed past its warm-up with a larger --warmup (steps and warmup scaled together), the plan
+    is anchored where the old one stood: the ramp restarted there (factor 0.208 -> 0.810 -> 1.0)
+    while the log said "no new warm-up". Resumed during its warm-up with a shorter one, the new plan
+    runs from the start (its warm-up over: from the peak, not stuck at the old ramp's 0.5)."""
+    old = Schedule("cosine", 100, warmup=10, min_frac=0.1)
+    new = old.replan(Schedule("cosine", 200, warmup=100, min_frac=0.1), 80)
+    assert new.anchor == (80, old.factor(79))
+    assert all(new.factor(s) <= old.factor(79) + 1e-12 for s in range(80, 200))
+    assert math.isclose(new.factor(199), 0.1)
+    early = Schedule("cosine", 100, warmup=40, min_frac=0.0).replan(Schedule("cosine", 100, warmup=10), 20)
+    assert early.anchor is None and early.factor(20) == lr_factor(20, 100, 10, "cosine", 0.0)
+    assert "the warm-up is over" in Schedule("cosine", 100, warmup=40).describe_change(
+        Schedule("cosine", 100, warmup=10), 20, 1e-3)
+
+
 def test_replans_chain_through_checkpoints():
     a = Schedule("cosine", 40, warmup=2, min_frac=0.0)
     b = a.replan(Schedule("cosine", 80, warmup=2, min_frac=0.0), 30)
@@ -342,3 +358,13 @@ def test_checkpoint_files_share_one_mode(tmp_path):
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (out / "step-1").iterdir()}
     assert set(modes.values()) == {0o644}, {k: oct(v) for k, v in modes.items()}
+
+
+@pytest.mark.parametrize("key", ["muon_momentum", "beta1", "beta2"])
+def test_momentum_and_betas_of_one_are_refused(key, tmp_path):
+    """1.0 passed the range check: Muon's matrices froze (momentum 1), AdamW gave NaN (betas 1)."""
+    from hymba_plus.core.config import range_errors
+    from hymba_plus.training.config import TrainConfig
+
+    errs = dict(range_errors(TrainConfig(**{key: 1.0})))
+    assert errs == {key: "must be < 1.0, got 1.0"}

@@ -88,6 +88,29 @@ def test_split_respects_no_muon_and_stacked_ffn_weights():
         assert stacked and all(p.ndim == 3 for _, p in stacked)
 
 
+def test_weight_decay_skips_tables_marked_no_weight_decay_and_ladir_splits_like_keller():
+    """>= 2-D parameters decay (nanoGPT's rule) except bias / gain tables and initial states marked
+    ``_no_weight_decay`` (they had been pulled to 0: Mamba-3's B/C biases start at 1, ATLAS's
+    initial memory and feature coefficients, LaDiR's slots and marks); LaDiR's latent input and
+    output layers take AdamW and its denoiser's packed attention input matrix Muon (Keller
+    Jordan's rule, as ts_head)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    split = split_params(build_model(root / "quad_hybrid_tiny.yaml"))
+    decay = {n for n, _ in split.adamw_decay}
+    undecayed = {n for n, _ in split.adamw_no_decay}
+    for part in ("mixer.B_bias", "mixer.C_bias", "mixer.poly_coef", "mixer.memory.0"):
+        assert any(n.endswith(part) for n in undecayed) and not any(n.endswith(part) for n in decay), part
+    assert "embed.weight" in decay
+    lad = split_params(build_model(root / "ladir_tiny.yaml"))
+    muon = {n for n, _ in lad.muon}
+    assert "ladir.denoiser.stack.layers.0.self_attn.in_proj_weight" in muon
+    assert not any(k in n for n in muon for k in ("denoiser.inp", "denoiser.out.", "to_stats", "from_latent"))
+    assert {"ladir.memory", "ladir.marks", "ladir.denoiser.slot", "ladir.denoiser.pos"} <= {
+        n for n, _ in lad.adamw_no_decay}
+
+
 def test_newton_schulz_orthogonalises_and_batches_per_matrix():
     torch.manual_seed(0)
     g = torch.randn(3, 16, 32)

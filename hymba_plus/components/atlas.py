@@ -161,6 +161,8 @@ class Atlas(nn.Module):
         # learned initial memory: P [d, F] (linear path), W_1 [hid, F], W_l [hid, hid], W_L [d, hid]
         shapes = [(d, self.f), (hid, self.f)] + [(hid, hid)] * (cfg.memory_depth - 2) + [(d, hid)]
         self.memory = nn.ParameterList(nn.Parameter(torch.empty(H, *s)) for s in shapes)
+        for p in (self.poly_coef, *self.memory):  # an initial state and feature gains: no decay to 0
+            p._no_weight_decay = True
         self.reset_special()
 
     def reset_special(self) -> None:

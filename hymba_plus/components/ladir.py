@@ -81,6 +81,13 @@ class FlowDenoiser(nn.Module):
                                            batch_first=True, norm_first=True)
         self.stack = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.out = nn.Linear(d_model, latent_dim)
+        # Muon for the hidden matrices only (Keller Jordan's rule, as ts_head): the latent input and
+        # output layers take AdamW; the attention's packed in_proj_weight (a raw parameter) takes Muon
+        # like its out_proj; the learned slot and position embeddings are not decayed
+        self.inp._no_muon = self.out._no_muon = True
+        for lyr in self.stack.layers:
+            lyr.self_attn.in_proj_weight._muon = True
+        self.slot._no_weight_decay = self.pos._no_weight_decay = True
         self.d = d_model
 
     def forward(self, zt: Tensor, t: Tensor, cond: Tensor, cond_mask: Tensor) -> Tensor:
@@ -105,6 +112,8 @@ class LaDiR(nn.Module):
         self.marks = nn.Parameter(torch.zeros(len(TARGETS), d_model))  # what the decoder is to write next
         self.to_stats = nn.Linear(d_model, 2 * cfg.latent_dim)
         self.from_latent = nn.Linear(cfg.latent_dim, d_model)
+        self.to_stats._no_muon = self.from_latent._no_muon = True  # the latents' output / input layers: AdamW
+        self.memory._no_weight_decay = self.marks._no_weight_decay = True
         self.denoiser = FlowDenoiser(cfg.latent_dim, d_model, cfg.denoiser_layers, cfg.denoiser_heads,
                                      cfg.memory_slots, max_seq_len)
 

@@ -143,7 +143,7 @@ class Mamba3(nn.Module):
             self.mimo_x = self.mimo_z = self.mimo_o = None
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
         self.out_proj.is_residual_out = True
-        for p in (self.dt_bias, self.D):
+        for p in (self.dt_bias, self.D, self.B_bias, self.C_bias):  # biases (B, C: ones): no decay to 0
             p._no_weight_decay = True
         self.reset_special()
 

@@ -24,11 +24,12 @@ def spec(
     min: float | None = None,  # noqa: A002 - reads naturally in config classes
     max: float | None = None,  # noqa: A002
     gt: float | None = None,
+    lt: float | None = None,
     choices: tuple | None = None,
     doc: str = "",
     default_factory: Any = dataclasses.MISSING,
 ) -> Any:
-    meta = {"min": min, "max": max, "gt": gt, "choices": choices, "doc": doc}
+    meta = {"min": min, "max": max, "gt": gt, "lt": lt, "choices": choices, "doc": doc}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -75,6 +76,8 @@ def range_errors(cfg: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
                 yield key, f"must be > {m['gt']}, got {v}"
             if m.get("max") is not None and v > m["max"]:
                 yield key, f"must be <= {m['max']}, got {v}"
+            if m.get("lt") is not None and v >= m["lt"]:
+                yield key, f"must be < {m['lt']}, got {v}"
 
 
 def in_range(cfg: Any) -> bool:

@@ -22,6 +22,12 @@ Which parameters get Muon (``split_params``):
   conv kernels, the raw parameters of token mixers (per-head tables such as ``A_log``,
   ``B_bias``, initial memories), matrices with a side of 1, and any parameter or module
   marked ``_no_muon = True``.
+* Weight decay (``--weight-decay``, decoupled, 0 by default): every Muon matrix and every
+  AdamW parameter of >= 2 dims (nanoGPT's rule: GEMM weights and embeddings), except the meta
+  tokens and parameters marked ``_no_weight_decay = True`` (biases or gains stored as tables,
+  e.g. Mamba-3's ``B_bias``, ATLAS's initial memory and feature coefficients, LaDiR's slots
+  and marks: decay would pull them to 0, not to their initial values); 0-/1-D parameters
+  (norms, biases) never.
 
 Both kinds of groups update all their parameters together: AdamW in PyTorch's fused
 multi-tensor kernel (``torch._fused_adamw_``, what ``torch.optim.AdamW(fused=True)`` runs; a
@@ -461,7 +467,7 @@ def split_params(model: nn.Module, use_muon: bool = True) -> ParamSplit:
                 split.muon.append((name, p))
             elif layout == "in_out":
                 split.muon_stacked.append((name, p))
-            elif p.ndim >= 2 and id(p) != id(meta):
+            elif p.ndim >= 2 and id(p) != id(meta) and not getattr(p, "_no_weight_decay", False):
                 split.adamw_decay.append((name, p))
             else:
                 split.adamw_no_decay.append((name, p))

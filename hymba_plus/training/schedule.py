@@ -5,8 +5,9 @@ anchor), so a checkpoint needs only the step and the anchor.
 
 * warmup: linear from ``1 / warmup`` to 1 over the first ``warmup`` steps;
 * ``cosine``: then half a cosine from 1 down to ``min_frac`` at the last step;
-* ``wsd`` (warmup-stable-decay, Hu et al. 2024, MiniCPM): 1 until the last
-  ``decay_frac * steps`` steps, then linear down to ``min_frac``;
+* ``wsd`` (warmup-stable-decay; MiniCPM, Hu et al. 2024, named it and decays exponentially
+  over ~10% of the tokens; the linear cooldown here is Hägele et al. 2024, arXiv 2405.18392):
+  1 until the last ``decay_frac * steps`` steps, then linear down to ``min_frac``;
 * ``constant``: 1 after warmup.
 
 **Re-planning on resume.** A run resumed with another length (``--steps``) or other schedule
@@ -21,8 +22,10 @@ the new plan starts where the old one stood. ``Schedule.replan`` anchors the new
   schedule it would have had with the new length from the start;
 * ``constant``: f0 holds.
 
-A run re-planned during its warm-up (s0 < warmup) finishes the warm-up and then follows the
-new schedule from the peak (nothing has decayed yet, so no anchor is needed).
+A run re-planned during its own warm-up (s0 < the old plan's warmup) follows the new plan from
+s0 as if it had run from the start (the rest of the new warm-up, if any, then its decay from
+the peak: nothing has decayed yet, so no anchor is needed). A run past its warm-up is
+anchored, whatever the new ``warmup`` (a longer one no longer restarts the ramp).
 """
 
 from __future__ import annotations
@@ -97,7 +100,7 @@ class Schedule:
         settings: ``new`` anchored at this plan's last factor (see the module docstring)."""
         if self.same_plan(new) or step <= 0:
             return replace(new, anchor=self.anchor)
-        if step < new.warmup:
+        if step < self.warmup:  # still warming up: nothing decayed, the new plan from the start
             return replace(new, anchor=None)
         return replace(new, anchor=(step, self.factor(step - 1)))
 
@@ -125,7 +128,8 @@ class Schedule:
         lr_now = peak_lr * self.factor(step - 1) if step > 0 else 0.0
         end = peak_lr * new.min_frac
         if new.anchor is None:
-            how = f"warm-up continues, then {new.kind} from the peak lr {peak_lr:.3g}"
+            how = (f"warm-up continues to step {new.warmup}, then {new.kind} from the peak lr {peak_lr:.3g}"
+                   if step < new.warmup else f"the warm-up is over: {new.kind} from the peak lr {peak_lr:.3g}")
         elif new.kind == "cosine" and math.isclose(lr_now, end, rel_tol=1e-6, abs_tol=1e-12):
             how = f"cosine had decayed to its floor: lr stays {lr_now:.3g} to step {new.steps}"
         elif new.kind == "cosine":
