@@ -368,3 +368,12 @@ def test_momentum_and_betas_of_one_are_refused(key, tmp_path):
 
     errs = dict(range_errors(TrainConfig(**{key: 1.0})))
     assert errs == {key: "must be < 1.0, got 1.0"}
+
+
+def test_wsd_decays_after_the_warmup_and_ends_at_its_floor():
+    """The decay window overlapped the warm-up (10 steps, warmup 3, decay_frac 0.9: 0.33, 0.67, 1.0,
+    then a jump to 0.7); a window that rounds to 0 steps kept the peak to the end."""
+    f = [lr_factor(s, 10, 3, "wsd", 0.1, 0.9) for s in range(10)]
+    assert f[:3] == pytest.approx([1 / 3, 2 / 3, 1.0]) and f[-1] == pytest.approx(0.1)
+    assert all(b <= a + 1e-12 for a, b in zip(f[2:], f[3:])) and f[3] > 0.8  # no jump down after the ramp
+    assert lr_factor(19, 20, 2, "wsd", 0.1, 0.01) == pytest.approx(0.1)  # round(0.2) = 0 -> one decay step

@@ -50,12 +50,18 @@ def lr_factor(step: int, total: int, warmup: int = 0, kind: str = "cosine", min_
         span = max(total - warmup - 1, 1)
         t = min(max(step - warmup, 0) / span, 1.0)
         return min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * t))
-    n_decay = int(round(decay_frac * total))
-    start = total - n_decay
+    start = max(total - _decay_steps(total, decay_frac), warmup)  # the decay never overlaps the warm-up
+    n_decay = total - start
     if n_decay <= 0 or step < start:
         return 1.0
     t = min((step - start + 1) / n_decay, 1.0)
     return 1.0 - (1 - min_frac) * t
+
+
+def _decay_steps(total: int, decay_frac: float) -> int:
+    """WSD's decay window: ``decay_frac`` of the steps, at least one when ``decay_frac`` > 0 (so
+    the last step ends at ``min_frac``)."""
+    return max(int(round(decay_frac * total)), 1 if decay_frac > 0 else 0)
 
 
 def _anchored(step: int, total: int, kind: str, min_frac: float, decay_frac: float, s0: int, f0: float) -> float:
@@ -66,7 +72,7 @@ def _anchored(step: int, total: int, kind: str, min_frac: float, decay_frac: flo
     if kind == "cosine":
         t = min(max(step - s0 + 1, 0) / max(total - s0, 1), 1.0)
         return min_frac + (f0 - min_frac) * 0.5 * (1 + math.cos(math.pi * t))
-    start = max(total - int(round(decay_frac * total)), s0)  # wsd: the decay window, or what is left of it
+    start = max(total - _decay_steps(total, decay_frac), s0)  # wsd: the decay window, or what is left of it
     n_decay = total - start
     if n_decay <= 0 or step < start:
         return f0
@@ -135,7 +141,7 @@ class Schedule:
         elif new.kind == "cosine":
             how = f"cosine continues from lr {lr_now:.3g} down to {end:.3g} at step {new.steps}"
         elif new.kind == "wsd":
-            start = max(new.steps - int(round(new.decay_frac * new.steps)), step)
+            start = max(new.steps - _decay_steps(new.steps, new.decay_frac), step)
             how = (f"wsd holds lr {lr_now:.3g} until step {start}, then decays to {end:.3g} at step {new.steps}"
                    if start < new.steps else f"wsd holds lr {lr_now:.3g} to step {new.steps}")
         else:
