@@ -243,34 +243,34 @@ def _autocast(cfg: TrainConfig, device: torch.device, cache: bool = True) -> con
 
 
 #: statistics that count (MoE assignments per expert, dropped assignments): summed over a step's
-#: micro-batches; the other summed ones are averaged
+#: micro-batches; the other 0-/1-D float statistics are averaged
 COUNT_STATS = ("tokens_per_expert", "dropped")
 
 
-def _add_stats(total: dict | None, stats: dict | None) -> dict | None:
-    """A step's statistics over its micro-batches (``--grad-accum``): 0-/1-D tensors are added up (into
-    new tensors: a CUDA-graph replay overwrites its outputs), anything else is the last micro-batch's
+def _combined(k: str, v: Any) -> bool:
+    """Is statistic ``k`` combined over micro-batches (a 0-/1-D float or a count), not the last one's?"""
+    return isinstance(v, torch.Tensor) and v.dim() <= 1 and (v.is_floating_point() or k.endswith(COUNT_STATS))
+
+
+def _snapshot_stats(stats: dict | None) -> dict | None:
+    """A micro-batch's statistics, the combined ones copied (a CUDA-graph replay overwrites its outputs)."""
+    return None if stats is None else {k: v.detach().to(torch.float64, copy=True) if _combined(k, v) else v
+                                       for k, v in stats.items()}
+
+
+def _step_stats(micro: list[dict | None]) -> dict | None:
+    """A step's statistics from its micro-batches' (``--grad-accum``, ``_snapshot_stats``): counts
+    summed, the other 0-/1-D float statistics averaged, anything else the last micro-batch's
     (per-row tensors such as routes)."""
-    if stats is None:
-        return total
-    out = dict(total or {})
-    for k, v in stats.items():
-        if not (isinstance(v, torch.Tensor) and v.dim() <= 1 and (v.is_floating_point() or k.endswith(COUNT_STATS))):
-            out[k] = v  # the last micro-batch's
-        elif k in out and isinstance(out[k], torch.Tensor) and out[k].shape == v.shape:
-            out[k] = out[k] + v.detach().double()
-        else:
-            out[k] = v.detach().to(torch.float64, copy=True)  # a new tensor
-    return out
-
-
-def _mean_stats(total: dict | None, n: int) -> dict | None:
-    """``_add_stats``' sums as the step's values: counts stay sums, other float sums become means."""
-    if total is None:
+    last = micro[-1]
+    if last is None:
         return None
-    return {k: (v / n if isinstance(v, torch.Tensor) and v.dtype == torch.float64 and v.dim() <= 1
-                and not k.endswith(COUNT_STATS)
-                else v) for k, v in total.items()}
+    out = dict(last)
+    for k, v in last.items():
+        if _combined(k, v):
+            total = sum(d[k] for d in micro if d is not None and k in d)
+            out[k] = total if k.endswith(COUNT_STATS) else total / len(micro)
+    return out
 
 
 def _read_step(values: list[torch.Tensor | None], stats: dict | None) -> tuple[list[float | None], dict[str, Any]]:
@@ -786,7 +786,7 @@ class Trainer:
         self.model.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         aux_sum = None
-        stats = step_stats = None
+        stats, micro_stats = None, []
         acc = GradAccumulator() if self.graphed is not None and cfg.grad_accum > 1 else None
         for micro in range(cfg.grad_accum):
             batch = self.stream.train(self._micro_indices(micro))
@@ -823,12 +823,11 @@ class Trainer:
             if aux_t is not None:
                 a = aux_t.detach().double()
                 aux_sum = a if aux_sum is None else aux_sum + a
-            step_stats = stats if cfg.grad_accum == 1 else _add_stats(step_stats, stats)
+            micro_stats.append(stats if cfg.grad_accum == 1 else _snapshot_stats(stats))
         if acc is not None:
             acc.restore()
-        if cfg.grad_accum > 1:
-            step_stats = _mean_stats(step_stats, cfg.grad_accum)
-        row = self._optimizer_step(step, loss_sum, factor, "loss", aux_sum, step_stats)
+        row = self._optimizer_step(step, loss_sum, factor, "loss", aux_sum,
+                                   micro_stats[-1] if cfg.grad_accum == 1 else _step_stats(micro_stats))
         self._update_biases()
         return row
 
