@@ -19,9 +19,10 @@ and how. The structure itself (which layer applications run, with which cache st
   over the windows), choosing skip / execute / repeat per sequence. The route is decided
   once, at the prefill (the call that starts a cache), and kept for decoding; routers are
   trained with the base frozen on routes found by search, with the paper's focal loss and
-  class rebalancing by effective numbers (``focal_loss``, ``class_weights``). Until that training switches them on (``enable_routes``,
-  a buffer saved with the weights) the routes are all-execute: the base trains as a plain
-  ETD model, as Dr.LLM retrofits routers to a trained model.
+  class rebalancing by effective numbers (``focal_loss``, ``class_weights``). Until that
+  training switches them on (``enable_routes``, a buffer saved with the weights) the routes
+  are all-execute: the base trains as a plain ETD model, as Dr.LLM retrofits routers to a
+  trained model.
 * **MoDr branches** (``branches``; Mixture-of-Depth-Recurrent Transformers, ICLR 2026):
   ``n_branches`` LoRA branches (Hu et al. 2021, arXiv 2106.09685: ``W x + (alpha / r) B A x``)
   on every projection (``nn.Linear``) of the think blocks' token mixers and dense MLPs; a

@@ -14,8 +14,8 @@ The model thinks in ``memory_slots`` continuous vectors before it answers:
   ``L_vae = CE(reasoning | q, slots_r(z)) + CE(answer | q, slots_a(z)) + beta_kl *
   KL(q(z | q, r) || N(0, I))`` (KL summed over ``latent_dim``, averaged over slots and rows).
   Without the marks both targets continue the same input and the LM learns a mixture of
-  their first tokens. Deliberate differences from the paper: the decoder is this LM, trained, conditioned
-  on the question (LaDiR's is a frozen copy of the base LLM reading only the latents), and the
+  their first tokens. Deliberate differences from the paper: the decoder is this LM, trained,
+  conditioned on the question (LaDiR's is a frozen copy of the base LLM reading only the latents), and the
   whole reasoning is one latent block of M slots (LaDiR encodes one block per reasoning
   segment); LaDiR's latent-noise augmentation, classifier-free guidance and the diversity
   guidance between samples are not implemented (samples differ by their starting noise).

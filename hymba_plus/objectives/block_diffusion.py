@@ -157,8 +157,8 @@ class BlockDiffusion(Objective):
         if self.cfg.resample and (lo > T_EPS or hi < 1.0):
             B, nb = t.shape
             k = torch.arange(bs + 1, device=t.device, dtype=m.dtype)
-            logp = (torch.lgamma(torch.tensor(bs + 1.0, device=t.device)) - torch.lgamma(k + 1) - torch.lgamma(bs - k + 1)
-                    + torch.xlogy(k, m[..., None]) + torch.xlogy(bs - k, 1 - m[..., None]))
+            log_binom = math.lgamma(bs + 1.0) - torch.lgamma(k + 1) - torch.lgamma(bs - k + 1)
+            logp = log_binom + torch.xlogy(k, m[..., None]) + torch.xlogy(bs - k, 1 - m[..., None])
             logp = logp.masked_fill(~_allowed_counts(self.cfg, lo, hi).to(t.device), -math.inf)
             cdf = logp.softmax(-1).cumsum(-1)
             u = torch.rand((B, nb, 1), device=t.device, generator=generator)

@@ -8,8 +8,9 @@ channel). Empty cells and ``NA`` / ``NaN`` / ``null`` are missing values: each i
 linear interpolation between its neighbouring rows (by row, not by timestamp; forward /
 backward fill at the ends), and the fill is reported (``Series.report``). The fill reads the
 whole series, so a gap at the end of a context is bridged with the value after it, and filled
-targets are scored as if observed: mind both with gappy data. Anything else that is not a number, or a value beyond
-+-1e15 (``MAX_ABS_VALUE``: float32 statistics of it would overflow), is an error. Every
+targets are scored as if observed: mind both with gappy data. Anything else that is not a
+number, or a value beyond +-1e15 (``MAX_ABS_VALUE``: float32 statistics of it would
+overflow), is an error. Every
 problem is one ``DataError`` line naming the file, the line and the column, e.g.
 ``series.csv:7: column 'load' (3): 'abc' is not a number``.
 
