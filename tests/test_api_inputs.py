@@ -272,7 +272,7 @@ def test_speculative_caps_k_at_the_new_tokens_and_ladir_bounds_its_samples(model
     (lambda m: m["gpt_tiny"].generate(torch.tensor([[1, 2]]), max_new_tokens=2, stats=[]), TypeError,
      "stats must be a dict the decoder fills (or None), got list []"),
     (lambda m: m["gpt_tiny"].generate(torch.tensor([[1, 2]]), max_new_tokens=2, eos_token_id="a"), ValueError,
-     "eos_token_id must be a token id in [0, 256) (or None: no end token), got 'a'"),
+     "eos_token_id must be a token id in [0, 256) or a non-empty list of them (or None: no end token), got 'a'"),
     (lambda m: m["gpt_tiny"].generate(torch.tensor([[1, 2]]), max_new_tokens=2, eos_token_id=999), ValueError,
      "got 999"),
     (lambda m: m["gpt_tiny"].generate(torch.tensor([[1, 2]]), max_new_tokens=2, eos_token_id=-1), ValueError,

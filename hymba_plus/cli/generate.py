@@ -7,6 +7,11 @@ models trained on the built-in tasks. One prompt streams its tokens to the termi
 they come; several ``--prompt`` are generated as one batch (left padding + attention
 mask, through the same cache) and printed one per line.
 
+A row ends at its first end-of-sequence token: ``--eos ID[,ID...]`` (or ``none``), else the
+checkpoint's ``generation_config.json`` ``eos_token_id`` (one id or a list; ``hymba convert``
+writes an imported HF model's there), else the tokenizer's end token (``</s>``,
+``<|endoftext|>``, ``<eos>`` or ``[SEP]``).
+
 ETD checkpoints (``model.etd``) print, after generation and to stderr, one line per prompt
 row: the think iterations used (ACT: also the mean over the prompt's tokens, meta tokens
 included, at the prefill) and, when the model has Dr.LLM layer routers, the route the
@@ -83,6 +88,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--mode ar: graph = each step replayed from a CUDA graph over static caches (CUDA), "
                         "static = static caches without the graph, dynamic = the growing cache; auto (default) "
                         "= graph on CUDA, dynamic elsewhere; the tokens are the same")
+    p.add_argument("--eos", type=eos_arg, default=None, metavar="ID[,ID...]|none",
+                   help="end-of-sequence token ids (a row ends at the first of any), or none; default: the "
+                        "checkpoint's generation_config.json eos_token_id, else the tokenizer's end token")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, auto")
     p.add_argument("--no-stream", action="store_true", help="print the whole completion at the end")
     p.add_argument("--data", type=path_text, default=None, metavar="SERIES.csv",
@@ -107,6 +115,35 @@ NO_THRESHOLD = "none"
 def threshold_arg(text: str) -> float | str:
     """argparse type of ``--threshold``: a finite number, or ``none``."""
     return NO_THRESHOLD if text.strip().lower() == NO_THRESHOLD else finite_float(text)
+
+
+def eos_arg(text: str) -> list[int] | str:
+    """argparse type of ``--eos``: comma-separated token ids (range checked against the model later), or
+    ``none``."""
+    if text.strip().lower() == "none":
+        return "none"
+    try:
+        ids = [int(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: token ids separated by commas (e.g. 2 or 128001,128009), "
+                                         "or none") from None
+    if any(i < 0 for i in ids):
+        raise argparse.ArgumentTypeError(f"{text!r}: token ids are >= 0")
+    return ids
+
+
+def end_ids(args: argparse.Namespace, ckpt: Path, tokenizer: Any, vocab_size: int) -> int | list[int] | None:
+    """The end-of-sequence ids of this run: ``--eos``, else the checkpoint's ``generation_config.json``
+    ``eos_token_id`` (an imported HF model's), else the tokenizer's end token (None: no end token)."""
+    from ..models.lm import CheckpointError, generation_config
+
+    if args.eos is not None:
+        return None if args.eos == "none" else args.eos
+    try:
+        cfg = generation_config(ckpt, vocab_size)
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
+    return cfg.get("eos_token_id", tokenizer.eos_id)
 
 
 def mode_flags(args: argparse.Namespace) -> tuple[tuple[str, str, Any], ...]:
@@ -184,7 +221,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(f"{series_flags[0]}: only for --mode forecast")
     token_flags = [f for f, v in (("--prompt", args.prompt), ("--max-new-tokens", args.max_new_tokens),
                                   ("--top-k", args.top_k), ("--top-p", args.top_p),
-                                  ("--think-iterations", args.think_iterations)) if v is not None]
+                                  ("--think-iterations", args.think_iterations), ("--eos", args.eos)) if v is not None]
     if token_flags and args.mode == "forecast":
         raise UsageError(f"{token_flags[0]}: not for --mode forecast (it reads --data; --horizon sets the length)")
     if args.mode != "forecast" and not args.prompt:
@@ -237,6 +274,7 @@ def _run(args: argparse.Namespace) -> int:
     V = model.config.vocab_size
     if tok.vocab_size > V:
         raise UserError(f"{ckpt / 'tokenizer.json'}: {tok.vocab_size} tokens but the model has vocab_size {V}")
+    eos = end_ids(args, ckpt, tok, V)
     prompts = []
     for text in args.prompt:
         try:
@@ -297,13 +335,14 @@ def _run(args: argparse.Namespace) -> int:
             input_ids.to(device), max_new_tokens=args.max_new_tokens, mode=args.mode,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             attention_mask=mask.to(device) if bool((mask == 0).any()) else None,
-            eos_token_id=tok.eos_id, generator=gen, streamer=streamer if stream else None, stats=stats, **options,
+            eos_token_id=eos, generator=gen, streamer=streamer if stream else None, stats=stats, **options,
         )
     except ValueError as e:
         msg = str(e).splitlines()[0]
         flag = next((f for k, f in (("draft model", "--draft"), ("k must", "--k"), ("block_size", "--block-size"),
                                     ("threshold", "--threshold"), ("steps", "--steps"), ("mode", "--mode"),
-                                    ("think_iterations", "--think-iterations"), ("engine", "--engine"))
+                                    ("think_iterations", "--think-iterations"), ("engine", "--engine"),
+                                    ("eos_token_id", "--eos"))
                      if k in msg),
                     "--max-new-tokens")
         raise UserError(f"{flag}: {msg}") from None
@@ -322,8 +361,9 @@ def _run(args: argparse.Namespace) -> int:
     else:
         for i, p in enumerate(prompts):
             new = out[i, T:].tolist()
-            if tok.eos_id is not None and tok.eos_id in new:
-                new = new[: new.index(tok.eos_id)]
+            ends = [j for j, t in enumerate(new) if t in ((eos,) if isinstance(eos, int) else eos or ())]
+            if ends:
+                new = new[: ends[0]]
             text = tok.decode(p) + tok.decode(new)
             print(text if B == 1 else f"[{i}] {text}")
     summary = stats.get("summary") or []  # the decoder's own report (models/generation.py)

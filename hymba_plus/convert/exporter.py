@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from ..core.recipe import RecipeError, load_recipe
+from ..models.lm import GENERATION_CONFIG, CheckpointError, generation_config
 from .families import family_for_recipe
 from .importer import check_rules, meta_state
 from .loader import ConvertError, ShardedReader, ShardWriter
@@ -63,7 +64,13 @@ def export_hf(ckpt: str | Path, out: str | Path, *, architecture: str | None = N
         except TokenizerError as e:
             raise ConvertError(str(e)) from None
         tok_text = tok.to_json() if tok.kind == "tokenizers" else None
+    try:
+        gen = {"do_sample": False, **generation_config(ckpt, recipe.model.vocab_size)}
+    except CheckpointError as e:
+        raise ConvertError(str(e)) from None
     cfg = fam.hf_config(recipe)
+    if "eos_token_id" in gen:  # the end ids an import brought (transformers reads both files)
+        cfg["eos_token_id"] = gen["eos_token_id"]
     dtype = None
     with staged(out) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes, metadata={"format": "pt"})
@@ -77,7 +84,7 @@ def export_hf(ckpt: str | Path, out: str | Path, *, architecture: str | None = N
         cfg["dtype"] = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
         cfg["torch_dtype"] = cfg["dtype"]
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps({"do_sample": False}, indent=2) + "\n")
+        (tmp / GENERATION_CONFIG).write_text(json.dumps(gen, indent=2) + "\n")
         if tok_text is not None:
             (tmp / "tokenizer.json").write_text(tok_text, encoding="utf-8")
             (tmp / "tokenizer_config.json").write_text(

@@ -1,5 +1,6 @@
 """Import: an HF model folder -> a hymba_plus checkpoint (``recipe.yaml``, ``model.safetensors``,
-``tokenizer.json``) that ``from_pretrained`` / ``hymba generate`` load.
+``tokenizer.json``, ``generation_config.json`` with the end-of-sequence ids where the source names
+them) that ``from_pretrained`` / ``hymba generate`` load.
 
 Order of work (everything that can fail on bad input fails before anything is written):
 1. ``config.json`` -> the family (``families``) -> a recipe, validated by ``load_recipe``;
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..core.recipe import Recipe, RecipeError, load_recipe
+from ..models.lm import GENERATION_CONFIG
 from .families import family_of_config
 from .family import Family, HFConfig
 from .loader import ConvertError, ShardedReader
@@ -42,6 +44,32 @@ def read_hf_config(src: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConvertError(f"{path}: must be a JSON object")
     return data
+
+
+def hf_end_ids(src: Path, vocab_size: int) -> int | list[int] | None:
+    """The source model's end-of-sequence ids as transformers' ``generate`` takes them:
+    ``generation_config.json``'s ``eos_token_id`` where that file names one, else ``config.json``'s
+    (one id or a list; None: none). An id outside the vocabulary is refused (one line)."""
+    from ..models.generation import check_eos
+
+    for name in ("generation_config.json", "config.json"):
+        path = src / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConvertError(f"{path}: not JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ConvertError(f"{path}: must be a JSON object")
+        if "eos_token_id" in data:
+            ids = data["eos_token_id"]
+            try:
+                check_eos(ids, vocab_size)
+            except ValueError as e:
+                raise ConvertError(f"{path}: eos_token_id: {e}") from None
+            return ids
+    return None
 
 
 def hf_recipe(src: Path, name: str | None = None) -> tuple[Family, Recipe]:
@@ -169,6 +197,7 @@ def import_hf(src: str | Path, out: str | Path, *, name: str | None = None, toke
     src, out = Path(src), Path(out)
     check_output(out)
     fam, recipe, state, tok = _read(src, name, tokenizer)
+    eos = hf_end_ids(src, recipe.model.vocab_size)
     arch = fam.architecture
     with staged(out) as tmp:
         write_safetensors(state, tmp / "model.safetensors",
@@ -177,4 +206,6 @@ def import_hf(src: str | Path, out: str | Path, *, name: str | None = None, toke
                                          + recipe.to_yaml())
         if tok is not None:
             (tmp / "tokenizer.json").write_text(tok, encoding="utf-8")
+        if eos is not None:  # what ends generation (hymba generate reads it: models.lm.generation_config)
+            (tmp / GENERATION_CONFIG).write_text(json.dumps({"eos_token_id": eos}, indent=2) + "\n")
     return out

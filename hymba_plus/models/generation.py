@@ -53,7 +53,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -157,16 +157,52 @@ def int_at_least(v: Any, least: int) -> bool:
         return False
 
 
+class EndTokens:
+    """The end-of-sequence ids of one generate call: ``eos_token_id`` is one id or several (as
+    HF's ``generation_config.eos_token_id``, e.g. Llama-3-Instruct's ``<|end_of_text|>`` and
+    ``<|eot_id|>``). A row is over at its first end id; ``fill`` (the first id) is written after it."""
+
+    def __init__(self, ids: tuple[int, ...], device: torch.device | str):
+        self.ids = ids
+        self.fill = ids[0]
+        self._set = torch.tensor(ids, dtype=torch.long, device=device) if len(ids) > 1 else None
+
+    def hit(self, tokens: Tensor) -> Tensor:
+        """Which of ``tokens`` are end ids (bool, same shape)."""
+        return tokens == self.fill if self._set is None else torch.isin(tokens, self._set)
+
+    def after(self, tokens: Tensor) -> Tensor:
+        """[B, n] -> [B, n] bool: the positions after each row's first end id (which keeps its own id)."""
+        hit = self.hit(tokens).int()
+        return hit.cumsum(1) - hit > 0
+
+
+def end_tokens(eos_token_id: int | Sequence[int] | None, device: torch.device | str) -> EndTokens | None:
+    """``eos_token_id`` (checked by ``check_sampling``) as an ``EndTokens`` (None: no end token)."""
+    if eos_token_id is None:
+        return None
+    ids = tuple(operator.index(i) for i in eos_token_id) if isinstance(eos_token_id, (list, tuple)) else (
+        operator.index(eos_token_id),)
+    return EndTokens(ids, device)
+
+
+def check_eos(eos_token_id: Any, vocab_size: int | None = None) -> None:
+    """``eos_token_id``: None, a token id, or a non-empty list / tuple of token ids of the vocabulary."""
+    ids = list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+    ok = eos_token_id is None or (ids and all(int_at_least(i, 0) and (vocab_size is None or i < vocab_size)
+                                               for i in ids))
+    if not ok:
+        raise ValueError(f"eos_token_id must be a token id in [0, {vocab_size}) or a non-empty list of them (or "
+                         f"None: no end token), got {brief(eos_token_id)}")
+
+
 def check_sampling(temperature: Any, top_k: Any, top_p: Any, eos_token_id: Any = None, stats: Any = None,
                    vocab_size: int | None = None) -> None:
     """Refuse sampling settings outside their meaning (one line each, before any work):
     ``temperature`` a finite number >= 0 (0: greedy), ``top_k`` None (off) or an integer >= 1,
-    ``top_p`` None (off) or a number in (0, 1] (1: off), ``eos_token_id`` None or a token id of the
-    vocabulary, ``stats`` None or a dict. ``HybridLM.generate`` calls it."""
-    if eos_token_id is not None and (not int_at_least(eos_token_id, 0)
-                                     or (vocab_size is not None and eos_token_id >= vocab_size)):
-        raise ValueError(f"eos_token_id must be a token id in [0, {vocab_size}) (or None: no end token), got "
-                         f"{brief(eos_token_id)}")
+    ``top_p`` None (off) or a number in (0, 1] (1: off), ``eos_token_id`` None, a token id of the
+    vocabulary or a list of them (``check_eos``), ``stats`` None or a dict. ``HybridLM.generate`` calls it."""
+    check_eos(eos_token_id, vocab_size)
     if stats is not None and not isinstance(stats, dict):
         raise TypeError(f"stats must be a dict the decoder fills (or None), got {type(stats).__name__} {brief(stats)}")
     if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
@@ -250,7 +286,7 @@ def generate_ar(
     top_k: int | None = None,
     top_p: float | None = None,
     attention_mask: Tensor | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
     streamer: Callable[[Tensor], Any] | None = None,
     stats: dict | None = None,
@@ -284,7 +320,7 @@ def generate_ar(
 
 
 def continue_ar(model: Any, cache: Any, last: Tensor, max_new_tokens: int, temperature: float = 0.0,
-                top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
+                top_k: int | None = None, top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
                 generator: torch.Generator | None = None, streamer: Callable[[Tensor], Any] | None = None,
                 step: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Autoregressive decoding on a cache that already holds the context, from the logits
@@ -297,17 +333,18 @@ def continue_ar(model: Any, cache: Any, last: Tensor, max_new_tokens: int, tempe
         def step(tok: Tensor) -> Tensor:
             return model(tok[:, None], cache=cache, check_inputs=False, collect_aux=False).logits[:, -1]
     B = last.shape[0]
+    eos = end_tokens(eos_token_id, last.device)
     done = torch.zeros(B, dtype=torch.bool, device=last.device)
     new = []
     for _ in range(max_new_tokens):
         nxt = sample_next(last, temperature, top_k, top_p, generator)
-        if eos_token_id is not None:
-            nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-            done |= nxt == eos_token_id
+        if eos is not None:
+            nxt = torch.where(done, torch.full_like(nxt, eos.fill), nxt)
+            done |= eos.hit(nxt)
         new.append(nxt)
         if streamer is not None:
             streamer(nxt)
-        if (eos_token_id is not None and bool(done.all())) or len(new) == max_new_tokens:
+        if (eos is not None and bool(done.all())) or len(new) == max_new_tokens:
             break  # the last token's logits would never be used: no forward for it
         last = step(nxt)
     if not new:
@@ -353,7 +390,7 @@ def generate_block_diffusion(
     top_k: int | None = None,
     top_p: float | None = None,
     attention_mask: Tensor | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
     streamer: Callable[[Tensor], Any] | None = None,
     stats: dict | None = None,
@@ -382,6 +419,7 @@ def generate_block_diffusion(
     cache = model.new_cache(B, device=input_ids.device)
     model(input_ids, attention_mask=attention_mask, cache=cache)  # prefill: checks the prompt's ids
     dev = input_ids.device
+    eos = end_tokens(eos_token_id, dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     rows = torch.arange(B, device=dev)
     forwards, blocks, steps_used = 1, [], []
@@ -416,17 +454,16 @@ def generate_block_diffusion(
             accept[rows, best] |= masked[rows, best]
             x = torch.where(accept, tok, x)
         x = x[:, :size]
-        if eos_token_id is not None:
-            x = torch.where(done[:, None], torch.full_like(x, eos_token_id), x)
-            after = (x == eos_token_id).int().cumsum(1) > 0  # from the first EOS on, the row is over
-            x = torch.where(after, torch.full_like(x, eos_token_id), x)
-            done |= after[:, -1]
+        if eos is not None:
+            x = torch.where(done[:, None], torch.full_like(x, eos.fill), x)
+            x = torch.where(eos.after(x), torch.full_like(x, eos.fill), x)  # after the first EOS the row is over
+            done |= eos.hit(x).any(1)
         blocks.append(x)
         steps_used.append(used)
         if streamer is not None:
             for j in range(size):
                 streamer(x[:, j])
-        if eos_token_id is not None and bool(done.all()):
+        if eos is not None and bool(done.all()):
             break
         if start + size < max_new_tokens:  # commit the denoised block: the ordinary cached forward
             model(x, cache=cache, check_inputs=False)
@@ -452,7 +489,7 @@ def generate_speculative(
     top_k: int | None = None,
     top_p: float | None = None,
     attention_mask: Tensor | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
     streamer: Callable[[Tensor], Any] | None = None,
     stats: dict | None = None,
@@ -505,12 +542,13 @@ def generate_speculative(
     # Between rounds both caches hold the prompt and every committed token but the last one,
     # ``last``: the next round feeds it first.
     last = pick(target_dist(first))
-    fill = eos_token_id if eos_token_id is not None else 0
+    eos = end_tokens(eos_token_id, dev)
+    fill = eos.fill if eos is not None else 0
     out = torch.full((B, N + k + 1), fill, dtype=input_ids.dtype, device=dev)  # k + 1 spare: no clamping
     out[:, 0] = last
     produced = torch.ones(B, dtype=torch.long, device=dev)
     no = torch.zeros(B, dtype=torch.bool, device=dev)
-    done = last == eos_token_id if eos_token_id is not None else no
+    done = eos.hit(last) if eos is not None else no
     proposed = accepted = torch.zeros((), dtype=torch.long, device=dev)
     cols = torch.arange(k + 1, device=dev)
     rows = torch.arange(B, device=dev)
@@ -563,8 +601,8 @@ def generate_speculative(
         # 3. commit per row: the accepted drafts, then the target's token; up to the first EOS
         new = torch.cat([drafts, drafts.new_zeros(B, 1)], 1).scatter(1, n_acc[:, None], nxt[:, None])
         n_new = torch.where(active, n_acc + 1, 0)
-        if eos_token_id is not None:
-            is_eos = (new == eos_token_id) & (cols[None, : K + 1] < n_new[:, None])
+        if eos is not None:
+            is_eos = eos.hit(new) & (cols[None, : K + 1] < n_new[:, None])
             hit = is_eos.any(1)
             n_new = torch.where(hit, is_eos.long().argmax(1) + 1, n_new)
             done = done | hit

@@ -12,7 +12,7 @@ rows that exited early through Prophet), forward passes of the LM, the vote's ag
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -35,7 +35,7 @@ def generate_ladir(
     top_k: int | None = None,
     top_p: float | None = None,
     attention_mask: Tensor | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
     streamer: Callable[[Tensor], Any] | None = None,
     stats: dict | None = None,

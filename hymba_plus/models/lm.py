@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -414,7 +414,7 @@ class HybridLM(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         attention_mask: Tensor | None = None,
-        eos_token_id: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
         generator: torch.Generator | None = None,
         streamer: Callable[[Tensor], Any] | None = None,
         stats: dict | None = None,
@@ -556,6 +556,38 @@ def write_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike, metad
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
+
+
+#: a checkpoint's generation settings, HF's file name and meaning (``generation_config``)
+GENERATION_CONFIG = "generation_config.json"
+
+
+def generation_config(path: str | os.PathLike, vocab_size: int | None = None) -> dict[str, Any]:
+    """The generation settings of the checkpoint folder ``path`` that the decoders take: today
+    ``eos_token_id`` (one id or a list, as HF's ``generation_config.json``, where ``hymba convert``
+    writes the source model's end ids). ``{}`` without the file or the key; a file that is not a
+    JSON object or an id outside ``[0, vocab_size)`` is a ``CheckpointError`` naming the file and key.
+    Other keys (HF's sampling defaults) are not read."""
+    import json
+
+    from .generation import check_eos
+
+    f = Path(path) / GENERATION_CONFIG
+    if not f.is_file():
+        return {}
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{f}: not JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{f}: must be a JSON object")
+    if data.get("eos_token_id") is None:
+        return {}
+    try:
+        check_eos(data["eos_token_id"], vocab_size)
+    except ValueError as e:
+        raise CheckpointError(f"{f}: eos_token_id: {e}") from None
+    return {"eos_token_id": data["eos_token_id"]}
 
 
 def from_pretrained(path: str | os.PathLike, device: Any = None, strict: bool = True) -> HybridLM:

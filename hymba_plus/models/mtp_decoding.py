@@ -34,14 +34,23 @@ drafts proposed and accepted, acceptance rate, tokens per trunk forward.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..core.cache import StepContext
-from .generation import GENERATORS, accept_drafts, check_length, draw, filtered_probs, int_at_least, speculative_summary
+from .generation import (
+    GENERATORS,
+    accept_drafts,
+    check_length,
+    draw,
+    end_tokens,
+    filtered_probs,
+    int_at_least,
+    speculative_summary,
+)
 
 
 def distribution(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None) -> Tensor:
@@ -67,7 +76,7 @@ def generate_mtp(
     top_k: int | None = None,
     top_p: float | None = None,
     attention_mask: Tensor | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
     streamer: Callable[[Tensor], Any] | None = None,
     stats: dict | None = None,
@@ -119,7 +128,8 @@ def generate_mtp(
     emitted = torch.zeros(B, dtype=torch.long, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev) if max_new_tokens > 0 else torch.ones(B, dtype=torch.bool,
                                                                                               device=dev)
-    fill = eos_token_id if eos_token_id is not None else 0  # after a row's EOS: EOS (as generate_ar)
+    eos = end_tokens(eos_token_id, dev)
+    fill = eos.fill if eos is not None else 0  # after a row's EOS: EOS (as generate_ar)
     out_tokens = torch.full((B, max_new_tokens + k + 1), fill, dtype=input_ids.dtype, device=dev)
     streamed = 0
 
@@ -134,8 +144,8 @@ def generate_mtp(
     if max_new_tokens > 0:
         out_tokens[:, 0] = c
         emitted += 1
-        if eos_token_id is not None:
-            done |= c == eos_token_id
+        if eos is not None:
+            done |= eos.hit(c)
         done |= emitted >= max_new_tokens
         if streamer is not None:
             streamed = flush(1)
@@ -198,13 +208,13 @@ def generate_mtp(
         slot = emitted[:, None] + j
         put = j < n_new[:, None]
         out_tokens[rows[:, None].expand_as(slot)[put], slot[put]] = new_tok[put]
-        if eos_token_id is not None:
-            hit = put & (new_tok == eos_token_id)
+        if eos is not None:
+            hit = put & eos.hit(new_tok)
             first = torch.where(hit.any(1), hit.float().argmax(1), n_new)
             n_new = torch.where(hit.any(1), first + 1, n_new)
             done |= hit.any(1)
             late = put & (j >= n_new[:, None])  # written after the row's EOS: EOS
-            out_tokens[rows[:, None].expand_as(slot)[late], slot[late]] = eos_token_id
+            out_tokens[rows[:, None].expand_as(slot)[late], slot[late]] = eos.fill
         emitted += n_new
         done |= emitted >= max_new_tokens
         if streamer is not None:  # the columns every row has (a finished row counts as the longest)
@@ -215,10 +225,9 @@ def generate_mtp(
     if streamer is not None:
         flush(length)
     new = out_tokens[:, :length]
-    if eos_token_id is not None:  # after a row's EOS, EOS (as generate_ar)
-        after = (torch.arange(length, device=dev)[None] >= emitted[:, None]) | (
-            (new == eos_token_id).long().cumsum(1) > 0)
-        new = torch.where(after, torch.full_like(new, eos_token_id), new)
+    if eos is not None:  # after a row's EOS, EOS (as generate_ar)
+        after = (torch.arange(length, device=dev)[None] >= emitted[:, None]) | eos.after(new)
+        new = torch.where(after, torch.full_like(new, eos.fill), new)
     if stats is not None:  # the same keys as mode speculative where they mean the same
         tokens_per_row = float(emitted.float().mean())
         stats.update(forwards=forwards, target_forwards=forwards, rewind_forwards=rewinds, mtp_forwards=m_fwd,
