@@ -216,6 +216,12 @@ def test_graph_engine_equals_dynamic_on_cuda(pattern, dtype):
         default: dict = {}
         model.generate(ids, max_new_tokens=16, attention_mask=mask, stats=default)
         assert default["engine"] == "graph"
+        # several end ids (torch.isin on the device, outside the captured step)
+        T = ids.shape[1]
+        eos = [int(want[0, T + 3]), int(want[1, T + 5])]
+        with_eos = model.generate(ids, max_new_tokens=16, attention_mask=mask, engine="dynamic", eos_token_id=eos)
+        assert torch.equal(model.generate(ids, max_new_tokens=16, attention_mask=mask, engine="graph",
+                                          eos_token_id=eos), with_eos)
 
 
 @pytest.mark.gpu
