@@ -360,6 +360,17 @@ def test_grad_accumulation_logs_the_whole_steps_routing_statistics(tmp_path):
     assert acc[counts[0].replace("tokens_per_expert", "entropy")] > 0
 
 
+def test_a_warmup_longer_than_the_run_is_said(tmp_path, capsys):
+    recipe = write_recipe(tmp_path)
+    common = ["--steps", "2", "--seq-len", "16", "--batch-size", "2", "--no-progress", "--lr", "0.01"]
+    assert main(["train", recipe, "--out", str(tmp_path / "a"), "--warmup", "8", *common]) == 0
+    out = capsys.readouterr().err
+    assert "warmup 8 (longer than the run's 2 steps: the lr rises to 0.25 of its peak 0.01)" in out
+    assert [r["lr"] for r in metrics(tmp_path / "a")] == pytest.approx([0.01 / 8, 0.01 / 4])
+    assert main(["train", recipe, "--out", str(tmp_path / "b"), "--warmup", "2", *common]) == 0
+    assert "longer than the run" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("data", ["selective_copy", "parity"])
 def test_other_tasks_train_with_accuracy(tmp_path, data):
     recipe = write_recipe(tmp_path)

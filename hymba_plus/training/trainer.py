@@ -608,8 +608,11 @@ class Trainer:
         self.log(f"data: {self.stream.description}")
         if cfg.tf32:
             where += ", float32 matmuls in TF32" if dev.type == "cuda" else " (--tf32: CUDA only, no effect here)"
-        self.log(f"optimizer: {self.split.describe()}; schedule {cfg.schedule}, warmup {cfg.warmup_steps}; "
-                 f"device {where}")
+        warm = f"warmup {cfg.warmup_steps}"
+        if cfg.warmup_steps > cfg.steps:  # e.g. the default 20 in a 10-step smoke run
+            top = cfg.steps / cfg.warmup_steps
+            warm += f" (longer than the run's {cfg.steps} steps: the lr rises to {top:.2f} of its peak {cfg.lr:.3g})"
+        self.log(f"optimizer: {self.split.describe()}; schedule {cfg.schedule}, {warm}; device {where}")
         if mode_line is not None:
             self.log(mode_line)
         if self.resume_from is not None:
