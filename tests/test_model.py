@@ -303,6 +303,19 @@ def test_cache_reorder():
         ref = m(torch.cat([x[idx], nxt[idx]], 1)).logits[:, -2:]
     assert cache.batch_size == 2
     assert rel_err(got, ref) < 1e-5
+    # bad indices are refused before any state changes
+    def state() -> list:
+        return [t.clone() for s in cache.states if s is not None for _, t in s.tensors()] + [cache.pos.clone()]
+
+    before = state()
+    for bad, says in ((torch.tensor([0, 2]), "outside [0, 2) (min 0, max 2)"), (torch.tensor([-1]), "min -1"),
+                      (torch.tensor([[0]]), "torch.int64 of shape [1, 1]"), ([0, 1], "got list"),
+                      (torch.tensor([0.0]), "torch.float32")):
+        with pytest.raises(ValueError, match="reorder: index") as e:
+            cache.reorder(bad)
+        assert says in str(e.value)
+    assert cache.batch_size == 2 and len(before) > 1
+    assert all(torch.equal(a, b) for a, b in zip(before, state(), strict=True))
 
 
 # --------------------------------------------------------------------------- generation

@@ -229,6 +229,17 @@ class HybridCache:
         self.started = True
 
     def reorder(self, index: Tensor) -> None:
+        """Select / reorder batch rows (beam search, dropping finished rows): row i of the result is
+        row ``index[i]``. ``index``: a 1-D integer tensor of rows in [0, batch_size), refused before
+        any state changes (the range read only from a CPU index: on CUDA it would cost a sync, and
+        ``index_select`` checks it there)."""
+        if not isinstance(index, Tensor) or index.ndim != 1 or index.dtype not in (torch.long, torch.int32):
+            what = f"{index.dtype} of shape {list(index.shape)}" if isinstance(index, Tensor) else type(index).__name__
+            raise ValueError(f"reorder: index must be a 1-D integer tensor of batch rows, got {what}")
+        if index.device.type == "cpu" and index.numel():
+            lo, hi = int(index.min()), int(index.max())
+            if lo < 0 or hi >= self.batch_size:
+                raise ValueError(f"reorder: index holds rows outside [0, {self.batch_size}) (min {lo}, max {hi})")
         for s in self.states:
             if s is not None:
                 s.reorder(index)
