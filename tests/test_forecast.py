@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -286,22 +288,83 @@ def good_rows(n: int = 120) -> list[list]:
 
 
 def test_csv_reading_fills_and_reports_missing_values(tmp_path) -> None:
+    """A gap holds the last observed value in what the model reads (never a later one: a context
+    does not read past its end; at the start, the first observed value) and is NaN as a target."""
     rows = good_rows()
     rows[10][1] = ""
     rows[11][1] = "NA"
-    rows[0][2] = "nan"  # at the start: filled from the next value
+    rows[0][2] = "nan"  # at the start: the first observed value
+    rows[0][1] = "null"
     s = read_csv(write_csv(tmp_path / "s.csv", rows))
     assert s.values.shape == (120, 2) and s.columns == ["load", "temp"]
-    assert s.values[10, 0] == pytest.approx(rows[9][1] + (rows[12][1] - rows[9][1]) / 3)
-    assert s.values[0, 1] == pytest.approx(rows[1][2])
-    assert s.report == "3 missing values filled by linear interpolation (load: 2, temp: 1)"
+    assert s.values[10, 0] == s.values[11, 0] == pytest.approx(rows[9][1])  # carried forward, not interpolated
+    assert s.values[0, 1] == pytest.approx(rows[1][2]) and s.values[0, 0] == pytest.approx(rows[1][1])
+    assert not np.isnan(s.values).any()
+    t = s.targets()
+    assert sorted(zip(*np.nonzero(np.isnan(t)))) == [(0, 0), (0, 1), (10, 0), (11, 0)]
+    assert np.array_equal(t[~np.isnan(t)], s.values[~np.isnan(t)])
+    assert s.report == ("4 missing values (load: 3, temp: 1): the last observed value in contexts, not scored as "
+                        "targets")
     stream = SeriesStream(str(tmp_path / "s.csv"), load_recipe(recipe()).objective, seed=0)
     b = stream.train(range(5))
     assert b.input_ids.shape == (5, 32, 2) and b.labels.shape == (5, 8, 2)
-    assert "3 missing values filled" in stream.description
+    assert "4 missing values (load: 3" in stream.description
     lo, hi = stream.splits.val  # held-out targets lie in their span, after the training span
     ev = stream.eval(range(len(stream.val_starts)))
     assert stream.splits.train[1] == lo and ev.labels.shape[0] == len(stream.val_starts)
+    w = stream._windows([0])  # the context holds the gaps (filled), the targets none
+    assert torch.isfinite(w.input_ids).all() and torch.isfinite(w.labels).all()
+    assert w.input_ids[0, 11, 0].item() == pytest.approx(rows[9][1])
+
+
+def test_missing_targets_are_not_scored(tmp_path) -> None:
+    """Loss and metrics over the observed targets only: a NaN target changes neither its window's
+    other scores nor the gradients' finiteness, and counts in no sum."""
+    torch.manual_seed(0)
+    m = build_model(recipe("GD | GA", loss="quantile"))
+    obj = m.objective
+    x = torch.randn(3, 32, 2).cumsum(1)
+    y = torch.randn(3, 8, 2).cumsum(1) + x[:, -1:]
+    gap = y.clone()
+    gap[0, 2:5, 1] = float("nan")
+    gap[1, :, 0] = float("nan")  # a series with no observed target: no MASE
+    ids_obs = torch.isfinite(gap)
+    out = obj.train_forward(m, m, x, gap)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    with torch.no_grad():
+        z_last, z, mu, sigma, _ = obj._window(m, x, y)
+        per = fm.pinball(z, z_last, obj.levels).mean(-1)  # [B, H, C]
+        assert out.loss.item() == pytest.approx(per[ids_obs].mean().item(), rel=1e-5)
+        pred = obj.values(z_last, mu, sigma)
+    full, part = fm.window_sums(x, y, pred, obj.levels, 8), fm.window_sums(x, gap, pred, obj.levels, 8)
+    assert part["points"] == ids_obs.sum() == 48 - 3 - 8
+    err = (y - fm.point_forecast(pred, obj.levels)).double()
+    assert part["sse"].item() == pytest.approx(err[ids_obs].pow(2).sum().item())
+    assert part["mase_series"] == full["mase_series"] - 1
+    mase, has = fm.series_mase(x.double(), gap.double(), fm.point_forecast(pred, obj.levels).double(), 8)
+    assert not has[1, 0] and has[0, 1]
+    want = err[0, :, 1].abs()[torch.isfinite(gap[0, :, 1])].mean() / fm.mase_scale(x.double(), 8)[0, 1]
+    assert mase[0, 1].item() == pytest.approx(want.item())
+    assert all(torch.isfinite(v) for v in part.values())
+
+
+def test_training_on_a_gappy_csv_is_finite(tmp_path, capsys) -> None:
+    import yaml
+
+    rows = good_rows(160)
+    for i in list(range(40, 52)) + list(range(120, 135)):  # gaps in training and held-out targets
+        rows[i][1] = ""
+    cfg = tmp_path / "fc.yaml"
+    r = recipe("GD | GA")
+    r["train"] = {"batch_size": 8, "steps": 3, "eval_every": 3, "eval_batches": 2, "warmup_steps": 1}
+    cfg.write_text(yaml.safe_dump(r))
+    out = tmp_path / "run"
+    assert main(["train", str(cfg), "--data", str(write_csv(tmp_path / "g.csv", rows)), "--out", str(out),
+                 "--no-progress"]) == 0
+    assert "27 missing values (load: 27)" in capsys.readouterr().err
+    last = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert all(math.isfinite(last[k]) for k in ("loss", "eval_loss", "eval_mse", "eval_mase", "eval_crps"))
 
 
 def test_statsmodels_series_go_through_the_csv_reader(tmp_path) -> None:

@@ -115,7 +115,8 @@ def run_forecast(args: Any, model: Any, ckpt: Path) -> int:
         preds, origins = back
         preds = preds[0].cpu()  # [R, H, C, Q], every horizon observed
         ctx = torch.stack([x[0, o - cfg.context:o] for o in origins.tolist()])
-        tgt = torch.stack([x[0, o:o + cfg.horizon] for o in origins.tolist()])
+        y = torch.from_numpy(series.targets()).float()  # NaN at the data's gaps: not scored
+        tgt = torch.stack([y[o:o + cfg.horizon] for o in origins.tolist()])
         sums = fm.window_sums(ctx, tgt, preds, levels.cpu() if levels is not None else None, cfg.season)
         res = fm.forecast_results({k: float(v) for k, v in sums.items()})
         lines.append(f"backtest: {rolling} rolling origin{'s' if rolling != 1 else ''} (each from its own window): "
@@ -179,7 +180,7 @@ def plot_forecast(series: Any, fut: Any, point: Any, levels: list[float] | None,
     fig, axes = plt.subplots(C, 1, figsize=(10, 2.8 * C), squeeze=False)
     for c in range(C):
         ax = axes[c, 0]
-        ax.plot(hist_x, series.values[T - n_hist:, c], lw=1, color="C0", label="history")
+        ax.plot(hist_x, series.targets()[T - n_hist:, c], lw=1, color="C0", label="history")  # gaps shown
         ax.plot(fut_x, point[:, c].numpy(), lw=1.5, color="C1", label="forecast")
         if levels and len(levels) > 1:
             ax.fill_between(fut_x, fut[:, c, 0].numpy(), fut[:, c, -1].numpy(), color="C1", alpha=0.25,

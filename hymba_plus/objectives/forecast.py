@@ -15,7 +15,8 @@ Training (one window of ``context`` values and the ``horizon`` values after it, 
 ``training/series.py``): RevIN statistics of the context, the backbone over its patches, the
 horizon head at the last patch. Loss in RevIN's z-score space (scale-free across windows):
 
-* ``loss: mse``: mean_h (z_hat_h - z_h)^2, z = (y - mu) / sigma;
+* ``loss: mse``: mean_h (z_hat_h - z_h)^2, z = (y - mu) / sigma (means over the observed
+  targets: a gap of the data is not scored);
 * ``loss: quantile``: the mean over levels q and steps h of the pinball loss
   rho_q(z_h - z_hat_{h,q}) = max(q u, (q - 1) u) (Koenker & Bassett 1978), which a quantile
   forecaster minimises at the true conditional quantiles.
@@ -136,10 +137,12 @@ class Forecast(Objective):
         return head.unaffine(head.head(out.logits, x.shape[0])), out
 
     def loss(self, z_hat: Tensor, z: Tensor) -> Tensor:
-        """MSE or mean pinball loss of z-score forecasts [B, H, C, Q] against z-scores [B, H, C]."""
-        if self.levels is None:
-            return (z_hat[..., 0] - z).pow(2).mean()
-        return fm.pinball(z, z_hat, self.levels.to(z_hat)).mean()
+        """MSE or mean pinball loss of z-score forecasts [B, H, C, Q] against z-scores [B, H, C],
+        over the observed targets (a gap of the data is NaN in z and left out)."""
+        obs = torch.isfinite(z)
+        z = torch.where(obs, z, 0.0)
+        per = (z_hat[..., 0] - z).pow(2) if self.levels is None else fm.pinball(z, z_hat, self.levels.to(z_hat)).mean(-1)
+        return torch.where(obs, per, 0.0).sum() / obs.sum().clamp_min(1)
 
     def _window(self, fwd, x: Tensor, y: Tensor, **kw: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Any]:  # noqa: ANN001
         head = self.ts_head

@@ -23,6 +23,9 @@ For a window with context x [L] (one channel), targets y [H] and forecasts y_hat
   is exact). A point
   forecast is a degenerate distribution, whose CRPS is its absolute error: so a model trained
   with ``loss: mse`` and the seasonal-naive baseline report CRPS = MAE.
+
+Targets missing from the data (NaN: ``Series.targets``) are not scored: every sum and mean is
+over the observed points (as GluonTS's observed-values mask).
 """
 
 from __future__ import annotations
@@ -72,29 +75,43 @@ def point_forecast(q_pred: Tensor, levels: Tensor | None) -> Tensor:
     return q_pred[..., int((levels - 0.5).abs().argmin())]
 
 
+def series_mase(x: Tensor, y: Tensor, point: Tensor, season: int) -> tuple[Tensor, Tensor]:
+    """(MASE [B, C] of point forecasts [B, H, C] against targets y [B, H, C] after contexts
+    x [B, L, C], which series have one [B, C]). Missing targets (NaN in y: gaps of the data) are
+    left out of the error's mean; a series with none observed, or whose context has no in-sample
+    change (``MASE_MIN_SCALE``), has no MASE (0 where ``has`` is False)."""
+    obs = torch.isfinite(y)
+    scale = mase_scale(x, season)
+    n = obs.sum(-2)
+    has = (scale > MASE_MIN_SCALE) & (n > 0)
+    mae = torch.where(obs, y - point, 0.0).abs().sum(-2) / n.clamp_min(1)
+    return torch.where(has, mae / scale.clamp_min(MASE_MIN_SCALE), 0.0), has
+
+
 def window_sums(x: Tensor, y: Tensor, q_pred: Tensor, levels: Tensor | None, season: int) -> dict[str, Tensor]:
     """Sums over windows of contexts x [B, L, C], targets y [B, H, C] and forecasts
-    q_pred [B, H, C, Q] (original units), for the model and for seasonal naive: ``points``,
-    ``series`` (windows x channels), ``sse``, ``sae``, ``mase`` (sum of per-series MASE),
-    ``crps`` and their ``snaive_*`` twins (and ``pinball``, mean over levels, for quantiles).
-    ``forecast_results`` turns accumulated sums into the metrics."""
+    q_pred [B, H, C, Q] (original units), for the model and for seasonal naive: ``points``
+    (observed targets), ``series`` (windows x channels), ``sse``, ``sae``, ``mase`` (sum of
+    per-series MASE, ``series_mase``), ``crps`` and their ``snaive_*`` twins (and ``pinball``,
+    mean over levels, for quantiles). A missing target (NaN in y: a gap of the data) is not
+    scored. ``forecast_results`` turns accumulated sums into the metrics."""
     x, y, q_pred = x.double(), y.double(), q_pred.double()
     lv = levels.to(q_pred) if levels is not None else None
-    scale = mase_scale(x, season)  # [B, C]
+    obs = torch.isfinite(y)
+    y0 = torch.where(obs, y, 0.0)  # the scores below keep only the observed points
     point = point_forecast(q_pred, lv)
     naive = seasonal_naive(x, y.shape[-2], season)
-    has = scale > MASE_MIN_SCALE  # [B, C]: the series that have a MASE
-    out = {"points": torch.tensor(float(y.numel()), dtype=torch.float64), "series": torch.tensor(float(scale.numel()),
-                                                                                                  dtype=torch.float64),
-           "mase_series": has.sum().double()}
-    for pre, f, c in (("", point, crps(y, q_pred, lv)), ("snaive_", naive, (y - naive).abs())):
-        err = y - f
+    out = {"points": obs.sum().double(), "series": torch.tensor(float(y.shape[0] * y.shape[-1]), dtype=torch.float64)}
+    for pre, f, c in (("", point, crps(y0, q_pred, lv)), ("snaive_", naive, (y0 - naive).abs())):
+        err = torch.where(obs, y0 - f, 0.0)
         out[pre + "sse"] = err.pow(2).sum()
         out[pre + "sae"] = err.abs().sum()
-        out[pre + "mase"] = torch.where(has, err.abs().mean(-2) / scale.clamp_min(MASE_MIN_SCALE), 0.0).sum()
-        out[pre + "crps"] = c.sum()
+        m, has = series_mase(x, y, f, season)
+        out[pre + "mase"] = m.sum()
+        out["mase_series"] = has.sum().double()
+        out[pre + "crps"] = torch.where(obs, c, 0.0).sum()
     if lv is not None:
-        out["pinball"] = pinball(y, q_pred, lv).mean(-1).sum()
+        out["pinball"] = torch.where(obs, pinball(y0, q_pred, lv).mean(-1), 0.0).sum()
     return out
 
 

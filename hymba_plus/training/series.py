@@ -4,11 +4,12 @@ generator, and the training stream of windows.
 **CSV** (``--data series.csv``): a header row, then one row per time step. The first column is
 the timestamp (numbers, or dates / date-times in ISO 8601 form such as ``2024-01-31`` or
 ``2024-01-31 13:00``), strictly increasing; every other column is a numeric series (one
-channel). Empty cells and ``NA`` / ``NaN`` / ``null`` are missing values: each is filled by
-linear interpolation between its neighbouring rows (by row, not by timestamp; forward /
-backward fill at the ends), and the fill is reported (``Series.report``). The fill reads the
-whole series, so a gap at the end of a context is bridged with the value after it, and filled
-targets are scored as if observed: mind both with gappy data. Anything else that is not a
+channel). Empty cells and ``NA`` / ``NaN`` / ``null`` are missing values, reported
+(``Series.report``) and handled as GluonTS does with its observed-values mask: in what the
+model reads (contexts) a gap holds the last observed value before it (carried forward, so a
+context never reads past its own end; a gap at the very start takes the first observed value),
+and as a target it is not scored (``Series.targets``: NaN there; the loss and every metric
+leave it out). Anything else that is not a
 number, or a value beyond +-1e15 (``MAX_ABS_VALUE``: float32 statistics of it would
 overflow), is an error. Every
 problem is one ``DataError`` line naming the file, the line and the column, e.g.
@@ -53,7 +54,8 @@ MAX_SYNTHETIC_VALUES = 1 << 27
 
 @dataclass
 class Series:
-    """Values [T, C] (float64, gaps filled), their timestamps and column names."""
+    """Values [T, C] (float64, gaps filled with the last observed value: what a model reads),
+    which of them were observed, their timestamps and column names."""
 
     values: np.ndarray
     timestamps: list[Any]
@@ -61,6 +63,7 @@ class Series:
     source: str
     time_column: str = "t"
     filled: dict[str, int] = field(default_factory=dict)  # column -> missing values filled
+    observed: np.ndarray | None = None  # [T, C] bool; None: every value observed
 
     @property
     def report(self) -> str:
@@ -69,7 +72,14 @@ class Series:
             return ""
         n = sum(self.filled.values())
         cols = ", ".join(f"{c}: {k}" for c, k in self.filled.items())
-        return f"{n} missing value{'s' if n != 1 else ''} filled by linear interpolation ({cols})"
+        return (f"{n} missing value{'s' if n != 1 else ''} ({cols}): the last observed value in contexts, not "
+                "scored as targets")
+
+    def targets(self) -> np.ndarray:
+        """Values [T, C] to score forecasts against: NaN where the data had a gap."""
+        if self.observed is None:
+            return self.values
+        return np.where(self.observed, self.values, np.nan)
 
     def future_timestamps(self, n: int) -> list[Any]:
         """Timestamps of the n steps after the data (the last step repeated at its spacing)."""
@@ -155,16 +165,18 @@ def read_csv(path: str | Path) -> Series:
     vals = vals[:kept]
     if kept == 0:
         raise DataError(f"{p}: no data rows after the header")
+    observed = ~np.isnan(vals)
     filled = {}
-    idx = np.arange(kept, dtype=np.float64)
     for j, c in enumerate(cols):
-        miss = np.isnan(vals[:, j])
-        if miss.all():
+        if not observed[:, j].any():
             raise DataError(f"{p}:2: column {c!r} ({j + 2}): every value is missing")
-        if miss.any():
-            vals[miss, j] = np.interp(idx[miss], idx[~miss], vals[~miss, j])  # ends: nearest value
-            filled[c] = int(miss.sum())
-    return Series(vals, times, cols, str(p), header[0], filled)
+        if not observed[:, j].all():
+            filled[c] = int((~observed[:, j]).sum())
+    if filled:  # each gap: the last observed value (at the start: the first one), all columns at once
+        last = np.maximum.accumulate(np.where(observed, np.arange(kept)[:, None], -1), axis=0)
+        last = np.where(last < 0, observed.argmax(0)[None, :], last)
+        vals = np.take_along_axis(vals, last, axis=0)
+    return Series(vals, times, cols, str(p), header[0], filled, observed if filled else None)
 
 
 def synthetic(length: int, channels: int, seed: int, season: int = 24) -> np.ndarray:
@@ -224,7 +236,7 @@ def split_by_time(n: int, context: int, horizon: int, source: str) -> Splits:
 
 class SeriesStream:
     """Windows of a series for the forecast objective: ``Batch(input_ids=context [B, L, C],
-    labels=horizon [B, H, C])`` (float32)."""
+    labels=horizon [B, H, C])`` (float32; a target missing from the data is NaN)."""
 
     metric = "forecast"
     tokenizer = None  # numbers, no tokens
@@ -253,7 +265,8 @@ class SeriesStream:
             raise DataError(f"{data}:1: {C} numeric column{'s' if C != 1 else ''} "
                             f"({', '.join(self.series.columns[:6])}) but the recipe's objective.channels is "
                             f"{obj.channels}")
-        self.values = torch.from_numpy(self.series.values.astype(np.float32))
+        self.values = torch.from_numpy(self.series.values.astype(np.float32))  # contexts: gaps filled
+        self.targets = torch.from_numpy(self.series.targets().astype(np.float32))  # NaN at gaps: not scored
         self.splits = split_by_time(len(self.values), L, H, data)
         self.seq_len = L // obj.patch  # patch tokens per window
         lo, hi = self.splits.train
@@ -273,8 +286,7 @@ class SeriesStream:
     def _windows(self, starts: list[int]) -> Batch:
         L, H = self.obj.context, self.obj.horizon
         idx = torch.tensor(starts)[:, None] + torch.arange(L + H)[None]
-        w = self.values[idx]  # [B, L + H, C]
-        return Batch(w[:, :L].contiguous(), w[:, L:].contiguous())
+        return Batch(self.values[idx[:, :L]], self.targets[idx[:, L:]])  # [B, L, C], [B, H, C]
 
     def train(self, indices: range) -> Batch:
         starts = [int(np.random.default_rng([self.seed, 0, i]).integers(0, self.n_train)) for i in indices]
