@@ -201,3 +201,23 @@ def test_confidence_is_the_models_probability_whatever_the_sampling_filter(model
     b = model.generate(ids, max_new_tokens=8, mode="block_diffusion", threshold=0.9, temperature=1.0, top_k=1,
                        stats=topk1, generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, b) and topk1["steps_per_block"] == greedy["steps_per_block"] > 1.0
+
+
+def test_mask_id_is_an_input_of_noisy_blocks_only(model) -> None:
+    """[MASK] (one id past the vocabulary) in a prompt was taken by every mode (the clean stream
+    never holds it in training); only a bidirectional (noisy) block reads it."""
+    m = model.objective.mask_token_id
+    prompt = torch.tensor([[3, 4, m]])
+    for mode in ("ar", "block_diffusion"):
+        with pytest.raises(ValueError, match=rf"input_ids: token id {m} at \[0, 2\] is block diffusion's \[MASK\], "
+                                             "which only a noisy block reads"):
+            model.generate(prompt, max_new_tokens=4, mode=mode)
+    with pytest.raises(ValueError, match="is block diffusion's"):
+        model(prompt)
+    with torch.no_grad():  # a noisy block on a cache holding a clean prefix
+        cache = model.new_cache(1)
+        model(prompt[:, :2], cache=cache)
+        assert model(torch.full((1, 4), m), cache=cache.fork(), bidirectional=True).logits.shape == (1, 4, 24)
+    with pytest.raises(ValueError, match=r"token id 25 at \[0, 0\] is outside the vocabulary \(vocab_size 24; "
+                                         r"the \[MASK\] id is 24\)"):
+        model(torch.tensor([[25]]), bidirectional=True)

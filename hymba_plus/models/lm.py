@@ -196,7 +196,7 @@ class HybridLM(nn.Module):
         self._check_call(input_ids, labels, attention_mask, cache, inputs_embeds, logits_to_keep)
         B, T = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
         if check_inputs and not _skip_checks(input_ids if inputs_embeds is None else inputs_embeds):
-            self._check_inputs(input_ids, inputs_embeds, attention_mask, cache, T, labels)
+            self._check_inputs(input_ids, inputs_embeds, attention_mask, cache, T, labels, bidirectional)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         valid = None
         if attention_mask is not None:
@@ -314,10 +314,12 @@ class HybridLM(nn.Module):
 
     def _check_inputs(self, input_ids: Tensor | None, inputs_embeds: Tensor | None,
                       attention_mask: Tensor | None, cache: HybridCache | None, T: int,
-                      labels: Tensor | None = None) -> None:
-        """The id, label and length checks of ``forward`` (its docstring): at most one host read."""
+                      labels: Tensor | None = None, bidirectional: bool = False) -> None:
+        """The id, label and length checks of ``forward`` (its docstring): at most one host read.
+        Block diffusion's [MASK] (one id past the vocabulary) is an input only of a bidirectional
+        (noisy) block: a causal call, a prompt included, holds vocabulary ids."""
         V, limit, n_meta = self.config.vocab_size, self.config.max_seq_len, self.config.meta_tokens
-        if self.objective.mask_token_id is not None:  # [MASK] is one id past the vocabulary
+        if self.objective.mask_token_id is not None and bidirectional:
             V += 1
         name = "input_ids" if inputs_embeds is None else "inputs_embeds"
         started = cache is not None and cache.started
@@ -347,7 +349,12 @@ class HybridLM(nn.Module):
         vals = torch.stack([r.to(reads[-1]) for r in reads]).tolist()  # the one device sync
         if check_ids and (vals[0] < 0 or vals[1] >= V):
             at = ((input_ids < 0) | (input_ids >= V)).nonzero()[0]
-            raise ValueError(f"{name}: token id {int(input_ids[tuple(at)])} at {at.tolist()} is outside the "
+            bad = int(input_ids[tuple(at)])
+            if bad == self.objective.mask_token_id:
+                raise ValueError(f"{name}: token id {bad} at {at.tolist()} is block diffusion's [MASK], which only a "
+                                 f"noisy block reads (forward(..., bidirectional=True)); a prompt or causal input "
+                                 f"holds ids of the vocabulary [0, {self.config.vocab_size})")
+            raise ValueError(f"{name}: token id {bad} at {at.tolist()} is outside the "
                              f"vocabulary (vocab_size {self.config.vocab_size}"
                              f"{'; the [MASK] id is ' + str(V - 1) if V > self.config.vocab_size else ''})")
         if check_labels and vals[n_values - 1]:
