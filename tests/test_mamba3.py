@@ -194,6 +194,34 @@ def test_registered_and_config_checks():
         load_recipe(tiny_recipe("M3", {"mamba3": {"rope_fraction": 1.5}}))
 
 
+def test_heavy_tail_a_activation():
+    """``a_activation: heavy_tail`` (state-spaces/mamba#962): A_t = -(pos(x) + 1 / (1 - neg(x))), floored;
+    the layer's decay follows it, and a cached model still equals its full forward."""
+    from hymba_plus.components.mamba3 import a_magnitude
+
+    x = torch.tensor([-3.0, -0.5, 0.0, 3.0], dtype=torch.float64)
+    assert a_magnitude(x, "heavy_tail").tolist() == pytest.approx([0.25, 1 / 1.5, 1.0, 4.0])
+    assert torch.allclose(a_magnitude(x, "softplus"), torch.nn.functional.softplus(x))
+    rec = m3_recipe("M3 | GA", 1, meta_tokens=2)
+    rec["components"]["mamba3"]["a_activation"] = "heavy_tail"
+    torch.manual_seed(0)
+    model = build_model(rec).double().eval()
+    layer = next(m for m in model.modules() if type(m).__name__ == "Mamba3")
+    u = torch.randn(1, 5, model.config.d_model, dtype=torch.float64)
+    dd_A = torch.split(layer.in_proj(u), layer.splits, dim=-1)[5]
+    dt = torch.nn.functional.softplus(torch.split(layer.in_proj(u), layer.splits, dim=-1)[4] + layer.dt_bias)
+    assert torch.allclose(layer._project(u)[3], -a_magnitude(dd_A, "heavy_tail").clamp(min=1e-4) * dt)
+    ids = torch.randint(0, 64, (2, 19), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache(2)
+        parts = [model(ids[:, :7], cache=cache).logits] + [model(ids[:, t:t + 1], cache=cache).logits
+                                                          for t in range(7, 19)]
+    assert rel_err(torch.cat(parts, 1), full) <= 1e-8
+    with pytest.raises(RecipeError, match="a_activation"):
+        load_recipe(tiny_recipe("M3", {"mamba3": {"a_activation": "exp"}}))
+
+
 @pytest.mark.parametrize("pattern", ["M3 | GA", "M3|M3"])
 @pytest.mark.parametrize("R", [1, 2])
 @settings(max_examples=3, deadline=None)
@@ -469,3 +497,26 @@ def test_model_cache_invariant_on_gpu_bf16():
         parts += [model(ids[:, 160:], cache=cache).logits]
     out = torch.cat(parts, 1).float()
     assert rel_err(out[0], full[0]) < 5e-2 and rel_err(out[1, 17:], full[1, 17:]) < 5e-2
+
+
+def test_reference_kernels_compute_in_float32_under_bf16_autocast():
+    """Autocast would round every matmul of the reference scans to bf16 (states ~3e-3 off); the
+    kernels turn it off (``dispatch.reference_math``): the same bits as without autocast."""
+    from hymba_plus.kernels.gdn import chunk_gated_delta_rule_ref, recurrent_gated_delta_rule_ref
+
+    for R in (1, 2):
+        args, kw = make_inputs(T=40, R=R, N=8, K=2, seed=3, dtype=torch.float32)
+        carry = random_carry(2, 4, 8, 6, R, 2, dtype=torch.float32)
+        for fn in (mamba3_chunked, mamba3_recurrent):
+            plain = fn(**args, carry=carry, pairing="half", **kw)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                auto = fn(**args, carry=carry, pairing="half", **kw)
+            assert torch.equal(auto[0], plain[0]) and torch.equal(auto[1].h, plain[1].h), (fn.__name__, R)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 33, 2, 16, generator=g) for _ in range(3))
+    gate, beta = -torch.rand(1, 33, 2, generator=g) * 0.1, torch.rand(1, 33, 2, generator=g)
+    for fn in (chunk_gated_delta_rule_ref, recurrent_gated_delta_rule_ref):
+        plain = fn(q, k, v, gate, beta, None, None, True, use_qk_l2norm=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = fn(q, k, v, gate, beta, None, None, True, use_qk_l2norm=True)
+        assert torch.equal(auto[0], plain[0]) and torch.equal(auto[1], plain[1]), fn.__name__

@@ -163,10 +163,11 @@ class GatedDeltaNet(nn.Module):
         self.reset_special()
 
     def reset_special(self) -> None:
-        """A_log = log U(1, 16); dt_bias = softplus^{-1}(dt), dt log-uniform in [1e-3, 1e-1]
-        (Mamba2 / GDN init); conv weight like nn.Conv1d (U(+-1/sqrt(K)))."""
+        """A_log = log U(0.01, 16) (fla's GatedDeltaNet draws U(0, 16), HF Qwen3-Next U(0.01, 16):
+        heads with A < 1 forget slowest; Mamba2's range starts at 1); dt_bias = softplus^{-1}(dt),
+        dt log-uniform in [1e-3, 1e-1] (fla / Mamba2); conv weight like nn.Conv1d (U(+-1/sqrt(K)))."""
         with torch.no_grad():
-            self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1.0, 16.0).log())
+            self.A_log.copy_(torch.empty_like(self.A_log).uniform_(0.01, 16.0).log())
             lo, hi = math.log(1e-3), math.log(1e-1)
             dt = torch.exp(torch.rand_like(self.dt_bias) * (hi - lo) + lo).clamp_min(1e-4)
             self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))

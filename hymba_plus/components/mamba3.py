@@ -7,7 +7,7 @@ One ``in_proj`` (no bias, no short convolution) gives, per token::
      z, x: [H, P]   B, C: [R, G, N]   dd_dt, dd_A, trap: [H]   angles: [K]
 
     Δ_t = softplus(dd_dt + dt_bias)                    (dt_bias: inverse-softplus of U_log[dt_min, dt_max])
-    A_t = -max(softplus(dd_A), A_floor)                (data-dependent, per head)
+    A_t = -max(softplus(dd_A), A_floor)                (data-dependent, per head; or heavy_tail)
     λ_t = sigmoid(trap)                                (the trapezoid's mixing weight)
     B_t = RMSNorm(B) + B_bias,  C_t = RMSNorm(C) + C_bias     (per-head, per-rank biases, init 1)
     Θ_t = Θ_{t-1} + π tanh(angles_t) Δ_t               (data-dependent RoPE, shared over heads
@@ -22,8 +22,10 @@ The equations and the kernels (reference chunked/step scan, mamba-ssm fast paths
 ``hymba_plus.kernels.mamba3``.
 
 Following the official code, A is data dependent
-(``-softplus(dd_A)`` floored at ``a_floor``), so there is no ``A_log`` parameter and no A init
-range; ``reset_special`` initialises ``dt_bias``, the B/C biases, ``D`` and the MIMO weights.
+(``-softplus(dd_A)`` floored at ``a_floor``, as in the paper and state-spaces/mamba's first
+release; ``a_activation: heavy_tail`` takes the official code's later ``-heavy_tail(dd_A)``,
+state-spaces/mamba#962, "Stabilize data-dependent A with heavy-tail activation"), so there is no
+``A_log`` parameter and no A init range; ``reset_special`` initialises ``dt_bias``, the B/C biases, ``D`` and the MIMO weights.
 
 State (``Mamba3State``): ``h [B,H,N,P]``, the previous real token's rotated B (``k [B,H,R,N]``)
 and x (``v [B,H,P]``) that the trapezoid needs, and the cumulative angle (``theta [B,H,K]``).
@@ -58,6 +60,15 @@ from ..kernels.mamba3 import Mamba3Carry, mamba3, mamba3_chunked, mamba3_decode
 from .norm import RMSNorm
 
 
+def a_magnitude(x: Tensor, kind: str | None) -> Tensor:
+    """|A_t| before the floor: ``softplus(x)``, or ``heavy_tail(x)`` = 1 + x for x >= 0 and
+    1 / (1 - x) below (positive, continuous, differentiable at 0; its slow decay to 0 keeps |A|
+    from vanishing as fast as softplus's exponential tail)."""
+    if kind in (None, "softplus"):
+        return F.softplus(x)
+    return x.clamp_min(0) + 1.0 / (1.0 - x.clamp_max(0))
+
+
 @dataclass(frozen=True)
 class Mamba3Config:
     state_size: int = spec(32, min=2, doc="N, the SSM state size per head (d_state)")
@@ -71,6 +82,11 @@ class Mamba3Config:
     dt_max: float = spec(0.1, gt=0.0)
     dt_init_floor: float = spec(1e-4, gt=0.0)
     a_floor: float = spec(1e-4, min=0.0, doc="A_t <= -a_floor")
+    # None is softplus (an unset field keeps existing recipes' hashes)
+    a_activation: str | None = spec(None, choices=("softplus", "heavy_tail"),
+                                    doc="A_t = -f(dd_A): softplus (default: the paper and the first release) or "
+                                        "heavy_tail (the official code since June 2026: 1 + x for x >= 0, "
+                                        "1 / (1 - x) below)")
     bc_norm_eps: float = spec(1e-5, gt=0.0)
 
     def d_inner(self, d_model: int) -> int:
@@ -175,7 +191,7 @@ class Mamba3(nn.Module):
         Bm = self.B_norm(Bm.reshape(Bsz, T, self.R, self.G, self.N))
         Cm = self.C_norm(Cm.reshape(Bsz, T, self.R, self.G, self.N))
         cdt = compute_dtype(dd_dt)  # float32 for 16-bit models, float64 stays float64
-        A = -F.softplus(dd_A.to(cdt)).clamp(min=self.cfg.a_floor)
+        A = -a_magnitude(dd_A.to(cdt), self.cfg.a_activation).clamp(min=self.cfg.a_floor)
         dt = F.softplus(dd_dt.to(cdt) + self.dt_bias.to(cdt))
         angles = ang[:, :, None, :].expand(Bsz, T, self.H, self.K)
         return Cm, Bm, x, A * dt, dt, trap, angles, z

@@ -199,6 +199,7 @@ def _prepare(q, k, v, g, beta, initial_state, scale, use_qk_l2norm):  # noqa: AN
     return q, k, v, g, beta, S, scale
 
 
+@dispatch.reference_math
 def recurrent_gated_delta_rule_ref(
     q: Tensor,
     k: Tensor,
@@ -232,6 +233,7 @@ def recurrent_gated_delta_rule_ref(
     return o.to(out_dtype), (S if output_final_state else None)
 
 
+@dispatch.reference_math
 def chunk_gated_delta_rule_ref(
     q: Tensor,
     k: Tensor,

@@ -180,6 +180,7 @@ def _finish(y: Tensor, vr: Tensor, D: Tensor | None, z: Tensor | None, mimo_z: T
 
 
 # ----------------------------------------------------------------------------- step (decode, oracle)
+@dispatch.reference_math
 def mamba3_step(
     q: Tensor, k: Tensor, v: Tensor, adt: Tensor, dt: Tensor, trap: Tensor, angles: Tensor,
     q_bias: Tensor, k_bias: Tensor, carry: Mamba3Carry, *, D: Tensor | None = None, z: Tensor | None = None,
@@ -222,6 +223,7 @@ def mamba3_step(
     return out.to(v.dtype), Mamba3Carry(h, new_k, new_v, theta)
 
 
+@dispatch.reference_math
 def mamba3_recurrent(
     q: Tensor, k: Tensor, v: Tensor, adt: Tensor, dt: Tensor, trap: Tensor, angles: Tensor,
     q_bias: Tensor, k_bias: Tensor, carry: Mamba3Carry | None = None, *, lengths: Tensor | None = None,
@@ -530,6 +532,7 @@ def mamba3_decode(
 
 
 # ----------------------------------------------------------------------------- chunked reference
+@dispatch.reference_math
 def mamba3_chunked(
     q: Tensor, k: Tensor, v: Tensor, adt: Tensor, dt: Tensor, trap: Tensor, angles: Tensor,
     q_bias: Tensor, k_bias: Tensor, carry: Mamba3Carry | None = None, *, D: Tensor | None = None,
