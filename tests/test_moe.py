@@ -231,11 +231,13 @@ def test_inert_slots_take_no_capacity_and_are_not_counted():
     assert torch.isfinite(y).all()
     load = ctx.stats["moe/0/tokens_per_expert"]
     assert float(load.sum()) == 2 * 13  # k * real tokens
-    # inert slots queue behind every real token, so the real tokens get exactly what they
-    # would get with the padding removed (same capacity: it is set from the slot count)
+    # inert slots queue behind every real token, and the capacity is set from the real tokens
+    # (13, not the 20 slots), so the real tokens get exactly what they would get unpadded
     mask = (torch.arange(10)[None] < lengths[:, None]).reshape(-1)
     xr = x.reshape(-1, 24)[mask]
-    cap = K.expert_capacity(20, 2, 4, 1.0)
+    cap = K.expert_capacity(13, 2, 4, 1.0)
+    unpadded = m(xr[None], _ctx(1, 13)).detach()
+    assert torch.equal(y.reshape(-1, 24)[mask], unpadded[0])
     assert rel_err(y.reshape(-1, 24)[mask], loop_reference(m, xr, capacity=cap).detach()) < 1e-12
     idx = K.route(xr @ m.router.weight.T, 2).experts.reshape(-1)
     kept = sum(min(int((idx == e).sum()), cap) for e in range(4))
@@ -369,6 +371,15 @@ def test_aux_loss_free_bias_update():
         m.update_bias()
     late = sum(peaks[-20:]) / 20
     assert float(load.max()) > 1.5 * 64 and late < 1.15 * 64, (float(load.max()), late)
+    # a trained bias keeps routing when the model is loaded with the rate at 0 (frozen balancing)
+    frozen = _module(torch.float32, n_experts=4, top_k=1, norm_topk=False, n_shared=0, d_expert=8,
+                     score="sigmoid", bias_update_rate=0.0).train()
+    plain = m(x, _ctx(1, 256)).detach()
+    m.load.zero_()
+    frozen.load_state_dict(m.state_dict())
+    assert torch.equal(frozen(x, _ctx(1, 256)).detach(), plain)
+    frozen.update_bias()
+    assert torch.equal(frozen.expert_bias, m.expert_bias)  # rate 0: no update
     # the balancing state stays float32 under a dtype cast (a bf16 bias cannot take small steps)
     mb = m.to(torch.bfloat16)
     assert mb.expert_bias.dtype == torch.float32 and mb.w_gate_up.dtype == torch.bfloat16

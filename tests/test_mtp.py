@@ -69,6 +69,40 @@ def test_loss_adds_weighted_depth_losses_and_trains_every_module() -> None:
     assert set(k for k in short.stats if k.startswith("mtp/")) == {"mtp/loss_1"}
 
 
+def test_moe_blocks_of_the_modules_add_their_losses_and_statistics() -> None:
+    """A MoE block in a module (``block: GA+moe``) balances like the trunk's MoE layers: its balance /
+    z losses join ``aux_loss`` and its routing statistics the stats (they were dropped: the modules'
+    routers trained with no balance loss)."""
+    r = recipe(pattern="GA+moe", depth=2, block="GA+moe", weight=0.5)
+    r["components"] = {**r["components"], "moe": {"n_experts": 4, "top_k": 2, "d_expert": 16}}
+    torch.manual_seed(0)
+    m = build_model(r)
+    ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(0))
+    out = m(ids, labels=ids)
+    trunk_only = m(ids).aux_loss  # no labels: no MTP modules run
+    moe_keys = sorted(k for k in out.stats if k.endswith("tokens_per_expert"))
+    assert len(moe_keys) == 3, moe_keys  # the trunk's layer and one per module
+    assert out.aux_loss > trunk_only * 2.5  # three layers' terms of about equal size
+    out.loss.backward()
+    router = [p for n, p in m.named_parameters() if n.startswith("mtp.") and "router" in n]
+    assert router and all(float(p.grad.norm()) > 1e-4 for p in router)
+
+
+def test_a_depth_with_no_scored_target_adds_nothing() -> None:
+    """Labels scored only near the start: the deeper module has no target left (its mean was 0 / 0 =
+    NaN, and so was the whole loss); it adds 0 and leaves the mean over depths."""
+    m = build_model(recipe(depth=3, weight=0.5))
+    ids = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(0))
+    labels = torch.full_like(ids, -100)
+    labels[:, 2:4] = ids[:, 2:4]
+    out = m(ids, labels=labels)
+    per = [out.stats[f"mtp/loss_{i}"] for i in (1, 2, 3)]
+    assert torch.isfinite(out.loss) and float(per[2]) == 0.0 and float(per[0]) > 0 and float(per[1]) > 0
+    assert torch.allclose(out.loss, m.lm_loss(out.logits, labels) + 0.5 * (per[0] + per[1]) / 2, atol=1e-5)
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
 def test_depth_loss_matches_an_explicit_computation() -> None:
     """Depth i at position t reads x_{t+i} (1-based i) and predicts x_{t+i+1}, through the shared
     norm and head; checked against a direct evaluation of the modules' equations."""

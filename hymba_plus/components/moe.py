@@ -9,7 +9,8 @@
   renormalized top-k weights (Qwen3-Next / Qwen3-MoE ``norm_topk_prob``); or sigmoid scores
   with DeepSeek-V3's auxiliary-loss-free balancing (arXiv 2412.19437, Eq. 15-16, §2.1.2):
   a per-expert bias ``b`` is added to the scores for *selection only*, and after each
-  optimizer step ``b_e += rate * sign(mean load - load_e)`` (``update_bias``).
+  optimizer step ``b_e += rate * sign(mean load - load_e)`` (``update_bias``). A loaded
+  nonzero bias keeps taking part in selection with ``bias_update_rate: 0`` (frozen).
 * Experts are SwiGLU (Shazeer 2020, Eq. 6) with weights stacked as tensors,
   ``w_gate_up [E, d, 2h]`` (gate columns first) and ``w_down [E, h, d]``; the shared
   expert(s) are one SwiGLU of width ``n_shared * d_shared`` scaled by ``sigmoid(x W_g)``.
@@ -20,7 +21,9 @@
   sync): ``tokens_per_expert`` [E], ``dropped``, ``entropy`` (nats), ``lb_loss``, ``z_loss``,
   ``max_load`` (busiest expert's load / mean load).
 * Inert slots (``t >= ctx.lengths[b]``) are excluded from losses, statistics, the bias
-  update and expert capacity; their outputs are finite and discarded by the model.
+  update and expert capacity; their outputs are finite and discarded by the model. Meta
+  tokens are tokens here: they count in the load, losses, statistics, capacity and bias
+  update (the same rows in every sequence, so many meta tokens add a fixed load).
 * Dispatch: ``hymba_plus.kernels.moe`` (sort by expert, grouped GEMM over contiguous
   segments with ``torch._grouped_mm`` on CUDA bf16, a padded batched matmul elsewhere).
   Dropless by default; ``capacity_factor`` enables Switch-style capacity in training
@@ -47,6 +50,7 @@ from torch import Tensor, nn
 from ..core.cache import StepContext
 from ..core.config import spec
 from ..core.registry import register
+from ..kernels import dispatch
 from ..kernels import moe as K
 from ..kernels.linear import project, stacked
 from .mlp import MLPConfig, SwiGLU
@@ -64,7 +68,8 @@ class MoEConfig:
     norm_topk: bool = True
     aux_loss_coef: float = spec(0.01, min=0.0)
     z_loss_coef: float = spec(0.001, min=0.0)
-    bias_update_rate: float = spec(0.0, min=0.0, doc="aux-loss-free balancing step (DeepSeek-V3 gamma); 0 = off")
+    bias_update_rate: float = spec(0.0, min=0.0, doc="aux-loss-free balancing step (DeepSeek-V3 gamma); 0 = no "
+                                                         "updates (a loaded nonzero bias still routes)")
     capacity_factor: float | None = spec(None, gt=0.0, doc="None = dropless; else Switch capacity (training only)")
     balance_loss: str | None = spec(None, choices=("per_layer", "pooled"),
                                     doc="per_layer (default): aux_loss_coef x E sum_e f_e P_e added per layer, f "
@@ -111,6 +116,9 @@ class MoE(nn.Module):
         # routing balance state, kept in float32 whatever the module dtype (see _apply)
         self.register_buffer("expert_bias", torch.zeros(E), persistent=True)
         self.register_buffer("load", torch.zeros(E), persistent=False)  # real assignments since update_bias
+        # the bias takes part in selection when balancing updates it or a loaded one is nonzero (a
+        # model trained with balancing, then fine-tuned or evaluated with the rate at 0, keeps its routes)
+        self._bias_active = cfg.bias_update_rate > 0
         self._init_std = float(getattr(model, "init_std", 0.02))
         self._n_layers = max(1, len(recipe.layers)) if recipe is not None else 1
         # auto | grouped | padded (kernels.moe.moe_experts) | fused (kernels.moe.moe_layer); benchmarks, tests
@@ -141,6 +149,10 @@ class MoE(nn.Module):
             n += sum(p.numel() for p in self.shared.parameters()) + self.shared_gate.weight.numel()
         return n
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._bias_active = self.cfg.bias_update_rate > 0 or bool(self.expert_bias.any())  # one read, at load
+
     @torch.no_grad()
     def update_bias(self) -> None:
         """DeepSeek-V3 auxiliary-loss-free balancing step, from the load counted since the
@@ -161,7 +173,12 @@ class MoE(nn.Module):
         vflat = valid.reshape(-1) if valid is not None else None
         cap = None
         if cfg.capacity_factor is not None and self.training:
-            cap = K.expert_capacity(xf.shape[0], cfg.top_k, cfg.n_experts, cfg.capacity_factor)
+            # from the real tokens: one host read where the chunk has padding slots (while a CUDA graph
+            # is captured or the step traced, which cannot read, every slot counts)
+            n = xf.shape[0]
+            if vflat is not None and not (dispatch.capturing() or dispatch.tracing(xf)):
+                n = int(vflat.sum())
+            cap = K.expert_capacity(n, cfg.top_k, cfg.n_experts, cfg.capacity_factor)
         if self._fused(xf, vflat, cap):  # the whole layer as one autograd node (eager CUDA)
             sh = self.shared
             y, aux, load, lb, z, ent = K.moe_layer(
@@ -185,8 +202,7 @@ class MoE(nn.Module):
             w = torch.cat([self.router.weight, self.shared_gate.weight])
             both = F.linear(xf, F.pad(w, (0, 0, 0, -w.shape[0] % 8)))
             logits, gate_logit = both[:, : cfg.n_experts], both[:, cfg.n_experts]
-        r = K.route(logits, cfg.top_k, cfg.score, cfg.norm_topk,
-                    self.expert_bias if cfg.bias_update_rate > 0 else None)
+        r = K.route(logits, cfg.top_k, cfg.score, cfg.norm_topk, self.expert_bias if self._bias_active else None)
         y, dropped, counts = K.moe_experts(xf, r.experts, r.weights.to(x.dtype), self.w_gate_up, self.w_down,
                                            capacity=cap, inert=None if vflat is None else ~vflat, impl=self.impl)
         if self.shared is not None:
@@ -204,7 +220,7 @@ class MoE(nn.Module):
         cfg = self.cfg
         if self.impl not in ("auto", "fused") or xf.shape[0] == 0:  # no tokens: the composed path's early exit
             return False
-        case = (cfg.score == "softmax" and cfg.norm_topk and cfg.bias_update_rate == 0 and cap is None
+        case = (cfg.score == "softmax" and cfg.norm_topk and not self._bias_active and cap is None
                 and valid is None and cfg.balance_loss != "pooled")
         if self.impl == "auto" and K.decode_supported(xf, cfg.top_k, self.w_gate_up, self.w_down, capacity=cap):
             return False  # a decode step: the composed layer, its experts as the moe_decode kernels

@@ -19,6 +19,7 @@ whose inputs are verified tokens (``models/mtp_decoding.py``).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -56,22 +57,32 @@ class MTP(nn.Module):
         return self.blocks[i](x, ctx, state)
 
     def losses(self, model: Any, trunk: Tensor, ids: Tensor, labels: Tensor, positions: Tensor,
-               n_meta: int) -> tuple[Tensor, list[Tensor]]:
-        """(lambda * mean over depths, [loss of each depth]) for unpadded rows: ``trunk`` [B, T, d]
-        the trunk's last hidden states (before the final norm) at the real tokens, ``positions``
-        theirs. Depth i (0-based) uses the positions t <= T - i - 2 and predicts x_{t+i+2};
-        ``labels`` -100 are not scored (as the next-token loss)."""
+               n_meta: int, parent: StepContext | None = None) -> tuple[Tensor, list[Tensor]]:
+        """(lambda * mean over the depths that score a target, [loss of each depth]) for unpadded
+        rows: ``trunk`` [B, T, d] the trunk's last hidden states (before the final norm) at the real
+        tokens, ``positions`` theirs. Depth i (0-based) uses the positions t <= T - i - 2 and
+        predicts x_{t+i+2}; ``labels`` -100 are not scored (as the next-token loss); a depth with
+        no scored target adds 0 (and leaves the mean). The modules' blocks add their auxiliary
+        losses and statistics (a MoE block's balance / z losses, routing statistics) to ``parent``,
+        the trunk's ``StepContext``, as every layer of the trunk does (DeepSeek-V3 balances every
+        MoE layer, the MTP modules' included)."""
         T = ids.shape[1]
-        h, per = trunk, []
+        h, per, scored = trunk, [], []
         for i in range(self.depth):
             n = T - i - 1  # positions whose input token x_{t+i+1} exists
             if n < 2:  # no position left with a target
                 break
-            ctx = StepContext(positions=positions[:, :n], n_meta=n_meta)
+            where = dict(positions=positions[:, :n], lengths=None, shared={}, bidirectional=False, two_stream=None)
+            ctx = (dataclasses.replace(parent, **where) if parent is not None  # its losses and statistics
+                   else StepContext(n_meta=n_meta, **where))
             h = self.step(i, h[:, :n], model.embed_tokens(ids[:, i + 1:i + 1 + n]), ctx)
             # the trunk's loss one more token ahead: position t predicts labels[t + i + 2]; the shared
             # head's loss without its [B, n, V] logits (kernels.linear_ce)
-            per.append(model.hidden_lm_loss(model.norm(h), labels[:, i + 1:i + 1 + n]))
+            target = labels[:, i + 1:i + 1 + n]
+            has = (target[:, 1:] != -100).any()  # (the last position's target is past the end)
+            loss = model.hidden_lm_loss(model.norm(h), target)  # NaN (0 / 0) when nothing is scored
+            per.append(torch.where(has, loss, torch.zeros_like(loss)))  # its gradient then 0, not NaN
+            scored.append(has)
         if not per:
             return trunk.new_zeros(()), per
-        return self.cfg.weight * torch.stack(per).mean(), per
+        return self.cfg.weight * torch.stack(per).sum() / torch.stack(scored).sum().clamp_min(1), per
