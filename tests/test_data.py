@@ -247,3 +247,73 @@ def test_cli_bad_data(tmp_path, capsys):
     rc = main(["train", recipe, "--data", str(tmp_path / "short.txt"), "--tokenizer", str(tmp_path / "no.json"),
                "--out", str(tmp_path / "o4"), *common])
     one_line_error(capsys, rc, 1, "no.json: no such file")
+
+
+def test_documents_are_separated_and_encoded_without_mid_document_specials(tmp_path):
+    """Each file is a document: bytes get a line break where a file does not end with one; a
+    ``tokenizers`` tokenizer's pieces are encoded without its special tokens (a BOS template put one
+    at every ~256 KiB piece, mid-document) and each document ends with its end token."""
+    src = tmp_path / "c"
+    src.mkdir()
+    (src / "a.txt").write_text("first document ends here")
+    (src / "b.txt").write_text("second one\n")
+    index = prepare(src, tmp_path / "bytes", ByteTokenizer())
+    flat = np.concatenate([TokenShards(tmp_path / "bytes").shard(i) for i in range(len(index["shards"]))])
+    assert bytes(flat.astype(np.uint8)) == b"first document ends here\nsecond one\n"
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers, processors, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=120, special_tokens=["[UNK]", "</s>", "<s>"]))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    tok.save(str(tmp_path / "tok.json"))
+    t = from_json((tmp_path / "tok.json").read_text())
+    assert t.encode("a b")[0] == 2 and 2 not in t.encode("a b", add_special_tokens=False)  # the template
+    big = src / "big.txt"
+    big.write_text((TEXT * 40 + "\n") * 20)  # several pieces of _chunks
+    (src / "a.txt").unlink()
+    (src / "b.txt").unlink()
+    prepare(src, tmp_path / "bpe", t)
+    shards = TokenShards(tmp_path / "bpe")
+    ids = np.concatenate([shards.shard(i) for i in range(len(shards.shards))]).tolist()
+    assert 2 not in ids and ids[-1] == 1 and ids.count(1) == 1  # no BOS anywhere, one </s> at the end
+    assert ids[:-1] == t.encode(big.read_text(), add_special_tokens=False)
+
+
+def test_output_folders_inside_the_text_folder_are_not_read(tmp_path, capsys):
+    """``--out`` inside the corpus (prepare twice; a training run's folder, whose cache and
+    checkpoints were tokenized into the data on resume, which then refused as another split)."""
+    src = tmp_path / "c"
+    src.mkdir()
+    (src / "a.txt").write_text(TEXT * 20)
+    first = prepare(src, src / "shards", ByteTokenizer())
+    again = prepare(src, src / "shards", ByteTokenizer(), force=True)
+    assert first["tokens"] == again["tokens"] == len((TEXT * 20).encode())
+    rec = recipe_file(tmp_path)
+    common = ["--data", str(src), "--out", str(src / "run"), "--seq-len", "16", "--batch-size", "2", "--steps", "4",
+              "--no-progress"]
+    assert main(["train", rec, *common, "--stop-after", "2"]) == 0
+    assert main(["train", rec, *common, "--resume"]) == 0, capsys.readouterr().err
+    index = json.loads((src / "run" / "data" / "index.json").read_text())
+    assert [Path(s["path"]).name for s in index["sources"]] == ["a.txt"]
+
+
+def test_too_short_text_names_the_source_not_the_cache(tmp_path, capsys):
+    (tmp_path / "one.txt").write_text("hello\n")
+    rc = main(["train", recipe_file(tmp_path), "--data", str(tmp_path / "one.txt"), "--out", str(tmp_path / "r"),
+               "--seq-len", "16", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"{tmp_path / 'one.txt'}: 6 tokens are too few for --seq-len 16" in err, err
+
+
+def test_resuming_a_task_run_with_other_task_settings_says_so(tmp_path, capsys):
+    rec = recipe_file(tmp_path)
+    out = str(tmp_path / "r")
+    assert main(["train", rec, "--data", "mqar", "--seq-len", "32", "--steps", "4", "--stop-after", "2",
+                 "--batch-size", "2", "--out", out, "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["train", rec, "--data", "mqar", "--seq-len", "32", "--steps", "4", "--batch-size", "2",
+                 "--mqar-pairs", "3", "--out", out, "--resume", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "--data mqar: task settings changed since" in err and "mqar_pairs None -> 3" in err, err

@@ -39,6 +39,8 @@ from .tasks import TASKS, Task
 
 INDEX = "index.json"
 FORMAT = "hymba-shards"
+#: 2: documents end with the tokenizer's end token, pieces encoded without special tokens
+VERSION = 2
 
 
 class DataError(ValueError):
@@ -48,10 +50,12 @@ class DataError(ValueError):
 # --------------------------------------------------------------------------- prepare
 
 
-def list_sources(path: str | os.PathLike) -> list[Path]:
+def list_sources(path: str | os.PathLike, exclude: tuple[str | os.PathLike, ...] = ()) -> list[Path]:
     """The files a path names: itself (refused if binary), or every non-hidden, non-binary file under a
-    folder (binary ones skipped)."""
+    folder (binary ones skipped), except those under an ``exclude`` folder or a folder hymba wrote
+    (``_written_by_hymba``: ``prepare``'s output, a training run's folder, a checkpoint)."""
     p = Path(path)
+    skip = {Path(e).resolve() for e in exclude}
     if not p.exists():
         raise DataError(f"{p}: no such file or directory")
     if p.is_file():
@@ -62,7 +66,8 @@ def list_sources(path: str | os.PathLike) -> list[Path]:
         raise DataError(f"{p}: not a regular file or folder")
     files = []
     for root, dirs, names in os.walk(p):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (Path(root) / d).resolve() not in skip
+                         and not _written_by_hymba(Path(root) / d))
         for n in sorted(names):
             f = Path(root) / n
             if n.startswith(".") or not f.is_file() or _binary(f):
@@ -71,6 +76,18 @@ def list_sources(path: str | os.PathLike) -> list[Path]:
     if not files:
         raise DataError(f"{p}: no text files in this folder")
     return files
+
+
+def _written_by_hymba(d: Path) -> bool:
+    """A folder of ours inside a text folder, not text to train on: token shards (``index.json`` of
+    our format), a training run (``metrics.jsonl``) or a checkpoint (``recipe.yaml`` next to
+    ``model.safetensors``)."""
+    if (d / "metrics.jsonl").is_file() or ((d / "recipe.yaml").is_file() and (d / "model.safetensors").is_file()):
+        return True
+    try:
+        return json.loads((d / INDEX).read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _binary(f: Path) -> bool:
@@ -91,11 +108,33 @@ def fingerprint(files: list[Path]) -> list[dict[str, Any]]:
 
 
 def _chunks(f: Path, tok: Any, chunk_bytes: int = 1 << 22) -> Iterator[np.ndarray]:
-    """Token arrays of one file, read in pieces (text pieces end at a line break)."""
+    """Token arrays of one file, read in pieces (text pieces end at a line break), then its end
+    mark (``_end_mark``). A ``tokenizers`` tokenizer encodes the pieces without its special tokens
+    (its post-processor would put e.g. a BOS at every piece's start, mid-document)."""
     try:
         fh = open(f, "rb")
     except OSError as e:
         raise DataError(f"{f}: cannot read ({e.strerror})") from None
+    yield from _pieces(fh, tok, chunk_bytes)
+    yield _end_mark(f, tok)
+
+
+def _end_mark(f: Path, tok: Any) -> np.ndarray:
+    """What follows a document in the shards: the tokenizer's end token (``eos_id``) where it has one,
+    else, for bytes, a line break where the file does not end with one (so that documents never run
+    into each other); nothing otherwise."""
+    if tok.eos_id is not None:
+        return np.asarray([tok.eos_id], dtype=np.int64)
+    if tok.kind == "bytes" and f.stat().st_size:
+        with open(f, "rb") as fh:
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) != b"\n":
+                return np.asarray([10], dtype=np.int64)
+    return np.zeros(0, dtype=np.int64)
+
+
+def _pieces(fh: Any, tok: Any, chunk_bytes: int) -> Iterator[np.ndarray]:
+    encode = (lambda text: tok.encode(text, add_special_tokens=False)) if tok.kind == "tokenizers" else tok.encode
     with fh:
         if tok.kind == "bytes":
             while block := fh.read(chunk_bytes):
@@ -107,7 +146,7 @@ def _chunks(f: Path, tok: Any, chunk_bytes: int = 1 << 22) -> Iterator[np.ndarra
             data = rest + block
             if not block:
                 if data:
-                    yield np.asarray(tok.encode(data.decode("utf-8", errors="replace")), dtype=np.int64)
+                    yield np.asarray(encode(data.decode("utf-8", errors="replace")), dtype=np.int64)
                 return
             cut = data.rfind(b"\n") + 1
             if cut == 0 and len(data) > chunk_bytes:  # one huge line: cut at a space (bounded memory)
@@ -116,19 +155,22 @@ def _chunks(f: Path, tok: Any, chunk_bytes: int = 1 << 22) -> Iterator[np.ndarra
                 rest = data
                 continue
             rest = data[cut:]
-            yield np.asarray(tok.encode(data[:cut].decode("utf-8", errors="replace")), dtype=np.int64)
+            yield np.asarray(encode(data[:cut].decode("utf-8", errors="replace")), dtype=np.int64)
 
 
 def prepare(source: str | os.PathLike, out: str | os.PathLike, tokenizer: Any = None,
-            shard_tokens: int = 1 << 24, force: bool = False, progress: bool = False) -> dict[str, Any]:
-    """Tokenize a text file or folder into token shards in ``out``; returns the index.
+            shard_tokens: int = 1 << 24, force: bool = False, progress: bool = False,
+            exclude: tuple[str | os.PathLike, ...] = ()) -> dict[str, Any]:
+    """Tokenize a text file or folder into token shards in ``out``; returns the index. Each file is
+    a document, followed by the tokenizer's end token (``_end_mark``). ``out`` and ``exclude``
+    folders inside a source folder are not read.
 
     Written into a temporary sibling folder and renamed, so ``out`` is either the old
     complete folder or the new complete one. An existing non-empty ``out`` is replaced
     only with ``force``."""
     tok = tokenizer or tokmod.ByteTokenizer()
-    files = list_sources(source)
     out = Path(out)
+    files = list_sources(source, exclude=(out, *exclude))
     src, dst = Path(source).resolve(), out.resolve()
     if dst == src or dst in src.parents:  # replacing out would delete the text being read
         raise DataError(f"{out}: holds the data {source} itself; choose an --out outside it")
@@ -183,7 +225,7 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, tokenizer: Any = 
         if total == 0:
             raise DataError(f"{source}: empty (no tokens)")
         index = {
-            "format": FORMAT, "version": 1, "dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size,
+            "format": FORMAT, "version": VERSION, "dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size,
             "max_id": max_id, "tokens": total, "shards": shards, "tokenizer": tok.to_json(), "sources": fingerprint(files),
         }
         (tmp / INDEX).write_text(json.dumps(index, indent=1))
@@ -338,7 +380,10 @@ class TaskStream:
         return None  # unlimited
 
     def state(self) -> dict[str, Any]:
-        return {"kind": "task", "name": self.task.name}
+        """The task and the settings its samples depend on (a resumed run says when they changed)."""
+        keys = ("mqar_pairs", "copy_tokens", "khop_hops", "khop_nodes")
+        return {"kind": "task", "name": self.task.name,
+                "params": {"seq_len": self.seq_len, **{k: getattr(self.cfg, k, None) for k in keys}}}
 
 
 class TextStream:
@@ -359,7 +404,8 @@ class TextStream:
         self.cum = np.cumsum(counts)
         total = int(self.cum[-1]) if counts.size else 0
         if total < 2:
-            raise DataError(f"{shards.path}: {shards.tokens} tokens are too few for --seq-len {seq_len} "
+            raise DataError(f"{getattr(shards, 'source', None) or shards.path}: {shards.tokens} tokens are too few "
+                            f"for --seq-len {seq_len} "
                             f"(need at least {2 * seq_len}: one training and one held-out window)")
         self.n_val = max(1, int(total * val_frac))
         self.n_train = total - self.n_val
@@ -402,7 +448,13 @@ class TextStream:
         return self._batch(js)
 
     def eval(self, indices: range) -> Batch:
-        return self._batch([self.n_train + (i % self.n_val) for i in indices])
+        """Held-out windows ``indices``, wrapping around past the last one to fill the batch;
+        ``unique`` says how many rows are distinct (the trainer's evaluation counts only those)."""
+        b = self._batch([self.n_train + (i % self.n_val) for i in indices])
+        real = sum(1 for i in indices if i < self.n_val)
+        if real < len(indices):
+            b.unique = real
+        return b
 
     def n_eval(self) -> int | None:
         return self.n_val
@@ -440,21 +492,24 @@ def open_stream(data: str, seq_len: int, vocab_size: int, seed: int, cfg: Any, c
                 raise DataError(f"{p / INDEX}: these shards were made with another tokenizer than {tokenizer_path}")
     else:
         tok = tokmod.load_file(tokenizer_path) if tokenizer_path else tokmod.ByteTokenizer()
-        files = list_sources(p)
+        assert cache_dir is not None
+        run_dir = cache_dir.parent  # a training run's folder inside the text folder is not text
+        files = list_sources(p, exclude=(run_dir,))
         if sum(f.stat().st_size for f in files) == 0:
             raise DataError(f"{p}: empty (no text)")
-        assert cache_dir is not None
         shards = None
         if (cache_dir / INDEX).exists():
             try:
                 cached = TokenShards(cache_dir)
-                if cached.index.get("sources") == fingerprint(files) and cached.tokenizer_json == tok.to_json():
+                if (cached.index.get("sources") == fingerprint(files) and cached.tokenizer_json == tok.to_json()
+                        and cached.index.get("version") == VERSION):
                     shards = cached
             except DataError:
                 shards = None
         if shards is None:
-            prepare(p, cache_dir, tok, force=True)
+            prepare(p, cache_dir, tok, force=True, exclude=(run_dir,))
             shards = TokenShards(cache_dir)
+        shards.source = str(p)  # what messages name (the cache folder is ours, not the user's)
     if shards.vocab_size > vocab_size:
         raise DataError(f"{shards.path}: the tokenizer has {shards.vocab_size} tokens but the model's "
                         f"vocab_size is {vocab_size}")

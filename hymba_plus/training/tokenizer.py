@@ -95,8 +95,10 @@ class HFTokenizer:
                 self.eos_id = i
                 break
 
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``; ``add_special_tokens=False`` skips the post-processor's special
+        tokens (e.g. a BOS template), as ``hymba prepare`` encodes the pieces of a document."""
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tok.encode_batch(texts)]

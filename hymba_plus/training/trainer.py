@@ -498,8 +498,13 @@ class Trainer:
                              f"{state.get('data', {}).get('kind')} data")
         if state is not None:  # the same data cut the same way: another split would train on held-out windows
             saved, now = state.get("data", {}), self.stream.state()
-            diff = next((k for k in now if k not in ("kind", "path", "source") and k in saved and saved[k] != now[k]),
-                        None)
+            diff = next((k for k in now if k not in ("kind", "path", "source", "params") and k in saved
+                         and saved[k] != now[k]), None)
+            if "params" in saved and saved["params"] != now.get("params"):  # a task's settings (a curriculum)
+                changed = ", ".join(f"{k} {saved['params'].get(k)} -> {v}" for k, v in now.get("params", {}).items()
+                                    if saved["params"].get(k) != v)
+                self.log(f"--data {cfg.data}: task settings changed since {self.resume_from}: {changed} (the "
+                         "stream goes on with the new ones)")
             if diff is not None:
                 raise TrainError(f"--data {cfg.data}: the checkpoint {self.resume_from} was trained on another "
                                  f"{'task' if diff in ('name', 'params') else 'split'} of it ({diff} "
@@ -1005,12 +1010,18 @@ class Trainer:
         if n_eval is not None:  # never more batches than held-out windows need
             n_batches = max(1, min(n_batches, math.ceil(n_eval / (B * info.world))))
         runs = [""] + (["_all_execute"] if self._routing() else [])
-        sums = {r: [0.0, 0, 0, 0.0] for r in runs}  # loss, correct, scored, applications per row
+        sums = {r: [0.0, 0, 0, 0.0] for r in runs}  # loss x rows, correct, scored, applications per row
         extra: dict[str, float] = {}  # the objective's own metric sums (eval_sums), of the first run
+        rows = 0  # the distinct held-out rows evaluated (each batch's loss is weighted by its own)
         for k in range(n_batches):
             start = (k * info.world + info.rank) * B
             batch = self.stream.eval(range(start, start + B))
             ids, labels = batch.input_ids.to(dev), batch.labels.to(dev)
+            n_rows = ids.shape[0] if batch.unique is None else batch.unique
+            if n_rows < labels.shape[0]:  # a batch that wraps around the held-out set: repeats not scored
+                labels = labels.clone()
+                labels[n_rows:] = float("nan") if labels.is_floating_point() else -100
+            rows += n_rows
             for run in runs:
                 kw = {"routes": self._all_execute(ids.shape[0])} if run else {}
                 if self.compile_mode is not None:
@@ -1022,19 +1033,21 @@ class Trainer:
                     for key, v in self.objective.eval_sums(out).items():
                         extra[key] = extra.get(key, 0.0) + v
                 acc = sums[run]
-                acc[0] += loss
+                acc[0] += loss * n_rows if n_rows else 0.0  # (a batch of repeats only: NaN loss, no weight)
                 acc[1], acc[2] = acc[1] + c, acc[2] + t
                 if len(runs) > 1:
                     apps = self.model.structure.applications(out.stats["etd/routes"],
                                                              routes_mod.default_iterations(self.model))
                     acc[3] += float(apps.float().mean())
         keys = sorted(extra)
-        flat = dist_mod.all_reduce([v for r in runs for v in sums[r]] + [extra[k] for k in keys], info, op="sum")
-        extra = dict(zip(keys, flat[4 * len(runs):]))
+        flat = dist_mod.all_reduce([v for r in runs for v in sums[r]] + [extra[k] for k in keys] + [rows], info,
+                                   op="sum")
+        rows = flat[-1]
+        extra = dict(zip(keys, flat[4 * len(runs):-1]))
         res: dict[str, float] = {}
         for i, run in enumerate(runs):
             loss_sum, correct, total, apps = flat[4 * i: 4 * i + 4]
-            eval_loss = loss_sum / (n_batches * info.world)
+            eval_loss = loss_sum / max(rows, 1)
             res[f"eval_loss{run}"] = eval_loss
             if self.stream.metric == "accuracy":
                 res[f"eval_accuracy{run}"] = correct / max(total, 1)
