@@ -25,41 +25,38 @@ def plain(theta: float, d: int) -> list[float]:
 
 
 def yarn(theta: float, d: int, s: float, L: int, alpha: float, beta: float) -> tuple[list[float], float]:
-    """YaRN (arXiv 2309.00071): r(i) = L / lambda_i with lambda_i = 2 pi / theta_i;
-    gamma = 0 below alpha, 1 above beta, linear between; h = (1 - gamma) theta_i / s + gamma theta_i;
+    """YaRN (arXiv 2309.00071) as its reference code and HF transformers compute it: the index where
+    theta_i makes n turns over L is i(n) = d ln(L / (2 pi n)) / (2 ln theta); the ramp
+    gamma_i = clamp((i - floor(i(beta))) / (ceil(i(alpha)) - floor(i(beta))), 0, 1) is 0 (keep) for
+    fast frequencies and 1 (interpolate) for slow ones; h = gamma theta_i / s + (1 - gamma) theta_i;
     sqrt(1/t) = 0.1 ln s + 1."""
+    def index(n: float) -> float:
+        return d * math.log(L / (2 * math.pi * n)) / (2 * math.log(theta))
+
+    lo, hi = max(math.floor(index(beta)), 0), min(math.ceil(index(alpha)), d - 1)
     out = []
-    for th in plain(theta, d):
-        r = L / (2 * math.pi / th)
-        g = 0.0 if r < alpha else 1.0 if r > beta else (r - alpha) / (beta - alpha)
-        out.append((1 - g) * th / s + g * th)
+    for i, th in enumerate(plain(theta, d)):
+        g = min(max((i - lo) / (hi - lo), 0.0), 1.0)
+        out.append(g * th / s + (1 - g) * th)
     return out, 0.1 * math.log(s) + 1.0
 
 
-@pytest.mark.parametrize("d", [2, 8, 64])
-def test_unscaled_frequencies(d):
-    inv, ms = inv_freq_and_mscale(RopeConfig(theta=10000.0), d)
-    assert inv.tolist() == pytest.approx(plain(10000.0, d), rel=1e-12)
-    assert ms == 1.0
+def test_yarn_equals_transformers() -> None:
+    """The frequencies and attention factor of HF transformers' YaRN (the paper's ramp in rotations
+    was up to 79% off single frequencies, so a model trained here matched no YaRN runtime)."""
+    tf = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-
-def test_linear_scaling():
-    cfg = RopeConfig(theta=500.0, scaling=RopeScaling(kind="linear", factor=4.0))
-    inv, ms = inv_freq_and_mscale(cfg, 16)
-    assert inv.tolist() == pytest.approx([f / 4.0 for f in plain(500.0, 16)], rel=1e-12)
-    assert ms == 1.0
-
-
-def test_ntk_scaling():
-    d, s = 16, 8.0
-    cfg = RopeConfig(theta=10000.0, scaling=RopeScaling(kind="ntk", factor=s))
-    inv, ms = inv_freq_and_mscale(cfg, d)
-    base = 10000.0 * s ** (d / (d - 2))
-    assert inv.tolist() == pytest.approx(plain(base, d), rel=1e-12)
-    # the highest frequency is untouched, the lowest is slowed by exactly the factor
-    assert inv[0].item() == pytest.approx(1.0)
-    assert inv[-1].item() == pytest.approx(plain(10000.0, d)[-1] / s, rel=1e-12)
-    assert ms == 1.0
+    for theta, s, L, d in ((1e6, 4.0, 4096, 64), (1e4, 16.0, 2048, 16), (5e5, 8.0, 8192, 128)):
+        rope = {"rope_type": "yarn", "factor": s, "original_max_position_embeddings": L}
+        kw = (dict(rope_parameters={**rope, "rope_theta": theta}) if int(tf.__version__.split(".")[0]) >= 5
+              else dict(rope_theta=theta, rope_scaling=rope))  # transformers 4.x
+        cfg = tf.LlamaConfig(hidden_size=4 * d, num_attention_heads=4, head_dim=d, max_position_embeddings=int(L * s),
+                             **kw)
+        want, att = ROPE_INIT_FUNCTIONS["yarn"](cfg, "cpu")
+        got, ms = inv_freq_and_mscale(RopeConfig(theta=theta, scaling=RopeScaling(kind="yarn", factor=s,
+                                                                                  original_max_seq_len=L)), d)
+        assert rel_err(got.float(), want) < 1e-6 and ms == pytest.approx(att)
 
 
 @pytest.mark.parametrize("d, s, L", [(32, 4.0, 2048), (128, 16.0, 4096), (8, 2.0, 64)])
@@ -362,3 +359,20 @@ def test_rope_tables_are_made_once_per_call_for_layers_with_the_same_angles(monk
     monkeypatch.setattr(Rotary, "cos_sin", lambda self, p, shared=None: real(self, p))  # a table per layer
     with torch.no_grad():
         assert torch.equal(model(ids).logits, shared_once)
+
+
+def test_rope_frequencies_stay_float32_in_a_16_bit_model() -> None:
+    """``model.to(torch.bfloat16)`` cast ``inv_freq`` too: rotation angles 0.39 rad off at position
+    4000 (transformers keeps it float32)."""
+    m = build_model({"name": "r", "model": {"vocab_size": 32, "d_model": 32, "block_pattern": "GA"},
+                     "components": {"gated_attn": {"n_heads": 2, "head_dim": 16,
+                                                   "rope": {"theta": 1e6, "scaling": {"kind": "yarn", "factor": 4.0}}}}})
+    rot = next(r for r in m.modules() if isinstance(r, Rotary))
+    want = rot.inv_freq.clone()
+    for dtype in (torch.bfloat16, torch.float16):
+        m.to(dtype)
+        assert rot.inv_freq.dtype == torch.float32 and torch.equal(rot.inv_freq, want)
+    built = build_model(m.recipe, dtype=torch.bfloat16)
+    assert next(r for r in built.modules() if isinstance(r, Rotary)).inv_freq.dtype == torch.float32
+    m.to("meta")
+    assert rot.inv_freq.device.type == "meta" and rot.inv_freq.dtype == torch.float32

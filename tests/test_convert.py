@@ -160,10 +160,16 @@ def test_pooled_balance_loss_equals_hf_router_aux_loss(tmp_path):
     ("LlamaForCausalLM", {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                           "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
     ("Qwen3ForCausalLM", {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
+    ("LlamaForCausalLM", {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                          "original_max_position_embeddings": 32}),
+    ("Qwen3NextForCausalLM", {"rope_type": "yarn", "rope_theta": 500.0, "factor": 8.0, "beta_fast": 16.0,
+                              "beta_slow": 2.0, "original_max_position_embeddings": 24,
+                              "partial_rotary_factor": 0.5}),
 ])
 def test_scaled_rope_imports_and_exports(arch, rope, tmp_path):
     """Llama 3's RoPE scaling (the ``original_max_position_embeddings`` of 16 puts the 4 frequency
-    pairs of a head_dim 8 in all three bands) and linear scaling, both ways."""
+    pairs of a head_dim 8 in all three bands), linear scaling and YaRN (its ramp and attention
+    factor as transformers computes them; partial rotation on Qwen3-Next), both ways."""
     model = hf_model(arch, seed=9, rope_parameters=rope)
     save_hf(model, tmp_path / "hf")
     import_hf(tmp_path / "hf", tmp_path / "ours")

@@ -83,9 +83,20 @@ def test_unexpected_tensor_and_unsupported_options(tmp_path, capsys):
     state["model.layers.0.self_attn.extra.weight"] = state["model.norm.weight"].clone()
     save_file(state, str(src / "model.safetensors"))
     run_fails(capsys, tmp_path, [src, tmp_path / "out"], "model.layers.0.self_attn.extra.weight", "unexpected")
-    src2 = save_hf(hf_model("LlamaForCausalLM", seed=8, rope_parameters={"rope_type": "yarn", "factor": 4.0,
-                                                                        "rope_theta": 1e4}), tmp_path / "src2")
-    run_fails(capsys, tmp_path, [src2, tmp_path / "out"], "rope_type", "'yarn' is not supported")
+    src2 = save_hf(hf_model("LlamaForCausalLM", seed=8, rope_parameters={"rope_type": "longrope", "rope_theta": 1e4,
+                                                                        "short_factor": [1.0] * 4,
+                                                                        "long_factor": [2.0] * 4,
+                                                                        "original_max_position_embeddings": 64}),
+                   tmp_path / "src2")
+    run_fails(capsys, tmp_path, [src2, tmp_path / "out"], "rope_type", "'longrope' is not supported")
+    cfg = json.loads((src2 / "config.json").read_text())
+    yarn = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4, "original_max_position_embeddings": 32}
+    for extra, says in (({"mscale": 0.707, "mscale_all_dim": 0.707}, "rope_parameters.mscale: DeepSeek's yarn"),
+                        ({"truncate": False}, "rope_parameters.truncate: only the truncated"),
+                        ({"attention_factor": 1.5}, "rope_parameters.attention_factor: 1.5: only the default")):
+        (src2 / "config.json").write_text(json.dumps({**cfg, "rope_parameters": {**yarn, **extra},
+                                                      "rope_scaling": None}))
+        run_fails(capsys, tmp_path, [src2, tmp_path / "out"], says)
     src3 = save_hf(hf_model("LlamaForCausalLM", seed=8, hidden_act="gelu"), tmp_path / "src3")
     run_fails(capsys, tmp_path, [src3, tmp_path / "out"], "config.json: hidden_act: 'gelu' is not supported")
 

@@ -10,6 +10,7 @@ Each problem is one ``ConvertError`` line: ``config.json: key: what is wrong`` o
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ..core.pattern import LayerSpec, format_pattern
@@ -52,9 +53,9 @@ class HFConfig:
         does: a ``rope_scaling`` replaces ``rope_parameters`` where both are given; the
         fraction of the head rotated only where the family rotates part of it (``partial``:
         Qwen3-Next, default ``default_fraction``; Llama and Qwen3 rotate the whole head
-        whatever ``partial_rotary_factor`` says). Default, linear and llama3 RoPE only: another
-        ``rope_type`` (yarn, dynamic, longrope) computes its frequencies differently from ours
-        and is refused."""
+        whatever ``partial_rotary_factor`` says). Default, linear, llama3 and yarn RoPE (yarn as
+        transformers computes it: its ``attention_factor`` from the factor, no DeepSeek ``mscale``,
+        ``truncate`` on); another ``rope_type`` (dynamic, longrope) is refused."""
         rp = self.data.get("rope_parameters") or {}
         sc = self.data.get("rope_scaling") or {}
         if not isinstance(rp, dict) or not isinstance(sc, dict):
@@ -69,7 +70,7 @@ class HFConfig:
             frac = 1.0
         kind = par.get("rope_type") or par.get("type") or "default"
         out: dict[str, Any] = {"theta": float(theta), "fraction": float(frac)}
-        if kind in ("linear", "llama3"):
+        if kind in ("linear", "llama3", "yarn"):
             factor = par.get("factor")
             if not isinstance(factor, (int, float)) or factor < 1:
                 raise self.error("rope_parameters.factor", f"{kind} RoPE needs a factor >= 1, got {factor!r}")
@@ -80,9 +81,27 @@ class HFConfig:
                 raise self.error("rope_parameters.original_max_position_embeddings", f"llama3 RoPE needs it, got {orig!r}")
             out["scaling"].update(original_max_seq_len=orig, low_freq_factor=float(par.get("low_freq_factor", 1.0)),
                                   high_freq_factor=float(par.get("high_freq_factor", 4.0)))
+        elif kind == "yarn":
+            orig = par.get("original_max_position_embeddings", self.data.get("max_position_embeddings"))
+            if isinstance(orig, bool) or not isinstance(orig, int) or orig < 1:
+                raise self.error("rope_parameters.original_max_position_embeddings", f"yarn RoPE needs it, got {orig!r}")
+            for key in ("mscale", "mscale_all_dim"):
+                if par.get(key):
+                    raise self.error(f"rope_parameters.{key}", "DeepSeek's yarn attention scaling is not supported")
+            if par.get("truncate", True) is not True:
+                raise self.error("rope_parameters.truncate", "only the truncated (default) yarn ramp is supported")
+            fast, slow = par.get("beta_fast") or 32.0, par.get("beta_slow") or 1.0
+            for key, v in (("beta_fast", fast), ("beta_slow", slow)):
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                    raise self.error(f"rope_parameters.{key}", f"must be a number > 0, got {v!r}")
+            att = par.get("attention_factor")
+            if att is not None and abs(float(att) - (0.1 * math.log(float(factor)) + 1.0)) > 1e-9:
+                raise self.error("rope_parameters.attention_factor", f"{att!r}: only the default 0.1 ln(factor) + 1 "
+                                 "is supported")
+            out["scaling"].update(original_max_seq_len=orig, beta_fast=float(fast), beta_slow=float(slow))
         elif kind not in ("default", "linear"):
-            raise self.error("rope_parameters.rope_type", f"{kind!r} is not supported (default, linear and llama3 "
-                             "RoPE only)")
+            raise self.error("rope_parameters.rope_type", f"{kind!r} is not supported (default, linear, llama3 and "
+                             "yarn RoPE only)")
         if int(head_dim * out["fraction"]) % 2:
             raise self.error("partial_rotary_factor", f"rotates an odd number of dims ({head_dim} x {frac})")
         return out
@@ -215,9 +234,9 @@ class Family:
             out.append(f"components.gated_attn.rope.fraction: {a.rope.fraction:g}: {self.architecture} rotates the "
                        "whole head (transformers ignores partial_rotary_factor for it)")
         sc = a.rope.scaling
-        if sc is not None and not (sc.kind in ("linear", "llama3") or (sc.kind == "yarn" and sc.factor == 1.0)):
-            out.append(f"components.gated_attn.rope.scaling.kind: {sc.kind} scaling is not exported (linear and "
-                       "llama3 only)")
+        if sc is not None and sc.kind == "ntk" and sc.factor != 1.0:
+            out.append("components.gated_attn.rope.scaling.kind: ntk scaling is not exported (linear, llama3 and "
+                       "yarn only)")
         if "mlp" in {s.ffn for s in recipe.layers} and recipe.component("mlp").bias and not self.mlp_bias_key:
             out.append(f"components.mlp.bias: {self.architecture} MLPs have no bias")
         return out
@@ -237,8 +256,11 @@ class Family:
         if a.rope.fraction != 1.0:
             rope["partial_rotary_factor"] = a.rope.fraction
         sc = a.rope.scaling
-        if sc is not None and sc.kind in ("linear", "llama3"):
+        if sc is not None and (sc.kind in ("linear", "llama3") or (sc.kind == "yarn" and sc.factor > 1.0)):
             rope.update(rope_type=sc.kind, factor=sc.factor)
+        if sc is not None and sc.kind == "yarn" and sc.factor > 1.0:
+            rope.update(original_max_position_embeddings=sc.original_max_seq_len, beta_fast=sc.beta_fast,
+                        beta_slow=sc.beta_slow)
         if sc is not None and sc.kind == "llama3":
             low, high = sc.llama3_factors()
             rope.update(original_max_position_embeddings=sc.original_max_seq_len, low_freq_factor=low,

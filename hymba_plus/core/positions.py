@@ -5,8 +5,11 @@
 * linear scaling (position interpolation, Chen et al. 2023): positions / factor.
 * NTK-aware scaling (bloc97, 2023): base theta * factor^(d / (d - 2)).
 * YaRN (Peng et al. 2023, arXiv 2309.00071, Eq. 18-21): per-frequency ramp between
-  interpolation and extrapolation by wavelength, plus the attention temperature
-  ``0.1 ln(s) + 1`` applied to cos/sin.
+  interpolation and extrapolation, plus the attention temperature ``0.1 ln(s) + 1`` applied to
+  cos/sin. The ramp is the one of YaRN's reference code and HF transformers (linear in the
+  dimension index between the indices where a frequency makes ``beta_fast`` and ``beta_slow``
+  rotations over the original context, rounded outwards), not the paper's ramp linear in the
+  rotation count (up to 79% apart on single frequencies).
 * Llama 3 (Meta's Llama 3.1 release; HF ``rope_type: llama3``): wavelengths above
   ``original_max_seq_len / low_freq_factor`` are interpolated (frequency / factor), those
   below ``original_max_seq_len / high_freq_factor`` kept, the band between blended linearly
@@ -76,11 +79,17 @@ def inv_freq_and_mscale(cfg: RopeConfig, rot_dim: int) -> tuple[Tensor, float]:
     if sc is not None and sc.kind == "linear":
         inv = inv / sc.factor
     elif sc is not None and sc.kind == "yarn" and sc.factor > 1.0:
-        # number of full rotations each frequency makes over the original context
-        rotations = sc.original_max_seq_len * inv / (2 * math.pi)
-        # ramp: 1 = keep (extrapolate, high frequency), 0 = interpolate (low frequency)
-        ramp = ((rotations - sc.beta_slow) / (sc.beta_fast - sc.beta_slow)).clamp(0.0, 1.0)
-        inv = inv / sc.factor * (1 - ramp) + inv * ramp
+        # the dimension index at which a frequency makes n full rotations over the original context
+        def dim_of(n: float) -> float:
+            return rot_dim * math.log(sc.original_max_seq_len / (n * 2 * math.pi)) / (2 * math.log(cfg.theta))
+
+        # the ramp runs linearly in the dimension index between the indices of beta_fast and beta_slow
+        # rotations, rounded outwards (YaRN's reference code and HF transformers; the paper writes it in
+        # rotations): 0 below = keep (extrapolate, high frequency), 1 above = interpolate
+        lo, hi = max(math.floor(dim_of(sc.beta_fast)), 0), min(math.ceil(dim_of(sc.beta_slow)), rot_dim - 1)
+        hi = hi if hi > lo else lo + 0.001
+        ramp = ((torch.arange(rot_dim // 2, dtype=torch.float64) - lo) / (hi - lo)).clamp(0.0, 1.0)
+        inv = inv / sc.factor * ramp + inv * (1 - ramp)
         mscale = 0.1 * math.log(sc.factor) + 1.0
     elif sc is not None and sc.kind == "llama3":
         low, high = sc.llama3_factors()
@@ -101,11 +110,21 @@ class Rotary(torch.nn.Module):
     def __init__(self, head_dim: int, cfg: RopeConfig):
         super().__init__()
         self.rot_dim = rotary_dim(head_dim, cfg.fraction)
+        self.cfg = cfg
         inv, self.mscale = inv_freq_and_mscale(cfg, max(self.rot_dim, 2))
         self.register_buffer("inv_freq", inv.float(), persistent=False)
         # what makes two layers' tables equal (inv_freq is a function of these; no tensor read,
         # so meta-device models build too)
         self.angles_key = ("rope", self.rot_dim, repr(cfg))
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202
+        """The frequencies stay float32 whatever the module's dtype (``model.to(torch.bfloat16)`` made
+        them bf16: rotation angles 0.39 rad off at position 4000), as transformers keeps its
+        ``inv_freq``; recomputed from the config on the new device (meta included)."""
+        out = super()._apply(fn, recurse)
+        inv = inv_freq_and_mscale(self.cfg, max(self.rot_dim, 2))[0].float()
+        self.inv_freq = inv.to(self.inv_freq.device)
+        return out
 
     def cos_sin(self, positions: Tensor, shared: dict | None = None) -> tuple[Tensor, Tensor]:
         """cos, sin [B, T, rot_dim / 2] (times the scaling's mscale). ``shared``: a forward call's
