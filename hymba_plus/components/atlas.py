@@ -15,6 +15,16 @@ Per head ``h`` and token ``t`` (d = head_dim)::
     y_t     = M(phi(q_t); W_n)                               (retrieval, chunk-start weights)
     out     = W_o · concat_h GatedRMSNorm(y_t, x W_g)
 
+Where this differs from the paper (deliberate, for chunk-parallel training; Titans §3.2's
+mini-batch test-time training): every token of chunk n takes its gradient AND retrieves at the
+chunk-start weights W_n, so ``chunk_size`` is a model hyperparameter that changes the outputs, not
+only a parallelism setting (with C = 1 this is the paper's per-token update, with retrieval before
+token t's own write, y_t = M_{t-1}(phi(q_t)), where the paper reads M_t; with C = 16 a token cannot
+retrieve what the previous 0-15 tokens wrote). The Omega rule weighs each token by one γ_i in every
+window it belongs to (Eq. 9 allows a weight per window and token). phi has no constant term
+(degrees 1..p with coefficients 1/sqrt(j!)), values are L2-normalised too, and the residual is a
+learned, inner-updated linear path P (the feature width is not the head width).
+
 Values are unit vectors too: a Muon step moves the memory by ``η`` whatever the size of
 the error, so with unit targets ``η`` has a fixed meaning (and the output is RMS-normalised
 per head anyway, so the memory's overall scale carries nothing). The initial memory is
@@ -87,7 +97,9 @@ class AtlasConfig:
     poly_degree: int = spec(2, min=1, max=3, doc="degree p of the polynomial key/query features")
     memory_depth: int = spec(2, min=2, doc="layers of the memory MLP")
     memory_hidden: int = spec(2, min=1, doc="hidden width of the memory MLP, in multiples of head_dim")
-    chunk_size: int = spec(16, min=1, doc="tokens per chunk of the parallel inner update")
+    chunk_size: int = spec(16, min=1, doc="tokens per chunk of the parallel inner update: a model setting (every "
+                                          "token of a chunk takes its gradient and retrieves at the chunk-start "
+                                          "memory), not only a speed one")
     inner_optimizer: str = spec("muon", choices=("muon", "muon_chunk", "sgd"),
                                 doc="muon: the paper's step, NS5 of every token's momentum; muon_chunk: NS5 once per "
                                     "chunk of the chunk's weighted momentum sum (a variant: chunk_size times fewer "
