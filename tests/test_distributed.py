@@ -181,3 +181,95 @@ def test_fsdp2_trains_objectives_that_run_the_models_parts(tmp_path, recipe, ext
     got = rows(out)
     assert [x["step"] for x in got] == [1, 2] and all(math.isfinite(x["loss"]) for x in got)
     assert "eval_loss" in got[-1]
+
+
+ETD_RECIPE = {
+    "name": "etd-fsdp", "model": {"vocab_size": 32, "d_model": 32, "max_seq_len": 64, "meta_tokens": 2,
+                                  "block_pattern": "GA | (GA | GD) | GA",
+                                  "etd": {"encoder_layers": 1, "think_layers": 2, "decoder_layers": 1,
+                                          "iterations": 3}},
+    "components": {"gated_attn": {"n_heads": 2, "head_dim": 16}, "gdn": {"n_heads": 2, "head_dim": 16},
+                   "mlp": {"d_hidden": 64}},
+}
+
+
+def _etd_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Rank-dependent routes (rank 0 skips the think blocks, rank 1 repeats them) and ACT halting
+    (rank 0's tokens halt after the first think iteration, rank 1's think to the end): each block
+    call is a collective, so the ranks must make the same calls; each rank's outputs and gradients
+    must equal the unsharded model's on its own rows."""
+    import torch.distributed as dist
+
+    from hymba_plus import build_model
+    from hymba_plus.training.distributed import DistInfo, shard_model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        info = DistInfo(rank=rank, world=world, local_rank=rank, device=torch.device("cpu"),
+                        mesh=init_device_mesh("cpu", (world,)))
+        results = {}
+        for kind in ("routes", "act"):
+            comps = dict(ETD_RECIPE["components"])
+            comps["etd_router"] = ({"layer_router": {"enabled": True, "hidden": 8, "windows": 2}} if kind == "routes"
+                                   else {"halting": {"kind": "act"}})
+            torch.manual_seed(0)
+            ref = build_model({**ETD_RECIPE, "components": comps}).double()
+            model = build_model({**ETD_RECIPE, "components": comps}).double()
+            model.load_state_dict(ref.state_dict())
+            ids = torch.randint(0, 32, (2, 10), generator=torch.Generator().manual_seed(rank))
+            kw = {}
+            if kind == "routes":
+                n = len(model.structure.slots)
+                routes = torch.ones(2, n, dtype=torch.long)
+                for i, s in enumerate(model.structure.slots):
+                    if s.stage == "think":
+                        routes[:, i] = 0 if rank == 0 else 2  # skip / repeat
+                kw["routes"] = routes
+            else:
+                p = 1.0 if rank == 0 else 0.0
+                for m in (ref, model):
+                    m.etd_router.halting_prob = lambda x, p=p: torch.full(x.shape[:2], p, dtype=torch.float32)
+            shard_model(model, info)
+            got = model(ids, labels=ids, **kw)
+            got.loss.backward()
+            want = ref(ids, labels=ids, **kw)
+            want.loss.backward()
+            grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+            flat = torch.cat([g.flatten() for g in grads.values()])
+            dist.all_reduce(flat)  # FSDP's gradients are the ranks' mean: compare with the mean of the refs'
+            rp = dict(ref.named_parameters())  # (a block this rank's reference skipped has no gradient: 0)
+            ref_flat = torch.cat([(rp[n].grad if rp[n].grad is not None else torch.zeros_like(rp[n])).flatten()
+                                  for n in grads])
+            dist.all_reduce(ref_flat)
+            results[kind] = (float((got.logits - want.logits).abs().max()), float((flat - ref_flat).abs().max()))
+        if rank == 0:
+            Path(out).write_text(json.dumps(results))
+        dist.barrier()
+    finally:
+        import gc
+
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def test_fsdp2_etd_routes_and_halting_that_differ_per_rank(tmp_path):
+    """ETD under FSDP2 with a route that skips a block on one rank and repeats it on the other, and
+    ACT halting at different iterations per rank: the ranks' block calls (each a collective) used to
+    differ ("Received data size doesn't match expected size ... collective mismatch" in gloo); whether
+    a block runs is now decided over all ranks, a rank that needs none running it with every token
+    inactive."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "r.json"
+    mp.spawn(_etd_worker, args=(2, port, str(out)), nprocs=2, join=True)
+    res = json.loads(out.read_text())
+    for kind, (logits, grads) in res.items():
+        assert logits < 1e-10 and grads < 1e-10, (kind, logits, grads)

@@ -107,6 +107,10 @@ class ETDStack:
                       + [Slot("decoder", b) for b in self.dec])
         self.routed = router.routers is not None
         self.index = {s: i for i, s in enumerate(self.slots)}
+        # sharded (FSDP2, set by training.distributed.shard_model): every block call gathers its
+        # parameters, a collective, so whether a block runs (a route that skips or repeats it, ACT
+        # halting) is decided over all ranks at once (``_any``)
+        self.collective = False
 
     # a slot's states: (first application, repeat) when routed, else one
     def state_of(self, slot: int, repeat: int = 0) -> int:
@@ -173,6 +177,18 @@ class ETDStack:
             self._route_logits = self._route_used = None
         return x
 
+    def _any(self, flag: Tensor) -> bool:
+        """``flag.any()``, over every rank when the stack is sharded: the ranks make the same block
+        calls (a rank whose rows need none runs the block with every token inactive: no change to x
+        or to any state)."""
+        hit = flag.any()
+        if self.collective:
+            import torch.distributed as dist
+
+            hit = hit.to(torch.int32)
+            dist.all_reduce(hit, op=dist.ReduceOp.MAX)
+        return bool(hit)
+
     def _apply(self, slot: int, x: Tensor, active: Tensor | None, gate: Tensor | None = None) -> Tensor:
         """The application(s) of one slot: skipped, executed or repeated per row (its route)."""
         block = self._blocks[self.slots[slot].block]
@@ -195,8 +211,8 @@ class ETDStack:
             else:
                 base = self._valid if active is None else active
                 act = rows[:, None] & (base if base is not None else torch.ones_like(x[..., 0], dtype=torch.bool))
-                if not bool(act.any()):
-                    continue
+            if not self._any(rows if act is None else act):
+                continue
             st = states[self.state_of(slot, rep)] if states is not None else None
             x = run_active(block, x, self._ctx, st, act, self.router, gate)
         return x
@@ -229,7 +245,7 @@ class ETDStack:
                 ponder = ponder + torch.where(halt, n_used + (1.0 - cum), torch.zeros_like(cum))
                 cum = torch.where(running & ~halt, cum + p, cum)
                 running = running & ~halt
-                if not last and not bool(running.any()):
+                if not last and not self._any(running):
                     break
         if router.n_branches and router.training:  # MoDr: share of each branch since the last bias update
             ctx.stats["etd/branch_load"] = (router.load / router.load.sum().clamp_min(1)).detach()

@@ -103,6 +103,8 @@ def shard_model(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | Non
     # the trainer runs the objectives' passes through ``model.run``: the root's parameters are
     # gathered around it too (block diffusion and LaDiR call the model's parts, not its forward)
     register_fsdp_forward_method(model, "run")
+    if hasattr(model.structure, "collective"):  # ETD: ranks agree on which blocks run (routes, ACT halting)
+        model.structure.collective = True
     return model
 
 
