@@ -175,3 +175,24 @@ def test_mismatched_recipe_and_existing_checkpoints(tmp_path, capsys):
     rc = main(["train", recipe, "--out", str(out), "--steps", "4", *FAST])  # no --resume
     one_line_error(capsys, rc, "already holds checkpoints")
     assert snapshot(out) == before
+
+
+def test_resuming_on_more_ranks_gives_each_new_rank_its_own_random_stream(tmp_path):
+    """A checkpoint saved by one process, resumed on two: rank 1 took rank 0's saved state, so both
+    drew the same block-diffusion masks / LaDiR latents. Rank 0 continues its stream; rank 1 gets a
+    stream of its own, the same on every resume."""
+    import torch
+    from safetensors.torch import save_file
+
+    from hymba_plus.training.checkpoint import load_rng
+    from hymba_plus.training.distributed import DistInfo
+
+    torch.manual_seed(123)
+    save_file({"rank0/cpu": torch.get_rng_state()}, str(tmp_path / "rng.safetensors"))
+    want0 = torch.rand(4)
+    draws = {}
+    for rank in (0, 1, 1):
+        load_rng(tmp_path, DistInfo(rank=rank, world=2))
+        draws.setdefault(rank, []).append(torch.rand(4))
+    assert torch.equal(draws[0][0], want0)
+    assert not torch.equal(draws[1][0], want0) and torch.equal(draws[1][0], draws[1][1])

@@ -400,3 +400,7 @@ def load_rng(ckpt: Path, info: DistInfo) -> None:
         torch.set_rng_state(rng[f"rank{r}/cpu"])
     if info.device.type == "cuda" and f"rank{r}/cuda" in rng:
         torch.cuda.set_rng_state(rng[f"rank{r}/cuda"], info.device)
+    if r != info.rank:  # more ranks than saved states: a stream of its own, not a copy of rank r's (the
+        # objectives' noise, block diffusion's masks and LaDiR's latents, would repeat on every rank)
+        draw = int(torch.randint(0, 2**62, (1,)))
+        torch.manual_seed((draw + 0x9E3779B97F4A7C15 * info.rank) % 2**63)
