@@ -769,3 +769,17 @@ def test_seq_len_flag_not_a_multiple_of_block_size_is_one_line(tmp_path, capsys)
     err = capsys.readouterr().err
     assert rc in (1, 2) and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert "30" in err and "block_size" in err
+
+
+def test_eval_noise_is_per_row_so_the_batch_split_does_not_matter():
+    """Held-out NELBO of 4 rows in one batch == the mean of 2 + 2 rows (the second batch starting at
+    row 2): each row's noise is seeded by its index (it was seeded per batch, so a 1-GPU and a 2-GPU
+    run reported different held-out losses)."""
+    model = make(bd_recipe("GA | GD", 4)).eval()
+    obj = model.objective
+    ids = torch.randint(0, 24, (4, 16), generator=torch.Generator().manual_seed(0))
+    whole = obj.eval_batch(model, model, ids, ids, seed=10)
+    a = obj.eval_batch(model, model, ids[:2], ids[:2], seed=10)
+    b = obj.eval_batch(model, model, ids[2:], ids[2:], seed=12)
+    assert whole[0] == pytest.approx((a[0] + b[0]) / 2, rel=1e-6)
+    assert whole[1:3] == (a[1] + b[1], a[2] + b[2])

@@ -213,10 +213,16 @@ class BlockDiffusion(Objective):
     @torch.no_grad()
     def eval_batch(self, fwd, model, ids: Tensor, labels: Tensor, seed: int, batch: Any = None, **kw: Any):  # noqa: ANN001, ANN201
         """(NELBO with t ~ U[eps, 1], correct and scored masked tokens, output) of one held-out
-        batch; the noise is seeded by ``seed`` so evaluations are comparable across steps."""
-        g = torch.Generator(device=ids.device).manual_seed(seed)
-        t = self.sample_t((ids.shape[0], ids.shape[1] // self.cfg.block_size), ids.device, 0.0, 1.0, g)
-        xt, masked = self.noise(ids, t, g)
+        batch whose first row is held-out row ``seed``: each row's noise is seeded by its own index,
+        so evaluations are comparable across steps and do not depend on how the held-out rows are
+        cut into batches (or spread over ranks); the levels are stratified over each row's blocks."""
+        nb = ids.shape[1] // self.cfg.block_size
+        rows = []
+        for i in range(ids.shape[0]):  # (a loop over a held-out batch's rows, not over tokens)
+            g = torch.Generator(device=ids.device).manual_seed(seed + i)
+            t_i = self.sample_t((1, nb), ids.device, 0.0, 1.0, g)
+            rows.append((t_i, *self.noise(ids[i:i + 1], t_i, g)))
+        t, xt, masked = (torch.cat(parts) for parts in zip(*rows))
         logits, ctx = self.two_stream_logits(model, xt, ids)
         scored = labels != -100
         loss = float(self.nelbo(logits, ids, masked, t, scored))
