@@ -478,7 +478,9 @@ class Trainer:
             self.nothing_to_do = (f"already at step {self.start_step} of {until}: nothing to do"
                                   + ("" if opts.stop_after is not None else " (pass a larger --steps to go on)"))
             return
-        check_writable(self.out)
+        if self.info.is_main:  # the main rank alone makes --out (and removes it again if setup fails; other
+            # ranks creating it too left an empty folder behind, or failed writing into one just removed)
+            check_writable(self.out)
 
         # the data first: a bad source fails before anything is built or written
         cache_dir = self.out / "data"
