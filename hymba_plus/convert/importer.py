@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..core.config import read_json_object
 from ..core.recipe import Recipe, RecipeError, load_recipe
 from ..models.lm import GENERATION_CONFIG
 from .families import family_of_config
@@ -37,13 +38,7 @@ def read_hf_config(src: Path) -> dict[str, Any]:
         raise ConvertError(f"{src}: not a folder")
     if not path.is_file():
         raise ConvertError(f"{path}: missing (an HF model folder has config.json)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConvertError(f"{path}: not JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ConvertError(f"{path}: must be a JSON object")
-    return data
+    return read_json_object(path, ConvertError)
 
 
 def hf_end_ids(src: Path, vocab_size: int) -> int | list[int] | None:
@@ -56,12 +51,7 @@ def hf_end_ids(src: Path, vocab_size: int) -> int | list[int] | None:
         path = src / name
         if not path.is_file():
             continue
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConvertError(f"{path}: not JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise ConvertError(f"{path}: must be a JSON object")
+        data = read_json_object(path, ConvertError)
         if "eos_token_id" in data:
             ids = data["eos_token_id"]
             try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 
@@ -33,6 +34,20 @@ def spec(
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def read_json_object(path: Any, error: type[Exception]) -> dict:
+    """The JSON object in the file ``path``; a file that cannot be read, is not JSON or holds
+    another JSON value raises ``error`` with one line naming the file."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: not JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: must be a JSON object")
+    return data
 
 
 def brief(v: Any, limit: int = 60) -> str:

@@ -575,19 +575,13 @@ def generation_config(path: str | os.PathLike, vocab_size: int | None = None) ->
     writes the source model's end ids). ``{}`` without the file or the key; a file that is not a
     JSON object or an id outside ``[0, vocab_size)`` is a ``CheckpointError`` naming the file and key.
     Other keys (HF's sampling defaults) are not read."""
-    import json
-
+    from ..core.config import read_json_object
     from .generation import check_eos
 
     f = Path(path) / GENERATION_CONFIG
     if not f.is_file():
         return {}
-    try:
-        data = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{f}: not JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{f}: must be a JSON object")
+    data = read_json_object(f, CheckpointError)
     if data.get("eos_token_id") is None:
         return {}
     try:
