@@ -127,6 +127,23 @@ def test_cli_takes_the_end_ids_from_eos_then_generation_config(tmp_path, capsys)
     assert generation_config(ckpt, V) == {"eos_token_id": [a, V - 1]}  # only the end ids are read
     rc, got, err = _cli_ids(capsys, ckpt, *base, "--eos", "none")
     assert rc == 0 and got == full, err
+    # streamed: the same text, the end token not printed (it was, while --no-stream cut it)
+    streamed = [b for b in base if b != "--no-stream"]
+    rc, got, err = _cli_ids(capsys, ckpt, *streamed)
+    assert rc == 0 and got == full[:len(prompt) + cut_at], (got, err)
+
+
+@pytest.mark.parametrize("mode", ["speculative", "mtp"])
+def test_int32_prompts_in_every_mode(mode) -> None:
+    """``generate`` takes int32 ids (``check_prompt``); speculative and mtp wrote the sampled (long)
+    tokens into int32 buffers: RuntimeError in scatter."""
+    extra, opts = MODES[mode]
+    m = model(**extra)
+    opts = {k: v for k, v in opts.items() if k != "seed"}
+    if mode == "speculative":
+        opts["draft"] = m
+    x = torch.randint(0, V, (2, 4), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(m.generate(x.int(), 6, mode=mode, **opts), m.generate(x, 6))
 
 
 @pytest.mark.parametrize("text, says", [

@@ -309,10 +309,14 @@ def _run(args: argparse.Namespace) -> int:
 
     started = []
 
+    ends = set((eos,) if isinstance(eos, int) else eos or ())
+
     def streamer(nxt: torch.Tensor) -> None:
         if not started:  # the prompt is echoed once generation is known to run
             started.append(True)
             sys.stdout.write(tok.decode(prompts[0]))
+        if int(nxt[0]) in ends:  # the end token is not printed (as --no-stream cuts the row before it)
+            return
         text = decoder.push(int(nxt[0]))
         if text:
             sys.stdout.write(text)
@@ -361,9 +365,9 @@ def _run(args: argparse.Namespace) -> int:
     else:
         for i, p in enumerate(prompts):
             new = out[i, T:].tolist()
-            ends = [j for j, t in enumerate(new) if t in ((eos,) if isinstance(eos, int) else eos or ())]
-            if ends:
-                new = new[: ends[0]]
+            stop = next((j for j, t in enumerate(new) if t in ends), None)
+            if stop is not None:
+                new = new[:stop]
             text = tok.decode(p) + tok.decode(new)
             print(text if B == 1 else f"[{i}] {text}")
     summary = stats.get("summary") or []  # the decoder's own report (models/generation.py)

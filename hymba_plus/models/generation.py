@@ -16,7 +16,8 @@ a threshold, the ``ceil(masked / steps left)`` most confident ones so the block 
 uniformly random positions, are not offered). A fully denoised block is committed to the cache
 once, by the ordinary causal forward. A last block that ``max_new_tokens`` cuts is denoised at
 the full ``block_size`` where ``max_seq_len`` leaves room (training never shows a shorter noisy
-block) and cut. Blocks start right after each row's prompt (a prompt whose length is a multiple
+block) and cut; the room is the longest prompt's, so in a batch a shorter row's last block may be
+denoised narrower than it would be alone. Blocks start right after each row's prompt (a prompt whose length is a multiple
 of ``block_size`` matches training's block layout exactly).
 
 ``speculative``: lossless draft-model speculative decoding (Leviathan et al. 2023, arXiv
@@ -510,6 +511,7 @@ def generate_speculative(
         raise ValueError(f"the draft model's vocab_size {Vd} differs from the target model's vocab_size {V}: "
                          "speculative decoding needs one shared vocabulary")
     check_length(model, input_ids, max_new_tokens, attention_mask)
+    input_ids = input_ids.long()  # (int32 prompts: the buffers below take sampled, long, tokens)
     try:
         check_length(draft, input_ids, max_new_tokens, attention_mask)
     except ValueError as e:
