@@ -273,3 +273,28 @@ def test_fsdp2_etd_routes_and_halting_that_differ_per_rank(tmp_path):
     res = json.loads(out.read_text())
     for kind, (logits, grads) in res.items():
         assert logits < 1e-10 and grads < 1e-10, (kind, logits, grads)
+
+
+def test_fsdp2_routing_statistics_are_the_global_batchs(tmp_path):
+    """The MoE statistics in metrics.jsonl were rank 0's (half the tokens on 2 ranks): counts are now
+    summed over ranks, the rest averaged, so 2 ranks x batch 2 log what 1 process x batch 4 logs."""
+    moe = {**RECIPE, "model": {**RECIPE["model"], "block_pattern": "GA+moe | GA"},
+           "components": {**RECIPE["components"], "moe": {"n_experts": 5, "top_k": 2, "d_expert": 16}}}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(moe))
+    common = ["--steps", "1", "--seq-len", "16", "--warmup", "1", "--device", "cpu", "--no-progress",
+              "--eval-every", "100", "--save-every", "100"]
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["train", str(recipe), "--out", str(tmp_path / "one"), "--batch-size", "4", *common]) == 0
+    finally:
+        torch.set_num_threads(n)
+    r = torchrun(["train", str(recipe), "--out", str(tmp_path / "two"), "--batch-size", "2", *common])
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = rows(tmp_path / "one")[0], rows(tmp_path / "two")[0]
+    key = next(k for k in one if k.endswith("tokens_per_expert"))
+    assert sum(one[key]) == 4 * (16 + 3) * 2  # rows x (tokens + meta) x top_k
+    assert two[key] == one[key]
+    for k in (k for k in one if k.startswith("moe/") and not k.endswith("tokens_per_expert")):
+        assert two[k] == pytest.approx(one[k], rel=0.5, abs=1e-6), k  # means of the ranks' (max_load, entropy)

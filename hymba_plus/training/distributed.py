@@ -109,11 +109,11 @@ def shard_model(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | Non
 
 
 def all_reduce(values: list[float], info: DistInfo, op: str = "mean") -> list[float]:
-    """Sum or mean of a few floats over ranks (identity on one process)."""
+    """Sum, mean or max of a few floats over ranks (identity on one process)."""
     if not info.enabled:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=info.device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     if op == "mean":
         t /= info.world
     return t.tolist()

@@ -71,6 +71,7 @@ import os
 import shutil
 import sys
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,6 +271,28 @@ def _step_stats(micro: list[dict | None]) -> dict | None:
         if _combined(k, v):
             total = sum(d[k] for d in micro if d is not None and k in d)
             out[k] = total if k.endswith(COUNT_STATS) else total / len(micro)
+    return out
+
+
+def _reduce_stats(row: dict[str, Any], info: Any) -> dict[str, Any]:
+    """A step's routing statistics over every rank (FSDP2): counts (``COUNT_STATS``) summed, the
+    other numbers averaged. Ranks whose statistics differ in their keys or sizes (a layer that ran on
+    one rank only) keep their own: first one all-reduce agrees on that (max of the signature and of
+    its negation), then one reduces the values."""
+    if not info.enabled:
+        return row
+    keys = sorted(k for k, v in row.items() if isinstance(v, (int, float, list)) and not isinstance(v, bool))
+    flat = [float(x) for k in keys for x in (row[k] if isinstance(row[k], list) else [row[k]])]
+    sig = float(zlib.crc32(";".join(f"{k}:{len(row[k]) if isinstance(row[k], list) else 1}" for k in keys).encode()))
+    agree = dist_mod.all_reduce([len(flat), sig, -len(flat), -sig], info, op="max")
+    if agree[0] != -agree[2] or agree[1] != -agree[3] or not flat:
+        return row
+    total = iter(dist_mod.all_reduce(flat, info, op="sum"))
+    out = dict(row)
+    for k in keys:
+        n = len(row[k]) if isinstance(row[k], list) else 1
+        vals = [next(total) / (1 if k.endswith(COUNT_STATS) else info.world) for _ in range(n)]
+        out[k] = [round(v, 6) for v in vals] if isinstance(row[k], list) else vals[0]
     return out
 
 
@@ -912,6 +935,7 @@ class Trainer:
             norm = clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             tensors = [loss if isinstance(loss, torch.Tensor) else None, aux, norm]
             (loss_v, aux_v, gnorm), stat_row = _read_step(tensors, stats)
+            stat_row = _reduce_stats(stat_row, self.info)
             if isinstance(loss, torch.Tensor):  # sums over the micro-steps: the mean over them and the ranks
                 sums = [loss_v / cfg.grad_accum] + ([aux_v / cfg.grad_accum] if aux is not None else [])
                 loss, *aux_mean = dist_mod.all_reduce(sums, self.info)
