@@ -36,6 +36,16 @@ def torchrun(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
+def one_process(args: list[str]) -> int:
+    """``hymba ARGS`` in this process on one thread (as each torchrun rank runs)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main(args)
+    finally:
+        torch.set_num_threads(n)
+
+
 def rows(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -89,12 +99,7 @@ def test_fsdp2_bf16_parameters_train_like_autocast(tmp_path):
                   "--fsdp-param-dtype", "bfloat16", *args])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "x2 (FSDP2, bf16 parameters, float32 gradient reduce)" in r.stderr
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["train", str(recipe), "--out", str(tmp_path / "one"), "--batch-size", "4", *args]) == 0
-    finally:
-        torch.set_num_threads(n)
+    assert one_process(["train", str(recipe), "--out", str(tmp_path / "one"), "--batch-size", "4", *args]) == 0
     mp, one = rows(tmp_path / "mp"), rows(tmp_path / "one")
     assert len(mp) == len(one) == 3
     for a, b in zip(mp, one):
@@ -284,12 +289,7 @@ def test_fsdp2_routing_statistics_are_the_global_batchs(tmp_path):
     recipe.write_text(yaml.safe_dump(moe))
     common = ["--steps", "1", "--seq-len", "16", "--warmup", "1", "--device", "cpu", "--no-progress",
               "--eval-every", "100", "--save-every", "100"]
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["train", str(recipe), "--out", str(tmp_path / "one"), "--batch-size", "4", *common]) == 0
-    finally:
-        torch.set_num_threads(n)
+    assert one_process(["train", str(recipe), "--out", str(tmp_path / "one"), "--batch-size", "4", *common]) == 0
     r = torchrun(["train", str(recipe), "--out", str(tmp_path / "two"), "--batch-size", "2", *common])
     assert r.returncode == 0, r.stderr[-3000:]
     one, two = rows(tmp_path / "one")[0], rows(tmp_path / "two")[0]
