@@ -57,7 +57,7 @@ class MTP(nn.Module):
         return self.blocks[i](x, ctx, state)
 
     def losses(self, model: Any, trunk: Tensor, ids: Tensor, labels: Tensor, positions: Tensor,
-               n_meta: int, parent: StepContext | None = None) -> tuple[Tensor, list[Tensor]]:
+               parent: StepContext) -> tuple[Tensor, list[Tensor]]:
         """(lambda * mean over the depths that score a target, [loss of each depth]) for unpadded
         rows: ``trunk`` [B, T, d] the trunk's last hidden states (before the final norm) at the real
         tokens, ``positions`` theirs. Depth i (0-based) uses the positions t <= T - i - 2 and
@@ -72,9 +72,9 @@ class MTP(nn.Module):
             n = T - i - 1  # positions whose input token x_{t+i+1} exists
             if n < 2:  # no position left with a target
                 break
-            where = dict(positions=positions[:, :n], lengths=None, shared={}, bidirectional=False, two_stream=None)
-            ctx = (dataclasses.replace(parent, **where) if parent is not None  # its losses and statistics
-                   else StepContext(n_meta=n_meta, **where))
+            # the trunk's context (its n_meta, losses and statistics) at this depth's positions
+            ctx = dataclasses.replace(parent, positions=positions[:, :n], lengths=None, shared={}, bidirectional=False,
+                                      two_stream=None)
             h = self.step(i, h[:, :n], model.embed_tokens(ids[:, i + 1:i + 1 + n]), ctx)
             # the trunk's loss one more token ahead: position t predicts labels[t + i + 2]; the shared
             # head's loss without its [B, n, V] logits (kernels.linear_ce)

@@ -227,7 +227,7 @@ class HybridLM(nn.Module):
             if order is not None:
                 raise ValueError("the MTP loss needs unpadded rows (attention_mask all ones)")
             n0 = n_meta if add_meta else 0
-            mtp_loss, per = self.mtp.losses(self, x[:, n0:], input_ids, labels, positions[:, n0:], n_meta, ctx)
+            mtp_loss, per = self.mtp.losses(self, x[:, n0:], input_ids, labels, positions[:, n0:], ctx)
             ctx.stats.update({f"mtp/loss_{i + 1}": v.detach() for i, v in enumerate(per)})
         h = self.norm(x)
         if cache is not None:
