@@ -177,16 +177,17 @@ class ETDStack:
             self._route_logits = self._route_used = None
         return x
 
-    def _any(self, flag: Tensor) -> bool:
-        """``flag.any()``, over every rank when the stack is sharded: the ranks make the same block
-        calls (a rank whose rows need none runs the block with every token inactive: no change to x
-        or to any state)."""
-        hit = flag.any()
-        if self.collective:
-            import torch.distributed as dist
+    def _any(self, flag: Tensor | None) -> bool:
+        """``flag.any()`` (None: True, every row), over every rank when the stack is sharded: the
+        ranks make the same block calls (a rank whose rows need none runs the block with every token
+        inactive: no change to x or to any state). Unsharded, None costs no host read."""
+        if not self.collective:
+            return flag is None or bool(flag.any())
+        import torch.distributed as dist
 
-            hit = hit.to(torch.int32)
-            dist.all_reduce(hit, op=dist.ReduceOp.MAX)
+        hit = torch.ones((), dtype=torch.int32, device=self._ctx.positions.device) if flag is None else \
+            flag.any().to(torch.int32)
+        dist.all_reduce(hit, op=dist.ReduceOp.MAX)
         return bool(hit)
 
     def _apply(self, slot: int, x: Tensor, active: Tensor | None, gate: Tensor | None = None) -> Tensor:
@@ -211,7 +212,7 @@ class ETDStack:
             else:
                 base = self._valid if active is None else active
                 act = rows[:, None] & (base if base is not None else torch.ones_like(x[..., 0], dtype=torch.bool))
-            if not self._any(rows if act is None else act):
+            if not self._any(act):
                 continue
             st = states[self.state_of(slot, rep)] if states is not None else None
             x = run_active(block, x, self._ctx, st, act, self.router, gate)
