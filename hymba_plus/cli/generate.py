@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..models.generation import reserved_positions
+    from ..models.generation import end_tokens, reserved_positions
     from ..models.lm import CheckpointError, from_pretrained
     from ..training.distributed import pick_device
     from ..training.tokenizer import ByteTokenizer, StreamDecoder, TokenizerError, for_checkpoint
@@ -309,7 +309,7 @@ def _run(args: argparse.Namespace) -> int:
 
     started = []
 
-    ends = set((eos,) if isinstance(eos, int) else eos or ())
+    ends = set(end_tokens(eos, "cpu").ids) if eos is not None else set()
 
     def streamer(nxt: torch.Tensor) -> None:
         if not started:  # the prompt is echoed once generation is known to run

@@ -511,7 +511,6 @@ def generate_speculative(
         raise ValueError(f"the draft model's vocab_size {Vd} differs from the target model's vocab_size {V}: "
                          "speculative decoding needs one shared vocabulary")
     check_length(model, input_ids, max_new_tokens, attention_mask)
-    input_ids = input_ids.long()  # (int32 prompts: the buffers below take sampled, long, tokens)
     try:
         check_length(draft, input_ids, max_new_tokens, attention_mask)
     except ValueError as e:

@@ -93,7 +93,6 @@ def generate_mtp(
     if not int_at_least(k, 1) or k > D:
         raise ValueError(f"k must be an integer in [1, {D}] (model.mtp.depth), got {k!r}")
     check_length(model, input_ids, max_new_tokens, attention_mask)
-    input_ids = input_ids.long()  # (int32 prompts: the buffers below take sampled, long, tokens)
     B, T = input_ids.shape
     dev = input_ids.device
     valid = attention_mask.to(torch.bool) if attention_mask is not None else torch.ones(B, T, dtype=torch.bool,
