@@ -608,7 +608,7 @@ def test_eval_metrics_count_each_validation_window_once() -> None:
     n = stream.n_eval()
     b = stream.eval(range(n + 5))
     assert b.input_ids.shape[0] == n + 5 and b.unique == n
-    _, _, _, out = m.objective.eval_batch(m, m, b.input_ids, b.labels, seed=0, batch=b)
+    _, _, _, out = m.objective.eval_batch(m, m, b.input_ids, b.scored_labels(), seed=0, batch=b)  # as evaluate
     once = stream.eval(range(n))
     assert once.unique is None
     _, _, _, ref = m.objective.eval_batch(m, m, once.input_ids, once.labels, seed=0, batch=once)

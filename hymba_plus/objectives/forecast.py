@@ -164,16 +164,14 @@ class Forecast(Objective):
     @torch.no_grad()
     def eval_batch(self, fwd, model, ids: Tensor, labels: Tensor, seed: int, batch: Any = None, **kw: Any):  # noqa: ANN001, ANN201
         """(loss, 0, 0, output) of held-out windows; the output's stats carry the metric sums
-        (``forecast_metrics.window_sums``) that ``eval_sums`` hands to the trainer, over the
-        batch's distinct windows (``batch.unique``: a batch that wraps around the validation
-        windows repeats some; the loss is the whole batch's)."""
+        (``forecast_metrics.window_sums``) that ``eval_sums`` hands to the trainer. Targets that are
+        NaN (gaps of the data, and the repeated windows of a batch that wraps around the held-out
+        set, whose labels the trainer's evaluation blanks) count in neither the loss nor the sums."""
         from ..models.lm import ModelOutput
 
         z_last, z, mu, sigma, out = self._window(fwd, ids, labels, **kw)
         pred = self.values(z_last, mu, sigma)
-        k = getattr(batch, "unique", None)
-        k = ids.shape[0] if k is None else k
-        sums = fm.window_sums(ids[:k], labels[:k], pred[:k], self.levels, self.cfg.season)
+        sums = fm.window_sums(ids, labels, pred, self.levels, self.cfg.season)
         stats = dict(out.stats or {})
         stats.update({f"forecast/{k}": v for k, v in sums.items()})
         return float(self.loss(z_last, z)), 0, 0, ModelOutput(logits=pred, stats=stats)

@@ -313,8 +313,22 @@ class Batch:
     labels: Tensor
     segments: dict | None = None  # reasoning data: question / reasoning / answer tensors and masks
     # held-out batches of a finite set: the first ``unique`` rows are distinct examples, the rest
-    # repeat them to fill the batch (None: every row counts); metrics summed per example read these
+    # repeat them to fill the batch (None: every row counts); the trainer's evaluation scores
+    # ``scored_labels()`` and weighs each batch's loss by its distinct rows
     unique: int | None = None
+
+    @property
+    def rows(self) -> int:
+        """The distinct rows: ``unique``, or every row."""
+        return self.input_ids.shape[0] if self.unique is None else self.unique
+
+    def scored_labels(self) -> Tensor:
+        """``labels`` with the repeated rows blanked (-100, or NaN for numeric targets): not scored."""
+        if self.rows == self.labels.shape[0]:
+            return self.labels
+        out = self.labels.clone()
+        out[self.rows:] = float("nan") if out.is_floating_point() else -100
+        return out
 
 
 class ReasoningBatches:

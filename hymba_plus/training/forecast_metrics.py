@@ -91,7 +91,7 @@ def series_mase(x: Tensor, y: Tensor, point: Tensor, season: int) -> tuple[Tenso
 def window_sums(x: Tensor, y: Tensor, q_pred: Tensor, levels: Tensor | None, season: int) -> dict[str, Tensor]:
     """Sums over windows of contexts x [B, L, C], targets y [B, H, C] and forecasts
     q_pred [B, H, C, Q] (original units), for the model and for seasonal naive: ``points``
-    (observed targets), ``series`` (windows x channels), ``sse``, ``sae``, ``mase`` (sum of
+    (observed targets), ``series`` (windows x channels with an observed target), ``sse``, ``sae``, ``mase`` (sum of
     per-series MASE, ``series_mase``), ``crps`` and their ``snaive_*`` twins (and ``pinball``,
     mean over levels, for quantiles). A missing target (NaN in y: a gap of the data) is not
     scored. ``forecast_results`` turns accumulated sums into the metrics."""
@@ -101,7 +101,7 @@ def window_sums(x: Tensor, y: Tensor, q_pred: Tensor, levels: Tensor | None, sea
     y0 = torch.where(obs, y, 0.0)  # the scores below keep only the observed points
     point = point_forecast(q_pred, lv)
     naive = seasonal_naive(x, y.shape[-2], season)
-    out = {"points": obs.sum().double(), "series": torch.tensor(float(y.shape[0] * y.shape[-1]), dtype=torch.float64)}
+    out = {"points": obs.sum().double(), "series": obs.any(-2).sum().double()}
     for pre, f, c in (("", point, crps(y0, q_pred, lv)), ("snaive_", naive, (y0 - naive).abs())):
         err = torch.where(obs, y0 - f, 0.0)
         out[pre + "sse"] = err.pow(2).sum()

@@ -1042,11 +1042,8 @@ class Trainer:
         for k in range(n_batches):
             start = (k * info.world + info.rank) * B
             batch = self.stream.eval(range(start, start + B))
-            ids, labels = batch.input_ids.to(dev), batch.labels.to(dev)
-            n_rows = ids.shape[0] if batch.unique is None else batch.unique
-            if n_rows < labels.shape[0]:  # a batch that wraps around the held-out set: repeats not scored
-                labels = labels.clone()
-                labels[n_rows:] = float("nan") if labels.is_floating_point() else -100
+            # a batch that wraps around the held-out set: its repeats are not scored
+            ids, labels, n_rows = batch.input_ids.to(dev), batch.scored_labels().to(dev), batch.rows
             rows += n_rows
             for run in runs:
                 kw = {"routes": self._all_execute(ids.shape[0])} if run else {}
