@@ -280,6 +280,7 @@ def test_fsdp2_etd_routes_and_halting_that_differ_per_rank(tmp_path):
         assert logits < 1e-10 and grads < 1e-10, (kind, logits, grads)
 
 
+@pytest.mark.slow  # two training runs, one of them under torchrun (~13 s): make test-all runs it
 def test_fsdp2_routing_statistics_are_the_global_batchs(tmp_path):
     """The MoE statistics in metrics.jsonl were rank 0's (half the tokens on 2 ranks): counts are now
     summed over ranks, the rest averaged, so 2 ranks x batch 2 log what 1 process x batch 4 logs."""
