@@ -292,3 +292,58 @@ def test_the_streamer_gets_the_voted_answer_with_several_samples():
         out = m.generate(torch.tensor([[3, 17, 20], [5, 6, 7]]), max_new_tokens=4, mode="ladir", samples=samples,
                          streamer=got.append, generator=torch.Generator().manual_seed(0))
         assert torch.equal(torch.stack(got, 1), out[:, 3:]), samples
+
+
+@pytest.mark.parametrize("stage", ["vae", "flow", "joint"])
+def test_eval_is_per_row_so_the_batch_split_and_the_repeats_do_not_matter(stage) -> None:
+    """Held-out loss of 4 examples of different lengths in one batch == the mean of 2 + 2 (the second
+    batch starting at example 2), with the same answer-token counts: each row's noise comes from a
+    generator seeded by its index and the loss is the rows' mean (the noise was seeded per batch and
+    the loss token-weighted, so a 1-GPU and a 2-GPU run reported different numbers). A batch that
+    repeats examples to fill its rows scores only the distinct ones (``Batch.unique``)."""
+    from hymba_plus.objectives.ladir import LaDiRObjective, LaDiRObjectiveConfig
+    from hymba_plus.training.data import Batch
+    from hymba_plus.training.reasoning import ReasoningExample, collate
+
+    torch.manual_seed(0)
+    m = build_model(recipe()).eval()
+    obj = LaDiRObjective(LaDiRObjectiveConfig())
+    obj.stage = stage
+    g = torch.Generator().manual_seed(1)
+
+    def ex(nq, nr, na):
+        return ReasoningExample(*(tuple(torch.randint(3, V, (n,), generator=g).tolist()) for n in (nq, nr, na)))
+
+    exs = [ex(5, 4, 2), ex(3, 6, 1), ex(6, 2, 3), ex(4, 4, 2)]
+
+    def run(rows, seed, unique=None):
+        d = collate(rows)
+        b = Batch(d["full"], d["labels"], segments=d, unique=unique)
+        return obj.eval_batch(m, m, b.input_ids, b.scored_labels(), seed=seed, batch=b)
+
+    whole, a, b = run(exs, 10), run(exs[:2], 10), run(exs[2:], 12)
+    assert whole[0] == pytest.approx((a[0] + b[0]) / 2, rel=1e-5)
+    assert whole[1:3] == (a[1] + b[1], a[2] + b[2]) and whole[2] == 8
+    wrapped = run(exs[2:] + exs[2:], 12, unique=2)  # rows 2, 3 and then their repeats
+    assert wrapped[0] == pytest.approx(b[0], rel=1e-5) and wrapped[1:3] == b[1:3]
+    assert run(exs[:2], 10, unique=0)[1:3] == (0, 0)
+
+
+def test_reasoning_file_eval_batches_mark_their_repeats(tmp_path) -> None:
+    """A held-out batch of a JSONL file that wraps around its held-out examples says how many rows
+    are distinct (the trainer's evaluation scores only those)."""
+    from types import SimpleNamespace
+
+    from hymba_plus.training.data import ReasoningBatches
+
+    rows = [{"question": f"{a}+{b}=", "reasoning": f"{a}+{b} is {a + b}", "answer": str(a + b)}
+            for a in range(5) for b in range(4)]
+    data = tmp_path / "r.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = SimpleNamespace(val_frac=0.1, task_params=None)
+    s = ReasoningBatches(str(data), 256, 0, cfg, None, None)
+    assert s.n_eval() == 2
+    assert s.eval(range(0, 2)).rows == 2 and s.eval(range(0, 2)).unique is None
+    wrapped = s.eval(range(0, 4))
+    assert wrapped.rows == 2 and wrapped.input_ids.shape[0] == 4
+    assert s.eval(range(4, 8)).rows == 0

@@ -44,6 +44,7 @@ The model thinks in ``memory_slots`` continuous vectors before it answers:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -54,6 +55,21 @@ from ..core.cache import HybridCache
 from ..core.registry import register
 
 TARGETS = ("reasoning", "answer")  # the decoder's marks, in the order of ``LaDiR.marks``
+
+# one generator for the batch, or one per row (held-out evaluation: a row's noise is then its own,
+# whatever rows share its batch), or None (the global generator)
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def noise(draw: Callable[..., Tensor], shape: tuple[int, ...], device: torch.device, generator: Generators,
+          dtype: torch.dtype | None = None) -> Tensor:
+    """``draw`` (``torch.randn`` / ``torch.rand``) of ``shape`` [B, ...]; with one generator per row,
+    row b's values come from generator b alone (a loop over the rows of a held-out batch)."""
+    if isinstance(generator, Sequence):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for {shape[0]} rows")
+        return torch.stack([draw(tuple(shape[1:]), device=device, generator=g, dtype=dtype) for g in generator])
+    return draw(tuple(shape), device=device, generator=generator, dtype=dtype)
 
 
 def _timestep_embedding(t: Tensor, dim: int) -> Tensor:
@@ -155,10 +171,12 @@ class LaDiR(nn.Module):
         return (s + self.marks[TARGETS.index(target)].to(s.dtype)).to(dtype)
 
     def segment_loss(self, model: Any, z: Tensor, question: Tensor, q_mask: Tensor, target: Tensor,
-                     t_mask: Tensor, *, kind: str, outs: list | None = None) -> tuple[Tensor, Tensor]:
+                     t_mask: Tensor, *, kind: str, outs: list | None = None,
+                     per_row: bool = False) -> tuple[Tensor, Tensor]:
         """(mean CE, token accuracy) of ``target`` (``kind``: "reasoning" or "answer") after
         [question, slots(z) for kind]: the last slot predicts target[0], target[j] predicts
-        target[j + 1]. ``outs`` as in ``encode``."""
+        target[j + 1]. ``outs`` as in ``encode``. ``per_row``: (each row's mean CE [B], each
+        row's count of correct tokens [B]) instead (held-out evaluation)."""
         B, M = question.shape[0], self.cfg.memory_slots
         x = torch.cat([model.embed_tokens(question), self.slots(z, model.dtype, kind), model.embed_tokens(target)],
                       dim=1)
@@ -170,34 +188,42 @@ class LaDiR(nn.Module):
         Lq, Lt = question.shape[1], target.shape[1]
         pred = logits[:, Lq + M - 1:Lq + M - 1 + Lt]
         tgt = target.masked_fill(~t_mask, -100)
+        hits = (pred.argmax(-1) == target) & t_mask
+        if per_row:
+            ce = F.cross_entropy(pred.float().transpose(1, 2), tgt, ignore_index=-100, reduction="none")
+            return ce.sum(1) / t_mask.sum(1).clamp(min=1), hits.sum(1)
         ce = F.cross_entropy(pred.flatten(0, 1).float(), tgt.flatten(), ignore_index=-100)
-        acc = ((pred.argmax(-1) == target) & t_mask).sum() / t_mask.sum().clamp(min=1)
-        return ce, acc
+        return ce, hits.sum() / t_mask.sum().clamp(min=1)
 
     @staticmethod
-    def kl(mu: Tensor, logvar: Tensor) -> Tensor:
-        """KL(N(mu, sigma^2) || N(0, I)), summed over the latent dims, mean over slots and rows."""
-        return (0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)).sum(-1).mean()
+    def kl(mu: Tensor, logvar: Tensor, per_row: bool = False) -> Tensor:
+        """KL(N(mu, sigma^2) || N(0, I)), summed over the latent dims, mean over slots and rows
+        (``per_row``: over slots only, [B])."""
+        kl = (0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)).sum(-1).mean(-1)
+        return kl if per_row else kl.mean()
 
-    def vae_loss(self, model: Any, batch: dict, generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
+    def vae_loss(self, model: Any, batch: dict, generator: Generators = None,
+                 per_row: bool = False) -> tuple[Tensor, dict]:
         """Reconstruction of the reasoning + beta * KL; also the answer's CE from the same
-        sampled slots (the decoder answers from them), each after its own mark."""
+        sampled slots (the decoder answers from them), each after its own mark. ``per_row``:
+        the loss of each row [B] (its tokens' mean CE; the auxiliary losses added to every row)."""
         q, qm = batch["question"], batch["question_mask"]
         outs: list = []  # the LM's three passes: their auxiliary losses (MoE balance, z-loss) train it too
         mu, logvar = self.encode(model, q, qm, batch["reasoning"], batch["reasoning_mask"], outs)
-        eps = torch.randn(mu.shape, device=mu.device, generator=generator, dtype=mu.dtype)
-        z = mu + (0.5 * logvar).exp() * eps
+        z = mu + (0.5 * logvar).exp() * noise(torch.randn, mu.shape, mu.device, generator, mu.dtype)
         rec, rec_acc = self.segment_loss(model, z, q, qm, batch["reasoning"], batch["reasoning_mask"],
-                                         kind="reasoning", outs=outs)
+                                         kind="reasoning", outs=outs, per_row=per_row)
         ans, ans_acc = self.segment_loss(model, z, q, qm, batch["answer"], batch["answer_mask"], kind="answer",
-                                         outs=outs)
-        kl = self.kl(mu, logvar)
+                                         outs=outs, per_row=per_row)
+        kl = self.kl(mu, logvar, per_row)
         loss = rec + ans + self.cfg.beta_kl * kl
         aux = [o.aux_loss for o in outs if o.aux_loss is not None]
         stats = dict(outs[0].stats or {})  # the encoder pass's routing statistics
         if aux:  # in the loss, and reported as the step's aux_loss (``objectives/ladir.py``)
             stats["aux_loss"] = torch.stack(aux).mean()
             loss = loss + stats["aux_loss"]
+        if per_row:  # (the accuracies are counts then: the statistics are the training step's)
+            return loss, stats
         return loss, {**stats, "ladir/recon": rec.detach(), "ladir/recon_acc": rec_acc.detach(),
                       "ladir/answer": ans.detach(), "ladir/answer_acc": ans_acc.detach(), "ladir/kl": kl.detach()}
 
@@ -207,32 +233,36 @@ class LaDiR(nn.Module):
         return model.forward(question, attention_mask=q_mask.long(), return_hidden=True,  # as encode
                              check_inputs=False).hidden_states
 
-    def flow_loss(self, model: Any, batch: dict, generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
+    def flow_loss(self, model: Any, batch: dict, generator: Generators = None,
+                  per_row: bool = False) -> tuple[Tensor, dict]:
         """Rectified-flow velocity loss towards latents drawn from the VAE's posterior (the
         distribution the decoder was trained on; the VAE and the LM are only read here: no
-        gradient reaches them)."""
+        gradient reaches them). ``per_row``: each row's loss [B]."""
         q, qm = batch["question"], batch["question_mask"]
         with torch.no_grad():
             mu, logvar = self.encode(model, q, qm, batch["reasoning"], batch["reasoning_mask"])
-            z1 = mu + (0.5 * logvar).exp() * torch.randn(mu.shape, device=mu.device, generator=generator)
+            z1 = mu + (0.5 * logvar).exp() * noise(torch.randn, mu.shape, mu.device, generator)
             cond = self.question_states(model, q, qm)
-        return self.velocity_loss(z1, cond, qm, generator)
+        return self.velocity_loss(z1, cond, qm, generator, per_row)
 
-    def velocity_loss(self, z1: Tensor, cond: Tensor, q_mask: Tensor,
-                      generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
-        """The rectified-flow loss for target latents z1 [B, M, latent] given question states."""
+    def velocity_loss(self, z1: Tensor, cond: Tensor, q_mask: Tensor, generator: Generators = None,
+                      per_row: bool = False) -> tuple[Tensor, dict]:
+        """The rectified-flow loss for target latents z1 [B, M, latent] given question states
+        (``per_row``: each row's mean [B])."""
         B = z1.shape[0]
-        qm = q_mask
-        z0 = torch.randn(z1.shape, device=z1.device, generator=generator, dtype=z1.dtype)
-        t = torch.rand(B, device=z1.device, generator=generator)
+        z0 = noise(torch.randn, z1.shape, z1.device, generator, z1.dtype)
+        t = noise(torch.rand, (B,), z1.device, generator)
         zt = (1 - t)[:, None, None] * z0 + t[:, None, None] * z1
-        v = self.denoiser(zt, t, cond.detach().to(zt.dtype), qm)
-        loss = F.mse_loss(v.float(), (z1 - z0).float())
+        v = self.denoiser(zt, t, cond.detach().to(zt.dtype), q_mask)
+        err = (v.float() - (z1 - z0).float()).pow(2)
+        if per_row:
+            return err.flatten(1).mean(1), {}
+        loss = err.mean()
         return loss, {"ladir/flow": loss.detach()}
 
     @torch.no_grad()
     def sample(self, model: Any, question: Tensor, q_mask: Tensor, steps: int | None = None,
-               prophet: bool | None = None, generator: torch.Generator | None = None,
+               prophet: bool | None = None, generator: Generators = None,
                z0: Tensor | None = None, qcache: HybridCache | None = None,
                cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Euler sampling of z from noise given the (right-padded) question: (z [B, M, latent],
@@ -250,8 +280,7 @@ class LaDiR(nn.Module):
             cond = model(question, attention_mask=q_mask.long(), cache=qcache, return_hidden=True,
                          check_inputs=False).hidden_states
         cond = cond.float()
-        z = z0.clone().float() if z0 is not None else torch.randn(B, M, cfg.latent_dim, device=dev,
-                                                                   generator=generator)
+        z = z0.clone().float() if z0 is not None else noise(torch.randn, (B, M, cfg.latent_dim), dev, generator)
         used = torch.full((B,), steps, dtype=torch.long, device=dev)
         active = torch.ones(B, dtype=torch.bool, device=dev)
         dt = 1.0 / steps

@@ -74,20 +74,27 @@ class LaDiRObjective(Objective):
 
     @torch.no_grad()
     def eval_batch(self, fwd, model, ids: Tensor, labels: Tensor, seed: int, batch: Any = None, **kw: Any):  # noqa: ANN001, ANN201
+        """(loss, correct and scored answer tokens, output) of one held-out batch whose first row
+        is held-out example ``seed``: each row draws its noise from a generator seeded by its own
+        index and the loss is the mean of the rows' losses, so an evaluation does not depend on
+        how the held-out examples are cut into batches or spread over ranks; the rows that
+        repeat earlier ones to fill a batch (``batch.rows``) are run (every rank makes the same
+        calls) but not scored (NaN loss for a batch of repeats only, which the trainer weighs 0)."""
         from ..models.lm import ModelOutput
 
         seg = {k: v.to(ids.device) for k, v in batch.segments.items()}
         lad = model.ladir
-        g = torch.Generator(device=ids.device).manual_seed(seed)
+        n = batch.rows
+        g = [torch.Generator(device=ids.device).manual_seed(seed + i) for i in range(ids.shape[0])]
         q, qm = seg["question"], seg["question_mask"]
         if self.stage == "vae":
-            loss, _ = lad.vae_loss(model, seg, generator=g)
+            loss, _ = lad.vae_loss(model, seg, generator=g, per_row=True)
             z, _ = lad.encode(model, q, qm, seg["reasoning"], seg["reasoning_mask"])
         else:
-            loss, _ = lad.flow_loss(model, seg, generator=g)
+            loss, _ = lad.flow_loss(model, seg, generator=g, per_row=True)
             if self.stage == "joint":
-                loss = loss + lad.vae_loss(model, seg, generator=g)[0]
+                loss = loss + lad.vae_loss(model, seg, generator=g, per_row=True)[0]
             z, _ = lad.sample(model, q, qm, prophet=False, generator=g)
-        _, acc = lad.segment_loss(model, z, q, qm, seg["answer"], seg["answer_mask"], kind="answer")
-        scored = int(seg["answer_mask"].sum())
-        return float(loss), round(float(acc) * scored), scored, ModelOutput(logits=ids.new_zeros(0))
+        _, correct = lad.segment_loss(model, z, q, qm, seg["answer"], seg["answer_mask"], kind="answer", per_row=True)
+        scored = int(seg["answer_mask"][:n].sum())
+        return float(loss[:n].mean()), int(correct[:n].sum()), scored, ModelOutput(logits=ids.new_zeros(0))

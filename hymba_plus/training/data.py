@@ -360,7 +360,14 @@ class ReasoningBatches:
         return self._batch(self.inner.train(indices))
 
     def eval(self, indices: range) -> Batch:
-        return self._batch(self.inner.eval(indices))
+        """Held-out examples ``indices`` (a file's wrap around past the last one to fill the batch;
+        ``unique`` says how many rows are distinct, as ``TextStream.eval``)."""
+        b = self._batch(self.inner.eval(indices))
+        n = self.inner.n_eval()
+        real = len(indices) if n is None else sum(1 for i in indices if i < n)
+        if real < len(indices):
+            b.unique = real
+        return b
 
     def n_eval(self) -> int | None:
         return self.inner.n_eval()
