@@ -281,6 +281,43 @@ def test_documents_are_separated_and_encoded_without_mid_document_specials(tmp_p
     assert ids[:-1] == t.encode(big.read_text(), add_special_tokens=False)
 
 
+@pytest.mark.parametrize("style", ["metaspace_first", "metaspace_always", "byte_level_prefix", "prepend_normalizer"])
+def test_a_documents_later_pieces_get_no_prefix_space(tmp_path, style):
+    """A tokenizer that puts a space before a text's first word (SentencePiece's Metaspace, GPT-2's
+    ByteLevel with add_prefix_space, Llama 2's Prepend normalizer) put one at every ~256 KiB piece
+    of a document: the later pieces are now encoded as continuations, and the shards equal the whole
+    document's encoding (an added token's text inside a piece included)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="[UNK]", byte_fallback=style == "prepend_normalizer"))
+    if style.startswith("metaspace"):
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=style.split("_")[1])
+        tok.decoder = decoders.Metaspace(prepend_scheme=style.split("_")[1])
+    elif style == "byte_level_prefix":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        tok.decoder = decoders.ByteLevel()
+    else:  # Llama 2's form, trained on words as SentencePiece is (no merge across a space)
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=150, special_tokens=["[UNK]", "</s>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+                                                        if style == "byte_level_prefix" else []))
+    if style == "prepend_normalizer":
+        tok.pre_tokenizer = None
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    t = from_json(tok.to_str())
+    line = "The quick brown fox jumps over the lazy dog.\n"
+    assert t.encode(line, add_special_tokens=False) != t.encode(line, add_special_tokens=False, continues=True)
+    src = tmp_path / "c"
+    src.mkdir()
+    doc = src / "big.txt"
+    doc.write_text(TEXT * 150 + "a literal </s> end token" + TEXT * 150)  # 744 KiB: three pieces
+    prepare(src, tmp_path / "s", t)
+    shards = TokenShards(tmp_path / "s")
+    ids = np.concatenate([shards.shard(i) for i in range(len(shards.shards))]).tolist()
+    assert ids[-1] == 1 and ids[:-1] == t.encode(doc.read_text(), add_special_tokens=False)
+
+
 def test_output_folders_inside_the_text_folder_are_not_read(tmp_path, capsys):
     """``--out`` inside the corpus (prepare twice; a training run's folder, whose cache and
     checkpoints were tokenized into the data on resume, which then refused as another split)."""

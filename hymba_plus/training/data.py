@@ -40,7 +40,8 @@ from .tasks import TASKS, Task
 INDEX = "index.json"
 FORMAT = "hymba-shards"
 #: 2: documents end with the tokenizer's end token, pieces encoded without special tokens
-VERSION = 2
+#: 3: a document's later pieces encoded without the tokenizer's start-of-text prefix space
+VERSION = 3
 
 
 class DataError(ValueError):
@@ -108,9 +109,10 @@ def fingerprint(files: list[Path]) -> list[dict[str, Any]]:
 
 
 def _chunks(f: Path, tok: Any, chunk_bytes: int = 1 << 22) -> Iterator[np.ndarray]:
-    """Token arrays of one file, read in pieces (text pieces end at a line break), then its end
+    """Token arrays of one file, read in pieces (a text piece ends before a space), then its end
     mark (``_end_mark``). A ``tokenizers`` tokenizer encodes the pieces without its special tokens
-    (its post-processor would put e.g. a BOS at every piece's start, mid-document)."""
+    (its post-processor would put e.g. a BOS at every piece's start, mid-document), the later
+    ones as continuations (no start-of-text prefix space: ``HFTokenizer.continuation``)."""
     try:
         fh = open(f, "rb")
     except OSError as e:
@@ -134,7 +136,15 @@ def _end_mark(f: Path, tok: Any) -> np.ndarray:
 
 
 def _pieces(fh: Any, tok: Any, chunk_bytes: int) -> Iterator[np.ndarray]:
-    encode = (lambda text: tok.encode(text, add_special_tokens=False)) if tok.kind == "tokenizers" else tok.encode
+    first = [True]
+
+    def encode(text: str) -> list[int]:  # a piece after the first continues the document: no prefix space
+        if tok.kind != "tokenizers":
+            return tok.encode(text)
+        ids = tok.encode(text, add_special_tokens=False, continues=not first[0])
+        first[0] = False
+        return ids
+
     with fh:
         if tok.kind == "bytes":
             while block := fh.read(chunk_bytes):
@@ -148,9 +158,14 @@ def _pieces(fh: Any, tok: Any, chunk_bytes: int) -> Iterator[np.ndarray]:
                 if data:
                     yield np.asarray(encode(data.decode("utf-8", errors="replace")), dtype=np.int64)
                 return
-            cut = data.rfind(b"\n") + 1
-            if cut == 0 and len(data) > chunk_bytes:  # one huge line: cut at a space (bounded memory)
-                cut = data.rfind(b" ") + 1 or len(data)
+            # cut before a space (the next piece starts with it): a word boundary for every common
+            # pre-tokenizer (Metaspace, ByteLevel, Whitespace, BERT's); after a line break where the
+            # block has no space; past a huge block with neither (bounded memory)
+            cut = data.rfind(b" ")
+            if cut <= 0:
+                cut = data.rfind(b"\n") + 1
+            if cut == 0 and len(data) > chunk_bytes:
+                cut = len(data)
             if cut == 0:
                 rest = data
                 continue

@@ -87,6 +87,8 @@ class HFTokenizer:
         except Exception as e:  # the library raises its own Exception type
             raise TokenizerError(f"{source}: not a valid tokenizers JSON ({str(e).splitlines()[0]})") from None
         self.text = text
+        self._head: list[int] | None = None  # the ids of "a" (``encode(continues=True)``)
+        self._continuation: Any = None
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         self.eos_id = None
         for name in ("</s>", "<|endoftext|>", "<eos>", "[SEP]"):
@@ -95,10 +97,40 @@ class HFTokenizer:
                 self.eos_id = i
                 break
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, continues: bool = False) -> list[int]:
         """Token ids of ``text``; ``add_special_tokens=False`` skips the post-processor's special
-        tokens (e.g. a BOS template), as ``hymba prepare`` encodes the pieces of a document."""
-        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+        tokens (e.g. a BOS template), as ``hymba prepare`` encodes the pieces of a document.
+        ``continues``: the text goes on from earlier text of the same document (``hymba prepare``'s
+        later pieces, which start at a space), so the space a tokenizer puts before a text's first
+        word (SentencePiece's ``Metaspace`` prepend scheme, ``ByteLevel``'s ``add_prefix_space``, a
+        ``Prepend`` normalizer) is not put there: the text is encoded after a word and that word's
+        tokens dropped, or, where they do not come out alone, by ``continuation``."""
+        if not continues:
+            return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # after a word ("a"), as the text stands in its document; where that word's tokens do not
+        # come out alone (the text does not start at a word boundary), the continuation tokenizer
+        if self._head is None:
+            self._head = self.tok.encode("a", add_special_tokens=False).ids
+        head = self._head
+        ids = self.tok.encode("a" + text, add_special_tokens=add_special_tokens).ids
+        if ids[:len(head)] == head and not add_special_tokens:
+            return ids[len(head):]
+        return self.continuation().encode(text, add_special_tokens=add_special_tokens).ids
+
+    def continuation(self) -> Any:
+        """This tokenizer with its start-of-text prefix space turned off (``Metaspace``'s
+        ``prepend_scheme`` "never", ``ByteLevel``'s ``add_prefix_space`` false, ``Prepend``
+        normalizers dropped; inside ``Sequence``s too): exact where the text holds no added-token
+        text (with ``prepend_scheme`` "always", ``ByteLevel``'s prefix or a ``Prepend`` normalizer,
+        the text after such a token would lose its space too)."""
+        if self._continuation is None:
+            from tokenizers import Tokenizer
+
+            obj = json.loads(self.text)
+            obj["normalizer"] = _without_prefix(obj.get("normalizer"))
+            obj["pre_tokenizer"] = _without_prefix(obj.get("pre_tokenizer"))
+            self._continuation = Tokenizer.from_str(json.dumps(obj))
+        return self._continuation
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tok.encode_batch(texts)]
@@ -108,6 +140,27 @@ class HFTokenizer:
 
     def to_json(self) -> str:
         return self.text
+
+
+def _without_prefix(node: Any) -> Any:
+    """A ``tokenizers`` normalizer / pre-tokenizer JSON node that puts no space before a text's
+    first word (``HFTokenizer.continuation``); None for a ``Prepend`` normalizer."""
+    if not isinstance(node, dict):
+        return node
+    kind = node.get("type")
+    if kind == "Prepend":
+        return None
+    if kind == "Sequence":
+        key = "normalizers" if "normalizers" in node else "pretokenizers"
+        return dict(node, **{key: [n for n in map(_without_prefix, node.get(key, [])) if n is not None]})
+    if kind == "Metaspace":
+        out = dict(node, prepend_scheme="never") if "prepend_scheme" in node else dict(node)
+        if "add_prefix_space" in node:  # the format before tokenizers 0.14
+            out["add_prefix_space"] = False
+        return out
+    if kind == "ByteLevel" and node.get("add_prefix_space"):
+        return dict(node, add_prefix_space=False)
+    return node
 
 
 Tokenizer = Any  # ByteTokenizer | IdsTokenizer | HFTokenizer
