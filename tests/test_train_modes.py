@@ -288,6 +288,24 @@ def test_auto_keeps_a_graph_whose_loss_matches_the_eager_one(tmp_path, monkeypat
     assert torch.equal(moe.load, torch.zeros_like(moe.load))  # the verification forwards' counts are gone
 
 
+def test_auto_checks_dropout_with_the_same_masks_and_leaves_the_random_stream(tmp_path, monkeypatch):
+    """With dropout the eager check and the graphed one draw from the same random state (they drew
+    different masks, so a dropout run was never verified and stayed eager), and the capture's draws
+    (its warm-up passes; here a stand-in that draws) leave the run's stream where it was, so the first
+    step, and a resumed run's, draw what an eager run's do. (CPU: the capture stood in for.)"""
+    tr, _ = _trainer(tmp_path, dict(TINY, model={**TINY["model"], "dropout": 0.5}))
+
+    def capture():
+        torch.rand(1000)  # the warm-up passes' draws
+        return _FakeGraph(tr.model)
+
+    monkeypatch.setattr(tr, "_graph_step", capture)
+    before = torch.get_rng_state()
+    graphed, note = tr._auto_mode()
+    assert isinstance(graphed, _FakeGraph), note
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 @pytest.mark.parametrize("fault, expected", [
     (lambda tr: _FakeGraph(tr.model, shift=0.5),
      r"^CUDA graph not verified: its loss on the first batch \S+ differs from the eager loss \S+ by more than "
@@ -474,6 +492,27 @@ def test_gpu_auto_uses_cuda_graphs_and_matches_eager(tmp_path, capsys):
     assert {r["mode"] for r in a} == {"eager"} and {r["mode"] for r in b} == {"cuda-graph"}
     for ra, rb in zip(a, b):
         assert abs(ra["loss"] - rb["loss"]) < 1e-3 * abs(ra["loss"]), (ra, rb)
+
+
+@pytest.mark.gpu
+def test_gpu_dropout_is_graphed_equal_to_eager_and_resumes_exactly(tmp_path, capsys):
+    """With dropout, auto mode's check draws the same masks eagerly and graphed (a replay reads the
+    generator's state; the two checks drew different masks, so the run stayed eager), the graphed
+    run's losses equal an eager run's, and a graphed run stopped and resumed equals the
+    uninterrupted one (the capture's warm-up draws no longer move the run's random stream)."""
+    path = write_recipe(tmp_path, dict(TINY, model={**TINY["model"], "dropout": 0.1}))
+    args = ["--steps", "6", "--save-every", "3", "--device", "cuda", *FAST]
+    assert main(["train", path, "--out", str(tmp_path / "auto"), *args]) == 0
+    err = capsys.readouterr().err
+    assert "training mode: cuda-graph (forward+backward captured" in err, err
+    assert main(["train", path, "--out", str(tmp_path / "eager"), "--mode", "eager", *args]) == 0
+    assert main(["train", path, "--out", str(tmp_path / "res"), "--stop-after", "3", *args]) == 0
+    assert main(["train", path, "--out", str(tmp_path / "res"), "--resume", *args]) == 0
+    a, e, r = (metrics(tmp_path / n) for n in ("auto", "eager", "res"))
+    assert len(a) == len(e) == len(r) == 6 and {x["mode"] for x in r} == {"cuda-graph"}
+    for x, y in zip(a, e):
+        assert abs(x["loss"] - y["loss"]) <= 1e-4 * abs(y["loss"]), (x, y)
+    assert max(abs(x["loss"] - y["loss"]) for x, y in zip(a, r)) <= 1e-6
 
 
 @pytest.mark.gpu

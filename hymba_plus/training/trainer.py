@@ -393,6 +393,14 @@ def metrics_figure(rows: list[dict[str, Any]], title: str = "", chance: float | 
 # --------------------------------------------------------------------------- the loop
 
 
+def _rng_kept(dev: torch.device) -> contextlib.AbstractContextManager:
+    """The CPU's and ``dev``'s random states restored on exit (``torch.random.fork_rng``): what the
+    capture's warm-up and the auto mode's check draw (dropout) does not move the run's streams."""
+    cuda = dev.type == "cuda"
+    return torch.random.fork_rng(devices=[dev.index if dev.index is not None else torch.cuda.current_device()]
+                                 if cuda else [], device_type="cuda")
+
+
 class Trainer:
     def __init__(self, recipe: Recipe, cfg: TrainConfig, opts: RunOptions):
         self.recipe = recipe
@@ -676,7 +684,8 @@ class Trainer:
         if self.info.device.type != "cuda":
             raise TrainError(f"--cuda-graph needs a CUDA device (the model is on {self.info.device})")
         try:
-            return self._graph_step()
+            with _rng_kept(self.info.device):  # the warm-up passes' dropout draws: not the run's
+                return self._graph_step()
         except CaptureError as e:
             raise TrainError(f"--cuda-graph: {e}") from None
 
@@ -716,9 +725,15 @@ class Trainer:
         ids, labels = batch.input_ids.to(dev), batch.labels.to(dev)
         graphed, failed = None, None
         try:
-            want = self._eager_loss(ids, labels, batch)  # returns a float: no autograd graph outlives it
-            graphed = self._graph_step()
-            got = self._graphed_loss(graphed, ids, labels)
+            # the random streams are left as they were (the run's first step draws what an eager
+            # run's does, and a resumed run what the uninterrupted one did), and the eager and the
+            # graphed check draw the same dropout masks (a replay reads the generator's state)
+            with _rng_kept(dev):
+                with _rng_kept(dev):
+                    want = self._eager_loss(ids, labels, batch)  # a float: no autograd graph outlives it
+                with _rng_kept(dev):
+                    graphed = self._graph_step()
+                got = self._graphed_loss(graphed, ids, labels)
         except CaptureError as e:
             failed = f"CUDA graph capture failed: {e}"
         except Exception as e:  # noqa: BLE001 - a failing replay or verification forward: eager it is
