@@ -354,3 +354,21 @@ def test_resuming_a_task_run_with_other_task_settings_says_so(tmp_path, capsys):
                  "--mqar-pairs", "3", "--out", out, "--resume", "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "--data mqar: task settings changed since" in err and "mqar_pairs None -> 3" in err, err
+
+
+def test_pieces_of_a_line_without_spaces_are_cut_between_characters():
+    """A line longer than a piece with neither a space nor a line break (minified JSON) is cut before
+    its last character, never inside a multi-byte one (a cut there decoded as replacement characters)."""
+    import io
+
+    from hymba_plus.training.data import _pieces
+
+    class Chars:  # a stand-in tokenizer: one id per character
+        kind, eos_id = "tokenizers", None
+
+        def encode(self, text, add_special_tokens=False, continues=False):  # noqa: ANN001, ANN201
+            return [ord(c) for c in text]
+
+    for text in ("é" * 300 + "✓" * 200 + "x", "ab\n" + "€" * 500, "word " * 100 + "ü" * 400):
+        got = np.concatenate(list(_pieces(io.BytesIO(text.encode()), Chars(), 64 * 16)))
+        assert got.tolist() == [ord(c) for c in text]

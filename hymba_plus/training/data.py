@@ -164,8 +164,10 @@ def _pieces(fh: Any, tok: Any, chunk_bytes: int) -> Iterator[np.ndarray]:
             cut = data.rfind(b" ")
             if cut <= 0:
                 cut = data.rfind(b"\n") + 1
-            if cut == 0 and len(data) > chunk_bytes:
-                cut = len(data)
+            if cut == 0 and len(data) > chunk_bytes:  # before the last character (never inside one)
+                cut = len(data) - 1
+                while cut > 0 and data[cut] & 0xC0 == 0x80:  # a UTF-8 continuation byte
+                    cut -= 1
             if cut == 0:
                 rest = data
                 continue
