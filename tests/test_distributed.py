@@ -299,3 +299,23 @@ def test_fsdp2_routing_statistics_are_the_global_batchs(tmp_path):
     assert two[key] == one[key]
     for k in (k for k in one if k.startswith("moe/") and not k.endswith("tokens_per_expert")):
         assert two[k] == pytest.approx(one[k], rel=0.5, abs=1e-6), k  # means of the ranks' (max_load, entropy)
+
+
+@pytest.mark.slow  # two training runs, one of them under torchrun (~12 s): make test-all runs it
+def test_fsdp2_with_activation_checkpointing_matches_one_plain_process(tmp_path):
+    """``--activation-checkpoint 1`` under FSDP2: each checkpointed block's recomputation in the
+    backward gathers its parameters again (FSDP2's pre-backward unshard); the 2-process run's losses
+    equal one process's without checkpointing. (A dense recipe: an MoE's balance loss is each rank's
+    batch's, so MoE runs differ from one process by ~2e-4 by step 3, checkpointed or not; checkpointed
+    MoE blocks are tested equal to plain ones in tests/test_recompute.py.)"""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE))
+    common = ["--steps", "3", "--seq-len", "16", "--warmup", "1", "--device", "cpu", "--no-progress",
+              "--eval-every", "100", "--save-every", "100"]
+    assert one_process(["train", str(recipe), "--out", str(tmp_path / "one"), "--batch-size", "4", *common]) == 0
+    r = torchrun(["train", str(recipe), "--out", str(tmp_path / "two"), "--batch-size", "2",
+                  "--activation-checkpoint", "1", *common])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "activation checkpointing" in r.stderr
+    one, two = rows(tmp_path / "one"), rows(tmp_path / "two")
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(one, two)) < 1e-5

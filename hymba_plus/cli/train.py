@@ -37,7 +37,7 @@ _FIELDS = {
     "eval_batches": "eval_batches", "save_every": "save_every", "keep_last": "keep_last",
     "mqar_pairs": "mqar_pairs", "copy_tokens": "copy_tokens", "val_frac": "val_frac",
     "khop_hops": "khop_hops", "khop_nodes": "khop_nodes", "ladir_stage": "ladir_stage",
-    "chain_steps": "chain_steps", "chain_values": "chain_values",
+    "chain_steps": "chain_steps", "chain_values": "chain_values", "activation_checkpoint": "activation_checkpoint",
 }
 
 
@@ -104,6 +104,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--param-dtype", choices=("float32", "bfloat16"),
                    help="bfloat16 = the GEMM weights held in bf16 with float32 master copies for the optimizer "
                         "(one process; under torchrun the same as --fsdp-param-dtype bfloat16); needs bf16 precision")
+    p.add_argument("--activation-checkpoint", type=int, metavar="N",
+                   help="recompute every N-th block's activations in the backward instead of keeping them "
+                        "(1: every block; 0: off, the default): less memory, about one more forward of those blocks")
     p.add_argument("--save-every", type=int, help="checkpoint every N steps (and at the end)")
     p.add_argument("--keep-last", type=int, help="checkpoints to keep")
     p.add_argument("--eval-every", type=int, help="evaluate every N steps (and at the end)")

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from ..core.cache import StepContext
 from ..core.config import spec
+from ..core.recompute import recomputing
 from ..core.registry import register
 from ..kernels import dispatch
 from ..kernels import moe as K
@@ -236,7 +237,8 @@ class MoE(nn.Module):
         cfg = self.cfg
         # every assignment is a real token's unless some are padding: then count the real ones
         load = counts.float() if valid is None else K.expert_load(r.experts, cfg.n_experts, valid)
-        if self.training and cfg.bias_update_rate > 0 and torch.is_grad_enabled():  # a pass that trains this layer
+        if self.training and cfg.bias_update_rate > 0 and torch.is_grad_enabled() and not recomputing():
+            # a pass that trains this layer (once: not a checkpointed block's second run)
             self.load += load  # (not a no-grad read in train mode: LaDiR's flow stage reads the frozen LM)
         if ctx is None or not ctx.collect:  # no context, or a decode step: nobody reads losses / stats
             return

@@ -255,7 +255,8 @@ def chunk_update(
     eta, log_theta, log_alpha: [N, C]. Returns the weights and momentum after the chunk.
     """
     C = eta.shape[-1]
-    g = _per_token_grads(params, kf, v, gamma)  # tuple of [N, C+c-1, out, in]
+    with dispatch.without_saved_tensor_hooks():  # torch.func inside a checkpointed block (core/recompute.py)
+        g = _per_token_grads(params, kf, v, gamma)  # tuple of [N, C+c-1, out, in]
     lt = log_theta.cumsum(-1)  # [N, C]
     D_theta = _decay_matrix(log_theta)  # [N, C, C]
     la = log_alpha.cumsum(-1)

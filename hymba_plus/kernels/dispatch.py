@@ -82,7 +82,8 @@ class FastPath:
                 # by 160% on an H200 this way, so the fast path was turned off in training)
                 # and under TF32 float32 matmuls (``hymba train --tf32``): probes hold float32 kernels
                 # to float32 tolerances, so they run with TF32 off
-                with torch.inference_mode(False), torch.enable_grad(), _no_autocast(), full_float32():
+                with (torch.inference_mode(False), torch.enable_grad(), _no_autocast(), full_float32(),
+                      without_saved_tensor_hooks()):  # (a first use inside a checkpointed block)
                     _run_probe(self.probe)
                 self.status = True
             except Exception as e:  # noqa: BLE001 - any import/probe failure = unavailable
@@ -130,6 +131,26 @@ def full_float32() -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@contextlib.contextmanager
+def without_saved_tensor_hooks() -> Iterator[None]:
+    """The saved-tensor default hooks lifted for the block, restored after it. Activation
+    checkpointing (``core/recompute.py``) packs every tensor a checkpointed block saves through
+    its hooks; code that runs a backward of its own inside a block (a fast path's probe, the
+    ATLAS reference's per-token gradients by ``torch.func``, which refuses to run under such
+    hooks) must save its tensors plainly: its backward would otherwise unpack them through the
+    checkpoint. (Private PyTorch hooks API, as torch.compile uses it.)"""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    lifted = []
+    while top is not None and (hooks := top(True)) is not None:
+        lifted.append(hooks)
+        torch._C._autograd._pop_saved_tensors_default_hooks()
+    try:
+        yield
+    finally:
+        for pack, unpack in reversed(lifted):
+            torch._C._autograd._push_saved_tensors_default_hooks(pack, unpack)
 
 
 def fast_path(name: str, probe: Callable[[], Any], doc: str, device: str = "cuda") -> None:

@@ -25,6 +25,7 @@ full forward to reproduce a cached run).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 
 from ..components.etd_router import EXECUTE, REPEAT, ROUTE_NAMES, SKIP, ETDRouter
 from ..core.cache import HybridCache, StepContext
+from ..core.recompute import run_block
 
 
 @dataclass(frozen=True)
@@ -43,12 +45,11 @@ class Slot:
     iteration: int = 0
 
 
-def run_active(block: nn.Module, x: Tensor, ctx: StepContext, state, active: Tensor | None,  # noqa: ANN001
-               router: ETDRouter | None = None, gate: Tensor | None = None) -> Tensor:
-    """``block`` applied to the tokens where ``active`` [B, S] is True (a subset of the real
-    slots; None = all of them); inactive tokens keep ``x`` and never touch ``state``. ``gate``
-    [B, S, n] is the MoDr branch gate of every slot (compacted with the tokens)."""
-    if active is None:
+def _gated(block: nn.Module, x: Tensor, state, router: ETDRouter | None,  # noqa: ANN001
+           gate: Tensor | None) -> Callable[[StepContext], Tensor]:
+    """``block(x, ctx, state)`` with the MoDr gate set around it, as one function of the context
+    (``run_block``: a checkpointed block's recomputation sets the gate again)."""
+    def fn(ctx: StepContext) -> Tensor:
         if router is not None:
             router.set_gate(gate)
         try:
@@ -56,21 +57,44 @@ def run_active(block: nn.Module, x: Tensor, ctx: StepContext, state, active: Ten
         finally:
             if router is not None:
                 router.set_gate(None)
+    return fn
+
+
+def run_active(block: nn.Module, x: Tensor, ctx: StepContext, state, active: Tensor | None,  # noqa: ANN001
+               router: ETDRouter | None = None, gate: Tensor | None = None,
+               checkpointed: Checkpointing | None = None) -> Tensor:
+    """``block`` applied to the tokens where ``active`` [B, S] is True (a subset of the real
+    slots; None = all of them); inactive tokens keep ``x`` and never touch ``state``. ``gate``
+    [B, S, n] is the MoDr branch gate of every slot (compacted with the tokens).
+    ``checkpointed``: the block's activations are recomputed in the backward (``core.recompute``)."""
+    ck = checkpointed is not None and checkpointed.every > 0 and state is None
+    rng = checkpointed.preserve_rng if checkpointed is not None else False
+    if active is None:
+        return run_block(_gated(block, x, state, router, gate), ctx, ck, rng)
     order = torch.argsort((~active).to(torch.int8), dim=1, stable=True)
     lengths = active.sum(1)
     xs = x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
     sub = StepContext(positions=ctx.positions.gather(1, order), lengths=lengths, n_meta=ctx.n_meta,
                       aux_losses=ctx.aux_losses, stats=ctx.stats, shared=ctx.shared, pooled=ctx.pooled,
                       collect=ctx.collect)
-    if router is not None:
-        router.set_gate(None if gate is None else gate.gather(1, order[..., None].expand(-1, -1, gate.shape[-1])))
-    try:
-        ys = block(xs, sub, state)
-    finally:
-        if router is not None:
-            router.set_gate(None)
+    gs = None if gate is None else gate.gather(1, order[..., None].expand(-1, -1, gate.shape[-1]))
+    ys = run_block(_gated(block, xs, state, router, gs), sub, ck, rng)
     y = torch.empty_like(ys).scatter_(1, order[..., None].expand(-1, -1, ys.shape[-1]), ys)
     return torch.where(active[..., None], y, x)
+
+
+@dataclass
+class Checkpointing:
+    """Activation checkpointing of a stack's block applications (``core.recompute``): every
+    ``every``-th one (0: none), the random state kept for the recomputation where the model
+    draws (dropout)."""
+
+    every: int = 0
+    preserve_rng: bool = False
+
+    def at(self, i: int) -> Checkpointing | None:
+        """This setting for application ``i`` (counted from 0), or None where it is not checkpointed."""
+        return self if self.every > 0 and i % self.every == 0 else None
 
 
 class PlainStack:
@@ -78,6 +102,7 @@ class PlainStack:
 
     def __init__(self, n_blocks: int):
         self.slots = [Slot("stack", i) for i in range(n_blocks)]
+        self.checkpointing = Checkpointing()
 
     def state_blocks(self) -> list[int]:
         return [s.block for s in self.slots]
@@ -87,8 +112,13 @@ class PlainStack:
         if options:
             raise ValueError(f"{', '.join(options)}: only for ETD models (a recipe with model.etd)")
         y = None  # each block's last branch output is added inside the next block's first norm
+        ck = self.checkpointing
         for i, block in enumerate(blocks):
-            x, y = block(x, ctx, cache.states[i] if cache is not None else None, pending=y, defer=True)
+            if cache is None and ck.at(i) is not None:  # (a cached call keeps no activations to save)
+                x, y = run_block(lambda c, b=block, x=x, y=y: b(x, c, None, pending=y, defer=True), ctx, True,
+                                 ck.preserve_rng)
+            else:
+                x, y = block(x, ctx, cache.states[i] if cache is not None else None, pending=y, defer=True)
         return x if y is None else x + y
 
 
@@ -107,6 +137,7 @@ class ETDStack:
                       + [Slot("decoder", b) for b in self.dec])
         self.routed = router.routers is not None
         self.index = {s: i for i, s in enumerate(self.slots)}
+        self.checkpointing = Checkpointing()
         # sharded (FSDP2, set by training.distributed.shard_model): every block call gathers its
         # parameters, a collective, so whether a block runs (a route that skips or repeats it, ACT
         # halting) is decided over all ranks at once (``_any``)
@@ -194,9 +225,10 @@ class ETDStack:
         """The application(s) of one slot: skipped, executed or repeated per row (its route)."""
         block = self._blocks[self.slots[slot].block]
         states = self._cache.states if self._cache is not None else None
+        ck = self.checkpointing.at(slot)
         if not self.routed:
             st = states[self.state_of(slot)] if states is not None else None
-            return run_active(block, x, self._ctx, st, active, self.router, gate)
+            return run_active(block, x, self._ctx, st, active, self.router, gate, ck)
         if self._logits_wanted:  # Dr.LLM: the router of this layer, on the hidden states entering it
             logits = self.router.route_logits(self.slots[slot].block, x, self._valid if active is None else active)
             self._route_logits = self._route_logits.index_copy(1, torch.tensor([slot], device=x.device),
@@ -215,7 +247,7 @@ class ETDStack:
             if not self._any(act):
                 continue
             st = states[self.state_of(slot, rep)] if states is not None else None
-            x = run_active(block, x, self._ctx, st, act, self.router, gate)
+            x = run_active(block, x, self._ctx, st, act, self.router, gate, ck)
         return x
 
     def _think(self, x: Tensor, n_iter: int) -> Tensor:

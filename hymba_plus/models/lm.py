@@ -40,7 +40,7 @@ from ..core.config import brief
 from ..core.recipe import Recipe, RecipeError, load_recipe
 from ..kernels.linear_ce import linear_cross_entropy
 from ..objectives import objective_class
-from .etd import ETDStack, PlainStack
+from .etd import Checkpointing, ETDStack, PlainStack
 from .generation import check_prompt
 
 
@@ -465,6 +465,20 @@ class HybridLM(nn.Module):
         return fn(self, input_ids, **{k: v for k, v in common.items() if k in allowed}, **options)
 
     # ------------------------------------------------------------------ persistence
+    def set_activation_checkpointing(self, every: int = 1) -> None:
+        """Activation checkpointing (``core/recompute.py``): every ``every``-th block application of
+        a training forward keeps only its input and runs again in the backward (1: every block, as
+        HF's ``gradient_checkpointing_enable``; 0: off). Forwards without gradients and cached
+        calls are not affected; outputs and gradients are the same, up to the order of float sums."""
+        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+            raise ValueError(f"every must be an integer >= 0, got {every!r}")
+        self.structure.checkpointing = Checkpointing(every, preserve_rng=self.config.dropout > 0)
+
+    @property
+    def activation_checkpointing(self) -> int:
+        """Every how many block applications activations are recomputed (0: off)."""
+        return self.structure.checkpointing.every
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

@@ -76,6 +76,12 @@ class TrainConfig:
                                        "mixed precision: the same losses as float32 weights under autocast, without "
                                        "its per-weight casts; training/mixed.py); under FSDP2 what fsdp_param_dtype "
                                        "bfloat16 does. Unset or float32: float32 weights, autocast casting")
+    # None (unset) = off, so that recipes written before the key keep their hashes (Recipe.hash)
+    activation_checkpoint: int | None = spec(None, min=0, max=1 << 16,
+                                             doc="recompute every N-th block application's activations in the "
+                                                 "backward instead of keeping them (1: every block, HF's gradient "
+                                                 "checkpointing; 2: every second; unset or 0: off): less activation "
+                                                 "memory for about one more forward of those blocks")
     seed: int = spec(0, min=0, max=SEED_MAX, doc="seeds torch's and NumPy's generators (0 .. 2**32 - 1)")
     data: str | None = spec(None, doc="built-in task name or a path (default: the objective's: mqar; forecast: "
                                       "synthetic)")

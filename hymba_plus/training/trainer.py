@@ -566,6 +566,8 @@ class Trainer:
         router = getattr(model, "etd_router", None)
         self.routes_on = router is not None and bool(getattr(router, "routing", False))  # read once (no step syncs)
         model = model.to(self.info.device)
+        if cfg.activation_checkpoint:
+            model.set_activation_checkpointing(cfg.activation_checkpoint)
         bf16_flag = ("--param-dtype" if cfg.param_dtype == "bfloat16"
                      else "--fsdp-param-dtype" if self.info.enabled and cfg.fsdp_param_dtype == "bfloat16" else None)
         if bf16_flag is not None and not isinstance(_autocast(cfg, self.info.device), torch.autocast):
@@ -608,6 +610,10 @@ class Trainer:
         if self.objective.eager_because is not None and self.requested in ("compile", "cuda-graph"):
             raise TrainError(f"--{self.requested}: not available for the "
                              f"{self.objective.cfg.kind} objective ({self.objective.eager_because})")
+        if self.requested == "compile" and cfg.activation_checkpoint:
+            raise TrainError("--activation-checkpoint: not with --compile (torch.compile cannot trace the hooks that "
+                             "keep a recomputed block's second run from repeating its statistics and balancing "
+                             "counts); use it with --mode eager, cuda-graph or auto")
         if self.requested == "cuda-graph" and self._routing():
             raise TrainError("--cuda-graph: not while the Dr.LLM layer routers are on (the captured step has no "
                              "routes input; eager steps train at full depth with all-execute routes)")
@@ -651,6 +657,10 @@ class Trainer:
             top = cfg.steps / cfg.warmup_steps
             warm += f" (longer than the run's {cfg.steps} steps: the lr rises to {top:.2f} of its peak {cfg.lr:.3g})"
         self.log(f"optimizer: {self.split.describe()}; schedule {cfg.schedule}, {warm}; device {where}")
+        if cfg.activation_checkpoint:
+            n = cfg.activation_checkpoint
+            self.log("activation checkpointing: the activations of " + ("every block" if n == 1 else
+                     f"one block application in {n}") + " recomputed in the backward")
         if mode_line is not None:
             self.log(mode_line)
         if self.resume_from is not None:

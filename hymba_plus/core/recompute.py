@@ -1,0 +1,73 @@
+"""Activation checkpointing of blocks (Chen et al. 2016, "Training Deep Nets with Sublinear
+Memory Cost", arXiv 1604.06174): a checkpointed block keeps only its inputs in the forward and
+runs its forward again in the backward (``torch.utils.checkpoint``, non-reentrant), trading one
+more block forward for the activations it would have kept. ``HybridLM.set_activation_checkpointing``
+turns it on (``hymba train --activation-checkpoint N``: every N-th block application).
+
+A block's forward has effects besides its output, and its second run must not repeat them:
+
+* what it writes into the call's ``StepContext`` (auxiliary losses, statistics, pooled loss
+  terms, the values a layer hands a later one, e.g. cross-layer K/V that the consumer pops):
+  the recomputation runs on a copy of the context as it was before the block ran, and what it
+  writes there is dropped (the loss was made from the first run's);
+* counters that train-mode forwards add to (the MoE load of aux-loss-free balancing, the MoDr
+  branch load): they skip their update while ``recomputing()``;
+* random draws (dropout): the random state is stashed and restored for the second run
+  (``preserve_rng_state``, only where the model draws: a stash is two device reads, and cannot
+  run inside a CUDA graph capture).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .cache import StepContext
+
+_depth = 0  # > 0 while a checkpointed block is being recomputed (in the backward)
+
+
+def recomputing() -> bool:
+    """True while a checkpointed block's forward runs again in the backward: train-mode counters
+    (balancing loads) must not count it twice."""
+    return _depth > 0
+
+
+def _copy(ctx: StepContext) -> StepContext:
+    """The context with its containers copied (tensors shared): what a block writes into the copy
+    does not reach ``ctx``."""
+    return dataclasses.replace(ctx, aux_losses=list(ctx.aux_losses), stats=dict(ctx.stats),
+                               shared=dict(ctx.shared),
+                               pooled={k: (reduce, list(terms)) for k, (reduce, terms) in ctx.pooled.items()})
+
+
+@contextlib.contextmanager
+def _recompute(holder: list, before: StepContext) -> Iterator[None]:
+    global _depth
+    holder[0] = _copy(before)  # a fresh copy per recomputation
+    _depth += 1
+    try:
+        yield
+    finally:
+        _depth -= 1
+
+
+def run_block(fn: Callable[[StepContext], Any], ctx: StepContext, checkpointed: bool,
+              preserve_rng: bool = False) -> Any:
+    """``fn(ctx)`` (a block's forward on the call's context), checkpointed when ``checkpointed``
+    and gradients are on (a forward without them keeps no activations anyway)."""
+    if not checkpointed or not torch.is_grad_enabled():
+        return fn(ctx)
+    before = _copy(ctx)  # the context as the block found it
+    holder = [ctx]  # the first run writes into the call's context, a recomputation into a copy
+
+    def body() -> Any:
+        return fn(holder[0])
+
+    return checkpoint(body, use_reentrant=False, preserve_rng_state=preserve_rng,
+                      context_fn=lambda: (contextlib.nullcontext(), _recompute(holder, before)))
