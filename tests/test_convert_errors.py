@@ -186,3 +186,20 @@ def test_pickle_only_weights_are_named(tmp_path, capsys):
     (src / "model.safetensors").rename(src / "pytorch_model.bin")
     run_fails(capsys, tmp_path, [src, tmp_path / "out"], "only pickle weights (pytorch_model.bin)",
               "reads safetensors only")
+
+
+def test_export_of_a_byte_tokenizer_says_it_is_not_exported(tmp_path, capsys):
+    """hymba's built-in bytes tokenizer has no transformers file: the export says so in one note (it
+    was dropped silently, and importing the folder back failed on the missing tokenizer.json)."""
+    from hymba_plus import build_model
+    from hymba_plus.training.tokenizer import ByteTokenizer
+
+    build_model({"name": "x", "model": {"vocab_size": 256, "d_model": 32, "block_pattern": "GA"},
+                 "components": {"gated_attn": {"n_heads": 2}}}).save_pretrained(
+        tmp_path / "a", extra_files={"tokenizer.json": ByteTokenizer().to_json()})
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "a"), str(tmp_path / "hf")]) == 0
+    err = capsys.readouterr().err
+    assert "built-in bytes tokenizer" in err and "--no-tokenizer" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "hf" / "tokenizer.json").exists()
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "back"), "--no-tokenizer"]) == 0

@@ -372,3 +372,11 @@ def test_pieces_of_a_line_without_spaces_are_cut_between_characters():
     for text in ("é" * 300 + "✓" * 200 + "x", "ab\n" + "€" * 500, "word " * 100 + "ü" * 400):
         got = np.concatenate(list(_pieces(io.BytesIO(text.encode()), Chars(), 64 * 16)))
         assert got.tolist() == [ord(c) for c in text]
+
+
+def test_a_reasoning_task_on_a_next_token_recipe_says_which_objective_reads_it(tmp_path, capsys):
+    rc = main(["train", recipe_file(tmp_path), "--data", "chain_arith", "--seq-len", "16", "--out", str(tmp_path / "r"),
+               "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1, err
+    assert "chain_arith: a reasoning task, for recipes with objective: {kind: ladir}" in err and "mqar" in err

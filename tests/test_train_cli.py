@@ -274,6 +274,23 @@ def test_corrupt_newest_checkpoint_is_skipped_with_a_warning_and_kept(tmp_path, 
     assert [r["step"] for r in rows(out)] == list(range(1, 7))
 
 
+def test_a_corrupt_checkpoint_does_not_push_out_the_last_intact_one(tmp_path, capsys):
+    """keep_last counts intact checkpoints: a run resumed past a corrupt newest checkpoint (from the
+    intact one before it) that next saves past the corrupt one's step kept the corrupt folder and
+    deleted the intact one, leaving a single intact checkpoint."""
+    recipe = recipe_file(tmp_path)
+    out = tmp_path / "run"
+    assert main(["train", recipe, "--out", str(out), "--steps", "8", "--save-every", "2", "--stop-after", "4",
+                 *FAST]) == 0
+    f = out / "step-4" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    assert main(["train", recipe, "--out", str(out), "--steps", "8", "--save-every", "5", "--stop-after", "5",
+                 "--resume", *FAST]) == 0
+    capsys.readouterr()
+    assert [s for s, _ in ckpt_mod.list_checkpoints(out)] == [2, 4, 5]  # 2 and 5 intact, corrupt 4 kept
+    assert ckpt_mod.find_resumable(out)[0].name == "step-5"
+
+
 def test_resume_without_a_checkpoint_is_an_error_unless_auto(tmp_path, capsys):
     recipe = recipe_file(tmp_path)
     out = tmp_path / "typo"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 
 from . import UsageError, UserError, path_text, seed_int
@@ -71,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         elif is_ours:
             if args.name or args.no_tokenizer:
                 raise UsageError("--name / --no-tokenizer: only when importing (SRC has config.json)")
-            export_hf(src, out, architecture=args.architecture, max_shard_bytes=shard)
+            export_hf(src, out, architecture=args.architecture, max_shard_bytes=shard,
+                      log=lambda line: print(line, file=sys.stderr))
             what = "HF folder"
         else:
             if args.architecture or shard:

@@ -100,7 +100,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "through the cache)")
     p.add_argument("--rolling", type=int, default=None, metavar="R",
                    help="forecast: also backtest at the last R patch boundaries whose whole horizon is in the data "
-                        "(one cached patch per origin) and print MASE / CRPS next to seasonal naive")
+                        "(each origin forecast from its own window) and print MASE / CRPS next to seasonal naive")
     p.add_argument("--out", type=path_text, default=None, metavar="FILE.csv",
                    help="forecast: the forecast CSV (default: forecast.csv); the plot is FILE.png")
     p.add_argument("--think-iterations", type=int, default=None, metavar="N",

@@ -60,7 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also learn the teacher checkpoint's logits (KL); weights in the recipe's train.distill "
                         "section (kl_weight, ce_weight, temperature; default 1, 1, 1)")
     p.add_argument("--out", type=path_text, help="output folder for checkpoints, metrics.jsonl, loss.png (default: runs/NAME)")
-    p.add_argument("--data", type=path_text, help="built-in task (mqar, selective_copy, parity, khop), a text file or folder, or a "
+    p.add_argument("--data", type=path_text, help="built-in task (mqar, selective_copy, parity, khop; objective ladir: chain_arith, "
+                                  "chain_pointer), a text file or folder, or a "
                                   "folder written by `hymba prepare` (default: mqar); forecast recipes: a series CSV "
                                   "(timestamp column, then numeric columns) or synthetic (the default)")
     p.add_argument("--tokenizer", type=path_text, help="a `tokenizers` JSON file for text data (default: bytes)")

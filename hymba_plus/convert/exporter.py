@@ -12,6 +12,7 @@ checkpoints are saved in.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from ..core.recipe import RecipeError, load_recipe
@@ -23,8 +24,10 @@ from .staging import check_output, staged
 
 
 def export_hf(ckpt: str | Path, out: str | Path, *, architecture: str | None = None,
-              max_shard_bytes: int | None = None) -> Path:
-    """Write the HF folder ``out`` for the hymba_plus checkpoint ``ckpt``; returns ``out``."""
+              max_shard_bytes: int | None = None, log: Callable[[str], None] | None = None) -> Path:
+    """Write the HF folder ``out`` for the hymba_plus checkpoint ``ckpt``; returns ``out``.
+    ``log`` gets a note where the checkpoint's tokenizer is hymba's built-in one (bytes or ids),
+    for which transformers has no file: it is not exported."""
     ckpt, out = Path(ckpt), Path(out)
     check_output(out)
     path = ckpt / "recipe.yaml"
@@ -64,6 +67,9 @@ def export_hf(ckpt: str | Path, out: str | Path, *, architecture: str | None = N
         except TokenizerError as e:
             raise ConvertError(str(e)) from None
         tok_text = tok.to_json() if tok.kind == "tokenizers" else None
+        if tok_text is None and log is not None:
+            log(f"note: {tok_path} is hymba's built-in {tok.kind} tokenizer, which transformers has no file for: "
+                "not exported (importing this folder back needs --no-tokenizer)")
     try:
         gen = {"do_sample": False, **generation_config(ckpt, recipe.model.vocab_size)}
     except CheckpointError as e:

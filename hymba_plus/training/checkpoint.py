@@ -16,7 +16,7 @@ parses and whose recipe and safetensors files open with complete headers (a trun
 garbled file is caught there); a corrupt newer one is skipped with a one-line warning and
 never deleted: should the resumed run reach its step again, the corrupt folder is renamed
 ``step-N.corrupt`` (``-2``, ... if taken) before the new one takes its name. Checkpoints
-ahead of the step being saved are never pruned.
+ahead of the step being saved are never pruned, and ``keep_last`` counts intact ones only.
 
 Crash safety: everything is written into ``OUT/.tmp-step-N-PID/`` and then renamed to
 ``OUT/step-N`` with one ``os.replace`` (atomic on POSIX), so a ``step-N`` folder is always
@@ -219,11 +219,20 @@ def _free_name(out: Path, name: str) -> Path:
     return p
 
 
+def _intact(d: Path) -> bool:
+    try:
+        verify(d)
+    except CheckpointError:
+        return False
+    return True
+
+
 def _prune(out: Path, keep_last: int, step: int) -> None:
-    """Keep the newest ``keep_last`` checkpoints up to ``step``; those ahead of it (skipped
-    at resume) are left alone."""
-    found = [(s, d) for s, d in list_checkpoints(out) if s <= step]
-    for _, d in found[: max(len(found) - keep_last, 0)]:
+    """Keep the newest ``keep_last`` intact checkpoints up to ``step``; those ahead of it
+    (skipped at resume) and corrupt ones (never deleted) are left alone and do not count, so a
+    corrupt folder cannot push out the last intact checkpoint before it."""
+    intact = [d for s, d in list_checkpoints(out) if s <= step and _intact(d)]
+    for d in intact[: max(len(intact) - keep_last, 0)]:
         _discard(d)
     for d in out.iterdir():  # leftovers of killed runs
         if d.name.startswith((".tmp-step-", ".trash-")) and d.is_dir():

@@ -521,7 +521,13 @@ def open_stream(data: str, seq_len: int, vocab_size: int, seed: int, cfg: Any, c
         return TaskStream(TASKS[data], seq_len, vocab_size, seed, cfg)
     p = Path(data)
     if not p.exists():
-        raise DataError(f"{p}: no such file or directory (and not a built-in task: {', '.join(TASKS)})")
+        from .reasoning import REASONING_TASKS
+
+        if data in REASONING_TASKS:
+            raise DataError(f"{data}: a reasoning task, for recipes with objective: {{kind: ladir}} (this one's "
+                            f"built-in tasks: {', '.join(TASKS)})")
+        raise DataError(f"{p}: no such file or directory (and not a built-in task: {', '.join(TASKS)}; "
+                        f"objective ladir: {', '.join(REASONING_TASKS)})")
     if p.is_dir() and (p / INDEX).exists():
         shards = TokenShards(p)
         if tokenizer_path is not None:
