@@ -256,6 +256,8 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
                  --out-dir "$OUT" ;;
       sweep)  step gpu_sweep 570 "${PYTEST[@]}" --durations=40 ${SWEEP:-tests} ;;  # SWEEP: pytest paths / --ignore=...
       side_attn) step side_attn 400 python benchmarks/side_by_side.py --rows attn --merge --out-dir "$OUT" ;;
+      side_attn_ac) step side_attn_ac 450 python benchmarks/side_by_side.py --rows attn --activation-checkpoint 1 \
+                      --out-dir "$OUT/ac" ;;  # + eager_ac1 / cuda_graph_ac1: memory against time
       opt_step) step opt_step 150 python benchmarks/optimizer_step.py --out "$OUT/optimizer_step_quad.json"
               step opt_step_moe 200 python benchmarks/optimizer_step.py --recipe configs/moe_bench.yaml \
                  --out "$OUT/optimizer_step_moe_bench.json" ;;

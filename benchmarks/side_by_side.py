@@ -246,7 +246,8 @@ def measure_peer(model: torch.nn.Module, ids: torch.Tensor, args: argparse.Names
 def measure_ours(model: torch.nn.Module, ids: torch.Tensor, args: argparse.Namespace) -> dict:
     """Our model in each mode: eager, CUDA graphs (GraphedStep), torch.compile (--compile); with
     ``--param-dtype bfloat16`` also eager and CUDA graphs with bf16 weights and float32 masters
-    (``eager_bf16w``, ``cuda_graph_bf16w``). Every mode computes the loss as ``hymba train``'s step
+    (``eager_bf16w``, ``cuda_graph_bf16w``); with ``--activation-checkpoint N`` eager and CUDA graphs
+    with activation checkpointing (``eager_acN``, ``cuda_graph_acN``). Every mode computes the loss as ``hymba train``'s step
     does, ``return_logits=False``: the fused linear + cross-entropy head, no [B, T, V] logits (the
     eager and compiled modes took the logits and the unfused loss until 2026-12-05)."""
     from hymba_plus.training.cuda_graph import CaptureError, GraphedStep
@@ -297,6 +298,14 @@ def measure_ours(model: torch.nn.Module, ids: torch.Tensor, args: argparse.Names
         run("eager_bf16w", lambda: (loss, True, None))
         run("cuda_graph_bf16w", graphed)
         masters.release()
+    every = getattr(args, "activation_checkpoint", None)
+    if every:  # every N-th block recomputed in the backward (core/recompute.py): memory against time
+        model.set_activation_checkpointing(every)
+        try:
+            run(f"eager_ac{every}", lambda: (loss, True, None))
+            run(f"cuda_graph_ac{every}", graphed)
+        finally:
+            model.set_activation_checkpointing(0)
     return {"parameters": n_params(model), "modes": modes}
 
 
@@ -839,6 +848,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="training rows, CUDA: bfloat16 also times ours with bf16 weights and float32 masters "
                          "(hymba train --param-dtype bfloat16: modes eager_bf16w, cuda_graph_bf16w; their ratio is "
                          "ratios.<row>_bf16_weights, beside the headline one)")
+    ap.add_argument("--activation-checkpoint", type=int, default=None, metavar="N",
+                    help="training rows: also time ours eager and in CUDA graphs with every N-th block's "
+                         "activations recomputed in the backward (modes eager_acN, cuda_graph_acN)")
     ap.add_argument("--one-launch-config", action="store_true",
                     help="pin fla's and mamba-ssm's autotuned kernels (ours and the peers') to their first launch "
                          "config: a cold machine skips minutes of autotuning; the ratios are then marked not tuned")
