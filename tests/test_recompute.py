@@ -169,3 +169,23 @@ def test_gpu_checkpointed_run_is_captured_and_equals_eager(tmp_path, capsys):
         a, e = ([json.loads(x)["loss"] for x in (tmp_path / f"{n}{dropout}" / "metrics.jsonl").read_text().splitlines()]
                 for n in ("auto", "eager"))
         assert a == pytest.approx(e, rel=1e-4), (dropout, a, e)
+
+
+@pytest.mark.parametrize("config, extra", [
+    ("bd_tiny.yaml", ["--seq-len", "32"]),  # the two-stream forward (recurrent mixers' boundary states)
+    ("ladir_tiny.yaml", ["--data", "chain_arith", "--ladir-stage", "joint"]),  # several LM passes a step
+    ("forecast_tiny.yaml", []),  # inputs_embeds, numbers in
+    ("mtp_tiny.yaml", ["--seq-len", "32"]),  # the MTP modules after the (checkpointed) trunk
+])
+def test_every_objective_trains_checkpointed_as_plain(tmp_path, config, extra):
+    """The objectives that run the model's parts themselves give the plain run's losses with every
+    block checkpointed."""
+    common = ["train", str(ROOT / "configs" / config), "--steps", "2", "--batch-size", "2", "--warmup", "1",
+              "--eval-every", "100", "--save-every", "100", "--no-progress", *extra]
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*common, "--out", str(tmp_path / "ac"), "--activation-checkpoint", "1"]) == 0
+
+    def losses(name: str) -> list[float]:
+        return [json.loads(x)["loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    assert losses("ac") == pytest.approx(losses("plain"), rel=1e-5)
