@@ -154,9 +154,25 @@ def test_hymba_train_with_activation_checkpointing_has_the_plain_runs_losses(tmp
 
 
 @pytest.mark.gpu
+def test_gpu_dropout_is_recomputed_with_the_same_masks():
+    """On CUDA the checkpoint keeps the CUDA generator's state for the recomputation (it stashes the
+    generators of its arguments' devices: the block's input is handed to it), so dropout's masks and
+    every gradient are the plain forward's."""
+    torch.manual_seed(0)
+    model = build_model(recipe("GA | GD+moe | GA", BALANCED_MOE, dropout=0.2), device="cuda").train()
+    ids = torch.randint(0, V, (2, 32), device="cuda")
+    plain = _step(model, ids, 0)
+    ck = _step(model, ids, 1)
+    assert ck[0] == pytest.approx(plain[0], rel=1e-6)
+    for n in plain[4]:
+        assert torch.allclose(ck[4][n], plain[4][n], rtol=1e-4, atol=1e-6), n
+
+
+@pytest.mark.gpu
 def test_gpu_checkpointed_run_is_captured_and_equals_eager(tmp_path, capsys):
     """On CUDA, auto mode captures a checkpointed step (recomputation inside the captured backward)
-    and its losses equal an eager run's, with dropout too (the random state kept for the recomputation)."""
+    and its losses equal an eager run's; with dropout (whose random-state stash may not run inside a
+    capture) the run is captured or eager with the reason said, and its losses equal an eager run's."""
     for dropout in (0.0, 0.1):
         rec = tmp_path / f"r{dropout}.yaml"
         rec.write_text(yaml.safe_dump(recipe("GA | GD+moe | GA", BALANCED_MOE, dropout=dropout)))
@@ -164,7 +180,10 @@ def test_gpu_checkpointed_run_is_captured_and_equals_eager(tmp_path, capsys):
                   "--device", "cuda", "--activation-checkpoint", "1"]
         assert main(["train", str(rec), "--out", str(tmp_path / f"auto{dropout}"), *common]) == 0
         err = capsys.readouterr().err
-        assert "training mode: cuda-graph (forward+backward captured" in err, err
+        mode = next(x for x in err.splitlines() if x.startswith("training mode:"))
+        print(dropout, mode)
+        if dropout == 0.0:
+            assert mode.startswith("training mode: cuda-graph (forward+backward captured"), err
         assert main(["train", str(rec), "--out", str(tmp_path / f"eager{dropout}"), "--mode", "eager", *common]) == 0
         a, e = ([json.loads(x)["loss"] for x in (tmp_path / f"{n}{dropout}" / "metrics.jsonl").read_text().splitlines()]
                 for n in ("auto", "eager"))

@@ -58,16 +58,18 @@ def _recompute(holder: list, before: StepContext) -> Iterator[None]:
 
 
 def run_block(fn: Callable[[StepContext], Any], ctx: StepContext, checkpointed: bool,
-              preserve_rng: bool = False) -> Any:
+              preserve_rng: bool = False, x: torch.Tensor | None = None) -> Any:
     """``fn(ctx)`` (a block's forward on the call's context), checkpointed when ``checkpointed``
-    and gradients are on (a forward without them keeps no activations anyway)."""
+    and gradients are on (a forward without them keeps no activations anyway). ``x``: the block's
+    input, which ``fn`` reads; handed to the checkpoint too, whose random-state stash keeps the
+    generators of the devices its arguments are on (the CPU's always)."""
     if not checkpointed or not torch.is_grad_enabled():
         return fn(ctx)
     before = _copy(ctx)  # the context as the block found it
     holder = [ctx]  # the first run writes into the call's context, a recomputation into a copy
 
-    def body() -> Any:
+    def body(*_: Any) -> Any:
         return fn(holder[0])
 
-    return checkpoint(body, use_reentrant=False, preserve_rng_state=preserve_rng,
+    return checkpoint(body, *(() if x is None else (x,)), use_reentrant=False, preserve_rng_state=preserve_rng,
                       context_fn=lambda: (contextlib.nullcontext(), _recompute(holder, before)))

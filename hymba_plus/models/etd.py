@@ -70,7 +70,7 @@ def run_active(block: nn.Module, x: Tensor, ctx: StepContext, state, active: Ten
     ck = checkpointed is not None and checkpointed.every > 0 and state is None
     rng = checkpointed.preserve_rng if checkpointed is not None else False
     if active is None:
-        return run_block(_gated(block, x, state, router, gate), ctx, ck, rng)
+        return run_block(_gated(block, x, state, router, gate), ctx, ck, rng, x)
     order = torch.argsort((~active).to(torch.int8), dim=1, stable=True)
     lengths = active.sum(1)
     xs = x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
@@ -78,7 +78,7 @@ def run_active(block: nn.Module, x: Tensor, ctx: StepContext, state, active: Ten
                       aux_losses=ctx.aux_losses, stats=ctx.stats, shared=ctx.shared, pooled=ctx.pooled,
                       collect=ctx.collect)
     gs = None if gate is None else gate.gather(1, order[..., None].expand(-1, -1, gate.shape[-1]))
-    ys = run_block(_gated(block, xs, state, router, gs), sub, ck, rng)
+    ys = run_block(_gated(block, xs, state, router, gs), sub, ck, rng, xs)
     y = torch.empty_like(ys).scatter_(1, order[..., None].expand(-1, -1, ys.shape[-1]), ys)
     return torch.where(active[..., None], y, x)
 
@@ -116,7 +116,7 @@ class PlainStack:
         for i, block in enumerate(blocks):
             if cache is None and ck.at(i) is not None:  # (a cached call keeps no activations to save)
                 x, y = run_block(lambda c, b=block, x=x, y=y: b(x, c, None, pending=y, defer=True), ctx, True,
-                                 ck.preserve_rng)
+                                 ck.preserve_rng, x)
             else:
                 x, y = block(x, ctx, cache.states[i] if cache is not None else None, pending=y, defer=True)
         return x if y is None else x + y
