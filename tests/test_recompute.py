@@ -105,6 +105,80 @@ def test_atlas_reference_path_and_a_first_probe_inside_a_checkpointed_block(monk
     assert fast[0] == pytest.approx(plain[0], rel=1e-5)
 
 
+def test_a_second_backward_through_a_checkpointed_graph():
+    """torch enters the recomputation context a checkpoint made once per recomputation: a graph kept
+    for two backwards (``retain_graph``) recomputes twice (the context was a one-shot generator)."""
+    model = build_model(recipe("GA | GD+moe", BALANCED_MOE)).train()
+    ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(5))
+    grads = []
+    for every in (0, 1):
+        model.set_activation_checkpointing(every)
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, labels=ids).loss
+        loss.backward(retain_graph=True)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    for n in grads[0]:
+        assert torch.allclose(grads[1][n], grads[0][n], rtol=1e-6, atol=1e-8), n
+
+
+def test_a_probe_that_draws_inside_a_checkpointed_block_leaves_the_dropout_masks(monkeypatch):
+    """A fast path's probe first run inside a checkpointed block with dropout drew from the global
+    generator after the checkpoint kept its state (as the q/k norm's and RoPE's probes do on CUDA):
+    the recomputation, which skips the probe, then drew other dropout masks (gradients 1.26 off).
+    Checks inside a forward leave the random streams as they were (``dispatch.side_check``)."""
+    from hymba_plus.kernels import atlas as atlas_k
+    from hymba_plus.kernels import dispatch
+
+    fp = dispatch._FAST[atlas_k.CPU_FAST]
+    probe = fp.probe
+
+    def drawing_probe():
+        torch.randn(3)
+        probe()
+
+    monkeypatch.setattr(fp, "probe", drawing_probe)
+    torch.manual_seed(0)
+    model = build_model(recipe("ATL+mlp | GA+mlp", dropout=0.1)).train()
+    ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(3))
+    res = []
+    for every in (0, 1):
+        monkeypatch.setattr(fp, "status", None)  # the process's first use: in this step's first block
+        res.append(_step(model, ids, every))
+        assert fp.status is True, fp.error
+    for n in res[0][4]:
+        assert torch.allclose(res[1][4][n], res[0][4][n], rtol=1e-5, atol=1e-7), n
+
+
+def test_atlas_first_call_check_of_its_chunk_step_inside_a_checkpointed_block(monkeypatch):
+    """The CUDA fast path compares its compiled chunk step with the eager one at the first call per
+    shape (a forward and a backward of the step inside the block's forward): under the checkpoint's
+    hooks that backward recomputed the block mid-forward, the check failed and the compiled step was
+    turned off for the process. Simulated on the CPU: the CUDA path taken, torch.compile standing in
+    as the eager step."""
+    import functools
+
+    from hymba_plus.kernels import atlas as atlas_k
+    from hymba_plus.kernels import dispatch
+
+    use_fast = dispatch.use_fast
+    monkeypatch.setattr(dispatch, "use_fast", lambda name, *t: name == "atlas" or use_fast(name, *t))
+    monkeypatch.setattr(atlas_k, "_compile", functools.cache(lambda fn, inductor: functools.wraps(fn)(
+        lambda *a: fn(*a))))
+    monkeypatch.setattr(atlas_k, "compile_error", None)
+    torch.manual_seed(0)
+    model = build_model(recipe("GA | ATL+mlp")).train()
+    ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(3))
+    res = []
+    for every in (0, 1):
+        atlas_k._STEP_CHECKED.clear()  # its first call: inside the (checkpointed) block
+        res.append(_step(model, ids, every))
+        assert atlas_k.compile_error is None
+    assert res[1][0] == pytest.approx(res[0][0], rel=1e-6)
+    for n in res[0][4]:
+        assert torch.allclose(res[1][4][n], res[0][4][n], rtol=1e-5, atol=1e-7), n
+
+
 def test_checkpointed_blocks_run_again_in_the_backward_and_keep_less():
     model = build_model(recipe("GA | GD | M3 | GA", d_model=64)).train()
     calls = [0] * len(model.blocks)

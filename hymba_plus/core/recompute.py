@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,14 +46,21 @@ def _copy(ctx: StepContext) -> StepContext:
                                pooled={k: (reduce, list(terms)) for k, (reduce, terms) in ctx.pooled.items()})
 
 
-@contextlib.contextmanager
-def _recompute(holder: list, before: StepContext) -> Iterator[None]:
-    global _depth
-    holder[0] = _copy(before)  # a fresh copy per recomputation
-    _depth += 1
-    try:
-        yield
-    finally:
+class _Recompute:
+    """The context of a checkpointed block's recomputation: a fresh copy of the context the block
+    found, and ``recomputing()`` true. Reusable: torch keeps the one ``context_fn`` made and enters
+    it at every recomputation (a second backward through the same graph, ``retain_graph``)."""
+
+    def __init__(self, holder: list, before: StepContext):
+        self.holder, self.before = holder, before
+
+    def __enter__(self) -> None:
+        global _depth
+        self.holder[0] = _copy(self.before)
+        _depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        global _depth
         _depth -= 1
 
 
@@ -72,4 +79,4 @@ def run_block(fn: Callable[[StepContext], Any], ctx: StepContext, checkpointed: 
         return fn(holder[0])
 
     return checkpoint(body, *(() if x is None else (x,)), use_reentrant=False, preserve_rng_state=preserve_rng,
-                      context_fn=lambda: (contextlib.nullcontext(), _recompute(holder, before)))
+                      context_fn=lambda: (contextlib.nullcontext(), _Recompute(holder, before)))

@@ -791,7 +791,8 @@ def _ns_triton_works(M: int) -> bool:
             print(f"atlas: Newton-Schulz Triton kernels at side {M} not checked before this CUDA-graph capture: "
                   "batched matmuls in this graph", file=sys.stderr, flush=True)
             return False
-        why = _ns_check(M, key[2])
+        with dispatch.side_check():  # (inside a checkpointed block's forward: core/recompute.py)
+            why = _ns_check(M, key[2])
         _NS_CHECKED[key] = why is None
         if why is not None:
             print(f"atlas: Newton-Schulz Triton kernels at side {M} unavailable ({why}): batched matmuls instead",
@@ -1518,7 +1519,8 @@ def _first_call_disagreement(step, eager, args: tuple) -> str | None:  # noqa: A
         return None
     key = _step_key(step, args)
     if key not in _STEP_CHECKED:
-        _STEP_CHECKED[key] = _step_disagreement(step, eager, args)
+        with dispatch.side_check():  # (inside a checkpointed block's forward: core/recompute.py)
+            _STEP_CHECKED[key] = _step_disagreement(step, eager, args)
         return _STEP_CHECKED[key]
     return None
 

@@ -83,7 +83,7 @@ class FastPath:
                 # and under TF32 float32 matmuls (``hymba train --tf32``): probes hold float32 kernels
                 # to float32 tolerances, so they run with TF32 off
                 with (torch.inference_mode(False), torch.enable_grad(), _no_autocast(), full_float32(),
-                      without_saved_tensor_hooks()):  # (a first use inside a checkpointed block)
+                      side_check()):  # (a first use may be inside a checkpointed block: core/recompute.py)
                     _run_probe(self.probe)
                 self.status = True
             except Exception as e:  # noqa: BLE001 - any import/probe failure = unavailable
@@ -151,6 +151,18 @@ def without_saved_tensor_hooks() -> Iterator[None]:
     finally:
         for pack, unpack in reversed(lifted):
             torch._C._autograd._push_saved_tensors_default_hooks(pack, unpack)
+
+
+@contextlib.contextmanager
+def side_check() -> Iterator[None]:
+    """For a check that runs inside a forward (a fast path's probe, a first-call comparison of a
+    kernel with its reference): the saved-tensor hooks lifted (``without_saved_tensor_hooks``) and
+    the CPU's and the current CUDA device's random states restored after it (``torch.random.fork_rng``),
+    so that a checkpointed block's recomputation, which skips the check, draws its dropout masks as
+    the forward did."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with without_saved_tensor_hooks(), torch.random.fork_rng(devices=devices, device_type="cuda"):
+        yield
 
 
 def fast_path(name: str, probe: Callable[[], Any], doc: str, device: str = "cuda") -> None:
