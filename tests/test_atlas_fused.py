@@ -170,6 +170,7 @@ def test_fast_path_with_the_fused_step_in_interpreter():
     """)
 
 
+@pytest.mark.slow  # ~26 s in the interpreter (one fused step is checked in the CPU suite): make test-all
 def test_fused_step_through_a_chain_of_chunks_in_interpreter():
     """Four chunks of the fast path with the fused step at the d 2048 layer's memory (head dim 16, hidden
     32, window 4) in Triton's interpreter against float64: the gradients through the chain stay within

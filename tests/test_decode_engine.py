@@ -288,6 +288,7 @@ def test_decode_benchmark_runs_on_the_cpu(tmp_path):
         assert math.isfinite(r["ms_per_step"]) and r["prefill_ms"] > 0 and r["batch"] == 2 and r["prompt"] == 16
 
 
+@pytest.mark.slow  # a benchmark smoke run (~24 s): make test-all runs it
 def test_decode_benchmark_tiny_smoke_run_with_its_defaults(tmp_path):
     """Exactly ``--tiny --device cpu`` (its help's CPU smoke run, about 20 s): the default prompts
     are then 32 and 128, inside the tiny model's max_seq_len 512 with the default 64 new tokens;

@@ -46,6 +46,7 @@ def test_swap_atlas_keeps_every_other_layer(monkeypatch) -> None:
         bench.swap_atlas(swapped)
 
 
+@pytest.mark.slow  # a benchmark smoke run (~36 s): make test-all runs it
 def test_tiny_cpu_run(tmp_path) -> None:
     out = tmp_path / "quad_atlas.json"
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quad_atlas.py"), "--device", "cpu",
