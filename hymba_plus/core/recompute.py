@@ -64,13 +64,26 @@ class _Recompute:
         _depth -= 1
 
 
-def run_block(fn: Callable[[StepContext], Any], ctx: StepContext, checkpointed: bool,
-              preserve_rng: bool = False, x: torch.Tensor | None = None) -> Any:
-    """``fn(ctx)`` (a block's forward on the call's context), checkpointed when ``checkpointed``
+@dataclasses.dataclass
+class Checkpointing:
+    """A stack's setting (``models/etd.py``): every ``every``-th block application checkpointed
+    (0: none), the random state kept for the recomputation where the model draws (dropout)."""
+
+    every: int = 0
+    preserve_rng: bool = False
+
+    def at(self, i: int) -> Checkpointing | None:
+        """This setting for application ``i`` (counted from 0), or None where it is not checkpointed."""
+        return self if self.every > 0 and i % self.every == 0 else None
+
+
+def run_block(fn: Callable[[StepContext], Any], ctx: StepContext, ck: Checkpointing | None,
+              x: torch.Tensor) -> Any:
+    """``fn(ctx)`` (a block's forward on the call's context), checkpointed when ``ck`` is given
     and gradients are on (a forward without them keeps no activations anyway). ``x``: the block's
     input, which ``fn`` reads; handed to the checkpoint too, whose random-state stash keeps the
     generators of the devices its arguments are on (the CPU's always)."""
-    if not checkpointed or not torch.is_grad_enabled():
+    if ck is None or not torch.is_grad_enabled():
         return fn(ctx)
     before = _copy(ctx)  # the context as the block found it
     holder = [ctx]  # the first run writes into the call's context, a recomputation into a copy
@@ -78,5 +91,5 @@ def run_block(fn: Callable[[StepContext], Any], ctx: StepContext, checkpointed: 
     def body(*_: Any) -> Any:
         return fn(holder[0])
 
-    return checkpoint(body, *(() if x is None else (x,)), use_reentrant=False, preserve_rng_state=preserve_rng,
+    return checkpoint(body, x, use_reentrant=False, preserve_rng_state=ck.preserve_rng,
                       context_fn=lambda: (contextlib.nullcontext(), _Recompute(holder, before)))

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..components.etd_router import EXECUTE, REPEAT, ROUTE_NAMES, SKIP, ETDRouter
 from ..core.cache import HybridCache, StepContext
-from ..core.recompute import run_block
+from ..core.recompute import Checkpointing, run_block
 
 
 @dataclass(frozen=True)
@@ -67,10 +67,9 @@ def run_active(block: nn.Module, x: Tensor, ctx: StepContext, state, active: Ten
     slots; None = all of them); inactive tokens keep ``x`` and never touch ``state``. ``gate``
     [B, S, n] is the MoDr branch gate of every slot (compacted with the tokens).
     ``checkpointed``: the block's activations are recomputed in the backward (``core.recompute``)."""
-    ck = checkpointed is not None and checkpointed.every > 0 and state is None
-    rng = checkpointed.preserve_rng if checkpointed is not None else False
+    ck = checkpointed if state is None else None  # (a cached call keeps no activations to save)
     if active is None:
-        return run_block(_gated(block, x, state, router, gate), ctx, ck, rng, x)
+        return run_block(_gated(block, x, state, router, gate), ctx, ck, x)
     order = torch.argsort((~active).to(torch.int8), dim=1, stable=True)
     lengths = active.sum(1)
     xs = x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
@@ -78,23 +77,9 @@ def run_active(block: nn.Module, x: Tensor, ctx: StepContext, state, active: Ten
                       aux_losses=ctx.aux_losses, stats=ctx.stats, shared=ctx.shared, pooled=ctx.pooled,
                       collect=ctx.collect)
     gs = None if gate is None else gate.gather(1, order[..., None].expand(-1, -1, gate.shape[-1]))
-    ys = run_block(_gated(block, xs, state, router, gs), sub, ck, rng, xs)
+    ys = run_block(_gated(block, xs, state, router, gs), sub, ck, xs)
     y = torch.empty_like(ys).scatter_(1, order[..., None].expand(-1, -1, ys.shape[-1]), ys)
     return torch.where(active[..., None], y, x)
-
-
-@dataclass
-class Checkpointing:
-    """Activation checkpointing of a stack's block applications (``core.recompute``): every
-    ``every``-th one (0: none), the random state kept for the recomputation where the model
-    draws (dropout)."""
-
-    every: int = 0
-    preserve_rng: bool = False
-
-    def at(self, i: int) -> Checkpointing | None:
-        """This setting for application ``i`` (counted from 0), or None where it is not checkpointed."""
-        return self if self.every > 0 and i % self.every == 0 else None
 
 
 class PlainStack:
@@ -114,11 +99,10 @@ class PlainStack:
         y = None  # each block's last branch output is added inside the next block's first norm
         ck = self.checkpointing
         for i, block in enumerate(blocks):
-            if cache is None and ck.at(i) is not None:  # (a cached call keeps no activations to save)
-                x, y = run_block(lambda c, b=block, x=x, y=y: b(x, c, None, pending=y, defer=True), ctx, True,
-                                 ck.preserve_rng, x)
+            if cache is not None:  # (a cached call keeps no activations to save: never checkpointed)
+                x, y = block(x, ctx, cache.states[i], pending=y, defer=True)
             else:
-                x, y = block(x, ctx, cache.states[i] if cache is not None else None, pending=y, defer=True)
+                x, y = run_block(lambda c, b=block, x=x, y=y: b(x, c, None, pending=y, defer=True), ctx, ck.at(i), x)
         return x if y is None else x + y
 
 

@@ -38,9 +38,10 @@ from ..core import registry
 from ..core.cache import HybridCache, StepContext
 from ..core.config import brief
 from ..core.recipe import Recipe, RecipeError, load_recipe
+from ..core.recompute import Checkpointing
 from ..kernels.linear_ce import linear_cross_entropy
 from ..objectives import objective_class
-from .etd import Checkpointing, ETDStack, PlainStack
+from .etd import ETDStack, PlainStack
 from .generation import check_prompt
 
 
