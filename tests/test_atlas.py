@@ -599,16 +599,17 @@ def test_ns_launch_copies_nothing_at_a_padded_side(monkeypatch):
     assert not padded[:, 40:].any() and not padded[:, :, 40:].any()
 
 
-def test_ns_triton_kernels_in_interpreter_match_pytorch():
-    """The Triton Newton-Schulz kernels (forward, the backward that recomputes the steps and
-    the one that keeps them in scratch memory, ``NS_BWD_SAVED``) against autograd through ns_gram_factor, in Triton's CPU interpreter (subprocess:
+@pytest.mark.parametrize("saved", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_ns_triton_kernels_in_interpreter_match_pytorch(saved):
+    """The Triton Newton-Schulz kernels (forward, the backward that keeps the steps in scratch memory,
+    ``NS_BWD_SAVED``, the default, and in ``make test-all`` the one that recomputes them) against autograd through ns_gram_factor, in Triton's CPU interpreter (subprocess:
     TRITON_INTERPRET must be set before import); sides padded to 16 / 32 / 64 (64: the
     saved-iterate backward whatever NS_BWD_SAVED says), 1-5 steps; two of them also with the
     products as split TF32 ones (``NS_TRITON_PRECISION`` "tf32x3_split"), two with the saved
     iterates stored transposed / transposed in registers (``NS_BWD_TRANS``) and through the forward
     that keeps its iterates and the backward that only reads them (``NS_SAVE_FWD``)."""
     pytest.importorskip("triton")
-    code = textwrap.dedent("""
+    code = f"SAVED = {saved!r}\n" + textwrap.dedent("""
         import itertools
         import torch
         from hymba_plus.kernels import atlas
@@ -616,7 +617,7 @@ def test_ns_triton_kernels_in_interpreter_match_pytorch():
         g = torch.Generator().manual_seed(0)
         rel = lambda a, b: float((a - b).abs().max() / b.abs().max())
         cases = ((16, 40, 5), (24, 40, 5), (32, 150, 3), (5, 7, 2), (16, 16, 1), (48, 80, 5), (64, 560, 5))
-        for saved, (m, n, steps) in itertools.product((False, True), cases):
+        for saved, (m, n, steps) in itertools.product((SAVED,), cases):
             atlas.NS_BWD_SAVED = saved  # the recomputing backward kernel, and the one with scratch
             X = torch.randn(3, m, n, generator=g, dtype=torch.float64)
             A = X @ X.mT / X.pow(2).sum((-2, -1), keepdim=True)
@@ -679,7 +680,20 @@ def test_fast_path_with_triton_ns_kernels_in_interpreter():
     interpreter (the custom ops' CPU kernels replaced by the Triton launchers): the dispatch
     probe's problem within the probe's limits with the default saved-iterate backward (it failed
     the probe on an H200 when the probe started from zero momenta: see ``probe_errors``; the
-    recomputing one: the test above), and ``NS_TRITON_MAX = 64`` on a memory whose 40-wide hidden layer pads to side 64 (the
+    recomputing one: the test above). The next test: wider memories."""
+    pytest.importorskip("triton")
+    _run_interpreted("""
+        assert atlas.NS_BWD_SAVED  # the default
+        errs = atlas.probe_errors("cpu", triton_ns=True)
+        assert max(errs[:9]) < 1e-3 and max(errs[9:]) < 1e-2, errs
+        print("ok")
+    """)
+
+
+@pytest.mark.slow  # ~30 s in the interpreter: make test-all
+def test_fast_path_with_triton_ns_kernels_padded_to_64_in_interpreter():
+    """The fast path with the Triton Newton-Schulz kernels in Triton's CPU interpreter (as the test
+    above): ``NS_TRITON_MAX = 64`` on a memory whose 40-wide hidden layer pads to side 64 (the
     Quad-Hybrid's case) against the float64 reference, outputs and gradients; the same with
     muon_chunk and every side padded into one launch (``PAD_NS``). The kernels' products run as
     "tf32x3" here, one float32 product in the interpreter: the default split products cost 3.4x the
@@ -687,10 +701,6 @@ def test_fast_path_with_triton_ns_kernels_in_interpreter():
     (``test_ns_triton_kernels_in_interpreter_match_pytorch``) and end to end on a GPU."""
     pytest.importorskip("triton")
     _run_interpreted("""
-        assert atlas.NS_BWD_SAVED  # the default
-        errs = atlas.probe_errors("cpu", triton_ns=True)
-        assert max(errs[:9]) < 1e-3 and max(errs[9:]) < 1e-2, errs
-        print("probe ok", flush=True)
         from tests.test_atlas import float32_errors, random_problem
         atlas.NS_TRITON_MAX = 64
         args, leaves = random_problem(N=2, T=10, C=4, c=3, d=8, p=2, hid=40, depth=2)

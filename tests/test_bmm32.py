@@ -176,14 +176,22 @@ def test_op_autograd_and_fake_kernel():
     torch.library.opcheck(bmm32.bmm_f32, (a, b))
 
 
-def test_atlas_chunk_step_through_bmm32_in_interpreter():
+#: (Newton-Schulz per chunk, GROUP_GEMMS, SPLIT_K) of the interpreter test below: the CPU suite runs the
+#: defaults (grouped, split) per chunk and the plain launches per token; ``make test-all`` the other three
+BMM32_STEP_CASES = [(True, True, True), (False, False, False),
+                    *(pytest.param(c, marks=pytest.mark.slow) for c in ((True, False, False), (True, True, False),
+                                                                        (False, True, False)))]
+
+
+@pytest.mark.parametrize("case", BMM32_STEP_CASES)
+def test_atlas_chunk_step_through_bmm32_in_interpreter(case):
     """The ATLAS fast path with its chunk step's GEMMs through the Triton kernel (``BMM =
     "bmm32"``, which applies on CUDA, asked for on CPU tensors; the op's CPU kernel replaced by the
     launcher, in Triton's CPU interpreter) against the float64 reference: Muon per chunk and per token, outputs, state
     and every gradient; the same with each phase's products in one grouped launch (``GROUP_GEMMS``), and
     with those of two or more K steps split over programs (``SPLIT_K``)."""
     pytest.importorskip("triton")
-    code = textwrap.dedent("""
+    code = f"CASE = {case!r}\n" + textwrap.dedent("""
         import torch
         from hymba_plus.kernels import atlas, bmm32
         bmm32.bmm_f32.register_kernel("cpu")(lambda a, b: bmm32.bmm_launch(a, b))
@@ -194,16 +202,14 @@ def test_atlas_chunk_step_through_bmm32_in_interpreter():
         bmm32.split_plan = lambda *a: plans.append(plan(*a)) or plans[-1]
         from tests.test_atlas import float32_errors, random_problem
         atlas.FUSED_STEP = False  # the unfused step's GEMMs are what this checks (muon_chunk would take the fused one)
-        for ns_chunk, group, split in ((True, False, False), (False, False, False), (True, True, False),
-                                       (False, True, False), (True, True, True)):
-            atlas.GROUP_GEMMS = group  # the weights' products of each phase in one grouped launch
-            atlas.SPLIT_K = split  # those of a long K split over programs
-            args, leaves = random_problem(N=2, T=10, C=4, c=3, d=8, p=2, hid=40, depth=2)
-            errs = float32_errors(args, leaves, 2, "cpu", dict(compile=False, bmm32=True), chunk_size=4, window=3, ns_steps=5,
-                                  muon=True, ns_chunk=ns_chunk, return_state=True, snapshots=(), n_valid=None)
-            assert max(errs) < 2e-3, (ns_chunk, group, split, errs)  # the float32 reference: 3e-4
-            assert (max((max(p) for p in plans), default=1) > 1) == split, (group, split)  # split only here
-            plans.clear()
+        ns_chunk, group, split = CASE
+        atlas.GROUP_GEMMS = group  # the weights' products of each phase in one grouped launch
+        atlas.SPLIT_K = split  # those of a long K split over programs
+        args, leaves = random_problem(N=2, T=10, C=4, c=3, d=8, p=2, hid=40, depth=2)
+        errs = float32_errors(args, leaves, 2, "cpu", dict(compile=False, bmm32=True), chunk_size=4, window=3, ns_steps=5,
+                              muon=True, ns_chunk=ns_chunk, return_state=True, snapshots=(), n_valid=None)
+        assert max(errs) < 2e-3, (ns_chunk, group, split, errs)  # the float32 reference: 3e-4
+        assert (max((max(p) for p in plans), default=1) > 1) == split, (group, split)  # split only here
         print("ok")
     """)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
@@ -211,21 +217,22 @@ def test_atlas_chunk_step_through_bmm32_in_interpreter():
     assert res.returncode == 0 and "ok" in res.stdout, res.stdout[-1000:] + res.stderr[-3000:]
 
 
-def test_atlas_compiled_chunk_step_with_the_op():
+@pytest.mark.parametrize("group, muon", [(True, True), pytest.param(False, True, marks=pytest.mark.slow),
+                                         pytest.param(True, False, marks=pytest.mark.slow)])
+def test_atlas_compiled_chunk_step_with_the_op(group, muon):
     """The chunk step compiled (Inductor's CPU backend) with its GEMMs through ``hymba::bmm_f32``
     (torch.bmm on a CPU: what torch.compile makes of the op and its backward on CUDA, with the
     choice passed as the step's static argument) == the reference in float32 (muon_chunk; the
-    per-token form goes through the same helpers); also with ``hymba::bmm_f32_group`` (``GROUP_GEMMS``),
-    Muon per chunk and SGD."""
+    per-token form goes through the same helpers): through ``hymba::bmm_f32_group`` (``GROUP_GEMMS``,
+    the default: the CPU suite's case), and in ``make test-all`` (~20 s a compile) without it, and with SGD."""
     from tests.test_atlas import compare_impls, random_problem
 
     args, leaves = random_problem(N=2, T=10, C=4, c=2, dtype=torch.float32, seed=3)
-    for group, muon in ((False, True), (True, True), (True, False)):  # GROUP_GEMMS: hymba::bmm_f32_group
-        with atlas_kernels.settings(GROUP_GEMMS=group):
-            fwd, bwd = compare_impls(args, leaves, dict(compile=True, pad_ns=True, bmm32=True), chunk_size=4,
-                                     window=2, ns_steps=5, muon=muon, ns_chunk=muon, return_state=True, snapshots=(),
-                                     n_valid=None)
-        assert fwd < 1e-3 and bwd < 5e-3, (group, muon, fwd, bwd)
+    with atlas_kernels.settings(GROUP_GEMMS=group):  # hymba::bmm_f32_group
+        fwd, bwd = compare_impls(args, leaves, dict(compile=True, pad_ns=True, bmm32=True), chunk_size=4,
+                                 window=2, ns_steps=5, muon=muon, ns_chunk=muon, return_state=True, snapshots=(),
+                                 n_valid=None)
+    assert fwd < 1e-3 and bwd < 5e-3, (group, muon, fwd, bwd)
 
 
 @pytest.mark.slow  # Triton's compiler for sm_90 on a CPU, like the other kernels' compile tests
