@@ -1,7 +1,8 @@
 """Activation checkpointing (``core/recompute.py``, ``HybridLM.set_activation_checkpointing``,
 ``hymba train --activation-checkpoint N``): checkpointed blocks give the same loss, auxiliary
 losses, statistics, balancing counts and gradients as the plain forward over every mixer, MoE,
-ETD with routes / ACT halting / MoDr branches, cross-layer K/V sharing and dropout; they run their
+ETD with routes / ACT halting / MoDr branches, cross-layer K/V sharing and dropout, the MTP modules'
+and LaDiR's denoiser's blocks too; they run their
 forward again in the backward and keep less for it; cached and no-grad calls are untouched."""
 
 from __future__ import annotations
@@ -194,6 +195,57 @@ def test_checkpointed_blocks_run_again_in_the_backward_and_keep_less():
         assert calls == ([1, 1, 1, 1] if every == 0 else [2, 2, 2, 2] if every == 1 else [2, 1, 2, 1]), (every, calls)
     assert kept[1] < kept[2] < kept[0], kept
     assert model.activation_checkpointing == 2
+
+
+def _runs_and_kept(model, modules, fn, every: int):  # noqa: ANN001, ANN202
+    """(forward calls of each of ``modules`` in ``fn()``'s forward and backward, bytes autograd kept,
+    gradients) with activation checkpointing at ``every``."""
+    calls = [0] * len(modules)
+    hooks = [m.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, m in enumerate(modules)]
+    model.set_activation_checkpointing(every)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(3)
+    loss, kept = saved_bytes(fn)
+    loss.backward()
+    for h in hooks:
+        h.remove()
+    return calls, kept, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_mtp_modules_and_the_ladir_denoiser_are_checkpointed_too():
+    """The parts that run blocks outside the stack: the MTP modules' blocks (after the trunk, at full
+    length) and LaDiR's flow denoiser (its only trainable part in the flow stage, where the LM runs
+    without gradients) are checkpointed like the trunk's blocks, every N-th counted from their first:
+    they run again in the backward, keep less, and give the plain forward's gradients."""
+    torch.manual_seed(0)
+    mtp = build_model(recipe("GA | GD", dict(EVERY_COMPONENT), mtp={"depth": 2, "weight": 0.5, "block": "GD+mlp"},
+                             d_model=64)).train()
+    ids = torch.randint(0, V, (2, 48), generator=torch.Generator().manual_seed(1))
+
+    def mtp_loss():  # noqa: ANN202
+        return mtp(ids, labels=ids).loss
+
+    from tests.test_ladir import batch
+    from tests.test_ladir import recipe as ladir_recipe
+
+    lad = build_model(ladir_recipe(denoiser_layers=3)).train()
+    b = batch()
+
+    def flow():  # noqa: ANN202
+        return lad.ladir.flow_loss(lad, b)[0]
+
+    for model, modules, fn in ((mtp, list(mtp.mtp.blocks), mtp_loss), (lad, list(lad.ladir.denoiser.stack.layers), flow)):
+        n = len(modules)
+        calls0, kept0, g0 = _runs_and_kept(model, modules, fn, 0)
+        assert g0 and calls0 == [1] * n
+        for every in (1, 2):
+            calls, kept, g = _runs_and_kept(model, modules, fn, every)
+            assert calls == [2 if i % every == 0 else 1 for i in range(n)], (every, calls)
+            assert kept < kept0, (every, kept, kept0)
+            assert g.keys() == g0.keys()
+            for k in g:
+                assert torch.allclose(g[k], g0[k], rtol=1e-5, atol=1e-7), (every, k)
 
 
 @torch.no_grad()

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.cache import HybridCache
+from ..core.recompute import Checkpointing, run_block
 from ..core.registry import register
 
 TARGETS = ("reasoning", "answer")  # the decoder's marks, in the order of ``LaDiR.marks``
@@ -106,13 +107,20 @@ class FlowDenoiser(nn.Module):
         self.slot._no_weight_decay = self.pos._no_weight_decay = True
         self.d = d_model
 
-    def forward(self, zt: Tensor, t: Tensor, cond: Tensor, cond_mask: Tensor) -> Tensor:
-        """zt [B, M, latent], t [B], cond [B, Lq, d] (question states), cond_mask [B, Lq] bool."""
+    def forward(self, zt: Tensor, t: Tensor, cond: Tensor, cond_mask: Tensor,
+                checkpointing: Checkpointing | None = None) -> Tensor:
+        """zt [B, M, latent], t [B], cond [B, Lq, d] (question states), cond_mask [B, Lq] bool.
+        ``checkpointing``: the model's activation checkpointing (``core/recompute.py``), applied
+        to the denoiser's layers (every N-th, counted from its first)."""
         M, Lq = zt.shape[1], cond.shape[1]
         tok = self.inp(zt) + self.slot[:M].to(zt.dtype) + self.time(_timestep_embedding(t, self.d).to(zt.dtype))[:, None]
         x = torch.cat([self.cond(cond) + self.pos[:Lq].to(cond.dtype), tok], dim=1)
         pad = torch.cat([~cond_mask, cond_mask.new_zeros(cond_mask.shape[0], M)], dim=1)
-        return self.out(self.stack(x, src_key_padding_mask=pad)[:, -M:])
+        if checkpointing is None or checkpointing.every == 0 or not torch.is_grad_enabled():
+            return self.out(self.stack(x, src_key_padding_mask=pad)[:, -M:])
+        for i, layer in enumerate(self.stack.layers):  # (what nn.TransformerEncoder does: no final norm here)
+            x = run_block(lambda _, layer=layer, x=x: layer(x, src_key_padding_mask=pad), None, checkpointing.at(i), x)
+        return self.out(x[:, -M:])
 
 
 @register("ladir", config=None, kind="head")
@@ -243,17 +251,17 @@ class LaDiR(nn.Module):
             mu, logvar = self.encode(model, q, qm, batch["reasoning"], batch["reasoning_mask"])
             z1 = mu + (0.5 * logvar).exp() * noise(torch.randn, mu.shape, mu.device, generator)
             cond = self.question_states(model, q, qm)
-        return self.velocity_loss(z1, cond, qm, generator, per_row)
+        return self.velocity_loss(z1, cond, qm, generator, per_row, model.structure.checkpointing)
 
     def velocity_loss(self, z1: Tensor, cond: Tensor, q_mask: Tensor, generator: Generators = None,
-                      per_row: bool = False) -> tuple[Tensor, dict]:
+                      per_row: bool = False, checkpointing: Checkpointing | None = None) -> tuple[Tensor, dict]:
         """The rectified-flow loss for target latents z1 [B, M, latent] given question states
-        (``per_row``: each row's mean [B])."""
+        (``per_row``: each row's mean [B]; ``checkpointing``: the denoiser's, ``FlowDenoiser``)."""
         B = z1.shape[0]
         z0 = noise(torch.randn, z1.shape, z1.device, generator, z1.dtype)
         t = noise(torch.rand, (B,), z1.device, generator)
         zt = (1 - t)[:, None, None] * z0 + t[:, None, None] * z1
-        v = self.denoiser(zt, t, cond.detach().to(zt.dtype), q_mask)
+        v = self.denoiser(zt, t, cond.detach().to(zt.dtype), q_mask, checkpointing)
         err = (v.float() - (z1 - z0).float()).pow(2)
         if per_row:
             return err.flatten(1).mean(1), {}

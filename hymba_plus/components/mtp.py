@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from ..blocks import Block
 from ..core.cache import HybridCache, StepContext
 from ..core.pattern import parse_pattern
+from ..core.recompute import run_block
 from ..core.registry import register
 from .norm import RMSNorm
 
@@ -65,8 +66,11 @@ class MTP(nn.Module):
         no scored target adds 0 (and leaves the mean). The modules' blocks add their auxiliary
         losses and statistics (a MoE block's balance / z losses, routing statistics) to ``parent``,
         the trunk's ``StepContext``, as every layer of the trunk does (DeepSeek-V3 balances every
-        MoE layer, the MTP modules' included)."""
+        MoE layer, the MTP modules' included). With activation checkpointing on
+        (``model.set_activation_checkpointing(N)``) module i is checkpointed where the trunk's
+        application i would be (every N-th, counted from the first module)."""
         T = ids.shape[1]
+        ck = model.structure.checkpointing
         h, per, scored = trunk, [], []
         for i in range(self.depth):
             n = T - i - 1  # positions whose input token x_{t+i+1} exists
@@ -75,7 +79,8 @@ class MTP(nn.Module):
             # the trunk's context (its n_meta, losses and statistics) at this depth's positions
             ctx = dataclasses.replace(parent, positions=positions[:, :n], lengths=None, shared={}, bidirectional=False,
                                       two_stream=None)
-            h = self.step(i, h[:, :n], model.embed_tokens(ids[:, i + 1:i + 1 + n]), ctx)
+            h_in, emb = h[:, :n], model.embed_tokens(ids[:, i + 1:i + 1 + n])
+            h = run_block(lambda c, i=i, h_in=h_in, emb=emb: self.step(i, h_in, emb, c), ctx, ck.at(i), h_in)
             # the trunk's loss one more token ahead: position t predicts labels[t + i + 2]; the shared
             # head's loss without its [B, n, V] logits (kernels.linear_ce)
             target = labels[:, i + 1:i + 1 + n]

@@ -38,9 +38,11 @@ def recomputing() -> bool:
     return _depth > 0
 
 
-def _copy(ctx: StepContext) -> StepContext:
+def _copy(ctx: StepContext | None) -> StepContext | None:
     """The context with its containers copied (tensors shared): what a block writes into the copy
-    does not reach ``ctx``."""
+    does not reach ``ctx``. (None: a module without one, e.g. LaDiR's denoiser layers.)"""
+    if ctx is None:
+        return None
     return dataclasses.replace(ctx, aux_losses=list(ctx.aux_losses), stats=dict(ctx.stats),
                                shared=dict(ctx.shared),
                                pooled={k: (reduce, list(terms)) for k, (reduce, terms) in ctx.pooled.items()})
@@ -77,12 +79,13 @@ class Checkpointing:
         return self if self.every > 0 and i % self.every == 0 else None
 
 
-def run_block(fn: Callable[[StepContext], Any], ctx: StepContext, ck: Checkpointing | None,
+def run_block(fn: Callable[[StepContext | None], Any], ctx: StepContext | None, ck: Checkpointing | None,
               x: torch.Tensor) -> Any:
-    """``fn(ctx)`` (a block's forward on the call's context), checkpointed when ``ck`` is given
-    and gradients are on (a forward without them keeps no activations anyway). ``x``: the block's
-    input, which ``fn`` reads; handed to the checkpoint too, whose random-state stash keeps the
-    generators of the devices its arguments are on (the CPU's always)."""
+    """``fn(ctx)`` (a block's forward on the call's context; None for a layer that takes none),
+    checkpointed when ``ck`` is given and gradients are on (a forward without them keeps no
+    activations anyway). ``x``: the block's input, which ``fn`` reads; handed to the checkpoint
+    too, whose random-state stash keeps the generators of the devices its arguments are on (the
+    CPU's always)."""
     if ck is None or not torch.is_grad_enabled():
         return fn(ctx)
     before = _copy(ctx)  # the context as the block found it
