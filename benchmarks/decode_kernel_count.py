@@ -4,7 +4,8 @@ interpreter. A captured decode step is bound by its kernel count (benchmarks/dec
 profile: ~800 kernels per step on an H200 before the decode-step kernels), so this is a
 device-independent measure of what they remove.
 
-    python benchmarks/decode_kernel_count.py                 # the decode.py recipe at width 128
+    python benchmarks/decode_kernel_count.py                 # the decode.py recipe at width 128 (~5 min
+                                                             # on a 2-core CPU: the Triton interpreter)
     python benchmarks/decode_kernel_count.py --out /tmp/count.json
 
 Counted: every ATen op that launches a kernel (views, shape queries and allocations excluded),
