@@ -165,13 +165,17 @@ def test_capture_failure_names_a_kept_graph_else_a_host_sync():
 
 
 class _Tiny(torch.nn.Module):
-    """What GraphedStep captures: model(ids, labels=...) -> an output with loss / aux_loss / stats."""
+    """What GraphedStep captures: the model's objective's training forward (next token: model(ids,
+    labels=...)) -> an output with loss / aux_loss / stats."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.w = torch.nn.Parameter(torch.ones(4))
+        from hymba_plus.objectives.next_token import NextToken
 
-    def forward(self, ids, labels=None, return_logits=True):  # noqa: ANN001, ANN201, ARG002
+        self.w = torch.nn.Parameter(torch.ones(4))
+        self.objective = NextToken()
+
+    def forward(self, ids, labels=None, return_logits=True, **_):  # noqa: ANN001, ANN003, ANN201, ARG002
         from hymba_plus.models.lm import ModelOutput
 
         return ModelOutput(logits=ids.float()[..., None] * self.w, loss=(ids.float()[..., None] * self.w).mean())
@@ -241,7 +245,7 @@ def test_a_failed_capture_resets_balancing_counts(monkeypatch):
         def update_bias(self) -> None:
             pass
 
-        def forward(self, ids, labels=None, return_logits=True):  # noqa: ANN001, ANN201, ARG002
+        def forward(self, ids, labels=None, return_logits=True, **_):  # noqa: ANN001, ANN003, ANN201, ARG002
             self.load += 1
             return super().forward(ids, labels)
 
@@ -335,8 +339,44 @@ def test_auto_is_not_tried_where_the_run_cannot_be_captured(tmp_path, monkeypatc
         assert tr.graph_ineligible() == why and tr._auto_mode() == (None, why)
         monkeypatch.undo()
         monkeypatch.setattr(tr, "_graph_step", lambda: pytest.fail("must not capture"))
-    monkeypatch.setattr(tr.objective, "eager_because", "its step runs eagerly")
+    monkeypatch.setattr(tr.objective, "graph_because", "its step runs eagerly")
     assert tr.graph_ineligible() == "the next_token objective: its step runs eagerly"
+
+
+def test_a_block_diffusion_step_is_captured_whole(tmp_path, monkeypatch):
+    """Block diffusion's training step (noise draws, the two-stream forward, the NELBO) is what a
+    CUDA graph captures (its objective declares no ``graph_because``): the module handed to the
+    capture runs the objective's ``train_forward``, its parameters include the objective's [MASK]
+    embedding, and (run eagerly here) it gives the eager step's loss, statistics and gradients for
+    the same random state. LaDiR and forecasting stay eager, saying why."""
+    bd = load_recipe(Path(__file__).resolve().parents[1] / "configs" / "bd_tiny.yaml")
+    torch.manual_seed(0)
+    model = build_model(bd).train()
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    step = cg._LossStep(model, has_aux=False, stat_keys=["bd/mask_rate"])  # what GraphedStep captures
+    assert any(p is model.objective.mask_embed for p in step.parameters())
+    torch.manual_seed(5)
+    loss, _, rate = step(ids, ids)
+    stats = {"bd/mask_rate": rate}
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)
+    out = model.objective.train_forward(model, model, ids, ids)
+    out.loss.backward()
+    assert float(loss) == float(out.loss) and set(stats) == {"bd/mask_rate"}
+    assert float(stats["bd/mask_rate"]) == float(out.stats["bd/mask_rate"])
+    assert got.keys() == {n for n, p in model.named_parameters() if p.grad is not None} and "objective.mask_embed" in got
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            assert torch.equal(got[n], p.grad), n
+    tr, _ = _trainer(tmp_path, {**yaml.safe_load(bd.to_yaml())})
+    assert tr.graph_ineligible() is None
+    for cfg, why in (("ladir_tiny.yaml", "the ladir objective: its losses call the model several times per step"),
+                     ("forecast_tiny.yaml", "the forecast objective: its patch embedding and horizon head run around "
+                                            "the model's forward")):
+        r = load_recipe(Path(__file__).resolve().parents[1] / "configs" / cfg)
+        assert build_model(r).objective.graph_because == why.split(": ", 1)[1], cfg
 
 
 class _FakeGraphedOptimizer:
@@ -537,13 +577,32 @@ def test_gpu_auto_falls_back_to_eager_in_one_line_when_capture_fails(tmp_path, c
 def test_gpu_ineligible_run_says_why_it_is_eager(tmp_path, capsys):
     """An objective that runs eagerly: the forward+backward stay eager, said once; the optimizer step is
     still replayed from a CUDA graph from the second step on."""
-    bd = Path(__file__).resolve().parents[1] / "configs" / "bd_tiny.yaml"
-    assert main(["train", str(bd), "--out", str(tmp_path / "bd"), "--steps", "3", "--device", "cuda", *FAST]) == 0
+    fc = Path(__file__).resolve().parents[1] / "configs" / "forecast_tiny.yaml"
+    assert main(["train", str(fc), "--out", str(tmp_path / "fc"), "--steps", "3", "--device", "cuda",
+                 "--no-progress", "--warmup", "1"]) == 0
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if x.startswith("training mode:")]
-    assert lines == ["training mode: eager (the block_diffusion objective: its two-stream step runs eagerly)"]
+    assert lines == ["training mode: eager (the forecast objective: its patch embedding and horizon head run "
+                     "around the model's forward)"], err
     assert "optimizer step: replayed from a CUDA graph" in err, err
-    assert all(math.isfinite(r["loss"]) for r in metrics(tmp_path / "bd"))
+    assert all(math.isfinite(r["loss"]) for r in metrics(tmp_path / "fc"))
+
+
+@pytest.mark.gpu
+def test_gpu_block_diffusion_is_graphed_and_equals_eager(tmp_path, capsys):
+    """Block diffusion under auto on CUDA: its whole step (noise draws, two-stream forward, NELBO) is
+    captured, verified and replayed, and its losses equal an eager run's (the replays draw the noise an
+    eager run draws: they read the generator's state)."""
+    bd = str(Path(__file__).resolve().parents[1] / "configs" / "bd_tiny.yaml")
+    args = ["--steps", "4", "--device", "cuda", *FAST]
+    assert main(["train", bd, "--out", str(tmp_path / "auto"), *args]) == 0
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("training mode:")]
+    assert len(lines) == 1 and lines[0].startswith("training mode: cuda-graph (forward+backward captured"), err
+    assert main(["train", bd, "--out", str(tmp_path / "eager"), "--mode", "eager", *args]) == 0
+    a, b = metrics(tmp_path / "eager"), metrics(tmp_path / "auto")
+    for ra, rb in zip(a, b):
+        assert abs(ra["loss"] - rb["loss"]) < 1e-4 * max(1.0, abs(ra["loss"])), (ra, rb)
 
 
 @pytest.mark.gpu

@@ -17,8 +17,12 @@ class Objective(nn.Module):
       trainer opens reasoning data (``training/data.ReasoningBatches``);
       ``segment_reserve(recipe)`` the positions its passes add to an example (ladir's memory
       slots), which the data's length check counts;
-    * ``eager_because``: why its training step cannot be captured by ``--compile`` /
-      ``--cuda-graph`` (None: the step is the model's forward, which they capture);
+    * ``eager_because``: why ``--compile`` cannot compile its training step (None: the step is
+      the model's forward, which torch.compile wraps);
+    * ``graph_because``: why ``--cuda-graph`` (and ``auto`` on CUDA) cannot capture its training
+      step (None: ``train_forward`` of a token batch is tensors in, loss out, without host reads
+      and without the batch's other fields: the trainer captures it whole,
+      ``training/cuda_graph.GraphedStep``);
     * ``phase_settings``: train settings that choose *which* parameters it trains (ladir's
       stage); changing one on ``--resume`` starts a new phase (a fresh optimizer);
     * ``configure(train_cfg)``: read the run's settings; ``run_problem(train_cfg)``: one line
@@ -39,6 +43,7 @@ class Objective(nn.Module):
     needs_series = False
     default_data = "mqar"
     eager_because: str | None = None
+    graph_because: str | None = None
     phase_settings: tuple[str, ...] = ()
 
     @staticmethod

@@ -112,7 +112,9 @@ def weight(cfg: BlockDiffusionConfig, t: Tensor) -> Tensor:
 class BlockDiffusion(Objective):
     """The BD3-LM objective and the [MASK] embedding (see the module docstring)."""
 
-    eager_because = "its two-stream step runs eagerly"  # it calls the model's parts, not its forward
+    # its two-stream step calls the model's parts, not its forward (which is what --compile wraps);
+    # CUDA graphs capture the whole step (noise draws included: they read the generator's state)
+    eager_because = "its two-stream step calls the model's parts, not its forward"
 
     def __init__(self, cfg: BlockDiffusionConfig, *, d_model: int, vocab_size: int, init_std: float = 0.02,
                  **_: Any):

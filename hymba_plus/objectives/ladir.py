@@ -37,7 +37,7 @@ class LaDiRObjectiveConfig:
 @register("ladir_objective", config=LaDiRObjectiveConfig, kind="objective")
 class LaDiRObjective(Objective):
     needs_segments = True  # the stream must give question / reasoning / answer segments
-    eager_because = "its losses call the model several times per step"
+    eager_because = graph_because = "its losses call the model several times per step"
     phase_settings = ("ladir_stage",)  # each stage trains other parameters
 
     @staticmethod

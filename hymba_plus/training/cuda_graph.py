@@ -124,8 +124,16 @@ def reset_balancing_counts(model: nn.Module) -> None:
             load.zero_()
 
 
+def _train_forward(model: nn.Module, ids: Tensor, labels: Tensor):  # noqa: ANN202 - a ModelOutput
+    """The model's objective's training forward of a token batch (next token: the model's forward,
+    the loss without [B, T, V] logits; block diffusion: its two-stream step)."""
+    return model.objective.train_forward(model, model, ids, labels)
+
+
 class _LossStep(nn.Module):
-    """(ids, labels) -> (loss, aux loss, *statistics): the graph's tensors-only interface."""
+    """(ids, labels) -> (loss, aux loss, *statistics): the graph's tensors-only interface. The
+    model holds its objective, so the objective's parameters (block diffusion's [MASK] embedding)
+    are among the captured backward's."""
 
     def __init__(self, model: nn.Module, has_aux: bool, stat_keys: list[str]):
         super().__init__()
@@ -134,7 +142,7 @@ class _LossStep(nn.Module):
         self.stat_keys = stat_keys
 
     def forward(self, ids: Tensor, labels: Tensor) -> tuple[Tensor, ...]:
-        out = self.model(ids, labels=labels, return_logits=False)  # the loss without [B, T, V] logits
+        out = _train_forward(self.model, ids, labels)
         aux = out.aux_loss.detach() if self.has_aux else out.loss.detach()
         stats = out.stats or {}
         return (out.loss, aux, *[stats[k].detach() for k in self.stat_keys])
@@ -150,7 +158,7 @@ class GraphedStep:
             raise CaptureError(f"--cuda-graph needs a CUDA device (the model is on {sample_ids.device})")
         self.autocast = autocast
         with torch.no_grad(), autocast():  # which outputs exist (aux loss, statistics)
-            probe = model(sample_ids, labels=sample_labels, return_logits=False)
+            probe = _train_forward(model, sample_ids, sample_labels)
         self.has_aux = probe.aux_loss is not None
         self.stat_keys = sorted(k for k, v in (probe.stats or {}).items() if isinstance(v, Tensor))
         del probe

@@ -607,9 +607,9 @@ class Trainer:
         problem = self.objective.run_problem(cfg)
         if problem is not None:
             raise TrainError(problem)
-        if self.objective.eager_because is not None and self.requested in ("compile", "cuda-graph"):
-            raise TrainError(f"--{self.requested}: not available for the "
-                             f"{self.objective.cfg.kind} objective ({self.objective.eager_because})")
+        why = {"compile": self.objective.eager_because, "cuda-graph": self.objective.graph_because}.get(self.requested)
+        if why is not None:
+            raise TrainError(f"--{self.requested}: not available for the {self.objective.cfg.kind} objective ({why})")
         if self.requested == "compile" and cfg.activation_checkpoint:
             raise TrainError("--activation-checkpoint: not with --compile (torch.compile cannot trace the hooks that "
                              "keep a recomputed block's second run from repeating its statistics and balancing "
@@ -718,8 +718,8 @@ class Trainer:
             return f"--train-only {self.mode}"
         if self.teacher is not None:
             return "--distill runs a teacher beside the step"
-        if self.objective.eager_because is not None:
-            return f"the {self.objective.cfg.kind} objective: {self.objective.eager_because}"
+        if self.objective.graph_because is not None:
+            return f"the {self.objective.cfg.kind} objective: {self.objective.graph_because}"
         if self._routing():
             return "the Dr.LLM layer routers are on"
         return None
