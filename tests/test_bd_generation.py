@@ -103,6 +103,22 @@ def test_denoising_never_moves_the_cache(model) -> None:
     assert {"GDNState", "AttentionState", "Mamba3State", "AtlasState", "HymbaState"} <= kinds
 
 
+@pytest.mark.parametrize("threshold", [0.5, 1.0])
+def test_etd_models_sample_blocks_as_recomputing_the_prefix(threshold) -> None:
+    """An ETD model (think block applied twice, each application its own state) samples by block
+    diffusion through its cache exactly as recomputing the prefix for every block."""
+    torch.manual_seed(0)
+    r = {**BASE, "model": {**BASE["model"], "block_pattern": "GD | (GA | M3 | ATL) | HY",
+                           "etd": {"encoder_layers": 1, "think_layers": 3, "decoder_layers": 1, "iterations": 2}}}
+    m = build_model(r).double().eval()
+    with torch.no_grad():
+        m.lm_head.weight.mul_(30.0)
+    ids = torch.randint(0, 24, (1, 5), generator=torch.Generator().manual_seed(2))
+    want = recompute_sampler(m, ids, 9, threshold)
+    got = m.generate(ids, max_new_tokens=9, mode="block_diffusion", temperature=0.0, threshold=threshold)
+    assert torch.equal(got, want)
+
+
 def test_left_padding_is_exact(model) -> None:
     g = torch.Generator().manual_seed(4)
     a, b = torch.randint(0, 24, (1, 7), generator=g), torch.randint(0, 24, (1, 4), generator=g)

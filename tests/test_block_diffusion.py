@@ -484,11 +484,48 @@ def test_train_seq_len_must_be_a_multiple_of_block_size():
     load_recipe(_yaml({"kind": "block_diffusion", "block_size": 4}, train={"seq_len": 32}))
 
 
-def test_block_diffusion_rejects_etd_models():
+@pytest.mark.parametrize("part, key", [({"halting": {"kind": "act"}}, "halting.kind"),
+                                       ({"layer_router": {"enabled": True}}, "layer_router.enabled"),
+                                       ({"branches": {"n_branches": 2}}, "branches.n_branches")])
+def test_block_diffusion_trains_etd_models_at_fixed_depth_only(part, key):
+    """An ETD model trains by block diffusion with fixed think iterations; the router's per-token /
+    per-row decisions (ACT halting, Dr.LLM routes, MoDr branches) are refused, naming the key and its line."""
     etd = {"encoder_layers": 0, "think_layers": 1, "decoder_layers": 1}
-    with pytest.raises(RecipeError, match=r"objective\.kind: block_diffusion does not run ETD models"):
-        load_recipe(_yaml({"kind": "block_diffusion", "block_size": 4}, etd=etd))
-    load_recipe(_yaml(None, etd=etd))  # the same model without the objective is fine
+    load_recipe(_yaml({"kind": "block_diffusion", "block_size": 4}, etd=etd))
+    d = yaml.safe_load(_yaml({"kind": "block_diffusion", "block_size": 4}, etd=etd))
+    d["components"]["etd_router"] = part
+    text = yaml.safe_dump(d, sort_keys=False)
+    lines = text.splitlines()
+    start = next(i for i, x in enumerate(lines) if x.strip() == "etd_router:")
+    line = next(i for i, x in enumerate(lines[start:], start + 1) if x.strip().startswith(key.split(".")[-1] + ":"))
+    with pytest.raises(RecipeError, match=rf"^<recipe>:{line}: components\.etd_router\.{re.escape(key)}: block "
+                                          r"diffusion trains ETD models at fixed depth"):
+        load_recipe(text)
+    d["objective"] = None
+    del d["objective"]
+    load_recipe(yaml.safe_dump(d))  # the same model without the objective is fine
+
+
+ETD_CASES = {
+    "GA-think": ("GA | (GD | GA) | GA", {"encoder_layers": 1, "think_layers": 2, "decoder_layers": 1, "iterations": 2}, 0),
+    "every-mixer-meta": ("GD | (GA | M3 | ATL | HY) | GA", {"encoder_layers": 1, "think_layers": 4, "decoder_layers": 1,
+                                                            "iterations": 2, "max_iterations": 3}, 2),
+}
+
+
+@pytest.mark.parametrize("bs", [1, 3, 4])
+@pytest.mark.parametrize("case", list(ETD_CASES))
+def test_two_stream_equals_reference_in_etd_models(case, bs):
+    """ETD (encoder, think block applied twice with tied weights, decoder; each application its own
+    state): the vectorised two-stream forward == each noisy block run on a cache of the clean prefix,
+    logits and gradients."""
+    pattern, etd, meta = ETD_CASES[case]
+    r = bd_recipe(pattern, bs, meta=meta)
+    r["model"]["etd"] = etd
+    model = make(r)
+    L = 12 if bs > 1 else 8
+    x0 = torch.randint(0, V, (2, L), generator=torch.Generator().manual_seed(bs))
+    check_two_stream(model, x0, draw_xt(x0, V, seed=bs), bs, grads=bs != 1 or case == "GA-think")
 
 
 def test_error_line_points_at_the_objective_key(tmp_path):

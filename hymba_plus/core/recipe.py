@@ -717,7 +717,7 @@ def _build(data: Any, file: str) -> Recipe:
                 errs.add(k, msg)
         errs.raise_if_any()
 
-    objective = _build_objective(data.get("objective"), model, train, errs)
+    objective = _build_objective(data.get("objective"), model, train, errs, comps)
     errs.raise_if_any()
     ladir = None
     if data.get("ladir") is not None:
@@ -749,9 +749,11 @@ def objective_kinds() -> dict[str, str]:
     return {registry.get(n).config().kind: n for n in registry.names("objective")}
 
 
-def _build_objective(data: Any, model: ModelConfig, train: Any, errs: _Errors) -> Any:
+def _build_objective(data: Any, model: ModelConfig, train: Any, errs: _Errors, comps: dict[str, Any]) -> Any:
     """The ``objective:`` section: ``kind`` names a registered objective, the other keys are
-    its settings. Absent (or ``kind: next_token`` without settings) = next-token prediction."""
+    its settings. Absent (or ``kind: next_token`` without settings) = next-token prediction.
+    An objective config's ``check_recipe(model, comps)`` yields (full key path, message) for rules
+    across the objective and the components (block diffusion: which ETD router parts it runs)."""
     if data is None:
         return None
     if not isinstance(data, Mapping):
@@ -777,6 +779,9 @@ def _build_objective(data: Any, model: ModelConfig, train: Any, errs: _Errors) -
         return None
     for k, msg in cross_errors(cfg, model, "objective."):
         errs.add(k, msg)
+    if hasattr(cfg, "check_recipe"):
+        for k, msg in cfg.check_recipe(model, comps):
+            errs.add(k, msg)
     bs = getattr(cfg, "block_size", None)
     if bs is not None and train is not None and train.seq_len % bs:
         errs.add("train.seq_len", f"must be a multiple of objective.block_size ({bs}), got {train.seq_len}")

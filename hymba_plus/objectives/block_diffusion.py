@@ -73,9 +73,23 @@ class BlockDiffusionConfig:
         if self.resample and not _allowed_counts(self, lo, hi).any():
             yield "resample", (f"no masked fraction k / {self.block_size} of a block lies in the clip range's mask "
                                f"rates: widen clip or enlarge block_size")
-        if model.etd is not None:
-            yield "kind", "block_diffusion does not run ETD models (model.etd): the two-stream forward is "\
-                          "defined for plain stacks"
+
+    def check_recipe(self, model, comps: dict):  # noqa: ANN001, ANN201
+        """An ETD model (``model.etd``) trains by block diffusion at fixed depth: its two-stream forward
+        is every block application's own (each keeps its state), as in a plain stack. The router's
+        per-token and per-row decisions are not defined over the two streams (ACT halting compacts
+        each row's running tokens, Dr.LLM pools a row's states into its routes, MoDr gates the noisy
+        blocks' short sequences), so those parts are refused."""
+        router = comps.get("etd_router") if model.etd is not None else None
+        if router is None:
+            return
+        for key, on in (("halting.kind", router.halting.kind != "none"),
+                        ("layer_router.enabled", router.layer_router.enabled),
+                        ("branches.n_branches", router.branches.n_branches > 0)):
+            if on:
+                yield (f"components.etd_router.{key}", "block diffusion trains ETD models at fixed depth "
+                       "(etd.iterations): ACT halting, Dr.LLM layer routes and MoDr branches decide per token "
+                       "or per row, which the two-stream forward over [x_0 | x_t] does not define")
 
 
 def _allowed_counts(cfg: BlockDiffusionConfig, lo: float, hi: float) -> Tensor:
