@@ -374,6 +374,119 @@ def test_pieces_of_a_line_without_spaces_are_cut_between_characters():
         assert got.tolist() == [ord(c) for c in text]
 
 
+def test_pieces_are_cut_before_a_lone_space_or_line_break_only():
+    """``_cut``: before the last space standing alone between two non-whitespace characters (never
+    inside a run, never at the data's end, not next to NBSP / U+3000), else such a line break."""
+    from hymba_plus.training.data import _cut
+
+    def cut(d: bytes) -> int:
+        return _cut(d, 0x20) or _cut(d, 0x0A)
+
+    for data, want in [(b"Hello world", 5), (b"Hello  world", 0), (b"a   ", 0), (b"one two  ", 3), (b" a", 0),
+                       (b"x\n    def", 0), (b"a \xc2\xa0b", 0), ("a \u3000 b c".encode(), 7), (b"ab", 0),
+                       ("\u3002\n\u4e47".encode(), 3), ("\u3002\n\n\u4e47".encode(), 0), (b"a b\nc", 1)]:
+        assert cut(data) == want, (data, cut(data))
+
+
+def _bpe(pre, corpus: str, **kw):  # noqa: ANN001, ANN202 - a small BPE `tokenizers` tokenizer trained on corpus
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre
+    alphabet = pre_tokenizers.ByteLevel.alphabet() if isinstance(pre, pre_tokenizers.ByteLevel) else []
+    tok.train_from_iterator([corpus], trainers.BpeTrainer(vocab_size=kw.get("vocab", 400), initial_alphabet=alphabet,
+                                                          special_tokens=["<unk>", "</s>"]))
+    return tok
+
+
+@pytest.mark.parametrize("style", ["gpt2", "neox_space_tokens", "llama_metaspace", "bert"])
+def test_whitespace_runs_stay_whole_and_pieces_equal_the_whole_document(style):
+    """Indented code, double spaces, spaces before a line break, CRLF, blank lines between paragraphs of
+    text without spaces: cut into many pieces, the document encodes as a whole does. (The cut was
+    before the last space, inside runs: GPT-2's spaces before a line break, SentencePiece's ``▁▁``,
+    GPT-NeoX's space tokens came out as single spaces; after a line break, which is not a boundary
+    for ByteLevel; and a WordPiece continuation not starting at a space came out as ``##`` pieces.)"""
+    pytest.importorskip("tokenizers")
+    import io
+
+    from tokenizers import models, normalizers, pre_tokenizers
+
+    from hymba_plus.training.data import _pieces
+
+    corpus = ("def f(x):\n    if x:  # two  spaces\n        return x  \n\treturn 0\r\n"
+              "The quick brown fox.  Then   three.\n\n\u4e2d\u6587\u6ca1\u6709\u7a7a\u683c\u3002\n\n"
+              "\u65e5\u672c\u8a9e\u3002\n") * 40
+    if style == "gpt2":
+        tok = _bpe(pre_tokenizers.ByteLevel(add_prefix_space=False), corpus)
+    elif style == "neox_space_tokens":
+        tok = _bpe(pre_tokenizers.ByteLevel(add_prefix_space=False), corpus)
+        tok.add_tokens([" " * n for n in range(2, 9)])
+    elif style == "llama_metaspace":  # words and line breaks apart, as SentencePiece vocabularies have them
+        tok = _bpe(pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"),
+                                            pre_tokenizers.Metaspace(prepend_scheme="first")]), corpus)
+    else:
+        from tokenizers import Tokenizer, trainers
+
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer()
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.train_from_iterator([corpus], trainers.WordPieceTrainer(vocab_size=300, special_tokens=["[UNK]", "[SEP]"]))
+    t = from_json(tok.to_str())
+    if style == "bert":  # a continuation that does not start at a space is a word, not a word's ## rest
+        assert t.encode("def", add_special_tokens=False, continues=True) == t.encode("def", add_special_tokens=False)
+    want = t.encode(corpus, add_special_tokens=False)
+    for chunk in (7 * 16, 13 * 16, 64 * 16):  # pieces of ~7-64 bytes: hundreds of cuts
+        got = np.concatenate(list(_pieces(io.BytesIO(corpus.encode()), t, chunk))).tolist()
+        assert got == want, (style, chunk)
+
+
+def test_a_small_file_is_one_piece(tmp_path):
+    """A file read in one block is encoded whole (it was cut once before its last space anyway)."""
+    import io
+
+    from hymba_plus.training.data import _pieces
+
+    calls = []
+
+    class Rec:
+        kind, eos_id = "tokenizers", None
+
+        def encode(self, text, add_special_tokens=False, continues=False):  # noqa: ANN001, ANN201
+            calls.append(text)
+            return [ord(c) for c in text]
+
+    text = "The end.  \nHello world " * 3
+    assert np.concatenate(list(_pieces(io.BytesIO(text.encode()), Rec(), 1 << 22))).tolist() == [ord(c) for c in text]
+    assert calls == [text]
+
+
+def test_a_tokenizer_that_cannot_encode_is_one_line_naming_the_file(tmp_path, capsys):
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"hello": 0, "</s>": 1}, unk_token="[UNK]"))  # its unk token is not in it
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    (tmp_path / "tok.json").write_text(tok.to_str())
+    src = tmp_path / "c"
+    src.mkdir()
+    (src / "a.txt").write_text("hello world\n")
+    rc = main(["prepare", str(src), "--out", str(tmp_path / "s"), "--tokenizer", str(tmp_path / "tok.json")])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"{src / 'a.txt'}: cannot encode the text (WordLevel error: Missing [UNK]" in err, err
+    assert not (tmp_path / "s").exists()
+
+
+def test_force_over_a_file_leaves_nothing_behind(tmp_path):
+    src = tmp_path / "c"
+    src.mkdir()
+    (src / "a.txt").write_text(TEXT * 4)
+    out = tmp_path / "out"
+    out.write_text("not a folder")
+    prepare(src, out, ByteTokenizer(), force=True)
+    assert out.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["c", "out"]
+
+
 def test_a_reasoning_task_on_a_next_token_recipe_says_which_objective_reads_it(tmp_path, capsys):
     rc = main(["train", recipe_file(tmp_path), "--data", "chain_arith", "--seq-len", "16", "--out", str(tmp_path / "r"),
                "--no-progress"])

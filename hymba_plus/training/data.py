@@ -41,7 +41,9 @@ INDEX = "index.json"
 FORMAT = "hymba-shards"
 #: 2: documents end with the tokenizer's end token, pieces encoded without special tokens
 #: 3: a document's later pieces encoded without the tokenizer's start-of-text prefix space
-VERSION = 3
+#: 4: pieces cut before a lone space between words (never inside a whitespace run), else a lone line
+#:    break; a file read in one block is one piece
+VERSION = 4
 
 
 class DataError(ValueError):
@@ -109,7 +111,7 @@ def fingerprint(files: list[Path]) -> list[dict[str, Any]]:
 
 
 def _chunks(f: Path, tok: Any, chunk_bytes: int = 1 << 22) -> Iterator[np.ndarray]:
-    """Token arrays of one file, read in pieces (a text piece ends before a space), then its end
+    """Token arrays of one file, read in pieces (a text piece ends before a space between words), then its end
     mark (``_end_mark``). A ``tokenizers`` tokenizer encodes the pieces without its special tokens
     (its post-processor would put e.g. a BOS at every piece's start, mid-document), the later
     ones as continuations (no start-of-text prefix space: ``HFTokenizer.continuation``)."""
@@ -119,6 +121,14 @@ def _chunks(f: Path, tok: Any, chunk_bytes: int = 1 << 22) -> Iterator[np.ndarra
         raise DataError(f"{f}: cannot read ({e.strerror})") from None
     yield from _pieces(fh, tok, chunk_bytes)
     yield _end_mark(f, tok)
+
+
+def _encoded(f: Path, tok: Any) -> Iterator[np.ndarray]:
+    """``_chunks`` of ``f``, a tokenizer's failure named with the file."""
+    try:
+        yield from _chunks(f, tok)
+    except tokmod.TokenizerError as e:
+        raise DataError(f"{f}: {e}") from None
 
 
 def _end_mark(f: Path, tok: Any) -> np.ndarray:
@@ -133,6 +143,42 @@ def _end_mark(f: Path, tok: Any) -> np.ndarray:
             if fh.read(1) != b"\n":
                 return np.asarray([10], dtype=np.int64)
     return np.zeros(0, dtype=np.int64)
+
+
+#: the ASCII whitespace bytes (``_cut``)
+_WS = frozenset(b" \t\n\r\x0b\x0c")
+
+
+def _char_space(data: bytes, i: int, before: bool) -> bool:
+    """Is the character ending at byte ``i`` (``before``) or starting at it a whitespace character
+    (``str.isspace``: NBSP, U+3000, ...)? A character cut off by the data's end counts as one."""
+    if before:
+        j = i - 1
+        while j > 0 and data[j] & 0xC0 == 0x80:  # back over UTF-8 continuation bytes
+            j -= 1
+        ch = data[j:i]
+    else:
+        lead = data[i]
+        n = 1 if lead < 0xC0 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+        if i + n > len(data):
+            return True
+        ch = data[i:i + n]
+    return ch.decode("utf-8", errors="replace").isspace()
+
+
+def _cut(data: bytes, sep: int) -> int:
+    """Where to end a piece of ``data`` (0: nowhere): before its last ``sep`` byte (a space, else a
+    line break) that stands alone between two non-whitespace characters (``str.isspace``: NBSP and
+    U+3000 count) inside ``data``; the next piece starts with it. Every common pre-tokenizer ends a
+    token there (ByteLevel's regex, Whitespace, BERT's and, before a space, Metaspace), and a run of
+    whitespace is never cut: ByteLevel keeps the spaces before a line break together,
+    SentencePiece vocabularies have ``▁▁`` tokens, GPT-NeoX added tokens made of spaces."""
+    i = len(data) - 1
+    while (i := data.rfind(bytes([sep]), 0, i)) > 0:
+        if i + 1 < len(data) and data[i - 1] not in _WS and data[i + 1] not in _WS \
+                and not _char_space(data, i, True) and not _char_space(data, i + 1, False):
+            return i
+    return 0
 
 
 def _pieces(fh: Any, tok: Any, chunk_bytes: int) -> Iterator[np.ndarray]:
@@ -151,19 +197,17 @@ def _pieces(fh: Any, tok: Any, chunk_bytes: int) -> Iterator[np.ndarray]:
                 yield np.frombuffer(block, dtype=np.uint8)
             return
         rest = b""
+        want = chunk_bytes // 16
         while True:
-            block = fh.read(chunk_bytes // 16)
+            block = fh.read(want)
             data = rest + block
-            if not block:
+            if len(block) < want:  # the file's end (a short read of a file): the rest is one piece
                 if data:
                     yield np.asarray(encode(data.decode("utf-8", errors="replace")), dtype=np.int64)
                 return
-            # cut before a space (the next piece starts with it): a word boundary for every common
-            # pre-tokenizer (Metaspace, ByteLevel, Whitespace, BERT's); after a line break where the
-            # block has no space; past a huge block with neither (bounded memory)
-            cut = data.rfind(b" ")
-            if cut <= 0:
-                cut = data.rfind(b"\n") + 1
+            # cut before a space between words, else a line break between lines (``_cut``); past a
+            # huge block with neither (bounded memory) between characters
+            cut = _cut(data, 0x20) or _cut(data, 0x0A)
             if cut == 0 and len(data) > chunk_bytes:  # before the last character (never inside one)
                 cut = len(data) - 1
                 while cut > 0 and data[cut] & 0xC0 == 0x80:  # a UTF-8 continuation byte
@@ -193,6 +237,8 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, tokenizer: Any = 
         raise DataError(f"{out}: holds the data {source} itself; choose an --out outside it")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise DataError(f"{out}: already exists and is not empty (use --force to replace it)")
+    if tok.vocab_size > 1 << 32:
+        raise DataError(f"the tokenizer's vocabulary has {tok.vocab_size} ids: shards hold ids of at most 32 bits")
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -223,7 +269,7 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, tokenizer: Any = 
         bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="prepare", disable=None)
     try:
         for f in files:
-            for arr in _chunks(f, tok):
+            for arr in _encoded(f, tok):
                 top = int(arr.max()) if arr.size else -1
                 if top >= tok.vocab_size:
                     raise DataError(f"{f}: tokenizer produced id {top} >= its vocab {tok.vocab_size}")
@@ -250,7 +296,10 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, tokenizer: Any = 
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)
             os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:  # --force over a file
+                old.unlink(missing_ok=True)
         else:
             os.replace(tmp, out)
     except OSError as e:

@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..core.config import first_line
+
 
 class TokenizerError(ValueError):
     """A tokenizer that cannot be loaded or text it cannot encode (one line)."""
@@ -91,7 +93,7 @@ class HFTokenizer:
         self._continuation: Any = None
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         self.eos_id = None
-        for name in ("</s>", "<|endoftext|>", "<eos>", "[SEP]"):
+        for name in ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "[SEP]"):
             i = self.tok.token_to_id(name)
             if i is not None:
                 self.eos_id = i
@@ -104,18 +106,26 @@ class HFTokenizer:
         later pieces, which start at a space), so the space a tokenizer puts before a text's first
         word (SentencePiece's ``Metaspace`` prepend scheme, ``ByteLevel``'s ``add_prefix_space``, a
         ``Prepend`` normalizer) is not put there: the text is encoded after a word and that word's
-        tokens dropped, or, where they do not come out alone, by ``continuation``."""
-        if not continues:
-            return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
-        # after a word ("a"), as the text stands in its document; where that word's tokens do not
-        # come out alone (the text does not start at a word boundary), the continuation tokenizer
-        if self._head is None:
-            self._head = self.tok.encode("a", add_special_tokens=False).ids
-        head = self._head
-        ids = self.tok.encode("a" + text, add_special_tokens=add_special_tokens).ids
-        if ids[:len(head)] == head and not add_special_tokens:
-            return ids[len(head):]
-        return self.continuation().encode(text, add_special_tokens=add_special_tokens).ids
+        tokens dropped, or, where they do not come out alone or the text does not start with a space
+        (WordPiece would read it as the word's rest), by ``continuation``. An encoding error of the
+        library is a ``TokenizerError``."""
+        try:
+            if not continues:
+                return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+            # after a word ("a"), as the text stands in its document; where that word's tokens do not
+            # come out alone (the text does not start at a word boundary), the continuation tokenizer
+            if text[:1].isspace() and not add_special_tokens:
+                if self._head is None:
+                    self._head = self.tok.encode("a", add_special_tokens=False).ids
+                head = self._head
+                ids = self.tok.encode("a" + text, add_special_tokens=False).ids
+                if ids[:len(head)] == head:
+                    return ids[len(head):]
+            return self.continuation().encode(text, add_special_tokens=add_special_tokens).ids
+        except TokenizerError:
+            raise
+        except Exception as e:  # the library raises its own Exception type
+            raise TokenizerError(f"cannot encode the text ({first_line(e)})") from None
 
     def continuation(self) -> Any:
         """This tokenizer with its start-of-text prefix space turned off (``Metaspace``'s
