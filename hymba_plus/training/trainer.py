@@ -700,13 +700,14 @@ class Trainer:
             raise TrainError(f"--cuda-graph: {e}") from None
 
     def _graph_step(self) -> GraphedStep:
-        """The training step captured at the run's batch shape (sample: seeded random ids);
-        CaptureError when it cannot be."""
+        """The training step captured at the run's batch shape and dtypes (sample: the run's first
+        micro-batch, token ids or a forecast's windows of numbers; the capture's passes step no
+        optimizer); CaptureError when it cannot be."""
         cfg, dev = self.cfg, self.info.device
-        g = torch.Generator(device="cpu").manual_seed(cfg.seed)
-        ids = torch.randint(self.recipe.model.vocab_size, (cfg.batch_size, cfg.seq_len), generator=g).to(dev)
+        batch = self.stream.train(self._micro_indices(0))
         self.model.train()
-        return GraphedStep(self.model, ids, ids.clone(), lambda: _autocast(cfg, dev, cache=False))
+        return GraphedStep(self.model, batch.input_ids.to(dev), batch.labels.to(dev),
+                           lambda: _autocast(cfg, dev, cache=False))
 
     def graph_ineligible(self) -> str | None:
         """Why ``auto`` cannot use CUDA graphs for this run (None: it may try)."""
