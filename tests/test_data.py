@@ -358,7 +358,9 @@ def test_resuming_a_task_run_with_other_task_settings_says_so(tmp_path, capsys):
 
 def test_pieces_of_a_line_without_spaces_are_cut_between_characters():
     """A line longer than a piece with neither a space nor a line break (minified JSON) is cut before
-    its last character, never inside a multi-byte one (a cut there decoded as replacement characters)."""
+    its last character, never inside a multi-byte one (a cut there decoded as replacement characters),
+    nor before a combining mark, a variation selector or after a zero-width joiner (an NFC tokenizer
+    joins an accent with its letter)."""
     import io
 
     from hymba_plus.training.data import _pieces
@@ -369,9 +371,20 @@ def test_pieces_of_a_line_without_spaces_are_cut_between_characters():
         def encode(self, text, add_special_tokens=False, continues=False):  # noqa: ANN001, ANN201
             return [ord(c) for c in text]
 
-    for text in ("é" * 300 + "✓" * 200 + "x", "ab\n" + "€" * 500, "word " * 100 + "ü" * 400):
-        got = np.concatenate(list(_pieces(io.BytesIO(text.encode()), Chars(), 64 * 16)))
+    pieces = []
+
+    class Recording(Chars):
+        def encode(self, text, add_special_tokens=False, continues=False):  # noqa: ANN001, ANN201
+            pieces.append(text)
+            return super().encode(text)
+
+    for text in ("é" * 300 + "✓" * 200 + "x", "ab\n" + "€" * 500, "word " * 100 + "ü" * 400,
+                 "e\u0301" * 400 + "\U0001F468\u200d\U0001F469" * 100 + "x", "a\ufe0f" * 700):
+        pieces.clear()
+        got = np.concatenate(list(_pieces(io.BytesIO(text.encode()), Recording(), 64 * 16)))
         assert got.tolist() == [ord(c) for c in text]
+        # nor between a character and its combining accent / variation selector, nor at a joiner
+        assert len(pieces) > 1 and not any(p[0] in "\u0301\ufe0f\u200d" or p[-1] == "\u200d" for p in pieces)
 
 
 def test_pieces_are_cut_before_a_lone_space_or_line_break_only():

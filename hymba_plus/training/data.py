@@ -24,6 +24,7 @@ import json
 import math
 import os
 import shutil
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,6 +167,25 @@ def _char_space(data: bytes, i: int, before: bool) -> bool:
     return ch.decode("utf-8", errors="replace").isspace()
 
 
+def _char_start(data: bytes, i: int) -> int:
+    """The start of the UTF-8 character holding byte ``i``."""
+    while i > 0 and data[i] & 0xC0 == 0x80:  # a continuation byte
+        i -= 1
+    return i
+
+
+def _combines(data: bytes, i: int) -> bool:
+    """Does the character starting at byte ``i`` attach to the one before it (a combining mark, a
+    variation selector, a zero-width joiner), or may it (cut off by the data's end)?"""
+    lead = data[i]
+    n = 1 if lead < 0xC0 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+    if i + n > len(data):  # cut off by the data's end: it may be one
+        return True
+    ch = data[i:i + n].decode("utf-8", errors="replace")
+    return len(ch) == 1 and (unicodedata.combining(ch) > 0 or unicodedata.category(ch) in ("Mn", "Me")
+                             or ch in "\u200d\u200c")
+
+
 def _cut(data: bytes, sep: int) -> int:
     """Where to end a piece of ``data`` (0: nowhere): before its last ``sep`` byte (a space, else a
     line break) that stands alone between two non-whitespace characters (``str.isspace``: NBSP and
@@ -209,9 +229,11 @@ def _pieces(fh: Any, tok: Any, chunk_bytes: int) -> Iterator[np.ndarray]:
             # huge block with neither (bounded memory) between characters
             cut = _cut(data, 0x20) or _cut(data, 0x0A)
             if cut == 0 and len(data) > chunk_bytes:  # before the last character (never inside one)
-                cut = len(data) - 1
-                while cut > 0 and data[cut] & 0xC0 == 0x80:  # a UTF-8 continuation byte
-                    cut -= 1
+                cut = _char_start(data, len(data) - 1)
+                # nor between a character and the marks that combine with it (accents, variation
+                # selectors, joiners: a tokenizer's NFC / NFKC normalizer joins them)
+                while cut > 0 and (_combines(data, cut) or data[max(0, cut - 3):cut] == "\u200d".encode()):
+                    cut = _char_start(data, cut - 1)
             if cut == 0:
                 rest = data
                 continue
