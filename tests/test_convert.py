@@ -245,3 +245,48 @@ def test_missing_config_keys_take_the_config_classes_defaults(arch, tmp_path):
     ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert rel(ours(ids).logits, hf(ids).logits) <= 1e-4
+
+
+def test_yarn_extends_the_context_and_old_files_import_as_transformers_reads_them(tmp_path):
+    """Qwen's YaRN recipe (``rope_scaling`` yarn x4 on an unchanged ``max_position_embeddings``) runs
+    past it in transformers: the import's ``max_seq_len`` is factor x original (it refused the longer
+    prompts); a folder with ``model.safetensors`` and a stale index loads the single file, as
+    transformers does; the ``rotary_emb.inv_freq`` buffers of checkpoints saved before transformers 4.31
+    are ignored; a ``generation_config.json`` without an eos id means none (not config.json's)."""
+    from safetensors.torch import load_file, save_file
+
+    model = hf_model("Qwen3ForCausalLM", seed=21)
+    save_hf(model, tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg.update(max_position_embeddings=32, rope_scaling={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                                         "original_max_position_embeddings": 32})
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    hf = tf.Qwen3ForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    st = load_file(tmp_path / "hf" / "model.safetensors")  # an old checkpoint's buffers
+    st.update({f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.ones(4) for i in range(cfg["num_hidden_layers"])})
+    save_file(st, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "hf" / "model.safetensors.index.json").write_text(json.dumps(  # a stale index (shards gone)
+        {"weight_map": {k: "model-00001-of-00002.safetensors" for k in st}}))
+    (tmp_path / "hf" / "generation_config.json").write_text(json.dumps({"do_sample": False}))
+    import_hf(tmp_path / "hf", tmp_path / "ours")
+    ours = from_pretrained(tmp_path / "ours").eval()
+    assert ours.config.max_seq_len == 128
+    assert not (tmp_path / "ours" / "generation_config.json").exists()
+    ids = torch.randint(0, VOCAB, (1, 100), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert rel(ours(ids).logits, hf(ids).logits) <= 1e-4
+
+
+def test_export_refuses_an_odd_rotary_width(tmp_path):
+    """rope.fraction 0.4 of head dim 8 rotates 3 dims: we rotate 2, transformers' Qwen3-Next other ones
+    (its logits were 8.6% off ours): refused in one line."""
+    from hymba_plus import build_model
+    from hymba_plus.convert.loader import ConvertError
+
+    r = {"name": "odd", "model": {"vocab_size": 128, "d_model": 32, "block_pattern": "GD+mlp | GA+mlp"},
+         "components": {"gated_attn": {"n_heads": 4, "rope": {"fraction": 0.4}}, "gdn": {"n_heads": 2},
+                        "mlp": {"d_hidden": 48}}}
+    build_model(r).save_pretrained(tmp_path / "ours")
+    with pytest.raises(ConvertError, match=r"rope\.fraction: 0\.4 of head dim 8 is an odd number of dims"):
+        export_hf(tmp_path / "ours", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from hymba_plus.cli import main
 from tests.helpers import tree_changes, tree_snapshot
@@ -155,6 +156,19 @@ def test_usage_errors_exit_2(sharded, tmp_path, capsys):
      "config.json: quantization_config: a quantized checkpoint (fp8) is not supported"),
     (lambda c: c.update(mlp_only_layers=5), "config.json: mlp_only_layers: must be a list, got 5"),
     (lambda c: c.update(rope_theta="abc", rope_parameters=None), "config.json: rope_theta: must be a number > 0, got 'abc'"),
+    # malformed values that were tracebacks (ZeroDivisionError, TypeError, ValueError)
+    (lambda c: c.update(num_attention_heads=0, head_dim=None), "config.json: num_attention_heads: must be >= 1, got 0"),
+    (lambda c: c.update(architectures=[["Qwen3MoeForCausalLM"]]), "config.json: architectures: ['Qwen3MoeForCausalLM'] "
+                                                                 "is not supported"),
+    (lambda c: c.update(architectures=None, model_type=["qwen3_moe"]), "config.json: model_type: ['qwen3_moe'] is not "
+                                                                       "supported"),
+    (lambda c: c.update(rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4,
+                                         "original_max_position_embeddings": 16, "attention_factor": "x"}),
+     "config.json: rope_parameters.attention_factor: must be a number, got 'x'"),
+    # transformers drops rope_parameters' theta where rope_scaling is given: refused, not guessed
+    (lambda c: c.pop("rope_theta", None) and None or c.update(rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+                                                                rope_scaling={"rope_type": "linear", "factor": 2.0}),
+     "config.json: rope_parameters.rope_theta: 500.0 is dropped by transformers where rope_scaling is given"),
 ])
 def test_config_values_refused_in_one_line(edit, expect, tmp_path, capsys):
     src = save_hf(hf_model("Qwen3MoeForCausalLM", seed=3), tmp_path / "src")
@@ -203,3 +217,31 @@ def test_export_of_a_byte_tokenizer_says_it_is_not_exported(tmp_path, capsys):
     assert "built-in bytes tokenizer" in err and "--no-tokenizer" in err and err.count("\n") == 1, err
     assert not (tmp_path / "hf" / "tokenizer.json").exists()
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "back"), "--no-tokenizer"]) == 0
+
+
+def test_malformed_qwen3_next_layers_and_index_values_are_one_line(tmp_path, capsys):
+    src = save_hf(hf_model("Qwen3NextForCausalLM", seed=3), tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    for edit, expect in ((dict(layer_types=None, full_attention_interval=0), "full_attention_interval: must be >= 1"),
+                         (dict(layer_types=[["x"]] * cfg["num_hidden_layers"]), "layer_types: unknown layer type ['x']")):
+        (src / "config.json").write_text(json.dumps({**cfg, **edit}))
+        run_fails(capsys, tmp_path, [src, tmp_path / "out"], expect)
+    (src / "config.json").write_text(json.dumps(cfg))
+    sharded = save_hf(hf_model("Qwen3ForCausalLM", seed=7), tmp_path / "sh", max_shard_size="40KB")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = 3
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    run_fails(capsys, tmp_path, [sharded, tmp_path / "out"], "not a safetensors index (weight_map's values must be "
+                                                            "shard file names)")
+
+
+def test_integer_weights_are_refused_at_import(tmp_path, capsys):
+    """An integer tensor where a weight belongs was imported (rc 0) into a checkpoint that could not be loaded."""
+    from safetensors.torch import load_file, save_file
+
+    src = save_hf(hf_model("LlamaForCausalLM", seed=3), tmp_path / "src")
+    st = load_file(src / "model.safetensors")
+    st["model.norm.weight"] = st["model.norm.weight"].to(torch.int32)
+    save_file(st, src / "model.safetensors", metadata={"format": "pt"})
+    run_fails(capsys, tmp_path, [src, tmp_path / "out"], "tensor 'model.norm.weight' is torch.int32, not a floating-point weight")

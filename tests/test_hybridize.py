@@ -14,6 +14,7 @@ from hymba_plus import build_model, from_pretrained
 from hymba_plus.cli import main
 from hymba_plus.convert import ConvertError, hybridize
 from hymba_plus.core.recipe import RecipeError, load_recipe
+from hymba_plus.models.lm import generation_config
 
 ATTN = {"n_heads": 4, "n_kv_heads": 2, "head_dim": 16}
 COMPS = {"gated_attn": ATTN, "gdn": {"n_heads": 4, "head_dim": 16}, "mlp": {"d_hidden": 128},
@@ -194,6 +195,7 @@ def test_hybridize_straight_from_an_hf_folder(tmp_path):
     from tests.hf_models import VOCAB, hf_model, save_hf
 
     save_hf(hf_model("Qwen3ForCausalLM", seed=11), tmp_path / "hf")
+    (tmp_path / "hf" / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
     r = hf_recipe(tmp_path / "hf")[1].to_dict()
     r["model"]["block_pattern"] = "GD+mlp | GA+mlp | GD+mlp | GA+mlp"
     r["components"]["gdn"] = {"n_heads": 4, "head_dim": 8}
@@ -201,4 +203,8 @@ def test_hybridize_straight_from_an_hf_folder(tmp_path):
     assert [ln.split(":")[0] for ln in lines] == ["layer 0", "layer 2"] and all("q<-q_proj" in ln for ln in lines)
     m = from_pretrained(tmp_path / "h")
     assert (tmp_path / "h" / "tokenizer.json").is_file()
+    # the source's end ids come along (they were dropped), from an HF folder as from a checkpoint
+    assert generation_config(tmp_path / "h") == {"eos_token_id": [7, 9]}
+    hybridize(tmp_path / "h", tmp_path / "h2", r)
+    assert generation_config(tmp_path / "h2") == {"eos_token_id": [7, 9]}
     assert m(torch.randint(0, VOCAB, (1, 8))).logits.isfinite().all()

@@ -19,12 +19,13 @@ def family_of_config(data: dict[str, Any], source: str) -> Family:
     """The family of an HF ``config.json`` (``architectures[0]``, else ``model_type``)."""
     arch = data.get("architectures")
     if isinstance(arch, list) and arch:
-        fam = FAMILIES.get(arch[0])
+        fam = FAMILIES.get(arch[0]) if isinstance(arch[0], str) else None
         if fam is None:
             raise ConvertError(f"{source}: architectures: {arch[0]!r} is not supported "
                                f"(supported: {', '.join(FAMILIES)})")
         return fam
-    fam = BY_MODEL_TYPE.get(data.get("model_type"))
+    mt = data.get("model_type")
+    fam = BY_MODEL_TYPE.get(mt) if isinstance(mt, str) else None
     if fam is None:
         raise ConvertError(f"{source}: model_type: {data.get('model_type')!r} is not supported "
                            f"(supported: {', '.join(BY_MODEL_TYPE)})")

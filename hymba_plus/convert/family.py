@@ -28,12 +28,16 @@ class HFConfig:
     def error(self, key: str, msg: str) -> ConvertError:
         return ConvertError(f"{self.source}: {key}: {msg}")
 
-    def get(self, key: str, default: Any = None, kind: type | tuple = object) -> Any:
+    def get(self, key: str, default: Any = None, kind: type | tuple = object, positive: bool = False) -> Any:
+        """``config.json``'s ``key`` (``default`` where absent or null), checked to be of ``kind``
+        (int, float, bool, list) and, with ``positive``, an integer >= 1 (a count or a width)."""
         v = self.data.get(key, default)
         if v is None:
             return default
         if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
             raise self.error(key, f"must be an integer, got {v!r}")
+        if positive and v < 1:
+            raise self.error(key, f"must be >= 1, got {v!r}")
         if kind is float and (isinstance(v, bool) or not isinstance(v, (int, float))):
             raise self.error(key, f"must be a number, got {v!r}")
         if kind is bool and not isinstance(v, bool):
@@ -43,9 +47,17 @@ class HFConfig:
         return float(v) if kind is float else v
 
     def req(self, key: str, kind: type = int) -> Any:
+        """A required key: an integer >= 1 unless ``kind`` says otherwise."""
         if self.data.get(key) is None:
             raise self.error(key, "missing")
-        return self.get(key, kind=kind)
+        return self.get(key, kind=kind, positive=kind is int)
+
+    def _number(self, par: dict, key: str, default: float) -> float:
+        """A number of the rope parameters (a one-line error otherwise)."""
+        v = par.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise self.error(f"rope_parameters.{key}", f"must be a number, got {v!r}")
+        return float(v)
 
     def rope(self, head_dim: int, partial: bool = False, default_fraction: float = 1.0) -> dict[str, Any]:
         """Our ``rope`` settings from ``rope_parameters`` (transformers 5) or ``rope_theta`` /
@@ -62,6 +74,10 @@ class HFConfig:
             raise self.error("rope_parameters" if not isinstance(rp, dict) else "rope_scaling", "must be a mapping")
         par = sc or rp  # transformers: rope_scaling, when given, is the rope parameters
         theta = par.get("rope_theta", self.data.get("rope_theta", rp.get("rope_theta", 10000.0)))
+        if sc and rp.get("rope_theta") is not None and "rope_theta" not in sc and "rope_theta" not in self.data \
+                and rp.get("rope_theta") != 10000.0:
+            raise self.error("rope_parameters.rope_theta", f"{rp.get('rope_theta')!r} is dropped by transformers where "
+                             "rope_scaling is given (it then uses 10000): put rope_theta into rope_scaling")
         frac = par.get("partial_rotary_factor", self.data.get("partial_rotary_factor", default_fraction))
         for key, v in (("rope_theta", theta), ("partial_rotary_factor", frac)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
@@ -75,14 +91,15 @@ class HFConfig:
             if not isinstance(factor, (int, float)) or factor < 1:
                 raise self.error("rope_parameters.factor", f"{kind} RoPE needs a factor >= 1, got {factor!r}")
             out["scaling"] = {"kind": kind, "factor": float(factor)}
+        top_orig = self.data.get("original_max_position_embeddings")  # transformers prefers it to the rope dict's
         if kind == "llama3":
-            orig = par.get("original_max_position_embeddings")
+            orig = top_orig or par.get("original_max_position_embeddings", self.data.get("max_position_embeddings"))
             if not isinstance(orig, int) or orig < 1:
                 raise self.error("rope_parameters.original_max_position_embeddings", f"llama3 RoPE needs it, got {orig!r}")
-            out["scaling"].update(original_max_seq_len=orig, low_freq_factor=float(par.get("low_freq_factor", 1.0)),
-                                  high_freq_factor=float(par.get("high_freq_factor", 4.0)))
+            out["scaling"].update(original_max_seq_len=orig, low_freq_factor=self._number(par, "low_freq_factor", 1.0),
+                                  high_freq_factor=self._number(par, "high_freq_factor", 4.0))
         elif kind == "yarn":
-            orig = par.get("original_max_position_embeddings", self.data.get("max_position_embeddings"))
+            orig = top_orig or par.get("original_max_position_embeddings", self.data.get("max_position_embeddings"))
             if isinstance(orig, bool) or not isinstance(orig, int) or orig < 1:
                 raise self.error("rope_parameters.original_max_position_embeddings", f"yarn RoPE needs it, got {orig!r}")
             for key in ("mscale", "mscale_all_dim"):
@@ -95,7 +112,7 @@ class HFConfig:
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                     raise self.error(f"rope_parameters.{key}", f"must be a number > 0, got {v!r}")
             att = par.get("attention_factor")
-            if att is not None and abs(float(att) - (0.1 * math.log(float(factor)) + 1.0)) > 1e-9:
+            if att is not None and abs(self._number(par, "attention_factor", 1.0) - (0.1 * math.log(float(factor)) + 1.0)) > 1e-9:
                 raise self.error("rope_parameters.attention_factor", f"{att!r}: only the default 0.1 ln(factor) + 1 "
                                  "is supported")
             out["scaling"].update(original_max_seq_len=orig, beta_fast=float(fast), beta_slow=float(slow))
@@ -128,10 +145,11 @@ class Family:
             raise cfg.error("hidden_act", f"{act!r} is not supported (SwiGLU with silu only)")
         d = cfg.req("hidden_size")
         n_heads = cfg.req("num_attention_heads")
-        head_dim = cfg.get("head_dim", None, int) or d // n_heads
+        head_dim = cfg.get("head_dim", None, int, positive=True) or d // n_heads
         eps = cfg.get("rms_norm_eps", 1e-6, float)
         attn: dict[str, Any] = {
-            "n_heads": n_heads, "n_kv_heads": cfg.get("num_key_value_heads", n_heads, int), "head_dim": head_dim,
+            "n_heads": n_heads, "n_kv_heads": cfg.get("num_key_value_heads", n_heads, int, positive=True),
+            "head_dim": head_dim,
             "qk_norm": self.qk_norm, "output_gate": self.output_gate,
             "rope": cfg.rope(head_dim, self.partial_rope, self.default_rotary_fraction),
             "bias": cfg.get("attention_bias", False, bool)}
@@ -143,8 +161,12 @@ class Family:
                                  "mlp": {"d_hidden": cfg.req("intermediate_size"),
                                          "bias": cfg.get(self.mlp_bias_key, False, bool) if self.mlp_bias_key else False}}
         layers = self.layers(cfg, comps)
+        sc = attn["rope"].get("scaling") or {}
+        max_len = cfg.get("max_position_embeddings", 2048, int)
+        if sc.get("kind") in ("yarn", "llama3"):  # the context the scaling extends to (Qwen's YaRN recipe keeps
+            max_len = max(max_len, int(sc["factor"] * sc["original_max_seq_len"]))  # max_position_embeddings)
         model = {"vocab_size": cfg.req("vocab_size"), "d_model": d,
-                 "max_seq_len": cfg.get("max_position_embeddings", 2048, int),
+                 "max_seq_len": max_len,
                  "block_pattern": format_pattern(layers), "ffn": "mlp", "meta_tokens": 0,
                  "tie_embeddings": cfg.get("tie_word_embeddings", False, bool),
                  "norm": {"zero_centered": self.norm_zero_centered, "eps": eps},
@@ -233,6 +255,9 @@ class Family:
         if a.rope.fraction != 1.0 and not self.partial_rope:
             out.append(f"components.gated_attn.rope.fraction: {a.rope.fraction:g}: {self.architecture} rotates the "
                        "whole head (transformers ignores partial_rotary_factor for it)")
+        elif int(a.dim(m.d_model) * a.rope.fraction) % 2:
+            out.append(f"components.gated_attn.rope.fraction: {a.rope.fraction:g} of head dim {a.dim(m.d_model)} is an "
+                       "odd number of dims (we rotate one fewer; transformers rotates other ones)")
         sc = a.rope.scaling
         if sc is not None and sc.kind == "ntk" and sc.factor != 1.0:
             out.append("components.gated_attn.rope.scaling.kind: ntk scaling is not exported (linear, llama3 and "

@@ -34,6 +34,7 @@ stream), so hybridizing needs about twice the model's size.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ import torch
 from torch import Tensor
 
 from ..core.recipe import Recipe, RecipeError, load_recipe
+from ..models.lm import GENERATION_CONFIG
 from .loader import ConvertError
 from .staging import check_output, staged
 
@@ -218,4 +220,21 @@ def hybridize(src: str | Path, out: str | Path, recipe: Any, *, seed: int = 0, a
         (tmp / "recipe.yaml").write_text(target.to_yaml())
         if tok is not None:
             (tmp / "tokenizer.json").write_text(tok, encoding="utf-8")
+        eos = _end_ids(src, target.model.vocab_size)
+        if eos is not None:  # the source's end ids (hymba generate reads them), as an import writes them
+            (tmp / GENERATION_CONFIG).write_text(json.dumps({"eos_token_id": eos}, indent=2) + "\n")
     return lines
+
+
+def _end_ids(src: Path, vocab_size: int) -> int | list[int] | None:
+    """The end-of-sequence ids of a hymba_plus checkpoint (its generation_config.json) or an HF folder."""
+    if (src / "recipe.yaml").is_file():
+        from ..models.lm import CheckpointError, generation_config
+
+        try:
+            return generation_config(src, vocab_size).get("eos_token_id")
+        except CheckpointError as e:
+            raise ConvertError(str(e)) from None
+    from .importer import hf_end_ids
+
+    return hf_end_ids(src, vocab_size)

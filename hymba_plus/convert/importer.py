@@ -27,7 +27,7 @@ from ..core.recipe import Recipe, RecipeError, load_recipe
 from ..models.lm import GENERATION_CONFIG
 from .families import family_of_config
 from .family import Family, HFConfig
-from .loader import ConvertError, ShardedReader
+from .loader import ConvertError, ShardedReader, dtype_name
 from .rules import Rule
 from .staging import staged
 
@@ -43,8 +43,9 @@ def read_hf_config(src: Path) -> dict[str, Any]:
 
 def hf_end_ids(src: Path, vocab_size: int) -> int | list[int] | None:
     """The source model's end-of-sequence ids as transformers' ``generate`` takes them:
-    ``generation_config.json``'s ``eos_token_id`` where that file names one, else ``config.json``'s
-    (one id or a list; None: none). An id outside the vocabulary is refused (one line)."""
+    ``generation_config.json``'s ``eos_token_id`` where that file exists (none if it names none),
+    else ``config.json``'s (one id or a list; None: none). An id outside the vocabulary is refused
+    (one line)."""
     from ..models.generation import check_eos
 
     for name in ("generation_config.json", "config.json"):
@@ -52,13 +53,13 @@ def hf_end_ids(src: Path, vocab_size: int) -> int | list[int] | None:
         if not path.is_file():
             continue
         data = read_json_object(path, ConvertError)
-        if "eos_token_id" in data:
-            ids = data["eos_token_id"]
+        ids = data.get("eos_token_id")
+        if ids is not None:
             try:
                 check_eos(ids, vocab_size)
             except ValueError as e:
                 raise ConvertError(f"{path}: eos_token_id: {e}") from None
-            return ids
+        return ids  # (a generation_config.json without one: transformers generates without one too)
     return None
 
 
@@ -135,7 +136,8 @@ def plan(reader: ShardedReader, rules: list[Rule], ours: dict[str, Tensor], igno
                                    f"{list(want.shape)}")
             used.add(name)
     for k in reader.keys():
-        if k not in used and not k.startswith(ignore) and k not in allow_unused:
+        # (rotary_emb.inv_freq: a buffer transformers < 4.31 saved; computed from the config, not read)
+        if k not in used and not k.startswith(ignore) and k not in allow_unused and not k.endswith(".rotary_emb.inv_freq"):
             raise ConvertError(f"{reader.folder}: tensor {k!r} is not used by the model config.json describes "
                                "(unexpected weight)")
 
@@ -150,6 +152,9 @@ def load_state(reader: ShardedReader, rules: list[Rule], ours: dict[str, Tensor]
     state: dict[str, Tensor] = {}
     for rule in rules:
         src = [reader.get(k) for k in rule.theirs] if rule.theirs else [ours[k] for k in rule.ours]
+        for name, t in zip(rule.theirs, src):
+            if not t.is_floating_point():  # (weights: a model saved with integer tensors is not one we can run)
+                raise ConvertError(f"{reader.folder}: tensor {name!r} is {dtype_name(t)}, not a floating-point weight")
         for k, t in zip(rule.ours, rule.to_ours(src)):
             state[k] = t.contiguous()
         del src
@@ -192,7 +197,7 @@ def import_hf(src: str | Path, out: str | Path, *, name: str | None = None, toke
     with staged(out) as tmp:
         write_safetensors(state, tmp / "model.safetensors",
                           metadata={"recipe_hash": recipe.hash(), "format": "hymba_plus", "converted_from": arch})
-        (tmp / "recipe.yaml").write_text(f"# imported from {arch} ({src.resolve().name}) by hymba convert\n"
+        (tmp / "recipe.yaml").write_text(f"# imported from {arch} ({src.resolve().name!r}) by hymba convert\n"
                                          + recipe.to_yaml())
         if tok is not None:
             (tmp / "tokenizer.json").write_text(tok, encoding="utf-8")

@@ -29,7 +29,7 @@ class ConvertError(ValueError):
 
 
 class ShardedReader:
-    """The tensors of ``model.safetensors`` or of the shards ``model.safetensors.index.json`` names."""
+    """The tensors of ``model.safetensors``, else of the shards ``model.safetensors.index.json`` names."""
 
     def __init__(self, folder: str | os.PathLike):
         from safetensors import safe_open
@@ -37,11 +37,15 @@ class ShardedReader:
         self.folder = Path(folder)
         index = self.folder / INDEX
         self.where: dict[str, Path] = {}
-        if index.is_file():
+        if (self.folder / SINGLE).is_file():  # before an index, as transformers loads a folder holding both
+            files = [SINGLE]
+        elif index.is_file():
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
                 if not isinstance(weight_map, dict):
                     raise TypeError("weight_map is not a mapping")
+                if not all(isinstance(v, str) for v in weight_map.values()):
+                    raise TypeError("weight_map's values must be shard file names")
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise ConvertError(f"{index}: not a safetensors index ({e})") from None
             files = sorted(set(weight_map.values()))
@@ -51,8 +55,6 @@ class ShardedReader:
                 if not (self.folder / f).is_file():
                     raise ConvertError(f"{self.folder / f}: missing shard (named in {INDEX})")
             self.where = {k: self.folder / v for k, v in weight_map.items()}
-        elif (self.folder / SINGLE).is_file():
-            files = [SINGLE]
         else:
             found = sorted(p.name for p in self.folder.glob("*.safetensors"))
             if not found:

@@ -39,12 +39,12 @@ class Qwen3Next(MoEMixin, Family):
         n = cfg.req("num_hidden_layers")
         types = cfg.get("layer_types", None, list)
         if types is None:
-            interval = cfg.get("full_attention_interval", 4, int)
+            interval = cfg.get("full_attention_interval", 4, int, positive=True)
             types = ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(n)]
         if len(types) != n:
             raise cfg.error("layer_types", f"has {len(types)} entries for {n} layers")
         for t in types:
-            if t not in MIXER_OF:
+            if not isinstance(t, str) or t not in MIXER_OF:
                 raise cfg.error("layer_types", f"unknown layer type {t!r} (known: {', '.join(MIXER_OF)})")
         mixers = [MIXER_OF[t] for t in types]
         if "gdn" in mixers:
