@@ -394,3 +394,76 @@ def test_wsd_decays_after_the_warmup_and_ends_at_its_floor():
     assert f[:3] == pytest.approx([1 / 3, 2 / 3, 1.0]) and f[-1] == pytest.approx(0.1)
     assert all(b <= a + 1e-12 for a, b in zip(f[2:], f[3:])) and f[3] > 0.8  # no jump down after the ramp
     assert lr_factor(19, 20, 2, "wsd", 0.1, 0.01) == pytest.approx(0.1)  # round(0.2) = 0 -> one decay step
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_new_phase_starts_at_the_peak_lr(tmp_path):
+    """A LaDiR stage change on --resume is a new phase whose first step runs at the peak lr (its plan's
+    anchor put the peak on the old phase's last step: the first new step ran at 0.775 of it)."""
+    common = [str(ROOT / "configs" / "ladir_tiny.yaml"), "--data", "chain_arith", "--batch-size", "2", "--warmup", "1",
+              "--no-progress", "--out", str(tmp_path / "r"), "--eval-every", "100", "--save-every", "100"]
+    assert main(["train", *common, "--steps", "3", "--ladir-stage", "vae"]) == 0
+    assert main(["train", *common, "--steps", "6", "--ladir-stage", "flow", "--resume"]) == 0
+    rows = [r for r in _rows(tmp_path / "r") if r["step"] >= 4]
+    assert rows[0]["step"] == 4
+    peak = rows[0]["lr"]
+    assert peak == pytest.approx(max(r["lr"] for r in _rows(tmp_path / "r"))), rows
+    assert rows[-1]["lr"] < peak
+
+
+def test_resume_refuses_another_objective_and_resumes_a_recipes_distill_section(tmp_path, capsys):
+    """The recipe's objective / ladir sections are part of what a checkpoint was trained for: another
+    block size is refused in one line (it trained on silently; another horizon or latent width was a
+    load_state_dict traceback). A recipe whose train: section sets distill resumes (its saved settings
+    came back as a dict: AttributeError)."""
+    import yaml
+
+    bd = yaml.safe_load((ROOT / "configs" / "bd_tiny.yaml").read_text())
+    a = tmp_path / "a.yaml"
+    a.write_text(yaml.safe_dump(bd))
+    common = ["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--warmup", "1", "--no-progress",
+              "--out", str(tmp_path / "bd")]
+    assert main(["train", str(a), *common, "--stop-after", "1"]) == 0
+    bd["objective"]["block_size"] = 8
+    b = tmp_path / "b.yaml"
+    b.write_text(yaml.safe_dump(bd))
+    before = tree_snapshot(tmp_path / "bd")
+    capsys.readouterr()
+    assert main(["train", str(b), *common, "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was trained with another recipe" in err and "objective.block_size: 4" in err, err
+    assert tree_changes(before, tree_snapshot(tmp_path / "bd")) == []
+    # distill in the recipe's train: section
+    teacher = tmp_path / "t"
+    rec = recipe_file(tmp_path)
+    assert main(["train", rec, *FAST, "--steps", "2", "--out", str(teacher)]) == 0
+    d = yaml.safe_load(Path(rec).read_text())
+    d["train"] = {"distill": {"kl_weight": 0.5, "temperature": 2.0}}
+    dr = tmp_path / "d.yaml"
+    dr.write_text(yaml.safe_dump(d))
+    run = ["train", str(dr), *FAST, "--steps", "4", "--distill", str(teacher / "step-2"), "--out", str(tmp_path / "s")]
+    assert main([*run, "--stop-after", "2"]) == 0
+    assert main([*run, "--resume"]) == 0, capsys.readouterr().err
+
+
+def test_a_recipes_yaml_keeps_only_the_train_settings_it_changes():
+    """``Recipe.to_yaml`` (a checkpoint's recipe.yaml) wrote every train default, which then read as set:
+    a default seq_len 128 over max_seq_len 64 made the checkpoint unloadable. Same recipe and hash back."""
+    import yaml
+
+    from hymba_plus import load_recipe
+
+    r = load_recipe({"name": "t", "model": {"vocab_size": 32, "d_model": 32, "max_seq_len": 64, "block_pattern": "GA"},
+                     "train": {"steps": 4, "warmup_steps": 1}})
+    text = r.to_yaml()
+    assert yaml.safe_load(text)["train"] == {"steps": 4, "warmup_steps": 1}
+    back = load_recipe(text)
+    assert back == r and back.hash() == r.hash()
+    empty = load_recipe({"name": "t", "model": {"vocab_size": 32, "d_model": 32, "block_pattern": "GA"}, "train": {}})
+    assert load_recipe(empty.to_yaml()).hash() == empty.hash()

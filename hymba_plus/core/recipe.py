@@ -205,7 +205,15 @@ class Recipe:
         return d
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+        """The recipe as YAML (``load_recipe`` reads it back to an equal recipe, same hash). Its
+        ``train:`` section holds the settings that differ from the defaults: a default written out
+        would read as one the recipe set, whose rules across fields then apply (a default
+        ``seq_len`` above a short ``max_seq_len``: a checkpoint's recipe.yaml could not be loaded)."""
+        d = self.to_dict()
+        if self.train is not None:
+            default = _asdict(type(self.train)())
+            d["train"] = {k: v for k, v in d["train"].items() if v != default.get(k)}
+        return yaml.safe_dump(d, sort_keys=False, default_flow_style=None)
 
     def hash(self) -> str:
         """12 hex digits of the canonical JSON. Settings that are null (unset optional

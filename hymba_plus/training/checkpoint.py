@@ -324,9 +324,11 @@ def find_resumable(out: Path, warn: Any = None) -> tuple[Path, dict[str, Any]] |
 
 
 def recipe_difference(a: Any, b: Any) -> str | None:
-    """The first model/components key whose value differs between two recipes, or None."""
-    da = {"model": _asdict(a.model), "components": _asdict(dict(a.components))}
-    db = {"model": _asdict(b.model), "components": _asdict(dict(b.components))}
+    """The first model / components / objective / ladir key whose value differs between two recipes
+    (what the weights mean and what they are trained for), or None."""
+    da, db = ({"model": _asdict(r.model), "components": _asdict(dict(r.components)),
+               "objective": _asdict(r.objective) if r.objective is not None else None,
+               "ladir": _asdict(r.ladir) if r.ladir is not None else None} for r in (a, b))
 
     def walk(x: Any, y: Any, path: str) -> str | None:
         if isinstance(x, dict) and isinstance(y, dict):
@@ -341,7 +343,7 @@ def recipe_difference(a: Any, b: Any) -> str | None:
 
 
 def check_recipe(ckpt: Path, recipe: Any, recipe_name: str) -> None:
-    """CheckpointError unless ``ckpt`` was trained with ``recipe``'s model and components."""
+    """CheckpointError unless ``ckpt`` was trained with ``recipe``'s model, components, objective and ladir."""
     from ..core.recipe import RecipeError, load_recipe
 
     try:

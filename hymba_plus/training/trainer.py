@@ -495,8 +495,9 @@ class Trainer:
             saved_plan = state.get("schedule", {})
             before = (Schedule.from_dict(saved_plan) if "steps" in saved_plan else Schedule.of(saved_cfg))
             self.schedule = before.replan(Schedule.of(self.cfg), self.start_step)
-            if self.new_phase:  # the new phase's plan starts at the peak lr (no warm-up) and decays to --steps
-                self.schedule = dataclasses.replace(Schedule.of(self.cfg), anchor=(self.start_step, 1.0)
+            if self.new_phase:  # the new phase's plan: its first step at the peak lr (no warm-up), decaying to
+                # --steps (the anchor's factor is that of step s0 - 1: the phase's first step is start_step)
+                self.schedule = dataclasses.replace(Schedule.of(self.cfg), anchor=(self.start_step + 1, 1.0)
                                                     if self.start_step > 0 else None)
             elif not before.same_plan(self.schedule) and self.start_step < self.cfg.steps:
                 self.log(before.describe_change(self.schedule, self.start_step, self.cfg.lr))
@@ -790,8 +791,13 @@ class Trainer:
         if not isinstance(saved, dict):
             raise ckpt_mod.CheckpointError(f"{self.resume_from / ckpt_mod.STATE_FILE}: no train_config")
         known = {f.name for f in dataclasses.fields(TrainConfig)}
+        saved = {k: v for k, v in saved.items() if k in known}
+        if isinstance(saved.get("distill"), dict):  # (a nested section: saved as a mapping)
+            from .config import DistillConfig
+
+            saved["distill"] = DistillConfig(**saved["distill"])
         try:
-            base = TrainConfig(**{k: v for k, v in saved.items() if k in known})
+            base = TrainConfig(**saved)
         except TypeError as e:
             raise ckpt_mod.CheckpointError(f"{self.resume_from / ckpt_mod.STATE_FILE}: bad train_config ({e})") from None
         cfg = dataclasses.replace(base, **self.opts.overrides)
