@@ -467,3 +467,26 @@ def test_a_recipes_yaml_keeps_only_the_train_settings_it_changes():
     assert back == r and back.hash() == r.hash()
     empty = load_recipe({"name": "t", "model": {"vocab_size": 32, "d_model": 32, "block_pattern": "GA"}, "train": {}})
     assert load_recipe(empty.to_yaml()).hash() == empty.hash()
+
+
+def test_the_printed_resume_command_resumes_a_run_with_flags_the_recipe_would_refuse(tmp_path, capsys):
+    """A run with --seq-len 32 on a recipe whose max_seq_len is 64 stopped; `hymba train R --out O --resume`
+    (what an interrupted run prints) was refused by the recipe's default seq_len 128 before the
+    checkpoint's settings were read. Without checkpoints the recipe's settings are still checked."""
+    import yaml
+
+    d = yaml.safe_load(Path(recipe_file(tmp_path)).read_text())
+    d["model"]["max_seq_len"] = 64
+    r = tmp_path / "short.yaml"
+    r.write_text(yaml.safe_dump(d))
+    out = str(tmp_path / "o")
+    assert main(["train", str(r), "--steps", "4", "--stop-after", "2", "--seq-len", "32", "--batch-size", "2",
+                 "--warmup", "1", "--no-progress", "--out", out]) == 0
+    assert main(["train", str(r), "--out", out, "--resume", "--no-progress"]) == 0, capsys.readouterr().err
+    assert [x["step"] for x in _rows(Path(out))][-1] == 4
+    capsys.readouterr()
+    for extra in ([], ["--resume", "auto"]):  # nothing to resume: the recipe's defaults are refused in one line
+        rc = main(["train", str(r), "--out", str(tmp_path / "fresh"), "--no-progress", *extra])
+        err = capsys.readouterr().err
+        assert rc in (1, 2) and "train.seq_len: must be <= model.max_seq_len (64), got 128" in err, err
+        assert not (tmp_path / "fresh" / "step-1").exists()

@@ -151,6 +151,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..core.recipe import RecipeError, load_recipe
     from ..models.lm import CheckpointError
+    from ..training import checkpoint as ckpt_mod
     from ..training.config import TrainConfig, TrainConfigError, validate
     from ..training.data import DataError
     from ..training.signals import EXIT_INTERRUPTED
@@ -178,12 +179,15 @@ def run(args: argparse.Namespace) -> int:
     if args.time_limit is not None and args.time_limit <= 0:
         raise UsageError(f"--time-limit {args.time_limit:g}: must be > 0")
     base = recipe.train if recipe.train is not None else TrainConfig()
+    out = Path(args.out) if args.out else Path("runs") / recipe.name
     try:
         cfg = dataclasses.replace(base, **overrides)
         validate(cfg, recipe.model, overrides, args.recipe)
     except TrainConfigError as e:
-        raise UsageError(str(e)) from None
-    out = Path(args.out) if args.out else Path("runs") / recipe.name
+        # resuming, the checkpoint's settings take the recipe's place (the trainer checks them with the
+        # flags): the recipe's own (or its defaults) must not stop the command a run prints to resume it
+        if args.resume == "no" or not ckpt_mod.list_checkpoints(out):
+            raise UsageError(str(e)) from None
     compile_mode = args.compile_mode or ("default" if args.compile or args.mode == "compile" else None)
     if args.cuda_graph and compile_mode is not None:
         raise UsageError("--cuda-graph: use it instead of --compile / --compile-mode, not with them")

@@ -468,6 +468,8 @@ class Trainer:
                                  "from scratch when there is no checkpoint")
             else:
                 self.log(f"--resume auto: no checkpoint in {self.out}: starting from scratch")
+                # (hymba train leaves the recipe's settings unchecked where --out holds checkpoints)
+                validate(self.cfg, self.recipe.model, opts.overrides, opts.recipe_name)
         self.start_step, self.samples, self.tokens_seen = 0, 0, 0
         self.schedule = Schedule.of(self.cfg)
         self.nothing_to_do: str | None = None
