@@ -490,3 +490,19 @@ def test_the_printed_resume_command_resumes_a_run_with_flags_the_recipe_would_re
         err = capsys.readouterr().err
         assert rc in (1, 2) and "train.seq_len: must be <= model.max_seq_len (64), got 128" in err, err
         assert not (tmp_path / "fresh" / "step-1").exists()
+
+
+def test_a_plain_resume_keeps_distilling_from_the_runs_teacher(tmp_path, capsys):
+    """--distill is saved with the run: `--resume` without it (the printed resume command) continues
+    distilling and gives the uninterrupted run's losses (it dropped the teacher silently)."""
+    rec = recipe_file(tmp_path)
+    teacher = tmp_path / "t"
+    assert main(["train", rec, *FAST, "--steps", "2", "--out", str(teacher)]) == 0
+    common = ["train", rec, *FAST, "--steps", "4"]
+    assert main([*common, "--distill", str(teacher / "step-2"), "--out", str(tmp_path / "full")]) == 0
+    assert main([*common, "--distill", str(teacher / "step-2"), "--out", str(tmp_path / "cut"), "--stop-after", "2"]) == 0
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    assert "the resumed run's teacher" in capsys.readouterr().err
+    full, cut = _rows(tmp_path / "full"), _rows(tmp_path / "cut")
+    assert [r["loss"] for r in cut] == [r["loss"] for r in full] and all("distill/kl" in r for r in cut[-2:]), cut

@@ -593,19 +593,24 @@ class Trainer:
                         else None)
         self.objective = model.objective  # its loss and metric (objectives/); the loop never asks which one
         self.teacher = None
-        if opts.distill is not None:
+        # the teacher: --distill, else the resumed run's (a plain --resume dropped it silently)
+        self.distill_from = opts.distill if opts.distill is not None else (state or {}).get("distill")
+        if self.distill_from is not None:
             from .config import DistillConfig
             from .distill import DistillError, load_teacher
 
             if self.requested == "cuda-graph" or self.mode != "all":
                 raise TrainError("--distill: not with --cuda-graph or --train-only")
             try:
-                self.teacher = load_teacher(opts.distill, model, self.info.device)
+                self.teacher = load_teacher(self.distill_from, model, self.info.device)
             except DistillError as e:
-                raise TrainError(str(e)) from None
+                raise TrainError(str(e) + ("" if opts.distill is not None else
+                                           " (the teacher of the resumed run: pass --distill to name it)")) from None
             d = cfg.distill or DistillConfig()
-            self.log(f"distilling from {opts.distill} ({sum(p.numel() for p in self.teacher.parameters()) / 1e6:.2f}M "
-                     f"params): kl_weight {d.kl_weight:g}, ce_weight {d.ce_weight:g}, temperature {d.temperature:g}")
+            whose = "" if opts.distill is not None else ", the resumed run's teacher"
+            n = sum(p.numel() for p in self.teacher.parameters()) / 1e6
+            self.log(f"distilling from {self.distill_from} ({n:.2f}M params{whose}): kl_weight {d.kl_weight:g}, "
+                     f"ce_weight {d.ce_weight:g}, temperature {d.temperature:g}")
         self.objective.configure(cfg)
         problem = self.objective.run_problem(cfg)
         if problem is not None:
@@ -1123,6 +1128,7 @@ class Trainer:
             "train_config": dataclasses.asdict(self.cfg), "data": self.stream.state(),
             "recipe_hash": self.recipe.hash(), "metrics": self.rows[-1] if self.rows else None,
             "train_only": self.mode,
+            "distill": str(Path(self.distill_from).resolve()) if self.distill_from is not None else None,
         }
         tok = self.stream.tokenizer  # None for series: a forecast model reads numbers
         with self._full_precision():  # checkpoints hold the float32 masters
