@@ -290,3 +290,19 @@ def test_export_refuses_an_odd_rotary_width(tmp_path):
     with pytest.raises(ConvertError, match=r"rope\.fraction: 0\.4 of head dim 8 is an odd number of dims"):
         export_hf(tmp_path / "ours", tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_tokenizer_settings_survive_import_and_export(tmp_path):
+    """The files beside tokenizer.json (special tokens, model_max_length, the chat template) come through
+    an import and an export as they were: AutoTokenizer on the exported folder has the source's special
+    tokens and template (they were dropped: bos / eos / pad None, no template)."""
+    save_hf(hf_model("Qwen3ForCausalLM", seed=5), tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "w1", "eos_token": "w2", "pad_token": "w3",
+        "model_max_length": 128}))
+    (tmp_path / "hf" / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    import_hf(tmp_path / "hf", tmp_path / "ours")
+    export_hf(tmp_path / "ours", tmp_path / "back")
+    src, back = (tf.AutoTokenizer.from_pretrained(tmp_path / p) for p in ("hf", "back"))
+    assert (back.bos_token, back.eos_token, back.pad_token, back.model_max_length) == ("w1", "w2", "w3", 128)
+    assert back.chat_template == src.chat_template is not None

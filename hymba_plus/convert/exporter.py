@@ -19,7 +19,7 @@ from ..core.recipe import RecipeError, load_recipe
 from ..models.lm import GENERATION_CONFIG, CheckpointError, generation_config
 from .families import family_for_recipe
 from .importer import check_rules, meta_state
-from .loader import ConvertError, ShardedReader, ShardWriter
+from .loader import ConvertError, ShardedReader, ShardWriter, side_files
 from .staging import check_output, staged
 
 
@@ -74,6 +74,7 @@ def export_hf(ckpt: str | Path, out: str | Path, *, architecture: str | None = N
         gen = {"do_sample": False, **generation_config(ckpt, recipe.model.vocab_size)}
     except CheckpointError as e:
         raise ConvertError(str(e)) from None
+    sides = side_files(ckpt) if tok_text is not None else {}
     cfg = fam.hf_config(recipe)
     if "eos_token_id" in gen:  # the end ids an import brought (transformers reads both files)
         cfg["eos_token_id"] = gen["eos_token_id"]
@@ -95,4 +96,6 @@ def export_hf(ckpt: str | Path, out: str | Path, *, architecture: str | None = N
             (tmp / "tokenizer.json").write_text(tok_text, encoding="utf-8")
             (tmp / "tokenizer_config.json").write_text(
                 json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}, indent=2) + "\n")
+            for fname, data in sides.items():  # an imported model's, as they came
+                (tmp / fname).write_bytes(data)
     return out

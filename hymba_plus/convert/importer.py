@@ -27,7 +27,7 @@ from ..core.recipe import Recipe, RecipeError, load_recipe
 from ..models.lm import GENERATION_CONFIG
 from .families import family_of_config
 from .family import Family, HFConfig
-from .loader import ConvertError, ShardedReader, dtype_name
+from .loader import ConvertError, ShardedReader, dtype_name, side_files
 from .rules import Rule
 from .staging import staged
 
@@ -193,6 +193,7 @@ def import_hf(src: str | Path, out: str | Path, *, name: str | None = None, toke
     check_output(out)
     fam, recipe, state, tok = _read(src, name, tokenizer)
     eos = hf_end_ids(src, recipe.model.vocab_size)
+    sides = side_files(src) if tok is not None else {}
     arch = fam.architecture
     with staged(out) as tmp:
         write_safetensors(state, tmp / "model.safetensors",
@@ -201,6 +202,8 @@ def import_hf(src: str | Path, out: str | Path, *, name: str | None = None, toke
                                          + recipe.to_yaml())
         if tok is not None:
             (tmp / "tokenizer.json").write_text(tok, encoding="utf-8")
+            for fname, data in sides.items():  # its special tokens, max length, chat template
+                (tmp / fname).write_bytes(data)
         if eos is not None:  # what ends generation (hymba generate reads it: models.lm.generation_config)
             (tmp / GENERATION_CONFIG).write_text(json.dumps({"eos_token_id": eos}, indent=2) + "\n")
     return out
