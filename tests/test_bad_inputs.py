@@ -38,7 +38,7 @@ def ckpt(tmp_path_factory) -> Path:  # noqa: ANN001
     ("--device", "bogus", "expected auto, cpu, cuda or cuda:N"), ("--device", "meta", "expected auto, cpu"),
     ("--batch-size", "1000000000", "must be <= 1048576"), ("--grad-accum", "1000000000000", "must be <= 65536"),
     ("--eval-batches", "1000000000000", "must be <= 1048576"), ("--steps", str(10**17), "must be <= 1099511627776"),
-    ("--route-beam", "1000000000", "--route-beam must be in 1 .. 64"),
+    ("--route-beam", "1000000000", "--route-beam 1000000000: must be in 1 .. 64"),
 ])
 def test_train_flags(tmp_path, capsys, flag, value, says) -> None:
     """Out-of-range values are refused before anything is built or written (argparse's usage

@@ -133,11 +133,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="routers: train only the Dr.LLM layer routers on searched routes, the rest frozen; "
                         "branches: only the MoDr branches (LM loss); all: everything (default: the resumed "
                         "checkpoint's mode, else all; another mode than the checkpoint's starts a new phase)")
-    p.add_argument("--route-beam", type=int, default=4, metavar="N",
-                   help="router training: beam width of the route search (default: 4)")
-    p.add_argument("--route-tolerance", type=finite_float, default=0.02, metavar="NATS",
+    p.add_argument("--route-beam", type=int, metavar="N",
+                   help="router training: beam width of the route search (default: 4; --resume: the run's)")
+    p.add_argument("--route-tolerance", type=finite_float, metavar="NATS",
                    help="router training: how much loss per row above all-execute's a target route may cost; "
-                        "smaller keeps accuracy, larger skips more (default: 0.02)")
+                        "smaller keeps accuracy, larger skips more (default: 0.02; --resume: the run's)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar on a terminal, no progress lines without one")
     p.add_argument("--progress-interval", type=finite_float, default=10.0, metavar="SECONDS",
@@ -200,9 +200,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.train_only is not None and train_only_problem(recipe, args.train_only):
         raise UsageError(train_only_problem(recipe, args.train_only))
-    if not 1 <= args.route_beam <= MAX_ROUTE_BEAM or args.route_tolerance < 0:
-        raise UsageError(f"--route-beam must be in 1 .. {MAX_ROUTE_BEAM} and --route-tolerance >= 0, got "
-                         f"{args.route_beam} and {args.route_tolerance:g}")
+    if args.route_beam is not None and not 1 <= args.route_beam <= MAX_ROUTE_BEAM:
+        raise UsageError(f"--route-beam {args.route_beam}: must be in 1 .. {MAX_ROUTE_BEAM}")
+    if args.route_tolerance is not None and args.route_tolerance < 0:
+        raise UsageError(f"--route-tolerance {args.route_tolerance:g}: must be >= 0")
     opts = RunOptions(out=out, resume=args.resume, device=args.device, mode=mode, compile=compile_mode,
                       cuda_graph=mode == "cuda-graph",
                       stop_after=args.stop_after, time_limit=args.time_limit, progress=not args.no_progress,

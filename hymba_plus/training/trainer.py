@@ -110,6 +110,8 @@ class TrainInterrupted(Exception):
 
 
 RESUME_MODES = ("no", "yes", "auto")
+#: the route search's settings (``RunOptions.route_*``) and their defaults
+ROUTE_SEARCH = {"beam": 4, "length_penalty": 0.1, "tolerance": 0.02, "max_rows": None}
 #: --mode: auto = CUDA graphs where eligible and verified, else eager (CPU: eager)
 TRAIN_MODES = ("auto", "eager", "cuda-graph", "compile")
 #: auto mode keeps CUDA graphs when the first batch's graphed loss is within this relative
@@ -135,10 +137,11 @@ class RunOptions:
     log: Callable[[str], None] | None = None
     # --train-only: "routers" | "branches" | "all"; None = the checkpoint's mode (a fresh run: all)
     train_only: str | None = None
-    # router training (--train-only routers): the route search of training/routes.py
-    route_beam: int = 4
-    route_length_penalty: float = 0.1
-    route_tolerance: float = 0.02  # nats per row above all-execute's loss a target route may cost
+    # router training (--train-only routers): the route search of training/routes.py; None: a resumed
+    # run's own setting, else ROUTE_SEARCH's default (saved with the run, so a resume searches alike)
+    route_beam: int | None = None
+    route_length_penalty: float | None = None
+    route_tolerance: float | None = None  # nats per row above all-execute's loss a target route may cost
     route_max_rows: int | None = None  # rows per forward of the search (None: one call per slot)
     distill: Path | None = None  # --distill: the teacher checkpoint (training/distill.py)
     init: Path | None = None  # a checkpoint whose weights a fresh run starts from (RECIPE given as a folder)
@@ -685,11 +688,15 @@ class Trainer:
             what = {"routers": "the Dr.LLM layer routers", "branches": "the MoDr branches"}[self.mode]
             self.log(f"--train-only {self.mode}: training {what} ({n_train / 1e6:.3f}M params), "
                      f"{n_frozen / 1e6:.2f}M params frozen")
+        saved_search = (state or {}).get("route_search") or {}
+        self.route_search = {k: getattr(opts, f"route_{k}") if getattr(opts, f"route_{k}") is not None
+                             else saved_search.get(k, default) for k, default in ROUTE_SEARCH.items()}
         if self.mode == "routers":
+            rs = self.route_search
             n = len(routes_mod.used_slots(model, routes_mod.default_iterations(model)))
-            self.log(f"route search: length-aware beam search, beam {opts.route_beam}, {n} slots, length penalty "
-                     f"{opts.route_length_penalty:g}, tolerance {opts.route_tolerance:g} nats: "
-                     f"{routes_mod.search_budget(n, opts.route_beam)} batch forwards per micro-batch (no grad), "
+            self.log(f"route search: length-aware beam search, beam {rs['beam']}, {n} slots, length penalty "
+                     f"{rs['length_penalty']:g}, tolerance {rs['tolerance']:g} nats: "
+                     f"{routes_mod.search_budget(n, rs['beam'])} batch forwards per micro-batch (no grad), "
                      "then one teacher-forced forward")
 
     def _capture(self) -> GraphedStep:
@@ -907,7 +914,7 @@ class Trainer:
         """One step of router training (``--train-only routers``, ``routes.py``): per micro-batch
         the route search with the frozen model (no grad), then a forward teacher-forced on the
         searched routes and the focal loss of the routers' logits against them."""
-        cfg, dev, opts = self.cfg, self.info.device, self.opts
+        cfg, dev = self.cfg, self.info.device
         factor = self.schedule.factor(step)
         set_lr(self.opt, factor)
         self.model.eval()  # the frozen base is deterministic (no dropout, no balancing counts)
@@ -924,9 +931,7 @@ class Trainer:
             if self.info.enabled and cfg.grad_accum > 1:
                 self.model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
             with _autocast(cfg, dev):
-                res = routes_mod.search_routes(self.model, ids, labels, beam=opts.route_beam,
-                                               length_penalty=opts.route_length_penalty,
-                                               tolerance=opts.route_tolerance, max_rows=opts.route_max_rows)
+                res = routes_mod.search_routes(self.model, ids, labels, **self.route_search)
                 if self.compile_mode is not None:
                     torch.compiler.cudagraph_mark_step_begin()
                 out = self.fwd(ids, routes=res.routes, check_inputs=False)
@@ -1129,6 +1134,7 @@ class Trainer:
             "recipe_hash": self.recipe.hash(), "metrics": self.rows[-1] if self.rows else None,
             "train_only": self.mode,
             "distill": str(Path(self.distill_from).resolve()) if self.distill_from is not None else None,
+            "route_search": self.route_search,
         }
         tok = self.stream.tokenizer  # None for series: a forecast model reads numbers
         with self._full_precision():  # checkpoints hold the float32 masters
