@@ -150,23 +150,6 @@ def _end_mark(f: Path, tok: Any) -> np.ndarray:
 _WS = frozenset(b" \t\n\r\x0b\x0c")
 
 
-def _char_space(data: bytes, i: int, before: bool) -> bool:
-    """Is the character ending at byte ``i`` (``before``) or starting at it a whitespace character
-    (``str.isspace``: NBSP, U+3000, ...)? A character cut off by the data's end counts as one."""
-    if before:
-        j = i - 1
-        while j > 0 and data[j] & 0xC0 == 0x80:  # back over UTF-8 continuation bytes
-            j -= 1
-        ch = data[j:i]
-    else:
-        lead = data[i]
-        n = 1 if lead < 0xC0 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
-        if i + n > len(data):
-            return True
-        ch = data[i:i + n]
-    return ch.decode("utf-8", errors="replace").isspace()
-
-
 def _char_start(data: bytes, i: int) -> int:
     """The start of the UTF-8 character holding byte ``i``."""
     while i > 0 and data[i] & 0xC0 == 0x80:  # a continuation byte
@@ -174,16 +157,26 @@ def _char_start(data: bytes, i: int) -> int:
     return i
 
 
+def _char_at(data: bytes, i: int) -> str | None:
+    """The character whose UTF-8 encoding starts at byte ``i`` (None: cut off by the data's end)."""
+    lead = data[i]
+    n = 1 if lead < 0xC0 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+    return data[i:i + n].decode("utf-8", errors="replace") if i + n <= len(data) else None
+
+
+def _char_space(data: bytes, i: int, before: bool) -> bool:
+    """Is the character ending at byte ``i`` (``before``) or starting at it a whitespace character
+    (``str.isspace``: NBSP, U+3000, ...)? A character cut off by the data's end counts as one."""
+    ch = _char_at(data, _char_start(data, i - 1) if before else i)
+    return ch is None or ch.isspace()
+
+
 def _combines(data: bytes, i: int) -> bool:
     """Does the character starting at byte ``i`` attach to the one before it (a combining mark, a
     variation selector, a zero-width joiner), or may it (cut off by the data's end)?"""
-    lead = data[i]
-    n = 1 if lead < 0xC0 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
-    if i + n > len(data):  # cut off by the data's end: it may be one
-        return True
-    ch = data[i:i + n].decode("utf-8", errors="replace")
-    return len(ch) == 1 and (unicodedata.combining(ch) > 0 or unicodedata.category(ch) in ("Mn", "Me")
-                             or ch in "\u200d\u200c")
+    ch = _char_at(data, i)
+    return ch is None or (len(ch) == 1 and (unicodedata.combining(ch) > 0 or unicodedata.category(ch) in ("Mn", "Me")
+                                            or ch in "\u200d\u200c"))
 
 
 def _cut(data: bytes, sep: int) -> int:

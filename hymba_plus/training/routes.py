@@ -38,6 +38,7 @@ worth of compute, in ``1 + n`` model calls (more with ``max_rows``): for ``n = 8
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -263,3 +264,9 @@ def route_targets_loss(stats: dict, routes: Tensor, gamma: float, balance: bool 
 
 __all__ = ["TRAIN_ONLY", "RouteSearch", "default_iterations", "freeze", "route_targets_loss", "row_scores",
            "search_budget", "search_routes", "train_only_problem", "trainable_modules", "used_slots"]
+
+
+#: the route search's settings a run keeps (``hymba train --route-beam`` ...) and their defaults:
+#: ``search_routes``' own
+SEARCH_DEFAULTS = {k: p.default for k, p in inspect.signature(search_routes).parameters.items()
+                   if k in ("beam", "length_penalty", "tolerance", "max_rows")}

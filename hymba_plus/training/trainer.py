@@ -110,8 +110,6 @@ class TrainInterrupted(Exception):
 
 
 RESUME_MODES = ("no", "yes", "auto")
-#: the route search's settings (``RunOptions.route_*``) and their defaults
-ROUTE_SEARCH = {"beam": 4, "length_penalty": 0.1, "tolerance": 0.02, "max_rows": None}
 #: --mode: auto = CUDA graphs where eligible and verified, else eager (CPU: eager)
 TRAIN_MODES = ("auto", "eager", "cuda-graph", "compile")
 #: auto mode keeps CUDA graphs when the first batch's graphed loss is within this relative
@@ -138,7 +136,7 @@ class RunOptions:
     # --train-only: "routers" | "branches" | "all"; None = the checkpoint's mode (a fresh run: all)
     train_only: str | None = None
     # router training (--train-only routers): the route search of training/routes.py; None: a resumed
-    # run's own setting, else ROUTE_SEARCH's default (saved with the run, so a resume searches alike)
+    # run's own setting, else routes.SEARCH_DEFAULTS (saved with the run, so a resume searches alike)
     route_beam: int | None = None
     route_length_penalty: float | None = None
     route_tolerance: float | None = None  # nats per row above all-execute's loss a target route may cost
@@ -690,7 +688,7 @@ class Trainer:
                      f"{n_frozen / 1e6:.2f}M params frozen")
         saved_search = (state or {}).get("route_search") or {}
         self.route_search = {k: getattr(opts, f"route_{k}") if getattr(opts, f"route_{k}") is not None
-                             else saved_search.get(k, default) for k, default in ROUTE_SEARCH.items()}
+                             else saved_search.get(k, default) for k, default in routes_mod.SEARCH_DEFAULTS.items()}
         if self.mode == "routers":
             rs = self.route_search
             n = len(routes_mod.used_slots(model, routes_mod.default_iterations(model)))
