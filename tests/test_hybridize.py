@@ -208,3 +208,37 @@ def test_hybridize_straight_from_an_hf_folder(tmp_path):
     hybridize(tmp_path / "h", tmp_path / "h2", r)
     assert generation_config(tmp_path / "h2") == {"eos_token_id": [7, 9]}
     assert m(torch.randint(0, VOCAB, (1, 8))).logits.isfinite().all()
+
+
+def test_training_a_converted_model_keeps_its_end_ids_and_tokenizer_files(tmp_path):
+    """`hymba train` started from an imported / hybridized checkpoint writes checkpoints with its end ids
+    (generation_config.json) and transformers' tokenizer side files (special tokens, chat template), and a
+    resumed run keeps them: both were dropped, so generation ran past Llama-3-style end ids and an export
+    had no chat template."""
+    pytest.importorskip("transformers")
+    from hymba_plus.convert.importer import hf_recipe
+    from hymba_plus.training.tokenizer import TOKENIZER_SIDE_FILES
+    from tests.hf_models import hf_model, save_hf
+
+    hf = save_hf(hf_model("Qwen3ForCausalLM", seed=12), tmp_path / "hf")
+    (hf / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
+    sides = {"tokenizer_config.json": json.dumps({"eos_token": "t7", "model_max_length": 128}),
+             "special_tokens_map.json": json.dumps({"eos_token": "t7"}),
+             "chat_template.jinja": "{% for m in messages %}{{ m['content'] }} t7 {% endfor %}"}
+    for name, text in sides.items():
+        (hf / name).write_text(text)
+    r = hf_recipe(hf)[1].to_dict()
+    r["model"]["block_pattern"] = "GD+mlp | GA+mlp | GD+mlp | GA+mlp"
+    r["components"]["gdn"] = {"n_heads": 4, "head_dim": 8}
+    hybridize(hf, tmp_path / "h", r)
+    assert {n: (tmp_path / "h" / n).read_text() for n in TOKENIZER_SIDE_FILES} == sides
+    (tmp_path / "text.txt").write_text(" ".join(f"t{i % 90}" for i in range(3000)))
+    args = ["train", str(tmp_path / "h"), "--data", str(tmp_path / "text.txt"), "--tokenizer", str(hf / "tokenizer.json"),
+            "--out", str(tmp_path / "run"), "--seq-len", "16", "--batch-size", "2", "--eval-every", "2",
+            "--eval-batches", "1", "--no-progress"]
+    assert main([*args, "--steps", "2"]) == 0
+    assert main([*args, "--steps", "3", "--resume", "auto"]) == 0
+    for step in (2, 3):
+        ckpt = tmp_path / "run" / f"step-{step}"
+        assert generation_config(ckpt) == {"eos_token_id": [7, 9]}
+        assert {n: (ckpt / n).read_text() for n in TOKENIZER_SIDE_FILES} == sides

@@ -17,9 +17,10 @@ from pathlib import Path
 
 from ..core.recipe import RecipeError, load_recipe
 from ..models.lm import GENERATION_CONFIG, CheckpointError, generation_config
+from ..training.tokenizer import TokenizerError, side_files
 from .families import family_for_recipe
 from .importer import check_rules, meta_state
-from .loader import ConvertError, ShardedReader, ShardWriter, side_files
+from .loader import ConvertError, ShardedReader, ShardWriter
 from .staging import check_output, staged
 
 
@@ -60,7 +61,7 @@ def export_hf(ckpt: str | Path, out: str | Path, *, architecture: str | None = N
     tok_text = None
     tok_path = ckpt / "tokenizer.json"
     if tok_path.is_file():
-        from ..training.tokenizer import TokenizerError, load_file
+        from ..training.tokenizer import load_file
 
         try:
             tok = load_file(tok_path)
@@ -74,7 +75,10 @@ def export_hf(ckpt: str | Path, out: str | Path, *, architecture: str | None = N
         gen = {"do_sample": False, **generation_config(ckpt, recipe.model.vocab_size)}
     except CheckpointError as e:
         raise ConvertError(str(e)) from None
-    sides = side_files(ckpt) if tok_text is not None else {}
+    try:
+        sides = side_files(ckpt) if tok_text is not None else {}
+    except TokenizerError as e:
+        raise ConvertError(str(e)) from None
     cfg = fam.hf_config(recipe)
     if "eos_token_id" in gen:  # the end ids an import brought (transformers reads both files)
         cfg["eos_token_id"] = gen["eos_token_id"]
@@ -97,5 +101,5 @@ def export_hf(ckpt: str | Path, out: str | Path, *, architecture: str | None = N
             (tmp / "tokenizer_config.json").write_text(
                 json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}, indent=2) + "\n")
             for fname, data in sides.items():  # an imported model's, as they came
-                (tmp / fname).write_bytes(data)
+                (tmp / fname).write_text(data, encoding="utf-8")
     return out

@@ -43,6 +43,7 @@ from torch import Tensor
 
 from ..core.recipe import Recipe, RecipeError, load_recipe
 from ..models.lm import GENERATION_CONFIG
+from ..training.tokenizer import TokenizerError, side_files
 from .loader import ConvertError
 from .staging import check_output, staged
 
@@ -211,15 +212,21 @@ def hybridize(src: str | Path, out: str | Path, recipe: Any, *, seed: int = 0, a
             done = INIT[t.mixer](model.blocks[i].mixer, attn, H, Hkv, D) if attention_init else []
             lines.append(f"layer {i}: attention -> {t.mixer}: {', '.join(done) if done else 'all fresh'}")
     model.load_state_dict(own)
+    try:
+        sides = side_files(src) if tok is not None else {}
+    except TokenizerError as e:
+        raise ConvertError(str(e)) from None
     with staged(out) as tmp:
         state_out = {k: v.contiguous() for k, v in model.state_dict().items()}
         if tm.tie_embeddings:
             state_out.pop("lm_head.weight", None)
         write_safetensors(state_out, tmp / "model.safetensors",
                           metadata={"recipe_hash": target.hash(), "format": "hymba_plus", "hybridized_from": src.name})
-        (tmp / "recipe.yaml").write_text(target.to_yaml())
+        (tmp / "recipe.yaml").write_text(target.to_yaml(), encoding="utf-8")
         if tok is not None:
             (tmp / "tokenizer.json").write_text(tok, encoding="utf-8")
+            for fname, text in sides.items():  # its special tokens, chat template
+                (tmp / fname).write_text(text, encoding="utf-8")
         eos = _end_ids(src, target.model.vocab_size)
         if eos is not None:  # the source's end ids (hymba generate reads them), as an import writes them
             (tmp / GENERATION_CONFIG).write_text(json.dumps({"eos_token_id": eos}, indent=2) + "\n")

@@ -25,9 +25,10 @@ from torch import Tensor
 from ..core.config import read_json_object
 from ..core.recipe import Recipe, RecipeError, load_recipe
 from ..models.lm import GENERATION_CONFIG
+from ..training.tokenizer import TokenizerError, side_files
 from .families import family_of_config
 from .family import Family, HFConfig
-from .loader import ConvertError, ShardedReader, dtype_name, side_files
+from .loader import ConvertError, ShardedReader, dtype_name
 from .rules import Rule
 from .staging import staged
 
@@ -106,7 +107,7 @@ def expected_theirs(rule: Rule, ours: dict[str, Tensor]) -> list[Tensor]:
 
 
 def check_tokenizer(path: Path, vocab_size: int) -> str:
-    from ..training.tokenizer import TokenizerError, load_file
+    from ..training.tokenizer import load_file
 
     if not path.is_file():
         raise ConvertError(f"{path}: missing (pass --no-tokenizer to import the weights without one)")
@@ -193,17 +194,20 @@ def import_hf(src: str | Path, out: str | Path, *, name: str | None = None, toke
     check_output(out)
     fam, recipe, state, tok = _read(src, name, tokenizer)
     eos = hf_end_ids(src, recipe.model.vocab_size)
-    sides = side_files(src) if tok is not None else {}
+    try:
+        sides = side_files(src) if tok is not None else {}
+    except TokenizerError as e:
+        raise ConvertError(str(e)) from None
     arch = fam.architecture
     with staged(out) as tmp:
         write_safetensors(state, tmp / "model.safetensors",
                           metadata={"recipe_hash": recipe.hash(), "format": "hymba_plus", "converted_from": arch})
         (tmp / "recipe.yaml").write_text(f"# imported from {arch} ({src.resolve().name!r}) by hymba convert\n"
-                                         + recipe.to_yaml())
+                                         + recipe.to_yaml(), encoding="utf-8")
         if tok is not None:
             (tmp / "tokenizer.json").write_text(tok, encoding="utf-8")
             for fname, data in sides.items():  # its special tokens, max length, chat template
-                (tmp / fname).write_bytes(data)
+                (tmp / fname).write_text(data, encoding="utf-8")
         if eos is not None:  # what ends generation (hymba generate reads it: models.lm.generation_config)
             (tmp / GENERATION_CONFIG).write_text(json.dumps({"eos_token_id": eos}, indent=2) + "\n")
     return out

@@ -28,28 +28,6 @@ class ConvertError(ValueError):
     """A conversion that cannot go ahead: one line naming the file (and tensor or key)."""
 
 
-#: the files next to ``tokenizer.json`` that transformers' tokenizers read (special tokens, the model's
-#: maximum length, the chat template): carried through an import and an export as they are
-TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-
-
-def side_files(src: Path) -> dict[str, bytes]:
-    """The ``TOKENIZER_SIDE_FILES`` of a folder (name -> bytes; the JSON ones must be JSON objects)."""
-    out = {}
-    for name in TOKENIZER_SIDE_FILES:
-        f = Path(src) / name
-        if not f.is_file():
-            continue
-        try:
-            data = f.read_bytes()
-            if name.endswith(".json") and not isinstance(json.loads(data.decode("utf-8")), dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as e:
-            raise ConvertError(f"{f}: not readable ({e})") from None
-        out[name] = data
-    return out
-
-
 class ShardedReader:
     """The tensors of ``model.safetensors``, else of the shards ``model.safetensors.index.json`` names."""
 

@@ -501,9 +501,9 @@ class HybridLM(nn.Module):
             state.pop("lm_head.weight", None)  # (a model without vocabulary has neither)
         tmp = p / "model.safetensors.tmp"
         write_safetensors(state, tmp, metadata={"recipe_hash": self.recipe.hash(), "format": "hymba_plus"})
-        (p / "recipe.yaml.tmp").write_text(self.recipe.to_yaml())
+        (p / "recipe.yaml.tmp").write_text(self.recipe.to_yaml(), encoding="utf-8")
         for name, text in (extra_files or {}).items():
-            (p / f"{name}.tmp").write_text(text)
+            (p / f"{name}.tmp").write_text(text, encoding="utf-8")
         os.replace(tmp, p / "model.safetensors")
         os.replace(p / "recipe.yaml.tmp", p / "recipe.yaml")
         for name in extra_files or {}:

@@ -211,6 +211,29 @@ def for_checkpoint(path: str | os.PathLike, vocab_size: int) -> Tokenizer:
     return ByteTokenizer() if vocab_size >= 256 else IdsTokenizer(vocab_size)
 
 
+#: the files next to ``tokenizer.json`` that transformers' tokenizers read (special tokens, the model's
+#: maximum length, the chat template): carried as they are through ``hymba convert`` (import, export)
+#: and ``hymba train`` (from the checkpoint or folder its tokenizer came from)
+TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def side_files(folder: str | os.PathLike) -> dict[str, str]:
+    """The ``TOKENIZER_SIDE_FILES`` of a folder (name -> text; UTF-8, the JSON ones JSON objects)."""
+    out = {}
+    for name in TOKENIZER_SIDE_FILES:
+        f = Path(folder) / name
+        if not f.is_file():
+            continue
+        try:
+            text = f.read_bytes().decode("utf-8")
+            if name.endswith(".json") and not isinstance(json.loads(text), dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            raise TokenizerError(f"{f}: not readable ({first_line(e)})") from None
+        out[name] = text
+    return out
+
+
 class StreamDecoder:
     """Incremental decoding for streaming: ``push(id)`` returns the new printable text.
 

@@ -530,6 +530,7 @@ class Trainer:
         dist_mod.barrier(self.info)
         if not self.info.is_main:
             self.stream = open_stream(*stream_args)
+        self.carried = self._carried_files()
         if state is not None and state.get("data", {}).get("kind") != self.stream.state()["kind"]:
             raise TrainError(f"--data {cfg.data}: the checkpoint {self.resume_from} was trained on "
                              f"{state.get('data', {}).get('kind')} data")
@@ -1135,10 +1136,33 @@ class Trainer:
             "route_search": self.route_search,
         }
         tok = self.stream.tokenizer  # None for series: a forecast model reads numbers
+        files = {**self.carried, "tokenizer.json": tok.to_json()} if tok is not None else {}
         with self._full_precision():  # checkpoints hold the float32 masters
-            return ckpt_mod.save(self.out, step, self.model, self.opt, state, self.info,
-                                 extra_files={"tokenizer.json": tok.to_json()} if tok is not None else {},
+            return ckpt_mod.save(self.out, step, self.model, self.opt, state, self.info, extra_files=files,
                                  keep_last=self.cfg.keep_last)
+
+    def _carried_files(self) -> dict[str, str]:
+        """The files a checkpoint of this run carries beside its tokenizer, as they came: the end ids
+        (``generation_config.json``) of the checkpoint it started from (``--resume``, else a checkpoint
+        given as the recipe, e.g. an imported or hybridized model), and transformers' tokenizer side
+        files (``TOKENIZER_SIDE_FILES``: special tokens, chat template) of the first of that checkpoint
+        and ``--tokenizer``'s folder whose ``tokenizer.json`` is this run's tokenizer."""
+        from ..models.lm import GENERATION_CONFIG, generation_config
+        from .tokenizer import load_file, side_files
+
+        tok = self.stream.tokenizer
+        if tok is None:
+            return {}
+        start = self.resume_from if self.resume_from is not None else self.opts.init
+        out: dict[str, str] = {}
+        if start is not None and generation_config(start, self.recipe.model.vocab_size):  # (checked: ids in range)
+            out[GENERATION_CONFIG] = (Path(start) / GENERATION_CONFIG).read_text(encoding="utf-8")
+        given = Path(self.cfg.tokenizer) if self.cfg.tokenizer else None
+        for folder in (start, given.parent if given is not None and given.name == "tokenizer.json" else None):
+            if (tok.kind == "tokenizers" and folder is not None and (Path(folder) / "tokenizer.json").is_file()
+                    and load_file(Path(folder) / "tokenizer.json").to_json() == tok.to_json()):
+                return {**out, **side_files(folder)}
+        return out
 
     # ------------------------------------------------------------------ run
     def run(self) -> Summary:
