@@ -380,7 +380,7 @@ def test_a_forecast_step_is_captured_whole(tmp_path):
     """Forecasting's step (RevIN, patch embedding, the backbone on inputs_embeds, the horizon head,
     the loss) takes windows of numbers in and gives the loss out: what GraphedStep captures (here run
     eagerly) equals the objective's eager step, loss and gradients, and the trainer's sample for the
-    capture is the run's first batch of windows (float, not token ids)."""
+    capture is the run's first batch of windows (float64 windows, not token ids)."""
     fc = load_recipe(Path(__file__).resolve().parents[1] / "configs" / "forecast_tiny.yaml")
     torch.manual_seed(0)
     model = build_model(fc).train()
@@ -390,7 +390,7 @@ def test_a_forecast_step_is_captured_whole(tmp_path):
     assert tr.graph_ineligible() is None
     batch = tr.stream.train(tr._micro_indices(0))
     x, y = batch.input_ids, batch.labels
-    assert x.dtype == torch.float32 and x.ndim == 3
+    assert x.dtype == torch.float64 and x.ndim == 3
     step = cg._LossStep(model, has_aux=False, stat_keys=[])
     loss = step(x, y)[0]
     loss.backward()

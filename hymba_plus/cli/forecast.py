@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import math
 import os
 import sys
 from pathlib import Path
@@ -41,9 +42,14 @@ def _stamp(t: Any) -> str:
 
 
 def _num(v: Any) -> str:
-    """A forecast value with 9 significant digits, enough to round-trip a float32 (6 had
-    written 1234567.8 as 1.23457e+06)."""
-    return f"{float(v):.9g}"
+    """A forecast value with 12 significant digits (6 had written 1234567.8 as 1.23457e+06; the
+    forecasts are float64: 1e7 + 0.123 keeps its decimals)."""
+    return f"{float(v):.12g}"
+
+
+def _mase(v: float) -> str:
+    """MASE to 3 decimals; n/a where no origin's context had a scale (every one constant)."""
+    return "n/a" if math.isnan(v) else f"{v:.3f}"
 
 
 def run_forecast(args: Any, model: Any, ckpt: Path) -> int:
@@ -52,7 +58,7 @@ def run_forecast(args: Any, model: Any, ckpt: Path) -> int:
     from ..models.forecast_decoding import rolling_forecasts
     from ..training import forecast_metrics as fm
     from ..training.data import DataError
-    from ..training.series import read_csv
+    from ..training.series import read_csv, small_scale_note
 
     cfg = model.objective.cfg
     if args.data is None:
@@ -66,7 +72,7 @@ def run_forecast(args: Any, model: Any, ckpt: Path) -> int:
     out_csv = Path(args.out if args.out is not None else "forecast.csv")
     named = out_csv.name not in ("", ".", "..")  # with_suffix needs a name
     out_png = out_csv.with_suffix(".png") if named else out_csv
-    if not named or out_csv.is_dir() or out_png.is_dir():
+    if not named or out_csv.is_dir() or out_png.is_dir() or out_png == out_csv:  # (FILE.png: the plot replaced it)
         raise UsageError(f"--out {args.out}: expected a file name (FILE.csv; the plot is FILE.png)")
     if Path(args.data).resolve() in (out_csv.resolve(), out_png.resolve()):
         raise UsageError(f"--out {args.out}: is the --data file itself; choose another name")
@@ -93,7 +99,10 @@ def run_forecast(args: Any, model: Any, ckpt: Path) -> int:
                         f"({fit} origin{'s' if fit != 1 else ''} fit{'s' if fit == 1 else ''})")
     if series.report:
         print(f"{args.data}: {series.report}", file=sys.stderr)
-    x = torch.from_numpy(series.values).float()[None]
+    x = torch.from_numpy(series.values)[None]  # float64: RevIN's statistics are float64 (ts_head)
+    small = small_scale_note(series.values[-cfg.context:], cfg.context, cfg.revin_eps, args.data)
+    if small:
+        print(small, file=sys.stderr)
     stats: dict[str, Any] = {}
     try:
         fut = model.generate(x.to(model.device), max_new_tokens=horizon, mode="forecast", stats=stats)[0].cpu()
@@ -107,7 +116,10 @@ def run_forecast(args: Any, model: Any, ckpt: Path) -> int:
     lv = levels.tolist() if levels is not None else None
     rows: list[list[str]] = []
     point = fm.point_forecast(fut, levels.cpu() if levels is not None else None)  # [N, C]
-    future_ts = series.future_timestamps(horizon)
+    try:
+        future_ts = series.future_timestamps(horizon)
+    except DataError as e:
+        raise UserError(str(e)) from None
     origin = _stamp(series.timestamps[-1])
     rows += _rows(origin, future_ts, point, fut, lv)
     lines = []
@@ -115,12 +127,12 @@ def run_forecast(args: Any, model: Any, ckpt: Path) -> int:
         preds, origins = back
         preds = preds[0].cpu()  # [R, H, C, Q], every horizon observed
         ctx = torch.stack([x[0, o - cfg.context:o] for o in origins.tolist()])
-        y = torch.from_numpy(series.targets()).float()  # NaN at the data's gaps: not scored
+        y = torch.from_numpy(series.targets())  # NaN at the data's gaps: not scored
         tgt = torch.stack([y[o:o + cfg.horizon] for o in origins.tolist()])
         sums = fm.window_sums(ctx, tgt, preds, levels.cpu() if levels is not None else None, cfg.season)
         res = fm.forecast_results({k: float(v) for k, v in sums.items()})
         lines.append(f"backtest: {rolling} rolling origin{'s' if rolling != 1 else ''} (each from its own window): "
-                     f"MASE {res['mase']:.3f} (seasonal naive {res['snaive_mase']:.3f}), CRPS {res['crps']:.4g} "
+                     f"MASE {_mase(res['mase'])} (seasonal naive {_mase(res['snaive_mase'])}), CRPS {res['crps']:.4g} "
                      f"(seasonal naive {res['snaive_crps']:.4g}), MSE {res['mse']:.4g}, MAE {res['mae']:.4g}")
         for r, o in enumerate(origins.tolist()):
             ts = [series.timestamps[o + j] for j in range(cfg.horizon)]

@@ -12,7 +12,15 @@ head turns it into patch tokens for the backbone and the backbone's last hidden 
        mu = mean_t x_t,   sigma = sqrt(var_t x_t + eps),   x_hat_t = gamma (x_t - mu) / sigma + beta
 
    with learnable per-channel gamma, beta (``revin_affine``); the output is denormalised by
-   the inverse, y = sigma (y_hat - beta) / gamma + mu (Eq. 3).
+   the inverse, y = sigma (y_hat - beta) / gamma + mu (Eq. 3). The statistics, the normalisation
+   and its inverse are computed in float64 (a series at 1e7 with a signal of std 1 keeps it;
+   float32's spacing there is 1.0), so forecast(a x + b) = a forecast(x) + b holds wherever a^2
+   var(x) >> eps. The absolute eps (``revin_eps``, 1e-5 as the paper's code) is what keeps a flat
+   context followed by a jump (intermittent demand: zeros, then a sale) from a z-score target of
+   1 / 0 in training; a floor relative to the window's level or spread has none there. Its price:
+   a series whose window std is below ~sqrt(100 eps) (~0.03: daily returns, a quantity written in thousands) is
+   flattened towards its mean, so such data is rescaled or given a smaller ``revin_eps``;
+   ``hymba train`` and ``hymba generate --mode forecast`` say so when the data is that small.
 2. **Patching** (PatchTST, Nie et al., "A Time Series is Worth 64 Words", ICLR 2023, arXiv
    2211.14730, §3.1): the normalised context is cut into N = L / P non-overlapping patches
    of P values; a linear map W_p in R^{D x P} embeds each patch as one token,
@@ -72,14 +80,15 @@ class TSHead(nn.Module):
 
     # ------------------------------------------------------------------ RevIN
     def stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(mu, sigma) [B, 1, C] of a context window x [B, L, C] (RevIN Eq. 1)."""
+        """(mu, sigma) [B, 1, C], float64, of a context window x [B, L, C] (RevIN Eq. 1)."""
+        x = x.double()
         mu = x.mean(1, keepdim=True)
         sigma = (x.var(1, keepdim=True, unbiased=False) + self.cfg.revin_eps).sqrt()
         return mu, sigma
 
     def normalize(self, x: Tensor, mu: Tensor, sigma: Tensor) -> Tensor:
-        """x_hat = gamma (x - mu) / sigma + beta (RevIN Eq. 2); x [B, T, C]."""
-        z = (x - mu) / sigma
+        """x_hat = gamma (x - mu) / sigma + beta (RevIN Eq. 2), float64; x [B, T, C]."""
+        z = (x.double() - mu) / sigma
         if self.revin_weight is not None:
             z = z * self.revin_weight + self.revin_bias
         return z
@@ -94,9 +103,9 @@ class TSHead(nn.Module):
 
     @staticmethod
     def denormalize(z: Tensor, mu: Tensor, sigma: Tensor) -> Tensor:
-        """z-scores [B, ..., C, Q] -> values: sigma z + mu (RevIN Eq. 3 after ``unaffine``)."""
+        """z-scores [B, ..., C, Q] -> values, float64: sigma z + mu (RevIN Eq. 3 after ``unaffine``)."""
         shape = (mu.shape[0],) + (1,) * (z.dim() - 3) + (mu.shape[-1], 1)
-        return z * sigma.reshape(shape) + mu.reshape(shape)
+        return z.double() * sigma.reshape(shape) + mu.reshape(shape)
 
     # ------------------------------------------------------------------ patches
     def embed(self, xn: Tensor) -> Tensor:

@@ -51,6 +51,13 @@ def _check_series(obj: Any, series: Tensor, need: int) -> None:
         raise ValueError(f"series must have shape [B, T, {cfg.channels}] (channels), got {tuple(series.shape)}")
     if series.shape[1] < need:
         raise ValueError(f"series: {series.shape[1]} steps, need at least {need} (context {cfg.context})")
+    if not series.is_floating_point():
+        raise TypeError(f"series must be floating point (float32 or float64), got {series.dtype}")
+    bad = (~torch.isfinite(series[:, -need:])).nonzero()
+    if len(bad):  # (a NaN made every forecast NaN, silently; read_csv fills gaps with the last value)
+        b, t, c = (int(v) for v in bad[0])
+        raise ValueError(f"series[{b}, {t - need + series.shape[1]}, {c}] is {float(series[b, t - need + series.shape[1], c])}: "
+                         "the values a forecast reads must be finite (fill gaps first)")
 
 
 @torch.no_grad()
@@ -80,7 +87,7 @@ def generate_forecast(
         raise ValueError(f"max_new_tokens {max_new_tokens}: at most {cfg.horizon + rounds * k} steps fit this model "
                          f"(the context's {cfg.context // cfg.patch} patches plus {rounds} rounds of {k} fed-back values "
                          f"within max_seq_len {model.config.max_seq_len} patches, then the horizon {cfg.horizon})")
-    x = input_ids[:, -cfg.context:].to(model.device, torch.float32)
+    x = input_ids[:, -cfg.context:].to(model.device, torch.float64)  # RevIN in float64 (ts_head)
     mu, sigma = head.stats(x)
     B = x.shape[0]
     cache = model.new_cache(B * cfg.channels if cfg.channel_independent else B)
@@ -97,7 +104,7 @@ def generate_forecast(
         feed = fm.point_forecast(pred[:, :k], obj.levels)  # [B, k, C]
         z, _ = obj.patch_outputs(model, feed, mu, sigma, cache=cache, check_inputs=True)
         forwards += 1
-    out = torch.cat(parts, 1)
+    out = torch.cat(parts, 1).to(input_ids.dtype)  # float64 in, float64 out (a float32 series: float32)
     if stats is not None:
         stats.update(forwards=forwards, steps=max_new_tokens, rounds=forwards)
         rolled = f", rolled {forwards - 1}x through the cache ({k} values per round)" if forwards > 1 else ""
@@ -124,11 +131,11 @@ def rolling_forecasts(model: Any, series: Tensor, origins: int, stats: dict | No
     first = T - origins * P
     idx = (first - L + P * torch.arange(origins + 1))[:, None] + torch.arange(L)[None]  # [R + 1, L]
     B, C = series.shape[0], series.shape[2]
-    windows = series[:, idx.flatten()].reshape(B * (origins + 1), L, C).to(model.device, torch.float32)
+    windows = series[:, idx.flatten()].reshape(B * (origins + 1), L, C).to(model.device, torch.float64)
     preds = [obj.forecast(model, windows[i:i + ROLLING_BATCH]) for i in range(0, len(windows), ROLLING_BATCH)]
     if stats is not None:
         stats.update(forwards=len(preds), origins=origins + 1)
-    out = torch.cat(preds)
+    out = torch.cat(preds).to(series.dtype)
     return out.view(B, origins + 1, *out.shape[1:]), torch.arange(first, T + 1, P)
 
 

@@ -148,11 +148,10 @@ class Forecast(Objective):
 
     def _window(self, fwd, x: Tensor, y: Tensor, **kw: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Any]:  # noqa: ANN001
         head = self.ts_head
-        x, y = x.float(), y.float()
-        mu, sigma = head.stats(x)
+        mu, sigma = head.stats(x)  # float64 (ts_head): the targets' z-scores too, then float32 as the outputs
         z_hat, out = self.patch_outputs(fwd, x, mu, sigma, **kw)
         z_last = z_hat[:, -1]
-        return z_last, (y - mu) / sigma, mu, sigma, out
+        return z_last, ((y.double() - mu) / sigma).float(), mu, sigma, out
 
     def train_forward(self, fwd, model, ids: Tensor, labels: Tensor, batch: Any = None, **kw: Any):  # noqa: ANN001, ANN201
         """``ids``: context windows [B, L, C]; ``labels``: the horizon after them [B, H, C]."""
@@ -179,7 +178,7 @@ class Forecast(Objective):
         return float(self.loss(z_last, z)), 0, 0, ModelOutput(logits=pred, stats=stats)
 
     def values(self, z: Tensor, mu: Tensor, sigma: Tensor) -> Tensor:
-        """Forecasts in the series' units from z-score outputs [B, ..., H, C, Q]: quantiles sorted
+        """Forecasts in the series' units (float64) from z-score outputs [B, ..., H, C, Q]: quantiles sorted
         per step (monotone rearrangement, Chernozhukov et al. 2010: never a crossed band), then
         RevIN's inverse."""
         return self.ts_head.denormalize(z.sort(-1).values if self.levels is not None else z, mu, sigma)
@@ -193,8 +192,7 @@ class Forecast(Objective):
     @torch.no_grad()
     def forecast(self, model, x: Tensor) -> Tensor:  # noqa: ANN001
         """Forecasts [B, H, C, Q] (original units) of the horizon after contexts x [B, L, C]
-        (L = ``context``), in one forward."""
-        x = x.float()
+        (L = ``context``), in one forward; float64 (the statistics' precision: ts_head)."""
         mu, sigma = self.ts_head.stats(x)
         z_hat, _ = self.patch_outputs(model, x, mu, sigma)
         return self.values(z_hat[:, -1], mu, sigma)

@@ -118,12 +118,13 @@ def window_sums(x: Tensor, y: Tensor, q_pred: Tensor, levels: Tensor | None, sea
 def forecast_results(sums: dict[str, float]) -> dict[str, float]:
     """Metrics from accumulated ``window_sums``: mse, mae, mase, crps (and pinball) of the model
     and snaive_mse, snaive_mae, snaive_mase, snaive_crps of the seasonal-naive baseline."""
-    n, s = max(sums.get("points", 0.0), 1.0), max(sums.get("mase_series", sums.get("series", 0.0)), 1.0)
+    n, s = max(sums.get("points", 0.0), 1.0), sums.get("mase_series", sums.get("series", 0.0))
     res = {}
     for pre in ("", "snaive_"):
         res[pre + "mse"] = sums[pre + "sse"] / n
         res[pre + "mae"] = sums[pre + "sae"] / n
-        res[pre + "mase"] = sums[pre + "mase"] / s
+        # NaN where no window had a MASE (every context constant: no scale); 0 read as a perfect score
+        res[pre + "mase"] = sums[pre + "mase"] / s if s > 0 else float("nan")
         res[pre + "crps"] = sums[pre + "crps"] / n
     if "pinball" in sums:
         res["pinball"] = sums["pinball"] / n

@@ -10,8 +10,8 @@ model reads (contexts) a gap holds the last observed value before it (carried fo
 context never reads past its own end; a gap at the very start takes the first observed value),
 and as a target it is not scored (``Series.targets``: NaN there; the loss and every metric
 leave it out). Anything else that is not a
-number, or a value beyond +-1e15 (``MAX_ABS_VALUE``: float32 statistics of it would
-overflow), is an error. Every
+number, or a value beyond +-1e15 (``MAX_ABS_VALUE``), is an error; so is a first row that is
+data rather than a header (a timestamp, then numbers). Every
 problem is one ``DataError`` line naming the file, the line and the column, e.g.
 ``series.csv:7: column 'load' (3): 'abc' is not a number``.
 
@@ -45,7 +45,8 @@ from ..core.config import brief
 from .data import Batch, DataError
 
 MISSING = {"", "na", "nan", "null", "none", "n/a", "-"}
-#: the largest magnitude a series value may have: RevIN squares the values in float32 (max ~3.4e38)
+#: the largest magnitude a series value may have (RevIN's statistics are float64: ts_head; at 1e15 its
+#: spacing is 0.125, so a series there still keeps a signal of unit scale)
 MAX_ABS_VALUE = 1e15
 SYNTHETIC = "synthetic"
 #: the most values (steps x channels) the synthetic generator makes: 1 GiB of float64
@@ -87,7 +88,11 @@ class Series:
         if len(ts) < 2:
             return list(range(len(ts), len(ts) + n))
         step = ts[-1] - ts[-2]
-        return [ts[-1] + step * (i + 1) for i in range(n)]
+        try:
+            return [ts[-1] + step * (i + 1) for i in range(n)]
+        except OverflowError:  # past 9999-12-31
+            raise DataError(f"{self.source}: the {n} steps after the last timestamp {ts[-1]} (every {step}) are past "
+                            "the last date Python represents") from None
 
 
 def _parse_time(text: str) -> Any:
@@ -100,6 +105,22 @@ def _parse_time(text: str) -> Any:
     return v
 
 
+def _is_time(text: str) -> bool:
+    try:
+        _parse_time(text)
+    except (ValueError, OverflowError):
+        return False
+    return True
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def read_csv(path: str | Path) -> Series:
     """Read a series CSV (module docstring); ``DataError`` naming file, line and column."""
     p = Path(path)
@@ -110,10 +131,12 @@ def read_csv(path: str | Path) -> Series:
     except OSError as e:
         raise DataError(f"{p}: cannot read ({e.strerror})") from None
     with fh:
-        try:
-            rows = list(csv.reader(fh))
+        try:  # (row, the file line it ends on: a quoted cell may span lines)
+            reader = csv.reader(fh)
+            numbered = [(row, reader.line_num) for row in reader]
         except (csv.Error, UnicodeDecodeError) as e:
             raise DataError(f"{p}: not a readable CSV file ({e})") from None
+    rows = [r for r, _ in numbered]
     if not rows or not any(c.strip() for c in rows[0]):
         raise DataError(f"{p}:1: empty: expected a header row (a timestamp column, then numeric columns)")
     header = [c.strip() for c in rows[0]]
@@ -121,12 +144,14 @@ def read_csv(path: str | Path) -> Series:
         raise DataError(f"{p}:1: no numeric column: only {header[0]!r}; expected a timestamp column, then one "
                         "column per series")
     cols = header[1:]
+    if _is_time(header[0]) and all(_is_number(c) or c.lower() in MISSING for c in cols):
+        raise DataError(f"{p}:1: {brief(','.join(rows[0]), 60)} looks like data, not a header: the first row names the "
+                        "columns (a timestamp column, then one per series)")
     times: list[Any] = []
     prev = ""
     vals = np.full((len(rows) - 1, len(cols)), np.nan)
     kept = 0
-    for i, row in enumerate(rows[1:]):
-        line = i + 2
+    for row, line in numbered[1:]:
         if not any(c.strip() for c in row):
             continue  # blank line
         if len(row) != len(header):
@@ -158,8 +183,8 @@ def read_csv(path: str | Path) -> Series:
             if not math.isfinite(v):
                 raise DataError(f"{p}:{line}: column {cols[j]!r} ({j + 2}): {brief(cell)} is not a finite number")
             if abs(v) > MAX_ABS_VALUE:
-                raise DataError(f"{p}:{line}: column {cols[j]!r} ({j + 2}): {brief(cell)} is beyond +-{MAX_ABS_VALUE:g} "
-                                "(the model computes in float32: its statistics of such values overflow)")
+                raise DataError(f"{p}:{line}: column {cols[j]!r} ({j + 2}): {brief(cell)} is beyond +-{MAX_ABS_VALUE:g}, "
+                                "the largest magnitude a series value may have")
             vals[kept, j] = v
         kept += 1
     vals = vals[:kept]
@@ -234,9 +259,25 @@ def split_by_time(n: int, context: int, horizon: int, source: str) -> Splits:
     return Splits((0, va), (va, te), (te, n))
 
 
+def small_scale_note(values: np.ndarray, context: int, eps: float, where: str) -> str | None:
+    """A notice where the typical (median) variance of ``values`` [T, C] over windows of ``context``
+    steps is below 100 ``eps``: RevIN's absolute eps (``objective.revin_eps``) then flattens those
+    windows towards their mean (ts_head's docstring); None where it does not."""
+    T, C = values.shape
+    n = max(T // context, 1)
+    chunks = values[-n * context:].reshape(n, -1, C) if T >= context else values[None]
+    var = np.median(chunks.var(1), axis=0)  # [C]
+    low = [c for c in range(C) if var[c] < 100 * eps]
+    if not low:
+        return None
+    return (f"note: {where}: channel{'s' if len(low) > 1 else ''} {', '.join(map(str, low[:6]))} vary little (window std "
+            f"{math.sqrt(float(var[low[0]])):.3g}) next to objective.revin_eps {eps:g}: RevIN flattens them towards their "
+            f"mean; rescale the data (x 1/std) or set a smaller revin_eps (e.g. {max(float(var[low[0]]) / 1e3, 1e-30):.1g})")
+
+
 class SeriesStream:
     """Windows of a series for the forecast objective: ``Batch(input_ids=context [B, L, C],
-    labels=horizon [B, H, C])`` (float32; a target missing from the data is NaN)."""
+    labels=horizon [B, H, C])`` (float64; a target missing from the data is NaN)."""
 
     metric = "forecast"
     tokenizer = None  # numbers, no tokens
@@ -265,14 +306,16 @@ class SeriesStream:
             raise DataError(f"{data}:1: {C} numeric column{'s' if C != 1 else ''} "
                             f"({', '.join(self.series.columns[:6])}) but the recipe's objective.channels is "
                             f"{obj.channels}")
-        self.values = torch.from_numpy(self.series.values.astype(np.float32))  # contexts: gaps filled
-        self.targets = torch.from_numpy(self.series.targets().astype(np.float32))  # NaN at gaps: not scored
+        # float64: RevIN's statistics are float64 (ts_head), a float32 copy rounded series far from 0
+        self.values = torch.from_numpy(self.series.values.astype(np.float64))  # contexts: gaps filled
+        self.targets = torch.from_numpy(self.series.targets().astype(np.float64))  # NaN at gaps: not scored
         self.splits = split_by_time(len(self.values), L, H, data)
         self.seq_len = L // obj.patch  # patch tokens per window
         lo, hi = self.splits.train
         self.n_train = hi - H - L + 1  # training windows (start positions)
         self.val_starts = self._starts(self.splits.val)
         self.test_starts = self._starts(self.splits.test)
+        self.note = small_scale_note(self.series.values[:hi], L, obj.revin_eps, data)  # (the trainer logs it)
         fill = f"; {self.series.report}" if self.series.report else ""
         self.description = (f"{what}{fill}; split by time: train targets [0, {hi}), validation [{hi}, "
                             f"{self.splits.val[1]}) ({len(self.val_starts)} windows), test [{self.splits.test[0]}, "

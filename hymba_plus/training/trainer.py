@@ -660,6 +660,8 @@ class Trainer:
                       f"{self.masters.numel() / 1e6:.2f}M params)")
         self.log(f"model {self.recipe.name}: {n_params / 1e6:.2f}M params, pattern {self.recipe.pattern}")
         self.log(f"data: {self.stream.description}")
+        if getattr(self.stream, "note", None):  # e.g. a series too small for RevIN's eps (training.series)
+            self.log(self.stream.note)
         if cfg.tf32:
             where += ", float32 matmuls in TF32" if dev.type == "cuda" else " (--tf32: CUDA only, no effect here)"
         warm = f"warmup {cfg.warmup_steps}"
