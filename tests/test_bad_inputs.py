@@ -136,7 +136,7 @@ def test_forecast_out_must_name_a_file(forecaster, tmp_path, capsys, monkeypatch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["DIR"] and not any((tmp_path / "DIR").iterdir())
 
 
-def test_forecast_refuses_values_float32_cannot_hold(forecaster, tmp_path, capsys) -> None:
+def test_forecast_refuses_values_beyond_its_bound(forecaster, tmp_path, capsys) -> None:
     ck, _ = forecaster
     huge = tmp_path / "huge.csv"
     huge.write_text("t,a\n" + "".join(f"{i},1e308\n" for i in range(400)))

@@ -196,3 +196,70 @@ def test_resuming_on_more_ranks_gives_each_new_rank_its_own_random_stream(tmp_pa
         draws.setdefault(rank, []).append(torch.rand(4))
     assert torch.equal(draws[0][0], want0)
     assert not torch.equal(draws[1][0], want0) and torch.equal(draws[1][0], draws[1][1])
+
+
+def test_corrupt_optimizer_and_generator_states_are_one_line(tmp_path, capsys):
+    """Readable safetensors files with the wrong content: an optimizer state of another shape or an
+    integer dtype (set_optimizer_state_dict checks neither: the first step failed, a traceback) and
+    generator states that are not states (tracebacks from int() / set_rng_state)."""
+    from safetensors.torch import load_file, save_file
+
+    recipe = recipe_file(tmp_path)
+    out = tmp_path / "run"
+    assert main(["train", recipe, "--out", str(out), "--steps", "4", "--stop-after", "2", *FAST]) == 0
+    capsys.readouterr()
+    ck = out / "step-2"
+    opt_file, rng_file = ck / "optimizer.safetensors", ck / "rng.safetensors"
+    opt_bytes, rng_bytes = opt_file.read_bytes(), rng_file.read_bytes()
+    from safetensors import safe_open
+
+    with safe_open(str(opt_file), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(opt_file))
+    big = next(k for k, v in tensors.items() if v.dim() == 2)
+    step = next(k for k in tensors if k.endswith("/step"))
+    for name, change, needle in [(big, lambda t: t[:1], f"is float32 [1, {tensors[big].shape[1]}], the parameter"),
+                                 (step, lambda t: t.long(), "'s step is int64 [], the parameter")]:
+        save_file({**tensors, name: change(tensors[name]).contiguous()}, str(opt_file), metadata=meta)
+        rc = main(["train", recipe, "--out", str(out), "--steps", "4", "--resume", *FAST])
+        one_line_error(capsys, rc, needle)
+        opt_file.write_bytes(opt_bytes)
+    rng = load_file(str(rng_file))
+    for bad, needle in [({"rank0/cpu": rng["rank0/cpu"][:100]}, "rank0's generator state does not load"),
+                        ({"rankX/cpu": rng["rank0/cpu"]}, "'rankX/cpu' is not a generator state"),
+                        ({"rank0/cpu": rng["rank0/cpu"].float()}, "'rank0/cpu' is not a generator state"),
+                        ({}, "no generator states")]:
+        save_file(bad, str(rng_file))
+        rc = main(["train", recipe, "--out", str(out), "--steps", "4", "--resume", *FAST])
+        one_line_error(capsys, rc, f"rng.safetensors: {needle}")
+    rng_file.write_bytes(rng_bytes)
+    assert main(["train", recipe, "--out", str(out), "--steps", "4", "--resume", *FAST]) == 0
+
+
+def test_untied_weights_under_a_tying_recipe_and_a_mixed_folder(tmp_path):
+    """An lm_head.weight unlike embed.weight under tie_embeddings: true loaded silently, the head's
+    values replacing the embedding (one tied tensor); weights saved under another recipe than the
+    recipe.yaml beside them (an interrupted save into the folder, or an edit) load with a warning."""
+    import pytest
+    from safetensors.torch import load_file, save_file
+
+    from hymba_plus import build_model
+    from hymba_plus.models.lm import CheckpointError
+
+    r = {**TINY, "model": {**TINY["model"], "tie_embeddings": True}}
+    m = build_model(r)
+    m.save_pretrained(tmp_path / "a")
+    w = load_file(str(tmp_path / "a" / "model.safetensors"))
+    save_file({**w, "lm_head.weight": w["embed.weight"].clone()}, str(tmp_path / "a" / "model.safetensors"),
+              metadata={"recipe_hash": m.recipe.hash()})
+    assert torch.equal(from_pretrained(tmp_path / "a").embed.weight, m.embed.weight)  # equal: fine
+    save_file({**w, "lm_head.weight": torch.randn_like(w["embed.weight"])}, str(tmp_path / "a" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="holds an lm_head.weight that differs from embed.weight, but recipe.yaml "
+                                              r"ties them \(model.tie_embeddings: true\)"):
+        from_pretrained(tmp_path / "a")
+    other = build_model({**r, "components": {**r["components"], "gated_attn": {"n_heads": 2, "rope": {"theta": 500.0}}}})
+    other.save_pretrained(tmp_path / "b")
+    (tmp_path / "b" / "recipe.yaml").write_text((tmp_path / "a" / "recipe.yaml").read_text())
+    with pytest.warns(UserWarning, match=f"written with recipe hash {other.recipe.hash()}, recipe.yaml hashes to "
+                                         f"{m.recipe.hash()}"):
+        from_pretrained(tmp_path / "b")

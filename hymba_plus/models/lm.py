@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -610,8 +611,12 @@ def generation_config(path: str | os.PathLike, vocab_size: int | None = None) ->
 
 def from_pretrained(path: str | os.PathLike, device: Any = None, strict: bool = True) -> HybridLM:
     """Load a folder written by ``save_pretrained`` (or a ``hymba train`` checkpoint). A bad
-    ``device`` is refused before anything is read (``check_device``)."""
-    from safetensors import SafetensorError
+    ``device`` is refused before anything is read (``check_device``). Weights that do not fit
+    recipe.yaml (missing / unexpected tensors, shapes, integer for float, an untied
+    ``lm_head.weight`` under ``tie_embeddings``) are a ``CheckpointError``; weights saved under
+    another recipe hash than recipe.yaml's load with a warning (an edit, e.g. a longer
+    ``max_seq_len``, or a save into the folder cut between its files)."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     check_device(device)
@@ -629,11 +634,22 @@ def from_pretrained(path: str | os.PathLike, device: Any = None, strict: bool = 
         raise CheckpointError(f"invalid recipe: {e.errors[0]}") from None  # the error names the file and line
     try:
         state = load_file(str(p / "model.safetensors"), device="cpu")
+        with safe_open(str(p / "model.safetensors"), framework="pt") as f:
+            saved_hash = (f.metadata() or {}).get("recipe_hash")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{p / 'model.safetensors'}: corrupt or truncated ({e})") from None
+    if saved_hash is not None and saved_hash != recipe.hash():  # an edit (legitimate: a longer max_seq_len), or
+        # a save into this folder cut between its files: the weights of one model under another's recipe
+        warnings.warn(f"{p}: model.safetensors was written with recipe hash {saved_hash}, recipe.yaml hashes to "
+                      f"{recipe.hash()} (edited since, or an interrupted save_pretrained)", stacklevel=2)
     model = HybridLM(recipe)
     if recipe.model.tie_embeddings and "embed.weight" in state:
-        state.setdefault("lm_head.weight", state["embed.weight"])
+        head = state.setdefault("lm_head.weight", state["embed.weight"])
+        if head is not state["embed.weight"] and (head.shape != state["embed.weight"].shape
+                                                   or not torch.equal(head, state["embed.weight"])):
+            # (both load into the one tied tensor: the head's values replaced the embedding, silently)
+            raise CheckpointError(f"{p / 'model.safetensors'}: holds an lm_head.weight that differs from embed.weight, "
+                                  "but recipe.yaml ties them (model.tie_embeddings: true)")
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

@@ -17,6 +17,9 @@ garbled file is caught there); a corrupt newer one is skipped with a one-line wa
 never deleted: should the resumed run reach its step again, the corrupt folder is renamed
 ``step-N.corrupt`` (``-2``, ... if taken) before the new one takes its name. Checkpoints
 ahead of the step being saved are never pruned, and ``keep_last`` counts intact ones only.
+Files that open but hold the wrong content are one ``CheckpointError`` line too: an optimizer
+state of another shape than its parameter or not floating point (``set_optimizer_state_dict``
+checks neither), generator states that are not ``rank<N>/cpu|cuda`` uint8 vectors or do not load.
 
 Crash safety: everything is written into ``OUT/.tmp-step-N-PID/`` and then renamed to
 ``OUT/step-N`` with one ``os.replace`` (atomic on POSIX), so a ``step-N`` folder is always
@@ -42,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.config import brief
+from ..core.config import brief, first_line
 from ..core.recipe import _asdict
 from ..models.lm import CheckpointError, HybridLM, from_pretrained, write_safetensors
 from .distributed import DistInfo, all_gather_bytes, barrier
@@ -390,6 +393,14 @@ def load_optimizer(ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer, inf
                                  options=StateDictOptions(full_state_dict=True, strict=False))
     except (KeyError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{p}: does not fit this model's parameters ({str(e).splitlines()[0]})") from None
+    # set_optimizer_state_dict checks neither shapes nor dtypes: a wrong one failed at the first step, a traceback
+    names = {id(t): n for n, t in raw.named_parameters()}
+    for g in opt.param_groups:
+        for prm in g["params"]:
+            for key, v in opt.state.get(prm, {}).items():
+                if isinstance(v, torch.Tensor) and (not v.is_floating_point() or (v.dim() and v.shape != prm.shape)):
+                    raise CheckpointError(f"{p}: {names.get(id(prm), '?')}'s {key} is {str(v.dtype).removeprefix('torch.')} "
+                                          f"{list(v.shape)}, the parameter {list(prm.shape)}")
     for g, (lr, wd) in zip(opt.param_groups, base):  # this run's settings win over the saved ones
         g["base_lr"], g["lr"], g["weight_decay"] = lr, lr, wd
 
@@ -405,12 +416,20 @@ def load_rng(ckpt: Path, info: DistInfo) -> None:
         raise CheckpointError(f"{p}: missing") from None
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"{p}: corrupt or truncated ({e})") from None
-    ranks = sorted({int(k.split("/")[0][4:]) for k in rng})
+    keys = [re.fullmatch(r"rank(\d{1,6})/(cpu|cuda)", k) for k in rng]
+    bad = next((k for k, m in zip(rng, keys) if m is None or rng[k].dtype != torch.uint8 or rng[k].dim() != 1), None)
+    if bad is not None or not rng:
+        raise CheckpointError(f"{p}: " + (f"{bad!r} is not a generator state (rank<N>/cpu or /cuda, uint8)"
+                                          if bad is not None else "no generator states"))
+    ranks = sorted({int(m.group(1)) for m in keys if m is not None})
     r = info.rank if info.rank in ranks else ranks[info.rank % len(ranks)]
-    if f"rank{r}/cpu" in rng:
-        torch.set_rng_state(rng[f"rank{r}/cpu"])
-    if info.device.type == "cuda" and f"rank{r}/cuda" in rng:
-        torch.cuda.set_rng_state(rng[f"rank{r}/cuda"], info.device)
+    try:
+        if f"rank{r}/cpu" in rng:
+            torch.set_rng_state(rng[f"rank{r}/cpu"])
+        if info.device.type == "cuda" and f"rank{r}/cuda" in rng:
+            torch.cuda.set_rng_state(rng[f"rank{r}/cuda"], info.device)
+    except RuntimeError as e:  # e.g. a state of the wrong size
+        raise CheckpointError(f"{p}: rank{r}'s generator state does not load ({first_line(e)})") from None
     if r != info.rank:  # more ranks than saved states: a stream of its own, not a copy of rank r's (the
         # objectives' noise, block diffusion's masks and LaDiR's latents, would repeat on every rank)
         draw = int(torch.randint(0, 2**62, (1,)))
