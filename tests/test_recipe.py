@@ -464,3 +464,52 @@ def test_arbitrary_text_loads_or_fails_cleanly(text):
         load_recipe(text + "\n")
     except RecipeError as e:
         assert e.errors and all(_LINE.match(line) for line in e.errors), e.errors
+
+
+def test_values_python_cannot_convert_are_one_line_errors():
+    """An integer past float range in a float field (OverflowError), a pattern repeat count of 5000
+    digits or in other digits than ASCII (ValueError from int()): each one RecipeError line."""
+    base = {"name": "r", "model": {"vocab_size": 32, "d_model": 16, "block_pattern": "GA"}}
+    with pytest.raises(RecipeError, match=r"model.init_std: must be a finite number, got 1000.*\(401 characters\)"):
+        load_recipe({**base, "model": {**base["model"], "init_std": 10**400}})
+    for count, says in [("9" * 5000, "pattern expands to more than 4096 layers"),
+                        ("\u00b2", "unexpected character '\u00b2' at column 4"),
+                        ("0" * 5000 + "2", None)]:
+        src = {**base, "model": {**base["model"], "block_pattern": f"GA*{count}"}}
+        if says is None:
+            assert load_recipe(src).pattern == "GA+mlp | GA+mlp"
+        else:
+            with pytest.raises(RecipeError, match=re.escape(says)):
+                load_recipe(src)
+
+
+def test_to_yaml_quotes_strings_the_loader_reads_as_numbers(tmp_path):
+    """A name or data path like '1e3' was written unquoted and read back as the float 1000.0: the
+    checkpoint's recipe.yaml no longer loaded."""
+    r = load_recipe({"name": "1e3", "model": {"vocab_size": 32, "d_model": 16, "block_pattern": "GA"},
+                     "train": {"data": "2e5"}})
+    back = load_recipe(r.to_yaml())
+    assert back == r and back.name == "1e3" and back.train.data == "2e5" and back.hash() == r.hash()
+
+
+def test_block_diffusion_seq_len_rule_applies_to_what_the_recipe_sets():
+    """A train section without seq_len took the default (128) for the rule and failed naming a key the
+    file does not have; --seq-len could not fix it (the recipe never loaded)."""
+    r = {"name": "r", "model": {"vocab_size": 32, "d_model": 16, "max_seq_len": 96, "block_pattern": "GA"},
+         "objective": {"kind": "block_diffusion", "block_size": 48}}
+    assert load_recipe({**r, "train": {"steps": 10}}).train.steps == 10
+    with pytest.raises(RecipeError, match=r"train.seq_len: must be a multiple of objective.block_size \(48\), got 64"):
+        load_recipe({**r, "train": {"seq_len": 64}})
+
+
+def test_layout_recipes_differing_in_ratio_order_are_not_equal():
+    """Ratios in another order resolve to other layers (and hash differently): == said equal."""
+    def layout(ratios: dict) -> Recipe:
+        return load_recipe({"name": "r", "model": {"vocab_size": 32, "d_model": 32,
+                                                   "layout": {"n_layers": 6, "ratios": ratios}},
+                            "components": {"gated_attn": {"n_heads": 2}, "gdn": {"n_heads": 2},
+                                           "mamba3": {"head_dim": 16, "state_size": 16}}})
+    a = layout({"gdn": 0.5, "mamba3": 0.25, "gated_attn": 0.25})
+    b = layout({"gdn": 0.5, "gated_attn": 0.25, "mamba3": 0.25})
+    assert a.pattern != b.pattern and a != b and a.hash() != b.hash()
+    assert a == layout({"gdn": 0.5, "mamba3": 0.25, "gated_attn": 0.25})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,13 +51,35 @@ def read_json_object(path: Any, error: type[Exception]) -> dict:
     return data
 
 
+#: ``brief``'s repr of containers: a few items, a few levels (a YAML alias bomb of a few hundred bytes
+#: nests 10^6 items: its whole repr took seconds and megabytes before being cut)
+class _BriefRepr(reprlib.Repr):
+    def repr1(self, x: Any, level: int) -> str:  # subclasses (the loader's LineDict) as their base
+        for base in (dict, list, tuple, set, frozenset):
+            if isinstance(x, base) and type(x) is not base:
+                return getattr(self, f"repr_{base.__name__}")(x, level)
+        if isinstance(x, int) and not isinstance(x, bool) and x.bit_length() > 600:
+            return f"<an integer of {int(x.bit_length() * math.log10(2)) + 1} digits>"
+        return super().repr1(x, level)
+
+
+_BRIEF_REPR = _BriefRepr()
+for _k in ("maxtuple", "maxlist", "maxarray", "maxdict", "maxset", "maxfrozenset", "maxdeque"):
+    setattr(_BRIEF_REPR, _k, 6)
+_BRIEF_REPR.maxlevel, _BRIEF_REPR.maxstring, _BRIEF_REPR.maxother = 3, 200, 200
+
+
 def brief(v: Any, limit: int = 60) -> str:
     """``repr(v)`` cut to ``limit`` characters: an error message quotes a value, never a whole file
-    that was read where a value was expected."""
-    r = repr(v)
+    that was read where a value was expected (containers through a bounded repr; an integer of
+    more digits than Python prints as its size)."""
+    if isinstance(v, int) and v.bit_length() > 4000:  # (repr() of 4300+ digits is a ValueError)
+        return f"an integer of {int(v.bit_length() * math.log10(2)) + 1} digits"
+    container = isinstance(v, (list, tuple, dict, set, frozenset))
+    r = _BRIEF_REPR.repr(v) if container else repr(v)
     if len(r) <= limit:
         return r
-    return f"{r[:limit - 4]}... ({len(v) if isinstance(v, str) else len(r)} characters)"
+    return f"{r[:limit - 4]}..." + ("" if container else f" ({len(v) if isinstance(v, str) else len(r)} characters)")
 
 
 def first_line(error: BaseException, empty: str | None = None) -> str:
@@ -64,6 +87,10 @@ def first_line(error: BaseException, empty: str | None = None) -> str:
     message ``empty``, by default the error's type name."""
     text = str(error).strip()
     return text.splitlines()[0] if text else (type(error).__name__ if empty is None else empty)
+
+
+#: the largest value of an integer setting whose spec gives no maximum (sizes, counts: 32-bit)
+INT_MAX = 2**31 - 1
 
 
 def range_errors(cfg: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
@@ -86,13 +113,16 @@ def range_errors(cfg: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
             yield key, f"must be a finite number, got {v}"
         elif isinstance(v, (int, float)):
             if m.get("min") is not None and v < m["min"]:
-                yield key, f"must be >= {m['min']}, got {v}"
+                yield key, f"must be >= {m['min']}, got {brief(v)}"
             if m.get("gt") is not None and v <= m["gt"]:
-                yield key, f"must be > {m['gt']}, got {v}"
+                yield key, f"must be > {m['gt']}, got {brief(v)}"
             if m.get("max") is not None and v > m["max"]:
-                yield key, f"must be <= {m['max']}, got {v}"
+                yield key, f"must be <= {m['max']}, got {brief(v)}"
+            elif m.get("max") is None and isinstance(v, int) and v > INT_MAX:  # a size past int64 passed
+                # `hymba check` and failed at the first forward (an OverflowError in a kernel's arguments)
+                yield key, f"must be <= {INT_MAX}, got {brief(v)}"
             if m.get("lt") is not None and v >= m["lt"]:
-                yield key, f"must be < {m['lt']}, got {v}"
+                yield key, f"must be < {m['lt']}, got {brief(v)}"
 
 
 def in_range(cfg: Any) -> bool:

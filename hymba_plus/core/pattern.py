@@ -29,6 +29,8 @@ ALIAS_ORDER = ("ATL", "M3", "GD", "GA", "HY", "-")
 FFN_CHOICES = ("mlp", "moe", "none")
 NONE_MIXER = "none"
 MAX_LAYERS = 4096
+#: the deepest nesting of groups a pattern may have
+MAX_DEPTH = 64
 
 
 class PatternError(ValueError):
@@ -109,14 +111,18 @@ class _Parser:
             return layers
         self.take()
         n, col = self.take()
-        if not n.isdigit() or int(n) < 1:
-            raise PatternError(f"repeat count must be a positive integer, got {n!r} at column {col}", col)
-        if len(layers) * int(n) > MAX_LAYERS:
+        digits = n.lstrip("0")  # (int() of a 4300-digit count is a ValueError: the length is checked first)
+        if not (n.isascii() and n.isdigit()) or not digits:
+            shown = repr(n) if len(n) <= 20 else repr(n[:20] + "...")
+            raise PatternError(f"repeat count must be a positive integer, got {shown} at column {col}", col)
+        if len(digits) > 6 or len(layers) * int(digits) > MAX_LAYERS:
             raise PatternError(f"pattern expands to more than {MAX_LAYERS} layers at column {col}", col)
-        return layers * int(n)
+        return layers * int(digits)
 
     def item(self, depth: int) -> list[LayerSpec]:
         tok, col = self.take()
+        if tok == "(" and depth >= MAX_DEPTH:  # (the parser recurses per group: RecursionError past ~450)
+            raise PatternError(f"groups nested more than {MAX_DEPTH} deep at column {col}", col)
         if tok == "(":
             inner = self.seq(depth + 1)
             close = self.peek()

@@ -57,7 +57,7 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class RopeConfig:
-    theta: float = spec(10000.0, gt=0.0)
+    theta: float = spec(10000.0, gt=1.0, doc="the base of the frequencies theta^(-2i/d) (> 1: YaRN divides by log theta)")
     fraction: float = spec(1.0, min=0.0, max=1.0)
     scaling: RopeScaling | None = None
 

@@ -29,7 +29,7 @@ import dacite
 import yaml
 
 from . import registry
-from .config import brief, cross_errors, in_range, range_errors, spec
+from .config import brief, cross_errors, first_line, in_range, range_errors, spec
 from .pattern import LayerSpec, PatternError, describe_layout, expand_ratios, format_pattern, parse_pattern
 
 
@@ -188,6 +188,17 @@ class Recipe:
         cfg_cls = registry.get(name).config
         return cfg_cls() if cfg_cls is not None else None
 
+    def __eq__(self, other: object) -> bool:
+        """Equal settings and the same layers: a ratio layout's order decides its layers (dict
+        equality ignored it: two recipes that build different models compared equal)."""
+        if not isinstance(other, Recipe):
+            return NotImplemented
+        return (self.name, self.model, dict(self.components), self.train, self.objective, self.ladir) == (
+            other.name, other.model, dict(other.components), other.train, other.objective, other.ladir) and (
+            self.model.layout is None or self.layers == other.layers)
+
+    __hash__ = None  # type: ignore[assignment]  # (mutable-looking: compare with ==, key by .hash())
+
     def __deepcopy__(self, memo: dict) -> "Recipe":
         """A recipe is immutable (frozen dataclasses, a read-only components mapping): copies
         share it, so ``copy.deepcopy(model)`` works."""
@@ -213,7 +224,7 @@ class Recipe:
         if self.train is not None:
             default = _asdict(type(self.train)())
             d["train"] = {k: v for k, v in d["train"].items() if v != default.get(k)}
-        return yaml.safe_dump(d, sort_keys=False, default_flow_style=None)
+        return yaml.dump(d, Dumper=_Dumper, sort_keys=False, default_flow_style=None)
 
     def hash(self) -> str:
         """12 hex digits of the canonical JSON. Settings that are null (unset optional
@@ -286,13 +297,18 @@ class _LineLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's p
     """SafeLoader (C parser if available) whose mappings remember their keys' lines."""
 
 
+class _Dumper(yaml.SafeDumper):
+    """``Recipe.to_yaml``'s dumper: it quotes what the loader reads as a number (a string ``1e3``)."""
+
+
 # YAML 1.1 (PyYAML) reads ``1e-6`` (no dot) as a string; YAML 1.2 reads it as a float.
 # Recipes follow 1.2 here, so a float field never has to accept text.
-_LineLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
+for _cls in (_LineLoader, _Dumper):
+    _cls.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+        list("-+0123456789."),
+    )
 
 
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> LineDict:
@@ -316,11 +332,20 @@ _SAFE_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", 
                                                    "merge", "timestamp")}
 
 
-def _node_errors(node: yaml.Node | None, path: str, errs: "_Errors", seen: set[int]) -> None:
-    """Duplicate keys and keys that are not text, with their key paths (before construction)."""
+#: the deepest nesting of mappings / lists a recipe may have (PyYAML's constructor recurses per level:
+#: a RecursionError past ~200 levels of a 600-byte file)
+MAX_YAML_DEPTH = 32
+
+
+def _node_errors(node: yaml.Node | None, path: str, errs: "_Errors", seen: set[int], depth: int = 0) -> None:
+    """Duplicate keys, keys that are not text, tags that are not plain data and nesting deeper than
+    ``MAX_YAML_DEPTH``, with their key paths (before construction)."""
     if node is None or id(node) in seen:
         return
     seen.add(id(node))
+    if depth > MAX_YAML_DEPTH:
+        errs.add(path.rstrip("."), f"nested more than {MAX_YAML_DEPTH} levels deep", node.start_mark.line + 1)
+        return
     if node.tag not in _SAFE_TAGS:
         tag = node.tag.replace("tag:yaml.org,2002:", "!!")
         errs.add(path.rstrip("."), f"YAML tag {tag!r} is not allowed in a recipe (plain data only)",
@@ -329,26 +354,39 @@ def _node_errors(node: yaml.Node | None, path: str, errs: "_Errors", seen: set[i
     if isinstance(node, yaml.MappingNode):
         first: dict[str, int] = {}
         for key_node, value_node in node.value:
-            if key_node.tag == _MERGE_TAG:
+            if key_node.tag == _MERGE_TAG:  # the merged mappings' own keys (a duplicate inside one), same path
+                for merged in (value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]):
+                    _node_errors(merged, path, errs, seen, depth + 1)
                 continue
             line = key_node.start_mark.line + 1
             if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != _STR_TAG:
                 text = key_node.value if isinstance(key_node, yaml.ScalarNode) else "a collection"
                 errs.add(f"{path}{text}" if isinstance(key_node, yaml.ScalarNode) else path.rstrip("."),
-                         f"keys must be text, got {text!r}", line)
+                         f"keys must be text, got {brief(text)}", line)
                 continue
             key = key_node.value
             if key in first:
                 errs.add(f"{path}{key}", f"duplicate key (first given at line {first[key]})", line)
             else:
                 first[key] = line
-            _node_errors(value_node, f"{path}{key}.", errs, seen)
+            _node_errors(value_node, f"{path}{key}.", errs, seen, depth + 1)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _node_errors(item, f"{path.rstrip('.')}[{i}].", errs, seen)
+            _node_errors(item, f"{path.rstrip('.')}[{i}].", errs, seen, depth + 1)
 
 
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _construct_int(loader: _LineLoader, node: yaml.ScalarNode) -> int:
+    """YAML's int, refused past 100 digits with its line (int() of 4300+ digits is a ValueError)."""
+    if len(node.value) > 100:
+        raise yaml.constructor.ConstructorError(None, None, f"an integer of {len(node.value)} characters",
+                                                node.start_mark)
+    return yaml.constructor.SafeConstructor.construct_yaml_int(loader, node)
+
+
+_LineLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 
 # --------------------------------------------------------------------------- errors
@@ -439,7 +477,7 @@ def _type_errors(tp: Any, v: Any, path: str, errs: _Errors) -> bool:
             fine = True
             for k, item in v.items():
                 if kt is str and not isinstance(k, str):
-                    errs.add(path, f"keys must be text, got {k!r}")
+                    errs.add(path, f"keys must be text, got {brief(k)}")
                     fine = False
                 elif vt is not Any:
                     fine = _type_errors(vt, item, f"{path}.{k}", errs) and fine
@@ -460,6 +498,9 @@ def _type_errors(tp: Any, v: Any, path: str, errs: _Errors) -> bool:
         errs.add(path, f"wrong type: expected {_type_name(tp)}, got {_describe(v)}")
     elif isinstance(v, float) and not math.isfinite(v):
         errs.add(path, f"must be a finite number, got {v}")
+        return False
+    elif tp is float and isinstance(v, int) and v.bit_length() > 1000:  # float() of it: an OverflowError
+        errs.add(path, f"must be a finite number, got {brief(v)}")
         return False
     return ok
 
@@ -577,8 +618,16 @@ def _parse_yaml(text: str, file: str) -> Any:
         if e.context and e.context_mark is not None and e.context_mark.line + 1 != ln:
             where = f" ({e.context} started at line {e.context_mark.line + 1})"
         raise RecipeError([f"{file or '<recipe>'}:{ln}: invalid YAML: {e.problem or e}{where}"]) from None
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow: its line, one line
+        ln = text[:e.position].count("\n") + 1 if isinstance(e.position, int) else 1
+        what = f"#x{e.character:04x}" if isinstance(e.character, int) else repr(e.character)
+        raise RecipeError([f"{file or '<recipe>'}:{ln}: invalid YAML: unacceptable character {what} ({e.reason})"]) \
+            from None
     except yaml.YAMLError as e:
-        raise RecipeError([f"{file or '<recipe>'}:1: invalid YAML: {e}"]) from None
+        raise RecipeError([f"{file or '<recipe>'}:1: invalid YAML: {first_line(e)}"]) from None
+    except RecursionError:  # the pure-Python parser's composer (libyaml's stops at 1000 levels by itself)
+        raise RecipeError([f"{file or '<recipe>'}:1: invalid YAML: nested more than {MAX_YAML_DEPTH} levels deep"]) \
+            from None
     finally:
         loader.dispose()
     if not file and isinstance(data, str) and "\n" not in text.strip():
@@ -624,7 +673,7 @@ def _build(data: Any, file: str) -> Recipe:
     errs.raise_if_any()
     name = data["name"]
     if not isinstance(name, str) or not name.strip():
-        errs.add("name", f"must be a non-empty string, got {name!r}")
+        errs.add("name", f"must be a non-empty string, got {brief(name)}")
     model = _to_dataclass(ModelConfig, data["model"], "model.", errs)
     errs.raise_if_any()
     assert model is not None
@@ -632,17 +681,22 @@ def _build(data: Any, file: str) -> Recipe:
     errs.raise_if_any()
     layers = resolve_layers(model)
 
-    comps_data = data.get("components") or {}
+    comps_data = data.get("components")
+    comps_data = {} if comps_data is None else comps_data  # ([] / false / 0 passed as no section)
     if not isinstance(comps_data, Mapping):
         errs.add("components", f"must be a mapping of component name -> settings, got {_describe(comps_data)}")
         errs.raise_if_any()
     comps: dict[str, Any] = {}
-    known = registry.names()
+    objectives = set(objective_kinds())
+    known = [n for n in registry.names() if n not in objectives]
     for key, section in comps_data.items():
         path = f"components.{key}"
+        if key in objectives:  # (its section was accepted and ignored: the objective stayed next_token)
+            errs.add(path, f"{key!r} is an objective: give it as the recipe's objective: {{kind: {key}, ...}}")
+            continue
         if key not in known:
             if registry.is_reserved(key):
-                errs.add(path, f"component {key!r} is not available yet")
+                errs.add(path, f"component {brief(key)} is not available yet")
             else:
                 alias = registry.aliases().get(key)
                 hint = f" (use its name {alias!r})" if alias else registry.suggest(str(key), known)
@@ -774,7 +828,7 @@ def _build_objective(data: Any, model: ModelConfig, train: Any, errs: _Errors, c
         errs.add("objective.kind", f"missing required key (one of: {', '.join(kinds)})", errs.line("objective"))
         return None
     if not isinstance(kind, str) or kind not in kinds:
-        errs.add("objective.kind", f"unknown objective {kind!r}; available: {', '.join(kinds)}"
+        errs.add("objective.kind", f"unknown objective {brief(kind)}; available: {', '.join(kinds)}"
                  + (registry.suggest(kind, kinds) if isinstance(kind, str) else ""))
         return None
     cfg = _to_dataclass(registry.get(by_kind[kind]).config, data, "objective.", errs)
@@ -791,7 +845,10 @@ def _build_objective(data: Any, model: ModelConfig, train: Any, errs: _Errors, c
         for k, msg in cfg.check_recipe(model, comps):
             errs.add(k, msg)
     bs = getattr(cfg, "block_size", None)
-    if bs is not None and train is not None and train.seq_len % bs:
+    # where the recipe sets train.seq_len (a default is --seq-len's to override: training.config.validate)
+    set_here = isinstance(errs.root, Mapping) and isinstance(errs.root.get("train"), Mapping) \
+        and "seq_len" in errs.root["train"]
+    if bs is not None and train is not None and set_here and train.seq_len % bs:
         errs.add("train.seq_len", f"must be a multiple of objective.block_size ({bs}), got {train.seq_len}")
     return None if kind == "next_token" else cfg
 
@@ -825,7 +882,7 @@ def _check_model(model: ModelConfig, errs: _Errors) -> None:
             errs.add("model.mtp.block", str(e))
         else:
             if len(mtp_layers) != 1 or mtp_layers[0].mixer == "none":
-                errs.add("model.mtp.block", f"must be one block with a mixer (e.g. GA, GD+mlp), got {model.mtp.block!r}")
+                errs.add("model.mtp.block", f"must be one block with a mixer (e.g. GA, GD+mlp), got {brief(model.mtp.block)}")
     if model.block_pattern is None and model.layout is None:
         errs.add("model.block_pattern", "give either block_pattern or layout", errs.line("model"))
         return
@@ -866,14 +923,14 @@ def _check_model(model: ModelConfig, errs: _Errors) -> None:
             bad = True
             continue
         if registry.get(canon).kind != "mixer":
-            errs.add(path, f"{k!r} is not a token mixer")
+            errs.add(path, f"{brief(k)} is not a token mixer")
             bad = True
         elif canon in seen:
             errs.add(path, f"names the same component as {seen[canon]!r}")
             bad = True
         seen.setdefault(canon, k)
         if not isinstance(r, (int, float)) or r <= 0:
-            errs.add(path, f"must be a positive number, got {r!r}")
+            errs.add(path, f"must be a positive number, got {brief(r)}")
             bad = True
     if bad:
         return

@@ -54,7 +54,8 @@ T_EPS = 1e-3  # smallest noise level (the 1/t weights stay finite)
 @dataclass(frozen=True)
 class BlockDiffusionConfig:
     kind: str = spec("block_diffusion", choices=("block_diffusion",))
-    block_size: int = spec(16, min=1, doc="tokens per diffusion block; divides max_seq_len and train.seq_len")
+    block_size: int = spec(16, min=1, max=1 << 16, doc="tokens per diffusion block; divides max_seq_len and "
+                           "train.seq_len")
     schedule: str = spec("log_linear", choices=SCHEDULES, doc="mask rate m(t): t, 1 - cos(pi t / 2) or t^exponent")
     exponent: float = spec(2.0, gt=0.0, doc="the exponential schedule's p (m = t^p)")
     clip: tuple[float, float] = spec((0.0, 1.0), doc="[beta, omega]: training noise levels t ~ U[beta, omega]")
