@@ -299,3 +299,33 @@ def test_train_route_search_flags_are_checked(capsys, tmp_path, flag, says) -> N
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
     assert says in err
     assert not (tmp_path / "run").exists()
+
+
+def test_ladir_generate_prints_each_prompts_own_route(tmp_path, capsys):
+    """LaDiR prefills each question once per sample (B * samples rows): row i of the prefill's routes is
+    not prompt i's, so every prompt after the first was shown the first prompt's route."""
+    import yaml
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    r = yaml.safe_load((configs / "etd_drllm_tiny.yaml").read_text())
+    lad = yaml.safe_load((configs / "ladir_tiny.yaml").read_text())
+    r.update(name="etd-ladir", ladir=dict(lad["ladir"], samples=3), objective=lad["objective"])
+    r["model"].update(vocab_size=32, max_seq_len=64)
+    torch.manual_seed(0)
+    model = build_model(r).eval()
+    with torch.no_grad():  # routes switched on and sharpened so that they differ between the prompts
+        model.etd_router.enable_routes()
+        for n, p in model.named_parameters():
+            if "routers" in n and n.endswith("weight"):
+                p.mul_(60)
+    model.save_pretrained(tmp_path / "ck", extra_files={"tokenizer.json": IdsTokenizer(32).to_json()})
+    prompts = ["1 2 3 4 5", "20 3 17 8 30 2 11"]
+    alone = []
+    for p in prompts:
+        rc, _, err = gen(capsys, tmp_path / "ck", "--prompt", p, "--mode", "ladir", "--max-new-tokens", "2")
+        assert rc == 0
+        alone += [line.split("route: ")[1] for line in err if "route: " in line]
+    assert len(alone) == 2 and alone[0] != alone[1]
+    rc, _, err = gen(capsys, tmp_path / "ck", *[a for p in prompts for a in ("--prompt", p)], "--mode", "ladir",
+                     "--max-new-tokens", "2")
+    assert rc == 0 and [line.split("route: ")[1] for line in err if "route: " in line] == alone

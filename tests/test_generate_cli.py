@@ -126,3 +126,46 @@ def test_missing_checkpoint(capsys, tmp_path):
     (tmp_path / "empty").mkdir()
     rc, _, err = gen(capsys, str(tmp_path / "empty"), "--prompt", "x")
     assert rc == 1 and "recipe.yaml: missing" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("kind", ["metaspace", "wordpiece"])
+def test_the_completion_is_decoded_after_its_prompt(tmp_path, capsys, kind):
+    """The prompt and the completion were decoded as two sequences and joined: SentencePiece's Metaspace
+    drops a sequence's leading space, WordPiece keeps its first token's '##' ("the quickbrown fox"). The
+    CLI prints what the whole row's ids decode to, streamed, unstreamed and batched."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from hymba_plus.training.tokenizer import load_file
+
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog and then runs away. " * 200)
+    if kind == "metaspace":
+        t = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+        t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+        t.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+        t.train([str(text)], trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "</s>"]))
+    else:
+        t = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        t.pre_tokenizer = pre_tokenizers.Whitespace()
+        t.decoder = decoders.WordPiece()
+        t.train([str(text)], trainers.WordPieceTrainer(vocab_size=60, special_tokens=["[UNK]", "[SEP]"]))
+    t.save(str(tmp_path / "tok.json"))
+    tok = load_file(tmp_path / "tok.json")
+    torch.manual_seed(1)
+    model = build_model({**RECIPE, "model": {**RECIPE["model"], "vocab_size": 128}}).eval()
+    model.save_pretrained(tmp_path / "ck", extra_files={"tokenizer.json": (tmp_path / "tok.json").read_text()})
+    prompts = ["the quick", "the lazy"]
+    want, apart = [], []
+    for p in prompts:
+        ids = tok.encode(p)
+        out = model.generate(torch.tensor([ids]), max_new_tokens=6, temperature=0.0, eos_token_id=None)[0].tolist()
+        want.append(tok.decode(out))
+        apart.append(tok.decode(ids) + tok.decode(out[len(ids):]))
+    assert want != apart  # what decoding the two apart printed
+    common = ["--temperature", "0", "--max-new-tokens", "6", "--eos", "none"]
+    for extra in ([], ["--no-stream"]):
+        rc, out, err = gen(capsys, str(tmp_path / "ck"), "--prompt", prompts[0], *common, *extra)
+        assert rc == 0 and out.rstrip("\n") == want[0], (out, want[0], err)
+    rc, out, _ = gen(capsys, str(tmp_path / "ck"), *[a for p in prompts for a in ("--prompt", p)], *common)
+    assert rc == 0 and out.splitlines() == [f"[{i}] {w}" for i, w in enumerate(want)]

@@ -305,7 +305,7 @@ def _run(args: argparse.Namespace) -> int:
         mask[i, T - len(p) :] = 1
     gen = torch.Generator(device=device).manual_seed(args.seed)
     stream = B == 1 and not args.no_stream
-    decoder = StreamDecoder(tok)
+    decoder = StreamDecoder(tok, prompts[0] if stream else ())  # the completion decoded after its prompt
 
     started = []
 
@@ -314,7 +314,7 @@ def _run(args: argparse.Namespace) -> int:
     def streamer(nxt: torch.Tensor) -> None:
         if not started:  # the prompt is echoed once generation is known to run
             started.append(True)
-            sys.stdout.write(tok.decode(prompts[0]))
+            sys.stdout.write(decoder.flush())
         if int(nxt[0]) in ends:  # the end token is not printed (as --no-stream cuts the row before it)
             return
         text = decoder.push(int(nxt[0]))
@@ -368,7 +368,7 @@ def _run(args: argparse.Namespace) -> int:
             stop = next((j for j, t in enumerate(new) if t in ends), None)
             if stop is not None:
                 new = new[:stop]
-            text = tok.decode(p) + tok.decode(new)
+            text = tok.decode(p + new)  # one sequence: decoded apart, SentencePiece / WordPiece lost the space
             print(text if B == 1 else f"[{i}] {text}")
     summary = stats.get("summary") or []  # the decoder's own report (models/generation.py)
     if stats.get("engine_notice"):  # a graph was asked for and could not be captured: say so
@@ -418,6 +418,8 @@ def etd_lines(model: Any, prefill: tuple, prompts: list[list[int]], device: Any)
         routes = stats.get("etd/routes")
     act = model.etd_router.halt is not None
     its = f"{n_iter} think iteration{'s' if n_iter != 1 else ''}"
+    # rows per prompt in the prefill: LaDiR prefills each question once per sample (row i * samples)
+    stride = max(routes.shape[0] // len(prompts), 1) if routes is not None else 1
     lines = []
     for i, p in enumerate(prompts):
         if act:
@@ -427,13 +429,13 @@ def etd_lines(model: Any, prefill: tuple, prompts: list[list[int]], device: Any)
                 row = torch.tensor([p], device=device)
                 with torch.no_grad():
                     st = model(row, think_iterations=n_iter,
-                               routes=routes[i:i + 1] if routes is not None else None).stats
+                               routes=routes[i * stride:i * stride + 1] if routes is not None else None).stats
                 mean = float(st["etd/iterations"])
             line = f"etd: {its} (ACT: mean over prompt tokens {mean:.2f} of max {etd.cap})"
         else:
             line = f"etd: {its} (fixed; trained with {etd.iterations}" + (
                 f", max {etd.cap})" if etd.cap != etd.iterations else ")")
         if routes is not None:
-            line += f"; route: {structure.describe_route(routes[i], n_iter)}"
+            line += f"; route: {structure.describe_route(routes[i * stride], n_iter)}"
         lines.append(line)
     return lines

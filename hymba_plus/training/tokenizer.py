@@ -241,9 +241,12 @@ class StreamDecoder:
     out right); a trailing U+FFFD (an unfinished UTF-8 sequence) is held back until the
     next token completes it."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, prefix: list[int] | tuple[int, ...] = ()):
+        """``prefix``: ids the text continues (the prompt; ``flush()`` gives its text): new ids are
+        decoded after it, not as a sequence of their own (SentencePiece's Metaspace drops a
+        sequence's leading space, WordPiece keeps its first token's ``##``)."""
         self.tok = tokenizer
-        self.ids: list[int] = []
+        self.ids: list[int] = [int(i) for i in prefix]
         self.shown = 0
 
     def push(self, token_id: int) -> str:
