@@ -299,3 +299,19 @@ def test_decode_benchmark_tiny_smoke_run_with_its_defaults(tmp_path):
     assert [(r["prompt"], r["batch"], r["engine"]) for r in rows] == [
         (T, B, e) for T in (32, 128) for B in (1, 16) for e in ("dynamic", "static")]
     assert all(math.isfinite(r["ms_per_step"]) and "error" not in r for r in rows)
+
+
+def test_an_engine_is_per_autocast_dtype():
+    """Engines were keyed on autocast being on, not on its dtype: one made under bf16 was reused under
+    fp16, its K/V buffers still bf16."""
+    model = make({"name": "t", "model": {"vocab_size": V, "d_model": 32, "max_seq_len": 64, "ffn": "none",
+                                         "block_pattern": "GA+mlp | GD+mlp"}, "components": {}})
+    ids, _ = _prompt(2, 6, 0)
+    with torch.no_grad():
+        for dt in (torch.bfloat16, torch.float16):
+            with torch.autocast("cpu", dtype=dt):
+                model.generate(ids, max_new_tokens=2, engine="static")
+        assert len(model._decode_engines) == 2
+        dtypes = {e.buffers.states[0].k.dtype for e in model._decode_engines.values()}
+        assert dtypes == {torch.bfloat16, torch.float16}
+    clear_engines(model)

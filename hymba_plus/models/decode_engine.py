@@ -174,8 +174,9 @@ def engine_for(model: Any, cache: HybridCache, max_new_tokens: int, graph: bool)
     need = attention_slots(cache) + max_new_tokens
     capacity = max(CAPACITY_STEP, -(-need // CAPACITY_STEP) * CAPACITY_STEP) if need else 0
     dev = cache.pos.device
+    on = torch.is_autocast_enabled(dev.type)  # and its dtype: an engine made under bf16 keeps bf16 K/V buffers
     key = (cache.batch_size, capacity, dev, model.dtype, graph, model.training,
-           torch.is_autocast_enabled(dev.type), _params_key(model))
+           torch.get_autocast_dtype(dev.type) if on else None, _params_key(model))
     engines: OrderedDict = model.__dict__.setdefault("_decode_engines", OrderedDict())
     eng = engines.pop(key, None)
     if eng is None:
