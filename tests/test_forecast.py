@@ -700,3 +700,18 @@ def test_eval_metrics_count_each_validation_window_once() -> None:
     got, want = m.objective.eval_sums(out), m.objective.eval_sums(ref)
     assert got["series"] == want["series"] == n * m.objective.cfg.channels
     assert got["sae"] == pytest.approx(want["sae"], rel=1e-5)
+
+
+def test_rolling_origins_and_other_delimiters_get_one_line_errors(tmp_path) -> None:
+    """rolling_forecasts(origins=-1) failed inside torch.cat; a semicolon- or tab-separated file said only
+    'no numeric column'."""
+    from hymba_plus.training.data import DataError
+
+    m = build_model(recipe()).eval()
+    with pytest.raises(ValueError, match=r"origins must be an integer >= 0 \(backtest origins before the last\), got -1"):
+        rolling_forecasts(m, torch.randn(1, 64, 2), -1)
+    for sep, name in ((";", "semicolons"), ("\t", "tabs")):
+        f = tmp_path / "s.csv"
+        f.write_text(f"t{sep}y\n" + "".join(f"{i}{sep}{i}\n" for i in range(10)))
+        with pytest.raises(DataError, match=f"separated by {name}\\? the file must be comma-separated"):
+            read_csv(f)

@@ -126,6 +126,8 @@ def rolling_forecasts(model: Any, series: Tensor, origins: int, stats: dict | No
     obj = _objective(model)
     cfg = obj.cfg
     P, L = cfg.patch, cfg.context
+    if not int_at_least(origins, 0):
+        raise ValueError(f"origins must be an integer >= 0 (backtest origins before the last), got {brief(origins)}")
     _check_series(obj, series, L + origins * P)
     T = series.shape[1]
     first = T - origins * P

@@ -141,7 +141,9 @@ def read_csv(path: str | Path) -> Series:
         raise DataError(f"{p}:1: empty: expected a header row (a timestamp column, then numeric columns)")
     header = [c.strip() for c in rows[0]]
     if len(header) < 2:
-        raise DataError(f"{p}:1: no numeric column: only {header[0]!r}; expected a timestamp column, then one "
+        sep = next((f" (separated by {name}? the file must be comma-separated)" for c, name in
+                    ((";", "semicolons"), ("\t", "tabs")) if c in header[0]), "")
+        raise DataError(f"{p}:1: no numeric column: only {brief(header[0])}{sep}; expected a timestamp column, then one "
                         "column per series")
     cols = header[1:]
     if _is_time(header[0]) and all(_is_number(c) or c.lower() in MISSING for c in cols):
