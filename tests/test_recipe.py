@@ -125,6 +125,12 @@ def test_yaml_12_floats_and_ints():
     rope = r.components["gated_attn"].rope
     assert isinstance(rope.theta, float) and rope.theta == 10000.0
     assert isinstance(rope.scaling.factor, float)
+    # YAML 1.2 ints too: a leading 0 is decimal (1.1: 040 was octal 32), base 60 (1.1: 1:30 was 90) refused
+    assert load_recipe(text.replace("d_model: 32", "d_model: 040")).model.d_model == 40
+    with pytest.raises(RecipeError, match=r"<recipe>:4: invalid YAML: '1:30' is a base-60 number in YAML 1.1 only"):
+        load_recipe(text.replace("d_model: 32", "d_model: 1:30"))
+    with pytest.raises(RecipeError, match=r"name: must be one line of printable text, got 'a\\nb'"):
+        load_recipe(text.replace("name: t", 'name: "a\\nb"'))
 
 
 def test_merge_keys_may_override():

@@ -379,10 +379,17 @@ _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _con
 
 
 def _construct_int(loader: _LineLoader, node: yaml.ScalarNode) -> int:
-    """YAML's int, refused past 100 digits with its line (int() of 4300+ digits is a ValueError)."""
-    if len(node.value) > 100:
-        raise yaml.constructor.ConstructorError(None, None, f"an integer of {len(node.value)} characters",
-                                                node.start_mark)
+    """YAML's int as YAML 1.2 reads it, as recipes read floats: a leading 0 is decimal (YAML 1.1 read
+    ``040`` as octal 32), base 60 (``1:30``, 1.1's 90) is refused; past 100 digits
+    refused with its line (int() of 4300+ digits is a ValueError)."""
+    text = node.value.replace("_", "")
+    if len(text) > 100:
+        raise yaml.constructor.ConstructorError(None, None, f"an integer of {len(text)} characters", node.start_mark)
+    if ":" in text:
+        raise yaml.constructor.ConstructorError(None, None, f"{node.value!r} is a base-60 number in YAML 1.1 only: "
+                                                "write the number, or quote it for text", node.start_mark)
+    if re.fullmatch(r"[-+]?0[0-9]+", text):
+        return int(text, 10)
     return yaml.constructor.SafeConstructor.construct_yaml_int(loader, node)
 
 
@@ -674,6 +681,8 @@ def _build(data: Any, file: str) -> Recipe:
     name = data["name"]
     if not isinstance(name, str) or not name.strip():
         errs.add("name", f"must be a non-empty string, got {brief(name)}")
+    elif not name.isprintable():  # a line break or control character split `hymba check`'s one line
+        errs.add("name", f"must be one line of printable text, got {brief(name)}")
     model = _to_dataclass(ModelConfig, data["model"], "model.", errs)
     errs.raise_if_any()
     assert model is not None
