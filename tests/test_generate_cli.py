@@ -169,3 +169,22 @@ def test_the_completion_is_decoded_after_its_prompt(tmp_path, capsys, kind):
         assert rc == 0 and out.rstrip("\n") == want[0], (out, want[0], err)
     rc, out, _ = gen(capsys, str(tmp_path / "ck"), *[a for p in prompts for a in ("--prompt", p)], *common)
     assert rc == 0 and out.splitlines() == [f"[{i}] {w}" for i, w in enumerate(want)]
+
+
+def test_a_training_folder_resolves_to_its_newest_intact_checkpoint(ckpts, capsys, tmp_path):
+    """A corrupt newest step-N was taken (and failed); as `--resume` does, generation skips it with a
+    warning and uses the newest intact one; all corrupt is one line."""
+    import shutil
+
+    state = '{"format": "hymba-train-state", "step": %d}'
+    for n in (2, 4):
+        shutil.copytree(ckpts / "ids", tmp_path / "run" / f"step-{n}")
+        (tmp_path / "run" / f"step-{n}" / "trainer_state.json").write_text(state % n)
+    weights = tmp_path / "run" / "step-4" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    rc, out, err = gen(capsys, str(tmp_path / "run"), "--prompt", "3", "--max-new-tokens", "2", "--temperature", "0")
+    assert rc == 0 and out.startswith(" 3") and "warning: skipping corrupt checkpoint step-4" in err
+    weights = tmp_path / "run" / "step-2" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    rc, out, err = gen(capsys, str(tmp_path / "run"), "--prompt", "3", "--max-new-tokens", "2")
+    assert rc == 1 and "(all 2 checkpoints in" in err and "Traceback" not in err and len(err.splitlines()) == 1

@@ -1,5 +1,5 @@
 """``hymba generate CKPT --prompt TEXT``: sample from a checkpoint (a ``save_pretrained``
-folder or a ``hymba train`` ``OUT/step-N``; given ``OUT`` itself, its newest checkpoint).
+folder or a ``hymba train`` ``OUT/step-N``; given ``OUT`` itself, its newest intact checkpoint).
 
 Text is encoded and decoded with the tokenizer saved in the checkpoint
 (``tokenizer.json``): bytes for text models, token ids (``--prompt "3 17 200"``) for
@@ -163,15 +163,20 @@ def modes_taking(option: str) -> list[str]:
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint folder itself, or the newest ``step-N`` inside a training output folder."""
-    from ..training.checkpoint import latest
+    """A checkpoint folder itself, or the newest intact ``step-N`` inside a training output folder
+    (a corrupt newer one skipped with a warning, as ``hymba train --resume`` does)."""
+    from ..training.checkpoint import CheckpointError, find_resumable
 
     if not path.exists():
         raise UserError(f"{path}: no such checkpoint folder")
     if path.is_dir() and not (path / "recipe.yaml").exists():
-        newest = latest(path)
-        if newest is not None:
-            return newest
+        try:
+            found = find_resumable(path, warn=lambda line: print(line, file=sys.stderr), files=("model.safetensors",),
+                                   state=False)
+        except CheckpointError as e:
+            raise UserError(str(e)) from None
+        if found is not None:
+            return found[0]
     return path
 
 

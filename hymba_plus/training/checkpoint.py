@@ -279,20 +279,25 @@ def _state_problem(state: dict[str, Any], ckpt: Path) -> str | None:
     return None
 
 
-def verify(ckpt: Path) -> dict[str, Any]:
+#: the safetensors files of a checkpoint (``verify``'s default: what resuming reads)
+SAFETENSORS_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
+
+
+def verify(ckpt: Path, files: tuple[str, ...] = SAFETENSORS_FILES, state: bool = True) -> dict[str, Any]:
     """The trainer state of ``ckpt`` after checking that every file is there and readable:
-    the state parses, ``recipe.yaml`` loads, each safetensors file opens with a complete
-    header (which catches truncation). CheckpointError naming the file otherwise."""
+    the state parses (``state=False``: not read, ``{}`` returned: generation needs the weights alone,
+    whichever hymba trained them), ``recipe.yaml`` loads, each safetensors file of ``files`` opens
+    with a complete header (which catches truncation). CheckpointError naming the file otherwise."""
     from safetensors import SafetensorError, safe_open
 
     from ..core.recipe import RecipeError, load_recipe
 
-    state = read_state(ckpt)
+    trainer_state = read_state(ckpt) if state else {}
     try:
         load_recipe(ckpt / "recipe.yaml")
     except RecipeError as e:
         raise CheckpointError(e.errors[0]) from None  # names the file (and line)
-    for name in ("model.safetensors", "optimizer.safetensors", "rng.safetensors"):
+    for name in files:
         p = ckpt / name
         if not p.is_file():
             raise CheckpointError(f"{p}: missing")
@@ -301,24 +306,26 @@ def verify(ckpt: Path) -> dict[str, Any]:
                 f.keys()
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{p}: corrupt or truncated ({e})") from None
-    return state
+    return trainer_state
 
 
-def find_resumable(out: Path, warn: Any = None) -> tuple[Path, dict[str, Any]] | None:
+def find_resumable(out: Path, warn: Any = None, files: tuple[str, ...] = SAFETENSORS_FILES, state: bool = True
+                   ) -> tuple[Path, dict[str, Any]] | None:
     """(newest intact checkpoint in ``out``, its trainer state), or None when ``out`` has no
     checkpoint. Corrupt newer ones are skipped, each with one warning line through ``warn``;
-    CheckpointError when every checkpoint is corrupt."""
+    CheckpointError when every checkpoint is corrupt. ``files`` / ``state``: the safetensors files
+    the use reads and whether it reads the trainer state (``verify``; generation: the weights alone)."""
     found = list_checkpoints(out)
     errors = []
     for _, d in reversed(found):
         try:
-            state = verify(d)
+            trainer_state = verify(d, files, state)
         except CheckpointError as e:
             errors.append((d, str(e)))
             continue
         for bad, e in errors if warn is not None else ():
             warn(f"warning: skipping corrupt checkpoint {bad.name} ({e}); it is kept")
-        return d, state
+        return d, trainer_state
     if errors:
         errors = [e for _, e in errors]
         raise CheckpointError(f"{errors[0]} (and no older intact checkpoint in {out})" if len(errors) == 1
