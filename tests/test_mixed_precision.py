@@ -74,6 +74,31 @@ def test_master_weights_swap_collect_and_release():
     assert p.dtype == torch.float32 and torch.equal(p.detach(), before + 1.0)
 
 
+def test_a_weight_without_a_gradient_keeps_none_and_is_not_stepped():
+    """A weight that got no gradient in a step (Dr.LLM's routers outside router training, LaDiR's LM in
+    its flow stage) has .grad None among the masters, as a float32 weight would: the masters handed it
+    a zero gradient, and weight decay and optimizer state moved it (a frozen LM drifted by 2.7e-4 in 3
+    steps). Over two micro-batches a weight used in either one has its gradient."""
+    torch.manual_seed(0)
+    used, unused, later = nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False)
+    mw = MasterWeights([used.weight, unused.weight, later.weight])
+    before = unused.weight.detach().float().clone()
+    opt = torch.optim.AdamW([used.weight, unused.weight, later.weight], lr=0.1, weight_decay=0.5)
+    x = torch.randn(4, 8).bfloat16()
+    used(x).float().square().sum().backward()
+    mw.collect()
+    later(x).float().square().sum().backward()  # the second micro-batch: another weight
+    mw.collect()
+    with mw.full_precision():
+        assert used.weight.grad is not None and later.weight.grad is not None and unused.weight.grad is None
+        opt.step()
+    assert torch.equal(unused.weight.detach().float(), before) and unused.weight not in opt.state
+    used(x).float().sum().backward()  # the next step starts afresh
+    mw.collect()
+    with mw.full_precision():
+        assert later.weight.grad is None and used.weight.grad is not None
+
+
 @pytest.mark.parametrize("config,extra", [
     ("gpt_tiny.yaml", ()), ("gpt_tiny.yaml", ("--grad-accum", "2")), ("quad_hybrid_tiny.yaml", ()),
     ("hymba_tiny.yaml", ()), ("mtp_tiny.yaml", ()), ("forecast_tiny.yaml", ()),

@@ -12,8 +12,9 @@ and a float32 master copy of each for the optimizer:
 * after each backward the gradients are added into float32 buffers (one multi-tensor copy or add
   per micro-batch: gradient accumulation stays in float32);
 * clipping, the optimizer step and checkpointing see the float32 masters and their float32
-  gradients (``full_precision``), then the masters are copied into the bf16 weights in one
-  multi-tensor copy.
+  gradients (``full_precision``; a weight that got no gradient in the step has none, as a float32
+  weight would: no decay, no optimizer state), then the masters are copied into the bf16 weights
+  in one multi-tensor copy.
 
 The bf16 weight equals autocast's cast of the master (both round to nearest), a GEMM then runs on
 the same operands, and its bf16 gradient is what autocast would have cast to float32; so training
@@ -70,6 +71,10 @@ class MasterWeights:
         self.low = [m.to(dtype) for m in self.masters]
         self.grads: list[Tensor] | None = None  # float32 gradient sums, allocated at the first backward
         self.pending = False  # gradients collected since the last full_precision block
+        # which parameters got a gradient since then: the others keep .grad None in full_precision, as
+        # float32 weights would (a zero gradient got weight decay, optimizer state and momentum steps:
+        # LaDiR's frozen LM in its flow stage, Dr.LLM routers outside router training)
+        self.got = [False] * len(params)
         self._set(self.low)
 
     def _set(self, data: list[Tensor]) -> None:
@@ -94,6 +99,8 @@ class MasterWeights:
             if not self.pending:  # a parameter without a gradient in this step contributes zero
                 torch._foreach_zero_(self.grads)
             torch._foreach_add_(sums, grads)
+        for i, _ in have:
+            self.got[i] = True
         for p in self.params:
             p.grad = None
         self.pending = True
@@ -105,14 +112,15 @@ class MasterWeights:
         bf16 weights, which become the parameters again."""
         self._set(self.masters)
         if self.pending and self.grads is not None:
-            for p, g in zip(self.params, self.grads):
-                p.grad = g
+            for p, g, got in zip(self.params, self.grads, self.got):
+                p.grad = g if got else None
         try:
             yield
         finally:
             for p in self.params:  # the optimizer reads them inside the block; the next step collects anew
                 p.grad = None
             self.pending = False
+            self.got = [False] * len(self.params)
             torch._foreach_copy_(self.low, self.masters)
             self._set(self.low)
 
