@@ -506,3 +506,38 @@ def test_a_reasoning_task_on_a_next_token_recipe_says_which_objective_reads_it(t
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1, err
     assert "chain_arith: a reasoning task, for recipes with objective: {kind: ladir}" in err and "mqar" in err
+
+
+def test_documents_end_with_the_end_token_the_tokenizer_config_names(tmp_path, capsys):
+    """The end token was found by five names only: a DeepSeek ('<｜end▁of▁sentence｜>') or ChatML vocabulary,
+    or one whose tokenizer_config.json names another eos_token, joined documents without a separator.
+    Now: the eos_token of the tokenizer_config.json beside tokenizer.json, else a longer list of names,
+    else a note at prepare."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers
+
+    from hymba_plus.training.tokenizer import load_file
+
+    def save(folder: Path, end: str) -> Path:
+        folder.mkdir()
+        vocab = {"<unk>": 0, "a": 1, "b": 2, "c": 3, "d": 4, end: 5}
+        t = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        t.add_special_tokens([end])
+        t.save(str(folder / "tokenizer.json"))
+        return folder / "tokenizer.json"
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "1.txt").write_text("a b")
+    (docs / "2.txt").write_text("c d")
+    for i, end in enumerate(["<\uff5cend\u2581of\u2581sentence\uff5c>", "<|im_end|>", "<my_end>"]):
+        tok_file = save(tmp_path / f"tok{i}", end)
+        if end == "<my_end>":
+            assert load_file(tok_file).eos_id is None
+            assert main(["prepare", str(docs), "--out", str(tmp_path / "none"), "--tokenizer", str(tok_file)]) == 0
+            assert "names no end token" in capsys.readouterr().err
+            (tok_file.parent / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": end}}))
+        assert load_file(tok_file).eos_id == 5
+        prepare(docs, tmp_path / f"shards{i}", load_file(tok_file))
+        assert TokenShards(tmp_path / f"shards{i}").shard(0).tolist() == [1, 2, 5, 3, 4, 5]

@@ -5,6 +5,7 @@ through ``numpy.memmap`` (hymba_plus/training/data.py)."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from . import UsageError, UserError, path_text
 
@@ -28,6 +29,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--shard-tokens {args.shard_tokens}: must be in 1 .. {MAX_SHARD_TOKENS:,}")
     try:
         tok = tokmod.load_file(args.tokenizer) if args.tokenizer else tokmod.ByteTokenizer()
+        if tok.kind == "tokenizers" and tok.eos_id is None:  # (documents then run into each other in training)
+            print(f"note: {args.tokenizer} names no end token (a tokenizer_config.json eos_token beside it, or one "
+                  f"of {', '.join(tokmod.END_TOKENS)}): documents follow each other without a separator",
+                  file=sys.stderr)
         index = prepare(args.data, args.out, tok, shard_tokens=args.shard_tokens, force=args.force, progress=True)
     except (DataError, tokmod.TokenizerError) as e:
         raise UserError(str(e)) from None

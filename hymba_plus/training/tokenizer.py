@@ -73,6 +73,13 @@ class IdsTokenizer:
         return json.dumps({"hymba_tokenizer": "ids", "vocab_size": self.vocab_size})
 
 
+#: the end-of-text tokens a ``tokenizers`` vocabulary is searched for, in order, where no
+#: ``tokenizer_config.json`` beside it names one (``HFTokenizer.read_config``): Llama 2 / Mistral,
+#: GPT-2 / Qwen / OLMo, Llama 3, Gemma, BERT, DeepSeek, ChatML
+END_TOKENS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "[SEP]", "<\uff5cend\u2581of\u2581sentence\uff5c>",
+              "<|im_end|>")
+
+
 class HFTokenizer:
     """A HuggingFace ``tokenizers`` tokenizer (``tokenizer.json``)."""
 
@@ -93,11 +100,25 @@ class HFTokenizer:
         self._continuation: Any = None
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         self.eos_id = None
-        for name in ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "[SEP]"):
+        for name in END_TOKENS:
             i = self.tok.token_to_id(name)
             if i is not None:
                 self.eos_id = i
                 break
+
+    def read_config(self, path: Path) -> None:
+        """The end token a ``tokenizer_config.json`` names (``eos_token``: text, or a dict with its
+        ``content``), where it is in the vocabulary: what transformers' tokenizer ends text with, over
+        ``END_TOKENS``' guess from the vocabulary alone."""
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TokenizerError(f"{path}: not readable ({first_line(e)})") from None
+        eos = cfg.get("eos_token") if isinstance(cfg, dict) else None
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        i = self.tok.token_to_id(eos) if isinstance(eos, str) else None
+        if i is not None:
+            self.eos_id = i
 
     def encode(self, text: str, add_special_tokens: bool = True, continues: bool = False) -> list[int]:
         """Token ids of ``text``; ``add_special_tokens=False`` skips the post-processor's special
@@ -192,7 +213,8 @@ def from_json(text: str, source: str = "tokenizer.json") -> Tokenizer:
 
 
 def load_file(path: str | os.PathLike) -> Tokenizer:
-    """A tokenizer from a JSON file (ours or a `tokenizers` file)."""
+    """A tokenizer from a JSON file (ours or a `tokenizers` file); a `tokenizers` one takes its end
+    token from the ``tokenizer_config.json`` beside it where there is one (``HFTokenizer.read_config``)."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -200,7 +222,10 @@ def load_file(path: str | os.PathLike) -> Tokenizer:
         raise TokenizerError(f"{p}: no such file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise TokenizerError(f"{p}: cannot read ({e})") from None
-    return from_json(text, str(p))
+    tok = from_json(text, str(p))
+    if isinstance(tok, HFTokenizer) and (p.parent / "tokenizer_config.json").is_file():
+        tok.read_config(p.parent / "tokenizer_config.json")
+    return tok
 
 
 def for_checkpoint(path: str | os.PathLike, vocab_size: int) -> Tokenizer:
