@@ -82,12 +82,16 @@ def test_loss_is_next_token_cross_entropy():
     want = F.cross_entropy(out.logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100)
     assert torch.allclose(out.loss, want, atol=1e-6)
     mask = torch.ones_like(x)
-    mask[1, :3] = 0  # pads never count as targets
+    mask[1, :3] = 0  # pads never count, as targets nor as predictors (the row's first token is not predicted)
     out = m(x, labels=x, attention_mask=mask)
     tgt = x[:, 1:].clone()
-    tgt[1, :2] = -100
+    tgt[1, :3] = -100
     want = F.cross_entropy(out.logits[:, :-1].reshape(-1, V), tgt.reshape(-1), ignore_index=-100)
     assert torch.allclose(out.loss, want, atol=1e-6)
+    # so a left-padded row scores what the row scores unpadded
+    alone = m(x[1:, 3:], labels=x[1:, 3:]).loss
+    padded = m(x[1:], labels=x[1:], attention_mask=mask[1:]).loss
+    assert torch.allclose(alone, padded, atol=1e-5)
 
 
 @pytest.mark.parametrize("tie", [True, False])

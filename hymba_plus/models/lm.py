@@ -517,10 +517,14 @@ _COMMON = {"max_new_tokens", "temperature", "top_k", "top_p", "attention_mask", 
 
 def next_token_targets(labels: Tensor, attention_mask: Tensor | None = None) -> Tensor:
     """[B, T] class ids each position is scored against: position t predicts labels[t + 1];
-    the last position, pads (``attention_mask == 0``) and -100 labels get -100 (not scored)."""
+    the last position, -100 labels, pads (``attention_mask == 0``) as targets and pads as
+    predictors get -100 (not scored): a left-padded row's first token is not predicted from the
+    pad before it, as an unpadded row's first token is predicted from nothing, so a padded row
+    scores the loss of the same row unpadded."""
     tgt = F.pad(labels[:, 1:], (0, 1), value=-100)
     if attention_mask is not None:
         tgt = tgt.masked_fill(F.pad(attention_mask[:, 1:], (0, 1), value=1) == 0, -100)
+        tgt = tgt.masked_fill(attention_mask == 0, -100)
     return tgt
 
 
