@@ -86,7 +86,7 @@ class TrainConfig:
     data: str | None = spec(None, doc="built-in task name or a path (default: the objective's: mqar; forecast: "
                                       "synthetic)")
     tokenizer: str | None = spec(None, doc="a `tokenizers` JSON file (default: bytes)")
-    val_frac: float = spec(0.05, gt=0.0, max=0.5, doc="held-out fraction of a text corpus")
+    val_frac: float = spec(0.05, gt=0.0, max=0.5, doc="held-out fraction of a text corpus or a reasoning file")
     mqar_pairs: int | None = spec(None, min=1, doc="MQAR key/value pairs (default: min(seq_len/4, vocab/2 - 1))")
     copy_tokens: int | None = spec(None, min=1, doc="selective copy: tokens to copy (default: seq_len/8)")
     khop_hops: int = spec(2, min=1, doc="khop: pointers followed per query (k)")

@@ -345,7 +345,7 @@ class ReasoningStream:
       stream=s, **params)``; unlimited eval (``n_eval() is None``); ``chance`` is
       ``answer_chance``.
     * JSONL file (read with ``tokenizer``, default bytes): the *last* ``val_frac`` of the
-      file's examples (10% by default, at least 1) are held out for eval, the rest are the
+      file's examples (``train.val_frac``, 5% by default, at least 1; the class alone defaults to 10%) are held out for eval, the rest are the
       training set (at least 1, so a file needs >= 2 examples). Training visits them once
       per epoch in an order drawn from ``default_rng([seed, 2, epoch])`` (global index
       c -> epoch c // n_train); eval index i is held-out example i mod n_eval. ``chance``
