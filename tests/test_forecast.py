@@ -715,3 +715,25 @@ def test_rolling_origins_and_other_delimiters_get_one_line_errors(tmp_path) -> N
         f.write_text(f"t{sep}y\n" + "".join(f"{i}{sep}{i}\n" for i in range(10)))
         with pytest.raises(DataError, match=f"separated by {name}\\? the file must be comma-separated"):
             read_csv(f)
+
+
+def test_resume_on_other_values_of_the_same_length_is_refused(tmp_path, capsys) -> None:
+    """The series' path may move, its values may not change: another CSV of as many rows resumed silently."""
+    import yaml
+
+    cfg = tmp_path / "fc.yaml"
+    r = recipe()
+    r["train"] = {"batch_size": 4, "eval_every": 100, "eval_batches": 1, "warmup_steps": 0}
+    cfg.write_text(yaml.safe_dump(r))
+    rows = good_rows()
+    data = write_csv(tmp_path / "s.csv", rows)
+    out = tmp_path / "run"
+    assert main(["train", str(cfg), "--data", str(data), "--out", str(out), "--steps", "2", "--no-progress"]) == 0
+    moved = write_csv(tmp_path / "moved.csv", rows)
+    assert main(["train", str(cfg), "--data", str(moved), "--out", str(out), "--steps", "3", "--resume",
+                 "--no-progress"]) == 0
+    other = write_csv(tmp_path / "other.csv", [[t, a * 2, b] for t, a, b in rows])
+    capsys.readouterr()
+    rc = main(["train", str(cfg), "--data", str(other), "--out", str(out), "--steps", "4", "--resume", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "was trained on other values (digest " in err and "Traceback" not in err

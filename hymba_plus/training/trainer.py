@@ -543,6 +543,10 @@ class Trainer:
                                     if saved["params"].get(k) != v)
                 self.log(f"--data {cfg.data}: task settings changed since {self.resume_from}: {changed} (the "
                          "stream goes on with the new ones)")
+            if diff == "values":  # a series file of as many steps with other numbers
+                raise TrainError(f"--data {cfg.data}: the checkpoint {self.resume_from} was trained on other values "
+                                 f"(digest {saved[diff]} there, {now[diff]} now): resume with the same series, or "
+                                 "start a new run")
             if diff is not None:
                 raise TrainError(f"--data {cfg.data}: the checkpoint {self.resume_from} was trained on another "
                                  f"{'task' if diff in ('name', 'params') else 'split'} of it ({diff} "
