@@ -157,6 +157,26 @@ def test_interrupt_finishes_the_step_saves_and_exits_130(tmp_path, sig):
     assert "Traceback" not in err
 
 
+def test_a_signal_in_the_last_step_saves_first_then_runs_the_final_evaluation(tmp_path, monkeypatch, capsys):
+    """A signal during the run's last step skipped its final evaluation for good (a --resume had nothing to
+    do): the run ends there anyway, so the checkpoint is written first and the evaluation follows."""
+    from hymba_plus.training.trainer import Trainer
+
+    calls = []
+
+    def stop_in_the_last_step(self, t_run, stop):  # noqa: ANN001, ANN202 - as if SIGTERM came in step 4
+        calls.append(1)
+        stop.requested = "SIGTERM" if len(calls) == 4 else None
+        return False, stop.requested is not None
+
+    monkeypatch.setattr(Trainer, "_stop_flags", stop_in_the_last_step)
+    out = tmp_path / "run"
+    rc = main(["train", recipe_file(tmp_path), "--out", str(out), "--steps", "4", "--save-every", "100", *FAST])
+    err = capsys.readouterr().err
+    assert rc == 0 and "SIGTERM in the last step: saved step 4; the final evaluation follows" in err, err
+    assert [s for s, _ in ckpt_mod.list_checkpoints(out)] == [4] and "eval_loss" in rows(out)[-1]
+
+
 # --------------------------------------------------------------------------- 4. resume
 
 

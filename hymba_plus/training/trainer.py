@@ -28,7 +28,8 @@ finished run resumed with the same ``--steps`` has nothing to do.
 
 Interrupts (``signals.py``): the first SIGINT / SIGTERM finishes the current step, writes a
 checkpoint if a step ran since the last one and raises ``TrainInterrupted`` (``hymba train``
-exits 130 with the command that resumes); a second one aborts at once.
+exits 130 with the command that resumes); a second one aborts at once. In the run's last step it
+writes the checkpoint, then runs the final evaluation and ends as a finished run.
 
 Train-only modes (``--train-only``, ``routes.py``): ``routers`` freezes everything but the
 Dr.LLM layer routers, switches the routes on (``enable_routes``, saved with the weights) and
@@ -1241,6 +1242,13 @@ class Trainer:
                     loss = row["loss"]
                     out_of_time, interrupted = self._stop_flags(t_run, signals)
                     last = n == stop or out_of_time
+                    if interrupted and n == stop:  # a signal in the run's last step: the run ends here anyway;
+                        # the checkpoint first (a scheduler's grace period), then the final evaluation, which an
+                        # interrupt skipped for good (a --resume then had nothing to do)
+                        last_ckpt, saved_step = self.save(n), n
+                        interrupted = False
+                        self.log(f"{signals.requested} in the last step: saved step {n}; the final evaluation "
+                                 "follows (another signal stops it)")
                     if (n % cfg.eval_every == 0 or last) and not interrupted:
                         last_eval = self.evaluate()
                         row.update(last_eval)
@@ -1254,7 +1262,7 @@ class Trainer:
                         plot_metrics(self.rows, self.out / "loss.png", f"{self.recipe.name} ({cfg.data})",
                                      getattr(self.stream, "chance", None))
                     self.progress.update(n, loss, rate, row["lr"])
-                    if n % cfg.save_every == 0 or last or (interrupted and n > saved_step):
+                    if (n % cfg.save_every == 0 or last or interrupted) and n > saved_step:
                         last_ckpt, saved_step = self.save(n), n
                     if interrupted:
                         raise TrainInterrupted(n, last_ckpt or self.resume_from, self.opts.resume_command())
