@@ -541,3 +541,39 @@ def test_documents_end_with_the_end_token_the_tokenizer_config_names(tmp_path, c
         assert load_file(tok_file).eos_id == 5
         prepare(docs, tmp_path / f"shards{i}", load_file(tok_file))
         assert TokenShards(tmp_path / f"shards{i}").shard(0).tolist() == [1, 2, 5, 3, 4, 5]
+
+
+def test_shards_keep_the_tokenizers_side_files_and_checkpoints_carry_them(tmp_path):
+    """`hymba prepare --tokenizer DIR/tokenizer.json` keeps the side files beside it (special tokens, chat
+    template) in the shard index; a fresh run on the shards writes them into its checkpoints (they were
+    lost there), and the end token their tokenizer_config.json names holds for the shards' tokenizer too."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers
+
+    from hymba_plus.training.tokenizer import for_checkpoint
+
+    (tmp_path / "tok").mkdir()
+    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, 40)}, "<my_end>": 40}
+    t = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    t.add_special_tokens(["<my_end>"])
+    t.save(str(tmp_path / "tok" / "tokenizer.json"))
+    sides = {"tokenizer_config.json": json.dumps({"eos_token": "<my_end>"}), "chat_template.jinja": "{{ x }}"}
+    for name, text in sides.items():
+        (tmp_path / "tok" / name).write_text(text)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for d in range(8):
+        (docs / f"{d}.txt").write_text(" ".join(f"w{1 + (d * 7 + i) % 39}" for i in range(300)))
+    assert main(["prepare", str(docs), "--out", str(tmp_path / "shards"), "--tokenizer",
+                 str(tmp_path / "tok" / "tokenizer.json")]) == 0
+    shards = TokenShards(tmp_path / "shards")
+    assert shards.tokenizer_files == sides and shards.tokenizer().eos_id == 40
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "r", "model": {"vocab_size": 48, "d_model": 16, "max_seq_len": 32,
+                                                             "block_pattern": "GA"},
+                                      "components": {"gated_attn": {"n_heads": 2}, "mlp": {"d_hidden": 32}}}))
+    assert main(["train", str(recipe), "--data", str(tmp_path / "shards"), "--out", str(tmp_path / "run"), "--steps",
+                 "1", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--no-progress"]) == 0
+    ckpt = tmp_path / "run" / "step-1"
+    assert {n: (ckpt / n).read_text() for n in sides} == sides and for_checkpoint(ckpt, 48).eos_id == 40

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..core.config import brief
+from ..core.config import brief, first_line
 from . import tokenizer as tokmod
 from .tasks import TASKS, Task
 
@@ -306,6 +306,8 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, tokenizer: Any = 
             "format": FORMAT, "version": VERSION, "dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size,
             "max_id": max_id, "tokens": total, "shards": shards, "tokenizer": tok.to_json(), "sources": fingerprint(files),
         }
+        if getattr(tok, "files", None):  # its side files (special tokens, chat template): checkpoints carry them
+            index["tokenizer_files"] = tok.files
         (tmp / INDEX).write_text(json.dumps(index, indent=1))
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -352,6 +354,11 @@ class TokenShards:
             names = [str(s["file"]) for s in index["shards"]]
             self.vocab_size = int(index["vocab_size"])
             self.tokenizer_json = str(index["tokenizer"])
+            files = index.get("tokenizer_files", {})
+            if not isinstance(files, dict) or set(files) - set(tokmod.TOKENIZER_SIDE_FILES) or not all(
+                    isinstance(v, str) for v in files.values()):
+                raise TypeError("tokenizer_files: expected tokenizer side files (name -> text)")
+            self.tokenizer_files = files
             # the largest token id (written by prepare; None in shards of older versions)
             self.max_id = int(index["max_id"]) if index.get("max_id") is not None else None
         except (KeyError, TypeError, ValueError) as e:
@@ -376,7 +383,14 @@ class TokenShards:
         return sum(n for _, n in self.shards)
 
     def tokenizer(self) -> Any:
-        return tokmod.from_json(self.tokenizer_json, str(self.path / INDEX))
+        """The tokenizer the shards were made with (with its side files: ``HFTokenizer.with_files``)."""
+        tok = tokmod.from_json(self.tokenizer_json, str(self.path / INDEX))
+        if self.tokenizer_files and isinstance(tok, tokmod.HFTokenizer):
+            try:
+                tok.with_files(self.tokenizer_files)
+            except ValueError as e:  # a tokenizer_config.json that is not JSON
+                raise DataError(f"{self.path / INDEX}: tokenizer_files: {first_line(e)}") from None
+        return tok
 
     def shard(self, i: int) -> np.memmap:
         if i not in self._maps:

@@ -74,7 +74,7 @@ class IdsTokenizer:
 
 
 #: the end-of-text tokens a ``tokenizers`` vocabulary is searched for, in order, where no
-#: ``tokenizer_config.json`` beside it names one (``HFTokenizer.read_config``): Llama 2 / Mistral,
+#: ``tokenizer_config.json`` beside it names one (``HFTokenizer.with_files``): Llama 2 / Mistral,
 #: GPT-2 / Qwen / OLMo, Llama 3, Gemma, BERT, DeepSeek, ChatML
 END_TOKENS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "[SEP]", "<\uff5cend\u2581of\u2581sentence\uff5c>",
               "<|im_end|>")
@@ -99,6 +99,9 @@ class HFTokenizer:
         self._head: list[int] | None = None  # the ids of "a" (``encode(continues=True)``)
         self._continuation: Any = None
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        # transformers' files beside tokenizer.json (TOKENIZER_SIDE_FILES: special tokens, chat template),
+        # name -> text, where it was read from a folder that has them; checkpoints and shard indexes carry them
+        self.files: dict[str, str] = {}
         self.eos_id = None
         for name in END_TOKENS:
             i = self.tok.token_to_id(name)
@@ -106,19 +109,19 @@ class HFTokenizer:
                 self.eos_id = i
                 break
 
-    def read_config(self, path: Path) -> None:
-        """The end token a ``tokenizer_config.json`` names (``eos_token``: text, or a dict with its
-        ``content``), where it is in the vocabulary: what transformers' tokenizer ends text with, over
-        ``END_TOKENS``' guess from the vocabulary alone."""
-        try:
-            cfg = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise TokenizerError(f"{path}: not readable ({first_line(e)})") from None
+    def with_files(self, files: dict[str, str]) -> "HFTokenizer":
+        """This tokenizer with its side files (``TOKENIZER_SIDE_FILES``, name -> text; checked by
+        ``side_files``); the end token the ``tokenizer_config.json`` among them names (``eos_token``:
+        text, or a dict with its ``content``), where it is in the vocabulary, is what transformers'
+        tokenizer ends text with, over ``END_TOKENS``' guess from the vocabulary alone."""
+        self.files = dict(files)
+        cfg = json.loads(files["tokenizer_config.json"]) if "tokenizer_config.json" in files else {}
         eos = cfg.get("eos_token") if isinstance(cfg, dict) else None
         eos = eos.get("content") if isinstance(eos, dict) else eos
         i = self.tok.token_to_id(eos) if isinstance(eos, str) else None
         if i is not None:
             self.eos_id = i
+        return self
 
     def encode(self, text: str, add_special_tokens: bool = True, continues: bool = False) -> list[int]:
         """Token ids of ``text``; ``add_special_tokens=False`` skips the post-processor's special
@@ -213,8 +216,9 @@ def from_json(text: str, source: str = "tokenizer.json") -> Tokenizer:
 
 
 def load_file(path: str | os.PathLike) -> Tokenizer:
-    """A tokenizer from a JSON file (ours or a `tokenizers` file); a `tokenizers` one takes its end
-    token from the ``tokenizer_config.json`` beside it where there is one (``HFTokenizer.read_config``)."""
+    """A tokenizer from a JSON file (ours or a `tokenizers` file); a `tokenizers` ``tokenizer.json``
+    takes the side files beside it, and its end token from their ``tokenizer_config.json``
+    (``HFTokenizer.with_files``)."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -223,8 +227,8 @@ def load_file(path: str | os.PathLike) -> Tokenizer:
     except (OSError, UnicodeDecodeError) as e:
         raise TokenizerError(f"{p}: cannot read ({e})") from None
     tok = from_json(text, str(p))
-    if isinstance(tok, HFTokenizer) and (p.parent / "tokenizer_config.json").is_file():
-        tok.read_config(p.parent / "tokenizer_config.json")
+    if isinstance(tok, HFTokenizer) and p.name == "tokenizer.json":
+        tok.with_files(side_files(p.parent))
     return tok
 
 

@@ -1152,8 +1152,9 @@ class Trainer:
         """The files a checkpoint of this run carries beside its tokenizer, as they came: the end ids
         (``generation_config.json``) of the checkpoint it started from (``--resume``, else a checkpoint
         given as the recipe, e.g. an imported or hybridized model), and transformers' tokenizer side
-        files (``TOKENIZER_SIDE_FILES``: special tokens, chat template) of the first of that checkpoint
-        and ``--tokenizer``'s folder whose ``tokenizer.json`` is this run's tokenizer."""
+        files (``TOKENIZER_SIDE_FILES``: special tokens, chat template): the tokenizer's own (read
+        beside ``--tokenizer``'s tokenizer.json, or kept in the shard index ``hymba prepare`` wrote),
+        else that checkpoint's where its tokenizer.json is this run's tokenizer."""
         from ..models.lm import GENERATION_CONFIG, generation_config
         from .tokenizer import load_file, side_files
 
@@ -1164,11 +1165,11 @@ class Trainer:
         out: dict[str, str] = {}
         if start is not None and generation_config(start, self.recipe.model.vocab_size):  # (checked: ids in range)
             out[GENERATION_CONFIG] = (Path(start) / GENERATION_CONFIG).read_text(encoding="utf-8")
-        given = Path(self.cfg.tokenizer) if self.cfg.tokenizer else None
-        for folder in (start, given.parent if given is not None and given.name == "tokenizer.json" else None):
-            if (tok.kind == "tokenizers" and folder is not None and (Path(folder) / "tokenizer.json").is_file()
-                    and load_file(Path(folder) / "tokenizer.json").to_json() == tok.to_json()):
-                return {**out, **side_files(folder)}
+        if getattr(tok, "files", None):
+            return {**out, **tok.files}
+        if (tok.kind == "tokenizers" and start is not None and (Path(start) / "tokenizer.json").is_file()
+                and load_file(Path(start) / "tokenizer.json").to_json() == tok.to_json()):
+            return {**out, **side_files(start)}
         return out
 
     # ------------------------------------------------------------------ run
