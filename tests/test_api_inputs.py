@@ -61,6 +61,14 @@ def test_generate_refuses_an_empty_prompt(models, name, mode, kw) -> None:
 
 
 @pytest.mark.parametrize("name,mode,kw", MODES)
+def test_generate_refuses_a_batch_of_no_rows(models, name, mode, kw) -> None:
+    """B = 0 passed the prompt checks and failed in new_cache, naming its batch_size."""
+    with pytest.raises(ValueError) as e:
+        _gen(models, name, mode, torch.zeros(0, 4, dtype=torch.long), **kw)
+    assert "input_ids: a batch of no rows (shape (0, 4))" in _one_line(e)
+
+
+@pytest.mark.parametrize("name,mode,kw", MODES)
 @pytest.mark.parametrize("mask,says", [
     ([[1, 1, 1, 0], [1, 1, 1, 1]], "attention_mask: row 0 has a pad after a token (column 3): generate takes "
                                    "left-padded prompts"),

@@ -228,7 +228,9 @@ def check_prompt(input_ids: Any, attention_mask: Any = None, min_tokens: int = 1
                         f"{input_ids.dtype}")
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must have shape [B, T], got {tuple(input_ids.shape)}")
-    if input_ids.shape[1] < min_tokens and input_ids.shape[0]:
+    if input_ids.shape[0] == 0:  # (new_cache refused it later, naming its batch_size)
+        raise ValueError(f"input_ids: a batch of no rows (shape {tuple(input_ids.shape)}); generate needs at least one")
+    if input_ids.shape[1] < min_tokens:
         raise ValueError(f"input_ids: an empty prompt (shape {tuple(input_ids.shape)}); generate continues a "
                          "prompt of at least one token per row")
     if attention_mask is not None and not isinstance(attention_mask, Tensor):
