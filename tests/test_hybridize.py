@@ -144,6 +144,20 @@ def test_distill_teacher_must_share_the_vocabulary(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("config, data", [("ladir_tiny.yaml", "chain_arith"), ("bd_tiny.yaml", "mqar")])
+def test_distill_is_refused_for_other_objectives_in_one_line(tmp_path, capsys, config, data):
+    """LaDiR's student logits are empty: the KL term was an IndexError traceback."""
+    from pathlib import Path
+
+    cfg = Path(__file__).resolve().parents[1] / "configs" / config
+    build_model(str(cfg)).save_pretrained(tmp_path / "t")
+    rc = main(["train", str(cfg), "--distill", str(tmp_path / "t"), "--out", str(tmp_path / "o"), "--steps", "1",
+               "--data", data, "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and "--distill: only for next-token training (the recipe's objective is " in err[-1], err
+    assert "Traceback" not in "\n".join(err)
+
+
 def final_accuracy(out) -> list[float]:  # noqa: ANN001
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["eval_accuracy"] for r in rows if "eval_accuracy" in r]

@@ -12,7 +12,9 @@ The model thinks in ``memory_slots`` continuous vectors before it answers:
   the question; the same LM reconstructs the reasoning after ``slots_r(z)`` and answers after
   ``slots_a(z)``:
   ``L_vae = CE(reasoning | q, slots_r(z)) + CE(answer | q, slots_a(z)) + beta_kl *
-  KL(q(z | q, r) || N(0, I))`` (KL summed over ``latent_dim``, averaged over slots and rows).
+  KL(q(z | q, r) || N(0, I))`` (KL summed over ``latent_dim``, averaged over slots and rows, the
+  KL of each slot's Gaussian; LaDiR's code averages over every element too, ``vae/model_vae.py``'s
+  ``-0.5 * mean(...)``, so its ``beta_kl`` is ``latent_dim`` times ours: 0.3 there ~ 0.3 / 128 here).
   Without the marks both targets continue the same input and the LM learns a mixture of
   their first tokens. Deliberate differences from the paper: the decoder is this LM, trained,
   conditioned on the question (LaDiR's is a frozen copy of the base LLM reading only the latents), and the
@@ -35,8 +37,10 @@ The model thinks in ``memory_slots`` continuous vectors before it answers:
   slots, answer]``.
 * **Prophet**: every ``check_every`` steps, the current estimate ``z_1 ~= z_t + (1 - t) v``
   is decoded through the LM (on a fork of the question's cache) and the gap between the
-  top-1 and top-2 logits of the answer's first token is compared with the threshold of the
-  current third of the schedule (``thresholds``: 7.5 / 5.0 / 2.5 by default); a row whose gap
+  top-1 and top-2 logits of the answer's first token (Prophet averages the gap over the first
+  5 answer positions) is compared with the threshold of the current third of the schedule
+  (``thresholds``: 7.5 / 5.0 / 2.5 by default; thirds exactly, where Prophet's code cuts at
+  progress 0.33 and 0.67, so a check at exactly 2/3 is in the last third here); a row whose gap
   passes stops denoising there and keeps that estimate as its latent (as Prophet decodes every
   remaining token from its current prediction). The steps used are reported.
 """

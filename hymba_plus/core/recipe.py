@@ -869,6 +869,9 @@ def _check_tokens(objective: Any, model: ModelConfig, ladir: Any, errs: _Errors)
     reads_tokens = registry.get(objective_kinds()[kind]).cls.reads_tokens
     if reads_tokens and model.vocab_size is None:
         errs.add("model.vocab_size", "missing required key", errs.line("model"))
+    if reads_tokens and kind != "next_token" and model.mtp is not None:  # (accepted, then never trained)
+        errs.add("model.mtp", f"multi-token prediction trains with the next_token objective; the {kind} objective "
+                 "never computes its loss (its modules would stay untrained)")
     if reads_tokens:
         return
     what = f"the {kind} objective reads numbers, not tokens"

@@ -38,8 +38,9 @@ def load_teacher(path: str | Path, student: Any, device: torch.device) -> Any:
     if teacher.config.vocab_size != student.config.vocab_size:
         raise DistillError(f"--distill {path}: vocab_size {teacher.config.vocab_size} differs from the student's "
                            f"{student.config.vocab_size}")
-    if student.objective.mask_token_id is not None:
-        raise DistillError("--distill: only for next-token training (the recipe's objective must be next_token)")
+    if student.recipe.objective is not None:  # block diffusion, LaDiR, forecasting (LaDiR's was an IndexError)
+        raise DistillError(f"--distill: only for next-token training (the recipe's objective is "
+                           f"{student.recipe.objective.kind}; it must be next_token)")
     teacher.requires_grad_(False)
     return teacher.to(device).eval()
 
