@@ -1006,6 +1006,21 @@ def test_shapes_and_state_fields():
     assert isinstance(st, AtlasState)
 
 
+def test_a_cache_holds_its_own_memory_not_views_of_the_parameters():
+    """Batch 1, a first cached call that completes no chunk: the state's weights were views of the learned
+    initial memory, so an in-place change of the parameters (an optimizer step) changed a live cache."""
+    torch.manual_seed(0)
+    mod = Atlas(AtlasConfig(**TINY), d_model=32)
+    x = torch.randn(1, 2, 32)  # fewer tokens than a chunk
+    st = mod.init_state(1, x.device, x.dtype)
+    with torch.no_grad():
+        mod(x, ctx_for(x), st)
+        before = [w.clone() for w in st.weights]
+        for p in mod.memory:
+            p.add_(1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, st.weights))
+
+
 @pytest.mark.parametrize("opt", ["muon", "muon_chunk", "sgd"])
 def test_gradients_reach_every_parameter(opt):
     torch.manual_seed(0)

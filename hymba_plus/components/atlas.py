@@ -374,7 +374,9 @@ class Atlas(nn.Module):
         k_c, v_c = comb(st.buf_k, k), comb(st.buf_v, v)
         g_c = comb(st.buf_gates, gates) * real
         q_c = comb(q.new_zeros(B, H, C, d), q)
-        weights = st.weights if st.weights is not None else self._initial_weights(B)
+        # (a copy of the initial memory: a call that completes no chunk carried views of the parameters into
+        # the cache at batch 1, which an in-place optimizer step would then change under a live cache)
+        weights = st.weights if st.weights is not None else [w.clone() for w in self._initial_weights(B)]
         y_c, W, S = self._memory(q_c, k_c, v_c, g_c, st.tail_k, st.tail_v, st.tail_gamma, weights,
                                  st.momentum, n_tot, return_state=True)
         # outputs of this call's tokens: combined slot n_buf + t
