@@ -677,3 +677,19 @@ def test_gpu_layer_decode_step_fast_equals_reference(monkeypatch, dtype, fla_one
             yg = mixer(xs, ctx1, s)
         graph.replay()
     assert torch.equal(yg.float(), y) and torch.equal(s.conv.float(), c) and torch.equal(s.S, S)
+
+
+def test_a_hooked_qkv_projection_is_never_split(monkeypatch):
+    """The split q/k/v path (CUDA, fla, 16-bit, more than one token) projects with F.linear on row blocks
+    of qkv_proj's weight, which skips the Linear's forward hooks: MoDr's LoRA branches on a think block's
+    GD layer were dropped there (logits 17% off the fused path, the cache invariant broken at decode)."""
+    import hymba_plus.components.gdn as gdn_mod
+
+    monkeypatch.setattr(gdn_mod, "fla_selected", lambda *a, **k: True)  # as on CUDA with fla, in bf16
+    mod = GatedDeltaNet(GatedDeltaNetConfig(n_heads=2, head_dim=8), d_model=16)
+    x = torch.randn(1, 4, 16)
+    assert mod._split(x)
+    handle = mod.qkv_proj.register_forward_hook(lambda m, i, o: o + 1.0)
+    assert not mod._split(x)
+    handle.remove()
+    assert mod._split(x)

@@ -72,7 +72,7 @@ from ..kernels.gdn import (
     gated_delta_rule_decode_,
     gdn_gates,
 )
-from ..kernels.linear import project
+from ..kernels.linear import plain, project
 from .norm import GatedRMSNorm
 
 
@@ -303,8 +303,11 @@ class GatedDeltaNet(nn.Module):
                 new_conv)
 
     def _split(self, x: Tensor) -> bool:
-        """``qkv``'s own choice of ``split`` (see there)."""
-        return x.shape[1] > 1 and fla_selected(autocast_dtype(x), self.dk, self.dv, x, self.cfg.delta_rule)
+        """``qkv``'s own choice of ``split`` (see there): never for a hooked ``qkv_proj`` (MoDr's LoRA
+        branches add their delta in a forward hook, which the split path's ``F.linear`` on row blocks
+        of the weight skipped: the branches were dropped on CUDA prefill and training)."""
+        return (x.shape[1] > 1 and plain(self.qkv_proj)
+                and fla_selected(autocast_dtype(x), self.dk, self.dv, x, self.cfg.delta_rule))
 
     def _qkv_fused(self, qkv: Tensor, ctx: StepContext,
                    conv_state: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
