@@ -217,6 +217,11 @@ def test_routes_skip_and_repeat_per_row():
     assert rel_err(a[:1], b) <= 1e-5  # rows are independent
     assert torch.equal(cache.extra["routes"], routes)
     assert int(s.applications(routes, 3)[0]) == n - 1 and int(s.applications(routes, 3)[1]) == n + 1
+    # a later call on the cache takes its route (given again: the same; another: refused, it was used silently)
+    with torch.no_grad():
+        model(ids[:, :1], routes=routes, cache=cache)
+        with pytest.raises(ValueError, match="routes differ from the routes this cache was started with"):
+            model(ids[:, :1], routes=routes.flip(0), cache=cache)
 
 
 def test_branch_load_is_counted_and_the_bias_balances_it():

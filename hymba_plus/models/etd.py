@@ -159,6 +159,11 @@ class ETDStack:
                              "this one routes no layers")
         if self.routed:
             given = routes is not None
+            if given and "routes" in extra and (routes.shape != extra["routes"].shape
+                                                or not torch.equal(routes, extra["routes"])):
+                # (they were used for this call alone, silently: the cache's layers hold the prefill's route)
+                raise ValueError("routes differ from the routes this cache was started with (a cache keeps its "
+                                 "prefill's route: pass none, or the same)")
             if routes is None and "routes" in extra:
                 routes = extra["routes"]
             decide = routes is None and self.router.routing  # untrained routers: all-execute
