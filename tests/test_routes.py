@@ -133,6 +133,13 @@ def test_route_loss_class_balance_weighs_each_class_equally_or_not_at_all():
     even[:, ran] = torch.arange(12).remainder(3).view(3, 4)
     assert float(route_targets_loss(stats, even, 0.0, balance=True)[0]) == pytest.approx(
         float(route_targets_loss(stats, even, 0.0, balance=False)[0]), rel=1e-6)
+    # rows without a scored position (the search labels them all-skip: any route is acceptable) are left out
+    keep = torch.tensor([True, False, True])
+    got, _ = route_targets_loss(stats, routes, 0.0, balance=False, rows=keep)
+    sub = torch.nn.functional.cross_entropy(logits[keep][:, ran].reshape(-1, 3), routes[keep][:, ran].reshape(-1))
+    assert float(got) == pytest.approx(float(sub), rel=1e-6)
+    none, acc = route_targets_loss(stats, routes, 0.0, rows=torch.zeros(3, dtype=torch.bool))
+    assert float(none) == 0.0 and float(acc) == 0.0
 
 
 @pytest.mark.parametrize("class_balance", [None, True, False])
@@ -146,8 +153,8 @@ def test_router_training_uses_the_recipe_class_balance(tmp_path, monkeypatch, cl
     calls = []
     real = routes_mod.route_targets_loss
 
-    def spy(stats, routes, gamma, balance=True):  # noqa: ANN001, ANN202
-        loss, acc = real(stats, routes, gamma, balance)
+    def spy(stats, routes, gamma, balance=True, rows=None):  # noqa: ANN001, ANN202
+        loss, acc = real(stats, routes, gamma, balance, rows)
         calls.append((balance, float(loss.detach())))
         return loss, acc
 

@@ -248,13 +248,20 @@ def search_routes(model: nn.Module, input_ids: Tensor, labels: Tensor, *, beam: 
                        used=used, forwards=calls, evaluations=search_budget(len(used), beam))
 
 
-def route_targets_loss(stats: dict, routes: Tensor, gamma: float, balance: bool = True) -> tuple[Tensor, Tensor]:
+def route_targets_loss(stats: dict, routes: Tensor, gamma: float, balance: bool = True,
+                       rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(focal loss of the router logits of a teacher-forced forward against ``routes``, the
-    router accuracy), over the slots that ran, with Dr.LLM's class weights from the targets
-    (``balance``; else every target weighs the same)."""
+    router accuracy), over the slots that ran and the ``rows`` [B] bool given (the search's rows
+    with a scored position: a row without one accepts every route, so its all-skip label says
+    nothing), with Dr.LLM's class weights from the targets (``balance``; else every target weighs
+    the same). No row: a zero loss (on the graph) and accuracy 0."""
     from ..components.etd_router import class_weights, focal_loss
 
     logits, ran = stats["etd/route_logits"], stats["etd/route_slots"].to(routes.device)
+    if rows is not None:
+        if not bool(rows.any()):
+            return logits.sum() * 0.0, logits.new_zeros(())
+        logits, routes = logits[rows], routes[rows]
     lg = logits[:, ran].reshape(-1, logits.shape[-1])
     tgt = routes[:, ran].reshape(-1)
     loss = focal_loss(lg, tgt, gamma, class_weights(tgt, logits.shape[-1]) if balance else None)

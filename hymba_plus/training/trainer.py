@@ -941,7 +941,7 @@ class Trainer:
                 if self.compile_mode is not None:
                     torch.compiler.cudagraph_mark_step_begin()
                 out = self.fwd(ids, routes=res.routes, check_inputs=False)
-            loss_t, acc_t = routes_mod.route_targets_loss(out.stats, res.routes, gamma, balance)
+            loss_t, acc_t = routes_mod.route_targets_loss(out.stats, res.routes, gamma, balance, rows=res.count > 0)
             (loss_t / cfg.grad_accum).backward()
             if self.masters is not None:
                 self.masters.collect()
