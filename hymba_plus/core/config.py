@@ -59,8 +59,13 @@ class _BriefRepr(reprlib.Repr):
             if isinstance(x, base) and type(x) is not base:
                 return getattr(self, f"repr_{base.__name__}")(x, level)
         if isinstance(x, int) and not isinstance(x, bool) and x.bit_length() > 600:
-            return f"<an integer of {int(x.bit_length() * math.log10(2)) + 1} digits>"
+            return f"<{_digits(x)}>"
         return super().repr1(x, level)
+
+
+def _digits(x: int) -> str:
+    """An integer's size in words (its repr past 4300 digits is a ValueError)."""
+    return f"an integer of {int(x.bit_length() * math.log10(2)) + 1} digits"
 
 
 _BRIEF_REPR = _BriefRepr()
@@ -74,7 +79,7 @@ def brief(v: Any, limit: int = 60) -> str:
     that was read where a value was expected (containers through a bounded repr; an integer of
     more digits than Python prints as its size)."""
     if isinstance(v, int) and v.bit_length() > 4000:  # (repr() of 4300+ digits is a ValueError)
-        return f"an integer of {int(v.bit_length() * math.log10(2)) + 1} digits"
+        return _digits(v)
     container = isinstance(v, (list, tuple, dict, set, frozenset))
     r = _BRIEF_REPR.repr(v) if container else repr(v)
     if len(r) <= limit:

@@ -319,6 +319,8 @@ class SeriesStream:
         self.val_starts = self._starts(self.splits.val)
         self.test_starts = self._starts(self.splits.test)
         self.note = small_scale_note(self.series.values[:hi], L, obj.revin_eps, data)  # (the trainer logs it)
+        # what a resumed run must read again (``state``; once: the values are hashed, not every checkpoint)
+        self.digest = hashlib.sha256(np.ascontiguousarray(self.series.values).tobytes()).hexdigest()[:16]
         fill = f"; {self.series.report}" if self.series.report else ""
         self.description = (f"{what}{fill}; split by time: train targets [0, {hi}), validation [{hi}, "
                             f"{self.splits.val[1]}) ({len(self.val_starts)} windows), test [{self.splits.test[0]}, "
@@ -358,5 +360,4 @@ class SeriesStream:
     def state(self) -> dict[str, Any]:
         """What a resumed run must train on again: the series' length and a digest of its values
         (another CSV of as many rows trained on silently)."""
-        digest = hashlib.sha256(np.ascontiguousarray(self.series.values).tobytes()).hexdigest()[:16]
-        return {"kind": "series", "source": self.series.source, "steps": len(self.values), "values": digest}
+        return {"kind": "series", "source": self.series.source, "steps": len(self.values), "values": self.digest}
