@@ -25,6 +25,7 @@ import yaml
 from hymba_plus import build_model
 from hymba_plus.cli import main
 from hymba_plus.core.recipe import load_recipe
+from hymba_plus.kernels import dispatch
 from hymba_plus.training import cuda_graph as cg
 from hymba_plus.training.config import TrainConfig
 from hymba_plus.training.trainer import GRAPH_LOSS_RTOL, TRAIN_MODES, RunOptions, Trainer
@@ -374,6 +375,41 @@ def test_a_block_diffusion_step_is_captured_whole(tmp_path, monkeypatch):
     assert tr.graph_ineligible() is None
     lad = load_recipe(Path(__file__).resolve().parents[1] / "configs" / "ladir_tiny.yaml")
     assert build_model(lad).objective.graph_because == "its losses call the model several times per step"
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every op that reads a tensor's value on the host (``int(t)``, ``bool(t)``, ``t.item()``):
+    inside a CUDA graph capture each is a synchronisation, and the capture fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
+            import traceback
+
+            self.reads.append("".join(f for f in traceback.format_stack(limit=12) if "hymba_plus" in f))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", ["bd_tiny", "hymba_tiny", "gpt_swa_tiny", "mtp_tiny"])
+def test_a_graph_eligible_step_reads_nothing_on_the_host_during_a_capture(tmp_path, name, monkeypatch):
+    """The training step of a shipped recipe that ``auto`` may capture (``graph_ineligible`` None),
+    forward and backward with the kernels' probes already run, reads no tensor value on the host
+    while a capture is in progress (here: ``dispatch.capturing`` says so). Block diffusion's
+    gdn clean pass once range-checked its block starts with ``int(...)``: on CUDA the capture failed
+    and ``auto`` trained eagerly."""
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
+    tr, _ = _trainer(tmp_path, {**yaml.safe_load(recipe.to_yaml())})
+    assert tr.graph_ineligible() is None
+    model = build_model(recipe).train()
+    ids = torch.randint(0, recipe.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    model.objective.train_forward(model, model, ids, ids).loss.backward()  # the probes run eagerly first
+    monkeypatch.setattr(dispatch, "capturing", lambda: True)
+    with _HostReads() as mode:
+        model.objective.train_forward(model, model, ids, ids).loss.backward()
+    assert not mode.reads, mode.reads[0]
 
 
 def test_a_forecast_step_is_captured_whole(tmp_path):

@@ -176,7 +176,9 @@ class BlockDiffusion(Objective):
             k = torch.arange(bs + 1, device=t.device, dtype=m.dtype)
             log_binom = math.lgamma(bs + 1.0) - torch.lgamma(k + 1) - torch.lgamma(bs - k + 1)
             logp = log_binom + torch.xlogy(k, m[..., None]) + torch.xlogy(bs - k, 1 - m[..., None])
-            logp = logp.masked_fill(~_allowed_counts(self.cfg, lo, hi).to(t.device), -math.inf)
+            ok = _allowed_counts(self.cfg, lo, hi).nonzero()  # host-side: a contiguous range of counts, read
+            k_lo, k_hi = int(ok.min()), int(ok.max())  # here so the step copies nothing to the device
+            logp = logp.masked_fill((k < k_lo) | (k > k_hi), -math.inf)
             cdf = logp.softmax(-1).cumsum(-1)
             u = torch.rand((B, nb, 1), device=t.device, generator=generator)
             n = (cdf < u * cdf[..., -1:]).sum(-1, keepdim=True)  # [B, nb, 1] masked tokens per block
