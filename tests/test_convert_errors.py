@@ -132,6 +132,18 @@ def test_export_names_the_first_thing_hf_cannot_express(tmp_path, capsys, patter
     assert "cannot express it" in line
 
 
+def test_export_of_mlp_biases_without_attention_layers_is_refused(tmp_path, capsys):
+    """A Qwen3-Next recipe of gdn layers only with MLP biases: Qwen3-Next MLPs have none (the export wrote
+    them, transformers dropped them as unexpected keys: logits off, silently)."""
+    from hymba_plus import build_model
+
+    build_model({"name": "x", "model": {"vocab_size": 64, "d_model": 32, "block_pattern": "GD | GD"},
+                 "components": {"gdn": {"n_heads": 2}, "mlp": {"d_hidden": 48, "bias": True}}}).save_pretrained(
+        tmp_path / "a")
+    run_fails(capsys, tmp_path, [tmp_path / "a", tmp_path / "hf"], "components.mlp.bias: Qwen3NextForCausalLM MLPs "
+              "have no bias")
+
+
 def test_export_of_meta_tokens_and_windows_is_refused(tmp_path, capsys):
     from hymba_plus import build_model
 

@@ -235,6 +235,8 @@ class Family:
             if s.ffn not in self.ffns():
                 out.append(f"model.block_pattern: layer {i} ({s.token()}): channel mixer {s.ffn} is not expressible "
                            f"(only {', '.join(sorted(self.ffns()))})")
+        if "mlp" in {s.ffn for s in recipe.layers} and recipe.component("mlp").bias and not self.mlp_bias_key:
+            out.append(f"components.mlp.bias: {self.architecture} MLPs have no bias")
         if out or "gated_attn" not in {s.mixer for s in recipe.layers}:
             return out
         a = recipe.component("gated_attn")
@@ -262,8 +264,6 @@ class Family:
         if sc is not None and sc.kind == "ntk" and sc.factor != 1.0:
             out.append("components.gated_attn.rope.scaling.kind: ntk scaling is not exported (linear, llama3 and "
                        "yarn only)")
-        if "mlp" in {s.ffn for s in recipe.layers} and recipe.component("mlp").bias and not self.mlp_bias_key:
-            out.append(f"components.mlp.bias: {self.architecture} MLPs have no bias")
         return out
 
     def mixers(self) -> set[str]:
