@@ -210,6 +210,28 @@ def test_partial_rotary_factor_only_where_transformers_applies_it(arch, tmp_path
                    for p in family_for_recipe(r, arch).problems(r))
 
 
+def test_no_rotary_dims_export_and_import_back(tmp_path):
+    """``rope.fraction: 0`` (no RoPE) exports to Qwen3-Next as ``partial_rotary_factor: 0.0``, which
+    transformers runs as we do; importing that folder back was refused (must be > 0)."""
+    from hymba_plus import build_model
+
+    r = {"name": "nope", "model": {"vocab_size": VOCAB, "d_model": 32, "block_pattern": "GA+mlp | GD+mlp"},
+         "components": {"gated_attn": {"n_heads": 4, "qk_norm_eps": 1e-6, "rope": {"fraction": 0.0}},
+                        "gdn": {"n_heads": 2}, "mlp": {"d_hidden": 48}}}
+    torch.manual_seed(0)
+    model = build_model(r).eval()
+    model.save_pretrained(tmp_path / "ours")
+    export_hf(tmp_path / "ours", tmp_path / "hf")
+    back = tf.Qwen3NextForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    import_hf(tmp_path / "hf", tmp_path / "again", tokenizer=False)
+    again = from_pretrained(tmp_path / "again").eval()
+    assert again.recipe.component("gated_attn").rope.fraction == 0.0
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(ids).logits
+        assert rel(back(ids).logits, want) <= 1e-4 and rel(again(ids).logits, want) <= 1e-4
+
+
 def test_rope_scaling_replaces_rope_parameters_as_in_transformers(tmp_path):
     """A config with both keys: transformers runs ``rope_scaling`` (linear x4 here), so does the import."""
     model = hf_model("LlamaForCausalLM", seed=12)

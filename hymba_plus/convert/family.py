@@ -79,9 +79,9 @@ class HFConfig:
             raise self.error("rope_parameters.rope_theta", f"{rp.get('rope_theta')!r} is dropped by transformers where "
                              "rope_scaling is given (it then uses 10000): put rope_theta into rope_scaling")
         frac = par.get("partial_rotary_factor", self.data.get("partial_rotary_factor", default_fraction))
-        for key, v in (("rope_theta", theta), ("partial_rotary_factor", frac)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise self.error(key, f"must be a number > 0, got {v!r}")
+        for key, v, zero_ok in (("rope_theta", theta, False), ("partial_rotary_factor", frac, True)):  # 0: no RoPE
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 or (zero_ok and v == 0)):
+                raise self.error(key, f"must be a number {'>= 0' if zero_ok else '> 0'}, got {v!r}")
         if not partial:
             frac = 1.0
         kind = par.get("rope_type") or par.get("type") or "default"
