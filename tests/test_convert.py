@@ -165,6 +165,9 @@ def test_pooled_balance_loss_equals_hf_router_aux_loss(tmp_path):
     ("Qwen3NextForCausalLM", {"rope_type": "yarn", "rope_theta": 500.0, "factor": 8.0, "beta_fast": 16.0,
                               "beta_slow": 2.0, "original_max_position_embeddings": 24,
                               "partial_rotary_factor": 0.5}),
+    # a ramp whose clamped ends cross (high -6 < low 0): transformers divides by the negative width
+    ("LlamaForCausalLM", {"rope_type": "yarn", "rope_theta": 2.0, "factor": 4.0,
+                          "original_max_position_embeddings": 2}),
 ])
 def test_scaled_rope_imports_and_exports(arch, rope, tmp_path):
     """Llama 3's RoPE scaling (the ``original_max_position_embeddings`` of 16 puts the 4 frequency

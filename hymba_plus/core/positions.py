@@ -85,9 +85,10 @@ def inv_freq_and_mscale(cfg: RopeConfig, rot_dim: int) -> tuple[Tensor, float]:
 
         # the ramp runs linearly in the dimension index between the indices of beta_fast and beta_slow
         # rotations, rounded outwards (YaRN's reference code and HF transformers; the paper writes it in
-        # rotations): 0 below = keep (extrapolate, high frequency), 1 above = interpolate
+        # rotations): 0 below = keep (extrapolate, high frequency), 1 above = interpolate; clamped ends that
+        # cross (a tiny original context or theta) divide by the negative width, as both do
         lo, hi = max(math.floor(dim_of(sc.beta_fast)), 0), min(math.ceil(dim_of(sc.beta_slow)), rot_dim - 1)
-        hi = hi if hi > lo else lo + 0.001
+        hi = hi if hi != lo else lo + 0.001
         ramp = ((torch.arange(rot_dim // 2, dtype=torch.float64) - lo) / (hi - lo)).clamp(0.0, 1.0)
         inv = inv / sc.factor * ramp + inv * (1 - ramp)
         mscale = 0.1 * math.log(sc.factor) + 1.0
