@@ -64,6 +64,21 @@ def test_attention_weights_map_into_gdn_and_mamba3(tmp_path):
             assert torch.equal(h[key], s[key]), key
 
 
+def test_meta_tokens_are_copied(tmp_path):
+    """A source with meta tokens (the hybrid must have as many): they are copied like the embeddings
+    (they were left at the hybrid's fresh init, so even the kept layers saw other prefixes)."""
+    torch.manual_seed(0)
+    r = recipe("GA | GA")
+    r["model"]["meta_tokens"] = 2
+    src = build_model(r)
+    with torch.no_grad():
+        src.meta.normal_()
+    src.save_pretrained(tmp_path / "src")
+    r["model"]["block_pattern"] = "GD | GA"
+    hybridize(tmp_path / "src", tmp_path / "h", r)
+    assert torch.equal(from_pretrained(tmp_path / "h").meta, src.meta)
+
+
 def test_no_attention_init_starts_replaced_mixers_fresh(tmp_path, capsys):
     """``hymba convert --hybridize R --no-attention-init`` (the ablation of benchmarks/hybridize.py):
     the replaced mixers are exactly the target's own seeded init (``--seed``), nothing derived from

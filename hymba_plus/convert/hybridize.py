@@ -3,9 +3,9 @@
 
 The target recipe has the source's width, vocabulary and layer count; its pattern names,
 per layer, the mixer: the source's own ``gated_attn`` (kept), ``gdn`` or ``mamba3``
-(replaced), or ``-`` (dropped). Everything else -- embeddings, head, final norm, every
-layer's norms and channel mixer (MLP / MoE) and the kept attention layers -- is copied and
-must have the source's shapes.
+(replaced), or ``-`` (dropped). Everything else -- embeddings, meta tokens, head, final
+norm, every layer's norms and channel mixer (MLP / MoE) and the kept attention layers -- is
+copied and must have the source's shapes.
 
 A replaced mixer starts from the attention weights it replaces where the maths allows,
 reading linear attention as attention without the softmax (Mamba-in-the-Llama, Wang et al.
@@ -192,7 +192,7 @@ def hybridize(src: str | Path, out: str | Path, recipe: Any, *, seed: int = 0, a
             own[k].copy_(state[s])
 
     with torch.no_grad():
-        for k in ("embed.weight", "norm.weight", "lm_head.weight"):
+        for k in ("embed.weight", "meta", "norm.weight", "lm_head.weight"):
             if k in own and k in state:
                 own[k].copy_(state[k])
         for i, (s, t) in enumerate(zip(source.layers, target.layers)):
