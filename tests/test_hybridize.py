@@ -217,6 +217,21 @@ def test_hybrid_must_keep_what_copied_weights_mean(tmp_path, change, msg):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("change, msg", [
+    ({"hymba": {"ssm": "mamba3", "attn": {**ATTN, "rope": {"theta": 500.0}}}}, "components.hymba.attn: "),
+    ({"mamba3": {**COMPS["mamba3"], "bc_norm_eps": 0.01}}, "components.mamba3.bc_norm_eps: 0.01 differs"),
+])
+def test_kept_hybrid_layers_keep_their_settings_and_their_ssm_heads(tmp_path, change, msg):
+    """A kept ``HY`` layer (any kept mixer, not only attention) and the SSM its heads build must keep the
+    source's settings (they were not compared: the layer was copied under another RoPE, silently)."""
+    comps = {**COMPS, "hymba": {"ssm": "mamba3", "attn": ATTN}}
+    build_model({**recipe("HY | GA"), "components": comps}).save_pretrained(tmp_path / "src")
+    r = {**recipe("HY | GD"), "components": {**comps, **change}}
+    with pytest.raises(ConvertError, match=re.escape(msg)):
+        hybridize(tmp_path / "src", tmp_path / "out", r)
+    assert not (tmp_path / "out").exists()
+
+
 def test_hybridize_straight_from_an_hf_folder(tmp_path):
     """SRC may be an HF folder: the hybrid recipe is the imported one with an edited pattern."""
     pytest.importorskip("transformers")

@@ -118,7 +118,7 @@ def init_mamba3(mixer: Any, attn: dict[str, Tensor], H: int, Hkv: int, D: int) -
 INIT = {"gdn": init_gdn, "mamba3": init_mamba3}
 
 #: settings of a copied component that change what its weights compute (the rest -- loss
-#: coefficients, capacity, chunk sizes -- may differ)
+#: coefficients, capacity, chunk sizes -- may differ); a component not named: all of them
 SAME = {"gated_attn": None, "mlp": None, "gdn": None, "mamba3": None,
         "moe": ("n_experts", "top_k", "n_shared", "d_expert", "d_shared", "score", "norm_topk")}
 
@@ -130,8 +130,8 @@ def _show(v: Any) -> str:
 
 
 def _check_same_components(source: Recipe, target: Recipe, where: str) -> None:
-    """Components whose weights are copied (the kept mixers, every channel mixer) must compute
-    the same thing: the first setting that differs is one line."""
+    """Components whose weights are copied (the kept mixers, every channel mixer, the SSM a kept
+    hymba layer builds) must compute the same thing: the first setting that differs is one line."""
     import dataclasses
 
     copied = set()
@@ -139,9 +139,13 @@ def _check_same_components(source: Recipe, target: Recipe, where: str) -> None:
         copied.add(t.ffn)
         if s.mixer == t.mixer:
             copied.add(t.mixer)
-    for name in sorted(copied & set(SAME)):
+    for name in sorted(copied):  # and what a copied component builds inside itself (hymba's SSM heads)
+        copied |= set(getattr(target.component(name), "uses", tuple)())
+    for name in sorted(copied):
         a, b = source.component(name), target.component(name)
-        fields = SAME[name] or [f.name for f in dataclasses.fields(a)]
+        if a is None:  # (none: no settings)
+            continue
+        fields = SAME.get(name) or [f.name for f in dataclasses.fields(a)]
         for f in fields:
             if getattr(a, f) != getattr(b, f):
                 raise ConvertError(f"{where}: components.{name}.{f}: {_show(getattr(b, f))} differs from the "
