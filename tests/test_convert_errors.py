@@ -257,3 +257,19 @@ def test_integer_weights_are_refused_at_import(tmp_path, capsys):
     st["model.norm.weight"] = st["model.norm.weight"].to(torch.int32)
     save_file(st, src / "model.safetensors", metadata={"format": "pt"})
     run_fails(capsys, tmp_path, [src, tmp_path / "out"], "tensor 'model.norm.weight' is torch.int32, not a floating-point weight")
+
+
+def test_integer_weights_are_refused_at_export(tmp_path, capsys):
+    """An integer tensor where a weight belongs (a checkpoint from_pretrained refuses) was exported (rc 0)
+    into an HF folder transformers loads by casting it."""
+    from safetensors.torch import load_file, save_file
+
+    from hymba_plus import build_model
+
+    build_model({"name": "x", "model": {"vocab_size": 64, "d_model": 32, "block_pattern": "GA"},
+                 "components": {"gated_attn": {"n_heads": 2}}}).save_pretrained(tmp_path / "a")
+    st = load_file(tmp_path / "a" / "model.safetensors")
+    st["norm.weight"] = st["norm.weight"].to(torch.int32)
+    save_file(st, tmp_path / "a" / "model.safetensors", metadata={"format": "hymba_plus"})
+    run_fails(capsys, tmp_path, [tmp_path / "a", tmp_path / "hf"], "tensor 'norm.weight' is torch.int32, not a "
+              "floating-point weight")

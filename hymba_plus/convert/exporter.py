@@ -20,7 +20,7 @@ from ..models.lm import GENERATION_CONFIG, CheckpointError, generation_config
 from ..training.tokenizer import TokenizerError, side_files
 from .families import family_for_recipe
 from .importer import check_rules, meta_state
-from .loader import ConvertError, ShardedReader, ShardWriter
+from .loader import ConvertError, ShardedReader, ShardWriter, dtype_name
 from .staging import check_output, staged
 
 
@@ -88,7 +88,12 @@ def export_hf(ckpt: str | Path, out: str | Path, *, architecture: str | None = N
         for rule in rules:
             if not rule.theirs:
                 continue
-            for name, t in zip(rule.theirs, rule.to_theirs([reader.get(k) for k in rule.ours])):
+            src = [reader.get(k) for k in rule.ours]
+            for k, t in zip(rule.ours, src):  # (from_pretrained refuses them too; transformers would cast)
+                if ours[k].is_floating_point() and not t.is_floating_point():
+                    raise ConvertError(f"{ckpt / 'model.safetensors'}: tensor {k!r} is {dtype_name(t)}, not a "
+                                       "floating-point weight")
+            for name, t in zip(rule.theirs, rule.to_theirs(src)):
                 writer.add(name, t)
                 dtype = dtype or t.dtype
         writer.close()
