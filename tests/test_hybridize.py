@@ -64,6 +64,20 @@ def test_attention_weights_map_into_gdn_and_mamba3(tmp_path):
             assert torch.equal(h[key], s[key]), key
 
 
+def test_a_kv_sharing_consumer_is_replaced_from_what_it_has(tmp_path):
+    """A ``kv_share`` consumer layer has no k/v projections (it reuses its partner's): replacing it starts
+    the new mixer from its q and o projections (it was a KeyError traceback)."""
+    r = recipe("GA | GA | GA")
+    r["components"] = {**r["components"], "gated_attn": {**ATTN, "kv_share": True},
+                       "mamba3": COMPS["mamba3"]}
+    torch.manual_seed(0)
+    build_model(r).save_pretrained(tmp_path / "src")
+    r["model"]["block_pattern"] = "GA | M3 | GD"  # layer 1: a consumer (layer 2 reads a producer's K/V)
+    lines = hybridize(tmp_path / "src", tmp_path / "h", r)
+    assert lines == ["layer 1: attention -> mamba3: C<-q_proj, out_proj<-o_proj",
+                     "layer 2: attention -> gdn: q<-q_proj, k<-k_proj, v<-v_proj, out_proj<-o_proj, conv=identity"]
+
+
 def test_meta_tokens_are_copied(tmp_path):
     """A source with meta tokens (the hybrid must have as many): they are copied like the embeddings
     (they were left at the hybrid's fresh init, so even the kept layers saw other prefixes)."""

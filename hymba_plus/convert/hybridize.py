@@ -27,7 +27,8 @@ projection. Precisely (H query heads, Hkv key/value heads of dim D):
   z, dd_dt, dd_A, trap, angles rows, biases, D, norms.
 
 The q/k norms, RoPE and the output gate of the replaced attention have no counterpart and
-are dropped. ``hybridize`` returns one line per replaced layer saying what was copied.
+are dropped; a ``kv_share`` consumer has no k/v projections (it reuses its partner's), so
+only what its q and o projections give is copied. ``hybridize`` returns one line per replaced layer saying what was copied.
 Memory: the source's state and the hybrid are both held (unlike import and export, which
 stream), so hybridizing needs about twice the model's size.
 """
@@ -77,9 +78,11 @@ def init_gdn(mixer: Any, attn: dict[str, Tensor], H: int, Hkv: int, D: int) -> l
         w = mixer.qkv_proj.weight
         if dk == D:
             w[: h * dk] = _heads(attn["q_proj.weight"], H, D, [i * H // h for i in range(h)])
+            done.append("q<-q_proj")
+        if dk == D and "k_proj.weight" in attn:  # (a kv_share consumer has no k/v projections)
             w[h * dk: 2 * h * dk] = _heads(attn["k_proj.weight"], Hkv, D, [i * Hkv // h for i in range(h)])
-            done += ["q<-q_proj", "k<-k_proj"]
-        if dv == D:
+            done.append("k<-k_proj")
+        if dv == D and "v_proj.weight" in attn:
             w[2 * h * dk:] = _heads(attn["v_proj.weight"], Hkv, D, [j * Hkv // hv for j in range(hv)])
             done.append("v<-v_proj")
         if hv == H and dv == D:
@@ -101,13 +104,15 @@ def init_mamba3(mixer: Any, attn: dict[str, Tensor], H: int, Hkv: int, D: int) -
     done = []
     with torch.no_grad():
         w = mixer.in_proj.weight
-        if P == D:
+        if P == D and "v_proj.weight" in attn:  # (a kv_share consumer has no k/v projections)
             w[x: x + Hm * P] = _heads(attn["v_proj.weight"], Hkv, D, [j * Hkv // Hm for j in range(Hm)])
             done.append("x<-v_proj")
-        if N == D:
+        if N == D and "k_proj.weight" in attn:
             w[B: B + G * N] = _heads(attn["k_proj.weight"], Hkv, D, [g * Hkv // G for g in range(G)])
+            done.append("B<-k_proj")
+        if N == D:
             w[C: C + G * N] = _heads(attn["q_proj.weight"], H, D, [g * H // G for g in range(G)])
-            done += ["B<-k_proj", "C<-q_proj"]
+            done.append("C<-q_proj")
         if Hm == H and P == D:
             mixer.out_proj.weight.copy_(attn["o_proj.weight"])
             done.append("out_proj<-o_proj")
