@@ -272,6 +272,27 @@ def test_missing_config_keys_take_the_config_classes_defaults(arch, tmp_path):
         assert rel(ours(ids).logits, hf(ids).logits) <= 1e-4
 
 
+@pytest.mark.parametrize("arch", CLASSES)
+def test_missing_shape_and_length_keys_take_the_config_classes_defaults(arch, tmp_path):
+    """A hand-written config.json without ``head_dim`` / ``num_key_value_heads`` /
+    ``max_position_embeddings``: transformers' class defaults (Qwen3 128 / 32 / 32768, Qwen3-MoE
+    d / heads / 4 / 32768, Qwen3-Next 256 / 2 / 32768), not Llama's (d / heads, every head, 2048:
+    checkpoints of the class's shapes were refused, prompts past 2048 tokens too)."""
+    from hymba_plus.convert.importer import hf_recipe
+
+    save_hf(hf_model(arch, seed=1), tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for k in ("head_dim", "num_key_value_heads", "max_position_embeddings"):
+        cfg.pop(k, None)
+    cfg.update(hidden_size=256, num_attention_heads=32)  # (every class's default kv heads divide 32)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    hf = tf.AutoConfig.from_pretrained(tmp_path / "hf")
+    _, r = hf_recipe(tmp_path / "hf")
+    a = r.component("gated_attn")
+    assert (a.dim(256), a.kv_heads(), r.model.max_seq_len) == (
+        getattr(hf, "head_dim", None) or 256 // 32, hf.num_key_value_heads, hf.max_position_embeddings)
+
+
 def test_yarn_extends_the_context_and_old_files_import_as_transformers_reads_them(tmp_path):
     """Qwen's YaRN recipe (``rope_scaling`` yarn x4 on an unchanged ``max_position_embeddings``) runs
     past it in transformers: the import's ``max_seq_len`` is factor x original (it refused the longer

@@ -134,6 +134,11 @@ class Family:
     output_gate = False
     partial_rope = False  # True: partial_rotary_factor rotates part of each head (HF: Qwen3-Next only)
     default_rotary_fraction = 1.0  # partial_rotary_factor when config.json has none
+    # head_dim, num_key_value_heads and max_position_embeddings when config.json has none (the config
+    # class's defaults; None: hidden_size / num_attention_heads, and every head)
+    default_head_dim: int | None = None
+    default_kv_heads: int | None = None
+    default_max_len = 2048
     mlp_bias_key: str | None = "mlp_bias"  # config key of the MLP bias (None: the family has none)
     ignore_prefixes: tuple[str, ...] = ()  # HF tensors not imported (Qwen3-Next's MTP head)
 
@@ -145,10 +150,12 @@ class Family:
             raise cfg.error("hidden_act", f"{act!r} is not supported (SwiGLU with silu only)")
         d = cfg.req("hidden_size")
         n_heads = cfg.req("num_attention_heads")
-        head_dim = cfg.get("head_dim", None, int, positive=True) or d // n_heads
+        head_dim = cfg.get("head_dim", self.default_head_dim, int, positive=True) or d // n_heads
         eps = cfg.get("rms_norm_eps", 1e-6, float)
+        # (an explicit null is every head, as the config classes read it)
+        kv = self.default_kv_heads if "num_key_value_heads" not in cfg.data and self.default_kv_heads else n_heads
         attn: dict[str, Any] = {
-            "n_heads": n_heads, "n_kv_heads": cfg.get("num_key_value_heads", n_heads, int, positive=True),
+            "n_heads": n_heads, "n_kv_heads": cfg.get("num_key_value_heads", kv, int, positive=True),
             "head_dim": head_dim,
             "qk_norm": self.qk_norm, "output_gate": self.output_gate,
             "rope": cfg.rope(head_dim, self.partial_rope, self.default_rotary_fraction),
@@ -162,7 +169,7 @@ class Family:
                                          "bias": cfg.get(self.mlp_bias_key, False, bool) if self.mlp_bias_key else False}}
         layers = self.layers(cfg, comps)
         sc = attn["rope"].get("scaling") or {}
-        max_len = cfg.get("max_position_embeddings", 2048, int)
+        max_len = cfg.get("max_position_embeddings", self.default_max_len, int)
         if sc.get("kind") in ("yarn", "llama3"):  # the context the scaling extends to (Qwen's YaRN recipe keeps
             max_len = max(max_len, int(sc["factor"] * sc["original_max_seq_len"]))  # max_position_embeddings)
         model = {"vocab_size": cfg.req("vocab_size"), "d_model": d,

@@ -12,3 +12,6 @@ class Qwen3(Family):
     model_type = "qwen3"
     qk_norm = True
     mlp_bias_key = None
+    default_head_dim = 128  # Qwen3Config's
+    default_kv_heads = 32
+    default_max_len = 32768

@@ -100,6 +100,8 @@ class MoEMixin:
 class Qwen3Moe(MoEMixin, Qwen3):
     architecture = "Qwen3MoeForCausalLM"
     model_type = "qwen3_moe"
+    default_head_dim = None  # Qwen3MoeConfig's: hidden_size / num_attention_heads
+    default_kv_heads = 4
 
     def layers(self, cfg: HFConfig, comps: dict[str, Any]) -> list[LayerSpec]:
         return self.moe_layers(cfg, comps, ["gated_attn"] * cfg.req("num_hidden_layers"))

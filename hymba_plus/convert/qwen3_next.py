@@ -34,6 +34,9 @@ class Qwen3Next(MoEMixin, Family):
     partial_rope = True
     default_norm_topk = True  # Qwen3NextConfig's
     default_rotary_fraction = 0.25  # Qwen3NextConfig's
+    default_head_dim = 256
+    default_kv_heads = 2
+    default_max_len = 32768
 
     def layers(self, cfg: HFConfig, comps: dict[str, Any]) -> list[LayerSpec]:
         n = cfg.req("num_hidden_layers")
