@@ -89,6 +89,17 @@ def test_generate_takes_left_padded_prompts_only(models, name, mode, kw, mask, s
     assert says in _one_line(e)
 
 
+@pytest.mark.parametrize("name,mode,kw", MODES)
+@pytest.mark.parametrize("shape", [(4,), (2, 3), (2, 5), (3, 4)])
+def test_generate_refuses_a_mask_of_another_shape(models, name, mode, kw, shape) -> None:
+    """mtp and ladir read the mask before the prefill checked it: a 1-D mask was an IndexError, and
+    ladir compacted its questions by a narrower mask, silently dropping the prompt's last tokens."""
+    ids = torch.tensor([[5, 6, 7, 8]] * 2)
+    with pytest.raises(ValueError) as e:
+        _gen(models, name, mode, ids, attention_mask=torch.ones(shape, dtype=torch.long), **kw)
+    assert f"attention_mask must have shape (2, 4), got {shape}" in _one_line(e)
+
+
 def test_left_padding_continues_as_the_row_alone(models) -> None:
     model = models["gpt_tiny"]
     alone = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3)

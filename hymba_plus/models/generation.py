@@ -219,7 +219,7 @@ def check_sampling(temperature: Any, top_k: Any, top_p: Any, eos_token_id: Any =
 def check_prompt(input_ids: Any, attention_mask: Any = None, min_tokens: int = 1) -> None:
     """Refuse a prompt that is not token ids: not a tensor, not integers, not [B, T], or (for
     ``min_tokens`` 1: a mode that continues from the prompt's last token) no tokens at all; an
-    ``attention_mask`` that is not a tensor. No host read (``forward`` checks the ids' range)."""
+    ``attention_mask`` that is not a tensor of the ids' shape. No host read (``forward`` checks the ids' range)."""
     if not isinstance(input_ids, Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor of token ids [B, T], got {type(input_ids).__name__} "
                         f"{brief(input_ids)}")
@@ -236,6 +236,8 @@ def check_prompt(input_ids: Any, attention_mask: Any = None, min_tokens: int = 1
     if attention_mask is not None and not isinstance(attention_mask, Tensor):
         raise TypeError(f"attention_mask must be a torch.Tensor [B, T] (1: token, 0: pad) or None, got "
                         f"{type(attention_mask).__name__} {brief(attention_mask)}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:  # (mtp and ladir read it first)
+        raise ValueError(f"attention_mask must have shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
 
 
 def _check_left_padded(valid: Tensor, min_tokens: int, left_only: bool = True) -> int:
@@ -268,8 +270,8 @@ def check_length(model: Any, input_ids: Tensor, max_new_tokens: int, attention_m
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     check_prompt(input_ids, attention_mask, min_tokens)
     T = input_ids.shape[1]
-    if attention_mask is not None and attention_mask.shape == input_ids.shape and T and input_ids.shape[0]:
-        T = _check_left_padded(attention_mask.to(torch.bool), min_tokens, left_only)  # a wrong shape: the prefill says
+    if attention_mask is not None and T:
+        T = _check_left_padded(attention_mask.to(torch.bool), min_tokens, left_only)
     max_len, n_meta = model.config.max_seq_len, model.config.meta_tokens
     if T + max_new_tokens + reserved > max_len:
         note = f"; the {n_meta} meta tokens are not counted" if n_meta else ""
