@@ -149,6 +149,27 @@ def test_greedy_mtp_equals_greedy_ar(trunk, block, depth, meta, seed, data) -> N
     assert stats["accepted"] <= stats["proposed"]
 
 
+@torch.no_grad()
+def test_a_finished_row_does_not_grow_the_caches() -> None:
+    """A row that ended (EOS at its first token) kept all k + 1 fed tokens every round: the trunk's
+    KV cache (and the modules') then grew by k + 1 slots a round for the whole batch, 86 slots where
+    the live row alone needs 46. It now keeps what the live rows keep most."""
+    r = recipe(pattern="GA | GD", depth=3, block="GA")
+    r["components"]["gated_attn"] = {"n_heads": 2, "head_dim": 16}  # no window: every slot stays
+    torch.manual_seed(0)
+    m = build_model(r).double().eval()
+    caches = []
+    new_cache = m.new_cache
+    m.new_cache = lambda *a, **kw: caches.append(new_cache(*a, **kw)) or caches[-1]
+    ids = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(0))
+    eos = int(m.generate(ids[:1], max_new_tokens=1)[0, 6])  # row 0 ends at its first token
+    got = m.generate(ids, max_new_tokens=40, mode="mtp", eos_token_id=eos)
+    assert torch.equal(got, m.generate(ids, max_new_tokens=40, eos_token_id=eos))
+    batch = caches[-2].states[0].slots()  # (the last cache is ar's)
+    m.generate(ids[1:], max_new_tokens=40, mode="mtp", eos_token_id=eos)
+    assert batch == caches[-1].states[0].slots() == 6 + 40
+
+
 def test_greedy_mtp_on_an_etd_trunk() -> None:
     m = make(pattern="GD | GA | M3 | GA", depth=2, block="GD",
              etd={"encoder_layers": 1, "think_layers": 2, "decoder_layers": 1, "iterations": 2})

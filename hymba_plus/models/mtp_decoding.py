@@ -28,7 +28,8 @@ positions whose inputs are *verified* tokens, s <= P - i ("committed"). A round:
    per module (per-row lengths through the padding rule).
 
 Rows that reach ``max_new_tokens`` or EOS are finished: their output is fixed and their
-caches, never read again, are not rolled back (so they never force a rewind forward). ``stats``: trunk forwards (prefill + verify + rewind), module forwards,
+caches, never read again, keep what the live rows keep most (so they never force a rewind forward, nor
+grow the caches faster than the live rows). ``stats``: trunk forwards (prefill + verify + rewind), module forwards,
 drafts proposed and accepted, acceptance rate, tokens per trunk forward.
 """
 
@@ -181,8 +182,9 @@ def generate_mtp(
         proposed += int(live.sum()) * k
         accepted_total += int(a[live].sum())
         # 4. roll the trunk back to [c, accepted drafts]; a finished row's caches are never read
-        # again, so it keeps whatever it was fed (it never forces a rewind forward)
-        keep = torch.where(live, a + 1, torch.full_like(a, k + 1))
+        # again: it keeps as many as the most a live row keeps (it never forces a rewind forward, nor
+        # grows the caches by k + 1 slots a round)
+        keep = torch.where(live, a + 1, torch.where(live, a + 1, 0).max())
         if not bool((keep == k + 1).all()):
             model.rewind(cache, snap, chunk, keep)
             forwards += 1
