@@ -132,6 +132,24 @@ def test_left_padding_is_exact(model) -> None:
     assert torch.equal(both[0, 7:], one_a[0, 7:]) and torch.equal(both[1, 7:], one_b[0, 4:])
 
 
+def test_a_model_without_meta_tokens_starts_from_nothing() -> None:
+    """An empty prompt (or rows of pads only) on a model without meta tokens: the prefill of no token
+    failed in gdn's chunked reference (torch.stack of no chunk). There is nothing to prefill: block 0
+    is denoised on an empty cache, as a row of pads beside a real prompt is."""
+    torch.manual_seed(0)
+    m = build_model({**BASE, "model": {**BASE["model"], "meta_tokens": 0}}).double().eval()
+    ids = torch.randint(0, 24, (2, 5), generator=torch.Generator().manual_seed(1))
+    st: dict = {}
+    empty = m.generate(ids[:1, :0], max_new_tokens=6, mode="block_diffusion", threshold=0.5, stats=st)
+    assert empty.shape == (1, 6) and st["forwards"] == 2 * 4 + 1  # no prefill: 2 blocks of 4 steps, 1 commit
+    mask = torch.ones_like(ids)
+    mask[1] = 0
+    both = m.generate(ids, max_new_tokens=6, mode="block_diffusion", attention_mask=mask, threshold=0.5)
+    pads = m.generate(ids, max_new_tokens=6, mode="block_diffusion", attention_mask=torch.zeros_like(ids),
+                      threshold=0.5)
+    assert torch.equal(both[1, 5:], empty[0]) and torch.equal(pads[:, 5:], empty.expand(2, -1))
+
+
 def test_steps_schedule_and_eos(model) -> None:
     ids = torch.randint(0, 24, (2, 4), generator=torch.Generator().manual_seed(5))
     st: dict = {}

@@ -422,12 +422,16 @@ def generate_block_diffusion(
     longest = check_length(model, input_ids, max_new_tokens, attention_mask, min_tokens=0)  # may start from nothing
     B = input_ids.shape[0]
     cache = model.new_cache(B, device=input_ids.device)
-    model(input_ids, attention_mask=attention_mask, cache=cache)  # prefill: checks the prompt's ids
+    # prefill (it checks the prompt's ids); nothing to prefill without tokens or meta tokens (the
+    # recurrent mixers' chunked references take no empty sequence)
+    prefill = bool(longest or model.config.meta_tokens)
+    if prefill:
+        model(input_ids, attention_mask=attention_mask, cache=cache)
     dev = input_ids.device
     eos = end_tokens(eos_token_id, dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     rows = torch.arange(B, device=dev)
-    forwards, blocks, steps_used = 1, [], []
+    forwards, blocks, steps_used = int(prefill), [], []
     room = model.config.max_seq_len - longest  # positions after the longest prompt
     for start in range(0, max_new_tokens, bs):
         size = min(bs, max_new_tokens - start)  # the tokens this block gives
