@@ -224,6 +224,24 @@ def test_routes_skip_and_repeat_per_row():
             model(ids[:, :1], routes=routes.flip(0), cache=cache)
 
 
+def test_act_with_routes_counts_only_the_think_slots_a_row_reaches():
+    """ACT halting with Dr.LLM routes: a row's layer applications count the think iterations its
+    tokens ran, not those after every one of them halted (nor iterations no token reached)."""
+    d = _recipe("gdn", halting={"kind": "act", "init_bias": 20.0, "threshold": 0.5},
+                layer_router={"enabled": True, "hidden": 8})
+    model = build_model(d).eval()
+    s = model.structure
+    with torch.no_grad():
+        out = model(torch.randint(0, V, (2, 6)))
+    assert float(out.stats["etd/iterations"]) == 1.0  # every token halts after the first iteration
+    # encoder 1 + think 2 (iteration 0 only) + decoder 1, executed
+    assert float(out.stats["etd/layer_applications"]) == 4.0
+    reached = out.stats["etd/route_reached"]
+    want = torch.tensor([x.stage != "think" or x.iteration == 0 for x in s.slots])
+    assert torch.equal(reached, want.expand(2, -1))
+    assert torch.equal(s.applications(out.stats["etd/routes"], 3, reached), torch.tensor([4, 4]))
+
+
 def test_branch_load_is_counted_and_the_bias_balances_it():
     """Loss-free balancing: a router biased towards branch 0 at first spreads its load over the
     branches by the bias updates alone (no auxiliary loss)."""

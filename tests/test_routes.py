@@ -106,6 +106,29 @@ def test_unused_think_iterations_stay_execute():
     assert len(unused) == 1 and bool((res.routes[:, unused] == EXECUTE).all())
 
 
+def test_search_and_targets_leave_out_think_iterations_act_never_reaches():
+    """ACT halting after the first think iteration: the later iterations' slots are reached by
+    no token, so skipping them saves nothing (the search keeps them execute, and all-execute
+    counts only the slots run) and the router loss scores no target there."""
+    d = with_router(layer_router={"enabled": True, "hidden": 8, "windows": 2},
+                    halting={"kind": "act", "init_bias": 20.0, "threshold": 0.5})
+    d = {**d, "model": {**d["model"], "etd": {**d["model"]["etd"], "max_iterations": 3}}}
+    torch.manual_seed(0)
+    model = build_model(d).eval()
+    slots = model.structure.slots
+    late = [i for i, s in enumerate(slots) if s.stage == "think" and s.iteration > 0]
+    ids, labels = mqar_batch(3, 16, 32, 4, generator=torch.Generator().manual_seed(4))
+    res = search_routes(model, ids, labels, beam=2, length_penalty=1.0, tolerance=10.0)
+    assert bool((res.base_applications == 3).all())  # encoder, think@it0, decoder
+    assert bool((res.routes[:, late] == EXECUTE).all()), res.routes
+    with torch.no_grad():
+        out = model(ids, routes=res.routes)
+    loss, _ = route_targets_loss(out.stats, res.routes, 0.0, balance=False)
+    early = [i for i in range(len(slots)) if i not in late]
+    lg, tgt = out.stats["etd/route_logits"][:, early].reshape(-1, 3), res.routes[:, early].reshape(-1)
+    assert float(loss) == pytest.approx(float(torch.nn.functional.cross_entropy(lg, tgt)), rel=1e-6)
+
+
 def test_route_loss_class_balance_weighs_each_class_equally_or_not_at_all():
     """``layer_router.class_balance``: with it the router loss is the mean over the target classes
     of each class's mean loss (Dr.LLM's effective-number weights, at a batch's counts within 0.5% of

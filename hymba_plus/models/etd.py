@@ -175,6 +175,9 @@ class ETDStack:
                                  f"got {tuple(routes.shape)}")
             self._route_logits = torch.zeros(B, len(self.slots), 3, device=x.device)
             self._route_used = torch.zeros(len(self.slots), dtype=torch.bool)
+            # [B, slots]: the slots each row's tokens reached (ACT: a think iteration none of a row's
+            # tokens still runs is not reached, nor any iteration after the last one run)
+            self._reached = torch.zeros(B, len(self.slots), dtype=torch.bool, device=x.device)
         self._routes, self._decide, self._logits_wanted = routes, decide, logits_wanted
         self._valid, self._ctx, self._blocks, self._cache = valid, ctx, blocks, cache
         try:
@@ -186,15 +189,17 @@ class ETDStack:
             if self.routed:
                 if cache is not None and prefill:
                     extra["routes"] = routes
-                ctx.stats["etd/layer_applications"] = self.applications(routes, think_iterations).float().mean()
+                ctx.stats["etd/layer_applications"] = self.applications(
+                    routes, think_iterations, self._reached).float().mean()
                 ctx.stats["etd/routes"] = routes
+                ctx.stats["etd/route_reached"] = self._reached  # [B, slots] bool
                 if logits_wanted:
                     ctx.stats["etd/route_logits"] = self._route_logits  # [B, slots, 3]; slots not run: 0
                     ctx.stats["etd/route_slots"] = self._route_used  # [slots] bool: which slots ran
         finally:  # the call's tensors (its context holds the aux losses) must not outlive it: a kept
             # autograd graph breaks a later CUDA-graph capture (training/cuda_graph.py)
             self._valid = self._ctx = self._blocks = self._cache = self._routes = None
-            self._route_logits = self._route_used = None
+            self._route_logits = self._route_used = self._reached = None
         return x
 
     def _any(self, flag: Tensor | None) -> bool:
@@ -218,6 +223,8 @@ class ETDStack:
         if not self.routed:
             st = states[self.state_of(slot)] if states is not None else None
             return run_active(block, x, self._ctx, st, active, self.router, gate, ck)
+        base = self._valid if active is None else active
+        self._reached[:, slot] = base.any(1) if base is not None else True
         if self._logits_wanted:  # Dr.LLM: the router of this layer, on the hidden states entering it
             logits = self.router.route_logits(self.slots[slot].block, x, self._valid if active is None else active)
             self._route_logits = self._route_logits.index_copy(1, torch.tensor([slot], device=x.device),
@@ -231,7 +238,6 @@ class ETDStack:
             if active is None and bool(rows.all()):
                 act = None  # every row: the block sees the call's own context (the un-routed path)
             else:
-                base = self._valid if active is None else active
                 act = rows[:, None] & (base if base is not None else torch.ones_like(x[..., 0], dtype=torch.bool))
             if not self._any(act):
                 continue
@@ -283,8 +289,13 @@ class ETDStack:
         return out
 
     # ------------------------------------------------------------------ reporting
-    def applications(self, routes: Tensor, think_iterations: int) -> Tensor:
-        """Layer applications per row under ``routes`` ([B]): skip 0, execute 1, repeat 2."""
+    def applications(self, routes: Tensor, think_iterations: int, reached: Tensor | None = None) -> Tensor:
+        """Layer applications per row under ``routes`` ([B]): skip 0, execute 1, repeat 2.
+        ``reached`` [B, slots] (a forward's ``etd/route_reached``): count only the slots each row's
+        tokens reached (ACT halting leaves later think iterations unreached); else every slot of
+        the first ``think_iterations`` iterations."""
+        if reached is not None:
+            return (routes * reached.to(routes.device)).sum(1)
         keep = torch.ones(len(self.slots), dtype=torch.bool, device=routes.device)
         for i, s in enumerate(self.slots):
             keep[i] = s.stage != "think" or s.iteration < think_iterations

@@ -187,7 +187,7 @@ def search_routes(model: nn.Module, input_ids: Tensor, labels: Tensor, *, beam: 
         flat = routes.reshape(N * B, n_slots)
         step = max_rows if max_rows is not None else N * B
         step = max(B, step - step % B)  # whole copies of the batch per call
-        losses, corrects = [], []
+        losses, corrects, reached = [], [], []
         for lo in range(0, N * B, step):
             r = flat[lo:lo + step]
             reps = r.shape[0] // B
@@ -196,7 +196,9 @@ def search_routes(model: nn.Module, input_ids: Tensor, labels: Tensor, *, beam: 
             loss, correct, _ = row_scores(out.logits, labels.repeat(reps, 1))
             losses.append(loss)
             corrects.append(correct)
-        apps = structure.applications(flat, n_iter).view(N, B)
+            reached.append(out.stats["etd/route_reached"])
+        # the slots each row reached (ACT halting: not the think iterations after its tokens halted)
+        apps = structure.applications(flat, n_iter, torch.cat(reached)).view(N, B)
         return torch.cat(losses).view(N, B), torch.cat(corrects).view(N, B), apps
 
     base_routes = torch.full((1, B, n_slots), EXECUTE, dtype=torch.long, device=dev)
@@ -251,19 +253,25 @@ def search_routes(model: nn.Module, input_ids: Tensor, labels: Tensor, *, beam: 
 def route_targets_loss(stats: dict, routes: Tensor, gamma: float, balance: bool = True,
                        rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(focal loss of the router logits of a teacher-forced forward against ``routes``, the
-    router accuracy), over the slots that ran and the ``rows`` [B] bool given (the search's rows
-    with a scored position: a row without one accepts every route, so its all-skip label says
-    nothing), with Dr.LLM's class weights from the targets (``balance``; else every target weighs
-    the same). No row: a zero loss (on the graph) and accuracy 0."""
+    router accuracy), over the slots each row's tokens reached (``etd/route_reached``: with ACT
+    halting a row may stop before a think iteration that another row runs; its router saw no
+    token there) and the ``rows`` [B] bool given (the search's rows with a scored position: a row
+    without one accepts every route, so its all-skip label says nothing), with Dr.LLM's class
+    weights from the targets (``balance``; else every target weighs the same). No row: a zero
+    loss (on the graph) and accuracy 0."""
     from ..components.etd_router import class_weights, focal_loss
 
-    logits, ran = stats["etd/route_logits"], stats["etd/route_slots"].to(routes.device)
+    logits = stats["etd/route_logits"]
+    reached = stats.get("etd/route_reached")
+    if reached is None:  # (statistics without it: every row reached the slots that ran)
+        reached = stats["etd/route_slots"][None].expand(logits.shape[0], -1)
+    reached = reached.to(routes.device)
     if rows is not None:
         if not bool(rows.any()):
             return logits.sum() * 0.0, logits.new_zeros(())
-        logits, routes = logits[rows], routes[rows]
-    lg = logits[:, ran].reshape(-1, logits.shape[-1])
-    tgt = routes[:, ran].reshape(-1)
+        logits, routes, reached = logits[rows], routes[rows], reached[rows]
+    lg = logits[reached]
+    tgt = routes[reached]
     loss = focal_loss(lg, tgt, gamma, class_weights(tgt, logits.shape[-1]) if balance else None)
     acc = (lg.detach().argmax(-1) == tgt).float().mean()
     return loss, acc

@@ -1110,7 +1110,8 @@ class Trainer:
                 acc[1], acc[2] = acc[1] + c, acc[2] + t
                 if len(runs) > 1:
                     apps = self.model.structure.applications(out.stats["etd/routes"],
-                                                             routes_mod.default_iterations(self.model))
+                                                             routes_mod.default_iterations(self.model),
+                                                             out.stats["etd/route_reached"])
                     acc[3] += float(apps.float().mean())
         keys = sorted(extra)
         flat = dist_mod.all_reduce([v for r in runs for v in sums[r]] + [extra[k] for k in keys] + [rows], info,
