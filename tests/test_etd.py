@@ -281,6 +281,16 @@ def test_router_losses():
     assert focal_loss(logits, target, gamma=2.0) < focal_loss(logits, target, gamma=0.0)
 
 
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_focal_loss_gradient_is_finite_for_a_confident_router(gamma):
+    """focal_gamma below 1: at a target probability of exactly 1 the focusing term's derivative
+    is infinite; the gradient must stay finite (its limit there is 0)."""
+    logits = torch.tensor([[40.0, 0.0, 0.0], [0.0, 1.0, 0.0]], requires_grad=True)
+    focal_loss(logits, torch.tensor([0, 1]), gamma=gamma).backward()
+    assert torch.isfinite(logits.grad).all(), logits.grad
+    assert logits.grad[0].abs().max() < 1e-6 and logits.grad[1].abs().max() > 1e-3
+
+
 def test_recipe_checks_the_partition(tmp_path):
     d = _recipe()
     d["model"]["etd"]["think_layers"] = 3

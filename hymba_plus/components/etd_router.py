@@ -117,7 +117,9 @@ def focal_loss(logits: Tensor, target: Tensor, gamma: float = 2.0, weight: Tenso
     logits [N, C], target [N] -> scalar."""
     logp = F.log_softmax(logits.float(), -1)
     lp = logp.gather(-1, target[:, None]).squeeze(-1)
-    loss = -((1 - lp.exp()) ** gamma) * lp
+    # (1 - p) kept above 0: at p == 1 (a confident router) its power's derivative is infinite for
+    # gamma < 1, and 0 * inf made the gradient NaN (the true limit is 0)
+    loss = -((1 - lp.exp()).clamp_min(torch.finfo(lp.dtype).tiny) ** gamma) * lp
     if weight is not None:
         w = weight.to(loss)[target]
         return (loss * w).sum() / w.sum().clamp_min(1e-12)
