@@ -242,6 +242,25 @@ def test_act_with_routes_counts_only_the_think_slots_a_row_reaches():
     assert torch.equal(s.applications(out.stats["etd/routes"], 3, reached), torch.tensor([4, 4]))
 
 
+def test_decode_steps_without_aux_collect_no_etd_statistics():
+    """``collect_aux=False`` (the decoding loops' steps): ``aux_loss`` and ``stats`` are None for
+    an ETD model too (ACT, routes, branches), the logits and the cache as with them."""
+    d = _recipe(halting={"kind": "act", "init_bias": 0.0, "ponder_cost": 0.1},
+                layer_router={"enabled": True, "hidden": 8}, branches={"n_branches": 2, "rank": 2})
+    model = make(d).train()
+    ids = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(0))
+    c1, c2 = model.new_cache(2), model.new_cache(2)
+    with torch.no_grad():
+        model(ids, cache=c1)
+        model(ids, cache=c2)
+        nxt = ids[:, :1]
+        with_aux = model(nxt, cache=c1)
+        without = model(nxt, cache=c2, collect_aux=False)
+    assert with_aux.aux_loss is not None and with_aux.stats
+    assert without.aux_loss is None and without.stats is None, (without.aux_loss, without.stats)
+    assert torch.equal(with_aux.logits, without.logits)
+
+
 def test_branch_load_is_counted_and_the_bias_balances_it():
     """Loss-free balancing: a router biased towards branch 0 at first spreads its load over the
     branches by the bias updates alone (no auxiliary loss)."""

@@ -189,6 +189,7 @@ class ETDStack:
             if self.routed:
                 if cache is not None and prefill:
                     extra["routes"] = routes
+            if self.routed and ctx.collect:  # (a decode step, collect_aux=False: no statistics)
                 ctx.stats["etd/layer_applications"] = self.applications(
                     routes, think_iterations, self._reached).float().mean()
                 ctx.stats["etd/routes"] = routes
@@ -275,17 +276,19 @@ class ETDStack:
                 running = running & ~halt
                 if not last and not self._any(running):
                     break
-        if router.n_branches and router.training:  # MoDr: share of each branch since the last bias update
+        if router.n_branches and router.training and ctx.collect:  # MoDr: each branch's share since the bias update
             ctx.stats["etd/branch_load"] = (router.load / router.load.sum().clamp_min(1)).detach()
         if not act:
             return x
+        self._n_used = n_used
+        if not ctx.collect:  # a decode step (collect_aux=False): no auxiliary loss, no statistics
+            return out
         n_real = real.sum().clamp_min(1)
         mean_ponder = (ponder * real).sum() / n_real
         if self.router.training and router.cfg.halting.ponder_cost > 0:
             ctx.aux_losses.append(router.cfg.halting.ponder_cost * mean_ponder)
         ctx.stats["etd/ponder"] = mean_ponder.detach()
         ctx.stats["etd/iterations"] = ((n_used * real).sum() / n_real).detach()
-        self._n_used = n_used
         return out
 
     # ------------------------------------------------------------------ reporting
