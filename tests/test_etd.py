@@ -333,6 +333,19 @@ def test_recipe_checks_the_partition(tmp_path):
     assert "etd_router" in registry.names()
 
 
+def test_branches_without_a_projection_to_adapt_are_refused():
+    """MoDr branches attach LoRA to the think block's token mixers and dense MLPs; a think block
+    of mixer-less MoE layers has none: the recipe is refused instead of building inert branches."""
+    d = _recipe(branches={"n_branches": 2, "rank": 2})
+    d["components"]["moe"] = {"n_experts": 4, "top_k": 2, "d_expert": 8}
+    d["model"]["block_pattern"] = "gdn | -+moe | -+none | gated_attn"
+    with pytest.raises(RecipeError, match=r"components\.etd_router\.branches\.n_branches: the think layers "
+                                          r"have no token mixer and no mlp ffn"):
+        load_recipe(d)
+    d["model"]["block_pattern"] = "gdn | -+moe | -+mlp | gated_attn"  # a dense MLP to adapt: fine
+    assert len(build_model(d).etd_router.lora_a) == 3  # the MLP's gate, up and down projections
+
+
 def test_the_seed_recipe_becomes_an_etd_model_by_adding_one_section():
     """seeds/full-architecture.md §9: 40 layers as encoder 8 | think 24 x 4 | decoder 8."""
     from pathlib import Path

@@ -82,6 +82,20 @@ class EtdRouterConfig:
     layer_router: LayerRouterConfig = field(default_factory=LayerRouterConfig)
     branches: BranchConfig = field(default_factory=BranchConfig)
 
+    def check_recipe(self, model, components):  # noqa: ANN001 - ModelConfig, name -> config
+        """MoDr branches need a projection to adapt in the think block: a token mixer or a dense
+        MLP (``_lora_target``); think layers of ``-+moe`` / ``-+none`` alone would build branches
+        and a branch router that change nothing."""
+        etd = model.etd
+        if etd is None or not self.branches.n_branches:
+            return
+        from ..core.recipe import resolve_layers
+
+        think = resolve_layers(model)[etd.encoder_layers:etd.encoder_layers + etd.think_layers]
+        if think and not any(s.mixer != "none" or s.ffn == "mlp" for s in think):
+            yield "branches.n_branches", ("the think layers have no token mixer and no mlp ffn: MoDr's LoRA "
+                                          "branches would adapt nothing (set n_branches: 0)")
+
 
 class LayerRouter(nn.Module):
     """Dr.LLM's bottleneck router of one layer: windowed mean pooling -> MLP -> 3 logits."""
