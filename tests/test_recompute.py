@@ -248,6 +248,26 @@ def test_mtp_modules_and_the_ladir_denoiser_are_checkpointed_too():
                 assert torch.allclose(g[k], g0[k], rtol=1e-5, atol=1e-7), (every, k)
 
 
+@pytest.mark.parametrize("case", ["every mixer, MoE with balancing, dropout", "etd, ACT halting, MoDr branches"])
+def test_a_checkpointed_forward_never_run_backward_is_freed(case):
+    """A training forward with gradients whose backward never runs (the trainer's eager check of a
+    CUDA graph's loss) leaves no tensor holding an autograd graph once its output is dropped: the
+    checkpoint's hooks let go of the call's context (which held this forward's outputs and aux
+    losses in a cycle through the graph that no garbage collection breaks; the capture after it
+    then failed, blaming "8 tensors from an earlier eager step")."""
+    from hymba_plus.training.cuda_graph import graph_holders
+
+    torch.manual_seed(0)
+    model = build_model(CASES[case]).train()
+    model.set_activation_checkpointing(1)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    before = graph_holders()  # (what earlier tests in this process left)
+    out = model.objective.train_forward(model, model, ids, ids)
+    assert out.loss.requires_grad and graph_holders() > before
+    del out
+    assert graph_holders() == before
+
+
 @torch.no_grad()
 def test_cached_and_no_grad_calls_are_not_checkpointed():
     model = build_model(recipe("GA | GD | M3 | ATL")).eval()

@@ -94,5 +94,12 @@ def run_block(fn: Callable[[StepContext | None], Any], ctx: StepContext | None, 
     def body(*_: Any) -> Any:
         return fn(holder[0])
 
-    return checkpoint(body, x, use_reentrant=False, preserve_rng_state=ck.preserve_rng,
-                      context_fn=lambda: (contextlib.nullcontext(), _Recompute(holder, before)))
+    out = checkpoint(body, x, use_reentrant=False, preserve_rng_state=ck.preserve_rng,
+                     context_fn=lambda: (contextlib.nullcontext(), _Recompute(holder, before)))
+    # the recomputation runs on a copy of ``before``: the call's context is let go here, or it would
+    # close a reference cycle through the autograd graph (the checkpoint's saved-tensor hooks hold
+    # ``body``, ``body`` the context, the context this block's outputs and aux losses, whose graph
+    # holds those hooks) that no garbage collection breaks: a forward with gradients that never
+    # ran backward (the trainer's eager check before a CUDA graph capture) kept its graph alive
+    holder[0] = None
+    return out
