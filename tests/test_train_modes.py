@@ -377,27 +377,11 @@ def test_a_block_diffusion_step_is_captured_whole(tmp_path, monkeypatch):
     assert build_model(lad).objective.graph_because == "its losses call the model several times per step"
 
 
-class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records every op that reads a tensor's value on the host (``int(t)``, ``bool(t)``, ``t.item()``):
-    inside a CUDA graph capture each is a synchronisation, and the capture fails."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reads: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
-            import traceback
-
-            self.reads.append("".join(f for f in traceback.format_stack(limit=12) if "hymba_plus" in f))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("name", ["bd_tiny", "hymba_tiny", "gpt_swa_tiny", "mtp_tiny"])
-def test_a_graph_eligible_step_reads_nothing_on_the_host_during_a_capture(tmp_path, name, monkeypatch):
+def test_a_graph_eligible_step_reads_nothing_on_the_host_during_a_capture(tmp_path, name):
     """The training step of a shipped recipe that ``auto`` may capture (``graph_ineligible`` None),
     forward and backward with the kernels' probes already run, reads no tensor value on the host
-    while a capture is in progress (here: ``dispatch.capturing`` says so). Block diffusion's
+    while a capture is in progress (``host_read_site``: run as if capturing). Block diffusion's
     gdn clean pass once range-checked its block starts with ``int(...)``: on CUDA the capture failed
     and ``auto`` trained eagerly."""
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
@@ -406,10 +390,34 @@ def test_a_graph_eligible_step_reads_nothing_on_the_host_during_a_capture(tmp_pa
     model = build_model(recipe).train()
     ids = torch.randint(0, recipe.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     model.objective.train_forward(model, model, ids, ids).loss.backward()  # the probes run eagerly first
-    monkeypatch.setattr(dispatch, "capturing", lambda: True)
-    with _HostReads() as mode:
-        model.objective.train_forward(model, model, ids, ids).loss.backward()
-    assert not mode.reads, mode.reads[0]
+    assert cg.host_read_site(model, ids, ids, contextlib.nullcontext) is None
+
+
+def test_a_failed_capture_names_the_line_that_reads_on_the_host(monkeypatch):
+    """``host_read_site`` runs the step eagerly as if capturing and names the first host read with
+    its line and function; the gradients, the random state and the balancing counts are left as
+    they were; the capture's error says it (not "MoE experts in float32")."""
+    torch.manual_seed(0)
+    model = build_model(MOE).train()
+    ids = torch.randint(0, 32, (2, 16))
+    step = model.objective.train_forward
+
+    def reading(fwd, m, ids, labels, **kw):  # noqa: ANN001, ANN202
+        if dispatch.capturing() and int(ids.max()) < 0:
+            raise AssertionError
+        return step(fwd, m, ids, labels, **kw)
+
+    monkeypatch.setattr(model.objective, "train_forward", reading)
+    loads = [m.load.clone() for m in model.modules() if hasattr(m, "update_bias")]
+    state = torch.get_rng_state()
+    site = cg.host_read_site(model, ids, ids, contextlib.nullcontext)
+    assert site is not None and site.startswith("reads a tensor on the host at tests/test_train_modes.py:"), site
+    assert site.endswith("(reading)"), site
+    assert all(p.grad is None for p in model.parameters()) and torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(a, m.load) for a, m in zip(loads, (m for m in model.modules() if hasattr(m, "update_bias"))))
+    msg = cg.capture_failure("CUDA error: operation failed due to a previous error during capture", 0, site)
+    assert f"the step {site}, which a capture cannot do" in msg and "float32" not in msg
+    assert cg.host_read_site(build_model(MOE).train(), ids, ids, contextlib.nullcontext) is None
 
 
 def test_a_forecast_step_is_captured_whole(tmp_path):

@@ -49,12 +49,30 @@ class ProbeInCapture(RuntimeError):
     """A fast path was used for the first time while a CUDA graph was being captured."""
 
 
+_as_if_capturing = 0  # > 0 inside ``as_if_capturing()``
+
+
 def capturing() -> bool:
-    """Is the current CUDA stream capturing a CUDA graph? (False without CUDA.)"""
+    """Is the current CUDA stream capturing a CUDA graph? (False without CUDA; True inside
+    ``as_if_capturing()``.)"""
+    if _as_if_capturing:
+        return True
     try:
         return bool(torch.cuda.is_current_stream_capturing())
     except Exception:  # noqa: BLE001 - a build without CUDA has only a stub that raises
         return False
+
+
+@contextlib.contextmanager
+def as_if_capturing() -> Iterator[None]:
+    """Code that asks ``capturing()`` takes its capture branch (no probe, no host-side check), while
+    an eager run looks for what would break a capture (``training.cuda_graph.host_read_site``)."""
+    global _as_if_capturing
+    _as_if_capturing += 1
+    try:
+        yield
+    finally:
+        _as_if_capturing -= 1
 
 
 @dataclass

@@ -20,8 +20,9 @@ What capture needs, and what happens otherwise:
   gradients are summed into buffers of our own (``GradAccumulator``);
 * no autograd graph of an earlier eager step still alive (a ``loss`` or output kept from a
   forward with gradients): one can make the capture fail. A failed capture looks for such
-  tensors (``graph_holders``) and, where there are any, the error says to drop them instead of
-  blaming a host synchronisation (``capture_failure``). The trainer's own eager forwards
+  tensors (``graph_holders``) and, where there are any, the error says to drop them; else it runs
+  the step once more eagerly, as if capturing, and names the first host read or host-to-device
+  copy with the line of code that made it (``host_read_site``; ``capture_failure``). The trainer's own eager forwards
   (``auto`` mode's verification) drop theirs before it captures;
 * the fast paths the step uses have been probed (a probe cannot run inside a capture:
   ``kernels.dispatch`` raises ``ProbeInCapture`` there): the warm-up passes run the whole
@@ -48,12 +49,16 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import traceback
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..core.config import first_line
+from ..kernels import dispatch
 
 
 class CaptureError(RuntimeError):
@@ -77,15 +82,18 @@ def graph_holders(device_type: str | None = None) -> int:
     return n
 
 
-def capture_failure(error: str, holders: int) -> str:
+def capture_failure(error: str, holders: int, site: str | None = None) -> str:
     """The one-line reason a capture failed with ``error`` (its first line), given how many
-    tensors from earlier eager work still hold an autograd graph (``graph_holders``)."""
+    tensors from earlier eager work still hold an autograd graph (``graph_holders``) and where
+    the step reads the device on the host, if it does (``host_read_site``)."""
     what = f"the training step could not be captured ({error[:200]})"
     if holders:
         s = "" if holders == 1 else "s"
         verb = "holds" if holders == 1 else "hold"
         return (f"{what}: {holders} tensor{s} from an earlier eager step still {verb} an autograd graph "
                 f"(e.g. a loss you kept): drop them (del) before capturing")
+    if site is not None:
+        return f"{what}: the step {site[:300]}, which a capture cannot do"
     return (f"{what}; something in it synchronizes with the host, e.g. MoE experts in float32, which take the "
             "padded path (bf16 takes the grouped one): train with --precision bf16")
 
@@ -122,6 +130,60 @@ def reset_balancing_counts(model: nn.Module) -> None:
         load = getattr(m, "load", None)
         if isinstance(load, Tensor) and hasattr(m, "update_bias"):
             load.zero_()
+
+
+class _HostReads(TorchDispatchMode):
+    """Notes the first op that reads a tensor's value on the host (``int(t)``, ``bool(t)``,
+    ``t.item()``) or copies a host tensor to the device (pageable memory: a synchronous copy),
+    each a synchronisation that a CUDA graph capture forbids, with the code that asked for it."""
+
+    READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.site: str | None = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        if self.site is None:
+            if func in self.READS:
+                self.site = f"reads a tensor on the host at {_caller()}"
+            elif (func is torch.ops.aten._to_copy.default and isinstance(out, Tensor) and out.device.type == "cuda"
+                  and args[0].device.type == "cpu" and args[0].dim() > 0):
+                self.site = f"copies a host tensor to the device at {_caller()}"
+        return out
+
+
+def _caller() -> str:
+    """``path:line (function)`` of the innermost frame outside torch: the code that asked (a path
+    relative to this package's folder or to site-packages where it is under one)."""
+    torch_dir = Path(torch.__file__).resolve().parent
+    frames = traceback.extract_stack()[:-2]  # (not this function, not the dispatch mode's hook)
+    pick = next((f for f in reversed(frames) if not Path(f.filename).resolve().is_relative_to(torch_dir)), frames[-1])
+    path, top = Path(pick.filename).resolve(), Path(__file__).resolve().parents[2]
+    name = path.relative_to(top) if path.is_relative_to(top) else str(path).rpartition("site-packages/")[2]
+    return f"{name}:{pick.lineno} ({pick.name})"
+
+
+def host_read_site(model: nn.Module, ids: Tensor, labels: Tensor,
+                   autocast: Callable[[], contextlib.AbstractContextManager]) -> str | None:
+    """Where one eager training step (forward and backward, code that asks ``dispatch.capturing()``
+    told yes) reads a tensor on the host or copies one to the device, in words (None: nowhere):
+    what ``GraphedStep`` names when a capture fails. Leaves gradients (``autograd.grad``, not
+    ``.grad``), the random state and the balancing counts as they were."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    mode = _HostReads()
+    devices = [ids.device] if ids.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices), dispatch.as_if_capturing(), mode:
+            with autocast():
+                loss = _train_forward(model, ids, labels).loss
+            torch.autograd.grad(loss, params, allow_unused=True)
+    except Exception:  # noqa: BLE001, S110 - a diagnosis: what it found before failing is kept
+        pass
+    finally:
+        reset_balancing_counts(model)
+    return mode.site
 
 
 def _train_forward(model: nn.Module, ids: Tensor, labels: Tensor):  # noqa: ANN202 - a ModelOutput
@@ -176,7 +238,9 @@ class GraphedStep:
             release_rng()
             # out of the except block: the failed capture's traceback (and the warm-up outputs
             # its frames hold) is gone, so what graph_holders finds was kept by the caller
-            raise CaptureError(capture_failure(error, graph_holders("cuda")))
+            holders = graph_holders("cuda")
+            site = None if holders else host_read_site(model, sample_ids, sample_labels, autocast)
+            raise CaptureError(capture_failure(error, holders, site))
 
     def __call__(self, ids: Tensor, labels: Tensor) -> tuple[Tensor, Tensor | None, dict | None]:
         outs = self.step(ids, labels)
