@@ -332,6 +332,21 @@ def test_resume_refuses_another_split_of_the_text(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("step-")) == ["step-2"]
 
 
+def test_resume_refuses_another_seq_len_of_the_text_with_as_many_training_windows(tmp_path, capsys):
+    """1287 tokens cut into 32-token windows (40: 38 train, 2 held out) or 33-token ones (39: 38 train, 1 held
+    out): n_train alone did not tell the splits apart, and the resumed run trained on held-out tokens."""
+    text = tmp_path / "t.txt"
+    text.write_bytes(bytes(97 + i * 7 % 26 for i in range(1287)))
+    recipe = str(Path(__file__).resolve().parents[1] / "configs" / "gpt_tiny.yaml")  # a byte vocabulary
+    common = ["--data", str(text), "--steps", "4", "--batch-size", "2", "--no-progress", "--device", "cpu"]
+    out = tmp_path / "run"
+    assert main(["train", recipe, "--out", str(out), "--stop-after", "2", "--seq-len", "32", *common]) == 0
+    capsys.readouterr()
+    assert main(["train", recipe, "--out", str(out), "--resume", "--seq-len", "33", *common]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another split of it (seq_len 32 there, 33 now)" in err[0]
+
+
 def test_grad_accumulation_matches_a_bigger_batch(tmp_path):
     recipe = write_recipe(tmp_path)
     common = ["--steps", "3", "--seq-len", "16", "--warmup", "1", "--no-progress"]

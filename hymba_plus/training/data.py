@@ -577,7 +577,7 @@ class TextStream:
 
     def state(self) -> dict[str, Any]:
         return {"kind": "text", "path": str(self.shards.path), "tokens": self.shards.tokens,
-                "n_train": self.n_train}
+                "seq_len": self.seq_len, "n_train": self.n_train}
 
 
 def open_stream(data: str, seq_len: int, vocab_size: int, seed: int, cfg: Any, cache_dir: Path | None,
