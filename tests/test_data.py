@@ -577,3 +577,36 @@ def test_shards_keep_the_tokenizers_side_files_and_checkpoints_carry_them(tmp_pa
                  "1", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--no-progress"]) == 0
     ckpt = tmp_path / "run" / "step-1"
     assert {n: (ckpt / n).read_text() for n in sides} == sides and for_checkpoint(ckpt, 48).eos_id == 40
+
+
+def test_training_a_checkpoint_on_text_of_another_tokenizer_is_refused(tmp_path, capsys):
+    """`hymba train CKPT --data corpus/` without --tokenizer read the text as bytes (the flag's default) for a
+    model trained with a `tokenizers` vocabulary: it trained on the wrong ids and saved a bytes tokenizer."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers
+
+    (tmp_path / "tok").mkdir()
+    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, 299)}, "</s>": 299}
+    t = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    t.add_special_tokens(["</s>"])
+    t.save(str(tmp_path / "tok" / "tokenizer.json"))
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for d in range(4):
+        (docs / f"{d}.txt").write_text(" ".join(f"w{1 + (d * 7 + i) % 298}" for i in range(200)))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "r", "model": {"vocab_size": 304, "d_model": 16, "max_seq_len": 32,
+                                                             "block_pattern": "GA"},
+                                      "components": {"gated_attn": {"n_heads": 2}, "mlp": {"d_hidden": 32}}}))
+    common = ["--steps", "1", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--no-progress"]
+    tok = str(tmp_path / "tok" / "tokenizer.json")
+    assert main(["train", str(recipe), "--data", str(docs), "--tokenizer", tok, "--out", str(tmp_path / "a"),
+                 *common]) == 0
+    capsys.readouterr()
+    ckpt = str(tmp_path / "a" / "step-1")
+    assert main(["train", ckpt, "--data", str(docs), "--out", str(tmp_path / "b"), *common]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another tokenizer (bytes)" in err[0] and "--tokenizer" in err[0]
+    assert not (tmp_path / "b").exists()
+    assert main(["train", ckpt, "--data", str(docs), "--tokenizer", tok, "--out", str(tmp_path / "b"), *common]) == 0

@@ -90,7 +90,7 @@ from . import distributed as dist_mod
 from . import routes as routes_mod
 from .config import TrainConfig, validate
 from .cuda_graph import CaptureError, GradAccumulator, GraphedOptimizer, GraphedStep, reset_balancing_counts
-from .data import open_stream
+from .data import TextStream, open_stream
 from .mixed import MasterWeights, compute_weights
 from .optim import build_optimizer, clip_grad_norm_, set_lr
 from .progress import Progress
@@ -553,6 +553,17 @@ class Trainer:
                                  f"{'task' if diff in ('name', 'params') else 'split'} of it ({diff} "
                                  f"{brief(saved[diff], 60)} there, {brief(now[diff], 60)} now): resume with the "
                                  "same --data, --seq-len and --val-frac, or start a new run")
+        start = self.resume_from if self.resume_from is not None else opts.init
+        if start is not None and isinstance(self.stream, TextStream) and (Path(start) / "tokenizer.json").is_file():
+            # text tokenized otherwise than the weights were trained on (e.g. bytes, the --tokenizer default, for
+            # an imported model) trains on the wrong ids and saves checkpoints with the data's tokenizer
+            from .tokenizer import load_file
+
+            theirs = load_file(Path(start) / "tokenizer.json")
+            if theirs.kind != "ids" and theirs.to_json() != self.stream.tokenizer.to_json():
+                raise TrainError(f"--data {cfg.data}: tokenized with another tokenizer ({self.stream.tokenizer.kind}) "
+                                 f"than the checkpoint {start} was trained with: pass --tokenizer "
+                                 f"{Path(start) / 'tokenizer.json'} (text), or data prepared with it")
 
         torch.manual_seed(cfg.seed)
         try:
