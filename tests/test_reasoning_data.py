@@ -163,6 +163,7 @@ GOOD = json.dumps({"question": "q", "reasoning": "r", "answer": "a"})
 
 @pytest.mark.parametrize("bad,what", [
     ("{not json", "2: not JSON (Expecting property name enclosed in double quotes at column 2)"),
+    ("[" * 100_000, "2: not JSON of this form (nested too deeply)"),  # was a RecursionError traceback
     ('["q", "r", "a"]', "2: expected a JSON object with string fields question, reasoning, answer, got list"),
     ('{"question": "q", "answer": "a"}', "2: missing key 'reasoning'"),
     ('{"question": "q", "reasoning": "r", "answer": "a", "id": 3}',

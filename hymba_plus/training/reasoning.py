@@ -242,6 +242,8 @@ def load_jsonl(path: str | os.PathLike, tokenizer: Any) -> list[ReasoningExample
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{p}:{n}: not JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:  # the decoder recurses per nesting level
+            raise DataError(f"{p}:{n}: not JSON of this form (nested too deeply)") from None
         if not isinstance(obj, dict):
             raise DataError(f"{p}:{n}: expected a JSON object with string fields question, reasoning, answer, "
                             f"got {type(obj).__name__}")
