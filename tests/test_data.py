@@ -336,6 +336,25 @@ def test_output_folders_inside_the_text_folder_are_not_read(tmp_path, capsys):
     assert [Path(s["path"]).name for s in index["sources"]] == ["a.txt"]
 
 
+def test_a_data_folder_of_the_users_in_out_is_not_replaced_by_the_cache(tmp_path, capsys):
+    """Text is tokenized into OUT/data, replaced when stale: `--out .` in a project with a data/ folder deleted
+    that folder (and a file named data)."""
+    (tmp_path / "t.txt").write_text(TEXT)
+    for mine in ("folder", "file"):
+        out = tmp_path / mine
+        out.mkdir()
+        if mine == "folder":
+            (out / "data").mkdir()
+            (out / "data" / "notes.md").write_text("mine")
+        else:
+            (out / "data").write_text("mine")
+        rc = main(["train", recipe_file(tmp_path), "--data", str(tmp_path / "t.txt"), "--out", str(out), "--steps", "1",
+                   "--seq-len", "16", "--batch-size", "2", "--no-progress"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 1 and len(err) == 1 and "is not token shards of an earlier run" in err[0], err
+        assert (out / "data" / "notes.md" if mine == "folder" else out / "data").read_text() == "mine"
+
+
 def test_too_short_text_names_the_source_not_the_cache(tmp_path, capsys):
     (tmp_path / "one.txt").write_text("hello\n")
     rc = main(["train", recipe_file(tmp_path), "--data", str(tmp_path / "one.txt"), "--out", str(tmp_path / "r"),

@@ -88,6 +88,11 @@ def _written_by_hymba(d: Path) -> bool:
     ``model.safetensors``)."""
     if (d / "metrics.jsonl").is_file() or ((d / "recipe.yaml").is_file() and (d / "model.safetensors").is_file()):
         return True
+    return _is_shards(d)
+
+
+def _is_shards(d: Path) -> bool:
+    """Whether a folder holds an ``index.json`` of our format (token shards ``prepare`` wrote)."""
     try:
         return json.loads((d / INDEX).read_text(encoding="utf-8")).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
@@ -629,6 +634,10 @@ def open_stream(data: str, seq_len: int, vocab_size: int, seed: int, cfg: Any, c
             except DataError:
                 shards = None
         if shards is None:
+            # the cache is replaced (force) only where it is ours: OUT/data may be a folder of the user's
+            if cache_dir.exists() and (not cache_dir.is_dir() or any(cache_dir.iterdir())) and not _is_shards(cache_dir):
+                raise DataError(f"{cache_dir}: exists and is not token shards of an earlier run (the text is "
+                                f"tokenized into OUT/data): move it away, or choose another --out")
             prepare(p, cache_dir, tok, force=True, exclude=(run_dir,))
             shards = TokenShards(cache_dir)
         shards.source = str(p)  # what messages name (the cache folder is ours, not the user's)
