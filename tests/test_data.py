@@ -363,6 +363,19 @@ def test_too_short_text_names_the_source_not_the_cache(tmp_path, capsys):
     assert rc == 1 and f"{tmp_path / 'one.txt'}: 6 tokens are too few for --seq-len 16" in err, err
 
 
+def test_shards_shorter_than_a_window_say_so(tmp_path, capsys):
+    """Windows do not cross shards: shards of 50 tokens hold no 64-token window. The error said
+    '2480 tokens are too few for --seq-len 64 (need at least 128 ...)'."""
+    (tmp_path / "t.txt").write_text(TEXT)
+    assert main(["prepare", str(tmp_path / "t.txt"), "--out", str(tmp_path / "s"), "--shard-tokens", "50"]) == 0
+    capsys.readouterr()
+    rc = main(["train", recipe_file(tmp_path), "--data", str(tmp_path / "s"), "--out", str(tmp_path / "r"),
+               "--seq-len", "64", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "shards of at most 50 tokens hold 0 window(s) of --seq-len 64" in err, err
+    assert "--shard-tokens" in err and "too few" not in err
+
+
 def test_resuming_a_task_run_with_other_task_settings_says_so(tmp_path, capsys):
     rec = recipe_file(tmp_path)
     out = str(tmp_path / "r")

@@ -524,6 +524,10 @@ class TextStream:
         counts = np.array([n // seq_len for _, n in shards.shards], dtype=np.int64)
         self.cum = np.cumsum(counts)
         total = int(self.cum[-1]) if counts.size else 0
+        if total < 2 and shards.tokens >= 2 * seq_len:  # windows do not cross shards
+            raise DataError(f"{shards.path}: its shards of at most {max(n for _, n in shards.shards)} tokens hold "
+                            f"{total} window(s) of --seq-len {seq_len} (need 2: one training and one held-out; a "
+                            f"window does not cross shards): prepare it with a larger --shard-tokens")
         if total < 2:
             raise DataError(f"{getattr(shards, 'source', None) or shards.path}: {shards.tokens} tokens are too few "
                             f"for --seq-len {seq_len} "
