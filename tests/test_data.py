@@ -642,3 +642,24 @@ def test_training_a_checkpoint_on_text_of_another_tokenizer_is_refused(tmp_path,
     assert len(err) == 1 and "another tokenizer (bytes)" in err[0] and "--tokenizer" in err[0]
     assert not (tmp_path / "b").exists()
     assert main(["train", ckpt, "--data", str(docs), "--tokenizer", tok, "--out", str(tmp_path / "b"), *common]) == 0
+
+
+def test_the_text_cache_is_remade_when_the_tokenizers_side_files_change(tmp_path):
+    """The cache was reused while tokenizer.json was unchanged: a tokenizer_config.json naming another end token
+    beside it kept the old separators, and the old side files went on into the checkpoints."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers
+
+    (tmp_path / "tok").mkdir()
+    t = tokenizers.Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "b": 2, "</s>": 3, "<end>": 4}, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    t.add_special_tokens(["</s>", "<end>"])
+    t.save(str(tmp_path / "tok" / "tokenizer.json"))
+    (tmp_path / "t.txt").write_text("a b " * 40)
+    tok = str(tmp_path / "tok" / "tokenizer.json")
+    first = open_stream(str(tmp_path / "t.txt"), 8, 16, 0, TrainConfig(), tmp_path / "run" / "data", tok)
+    assert first.shards.shard(0)[-1] == 3 and first.tokenizer.eos_id == 3
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<end>"}))
+    again = open_stream(str(tmp_path / "t.txt"), 8, 16, 0, TrainConfig(), tmp_path / "run" / "data", tok)
+    assert again.shards.shard(0)[-1] == 4 and again.tokenizer.eos_id == 4
+    assert "tokenizer_config.json" in again.tokenizer.files

@@ -633,7 +633,7 @@ def open_stream(data: str, seq_len: int, vocab_size: int, seed: int, cfg: Any, c
             try:
                 cached = TokenShards(cache_dir)
                 if (cached.index.get("sources") == fingerprint(files) and cached.tokenizer_json == tok.to_json()
-                        and cached.index.get("version") == VERSION):
+                        and cached.tokenizer_files == getattr(tok, "files", {}) and cached.index.get("version") == VERSION):
                     shards = cached
             except DataError:
                 shards = None
