@@ -323,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-tour", action="store_true", help="skip part 1 (check / info / invariant)")
     ap.add_argument("--no-train", action="store_true", help="skip part 2 (training and generation)")
     args = ap.parse_args(argv)
+    if args.steps is not None and args.steps < 1:  # (before a previous demo run in --out is removed)
+        ap.error(f"--steps {args.steps}: must be >= 1")
     torch.set_num_threads(1)  # tiny tensors: extra threads only add synchronization
     t_start = time.perf_counter()
     if not args.no_tour:

@@ -567,6 +567,19 @@ def test_demo_recipe_uses_every_component_and_is_valid():
     assert r.train.data == "mqar" and r.train.seq_len <= r.model.max_seq_len
 
 
+def test_demo_refuses_steps_below_one_before_touching_out(tmp_path, capsys):
+    """`python -m hymba_plus.demo --steps 0` removed the previous demo run in --out, then stopped with a
+    RecipeError traceback (train.steps, train.save_every)."""
+    from hymba_plus.demo import main as demo_main
+
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "demo.json").write_text("{}")
+    with pytest.raises(SystemExit) as e:
+        demo_main(["--no-tour", "--out", str(tmp_path / "demo"), "--steps", "0"])
+    assert e.value.code == 2 and "--steps 0: must be >= 1" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["demo.json"]
+
+
 @pytest.mark.slow
 def test_demo_trains_recall_far_above_chance(tmp_path, capsys):
     from hymba_plus.demo import main as demo_main
