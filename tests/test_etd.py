@@ -422,3 +422,47 @@ def test_kv_sharing_is_refused_in_etd_models(mixer, key):
         load_recipe(d)
     del d["model"]["etd"], d["components"]["etd_router"]
     load_recipe(d)  # a plain stack shares
+
+
+@pytest.mark.parametrize("every", [0, 1])
+def test_moe_statistics_cover_every_think_application(monkeypatch, every):
+    """A MoE layer in the think block runs once per iteration: its counts are summed over the
+    applications, the other statistics are their mean, each application adds its aux loss, and
+    the balancing load counts every application once (a checkpointed block's recomputation not
+    again)."""
+    from hymba_plus.components.moe import MoE
+    from hymba_plus.core.recompute import recomputing
+
+    d = _recipe()
+    d["model"]["block_pattern"] = "gdn | gated_attn+moe | gdn | gated_attn"
+    d["components"]["moe"] = {"n_experts": 4, "top_k": 2, "d_expert": 8, "bias_update_rate": 0.01,
+                              "capacity_factor": 0.5}
+    torch.manual_seed(0)
+    model = build_model(d).train()
+    model.set_activation_checkpointing(every)
+    moe = next(m for m in model.modules() if isinstance(m, MoE))
+    seen, log = [], MoE._log
+
+    def record(self, ctx, aux, load, dropped, entropy, lb, z, n_assign):  # noqa: ANN001, ANN202
+        if not recomputing():  # (a checkpointed block's second run writes into a discarded copy)
+            seen.append((aux.detach(), load.clone(), dropped.clone(), entropy, lb.detach(), z.detach(),
+                         load.max() / load.mean()))
+        return log(self, ctx, aux, load, dropped, entropy, lb, z, n_assign)
+
+    monkeypatch.setattr(MoE, "_log", record)
+    ids = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(0))
+    out = model(ids, labels=ids)
+    assert len(seen) == 3  # think iterations
+    real = 3 * 2 * (5 + 2) * 2  # iterations x rows x (tokens + meta tokens) x top_k
+    s = out.stats
+    assert float(s["moe/1/tokens_per_expert"].sum()) == real
+    assert torch.equal(s["moe/1/tokens_per_expert"], sum(a[1] for a in seen))
+    assert int(s["moe/1/dropped"]) == sum(int(a[2]) for a in seen) > 0
+    for i, k in enumerate(("entropy", "lb_loss", "z_loss", "max_load"), start=3):
+        want = sum(float(a[i]) for a in seen) / 3
+        assert float(s[f"moe/1/{k}"]) == pytest.approx(want, rel=1e-5), k
+    assert float(moe.load.sum()) == real  # the bias update's load: each application once
+    out.loss.backward()
+    assert float(moe.load.sum()) == real  # (a recomputation in the backward adds nothing)
+    want_aux = sum(a[0] for a in seen)
+    assert float(out.aux_loss.detach()) == pytest.approx(float(want_aux), rel=1e-5)

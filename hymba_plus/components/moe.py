@@ -19,7 +19,11 @@
   z-loss ``mean logsumexp(logits)^2`` (ST-MoE, arXiv 2202.08906, Eq. 5).
 * Statistics, per layer, in ``ctx.stats["moe/{layer}/..."]`` (detached tensors, no host
   sync): ``tokens_per_expert`` [E], ``dropped``, ``entropy`` (nats), ``lb_loss``, ``z_loss``,
-  ``max_load`` (busiest expert's load / mean load).
+  ``max_load`` (busiest expert's load / mean load). A layer applied several times in one call
+  (an ETD think block's iterations, a Dr.LLM repeat) adds one aux loss per application and
+  reports the counts (``tokens_per_expert``, ``dropped``) summed over its applications, the
+  others as their mean (the trainer combines micro-batches and ranks the same way); the
+  balancing bias counts every training application's load once.
 * Inert slots (``t >= ctx.lengths[b]``) are excluded from losses, statistics, the bias
   update and expert capacity; their outputs are finite and discarded by the model. Meta
   tokens are tokens here: they count in the load, losses, statistics, capacity and bias
@@ -262,15 +266,26 @@ class MoE(nn.Module):
         if aux is not None:
             ctx.aux_losses.append(aux)
         p = f"moe/{ctx.layer_idx}/"
-        ctx.stats[p + "tokens_per_expert"] = load
-        ctx.stats[p + "dropped"] = dropped
-        ctx.stats[p + "entropy"] = entropy
-        ctx.stats[p + "lb_loss"] = lb.detach()
-        ctx.stats[p + "z_loss"] = z.detach()
         if n_assign is not None:  # the mean load is known on the host
-            ctx.stats[p + "max_load"] = load.max() * (self.cfg.n_experts / max(n_assign, 1))
+            max_load = load.max() * (self.cfg.n_experts / max(n_assign, 1))
         else:
-            ctx.stats[p + "max_load"] = load.max() / load.mean().clamp_min(1e-9)
+            max_load = load.max() / load.mean().clamp_min(1e-9)
+        means = {"entropy": entropy, "lb_loss": lb.detach(), "z_loss": z.detach(), "max_load": max_load}
+        # an ETD think block (or a Dr.LLM repeat) applies this layer several times in one call, each
+        # application adding its own aux loss: counts are summed over the applications, the others
+        # are their mean (the call's context counts them in ``shared``, a per-call scratch dict)
+        n = ctx.shared.get(p + "applications", 0) + 1
+        ctx.shared[p + "applications"] = n
+        if n == 1:
+            ctx.stats[p + "tokens_per_expert"] = load
+            ctx.stats[p + "dropped"] = dropped
+            for k, v in means.items():
+                ctx.stats[p + k] = v
+            return
+        ctx.stats[p + "tokens_per_expert"] = ctx.stats[p + "tokens_per_expert"] + load
+        ctx.stats[p + "dropped"] = ctx.stats[p + "dropped"] + dropped
+        for k, v in means.items():
+            ctx.stats[p + k] = torch.lerp(ctx.stats[p + k], v.to(ctx.stats[p + k].dtype), 1.0 / n)  # running mean
 
 
 def pooled_balance_loss(terms: list) -> Tensor:
