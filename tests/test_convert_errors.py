@@ -273,3 +273,26 @@ def test_integer_weights_are_refused_at_export(tmp_path, capsys):
     save_file(st, tmp_path / "a" / "model.safetensors", metadata={"format": "hymba_plus"})
     run_fails(capsys, tmp_path, [tmp_path / "a", tmp_path / "hf"], "tensor 'norm.weight' is torch.int32, not a "
               "floating-point weight")
+
+
+def test_export_of_a_tied_recipe_with_a_different_stored_head_is_refused(tmp_path, capsys):
+    """``tie_embeddings: true`` with a stored ``lm_head.weight`` that differs from the embedding (a
+    checkpoint from_pretrained refuses) was exported (rc 0) with the embedding as the head."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from hymba_plus import build_model
+
+    build_model({"name": "x", "model": {"vocab_size": 64, "d_model": 32, "block_pattern": "GA", "tie_embeddings": True},
+                 "components": {"gated_attn": {"n_heads": 2}}}).save_pretrained(tmp_path / "a")
+    path = tmp_path / "a" / "model.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    st = load_file(path)
+    st["lm_head.weight"] = st["embed.weight"] + 0.1
+    save_file(st, path, metadata=meta)
+    run_fails(capsys, tmp_path, [tmp_path / "a", tmp_path / "hf"], "model.safetensors: holds an lm_head.weight that "
+              "differs from embed.weight, but recipe.yaml ties them (model.tie_embeddings: true)")
+    st["lm_head.weight"] = st["embed.weight"].clone()  # equal: the one tied tensor, exported
+    save_file(st, path, metadata=meta)
+    assert main(["convert", str(tmp_path / "a"), str(tmp_path / "hf")]) == 0

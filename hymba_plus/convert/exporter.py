@@ -15,6 +15,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from ..core.recipe import RecipeError, load_recipe
 from ..models.lm import GENERATION_CONFIG, CheckpointError, generation_config
 from ..training.tokenizer import TokenizerError, side_files
@@ -52,6 +54,11 @@ def export_hf(ckpt: str | Path, out: str | Path, *, architecture: str | None = N
         if reader.shape(k) != tuple(t.shape):
             raise ConvertError(f"{ckpt / 'model.safetensors'}: tensor {k!r} has shape {list(reader.shape(k))}, "
                                f"recipe.yaml implies {list(t.shape)}")
+    if recipe.model.tie_embeddings and "lm_head.weight" in reader and "embed.weight" in reader:
+        head, emb = reader.get("lm_head.weight"), reader.get("embed.weight")
+        if head.shape != emb.shape or not torch.equal(head, emb):  # (the export writes the embedding as the head)
+            raise ConvertError(f"{ckpt / 'model.safetensors'}: holds an lm_head.weight that differs from embed.weight, "
+                               "but recipe.yaml ties them (model.tie_embeddings: true)")
     for rule in rules:
         if not rule.theirs:  # a tensor HF lacks: it must be zero (MoE expert_bias)
             for k in rule.ours:
