@@ -39,11 +39,14 @@ def etd_recipes(draw, think_mixer: str | None = None) -> dict:
         "branches": {"n_branches": draw(st.sampled_from([0, 2, 3])), "rank": 2},
     }
     iters = draw(st.integers(1, 3))
+    cap = iters + draw(st.integers(0, 1))
+    if halting == "act":  # ACT needs room to halt: a cap of 1 iteration is refused
+        cap = max(cap, 2)
     return {"name": "etd-generated", "model": {
         "vocab_size": V, "d_model": 32, "max_seq_len": 64, "meta_tokens": draw(st.integers(0, 2)),
         "ffn": ffn, "block_pattern": " | ".join(layers),
         "etd": {"encoder_layers": n_enc, "think_layers": 2, "decoder_layers": n_dec, "iterations": iters,
-                "max_iterations": iters + draw(st.integers(0, 1))}}, "components": comps}
+                "max_iterations": cap}}, "components": comps}
 
 
 def make(d: dict, seed: int = 0, routes: bool = True):
@@ -331,6 +334,25 @@ def test_recipe_checks_the_partition(tmp_path):
     with pytest.raises(RecipeError, match="components.etd_router: takes effect only in an ETD model"):
         load_recipe(d)
     assert "etd_router" in registry.names()
+
+
+def test_act_halting_with_one_iteration_at_most_is_refused():
+    """ACT with a cap of one think iteration halts every token there: the ponder cost is a constant
+    and the halting unit gets no gradient, so the recipe is refused, naming the key; a cap of 2
+    (training at 1 iteration) is a real choice and builds."""
+    d = _recipe(halting={"kind": "act"})
+    d["model"]["etd"]["iterations"] = 1
+    with pytest.raises(RecipeError, match=r"components\.etd_router\.halting\.kind: act with "
+                                          r"model\.etd\.max_iterations 1"):
+        load_recipe(d)
+    d["model"]["etd"]["max_iterations"] = 2
+    model = build_model(d).train()
+    ids = torch.randint(0, V, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(ids, labels=ids).loss.backward()
+    assert model.etd_router.halt.weight.grad.abs().sum() > 0
+    d["components"]["etd_router"] = {}  # fixed iterations: one is fine
+    del d["model"]["etd"]["max_iterations"]
+    assert build_model(d).etd_router.halt is None
 
 
 def test_branches_without_a_projection_to_adapt_are_refused():

@@ -83,10 +83,16 @@ class EtdRouterConfig:
     branches: BranchConfig = field(default_factory=BranchConfig)
 
     def check_recipe(self, model, components):  # noqa: ANN001 - ModelConfig, name -> config
-        """MoDr branches need a projection to adapt in the think block: a token mixer or a dense
-        MLP (``_lora_target``); think layers of ``-+moe`` / ``-+none`` alone would build branches
+        """ACT halting needs room to halt: with at most one think iteration every token halts at
+        it, the ponder cost is a constant and the halting unit gets no gradient. MoDr branches
+        need a projection to adapt in the think block: a token mixer or a dense MLP
+        (``_lora_target``); think layers of ``-+moe`` / ``-+none`` alone would build branches
         and a branch router that change nothing."""
         etd = model.etd
+        if etd is not None and self.halting.kind == "act" and etd.cap < 2:
+            yield "halting.kind", ("act with model.etd.max_iterations 1 (the cap; default: iterations) halts every "
+                                   "token at the only think iteration: the halting unit would learn nothing (set "
+                                   "max_iterations >= 2, or kind: none)")
         if etd is None or not self.branches.n_branches:
             return
         from ..core.recipe import resolve_layers
