@@ -60,11 +60,43 @@ def tiny_recipe(pattern: str, components: dict | None = None, **model) -> dict:
     return {"name": "test", "model": m, "components": components or {}}
 
 
+def mqar_overwrite_batch(batch_size: int, seq_len: int, vocab_size: int, n_pairs: int,
+                         generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MQAR with overwritten keys: ``n_pairs`` keys, each written twice with two different values
+    (the ``2 n_pairs`` writes interleaved at random, a key's first write before its second), then
+    every key queried in random order; the answer is its *latest* value. Keys from [1, V/2),
+    values from [V/2, V), token 0 pads the tail; needs ``seq_len >= 6 n_pairs``. An additive
+    (decay-only) memory reads the old and the new value summed; the delta rule's erase term
+    replaces the old one."""
+    g, half = generator, vocab_size // 2
+    if n_pairs < 1 or 6 * n_pairs > seq_len or n_pairs > half - 1:
+        raise ValueError(f"need 1 <= n_pairs <= min(seq_len/6, vocab/2 - 1), got {n_pairs}")
+    keys = torch.rand(batch_size, half - 1, generator=g).argsort(-1)[:, :n_pairs] + 1
+    old = torch.randint(half, vocab_size, (batch_size, n_pairs), generator=g)
+    new = half + (old - half + torch.randint(1, half, (batch_size, n_pairs), generator=g)) % half  # != old
+    # the 2n write slots at random; per key the earlier slot gets the old value
+    slots = torch.rand(batch_size, 2 * n_pairs, generator=g).argsort(-1).view(batch_size, 2, n_pairs).sort(1).values
+    wk = torch.zeros(batch_size, 2 * n_pairs, dtype=torch.long)
+    wv = torch.zeros_like(wk)
+    for i, v in ((0, old), (1, new)):
+        wk.scatter_(1, slots[:, i], keys)
+        wv.scatter_(1, slots[:, i], v)
+    perm = torch.rand(batch_size, n_pairs, generator=g).argsort(-1)
+    qk, qv = keys.gather(1, perm), new.gather(1, perm)
+    ids = torch.zeros(batch_size, seq_len, dtype=torch.long)
+    ids[:, : 4 * n_pairs] = torch.stack([wk, wv], -1).flatten(1)
+    ids[:, 4 * n_pairs : 6 * n_pairs] = torch.stack([qk, qv], -1).flatten(1)
+    labels = torch.full_like(ids, -100)
+    labels[:, 4 * n_pairs + 1 : 6 * n_pairs : 2] = qv
+    return ids, labels
+
+
 def train_mqar(recipe: dict, steps: int = 300, batch: int = 32, seq_len: int = 64, n_pairs: int = 8,
                lr: float = 3e-3, seed: int = 0, autocast: torch.dtype | None = None,
-               losses: list[float] | None = None) -> float:
+               losses: list[float] | None = None, task=mqar_batch) -> float:  # noqa: ANN001
     """Train on MQAR with AdamW, return accuracy on fresh held-out batches. ``autocast``: the
-    forwards under CPU autocast to that dtype; ``losses`` collects each step's loss."""
+    forwards under CPU autocast to that dtype; ``losses`` collects each step's loss; ``task``:
+    the batch function (``mqar_batch``'s signature), e.g. ``mqar_overwrite_batch``."""
     torch.manual_seed(seed)
     model = build_model(recipe)
     V = model.config.vocab_size
@@ -74,7 +106,7 @@ def train_mqar(recipe: dict, steps: int = 300, batch: int = 32, seq_len: int = 6
     cast = lambda: torch.autocast("cpu", dtype=autocast, enabled=autocast is not None)  # noqa: E731
     model.train()
     for _ in range(steps):
-        ids, labels = mqar_batch(batch, seq_len, V, n_pairs, generator=g)
+        ids, labels = task(batch, seq_len, V, n_pairs, generator=g)
         with cast():
             loss = model(ids, labels=labels).loss
         opt.zero_grad(set_to_none=True)
@@ -87,7 +119,7 @@ def train_mqar(recipe: dict, steps: int = 300, batch: int = 32, seq_len: int = 6
     model.eval()
     g_eval = torch.Generator().manual_seed(10_000 + seed)
     with torch.no_grad(), cast():
-        ids, labels = mqar_batch(256, seq_len, V, n_pairs, generator=g_eval)
+        ids, labels = task(256, seq_len, V, n_pairs, generator=g_eval)
         return masked_accuracy(model(ids).logits.float(), labels)
 
 

@@ -25,7 +25,7 @@ from hymba_plus.kernels.gdn import (
     recurrent_gated_delta_rule_ref,
 )
 from tests.conftest import rel_err, rms_rel
-from tests.helpers import tiny_recipe, train_mqar
+from tests.helpers import mqar_overwrite_batch, tiny_recipe, train_mqar
 
 
 def make_inputs(B, T, H, Hv, dk, dv, dtype=torch.float64, device="cpu", seed=0, h0=True):
@@ -279,6 +279,8 @@ def test_generate_greedy_matches_full_forward():
 MQAR = dict(steps=300, batch=64, seq_len=24, n_pairs=6, lr=3e-3)
 MQAR_MODEL = dict(vocab_size=32)  # keys from 15 tokens, values from 16: chance 1/16
 MQAR_GDN = {"n_heads": 2, "chunk_size": 32}
+# 4 keys written twice each (16 tokens), 4 queries for the latest values (8): chance 1/16
+OVERWRITE = dict(steps=300, batch=64, seq_len=24, n_pairs=4, lr=3e-3, task=mqar_overwrite_batch)
 
 
 def test_learns_mqar():
@@ -291,14 +293,16 @@ def test_learns_mqar():
 @pytest.mark.slow
 def test_delta_rule_beats_decay_only_on_mqar():
     """Same model, same budget, three seeds: the gated delta rule against the decay-only
-    ablation (no erase term). At this toy budget the gap is real but seed-dependent (see
-    the report), so the test compares means over seeds."""
+    ablation (no erase term) on MQAR with overwritten keys (each of 4 keys written twice, the
+    latest value recalled), the case the erase term is for: the additive memory reads both
+    values summed. (On plain MQAR, 6 pairs in a 32 x 32 state per head, both recall about
+    equally well at this budget: the erase term has nothing to do.)"""
     runs = {}
     for dr in (True, False):
         recipe = tiny_recipe("GD|GD", {"gdn": {**MQAR_GDN, "delta_rule": dr}}, **MQAR_MODEL)
-        runs[dr] = [train_mqar(recipe, seed=s, **MQAR) for s in range(3)]
-    print(f"MQAR accuracy by seed: gdn {runs[True]}, decay-only {runs[False]}")
-    assert sum(runs[True]) > sum(runs[False])
+        runs[dr] = [train_mqar(recipe, seed=s, **OVERWRITE) for s in range(3)]
+    print(f"MQAR-overwrite accuracy by seed: gdn {runs[True]}, decay-only {runs[False]}")
+    assert min(runs[True]) > 0.9 and min(runs[True]) > max(runs[False]) + 0.2, runs
 
 
 def test_delta_rule_erases_what_decay_only_cannot():
