@@ -309,3 +309,24 @@ def test_small_generate_arguments_are_checked_up_front(models, call, err, says) 
     with pytest.raises(err) as e:
         call(models)
     assert says in _one_line(e)
+
+
+@pytest.mark.parametrize("meta", [0, 2])
+@pytest.mark.parametrize("code", ["GA", "GD", "M3", "ATL", "HY", "-", "GA+moe | GD"])
+def test_forward_of_no_tokens_is_empty_logits_for_every_mixer(code, meta) -> None:
+    """T = 0 (check_prompt's min_tokens=0 for forward) gives logits [B, 0, V] and leaves a cache as it was (the
+    meta tokens, if any, enter as on any first call). gdn / mamba3 / hymba raised 'stack expects a non-empty
+    TensorList' (or a reshape error), atlas without a cache an arange error, attention on a cache an IndexError."""
+    from tests.helpers import EVERY_COMPONENT, tiny_recipe
+
+    torch.manual_seed(0)
+    model = build_model(tiny_recipe(code, dict(EVERY_COMPONENT), d_model=32, meta_tokens=meta)).eval()
+    ids, none = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(1)), torch.zeros(2, 0).long()
+    assert model(none).logits.shape == (2, 0, 64)
+    cache = model.new_cache(2)
+    assert model(none, cache=cache).logits.shape == (2, 0, 64)
+    assert cache.pos.tolist() == [meta, meta] and cache.started == bool(meta)
+    full = model(ids).logits
+    parts = [model(ids[:, :3], cache=cache).logits, model(none, cache=cache).logits, model(ids[:, 3:], cache=cache).logits]
+    assert cache.pos.tolist() == [meta + 5] * 2
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-4)

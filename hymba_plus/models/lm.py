@@ -150,7 +150,8 @@ class HybridLM(nn.Module):
         return_logits: bool = True,
         collect_aux: bool = True,
     ) -> ModelOutput:
-        """Logits [B, T, V] for ``input_ids`` [B, T] (or ``inputs_embeds`` [B, T, D]).
+        """Logits [B, T, V] for ``input_ids`` [B, T] (or ``inputs_embeds`` [B, T, D]). ``T = 0``: logits
+        [B, 0, V], and a cache stays as it was (but for an empty cache's meta tokens, which enter then).
 
         Checked first, each problem one ``ValueError`` line:
 
@@ -223,7 +224,8 @@ class HybridLM(nn.Module):
                           collect=collect_aux)
         structure_options = {k: v for k, v in (("routes", routes), ("think_iterations", think_iterations))
                              if v is not None}
-        x = self.structure(self.blocks, x, ctx, cache, **structure_options)
+        if S:  # (no token and no meta token, T = 0: empty logits, the cache as it was)
+            x = self.structure(self.blocks, x, ctx, cache, **structure_options)
         mtp_loss = None
         if labels is not None and self.mtp is not None and cache is None:
             if order is not None:
@@ -232,7 +234,7 @@ class HybridLM(nn.Module):
             mtp_loss, per = self.mtp.losses(self, x[:, n0:], input_ids, labels, positions[:, n0:], ctx)
             ctx.stats.update({f"mtp/loss_{i + 1}": v.detach() for i, v in enumerate(per)})
         h = self.norm(x)
-        if cache is not None:
+        if cache is not None and S:
             cache.advance(lengths, S)
         trunk = x if return_hidden else None
         if order is not None:  # undo the compaction
