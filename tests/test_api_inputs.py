@@ -330,3 +330,17 @@ def test_forward_of_no_tokens_is_empty_logits_for_every_mixer(code, meta) -> Non
     parts = [model(ids[:, :3], cache=cache).logits, model(none, cache=cache).logits, model(ids[:, 3:], cache=cache).logits]
     assert cache.pos.tolist() == [meta + 5] * 2
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("code", ["GA", "GD", "M3", "ATL", "HY"])
+def test_forward_refuses_a_batch_of_no_rows_as_ids_or_embeddings(code) -> None:
+    """B = 0 was refused for input_ids (check_prompt) but taken as inputs_embeds: atlas and hymba then raised a
+    reshape RuntimeError, the other mixers returned empty logits."""
+    from tests.helpers import EVERY_COMPONENT, tiny_recipe
+
+    model = build_model(tiny_recipe(code, dict(EVERY_COMPONENT), d_model=32, meta_tokens=2))
+    for name, call in (("input_ids", lambda: model(torch.zeros(0, 4, dtype=torch.long))),
+                       ("inputs_embeds", lambda: model(None, inputs_embeds=torch.zeros(0, 4, 32)))):
+        with pytest.raises(ValueError) as e:
+            call()
+        assert f"{name}: a batch of no rows (shape (0, 4" in _one_line(e) and "at least one row is needed" in str(e.value)

@@ -229,7 +229,7 @@ def check_prompt(input_ids: Any, attention_mask: Any = None, min_tokens: int = 1
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must have shape [B, T], got {tuple(input_ids.shape)}")
     if input_ids.shape[0] == 0:  # (new_cache refused it later, naming its batch_size)
-        raise ValueError(f"input_ids: a batch of no rows (shape {tuple(input_ids.shape)}); generate needs at least one")
+        raise ValueError(f"input_ids: a batch of no rows (shape {tuple(input_ids.shape)}); at least one row is needed")
     if input_ids.shape[1] < min_tokens:
         raise ValueError(f"input_ids: an empty prompt (shape {tuple(input_ids.shape)}); generate continues a "
                          "prompt of at least one token per row")

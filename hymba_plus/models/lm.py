@@ -293,6 +293,9 @@ class HybridLM(nn.Module):
             if not inputs_embeds.is_floating_point():
                 raise TypeError(f"inputs_embeds must be floating point, got dtype {inputs_embeds.dtype}")
             B, T = inputs_embeds.shape[:2]
+            if B == 0:  # as input_ids (check_prompt): atlas and hymba raised a reshape RuntimeError
+                raise ValueError(f"inputs_embeds: a batch of no rows (shape {tuple(inputs_embeds.shape)}); at least "
+                                 "one row is needed")
             if attention_mask is not None:
                 tensor("attention_mask", attention_mask, "[B, T] (1: token, 0: pad)")
         if attention_mask is not None:
