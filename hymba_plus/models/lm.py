@@ -353,7 +353,8 @@ class HybridLM(nn.Module):
             raise ValueError(f"{name}: {T} positions exceed max_seq_len {limit}{_rule_note(n_meta)}")
         if not reads:
             return
-        vals = torch.stack([r.to(reads[-1]) for r in reads]).tolist()  # the one device sync
+        # (as integers: the labels' check, a bool, may come last, and the ids read as bools passed any id >= 1)
+        vals = torch.stack([r.to(torch.long) for r in reads]).tolist()  # the one device sync
         if check_ids and (vals[0] < 0 or vals[1] >= V):
             at = ((input_ids < 0) | (input_ids >= V)).nonzero()[0]
             bad = int(input_ids[tuple(at)])
