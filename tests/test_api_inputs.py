@@ -348,3 +348,30 @@ def test_forward_refuses_a_batch_of_no_rows_as_ids_or_embeddings(code) -> None:
         with pytest.raises(ValueError) as e:
             call()
         assert f"{name}: a batch of no rows (shape (0, 4" in _one_line(e) and "at least one row is needed" in str(e.value)
+
+
+@pytest.mark.parametrize("mask,says", [
+    ([[0.0, 0.0, float("-inf"), float("-inf")]] * 2, "attention_mask: -inf at [0, 2]: the mask holds 1 for a token"),
+    ([[1, 1, 1, 1], [1, -1, 1, 1]], "attention_mask: -1 at [1, 1]"),
+    ([[1, 1, 2, 1], [1, 1, 1, 1]], "attention_mask: 2 at [0, 2]"),
+])
+def test_forward_refuses_a_mask_that_is_not_ones_and_zeros(gpt, mask, says) -> None:
+    """Any nonzero value counted as a token: an additive mask (0: attend, -inf: pad) was silently taken the
+    other way round, its pads as the tokens. Bool and 0 / 1 masks of any dtype are unchanged."""
+    ids = IDS[:, :4]
+    with pytest.raises(ValueError) as e:
+        gpt(ids, attention_mask=torch.tensor(mask))
+    assert says in _one_line(e)
+    ref = gpt(ids, attention_mask=torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])).logits
+    for m in (torch.tensor([[False, True, True, True]] * 2), torch.tensor([[0.0, 1.0, 1.0, 1.0]] * 2)):
+        torch.testing.assert_close(gpt(ids, attention_mask=m).logits[0], ref[0])
+
+
+@pytest.mark.parametrize("name,mode,kw", MODES)
+def test_generate_refuses_a_mask_that_is_not_ones_and_zeros(models, name, mode, kw) -> None:
+    """ladir compacts its questions by the mask before any forward reads it: an additive mask's -inf columns
+    were its question, silently; every mode refuses it up front."""
+    mask = torch.tensor([[0.0, 0.0, 0.0, 0.0], [float("-inf"), 0.0, 0.0, 0.0]])
+    with pytest.raises(ValueError) as e:
+        _gen(models, name, mode, torch.tensor([[5, 6, 7, 8]] * 2), attention_mask=mask, **kw)
+    assert "attention_mask: -inf at [1, 0]: the mask holds 1 for a token and 0 for a pad" in _one_line(e)

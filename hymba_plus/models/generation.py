@@ -240,13 +240,30 @@ def check_prompt(input_ids: Any, attention_mask: Any = None, min_tokens: int = 1
         raise ValueError(f"attention_mask must have shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
 
 
-def _check_left_padded(valid: Tensor, min_tokens: int, left_only: bool = True) -> int:
-    """The longest row's real tokens of a prompt mask [B, T] (True: token), after refusing a row with
-    a pad after a token (``left_only``: a mode that continues every row from its last column takes left
-    padding, as HF's decoder-only generation) and, for ``min_tokens`` 1, a row of pads only. One host read."""
+def odd_mask_values(mask: Tensor) -> Tensor:
+    """[B, T] bool: where ``attention_mask`` holds neither 1 (token) nor 0 (pad) (none for a bool mask)."""
+    return (mask != 0) & (mask != 1) if mask.dtype != torch.bool else torch.zeros_like(mask)
+
+
+def odd_mask_error(mask: Tensor, odd: Tensor) -> ValueError:
+    """The error for the first value ``odd_mask_values`` found: an additive 0 / -inf mask would otherwise be
+    taken the other way round (its 0s as pads, its -inf as tokens)."""
+    at = odd.nonzero()[0]
+    return ValueError(f"attention_mask: {mask[tuple(at)].item()} at {at.tolist()}: the mask holds 1 for a token and "
+                      "0 for a pad (not an additive 0 / -inf mask)")
+
+
+def _check_left_padded(mask: Tensor, min_tokens: int, left_only: bool = True) -> int:
+    """The longest row's real tokens of a prompt mask [B, T] (nonzero: token), after refusing a value other
+    than 0 and 1, a row with a pad after a token (``left_only``: a mode that continues every row from its
+    last column takes left padding, as HF's decoder-only generation) and, for ``min_tokens`` 1, a row of
+    pads only. One host read."""
+    valid, odd = mask.to(torch.bool), odd_mask_values(mask)
     counts = valid.sum(1)
     late_pad = valid[:, :-1] & ~valid[:, 1:]  # a token followed by a pad
-    longest, shortest, bad = torch.stack([counts.max(), counts.min(), late_pad.any()]).tolist()
+    longest, shortest, bad, n_odd = torch.stack([counts.max(), counts.min(), late_pad.any(), odd.any()]).tolist()
+    if n_odd:
+        raise odd_mask_error(mask, odd)
     if bad and left_only:
         row, col = late_pad.nonzero()[0].tolist()
         raise ValueError(f"attention_mask: row {row} has a pad after a token (column {col + 1}): generate takes "
@@ -271,7 +288,7 @@ def check_length(model: Any, input_ids: Tensor, max_new_tokens: int, attention_m
     check_prompt(input_ids, attention_mask, min_tokens)
     T = input_ids.shape[1]
     if attention_mask is not None and T:
-        T = _check_left_padded(attention_mask.to(torch.bool), min_tokens, left_only)
+        T = _check_left_padded(attention_mask, min_tokens, left_only)
     max_len, n_meta = model.config.max_seq_len, model.config.meta_tokens
     if T + max_new_tokens + reserved > max_len:
         note = f"; the {n_meta} meta tokens are not counted" if n_meta else ""

@@ -43,7 +43,7 @@ from ..core.recompute import Checkpointing
 from ..kernels.linear_ce import linear_cross_entropy
 from ..objectives import objective_class
 from .etd import ETDStack, PlainStack
-from .generation import check_prompt
+from .generation import check_prompt, odd_mask_error, odd_mask_values
 
 
 @dataclass
@@ -156,6 +156,7 @@ class HybridLM(nn.Module):
         Checked first, each problem one ``ValueError`` line:
 
         * token ids: every id in ``[0, vocab_size)`` (not for ``inputs_embeds`` calls);
+        * with them, ``attention_mask`` values: 1 (token) or 0 (pad), or a bool mask;
         * length: per row, the real tokens the cache already holds plus the real tokens of
           this call must not exceed ``max_seq_len``. Pads (``attention_mask == 0``) do not
           count, and neither do the meta tokens: they are a prefix on top of the sequence
@@ -338,6 +339,12 @@ class HybridLM(nn.Module):
         if check_labels:  # -100 (not scored) or a class of the vocabulary ([MASK] is no class)
             vocab = self.config.vocab_size
             reads.append(((labels != -100) & ((labels < 0) | (labels >= vocab))).any())
+        i_labels = len(reads) - 1
+        # 1 marks a token, 0 a pad; any other value is refused (an additive 0 / -inf mask was silently taken
+        # the other way round: its 0s as pads); read with the ids (a call on inputs_embeds alone reads nothing)
+        check_mask = check_ids and attention_mask is not None and attention_mask.dtype != torch.bool
+        if check_mask:
+            reads.append(odd_mask_values(attention_mask).any())
         n_values = len(reads)
         # real tokens per row after this call = cache.pos - n_meta (if started) + new tokens
         new: Tensor | int = T
@@ -365,7 +372,9 @@ class HybridLM(nn.Module):
             raise ValueError(f"{name}: token id {bad} at {at.tolist()} is outside the "
                              f"vocabulary (vocab_size {self.config.vocab_size}"
                              f"{'; the [MASK] id is ' + str(V - 1) if V > self.config.vocab_size else ''})")
-        if check_labels and vals[n_values - 1]:
+        if check_mask and vals[n_values - 1]:
+            raise odd_mask_error(attention_mask, odd_mask_values(attention_mask))
+        if check_labels and vals[i_labels]:
             at = ((labels != -100) & ((labels < 0) | (labels >= vocab))).nonzero()[0]
             raise ValueError(f"labels: {int(labels[tuple(at)])} at {at.tolist()} is neither -100 (not scored) nor "
                              f"a token id of the vocabulary (vocab_size {vocab})")
