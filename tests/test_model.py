@@ -391,6 +391,10 @@ def test_generation_refuses_to_run_past_max_seq_len():
         assert m.generate(p, max_new_tokens=56, attention_mask=mask).shape == (2, 66)
         with pytest.raises(ValueError, match=r"prompt \(8 tokens\) \+ max_new_tokens \(57\)"):
             m.generate(p, max_new_tokens=57, attention_mask=mask)
+        # a prompt too long by itself: no max_new_tokens fits (the hint was 'use max_new_tokens <= 0')
+        with pytest.raises(ValueError, match=r"^generate: prompt \(65 tokens\) = 65 exceeds max_seq_len 64 by "
+                                             r"itself; the 2 meta tokens are not counted$"):
+            m.generate(ids(1, 65), max_new_tokens=0)
         bad = x.clone()
         bad[1, 3] = V
         with pytest.raises(ValueError, match=r"token id 48 at \[1, 3\] is outside the vocabulary"):

@@ -293,6 +293,9 @@ def check_length(model: Any, input_ids: Tensor, max_new_tokens: int, attention_m
     if T + max_new_tokens + reserved > max_len:
         note = f"; the {n_meta} meta tokens are not counted" if n_meta else ""
         extra = f" + {what or 'reserved positions'} ({reserved})" if reserved else ""
+        if T + reserved > max_len:  # no max_new_tokens fits: the prompt is too long (the hint <= 0 was wrong)
+            raise ValueError(f"generate: prompt ({T} tokens){extra} = {T + reserved} exceeds max_seq_len {max_len} "
+                             f"by itself{note}")
         raise ValueError(f"generate: prompt ({T} tokens) + max_new_tokens ({max_new_tokens}){extra} = "
                          f"{T + max_new_tokens + reserved} exceeds max_seq_len {max_len} (use max_new_tokens <= "
                          f"{max(max_len - T - reserved, 0)}{note})")
