@@ -97,6 +97,8 @@ def test_training_out_folder_resolves_to_its_newest_checkpoint(ckpts, capsys, tm
     (["--prompt", "1", "--mode", "nope"], 1, "--mode: unknown generation mode 'nope'"),
     (["--prompt", "1 2", "--max-new-tokens", "47"], 1, "--max-new-tokens 47"),
     (["--prompt", " ".join(["3"] * 60)], 1, "longer than the model's max_seq_len"),
+    (["--prompt", " ".join(["3"] * 48)], 1, "--prompt: 48 tokens, as long as the model's max_seq_len (48) allows: no "
+                                            "room for a new token"),  # (it said 'longer than')
     (["--prompt", "1 x"], 1, "--prompt '1 x'"),
     (["--prompt", "1 999"], 1, "outside [0, 256)"),
     (["--prompt", "1", "--top-p", "1.5"], 2, "--top-p"),
@@ -188,3 +190,15 @@ def test_a_training_folder_resolves_to_its_newest_intact_checkpoint(ckpts, capsy
     weights.write_bytes(weights.read_bytes()[:100])
     rc, out, err = gen(capsys, str(tmp_path / "run"), "--prompt", "3", "--max-new-tokens", "2")
     assert rc == 1 and "(all 2 checkpoints in" in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_a_draft_too_short_for_the_prompt_is_named(ckpts, capsys, tmp_path):
+    """Its max_seq_len holds the prompt but no new token: generate's message told to use max_new_tokens <= 0,
+    which the CLI refuses."""
+    torch.manual_seed(0)
+    short = {**RECIPE, "model": {**RECIPE["model"], "max_seq_len": 4}}
+    build_model(short).save_pretrained(tmp_path / "draft", extra_files={"tokenizer.json": IdsTokenizer(256).to_json()})
+    rc, out, err = gen(capsys, str(ckpts / "ids"), "--prompt", "1 2 3 4", "--mode", "speculative", "--draft",
+                       str(tmp_path / "draft"))
+    assert rc == 1 and out == "" and len(err.strip().splitlines()) == 1
+    assert "draft: its max_seq_len (4) leaves no room for a new token after the 4-token prompt" in err, err

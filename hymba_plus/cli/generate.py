@@ -293,8 +293,12 @@ def _run(args: argparse.Namespace) -> int:
     reserved = reserved_positions(model, args.mode)  # e.g. ladir's memory slots take positions too
     max_len = model.config.max_seq_len - reserved
     room = f"max_seq_len ({model.config.max_seq_len}" + (f" less {reserved} for --mode {args.mode})" if reserved else ")")
-    if T >= max_len:
-        raise UserError(f"--prompt: {T} tokens, longer than the model's {room} allows")
+    if T >= max_len:  # (a prompt that fills it leaves no room for a new token)
+        raise UserError(f"--prompt: {T} tokens, {'longer than' if T > max_len else 'as long as'} the model's {room} "
+                        "allows: no room for a new token")
+    if draft is not None and T >= draft.config.max_seq_len:  # (generate's message said: max_new_tokens <= 0)
+        raise UserError(f"--draft {draft_ckpt}: its max_seq_len ({draft.config.max_seq_len}) leaves no room for a new "
+                        f"token after the {T}-token prompt")
     if args.max_new_tokens is None:
         args.max_new_tokens = min(64, max_len - T)
         if draft is not None:  # the draft reads the whole sequence too
