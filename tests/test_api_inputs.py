@@ -164,6 +164,14 @@ def test_forecast_names_a_series_that_is_not_a_tensor(models) -> None:
     with pytest.raises(TypeError) as e:
         models["forecast_tiny"].generate([[1.0, 2.0]], max_new_tokens=3, mode="forecast")
     assert "series must be a torch.Tensor [B, T, 1] (channels), got list [[1.0, 2.0]]" in _one_line(e)
+    with pytest.raises(ValueError) as e:  # B = 0: new_cache refused it, naming its batch_size
+        models["forecast_tiny"].generate(torch.zeros(0, 96, 1), max_new_tokens=3, mode="forecast")
+    assert "series: a batch of no rows (shape (0, 96, 1))" in _one_line(e)
+    from hymba_plus.models.forecast_decoding import rolling_forecasts
+
+    with pytest.raises(ValueError) as e:
+        rolling_forecasts(models["forecast_tiny"], torch.zeros(0, 200, 1), origins=1)
+    assert "series: a batch of no rows (shape (0, 200, 1))" in _one_line(e)
 
 
 def test_generate_names_an_unknown_mode_shortly(models) -> None:

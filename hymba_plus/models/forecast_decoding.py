@@ -49,6 +49,8 @@ def _check_series(obj: Any, series: Tensor, need: int) -> None:
                         f"{type(series).__name__} {brief(series)}")
     if series.ndim != 3 or series.shape[-1] != cfg.channels:
         raise ValueError(f"series must have shape [B, T, {cfg.channels}] (channels), got {tuple(series.shape)}")
+    if series.shape[0] == 0:  # (new_cache refused it later, naming its batch_size)
+        raise ValueError(f"series: a batch of no rows (shape {tuple(series.shape)}); at least one row is needed")
     if series.shape[1] < need:
         raise ValueError(f"series: {series.shape[1]} steps, need at least {need} (context {cfg.context})")
     if not series.is_floating_point():
