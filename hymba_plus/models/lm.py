@@ -477,6 +477,9 @@ class HybridLM(nn.Module):
         if given:
             raise ValueError(f"generate(mode={mode!r}) takes no {', '.join(given)}")
         check_sampling(temperature, top_k, top_p, eos_token_id, stats, self.config.vocab_size)
+        if streamer is not None and not callable(streamer):  # (e.g. an HF streamer object: put / end, no call)
+            raise TypeError(f"streamer must be a callable, called with each new token column [B] (or None), got "
+                            f"{type(streamer).__name__} {brief(streamer)}")
         if isinstance(input_ids, Tensor) and input_ids.dtype == torch.int32:  # (the decoders' token buffers and
             input_ids = input_ids.long()  # the sampled tokens are long: every mode, once)
         return fn(self, input_ids, **{k: v for k, v in common.items() if k in allowed}, **options)
