@@ -386,3 +386,16 @@ def test_generate_refuses_a_mask_that_is_not_ones_and_zeros(models, name, mode, 
     with pytest.raises(ValueError) as e:
         _gen(models, name, mode, torch.tensor([[5, 6, 7, 8]] * 2), attention_mask=mask, **kw)
     assert "attention_mask: -inf at [1, 0]: the mask holds 1 for a token and 0 for a pad" in _one_line(e)
+
+
+def test_numpy_and_tensor_integers_are_integers(gpt) -> None:
+    """new_cache's batch_size and forward's logits_to_keep refused np.int64(2) / tensor(2) as 'not an integer >= 1,
+    got np.int64(2)'; generate's integer settings (max_new_tokens, k, ...) take them (int_at_least)."""
+    import numpy as np
+
+    for n in (np.int64(2), torch.tensor(2)):
+        assert gpt.new_cache(n).batch_size == 2 and isinstance(gpt.new_cache(n).batch_size, int)
+        assert gpt(IDS, logits_to_keep=n).logits.shape == (2, 2, 256)
+    for bad in (True, 2.0, np.float64(2.0)):
+        with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+            gpt.new_cache(bad)

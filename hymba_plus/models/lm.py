@@ -22,6 +22,7 @@ problem is one ``ValueError`` line naming the limit and what was given.
 from __future__ import annotations
 
 import math
+import operator
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -43,7 +44,7 @@ from ..core.recompute import Checkpointing
 from ..kernels.linear_ce import linear_cross_entropy
 from ..objectives import objective_class
 from .etd import ETDStack, PlainStack
-from .generation import check_prompt, odd_mask_error, odd_mask_values
+from .generation import check_prompt, int_at_least, odd_mask_error, odd_mask_values
 
 
 @dataclass
@@ -125,8 +126,9 @@ class HybridLM(nn.Module):
 
     def new_cache(self, batch_size: int, device: torch.device | None = None) -> HybridCache:
         """An empty cache for ``batch_size`` rows on ``device`` (default: the model's)."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if not int_at_least(batch_size, 1):  # (a numpy or 0-d tensor integer is one, as for generate's settings)
             raise ValueError(f"batch_size must be an integer >= 1, got {brief(batch_size)}")
+        batch_size = operator.index(batch_size)
         check_device(device)
         device = torch.device(device) if device is not None else self.device
         states = [self.blocks[b].init_state(batch_size, device, self.dtype) for b in self.structure.state_blocks()]
@@ -198,6 +200,7 @@ class HybridLM(nn.Module):
         if inputs_embeds is None and self.embed is None:
             raise ValueError("this model reads no tokens (no vocabulary): pass inputs_embeds")
         self._check_call(input_ids, labels, attention_mask, cache, inputs_embeds, logits_to_keep)
+        logits_to_keep = operator.index(logits_to_keep)
         B, T = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
         if check_inputs and not _skip_checks(input_ids if inputs_embeds is None else inputs_embeds):
             self._check_inputs(input_ids, inputs_embeds, attention_mask, cache, T, labels, bidirectional)
@@ -317,7 +320,7 @@ class HybridLM(nn.Module):
                 raise TypeError(f"labels must hold integer token ids (-100: not scored), got dtype {labels.dtype}")
             if labels.shape != (B, T):
                 raise ValueError(f"labels must have the inputs' shape {(B, T)}, got {tuple(labels.shape)}")
-        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+        if not int_at_least(logits_to_keep, 0):
             raise ValueError(f"logits_to_keep must be an integer >= 0 (0: every position), got {brief(logits_to_keep)}")
 
     def _check_inputs(self, input_ids: Tensor | None, inputs_embeds: Tensor | None,
