@@ -148,6 +148,9 @@ def test_more_think_iterations_at_inference_up_to_max_iterations():
     assert rel_err(x, b) <= 1e-5
     with pytest.raises(ValueError, match=r"think_iterations must be in \[1, 5\]"):
         model(ids, think_iterations=6)
+    for bad in (2.5, True, "3"):  # 2.5 was a TypeError from range() naming nothing, True ran one iteration
+        with pytest.raises(ValueError, match=r"think_iterations must be an integer in \[1, 5\] \(model.etd.max_iterations\), got"):
+            model(ids, think_iterations=bad)
 
 
 def test_halted_tokens_leave_later_iterations_untouched():

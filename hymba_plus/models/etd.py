@@ -25,6 +25,7 @@ full forward to reproduce a cached run).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ from torch import Tensor, nn
 
 from ..components.etd_router import EXECUTE, REPEAT, ROUTE_NAMES, SKIP, ETDRouter
 from ..core.cache import HybridCache, StepContext
+from ..core.config import brief
 from ..core.recompute import Checkpointing, run_block
 
 
@@ -145,6 +147,14 @@ class ETDStack:
         if think_iterations is None:
             think_iterations = int(extra["iterations"]) if "iterations" in extra else (
                 self.etd.cap if self.router.halt is not None else self.etd.iterations)
+        else:  # (2.5 was a TypeError from range() naming nothing, or refused as outside [1, cap]; True ran 1)
+            try:
+                if isinstance(think_iterations, bool):
+                    raise TypeError
+                think_iterations = operator.index(think_iterations)
+            except TypeError:
+                raise ValueError(f"think_iterations must be an integer in [1, {self.etd.cap}] "
+                                 f"(model.etd.max_iterations), got {brief(think_iterations)}") from None
         if not 1 <= think_iterations <= self.etd.cap:
             raise ValueError(f"think_iterations must be in [1, {self.etd.cap}] (model.etd.max_iterations), "
                              f"got {think_iterations}")
