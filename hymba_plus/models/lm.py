@@ -41,6 +41,7 @@ from ..core.cache import HybridCache, StepContext
 from ..core.config import brief
 from ..core.recipe import Recipe, RecipeError, load_recipe
 from ..core.recompute import Checkpointing
+from ..kernels import dispatch
 from ..kernels.linear_ce import linear_cross_entropy
 from ..objectives import objective_class
 from .etd import ETDStack, PlainStack
@@ -551,10 +552,11 @@ def next_token_targets(labels: Tensor, attention_mask: Tensor | None = None) -> 
 
 def _skip_checks(t: Tensor) -> bool:
     """True while the forward is being traced or compiled, or captured into a CUDA graph:
-    the input checks read tensors back to the host, which those modes cannot do."""
+    the input checks read tensors back to the host, which those modes cannot do (a capture as
+    ``dispatch.capturing`` says, which a failed capture's diagnosis also sets on any device)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return True
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+    return dispatch.capturing()
 
 
 def _rule_note(n_meta: int, where: str | None = None) -> str:
