@@ -304,6 +304,8 @@ def test_speculative_caps_k_at_the_new_tokens_and_ladir_bounds_its_samples(model
      "stats must be a dict the decoder fills (or None), got list []"),
     (lambda m: m["gpt_tiny"].generate(torch.tensor([[1, 2]]), max_new_tokens=2, streamer="stdout"), TypeError,
      "streamer must be a callable, called with each new token column [B] (or None), got str 'stdout'"),
+    (lambda m: m["gpt_tiny"].generate(torch.tensor([[1, 2]]), max_new_tokens=2, temperature=1.0, generator=42),
+     TypeError, "generator must be a torch.Generator (or None), got int 42"),
     (lambda m: m["gpt_tiny"].generate(torch.tensor([[1, 2]]), max_new_tokens=2, eos_token_id="a"), ValueError,
      "eos_token_id must be a token id in [0, 256) or a non-empty list of them (or None: no end token), got 'a'"),
     (lambda m: m["gpt_tiny"].generate(torch.tensor([[1, 2]]), max_new_tokens=2, eos_token_id=999), ValueError,
@@ -320,7 +322,8 @@ def test_speculative_caps_k_at_the_new_tokens_and_ladir_bounds_its_samples(model
 def test_small_generate_arguments_are_checked_up_front(models, call, err, says) -> None:
     """Each was found by a fuzzing pass: raised after the decoding (stats), deep in torch (eos, threshold),
     or silently taken (eos 999 / -1, prophet 'no' as True, routes on an ETD model without routers); and a
-    streamer that is not callable (e.g. an HF streamer object) raised after the prefill."""
+    streamer that is not callable (e.g. an HF streamer object) or a generator that is not a torch.Generator
+    (torch's TypeError at the first draw; greedy ignored it) raised after the prefill."""
     with pytest.raises(err) as e:
         call(models)
     assert says in _one_line(e)

@@ -352,7 +352,7 @@ def _run(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         msg = str(e).splitlines()[0]
-        flag = next((f for k, f in (("every prompt needs", "--prompt"), ("draft model", "--draft"), ("k must", "--k"),
+        flag = next((f for k, f in (("every prompt", "--prompt"), ("draft model", "--draft"), ("k must", "--k"),
                                     ("block_size", "--block-size"),
                                     ("threshold", "--threshold"), ("steps", "--steps"), ("mode", "--mode"),
                                     ("think_iterations", "--think-iterations"), ("engine", "--engine"),

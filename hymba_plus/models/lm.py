@@ -484,6 +484,9 @@ class HybridLM(nn.Module):
         if streamer is not None and not callable(streamer):  # (e.g. an HF streamer object: put / end, no call)
             raise TypeError(f"streamer must be a callable, called with each new token column [B] (or None), got "
                             f"{type(streamer).__name__} {brief(streamer)}")
+        if generator is not None and not isinstance(generator, torch.Generator):  # (checked before the prefill;
+            raise TypeError(f"generator must be a torch.Generator (or None), got "  # greedy would ignore it)
+                            f"{type(generator).__name__} {brief(generator)}")
         if isinstance(input_ids, Tensor) and input_ids.dtype == torch.int32:  # (the decoders' token buffers and
             input_ids = input_ids.long()  # the sampled tokens are long: every mode, once)
         return fn(self, input_ids, **{k: v for k, v in common.items() if k in allowed}, **options)

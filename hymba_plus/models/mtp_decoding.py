@@ -100,7 +100,8 @@ def generate_mtp(
                                                                                         device=dev)
     L = valid.sum(1)
     if bool((L < D).any()):
-        raise ValueError(f"mode mtp: every prompt needs at least {D} tokens (model.mtp.depth), got {int(L.min())}")
+        raise ValueError(f"mode mtp: every prompt (input_ids' rows, without the pads attention_mask marks) needs at "
+                         f"least {D} tokens (model.mtp.depth), got {int(L.min())}")
     n_meta = model.config.meta_tokens
     sample = lambda logits: distribution(logits, temperature, top_k, top_p)  # noqa: E731
     head = lambda h: model.lm_head(model.norm(h))  # noqa: E731
