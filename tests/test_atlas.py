@@ -266,6 +266,22 @@ def test_fast_path_equals_reference(muon, depth, c, T, p, hid, n_valid, pad_ns, 
         assert fwd < 1e-10 and bwd < 1e-9, (return_state, fwd, bwd)
 
 
+@pytest.mark.parametrize("muon,ns_chunk", [(True, False), (True, True), (False, False)])
+def test_reference_under_bf16_autocast_computes_in_float32(muon, ns_chunk):
+    """The reference (what ``torch.compile`` traces) under bf16 autocast computes the memory in
+    float32 with autocast off, as the fast path does: its Muon step's Newton-Schulz in bf16
+    diverged (memory weights 1e4-1e6 times too large after one chunk, the layer's output 160% off)."""
+    args, _ = random_problem(T=11, C=4, c=3, depth=2, dtype=torch.float32, float32=True)
+    kw = dict(chunk_size=4, window=3, ns_steps=5, muon=muon, ns_chunk=ns_chunk, n_valid=None, return_state=True,
+              snapshots=())
+    with torch.no_grad():
+        want = run_impl(atlas_kernels._atlas_memory, args, **kw)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = run_impl(atlas_kernels._atlas_memory, args, **kw)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and rel_err(a, b) < 1e-6
+
+
 @pytest.mark.parametrize("muon,depth,c,T,p,hid,n_valid", [FAST_CASES[i] for i in (0, 1, 5)])
 def test_fast_path_retrieving_after_the_loop_equals_reference(muon, depth, c, T, p, hid, n_valid):
     """``RETRIEVE_IN_STEP`` off (every chunk's retrieval after the loop from the stacked chunk-start

@@ -348,6 +348,7 @@ def atlas_memory(
     return y, W, S
 
 
+@dispatch.reference_math
 def _atlas_memory(
     qf: Tensor, kf: Tensor, v: Tensor, gamma: Tensor, eta: Tensor, log_theta: Tensor, log_alpha: Tensor,
     params: Sequence[Tensor], mom: Sequence[Tensor] | None, *, chunk_size: int, window: int, ns_steps: int,
@@ -355,11 +356,16 @@ def _atlas_memory(
 ) -> tuple[Tensor, tuple[Tensor, ...] | None, tuple[Tensor, ...] | None,
            dict[int, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]]]:
     """The chunk loop of ``atlas_memory``; also returns {chunk index: (weights, momentum) at
-    that chunk's start} for the indices in ``snapshots``."""
+    that chunk's start} for the indices in ``snapshots``. Computed in float32 (float64 for
+    float64 inputs) with autocast off, as the fast path: y in qf's dtype, states in the
+    weights' (a Muon step in bf16, what ``torch.compile`` traced under bf16 autocast, diverged)."""
     N, T, _ = qf.shape
     C, c = chunk_size, window
-    params = tuple(params)
-    mom = tuple(torch.zeros_like(p) for p in params) if mom is None else tuple(mom)
+    ct = dispatch.compute_dtype(qf)
+    out_dtype, state_dtype = qf.dtype, params[0].dtype
+    qf, kf, v, gamma, eta, log_theta, log_alpha = (t.to(ct) for t in (qf, kf, v, gamma, eta, log_theta, log_alpha))
+    params = tuple(p.to(ct) for p in params)
+    mom = tuple(torch.zeros_like(p) for p in params) if mom is None else tuple(m.to(ct) for m in mom)
     pad = (-T) % C
     if pad:  # neutral padding: γ = η = 0, θ = α = 1
         qf = F.pad(qf, (0, 0, 0, pad))
@@ -402,8 +408,10 @@ def _atlas_memory(
                 snaps[n] = (params, mom)
         rest = qf[:, len(ys) * C :]
         ys.append(memory_apply(params, rest))
-    y = torch.cat(ys, dim=1)[:, :T]
-    return y, (params if return_state else None), (mom if return_state else None), snaps
+    y = torch.cat(ys, dim=1)[:, :T].to(out_dtype)
+    cast = lambda ts: tuple(t.to(state_dtype) for t in ts)  # noqa: E731
+    snaps = {n: (cast(w), cast(m)) for n, (w, m) in snaps.items()}
+    return y, (cast(params) if return_state else None), (cast(mom) if return_state else None), snaps
 
 
 # ----------------------------------------------------------------------------- fast path
