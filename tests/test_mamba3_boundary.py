@@ -111,6 +111,8 @@ def test_boundary_rejects_padding_and_bad_lengths():
     x = torch.randn(2, 11, D_MODEL, dtype=F64)
     with pytest.raises(ValueError):
         m.boundary_forward(x, ctx_for(2, 11), 4, 0)
+    with pytest.raises(ValueError, match="block_size=0"):  # (was a ZeroDivisionError)
+        m.boundary_forward(x, ctx_for(2, 11), 0, 3)
     ctx = StepContext(positions=torch.arange(11)[None].expand(2, 11), lengths=torch.tensor([11, 9]))
     with pytest.raises(ValueError):
         m.boundary_forward(x, ctx, 4, 3)

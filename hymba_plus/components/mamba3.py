@@ -231,7 +231,7 @@ class Mamba3(nn.Module):
         Bsz, T, _ = u.shape
         if ctx.lengths is not None:
             raise ValueError("boundary_forward takes no padding (ctx.lengths must be None)")
-        nb = (T - offset) // block_size
+        nb = (T - offset) // block_size if block_size > 0 else 0
         if block_size < 1 or offset < 0 or nb < 1 or offset + nb * block_size != T:
             raise ValueError(f"need T = offset + nb * block_size with nb >= 1, got T={T}, "
                              f"offset={offset}, block_size={block_size}")
