@@ -101,6 +101,21 @@ def test_prepare_writes_uint16_shards_and_memmaps_them(tmp_path):
     assert shards.tokenizer().kind == "bytes"
 
 
+@pytest.mark.parametrize("tok", ["bytes", "ids"])
+def test_a_byte_order_mark_is_not_a_documents_first_tokens(tmp_path, tok):
+    """A text file saved by a Windows tool starts with a UTF-8 BOM: its bytes (or U+FEFF) were kept as the
+    first tokens of the document."""
+    tokenizer = ByteTokenizer() if tok == "bytes" else IdsTokenizer(256)
+    body = "1 2 3\n" * 10 if tok == "ids" else TEXT
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "bom").mkdir()
+    (tmp_path / "plain" / "a.txt").write_text(body)
+    (tmp_path / "bom" / "a.txt").write_bytes(b"\xef\xbb\xbf" + body.encode())
+    prepare(tmp_path / "plain", tmp_path / "s1", tokenizer)
+    prepare(tmp_path / "bom", tmp_path / "s2", tokenizer)
+    assert np.array_equal(TokenShards(tmp_path / "s1").shard(0), TokenShards(tmp_path / "s2").shard(0))
+
+
 def test_text_stream_split_epochs_and_positions(tmp_path):
     (tmp_path / "t.txt").write_text(TEXT)
     prepare(tmp_path / "t.txt", tmp_path / "s", shard_tokens=700)

@@ -407,6 +407,15 @@ def test_missing_targets_are_not_scored(tmp_path) -> None:
     assert all(torch.isfinite(v) for v in part.values())
 
 
+def test_a_csv_with_a_byte_order_mark_reads_as_without(tmp_path) -> None:
+    """Files saved by Windows tools start with a UTF-8 BOM: not part of the first column's name."""
+    plain = read_csv(write_csv(tmp_path / "s.csv", good_rows()))
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + (tmp_path / "s.csv").read_bytes())
+    s = read_csv(bom)
+    assert s.columns == plain.columns == ["load", "temp"] and np.array_equal(s.values, plain.values)
+
+
 def test_training_on_a_gappy_csv_is_finite(tmp_path, capsys) -> None:
     import yaml
 

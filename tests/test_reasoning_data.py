@@ -158,6 +158,16 @@ def test_jsonl_appends_the_tokenizers_eos(tmp_path):
     assert ex == ReasoningExample((1, 2), (3,), (4, 5))
 
 
+def test_jsonl_with_a_byte_order_mark_reads_as_without(tmp_path):
+    """Files saved by Windows tools start with a UTF-8 BOM: it was 'r.jsonl:1: not JSON (Unexpected UTF-8 BOM ...)'."""
+    rows = [json.dumps({"question": "q", "reasoning": "r", "answer": "a"}), json.dumps({"question": "x", "reasoning": "y",
+                                                                                       "answer": "z"})]
+    plain = load_jsonl(write(tmp_path, rows), ByteTokenizer())
+    p = tmp_path / "bom.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + ("\n".join(rows) + "\n").encode())
+    assert load_jsonl(p, ByteTokenizer()) == plain
+
+
 GOOD = json.dumps({"question": "q", "reasoning": "r", "answer": "a"})
 
 

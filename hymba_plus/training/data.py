@@ -116,13 +116,19 @@ def fingerprint(files: list[Path]) -> list[dict[str, Any]]:
     return out
 
 
+#: the UTF-8 byte-order mark that Windows tools put at a text file's start (not part of the text)
+BOM = b"\xef\xbb\xbf"
+
+
 def _chunks(f: Path, tok: Any, chunk_bytes: int = 1 << 22) -> Iterator[np.ndarray]:
     """Token arrays of one file, read in pieces (a text piece ends before a space between words), then its end
-    mark (``_end_mark``). A ``tokenizers`` tokenizer encodes the pieces without its special tokens
-    (its post-processor would put e.g. a BOS at every piece's start, mid-document), the later
-    ones as continuations (no start-of-text prefix space: ``HFTokenizer.continuation``)."""
+    mark (``_end_mark``); a leading byte-order mark is skipped. A ``tokenizers`` tokenizer encodes the pieces
+    without its special tokens (its post-processor would put e.g. a BOS at every piece's start, mid-document),
+    the later ones as continuations (no start-of-text prefix space: ``HFTokenizer.continuation``)."""
     try:
         fh = open(f, "rb")
+        if fh.read(len(BOM)) != BOM:
+            fh.seek(0)
     except OSError as e:
         raise DataError(f"{f}: cannot read ({e.strerror})") from None
     yield from _pieces(fh, tok, chunk_bytes)

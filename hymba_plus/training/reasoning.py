@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from . import tokenizer as tokmod
-from .data import DataError
+from .data import BOM, DataError
 from .tasks import TaskError
 
 PAD, EOS, SEP = 0, 1, 2
@@ -217,7 +217,8 @@ def answer_chance(name: str, vocab_size: int, **params: Any) -> float:
 
 def load_jsonl(path: str | os.PathLike, tokenizer: Any) -> list[ReasoningExample]:
     """Examples from a JSONL file: one ``{"question": str, "reasoning": str, "answer": str}``
-    object per line (all three keys, strings, no other keys); blank lines are skipped.
+    object per line (all three keys, strings, no other keys); blank lines and a leading byte-order mark
+    are skipped.
     Every field must encode to at least one token. ``DataError`` with one line
     ``file:line: what`` (``file: what`` for a missing, unreadable or empty file)."""
     p = Path(path)
@@ -231,6 +232,7 @@ def load_jsonl(path: str | os.PathLike, tokenizer: Any) -> list[ReasoningExample
         raise DataError(f"{p}: cannot read ({e.strerror})") from None
     eos = getattr(tokenizer, "eos_id", None)
     out: list[ReasoningExample] = []
+    raw = raw.removeprefix(BOM)  # the byte-order mark of files saved by Windows tools
     for n, line_bytes in enumerate(raw.split(b"\n"), start=1):
         try:
             line = line_bytes.decode("utf-8")
