@@ -370,6 +370,29 @@ def test_a_data_folder_of_the_users_in_out_is_not_replaced_by_the_cache(tmp_path
         assert (out / "data" / "notes.md" if mine == "folder" else out / "data").read_text() == "mine"
 
 
+def test_a_refused_resume_keeps_the_runs_token_cache(tmp_path, capsys):
+    """Resumed with another --tokenizer or a changed text, the run re-made OUT/data first and only then refused
+    the resume: the cache the checkpoints were trained on was lost."""
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(str(i % 200) for i in range(600)) + "\n")
+    (tmp_path / "ids.json").write_text(json.dumps({"hymba_tokenizer": "ids", "vocab_size": 256}))
+    out = tmp_path / "run"
+    common = ["--data", str(text), "--out", str(out), "--steps", "4", "--seq-len", "16", "--batch-size", "2",
+              "--no-progress"]
+    assert main(["train", recipe_file(tmp_path), *common, "--stop-after", "2"]) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in (out / "data").iterdir()}
+    for change, says in (("tokenizer", "another tokenizer"), ("text", "another split")):
+        extra = ["--tokenizer", str(tmp_path / "ids.json")] if change == "tokenizer" else []
+        if change == "text":
+            text.write_text(text.read_text() + "more text\n")
+        rc = main(["train", recipe_file(tmp_path), *common, *extra, "--resume"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert {p.name: p.read_bytes() for p in (out / "data").iterdir()} == before, change
+        assert rc == 1 and len(err) == 1 and says in err[0], err  # (another tokenizer: was 'another split')
+        assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [], change
+
+
 def test_too_short_text_names_the_source_not_the_cache(tmp_path, capsys):
     (tmp_path / "one.txt").write_text("hello\n")
     rc = main(["train", recipe_file(tmp_path), "--data", str(tmp_path / "one.txt"), "--out", str(tmp_path / "r"),

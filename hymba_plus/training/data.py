@@ -25,7 +25,7 @@ import math
 import os
 import shutil
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -320,16 +320,7 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, tokenizer: Any = 
         if getattr(tok, "files", None):  # its side files (special tokens, chat template): checkpoints carry them
             index["tokenizer_files"] = tok.files
         (tmp / INDEX).write_text(json.dumps(index, indent=1))
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            if old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-            else:  # --force over a file
-                old.unlink(missing_ok=True)
-        else:
-            os.replace(tmp, out)
+        _replace(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(f"{out}: cannot write ({e.strerror})") from None
@@ -340,6 +331,20 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, tokenizer: Any = 
         if bar is not None:
             bar.close()
     return index
+
+
+def _replace(new: Path, out: Path) -> None:
+    """Rename the folder ``new`` to ``out``, replacing what is there (a folder, or a file: ``--force``)."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(new, out)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:  # --force over a file
+            old.unlink(missing_ok=True)
+    else:
+        os.replace(new, out)
 
 
 # --------------------------------------------------------------------------- shards
@@ -597,21 +602,35 @@ class TextStream:
 
 def open_stream(data: str, seq_len: int, vocab_size: int, seed: int, cfg: Any, cache_dir: Path | None,
                 tokenizer_path: str | None = None, segments: bool = False,
-                max_len: int | None = None, series: Any = None, reserve: int = 0) -> Any:
+                max_len: int | None = None, series: Any = None, reserve: int = 0,
+                accept: Callable[[Any], None] | None = None) -> Any:
     """A stream for ``data``: a task name, a shard folder, or text (tokenized into
     ``cache_dir`` first, reused while the source files are unchanged); with ``segments``
     (an objective that needs question / reasoning / answer), reasoning data (``reserve``: the
     positions the objective's passes add to an example, within ``max_len``); with ``series``
     (the forecast objective's config), windows of a CSV series or of the synthetic generator
-    (``series.py``)."""
+    (``series.py``). ``accept`` (a resumed run's checks) is called with the stream before a re-made
+    cache replaces ``cache_dir``: where it raises, the old cache is kept."""
     if series is not None:
         from .series import SeriesStream
 
-        return SeriesStream(data, series, seed)
-    if segments:
-        return ReasoningBatches(data, vocab_size, seed, cfg, tokenizer_path, max_len, reserve)
-    if data in TASKS:
-        return TaskStream(TASKS[data], seq_len, vocab_size, seed, cfg)
+        stream = SeriesStream(data, series, seed)
+    elif segments:
+        stream = ReasoningBatches(data, vocab_size, seed, cfg, tokenizer_path, max_len, reserve)
+    elif data in TASKS:
+        stream = TaskStream(TASKS[data], seq_len, vocab_size, seed, cfg)
+    else:
+        return _text_stream(data, seq_len, vocab_size, seed, cfg, cache_dir, tokenizer_path, accept)
+    if accept is not None:
+        accept(stream)
+    return stream
+
+
+def _text_stream(data: str, seq_len: int, vocab_size: int, seed: int, cfg: Any, cache_dir: Path | None,
+                 tokenizer_path: str | None, accept: Callable[[Any], None] | None) -> TextStream:
+    """``open_stream`` of a shard folder or of text: a stale cache is re-made beside ``cache_dir`` and
+    replaces it only once the stream is accepted."""
+    staged = None
     p = Path(data)
     if not p.exists():
         from .reasoning import REASONING_TASKS
@@ -648,13 +667,32 @@ def open_stream(data: str, seq_len: int, vocab_size: int, seed: int, cfg: Any, c
             if cache_dir.exists() and (not cache_dir.is_dir() or any(cache_dir.iterdir())) and not _is_shards(cache_dir):
                 raise DataError(f"{cache_dir}: exists and is not token shards of an earlier run (the text is "
                                 f"tokenized into OUT/data): move it away, or choose another --out")
-            prepare(p, cache_dir, tok, force=True, exclude=(run_dir,))
-            shards = TokenShards(cache_dir)
+            # written beside the cache: a resume refused for this data (``accept``) keeps the cache it trained on
+            staged = cache_dir.parent / f".{cache_dir.name}.new-{os.getpid()}"
+            prepare(p, staged, tok, force=True, exclude=(run_dir,))
+            shards = TokenShards(staged)
         shards.source = str(p)  # what messages name (the cache folder is ours, not the user's)
-    if shards.vocab_size > vocab_size:
-        raise DataError(f"{shards.path}: the tokenizer has {shards.vocab_size} tokens but the model's "
-                        f"vocab_size is {vocab_size}")
-    if shards.max_id is not None and shards.max_id >= vocab_size:
-        raise DataError(f"{shards.path}: holds token id {shards.max_id} ({INDEX}'s max_id) but the model's "
-                        f"vocab_size is {vocab_size}")
+    try:
+        where = cache_dir if staged is not None else shards.path  # (not the folder it is made in)
+        if shards.vocab_size > vocab_size:
+            raise DataError(f"{where}: the tokenizer has {shards.vocab_size} tokens but the model's "
+                            f"vocab_size is {vocab_size}")
+        if shards.max_id is not None and shards.max_id >= vocab_size:
+            raise DataError(f"{where}: holds token id {shards.max_id} ({INDEX}'s max_id) but the model's "
+                            f"vocab_size is {vocab_size}")
+        stream = TextStream(shards, seq_len, seed, cfg.val_frac, vocab_size)
+        if accept is not None:
+            accept(stream)
+        if staged is None:
+            return stream
+        assert cache_dir is not None
+        try:
+            _replace(staged, cache_dir)
+        except OSError as e:
+            raise DataError(f"{cache_dir}: cannot write ({e.strerror})") from None
+    finally:
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
+    shards = TokenShards(cache_dir)
+    shards.source = str(p)
     return TextStream(shards, seq_len, seed, cfg.val_frac, vocab_size)

@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -440,6 +441,42 @@ class Trainer:
                 shutil.rmtree(created, ignore_errors=True)
             raise
 
+    def _check_data(self, stream: Any, state: dict | None) -> None:
+        """The data against the run it resumes (or the checkpoint it starts from): ``open_stream`` calls it
+        before a re-made text cache replaces OUT/data, so a refused resume keeps the cache it trained on."""
+        if state is not None and state.get("data", {}).get("kind") != stream.state()["kind"]:
+            raise TrainError(f"--data {self.cfg.data}: the checkpoint {self.resume_from} was trained on "
+                             f"{state.get('data', {}).get('kind')} data")
+        start = self.resume_from if self.resume_from is not None else self.opts.init
+        if start is not None and isinstance(stream, TextStream) and (Path(start) / "tokenizer.json").is_file():
+            # text tokenized otherwise than the weights were trained on (e.g. bytes, the --tokenizer default, for
+            # an imported model) trains on the wrong ids and saves checkpoints with the data's tokenizer
+            from .tokenizer import load_file
+
+            theirs = load_file(Path(start) / "tokenizer.json")
+            if theirs.kind != "ids" and theirs.to_json() != stream.tokenizer.to_json():
+                raise TrainError(f"--data {self.cfg.data}: tokenized with another tokenizer ({stream.tokenizer.kind}) "
+                                 f"than the checkpoint {start} was trained with: pass --tokenizer "
+                                 f"{Path(start) / 'tokenizer.json'} (text), or data prepared with it")
+        if state is not None:  # the same data cut the same way: another split would train on held-out windows
+            saved, now = state.get("data", {}), stream.state()
+            diff = next((k for k in now if k not in ("kind", "path", "source", "params") and k in saved
+                         and saved[k] != now[k]), None)
+            if "params" in saved and saved["params"] != now.get("params"):  # a task's settings (a curriculum)
+                changed = ", ".join(f"{k} {saved['params'].get(k)} -> {v}" for k, v in now.get("params", {}).items()
+                                    if saved["params"].get(k) != v)
+                self.log(f"--data {self.cfg.data}: task settings changed since {self.resume_from}: {changed} (the "
+                         "stream goes on with the new ones)")
+            if diff == "values":  # a series file of as many steps with other numbers
+                raise TrainError(f"--data {self.cfg.data}: the checkpoint {self.resume_from} was trained on other values "
+                                 f"(digest {saved[diff]} there, {now[diff]} now): resume with the same series, or "
+                                 "start a new run")
+            if diff is not None:
+                raise TrainError(f"--data {self.cfg.data}: the checkpoint {self.resume_from} was trained on another "
+                                 f"{'task' if diff in ('name', 'params') else 'split'} of it ({diff} "
+                                 f"{brief(saved[diff], 60)} there, {brief(now[diff], 60)} now): resume with the "
+                                 "same --data, --seq-len and --val-frac, or start a new run")
+
     def _setup(self) -> None:
         opts = self.opts
         try:
@@ -526,44 +563,14 @@ class Trainer:
                        self.objective_cls.needs_segments, self.recipe.model.max_seq_len,
                        self.recipe.objective if self.objective_cls.needs_series else None,
                        self.objective_cls.segment_reserve(self.recipe))
+        # (the checks of the data against a resumed checkpoint run before a re-made OUT/data replaces the old one)
+        accept = functools.partial(self._check_data, state=state)
         if self.info.is_main:
-            self.stream = open_stream(*stream_args)
+            self.stream = open_stream(*stream_args, accept=accept)
         dist_mod.barrier(self.info)
         if not self.info.is_main:
-            self.stream = open_stream(*stream_args)
+            self.stream = open_stream(*stream_args, accept=accept)
         self.carried = self._carried_files()
-        if state is not None and state.get("data", {}).get("kind") != self.stream.state()["kind"]:
-            raise TrainError(f"--data {cfg.data}: the checkpoint {self.resume_from} was trained on "
-                             f"{state.get('data', {}).get('kind')} data")
-        if state is not None:  # the same data cut the same way: another split would train on held-out windows
-            saved, now = state.get("data", {}), self.stream.state()
-            diff = next((k for k in now if k not in ("kind", "path", "source", "params") and k in saved
-                         and saved[k] != now[k]), None)
-            if "params" in saved and saved["params"] != now.get("params"):  # a task's settings (a curriculum)
-                changed = ", ".join(f"{k} {saved['params'].get(k)} -> {v}" for k, v in now.get("params", {}).items()
-                                    if saved["params"].get(k) != v)
-                self.log(f"--data {cfg.data}: task settings changed since {self.resume_from}: {changed} (the "
-                         "stream goes on with the new ones)")
-            if diff == "values":  # a series file of as many steps with other numbers
-                raise TrainError(f"--data {cfg.data}: the checkpoint {self.resume_from} was trained on other values "
-                                 f"(digest {saved[diff]} there, {now[diff]} now): resume with the same series, or "
-                                 "start a new run")
-            if diff is not None:
-                raise TrainError(f"--data {cfg.data}: the checkpoint {self.resume_from} was trained on another "
-                                 f"{'task' if diff in ('name', 'params') else 'split'} of it ({diff} "
-                                 f"{brief(saved[diff], 60)} there, {brief(now[diff], 60)} now): resume with the "
-                                 "same --data, --seq-len and --val-frac, or start a new run")
-        start = self.resume_from if self.resume_from is not None else opts.init
-        if start is not None and isinstance(self.stream, TextStream) and (Path(start) / "tokenizer.json").is_file():
-            # text tokenized otherwise than the weights were trained on (e.g. bytes, the --tokenizer default, for
-            # an imported model) trains on the wrong ids and saves checkpoints with the data's tokenizer
-            from .tokenizer import load_file
-
-            theirs = load_file(Path(start) / "tokenizer.json")
-            if theirs.kind != "ids" and theirs.to_json() != self.stream.tokenizer.to_json():
-                raise TrainError(f"--data {cfg.data}: tokenized with another tokenizer ({self.stream.tokenizer.kind}) "
-                                 f"than the checkpoint {start} was trained with: pass --tokenizer "
-                                 f"{Path(start) / 'tokenizer.json'} (text), or data prepared with it")
 
         torch.manual_seed(cfg.seed)
         try:
