@@ -348,6 +348,32 @@ def test_bad_input_creates_no_output_folder(tmp_path, capsys, case):
     assert tree_changes(before, tree_snapshot(tmp_path)) == []
 
 
+@pytest.mark.parametrize("data", ["mqar", None, "khop"])
+def test_a_tokenizer_with_a_built_in_task_is_a_usage_error(tmp_path, capsys, data):
+    """A built-in task makes its own token ids: --tokenizer was dropped silently (and saved in the checkpoint's
+    train config, as if it had been used)."""
+    (tmp_path / "tok.json").write_text(json.dumps({"hymba_tokenizer": "bytes"}))
+    out = tmp_path / "r"
+    rc = main(["train", recipe_file(tmp_path), "--out", str(out), "--steps", "1", *FAST,
+               *(["--data", data] if data else []), "--tokenizer", str(tmp_path / "tok.json")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and f"--tokenizer {tmp_path / 'tok.json'}: " in err, err
+    assert f"the built-in task {data or 'mqar'}" in err and not out.exists(), err
+
+
+
+def test_a_checkpoint_that_saved_a_tokenizer_beside_a_built_in_task_resumes(tmp_path, capsys):
+    """Such checkpoints (written before --tokenizer with a task was refused) resume; the tokenizer is dropped."""
+    out = tmp_path / "r"
+    assert main(["train", recipe_file(tmp_path), "--out", str(out), "--steps", "2", "--stop-after", "1", *FAST]) == 0
+    state = json.loads((out / "step-1" / "trainer_state.json").read_text())
+    state["train_config"]["tokenizer"] = "tok.json"
+    (out / "step-1" / "trainer_state.json").write_text(json.dumps(state))
+    assert main(["train", recipe_file(tmp_path), "--out", str(out), "--steps", "2", "--resume", *FAST]) == 0, \
+        capsys.readouterr().err
+    assert json.loads((out / "step-2" / "trainer_state.json").read_text())["train_config"]["tokenizer"] is None
+
+
 # --------------------------------------------------------------------------- 6. --help, --version
 
 

@@ -119,11 +119,23 @@ class TrainConfig:
         # no data named: token models default to mqar (objectives' default_data); models without
         # a vocabulary read series, not tasks
         task = TASKS.get(self.data if self.data is not None else "mqar") if model.vocab_size is not None else None
+        if self.tokenizer is not None and (name := builtin_task(self, model)) is not None:  # (was dropped silently)
+            yield "tokenizer", f"encodes text (a file or folder, reasoning data): the built-in task {name} makes " \
+                               "token ids of its own"
         if task is not None:
             try:
                 task.validate(self.seq_len, model.vocab_size, self)
             except TaskError as e:
                 yield "data", str(e)
+
+
+def builtin_task(cfg: TrainConfig, model) -> str | None:  # noqa: ANN001 - ModelConfig
+    """The built-in next-token task (``tasks.py``) a token model trains on with ``cfg``, or None (text,
+    shards, reasoning data, whose tokenizer is the checkpoint's; a model without a vocabulary reads series)."""
+    from .tasks import TASKS
+
+    name = cfg.data if cfg.data is not None else "mqar"  # (objectives' default_data)
+    return name if model.vocab_size is not None and name in TASKS else None
 
 
 #: command-line flag of each field (``hymba train``), where it is not ``--field-name``

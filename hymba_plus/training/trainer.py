@@ -89,7 +89,7 @@ from ..objectives import objective_class
 from . import checkpoint as ckpt_mod
 from . import distributed as dist_mod
 from . import routes as routes_mod
-from .config import TrainConfig, validate
+from .config import TrainConfig, builtin_task, validate
 from .cuda_graph import CaptureError, GradAccumulator, GraphedOptimizer, GraphedStep, reset_balancing_counts
 from .data import TextStream, open_stream
 from .mixed import MasterWeights, compute_weights
@@ -838,6 +838,8 @@ class Trainer:
             base = TrainConfig(**saved)
         except TypeError as e:
             raise ckpt_mod.CheckpointError(f"{self.resume_from / ckpt_mod.STATE_FILE}: bad train_config ({e})") from None
+        if base.tokenizer is not None and builtin_task(base, self.recipe.model) is not None:
+            base = dataclasses.replace(base, tokenizer=None)  # saved, unread, before validate refused it
         cfg = dataclasses.replace(base, **self.opts.overrides)
         validate(cfg, self.recipe.model, self.opts.overrides, str(self.resume_from / ckpt_mod.STATE_FILE))
         return base, cfg
