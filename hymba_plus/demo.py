@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from .cli import finite_float, seed_int
 from .cli.check import check_file
 from .cli.info import describe, format_info
 from .core.recipe import Recipe, load_recipe
@@ -317,14 +318,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--out", type=Path, default=Path("runs/demo"), help="training output (default: runs/demo)")
     ap.add_argument("--steps", type=int, default=None, help=f"training steps (default {DEMO_TRAIN['steps']})")
-    ap.add_argument("--time-limit", type=float, default=210.0,
+    ap.add_argument("--time-limit", type=finite_float, default=210.0,
                     help="stop training (eval + checkpoint) after this many seconds (default 210)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=seed_int, default=0)
     ap.add_argument("--no-tour", action="store_true", help="skip part 1 (check / info / invariant)")
     ap.add_argument("--no-train", action="store_true", help="skip part 2 (training and generation)")
     args = ap.parse_args(argv)
-    if args.steps is not None and args.steps < 1:  # (before a previous demo run in --out is removed)
+    # checked as `hymba train` checks them, before a previous demo run in --out is removed
+    if args.steps is not None and args.steps < 1:
         ap.error(f"--steps {args.steps}: must be >= 1")
+    if args.time_limit <= 0:
+        ap.error(f"--time-limit {args.time_limit:g}: must be > 0")
+    if args.new_tokens < 1:
+        ap.error(f"--new-tokens {args.new_tokens}: must be >= 1")
     torch.set_num_threads(1)  # tiny tensors: extra threads only add synchronization
     t_start = time.perf_counter()
     if not args.no_tour:

@@ -567,16 +567,24 @@ def test_demo_recipe_uses_every_component_and_is_valid():
     assert r.train.data == "mqar" and r.train.seq_len <= r.model.max_seq_len
 
 
-def test_demo_refuses_steps_below_one_before_touching_out(tmp_path, capsys):
+@pytest.mark.parametrize("flag,value,says", [
+    ("--steps", "0", "--steps 0: must be >= 1"),
+    # as `hymba train`'s: --time-limit 0 (or negative) stopped after one step, nan never
+    ("--time-limit", "0", "--time-limit 0: must be > 0"), ("--time-limit", "-5", "--time-limit -5: must be > 0"),
+    ("--time-limit", "nan", "--time-limit: must be a finite number, got 'nan'"),
+    ("--seed", "-1", "--seed: must be in 0 .. "),  # was a RecipeError traceback after removing the run
+    ("--new-tokens", "0", "--new-tokens 0: must be >= 1"),
+])
+def test_demo_refuses_bad_flags_before_touching_out(tmp_path, capsys, flag, value, says):
     """`python -m hymba_plus.demo --steps 0` removed the previous demo run in --out, then stopped with a
-    RecipeError traceback (train.steps, train.save_every)."""
+    RecipeError traceback (train.steps, train.save_every); its flags are checked as `hymba train`'s."""
     from hymba_plus.demo import main as demo_main
 
     (tmp_path / "demo").mkdir()
     (tmp_path / "demo" / "demo.json").write_text("{}")
     with pytest.raises(SystemExit) as e:
-        demo_main(["--no-tour", "--out", str(tmp_path / "demo"), "--steps", "0"])
-    assert e.value.code == 2 and "--steps 0: must be >= 1" in capsys.readouterr().err
+        demo_main(["--no-tour", "--out", str(tmp_path / "demo"), flag, value])
+    assert e.value.code == 2 and says in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["demo.json"]
 
 
