@@ -560,6 +560,18 @@ def test_a_tokenizer_that_cannot_encode_is_one_line_naming_the_file(tmp_path, ca
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("size", [0, 5])
+def test_out_that_is_a_file_says_so(tmp_path, size):
+    """An empty file as --out was 'already exists and is not empty'."""
+    (tmp_path / "a.txt").write_text(TEXT)
+    out = tmp_path / "out"
+    out.write_text("x" * size)
+    with pytest.raises(DataError) as e:
+        prepare(tmp_path / "a.txt", out, ByteTokenizer())
+    assert str(e.value) == f"{out}: exists and is a file, not a folder (use --force to replace it)"
+    assert out.read_text() == "x" * size
+
+
 def test_force_over_a_file_leaves_nothing_behind(tmp_path):
     src = tmp_path / "c"
     src.mkdir()

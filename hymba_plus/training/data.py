@@ -261,8 +261,12 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, tokenizer: Any = 
     src, dst = Path(source).resolve(), out.resolve()
     if dst == src or dst in src.parents:  # replacing out would delete the text being read
         raise DataError(f"{out}: holds the data {source} itself; choose an --out outside it")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise DataError(f"{out}: already exists and is not empty (use --force to replace it)")
+    if out.exists() and not force:
+        if not out.is_dir():
+            what = "a file, not a folder" if out.is_file() else "not a folder"
+            raise DataError(f"{out}: exists and is {what} (use --force to replace it)")
+        if any(out.iterdir()):
+            raise DataError(f"{out}: already exists and is not empty (use --force to replace it)")
     if tok.vocab_size > 1 << 32:
         raise DataError(f"the tokenizer's vocabulary has {tok.vocab_size} ids: shards hold ids of at most 32 bits")
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
