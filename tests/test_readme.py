@@ -5,6 +5,7 @@
   sample; a line ``...`` in the sample stands for any run of lines (none included).
   The samples show a machine without CUDA (``fast paths: atlas_cpu (CPU: reference paths for the rest)``).
 * The configs table names exactly the recipes in ``configs/``.
+* The recipe block of "A recipe" is ``configs/quad_hybrid_tiny.yaml``; the ``python`` block runs.
 """
 
 from __future__ import annotations
@@ -138,3 +139,30 @@ def test_configs_table_names_every_recipe():
     on_disk = sorted(p.name for p in (ROOT / "configs").iterdir() if p.suffix in (".yaml", ".yml"))
     assert len(names) == len(set(names)), names
     assert sorted(names) == on_disk
+
+
+def fenced(text: str, lang: str) -> list[str]:
+    """The bodies of the ```LANG fenced blocks, in order."""
+    return re.findall(rf"^```{lang}\n(.*?)^```", text, flags=re.M | re.S)
+
+
+def test_readme_recipe_block_is_the_shipped_recipe():
+    """The first ```yaml block (section "A recipe") is configs/quad_hybrid_tiny.yaml, comments aside."""
+    import yaml
+
+    block = fenced(README.read_text(), "yaml")[0]
+    assert yaml.safe_load(block) == yaml.safe_load((ROOT / "configs" / "quad_hybrid_tiny.yaml").read_text())
+
+
+def test_readme_python_block_runs(tmp_path, monkeypatch):
+    """The ```python block (section "Python") runs as written, from a folder beside configs/ (it
+    writes runs/x); its assert is the invariant. About 2 s in the test suite's one torch thread."""
+    (block,) = fenced(README.read_text(), "python")
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HYMBA_KERNELS", raising=False)
+    env: dict = {}
+    exec(compile(block, "README.md (python block)", "exec"), env)
+    assert env["out"].logits.shape == (2, 16, 256)
+    assert env["new"].shape == (2, 4 + 32)
+    assert (tmp_path / "runs" / "x" / "recipe.yaml").is_file()
