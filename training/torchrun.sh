@@ -4,7 +4,8 @@
 set -euo pipefail
 n=${1:?usage: torchrun.sh N RECIPE [OUT] [hymba train flags...]}
 recipe=${2:?usage: torchrun.sh N RECIPE [OUT] [hymba train flags...]}
-out=${3:-runs/$(basename "${recipe%.*}")-x$n}
-shift $(( $# >= 3 ? 3 : 2 ))
+shift 2
+out=runs/$(basename "${recipe%.*}")-x$n
+if [ $# -ge 1 ] && [ "${1#-}" = "$1" ]; then out=$1; shift; fi  # OUT is optional: a flag is not OUT
 exec "${PYTHON:-python}" -m torch.distributed.run --standalone --nproc-per-node "$n" \
     -m hymba_plus train "$recipe" --out "$out" "$@"

@@ -4,8 +4,9 @@
 set -euo pipefail
 text=${1:?usage: train_text.sh TEXT RECIPE [OUT] [hymba train flags...]}
 recipe=${2:?usage: train_text.sh TEXT RECIPE [OUT] [hymba train flags...]}
-out=${3:-runs/text}
-shift $(( $# >= 3 ? 3 : 2 ))
+shift 2
+out=runs/text
+if [ $# -ge 1 ] && [ "${1#-}" = "$1" ]; then out=$1; shift; fi  # OUT is optional: a flag is not OUT
 hymba=${HYMBA:-hymba}
 shards="$out.shards"
 [ -f "$shards/index.json" ] || "$hymba" prepare "$text" --out "$shards" ${TOKENIZER:+--tokenizer "$TOKENIZER"}
