@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "--mode forecast")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="tokens to generate (default: 64, or what fits in max_seq_len)")
-    p.add_argument("--temperature", type=finite_float, default=0.8, help="0 = greedy")
+    p.add_argument("--temperature", type=finite_float, default=0.8, help="sampling temperature (default 0.8; 0 = greedy)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=finite_float, default=None)
     p.add_argument("--seed", type=seed_int, default=0)
