@@ -69,8 +69,8 @@ def test_info_text_shows_stages_applications_and_cache_per_iteration(capsys):
 def test_info_text_for_routes_and_act(capsys):
     out = run(capsys, "info", str(DRLLM))[1]
     assert "layer routes: per slot skip 0, execute 1, repeat 2 applications: 0 to 16" in out
-    assert re.search(r"^            layer routes: a repeat keeps a second state for its slot, so at worst \(every "
-                     r"slot repeated\) 2x: 1k tokens", out, re.M)
+    assert re.search(r"^            layer routes: a repeat fills a second state for its slot, so at worst \(every "
+                     r"slot repeated\) 2x the states': 1k tokens", out, re.M)
     assert "Dr.LLM layer routes" in out and "think it2" not in out  # max_iterations = iterations
     out = run(capsys, "info", str(MODR))[1]
     assert "etd         encoder 1 | think 2 x 1..4 iterations (ACT, per token), tied weights | decoder 1" in out
@@ -122,8 +122,9 @@ def test_info_cache_bytes_match_a_real_cache(capsys, T):
     assert per_state == cache.layer_nbytes()
     assert [p["state_bytes"][str(T)] for p in d["etd"]["parts"]][1:4] == [sum(per_state[1:5])] * 3
     assert d["cache_bytes"][str(T)] == d["etd"]["cache_bytes"]["max_iterations"][str(T)] == cache.nbytes()
-    its = d["etd"]["cache_bytes"]["iterations"][str(T)]
-    assert its == cache.nbytes() - d["etd"]["parts"][3]["state_bytes"][str(T)]
+    its = d["etd"]["cache_bytes"]["iterations"][str(T)]  # iteration 2's slots idle: only attention's is empty
+    assert its == cache.nbytes() - d["etd"]["parts"][3]["state_bytes"][str(T)] + sum(
+        b.mixer.state_nbytes(0, torch.float32) for b in model.blocks[1:5])
 
     d = info_json(capsys, DRLLM, "--seq-lens", f"{T}")
     model = info_model(DRLLM)
@@ -131,7 +132,24 @@ def test_info_cache_bytes_match_a_real_cache(capsys, T):
     cache = model.new_cache(1)
     with torch.no_grad():  # every slot repeated: both states of every slot are filled
         model(ids, cache=cache, routes=torch.full((1, n_slots), REPEAT))
-    assert d["etd"]["cache_bytes_with_repeats"][str(T)] == 2 * d["cache_bytes"][str(T)] == cache.nbytes()
+    applied = sum(d["layers"][i]["state_bytes"][str(T)] for p in d["etd"]["parts"] for i in p["layers"])
+    assert d["etd"]["cache_bytes_with_repeats"][str(T)] == 2 * applied == cache.nbytes()
+
+
+@pytest.mark.parametrize("T", [5, 17])
+def test_info_cache_bytes_count_the_states_new_cache_allocates_unused(capsys, T):
+    """``new_cache`` allocates a state for every (layer, iteration) slot, repeats included, and
+    a recurrent one has its size before any token: a cache run at ``iterations`` (< max) or with
+    all-execute routes (no repeat) still holds those idle states. Regression: ``hymba info``
+    left them out (etd_tiny's 2-iteration line, etd_drllm_tiny's cache line too small)."""
+    ids = torch.randint(0, 256, (1, T), generator=torch.Generator().manual_seed(T))
+    for path, key in ((TINY, "iterations"), (DRLLM, "max_iterations")):
+        d = info_json(capsys, path, "--seq-lens", f"{T}")
+        model = info_model(path)
+        cache = model.new_cache(1)
+        with torch.no_grad():  # the default: etd.iterations, every route "execute"
+            model(ids, cache=cache)
+        assert d["etd"]["cache_bytes"][key][str(T)] == cache.nbytes(), path.name
 
 
 def test_info_plain_recipe_output_is_unchanged(capsys):

@@ -17,11 +17,13 @@ decoder), an ``etd_router`` row (halting unit, Dr.LLM routers, MoDr LoRA branche
 think blocks' weights are tied and counted once) and the per-application view: layer
 applications per forward (``E + T x iterations + D``, and at ``max_iterations``) and the
 cache bytes of every think iteration — each (layer, iteration) application has its own
-state. ``cache`` is then what the states of ``max_iterations`` think iterations hold, every
-slot applied once (all-execute routes); a Dr.LLM *repeat* keeps a second state for its slot,
-so routes can double that (the worst case is printed). Recurrent mixers' states have a fixed
-size and ``new_cache`` allocates them for every slot (repeats included) up front; attention
-states grow with the tokens an application sees. ``--json`` gains an ``etd`` object.
+state. ``cache`` is then what a real cache holds after ``max_iterations`` think iterations
+(and after ``iterations``), every slot applied once (all-execute routes). ``new_cache``
+allocates a state for every slot up front, a Dr.LLM slot's repeat state included, so a slot no
+token reaches still counts its empty size: a recurrent mixer's full fixed-size state, nothing
+for attention (whose states grow with the tokens an application sees). A Dr.LLM *repeat* fills
+its slot's second state, so at worst (every slot repeated) the cache is twice the states of
+every slot applied. ``--json`` gains an ``etd`` object.
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ def describe(recipe: Any, dtype: torch.dtype = torch.float32, seq_lens: tuple[in
     active = other + sum(r["active_params"] for r in layers) + router_active + mtp + ladir
     etd = None
     if m.etd is not None:
-        etd = describe_etd(recipe, model, layers, seq_lens, router, router_active)
+        etd = describe_etd(recipe, model, layers, seq_lens, router, router_active, dtype)
         cache, known = etd["cache_bytes"]["max_iterations"], etd["cache_bytes_known"]["max_iterations"]
     else:
         cache, known = _sum_states([r["state_bytes"] for r in layers], seq_lens)
@@ -222,7 +224,7 @@ def router_active_params(router: torch.nn.Module | None) -> int:
 
 
 def describe_etd(recipe: Any, model: torch.nn.Module, layers: list[dict], seq_lens: tuple[int, ...],
-                 router_params: int, router_active: int) -> dict:
+                 router_params: int, router_active: int, dtype: torch.dtype = torch.float32) -> dict:
     """The ``etd`` object of ``describe``: the partition, the controller, the layer
     applications and the cache states per stage and think iteration."""
     etd = recipe.model.etd
@@ -240,14 +242,20 @@ def describe_etd(recipe: Any, model: torch.nn.Module, layers: list[dict], seq_le
         p["applications"] = len(p["layers"])
         p["state_bytes"], p["state_bytes_known"] = _sum_states([layers[i]["state_bytes"] for i in p["layers"]],
                                                                seq_lens)
+    # new_cache allocates a state for every slot (and its repeat): one no token reaches keeps its
+    # size before any token (0 for attention, the full state for a recurrent mixer)
+    idle = [{str(n): mixer_state_nbytes(b.mixer, 0, dtype) for n in seq_lens} for b in model.blocks]
     cache, known = {}, {}
     for key, n_iter in (("iterations", it), ("max_iterations", cap)):
-        used = [p for p in parts if p["stage"] != "think" or p["iteration"] < n_iter]
-        cache[key], known[key] = _sum_states([layers[i]["state_bytes"] for p in used for i in p["layers"]],
-                                             seq_lens)
+        states = [layers[i]["state_bytes"] if p["stage"] != "think" or p["iteration"] < n_iter else idle[i]
+                  for p in parts for i in p["layers"]]
+        if routed:  # all-execute routes: the repeat states stay idle
+            states += [idle[i] for p in parts for i in p["layers"]]
+        cache[key], known[key] = _sum_states(states, seq_lens)
     repeat = None
     if routed:  # every slot repeated: its second state as large as the first
-        repeat = {n: None if b is None else 2 * b for n, b in cache["max_iterations"].items()}
+        full = _sum_states([layers[i]["state_bytes"] for p in parts for i in p["layers"]], seq_lens)[0]
+        repeat = {n: None if b is None else 2 * b for n, b in full.items()}
     return {
         "encoder_layers": E, "think_layers": T, "decoder_layers": D, "iterations": it, "max_iterations": cap,
         "halting": cfg.halting.kind,
@@ -496,9 +504,9 @@ def format_etd_cache(etd: dict, dtype: str) -> list[str]:
         out.append(f"{LABEL}{it} think iterations: {_cache_list(c['iterations'], k['iterations'])}")
     rep = etd["cache_bytes_with_repeats"]
     if rep is not None:
-        known2 = {n: 2 * b for n, b in k["max_iterations"].items()}
-        out.append(f"{LABEL}layer routes: a repeat keeps a second state for its slot, so at worst (every slot "
-                   f"repeated) 2x: {_cache_list(rep, known2)}")
+        known2 = {n: 2 * sum(p["state_bytes_known"][n] for p in etd["parts"]) for n in rep}
+        out.append(f"{LABEL}layer routes: a repeat fills a second state for its slot, so at worst (every slot "
+                   f"repeated) 2x the states': {_cache_list(rep, known2)}")
     return out
 
 
