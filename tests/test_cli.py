@@ -235,6 +235,26 @@ def test_info_moe_active_parameters(capsys, tmp_path):
     assert "active" in format_info(d)
 
 
+def test_info_mtp_moe_active_parameters(tmp_path):
+    """An MTP module's MoE counts only the routed experts a token uses too. Regression: the
+    ``mtp`` row and the total counted all of an MTP MoE's experts as active."""
+    r = good(block_pattern="GA | GA+moe", mtp={"depth": 2, "weight": 0.3, "block": "GA+moe"})
+    r["components"]["moe"] = {"n_experts": 8, "top_k": 2, "n_shared": 0, "d_expert": 16}
+    p = write(tmp_path / "mtp_moe.yaml", r)
+    d = describe(load_recipe(p))
+    model = build_model(p)
+    moe = [m for m in model.modules() if hasattr(m, "active_parameters")]
+    assert len(moe) == 3
+    inactive = sum(sum(p.numel() for p in m.parameters()) - m.active_parameters() for m in moe)
+    assert d["params_active"] == d["params_total"] - inactive
+    mtp = model.mtp
+    assert d["mtp"]["active_params"] == sum(p.numel() for p in mtp.parameters()) - sum(
+        sum(p.numel() for p in m.parameters()) - m.active_parameters() for m in mtp.modules()
+        if hasattr(m, "active_parameters"))
+    row = [x for x in format_info(d).splitlines() if "mtp x2" in x][0].split()
+    assert row[-1] == f"{d['mtp']['active_params']:,}" != row[-2]
+
+
 def test_info_errors(capsys, tmp_path):
     code, out, err = run(capsys, "info", str(ROOT / "tests" / "bad_recipes" / "kv_heads_not_dividing.yaml"))
     assert code == 1 and out == [] and len(err) == 1 and "n_kv_heads: must divide" in err[0]

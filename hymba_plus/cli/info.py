@@ -72,13 +72,15 @@ def _numel(module: torch.nn.Module | None) -> int:
 
 
 def _active(module: torch.nn.Module | None) -> int:
-    """Parameters a token uses in ``module`` (its ``active_parameters`` if it has one)."""
+    """Parameters a token uses in ``module``: all of them but what its sparse submodules (those
+    with ``active_parameters``, ``module`` itself included: MoE) leave unused."""
     if module is None:
         return 0
     act = getattr(module, "active_parameters", None)
-    if act is None:
-        return _numel(module)
-    return int(act() if callable(act) else act)
+    if act is not None:
+        return int(act() if callable(act) else act)
+    return _numel(module) - sum(_numel(m) - _active(m) for m in module.modules()
+                                if m is not module and getattr(m, "active_parameters", None) is not None)
 
 
 def describe(recipe: Any, dtype: torch.dtype = torch.float32, seq_lens: tuple[int, ...] = DEFAULT_LENS) -> dict:
@@ -105,8 +107,9 @@ def describe(recipe: Any, dtype: torch.dtype = torch.float32, seq_lens: tuple[in
     total = _numel(model)
     router, router_active = _numel(model.etd_router), router_active_params(model.etd_router)
     mtp, ladir = _numel(model.mtp), _numel(model.ladir)
+    mtp_active, ladir_active = _active(model.mtp), _active(model.ladir)
     other = total - sum(r["params"] for r in layers) - router - mtp - ladir
-    active = other + sum(r["active_params"] for r in layers) + router_active + mtp + ladir
+    active = other + sum(r["active_params"] for r in layers) + router_active + mtp_active + ladir_active
     etd = None
     if m.etd is not None:
         etd = describe_etd(recipe, model, layers, seq_lens, router, router_active, dtype)
@@ -140,8 +143,10 @@ def describe(recipe: Any, dtype: torch.dtype = torch.float32, seq_lens: tuple[in
         **({"etd": etd} if etd is not None else {}),
         "objective": _objective(recipe),
         "conventions": conventions(recipe),
-        **({"mtp": {**dataclasses.asdict(m.mtp), "params": mtp}} if m.mtp is not None else {}),
-        **({"ladir": {**dataclasses.asdict(recipe.ladir), "params": ladir}} if recipe.ladir is not None else {}),
+        **({"mtp": {**dataclasses.asdict(m.mtp), "params": mtp, "active_params": mtp_active}}
+           if m.mtp is not None else {}),
+        **({"ladir": {**dataclasses.asdict(recipe.ladir), "params": ladir, "active_params": ladir_active}}
+           if recipe.ladir is not None else {}),
     }
 
 
@@ -384,11 +389,11 @@ def format_info(d: dict, kernels: str = "auto") -> str:
                     + ["" for _ in lens])
     if d.get("mtp") is not None:
         mtp = d["mtp"]
-        rows.append(["-", f"mtp x{mtp['depth']} ({mtp['block']})", "", f"{mtp['params']:,}", f"{mtp['params']:,}"]
+        rows.append(["-", f"mtp x{mtp['depth']} ({mtp['block']})", "", f"{mtp['params']:,}", f"{mtp['active_params']:,}"]
                     + ["" for _ in lens])
     if d.get("ladir") is not None:
         lad = d["ladir"]
-        rows.append(["-", f"ladir ({lad['memory_slots']} slots)", "", f"{lad['params']:,}", f"{lad['params']:,}"]
+        rows.append(["-", f"ladir ({lad['memory_slots']} slots)", "", f"{lad['params']:,}", f"{lad['active_params']:,}"]
                     + ["" for _ in lens])
     rows.append(["-", "embed/meta/norm/head" if d["vocab_size"] is not None else "ts_head/meta/norm", "",
                  f"{d['other_params']:,}", f"{d['other_params']:,}"]
