@@ -297,7 +297,8 @@ def measure_ours(model: torch.nn.Module, ids: torch.Tensor, args: argparse.Names
         masters = MasterWeights(compute_weights(model))  # on a CPU: under CPU bf16 autocast (time_training)
         run("eager_bf16w", lambda: (loss, True, None))
         run("cuda_graph_bf16w", graphed)
-        masters.release()
+        masters.release()  # the float32 weights are the parameters again: later modes run without masters
+        masters = None
     every = getattr(args, "activation_checkpoint", None)
     if every:  # every N-th block recomputed in the backward (core/recompute.py): memory against time
         model.set_activation_checkpointing(every)

@@ -228,3 +228,25 @@ def test_ours_times_the_training_steps_loss(monkeypatch) -> None:
     ids = torch.randint(0, model.config.vocab_size, (2, 8))
     modes = bench.measure_ours(model, ids, args)["modes"]
     assert {"eager", "eager_bf16w"} <= set(modes) and seen and not any(seen)
+
+
+def test_activation_checkpoint_modes_after_bf16_weights_run_in_float32() -> None:
+    """``--param-dtype bfloat16 --activation-checkpoint N``: the checkpointed modes come after the bf16-weight
+    ones have released their masters; they time the float32 model as eager / cuda_graph do. They were given
+    the released MasterWeights and failed ('Tensor list must have at least one tensor')."""
+    import argparse
+
+    import torch
+
+    from hymba_plus import build_model
+    from tests.helpers import tiny_recipe
+
+    bench = load_bench()
+    model = build_model(tiny_recipe("GA+mlp", max_seq_len=64))
+    args = argparse.Namespace(device="cpu", compile=False, param_dtype="bfloat16", activation_checkpoint=1,
+                              warmup=0, steps=1, batch=2, seq_len=8, profile=False)
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    modes = bench.measure_ours(model, ids, args)["modes"]
+    assert modes["eager_bf16w"]["tokens_per_s"] > 0
+    assert modes["eager_ac1"].get("tokens_per_s", 0) > 0, modes["eager_ac1"]
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
