@@ -871,8 +871,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, key, args.preset[key])
     if args.decode_dtype is None:
         args.decode_dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
-    if args.new_tokens < 1:
-        ap.error("--new-tokens must be >= 1")
+    least = {"steps": 1, "warmup": 0, "batch": 1, "seq_len": 2, "new_tokens": 1, "decode_repeats": 1}
+    for key, low in least.items():  # a zero or negative count failed inside a row (ZeroDivisionError, ...)
+        if getattr(args, key) < low:
+            ap.error(f"--{key.replace('_', '-')} must be >= {low}, got {getattr(args, key)}")
+    for key in ("prompts", "decode_batches"):
+        if min(getattr(args, key)) < 1:
+            ap.error(f"--{key.replace('_', '-')} must all be >= 1, got {getattr(args, key)}")
+    for key in ("peak_flops", "hbm_bw", "max_call_s"):
+        if getattr(args, key) is not None and not getattr(args, key) > 0:
+            ap.error(f"--{key.replace('_', '-')} must be > 0, got {getattr(args, key)}")
     flops, bw, source = gpu_peaks(args.device)
     args.peaks_from = ("given" if args.peak_flops else source, "given" if args.hbm_bw else source)
     args.peak_flops, args.hbm_bw = args.peak_flops or flops, args.hbm_bw or bw

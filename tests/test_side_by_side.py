@@ -250,3 +250,24 @@ def test_activation_checkpoint_modes_after_bf16_weights_run_in_float32() -> None
     assert modes["eager_bf16w"]["tokens_per_s"] > 0
     assert modes["eager_ac1"].get("tokens_per_s", 0) > 0, modes["eager_ac1"]
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--steps", "0", "--steps must be >= 1, got 0"),
+    ("--warmup", "-1", "--warmup must be >= 0, got -1"),
+    ("--batch", "0", "--batch must be >= 1, got 0"),
+    ("--seq-len", "1", "--seq-len must be >= 2, got 1"),
+    ("--decode-repeats", "0", "--decode-repeats must be >= 1, got 0"),
+    ("--prompts", "0", "--prompts must all be >= 1, got [0]"),
+    ("--decode-batches", "-2", "--decode-batches must all be >= 1, got [-2]"),
+    ("--peak-flops", "-1", "--peak-flops must be > 0, got -1.0"),
+    ("--hbm-bw", "nan", "--hbm-bw must be > 0, got nan"),
+])
+def test_a_bad_count_is_one_line_and_exit_2(flag, value, needle, capsys) -> None:
+    """A zero or negative count is a usage error; --steps 0 divided by zero after the warm-up steps
+    (the row recorded a ZeroDivisionError), --decode-repeats 0 raised AttributeError on the output."""
+    bench = load_bench()
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--tiny", "--device", "cpu", flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and needle in err and "Traceback" not in err, err
