@@ -61,7 +61,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, nargs="+", default=None,
                     help="prompt lengths (default: 2048 8192; with --tiny 32 128)")
     ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--engines", nargs="+", default=["dynamic", "static", "graph"])
+    ap.add_argument("--engines", nargs="+", default=["dynamic", "static", "graph"],
+                    choices=("auto", "dynamic", "static", "graph"))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--bandwidth", type=float, default=None,
                     help="HBM bytes/s for the streaming limit (default: the GPU's datasheet figure, timing.GPU_PEAKS)")
@@ -74,6 +75,15 @@ def main() -> None:
                          "unaffected, but prefill times are then untuned")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode.json")
     args = ap.parse_args()
+    if args.new < 2:  # the step time is (t(new) - t(1)) / (new - 1)
+        ap.error(f"--new must be >= 2, got {args.new}")
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
+    for key in ("batches", "prompts"):
+        if getattr(args, key) is not None and min(getattr(args, key)) < 1:
+            ap.error(f"--{key} must all be >= 1, got {getattr(args, key)}")
+    if args.bandwidth is not None and not args.bandwidth > 0:
+        ap.error(f"--bandwidth must be > 0, got {args.bandwidth}")
     args.bandwidth = args.bandwidth or gpu_peaks(getattr(args, "device", "cuda"))[1]
     if args.prompts is None:  # --tiny's model has max_seq_len 512
         args.prompts = [32, 128] if args.tiny else [2048, 8192]

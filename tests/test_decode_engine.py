@@ -301,6 +301,29 @@ def test_decode_benchmark_tiny_smoke_run_with_its_defaults(tmp_path):
     assert all(math.isfinite(r["ms_per_step"]) and "error" not in r for r in rows)
 
 
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--new", "1", "--new must be >= 2, got 1"),
+    ("--repeats", "0", "--repeats must be >= 1, got 0"),
+    ("--batches", "0", "--batches must all be >= 1, got [0]"),
+    ("--prompts", "-4", "--prompts must all be >= 1, got [-4]"),
+    ("--bandwidth", "0", "--bandwidth must be > 0, got 0.0"),
+    ("--engines", "grpah", "argument --engines: invalid choice: 'grpah'"),
+])
+def test_decode_benchmark_refuses_a_bad_argument_in_one_line(tmp_path, flag, value, needle):
+    """benchmarks/decode.py: --new 1 divided by zero (new - 1) after every timing of the first setting,
+    --repeats 0 took the median of nothing, a misspelt engine was a traceback from generate."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "decode.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--tiny", "--device", "cpu", flag,
+                          value, "--out", str(out)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 2 and not out.exists(), res.stderr[-2000:]
+    assert needle in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
 def test_an_engine_is_per_autocast_dtype():
     """Engines were keyed on autocast being on, not on its dtype: one made under bf16 was reused under
     fp16, its K/V buffers still bf16."""
