@@ -321,8 +321,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = args.device.startswith("cuda")
-    args.batch = args.batch or (8 if cuda else 2)
-    args.seq_len = args.seq_len or (2048 if cuda else 64)
+    args.batch = (8 if cuda else 2) if args.batch is None else args.batch  # --batch 0 became the default
+    args.seq_len = (2048 if cuda else 64) if args.seq_len is None else args.seq_len
+    for key, low in (("batch", 1), ("seq_len", 2), ("iters", 1), ("warmup", 1)):
+        if getattr(args, key) < low:
+            ap.error(f"--{key.replace('_', '-')} must be >= {low}, got {getattr(args, key)}")
     args.modes = args.modes or (["auto", "eager"] if cuda else ["auto"])
     return args
 

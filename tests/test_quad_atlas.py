@@ -102,6 +102,10 @@ def test_atlas_config_sets_keys_of_the_atlas_section(monkeypatch) -> None:
     ("--atlas-config", "inner_optimizer=adam",
      "components.atlas.inner_optimizer: must be one of 'muon', 'muon_chunk', 'sgd', got 'adam'"),
     ("--atlas-config", "window=[", "argument --atlas-config: 'window=[': the value is not YAML"),
+    ("--batch", "0", "--batch must be >= 1, got 0"),  # it became the default batch (8 on CUDA) silently
+    ("--seq-len", "0", "--seq-len must be >= 2, got 0"),
+    ("--iters", "0", "--iters must be >= 1, got 0"),  # every row was a StatisticsError
+    ("--warmup", "0", "--warmup must be >= 1, got 0"),
 ])
 def test_a_bad_atlas_argument_is_one_line_and_exit_2(tmp_path, flag, value, needle) -> None:
     out = tmp_path / "q.json"
