@@ -49,12 +49,17 @@ def gpu_peaks(device: str) -> tuple[float, float, str]:
     return peaks_of(torch.cuda.get_device_name() if on_gpu else None)
 
 
+def on_cuda(device: str | torch.device) -> bool:
+    """Whether ``device`` ("cuda", "cuda:1", a torch.device) is a GPU: timed with a synchronize."""
+    return torch.device(device).type == "cuda"
+
+
 def bench(fn: Callable[[], object], device: str, warmup: int = 3, iters: int = 10) -> float:
     """Median milliseconds of fn() (CUDA events on GPU, perf_counter on CPU)."""
     for _ in range(warmup):
         fn()
     times = []
-    if device == "cuda":
+    if on_cuda(device):
         torch.cuda.synchronize()
         for _ in range(iters):
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -76,12 +81,12 @@ def host_times(fn: Callable[[], object], device: str, passes: int) -> list[float
     close to the wall time, a pass is bound by its launches."""
     host = []
     for _ in range(passes):
-        if device == "cuda":
+        if on_cuda(device):
             torch.cuda.synchronize()
         t = time.perf_counter()
         fn()
         host.append((time.perf_counter() - t) * 1e3)
-    if device == "cuda":
+    if on_cuda(device):
         torch.cuda.synchronize()
     return host
 

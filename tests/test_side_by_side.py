@@ -271,3 +271,27 @@ def test_a_bad_count_is_one_line_and_exit_2(flag, value, needle, capsys) -> None
         bench.parse_args(["--tiny", "--device", "cpu", flag, value])
     err = capsys.readouterr().err
     assert e.value.code == 2 and needle in err and "Traceback" not in err, err
+
+
+def test_bench_synchronizes_on_an_indexed_cuda_device(monkeypatch) -> None:
+    """timing.bench with ``cuda:0`` (decode.py --device cuda:0, mixers.py, ...): CUDA events and a synchronize,
+    as with ``cuda``; it compared the string to "cuda" and timed asynchronous launches with perf_counter."""
+    import torch
+
+    timing = load_benchmark("timing")
+    syncs = []
+
+    class Event:
+        def __init__(self, enable_timing: bool = False) -> None:
+            pass
+
+        def record(self) -> None:
+            pass
+
+        def elapsed_time(self, other: object) -> float:
+            return 7.0
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: syncs.append(a))
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    assert timing.bench(lambda: None, "cuda:0", warmup=0, iters=3) == 7.0 and len(syncs) == 4
+    assert timing.on_cuda("cuda") and timing.on_cuda(torch.device("cuda", 1)) and not timing.on_cuda("cpu")
