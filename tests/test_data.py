@@ -590,24 +590,30 @@ def test_a_reasoning_task_on_a_next_token_recipe_says_which_objective_reads_it(t
     assert "chain_arith: a reasoning task, for recipes with objective: {kind: ladir}" in err and "mqar" in err
 
 
+def _word_tokenizer(folder: Path, words: list[str], special: list[str]) -> Path:
+    """A `tokenizers` word-level tokenizer (id 0 `<unk>`, then ``words``, then the ``special`` tokens, split on
+    whitespace) saved as ``folder/tokenizer.json`` (``folder`` made here); its path."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["<unk>", *words, *special])}
+    t = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    t.add_special_tokens(special)
+    folder.mkdir()
+    t.save(str(folder / "tokenizer.json"))
+    return folder / "tokenizer.json"
+
+
 def test_documents_end_with_the_end_token_the_tokenizer_config_names(tmp_path, capsys):
     """The end token was found by five names only: a DeepSeek ('<｜end▁of▁sentence｜>') or ChatML vocabulary,
     or one whose tokenizer_config.json names another eos_token, joined documents without a separator.
     Now: the eos_token of the tokenizer_config.json beside tokenizer.json, else a longer list of names,
     else a note at prepare."""
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import models, pre_tokenizers
-
     from hymba_plus.training.tokenizer import load_file
 
     def save(folder: Path, end: str) -> Path:
-        folder.mkdir()
-        vocab = {"<unk>": 0, "a": 1, "b": 2, "c": 3, "d": 4, end: 5}
-        t = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-        t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-        t.add_special_tokens([end])
-        t.save(str(folder / "tokenizer.json"))
-        return folder / "tokenizer.json"
+        return _word_tokenizer(folder, ["a", "b", "c", "d"], [end])
 
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -629,17 +635,9 @@ def test_shards_keep_the_tokenizers_side_files_and_checkpoints_carry_them(tmp_pa
     """`hymba prepare --tokenizer DIR/tokenizer.json` keeps the side files beside it (special tokens, chat
     template) in the shard index; a fresh run on the shards writes them into its checkpoints (they were
     lost there), and the end token their tokenizer_config.json names holds for the shards' tokenizer too."""
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import models, pre_tokenizers
-
     from hymba_plus.training.tokenizer import for_checkpoint
 
-    (tmp_path / "tok").mkdir()
-    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, 40)}, "<my_end>": 40}
-    t = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    t.add_special_tokens(["<my_end>"])
-    t.save(str(tmp_path / "tok" / "tokenizer.json"))
+    _word_tokenizer(tmp_path / "tok", [f"w{i}" for i in range(1, 40)], ["<my_end>"])
     sides = {"tokenizer_config.json": json.dumps({"eos_token": "<my_end>"}), "chat_template.jinja": "{{ x }}"}
     for name, text in sides.items():
         (tmp_path / "tok" / name).write_text(text)
@@ -664,15 +662,7 @@ def test_shards_keep_the_tokenizers_side_files_and_checkpoints_carry_them(tmp_pa
 def test_training_a_checkpoint_on_text_of_another_tokenizer_is_refused(tmp_path, capsys):
     """`hymba train CKPT --data corpus/` without --tokenizer read the text as bytes (the flag's default) for a
     model trained with a `tokenizers` vocabulary: it trained on the wrong ids and saved a bytes tokenizer."""
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import models, pre_tokenizers
-
-    (tmp_path / "tok").mkdir()
-    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, 299)}, "</s>": 299}
-    t = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    t.add_special_tokens(["</s>"])
-    t.save(str(tmp_path / "tok" / "tokenizer.json"))
+    _word_tokenizer(tmp_path / "tok", [f"w{i}" for i in range(1, 299)], ["</s>"])
     docs = tmp_path / "docs"
     docs.mkdir()
     for d in range(4):
@@ -697,14 +687,7 @@ def test_training_a_checkpoint_on_text_of_another_tokenizer_is_refused(tmp_path,
 def test_the_text_cache_is_remade_when_the_tokenizers_side_files_change(tmp_path):
     """The cache was reused while tokenizer.json was unchanged: a tokenizer_config.json naming another end token
     beside it kept the old separators, and the old side files went on into the checkpoints."""
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import models, pre_tokenizers
-
-    (tmp_path / "tok").mkdir()
-    t = tokenizers.Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "b": 2, "</s>": 3, "<end>": 4}, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    t.add_special_tokens(["</s>", "<end>"])
-    t.save(str(tmp_path / "tok" / "tokenizer.json"))
+    _word_tokenizer(tmp_path / "tok", ["a", "b"], ["</s>", "<end>"])
     (tmp_path / "t.txt").write_text("a b " * 40)
     tok = str(tmp_path / "tok" / "tokenizer.json")
     first = open_stream(str(tmp_path / "t.txt"), 8, 16, 0, TrainConfig(), tmp_path / "run" / "data", tok)
