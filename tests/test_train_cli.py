@@ -220,6 +220,18 @@ def test_a_longer_warmup_on_resume_does_not_restart_the_ramp():
         Schedule("cosine", 100, warmup=10), 20, 1e-3)
 
 
+def test_an_anchored_plan_is_never_taken_for_one_still_warming_up():
+    """A plan anchored past its warm-up (a re-plan with a longer --warmup, or a new --train-only phase
+    from the peak) re-planned again before its own ``warmup`` step restarted from scratch: back on
+    the warm-up ramp (0.59 -> 0.76 here, 1.0 -> 0.55 for the phase) while the log said "no new warm-up"."""
+    b = Schedule("cosine", 100, warmup=10).replan(Schedule("cosine", 200, warmup=80), 50)
+    c = b.replan(Schedule("cosine", 300, warmup=80), 60)
+    assert c.anchor == (60, b.factor(59)) and c.factor(60) <= b.factor(59)
+    phase = Schedule("cosine", 100, warmup=20, anchor=(6, 1.0))  # a new phase at step 5
+    d = phase.replan(Schedule("cosine", 200, warmup=20), 10)
+    assert d.anchor == (10, phase.factor(9)) and d.factor(10) <= phase.factor(9)
+
+
 def test_replans_chain_through_checkpoints():
     a = Schedule("cosine", 40, warmup=2, min_frac=0.0)
     b = a.replan(Schedule("cosine", 80, warmup=2, min_frac=0.0), 30)

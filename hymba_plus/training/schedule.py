@@ -106,7 +106,7 @@ class Schedule:
         settings: ``new`` anchored at this plan's last factor (see the module docstring)."""
         if self.same_plan(new) or step <= 0:
             return replace(new, anchor=self.anchor)
-        if step < self.warmup:  # still warming up: nothing decayed, the new plan from the start
+        if step < self.warmup and self.anchor is None:  # still warming up: nothing decayed, the new plan from the start
             return replace(new, anchor=None)
         return replace(new, anchor=(step, self.factor(step - 1)))
 
