@@ -321,3 +321,19 @@ def test_stream_for_a_jsonl_file(tmp_path):
         ReasoningStream("chain_arit", vocab_size=64)
     with pytest.raises(TaskError, match="apply to built-in tasks only"):
         ReasoningStream(str(p), vocab_size=256, steps=3)
+
+
+def test_a_jsonl_example_too_long_for_the_model_is_refused_up_front(tmp_path):
+    """An example longer than max_len (or too long with LaDiR's memory slots) is refused when the file is
+    opened, naming the file and the example: it was a ``collate: example 0`` error (its place in some batch)
+    only when a batch first drew it, possibly deep into a run."""
+    rows = [json.dumps({"question": f"q{i}", "reasoning": f"r{i}", "answer": f"a{i}"}) for i in range(5)]
+    rows.insert(2, json.dumps({"question": "x" * 20, "reasoning": "r", "answer": "a"}))
+    p = write(tmp_path, rows)
+    assert ReasoningStream(str(p), vocab_size=256, max_len=22).n_train == 5
+    with pytest.raises(DataError) as e:
+        ReasoningStream(str(p), vocab_size=256, max_len=21)
+    assert str(e.value) == (f"{p}: example 3 has 22 tokens (question 20 + reasoning 1 + answer 1), "
+                            "more than max_len 21")
+    with pytest.raises(DataError, match=r"r\.jsonl: example 3 needs 23 positions \(question 20 \+ 2 memory slots"):
+        ReasoningStream(str(p), vocab_size=256, max_len=22, reserve=2)

@@ -298,6 +298,17 @@ def _with_labels(prefixes: list[tuple[int, ...]], answers: list[tuple[int, ...]]
     return ids, mask, labels, start
 
 
+def too_long(e: ReasoningExample, max_len: int, reserve: int = 0) -> str | None:
+    """What makes example ``e`` too long for ``max_len`` (``collate``), or None when it fits."""
+    q, r, a = len(e.question), len(e.reasoning), len(e.answer)
+    if q + r + a > max_len:
+        return f"has {q + r + a} tokens (question {q} + reasoning {r} + answer {a}), more than max_len {max_len}"
+    if reserve and q + reserve + max(r, a) > max_len:
+        return (f"needs {q + reserve + max(r, a)} positions (question {q} + {reserve} memory slots + the longer of "
+                f"reasoning {r} and answer {a}), more than max_len {max_len}")
+    return None
+
+
 def collate(examples: Sequence[ReasoningExample], max_len: int | None = None, reserve: int = 0) -> dict[str, Tensor]:
     """Right-padded (with 0) int64 tensors and bool masks for a batch of examples:
 
@@ -321,14 +332,10 @@ def collate(examples: Sequence[ReasoningExample], max_len: int | None = None, re
     rs = [tuple(e.reasoning) for e in examples]
     ans = [tuple(e.answer) for e in examples]
     if max_len is not None:
-        for b, (q, r, a) in enumerate(zip(qs, rs, ans)):
-            if len(q) + len(r) + len(a) > max_len:
-                raise DataError(f"collate: example {b} has {len(q) + len(r) + len(a)} tokens "
-                                f"(question {len(q)} + reasoning {len(r)} + answer {len(a)}), more than max_len {max_len}")
-            if reserve and len(q) + reserve + max(len(r), len(a)) > max_len:
-                raise DataError(f"collate: example {b} needs {len(q) + reserve + max(len(r), len(a))} positions "
-                                f"(question {len(q)} + {reserve} memory slots + the longer of reasoning {len(r)} and "
-                                f"answer {len(a)}), more than max_len {max_len}")
+        for b, e in enumerate(examples):
+            problem = too_long(e, max_len, reserve)
+            if problem:
+                raise DataError(f"collate: example {b} {problem}")
     out: dict[str, Tensor] = {}
     for key, rows in (("question", qs), ("reasoning", rs), ("answer", ans)):
         out[key], out[f"{key}_mask"] = _pad(rows)
@@ -392,6 +399,9 @@ class ReasoningStream:
             top = max(max(e.question), max(e.reasoning), max(e.answer))
             if top >= self.vocab_size:
                 raise DataError(f"{p}: example {i + 1} has token id {top}, outside the model's vocab_size {self.vocab_size}")
+            problem = too_long(e, max_len, reserve) if max_len is not None else None
+            if problem:  # (refused now, not when a batch first draws it, maybe deep into a run)
+                raise DataError(f"{p}: example {i + 1} {problem}")
         self.n_val = max(1, int(n * val_frac))
         self.n_train = n - self.n_val
         self.description = f"reasoning file {p} ({n} examples; {self.n_train} train / {self.n_val} held out)"
