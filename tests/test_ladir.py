@@ -294,6 +294,21 @@ def test_the_streamer_gets_the_voted_answer_with_several_samples():
         assert torch.equal(torch.stack(got, 1), out[:, 3:]), samples
 
 
+@torch.no_grad()
+def test_a_padded_prompt_wider_than_max_seq_len_answers_as_unpadded() -> None:
+    """Pads do not count towards max_seq_len (``check_length``; mode ar takes such a prompt): the questions,
+    compacted to the right, were handed to the denoiser at the prompt's full width, past its max_seq_len
+    position embeddings (a RuntimeError traceback); they are cut to the longest row's real tokens."""
+    torch.manual_seed(0)
+    m = build_model(recipe(inference_steps=3)).eval()  # max_seq_len 96
+    ids = torch.randint(3, V, (1, 100))
+    mask = torch.zeros_like(ids)
+    mask[:, -5:] = 1
+    out = m.generate(ids, attention_mask=mask, max_new_tokens=2, mode="ladir", generator=torch.Generator().manual_seed(0))
+    alone = m.generate(ids[:, -5:], max_new_tokens=2, mode="ladir", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out[:, -2:], alone[:, -2:])
+
+
 @pytest.mark.parametrize("stage", ["vae", "flow", "joint"])
 def test_eval_is_per_row_so_the_batch_split_and_the_repeats_do_not_matter(stage) -> None:
     """Held-out loss of 4 examples of different lengths in one batch == the mean of 2 + 2 (the second

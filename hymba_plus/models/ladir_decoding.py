@@ -59,13 +59,15 @@ def generate_ladir(
     if S > MAX_SAMPLES:  # the recipe's bound on ladir.samples: B x samples rows are decoded at once
         raise ValueError(f"samples must be <= {MAX_SAMPLES} (as ladir.samples in a recipe), got {S}")
     M = lad.cfg.memory_slots
-    check_length(model, input_ids, max_new_tokens, attention_mask, reserved=M, what="memory slots",
-                 left_only=False)  # its questions are compacted: left or right padding
+    longest = check_length(model, input_ids, max_new_tokens, attention_mask, reserved=M, what="memory slots",
+                           left_only=False)  # its questions are compacted: left or right padding
     B, T = input_ids.shape
     dev = input_ids.device
     valid = attention_mask.to(torch.bool) if attention_mask is not None else torch.ones(B, T, dtype=torch.bool,
                                                                                         device=dev)
-    order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # right-padded questions
+    # right-padded questions, cut to the longest row (pads do not count towards max_seq_len, the
+    # width of the denoiser's position embeddings)
+    order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :longest]
     q, qm = input_ids.gather(1, order).repeat_interleave(S, 0), valid.gather(1, order).repeat_interleave(S, 0)
     cache = model.new_cache(B * S, device=dev)
     cond = model(q, attention_mask=qm.long(), cache=cache, return_hidden=True).hidden_states  # checks the ids
