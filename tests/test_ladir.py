@@ -67,6 +67,18 @@ def test_losses_shapes_and_gradients() -> None:
     assert m.embed.weight.grad is None and m.ladir.to_stats.weight.grad is None  # LM and VAE only read
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_flow_loss_of_a_model_in_another_dtype(dtype) -> None:
+    """A model cast to float64 or bfloat16 (no autocast) trains its flow as a float32 one does: the
+    latents were drawn in float32 and fed to the denoiser as they were (``sample`` casts them), a
+    RuntimeError "mat1 and mat2 must have the same dtype" in ``flow_loss`` and the flow stage's eval."""
+    torch.manual_seed(0)
+    m = build_model(recipe()).to(dtype)
+    loss, st = m.ladir.flow_loss(m, batch())
+    loss.backward()
+    assert torch.isfinite(loss) and m.ladir.denoiser.out.weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("pattern, etd", [
     ("GD | GA | M3 | ATL | HY", None), ("GA+moe | GD", None),
     ("GD | GA | M3 | GA", {"encoder_layers": 1, "think_layers": 2, "decoder_layers": 1, "iterations": 2}),

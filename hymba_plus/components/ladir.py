@@ -265,7 +265,10 @@ class LaDiR(nn.Module):
         z0 = noise(torch.randn, z1.shape, z1.device, generator, z1.dtype)
         t = noise(torch.rand, (B,), z1.device, generator)
         zt = (1 - t)[:, None, None] * z0 + t[:, None, None] * z1
-        v = self.denoiser(zt, t, cond.detach().to(zt.dtype), q_mask, checkpointing)
+        # in the denoiser's dtype (a model cast to float64 / bfloat16; the slot embedding's, which bf16 master
+        # weights leave in float32, so autocast computes as before)
+        dt = self.denoiser.slot.dtype
+        v = self.denoiser(zt.to(dt), t, cond.detach().to(dt), q_mask, checkpointing)
         err = (v.float() - (z1 - z0).float()).pow(2)
         if per_row:
             return err.flatten(1).mean(1), {}
