@@ -163,7 +163,7 @@ def layer_grads(batch: int, seq_len: int, dev: str = "cuda") -> None:
             with torch.autocast(dev, dtype=torch.bfloat16):
                 y = layer(x, ctx)
             y.float().pow(2).mean().backward()
-            if dev == "cuda":
+            if torch.device(dev).type == "cuda":
                 torch.cuda.synchronize()
             norms = {n: float(p.grad.norm()) for n, p in layer.named_parameters() if p.grad is not None}
             worst = max(norms, key=norms.get)

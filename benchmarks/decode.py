@@ -23,7 +23,7 @@ import platform
 from pathlib import Path
 
 import torch
-from timing import bench, gpu_peaks  # benchmarks/timing.py (scripts run from the repo root as files)
+from timing import bench, gpu_peaks, on_cuda  # benchmarks/timing.py (scripts run from the repo root as files)
 
 QWEN3_NEXT_LIKE = {
     "name": "qwen3-next-like",
@@ -50,6 +50,11 @@ def weight_bytes(model, batch: int) -> int:
                              if n.startswith(("w_gate_up", "w_down", "experts")))
                 total -= routed * (1 - cfg.top_k / cfg.n_experts)
     return int(total)
+
+
+def device_label(device: str) -> str:
+    """The JSON's ``device``: the GPU's name (of that index, ``cuda:1`` too), else the CPU's processor."""
+    return torch.cuda.get_device_name(torch.device(device)) if on_cuda(device) else platform.processor() or "cpu"
 
 
 def main() -> None:
@@ -87,7 +92,7 @@ def main() -> None:
     args.bandwidth = args.bandwidth or gpu_peaks(getattr(args, "device", "cuda"))[1]
     if args.prompts is None:  # --tiny's model has max_seq_len 512
         args.prompts = [32, 128] if args.tiny else [2048, 8192]
-    if args.pin_autotune and args.device == "cuda":
+    if args.pin_autotune and on_cuda(args.device):
         from hymba_plus.kernels import dispatch
 
         with dispatch.pinned_autotune("fla.", "mamba_ssm."):
@@ -110,7 +115,7 @@ def run(args: argparse.Namespace) -> None:
     model = build_model(recipe).to(device=args.device, dtype=dtype).eval()
     V = recipe.model.vocab_size
     rows = []
-    result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+    result = {"device": device_label(args.device),
               "torch": torch.__version__, "recipe": recipe.name, "params": model.num_parameters(),
               "dtype": args.dtype, "new_tokens": args.new, "hbm_bytes_per_s": args.bandwidth, "rows": rows}
     print(f"{recipe.name}: {model.num_parameters() / 1e6:.1f}M params, {args.dtype}, {args.device}")
@@ -121,7 +126,7 @@ def run(args: argparse.Namespace) -> None:
             ids = torch.randint(0, V, (B, T), device=args.device)
             limit_ms = weight_bytes(model, B) / args.bandwidth * 1e3
             for eng in args.engines:
-                if eng == "graph" and args.device != "cuda":
+                if eng == "graph" and not on_cuda(args.device):
                     continue
                 stats: dict = {}
                 try:
@@ -149,9 +154,9 @@ def run(args: argparse.Namespace) -> None:
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps(result, indent=1))
             del ids
-            if args.device == "cuda":
+            if on_cuda(args.device):
                 torch.cuda.empty_cache()
-    if args.profile and args.device == "cuda":
+    if args.profile and on_cuda(args.device):
         from torch.profiler import ProfilerActivity, profile
 
         from hymba_plus.models.decode_engine import engine_for

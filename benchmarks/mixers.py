@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from timing import bench, profile_passes  # benchmarks/timing.py (scripts run from the repo root as files)
+from timing import bench, on_cuda, profile_passes  # benchmarks/timing.py (scripts run from the repo root as files)
 
 import hymba_plus  # noqa: F401  (registers components)
 from hymba_plus import build_model, registry
@@ -67,6 +67,11 @@ def mixer_recipes(quick: bool) -> dict[str, dict]:
     return {k: v for k, v in r.items() if k in registry.names()}
 
 
+def bench_dtype(device: str) -> torch.dtype:
+    """bf16 on a GPU (``cuda``, ``cuda:1``), float32 on the CPU."""
+    return torch.bfloat16 if on_cuda(device) else torch.float32
+
+
 def layer_of(name: str, d_model: int, comps: dict, device: str, dtype: torch.dtype) -> torch.nn.Module:
     alias = {"gated_attn": "GA", "gdn": "GD", "mamba3": "M3", "atlas": "ATL", "hymba": "HY"}[name]
     recipe = {"name": f"bench-{name}", "model": {"vocab_size": 256, "d_model": d_model, "max_seq_len": 1 << 16,
@@ -100,7 +105,7 @@ def raw_kernels(name: str, B: int, T: int, H: int, D: int, device: str, dtype: t
             return gated_delta_rule(q, k, v, gg, beta, use_qk_l2norm=True)[0]
 
         raw = None
-        if device == "cuda":
+        if on_cuda(device):
             from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
             def raw():
@@ -110,7 +115,7 @@ def raw_kernels(name: str, B: int, T: int, H: int, D: int, device: str, dtype: t
     if name == "mamba3":
         from hymba_plus.kernels.mamba3 import mamba3
 
-        N, K = (32 if device != "cuda" else 128), 16
+        N, K = (32 if not on_cuda(device) else 128), 16
         q, k = rnd(B, T, 1, 1, N, scale=0.3), rnd(B, T, 1, 1, N, scale=0.3)
         v, z = rnd(B, T, H, D), rnd(B, T, H, D)
         dt = (torch.rand(B, T, H, device=device, generator=g) * 0.1).requires_grad_()
@@ -125,7 +130,7 @@ def raw_kernels(name: str, B: int, T: int, H: int, D: int, device: str, dtype: t
             return mamba3(q, k, v, adt, dt, trap, ang, qb, kb, None, D=Dp, z=z, need_state=False)[0]
 
         raw = None
-        if device == "cuda":
+        if on_cuda(device):
             from mamba_ssm.ops.triton.mamba3.mamba3_siso_combined import mamba3_siso_combined
 
             # the raw kernel's own layout: [B,T,G,N] / [B,H,T] (the wrapper's transposes count against it)
@@ -143,7 +148,7 @@ def raw_kernels(name: str, B: int, T: int, H: int, D: int, device: str, dtype: t
 
 
 def run_mixers(args: argparse.Namespace, on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
-    device, dtype = args.device, (torch.bfloat16 if args.device == "cuda" else torch.float32)
+    device, dtype = args.device, bench_dtype(args.device)
     B, T = (1, 256) if args.quick else (args.batch, args.seq_len)
     H, D = (4, 32) if args.quick else (16, 128)
     rows = []
@@ -152,7 +157,7 @@ def run_mixers(args: argparse.Namespace, on_row: Callable[[list[dict]], None] | 
             continue
         row: dict = {"mixer": name, "B": B, "T": T, "d_model": d_model}
         pin = contextlib.nullcontext(0)
-        if args.one_launch_config and device == "cuda":
+        if args.one_launch_config and on_cuda(device):
             pin = dispatch.pinned_autotune("fla.", "mamba_ssm.")
         with pin as n_pinned:
             if n_pinned:
@@ -355,7 +360,7 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
     Rows: fwd / fwd+bwd ms, compile + first-call seconds, ratio to gdn's fwd+bwd."""
     from hymba_plus.kernels import atlas as atlas_kernels
 
-    device, dtype = args.device, (torch.bfloat16 if args.device == "cuda" else torch.float32)
+    device, dtype = args.device, bench_dtype(args.device)
     B, T, d_model = args.batch, args.seq_len, args.d_model
     x = torch.randn(B, T, d_model, device=device, dtype=dtype, requires_grad=True)
     ctx = StepContext(positions=torch.arange(T, device=device)[None].expand(B, -1))
@@ -389,10 +394,10 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
                 atlas_kernels.compile_error, atlas_kernels.recompile_limit_hits = None, 0
                 knobs.enter_context(atlas_kernels.settings(**knob_values))
                 os.environ["HYMBA_KERNELS"] = mode
-                if device != "cuda" and path != "reference":  # CUDA's fast path with its settings (compiled
+                if not on_cuda(device) and path != "reference":  # CUDA's fast path with its settings (compiled
                     dispatch.use_fast = lambda op, *t: op == "atlas"  # noqa: E731 - step), not the CPU's eager one
                 layer = layer_of("atlas", d_model, {"atlas": ATLAS_CONFIGS[args.atlas_config]}, device, dtype)
-            if name == "atlas" and path != "reference" and device == "cuda":
+            if name == "atlas" and path != "reference" and on_cuda(device):
                 row["fast_path_taken"] = dispatch.use_fast("atlas", x)  # probes under this path's settings
                 if not row["fast_path_taken"]:  # not timed: it would be the reference under this path's name
                     row["fast_path_error"] = dispatch.statuses()["atlas"]
@@ -407,7 +412,7 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
             if not graphed:
                 with torch.no_grad():
                     fn(x)
-            if device == "cuda":
+            if on_cuda(device):
                 torch.cuda.synchronize()
             row["first_calls_s"] = time.perf_counter() - t0  # compiles (Triton, Inductor) happen here
             iters = (1, 3) if path == "reference" else (2, 10)
@@ -479,8 +484,9 @@ def main() -> None:
                     help="also print each layer's top kernels for forward+backward (torch.profiler)")
     ap.add_argument("--out", default="benchmarks/results/mixers.json")
     args = ap.parse_args()
-    result: dict = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-                    "torch": torch.__version__, "dtype": "bf16" if args.device == "cuda" else "fp32"}
+    cuda = on_cuda(args.device)
+    result: dict = {"device": torch.cuda.get_device_name(torch.device(args.device)) if cuda else "cpu",
+                    "torch": torch.__version__, "dtype": "bf16" if cuda else "fp32"}
     if args.cpu_gdn_loop:
         result["cpu_gdn_loop"] = cpu_gdn_loop(args)
         print(json.dumps(result["cpu_gdn_loop"]))

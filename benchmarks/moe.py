@@ -26,7 +26,7 @@ import os
 from collections.abc import Callable
 
 import torch
-from timing import bench, profile_passes  # benchmarks/timing.py (scripts run from the repo root as files)
+from timing import bench, on_cuda, profile_passes  # benchmarks/timing.py (scripts run from the repo root as files)
 from torch import nn
 
 import hymba_plus  # noqa: F401  (registers components)
@@ -60,11 +60,11 @@ def time_layer(name: str, layer: nn.Module, x: torch.Tensor, gy: torch.Tensor, c
         else:
             y.backward(gy)
 
-    if device == "cuda":
+    if on_cuda(device):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     row = {"fwd_ms": bench(fwd, device, warmup, iters), "fwd_bwd_ms": bench(fwd_bwd, device, warmup, iters)}
-    if device == "cuda":
+    if on_cuda(device):
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     print(f"  {name}: fwd {row['fwd_ms']:.3f} ms, fwd+bwd {row['fwd_bwd_ms']:.3f} ms", flush=True)
     return row
@@ -205,9 +205,9 @@ def main() -> None:
     dev = args.device
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if dev == "cuda" else torch.float32)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if on_cuda(dev) else torch.float32)
     torch.manual_seed(0)
-    name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+    name = torch.cuda.get_device_name(torch.device(dev)) if on_cuda(dev) else "cpu"
     print(f"device {name}, torch {torch.__version__}, {dtype}; tokens {args.tokens}, d_model {args.d_model}, "
           f"{args.experts} experts x {args.d_expert}, top-{args.top_k} + {args.n_shared} shared", flush=True)
 
@@ -221,7 +221,7 @@ def main() -> None:
     auto_impl = "grouped" if K.grouped_mm_supported(x[0], ours.w_gate_up, ours.w_down) else "padded"
     if K.fused_layer_supported(x[0], ours.router.weight, ours.w_gate_up, ours.w_down, args.top_k):
         auto_impl = "fused"  # the whole layer as one autograd node (kernels.moe.moe_layer)
-    triton_on = dev == "cuda" and K._triton_ok(x)
+    triton_on = on_cuda(dev) and K._triton_ok(x)
     results: dict[str, dict] = {}
     notes: dict[str, str] = {}
 
@@ -257,7 +257,7 @@ def main() -> None:
                 notes[f"{key}_compiled_{mode}"] = f"{type(e).__name__}: {e}"[:300]
                 print(f"  {key} compiled ({mode}): failed ({notes[f'{key}_compiled_{mode}']})", flush=True)
 
-    if args.cuda_graph and dev == "cuda":
+    if args.cuda_graph and on_cuda(dev):
         for key, layer, call in (("hymba_moe", ours, call_ours), ("dense_swiglu", dense, call_plain)):
             try:
                 g_layer, g_call = graphed(layer, call, x)

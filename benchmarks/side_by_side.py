@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timing import gpu_peaks  # benchmarks/timing.py (scripts run from the repo root as files)
+from timing import gpu_peaks, on_cuda  # benchmarks/timing.py (scripts run from the repo root as files)
 
 ROWS = ("attn", "gdn", "quad_moe", "decode", "fsdp2")
 
@@ -219,7 +219,7 @@ def time_training(loss_fn: Callable[[], torch.Tensor], params: list[torch.nn.Par
         from timing import profile_passes  # benchmarks/timing.py
 
         print(f"\n-- profile: {label}", flush=True)
-        out["profile"] = profile_passes(step, "cuda" if dev.startswith("cuda") else "cpu", passes=2, rows=20)
+        out["profile"] = profile_passes(step, dev, passes=2, rows=20)
     opt.zero_grad(set_to_none=True)
     return out
 
@@ -917,7 +917,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n== {row}", flush=True)
         t0 = time.perf_counter()
         args.progress = Progress(report, row, args.out_dir, file, t0)
-        pin = (dispatch.pinned_autotune("fla.", "mamba_ssm.") if args.one_launch_config and args.device == "cuda"
+        pin = (dispatch.pinned_autotune("fla.", "mamba_ssm.") if args.one_launch_config and on_cuda(args.device)
                else contextlib.nullcontext(0))
         try:
             with pin as n_pinned:

@@ -45,8 +45,8 @@ def peaks_of(name: str | None) -> tuple[float, float, str]:
 
 def gpu_peaks(device: str) -> tuple[float, float, str]:
     """``peaks_of`` the GPU a run on ``device`` uses (a CPU: None)."""
-    on_gpu = device.startswith("cuda") and torch.cuda.is_available()
-    return peaks_of(torch.cuda.get_device_name() if on_gpu else None)
+    on_gpu = on_cuda(device) and torch.cuda.is_available()
+    return peaks_of(torch.cuda.get_device_name(torch.device(device)) if on_gpu else None)
 
 
 def on_cuda(device: str | torch.device) -> bool:
@@ -122,17 +122,17 @@ def profile_passes(fn: Callable[[], object], device: str, passes: int = 3, rows:
 
     fn()  # warm: first-call compiles and caches stay out of the profile
     host = host_times(fn, device, passes)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda(device) else [])
     with profile(activities=acts, record_shapes=True) as prof:
         for _ in range(passes):
             fn()
-        if device == "cuda":
+        if on_cuda(device):
             torch.cuda.synchronize()
-    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    key = "self_cuda_time_total" if on_cuda(device) else "self_cpu_time_total"
     avgs, by_shape = prof.key_averages(), prof.key_averages(group_by_input_shape=True)  # each aggregated once
     print(avgs.table(sort_by=key, row_limit=rows), flush=True)
     print(by_shape.table(sort_by=key, row_limit=rows, max_name_column_width=40), flush=True)
-    if device == "cuda":
+    if on_cuda(device):
         print(avgs.table(sort_by="self_cpu_time_total", row_limit=rows), flush=True)
         kernels = device_kernels(prof)
         out = {"kernels_per_pass": len(kernels) / passes,
@@ -143,7 +143,7 @@ def profile_passes(fn: Callable[[], object], device: str, passes: int = 3, rows:
     print(f"  per pass: {', '.join(f'{k} {v:.3f}' for k, v in out.items())}", flush=True)
     # the tables' top rows also in the result (a device call returns only the end of its output)
     out["top"] = _top_rows(avgs, device, passes, rows)
-    if device == "cuda":  # where the host's time goes (a pass bound by its host time)
+    if on_cuda(device):  # where the host's time goes (a pass bound by its host time)
         out["top_host"] = _top_rows(avgs, "cpu", passes, rows)
     out["top_by_shape"] = _top_rows(by_shape, device, passes, rows, shapes=True)
     # every dtype cast / copy by input shape (weight-sized vs activation-sized: which casts a
@@ -161,7 +161,7 @@ COPY_OPS = ("aten::copy_", "aten::_to_copy")
 def _top_rows(avgs: object, device: str, passes: int, rows: int, shapes: bool = False) -> list[dict]:
     """[{name, calls, ms (self time on the device, or the CPU), [shapes]}] per pass, largest first."""
     def self_ms(e: object) -> float:
-        if device == "cuda":
+        if on_cuda(device):
             us = getattr(e, "self_device_time_total", None)
             us = getattr(e, "self_cuda_time_total", 0.0) if us is None else us
         else:

@@ -295,3 +295,52 @@ def test_bench_synchronizes_on_an_indexed_cuda_device(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "Event", Event)
     assert timing.bench(lambda: None, "cuda:0", warmup=0, iters=3) == 7.0 and len(syncs) == 4
     assert timing.on_cuda("cuda") and timing.on_cuda(torch.device("cuda", 1)) and not timing.on_cuda("cpu")
+
+
+def test_scripts_branch_on_the_device_type_not_the_string() -> None:
+    """``--device cuda:1``: a script that compared the string to exactly "cuda" took its CPU branch on a GPU
+    (decode.py recorded the CPU's name, skipped the graph engine and --pin-autotune; mixers.py ran fp32 without
+    the raw kernels; timing.profile_passes left out the CUDA kernels). They ask ``timing.on_cuda`` (or a
+    ``torch.device``'s ``.type``)."""
+    import re
+
+    bad = re.compile(r"""(?<!\.type)\s(==|!=)\s*["']cuda["']""")
+    hits = [f"{p.name}:{i}: {line.strip()}" for p in sorted((REPO / "benchmarks").glob("*.py"))
+            for i, line in enumerate(p.read_text().splitlines(), 1) if bad.search(line)]
+    assert not hits, "\n".join(hits)
+
+
+def test_decode_and_mixers_record_an_indexed_cuda_device(monkeypatch, tmp_path) -> None:
+    """decode.py and mixers.py with ``--device cuda:1`` (CUDA faked): the GPU's name (of that index) in the
+    JSON, bf16, and decode.py's --pin-autotune pins."""
+    import contextlib
+    import sys
+
+    import torch
+
+    from hymba_plus.kernels import dispatch
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: f"GPU {torch.device(d or 'cuda').index}")
+    decode = load_benchmark("decode")
+    assert decode.device_label("cuda:1") == "GPU 1" and decode.device_label("cpu") != "GPU 1"
+    pinned, ran = [], []
+
+    @contextlib.contextmanager
+    def pin(*prefixes):  # noqa: ANN202
+        pinned.append(prefixes)
+        yield 3
+
+    monkeypatch.setattr(dispatch, "pinned_autotune", pin)
+    monkeypatch.setattr(decode, "run", ran.append)
+    monkeypatch.setattr(sys, "argv", ["decode.py", "--device", "cuda:1", "--pin-autotune", "--tiny"])
+    decode.main()
+    assert pinned and len(ran) == 1
+
+    mixers = load_benchmark("mixers")
+    assert mixers.bench_dtype("cuda:1") == torch.bfloat16 and mixers.bench_dtype("cpu") == torch.float32
+    monkeypatch.setattr(mixers, "run_mixers", lambda args, on_row=None: [])
+    out = tmp_path / "mixers.json"
+    monkeypatch.setattr(sys, "argv", ["mixers.py", "--device", "cuda:1", "--out", str(out)])
+    mixers.main()
+    rep = json.loads(out.read_text())
+    assert rep["device"] == "GPU 1" and rep["dtype"] == "bf16"
