@@ -24,7 +24,8 @@ with the forward+backward replayed from CUDA graphs (``training/cuda_graph.Graph
 with ``--compile`` also ``torch.compile``. A missing peer package skips its row with the
 reason recorded. The JSON (``<out-dir>/<device-slug>-<date>.json`` and ``latest.json``) is
 rewritten after every row, so a run killed by a time limit keeps the rows it finished;
-``--merge`` keeps the rows of an earlier run of the same file that this run does not redo; each row
+``--merge`` keeps the rows this run does not redo from ``latest.json`` if it is this device's, else from the
+newest ``<device-slug>-<date>.json`` (any date; the report's ``merged_from_file`` names it); each row
 keeps the settings, fast-path statuses and time of the call that measured it (``run``).
 
     python benchmarks/side_by_side.py                                # everything, GPU
@@ -802,6 +803,19 @@ def write_report(report: dict, out_dir: Path, name: str) -> Path:
     return path
 
 
+def merge_source(out_dir: Path, name: str) -> Path | None:
+    """The file ``--merge`` keeps rows from: ``latest.json`` when it is this device's (every call rewrites it),
+    else the newest ``<device-slug>-<date>.json`` (not only today's: a call after UTC midnight found nothing)."""
+    latest = out_dir / "latest.json"
+    if latest.is_file():
+        with contextlib.suppress(ValueError):
+            if json.loads(latest.read_text()).get("device") == name:
+                return latest
+    dated = re.compile(re.escape(device_slug(name)) + r"-(\d{4}-\d{2}-\d{2})\.json")
+    found = sorted((m[1], p) for p in out_dir.glob("*.json") if (m := dated.fullmatch(p.name)))
+    return found[-1][1] if found else None
+
+
 class Progress:
     """``args.progress(partial_row)``: a row's results so far written as ``status: partial``
     (the JSON survives a run killed in the middle of a long row)."""
@@ -862,8 +876,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--hbm-bw", type=float, default=None, help="bytes/s for the weight-streaming limit (default: the "
                     "GPU's datasheet figure, e.g. 4.8e12 on an H200, 3.35e12 on an H100 SXM)")
     ap.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
-    ap.add_argument("--merge", action="store_true", help="keep the rows of an existing output file of the same "
-                    "device and date that this run does not measure (several calls under a time limit)")
+    ap.add_argument("--merge", action="store_true", help="keep the rows this run does not measure from latest.json "
+                    "if it is this device's, else from the newest <device-slug>-<date>.json in --out-dir (several "
+                    "calls under a time limit, across midnight too)")
     args = ap.parse_args(argv)
     args.preset = TINY if args.tiny else FULL
     for key in ("steps", "warmup", "batch", "seq_len", "prompts", "decode_batches", "new_tokens"):
@@ -906,11 +921,16 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: v for k, v in vars(args).items() if k not in ("preset", "out_dir", "progress")},
         "preset": "tiny" if args.tiny else "full", "rows": {}, "ratios": {},
     }
-    old = args.out_dir / file
-    if args.merge and old.is_file():
+    old = merge_source(args.out_dir, name) if args.merge else None
+    if old is not None:
         prev = json.loads(old.read_text())
         report["rows"] = {k: v for k, v in prev.get("rows", {}).items() if k not in args.rows}
         report["merged_from_earlier_run"] = sorted(report["rows"])
+        report["merged_from_file"] = old.name
+        print(f"--merge: merging {' '.join(report['rows']) or 'no rows'} from {old.name}", flush=True)
+    elif args.merge:
+        print(f"--merge: no latest.json or <{device_slug(name)}-date>.json of {name} in {args.out_dir}: "
+              f"nothing to merge", flush=True)
     print(f"device: {name}; rows: {' '.join(args.rows)}", flush=True)
     path, interrupted = None, False
     for row in args.rows:

@@ -344,3 +344,32 @@ def test_decode_and_mixers_record_an_indexed_cuda_device(monkeypatch, tmp_path) 
     mixers.main()
     rep = json.loads(out.read_text())
     assert rep["device"] == "GPU 1" and rep["dtype"] == "bf16"
+
+
+def test_merge_reads_the_newest_file_of_the_device_across_midnight(tmp_path, capsys) -> None:
+    """--merge looked only for today's ``<slug>-<date>.json``: a call after UTC midnight merged nothing, silently.
+    It takes ``latest.json`` when that is this device's, else the newest dated file of the device, and says which."""
+    import datetime
+
+    bench = load_bench()
+    base = ["--tiny", "--device", "cpu", "--out-dir", str(tmp_path)]
+    assert bench.main([*base, "--rows", "gdn"]) == 0
+    today = tmp_path / f"cpu-{datetime.date.today().isoformat()}.json"
+    today.rename(tmp_path / "cpu-2000-01-02.json")  # yesterday's call, as copied back into the out dir
+    (tmp_path / "cpu-2000-01-01.json").write_text(json.dumps({"device": "cpu", "rows": {"attn": {"status": "ok"}}}))
+    (tmp_path / "latest.json").unlink()
+    assert bench.main([*base, "--rows", "fsdp2", "--merge"]) == 0
+    rep = json.loads(today.read_text())
+    assert set(rep["rows"]) == {"gdn", "fsdp2"} and rep["merged_from_earlier_run"] == ["gdn"]
+    assert rep["merged_from_file"] == "cpu-2000-01-02.json"
+    assert "merging gdn from cpu-2000-01-02.json" in capsys.readouterr().out
+    # latest.json of this device: taken first (rewritten by every call)
+    today.unlink()
+    assert bench.main([*base, "--rows", "attn", "--merge"]) == 0
+    rep = json.loads(today.read_text())
+    assert set(rep["rows"]) == {"gdn", "fsdp2", "attn"} and rep["merged_from_file"] == "latest.json"
+    # nothing of this device: said so
+    for p in tmp_path.glob("*.json"):
+        p.unlink()
+    assert bench.main([*base, "--rows", "fsdp2", "--merge"]) == 0
+    assert "nothing to merge" in capsys.readouterr().out
