@@ -25,7 +25,8 @@ with ``--compile`` also ``torch.compile``. A missing peer package skips its row 
 reason recorded. The JSON (``<out-dir>/<device-slug>-<date>.json`` and ``latest.json``) is
 rewritten after every row, so a run killed by a time limit keeps the rows it finished;
 ``--merge`` keeps the rows this run does not redo from ``latest.json`` if it is this device's, else from the
-newest ``<device-slug>-<date>.json`` (any date; the report's ``merged_from_file`` names it); each row
+newest ``<device-slug>-<date>.json`` (any date; the report's ``merged_from_file`` names it), and a redone row
+that ends skipped / error / interrupted keeps that file's measured row, the attempt as its ``failed_rerun``; each row
 keeps the settings, fast-path statuses and time of the call that measured it (``run``).
 
     python benchmarks/side_by_side.py                                # everything, GPU
@@ -818,14 +819,17 @@ def merge_source(out_dir: Path, name: str) -> Path | None:
 
 class Progress:
     """``args.progress(partial_row)``: a row's results so far written as ``status: partial``
-    (the JSON survives a run killed in the middle of a long row)."""
+    (the JSON survives a run killed in the middle of a long row); beside an earlier good row of ``--merge``
+    as its ``rerun_in_progress``, not over it. ``last``: the latest partial row."""
 
-    def __init__(self, report: dict, row: str, out_dir: Path, file: str, t0: float):
+    def __init__(self, report: dict, row: str, out_dir: Path, file: str, t0: float, earlier: dict | None = None):
         self.report, self.row, self.out_dir, self.file, self.t0 = report, row, out_dir, file, t0
+        self.earlier, self.last = earlier, {}
 
     def __call__(self, partial: dict) -> None:
-        self.report["rows"][self.row] = {**partial, "status": "partial",
-                                         "seconds": round(time.perf_counter() - self.t0, 1)}
+        self.last = partial
+        now = {**partial, "status": "partial", "seconds": round(time.perf_counter() - self.t0, 1)}
+        self.report["rows"][self.row] = {**self.earlier, "rerun_in_progress": now} if self.earlier else now
         self.report["ratios"] = ratios(self.report["rows"])
         write_report(self.report, self.out_dir, self.file)
 
@@ -922,8 +926,10 @@ def main(argv: list[str] | None = None) -> int:
         "preset": "tiny" if args.tiny else "full", "rows": {}, "ratios": {},
     }
     old = merge_source(args.out_dir, name) if args.merge else None
+    earlier: dict[str, dict] = {}  # --merge: rows this call redoes that measured; kept if the rerun fails
     if old is not None:
         prev = json.loads(old.read_text())
+        earlier = {k: v for k, v in prev.get("rows", {}).items() if k in args.rows and v.get("status") == "ok"}
         report["rows"] = {k: v for k, v in prev.get("rows", {}).items() if k not in args.rows}
         report["merged_from_earlier_run"] = sorted(report["rows"])
         report["merged_from_file"] = old.name
@@ -936,7 +942,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in args.rows:
         print(f"\n== {row}", flush=True)
         t0 = time.perf_counter()
-        args.progress = Progress(report, row, args.out_dir, file, t0)
+        args.progress = Progress(report, row, args.out_dir, file, t0, earlier.get(row))
         pin = (dispatch.pinned_autotune("fla.", "mamba_ssm.") if args.one_launch_config and on_cuda(args.device)
                else contextlib.nullcontext(0))
         try:
@@ -950,7 +956,7 @@ def main(argv: list[str] | None = None) -> int:
             res = {"status": "skipped", "reason": str(e)}
             print(f"skipped: {e}", flush=True)
         except KeyboardInterrupt:  # a time limit's SIGINT: keep what the row measured so far, stop
-            res = {k: v for k, v in report["rows"].get(row, {}).items() if k != "seconds"}
+            res = dict(args.progress.last)
             res.update(status="interrupted", reason=f"{row}: stopped (SIGINT, e.g. a time limit) after "
                        f"{time.perf_counter() - t0:.0f} s; the results above are the ones finished by then")
             interrupted = True
@@ -962,9 +968,14 @@ def main(argv: list[str] | None = None) -> int:
         res["run"] = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
                       "settings": report["settings"], "our_fast_paths": dispatch.statuses(),
                       "hymba_kernels": report["hymba_kernels"]}
+        if res["status"] != "ok" and row in earlier:  # a failed rerun never erases a measurement
+            print(f"{row}: this call ended {res['status']}; the earlier measurement "
+                  f"({earlier[row].get('run', {}).get('date')}) is kept, this attempt beside it as failed_rerun",
+                  flush=True)
+            res = {**earlier[row], "failed_rerun": res}
         report["rows"][row] = res
         free(dev)
-        if res["status"] == "ok":
+        if res["status"] == "ok" and "failed_rerun" not in res:  # (a kept earlier row: printed by its call)
             if "peer" in res:
                 print_train_row(row, res)
             elif row == "decode":

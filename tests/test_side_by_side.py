@@ -373,3 +373,29 @@ def test_merge_reads_the_newest_file_of_the_device_across_midnight(tmp_path, cap
         p.unlink()
     assert bench.main([*base, "--rows", "fsdp2", "--merge"]) == 0
     assert "nothing to merge" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("outcome", ["skipped", "error", "interrupted"])
+def test_a_failed_rerun_keeps_the_earlier_measurement(tmp_path, monkeypatch, outcome) -> None:
+    """--merge: a rerun of a row that ends skipped / error / interrupted replaced the earlier good row (a transient
+    failure erased a measurement). The earlier row stays, the failed attempt beside it as ``failed_rerun``."""
+    bench = load_bench()
+    good = {"status": "ok", "ratio": 1.5, "peer": {}, "ours": {}, "run": {"date": "2000-01-01T00:00:00"}}
+    (tmp_path / "latest.json").write_text(json.dumps({"device": bench.device_name("cpu"), "rows": {"gdn": good}}))
+
+    def row_gdn(args):  # noqa: ANN001, ANN202
+        if outcome != "skipped":
+            args.progress({"results": [{"half": "done"}]})  # written while the row runs: the earlier row stays
+            assert json.loads((tmp_path / "latest.json").read_text())["rows"]["gdn"]["ratio"] == 1.5
+        raise {"skipped": bench.Skip("no fla"), "error": RuntimeError("boom"), "interrupted": KeyboardInterrupt()}[outcome]
+
+    monkeypatch.setitem(bench.ROW_FUNCS, "gdn", row_gdn)
+    rc = bench.main(["--tiny", "--device", "cpu", "--out-dir", str(tmp_path), "--rows", "gdn", "--merge"])
+    assert rc == (130 if outcome == "interrupted" else 0)
+    rep = json.loads((tmp_path / "latest.json").read_text())
+    row = rep["rows"]["gdn"]
+    assert row["status"] == "ok" and row["ratio"] == 1.5 and row["run"]["date"] == "2000-01-01T00:00:00"
+    assert row["failed_rerun"]["status"] == outcome and row["failed_rerun"]["run"]["date"] > "2000"
+    if outcome == "interrupted":
+        assert row["failed_rerun"]["results"] == [{"half": "done"}]
+    assert rep["ratios"]["gdn_vs_fla"] == 1.5
