@@ -736,12 +736,12 @@ def ratios(rows: dict) -> dict:
 
 
 def decode_ratio(row: dict | None, key: str = "decode_tokens_per_s") -> tuple[float | None, str | None]:
-    """Ours / HF at the largest batch, the worse of the prompts up to 8k; the note says when that is
+    """Ours / HF at the largest measured batch, the worse of the prompts up to 8k; the note says when that is
     not both 2k and 8k (an unfinished row, or a call that asked for other prompts)."""
     if not row or "results" not in row:
         return None, (row or {}).get("reason") or "row not run"
     res = row["results"]
-    batch = max((r["batch"] for r in res), default=None)
+    batch = max((r["batch"] for r in res if r.get(key) is not None), default=None)  # measured, not skipped
     prompts = sorted({r["prompt"] for r in res if r["prompt"] <= 8192}) or sorted({r["prompt"] for r in res})[:1]
     engine = "auto" if "auto" in row["engines"] else row["engines"][0]
 

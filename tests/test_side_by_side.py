@@ -399,3 +399,14 @@ def test_a_failed_rerun_keeps_the_earlier_measurement(tmp_path, monkeypatch, out
     if outcome == "interrupted":
         assert row["failed_rerun"]["results"] == [{"half": "done"}]
     assert rep["ratios"]["gdn_vs_fla"] == 1.5
+
+
+def test_decode_ratio_takes_the_largest_measured_batch() -> None:
+    """A skipped setting at a larger batch (predicted too slow, out of memory) made decode_ratio look only at that
+    batch and find nothing; the batch is the largest among measured results."""
+    bench = load_bench()
+    res = [{"prompt": p, "batch": 16, "model": m, "engine": e, "decode_tokens_per_s": t}
+           for p in (2048, 8192) for m, e, t in (("hf", "default", 500.0), ("ours", "auto", 5000.0))]
+    res += [{"prompt": 2048, "batch": 32, "model": m, "engine": e, "skipped": "predicted too slow"}
+            for m, e in (("hf", "default"), ("ours", "auto"))]
+    assert bench.decode_ratio({"status": "ok", "engines": ["auto"], "results": res}) == (10.0, None)
