@@ -796,6 +796,9 @@ def write_report(report: dict, out_dir: Path, name: str) -> Path:
     from hymba_plus.kernels import dispatch
 
     report["our_fast_paths"] = dispatch.statuses()
+    devices = set(report.get("row_devices", {}).values())  # merged rows may have run on another card
+    if devices:
+        report["device"] = devices.pop() if len(devices) == 1 else "mixed: see row_devices"
     path = out_dir / name
     tmp = out_dir / f".{name}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(report, indent=1, default=str))
@@ -924,6 +927,7 @@ def main(argv: list[str] | None = None) -> int:
         "our_fast_paths": dispatch.statuses(),  # refreshed at every write: the paths the rows asked for
         "settings": {k: v for k, v in vars(args).items() if k not in ("preset", "out_dir", "progress")},
         "preset": "tiny" if args.tiny else "full", "rows": {}, "ratios": {},
+        "row_devices": {},  # the card of each row (write_report sets "device" from them)
     }
     old = merge_source(args.out_dir, name) if args.merge else None
     earlier: dict[str, dict] = {}  # --merge: rows this call redoes that measured; kept if the rerun fails
@@ -933,6 +937,7 @@ def main(argv: list[str] | None = None) -> int:
         report["rows"] = {k: v for k, v in prev.get("rows", {}).items() if k not in args.rows}
         report["merged_from_earlier_run"] = sorted(report["rows"])
         report["merged_from_file"] = old.name
+        report["row_devices"] = {k: prev.get("row_devices", {}).get(k, prev.get("device")) for k in report["rows"]}
         print(f"--merge: merging {' '.join(report['rows']) or 'no rows'} from {old.name}", flush=True)
     elif args.merge:
         print(f"--merge: no latest.json or <{device_slug(name)}-date>.json of {name} in {args.out_dir}: "
@@ -943,6 +948,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n== {row}", flush=True)
         t0 = time.perf_counter()
         args.progress = Progress(report, row, args.out_dir, file, t0, earlier.get(row))
+        report["row_devices"][row] = name  # (a kept earlier row: the same device, merge_source's file is this one's)
         pin = (dispatch.pinned_autotune("fla.", "mamba_ssm.") if args.one_launch_config and on_cuda(args.device)
                else contextlib.nullcontext(0))
         try:

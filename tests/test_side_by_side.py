@@ -410,3 +410,19 @@ def test_decode_ratio_takes_the_largest_measured_batch() -> None:
     res += [{"prompt": 2048, "batch": 32, "model": m, "engine": e, "skipped": "predicted too slow"}
             for m, e in (("hf", "default"), ("ours", "auto"))]
     assert bench.decode_ratio({"status": "ok", "engines": ["auto"], "results": res}) == (10.0, None)
+
+
+def test_top_level_device_is_the_rows_one_device_or_says_mixed(tmp_path, monkeypatch) -> None:
+    """The report's ``device`` was this call's even when merged rows ran on another card (the committed
+    latest.json said H100 over the H200's decode row): it is the rows' one device, else says it is mixed;
+    ``row_devices`` names each row's."""
+    bench = load_bench()
+    name = bench.device_name("cpu")
+    assert bench.main(["--tiny", "--device", "cpu", "--out-dir", str(tmp_path), "--rows", "gdn"]) == 0
+    rep = json.loads((tmp_path / "latest.json").read_text())
+    assert rep["device"] == name and rep["row_devices"] == {"gdn": name}
+    report = {"device": name, "rows": {"gdn": {}, "decode": {}}, "row_devices": {"gdn": name, "decode": "NVIDIA H200"}}
+    bench.write_report(report, tmp_path, "x.json")
+    assert json.loads((tmp_path / "x.json").read_text())["device"] == "mixed: see row_devices"
+    committed = json.loads((REPO / "benchmarks" / "results" / "latest.json").read_text())
+    assert len(set(committed["row_devices"].values())) > 1 and committed["device"] == "mixed: see row_devices"
