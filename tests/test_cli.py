@@ -399,3 +399,16 @@ def test_closed_pipe_is_not_a_traceback():
     err = proc.stderr.read()
     assert proc.wait(timeout=300) == 141
     assert err == ""
+
+
+def test_human_count_rounds_up_to_the_next_unit():
+    """Regression: 999,999 printed ``1000.00K`` (rounded to 2 places after choosing K)."""
+    from hymba_plus.cli.info import human_count
+
+    assert human_count(999) == "999"
+    assert human_count(1000) == "1.00K"
+    assert human_count(999_994) == "999.99K"
+    assert human_count(999_996) == "1.00M"
+    assert human_count(999_999) == "1.00M"
+    assert human_count(999_999_999) == "1.00B"
+    assert human_count(98_944) == "98.94K"

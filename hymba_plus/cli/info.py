@@ -295,10 +295,14 @@ def compact_pattern(tokens: list[str]) -> str:
 
 
 def human_count(n: int) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= div:
+    """``98.94K``, ``1.00M``: the largest unit the count reaches once rounded (999,999 is
+    ``1.00M``, not ``1000.00K``)."""
+    if n < 1000:
+        return str(n)
+    for unit, div in (("K", 1e3), ("M", 1e6)):
+        if float(f"{n / div:.2f}") < 1000:
             return f"{n / div:.2f}{unit}"
-    return str(n)
+    return f"{n / 1e9:.2f}B"
 
 
 def human_bytes(n: int | None) -> str:
