@@ -412,3 +412,21 @@ def test_human_count_rounds_up_to_the_next_unit():
     assert human_count(999_999) == "1.00M"
     assert human_count(999_999_999) == "1.00B"
     assert human_count(98_944) == "98.94K"
+
+
+def test_human_bytes_units_up_to_pib():
+    """Regression: a huge --seq-lens printed ``49173831939697.3 GiB`` (GiB was the largest unit)."""
+    from hymba_plus.cli.info import human_bytes
+
+    assert human_bytes(None) == "n/a"
+    assert human_bytes(1023) == "1023 B"
+    assert human_bytes(542_822) == "530.1 KiB"
+    assert human_bytes(2**20 - 1) == "1.0 MiB"  # not 1024.0 KiB
+    assert human_bytes(3 * 2**40) == "3.0 TiB"
+    assert human_bytes(5 * 2**50) == "5.0 PiB"
+    assert human_bytes(2**60) == "1024.0 PiB"
+
+
+def test_info_huge_seq_len_in_tib(capsys):
+    code, out, _ = run(capsys, "info", str(ROOT / "configs" / "gpt_tiny.yaml"), "--seq-lens", "1000000000000")
+    assert code == 0 and "480.2 TiB" in "\n".join(out) and not re.search(r"\d{5,}\.\d GiB", "\n".join(out))

@@ -306,12 +306,15 @@ def human_count(n: int) -> str:
 
 
 def human_bytes(n: int | None) -> str:
+    """``530.1 KiB``, ``3.0 TiB``: the largest unit the size reaches once rounded (``n/a`` for None)."""
     if n is None:
         return "n/a"
-    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= div:
+    if n < 2**10:
+        return f"{n} B"
+    for unit, div in (("KiB", 2**10), ("MiB", 2**20), ("GiB", 2**30), ("TiB", 2**40)):
+        if float(f"{n / div:.1f}") < 1024:
             return f"{n / div:.1f} {unit}"
-    return f"{n} B"
+    return f"{n / 2**50:.1f} PiB"
 
 
 def seq_label(n: int) -> str:
