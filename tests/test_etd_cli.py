@@ -347,3 +347,15 @@ def test_ladir_generate_prints_each_prompts_own_route(tmp_path, capsys):
     rc, _, err = gen(capsys, tmp_path / "ck", *[a for p in prompts for a in ("--prompt", p)], "--mode", "ladir",
                      "--max-new-tokens", "2")
     assert rc == 0 and [line.split("route: ")[1] for line in err if "route: " in line] == alone
+
+
+def test_info_act_json_has_no_fixed_iterations_cache(capsys):
+    """Under ACT halting a forward runs up to max_iterations (tokens halt on their own): the
+    recipe's ``iterations`` sets no cache size. Regression: the JSON carried a
+    ``cache_bytes.iterations`` figure the text (rightly) omits; it is null now."""
+    e = info_json(capsys, MODR)["etd"]
+    assert e["halting"] == "act"
+    assert e["cache_bytes"]["iterations"] is None and e["cache_bytes_known"]["iterations"] is None
+    assert e["cache_bytes"]["max_iterations"]["1024"] > 0
+    e = info_json(capsys, TINY)["etd"]  # fixed iterations: both figures
+    assert e["halting"] != "act" and e["cache_bytes"]["iterations"]["1024"] > 0

@@ -18,7 +18,7 @@ think blocks' weights are tied and counted once) and the per-application view: l
 applications per forward (``E + T x iterations + D``, and at ``max_iterations``) and the
 cache bytes of every think iteration — each (layer, iteration) application has its own
 state. ``cache`` is then what a real cache holds after ``max_iterations`` think iterations
-(and after ``iterations``), every slot applied once (all-execute routes). ``new_cache``
+(and after ``iterations``; null under ACT halting, where it sizes nothing), every slot applied once (all-execute routes). ``new_cache``
 allocates a state for every slot up front, a Dr.LLM slot's repeat state included, so a slot no
 token reaches still counts its empty size: a recurrent mixer's full fixed-size state, nothing
 for attention (whose states grow with the tokens an application sees). A Dr.LLM *repeat* fills
@@ -257,6 +257,8 @@ def describe_etd(recipe: Any, model: torch.nn.Module, layers: list[dict], seq_le
         if routed:  # all-execute routes: the repeat states stay idle
             states += [idle[i] for p in parts for i in p["layers"]]
         cache[key], known[key] = _sum_states(states, seq_lens)
+    if cfg.halting.kind == "act":  # tokens halt on their own, up to max_iterations: ``iterations`` sizes nothing
+        cache["iterations"] = known["iterations"] = None
     repeat = None
     if routed:  # every slot repeated: its second state as large as the first
         full = _sum_states([layers[i]["state_bytes"] for p in parts for i in p["layers"]], seq_lens)[0]
