@@ -430,3 +430,34 @@ def test_human_bytes_units_up_to_pib():
 def test_info_huge_seq_len_in_tib(capsys):
     code, out, _ = run(capsys, "info", str(ROOT / "configs" / "gpt_tiny.yaml"), "--seq-lens", "1000000000000")
     assert code == 0 and "480.2 TiB" in "\n".join(out) and not re.search(r"\d{5,}\.\d GiB", "\n".join(out))
+
+
+@pytest.mark.parametrize("block", ["GA+mlp", "GD+mlp"])
+def test_info_mtp_cache_matches_speculative_decoding(capsys, tmp_path, block):
+    """The MTP modules' own cache (``mtp.new_cache``, speculative MTP decoding) is a field and a
+    line of its own, not part of the trunk's figure: after a prompt of T tokens module i (1-based)
+    holds T + 1 - i positions (meta tokens never reach it). Regression: it was not shown at all."""
+    from hymba_plus.models.mtp_decoding import generate_mtp
+
+    r = yaml.safe_load((ROOT / "configs" / "mtp_tiny.yaml").read_text())
+    r["model"]["meta_tokens"] = 3
+    r["model"]["mtp"]["block"] = block
+    p = write(tmp_path / "mtp.yaml", r)
+    torch.manual_seed(0)
+    model = build_model(p).eval()
+    made = []
+    new_cache = model.mtp.new_cache
+    model.mtp.new_cache = lambda *a, **k: made.append(new_cache(*a, **k)) or made[-1]
+    for T in (5, 17):
+        code, out, _ = run(capsys, "info", str(p), "--json", "--seq-lens", str(T))
+        d = json.loads("\n".join(out))
+        with torch.no_grad():
+            generate_mtp(model, torch.randint(0, 256, (1, T)), max_new_tokens=0)
+        trunk = model.new_cache(1)
+        with torch.no_grad():
+            model(torch.randint(0, 256, (1, T)), cache=trunk)
+        assert d["cache_bytes"][str(T)] == trunk.nbytes()  # the trunk's alone
+        assert d["mtp"]["cache_bytes"][str(T)] == made[-1].nbytes() > 0
+    text = format_info(describe(load_recipe(p)))
+    assert re.search(r"^            MTP modules' own cache \(speculative decoding, --mode mtp\): 1k tokens [\d.]+ \w?i?B, "
+                     r"32k tokens", text, re.M), text

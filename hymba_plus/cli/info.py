@@ -3,7 +3,8 @@
 Prints the resolved flat pattern (a ratio layout: the layers it resolves to and what was
 rounded, on one line), one row per layer (mixer, ffn, parameters, cache bytes per
 sequence), parameters total and active (MoE: only the routed experts a token uses), cache
-bytes per sequence at 1k and 32k tokens, and the fast kernels: one line without CUDA
+bytes per sequence at 1k and 32k tokens (an MTP recipe: its modules' own cache for speculative
+decoding on a line of its own), and the fast kernels: one line without CUDA
 (``fast paths: atlas_cpu (CPU: reference paths for the rest)``), a short table with it, every op with its
 fast path and why it is unavailable with ``--kernels``.
 
@@ -116,6 +117,11 @@ def describe(recipe: Any, dtype: torch.dtype = torch.float32, seq_lens: tuple[in
         cache, known = etd["cache_bytes"]["max_iterations"], etd["cache_bytes_known"]["max_iterations"]
     else:
         cache, known = _sum_states([r["state_bytes"] for r in layers], seq_lens)
+    mtp_cache = None
+    if model.mtp is not None:  # speculative MTP decoding's own cache (mtp.new_cache): after n tokens
+        # module i (1-based) holds the n + 1 - i positions whose inputs are known; no meta tokens
+        mtp_cache = _sum_states([{str(n): mixer_state_nbytes(b.mixer, max(n + 1 - i, 0), dtype) for n in seq_lens}
+                                 for i, b in enumerate(model.mtp.blocks, 1)], seq_lens)
     kernels = {op: {"fast_path": doc, "available": ok, "error": err, "device": dispatch.device_of(op)}
                for op, (doc, ok, err) in dispatch.available().items()}
     layout = None
@@ -143,7 +149,8 @@ def describe(recipe: Any, dtype: torch.dtype = torch.float32, seq_lens: tuple[in
         **({"etd": etd} if etd is not None else {}),
         "objective": _objective(recipe),
         "conventions": conventions(recipe),
-        **({"mtp": {**dataclasses.asdict(m.mtp), "params": mtp, "active_params": mtp_active}}
+        **({"mtp": {**dataclasses.asdict(m.mtp), "params": mtp, "active_params": mtp_active,
+                    "cache_bytes": mtp_cache[0], "cache_bytes_known": mtp_cache[1]}}
            if m.mtp is not None else {}),
         **({"ladir": {**dataclasses.asdict(recipe.ladir), "params": ladir, "active_params": ladir_active}}
            if recipe.ladir is not None else {}),
@@ -427,6 +434,9 @@ def format_info(d: dict, kernels: str = "auto") -> str:
         out.append(f"cache       per sequence ({d['cache_dtype']}): {_cache_list(d['cache_bytes'], d['cache_bytes_known'])}")
     else:
         out += format_etd_cache(etd, d["cache_dtype"])
+    if d.get("mtp") is not None:  # not in the figure above: plain decoding never allocates it
+        out.append(f"{LABEL}MTP modules' own cache (speculative decoding, --mode mtp): "
+                   f"{_cache_list(d['mtp']['cache_bytes'], d['mtp']['cache_bytes_known'])}")
     missing = d["missing_state_nbytes"]
     if missing:
         verb = "does" if len(missing) == 1 else "do"
