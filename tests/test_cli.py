@@ -461,3 +461,16 @@ def test_info_mtp_cache_matches_speculative_decoding(capsys, tmp_path, block):
     text = format_info(describe(load_recipe(p)))
     assert re.search(r"^            MTP modules' own cache \(speculative decoding, --mode mtp\): 1k tokens [\d.]+ \w?i?B, "
                      r"32k tokens", text, re.M), text
+
+
+def test_info_notes_lengths_past_max_seq_len(capsys):
+    """Regression: the 1k / 32k columns of a recipe with max_seq_len 256 carried no note."""
+    path = str(ROOT / "configs" / "mtp_tiny.yaml")  # max_seq_len 256
+    code, out, _ = run(capsys, "info", path, "--seq-lens", "100,256,1024,32768")
+    assert code == 0 and "            1k, 32k tokens: past max_seq_len 256" in out
+    code, out, _ = run(capsys, "info", path, "--json", "--seq-lens", "100,256,1024,32768")
+    assert json.loads("\n".join(out))["past_max_seq_len"] == [1024, 32768]
+    code, out, _ = run(capsys, "info", path, "--seq-lens", "100,256")
+    assert not any("past max_seq_len" in x for x in out)
+    code, out, _ = run(capsys, "info", path, "--json", "--seq-lens", "100,256")
+    assert json.loads("\n".join(out))["past_max_seq_len"] == []

@@ -3,8 +3,9 @@
 Prints the resolved flat pattern (a ratio layout: the layers it resolves to and what was
 rounded, on one line), one row per layer (mixer, ffn, parameters, cache bytes per
 sequence), parameters total and active (MoE: only the routed experts a token uses), cache
-bytes per sequence at 1k and 32k tokens (an MTP recipe: its modules' own cache for speculative
-decoding on a line of its own), and the fast kernels: one line without CUDA
+bytes per sequence at 1k and 32k tokens (a note names the lengths past the recipe's
+``max_seq_len``; an MTP recipe: its modules' own cache for speculative decoding on a line of
+its own), and the fast kernels: one line without CUDA
 (``fast paths: atlas_cpu (CPU: reference paths for the rest)``), a short table with it, every op with its
 fast path and why it is unavailable with ``--kernels``.
 
@@ -139,6 +140,7 @@ def describe(recipe: Any, dtype: torch.dtype = torch.float32, seq_lens: tuple[in
         "pattern_compact": compact_pattern([s.token() for s in recipe.layers]), "n_layers": len(layers),
         "layout": layout,
         "vocab_size": m.vocab_size, "d_model": m.d_model, "max_seq_len": m.max_seq_len,
+        "past_max_seq_len": [n for n in seq_lens if m.max_seq_len is not None and n > m.max_seq_len],
         "meta_tokens": n_meta, "tie_embeddings": m.tie_embeddings,
         "layers": layers, "other_params": other,
         "params_total": total, "params_active": active,
@@ -437,6 +439,9 @@ def format_info(d: dict, kernels: str = "auto") -> str:
     if d.get("mtp") is not None:  # not in the figure above: plain decoding never allocates it
         out.append(f"{LABEL}MTP modules' own cache (speculative decoding, --mode mtp): "
                    f"{_cache_list(d['mtp']['cache_bytes'], d['mtp']['cache_bytes_known'])}")
+    if d.get("past_max_seq_len"):  # the default columns (1k, 32k) outrun a tiny recipe's
+        out.append(f"{LABEL}{', '.join(seq_label(n) for n in d['past_max_seq_len'])} tokens: "
+                   f"past max_seq_len {d['max_seq_len']}")
     missing = d["missing_state_nbytes"]
     if missing:
         verb = "does" if len(missing) == 1 else "do"
