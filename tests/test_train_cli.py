@@ -564,3 +564,12 @@ def test_a_plain_resume_keeps_distilling_from_the_runs_teacher(tmp_path, capsys)
     assert "the resumed run's teacher" in capsys.readouterr().err
     full, cut = _rows(tmp_path / "full"), _rows(tmp_path / "cut")
     assert [r["loss"] for r in cut] == [r["loss"] for r in full] and all("distill/kl" in r for r in cut[-2:]), cut
+
+
+def test_ladir_stage_without_the_ladir_objective_is_a_usage_error(tmp_path, capsys):
+    """--ladir-stage on a recipe whose objective is not ladir was ignored silently."""
+    out = tmp_path / "r"
+    rc = main(["train", recipe_file(tmp_path), "--out", str(out), "--steps", "1", *FAST, "--ladir-stage", "flow"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "--ladir-stage flow: only for objective ladir" in err, err
+    assert not out.exists()

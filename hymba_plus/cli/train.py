@@ -172,6 +172,9 @@ def run(args: argparse.Namespace) -> int:
     except RecipeError as e:
         raise UserError(str(e)) from None
     overrides = {field: getattr(args, dest) for dest, field in _FIELDS.items() if getattr(args, dest) is not None}
+    kind = recipe.objective.kind if recipe.objective is not None else "next_token"
+    if args.ladir_stage is not None and kind != "ladir":  # (it was ignored silently)
+        raise UsageError(f"--ladir-stage {args.ladir_stage}: only for objective ladir (the recipe's is {kind})")
     if args.stop_after is not None and args.stop_after < 1:
         raise UsageError(f"--stop-after {args.stop_after}: must be >= 1")
     if args.progress_interval < 0:
