@@ -374,3 +374,22 @@ def test_reasoning_file_eval_batches_mark_their_repeats(tmp_path) -> None:
     wrapped = s.eval(range(0, 4))
     assert wrapped.rows == 2 and wrapped.input_ids.shape[0] == 4
     assert s.eval(range(4, 8)).rows == 0
+
+
+def test_flow_loss_reads_the_lm_without_dropout_and_restores_train_mode() -> None:
+    """The flow loss's targets (posterior latents) and condition (question states) come from the LM as
+    inference sees it: with model.dropout > 0 they were computed with dropout on in training; the
+    modules' train / eval modes are as they were after the call."""
+    torch.manual_seed(0)
+    r = recipe()
+    r["model"]["dropout"] = 0.5
+    m = build_model(r)
+    b = batch()
+    m.eval()
+    ref, _ = m.ladir.flow_loss(m, b, generator=torch.Generator().manual_seed(3))
+    m.train()
+    m.ladir.denoiser.eval()  # a module's own mode survives the read
+    modes = [mod.training for mod in m.modules()]
+    got, _ = m.ladir.flow_loss(m, b, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(got, ref)
+    assert [mod.training for mod in m.modules()] == modes and m.training and not m.ladir.denoiser.training

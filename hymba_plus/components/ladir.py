@@ -48,7 +48,8 @@ The model thinks in ``memory_slots`` continuous vectors before it answers:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -75,6 +76,19 @@ def noise(draw: Callable[..., Tensor], shape: tuple[int, ...], device: torch.dev
             raise ValueError(f"{len(generator)} generators for {shape[0]} rows")
         return torch.stack([draw(tuple(shape[1:]), device=device, generator=g, dtype=dtype) for g in generator])
     return draw(tuple(shape), device=device, generator=generator, dtype=dtype)
+
+
+@contextmanager
+def reading(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode (no dropout, MoE capacity drops or balancing counts: as inference
+    runs it) for a read that trains nothing, each module's mode restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _timestep_embedding(t: Tensor, dim: int) -> Tensor:
@@ -249,9 +263,10 @@ class LaDiR(nn.Module):
                   per_row: bool = False) -> tuple[Tensor, dict]:
         """Rectified-flow velocity loss towards latents drawn from the VAE's posterior (the
         distribution the decoder was trained on; the VAE and the LM are only read here: no
-        gradient reaches them). ``per_row``: each row's loss [B]."""
+        gradient reaches them, and they run in eval mode, as at inference: no dropout).
+        ``per_row``: each row's loss [B]."""
         q, qm = batch["question"], batch["question_mask"]
-        with torch.no_grad():
+        with torch.no_grad(), reading(model):
             mu, logvar = self.encode(model, q, qm, batch["reasoning"], batch["reasoning_mask"])
             z1 = mu + (0.5 * logvar).exp() * noise(torch.randn, mu.shape, mu.device, generator)
             cond = self.question_states(model, q, qm)

@@ -8,7 +8,8 @@ the VAE and a resumed one the flow:
 
 * ``vae``: the LM and the VAE heads on reconstruction (reasoning and answer after the
   sampled slots) + beta * KL; the denoiser is untouched;
-* ``flow``: the denoiser alone on the rectified-flow loss (the LM and the VAE are read);
+* ``flow``: the denoiser alone on the rectified-flow loss (the LM and the VAE are read, in eval
+  mode as at inference: no dropout; so are they for the flow loss of ``joint``);
 * ``joint``: both losses, summed.
 
 Held-out: the stage's loss; accuracy is the answer's tokens, teacher-forced after the slots
