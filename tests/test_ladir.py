@@ -393,3 +393,15 @@ def test_flow_loss_reads_the_lm_without_dropout_and_restores_train_mode() -> Non
     got, _ = m.ladir.flow_loss(m, b, generator=torch.Generator().manual_seed(3))
     assert torch.equal(got, ref)
     assert [mod.training for mod in m.modules()] == modes and m.training and not m.ladir.denoiser.training
+
+
+def test_generate_stats_hold_python_ints_for_tensor_steps_and_samples() -> None:
+    """``steps`` / ``samples`` given as 0-d tensors (taken as integers) reached ``stats`` as tensors."""
+    torch.manual_seed(0)
+    m = build_model(recipe()).eval()
+    ids = torch.randint(3, V, (2, 5))
+    stats: dict = {}
+    m.generate(ids, max_new_tokens=2, mode="ladir", steps=torch.tensor(4), samples=torch.tensor(2), prophet=False,
+               stats=stats, generator=torch.Generator().manual_seed(0))
+    assert type(stats["steps"]) is int and stats["steps"] == 4 and type(stats["samples"]) is int
+    assert stats["steps_used"] == [[4, 4], [4, 4]] and stats["early_exits"] == 0

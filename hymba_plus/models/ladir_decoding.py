@@ -53,6 +53,7 @@ def generate_ladir(
     for name, v in (("samples", S), ("steps", steps if steps is not None else 1)):
         if not int_at_least(v, 1):
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    S, steps = int(S), int(steps) if steps is not None else lad.cfg.inference_steps  # (numpy / tensor integers)
     if prophet is not None and not isinstance(prophet, bool):
         raise TypeError(f"prophet must be True, False or None (the recipe's), got {type(prophet).__name__} "
                         f"{brief(prophet)}")
@@ -90,14 +91,13 @@ def generate_ladir(
     else:
         agreement = torch.ones(B, device=dev)
     if stats is not None:
-        steps_total = steps or lad.cfg.inference_steps
-        stats.update(steps=steps_total, steps_used=used.view(B, S).tolist(), mean_steps=float(used.float().mean()),
-                     early_exits=int((used < steps_total).sum()), samples=S, vote_agreement=agreement.tolist(),
+        stats.update(steps=steps, steps_used=used.view(B, S).tolist(), mean_steps=float(used.float().mean()),
+                     early_exits=int((used < steps).sum()), samples=S, vote_agreement=agreement.tolist(),
                      tokens=n * B)
         stats["summary"] = [
-            "ladir: denoising steps used " + ", ".join(f"{u}" + (" (Prophet exit)" if u < steps_total else "")
+            "ladir: denoising steps used " + ", ".join(f"{u}" + (" (Prophet exit)" if u < steps else "")
                                                        for u in row)
-            + f" of {steps_total} per latent sample; answer vote agreement {stats['vote_agreement'][i]:.2f}"
+            + f" of {steps} per latent sample; answer vote agreement {stats['vote_agreement'][i]:.2f}"
             for i, row in enumerate(stats["steps_used"])]
     return torch.cat([input_ids, new], dim=1)
 
