@@ -405,3 +405,18 @@ def test_generate_stats_hold_python_ints_for_tensor_steps_and_samples() -> None:
                stats=stats, generator=torch.Generator().manual_seed(0))
     assert type(stats["steps"]) is int and stats["steps"] == 4 and type(stats["samples"]) is int
     assert stats["steps_used"] == [[4, 4], [4, 4]] and stats["early_exits"] == 0
+
+
+@pytest.mark.parametrize("prophet", [False, True])
+def test_generate_stats_count_the_lm_forwards(prophet) -> None:
+    """``stats["forwards"]``: the LM's forward passes (question prefill, Prophet's checks, the slots,
+    one per answer token but the last), as the docstring promised; the denoiser's steps are not LM passes."""
+    torch.manual_seed(0)
+    m = build_model(recipe(prophet={"enabled": prophet, "check_every": 2})).eval()
+    calls = []
+    m.register_forward_hook(lambda *_: calls.append(1))
+    stats: dict = {}
+    m.generate(torch.randint(3, V, (2, 5)), max_new_tokens=3, mode="ladir", samples=2, steps=8, stats=stats,
+               generator=torch.Generator().manual_seed(0))
+    assert stats["forwards"] == len(calls) and (prophet or len(calls) == 4), (stats["forwards"], len(calls))
+    assert not prophet or len(calls) > 4  # checks at steps 2, 4, 6 (the random model's gaps are small)

@@ -294,18 +294,21 @@ class LaDiR(nn.Module):
     def sample(self, model: Any, question: Tensor, q_mask: Tensor, steps: int | None = None,
                prophet: bool | None = None, generator: Generators = None,
                z0: Tensor | None = None, qcache: HybridCache | None = None,
-               cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+               cond: Tensor | None = None, stats: dict | None = None) -> tuple[Tensor, Tensor]:
         """Euler sampling of z from noise given the (right-padded) question: (z [B, M, latent],
         steps used per row [B]). With Prophet (``prophet``; default: the recipe's setting) a row
         stops once the answer's top-1 / top-2 logit gap passes the current threshold.
         ``qcache`` / ``cond``: a cache holding the question and its final hidden states, when
-        the caller has them (one prefill serves both); made here otherwise."""
+        the caller has them (one prefill serves both); made here otherwise. ``stats``: gets
+        ``lm_forwards``, the LM passes made here (the question's prefill when made here, Prophet's checks)."""
         cfg = self.cfg
         steps = steps or cfg.inference_steps
         prophet = cfg.prophet.enabled if prophet is None else prophet
         B, M = question.shape[0], cfg.memory_slots
         dev = question.device
+        forwards = 0
         if cond is None or (prophet and qcache is None):
+            forwards += 1
             qcache = model.new_cache(B)
             cond = model(question, attention_mask=q_mask.long(), cache=qcache, return_hidden=True,
                          check_inputs=False).hidden_states
@@ -322,6 +325,7 @@ class LaDiR(nn.Module):
             if prophet and (i + 1) % cfg.prophet.check_every == 0 and i + 1 < steps:
                 est = z + (1.0 - (i + 1) * dt) * v  # the estimate of z_1 from the last velocity
                 gap = self.answer_gap(model, qcache, est)
+                forwards += 1
                 third = min(int(3 * (i + 1) / steps), 2)
                 stop = active & (gap >= cfg.prophet.thresholds[third])
                 used = torch.where(stop, torch.full_like(used, i + 1), used)
@@ -331,6 +335,8 @@ class LaDiR(nn.Module):
                 active &= ~stop
                 if not bool(active.any()):
                     break
+        if stats is not None:
+            stats["lm_forwards"] = forwards
         return z, used
 
     def answer_gap(self, model: Any, qcache: HybridCache, z: Tensor) -> Tensor:

@@ -7,7 +7,9 @@ reasonings per question in parallel (``steps`` Euler steps, Prophet early exit u
 the question (like meta tokens); the answer is decoded autoregressively after them. With
 several samples the answer is the majority vote over the samples' answers (ties: the
 first sample). ``stats``: denoising steps used per row (``steps_used``, its mean, and the
-rows that exited early through Prophet), forward passes of the LM, the vote's agreement.
+rows that exited early through Prophet), forward passes of the LM (``forwards``: the question's
+prefill, Prophet's checks, the slots, one per answer token but the last; each over all B x
+``samples`` rows; ``tokens_per_forward`` per question), the vote's agreement.
 """
 
 from __future__ import annotations
@@ -72,7 +74,9 @@ def generate_ladir(
     q, qm = input_ids.gather(1, order).repeat_interleave(S, 0), valid.gather(1, order).repeat_interleave(S, 0)
     cache = model.new_cache(B * S, device=dev)
     cond = model(q, attention_mask=qm.long(), cache=cache, return_hidden=True).hidden_states  # checks the ids
-    z, used = lad.sample(model, q, qm, steps=steps, prophet=prophet, generator=generator, qcache=cache, cond=cond)
+    sampled: dict = {}
+    z, used = lad.sample(model, q, qm, steps=steps, prophet=prophet, generator=generator, qcache=cache, cond=cond,
+                         stats=sampled)
     last = model(inputs_embeds=lad.slots(z, model.dtype), input_ids=None, cache=cache, check_inputs=False,
                  logits_to_keep=1).logits[:, -1]  # the slots enter the cache once
     new = continue_ar(model, cache, last, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator,
@@ -91,9 +95,11 @@ def generate_ladir(
     else:
         agreement = torch.ones(B, device=dev)
     if stats is not None:
-        stats.update(steps=steps, steps_used=used.view(B, S).tolist(), mean_steps=float(used.float().mean()),
-                     early_exits=int((used < steps).sum()), samples=S, vote_agreement=agreement.tolist(),
-                     tokens=n * B)
+        # prefill + Prophet's checks + the slots + one per answer token but the last (over all B x S rows)
+        forwards = 1 + sampled["lm_forwards"] + 1 + max(n - 1, 0)
+        stats.update(forwards=forwards, tokens=n * B, tokens_per_forward=n / forwards, steps=steps,
+                     steps_used=used.view(B, S).tolist(), mean_steps=float(used.float().mean()),
+                     early_exits=int((used < steps).sum()), samples=S, vote_agreement=agreement.tolist())
         stats["summary"] = [
             "ladir: denoising steps used " + ", ".join(f"{u}" + (" (Prophet exit)" if u < steps else "")
                                                        for u in row)
