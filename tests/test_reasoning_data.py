@@ -337,3 +337,13 @@ def test_a_jsonl_example_too_long_for_the_model_is_refused_up_front(tmp_path):
                             "more than max_len 21")
     with pytest.raises(DataError, match=r"r\.jsonl: example 3 needs 23 positions \(question 20 \+ 2 memory slots"):
         ReasoningStream(str(p), vocab_size=256, max_len=22, reserve=2)
+
+
+@pytest.mark.parametrize("name, params", [("chain_arith", {"steps": 100}), ("chain_pointer", {"nodes": 30})])
+def test_a_task_too_long_for_the_model_is_refused_up_front(name, params):
+    """A built-in task whose examples (all of one length) do not fit max_len (with LaDiR's memory slots) is
+    refused when the stream is made, naming the flags and max_seq_len; it failed at the first batch."""
+    assert ReasoningStream(name, vocab_size=64, max_len=400, reserve=3, **params).train([0])["full"].shape[1] <= 400
+    with pytest.raises(TaskError, match="--chain-steps .*max_seq_len") as e:
+        ReasoningStream(name, vocab_size=64, max_len=64, reserve=3, **params)
+    assert "\n" not in str(e.value) and "more than max_len 64" in str(e.value)

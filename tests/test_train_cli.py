@@ -573,3 +573,14 @@ def test_ladir_stage_without_the_ladir_objective_is_a_usage_error(tmp_path, caps
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "--ladir-stage flow: only for objective ladir" in err, err
     assert not out.exists()
+
+
+def test_a_reasoning_task_too_long_for_max_seq_len_fails_at_setup(tmp_path, capsys):
+    """--chain-steps 100 (304-token examples for ladir_tiny's max_seq_len 64) built the model and wrote the run
+    folder, then failed at the first batch ('collate: example 0 ...')."""
+    out = tmp_path / "r"
+    rc = main(["train", str(ROOT / "configs" / "ladir_tiny.yaml"), "--data", "chain_arith", "--chain-steps", "100",
+               "--steps", "1", "--batch-size", "2", "--no-progress", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "--chain-steps" in err and "max_seq_len" in err, err
+    assert "collate" not in err and not out.exists()

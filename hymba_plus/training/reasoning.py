@@ -380,6 +380,12 @@ class ReasoningStream:
             self.n_val = 0
             self.description = (f"reasoning task {data} ({REASONING_TASKS[data].doc}; "
                                 f"chance answer accuracy {self.chance:.3f})")
+            # a task's examples all have one length: refused now, not when the first batch is made
+            problem = too_long(samples(data, self.seed, [0], vocab_size, **params)[0], max_len, reserve) \
+                if max_len is not None else None
+            if problem:
+                raise TaskError(f"{data}: an example {problem} (the model's max_seq_len): lower --chain-steps / "
+                                "--chain-values (train.chain_steps / chain_values) or raise model.max_seq_len")
             return
         if params:
             raise TaskError(f"task parameters ({', '.join(sorted(params))}) apply to built-in tasks only, "
