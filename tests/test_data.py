@@ -696,3 +696,20 @@ def test_the_text_cache_is_remade_when_the_tokenizers_side_files_change(tmp_path
     again = open_stream(str(tmp_path / "t.txt"), 8, 16, 0, TrainConfig(), tmp_path / "run" / "data", tok)
     assert again.shards.shard(0)[-1] == 4 and again.tokenizer.eos_id == 4
     assert "tokenizer_config.json" in again.tokenizer.files
+
+
+def test_shards_content_digest_from_checksums_or_from_the_files(tmp_path):
+    """prepare records each shard's sha256; an index without them (older shards) gives the same digest, read from
+    the files; other tokens of as many give another."""
+    (tmp_path / "t.txt").write_text(TEXT)
+    prepare(tmp_path / "t.txt", tmp_path / "s", shard_tokens=500)
+    index = json.loads((tmp_path / "s" / "index.json").read_text())
+    assert len(index["shards"]) > 1 and all(len(s["sha256"]) == 64 for s in index["shards"])
+    digest = TokenShards(tmp_path / "s").content
+    for s in index["shards"]:
+        del s["sha256"]
+    (tmp_path / "s" / "index.json").write_text(json.dumps(index))
+    assert TokenShards(tmp_path / "s").content == digest
+    (tmp_path / "t.txt").write_text(TEXT.swapcase())
+    prepare(tmp_path / "t.txt", tmp_path / "s", force=True)
+    assert TokenShards(tmp_path / "s").tokens == len(TEXT.encode()) and TokenShards(tmp_path / "s").content != digest

@@ -718,3 +718,67 @@ def test_text_eval_counts_each_held_out_window_once(tmp_path):
             want = sum(float(tr.model.lm_loss(tr.model(b.input_ids[i:i + 1]).logits, b.labels[i:i + 1]))
                        for i in range(5)) / 5
         assert got[bs] == pytest.approx(want, rel=1e-5), (bs, got[bs], want)
+
+
+def _resume_with_other_data(tmp_path, capsys, first, second, data):
+    """Train 2 steps on ``first`` written at ``data``, then resume on ``second`` (as many tokens and windows)."""
+    recipe = str(Path(__file__).resolve().parents[1] / "configs" / "gpt_tiny.yaml")  # a byte vocabulary
+    common = ["--data", str(data), "--steps", "4", "--batch-size", "2", "--seq-len", "16", "--no-progress",
+              "--device", "cpu"]
+    out = tmp_path / "run"
+    first()
+    assert main(["train", recipe, "--out", str(out), "--stop-after", "2", *common]) == 0
+    capsys.readouterr()
+    second()
+    rc = main(["train", recipe, "--out", str(out), "--resume", *common])
+    return rc, capsys.readouterr().err.strip().splitlines(), out
+
+
+def test_resume_refuses_other_shards_of_as_many_tokens_and_windows(tmp_path, capsys):
+    """Another prepared folder of the same size at --data (same tokens, same windows, same seq_len) passed every
+    check: the resumed run went on with other data."""
+    from hymba_plus.training.data import prepare
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("".join(f"line {i} of some text to cut into windows\n" for i in range(200)))
+    b.write_text(a.read_text().upper())
+    shards = tmp_path / "shards"
+    rc, err, out = _resume_with_other_data(tmp_path, capsys, lambda: prepare(a, shards),
+                                           lambda: prepare(b, shards, force=True), shards)
+    assert rc == 1 and len(err) == 1 and "other data" in err[0] and str(shards) in err[0], err
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("step-")) == ["step-2"]
+
+
+def test_resume_refuses_a_same_length_edit_of_the_text(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    body = "".join(f"line {i} of some text to cut into windows\n" for i in range(200))
+    rc, err, _ = _resume_with_other_data(tmp_path, capsys, lambda: text.write_text(body),
+                                         lambda: text.write_text(body.replace("some", "SOME")), text)
+    assert rc == 1 and len(err) == 1 and "other data" in err[0] and str(text) in err[0], err
+
+
+def test_resume_accepts_the_same_shards_moved_and_a_checkpoint_without_a_content_digest(tmp_path, capsys):
+    """The data's identity is its content (a copy elsewhere resumes); a checkpoint saved before the digest was
+    recorded resumes as before."""
+    import shutil
+
+    from hymba_plus.training.data import prepare
+
+    a = tmp_path / "a.txt"
+    a.write_text("".join(f"line {i} of some text to cut into windows\n" for i in range(200)))
+    shards = tmp_path / "shards"
+
+    def older():  # the checkpoint as an older version saved it: no "content" in its data state
+        for st in (tmp_path / "run").glob("step-*/trainer_state.json"):
+            state = json.loads(st.read_text())
+            assert "content" in state["data"]
+            del state["data"]["content"]
+            st.write_text(json.dumps(state))
+
+    rc, err, _ = _resume_with_other_data(tmp_path, capsys, lambda: prepare(a, shards), older, shards)
+    assert rc == 0, err
+    moved = tmp_path / "moved"
+    shutil.copytree(shards, moved)
+    recipe = str(Path(__file__).resolve().parents[1] / "configs" / "gpt_tiny.yaml")
+    assert main(["train", recipe, "--out", str(tmp_path / "run"), "--resume", "--data", str(moved), "--steps", "6",
+                 "--batch-size", "2", "--seq-len", "16", "--no-progress", "--device", "cpu"]) == 0

@@ -2,8 +2,8 @@
 
 Token shards (``hymba prepare DATA --out SHARDS``): text files are tokenized once into
 flat ``shard-00000.bin`` files of uint16 (vocab <= 65536) or uint32 tokens plus an
-``index.json`` (tokenizer, shard sizes, the largest token id, source fingerprint). Training reads them with
-``numpy.memmap``: only the windows a batch needs are paged in, so a corpus larger than
+``index.json`` (tokenizer, shard sizes and sha256 checksums, the largest token id, source fingerprint).
+Training reads them with ``numpy.memmap``: only the windows a batch needs are paged in, so a corpus larger than
 RAM streams.
 
 Both kinds of data are addressed by a *global sample index*: an optimizer step consumes
@@ -20,9 +20,11 @@ visited once per epoch in a pseudo-random order (an affine permutation
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import unicodedata
 from collections.abc import Callable, Iterator
@@ -289,7 +291,8 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, tokenizer: Any = 
         if fill:
             name = f"shard-{len(shards):05d}.bin"
             buf[:fill].tofile(tmp / name)
-            shards.append({"file": name, "tokens": int(fill)})
+            # its checksum: the data's identity that a resumed run checks (``TokenShards.content``)
+            shards.append({"file": name, "tokens": int(fill), "sha256": hashlib.sha256(buf[:fill].tobytes()).hexdigest()})
             fill = 0
 
     bar = None
@@ -379,6 +382,11 @@ class TokenShards:
                     isinstance(v, str) for v in files.values()):
                 raise TypeError("tokenizer_files: expected tokenizer side files (name -> text)")
             self.tokenizer_files = files
+            # the shards' checksums (written by prepare; None in shards of older versions: read once when asked)
+            sums = [s.get("sha256") for s in index["shards"]]
+            if not all(v is None or (isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v)) for v in sums):
+                raise TypeError("sha256: expected a shard's hex checksum")
+            self._sums = sums
             # the largest token id (written by prepare; None in shards of older versions)
             self.max_id = int(index["max_id"]) if index.get("max_id") is not None else None
         except (KeyError, TypeError, ValueError) as e:
@@ -397,10 +405,31 @@ class TokenShards:
                 raise DataError(f"{f}: truncated or corrupt shard ({f.stat().st_size} bytes, "
                                 f"index says {n} tokens of {self.dtype.name})")
         self._maps: dict[int, np.memmap] = {}
+        self._content: str | None = None
 
     @property
     def tokens(self) -> int:
         return sum(n for _, n in self.shards)
+
+    @property
+    def content(self) -> str:
+        """A digest of the token ids (dtype and every shard's checksum), what a resumed run must train on again:
+        from the index's checksums, or (shards of older versions) the shard files, read once."""
+        if self._content is None:
+            sums = []
+            for (f, _), v in zip(self.shards, self._sums):
+                if v is None:
+                    h = hashlib.sha256()
+                    try:
+                        with open(f, "rb") as fh:
+                            while block := fh.read(1 << 24):
+                                h.update(block)
+                    except OSError as e:
+                        raise DataError(f"{f}: cannot read ({e.strerror})") from None
+                    v = h.hexdigest()
+                sums.append(v)
+            self._content = hashlib.sha256("\n".join([self.dtype.name, *sums]).encode()).hexdigest()[:16]
+        return self._content
 
     def tokenizer(self) -> Any:
         """The tokenizer the shards were made with (with its side files: ``HFTokenizer.with_files``)."""
@@ -601,7 +630,7 @@ class TextStream:
 
     def state(self) -> dict[str, Any]:
         return {"kind": "text", "path": str(self.shards.path), "tokens": self.shards.tokens,
-                "seq_len": self.seq_len, "n_train": self.n_train}
+                "seq_len": self.seq_len, "n_train": self.n_train, "content": self.shards.content}
 
 
 def open_stream(data: str, seq_len: int, vocab_size: int, seed: int, cfg: Any, cache_dir: Path | None,

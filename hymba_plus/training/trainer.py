@@ -471,6 +471,10 @@ class Trainer:
                 raise TrainError(f"--data {self.cfg.data}: the checkpoint {self.resume_from} was trained on other values "
                                  f"(digest {saved[diff]} there, {now[diff]} now): resume with the same series, or "
                                  "start a new run")
+            if diff == "content":  # as many tokens, other ones (another folder, a same-length edit of the text)
+                raise TrainError(f"--data {self.cfg.data}: the checkpoint {self.resume_from} was trained on other data "
+                                 f"(content digest {saved[diff]} there, {now[diff]} now): resume with the data it was "
+                                 "trained on, or start a new run")
             if diff is not None:
                 raise TrainError(f"--data {self.cfg.data}: the checkpoint {self.resume_from} was trained on another "
                                  f"{'task' if diff in ('name', 'params') else 'split'} of it ({diff} "
