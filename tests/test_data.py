@@ -713,3 +713,19 @@ def test_shards_content_digest_from_checksums_or_from_the_files(tmp_path):
     (tmp_path / "t.txt").write_text(TEXT.swapcase())
     prepare(tmp_path / "t.txt", tmp_path / "s", force=True)
     assert TokenShards(tmp_path / "s").tokens == len(TEXT.encode()) and TokenShards(tmp_path / "s").content != digest
+
+
+def test_a_text_folder_with_an_index_json_of_its_own_is_text(tmp_path):
+    """A folder of text whose index.json is not ours (no hymba-shards format key) was refused as 'not a hymba
+    shard index'; it is text. A folder of our shards with a broken index.json is still refused."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(TEXT)
+    (corpus / "index.json").write_text(json.dumps({"pages": ["a.txt"]}))
+    cfg = TrainConfig()
+    s = open_stream(str(corpus), 32, 256, 0, cfg, tmp_path / "run" / "data")
+    assert isinstance(s, TextStream) and s.shards.source == str(corpus)
+    prepare(tmp_path / "corpus" / "a.txt", tmp_path / "s")
+    (tmp_path / "s" / "index.json").write_text("{not json")
+    with pytest.raises(DataError, match="index.json: corrupt"):
+        open_stream(str(tmp_path / "s"), 32, 256, 0, cfg, tmp_path / "run2" / "data")

@@ -673,7 +673,9 @@ def _text_stream(data: str, seq_len: int, vocab_size: int, seed: int, cfg: Any, 
                             f"built-in tasks: {', '.join(TASKS)})")
         raise DataError(f"{p}: no such file or directory (and not a built-in task: {', '.join(TASKS)}; "
                         f"objective ladir: {', '.join(REASONING_TASKS)})")
-    if p.is_dir() and (p / INDEX).exists():
+    # our shards: an index.json of our format, or (so that a broken index is refused, not trained on as text) one
+    # beside prepare's first shard file; a text folder with an index.json of its own is text
+    if p.is_dir() and (p / INDEX).exists() and (_is_shards(p) or (p / "shard-00000.bin").is_file()):
         shards = TokenShards(p)
         if tokenizer_path is not None:
             want = tokmod.load_file(tokenizer_path).to_json()
