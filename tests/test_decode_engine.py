@@ -338,3 +338,18 @@ def test_an_engine_is_per_autocast_dtype():
         dtypes = {e.buffers.states[0].k.dtype for e in model._decode_engines.values()}
         assert dtypes == {torch.bfloat16, torch.float16}
     clear_engines(model)
+
+
+def test_engine_is_not_reused_for_a_cache_of_another_form():
+    """An ETD model's prefill decides which layer applications run (think iterations, Dr.LLM routes):
+    a second prompt that fills a state the first left empty (or the reverse) reused the engine, whose
+    static buffers had no room for it, and generate raised "set on one side only"."""
+    from tests.test_rollback import make as make_etd
+
+    model = make_etd("etd-act-routes")
+    with torch.no_grad():
+        for T, seed in ((7, 1), (12, 2), (7, 1)):
+            ids = torch.randint(0, 20, (3, T), generator=torch.Generator().manual_seed(seed))
+            want = model.generate(ids, max_new_tokens=6, engine="dynamic")
+            assert torch.equal(model.generate(ids, max_new_tokens=6, engine="static"), want)
+    clear_engines(model)

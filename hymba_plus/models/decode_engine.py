@@ -34,7 +34,8 @@ and autotunes there, lazily built tables are made), then the step is captured. I
 capture fails (a component reads a tensor back to the host inside the step, e.g. ATLAS's
 cached chunking or ETD's adaptive exit), the engine says so once (a ``RuntimeWarning``
 naming the reason) and decodes eagerly on the same static caches. Engines are kept on the
-model per (batch size, capacity, dtype, device, mode), at most ``MAX_ENGINES``; a change of
+model per (batch size, capacity, dtype, device, mode, the prefilled cache's form: which
+states it holds), at most ``MAX_ENGINES``; a change of
 the parameters' storage (``.to()``, ``load_state_dict`` with ``assign``) makes a new one.
 
 Greedy output is token-for-token the dynamic path's: the same kernels run on the same
@@ -66,6 +67,14 @@ ENGINES = ("auto", "graph", "static", "dynamic")
 def attention_slots(cache: HybridCache) -> int:
     """The most token slots any state of ``cache`` holds (``LayerState.slots``; 0 without attention)."""
     return max((s.slots() for s in cache.states if s is not None), default=0)
+
+
+def _form_key(cache: HybridCache) -> tuple:
+    """Which tensors the prefilled cache's states hold (a layer application the prefill skipped, e.g.
+    an ETD think iteration or a Dr.LLM route, leaves its state empty) and which decisions it keeps:
+    static buffers are made for one form, and ``load_`` refuses another."""
+    return (tuple(tuple(n for n, _ in s.tensors()) if s is not None else None for s in cache.states),
+            tuple(sorted(cache.extra)))
 
 
 def _params_key(model: Any) -> tuple:
@@ -176,7 +185,7 @@ def engine_for(model: Any, cache: HybridCache, max_new_tokens: int, graph: bool)
     dev = cache.pos.device
     on = torch.is_autocast_enabled(dev.type)  # and its dtype: an engine made under bf16 keeps bf16 K/V buffers
     key = (cache.batch_size, capacity, dev, model.dtype, graph, model.training,
-           torch.get_autocast_dtype(dev.type) if on else None, _params_key(model))
+           torch.get_autocast_dtype(dev.type) if on else None, _params_key(model), _form_key(cache))
     engines: OrderedDict = model.__dict__.setdefault("_decode_engines", OrderedDict())
     eng = engines.pop(key, None)
     if eng is None:
