@@ -115,3 +115,16 @@ def test_restore_returns_to_the_snapshot_and_the_snapshot_stays_usable(model) ->
             assert torch.equal(t, t0), name
     with pytest.raises(ValueError, match="restore"):
         cache.restore(model.new_cache(3))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("keep, fed", [([1, 1], 2), ([3, 1, 1], 2), ([-1, 1, 1], 2), ([[1, 1, 1]], 2)])
+def test_rewind_refuses_a_keep_that_does_not_fit_what_was_fed(keep, fed) -> None:
+    """A ``keep`` of another length than the batch rewound every row by its first entry's
+    tokens, silently; one over the tokens fed (or negative) gave an unrelated mask error or none."""
+    model = make("moe+meta")
+    prompt = torch.randint(0, V, (3, 4), generator=torch.Generator().manual_seed(0))
+    cache = prefilled(model, prompt, torch.ones(3, 4, dtype=torch.long))
+    snap = cache.snapshot()
+    with pytest.raises(ValueError, match="rewind: keep"):
+        model.rewind(cache, snap, prompt[:, :fed], torch.tensor(keep))

@@ -422,7 +422,17 @@ class HybridLM(nn.Module):
         windows and meta tokens, conv, gdn / mamba3 / ATLAS states, hymba, ETD iterations and
         routes), by restoring the snapshot and running the kept tokens again in one forward
         (per-row lengths through the padding rule). Speculative decoding calls it after a
-        verify chunk with each row's accepted length."""
+        verify chunk with each row's accepted length. Raises ``ValueError``, before the cache
+        changes, unless ``ids`` is [B, n] and ``keep`` [B] holds integers in [0, n] (B: the cache's rows)."""
+        B = cache.batch_size
+        if not (isinstance(ids, Tensor) and ids.ndim == 2 and ids.shape[0] == B):
+            raise ValueError(f"rewind: ids must be [{B}, n] (the tokens fed since the snapshot), got "
+                             f"{list(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__}")
+        if not (isinstance(keep, Tensor) and keep.shape == (B,) and not keep.is_floating_point()):
+            raise ValueError(f"rewind: keep must be an integer tensor [{B}], got "
+                             f"{f'{keep.dtype} {list(keep.shape)}' if isinstance(keep, Tensor) else type(keep).__name__}")
+        if B and not (0 <= int(keep.min()) and int(keep.max()) <= ids.shape[1]):
+            raise ValueError(f"rewind: keep must be in [0, {ids.shape[1]}] (the tokens fed), got {keep.tolist()}")
         cache.restore(snapshot)
         keep = keep.to(device=ids.device, dtype=torch.long)
         if ids.shape[1] == 0 or not bool((keep > 0).any()):
