@@ -115,6 +115,10 @@ def test_restore_returns_to_the_snapshot_and_the_snapshot_stays_usable(model) ->
             assert torch.equal(t, t0), name
     with pytest.raises(ValueError, match="restore"):
         cache.restore(model.new_cache(3))
+    other = prefilled(model, prompt, torch.ones(2, 5, dtype=torch.long))  # same shape: was taken silently
+    for foreign in (other.snapshot(), other, cache.fork()):
+        with pytest.raises(ValueError, match="not taken from this cache"):
+            cache.restore(foreign)
 
 
 @torch.no_grad()

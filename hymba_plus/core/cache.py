@@ -23,6 +23,7 @@ need no mask.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -255,11 +256,17 @@ class HybridCache:
     def snapshot(self) -> "HybridCache":
         """A rollback point (speculative decoding): the cache as it is now, costing no tensor
         memory (``fork``). ``restore`` returns to it, whatever was advanced since."""
-        return self.fork()
+        snap = self.fork()
+        snap._snapshot_of = weakref.ref(self)  # what restore checks (the snapshot does not keep this cache alive)
+        return snap
 
     def restore(self, snapshot: "HybridCache") -> None:
         """Return every state, the positions and the structure's decisions to ``snapshot``
-        (taken from this cache by ``snapshot()``); the snapshot stays usable."""
+        (taken from this cache by ``snapshot()``: another cache's, or a fork, of the same shape is refused,
+        since it would replace every state silently); the snapshot stays usable."""
+        src = getattr(snapshot, "_snapshot_of", None)
+        if isinstance(snapshot, HybridCache) and (src is None or src() is not self):
+            raise ValueError("restore: the snapshot was not taken from this cache (take it with cache.snapshot())")
         if len(snapshot.states) != len(self.states) or snapshot.batch_size != self.batch_size:
             raise ValueError(f"restore: the snapshot has {len(snapshot.states)} states for batch "
                              f"{snapshot.batch_size}, this cache {len(self.states)} for batch {self.batch_size}")
