@@ -431,13 +431,13 @@ class HybridLM(nn.Module):
         if not (isinstance(keep, Tensor) and keep.shape == (B,) and not keep.is_floating_point()):
             raise ValueError(f"rewind: keep must be an integer tensor [{B}], got "
                              f"{f'{keep.dtype} {list(keep.shape)}' if isinstance(keep, Tensor) else type(keep).__name__}")
-        if B and not (0 <= int(keep.min()) and int(keep.max()) <= ids.shape[1]):
+        lo, n = torch.stack([keep.min(), keep.max()]).tolist() if B else (0, 0)  # the one read of keep
+        if not 0 <= lo <= n <= ids.shape[1]:
             raise ValueError(f"rewind: keep must be in [0, {ids.shape[1]}] (the tokens fed), got {keep.tolist()}")
         cache.restore(snapshot)
-        keep = keep.to(device=ids.device, dtype=torch.long)
-        if ids.shape[1] == 0 or not bool((keep > 0).any()):
+        if n == 0:  # (no row keeps a token)
             return
-        n = int(keep.max())
+        keep = keep.to(device=ids.device, dtype=torch.long)
         mask = (torch.arange(n, device=ids.device)[None] < keep[:, None]).long()
         self(ids[:, :n], attention_mask=None if bool(mask.all()) else mask, cache=cache, check_inputs=False)
 
