@@ -292,7 +292,7 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, tokenizer: Any = 
             name = f"shard-{len(shards):05d}.bin"
             buf[:fill].tofile(tmp / name)
             # its checksum: the data's identity that a resumed run checks (``TokenShards.content``)
-            shards.append({"file": name, "tokens": int(fill), "sha256": hashlib.sha256(buf[:fill].tobytes()).hexdigest()})
+            shards.append({"file": name, "tokens": int(fill), "sha256": hashlib.sha256(buf[:fill]).hexdigest()})
             fill = 0
 
     bar = None

@@ -444,7 +444,8 @@ class Trainer:
     def _check_data(self, stream: Any, state: dict | None) -> None:
         """The data against the run it resumes (or the checkpoint it starts from): ``open_stream`` calls it
         before a re-made text cache replaces OUT/data, so a refused resume keeps the cache it trained on."""
-        if state is not None and state.get("data", {}).get("kind") != stream.state()["kind"]:
+        now = stream.state()
+        if state is not None and state.get("data", {}).get("kind") != now["kind"]:
             raise TrainError(f"--data {self.cfg.data}: the checkpoint {self.resume_from} was trained on "
                              f"{state.get('data', {}).get('kind')} data")
         start = self.resume_from if self.resume_from is not None else self.opts.init
@@ -459,7 +460,7 @@ class Trainer:
                                  f"than the checkpoint {start} was trained with: pass --tokenizer "
                                  f"{Path(start) / 'tokenizer.json'} (text), or data prepared with it")
         if state is not None:  # the same data cut the same way: another split would train on held-out windows
-            saved, now = state.get("data", {}), stream.state()
+            saved = state.get("data", {})
             diff = next((k for k in now if k not in ("kind", "path", "source", "params") and k in saved
                          and saved[k] != now[k]), None)
             if "params" in saved and saved["params"] != now.get("params"):  # a task's settings (a curriculum)
@@ -467,14 +468,14 @@ class Trainer:
                                     if saved["params"].get(k) != v)
                 self.log(f"--data {self.cfg.data}: task settings changed since {self.resume_from}: {changed} (the "
                          "stream goes on with the new ones)")
-            if diff == "values":  # a series file of as many steps with other numbers
-                raise TrainError(f"--data {self.cfg.data}: the checkpoint {self.resume_from} was trained on other values "
-                                 f"(digest {saved[diff]} there, {now[diff]} now): resume with the same series, or "
-                                 "start a new run")
-            if diff == "content":  # as many tokens, other ones (another folder, a same-length edit of the text)
-                raise TrainError(f"--data {self.cfg.data}: the checkpoint {self.resume_from} was trained on other data "
-                                 f"(content digest {saved[diff]} there, {now[diff]} now): resume with the data it was "
-                                 "trained on, or start a new run")
+            # digests: a series file of as many steps with other numbers; as many tokens, other ones (another
+            # folder, a same-length edit of the text)
+            digest = {"values": ("other values", "digest", "the same series"),
+                      "content": ("other data", "content digest", "the data it was trained on")}.get(diff)
+            if digest is not None:
+                what, name, fix = digest
+                raise TrainError(f"--data {self.cfg.data}: the checkpoint {self.resume_from} was trained on {what} "
+                                 f"({name} {saved[diff]} there, {now[diff]} now): resume with {fix}, or start a new run")
             if diff is not None:
                 raise TrainError(f"--data {self.cfg.data}: the checkpoint {self.resume_from} was trained on another "
                                  f"{'task' if diff in ('name', 'params') else 'split'} of it ({diff} "
