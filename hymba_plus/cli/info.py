@@ -305,27 +305,25 @@ def compact_pattern(tokens: list[str]) -> str:
     return " | ".join(t if n == 1 else f"{t}*{n}" for t, n in runs)
 
 
+def _scaled(n: int, base: int, units: tuple[str, ...], digits: int, sep: str) -> str:
+    """``n`` in the largest of ``units`` (``units[i]``: ``base**i``; ``units[0]`` printed as a whole number)
+    that it reaches once rounded to ``digits`` decimals: 999,999 is ``1.00M``, not ``1000.00K``."""
+    if n < base:
+        return f"{n}{sep}{units[0]}"
+    for i, unit in enumerate(units[1:-1], 1):
+        if float(f"{n / base**i:.{digits}f}") < base:
+            return f"{n / base**i:.{digits}f}{sep}{unit}"
+    return f"{n / base**(len(units) - 1):.{digits}f}{sep}{units[-1]}"
+
+
 def human_count(n: int) -> str:
-    """``98.94K``, ``1.00M``: the largest unit the count reaches once rounded (999,999 is
-    ``1.00M``, not ``1000.00K``)."""
-    if n < 1000:
-        return str(n)
-    for unit, div in (("K", 1e3), ("M", 1e6)):
-        if float(f"{n / div:.2f}") < 1000:
-            return f"{n / div:.2f}{unit}"
-    return f"{n / 1e9:.2f}B"
+    """``98.94K``, ``1.00M``, ``66.41B``."""
+    return _scaled(n, 1000, ("", "K", "M", "B"), 2, "")
 
 
 def human_bytes(n: int | None) -> str:
-    """``530.1 KiB``, ``3.0 TiB``: the largest unit the size reaches once rounded (``n/a`` for None)."""
-    if n is None:
-        return "n/a"
-    if n < 2**10:
-        return f"{n} B"
-    for unit, div in (("KiB", 2**10), ("MiB", 2**20), ("GiB", 2**30), ("TiB", 2**40)):
-        if float(f"{n / div:.1f}") < 1024:
-            return f"{n / div:.1f} {unit}"
-    return f"{n / 2**50:.1f} PiB"
+    """``530.1 KiB``, ``3.0 TiB`` (``n/a`` for None)."""
+    return "n/a" if n is None else _scaled(n, 2**10, ("B", "KiB", "MiB", "GiB", "TiB", "PiB"), 1, " ")
 
 
 def seq_label(n: int) -> str:
