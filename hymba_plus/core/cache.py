@@ -265,7 +265,7 @@ class HybridCache:
         (taken from this cache by ``snapshot()``: another cache's, or a fork, of the same shape is refused,
         since it would replace every state silently); the snapshot stays usable."""
         src = getattr(snapshot, "_snapshot_of", None)
-        if isinstance(snapshot, HybridCache) and (src is None or src() is not self):
+        if src is None or src() is not self:
             raise ValueError("restore: the snapshot was not taken from this cache (take it with cache.snapshot())")
         if len(snapshot.states) != len(self.states) or snapshot.batch_size != self.batch_size:
             raise ValueError(f"restore: the snapshot has {len(snapshot.states)} states for batch "
