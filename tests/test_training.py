@@ -251,6 +251,8 @@ def test_schedules():
     w = [lr_factor(s, 100, 10, "wsd", 0.0, decay_frac=0.2) for s in range(100)]
     assert w[50] == 1.0 and w[79] == 1.0 and w[80] < 1.0 and w[-1] == pytest.approx(0.0)
     assert lr_factor(50, 100, 10, "constant") == 1.0
+    # one step after the warm-up is the last: it ends the cosine at min_frac, not at the peak
+    assert [lr_factor(s, 4, 3, "cosine", 0.1) for s in range(4)] == pytest.approx([1 / 3, 2 / 3, 1.0, 0.1])
 
 
 # --------------------------------------------------------------------------- the loop

@@ -47,8 +47,8 @@ def lr_factor(step: int, total: int, warmup: int = 0, kind: str = "cosine", min_
     if kind == "constant":
         return 1.0
     if kind == "cosine":
-        span = max(total - warmup - 1, 1)
-        t = min(max(step - warmup, 0) / span, 1.0)
+        span = total - warmup - 1  # 0 when one step follows the warm-up: that step is the last, at min_frac
+        t = 1.0 if span <= 0 else min(max(step - warmup, 0) / span, 1.0)
         return min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * t))
     start = max(total - _decay_steps(total, decay_frac), warmup)  # the decay never overlaps the warm-up
     n_decay = total - start
