@@ -673,6 +673,23 @@ def test_gpu_forecast_is_graphed_and_equals_eager(tmp_path, capsys):
 
 
 @pytest.mark.gpu
+def test_gpu_mtp_is_graphed_and_equals_eager(tmp_path, capsys):
+    """Multi-token prediction under auto on CUDA: the trunk, the prediction modules and both losses are
+    captured whole, verified and replayed, with an eager run's losses."""
+    mtp = str(Path(__file__).resolve().parents[1] / "configs" / "mtp_tiny.yaml")
+    args = ["--steps", "4", "--device", "cuda", *FAST]
+    assert main(["train", mtp, "--out", str(tmp_path / "auto"), *args]) == 0
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("training mode:")]
+    assert len(lines) == 1 and lines[0].startswith("training mode: cuda-graph (forward+backward captured"), err
+    assert main(["train", mtp, "--out", str(tmp_path / "eager"), "--mode", "eager", *args]) == 0
+    a, b = metrics(tmp_path / "eager"), metrics(tmp_path / "auto")
+    assert len(a) == len(b) > 0
+    for ra, rb in zip(a, b):
+        assert abs(ra["loss"] - rb["loss"]) < 1e-4 * max(1.0, abs(ra["loss"])), (ra, rb)
+
+
+@pytest.mark.gpu
 def test_gpu_block_diffusion_is_graphed_and_equals_eager(tmp_path, capsys):
     """Block diffusion under auto on CUDA: its whole step (noise draws, two-stream forward, NELBO) is
     captured, verified and replayed, and its losses equal an eager run's (the replays draw the noise an
