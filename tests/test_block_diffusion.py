@@ -345,6 +345,18 @@ def test_weight_is_the_derivative_of_the_mask_rate_over_the_mask_rate(schedule, 
     torch.testing.assert_close(ends, torch.tensor([0.0, 1.0], dtype=torch.float64), atol=1e-15, rtol=0)
 
 
+@pytest.mark.parametrize("schedule", bd.SCHEDULES)
+def test_mask_rate_and_weight_are_float32_accurate_at_small_t(schedule):
+    """The levels are drawn in float32: m(t) and w(t) there must be float32-accurate down to t = eps.
+    The cosine schedule's 1 - cos(pi t / 2) cancelled catastrophically (1.5% off at t = 1e-3)."""
+    cfg = bd.BlockDiffusionConfig(schedule=schedule)
+    t = torch.tensor([bd.T_EPS, 2e-3, 5e-3, 1e-2, 0.1, 0.5, 1.0])
+    for fn in (mask_rate, weight):
+        got, want = fn(cfg, t), fn(cfg, t.double())
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("lo, hi", [(0.0, 1.0), (0.3, 0.8), (0.0, 0.0005), (0.5, 0.5), (0.9, 1.0)])
 def test_sample_t_stays_in_the_clipped_range_and_is_stratified(lo, hi):
     obj = build_model(bd_recipe("GA", 2)).objective

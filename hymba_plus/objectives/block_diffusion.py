@@ -108,8 +108,8 @@ def _allowed_counts(cfg: BlockDiffusionConfig, lo: float, hi: float) -> Tensor:
 def mask_rate(cfg: BlockDiffusionConfig, t: Tensor) -> Tensor:
     if cfg.schedule == "log_linear":
         return t
-    if cfg.schedule == "cosine":
-        return 1.0 - torch.cos(0.5 * math.pi * t)
+    if cfg.schedule == "cosine":  # 1 - cos(pi t / 2), without its cancellation at small t (float32 levels)
+        return 2.0 * torch.sin(0.25 * math.pi * t) ** 2
     return t ** cfg.exponent
 
 
@@ -117,9 +117,8 @@ def weight(cfg: BlockDiffusionConfig, t: Tensor) -> Tensor:
     """w(t) = m'(t) / m(t): the NELBO weight of a masked token at noise level t."""
     if cfg.schedule == "log_linear":
         return 1.0 / t
-    if cfg.schedule == "cosine":
-        a = 0.5 * math.pi * t
-        return 0.5 * math.pi * torch.sin(a) / (1.0 - torch.cos(a))
+    if cfg.schedule == "cosine":  # (pi / 2) sin(a) / (1 - cos(a)) = (pi / 2) / tan(a / 2), a = pi t / 2
+        return 0.5 * math.pi / torch.tan(0.25 * math.pi * t)
     return cfg.exponent / t
 
 
