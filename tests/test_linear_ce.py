@@ -215,6 +215,18 @@ def test_forward_fused_loss_equals_lm_loss_over_logits(tie, masked, small_chunks
     assert torch.equal(out.loss, m.lm_loss(out.logits, labels, mask))
 
 
+def test_float64_model_fused_loss_equals_lm_loss_to_float64_round_off(small_chunks):
+    """A float64 model: the fused loss is float64 (``F.cross_entropy``'s dtype), so ``lm_loss`` over the
+    logits must be too; it cast float64 logits down to float32 and the two disagreed by ~1e-7."""
+    m = model(tie=False).double()
+    ids, labels, mask = batch()
+    out = m(ids, labels=labels, attention_mask=mask)
+    fused = m(ids, labels=labels, attention_mask=mask, return_logits=False)
+    assert out.loss.dtype == fused.loss.dtype == torch.float64
+    assert rel_err(fused.loss, out.loss) < 1e-12
+    assert m.lm_loss(out.logits.float(), labels, mask).dtype == torch.float32  # (16/32-bit logits: float32)
+
+
 def test_forward_fused_loss_under_bf16_autocast(small_chunks):
     m = model(tie=True)
     ids, labels, mask = batch()

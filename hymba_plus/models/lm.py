@@ -394,9 +394,11 @@ class HybridLM(nn.Module):
 
     @staticmethod
     def lm_loss(logits: Tensor, labels: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Next-token cross entropy: position t predicts labels[t+1]; -100 and pads ignored."""
+        """Next-token cross entropy: position t predicts labels[t+1]; -100 and pads ignored. In
+        float32 (float64 for float64 logits, as ``hidden_lm_loss``)."""
         tgt = next_token_targets(labels, attention_mask)[:, :-1]
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tgt.flatten(), ignore_index=-100)
+        z = logits[:, :-1].flatten(0, 1)
+        return F.cross_entropy(z.to(dispatch.compute_dtype(z)), tgt.flatten(), ignore_index=-100)
 
     def hidden_lm_loss(self, h: Tensor, labels: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """``lm_loss(self.lm_head(h), labels, attention_mask)`` from the final hidden states
