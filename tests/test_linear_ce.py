@@ -227,6 +227,18 @@ def test_float64_model_fused_loss_equals_lm_loss_to_float64_round_off(small_chun
     assert m.lm_loss(out.logits.float(), labels, mask).dtype == torch.float32  # (16/32-bit logits: float32)
 
 
+def test_float64_model_under_autocast_is_not_cast_down(small_chunks):
+    """Autocast leaves float64 tensors alone (``nn.Linear`` of a float64 model stays float64 under bf16
+    autocast), so the fused loss must too: it cast h and W to bf16 and differed by ~1e-5."""
+    m = model(tie=True).double()
+    ids, labels, mask = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(ids, labels=labels, attention_mask=mask)
+        fused = m(ids, labels=labels, attention_mask=mask, return_logits=False)
+    assert out.logits.dtype == fused.loss.dtype == torch.float64
+    assert rel_err(fused.loss, out.loss) < 1e-12
+
+
 def test_forward_fused_loss_under_bf16_autocast(small_chunks):
     m = model(tie=True)
     ids, labels, mask = batch()

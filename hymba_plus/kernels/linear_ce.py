@@ -29,10 +29,11 @@ as float32, and as much again for their gradient, while a chunk of 2048 rows is 
 
 Both follow ``F.cross_entropy`` (mean over scored rows; float32 loss, float64 for float64
 inputs), including the case with no scored row: the loss is NaN and the gradients are zero.
-Under autocast ``h`` and ``W`` are cast to the autocast dtype first, as ``nn.Linear`` would,
-so the logits are rounded to bf16 exactly as the unfused ``lm_head(h).float()`` path rounds
-them; softmax and loss are computed in float32. While ``torch.compile`` traces, the unfused
-form is used (``F.linear`` + ``F.cross_entropy``; Inductor fuses what it can).
+Under autocast ``h`` and ``W`` are cast to the autocast dtype first, as ``nn.Linear`` would
+(float64 ones are not: autocast leaves them alone), so the logits are rounded to bf16 exactly as
+the unfused ``lm_head(h).float()`` path rounds them; softmax and loss are computed in float32.
+While ``torch.compile`` traces, the unfused form is used (``F.linear`` + ``F.cross_entropy``;
+Inductor fuses what it can).
 """
 
 from __future__ import annotations
@@ -243,15 +244,16 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore_index
     h: ``[..., D]``; weight: ``[V, D]`` (an LM head or a tied embedding); target: ``h.shape[:-1]``
     class ids, ``ignore_index`` not scored. Returns the mean over scored positions (float32;
     float64 for float64 inputs). ``rows``: the reference's chunk size (default:
-    ``chunk_rows``). Under autocast the matmuls run in the autocast dtype; otherwise ``h`` and
-    ``weight`` must share a dtype (as ``F.linear`` requires).
+    ``chunk_rows``). Under autocast the matmuls run in the autocast dtype (float64 inputs stay
+    float64, as autocast leaves them); otherwise ``h`` and ``weight`` must share a dtype (as
+    ``F.linear`` requires).
     """
     if weight.dim() != 2 or h.shape[-1] != weight.shape[1] or target.shape != h.shape[:-1]:
         raise ValueError(f"linear_cross_entropy: h [..., D], weight [V, D] and target h.shape[:-1] expected, got "
                          f"{tuple(h.shape)}, {tuple(weight.shape)}, {tuple(target.shape)}")
     dev = h.device.type
     h, target = h.reshape(-1, h.shape[-1]), target.reshape(-1)
-    if torch.is_autocast_enabled(dev):
+    if torch.is_autocast_enabled(dev) and torch.float64 not in (h.dtype, weight.dtype):  # (float64: not cast)
         cdt = torch.get_autocast_dtype(dev)
         h, weight = h.to(cdt), weight.to(cdt)
     elif h.dtype != weight.dtype:
