@@ -420,6 +420,23 @@ def test_resample_draws_the_rejection_samplers_distribution(schedule, clip):
     assert torch.equal(a[1], b[1])
 
 
+def test_resample_count_stays_in_range_when_the_uniform_draw_is_zero(monkeypatch):
+    """torch.rand draws from [0, 1): a draw of exactly 0 (2^-24 a block) took the inverse CDF below the
+    lowest allowed count (n = 0 masked: no loss from the block, outside the clip range's fractions)."""
+    obj = build_model(bd_recipe("GA", 4, clip=[0.3, 0.8], resample=True)).objective
+    real_rand = torch.rand
+
+    def rand(*size, **kw):  # the per-block uniform of the count drawn as 0, the rest as usual
+        out = real_rand(*size, **kw)
+        return torch.zeros_like(out) if out.dim() == 3 and out.shape[-1] == 1 else out
+
+    monkeypatch.setattr(torch, "rand", rand)
+    t = torch.full((8, 3), 0.5)
+    _, masked = obj.noise(torch.randint(0, V, (8, 12)), t, generator=torch.Generator().manual_seed(0), clip=(0.3, 0.8))
+    counts = masked.view(8, 3, 4).sum(-1)
+    assert bool(bd._allowed_counts(obj.cfg, 0.3, 0.8)[counts].all()), counts
+
+
 def test_resample_with_a_clip_no_block_fraction_fits_is_refused():
     with pytest.raises(RecipeError, match="objective.resample: no masked fraction k / 4"):
         load_recipe(_yaml({"kind": "block_diffusion", "block_size": 4, "clip": [0.3, 0.45], "resample": True}))

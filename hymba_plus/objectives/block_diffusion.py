@@ -179,8 +179,8 @@ class BlockDiffusion(Objective):
             k_lo, k_hi = int(ok.min()), int(ok.max())  # here so the step copies nothing to the device
             logp = logp.masked_fill((k < k_lo) | (k > k_hi), -math.inf)
             cdf = logp.softmax(-1).cumsum(-1)
-            u = torch.rand((B, nb, 1), device=t.device, generator=generator)
-            n = (cdf < u * cdf[..., -1:]).sum(-1, keepdim=True)  # [B, nb, 1] masked tokens per block
+            u = 1.0 - torch.rand((B, nb, 1), device=t.device, generator=generator)  # in (0, 1]: u = 0 would
+            n = (cdf < u * cdf[..., -1:]).sum(-1, keepdim=True)  # count 0 < k_lo; [B, nb, 1] masked per block
             order = torch.rand((B, nb, bs), device=t.device, generator=generator).argsort(-1).argsort(-1)
             masked = (order < n).reshape(B, nb * bs)
         else:
