@@ -73,6 +73,54 @@ def test_recurrence_is_the_gated_delta_rule():
     assert torch.allclose(s2[0, 0].T @ ku, vt)
 
 
+@pytest.mark.parametrize("cfg", [
+    dict(n_v_heads=4, expand_v=1.5),  # grouped value heads, zero-centred output norm
+    dict(norm_zero_centered=False, chunk_size=3),
+    dict(use_short_conv=False, delta_rule=False),
+])
+def test_layer_equals_the_papers_recurrence(cfg):
+    """The whole layer against a per-token loop written from GDN (arXiv 2412.06464) and fla's
+    GatedDeltaNet layer, in the paper's value-major form S_t = S_{t-1} a_t (I - b_t k_t k_t^T) +
+    b_t v_t k_t^T, o_t = S_t q_t / sqrt(dk): SiLU(short causal conv) on q|k|v (F.conv1d), q/k
+    l2-normalised (fla's eps), a_t = exp(-exp(A_log) softplus(x W_a + dt_bias)), b_t = sigmoid(x W_b),
+    value head j reads q/k head j // (Hv / H), gated RMSNorm per value head, out_proj."""
+    torch.manual_seed(0)
+    c = GatedDeltaNetConfig(n_heads=2, head_dim=8, **cfg)
+    m = GatedDeltaNet(c, d_model=16).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    B, T = 2, 7
+    x = torch.randn(B, T, 16, dtype=torch.float64)
+    y = m(x, StepContext(positions=torch.arange(T).expand(B, T)))
+
+    H, Hv, dk, dv = m.h, m.hv, m.dk, m.dv
+    u = x @ m.qkv_proj.weight.T
+    if c.use_short_conv:
+        Kc = c.conv_size
+        u = F.conv1d(F.pad(u.transpose(1, 2), (Kc - 1, 0)), m.conv_weight[:, None], groups=u.shape[-1]).transpose(1, 2)
+    q, k, v = F.silu(u).split([H * dk, H * dk, Hv * dv], dim=-1)
+    l2 = lambda t: t / (t.pow(2).sum(-1, keepdim=True) + 1e-6).sqrt()  # noqa: E731
+    q, k, v = l2(q.view(B, T, H, dk)), l2(k.view(B, T, H, dk)), v.view(B, T, Hv, dv)
+    a = torch.exp(-m.A_log.exp() * F.softplus(x @ m.a_proj.weight.T + m.dt_bias))
+    b = torch.sigmoid(x @ m.b_proj.weight.T)
+    o = torch.zeros(B, T, Hv, dv, dtype=torch.float64)
+    for r in range(B):
+        for j in range(Hv):
+            S, i = torch.zeros(dv, dk, dtype=torch.float64), j // (Hv // H)
+            for t in range(T):
+                kt = k[r, t, i]
+                S = a[r, t, j] * S
+                if c.delta_rule:
+                    S = S @ (torch.eye(dk, dtype=torch.float64) - b[r, t, j] * torch.outer(kt, kt))
+                S = S + b[r, t, j] * torch.outer(v[r, t, j], kt)
+                o[r, t, j] = S @ q[r, t, i] / dk ** 0.5
+    scale = m.norm.weight + (1.0 if c.norm_zero_centered is not False else 0.0)
+    o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + c.norm_eps) * scale
+    o = o * F.silu((x @ m.z_proj.weight.T).view(B, T, Hv, dv))
+    assert rel_err(y, o.reshape(B, T, -1) @ m.out_proj.weight.T) <= 1e-12
+
+
 def test_chunked_split_with_state_and_noop_padding():
     q, k, v, g, beta, s0 = make_inputs(2, 50, 2, 2, 8, 8, seed=4)
     o_full, s_full = chunk_gated_delta_rule_ref(q, k, v, g, beta, s0, chunk_size=16)

@@ -194,6 +194,65 @@ def test_registered_and_config_checks():
         load_recipe(tiny_recipe("M3", {"mamba3": {"rope_fraction": 1.5}}))
 
 
+@pytest.mark.parametrize("R,G,frac,act", [(1, 1, 0.5, None), (1, 2, 1.0, "heavy_tail"), (2, 1, 0.5, None),
+                                          (4, 2, 1.0, None), (1, 1, 0.0, None)])
+def test_layer_equals_the_official_step_loop(R, G, frac, act):
+    """The whole layer against a per-token loop written from the official module
+    (state-spaces/mamba ``mamba_ssm/modules/mamba3.py``) and its step references
+    (``mamba3_siso_step_ref``, ``mamba3_MIMO_step_ref``): in_proj split [z|x|B|C|dd_dt|dd_A|trap|angles],
+    B/C RMSNorm (eps 1e-5) over N then per-head/rank biases, groups read by heads h // (H / G),
+    A = -max(f(dd_A), A_floor), Δ = softplus(dd_dt + dt_bias), angle Θ += π tanh(angles) Δ before the
+    rotation (pairs (2i, 2i+1) for SISO, (i, i + N/2) for MIMO), h = α h + (1-λ)Δα k_prev v_prev^T +
+    λΔ k v^T with v = x ⊙ W^x_r, y_r = (h^T q_r + D v_r) SiLU(z ⊙ W^z_r), summed with W^o_r, out_proj."""
+    from hymba_plus.components.mamba3 import Mamba3, Mamba3Config
+    from hymba_plus.core.cache import StepContext
+
+    torch.manual_seed(0)
+    N, P, d = 8, 4, 8
+    m = Mamba3(Mamba3Config(state_size=N, head_dim=P, n_groups=G, mimo_rank=R, rope_fraction=frac,
+                            a_activation=act), d_model=d).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    B, T = 2, 6
+    u = torch.randn(B, T, d, dtype=torch.float64)
+    y = m(u, StepContext(positions=torch.arange(T).expand(B, T)))
+
+    H, K = m.H, m.K
+    z, x, Bm, Cm, ddt, dA, trap, ang = (u @ m.in_proj.weight.T).split(m.splits, -1)
+    rms = lambda t, w: t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-5) * w  # noqa: E731
+    Bm = rms(Bm.view(B, T, R, G, N), m.B_norm.weight).repeat_interleave(H // G, 3)  # [B,T,R,H,N]
+    Cm = rms(Cm.view(B, T, R, G, N), m.C_norm.weight).repeat_interleave(H // G, 3)
+    f = (dA.clamp_min(0) + 1 / (1 - dA.clamp_max(0))) if act == "heavy_tail" else F.softplus(dA)
+    A, DT, lam = -f.clamp_min(1e-4), F.softplus(ddt + m.dt_bias), torch.sigmoid(trap)
+    ones = torch.ones(H, R, P, dtype=torch.float64)
+    mx, mz, mo = (ones, ones, ones) if R == 1 else (m.mimo_x, m.mimo_z, m.mimo_o)
+
+    def rot(t, c, s):  # the first K pairs rotated by Θ, the rest of the state real
+        a, b = (t[..., 0::2], t[..., 1::2]) if R == 1 else (t[..., : N // 2], t[..., N // 2:])
+        c, s = F.pad(c, (0, N // 2 - K), value=1.0), F.pad(s, (0, N // 2 - K))
+        a, b = a * c - b * s, a * s + b * c
+        return torch.stack([a, b], -1).flatten(-2) if R == 1 else torch.cat([a, b], -1)
+
+    out = torch.zeros(B, T, H, P, dtype=torch.float64)
+    for r in range(B):
+        th, S = torch.zeros(H, K, dtype=torch.float64), torch.zeros(H, P, N, dtype=torch.float64)
+        kp, vp = torch.zeros(H, R, N, dtype=torch.float64), torch.zeros(H, R, P, dtype=torch.float64)
+        for t in range(T):
+            th = th + math.pi * torch.tanh(ang[r, t]) * DT[r, t, :, None]
+            c, s = torch.cos(th)[:, None], torch.sin(th)[:, None]
+            q = rot(Cm[r, t].transpose(0, 1) + m.C_bias, c, s)  # [H,R,N]
+            k = rot(Bm[r, t].transpose(0, 1) + m.B_bias, c, s)
+            v = x[r, t].view(H, 1, P) * mx  # [H,R,P]
+            al = torch.exp(A[r, t] * DT[r, t])[:, None, None]
+            S = (al * S + ((1 - lam[r, t]) * DT[r, t])[:, None, None] * al * torch.einsum("hrn,hrp->hpn", kp, vp)
+                 + (lam[r, t] * DT[r, t])[:, None, None] * torch.einsum("hrn,hrp->hpn", k, v))
+            o = (torch.einsum("hpn,hrn->hrp", S, q) + m.D[:, None, None] * v) * F.silu(z[r, t].view(H, 1, P) * mz)
+            out[r, t] = (o * mo).sum(1)
+            kp, vp = k, v
+    assert rel_err(y, out.reshape(B, T, -1) @ m.out_proj.weight.T) <= 1e-12
+
+
 def test_heavy_tail_a_activation():
     """``a_activation: heavy_tail`` (state-spaces/mamba#962): A_t = -(pos(x) + 1 / (1 - neg(x))), floored;
     the layer's decay follows it, and a cached model still equals its full forward."""
