@@ -321,7 +321,10 @@ def generate_ar(
     replays each step from a CUDA graph over static caches, ``static`` runs the step eagerly
     on static caches, ``dynamic`` on the growing cache; ``auto`` is ``graph`` on CUDA (when
     there are more than a few steps) and ``dynamic`` elsewhere. Greedy output is the same
-    token for token. ``stats["engine"]`` says which ran (and ``stats["engine_notice"]`` why
+    token for token (tested in float32 on the CPU and in float32 and bf16 with the CUDA graph; a
+    bf16 model's static engine on the CPU is not always bit-equal to the dynamic cache: a near-tie
+    may go the other way; ARCHITECTURE.md, "The cache protocol").
+    ``stats["engine"]`` says which ran (and ``stats["engine_notice"]`` why
     a graph was not used, if capture failed)."""
     from .decode_engine import engine_for, resolve_engine
 
