@@ -293,6 +293,12 @@ class LineDict(dict):
         return self.key_lines.get(key, self.line)
 
 
+class LineList(list):
+    """A list that knows the YAML line of each item."""
+
+    item_lines: tuple = ()
+
+
 class _LineLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser when installed
     """SafeLoader (C parser if available) whose mappings remember their keys' lines."""
 
@@ -323,6 +329,14 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> LineDict:
         out[key] = loader.construct_object(value_node, deep=True)
         out.key_lines[key] = key_node.start_mark.line + 1
     return out
+
+
+def _construct_sequence(loader: _LineLoader, node: yaml.SequenceNode):  # noqa: ANN202 - a generator
+    # (two steps, as PyYAML's own list constructor: a list that holds an alias of itself)
+    out = LineList()
+    out.item_lines = tuple(item.start_mark.line + 1 for item in node.value)
+    yield out
+    out.extend(loader.construct_sequence(node))
 
 
 _STR_TAG = "tag:yaml.org,2002:str"
@@ -376,6 +390,7 @@ def _node_errors(node: yaml.Node | None, path: str, errs: "_Errors", seen: set[i
 
 
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
 
 
 def _construct_int(loader: _LineLoader, node: yaml.ScalarNode) -> int:
@@ -406,14 +421,25 @@ class _Errors:
         self.items: list[str] = []
 
     def line(self, path: str) -> int:
-        """Line of the deepest existing key along a dotted path."""
+        """Line of the deepest existing key or list item along a key path (``a.b[2].c``; a key
+        may itself hold dots: ``ratios.gated.attn``)."""
         node, line = self.root, getattr(self.root, "line", 1) or 1
-        for part in [p for p in path.split(".") if p]:
-            if isinstance(node, LineDict) and part in node:
-                line = node.line_of(part)
-                node = node[part]
-            else:
+        rest = path
+        while rest:
+            if isinstance(node, LineList) and (m := re.match(r"\[(\d+)\]\.?", rest)):
+                i = int(m.group(1))
+                if i >= len(node.item_lines):
+                    break
+                line, node, rest = node.item_lines[i], node[i], rest[m.end():]
+                continue
+            if not isinstance(node, LineDict):
                 break
+            # the longest key the path goes on from (a key with dots before its prefix)
+            key = max((k for k in node if isinstance(k, str) and (rest == k or rest.startswith((k + ".", k + "[")))),
+                      key=len, default=None)
+            if key is None:
+                break
+            line, node, rest = node.line_of(key), node[key], rest[len(key):].removeprefix(".")
         return line
 
     def add(self, path: str, message: str, line: int | None = None) -> None:
