@@ -463,6 +463,27 @@ def test_out_of_range_value_is_reported_before_the_rules_across_fields(config, c
     assert [line.split(": ", 1)[1] for line in e.value.errors] == [message]
 
 
+@pytest.mark.parametrize(("config", "component", "change", "key"), [
+    ("quad_hybrid_tiny", "mamba3", {"dt_init_floor": 1e300}, "components.mamba3.dt_init_floor"),
+    ("quad_hybrid_tiny", "mamba3", {"a_floor": 1e39}, "components.mamba3.a_floor"),
+    ("hymba_tiny", "hymba", {"beta_init": 1e300}, "components.hymba.beta_init"),
+    ("etd_tiny", "etd_router", {"halting": {"init_bias": -1e300}}, "components.etd_router.halting.init_bias"),
+])
+def test_floats_past_float32_range_are_refused(config, component, change, key):
+    """A float setting past float32's range fills or scales a float32 tensor: it passed ``hymba check``
+    (built on the meta device, nothing filled) and failed in ``build_model`` (RuntimeError: value cannot
+    be converted to type float without overflow) or at the first forward (a_floor's clamp). Found by
+    probing the checker with extreme values."""
+    base = yaml.safe_load((ROOT / "configs" / f"{config}.yaml").read_text())
+    base["components"].setdefault(component, {}).update(change)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(base)
+    (err,) = e.value.errors
+    assert err.split(": ", 1)[1].startswith(f"{key}: must be within float32's range (magnitude <= 3.403e+38), got "), err
+    # a range of the spec's own says its own message first (dropout: at most 1)
+    assert errors_of(tiny(dropout=1e300)) == ["<recipe>:1: model.dropout: must be <= 1.0, got 1e+300"]
+
+
 @settings(max_examples=200, deadline=None, derandomize=True)
 @given(text=st.text(alphabet="nameodl:{}[]-,\"'!&*#|> \n\t0123.eE", max_size=60))
 def test_arbitrary_text_loads_or_fails_cleanly(text):

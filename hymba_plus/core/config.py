@@ -96,6 +96,10 @@ def first_line(error: BaseException, empty: str | None = None) -> str:
 
 #: the largest value of an integer setting whose spec gives no maximum (sizes, counts: 32-bit)
 INT_MAX = 2**31 - 1
+#: the largest magnitude of a float setting (float32's largest finite value, ``torch.finfo(torch.float32).max``):
+#: settings fill float32 parameters and scale float32 tensors, and a value past it passed ``hymba check``
+#: (built on the meta device, nothing filled) but failed ``build_model`` or the first forward
+FLOAT_MAX = 3.4028234663852886e38
 
 
 def range_errors(cfg: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
@@ -117,17 +121,22 @@ def range_errors(cfg: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
         if isinstance(v, float) and not math.isfinite(v):
             yield key, f"must be a finite number, got {v}"
         elif isinstance(v, (int, float)):
+            found = []
             if m.get("min") is not None and v < m["min"]:
-                yield key, f"must be >= {m['min']}, got {brief(v)}"
+                found.append(f"must be >= {m['min']}, got {brief(v)}")
             if m.get("gt") is not None and v <= m["gt"]:
-                yield key, f"must be > {m['gt']}, got {brief(v)}"
+                found.append(f"must be > {m['gt']}, got {brief(v)}")
             if m.get("max") is not None and v > m["max"]:
-                yield key, f"must be <= {m['max']}, got {brief(v)}"
+                found.append(f"must be <= {m['max']}, got {brief(v)}")
             elif m.get("max") is None and isinstance(v, int) and v > INT_MAX:  # a size past int64 passed
                 # `hymba check` and failed at the first forward (an OverflowError in a kernel's arguments)
-                yield key, f"must be <= {INT_MAX}, got {brief(v)}"
+                found.append(f"must be <= {INT_MAX}, got {brief(v)}")
             if m.get("lt") is not None and v >= m["lt"]:
-                yield key, f"must be < {m['lt']}, got {brief(v)}"
+                found.append(f"must be < {m['lt']}, got {brief(v)}")
+            if not found and isinstance(v, float) and abs(v) > FLOAT_MAX:
+                found.append(f"must be within float32's range (magnitude <= {FLOAT_MAX:.4g}), got {brief(v)}")
+            for msg in found:
+                yield key, msg
 
 
 def in_range(cfg: Any) -> bool:
