@@ -133,6 +133,23 @@ def test_yaml_12_floats_and_ints():
         load_recipe(text.replace("name: t", 'name: "a\\nb"'))
 
 
+@pytest.mark.parametrize("key", ["a\nb", "a\rb", "a\x1b[2Jb", "a\u2028b", "a\x85b"])
+def test_a_key_with_control_characters_stays_one_printable_line(tmp_path, key):
+    """A key holding a line break or a control character was printed raw in the key path: a
+    carriage return, U+2028 or NEL split ``hymba check``'s one line (str.splitlines) and an escape
+    sequence reached the terminal; the name had this rule, keys did not. Found by probing check."""
+    escaped = repr(key)[1:-1]
+    text = f'name: t\nmodel: {{vocab_size: 64, d_model: 32, block_pattern: GA, "{escaped}": 1}}\n'
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    (err,) = errors_of(p)
+    assert err == f"{p}:2: model.{escaped}: unknown key", err
+    assert len(err.splitlines()) == 1 and err.isprintable()
+    # unknown component sections and ratio names are keys too
+    (err,) = errors_of(text.replace(f', "{escaped}": 1', "") + f'components: {{"{escaped}": {{}}}}\n')
+    assert err.startswith(f"<recipe>:3: components.{escaped}: unknown component") and err.isprintable(), err
+
+
 def test_merge_keys_may_override():
     text = ("name: t\nmodel:\n  <<: {vocab_size: 64, d_model: 16, block_pattern: GA}\n  d_model: 32\n")
     assert load_recipe(text).model.d_model == 32

@@ -445,6 +445,8 @@ class _Errors:
     def add(self, path: str, message: str, line: int | None = None) -> None:
         ln = self.line(path) if line is None else line
         where = f"{self.file}:{ln}: " if self.file else f"<recipe>:{ln}: "
+        if not path.isprintable():  # a key with a line break or a control character: escaped, one line
+            path = "".join(c if c.isprintable() else repr(c)[1:-1] for c in path)
         self.items.append(f"{where}{path}: {message}" if path else f"{where}{message}")
 
     def raise_if_any(self) -> None:
