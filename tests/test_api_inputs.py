@@ -221,6 +221,33 @@ def test_build_model_checks_a_recipe_changed_after_loading(field, value, says) -
     assert load_recipe(r) is r  # a valid one comes back as it is
 
 
+@pytest.mark.parametrize("section,value", [
+    ("components", {"gated_attn": {"n_heads": 4, "n_kv_heads": 2, "head_dim": 16}, "mlp": {"d_hidden": 64}}),
+    ("model", {"vocab_size": 256, "d_model": 64, "block_pattern": "GA | GA"}),
+    ("objective", {"kind": "block_diffusion", "block_size": 4}),
+    ("ladir", {"latent_dim": 8, "memory_slots": 2}),
+    ("train", {"steps": 7}),
+])
+def test_a_recipe_with_sections_given_as_dicts_is_the_loaders_recipe(section, value) -> None:
+    """A Recipe made with dataclasses.replace whose section is a plain dict passed load_recipe's second
+    check (``to_dict`` reads dicts and configs alike) and came back as it was: build_model then failed
+    with AttributeError ('dict' object has no attribute 'n_heads' / 'layout' / 'kind' / 'memory_slots'),
+    and a dict ``train`` reached the trainer. Found by probing build_model with replaced recipes."""
+    import dataclasses
+
+    from hymba_plus import load_recipe
+
+    r = load_recipe(CFG / "gpt_tiny.yaml")
+    changed = dataclasses.replace(r, **{section: value})
+    loaded = load_recipe(changed)
+    assert loaded == load_recipe(changed.to_dict())
+    part = getattr(loaded, section)
+    assert all(dataclasses.is_dataclass(c) for c in part.values()) if section == "components" \
+        else dataclasses.is_dataclass(part)
+    model = build_model(changed).eval()
+    assert model(IDS[:, :4]).logits.shape == (2, 4, 256)
+
+
 @pytest.fixture(scope="module")
 def gpt():  # noqa: ANN201
     torch.manual_seed(0)

@@ -614,10 +614,11 @@ def _type_name(tp: Any) -> str:
 def load_recipe(source: "str | os.PathLike | Mapping | Recipe") -> Recipe:
     """Load and validate a recipe from a YAML path, a YAML string, a dict or a Recipe. A Recipe is
     checked again (one made with ``dataclasses.replace`` skipped the loader's checks) and returned
-    as it is."""
+    as it is when the loader makes the same of it; otherwise (a section given as a plain dict, a
+    used component without its section) the loader's recipe is returned."""
     if isinstance(source, Recipe):
-        _build(source.to_dict(), "")
-        return source
+        built = _build(source.to_dict(), "")
+        return source if built == source else built
     file = ""
     if isinstance(source, Mapping):
         data: Any = source
