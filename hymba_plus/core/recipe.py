@@ -751,6 +751,7 @@ def _build(data: Any, file: str) -> Recipe:
     errs.raise_if_any()
 
     used = {s.mixer for s in layers if s.mixer != "none"} | {s.ffn for s in layers if s.ffn != "none"}
+    from_pattern = set(used)  # (the others: asked for by model.mtp.block alone)
     if model.mtp is not None:  # the prediction modules' block (checked in _check_model)
         mtp_spec = parse_pattern(model.mtp.block, model.ffn)[0]
         used |= {n for n in (mtp_spec.mixer, mtp_spec.ffn) if n != "none"}
@@ -769,6 +770,8 @@ def _build(data: Any, file: str) -> Recipe:
         # a config out of range (e.g. ``ssm: x``) names nothing to use: its range error is said below
         if cfg_used is not None and hasattr(cfg_used, "uses") and in_range(cfg_used):
             used |= set(cfg_used.uses())
+            if name_used in from_pattern:
+                from_pattern |= set(cfg_used.uses())
     for name_used in sorted(used):
         if name_used in comps:
             continue
@@ -784,9 +787,10 @@ def _build(data: Any, file: str) -> Recipe:
 
     pattern_line = errs.line("model.block_pattern" if model.block_pattern is not None else "model.layout")
     # a component the recipe does not configure gets its defaults; its errors point at the
-    # pattern that asked for it and say the value is a default
+    # pattern (or the MTP block) that asked for it and say the value is a default
     where = {key: (None, "") if key in comps_data else
-             (pattern_line, " (default; set it under components." + key + ")") for key in comps}
+             (pattern_line if key in from_pattern else errs.line("model.mtp.block"),
+              " (default; set it under components." + key + ")") for key in comps}
     for key, cfg in comps.items():
         for k, msg in range_errors(cfg, f"components.{key}."):
             errs.add(k, msg + where[key][1], where[key][0])
