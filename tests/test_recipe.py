@@ -155,6 +155,22 @@ def test_merge_keys_may_override():
     assert load_recipe(text).model.d_model == 32
 
 
+@pytest.mark.parametrize("model, d_model", [
+    ("{<<: [{d_model: 16}, {d_model: 48}], vocab_size: 64, block_pattern: GA}", 16),
+    ("{<<: [{d_model: 16}, {<<: {d_model: 48}}], vocab_size: 64, block_pattern: GA}", 16),
+    ("{<<: [{<<: {d_model: 16}}, {d_model: 48}], vocab_size: 64, block_pattern: GA}", 16),
+    ("{d_model: 32, <<: [{d_model: 16}, {d_model: 48}], vocab_size: 64, block_pattern: GA}", 32),
+    ("{<<: {d_model: 16, <<: {d_model: 48}}, vocab_size: 64, block_pattern: GA}", 16),
+])
+def test_merge_list_earlier_mappings_win(model, d_model):
+    """YAML's merge key: the keys of a mapping override merged ones, and of a merged list the earlier
+    mappings override the later ones. PyYAML 6.0.4's flatten_mapping drops a repeated key by the id()
+    of its text, so a key string that Python does not share (``d_model``; one-letter keys are shared)
+    took the later mapping's value: ``<<: [{d_model: 16}, {d_model: 48}]`` read 48. Found by probing
+    merge keys."""
+    assert load_recipe(f"name: t\nmodel: {model}\n").model.d_model == d_model
+
+
 def test_several_errors_are_all_reported(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("name: t\nmodel:\n  vocab_size: 64\n  d_modl: 32\n  block_patern: GA\n")

@@ -317,14 +317,34 @@ for _cls in (_LineLoader, _Dumper):
     )
 
 
+def _merged_pairs(node: yaml.MappingNode, active: frozenset = frozenset()) -> list[tuple[yaml.Node, yaml.Node]]:
+    """A mapping's (key, value) nodes with its merge keys (``<<``) resolved, in an order where a later
+    key wins (YAML's merge rule): the merged mappings' keys first, of a merged list the last mapping's
+    first, then the mapping's own keys. (PyYAML's ``flatten_mapping`` drops a repeated merged key by
+    the ``id()`` of its text: a key string Python does not share took the later mapping's value.)"""
+    merged, own = [], []
+    for key_node, value_node in node.value:
+        if key_node.tag != _MERGE_TAG:
+            own.append((key_node, value_node))
+            continue
+        subs = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+        for sub in reversed(subs):
+            if not isinstance(sub, yaml.MappingNode) or id(sub) in active:
+                found = "a mapping that merges itself" if id(sub) in active else sub.id
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"expected a mapping or list of mappings for merging, but found {found}", sub.start_mark)
+            merged += _merged_pairs(sub, active | {id(sub)})
+    return merged + own
+
+
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> LineDict:
     # duplicate and non-text keys were reported (with their key paths) by _node_errors;
-    # here a later key wins, which is also YAML's merge-key (``<<``) override rule
-    loader.flatten_mapping(node)
+    # here a later key wins, which is also YAML's merge-key (``<<``) override rule (_merged_pairs)
     out = LineDict()
     out.line = node.start_mark.line + 1
     out.key_lines = {}
-    for key_node, value_node in node.value:
+    for key_node, value_node in _merged_pairs(node, frozenset({id(node)})):
         key = loader.construct_object(key_node, deep=True)
         out[key] = loader.construct_object(value_node, deep=True)
         out.key_lines[key] = key_node.start_mark.line + 1
