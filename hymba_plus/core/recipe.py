@@ -387,8 +387,14 @@ def _node_errors(node: yaml.Node | None, path: str, errs: "_Errors", seen: set[i
         return
     if isinstance(node, yaml.MappingNode):
         first: dict[str, int] = {}
+        merge_line = 0
         for key_node, value_node in node.value:
             if key_node.tag == _MERGE_TAG:  # the merged mappings' own keys (a duplicate inside one), same path
+                line = key_node.start_mark.line + 1
+                if merge_line:  # (which one wins is not YAML's to say: keys are unique)
+                    errs.add(f"{path}<<", f"duplicate key (first given at line {merge_line}); merge several "
+                             "mappings with one <<: [a, b]", line)
+                merge_line = merge_line or line
                 for merged in (value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]):
                     _node_errors(merged, path, errs, seen, depth + 1)
                 continue
