@@ -127,6 +127,10 @@ def test_yaml_12_floats_and_ints():
     assert isinstance(rope.scaling.factor, float)
     # YAML 1.2 ints too: a leading 0 is decimal (1.1: 040 was octal 32), base 60 (1.1: 1:30 was 90) refused
     assert load_recipe(text.replace("d_model: 32", "d_model: 040")).model.d_model == 40
+    # ... with the digits 8 and 9 as well (no YAML 1.1 octal: 08 and 048 were read as text, refused as
+    # 'expected an integer, got str', while 040 was 40)
+    for written, value in (("08", 8), ("048", 48), ("+096", 96)):
+        assert load_recipe(text.replace("d_model: 32", f"d_model: {written}")).model.d_model == value
     with pytest.raises(RecipeError, match=r"<recipe>:4: invalid YAML: '1:30' is a base-60 number in YAML 1.1 only"):
         load_recipe(text.replace("d_model: 32", "d_model: 1:30"))
     with pytest.raises(RecipeError, match=r"name: must be one line of printable text, got 'a\\nb'"):
@@ -550,6 +554,8 @@ def test_to_yaml_quotes_strings_the_loader_reads_as_numbers(tmp_path):
                      "train": {"data": "2e5"}})
     back = load_recipe(r.to_yaml())
     assert back == r and back.name == "1e3" and back.train.data == "2e5" and back.hash() == r.hash()
+    r = load_recipe({"name": "08", "model": {"vocab_size": 32, "d_model": 16, "block_pattern": "GA"}})
+    assert load_recipe(r.to_yaml()).name == "08"
 
 
 def test_block_diffusion_seq_len_rule_applies_to_what_the_recipe_sets():

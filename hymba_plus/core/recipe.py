@@ -309,12 +309,15 @@ class _Dumper(yaml.SafeDumper):
 
 # YAML 1.1 (PyYAML) reads ``1e-6`` (no dot) as a string; YAML 1.2 reads it as a float.
 # Recipes follow 1.2 here, so a float field never has to accept text.
+# Likewise ints: a leading 0 is decimal in 1.2 (``_construct_int``), so ``08`` and ``019`` (no 1.1 octal:
+# text to PyYAML) are ints too.
 for _cls in (_LineLoader, _Dumper):
     _cls.add_implicit_resolver(
         "tag:yaml.org,2002:float",
         re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
         list("-+0123456789."),
     )
+    _cls.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?0[0-9]+$"), list("-+0"))
 
 
 def _merged_pairs(node: yaml.MappingNode, active: frozenset = frozenset()) -> list[tuple[yaml.Node, yaml.Node]]:
