@@ -754,12 +754,14 @@ def _build(data: Any, file: str) -> Recipe:
         errs.add("components", f"must be a mapping of component name -> settings, got {_describe(comps_data)}")
         errs.raise_if_any()
     comps: dict[str, Any] = {}
-    objectives = set(objective_kinds())
+    # an objective's kind and its registered name (ladir's objective is registered as ladir_objective)
+    objectives = {**{n: kind for kind, n in objective_kinds().items()}, **{kind: kind for kind in objective_kinds()}}
     known = [n for n in registry.names() if n not in objectives]
     for key, section in comps_data.items():
         path = f"components.{key}"
         if key in objectives:  # (its section was accepted and ignored: the objective stayed next_token)
-            errs.add(path, f"{key!r} is an objective: give it as the recipe's objective: {{kind: {key}, ...}}")
+            errs.add(path, f"{key!r} is an objective: give it as the recipe's objective: "
+                     f"{{kind: {objectives[key]}, ...}}")
             continue
         if key not in known:
             if registry.is_reserved(key):
