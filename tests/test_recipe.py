@@ -396,6 +396,23 @@ def test_replace_validates_again():
         r.replace(d_model=0)
 
 
+def test_a_loaded_recipe_checks_again_as_its_file_reads():
+    """A train section that leaves seq_len (128) to its default under a short max_seq_len loads (the rules
+    across train fields apply to what the recipe sets). Checking the loaded Recipe again (load_recipe /
+    build_model of a Recipe, Recipe.replace) read its to_dict(), where every train default looks set:
+    build_model(load_recipe(path)) refused what build_model(path) built ('train.seq_len: must be <=
+    model.max_seq_len (64), got 128'). Found by probing load_recipe with its own recipes."""
+    from hymba_plus import build_model
+
+    r = load_recipe({**tiny(max_seq_len=64), "train": {"steps": 5}})
+    assert r.train.seq_len == 128 and r.model.max_seq_len == 64
+    assert load_recipe(r) is r
+    assert build_model(r).recipe is r
+    assert r.replace(d_model=64).model.d_model == 64
+    with pytest.raises(RecipeError, match=r"train.seq_len: must be <= model.max_seq_len \(64\), got 100"):
+        load_recipe(dataclasses.replace(r, train=dataclasses.replace(r.train, seq_len=100)))
+
+
 # --------------------------------------------------------------------------- generated recipes
 
 _scaling = st.one_of(

@@ -215,16 +215,21 @@ class Recipe:
             d["train"] = _asdict(self.train)
         return d
 
-    def to_yaml(self) -> str:
-        """The recipe as YAML (``load_recipe`` reads it back to an equal recipe, same hash). Its
-        ``train:`` section holds the settings that differ from the defaults: a default written out
-        would read as one the recipe set, whose rules across fields then apply (a default
-        ``seq_len`` above a short ``max_seq_len``: a checkpoint's recipe.yaml could not be loaded)."""
+    def _source_dict(self) -> dict[str, Any]:
+        """``to_dict()`` as a recipe file would give it: its ``train:`` section holds the settings
+        that differ from the defaults. A default written out would read as one the recipe set, whose
+        rules across fields then apply (a default ``seq_len`` above a short ``max_seq_len``: a
+        checkpoint's recipe.yaml could not be loaded, a loaded recipe not checked again)."""
         d = self.to_dict()
         if self.train is not None:
             default = _asdict(type(self.train)())
             d["train"] = {k: v for k, v in d["train"].items() if v != default.get(k)}
-        return yaml.dump(d, Dumper=_Dumper, sort_keys=False, default_flow_style=None)
+        return d
+
+    def to_yaml(self) -> str:
+        """The recipe as YAML (``load_recipe`` reads it back to an equal recipe, same hash); the
+        ``train:`` section holds the settings that differ from the defaults (``_source_dict``)."""
+        return yaml.dump(self._source_dict(), Dumper=_Dumper, sort_keys=False, default_flow_style=None)
 
     def hash(self) -> str:
         """12 hex digits of the canonical JSON. Settings that are null (unset optional
@@ -251,7 +256,7 @@ class Recipe:
 
     def replace(self, **model_changes: Any) -> "Recipe":
         """A copy with model fields changed (validated again)."""
-        d = self.to_dict()
+        d = self._source_dict()
         d["model"].update(model_changes)
         return load_recipe(d)
 
@@ -646,7 +651,7 @@ def load_recipe(source: "str | os.PathLike | Mapping | Recipe") -> Recipe:
     as it is when the loader makes the same of it; otherwise (a section given as a plain dict, a
     used component without its section) the loader's recipe is returned."""
     if isinstance(source, Recipe):
-        built = _build(source.to_dict(), "")
+        built = _build(source._source_dict(), "")
         return source if built == source else built
     file = ""
     if isinstance(source, Mapping):
