@@ -398,14 +398,17 @@ def test_replace_validates_again():
 
 def test_a_loaded_recipe_checks_again_as_its_file_reads():
     """A train section that leaves seq_len (128) to its default under a short max_seq_len loads (the rules
-    across train fields apply to what the recipe sets). Checking the loaded Recipe again (load_recipe /
-    build_model of a Recipe, Recipe.replace) read its to_dict(), where every train default looks set:
+    across train fields apply to what the recipe sets). Its to_dict() wrote every train default out, where
+    it looks set: load_recipe(r.to_dict()) (DESIGN §2: to_dict round-trips) refused it, and so did checking
+    the loaded Recipe again (load_recipe / build_model of a Recipe, Recipe.replace, which read to_dict()):
     build_model(load_recipe(path)) refused what build_model(path) built ('train.seq_len: must be <=
     model.max_seq_len (64), got 128'). Found by probing load_recipe with its own recipes."""
     from hymba_plus import build_model
 
     r = load_recipe({**tiny(max_seq_len=64), "train": {"steps": 5}})
     assert r.train.seq_len == 128 and r.model.max_seq_len == 64
+    assert r.to_dict()["train"] == {"steps": 5}
+    assert load_recipe(r.to_dict()) == r and load_recipe(r.to_dict()).hash() == r.hash()
     assert load_recipe(r) is r
     assert build_model(r).recipe is r
     assert r.replace(d_model=64).model.d_model == 64

@@ -205,6 +205,18 @@ class Recipe:
         return self
 
     def to_dict(self) -> dict[str, Any]:
+        """The recipe as plain data (``load_recipe`` reads it back to an equal recipe, same hash). Its
+        ``train:`` section holds the settings that differ from the defaults, as a recipe file gives
+        them: a default written out would read as one the recipe set, whose rules across fields then
+        apply (a default ``seq_len`` above a short ``max_seq_len`` could not be loaded back)."""
+        d = self._settings()
+        if self.train is not None:
+            default = _asdict(type(self.train)())
+            d["train"] = {k: v for k, v in d["train"].items() if v != default.get(k)}
+        return d
+
+    def _settings(self) -> dict[str, Any]:
+        """Every setting, train defaults included (``hash()``'s canonical form)."""
         d: dict[str, Any] = {"name": self.name, "model": _asdict(self.model)}
         d["components"] = {k: _asdict(v) for k, v in sorted(self.components.items())}
         if self.objective is not None:
@@ -215,27 +227,15 @@ class Recipe:
             d["train"] = _asdict(self.train)
         return d
 
-    def _source_dict(self) -> dict[str, Any]:
-        """``to_dict()`` as a recipe file would give it: its ``train:`` section holds the settings
-        that differ from the defaults. A default written out would read as one the recipe set, whose
-        rules across fields then apply (a default ``seq_len`` above a short ``max_seq_len``: a
-        checkpoint's recipe.yaml could not be loaded, a loaded recipe not checked again)."""
-        d = self.to_dict()
-        if self.train is not None:
-            default = _asdict(type(self.train)())
-            d["train"] = {k: v for k, v in d["train"].items() if v != default.get(k)}
-        return d
-
     def to_yaml(self) -> str:
-        """The recipe as YAML (``load_recipe`` reads it back to an equal recipe, same hash); the
-        ``train:`` section holds the settings that differ from the defaults (``_source_dict``)."""
-        return yaml.dump(self._source_dict(), Dumper=_Dumper, sort_keys=False, default_flow_style=None)
+        """The recipe as YAML (``to_dict``'s; ``load_recipe`` reads it back to an equal recipe, same hash)."""
+        return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False, default_flow_style=None)
 
     def hash(self) -> str:
         """12 hex digits of the canonical JSON. Settings that are null (unset optional
         sections and fields) are left out, so adding an optional field to the schema keeps
         the hashes of existing recipes."""
-        d = _drop_none(self.to_dict())
+        d = _drop_none(self._settings())
         if "train" in d and "data" not in d["train"] and self.reads_tokens:
             # train.data was "mqar" by default before it could be unset (the objective's default):
             # the same recipes keep their hashes
@@ -256,7 +256,7 @@ class Recipe:
 
     def replace(self, **model_changes: Any) -> "Recipe":
         """A copy with model fields changed (validated again)."""
-        d = self._source_dict()
+        d = self.to_dict()
         d["model"].update(model_changes)
         return load_recipe(d)
 
@@ -651,7 +651,7 @@ def load_recipe(source: "str | os.PathLike | Mapping | Recipe") -> Recipe:
     as it is when the loader makes the same of it; otherwise (a section given as a plain dict, a
     used component without its section) the loader's recipe is returned."""
     if isinstance(source, Recipe):
-        built = _build(source._source_dict(), "")
+        built = _build(source.to_dict(), "")
         return source if built == source else built
     file = ""
     if isinstance(source, Mapping):
