@@ -1392,6 +1392,17 @@ def test_gradients_do_not_grow_with_length():
     assert long > 5 * short, (short, long)
 
 
+@pytest.mark.parametrize("inner_lr", [0.01, 1000.0, 1e30])
+def test_any_inner_lr_the_recipe_accepts_builds(inner_lr):
+    """The gate bias starts at softplus^-1(inner_lr); log(expm1(x)) overflowed past x ~ 710 (OverflowError:
+    math range error), so a recipe with inner_lr 1000 passed the loader and failed build_model (hymba
+    check: 'the recipe validates but the model cannot be built'). Found by probing check with extreme
+    values. x + log(-expm1(-x)) is the same function (equal in float32 for the usual values)."""
+    layer = Atlas(AtlasConfig(n_heads=2, head_dim=8, inner_lr=inner_lr), d_model=32)
+    eta = F.softplus(layer.gate_proj.bias.view(4, 2)[1].double())
+    torch.testing.assert_close(eta, torch.full_like(eta, inner_lr), rtol=1e-6, atol=0.0)
+
+
 def test_learns_mqar():
     """A 2-layer ATLAS model (Muon inner optimizer, Omega window 2, degree-2 features) learns
     associative recall through its test-time memory (chance 0.0625; a 2-layer attention model

@@ -190,7 +190,7 @@ class Atlas(nn.Module):
                 nn.init.uniform_(self.conv_weight, -bound, bound)
             b = self.gate_proj.bias.view(4, H)
             b[0] = 0.0  # γ = 0.5
-            b[1] = math.log(math.expm1(cfg.inner_lr))  # η = inner_lr
+            b[1] = cfg.inner_lr + math.log(-math.expm1(-cfg.inner_lr))  # η = inner_lr (softplus^-1, no overflow)
             b[2] = 0.0  # θ = 0.5
             b[3] = 5.0  # α ≈ 0.993
 
