@@ -263,3 +263,40 @@ def test_untied_weights_under_a_tying_recipe_and_a_mixed_folder(tmp_path):
     with pytest.warns(UserWarning, match=f"written with recipe hash {other.recipe.hash()}, recipe.yaml hashes to "
                                          f"{m.recipe.hash()}"):
         from_pretrained(tmp_path / "b")
+
+
+def test_a_parameter_without_saved_optimizer_state_resumes_without_one(tmp_path):
+    """set_optimizer_state_dict gives every parameter a state by a zero-gradient step (step count 1, zero
+    moments) and kept it where the checkpoint has none: a parameter that had no gradient before the
+    checkpoint then took its first AdamW update with the second step's bias correction, and its weights
+    left the uninterrupted run's."""
+    from hymba_plus import build_model
+    from hymba_plus.training import checkpoint as ckpt_mod
+    from hymba_plus.training.config import TrainConfig
+    from hymba_plus.training.distributed import DistInfo
+    from hymba_plus.training.optim import build_optimizer
+
+    def fresh():
+        torch.manual_seed(0)
+        model = build_model(TINY)
+        return model, build_optimizer(model, TrainConfig())[0]
+
+    def step(model, opt, no_grad=()):
+        ids = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(1))
+        model(ids, labels=ids).loss.backward()
+        for p in no_grad:
+            p.grad = None
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    a, opt_a = fresh()
+    late = a.blocks[1].norm2.weight  # an AdamW parameter: no gradient before the checkpoint
+    step(a, opt_a, [late])
+    ckpt_mod.save(tmp_path, 1, a, opt_a, {}, DistInfo())
+    b, opt_b = fresh()
+    b.load_state_dict(a.state_dict())
+    ckpt_mod.load_optimizer(tmp_path / "step-1", b, opt_b, DistInfo())
+    assert len(opt_b.state) == len(opt_a.state) and b.blocks[1].norm2.weight not in opt_b.state
+    step(a, opt_a)
+    step(b, opt_b)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))

@@ -400,8 +400,15 @@ def load_optimizer(ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer, inf
                                  options=StateDictOptions(full_state_dict=True, strict=False))
     except (KeyError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{p}: does not fit this model's parameters ({str(e).splitlines()[0]})") from None
-    # set_optimizer_state_dict checks neither shapes nor dtypes: a wrong one failed at the first step, a traceback
     names = {id(t): n for n, t in raw.named_parameters()}
+    # set_optimizer_state_dict first gives every parameter a state by a zero-gradient step (step count 1, zero
+    # moments) and keeps it where the checkpoint has none: such a parameter's first real update then took
+    # AdamW's second bias correction, not the first (the uninterrupted run's), so that made-up state goes
+    for g in opt.param_groups:
+        for prm in g["params"]:
+            if names.get(id(prm)) not in osd["state"]:
+                opt.state.pop(prm, None)
+    # set_optimizer_state_dict checks neither shapes nor dtypes: a wrong one failed at the first step, a traceback
     for g in opt.param_groups:
         for prm in g["params"]:
             for key, v in opt.state.get(prm, {}).items():
