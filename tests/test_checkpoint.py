@@ -300,3 +300,39 @@ def test_a_parameter_without_saved_optimizer_state_resumes_without_one(tmp_path)
     step(a, opt_a)
     step(b, opt_b)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_a_trainer_state_with_fields_of_the_wrong_type_is_one_line(tmp_path, capsys):
+    """A trainer_state.json that parses but holds a field of the wrong type or shape: each was a traceback
+    (KeyError, TypeError, AttributeError, IndexError) somewhere in the resumed run, or a setting of the wrong
+    type (a batch size "2") trained silently; a state without its data position resumed from a KeyError."""
+    recipe = recipe_file(tmp_path)
+    out = tmp_path / "run"
+    assert main(["train", recipe, "--out", str(out), "--steps", "4", "--stop-after", "2", *FAST]) == 0
+    capsys.readouterr()
+    state_file = out / "step-2" / "trainer_state.json"
+    good = json.loads(state_file.read_text())
+    cases = [
+        (lambda s: s["schedule"].pop("kind"), "schedule: not a learning-rate plan (KeyError: 'kind')"),
+        (lambda s: s["schedule"].update(anchor=[3]), "schedule: not a learning-rate plan (IndexError"),
+        (lambda s: s["schedule"].update(kind="linear"), "schedule: not a learning-rate plan (ValueError: unknown"),
+        (lambda s: s["train_config"].update(lr="0.1"), "train_config.lr: wrong type: expected a number, got str"),
+        (lambda s: s["train_config"].update(grad_accum="2"), "train_config.grad_accum: wrong type: expected an integer"),
+        (lambda s: s["train_config"].update(distill={"kl": 1}), "train_config.distill.kl: unknown key"),
+        (lambda s: s["train_config"].update(data=3), "train_config.data: wrong type: expected text, got int 3"),
+        (lambda s: s.update(route_search=[4]), "route_search: expected a mapping, got [4]"),
+        (lambda s: s.update(route_search={"beam": "4"}), "route_search.beam: expected a number"),
+        (lambda s: s["data"].update(params=None), "data.params: expected a mapping, got None"),
+        (lambda s: s.update(distill=3), "distill: expected text, got 3"),
+        (lambda s: s.pop("samples"), "samples: missing"),
+    ]
+    for change, needle in cases:
+        bad = json.loads(json.dumps(good))
+        change(bad)
+        state_file.write_text(json.dumps(bad))
+        before = snapshot(out)
+        rc = main(["train", recipe, "--out", str(out), "--steps", "4", "--resume", *FAST])
+        one_line_error(capsys, rc, f"step-2/trainer_state.json: {needle}")
+        assert snapshot(out) == before
+    state_file.write_text(json.dumps(good))
+    assert main(["train", recipe, "--out", str(out), "--steps", "4", "--resume", *FAST]) == 0

@@ -49,6 +49,7 @@ from ..core.config import brief, first_line
 from ..core.recipe import _asdict
 from ..models.lm import CheckpointError, HybridLM, from_pretrained, write_safetensors
 from .distributed import DistInfo, all_gather_bytes, barrier
+from .schedule import Schedule
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -269,13 +270,28 @@ def _state_problem(state: dict[str, Any], ckpt: Path) -> str | None:
     m = STEP_RE.match(ckpt.name)
     if state["step"] < 0 or (m is not None and int(m.group(1)) != state["step"]):
         return f"step {state['step']} does not match the folder {ckpt.name}"
+    if "samples" not in state:  # the data position: without it a resume would read the data from its start
+        return "samples: missing"
     for key in ("samples", "tokens", "world_size"):
         v = state.get(key, 0)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             return f"{key}: expected a count (an integer >= 0), got {brief(v)}"
-    for key in ("schedule", "train_config", "data"):
-        if key in state and not isinstance(state[key], dict):
+    for key in ("schedule", "train_config", "data", "route_search"):
+        if state.get(key) is not None and not isinstance(state[key], dict):
             return f"{key}: expected a mapping, got {brief(state[key])}"
+    if not isinstance((state.get("data") or {}).get("params", {}), dict):
+        return f"data.params: expected a mapping, got {brief(state['data']['params'])}"
+    for key, v in (state.get("route_search") or {}).items():
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
+            return f"route_search.{key}: expected a number, got {brief(v)}"
+    for key in ("distill", "train_only"):
+        if state.get(key) is not None and not isinstance(state[key], str):
+            return f"{key}: expected text, got {brief(state[key])}"
+    if "steps" in (state.get("schedule") or {}):  # (a state without the plan re-plans from its train_config)
+        try:
+            Schedule.from_dict(state["schedule"])
+        except ValueError as e:
+            return f"schedule: {e}"
     return None
 
 

@@ -116,9 +116,15 @@ class Schedule:
 
     @classmethod
     def from_dict(cls, d: dict) -> Schedule:
-        a = d.get("anchor")
-        return cls(str(d["kind"]), int(d["steps"]), int(d["warmup"]), float(d["min_frac"]), float(d["decay_frac"]),
-                   (int(a[0]), float(a[1])) if a else None)
+        """The plan ``to_dict`` wrote; ValueError (one line) for a mapping that is not one."""
+        try:
+            a = d.get("anchor")
+            plan = cls(str(d["kind"]), int(d["steps"]), int(d["warmup"]), float(d["min_frac"]),
+                       float(d["decay_frac"]), (int(a[0]), float(a[1])) if a else None)
+            plan.factor(plan.steps - 1)  # an unknown kind
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            raise ValueError(f"not a learning-rate plan ({type(e).__name__}: {e})") from None
+        return plan
 
     def describe_change(self, new: Schedule, step: int, peak_lr: float) -> str:
         """One line saying how the plan changes at ``step`` (for the resume log)."""

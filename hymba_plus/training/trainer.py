@@ -835,14 +835,14 @@ class Trainer:
             raise ckpt_mod.CheckpointError(f"{self.resume_from / ckpt_mod.STATE_FILE}: no train_config")
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         saved = {k: v for k, v in saved.items() if k in known}
-        if isinstance(saved.get("distill"), dict):  # (a nested section: saved as a mapping)
-            from .config import DistillConfig
+        # typed as a recipe's train: section is (a wrong type was a traceback in the run, or ran silently)
+        from ..core.recipe import _Errors, _to_dataclass
 
-            saved["distill"] = DistillConfig(**saved["distill"])
-        try:
-            base = TrainConfig(**saved)
-        except TypeError as e:
-            raise ckpt_mod.CheckpointError(f"{self.resume_from / ckpt_mod.STATE_FILE}: bad train_config ({e})") from None
+        errs = _Errors("", None)
+        base = _to_dataclass(TrainConfig, saved, "train_config.", errs)
+        if base is None:  # (the line of the message: "<recipe>:1: key: ...", meaningless in JSON)
+            raise ckpt_mod.CheckpointError(f"{self.resume_from / ckpt_mod.STATE_FILE}: "
+                                           f"{errs.items[0].split(': ', 1)[1]}")
         if base.tokenizer is not None and builtin_task(base, self.recipe.model) is not None:
             base = dataclasses.replace(base, tokenizer=None)  # saved, unread, before validate refused it
         cfg = dataclasses.replace(base, **self.opts.overrides)
