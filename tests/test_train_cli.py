@@ -550,10 +550,15 @@ def test_the_printed_resume_command_resumes_a_run_with_flags_the_recipe_would_re
         assert not (tmp_path / "fresh" / "step-1").exists()
 
 
-def test_a_plain_resume_keeps_distilling_from_the_runs_teacher(tmp_path, capsys):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_a_plain_resume_keeps_distilling_from_the_runs_teacher(tmp_path, capsys, dropout):
     """--distill is saved with the run: `--resume` without it (the printed resume command) continues
-    distilling and gives the uninterrupted run's losses (it dropped the teacher silently)."""
-    rec = recipe_file(tmp_path)
+    distilling and gives the uninterrupted run's losses (it dropped the teacher silently). With dropout
+    too: the teacher's initialisation drew from the random streams after the resumed run had restored
+    them, so its dropout masks were not the uninterrupted run's."""
+    from tests.test_checkpoint import TINY
+
+    rec = recipe_file(tmp_path, {**TINY, "model": {**TINY["model"], "dropout": dropout}})
     teacher = tmp_path / "t"
     assert main(["train", rec, *FAST, "--steps", "2", "--out", str(teacher)]) == 0
     common = ["train", rec, *FAST, "--steps", "4"]

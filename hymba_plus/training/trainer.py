@@ -613,10 +613,8 @@ class Trainer:
             torch.manual_seed(cfg.seed + self.info.rank)
         self.model = model
         self.opt, self.split = build_optimizer(model, cfg)  # the trainable parameters only
-        if self.resume_from is not None:
-            if not self.new_phase:
-                ckpt_mod.load_optimizer(self.resume_from, model, self.opt, self.info)
-            ckpt_mod.load_rng(self.resume_from, self.info)
+        if self.resume_from is not None and not self.new_phase:
+            ckpt_mod.load_optimizer(self.resume_from, model, self.opt, self.info)
         # one process, --param-dtype bfloat16: the GEMM weights switch to bf16 copies of themselves now,
         # after the optimizer state is loaded (in float32) and before a CUDA graph captures them
         self.masters = (MasterWeights(compute_weights(model)) if bf16_flag is not None and not self.info.enabled
@@ -655,6 +653,9 @@ class Trainer:
         if self.requested == "cuda-graph" and self._routing():
             raise TrainError("--cuda-graph: not while the Dr.LLM layer routers are on (the captured step has no "
                              "routes input; eager steps train at full depth with all-execute routes)")
+        if self.resume_from is not None:  # the random streams last: what setup builds (the teacher's
+            # initialisation) drew from them, which the uninterrupted run did before its first step
+            ckpt_mod.load_rng(self.resume_from, self.info)
         self.fwd = model
         if self.compile_mode is not None:
             self.fwd = torch.compile(model, mode=None if self.compile_mode == "default" else self.compile_mode)
