@@ -336,3 +336,50 @@ def test_a_trainer_state_with_fields_of_the_wrong_type_is_one_line(tmp_path, cap
         assert snapshot(out) == before
     state_file.write_text(json.dumps(good))
     assert main(["train", recipe, "--out", str(out), "--steps", "4", "--resume", *FAST]) == 0
+
+
+def test_an_optimizer_state_missing_a_tensor_or_with_bad_settings_is_one_line(tmp_path, capsys):
+    """An optimizer.safetensors that lacks part of a parameter's state resumed with set_optimizer_state_dict's
+    made-up value in its place (AdamW's exp_avg zero, its step 1; Muon's momentum zero), silently; a step
+    saved as a number, a structure of lists and group settings of the wrong type (betas as text) were
+    tracebacks. The group settings are this run's (as lr and weight decay were already)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    recipe = recipe_file(tmp_path)
+    out = tmp_path / "run"
+    assert main(["train", recipe, "--out", str(out), "--steps", "4", "--stop-after", "2", *FAST]) == 0
+    capsys.readouterr()
+    opt_file = out / "step-2" / "optimizer.safetensors"
+    with safe_open(str(opt_file), framework="pt") as f:
+        meta = f.metadata()
+    tensors, structure = load_file(str(opt_file)), json.loads(meta["structure"])
+    adam, muon = "embed.weight", "blocks.0.mixer.q_proj.weight"
+
+    def without(name, key):
+        def change(t, s):
+            t.pop(f"state/{name}/{key}")
+            s["state"][name].pop(key)
+        return change
+
+    def number_step(t, s):
+        t.pop(f"state/{adam}/step")
+        s["state"][adam]["step"] = {"value": 3}
+
+    for change, needle in [(without(adam, "exp_avg"), f"{adam}'s state has no exp_avg"),
+                           (without(adam, "step"), f"{adam}'s state has no step"),
+                           (without(muon, "momentum_buffer"), f"{muon}'s state has no momentum_buffer"),
+                           (number_step, f"{adam}'s step is 3, not a tensor"),
+                           (lambda t, s: s.update(state=[]), "corrupt or truncated ('list' object has no attribute")]:
+        t, s = dict(tensors), json.loads(json.dumps(structure))
+        change(t, s)
+        save_file(t, str(opt_file), metadata={**meta, "structure": json.dumps(s)})
+        before = snapshot(out)
+        rc = main(["train", recipe, "--out", str(out), "--steps", "4", "--resume", *FAST])
+        one_line_error(capsys, rc, f"optimizer.safetensors: {needle}")
+        assert snapshot(out) == before
+    s = json.loads(json.dumps(structure))
+    for g in s["param_groups"]:
+        g.update({"betas": "ab", "eps": None} if "betas" in g else {"momentum": "x"})
+    save_file(tensors, str(opt_file), metadata={**meta, "structure": json.dumps(s)})
+    assert main(["train", recipe, "--out", str(out), "--steps", "4", "--resume", *FAST]) == 0

@@ -400,14 +400,16 @@ def load_optimizer(ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer, inf
             structure = json.loads((f.metadata() or {})["structure"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         osd = optim_from_safetensors(tensors, structure)
-    except (SafetensorError, OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError, AttributeError, RuntimeError) as e:
         raise CheckpointError(f"{p}: corrupt or truncated ({e})") from None
     kinds_saved = [g.get("kind") for g in osd["param_groups"]]
     kinds_now = [g.get("kind") for g in opt.param_groups]
     if kinds_saved != kinds_now:
         raise CheckpointError(f"{p}: optimizer groups {kinds_saved} do not match this run's {kinds_now} "
                               "(was --optimizer changed?)")
-    base = [(g["base_lr"], g["weight_decay"]) for g in opt.param_groups]
+    # this run's settings win over the saved ones (lr and weight decay may change on resume; the rest, from the
+    # same train_config, were loaded unchecked: betas as text failed at the first step, a traceback)
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     raw = getattr(model, "_orig_mod", model)
     try:
         # not strict: a parameter that never had a gradient (routers a phase overrides, the denoiser of LaDiR's
@@ -420,19 +422,27 @@ def load_optimizer(ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer, inf
     # set_optimizer_state_dict first gives every parameter a state by a zero-gradient step (step count 1, zero
     # moments) and keeps it where the checkpoint has none: such a parameter's first real update then took
     # AdamW's second bias correction, not the first (the uninterrupted run's), so that made-up state goes
+    # and where the checkpoint has only some of a parameter's state (no exp_avg), the made-up rest stayed silently
     for g in opt.param_groups:
         for prm in g["params"]:
-            if names.get(id(prm)) not in osd["state"]:
+            name = names.get(id(prm), "?")
+            saved = osd["state"].get(name)
+            if saved is None:
                 opt.state.pop(prm, None)
-    # set_optimizer_state_dict checks neither shapes nor dtypes: a wrong one failed at the first step, a traceback
-    for g in opt.param_groups:
-        for prm in g["params"]:
-            for key, v in opt.state.get(prm, {}).items():
-                if isinstance(v, torch.Tensor) and (not v.is_floating_point() or (v.dim() and v.shape != prm.shape)):
-                    raise CheckpointError(f"{p}: {names.get(id(prm), '?')}'s {key} is {str(v.dtype).removeprefix('torch.')} "
+                continue
+            made_up = sorted(set(opt.state.get(prm, {})) - set(saved))
+            if made_up:
+                raise CheckpointError(f"{p}: {name}'s state has no {', '.join(made_up)}")
+            # set_optimizer_state_dict checks neither shapes nor dtypes: a wrong one failed at the first step, a
+            # traceback (and a number saved where a tensor belongs, too)
+            for key, v in opt.state[prm].items():
+                if not isinstance(v, torch.Tensor):
+                    raise CheckpointError(f"{p}: {name}'s {key} is {brief(v)}, not a tensor")
+                if not v.is_floating_point() or (v.dim() and v.shape != prm.shape):
+                    raise CheckpointError(f"{p}: {name}'s {key} is {str(v.dtype).removeprefix('torch.')} "
                                           f"{list(v.shape)}, the parameter {list(prm.shape)}")
-    for g, (lr, wd) in zip(opt.param_groups, base):  # this run's settings win over the saved ones
-        g["base_lr"], g["lr"], g["weight_decay"] = lr, lr, wd
+    for g, own in zip(opt.param_groups, settings):
+        g.update(own)
 
 
 def load_rng(ckpt: Path, info: DistInfo) -> None:
