@@ -199,8 +199,8 @@ def test_resuming_on_more_ranks_gives_each_new_rank_its_own_random_stream(tmp_pa
 
 
 def test_corrupt_optimizer_and_generator_states_are_one_line(tmp_path, capsys):
-    """Readable safetensors files with the wrong content: an optimizer state of another shape or an
-    integer dtype (set_optimizer_state_dict checks neither: the first step failed, a traceback) and
+    """Readable safetensors files with the wrong content: an optimizer state of another shape (0-d
+    included) or an integer dtype (set_optimizer_state_dict checks neither: the first step failed, a traceback) and
     generator states that are not states (tracebacks from int() / set_rng_state)."""
     from safetensors.torch import load_file, save_file
 
@@ -219,7 +219,9 @@ def test_corrupt_optimizer_and_generator_states_are_one_line(tmp_path, capsys):
     big = next(k for k, v in tensors.items() if v.dim() == 2)
     step = next(k for k in tensors if k.endswith("/step"))
     for name, change, needle in [(big, lambda t: t[:1], f"is float32 [1, {tensors[big].shape[1]}], the parameter"),
-                                 (step, lambda t: t.long(), "'s step is int64 [], the parameter")]:
+                                 (step, lambda t: t.long(), "'s step is int64 [], the parameter"),
+                                 # 0-d: broadcast over the parameter (a traceback, or silently wrong moments)
+                                 (big, lambda t: t[0, 0], "is float32 [], the parameter")]:
         save_file({**tensors, name: change(tensors[name]).contiguous()}, str(opt_file), metadata=meta)
         rc = main(["train", recipe, "--out", str(out), "--steps", "4", "--resume", *FAST])
         one_line_error(capsys, rc, needle)

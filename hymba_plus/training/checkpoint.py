@@ -438,7 +438,8 @@ def load_optimizer(ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer, inf
             for key, v in opt.state[prm].items():
                 if not isinstance(v, torch.Tensor):
                     raise CheckpointError(f"{p}: {name}'s {key} is {brief(v)}, not a tensor")
-                if not v.is_floating_point() or (v.dim() and v.shape != prm.shape):
+                # (a 0-d moment or momentum broadcast over the parameter: silently, or a traceback)
+                if not v.is_floating_point() or (v.shape != prm.shape and (key != "step" or v.dim())):
                     raise CheckpointError(f"{p}: {name}'s {key} is {str(v.dtype).removeprefix('torch.')} "
                                           f"{list(v.shape)}, the parameter {list(prm.shape)}")
     for g, own in zip(opt.param_groups, settings):
