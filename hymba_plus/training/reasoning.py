@@ -34,6 +34,7 @@ eval batches by global sample indices for a task name or a JSONL file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -370,6 +371,7 @@ class ReasoningStream:
         self.max_len = max_len
         self.reserve = reserve
         self._perm: dict[int, np.ndarray] = {}
+        self._content: str | None = None  # (``content``)
         if isinstance(data, str) and data in REASONING_TASKS:
             self.kind, self.name = "task", data
             self.params = task_params(data, vocab_size, **params)
@@ -443,4 +445,15 @@ class ReasoningStream:
     def state(self) -> dict[str, Any]:
         if self.kind == "task":
             return {"kind": "reasoning_task", "name": self.name, "params": dict(self.params)}
-        return {"kind": "reasoning_jsonl", "path": self.name, "examples": len(self.examples), "n_train": self.n_train}
+        return {"kind": "reasoning_jsonl", "path": self.name, "examples": len(self.examples), "n_train": self.n_train,
+                "content": self.content()}
+
+    def content(self) -> str:
+        """A digest of the examples' token ids, as a text corpus has (``TokenShards.content``): a resumed run
+        refuses another file of as many examples (it trained on them silently). Computed once."""
+        if self._content is None:
+            h = hashlib.sha256()
+            for e in self.examples:
+                h.update(json.dumps([e.question, e.reasoning, e.answer], separators=(",", ":")).encode() + b"\n")
+            self._content = h.hexdigest()[:16]
+        return self._content
