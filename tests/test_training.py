@@ -784,6 +784,21 @@ def test_resume_refuses_another_reasoning_file_of_as_many_examples(tmp_path, cap
     assert main([*argv, "--resume"]) == 0
 
 
+def test_a_text_folder_that_is_also_the_runs_out_resumes(tmp_path, capsys):
+    """--out = --data (a folder of text): on --resume the run's own metrics.jsonl was read as text, so the corpus
+    had grown and the resume was refused as another split of it."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("".join(f"line {i} of some text to cut into windows\n" for i in range(200)))
+    recipe = str(Path(__file__).resolve().parents[1] / "configs" / "gpt_tiny.yaml")
+    argv = ["train", recipe, "--data", str(corpus), "--out", str(corpus), "--steps", "4", "--batch-size", "2",
+            "--seq-len", "16", "--no-progress", "--device", "cpu"]
+    assert main([*argv, "--stop-after", "2"]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 0, capsys.readouterr().err
+    assert [r["step"] for r in metrics(corpus)] == [1, 2, 3, 4]
+
+
 def test_resume_accepts_the_same_shards_moved_and_a_checkpoint_without_a_content_digest(tmp_path, capsys):
     """The data's identity is its content (a copy elsewhere resumes); a checkpoint saved before the digest was
     recorded resumes as before."""

@@ -56,6 +56,11 @@ class DataError(ValueError):
 # --------------------------------------------------------------------------- prepare
 
 
+#: the files a training run writes at the top of its folder (``metrics.jsonl``, ``loss.png`` and their numbered copies
+#: a fresh run sets aside)
+RUN_RECORD = re.compile(r"(metrics\.jsonl|loss\.png)(\.\d+)?")
+
+
 def list_sources(path: str | os.PathLike, exclude: tuple[str | os.PathLike, ...] = ()) -> list[Path]:
     """The files a path names: itself (refused if binary), or every non-hidden, non-binary file under a
     folder (binary ones skipped), except those under an ``exclude`` folder or a folder hymba wrote
@@ -74,9 +79,12 @@ def list_sources(path: str | os.PathLike, exclude: tuple[str | os.PathLike, ...]
     for root, dirs, names in os.walk(p):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (Path(root) / d).resolve() not in skip
                          and not _written_by_hymba(Path(root) / d))
+        # the text folder is the run's own folder (--out = --data): its metrics (and those set aside) are not text
+        # (read on --resume, they changed the corpus, which was then refused as another split of it)
+        run_root = Path(root).resolve() in skip
         for n in sorted(names):
             f = Path(root) / n
-            if n.startswith(".") or not f.is_file() or _binary(f):
+            if n.startswith(".") or not f.is_file() or _binary(f) or (run_root and RUN_RECORD.fullmatch(n)):
                 continue
             files.append(f)
     if not files:
