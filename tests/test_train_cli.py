@@ -360,6 +360,24 @@ def test_bad_input_creates_no_output_folder(tmp_path, capsys, case):
     assert tree_changes(before, tree_snapshot(tmp_path)) == []
 
 
+@pytest.mark.parametrize("name", ["../../escaped", "ABSOLUTE", ".", "a/b"])
+def test_a_recipe_name_that_is_not_a_folder_name_needs_out(tmp_path, capsys, monkeypatch, name):
+    """The default --out is runs/NAME: a recipe named ../../x (or an absolute path) wrote its run outside runs/,
+    one named . into runs/ itself."""
+    from tests.test_checkpoint import TINY
+
+    name = str(tmp_path / "abs" / "run") if name == "ABSOLUTE" else name  # (inside tmp_path, should it be written)
+    recipe = recipe_file(tmp_path, {**TINY, "name": name})
+    work = tmp_path / "work" / "here"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    before = tree_snapshot(tmp_path)
+    assert main(["train", recipe, "--steps", "1", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a folder name for the default --out runs/NAME: pass --out" in err, err
+    assert tree_changes(before, tree_snapshot(tmp_path)) == []
+
+
 @pytest.mark.parametrize("data", ["mqar", None, "khop"])
 def test_a_tokenizer_with_a_built_in_task_is_a_usage_error(tmp_path, capsys, data):
     """A built-in task makes its own token ids: --tokenizer was dropped silently (and saved in the checkpoint's

@@ -182,6 +182,10 @@ def run(args: argparse.Namespace) -> int:
     if args.time_limit is not None and args.time_limit <= 0:
         raise UsageError(f"--time-limit {args.time_limit:g}: must be > 0")
     base = recipe.train if recipe.train is not None else TrainConfig()
+    if args.out is None and (Path(recipe.name).name != recipe.name or recipe.name in (".", "..")):
+        # (runs/../../x or an absolute name wrote outside runs/, runs/. into runs/ itself)
+        raise UsageError(f"the recipe's name {recipe.name!r} is not a folder name for the default --out runs/NAME: "
+                         "pass --out")
     out = Path(args.out) if args.out else Path("runs") / recipe.name
     try:
         cfg = dataclasses.replace(base, **overrides)
