@@ -230,7 +230,9 @@ def test_corrupt_optimizer_and_generator_states_are_one_line(tmp_path, capsys):
     for bad, needle in [({"rank0/cpu": rng["rank0/cpu"][:100]}, "rank0's generator state does not load"),
                         ({"rankX/cpu": rng["rank0/cpu"]}, "'rankX/cpu' is not a generator state"),
                         ({"rank0/cpu": rng["rank0/cpu"].float()}, "'rank0/cpu' is not a generator state"),
-                        ({}, "no generator states")]:
+                        ({}, "no generator states"),
+                        # a CUDA state alone: the CPU stream was left as it was, silently
+                        ({"rank0/cuda": rng["rank0/cpu"]}, "no CPU generator state for rank0 (rank0/cpu)")]:
         save_file(bad, str(rng_file))
         rc = main(["train", recipe, "--out", str(out), "--steps", "4", "--resume", *FAST])
         one_line_error(capsys, rc, f"rng.safetensors: {needle}")

@@ -464,9 +464,10 @@ def load_rng(ckpt: Path, info: DistInfo) -> None:
                                           if bad is not None else "no generator states"))
     ranks = sorted({int(m.group(1)) for m in keys if m is not None})
     r = info.rank if info.rank in ranks else ranks[info.rank % len(ranks)]
+    if f"rank{r}/cpu" not in rng:  # every save writes each rank's CPU state (the CPU stream was left as it was)
+        raise CheckpointError(f"{p}: no CPU generator state for rank{r} (rank{r}/cpu)")
     try:
-        if f"rank{r}/cpu" in rng:
-            torch.set_rng_state(rng[f"rank{r}/cpu"])
+        torch.set_rng_state(rng[f"rank{r}/cpu"])
         if info.device.type == "cuda" and f"rank{r}/cuda" in rng:
             torch.cuda.set_rng_state(rng[f"rank{r}/cuda"], info.device)
     except RuntimeError as e:  # e.g. a state of the wrong size
