@@ -15,6 +15,7 @@ from hymba_plus.cli import main
 from hymba_plus.convert import ConvertError, hybridize
 from hymba_plus.core.recipe import RecipeError, load_recipe
 from hymba_plus.models.lm import generation_config
+from hymba_plus.training.tokenizer import ByteTokenizer
 
 ATTN = {"n_heads": 4, "n_kv_heads": 2, "head_dim": 16}
 COMPS = {"gated_attn": ATTN, "gdn": {"n_heads": 4, "head_dim": 16}, "mlp": {"d_hidden": 128},
@@ -185,6 +186,56 @@ def test_distill_is_refused_for_other_objectives_in_one_line(tmp_path, capsys, c
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and "--distill: only for next-token training (the recipe's objective is " in err[-1], err
     assert "Traceback" not in "\n".join(err)
+
+
+@pytest.mark.parametrize("teacher, msg", [
+    ({"objective": {"kind": "block_diffusion", "block_size": 4}},
+     "the teacher's objective is block_diffusion; it must be next_token"),
+    ({"model": {"max_seq_len": 8}}, "the teacher's max_seq_len 8 is shorter than the run's seq_len 16"),
+])
+def test_distill_refuses_a_teacher_whose_logits_are_not_next_token_predictions_there(tmp_path, capsys, teacher, msg):
+    """A block-diffusion teacher's logits predict the masked token at its own position, not the next one, and a
+    teacher shorter than the training windows was run past its max_seq_len (its call skips the input checks):
+    both trained on silently."""
+    t = recipe("GA")
+    for k, v in teacher.items():
+        t[k] = {**t.get(k, {}), **v}
+    build_model(t).save_pretrained(tmp_path / "t")
+    (tmp_path / "s.yaml").write_text(json.dumps(recipe("GA", steps=2)))
+    rc = main(["train", str(tmp_path / "s.yaml"), "--distill", str(tmp_path / "t"), "--out", str(tmp_path / "o"),
+               "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and msg in err[-1], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_distill_refuses_a_teacher_of_another_tokenizer(tmp_path, capsys):
+    """Same vocab_size, other tokenizer (bytes against a word-level vocabulary): the teacher scored ids that
+    mean other text to it, silently. The teacher of the data's tokenizer distills."""
+    import yaml
+
+    from tests.test_data import _word_tokenizer
+
+    tok = _word_tokenizer(tmp_path / "tok", [f"w{i}" for i in range(1, 255)], ["</s>"])
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for d in range(4):
+        (docs / f"{d}.txt").write_text(" ".join(f"w{1 + (d * 7 + i) % 254}" for i in range(200)))
+    r = {"name": "r", "model": {"vocab_size": 256, "d_model": 16, "max_seq_len": 32, "block_pattern": "GA"},
+         "components": {"gated_attn": {"n_heads": 2}, "mlp": {"d_hidden": 32}}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+    common = ["--data", str(docs), "--tokenizer", str(tok), "--steps", "1", "--batch-size", "2", "--seq-len", "16",
+              "--eval-batches", "1", "--no-progress"]
+    build_model(r).save_pretrained(tmp_path / "bytes")
+    (tmp_path / "bytes" / "tokenizer.json").write_text(ByteTokenizer().to_json())
+    assert main(["train", str(tmp_path / "r.yaml"), "--distill", str(tmp_path / "bytes"), "--out",
+                 str(tmp_path / "o"), *common]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "--distill" in err[-1] and "another tokenizer (bytes)" in err[-1], err
+    assert not (tmp_path / "o").exists()
+    assert main(["train", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "t"), *common]) == 0
+    assert main(["train", str(tmp_path / "r.yaml"), "--distill", str(tmp_path / "t" / "step-1"), "--out",
+                 str(tmp_path / "o"), *common]) == 0
 
 
 def final_accuracy(out) -> list[float]:  # noqa: ANN001

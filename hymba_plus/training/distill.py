@@ -26,10 +26,14 @@ class DistillError(ValueError):
     """A teacher that cannot be used (one line)."""
 
 
-def load_teacher(path: str | Path, student: Any, device: torch.device) -> Any:
+def load_teacher(path: str | Path, student: Any, device: torch.device, seq_len: int | None = None,
+                 tokenizer: Any = None) -> Any:
     """The frozen teacher (eval mode, no gradients) from a checkpoint folder; its vocabulary
-    must be the student's."""
+    must be the student's (``vocab_size`` and, where both are text tokenizers, ``tokenizer``: the
+    data's, against the teacher's ``tokenizer.json``), it must predict the next token (no objective
+    of another kind) and hold the run's ``seq_len`` (its call skips the input checks)."""
     from ..models.lm import CheckpointError, from_pretrained
+    from .tokenizer import TokenizerError, load_file
 
     try:
         teacher = from_pretrained(path)
@@ -41,6 +45,21 @@ def load_teacher(path: str | Path, student: Any, device: torch.device) -> Any:
     if student.recipe.objective is not None:  # block diffusion, LaDiR, forecasting (LaDiR's was an IndexError)
         raise DistillError(f"--distill: only for next-token training (the recipe's objective is "
                            f"{student.recipe.objective.kind}; it must be next_token)")
+    if teacher.recipe.objective is not None:  # e.g. block diffusion's logits predict their own (masked) position
+        raise DistillError(f"--distill {path}: the teacher's objective is {teacher.recipe.objective.kind}; it must "
+                           f"be next_token (its logits are the next-token distributions the KL term reads)")
+    if seq_len is not None and seq_len > teacher.config.max_seq_len:
+        raise DistillError(f"--distill {path}: the teacher's max_seq_len {teacher.config.max_seq_len} is shorter "
+                           f"than the run's seq_len {seq_len}")
+    tok_file = Path(path) / "tokenizer.json"
+    if tokenizer is not None and tokenizer.kind != "ids" and tok_file.is_file():  # (ids: a task's, no text)
+        try:
+            theirs = load_file(tok_file)
+        except TokenizerError as e:
+            raise DistillError(f"--distill: {str(e).splitlines()[0]}") from None
+        if theirs.kind != "ids" and theirs.to_json() != tokenizer.to_json():
+            raise DistillError(f"--distill {path}: the teacher was trained with another tokenizer ({theirs.kind}) "
+                               f"than the data's ({tokenizer.kind}): the same ids would be other text to it")
     teacher.requires_grad_(False)
     return teacher.to(device).eval()
 

@@ -630,7 +630,8 @@ class Trainer:
             if self.requested == "cuda-graph" or self.mode != "all":
                 raise TrainError("--distill: not with --cuda-graph or --train-only")
             try:
-                self.teacher = load_teacher(self.distill_from, model, self.info.device)
+                self.teacher = load_teacher(self.distill_from, model, self.info.device, cfg.seq_len,
+                                            getattr(self.stream, "tokenizer", None))
             except DistillError as e:
                 raise TrainError(str(e) + ("" if opts.distill is not None else
                                            " (the teacher of the resumed run: pass --distill to name it)")) from None
