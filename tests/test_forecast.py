@@ -121,6 +121,18 @@ def test_shapes_and_gradients(ci, loss) -> None:
         assert (pred.diff(dim=-1) >= 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_quantile_levels_stay_exact_whatever_the_model_dtype(dtype) -> None:
+    """``build_model(..., dtype=torch.bfloat16)`` (or ``model.half()``) cast the levels buffer with the
+    weights: the head trained and scored the 0.8984 / 0.1001 quantiles for 0.9 / 0.1."""
+    m = build_model(recipe(quantiles=[0.05, 0.1, 0.5, 0.9, 0.95]), dtype=dtype)
+    want = torch.tensor([0.05, 0.1, 0.5, 0.9, 0.95])
+    assert torch.equal(m.objective.levels, want)
+    assert torch.equal(m.float().objective.levels, want) and torch.equal(m.to(dtype).objective.levels, want)
+    z_hat = torch.ones(1, 1, 1, 5)  # the head's outputs are float32 whatever the weights' dtype
+    assert float(m.objective.loss(z_hat, torch.zeros(1, 1, 1))) == pytest.approx(float((1 - want).mean()), rel=1e-6)
+
+
 def test_revin_makes_forecasts_equivariant_to_affine_maps_of_the_series() -> None:
     """RevIN: forecasting a * x + b gives a * forecast(x) + b (a > 0), whatever the scale."""
     torch.manual_seed(0)

@@ -127,6 +127,15 @@ class Forecast(Objective):
         lv = cfg.levels
         self.register_buffer("levels", torch.tensor(lv) if lv is not None else None, persistent=False)
 
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202
+        """The quantile levels stay float32 whatever the module's dtype (``build_model(...,
+        dtype=torch.bfloat16)`` made them bf16: the head trained and scored the 0.8984 quantile for
+        0.9), as ``Rotary`` keeps its frequencies; rebuilt from the config on the new device."""
+        out = super()._apply(fn, recurse)
+        if self.levels is not None:
+            self.levels = torch.tensor(self.cfg.levels, device=self.levels.device)
+        return out
+
     # ------------------------------------------------------------------ the forward
     def patch_outputs(self, fwd, x: Tensor, mu: Tensor, sigma: Tensor, cache: Any = None,  # noqa: ANN001
                       check_inputs: bool = False, **kw: Any) -> tuple[Tensor, Any]:
