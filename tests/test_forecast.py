@@ -292,6 +292,7 @@ def test_rolling_and_rolled_out_forecasts_reuse_the_cache() -> None:
     st: dict = {}
     out = m.generate(x, max_new_tokens=20, mode="forecast", stats=st)
     assert out.shape == (1, 20, 2, 3) and st["forwards"] == 3 and "rolled 2x" in st["summary"][0]
+    assert st["rounds"] == 2  # the rounds of fed-back values, as the summary and the length error count them (was 3)
     ctx = x[:, -32:]
     mu, sigma = obj.ts_head.stats(ctx)
     seq, expect = ctx, []

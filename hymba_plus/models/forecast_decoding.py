@@ -108,7 +108,7 @@ def generate_forecast(
         forwards += 1
     out = torch.cat(parts, 1).to(input_ids.dtype)  # float64 in, float64 out (a float32 series: float32)
     if stats is not None:
-        stats.update(forwards=forwards, steps=max_new_tokens, rounds=forwards)
+        stats.update(forwards=forwards, steps=max_new_tokens, rounds=forwards - 1)
         rolled = f", rolled {forwards - 1}x through the cache ({k} values per round)" if forwards > 1 else ""
         stats["summary"] = [f"forecast: {max_new_tokens} steps x {cfg.channels} channel"
                             f"{'s' if cfg.channels != 1 else ''} from the last {cfg.context} values, "
