@@ -739,6 +739,24 @@ def test_rolling_origins_and_other_delimiters_get_one_line_errors(tmp_path) -> N
             read_csv(f)
 
 
+def test_router_training_of_a_forecaster_is_one_line(tmp_path, capsys) -> None:
+    """``--train-only routers`` searches routes by the next-token loss of token ids: on a forecaster's
+    windows of numbers it died in a traceback (routes.search_routes: ``input_ids.repeat``)."""
+    import yaml
+
+    r = recipe("GD | GA | GD | GA", etd={"encoder_layers": 1, "think_layers": 2, "decoder_layers": 1, "iterations": 2})
+    r["components"]["etd_router"] = {"layer_router": {"enabled": True, "hidden": 16, "windows": 2}}
+    r["train"] = {"batch_size": 2, "eval_every": 100, "eval_batches": 1, "warmup_steps": 0}
+    cfg = tmp_path / "fc.yaml"
+    cfg.write_text(yaml.safe_dump(r))
+    out = tmp_path / "run"
+    rc = main(["train", str(cfg), "--out", str(out), "--steps", "1", "--train-only", "routers", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == ("hymba train: --train-only routers: the route search scores routes by the next-token "
+                               "loss of token ids; the forecast objective reads numbers"), err
+    assert not out.exists()
+
+
 def test_resume_on_other_values_of_the_same_length_is_refused(tmp_path, capsys) -> None:
     """The series' path may move, its values may not change: another CSV of as many rows resumed silently."""
     import yaml

@@ -65,6 +65,9 @@ def train_only_problem(recipe, mode: str) -> str | None:  # noqa: ANN001 - Recip
     if mode == "routers" and not cfg.layer_router.enabled:
         return ("--train-only routers: the model has no Dr.LLM layer routers "
                 "(components.etd_router.layer_router.enabled is false)")
+    if mode == "routers" and not recipe.reads_tokens:  # (search_routes failed on windows of numbers)
+        return (f"--train-only routers: the route search scores routes by the next-token loss of token ids; the "
+                f"{recipe.objective.kind} objective reads numbers")
     if mode == "branches" and not cfg.branches.n_branches:
         return "--train-only branches: the model has no MoDr branches (components.etd_router.branches.n_branches is 0)"
     return None
