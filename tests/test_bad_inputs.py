@@ -159,7 +159,8 @@ def test_a_checkpoint_without_its_state_is_not_written_over(ckpt, tmp_path, caps
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
-@pytest.mark.parametrize("flag", [["--prompt", "x"], ["--think-iterations", "2"], ["--top-k", "3"]])
+@pytest.mark.parametrize("flag", [["--prompt", "x"], ["--think-iterations", "2"], ["--top-k", "3"],
+                                  ["--temperature", "0.5"]])  # (a temperature was accepted and ignored)
 def test_forecast_refuses_the_token_modes_flags(forecaster, tmp_path, capsys, flag) -> None:
     ck, csv = forecaster
     err = _one_line_error(capsys, main(["generate", str(ck), "--mode", "forecast", "--data", str(csv),

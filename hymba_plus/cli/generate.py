@@ -56,6 +56,9 @@ from typing import Any
 
 from . import UsageError, UserError, finite_float, path_text, seed_int
 
+#: --temperature when not given (a flag left at None, so that --mode forecast can refuse it)
+DEFAULT_TEMPERATURE = 0.8
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", type=path_text, metavar="CKPT", help="checkpoint folder (or a training --out folder)")
@@ -63,7 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "--mode forecast")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="tokens to generate (default: 64, or what fits in max_seq_len)")
-    p.add_argument("--temperature", type=finite_float, default=0.8, help="sampling temperature (default 0.8; 0 = greedy)")
+    p.add_argument("--temperature", type=finite_float, default=None,
+                   help=f"sampling temperature (default {DEFAULT_TEMPERATURE:g}; 0 = greedy)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=finite_float, default=None)
     p.add_argument("--seed", type=seed_int, default=0)
@@ -200,7 +204,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
-    if args.temperature < 0:
+    if args.temperature is not None and args.temperature < 0:
         raise UsageError(f"--temperature {args.temperature}: must be >= 0")
     if args.top_k is not None and args.top_k < 1:
         raise UsageError(f"--top-k {args.top_k}: must be >= 1")
@@ -225,6 +229,7 @@ def _run(args: argparse.Namespace) -> int:
     if series_flags and args.mode != "forecast":
         raise UsageError(f"{series_flags[0]}: only for --mode forecast")
     token_flags = [f for f, v in (("--prompt", args.prompt), ("--max-new-tokens", args.max_new_tokens),
+                                  ("--temperature", args.temperature),
                                   ("--top-k", args.top_k), ("--top-p", args.top_p),
                                   ("--think-iterations", args.think_iterations), ("--eos", args.eos)) if v is not None]
     if token_flags and args.mode == "forecast":
@@ -346,7 +351,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         out = model.generate(
             input_ids.to(device), max_new_tokens=args.max_new_tokens, mode=args.mode,
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            temperature=DEFAULT_TEMPERATURE if args.temperature is None else args.temperature, top_k=args.top_k,
+            top_p=args.top_p,
             attention_mask=mask.to(device) if bool((mask == 0).any()) else None,
             eos_token_id=eos, generator=gen, streamer=streamer if stream else None, stats=stats, **options,
         )
