@@ -383,6 +383,8 @@ def test_csv_reading_fills_and_reports_missing_values(tmp_path) -> None:
     lo, hi = stream.splits.val  # held-out targets lie in their span, after the training span
     ev = stream.eval(range(len(stream.val_starts)))
     assert stream.splits.train[1] == lo and ev.labels.shape[0] == len(stream.val_starts)
+    # the first training target follows a whole context (the data line said 'train targets [0, ...)')
+    assert f"train targets [32, {lo}), validation [{lo}, {hi})" in stream.description
     w = stream._windows([0])  # the context holds the gaps (filled), the targets none
     assert torch.isfinite(w.input_ids).all() and torch.isfinite(w.labels).all()
     assert w.input_ids[0, 11, 0].item() == pytest.approx(rows[9][1])

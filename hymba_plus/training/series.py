@@ -322,7 +322,7 @@ class SeriesStream:
         # what a resumed run must read again (``state``; once: the values are hashed, not every checkpoint)
         self.digest = hashlib.sha256(np.ascontiguousarray(self.series.values).tobytes()).hexdigest()[:16]
         fill = f"; {self.series.report}" if self.series.report else ""
-        self.description = (f"{what}{fill}; split by time: train targets [0, {hi}), validation [{hi}, "
+        self.description = (f"{what}{fill}; split by time: train targets [{L}, {hi}), validation [{hi}, "
                             f"{self.splits.val[1]}) ({len(self.val_starts)} windows), test [{self.splits.test[0]}, "
                             f"{self.splits.test[1]}) ({len(self.test_starts)} windows); context {L}, horizon {H}")
 
