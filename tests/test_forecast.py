@@ -707,6 +707,33 @@ def test_mase_without_a_scale_is_nan_not_a_perfect_score() -> None:
     assert math.isnan(res["mase"]) and math.isnan(res["snaive_mase"]) and res["mae"] > 0
 
 
+def test_metrics_without_an_observed_target_are_nan_not_perfect_scores(tmp_path, capsys) -> None:
+    """Every target missing (a gap over the whole validation span or backtest): MSE, MAE, CRPS and the
+    pinball loss read 0.0 (a perfect score, as MASE once did), the sums divided by a floor of 1 point."""
+    x = torch.randn(2, 16, 1, dtype=torch.float64).cumsum(1)
+    y = torch.full((2, 8, 1), float("nan"), dtype=torch.float64)
+    sums = fm.window_sums(x, y, torch.zeros(2, 8, 1, 3), torch.tensor([0.1, 0.5, 0.9]), 4)
+    res = fm.forecast_results({k: float(v) for k, v in sums.items()})
+    assert sorted(res) == sorted(["mse", "mae", "mase", "crps", "pinball", "snaive_mse", "snaive_mae", "snaive_mase",
+                                  "snaive_crps"])
+    assert all(math.isnan(v) for v in res.values()), res
+    y[1, 3, 0] = 2.0  # one observed target: scored again
+    res = fm.forecast_results({k: float(v) for k, v in fm.window_sums(x, y, torch.zeros(2, 8, 1, 3),
+                                                                      torch.tensor([0.1, 0.5, 0.9]), 4).items()})
+    assert res["mae"] == 2.0 and res["mse"] == 4.0
+    # a backtest whose horizons are all gaps: n/a, not 0
+    torch.manual_seed(0)
+    build_model(recipe("GD | GA")).eval().save_pretrained(tmp_path / "m")
+    rows = good_rows(60)
+    for r in rows[-8:]:
+        r[1] = r[2] = ""
+    data = write_csv(tmp_path / "s.csv", rows)
+    assert main(["generate", str(tmp_path / "m"), "--mode", "forecast", "--data", str(data), "--rolling", "1",
+                 "--out", str(tmp_path / "f.csv")]) == 0
+    assert ("MASE n/a (seasonal naive n/a), CRPS n/a (seasonal naive n/a), MSE n/a, MAE n/a"
+            in capsys.readouterr().err)
+
+
 @torch.no_grad()
 def test_eval_metrics_count_each_validation_window_once() -> None:
     """An eval batch larger than the validation set wraps around (the forward keeps its batch shape);

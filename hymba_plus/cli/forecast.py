@@ -52,6 +52,11 @@ def _mase(v: float) -> str:
     return "n/a" if math.isnan(v) else f"{v:.3f}"
 
 
+def _score(v: float) -> str:
+    """A CRPS / MSE / MAE to 4 significant digits; n/a where no target was observed."""
+    return "n/a" if math.isnan(v) else f"{v:.4g}"
+
+
 def run_forecast(args: Any, model: Any, ckpt: Path) -> int:
     import torch
 
@@ -132,8 +137,8 @@ def run_forecast(args: Any, model: Any, ckpt: Path) -> int:
         sums = fm.window_sums(ctx, tgt, preds, levels.cpu() if levels is not None else None, cfg.season)
         res = fm.forecast_results({k: float(v) for k, v in sums.items()})
         lines.append(f"backtest: {rolling} rolling origin{'s' if rolling != 1 else ''} (each from its own window): "
-                     f"MASE {_mase(res['mase'])} (seasonal naive {_mase(res['snaive_mase'])}), CRPS {res['crps']:.4g} "
-                     f"(seasonal naive {res['snaive_crps']:.4g}), MSE {res['mse']:.4g}, MAE {res['mae']:.4g}")
+                     f"MASE {_mase(res['mase'])} (seasonal naive {_mase(res['snaive_mase'])}), CRPS {_score(res['crps'])} "
+                     f"(seasonal naive {_score(res['snaive_crps'])}), MSE {_score(res['mse'])}, MAE {_score(res['mae'])}")
         for r, o in enumerate(origins.tolist()):
             ts = [series.timestamps[o + j] for j in range(cfg.horizon)]
             p = fm.point_forecast(preds[r], levels.cpu() if levels is not None else None)

@@ -117,15 +117,21 @@ def window_sums(x: Tensor, y: Tensor, q_pred: Tensor, levels: Tensor | None, sea
 
 def forecast_results(sums: dict[str, float]) -> dict[str, float]:
     """Metrics from accumulated ``window_sums``: mse, mae, mase, crps (and pinball) of the model
-    and snaive_mse, snaive_mae, snaive_mase, snaive_crps of the seasonal-naive baseline."""
-    n, s = max(sums.get("points", 0.0), 1.0), sums.get("mase_series", sums.get("series", 0.0))
+    and snaive_mse, snaive_mae, snaive_mase, snaive_crps of the seasonal-naive baseline; NaN where
+    nothing was scored."""
+    n, s = sums.get("points", 0.0), sums.get("mase_series", sums.get("series", 0.0))
+
+    def mean(total: float, count: float) -> float:
+        # NaN where nothing was scored (no observed target; for MASE, also no context with a scale):
+        # 0 read as a perfect score
+        return total / count if count > 0 else float("nan")
+
     res = {}
     for pre in ("", "snaive_"):
-        res[pre + "mse"] = sums[pre + "sse"] / n
-        res[pre + "mae"] = sums[pre + "sae"] / n
-        # NaN where no window had a MASE (every context constant: no scale); 0 read as a perfect score
-        res[pre + "mase"] = sums[pre + "mase"] / s if s > 0 else float("nan")
-        res[pre + "crps"] = sums[pre + "crps"] / n
+        res[pre + "mse"] = mean(sums[pre + "sse"], n)
+        res[pre + "mae"] = mean(sums[pre + "sae"], n)
+        res[pre + "mase"] = mean(sums[pre + "mase"], s)
+        res[pre + "crps"] = mean(sums[pre + "crps"], n)
     if "pinball" in sums:
-        res["pinball"] = sums["pinball"] / n
+        res["pinball"] = mean(sums["pinball"], n)
     return res
