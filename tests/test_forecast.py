@@ -173,6 +173,17 @@ def test_data_too_small_for_revins_eps_gets_a_notice(tmp_path, capsys) -> None:
     v[:, 1] *= 1e-3
     note = small_scale_note(v, 32, 1e-5, "s.csv")
     assert note.startswith("note: s.csv: channel 1 vary little (window std ") and "revin_eps 1e-05" in note
+    # a channel constant over most windows (a flat series, intermittent zeros): the windows that vary
+    # decide (it read 'window std 0' and advised revin_eps 1e-30, which blows up the z-score of a jump
+    # after a flat context: eps is what keeps it finite)
+    flat = synthetic(400, 2, 1, 8)
+    flat[:, 1] = 0.0
+    assert small_scale_note(flat, 32, 1e-5, "s.csv") is None  # constant: nothing to flatten
+    flat[::100, 1] = 3.0  # a sale now and then: most windows are flat
+    assert small_scale_note(flat, 32, 1e-5, "s.csv") is None
+    flat[::100, 1] = 3e-4  # tiny sales: flattened
+    note = small_scale_note(flat, 32, 1e-5, "s.csv")
+    assert note.startswith("note: s.csv: channel 1 vary little (window std 5") and "e.g. 3e-12" in note
     rows = [[i, f"{a:.6g}", f"{b:.6g}"] for i, (a, b) in enumerate(v)]
     cfg = tmp_path / "fc.yaml"
     import yaml

@@ -265,11 +265,13 @@ def split_by_time(n: int, context: int, horizon: int, source: str) -> Splits:
 def small_scale_note(values: np.ndarray, context: int, eps: float, where: str) -> str | None:
     """A notice where the typical (median) variance of ``values`` [T, C] over windows of ``context``
     steps is below 100 ``eps``: RevIN's absolute eps (``objective.revin_eps``) then flattens those
-    windows towards their mean (ts_head's docstring); None where it does not."""
+    windows towards their mean (ts_head's docstring); None where it does not. The median is over the
+    windows that vary: a constant window has nothing to flatten, and there eps is what keeps the
+    z-score of a jump after it finite (a channel with no varying window gets no note)."""
     T, C = values.shape
     n = max(T // context, 1)
     chunks = values[-n * context:].reshape(n, -1, C) if T >= context else values[None]
-    var = np.median(chunks.var(1), axis=0)  # [C]
+    var = np.array([np.median(v[v > 0]) if (v > 0).any() else np.inf for v in chunks.var(1).T])  # [C]
     low = [c for c in range(C) if var[c] < 100 * eps]
     if not low:
         return None
