@@ -130,6 +130,27 @@ TOOL_DIRS = (".git", ".venv", "__pycache__", ".ruff_cache", ".mypy_cache")
 TOOL_SUFFIXES = (".egg-info",)
 
 
+def ladir_jsonl_run(tmp_path: Path, steps: int, eval_every: int) -> tuple[Path, list[dict], list[str]]:
+    """A tiny LaDiR recipe (bytes tokenizer) and a JSONL file of 20 {question, reasoning, answer} rows
+    written under ``tmp_path``: (the data file, its rows, ``hymba train`` argv of the vae stage into
+    ``tmp_path / "run"``)."""
+    import json
+
+    rows = [{"question": f"{a}+{b}=", "reasoning": f"{a}+{b} is {a + b}", "answer": str(a + b)}
+            for a in range(5) for b in range(4)]
+    data = tmp_path / "r.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rec = tmp_path / "ladir.yaml"
+    rec.write_text("name: ladir-bytes\nmodel: {vocab_size: 256, d_model: 32, max_seq_len: 64, block_pattern: 'GD | GA'}\n"
+                   "components: {gated_attn: {n_heads: 2, head_dim: 16}, gdn: {n_heads: 2, head_dim: 16}}\n"
+                   "ladir: {latent_dim: 8, memory_slots: 2, inference_steps: 4, denoiser_layers: 1, denoiser_heads: 2}\n"
+                   "objective: {kind: ladir}\n")
+    argv = ["train", str(rec), "--data", str(data), "--ladir-stage", "vae", "--steps", str(steps), "--batch-size", "4",
+            "--seq-len", "32", "--eval-every", str(eval_every), "--eval-batches", "1", "--out", str(tmp_path / "run"),
+            "--no-progress"]
+    return data, rows, argv
+
+
 def tree_snapshot(root) -> dict[str, tuple[int, int]]:  # noqa: ANN001 - a path
     """{relative path: (size, mtime_ns)} of every file under ``root`` (tracked, untracked and
     ignored alike: a user's ``runs/`` counts), less the tooling folders above."""

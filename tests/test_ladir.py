@@ -243,19 +243,10 @@ def test_hymba_train_on_a_jsonl_file(tmp_path, capsys) -> None:
     import json
 
     from hymba_plus.cli import main
+    from tests.helpers import ladir_jsonl_run
 
-    rows = [{"question": f"{a}+{b}=", "reasoning": f"{a}+{b} is {a + b}", "answer": str(a + b)}
-            for a in range(5) for b in range(4)]
-    data = tmp_path / "r.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    rec = tmp_path / "ladir.yaml"
-    rec.write_text("name: ladir-bytes\nmodel: {vocab_size: 256, d_model: 32, max_seq_len: 64, block_pattern: 'GD | GA'}\n"
-                   "components: {gated_attn: {n_heads: 2, head_dim: 16}, gdn: {n_heads: 2, head_dim: 16}}\n"
-                   "ladir: {latent_dim: 8, memory_slots: 2, inference_steps: 4, denoiser_layers: 1, denoiser_heads: 2}\n"
-                   "objective: {kind: ladir}\n")
+    data, rows, argv = ladir_jsonl_run(tmp_path, steps=3, eval_every=3)
     out = tmp_path / "run"
-    argv = ["train", str(rec), "--data", str(data), "--ladir-stage", "vae", "--steps", "3", "--batch-size", "4", "--seq-len", "32",
-            "--eval-every", "3", "--eval-batches", "1", "--out", str(out), "--no-progress"]
     assert main(argv) == 0, capsys.readouterr().err
     assert "reasoning file" in capsys.readouterr().err
     assert main(["generate", str(out), "--prompt", "2+1=", "--mode", "ladir", "--max-new-tokens", "2"]) == 0

@@ -657,32 +657,16 @@ def test_gpu_ineligible_run_says_why_it_is_eager(tmp_path, capsys):
     assert all(math.isfinite(r["loss"]) for r in metrics(tmp_path / "lad"))
 
 
-@pytest.mark.gpu
-def test_gpu_forecast_is_graphed_and_equals_eager(tmp_path, capsys):
-    """Forecasting under auto on CUDA: its whole step is captured (windows of numbers as the sample),
-    verified and replayed, with an eager run's losses."""
-    fc = str(Path(__file__).resolve().parents[1] / "configs" / "forecast_tiny.yaml")
-    args = ["--steps", "4", "--device", "cuda", "--no-progress", "--warmup", "1"]
-    assert main(["train", fc, "--out", str(tmp_path / "auto"), *args]) == 0
+def _graphed_equals_eager(tmp_path, capsys, config: str, args: list[str]) -> None:  # noqa: ANN001
+    """``hymba train configs/CONFIG`` on CUDA under auto: one "training mode: cuda-graph" line (the whole step
+    captured, verified and replayed), and its losses equal an eager run's."""
+    recipe = str(Path(__file__).resolve().parents[1] / "configs" / config)
+    args = ["--steps", "4", "--device", "cuda", *args]
+    assert main(["train", recipe, "--out", str(tmp_path / "auto"), *args]) == 0
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if x.startswith("training mode:")]
     assert len(lines) == 1 and lines[0].startswith("training mode: cuda-graph (forward+backward captured"), err
-    assert main(["train", fc, "--out", str(tmp_path / "eager"), "--mode", "eager", *args]) == 0
-    for ra, rb in zip(metrics(tmp_path / "eager"), metrics(tmp_path / "auto")):
-        assert abs(ra["loss"] - rb["loss"]) < 1e-4 * max(1.0, abs(ra["loss"])), (ra, rb)
-
-
-@pytest.mark.gpu
-def test_gpu_mtp_is_graphed_and_equals_eager(tmp_path, capsys):
-    """Multi-token prediction under auto on CUDA: the trunk, the prediction modules and both losses are
-    captured whole, verified and replayed, with an eager run's losses."""
-    mtp = str(Path(__file__).resolve().parents[1] / "configs" / "mtp_tiny.yaml")
-    args = ["--steps", "4", "--device", "cuda", *FAST]
-    assert main(["train", mtp, "--out", str(tmp_path / "auto"), *args]) == 0
-    err = capsys.readouterr().err
-    lines = [x for x in err.splitlines() if x.startswith("training mode:")]
-    assert len(lines) == 1 and lines[0].startswith("training mode: cuda-graph (forward+backward captured"), err
-    assert main(["train", mtp, "--out", str(tmp_path / "eager"), "--mode", "eager", *args]) == 0
+    assert main(["train", recipe, "--out", str(tmp_path / "eager"), "--mode", "eager", *args]) == 0
     a, b = metrics(tmp_path / "eager"), metrics(tmp_path / "auto")
     assert len(a) == len(b) > 0
     for ra, rb in zip(a, b):
@@ -690,20 +674,22 @@ def test_gpu_mtp_is_graphed_and_equals_eager(tmp_path, capsys):
 
 
 @pytest.mark.gpu
+def test_gpu_forecast_is_graphed_and_equals_eager(tmp_path, capsys):
+    """Forecasting: its whole step is captured (windows of numbers as the sample)."""
+    _graphed_equals_eager(tmp_path, capsys, "forecast_tiny.yaml", ["--no-progress", "--warmup", "1"])
+
+
+@pytest.mark.gpu
+def test_gpu_mtp_is_graphed_and_equals_eager(tmp_path, capsys):
+    """Multi-token prediction: the trunk, the prediction modules and both losses are captured whole."""
+    _graphed_equals_eager(tmp_path, capsys, "mtp_tiny.yaml", FAST)
+
+
+@pytest.mark.gpu
 def test_gpu_block_diffusion_is_graphed_and_equals_eager(tmp_path, capsys):
-    """Block diffusion under auto on CUDA: its whole step (noise draws, two-stream forward, NELBO) is
-    captured, verified and replayed, and its losses equal an eager run's (the replays draw the noise an
-    eager run draws: they read the generator's state)."""
-    bd = str(Path(__file__).resolve().parents[1] / "configs" / "bd_tiny.yaml")
-    args = ["--steps", "4", "--device", "cuda", *FAST]
-    assert main(["train", bd, "--out", str(tmp_path / "auto"), *args]) == 0
-    err = capsys.readouterr().err
-    lines = [x for x in err.splitlines() if x.startswith("training mode:")]
-    assert len(lines) == 1 and lines[0].startswith("training mode: cuda-graph (forward+backward captured"), err
-    assert main(["train", bd, "--out", str(tmp_path / "eager"), "--mode", "eager", *args]) == 0
-    a, b = metrics(tmp_path / "eager"), metrics(tmp_path / "auto")
-    for ra, rb in zip(a, b):
-        assert abs(ra["loss"] - rb["loss"]) < 1e-4 * max(1.0, abs(ra["loss"])), (ra, rb)
+    """Block diffusion: its whole step (noise draws, two-stream forward, NELBO) is captured, and its losses
+    equal an eager run's (the replays draw the noise an eager run draws: they read the generator's state)."""
+    _graphed_equals_eager(tmp_path, capsys, "bd_tiny.yaml", FAST)
 
 
 @pytest.mark.gpu

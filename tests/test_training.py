@@ -26,6 +26,7 @@ from hymba_plus.training.optim import (
     split_params,
 )
 from hymba_plus.training.schedule import lr_factor
+from tests.helpers import ladir_jsonl_run
 
 TINY = {
     "name": "train-tiny",
@@ -762,18 +763,7 @@ def test_resume_refuses_a_same_length_edit_of_the_text(tmp_path, capsys):
 def test_resume_refuses_another_reasoning_file_of_as_many_examples(tmp_path, capsys):
     """A JSONL file of reasoning examples had no content digest in the checkpoint (text and series have one):
     another file of as many examples, or an edit of the same one, resumed silently on other data."""
-    rows = [{"question": f"{a}+{b}=", "reasoning": f"{a}+{b} is {a + b}", "answer": str(a + b)}
-            for a in range(5) for b in range(4)]
-    data = tmp_path / "r.jsonl"
-    rec = tmp_path / "ladir.yaml"
-    rec.write_text("name: ladir-bytes\nmodel: {vocab_size: 256, d_model: 32, max_seq_len: 64, block_pattern: 'GD | GA'}\n"
-                   "components: {gated_attn: {n_heads: 2, head_dim: 16}, gdn: {n_heads: 2, head_dim: 16}}\n"
-                   "ladir: {latent_dim: 8, memory_slots: 2, inference_steps: 4, denoiser_layers: 1, denoiser_heads: 2}\n"
-                   "objective: {kind: ladir}\n")
-    out = tmp_path / "run"
-    argv = ["train", str(rec), "--data", str(data), "--ladir-stage", "vae", "--steps", "4", "--batch-size", "4",
-            "--seq-len", "32", "--eval-every", "100", "--eval-batches", "1", "--out", str(out), "--no-progress"]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data, rows, argv = ladir_jsonl_run(tmp_path, steps=4, eval_every=100)
     assert main([*argv, "--stop-after", "2"]) == 0
     capsys.readouterr()
     data.write_text("".join(json.dumps({**r, "answer": r["answer"] + "."}) + "\n" for r in rows))
