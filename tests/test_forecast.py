@@ -817,3 +817,44 @@ def test_resume_on_other_values_of_the_same_length_is_refused(tmp_path, capsys) 
     rc = main(["train", str(cfg), "--data", str(other), "--out", str(out), "--steps", "4", "--resume", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 1 and "was trained on other values (digest " in err and "Traceback" not in err
+
+
+def test_eval_loss_is_the_mean_over_observed_targets(tmp_path) -> None:
+    """The trainer weighted each held-out batch's loss by its rows: a window whose targets are all
+    missing added 0 at a window's weight (0.223 for a mean of 0.446 over the observed targets), and
+    with no target observed eval_loss read 0.0 (a perfect score) where it has none: NaN, as the metrics."""
+    from hymba_plus.training.config import TrainConfig
+    from hymba_plus.training.trainer import RunOptions, Trainer
+
+    rows = good_rows(160)
+    vs = [80, 88]  # the validation windows' starts of 160 steps (context 32, horizon 8)
+    for t in range(vs[0] + 32, vs[0] + 40):  # the first window's targets: all missing
+        rows[t][1] = rows[t][2] = ""
+    rows[vs[1] + 33][1] = ""  # the second's: one missing
+    none = [list(r) for r in rows]
+    for t in range(vs[1] + 32, vs[1] + 40):
+        none[t][1] = none[t][2] = ""
+
+    def trainer(data: Path, bs: int, name: str) -> Trainer:
+        torch.manual_seed(0)
+        tr = Trainer(load_recipe(recipe("GD | GA")), TrainConfig(steps=1, batch_size=bs, warmup_steps=0,
+                                                                 data=str(data), eval_batches=8),
+                     RunOptions(out=tmp_path / name, progress=False, log=lambda s: None, device="cpu"))
+        tr.setup()
+        assert tr.stream.val_starts == vs
+        return tr
+
+    data = write_csv(tmp_path / "gap.csv", rows)
+    for bs in (1, 2, 3):  # a window a batch, both in one, one batch wrapping around
+        tr = trainer(data, bs, f"b{bs}")
+        got = tr.evaluate()["eval_loss"]
+        with torch.no_grad():
+            b = tr.stream.eval(range(2))
+            obj = tr.model.eval().objective
+            z_last, z, _, _, _ = obj._window(tr.model, b.input_ids, b.labels)
+            per = fm.pinball(z, z_last, obj.levels).mean(-1)
+            assert int(torch.isfinite(z).sum()) == 15
+            want = per[torch.isfinite(z)].mean().item()
+        assert got == pytest.approx(want, rel=1e-5), (bs, got, want)
+    res = trainer(write_csv(tmp_path / "none.csv", none), 2, "none").evaluate()
+    assert math.isnan(res["eval_loss"]) and math.isnan(res["eval_mse"]), res

@@ -723,6 +723,36 @@ def test_text_eval_counts_each_held_out_window_once(tmp_path):
         assert got[bs] == pytest.approx(want, rel=1e-5), (bs, got[bs], want)
 
 
+
+def test_eval_loss_of_other_objectives_stays_row_weighted(tmp_path):
+    """``eval_loss`` weighs each held-out batch by what the objective's ``eval_weight`` says: the
+    forecast objective's observed targets; every other objective keeps its distinct rows (block
+    diffusion's batches score different numbers of masked tokens: weighting by those would change
+    its numbers)."""
+    import random
+
+    from hymba_plus import load_recipe
+    from hymba_plus.training.trainer import RunOptions, Trainer
+
+    text = tmp_path / "c.txt"
+    text.write_text("".join(random.Random(0).choice("abcdefgh ") for _ in range(16 * 50)))
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "configs" / "bd_tiny.yaml")
+    cfg = TrainConfig(steps=1, batch_size=4, seq_len=16, warmup_steps=1, data=str(text), val_frac=0.1,
+                      eval_batches=8)
+    tr = Trainer(recipe, cfg, RunOptions(out=tmp_path / "bd", progress=False))
+    tr.setup()
+    got = tr.evaluate()["eval_loss"]
+    parts = []
+    with torch.no_grad():
+        for start in (0, 4):  # 5 held-out windows: 4, then 1 and 3 repeats
+            b = tr.stream.eval(range(start, start + 4))
+            loss, _, scored, out = tr.objective.eval_batch(tr.fwd, tr.model, b.input_ids, b.scored_labels(),
+                                                           seed=start, batch=b)
+            assert tr.objective.eval_weight(out, b.rows) == b.rows
+            parts.append((loss, b.rows, scored))
+    assert [r for _, r, _ in parts] == [4, 1] and parts[0][2] != 4 * parts[1][2]
+    assert got == pytest.approx(sum(v * r for v, r, _ in parts) / 5, rel=1e-6), (got, parts)
+
 def _resume_with_other_data(tmp_path, capsys, first, second, data):
     """Train 2 steps on ``first`` written at ``data``, then resume on ``second`` (as many tokens and windows)."""
     recipe = str(Path(__file__).resolve().parents[1] / "configs" / "gpt_tiny.yaml")  # a byte vocabulary

@@ -34,7 +34,10 @@ class Objective(nn.Module):
       ``train.data`` names one;
     * ``eval_sums(out)`` / ``eval_results(sums)``: extra held-out metrics: per-batch sums the
       trainer adds up (over batches and processes) and the metrics made from them (forecast:
-      MSE, MAE, MASE, CRPS and the seasonal-naive baseline's); none by default.
+      MSE, MAE, MASE, CRPS and the seasonal-naive baseline's); none by default;
+    * ``eval_weight(out, rows)``: the weight of one held-out batch's loss in ``eval_loss`` (the
+      weighted mean over batches): its distinct rows by default (the mean over held-out windows
+      or examples); forecast: its observed targets.
     """
 
     mask_token_id: int | None = None
@@ -65,3 +68,8 @@ class Objective(nn.Module):
     def eval_results(self, sums: dict[str, float]) -> dict[str, float]:
         """Held-out metrics (without the ``eval_`` prefix) from the summed ``eval_sums``."""
         return {}
+
+    def eval_weight(self, out: Any, rows: int) -> float:
+        """The weight of a held-out batch's loss in ``eval_loss``: its ``rows`` distinct rows (0 for
+        a batch of repeats only, which scored nothing)."""
+        return rows

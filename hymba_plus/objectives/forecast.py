@@ -176,7 +176,8 @@ class Forecast(Objective):
         """(loss, 0, 0, output) of held-out windows; the output's stats carry the metric sums
         (``forecast_metrics.window_sums``) that ``eval_sums`` hands to the trainer. Targets that are
         NaN (gaps of the data, and the repeated windows of a batch that wraps around the held-out
-        set, whose labels the trainer's evaluation blanks) count in neither the loss nor the sums."""
+        set, whose labels the trainer's evaluation blanks) count in neither the loss nor the sums;
+        the trainer weighs the loss by the observed targets (``eval_weight``)."""
         from ..models.lm import ModelOutput
 
         z_last, z, mu, sigma, out = self._window(fwd, ids, labels, **kw)
@@ -197,6 +198,12 @@ class Forecast(Objective):
 
     def eval_results(self, sums: dict[str, float]) -> dict[str, float]:
         return fm.forecast_results(sums)
+
+    def eval_weight(self, out: Any, rows: int) -> float:
+        """The batch's observed targets: a batch's loss is the mean over its own, so ``eval_loss`` is
+        the mean over every observed held-out target (NaN where none was); a window whose targets are
+        all missing weighs nothing (it counted as a row that scored 0)."""
+        return float(out.stats["forecast/points"])
 
     @torch.no_grad()
     def forecast(self, model, x: Tensor) -> Tensor:  # noqa: ANN001

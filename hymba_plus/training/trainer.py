@@ -1115,13 +1115,14 @@ class Trainer:
         runs = [""] + (["_all_execute"] if self._routing() else [])
         sums = {r: [0.0, 0, 0, 0.0] for r in runs}  # loss x rows, correct, scored, applications per row
         extra: dict[str, float] = {}  # the objective's own metric sums (eval_sums), of the first run
-        rows = 0  # the distinct held-out rows evaluated (each batch's loss is weighted by its own)
+        rows = 0.0  # the weight of the batches' losses: their distinct held-out rows, or what they scored
+        # (the objective's eval_weight: forecast, the observed targets)
         for k in range(n_batches):
             start = (k * info.world + info.rank) * B
             batch = self.stream.eval(range(start, start + B))
             # a batch that wraps around the held-out set: its repeats are not scored
             ids, labels, n_rows = batch.input_ids.to(dev), batch.scored_labels().to(dev), batch.rows
-            rows += n_rows
+            w = 0.0
             for run in runs:
                 kw = {"routes": self._all_execute(ids.shape[0])} if run else {}
                 if self.compile_mode is not None:
@@ -1132,14 +1133,16 @@ class Trainer:
                 if not run:
                     for key, v in self.objective.eval_sums(out).items():
                         extra[key] = extra.get(key, 0.0) + v
+                    w = self.objective.eval_weight(out, n_rows)
                 acc = sums[run]
-                acc[0] += loss * n_rows if n_rows else 0.0  # (a batch of repeats only: NaN loss, no weight)
+                acc[0] += loss * w if w else 0.0  # (a batch that scored nothing: NaN or 0 loss, no weight)
                 acc[1], acc[2] = acc[1] + c, acc[2] + t
                 if len(runs) > 1:
                     apps = self.model.structure.applications(out.stats["etd/routes"],
                                                              routes_mod.default_iterations(self.model),
                                                              out.stats["etd/route_reached"])
                     acc[3] += float(apps.float().mean())
+            rows += w
         keys = sorted(extra)
         flat = dist_mod.all_reduce([v for r in runs for v in sums[r]] + [extra[k] for k in keys] + [rows], info,
                                    op="sum")
@@ -1148,7 +1151,7 @@ class Trainer:
         res: dict[str, float] = {}
         for i, run in enumerate(runs):
             loss_sum, correct, total, apps = flat[4 * i: 4 * i + 4]
-            eval_loss = loss_sum / max(rows, 1)
+            eval_loss = loss_sum / rows if rows > 0 else float("nan")  # (nothing scored: no loss, not 0)
             res[f"eval_loss{run}"] = eval_loss
             if self.stream.metric == "accuracy":
                 res[f"eval_accuracy{run}"] = correct / max(total, 1)
