@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -858,3 +859,28 @@ def test_eval_loss_is_the_mean_over_observed_targets(tmp_path) -> None:
         assert got == pytest.approx(want, rel=1e-5), (bs, got, want)
     res = trainer(write_csv(tmp_path / "none.csv", none), 2, "none").evaluate()
     assert math.isnan(res["eval_loss"]) and math.isnan(res["eval_mse"]), res
+
+
+def test_nan_metrics_print_as_n_a_and_stay_nan_in_metrics_jsonl(tmp_path, capsys) -> None:
+    """No validation target observed: the eval line and the summary line printed ``eval_mase nan``
+    where the README (and ``generate --rolling``) say ``n/a``; metrics.jsonl keeps JSON's NaN."""
+    import yaml
+
+    rows = good_rows(160)
+    for t in range(112, 128):  # every validation target (160 steps: validation [112, 128))
+        rows[t][1] = rows[t][2] = ""
+    r = recipe("GD | GA")
+    r["train"] = {"batch_size": 2, "steps": 1, "eval_every": 1, "eval_batches": 1, "warmup_steps": 0}
+    cfg = tmp_path / "fc.yaml"
+    cfg.write_text(yaml.safe_dump(r))
+    out = tmp_path / "run"
+    assert main(["train", str(cfg), "--data", str(write_csv(tmp_path / "g.csv", rows)), "--out", str(out),
+                 "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    lines = [x for x in (captured.err + captured.out).splitlines() if x.startswith(("step 1/1:", "done:"))]
+    assert len(lines) == 2, lines
+    for line in lines:
+        assert "eval_loss n/a" in line and "eval_mase n/a" in line and not re.search(r"\bnan\b", line), line
+        assert re.search(r"loss \d+\.\d{4},", line), line  # a finite number keeps its digits
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert math.isnan(last["eval_mase"]) and math.isnan(last["eval_loss"]) and math.isfinite(last["loss"])

@@ -209,6 +209,10 @@ def _rate(steps: int, tokens_per_step: int, seconds: float, warm: list[float]) -
 
 
 def _fmt(v: float) -> str:
+    """An eval number on the log and summary lines; ``n/a`` for NaN (nothing was scored: e.g. no
+    observed forecast target; ``metrics.jsonl`` keeps JSON's ``NaN``)."""
+    if math.isnan(v):
+        return "n/a"
     return f"{v:.4f}" if abs(v) < 1000 else f"{v:,.1f}"
 
 
