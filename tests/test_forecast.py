@@ -884,3 +884,19 @@ def test_nan_metrics_print_as_n_a_and_stay_nan_in_metrics_jsonl(tmp_path, capsys
         assert re.search(r"loss \d+\.\d{4},", line), line  # a finite number keeps its digits
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert math.isnan(last["eval_mase"]) and math.isnan(last["eval_loss"]) and math.isfinite(last["loss"])
+
+
+@torch.no_grad()
+def test_objective_forecast_reads_exactly_context_values() -> None:
+    """``Forecast.forecast(model, x)`` reads x [B, context, C]; a longer x ran every patch and gave
+    another forecast than generate (which reads the last context values: 2.5 apart here), a shorter one
+    a forecast from fewer patches than the model was trained on; both now a one-line ValueError."""
+    torch.manual_seed(0)
+    m = build_model(recipe("GD | GA")).eval()
+    x = torch.randn(1, 48, 2, dtype=torch.float64).cumsum(1)
+    for n in (48, 16, 30):
+        with pytest.raises(ValueError, match=rf"^forecast: x has {n} steps, expected context = 32 ") as e:
+            m.objective.forecast(m, x[:, -n:])
+        assert "\n" not in str(e.value)
+    got = m.objective.forecast(m, x[:, -32:])
+    assert torch.allclose(got, m.generate(x, max_new_tokens=8, mode="forecast"), rtol=1e-6, atol=1e-6)

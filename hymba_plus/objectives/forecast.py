@@ -208,7 +208,14 @@ class Forecast(Objective):
     @torch.no_grad()
     def forecast(self, model, x: Tensor) -> Tensor:  # noqa: ANN001
         """Forecasts [B, H, C, Q] (original units) of the horizon after contexts x [B, L, C]
-        (L = ``context``), in one forward; float64 (the statistics' precision: ts_head)."""
+        (L = ``context``, exactly: another length is a ValueError; ``generate(series,
+        mode="forecast")`` reads the last ``context`` values of a longer series), in one forward;
+        float64 (the statistics' precision: ts_head)."""
+        L = self.cfg.context
+        if x.ndim != 3 or x.shape[1] != L:
+            got = f"{x.shape[1]} steps" if x.ndim == 3 else f"shape {tuple(x.shape)}"
+            raise ValueError(f"forecast: x has {got}, expected context = {L} (x [B, {L}, {self.cfg.channels}]); "
+                             f"generate(series, mode=\"forecast\") forecasts from the last {L} values of a longer series")
         mu, sigma = self.ts_head.stats(x)
         z_hat, _ = self.patch_outputs(model, x, mu, sigma)
         return self.values(z_hat[:, -1], mu, sigma)
