@@ -72,6 +72,10 @@ def _errors(tmp_path: Path, data: dict) -> list[str]:
     ({"horizon": 0}, "objective.horizon", "must be >= 1"),
     ({"channels": "two"}, "objective.channels", "wrong type: expected an integer"),
     ({"season": 64}, "objective.season", "must be <= context (32)"),
+    # every size within its bound, their product in the channel-mixed head ~1e11 weights (400 GiB in
+    # float32): it loaded
+    ({"channel_independent": False, "horizon": 65536, "channels": 16384}, "objective.channel_independent",
+     "the ts_head would hold 106,302,570,528 weights, more than 4,294,967,296"),
 ])
 def test_objective_errors_name_file_line_and_key(tmp_path, change, key, fragment) -> None:
     errs = _errors(tmp_path, recipe(**change))
@@ -900,3 +904,19 @@ def test_objective_forecast_reads_exactly_context_values() -> None:
         assert "\n" not in str(e.value)
     got = m.objective.forecast(m, x[:, -32:])
     assert torch.allclose(got, m.generate(x, max_new_tokens=8, mode="forecast"), rtol=1e-6, atol=1e-6)
+
+
+
+@pytest.mark.parametrize("ci, loss", [(True, "quantile"), (False, "quantile"), (True, "mse"), (False, "mse")])
+def test_head_weight_bound_counts_the_built_head(ci, loss) -> None:
+    """``ForecastConfig.head_weights`` (what the recipe check bounds) is the built ts_head's parameter
+    count; channel-independent, the largest horizon and channel count are within the bound."""
+    from hymba_plus.objectives.forecast import MAX_CHANNELS, MAX_HEAD_WEIGHTS, MAX_HORIZON
+
+    obj = {"channel_independent": ci, "loss": loss, "quantiles": None if loss == "mse" else [0.1, 0.5, 0.9]}
+    m = build_model(recipe(**obj))
+    cfg = m.objective.cfg
+    assert cfg.head_weights(32) == sum(p.numel() for p in m.objective.ts_head.parameters())
+    if ci:
+        big = load_recipe(recipe(horizon=MAX_HORIZON, channels=MAX_CHANNELS, **obj)).objective
+        assert big.head_weights(32) < MAX_HEAD_WEIGHTS

@@ -43,12 +43,18 @@ from ..training import forecast_metrics as fm
 from .base import Objective
 
 DEFAULT_QUANTILES = (0.1, 0.5, 0.9)
-#: bounds of the size fields: far above any forecasting setup (long-horizon benchmarks forecast
-#: 720 steps of a few hundred channels from a few thousand values), far below what would fail
-#: allocating the head's weights or the training windows
+#: bounds of the size fields, one by one: far above any forecasting setup (long-horizon benchmarks
+#: forecast 720 steps of a few hundred channels from a few thousand values). Their products are not
+#: small: the ts_head's size is bounded on its own (``MAX_HEAD_WEIGHTS``)
 MAX_CONTEXT = 1 << 16
 MAX_HORIZON = 1 << 16
 MAX_CHANNELS = 1 << 14
+#: the most parameters the ts_head may hold (``ForecastConfig.head_weights``): 2^32, 16 GiB in float32
+#: (64 GiB with a gradient and AdamW's two moments). With channels mixed per patch the horizon head
+#: has d_model x horizon x levels x channels weights: ~1e11 at the size bounds above (400 GiB in
+#: float32 at d_model 32, 3 levels), which the recipe check let through; a channel-mixed head of
+#: 862 channels (Traffic) x 720 steps x 3 levels at d_model 512 has 9.5e8
+MAX_HEAD_WEIGHTS = 1 << 32
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,13 @@ class ForecastConfig:
     def n_patches(self) -> int:
         return self.context // self.patch
 
+    def head_weights(self, d_model: int) -> int:
+        """The ts_head's parameter count at width ``d_model``: patch embedding, horizon head (both
+        C times wider with channels mixed per patch) and RevIN's affine map."""
+        mix = 1 if self.channel_independent else self.channels
+        outs = self.horizon * (len(self.levels) if self.levels is not None else 1) * mix
+        return (self.patch * mix + 1) * d_model + (d_model + 1) * outs + (2 * self.channels if self.revin_affine else 0)
+
     def check(self, model):  # noqa: ANN001
         if self.context % self.patch:
             yield "context", (f"must be a multiple of patch ({self.patch}): the context is cut into patches; got "
@@ -98,6 +111,18 @@ class ForecastConfig:
                                     f"reads it; got {q}")
         if self.season > self.context:
             yield "season", f"must be <= context ({self.context}): seasonal naive repeats the context's last season"
+        n = self.head_weights(model.d_model)
+        if n > MAX_HEAD_WEIGHTS:
+            if self.channel_independent:
+                key, fix = "horizon", "a shorter horizon, fewer quantile levels or a smaller model.d_model"
+            else:
+                key, fix = ("channel_independent", "channel_independent: true (one head shared by the channels), "
+                            "fewer channels or a shorter horizon")
+            yield key, (f"the ts_head would hold {n:,} weights, more than {MAX_HEAD_WEIGHTS:,} "
+                        f"({MAX_HEAD_WEIGHTS * 4 >> 30} GiB in float32): model.d_model {model.d_model} x horizon "
+                        f"{self.horizon} x {len(self.levels) if self.levels is not None else 1} output(s)"
+                        f"{'' if self.channel_independent else f' x {self.channels} channels'} in the horizon head; "
+                        f"use {fix}")
 
     def describe(self) -> str:
         """One line for ``hymba info``."""
