@@ -137,6 +137,29 @@ def test_yaml_12_floats_and_ints():
         load_recipe(text.replace("name: t", 'name: "a\\nb"'))
 
 
+def test_yaml_12_booleans(tmp_path):
+    """Booleans are YAML 1.2's, as numbers are: true / false (True, TRUE, False, FALSE) only. YAML 1.1's
+    yes / no / on / off (PyYAML's) are text, so a bool setting given ``yes`` is an ordinary type
+    error, and ``on:`` an ordinary key (it was 'keys must be text, got 'on''); a plain ``=`` is text
+    (1.1's value tag: it was "YAML tag '!!value' is not allowed"). Found by a review of the loader."""
+    text = ("name: t\nmodel:\n  vocab_size: 64\n  d_model: 32\n  block_pattern: GA\n"
+            "components:\n  gated_attn: {qk_norm: true}\n")
+    for spelled, value in (("true", True), ("True", True), ("TRUE", True), ("false", False), ("False", False),
+                           ("FALSE", False)):
+        assert load_recipe(text.replace("qk_norm: true", f"qk_norm: {spelled}")).components[
+            "gated_attn"].qk_norm is value
+    p = tmp_path / "r.yaml"
+    for spelled in ("yes", "no", "on", "off", "Yes", "NO", "On", "OFF", "y", "n"):
+        p.write_text(text.replace("qk_norm: true", f"qk_norm: {spelled}"))
+        assert errors_of(p) == [f"{p}:7: components.gated_attn.qk_norm: wrong type: expected true or false, "
+                                f"got str {spelled!r}"]
+    assert errors_of(text + "on: 1\n") == ["<recipe>:8: on: unknown key"]
+    assert load_recipe(text.replace("name: t", "name: =")).name == "="
+    with pytest.raises(RecipeError, match=r"^<recipe>:7: invalid YAML: 'yes' is not a boolean \(true or false\)$"):
+        load_recipe(text.replace("qk_norm: true", "qk_norm: !!bool yes"))
+    assert load_recipe(text.replace("qk_norm: true", "qk_norm: !!bool FALSE")).components["gated_attn"].qk_norm is False
+
+
 @pytest.mark.parametrize("key", ["a\nb", "a\rb", "a\x1b[2Jb", "a\u2028b", "a\x85b"])
 def test_a_key_with_control_characters_stays_one_printable_line(tmp_path, key):
     """A key holding a line break or a control character was printed raw in the key path: a

@@ -323,6 +323,14 @@ for _cls in (_LineLoader, _Dumper):
         list("-+0123456789."),
     )
     _cls.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?0[0-9]+$"), list("-+0"))
+# Booleans too: YAML 1.2's are true / false (True, TRUE, False, FALSE) only; 1.1's yes / no / on / off are
+# text (a bool setting given ``yes`` is a type error, ``on:`` a key), and so is a plain ``=`` (1.1's value
+# tag). (The dumper keeps 1.1's resolvers: it quotes such text, for readers of either version.)
+_LineLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in pairs if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:value")]
+    for first, pairs in _LineLoader.yaml_implicit_resolvers.items()}
+_LineLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                  list("tTfF"))
 
 
 def _merged_pairs(node: yaml.MappingNode, active: frozenset = frozenset()) -> list[tuple[yaml.Node, yaml.Node]]:
@@ -443,6 +451,17 @@ def _construct_int(loader: _LineLoader, node: yaml.ScalarNode) -> int:
 
 
 _LineLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+def _construct_bool(loader: _LineLoader, node: yaml.ScalarNode) -> bool:
+    """YAML 1.2's booleans, for an explicit ``!!bool`` too (1.1's ``!!bool yes`` was true)."""
+    if node.value not in ("true", "True", "TRUE", "false", "False", "FALSE"):
+        raise yaml.constructor.ConstructorError(None, None, f"{node.value!r} is not a boolean (true or false)",
+                                                node.start_mark)
+    return node.value.lower() == "true"
+
+
+_LineLoader.add_constructor("tag:yaml.org,2002:bool", _construct_bool)
 
 
 # --------------------------------------------------------------------------- errors
