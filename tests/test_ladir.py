@@ -26,7 +26,7 @@ def recipe(pattern: str = "GD | GA", meta: int = 0, etd: dict | None = None, **l
         m["etd"] = etd
     lad = {"latent_dim": 8, "memory_slots": 3, "inference_steps": 8, "denoiser_layers": 1, "denoiser_heads": 2}
     lad.update(ladir)
-    return {"name": "ladir", "model": m, "components": dict(COMPS), "ladir": lad}
+    return {"name": "ladir", "model": m, "components": dict(COMPS), "ladir": lad, "objective": {"kind": "ladir"}}
 
 
 def batch(B: int = 3, seed: int = 0) -> dict:
@@ -411,3 +411,22 @@ def test_generate_stats_count_the_lm_forwards(prophet) -> None:
                generator=torch.Generator().manual_seed(0))
     assert stats["forwards"] == len(calls) and (prophet or len(calls) == 4), (stats["forwards"], len(calls))
     assert not prophet or len(calls) > 4  # checks at steps 2, 4, 6 (the random model's gaps are small)
+
+
+def test_a_ladir_section_needs_the_ladir_objective(tmp_path) -> None:
+    """A ``ladir:`` section under another objective built a LaDiR module that never trained: no
+    workflow trains it later on the same checkpoint (``--ladir-stage`` is refused for another
+    objective, and resuming checks the objective), so it is refused, as on a forecaster. Found by a
+    review of the recipe language."""
+    p = tmp_path / "r.yaml"
+    for objective in ("", "objective: {kind: next_token}\n", "objective: {kind: block_diffusion, block_size: 4}\n"):
+        p.write_text("name: t\nmodel: {vocab_size: 24, d_model: 32, block_pattern: 'GD | GA'}\n" + objective
+                     + "ladir: {latent_dim: 8, memory_slots: 2}\n")
+        kind = "block_diffusion" if "block" in objective else "next_token"
+        with pytest.raises(RecipeError) as ei:
+            load_recipe(p)
+        assert ei.value.errors == [
+            f"{p}:{3 + bool(objective)}: ladir: latent reasoning trains with the ladir objective (objective: "
+            f"{{kind: ladir}}); the {kind} objective never computes its losses (its VAE and flow denoiser "
+            "would stay untrained)"]
+    assert load_recipe(recipe()).objective.kind == "ladir"

@@ -952,7 +952,7 @@ def _build_objective(data: Any, model: ModelConfig, train: Any, errs: _Errors, c
 
 def _check_tokens(objective: Any, model: ModelConfig, ladir: Any, errs: _Errors) -> None:
     """``model.vocab_size`` is required exactly when the objective reads tokens; the token-only
-    parts (MTP, LaDiR) need it."""
+    parts (MTP, LaDiR) need it, and are trained only by their objective (next_token, ladir)."""
     kind = objective.kind if objective is not None else "next_token"
     reads_tokens = registry.get(objective_kinds()[kind]).cls.reads_tokens
     if reads_tokens and model.vocab_size is None:
@@ -960,6 +960,10 @@ def _check_tokens(objective: Any, model: ModelConfig, ladir: Any, errs: _Errors)
     if reads_tokens and kind != "next_token" and model.mtp is not None:  # (accepted, then never trained)
         errs.add("model.mtp", f"multi-token prediction trains with the next_token objective; the {kind} objective "
                  "never computes its loss (its modules would stay untrained)")
+    if reads_tokens and kind != "ladir" and ladir is not None:  # (accepted, then never trained: no later phase
+        # trains it on the same checkpoint, --ladir-stage is for the ladir objective and resuming checks the objective)
+        errs.add("ladir", f"latent reasoning trains with the ladir objective (objective: {{kind: ladir}}); the {kind} "
+                 "objective never computes its losses (its VAE and flow denoiser would stay untrained)")
     if reads_tokens:
         return
     what = f"the {kind} objective reads numbers, not tokens"
