@@ -622,3 +622,22 @@ def test_layout_recipes_differing_in_ratio_order_are_not_equal():
     b = layout({"gdn": 0.5, "gated_attn": 0.25, "mamba3": 0.25})
     assert a.pattern != b.pattern and a != b and a.hash() != b.hash()
     assert a == layout({"gdn": 0.5, "mamba3": 0.25, "gated_attn": 0.25})
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r", "\u2028"])
+@pytest.mark.parametrize("before", ["", "é€"])
+def test_a_disallowed_character_names_its_line_with_any_line_break(tmp_path, newline, before):
+    """The line of a character YAML does not allow is counted as the parser counts lines: only ``\\n``
+    was counted, so a recipe string with old Mac ``\\r`` line endings said line 1 (a file's are read as
+    ``\\n``) and U+2028 / NEL breaks were missed in files too; and libyaml reports the character's place
+    in UTF-8 bytes, so text before it that is not ASCII moved the count past it. Found by a review of
+    the recipe language."""
+    lines = [f"name: t{before}", "model:", "  vocab_size: 64", "  d_model: 32", "  block_pattern: GA",
+             f"  meta_tokens: 0 # {before}", "  dropout: \x07"]
+    text = newline.join(lines) + newline + "# end" + newline
+    p = tmp_path / "r.yaml"
+    p.write_bytes(text.encode())
+    (err,) = errors_of(p)
+    assert err.startswith(f"{p}:7: invalid YAML: unacceptable character #x0007"), err
+    (err,) = errors_of(text)  # (a file's \r and \r\n are read as \n: a string keeps them)
+    assert err.startswith("<recipe>:7: invalid YAML: unacceptable character #x0007"), err

@@ -708,7 +708,7 @@ def _parse_yaml(text: str, file: str) -> Any:
             where = f" ({e.context} started at line {e.context_mark.line + 1})"
         raise RecipeError([f"{file or '<recipe>'}:{ln}: invalid YAML: {e.problem or e}{where}"]) from None
     except yaml.reader.ReaderError as e:  # a character YAML does not allow: its line, one line
-        ln = text[:e.position].count("\n") + 1 if isinstance(e.position, int) else 1
+        ln = _line_at(text, e.position, loader) if isinstance(e.position, int) else 1
         what = f"#x{e.character:04x}" if isinstance(e.character, int) else repr(e.character)
         raise RecipeError([f"{file or '<recipe>'}:{ln}: invalid YAML: unacceptable character {what} ({e.reason})"]) \
             from None
@@ -722,6 +722,16 @@ def _parse_yaml(text: str, file: str) -> Any:
     if not file and isinstance(data, str) and "\n" not in text.strip():
         return _NOT_A_PATH  # a one-line string that parsed as a scalar: a mistyped path
     return data
+
+
+def _line_at(text: str, position: int, loader: _LineLoader) -> int:
+    """The line of a ReaderError's position, counted as YAML counts lines: a break is ``\\n``, ``\\r\\n``,
+    ``\\r``, NEL or U+2028 / U+2029. libyaml's position counts the text's UTF-8 bytes, PyYAML's characters."""
+    if isinstance(loader, getattr(yaml, "CSafeLoader", ())):  # (the parser _LineLoader runs on)
+        text = text.encode("utf-8", "surrogatepass")[:position].decode("utf-8", "ignore")
+    else:
+        text = text[:position]
+    return len(re.findall("\r\n|[\r\n\x85\u2028\u2029]", text)) + 1
 
 
 def _read_source(source: "str | os.PathLike") -> tuple[str, str]:
