@@ -110,6 +110,31 @@ def test_recipe_is_frozen():
         r.components["gated_attn"] = None  # type: ignore[index]
 
 
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_recipe_mappings_are_frozen_and_the_recipe_pickles(path):
+    """A recipe's mappings are immutable and pickle: ``model.layout.ratios`` was the loader's own
+    mutable dict (LineDict) inside a frozen recipe, and ``components`` a mappingproxy, which cannot
+    be pickled (no Recipe through pickle or to another process). Found by a review of the recipe
+    language."""
+    import copy
+    import pickle
+
+    from hymba_plus.core.recipe import LineDict
+
+    r = load_recipe(path)
+    with pytest.raises(TypeError):
+        r.components["mlp"] = None  # type: ignore[index]
+    if r.model.layout is not None:
+        ratios = r.model.layout.ratios
+        assert not isinstance(ratios, (dict, LineDict)) and ratios == dict(ratios)
+        with pytest.raises(TypeError):
+            ratios["atlas"] = 0.5  # type: ignore[index]
+        assert type(r.to_dict()["model"]["layout"]["ratios"]) is dict
+    for other in (pickle.loads(pickle.dumps(r)), copy.deepcopy(r)):
+        assert other == r and other.hash() == r.hash() and other.to_dict() == r.to_dict()
+        assert other.layers == r.layers and dict(other.components) == dict(r.components)
+
+
 def test_defaults_fill_missing_sections():
     r = load_recipe({"name": "t", "model": {"vocab_size": 64, "d_model": 32, "block_pattern": "GA"}})
     assert set(r.components) == {"gated_attn", "mlp"}

@@ -45,6 +45,39 @@ class RecipeError(ValueError):
 # --------------------------------------------------------------------------- schema
 
 
+class FrozenMap(Mapping):
+    """A read-only mapping that pickles and deep-copies (a recipe's ``components`` and
+    ``model.layout.ratios``; a ``types.MappingProxyType`` does not pickle). Equal to any mapping
+    with the same items; its order is the one it was given."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Any = ()) -> None:
+        object.__setattr__(self, "_items", dict(items))
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._items[key]
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is read-only")
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._items.items()))
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self._items,)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._items!r})"
+
+
+
 @dataclass(frozen=True)
 class NormConfig:
     zero_centered: bool = True
@@ -54,7 +87,10 @@ class NormConfig:
 @dataclass(frozen=True)
 class LayoutConfig:
     n_layers: int = spec(min=1, max=4096)
-    ratios: dict[str, float] = spec(default_factory=dict)
+    ratios: Mapping[str, float] = spec(default_factory=FrozenMap)
+
+    def __post_init__(self) -> None:  # (read-only: a frozen recipe holds no mutable dict)
+        object.__setattr__(self, "ratios", FrozenMap(self.ratios))
 
 
 @dataclass(frozen=True)
@@ -156,11 +192,14 @@ def _train_config_type() -> type:
 class Recipe:
     name: str
     model: ModelConfig
-    components: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    components: Mapping[str, Any] = dataclasses.field(default_factory=FrozenMap)
     train: Any = None  # training.config.TrainConfig | None
     objective: Any = None  # the objective's config (objectives/), None = next_token
     ladir: LaDiRConfig | None = None  # latent reasoning (components/ladir.py), or None
     source: str | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:  # (read-only, and it pickles: a mappingproxy does not)
+        object.__setattr__(self, "components", FrozenMap(self.components))
 
     @functools.cached_property
     def layers(self) -> tuple[LayerSpec, ...]:
@@ -905,7 +944,7 @@ def _build(data: Any, file: str) -> Recipe:
                  "memory_slots: ...})")
         errs.raise_if_any()
 
-    recipe = Recipe(name=name, model=model, components=types.MappingProxyType(dict(sorted(comps.items()))),
+    recipe = Recipe(name=name, model=model, components=FrozenMap(sorted(comps.items())),
                     train=train, objective=objective, ladir=ladir, source=file or None)
     recipe.__dict__["layers"] = tuple(layers)  # cached_property slot
     return recipe
