@@ -77,7 +77,6 @@ class FrozenMap(Mapping):
         return f"{type(self).__name__}({self._items!r})"
 
 
-
 @dataclass(frozen=True)
 class NormConfig:
     zero_centered: bool = True
