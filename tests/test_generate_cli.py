@@ -202,3 +202,20 @@ def test_a_draft_too_short_for_the_prompt_is_named(ckpts, capsys, tmp_path):
                        str(tmp_path / "draft"))
     assert rc == 1 and out == "" and len(err.strip().splitlines()) == 1
     assert "draft: its max_seq_len (4) leaves no room for a new token after the 4-token prompt" in err, err
+
+
+def test_python_warnings_are_one_line_notices_and_the_api_keeps_its_own(ckpts, capsys, tmp_path):
+    """A warning raised inside the command (from_pretrained's recipe-hash mismatch) printed as Python's
+    two lines with a source path; the CLI prints `warning: MESSAGE`, and leaves warnings.showwarning
+    as it was for the library's callers."""
+    import shutil
+    import warnings
+
+    shutil.copytree(ckpts / "ids", tmp_path / "ck")
+    recipe = tmp_path / "ck" / "recipe.yaml"
+    recipe.write_text(recipe.read_text().replace("max_seq_len: 48", "max_seq_len: 64"))  # an edit: another hash
+    before = warnings.showwarning
+    rc, out, err = gen(capsys, str(tmp_path / "ck"), "--prompt", "3", "--max-new-tokens", "2", "--temperature", "0")
+    lines = [ln for ln in err.splitlines() if "recipe hash" in ln]
+    assert rc == 0 and len(lines) == 1 and lines[0].startswith("warning: ") and "UserWarning" not in err, err
+    assert ".py:" not in err and warnings.showwarning is before

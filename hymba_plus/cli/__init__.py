@@ -3,6 +3,7 @@
 
 Errors the user can fix (bad recipe, missing file, bad flag) print one line to stderr and
 exit non-zero — never a traceback. Exit codes: 0 ok, 1 invalid input / failed, 2 usage.
+Python warnings raised while a command runs print as one line each, ``warning: MESSAGE``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import importlib
 import math
 import sys
+import warnings
 from typing import NoReturn
 
 from ..core.config import brief
@@ -91,6 +93,17 @@ def _parser_class(argv: list[str]) -> type[argparse.ArgumentParser]:
     return Parser
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file=None, line: str | None = None) -> None:  # noqa: ANN001 - warnings.showwarning's
+    """``warnings.showwarning`` while a subcommand runs: ``warning: MESSAGE``, one line (Python's own
+    format is two, with the source path and line of the warning); the library's callers keep theirs."""
+    text = " ".join(str(message).split())
+    try:
+        print(f"warning: {text}", file=sys.stderr if file is None else file, flush=True)
+    except OSError:  # (as warnings' own: a closed stderr loses the warning, not the run)
+        pass
+
+
 def _torch_version() -> str:
     import torch
 
@@ -115,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return int(modules[args.command].run(args) or 0)
+        with warnings.catch_warnings():  # restores the caller's showwarning (main called from Python)
+            warnings.showwarning = _one_line_warning
+            return int(modules[args.command].run(args) or 0)
     except UsageError as e:
         print(f"hymba {args.command}: {e}", file=sys.stderr)
         return 2
