@@ -607,3 +607,30 @@ def test_a_reasoning_task_too_long_for_max_seq_len_fails_at_setup(tmp_path, caps
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1 and "--chain-steps" in err and "max_seq_len" in err, err
     assert "collate" not in err and not out.exists()
+
+
+def test_a_plot_that_cannot_be_drawn_is_one_line_and_the_run_still_saves(tmp_path, capsys):
+    """A failure drawing loss.png (here a folder of that name) ended the run before its final checkpoint
+    (eval, plot, save), naming the plot's temporary file, which it left behind."""
+    out = tmp_path / "o"
+    (out / "loss.png").mkdir(parents=True)
+    rc = main(["train", recipe_file(tmp_path), *FAST, "--steps", "4", "--eval-every", "2", "--out", str(out)])
+    err = capsys.readouterr().err
+    notes = [ln for ln in err.splitlines() if "loss.png" in ln]
+    assert rc == 0 and (out / "step-4" / "model.safetensors").is_file(), err
+    assert len(notes) == 1 and notes[0].startswith("warning: ") and "the run goes on" in notes[0], err
+    assert sorted(p.name for p in out.iterdir()) == ["loss.png", "metrics.jsonl", "step-4"]
+
+
+def test_a_metrics_file_that_cannot_be_written_is_one_line_and_leaves_no_temporary_file(tmp_path, capsys):
+    """A folder named metrics.jsonl: the error named the temporary file beside it, and left it there."""
+    rec, out = recipe_file(tmp_path), tmp_path / "o"
+    assert main(["train", rec, *FAST, "--steps", "4", "--stop-after", "2", "--out", str(out)]) == 0
+    (out / "metrics.jsonl").unlink()
+    (out / "metrics.jsonl").mkdir()
+    before = tree_snapshot(out)
+    capsys.readouterr()
+    rc = main(["train", rec, *FAST, "--steps", "4", "--resume", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and f"{out / 'metrics.jsonl'}: cannot be written" in err, err
+    assert tree_changes(before, tree_snapshot(out)) == [] and not list(out.glob(".*"))

@@ -13,7 +13,8 @@ one (aux-loss-free MoE balancing). bf16 autocast on CUDA (``precision: auto``).
 Records (rank 0): progress on stderr (``progress.py``: a live bar on a terminal, a plain line
 every ~10 s elsewhere), ``OUT/metrics.jsonl`` (one JSON
 object per optimizer step; eval metrics on eval steps; MoE routing stats when the model
-reports them), ``OUT/loss.png`` redrawn at every eval, ``OUT/step-N/`` checkpoints
+reports them), ``OUT/loss.png`` redrawn at every eval (one warning line if it cannot be: the run goes
+on), ``OUT/step-N/`` checkpoints
 (``checkpoint.py``) and a final summary line. A fresh run moves an earlier run's metrics and
 plot aside (``metrics.jsonl.1``, ...; an ``--out`` with checkpoints needs ``--resume``).
 
@@ -344,9 +345,12 @@ def plot_metrics(rows: list[dict[str, Any]], path: Path, title: str = "", chance
 
     fig = metrics_figure(rows, title, chance)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:  # (a failed replace left the temporary file behind)
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
 
 
 def metrics_figure(rows: list[dict[str, Any]], title: str = "", chance: float | None = None) -> Any:
@@ -415,6 +419,7 @@ class Trainer:
         self.opts = opts
         self.out = Path(opts.out)
         self.masters: MasterWeights | None = None  # --param-dtype bfloat16 on one process (setup)
+        self.plot_failed = False  # loss.png could not be drawn (said once: _plot)
 
     def log(self, msg: str) -> None:
         if not self.info.is_main:
@@ -875,8 +880,12 @@ class Trainer:
     def _rewrite_metrics(self) -> None:
         p = self.out / "metrics.jsonl"
         tmp = p.with_name(f".metrics.jsonl.tmp-{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-        os.replace(tmp, p)
+        try:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+            os.replace(tmp, p)
+        except OSError as e:  # (e.g. a folder named metrics.jsonl: the error named the temporary file, left behind)
+            tmp.unlink(missing_ok=True)
+            raise TrainError(f"{p}: cannot be written ({e.strerror or e})") from None
 
     # ------------------------------------------------------------------ steps
     def _micro_indices(self, micro: int) -> range:
@@ -1228,6 +1237,19 @@ class Trainer:
                     self.info = info
                 dist_mod.shutdown(info)
 
+    def _plot(self) -> None:
+        """Redraw ``loss.png``. A plot that cannot be drawn (a folder named loss.png, a full disk, a
+        matplotlib error) is one line, once a run, and the run goes on: it killed the run before its
+        final checkpoint was saved."""
+        path = self.out / "loss.png"
+        try:
+            plot_metrics(self.rows, path, f"{self.recipe.name} ({self.cfg.data})", getattr(self.stream, "chance", None))
+        except Exception as e:  # noqa: BLE001 - whatever the plot fails of, the checkpoints matter more
+            if not self.plot_failed:
+                self.plot_failed = True
+                why = e.strerror if isinstance(e, OSError) and e.strerror else brief(str(e) or type(e).__name__, 120)
+                self.log(f"warning: {path}: not drawn ({why}); the run goes on without it")
+
     def _stop_flags(self, t_run: float, stop: StopRequest) -> tuple[bool, bool]:
         """(out of time, stop requested by a signal), agreed by all ranks (one all-reduce)
         so every rank stops at the same step."""
@@ -1295,8 +1317,7 @@ class Trainer:
                         metrics_file.write(json.dumps(row) + "\n")
                         metrics_file.flush()
                     if "eval_loss" in row and info.is_main:
-                        plot_metrics(self.rows, self.out / "loss.png", f"{self.recipe.name} ({cfg.data})",
-                                     getattr(self.stream, "chance", None))
+                        self._plot()
                     self.progress.update(n, loss, rate, row["lr"])
                     if (n % cfg.save_every == 0 or last or interrupted) and n > saved_step:
                         last_ckpt, saved_step = self.save(n), n
