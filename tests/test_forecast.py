@@ -920,3 +920,17 @@ def test_head_weight_bound_counts_the_built_head(ci, loss) -> None:
     if ci:
         big = load_recipe(recipe(horizon=MAX_HORIZON, channels=MAX_CHANNELS, **obj)).objective
         assert big.head_weights(32) < MAX_HEAD_WEIGHTS
+
+
+@pytest.mark.parametrize("flag", [["--seq-len", "64"], ["--tokenizer", "tok.json"], ["--val-frac", "0.2"],
+                                  ["--mqar-pairs", "3"], ["--chain-steps", "2"]])
+def test_flags_a_forecast_run_does_not_read_are_usage_errors(tmp_path, capsys, flag) -> None:
+    """--seq-len, --tokenizer, --val-frac and the task flags do not apply to a forecast run: they were
+    ignored silently (as --ladir-stage on another objective is, they are refused)."""
+    out = tmp_path / "run"
+    rc = main(["train", str(REPO / "configs" / "forecast_tiny.yaml"), "--out", str(out), "--steps", "1",
+               "--no-progress", *flag])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"hymba train: {flag[0]} {flag[1]}: does not apply to objective forecast"), err
+    assert not out.exists()

@@ -27,6 +27,11 @@ TRAIN_MODES = ("auto", "eager", "cuda-graph", "compile")  # training/trainer.py'
 #: the widest route search: its batch forwards per micro-batch grow with the beam (training/routes.py)
 MAX_ROUTE_BEAM = 64
 
+#: flags (dests) a forecast run does not read: its windows are objective.context + horizon values of a
+#: series (training/series.py), split by time, no tokens, no built-in task
+NOT_FORECAST = ("seq_len", "tokenizer", "val_frac", "mqar_pairs", "copy_tokens", "khop_hops", "khop_nodes",
+                "chain_steps", "chain_values")
+
 #: flag dest -> TrainConfig field
 _FIELDS = {
     "steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len", "grad_accum": "grad_accum",
@@ -175,6 +180,10 @@ def run(args: argparse.Namespace) -> int:
     kind = recipe.objective.kind if recipe.objective is not None else "next_token"
     if args.ladir_stage is not None and kind != "ladir":  # (it was ignored silently)
         raise UsageError(f"--ladir-stage {args.ladir_stage}: only for objective ladir (the recipe's is {kind})")
+    unread = next((d for d in NOT_FORECAST if getattr(args, d) is not None), None) if kind == "forecast" else None
+    if unread is not None:  # (they were ignored silently)
+        raise UsageError(f"--{unread.replace('_', '-')} {getattr(args, unread)}: does not apply to objective forecast "
+                         "(windows of objective.context + horizon values, split by time)")
     if args.stop_after is not None and args.stop_after < 1:
         raise UsageError(f"--stop-after {args.stop_after}: must be >= 1")
     if args.progress_interval < 0:
