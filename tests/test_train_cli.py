@@ -634,3 +634,21 @@ def test_a_metrics_file_that_cannot_be_written_is_one_line_and_leaves_no_tempora
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1 and f"{out / 'metrics.jsonl'}: cannot be written" in err, err
     assert tree_changes(before, tree_snapshot(out)) == [] and not list(out.glob(".*"))
+
+
+def test_a_recipes_distill_settings_without_a_teacher_are_said_to_be_unused(tmp_path, capsys):
+    """train.distill without --distill (e.g. a hybridized checkpoint's recipe) trained without a teacher,
+    without a word. One note says so; with --distill, none."""
+    import yaml
+
+    d = yaml.safe_load(Path(recipe_file(tmp_path)).read_text())
+    d["train"] = {"distill": {"kl_weight": 0.5, "temperature": 2.0}}
+    rec = tmp_path / "d.yaml"
+    rec.write_text(yaml.safe_dump(d))
+    assert main(["train", str(rec), *FAST, "--steps", "2", "--out", str(tmp_path / "a")]) == 0
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if "train.distill" in ln]
+    assert notes == [f"note: {rec}: train.distill (kl_weight 0.5, ce_weight 1, temperature 2) is unused: no teacher "
+                     "(--distill TEACHER_CKPT names one)"], notes
+    assert main(["train", str(rec), *FAST, "--steps", "1", "--distill", str(tmp_path / "a" / "step-2"),
+                 "--out", str(tmp_path / "b")]) == 0
+    assert "is unused" not in capsys.readouterr().err

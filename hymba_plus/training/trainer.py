@@ -649,6 +649,10 @@ class Trainer:
             n = sum(p.numel() for p in self.teacher.parameters()) / 1e6
             self.log(f"distilling from {self.distill_from} ({n:.2f}M params{whose}): kl_weight {d.kl_weight:g}, "
                      f"ce_weight {d.ce_weight:g}, temperature {d.temperature:g}")
+        elif cfg.distill is not None:  # the weights of a teacher never named (they trained on silently)
+            d = cfg.distill
+            self.log(f"note: {opts.recipe_name}: train.distill (kl_weight {d.kl_weight:g}, ce_weight {d.ce_weight:g}, "
+                     f"temperature {d.temperature:g}) is unused: no teacher (--distill TEACHER_CKPT names one)")
         self.objective.configure(cfg)
         problem = self.objective.run_problem(cfg)
         if problem is not None:
