@@ -934,3 +934,15 @@ def test_flags_a_forecast_run_does_not_read_are_usage_errors(tmp_path, capsys, f
     assert rc == 2 and err.count("\n") == 1, err
     assert err.startswith(f"hymba train: {flag[0]} {flag[1]}: does not apply to objective forecast"), err
     assert not out.exists()
+
+
+def test_resuming_the_synthetic_series_with_another_seed_names_the_seed(tmp_path, capsys) -> None:
+    """The synthetic series is drawn from the seed: --seed on --resume was refused as "other values ...
+    resume with the same series", which did not say what to pass."""
+    cfg, out = str(REPO / "configs" / "forecast_tiny.yaml"), str(tmp_path / "run")
+    common = ["--out", out, "--steps", "2", "--batch-size", "2", "--eval-batches", "1", "--no-progress"]
+    assert main(["train", cfg, *common, "--stop-after", "1"]) == 0
+    capsys.readouterr()
+    assert main(["train", cfg, *common, "--resume", "--seed", "5"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "resume with --seed 0 (the synthetic series is drawn from the seed)" in err, err

@@ -652,3 +652,17 @@ def test_a_recipes_distill_settings_without_a_teacher_are_said_to_be_unused(tmp_
     assert main(["train", str(rec), *FAST, "--steps", "1", "--distill", str(tmp_path / "a" / "step-2"),
                  "--out", str(tmp_path / "b")]) == 0
     assert "is unused" not in capsys.readouterr().err
+
+
+def test_resuming_with_another_seed_says_the_data_order_changes(tmp_path, capsys):
+    """The seed draws the data order (a task's examples, a text's shuffle): --seed on --resume changed it
+    mid-run without a word; one line says so, as changed task settings do. The same seed: nothing."""
+    rec, out = recipe_file(tmp_path), tmp_path / "o"
+    assert main(["train", rec, *FAST, "--steps", "6", "--stop-after", "2", "--seed", "3", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["train", rec, *FAST, "--steps", "6", "--stop-after", "4", "--resume", "--out", str(out)]) == 0
+    assert "trained with seed" not in capsys.readouterr().err
+    assert main(["train", rec, *FAST, "--steps", "6", "--resume", "--seed", "4", "--out", str(out)]) == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "seed" in ln]
+    assert lines == [f"--seed 4: the checkpoint {out / 'step-4'} was trained with seed 3: the data order (a task's "
+                     "examples) changes from here (the weights and random states go on from the checkpoint)"], lines

@@ -481,8 +481,11 @@ class Trainer:
             # folder, a same-length edit of the text)
             digest = {"values": ("other values", "digest", "the same series"),
                       "content": ("other data", "content digest", "the data it was trained on")}.get(diff)
+            was = (state.get("train_config") or {}).get("seed")
             if digest is not None:
                 what, name, fix = digest
+                if diff == "values" and saved.get("source") == now.get("source") == "synthetic" and was != self.cfg.seed:
+                    fix = f"--seed {was} (the synthetic series is drawn from the seed)"
                 raise TrainError(f"--data {self.cfg.data}: the checkpoint {self.resume_from} was trained on {what} "
                                  f"({name} {saved[diff]} there, {now[diff]} now): resume with {fix}, or start a new run")
             if diff is not None:
@@ -490,6 +493,12 @@ class Trainer:
                                  f"{'task' if diff in ('name', 'params') else 'split'} of it ({diff} "
                                  f"{brief(saved[diff], 60)} there, {brief(now[diff], 60)} now): resume with the "
                                  "same --data, --seq-len and --val-frac, or start a new run")
+            # the seed draws the data order and a task's examples (the rest of the run's random streams come
+            # from the checkpoint): another one changed them silently; said, as changed task settings are
+            if isinstance(was, int) and was != self.cfg.seed:
+                self.log(f"--seed {self.cfg.seed}: the checkpoint {self.resume_from} was trained with seed {was}: the "
+                         "data order (a task's examples) changes from here (the weights and random states go on from "
+                         "the checkpoint)")
 
     def _setup(self) -> None:
         opts = self.opts
