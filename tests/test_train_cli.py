@@ -666,3 +666,32 @@ def test_resuming_with_another_seed_says_the_data_order_changes(tmp_path, capsys
     lines = [ln for ln in capsys.readouterr().err.splitlines() if "seed" in ln]
     assert lines == [f"--seed 4: the checkpoint {out / 'step-4'} was trained with seed 3: the data order (a task's "
                      "examples) changes from here (the weights and random states go on from the checkpoint)"], lines
+
+
+def test_the_printed_resume_command_never_names_a_checkpoint_keep_last_deleted(tmp_path, monkeypatch, capsys):
+    """A run resumed with one of its own checkpoints as RECIPE (`hymba train OUT/step-2 --out OUT --resume`)
+    and interrupted printed that folder in its resume command after --keep-last had deleted it: the
+    command failed (`OUT/step-2: file not found`). It names the checkpoint just saved, and resumes."""
+    from hymba_plus.training.trainer import Trainer
+
+    out = tmp_path / "o"
+    assert main(["train", recipe_file(tmp_path), *FAST, "--steps", "2", "--out", str(out)]) == 0
+    calls = []
+
+    def interrupt_in_the_third_step(self, t_run, stop):  # noqa: ANN001, ANN202 - as if SIGINT came in step 5
+        calls.append(1)
+        stop.requested = "SIGINT" if len(calls) == 3 else None
+        return False, stop.requested is not None
+
+    monkeypatch.setattr(Trainer, "_stop_flags", interrupt_in_the_third_step)
+    capsys.readouterr()
+    assert main(["train", str(out / "step-2"), *FAST, "--steps", "8", "--save-every", "1", "--keep-last", "1",
+                 "--resume", "--out", str(out)]) == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (out / "step-2").exists() and last.endswith(f"resume with: hymba train {out / 'step-5'} --out {out} "
+                                                           "--resume"), last
+    monkeypatch.undo()
+    import shlex
+
+    assert main(shlex.split(last.split("resume with: hymba ")[1]) + ["--no-progress"]) == 0, capsys.readouterr().err
+    assert [s for s, _ in ckpt_mod.list_checkpoints(out)] == [8]

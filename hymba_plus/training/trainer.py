@@ -167,10 +167,16 @@ class RunOptions:
             raise ValueError(f"resume: {self.resume!r} is not one of {RESUME_MODES}")
         return mode
 
-    def resume_command(self) -> str:
+    def resume_command(self, checkpoint: Path | None = None) -> str:
+        """The command that resumes the run. A recipe given as a checkpoint folder of the run itself
+        (``OUT/step-N``) may be gone by then (``--keep-last``): ``checkpoint``, the run's newest, names the
+        recipe instead (its recipe.yaml is the run's)."""
         import shlex
 
-        return f"hymba train {shlex.quote(self.recipe_name)} --out {shlex.quote(str(self.out))} --resume"
+        recipe = self.recipe_name
+        if checkpoint is not None and Path(recipe).absolute().parent == Path(self.out).absolute():
+            recipe = str(checkpoint)
+        return f"hymba train {shlex.quote(recipe)} --out {shlex.quote(str(self.out))} --resume"
 
 
 @dataclass
@@ -1335,7 +1341,8 @@ class Trainer:
                     if (n % cfg.save_every == 0 or last or interrupted) and n > saved_step:
                         last_ckpt, saved_step = self.save(n), n
                     if interrupted:
-                        raise TrainInterrupted(n, last_ckpt or self.resume_from, self.opts.resume_command())
+                        newest = last_ckpt or self.resume_from
+                        raise TrainInterrupted(n, newest, self.opts.resume_command(newest))
                     if last:
                         if n < stop:
                             self.log(f"--time-limit {self.opts.time_limit:g}s reached at step {n}: stopping "
