@@ -321,6 +321,8 @@ def test_a_trainer_state_with_fields_of_the_wrong_type_is_one_line(tmp_path, cap
         (lambda s: s["schedule"].update(anchor=[3]), "schedule: not a learning-rate plan (IndexError"),
         (lambda s: s["schedule"].update(kind="linear"), "schedule: not a learning-rate plan (ValueError: unknown"),
         (lambda s: s["train_config"].update(lr="0.1"), "train_config.lr: wrong type: expected a number, got str"),
+        # a range error names the file's key as the type error does (it said train.lr, a recipe's key)
+        (lambda s: s["train_config"].update(lr=-1.0), "train_config.lr: must be > 0.0, got -1.0"),
         (lambda s: s["train_config"].update(grad_accum="2"), "train_config.grad_accum: wrong type: expected an integer"),
         (lambda s: s["train_config"].update(distill={"kl": 1}), "train_config.distill.kl: unknown key"),
         (lambda s: s["train_config"].update(data=3), "train_config.data: wrong type: expected text, got int 3"),

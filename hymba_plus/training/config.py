@@ -150,9 +150,11 @@ class TrainConfigError(ValueError):
     """A train setting out of range, phrased with the flag or recipe key it came from."""
 
 
-def validate(cfg: TrainConfig, model, overrides: dict | None = None, where: str = "the recipe") -> None:  # noqa: ANN001
+def validate(cfg: TrainConfig, model, overrides: dict | None = None, where: str = "the recipe",
+             section: str = "train") -> None:  # noqa: ANN001
     """Range and cross-field checks of the effective config; the first error names the
-    command-line flag when the value came from one, else ``where: train.key``."""
+    command-line flag when the value came from one, else ``where: SECTION.key`` (a recipe's
+    ``train``, a checkpoint's trainer_state.json ``train_config``)."""
     from ..core.config import cross_errors, range_errors
 
     overrides = overrides or {}
@@ -163,4 +165,4 @@ def validate(cfg: TrainConfig, model, overrides: dict | None = None, where: str 
         field = TrainConfig.__dataclass_fields__.get(name)
         if field is not None and getattr(cfg, name) == field.default:  # a default the model does not take
             msg += f" (the default: set {flag_of(name)} or train.{name})"
-        raise TrainConfigError(f"{where}: train.{key}: {msg}")
+        raise TrainConfigError(f"{where}: {section}.{key}: {msg}")

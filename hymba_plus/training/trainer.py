@@ -876,7 +876,8 @@ class Trainer:
         if base.tokenizer is not None and builtin_task(base, self.recipe.model) is not None:
             base = dataclasses.replace(base, tokenizer=None)  # saved, unread, before validate refused it
         cfg = dataclasses.replace(base, **self.opts.overrides)
-        validate(cfg, self.recipe.model, self.opts.overrides, str(self.resume_from / ckpt_mod.STATE_FILE))
+        validate(cfg, self.recipe.model, self.opts.overrides, str(self.resume_from / ckpt_mod.STATE_FILE),
+                 section="train_config")  # (as its type errors: the key of that file, not the recipe's train.)
         return base, cfg
 
     def _set_aside_earlier_metrics(self) -> None:
