@@ -851,3 +851,39 @@ def test_eval_noise_is_per_row_so_the_batch_split_does_not_matter():
     b = obj.eval_batch(model, model, ids[2:], ids[2:], seed=12)
     assert whole[0] == pytest.approx((a[0] + b[0]) / 2, rel=1e-6)
     assert whole[1:3] == (a[1] + b[1], a[2] + b[2])
+
+
+def _bd3lms_mask(L: int, bs: int) -> torch.Tensor:
+    """BD3-LM's training mask over ``[x_t | x_0]`` (its ``block_diff_mask``), built entry by entry:
+    block diagonal within each stream, x_t block b sees x_0 blocks < b, x_0 block-causal."""
+    out = torch.zeros(2 * L, 2 * L, dtype=torch.bool)
+    for q in range(2 * L):
+        for k in range(2 * L):
+            q_clean, k_clean = q >= L, k >= L
+            qb, kb = (q - L * q_clean) // bs, (k - L * k_clean) // bs
+            out[q, k] = ((qb == kb and q_clean == k_clean) or (qb > kb and k_clean and not q_clean)
+                         or (qb >= kb and k_clean and q_clean))
+    return out
+
+
+@pytest.mark.parametrize("L, bs", [(8, 1), (8, 2), (12, 3), (12, 4), (13, 4), (7, 3), (5, 16), (16, 16)])
+@pytest.mark.parametrize("M", [0, 2])
+def test_two_stream_mask_is_bd3lms_for_the_noisy_stream_and_causal_for_the_clean_one(L, bs, M):
+    """The two-stream mask against a naive construction of BD3-LM's: the noisy rows are exactly
+    BD3-LM's (x_t block b: its own noisy block both ways and the clean blocks < b; a last block
+    cut short by a length that is not a multiple of the block size included) plus every meta
+    token; the clean rows are token-causal where BD3-LM's are block-causal (the documented
+    difference, ``core/two_stream.py``) and never see the noisy stream."""
+    from hymba_plus.core import two_stream as tsm
+
+    got = tsm.two_stream_visible(tsm.TwoStream(block_size=bs, n_meta=M, length=L), torch.device("cpu"))
+    ref = _bd3lms_mask(L, bs)
+    order = torch.cat([torch.arange(M + L, M + 2 * L), torch.arange(M, M + L)])  # ours as [x_t | x_0]
+    ours = got[order][:, order]
+    assert torch.equal(ours[:L], ref[:L])
+    assert torch.equal(ours[L:, L:], torch.ones(L, L, dtype=torch.bool).tril())
+    assert not ours[L:, :L].any()
+    assert torch.equal(ours[L:, L:] | ref[L:, L:], ref[L:, L:])  # causal sees no more than block-causal
+    if M:
+        assert got[M:, :M].all()  # every clean and noisy token sees the meta tokens
+        assert torch.equal(got[:M, :M], torch.ones(M, M, dtype=torch.bool).tril()) and not got[:M, M:].any()
