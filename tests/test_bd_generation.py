@@ -255,3 +255,59 @@ def test_mask_id_is_an_input_of_noisy_blocks_only(model) -> None:
     with pytest.raises(ValueError, match=r"token id 25 at \[0, 0\] is outside the vocabulary \(vocab_size 24; "
                                          r"the \[MASK\] id is 24\)"):
         model(torch.tensor([[25]]), bidirectional=True)
+
+
+def llada_steps_sampler(model, ids: torch.Tensor, n_new: int, steps: int) -> torch.Tensor:
+    """The oracle of the steps schedule (one row, greedy, the prefix recomputed for every step):
+    LLaDA / Fast-dLLM's ``get_num_transfer_tokens`` splits a block's masks over ``steps`` (the
+    remainder on the first steps) and each step unmasks that many most confident masked
+    positions (``get_transfer_index`` with ``low_confidence`` remasking, no threshold)."""
+    bs, mask_id = model.objective.cfg.block_size, model.objective.mask_token_id
+    seq = ids
+    for start in range(0, n_new, bs):
+        width = min(bs, model.config.max_seq_len - ids.shape[1] - start)
+        x = torch.full((1, width), mask_id, dtype=ids.dtype)
+        n = min(steps, width)
+        for k in [width // n + (1 if i < width % n else 0) for i in range(n)]:
+            cache = model.new_cache(1)
+            model(seq, cache=cache)
+            probs = model(x, cache=cache, bidirectional=True).logits.double().softmax(-1)
+            tok = probs.argmax(-1)
+            conf = probs.gather(-1, tok[..., None])[..., 0].masked_fill(x != mask_id, -float("inf"))
+            pick = conf[0].topk(k).indices
+            x = x.clone()
+            x[0, pick] = tok[0, pick]
+        assert not bool((x == mask_id).any())
+        seq = torch.cat([seq, x[:, :min(bs, n_new - start)]], dim=1)
+    return seq
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4])
+def test_steps_schedule_equals_lladas_transfer_counts(model, steps) -> None:
+    """threshold None: every block's masks are unmasked over ``steps`` in LLaDA's counts (a cut last
+    block included), the most confident first, rows independent of each other."""
+    ids = torch.randint(0, 24, (2, 6), generator=torch.Generator().manual_seed(1))
+    for n_new in (8, 10):
+        got = model.generate(ids, max_new_tokens=n_new, mode="block_diffusion", threshold=None, steps=steps)
+        want = torch.cat([llada_steps_sampler(model, ids[i:i + 1], n_new, steps) for i in range(2)])
+        assert torch.equal(got, want)
+
+
+def test_eos_only_ends_rows_it_does_not_change_the_tokens_before_it(model) -> None:
+    """With an end id every row is the output without one, cut at its first end id (the end id
+    written after it, across block boundaries), and generation stops once every row has ended."""
+    ids = torch.randint(0, 24, (3, 6), generator=torch.Generator().manual_seed(1))
+    free = model.generate(ids, max_new_tokens=14, mode="block_diffusion", threshold=0.5)[:, 6:]
+    seen_short = seen_cross = False
+    for eos in sorted(set(free.flatten().tolist())):
+        got = model.generate(ids, max_new_tokens=14, mode="block_diffusion", threshold=0.5, eos_token_id=eos)[:, 6:]
+        hit = (free == eos).int()
+        want = torch.where(hit.cumsum(1) - hit > 0, eos, free)
+        assert torch.equal(got, want[:, :got.shape[1]])
+        ended = bool(hit.any(1).all())
+        assert got.shape[1] == 14 or ended  # cut short only when every row has ended, at a block's end
+        if got.shape[1] < 14:
+            seen_short = True
+            assert got.shape[1] % 4 == 0 and bool((got == eos).any(1).all())
+        seen_cross |= bool(((hit.cumsum(1) > 0).int().argmax(1) < 4).any() and got.shape[1] > 4)
+    assert seen_short and seen_cross  # both cases occurred
