@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -127,6 +128,41 @@ def test_search_and_targets_leave_out_think_iterations_act_never_reaches():
     early = [i for i in range(len(slots)) if i not in late]
     lg, tgt = out.stats["etd/route_logits"][:, early].reshape(-1, 3), res.routes[:, early].reshape(-1)
     assert float(loss) == pytest.approx(float(torch.nn.functional.cross_entropy(lg, tgt)), rel=1e-6)
+
+
+def test_beam_keeps_distinct_routes_across_a_slot_no_token_reached():
+    """A slot none of a row's tokens reached (ACT halted them all before a later think iteration):
+    its skip and repeat copies of a beam entry are that entry (same loss, same applications), not
+    new routes. They filled the beam with copies of its best entry and pushed out the others, so a
+    route that only the second entry leads to was never found. Scored here by a forward given to the
+    search whose loss is a table of the route: the best route (execute, skip, -, skip) is reached
+    only through the beam's second entry (execute, skip) at think iteration 1, which no token reaches."""
+    d = with_router(layer_router={"enabled": True, "hidden": 8, "windows": 2}, halting={"kind": "act"})
+    d = {**d, "model": {**d["model"], "etd": {**d["model"]["etd"], "iterations": 1, "max_iterations": 2}}}
+    model = build_model(d).eval()
+    slots = model.structure.slots
+    assert [(s.stage, s.iteration) for s in slots] == [("encoder", 0), ("think", 0), ("think", 1), ("decoder", 0)]
+    reached = torch.tensor([True, True, False, True])  # think@it1: every token halted after it0
+
+    def loss_of(r: list[int]) -> float:
+        if r[0] == SKIP and SKIP in (r[1], r[3]):
+            return 5.0  # unacceptable
+        return 1.005 if r[1] == SKIP else 1.0
+
+    def forward(ids, routes, think_iterations, check_inputs):  # noqa: ANN001, ANN202
+        loss = torch.tensor([loss_of(r) for r in routes.tolist()], dtype=torch.float64)
+        logits = torch.zeros(routes.shape[0], 2, 2, dtype=torch.float64)
+        logits[:, 0, 1] = torch.log(torch.expm1(loss))  # cross entropy of target 0: log(1 + e^z) = loss
+        return SimpleNamespace(logits=logits, stats={"etd/route_reached": reached.expand(routes.shape[0], -1)})
+
+    ids = torch.zeros(1, 2, dtype=torch.long)
+    labels = torch.tensor([[-100, 0]])
+    res = search_routes(model, ids, labels, beam=2, length_penalty=0.1, tolerance=0.01, forward=forward)
+    # all-execute 1.0 + 0.1 * 3/4; (skip, execute, -, execute) 1.0 + 0.1 * 2/4 leads the beam, (execute, skip,
+    # -, execute) 1.005 + 0.1 * 2/4 is second; only the second may also skip the decoder: 1.005 + 0.1 * 1/4
+    assert res.routes[0, [0, 1, 3]].tolist() == [EXECUTE, SKIP, SKIP], res.routes
+    assert int(res.applications[0]) == 1 and float(res.loss[0]) == pytest.approx(1.005)
+    assert res.routes[0, 2] == EXECUTE  # the slot no token reached keeps execute
 
 
 def test_route_loss_class_balance_weighs_each_class_equally_or_not_at_all():

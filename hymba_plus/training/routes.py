@@ -9,7 +9,9 @@ search* over each sequence's route, run on the training batch itself with the fr
 * visit the layer slots that run (encoder, think x iterations, decoder) in order; for every
   beam entry, its copies with this slot set to skip and to repeat are scored (the execute
   copy is the entry itself, already scored: every entry still executes the slots not yet
-  visited, so every candidate is a complete route). A row's score of a route is its task
+  visited, so every candidate is a complete route; at a slot none of the row's tokens reached,
+  ACT having halted them all, the copies are the entry itself and join neither the beam nor
+  the answer). A row's score of a route is its task
   loss (masked next-token cross entropy over the row's labels, ``HybridLM.lm_loss`` per row)
   plus ``length_penalty * applications / slots``;
 * keep the ``beam`` best candidates of each row; a route is *acceptable* when its loss is
@@ -183,8 +185,8 @@ def search_routes(model: nn.Module, input_ids: Tensor, labels: Tensor, *, beam: 
     used = used_slots(model, n_iter)
     calls = 0
 
-    def score(routes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """routes [N, B, slots] -> (loss, correct, applications) [N, B]."""
+    def score(routes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """routes [N, B, slots] -> (loss, correct, applications) [N, B], reached [N, B, slots]."""
         nonlocal calls
         N = routes.shape[0]
         flat = routes.reshape(N * B, n_slots)
@@ -201,25 +203,28 @@ def search_routes(model: nn.Module, input_ids: Tensor, labels: Tensor, *, beam: 
             corrects.append(correct)
             reached.append(out.stats["etd/route_reached"])
         # the slots each row reached (ACT halting: not the think iterations after its tokens halted)
-        apps = structure.applications(flat, n_iter, torch.cat(reached)).view(N, B)
-        return torch.cat(losses).view(N, B), torch.cat(corrects).view(N, B), apps
+        hit = torch.cat(reached).to(dev)
+        apps = structure.applications(flat, n_iter, hit).view(N, B)
+        return torch.cat(losses).view(N, B), torch.cat(corrects).view(N, B), apps, hit.view(N, B, n_slots)
 
     base_routes = torch.full((1, B, n_slots), EXECUTE, dtype=torch.long, device=dev)
-    base_loss, base_correct, base_apps = score(base_routes)
+    base_loss, base_correct, base_apps, _ = score(base_routes)
     count = (labels[:, 1:] != -100).sum(1)
     total = max(len(used), 1)
     # acceptable: within tolerance of all-execute (plus float noise of a different batch composition)
     limit = base_loss[0] + tolerance + 1e-6 * base_loss[0].abs().clamp_min(1.0)
 
-    def key(loss: Tensor, apps: Tensor) -> tuple[Tensor, Tensor]:
+    def key(loss: Tensor, apps: Tensor, copy: Tensor) -> tuple[Tensor, Tensor]:
         s = loss + length_penalty * apps.to(loss.dtype) / total
         ok = loss <= limit
-        return s, torch.where(ok, s, s + 1e6)  # acceptable candidates rank first
+        # acceptable candidates rank first, copies of another entry last
+        return s, torch.where(copy, float("inf"), torch.where(ok, s, s + 1e6))
 
     beam_routes, beam_loss, beam_correct, beam_apps = base_routes, base_loss, base_correct, base_apps
+    beam_copy = torch.zeros_like(base_loss, dtype=torch.bool)  # [K', B] an entry that is a copy of another
     best_routes = base_routes[0].clone()
     best_loss, best_correct, best_apps = base_loss[0].clone(), base_correct[0].clone(), base_apps[0].clone()
-    best_score = key(best_loss, best_apps)[0]
+    best_score = key(best_loss, best_apps, beam_copy[0])[0]
     rows = torch.arange(B, device=dev)
     for slot in used:
         alts = []
@@ -228,10 +233,14 @@ def search_routes(model: nn.Module, input_ids: Tensor, labels: Tensor, *, beam: 
             r[:, :, slot] = choice
             alts.append(r)
         new_routes = torch.cat(alts)  # [2K, B, slots]
-        new_loss, new_correct, new_apps = score(new_routes)
+        new_loss, new_correct, new_apps, new_reached = score(new_routes)
+        # a slot none of the row's tokens reached (ACT halted them before this think iteration): its skip
+        # and repeat are the entry itself (same loss and applications), not new routes; kept, such copies
+        # filled the beam with one entry and pushed the others out
+        new_copy = beam_copy.repeat(2, 1) | ~new_reached[..., slot]
         # the best acceptable route so far, per row
-        s, ranked = key(new_loss, new_apps)
-        ok = new_loss <= limit
+        s, _ = key(new_loss, new_apps, new_copy)
+        ok = (new_loss <= limit) & ~new_copy
         cand = torch.where(ok, s, torch.full_like(s, float("inf")))
         top = cand.argmin(0)  # [B]
         better = cand[top, rows] < best_score
@@ -245,9 +254,11 @@ def search_routes(model: nn.Module, input_ids: Tensor, labels: Tensor, *, beam: 
         all_loss = torch.cat([beam_loss, new_loss])
         all_correct = torch.cat([beam_correct, new_correct])
         all_apps = torch.cat([beam_apps, new_apps])
-        order = torch.sort(key(all_loss, all_apps)[1], dim=0, stable=True).indices[:beam]  # [K', B]
+        all_copy = torch.cat([beam_copy, new_copy])
+        order = torch.sort(key(all_loss, all_apps, all_copy)[1], dim=0, stable=True).indices[:beam]  # [K', B]
         beam_routes = all_routes[order, rows[None]]
-        beam_loss, beam_correct, beam_apps = (t[order, rows[None]] for t in (all_loss, all_correct, all_apps))
+        beam_loss, beam_correct, beam_apps, beam_copy = (t[order, rows[None]] for t in
+                                                         (all_loss, all_correct, all_apps, all_copy))
     return RouteSearch(routes=best_routes, loss=best_loss, correct=best_correct, count=count, applications=best_apps,
                        base_loss=base_loss[0], base_correct=base_correct[0], base_applications=base_apps[0],
                        used=used, forwards=calls, evaluations=search_budget(len(used), beam))
