@@ -184,6 +184,59 @@ def test_act_ponder_cost_is_in_the_training_loss_and_trains_the_halting_unit():
     assert model.etd_router.halt.bias.grad is not None and model.etd_router.halt.bias.grad.abs() > 0
 
 
+def test_act_output_remainder_and_ponder_cost_follow_graves_equations(monkeypatch):
+    """ACT (Graves 2016, Eq. 5-10) against a per-token loop over the halting probabilities and hidden
+    states each think iteration produced: a token halts at the first N with p_1 + ... + p_N >=
+    threshold (or at the last iteration), its output is sum_{n<N} p_n h_n + R h_N with R = 1 -
+    sum_{n<N} p_n (the weights sum to 1), the ponder cost is tau * mean(N + R) over the real tokens
+    and ``etd/iterations`` / ``etd/ponder`` are the means of N and N + R; left padding changes none of it."""
+    from hymba_plus.components.etd_router import ETDRouter
+
+    d = _recipe("gdn", halting={"kind": "act", "threshold": 0.9, "ponder_cost": 0.1, "init_bias": 0.0})
+    d["model"]["meta_tokens"] = 0
+    d["model"]["etd"].update(decoder_layers=0, think_layers=3, max_iterations=4)  # the think block's output is the trunk
+    torch.manual_seed(0)
+    model = build_model(d).double().train()
+    with torch.no_grad():
+        model.embed.weight.mul_(20.0)  # hidden states that differ by token: halting that does too
+        model.etd_router.halt.weight.normal_(0, 1.0)
+    seen, real_prob = [], ETDRouter.halting_prob
+
+    def record(self, h):  # noqa: ANN001, ANN202
+        p = real_prob(self, h)
+        seen.append((h.detach().clone(), p.detach().double().clone()))
+        return p
+
+    monkeypatch.setattr(ETDRouter, "halting_prob", record)
+    ids = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(1))
+    out = model(ids, labels=ids, return_hidden=True)
+    want = torch.zeros_like(out.trunk_states)
+    n_it, ponder = torch.zeros(2, 9, dtype=torch.float64), torch.zeros(2, 9, dtype=torch.float64)
+    for b in range(2):
+        for t in range(9):
+            total = 0.0
+            for n, (h, p) in enumerate(seen):
+                if total + float(p[b, t]) >= 0.9 or n == len(seen) - 1:
+                    want[b, t] += (1.0 - total) * h[b, t]
+                    n_it[b, t], ponder[b, t] = n + 1, n + 1 + (1.0 - total)
+                    break
+                want[b, t] += float(p[b, t]) * h[b, t]
+                total += float(p[b, t])
+    assert len(seen) == 4 and set(n_it.flatten().tolist()) == {1, 2, 3, 4}  # tokens halt at every iteration
+    # (the halting probabilities are float32, the model float64)
+    torch.testing.assert_close(out.trunk_states, want, rtol=1e-5, atol=1e-7)
+    assert float(out.stats["etd/iterations"]) == pytest.approx(float(n_it.mean()), rel=1e-6)
+    assert float(out.stats["etd/ponder"]) == pytest.approx(float(ponder.mean()), rel=1e-6)
+    assert float(out.aux_loss.detach()) == pytest.approx(0.1 * float(ponder.mean()), rel=1e-6)
+    # row 0 left-padded by 3 (6 real tokens), row 1 as before: the statistics count the real tokens only
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    padded = model(ids, attention_mask=mask).stats
+    row0 = model(ids[:1, 3:]).stats
+    want_it = (float(row0["etd/iterations"]) * 6 + float(n_it[1].sum())) / 15
+    assert float(padded["etd/iterations"]) == pytest.approx(want_it, rel=1e-6)
+
+
 def test_all_execute_route_reproduces_the_unrouted_model_bit_for_bit():
     d = _recipe(layer_router={"enabled": True, "hidden": 8})
     plain = _recipe()
