@@ -283,6 +283,56 @@ def test_routes_skip_and_repeat_per_row():
             model(ids[:, :1], routes=routes.flip(0), cache=cache)
 
 
+def test_routes_and_branches_against_a_loop_over_the_blocks():
+    """Dr.LLM routes and MoDr branches against a plain loop over the slots: a slot's block runs 0
+    (skip), 1 (execute) or 2 (repeat) times with the tied think weights, a think iteration's branch
+    gate is chosen once from the hidden states entering it, and routers that are on decide each
+    slot from the hidden states entering it (its layer's router, argmax)."""
+    from hymba_plus.core.cache import StepContext
+
+    d = _recipe(layer_router={"enabled": True, "hidden": 8}, branches={"n_branches": 2, "rank": 2})
+    d["model"]["meta_tokens"] = 0
+    torch.manual_seed(0)
+    model = build_model(d).double().eval()
+    r, s = model.etd_router, model.structure
+    with torch.no_grad():
+        model.embed.weight.mul_(20.0)
+        r.branch_router.weight.normal_(0, 1.0)
+        for b in r.lora_b:
+            b.normal_(0, 0.3)
+
+    def loop(ids, route=None):  # noqa: ANN001, ANN202
+        x, gate, taken = model.embed_tokens(ids), None, []
+        ctx = StepContext(positions=torch.arange(ids.shape[1])[None])
+        for i, slot in enumerate(s.slots):
+            k = int(route[i]) if route is not None else int(r.routers[slot.block](x, None).argmax(-1))
+            taken.append(k)
+            if slot.stage == "think" and slot.block == s.think[0]:
+                gate, _ = r.choose_branches(x, None)
+            for _ in range(k):
+                r.set_gate(gate if slot.stage == "think" else None)
+                x = model.blocks[slot.block](x, ctx, None)
+                r.set_gate(None)
+        return x, taken
+
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, V, (1, 7), generator=g)
+    with torch.no_grad():
+        for _ in range(4):
+            route = torch.randint(0, 3, (1, len(s.slots)), generator=g)
+            got = model(ids, routes=route, return_hidden=True).trunk_states
+            torch.testing.assert_close(got, loop(ids, route[0])[0], rtol=0, atol=0)
+        r.enable_routes()
+        for lr in r.routers:  # routers whose choices differ by slot
+            lr.up.weight.normal_(0, 1.0)
+            lr.down.weight.normal_(0, 1.0)
+        out = model(ids, return_hidden=True)
+        want, taken = loop(ids)
+    assert len(set(taken)) > 1, taken
+    assert out.stats["etd/routes"][0].tolist() == taken
+    torch.testing.assert_close(out.trunk_states, want, rtol=0, atol=0)
+
+
 def test_act_with_routes_counts_only_the_think_slots_a_row_reaches():
     """ACT halting with Dr.LLM routes: a row's layer applications count the think iterations its
     tokens ran, not those after every one of them halted (nor iterations no token reached)."""
