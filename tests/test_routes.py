@@ -97,6 +97,39 @@ def test_tolerance_bounds_the_trade_and_the_penalty_buys_compute():
     assert torch.equal(split.routes, strict.routes) and split.forwards > strict.forwards
 
 
+def test_a_beam_as_wide_as_the_routes_is_an_exhaustive_search():
+    """With beam >= 3^(slots - 1) no candidate is ever dropped: the search's answer is the best
+    acceptable route of all 3^slots. Scored by a forward given to the search whose loss is a random
+    table of (row, route), so the answers differ by row and by setting."""
+    import itertools
+
+    model = build_model(ETD).eval()  # its structure: 4 slots (encoder, think x 2, decoder)
+    every = torch.tensor(list(itertools.product((SKIP, EXECUTE, REPEAT), repeat=4)))  # [81, slots], base 3
+    B = 6
+    table = 1.0 + 0.2 * torch.rand(B, 81, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def loss_of(rows: torch.Tensor, routes: torch.Tensor) -> torch.Tensor:
+        return table[rows, (routes * torch.tensor([27, 9, 3, 1])).sum(1)]
+
+    def forward(ids, routes, think_iterations, check_inputs):  # noqa: ANN001, ANN202
+        logits = torch.zeros(routes.shape[0], 2, 2, dtype=torch.float64)
+        logits[:, 0, 1] = torch.log(torch.expm1(loss_of(ids[:, 0], routes)))  # cross entropy of target 0
+        return SimpleNamespace(logits=logits, stats={"etd/route_reached": torch.ones_like(routes, dtype=torch.bool)})
+
+    ids = torch.arange(B)[:, None].repeat(1, 2)  # a row's id names its row of the table
+    labels = torch.tensor([[-100, 0]]).repeat(B, 1)
+    answers = set()
+    for tol, penalty in ((0.0, 0.1), (0.05, 0.1), (0.1, 0.5)):
+        res = search_routes(model, ids, labels, beam=27, length_penalty=penalty, tolerance=tol, forward=forward)
+        for b in range(B):
+            loss = table[b]
+            ok = loss <= table[b, 27 + 9 + 3 + 1] + tol + 1e-6  # within tol of all-execute
+            score = torch.where(ok, loss + penalty * every.sum(1) / 4, torch.inf)
+            assert res.routes[b].tolist() == every[score.argmin()].tolist(), (tol, penalty, b)
+            answers.add(tuple(res.routes[b].tolist()))
+    assert len(answers) > 3
+
+
 def test_unused_think_iterations_stay_execute():
     d = {**ETD, "model": {**ETD["model"], "etd": {**ETD["model"]["etd"], "max_iterations": 3}}}
     torch.manual_seed(0)
