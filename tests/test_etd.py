@@ -283,6 +283,27 @@ def test_routes_skip_and_repeat_per_row():
             model(ids[:, :1], routes=routes.flip(0), cache=cache)
 
 
+def test_routes_outside_skip_execute_repeat_are_refused():
+    """A given route holds 0 (skip), 1 (execute) or 2 (repeat) per row and slot: a 5 ran as a repeat and
+    -1 as a skip while etd/layer_applications counted 5 and -1 of them (40 and -8 for 8 slots); float and
+    bool routes ran as their integer values."""
+    model = build_model(_recipe(layer_router={"enabled": True, "hidden": 8})).eval()
+    n = len(model.structure.slots)
+    ids = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for bad in (5, -1):
+            with pytest.raises(ValueError, match=rf"routes must hold 0 \(skip\), 1 \(execute\) or 2 \(repeat\), "
+                                                 rf"got values from {min(bad, 1)} to {max(bad, 1)}"):
+                model(ids, routes=torch.full((2, n), EXECUTE).index_fill(1, torch.tensor([3]), bad))
+        for dtype in (torch.float32, torch.bool):
+            with pytest.raises(ValueError, match=rf"routes must be an integer tensor .* got dtype {dtype}"):
+                model(ids, routes=torch.ones(2, n, dtype=dtype))
+        with pytest.raises(ValueError, match=rf"routes must have shape \(2, {n}\)"):
+            model(ids, routes=torch.ones(2, n + 1, dtype=torch.long))
+        ok = model(ids, routes=torch.full((2, n), REPEAT, dtype=torch.int32))
+    assert float(ok.stats["etd/layer_applications"]) == 2 * n
+
+
 def test_routes_and_branches_against_a_loop_over_the_blocks():
     """Dr.LLM routes and MoDr branches against a plain loop over the slots: a slot's block runs 0
     (skip), 1 (execute) or 2 (repeat) times with the tied think weights, a think iteration's branch

@@ -169,6 +169,8 @@ class ETDStack:
                              "this one routes no layers")
         if self.routed:
             given = routes is not None
+            if given:
+                self._check_routes(routes, B)
             if given and "routes" in extra and (routes.shape != extra["routes"].shape
                                                 or not torch.equal(routes, extra["routes"])):
                 # (they were used for this call alone, silently: the cache's layers hold the prefill's route)
@@ -180,9 +182,6 @@ class ETDStack:
             logits_wanted = decide or given  # teacher-forced routes (router training) report logits too
             if routes is None:  # decided by the routers below, or all-execute while they are off
                 routes = torch.full((B, len(self.slots)), EXECUTE, dtype=torch.long, device=x.device)
-            elif routes.shape != (B, len(self.slots)):
-                raise ValueError(f"routes must have shape {(B, len(self.slots))} (rows x layer slots), "
-                                 f"got {tuple(routes.shape)}")
             self._route_logits = torch.zeros(B, len(self.slots), 3, device=x.device)
             self._route_used = torch.zeros(len(self.slots), dtype=torch.bool)
             # [B, slots]: the slots each row's tokens reached (ACT: a think iteration none of a row's
@@ -212,6 +211,22 @@ class ETDStack:
             self._valid = self._ctx = self._blocks = self._cache = self._routes = None
             self._route_logits = self._route_used = self._reached = None
         return x
+
+    def _check_routes(self, routes: object, B: int) -> None:
+        """Given routes: an integer tensor [B, slots] of SKIP / EXECUTE / REPEAT (one host read). (A 5 ran
+        as a repeat and -1 as a skip while ``etd/layer_applications`` counted 5 and -1 of them.)"""
+        if not isinstance(routes, Tensor) or routes.dtype == torch.bool or routes.is_floating_point() \
+                or routes.is_complex():
+            what = f"dtype {routes.dtype}" if isinstance(routes, Tensor) else type(routes).__name__
+            raise ValueError(f"routes must be an integer tensor of {SKIP} (skip), {EXECUTE} (execute) or "
+                             f"{REPEAT} (repeat) per row and layer slot, got {what}")
+        if routes.shape != (B, len(self.slots)):
+            raise ValueError(f"routes must have shape {(B, len(self.slots))} (rows x layer slots), "
+                             f"got {tuple(routes.shape)}")
+        lo, hi = torch.stack(torch.aminmax(routes)).tolist()
+        if lo < SKIP or hi > REPEAT:
+            raise ValueError(f"routes must hold {SKIP} (skip), {EXECUTE} (execute) or {REPEAT} (repeat), "
+                             f"got values from {lo} to {hi}")
 
     def _any(self, flag: Tensor | None) -> bool:
         """``flag.any()`` (None: True, every row), over every rank when the stack is sharded: the
