@@ -157,6 +157,7 @@ def test_info_plain_recipe_output_is_unchanged(capsys):
     assert "etd" not in d and all("stage" not in r for r in d["layers"])
     out = run(capsys, "info", str(ROOT / "configs" / "gpt_tiny.yaml"))[1]
     assert re.search(r"^layer\s+mixer\s+ffn\s+params", out, re.M)
+    out = out.replace(str(ROOT), "")  # the checkout's path may hold the letters "etd"
     assert "etd" not in out and "applied" not in out and "counted once" not in out
 
 
