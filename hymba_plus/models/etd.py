@@ -36,6 +36,7 @@ from ..components.etd_router import EXECUTE, REPEAT, ROUTE_NAMES, SKIP, ETDRoute
 from ..core.cache import HybridCache, StepContext
 from ..core.config import brief
 from ..core.recompute import Checkpointing, run_block
+from ..kernels import dispatch
 
 
 @dataclass(frozen=True)
@@ -223,6 +224,8 @@ class ETDStack:
         if routes.shape != (B, len(self.slots)):
             raise ValueError(f"routes must have shape {(B, len(self.slots))} (rows x layer slots), "
                              f"got {tuple(routes.shape)}")
+        if routes.numel() == 0 or dispatch.capturing():  # nothing to read; no host read inside a capture
+            return
         lo, hi = torch.stack(torch.aminmax(routes)).tolist()
         if lo < SKIP or hi > REPEAT:
             raise ValueError(f"routes must hold {SKIP} (skip), {EXECUTE} (execute) or {REPEAT} (repeat), "
