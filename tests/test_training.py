@@ -210,6 +210,29 @@ def test_adamw_groups_match_torch_adamw():
     assert float(mine.lr_tensors[0]) == pytest.approx(0.01) and float(mine.state[a]["step"]) == 4
 
 
+def test_a_group_added_later_is_stepped_like_one_given_at_construction():
+    """``add_param_group`` (torch's API, e.g. a layer unfrozen mid-run) gives the group its kind's
+    defaults and its own lr tensor: it steps as if given to the constructor (the lr tensors were
+    made once in ``__init__``, so the first step after an added group failed with an IndexError)."""
+    torch.manual_seed(0)
+    w, b = nn.Parameter(torch.randn(6, 4)), nn.Parameter(torch.randn(4, 3))
+    w2, b2 = nn.Parameter(w.detach().clone()), nn.Parameter(b.detach().clone())
+    b0 = b.detach().clone()
+    late = MuonAdamW([{"params": [w], "use_muon": True, "lr": 0.05, "weight_decay": 0.1}])
+    late.add_param_group({"params": [b], "lr": 0.01, "weight_decay": 0.1})
+    once = MuonAdamW([{"params": [w2], "use_muon": True, "lr": 0.05, "weight_decay": 0.1},
+                      {"params": [b2], "lr": 0.01, "weight_decay": 0.1}])
+    for k in range(3):
+        gw, gb = torch.randn(6, 4), torch.randn(4, 3)
+        w.grad, b.grad, w2.grad, b2.grad = gw.clone(), gb.clone(), gw.clone(), gb.clone()
+        for opt in (late, once):
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * (k + 1) / 3
+            opt.step()
+    assert len(late.lr_tensors) == 2 and not torch.equal(b.detach(), b0)
+    assert torch.equal(w, w2) and torch.equal(b, b2)
+
+
 def test_adamw_with_transposed_tensors_matches_torch_adamw():
     """The fused kernel walks a parameter, its gradient and moments as flat memory: a transposed
     parameter, a gradient of another layout, and moments restored contiguous from a state dict (as a

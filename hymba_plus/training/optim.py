@@ -243,21 +243,27 @@ class MuonAdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, groups: list[dict[str, Any]]):
-        for g in groups:
-            g.setdefault("use_muon", False)
-            g.setdefault("weight_decay", 0.0)
-            if g["use_muon"]:
-                g.setdefault("momentum", 0.95)
-                g.setdefault("nesterov", True)
-                g.setdefault("ns_steps", 5)
-                g.setdefault("layout", "out_in")
-            else:
-                g.setdefault("betas", (0.9, 0.95))
-                g.setdefault("eps", 1e-8)
-            g.setdefault("base_lr", g["lr"])
-        super().__init__(groups, {})
         #: per group, its lr as a 0-d float32 tensor on its parameters' device (what the step multiplies by)
-        self.lr_tensors = [torch.zeros(()) for _ in self.param_groups]
+        self.lr_tensors: list[Tensor] = []
+        super().__init__(groups, {})
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """A group with its kind's defaults and its own lr tensor (``torch.optim.Optimizer.__init__``
+        adds the constructor's groups through this too)."""
+        g = param_group
+        g.setdefault("use_muon", False)
+        g.setdefault("weight_decay", 0.0)
+        if g["use_muon"]:
+            g.setdefault("momentum", 0.95)
+            g.setdefault("nesterov", True)
+            g.setdefault("ns_steps", 5)
+            g.setdefault("layout", "out_in")
+        else:
+            g.setdefault("betas", (0.9, 0.95))
+            g.setdefault("eps", 1e-8)
+        g.setdefault("base_lr", g["lr"])
+        super().add_param_group(g)
+        self.lr_tensors.append(torch.zeros(()))
 
     def load_lr(self) -> None:
         """Copy every group's ``lr`` (a float the schedule sets) into its lr tensor: one fill
