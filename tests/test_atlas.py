@@ -3,6 +3,7 @@ features, the DESIGN invariant, padding, cache state, test-time memorization, le
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import random
@@ -1020,6 +1021,62 @@ def test_shapes_and_state_fields():
     assert [tuple(m.shape) for m in st.momentum] == [tuple(w.shape) for w in st.weights]
     assert st.n_buf.tolist() == [3, 3] and st.buf_k.shape == (2, 2, 4, 4) and st.tail_k.shape == (2, 2, 2, 4)
     assert isinstance(st, AtlasState)
+
+
+def phi_oracle(x: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """phi(x) = [a_1 x, a_2 sqrt(mult) x_i x_j (i <= j), a_3 ...] for one head, written with plain loops
+    over the monomials (x [..., d], coef [p])."""
+    d, parts = x.shape[-1], []
+    for j in range(1, coef.shape[0] + 1):
+        for combo in itertools.combinations_with_replacement(range(d), j):
+            mult = math.factorial(j) / math.prod(math.factorial(combo.count(i)) for i in set(combo))
+            parts.append(coef[j - 1] * math.sqrt(mult) * math.prod(x[..., i] for i in combo))
+    return torch.stack(parts, -1)
+
+
+@pytest.mark.parametrize("atlas", [{}, {"conv_size": 0, "chunk_size": 1, "window": 2, "poly_degree": 3},
+                                   {"inner_optimizer": "sgd", "window": 6, "chunk_size": 3, "memory_depth": 3},
+                                   {"inner_optimizer": "muon_chunk", "window": 1, "poly_degree": 1}])
+def test_layer_equals_a_per_token_oracle_from_its_parameters(atlas, kernels):
+    """The whole layer in float64 against its equations written out from the module's parameters:
+    projection, causal depthwise conv + SiLU (or SiLU alone), unit q / k / v, gates γ = σ, η = softplus,
+    θ = σ, α = σ in that order per head, polynomial features with each head's coefficients, the
+    per-token recurrence (``atlas_oracle``) with chunk-start retrieval, gated RMSNorm, output
+    projection; on the reference and on the path dispatched here."""
+    torch.manual_seed(0)
+    cfg = AtlasConfig(**{**TINY, "head_dim": 3, **atlas})
+    mod = Atlas(cfg, d_model=8).double()
+    with torch.no_grad():  # gates and coefficients away from their (head-symmetric) initial values
+        mod.gate_proj.bias.add_(0.5 * torch.randn(mod.gate_proj.bias.shape, dtype=torch.float64))
+        mod.poly_coef.mul_(1 + 0.3 * torch.randn(mod.poly_coef.shape, dtype=torch.float64))
+        mod.norm.weight.normal_(0.0, 0.2)
+    B, T, H, d, C, c, K = 2, 11, cfg.n_heads, 3, cfg.chunk_size, cfg.window, cfg.conv_size
+    x = torch.randn(B, T, 8, dtype=torch.float64)
+    y = mod(x, ctx_for(x))
+    with torch.no_grad():
+        qkv = x @ mod.qkv_proj.weight.T  # [B, T, 3 H d]
+        if K:
+            xp = torch.cat([qkv.new_zeros(B, K - 1, qkv.shape[-1]), qkv], 1)
+            qkv = sum(xp[:, j : j + T] * mod.conv_weight[:, j] for j in range(K))
+        qkv = F.silu(qkv).view(B, T, 3, H, d)
+        z = (x @ mod.gate_proj.weight.T + mod.gate_proj.bias).view(B, T, 4, H)
+        g_out = (x @ mod.g_proj.weight.T).view(B, T, H, d)
+        heads = []
+        for h in range(H):
+            q, k, v = (F.normalize(qkv[:, :, i, h], dim=-1) for i in range(3))  # [B, T, d]
+            gam, eta = torch.sigmoid(z[:, :, 0, h]), F.softplus(z[:, :, 1, h])
+            lt, la = F.logsigmoid(z[:, :, 2, h]), F.logsigmoid(z[:, :, 3, h])
+            kf, qf = phi_oracle(k, mod.poly_coef[h]), phi_oracle(q, mod.poly_coef[h])
+            pad = lambda t: torch.cat([t.new_zeros(B, c - 1, *t.shape[2:]), t], 1)  # noqa: E731 - empty window tail
+            params = [w[h].expand(B, *w.shape[1:]).clone().requires_grad_() for w in mod.memory]  # the oracle's grad
+            with torch.enable_grad():
+                ys, _, _ = atlas_oracle(qf, pad(kf), pad(v), pad(gam), eta, lt, la, params,
+                                        [torch.zeros_like(p) for p in params], C, c, cfg.ns_steps,
+                                        cfg.inner_optimizer != "sgd", cfg.inner_optimizer == "muon_chunk")
+            rms = ys.pow(2).mean(-1, keepdim=True).add(mod.norm.eps).rsqrt()
+            heads.append(ys * rms * (1 + mod.norm.weight) * F.silu(g_out[:, :, h]))
+        want = torch.cat(heads, -1) @ mod.o_proj.weight.T
+    assert rel_err(y, want) < 1e-8  # Newton-Schulz (its eps) amplifies rounding to ~2e-10
 
 
 def test_a_cache_holds_its_own_memory_not_views_of_the_parameters():
