@@ -450,7 +450,8 @@ def _atlas_memory(
 #
 # It computes in float32 (float64 for float64 inputs) and returns y in the inputs' dtype,
 # the weights / momentum in the given weights' dtype: a bf16 model's memory recurrence runs
-# in float32 here (the reference runs it in bf16, far less accurately).
+# in float32 here, as in the reference (``dispatch.reference_math``; a bf16 layer at T 100 on a
+# CPU: 0.017 RMS off float32 on either path).
 
 # Newton-Schulz on the Gram matrices as one op (``hymba::atlas_ns_gram``): opaque to
 # torch.compile, with its own backward. On CUDA (float32, short side <= NS_TRITON_MAX) both
