@@ -1180,6 +1180,31 @@ def split_invariant_error(model, seed: int, splits: int, T: int = 23) -> float: 
         return max(worst, rel_err(step, full))
 
 
+@pytest.mark.parametrize("atlas", [{}, {"window": 6, "chunk_size": 3},
+                                   {"inner_optimizer": "muon_chunk", "chunk_size": 1, "window": 2},
+                                   {"conv_size": 0, "inner_optimizer": "sgd"}])
+def test_cached_calls_with_ragged_lengths_equal_each_rows_full_forward(atlas, kernels):
+    """Float64 layer: calls through one cache where every call gives each row its own number of real tokens
+    (0 .. T, the rest garbage) give each row the outputs of one forward over its real tokens: the buffer,
+    window tail, conv state and memory of a row advance by its real tokens only."""
+    torch.manual_seed(0)
+    mod = Atlas(AtlasConfig(**{**TINY, **atlas}), d_model=16).double()
+    B, rng = 3, random.Random(0)
+    st = mod.init_state(B, torch.device("cpu"), torch.float64)
+    xs, ys = [[] for _ in range(B)], [[] for _ in range(B)]
+    with torch.no_grad():
+        for _ in range(6):
+            T = rng.randint(1, 7)
+            L = torch.tensor([rng.randint(0, T) for _ in range(B)])
+            x = torch.randn(B, T, 16, dtype=torch.float64)
+            y = mod(x, ctx_for(x, lengths=L), st)
+            for b in range(B):
+                xs[b].append(x[b, : L[b]])
+                ys[b].append(y[b, : L[b]])
+        for b in range(B):
+            x = torch.cat(xs[b])[None]
+            assert rel_err(torch.cat(ys[b]), mod(x, ctx_for(x))[0]) < 1e-12
+
 def test_left_padding_equals_unpadded_row():
     """A left-padded row gives the unpadded row's logits, in one call and through a cache
     that is then fed without a mask; the padding never enters the memory or its buffers."""
