@@ -61,6 +61,7 @@ CONFIGS = [  # (offset, block_size, nb, config overrides)
     (3, 3, 4, {"inner_optimizer": "muon_chunk"}),  # Newton-Schulz once per chunk
     (5, 1, 6, {"window": 1, "conv_size": 0}),  # one-token blocks, online rule, no conv
     (2, 5, 3, {"chunk_size": 3, "poly_degree": 1, "conv_size": 2}),
+    (3, 2, 5, {"window": 7, "chunk_size": 3}),  # the window tail spans more than a chunk
 ]
 
 
