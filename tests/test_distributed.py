@@ -198,7 +198,7 @@ ETD_RECIPE = {
 }
 
 
-def _etd_worker(rank: int, world: int, port: int, out: str) -> None:
+def _etd_worker(rank: int, world: int, port: int, out: str, recipe: dict = ETD_RECIPE) -> None:
     """Rank-dependent routes (rank 0 skips the think blocks, rank 1 repeats them) and ACT halting
     (rank 0's tokens halt after the first think iteration, rank 1's think to the end): each block
     call is a collective, so the ranks must make the same calls; each rank's outputs and gradients
@@ -217,12 +217,12 @@ def _etd_worker(rank: int, world: int, port: int, out: str) -> None:
                         mesh=init_device_mesh("cpu", (world,)))
         results = {}
         for kind in ("routes", "act"):
-            comps = dict(ETD_RECIPE["components"])
+            comps = dict(recipe["components"])
             comps["etd_router"] = ({"layer_router": {"enabled": True, "hidden": 8, "windows": 2}} if kind == "routes"
                                    else {"halting": {"kind": "act"}})
             torch.manual_seed(0)
-            ref = build_model({**ETD_RECIPE, "components": comps}).double()
-            model = build_model({**ETD_RECIPE, "components": comps}).double()
+            ref = build_model({**recipe, "components": comps}).double()
+            model = build_model({**recipe, "components": comps}).double()
             model.load_state_dict(ref.state_dict())
             ids = torch.randint(0, 32, (2, 10), generator=torch.Generator().manual_seed(rank))
             kw = {}
@@ -260,12 +260,21 @@ def _etd_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_fsdp2_etd_routes_and_halting_that_differ_per_rank(tmp_path):
+# an MoE layer in a think block: applied once per iteration, each application adding its aux losses
+ETD_MOE_RECIPE = {**ETD_RECIPE, "model": {**ETD_RECIPE["model"], "block_pattern": "GA | (GA | GD+moe) | GA"},
+                  "components": {**ETD_RECIPE["components"], "moe": {"n_experts": 4, "top_k": 2, "d_expert": 16}}}
+
+
+@pytest.mark.parametrize("recipe", [ETD_RECIPE, ETD_MOE_RECIPE], ids=["dense", "moe"])
+def test_fsdp2_etd_routes_and_halting_that_differ_per_rank(tmp_path, recipe):
     """ETD under FSDP2 with a route that skips a block on one rank and repeats it on the other, and
     ACT halting at different iterations per rank: the ranks' block calls (each a collective) used to
     differ ("Received data size doesn't match expected size ... collective mismatch" in gloo); whether
     a block runs is now decided over all ranks, a rank that needs none running it with every token
-    inactive."""
+    inactive. With MoE in a think block (``moe``): FSDP2's pre-forward rebuilt the block's
+    StepContext argument once it held an aux loss (a dataclass holding a tensor that requires grad),
+    so from the second iteration on the block's aux losses went into a copy: the loss counted one
+    iteration's balance and z losses of 3, and the gradients differed by ~4e-3."""
     import socket
 
     import torch.multiprocessing as mp
@@ -274,7 +283,7 @@ def test_fsdp2_etd_routes_and_halting_that_differ_per_rank(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "r.json"
-    mp.spawn(_etd_worker, args=(2, port, str(out)), nprocs=2, join=True)
+    mp.spawn(_etd_worker, args=(2, port, str(out), recipe), nprocs=2, join=True)
     res = json.loads(out.read_text())
     for kind, (logits, grads) in res.items():
         assert logits < 1e-10 and grads < 1e-10, (kind, logits, grads)

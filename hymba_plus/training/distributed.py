@@ -99,6 +99,7 @@ def shard_model(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | Non
                                                                             reduce_dtype=torch.float32)}
     for block in model.blocks:
         fully_shard(block, mesh=info.mesh, **kw)
+        _keep_step_context(block)
     fully_shard(model, mesh=info.mesh, **kw)
     # the trainer runs the objectives' passes through ``model.run``: the root's parameters are
     # gathered around it too (block diffusion and LaDiR call the model's parts, not its forward)
@@ -106,6 +107,31 @@ def shard_model(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | Non
     if hasattr(model.structure, "collective"):  # ETD: ranks agree on which blocks run (routes, ACT halting)
         model.structure.collective = True
     return model
+
+
+def _keep_step_context(block: nn.Module) -> None:
+    """Hand ``block`` the call's own ``StepContext``, not FSDP2's copy of it. FSDP2's pre-forward
+    hooks its post-backward on every input tensor that requires grad, dataclasses and lists
+    included, and rebuilds (``dataclasses.replace``) the containers that hold one: from the second
+    block call of a forward whose context held an aux loss, the block wrote its aux losses,
+    statistics and shared K/V into copies the caller never read (an ETD think block with MoE
+    counted one iteration's balance and z losses of 3). The tensors FSDP2 replaced elsewhere (the
+    hidden states) stay replaced, so its post-backward hook still runs."""
+    from ..core.cache import StepContext
+
+    stash: list[tuple[tuple, dict]] = []
+
+    def save(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        stash.append((args, kwargs))
+
+    def restore(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        args0, kwargs0 = stash.pop()
+        args = tuple(a0 if isinstance(a0, StepContext) else a for a, a0 in zip(args, args0))
+        kwargs = {k: kwargs0[k] if isinstance(kwargs0.get(k), StepContext) else v for k, v in kwargs.items()}
+        return args, kwargs
+
+    block.register_forward_pre_hook(save, prepend=True, with_kwargs=True)  # before FSDP2's (also prepended)
+    block.register_forward_pre_hook(restore, with_kwargs=True)  # after it
 
 
 def all_reduce(values: list[float], info: DistInfo, op: str = "mean") -> list[float]:
