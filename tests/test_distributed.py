@@ -351,3 +351,22 @@ def test_fsdp2_cross_layer_kv_sharing_matches_one_process(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     one, two = rows(tmp_path / "one"), rows(tmp_path / "two")
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(one, two)) < 1e-5
+
+
+@pytest.mark.slow  # two training runs, one of them under torchrun (~10 s): make test-all runs it
+def test_fsdp2_bf16_parameters_keep_float_inputs(tmp_path):
+    """``--fsdp-param-dtype bfloat16`` leaves the forward's inputs as they come: FSDP2's
+    MixedPrecisionPolicy cast every floating input to bf16 by default (the residual stream at each
+    block, and the forecast objective's series values and targets at the root), so 2 processes
+    trained configs/forecast_tiny.yaml 1.7e-4 off in the first step's loss and 1.8% in its gradient
+    norm from one process with ``--param-dtype bfloat16`` (bf16 weights, float32 activations)."""
+    common = ["--steps", "1", "--warmup", "1", "--device", "cpu", "--no-progress", "--eval-every", "100",
+              "--save-every", "100", "--precision", "bf16"]
+    recipe = str(REPO / "configs" / "forecast_tiny.yaml")
+    assert one_process(["train", recipe, "--out", str(tmp_path / "one"), "--batch-size", "4",
+                        "--param-dtype", "bfloat16", *common]) == 0
+    r = torchrun(["train", recipe, "--out", str(tmp_path / "two"), "--batch-size", "2",
+                  "--fsdp-param-dtype", "bfloat16", *common])
+    assert r.returncode == 0, r.stderr[-3000:]
+    (a,), (b,) = rows(tmp_path / "one"), rows(tmp_path / "two")
+    assert abs(a["loss"] - b["loss"]) < 3e-5 and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=2e-3)

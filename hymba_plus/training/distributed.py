@@ -95,8 +95,12 @@ def shard_model(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | Non
     dtype (autocast casts for the GEMMs)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+    # the inputs stay as they come (cast_forward_inputs off): FSDP2's default rounds every floating
+    # input to bf16, the residual stream between blocks and a forecast's series values and targets
+    # too, which autocast and one process's --param-dtype bfloat16 keep in float32
     kw = {} if param_dtype is None else {"mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype,
-                                                                            reduce_dtype=torch.float32)}
+                                                                            reduce_dtype=torch.float32,
+                                                                            cast_forward_inputs=False)}
     for block in model.blocks:
         fully_shard(block, mesh=info.mesh, **kw)
         _keep_step_context(block)
