@@ -50,6 +50,19 @@ def rows(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def one_and_two(tmp_path: Path, recipe: dict, steps: int, *two_args: str) -> tuple[list[dict], list[dict], str]:
+    """``recipe`` trained ``steps`` steps in one process at batch 4 and on 2 torchrun ranks at batch 2 (plus
+    ``two_args``): (one's metrics rows, two's, the ranks' stderr)."""
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    common = ["--steps", str(steps), "--seq-len", "16", "--warmup", "1", "--device", "cpu", "--no-progress",
+              "--eval-every", "100", "--save-every", "100"]
+    assert one_process(["train", str(path), "--out", str(tmp_path / "one"), "--batch-size", "4", *common]) == 0
+    r = torchrun(["train", str(path), "--out", str(tmp_path / "two"), "--batch-size", "2", *two_args, *common])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return rows(tmp_path / "one"), rows(tmp_path / "two"), r.stderr
+
+
 def test_fsdp2_two_gloo_processes_match_one_process_and_resume(tmp_path):
     """One process trains steps 1-3, FSDP2 on 2 processes resumes for steps 4-5 (loading and
     sharding the optimizer state), one process resumes the FSDP checkpoint for step 6; the
@@ -295,14 +308,8 @@ def test_fsdp2_routing_statistics_are_the_global_batchs(tmp_path):
     summed over ranks, the rest averaged, so 2 ranks x batch 2 log what 1 process x batch 4 logs."""
     moe = {**RECIPE, "model": {**RECIPE["model"], "block_pattern": "GA+moe | GA"},
            "components": {**RECIPE["components"], "moe": {"n_experts": 5, "top_k": 2, "d_expert": 16}}}
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump(moe))
-    common = ["--steps", "1", "--seq-len", "16", "--warmup", "1", "--device", "cpu", "--no-progress",
-              "--eval-every", "100", "--save-every", "100"]
-    assert one_process(["train", str(recipe), "--out", str(tmp_path / "one"), "--batch-size", "4", *common]) == 0
-    r = torchrun(["train", str(recipe), "--out", str(tmp_path / "two"), "--batch-size", "2", *common])
-    assert r.returncode == 0, r.stderr[-3000:]
-    one, two = rows(tmp_path / "one")[0], rows(tmp_path / "two")[0]
+    one, two, _ = one_and_two(tmp_path, moe, 1)
+    one, two = one[0], two[0]
     key = next(k for k in one if k.endswith("tokens_per_expert"))
     assert sum(one[key]) == 4 * (16 + 3) * 2  # rows x (tokens + meta) x top_k
     assert two[key] == one[key]
@@ -317,16 +324,8 @@ def test_fsdp2_with_activation_checkpointing_matches_one_plain_process(tmp_path)
     equal one process's without checkpointing. (A dense recipe: an MoE's balance loss is each rank's
     batch's, so MoE runs differ from one process by ~2e-4 by step 3, checkpointed or not; checkpointed
     MoE blocks are tested equal to plain ones in tests/test_recompute.py.)"""
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump(RECIPE))
-    common = ["--steps", "3", "--seq-len", "16", "--warmup", "1", "--device", "cpu", "--no-progress",
-              "--eval-every", "100", "--save-every", "100"]
-    assert one_process(["train", str(recipe), "--out", str(tmp_path / "one"), "--batch-size", "4", *common]) == 0
-    r = torchrun(["train", str(recipe), "--out", str(tmp_path / "two"), "--batch-size", "2",
-                  "--activation-checkpoint", "1", *common])
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "activation checkpointing" in r.stderr
-    one, two = rows(tmp_path / "one"), rows(tmp_path / "two")
+    one, two, err = one_and_two(tmp_path, RECIPE, 3, "--activation-checkpoint", "1")
+    assert "activation checkpointing" in err
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(one, two)) < 1e-5
 
 
@@ -342,14 +341,7 @@ def test_fsdp2_cross_layer_kv_sharing_matches_one_process(tmp_path):
                                                              "kv_share": True}},
                          "mamba3": {"state_size": 8, "head_dim": 16, "expand": 1},
                          "gated_attn": {"n_heads": 2, "n_kv_heads": 1}, "mlp": {"d_hidden": 45}}}
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump(hy))
-    common = ["--steps", "2", "--seq-len", "16", "--warmup", "1", "--device", "cpu", "--no-progress",
-              "--eval-every", "100", "--save-every", "100"]
-    assert one_process(["train", str(recipe), "--out", str(tmp_path / "one"), "--batch-size", "4", *common]) == 0
-    r = torchrun(["train", str(recipe), "--out", str(tmp_path / "two"), "--batch-size", "2", *common])
-    assert r.returncode == 0, r.stderr[-3000:]
-    one, two = rows(tmp_path / "one"), rows(tmp_path / "two")
+    one, two, _ = one_and_two(tmp_path, hy, 2)
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(one, two)) < 1e-5
 
 

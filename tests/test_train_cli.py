@@ -157,19 +157,24 @@ def test_interrupt_finishes_the_step_saves_and_exits_130(tmp_path, sig):
     assert "Traceback" not in err
 
 
-def test_a_signal_in_the_last_step_saves_first_then_runs_the_final_evaluation(tmp_path, monkeypatch, capsys):
-    """A signal during the run's last step skipped its final evaluation for good (a --resume had nothing to
-    do): the run ends there anyway, so the checkpoint is written first and the evaluation follows."""
+def signal_in_step(monkeypatch, n: int, name: str) -> None:  # noqa: ANN001
+    """As if signal ``name`` came during the run's ``n``-th step (counted from the run's start or resume)."""
     from hymba_plus.training.trainer import Trainer
 
     calls = []
 
-    def stop_in_the_last_step(self, t_run, stop):  # noqa: ANN001, ANN202 - as if SIGTERM came in step 4
+    def flags(self, t_run, stop):  # noqa: ANN001, ANN202
         calls.append(1)
-        stop.requested = "SIGTERM" if len(calls) == 4 else None
+        stop.requested = name if len(calls) == n else None
         return False, stop.requested is not None
 
-    monkeypatch.setattr(Trainer, "_stop_flags", stop_in_the_last_step)
+    monkeypatch.setattr(Trainer, "_stop_flags", flags)
+
+
+def test_a_signal_in_the_last_step_saves_first_then_runs_the_final_evaluation(tmp_path, monkeypatch, capsys):
+    """A signal during the run's last step skipped its final evaluation for good (a --resume had nothing to
+    do): the run ends there anyway, so the checkpoint is written first and the evaluation follows."""
+    signal_in_step(monkeypatch, 4, "SIGTERM")
     out = tmp_path / "run"
     rc = main(["train", recipe_file(tmp_path), "--out", str(out), "--steps", "4", "--save-every", "100", *FAST])
     err = capsys.readouterr().err
@@ -672,18 +677,9 @@ def test_the_printed_resume_command_never_names_a_checkpoint_keep_last_deleted(t
     """A run resumed with one of its own checkpoints as RECIPE (`hymba train OUT/step-2 --out OUT --resume`)
     and interrupted printed that folder in its resume command after --keep-last had deleted it: the
     command failed (`OUT/step-2: file not found`). It names the checkpoint just saved, and resumes."""
-    from hymba_plus.training.trainer import Trainer
-
     out = tmp_path / "o"
     assert main(["train", recipe_file(tmp_path), *FAST, "--steps", "2", "--out", str(out)]) == 0
-    calls = []
-
-    def interrupt_in_the_third_step(self, t_run, stop):  # noqa: ANN001, ANN202 - as if SIGINT came in step 5
-        calls.append(1)
-        stop.requested = "SIGINT" if len(calls) == 3 else None
-        return False, stop.requested is not None
-
-    monkeypatch.setattr(Trainer, "_stop_flags", interrupt_in_the_third_step)
+    signal_in_step(monkeypatch, 3, "SIGINT")  # the resumed run's third step: step 5
     capsys.readouterr()
     assert main(["train", str(out / "step-2"), *FAST, "--steps", "8", "--save-every", "1", "--keep-last", "1",
                  "--resume", "--out", str(out)]) == 130
