@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from timing import bench, on_cuda, profile_passes  # benchmarks/timing.py (scripts run from the repo root as files)
+from timing import bench, bench_dtype, on_cuda, profile_passes  # benchmarks/timing.py (run from the repo root)
 
 import hymba_plus  # noqa: F401  (registers components)
 from hymba_plus import build_model, registry
@@ -65,11 +65,6 @@ def mixer_recipes(quick: bool) -> dict[str, dict]:
                             "gdn": {"n_heads": H, "head_dim": D}}),
     }
     return {k: v for k, v in r.items() if k in registry.names()}
-
-
-def bench_dtype(device: str) -> torch.dtype:
-    """bf16 on a GPU (``cuda``, ``cuda:1``), float32 on the CPU."""
-    return torch.bfloat16 if on_cuda(device) else torch.float32
 
 
 def layer_of(name: str, d_model: int, comps: dict, device: str, dtype: torch.dtype) -> torch.nn.Module:

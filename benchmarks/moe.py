@@ -26,7 +26,7 @@ import os
 from collections.abc import Callable
 
 import torch
-from timing import bench, on_cuda, profile_passes  # benchmarks/timing.py (scripts run from the repo root as files)
+from timing import bench, bench_dtype, on_cuda, profile_passes  # benchmarks/timing.py (run from the repo root)
 from torch import nn
 
 import hymba_plus  # noqa: F401  (registers components)
@@ -205,7 +205,7 @@ def main() -> None:
     dev = args.device
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if on_cuda(dev) else torch.float32)
+    dtype = getattr(torch, args.dtype) if args.dtype else bench_dtype(dev)
     torch.manual_seed(0)
     name = torch.cuda.get_device_name(torch.device(dev)) if on_cuda(dev) else "cpu"
     print(f"device {name}, torch {torch.__version__}, {dtype}; tokens {args.tokens}, d_model {args.d_model}, "

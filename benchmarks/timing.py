@@ -54,6 +54,11 @@ def on_cuda(device: str | torch.device) -> bool:
     return torch.device(device).type == "cuda"
 
 
+def bench_dtype(device: str | torch.device) -> torch.dtype:
+    """The benchmarks' default dtype: bf16 on a GPU (``cuda``, ``cuda:1``), float32 on the CPU."""
+    return torch.bfloat16 if on_cuda(device) else torch.float32
+
+
 def bench(fn: Callable[[], object], device: str, warmup: int = 3, iters: int = 10) -> float:
     """Median milliseconds of fn() (CUDA events on GPU, perf_counter on CPU)."""
     for _ in range(warmup):
