@@ -116,15 +116,13 @@ class TrainConfig:
             yield "seq_len", f"must be <= model.max_seq_len ({model.max_seq_len}), got {self.seq_len}"
         from .tasks import TASKS, TaskError
 
-        # no data named: token models default to mqar (objectives' default_data); models without
-        # a vocabulary read series, not tasks
-        task = TASKS.get(self.data if self.data is not None else "mqar") if model.vocab_size is not None else None
-        if self.tokenizer is not None and (name := builtin_task(self, model)) is not None:  # (was dropped silently)
+        name = builtin_task(self, model)
+        if self.tokenizer is not None and name is not None:  # (was dropped silently)
             yield "tokenizer", f"encodes text (a file or folder, reasoning data): the built-in task {name} makes " \
                                "token ids of its own"
-        if task is not None:
+        if name is not None:
             try:
-                task.validate(self.seq_len, model.vocab_size, self)
+                TASKS[name].validate(self.seq_len, model.vocab_size, self)
             except TaskError as e:
                 yield "data", str(e)
 
