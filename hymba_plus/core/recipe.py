@@ -367,8 +367,9 @@ for _cls in (_LineLoader, _Dumper):
 _LineLoader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in pairs if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:value")]
     for first, pairs in _LineLoader.yaml_implicit_resolvers.items()}
-_LineLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                                  list("tTfF"))
+#: YAML 1.2's booleans (the implicit resolver's and an explicit ``!!bool``'s)
+_BOOLS = ("true", "True", "TRUE", "false", "False", "FALSE")
+_LineLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(f"^(?:{'|'.join(_BOOLS)})$"), list("tTfF"))
 
 
 def _merged_pairs(node: yaml.MappingNode, active: frozenset = frozenset()) -> list[tuple[yaml.Node, yaml.Node]]:
@@ -493,7 +494,7 @@ _LineLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 def _construct_bool(loader: _LineLoader, node: yaml.ScalarNode) -> bool:
     """YAML 1.2's booleans, for an explicit ``!!bool`` too (1.1's ``!!bool yes`` was true)."""
-    if node.value not in ("true", "True", "TRUE", "false", "False", "FALSE"):
+    if node.value not in _BOOLS:
         raise yaml.constructor.ConstructorError(None, None, f"{node.value!r} is not a boolean (true or false)",
                                                 node.start_mark)
     return node.value.lower() == "true"
