@@ -90,7 +90,7 @@ def test_kernels_in_interpreter_match_the_reference():
     two), zero-centered or plain; a transposed input; 1, 5 and the default number of backward
     programs; then the autograd node: only the asked gradients, x and y of one dtype sharing one
     gradient tensor, an unused h or s, a differentiable backward under create_graph, and no rows.
-    float32 to 1e-6 forward / 1e-5 backward; fp16 forward bit-equal; bf16 within the interpreter's
+    float32 to 1e-6 forward / 1e-5 backward; fp16 forward within its last bit; bf16 within the interpreter's
     truncating float32 -> bf16 casts (2e-2)."""
     pytest.importorskip("triton")
     code = textwrap.dedent("""
@@ -113,8 +113,8 @@ def test_kernels_in_interpreter_match_the_reference():
                     s0, h0 = A.add_rms_norm_ref(x, y, w, 1e-6, zc, odt)
                     assert (s.dtype, h.dtype, h.shape) == (s0.dtype, h0.dtype, h0.shape), case
                     assert torch.equal(s, s0) if s.dtype != bf else rel(s, s0) < 1e-2, case
-                    if xdt == f16:
-                        assert torch.equal(h, h0), case
+                    if xdt == f16:  # fp16's last bit at most: the float32 sum of squares runs in another order
+                        assert ((h.float() - h0.float()).abs() <= h0.float().abs() * 2.0 ** -10).all(), case
                     else:
                         assert rel(h, h0) < (2e-2 if lo else 1e-6), case
                     xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()

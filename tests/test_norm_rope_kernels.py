@@ -59,6 +59,35 @@ def test_norm_modules_use_the_op():
     assert torch.allclose(gn(x, z), N.rms_norm(x, 1 + gn.weight, gn.eps) * torch.nn.functional.silu(z))
 
 
+def test_zero_centered_scale_of_bf16_weights_is_added_in_float32():
+    """A bf16 model's zero-centered norms scale by 1 + w added in float32 (HF's Qwen3-Next / Gemma
+    ``1.0 + weight.float()``): rounded to bf16, 1 + w would be exactly 1 for every |w| < 2^-9, so the
+    small scales such a norm learns would vanish. The plain norm, the residual add + norm and the
+    gated norm agree, on their references and on the Triton kernels in the interpreter (below)."""
+    from hymba_plus.kernels.add_norm import add_rms_norm_ref
+
+    g = torch.Generator().manual_seed(0)
+    w = (1.5e-3 * (2 * torch.rand(64, generator=g) - 1)).bfloat16()  # below half of bf16's spacing at 1
+    assert torch.equal(1.0 + w, torch.ones_like(w))  # what bf16 arithmetic would make of it
+    scale = N.norm_scale(w, True)
+    assert scale.dtype == torch.float32 and torch.equal(scale, 1.0 + w.float())
+    assert N.norm_scale(w.double(), True).dtype == torch.float64 and N.norm_scale(w, False) is w
+    x = torch.randn(4, 64, generator=g).bfloat16()
+    xf = x.float()
+    want = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * (1.0 + w.float())).bfloat16()  # HF's form
+    n = RMSNorm(64).bfloat16()
+    with torch.no_grad():
+        n.weight.copy_(w)
+    assert torch.equal(n(x), want)
+    assert not torch.equal(want, (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16())
+    assert torch.equal(add_rms_norm_ref(x, None, w, 1e-6, True)[1], want)
+    z = torch.randn(4, 64, generator=g).bfloat16()
+    gn = GatedRMSNorm(64).bfloat16()
+    with torch.no_grad():
+        gn.weight.copy_(w)
+    assert torch.equal(gn(x, z), (want.float() * torch.nn.functional.silu(z.float())).bfloat16())
+
+
 def test_gated_norm_reference_is_the_formula_and_asks_for_the_kernel(monkeypatch):
     g = torch.Generator().manual_seed(0)
     x, z = (torch.randn(2, 3, 4, 16, generator=g, dtype=torch.float64) for _ in range(2))
@@ -108,8 +137,8 @@ def test_gated_norm_triton_kernel_in_interpreter_matches_reference():
     ``gated_rms_norm_ref``: D not a power of two, [..., H, D] and [N, D] inputs, a transposed
     (non-contiguous) input, zero-centered or plain scale, float32 / bf16 / fp16 with the weight in
     the input's dtype or float32. float32 to 1e-6 (the sum of squares in another order); float16
-    bit-equal (the scale 1 + w, the normalised value and the result rounded where the reference
-    rounds them); bf16 to 2e-2, because the interpreter converts float32 -> bf16 by truncation
+    bit-equal (the scale 1 + w added in float32, the normalised value and the result rounded where
+    the reference rounds them); bf16 to 2e-2, because the interpreter converts float32 -> bf16 by truncation
     rather than round-to-nearest-even (the GPU test holds it to one rounding)."""
     pytest.importorskip("triton")
     code = textwrap.dedent("""
@@ -157,7 +186,7 @@ def test_gated_norm_backward_kernel_in_interpreter_matches_closed_form():
     its strides), zero-centered or plain scale, 30 rows over 8 programs (each walks several rows
     and sums its part of d weight) and over 1 and 30 programs, float32 (1e-5) and bf16 inputs with
     a bf16 or float32 weight (2e-2: the interpreter rounds float32 -> bf16 by truncation, here the
-    scale 1 + w and the gradients -- with those truncations emulated it is bit-equal; the probe
+    gradients -- with those truncations emulated it is bit-equal; the probe
     and the GPU test hold it to one rounding). Then
     the autograd node with ``fast`` on (its backward is the kernel): the same gradients, only
     those asked for, a differentiable backward under create_graph, and the result for no rows."""

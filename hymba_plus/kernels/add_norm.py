@@ -20,7 +20,7 @@ of ``d scale = sum dh sh`` per program and one sum over the programs. So one tra
 pre-norm block reads and writes the [.., D] residual stream once per fused sublayer boundary
 instead of in an add, a norm, a cast, their backward kernels, a gradient cast and the gradient
 add. The roundings are the reference's: s rounded to its dtype before it is normalised, the
-scale ``1 + w`` rounded to w's dtype, ``h`` rounded to s's dtype and then to ``out_dtype``; only
+scale ``1 + w`` in float32, ``h`` rounded to s's dtype and then to ``out_dtype``; only
 the sum of squares is reduced in another order (round-off). Launch configs are fixed by the
 shape (CUDA graphs: no autotuning, no host sync). Under ``torch.compile`` the reference is traced
 (Inductor fuses it itself).
@@ -73,8 +73,8 @@ if triton is not None:
             tl.store(s_ptr + n * D + d, s, mask=m)
             s = s.to(tl.float32)
         w = tl.load(w_ptr + d, mask=m, other=0.0)
-        if ZERO_CENTERED:  # PyTorch's ``1.0 + w``, rounded to w's dtype
-            w = (1.0 + w.to(tl.float32)).to(w_ptr.dtype.element_ty)
+        if ZERO_CENTERED:  # ``norm.norm_scale``: 1 + w in float32
+            w = 1.0 + w.to(tl.float32)
         rstd = 1.0 / tl.sqrt_rn(tl.sum(s * s, axis=0) / D + eps)
         h = (s * rstd * w.to(tl.float32)).to(s_ptr.dtype.element_ty)  # rms_norm's result, in s's dtype
         tl.store(h_ptr + n * D + d, h.to(h_ptr.dtype.element_ty), mask=m)
@@ -94,7 +94,7 @@ if triton is not None:
         m = d < D
         w = tl.load(w_ptr + d, mask=m, other=0.0)
         if ZERO_CENTERED:
-            w = (1.0 + w.to(tl.float32)).to(w_ptr.dtype.element_ty)
+            w = 1.0 + w.to(tl.float32)
         scale = w.to(tl.float32)
         dw = tl.zeros([BLOCK_D], dtype=tl.float32)
         n = pid.to(tl.int64)

@@ -20,8 +20,8 @@ Reference (``gated_rms_norm_ref``): ``rms_norm`` above (result in x's dtype), th
 float32, returned in x's dtype -- about seven elementwise kernels. Fast path
 (``gated_rms_norm``, CUDA, inference only: no input needs a gradient): ONE own Triton kernel
 per call (``_gated_rms_norm_kernel``, one row of the last dim per program), which reproduces
-the reference's roundings: the scale ``1 + w`` rounded to w's dtype (PyTorch adds in w's
-dtype), float32 normalisation, the normalised value rounded to x's dtype before the gate,
+the reference's roundings: the scale ``1 + w`` added in float32 (``norm_scale``), float32
+normalisation, the normalised value rounded to x's dtype before the gate,
 PyTorch's SiLU formula in float32 (``kernels._triton.silu_f32``). Only the sum of squares is
 reduced in another order than PyTorch's (round-off). Fixed launch config from the shape (CUDA
 graphs: no autotuning, no host sync).
@@ -109,8 +109,13 @@ def rms_norm(x: Tensor, scale: Tensor, eps: float) -> Tensor:
 
 
 def norm_scale(weight: Tensor, zero_centered: bool) -> Tensor:
-    """The RMSNorm scale a stored weight stands for: ``1 + w`` (zero-centered) or ``w``."""
-    return 1.0 + weight if zero_centered else weight
+    """The RMSNorm scale a stored weight stands for: ``1 + w`` (zero-centered) or ``w``.
+
+    ``1 + w`` is added in float32 (float64 for a float64 weight), never in a 16-bit weight's dtype:
+    bf16 spaces its numbers 2^-7 apart near 1, so ``1 + w`` rounded to bf16 would drop any |w| below
+    ~0.004 -- the small scales a zero-centered norm exists to learn. HF's Qwen3-Next / Gemma norms
+    add in float32 the same way (``1.0 + self.weight.float()``)."""
+    return 1.0 + weight.to(torch.promote_types(weight.dtype, torch.float32)) if zero_centered else weight
 
 
 def gated_rms_norm_ref(x: Tensor, gate: Tensor, weight: Tensor, eps: float, zero_centered: bool = True) -> Tensor:
@@ -134,8 +139,8 @@ if triton is not None:
         m = d < D
         x = tl.load(x_ptr + n * stride_x + d, mask=m, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + d, mask=m, other=0.0)
-        if ZERO_CENTERED:  # PyTorch's ``1.0 + w``, rounded to w's dtype
-            w = (1.0 + w.to(tl.float32)).to(w_ptr.dtype.element_ty)
+        if ZERO_CENTERED:  # ``norm_scale``: 1 + w in float32
+            w = 1.0 + w.to(tl.float32)
         rstd = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=0) / D + eps)
         ty = o_ptr.dtype.element_ty
         y = (x * rstd * w.to(tl.float32)).to(ty).to(tl.float32)  # rms_norm's result, in x's dtype
@@ -156,14 +161,14 @@ if triton is not None:
         (contiguous) in their pointers' dtypes -- and the program's part of d weight (= d scale),
         ``sum over its rows of dy * xh``, as row ``pid`` of the float32 [P, D] partial sums. The gate is addressed as in the forward
         kernel (row n at ``(n // GH) * stride_g0 + (n % GH) * stride_g1``); the scale is
-        ``1 + w`` rounded to w's dtype (zero-centered) or w. WRITE_*: which outputs to store."""
+        ``1 + w`` in float32 (zero-centered) or w. WRITE_*: which outputs to store."""
         pid = tl.program_id(0)
         P = tl.num_programs(0)
         d = tl.arange(0, BLOCK_D)
         m = d < D
         w = tl.load(w_ptr + d, mask=m, other=0.0)
-        if ZERO_CENTERED:  # PyTorch's ``1.0 + w``, rounded to w's dtype
-            w = (1.0 + w.to(tl.float32)).to(w_ptr.dtype.element_ty)
+        if ZERO_CENTERED:  # ``norm_scale``: 1 + w in float32
+            w = 1.0 + w.to(tl.float32)
         scale = w.to(tl.float32)
         dw = tl.zeros([BLOCK_D], dtype=tl.float32)
         n = pid.to(tl.int64)  # the row, in int64 offsets
