@@ -666,3 +666,44 @@ def test_a_disallowed_character_names_its_line_with_any_line_break(tmp_path, new
     assert err.startswith(f"{p}:7: invalid YAML: unacceptable character #x0007"), err
     (err,) = errors_of(text)  # (a file's \r and \r\n are read as \n: a string keeps them)
     assert err.startswith("<recipe>:7: invalid YAML: unacceptable character #x0007"), err
+
+
+def test_a_component_built_directly_refuses_a_config_out_of_range():
+    """A config made in code never passes the loader: ``Atlas(AtlasConfig(memory_depth=1))`` built a
+    depth-2 memory silently (``memory_depth - 2`` hidden layers: none), ``MoE(MoEConfig(top_k=0))``
+    failed at its first forward with a reshape error, ``SwiGLU(MLPConfig(d_hidden=0))`` built an
+    empty layer. Every registered component checks its config's ranges (the loader's ``spec`` rules
+    and messages) when it is built; the rules across fields need the model and stay the loader's."""
+    from hymba_plus.components.atlas import Atlas, AtlasConfig
+
+    with pytest.raises(ValueError, match=re.escape("AtlasConfig.memory_depth: must be >= 2, got 1")):
+        Atlas(AtlasConfig(memory_depth=1), d_model=32)
+    assert len(Atlas(AtlasConfig(memory_depth=3), d_model=32).memory) == 4  # in range: built as before
+    with pytest.raises(ValueError, match=re.escape("MLPConfig.d_hidden: must be >= 1, got 0")):
+        registry.build("mlp", registry.get("mlp").config(d_hidden=0), d_model=32)
+    router = registry.get("etd_router").config()  # nested configs: the key path through them
+    router = dataclasses.replace(router, layer_router=dataclasses.replace(router.layer_router, hidden=0))
+    with pytest.raises(ValueError, match=re.escape("EtdRouterConfig.layer_router.hidden: must be >= 1, got 0")):
+        registry.build("etd_router", router, d_model=32, n_layers=2)
+    from hymba_plus.core.recipe import LaDiRConfig  # a head: its config is the recipe's ladir section
+
+    with pytest.raises(ValueError, match=re.escape("LaDiRConfig.memory_slots: must be >= 1, got 0")):
+        registry.build("ladir", LaDiRConfig(memory_slots=0), d_model=32, max_seq_len=64)
+    checked = []
+    for name in registry.names():
+        cls = registry.get(name).config
+        if cls is None:
+            continue
+        try:
+            cfg = cls()
+        except TypeError:  # required keys: no default config to vary
+            continue
+        field = next((f for f in dataclasses.fields(cls) if f.metadata.get("min") is not None
+                      and type(getattr(cfg, f.name)) is int), None)
+        if field is None:
+            continue
+        bad = dataclasses.replace(cfg, **{field.name: field.metadata["min"] - 1})
+        with pytest.raises(ValueError, match=re.escape(f"{cls.__name__}.{field.name}: must be >= ")):
+            registry.build(name, bad, d_model=32, vocab_size=64, n_layers=2)
+        checked.append(name)
+    assert {"atlas", "gated_attn", "gdn", "mamba3", "moe"} <= set(checked), checked

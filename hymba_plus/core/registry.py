@@ -2,7 +2,10 @@
 
 Components register themselves with ``@register("name", config=Cls, aliases=(...))``.
 The block_pattern parser and the recipe loader resolve names and aliases here, so a new
-component needs no change anywhere else.
+component needs no change anywhere else. A registered component checks the config it is
+built with (its first argument, a dataclass: its own, or a head's recipe section) for its
+ranges (``core.config.range_errors``: the recipe loader's ``spec`` rules) when it is built,
+so a config made in code, which never passed the loader, is refused as a recipe would be.
 
 Some aliases of the DESIGN grammar belong to components that arrive in later work; they
 are *reserved* (``reserve``): the parser reports them as "not available yet" instead of
@@ -11,10 +14,14 @@ are *reserved* (``reserve``): the parser reports them as "not available yet" ins
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from .config import range_errors
 
 KINDS = ("mixer", "ffn", "router", "objective", "head")  # router: structure-level controllers (etd_router);
 # objective: what the model is trained to predict (objectives/, the recipe's objective section);
@@ -60,9 +67,31 @@ def register(
             _ALIASES[a] = name
             _RESERVED.pop(a, None)
         cls.registry_name = name
+        if "_checks_config" not in cls.__dict__:  # (heads too: their config is a recipe section)
+            cls.__init__ = _checking_config(cls.__init__)
+            cls._checks_config = True
         return cls
 
     return deco
+
+
+def _checking_config(init: Callable) -> Callable:
+    """``init`` (a component's ``__init__(self, cfg, ...)``) that first refuses a config with a
+    field out of its ``spec`` range, in one line naming the config class and the field with the
+    loader's message (``AtlasConfig.memory_depth: must be >= 2, got 1``). The loader reports the
+    same fields as ``components.<name>.<key>`` before anything is built; the rules across fields
+    (``check``) need the model's config and stay the loader's."""
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN001
+        cfg = args[0] if args else kwargs.get("cfg")
+        if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+            errors = [f"{type(cfg).__name__}.{key}: {msg}" for key, msg in range_errors(cfg)]
+            if errors:
+                raise ValueError("; ".join(errors))
+        init(self, *args, **kwargs)
+
+    return __init__
 
 
 def reserve(name: str, *aliases: str) -> None:
