@@ -237,6 +237,55 @@ def test_act_output_remainder_and_ponder_cost_follow_graves_equations(monkeypatc
     assert float(padded["etd/iterations"]) == pytest.approx(want_it, rel=1e-6)
 
 
+
+def test_act_statistics_count_the_text_tokens_not_the_meta_tokens(monkeypatch):
+    """``etd/iterations`` and ``etd/ponder`` are means over the text tokens: the meta tokens (a
+    prefix the prefill adds to every row) think and halt like any token and their ponder cost
+    stays in the loss, but they counted in the statistics as text, so a model whose meta tokens
+    halt late reported more thinking per token than its text got (and a decode step, with no meta
+    tokens, less than its prefill). Left padding with meta tokens: the same."""
+    from hymba_plus.components.etd_router import ETDRouter
+
+    d = _recipe("gdn", halting={"kind": "act", "threshold": 0.9, "ponder_cost": 0.1, "init_bias": 0.0})
+    d["model"]["meta_tokens"] = 3
+    d["model"]["etd"].update(max_iterations=4)
+    torch.manual_seed(0)
+    model = build_model(d).double().train()
+    with torch.no_grad():
+        model.embed.weight.mul_(20.0)  # hidden states that differ by token: halting that does too
+        model.meta.mul_(20.0)
+        model.etd_router.halt.weight.normal_(0, 1.0)
+    seen, real_prob = [], ETDRouter.halting_prob
+
+    def record(self, h):  # noqa: ANN001, ANN202
+        p = real_prob(self, h)
+        seen.append(p.detach().double().clone())
+        return p
+
+    monkeypatch.setattr(ETDRouter, "halting_prob", record)
+    ids = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(1))
+    out = model(ids, labels=ids)
+    n_it, ponder = torch.zeros(2, 12, dtype=torch.float64), torch.zeros(2, 12, dtype=torch.float64)
+    for b in range(2):
+        for t in range(12):  # slots 0-2: the meta tokens
+            total = 0.0
+            for n, p in enumerate(seen):
+                if total + float(p[b, t]) >= 0.9 or n == len(seen) - 1:
+                    n_it[b, t], ponder[b, t] = n + 1, n + 1 + (1.0 - total)
+                    break
+                total += float(p[b, t])
+    assert float(n_it[:, :3].mean()) != pytest.approx(float(n_it[:, 3:].mean()), rel=1e-3)  # (the test can tell)
+    assert float(out.stats["etd/iterations"]) == pytest.approx(float(n_it[:, 3:].mean()), rel=1e-6)
+    assert float(out.stats["etd/ponder"]) == pytest.approx(float(ponder[:, 3:].mean()), rel=1e-6)
+    assert float(out.aux_loss.detach()) == pytest.approx(0.1 * float(ponder.mean()), rel=1e-6)  # computation
+    # row 0 left-padded by 3 (6 text tokens, its meta tokens first once compacted), row 1 as before
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    padded = model(ids, attention_mask=mask).stats
+    row0 = model(ids[:1, 3:]).stats
+    want_it = (float(row0["etd/iterations"]) * 6 + float(n_it[1, 3:].sum())) / 15
+    assert float(padded["etd/iterations"]) == pytest.approx(want_it, rel=1e-6)
+
 def test_all_execute_route_reproduces_the_unrouted_model_bit_for_bit():
     d = _recipe(layer_router={"enabled": True, "hidden": 8})
     plain = _recipe()

@@ -313,10 +313,14 @@ class ETDStack:
             return out
         n_real = real.sum().clamp_min(1)
         mean_ponder = (ponder * real).sum() / n_real
-        if self.router.training and router.cfg.halting.ponder_cost > 0:
+        if self.router.training and router.cfg.halting.ponder_cost > 0:  # every token's cost, meta tokens too
             ctx.aux_losses.append(router.cfg.halting.ponder_cost * mean_ponder)
-        ctx.stats["etd/ponder"] = mean_ponder.detach()
-        ctx.stats["etd/iterations"] = ((n_used * real).sum() / n_real).detach()
+        # the statistics: means over the text tokens (the meta tokens, positions < n_meta, are a prefix
+        # the prefill adds to every row: they think, but are not the text's thinking)
+        text = real & (ctx.positions >= ctx.n_meta) if ctx.n_meta else real
+        n_text = text.sum().clamp_min(1)
+        ctx.stats["etd/ponder"] = ((ponder * text).sum() / n_text).detach()
+        ctx.stats["etd/iterations"] = ((n_used * text).sum() / n_text).detach()
         return out
 
     # ------------------------------------------------------------------ reporting
