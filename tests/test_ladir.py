@@ -430,3 +430,119 @@ def test_a_ladir_section_needs_the_ladir_objective(tmp_path) -> None:
             f"{{kind: ladir}}); the {kind} objective never computes its losses (its VAE and flow denoiser "
             "would stay untrained)"]
     assert load_recipe(recipe()).objective.kind == "ladir"
+
+
+# ---------------------------------------------------------------- oracles (float64), from a review against the
+# papers (LaDiR arXiv 2510.04573, Prophet arXiv 2508.19982) and their code
+
+
+@pytest.mark.parametrize("check_every", [1, 2])
+@torch.no_grad()
+def test_prophet_commits_at_the_first_check_whose_gap_reaches_the_threshold_of_its_third(check_every) -> None:
+    """Oracle for Prophet's rule (its code: ``answer_gap >= tau`` with tau 7.5 / 5 / 2.5 by progress =
+    steps done / steps): with the answer gap of each row fixed, 9 steps, a row of gap 8 exits at the
+    first check, one of gap 5 (== the middle threshold) at the first check at progress >= 1/3 (step 3,
+    or 4 checking every 2), one of gap 2.5 at the first at >= 2/3 (step 6), one of gap 2 never; no
+    check follows the last step."""
+    torch.manual_seed(0)
+    m = build_model(recipe(inference_steps=9, prophet={"check_every": check_every})).double().eval()
+    lad = m.ladir
+    gaps = torch.tensor([8.0, 5.0, 2.5, 2.0], dtype=torch.float64)
+    checks = []
+
+    def gap(model, qcache, z):  # noqa: ANN001, ANN202
+        checks.append(z.shape[0])
+        return gaps
+
+    lad.answer_gap = gap
+    q = torch.randint(3, V, (4, 4))
+    _, used = lad.sample(m, q, torch.ones_like(q, dtype=torch.bool), prophet=True,
+                         generator=torch.Generator().manual_seed(0))
+    first_mid = 3 if check_every == 1 else 4
+    assert used.tolist() == [check_every, first_mid, 6, 9]
+    assert len(checks) == len(range(check_every, 9, check_every))  # the last row never exits: every check runs
+
+
+@torch.no_grad()
+def test_kl_is_the_closed_form_of_diagonal_gaussians() -> None:
+    """``LaDiR.kl`` == KL(N(mu, sigma^2) || N(0, 1)) from torch.distributions, summed over the latent
+    dims, averaged over slots (and rows)."""
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
+    logvar = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
+    ref = torch.distributions.kl_divergence(torch.distributions.Normal(mu, (0.5 * logvar).exp()),
+                                            torch.distributions.Normal(0.0, 1.0)).sum(-1).mean(-1)
+    from hymba_plus.components.ladir import LaDiR
+
+    torch.testing.assert_close(LaDiR.kl(mu, logvar, per_row=True), ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(LaDiR.kl(mu, logvar), ref.mean(), atol=1e-12, rtol=1e-12)
+
+
+@torch.no_grad()
+def test_a_padded_batch_gives_each_row_what_it_gives_alone() -> None:
+    """Right-padded reasoning data (``collate``): each row's VAE loss, flow loss, sampled latent (with
+    Prophet exits), answer gap and generated answer (left-padded prompt, compacted) equal the row's
+    alone, unpadded, with the same noise (float64, exact)."""
+    from hymba_plus.training.reasoning import ReasoningExample, collate
+
+    torch.manual_seed(0)
+    r = recipe("GD | GA | M3", meta=2, prophet={"thresholds": [1.0, 0.6, 0.3]})
+    r["model"]["init_std"] = 0.3  # logit gaps that pass the thresholds at different steps
+    m = build_model(r).double().eval()
+    lad = m.ladir
+    g = torch.Generator().manual_seed(1)
+    exs = [ReasoningExample(*(tuple(torch.randint(3, V, (n,), generator=g).tolist()) for n in ns))
+           for ns in ((5, 4, 2), (3, 6, 1), (6, 2, 3))]
+    keys = ("question", "question_mask", "reasoning", "reasoning_mask", "answer", "answer_mask")
+    seg = {k: v for k, v in collate(exs).items() if k in keys}
+    alone = [{k: v for k, v in collate([e]).items() if k in keys} for e in exs]
+    gens = [torch.Generator().manual_seed(10 + i) for i in range(3)]
+    vae, _ = lad.vae_loss(m, seg, generator=gens, per_row=True)
+    gens = [torch.Generator().manual_seed(10 + i) for i in range(3)]
+    flow, _ = lad.flow_loss(m, seg, generator=gens, per_row=True)
+    z0 = torch.randn(3, 3, 8, generator=g, dtype=torch.float64)
+    z, used = lad.sample(m, seg["question"], seg["question_mask"], prophet=True, z0=z0)
+    assert len(set(used.tolist())) > 1  # the rows exit at different steps
+    cache = m.new_cache(3)
+    m(seg["question"], attention_mask=seg["question_mask"].long(), cache=cache)
+    gap = lad.answer_gap(m, cache, z0)
+    for i, one in enumerate(alone):
+        assert vae[i] == lad.vae_loss(m, one, generator=[torch.Generator().manual_seed(10 + i)], per_row=True)[0][0]
+        assert flow[i] == lad.flow_loss(m, one, generator=[torch.Generator().manual_seed(10 + i)], per_row=True)[0][0]
+        zi, ui = lad.sample(m, one["question"], one["question_mask"], prophet=True, z0=z0[i:i + 1])
+        assert torch.equal(z[i], zi[0]) and used[i] == ui[0]
+        c1 = m.new_cache(1)
+        m(one["question"], cache=c1)
+        assert gap[i] == lad.answer_gap(m, c1, z0[i:i + 1])[0]
+    # generation: with the slots made independent of z, the answer depends on the question alone
+    lad.from_latent.weight.zero_()
+    ids = torch.randint(3, V, (3, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :5] = 0
+    out = m.generate(ids, attention_mask=mask, max_new_tokens=4, mode="ladir", samples=2,
+                     generator=torch.Generator().manual_seed(0))
+    for i in range(3):
+        n = int(mask[i].sum())
+        one = m.generate(ids[i:i + 1, 7 - n:], max_new_tokens=4, mode="ladir", samples=2,
+                         generator=torch.Generator().manual_seed(0))
+        assert torch.equal(out[i, 7:], one[0, n:])
+
+
+@torch.no_grad()
+def test_generation_is_deterministic_under_a_seed() -> None:
+    """Same seed: same latents, Prophet exits, sampled answers (temperature 1) and vote; another seed
+    draws other noise."""
+    torch.manual_seed(0)
+    r = recipe(prophet={"thresholds": [0.3, 0.2, 0.1]})
+    r["model"]["init_std"] = 0.3
+    m = build_model(r).eval()
+    ids = torch.randint(3, V, (2, 5))
+    runs = []
+    for seed in (0, 0, 1):
+        stats: dict = {}
+        out = m.generate(ids, max_new_tokens=4, mode="ladir", samples=3, temperature=1.0, stats=stats,
+                         generator=torch.Generator().manual_seed(seed))
+        runs.append((out, stats["steps_used"], stats["vote_agreement"]))
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1:] == runs[1][1:]
+    assert not (torch.equal(runs[0][0], runs[2][0]) and runs[0][1] == runs[2][1])
