@@ -59,6 +59,7 @@ from torch import Tensor, nn
 from ..core.cache import HybridCache
 from ..core.recompute import Checkpointing, run_block
 from ..core.registry import register
+from ..kernels.dispatch import compute_dtype
 
 TARGETS = ("reasoning", "answer")  # the decoder's marks, in the order of ``LaDiR.marks``
 
@@ -92,10 +93,12 @@ def reading(model: nn.Module) -> Iterator[None]:
 
 
 def _timestep_embedding(t: Tensor, dim: int) -> Tensor:
-    """Sinusoidal embedding of t in [0, 1] (scaled to 1000 as in diffusion practice)."""
+    """Sinusoidal embedding of t in [0, 1] (scaled to 1000 as in diffusion practice), in float32
+    (float64 for a float64 t)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / max(half, 1))
-    ang = 1000.0 * t.float()[:, None] * freqs[None]
+    cd = compute_dtype(t)
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=cd) / max(half, 1))
+    ang = 1000.0 * t.to(cd)[:, None] * freqs[None]
     emb = torch.cat([ang.sin(), ang.cos()], dim=-1)
     return F.pad(emb, (0, dim - emb.shape[-1]))
 
@@ -185,7 +188,8 @@ class LaDiR(nn.Module):
         if outs is not None:
             outs.append(out)
         h = out.hidden_states[:, -M:]
-        mu, logvar = self.to_stats(h).float().chunk(2, dim=-1)
+        stats = self.to_stats(h)
+        mu, logvar = stats.to(compute_dtype(stats)).chunk(2, dim=-1)
         return mu, logvar.clamp(-20.0, 10.0)
 
     def slots(self, z: Tensor, dtype: torch.dtype, target: str = "answer") -> Tensor:
@@ -215,10 +219,11 @@ class LaDiR(nn.Module):
         pred = logits[:, Lq + M - 1:Lq + M - 1 + Lt]
         tgt = target.masked_fill(~t_mask, -100)
         hits = (pred.argmax(-1) == target) & t_mask
+        cd = compute_dtype(pred)  # float32 for 16-bit logits, float64 stays float64 (as ``lm_loss``)
         if per_row:
-            ce = F.cross_entropy(pred.float().transpose(1, 2), tgt, ignore_index=-100, reduction="none")
+            ce = F.cross_entropy(pred.to(cd).transpose(1, 2), tgt, ignore_index=-100, reduction="none")
             return ce.sum(1) / t_mask.sum(1).clamp(min=1), hits.sum(1)
-        ce = F.cross_entropy(pred.flatten(0, 1).float(), tgt.flatten(), ignore_index=-100)
+        ce = F.cross_entropy(pred.flatten(0, 1).to(cd), tgt.flatten(), ignore_index=-100)
         return ce, hits.sum() / t_mask.sum().clamp(min=1)
 
     @staticmethod
@@ -278,13 +283,14 @@ class LaDiR(nn.Module):
         (``per_row``: each row's mean [B]; ``checkpointing``: the denoiser's, ``FlowDenoiser``)."""
         B = z1.shape[0]
         z0 = noise(torch.randn, z1.shape, z1.device, generator, z1.dtype)
-        t = noise(torch.rand, (B,), z1.device, generator)
+        t = noise(torch.rand, (B,), z1.device, generator, z1.dtype)
         zt = (1 - t)[:, None, None] * z0 + t[:, None, None] * z1
         # in the denoiser's dtype (a model cast to float64 / bfloat16; the slot embedding's, which bf16 master
         # weights leave in float32, so autocast computes as before)
         dt = self.denoiser.slot.dtype
         v = self.denoiser(zt.to(dt), t, cond.detach().to(dt), q_mask, checkpointing)
-        err = (v.float() - (z1 - z0).float()).pow(2)
+        cd = compute_dtype(v, z1)
+        err = (v.to(cd) - (z1 - z0).to(cd)).pow(2)
         if per_row:
             return err.flatten(1).mean(1), {}
         loss = err.mean()
@@ -312,15 +318,16 @@ class LaDiR(nn.Module):
             qcache = model.new_cache(B)
             cond = model(question, attention_mask=q_mask.long(), cache=qcache, return_hidden=True,
                          check_inputs=False).hidden_states
-        cond = cond.float()
-        z = z0.clone().float() if z0 is not None else noise(torch.randn, (B, M, cfg.latent_dim), dev, generator)
+        wd = self.denoiser.out.weight.dtype
+        cd = compute_dtype(wd)  # the state's dtype: float32 for a 16-bit denoiser, float64 stays float64
+        cond = cond.to(cd)
+        z = z0.clone().to(cd) if z0 is not None else noise(torch.randn, (B, M, cfg.latent_dim), dev, generator, cd)
         used = torch.full((B,), steps, dtype=torch.long, device=dev)
         active = torch.ones(B, dtype=torch.bool, device=dev)
         dt = 1.0 / steps
         for i in range(steps):
-            t = torch.full((B,), i * dt, device=dev)
-            v = self.denoiser(z.to(self.denoiser.out.weight.dtype), t, cond.to(self.denoiser.out.weight.dtype),
-                              q_mask).float()
+            t = torch.full((B,), i * dt, device=dev, dtype=cd)
+            v = self.denoiser(z.to(wd), t, cond.to(wd), q_mask).to(cd)
             z = torch.where(active[:, None, None], z + dt * v, z)
             if prophet and (i + 1) % cfg.prophet.check_every == 0 and i + 1 < steps:
                 est = z + (1.0 - (i + 1) * dt) * v  # the estimate of z_1 from the last velocity
@@ -343,6 +350,7 @@ class LaDiR(nn.Module):
         """Top-1 minus top-2 logit of the answer's first token after [question, slots(z)]
         (on a fork of the question's cache, which stays as it is)."""
         logits = model(inputs_embeds=self.slots(z, model.dtype), input_ids=None, cache=qcache.fork(),
-                       check_inputs=False, logits_to_keep=1).logits[:, -1].float()
+                       check_inputs=False, logits_to_keep=1).logits[:, -1]
+        logits = logits.to(compute_dtype(logits))
         top = logits.topk(2, dim=-1).values
         return top[:, 0] - top[:, 1]
