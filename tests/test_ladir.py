@@ -618,3 +618,22 @@ def test_generation_is_deterministic_under_a_seed() -> None:
         runs.append((out, stats["steps_used"], stats["vote_agreement"]))
     assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1:] == runs[1][1:]
     assert not (torch.equal(runs[0][0], runs[2][0]) and runs[0][1] == runs[2][1])
+
+
+def test_a_checkpoint_of_a_builtin_reasoning_task_names_the_end_of_its_answers(tmp_path, capsys) -> None:
+    """``chain_arith`` / ``chain_pointer`` end every answer with EOS (token 1), which their token-id
+    tokenizer does not name: a checkpoint carried no end id, so ``hymba generate`` ran on past the answer
+    to ``--max-new-tokens`` (the configs' example, without ``--eos 1``). The checkpoint's
+    ``generation_config.json`` names it, and a resumed run keeps it."""
+    from hymba_plus.cli import main
+    from hymba_plus.models.lm import generation_config
+    from hymba_plus.training.reasoning import EOS
+
+    out = tmp_path / "run"
+    common = ["--data", "chain_arith", "--batch-size", "2", "--eval-every", "1", "--eval-batches", "1", "--out",
+              str(out), "--no-progress"]
+    cfg = str(ROOT / "configs" / "ladir_tiny.yaml")
+    assert main(["train", cfg, "--ladir-stage", "vae", "--steps", "1", *common]) == 0, capsys.readouterr().err
+    assert generation_config(out / "step-1", 32) == {"eos_token_id": EOS}
+    assert main(["train", cfg, "--ladir-stage", "flow", "--steps", "2", "--resume", *common]) == 0
+    assert generation_config(out / "step-2", 32) == {"eos_token_id": EOS}

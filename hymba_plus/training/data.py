@@ -502,6 +502,7 @@ class ReasoningBatches:
                                      max_len=max_len, reserve=reserve, **params_from_train(data, cfg))
         self.tokenizer = self.inner.tokenizer
         self.chance = self.inner.chance
+        self.end_id = self.inner.end_id  # the id that ends the answers (the trainer's generation_config.json)
         self.description = self.inner.description
 
     @staticmethod

@@ -355,13 +355,14 @@ class ReasoningStream:
 
     * Task: sample i of stream s (0 train, 1 eval) is ``sample(name, seed, i, vocab_size,
       stream=s, **params)``; unlimited eval (``n_eval() is None``); ``chance`` is
-      ``answer_chance``.
+      ``answer_chance``; ``end_id`` is ``EOS``, which ends every answer (the token-id tokenizer
+      names no end token: the trainer writes it into the checkpoints' ``generation_config.json``).
     * JSONL file (read with ``tokenizer``, default bytes): the *last* ``val_frac`` of the
       file's examples (``train.val_frac``, 5% by default, at least 1; the class alone defaults to 10%) are held out for eval, the rest are the
       training set (at least 1, so a file needs >= 2 examples). Training visits them once
       per epoch in an order drawn from ``default_rng([seed, 2, epoch])`` (global index
       c -> epoch c // n_train); eval index i is held-out example i mod n_eval. ``chance``
-      is None.
+      is None; ``end_id`` is the tokenizer's end token (appended to the answers), or None.
     """
 
     def __init__(self, data: str | os.PathLike, vocab_size: int, seed: int = 0, tokenizer: Any = None,
@@ -377,6 +378,7 @@ class ReasoningStream:
             self.params = task_params(data, vocab_size, **params)
             self.tokenizer = tokenizer or tokmod.IdsTokenizer(self.vocab_size)
             self.chance: float | None = answer_chance(data, vocab_size, **params)
+            self.end_id: int | None = EOS  # (ends every answer)
             self.examples: list[ReasoningExample] = []
             self.n_train = 0
             self.n_val = 0
@@ -399,6 +401,7 @@ class ReasoningStream:
             raise DataError(f"{p}: val_frac must be in (0, 1), got {val_frac}")
         self.kind, self.name, self.params, self.chance = "jsonl", str(p), {}, None
         self.tokenizer = tokenizer or tokmod.ByteTokenizer()
+        self.end_id = getattr(self.tokenizer, "eos_id", None)  # (``load_jsonl`` appends it to the answers)
         self.examples = load_jsonl(p, self.tokenizer)
         n = len(self.examples)
         if n < 2:

@@ -1218,7 +1218,9 @@ class Trainer:
         given as the recipe, e.g. an imported or hybridized model), and transformers' tokenizer side
         files (``TOKENIZER_SIDE_FILES``: special tokens, chat template): the tokenizer's own (read
         beside ``--tokenizer``'s tokenizer.json, or kept in the shard index ``hymba prepare`` wrote),
-        else that checkpoint's where its tokenizer.json is this run's tokenizer."""
+        else that checkpoint's where its tokenizer.json is this run's tokenizer. Without end ids from
+        that checkpoint, a stream whose examples end with an id its tokenizer does not name (``end_id``:
+        the built-in reasoning tasks' EOS) writes them, so ``hymba generate`` stops there."""
         from ..models.lm import GENERATION_CONFIG, generation_config
         from .tokenizer import load_file, side_files
 
@@ -1229,6 +1231,8 @@ class Trainer:
         out: dict[str, str] = {}
         if start is not None and generation_config(start, self.recipe.model.vocab_size):  # (checked: ids in range)
             out[GENERATION_CONFIG] = (Path(start) / GENERATION_CONFIG).read_text(encoding="utf-8")
+        elif getattr(self.stream, "end_id", None) is not None and getattr(tok, "eos_id", None) is None:
+            out[GENERATION_CONFIG] = json.dumps({"eos_token_id": int(self.stream.end_id)}) + "\n"
         if getattr(tok, "files", None):
             return {**out, **tok.files}
         if (tok.kind == "tokenizers" and start is not None and (Path(start) / "tokenizer.json").is_file()
