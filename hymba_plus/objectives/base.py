@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 
 class Objective(nn.Module):
@@ -35,6 +36,14 @@ class Objective(nn.Module):
     * ``eval_sums(out)`` / ``eval_results(sums)``: extra held-out metrics: per-batch sums the
       trainer adds up (over batches and processes) and the metrics made from them (forecast:
       MSE, MAE, MASE, CRPS and the seasonal-naive baseline's); none by default;
+    * ``train_items(ids, labels, batch)``: how many items a batch's loss is the mean over (a
+      0-d device tensor, from the batch alone, before the forward and without a host read). The
+      trainer weighs each micro-batch's loss by it, so a step trains the mean over every item of
+      its micro-batches and processes, not the mean of their means (``training/trainer.py``;
+      the ``num_items_in_batch`` of HF transformers' gradient accumulation): next token, its
+      scored next-token targets; block diffusion, its scored tokens; forecast, its observed
+      targets; by default (ladir, whose loss sums means over other denominators) its rows,
+      which every training micro-batch has as many of: the equal weights of a mean over them;
     * ``eval_weight(out, rows)``: the weight of one held-out batch's loss in ``eval_loss`` (the
       weighted mean over batches): its distinct rows by default (the mean over held-out windows
       or examples); forecast: its observed targets.
@@ -68,6 +77,14 @@ class Objective(nn.Module):
     def eval_results(self, sums: dict[str, float]) -> dict[str, float]:
         """Held-out metrics (without the ``eval_`` prefix) from the summed ``eval_sums``."""
         return {}
+
+    def train_items(self, ids: Tensor, labels: Tensor, batch: Any = None) -> Tensor:
+        """The items a batch's loss is the mean over (a 0-d device tensor, no host read): by default
+        its distinct rows (``batch.rows``; every row of a training batch), the weight of an objective
+        whose loss is no mean over countable items: every micro-batch of a run has as many rows, so
+        the step's loss stays the mean of theirs."""
+        rows = batch.rows if batch is not None else labels.shape[0]
+        return torch.full((), rows, dtype=torch.long, device=labels.device)
 
     def eval_weight(self, out: Any, rows: int) -> float:
         """The weight of a held-out batch's loss in ``eval_loss``: its ``rows`` distinct rows (0 for

@@ -228,6 +228,11 @@ class BlockDiffusion(Objective):
         return ModelOutput(logits=logits, loss=loss if aux is None else loss + aux, aux_loss=aux,
                            stats=ctx.stats or None)
 
+    def train_items(self, ids: Tensor, labels: Tensor, batch: Any = None) -> Tensor:
+        """The scored tokens (label not -100): the NELBO's denominator (``nelbo``: the sum over the
+        masked ones, divided by every scored one, whichever the random levels mask)."""
+        return (labels != -100).sum()
+
     @torch.no_grad()
     def eval_batch(self, fwd, model, ids: Tensor, labels: Tensor, seed: int, batch: Any = None, **kw: Any):  # noqa: ANN001, ANN201
         """(NELBO with t ~ U[eps, 1], correct and scored masked tokens, output) of one held-out

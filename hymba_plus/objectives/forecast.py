@@ -224,6 +224,12 @@ class Forecast(Objective):
     def eval_results(self, sums: dict[str, float]) -> dict[str, float]:
         return fm.forecast_results(sums)
 
+    def train_items(self, ids: Tensor, labels: Tensor, batch: Any = None) -> Tensor:
+        """The observed targets (``loss``'s denominator: a gap of the data, NaN in the horizon, is not
+        scored; contexts have their gaps filled, ``training/series.py``, so a finite target has a
+        finite z-score)."""
+        return torch.isfinite(labels).sum()
+
     def eval_weight(self, out: Any, rows: int) -> float:
         """The batch's observed targets: a batch's loss is the mean over its own, so ``eval_loss`` is
         the mean over every observed held-out target (NaN where none was); a window whose targets are

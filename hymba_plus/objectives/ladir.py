@@ -12,6 +12,10 @@ the VAE and a resumed one the flow:
   mode as at inference: no dropout; so are they for the flow loss of ``joint``);
 * ``joint``: both losses, summed.
 
+Under gradient accumulation every micro-batch weighs alike (``Objective.train_items``' default, its
+rows): the loss sums means over other denominators (reasoning tokens, answer tokens, rows for the
+KL, rows x slots x latent dims for the flow), which a token count would reweigh against each other.
+
 Held-out: the stage's loss; accuracy is the answer's tokens, teacher-forced after the slots
 of the posterior mean (``vae``) or of latents sampled by the flow without Prophet
 (``flow`` / ``joint``), so it measures answering *through* the latents.

@@ -34,6 +34,14 @@ class NextToken(Objective):
         reads them (``--distill``)."""
         return fwd(ids, labels=labels, check_inputs=False, return_logits=return_logits, **kw)
 
+    def train_items(self, ids: Tensor, labels: Tensor, batch: Any = None) -> Tensor:
+        """The next-token targets the loss is the mean over: position t predicts ``labels[t + 1]``,
+        so ``labels[:, 1:]`` that are not -100 (the trainer passes no attention mask:
+        ``models.lm.next_token_targets``). An MTP loss added to it (``components/mtp.py``, a mean
+        over depths of means over fewer positions of the same rows) rides on this weight, as it
+        rides on the next-token loss (DeepSeek-V3's lambda * L_MTP)."""
+        return (labels[:, 1:] != -100).sum()
+
     def eval_batch(self, fwd, model, ids: Tensor, labels: Tensor, seed: int, batch: Any = None, **kw: Any):  # noqa: ANN001, ANN201
         """(loss, correct, scored, ModelOutput) of one held-out batch."""
         from ..training.tasks import masked_correct

@@ -17,7 +17,10 @@ What capture needs, and what happens otherwise:
   component that synchronises makes the capture fail, reported as one line naming it;
 * gradients: a replayed backward writes the parameter gradients into the graph's static
   buffers, which the next replay overwrites, so with gradient accumulation each micro-step's
-  gradients are summed into buffers of our own (``GradAccumulator``);
+  gradients are summed into buffers of our own (``GradAccumulator``). A micro-step's weight in
+  the step (its loss items, ``Trainer.train_step``) is not captured: it comes in as the gradient
+  output of the loss (and of the aux loss, which keeps a per-micro-batch mean), which the
+  replayed backward copies into its static buffers;
 * no autograd graph of an earlier eager step still alive (a ``loss`` or output kept from a
   forward with gradients): one can make the capture fail. A failed capture looks for such
   tensors (``graph_holders``) and, where there are any, the error says to drop them; else it runs
@@ -195,7 +198,9 @@ def _train_forward(model: nn.Module, ids: Tensor, labels: Tensor):  # noqa: ANN2
 class _LossStep(nn.Module):
     """(ids, labels) -> (loss, aux loss, *statistics): the graph's tensors-only interface. The
     model holds its objective, so the objective's parameters (block diffusion's [MASK] embedding)
-    are among the captured backward's."""
+    are among the captured backward's. The aux loss (part of the loss) keeps its autograd graph:
+    the trainer weighs it apart from the rest of the loss (its own gradient output of the captured
+    backward, ``Trainer.train_step``); with none, the detached loss stands in for it."""
 
     def __init__(self, model: nn.Module, has_aux: bool, stat_keys: list[str]):
         super().__init__()
@@ -205,7 +210,7 @@ class _LossStep(nn.Module):
 
     def forward(self, ids: Tensor, labels: Tensor) -> tuple[Tensor, ...]:
         out = _train_forward(self.model, ids, labels)
-        aux = out.aux_loss.detach() if self.has_aux else out.loss.detach()
+        aux = out.aux_loss if self.has_aux else out.loss.detach()
         stats = out.stats or {}
         return (out.loss, aux, *[stats[k].detach() for k in self.stat_keys])
 

@@ -72,14 +72,20 @@ def kl_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) 
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * (T * T)
 
 
-def distill_loss(out: Any, teacher: Any, ids: Tensor, cfg: DistillConfig | None) -> tuple[Tensor, Tensor]:
-    """(the loss to train, the KL term) for a student ``ModelOutput`` on ``ids``."""
+def distill_loss(out: Any, teacher: Any, ids: Tensor, cfg: DistillConfig | None) -> tuple[Tensor, Tensor, Tensor]:
+    """(the loss to train, the KL term, the part of that loss that is a mean over the batch's
+    positions: ``kl_weight`` * KL + aux losses) for a student ``ModelOutput`` on ``ids``. Under
+    gradient accumulation the trainer weighs the objective's part by its items (the next-token
+    targets) and this part equally (every micro-batch has as many positions: the mean over the
+    step's), ``Trainer.train_step``."""
     cfg = cfg or DistillConfig()
     with torch.no_grad():
         t_logits = teacher(ids, check_inputs=False).logits
     kl = kl_loss(out.logits, t_logits, cfg.temperature)
     lm = out.loss if out.aux_loss is None else out.loss - out.aux_loss
-    loss = cfg.ce_weight * lm + cfg.kl_weight * kl
+    equal = cfg.kl_weight * kl
+    loss = cfg.ce_weight * lm + equal
     if out.aux_loss is not None:
         loss = loss + out.aux_loss
-    return loss, kl.detach()
+        equal = equal + out.aux_loss
+    return loss, kl.detach(), equal

@@ -149,6 +149,16 @@ def all_reduce(values: list[float], info: DistInfo, op: str = "mean") -> list[fl
     return t.tolist()
 
 
+def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The sum over ranks of a device tensor, as a new tensor and without a host read (the step's
+    loss items, ``Trainer.train_step``); ``t`` itself on one process."""
+    if not info.enabled:
+        return t
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
 def all_gather_bytes(t: torch.Tensor, info: DistInfo) -> list[torch.Tensor]:
     """Every rank's copy of a same-sized uint8 tensor (RNG states), on the CPU."""
     if not info.enabled:

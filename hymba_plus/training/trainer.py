@@ -2,10 +2,28 @@
 
 One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` sequences on every
 process; the loss of each micro-batch is ``out.loss`` (next-token cross entropy plus the
-model's auxiliary losses, e.g. MoE balancing) divided by ``grad_accum``; the next-token
-objective computes it without ``[B, T, V]`` logits (``return_logits=False``: fused linear +
-cross entropy, ``kernels/linear_ce.py``) unless ``--distill`` reads them, while evaluations
-run the LM head (accuracy and the objectives' metrics read logits). Then: global
+model's auxiliary losses, e.g. MoE balancing); the next-token objective computes it without
+``[B, T, V]`` logits (``return_logits=False``: fused linear + cross entropy,
+``kernels/linear_ce.py``) unless ``--distill`` reads them, while evaluations run the LM head
+(accuracy and the objectives' metrics read logits).
+
+The step trains the mean over every loss item of its micro-batches and processes, not the mean
+of their means (HF transformers' ``num_items_in_batch`` / ``average_tokens_across_devices``,
+torchtitan's global token count): the micro-batches are read first, each one's items counted
+from its labels (``Objective.train_items``: scored next-token targets, block diffusion's scored
+tokens, forecasting's observed targets; rows for ladir, whose loss sums means over other
+denominators), the count summed over processes (one all-reduce, more than one process only),
+and micro-batch i backpropagates ``loss_i * items_i * world / total`` (FSDP2 averages the
+processes' gradients), as ``loss_i / div_i`` (``_loss_shares``). The auxiliary losses (MoE
+balance and z losses; with ``--distill`` the KL term too, a mean over every position) keep the
+weight ``1 / grad_accum``: their own gradient output. Nothing is read on the host; a CUDA-graph
+step gets the weights as the gradient outputs of its captured loss and aux loss. With as many
+items everywhere (packed text, the built-in tasks, ``grad_accum`` 1) ``div_i`` is exactly
+``grad_accum``: the gradients and the logged loss are bit for bit those of the mean over
+micro-batches. A micro-batch with nothing to score weighs nothing; a step with nothing to score
+is a non-finite loss. The logged ``loss`` is the step's loss as trained. Router training
+(``--train-only routers``) keeps equal weights: its focal loss is weighted by classes drawn from
+each micro-batch's searched routes, known only after the search, no plain mean over items. Then: global
 gradient-norm clipping, the optimizer step (Muon + AdamW, ``optim.py``), the learning
 rate from the schedule (``schedule.py``), and ``update_bias()`` on every module that has
 one (aux-loss-free MoE balancing). bf16 autocast on CUDA (``precision: auto``).
@@ -933,15 +951,19 @@ class Trainer:
         aux_sum = None
         stats, micro_stats = None, []
         acc = GradAccumulator() if self.graphed is not None and cfg.grad_accum > 1 else None
-        for micro in range(cfg.grad_accum):
-            batch = self.stream.train(self._micro_indices(micro))
-            ids, labels = batch.input_ids.to(dev), batch.labels.to(dev)
+        # the step's micro-batches first (small: token ids), then each one's share of the step's loss
+        batches = [self.stream.train(self._micro_indices(micro)) for micro in range(cfg.grad_accum)]
+        moved = [(b.input_ids.to(dev), b.labels.to(dev)) for b in batches]
+        div, corr, has_items = self._loss_shares([self.objective.train_items(ids, labels, b)
+                                                  for b, (ids, labels) in zip(batches, moved)])
+        for micro, (batch, (ids, labels)) in enumerate(zip(batches, moved)):
             if self.info.enabled and cfg.grad_accum > 1:
                 self.model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
             if self.compile_mode is not None:  # CUDA-graph modes: outputs of the previous step may be reused
                 torch.compiler.cudagraph_mark_step_begin()
             if self.graphed is not None:
                 loss_t, aux_t, stats = self.graphed(ids, labels)
+                equal_t = aux_t  # (the captured step's aux loss keeps its autograd graph: cuda_graph._LossStep)
             else:
                 # the base (and MoDr branches) train at full depth: routers that are on do not route here
                 kw = {"routes": self._all_execute(ids.shape[0])} if self._routing() else {}
@@ -951,20 +973,34 @@ class Trainer:
                     out = self.model.run(self.objective.train_forward, self.fwd, self.model, ids, labels, batch=batch,
                                               **kw)
                 loss_t, aux_t, stats = out.loss, out.aux_loss, out.stats
+                equal_t = aux_t
                 if self.teacher is not None:
                     from .distill import distill_loss
 
                     with _autocast(cfg, dev):
-                        loss_t, kl_t = distill_loss(out, self.teacher, ids, cfg.distill)
+                        loss_t, kl_t, equal_t = distill_loss(out, self.teacher, ids, cfg.distill)
                     stats = {**(stats or {}), "distill/kl": kl_t}
                 if "routes" in kw and stats is not None:
                     stats = {k: v for k, v in stats.items() if k != "etd/route_slots"}
-            (loss_t / cfg.grad_accum).backward()
+            # loss_t * items * world / total: division by ``div`` (exactly grad_accum where every micro-batch
+            # of every process has as many items, so then the gradients are bit for bit the mean's); the
+            # part of the loss that stays a mean over micro-batches (aux losses, distillation's KL) gets
+            # 1 / grad_accum in all (``corr``, exactly 0 then)
+            d, c = div[micro].to(loss_t.dtype), corr[micro]
+            if equal_t is not None and equal_t.requires_grad:
+                torch.autograd.backward([loss_t / d, equal_t], [None, c.to(equal_t.dtype)])
+            else:
+                (loss_t / d).backward()
             if self.masters is not None:
                 self.masters.collect()
             if acc is not None:
                 acc.take(list(self.model.parameters()))
-            loss_sum += loss_t.detach().double()
+            # grad_accum x the step's loss as trained, so that as many items everywhere log the mean over the
+            # micro-batches as before, bit for bit (a micro-batch with nothing to score has a NaN mean over
+            # no items, which weighs nothing)
+            loss_sum += torch.where(has_items[micro], loss_t.detach().double() * (cfg.grad_accum / div[micro]), 0.0)
+            if equal_t is not None:
+                loss_sum += equal_t.detach().double() * (corr[micro] * cfg.grad_accum)
             if aux_t is not None:
                 a = aux_t.detach().double()
                 aux_sum = a if aux_sum is None else aux_sum + a
@@ -975,6 +1011,25 @@ class Trainer:
                                    micro_stats[-1] if cfg.grad_accum == 1 else _step_stats(micro_stats))
         self._update_biases()
         return row
+
+    def _loss_shares(self, items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(divisors, corrections, has items) [grad_accum] of a step's micro-batches from their loss
+        items (``Objective.train_items``, device tensors), all on the device without a host read;
+        the items summed over processes in one all-reduce (more than one process only). Micro-batch
+        i backpropagates ``loss_i / div_i`` with ``div_i = total / (items_i * world)``: the sum over
+        micro-batches and processes of ``loss_i * items_i / total``, the mean over every item of the
+        step, once FSDP2 has averaged the processes' gradients (its reduce-scatter divides by the
+        world size). ``corr_i = 1 / grad_accum - items_i * world / total`` brings the part of a loss
+        that stays a per-micro-batch mean back to ``1 / grad_accum``. Counts in float64: with as many
+        items everywhere ``div_i`` is exactly ``grad_accum`` and ``corr_i`` exactly 0, so the gradients
+        are bit for bit those of the mean over micro-batches (``grad_accum`` 1, packed text)."""
+        n = torch.stack([c.to(torch.float64) for c in items])
+        total = dist_mod.all_reduce_sum(n.sum(), self.info)
+        local = n * self.info.world
+        div = total / local  # inf for a micro-batch with no item (its gradient: 0)
+        corr = 1.0 / self.cfg.grad_accum - local / total
+        # the whole step without an item: nothing to train (NaN loss, the run stops with a TrainError)
+        return div, corr, (n > 0) | (total == 0)
 
     def _router_step(self, step: int) -> dict[str, Any]:
         """One step of router training (``--train-only routers``, ``routes.py``): per micro-batch
@@ -1046,7 +1101,8 @@ class Trainer:
             tensors = [loss if isinstance(loss, torch.Tensor) else None, aux, norm]
             (loss_v, aux_v, gnorm), stat_row = _read_step(tensors, stats)
             stat_row = _reduce_stats(stat_row, self.info)
-            if isinstance(loss, torch.Tensor):  # sums over the micro-steps: the mean over them and the ranks
+            if isinstance(loss, torch.Tensor):  # sums over the micro-steps (train_step's loss: weighted by their
+                # items): the mean over them and the ranks
                 sums = [loss_v / cfg.grad_accum] + ([aux_v / cfg.grad_accum] if aux is not None else [])
                 loss, *aux_mean = dist_mod.all_reduce(sums, self.info)
                 aux_v = aux_mean[0] if aux_mean else None
