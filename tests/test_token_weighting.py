@@ -2,7 +2,8 @@
 accumulation trains the mean over every loss item of its micro-batches (and processes), not the mean
 of their means, as HF transformers' ``num_items_in_batch`` and torchtitan do; a micro-batch with 3
 scored tokens no longer weighs as much as one with 30. Auxiliary losses keep their per-micro-batch
-mean. As many items everywhere give the gradients of the mean over micro-batches bit for bit."""
+mean. As many items everywhere give the gradients of the mean over micro-batches bit for bit.
+``eval_loss`` is the mean over every scored held-out item."""
 
 from __future__ import annotations
 
@@ -176,6 +177,20 @@ def test_a_micro_batch_with_nothing_to_score_weighs_nothing(tmp_path):
     want = {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}
     _close(grads, want, 1e-12)
     assert loss == pytest.approx(float(out.loss.detach()), rel=1e-12)
+
+
+def test_eval_loss_is_the_mean_over_scored_targets(tmp_path):
+    """Two held-out batches scoring 3 and 26 next-token targets: ``eval_loss`` is the cross entropy
+    over the 29 targets (it was the mean of the two batches' means: rows weighed alike)."""
+    tr = _trainer(tmp_path, TINY, grad_accum=1, eval_batches=2)
+    parts = [_batch(9, 3), _batch(10, 26)]
+    tr.stream.eval = lambda idx: parts[idx.start // B]
+    tr.stream.n_eval = lambda: None
+    got = tr.evaluate()["eval_loss"]
+    with torch.no_grad():
+        ids, labels = torch.cat([b.input_ids for b in parts]), torch.cat([b.labels for b in parts])
+        want = float(tr.model.lm_loss(tr.model(ids).logits, labels))
+    assert got == pytest.approx(want, rel=1e-10)
 
 
 # --------------------------------------------------------------------------- two processes

@@ -747,11 +747,12 @@ def test_text_eval_counts_each_held_out_window_once(tmp_path):
 
 
 
-def test_eval_loss_of_other_objectives_stays_row_weighted(tmp_path):
-    """``eval_loss`` weighs each held-out batch by what the objective's ``eval_weight`` says: the
-    forecast objective's observed targets; every other objective keeps its distinct rows (block
-    diffusion's batches score different numbers of masked tokens: weighting by those would change
-    its numbers)."""
+def test_eval_loss_of_block_diffusion_is_the_mean_over_scored_tokens(tmp_path):
+    """``eval_loss`` weighs each held-out batch by its scored items (``Objective.eval_weight``, the
+    ``train_items`` of its scored labels): block diffusion's NELBO is a mean over the scored tokens
+    (whichever the levels mask), so a batch weighs its scored tokens, the repeats of a batch that
+    wraps around the held-out windows left out; here as its distinct rows (every token of a text
+    window is scored)."""
     import random
 
     from hymba_plus import load_recipe
@@ -769,9 +770,9 @@ def test_eval_loss_of_other_objectives_stays_row_weighted(tmp_path):
     with torch.no_grad():
         for start in (0, 4):  # 5 held-out windows: 4, then 1 and 3 repeats
             b = tr.stream.eval(range(start, start + 4))
-            loss, _, scored, out = tr.objective.eval_batch(tr.fwd, tr.model, b.input_ids, b.scored_labels(),
-                                                           seed=start, batch=b)
-            assert tr.objective.eval_weight(out, b.rows) == b.rows
+            labels = b.scored_labels()
+            loss, _, scored, out = tr.objective.eval_batch(tr.fwd, tr.model, b.input_ids, labels, seed=start, batch=b)
+            assert tr.objective.eval_weight(out, b.input_ids, labels, b) == b.rows * 16
             parts.append((loss, b.rows, scored))
     assert [r for _, r, _ in parts] == [4, 1] and parts[0][2] != 4 * parts[1][2]
     assert got == pytest.approx(sum(v * r for v, r, _ in parts) / 5, rel=1e-6), (got, parts)

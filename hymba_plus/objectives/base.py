@@ -44,9 +44,11 @@ class Objective(nn.Module):
       scored next-token targets; block diffusion, its scored tokens; forecast, its observed
       targets; by default (ladir, whose loss sums means over other denominators) its rows,
       which every training micro-batch has as many of: the equal weights of a mean over them;
-    * ``eval_weight(out, rows)``: the weight of one held-out batch's loss in ``eval_loss`` (the
-      weighted mean over batches): its distinct rows by default (the mean over held-out windows
-      or examples); forecast: its observed targets.
+    * ``eval_weight(out, ids, labels, batch)``: the weight of one held-out batch's loss in
+      ``eval_loss`` (the weighted mean over batches), ``labels`` the scored ones (a batch's
+      repeated rows blanked): ``train_items`` of them, so ``eval_loss`` is the mean over every
+      scored held-out item (ladir: over the distinct held-out examples, its loss being a mean
+      over their rows).
     """
 
     mask_token_id: int | None = None
@@ -86,7 +88,8 @@ class Objective(nn.Module):
         rows = batch.rows if batch is not None else labels.shape[0]
         return torch.full((), rows, dtype=torch.long, device=labels.device)
 
-    def eval_weight(self, out: Any, rows: int) -> float:
-        """The weight of a held-out batch's loss in ``eval_loss``: its ``rows`` distinct rows (0 for
-        a batch of repeats only, which scored nothing)."""
-        return rows
+    def eval_weight(self, out: Any, ids: Tensor, labels: Tensor, batch: Any) -> float:
+        """The weight of a held-out batch's loss in ``eval_loss``: ``train_items`` of its scored
+        ``labels`` (the rows that repeat earlier ones blanked), so ``eval_loss`` is the mean over
+        every scored held-out item (0 for a batch that scored nothing)."""
+        return float(self.train_items(ids, labels, batch))

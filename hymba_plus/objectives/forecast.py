@@ -202,7 +202,7 @@ class Forecast(Objective):
         (``forecast_metrics.window_sums``) that ``eval_sums`` hands to the trainer. Targets that are
         NaN (gaps of the data, and the repeated windows of a batch that wraps around the held-out
         set, whose labels the trainer's evaluation blanks) count in neither the loss nor the sums;
-        the trainer weighs the loss by the observed targets (``eval_weight``)."""
+        the trainer weighs the loss by the observed targets (``train_items``)."""
         from ..models.lm import ModelOutput
 
         z_last, z, mu, sigma, out = self._window(fwd, ids, labels, **kw)
@@ -227,14 +227,10 @@ class Forecast(Objective):
     def train_items(self, ids: Tensor, labels: Tensor, batch: Any = None) -> Tensor:
         """The observed targets (``loss``'s denominator: a gap of the data, NaN in the horizon, is not
         scored; contexts have their gaps filled, ``training/series.py``, so a finite target has a
-        finite z-score)."""
+        finite z-score). Held out (``eval_weight``): ``eval_loss`` is the mean over every observed
+        held-out target (NaN where none was); a window whose targets are all missing weighs
+        nothing."""
         return torch.isfinite(labels).sum()
-
-    def eval_weight(self, out: Any, rows: int) -> float:
-        """The batch's observed targets: a batch's loss is the mean over its own, so ``eval_loss`` is
-        the mean over every observed held-out target (NaN where none was); a window whose targets are
-        all missing weighs nothing (it counted as a row that scored 0)."""
-        return float(out.stats["forecast/points"])
 
     @torch.no_grad()
     def forecast(self, model, x: Tensor) -> Tensor:  # noqa: ANN001

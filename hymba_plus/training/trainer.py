@@ -1204,13 +1204,13 @@ class Trainer:
         runs = [""] + (["_all_execute"] if self._routing() else [])
         sums = {r: [0.0, 0, 0, 0.0] for r in runs}  # loss x rows, correct, scored, applications per row
         extra: dict[str, float] = {}  # the objective's own metric sums (eval_sums), of the first run
-        rows = 0.0  # the weight of the batches' losses: their distinct held-out rows, or what they scored
-        # (the objective's eval_weight: forecast, the observed targets)
+        rows = 0.0  # the weight of the batches' losses: the items they scored (the objective's eval_weight:
+        # next token, the scored next-token targets; forecast, the observed targets; ladir, the distinct rows)
         for k in range(n_batches):
             start = (k * info.world + info.rank) * B
             batch = self.stream.eval(range(start, start + B))
             # a batch that wraps around the held-out set: its repeats are not scored
-            ids, labels, n_rows = batch.input_ids.to(dev), batch.scored_labels().to(dev), batch.rows
+            ids, labels = batch.input_ids.to(dev), batch.scored_labels().to(dev)
             w = 0.0
             for run in runs:
                 kw = {"routes": self._all_execute(ids.shape[0])} if run else {}
@@ -1222,7 +1222,7 @@ class Trainer:
                 if not run:
                     for key, v in self.objective.eval_sums(out).items():
                         extra[key] = extra.get(key, 0.0) + v
-                    w = self.objective.eval_weight(out, n_rows)
+                    w = self.objective.eval_weight(out, ids, labels, batch)
                 acc = sums[run]
                 acc[0] += loss * w if w else 0.0  # (a batch that scored nothing: NaN or 0 loss, no weight)
                 acc[1], acc[2] = acc[1] + c, acc[2] + t
