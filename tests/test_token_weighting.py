@@ -146,6 +146,30 @@ def test_the_captured_step_weighs_its_aux_loss_apart(tmp_path):
     assert loss == pytest.approx(want_loss, rel=1e-12)
 
 
+def test_distillation_weighs_its_cross_entropy_by_targets_and_its_kl_per_micro_batch(tmp_path):
+    """``--distill``: the objective's cross entropy is weighed by its targets; the KL term, a mean over
+    every position of a micro-batch (as many in each), keeps 1 / grad_accum with the aux losses
+    (``distill_loss``'s third part)."""
+    from hymba_plus import build_model
+    from hymba_plus.training.distill import distill_loss
+
+    tr = _trainer(tmp_path, MOE, grad_accum=2)
+    torch.manual_seed(11)
+    tr.teacher = build_model(load_recipe(TINY)).double().eval().requires_grad_(False)
+    parts, counts = [_batch(12, 5), _batch(13, 24)], [5, 24]
+    _feed(tr, parts)
+    grads, loss = _step_grads(tr)
+    total = 0
+    for b, n in zip(parts, counts):
+        out = tr.objective.train_forward(tr.model, tr.model, b.input_ids, b.labels, return_logits=True)
+        loss_b, _, equal = distill_loss(out, tr.teacher, b.input_ids, tr.cfg.distill)
+        total = total + (loss_b - equal) * n / sum(counts) + equal / 2
+    total.backward()
+    want = {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}
+    _close(grads, want, 1e-10)
+    assert loss == pytest.approx(float(total.detach()), rel=1e-12)
+
+
 @pytest.mark.parametrize("grad_accum", [1, 3])
 def test_as_many_items_everywhere_give_the_mean_over_micro_batches_bit_for_bit(tmp_path, grad_accum):
     """The built-in task (as many scored targets in every row) and a MoE model in float32: the
