@@ -170,6 +170,29 @@ def test_distillation_weighs_its_cross_entropy_by_targets_and_its_kl_per_micro_b
     assert loss == pytest.approx(float(total.detach()), rel=1e-12)
 
 
+def test_forecast_steps_weigh_the_observed_targets(tmp_path):
+    """Forecasting windows whose horizons miss values (gaps of the data, NaN): the step's gradient
+    is the loss over the observed targets of both micro-batches at once."""
+    fc = load_recipe(Path(__file__).resolve().parents[1] / "configs" / "forecast_tiny.yaml")
+    tr = Trainer(fc, TrainConfig(steps=2, batch_size=B, warmup_steps=0, grad_accum=2),
+                 RunOptions(out=tmp_path / "run", progress=False, log=lambda s: None, device="cpu"))
+    tr.setup()
+    tr.model.double()
+    parts = [tr.stream.train(tr._micro_indices(m)) for m in range(2)]
+    parts[0].labels[0, 2:] = float("nan")  # micro-batch 0: 2 + 12 observed targets, micro-batch 1: 48
+    parts[0].labels[1, :] = torch.where(torch.arange(24)[:, None] % 2 == 0, parts[0].labels[1], float("nan"))
+    counts = [int(tr.objective.train_items(b.input_ids, b.labels, b)) for b in parts]
+    assert counts == [2 + 12, 48]
+    _feed(tr, parts)
+    grads, loss = _step_grads(tr)
+    x, y = torch.cat([b.input_ids for b in parts]), torch.cat([b.labels for b in parts])
+    out = tr.objective.train_forward(tr.model, tr.model, x, y)
+    out.loss.backward()
+    want = {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}
+    _close(grads, want, 1e-9)
+    assert loss == pytest.approx(float(out.loss.detach()), rel=1e-10)
+
+
 @pytest.mark.parametrize("grad_accum", [1, 3])
 def test_as_many_items_everywhere_give_the_mean_over_micro_batches_bit_for_bit(tmp_path, grad_accum):
     """The built-in task (as many scored targets in every row) and a MoE model in float32: the
