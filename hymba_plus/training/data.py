@@ -466,7 +466,7 @@ class Batch:
     segments: dict | None = None  # reasoning data: question / reasoning / answer tensors and masks
     # held-out batches of a finite set: the first ``unique`` rows are distinct examples, the rest
     # repeat them to fill the batch (None: every row counts); the trainer's evaluation scores
-    # ``scored_labels()`` and weighs each batch's loss by its distinct rows
+    # ``scored_labels()`` and weighs each batch's loss by the items those score (``Objective.eval_weight``)
     unique: int | None = None
 
     @property
