@@ -1188,8 +1188,9 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Held-out loss and accuracy (or perplexity) of the model, teacher-forced over whole
         held-out sequences; ``eval_loss`` is the mean over every scored item (each batch's mean
-        weighed by ``Objective.eval_weight``: its scored targets, LaDiR's distinct rows). When its Dr.LLM routers are on (router training switched them on)
-        that is with the routes they decide, and the same batches are also evaluated
+        weighed by ``Objective.eval_weight``: its scored targets, LaDiR's distinct rows). When its
+        Dr.LLM routers are on (router training switched them on) that is with the routes they
+        decide, and the same batches are also evaluated
         all-execute (``*_all_execute``); ``eval_applications`` is the mean layer applications
         per sequence of the routed run. The routes are decided from the whole sequence (as in
         router training, and as Dr.LLM's code routes every forward); ``generate`` decides them
