@@ -351,3 +351,46 @@ def test_training_a_converted_model_keeps_its_end_ids_and_tokenizer_files(tmp_pa
         ckpt = tmp_path / "run" / f"step-{step}"
         assert generation_config(ckpt) == {"eos_token_id": [7, 9]}
         assert {n: (ckpt / n).read_text() for n in TOKENIZER_SIDE_FILES} == sides
+
+
+@pytest.mark.parametrize("extra", [{"model": {"mtp": {"depth": 1, "block": "GA"}}},
+                                   {"objective": {"kind": "block_diffusion", "block_size": 4}}])
+def test_mtp_modules_and_objective_weights_are_copied_when_the_hybrid_has_the_same(tmp_path, extra):
+    """The multi-token prediction modules and an objective's own weights (block diffusion's [MASK]
+    embedding) are the source's where the hybrid has the same settings (they were left at the hybrid's
+    fresh init, silently: a trained MTP module or [MASK] embedding lost); where it has other settings,
+    or the source has none, they start fresh, and a line says so."""
+    def model(r, seed):  # noqa: ANN001, ANN202
+        torch.manual_seed(seed)
+        m = build_model(r)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn_like(p))  # (a zero-initialised [MASK] embedding would equal a fresh one)
+        return m
+
+    r = recipe("GA | GA")
+    r["model"].update(extra.get("model", {}))
+    r.update({k: v for k, v in extra.items() if k != "model"})
+    src = model(r, 0)
+    src.save_pretrained(tmp_path / "src")
+    s = src.state_dict()
+    section = "mtp." if "model" in extra else "objective."
+    copied = [k for k in s if k.startswith(section)]
+    assert copied
+    r["model"]["block_pattern"] = "GD | GA"
+    if "objective" in extra:  # (the block size does not change what the [MASK] embedding means)
+        r["objective"] = {"kind": "block_diffusion", "block_size": 8}
+    assert hybridize(tmp_path / "src", tmp_path / "h", r) == [
+        "layer 0: attention -> gdn: q<-q_proj, k<-k_proj, v<-v_proj, out_proj<-o_proj, conv=identity"]
+    h = from_pretrained(tmp_path / "h").state_dict()
+    assert all(torch.equal(h[k], s[k]) for k in copied)
+    if "model" in extra:
+        r["model"]["mtp"] = {"depth": 2, "block": "GA"}
+        what = "mtp: fresh (model.mtp.depth: 2 differs from the source's 1)"
+    else:  # a next-token source
+        model(recipe("GA | GA"), 1).save_pretrained(tmp_path / "src")
+        what = "objective: fresh (objective.kind: 'block_diffusion' differs from the source's 'next_token')"
+    lines = hybridize(tmp_path / "src", tmp_path / "h2", r)
+    assert lines[1:] == [what], lines
+    h2 = from_pretrained(tmp_path / "h2").state_dict()
+    assert not any(torch.equal(h2[k], s[k]) for k in copied if k in h2)

@@ -5,7 +5,12 @@ The target recipe has the source's width, vocabulary and layer count; its patter
 per layer, the mixer: the source's own ``gated_attn`` (kept), ``gdn`` or ``mamba3``
 (replaced), or ``-`` (dropped). Everything else -- embeddings, meta tokens, head, final
 norm, every layer's norms and channel mixer (MLP / MoE) and the kept attention layers -- is
-copied and must have the source's shapes.
+copied and must have the source's shapes. The modules beside the layers are copied where the
+hybrid has the source's settings, else start fresh (a line says so): the multi-token prediction
+modules (same ``model.mtp`` depth and block, and that block's components), an objective's own
+weights (block diffusion's [MASK] embedding: same objective kind), ETD's controller (same
+``model.etd``, ``etd_router`` and think layers, whose projections its adapters attach to) and
+LaDiR's modules (same ``ladir``).
 
 A replaced mixer starts from the attention weights it replaces where the maths allows,
 reading linear attention as attention without the softmax (Mamba-in-the-Llama, Wang et al.
@@ -28,7 +33,8 @@ projection. Precisely (H query heads, Hkv key/value heads of dim D):
 
 The q/k norms, RoPE and the output gate of the replaced attention have no counterpart and
 are dropped; a ``kv_share`` consumer has no k/v projections (it reuses its partner's), so
-only what its q and o projections give is copied. ``hybridize`` returns one line per replaced layer saying what was copied.
+only what its q and o projections give is copied. ``hybridize`` returns one line per replaced layer saying what was copied,
+and one per module beside the layers that starts fresh.
 Memory: the source's state and the hybrid are both held (unlike import and export, which
 stream), so hybridizing needs about twice the model's size.
 """
@@ -134,32 +140,84 @@ def _show(v: Any) -> str:
     return str(dataclasses.asdict(v)) if dataclasses.is_dataclass(v) else repr(v)
 
 
-def _check_same_components(source: Recipe, target: Recipe, where: str) -> None:
-    """Components whose weights are copied (the kept mixers, every channel mixer, the SSM a kept
-    hymba layer builds) must compute the same thing: the first setting that differs is one line."""
+def _with_uses(target: Recipe, names: set[str]) -> set[str]:
+    """``names`` and what those components build inside themselves (hymba's SSM heads)."""
+    out = set(names)
+    for name in sorted(names):
+        out |= set(getattr(target.component(name), "uses", tuple)())
+    return out
+
+
+def _component_difference(source: Recipe, target: Recipe, names: set[str]) -> str | None:
+    """The first setting (``SAME``) of the components ``names`` in which ``target`` differs from
+    ``source``, as ``components.NAME.FIELD: TARGET'S differs from the source's SOURCE'S``; None: same."""
     import dataclasses
 
-    copied = set()
-    for s, t in zip(source.layers, target.layers):
-        copied.add(t.ffn)
-        if s.mixer == t.mixer:
-            copied.add(t.mixer)
-    for name in sorted(copied):  # and what a copied component builds inside itself (hymba's SSM heads)
-        copied |= set(getattr(target.component(name), "uses", tuple)())
-    for name in sorted(copied):
+    for name in sorted(names):
         a, b = source.component(name), target.component(name)
         if a is None:  # (none: no settings)
             continue
         fields = SAME.get(name) or [f.name for f in dataclasses.fields(a)]
         for f in fields:
             if getattr(a, f) != getattr(b, f):
-                raise ConvertError(f"{where}: components.{name}.{f}: {_show(getattr(b, f))} differs from the "
-                                   f"source's {_show(getattr(a, f))} (its weights are copied)")
+                return (f"components.{name}.{f}: {_show(getattr(b, f))} differs from the source's "
+                        f"{_show(getattr(a, f))}")
+    return None
+
+
+def _check_same_components(source: Recipe, target: Recipe, where: str) -> None:
+    """Components whose weights are copied (the kept mixers, every channel mixer, the SSM a kept
+    hymba layer builds) must compute the same thing: the first setting that differs is one line."""
+    copied = set()
+    for s, t in zip(source.layers, target.layers):
+        copied.add(t.ffn)
+        if s.mixer == t.mixer:
+            copied.add(t.mixer)
+    diff = _component_difference(source, target, _with_uses(target, copied))
+    if diff is not None:
+        raise ConvertError(f"{where}: {diff} (its weights are copied)")
+
+
+def _section_settings(recipe: Recipe, section: str) -> list[tuple[str, Any]]:
+    """(recipe key, value) pairs that decide what the weights under the state-dict prefix
+    ``section.`` mean: they are the source's only where the hybrid's pairs equal the source's
+    (a value None: the recipe has no such module)."""
+    m = recipe.model
+    if section == "mtp":  # the modules' count and block (its weight is a loss coefficient)
+        return [("model.mtp", None)] if m.mtp is None else [("model.mtp.depth", m.mtp.depth),
+                                                             ("model.mtp.block", m.mtp.block)]
+    if section == "objective":  # its own weights (block diffusion's [MASK] embedding) mean what the kind says
+        return [("objective.kind", recipe.objective.kind if recipe.objective is not None else "next_token")]
+    if section == "etd_router":  # the controller, and the think blocks its adapters attach to
+        if m.etd is None:
+            return [("model.etd", None)]
+        think = recipe.layers[m.etd.encoder_layers: m.etd.encoder_layers + m.etd.think_layers]
+        return [("model.etd", m.etd), ("components.etd_router", recipe.component("etd_router")),
+                ("model.block_pattern (think layers)", " | ".join(s.token() for s in think))]
+    if section == "ladir":
+        return [("ladir", recipe.ladir)]
+    return [(section, None)]  # (a module not listed here: never copied)
+
+
+def _section_difference(source: Recipe, target: Recipe, section: str) -> str | None:
+    """Why the weights under ``section.`` cannot be the source's (None: they can)."""
+    from ..core.pattern import parse_pattern
+
+    for (key, a), (_, b) in zip(_section_settings(source, section), _section_settings(target, section)):
+        if a is None:
+            return f"the source has no {key}"
+        if a != b:
+            return f"{key}: {_show(b)} differs from the source's {_show(a)}"
+    if section == "mtp":  # and the components its block builds
+        spec = parse_pattern(target.model.mtp.block, target.model.ffn)[0]
+        return _component_difference(source, target, _with_uses(target, {spec.mixer, spec.ffn} - {"none"}))
+    return None
 
 
 def hybridize(src: str | Path, out: str | Path, recipe: Any, *, seed: int = 0, attention_init: bool = True) -> list[str]:
     """Write the hybrid checkpoint ``out`` of ``recipe`` from the source model ``src`` (a
-    hymba_plus checkpoint or an HF folder); returns one line per replaced layer.
+    hymba_plus checkpoint or an HF folder); returns one line per replaced layer, and one per
+    module beside the layers (MTP, the objective's, ETD's controller, LaDiR) that starts fresh.
     ``attention_init=False``: replaced mixers keep their own fresh init (the ablation)."""
     from ..models.lm import HybridLM, write_safetensors
 
@@ -220,6 +278,14 @@ def hybridize(src: str | Path, out: str | Path, recipe: Any, *, seed: int = 0, a
             attn = {k[len(f"blocks.{i}.mixer."):]: v for k, v in state.items() if k.startswith(f"blocks.{i}.mixer.")}
             done = INIT[t.mixer](model.blocks[i].mixer, attn, H, Hkv, D) if attention_init else []
             lines.append(f"layer {i}: attention -> {t.mixer}: {', '.join(done) if done else 'all fresh'}")
+        # the modules beside the layers (MTP, the objective's, ETD's controller, LaDiR): the source's where
+        # the hybrid has the same settings, else fresh and said
+        for section in sorted({k.split(".")[0] for k in own} - {"embed", "meta", "norm", "lm_head", "blocks"}):
+            why = _section_difference(source, target, section)
+            if why is None:
+                copy(f"{section}.", f"{section}.", section)
+            else:
+                lines.append(f"{section}: fresh ({why})")
     model.load_state_dict(own)
     try:
         sides = side_files(src) if tok is not None else {}
