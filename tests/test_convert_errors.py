@@ -296,3 +296,45 @@ def test_export_of_a_tied_recipe_with_a_different_stored_head_is_refused(tmp_pat
     st["lm_head.weight"] = st["embed.weight"].clone()  # equal: the one tied tensor, exported
     save_file(st, path, metadata=meta)
     assert main(["convert", str(tmp_path / "a"), str(tmp_path / "hf")]) == 0
+
+
+def test_tensor_errors_name_the_file_that_holds_the_tensor(sharded, tmp_path, capsys):
+    """A wrong-shape, unexpected or integer tensor is named with the shard file holding it, a missing
+    one with the index (or the single file) that lacks it: they named the folder only, which leaves
+    the shard of a many-file checkpoint to find."""
+    from safetensors.torch import load_file, save_file
+
+    src = copy(sharded, tmp_path / "src")
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    name = "model.layers.0.mlp.gate_proj.weight"
+    shard = src / index["weight_map"][name]
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 48}))
+    run_fails(capsys, tmp_path, [src, tmp_path / "out"], f"{shard}: tensor '{name}' has shape [64, 32] but "
+              "config.json implies [48, 32]")
+    (src / "config.json").write_text(json.dumps(cfg))
+    st = load_file(shard)
+    st["model.layers.0.self_attn.extra.weight"] = st[name].clone()
+    st[name] = st[name].to(torch.int32)
+    save_file(st, shard, metadata={"format": "pt"})
+    index["weight_map"]["model.layers.0.self_attn.extra.weight"] = shard.name
+    del index["weight_map"]["model.norm.weight"]
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    run_fails(capsys, tmp_path, [src, tmp_path / "out"], f"{src / 'model.safetensors.index.json'}: tensor "
+              "'model.norm.weight' missing (config.json implies it)")
+    index["weight_map"]["model.norm.weight"] = shard.name
+    st["model.norm.weight"] = torch.ones(32)
+    save_file(st, shard, metadata={"format": "pt"})
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    run_fails(capsys, tmp_path, [src, tmp_path / "out"], f"{shard}: tensor 'model.layers.0.self_attn.extra.weight' "
+              "is not used")
+    del index["weight_map"]["model.layers.0.self_attn.extra.weight"]
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    run_fails(capsys, tmp_path, [src, tmp_path / "out"], f"{shard}: tensor '{name}' is torch.int32, not a "
+              "floating-point weight")
+    single = save_hf(hf_model("LlamaForCausalLM", seed=8), tmp_path / "single")
+    st = load_file(single / "model.safetensors")
+    del st["model.norm.weight"]
+    save_file(st, single / "model.safetensors", metadata={"format": "pt"})
+    run_fails(capsys, tmp_path, [single, tmp_path / "out"], f"{single / 'model.safetensors'}: tensor "
+              "'model.norm.weight' missing (config.json implies it)")

@@ -130,16 +130,16 @@ def plan(reader: ShardedReader, rules: list[Rule], ours: dict[str, Tensor], igno
     for rule in rules:
         for name, want in zip(rule.theirs, expected_theirs(rule, ours)):
             if name not in reader:
-                raise ConvertError(f"{reader.folder}: tensor {name!r} missing (config.json implies it)")
+                raise ConvertError(f"{reader.source}: tensor {name!r} missing (config.json implies it)")
             got = reader.shape(name)
             if got != tuple(want.shape):
-                raise ConvertError(f"{reader.folder}: tensor {name!r} has shape {list(got)} but config.json implies "
+                raise ConvertError(f"{reader.file(name)}: tensor {name!r} has shape {list(got)} but config.json implies "
                                    f"{list(want.shape)}")
             used.add(name)
     for k in reader.keys():
         # (rotary_emb.inv_freq: a buffer transformers < 4.31 saved; computed from the config, not read)
         if k not in used and not k.startswith(ignore) and k not in allow_unused and not k.endswith(".rotary_emb.inv_freq"):
-            raise ConvertError(f"{reader.folder}: tensor {k!r} is not used by the model config.json describes "
+            raise ConvertError(f"{reader.file(k)}: tensor {k!r} is not used by the model config.json describes "
                                "(unexpected weight)")
 
 
@@ -155,7 +155,7 @@ def load_state(reader: ShardedReader, rules: list[Rule], ours: dict[str, Tensor]
         src = [reader.get(k) for k in rule.theirs] if rule.theirs else [ours[k] for k in rule.ours]
         for name, t in zip(rule.theirs, src):
             if not t.is_floating_point():  # (weights: a model saved with integer tensors is not one we can run)
-                raise ConvertError(f"{reader.folder}: tensor {name!r} is {dtype_name(t)}, not a floating-point weight")
+                raise ConvertError(f"{reader.file(name)}: tensor {name!r} is {dtype_name(t)}, not a floating-point weight")
         for k, t in zip(rule.ours, rule.to_ours(src)):
             state[k] = t.contiguous()
         del src

@@ -37,8 +37,10 @@ class ShardedReader:
         self.folder = Path(folder)
         index = self.folder / INDEX
         self.where: dict[str, Path] = {}
+        # self.source: where the checkpoint lists its tensors (an error about a missing one names it)
         if (self.folder / SINGLE).is_file():  # before an index, as transformers loads a folder holding both
             files = [SINGLE]
+            self.source = self.folder / SINGLE
         elif index.is_file():
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
@@ -49,6 +51,7 @@ class ShardedReader:
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise ConvertError(f"{index}: not a safetensors index ({e})") from None
             files = sorted(set(weight_map.values()))
+            self.source = index
             for f in files:
                 if not isinstance(f, str) or "/" in f or "\\" in f or f.startswith("."):
                     raise ConvertError(f"{index}: bad shard name {f!r}")
@@ -67,6 +70,7 @@ class ShardedReader:
             if len(found) > 1:
                 raise ConvertError(f"{self.folder}: {len(found)} .safetensors files but no {INDEX}")
             files = found
+            self.source = self.folder / found[0]
         indexed = bool(self.where)
         self._handles = {}
         for f in files:
@@ -87,6 +91,10 @@ class ShardedReader:
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
+
+    def file(self, name: str) -> Path:
+        """The file holding the tensor ``name`` (errors name it)."""
+        return self.where[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The shape from the header alone (no tensor data read)."""
