@@ -380,6 +380,8 @@ def test_mtp_modules_and_objective_weights_are_copied_when_the_hybrid_has_the_sa
     r["model"]["block_pattern"] = "GD | GA"
     if "objective" in extra:  # (the block size does not change what the [MASK] embedding means)
         r["objective"] = {"kind": "block_diffusion", "block_size": 8}
+    else:  # (the same block, written out)
+        r["model"]["mtp"] = {"depth": 1, "block": "GA+mlp", "weight": 0.5}
     assert hybridize(tmp_path / "src", tmp_path / "h", r) == [
         "layer 0: attention -> gdn: q<-q_proj, k<-k_proj, v<-v_proj, out_proj<-o_proj, conv=identity"]
     h = from_pretrained(tmp_path / "h").state_dict()

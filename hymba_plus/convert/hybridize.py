@@ -182,10 +182,12 @@ def _section_settings(recipe: Recipe, section: str) -> list[tuple[str, Any]]:
     """(recipe key, value) pairs that decide what the weights under the state-dict prefix
     ``section.`` mean: they are the source's only where the hybrid's pairs equal the source's
     (a value None: the recipe has no such module)."""
+    from ..core.pattern import parse_pattern
+
     m = recipe.model
     if section == "mtp":  # the modules' count and block (its weight is a loss coefficient)
-        return [("model.mtp", None)] if m.mtp is None else [("model.mtp.depth", m.mtp.depth),
-                                                             ("model.mtp.block", m.mtp.block)]
+        return [("model.mtp", None)] if m.mtp is None else [
+            ("model.mtp.depth", m.mtp.depth), ("model.mtp.block", parse_pattern(m.mtp.block, m.ffn)[0].token())]
     if section == "objective":  # its own weights (block diffusion's [MASK] embedding) mean what the kind says
         return [("objective.kind", recipe.objective.kind if recipe.objective is not None else "next_token")]
     if section == "etd_router":  # the controller, and the think blocks its adapters attach to
