@@ -378,9 +378,7 @@ def test_mtp_modules_and_objective_weights_are_copied_when_the_hybrid_has_the_sa
     copied = [k for k in s if k.startswith(section)]
     assert copied
     r["model"]["block_pattern"] = "GD | GA"
-    if "objective" in extra:  # (the block size does not change what the [MASK] embedding means)
-        r["objective"] = {"kind": "block_diffusion", "block_size": 8}
-    else:  # (the same block, written out)
+    if "model" in extra:  # (the same block, written out)
         r["model"]["mtp"] = {"depth": 1, "block": "GA+mlp", "weight": 0.5}
     assert hybridize(tmp_path / "src", tmp_path / "h", r) == [
         "layer 0: attention -> gdn: q<-q_proj, k<-k_proj, v<-v_proj, out_proj<-o_proj, conv=identity"]
@@ -389,9 +387,9 @@ def test_mtp_modules_and_objective_weights_are_copied_when_the_hybrid_has_the_sa
     if "model" in extra:
         r["model"]["mtp"] = {"depth": 2, "block": "GA"}
         what = "mtp: fresh (model.mtp.depth: 2 differs from the source's 1)"
-    else:  # a next-token source
-        model(recipe("GA | GA"), 1).save_pretrained(tmp_path / "src")
-        what = "objective: fresh (objective.kind: 'block_diffusion' differs from the source's 'next_token')"
+    else:
+        r["objective"] = {"kind": "block_diffusion", "block_size": 8}
+        what = "objective: fresh (objective.block_size: 8 differs from the source's 4)"
     lines = hybridize(tmp_path / "src", tmp_path / "h2", r)
     assert lines[1:] == [what], lines
     h2 = from_pretrained(tmp_path / "h2").state_dict()

@@ -8,7 +8,7 @@ norm, every layer's norms and channel mixer (MLP / MoE) and the kept attention l
 copied and must have the source's shapes. The modules beside the layers are copied where the
 hybrid has the source's settings, else start fresh (a line says so): the multi-token prediction
 modules (same ``model.mtp`` depth and block, and that block's components), an objective's own
-weights (block diffusion's [MASK] embedding: same objective kind), ETD's controller (same
+weights (block diffusion's [MASK] embedding, a forecast head: same ``objective``), ETD's controller (same
 ``model.etd``, ``etd_router`` and think layers, whose projections its adapters attach to) and
 LaDiR's modules (same ``ladir``).
 
@@ -188,8 +188,8 @@ def _section_settings(recipe: Recipe, section: str) -> list[tuple[str, Any]]:
     if section == "mtp":  # the modules' count and block (its weight is a loss coefficient)
         return [("model.mtp", None)] if m.mtp is None else [
             ("model.mtp.depth", m.mtp.depth), ("model.mtp.block", parse_pattern(m.mtp.block, m.ffn)[0].token())]
-    if section == "objective":  # its own weights (block diffusion's [MASK] embedding) mean what the kind says
-        return [("objective.kind", recipe.objective.kind if recipe.objective is not None else "next_token")]
+    if section == "objective":  # its own weights (block diffusion's [MASK] embedding, a forecast head)
+        return [("objective", recipe.objective)]
     if section == "etd_router":  # the controller, and the think blocks its adapters attach to
         if m.etd is None:
             return [("model.etd", None)]
@@ -203,12 +203,17 @@ def _section_settings(recipe: Recipe, section: str) -> list[tuple[str, Any]]:
 
 def _section_difference(source: Recipe, target: Recipe, section: str) -> str | None:
     """Why the weights under ``section.`` cannot be the source's (None: they can)."""
+    import dataclasses
+
     from ..core.pattern import parse_pattern
 
     for (key, a), (_, b) in zip(_section_settings(source, section), _section_settings(target, section)):
         if a is None:
             return f"the source has no {key}"
         if a != b:
+            if dataclasses.is_dataclass(a) and type(a) is type(b):  # name the first setting that differs
+                key, a, b = next((f"{key}.{f.name}", getattr(a, f.name), getattr(b, f.name))
+                                 for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name))
             return f"{key}: {_show(b)} differs from the source's {_show(a)}"
     if section == "mtp":  # and the components its block builds
         spec = parse_pattern(target.model.mtp.block, target.model.ffn)[0]
