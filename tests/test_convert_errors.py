@@ -338,3 +338,16 @@ def test_tensor_errors_name_the_file_that_holds_the_tensor(sharded, tmp_path, ca
     save_file(st, single / "model.safetensors", metadata={"format": "pt"})
     run_fails(capsys, tmp_path, [single, tmp_path / "out"], f"{single / 'model.safetensors'}: tensor "
               "'model.norm.weight' missing (config.json implies it)")
+
+
+def test_export_refuses_a_tensor_the_recipe_does_not_use(tmp_path, capsys):
+    """A checkpoint holding a tensor its recipe.yaml does not use (here: a layer removed from the pattern
+    by hand; a checkpoint from_pretrained refuses) was exported (rc 0) without it, a 2-layer HF model."""
+    from hymba_plus import build_model
+
+    build_model({"name": "x", "model": {"vocab_size": 64, "d_model": 32, "block_pattern": "GA | GA | GA"},
+                 "components": {"gated_attn": {"n_heads": 2}}}).save_pretrained(tmp_path / "a")
+    path = tmp_path / "a" / "recipe.yaml"
+    path.write_text(path.read_text().replace("GA | GA | GA", "GA | GA"))
+    run_fails(capsys, tmp_path, [tmp_path / "a", tmp_path / "hf"], f"{tmp_path / 'a' / 'model.safetensors'}: tensor "
+              "'blocks.2.", "is not used by the model recipe.yaml describes")

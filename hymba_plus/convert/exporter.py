@@ -50,10 +50,14 @@ def export_hf(ckpt: str | Path, out: str | Path, *, architecture: str | None = N
     check_rules(rules, ours)
     for k, t in ours.items():
         if k not in reader:
-            raise ConvertError(f"{ckpt / 'model.safetensors'}: tensor {k!r} missing (recipe.yaml implies it)")
+            raise ConvertError(f"{reader.source}: tensor {k!r} missing (recipe.yaml implies it)")
         if reader.shape(k) != tuple(t.shape):
-            raise ConvertError(f"{ckpt / 'model.safetensors'}: tensor {k!r} has shape {list(reader.shape(k))}, "
+            raise ConvertError(f"{reader.file(k)}: tensor {k!r} has shape {list(reader.shape(k))}, "
                                f"recipe.yaml implies {list(t.shape)}")
+    for k in reader.keys():  # (a tensor the recipe does not use: from_pretrained refuses the checkpoint too)
+        if k not in ours and not (k == "lm_head.weight" and recipe.model.tie_embeddings):
+            raise ConvertError(f"{reader.file(k)}: tensor {k!r} is not used by the model recipe.yaml describes "
+                               "(unexpected weight)")
     if recipe.model.tie_embeddings and "lm_head.weight" in reader and "embed.weight" in reader:
         head, emb = reader.get("lm_head.weight"), reader.get("embed.weight")
         if head.shape != emb.shape or not torch.equal(head, emb):  # (the export writes the embedding as the head)
