@@ -177,6 +177,9 @@ def test_usage_errors_exit_2(sharded, tmp_path, capsys):
     (lambda c: c.update(rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4,
                                          "original_max_position_embeddings": 16, "attention_factor": "x"}),
      "config.json: rope_parameters.attention_factor: must be a number, got 'x'"),
+    # Qwen3-MoE's use_sliding_window makes every layer slide (transformers); windows are not imported
+    (lambda c: c.update(use_sliding_window=True, sliding_window=8),
+     "config.json: use_sliding_window: sliding-window layers are not supported"),
     # transformers drops rope_parameters' theta where rope_scaling is given: refused, not guessed
     (lambda c: c.pop("rope_theta", None) and None or c.update(rope_parameters={"rope_type": "default", "rope_theta": 500.0},
                                                                 rope_scaling={"rope_type": "linear", "factor": 2.0}),
