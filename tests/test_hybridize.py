@@ -135,6 +135,10 @@ def test_no_attention_init_starts_replaced_mixers_fresh(tmp_path, capsys):
     # the flag means nothing without --hybridize
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "x"), "--no-attention-init"]) == 2
     assert "--no-attention-init / --seed: only with --hybridize" in capsys.readouterr().err
+    # (--seed 0, the default's value, was accepted and ignored)
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "x"), "--seed", "0"]) == 2
+    assert "--no-attention-init / --seed: only with --hybridize" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("pattern, msg", [

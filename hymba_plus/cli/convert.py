@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-shard-size", metavar="SIZE", help="export: shard the weights (e.g. 5GB, 500MB)")
     p.add_argument("--name", help="import: the recipe's name (default: SRC's folder name)")
     p.add_argument("--no-tokenizer", action="store_true", help="import without tokenizer.json")
-    p.add_argument("--seed", type=seed_int, default=0, help="hybridize: seed of the freshly initialised tensors")
+    p.add_argument("--seed", type=seed_int, help="hybridize: seed of the freshly initialised tensors (default 0)")
     p.add_argument("--no-attention-init", action="store_true",
                    help="hybridize: replaced mixers start fresh instead of from the attention weights (ablation)")
 
@@ -61,11 +61,11 @@ def run(args: argparse.Namespace) -> int:
                             ("--no-tokenizer", args.no_tokenizer)) if v]
     if args.hybridize and given:
         raise UsageError(f"{given[0]}: not with --hybridize")
-    if not args.hybridize and (args.no_attention_init or args.seed):
+    if not args.hybridize and (args.no_attention_init or args.seed is not None):
         raise UsageError("--no-attention-init / --seed: only with --hybridize")
     try:
         if args.hybridize:
-            for line in hybridize(src, out, args.hybridize, seed=args.seed,
+            for line in hybridize(src, out, args.hybridize, seed=args.seed or 0,
                                   attention_init=not args.no_attention_init):
                 print(line)
             what = f"hybrid of {src} ({args.hybridize})"
