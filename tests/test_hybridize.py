@@ -398,3 +398,19 @@ def test_mtp_modules_and_objective_weights_are_copied_when_the_hybrid_has_the_sa
     assert lines[1:] == [what], lines
     h2 = from_pretrained(tmp_path / "h2").state_dict()
     assert not any(torch.equal(h2[k], s[k]) for k in copied if k in h2)
+
+
+def test_settings_that_do_not_change_the_weights_meaning_may_differ(tmp_path):
+    """Chunk sizes and the MLP's recompute_act only change how a kept layer computes, not what: the
+    hybrid may set them otherwise (they were refused, 'its weights are copied', against the rule that
+    SAME's comment states); the copied weights are the source's."""
+    torch.manual_seed(0)
+    src = build_model(recipe("GD | GA | M3 | GA"))
+    src.save_pretrained(tmp_path / "src")
+    r = recipe("GD | GD | M3 | GA")
+    r["components"]["gdn"] = {**COMPS["gdn"], "chunk_size": 16}
+    r["components"]["mamba3"] = {**COMPS["mamba3"], "chunk_size": 8}
+    r["components"]["mlp"] = {**COMPS["mlp"], "recompute_act": False}
+    assert [ln.split(":")[0] for ln in hybridize(tmp_path / "src", tmp_path / "h", r)] == ["layer 1"]
+    s, h = src.state_dict(), from_pretrained(tmp_path / "h").state_dict()
+    assert all(torch.equal(h[k], s[k]) for k in s if not k.startswith("blocks.1.mixer."))

@@ -129,9 +129,12 @@ def init_mamba3(mixer: Any, attn: dict[str, Tensor], H: int, Hkv: int, D: int) -
 INIT = {"gdn": init_gdn, "mamba3": init_mamba3}
 
 #: settings of a copied component that change what its weights compute (the rest -- loss
-#: coefficients, capacity, chunk sizes -- may differ); a component not named: all of them
+#: coefficients, capacity, chunk sizes -- may differ); a component not named: all of them but
+#: those FREE names
 SAME = {"gated_attn": None, "mlp": None, "gdn": None, "mamba3": None,
         "moe": ("n_experts", "top_k", "n_shared", "d_expert", "d_shared", "score", "norm_topk")}
+#: settings of how a component computes, not what (chunk lengths, activation recomputation)
+FREE = {"gdn": ("chunk_size",), "mamba3": ("chunk_size",), "mlp": ("recompute_act",)}
 
 
 def _show(v: Any) -> str:
@@ -157,7 +160,7 @@ def _component_difference(source: Recipe, target: Recipe, names: set[str]) -> st
         a, b = source.component(name), target.component(name)
         if a is None:  # (none: no settings)
             continue
-        fields = SAME.get(name) or [f.name for f in dataclasses.fields(a)]
+        fields = SAME.get(name) or [f.name for f in dataclasses.fields(a) if f.name not in FREE.get(name, ())]
         for f in fields:
             if getattr(a, f) != getattr(b, f):
                 return (f"components.{name}.{f}: {_show(getattr(b, f))} differs from the source's "
