@@ -215,8 +215,9 @@ def _section_difference(source: Recipe, target: Recipe, section: str) -> str | N
             return f"the source has no {key}"
         if a != b:
             if dataclasses.is_dataclass(a) and type(a) is type(b):  # name the first setting that differs
-                key, a, b = next((f"{key}.{f.name}", getattr(a, f.name), getattr(b, f.name))
-                                 for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name))
+                key, a, b = next(((f"{key}.{f.name}", getattr(a, f.name), getattr(b, f.name))
+                                  for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)),
+                                 (key, a, b))
             return f"{key}: {_show(b)} differs from the source's {_show(a)}"
     if section == "mtp":  # and the components its block builds
         spec = parse_pattern(target.model.mtp.block, target.model.ffn)[0]
