@@ -729,3 +729,27 @@ def test_a_text_folder_with_an_index_json_of_its_own_is_text(tmp_path):
     (tmp_path / "s" / "index.json").write_text("{not json")
     with pytest.raises(DataError, match="index.json: corrupt"):
         open_stream(str(tmp_path / "s"), 32, 256, 0, cfg, tmp_path / "run2" / "data")
+
+
+def test_a_document_of_no_tokens_gets_no_end_mark(tmp_path, capsys):
+    """An empty file (or one of a byte-order mark alone, or of whitespace a word-level tokenizer drops) is no
+    document: it got an end token of its own (a stray end token per empty file in a folder; a corpus of empty
+    files was prepared into shards of end tokens alone, where bytes said 'empty')."""
+    tok = _word_tokenizer(tmp_path / "tok", ["a", "b"], ["</s>"])
+    src = tmp_path / "c"
+    src.mkdir()
+    (src / "1.txt").write_text("a b")
+    (src / "2.txt").write_text("")
+    (src / "3.txt").write_bytes(b"\xef\xbb\xbf")
+    (src / "4.txt").write_text(" \n\t\n")
+    from hymba_plus.training.tokenizer import load_file
+
+    t = load_file(tok)
+    index = prepare(src, tmp_path / "s", t)
+    assert TokenShards(tmp_path / "s").shard(0).tolist() == [1, 2, 3] and index["tokens"] == 3  # a b </s>
+    for name in ("2.txt", "3.txt", "4.txt"):
+        rc = main(["prepare", str(src / name), "--out", str(tmp_path / f"o{name}"), "--tokenizer", str(tok)])
+        one_line_error(capsys, rc, 1, f"{name}: empty (no tokens)")
+        assert not (tmp_path / f"o{name}").exists()
+    rc = main(["prepare", str(src / "3.txt"), "--out", str(tmp_path / "ob")])  # bytes: a BOM alone is no text
+    one_line_error(capsys, rc, 1, "3.txt: empty (no tokens)")

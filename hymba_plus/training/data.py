@@ -134,15 +134,20 @@ def _chunks(f: Path, tok: Any, chunk_bytes: int = 1 << 22) -> Iterator[np.ndarra
     """Token arrays of one file, read in pieces (a text piece ends before a space between words), then its end
     mark (``_end_mark``); a leading byte-order mark is skipped. A ``tokenizers`` tokenizer encodes the pieces
     without its special tokens (its post-processor would put e.g. a BOS at every piece's start, mid-document),
-    the later ones as continuations (no start-of-text prefix space: ``HFTokenizer.continuation``)."""
+    the later ones as continuations (no start-of-text prefix space: ``HFTokenizer.continuation``). A file of no
+    tokens (empty, a byte-order mark alone, whitespace the tokenizer drops) is no document: no end mark."""
     try:
         fh = open(f, "rb")
         if fh.read(len(BOM)) != BOM:
             fh.seek(0)
     except OSError as e:
         raise DataError(f"{f}: cannot read ({e.strerror})") from None
-    yield from _pieces(fh, tok, chunk_bytes)
-    yield _end_mark(f, tok)
+    tokens = 0
+    for arr in _pieces(fh, tok, chunk_bytes):
+        tokens += arr.size
+        yield arr
+    if tokens:
+        yield _end_mark(f, tok)
 
 
 def _encoded(f: Path, tok: Any) -> Iterator[np.ndarray]:
