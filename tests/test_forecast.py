@@ -946,3 +946,29 @@ def test_resuming_the_synthetic_series_with_another_seed_names_the_seed(tmp_path
     assert main(["train", cfg, *common, "--resume", "--seed", "5"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "resume with --seed 0 (the synthetic series is drawn from the seed)" in err, err
+
+
+def test_csv_read_errors_name_the_line_and_a_folder_is_no_file(tmp_path) -> None:
+    """Bytes that are not UTF-8 were named by their place in the decoder's 8 KiB block ('position 3624', far
+    from the line), a cell over the csv module's limit by no line at all, and a folder was 'no such file'."""
+    from hymba_plus.training.data import DataError
+
+    rows = good_rows(2000)
+    f = write_csv(tmp_path / "s.csv", rows)
+    lines = f.read_bytes().split(b"\n")
+    lines[1500] = lines[1500].replace(b",", b",\xff", 1)  # file line 1501
+    f.write_bytes(b"\n".join(lines))
+    with pytest.raises(DataError, match=r"s\.csv:1501: not UTF-8 \(byte 18\)$"):
+        read_csv(f)
+    f.write_bytes(b"\xef\xbb\xbft,y\n0,\xff1\n")  # after a byte-order mark: the place in the file's text
+    with pytest.raises(DataError, match=r"s\.csv:2: not UTF-8 \(byte 3\)$"):
+        read_csv(f)
+    f = write_csv(tmp_path / "s.csv", rows)
+    lines = f.read_bytes().split(b"\n")
+    lines[1500] = b"2024,1" + b"0" * 200_000 + b",1"
+    f.write_bytes(b"\n".join(lines))
+    with pytest.raises(DataError, match=r"s\.csv:1501: not a readable CSV file \(field larger than field limit"):
+        read_csv(f)
+    (tmp_path / "d.csv").mkdir()
+    with pytest.raises(DataError, match=r"d\.csv: is a folder, not a CSV file$"):
+        read_csv(tmp_path / "d.csv")

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import math
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -43,7 +44,7 @@ import numpy as np
 import torch
 
 from ..core.config import brief
-from .data import Batch, DataError
+from .data import BOM, Batch, DataError
 
 MISSING = {"", "na", "nan", "null", "none", "n/a", "-"}
 #: the largest magnitude a series value may have (RevIN's statistics are float64: ts_head; at 1e15 its
@@ -125,18 +126,25 @@ def _is_number(text: str) -> bool:
 def read_csv(path: str | Path) -> Series:
     """Read a series CSV (module docstring); ``DataError`` naming file, line and column."""
     p = Path(path)
+    if p.is_dir():
+        raise DataError(f"{p}: is a folder, not a CSV file")
     if not p.is_file():
         raise DataError(f"{p}: no such file")
     try:
-        fh = open(p, newline="", encoding="utf-8-sig")  # a byte-order mark is not the first column's name
+        raw = p.read_bytes()
     except OSError as e:
         raise DataError(f"{p}: cannot read ({e.strerror})") from None
-    with fh:
-        try:  # (row, the file line it ends on: a quoted cell may span lines)
-            reader = csv.reader(fh)
-            numbered = [(row, reader.line_num) for row in reader]
-        except (csv.Error, UnicodeDecodeError) as e:
-            raise DataError(f"{p}: not a readable CSV file ({e})") from None
+    raw = raw.removeprefix(BOM)  # a byte-order mark is not the first column's name
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:  # named by its line (a text stream's decoder names its place in a block)
+        line, start = raw.count(b"\n", 0, e.start) + 1, raw.rfind(b"\n", 0, e.start) + 1
+        raise DataError(f"{p}:{line}: not UTF-8 (byte {e.start - start + 1})") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:  # (row, the file line it ends on: a quoted cell may span lines)
+        numbered = [(row, reader.line_num) for row in reader]
+    except csv.Error as e:
+        raise DataError(f"{p}:{reader.line_num}: not a readable CSV file ({e})") from None
     rows = [r for r, _ in numbered]
     if not rows or not any(c.strip() for c in rows[0]):
         raise DataError(f"{p}:1: empty: expected a header row (a timestamp column, then numeric columns)")
