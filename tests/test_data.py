@@ -753,3 +753,15 @@ def test_a_document_of_no_tokens_gets_no_end_mark(tmp_path, capsys):
         assert not (tmp_path / f"o{name}").exists()
     rc = main(["prepare", str(src / "3.txt"), "--out", str(tmp_path / "ob")])  # bytes: a BOM alone is no text
     one_line_error(capsys, rc, 1, "3.txt: empty (no tokens)")
+
+
+def test_a_tokenizer_larger_than_the_model_is_named_not_the_cache(tmp_path, capsys):
+    """Text tokenized for training with a vocabulary larger than the model's: the error named OUT/data, the
+    token cache, which the refusal leaves unmade (a folder that does not exist); now the text and --tokenizer."""
+    tok = _word_tokenizer(tmp_path / "tok", [f"w{i}" for i in range(300)], ["</s>"])
+    (tmp_path / "t.txt").write_text("w1 w2 w3 " * 100)
+    rc = main(["train", recipe_file(tmp_path), "--data", str(tmp_path / "t.txt"), "--tokenizer", str(tok),
+               "--out", str(tmp_path / "r"), "--seq-len", "16", "--steps", "1", "--no-progress"])
+    err = one_line_error(capsys, rc, 1, f"{tmp_path / 't.txt'}: --tokenizer {tok} has 302 tokens but the model's "
+                                        "vocab_size is 256")
+    assert str(tmp_path / "r") not in err and not (tmp_path / "r" / "data").exists()

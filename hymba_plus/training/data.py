@@ -722,10 +722,13 @@ def _text_stream(data: str, seq_len: int, vocab_size: int, seed: int, cfg: Any, 
             shards = TokenShards(staged)
         shards.source = str(p)  # what messages name (the cache folder is ours, not the user's)
     try:
-        where = cache_dir if staged is not None else shards.path  # (not the folder it is made in)
+        # text: the text and its tokenizer (not the cache, which a refusal here leaves unmade); shards: their folder
+        text = getattr(shards, "source", None)
+        where = text or shards.path
         if shards.vocab_size > vocab_size:
-            raise DataError(f"{where}: the tokenizer has {shards.vocab_size} tokens but the model's "
-                            f"vocab_size is {vocab_size}")
+            what = ("the tokenizer" if text is None else f"--tokenizer {tokenizer_path}" if tokenizer_path else
+                    "the bytes tokenizer (the default without --tokenizer)")
+            raise DataError(f"{where}: {what} has {shards.vocab_size} tokens but the model's vocab_size is {vocab_size}")
         if shards.max_id is not None and shards.max_id >= vocab_size:
             raise DataError(f"{where}: holds token id {shards.max_id} ({INDEX}'s max_id) but the model's "
                             f"vocab_size is {vocab_size}")
