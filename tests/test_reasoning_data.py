@@ -333,9 +333,9 @@ def test_a_jsonl_example_too_long_for_the_model_is_refused_up_front(tmp_path):
     assert ReasoningStream(str(p), vocab_size=256, max_len=22).n_train == 5
     with pytest.raises(DataError) as e:
         ReasoningStream(str(p), vocab_size=256, max_len=21)
-    assert str(e.value) == (f"{p}: example 3 has 22 tokens (question 20 + reasoning 1 + answer 1), "
+    assert str(e.value) == (f"{p}:3: example 3 has 22 tokens (question 20 + reasoning 1 + answer 1), "
                             "more than max_len 21")
-    with pytest.raises(DataError, match=r"r\.jsonl: example 3 needs 23 positions \(question 20 \+ 2 memory slots"):
+    with pytest.raises(DataError, match=r"r\.jsonl:3: example 3 needs 23 positions \(question 20 \+ 2 memory slots"):
         ReasoningStream(str(p), vocab_size=256, max_len=22, reserve=2)
 
 
@@ -347,3 +347,18 @@ def test_a_task_too_long_for_the_model_is_refused_up_front(name, params):
     with pytest.raises(TaskError, match="--chain-steps .*max_seq_len") as e:
         ReasoningStream(name, vocab_size=64, max_len=64, reserve=3, **params)
     assert "\n" not in str(e.value) and "more than max_len 64" in str(e.value)
+
+
+def test_a_jsonl_example_refused_at_open_is_named_by_its_line(tmp_path):
+    """Blank lines are skipped, so the example's number is not its line: 'example 3' pointed two lines above the
+    example (on line 5) that holds an id outside the vocabulary or is too long; now file:line as load_jsonl's."""
+    rows = [json.dumps({"question": f"q{i}", "reasoning": f"r{i}", "answer": f"a{i}"}) for i in range(4)]
+    rows[2:2] = ["", "  "]
+    rows.insert(4, json.dumps({"question": "x" * 20 + "\u00ff", "reasoning": "r", "answer": "a"}))
+    p = write(tmp_path, rows)
+    with pytest.raises(DataError) as e:
+        ReasoningStream(str(p), vocab_size=256, max_len=21)
+    assert str(e.value) == f"{p}:5: example 3 has 24 tokens (question 22 + reasoning 1 + answer 1), more than max_len 21"
+    with pytest.raises(DataError) as e:
+        ReasoningStream(str(p), vocab_size=150)
+    assert str(e.value) == f"{p}:5: example 3 has token id 195, outside the model's vocab_size 150"

@@ -39,7 +39,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,8 @@ class ReasoningExample:
     question: tuple[int, ...]
     reasoning: tuple[int, ...]
     answer: tuple[int, ...]
+    #: the JSONL line it was read from (what errors name; None for a built-in task's), not part of its value
+    line: int | None = field(default=None, compare=False)
 
 
 # --------------------------------------------------------------------------- built-in tasks
@@ -270,7 +272,7 @@ def load_jsonl(path: str | os.PathLike, tokenizer: Any) -> list[ReasoningExample
             if not ids:
                 raise DataError(f"{p}:{n}: {key!r} is empty (no tokens)")
             fields[key] = tuple(ids)
-        out.append(ReasoningExample(fields["question"], fields["reasoning"], fields["answer"]))
+        out.append(ReasoningExample(fields["question"], fields["reasoning"], fields["answer"], line=n))
     if not out:
         raise DataError(f"{p}: empty (no examples)")
     return out
@@ -409,10 +411,11 @@ class ReasoningStream:
         for i, e in enumerate(self.examples):
             top = max(max(e.question), max(e.reasoning), max(e.answer))
             if top >= self.vocab_size:
-                raise DataError(f"{p}: example {i + 1} has token id {top}, outside the model's vocab_size {self.vocab_size}")
+                raise DataError(f"{p}:{e.line}: example {i + 1} has token id {top}, outside the model's vocab_size "
+                                f"{self.vocab_size}")
             problem = too_long(e, max_len, reserve) if max_len is not None else None
             if problem:  # (refused now, not when a batch first draws it, maybe deep into a run)
-                raise DataError(f"{p}: example {i + 1} {problem}")
+                raise DataError(f"{p}:{e.line}: example {i + 1} {problem}")
         self.n_val = max(1, int(n * val_frac))
         self.n_train = n - self.n_val
         self.description = f"reasoning file {p} ({n} examples; {self.n_train} train / {self.n_val} held out)"
