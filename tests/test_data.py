@@ -765,3 +765,14 @@ def test_a_tokenizer_larger_than_the_model_is_named_not_the_cache(tmp_path, caps
     err = one_line_error(capsys, rc, 1, f"{tmp_path / 't.txt'}: --tokenizer {tok} has 302 tokens but the model's "
                                         "vocab_size is 256")
     assert str(tmp_path / "r") not in err and not (tmp_path / "r" / "data").exists()
+
+
+@pytest.mark.parametrize("extra, says", [({}, "no vocab_size"), ({"vocab_size": 0}, "0"), ({"vocab_size": -3}, "-3"),
+                                         ({"vocab_size": True}, "True"), ({"vocab_size": "64"}, "'64'")])
+def test_an_ids_tokenizer_without_a_vocabulary_size_is_refused(extra, says):
+    """``{"hymba_tokenizer": "ids"}`` without its vocab_size was 'unknown tokenizer kind 'ids''; one of 0, a
+    negative number or true was taken (an ids tokenizer that refuses every id, read from shards or a checkpoint)."""
+    with pytest.raises(TokenizerError) as e:
+        from_json(json.dumps({"hymba_tokenizer": "ids", **extra}), "t.json")
+    assert str(e.value) == f"t.json: an ids tokenizer needs vocab_size, an integer >= 1, got {says}"
+    assert from_json(json.dumps({"hymba_tokenizer": "ids", "vocab_size": 7})).vocab_size == 7

@@ -209,8 +209,12 @@ def from_json(text: str, source: str = "tokenizer.json") -> Tokenizer:
         kind = obj["hymba_tokenizer"]
         if kind == "bytes":
             return ByteTokenizer()
-        if kind == "ids" and isinstance(obj.get("vocab_size"), int):
-            return IdsTokenizer(obj["vocab_size"])
+        if kind == "ids":
+            n = obj.get("vocab_size")
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                got = "no vocab_size" if "vocab_size" not in obj else repr(n)
+                raise TokenizerError(f"{source}: an ids tokenizer needs vocab_size, an integer >= 1, got {got}")
+            return IdsTokenizer(n)
         raise TokenizerError(f"{source}: unknown tokenizer kind {kind!r}")
     return HFTokenizer(text, source)
 
