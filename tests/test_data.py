@@ -776,3 +776,26 @@ def test_an_ids_tokenizer_without_a_vocabulary_size_is_refused(extra, says):
         from_json(json.dumps({"hymba_tokenizer": "ids", **extra}), "t.json")
     assert str(e.value) == f"t.json: an ids tokenizer needs vocab_size, an integer >= 1, got {says}"
     assert from_json(json.dumps({"hymba_tokenizer": "ids", "vocab_size": 7})).vocab_size == 7
+
+
+def test_a_folder_of_the_corpus_that_cannot_be_listed_is_an_error(tmp_path, monkeypatch, capsys):
+    """os.walk skips a folder it cannot list (no read permission) in silence: its text was left out of the
+    shards; now one line naming it, as an unreadable file of the corpus is (tested with a scandir that refuses
+    the folder: the tests may run as root, whom permissions do not stop)."""
+    import os
+
+    src = tmp_path / "c"
+    (src / "locked").mkdir(parents=True)
+    (src / "a.txt").write_text(TEXT)
+    (src / "locked" / "b.txt").write_text(TEXT)
+    real = os.scandir
+
+    def scandir(path):  # noqa: ANN001, ANN202 - os.scandir's
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    rc = main(["prepare", str(src), "--out", str(tmp_path / "s")])
+    one_line_error(capsys, rc, 1, f"{src / 'locked'}: cannot read (Permission denied)")
+    assert not (tmp_path / "s").exists()

@@ -64,7 +64,8 @@ RUN_RECORD = re.compile(r"(metrics\.jsonl|loss\.png)(\.\d+)?")
 def list_sources(path: str | os.PathLike, exclude: tuple[str | os.PathLike, ...] = ()) -> list[Path]:
     """The files a path names: itself (refused if binary), or every non-hidden, non-binary file under a
     folder (binary ones skipped), except those under an ``exclude`` folder or a folder hymba wrote
-    (``_written_by_hymba``: ``prepare``'s output, a training run's folder, a checkpoint)."""
+    (``_written_by_hymba``: ``prepare``'s output, a training run's folder, a checkpoint). A file or folder
+    that cannot be read is a ``DataError`` naming it."""
     p = Path(path)
     skip = {Path(e).resolve() for e in exclude}
     if not p.exists():
@@ -75,8 +76,11 @@ def list_sources(path: str | os.PathLike, exclude: tuple[str | os.PathLike, ...]
         return [p]
     if not p.is_dir():
         raise DataError(f"{p}: not a regular file or folder")
+    def unreadable(e: OSError) -> None:  # (os.walk skips a folder it cannot list in silence: its text left out)
+        raise DataError(f"{e.filename}: cannot read ({e.strerror})")
+
     files = []
-    for root, dirs, names in os.walk(p):
+    for root, dirs, names in os.walk(p, onerror=unreadable):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (Path(root) / d).resolve() not in skip
                          and not _written_by_hymba(Path(root) / d))
         # the text folder is the run's own folder (--out = --data): its metrics (and those set aside) are not text
