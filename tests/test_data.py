@@ -799,3 +799,29 @@ def test_a_folder_of_the_corpus_that_cannot_be_listed_is_an_error(tmp_path, monk
     rc = main(["prepare", str(src), "--out", str(tmp_path / "s")])
     one_line_error(capsys, rc, 1, f"{src / 'locked'}: cannot read (Permission denied)")
     assert not (tmp_path / "s").exists()
+
+
+def test_resuming_a_task_run_with_settings_of_another_task_says_nothing_changed(tmp_path, capsys):
+    """mqar reads --mqar-pairs alone, yet its stream's state held every task's settings: a resumed mqar run given
+    --copy-tokens / --khop-nodes said 'task settings changed: copy_tokens None -> 3, khop_nodes None -> 9 (the
+    stream goes on with the new ones)', which it does not read. A checkpoint whose state holds them (an earlier
+    version's) resumes without the line too."""
+    from hymba_plus.training.checkpoint import STATE_FILE
+
+    rec = recipe_file(tmp_path)
+    out = tmp_path / "r"
+    common = ["--data", "mqar", "--seq-len", "32", "--steps", "6", "--batch-size", "2", "--out", str(out),
+              "--no-progress"]
+    assert main(["train", rec, *common, "--stop-after", "2"]) == 0
+    capsys.readouterr()
+    assert main(["train", rec, *common, "--stop-after", "4", "--copy-tokens", "3", "--khop-nodes", "9",
+                 "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "task settings changed" not in err, err
+    f = out / "step-4" / STATE_FILE
+    state = json.loads(f.read_text())
+    state["data"]["params"].update({"copy_tokens": 5, "khop_hops": 2, "khop_nodes": None})  # every task's
+    f.write_text(json.dumps(state))
+    assert main(["train", rec, *common, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "task settings changed" not in err, err

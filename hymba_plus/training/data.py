@@ -563,10 +563,10 @@ class TaskStream:
         return None  # unlimited
 
     def state(self) -> dict[str, Any]:
-        """The task and the settings its samples depend on (a resumed run says when they changed)."""
-        keys = ("mqar_pairs", "copy_tokens", "khop_hops", "khop_nodes")
+        """The task and the settings its samples depend on (``Task.settings``: a resumed run says when they
+        changed; another task's settings, which this one does not read, are not among them)."""
         return {"kind": "task", "name": self.task.name,
-                "params": {"seq_len": self.seq_len, **{k: getattr(self.cfg, k, None) for k in keys}}}
+                "params": {"seq_len": self.seq_len, **{k: getattr(self.cfg, k, None) for k in self.task.settings}}}
 
 
 class TextStream:

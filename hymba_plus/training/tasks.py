@@ -257,6 +257,8 @@ class Task:
     validate: Callable[[int, int, Any], None]
     sample: Callable[[np.random.Generator, int, int, Any], tuple[np.ndarray, np.ndarray]]
     chance: Callable[[int, Any], float]
+    #: the train settings its samples read besides seq_len (``TaskStream.state``: what a resumed run compares)
+    settings: tuple[str, ...] = ()
 
     def batch(self, indices: "range | list[int]", seed: int, seq_len: int, vocab: int, cfg: Any,
               stream: int = 0) -> tuple[Tensor, Tensor]:
@@ -270,10 +272,11 @@ class Task:
 
 TASKS: dict[str, Task] = {
     "mqar": Task("mqar", "multi-query associative recall", _mqar_validate, _mqar_sample,
-                 lambda vocab, cfg: 1.0 / (vocab - vocab // 2)),
+                 lambda vocab, cfg: 1.0 / (vocab - vocab // 2), ("mqar_pairs",)),
     "selective_copy": Task("selective_copy", "copy the data tokens scattered among noise",
-                           _copy_validate, _copy_sample, lambda vocab, cfg: 1.0 / (vocab - 3)),
+                           _copy_validate, _copy_sample, lambda vocab, cfg: 1.0 / (vocab - 3), ("copy_tokens",)),
     "parity": Task("parity", "running parity of a bit stream", _parity_validate, _parity_sample,
                    lambda vocab, cfg: 0.5),
-    "khop": Task("khop", "k-hop pointer chasing on a random cycle", _khop_validate, _khop_sample, _khop_chance),
+    "khop": Task("khop", "k-hop pointer chasing on a random cycle", _khop_validate, _khop_sample, _khop_chance,
+                 ("khop_hops", "khop_nodes")),
 }

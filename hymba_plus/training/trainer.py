@@ -496,9 +496,11 @@ class Trainer:
             saved = state.get("data", {})
             diff = next((k for k in now if k not in ("kind", "path", "source", "params") and k in saved
                          and saved[k] != now[k]), None)
-            if "params" in saved and saved["params"] != now.get("params"):  # a task's settings (a curriculum)
-                changed = ", ".join(f"{k} {saved['params'].get(k)} -> {v}" for k, v in now.get("params", {}).items()
-                                    if saved["params"].get(k) != v)
+            # a task's settings (a curriculum): those it reads now (an earlier version's state held every task's)
+            old = saved.get("params") if isinstance(saved.get("params"), dict) else {}
+            changed = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in now.get("params", {}).items()
+                                if k in old and old[k] != v)
+            if changed:
                 self.log(f"--data {self.cfg.data}: task settings changed since {self.resume_from}: {changed} (the "
                          "stream goes on with the new ones)")
             # digests: a series file of as many steps with other numbers; as many tokens, other ones (another
