@@ -825,3 +825,18 @@ def test_resuming_a_task_run_with_settings_of_another_task_says_nothing_changed(
     assert main(["train", rec, *common, "--resume"]) == 0
     err = capsys.readouterr().err
     assert "task settings changed" not in err, err
+
+
+def test_a_shard_index_given_as_the_text_names_its_folder(tmp_path, capsys):
+    """``--data shards/index.json`` (the index, not its folder) was read as a text file: a run trained on the
+    index's JSON as bytes, and ``prepare`` tokenized it; now one line naming the folder to pass."""
+    (tmp_path / "t.txt").write_text(TEXT)
+    assert main(["prepare", str(tmp_path / "t.txt"), "--out", str(tmp_path / "s")]) == 0
+    capsys.readouterr()
+    index = tmp_path / "s" / "index.json"
+    rc = main(["train", recipe_file(tmp_path), "--data", str(index), "--out", str(tmp_path / "r"), "--seq-len", "16",
+               "--steps", "1", "--no-progress"])
+    one_line_error(capsys, rc, 1, f"{index}: the index of token shards, not text: pass its folder {tmp_path / 's'}")
+    assert not (tmp_path / "r").exists()
+    rc = main(["prepare", str(index), "--out", str(tmp_path / "s2")])
+    one_line_error(capsys, rc, 1, f"{index}: the index of token shards, not text")

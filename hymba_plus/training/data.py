@@ -73,6 +73,8 @@ def list_sources(path: str | os.PathLike, exclude: tuple[str | os.PathLike, ...]
     if p.is_file():
         if _binary(p):
             raise DataError(f"{p}: a binary file (a NUL byte in its first 8 KiB), not text")
+        if p.name == INDEX and _is_shards(p.parent):  # (its JSON was trained on as text)
+            raise DataError(f"{p}: the index of token shards, not text: pass its folder {p.parent}")
         return [p]
     if not p.is_dir():
         raise DataError(f"{p}: not a regular file or folder")
