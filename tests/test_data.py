@@ -840,3 +840,25 @@ def test_a_shard_index_given_as_the_text_names_its_folder(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
     rc = main(["prepare", str(index), "--out", str(tmp_path / "s2")])
     one_line_error(capsys, rc, 1, f"{index}: the index of token shards, not text")
+
+
+def test_a_folder_hymba_wrote_given_as_the_text_is_refused(tmp_path, capsys):
+    """Inside a corpus, token shards, a run's folder and checkpoints are not text (skipped); given as the corpus
+    itself they were read: ``prepare SHARDS`` tokenized their index.json, ``--data CKPT`` trained on the
+    checkpoint's JSON and YAML, ``--data RUN`` on its metrics.jsonl. Each is one line naming what it is."""
+    (tmp_path / "t.txt").write_text(TEXT * 3)
+    rec = recipe_file(tmp_path)
+    common = ["--seq-len", "16", "--batch-size", "2", "--steps", "1", "--no-progress"]
+    assert main(["train", rec, "--data", str(tmp_path / "t.txt"), "--out", str(tmp_path / "run"), *common]) == 0
+    assert main(["prepare", str(tmp_path / "t.txt"), "--out", str(tmp_path / "s")]) == 0
+    capsys.readouterr()
+    rc = main(["prepare", str(tmp_path / "s"), "--out", str(tmp_path / "s2")])
+    one_line_error(capsys, rc, 1, f"{tmp_path / 's'}: token shards written by hymba prepare, not text")
+    for folder, what in ((tmp_path / "run" / "step-1", "a checkpoint"), (tmp_path / "run", "a training run's folder")):
+        rc = main(["train", rec, "--data", str(folder), "--out", str(tmp_path / "r2"), *common])
+        one_line_error(capsys, rc, 1, f"{folder}: {what} written by hymba, not text")
+        assert not (tmp_path / "r2").exists()
+    mine = tmp_path / "mine"  # a text folder with a metrics.jsonl of its own at its top is text
+    mine.mkdir()
+    (mine / "metrics.jsonl").write_text(TEXT * 3)
+    assert prepare(mine, tmp_path / "s3")["tokens"] == len((TEXT * 3).encode())

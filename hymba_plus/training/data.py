@@ -64,8 +64,9 @@ RUN_RECORD = re.compile(r"(metrics\.jsonl|loss\.png)(\.\d+)?")
 def list_sources(path: str | os.PathLike, exclude: tuple[str | os.PathLike, ...] = ()) -> list[Path]:
     """The files a path names: itself (refused if binary), or every non-hidden, non-binary file under a
     folder (binary ones skipped), except those under an ``exclude`` folder or a folder hymba wrote
-    (``_written_by_hymba``: ``prepare``'s output, a training run's folder, a checkpoint). A file or folder
-    that cannot be read is a ``DataError`` naming it."""
+    (``_written_by_hymba``: ``prepare``'s output, a training run's folder, a checkpoint; such a folder given
+    as ``path`` itself is refused, unless excluded: the run's own ``--out``). A file or folder that cannot be
+    read is a ``DataError`` naming it."""
     p = Path(path)
     skip = {Path(e).resolve() for e in exclude}
     if not p.exists():
@@ -78,6 +79,12 @@ def list_sources(path: str | os.PathLike, exclude: tuple[str | os.PathLike, ...]
         return [p]
     if not p.is_dir():
         raise DataError(f"{p}: not a regular file or folder")
+    kind = _hymba_kind(p)
+    if kind == "a training run's folder" and not (p / "loss.png").is_file() and not any(
+            _hymba_kind(d) == "a checkpoint" for d in p.iterdir() if d.is_dir()):
+        kind = None  # (a text folder of the user's that holds a metrics.jsonl of its own at its top)
+    if kind is not None and p.resolve() not in skip:  # (as inside a corpus; the run's own --out may be its text)
+        raise DataError(f"{p}: {kind} written by hymba{' prepare' if kind == 'token shards' else ''}, not text")
     def unreadable(e: OSError) -> None:  # (os.walk skips a folder it cannot list in silence: its text left out)
         raise DataError(f"{e.filename}: cannot read ({e.strerror})")
 
@@ -99,12 +106,18 @@ def list_sources(path: str | os.PathLike, exclude: tuple[str | os.PathLike, ...]
 
 
 def _written_by_hymba(d: Path) -> bool:
-    """A folder of ours inside a text folder, not text to train on: token shards (``index.json`` of
-    our format), a training run (``metrics.jsonl``) or a checkpoint (``recipe.yaml`` next to
-    ``model.safetensors``)."""
-    if (d / "metrics.jsonl").is_file() or ((d / "recipe.yaml").is_file() and (d / "model.safetensors").is_file()):
-        return True
-    return _is_shards(d)
+    """A folder of ours inside a text folder, not text to train on (``_hymba_kind``)."""
+    return _hymba_kind(d) is not None
+
+
+def _hymba_kind(d: Path) -> str | None:
+    """What folder of ours ``d`` is, or None: token shards (``index.json`` of our format), a training run
+    (``metrics.jsonl``) or a checkpoint (``recipe.yaml`` next to ``model.safetensors``)."""
+    if (d / "recipe.yaml").is_file() and (d / "model.safetensors").is_file():
+        return "a checkpoint"
+    if (d / "metrics.jsonl").is_file():
+        return "a training run's folder"
+    return "token shards" if _is_shards(d) else None
 
 
 def _is_shards(d: Path) -> bool:
