@@ -972,3 +972,13 @@ def test_csv_read_errors_name_the_line_and_a_folder_is_no_file(tmp_path) -> None
     (tmp_path / "d.csv").mkdir()
     with pytest.raises(DataError, match=r"d\.csv: is a folder, not a CSV file$"):
         read_csv(tmp_path / "d.csv")
+
+
+def test_a_signed_nan_cell_is_a_missing_value_as_nan_is(tmp_path) -> None:
+    """C's printf writes NaN as '-nan' (or 'nan'); 'NaN' was a missing value but '-nan' / '+NaN' an error
+    ('is not a finite number')."""
+    rows = good_rows()
+    rows[10][1], rows[20][2], rows[30][1] = "-nan", "+NaN", "nan"
+    s = read_csv(write_csv(tmp_path / "s.csv", rows))
+    assert s.filled == {"load": 2, "temp": 1}
+    assert np.isnan(s.targets()[[10, 30], 0]).all() and np.isnan(s.targets()[20, 1])

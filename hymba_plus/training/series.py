@@ -4,7 +4,7 @@ generator, and the training stream of windows.
 **CSV** (``--data series.csv``): a header row, then one row per time step. The first column is
 the timestamp (numbers, or dates / date-times in ISO 8601 form such as ``2024-01-31`` or
 ``2024-01-31 13:00``), strictly increasing; every other column is a numeric series (one
-channel). Empty cells and ``NA`` / ``NaN`` / ``null`` are missing values, reported
+channel). Empty cells and ``NA`` / ``NaN`` (signed too) / ``null`` are missing values, reported
 (``Series.report``) and handled as GluonTS does with its observed-values mask: in what the
 model reads (contexts) a gap holds the last observed value before it (carried forward, so a
 context never reads past its own end; a gap at the very start takes the first observed value),
@@ -191,6 +191,8 @@ def read_csv(path: str | Path) -> Series:
                 v = float(c)
             except ValueError:
                 raise DataError(f"{p}:{line}: column {cols[j]!r} ({j + 2}): {brief(cell)} is not a number") from None
+            if math.isnan(v):  # '-nan' / '+NaN' (C's printf writes a NaN with its sign): missing, as 'nan' is
+                continue
             if not math.isfinite(v):
                 raise DataError(f"{p}:{line}: column {cols[j]!r} ({j + 2}): {brief(cell)} is not a finite number")
             if abs(v) > MAX_ABS_VALUE:
