@@ -381,3 +381,41 @@ def test_a_row_that_stops_on_eos_forces_no_target_rewind():
     out = m.generate(ids, max_new_tokens=6, mode="speculative", draft=m, k=4, eos_token_id=eos, stats=st)
     assert torch.equal(out, m.generate(ids, max_new_tokens=6, eos_token_id=eos))
     assert st["rewind_forwards"] == 0, st  # the draft is the target: every draft accepted, no row goes on
+
+
+@torch.no_grad()
+def test_a_round_that_keeps_every_draft_feeds_the_draft_one_token_not_a_rewind() -> None:
+    """After a round where a row kept all its drafts, the draft's cache lacks only the last draft (it
+    fed ``last, d_1 .. d_{k-1}``): one cached step of ``d_k`` brings it up to date. It was rewound instead
+    (restore the snapshot, re-run all k + 1 tokens): k + 1 draft tokens a round where one was needed."""
+    target = make(*TARGETS["gdn"])
+    draft = copy.deepcopy(target)  # agrees with the target everywhere: every draft is kept
+    ids, mask = prompts()
+    T, N, k = ids.shape[1], 12, 3
+
+    def run(eos: int | None) -> tuple[torch.Tensor, dict, list]:
+        fed: list = []  # tokens per draft forward
+        h = draft.register_forward_hook(lambda _m, a, kw, _o: fed.append(kw.get("input_ids", a[0] if a else None)
+                                                                          .shape[1]), with_kwargs=True)
+        try:
+            st: dict = {}
+            out = target.generate(ids, N, mode="speculative", draft=draft, k=k, attention_mask=mask,
+                                  eos_token_id=eos, stats=st)
+        finally:
+            h.remove()
+        assert torch.equal(out, target.generate(ids, N, attention_mask=mask, eos_token_id=eos))
+        assert st["acceptance_rate"] == 1.0 and st["draft_rewind_forwards"] == 0, st
+        assert st["draft_forwards"] == len(fed)
+        return out, st, fed
+
+    out, st, fed = run(None)
+    # 1 token from the prefill, then rounds of k + 1 = 4, 4 and 3 (max_new_tokens leaves 2 drafts): the
+    # draft prefills, steps 3 + 3 + 2 times, and catches up by one token after each of the first two rounds
+    # (the last round ends every row: nothing more to catch up)
+    assert st["rounds"] == 3 and fed == [T] + [1] * 3 + [1] + [1] * 3 + [1] + [1] * 2, fed
+    # row 0 ends on EOS in the second round: the other rows catch up alone (a masked step), and the
+    # draft, still the target, keeps agreeing with it on every draft (a wrong catch-up would not)
+    eos = int(out[0, T + 7])
+    out, st, fed = run(eos)
+    assert not (out[2, T:] == eos).any() and (out[0, T:T + 7] != eos).all()
+    assert fed == [T] + [1] * 3 + [1] + [1] * 3 + [1] + [1] * 2, fed

@@ -34,13 +34,15 @@ drawn from ``p`` (``p``, ``q``: target and draft distributions after the same te
 top-k and top-p as ``sample_next``), so every token has the target's own distribution. Rows
 keep different counts: both caches go back with ``HybridLM.rewind`` (restore the round's
 snapshot, re-run each row's kept tokens in one forward: exact for every state type) — the
-target only when some row rejected a draft, the draft unless every row kept exactly what it
-fed. A row never passes ``max_new_tokens`` (it is offered fewer drafts near the end; rows
-that finished or hit EOS stand still through padding) and stops at EOS like ``ar``. The
-output is ``ar``'s: token for token when greedy (up to floating-point ties), in
-distribution when sampling. ``stats`` adds ``target_forwards`` (prefill + verify + rewind,
-also ``forwards``), ``verify_forwards``, ``rewind_forwards``, ``draft_forwards`` (of which
-``draft_rewind_forwards``), ``rounds``, ``proposed`` / ``accepted`` drafts,
+target only when some row rejected a draft, the draft only when some row kept less than it
+fed; when rows kept all their drafts (the draft fed all but the last) the draft takes one
+cached step of its last draft (gpt-fast's catch-up) instead of re-running all ``k + 1``. A
+row never passes ``max_new_tokens`` (it is offered fewer drafts near the end; rows that
+finished or hit EOS stand still through padding) and stops at EOS like ``ar``. The output is
+``ar``'s: token for token when greedy (up to floating-point ties), in distribution when
+sampling. ``stats`` adds ``target_forwards`` (prefill + verify + rewind, also ``forwards``),
+``verify_forwards``, ``rewind_forwards``, ``draft_forwards`` (prefill, draft steps, catch-ups
+and ``draft_rewind_forwards``), ``rounds``, ``proposed`` / ``accepted`` drafts,
 ``acceptance_rate`` and ``tokens_per_target_forward`` (per row).
 
 All take ``stats``: a dict filled with the forward passes, the tokens generated and tokens
@@ -647,18 +649,27 @@ def generate_speculative(
         # 4. roll back. The target fed ``fed`` tokens of ids and keeps n_new: ``last`` and the
         # accepted drafts before the committed token. The draft fed k_row and needs n_new, only
         # for rows that go on. ``rewind``: restore the snapshot, re-run the kept tokens, one forward.
+        # A row that kept every draft needs one token more than the draft fed (d_k_row, which
+        # it drew but never fed): when no row needs less, one cached step of it (gpt-fast's
+        # catch-up), not a rewind that re-runs all k_row + 1.
         going = ~done & (produced < N)
         keep_d = torch.where(going, n_new, torch.where(active, k_row, 0))
         # a row that stops here (EOS, or max_new_tokens) is never read again: it forces no rewind
-        need_t, need_d = torch.stack([(going & (n_new != fed)).any(), going.any() & (keep_d != k_row).any()]).tolist()
+        behind = keep_d > k_row  # (keep_d <= k_row + 1; both only for a row that goes on)
+        need_t, back, n_behind = torch.stack([(going & (n_new != fed)).any(), (keep_d < k_row).any(),
+                                              behind.sum()]).tolist()
         if need_t:
             model.rewind(cache, snap, ids, n_new)
             n_target += 1
             n_rewind += 1
-        if need_d:
+        if back:
             draft.rewind(dcache, dsnap, ids.to(ddev), keep_d.to(ddev))
             n_draft += 1
             n_draft_rewind += 1
+        elif n_behind:
+            m = None if n_behind == B else behind.long()[:, None].to(ddev)
+            draft(ids.gather(1, k_row[:, None]).to(ddev), attention_mask=m, cache=dcache, check_inputs=False)
+            n_draft += 1
     L = int(produced.max())
     tokens = L * B
     n_prop, n_acc_total = int(proposed), int(accepted)
