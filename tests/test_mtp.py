@@ -167,7 +167,42 @@ def test_a_finished_row_does_not_grow_the_caches() -> None:
     assert torch.equal(got, m.generate(ids, max_new_tokens=40, eos_token_id=eos))
     batch = caches[-2].states[0].slots()  # (the last cache is ar's)
     m.generate(ids[1:], max_new_tokens=40, mode="mtp", eos_token_id=eos)
-    assert batch == caches[-1].states[0].slots() == 6 + 40
+    assert batch == caches[-1].states[0].slots() == 6 + 40 - 1  # as ar: every token but the last (never fed)
+
+
+@torch.no_grad()
+def test_rounds_near_the_end_draft_no_more_than_can_be_emitted() -> None:
+    """A round drafts at most what a live row can still emit (max_new_tokens), and a live row's verify
+    chunk stays within max_seq_len, as mode speculative's: it drafted k and verified k + 1 tokens whatever
+    was left, running the trunk's positions up to k past max_seq_len (68 of 66 here) on tokens never
+    emitted. (A finished row's cache is never read again: it may move with the live rows.)"""
+    m = make(pattern="GD | GA", depth=3, block="GA", meta=2)
+    ids = torch.randint(0, V, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # a shorter row: it has more room than the longest one
+    limit, n_meta = m.config.max_seq_len, m.config.meta_tokens
+    fed: list = []  # (tokens fed, the cache's highest position after the call) per trunk call
+
+    def post(_m, a, kw, _o) -> None:  # noqa: ANN001
+        fed.append((kw.get("input_ids", a[0] if a else None).shape[1], int(kw["cache"].pos.max())))
+
+    h = m.register_forward_hook(post, with_kwargs=True)
+    try:
+        for n in (1, 2, 3, 7, limit - 8):
+            for x, xm in ((ids, mask), (ids[:1], None)):  # alone, row 0 is live until its last round
+                want = m.generate(x, max_new_tokens=n, attention_mask=xm)
+                fed.clear()
+                st: dict = {}
+                got = m.generate(x, max_new_tokens=n, mode="mtp", k=3, attention_mask=xm, stats=st)
+                assert torch.equal(got, want), n
+                if xm is None:
+                    assert max(p for _, p in fed) <= n_meta + limit, (n, fed)
+                if n <= 2:  # the prefill gives 1 token; one more needs a verify of c alone (no drafts)
+                    assert [w for w, _ in fed[1:]] == [1] * (n - 1) and st["proposed"] == 0, (n, fed)
+                if n == 3:  # 2 to go: one draft (then a verify of c alone where it was rejected)
+                    assert fed[1][0] == 2 and st["proposed"] == x.shape[0], (n, fed, st)
+    finally:
+        h.remove()
 
 
 def test_greedy_mtp_on_an_etd_trunk() -> None:
@@ -250,8 +285,10 @@ def test_sampled_tokens_match_ar_sampling() -> None:
             p.add_(0.3 * torch.randn_like(p))
     N = 6000
     prompt = torch.tensor([[1, 2, 3, 4]]).expand(N, -1)
-    out = m.generate(prompt, max_new_tokens=2, mode="mtp", temperature=1.0, top_k=4,
-                     generator=torch.Generator().manual_seed(5))
+    st: dict = {}  # 3 tokens: x2 comes from the accept / resample rule (with 2, a round drafts nothing)
+    out = m.generate(prompt, max_new_tokens=3, mode="mtp", temperature=1.0, top_k=4,
+                     generator=torch.Generator().manual_seed(5), stats=st)
+    assert 0.1 < st["acceptance_rate"] < 0.9 and st["proposed"] == N, st  # one draft a row, often rejected
     x1, x2 = out[:, 4], out[:, 5]
     p1 = filtered_probs(m(prompt[:1]).logits[0, -1], 1.0, 4, None)
     pairs = torch.stack([torch.arange(V).repeat_interleave(V), torch.arange(V).repeat(V)], 1)

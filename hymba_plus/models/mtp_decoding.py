@@ -27,6 +27,10 @@ positions whose inputs are *verified* tokens, s <= P - i ("committed"). A round:
    **commit** the a + 1 newly verified positions to every module's cache in one forward
    per module (per-row lengths through the padding rule).
 
+Near the end a round drafts fewer than k (as mode ``speculative``): no more than a live row
+can still emit after c, and few enough that every live row's verify chunk stays within
+``max_seq_len`` (none when every live row needs just one more token: the verify is c alone).
+
 Rows that reach ``max_new_tokens`` or EOS are finished: their output is fixed and their
 caches, never read again, keep what the live rows keep most (so they never force a rewind forward, nor
 grow the caches faster than the live rows). ``stats``: trunk forwards (prefill + verify + rewind), module forwards,
@@ -153,15 +157,25 @@ def generate_mtp(
             streamed = flush(1)
     forwards, rewinds, proposed, accepted_total, rounds = 1, 0, 0, 0, 0
     rows = torch.arange(B, device=dev)
-    while not bool(done.all()):
+    room_seq = model.config.max_seq_len - L  # real tokens a row's trunk cache may still take, after its prompt
+    while True:
+        live = ~done
+        # drafts this round: no more than a live row can still emit after the round's first token, and a
+        # verify chunk within max_seq_len for every live row (it holds L + emitted - 1 tokens, feeds kr + 1)
+        n_live, most, least = torch.stack([live.sum(), torch.where(live, max_new_tokens - emitted - 1, 0).max(),
+                                           torch.where(live, room_seq - emitted, k).min()]).tolist()
+        if n_live == 0:
+            break
+        kr = max(min(k, most, least), 0)
         rounds += 1
-        # 1. draft d_1 .. d_k (modules >= 2 on forks of their caches)
+        # 1. draft d_1 .. d_kr (modules >= 2 on forks of their caches)
         drafts, qs = [], []
-        q1 = sample(head(last[1]))
-        drafts.append(draw(q1, generator))
-        qs.append(q1)
+        if kr:
+            q1 = sample(head(last[1]))
+            drafts.append(draw(q1, generator))
+            qs.append(q1)
         prev_out = None  # module i-1's outputs at the draft positions P - i + 2 .. P - 1
-        for i in range(2, k + 1):
+        for i in range(2, kr + 1):
             h_in = last[i - 1][:, None] if prev_out is None else torch.cat([last[i - 1][:, None], prev_out], 1)
             pos = n_meta + (P - i + 1)[:, None] + torch.arange(i - 1, device=dev)[None]
             emb = model.embed_tokens(torch.stack(drafts[:i - 1], 1))
@@ -171,33 +185,33 @@ def generate_mtp(
             drafts.append(draw(q, generator))
             qs.append(q)
             prev_out = o
-        d = torch.stack(drafts, 1)  # [B, k]
-        # 2. verify [c, d_1 .. d_k] in one trunk forward
+        d = torch.stack(drafts, 1) if kr else c.new_zeros(B, 0)  # [B, kr]
+        # 2. verify [c, d_1 .. d_kr] in one trunk forward
         snap = cache.snapshot()
         chunk = torch.cat([c[:, None], d], 1)
         vo = model(chunk, cache=cache, return_hidden=True, check_inputs=False)
         forwards += 1
         # 3. accept
-        a, nxt = accept_drafts(sample(vo.logits), torch.stack(qs, 1), d, generator)
-        live = ~done
-        proposed += int(live.sum()) * k
+        p = sample(vo.logits)
+        a, nxt = accept_drafts(p, torch.stack(qs, 1) if kr else p[:, :0], d, generator)
+        proposed += n_live * kr
         accepted_total += int(a[live].sum())
         # 4. roll the trunk back to [c, accepted drafts]; a finished row's caches are never read
         # again: it keeps as many as the most a live row keeps (it never forces a rewind forward, nor
-        # grows the caches by k + 1 slots a round)
+        # grows the caches by kr + 1 slots a round)
         keep = torch.where(live, a + 1, torch.where(live, a + 1, 0).max())
-        if not bool((keep == k + 1).all()):
+        if not bool((keep == kr + 1).all()):
             model.rewind(cache, snap, chunk, keep)
             forwards += 1
             rewinds += 1
         # every module commits the a + 1 positions whose inputs are now verified
-        j = torch.arange(k + 1, device=dev)[None]
-        new_tok = torch.where(j < a[:, None], torch.cat([d, d[:, :1]], 1), nxt[:, None])  # d_1 .. d_a, next
+        j = torch.arange(kr + 1, device=dev)[None]
+        new_tok = torch.where(j < a[:, None], torch.cat([d, nxt[:, None]], 1), nxt[:, None])  # d_1 .. d_a, next
         emb = model.embed_tokens(new_tok)
         new_last = [torch.where(live[:, None], _gather_at(vo.trunk_states, keep - 1), last[0])]
         h_prev = vo.trunk_states
         for i in range(1, D + 1):
-            h_in = h_prev if i == 1 else torch.cat([last[i - 1][:, None], h_prev[:, :k]], 1)
+            h_in = h_prev if i == 1 else torch.cat([last[i - 1][:, None], h_prev[:, :kr]], 1)
             pos = n_meta + (P - i + 1)[:, None] + j
             o = mtp.step(i - 1, h_in, emb, StepContext(positions=pos, lengths=keep, n_meta=n_meta),
                          mcache.states[i - 1])
