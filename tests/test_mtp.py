@@ -205,6 +205,26 @@ def test_rounds_near_the_end_draft_no_more_than_can_be_emitted() -> None:
         h.remove()
 
 
+@torch.no_grad()
+def test_k_below_the_depth_runs_only_the_modules_that_draft() -> None:
+    """With k < depth, modules k + 1 .. depth never draft: they ran anyway, prefilled and committed every
+    round (depth module forwards a round where k - 1 + k are needed). Now only modules 1 .. k run."""
+    m = make(pattern="GD | GA", depth=3, block="GA")
+    ids = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    ran: list = []  # the module (0-based) of each step
+    step = m.mtp.step
+    m.mtp.step = lambda i, *a, **kw: ran.append(i) or step(i, *a, **kw)
+    for k in (1, 2, 3):
+        ran.clear()
+        st: dict = {}
+        got = m.generate(ids, max_new_tokens=9, mode="mtp", k=k, attention_mask=mask, stats=st)
+        assert torch.equal(got, m.generate(ids, max_new_tokens=9, attention_mask=mask)), k
+        assert sorted(set(ran)) == list(range(k)) and st["mtp_forwards"] == len(ran), (k, ran)
+        assert ran.count(0) == 1 + st["rounds"]  # module 1: the prefill, one commit a round (it drafts unforked)
+
+
 def test_greedy_mtp_on_an_etd_trunk() -> None:
     m = make(pattern="GD | GA | M3 | GA", depth=2, block="GD",
              etd={"encoder_layers": 1, "think_layers": 2, "decoder_layers": 1, "iterations": 2})

@@ -25,7 +25,8 @@ positions whose inputs are *verified* tokens, s <= P - i ("committed"). A round:
 4. **roll back** the trunk to ``[c, accepted drafts]`` per row (``HybridLM.rewind``: restore
    the snapshot, re-run the kept tokens; skipped when every row kept everything), and
    **commit** the a + 1 newly verified positions to every module's cache in one forward
-   per module (per-row lengths through the padding rule).
+   per module (per-row lengths through the padding rule). With k below the depth, modules
+   k + 1 .. depth never draft and never run.
 
 Near the end a round drafts fewer than k (as mode ``speculative``): no more than a live row
 can still emit after c, and few enough that every live row's verify chunk stays within
@@ -110,7 +111,8 @@ def generate_mtp(
     sample = lambda logits: distribution(logits, temperature, top_k, top_p)  # noqa: E731
     head = lambda h: model.lm_head(model.norm(h))  # noqa: E731
 
-    # prefill: the trunk, then every module commits the prompt positions it can (s <= L - i)
+    # prefill: the trunk, then each module that drafts (1 .. k; the deeper ones never run) commits the
+    # prompt positions it can (s <= L - i)
     cache = model.new_cache(B, device=dev)
     out = model(input_ids, attention_mask=attention_mask, cache=cache, return_hidden=True, logits_to_keep=1)
     order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # real tokens first
@@ -122,7 +124,7 @@ def generate_mtp(
     last = [_gather_at(trunk, L - 1)]  # depth i's hidden state at its last committed position
     h = trunk
     m_fwd = 0
-    for i in range(1, D + 1):
+    for i in range(1, k + 1):
         width = T - i + 1
         ctx = StepContext(positions=n_meta + torch.arange(width, device=dev)[None].expand(B, -1),
                           lengths=L - i + 1, n_meta=n_meta)
@@ -204,13 +206,13 @@ def generate_mtp(
             model.rewind(cache, snap, chunk, keep)
             forwards += 1
             rewinds += 1
-        # every module commits the a + 1 positions whose inputs are now verified
+        # every module that drafts (1 .. k) commits the a + 1 positions whose inputs are now verified
         j = torch.arange(kr + 1, device=dev)[None]
         new_tok = torch.where(j < a[:, None], torch.cat([d, nxt[:, None]], 1), nxt[:, None])  # d_1 .. d_a, next
         emb = model.embed_tokens(new_tok)
         new_last = [torch.where(live[:, None], _gather_at(vo.trunk_states, keep - 1), last[0])]
         h_prev = vo.trunk_states
-        for i in range(1, D + 1):
+        for i in range(1, k + 1):
             h_in = h_prev if i == 1 else torch.cat([last[i - 1][:, None], h_prev[:, :kr]], 1)
             pos = n_meta + (P - i + 1)[:, None] + j
             o = mtp.step(i - 1, h_in, emb, StepContext(positions=pos, lengths=keep, n_meta=n_meta),
