@@ -68,9 +68,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens to generate (default: 64, or what fits in max_seq_len)")
     p.add_argument("--temperature", type=finite_float, default=None,
                    help=f"sampling temperature (default {DEFAULT_TEMPERATURE:g}; 0 = greedy)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=finite_float, default=None)
-    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: off)")
+    p.add_argument("--top-p", type=finite_float, default=None,
+                   help="sample among the most likely tokens whose probabilities sum to p, in (0, 1] (default: off)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the sampling generator (default: 0)")
     p.add_argument("--mode", default="ar", help="decoding mode: ar (default), block_diffusion (models trained "
                    "with that objective), speculative (with --draft), mtp (models with model.mtp) or ladir "
                    "(models with a ladir section) or forecast (models trained with the forecast objective: --data)")

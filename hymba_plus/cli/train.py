@@ -121,8 +121,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--mode", choices=TRAIN_MODES, default=None,
                    help="how the training step runs. auto (default): on CUDA, replayed from CUDA graphs when the "
-                        "run allows it (one process, no --train-only / --distill, an objective whose step is the "
-                        "model's forward) and the capture gives the eager loss on the first batch, else eager, "
+                        "run allows it (one process, no --train-only / --distill, Dr.LLM routers off, an objective "
+                        "whose step is captured whole: next token, MTP, block diffusion, forecasting; not LaDiR) "
+                        "and the capture gives the eager loss on the first batch, else eager, "
                         "with one line saying which and why; on the CPU, eager. eager: plain PyTorch. cuda-graph: "
                         "CUDA graphs, an error when they cannot be captured (= --cuda-graph). compile: "
                         "torch.compile (= --compile). The mode that ran is in metrics.jsonl and the summary")

@@ -67,8 +67,9 @@ the routers are on, evals report the routed model and, on the same batches, all-
 Training mode (``--mode``, ``RunOptions.mode``): ``auto`` (the default) runs the fastest mode
 verified for the run. On CUDA that is the training forward+backward replayed from CUDA graphs
 (``cuda_graph.py``) where the run allows it (one process, no ``--train-only`` / ``--distill``,
-an objective whose step is the model's forward, Dr.LLM routers off) and the capture works and
-gives the eager loss on the first batch (within ``GRAPH_LOSS_RTOL``); otherwise eager, and one
+Dr.LLM routers off, an objective whose step ``GraphedStep`` captures whole: next token, MTP,
+block diffusion, forecasting; not LaDiR) and the capture works and gives the eager loss on the
+first batch (within ``GRAPH_LOSS_RTOL``); otherwise eager, and one
 line says which mode runs and why. On the CPU ``auto`` is eager, silently. ``eager``,
 ``cuda-graph`` (``--cuda-graph``; a capture that fails is an error) and ``compile``
 (``--compile`` / ``--compile-mode``) are explicit. The mode that ran is in every
