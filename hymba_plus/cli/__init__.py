@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("check", "validate recipes (files or folders)"),
     "info": ("info", "layer table, parameters, cache bytes of a recipe"),
     "train": ("train", "train a model from a recipe (checkpoints, metrics, loss plot)"),
-    "generate": ("generate", "generate text from a checkpoint"),
+    "generate": ("generate", "generate text from a checkpoint, or forecast a series (--mode forecast)"),
     "prepare": ("prepare", "tokenize text files into memory-mapped token shards"),
     "convert": ("convert", "import / export HF transformers checkpoints, or hybridize a pretrained model"),
 }
