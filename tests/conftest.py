@@ -15,8 +15,10 @@ from tests.helpers import tree_changes, tree_snapshot
 
 os.environ.setdefault("HYMBA_TEST", "1")
 # Tests write under tmp_path only: hypothesis keeps no example database, and its other
-# files (a constants cache) go to a temporary folder instead of ./.hypothesis.
-settings.register_profile("hymba", database=None)
+# files (a constants cache) go to a temporary folder instead of ./.hypothesis. Every property
+# test is derandomized (the same examples every run; a test's own @settings inherit it):
+# only make test-deep (HYMBA_TEST_DEEP, below) draws new ones.
+settings.register_profile("hymba", database=None, derandomize=True)
 settings.load_profile("hymba")
 _HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="hymba-hypothesis-")
 set_hypothesis_home_dir(_HYPOTHESIS_HOME)

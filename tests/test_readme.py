@@ -6,11 +6,13 @@
   The samples show a machine without CUDA (``fast paths: atlas_cpu (CPU: reference paths for the rest)``).
 * The configs table names exactly the recipes in ``configs/``.
 * The recipe block of "A recipe" is ``configs/quad_hybrid_tiny.yaml``; the ``python`` block runs.
+* ``make test`` draws the same property-test examples every run (every ``@given`` test derandomized).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import re
 import shlex
@@ -19,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from hymba_plus.cli import main
+from tests.conftest import DEEP
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -166,3 +169,20 @@ def test_readme_python_block_runs(tmp_path, monkeypatch):
     assert env["out"].logits.shape == (2, 16, 256)
     assert env["new"].shape == (2, 4 + 32)
     assert (tmp_path / "runs" / "x" / "recipe.yaml").is_file()
+
+
+@pytest.mark.skipif(DEEP > 1, reason="make test-deep draws at random on purpose")
+def test_make_test_draws_the_same_property_examples_every_run():
+    """README ("`make test` draws the same ones every time") and CONTRIBUTING ("derandomized in
+    `make test`"): every hypothesis test of the suite runs derandomized, its own ``@settings`` or
+    not; only ``make test-deep`` (HYMBA_TEST_DEEP) draws new examples."""
+    random = []
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        if "@given" not in path.read_text():
+            continue
+        module = importlib.import_module(f"tests.{path.stem}")
+        for name, fn in vars(module).items():
+            s = getattr(fn, "_hypothesis_internal_use_settings", None)
+            if name.startswith("test") and getattr(fn, "is_hypothesis_test", False) and not s.derandomize:
+                random.append(f"{path.name}::{name}")
+    assert not random, f"property tests drawing new examples every run: {random}"
