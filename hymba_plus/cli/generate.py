@@ -9,8 +9,9 @@ mask, through the same cache) and printed one per line.
 
 A row ends at its first end-of-sequence token: ``--eos ID[,ID...]`` (or ``none``), else the
 checkpoint's ``generation_config.json`` ``eos_token_id`` (one id or a list; ``hymba convert``
-writes an imported HF model's there), else the tokenizer's end token (``</s>``,
-``<|endoftext|>``, ``<eos>`` or ``[SEP]``).
+writes an imported HF model's there), else the tokenizer's end token (the ``eos_token`` of a
+``tokenizer_config.json`` beside its ``tokenizer.json``, else the first of ``training.tokenizer.END_TOKENS``
+in its vocabulary: ``</s>``, ``<|endoftext|>``, ``<|end_of_text|>``, ``<eos>``, ``[SEP]``, ...).
 
 ETD checkpoints (``model.etd``) print, after generation and to stderr, one line per prompt
 row: the think iterations used (ACT: also the mean over the prompt's tokens, meta tokens
