@@ -102,8 +102,8 @@ def test_fsdp2_two_gloo_processes_match_one_process_and_resume(tmp_path):
 def test_fsdp2_bf16_parameters_train_like_autocast(tmp_path):
     """``--fsdp-param-dtype bfloat16`` (FSDP2's MixedPrecisionPolicy: bf16 gathered parameters,
     float32 gradient reduce into float32 shards) trains like one process under bf16 autocast
-    (the GEMMs see the same bf16 weights; the rest rounds differently): losses and gradient
-    norms within 1e-3. With precision fp32 it is refused in one line."""
+    (the GEMMs see the same bf16 weights; the rest rounds differently): losses within 1e-3 (measured
+    ~1e-4) and gradient norms within 1e-2 (measured ~2e-3). With precision fp32 it is refused in one line."""
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(RECIPE))
     args = ["--steps", "3", "--seq-len", "16", "--warmup", "1", "--eval-every", "100", "--save-every", "100",
