@@ -65,11 +65,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also learn the teacher checkpoint's logits (KL); weights in the recipe's train.distill "
                         "section (kl_weight, ce_weight, temperature; default 1, 1, 1)")
     p.add_argument("--out", type=path_text, help="output folder for checkpoints, metrics.jsonl, loss.png (default: runs/NAME)")
-    p.add_argument("--data", type=path_text, help="built-in task (mqar, selective_copy, parity, khop; objective ladir: chain_arith, "
-                                  "chain_pointer), a text file or folder, or a "
-                                  "folder written by `hymba prepare` (default: mqar); forecast recipes: a series CSV "
-                                  "(timestamp column, then numeric columns) or synthetic (the default)")
-    p.add_argument("--tokenizer", type=path_text, help="a `tokenizers` JSON file for text data (default: bytes)")
+    p.add_argument("--data", type=path_text, help="built-in task (mqar, selective_copy, parity, khop), a text file or folder, or a "
+                                  "folder written by `hymba prepare` (default: mqar); objective ladir: chain_arith, "
+                                  "chain_pointer or a JSONL file of {question, reasoning, answer} (no default: give "
+                                  "one); forecast recipes: a series CSV (timestamp column, then numeric columns) or "
+                                  "synthetic (the default)")
+    p.add_argument("--tokenizer", type=path_text, help="a `tokenizers` JSON file for text and reasoning data (default: bytes)")
     p.add_argument("--mqar-pairs", type=int, help="mqar: key/value pairs per sequence (default: min(seq_len / 4, vocab_size / 2 - 1))")
     p.add_argument("--copy-tokens", type=int, help="selective_copy: tokens to copy (default: seq_len / 8)")
     p.add_argument("--khop-hops", type=int, help="khop: pointers followed per query")
@@ -81,7 +82,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="chain_arith: the modulus (default: 10); chain_pointer: nodes of the cycle (default: 8)")
     p.add_argument("--khop-nodes", type=int,
                    help="khop: nodes of the cycle (default: min(vocab_size - 3, (seq_len - 1) / 5))")
-    p.add_argument("--val-frac", type=finite_float, help="text: held-out fraction for eval perplexity")
+    p.add_argument("--val-frac", type=finite_float, help="text or a reasoning JSONL file: held-out fraction for evaluation")
     p.add_argument("--resume", nargs="?", const="yes", choices=("yes", "auto"), default="no", metavar="auto",
                    help="continue from the newest intact checkpoint in --out (an error when there is none); "
                         "--resume auto starts from scratch when there is none (for job scripts)")
