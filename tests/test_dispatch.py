@@ -341,3 +341,62 @@ def test_gpu_first_use_inside_a_real_capture_raises_and_caches_nothing(monkeypat
     assert any(isinstance(c, dispatch.ProbeInCapture) for c in chain), chain
     assert calls == [] and fp.status is None
     assert dispatch.use_fast("fake_op", x) is True and calls == [1]
+
+
+# --------------------------------------------------------------------------- probes and torch.compile
+
+
+def _compiled_caller(name: str):
+    """A function that asks ``use_fast(name, x)`` compiled whole (``fullgraph``): x * 2 on the fast
+    path, x * 3 on the reference."""
+
+    def f(x):
+        return x * 2 if dispatch.use_fast(name, x) else x * 3
+
+    return torch.compile(f, backend="eager", fullgraph=True)
+
+
+@pytest.mark.parametrize("cuda_build", [False, True])
+def test_a_first_use_inside_a_torch_compile_trace_probes_outside_it(monkeypatch, cuda_build):
+    """A fast path first asked for while torch.compile traces the caller is probed in plain Python
+    at trace time, not traced: the probe sees no compile flag and real tensors (its own checks would
+    otherwise take the reference through ``dispatch.tracing`` and compare it with itself), the trace
+    stays whole (``fullgraph``), and the graph takes the answer. ``cuda_build``: the capture check
+    answers as a CUDA build's does (this CPU build's stub raises, which Dynamo cannot trace)."""
+    monkeypatch.setenv("HYMBA_KERNELS", "auto")
+    if cuda_build:
+        _capturing(monkeypatch, False)
+    seen = []
+
+    def probe():
+        t = torch.ones(3, requires_grad=True)
+        (g,) = torch.autograd.grad((t * t).sum(), t)
+        seen.append((torch.compiler.is_compiling(), dispatch.tracing(t), bool(torch.equal(g, 2 * t))))
+
+    fp = dispatch.FastPath("fake_compiled", probe, "a fake fast path", device="cpu")
+    monkeypatch.setitem(dispatch._FAST, fp.name, fp)
+    torch._dynamo.reset()
+    f = _compiled_caller(fp.name)
+    assert torch.equal(f(torch.ones(2)), torch.full((2,), 2.0))
+    assert torch.equal(f(torch.ones(2)), torch.full((2,), 2.0))
+    assert seen == [(False, False, True)] and fp.status is True
+
+
+def test_a_failed_probe_first_met_inside_a_torch_compile_trace_is_announced_once(monkeypatch, capsys):
+    """No silent slower kernel under torch.compile either: a probe that fails at trace time gives
+    the one-line notice once (the compiled graph takes the reference), and under
+    ``HYMBA_KERNELS=fast`` the compile fails naming the fast path."""
+    monkeypatch.setenv("HYMBA_KERNELS", "auto")
+    fp, calls = _fake_path(monkeypatch, "fake_compiled_broken", RuntimeError("differs"), device="cpu")
+    torch._dynamo.reset()
+    f = _compiled_caller(fp.name)
+    for _ in range(2):
+        assert torch.equal(f(torch.ones(2)), torch.full((2,), 3.0))
+    assert calls == [1]
+    assert capsys.readouterr().err == ("fast path fake_compiled_broken unavailable (RuntimeError: differs): using "
+                                       "the reference path\n")
+    monkeypatch.setenv("HYMBA_KERNELS", "fast")
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="HYMBA_KERNELS=fast but the fast path for 'fake_compiled_broken'"):
+        _compiled_caller(fp.name)(torch.ones(2))
+

@@ -28,6 +28,11 @@ capture raises ``ProbeInCapture`` instead. Before capturing by hand, run the ste
 eagerly (``torch.cuda.make_graphed_callables``' warm-up does, so ``training/cuda_graph.py``
 needs nothing more) or call ``probe_all()``, which runs every registered probe (also those of
 ops the model never uses; the Mamba-3 MIMO one compiles a TileLang backward).
+
+Probes and torch.compile: a call that torch.compile traces gets its answer from plain Python at
+trace time (``_decide_outside_trace``, a constant in the graph): a first use there probes eagerly,
+with the compile flag off and real tensors, and a fallback's notice is printed then, so a probe is
+never traced and a compiled model does not fall back silently.
 """
 
 from __future__ import annotations
@@ -210,15 +215,54 @@ def use_fast(name: str, *tensors: torch.Tensor) -> bool:
     fp = _FAST.get(name)
     device = "cuda" if fp is None else fp.device
     on_device = all(t.device.type == device for t in tensors)
+    if torch.compiler.is_compiling():  # the answer (probe, notice) in plain Python, a constant in the graph
+        return _decide_outside_trace(name, m, on_device)
+    return _decide(name, m, on_device)
+
+
+def _decide(name: str, m: str, on_device: bool) -> bool:
+    """``use_fast``'s answer in mode ``m`` (not ``reference``) for a call whose tensors are all on
+    the fast path's device (``on_device``) or not; probes at a first use, says a fallback once."""
+    fp = _FAST.get(name)
     if fp is None or not on_device or not fp.ok():
         if m == "fast" and on_device:
             why = "no fast path is registered" if fp is None else fp.error
             raise RuntimeError(f"HYMBA_KERNELS=fast but the fast path for {name!r} is unavailable: {why}")
-        if fp is not None and on_device and not fp.warned and not torch.compiler.is_compiling():  # auto: once per op
+        if fp is not None and on_device and not fp.warned:  # auto: once per op
             fp.warned = True
             print(unavailable_line(fp), file=sys.stderr, flush=True)
         return False
     return True
+
+
+@torch.compiler.assume_constant_result
+def _decide_outside_trace(name: str, m: str, on_device: bool) -> bool:
+    """``_decide`` for a call that torch.compile is tracing: Dynamo runs this in plain Python at
+    trace time and puts the answer in the graph as a constant, so a probe is never traced (traced,
+    a probe cannot lift the saved-tensor hooks, so a ``fullgraph`` compile failed; a probe's own
+    checks saw ``tracing()`` and compared the reference with itself), and a fallback's notice is
+    printed (a print in the trace would break the graph). The compile flag is off and no fake or
+    proxy tensor mode is on inside (``_eager``), as in an eager first use."""
+    with _eager():
+        return _decide(name, m, on_device)
+
+
+@contextlib.contextmanager
+def _eager() -> Iterator[None]:
+    """Eager PyTorch for the block when it runs inside a compile (``_decide_outside_trace``):
+    ``torch.compiler.is_compiling()`` False and tensors real, the compile's state restored after."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
+
+    flag = getattr(torch.compiler, "_is_compiling_flag", None)  # (private; what is_compiling() reads)
+    if flag is not None:
+        torch.compiler._is_compiling_flag = False
+    try:
+        with unset_fake_temporarily(), disable_proxy_modes_tracing():
+            yield
+    finally:
+        if flag is not None:
+            torch.compiler._is_compiling_flag = flag
 
 
 def unavailable_line(fp: FastPath) -> str:
