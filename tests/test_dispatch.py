@@ -400,3 +400,31 @@ def test_a_failed_probe_first_met_inside_a_torch_compile_trace_is_announced_once
     with pytest.raises(Exception, match="HYMBA_KERNELS=fast but the fast path for 'fake_compiled_broken'"):
         _compiled_caller(fp.name)(torch.ones(2))
 
+
+def test_concurrent_first_uses_probe_once(monkeypatch):
+    """Two threads asking for the same unprobed fast path at once: one runs the probe, the other
+    waits for its answer (a probe run twice at once would also restore the caller's TF32 setting
+    wrongly: each saves the other's TF32-off as the setting to restore)."""
+    import threading
+
+    monkeypatch.setenv("HYMBA_KERNELS", "auto")
+    second_in = threading.Event()
+    calls = []
+
+    def probe():
+        calls.append(1)
+        if len(calls) == 1:
+            second_in.wait(timeout=1.0)  # the other thread's call, if it gets past the first probe, enters here
+        else:
+            second_in.set()
+
+    fp = dispatch.FastPath("fake_threads", probe, "a fake fast path", device="cpu")
+    monkeypatch.setitem(dispatch._FAST, fp.name, fp)
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(dispatch.use_fast(fp.name, torch.zeros(1))))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert answers == [True, True] and calls == [1]

@@ -10,10 +10,10 @@ and asks, at call time, ``use_fast("gdn", x)``. The answer is True only when
 * ``HYMBA_KERNELS`` is not ``reference`` (``auto``, the default, or ``fast``),
 * every given tensor is on the fast path's device (CUDA, unless it was registered for another:
   ``fast_path(..., device="cpu")``), and
-* the probe succeeded (it runs once, with autograd on, autocast off and TF32 off whatever the
-  caller's grad mode, autocast and ``allow_tf32``, fla's and mamba-ssm's autotuned kernels on
-  their first launch config (``PROBE_PINNED``; retried autotuned if that fails); an ImportError
-  or any failure means "not available").
+* the probe succeeded (it runs once, also when threads ask at once, with autograd on, autocast
+  off and TF32 off whatever the caller's grad mode, autocast and ``allow_tf32``, fla's and
+  mamba-ssm's autotuned kernels on their first launch config (``PROBE_PINNED``; retried
+  autotuned if that fails); an ImportError or any failure means "not available").
 
 In ``auto`` mode a fast path whose probe failed is announced once, in one line on stderr, the
 first time a call on its device falls back because of it ("fast path gdn unavailable (ImportError:
@@ -42,6 +42,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -92,29 +93,36 @@ class FastPath:
 
     def ok(self) -> bool:
         if self.status is None:
-            if capturing():  # never probe (nor cache a failure) inside a capture
-                raise ProbeInCapture(
-                    f"the fast path {self.name!r} was first used while a CUDA graph was being captured, where its "
-                    "probe cannot run (it would fail for reasons unrelated to the fast path): call "
-                    "hymba_plus.kernels.dispatch.probe_all() before capturing, or run the step once eagerly first")
-            try:
-                # a first use may come under no_grad / inference_mode; probes that check a
-                # backward need autograd, and what they make is thrown away. It may also come
-                # inside a training forward's autocast: a probe sets its own dtypes, and a
-                # backward it runs there would run in bf16 (the ATLAS probe's gradients were off
-                # by 160% on an H200 this way, so the fast path was turned off in training)
-                # and under TF32 float32 matmuls (``hymba train --tf32``): probes hold float32 kernels
-                # to float32 tolerances, so they run with TF32 off
-                with (torch.inference_mode(False), torch.enable_grad(), _no_autocast(), full_float32(),
-                      side_check()):  # (a first use may be inside a checkpointed block: core/recompute.py)
-                    _run_probe(self.probe)
-                self.status = True
-            except Exception as e:  # noqa: BLE001 - any import/probe failure = unavailable
-                self.status, self.error = False, f"{type(e).__name__}: {e}"
+            with _PROBE_LOCK:  # two threads' first uses: one probes, the other reads its answer
+                if self.status is None:
+                    self._probe()
         return self.status
+
+    def _probe(self) -> None:
+        """Run the probe once (``ok`` holds the lock): ``status`` and ``error`` say how it went."""
+        if capturing():  # never probe (nor cache a failure) inside a capture
+            raise ProbeInCapture(
+                f"the fast path {self.name!r} was first used while a CUDA graph was being captured, where its "
+                "probe cannot run (it would fail for reasons unrelated to the fast path): call "
+                "hymba_plus.kernels.dispatch.probe_all() before capturing, or run the step once eagerly first")
+        try:
+            # a first use may come under no_grad / inference_mode; probes that check a
+            # backward need autograd, and what they make is thrown away. It may also come
+            # inside a training forward's autocast: a probe sets its own dtypes, and a
+            # backward it runs there would run in bf16 (the ATLAS probe's gradients were off
+            # by 160% on an H200 this way, so the fast path was turned off in training)
+            # and under TF32 float32 matmuls (``hymba train --tf32``): probes hold float32 kernels
+            # to float32 tolerances, so they run with TF32 off
+            with (torch.inference_mode(False), torch.enable_grad(), _no_autocast(), full_float32(),
+                  side_check()):  # (a first use may be inside a checkpointed block: core/recompute.py)
+                _run_probe(self.probe)
+            self.status = True
+        except Exception as e:  # noqa: BLE001 - any import/probe failure = unavailable
+            self.status, self.error = False, f"{type(e).__name__}: {e}"
 
 
 _FAST: dict[str, FastPath] = {}
+_PROBE_LOCK = threading.RLock()  # (reentrant: a probe may ask for another op's fast path)
 
 #: packages whose autotuned Triton kernels a probe runs with their first launch config
 #: (``pinned_autotune``): a probe's small shapes are never used again, so benchmarking every
