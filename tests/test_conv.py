@@ -254,3 +254,30 @@ def test_gpu_decode_step_kernel_in_a_cuda_graph(monkeypatch):
         graph.replay()
         y0, s0 = causal_conv1d(x, w, None, st)
     assert torch.equal(y, y0) and torch.equal(s, s0)
+
+
+def test_float64_inputs_take_the_reference_without_probing_fla(monkeypatch):
+    """fla's causal_conv1d computes in float32 (its tiles are cast to float32, the result back to
+    x's dtype): a float64 call takes the reference, which computes in float64, without asking for
+    the fast path (no probe, no fallback notice, no error under ``HYMBA_KERNELS=fast``); float16 /
+    bfloat16 / float32 calls still take fla. (The fast path is registered for the CPU here, with a
+    stand-in for fla that runs the reference.)"""
+    from hymba_plus.kernels import conv
+
+    probes, fla = [], []
+
+    def stand_in(*, x, weight, bias, activation):
+        fla.append(x.dtype)
+        return causal_conv1d_ref(x, weight, bias, None, None, activation)
+
+    monkeypatch.setitem(dispatch._FAST, "causal_conv1d",
+                        dispatch.FastPath("causal_conv1d", lambda: probes.append(1), "fla stand-in", device="cpu"))
+    monkeypatch.setattr(conv, "_fla_causal_conv1d", lambda: stand_in)
+    monkeypatch.setenv("HYMBA_KERNELS", "fast")
+    x, w = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
+    y, s = causal_conv1d(x, w, None, activation="silu")
+    assert probes == [] and fla == []
+    yr, sr = causal_conv1d_ref(x, w, None, activation="silu")
+    assert torch.equal(y, yr) and torch.equal(s, sr)
+    causal_conv1d(x.float(), w.float(), None, activation="silu")
+    assert probes == [1] and fla == [torch.float32]

@@ -19,7 +19,8 @@ Reference: ``K`` shifted multiply-adds over ``[state, x]`` (the same sum as
 
 * ``causal_conv1d``: fla's Triton ``causal_conv1d`` (``fla.modules.convolution``), used only
   without a state and without lengths (the training path): fla's cache layout differs between
-  versions, so cached chunks of more than one token (prefill) stay on the reference.
+  versions, so cached chunks of more than one token (prefill) stay on the reference; and only
+  for float16 / bfloat16 / float32 x (fla computes in float32: float64 stays on the reference).
 * ``conv_update`` (ours): the decode step -- ``T == 1`` with a state, no gradient needed --
   as ONE Triton kernel (``_conv_update_kernel``) instead of the reference's ~12 (cat,
   ``K`` multiply-adds, casts, the state gather). It reads ``x [B, 1, C]`` and the state (any
@@ -58,6 +59,7 @@ dispatch.fast_path("causal_conv1d", probe=_fla_causal_conv1d,
                    doc="fla.modules.convolution.causal_conv1d (Triton), stateless training path")
 
 _ACTIVATIONS = (None, "silu", "swish")
+_FLA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float64 stays on the reference, in float64
 
 
 def _act(y: Tensor, activation: str | None) -> Tensor:
@@ -242,7 +244,8 @@ def causal_conv1d(
         raise ValueError(f"causal_conv1d: x must be [B,T,C] and weight [C,K], got {tuple(x.shape)}, "
                          f"{tuple(weight.shape)}")
     K = weight.shape[1]
-    if state is None and lengths is None and dispatch.use_fast("causal_conv1d", x, weight):
+    if (state is None and lengths is None and x.dtype in _FLA_DTYPES  # (fla computes in float32)
+            and dispatch.use_fast("causal_conv1d", x, weight)):
         out = _fla_causal_conv1d()(x=x, weight=weight, bias=bias, activation=activation)
         y = out[0] if isinstance(out, tuple) else out
         # the new state is just the last K-1 inputs (left-padded with zeros for short T)
