@@ -262,3 +262,34 @@ def test_kernels_compile_for_sm90():
            else "i32" for name in A._decode_combine_kernel.arg_names}
     k = compile_for(A._decode_combine_kernel, sig, const, 4)
     assert k.asm["cubin"]
+
+
+def test_inputs_that_need_a_gradient_take_the_reference_without_probing(monkeypatch):
+    """The Triton kernels have no backward (their output has no autograd node): a call whose q, k
+    or v needs a gradient takes the reference, which has one, without asking for the fast path;
+    without autograd the kernel is taken. (The fast path is registered for the CPU here, with a
+    stand-in for the kernels that returns the reference's numbers detached, as the kernels do.)"""
+    probes, kernel = [], []
+
+    def stand_in(q, k, v, qpos, kpos, **kw):
+        kernel.append(1)
+        kw.pop("n_filled")
+        return A.decode_attention_ref(q, k, v, qpos, kpos, **kw).detach()
+
+    monkeypatch.setitem(dispatch._FAST, A.FAST,
+                        dispatch.FastPath(A.FAST, lambda: probes.append(1), "kernel stand-in", device="cpu"))
+    monkeypatch.setattr(A, "decode_attention_triton", stand_in)
+    monkeypatch.setenv("HYMBA_KERNELS", "auto")
+    g = torch.Generator().manual_seed(2)
+    qpos, kpos = _cache(2, 9, 7, 1, [0, 2], g)
+    q, k, v = torch.randn(2, 1, 4, 16, generator=g), torch.randn(2, 2, 9, 16, generator=g), torch.randn(2, 2, 9, 16, generator=g)
+    for need in (q, k, v):
+        need.requires_grad_()
+        out = A.decode_attention(q, k, v, qpos, kpos, window=4, n_meta=1)
+        (grad,) = torch.autograd.grad(out.square().sum(), need)
+        assert probes == [] and kernel == [] and grad.abs().sum() > 0
+        need.requires_grad_(False)
+    q.requires_grad_()
+    with torch.no_grad():
+        A.decode_attention(q, k, v, qpos, kpos, window=4, n_meta=1)
+    assert probes == [1] and kernel == [1]

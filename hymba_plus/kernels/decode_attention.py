@@ -34,7 +34,8 @@ before its K/V are loaded (a windowed layer's static cache keeps every slot). A 
 no key (an inert padding slot) gets 0. Launch configs are fixed functions of the shapes (no
 autotuning, so capturing a CUDA graph compiles nothing new after the first eager call).
 Limits (else the reference runs): ``Tq <= MAX_TQ``, the same head dim for q, k and v (<= 256),
-one dtype among fp16 / bf16 / fp32, ``Hq`` a multiple of ``Hkv``, ``G * Tq <= 64``.
+one dtype among fp16 / bf16 / fp32, ``Hq`` a multiple of ``Hkv``, ``G * Tq <= 64``, and no
+gradient needed (the kernels have no backward).
 """
 
 from __future__ import annotations
@@ -322,8 +323,10 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, kpos: Tensor
     """q [B, Tq, Hq, D] against the cache k/v [B, Hkv, S, D] with slot positions kpos [B, S]
     -> [B, Tq, Hq, D]. The Triton kernels on CUDA (``use_fast("decode_attention")``), else the
     masked SDPA reference. Outputs at inert query slots (``~valid``) may differ between the
-    two (any finite value: the padding rule)."""
-    if supported(q, k, v) and not dispatch.tracing(q, k, v) and dispatch.use_fast(FAST, q, k, v):
+    two (any finite value: the padding rule). The kernels have no backward: a call whose q, k or v
+    needs a gradient takes the reference."""
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if supported(q, k, v) and not needs_grad and not dispatch.tracing(q, k, v) and dispatch.use_fast(FAST, q, k, v):
         return decode_attention_triton(q, k, v, qpos, kpos, window=window, n_meta=n_meta,
                                        bidirectional=bidirectional, n_filled=n_filled)
     return decode_attention_ref(q, k, v, qpos, kpos, window=window, n_meta=n_meta, bidirectional=bidirectional,
