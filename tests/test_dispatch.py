@@ -428,3 +428,26 @@ def test_concurrent_first_uses_probe_once(monkeypatch):
     for t in threads:
         t.join()
     assert answers == [True, True] and calls == [1]
+
+
+def test_a_first_use_with_fake_tensors_probes_with_real_ones(monkeypatch):
+    """A first use under a FakeTensorMode (shape propagation, FLOP counting: fake tensors outside
+    torch.compile) probes with real tensors: inside the mode the probe's own tensors would be fake,
+    its checks could not read them, and the cached failure would keep the real run on the
+    reference path."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setenv("HYMBA_KERNELS", "auto")
+    seen = []
+
+    def probe():
+        t = torch.ones(3)
+        seen.append(dispatch.tracing(t))
+        assert float(t.sum()) == 3.0
+
+    fp = dispatch.FastPath("fake_mode_op", probe, "a fake fast path", device="cpu")
+    monkeypatch.setitem(dispatch._FAST, fp.name, fp)
+    with FakeTensorMode() as mode:
+        x = mode.from_tensor(torch.zeros(2))
+        assert dispatch.use_fast(fp.name, x) is True
+    assert seen == [False] and fp.status is True and fp.error == ""

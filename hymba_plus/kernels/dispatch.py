@@ -32,7 +32,8 @@ ops the model never uses; the Mamba-3 MIMO one compiles a TileLang backward).
 Probes and torch.compile: a call that torch.compile traces gets its answer from plain Python at
 trace time (``_decide_outside_trace``, a constant in the graph): a first use there probes eagerly,
 with the compile flag off and real tensors, and a fallback's notice is printed then, so a probe is
-never traced and a compiled model does not fall back silently.
+never traced and a compiled model does not fall back silently. So does a call on fake tensors
+(a FakeTensorMode outside a compile): its probe runs on real ones.
 """
 
 from __future__ import annotations
@@ -223,7 +224,7 @@ def use_fast(name: str, *tensors: torch.Tensor) -> bool:
     fp = _FAST.get(name)
     device = "cuda" if fp is None else fp.device
     on_device = all(t.device.type == device for t in tensors)
-    if torch.compiler.is_compiling():  # the answer (probe, notice) in plain Python, a constant in the graph
+    if tracing(*tensors):  # the answer (probe, notice) in plain Python with real tensors, a constant in a graph
         return _decide_outside_trace(name, m, on_device)
     return _decide(name, m, on_device)
 
@@ -250,7 +251,9 @@ def _decide_outside_trace(name: str, m: str, on_device: bool) -> bool:
     a probe cannot lift the saved-tensor hooks, so a ``fullgraph`` compile failed; a probe's own
     checks saw ``tracing()`` and compared the reference with itself), and a fallback's notice is
     printed (a print in the trace would break the graph). The compile flag is off and no fake or
-    proxy tensor mode is on inside (``_eager``), as in an eager first use."""
+    proxy tensor mode is on inside (``_eager``), as in an eager first use; also for a call on fake
+    tensors outside a compile (a FakeTensorMode's probe made fake tensors, could not read them,
+    and its cached failure kept the real run on the reference path)."""
     with _eager():
         return _decide(name, m, on_device)
 
