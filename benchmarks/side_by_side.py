@@ -719,7 +719,9 @@ def ratios(rows: dict) -> dict:
     out["decode_vs_hf"], note = decode_ratio(rows.get("decode"), "decode_tokens_per_s")
     if note:
         out["decode_vs_hf_note"] = note
-    out["decode_vs_hf_whole_call"], _ = decode_ratio(rows.get("decode"), "tokens_per_s")
+    out["decode_vs_hf_whole_call"], note = decode_ratio(rows.get("decode"), "tokens_per_s")
+    if note:
+        out["decode_vs_hf_whole_call_note"] = note
     f = rows.get("fsdp2")
     out["fsdp2_2gpu_scaling"] = f.get("speedup") if f else None
     if out["fsdp2_2gpu_scaling"] is None:
@@ -727,36 +729,49 @@ def ratios(rows: dict) -> dict:
     out["definitions"] = ("training: ours' best tokens/s among the modes that need no flag (eager, cuda graph; "
                           "not --compile) / the peer's tokens/s; decode_vs_hf: ours (engine auto, or the default "
                           "when generate has no engine keyword) / HF, decode-only tokens/s (t(64 new) - t(1 new), "
-                          "so the prefill does not count) at the largest decode batch (16), the worse of the 2k "
-                          "and 8k prompts (decode_vs_hf_whole_call: the same with whole-call tokens/s, prefill "
+                          "so the prefill does not count) at batch 16, the worse of the 2k "
+                          "and 8k prompts (a row without them: the ratio it has, its batch and prompts in the "
+                          "note; decode_vs_hf_whole_call: the same with whole-call tokens/s, prefill "
                           "included); fsdp2_2gpu_scaling: tokens/s on 2 GPUs / "
                           "on 1 (per-GPU batch fixed); <row>_bf16_weights (--param-dtype bfloat16): ours' best "
                           "with bf16 weights and float32 masters / the peer's")
     return out
 
 
+#: the batch and prompts ``decode_vs_hf`` is defined at (the worse of the two prompts)
+DECODE_RATIO_BATCH, DECODE_RATIO_PROMPTS = 16, (2048, 8192)
+
+
 def decode_ratio(row: dict | None, key: str = "decode_tokens_per_s") -> tuple[float | None, str | None]:
-    """Ours / HF at the largest measured batch, the worse of the prompts up to 8k; the note says when that is
-    not both 2k and 8k (an unfinished row, or a call that asked for other prompts)."""
+    """Ours / HF of ``key`` as defined: at batch 16, the worse of the 2k and 8k prompts. A row without that
+    (other ``--decode-batches`` / ``--prompts``, a skipped or unfinished setting) gives the ratio it has: the
+    prompts up to 8k (else the shortest) at batch 16 if both models ran there, else at the largest batch where
+    they did; the note then names the batch and prompts (and an unfinished row's status)."""
     if not row or "results" not in row:
         return None, (row or {}).get("reason") or "row not run"
     res = row["results"]
-    batch = max((r["batch"] for r in res if r.get(key) is not None), default=None)  # measured, not skipped
-    prompts = sorted({r["prompt"] for r in res if r["prompt"] <= 8192}) or sorted({r["prompt"] for r in res})[:1]
     engine = "auto" if "auto" in row["engines"] else row["engines"][0]
 
-    def tps(model: str, eng: str, p: int) -> float | None:
+    def tps(model: str, eng: str, b: int, p: int) -> float | None:
         return next((r.get(key) for r in res if (r["model"], r["engine"], r["batch"], r["prompt"])
-                     == (model, eng, batch, p)), None)
+                     == (model, eng, b, p)), None)
 
-    pairs = {p: (tps("ours", engine, p), tps("hf", "default", p)) for p in prompts}
-    vals = {p: o / h for p, (o, h) in pairs.items() if o and h}
-    if not vals:
-        return None, "no prompt with both HF and ours measured at the largest batch"
+    def both(b: int, ps: list[int]) -> dict[int, float]:
+        pairs = {p: (tps("ours", engine, b, p), tps("hf", "default", b, p)) for p in ps}
+        return {p: o / h for p, (o, h) in pairs.items() if o and h}
+
+    every = sorted({r["prompt"] for r in res})
+    prompts = ([p for p in DECODE_RATIO_PROMPTS if p in every] or [p for p in every if p <= max(DECODE_RATIO_PROMPTS)]
+               or every[:1])
+    batches = sorted({r["batch"] for r in res}, reverse=True)
+    batch = next((b for b in [DECODE_RATIO_BATCH, *batches] if both(b, prompts)), None)
+    if batch is None:
+        return None, f"no prompt with both HF and ours measured at one batch (prompts {prompts})"
+    vals = both(batch, prompts)
     note = None
-    if row.get("status") != "ok" or not {2048, 8192} <= set(vals):  # the definition asks for both
+    if row.get("status") != "ok" or batch != DECODE_RATIO_BATCH or set(vals) != set(DECODE_RATIO_PROMPTS):
         note = (f"row {row.get('status', 'unfinished')}: prompt(s) {sorted(vals)} measured at batch {batch}, "
-                f"not both 2k and 8k")
+                f"not both 2k and 8k at batch {DECODE_RATIO_BATCH}")
     return min(vals.values()), note
 
 

@@ -426,3 +426,28 @@ def test_top_level_device_is_the_rows_one_device_or_says_mixed(tmp_path, monkeyp
     assert json.loads((tmp_path / "x.json").read_text())["device"] == "mixed: see row_devices"
     committed = json.loads((REPO / "benchmarks" / "results" / "latest.json").read_text())
     assert len(set(committed["row_devices"].values())) > 1 and committed["device"] == "mixed: see row_devices"
+
+
+def test_decode_ratio_is_the_definitions_batch_16_and_2k_8k() -> None:
+    """decode_vs_hf is defined as the worse of the 2k and 8k prompts at batch 16. It took the largest measured
+    batch and every prompt up to 8k: ``--decode-batches 1 16 32`` gave the batch-32 ratio, ``--prompts 512 2048
+    8192`` let 512 set it, both without a note; a batch 16 where nothing ran gave batch 1's with no note; and a
+    batch 32 where only ours ran (HF out of memory) gave null. Now batch 16 and 2k / 8k when measured; otherwise
+    the ratio that exists, with a note naming its batch and prompts."""
+    bench = load_bench()
+
+    def results(batch: int, prompt: int, hf: float | None, ours: float | None) -> list[dict]:
+        return [{"prompt": prompt, "batch": batch, "model": m, "engine": e,
+                 **({"decode_tokens_per_s": t} if t else {"skipped": "out of memory"})}
+                for m, e, t in (("hf", "default", hf), ("ours", "auto", ours))]
+
+    def ratio(*settings: tuple) -> tuple:
+        res = [r for s in settings for r in results(*s)]
+        return bench.decode_ratio({"status": "ok", "engines": ["auto"], "results": res})
+
+    at16 = [(16, 2048, 500.0, 5000.0), (16, 8192, 400.0, 3200.0)]  # 10x and 8x: the ratio is 8
+    assert ratio(*at16, (32, 2048, 800.0, 16000.0), (32, 8192, 700.0, 14000.0)) == (8.0, None)  # not batch 32's 20
+    assert ratio(*at16, (16, 512, 600.0, 1200.0)) == (8.0, None)  # not 512's 2
+    assert ratio(*at16, (32, 2048, None, 16000.0), (32, 8192, None, 14000.0)) == (8.0, None)  # HF OOM at 32
+    value, note = ratio((16, 2048, None, None), (16, 8192, None, None), (1, 2048, 50.0, 600.0), (1, 8192, 50.0, 550.0))
+    assert value == 11.0 and "batch 1" in note and "not both 2k and 8k at batch 16" in note
