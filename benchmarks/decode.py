@@ -170,11 +170,11 @@ def run(args: argparse.Namespace) -> None:
             tok = last.argmax(-1)
             for _ in range(3):
                 tok = eng.step(tok).argmax(-1)
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(torch.device(args.device))
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 for _ in range(8):
                     tok = eng.step(tok).argmax(-1)
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(torch.device(args.device))
         table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60)
         print(f"static engine, batch {B}, prompt {T}, 8 steps:\n{table}")
         result["profile"] = table

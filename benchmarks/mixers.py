@@ -408,7 +408,7 @@ def atlas_paths(args: argparse.Namespace, on_row: Callable[[list[dict]], None] |
                 with torch.no_grad():
                     fn(x)
             if on_cuda(device):
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(torch.device(device))
             row["first_calls_s"] = time.perf_counter() - t0  # compiles (Triton, Inductor) happen here
             iters = (1, 3) if path == "reference" else (2, 10)
             if not graphed:  # a graphed callable replays only with autograd on

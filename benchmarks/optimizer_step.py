@@ -38,13 +38,13 @@ from hymba_plus.training.optim import build_optimizer
 REPO = Path(__file__).resolve().parents[1]
 
 
-def kernels_of(fn) -> int:  # noqa: ANN001
-    """Device kernels one fn() launches (torch.profiler, CUDA; ``timing.device_kernels``)."""
+def kernels_of(fn, device: str) -> int:  # noqa: ANN001
+    """Device kernels one fn() launches on ``device`` (torch.profiler, CUDA; ``timing.device_kernels``)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(torch.device(device))
     return len(device_kernels(prof))
 
 
@@ -106,11 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     _, opt, params, split = setup(recipe, cfg, args.device, 0)
     eager = Steps(opt, opt.step)
     rows: dict[str, dict] = {}
-    rows["eager"] = {"ms": bench(eager, "cuda" if cuda else "cpu", args.warmup, args.iters),
-                     "host_ms": statistics.median(host_times(eager, "cuda" if cuda else "cpu", args.iters))}
+    rows["eager"] = {"ms": bench(eager, args.device, args.warmup, args.iters),
+                     "host_ms": statistics.median(host_times(eager, args.device, args.iters))}
     rows["eager"]["ops"] = ops_of(eager)
     if cuda:
-        rows["eager"]["kernels"] = kernels_of(eager)
+        rows["eager"]["kernels"] = kernels_of(eager, args.device)
         _, gopt, gparams, _ = setup(recipe, cfg, args.device, 0)
         replay = Steps(gopt, gopt.step)
         replay()  # the trainer's first step runs eagerly (state, the kernels' first use)
@@ -124,17 +124,17 @@ def main(argv: list[str] | None = None) -> int:
                     raise SystemExit("optimizer_step.py: the replay refused a step (parameters with gradients changed)")
 
             replay.step_fn = replayed
-            rows["cuda_graph"] = {"ms": bench(replay, "cuda", args.warmup, args.iters),
-                                  "host_ms": statistics.median(host_times(replay, "cuda", args.iters)),
-                                  "kernels": kernels_of(replay)}
+            rows["cuda_graph"] = {"ms": bench(replay, args.device, args.warmup, args.iters),
+                                  "host_ms": statistics.median(host_times(replay, args.device, args.iters)),
+                                  "kernels": kernels_of(replay, args.device)}
             _, ropt, rparams, _ = setup(recipe, cfg, args.device, 0)  # the same steps eagerly
             ref = Steps(ropt, ropt.step)
             while ref.k < replay.k:
                 ref()
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(torch.device(args.device))
             rows["cuda_graph"]["steps"] = replay.k
             rows["cuda_graph"]["max_abs_diff"] = max(float((a - b).detach().abs().max()) for a, b in zip(gparams, rparams))
-    name = torch.cuda.get_device_name() if cuda else (platform.processor() or "cpu")
+    name = torch.cuda.get_device_name(torch.device(args.device)) if cuda else (platform.processor() or "cpu")
     print(f"{name}: {recipe.name}, {sum(p.numel() for p in params) / 1e6:.2f}M params; {split.describe()}")
     print(f"{'step':<11} {'ms':>8} {'host ms':>8} {'kernels':>8} {'ops':>6}")
     for k, r in rows.items():

@@ -200,7 +200,7 @@ def run_row(label: str, recipe: Recipe, mode: str, reference: bool, args: argpar
             step()
             sync(dev)
             row["first_step_s"] = round(time.perf_counter() - t0, 3)
-            ms = bench(step, dev.type, max(args.warmup - 1, 0), args.iters)
+            ms = bench(step, str(dev), max(args.warmup - 1, 0), args.iters)
             row["step_ms"] = ms
             row["tokens_per_s"] = tokens / (ms / 1e3)
             row["loss_first_last"] = [losses[0], losses[-1]]
@@ -209,7 +209,7 @@ def run_row(label: str, recipe: Recipe, mode: str, reference: bool, args: argpar
                 row["peak_reserved_gib"] = torch.cuda.max_memory_reserved(dev) / 2**30
             if args.profile:  # where the step's time goes: top kernels, kernel and host ms per step
                 print(f"--- profile: {label}, {row['mode']}", flush=True)
-                row["profile"] = profile_passes(step, dev.type, passes=2, rows=args.profile_rows)
+                row["profile"] = profile_passes(step, str(dev), passes=2, rows=args.profile_rows)
             idx = range(cfg.batch_size)
             row["data_ms"] = statistics.median(_ms(lambda: trainer.stream.train(idx)) for _ in range(5))
         except Exception as e:  # noqa: BLE001 - report and go on with the other rows

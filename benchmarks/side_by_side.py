@@ -135,7 +135,7 @@ def need(module: str, row: str) -> Any:  # noqa: ANN401 - a module
 
 def sync(dev: str) -> None:
     if dev.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(torch.device(dev))
 
 
 def free(dev: str) -> None:
@@ -214,8 +214,8 @@ def time_training(loss_fn: Callable[[], torch.Tensor], params: list[torch.nn.Par
     out = {"tokens_per_s": tokens * args.steps / secs, "step_ms": secs / args.steps * 1e3,
            "final_loss": float(loss)}
     if dev.startswith("cuda"):
-        out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+        out["peak_gib"] = torch.cuda.max_memory_allocated(torch.device(dev)) / 2**30
+        out["peak_reserved_gib"] = torch.cuda.max_memory_reserved(torch.device(dev)) / 2**30
     if args.profile:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from timing import profile_passes  # benchmarks/timing.py
@@ -229,7 +229,7 @@ def time_training(loss_fn: Callable[[], torch.Tensor], params: list[torch.nn.Par
 def reset_peak(dev: str) -> None:
     free(dev)
     if dev.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(torch.device(dev))
 
 
 def measure_peer(model: torch.nn.Module, ids: torch.Tensor, args: argparse.Namespace, **forward_kw: Any) -> dict:

@@ -60,18 +60,22 @@ def bench_dtype(device: str | torch.device) -> torch.dtype:
 
 
 def bench(fn: Callable[[], object], device: str, warmup: int = 3, iters: int = 10) -> float:
-    """Median milliseconds of fn() (CUDA events on GPU, perf_counter on CPU)."""
+    """Median milliseconds of fn() (CUDA events on GPU, perf_counter on CPU). On a GPU the events are
+    recorded on ``device``'s current stream and ``device`` is synchronised (``cuda:1`` while the current
+    device is 0 too: fn() launches on the stream of the device its tensors are on)."""
     for _ in range(warmup):
         fn()
     times = []
     if on_cuda(device):
-        torch.cuda.synchronize()
+        dev = torch.device(device)
+        stream = torch.cuda.current_stream(dev)
+        torch.cuda.synchronize(dev)
         for _ in range(iters):
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
+            s.record(stream)
             fn()
-            e.record()
-            torch.cuda.synchronize()
+            e.record(stream)
+            torch.cuda.synchronize(dev)
             times.append(s.elapsed_time(e))
     else:
         for _ in range(iters):
@@ -87,12 +91,12 @@ def host_times(fn: Callable[[], object], device: str, passes: int) -> list[float
     host = []
     for _ in range(passes):
         if on_cuda(device):
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(torch.device(device))
         t = time.perf_counter()
         fn()
         host.append((time.perf_counter() - t) * 1e3)
     if on_cuda(device):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(torch.device(device))
     return host
 
 
@@ -132,7 +136,7 @@ def profile_passes(fn: Callable[[], object], device: str, passes: int = 3, rows:
         for _ in range(passes):
             fn()
         if on_cuda(device):
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(torch.device(device))
     key = "self_cuda_time_total" if on_cuda(device) else "self_cpu_time_total"
     avgs, by_shape = prof.key_averages(), prof.key_averages(group_by_input_shape=True)  # each aggregated once
     print(avgs.table(sort_by=key, row_limit=rows), flush=True)

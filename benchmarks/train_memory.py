@@ -88,17 +88,17 @@ def measure(make: Callable[[], torch.nn.Module], loss_of: Callable[[torch.nn.Mod
         step()
     cuda = dev.type == "cuda"
     if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
     t0 = time.perf_counter()
     for _ in range(args.steps):
         loss = step()
     if cuda:
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(dev)
     ms = (time.perf_counter() - t0) * 1e3 / args.steps
     res = {"params": n_params, "step_ms": ms, "tokens_per_s": ids.numel() / ms * 1e3, "loss": float(loss),
-           "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-           "reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None}
+           "peak_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None,
+           "reserved_gib": torch.cuda.max_memory_reserved(dev) / 2**30 if cuda else None}
     return res
 
 
@@ -148,7 +148,7 @@ def main() -> None:
     dv = int(round(args.head_dim * args.expand_v))
     gdn_kernel = "fla" if fla_selected(torch.bfloat16, args.head_dim, dv, x) else "reference"
     ce_kernel = "Liger" if dispatch.use_fast("linear_cross_entropy", x) else "chunked reference"
-    name = torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu"
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(f"{name}: (GD+mlp)*{args.layers}, d {args.d_model}, gdn {args.heads} x {args.head_dim} (dv {dv}), "
           f"batch {args.batch} x {args.seq_len}, vocab {args.vocab}; gdn kernel: {gdn_kernel}, fused loss: {ce_kernel}",
           flush=True)

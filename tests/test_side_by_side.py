@@ -285,13 +285,14 @@ def test_bench_synchronizes_on_an_indexed_cuda_device(monkeypatch) -> None:
         def __init__(self, enable_timing: bool = False) -> None:
             pass
 
-        def record(self) -> None:
+        def record(self, stream: object = None) -> None:
             pass
 
         def elapsed_time(self, other: object) -> float:
             return 7.0
 
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: syncs.append(a))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
     monkeypatch.setattr(torch.cuda, "Event", Event)
     assert timing.bench(lambda: None, "cuda:0", warmup=0, iters=3) == 7.0 and len(syncs) == 4
     assert timing.on_cuda("cuda") and timing.on_cuda(torch.device("cuda", 1)) and not timing.on_cuda("cpu")
@@ -451,3 +452,48 @@ def test_decode_ratio_is_the_definitions_batch_16_and_2k_8k() -> None:
     assert ratio(*at16, (32, 2048, None, 16000.0), (32, 8192, None, 14000.0)) == (8.0, None)  # HF OOM at 32
     value, note = ratio((16, 2048, None, None), (16, 8192, None, None), (1, 2048, 50.0, 600.0), (1, 8192, 50.0, 550.0))
     assert value == 11.0 and "batch 1" in note and "not both 2k and 8k at batch 16" in note
+
+
+def test_bench_times_the_named_cuda_device_not_the_current_one(monkeypatch) -> None:
+    """timing.bench / host_times with ``cuda:1`` while the current device is 0: the events were recorded on
+    device 0's stream and ``torch.cuda.synchronize()`` waited for device 0, so the launches on device 1 were
+    timed asynchronously (a near-zero time). Both now name the device: its stream, its synchronize."""
+    import torch
+
+    timing = load_benchmark("timing")
+    synced, recorded = [], []
+
+    class Event:
+        def __init__(self, enable_timing: bool = False) -> None:
+            pass
+
+        def record(self, stream: object = None) -> None:
+            recorded.append(stream)
+
+        def elapsed_time(self, other: object) -> float:
+            return 7.0
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(torch.device(device or "cuda")))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"stream of {torch.device(device or 'cuda')}")
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    assert timing.bench(lambda: None, "cuda:1", warmup=0, iters=2) == 7.0
+    assert synced == [torch.device("cuda:1")] * 3 and recorded == ["stream of cuda:1"] * 4
+    synced.clear()
+    timing.host_times(lambda: None, "cuda:1", passes=2)
+    assert synced == [torch.device("cuda:1")] * 3
+
+
+def test_reviewed_scripts_name_the_cuda_device_they_run_on() -> None:
+    """``--device cuda:1``: a bare ``torch.cuda.synchronize()`` / ``max_memory_allocated()`` /
+    ``reset_peak_memory_stats()`` / ``get_device_name()`` acts on the current device (0), so side_by_side.py
+    timed device 1's steps without waiting for them and read device 0's peak memory, train_memory.py and
+    optimizer_step.py named GPU 0 in their JSON. Each call names the device."""
+    import re
+
+    bare = re.compile(r"(?<!`)torch\.cuda\.(synchronize|max_memory_allocated|max_memory_reserved|reset_peak_memory_stats"
+                      r"|get_device_name)\((0)?\)|(bench|host_times|profile_passes)\([^)]*(dev\.type|\"cuda\")")
+    files = ("side_by_side", "decode", "mixers", "quad_atlas", "timing", "train_memory", "optimizer_step")
+    hits = [f"{name}.py:{i}: {line.strip()}" for name in files
+            for i, line in enumerate((REPO / "benchmarks" / f"{name}.py").read_text().splitlines(), 1)
+            if bare.search(line)]
+    assert not hits, "\n".join(hits)
