@@ -23,7 +23,7 @@ import platform
 from pathlib import Path
 
 import torch
-from timing import bench, gpu_peaks, on_cuda  # benchmarks/timing.py (scripts run from the repo root as files)
+from timing import bench, device_arg, gpu_peaks, on_cuda  # benchmarks/timing.py (scripts run as files)
 
 QWEN3_NEXT_LIKE = {
     "name": "qwen3-next-like",
@@ -60,7 +60,7 @@ def device_label(device: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default=None, help="a recipe YAML (default: the Qwen3-Next-like hybrid)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--prompts", type=int, nargs="+", default=None,
@@ -92,6 +92,16 @@ def main() -> None:
     args.bandwidth = args.bandwidth or gpu_peaks(getattr(args, "device", "cuda"))[1]
     if args.prompts is None:  # --tiny's model has max_seq_len 512
         args.prompts = [32, 128] if args.tiny else [2048, 8192]
+    from hymba_plus.core.recipe import RecipeError
+
+    try:  # a missing or bad --recipe, or a prompt the model cannot hold: one line, before any work
+        args.model_recipe = recipe_of(args)
+    except (RecipeError, OSError) as e:
+        ap.error(str(e))
+    longest, limit = max(args.prompts) + args.new, args.model_recipe.model.max_seq_len
+    if longest > limit:
+        ap.error(f"--prompts {max(args.prompts)} + --new {args.new} = {longest} exceeds the recipe's max_seq_len "
+                 f"{limit}")
     if args.pin_autotune and on_cuda(args.device):
         from hymba_plus.kernels import dispatch
 
@@ -101,15 +111,22 @@ def main() -> None:
         run(args)
 
 
+def recipe_of(args: argparse.Namespace):  # noqa: ANN201 - a Recipe
+    """The recipe timed: ``--tiny``'s, else ``--recipe``, else the Qwen3-Next-like hybrid."""
+    from hymba_plus import load_recipe
+
+    if args.tiny:
+        return load_recipe({"name": "tiny", "model": {"vocab_size": 256, "d_model": 64, "max_seq_len": 512,
+                                                      "ffn": "moe", "block_pattern": "GD | GA"},
+                            "components": {"moe": {"n_experts": 8, "top_k": 2, "n_shared": 1, "d_expert": 64}}})
+    return load_recipe(args.recipe) if args.recipe else load_recipe(QWEN3_NEXT_LIKE)
+
+
 def run(args: argparse.Namespace) -> None:
-    from hymba_plus import build_model, load_recipe
+    from hymba_plus import build_model
     from hymba_plus.kernels import dispatch
 
-    recipe = load_recipe(args.recipe) if args.recipe else load_recipe(QWEN3_NEXT_LIKE)
-    if args.tiny:
-        recipe = load_recipe({"name": "tiny", "model": {"vocab_size": 256, "d_model": 64, "max_seq_len": 512,
-                                                        "ffn": "moe", "block_pattern": "GD | GA"},
-                              "components": {"moe": {"n_experts": 8, "top_k": 2, "n_shared": 1, "d_expert": 64}}})
+    recipe = args.model_recipe
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     model = build_model(recipe).to(device=args.device, dtype=dtype).eval()

@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from timing import bench, bench_dtype, on_cuda, profile_passes  # benchmarks/timing.py (run from the repo root)
+from timing import bench, bench_dtype, device_arg, on_cuda, profile_passes  # benchmarks/timing.py (run as files)
 
 import hymba_plus  # noqa: F401  (registers components)
 from hymba_plus import build_model, registry
@@ -47,6 +47,10 @@ def fwd_bwd(fn: Callable[[], torch.Tensor], params: list[torch.Tensor]) -> Calla
         out.float().sum().backward()
 
     return run
+
+
+#: the mixers ``--only`` may name (``mixer_recipes``: those registered here)
+MIXERS = ("gated_attn", "gdn", "mamba3", "atlas", "hymba")
 
 
 def mixer_recipes(quick: bool) -> dict[str, dict]:
@@ -455,11 +459,11 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
-    ap.add_argument("--only", nargs="*", help="mixers to run")
+    ap.add_argument("--only", nargs="*", choices=MIXERS, help="mixers to run")
     ap.add_argument("--cpu-gdn-loop", action="store_true", help="CPU chunked-vs-loop gdn reference timing")
     ap.add_argument("--atlas-paths", nargs="*", default=None, choices=tuple(ATLAS_PATHS), metavar="PATH",
                     help="time the ATLAS layer on these paths next to a gdn layer of the same width (none given: "
@@ -479,6 +483,9 @@ def main() -> None:
                     help="also print each layer's top kernels for forward+backward (torch.profiler)")
     ap.add_argument("--out", default="benchmarks/results/mixers.json")
     args = ap.parse_args()
+    for key in ("batch", "seq_len", "d_model"):  # --batch 0 timed empty tensors without a word
+        if getattr(args, key) < 1:
+            ap.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     cuda = on_cuda(args.device)
     result: dict = {"device": torch.cuda.get_device_name(torch.device(args.device)) if cuda else "cpu",
                     "torch": torch.__version__, "dtype": "bf16" if cuda else "fp32"}

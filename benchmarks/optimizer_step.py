@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 import torch
-from timing import bench, device_kernels, host_times, launching_ops, write_json  # benchmarks/timing.py (run as files)
+from timing import bench, device_arg, device_kernels, host_times, launching_ops, write_json  # benchmarks/timing.py
 
 import hymba_plus  # noqa: F401  (registers components)
 from hymba_plus import build_model
@@ -87,7 +87,7 @@ class Steps:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default=str(REPO / "configs" / "quad_hybrid_tiny.yaml"))
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--optimizer", choices=("muon", "adamw"), default="muon")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)

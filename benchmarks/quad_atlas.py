@@ -61,7 +61,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from timing import bench, profile_passes  # benchmarks/timing.py (scripts run from the repo root as files)
+from timing import bench, device_arg, profile_passes  # benchmarks/timing.py (scripts run from the repo root as files)
 
 import hymba_plus  # noqa: F401  (registers components)
 from hymba_plus.core import registry
@@ -286,7 +286,7 @@ def _atlas_setting(text: str) -> tuple[str, object]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="recipe YAML with atlas layers (default: %(default)s)")
-    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    ap.add_argument("--device", type=device_arg, default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--batch", type=int, default=None, help="sequences per step (default: 8 on CUDA, 2 on CPU)")
     ap.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: 2048 on CUDA, 64 on CPU)")
     ap.add_argument("--modes", nargs="+", choices=MODES, default=None,
@@ -339,7 +339,11 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as e:
         print(f"quad_atlas.py: {e}", file=sys.stderr)
         return 2
-    gdn = swap_atlas(atlas)
+    try:
+        gdn = swap_atlas(atlas)
+    except ValueError as e:  # a recipe without atlas layers: nothing to compare
+        print(f"quad_atlas.py: {e}", file=sys.stderr)
+        return 2
     variants = [v for v in [("atlas", atlas, False), ("gdn", gdn, False)] if v[0] in args.recipes]
     if args.atlas_reference:
         variants.append(("atlas_reference", atlas, True))

@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timing import gpu_peaks, on_cuda  # benchmarks/timing.py (scripts run from the repo root as files)
+from timing import device_arg, gpu_peaks, on_cuda  # benchmarks/timing.py (scripts run from the repo root as files)
 
 ROWS = ("attn", "gdn", "quad_moe", "decode", "fsdp2")
 
@@ -856,7 +856,7 @@ class Progress:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="tiny configs (hidden 64, 2 layers, vocab 256, seq 64, "
                     "batch 2, prompts 32): a CPU smoke test in seconds")
     ap.add_argument("--steps", type=int, help="timed optimizer steps per measurement (default 20; tiny 2)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -47,6 +48,19 @@ def gpu_peaks(device: str) -> tuple[float, float, str]:
     """``peaks_of`` the GPU a run on ``device`` uses (a CPU: None)."""
     on_gpu = on_cuda(device) and torch.cuda.is_available()
     return peaks_of(torch.cuda.get_device_name(torch.device(device)) if on_gpu else None)
+
+
+def device_arg(text: str) -> str:
+    """argparse ``type`` of the scripts' ``--device``: ``cpu``, ``cuda`` or ``cuda:N`` that this machine has
+    (``hymba train``'s check, ``training/distributed.pick_device``; ``auto`` becomes the device it picks); anything
+    else is a one-line usage error, not a traceback from inside the run."""
+    from hymba_plus.training.distributed import pick_device
+
+    try:
+        dev = pick_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--device ")) from None
+    return str(dev) if text in ("", "auto") else text
 
 
 def on_cuda(device: str | torch.device) -> bool:

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from timing import device_arg  # benchmarks/timing.py (scripts run from the repo root as files)
 
 import hymba_plus.components.gdn as gdn_mod
 from hymba_plus import build_model
@@ -121,7 +122,7 @@ def fla_model(args: argparse.Namespace, fused: bool) -> Callable[[], torch.nn.Mo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--vocab", type=int, default=32000)
@@ -139,6 +140,12 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="d 64, 2 layers, vocab 256, batch 2 x 64 (a CPU smoke run)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    for key, low in (("steps", 1), ("warmup", 0), ("batch", 1), ("seq_len", 2), ("vocab", 1), ("d_model", 1),
+                     ("layers", 1), ("heads", 1), ("head_dim", 1), ("d_hidden", 1)):
+        if getattr(args, key) < low:  # --steps 0 divided by zero after the warm-up steps
+            ap.error(f"--{key.replace('_', '-')} must be >= {low}, got {getattr(args, key)}")
+    if not args.expand_v > 0:
+        ap.error(f"--expand-v must be > 0, got {args.expand_v}")
     if args.tiny:
         args.d_model, args.layers, args.heads, args.head_dim, args.d_hidden = 64, 2, 2, 32, 128
         args.vocab, args.batch, args.seq_len = 256, 2, 64

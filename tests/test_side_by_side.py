@@ -322,6 +322,8 @@ def test_decode_and_mixers_record_an_indexed_cuda_device(monkeypatch, tmp_path) 
     from hymba_plus.kernels import dispatch
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: f"GPU {torch.device(d or 'cuda').index}")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # --device is checked against the machine
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     decode = load_benchmark("decode")
     assert decode.device_label("cuda:1") == "GPU 1" and decode.device_label("cpu") != "GPU 1"
     pinned, ran = [], []
@@ -497,3 +499,38 @@ def test_reviewed_scripts_name_the_cuda_device_they_run_on() -> None:
             for i, line in enumerate((REPO / "benchmarks" / f"{name}.py").read_text().splitlines(), 1)
             if bare.search(line)]
     assert not hits, "\n".join(hits)
+
+
+@pytest.mark.parametrize("script,argv,needle", [
+    *[(s, ["--device", "cpux"], "cpux: expected auto, cpu, cuda or cuda:N")
+      for s in ("side_by_side", "decode", "mixers", "quad_atlas", "train_memory", "optimizer_step")],
+    ("side_by_side", ["--device", "cuda:99", "--tiny"], "cuda:99: "),
+    ("train_memory", ["--device", "cpu", "--steps", "0"], "--steps must be >= 1, got 0"),
+    ("train_memory", ["--device", "cpu", "--warmup", "-1"], "--warmup must be >= 0, got -1"),
+    ("train_memory", ["--device", "cpu", "--batch", "0"], "--batch must be >= 1, got 0"),
+    ("train_memory", ["--device", "cpu", "--seq-len", "1"], "--seq-len must be >= 2, got 1"),
+    ("train_memory", ["--device", "cpu", "--expand-v", "0"], "--expand-v must be > 0, got 0.0"),
+    ("mixers", ["--device", "cpu", "--batch", "0"], "--batch must be >= 1, got 0"),
+    ("mixers", ["--device", "cpu", "--seq-len", "0"], "--seq-len must be >= 1, got 0"),
+    ("mixers", ["--device", "cpu", "--d-model", "-4"], "--d-model must be >= 1, got -4"),
+    ("mixers", ["--device", "cpu", "--only", "gdnx"], "invalid choice: 'gdnx'"),
+    ("decode", ["--device", "cpu", "--recipe", "missing.yaml"], "missing.yaml: file not found"),
+    ("decode", ["--device", "cpu", "--tiny", "--prompts", "32", "500"],
+     "--prompts 500 + --new 64 = 564 exceeds the recipe's max_seq_len 512"),
+    ("quad_atlas", ["--device", "cpu", "--recipe", str(REPO / "configs" / "bd_tiny.yaml")], "has no atlas layer"),
+])
+def test_a_bad_argument_of_a_benchmark_is_one_line_and_exit_2(script, argv, needle, monkeypatch, capsys) -> None:
+    """A bad --device ran into torch.device's traceback (or CUDA's) inside each script; train_memory.py --steps 0
+    divided by zero after the warm-up; mixers.py timed --batch 0 (empty tensors) and --only of an unknown mixer
+    (nothing) without a word; decode.py raised on a missing --recipe and on a prompt longer than the model;
+    quad_atlas.py raised ValueError on a recipe without atlas. Each is a one-line error, exit 2, before any work."""
+    import sys
+
+    bench = load_benchmark(script)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        rc = bench.main(argv) if script in ("side_by_side", "quad_atlas", "optimizer_step") else bench.main()
+        raise SystemExit(rc)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and needle in err and "Traceback" not in err, err
+    assert len([line for line in err.splitlines() if needle in line]) == 1
