@@ -26,8 +26,8 @@ reason recorded. The JSON (``<out-dir>/<device-slug>-<date>.json`` and ``latest.
 rewritten after every row, so a run killed by a time limit keeps the rows it finished;
 ``--merge`` keeps the rows this run does not redo from ``latest.json`` if it is this device's, else from the
 newest ``<device-slug>-<date>.json`` (any date; the report's ``merged_from_file`` names it), and a redone row
-that ends skipped / error / interrupted keeps that file's measured row, the attempt as its ``failed_rerun``; each row
-keeps the settings, fast-path statuses and time of the call that measured it (``run``).
+that ends skipped / error / interrupted, or without the ratio that file's row has, keeps that file's measured row,
+the attempt as its ``failed_rerun``; each row keeps the settings, fast-path statuses and time of the call that measured it (``run``).
 
     python benchmarks/side_by_side.py                                # everything, GPU
     python benchmarks/side_by_side.py --rows decode --prompts 2048 8192 --merge
@@ -742,6 +742,16 @@ def ratios(rows: dict) -> dict:
 DECODE_RATIO_BATCH, DECODE_RATIO_PROMPTS = 16, (2048, 8192)
 
 
+#: each row's ratio in ``ratios``
+RATIO_KEYS = {"attn": "attn_vs_hf_llama", "gdn": "gdn_vs_fla", "quad_moe": "quad_moe_vs_hf_qwen3next",
+              "decode": "decode_vs_hf", "fsdp2": "fsdp2_2gpu_scaling"}
+
+
+def headline(name: str, row: dict) -> float | None:
+    """The ratio row ``name`` gives (``ratios`` of it alone), None when it has none."""
+    return ratios({name: row})[RATIO_KEYS[name]]
+
+
 def decode_ratio(row: dict | None, key: str = "decode_tokens_per_s") -> tuple[float | None, str | None]:
     """Ours / HF of ``key`` as defined: at batch 16, the worse of the 2k and 8k prompts. A row without that
     (other ``--decode-batches`` / ``--prompts``, a skipped or unfinished setting) gives the ratio it has: the
@@ -989,8 +999,12 @@ def main(argv: list[str] | None = None) -> int:
         res["run"] = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
                       "settings": report["settings"], "our_fast_paths": dispatch.statuses(),
                       "hymba_kernels": report["hymba_kernels"]}
-        if res["status"] != "ok" and row in earlier:  # a failed rerun never erases a measurement
-            print(f"{row}: this call ended {res['status']}; the earlier measurement "
+        # a failed rerun never erases a measurement: one that ended skipped / error / interrupted, or ok without
+        # the ratio the earlier row has (the peer out of memory, every mode of ours failed)
+        lost = row in earlier and res["status"] == "ok" and headline(row, res) is None \
+            and headline(row, earlier[row]) is not None
+        if (res["status"] != "ok" and row in earlier) or lost:
+            print(f"{row}: this call ended {'without a ratio' if lost else res['status']}; the earlier measurement "
                   f"({earlier[row].get('run', {}).get('date')}) is kept, this attempt beside it as failed_rerun",
                   flush=True)
             res = {**earlier[row], "failed_rerun": res}

@@ -534,3 +534,22 @@ def test_a_bad_argument_of_a_benchmark_is_one_line_and_exit_2(script, argv, need
     err = capsys.readouterr().err
     assert e.value.code == 2 and needle in err and "Traceback" not in err, err
     assert len([line for line in err.splitlines() if needle in line]) == 1
+
+
+def test_a_rerun_that_ends_without_its_ratio_keeps_the_earlier_measurement(tmp_path, monkeypatch) -> None:
+    """--merge: a rerun that ends ``ok`` but without the row's ratio (the peer out of memory, every mode of ours
+    failing: the row function records those and returns) replaced the earlier measured row, and its ratio became
+    null. The earlier row stays, the attempt beside it as ``failed_rerun``, as for a skipped or failed rerun."""
+    bench = load_bench()
+    good = {"status": "ok", "ratio": 1.5, "peer": {"tokens_per_s": 2.0}, "ours": {"modes": {}},
+            "run": {"date": "2000-01-01T00:00:00"}}
+    (tmp_path / "latest.json").write_text(json.dumps({"device": bench.device_name("cpu"), "rows": {"attn": good}}))
+    peer_oom = {"peer_name": "HF", "peer": {"error": "OutOfMemoryError: ...", "parameters": 1},
+                "ours": {"modes": {"eager": {"tokens_per_s": 3.0, "step_ms": 1.0}}, "parameters": 1}, "ratio": None}
+    monkeypatch.setitem(bench.ROW_FUNCS, "attn", lambda args: peer_oom)
+    assert bench.main(["--tiny", "--device", "cpu", "--out-dir", str(tmp_path), "--rows", "attn", "--merge"]) == 0
+    rep = json.loads((tmp_path / "latest.json").read_text())
+    row = rep["rows"]["attn"]
+    assert row["ratio"] == 1.5 and row["run"]["date"] == "2000-01-01T00:00:00"
+    assert row["failed_rerun"]["status"] == "ok" and row["failed_rerun"]["peer"]["error"].startswith("OutOfMemory")
+    assert rep["ratios"]["attn_vs_hf_llama"] == 1.5
