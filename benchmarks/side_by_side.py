@@ -551,6 +551,9 @@ def row_decode(args: argparse.Namespace) -> dict:
                            "engine_keyword": has_engine, "engines": [e or "default" for e in engines],
                            "new_tokens": args.new_tokens, "hbm_bytes_per_s": args.hbm_bw,
                            "hf_kernel_packages": hf_kernel_note(), "results": [],
+                           "engine_ran": "the engine our timed calls ran (generate's stats['engine']): auto is graph on a "
+                                         "GPU, each decode step replayed from a CUDA graph; HF generate is called with "
+                                         "its default cache, no compile or CUDA graph asked for",
                            "timing": "tokens_per_s = new tokens * batch / seconds of the whole generate call (prefill "
                                      "included); decode-only = (new tokens - 1) * batch / (t(new tokens) - t(1)), "
                                      "t(1) = a generate call with max_new_tokens=1 (prefill + first token); batch-1 "
@@ -572,9 +575,19 @@ def row_decode(args: argparse.Namespace) -> dict:
         return hf.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False, use_cache=True, num_beams=1,
                            attention_mask=torch.ones_like(ids))
 
+    ran: dict[str | None, str | None] = {}  # engine asked -> the one the timed full-length call ran
+
     def call_ours(engine: str | None) -> Callable[[torch.Tensor, int], torch.Tensor]:
         kw = {} if engine is None else {"engine": engine}
-        return lambda ids, k: ours.generate(ids, max_new_tokens=k, **kw)
+
+        def gen(ids: torch.Tensor, k: int) -> torch.Tensor:
+            stats: dict = {}
+            out = ours.generate(ids, max_new_tokens=k, stats=stats, **kw)
+            if k == n:  # (a 1-token call makes no engine: its prefill and one step run on the growing cache)
+                ran[engine] = stats.get("engine")
+            return out
+
+        return gen
 
     peers: list[tuple[str, str | None, Callable]] = [("hf", None, call_hf)]
     peers += [("ours", e, call_ours(e)) for e in engines]
@@ -595,6 +608,8 @@ def row_decode(args: argparse.Namespace) -> dict:
                         continue
                 try:
                     res.update(time_generate(fn, ids, n, args))
+                    if who == "ours":  # auto's pick: graph (CUDA-graph replay of the step) on a GPU
+                        res["engine_ran"] = ran.get(engine)
                     outs.append((res, res.pop("output")))
                     last[(who, engine, batch)] = (prompt, res["seconds"])
                 except torch.cuda.OutOfMemoryError as e:

@@ -75,6 +75,8 @@ def test_tiny_run_writes_every_key(tmp_path, capsys) -> None:
             assert r["ms_per_token"] > 0 and r["weight_stream_limit_ms"] > 0
         if r["model"] == "ours":
             assert r["tokens_equal_to_hf"] == 1.0  # float32, same weights: greedy decoding agrees
+            # what engine auto ran is recorded (on a GPU: graph, the decode step replayed from a CUDA graph)
+            assert r["engine"] == "auto" and r["engine_ran"] == "dynamic"
 
     ratios = rep["ratios"]
     for key in ("attn_vs_hf_llama", "quad_moe_vs_hf_qwen3next", "decode_vs_hf"):
