@@ -23,7 +23,7 @@ import platform
 from pathlib import Path
 
 import torch
-from timing import bench, device_arg, gpu_peaks, on_cuda  # benchmarks/timing.py (scripts run as files)
+from timing import bench, device_arg, gpu_peaks, on_cuda, versions  # benchmarks/timing.py (scripts run as files)
 
 QWEN3_NEXT_LIKE = {
     "name": "qwen3-next-like",
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> None:
     V = recipe.model.vocab_size
     rows = []
     result = {"device": device_label(args.device),
-              "torch": torch.__version__, "recipe": recipe.name, "params": model.num_parameters(),
+              "torch": torch.__version__, "versions": versions(), "recipe": recipe.name, "params": model.num_parameters(),
               "dtype": args.dtype, "new_tokens": args.new, "hbm_bytes_per_s": args.bandwidth, "rows": rows}
     print(f"{recipe.name}: {model.num_parameters() / 1e6:.1f}M params, {args.dtype}, {args.device}")
     print(f"{'batch':>5} {'prompt':>6} {'engine':>8} {'prefill ms':>10} {'ms/step':>8} {'tok/s':>8} "

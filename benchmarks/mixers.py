@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from timing import bench, bench_dtype, device_arg, on_cuda, profile_passes  # benchmarks/timing.py (run as files)
+from timing import bench, bench_dtype, device_arg, on_cuda, profile_passes, versions  # benchmarks/timing.py
 
 import hymba_plus  # noqa: F401  (registers components)
 from hymba_plus import build_model, registry
@@ -488,7 +488,7 @@ def main() -> None:
             ap.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     cuda = on_cuda(args.device)
     result: dict = {"device": torch.cuda.get_device_name(torch.device(args.device)) if cuda else "cpu",
-                    "torch": torch.__version__, "dtype": "bf16" if cuda else "fp32"}
+                    "torch": torch.__version__, "versions": versions(), "dtype": "bf16" if cuda else "fp32"}
     if args.cpu_gdn_loop:
         result["cpu_gdn_loop"] = cpu_gdn_loop(args)
         print(json.dumps(result["cpu_gdn_loop"]))

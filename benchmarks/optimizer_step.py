@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 import torch
-from timing import bench, device_arg, device_kernels, host_times, launching_ops, write_json  # benchmarks/timing.py
+from timing import bench, device_arg, device_kernels, host_times, launching_ops, versions, write_json  # timing.py
 
 import hymba_plus  # noqa: F401  (registers components)
 from hymba_plus import build_model
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"{k:<11} {r['ms']:>8.3f} {r['host_ms']:>8.3f} {r.get('kernels', '-'):>8} {r.get('ops', '-'):>6}")
     if args.out is not None:
-        write_json({"device": name, "torch": torch.__version__, "recipe": recipe.name, "optimizer": args.optimizer,
+        write_json({"device": name, "torch": torch.__version__, "versions": versions(), "recipe": recipe.name, "optimizer": args.optimizer,
                     "params": sum(p.numel() for p in params), "groups": split.describe(), "iters": args.iters,
                     "rows": rows}, args.out)
     return 0

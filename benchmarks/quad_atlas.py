@@ -61,7 +61,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from timing import bench, device_arg, profile_passes  # benchmarks/timing.py (scripts run from the repo root as files)
+from timing import bench, device_arg, profile_passes, versions  # benchmarks/timing.py (scripts run as files)
 
 import hymba_plus  # noqa: F401  (registers components)
 from hymba_plus.core import registry
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.atlas_reference:
         variants.append(("atlas_reference", atlas, True))
     dev = dist_mod.pick_device(args.device)
-    report: dict = {"device": device_name(dev), "torch": torch.__version__,
+    report: dict = {"device": device_name(dev), "torch": torch.__version__, "versions": versions(),
                     "hymba_kernels": os.environ.get("HYMBA_KERNELS", "auto"), "recipe": args.recipe,
                     "patterns": {"atlas": atlas.pattern, "gdn": gdn.pattern},
                     "settings": {k: v for k, v in vars(args).items() if k != "out"}, "rows": []}

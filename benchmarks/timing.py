@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -22,6 +23,27 @@ GPU_PEAKS = (
     ("A100 80GB PCIe", 312e12, 1.935e12),
     ("A100", 312e12, 1.555e12),
 )
+
+
+#: the packages whose versions ``versions`` records: the kernels our fast paths and the peers run
+VERSIONED = ("triton", "transformers", "fla-core", "flash-linear-attention", "mamba-ssm", "causal-conv1d",
+             "liger-kernel")
+
+
+def versions() -> dict[str, str | None]:
+    """Python's, torch's and its CUDA's version and each ``VERSIONED`` package's as installed (None: not
+    installed; read from the package metadata, nothing imported): what a benchmark's JSON records next to the
+    device name."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__,
+                                  "cuda": torch.version.cuda}
+    for dist in VERSIONED:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
 
 
 def write_json(report: dict, out: str | Path, say: bool = True) -> Path:

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from timing import device_arg  # benchmarks/timing.py (scripts run from the repo root as files)
+from timing import device_arg, versions  # benchmarks/timing.py (scripts run from the repo root as files)
 
 import hymba_plus.components.gdn as gdn_mod
 from hymba_plus import build_model
@@ -180,7 +180,7 @@ def main() -> None:
         print(f"| {v} | {r['params'] / 1e6:.1f}M | {peak} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"device": name, "args": {k: str(v) for k, v in vars(args).items()},
+        args.out.write_text(json.dumps({"device": name, "versions": versions(), "args": {k: str(v) for k, v in vars(args).items()},
                                         "gdn_kernel": gdn_kernel, "fused_loss_kernel": ce_kernel, "results": rows},
                                        indent=1))
 

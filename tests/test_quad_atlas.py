@@ -127,5 +127,6 @@ def test_one_recipe_alone_runs_without_a_ratio(tmp_path) -> None:
     assert res.returncode == 0, res.stderr[-2000:] + res.stdout[-2000:]
     rep = json.loads(out.read_text())
     assert [r["recipe"] for r in rep["rows"]] == ["gdn"] and "error" not in rep["rows"][0]
+    assert rep["versions"]["torch"] and "fla-core" in rep["versions"]  # the kernels' package versions (timing.versions)
     assert rep["ratios"]["ratio_default"] is None and rep["ratios"]["meets_target"] is None
     assert "not measured" in res.stdout

@@ -555,3 +555,40 @@ def test_a_rerun_that_ends_without_its_ratio_keeps_the_earlier_measurement(tmp_p
     assert row["ratio"] == 1.5 and row["run"]["date"] == "2000-01-01T00:00:00"
     assert row["failed_rerun"]["status"] == "ok" and row["failed_rerun"]["peer"]["error"].startswith("OutOfMemory")
     assert rep["ratios"]["attn_vs_hf_llama"] == 1.5
+
+
+def test_every_reviewed_benchmark_json_records_the_package_versions(tmp_path, monkeypatch) -> None:
+    """decode.py, mixers.py, train_memory.py and optimizer_step.py wrote the device (and at most torch's version),
+    not the versions of the kernel packages their numbers depend on (fla, triton, mamba-ssm, liger-kernel; the
+    fla peer's); train_memory.py wrote neither. Each JSON has ``versions`` (side_by_side.py's already did)."""
+    import sys
+
+    import torch
+
+    def check(rep: dict) -> None:
+        v = rep["versions"]
+        assert v["torch"] == torch.__version__ and v["python"] and "cuda" in v
+        assert {"triton", "transformers", "fla-core", "mamba-ssm", "liger-kernel"} <= set(v)
+
+    opt = load_benchmark("optimizer_step")
+    assert opt.main(["--device", "cpu", "--iters", "1", "--warmup", "0", "--out", str(tmp_path / "o.json")]) == 0
+    check(json.loads((tmp_path / "o.json").read_text()))
+
+    mixers = load_benchmark("mixers")
+    monkeypatch.setattr(mixers, "run_mixers", lambda args, on_row=None: [])
+    monkeypatch.setattr(sys, "argv", ["mixers.py", "--device", "cpu", "--out", str(tmp_path / "m.json")])
+    mixers.main()
+    check(json.loads((tmp_path / "m.json").read_text()))
+
+    memory = load_benchmark("train_memory")
+    monkeypatch.setattr(sys, "argv", ["train_memory.py", "--device", "cpu", "--tiny", "--steps", "1", "--warmup", "0",
+                                      "--variants", "unfused", "--out", str(tmp_path / "t.json")])
+    memory.main()
+    check(json.loads((tmp_path / "t.json").read_text()))
+
+    decode = load_benchmark("decode")
+    monkeypatch.setattr(sys, "argv", ["decode.py", "--device", "cpu", "--tiny", "--batches", "1", "--prompts", "8",
+                                      "--new", "2", "--repeats", "1", "--engines", "dynamic",
+                                      "--out", str(tmp_path / "d.json")])
+    decode.main()
+    check(json.loads((tmp_path / "d.json").read_text()))
