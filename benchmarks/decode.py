@@ -36,10 +36,12 @@ QWEN3_NEXT_LIKE = {
 
 
 def weight_bytes(model, batch: int) -> int:
-    """Bytes of weights one decode step reads (embedding table excluded: one row per token)."""
+    """Bytes of weights one decode step reads (embedding table excluded: one row per token; unless it is also the
+    tied LM head, which reads it whole)."""
+    head = getattr(getattr(model, "lm_head", None), "weight", None)
     total = 0
     for name, p in model.named_parameters():
-        if name.startswith("embed."):
+        if name.startswith("embed.") and p is not head:
             continue
         total += p.numel() * p.element_size()
     if batch == 1:  # only top_k of n_experts routed experts are read

@@ -529,11 +529,12 @@ def generate_engines(requested: list[str]) -> tuple[bool, list[str | None]]:
 
 def active_weight_bytes(model: Any) -> int:  # noqa: ANN401 - HybridLM
     """Bytes of parameters one batch-1 decoding step reads: all but the input embedding (one row
-    is read) and, in each MoE layer, the experts the token is not routed to (top_k of n_experts
-    plus the shared expert are read)."""
+    is read; unless it is also the tied LM head, read whole) and, in each MoE layer, the experts the token is
+    not routed to (top_k of n_experts plus the shared expert are read)."""
     from hymba_plus.components.moe import MoE
 
-    total = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n != "embed.weight")
+    head = getattr(getattr(model, "lm_head", None), "weight", None)
+    total = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n != "embed.weight" or p is head)
     for m in model.modules():
         if isinstance(m, MoE):
             per_expert = (m.w_gate_up[0].numel() + m.w_down[0].numel()) * m.w_down.element_size()

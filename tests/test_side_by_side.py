@@ -592,3 +592,21 @@ def test_every_reviewed_benchmark_json_records_the_package_versions(tmp_path, mo
                                       "--out", str(tmp_path / "d.json")])
     decode.main()
     check(json.loads((tmp_path / "d.json").read_text()))
+
+
+def test_streaming_limit_counts_a_tied_head() -> None:
+    """decode.py's and side_by_side.py's weight-streaming limit leave out the input embedding (one row read per
+    token); under tied embeddings that tensor is also the LM head, read whole every step, and was left out too
+    (the default recipe setting: ``model.tie_embeddings`` true). It counts when it is the head."""
+    from hymba_plus import build_model, load_recipe
+
+    decode, sbs = load_benchmark("decode"), load_benchmark("side_by_side")
+    recipe = {"name": "tiny", "model": {"vocab_size": 256, "d_model": 64, "max_seq_len": 64, "ffn": "moe",
+                                        "block_pattern": "GD | GA"},
+              "components": {"moe": {"n_experts": 8, "top_k": 2, "n_shared": 1, "d_expert": 64}}}
+    untied = build_model(load_recipe({**recipe, "model": {**recipe["model"], "tie_embeddings": False}}))
+    tied = build_model(load_recipe({**recipe, "model": {**recipe["model"], "tie_embeddings": True}}))
+    assert tied.lm_head.weight is tied.embed.weight
+    for b in (1, 16):  # untied: the head's own tensor counts, the embedding does not; tied: the one tensor counts
+        assert decode.weight_bytes(tied, b) == decode.weight_bytes(untied, b)
+    assert sbs.active_weight_bytes(tied) == sbs.active_weight_bytes(untied) == decode.weight_bytes(untied, 1)
