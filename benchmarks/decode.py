@@ -23,7 +23,7 @@ import platform
 from pathlib import Path
 
 import torch
-from timing import bench, device_arg, gpu_peaks, on_cuda, versions  # benchmarks/timing.py (scripts run as files)
+from timing import bench, device_arg, gpu_peaks, on_cuda, use_device, versions  # benchmarks/timing.py
 
 QWEN3_NEXT_LIKE = {
     "name": "qwen3-next-like",
@@ -104,6 +104,7 @@ def main() -> None:
     if longest > limit:
         ap.error(f"--prompts {max(args.prompts)} + --new {args.new} = {longest} exceeds the recipe's max_seq_len "
                  f"{limit}")
+    use_device(args.device)  # cuda:N current: the graph engine captures there
     if args.pin_autotune and on_cuda(args.device):
         from hymba_plus.kernels import dispatch
 

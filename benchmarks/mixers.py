@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from timing import bench, bench_dtype, device_arg, on_cuda, profile_passes, versions  # benchmarks/timing.py
+from timing import bench, bench_dtype, device_arg, on_cuda, profile_passes, use_device, versions  # benchmarks/timing.py
 
 import hymba_plus  # noqa: F401  (registers components)
 from hymba_plus import build_model, registry
@@ -486,6 +486,7 @@ def main() -> None:
     for key in ("batch", "seq_len", "d_model"):  # --batch 0 timed empty tensors without a word
         if getattr(args, key) < 1:
             ap.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    use_device(args.device)  # cuda:N current: make_graphed_callables captures there
     cuda = on_cuda(args.device)
     result: dict = {"device": torch.cuda.get_device_name(torch.device(args.device)) if cuda else "cpu",
                     "torch": torch.__version__, "versions": versions(), "dtype": "bf16" if cuda else "fp32"}

@@ -26,7 +26,16 @@ import sys
 from pathlib import Path
 
 import torch
-from timing import bench, device_arg, device_kernels, host_times, launching_ops, versions, write_json  # timing.py
+from timing import (  # timing.py
+    bench,
+    device_arg,
+    device_kernels,
+    host_times,
+    launching_ops,
+    use_device,
+    versions,
+    write_json,
+)
 
 import hymba_plus  # noqa: F401  (registers components)
 from hymba_plus import build_model
@@ -95,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.iters < 1 or args.warmup < 0:
         ap.error("--iters must be >= 1 and --warmup >= 0")
+    use_device(args.device)  # cuda:N current: GraphedOptimizer captures there
     try:
         recipe = load_recipe(args.recipe)
     except (RecipeError, OSError) as e:

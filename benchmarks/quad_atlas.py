@@ -61,7 +61,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from timing import bench, device_arg, profile_passes, versions  # benchmarks/timing.py (scripts run as files)
+from timing import bench, device_arg, profile_passes, use_device, versions  # benchmarks/timing.py
 
 import hymba_plus  # noqa: F401  (registers components)
 from hymba_plus.core import registry
@@ -332,6 +332,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    use_device(args.device)  # cuda:N current: the trainer's CUDA graphs capture there
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

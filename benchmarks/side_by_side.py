@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timing import device_arg, gpu_peaks, on_cuda  # benchmarks/timing.py (scripts run from the repo root as files)
+from timing import device_arg, gpu_peaks, on_cuda, use_device  # benchmarks/timing.py (run as files)
 
 ROWS = ("attn", "gdn", "quad_moe", "decode", "fsdp2")
 
@@ -952,6 +952,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    use_device(args.device)  # cuda:N current: the CUDA graphs capture there
     if args.threads:
         torch.set_num_threads(args.threads)
     import hymba_plus  # noqa: F401 - registers the components

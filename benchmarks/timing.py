@@ -85,6 +85,15 @@ def device_arg(text: str) -> str:
     return str(dev) if text in ("", "auto") else text
 
 
+def use_device(device: str | torch.device) -> None:
+    """Make ``cuda:N`` the current CUDA device (nothing for ``cuda`` or a CPU): CUDA-graph captures (a
+    ``torch.cuda.graph``'s stream), ``empty_cache`` and the calls that take no device act on the current one,
+    which otherwise stays 0 while the run's tensors are on device N. The scripts call it first."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev)
+
+
 def on_cuda(device: str | torch.device) -> bool:
     """Whether ``device`` ("cuda", "cuda:1", a torch.device) is a GPU: timed with a synchronize."""
     return torch.device(device).type == "cuda"

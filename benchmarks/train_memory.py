@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from timing import device_arg, versions  # benchmarks/timing.py (scripts run from the repo root as files)
+from timing import device_arg, use_device, versions  # benchmarks/timing.py (scripts run from the repo root as files)
 
 import hymba_plus.components.gdn as gdn_mod
 from hymba_plus import build_model
@@ -149,6 +149,7 @@ def main() -> None:
     if args.tiny:
         args.d_model, args.layers, args.heads, args.head_dim, args.d_hidden = 64, 2, 2, 32, 128
         args.vocab, args.batch, args.seq_len = 256, 2, 64
+    use_device(args.device)  # cuda:N current (fla's kernels and the allocator calls without a device)
     dev = torch.device(args.device)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq_len), device=dev)
     x = torch.zeros(1, device=dev)

@@ -326,6 +326,7 @@ def test_decode_and_mixers_record_an_indexed_cuda_device(monkeypatch, tmp_path) 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: f"GPU {torch.device(d or 'cuda').index}")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # --device is checked against the machine
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)  # each script makes cuda:1 current first
     decode = load_benchmark("decode")
     assert decode.device_label("cuda:1") == "GPU 1" and decode.device_label("cpu") != "GPU 1"
     pinned, ran = [], []
@@ -610,3 +611,31 @@ def test_streaming_limit_counts_a_tied_head() -> None:
     for b in (1, 16):  # untied: the head's own tensor counts, the embedding does not; tied: the one tensor counts
         assert decode.weight_bytes(tied, b) == decode.weight_bytes(untied, b)
     assert sbs.active_weight_bytes(tied) == sbs.active_weight_bytes(untied) == decode.weight_bytes(untied, 1)
+
+
+@pytest.mark.parametrize("script", ["side_by_side", "decode", "mixers", "quad_atlas", "train_memory", "optimizer_step"])
+def test_a_script_on_cuda_n_makes_it_the_current_device_first(script, monkeypatch, tmp_path) -> None:
+    """``--device cuda:1``: CUDA graphs (side_by_side's cuda_graph mode, the decode engine's graph, quad_atlas's
+    trainer) capture on the current device's streams and the allocator's peaks / empty_cache act on the current
+    device, which stayed 0 while the tensors were on device 1. Each script sets ``cuda:N`` current before any work
+    (CUDA faked here: set_device stops the run)."""
+    import sys
+
+    import torch
+
+    class Selected(Exception):
+        pass
+
+    def set_device(device: object) -> None:
+        raise Selected(str(torch.device(device)))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    bench = load_benchmark(script)
+    argv = ["--device", "cuda:1"] + (["--tiny"] if script in ("side_by_side", "decode") else [])
+    argv += ["--out-dir", str(tmp_path)] if script == "side_by_side" else ["--out", str(tmp_path / "out.json")]
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])
+    with pytest.raises(Selected, match="cuda:1"):
+        bench.main(argv) if script in ("side_by_side", "quad_atlas", "optimizer_step") else bench.main()
