@@ -895,7 +895,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--decode-repeats", type=int, default=2, help="timed generate calls per setting (median)")
     ap.add_argument("--decode-dtype", choices=("bfloat16", "float32"),
                     help="weights of both decode models (default bfloat16 on CUDA, float32 on CPU)")
-    ap.add_argument("--engines", nargs="+", default=["auto"],
+    ap.add_argument("--engines", nargs="+", default=["auto"], choices=("auto", "graph", "static", "dynamic"),
                     help="our generate(engine=...) values to measure when generate takes it (auto graph static "
                          "dynamic); without that keyword only the default is measured")
     ap.add_argument("--max-call-s", type=float, default=240.0, help="skip a decode setting whose generate call is "

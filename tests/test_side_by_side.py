@@ -508,6 +508,7 @@ def test_reviewed_scripts_name_the_cuda_device_they_run_on() -> None:
     *[(s, ["--device", "cpux"], "cpux: expected auto, cpu, cuda or cuda:N")
       for s in ("side_by_side", "decode", "mixers", "quad_atlas", "train_memory", "optimizer_step")],
     ("side_by_side", ["--device", "cuda:99", "--tiny"], "cuda:99: "),
+    ("side_by_side", ["--device", "cpu", "--tiny", "--engines", "grph"], "invalid choice: 'grph'"),
     ("train_memory", ["--device", "cpu", "--steps", "0"], "--steps must be >= 1, got 0"),
     ("train_memory", ["--device", "cpu", "--warmup", "-1"], "--warmup must be >= 0, got -1"),
     ("train_memory", ["--device", "cpu", "--batch", "0"], "--batch must be >= 1, got 0"),
@@ -522,7 +523,8 @@ def test_reviewed_scripts_name_the_cuda_device_they_run_on() -> None:
      "--prompts 500 + --new 64 = 564 exceeds the recipe's max_seq_len 512"),
     ("quad_atlas", ["--device", "cpu", "--recipe", str(REPO / "configs" / "bd_tiny.yaml")], "has no atlas layer"),
 ])
-def test_a_bad_argument_of_a_benchmark_is_one_line_and_exit_2(script, argv, needle, monkeypatch, capsys) -> None:
+def test_a_bad_argument_of_a_benchmark_is_one_line_and_exit_2(script, argv, needle, monkeypatch, capsys,
+                                                              tmp_path) -> None:
     """A bad --device ran into torch.device's traceback (or CUDA's) inside each script; train_memory.py --steps 0
     divided by zero after the warm-up; mixers.py timed --batch 0 (empty tensors) and --only of an unknown mixer
     (nothing) without a word; decode.py raised on a missing --recipe and on a prompt longer than the model;
@@ -530,6 +532,7 @@ def test_a_bad_argument_of_a_benchmark_is_one_line_and_exit_2(script, argv, need
     import sys
 
     bench = load_benchmark(script)
+    argv = [*argv, *(["--out-dir", str(tmp_path)] if script == "side_by_side" else ["--out", str(tmp_path / "o.json")])]
     monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])
     with pytest.raises(SystemExit) as e:
         rc = bench.main(argv) if script in ("side_by_side", "quad_atlas", "optimizer_step") else bench.main()
