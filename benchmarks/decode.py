@@ -8,7 +8,8 @@ The default recipe is a Qwen3-Next-like hybrid (``(GD+moe)*3 | GA+moe`` three ti
 64 experts top-4 + shared; benchmarks/side_by_side.py compares the converted HF model with
 HF ``generate``). Decode time = (generate with ``--new`` tokens) - (generate with 1 token),
 each the median of ``--repeats`` calls after a warm-up call, so the prefill and the
-engine's one-time capture do not count. The streaming limit is the bytes of the weights a
+engine's one-time capture do not count (a t(new) at or below t(1) is timing noise: no step time,
+a ``note`` says so). The streaming limit is the bytes of the weights a
 step reads (embedding row excluded; for MoE at batch 1 only the active experts) over the
 GPU's memory bandwidth (``--bandwidth``; default the GPU's datasheet figure, ``timing.GPU_PEAKS``: 4.8e12
 B/s on an H200, 3.35e12 on an H100 SXM). Prints a table and writes
@@ -161,15 +162,20 @@ def run(args: argparse.Namespace) -> None:
                     rows.append({"batch": B, "prompt": T, "engine": eng, "error": f"out of memory: {e}"[:200]})
                     torch.cuda.empty_cache()
                     continue
-                step_ms = (tn - t1) / (args.new - 1) * 1e3
                 row = {"batch": B, "prompt": T, "engine": stats.get("engine", eng), "prefill_ms": t1 * 1e3,
-                       "ms_per_step": step_ms, "decode_tok_s": B / step_ms * 1e3,
                        "total_tok_s": B * args.new / tn, "weight_stream_limit_ms": limit_ms}
+                if tn > t1:
+                    row["ms_per_step"] = step_ms = (tn - t1) / (args.new - 1) * 1e3
+                    row["decode_tok_s"] = B / step_ms * 1e3
+                else:  # a negative step time is noise, not a measurement
+                    row["note"] = (f"t(new) <= t(1) ({tn * 1e3:.1f} <= {t1 * 1e3:.1f} ms): the decode steps are "
+                                   f"below the timing noise; no step time (raise --new or --repeats)")
                 if stats.get("engine_notice"):
                     row["notice"] = stats["engine_notice"]
                 rows.append(row)
-                print(f"{B:>5} {T:>6} {row['engine']:>8} {t1 * 1e3:>10.1f} {step_ms:>8.2f} "
-                      f"{row['decode_tok_s']:>8.0f} {limit_ms:>8.3f}", flush=True)
+                step = f"{row['ms_per_step']:>8.2f} {row['decode_tok_s']:>8.0f}" if "ms_per_step" in row \
+                    else f"{'-':>8} {'-':>8}"
+                print(f"{B:>5} {T:>6} {row['engine']:>8} {t1 * 1e3:>10.1f} {step} {limit_ms:>8.3f}", flush=True)
                 result["fast_paths"] = dispatch.statuses()  # which fast paths ran (or why not)
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps(result, indent=1))

@@ -284,8 +284,9 @@ def test_decode_benchmark_runs_on_the_cpu(tmp_path):
     rows = _decode_benchmark(tmp_path, "--batches", "2", "--prompts", "16", "--new", "4", "--engines", "dynamic",
                              "static", "--repeats", "1")
     assert [r["engine"] for r in rows] == ["dynamic", "static"]
-    for r in rows:  # (on a busy CPU the step time, t(new) - t(1), can be noise around 0: finite, not positive)
-        assert math.isfinite(r["ms_per_step"]) and r["prefill_ms"] > 0 and r["batch"] == 2 and r["prompt"] == 16
+    for r in rows:  # (on a busy CPU the step time, t(new) - t(1), can be noise around 0: then none, and a note)
+        assert r["prefill_ms"] > 0 and r["batch"] == 2 and r["prompt"] == 16
+        assert (math.isfinite(r["ms_per_step"]) and r["ms_per_step"] > 0) if "ms_per_step" in r else "t(new)" in r["note"]
 
 
 @pytest.mark.slow  # a benchmark smoke run (~24 s): make test-all runs it
@@ -298,7 +299,8 @@ def test_decode_benchmark_tiny_smoke_run_with_its_defaults(tmp_path):
     rows = _decode_benchmark(tmp_path)
     assert [(r["prompt"], r["batch"], r["engine"]) for r in rows] == [
         (T, B, e) for T in (32, 128) for B in (1, 16) for e in ("dynamic", "static")]
-    assert all(math.isfinite(r["ms_per_step"]) and "error" not in r for r in rows)
+    assert all((math.isfinite(r["ms_per_step"]) if "ms_per_step" in r else "t(new)" in r["note"]) and "error" not in r
+               for r in rows)
 
 
 @pytest.mark.parametrize("flag,value,needle", [

@@ -642,3 +642,23 @@ def test_a_script_on_cuda_n_makes_it_the_current_device_first(script, monkeypatc
     monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])
     with pytest.raises(Selected, match="cuda:1"):
         bench.main(argv) if script in ("side_by_side", "quad_atlas", "optimizer_step") else bench.main()
+
+
+def test_decode_py_gives_no_step_time_when_the_difference_is_noise(monkeypatch, tmp_path) -> None:
+    """decode.py's step time is (t(new) - t(1)) / (new - 1); a t(new) at or below t(1) (a few new tokens on a
+    busy machine) gave a negative ms/step and a negative tok/s in the table and the JSON (side_by_side.py
+    leaves those out). No step time then, and the row says why; the whole-call tok/s stays."""
+    import sys
+
+    decode = load_benchmark("decode")
+    times = iter([300.0, 290.0, 300.0, 360.0])  # ms of gen(1), gen(new): first noise, then a real difference
+    monkeypatch.setattr(decode, "bench", lambda fn, device, warmup, iters: next(times))
+    out = tmp_path / "d.json"
+    monkeypatch.setattr(sys, "argv", ["decode.py", "--device", "cpu", "--tiny", "--batches", "1", "--prompts", "8",
+                                      "--new", "4", "--repeats", "1", "--engines", "dynamic", "static",
+                                      "--out", str(out)])
+    decode.main()
+    noisy, real = json.loads(out.read_text())["rows"]
+    assert "ms_per_step" not in noisy and "decode_tok_s" not in noisy and "t(new) <= t(1)" in noisy["note"]
+    assert noisy["total_tok_s"] == pytest.approx(4 / 0.29)
+    assert real["ms_per_step"] == pytest.approx(20.0) and real["decode_tok_s"] == pytest.approx(50.0)
