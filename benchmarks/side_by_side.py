@@ -794,11 +794,13 @@ def decode_ratio(row: dict | None, key: str = "decode_tokens_per_s") -> tuple[fl
     if batch is None:
         return None, f"no prompt with both HF and ours measured at one batch (prompts {prompts})"
     vals = both(batch, prompts)
-    note = None
+    notes = []
     if row.get("status") != "ok" or batch != DECODE_RATIO_BATCH or set(vals) != set(DECODE_RATIO_PROMPTS):
-        note = (f"row {row.get('status', 'unfinished')}: prompt(s) {sorted(vals)} measured at batch {batch}, "
-                f"not both 2k and 8k at batch {DECODE_RATIO_BATCH}")
-    return min(vals.values()), note
+        notes.append(f"row {row.get('status', 'unfinished')}: prompt(s) {sorted(vals)} measured at batch {batch}, "
+                     f"not both 2k and 8k at batch {DECODE_RATIO_BATCH}")
+    if engine not in ("auto", "default"):  # --engines without auto: the definition's engine was not measured
+        notes.append(f"ours with engine {engine}, not auto (--engines {' '.join(row['engines'])})")
+    return min(vals.values()), "; ".join(notes) or None
 
 
 def print_train_row(name: str, r: dict) -> None:

@@ -662,3 +662,16 @@ def test_decode_py_gives_no_step_time_when_the_difference_is_noise(monkeypatch, 
     assert "ms_per_step" not in noisy and "decode_tok_s" not in noisy and "t(new) <= t(1)" in noisy["note"]
     assert noisy["total_tok_s"] == pytest.approx(4 / 0.29)
     assert real["ms_per_step"] == pytest.approx(20.0) and real["decode_tok_s"] == pytest.approx(50.0)
+
+
+def test_decode_ratio_of_another_engine_than_auto_says_so() -> None:
+    """decode_vs_hf is defined with our engine ``auto`` (or the default where generate has no engine keyword);
+    a call with ``--engines dynamic graph`` took the dynamic engine's ratio without a note."""
+    bench = load_bench()
+    res = [{"prompt": p, "batch": 16, "model": m, "engine": e, "decode_tokens_per_s": t}
+           for p in (2048, 8192) for m, e, t in (("hf", "default", 500.0), ("ours", "dynamic", 1000.0),
+                                                  ("ours", "graph", 5000.0))]
+    value, note = bench.decode_ratio({"status": "ok", "engines": ["dynamic", "graph"], "results": res})
+    assert value == 2.0 and "engine dynamic" in note
+    res = [{**r, "engine": "default"} for r in res if r["engine"] != "graph"]  # generate without an engine keyword
+    assert bench.decode_ratio({"status": "ok", "engines": ["default"], "results": res}) == (2.0, None)
