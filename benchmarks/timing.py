@@ -6,6 +6,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -73,22 +74,35 @@ def gpu_peaks(device: str) -> tuple[float, float, str]:
 
 
 def device_arg(text: str) -> str:
-    """argparse ``type`` of the scripts' ``--device``: ``cpu``, ``cuda`` or ``cuda:N`` that this machine has
-    (``hymba train``'s check, ``training/distributed.pick_device``; ``auto`` becomes the device it picks); anything
-    else is a one-line usage error, not a traceback from inside the run."""
-    from hymba_plus.training.distributed import pick_device
-
+    """argparse ``type`` of the scripts' ``--device``: ``cpu``, ``cuda`` or ``cuda:N`` (``auto``: the device
+    ``hymba train`` picks); anything else is a one-line usage error, not a traceback from inside the run. Whether
+    this machine has that device is ``use_device``'s check (the arguments parse on a machine without it)."""
     try:
-        dev = pick_device(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("--device ")) from None
-    return str(dev) if text in ("", "auto") else text
+        dev = torch.device(text) if text not in ("", "auto") else None
+    except (RuntimeError, ValueError, TypeError):
+        dev = torch.device("meta")  # not a device: refused below
+    if dev is None:
+        from hymba_plus.training.distributed import pick_device
+
+        return str(pick_device(text))
+    if dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
+        raise argparse.ArgumentTypeError(f"{text}: expected auto, cpu, cuda or cuda:N")
+    return text
 
 
 def use_device(device: str | torch.device) -> None:
-    """Make ``cuda:N`` the current CUDA device (nothing for ``cuda`` or a CPU): CUDA-graph captures (a
-    ``torch.cuda.graph``'s stream), ``empty_cache`` and the calls that take no device act on the current one,
-    which otherwise stays 0 while the run's tensors are on device N. The scripts call it first."""
+    """The scripts' first step: a one-line error, exit 2, for a CUDA device this machine does not have
+    (``hymba train``'s check, ``training/distributed.pick_device``); then ``cuda:N`` made the current CUDA
+    device (nothing for ``cuda`` or a CPU): CUDA-graph captures (a ``torch.cuda.graph``'s stream),
+    ``empty_cache`` and the calls that take no device act on the current one, which otherwise stays 0 while the
+    run's tensors are on device N."""
+    from hymba_plus.training.distributed import pick_device
+
+    try:
+        pick_device(str(device))
+    except ValueError as e:
+        print(f"{Path(sys.argv[0]).name}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)
