@@ -637,3 +637,26 @@ def test_a_checkpoint_of_a_builtin_reasoning_task_names_the_end_of_its_answers(t
     assert generation_config(out / "step-1", 32) == {"eos_token_id": EOS}
     assert main(["train", cfg, "--ladir-stage", "flow", "--steps", "2", "--resume", *common]) == 0
     assert generation_config(out / "step-2", 32) == {"eos_token_id": EOS}
+
+
+def test_a_run_without_data_trains_on_the_builtin_reasoning_task(tmp_path, capsys) -> None:
+    """Without ``--data`` (or ``train.data``) a LaDiR run fell back to the objectives' default ``mqar``, a
+    next-token task it cannot read: the error named ``mqar``, which the user never typed. Its default is the
+    built-in reasoning task ``chain_arith`` (the one ``configs/ladir_tiny.yaml`` trains on). Found by a review."""
+    from hymba_plus.cli import main
+    from hymba_plus.objectives.ladir import LaDiRObjective
+
+    assert LaDiRObjective.default_data == "chain_arith"
+    cfg = str(ROOT / "configs" / "ladir_tiny.yaml")
+    rc = main(["train", cfg, "--ladir-stage", "vae", "--steps", "1", "--batch-size", "2", "--eval-every", "1",
+               "--eval-batches", "1", "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "reasoning task chain_arith" in err and "mqar" not in err
+    # the settings are checked against that default too, not against mqar's needs (--seq-len 3 was refused
+    # as "mqar with 0 pairs needs seq_len >= 4")
+    rc = main(["train", cfg, "--ladir-stage", "vae", "--steps", "1", "--batch-size", "2", "--seq-len", "3",
+               "--eval-every", "1", "--eval-batches", "1", "--out", str(tmp_path / "short"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "mqar" not in err

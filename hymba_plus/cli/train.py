@@ -158,6 +158,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..core.recipe import RecipeError, load_recipe
     from ..models.lm import CheckpointError
+    from ..objectives import objective_class
     from ..training import checkpoint as ckpt_mod
     from ..training.config import TrainConfig, TrainConfigError, validate
     from ..training.data import DataError
@@ -200,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / recipe.name
     try:
         cfg = dataclasses.replace(base, **overrides)
-        validate(cfg, recipe.model, overrides, args.recipe)
+        validate(cfg, recipe.model, overrides, args.recipe, default_data=objective_class(recipe).default_data)
     except TrainConfigError as e:
         # resuming, the checkpoint's settings take the recipe's place (the trainer checks them with the
         # flags): the recipe's own (or its defaults) must not stop the command a run prints to resume it

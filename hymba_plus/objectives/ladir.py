@@ -1,7 +1,7 @@
 """The LaDiR training objective (``objective: {kind: ladir}``; the model needs the recipe's
 ``ladir`` section, ``components/ladir.py``), on reasoning data: a built-in task
 (``--data chain_arith`` / ``chain_pointer``, ``training/reasoning.py``) or a JSONL file of
-``{question, reasoning, answer}``.
+``{question, reasoning, answer}``; without ``--data`` (or ``train.data``), ``chain_arith``.
 
 The stage is a run setting (``train.ladir_stage`` / ``--ladir-stage``), so one run can train
 the VAE and a resumed one the flow:
@@ -44,6 +44,7 @@ class LaDiRObjective(Objective):
     needs_segments = True  # the stream must give question / reasoning / answer segments
     eager_because = graph_because = "its losses call the model several times per step"
     phase_settings = ("ladir_stage",)  # each stage trains other parameters
+    default_data = "chain_arith"  # reasoning data: a next-token task (mqar) has no segments to read
 
     @staticmethod
     def segment_reserve(recipe: Any) -> int:

@@ -8,11 +8,12 @@ flags). Sizes are per process: one optimizer step consumes
 files needed, accuracy is the eval metric) or a path: a text file, a folder of text files, or
 a folder written by ``hymba prepare`` (token shards + ``index.json``). Forecast recipes read
 a CSV of series or ``synthetic`` (``training/series.py``). Unset, it is the objective's
-``default_data`` (``mqar``; ``synthetic`` for forecast).
+``default_data`` (``mqar``; ``synthetic`` for forecast; ``chain_arith`` for ladir).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ..core.config import spec
@@ -149,14 +150,16 @@ class TrainConfigError(ValueError):
 
 
 def validate(cfg: TrainConfig, model, overrides: dict | None = None, where: str = "the recipe",
-             section: str = "train") -> None:  # noqa: ANN001
+             section: str = "train", default_data: str = "mqar") -> None:  # noqa: ANN001
     """Range and cross-field checks of the effective config; the first error names the
     command-line flag when the value came from one, else ``where: SECTION.key`` (a recipe's
-    ``train``, a checkpoint's trainer_state.json ``train_config``)."""
+    ``train``, a checkpoint's trainer_state.json ``train_config``). Unset ``data`` is checked as
+    ``default_data``, the objective's (``Objective.default_data``: ladir's is a reasoning task)."""
     from ..core.config import cross_errors, range_errors
 
     overrides = overrides or {}
-    for key, msg in [*range_errors(cfg), *cross_errors(cfg, model)]:
+    checked = cfg if cfg.data is not None else dataclasses.replace(cfg, data=default_data)
+    for key, msg in [*range_errors(checked), *cross_errors(checked, model)]:
         name = key.split(".")[0]
         if name in overrides:
             raise TrainConfigError(f"{flag_of(name)} {overrides[name]}: {msg}")

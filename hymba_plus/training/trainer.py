@@ -558,7 +558,8 @@ class Trainer:
             else:
                 self.log(f"--resume auto: no checkpoint in {self.out}: starting from scratch")
                 # (hymba train leaves the recipe's settings unchecked where --out holds checkpoints)
-                validate(self.cfg, self.recipe.model, opts.overrides, opts.recipe_name)
+                validate(self.cfg, self.recipe.model, opts.overrides, opts.recipe_name,
+                         default_data=objective_class(self.recipe).default_data)
         self.start_step, self.samples, self.tokens_seen = 0, 0, 0
         self.schedule = Schedule.of(self.cfg)
         self.nothing_to_do: str | None = None
@@ -898,7 +899,7 @@ class Trainer:
             base = dataclasses.replace(base, tokenizer=None)  # saved, unread, before validate refused it
         cfg = dataclasses.replace(base, **self.opts.overrides)
         validate(cfg, self.recipe.model, self.opts.overrides, str(self.resume_from / ckpt_mod.STATE_FILE),
-                 section="train_config")  # (as its type errors: the key of that file, not the recipe's train.)
+                 section="train_config", default_data=self.objective_cls.default_data)  # (as its type errors: the key of that file, not the recipe's train.)
         return base, cfg
 
     def _set_aside_earlier_metrics(self) -> None:
