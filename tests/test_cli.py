@@ -333,6 +333,12 @@ def test_info_kernels_one_line_without_cuda(capsys, monkeypatch):
     assert [line.split()[0] for line in full[start + 1:]] == list(ops)
     for line, k in zip(full[start + 1:], ops.values()):
         assert k["fast_path"] in line and (("unavailable" in line) != k["available"])
+    # HYMBA_KERNELS=reference: every path is off by the setting (it was probed and listed as available)
+    monkeypatch.setenv("HYMBA_KERNELS", "reference")
+    code, full, _ = run(capsys, "info", str(ROOT / "configs" / "gpt_tiny.yaml"), "--kernels")
+    start = full.index("kernels     HYMBA_KERNELS=reference")
+    assert code == 0 and [line.split()[0] for line in full[start + 1:]] == list(ops)
+    assert all(line.endswith("  off (HYMBA_KERNELS=reference)") for line in full[start + 1:])
 
 
 def fake_info(cuda: bool, mode: str = "auto") -> dict:

@@ -267,6 +267,12 @@ def test_probe_all_runs_the_probes_once_outside_captures(monkeypatch):
     monkeypatch.setenv("HYMBA_KERNELS", "reference")  # nothing will ask: nothing is probed
     assert dispatch.probe_all(["fake_c"]) == {"fake_c": False} and calls_c == [] and c.status is None
 
+    # nor by available() (hymba info): it probed every path (TileLang compiles on a GPU) and listed switched-off
+    # paths as available. Found by a review.
+    assert dispatch.available()["fake_c"] == (c.doc, False, "off: HYMBA_KERNELS=reference")
+    assert calls_c == [] and c.status is None
+    assert dispatch.available()["fake_a"] == (a.doc, False, "off: HYMBA_KERNELS=reference")
+
 
 def test_probe_all_covers_every_registered_path_by_default(monkeypatch):
     import hymba_plus  # noqa: F401 - registers every kernel module

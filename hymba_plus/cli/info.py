@@ -7,7 +7,8 @@ bytes per sequence at 1k and 32k tokens (a note names the lengths past the recip
 ``max_seq_len``; an MTP recipe: its modules' own cache for speculative decoding on a line of
 its own), and the fast kernels: one line without CUDA
 (``fast paths: atlas_cpu (CPU: reference paths for the rest)``), a short table with it, every op with its
-fast path and why it is unavailable with ``--kernels``.
+fast path and why it is unavailable with ``--kernels`` (under ``HYMBA_KERNELS=reference``: each off
+by the setting, and nothing probed).
 
 The model is built on the meta device (``torch.device("meta")``): every shape is real,
 no memory is allocated, so full-size recipes (40 layers, d_model 2048, 512 experts) are
@@ -350,7 +351,8 @@ def format_kernels(d: dict, level: str = "auto") -> list[str]:
         kw = max((len(k) for k in ks), default=0)
         dw = max((len(v["fast_path"]) for v in ks.values()), default=0)
         for op, k in ks.items():
-            status = "available" if k["available"] else f"unavailable ({k['error']})"
+            status = ("off (HYMBA_KERNELS=reference)" if mode == "reference"  # (unprobed: dispatch.available)
+                      else "available" if k["available"] else f"unavailable ({k['error']})")
             out.append(f"{LABEL}{op.ljust(kw)}  {k['fast_path'].ljust(dw)}  {status}")
         return out
     if mode == "reference":

@@ -19,7 +19,7 @@ In ``auto`` mode a fast path whose probe failed is announced once, in one line o
 first time a call on its device falls back because of it ("fast path gdn unavailable (ImportError:
 ...): using the reference path"). ``HYMBA_KERNELS=fast`` makes a missing fast path an error
 instead (for benchmarks and GPU tests). ``available()`` reports every op's status (``hymba
-info`` and ARCHITECTURE.md use it). Nothing is registered for an op that has no real fast path.
+info`` and ARCHITECTURE.md use it; under ``reference``, off, unprobed). Nothing is registered for an op that has no real fast path.
 
 Probes and CUDA graphs: a probe never runs while the current CUDA stream is capturing a graph
 (it would fail for reasons unrelated to its fast path, and the failure, cached, would keep
@@ -358,7 +358,11 @@ def device_of(name: str) -> str:
 
 
 def available() -> dict[str, tuple[str, bool, str]]:
-    """op -> (description, importable here, error)."""
+    """op -> (description, importable here, error). With ``HYMBA_KERNELS=reference`` nothing is
+    probed (as in ``probe_all``: no fast path will be asked for) and every path is off by the
+    setting: (description, False, ``"off: HYMBA_KERNELS=reference"``)."""
+    if mode() == "reference":
+        return {n: (fp.doc, False, "off: HYMBA_KERNELS=reference") for n, fp in sorted(_FAST.items())}
     return {n: (fp.doc, fp.ok(), fp.error) for n, fp in sorted(_FAST.items())}
 
 
