@@ -293,6 +293,62 @@ def test_missing_shape_and_length_keys_take_the_config_classes_defaults(arch, tm
         getattr(hf, "head_dim", None) or 256 // 32, hf.num_key_value_heads, hf.max_position_embeddings)
 
 
+def test_qwen3_sliding_window_imports_where_transformers_slides_no_layer(tmp_path, capsys):
+    """Qwen3Config slides layer i only where ``use_sliding_window`` (and a ``sliding_window``) and
+    i >= ``max_window_layers`` (its ``layer_types``): ``use_sliding_window: true`` with
+    ``max_window_layers >= num_hidden_layers`` (or a null window) slides no layer and was refused. It
+    imports as no window, matching HF; a config where a layer does slide is still refused, as is
+    Qwen3-MoE's (every layer slides there). Found by a review."""
+    for i, extra in enumerate((dict(max_window_layers=4), dict(max_window_layers=28), dict(sliding_window=None))):
+        model = hf_model("Qwen3ForCausalLM", seed=17, use_sliding_window=True, **{"sliding_window": 8, **extra})
+        assert "sliding_attention" not in model.config.layer_types
+        save_hf(model, tmp_path / f"hf{i}")
+        cfg = json.loads((tmp_path / f"hf{i}" / "config.json").read_text())
+        cfg.pop("layer_types", None)  # a config.json of transformers 4 (no layer_types): the same layers
+        (tmp_path / f"hf{i}" / "config.json").write_text(json.dumps(cfg))
+        import_hf(tmp_path / f"hf{i}", tmp_path / f"ours{i}")
+        ours = from_pretrained(tmp_path / f"ours{i}").eval()
+        assert ours.recipe.component("gated_attn").window is None
+        ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            assert rel(ours(ids).logits, model(ids).logits) <= 1e-4
+    save_hf(hf_model("Qwen3ForCausalLM", seed=17, use_sliding_window=True, sliding_window=8, max_window_layers=2),
+            tmp_path / "slides")
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "slides"), str(tmp_path / "no")]) == 1
+    assert "use_sliding_window: sliding-window layers are not supported" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["Qwen3MoeForCausalLM", "Qwen3NextForCausalLM"])
+def test_missing_expert_and_linear_attention_keys_take_the_config_classes_defaults(arch, tmp_path):
+    """A hand-written config.json without ``num_experts`` (and the other MoE sizes) or Qwen3-Next's
+    ``linear_*`` keys: transformers' class defaults (Qwen3MoeConfig 128 experts of 768, top 8;
+    Qwen3NextConfig 512 of 512, top 10, shared 512, GDN 16 / 32 heads of 128), as the HF model is built.
+    Without num_experts every layer was imported dense, and the import failed later on an "unexpected
+    weight"; a missing linear_* key was refused. Found by a review."""
+    from hymba_plus.convert.importer import hf_recipe
+
+    save_hf(hf_model(arch, seed=1), tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    keys = ["num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+            "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
+            "linear_conv_kernel_dim"]
+    for k in keys:
+        cfg.pop(k, None)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    hf = tf.AutoConfig.from_pretrained(tmp_path / "hf")
+    _, r = hf_recipe(tmp_path / "hf")
+    m = r.component("moe")
+    assert "moe" in {s.ffn for s in r.layers}
+    assert (m.n_experts, m.top_k, m.d_expert) == (hf.num_experts, hf.num_experts_per_tok, hf.moe_intermediate_size)
+    if arch == "Qwen3NextForCausalLM":
+        g, d = r.component("gdn"), r.model.d_model
+        assert m.d_shared == hf.shared_expert_intermediate_size
+        assert (g.n_heads, g.v_heads(), g.key_dim(d), g.value_dim(d), g.conv_size) == (
+            hf.linear_num_key_heads, hf.linear_num_value_heads, hf.linear_key_head_dim, hf.linear_value_head_dim,
+            hf.linear_conv_kernel_dim)
+
+
 def test_yarn_extends_the_context_and_old_files_import_as_transformers_reads_them(tmp_path):
     """Qwen's YaRN recipe (``rope_scaling`` yarn x4 on an unchanged ``max_position_embeddings``) runs
     past it in transformers: the import's ``max_seq_len`` is factor x original (it refused the longer

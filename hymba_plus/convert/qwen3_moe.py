@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..core.pattern import LayerSpec
-from .family import HFConfig
+from .family import Family, HFConfig
 from .qwen3 import Qwen3
 from .rules import Rule, experts, same, zeros
 
@@ -20,9 +20,15 @@ class MoEMixin:
 
     shared_expert = False
     default_norm_topk = False  # norm_topk_prob when config.json has none (Qwen3MoeConfig's; Qwen3-Next: True)
+    # num_experts, num_experts_per_tok, moe_intermediate_size where config.json has none (Qwen3MoeConfig's; Qwen3-Next
+    # overrides them with Qwen3NextConfig's): a hand-written config without them builds HF's model of these sizes
+    default_experts, default_top_k, default_d_expert = 128, 8, 768
 
     def moe_layers(self, cfg: HFConfig, comps: dict[str, Any], mixers: list[str]) -> list[LayerSpec]:
-        n_exp = cfg.get("num_experts", None, int) or cfg.get("num_local_experts", 0, int)  # 5.x may write the latter
+        if cfg.data.get("num_experts") is not None:  # (0: dense, as Qwen3-Next's export writes it)
+            n_exp = cfg.get("num_experts", None, int)
+        else:  # 5.x may write the latter
+            n_exp = cfg.get("num_local_experts", self.default_experts, int)
         step = cfg.get("decoder_sparse_step", 1, int)
         only = cfg.get("mlp_only_layers", [], list) or []
         if step < 1:
@@ -33,13 +39,14 @@ class MoEMixin:
             out.append(LayerSpec(mixer, "moe" if sparse else "mlp"))
         if any(s.ffn == "moe" for s in out):
             moe: dict[str, Any] = {
-                "n_experts": n_exp, "top_k": cfg.req("num_experts_per_tok"),
-                "d_expert": cfg.req("moe_intermediate_size"), "score": "softmax",
+                "n_experts": n_exp, "top_k": cfg.get("num_experts_per_tok", self.default_top_k, int, positive=True),
+                "d_expert": cfg.get("moe_intermediate_size", self.default_d_expert, int, positive=True),
+                "score": "softmax",
                 "norm_topk": cfg.get("norm_topk_prob", self.default_norm_topk, bool),
                 "aux_loss_coef": cfg.get("router_aux_loss_coef", 0.001, float), "z_loss_coef": 0.0,
                 "balance_loss": "pooled", "n_shared": 0}
             if self.shared_expert:
-                d_shared = cfg.req("shared_expert_intermediate_size")
+                d_shared = cfg.get("shared_expert_intermediate_size", self.default_d_shared, int)
                 if d_shared < 1:
                     raise cfg.error("shared_expert_intermediate_size", f"must be >= 1, got {d_shared}")
                 moe.update(n_shared=1, d_shared=d_shared)
@@ -102,6 +109,8 @@ class Qwen3Moe(MoEMixin, Qwen3):
     model_type = "qwen3_moe"
     default_head_dim = None  # Qwen3MoeConfig's: hidden_size / num_attention_heads
     default_kv_heads = 4
+    # Qwen3MoeConfig has no layer_types / max_window_layers: use_sliding_window slides every layer
+    check_attention = Family.check_attention
 
     def layers(self, cfg: HFConfig, comps: dict[str, Any]) -> list[LayerSpec]:
         return self.moe_layers(cfg, comps, ["gated_attn"] * cfg.req("num_hidden_layers"))

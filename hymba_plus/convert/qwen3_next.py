@@ -33,6 +33,9 @@ class Qwen3Next(MoEMixin, Family):
     ignore_prefixes = ("mtp.",)
     partial_rope = True
     default_norm_topk = True  # Qwen3NextConfig's
+    default_experts, default_top_k, default_d_expert, default_d_shared = 512, 10, 512, 512  # Qwen3NextConfig's
+    # linear_num_key_heads, linear_num_value_heads, linear_key_head_dim, linear_value_head_dim (Qwen3NextConfig's)
+    default_linear = (16, 32, 128, 128)
     default_rotary_fraction = 0.25  # Qwen3NextConfig's
     default_head_dim = 256
     default_kv_heads = 2
@@ -51,8 +54,9 @@ class Qwen3Next(MoEMixin, Family):
                 raise cfg.error("layer_types", f"unknown layer type {t!r} (known: {', '.join(MIXER_OF)})")
         mixers = [MIXER_OF[t] for t in types]
         if "gdn" in mixers:
-            hk, hv = cfg.req("linear_num_key_heads"), cfg.req("linear_num_value_heads")
-            dk, dv = cfg.req("linear_key_head_dim"), cfg.req("linear_value_head_dim")
+            hk, hv, dk, dv = (cfg.get(k, v, int, positive=True) for k, v in zip(
+                ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim"),
+                self.default_linear))
             comps["gdn"] = {"n_heads": hk, "head_dim": dk, "n_v_heads": hv, "expand_v": dv / dk,
                             "conv_size": cfg.get("linear_conv_kernel_dim", 4, int),
                             "norm_eps": cfg.get("rms_norm_eps", 1e-6, float), "norm_zero_centered": False}
