@@ -868,3 +868,39 @@ def test_resume_accepts_the_same_shards_moved_and_a_checkpoint_without_a_content
     recipe = str(Path(__file__).resolve().parents[1] / "configs" / "gpt_tiny.yaml")
     assert main(["train", recipe, "--out", str(tmp_path / "run"), "--resume", "--data", str(moved), "--steps", "6",
                  "--batch-size", "2", "--seq-len", "16", "--no-progress", "--device", "cpu"]) == 0
+
+
+def test_a_run_on_an_indexed_cuda_device_makes_it_the_current_device(tmp_path, monkeypatch):
+    """One process on ``cuda:N`` (N != 0): the trainer never made cuda:N the current device, so the CUDA
+    graph's side stream, its capture pool and ``torch.cuda.synchronize()`` (``training/cuda_graph.py``)
+    went to device 0. Setup now calls ``torch.cuda.set_device`` (as ``distributed.init`` does under
+    torchrun), and the run gives the caller's current device back. Found by a review; checked on the CPU
+    by monkeypatching (no second GPU here): the run stops at that call."""
+    from hymba_plus import load_recipe
+    from hymba_plus.training import trainer as trainer_mod
+    from hymba_plus.training.distributed import DistInfo
+    from hymba_plus.training.trainer import RunOptions, train
+
+    class Stop(Exception):
+        pass
+
+    calls = []
+
+    def set_device(dev):  # noqa: ANN001, ANN202
+        calls.append(torch.device(dev) if not isinstance(dev, int) else dev)
+        if len(calls) == 1:
+            raise Stop
+
+    monkeypatch.setattr(trainer_mod.dist_mod, "init", lambda device=None: DistInfo(device=torch.device("cuda", 1)))
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    with pytest.raises(Stop):
+        train(load_recipe(TINY), TrainConfig(steps=1, batch_size=2, seq_len=16),
+              RunOptions(out=tmp_path / "run", progress=False, log=lambda s: None))
+    assert calls == [torch.device("cuda", 1), 0]
+    # a CPU run leaves the current CUDA device alone
+    calls.clear()
+    monkeypatch.setattr(trainer_mod.dist_mod, "init", lambda device=None: DistInfo(device=torch.device("cpu")))
+    train(load_recipe(TINY), TrainConfig(steps=1, batch_size=2, seq_len=16, eval_every=1, eval_batches=1),
+          RunOptions(out=tmp_path / "cpu", progress=False, log=lambda s: None))
+    assert calls == []

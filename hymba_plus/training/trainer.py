@@ -464,6 +464,11 @@ class Trainer:
             self.info = dist_mod.init(self.opts.device)
         except ValueError as e:
             raise TrainError(str(e)) from None
+        if self.info.device.type == "cuda":  # (pick_device: always indexed) one process on cuda:N too, not only
+            # torchrun's (distributed.init): the CUDA graphs' side stream and pool, synchronize() and other
+            # current-device work (cuda_graph.py) went to device 0; the caller's device back after the run
+            self.cuda_device_before = torch.cuda.current_device()
+            torch.cuda.set_device(self.info.device)
         # process-wide, like autocast's dtype: set for the run, the caller's setting back after it (``run``)
         self.tf32_before = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = bool(self.cfg.tf32)
@@ -1316,6 +1321,8 @@ class Trainer:
                 self.masters.release()  # the model handed on after the run holds its float32 weights
             if hasattr(self, "tf32_before"):
                 torch.backends.cuda.matmul.allow_tf32 = self.tf32_before
+            if hasattr(self, "cuda_device_before"):
+                torch.cuda.set_device(self.cuda_device_before)
             if hasattr(self, "info"):
                 info = self.info
                 if info.enabled:  # the sharded model and optimizer state hold the process group: drop them
