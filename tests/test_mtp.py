@@ -225,6 +225,23 @@ def test_k_below_the_depth_runs_only_the_modules_that_draft() -> None:
         assert ran.count(0) == 1 + st["rounds"]  # module 1: the prefill, one commit a round (it drafts unforked)
 
 
+@torch.no_grad()
+def test_k_below_the_depth_needs_a_prompt_of_k_tokens_only() -> None:
+    """Only modules 1 .. k run, and module i's prefill reads positions 0 .. L - i: a prompt needs k
+    tokens, not the depth (a 1-token prompt with k 1 on a depth-3 model was refused). Found by a review."""
+    m = make(pattern="GD | GA", depth=3, block="GA")
+    ids = torch.randint(0, V, (2, 4), generator=torch.Generator().manual_seed(5))
+    for k in (1, 2):
+        mask = torch.ones_like(ids)
+        mask[1, : ids.shape[1] - k] = 0  # row 1: exactly k real tokens (left padding)
+        got = m.generate(ids, max_new_tokens=7, mode="mtp", k=k, attention_mask=mask)
+        assert torch.equal(got, m.generate(ids, max_new_tokens=7, attention_mask=mask)), k
+        short = ids[:, :k]
+        assert torch.equal(m.generate(short, max_new_tokens=7, mode="mtp", k=k), m.generate(short, max_new_tokens=7))
+        with pytest.raises(ValueError, match=f"needs at least {k + 1} tokens"):
+            m.generate(short, max_new_tokens=2, mode="mtp", k=k + 1)
+
+
 def test_greedy_mtp_on_an_etd_trunk() -> None:
     m = make(pattern="GD | GA | M3 | GA", depth=2, block="GD",
              etd={"encoder_layers": 1, "think_layers": 2, "decoder_layers": 1, "iterations": 2})

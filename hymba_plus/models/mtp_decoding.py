@@ -26,7 +26,7 @@ positions whose inputs are *verified* tokens, s <= P - i ("committed"). A round:
    the snapshot, re-run the kept tokens; skipped when every row kept everything), and
    **commit** the a + 1 newly verified positions to every module's cache in one forward
    per module (per-row lengths through the padding rule). With k below the depth, modules
-   k + 1 .. depth never draft and never run.
+   k + 1 .. depth never draft and never run, and a prompt needs k tokens (not the depth).
 
 Near the end a round drafts fewer than k (as mode ``speculative``): no more than a live row
 can still emit after c, and few enough that every live row's verify chunk stays within
@@ -104,9 +104,10 @@ def generate_mtp(
     valid = attention_mask.to(torch.bool) if attention_mask is not None else torch.ones(B, T, dtype=torch.bool,
                                                                                         device=dev)
     L = valid.sum(1)
-    if bool((L < D).any()):
+    if bool((L < k).any()):  # module i's prefill reads positions 0 .. L - i, for the k modules that run
         raise ValueError(f"mode mtp: every prompt (input_ids' rows, without the pads attention_mask marks) needs at "
-                         f"least {D} tokens (model.mtp.depth), got {int(L.min())}")
+                         f"least {k} tokens (k, the drafts per round; model.mtp.depth by default), "
+                         f"got {int(L.min())}")
     n_meta = model.config.meta_tokens
     sample = lambda logits: distribution(logits, temperature, top_k, top_p)  # noqa: E731
     head = lambda h: model.lm_head(model.norm(h))  # noqa: E731
