@@ -707,3 +707,19 @@ def test_a_component_built_directly_refuses_a_config_out_of_range():
             registry.build(name, bad, d_model=32, vocab_size=64, n_layers=2)
         checked.append(name)
     assert {"atlas", "gated_attn", "gdn", "mamba3", "moe"} <= set(checked), checked
+
+
+def test_a_fixed_length_list_of_the_wrong_length_names_the_length() -> None:
+    """A fixed-length list (``tuple[float, float, float]``: ladir's Prophet thresholds) of the wrong
+    length said "wrong type: expected tuple[float, float, float], got a list"; it says the length it
+    needs. Found by a review."""
+    r = {"name": "x", "model": {"vocab_size": 24, "d_model": 32, "block_pattern": "GA"},
+         "components": {"gated_attn": {"n_heads": 2}}, "objective": {"kind": "ladir"},
+         "ladir": {"latent_dim": 8, "memory_slots": 2, "prophet": {"thresholds": [1.0, 2.0]}}}
+    assert errors_of(r) == ["<recipe>:1: ladir.prophet.thresholds: must be a list of 3 numbers, got 2"]
+    r["ladir"]["prophet"]["thresholds"] = 5
+    assert errors_of(r) == ["<recipe>:1: ladir.prophet.thresholds: wrong type: expected a list of 3 numbers, got int 5"]
+    r["ladir"]["prophet"]["thresholds"] = [1.0, 2.0, "a"]
+    assert errors_of(r) == ["<recipe>:1: ladir.prophet.thresholds[2]: wrong type: expected a number, got str 'a'"]
+    r["ladir"]["prophet"]["thresholds"] = [3.0, 2.0, 1.0]
+    assert load_recipe(r).ladir.prophet.thresholds == (3.0, 2.0, 1.0)

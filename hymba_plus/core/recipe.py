@@ -612,6 +612,14 @@ def _type_errors(tp: Any, v: Any, path: str, errs: _Errors) -> bool:
     elif origin in (list, tuple):
         if not isinstance(v, (list, tuple)):
             ok = False
+        elif origin is tuple and args and Ellipsis not in args:  # a fixed length (Prophet's 3 thresholds)
+            if len(v) != len(args):
+                errs.add(path, f"must be {_type_name(tp)}, got {len(v)}")
+                return False
+            fine = True
+            for i, (et, item) in enumerate(zip(args, v)):
+                fine = _type_errors(et, item, f"{path}[{i}]", errs) and fine
+            return fine
         else:
             fine = True
             et = args[0] if args else Any
@@ -692,6 +700,11 @@ def _type_name(tp: Any) -> str:
         return " or ".join(names) + (" or null" if type(None) in args else "")
     if dataclasses.is_dataclass(tp):
         return "a mapping"
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is tuple and args and Ellipsis not in args and len(set(args)) == 1:
+        plural = {int: "integers", float: "numbers", bool: "true or false values", str: "texts"}.get(args[0])
+        if plural is not None:  # tuple[float, float, float]: "a list of 3 numbers"
+            return f"a list of {len(args)} {plural}"
     if typing.get_origin(tp) in (dict, Mapping, typing.Mapping):
         return "a mapping"
     if isinstance(tp, type):
