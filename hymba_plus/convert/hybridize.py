@@ -31,11 +31,12 @@ projection. Precisely (H query heads, Hkv key/value heads of dim D):
   head ``g*H//G`` (when N = D); ``out_proj`` <- ``o_proj`` (when H_m = H and P = D). Fresh:
   z, dd_dt, dd_A, trap, angles rows, biases, D, norms.
 
-The q/k norms, RoPE and the output gate of the replaced attention have no counterpart and
-are dropped; a ``kv_share`` consumer has no k/v projections (it reuses its partner's), so
+The q/k norms, RoPE, the output gate and the biases (``attention_bias``) of the replaced attention
+have no counterpart and are dropped; a ``kv_share`` consumer has no k/v projections (it reuses its partner's), so
 only what its q and o projections give is copied. ``hybridize`` returns one line per replaced layer saying what was copied,
 and one per module beside the layers that starts fresh.
-Memory: the source's state and the hybrid are both held (unlike import and export, which
+The checkpoint is written in float32, whatever the source's dtype (the hybrid is built in float32
+and the copied weights are cast into it). Memory: the source's state and the hybrid are both held (unlike import and export, which
 stream), so hybridizing needs about twice the model's size.
 """
 
