@@ -862,3 +862,98 @@ def test_a_folder_hymba_wrote_given_as_the_text_is_refused(tmp_path, capsys):
     mine.mkdir()
     (mine / "metrics.jsonl").write_text(TEXT * 3)
     assert prepare(mine, tmp_path / "s3")["tokens"] == len((TEXT * 3).encode())
+
+
+# --------------------------------------------------------------------------- held-out samples of the tasks
+
+
+def _rows(ids: torch.Tensor) -> set[bytes]:
+    return {r.numpy().tobytes() for r in ids}
+
+
+@pytest.mark.parametrize("name,seq_len,vocab,n_train", [
+    ("parity", 16, 8, 4000),  # 256 distinct inputs: every one drawn within the first 4000 training samples
+    ("selective_copy", 8, 6, 4000),  # 1 token copied: (vocab - 3) * C(6 noise positions, 1) = 18
+    ("mqar", 8, 6, 4000),  # 2 keys ordered * 3^2 values * 2 query orders = 36
+])
+def test_no_held_out_sample_is_ever_a_training_sample(name, seq_len, vocab, n_train):
+    """The eval rows are a fixed held-out set that the training stream never draws: before, eval drew from
+    another seed of the same small space, so at parity with seq_len 16 every eval row was a training row
+    (eval accuracy measured memorisation)."""
+    stream = open_stream(name, seq_len, vocab, 0, TrainConfig(seq_len=seq_len), None)
+    n = stream.n_eval()
+    assert n is not None and 1 <= n
+    held = stream.eval(range(n))
+    assert held.unique is None and len(_rows(held.input_ids)) == n  # distinct samples, each scored once
+    train = stream.train(range(n_train)).input_ids
+    assert not _rows(held.input_ids) & _rows(train)
+    assert len(_rows(train)) > 1
+    # an eval batch past the held-out set wraps around it and says which rows are repeats
+    over = stream.eval(range(n - 1, n + 3))
+    assert over.unique == 1 and torch.equal(over.input_ids[1], held.input_ids[0])
+
+
+def test_the_held_out_set_of_a_large_space_leaves_the_training_stream_as_it_was():
+    """MQAR at the defaults: no training sample collides with the held-out set, so the training stream is
+    sample i = the first draw of ``default_rng([seed, 0, i])``, bit for bit (documented numbers and
+    resumed runs of earlier versions stay valid), and eval row i is the first draw of
+    ``default_rng([seed, 1, i])`` as before."""
+    cfg, task = TrainConfig(), TASKS["mqar"]
+    stream = open_stream("mqar", 128, 64, 3, cfg, None)
+
+    def first_draws(s: int, idx: range) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, labels = zip(*(task.sample(np.random.default_rng([3, s, i]), 128, 64, cfg) for i in idx))
+        return torch.from_numpy(np.stack(ids)), torch.from_numpy(np.stack(labels))
+
+    b = stream.train(range(5000, 5064))
+    ids, labels = first_draws(0, range(5000, 5064))
+    assert torch.equal(b.input_ids, ids) and torch.equal(b.labels, labels)
+    e = stream.eval(range(0, 64))
+    ids, labels = first_draws(1, range(0, 64))
+    assert torch.equal(e.input_ids, ids) and torch.equal(e.labels, labels)
+    assert stream.n_eval() == 4096 and getattr(stream, "note", None) is None
+
+
+def test_a_training_sample_that_is_held_out_is_redrawn_from_its_own_generator():
+    """A collision redraws from the same generator (deterministic per index, not per batch): a sample is
+    the same whichever batch or rank draws it, and it is one the held-out set does not hold."""
+    stream = open_stream("parity", 16, 8, 0, TrainConfig(seq_len=16), None)
+    whole = stream.train(range(0, 300)).input_ids
+    parts = torch.cat([stream.train(range(c, c + 7)).input_ids for c in range(0, 300, 7)])[:300]
+    assert torch.equal(whole, parts)
+    again = open_stream("parity", 16, 8, 0, TrainConfig(seq_len=16), None)
+    assert torch.equal(again.train(range(123, 140)).input_ids, whole[123:140])
+
+
+def test_a_small_task_space_is_said_and_one_too_small_is_refused(tmp_path, capsys):
+    """Parity at seq_len 16 has 2^8 = 256 distinct inputs: its held-out set is a quarter of them (64), said in
+    one line naming the task and the setting; at seq_len 3 (2 inputs) nothing can be held out: refused."""
+    stream = open_stream("parity", 16, 8, 0, TrainConfig(seq_len=16), None)
+    assert stream.n_eval() == 64
+    assert re.fullmatch(r"note: parity at seq_len 16 has 256 distinct samples: 64 of them \(25%\) are held out "
+                        r"for eval and never trained on[^\n]*", stream.note), stream.note
+    with pytest.raises(TaskError, match=r"parity at seq_len 3 has 2 distinct samples: too few"):
+        TASKS["parity"].check(3, 8, TrainConfig(seq_len=3))
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({**TINY, "name": "p"}))
+    rc = main(["train", str(p), "--data", "parity", "--seq-len", "3", "--steps", "1", "--out", str(tmp_path / "o"),
+               "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "parity at seq_len 3 has 2 distinct samples" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_resumed_run_on_a_small_task_space_ends_with_the_uninterrupted_losses(tmp_path, capsys):
+    """Parity at seq_len 16 redraws the training samples that are held out: a run stopped and resumed sees the
+    same samples (and so the same losses and eval) as the uninterrupted one, and says the held-out share once."""
+    rec = recipe_file(tmp_path)
+    common = ["--data", "parity", "--seq-len", "16", "--steps", "8", "--batch-size", "4", "--eval-every", "4",
+              "--save-every", "4", "--warmup", "1", "--no-progress"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", rec, *common, "--out", str(a)]) == 0
+    assert "note: parity at seq_len 16 has 256 distinct samples: 64 of them (25%)" in capsys.readouterr().err
+    assert main(["train", rec, *common, "--out", str(b), "--stop-after", "4"]) == 0
+    assert main(["train", rec, *common, "--out", str(b), "--resume"]) == 0
+    rows = [[json.loads(x) for x in (o / "metrics.jsonl").read_text().splitlines()] for o in (a, b)]
+    assert [r["loss"] for r in rows[0]] == pytest.approx([r["loss"] for r in rows[1]], abs=1e-6)
+    assert rows[0][-1]["eval_accuracy"] == pytest.approx(rows[1][-1]["eval_accuracy"], abs=1e-6)

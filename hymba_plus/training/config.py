@@ -123,7 +123,7 @@ class TrainConfig:
                                "token ids of its own"
         if name is not None:
             try:
-                TASKS[name].validate(self.seq_len, model.vocab_size, self)
+                TASKS[name].check(self.seq_len, model.vocab_size, self)
             except TaskError as e:
                 yield "data", str(e)
 

@@ -554,7 +554,11 @@ class ReasoningBatches:
 
 
 class TaskStream:
-    """A built-in task: sample ``i`` of stream ``s`` comes from ``default_rng([seed, s, i])``."""
+    """A built-in task: training sample ``i`` comes from ``default_rng([seed, 0, i])``, redrawn from it
+    while it is one of the held-out samples (``Task.heldout``: the first distinct samples of the eval
+    stream ``default_rng([seed, 1, i])``), which eval reads (index i: held-out sample i, wrapping around
+    past the last as ``TextStream.eval``). ``note``: one line when the held-out set is 1% or more of the
+    task's distinct samples (the trainer logs it)."""
 
     metric = "accuracy"
 
@@ -564,18 +568,33 @@ class TaskStream:
         self.vocab_size = vocab_size
         self.seed = seed
         self.cfg = cfg
+        task.check(seq_len, vocab_size, cfg)
+        self.heldout = task.heldout(seed, seq_len, vocab_size, cfg)
         self.tokenizer = tokmod.IdsTokenizer(vocab_size)
         self.chance = task.chance(vocab_size, cfg)
-        self.description = f"task {task.name} ({task.doc}; chance accuracy {self.chance:.3f})"
+        n, space = len(self.heldout.keys), self.heldout.space
+        self.description = f"task {task.name} ({task.doc}; chance accuracy {self.chance:.3f}; {n:,} held out)"
+        self.note = (f"note: {task.setting(seq_len, vocab_size, cfg)} has {space:,} distinct samples: {n:,} of them "
+                     f"({n / space:.0%}) are held out for eval and never trained on (training draws from the rest)"
+                     if 100 * n >= space else None)
 
     def train(self, indices: range) -> Batch:
-        return Batch(*self.task.batch(indices, self.seed, self.seq_len, self.vocab_size, self.cfg, stream=0))
+        return Batch(*self.task.batch(indices, self.seed, self.seq_len, self.vocab_size, self.cfg, stream=0,
+                                      exclude=self.heldout.keys))
 
     def eval(self, indices: range) -> Batch:
-        return Batch(*self.task.batch(indices, self.seed, self.seq_len, self.vocab_size, self.cfg, stream=1))
+        """Held-out samples ``indices``, wrapping around past the last one to fill the batch; ``unique``
+        says how many rows are distinct (the trainer's evaluation counts only those)."""
+        n = len(self.heldout.keys)
+        rows = torch.tensor([i % n for i in indices], dtype=torch.long)
+        b = Batch(self.heldout.ids[rows], self.heldout.labels[rows])
+        real = sum(1 for i in indices if i < n)
+        if real < len(indices):
+            b.unique = real
+        return b
 
     def n_eval(self) -> int | None:
-        return None  # unlimited
+        return len(self.heldout.keys)
 
     def state(self) -> dict[str, Any]:
         """The task and the settings its samples depend on (``Task.settings``: a resumed run says when they

@@ -18,10 +18,23 @@ by ``(seed, index)`` (``Task.sample``), so a data position is one integer, a res
 continues the identical stream, and the samples do not depend on how they are split
 into micro-batches or over ranks. ``mqar_batch`` is the batched torch form used by the
 component tests.
+
+Held out (``Task.heldout``): eval reads a fixed set, the first ``min(HELDOUT, S // 4)``
+*distinct* samples of the eval stream (``default_rng([seed, 1, i])``, i = 0, 1, ...; S the
+task's number of distinct samples at its settings, ``Task.space``), and the training stream
+never draws one of them: a training sample whose ids are in the set (a digest of its
+``input_ids``, which define it) is redrawn from the same generator until it is not. Where
+nothing collides (MQAR at the defaults: ~10^200 distinct samples) the training stream is
+the one of earlier versions bit for bit (no draw is spent on the check). Where the space is
+small (parity at seq_len 16: 2^8 inputs) the held-out set is a quarter of it, which the
+stream says in one line (``TaskStream.note``); a space of fewer than 4 samples is refused
+(``Task.check``): nothing could be held out that training does not also see.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -118,6 +131,12 @@ def _mqar_sample(rng: np.random.Generator, seq_len: int, vocab: int, cfg: Any) -
     return ids, labels
 
 
+def _mqar_space(seq_len: int, vocab: int, cfg: Any) -> int:
+    """Ordered distinct keys, any values, any query order: each gives other ids."""
+    n, half = _mqar_pairs(seq_len, vocab, cfg), vocab // 2
+    return math.perm(half - 1, n) * (vocab - half) ** n * math.factorial(n)
+
+
 def _copy_tokens(seq_len: int, cfg: Any) -> int:
     n = getattr(cfg, "copy_tokens", None)
     return n if n is not None else max(1, seq_len // 8)
@@ -147,6 +166,11 @@ def _copy_sample(rng: np.random.Generator, seq_len: int, vocab: int, cfg: Any) -
     return ids, labels
 
 
+def _copy_space(seq_len: int, vocab: int, cfg: Any) -> int:
+    n = _copy_tokens(seq_len, cfg)
+    return (vocab - 3) ** n * math.comb(seq_len - n - 1, n)
+
+
 def _parity_validate(seq_len: int, vocab: int, cfg: Any) -> None:
     if vocab < 5:
         raise TaskError(f"parity needs model.vocab_size >= 5, got {vocab}")
@@ -166,6 +190,10 @@ def _parity_sample(rng: np.random.Generator, seq_len: int, vocab: int, cfg: Any)
     labels = np.full(seq_len, -100, dtype=np.int64)
     labels[1 : 2 * n : 2] = par + 3
     return ids, labels
+
+
+def _parity_space(seq_len: int, vocab: int, cfg: Any) -> int:
+    return 2 ** (seq_len // 2)
 
 
 def _khop_hops(cfg: Any) -> int:
@@ -241,6 +269,12 @@ def _khop_sample(rng: np.random.Generator, seq_len: int, vocab: int, cfg: Any) -
     return ids, labels
 
 
+def _khop_space(seq_len: int, vocab: int, cfg: Any) -> int:
+    """(N - 1)! cycles, N! orders of the pairs, N! orders of the queries."""
+    n = _khop_nodes(seq_len, vocab, cfg)
+    return math.factorial(n - 1) * math.factorial(n) ** 2
+
+
 def _khop_chance(vocab: int, cfg: Any) -> float:
     """Query i of N (0-based) is answered by guessing among N - i - 1 nodes (not the query,
     not the i earlier answers), or N - i when the query is itself an earlier answer
@@ -248,6 +282,26 @@ def _khop_chance(vocab: int, cfg: Any) -> float:
     n = max(2, _khop_nodes(getattr(cfg, "seq_len", 128), vocab, cfg))
     harmonic = sum(1.0 / j for j in range(1, n + 1))
     return (harmonic - 1.0) / (n - 1) + 1.0 / n
+
+
+#: the most samples a built-in task holds out for eval (``Task.heldout``)
+HELDOUT = 4096
+
+
+def sample_key(ids: np.ndarray) -> bytes:
+    """What identifies a sample: a 128-bit digest of its token ids (which define its labels)."""
+    return hashlib.blake2b(np.ascontiguousarray(ids, dtype=np.int64).tobytes(), digest_size=16).digest()
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """A task's held-out set (``Task.heldout``): ``ids`` / ``labels`` [n, seq_len] of n distinct samples,
+    ``keys`` their ``sample_key``s (what the training stream redraws), ``space`` the task's distinct samples."""
+
+    ids: Tensor
+    labels: Tensor
+    keys: frozenset[bytes]
+    space: int
 
 
 @dataclass(frozen=True)
@@ -259,24 +313,68 @@ class Task:
     chance: Callable[[int, Any], float]
     #: the train settings its samples read besides seq_len (``TaskStream.state``: what a resumed run compares)
     settings: tuple[str, ...] = ()
+    #: its number of distinct samples at (seq_len, vocab, cfg) (every sample has positive probability)
+    space: Callable[[int, int, Any], int] = lambda seq_len, vocab, cfg: 1 << 64
+
+    def setting(self, seq_len: int, vocab: int, cfg: Any) -> str:
+        """The settings a message names: ``parity at seq_len 16``, ``mqar at seq_len 8, vocab_size 6``."""
+        parts = [f"seq_len {seq_len}"] + ([f"vocab_size {vocab}"] if self.name != "parity" else [])
+        parts += [f"{k} {getattr(cfg, k)}" for k in self.settings if getattr(cfg, k, None) is not None]
+        return f"{self.name} at {', '.join(parts)}"
+
+    def heldout_size(self, seq_len: int, vocab: int, cfg: Any) -> int:
+        """How many distinct samples are held out: ``HELDOUT``, or a quarter of a smaller space (so
+        that training keeps most of it and a redraw ends soon)."""
+        return min(HELDOUT, self.space(seq_len, vocab, cfg) // 4)
+
+    def check(self, seq_len: int, vocab: int, cfg: Any) -> None:
+        """``validate``, and a space too small to hold any sample out (``TaskError``, one line)."""
+        self.validate(seq_len, vocab, cfg)
+        if self.heldout_size(seq_len, vocab, cfg) < 1:
+            raise TaskError(f"{self.setting(seq_len, vocab, cfg)} has {self.space(seq_len, vocab, cfg)} distinct "
+                            "samples: too few to hold one out for eval that training never sees (need 4; raise "
+                            "seq_len)")
+
+    def heldout(self, seed: int, seq_len: int, vocab: int, cfg: Any) -> HeldOut:
+        """The held-out set: the first ``heldout_size`` distinct samples of the eval stream (sample i
+        drawn from ``default_rng([seed, 1, i])``; a repeat of an earlier one is skipped)."""
+        n = self.heldout_size(seq_len, vocab, cfg)
+        keys: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
+        i = 0
+        while len(keys) < n:  # (n <= space / 4 distinct samples, each of positive probability: it ends)
+            ids, labels = self.sample(np.random.default_rng([seed, 1, i]), seq_len, vocab, cfg)
+            keys.setdefault(sample_key(ids), (ids, labels))
+            i += 1
+        rows = list(keys.values())
+        return HeldOut(torch.from_numpy(np.stack([r[0] for r in rows])),
+                       torch.from_numpy(np.stack([r[1] for r in rows])), frozenset(keys),
+                       self.space(seq_len, vocab, cfg))
 
     def batch(self, indices: "range | list[int]", seed: int, seq_len: int, vocab: int, cfg: Any,
-              stream: int = 0) -> tuple[Tensor, Tensor]:
+              stream: int = 0, exclude: "frozenset[bytes] | None" = None) -> tuple[Tensor, Tensor]:
         """The samples with these global indices: [B, seq_len] ids and labels (int64).
 
-        ``stream`` separates independent streams of one seed (0 = train, 1 = eval)."""
-        ids, labels = zip(*(self.sample(np.random.default_rng([seed, stream, i]), seq_len, vocab, cfg)
-                            for i in indices))
-        return torch.from_numpy(np.stack(ids)), torch.from_numpy(np.stack(labels))
+        ``stream`` separates independent streams of one seed (0 = train, 1 = eval). ``exclude``
+        (``HeldOut.keys``): a sample whose key is in it is redrawn from its own generator until it is
+        not (the first draw stands where it is not: the stream is unchanged where nothing collides)."""
+        out = []
+        for i in indices:
+            rng = np.random.default_rng([seed, stream, i])
+            ids, labels = self.sample(rng, seq_len, vocab, cfg)
+            while exclude and sample_key(ids) in exclude:  # (check: a quarter of the space at most is held out)
+                ids, labels = self.sample(rng, seq_len, vocab, cfg)
+            out.append((ids, labels))
+        return torch.from_numpy(np.stack([o[0] for o in out])), torch.from_numpy(np.stack([o[1] for o in out]))
 
 
 TASKS: dict[str, Task] = {
     "mqar": Task("mqar", "multi-query associative recall", _mqar_validate, _mqar_sample,
-                 lambda vocab, cfg: 1.0 / (vocab - vocab // 2), ("mqar_pairs",)),
+                 lambda vocab, cfg: 1.0 / (vocab - vocab // 2), ("mqar_pairs",), _mqar_space),
     "selective_copy": Task("selective_copy", "copy the data tokens scattered among noise",
-                           _copy_validate, _copy_sample, lambda vocab, cfg: 1.0 / (vocab - 3), ("copy_tokens",)),
+                           _copy_validate, _copy_sample, lambda vocab, cfg: 1.0 / (vocab - 3), ("copy_tokens",),
+                           _copy_space),
     "parity": Task("parity", "running parity of a bit stream", _parity_validate, _parity_sample,
-                   lambda vocab, cfg: 0.5),
+                   lambda vocab, cfg: 0.5, (), _parity_space),
     "khop": Task("khop", "k-hop pointer chasing on a random cycle", _khop_validate, _khop_sample, _khop_chance,
-                 ("khop_hops", "khop_nodes")),
+                 ("khop_hops", "khop_nodes"), _khop_space),
 }
