@@ -132,6 +132,8 @@ def main() -> None:
     stream = ReasoningStream(args.task, r.model.vocab_size, seed=args.seed, **params)
     total = args.vae_steps + args.flow_steps
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({platform.machine()})"
+    # the held-out questions (never trained on; fewer than --eval-size where the task has few questions)
+    args.eval_size = min(args.eval_size, stream.n_eval())
     seg = {k: v.to(args.device) for k, v in stream.eval(range(args.eval_size)).items()}
     meta = {"device": device, "torch": torch.__version__, "recipe": d, "task": args.task, "task_params": stream.params,
             "vae_steps": args.vae_steps, "flow_steps": args.flow_steps, "flow_muon_lr": args.flow_muon_lr,

@@ -290,9 +290,13 @@ def test_stream_for_a_task():
     assert torch.equal(again["full"][0], tr["full"][2])
     ev = s.eval(range(4, 8))
     assert not torch.equal(ev["full"], tr["full"])
-    assert s.train_examples([4]) == [sample("chain_arith", 5, 4, 16, steps=2)]
-    assert s.eval_examples([4]) == [sample("chain_arith", 5, 4, 16, stream=1, steps=2)]
-    assert s.n_eval() is None and s.chance == pytest.approx(0.1)
+    held = {e.question for e in s.eval_examples(range(s.n_eval()))}
+    for i in range(20):  # the first draw of [seed, 0, i] unless its question is held out; then a redraw
+        first, got = sample("chain_arith", 5, i, 16, steps=2), s.train_examples([i])[0]
+        assert got == first if first.question not in held else got.question not in held
+    # 2 steps mod 10: 10 * 14^2 = 1960 distinct questions, a quarter of them held out
+    assert s.n_eval() == 490 and s.chance == pytest.approx(0.1)
+    assert s.eval_examples([0]) == [sample("chain_arith", 5, 0, 16, stream=1, steps=2)]
     assert s.state() == {"kind": "reasoning_task", "name": "chain_arith", "params": {"steps": 2, "modulus": 10, "ops": "+*"}}
     with pytest.raises(TaskError, match="needs vocab_size >= 15"):
         ReasoningStream("chain_arith", vocab_size=8)
@@ -362,3 +366,35 @@ def test_a_jsonl_example_refused_at_open_is_named_by_its_line(tmp_path):
     with pytest.raises(DataError) as e:
         ReasoningStream(str(p), vocab_size=150)
     assert str(e.value) == f"{p}:5: example 3 has token id 195, outside the model's vocab_size 150"
+
+
+@pytest.mark.parametrize("name,params,n_train", [
+    ("chain_arith", {}, 14_400),  # the defaults: 10 * 14^3 = 27,440 questions; 51% of the old eval rows were here
+    ("chain_arith", {"steps": 1}, 2000),  # 140 questions
+    ("chain_pointer", {"hops": 1, "nodes": 3}, 2000),  # 2 cycles * 3! orders * 3 queries = 36
+])
+def test_no_held_out_question_is_ever_a_training_question(name, params, n_train):
+    """Eval reads a fixed held-out set of distinct questions that the training stream never draws: before, eval
+    drew from another seed of the same space, and at chain_arith's defaults half of its questions were among the
+    first 14,400 training ones (eval accuracy partly measured memorisation)."""
+    s = ReasoningStream(name, vocab_size=32, seed=0, **params)
+    n = s.n_eval()
+    assert n is not None and n >= 1
+    held = [e.question for e in s.eval_examples(range(n))]
+    assert len(set(held)) == n
+    train = {e.question for e in s.train_examples(range(n_train))}
+    assert not set(held) & train and len(train) > 1
+    assert s.eval_examples([n + 2]) == s.eval_examples([2])  # past the set: around again (the trainer caps)
+    # a sample is redrawn from its own generator: the same whichever batch draws it
+    assert s.train_examples(range(40, 50)) == [s.train_examples([i])[0] for i in range(40, 50)]
+
+
+def test_a_small_question_space_is_said_and_one_too_small_is_refused():
+    s = ReasoningStream("chain_arith", vocab_size=16, seed=0, steps=1)
+    assert s.n_eval() == 35 and s.note == (
+        "note: chain_arith at steps 1, modulus 10, ops '+*' has 140 distinct questions: 35 of them (25%) are held "
+        "out for eval and never trained on (training draws from the rest)")
+    assert ReasoningStream("chain_pointer", vocab_size=32, seed=0).note is None  # 7! * 8! * 8 questions
+    with pytest.raises(TaskError, match=r"^chain_arith at steps 1, modulus 2, ops '\*' has 2 distinct questions: "
+                                        r"too few"):
+        ReasoningStream("chain_arith", vocab_size=16, steps=1, modulus=2, ops="*")

@@ -528,6 +528,7 @@ class ReasoningBatches:
         self.chance = self.inner.chance
         self.end_id = self.inner.end_id  # the id that ends the answers (the trainer's generation_config.json)
         self.description = self.inner.description
+        self.note = self.inner.note  # a built-in task whose held-out questions are 1% or more of them (logged)
 
     @staticmethod
     def _batch(d: dict) -> Batch:

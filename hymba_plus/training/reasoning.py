@@ -16,6 +16,12 @@ Sources:
     reasoning ``f(q) f^2(q) ... f^k(q)`` (every hop, ``hops`` tokens, the last equals the
     answer value); answer ``f^k(q) EOS``.
 
+  Eval reads a fixed held-out set, the first ``min(HELDOUT, S // 4)`` distinct questions of
+  the eval stream (S the task's distinct questions at its parameters, ``ReasoningTask.space``),
+  and a training example whose question is one of them is redrawn from its own generator
+  until it is not (no draw is spent where nothing collides), as the next-token tasks do
+  (``tasks.py``): held-out accuracy never scores a question the model was trained on.
+
 * a JSONL file (``load_jsonl``) of ``{"question": str, "reasoning": str, "answer": str}``
   lines, each field encoded with the tokenizer; the tokenizer's EOS id (when it has one)
   is appended to the answer. No separator is inserted between the fields: put one in the
@@ -49,7 +55,7 @@ from torch import Tensor
 
 from . import tokenizer as tokmod
 from .data import BOM, DataError
-from .tasks import TaskError
+from .tasks import HELDOUT, TaskError, sample_key
 
 PAD, EOS, SEP = 0, 1, 2
 PLUS, TIMES = 3, 4  # chain_arith operators
@@ -115,6 +121,13 @@ def _arith_sample(rng: np.random.Generator, vocab: int, p: dict[str, Any]) -> Re
     return ReasoningExample(tuple(question), tuple(chain), (FIRST_VALUE + v, EOS))
 
 
+def _arith_space(vocab: int, p: dict[str, Any]) -> int:
+    """The start value, then per step an operator and its operand (m for ``+``, the units for ``*``)."""
+    m = p["modulus"]
+    per_step = sum(m if op == "+" else len(_units(m)) for op in p["ops"])
+    return m * per_step ** p["steps"]
+
+
 def _pointer_validate(vocab: int, p: dict[str, Any]) -> None:
     k = _int_param("chain_pointer", "hops", p["hops"], 1)
     n = _int_param("chain_pointer", "nodes", p["nodes"], 2)
@@ -144,6 +157,12 @@ def _pointer_sample(rng: np.random.Generator, vocab: int, p: dict[str, Any]) -> 
     return ReasoningExample(tuple(question), tuple(chain), (chain[-1], EOS))
 
 
+def _pointer_space(vocab: int, p: dict[str, Any]) -> int:
+    """(N - 1)! cycles, N! orders of the pairs, N queries."""
+    n = p["nodes"]
+    return math.factorial(n - 1) * math.factorial(n) * n
+
+
 @dataclass(frozen=True)
 class ReasoningTask:
     name: str
@@ -154,16 +173,28 @@ class ReasoningTask:
     chance: Callable[[int, dict[str, Any]], float]
     #: the parameters that ``train.chain_steps`` / ``train.chain_values`` set
     train_keys: tuple[str, str] = ("steps", "modulus")
+    #: its number of distinct questions at (vocab, parameters) (each of positive probability)
+    space: Callable[[int, dict[str, Any]], int] = lambda vocab, p: 1 << 64
 
 
 REASONING_TASKS: dict[str, ReasoningTask] = {
     "chain_arith": ReasoningTask("chain_arith", "multi-step modular arithmetic",
                                  {"steps": 3, "modulus": 10, "ops": "+*"}, _arith_validate, _arith_sample,
-                                 lambda vocab, p: 1.0 / p["modulus"]),
+                                 lambda vocab, p: 1.0 / p["modulus"], space=_arith_space),
     "chain_pointer": ReasoningTask("chain_pointer", "k-hop pointer chasing, every hop in the chain",
                                    {"hops": 3, "nodes": 8}, _pointer_validate, _pointer_sample,
-                                   lambda vocab, p: 1.0 / (p["nodes"] - 1), ("hops", "nodes")),
+                                   lambda vocab, p: 1.0 / (p["nodes"] - 1), ("hops", "nodes"), _pointer_space),
 }
+
+
+def question_key(e: ReasoningExample) -> bytes:
+    """What identifies a built-in task's example: its question (the reasoning and answer follow from it)."""
+    return sample_key(np.asarray(e.question, dtype=np.int64))
+
+
+def setting(name: str, p: dict[str, Any]) -> str:
+    """``chain_arith at steps 3, modulus 10, ops '+*'``: what a message names."""
+    return f"{name} at " + ", ".join(f"{k} {v!r}" for k, v in p.items())
 
 
 def _task(name: str) -> ReasoningTask:
@@ -202,11 +233,40 @@ def sample(name: str, seed: int, index: int, vocab_size: int, *, stream: int = 0
 
 
 def samples(name: str, seed: int, indices: Iterable[int], vocab_size: int, *, stream: int = 0,
-            **params: Any) -> list[ReasoningExample]:
-    """``sample`` for several global indices (parameters validated once)."""
+            exclude: frozenset[bytes] | None = None, **params: Any) -> list[ReasoningExample]:
+    """``sample`` for several global indices (parameters validated once). ``exclude`` (``question_key``s:
+    the held-out questions): an example whose question is in it is redrawn from its own generator until
+    it is not (the first draw stands where it is not)."""
     p = task_params(name, vocab_size, **params)
     task = REASONING_TASKS[name]
-    return [task.sample(np.random.default_rng([seed, stream, i]), vocab_size, p) for i in indices]
+    out = []
+    for i in indices:
+        rng = np.random.default_rng([seed, stream, i])
+        e = task.sample(rng, vocab_size, p)
+        while exclude and question_key(e) in exclude:  # (a quarter of the questions at most are held out)
+            e = task.sample(rng, vocab_size, p)
+        out.append(e)
+    return out
+
+
+def heldout(name: str, seed: int, vocab_size: int, **params: Any) -> list[ReasoningExample]:
+    """The held-out set of a built-in task: the first ``min(HELDOUT, S // 4)`` distinct questions of the
+    eval stream (example i drawn from ``default_rng([seed, 1, i])``; a repeated question is skipped),
+    S its distinct questions (``ReasoningTask.space``); ``TaskError`` (one line) where S < 4."""
+    p = task_params(name, vocab_size, **params)
+    task = REASONING_TASKS[name]
+    space = task.space(vocab_size, p)
+    n = min(HELDOUT, space // 4)
+    if n < 1:
+        raise TaskError(f"{setting(name, p)} has {space} distinct questions: too few to hold one out for eval that "
+                        "training never sees (need 4)")
+    keys: dict[bytes, ReasoningExample] = {}
+    i = 0
+    while len(keys) < n:  # (n <= S / 4 distinct questions, each of positive probability: it ends)
+        e = task.sample(np.random.default_rng([seed, 1, i]), vocab_size, p)
+        keys.setdefault(question_key(e), e)
+        i += 1
+    return list(keys.values())
 
 
 def answer_chance(name: str, vocab_size: int, **params: Any) -> float:
@@ -355,10 +415,13 @@ class ReasoningStream:
     """Train / eval batches (``collate`` dicts) by global sample indices, for a built-in
     task name or a JSONL file.
 
-    * Task: sample i of stream s (0 train, 1 eval) is ``sample(name, seed, i, vocab_size,
-      stream=s, **params)``; unlimited eval (``n_eval() is None``); ``chance`` is
-      ``answer_chance``; ``end_id`` is ``EOS``, which ends every answer (the token-id tokenizer
-      names no end token: the trainer writes it into the checkpoints' ``generation_config.json``).
+    * Task: training example i is ``sample(name, seed, i, vocab_size, **params)``, redrawn from
+      its generator while its question is held out; eval index i is held-out example i mod
+      ``n_eval()`` (``heldout``: distinct questions of stream 1 that training never draws);
+      ``note``: one line when they are 1% or more of the task's questions (the trainer logs it);
+      ``chance`` is ``answer_chance``; ``end_id`` is ``EOS``, which ends every answer (the
+      token-id tokenizer names no end token: the trainer writes it into the checkpoints'
+      ``generation_config.json``).
     * JSONL file (read with ``tokenizer``, default bytes): the *last* ``val_frac`` of the
       file's examples (``train.val_frac``, 5% by default, at least 1; the class alone defaults to 10%) are held out for eval, the rest are the
       training set (at least 1, so a file needs >= 2 examples). Training visits them once
@@ -375,9 +438,17 @@ class ReasoningStream:
         self.reserve = reserve
         self._perm: dict[int, np.ndarray] = {}
         self._content: str | None = None  # (``content``)
+        self.note: str | None = None
         if isinstance(data, str) and data in REASONING_TASKS:
             self.kind, self.name = "task", data
             self.params = task_params(data, vocab_size, **params)
+            self.heldout = heldout(data, self.seed, vocab_size, **params)
+            self.heldout_keys = frozenset(question_key(e) for e in self.heldout)
+            n, space = len(self.heldout), REASONING_TASKS[data].space(self.vocab_size, self.params)
+            if 100 * n >= space:
+                self.note = (f"note: {setting(data, self.params)} has {space:,} distinct questions: {n:,} of them "
+                             f"({n / space:.0%}) are held out for eval and never trained on (training draws from "
+                             "the rest)")
             self.tokenizer = tokenizer or tokmod.IdsTokenizer(self.vocab_size)
             self.chance: float | None = answer_chance(data, vocab_size, **params)
             self.end_id: int | None = EOS  # (ends every answer)
@@ -385,7 +456,7 @@ class ReasoningStream:
             self.n_train = 0
             self.n_val = 0
             self.description = (f"reasoning task {data} ({REASONING_TASKS[data].doc}; "
-                                f"chance answer accuracy {self.chance:.3f})")
+                                f"chance answer accuracy {self.chance:.3f}; {n:,} held out)")
             # a task's examples all have one length: refused now, not when the first batch is made
             problem = too_long(samples(data, self.seed, [0], vocab_size, **params)[0], max_len, reserve) \
                 if max_len is not None else None
@@ -427,7 +498,8 @@ class ReasoningStream:
 
     def train_examples(self, indices: Iterable[int]) -> list[ReasoningExample]:
         if self.kind == "task":
-            return samples(self.name, self.seed, indices, self.vocab_size, stream=0, **self.params)
+            return samples(self.name, self.seed, indices, self.vocab_size, stream=0, exclude=self.heldout_keys,
+                           **self.params)
         out = []
         for c in indices:
             e, k = divmod(int(c), self.n_train)
@@ -436,7 +508,7 @@ class ReasoningStream:
 
     def eval_examples(self, indices: Iterable[int]) -> list[ReasoningExample]:
         if self.kind == "task":
-            return samples(self.name, self.seed, indices, self.vocab_size, stream=1, **self.params)
+            return [self.heldout[int(i) % len(self.heldout)] for i in indices]
         return [self.examples[self.n_train + int(i) % self.n_val] for i in indices]
 
     def train(self, indices: Iterable[int]) -> dict[str, Tensor]:
@@ -446,7 +518,7 @@ class ReasoningStream:
         return collate(self.eval_examples(indices), self.max_len, self.reserve)
 
     def n_eval(self) -> int | None:
-        return None if self.kind == "task" else self.n_val
+        return len(self.heldout) if self.kind == "task" else self.n_val
 
     def state(self) -> dict[str, Any]:
         if self.kind == "task":
