@@ -342,9 +342,12 @@ def test_eval_is_per_row_so_the_batch_split_and_the_repeats_do_not_matter(stage)
 
     whole, a, b = run(exs, 10), run(exs[:2], 10), run(exs[2:], 12)
     assert whole[0] == pytest.approx((a[0] + b[0]) / 2, rel=1e-5)
-    assert whole[1:3] == (a[1] + b[1], a[2] + b[2]) and whole[2] == 8
+    assert whole[1:3] == (a[1] + b[1], a[2] + b[2]) and whole[2] == 4  # answers scored (rows)
+    tokens = [obj.eval_sums(r[3]) for r in (whole, a, b)]  # and their tokens (eval_answer_token_accuracy)
+    assert tokens[0] == {k: tokens[1][k] + tokens[2][k] for k in tokens[0]} and tokens[0]["answer_tokens"] == 8
     wrapped = run(exs[2:] + exs[2:], 12, unique=2)  # rows 2, 3 and then their repeats
     assert wrapped[0] == pytest.approx(b[0], rel=1e-5) and wrapped[1:3] == b[1:3]
+    assert obj.eval_sums(wrapped[3]) == tokens[2]
     assert run(exs[:2], 10, unique=0)[1:3] == (0, 0)
 
 
@@ -660,3 +663,47 @@ def test_a_run_without_data_trains_on_the_builtin_reasoning_task(tmp_path, capsy
     err = capsys.readouterr().err
     assert rc == 0, err
     assert "mqar" not in err
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("stage", ["vae", "flow"])
+def test_eval_accuracy_is_the_answer_value_whose_chance_the_plot_draws(stage) -> None:
+    """chain_arith's eval_accuracy scored every answer token, the end token (always predictable) included, so
+    a model guessing the value at chance scored ~0.55 against the plot's chance line 0.100 (1 / modulus), and
+    one that only ever wrote the end token 0.5. Now eval_accuracy is the answer value's (every answer token but
+    the stream's end token right, per held-out row), the metric whose chance ``stream.chance`` is; the token
+    accuracy is kept as eval_answer_token_accuracy."""
+    from hymba_plus.objectives.ladir import LaDiRObjective, LaDiRObjectiveConfig
+    from hymba_plus.training.config import TrainConfig
+    from hymba_plus.training.data import ReasoningBatches
+    from hymba_plus.training.reasoning import EOS
+
+    torch.manual_seed(0)
+    m = build_model(recipe()).eval()
+    stream = ReasoningBatches("chain_arith", V, 0, TrainConfig(), None, 96, reserve=3)
+    assert stream.chance == pytest.approx(0.1)
+    obj = LaDiRObjective(LaDiRObjectiveConfig())
+    obj.configure(TrainConfig(ladir_stage=stage))
+    b = stream.eval(range(8))
+
+    def scores() -> tuple[int, int, dict]:
+        _, c, t, out = obj.eval_batch(None, m, b.input_ids, b.scored_labels(), seed=0, batch=b)
+        return c, t, obj.eval_results(obj.eval_sums(out))
+
+    hook = m.lm_head.register_forward_hook(lambda mod, inp, out: out.index_fill(-1, torch.tensor([EOS]), 1e4))
+    assert scores() == (0, 8, {"answer_token_accuracy": 0.5})  # the end token alone: no answer value right
+    hook.remove()
+    values = b.segments["answer"][:, 0]  # a model that writes each row's answer value, then the end token
+
+    def oracle(mod, inp, out):  # noqa: ANN001, ANN202 - the answer pass: [question, slots, answer] positions
+        out = out.clone()
+        if out.shape[1] == b.segments["question"].shape[1] + 3 + 2:
+            out[:, -3, :] = 0.0
+            out[torch.arange(8), -3, values] = 1e4
+            out[:, -2, :] = 0.0
+            out[:, -2, EOS] = 1e4
+        return out
+
+    hook = m.lm_head.register_forward_hook(oracle)
+    assert scores() == (8, 8, {"answer_token_accuracy": 1.0})
+    hook.remove()

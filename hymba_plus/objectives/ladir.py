@@ -16,9 +16,13 @@ Under gradient accumulation every micro-batch weighs alike (``Objective.train_it
 rows): the loss sums means over other denominators (reasoning tokens, answer tokens, rows for the
 KL, rows x slots x latent dims for the flow), which a token count would reweigh against each other.
 
-Held-out: the stage's loss; accuracy is the answer's tokens, teacher-forced after the slots
-of the posterior mean (``vae``) or of latents sampled by the flow without Prophet
-(``flow`` / ``joint``), so it measures answering *through* the latents.
+Held-out: the stage's loss; ``eval_accuracy`` is the answer value's (a row counts when every
+answer token but the end token that closes it, ``value_mask``, is right: the built-in tasks'
+one value token, whose chance is the stream's ``chance``, 1 / modulus for ``chain_arith``),
+teacher-forced after the slots of the posterior mean (``vae``) or of latents sampled by the
+flow without Prophet (``flow`` / ``joint``), so it measures answering *through* the latents;
+``eval_answer_token_accuracy`` is the accuracy over every answer token, the end token included
+(which a model learns at once: at chance on the value it is ~0.55 on ``chain_arith``).
 """
 
 from __future__ import annotations
@@ -101,6 +105,17 @@ class LaDiRObjective(Objective):
             if self.stage == "joint":
                 loss = loss + lad.vae_loss(model, seg, generator=g, per_row=True)[0]
             z, _ = lad.sample(model, q, qm, prophet=False, generator=g)
-        _, correct = lad.segment_loss(model, z, q, qm, seg["answer"], seg["answer_mask"], kind="answer", per_row=True)
-        scored = int(seg["answer_mask"][:n].sum())
-        return float(loss[:n].mean()), int(correct[:n].sum()), scored, ModelOutput(logits=ids.new_zeros(0))
+        am = seg["answer_mask"]
+        _, hits = lad.segment_loss(model, z, q, qm, seg["answer"], am, kind="answer", per_row=True, per_token=True)
+        vm = seg.get("value_mask", am)[:n]  # (without one, e.g. a collate of another caller's: the whole answer)
+        hits, am = hits[:n], am[:n]
+        valued = vm.any(1)
+        right = int(((hits | ~vm).all(1) & valued).sum())
+        stats = {"answer_tokens_correct": int(hits.sum()), "answer_tokens": int(am.sum())}
+        return float(loss[:n].mean()), right, int(valued.sum()), ModelOutput(logits=ids.new_zeros(0), stats=stats)
+
+    def eval_sums(self, out: Any) -> dict[str, float]:
+        return {k: float(out.stats[k]) for k in ("answer_tokens_correct", "answer_tokens")}
+
+    def eval_results(self, sums: dict[str, float]) -> dict[str, float]:
+        return {"answer_token_accuracy": sums["answer_tokens_correct"] / max(sums["answer_tokens"], 1.0)}

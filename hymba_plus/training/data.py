@@ -530,9 +530,16 @@ class ReasoningBatches:
         self.description = self.inner.description
         self.note = self.inner.note  # a built-in task whose held-out questions are 1% or more of them (logged)
 
-    @staticmethod
-    def _batch(d: dict) -> Batch:
-        return Batch(d["full"], d["labels"], segments=d)
+    def _batch(self, d: dict) -> Batch:
+        """``segments`` also holds ``value_mask``: the answer tokens but a last one that is the end id
+        (``end_id``): what the held-out answer accuracy scores (``objectives/ladir.py``)."""
+        am = d["answer_mask"]
+        vm = am.clone()
+        if self.end_id is not None:
+            last = (am.sum(1) - 1).clamp(min=0)
+            rows = torch.arange(am.shape[0])
+            vm[rows, last] &= d["answer"][rows, last] != self.end_id
+        return Batch(d["full"], d["labels"], segments={**d, "value_mask": vm})
 
     def train(self, indices: range) -> Batch:
         return self._batch(self.inner.train(indices))
