@@ -137,6 +137,76 @@ def test_text_stream_split_epochs_and_positions(tmp_path):
     assert torch.equal(again.train(range(n_tr + 5, n_tr + 9)).input_ids, stream.train(range(n_tr + 5, n_tr + 9)).input_ids)
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17, 100, 255, 256, 257, 1000, 4099])
+def test_window_order_is_a_permutation_of_every_size(n):
+    """``window_order`` is a bijection of [0, n) for any n (the Feistel network on 4^h >= n values,
+    walked below n), the same for the same keys, another one for another epoch's keys."""
+    from hymba_plus.training.data import window_order
+
+    keys = np.random.default_rng(0).integers(0, 2**63, size=4, dtype=np.uint64)
+    order = window_order(np.arange(n), n, keys)
+    assert order.dtype == np.int64 and np.array_equal(np.sort(order), np.arange(n))
+    assert np.array_equal(window_order(np.arange(n), n, keys), order)
+    assert np.array_equal(window_order(np.arange(n)[::-1].copy(), n, keys), order[::-1])  # position by position
+    if n >= 16:
+        other = np.random.default_rng(1).integers(0, 2**63, size=4, dtype=np.uint64)
+        assert not np.array_equal(window_order(np.arange(n), n, other), order)
+
+
+def test_text_order_is_shuffled_not_an_arithmetic_progression(tmp_path):
+    """The epoch order was ``(a k + b) mod n``: every batch an arithmetic progression of windows, the step
+    between consecutive samples the same all epoch (and with a = 1 the corpus in order). The Feistel order
+    has no such structure: consecutive steps take many values, and windows next to each other in the corpus
+    land far apart in the epoch on average."""
+    from hymba_plus.training.data import window_order
+
+    n = 5000
+    keys = np.random.default_rng([0, 3, 0]).integers(0, 2**63, size=4, dtype=np.uint64)
+    order = window_order(np.arange(n), n, keys)
+    steps = np.diff(order) % n
+    assert len(np.unique(steps)) > n // 2  # an affine order has exactly one
+    where = np.empty(n, dtype=np.int64)
+    where[order] = np.arange(n)
+    gap = np.abs(np.diff(where)).mean()  # corpus neighbours' distance in the epoch: n / 3 for a random order
+    assert n / 4 < gap < n / 2.4
+    # on a real stream: two epochs in two different orders, each a permutation of the training windows
+    (tmp_path / "t.txt").write_text(TEXT)
+    prepare(tmp_path / "t.txt", tmp_path / "s", shard_tokens=700)
+    stream = TextStream(TokenShards(tmp_path / "s"), seq_len=8, seed=0, val_frac=0.1)
+    n_tr = stream.n_train
+    first, second = (stream.train(range(e * n_tr, (e + 1) * n_tr)).input_ids for e in (0, 1))
+    assert not torch.equal(first, second)
+    assert sorted(map(tuple, first.tolist())) == sorted(map(tuple, second.tolist()))
+
+
+def test_a_checkpoint_of_the_affine_order_resumes_on_it(tmp_path, capsys):
+    """A run from before the Feistel order (its data state has no ``order``) resumes in the order it was
+    trained in: the resumed run's windows are the ones the old uninterrupted run would have seen (said in one
+    line); a new run's checkpoint names its order."""
+    text = tmp_path / "t.txt"
+    text.write_text("".join(f"line {i} of some text to cut into windows\n" for i in range(400)))
+    recipe = str(Path(__file__).resolve().parents[1] / "configs" / "gpt_tiny.yaml")
+    common = ["--data", str(text), "--steps", "4", "--batch-size", "2", "--seq-len", "16", "--no-progress",
+              "--device", "cpu", "--eval-every", "100"]
+    out = tmp_path / "run"
+    assert main(["train", recipe, "--out", str(out), "--stop-after", "2", *common]) == 0
+    state_file = out / "step-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["data"]["order"] == "feistel"
+    del state["data"]["order"]  # as an earlier version wrote it
+    state_file.write_text(json.dumps(state))
+    capsys.readouterr()
+    seen = []
+    real = TextStream.train
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TextStream, "train", lambda self, idx: seen.append((self.order, idx)) or real(self, idx))
+        assert main(["train", recipe, "--out", str(out), "--resume", *common]) == 0
+    err = capsys.readouterr().err
+    assert "visits the windows in the affine order of an earlier version: kept" in err
+    assert seen and {o for o, _ in seen} == {"affine"}
+    assert json.loads((out / "step-4" / "trainer_state.json").read_text())["data"]["order"] == "affine"
+
+
 def test_open_stream_caches_text_and_checks_vocab(tmp_path):
     (tmp_path / "t.txt").write_text(TEXT)
     cfg = TrainConfig()

@@ -14,8 +14,11 @@ stream the uninterrupted run would have seen.
 
 Text: every shard is cut into non-overlapping windows of ``seq_len`` tokens; the last
 ``val_frac`` of the windows (at least one) are held out for eval perplexity, the rest are
-visited once per epoch in a pseudo-random order (an affine permutation
-``j = (a * k + b) mod n`` with ``gcd(a, n) = 1`` drawn per epoch: O(1) memory).
+visited once per epoch in a pseudo-random order: a keyed permutation of ``[0, n)`` drawn per
+epoch, O(1) memory (``window_order``: a 4-round Feistel network on the smallest even-width bit
+domain holding n, walked until it lands below n -- the format-preserving-encryption construction;
+Luby-Rackoff). Checkpoints of runs that used the earlier order (``j = (a k + b) mod n``, an
+arithmetic progression per batch) resume on that order (``TextStream.order``).
 """
 
 from __future__ import annotations
@@ -611,6 +614,40 @@ class TaskStream:
                 "params": {"seq_len": self.seq_len, **{k: getattr(self.cfg, k, None) for k in self.task.settings}}}
 
 
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser (Steele et al. 2014), uint64 -> uint64, element-wise (wrapping products)."""
+    x = (x ^ (x >> np.uint64(30))) * _MIX1
+    x = (x ^ (x >> np.uint64(27))) * _MIX2
+    return x ^ (x >> np.uint64(31))
+
+
+def window_order(k: np.ndarray, n: int, keys: np.ndarray) -> np.ndarray:
+    """Positions ``k`` (int64, each in ``[0, n)``) of a keyed pseudo-random permutation of ``[0, n)``:
+    a balanced Feistel network of ``len(keys)`` rounds (round function: splitmix64 of the half and
+    the round's key) permutes the 2h-bit domain, ``4^h >= n``; a value that lands at or past n is
+    encrypted again until it is below n (cycle walking: still a bijection of ``[0, n)``, ~1-4 passes
+    on average). Vectorised over k; O(1) memory in n."""
+    h = max(1, ((max(n - 1, 1)).bit_length() + 1) // 2)
+    mask, shift = np.uint64((1 << h) - 1), np.uint64(h)
+
+    def encrypt(x: np.ndarray) -> np.ndarray:
+        left, right = x >> shift, x & mask
+        for key in keys:
+            left, right = right, left ^ (_mix(right ^ key) & mask)
+        return (left << shift) | right
+
+    with np.errstate(over="ignore"):
+        out = encrypt(np.asarray(k, dtype=np.uint64))
+        out_of_range = out >= np.uint64(n)
+        while out_of_range.any():
+            out[out_of_range] = encrypt(out[out_of_range])
+            out_of_range = out >= np.uint64(n)
+    return out.astype(np.int64)
+
+
 class TextStream:
     """Windows of ``seq_len`` tokens from token shards; the last ``val_frac`` held out. With
     ``vocab_size``, every batch's ids are checked below it on the CPU (a ``DataError`` naming the
@@ -642,6 +679,10 @@ class TextStream:
         self.description = (f"text {shards.path} ({shards.tokens:,} tokens; {self.n_train:,} train / "
                             f"{self.n_val:,} held-out windows of {seq_len})")
         self._perm: dict[int, tuple[int, int]] = {}
+        self._keys: dict[int, np.ndarray] = {}
+        # "feistel" (window_order); "affine" is the order of checkpoints made before it (the trainer keeps it
+        # on resume: Trainer._check_data)
+        self.order = "feistel"
 
     def _window(self, j: int) -> np.ndarray:
         s = int(np.searchsorted(self.cum, j, side="right"))
@@ -668,13 +709,27 @@ class TextStream:
         ids = torch.from_numpy(arr)
         return Batch(ids, ids.clone())
 
+    def _round_keys(self, epoch: int) -> np.ndarray:
+        if epoch not in self._keys:
+            rng = np.random.default_rng([self.seed, 3, epoch])
+            self._keys = {epoch: rng.integers(0, 2**63, size=4, dtype=np.uint64)}
+        return self._keys[epoch]
+
     def train(self, indices: range) -> Batch:
-        js = []
-        for c in indices:
-            e, k = divmod(c, self.n_train)
-            a, b = self._affine(e)
-            js.append((a * k + b) % self.n_train)
-        return self._batch(js)
+        if self.order == "affine":
+            js = []
+            for c in indices:
+                e, k = divmod(c, self.n_train)
+                a, b = self._affine(e)
+                js.append((a * k + b) % self.n_train)
+            return self._batch(js)
+        c = np.arange(indices.start, indices.stop, indices.step, dtype=np.int64)
+        epochs, k = np.divmod(c, self.n_train)
+        js = np.empty_like(c)
+        for e in np.unique(epochs):  # a batch spans at most a few epochs
+            at = epochs == e
+            js[at] = window_order(k[at], self.n_train, self._round_keys(int(e)))
+        return self._batch(js.tolist())
 
     def eval(self, indices: range) -> Batch:
         """Held-out windows ``indices``, wrapping around past the last one to fill the batch;
@@ -690,7 +745,8 @@ class TextStream:
 
     def state(self) -> dict[str, Any]:
         return {"kind": "text", "path": str(self.shards.path), "tokens": self.shards.tokens,
-                "seq_len": self.seq_len, "n_train": self.n_train, "content": self.shards.content}
+                "seq_len": self.seq_len, "n_train": self.n_train, "content": self.shards.content,
+                "order": self.order}
 
 
 def open_stream(data: str, seq_len: int, vocab_size: int, seed: int, cfg: Any, cache_dir: Path | None,

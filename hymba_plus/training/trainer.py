@@ -500,6 +500,13 @@ class Trainer:
                                  f"{Path(start) / 'tokenizer.json'} (text), or data prepared with it")
         if state is not None:  # the same data cut the same way: another split would train on held-out windows
             saved = state.get("data", {})
+            if isinstance(stream, TextStream) and saved.get("order", "affine") != stream.order:
+                # a checkpoint from before the Feistel window order (or one resumed on the old order) goes on in
+                # the order it was trained in, so the resumed run sees the windows the uninterrupted one would
+                stream.order = saved.get("order", "affine")
+                self.log(f"--data {self.cfg.data}: the checkpoint {self.resume_from} visits the "
+                         f"windows in the {stream.order} order of an earlier version: kept")
+                now = stream.state()
             diff = next((k for k in now if k not in ("kind", "path", "source", "params") and k in saved
                          and saved[k] != now[k]), None)
             # a task's settings (a curriculum): those it reads now (an earlier version's state held every task's)
