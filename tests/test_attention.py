@@ -1,6 +1,6 @@
 """gated_attn and RoPE: scaled inverse frequencies against independent formulas, partial
 rotation, the relative-position property, SDPA fast path vs masked path, GQA, windows and
-the bounded window cache."""
+the bounded window cache, and that it learns associative recall."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from hymba_plus.core.cache import StepContext
 from hymba_plus.core.positions import RopeConfig, RopeScaling, Rotary, inv_freq_and_mscale, rotary_dim
 from hymba_plus.kernels.rotary import apply_rope
 from tests.conftest import rel_err
+from tests.helpers import tiny_recipe, train_mqar
 
 # --------------------------------------------------------------------------- RoPE frequencies
 
@@ -240,6 +241,17 @@ def test_every_parameter_gets_a_gradient():
     m(x, ctx_for(2, 8, n_meta=1)).square().sum().backward()
     for name, p in m.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_learns_mqar():
+    """A 2-layer gated_attn model learns multi-query associative recall (Arora et al. 2023, arXiv
+    2312.04927): 4 key-value pairs in 32 tokens, values from 16 tokens (chance 1/16; answering a
+    value seen in the context at random gives 1/4, so the bar, 0.35, needs key -> value lookup).
+    Measured (CPU, this budget, 300 steps): seed 0 1.0; seeds 1-3 0.38-0.42 (not yet at the
+    induction-head solution at this budget: a seed finds it or not, as in test_atlas)."""
+    acc = train_mqar(tiny_recipe("GA | GA", {"gated_attn": {"n_heads": 2}}, vocab_size=32), steps=300, batch=32,
+                     seq_len=32, n_pairs=4, lr=3e-3, seed=0)
+    assert acc > 0.35, acc
 
 
 # --------------------------------------------------------------------------- the cache
