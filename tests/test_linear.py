@@ -216,3 +216,34 @@ def test_gpu_mlp_recompute_act_matches_plain(monkeypatch):
     for a, b in zip(*res):
         assert rel_err(a, b) < 1e-2
     assert kept[1] - kept[0] >= 4 * 2048 * 2816 * 2
+
+
+def test_mlp_learns_a_token_lookup_table_the_embedding_alone_cannot():
+    """The mlp's job as a key-value memory (Geva et al. 2021, arXiv 2012.14913): layers with no
+    token mixer (``-+mlp``) and tied embeddings learn next token = f(token) for a random permutation
+    f of 64 tokens. Without the mlp (``-``) the logits are the tied embedding's similarities to
+    itself, which rank the token itself first: near chance (measured 0.05 at d_model 8, 0.11 at 16);
+    with it, 1.0 after 200 steps (measured; about 0.5 s on a CPU)."""
+    V, T = 64, 16
+    f = torch.randperm(V, generator=torch.Generator().manual_seed(0))
+
+    def accuracy(ffn: str) -> float:
+        torch.manual_seed(0)
+        m = build_model({"name": "lookup", "model": {"vocab_size": V, "d_model": 16, "max_seq_len": T,
+                                                     "block_pattern": f"-+{ffn}", "ffn": "none",
+                                                     "tie_embeddings": True},
+                         "components": {"mlp": {"d_hidden": 128}}})
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.0)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(200):
+            x = torch.randint(0, V, (32, T), generator=g)
+            loss = m(x, labels=torch.cat([x[:, :1], f[x[:, :-1]]], 1)).loss  # position t predicts f(x_t)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            x = torch.arange(V).view(V // T, T)  # every token once
+            return float((m.eval()(x).logits.argmax(-1) == f[x]).float().mean())
+
+    with_mlp, without = accuracy("mlp"), accuracy("none")
+    assert with_mlp > 0.95 and without < 0.3, (with_mlp, without)
