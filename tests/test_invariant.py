@@ -292,6 +292,29 @@ def test_state_nbytes_matches_the_real_state(mixer, window):
                 assert want == real, (mixer, T)
 
 
+@pytest.mark.parametrize("ffn", registry.names("ffn"))
+@pytest.mark.parametrize("mixer", registry.names("mixer"))
+def test_every_registered_mixer_and_ffn_gives_shaped_logits_and_trains_every_parameter(mixer, ffn):
+    """Whatever is registered (a component joins this test as it lands, with its defaults at d_model 32
+    when tests/helpers.py's EVERY_COMPONENT has no entry): a two-layer model of it gives [B, T, V]
+    logits and [B, T, d] hidden states, and the training loss reaches every parameter of its blocks with a
+    finite, nonzero gradient (a parameter the forward does not use, or uses only through a detach, fails)."""
+    from tests.helpers import EVERY_COMPONENT, tiny_recipe
+
+    torch.manual_seed(0)
+    code = f"{token(mixer)}+{ffn}"
+    model = build_model(tiny_recipe(f"{code} | {code}", dict(EVERY_COMPONENT), d_model=D, vocab_size=V,
+                                    meta_tokens=2)).train()
+    ids = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(0))
+    out = model(ids, labels=ids, return_hidden=True)
+    assert out.logits.shape == (2, 9, V) and out.hidden_states.shape == (2, 9, D)
+    loss = out.loss + (out.aux_loss if out.aux_loss is not None else 0.0)
+    loss.backward()
+    for name, p in model.blocks.named_parameters():  # the components' own (without a mixer the meta tokens get none)
+        ok = p.grad is not None and bool(torch.isfinite(p.grad).all()) and float(p.grad.abs().sum()) > 0
+        assert ok, f"{mixer}+{ffn}: blocks.{name} got no finite nonzero gradient"
+
+
 # --------------------------------------------------------------------------- the window limits reach
 
 
