@@ -495,6 +495,28 @@ def test_branch_load_is_counted_and_the_bias_balances_it():
     assert first[0] == 1.0 and float(last.max()) < 0.45 and float(last.min()) > 0.2, last
 
 
+def test_branch_router_and_every_lora_factor_get_gradients():
+    """MoDr branches train through the loss: LoRA starts with B = 0 (Hu et al. 2021, arXiv
+    2106.09685 §4.1: the model starts as the base), so at first only the B factors get a gradient;
+    once B is nonzero the hard-gate router (the chosen branch's output is scaled by its softmax
+    probability) and every A factor get finite, nonzero gradients too."""
+    ids = torch.randint(0, V, (2, 8), generator=torch.Generator().manual_seed(0))
+    for b_init in (False, True):
+        torch.manual_seed(0)
+        model = build_model(_recipe(branches={"n_branches": 3, "rank": 2})).train()
+        r = model.etd_router
+        if b_init:
+            with torch.no_grad():
+                for b in r.lora_b:
+                    b.normal_(0, 0.3)
+        model(ids, labels=ids).loss.backward()
+        grads = {n: p.grad for n, p in r.named_parameters()}
+        assert grads and all(g is not None and torch.isfinite(g).all() for g in grads.values()), grads.keys()
+        nonzero = {n for n, g in grads.items() if g.abs().sum() > 0}
+        want = set(grads) if b_init else {n for n in grads if n.startswith("lora_b.")}
+        assert nonzero == want, sorted(set(grads) - nonzero)
+
+
 def test_router_losses():
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
     target = torch.tensor([0, 2])
