@@ -97,6 +97,11 @@ def test_width_mismatch_is_a_recipe_error():
 
 
 def test_learns_mqar():
+    """2 hymba layers (attention + Mamba-3 heads) on MQAR, 4 pairs in 32 tokens: chance 1/32, answering a
+    value seen in the context at random 1/4, so the bar (0.35, as mamba3's) needs key -> value recall.
+    Measured (250 steps): 0.44 / 0.42 (seeds 0 / 1); with both heads' outputs detached (untrained
+    mixers) 0.20. The former budget (150 steps) reached only 0.28 / 0.27, so its bar (0.2) sat below
+    the 1/4 of answering a seen value."""
     r = recipe(pattern="HY | HY")
-    acc = train_mqar(r, steps=150, batch=16, seq_len=32, n_pairs=4, lr=3e-3)
-    assert acc > 0.2, acc  # chance: 1/32
+    acc = train_mqar(r, steps=250, batch=16, seq_len=32, n_pairs=4, lr=3e-3)
+    assert acc > 0.35, acc
