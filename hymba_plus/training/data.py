@@ -23,6 +23,7 @@ arithmetic progression per batch) resume on that order (``TextStream.order``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -41,7 +42,7 @@ from torch import Tensor
 
 from ..core.config import brief, first_line
 from . import tokenizer as tokmod
-from .tasks import TASKS, Task
+from .tasks import TASKS, HeldOut, Task
 
 INDEX = "index.json"
 FORMAT = "hymba-shards"
@@ -580,14 +581,20 @@ class TaskStream:
         self.seed = seed
         self.cfg = cfg
         task.check(seq_len, vocab_size, cfg)
-        self.heldout = task.heldout(seed, seq_len, vocab_size, cfg)
         self.tokenizer = tokmod.IdsTokenizer(vocab_size)
         self.chance = task.chance(vocab_size, cfg)
-        n, space = len(self.heldout.keys), self.heldout.space
+        # (the held-out set itself is drawn at the first batch, ``heldout``: opening the stream stays cheap, so
+        # the run's other checks -- the model's size among them -- come before thousands of samples are drawn)
+        n, space = task.heldout_size(seq_len, vocab_size, cfg), task.space(seq_len, vocab_size, cfg)
         self.description = f"task {task.name} ({task.doc}; chance accuracy {self.chance:.3f}; {n:,} held out)"
         self.note = (f"note: {task.setting(seq_len, vocab_size, cfg)} has {space:,} distinct samples: {n:,} of them "
                      f"({n / space:.0%}) are held out for eval and never trained on (training draws from the rest)"
                      if 100 * n >= space else None)
+
+    @functools.cached_property
+    def heldout(self) -> HeldOut:
+        """The held-out set (``Task.heldout``), drawn at its first use."""
+        return self.task.heldout(self.seed, self.seq_len, self.vocab_size, self.cfg)
 
     def train(self, indices: range) -> Batch:
         return Batch(*self.task.batch(indices, self.seed, self.seq_len, self.vocab_size, self.cfg, stream=0,
@@ -605,7 +612,7 @@ class TaskStream:
         return b
 
     def n_eval(self) -> int | None:
-        return len(self.heldout.keys)
+        return self.task.heldout_size(self.seq_len, self.vocab_size, self.cfg)
 
     def state(self) -> dict[str, Any]:
         """The task and the settings its samples depend on (``Task.settings``: a resumed run says when they
