@@ -398,3 +398,24 @@ def test_a_small_question_space_is_said_and_one_too_small_is_refused():
     with pytest.raises(TaskError, match=r"^chain_arith at steps 1, modulus 2, ops '\*' has 2 distinct questions: "
                                         r"too few"):
         ReasoningStream("chain_arith", vocab_size=16, steps=1, modulus=2, ops="*")
+
+
+def test_a_task_stream_draws_its_held_out_set_at_the_first_batch(monkeypatch):
+    """Opening a built-in task's stream draws no held-out example (as the next-token tasks' ``TaskStream``):
+    a chain_pointer of 30,000 nodes (90,003-token questions) drew 4,096 of them, minutes and GBs of Python
+    ints, before the one-line refusal that its examples exceed max_seq_len. The size, note and description
+    come without drawing; the first batch draws the set once."""
+    import hymba_plus.training.reasoning as rs
+
+    drawn = []
+    real = rs.heldout
+    monkeypatch.setattr(rs, "heldout", lambda *a, **k: drawn.append(a) or real(*a, **k))
+    with pytest.raises(TaskError, match=r"^chain_pointer: an example .* \(the model's max_seq_len\)"):
+        ReasoningStream("chain_pointer", vocab_size=30_010, seed=0, max_len=2048, nodes=30_000)
+    s = ReasoningStream("chain_arith", vocab_size=16, seed=0, steps=1)
+    assert s.n_eval() == 35 and s.note is not None and "35 held out" in s.description and drawn == []
+    s.train(range(4))
+    s.eval(range(4))
+    assert len(drawn) == 1
+    with pytest.raises(TaskError, match="too few"):  # a space < 4 is still refused at once
+        ReasoningStream("chain_arith", vocab_size=16, steps=1, modulus=2, ops="*")

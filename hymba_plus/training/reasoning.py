@@ -40,6 +40,7 @@ eval batches by global sample indices for a task name or a JSONL file.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -249,17 +250,25 @@ def samples(name: str, seed: int, indices: Iterable[int], vocab_size: int, *, st
     return out
 
 
-def heldout(name: str, seed: int, vocab_size: int, **params: Any) -> list[ReasoningExample]:
-    """The held-out set of a built-in task: the first ``min(HELDOUT, S // 4)`` distinct questions of the
-    eval stream (example i drawn from ``default_rng([seed, 1, i])``; a repeated question is skipped),
-    S its distinct questions (``ReasoningTask.space``); ``TaskError`` (one line) where S < 4."""
+def heldout_size(name: str, vocab_size: int, **params: Any) -> int:
+    """How many questions a built-in task holds out, ``min(HELDOUT, S // 4)`` (S its distinct questions,
+    ``ReasoningTask.space``), without drawing one; ``TaskError`` (one line) where S < 4."""
     p = task_params(name, vocab_size, **params)
-    task = REASONING_TASKS[name]
-    space = task.space(vocab_size, p)
+    space = REASONING_TASKS[name].space(vocab_size, p)
     n = min(HELDOUT, space // 4)
     if n < 1:
         raise TaskError(f"{setting(name, p)} has {space} distinct questions: too few to hold one out for eval that "
                         "training never sees (need 4)")
+    return n
+
+
+def heldout(name: str, seed: int, vocab_size: int, **params: Any) -> list[ReasoningExample]:
+    """The held-out set of a built-in task: the first ``heldout_size`` distinct questions of the eval
+    stream (example i drawn from ``default_rng([seed, 1, i])``; a repeated question is skipped);
+    ``TaskError`` (one line) where the task has fewer than 4 questions."""
+    n = heldout_size(name, vocab_size, **params)
+    p = task_params(name, vocab_size, **params)
+    task = REASONING_TASKS[name]
     keys: dict[bytes, ReasoningExample] = {}
     i = 0
     while len(keys) < n:  # (n <= S / 4 distinct questions, each of positive probability: it ends)
@@ -442,9 +451,9 @@ class ReasoningStream:
         if isinstance(data, str) and data in REASONING_TASKS:
             self.kind, self.name = "task", data
             self.params = task_params(data, vocab_size, **params)
-            self.heldout = heldout(data, self.seed, vocab_size, **params)
-            self.heldout_keys = frozenset(question_key(e) for e in self.heldout)
-            n, space = len(self.heldout), REASONING_TASKS[data].space(self.vocab_size, self.params)
+            # (the held-out set itself is drawn at the first batch, ``heldout``, as ``TaskStream``'s: opening the
+            # stream stays cheap, so the length check below and the run's other checks come first)
+            n, space = heldout_size(data, vocab_size, **params), REASONING_TASKS[data].space(self.vocab_size, self.params)
             if 100 * n >= space:
                 self.note = (f"note: {setting(data, self.params)} has {space:,} distinct questions: {n:,} of them "
                              f"({n / space:.0%}) are held out for eval and never trained on (training draws from "
@@ -491,6 +500,16 @@ class ReasoningStream:
         self.n_train = n - self.n_val
         self.description = f"reasoning file {p} ({n} examples; {self.n_train} train / {self.n_val} held out)"
 
+    @functools.cached_property
+    def heldout(self) -> list[ReasoningExample]:
+        """A built-in task's held-out examples (module ``heldout``), drawn at their first use."""
+        return heldout(self.name, self.seed, self.vocab_size, **self.params)
+
+    @functools.cached_property
+    def heldout_keys(self) -> frozenset[bytes]:
+        """The ``question_key``s of ``heldout``: the questions the training stream redraws."""
+        return frozenset(question_key(e) for e in self.heldout)
+
     def _order(self, epoch: int) -> np.ndarray:
         if epoch not in self._perm:
             self._perm = {epoch: np.random.default_rng([self.seed, 2, epoch]).permutation(self.n_train)}
@@ -518,7 +537,7 @@ class ReasoningStream:
         return collate(self.eval_examples(indices), self.max_len, self.reserve)
 
     def n_eval(self) -> int | None:
-        return len(self.heldout) if self.kind == "task" else self.n_val
+        return heldout_size(self.name, self.vocab_size, **self.params) if self.kind == "task" else self.n_val
 
     def state(self) -> dict[str, Any]:
         if self.kind == "task":
