@@ -995,6 +995,23 @@ def test_a_training_sample_that_is_held_out_is_redrawn_from_its_own_generator():
     assert torch.equal(again.train(range(123, 140)).input_ids, whole[123:140])
 
 
+def test_a_task_stream_draws_its_held_out_set_at_the_first_batch(monkeypatch):
+    """Opening a task's stream draws no held-out sample (d6faeac: at vocab_size 2e9 mqar's 4096 held-out
+    samples took minutes and GBs before the run's model-size check); the size, note and description count
+    the set without drawing it, and the first batch draws it once (the same set as drawn directly)."""
+    from hymba_plus.training.tasks import Task
+
+    drawn = []
+    real = Task.heldout
+    monkeypatch.setattr(Task, "heldout", lambda self, *a: drawn.append(a) or real(self, *a))
+    stream = open_stream("parity", 16, 8, 0, TrainConfig(seq_len=16), None)
+    assert stream.n_eval() == 64 and stream.note is not None and "64 held out" in stream.description
+    assert drawn == []
+    stream.train(range(4))
+    e = stream.eval(range(64))
+    assert len(drawn) == 1 and torch.equal(e.input_ids, real(TASKS["parity"], 0, 16, 8, TrainConfig(seq_len=16)).ids)
+
+
 def test_a_small_task_space_is_said_and_one_too_small_is_refused(tmp_path, capsys):
     """Parity at seq_len 16 has 2^8 = 256 distinct inputs: its held-out set is a quarter of them (64), said in
     one line naming the task and the setting; at seq_len 3 (2 inputs) nothing can be held out: refused."""
