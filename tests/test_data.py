@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -1044,3 +1045,28 @@ def test_a_resumed_run_on_a_small_task_space_ends_with_the_uninterrupted_losses(
     rows = [[json.loads(x) for x in (o / "metrics.jsonl").read_text().splitlines()] for o in (a, b)]
     assert [r["loss"] for r in rows[0]] == pytest.approx([r["loss"] for r in rows[1]], abs=1e-6)
     assert rows[0][-1]["eval_accuracy"] == pytest.approx(rows[1][-1]["eval_accuracy"], abs=1e-6)
+
+
+def test_a_task_checkpoint_from_before_the_held_out_set_says_so_on_resume(tmp_path, capsys):
+    """A task checkpoint whose data state has no ``heldout`` (written before the held-out sets) resumes with one
+    line saying training now redraws the held-out samples and eval reads them, where the held-out share is noted
+    (parity at seq_len 16); a checkpoint that records it, or a task whose share is too small to note, says nothing."""
+    rec = recipe_file(tmp_path)
+    for data, seq, said in (("parity", "16", True), ("mqar", "32", False)):
+        common = ["--data", data, "--seq-len", seq, "--steps", "4", "--batch-size", "2", "--eval-every", "100",
+                  "--save-every", "2", "--no-progress"]
+        out = tmp_path / data
+        assert main(["train", rec, *common, "--out", str(out), "--stop-after", "2"]) == 0
+        state_file = out / "step-2" / "trainer_state.json"
+        state = json.loads(state_file.read_text())
+        assert state["data"]["heldout"] == (64 if data == "parity" else 4096)
+        capsys.readouterr()
+        assert main(["train", rec, *common, "--out", str(out), "--stop-after", "3", "--resume"]) == 0
+        assert "predates the task's held-out set" not in capsys.readouterr().err
+        del state["data"]["heldout"]  # as an earlier version wrote it
+        state_file.write_text(json.dumps(state))
+        for p in out.glob("step-3"):
+            shutil.rmtree(p)
+        assert main(["train", rec, *common, "--out", str(out), "--resume"]) == 0
+        err = capsys.readouterr().err
+        assert ("predates the task's held-out set: from here training redraws its held-out samples" in err) == said

@@ -297,7 +297,8 @@ def test_stream_for_a_task():
     # 2 steps mod 10: 10 * 14^2 = 1960 distinct questions, a quarter of them held out
     assert s.n_eval() == 490 and s.chance == pytest.approx(0.1)
     assert s.eval_examples([0]) == [sample("chain_arith", 5, 0, 16, stream=1, steps=2)]
-    assert s.state() == {"kind": "reasoning_task", "name": "chain_arith", "params": {"steps": 2, "modulus": 10, "ops": "+*"}}
+    assert s.state() == {"kind": "reasoning_task", "name": "chain_arith", "params": {"steps": 2, "modulus": 10, "ops": "+*"},
+                         "heldout": s.n_eval()}
     with pytest.raises(TaskError, match="needs vocab_size >= 15"):
         ReasoningStream("chain_arith", vocab_size=8)
 

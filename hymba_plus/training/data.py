@@ -618,7 +618,8 @@ class TaskStream:
         """The task and the settings its samples depend on (``Task.settings``: a resumed run says when they
         changed; another task's settings, which this one does not read, are not among them)."""
         return {"kind": "task", "name": self.task.name,
-                "params": {"seq_len": self.seq_len, **{k: getattr(self.cfg, k, None) for k in self.task.settings}}}
+                "params": {"seq_len": self.seq_len, **{k: getattr(self.cfg, k, None) for k in self.task.settings}},
+                "heldout": self.n_eval()}
 
 
 _MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)

@@ -541,7 +541,7 @@ class ReasoningStream:
 
     def state(self) -> dict[str, Any]:
         if self.kind == "task":
-            return {"kind": "reasoning_task", "name": self.name, "params": dict(self.params)}
+            return {"kind": "reasoning_task", "name": self.name, "params": dict(self.params), "heldout": self.n_eval()}
         return {"kind": "reasoning_jsonl", "path": self.name, "examples": len(self.examples), "n_train": self.n_train,
                 "content": self.content()}
 

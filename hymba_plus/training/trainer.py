@@ -507,8 +507,14 @@ class Trainer:
                 self.log(f"--data {self.cfg.data}: the checkpoint {self.resume_from} visits the "
                          f"windows in the {stream.order} order of an earlier version: kept")
                 now = stream.state()
-            diff = next((k for k in now if k not in ("kind", "path", "source", "params") and k in saved
+            diff = next((k for k in now if k not in ("kind", "path", "source", "params", "heldout") and k in saved
                          and saved[k] != now[k]), None)
+            if now["kind"] in ("task", "reasoning_task") and "heldout" not in saved and getattr(stream, "note", None):
+                # a checkpoint from before the held-out sets (2026-12-07), of a task whose held-out share is large
+                # enough to be noted: training now redraws those samples and eval reads them
+                self.log(f"--data {self.cfg.data}: the checkpoint {self.resume_from} predates the task's held-out "
+                         "set: from here training redraws its held-out samples and eval reads them (eval numbers "
+                         "are not comparable with the checkpoint's)")
             # a task's settings (a curriculum): those it reads now (an earlier version's state held every task's)
             old = saved.get("params") if isinstance(saved.get("params"), dict) else {}
             changed = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in now.get("params", {}).items()
