@@ -42,7 +42,7 @@ from torch import Tensor
 
 from ..core.config import brief, first_line
 from . import tokenizer as tokmod
-from .tasks import TASKS, HeldOut, Task
+from .tasks import TASKS, HeldOut, Task, heldout_note
 
 INDEX = "index.json"
 FORMAT = "hymba-shards"
@@ -587,9 +587,7 @@ class TaskStream:
         # the run's other checks -- the model's size among them -- come before thousands of samples are drawn)
         n, space = task.heldout_size(seq_len, vocab_size, cfg), task.space(seq_len, vocab_size, cfg)
         self.description = f"task {task.name} ({task.doc}; chance accuracy {self.chance:.3f}; {n:,} held out)"
-        self.note = (f"note: {task.setting(seq_len, vocab_size, cfg)} has {space:,} distinct samples: {n:,} of them "
-                     f"({n / space:.0%}) are held out for eval and never trained on (training draws from the rest)"
-                     if 100 * n >= space else None)
+        self.note = heldout_note(task.setting(seq_len, vocab_size, cfg), n, space)
 
     @functools.cached_property
     def heldout(self) -> HeldOut:

@@ -56,7 +56,7 @@ from torch import Tensor
 
 from . import tokenizer as tokmod
 from .data import BOM, DataError
-from .tasks import HELDOUT, TaskError, sample_key
+from .tasks import HELDOUT, TaskError, first_distinct, heldout_note, redrawn, sample_key, too_few_to_hold_out
 
 PAD, EOS, SEP = 0, 1, 2
 PLUS, TIMES = 3, 4  # chain_arith operators
@@ -240,14 +240,8 @@ def samples(name: str, seed: int, indices: Iterable[int], vocab_size: int, *, st
     it is not (the first draw stands where it is not)."""
     p = task_params(name, vocab_size, **params)
     task = REASONING_TASKS[name]
-    out = []
-    for i in indices:
-        rng = np.random.default_rng([seed, stream, i])
-        e = task.sample(rng, vocab_size, p)
-        while exclude and question_key(e) in exclude:  # (a quarter of the questions at most are held out)
-            e = task.sample(rng, vocab_size, p)
-        out.append(e)
-    return out
+    return [redrawn(np.random.default_rng([seed, stream, i]), lambda g: task.sample(g, vocab_size, p), question_key,
+                    exclude) for i in indices]
 
 
 def heldout_size(name: str, vocab_size: int, **params: Any) -> int:
@@ -257,8 +251,7 @@ def heldout_size(name: str, vocab_size: int, **params: Any) -> int:
     space = REASONING_TASKS[name].space(vocab_size, p)
     n = min(HELDOUT, space // 4)
     if n < 1:
-        raise TaskError(f"{setting(name, p)} has {space} distinct questions: too few to hold one out for eval that "
-                        "training never sees (need 4)")
+        raise too_few_to_hold_out(setting(name, p), space, "questions")
     return n
 
 
@@ -269,13 +262,8 @@ def heldout(name: str, seed: int, vocab_size: int, **params: Any) -> list[Reason
     n = heldout_size(name, vocab_size, **params)
     p = task_params(name, vocab_size, **params)
     task = REASONING_TASKS[name]
-    keys: dict[bytes, ReasoningExample] = {}
-    i = 0
-    while len(keys) < n:  # (n <= S / 4 distinct questions, each of positive probability: it ends)
-        e = task.sample(np.random.default_rng([seed, 1, i]), vocab_size, p)
-        keys.setdefault(question_key(e), e)
-        i += 1
-    return list(keys.values())
+    return list(first_distinct(n, lambda i: task.sample(np.random.default_rng([seed, 1, i]), vocab_size, p),
+                               question_key).values())
 
 
 def answer_chance(name: str, vocab_size: int, **params: Any) -> float:
@@ -454,10 +442,7 @@ class ReasoningStream:
             # (the held-out set itself is drawn at the first batch, ``heldout``, as ``TaskStream``'s: opening the
             # stream stays cheap, so the length check below and the run's other checks come first)
             n, space = heldout_size(data, vocab_size, **params), REASONING_TASKS[data].space(self.vocab_size, self.params)
-            if 100 * n >= space:
-                self.note = (f"note: {setting(data, self.params)} has {space:,} distinct questions: {n:,} of them "
-                             f"({n / space:.0%}) are held out for eval and never trained on (training draws from "
-                             "the rest)")
+            self.note = heldout_note(setting(data, self.params), n, space, "questions")
             self.tokenizer = tokenizer or tokmod.IdsTokenizer(self.vocab_size)
             self.chance: float | None = answer_chance(data, vocab_size, **params)
             self.end_id: int | None = EOS  # (ends every answer)

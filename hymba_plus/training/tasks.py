@@ -293,6 +293,42 @@ def sample_key(ids: np.ndarray) -> bytes:
     return hashlib.blake2b(np.ascontiguousarray(ids, dtype=np.int64).tobytes(), digest_size=16).digest()
 
 
+def first_distinct(n: int, draw: Callable[[int], Any], key: Callable[[Any], bytes]) -> dict[bytes, Any]:
+    """The held-out set of a stream: ``draw(i)`` for i = 0, 1, ... until ``n`` distinct ``key``s (a repeat
+    of an earlier key skipped), by key in drawing order. Ends where n is at most the number of distinct
+    samples, each of positive probability (``heldout_size``: a quarter of them at most)."""
+    found: dict[bytes, Any] = {}
+    i = 0
+    while len(found) < n:
+        found.setdefault(key(item := draw(i)), item)
+        i += 1
+    return found
+
+
+def redrawn(rng: np.random.Generator, draw: Callable[[np.random.Generator], Any], key: Callable[[Any], bytes],
+            exclude: frozenset[bytes] | None) -> Any:
+    """``draw(rng)``, drawn again from the same generator while its ``key`` is held out (``exclude``): the
+    first draw stands where it is not, so a stream is unchanged wherever nothing collides."""
+    item = draw(rng)
+    while exclude and key(item) in exclude:
+        item = draw(rng)
+    return item
+
+
+def heldout_note(setting: str, n: int, space: int, what: str = "samples") -> str | None:
+    """One line when the held-out ``n`` are 1% or more of the ``space`` distinct ``what`` (the trainer logs it)."""
+    if 100 * n < space:
+        return None
+    return (f"note: {setting} has {space:,} distinct {what}: {n:,} of them ({n / space:.0%}) are held out for eval "
+            "and never trained on (training draws from the rest)")
+
+
+def too_few_to_hold_out(setting: str, space: int, what: str = "samples") -> TaskError:
+    """The one-line refusal of a space of fewer than 4 distinct samples (nothing can be held out)."""
+    return TaskError(f"{setting} has {space} distinct {what}: too few to hold one out for eval that training never "
+                     "sees (need 4" + ("; raise seq_len)" if what == "samples" else ")"))
+
+
 @dataclass(frozen=True)
 class HeldOut:
     """A task's held-out set (``Task.heldout``): ``ids`` / ``labels`` [n, seq_len] of n distinct samples,
@@ -331,20 +367,14 @@ class Task:
         """``validate``, and a space too small to hold any sample out (``TaskError``, one line)."""
         self.validate(seq_len, vocab, cfg)
         if self.heldout_size(seq_len, vocab, cfg) < 1:
-            raise TaskError(f"{self.setting(seq_len, vocab, cfg)} has {self.space(seq_len, vocab, cfg)} distinct "
-                            "samples: too few to hold one out for eval that training never sees (need 4; raise "
-                            "seq_len)")
+            raise too_few_to_hold_out(self.setting(seq_len, vocab, cfg), self.space(seq_len, vocab, cfg))
 
     def heldout(self, seed: int, seq_len: int, vocab: int, cfg: Any) -> HeldOut:
         """The held-out set: the first ``heldout_size`` distinct samples of the eval stream (sample i
         drawn from ``default_rng([seed, 1, i])``; a repeat of an earlier one is skipped)."""
-        n = self.heldout_size(seq_len, vocab, cfg)
-        keys: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
-        i = 0
-        while len(keys) < n:  # (n <= space / 4 distinct samples, each of positive probability: it ends)
-            ids, labels = self.sample(np.random.default_rng([seed, 1, i]), seq_len, vocab, cfg)
-            keys.setdefault(sample_key(ids), (ids, labels))
-            i += 1
+        keys = first_distinct(self.heldout_size(seq_len, vocab, cfg),
+                              lambda i: self.sample(np.random.default_rng([seed, 1, i]), seq_len, vocab, cfg),
+                              lambda s: sample_key(s[0]))
         rows = list(keys.values())
         return HeldOut(torch.from_numpy(np.stack([r[0] for r in rows])),
                        torch.from_numpy(np.stack([r[1] for r in rows])), frozenset(keys),
@@ -357,13 +387,8 @@ class Task:
         ``stream`` separates independent streams of one seed (0 = train, 1 = eval). ``exclude``
         (``HeldOut.keys``): a sample whose key is in it is redrawn from its own generator until it is
         not (the first draw stands where it is not: the stream is unchanged where nothing collides)."""
-        out = []
-        for i in indices:
-            rng = np.random.default_rng([seed, stream, i])
-            ids, labels = self.sample(rng, seq_len, vocab, cfg)
-            while exclude and sample_key(ids) in exclude:  # (check: a quarter of the space at most is held out)
-                ids, labels = self.sample(rng, seq_len, vocab, cfg)
-            out.append((ids, labels))
+        out = [redrawn(np.random.default_rng([seed, stream, i]), lambda g: self.sample(g, seq_len, vocab, cfg),
+                       lambda s: sample_key(s[0]), exclude) for i in indices]
         return torch.from_numpy(np.stack([o[0] for o in out])), torch.from_numpy(np.stack([o[1] for o in out]))
 
 
