@@ -42,7 +42,7 @@ from torch import Tensor
 
 from ..core.config import brief, first_line
 from . import tokenizer as tokmod
-from .tasks import TASKS, HeldOut, Task, heldout_note
+from .tasks import TASKS, HeldOut, Task, heldout_note, predates_heldout
 
 INDEX = "index.json"
 FORMAT = "hymba-shards"
@@ -564,6 +564,9 @@ class ReasoningBatches:
     def state(self) -> dict[str, Any]:
         return self.inner.state()
 
+    def resumed(self, saved: dict[str, Any]) -> str | None:
+        return self.inner.resumed(saved)
+
 
 class TaskStream:
     """A built-in task: training sample ``i`` comes from ``default_rng([seed, 0, i])``, redrawn from it
@@ -618,6 +621,10 @@ class TaskStream:
         return {"kind": "task", "name": self.task.name,
                 "params": {"seq_len": self.seq_len, **{k: getattr(self.cfg, k, None) for k in self.task.settings}},
                 "heldout": self.n_eval()}
+
+    def resumed(self, saved: dict[str, Any]) -> str | None:
+        """What resuming a checkpoint of data state ``saved`` says (``Trainer._check_data``), else None."""
+        return predates_heldout(saved, self.note)
 
 
 _MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
@@ -753,6 +760,15 @@ class TextStream:
         return {"kind": "text", "path": str(self.shards.path), "tokens": self.shards.tokens,
                 "seq_len": self.seq_len, "n_train": self.n_train, "content": self.shards.content,
                 "order": self.order}
+
+    def resumed(self, saved: dict[str, Any]) -> str | None:
+        """A checkpoint from before the Feistel window order (or one resumed on the old order) goes on in the
+        order it was trained in, so the resumed run sees the windows the uninterrupted one would; said."""
+        order = saved.get("order", "affine")
+        if order == self.order:
+            return None
+        self.order = order
+        return f"visits the windows in the {order} order of an earlier version: kept"
 
 
 def open_stream(data: str, seq_len: int, vocab_size: int, seed: int, cfg: Any, cache_dir: Path | None,

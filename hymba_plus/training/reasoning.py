@@ -56,7 +56,16 @@ from torch import Tensor
 
 from . import tokenizer as tokmod
 from .data import BOM, DataError
-from .tasks import HELDOUT, TaskError, first_distinct, heldout_note, redrawn, sample_key, too_few_to_hold_out
+from .tasks import (
+    HELDOUT,
+    TaskError,
+    first_distinct,
+    heldout_note,
+    predates_heldout,
+    redrawn,
+    sample_key,
+    too_few_to_hold_out,
+)
 
 PAD, EOS, SEP = 0, 1, 2
 PLUS, TIMES = 3, 4  # chain_arith operators
@@ -523,6 +532,10 @@ class ReasoningStream:
 
     def n_eval(self) -> int | None:
         return heldout_size(self.name, self.vocab_size, **self.params) if self.kind == "task" else self.n_val
+
+    def resumed(self, saved: dict[str, Any]) -> str | None:
+        """What resuming a checkpoint of data state ``saved`` says (``Trainer._check_data``), else None."""
+        return predates_heldout(saved, self.note)
 
     def state(self) -> dict[str, Any]:
         if self.kind == "task":

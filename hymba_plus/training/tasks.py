@@ -329,6 +329,15 @@ def too_few_to_hold_out(setting: str, space: int, what: str = "samples") -> Task
                      "sees (need 4" + ("; raise seq_len)" if what == "samples" else ")"))
 
 
+def predates_heldout(saved: dict[str, Any], note: str | None) -> str | None:
+    """What a resumed run says of a task checkpoint written before the held-out sets (its data state has no
+    ``heldout``) where the held-out share is large enough to be noted (``note``), else None."""
+    if "heldout" in saved or not note:
+        return None
+    return ("predates the task's held-out set: from here training redraws its held-out samples and eval reads "
+            "them (eval numbers are not comparable with the checkpoint's)")
+
+
 @dataclass(frozen=True)
 class HeldOut:
     """A task's held-out set (``Task.heldout``): ``ids`` / ``labels`` [n, seq_len] of n distinct samples,

@@ -500,21 +500,13 @@ class Trainer:
                                  f"{Path(start) / 'tokenizer.json'} (text), or data prepared with it")
         if state is not None:  # the same data cut the same way: another split would train on held-out windows
             saved = state.get("data", {})
-            if isinstance(stream, TextStream) and saved.get("order", "affine") != stream.order:
-                # a checkpoint from before the Feistel window order (or one resumed on the old order) goes on in
-                # the order it was trained in, so the resumed run sees the windows the uninterrupted one would
-                stream.order = saved.get("order", "affine")
-                self.log(f"--data {self.cfg.data}: the checkpoint {self.resume_from} visits the "
-                         f"windows in the {stream.order} order of an earlier version: kept")
+            # what the stream keeps or says of a checkpoint from an earlier version (the text order, the held-out set)
+            said = getattr(stream, "resumed", lambda saved: None)(saved)
+            if said:
+                self.log(f"--data {self.cfg.data}: the checkpoint {self.resume_from} {said}")
                 now = stream.state()
             diff = next((k for k in now if k not in ("kind", "path", "source", "params", "heldout") and k in saved
                          and saved[k] != now[k]), None)
-            if now["kind"] in ("task", "reasoning_task") and "heldout" not in saved and getattr(stream, "note", None):
-                # a checkpoint from before the held-out sets (2026-12-07), of a task whose held-out share is large
-                # enough to be noted: training now redraws those samples and eval reads them
-                self.log(f"--data {self.cfg.data}: the checkpoint {self.resume_from} predates the task's held-out "
-                         "set: from here training redraws its held-out samples and eval reads them (eval numbers "
-                         "are not comparable with the checkpoint's)")
             # a task's settings (a curriculum): those it reads now (an earlier version's state held every task's)
             old = saved.get("params") if isinstance(saved.get("params"), dict) else {}
             changed = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in now.get("params", {}).items()
