@@ -27,9 +27,9 @@ Reference: ``K`` shifted multiply-adds over ``[state, x]`` (the same sum as
   strides), writes ``y [B, 1, C]`` and a *new* state ``[B, C, K-1]`` (components replace state
   tensors, never write into them), and keeps the old state for rows with ``lengths[b] == 0``.
   It computes the reference's arithmetic in the reference's order: float32 products and sums
-  (no fused multiply-add), and for 16-bit x every product, partial sum, the weight, bias and
-  state rounded to x's dtype exactly where the reference's 16-bit PyTorch ops round them; the
-  SiLU is PyTorch's formula (``kernels._triton.silu_f32``). The new state is a copy of inputs
+  (no fused multiply-add) of x and the state (in x's dtype) with the weight and bias as they
+  are (no rounding to x's dtype), one rounding to x's dtype at the output; the SiLU is
+  PyTorch's formula (``kernels._triton.silu_f32``). The new state is a copy of inputs
   (exact). Launch config fixed by the shapes (CUDA-graph capturable, no autotuning).
 """
 
@@ -105,20 +105,24 @@ def causal_conv1d_ref(
 
     The depthwise conv is written as K shifted multiply-adds over ``[state, x]`` (identical
     to ``F.conv1d(groups=C)``, which the tests use as the oracle, but several times faster
-    forward + backward on CPU for the short widths used here, K <= 8 or so).
+    forward + backward on CPU for the short widths used here, K <= 8 or so). 16-bit x computes
+    in float32 with the weight and bias as given (not rounded to x's dtype) and rounds once at
+    the output, as fla's kernel on the training path does, so a cached prefill and decode step
+    see the numbers training saw; float64 computes in float64. The state stays in x's dtype.
     """
     B, T, C = x.shape
     K = weight.shape[1]
     if state is None:
         state = x.new_zeros(B, C, K - 1)
     xpad = torch.cat([state.to(x.dtype).transpose(1, 2), x], dim=1)  # [B, K-1+T, C]
-    w = weight.to(x.dtype)
-    y = xpad[:, K - 1:] * w[:, K - 1]
+    ct = torch.promote_types(x.dtype, torch.float32)  # 16-bit x computes in float32, as fla does
+    xc, w = xpad.to(ct), weight.to(ct)
+    y = xc[:, K - 1:] * w[:, K - 1]
     for j in range(K - 1):  # over the kernel taps, not over tokens
-        y = y + xpad[:, j:j + T] * w[:, j]
+        y = y + xc[:, j:j + T] * w[:, j]
     if bias is not None:
-        y = y + bias.to(x.dtype)
-    return _act(y, activation), conv_state_update(xpad.transpose(1, 2), lengths, K - 1)
+        y = y + bias.to(ct)
+    return _act(y, activation).to(x.dtype), conv_state_update(xpad.transpose(1, 2), lengths, K - 1)
 
 
 UPDATE = "conv_update"
@@ -138,18 +142,18 @@ if triton is not None:
         b = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         m = c < C
-        ty = y_ptr.dtype.element_ty  # x's dtype: the reference computes in it
+        ty = y_ptr.dtype.element_ty  # x's dtype (the state is kept in it); the sums are float32
         xv = tl.load(x_ptr + b * sx_b + c * sx_c, mask=m, other=0.0).to(ty)
-        wl = tl.load(w_ptr + c * sw_c + (K - 1) * sw_k, mask=m, other=0.0).to(ty).to(tl.float32)
-        acc = (xv.to(tl.float32) * wl).to(ty).to(tl.float32)  # y = x_t * w[:, K-1]
+        wl = tl.load(w_ptr + c * sw_c + (K - 1) * sw_k, mask=m, other=0.0).to(tl.float32)
+        acc = xv.to(tl.float32) * wl  # y = x_t * w[:, K-1]
         if HAS_LENGTHS:
             keep = tl.load(len_ptr + b) == 0  # an inert row keeps its old state
         s_row = s_ptr + b * ss_b + c * ss_c
         ns_row = ns_ptr + b * sns_b + c * sns_c
-        for j in tl.static_range(K - 1):  # y = y + state[j] * w[:, j], j = 0 .. K-2, rounded as the reference
+        for j in tl.static_range(K - 1):  # y = y + state[j] * w[:, j], j = 0 .. K-2, the reference's order
             sj = tl.load(s_row + j * ss_k, mask=m, other=0.0).to(ty)
-            wj = tl.load(w_ptr + c * sw_c + j * sw_k, mask=m, other=0.0).to(ty).to(tl.float32)
-            acc = (acc + (sj.to(tl.float32) * wj).to(ty).to(tl.float32)).to(ty).to(tl.float32)
+            wj = tl.load(w_ptr + c * sw_c + j * sw_k, mask=m, other=0.0).to(tl.float32)
+            acc = acc + sj.to(tl.float32) * wj
             if j > 0:  # new state[j-1] = old state[j]
                 nv = sj
                 if HAS_LENGTHS:
@@ -160,7 +164,7 @@ if triton is not None:
             last = tl.where(keep, tl.load(s_row + (K - 2) * ss_k, mask=m, other=0.0).to(ty), xv)
         tl.store(ns_row + (K - 2), last, mask=m)
         if HAS_BIAS:
-            acc = (acc + tl.load(b_ptr + c, mask=m, other=0.0).to(ty).to(tl.float32)).to(ty).to(tl.float32)
+            acc = acc + tl.load(b_ptr + c, mask=m, other=0.0).to(tl.float32)
         if SILU:
             acc = silu_f32(acc)
         tl.store(y_ptr + b * sy_b + c, acc.to(ty), mask=m)
