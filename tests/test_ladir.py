@@ -707,3 +707,27 @@ def test_eval_accuracy_is_the_answer_value_whose_chance_the_plot_draws(stage) ->
     hook = m.lm_head.register_forward_hook(oracle)
     assert scores() == (8, 8, {"answer_token_accuracy": 1.0})
     hook.remove()
+
+
+@pytest.mark.parametrize("target", ["sample", "mean"])
+def test_flow_target_is_a_posterior_draw_or_exactly_its_mean(target) -> None:
+    """``ladir.flow_target``: the flow's z_1 is a draw from the VAE's posterior (ours, the default) or
+    its mean (LaDiR's code: ``model.py``'s ``_forward`` takes ``autoencoder._compress``, the mean)."""
+    torch.manual_seed(0)
+    m = build_model(recipe(flow_target=target))
+    b = batch()
+    seen = []
+    lad = m.ladir
+    velocity = lad.velocity_loss
+    lad.velocity_loss = lambda z1, *a, **k: (seen.append(z1), velocity(z1, *a, **k))[1]
+    lad.flow_loss(m, b, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        m.eval()
+        mu, _ = lad.encode(m, b["question"], b["question_mask"], b["reasoning"], b["reasoning_mask"])
+    if target == "mean":
+        assert torch.equal(seen[0], mu)
+    else:
+        assert not torch.allclose(seen[0], mu)
+    assert load_recipe(recipe()).ladir.flow_target == "sample"
+    with pytest.raises(RecipeError, match="ladir.flow_target"):
+        load_recipe(recipe(flow_target="mode"))

@@ -25,7 +25,9 @@ The model thinks in ``memory_slots`` continuous vectors before it answers:
   *dedicated* denoiser ``v_theta(z_t, t, question)`` — a small bidirectional transformer over
   ``[question hidden states, M latent tokens]`` (``denoiser_layers``) — learns the velocity
   ``z_1 - z_0`` on ``z_t = (1 - t) z_0 + t z_1``, ``z_0 ~ N(0, I)``, ``z_1`` drawn from the VAE's
-  posterior for the reasoning, ``t ~ U(0, 1)``; ``L_flow = || v_theta - (z_1 - z_0) ||^2``.
+  posterior for the reasoning (by choice: the latents the decoder was trained on; LaDiR's code
+  takes the posterior mean, ``flow_target: mean``), ``t ~ U(0, 1)``;
+  ``L_flow = || v_theta - (z_1 - z_0) ||^2``.
   Why a dedicated stack rather than the backbone with latent inputs (the paper's choice):
   sampling runs ``inference_steps`` denoiser calls, and here each is a few small layers
   over the question's *cached* hidden states instead of a full backbone pass; the
@@ -268,13 +270,15 @@ class LaDiR(nn.Module):
     def flow_loss(self, model: Any, batch: dict, generator: Generators = None,
                   per_row: bool = False) -> tuple[Tensor, dict]:
         """Rectified-flow velocity loss towards latents drawn from the VAE's posterior (the
-        distribution the decoder was trained on; the VAE and the LM are only read here: no
-        gradient reaches them, and they run in eval mode, as at inference: no dropout).
-        ``per_row``: each row's loss [B]."""
+        distribution the decoder was trained on), or towards its mean with ``flow_target: mean``
+        (LaDiR's code: its ``_forward`` encodes with ``autoencoder._compress``, which returns the
+        mean); the VAE and the LM are only read here: no gradient reaches them, and they run in
+        eval mode, as at inference: no dropout. ``per_row``: each row's loss [B]."""
         q, qm = batch["question"], batch["question_mask"]
         with torch.no_grad(), reading(model):
             mu, logvar = self.encode(model, q, qm, batch["reasoning"], batch["reasoning_mask"])
-            z1 = mu + (0.5 * logvar).exp() * noise(torch.randn, mu.shape, mu.device, generator)
+            z1 = mu if self.cfg.flow_target == "mean" else \
+                mu + (0.5 * logvar).exp() * noise(torch.randn, mu.shape, mu.device, generator)
             cond = self.question_states(model, q, qm)
         return self.velocity_loss(z1, cond, qm, generator, per_row, model.structure.checkpointing)
 

@@ -156,6 +156,9 @@ class LaDiRConfig:
     samples: int = spec(1, min=1, max=64, doc="latent samples per question (answers by majority vote)")
     denoiser_layers: int = spec(2, min=1, max=32, doc="layers of the dedicated flow denoiser")
     denoiser_heads: int = spec(4, min=1)
+    flow_target: str = spec("sample", choices=("sample", "mean"),
+                            doc="the flow's target latents z_1: a draw from the VAE's posterior (the latents the "
+                                "decoder was trained on) or the posterior mean (LaDiR's code)")
     prophet: ProphetConfig = dataclasses.field(default_factory=ProphetConfig)
 
     def check(self, model):  # noqa: ANN001
