@@ -731,3 +731,30 @@ def test_flow_target_is_a_posterior_draw_or_exactly_its_mean(target) -> None:
     assert load_recipe(recipe()).ladir.flow_target == "sample"
     with pytest.raises(RecipeError, match="ladir.flow_target"):
         load_recipe(recipe(flow_target="mode"))
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_the_flow_loss_of_k_draws_is_the_mean_of_k_single_draw_losses(per_row) -> None:
+    """``ladir.flow_draws`` (LaDiR's code: ``diffusion_batch_mul = 8``, each encoded latent repeated
+    with noise and a time of its own): the loss with k draws is the mean of k one-draw losses that
+    take the same generator's draws in turn (one generator, or one per row as held-out evaluation has)."""
+    torch.manual_seed(0)
+    one = build_model(recipe(flow_draws=1))
+    three = build_model(recipe(flow_draws=3))
+    three.load_state_dict(one.state_dict())
+    b = batch()
+    qm = b["question_mask"]
+    z1, cond = torch.randn(3, 3, 8), torch.randn(3, 5, 32)
+
+    def gens():  # noqa: ANN202
+        return [torch.Generator().manual_seed(7 + i) for i in range(3)] if per_row else torch.Generator().manual_seed(7)
+
+    g = gens()
+    singles = [one.ladir.velocity_loss(z1, cond, qm, g, per_row)[0] for _ in range(3)]
+    many = three.ladir.velocity_loss(z1, cond, qm, gens(), per_row)[0]
+    assert many.shape == ((3,) if per_row else ())
+    torch.testing.assert_close(many, torch.stack(singles).mean(0))
+    assert not torch.allclose(many, singles[0])
+    loss, _ = three.ladir.flow_loss(three, b, per_row=per_row)  # the training / held-out path
+    assert loss.shape == many.shape and bool(torch.isfinite(loss).all())
+    assert load_recipe(recipe()).ladir.flow_draws == 8

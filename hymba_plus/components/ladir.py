@@ -27,7 +27,8 @@ The model thinks in ``memory_slots`` continuous vectors before it answers:
   ``z_1 - z_0`` on ``z_t = (1 - t) z_0 + t z_1``, ``z_0 ~ N(0, I)``, ``z_1`` drawn from the VAE's
   posterior for the reasoning (by choice: the latents the decoder was trained on; LaDiR's code
   takes the posterior mean, ``flow_target: mean``), ``t ~ U(0, 1)``;
-  ``L_flow = || v_theta - (z_1 - z_0) ||^2``.
+  ``L_flow = || v_theta - (z_1 - z_0) ||^2``, averaged over ``flow_draws`` draws of ``(z_0, t)``
+  per encoded latent (8, as LaDiR's code).
   Why a dedicated stack rather than the backbone with latent inputs (the paper's choice):
   sampling runs ``inference_steps`` denoiser calls, and here each is a few small layers
   over the question's *cached* hidden states instead of a full backbone pass; the
@@ -285,19 +286,25 @@ class LaDiR(nn.Module):
     def velocity_loss(self, z1: Tensor, cond: Tensor, q_mask: Tensor, generator: Generators = None,
                       per_row: bool = False, checkpointing: Checkpointing | None = None) -> tuple[Tensor, dict]:
         """The rectified-flow loss for target latents z1 [B, M, latent] given question states
-        (``per_row``: each row's mean [B]; ``checkpointing``: the denoiser's, ``FlowDenoiser``)."""
-        B = z1.shape[0]
-        z0 = noise(torch.randn, z1.shape, z1.device, generator, z1.dtype)
-        t = noise(torch.rand, (B,), z1.device, generator, z1.dtype)
+        (``per_row``: each row's mean [B]; ``checkpointing``: the denoiser's, ``FlowDenoiser``),
+        averaged over ``flow_draws`` draws of (z_0, t) per latent (LaDiR's code repeats each
+        encoded latent ``diffusion_batch_mul = 8`` times), drawn in turn, z_0 then t for each, so
+        k draws give the mean of k one-draw losses on the same generator; one denoiser pass over
+        the k x B rows."""
+        B, k = z1.shape[0], self.cfg.flow_draws
+        draws = [(noise(torch.randn, z1.shape, z1.device, generator, z1.dtype),
+                  noise(torch.rand, (B,), z1.device, generator, z1.dtype)) for _ in range(k)]
+        z0, t = torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws])  # [k B, ...], draw-major
+        z1 = z1.repeat(k, 1, 1)
         zt = (1 - t)[:, None, None] * z0 + t[:, None, None] * z1
         # in the denoiser's dtype (a model cast to float64 / bfloat16; the slot embedding's, which bf16 master
         # weights leave in float32, so autocast computes as before)
         dt = self.denoiser.slot.dtype
-        v = self.denoiser(zt.to(dt), t, cond.detach().to(dt), q_mask, checkpointing)
+        v = self.denoiser(zt.to(dt), t, cond.detach().to(dt).repeat(k, 1, 1), q_mask.repeat(k, 1), checkpointing)
         cd = compute_dtype(v, z1)
         err = (v.to(cd) - (z1 - z0).to(cd)).pow(2)
         if per_row:
-            return err.flatten(1).mean(1), {}
+            return err.flatten(1).mean(1).view(k, B).mean(0), {}
         loss = err.mean()
         return loss, {"ladir/flow": loss.detach()}
 

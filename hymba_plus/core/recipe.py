@@ -159,6 +159,8 @@ class LaDiRConfig:
     flow_target: str = spec("sample", choices=("sample", "mean"),
                             doc="the flow's target latents z_1: a draw from the VAE's posterior (the latents the "
                                 "decoder was trained on) or the posterior mean (LaDiR's code)")
+    flow_draws: int = spec(8, min=1, max=64, doc="noise / time draws per encoded latent in the flow loss, "
+                           "which averages over them (LaDiR's code: 8)")
     prophet: ProphetConfig = dataclasses.field(default_factory=ProphetConfig)
 
     def check(self, model):  # noqa: ANN001

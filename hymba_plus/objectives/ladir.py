@@ -14,7 +14,7 @@ the VAE and a resumed one the flow:
 
 Under gradient accumulation every micro-batch weighs alike (``Objective.train_items``' default, its
 rows): the loss sums means over other denominators (reasoning tokens, answer tokens, rows for the
-KL, rows x slots x latent dims for the flow), which a token count would reweigh against each other.
+KL, draws x rows x slots x latent dims for the flow), which a token count would reweigh against each other.
 
 Held-out: the stage's loss; ``eval_accuracy`` is the answer value's (a row counts when every
 answer token but the end token that closes it, ``value_mask``, is right: the built-in tasks'
