@@ -33,7 +33,8 @@ The model thinks in ``memory_slots`` continuous vectors before it answers:
   sampling runs ``inference_steps`` denoiser calls, and here each is a few small layers
   over the question's *cached* hidden states instead of a full backbone pass; the
   question conditions it through attention over those states. Sampling: ``inference_steps``
-  Euler steps from noise, ``samples`` latents per question in parallel.
+  Euler steps from ``init_noise_scale`` times N(0, I) (2.5, as LaDiR's code: wider than the
+  N(0, I) the flow trains from), ``samples`` latents per question in parallel.
 * **Answering**: the answer slots ``slots_a(z)`` of a sampled ``z`` enter the ``HybridCache``
   once, after the question (``forward(inputs_embeds=...)``, like meta tokens), and the LM
   decodes the answer after them; a cached answer equals the full forward over ``[question,
@@ -314,7 +315,8 @@ class LaDiR(nn.Module):
                z0: Tensor | None = None, qcache: HybridCache | None = None,
                cond: Tensor | None = None, stats: dict | None = None) -> tuple[Tensor, Tensor]:
         """Euler sampling of z from noise given the (right-padded) question: (z [B, M, latent],
-        steps used per row [B]). With Prophet (``prophet``; default: the recipe's setting) a row
+        steps used per row [B]). The noise is ``init_noise_scale`` times N(0, I) (LaDiR's
+        ``denoise`` starts from ``torch.randn(...) * 2.5``), or ``z0`` as given. With Prophet (``prophet``; default: the recipe's setting) a row
         stops once the answer's top-1 / top-2 logit gap passes the current threshold.
         ``qcache`` / ``cond``: a cache holding the question and its final hidden states, when
         the caller has them (one prefill serves both); made here otherwise. ``stats``: gets
@@ -333,7 +335,8 @@ class LaDiR(nn.Module):
         wd = self.denoiser.out.weight.dtype
         cd = compute_dtype(wd)  # the state's dtype: float32 for a 16-bit denoiser, float64 stays float64
         cond = cond.to(cd)
-        z = z0.clone().to(cd) if z0 is not None else noise(torch.randn, (B, M, cfg.latent_dim), dev, generator, cd)
+        z = z0.clone().to(cd) if z0 is not None else \
+            cfg.init_noise_scale * noise(torch.randn, (B, M, cfg.latent_dim), dev, generator, cd)
         used = torch.full((B,), steps, dtype=torch.long, device=dev)
         active = torch.ones(B, dtype=torch.bool, device=dev)
         dt = 1.0 / steps
