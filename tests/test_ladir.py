@@ -778,3 +778,35 @@ def test_the_sampler_starts_from_noise_of_the_recipe_scale(scale) -> None:
     assert abs(float(z.std()) / (2.5 if scale is None else scale) - 1.0) < 0.05
     z0 = torch.randn(64, 3, 8)  # a given start is taken as it is
     torch.testing.assert_close(lad.sample(m, q, qm, steps=2, prophet=False, z0=z0)[0], z0, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("pattern, etd", [
+    ("GD | GA | M3 | ATL | HY", None),
+    ("GD | GA | M3 | GA", {"encoder_layers": 1, "think_layers": 2, "decoder_layers": 1, "iterations": 2}),
+])
+@torch.no_grad()
+def test_generation_prefills_each_question_once_for_all_its_samples(pattern, etd) -> None:
+    """``samples`` latents per question: the question is prefilled once (B rows) and its cache expanded
+    over the samples; the steps, exits and answers are those of each sample's question prefilled on its
+    own (the question repeated per sample, one sample each), and the vote is over those answers."""
+    torch.manual_seed(0)
+    r = recipe(pattern, meta=2, etd=etd, prophet={"thresholds": [0.3, 0.2, 0.1]})
+    r["model"]["init_std"] = 0.3
+    m = build_model(r).double().eval()
+    ids = torch.randint(3, V, (2, 5))
+    S = 3
+    rows: list = []
+    m.register_forward_pre_hook(lambda mod, a, kw: rows.append((a[0] if a else kw.get("input_ids")) is not None
+                                                               and (a[0] if a else kw["input_ids"]).shape[0]),
+                                with_kwargs=True)
+    many: dict = {}
+    out = m.generate(ids, max_new_tokens=3, mode="ladir", samples=S, stats=many,
+                     generator=torch.Generator().manual_seed(0))
+    assert rows[0] == 2  # the prefill: one row per question
+    alone: dict = {}
+    each = m.generate(ids.repeat_interleave(S, 0), max_new_tokens=3, mode="ladir", samples=1, stats=alone,
+                      generator=torch.Generator().manual_seed(0))[:, ids.shape[1]:].view(2, S, -1)
+    assert many["steps_used"] == [sum(alone["steps_used"][i * S:(i + 1) * S], []) for i in range(2)]
+    assert many["early_exits"] > 0  # Prophet's checks ran on forks of the expanded cache
+    votes = (each[:, :, None] == each[:, None]).all(-1).sum(-1)
+    torch.testing.assert_close(out[:, ids.shape[1]:], each[torch.arange(2), votes.argmax(-1)], atol=0, rtol=0)

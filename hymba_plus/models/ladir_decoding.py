@@ -1,15 +1,16 @@
 """Answering through latent reasoning (``generate(mode="ladir")``, ``components/ladir.py``).
 
-The question (left- or right-padded with ``attention_mask``) is prefilled once into a cache;
-its final hidden states condition the flow denoiser, which samples ``samples`` latent
-reasonings per question in parallel (``steps`` Euler steps, Prophet early exit unless
+The question (left- or right-padded with ``attention_mask``) is prefilled once into a cache,
+which is then copied to each of its ``samples`` rows (``HybridCache.reorder``: one prefill per
+question, not per sample); its final hidden states condition the flow denoiser, which samples
+``samples`` latent reasonings per question in parallel (``steps`` Euler steps, Prophet early exit unless
 ``prophet=False``); each latent's M slot embeddings enter that question's cache once, after
 the question (like meta tokens); the answer is decoded autoregressively after them. With
 several samples the answer is the majority vote over the samples' answers (ties: the
 first sample). ``stats``: denoising steps used per row (``steps_used``, its mean, and the
 rows that exited early through Prophet), forward passes of the LM (``forwards``: the question's
-prefill, Prophet's checks, the slots, one per answer token but the last; each over all B x
-``samples`` rows; ``tokens_per_forward`` per question), the vote's agreement.
+prefill over the B questions, then Prophet's checks, the slots, one per answer token but the
+last, each over all B x ``samples`` rows; ``tokens_per_forward`` per question), the vote's agreement.
 """
 
 from __future__ import annotations
@@ -71,9 +72,12 @@ def generate_ladir(
     # right-padded questions, cut to the longest row (pads do not count towards max_seq_len, the
     # width of the denoiser's position embeddings)
     order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :longest]
-    q, qm = input_ids.gather(1, order).repeat_interleave(S, 0), valid.gather(1, order).repeat_interleave(S, 0)
-    cache = model.new_cache(B * S, device=dev)
+    q, qm = input_ids.gather(1, order), valid.gather(1, order)
+    cache = model.new_cache(B, device=dev)
     cond = model(q, attention_mask=qm.long(), cache=cache, return_hidden=True).hidden_states  # checks the ids
+    if S > 1:  # each question's prefill, copied to its samples' rows (b * S + s)
+        cache.reorder(torch.arange(B, device=dev).repeat_interleave(S))
+        q, qm, cond = q.repeat_interleave(S, 0), qm.repeat_interleave(S, 0), cond.repeat_interleave(S, 0)
     sampled: dict = {}
     z, used = lad.sample(model, q, qm, steps=steps, prophet=prophet, generator=generator, qcache=cache, cond=cond,
                          stats=sampled)
@@ -95,7 +99,7 @@ def generate_ladir(
     else:
         agreement = torch.ones(B, device=dev)
     if stats is not None:
-        # prefill + Prophet's checks + the slots + one per answer token but the last (over all B x S rows)
+        # prefill (B rows) + Prophet's checks + the slots + one per answer token but the last (B x S rows)
         forwards = 1 + sampled["lm_forwards"] + 1 + max(n - 1, 0)
         stats.update(forwards=forwards, tokens=n * B, tokens_per_forward=n / forwards, steps=steps,
                      steps_used=used.view(B, S).tolist(), mean_steps=float(used.float().mean()),
