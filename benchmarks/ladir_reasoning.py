@@ -168,8 +168,8 @@ def main() -> None:
         _, post_acc = lad.segment_loss(model, mu, seg["question"], seg["question_mask"], seg["answer"][:, :1],
                                        seg["answer_mask"][:, :1], kind="answer")
         q, qm = seg["question"], seg["question_mask"]
-        z0 = torch.randn(q.shape[0], lad.cfg.memory_slots, lad.cfg.latent_dim,
-                         generator=torch.Generator().manual_seed(1)).to(args.device)
+        z0 = lad.cfg.init_noise_scale * torch.randn(q.shape[0], lad.cfg.memory_slots, lad.cfg.latent_dim,
+                                                    generator=torch.Generator().manual_seed(1)).to(args.device)
         z_ref, _ = lad.sample(model, q, qm, steps=4 * n, prophet=False, z0=z0)  # the ODE, nearly exact
         by_steps = {}
         for s_ in sorted({1, max(1, n // 4), max(1, n // 2), n, 4 * n}):
