@@ -33,8 +33,9 @@ The model thinks in ``memory_slots`` continuous vectors before it answers:
   sampling runs ``inference_steps`` denoiser calls, and here each is a few small layers
   over the question's *cached* hidden states instead of a full backbone pass; the
   question conditions it through attention over those states. Sampling: ``inference_steps``
-  Euler steps from ``init_noise_scale`` times N(0, I) (2.5, as LaDiR's code: wider than the
-  N(0, I) the flow trains from), ``samples`` latents per question in parallel.
+  Euler steps from ``init_noise_scale`` times N(0, I) (1: the flow's own start; LaDiR's code
+  starts its sampler at 2.5, wider than the N(0, I) it trains from), ``samples`` latents per
+  question in parallel.
 * **Answering**: the answer slots ``slots_a(z)`` of a sampled ``z`` enter the ``HybridCache``
   once, after the question (``forward(inputs_embeds=...)``, like meta tokens), and the LM
   decodes the answer after them; a cached answer equals the full forward over ``[question,

@@ -161,8 +161,8 @@ class LaDiRConfig:
                                 "decoder was trained on) or the posterior mean (LaDiR's code)")
     flow_draws: int = spec(8, min=1, max=64, doc="noise / time draws per encoded latent in the flow loss, "
                            "which averages over them (LaDiR's code: 8)")
-    init_noise_scale: float = spec(2.5, gt=0.0, doc="std of the sampler's starting noise z_0 (LaDiR's code: 2.5; "
-                                   "the flow trains from N(0, I) either way)")
+    init_noise_scale: float = spec(1.0, gt=0.0, doc="std of the sampler's starting noise z_0 (1: the N(0, I) the "
+                                   "flow trains from; LaDiR's code: 2.5)")
     prophet: ProphetConfig = dataclasses.field(default_factory=ProphetConfig)
 
     def check(self, model):  # noqa: ANN001
