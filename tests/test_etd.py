@@ -495,6 +495,53 @@ def test_branch_load_is_counted_and_the_bias_balances_it():
     assert first[0] == 1.0 and float(last.max()) < 0.45 and float(last.min()) > 0.2, last
 
 
+@pytest.mark.parametrize("halting", ["none", "act"])
+def test_branch_load_counts_the_text_tokens_not_the_meta_tokens(monkeypatch, halting):
+    """The load that drives MoDr's balancing bias (and ``etd/branch_load``) counts the text tokens'
+    choices only: the meta tokens choose a branch like any token, but they are the same prefix in
+    every sequence (and every branch is computed for every token, so the load is not a compute
+    load): counted, their fixed choices pushed the text's routing away from the branches they
+    chose. Left padding and, with ACT, halted tokens are not counted either."""
+    from hymba_plus.components.etd_router import ETDRouter
+
+    d = _recipe(branches={"n_branches": 3, "rank": 2}, halting={"kind": halting, "init_bias": 0.0})
+    d["model"]["meta_tokens"] = 3
+    d["model"]["etd"].update(max_iterations=4)
+    torch.manual_seed(0)
+    model = build_model(d).train()
+    r = model.etd_router
+    with torch.no_grad():
+        model.embed.weight.mul_(20.0)
+        model.meta.mul_(20.0)
+        r.branch_router.weight.normal_(0, 1.0)  # a router whose preferences differ by token
+        if r.halt is not None:
+            r.halt.weight.normal_(0, 1.0)
+    seen, real_choose = [], ETDRouter.choose_branches
+
+    def record(self, h, valid):  # noqa: ANN001, ANN202
+        gate, choice = real_choose(self, h, valid)
+        seen.append((choice.clone(), valid.clone() if valid is not None else torch.ones_like(choice, dtype=torch.bool)))
+        return gate, choice
+
+    monkeypatch.setattr(ETDRouter, "choose_branches", record)
+    ids = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # row 0 left-padded by 3: its meta tokens first once compacted, then 6 text tokens
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, labels=ids)
+    text = torch.ones(2, 12, dtype=torch.bool)
+    text[:, :3] = False  # the meta tokens
+    text[0, 9:] = False  # row 0's inert slots (compacted: 3 meta + 6 text tokens)
+    want = torch.zeros(3)
+    for choice, counted in seen:  # counted: the slots the stack asks to count (ACT: those still thinking)
+        assert choice.shape == (2, 12)
+        want += (torch.nn.functional.one_hot(choice, 3).float() * (counted & text)[..., None]).sum((0, 1))
+    if halting == "none":  # every text token, every iteration: 3 x 15; the meta tokens would add 3 x 6
+        assert float(want.sum()) == 3 * 15
+    assert torch.equal(r.load, want), (r.load, want)
+    torch.testing.assert_close(out.stats["etd/branch_load"], want / want.sum())
+
+
 def test_branch_router_and_every_lora_factor_get_gradients():
     """MoDr branches train through the loss: LoRA starts with B = 0 (Hu et al. 2021, arXiv
     2106.09685 §4.1: the model starts as the base), so at first only the B factors get a gradient;

@@ -257,7 +257,9 @@ class ETDRouter(nn.Module):
 
     def choose_branches(self, h: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
         """(gate [B, S, n]: the chosen branch's probability at its index, 0 elsewhere; choice
-        [B, S]). The load of the real tokens is accumulated for ``update_bias``."""
+        [B, S]). The load of the tokens ``valid`` marks ([B, S] or None: every slot; the ETD stack
+        passes the text tokens: not padding, not the meta tokens, and with ACT only those still
+        thinking) is accumulated for ``update_bias``."""
         assert self.branch_router is not None
         logits = self.branch_router(h).float()
         prob = torch.softmax(logits, -1)

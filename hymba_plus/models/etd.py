@@ -285,10 +285,18 @@ class ETDStack:
             out = torch.zeros_like(x)
             n_used = torch.zeros_like(cum)
             ponder = torch.zeros_like(cum)
+        # MoDr's branch load (the balancing bias, etd/branch_load) counts the text tokens: the meta
+        # tokens (positions < n_meta) choose branches too, but are the same prefix in every sequence
+        # and every branch is computed for every token: counted, their fixed choices pushed the text's
+        # routing away from the branches they chose
+        meta_free = ctx.positions >= ctx.n_meta if router.n_branches and ctx.n_meta else None
         for it in range(n_iter):
             gate = None
             if router.n_branches:
-                gate, _ = router.choose_branches(x, running if act else self._valid)
+                counted = running if act else self._valid
+                if meta_free is not None:
+                    counted = meta_free if counted is None else counted & meta_free
+                gate, _ = router.choose_branches(x, counted)
             active = running if act and not bool((running == real).all()) else None
             for b in self.think:
                 x = self._apply(self.index[Slot("think", b, it)], x, active, gate)
