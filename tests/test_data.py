@@ -875,8 +875,9 @@ def test_a_folder_of_the_corpus_that_cannot_be_listed_is_an_error(tmp_path, monk
 def test_resuming_a_task_run_with_settings_of_another_task_says_nothing_changed(tmp_path, capsys):
     """mqar reads --mqar-pairs alone, yet its stream's state held every task's settings: a resumed mqar run given
     --copy-tokens / --khop-nodes said 'task settings changed: copy_tokens None -> 3, khop_nodes None -> 9 (the
-    stream goes on with the new ones)', which it does not read. A checkpoint whose state holds them (an earlier
-    version's) resumes without the line too."""
+    stream goes on with the new ones)', which it does not read. Those flags are now a usage error (the task the
+    checkpoint trains on does not read them); a checkpoint whose state holds them (an earlier version's) resumes
+    without the line."""
     from hymba_plus.training.checkpoint import STATE_FILE
 
     rec = recipe_file(tmp_path)
@@ -885,8 +886,10 @@ def test_resuming_a_task_run_with_settings_of_another_task_says_nothing_changed(
               "--no-progress"]
     assert main(["train", rec, *common, "--stop-after", "2"]) == 0
     capsys.readouterr()
-    assert main(["train", rec, *common, "--stop-after", "4", "--copy-tokens", "3", "--khop-nodes", "9",
-                 "--resume"]) == 0
+    rc = main(["train", rec, *common, "--stop-after", "4", "--copy-tokens", "3", "--khop-nodes", "9", "--resume"])
+    # (1, as any flag the trainer checks against the checkpoint's settings)
+    one_line_error(capsys, rc, 1, "--copy-tokens 3: a setting of the task selective_copy; this run trains on mqar")
+    assert main(["train", rec, *common, "--stop-after", "4", "--resume"]) == 0
     err = capsys.readouterr().err
     assert "task settings changed" not in err, err
     f = out / "step-4" / STATE_FILE

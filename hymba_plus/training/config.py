@@ -137,6 +137,18 @@ def builtin_task(cfg: TrainConfig, model) -> str | None:  # noqa: ANN001 - Model
     return name if model.vocab_size is not None and name in TASKS else None
 
 
+def tasks_reading(field_name: str) -> tuple[str, ...]:
+    """The built-in tasks that read the train setting ``field_name`` (``tasks.py``: ``Task.settings``;
+    ``reasoning.py``: ``chain_steps`` / ``chain_values``, every reasoning task's), () for a setting
+    that is not a task's."""
+    from .reasoning import REASONING_TASKS
+    from .tasks import TASKS
+
+    if field_name in ("chain_steps", "chain_values"):
+        return tuple(REASONING_TASKS)
+    return tuple(name for name, task in TASKS.items() if field_name in task.settings)
+
+
 #: command-line flag of each field (``hymba train``), where it is not ``--field-name``
 FLAG_NAMES = {"warmup_steps": "--warmup"}
 
@@ -159,6 +171,13 @@ def validate(cfg: TrainConfig, model, overrides: dict | None = None, where: str 
 
     overrides = overrides or {}
     checked = cfg if cfg.data is not None else dataclasses.replace(cfg, data=default_data)
+    for name in overrides:  # (a task flag for a run on another task or on text was ignored silently)
+        readers = tasks_reading(name)
+        if readers and checked.data not in readers:
+            data = checked.data + (" (the default data)" if cfg.data is None else "")
+            raise TrainConfigError(f"{flag_of(name)} {overrides[name]}: a setting of the task"
+                                   f"{'s' if len(readers) > 1 else ''} {' and '.join(readers)}; this run trains on "
+                                   f"{data}")
     for key, msg in [*range_errors(checked), *cross_errors(checked, model)]:
         name = key.split(".")[0]
         if name in overrides:
