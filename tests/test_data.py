@@ -273,6 +273,36 @@ def test_tokenizers_json_is_optional_and_works_when_installed(tmp_path):
     assert shards.tokens < len(TEXT) / 2  # merges happened
 
 
+def test_text_that_is_not_utf8_is_refused_with_a_tokenizers_tokenizer(tmp_path, capsys):
+    """A ``tokenizers`` tokenizer reads text: bytes that are not UTF-8 (a Latin-1 file, a cut-off
+    character) were decoded as U+FFFD and trained on without a word. Now one line naming the file, the
+    byte offset (from the file's start, a byte-order mark included) and the line; in a later piece of
+    a long file too. The byte tokenizer keeps the bytes as they are (no text is decoded): accepted."""
+    pytest.importorskip("tokenizers")
+    from tokenizers import pre_tokenizers
+
+    from hymba_plus.training.data import _chunks
+    from hymba_plus.training.tokenizer import load_file
+
+    _bpe(pre_tokenizers.Whitespace(), TEXT, vocab=120).save(str(tmp_path / "tok.json"))
+    bad = b"\xef\xbb\xbf" + b"caf\xc3\xa9 ok\nsecond line\nna\xefve caf\xe9\n"  # Latin-1 on line 3
+    (tmp_path / "t.txt").write_bytes(bad)
+    rc = main(["prepare", str(tmp_path / "t.txt"), "--out", str(tmp_path / "s"), "--tokenizer",
+               str(tmp_path / "tok.json")])
+    one_line_error(capsys, rc, 1, f"{tmp_path / 't.txt'}: not UTF-8 text at byte offset 26 (line 3): b'\\xef'")
+    assert not (tmp_path / "s").exists()
+    assert main(["prepare", str(tmp_path / "t.txt"), "--out", str(tmp_path / "b")]) == 0  # bytes: as they are
+    capsys.readouterr()
+    # a later piece of a long file: the offset and line count from the file's start
+    body = "word " * 99 + "end\n"
+    data = body.encode() * 20 + b"x \x80 y\n"
+    (tmp_path / "long.txt").write_bytes(data)
+    tok = load_file(tmp_path / "tok.json")
+    with pytest.raises(TokenizerError, match=re.escape(f"not UTF-8 text at byte offset {len(body) * 20 + 2} (line 21): b'\\x80'")):
+        for _ in _chunks(tmp_path / "long.txt", tok, chunk_bytes=64 * 16):
+            pass
+
+
 def test_byte_and_ids_tokenizers_and_stream_decoding():
     b = ByteTokenizer()
     assert b.decode(b.encode("héllo ✓")) == "héllo ✓"

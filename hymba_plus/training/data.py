@@ -245,8 +245,18 @@ def _cut(data: bytes, sep: int) -> int:
 
 def _pieces(fh: Any, tok: Any, chunk_bytes: int) -> Iterator[np.ndarray]:
     first = [True]
+    at = [0, 1]  # the next piece's byte offset in the file and its line (for the error below)
 
-    def encode(text: str) -> list[int]:  # a piece after the first continues the document: no prefix space
+    def encode(piece: bytes) -> list[int]:  # a piece after the first continues the document: no prefix space
+        try:  # (decoded with errors="replace", bytes that are not UTF-8 became U+FFFD without a word)
+            text = piece.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = at[1] + piece.count(b"\n", 0, e.start)
+            raise tokmod.TokenizerError(f"not UTF-8 text at byte offset {at[0] + e.start} (line {line}): "
+                                        f"{piece[e.start:e.end]!r} (the tokenizer reads UTF-8 text; re-encode "
+                                        "the file)") from None
+        at[0] += len(piece)
+        at[1] += piece.count(b"\n")
         if tok.kind != "tokenizers":
             return tok.encode(text)
         ids = tok.encode(text, add_special_tokens=False, continues=not first[0])
@@ -258,6 +268,7 @@ def _pieces(fh: Any, tok: Any, chunk_bytes: int) -> Iterator[np.ndarray]:
             while block := fh.read(chunk_bytes):
                 yield np.frombuffer(block, dtype=np.uint8)
             return
+        at[0] = fh.tell()  # (past a byte-order mark)
         rest = b""
         want = chunk_bytes // 16
         while True:
@@ -265,7 +276,7 @@ def _pieces(fh: Any, tok: Any, chunk_bytes: int) -> Iterator[np.ndarray]:
             data = rest + block
             if len(block) < want:  # the file's end (a short read of a file): the rest is one piece
                 if data:
-                    yield np.asarray(encode(data.decode("utf-8", errors="replace")), dtype=np.int64)
+                    yield np.asarray(encode(data), dtype=np.int64)
                 return
             # cut before a space between words, else a line break between lines (``_cut``); past a
             # huge block with neither (bounded memory) between characters
@@ -280,7 +291,7 @@ def _pieces(fh: Any, tok: Any, chunk_bytes: int) -> Iterator[np.ndarray]:
                 rest = data
                 continue
             rest = data[cut:]
-            yield np.asarray(encode(data[:cut].decode("utf-8", errors="replace")), dtype=np.int64)
+            yield np.asarray(encode(data[:cut]), dtype=np.int64)
 
 
 def prepare(source: str | os.PathLike, out: str | os.PathLike, tokenizer: Any = None,
