@@ -174,8 +174,8 @@ def conventions(recipe: Any) -> list[str]:
         out.append(f"gdn gated norm scale {'w' if recipe.component('gdn').norm_zero_centered is False else '1 + w'}")
     if "moe" in used and recipe.component("moe").balance_loss is not None:
         c = recipe.component("moe")
-        out.append("moe balance loss " + ("pooled over layers (HF), " if c.balance_loss == "pooled" else "per layer, ")
-                   + f"coef {c.aux_loss_coef:g}")
+        how = {"pooled": "pooled over layers (HF), ", "global_batch": "per layer over the global batch, "}
+        out.append("moe balance loss " + how.get(c.balance_loss, "per layer, ") + f"coef {c.aux_loss_coef:g}")
     return out
 
 

@@ -17,6 +17,30 @@
 * Losses, per layer, added to ``ctx.aux_losses`` times their coefficients:
   load balancing ``E * sum_e f_e P_e`` (Switch Eq. 4-6; 1 at uniform routing) and router
   z-loss ``mean logsumexp(logits)^2`` (ST-MoE, arXiv 2202.08906, Eq. 5).
+* ``balance_loss`` says over which tokens f and P are taken: ``per_layer`` (default) the
+  micro-batch's, per layer; ``pooled`` HF's form, both pooled over the forward's MoE layers
+  (``pooled_balance_loss``); ``global_batch`` the global-batch balance of Qwen3 / Qwen3-Next
+  (Qiu et al. 2025, "Demons in the Detail", arXiv 2501.11873, §3):
+
+      LBL = E * sum_e f_e^global P_e,   f_e^global = c_e / sum_e' c_e'   (c: counts so far)
+
+  with P_e the micro-batch's differentiable mean router probability and c_e the expert's
+  (real) assignments over the optimizer step's tokens so far: a float32 buffer per layer
+  (``step_load``; a row per application of the layer in one call) to which each training
+  micro-batch adds its counts, summed over the processes (one all-reduce of E+1 numbers per
+  layer application where ``torch.distributed`` is initialised with several processes: the
+  data-parallel group, every process of a ``hymba train`` under ``torchrun``). The last
+  micro-batch of a step so sees the whole global batch's f (Megatron-core's
+  ``global_aux_loss``); micro-batch balance instead pushes every micro-batch (often one
+  sequence, one domain) to be uniform, which the paper shows keeps experts from
+  specialising. The trainer zeroes the buffers after each optimizer step
+  (``reset_step_loads``; code that trains the layer in its own loop calls it per step);
+  they are not saved (a checkpoint is written between steps). With one process and
+  ``grad_accum`` 1 the loss is ``per_layer``'s bit for bit. Forwards that train nothing
+  (evaluation, no-grad, a checkpointed block's recomputation, which reads the row its first
+  run wrote) add nothing; evaluation and no-grad forwards take the micro-batch's own f.
+  With ``aux_loss_coef`` 0 it counts nothing. The statistic ``lb_loss`` is the loss trained
+  (global f). The fused layer (below) does not take it: such a layer runs composed.
 * Statistics, per layer, in ``ctx.stats["moe/{layer}/..."]`` (detached tensors, no host
   sync): ``tokens_per_expert`` [E], ``dropped``, ``entropy`` (nats), ``lb_loss``, ``z_loss``,
   ``max_load`` (busiest expert's load / mean load). A layer applied several times in one call
@@ -48,6 +72,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -76,11 +101,14 @@ class MoEConfig:
     bias_update_rate: float = spec(0.0, min=0.0, doc="aux-loss-free balancing step (DeepSeek-V3 gamma); 0 = no "
                                                          "updates (a loaded nonzero bias still routes)")
     capacity_factor: float | None = spec(None, gt=0.0, doc="None = dropless; else Switch capacity (training only)")
-    balance_loss: str | None = spec(None, choices=("per_layer", "pooled"),
+    balance_loss: str | None = spec(None, choices=("per_layer", "pooled", "global_batch"),
                                     doc="per_layer (default): aux_loss_coef x E sum_e f_e P_e added per layer, f "
                                         "summing to 1; pooled: HF's convention (Qwen3-MoE / Qwen3-Next "
                                         "router_aux_loss_coef): f (summing to top_k) and P pooled over every MoE "
-                                        "layer of the forward, one loss times aux_loss_coef")
+                                        "layer of the forward, one loss times aux_loss_coef; global_batch: "
+                                        "per layer, f over the optimizer step's micro-batches so far and every "
+                                        "data-parallel process, P the micro-batch's (Qiu et al. 2025, arXiv "
+                                        "2501.11873)")
 
     def expert_hidden(self, d_model: int) -> int:
         if self.d_expert is not None:
@@ -121,6 +149,10 @@ class MoE(nn.Module):
         # routing balance state, kept in float32 whatever the module dtype (see _apply)
         self.register_buffer("expert_bias", torch.zeros(E), persistent=True)
         self.register_buffer("load", torch.zeros(E), persistent=False)  # real assignments since update_bias
+        # global-batch balance: [applications, E + 1] counts per expert and all assignments over the
+        # optimizer step so far, summed over processes (a row per application of the layer in one call)
+        self.register_buffer("step_load", torch.zeros(1, E + 1) if cfg.balance_loss == "global_batch" else None,
+                             persistent=False)
         # the bias takes part in selection when balancing updates it or a loaded one is nonzero (a
         # model trained with balancing, then fine-tuned or evaluated with the rate at 0, keeps its routes)
         self._bias_active = cfg.bias_update_rate > 0
@@ -139,11 +171,13 @@ class MoE(nn.Module):
             nn.init.normal_(self.w_down, 0.0, self._init_std / (2 * self._n_layers) ** 0.5)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202
-        bias, load = self.expert_bias, self.load
+        bias, load, step_load = self.expert_bias, self.load, self.step_load
         out = super()._apply(fn, recurse)
         dev = self.expert_bias.device
         self.expert_bias = bias.to(device=dev, dtype=torch.float32)
         self.load = load.to(device=dev, dtype=torch.float32)
+        if step_load is not None:
+            self.step_load = step_load.to(device=dev, dtype=torch.float32)
         return out
 
     def active_parameters(self) -> int:
@@ -226,13 +260,13 @@ class MoE(nn.Module):
         if self.impl not in ("auto", "fused") or xf.shape[0] == 0:  # no tokens: the composed path's early exit
             return False
         case = (cfg.score == "softmax" and cfg.norm_topk and not self._bias_active and cap is None
-                and valid is None and cfg.balance_loss != "pooled")
+                and valid is None and cfg.balance_loss not in ("pooled", "global_batch"))
         if self.impl == "auto" and K.decode_supported(xf, cfg.top_k, self.w_gate_up, self.w_down, capacity=cap):
             return False  # a decode step: the composed layer, its experts as the moe_decode kernels
         if self.impl == "fused":
             if not case:
-                raise ValueError("impl 'fused' needs softmax scores, norm_topk, no bias balancing, no capacity "
-                                 "and no padding slots")
+                raise ValueError("impl 'fused' needs softmax scores, norm_topk, no bias balancing, no capacity, "
+                                 "no padding slots and balance_loss per_layer")
             return True
         return case and K.fused_layer_supported(xf, self.router.weight, self.w_gate_up, self.w_down, cfg.top_k)
 
@@ -246,7 +280,10 @@ class MoE(nn.Module):
             self.load += load  # (not a no-grad read in train mode: LaDiR's flow stage reads the frozen LM)
         if ctx is None or not ctx.collect:  # no context, or a decode step: nobody reads losses / stats
             return
-        lb = K.load_balancing_loss(r.probs, load, cfg.top_k, valid)
+        if cfg.balance_loss == "global_batch" and cfg.aux_loss_coef > 0:
+            lb = self._global_balance_loss(r.probs, load, valid, ctx)
+        else:
+            lb = K.load_balancing_loss(r.probs, load, cfg.top_k, valid)
         z = K.router_z_loss(r.logits, valid, r.lse)
         aux = cfg.aux_loss_coef * lb if cfg.aux_loss_coef > 0 and cfg.balance_loss != "pooled" else None
         if cfg.aux_loss_coef > 0 and cfg.balance_loss == "pooled":
@@ -258,6 +295,34 @@ class MoE(nn.Module):
             aux = cfg.z_loss_coef * z if aux is None else torch.add(aux, z, alpha=cfg.z_loss_coef)
         self._log(ctx, aux, load, dropped, K.routing_entropy(r.probs.detach(), valid), lb, z,
                   r.experts.numel() if valid is None else None)
+
+    def _global_balance_loss(self, probs: Tensor, load: Tensor, valid: Tensor | None, ctx: StepContext) -> Tensor:
+        """Global-batch balance loss (Qiu et al. 2025, arXiv 2501.11873): ``E * sum_e f_e P_e``
+        with f from this application's row of ``step_load`` (the step's counts so far, every
+        process's), P this micro-batch's. A training pass adds its counts (all-reduced) first;
+        a recomputation reads the row as its first run left it; other forwards use their own
+        counts. Written as ``load_balancing_loss`` of the step's counts times (this micro-batch's
+        assignments / the step's), which is 1 exactly where the step is this micro-batch."""
+        cfg = self.cfg
+        k = cfg.top_k
+        n = load.new_full((1,), probs.shape[0] * k) if valid is None else valid.sum(dtype=torch.float32).mul(k)[None]
+        local = torch.cat([load.float(), n])  # [E + 1]: counts per expert, then all real assignments
+        total = local
+        if self.training and torch.is_grad_enabled():
+            row = ctx.shared.get(f"moe/{ctx.layer_idx}/applications", 0)  # this application of the layer
+            if row >= self.step_load.shape[0]:  # a layer applied more often than before: rows for it
+                more = self.step_load.new_zeros(row + 1 - self.step_load.shape[0], self.step_load.shape[1])
+                self.step_load = torch.cat([self.step_load, more])
+            if not recomputing():
+                add = local
+                if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
+                    add = local.clone()
+                    tdist.all_reduce(add)  # the data-parallel group: every process's micro-batch
+                self.step_load[row] += add
+            total = self.step_load[row].clone()  # (a view would share the buffer's version counter: the
+            # next application's in-place update would invalidate what this loss saved for its backward)
+        lb = K.load_balancing_loss(probs, total[: cfg.n_experts], k, valid)
+        return lb * (local[-1].to(lb.dtype) / total[-1].to(lb.dtype).clamp_min(1.0))
 
     def _log(self, ctx: StepContext, aux: Tensor | None, load: Tensor, dropped: Tensor, entropy: Tensor,
              lb: Tensor, z: Tensor, n_assign: int | None) -> None:
@@ -299,6 +364,18 @@ def pooled_balance_loss(terms: list) -> Tensor:
     n = sum(t[2] for t in terms)
     n = n.clamp_min(1.0) if isinstance(n, Tensor) else max(n, 1)
     return terms[0][3] * load.shape[0] * ((load / n) * (probs / n)).sum()
+
+
+def reset_step_loads(model: nn.Module) -> int:
+    """Zero every MoE layer's global-batch counts (``balance_loss: global_batch``; in place: a
+    CUDA graph's replays keep updating the same buffer). The trainer calls it after each
+    optimizer step; returns the number of layers reset."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, MoE) and m.step_load is not None:
+            m.step_load.zero_()
+            n += 1
+    return n
 
 
 def update_expert_biases(model: nn.Module) -> int:

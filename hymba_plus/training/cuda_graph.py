@@ -44,8 +44,8 @@ The optimizer step has a graph of its own (``GraphedOptimizer``, the trainer's f
 step on one CUDA process unless ``--mode eager``), replayed after the clipping.
 
 Buffers updated in place inside the forward (the MoE load counts of aux-loss-free
-balancing) keep their storage, so the replays update them; the counts of the warm-up and
-capture passes are cleared afterwards.
+balancing, the step's counts of global-batch balancing) keep their storage, so the replays
+update them; the counts of the warm-up and capture passes are cleared afterwards.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..components.moe import reset_step_loads
 from ..core.config import first_line
 from ..kernels import dispatch
 
@@ -127,12 +128,13 @@ def release_rng() -> None:
 
 
 def reset_balancing_counts(model: nn.Module) -> None:
-    """Zero the load counts of aux-loss-free balancing (MoE, MoDr) that forwards made outside
-    training steps (warm-up, capture, verification)."""
+    """Zero the load counts of aux-loss-free balancing (MoE, MoDr) and MoE's global-batch
+    balance counts that forwards made outside training steps (warm-up, capture, verification)."""
     for m in model.modules():
         load = getattr(m, "load", None)
         if isinstance(load, Tensor) and hasattr(m, "update_bias"):
             load.zero_()
+    reset_step_loads(model)
 
 
 class _HostReads(TorchDispatchMode):

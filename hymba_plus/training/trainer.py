@@ -25,8 +25,9 @@ is a non-finite loss. The logged ``loss`` is the step's loss as trained. Router 
 (``--train-only routers``) keeps equal weights: its focal loss is weighted by classes drawn from
 each micro-batch's searched routes, known only after the search, no plain mean over items. Then: global
 gradient-norm clipping, the optimizer step (Muon + AdamW, ``optim.py``), the learning
-rate from the schedule (``schedule.py``), and ``update_bias()`` on every module that has
-one (aux-loss-free MoE balancing). bf16 autocast on CUDA (``precision: auto``).
+rate from the schedule (``schedule.py``), ``update_bias()`` on every module that has
+one (aux-loss-free MoE balancing), and MoE's global-batch balance counts zeroed
+(``balance_loss: global_batch``: f over the step's micro-batches and processes). bf16 autocast on CUDA (``precision: auto``).
 
 Records (rank 0): progress on stderr (``progress.py``: a live bar on a terminal, a plain line
 every ~10 s elsewhere), ``OUT/metrics.jsonl`` (one JSON
@@ -102,6 +103,7 @@ from typing import Any
 import torch
 
 from ..components.etd_router import EXECUTE, REPEAT, SKIP
+from ..components.moe import reset_step_loads
 from ..core.config import brief, first_line
 from ..core.recipe import Recipe
 from ..models.lm import HybridLM
@@ -1175,7 +1177,10 @@ class Trainer:
         Under FSDP the load a module counted (its ``load`` buffer) is first summed over
         ranks, so every rank applies the same bias update. With ``--train-only branches`` only
         the etd_router's (MoDr balancing) runs: the frozen base's biases stay, its counts are
-        dropped; router training (``--train-only routers``) changes no bias."""
+        dropped; router training (``--train-only routers``) changes no bias. In every mode the
+        step's global-batch balance counts (MoE ``balance_loss: global_batch``) are zeroed here:
+        the next step counts its own tokens."""
+        reset_step_loads(self.model)
         if self.mode == "routers":
             return
         for mod in self.model.modules():
