@@ -691,6 +691,47 @@ def test_gpu_fused_layer_under_autocast_matches_composed(monkeypatch):
 
 
 @pytest.mark.gpu
+def test_gpu_compiled_grouped_layer_under_autocast_matches_eager(monkeypatch):
+    """``torch.compile`` of the composed grouped layer under bf16 autocast (``hymba train --mode
+    compile``): the traced experts sum their k rows in PyTorch, which CUDA autocast ran in float32,
+    so the layer returned float32 and the backward handed float32 gradients to bf16 grouped GEMMs
+    (a compile error on an H100, 2026-12-07). Now bf16 out, as eager; output and gradients equal
+    eager's within bf16 rounding."""
+    monkeypatch.setenv("HYMBA_KERNELS", "fast")
+    torch.manual_seed(0)
+    m = MoE(MoEConfig(n_experts=16, top_k=2, n_shared=1, d_expert=64), d_model=128).cuda()
+    m.impl = "grouped"
+    x = torch.randn(2, 256, 128, device="cuda").requires_grad_()
+    probe = torch.randn_like(x)
+
+    def step(layer):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = layer(x, _ctx(2, 256, device="cuda"))
+        return y, torch.autograd.grad((y.float() * probe).sum(), [x, *m.parameters()])
+
+    (y0, g0), (y1, g1) = step(m), step(torch.compile(m))
+    assert y0.dtype == y1.dtype == torch.bfloat16
+    assert rel_err(y1.float().detach(), y0.float().detach()) < 2e-2
+    for a, b in zip(g1, g0, strict=True):
+        assert a.dtype == b.dtype and rel_err(a, b) < 5e-2
+
+
+def test_gather_sum_torch_form_accumulates_in_float32_and_keeps_the_dtype():
+    """The PyTorch form of the experts' k-row sum (what a traced layer runs): float32 accumulation
+    and src's dtype out, under autocast too (as the Triton kernel); float64 stays float64."""
+    g = torch.Generator().manual_seed(0)
+    for dt in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        src = torch.randn(40, 24, generator=g).to(dt)
+        idx = torch.randperm(40, generator=g)[:30]
+        acc = torch.promote_types(dt, torch.float32)
+        want = src.to(acc).index_select(0, idx).view(10, 3, 24).sum(1)  # (16-bit: 3 terms, exact in float32)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = K._gather_sum_torch(src, idx, 3)
+        assert got.dtype == dt
+        torch.testing.assert_close(got, want.to(dt), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
 def test_gpu_module_matches_float64_loop_reference():
     """bf16 CUDA layer (fast paths) vs the float64 loop, on the tokens whose top-k set is the
     same in both precisions (a near-tie may flip under bf16 rounding of the router)."""

@@ -598,7 +598,11 @@ def _swiglu_bwd_recompute(h: Tensor, w: Tensor | None, da: Tensor) -> tuple[Tens
 
 
 def _gather_sum_torch(src: Tensor, idx: Tensor, k: int, out: Tensor | None = None) -> Tensor:
-    s = src.index_select(0, idx).view(-1, k, src.shape[-1]).sum(1)
+    # the Triton kernel's float32 accumulation and src's dtype out, whatever autocast says: CUDA
+    # autocast runs a plain sum in float32 and returns float32, so a traced (torch.compile) MoE
+    # layer's experts returned float32 and their backward got float32 gradients for bf16 GEMMs
+    acc = torch.promote_types(src.dtype, torch.float32)
+    s = src.index_select(0, idx).view(-1, k, src.shape[-1]).sum(1, dtype=acc).to(src.dtype)
     return s if out is None else out.add_(s)
 
 
@@ -878,7 +882,9 @@ class _GroupedExperts(torch.autograd.Function):
     def backward(ctx, gy: Tensor):  # noqa: ANN001, ANN205
         xs, h, ws, w1, w2, tok, inv, offs = ctx.saved_tensors
         need_x, need_w, need_w1, need_w2 = ctx.needs_input_grad[:4]
-        dh, dws, dw1, dw2 = _experts_bwd(gy.contiguous(), xs, h, ws, w1, w2, tok, offs, need_w1, need_w2)
+        # the output's gradient in the GEMMs' dtype (as eager autograd hands it; a traced graph may not)
+        dh, dws, dw1, dw2 = _experts_bwd(gy.to(xs.dtype).contiguous(), xs, h, ws, w1, w2, tok, offs, need_w1,
+                                         need_w2)
         dx = _experts_dx(dh, w1, inv, offs, ctx.k) if need_x else None
         return dx, (dws if need_w else None), dw1, dw2, None, None, None, None
 
