@@ -1509,16 +1509,29 @@ def test_any_inner_lr_the_recipe_accepts_builds(inner_lr):
     torch.testing.assert_close(eta, torch.full_like(eta, inner_lr), rtol=1e-6, atol=0.0)
 
 
+#: ``test_learns_mqar``'s layer: ``LEARN`` with head_dim 16 and degree-1 features (16 of them, as
+#: cheap a step as LEARN's 44), which finds the recall solution on every seed tried within 300 steps
+RECALL = {**LEARN, "head_dim": 16, "poly_degree": 1}
+
+
 def test_learns_mqar():
-    """A 2-layer ATLAS model (Muon inner optimizer, Omega window 2, degree-2 features) learns
-    associative recall through its test-time memory (chance 0.0625; a 2-layer attention model
-    gets ~0.26 at a similar budget). At this budget a seed finds the recall solution or not, and
-    float32 round-off decides which: seeds 0-3 after 200 steps measured 0.146 / 0.674 / 0.058 /
-    0.104 on the CPU's fast path, 0.201 / 0.595 / 0.101 / 0.108 on the reference (equal in float64),
-    so this asserts the mean of seeds 0 and 1."""
-    accs = [train_mqar(tiny_recipe("ATL | ATL", {"atlas": LEARN}, vocab_size=32), **MQAR, seed=s) for s in (0, 1)]
-    print(f"atlas MQAR accuracy: {accs} (chance {1 / 16:.3f})")
-    assert sum(accs) / 2 > 2.5 / 16
+    """A 2-layer ATLAS model (Muon inner optimizer, Omega window 2, a deep memory) learns
+    associative recall through its test-time memory: its accuracy is well above what a model
+    gets that answers any value seen in the sequence (1 / the distinct values among the 6,
+    0.20 on average; 1/16 = 0.0625 is chance over the vocabulary). With chunk 12 the queries
+    read only the memory written by the pairs' chunk, so they cannot rule out the values of
+    earlier queries, but through the two short convs (3 tokens back each), at most the last
+    three: answering a seen value other than those gets 0.30 (simulated). The bar is 0.4.
+
+    Measured (fast path, CPU, seeds 0 / 1 / 2, 300 steps): 0.452 / 0.633 / 0.731, mean 0.605.
+    LEARN (head_dim 8, degree-2 features) at 200 steps was a lottery: 0.146 / 0.674 / 0.058, mean
+    0.29, and at 400 steps 0.298 / 1.0 / 0.469; with head_dim 16 and degree 1 at 200 steps 0.322 /
+    0.232 / 0.758. At this budget float32 round-off can still move a seed, so this asserts the mean
+    of seeds 0-2."""
+    accs = [train_mqar(tiny_recipe("ATL | ATL", {"atlas": RECALL}, vocab_size=32), **{**MQAR, "steps": 300}, seed=s)
+            for s in (0, 1, 2)]
+    print(f"atlas MQAR accuracy: {accs} (any seen value ~0.20, chance {1 / 16:.3f})")
+    assert sum(accs) / 3 > 0.4, accs
 
 
 @pytest.mark.slow
