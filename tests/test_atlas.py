@@ -429,14 +429,8 @@ def test_direct_gram_stays_accurate_when_a_momentum_cancels(cancel):
 
 def test_fast_path_compiled_equals_reference():
     """The torch.compile'd chunk step (what CUDA runs; Inductor's CPU backend here) == the
-    reference in float32: outputs, state and gradients, Muon (per token and per chunk) and SGD.
-    Each case is a graph of its own, compiled fwd + bwd (~20-40 s a graph on a loaded 2-core CPU
-    with a cold Inductor cache, nearly all of it C++ compiles of its ~24 kernels): muon_chunk with
-    Newton-Schulz as batched matmuls is not compiled here, because
-    ``test_compiled_step_check_passes_a_correct_compile_without_a_second_graph`` compiles that very
-    graph (its single-chunk ``_chunk_step``: the same shapes and static arguments) and checks it
-    against the reference within the same limits."""
-    for muon, ns_chunk, triton_ns in ((True, False, False), (False, False, False),
+    reference in float32: outputs, state and gradients, Muon (per token and per chunk) and SGD."""
+    for muon, ns_chunk, triton_ns in ((True, False, False), (True, True, False), (False, False, False),
                                       (True, True, True)):  # the NS op (its CPU kernel) through Inductor, padded
         args, leaves = random_problem(N=2, T=10, C=4, c=2, dtype=torch.float32, seed=3)
         fwd, bwd = compare_impls(args, leaves, dict(compile=True, pad_ns=True, triton_ns=triton_ns), chunk_size=4,
