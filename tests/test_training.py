@@ -373,6 +373,26 @@ def test_resume_refuses_another_seq_len_of_the_text_with_as_many_training_window
     assert len(err) == 1 and "another split of it (seq_len 32 there, 33 now)" in err[0]
 
 
+def test_a_refused_resume_with_more_steps_prints_only_the_refusal(tmp_path, capsys):
+    """A resume that re-plans the schedule (a larger --steps) but is refused for its data printed
+    `schedule re-planned at step 2 ...` before the refusal: two lines, the first saying something had
+    happened that had not. The re-plan is said once the run goes on, after `resumed from`."""
+    text = tmp_path / "t.txt"
+    text.write_bytes(bytes(97 + i * 7 % 26 for i in range(1287)))
+    recipe = str(Path(__file__).resolve().parents[1] / "configs" / "gpt_tiny.yaml")  # a byte vocabulary
+    common = ["--data", str(text), "--batch-size", "2", "--no-progress", "--device", "cpu"]
+    out = tmp_path / "run"
+    assert main(["train", recipe, "--out", str(out), "--steps", "2", "--seq-len", "32", *common]) == 0
+    capsys.readouterr()
+    assert main(["train", recipe, "--out", str(out), "--resume", "--steps", "4", "--seq-len", "33", *common]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another split of it (seq_len 32 there, 33 now)" in err[0], err
+    assert main(["train", recipe, "--out", str(out), "--resume", "--steps", "3", "--seq-len", "32", *common]) == 0
+    err = capsys.readouterr().err.splitlines()
+    resumed = next(i for i, line in enumerate(err) if line.startswith("resumed from"))
+    assert err[resumed + 1].startswith("schedule re-planned at step 2 (steps 2 -> 3)"), err
+
+
 def test_grad_accumulation_matches_a_bigger_batch(tmp_path):
     recipe = write_recipe(tmp_path)
     common = ["--steps", "3", "--seq-len", "16", "--warmup", "1", "--no-progress"]

@@ -589,6 +589,7 @@ class Trainer:
         if self.cfg.data is None:  # neither --data nor train.data: the objective's default (mqar, synthetic)
             self.cfg = dataclasses.replace(self.cfg, data=self.objective_cls.default_data)
         self.phase_change: str | None = None
+        self.replan_note: str | None = None
         if state is not None:
             saved_cfg, self.cfg = self._resumed_config(state)
             # a changed setting that picks which parameters the objective trains (ladir's stage): a new phase too
@@ -604,7 +605,8 @@ class Trainer:
                 self.schedule = dataclasses.replace(Schedule.of(self.cfg), anchor=(self.start_step + 1, 1.0)
                                                     if self.start_step > 0 else None)
             elif not before.same_plan(self.schedule) and self.start_step < self.cfg.steps:
-                self.log(before.describe_change(self.schedule, self.start_step, self.cfg.lr))
+                # said after `resumed from` (below): a resume refused on the way (its data) re-plans nothing
+                self.replan_note = before.describe_change(self.schedule, self.start_step, self.cfg.lr)
         cfg = self.cfg
         if opts.stop_after is not None and opts.stop_after > cfg.steps:
             raise TrainError(f"--stop-after {opts.stop_after}: must be <= --steps ({cfg.steps})")
@@ -769,6 +771,8 @@ class Trainer:
             self.log(mode_line)
         if self.resume_from is not None:
             self.log(f"resumed from {self.resume_from} (step {self.start_step})")
+        if self.replan_note is not None:
+            self.log(self.replan_note)
         if self.phase_change is not None:
             self.log(f"--{self.phase_change.replace('_', '-')} {getattr(cfg, self.phase_change)}: a new phase at "
                      f"step {self.start_step}: a fresh optimizer, lr from the peak {cfg.lr:.3g} (no warm-up) "
