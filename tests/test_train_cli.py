@@ -430,6 +430,24 @@ def test_help_shows_every_default_and_version_exists(capsys):
     assert capsys.readouterr().out.startswith(f"hymba {__version__} (torch ")
 
 
+def test_help_names_each_objectives_default_data(capsys):
+    """--data's help said a ladir run has "no default: give one", while a ladir run without --data
+    (or train.data) trains on chain_arith (objectives/ladir.py: default_data): the help names each
+    objective's default as the run uses it."""
+    from hymba_plus.objectives.base import Objective
+    from hymba_plus.objectives.forecast import Forecast
+    from hymba_plus.objectives.ladir import LaDiRObjective
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    i = text.index("--data DATA ", text.index("options:"))
+    data_help = text[i: text.index(" --tokenizer", i)]
+    assert "no default" not in data_help
+    for cls in (Objective, LaDiRObjective, Forecast):
+        assert f"{cls.default_data} (the default)" in data_help or f"(default: {cls.default_data})" in data_help, cls
+
+
 # --------------------------------------------------------------------------- 9. loss.png, file modes
 
 

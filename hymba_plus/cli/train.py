@@ -67,8 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=path_text, help="output folder for checkpoints, metrics.jsonl, loss.png (default: runs/NAME)")
     p.add_argument("--data", type=path_text, help="built-in task (mqar, selective_copy, parity, khop), a text file or folder, or a "
                                   "folder written by `hymba prepare` (default: mqar); objective ladir: chain_arith, "
-                                  "chain_pointer or a JSONL file of {question, reasoning, answer} (no default: give "
-                                  "one); forecast recipes: a series CSV (timestamp column, then numeric columns) or "
+                                  "chain_pointer or a JSONL file of {question, reasoning, answer} (default: "
+                                  "chain_arith); forecast recipes: a series CSV (timestamp column, then numeric columns) or "
                                   "synthetic (the default)")
     p.add_argument("--tokenizer", type=path_text, help="a `tokenizers` JSON file for text and reasoning data (default: bytes)")
     p.add_argument("--mqar-pairs", type=int, help="mqar: key/value pairs per sequence (default: min(seq_len / 4, vocab_size / 2 - 1))")
