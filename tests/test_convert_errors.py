@@ -116,6 +116,21 @@ def test_not_a_model_folder(tmp_path, capsys):
     run_fails(capsys, tmp_path, [tmp_path / "nope", tmp_path / "out"], "no such folder")
 
 
+def test_output_in_folders_that_do_not_exist_yet(sharded, tmp_path, capsys):
+    """README's `hymba convert runs/qwen3-next out/hf` failed where out/ did not exist ("its parent folder
+    ... does not exist") while `hymba train --out` and `hymba prepare --out` make theirs: the missing
+    folders are made, and removed again when the conversion fails (nothing left behind)."""
+    assert main(["convert", str(sharded), str(tmp_path / "runs" / "qwen3" / "ckpt")]) == 0
+    assert (tmp_path / "runs" / "qwen3" / "ckpt" / "recipe.yaml").is_file()
+    assert main(["convert", str(tmp_path / "runs" / "qwen3" / "ckpt"), str(tmp_path / "out" / "hf")]) == 0
+    assert (tmp_path / "out" / "hf" / "config.json").is_file()
+    src = copy(sharded, tmp_path / "src")
+    sorted(src.glob("model-*.safetensors"))[1].unlink()
+    run_fails(capsys, tmp_path, [src, tmp_path / "new" / "deeper" / "out"], "missing shard")
+    (tmp_path / "file").write_text("not a folder")
+    run_fails(capsys, tmp_path, [sharded, tmp_path / "file" / "out"], "file", "not a folder")
+
+
 @pytest.mark.parametrize("pattern, first", [
     ("GA | M3 | GA", "layer 1 (M3+mlp): mixer mamba3 is not expressible"),
     ("GA | GA+moe", "components.moe.bias_update_rate"),

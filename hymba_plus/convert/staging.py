@@ -14,22 +14,39 @@ from pathlib import Path
 from .loader import ConvertError
 
 
+def _existing_ancestor(path: Path) -> Path:
+    """The nearest ancestor of ``path`` that exists (what creating ``path`` starts from)."""
+    p = path.parent
+    while not p.exists() and p.parent != p:
+        p = p.parent
+    return p
+
+
 def check_output(out: Path) -> None:
-    """``out`` may be absent or an empty folder; anything else is refused (nothing is overwritten)."""
+    """``out`` may be absent or an empty folder; anything else is refused (nothing is overwritten).
+    Missing folders above it are made by ``staged`` (as ``hymba train --out`` makes its own); the
+    nearest one that exists must be a writable folder."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConvertError(f"{out}: already exists and is not an empty folder (nothing overwritten; choose "
                            "another output folder)")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise ConvertError(f"{out}: its parent folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise ConvertError(f"{out}: its parent folder {parent} is not writable")
+    base = _existing_ancestor(out.resolve())
+    if not base.is_dir():
+        raise ConvertError(f"{out}: {base} is a file, not a folder")
+    if not os.access(base, os.W_OK):
+        raise ConvertError(f"{out}: the folder {base} is not writable")
 
 
 @contextlib.contextmanager
 def staged(out: Path) -> Iterator[Path]:
     check_output(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent))
+    parent = out.resolve().parent
+    made = None  # the outermost folder made here: removed again if the conversion fails
+    if not parent.exists():
+        made = parent
+        while not made.parent.exists():
+            made = made.parent
+        parent.mkdir(parents=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
@@ -37,7 +54,7 @@ def staged(out: Path) -> Iterator[Path]:
             out.rmdir()
         os.replace(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(made if made is not None else tmp, ignore_errors=True)
         raise
 
 
