@@ -7,6 +7,8 @@
 * The configs table names exactly the recipes in ``configs/``.
 * The recipe block of "A recipe" is ``configs/quad_hybrid_tiny.yaml``; the ``python`` block runs.
 * ``make test`` draws the same property-test examples every run (every ``@given`` test derandomized).
+* Every ``hymba SUB ...`` command in README.md and training/README.md (fenced blocks and inline code)
+  names a subcommand and flags that exist.
 """
 
 from __future__ import annotations
@@ -186,3 +188,50 @@ def test_make_test_draws_the_same_property_examples_every_run():
             if name.startswith("test") and getattr(fn, "is_hypothesis_test", False) and not s.derandomize:
                 random.append(f"{path.name}::{name}")
     assert not random, f"property tests drawing new examples every run: {random}"
+
+
+DOCS = (README, ROOT / "training" / "README.md")
+
+
+def documented_commands(text: str) -> list[str]:
+    """Every ``hymba ...`` command line of ``text``: a line of a fenced block (a ``$ `` prompt, a
+    comment and a ``&&`` chain's other commands cut off) or an inline code span."""
+    cmds = []
+    for block in fenced_blocks(text):
+        for line in block:
+            for part in line.removeprefix("$ ").split("#")[0].split("&&"):
+                if part.strip().startswith("hymba "):
+                    cmds.append(part.strip())
+    outside = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+    cmds += [m.group(1) for m in re.finditer(r"`(hymba [^`]+)`", outside)]
+    return cmds
+
+
+def test_documented_commands_and_flags_exist():
+    """A README command whose subcommand or flag the CLI does not have fails as a usage error when
+    followed; each ``--flag`` of every documented ``hymba`` command (``[--draft CKPT]``, ``--mode a|b``
+    and ``--flag=value`` forms included) is an option of that subcommand's parser."""
+    import argparse
+
+    from hymba_plus.cli import COMMANDS
+
+    flags = {}
+    for name, (module, _) in COMMANDS.items():
+        p = argparse.ArgumentParser()
+        importlib.import_module(f"hymba_plus.cli.{module}").add_arguments(p)
+        flags[name] = set(p._option_string_actions)
+    seen, wrong = 0, []
+    for doc in DOCS:
+        for cmd in documented_commands(doc.read_text()):
+            words = cmd.replace("[", " ").replace("]", " ").split()
+            if words[1].endswith(":"):
+                continue  # a sample error line (`hymba convert: src/config.json: ...`), not a command
+            if words[1] not in COMMANDS:
+                wrong.append(f"{doc.name}: `{cmd}`: no subcommand {words[1]!r}")
+                continue
+            seen += 1
+            for w in words[2:]:
+                flag = w.split("=")[0]
+                if flag.startswith("--") and flag not in flags[words[1]]:
+                    wrong.append(f"{doc.name}: `{cmd}`: hymba {words[1]} has no {flag}")
+    assert seen > 40 and not wrong, wrong
