@@ -262,6 +262,10 @@ def test_info_errors(capsys, tmp_path):
     assert code == 1 and err == [f"{tmp_path / 'missing.yaml'}: file not found"]  # no line: no ':0:'
     code, _, err = run(capsys, "info", str(tmp_path))
     assert code == 1 and err == [f"{tmp_path}: is a directory, expected a recipe file"]
+    # RECIPE is a file: a path without the .yaml suffix that does not exist (`configs/gpt_tiny`) was read as
+    # a YAML string, `<recipe>:1: 'configs/gpt_tiny' is neither an existing recipe file nor a YAML mapping ...`
+    code, _, err = run(capsys, "info", str(tmp_path / "gpt_tiny"))
+    assert code == 1 and err == [f"{tmp_path / 'gpt_tiny'}: file not found"]
     code, _, err = run(capsys, "info", str(ROOT / "configs" / "gpt_tiny.yaml"), "--seq-lens", "0,x")
     assert code == 2 and err == ["hymba info: --seq-lens must be positive integers separated by commas, got '0,x'"]
 

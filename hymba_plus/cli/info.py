@@ -35,6 +35,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -551,7 +552,7 @@ def run(args: argparse.Namespace) -> int:
     if not lens or any(n < 1 for n in lens):
         raise UsageError(f"--seq-lens must be positive integers separated by commas, got {args.seq_lens!r}")
     try:
-        recipe = load_recipe(args.recipe)
+        recipe = load_recipe(Path(args.recipe))  # a file (a str that is no path would be read as YAML text)
     except RecipeError as e:
         for line in e.errors:
             emit(" ".join(line.split("\n")), err=True)
