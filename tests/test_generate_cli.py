@@ -105,6 +105,8 @@ def test_training_out_folder_resolves_to_its_newest_checkpoint(ckpts, capsys, tm
     (["--prompt", "1", "--max-new-tokens", "0"], 2, "--max-new-tokens"),
     (["--prompt", "1", "--engine", "static", "--mode", "block_diffusion"], 2, "--engine: only for --mode ar"),
     (["--prompt", "1", "--engine", "graph"], 1, "--engine: engine='graph' needs a CUDA device"),
+    # (was the API's line after loading the model, exit 1: "threshold must be a number > 0 (or None ...)")
+    (["--prompt", "1", "--mode", "block_diffusion", "--threshold", "0"], 2, "--threshold 0.0: must be > 0, or none"),
 ])
 def test_bad_generate_input_is_one_line(ckpts, capsys, args, code, needle):
     rc, out, err = gen(capsys, str(ckpts / "ids"), *args)

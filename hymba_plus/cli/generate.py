@@ -220,6 +220,8 @@ def _run(args: argparse.Namespace) -> int:
             raise UsageError(f"{flag}: only for --mode {' or '.join(modes)}")
     if args.k is not None and args.k < 1:
         raise UsageError(f"--k {args.k}: must be >= 1")
+    if isinstance(args.threshold, float) and args.threshold <= 0:
+        raise UsageError(f"--threshold {args.threshold}: must be > 0, or none (the --steps schedule)")
     if args.mode == "speculative" and args.draft is None:
         raise UsageError("--mode speculative needs --draft DRAFT_CKPT (the draft model's checkpoint)")
     try:
