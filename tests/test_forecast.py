@@ -538,6 +538,23 @@ def test_bad_csvs_one_line_error_nonzero_exit_nothing_written(tmp_path, capsys) 
         assert not out.exists()  # nothing written
 
 
+def test_a_missing_series_file_names_what_a_forecast_run_reads(tmp_path, capsys) -> None:
+    """`--data mqar` (a token task) or a mistyped CSV name on a forecast recipe said only `mqar: no such
+    file`; a ladir run names its built-in tasks there: the forecast one names the CSV it wants and
+    `synthetic`, its built-in series."""
+    import yaml
+
+    cfg = tmp_path / "fc.yaml"
+    cfg.write_text(yaml.safe_dump(recipe()))
+    for data in ("mqar", str(tmp_path / "seres.csv")):
+        out = tmp_path / "run"
+        rc = main(["train", str(cfg), "--data", data, "--out", str(out), "--steps", "2", "--no-progress"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 1 and "\n" not in err and not out.exists(), err
+        assert err.startswith(f"hymba train: {data}: no such file (a forecast recipe reads a series CSV, or "
+                              "synthetic: the built-in series)"), err
+
+
 # --------------------------------------------------------------------------- CLI end to end
 
 

@@ -312,6 +312,9 @@ class SeriesStream:
             what = (f"synthetic series ({obj.channels} channel{'s' if obj.channels != 1 else ''} x {length} steps: "
                     f"season {max(obj.season, 2)}, trend, regime changes, AR(1) noise; seed {seed})")
         else:
+            if not Path(data).exists():  # e.g. a token task (mqar) or a mistyped CSV name: say what is read here
+                raise DataError(f"{data}: no such file (a forecast recipe reads a series CSV, or {SYNTHETIC}: the "
+                                "built-in series)")
             self.series = read_csv(data)
             what = f"{data} ({len(self.series.columns)} column{'s' if len(self.series.columns) != 1 else ''}: " \
                    f"{', '.join(self.series.columns[:6])}{', ...' if len(self.series.columns) > 6 else ''}; " \
