@@ -163,7 +163,7 @@ def test_a_bad_generation_config_is_one_line(tmp_path, capsys, text, says) -> No
 @pytest.mark.parametrize("flag, says", [
     ("x", "argument --eos: 'x': token ids separated by commas"),
     ("1,-2", "argument --eos: '1,-2': token ids are >= 0"),
-    ("1,99", "--eos: eos_token_id must be a token id in [0, 24)"),
+    ("1,99", "--eos 1,99: token id 99 is outside [0, 24)"),  # (was the API's "eos_token_id must be ... (or None ...)")
 ])
 def test_bad_eos_flags(tmp_path, capsys, flag, says) -> None:
     _, ckpt = _ids_checkpoint(tmp_path)

@@ -107,6 +107,8 @@ def test_training_out_folder_resolves_to_its_newest_checkpoint(ckpts, capsys, tm
     (["--prompt", "1", "--engine", "graph"], 1, "--engine: engine='graph' needs a CUDA device"),
     # (was the API's line after loading the model, exit 1: "threshold must be a number > 0 (or None ...)")
     (["--prompt", "1", "--mode", "block_diffusion", "--threshold", "0"], 2, "--threshold 0.0: must be > 0, or none"),
+    # (was the API's "--eos: eos_token_id must be a token id in [0, 256) ... (or None: no end token), got [999]")
+    (["--prompt", "1", "--eos", "2,999"], 1, "--eos 2,999: token id 999 is outside [0, 256)"),
 ])
 def test_bad_generate_input_is_one_line(ckpts, capsys, args, code, needle):
     rc, out, err = gen(capsys, str(ckpts / "ids"), *args)

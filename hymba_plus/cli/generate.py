@@ -144,7 +144,12 @@ def end_ids(args: argparse.Namespace, ckpt: Path, tokenizer: Any, vocab_size: in
     from ..models.lm import CheckpointError, generation_config
 
     if args.eos is not None:
-        return None if args.eos == "none" else args.eos
+        if args.eos == "none":
+            return None
+        bad = next((i for i in args.eos if not 0 <= i < vocab_size), None)
+        if bad is not None:
+            raise UserError(f"--eos {','.join(map(str, args.eos))}: token id {bad} is outside [0, {vocab_size})")
+        return args.eos
     try:
         cfg = generation_config(ckpt, vocab_size)
     except CheckpointError as e:
