@@ -208,6 +208,19 @@ def test_a_draft_too_short_for_the_prompt_is_named(ckpts, capsys, tmp_path):
     assert "draft: its max_seq_len (4) leaves no room for a new token after the 4-token prompt" in err, err
 
 
+def test_a_forecaster_as_the_draft_is_named_as_such(ckpts, capsys, tmp_path):
+    """A forecast checkpoint given as --draft said "vocab_size None differs from ...'s vocab_size 256": it
+    has no vocabulary at all, which the line now says."""
+    fc = {"name": "fc", "model": {"d_model": 32, "max_seq_len": 16, "block_pattern": "GA"},
+          "components": {"gated_attn": {"n_heads": 2}},
+          "objective": {"kind": "forecast", "context": 16, "horizon": 4, "patch": 4, "channels": 1, "season": 4}}
+    build_model(fc).save_pretrained(tmp_path / "fc")
+    rc, out, err = gen(capsys, str(ckpts / "ids"), "--prompt", "1 2", "--mode", "speculative", "--draft",
+                       str(tmp_path / "fc"))
+    assert rc == 1 and out == "" and err.count("\n") == 1 and "None" not in err, err
+    assert f"--draft {tmp_path / 'fc'}: a forecaster (objective forecast, no vocabulary) cannot draft tokens" in err
+
+
 def test_python_warnings_are_one_line_notices_and_the_api_keeps_its_own(ckpts, capsys, tmp_path):
     """A warning raised inside the command (from_pretrained's recipe-hash mismatch) printed as Python's
     two lines with a source path; the CLI prints `warning: MESSAGE`, and leaves warnings.showwarning

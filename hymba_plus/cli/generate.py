@@ -280,6 +280,9 @@ def _run(args: argparse.Namespace) -> int:
         except CheckpointError as e:
             raise UserError(f"--draft: {e}") from None
         draft.eval()
+        if draft.config.vocab_size is None:  # a forecaster: numbers in and out
+            raise UserError(f"--draft {draft_ckpt}: a forecaster (objective forecast, no vocabulary) cannot draft "
+                            "tokens")
         if draft.config.vocab_size != model.config.vocab_size:
             raise UserError(f"--draft {draft_ckpt}: vocab_size {draft.config.vocab_size} differs from {ckpt}'s "
                             f"vocab_size {model.config.vocab_size}; the draft must share the vocabulary")
