@@ -267,6 +267,9 @@ def test_directory_and_pathlike(tmp_path):
     ("name: x\nmodel: {vocab_size: 64, d_model: 32,\n  block_pattern: GA", 3, "flow mapping started at line 2"),
     ("name: x\nmodel: [1,\n\n\n", 2, None),  # trailing blank lines: the last line with text
     ("name: 'x\n", 1, None),
+    # a flow node the stream ends in is marked at the end too: it said "(... started at line 2)" of a 1-line file
+    ("name: [\n", 1, None),
+    ("name: x\nmodel: [", 2, None),
 ])
 def test_yaml_error_at_the_end_points_at_the_last_line(tmp_path, text, line, context):
     p = tmp_path / "r.yaml"
@@ -276,6 +279,8 @@ def test_yaml_error_at_the_end_points_at_the_last_line(tmp_path, text, line, con
     assert line <= len(text.splitlines())
     if context:
         assert err.endswith(f"(while parsing a {context})"), err
+    else:
+        assert "started at line" not in err, err
 
 
 def test_bool_is_never_a_number():

@@ -763,8 +763,9 @@ def _parse_yaml(text: str, file: str) -> Any:
         last = max((i + 1 for i, t in enumerate(text.splitlines()) if t.strip()), default=1)
         ln = min(mark.line + 1, last) if mark else 1
         where = ""
-        if e.context and e.context_mark is not None and e.context_mark.line + 1 != ln:
-            where = f" ({e.context} started at line {e.context_mark.line + 1})"
+        # (a context marked at the end too, e.g. a flow node the stream ends in, is on that same last line)
+        if e.context and e.context_mark is not None and min(e.context_mark.line + 1, last) != ln:
+            where = f" ({e.context} started at line {min(e.context_mark.line + 1, last)})"
         raise RecipeError([f"{file or '<recipe>'}:{ln}: invalid YAML: {e.problem or e}{where}"]) from None
     except yaml.reader.ReaderError as e:  # a character YAML does not allow: its line, one line
         ln = _line_at(text, e.position, loader) if isinstance(e.position, int) else 1
