@@ -113,6 +113,21 @@ def test_check_folders_recurse_and_mix(capsys, tmp_path):
     assert code == 0 and out == ["1 recipe checked, 0 invalid"]
 
 
+def test_check_reports_a_broken_symlink_in_a_folder(capsys, tmp_path):
+    """A `*.yaml` in a folder that is a symlink to a missing file (or a loop of links) was skipped without a
+    word, and the folder passed (exit 0) with that recipe unchecked: it is an invalid recipe, one line."""
+    a = write(tmp_path / "a.yaml", good())
+    (tmp_path / "gone.yaml").symlink_to(tmp_path / "moved" / "gone.yaml")
+    (tmp_path / "l1.yaml").symlink_to(tmp_path / "l2.yaml")
+    (tmp_path / "l2.yaml").symlink_to(tmp_path / "l1.yaml")
+    code, out, err = run(capsys, "check", str(tmp_path))
+    assert code == 1 and out == [f"OK {a} (good, 2 layers, {load_recipe(a).hash()})"]
+    assert err == [f"{tmp_path / 'gone.yaml'}: a broken symlink (to {tmp_path / 'moved' / 'gone.yaml'})",
+                   f"{tmp_path / 'l1.yaml'}: a broken symlink (to {tmp_path / 'l2.yaml'})",
+                   f"{tmp_path / 'l2.yaml'}: a broken symlink (to {tmp_path / 'l1.yaml'})",
+                   "4 recipes checked, 3 invalid"], err
+
+
 def test_check_reports_several_errors_of_one_file(capsys, tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("name: x\nmodel:\n  vocab_size: 0\n  d_model: 32\n  block_pattern: GA\n  meta_tokens: -1\n")

@@ -42,7 +42,7 @@ def find_recipes(paths: list[str]) -> list[Path]:
         if p.is_dir():
             found = sorted(
                 f for f in p.rglob("*")
-                if f.suffix in SUFFIXES and f.is_file()
+                if f.suffix in SUFFIXES and (f.is_file() or f.is_symlink() and not f.exists())  # a broken link: an error
                 and not any(part.startswith(".") for part in f.relative_to(p).parts)
             )
             if not found:
@@ -50,8 +50,8 @@ def find_recipes(paths: list[str]) -> list[Path]:
             out += found
         else:
             out.append(p)
-    seen: set[Path] = set()
-    return [f for f in out if not (f.resolve() in seen or seen.add(f.resolve()))]
+    seen: set[str] = set()  # (realpath: Path.resolve raises on a loop of links)
+    return [f for f in out if not (os.path.realpath(f) in seen or seen.add(os.path.realpath(f)))]
 
 
 class Checked(NamedTuple):

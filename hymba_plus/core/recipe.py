@@ -800,6 +800,8 @@ def _read_source(source: "str | os.PathLike") -> tuple[str, str]:
         "\n" not in s and (s.endswith((".yaml", ".yml")) or os.path.exists(s)))
     if as_path:
         p = Path(s)
+        if not p.exists() and p.is_symlink():
+            raise RecipeError([f"{s}: a broken symlink (to {os.readlink(p)})"])
         if not p.exists():
             raise RecipeError([f"{s}: file not found"])  # no line to name: FILE: message
         if p.is_dir():
