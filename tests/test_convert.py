@@ -408,3 +408,35 @@ def test_tokenizer_settings_survive_import_and_export(tmp_path):
     src, back = (tf.AutoTokenizer.from_pretrained(tmp_path / p) for p in ("hf", "back"))
     assert (back.bos_token, back.eos_token, back.pad_token, back.model_max_length) == ("w1", "w2", "w3", 128)
     assert back.chat_template == src.chat_template is not None
+
+
+def test_export_names_the_end_token_hymba_generate_stops_at(tmp_path):
+    """A trained checkpoint has no generation_config.json; ``hymba generate`` ends a row at its
+    tokenizer's end token, and the export now names it (it wrote no eos_token_id, so transformers'
+    generate ran past it): from the vocabulary's ``</s>``, from ``tokenizer_config.json``'s
+    ``eos_token`` over that, and the checkpoint's own ``generation_config.json`` over both."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from hymba_plus import build_model
+
+    r = {"name": "eos", "model": {"vocab_size": 64, "d_model": 32, "block_pattern": "GA+mlp | GA+mlp"},
+         "components": {"gated_attn": {"n_heads": 4}, "mlp": {"d_hidden": 48}}}
+    vocab = {f"w{i}": i for i in range(60)} | {"</s>": 60}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+
+    def exported(name: str, side: dict | None = None, gen: dict | None = None) -> tuple[object, object]:
+        src = tmp_path / name
+        build_model(r).save_pretrained(src)
+        tok.save(str(src / "tokenizer.json"))
+        for fname, data in (side or {}).items():
+            (src / fname).write_text(json.dumps(data))
+        if gen is not None:
+            (src / "generation_config.json").write_text(json.dumps(gen))
+        export_hf(src, tmp_path / f"{name}_hf")
+        out = [json.loads((tmp_path / f"{name}_hf" / f).read_text()) for f in ("generation_config.json", "config.json")]
+        return out[0].get("eos_token_id"), out[1].get("eos_token_id")
+
+    assert exported("vocab") == (60, 60)
+    assert exported("side", {"tokenizer_config.json": {"eos_token": "w7"}}) == (7, 7)
+    assert exported("gen", gen={"eos_token_id": [3, 4]}) == ([3, 4], [3, 4])

@@ -4,7 +4,9 @@ the tokenizer) that ``transformers`` loads with no missing or unexpected weights
 
 The family is the simplest one with every feature the recipe uses (``families``), or the one
 asked for; a recipe it cannot express is refused with one line naming the first layer or
-option (``Family.problems``). Tensors are read memory-mapped from ``model.safetensors`` and
+option (``Family.problems``). ``generation_config.json`` (and ``config.json``) name the end ids
+``hymba generate`` stops at: the checkpoint's ``generation_config.json`` ``eos_token_id`` (an
+import's), else its tokenizer's end token. Tensors are read memory-mapped from ``model.safetensors`` and
 written shard by shard (``loader.ShardWriter``), experts in the per-expert layout HF
 checkpoints are saved in.
 """
@@ -69,7 +71,7 @@ def export_hf(ckpt: str | Path, out: str | Path, *, architecture: str | None = N
                 if bool(reader.get(k).any()):
                     raise ConvertError(f"{ckpt / 'model.safetensors'}: {k} is nonzero ({fam.architecture} has no "
                                        "expert bias)")
-    tok_text = None
+    tok_text, tok_eos = None, None
     tok_path = ckpt / "tokenizer.json"
     if tok_path.is_file():
         from ..training.tokenizer import load_file
@@ -79,6 +81,7 @@ def export_hf(ckpt: str | Path, out: str | Path, *, architecture: str | None = N
         except TokenizerError as e:
             raise ConvertError(str(e)) from None
         tok_text = tok.to_json() if tok.kind == "tokenizers" else None
+        tok_eos = tok.eos_id if tok.eos_id is not None and tok.eos_id < recipe.model.vocab_size else None
         if tok_text is None and log is not None:
             log(f"note: {tok_path} is hymba's built-in {tok.kind} tokenizer, which transformers has no file for: "
                 "not exported (importing this folder back needs --no-tokenizer)")
@@ -90,8 +93,10 @@ def export_hf(ckpt: str | Path, out: str | Path, *, architecture: str | None = N
         sides = side_files(ckpt) if tok_text is not None else {}
     except TokenizerError as e:
         raise ConvertError(str(e)) from None
+    if "eos_token_id" not in gen and tok_eos is not None:  # hymba generate's end: the tokenizer's end token
+        gen["eos_token_id"] = tok_eos
     cfg = fam.hf_config(recipe)
-    if "eos_token_id" in gen:  # the end ids an import brought (transformers reads both files)
+    if "eos_token_id" in gen:  # the end ids (an import's, or the tokenizer's); transformers reads both files
         cfg["eos_token_id"] = gen["eos_token_id"]
     dtype = None
     with staged(out) as tmp:
