@@ -48,7 +48,14 @@ class Objective(nn.Module):
       ``eval_loss`` (the weighted mean over batches), ``labels`` the scored ones (a batch's
       repeated rows blanked): ``train_items`` of them, so ``eval_loss`` is the mean over every
       scored held-out item (ladir: over the distinct held-out examples, its loss being a mean
-      over their rows).
+      over their rows);
+    * ``eval_begin(step)`` / ``eval_end(sums)``: around an evaluation at training step ``step``
+      (None outside the training loop); ``eval_end`` gets the summed ``eval_sums`` (the same on
+      every process), may change how the objective trains from then on (block diffusion's clip
+      search) and returns metrics logged under their own names; nothing by default;
+    * ``train_state()`` / ``load_train_state(state)``: what the objective learned while training
+      besides its parameters (JSON, saved in the checkpoint's trainer state and given back on
+      ``--resume``; a checkpoint without it gives ``{}``); none by default.
     """
 
     mask_token_id: int | None = None
@@ -79,6 +86,20 @@ class Objective(nn.Module):
     def eval_results(self, sums: dict[str, float]) -> dict[str, float]:
         """Held-out metrics (without the ``eval_`` prefix) from the summed ``eval_sums``."""
         return {}
+
+    def eval_begin(self, step: int | None) -> None:
+        """Before an evaluation at training step ``step`` (nothing by default)."""
+
+    def eval_end(self, sums: dict[str, float]) -> dict[str, float]:
+        """After an evaluation, from the summed ``eval_sums``: metrics logged as named (none by default)."""
+        return {}
+
+    def train_state(self) -> dict[str, Any]:
+        """The objective's training state besides its parameters (JSON; none by default)."""
+        return {}
+
+    def load_train_state(self, state: dict[str, Any]) -> None:
+        """Take back ``train_state()`` from a checkpoint (nothing by default)."""
 
     def train_items(self, ids: Tensor, labels: Tensor, batch: Any = None) -> Tensor:
         """The items a batch's loss is the mean over (a 0-d device tensor, no host read): by default

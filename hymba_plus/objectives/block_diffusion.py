@@ -13,8 +13,18 @@ minimises the block NELBO (BD3-LM Eq. 8-10, with MDLM's SUBS parameterisation):
   every token of block b is replaced by [MASK] with probability m(t_b); with ``resample``
   (BD3-LM's training setting) conditioned on the block's masked fraction lying in
   [m(beta), m(omega)], which the independent draws often miss at small blocks (block 4,
-  clip [0.3, 0.8]: ~40% of blocks, 7% with no mask at all and so no loss). BD3-LM's search
-  for the clip range of least variance is not implemented (``clip`` is fixed);
+  clip [0.3, 0.8]: ~40% of blocks, 7% with no mask at all and so no loss);
+* ``clip_search`` (off by default: ``clip`` is then fixed): BD3-LM's data-driven noise
+  schedule (§5, data-driven noise schedules; its code's
+  ``_clipped_schedule_search``): at an evaluation the held-out batches are also noised with
+  every candidate range of ``clip_search.grid`` (the same seeded uniforms mapped to each
+  range, so the candidates differ only by their range), each block's NELBO term
+  ``w(t_b) * sum_{i in b, masked, scored} CE_i / block_size`` is computed under each, and
+  training continues with the range whose terms have the least variance (the first of equal
+  ones); the variance is pooled over every block of every evaluated batch and process (BD3-LM
+  sums its per-batch variances of the same per-block terms). Logged as ``bd/clip_lo``,
+  ``bd/clip_hi``, ``bd/clip_var`` and each candidate's ``bd/var[lo,hi]``; the range in use is
+  saved with the checkpoint (``train_state``), so a resume goes on with it;
 * schedules (mask rate m(t), weight w(t) = m'(t) / m(t)): ``log_linear`` m = t, w = 1/t;
   ``cosine`` m = 1 - cos(pi t / 2); ``exponential`` m = t^p (``exponent`` p; BD3-LM's
   "square" for p = 2), w = p / t;
@@ -52,6 +62,23 @@ T_EPS = 1e-3  # smallest noise level (the 1/t weights stay finite)
 
 
 @dataclass(frozen=True)
+class ClipSearchConfig:
+    grid: tuple[tuple[float, float], ...] = spec(((0.0, 1.0), (0.3, 0.8), (0.45, 0.95)),
+                                                doc="candidate [beta, omega] ranges (BD3-LM §5's search grid)")
+    every: int = spec(1, min=1, doc="search at the evaluations of steps that are multiples of every x "
+                      "train.eval_every (1: at each periodic evaluation, as BD3-LM at each validation)")
+
+    def check(self, model):  # noqa: ANN001
+        if not self.grid:
+            yield "grid", "must name at least one [beta, omega] range"
+        for i, (lo, hi) in enumerate(self.grid):
+            if not (math.isfinite(lo) and math.isfinite(hi) and 0.0 <= lo <= hi <= 1.0):
+                yield f"grid[{i}]", f"must be [beta, omega] with 0 <= beta <= omega <= 1, got [{lo:g}, {hi:g}]"
+            elif hi < T_EPS:
+                yield f"grid[{i}]", f"omega must be >= {T_EPS:g} (the smallest noise level), got {hi:g}"
+
+
+@dataclass(frozen=True)
 class BlockDiffusionConfig:
     kind: str = spec("block_diffusion", choices=("block_diffusion",))
     block_size: int = spec(16, min=1, max=1 << 16, doc="tokens per diffusion block; divides max_seq_len and "
@@ -61,6 +88,8 @@ class BlockDiffusionConfig:
     clip: tuple[float, float] = spec((0.0, 1.0), doc="[beta, omega]: training noise levels t ~ U[beta, omega]")
     resample: bool = spec(False, doc="keep every block's masked fraction inside [m(beta), m(omega)] (BD3-LM's "
                           "resampling, its training scripts' setting); off: each token masked on its own")
+    clip_search: ClipSearchConfig | None = spec(None, doc="BD3-LM's search for the clip range of least variance "
+                                                "at evaluations (training then uses it); null: clip stays fixed")
 
     def check(self, model):  # noqa: ANN001
         lo, hi = self.clip
@@ -74,6 +103,12 @@ class BlockDiffusionConfig:
         if self.resample and not _allowed_counts(self, lo, hi).any():
             yield "resample", (f"no masked fraction k / {self.block_size} of a block lies in the clip range's mask "
                                f"rates: widen clip or enlarge block_size")
+        if self.resample and self.clip_search is not None:
+            for i, (g_lo, g_hi) in enumerate(self.clip_search.grid):
+                if 0.0 <= g_lo <= g_hi <= 1.0 and not _allowed_counts(self, g_lo, g_hi).any():
+                    yield f"clip_search.grid[{i}]", (f"no masked fraction k / {self.block_size} of a block lies in "
+                                                     f"[{g_lo:g}, {g_hi:g}]'s mask rates (resample): widen it or "
+                                                     f"enlarge block_size")
 
     def check_recipe(self, model, comps: dict):  # noqa: ANN001, ANN201
         """An ETD model (``model.etd``) trains by block diffusion at fixed depth: its two-stream forward
@@ -137,6 +172,24 @@ class BlockDiffusion(Objective):
         self.mask_token_id = vocab_size
         self.init_std = init_std
         self.mask_embed = nn.Parameter(torch.zeros(d_model))
+        self.clip: tuple[float, float] = tuple(cfg.clip)  # the training range: the recipe's, or the searched one
+        self._eval_every: int | None = None  # train.eval_every (configure)
+        self._search = False  # this evaluation also measures the candidates' variance (eval_begin)
+        if cfg.clip_search is not None:  # the step reads the range on the host (resample's allowed counts)
+            self.graph_because = "clip_search changes the training clip range at evaluations"
+
+    def configure(self, train_cfg: Any) -> None:
+        self._eval_every = train_cfg.eval_every
+
+    def train_state(self) -> dict[str, Any]:
+        return {"clip": list(self.clip)} if self.cfg.clip_search is not None else {}
+
+    def load_train_state(self, state: dict[str, Any]) -> None:
+        """The searched range of a checkpoint (one saved before any search, or without one, keeps
+        the recipe's ``clip``)."""
+        clip = state.get("clip")
+        if self.cfg.clip_search is not None and clip is not None:
+            self.clip = (float(clip[0]), float(clip[1]))
 
     def reset_special(self) -> None:
         nn.init.normal_(self.mask_embed, 0.0, self.init_std)
@@ -218,7 +271,7 @@ class BlockDiffusion(Objective):
         after it), so a prompt that shares a block with its answer is partly masked there."""
         from ..models.lm import ModelOutput
 
-        lo, hi = self.cfg.clip
+        lo, hi = self.clip
         t = self.sample_t((ids.shape[0], ids.shape[1] // self.cfg.block_size), ids.device, lo, hi)
         xt, masked = self.noise(ids, t, clip=(lo, hi))
         logits, ctx = self.two_stream_logits(model, xt, ids)
@@ -253,7 +306,71 @@ class BlockDiffusion(Objective):
         correct = int((logits.argmax(-1)[m] == ids[m]).sum())
         from ..models.lm import ModelOutput
 
-        return loss, correct, int(m.sum()), ModelOutput(logits=logits, stats=ctx.stats or None)
+        stats = dict(ctx.stats)
+        if self._search:
+            for j, (lo, hi) in enumerate(self.cfg.clip_search.grid):
+                terms, has = self.block_terms(model, ids, scored, seed, lo, hi)
+                terms = terms[has].double()
+                stats[f"clip_search/{j}_n"] = float(has.sum())
+                stats[f"clip_search/{j}_s1"] = float(terms.sum())
+                stats[f"clip_search/{j}_s2"] = float((terms * terms).sum())
+        return loss, correct, int(m.sum()), ModelOutput(logits=logits, stats=stats or None)
+
+    # ------------------------------------------------------------------ clip search (BD3-LM §5)
+    def block_terms(self, model, ids: Tensor, scored: Tensor, seed: int, lo: float, hi: float,  # noqa: ANN001
+                    ) -> tuple[Tensor, Tensor]:
+        """([B, nb] float32 per-block NELBO terms ``w(t_b) * sum_{i in b, masked, scored} CE_i / block_size``
+        with levels from [lo, hi] and the masks training draws there (``resample`` included), [B, nb]
+        bool: the block scores a token). Row i's noise is seeded by ``seed + i``, as ``eval_batch``'s,
+        so every candidate range maps the same uniforms (common random numbers)."""
+        bs = self.cfg.block_size
+        B, L = ids.shape
+        nb = L // bs
+        rows = []
+        for i in range(B):  # (a loop over a held-out batch's rows, not over tokens)
+            g = torch.Generator(device=ids.device).manual_seed(seed + i)
+            t_i = self.sample_t((1, nb), ids.device, lo, hi, g)
+            rows.append((t_i, *self.noise(ids[i:i + 1], t_i, g, clip=(lo, hi))))
+        t, xt, masked = (torch.cat(parts) for parts in zip(*rows))
+        logits, _ = self.two_stream_logits(model, xt, ids)
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten(), reduction="none").view(B, L)
+        w = weight(self.cfg, t).repeat_interleave(bs, dim=1)
+        per = torch.where(masked & scored, ce * w, torch.zeros_like(ce))
+        return per.view(B, nb, bs).sum(-1) / bs, scored.view(B, nb, bs).any(-1)
+
+    def eval_begin(self, step: int | None) -> None:
+        """An evaluation at training step ``step`` searches the clip range when ``clip_search`` is on
+        and the step is a multiple of ``every`` x ``train.eval_every``."""
+        cs, every = self.cfg.clip_search, self._eval_every
+        self._search = (cs is not None and step is not None and every is not None and step > 0
+                        and step % (cs.every * every) == 0)
+
+    def eval_end(self, sums: dict[str, float]) -> dict[str, float]:
+        """The search's choice from the summed candidates' sums (the same on every process, so all
+        choose alike): the range whose per-block terms have the least variance (pooled: s2 / n -
+        (s1 / n)^2; the first of equal ones) is the training range from now on."""
+        searched, self._search = self._search, False
+        if not searched:
+            return {}
+        res: dict[str, float] = {}
+        best = None
+        for j, (lo, hi) in enumerate(self.cfg.clip_search.grid):
+            n, s1, s2 = (sums.get(f"clip_search/{j}_{k}", 0.0) for k in ("n", "s1", "s2"))
+            if n <= 0:  # nothing scored: no estimate
+                continue
+            var = max(s2 / n - (s1 / n) ** 2, 0.0)
+            res[f"bd/var[{lo:g},{hi:g}]"] = var
+            if best is None or var < best[0]:
+                best = (var, lo, hi)
+        if best is None:
+            return res
+        self.clip = (best[1], best[2])
+        res.update({"bd/clip_lo": best[1], "bd/clip_hi": best[2], "bd/clip_var": best[0]})
+        return res
+
+    def eval_sums(self, out: Any) -> dict[str, float]:
+        """The clip search's per-candidate sums (block count, sum and sum of squares of the terms)."""
+        return {k: float(v) for k, v in (out.stats or {}).items() if k.startswith("clip_search/")}
 
 
 def reference_logits(model, xt: Tensor, x0: Tensor, block_size: int, grad: bool = False) -> Tensor:  # noqa: ANN001

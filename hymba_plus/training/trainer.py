@@ -680,6 +680,8 @@ class Trainer:
         self.masters = (MasterWeights(compute_weights(model)) if bf16_flag is not None and not self.info.enabled
                         else None)
         self.objective = model.objective  # its loss and metric (objectives/); the loop never asks which one
+        if state is not None:  # what it learned besides its weights (block diffusion's searched clip range)
+            self.objective.load_train_state(state.get("objective") or {})
         self.teacher = None
         # the teacher: --distill, else the resumed run's (a plain --resume dropped it silently)
         self.distill_from = opts.distill if opts.distill is not None else (state or {}).get("distill")
@@ -1208,7 +1210,7 @@ class Trainer:
                 f"or a smaller grad_clip")
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, step: int | None = None) -> dict[str, float]:
         """Held-out loss and accuracy (or perplexity) of the model, teacher-forced over whole
         held-out sequences; ``eval_loss`` is the mean over every scored item (each batch's mean
         weighed by ``Objective.eval_weight``: its scored targets, LaDiR's distinct rows). When its
@@ -1218,9 +1220,11 @@ class Trainer:
         per sequence of the routed run. The routes are decided from the whole sequence (as in
         router training, and as Dr.LLM's code routes every forward); ``generate`` decides them
         from the prompt at the prefill, so where answers follow a prompt, a route here can
-        differ from the one generation takes."""
+        differ from the one generation takes. ``step``: the training step it follows (the
+        objective's ``eval_begin`` / ``eval_end`` around it: block diffusion's clip search)."""
         cfg, dev, info = self.cfg, self.info.device, self.info
         self.model.eval()
+        self.objective.eval_begin(step)
         B = cfg.batch_size
         n_batches = cfg.eval_batches
         n_eval = self.stream.n_eval()
@@ -1275,6 +1279,7 @@ class Trainer:
                 res[f"eval_applications{run}"] = apps / (n_batches * info.world)
         if keys:  # e.g. forecast: mse, mae, mase, crps and the seasonal-naive baseline's
             res.update({f"eval_{k}": v for k, v in self.objective.eval_results(extra).items()})
+        res.update(self.objective.eval_end(extra))  # e.g. block diffusion's searched clip range
         return res
 
     def save(self, step: int) -> Path:
@@ -1285,7 +1290,7 @@ class Trainer:
             "recipe_hash": self.recipe.hash(), "metrics": self.rows[-1] if self.rows else None,
             "train_only": self.mode,
             "distill": str(Path(self.distill_from).resolve()) if self.distill_from is not None else None,
-            "route_search": self.route_search,
+            "route_search": self.route_search, "objective": self.objective.train_state(),
         }
         tok = self.stream.tokenizer  # None for series: a forecast model reads numbers
         files = {**self.carried, "tokenizer.json": tok.to_json()} if tok is not None else {}
@@ -1415,7 +1420,7 @@ class Trainer:
                         self.log(f"{signals.requested} in the last step: saved step {n}; the final evaluation "
                                  "follows (another signal stops it)")
                     if (n % cfg.eval_every == 0 or last) and not interrupted:
-                        last_eval = self.evaluate()
+                        last_eval = self.evaluate(n)
                         row.update(last_eval)
                         self.log(f"step {n}/{cfg.steps}: loss {loss:.4f}, "
                                  + ", ".join(f"{k} {_fmt(v)}" for k, v in last_eval.items()))
