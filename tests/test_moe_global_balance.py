@@ -102,6 +102,26 @@ def test_one_micro_batch_on_one_process_is_per_layer_bit_for_bit(case):
     assert rows == {"plain": [1, 1], "dr.llm repeat": [2, 2]}.get(case, [2, 1])  # think block, decoder
 
 
+def test_checkpointed_block_recomputes_with_the_counts_its_first_run_saw():
+    """Two calls of the model before one backward (LaDiR's losses: the encoder pass, then the
+    decoder's): the second call adds its counts to the same rows, so a checkpointed block of the
+    first call, recomputed in the backward, found the rows as the second call left them and its
+    gradient took another f than its loss -> the gradients equal those without checkpointing."""
+    torch.manual_seed(0)
+    ref = build_model(load_recipe(_recipe("global_batch"))).train()
+    ck = build_model(load_recipe(_recipe("global_batch"))).train()
+    ck.load_state_dict(ref.state_dict())
+    ck.set_activation_checkpointing(1)
+    g = torch.Generator().manual_seed(1)
+    a, b = (torch.randint(0, V, (B, T), generator=g) for _ in range(2))
+    for m in (ref, ck):
+        (m(a, labels=a).loss + m(b, labels=b).loss).backward()
+    gr, gc = _grads(ref), _grads(ck)
+    assert gr.keys() == gc.keys()
+    for k in gr:
+        torch.testing.assert_close(gc[k], gr[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
 def test_padding_slots_one_micro_batch_is_per_layer_bit_for_bit():
     """With padding slots (f and P over the real tokens only) the module's loss and router
     gradient equal ``per_layer``'s exactly."""

@@ -37,8 +37,8 @@
   (``reset_step_loads``; code that trains the layer in its own loop calls it per step);
   they are not saved (a checkpoint is written between steps). With one process and
   ``grad_accum`` 1 the loss is ``per_layer``'s bit for bit. Forwards that train nothing
-  (evaluation, no-grad, a checkpointed block's recomputation, which reads the row its first
-  run wrote) add nothing; evaluation and no-grad forwards take the micro-batch's own f.
+  (evaluation, no-grad, a checkpointed block's recomputation, whose backward uses the f its
+  first run took) add nothing; evaluation and no-grad forwards take the micro-batch's own f.
   With ``aux_loss_coef`` 0 it counts nothing. The statistic ``lb_loss`` is the loss trained
   (global f). The fused layer (below) does not take it: such a layer runs composed.
 * Statistics, per layer, in ``ctx.stats["moe/{layer}/..."]`` (detached tensors, no host
@@ -300,8 +300,9 @@ class MoE(nn.Module):
         """Global-batch balance loss (Qiu et al. 2025, arXiv 2501.11873): ``E * sum_e f_e P_e``
         with f from this application's row of ``step_load`` (the step's counts so far, every
         process's), P this micro-batch's. A training pass adds its counts (all-reduced) first;
-        a recomputation reads the row as its first run left it; other forwards use their own
-        counts. Written as ``load_balancing_loss`` of the step's counts times (this micro-batch's
+        a recomputation adds nothing and its backward uses the factors the first run made (kept
+        by ``_FirstRunFactor``: other calls of the model before the backward may have added to
+        the row since); other forwards use their own counts. Written as ``load_balancing_loss`` of the step's counts times (this micro-batch's
         assignments / the step's), which is 1 exactly where the step is this micro-batch."""
         cfg = self.cfg
         k = cfg.top_k
@@ -321,8 +322,20 @@ class MoE(nn.Module):
                 self.step_load[row] += add
             total = self.step_load[row].clone()  # (a view would share the buffer's version counter: the
             # next application's in-place update would invalidate what this loss saved for its backward)
-        lb = K.load_balancing_loss(probs, total[: cfg.n_experts], k, valid)
-        return lb * (local[-1].to(lb.dtype) / total[-1].to(lb.dtype).clamp_min(1.0))
+        # as ``K.load_balancing_loss`` of the step's counts, op for op, but the factors made from them are
+        # kept by this run (``_FirstRunFactor``): a checkpointed block's recomputation would read the row
+        # as a later call of the model before the backward left it (LaDiR's encoder, then decoder, pass)
+        E = probs.shape[-1]
+        load_t = total[: cfg.n_experts]
+        if valid is None:
+            n_tok = max(probs.shape[0], 1)
+            lb = _FirstRunFactor.apply(probs.sum(0), load_t).sum() * (E / (n_tok * n_tok * k))
+        else:
+            m = valid.to(probs.dtype)
+            n_tok = m.sum().clamp_min(1.0)
+            p_mean = (probs * m[:, None]).sum(0) / n_tok
+            lb = E * _FirstRunFactor.apply(p_mean, load_t / (n_tok * k)).sum()
+        return _FirstRunFactor.apply(lb, local[-1].to(lb.dtype) / total[-1].to(lb.dtype).clamp_min(1.0))
 
     def _log(self, ctx: StepContext, aux: Tensor | None, load: Tensor, dropped: Tensor, entropy: Tensor,
              lb: Tensor, z: Tensor, n_assign: int | None) -> None:
@@ -351,6 +364,21 @@ class MoE(nn.Module):
         ctx.stats[p + "dropped"] = ctx.stats[p + "dropped"] + dropped
         for k, v in means.items():
             ctx.stats[p + k] = torch.lerp(ctx.stats[p + k], v.to(ctx.stats[p + k].dtype), 1.0 / n)  # running mean
+
+
+class _FirstRunFactor(torch.autograd.Function):
+    """``x * w`` with ``w`` (no gradient) kept by this run for the backward, not a saved tensor:
+    a checkpointed block's recomputation refills the saved tensors from its second run, which
+    for global-batch balance would read the step's counts as later calls left them."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor) -> Tensor:  # noqa: ANN001
+        ctx.w = w
+        return x * w
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # noqa: ANN001, ANN205
+        return g * ctx.w, None
 
 
 def pooled_balance_loss(terms: list) -> Tensor:
