@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
 from hymba_plus import RecipeError, build_model, load_recipe, registry
+from hymba_plus.components.ladir import LaDiR
 from tests.helpers import EVERY_COMPONENT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -811,3 +813,181 @@ def test_generation_prefills_each_question_once_for_all_its_samples(pattern, etd
     assert many["early_exits"] > 0  # Prophet's checks ran on forks of the expanded cache
     votes = (each[:, :, None] == each[:, None]).all(-1).sum(-1)
     torch.testing.assert_close(out[:, ids.shape[1]:], each[torch.arange(2), votes.argmax(-1)], atol=0, rtol=0)
+
+
+def test_latent_noise_augments_the_decoders_latents_in_training_only() -> None:
+    """``ladir.latent_noise`` (LaDiR's code, ``vae/model_vae.py`` ``forward``: ``if self.training:
+    batch_memory_tokens += torch.randn_like(...) * 0.3`` after the reparameterized draw): in training the
+    decoder reads mu + sigma eps + latent_noise eps' (eps' drawn after eps, same generator); in eval, or
+    with the default 0, the posterior draw alone, bit for bit."""
+    assert load_recipe(recipe()).ladir.latent_noise == 0.0
+    with pytest.raises(RecipeError, match="ladir.latent_noise"):
+        load_recipe(recipe(latent_noise=-0.1))
+    torch.manual_seed(0)
+    plain = build_model(recipe())
+    noisy = build_model(recipe(latent_noise=0.3))
+    noisy.load_state_dict(plain.state_dict())
+    b = batch()
+    mu, logvar = plain.ladir.encode(plain, b["question"], b["question_mask"], b["reasoning"], b["reasoning_mask"])
+    g = torch.Generator().manual_seed(5)
+    eps, extra = torch.randn(mu.shape, generator=g), torch.randn(mu.shape, generator=g)
+    posterior = mu + (0.5 * logvar).exp() * eps
+
+    def read(m, train: bool) -> list:  # noqa: ANN001
+        m.train(train)
+        seen: list = []
+        orig = m.ladir.segment_loss
+        m.ladir.segment_loss = lambda model, z, *a, **k: (seen.append(z.detach()), orig(model, z, *a, **k))[1]
+        m.ladir.vae_loss(m, b, generator=torch.Generator().manual_seed(5))
+        return seen
+
+    for z in read(noisy, True):  # the reasoning's and the answer's decoder read the same noisy latents
+        torch.testing.assert_close(z, posterior + 0.3 * extra)
+    for m, train in ((noisy, False), (plain, True), (plain, False)):
+        for z in read(m, train):
+            torch.testing.assert_close(z, posterior, atol=0, rtol=0)
+
+
+def _repulsion_by_hand(v: torch.Tensor, samples: int, bandwidth: float = 0.0, active=None) -> torch.Tensor:  # noqa: ANN001
+    """LaDiR's ``distance_grad`` / ``median_bandwidth_latent`` written out, question by question and
+    pair by pair, over flattened samples."""
+    out = torch.zeros_like(v)
+    active = [True] * v.shape[0] if active is None else active
+    for q in range(v.shape[0] // samples):
+        rows = [q * samples + s for s in range(samples) if active[q * samples + s]]
+        x = {r: v[r].flatten() for r in rows}
+        d = sorted(float((x[a] - x[b]).norm()) for n, a in enumerate(rows) for b in rows[n + 1:])
+        if not d:
+            continue
+        sigma = bandwidth if bandwidth > 0 else d[(len(d) - 1) // 2] + 1e-6  # the lower median, as torch's
+        for a in rows:
+            for b in rows:
+                if a != b:
+                    u = float((x[a] - x[b]).pow(2).sum()) / sigma ** 2
+                    out[a] += (2 * math.exp(-u) * (1 - u) * (x[a] - x[b])).view_as(v[a])
+    return out
+
+
+@pytest.mark.parametrize("samples, bandwidth", [(3, 0.0), (4, 0.0), (2, 1.5), (3, 2.0)])
+def test_the_diversity_kick_is_the_gradient_of_the_repulsion_by_hand(samples, bandwidth) -> None:
+    """``LaDiR.repulsion`` against the kernel written out pair by pair (two questions, so that their
+    samples do not interact), against autograd's gradient of R = sum_{i != j} f(||v_i - v_j||^2) at a
+    fixed sigma, and with Prophet's exited rows left out (their kick 0, the others' as without them)."""
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(2 * samples, 3, 4, generator=g, dtype=torch.float64)
+    on = torch.ones(2 * samples, dtype=torch.bool)
+    kick = LaDiR.repulsion(v, on, samples, bandwidth)
+    torch.testing.assert_close(kick, _repulsion_by_hand(v, samples, bandwidth))
+    # the gradient of R at that sigma (for the median: the one the kick used)
+    d = torch.cdist(v.view(2, samples, -1), v.view(2, samples, -1))
+    iu = torch.triu_indices(samples, samples, 1)
+    sigma = torch.full((2,), bandwidth, dtype=v.dtype) if bandwidth else d[:, iu[0], iu[1]].median(1).values + 1e-6
+    x = v.detach().clone().requires_grad_(True)
+    diff = x.view(2, samples, 1, -1) - x.view(2, 1, samples, -1)
+    u = diff.pow(2).sum(-1)
+    (u * torch.exp(-u / sigma.pow(2)[:, None, None])).sum().backward()
+    torch.testing.assert_close(kick, x.grad / 2)  # (R sums each pair twice: the i and the j term)
+    if samples > 2:  # a row that exited neither moves nor pushes
+        act = on.clone()
+        act[1] = False
+        k2 = LaDiR.repulsion(v, act, samples, bandwidth)
+        assert bool((k2[1] == 0).all())
+        torch.testing.assert_close(k2, _repulsion_by_hand(v, samples, bandwidth, act.tolist()))
+
+
+@torch.no_grad()
+def test_diversity_guidance_in_the_sampler() -> None:
+    """``ladir.diversity_scale`` (default 0): off, the sampler is unchanged bit for bit whatever
+    ``samples``; one sample, or a scale of 0, is unguided; the guided step is
+    z_0 + dt (v + gamma kick(v)), here from per-row generators' noise; with Prophet the exit
+    commits z + (1 - t)(v + gamma kick(v)); questions do not interact."""
+    assert load_recipe(recipe()).ladir.diversity_scale == 0.0
+    assert load_recipe(recipe()).ladir.diversity_target == "estimate"
+    for bad in ({"diversity_scale": -1.0}, {"diversity_bandwidth": -1.0}, {"diversity_target": "state"}):
+        with pytest.raises(RecipeError, match="ladir." + next(iter(bad))):
+            load_recipe(recipe(**bad))
+    torch.manual_seed(0)
+    m = build_model(recipe()).double().eval()
+    lad = m.ladir
+    S, Q = 3, 2
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(3, V, (Q, 4), generator=g).repeat_interleave(S, 0)
+    qm = torch.ones_like(q, dtype=torch.bool)
+    z0 = torch.randn(Q * S, 3, 8, generator=g, dtype=torch.float64)
+    base, _ = lad.sample(m, q, qm, prophet=False, z0=z0)
+    for kw in ({"samples": S}, {"samples": S, "diversity_scale": 0.0}, {"samples": 1, "diversity_scale": 0.7}):
+        torch.testing.assert_close(lad.sample(m, q, qm, prophet=False, z0=z0, **kw)[0], base, atol=0, rtol=0)
+    guided, _ = lad.sample(m, q, qm, prophet=False, z0=z0, samples=S, diversity_scale=0.7)
+    assert not torch.allclose(guided, base)
+    for i in range(Q):  # each question's samples alone give the same latents
+        rows = slice(i * S, (i + 1) * S)
+        alone, _ = lad.sample(m, q[rows], qm[rows], prophet=False, z0=z0[rows], samples=S, diversity_scale=0.7)
+        torch.testing.assert_close(alone, guided[rows])
+    with pytest.raises(ValueError, match="6 rows are not questions of 4 samples"):
+        lad.sample(m, q, qm, z0=z0, samples=4)
+    seen: list = []  # generate(mode="ladir") lays its rows out as questions of ``samples`` each
+    orig = lad.sample
+    lad.sample = lambda *a, **k: (seen.append(k["samples"]), orig(*a, **k))[1]
+    m.generate(q[::S], max_new_tokens=2, mode="ladir", samples=S, prophet=False)
+    assert seen == [S]
+    del lad.sample
+
+    c = torch.randn(Q * S, 3, 8, generator=g, dtype=torch.float64)
+    lad.denoiser = _ExactVelocity(c, lad.denoiser)
+    start = torch.stack([torch.randn(3, 8, generator=torch.Generator().manual_seed(10 + i), dtype=torch.float64)
+                         for i in range(Q * S)])
+    v = c - start  # the velocity at t = 0, where the estimate of z_1 is z_0 + v = c
+    cfg = lad.cfg
+    for target, at in (("estimate", c), ("velocity", v)):
+        lad.cfg = cfg.__class__(**{**cfg.__dict__, "diversity_target": target})
+        want = start + (v + 0.5 * _repulsion_by_hand(at, S))  # one Euler step: dt = 1
+        gens = [torch.Generator().manual_seed(10 + i) for i in range(Q * S)]  # the start: each row's own noise
+        z, _ = lad.sample(m, q, qm, steps=1, prophet=False, generator=gens, samples=S, diversity_scale=0.5)
+        torch.testing.assert_close(z, want)
+        # Prophet (every check passes): the first check commits z_dt + (1 - dt) v_guided = z_0 + v_guided
+        lad.cfg = lad.cfg.__class__(**{**lad.cfg.__dict__,
+                                       "prophet": lad.cfg.prophet.__class__(thresholds=(1e-9,) * 3)})
+        z, used = lad.sample(m, q, qm, steps=8, prophet=True, z0=start, samples=S, diversity_scale=0.5)
+        assert used.tolist() == [1] * (Q * S)
+        torch.testing.assert_close(z, want)
+
+
+class _Contracting(_ExactVelocity):
+    """A stand-in denoiser v = c - z: every sample drawn towards c, but not all the way by t = 1."""
+
+    def forward(self, z, t, cond, mask, checkpointing=None):  # noqa: ANN001, ANN201
+        return self.c - z
+
+
+@pytest.mark.parametrize("bandwidth", [0.0, 3.0])
+@torch.no_grad()
+def test_diversity_guidance_spreads_the_samples_with_the_scale(bandwidth) -> None:
+    """On a fixed denoiser that draws every sample of a question towards the same point (v = c - z),
+    the samples' mean and smallest pairwise distances grow with the scale (6 samples, 16 steps; the
+    median bandwidth and a fixed one). LaDiR's code reads the velocities instead
+    (``diversity_target: velocity``): there, with its median bandwidth, the samples end nearer together."""
+    S = 6
+    g = torch.Generator().manual_seed(2)
+    c = torch.randn(1, 3, 8, generator=g, dtype=torch.float64)
+    q = torch.randint(3, V, (1, 4), generator=g).repeat(S, 1)
+    qm = torch.ones_like(q, dtype=torch.bool)
+    z0 = torch.randn(S, 3, 8, generator=g, dtype=torch.float64)
+    off = ~torch.eye(S, dtype=torch.bool)
+
+    def spread(target: str) -> list:
+        torch.manual_seed(0)
+        m = build_model(recipe(diversity_bandwidth=bandwidth, diversity_target=target)).double().eval()
+        m.ladir.denoiser = _Contracting(c, m.ladir.denoiser)
+        out = []
+        for gamma in (0.0, 0.05, 0.1, 0.2, 0.4):
+            z, _ = m.ladir.sample(m, q, qm, steps=16, prophet=False, z0=z0, samples=S, diversity_scale=gamma)
+            d = torch.cdist(z.view(1, S, -1), z.view(1, S, -1))[0][off]
+            out.append((float(d.mean()), float(d.min())))
+        return out
+
+    got = spread("estimate")
+    for k in (0, 1):
+        assert all(a[k] < b[k] for a, b in zip(got, got[1:])), got
+    if bandwidth == 0.0:
+        code = spread("velocity")
+        assert code[-1][0] < code[0][0] and code[-1][1] < code[0][1], code

@@ -19,8 +19,12 @@ The model thinks in ``memory_slots`` continuous vectors before it answers:
   their first tokens. Deliberate differences from the paper: the decoder is this LM, trained,
   conditioned on the question (LaDiR's is a frozen copy of the base LLM reading only the latents), and the
   whole reasoning is one latent block of M slots (LaDiR encodes one block per reasoning
-  segment); LaDiR's latent-noise augmentation, classifier-free guidance and the diversity
-  guidance between samples are not implemented (samples differ by their starting noise).
+  segment); LaDiR's classifier-free guidance is not implemented. Latent-noise augmentation
+  (``latent_noise``, default 0: off, as every measured run): in training the decoder reads
+  ``z + latent_noise * eps'`` (LaDiR's code, ``vae/model_vae.py`` ``forward``: ``if self.training:``
+  0.3 times N(0, I) on the reparameterized draw, the KL on the posterior as it is; its
+  ``_compress(return_sample="sample")`` does the same, a branch its flow training leaves commented
+  out), so the decoder learns to read latents a little off the posterior's, as the flow's are.
 * **Flow matching** (LaDiR §3.2, rectified flow: Liu et al. 2022, arXiv 2209.03003): a
   *dedicated* denoiser ``v_theta(z_t, t, question)`` — a small bidirectional transformer over
   ``[question hidden states, M latent tokens]`` (``denoiser_layers``) — learns the velocity
@@ -36,6 +40,23 @@ The model thinks in ``memory_slots`` continuous vectors before it answers:
   Euler steps from ``init_noise_scale`` times N(0, I) (1: the flow's own start; LaDiR's code
   starts its sampler at 2.5, wider than the N(0, I) it trains from), ``samples`` latents per
   question in parallel.
+* **Diversity guidance** (LaDiR's code: ``denoise_with_reward_guidance_and_diversity``,
+  ``distance_grad``, ``median_bandwidth_latent``, ``model.py``), ``diversity_scale`` gamma (default 0:
+  off, the sampler unchanged bit for bit): at every Euler step each sample's velocity becomes
+  ``v_i + gamma * 2 sum_j exp(-u_ij / sigma^2) (1 - u_ij / sigma^2) (x_i - x_j)``, ``u_ij = ||x_i - x_j||^2``,
+  the gradient of ``sum_{j != i} f(u_ij)``, ``f(u) = u exp(-u / sigma^2)``, over the other samples j of
+  the same question (each sample's M x latent point one vector; ``repulsion``): pairs nearer than sigma
+  are pushed apart, farther ones drawn in, so near-duplicate reasonings separate. sigma:
+  ``diversity_bandwidth``, or (0, the code's) each step's median distance between the question's
+  samples (with 2 samples the pair then sits at f's peak and feels ~nothing). x: each sample's
+  estimate of z_1, ``z_t + (1 - t) v`` (where it is headed; ``diversity_target: estimate``, by choice),
+  or its velocity (``velocity``, the code's ``model_pred``, which in its flow convention, noise - data,
+  gives this same update): on a field that draws the samples together (v = c - z) repelling the
+  velocities under the median bandwidth draws the samples closer (tested). Differences from the code: its ``distance_grad``
+  pairs the M thought tokens *within* each sample (its batch being one question's samples), here the
+  samples; its scale decays as ``0.1 + (gamma - 0.1) (t / T)^2`` from the noise end (T) to 0.1,
+  constant at its default gamma = 0.1, here constant gamma. Only rows Prophet has not stopped
+  interact; the kick is deterministic, so per-row generators give each row its start as before.
 * **Answering**: the answer slots ``slots_a(z)`` of a sampled ``z`` enter the ``HybridCache``
   once, after the question (``forward(inputs_embeds=...)``, like meta tokens), and the LM
   decodes the answer after them; a cached answer equals the full forward over ``[question,
@@ -242,12 +263,16 @@ class LaDiR(nn.Module):
     def vae_loss(self, model: Any, batch: dict, generator: Generators = None,
                  per_row: bool = False) -> tuple[Tensor, dict]:
         """Reconstruction of the reasoning + beta * KL; also the answer's CE from the same
-        sampled slots (the decoder answers from them), each after its own mark. ``per_row``:
+        sampled slots (the decoder answers from them), each after its own mark; in training, with
+        ``latent_noise``, the decoder reads the sampled latents plus that std of Gaussian noise
+        (drawn after the posterior's, from the same generator; the KL is the posterior's). ``per_row``:
         the loss of each row [B] (its tokens' mean CE; the auxiliary losses added to every row)."""
         q, qm = batch["question"], batch["question_mask"]
         outs: list = []  # the LM's three passes: their auxiliary losses (MoE balance, z-loss) train it too
         mu, logvar = self.encode(model, q, qm, batch["reasoning"], batch["reasoning_mask"], outs)
         z = mu + (0.5 * logvar).exp() * noise(torch.randn, mu.shape, mu.device, generator, mu.dtype)
+        if self.training and self.cfg.latent_noise > 0:  # latent-noise augmentation (module docstring)
+            z = z + self.cfg.latent_noise * noise(torch.randn, mu.shape, mu.device, generator, mu.dtype)
         rec, rec_acc = self.segment_loss(model, z, q, qm, batch["reasoning"], batch["reasoning_mask"],
                                          kind="reasoning", outs=outs, per_row=per_row)
         ans, ans_acc = self.segment_loss(model, z, q, qm, batch["answer"], batch["answer_mask"], kind="answer",
@@ -314,18 +339,27 @@ class LaDiR(nn.Module):
     def sample(self, model: Any, question: Tensor, q_mask: Tensor, steps: int | None = None,
                prophet: bool | None = None, generator: Generators = None,
                z0: Tensor | None = None, qcache: HybridCache | None = None,
-               cond: Tensor | None = None, stats: dict | None = None) -> tuple[Tensor, Tensor]:
+               cond: Tensor | None = None, stats: dict | None = None, samples: int = 1,
+               diversity_scale: float | None = None) -> tuple[Tensor, Tensor]:
         """Euler sampling of z from noise given the (right-padded) question: (z [B, M, latent],
         steps used per row [B]). The noise is ``init_noise_scale`` times N(0, I) (LaDiR's
         ``denoise`` starts from ``torch.randn(...) * 2.5``), or ``z0`` as given. With Prophet (``prophet``; default: the recipe's setting) a row
         stops once the answer's top-1 / top-2 logit gap passes the current threshold.
         ``qcache`` / ``cond``: a cache holding the question and its final hidden states, when
         the caller has them (one prefill serves both); made here otherwise. ``stats``: gets
-        ``lm_forwards``, the LM passes made here (the question's prefill when made here, Prophet's checks)."""
+        ``lm_forwards``, the LM passes made here (the question's prefill when made here, Prophet's checks).
+        ``samples``: the rows are questions of that many consecutive samples each (rows b * samples + s,
+        as ``generate(mode="ladir")`` lays them out), between which the diversity guidance acts
+        (``diversity_scale``, default the recipe's: each step's velocity v becomes
+        v + gamma * ``repulsion(x)`` at x = z_t + (1 - t) v, each sample's estimate of z_1, or at x = v
+        with ``diversity_target: velocity``; the Euler step and Prophet's estimate use that v)."""
         cfg = self.cfg
         steps = steps or cfg.inference_steps
         prophet = cfg.prophet.enabled if prophet is None else prophet
+        gamma = cfg.diversity_scale if diversity_scale is None else diversity_scale
         B, M = question.shape[0], cfg.memory_slots
+        if B % samples:
+            raise ValueError(f"LaDiR.sample: {B} rows are not questions of {samples} samples each")
         dev = question.device
         forwards = 0
         if cond is None or (prophet and qcache is None):
@@ -344,6 +378,9 @@ class LaDiR(nn.Module):
         for i in range(steps):
             t = torch.full((B,), i * dt, device=dev, dtype=cd)
             v = self.denoiser(z.to(wd), t, cond.to(wd), q_mask).to(cd)
+            if gamma > 0 and samples > 1:  # (otherwise exactly the unguided sampler)
+                at = v if cfg.diversity_target == "velocity" else z + (1.0 - i * dt) * v  # the estimate of z_1
+                v = v + gamma * self.repulsion(at, active, samples, cfg.diversity_bandwidth)
             z = torch.where(active[:, None, None], z + dt * v, z)
             if prophet and (i + 1) % cfg.prophet.check_every == 0 and i + 1 < steps:
                 est = z + (1.0 - (i + 1) * dt) * v  # the estimate of z_1 from the last velocity
@@ -361,6 +398,34 @@ class LaDiR(nn.Module):
         if stats is not None:
             stats["lm_forwards"] = forwards
         return z, used
+
+    @staticmethod
+    def repulsion(v: Tensor, active: Tensor, samples: int, bandwidth: float = 0.0) -> Tensor:
+        """The diversity guidance's kick [B, M, latent] at points v [B, M, latent] (LaDiR's code:
+        ``distance_grad``): the gradient of R = sum_{j != i} f(||v_i - v_j||^2), f(u) = u exp(-u / sigma^2),
+        over each question's samples (rows b * samples + s, each sample's M x latent point one
+        vector): ``2 sum_j exp(-u_ij / sigma^2) (1 - u_ij / sigma^2) (v_i - v_j)``, which pushes
+        apart the pairs nearer than sigma and draws together the farther ones. sigma: ``bandwidth``,
+        or where 0, the median distance over the question's pairs, plus 1e-6 (LaDiR's code takes
+        it every step, ``median_bandwidth_latent``; with 2 samples the pair then sits at f's peak,
+        where the kick is ~0). Only active rows (Prophet's, ``active`` [B]) interact; an exited
+        row's kick is 0. In one batched pass over questions and samples."""
+        B, M, D = v.shape
+        x = v.reshape(B // samples, samples, M * D)
+        pair = active.view(-1, samples)
+        pair = pair[:, :, None] & pair[:, None, :] & ~torch.eye(samples, dtype=torch.bool, device=v.device)
+        # (the direct distances, not the matrix-product form: no cancellation for near samples)
+        dist = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")  # [Q, S, S]
+        if bandwidth > 0:
+            s2 = torch.full_like(dist[:, :1, :1], bandwidth ** 2)
+        else:
+            i, j = torch.triu_indices(samples, samples, 1, device=v.device)
+            med = torch.where(pair[:, i, j], dist[:, i, j], torch.nan).nanmedian(dim=1).values
+            s2 = (med.nan_to_num(1.0) + 1e-6).pow(2)[:, None, None]  # (a question without pairs: no kick)
+        u = dist.pow(2) / s2
+        w = torch.where(pair, torch.exp(-u) * (1.0 - u), torch.zeros_like(u))
+        kick = 2.0 * (w.sum(-1, keepdim=True) * x - w @ x)  # 2 sum_j w_ij (x_i - x_j)
+        return kick.view(B, M, D)
 
     def answer_gap(self, model: Any, qcache: HybridCache, z: Tensor) -> Tensor:
         """Top-1 minus top-2 logit of the answer's first token after [question, slots(z)]

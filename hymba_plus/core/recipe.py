@@ -163,6 +163,19 @@ class LaDiRConfig:
                            "which averages over them (LaDiR's code: 8)")
     init_noise_scale: float = spec(1.0, gt=0.0, doc="std of the sampler's starting noise z_0 (1: the N(0, I) the "
                                    "flow trains from; LaDiR's code: 2.5)")
+    latent_noise: float = spec(0.0, min=0.0, doc="std of the Gaussian noise added to the VAE's sampled latents "
+                               "before the decoder reads them, in training only (latent-noise augmentation; "
+                               "LaDiR's code: 0.3)")
+    diversity_scale: float = spec(0.0, min=0.0, doc="gamma of the diversity guidance between a question's "
+                                  "samples: the repulsion gradient added to each sample's velocity (0: off; "
+                                  "LaDiR's code: 0.1)")
+    diversity_bandwidth: float = spec(0.0, min=0.0, doc="sigma of the diversity kernel (pairs nearer than sigma "
+                                      "repel, farther attract); 0: each step's median distance between the "
+                                      "question's points (LaDiR's code)")
+    diversity_target: str = spec("estimate", choices=("estimate", "velocity"),
+                                 doc="where the diversity kernel reads the samples: their estimates of z_1, "
+                                     "z_t + (1 - t) v (where they are headed), or their velocities v (LaDiR's "
+                                     "code, which on a field that draws the samples together draws them closer)")
     prophet: ProphetConfig = dataclasses.field(default_factory=ProphetConfig)
 
     def check(self, model):  # noqa: ANN001

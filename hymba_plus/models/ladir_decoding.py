@@ -4,7 +4,8 @@ The question (left- or right-padded with ``attention_mask``) is prefilled once i
 which is then copied to each of its ``samples`` rows (``HybridCache.reorder``: one prefill per
 question, not per sample); its final hidden states condition the flow denoiser, which samples
 ``samples`` latent reasonings per question in parallel (``steps`` Euler steps, Prophet early exit unless
-``prophet=False``); each latent's M slot embeddings enter that question's cache once, after
+``prophet=False``; with ``ladir.diversity_scale``, the diversity guidance between a question's
+samples); each latent's M slot embeddings enter that question's cache once, after
 the question (like meta tokens); the answer is decoded autoregressively after them. With
 several samples the answer is the majority vote over the samples' answers (ties: the
 first sample). ``stats``: denoising steps used per row (``steps_used``, its mean, and the
@@ -80,7 +81,7 @@ def generate_ladir(
         q, qm, cond = q.repeat_interleave(S, 0), qm.repeat_interleave(S, 0), cond.repeat_interleave(S, 0)
     sampled: dict = {}
     z, used = lad.sample(model, q, qm, steps=steps, prophet=prophet, generator=generator, qcache=cache, cond=cond,
-                         stats=sampled)
+                         stats=sampled, samples=S)  # (the diversity guidance acts between a question's samples)
     last = model(inputs_embeds=lad.slots(z, model.dtype), input_ids=None, cache=cache, check_inputs=False,
                  logits_to_keep=1).logits[:, -1]  # the slots enter the cache once
     new = continue_ar(model, cache, last, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator,
