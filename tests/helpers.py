@@ -176,3 +176,20 @@ def tree_changes(before: dict, after: dict) -> list[str]:
     out += [f"removed {p}" for p in sorted(set(before) - set(after))]
     out += [f"changed {p}" for p in sorted(set(before) & set(after)) if before[p] != after[p]]
     return out
+
+
+class CudaLooking(torch.Tensor):
+    """A CPU tensor whose ``device.type`` reads cuda (GraphedStep's only device check)."""
+
+    @staticmethod
+    def __new__(cls, t):  # noqa: ANN001, ANN205
+        return torch.Tensor._make_subclass(cls, t)
+
+    @property
+    def device(self):  # noqa: ANN201
+        return torch.device("cuda")
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
+        out = super().__torch_function__(func, types, args, kwargs or {})
+        return out.as_subclass(torch.Tensor) if isinstance(out, CudaLooking) else out

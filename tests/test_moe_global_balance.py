@@ -25,6 +25,7 @@ from hymba_plus.training import cuda_graph as cg
 from hymba_plus.training.config import TrainConfig
 from hymba_plus.training.data import Batch
 from hymba_plus.training.trainer import RunOptions, Trainer
+from tests.helpers import CudaLooking
 
 E, K, COEF = 4, 2, 0.1
 B, T, V = 2, 12, 32
@@ -288,29 +289,12 @@ def test_captured_step_accumulates_and_the_capture_leaves_no_counts(tmp_path):
     assert grads[0].keys() == grads[1].keys() and all(torch.equal(grads[0][k], grads[1][k]) for k in grads[0])
 
 
-class _CudaLooking(torch.Tensor):
-    """A CPU tensor whose ``device.type`` reads cuda (GraphedStep's only device check)."""
-
-    @staticmethod
-    def __new__(cls, t):  # noqa: ANN001, ANN205
-        return torch.Tensor._make_subclass(cls, t)
-
-    @property
-    def device(self):  # noqa: ANN201
-        return torch.device("cuda")
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
-        out = super().__torch_function__(func, types, args, kwargs or {})
-        return out.as_subclass(torch.Tensor) if isinstance(out, _CudaLooking) else out
-
-
 def _cpu_graphed(tr: Trainer, batch: Batch, make) -> cg.GraphedStep:  # noqa: ANN001
     import contextlib
     import unittest.mock
 
     with unittest.mock.patch.object(torch.cuda, "make_graphed_callables", make):
-        ids, labels = _CudaLooking(batch.input_ids), _CudaLooking(batch.labels)
+        ids, labels = CudaLooking(batch.input_ids), CudaLooking(batch.labels)
         return cg.GraphedStep(tr.model, ids, labels, contextlib.nullcontext)
 
 

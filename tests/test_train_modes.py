@@ -29,6 +29,7 @@ from hymba_plus.kernels import dispatch
 from hymba_plus.training import cuda_graph as cg
 from hymba_plus.training.config import TrainConfig
 from hymba_plus.training.trainer import GRAPH_LOSS_RTOL, TRAIN_MODES, RunOptions, Trainer
+from tests.helpers import CudaLooking
 
 TINY = {
     "name": "modes-tiny",
@@ -188,25 +189,8 @@ def _capture(model, ids, make, monkeypatch, base: int = 0):  # noqa: ANN001, ANN
     graph before the test began (left alive by other tests in the same process), not counted."""
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", make)
     monkeypatch.setattr(cg, "graph_holders", lambda device_type=None: _GRAPH_HOLDERS("cpu") - base)
-    sample = _CudaLooking(ids)
+    sample = CudaLooking(ids)
     return cg.GraphedStep(model, sample, sample, contextlib.nullcontext)
-
-
-class _CudaLooking(torch.Tensor):
-    """A CPU tensor whose ``device.type`` reads cuda (GraphedStep's only device check)."""
-
-    @staticmethod
-    def __new__(cls, t):  # noqa: ANN001, ANN205
-        return torch.Tensor._make_subclass(cls, t)
-
-    @property
-    def device(self):  # noqa: ANN201
-        return torch.device("cuda")
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
-        out = super().__torch_function__(func, types, args, kwargs or {})
-        return out.as_subclass(torch.Tensor) if isinstance(out, _CudaLooking) else out
 
 
 def test_a_failed_capture_blames_the_callers_kept_loss_not_its_own_warm_up(monkeypatch):
