@@ -19,7 +19,9 @@ backward and recomputes the activation there, as flash-linear-attention's ``SwiG
 projection's weight gradient too -- ``B * T * h`` 16-bit values per MLP layer (92 MB at batch
 8 x 2048, h 2816) -- for one extra elementwise pass in the backward. The activation and its
 backward are ``swiglu``'s (Liger's kernels on CUDA, the reference elsewhere); the GEMMs are
-cuBLAS's in autocast's dtype, as ``nn.Linear`` under autocast.
+cuBLAS's in autocast's dtype, as ``nn.Linear`` under autocast. Under ``torch.compile`` it is the
+composed product (Inductor's partitioner chooses what to keep or recompute; the hand-written
+backward's ``autograd.grad`` cannot be traced).
 """
 
 from __future__ import annotations
@@ -106,4 +108,8 @@ def swiglu_linear(gu: Tensor, down: nn.Linear) -> Tensor:
     w = down.weight.to(dt)
     b = None if down.bias is None else down.bias.to(dt)
     with torch.autocast(gu.device.type, enabled=False):
+        if dispatch.tracing(gu):  # torch.compile: the composed product, whose activation Inductor's partitioner
+            # may recompute itself (the hand-written backward's autograd.grad broke the graph at every MLP: Dynamo
+            # then compiled block by block, hit its recompile limit and left the later blocks eager)
+            return F.linear(swiglu(gu.to(dt)), w, b)
         return _SwiGLULinear.apply(gu.to(dt), w, b)
