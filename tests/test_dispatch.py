@@ -457,3 +457,26 @@ def test_a_first_use_with_fake_tensors_probes_with_real_ones(monkeypatch):
         x = mode.from_tensor(torch.zeros(2))
         assert dispatch.use_fast(fp.name, x) is True
     assert seen == [False] and fp.status is True and fp.error == ""
+
+
+def test_reference_math_turns_autocast_off_without_a_graph_break():
+    """A reference kernel's math runs with autocast off (float32 products under bf16 autocast), eager
+    and under torch.compile, and Dynamo traces it in one graph (the autocast was entered through an
+    ExitStack, which Dynamo cannot trace: a break at every reference call of a compiled model)."""
+
+    @dispatch.reference_math
+    def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a @ b
+
+    def step(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return product(a, b) + (a @ b).float()
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(8, 8, generator=g), torch.randn(8, 8, generator=g)
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(step)(a, b).graph_break_count == 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = product(a, b)
+    assert got.dtype == torch.float32 and torch.equal(got, a @ b)
+    torch.testing.assert_close(torch.compile(step)(a, b), step(a, b))

@@ -324,10 +324,11 @@ def reference_math(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
-        with contextlib.ExitStack() as off:
-            for dev in ("cpu", "cuda"):
-                if torch.is_autocast_enabled(dev):
-                    off.enter_context(torch.autocast(dev, enabled=False))
+        # two plain context managers, not an ExitStack: Dynamo cannot trace an autocast entered
+        # through one (a graph break at every reference call under torch.compile)
+        cpu = torch.autocast("cpu", enabled=False) if torch.is_autocast_enabled("cpu") else contextlib.nullcontext()
+        cuda = torch.autocast("cuda", enabled=False) if torch.is_autocast_enabled("cuda") else contextlib.nullcontext()
+        with cpu, cuda:
             return fn(*args, **kwargs)
 
     return run
