@@ -991,3 +991,187 @@ def test_diversity_guidance_spreads_the_samples_with_the_scale(bandwidth) -> Non
     if bandwidth == 0.0:
         code = spread("velocity")
         assert code[-1][0] < code[0][0] and code[-1][1] < code[0][1], code
+
+
+def test_cfg_options_validated() -> None:
+    """``ladir.cfg_dropout`` (default 0: off) in [0, 1) and ``ladir.cfg_scale`` (default 1: unguided) >= 0; a
+    scale other than 1 needs a flow trained with condition dropout (its unconditional velocity), else one line."""
+    r = load_recipe(recipe())
+    assert (r.ladir.cfg_dropout, r.ladir.cfg_scale) == (0.0, 1.0)
+    assert load_recipe(recipe(cfg_dropout=0.1, cfg_scale=2.0)).ladir.cfg_scale == 2.0
+    assert load_recipe(recipe(cfg_dropout=0.1, cfg_scale=0.0)).ladir.cfg_scale == 0.0  # (the unconditional flow)
+    for bad, msg in (({"cfg_dropout": -0.1}, "ladir.cfg_dropout"), ({"cfg_dropout": 1.0}, "ladir.cfg_dropout"),
+                     ({"cfg_dropout": 0.1, "cfg_scale": -1.0}, "ladir.cfg_scale"),
+                     ({"cfg_scale": 2.0}, r"ladir.cfg_scale: 2 guides with the unconditional velocity.*cfg_dropout > 0")):
+        with pytest.raises(RecipeError, match=msg):
+            load_recipe(recipe(**bad))
+    m = build_model(recipe()).eval()
+    q = torch.randint(3, V, (2, 4))
+    with pytest.raises(ValueError, match=r"cfg_scale 3 guides .* ladir.cfg_dropout > 0 \(0 in this recipe\)"):
+        m.ladir.sample(m, q, torch.ones_like(q, dtype=torch.bool), prophet=False, cfg_scale=3.0)
+    with pytest.raises(ValueError, match="cfg_scale must be >= 0"):
+        build_model(recipe(cfg_dropout=0.1)).ladir.sample(m, q, torch.ones_like(q, dtype=torch.bool),
+                                                          cfg_scale=float("nan"))
+
+
+def test_cfg_null_condition_ignores_the_question() -> None:
+    """The null condition (``LaDiR.null_mask``: every question state masked out of the denoiser's
+    attention) gives a velocity that does not depend on the question's states, length or padding; and
+    the denoiser over conditional and null rows stacked equals the two calls apart (the sampler's batch)."""
+    torch.manual_seed(0)
+    m = build_model(recipe(cfg_dropout=0.1)).double().eval()
+    den = m.ladir.denoiser
+    g = torch.Generator().manual_seed(3)
+    B = 3
+    z, t = torch.randn(B, 3, 8, generator=g, dtype=torch.float64), torch.rand(B, generator=g, dtype=torch.float64)
+    c1, c2 = torch.randn(B, 5, 32, generator=g, dtype=torch.float64), torch.randn(B, 7, 32, generator=g,
+                                                                                   dtype=torch.float64)
+    qm = torch.ones(B, 5, dtype=torch.bool)
+    qm[1, 3:] = False
+    with torch.no_grad():
+        vc = den(z, t, c1, qm)
+        vu = den(z, t, c1, LaDiR.null_mask(qm))
+        torch.testing.assert_close(den(z, t, c2, LaDiR.null_mask(torch.ones(B, 7, dtype=torch.bool))), vu,
+                                   atol=1e-12, rtol=1e-12)
+        assert not torch.allclose(vc, vu)
+        both = den(torch.cat([z, z]), torch.cat([t, t]), torch.cat([c1, c1]), torch.cat([qm, LaDiR.null_mask(qm)]))
+        torch.testing.assert_close(both, torch.cat([vc, vu]), atol=1e-12, rtol=1e-12)
+
+
+class _Recording(torch.nn.Module):
+    """Wraps a denoiser: records the condition masks it is called with."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner, self.out, self.slot, self.masks = inner, inner.out, inner.slot, []
+
+    def forward(self, z, t, cond, mask, checkpointing=None):  # noqa: ANN001, ANN201
+        self.masks.append(mask.clone())
+        return self.inner(z, t, cond, mask, checkpointing)
+
+
+def test_cfg_dropout_nulls_exactly_the_drawn_rows_in_training() -> None:
+    """With ``cfg_dropout`` p, in training, each (draw, row) of the flow loss draws u ~ U(0, 1) after
+    its z_0 and t (same generator, per-row generators too) and sees the null condition exactly where u < p,
+    its question elsewhere; the loss is the flow loss over those conditions. In eval (held-out loss), or
+    with p = 0, nothing is dropped and nothing more is drawn: the loss equals the p = 0 model's."""
+    torch.manual_seed(0)
+    p, k, B = 0.5, 4, 3
+    m = build_model(recipe(cfg_dropout=p, flow_draws=k)).double()
+    lad = m.ladir
+    torch.manual_seed(0)
+    plain = build_model(recipe(flow_draws=k)).double()
+    plain.load_state_dict(m.state_dict())
+    b = batch(B)
+    qm = b["question_mask"]
+    z1 = torch.randn(B, 3, 8, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    cond = torch.randn(B, qm.shape[1], 32, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    lad.denoiser = _Recording(lad.denoiser)
+    for per_row in (False, True):
+        gens = (torch.Generator().manual_seed(5) if not per_row
+                else [torch.Generator().manual_seed(5 + i) for i in range(B)])
+        lad.train()
+        lad.denoiser.masks.clear()
+        loss, _ = lad.velocity_loss(z1, cond, qm, gens, per_row=per_row)
+        # replay the generator(s): per draw z_0 [B, M, D], t [B], u [B]
+        replay = (torch.Generator().manual_seed(5) if not per_row
+                  else [torch.Generator().manual_seed(5 + i) for i in range(B)])
+        from hymba_plus.components.ladir import noise
+
+        dropped, z0s, ts = [], [], []
+        for _ in range(k):
+            z0s.append(noise(torch.randn, z1.shape, z1.device, replay, z1.dtype))
+            ts.append(noise(torch.rand, (B,), z1.device, replay, z1.dtype))
+            dropped.append(noise(torch.rand, (B,), z1.device, replay) < p)
+        dropped = torch.cat(dropped)
+        assert 0 < int(dropped.sum()) < k * B  # (this seed drops some rows, not all)
+        (mask,) = lad.denoiser.masks
+        assert bool((mask[dropped] == 0).all())
+        torch.testing.assert_close(mask[~dropped], qm.repeat(k, 1)[~dropped], atol=0, rtol=0)
+        # the loss, by hand, over those conditions
+        z0, t = torch.cat(z0s), torch.cat(ts)
+        zt = (1 - t)[:, None, None] * z0 + t[:, None, None] * z1.repeat(k, 1, 1)
+        with torch.no_grad():
+            v = lad.denoiser.inner(zt, t, cond.repeat(k, 1, 1), mask)
+        err = (v - (z1.repeat(k, 1, 1) - z0)).pow(2)
+        want = err.flatten(1).mean(1).view(k, B).mean(0) if per_row else err.mean()
+        torch.testing.assert_close(loss.detach(), want)
+        # eval: no dropout, the p = 0 model's loss from the same generator
+        lad.eval()
+        gens2 = (torch.Generator().manual_seed(5) if not per_row
+                 else [torch.Generator().manual_seed(5 + i) for i in range(B)])
+        gens3 = (torch.Generator().manual_seed(5) if not per_row
+                 else [torch.Generator().manual_seed(5 + i) for i in range(B)])
+        got, _ = lad.velocity_loss(z1, cond, qm, gens2, per_row=per_row)
+        torch.testing.assert_close(got, plain.ladir.velocity_loss(z1, cond, qm, gens3, per_row=per_row)[0],
+                                   atol=0, rtol=0)
+    plain.ladir.train()  # p = 0 in training: unchanged, nothing more drawn
+    g = torch.Generator().manual_seed(5)
+    plain.ladir.velocity_loss(z1, cond, qm, g)
+    g_ref = torch.Generator().manual_seed(5)
+    for _ in range(k):
+        noise(torch.randn, z1.shape, z1.device, g_ref, z1.dtype), noise(torch.rand, (B,), z1.device, g_ref, z1.dtype)
+    assert torch.equal(g.get_state(), g_ref.get_state())
+
+
+@torch.no_grad()
+def test_cfg_guided_sampler() -> None:
+    """``cfg_scale`` w: w = 1 (the default, or given) is the unguided Euler sampler bit for bit (a hand loop
+    of denoiser calls); with w != 1 one Euler step is z_0 + (v_u + w (v_c - v_u)) (here from per-row
+    generators' noise, with the diversity kick added to the guided velocity), the conditional and null rows
+    in one denoiser call per step (rows doubled); Prophet commits z + (1 - t) v_guided."""
+    torch.manual_seed(0)
+    m = build_model(recipe(cfg_dropout=0.1)).double().eval()
+    lad = m.ladir
+    den = lad.denoiser
+    S, Q, N = 3, 2, 4
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(3, V, (Q, 5), generator=g).repeat_interleave(S, 0)
+    qm = torch.ones_like(q, dtype=torch.bool)
+    qm[S:, 3:] = False
+    cond = torch.randn(Q * S, 5, 32, generator=g, dtype=torch.float64)
+    z0 = torch.randn(Q * S, 3, 8, generator=g, dtype=torch.float64)
+    z = z0.clone()  # the unguided sampler by hand
+    for i in range(N):
+        z = z + den(z, torch.full((Q * S,), i / N, dtype=torch.float64), cond, qm) / N
+    for kw in ({}, {"cfg_scale": 1.0}):
+        got, _ = lad.sample(m, q, qm, steps=N, prophet=False, z0=z0, cond=cond, **kw)
+        torch.testing.assert_close(got, z, atol=0, rtol=0)
+
+    t0 = torch.zeros(Q * S, dtype=torch.float64)
+    vc, vu = den(z0, t0, cond, qm), den(z0, t0, cond, LaDiR.null_mask(qm))
+    calls = _Recording(den)
+    lad.denoiser = calls
+    cfg0 = lad.cfg
+    qcache = m.new_cache(Q * S)  # (Prophet's checks read the question's cache)
+    m(q, attention_mask=qm.long(), cache=qcache)
+    for w in (0.0, 2.5):
+        vg = vu + w * (vc - vu)
+        gens = [torch.Generator().manual_seed(20 + i) for i in range(Q * S)]
+        start = torch.stack([torch.randn(3, 8, generator=torch.Generator().manual_seed(20 + i), dtype=torch.float64)
+                             for i in range(Q * S)])
+        calls.masks.clear()
+        got, _ = lad.sample(m, q, qm, steps=1, prophet=False, generator=gens, cond=cond, cfg_scale=w)
+        vg_start = den(start, t0, cond, LaDiR.null_mask(qm)) + w * (den(start, t0, cond, qm)
+                                                                   - den(start, t0, cond, LaDiR.null_mask(qm)))
+        torch.testing.assert_close(got, start + vg_start)
+        (mask,) = calls.masks  # one call over the doubled rows: conditional, then null
+        torch.testing.assert_close(mask, torch.cat([qm, LaDiR.null_mask(qm)]), atol=0, rtol=0)
+        # with the diversity guidance: the kick at the guided estimate z_0 + v_guided
+        got, _ = lad.sample(m, q, qm, steps=1, prophet=False, z0=z0, cond=cond, cfg_scale=w, samples=S,
+                            diversity_scale=0.5)
+        torch.testing.assert_close(got, z0 + vg + 0.5 * _repulsion_by_hand(z0 + vg, S))
+        # Prophet (every check passes): the first check commits z_dt + (1 - dt) v_guided = z_0 + v_guided
+        lad.cfg = lad.cfg.__class__(**{**lad.cfg.__dict__,
+                                       "prophet": lad.cfg.prophet.__class__(thresholds=(1e-9,) * 3)})
+        got, used = lad.sample(m, q, qm, steps=8, prophet=True, z0=z0, cond=cond, cfg_scale=w,
+                               qcache=qcache)
+        assert used.tolist() == [1] * (Q * S)
+        torch.testing.assert_close(got, z0 + vg)
+        lad.cfg = cfg0
+    # generate(mode="ladir") samples with the recipe's scale: each step one call over the doubled rows
+    g2 = build_model(recipe(cfg_dropout=0.1, cfg_scale=2.0)).eval()
+    rec = _Recording(g2.ladir.denoiser)
+    g2.ladir.denoiser = rec
+    g2.generate(q[::S], max_new_tokens=2, mode="ladir", samples=S, prophet=False)
+    assert len(rec.masks) == g2.ladir.cfg.inference_steps and all(mk.shape[0] == 2 * Q * S for mk in rec.masks)

@@ -19,7 +19,7 @@ The model thinks in ``memory_slots`` continuous vectors before it answers:
   their first tokens. Deliberate differences from the paper: the decoder is this LM, trained,
   conditioned on the question (LaDiR's is a frozen copy of the base LLM reading only the latents), and the
   whole reasoning is one latent block of M slots (LaDiR encodes one block per reasoning
-  segment); LaDiR's classifier-free guidance is not implemented. Latent-noise augmentation
+  segment). Latent-noise augmentation
   (``latent_noise``, default 0: off, as every measured run): in training the decoder reads
   ``z + latent_noise * eps'`` (LaDiR's code, ``vae/model_vae.py`` ``forward``: ``if self.training:``
   0.3 times N(0, I) on the reparameterized draw, the KL on the posterior as it is; its
@@ -57,6 +57,13 @@ The model thinks in ``memory_slots`` continuous vectors before it answers:
   samples; its scale decays as ``0.1 + (gamma - 0.1) (t / T)^2`` from the noise end (T) to 0.1,
   constant at its default gamma = 0.1, here constant gamma. Only rows Prophet has not stopped
   interact; the kick is deterministic, so per-row generators give each row its start as before.
+* **Classifier-free guidance** (Ho & Salimans 2022, arXiv 2207.12598, Eq. 6, on velocities;
+  LaDiR's code: ``text_drop_prob``, ``fake_input_embed``, ``inference_step``, ``model.py``): with
+  ``cfg_dropout`` p (default 0: off) a row of the flow loss sees, in training, the null condition
+  (``null_mask``: the question's states masked out of the denoiser's attention) with probability p;
+  with ``cfg_scale`` w (default 1: the sampler unchanged bit for bit) every Euler step takes
+  ``v = v_uncond + w (v_cond - v_uncond)`` from one denoiser call over the rows doubled; the diversity
+  kick and Prophet act on that v. w != 1 needs p > 0 (refused otherwise).
 * **Answering**: the answer slots ``slots_a(z)`` of a sampled ``z`` enter the ``HybridCache``
   once, after the question (``forward(inputs_embeds=...)``, like meta tokens), and the LM
   decodes the answer after them; a cached answer equals the full forward over ``[question,
@@ -317,17 +324,25 @@ class LaDiR(nn.Module):
         averaged over ``flow_draws`` draws of (z_0, t) per latent (LaDiR's code repeats each
         encoded latent ``diffusion_batch_mul = 8`` times), drawn in turn, z_0 then t for each, so
         k draws give the mean of k one-draw losses on the same generator; one denoiser pass over
-        the k x B rows."""
+        the k x B rows. In training, with ``cfg_dropout`` p (classifier-free guidance), each draw
+        also draws u ~ U(0, 1) per row after its t, and a row with u < p sees the null condition
+        (``null_mask``) instead of its question (LaDiR's code: ``replace_text_before_tht_start``,
+        ``text_drop_prob = 0.1``, per row of its repeated batch); without p nothing more is drawn."""
         B, k = z1.shape[0], self.cfg.flow_draws
+        p = self.cfg.cfg_dropout if self.training else 0.0  # (classifier-free guidance's condition dropout)
         draws = [(noise(torch.randn, z1.shape, z1.device, generator, z1.dtype),
-                  noise(torch.rand, (B,), z1.device, generator, z1.dtype)) for _ in range(k)]
+                  noise(torch.rand, (B,), z1.device, generator, z1.dtype),
+                  noise(torch.rand, (B,), z1.device, generator) < p if p > 0 else None) for _ in range(k)]
         z0, t = torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws])  # [k B, ...], draw-major
+        mask = q_mask.repeat(k, 1)
+        if p > 0:  # the dropped rows see the null condition: no question state to attend to
+            mask = mask & ~torch.cat([d[2] for d in draws])[:, None]
         z1 = z1.repeat(k, 1, 1)
         zt = (1 - t)[:, None, None] * z0 + t[:, None, None] * z1
         # in the denoiser's dtype (a model cast to float64 / bfloat16; the slot embedding's, which bf16 master
         # weights leave in float32, so autocast computes as before)
         dt = self.denoiser.slot.dtype
-        v = self.denoiser(zt.to(dt), t, cond.detach().to(dt).repeat(k, 1, 1), q_mask.repeat(k, 1), checkpointing)
+        v = self.denoiser(zt.to(dt), t, cond.detach().to(dt).repeat(k, 1, 1), mask, checkpointing)
         cd = compute_dtype(v, z1)
         err = (v.to(cd) - (z1 - z0).to(cd)).pow(2)
         if per_row:
@@ -335,12 +350,26 @@ class LaDiR(nn.Module):
         loss = err.mean()
         return loss, {"ladir/flow": loss.detach()}
 
+    @staticmethod
+    def null_mask(q_mask: Tensor) -> Tensor:
+        """The null condition of classifier-free guidance (Ho & Salimans 2022, arXiv 2207.12598):
+        every question state masked out of the denoiser's attention (its ``cond_mask`` all False), so
+        the latent tokens attend only to each other and the velocity is v(z_t, t), whatever the
+        question's states, length or padding (the key padding mask that already hides pads; the
+        latent tokens keep every attention row non-empty). LaDiR's code instead writes a learned
+        ``fake_input_embed`` over the question's token embeddings (``model.py``
+        ``replace_text_before_tht_start``) because its denoiser is the LM itself, reading the question
+        and the thought tokens as one sequence with positions; here the question is a separate set
+        of attended states, so masking drops it exactly and needs no new parameter (every checkpoint
+        loads as before)."""
+        return torch.zeros_like(q_mask)
+
     @torch.no_grad()
     def sample(self, model: Any, question: Tensor, q_mask: Tensor, steps: int | None = None,
                prophet: bool | None = None, generator: Generators = None,
                z0: Tensor | None = None, qcache: HybridCache | None = None,
                cond: Tensor | None = None, stats: dict | None = None, samples: int = 1,
-               diversity_scale: float | None = None) -> tuple[Tensor, Tensor]:
+               diversity_scale: float | None = None, cfg_scale: float | None = None) -> tuple[Tensor, Tensor]:
         """Euler sampling of z from noise given the (right-padded) question: (z [B, M, latent],
         steps used per row [B]). The noise is ``init_noise_scale`` times N(0, I) (LaDiR's
         ``denoise`` starts from ``torch.randn(...) * 2.5``), or ``z0`` as given. With Prophet (``prophet``; default: the recipe's setting) a row
@@ -352,11 +381,22 @@ class LaDiR(nn.Module):
         as ``generate(mode="ladir")`` lays them out), between which the diversity guidance acts
         (``diversity_scale``, default the recipe's: each step's velocity v becomes
         v + gamma * ``repulsion(x)`` at x = z_t + (1 - t) v, each sample's estimate of z_1, or at x = v
-        with ``diversity_target: velocity``; the Euler step and Prophet's estimate use that v)."""
+        with ``diversity_target: velocity``; the Euler step and Prophet's estimate use that v).
+        ``cfg_scale`` w (default the recipe's): classifier-free guidance, v = v_u + w (v_c - v_u) from
+        the conditional and the unconditional (``null_mask``) velocities of one denoiser call over
+        the rows doubled (Ho & Salimans 2022, Eq. 6, on velocities; LaDiR's code: ``inference_step``,
+        two calls, for w > 1 only); the diversity kick is added to that v (as in LaDiR's
+        ``denoise_with_reward_guidance_and_diversity``); w = 1 is the unguided sampler, bit for bit."""
         cfg = self.cfg
         steps = steps or cfg.inference_steps
         prophet = cfg.prophet.enabled if prophet is None else prophet
         gamma = cfg.diversity_scale if diversity_scale is None else diversity_scale
+        w = cfg.cfg_scale if cfg_scale is None else cfg_scale
+        if not w >= 0:
+            raise ValueError(f"LaDiR.sample: cfg_scale must be >= 0, got {w}")
+        if w != 1.0 and cfg.cfg_dropout == 0.0:
+            raise ValueError(f"LaDiR.sample: cfg_scale {w:g} guides with the unconditional velocity, which the "
+                             "denoiser learns only with ladir.cfg_dropout > 0 (0 in this recipe)")
         B, M = question.shape[0], cfg.memory_slots
         if B % samples:
             raise ValueError(f"LaDiR.sample: {B} rows are not questions of {samples} samples each")
@@ -375,9 +415,15 @@ class LaDiR(nn.Module):
         used = torch.full((B,), steps, dtype=torch.long, device=dev)
         active = torch.ones(B, dtype=torch.bool, device=dev)
         dt = 1.0 / steps
+        if w != 1.0:  # the conditional rows, then the same rows with the null condition: one call per step
+            cond2, mask2 = torch.cat([cond, cond]).to(wd), torch.cat([q_mask, self.null_mask(q_mask)])
         for i in range(steps):
             t = torch.full((B,), i * dt, device=dev, dtype=cd)
-            v = self.denoiser(z.to(wd), t, cond.to(wd), q_mask).to(cd)
+            if w != 1.0:
+                vc, vu = self.denoiser(torch.cat([z, z]).to(wd), torch.cat([t, t]), cond2, mask2).to(cd).chunk(2)
+                v = vu + w * (vc - vu)
+            else:
+                v = self.denoiser(z.to(wd), t, cond.to(wd), q_mask).to(cd)
             if gamma > 0 and samples > 1:  # (otherwise exactly the unguided sampler)
                 at = v if cfg.diversity_target == "velocity" else z + (1.0 - i * dt) * v  # the estimate of z_1
                 v = v + gamma * self.repulsion(at, active, samples, cfg.diversity_bandwidth)

@@ -176,11 +176,19 @@ class LaDiRConfig:
                                  doc="where the diversity kernel reads the samples: their estimates of z_1, "
                                      "z_t + (1 - t) v (where they are headed), or their velocities v (LaDiR's "
                                      "code, which on a field that draws the samples together draws them closer)")
+    cfg_dropout: float = spec(0.0, min=0.0, lt=1.0, doc="classifier-free guidance, training: the probability that "
+                              "a row of the flow loss sees the null condition (the question's states masked out "
+                              "of the denoiser's attention) instead of its question (0: off; LaDiR's code: 0.1)")
+    cfg_scale: float = spec(1.0, min=0.0, doc="classifier-free guidance, sampling: w in v = v_uncond + w (v_cond - "
+                            "v_uncond) at every Euler step (1: unguided; needs cfg_dropout > 0 otherwise)")
     prophet: ProphetConfig = dataclasses.field(default_factory=ProphetConfig)
 
     def check(self, model):  # noqa: ANN001
         if model.d_model % self.denoiser_heads:
             yield "denoiser_heads", f"must divide d_model ({model.d_model}), got {self.denoiser_heads}"
+        if self.cfg_scale != 1.0 and self.cfg_dropout == 0.0:
+            yield "cfg_scale", (f"{self.cfg_scale:g} guides with the unconditional velocity, which a denoiser "
+                                "learns only with ladir.cfg_dropout > 0 (0 here)")
 
 
 @dataclass(frozen=True, kw_only=True)  # keyword-only: vocab_size (optional) stays first

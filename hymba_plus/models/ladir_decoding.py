@@ -5,7 +5,7 @@ which is then copied to each of its ``samples`` rows (``HybridCache.reorder``: o
 question, not per sample); its final hidden states condition the flow denoiser, which samples
 ``samples`` latent reasonings per question in parallel (``steps`` Euler steps, Prophet early exit unless
 ``prophet=False``; with ``ladir.diversity_scale``, the diversity guidance between a question's
-samples); each latent's M slot embeddings enter that question's cache once, after
+samples; with ``ladir.cfg_scale``, classifier-free guidance); each latent's M slot embeddings enter that question's cache once, after
 the question (like meta tokens); the answer is decoded autoregressively after them. With
 several samples the answer is the majority vote over the samples' answers (ties: the
 first sample). ``stats``: denoising steps used per row (``steps_used``, its mean, and the

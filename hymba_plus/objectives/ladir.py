@@ -20,7 +20,7 @@ Held-out: the stage's loss; ``eval_accuracy`` is the answer value's (a row count
 answer token but the end token that closes it, ``value_mask``, is right: the built-in tasks'
 one value token, whose chance is the stream's ``chance``, 1 / modulus for ``chain_arith``),
 teacher-forced after the slots of the posterior mean (``vae``) or of latents sampled by the
-flow without Prophet (``flow`` / ``joint``), so it measures answering *through* the latents;
+flow without Prophet, guided by the recipe's ``cfg_scale`` (``flow`` / ``joint``), so it measures answering *through* the latents;
 ``eval_answer_token_accuracy`` is the accuracy over every answer token, the end token included
 (which a model learns at once: at chance on the value it is ~0.55 on ``chain_arith``).
 """
