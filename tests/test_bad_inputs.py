@@ -316,8 +316,11 @@ def test_ladir_train_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path, ca
     from tests.hf_models import word_tokenizer
 
     word_tokenizer(tmp_path / "tok.json", 100)
+    data = tmp_path / "r.jsonl"  # (a reasoning file: a built-in task makes its own ids, and refuses --tokenizer)
+    data.write_text("".join(json.dumps({"question": f"q{i}", "reasoning": "r", "answer": "a"}) + "\n"
+                            for i in range(20)))
     out = tmp_path / "o"
-    err = _one_line_error(capsys, main(["train", str(ROOT / "configs" / "ladir_tiny.yaml"), "--data", "chain_arith",
+    err = _one_line_error(capsys, main(["train", str(ROOT / "configs" / "ladir_tiny.yaml"), "--data", str(data),
                                         "--tokenizer", str(tmp_path / "tok.json"), "--out", str(out), *FAST[:4], *FAST[6:]]))
     assert err.endswith(f"--tokenizer {tmp_path / 'tok.json'}: 100 tokens but the model's vocab_size is 32")
     assert not out.exists()

@@ -161,3 +161,36 @@ def test_a_task_flag_for_another_task_is_a_usage_error(tmp_path: Path, capsys, a
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
     assert needle.replace("TEXT", str(text)) in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("recipe_name, args, needle", [
+    (None, ["--val-frac", "0.2"], "--val-frac 0.2: the held-out fraction of text, shards or a reasoning file: the "
+                                  "built-in task mqar (the default data) holds out a fixed set of its own examples"),
+    (None, ["--data", "khop", "--val-frac", "0.1"], "--val-frac 0.1: the held-out fraction of text, shards or a "
+                                                    "reasoning file: the built-in task khop holds out"),
+    ("ladir_tiny.yaml", ["--data", "chain_pointer", "--val-frac", "0.2"], "--val-frac 0.2: the held-out fraction of "
+     "text, shards or a reasoning file: the built-in task chain_pointer holds out"),
+    ("ladir_tiny.yaml", ["--val-frac", "0.2"], "the built-in task chain_arith (the default data) holds out"),
+    ("ladir_tiny.yaml", ["--data", "chain_arith", "--tokenizer", "TOK"], "--tokenizer TOK: encodes text (a file or "
+     "folder, reasoning data): the built-in task chain_arith makes token ids of its own"),
+])
+def test_a_data_flag_for_a_built_in_task_is_a_usage_error(tmp_path: Path, capsys, recipe_name, args, needle):
+    """--val-frac (held out of text, shards or a reasoning file) and --tokenizer (which encodes text) were
+    accepted and ignored on a built-in task, which holds out a fixed set of its own examples and makes its own
+    token ids (a reasoning task's stream even kept the given tokenizer as the checkpoint's, for ids it never
+    made). Now one line naming the flag and why it has no effect, exit 2, nothing written."""
+    if recipe_name is None:
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(yaml.safe_dump(TINY))
+        args = [*args, "--seq-len", "40"]
+    else:
+        recipe = Path(__file__).resolve().parents[1] / "configs" / recipe_name
+    tok = tmp_path / "tok.json"  # (one the model's vocabulary can hold: only the task makes it pointless)
+    tok.write_text(json.dumps({"hymba_tokenizer": "ids", "vocab_size": 32}))
+    args = [str(tok) if a == "TOK" else a for a in args]
+    out = tmp_path / "run"
+    rc = main(["train", str(recipe), *args, "--out", str(out), "--steps", "1", "--batch-size", "2", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert needle.replace("TOK", str(tok)) in err, err
+    assert not out.exists()

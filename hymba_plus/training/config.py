@@ -149,6 +149,22 @@ def tasks_reading(field_name: str) -> tuple[str, ...]:
     return tuple(name for name, task in TASKS.items() if field_name in task.settings)
 
 
+#: the data settings a built-in task does not read (``validate``): what each is for, and why a task has no use for it
+DATA_SETTINGS = {"tokenizer": ("encodes text (a file or folder, reasoning data)", "makes token ids of its own"),
+                 "val_frac": ("the held-out fraction of text, shards or a reasoning file",
+                              "holds out a fixed set of its own examples")}
+
+
+def builtin_data(cfg: TrainConfig, model) -> str | None:  # noqa: ANN001 - ModelConfig
+    """The built-in task ``cfg.data`` names for a token model, next-token (``tasks.py``) or reasoning
+    (``reasoning.py``), or None (a path; a model without a vocabulary reads series)."""
+    from .reasoning import REASONING_TASKS
+    from .tasks import TASKS
+
+    ok = model.vocab_size is not None and cfg.data is not None
+    return cfg.data if ok and (cfg.data in TASKS or cfg.data in REASONING_TASKS) else None
+
+
 #: command-line flag of each field (``hymba train``), where it is not ``--field-name``
 FLAG_NAMES = {"warmup_steps": "--warmup"}
 
@@ -178,6 +194,11 @@ def validate(cfg: TrainConfig, model, overrides: dict | None = None, where: str 
             raise TrainConfigError(f"{flag_of(name)} {overrides[name]}: a setting of the task"
                                    f"{'s' if len(readers) > 1 else ''} {' and '.join(readers)}; this run trains on "
                                    f"{data}")
+        task = builtin_data(checked, model)
+        if name in DATA_SETTINGS and task is not None:  # (a data flag a built-in task does not read: ignored silently)
+            what, why = DATA_SETTINGS[name]
+            raise TrainConfigError(f"{flag_of(name)} {overrides[name]}: {what}: the built-in task {task}"
+                                   f"{' (the default data)' if cfg.data is None else ''} {why}")
     for key, msg in [*range_errors(checked), *cross_errors(checked, model)]:
         name = key.split(".")[0]
         if name in overrides:
