@@ -480,3 +480,23 @@ def test_reference_math_turns_autocast_off_without_a_graph_break():
         got = product(a, b)
     assert got.dtype == torch.float32 and torch.equal(got, a @ b)
     torch.testing.assert_close(torch.compile(step)(a, b), step(a, b))
+
+
+def test_lifting_saved_tensor_hooks_is_traced_without_a_graph_break():
+    """``without_saved_tensor_hooks`` (the ATLAS reference's per-token gradients run under it) lifts
+    checkpointing's hooks in eager mode; under torch.compile, where none can be active, it does
+    nothing and costs no graph break (the hooks API broke the graph at every ATLAS chunk update)."""
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        with dispatch.without_saved_tensor_hooks():
+            return (x * 2).sin()
+
+    torch._dynamo.reset()
+    x = torch.randn(5)
+    assert torch._dynamo.explain(f)(x).graph_break_count == 0
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(1) or t, lambda t: t):
+        y = f(x.requires_grad_())
+        (x * 3).sin().sum()  # outside the block: the hooks are back
+    y.sum().backward()
+    assert len(packed) == 1

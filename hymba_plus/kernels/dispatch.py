@@ -172,7 +172,12 @@ def without_saved_tensor_hooks() -> Iterator[None]:
     its hooks; code that runs a backward of its own inside a block (a fast path's probe, the
     ATLAS reference's per-token gradients by ``torch.func``, which refuses to run under such
     hooks) must save its tensors plainly: its backward would otherwise unpack them through the
-    checkpoint. (Private PyTorch hooks API, as torch.compile uses it.)"""
+    checkpoint. (Private PyTorch hooks API, as torch.compile uses it.) Under torch.compile there is
+    nothing to lift (the trainer refuses activation checkpointing with it) and Dynamo cannot trace
+    the hooks API: the block runs as it is, with no graph break."""
+    if torch.compiler.is_compiling():
+        yield
+        return
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     lifted = []
     while top is not None and (hooks := top(True)) is not None:
