@@ -219,6 +219,15 @@ def test_capturing_is_false_without_cuda(monkeypatch):
     assert dispatch.capturing() is True
 
 
+def test_capturing_is_false_inside_a_torch_compile_trace():
+    """A trace captures nothing (a compiled graph's CUDA graphs are recorded after it): ``capturing()``
+    is False inside torch.compile, one graph (``fullgraph``). Before, Dynamo traced this CPU build's
+    stub, which raised inside the trace (no ``except`` catches that) and failed the compile."""
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: x * 2 if dispatch.capturing() else x * 3, backend="eager", fullgraph=True)
+    assert torch.equal(f(torch.ones(2)), torch.full((2,), 3.0))
+
+
 def test_a_probe_never_runs_inside_a_capture_and_nothing_is_cached(monkeypatch):
     """A first use inside a CUDA-graph capture raises a clear error instead of running the probe
     (which would fail there for reasons unrelated to the fast path, and the cached failure would

@@ -4,6 +4,8 @@ state a cached forward of the prefix leaves; the kernel's ``states_at`` option l
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -76,6 +78,22 @@ def test_dispatcher_states_at_and_bounds():
     assert not st[:, 1].any()
     with pytest.raises(ValueError, match="states_at"):
         gated_delta_rule(q, k, v, g, beta, states_at=torch.tensor([11]))
+
+
+def test_states_at_traces_whole_under_torch_compile():
+    """The ``states_at`` range check reads the counts on the host: skipped while torch.compile traces
+    (block diffusion's compiled two-stream step), as inside a CUDA-graph capture, so the call is one
+    graph (``fullgraph``) with the eager result. Before, the capture check failed the trace on a CPU
+    build and the host read broke the graph."""
+    q, k, v, g, beta, _ = make_inputs(1, 10, 1, 2, 4, 4, seed=1, h0=False)
+    at = torch.tensor([10, 0, 4])
+    torch._dynamo.reset()
+    f = torch.compile(functools.partial(gated_delta_rule, output_final_state=True, chunk_size=4), backend="eager",
+                      fullgraph=True)
+    got = f(q, k, v, g, beta, states_at=at)
+    want = gated_delta_rule(q, k, v, g, beta, output_final_state=True, chunk_size=4, states_at=at)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------- mixer

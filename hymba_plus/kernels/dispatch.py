@@ -64,6 +64,8 @@ def capturing() -> bool:
     ``as_if_capturing()``.)"""
     if _as_if_capturing:
         return True
+    if torch.compiler.is_compiling():  # a trace captures nothing (reduce-overhead records its graphs after
+        return False  # it), and Dynamo tracing the CPU build's stub failed the compile (no except catches that)
     try:
         return bool(torch.cuda.is_current_stream_capturing())
     except Exception:  # noqa: BLE001 - a build without CUDA has only a stub that raises

@@ -313,8 +313,10 @@ def _states_within(S0: Tensor, S_end: Tensor, U: Tensor, k: Tensor, G: Tensor, a
     N, C = G.shape[2], G.shape[3]
     at = at.to(device=G.device, dtype=torch.long)
     # the range check reads the counts on the host: not inside a CUDA graph capture (block diffusion's
-    # graphed training step), whose counts come from host integers (gdn.boundary_inner)
-    if at.dim() != 1 or (at.numel() and not dispatch.capturing() and (int(at.min()) < 0 or int(at.max()) > T)):
+    # graphed training step) nor a torch.compile trace (its compiled step), whose counts come from host
+    # integers (gdn.boundary_inner)
+    if at.dim() != 1 or (at.numel() and not (dispatch.capturing() or dispatch.tracing(at))
+                         and (int(at.min()) < 0 or int(at.max()) > T)):
         raise ValueError(f"gdn: states_at must be a 1-D tensor of token counts in [0, {T}], got {at.tolist()}")
     n_state = at // C  # index into [S0 | S_end] (N + 1 states)
     n_in = n_state.clamp_max(N - 1)  # p == N*C: i = 0, nothing of the chunk is used
