@@ -114,7 +114,7 @@ def test_block_terms_and_variance_equal_a_hand_computation():
 
 def _patch_terms(monkeypatch, flat: tuple[float, float]):
     """Per-block terms: constant for the range ``flat`` (zero variance), spread for the others."""
-    def fake(self, model, ids, scored, seed, lo, hi):  # noqa: ANN001
+    def fake(self, model, ids, scored, seed, lo, hi, core=None):  # noqa: ANN001
         B, nb = ids.shape[0], ids.shape[1] // self.cfg.block_size
         g = torch.Generator().manual_seed(seed)
         terms = torch.full((B, nb), 2.0) if (lo, hi) == flat else 1.0 + hi * torch.rand((B, nb), generator=g)
@@ -136,7 +136,7 @@ def test_search_picks_the_range_of_least_variance(monkeypatch):
     assert obj.train_state() == {"clip": [0.45, 0.95]}
     # equal variances: the first candidate
     monkeypatch.setattr(bd.BlockDiffusion, "block_terms",
-                        lambda self, model, ids, scored, seed, lo, hi: (torch.ones(ids.shape[0], 3),
+                        lambda self, model, ids, scored, seed, lo, hi, core=None: (torch.ones(ids.shape[0], 3),
                                                                        torch.ones(ids.shape[0], 3, dtype=torch.bool)))
     obj.eval_begin(4)
     obj.eval_end(obj.eval_sums(obj.eval_batch(model, model, ids, ids, seed=0)[3]))

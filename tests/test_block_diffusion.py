@@ -11,7 +11,7 @@ and the recipe section.
   w(t) = m'(t) / m(t) for every schedule;
 * recipe checks are one line naming FILE:LINE: key; the cache fork leaves its parent alone;
   ``bidirectional=True`` is bidirectional only inside the chunk;
-* ``hymba train`` runs it (no --compile / --cuda-graph), checkpoints reload with the [MASK]
+* ``hymba train`` runs it (--compile: tests/test_compile_objectives.py), checkpoints reload with the [MASK]
   embedding, and a small model learns a copy task through the NELBO.
 
 Tests at the end of the file pin bugs found while writing these (fixed).
@@ -739,26 +739,6 @@ def test_hymba_train_on_bd_tiny_learns_evaluates_and_reloads(tmp_path, capsys):
     ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     loss, *_ = model.objective.eval_batch(model, model, ids, ids, seed=0)
     assert math.isfinite(loss)
-
-
-@pytest.mark.parametrize("flag, opts", [("--compile", {"compile": "default"})])
-def test_compile_is_refused_in_one_line(tmp_path, capsys, flag, opts):
-    """--compile wraps the model's forward, which block diffusion's step does not call (CUDA graphs
-    capture its step whole: tests/test_train_modes.py)."""
-    from hymba_plus.training.config import TrainConfig
-    from hymba_plus.training.trainer import RunOptions, TrainError, train
-
-    r = load_recipe(ROOT / "configs" / "bd_tiny.yaml")
-    cfg = TrainConfig(steps=2, batch_size=2, seq_len=16, warmup_steps=0)
-    with pytest.raises(TrainError, match=rf"^{flag}: not available for the block_diffusion objective"):
-        train(r, cfg, RunOptions(out=tmp_path / "api", progress=False, log=lambda s: None, **opts))
-    if flag == "--compile":  # the command line: exit 1, one line, no traceback
-        rc = main(["train", str(ROOT / "configs" / "bd_tiny.yaml"), "--out", str(tmp_path / "cli"), "--steps", "2",
-                   "--batch-size", "2", "--seq-len", "16", "--no-progress", flag])
-        err = capsys.readouterr().err.strip()
-        assert rc == 1 and "Traceback" not in err
-        assert err.splitlines()[-1] == ("hymba train: --compile: not available for the block_diffusion objective "
-                                        "(its two-stream step calls the model's parts, not its forward)")
 
 
 # --------------------------------------------------------------------------- 9. learning

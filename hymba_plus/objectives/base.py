@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,8 +20,18 @@ class Objective(nn.Module):
       trainer opens reasoning data (``training/data.ReasoningBatches``);
       ``segment_reserve(recipe)`` the positions its passes add to an example (ladir's memory
       slots), which the data's length check counts;
-    * ``eager_because``: why ``--compile`` cannot compile its training step (None: the step is
-      the model's forward, which torch.compile wraps);
+    * ``eager_because``: why ``--compile`` cannot compile its training step (None: it can, through
+      ``compile_step``);
+    * ``core(model, *tensors, **kw)``: for an objective whose step runs the model's parts itself
+      rather than its forward (block diffusion's two-stream pass, forecasting's patch embedding and
+      horizon head around the backbone), the tensor work of its step from the model's parts to the
+      loss, which its ``train_forward`` and ``eval_batch`` call through ``core_of(fwd, model)``;
+      host-side work and random draws stay outside it (they run eagerly, so a compiled step draws
+      the eager step's noise); None (next token, MTP): the step is the model's forward;
+    * ``compile_step(model, compile_fn)``: what ``--mode compile`` hands ``train_forward`` and
+      ``eval_batch`` as ``fwd``: ``compile_fn(model)`` (the model's forward compiled) by default,
+      ``CompiledParts`` of ``compile_fn(core bound to model)`` for an objective with a ``core``, so
+      the whole loss computation is compiled, as torchtitan compiles it;
     * ``graph_because``: why ``--cuda-graph`` (and ``auto`` on CUDA) cannot capture its training
       step (None: ``train_forward`` of a token batch is tensors in, loss out, without host reads
       and without the batch's other fields: the trainer captures it whole,
@@ -66,11 +78,29 @@ class Objective(nn.Module):
     eager_because: str | None = None
     graph_because: str | None = None
     phase_settings: tuple[str, ...] = ()
+    core: Callable[..., Any] | None = None  # (a method where defined: see the class docstring)
 
     @staticmethod
     def segment_reserve(recipe: Any) -> int:
         """Positions this objective's passes add to a reasoning example (none by default)."""
         return 0
+
+    def compile_step(self, model: nn.Module, compile_fn: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Any:
+        """The ``fwd`` of a ``--mode compile`` run (``compile_fn``: ``torch.compile`` with the run's
+        ``--compile-mode``): the model's forward compiled, or, for an objective with a ``core``, that
+        core bound to ``model`` and compiled (``CompiledParts``), which ``core_of`` hands its step and
+        its evaluation alike."""
+        if self.core is None:
+            return compile_fn(model)
+        return CompiledParts(compile_fn(functools.partial(self.core, model)))
+
+    def core_of(self, fwd: Any, model: nn.Module) -> Callable[..., Any]:
+        """The ``core`` a step runs: the compiled one where ``fwd`` is ``compile_step``'s ``CompiledParts``,
+        else ``core`` bound to ``model`` (eager: ``fwd`` is then the model)."""
+        if isinstance(fwd, CompiledParts):
+            return fwd.core
+        assert self.core is not None
+        return functools.partial(self.core, model)
 
     def configure(self, train_cfg: Any) -> None:
         """Read the run's settings (nothing by default)."""
@@ -114,3 +144,14 @@ class Objective(nn.Module):
         ``labels`` (the rows that repeat earlier ones blanked), so ``eval_loss`` is the mean over
         every scored held-out item (0 for a batch that scored nothing)."""
         return float(self.train_items(ids, labels, batch))
+
+
+class CompiledParts:
+    """``fwd`` under ``--mode compile`` for an objective whose step runs the model's parts itself
+    (``Objective.compile_step``): ``core`` is ``torch.compile`` of the objective's ``core`` bound to the
+    model. Not the model: calling it as one is an error, not a silent eager forward."""
+
+    __slots__ = ("core",)
+
+    def __init__(self, core: Callable[..., Any]):
+        self.core = core

@@ -34,6 +34,9 @@ minimises the block NELBO (BD3-LM Eq. 8-10, with MDLM's SUBS parameterisation):
 * the [x_t, x_0] forward is vectorised: one call over ``[meta | x_0 | x_t]``
   (``core/two_stream.py`` defines what every mixer computes there, recurrent ones
   included); ``reference_logits`` is the slow per-block oracle it is tested against;
+* ``--mode compile`` compiles ``core`` (the two-stream forward and the NELBO) and runs the noise
+  draws before it eagerly (``Objective.compile_step``), so a compiled step trains on the eager
+  step's draws; the held-out evaluation and the clip search run the same compiled core;
 * the held-out metric is the NELBO with t ~ U[eps, 1] (unclipped, a bound on the negative
   log-likelihood per token): ``eval_loss`` and ``eval_ppl`` = exp(NELBO) are the
   perplexity bound; ``eval_accuracy`` is argmax accuracy at the masked tokens.
@@ -161,9 +164,8 @@ def weight(cfg: BlockDiffusionConfig, t: Tensor) -> Tensor:
 class BlockDiffusion(Objective):
     """The BD3-LM objective and the [MASK] embedding (see the module docstring)."""
 
-    # its two-stream step calls the model's parts, not its forward (which is what --compile wraps);
-    # CUDA graphs capture the whole step (noise draws included: they read the generator's state)
-    eager_because = "its two-stream step calls the model's parts, not its forward"
+    # --compile compiles ``core`` (the two-stream forward and the NELBO; the noise is drawn eagerly
+    # before it); CUDA graphs capture the whole step (noise draws included: they read the generator's state)
 
     def __init__(self, cfg: BlockDiffusionConfig, *, d_model: int, vocab_size: int, init_std: float = 0.02,
                  **_: Any):
@@ -257,6 +259,15 @@ class BlockDiffusion(Objective):
         h = model.structure(model.blocks, x, ctx, None)
         return model.lm_head(model.norm(h[:, ts.clean_slots:])), ctx
 
+    def core(self, model, xt: Tensor, x0: Tensor, masked: Tensor, t: Tensor,  # noqa: ANN001
+             scored: Tensor) -> tuple[Tensor, Tensor, Tensor | None, dict]:
+        """(NELBO, logits [B, L, V], the model's auxiliary loss or None, the forward's stats) of noisy
+        blocks ``xt`` drawn from ``x0`` (``masked``, levels ``t`` [B, nb]): the two-stream forward and
+        BD3-LM Eq. 10, the part of a step ``--mode compile`` compiles (``Objective.compile_step``); the
+        noise is drawn before it, eagerly, so a compiled step trains on the eager step's draws."""
+        logits, ctx = self.two_stream_logits(model, xt, x0)
+        return self.nelbo(logits, x0, masked, t, scored), logits, ctx.aux_total(), ctx.stats
+
     def nelbo(self, logits: Tensor, x0: Tensor, masked: Tensor, t: Tensor, scored: Tensor) -> Tensor:
         """Mean over scored tokens of w(t_b) * CE at the masked ones (BD3-LM Eq. 10)."""
         ce = F.cross_entropy(logits.flatten(0, 1).float(), x0.flatten(), reduction="none").view_as(x0)
@@ -274,12 +285,9 @@ class BlockDiffusion(Objective):
         lo, hi = self.clip
         t = self.sample_t((ids.shape[0], ids.shape[1] // self.cfg.block_size), ids.device, lo, hi)
         xt, masked = self.noise(ids, t, clip=(lo, hi))
-        logits, ctx = self.two_stream_logits(model, xt, ids)
-        loss = self.nelbo(logits, ids, masked, t, labels != -100)
-        aux = ctx.aux_total()
-        ctx.stats["bd/mask_rate"] = masked.float().mean().detach()
-        return ModelOutput(logits=logits, loss=loss if aux is None else loss + aux, aux_loss=aux,
-                           stats=ctx.stats or None)
+        loss, logits, aux, stats = self.core_of(fwd, model)(xt, ids, masked, t, labels != -100)
+        stats = {**stats, "bd/mask_rate": masked.float().mean().detach()}
+        return ModelOutput(logits=logits, loss=loss if aux is None else loss + aux, aux_loss=aux, stats=stats)
 
     def train_items(self, ids: Tensor, labels: Tensor, batch: Any = None) -> Tensor:
         """The scored tokens (label not -100): the NELBO's denominator (``nelbo``: the sum over the
@@ -299,17 +307,18 @@ class BlockDiffusion(Objective):
             t_i = self.sample_t((1, nb), ids.device, 0.0, 1.0, g)
             rows.append((t_i, *self.noise(ids[i:i + 1], t_i, g)))
         t, xt, masked = (torch.cat(parts) for parts in zip(*rows))
-        logits, ctx = self.two_stream_logits(model, xt, ids)
         scored = labels != -100
-        loss = float(self.nelbo(logits, ids, masked, t, scored))
+        core = self.core_of(fwd, model)
+        loss_t, logits, _, stats = core(xt, ids, masked, t, scored)
+        loss = float(loss_t)
         m = masked & scored
         correct = int((logits.argmax(-1)[m] == ids[m]).sum())
         from ..models.lm import ModelOutput
 
-        stats = dict(ctx.stats)
+        stats = dict(stats)
         if self._search:
             for j, (lo, hi) in enumerate(self.cfg.clip_search.grid):
-                terms, has = self.block_terms(model, ids, scored, seed, lo, hi)
+                terms, has = self.block_terms(model, ids, scored, seed, lo, hi, core=core)
                 terms = terms[has].double()
                 stats[f"clip_search/{j}_n"] = float(has.sum())
                 stats[f"clip_search/{j}_s1"] = float(terms.sum())
@@ -318,11 +327,12 @@ class BlockDiffusion(Objective):
 
     # ------------------------------------------------------------------ clip search (BD3-LM §5)
     def block_terms(self, model, ids: Tensor, scored: Tensor, seed: int, lo: float, hi: float,  # noqa: ANN001
-                    ) -> tuple[Tensor, Tensor]:
+                    core: Any = None) -> tuple[Tensor, Tensor]:
         """([B, nb] float32 per-block NELBO terms ``w(t_b) * sum_{i in b, masked, scored} CE_i / block_size``
         with levels from [lo, hi] and the masks training draws there (``resample`` included), [B, nb]
         bool: the block scores a token). Row i's noise is seeded by ``seed + i``, as ``eval_batch``'s,
-        so every candidate range maps the same uniforms (common random numbers)."""
+        so every candidate range maps the same uniforms (common random numbers). The logits come from
+        ``core`` (``eval_batch``'s: compiled under ``--mode compile``), by default ``self.core`` on ``model``."""
         bs = self.cfg.block_size
         B, L = ids.shape
         nb = L // bs
@@ -332,7 +342,7 @@ class BlockDiffusion(Objective):
             t_i = self.sample_t((1, nb), ids.device, lo, hi, g)
             rows.append((t_i, *self.noise(ids[i:i + 1], t_i, g, clip=(lo, hi))))
         t, xt, masked = (torch.cat(parts) for parts in zip(*rows))
-        logits, _ = self.two_stream_logits(model, xt, ids)
+        _, logits, _, _ = (core or self.core_of(model, model))(xt, ids, masked, t, scored)
         ce = F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten(), reduction="none").view(B, L)
         w = weight(self.cfg, t).repeat_interleave(bs, dim=1)
         per = torch.where(masked & scored, ce * w, torch.zeros_like(ce))

@@ -21,6 +21,9 @@ horizon head at the last patch. Loss in RevIN's z-score space (scale-free across
   rho_q(z_h - z_hat_{h,q}) = max(q u, (q - 1) u) (Koenker & Bassett 1978), which a quantile
   forecaster minimises at the true conditional quantiles.
 
+``--mode compile`` compiles the whole step (``core``: RevIN, patch embedding, backbone, horizon
+head, loss; ``Objective.compile_step``), which the held-out evaluation runs too.
+
 Held-out metrics (``training/forecast_metrics.py``), in original units, next to the
 seasonal-naive baseline of period ``season``: MSE, MAE, MASE, CRPS (and the pinball loss for
 quantile models): ``eval_mse``, ``eval_mae``, ``eval_mase``, ``eval_crps``, ``eval_snaive_*``.
@@ -141,9 +144,8 @@ class Forecast(Objective):
     reads_tokens = False
     needs_series = True
     default_data = "synthetic"
-    # --compile wraps the model's forward, not the patch embedding and horizon head around it; CUDA
+    # --compile compiles ``core`` (RevIN, patch embedding, backbone, horizon head and loss); CUDA
     # graphs capture the whole step (context windows in, loss out)
-    eager_because = "its patch embedding and horizon head run around the model's forward"
 
     def __init__(self, cfg: ForecastConfig, *, d_model: int, init_std: float = 0.02, **_: Any):
         super().__init__()
@@ -187,12 +189,18 @@ class Forecast(Objective):
         z_last = z_hat[:, -1]
         return z_last, ((y.double() - mu) / sigma).float(), mu, sigma, out
 
+    def core(self, model, x: Tensor, y: Tensor, **kw: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Any]:  # noqa: ANN001
+        """(loss, z-score forecasts [B, H, C, Q] after the last patch, RevIN's mu and sigma, the
+        backbone's output) of context windows ``x`` and the horizons ``y`` after them: the whole
+        step, the part ``--mode compile`` compiles (``Objective.compile_step``)."""
+        z_last, z, mu, sigma, out = self._window(model, x, y, **kw)
+        return self.loss(z_last, z), z_last, mu, sigma, out
+
     def train_forward(self, fwd, model, ids: Tensor, labels: Tensor, batch: Any = None, **kw: Any):  # noqa: ANN001, ANN201
         """``ids``: context windows [B, L, C]; ``labels``: the horizon after them [B, H, C]."""
         from ..models.lm import ModelOutput
 
-        z_last, z, _, _, out = self._window(fwd, ids, labels, **kw)
-        loss = self.loss(z_last, z)
+        loss, z_last, _, _, out = self.core_of(fwd, model)(ids, labels, **kw)
         aux = out.aux_loss
         return ModelOutput(logits=z_last, loss=loss if aux is None else loss + aux, aux_loss=aux, stats=out.stats)
 
@@ -205,12 +213,12 @@ class Forecast(Objective):
         the trainer weighs the loss by the observed targets (``train_items``)."""
         from ..models.lm import ModelOutput
 
-        z_last, z, mu, sigma, out = self._window(fwd, ids, labels, **kw)
+        loss, z_last, mu, sigma, out = self.core_of(fwd, model)(ids, labels, **kw)
         pred = self.values(z_last, mu, sigma)
         sums = fm.window_sums(ids, labels, pred, self.levels, self.cfg.season)
         stats = dict(out.stats or {})
         stats.update({f"forecast/{k}": v for k, v in sums.items()})
-        return float(self.loss(z_last, z)), 0, 0, ModelOutput(logits=pred, stats=stats)
+        return float(loss), 0, 0, ModelOutput(logits=pred, stats=stats)
 
     def values(self, z: Tensor, mu: Tensor, sigma: Tensor) -> Tensor:
         """Forecasts in the series' units (float64) from z-score outputs [B, ..., H, C, Q]: quantiles sorted

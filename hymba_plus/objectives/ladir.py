@@ -46,6 +46,8 @@ class LaDiRObjectiveConfig:
 @register("ladir_objective", config=LaDiRObjectiveConfig, kind="objective")
 class LaDiRObjective(Objective):
     needs_segments = True  # the stream must give question / reasoning / answer segments
+    # --compile: no ``core`` past the noise draws (the VAE's latent noise is drawn from the encoder's
+    # output between the model's calls, inside components/ladir.py; evaluation seeds a generator per row)
     eager_because = graph_because = "its losses call the model several times per step"
     phase_settings = ("ladir_stage",)  # each stage trains other parameters
     default_data = "chain_arith"  # reasoning data: a next-token task (mqar) has no segments to read

@@ -73,7 +73,10 @@ block diffusion, forecasting; not LaDiR) and the capture works and gives the eag
 first batch (within ``GRAPH_LOSS_RTOL``); otherwise eager, and one
 line says which mode runs and why. On the CPU ``auto`` is eager, silently. ``eager``,
 ``cuda-graph`` (``--cuda-graph``; a capture that fails is an error) and ``compile``
-(``--compile`` / ``--compile-mode``) are explicit. The mode that ran is in every
+(``--compile`` / ``--compile-mode``) are explicit; ``compile`` compiles the model's forward (next
+token, MTP) or, for an objective whose step runs the model's parts, its ``core`` past the noise
+draws (block diffusion, forecasting; ``Objective.compile_step``); training and evaluation run the
+same compiled function (LaDiR refuses it: ``eager_because``). The mode that ran is in every
 ``metrics.jsonl`` row (``mode``) and in the summary line.
 
 Bad input (data, task, ``--out``) leaves nothing behind: a folder that setup created is
@@ -724,8 +727,10 @@ class Trainer:
             # initialisation) drew from them, which the uninterrupted run did before its first step
             ckpt_mod.load_rng(self.resume_from, self.info)
         self.fwd = model
-        if self.compile_mode is not None:
-            self.fwd = torch.compile(model, mode=None if self.compile_mode == "default" else self.compile_mode)
+        if self.compile_mode is not None:  # the model's forward, or the objective's step past its noise draws
+            # (Objective.compile_step): training and evaluation both run it
+            self.fwd = self.objective.compile_step(model, functools.partial(
+                torch.compile, mode=None if self.compile_mode == "default" else self.compile_mode))
             self.run_mode = "compile"
         self.graphed = None
         self.graphed_opt: GraphedOptimizer | None = None  # the optimizer step in a CUDA graph (_graphed_opt_step)
