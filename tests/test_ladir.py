@@ -1175,3 +1175,18 @@ def test_cfg_guided_sampler() -> None:
     g2.ladir.denoiser = rec
     g2.generate(q[::S], max_new_tokens=2, mode="ladir", samples=S, prophet=False)
     assert len(rec.masks) == g2.ladir.cfg.inference_steps and all(mk.shape[0] == 2 * Q * S for mk in rec.masks)
+
+
+def test_the_options_off_keep_the_hash_of_checkpoints_trained_before_them() -> None:
+    """latent_noise, the diversity guidance's and classifier-free guidance's settings came after LaDiR
+    checkpoints existed: at their defaults (off) the recipe keeps the hash it had before them (b37958e7a2cd,
+    this recipe's hash when they did not exist), so ``load_pretrained`` of such a checkpoint does not warn
+    that its recipe.yaml was 'edited since'; set, each names the model it trained (another hash)."""
+    r = load_recipe(recipe())
+    assert r.hash() == "b37958e7a2cd"
+    assert load_recipe(recipe(latent_noise=0.0, diversity_scale=0.0, diversity_bandwidth=0.0,
+                              diversity_target="estimate", cfg_dropout=0.0, cfg_scale=1.0)).hash() == r.hash()
+    changed = [{"latent_noise": 0.3}, {"diversity_scale": 0.1}, {"diversity_bandwidth": 1.0},
+               {"diversity_target": "velocity"}, {"cfg_dropout": 0.1}, {"cfg_dropout": 0.1, "cfg_scale": 2.0}]
+    hashes = {load_recipe(recipe(**c)).hash() for c in changed}
+    assert len(hashes) == len(changed) and r.hash() not in hashes

@@ -300,8 +300,12 @@ class Recipe:
     def hash(self) -> str:
         """12 hex digits of the canonical JSON. Settings that are null (unset optional
         sections and fields) are left out, so adding an optional field to the schema keeps
-        the hashes of existing recipes."""
+        the hashes of existing recipes; so are ``HASH_LATER_DEFAULTS``' settings at their off values."""
         d = _drop_none(self._settings())
+        for section, later in HASH_LATER_DEFAULTS.items():
+            for key, off in later.items():
+                if key in d.get(section, {}) and d[section][key] == off:
+                    del d[section][key]
         if "train" in d and "data" not in d["train"] and self.reads_tokens:
             # train.data was "mqar" by default before it could be unset (the objective's default):
             # the same recipes keep their hashes
@@ -325,6 +329,15 @@ class Recipe:
         d = self.to_dict()
         d["model"].update(model_changes)
         return load_recipe(d)
+
+
+#: settings added to a section after checkpoints of it existed, with the value that keeps the behaviour
+#: before them (not None, unlike the convention): ``Recipe.hash`` leaves them out at that value, so those
+#: checkpoints keep their hashes (``load_pretrained`` warns of a recipe.yaml 'edited since' otherwise)
+HASH_LATER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ladir": {"latent_noise": 0.0, "diversity_scale": 0.0, "diversity_bandwidth": 0.0,
+              "diversity_target": "estimate", "cfg_dropout": 0.0, "cfg_scale": 1.0},
+}
 
 
 def _drop_none(d: Any) -> Any:
