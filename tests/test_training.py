@@ -924,3 +924,20 @@ def test_a_run_on_an_indexed_cuda_device_makes_it_the_current_device(tmp_path, m
     train(load_recipe(TINY), TrainConfig(steps=1, batch_size=2, seq_len=16, eval_every=1, eval_batches=1),
           RunOptions(out=tmp_path / "cpu", progress=False, log=lambda s: None))
     assert calls == []
+
+
+@pytest.mark.parametrize("recipe,first,then", [("gpt_tiny.yaml", "mqar", "khop"),
+                                               ("ladir_tiny.yaml", "chain_arith", "chain_pointer")])
+def test_resume_on_another_task_names_only_flags_a_task_takes(tmp_path, capsys, recipe, first, then):
+    """A run on one built-in task resumed with --data naming another is refused; the line's advice named
+    '--data, --seq-len and --val-frac' (a text's split), but --val-frac with a built-in task is itself refused
+    (training/config.py DATA_SETTINGS) and --seq-len is a task setting a resume may change: it names --data."""
+    cfg = str(Path(__file__).resolve().parents[1] / "configs" / recipe)
+    common = ["--steps", "2", "--batch-size", "2", "--seq-len", "32", "--no-progress", "--device", "cpu"]
+    out = tmp_path / "run"
+    assert main(["train", cfg, "--out", str(out), "--stop-after", "1", "--data", first, *common]) == 0
+    capsys.readouterr()
+    assert main(["train", cfg, "--out", str(out), "--resume", "--data", then, *common]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"was trained on another task of it (name '{first}' there, '{then}' now)" in err[0], err
+    assert err[0].endswith(f"resume with the same --data ({first}), or start a new run"), err

@@ -531,10 +531,14 @@ class Trainer:
                 raise TrainError(f"--data {self.cfg.data}: the checkpoint {self.resume_from} was trained on {what} "
                                  f"({name} {saved[diff]} there, {now[diff]} now): resume with {fix}, or start a new run")
             if diff is not None:
+                # a built-in task (its name differs): --data alone (--val-frac is refused with a task, and its
+                # --seq-len may change on a resume); a text or file: the flags that cut its split
+                fix = (f"the same --data ({saved[diff]})" if diff == "name" else
+                       "the same --data, --seq-len and --val-frac")
                 raise TrainError(f"--data {self.cfg.data}: the checkpoint {self.resume_from} was trained on another "
                                  f"{'task' if diff in ('name', 'params') else 'split'} of it ({diff} "
-                                 f"{brief(saved[diff], 60)} there, {brief(now[diff], 60)} now): resume with the "
-                                 "same --data, --seq-len and --val-frac, or start a new run")
+                                 f"{brief(saved[diff], 60)} there, {brief(now[diff], 60)} now): resume with "
+                                 f"{fix}, or start a new run")
             # the seed draws the data order and a task's examples (the rest of the run's random streams come
             # from the checkpoint): another one changed them silently; said, as changed task settings are
             if isinstance(was, int) and was != self.cfg.seed:
