@@ -267,3 +267,47 @@ def test_clip_search_round_trips_and_leaves_other_hashes_alone():
     assert r.objective.clip_search == bd.ClipSearchConfig(grid=((0.0, 1.0), (0.3, 0.8)), every=3)
     assert load_recipe(yaml.safe_dump(r.to_dict())).objective == r.objective
     assert r.hash() != plain.hash() == load_recipe(yaml.safe_dump(tiny(clip_search=None))).hash()
+
+
+@pytest.mark.parametrize("at", ["step", "last"])
+def test_a_search_an_interrupt_skipped_runs_on_resume(tmp_path, monkeypatch, capsys, at):
+    """A signal in a search step skips its evaluation (``at`` step: the checkpoint is saved without it) or
+    saves the checkpoint before it (``at`` last: the run's last step): the checkpoint held the range from
+    before the search, so the resumed run trained on it where the uninterrupted run had switched. The
+    checkpoint now says its step's evaluation is pending; the resumed run runs it first (the search), and
+    trains on the ranges of the uninterrupted run."""
+    from hymba_plus.training.trainer import Trainer
+
+    recipe, data = _recipe_file(tmp_path, {"grid": [[0.3, 0.8], [0.45, 0.95]]}), _text_file(tmp_path)
+    _patch_terms(monkeypatch, (0.45, 0.95))
+    seen = _record_training_ranges(monkeypatch)
+    assert _train(recipe, tmp_path / "whole", data) == 0, capsys.readouterr().err
+    whole = list(seen)
+    assert whole == [(0.3, 0.8)] + [(0.45, 0.95)] * 3  # the search at step 1 switched
+    seen.clear()
+    stop_at = 1 if at == "step" else 2  # (the last step of a run that stops after 2)
+    orig = Trainer._stop_flags
+    calls = []
+
+    def signal_in(self, t_run, stop):  # noqa: ANN001
+        calls.append(1)
+        over, _ = orig(self, t_run, stop)
+        if len(calls) == stop_at:
+            stop.requested = "SIGTERM"
+        return over, len(calls) == stop_at
+    monkeypatch.setattr(Trainer, "_stop_flags", signal_in)
+    out = tmp_path / "cut"
+    extra = ("--stop-after", "2") if at == "last" else ()
+    assert _train(recipe, out, data, *extra) != 1, capsys.readouterr().err
+    monkeypatch.setattr(Trainer, "_stop_flags", orig)
+    if at == "last":  # the search at step 1 ran; make step 2's the one that switches
+        _patch_terms(monkeypatch, (0.3, 0.8))
+    capsys.readouterr()
+    assert _train(recipe, out, data, "--resume") == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"step {stop_at}: the checkpoint was saved before this step's evaluation (an interrupt), which " \
+           "chooses the training clip range (clip_search): it runs first" in err, err
+    if at == "step":
+        assert seen == whole
+    else:  # step 1 searched (0.45, 0.95); step 2's search, after the checkpoint, chose (0.3, 0.8): kept on resume
+        assert seen == [(0.3, 0.8), (0.45, 0.95), (0.3, 0.8), (0.3, 0.8)]

@@ -65,6 +65,9 @@ class Objective(nn.Module):
       (None outside the training loop); ``eval_end`` gets the summed ``eval_sums`` (the same on
       every process), may change how the objective trains from then on (block diffusion's clip
       search) and returns metrics logged under their own names; nothing by default;
+    * ``eval_trains(step)``: what the evaluation at training step ``step`` changes in how it trains
+      (None: nothing, by default): a checkpoint saved before that evaluation ran (an interrupt in
+      that step) says so, and the resumed run runs it first, as the uninterrupted run did;
     * ``train_state()`` / ``load_train_state(state)``: what the objective learned while training
       besides its parameters (JSON, saved in the checkpoint's trainer state and given back on
       ``--resume``; a checkpoint without it gives ``{}``); none by default.
@@ -123,6 +126,12 @@ class Objective(nn.Module):
     def eval_end(self, sums: dict[str, float]) -> dict[str, float]:
         """After an evaluation, from the summed ``eval_sums``: metrics logged as named (none by default)."""
         return {}
+
+    def eval_trains(self, step: int) -> str | None:
+        """What the evaluation at training step ``step`` changes in how the objective trains from then
+        on (block diffusion's clip search at a search step), or None (nothing, by default): a run
+        resumed from a checkpoint saved before that evaluation ran (an interrupt) runs it first."""
+        return None
 
     def train_state(self) -> dict[str, Any]:
         """The objective's training state besides its parameters (JSON; none by default)."""

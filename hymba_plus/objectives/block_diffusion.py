@@ -351,9 +351,14 @@ class BlockDiffusion(Objective):
     def eval_begin(self, step: int | None) -> None:
         """An evaluation at training step ``step`` searches the clip range when ``clip_search`` is on
         and the step is a multiple of ``every`` x ``train.eval_every``."""
+        self._search = self.eval_trains(step) is not None
+
+    def eval_trains(self, step: int | None) -> str | None:
+        """The evaluation of a search step (``eval_begin``) chooses the training clip range."""
         cs, every = self.cfg.clip_search, self._eval_every
-        self._search = (cs is not None and step is not None and every is not None and step > 0
-                        and step % (cs.every * every) == 0)
+        if cs is not None and step is not None and every is not None and step > 0 and step % (cs.every * every) == 0:
+            return "chooses the training clip range (clip_search)"
+        return None
 
     def eval_end(self, sums: dict[str, float]) -> dict[str, float]:
         """The search's choice from the summed candidates' sums (the same on every process, so all

@@ -689,6 +689,9 @@ class Trainer:
         self.objective = model.objective  # its loss and metric (objectives/); the loop never asks which one
         if state is not None:  # what it learned besides its weights (block diffusion's searched clip range)
             self.objective.load_train_state(state.get("objective") or {})
+        # the checkpoint was saved before its step's evaluation (an interrupt): the loop runs it first where
+        # it changes how the objective trains (Objective.eval_trains)
+        self.eval_pending = bool((state or {}).get("eval_pending"))
         self.teacher = None
         # the teacher: --distill, else the resumed run's (a plain --resume dropped it silently)
         self.distill_from = opts.distill if opts.distill is not None else (state or {}).get("distill")
@@ -1291,7 +1294,10 @@ class Trainer:
         res.update(self.objective.eval_end(extra))  # e.g. block diffusion's searched clip range
         return res
 
-    def save(self, step: int) -> Path:
+    def save(self, step: int, eval_pending: bool = False) -> Path:
+        """The checkpoint of step ``step``; ``eval_pending``: saved before the evaluation due at that
+        step ran (an interrupt skipped it, or it follows the checkpoint), which a resume runs first
+        where it changes how the objective trains (``Objective.eval_trains``)."""
         state = {
             "samples": self.samples, "tokens": self.tokens_seen, "world_size": self.info.world,
             "schedule": dict(self.schedule.to_dict(), lr_factor=self.schedule.factor(max(step - 1, 0))),
@@ -1300,6 +1306,7 @@ class Trainer:
             "train_only": self.mode,
             "distill": str(Path(self.distill_from).resolve()) if self.distill_from is not None else None,
             "route_search": self.route_search, "objective": self.objective.train_state(),
+            "eval_pending": eval_pending,
         }
         tok = self.stream.tokenizer  # None for series: a forecast model reads numbers
         files = {**self.carried, "tokenizer.json": tok.to_json()} if tok is not None else {}
@@ -1394,6 +1401,12 @@ class Trainer:
         last_eval: dict[str, float] = {}
         last_ckpt = None
         saved_step = self.start_step  # the step of the newest checkpoint of this run (or the resumed one)
+        why = self.objective.eval_trains(self.start_step) if self.eval_pending else None
+        if why is not None:  # the uninterrupted run evaluated here before its next step: so does this one
+            self.log(f"step {self.start_step}: the checkpoint was saved before this step's evaluation (an interrupt), "
+                     f"which {why}: it runs first")
+            ev = self.evaluate(self.start_step)
+            self.log(f"step {self.start_step}/{cfg.steps}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in ev.items()))
         loss = float("nan")
         step = self.start_step
         warm: list[float] = []  # seconds of the run's first step and of the optimizer graph's capture (_rate)
@@ -1424,7 +1437,7 @@ class Trainer:
                     if interrupted and n == stop:  # a signal in the run's last step: the run ends here anyway;
                         # the checkpoint first (a scheduler's grace period), then the final evaluation, which an
                         # interrupt skipped for good (a --resume then had nothing to do)
-                        last_ckpt, saved_step = self.save(n), n
+                        last_ckpt, saved_step = self.save(n, eval_pending=True), n
                         interrupted = False
                         self.log(f"{signals.requested} in the last step: saved step {n}; the final evaluation "
                                  "follows (another signal stops it)")
@@ -1441,7 +1454,8 @@ class Trainer:
                         self._plot()
                     self.progress.update(n, loss, rate, row["lr"])
                     if (n % cfg.save_every == 0 or last or interrupted) and n > saved_step:
-                        last_ckpt, saved_step = self.save(n), n
+                        skipped = interrupted and (n % cfg.eval_every == 0 or last)  # (the evaluation above)
+                        last_ckpt, saved_step = self.save(n, eval_pending=skipped), n
                     if interrupted:
                         newest = last_ckpt or self.resume_from
                         raise TrainInterrupted(n, newest, self.opts.resume_command(newest))
