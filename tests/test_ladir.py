@@ -1178,15 +1178,19 @@ def test_cfg_guided_sampler() -> None:
 
 
 def test_the_options_off_keep_the_hash_of_checkpoints_trained_before_them() -> None:
-    """latent_noise, the diversity guidance's and classifier-free guidance's settings came after LaDiR
-    checkpoints existed: at their defaults (off) the recipe keeps the hash it had before them (b37958e7a2cd,
-    this recipe's hash when they did not exist), so ``load_pretrained`` of such a checkpoint does not warn
-    that its recipe.yaml was 'edited since'; set, each names the model it trained (another hash)."""
-    r = load_recipe(recipe())
-    assert r.hash() == "b37958e7a2cd"
-    assert load_recipe(recipe(latent_noise=0.0, diversity_scale=0.0, diversity_bandwidth=0.0,
-                              diversity_target="estimate", cfg_dropout=0.0, cfg_scale=1.0)).hash() == r.hash()
-    changed = [{"latent_noise": 0.3}, {"diversity_scale": 0.1}, {"diversity_bandwidth": 1.0},
-               {"diversity_target": "velocity"}, {"cfg_dropout": 0.1}, {"cfg_dropout": 0.1, "cfg_scale": 2.0}]
-    hashes = {load_recipe(recipe(**c)).hash() for c in changed}
+    """flow_target, flow_draws, init_noise_scale, latent_noise, the diversity guidance's and classifier-free
+    guidance's settings came after LaDiR checkpoints existed: at the values that train and sample as before
+    them (flow_draws 1, the rest off) the recipe keeps the hash it had then (ab3627188c63, this recipe's hash
+    at 1cbb655), so ``load_pretrained`` of such a checkpoint does not warn that its recipe.yaml was 'edited
+    since'; the default flow_draws (8) is another loss and hashes as one; set, each names the model it
+    trained (another hash)."""
+    r = load_recipe(recipe(flow_draws=1))
+    assert r.hash() == "ab3627188c63"
+    assert load_recipe(recipe(flow_draws=1, flow_target="sample", init_noise_scale=1.0, latent_noise=0.0,
+                              diversity_scale=0.0, diversity_bandwidth=0.0, diversity_target="estimate",
+                              cfg_dropout=0.0, cfg_scale=1.0)).hash() == r.hash()
+    changed = [{}, {"flow_target": "mean"}, {"init_noise_scale": 2.5}, {"latent_noise": 0.3},
+               {"diversity_scale": 0.1}, {"diversity_bandwidth": 1.0}, {"diversity_target": "velocity"},
+               {"cfg_dropout": 0.1}, {"cfg_dropout": 0.1, "cfg_scale": 2.0}]
+    hashes = {load_recipe(recipe(**({"flow_draws": 1} | c) if c else {})).hash() for c in changed}
     assert len(hashes) == len(changed) and r.hash() not in hashes

@@ -335,7 +335,9 @@ class Recipe:
 #: before them (not None, unlike the convention): ``Recipe.hash`` leaves them out at that value, so those
 #: checkpoints keep their hashes (``load_pretrained`` warns of a recipe.yaml 'edited since' otherwise)
 HASH_LATER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "ladir": {"latent_noise": 0.0, "diversity_scale": 0.0, "diversity_bandwidth": 0.0,
+    # flow_draws: 1 is the loss before the option (its default, 8, is another run and hashes as one)
+    "ladir": {"flow_target": "sample", "flow_draws": 1, "init_noise_scale": 1.0,
+              "latent_noise": 0.0, "diversity_scale": 0.0, "diversity_bandwidth": 0.0,
               "diversity_target": "estimate", "cfg_dropout": 0.0, "cfg_scale": 1.0},
 }
 
