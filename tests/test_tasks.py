@@ -155,12 +155,18 @@ def test_a_task_flag_for_another_task_is_a_usage_error(tmp_path: Path, capsys, a
     text = tmp_path / "t.txt"
     text.write_text("some text to train on\n" * 50)
     args = [str(text) if a == "TEXT" else a for a in args]
+    err = refused_train(tmp_path, capsys, recipe, [*args, "--seq-len", "40"])
+    assert needle.replace("TEXT", str(text)) in err, err
+
+
+def refused_train(tmp_path: Path, capsys, recipe: Path, args: list[str]) -> str:  # noqa: ANN001
+    """``hymba train`` of one step that must be a usage error: exit 2, one line (returned), nothing written."""
     out = tmp_path / "run"
-    rc = main(["train", str(recipe), *args, "--out", str(out), "--steps", "1", "--seq-len", "40", "--no-progress"])
+    rc = main(["train", str(recipe), *args, "--out", str(out), "--steps", "1", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
-    assert needle.replace("TEXT", str(text)) in err, err
     assert not out.exists()
+    return err
 
 
 @pytest.mark.parametrize("recipe_name, args, needle", [
@@ -188,9 +194,5 @@ def test_a_data_flag_for_a_built_in_task_is_a_usage_error(tmp_path: Path, capsys
     tok = tmp_path / "tok.json"  # (one the model's vocabulary can hold: only the task makes it pointless)
     tok.write_text(json.dumps({"hymba_tokenizer": "ids", "vocab_size": 32}))
     args = [str(tok) if a == "TOK" else a for a in args]
-    out = tmp_path / "run"
-    rc = main(["train", str(recipe), *args, "--out", str(out), "--steps", "1", "--batch-size", "2", "--no-progress"])
-    err = capsys.readouterr().err
-    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    err = refused_train(tmp_path, capsys, recipe, [*args, "--batch-size", "2"])
     assert needle.replace("TOK", str(tok)) in err, err
-    assert not out.exists()
