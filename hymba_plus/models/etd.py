@@ -285,11 +285,11 @@ class ETDStack:
             out = torch.zeros_like(x)
             n_used = torch.zeros_like(cum)
             ponder = torch.zeros_like(cum)
-        # MoDr's branch load (the balancing bias, etd/branch_load) counts the text tokens: the meta
-        # tokens (positions < n_meta) choose branches too, but are the same prefix in every sequence
-        # and every branch is computed for every token: counted, their fixed choices pushed the text's
-        # routing away from the branches they chose
-        meta_free = ctx.positions >= ctx.n_meta if router.n_branches and ctx.n_meta else None
+        # the text tokens' slots (the meta tokens, positions < n_meta, are a prefix the prefill adds to
+        # every row): MoDr's branch load (the balancing bias, etd/branch_load) and ACT's statistics count
+        # them only -- the meta tokens think and choose branches, but the same prefix in every sequence
+        # would push the text's routing away from the branches it chose
+        meta_free = ctx.positions >= ctx.n_meta if ctx.n_meta else None
         for it in range(n_iter):
             gate = None
             if router.n_branches:
@@ -323,9 +323,7 @@ class ETDStack:
         mean_ponder = (ponder * real).sum() / n_real
         if self.router.training and router.cfg.halting.ponder_cost > 0:  # every token's cost, meta tokens too
             ctx.aux_losses.append(router.cfg.halting.ponder_cost * mean_ponder)
-        # the statistics: means over the text tokens (the meta tokens, positions < n_meta, are a prefix
-        # the prefill adds to every row: they think, but are not the text's thinking)
-        text = real & (ctx.positions >= ctx.n_meta) if ctx.n_meta else real
+        text = real & meta_free if meta_free is not None else real  # the statistics: means over the text
         n_text = text.sum().clamp_min(1)
         ctx.stats["etd/ponder"] = ((ponder * text).sum() / n_text).detach()
         ctx.stats["etd/iterations"] = ((n_used * text).sum() / n_text).detach()
