@@ -270,10 +270,26 @@ class BlockDiffusion(Objective):
 
     def nelbo(self, logits: Tensor, x0: Tensor, masked: Tensor, t: Tensor, scored: Tensor) -> Tensor:
         """Mean over scored tokens of w(t_b) * CE at the masked ones (BD3-LM Eq. 10)."""
+        return self.weighted_ce(logits, x0, masked, t, scored).sum() / scored.sum().clamp(min=1)
+
+    def weighted_ce(self, logits: Tensor, x0: Tensor, masked: Tensor, t: Tensor, scored: Tensor) -> Tensor:
+        """[B, L] float32: w(t_b) * CE at the masked, scored tokens, 0 elsewhere (the NELBO's terms)."""
         ce = F.cross_entropy(logits.flatten(0, 1).float(), x0.flatten(), reduction="none").view_as(x0)
         w = weight(self.cfg, t).repeat_interleave(self.cfg.block_size, dim=1)
-        per = torch.where(masked & scored, ce * w, torch.zeros_like(ce))
-        return per.sum() / scored.sum().clamp(min=1)
+        return torch.where(masked & scored, ce * w, torch.zeros_like(ce))
+
+    def seeded_noise(self, ids: Tensor, seed: int, lo: float, hi: float) -> tuple[Tensor, Tensor, Tensor]:
+        """(t [B, nb], xt, masked) of a held-out batch with levels from [lo, hi]: row i's draws from its
+        own generator seeded ``seed + i`` (comparable across steps and batchings; every range maps the
+        same uniforms). A loop over the batch's rows, not over tokens."""
+        nb = ids.shape[1] // self.cfg.block_size
+        rows = []
+        for i in range(ids.shape[0]):
+            g = torch.Generator(device=ids.device).manual_seed(seed + i)
+            t_i = self.sample_t((1, nb), ids.device, lo, hi, g)
+            rows.append((t_i, *self.noise(ids[i:i + 1], t_i, g, clip=(lo, hi))))
+        t, xt, masked = (torch.cat(parts) for parts in zip(*rows))
+        return t, xt, masked
 
     def train_forward(self, fwd, model, ids: Tensor, labels: Tensor, batch: Any = None, **kw: Any):  # noqa: ANN001, ANN201
         """One training forward: noise levels from the clipped range, the two-stream forward,
@@ -300,13 +316,7 @@ class BlockDiffusion(Objective):
         batch whose first row is held-out row ``seed``: each row's noise is seeded by its own index,
         so evaluations are comparable across steps and do not depend on how the held-out rows are
         cut into batches (or spread over ranks); the levels are stratified over each row's blocks."""
-        nb = ids.shape[1] // self.cfg.block_size
-        rows = []
-        for i in range(ids.shape[0]):  # (a loop over a held-out batch's rows, not over tokens)
-            g = torch.Generator(device=ids.device).manual_seed(seed + i)
-            t_i = self.sample_t((1, nb), ids.device, 0.0, 1.0, g)
-            rows.append((t_i, *self.noise(ids[i:i + 1], t_i, g)))
-        t, xt, masked = (torch.cat(parts) for parts in zip(*rows))
+        t, xt, masked = self.seeded_noise(ids, seed, 0.0, 1.0)
         scored = labels != -100
         core = self.core_of(fwd, model)
         loss_t, logits, _, stats = core(xt, ids, masked, t, scored)
@@ -335,18 +345,10 @@ class BlockDiffusion(Objective):
         ``core`` (``eval_batch``'s: compiled under ``--mode compile``), by default ``self.core`` on ``model``."""
         bs = self.cfg.block_size
         B, L = ids.shape
-        nb = L // bs
-        rows = []
-        for i in range(B):  # (a loop over a held-out batch's rows, not over tokens)
-            g = torch.Generator(device=ids.device).manual_seed(seed + i)
-            t_i = self.sample_t((1, nb), ids.device, lo, hi, g)
-            rows.append((t_i, *self.noise(ids[i:i + 1], t_i, g, clip=(lo, hi))))
-        t, xt, masked = (torch.cat(parts) for parts in zip(*rows))
+        t, xt, masked = self.seeded_noise(ids, seed, lo, hi)
         _, logits, _, _ = (core or self.core_of(model, model))(xt, ids, masked, t, scored)
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten(), reduction="none").view(B, L)
-        w = weight(self.cfg, t).repeat_interleave(bs, dim=1)
-        per = torch.where(masked & scored, ce * w, torch.zeros_like(ce))
-        return per.view(B, nb, bs).sum(-1) / bs, scored.view(B, nb, bs).any(-1)
+        per = self.weighted_ce(logits, ids, masked, t, scored)
+        return per.view(B, L // bs, bs).sum(-1) / bs, scored.view(B, L // bs, bs).any(-1)
 
     def eval_begin(self, step: int | None) -> None:
         """An evaluation at training step ``step`` searches the clip range when ``clip_search`` is on
