@@ -600,6 +600,7 @@ class TaskStream:
         # (the held-out set itself is drawn at the first batch, ``heldout``: opening the stream stays cheap, so
         # the run's other checks -- the model's size among them -- come before thousands of samples are drawn)
         n, space = task.heldout_size(seq_len, vocab_size, cfg), task.space(seq_len, vocab_size, cfg)
+        self.n_heldout = n
         self.description = f"task {task.name} ({task.doc}; chance accuracy {self.chance:.3f}; {n:,} held out)"
         self.note = heldout_note(task.setting(seq_len, vocab_size, cfg), n, space)
 
@@ -624,7 +625,7 @@ class TaskStream:
         return b
 
     def n_eval(self) -> int | None:
-        return self.task.heldout_size(self.seq_len, self.vocab_size, self.cfg)
+        return self.n_heldout
 
     def state(self) -> dict[str, Any]:
         """The task and the settings its samples depend on (``Task.settings``: a resumed run says when they

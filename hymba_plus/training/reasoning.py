@@ -451,6 +451,7 @@ class ReasoningStream:
             # (the held-out set itself is drawn at the first batch, ``heldout``, as ``TaskStream``'s: opening the
             # stream stays cheap, so the length check below and the run's other checks come first)
             n, space = heldout_size(data, vocab_size, **params), REASONING_TASKS[data].space(self.vocab_size, self.params)
+            self.n_heldout = n
             self.note = heldout_note(setting(data, self.params), n, space, "questions")
             self.tokenizer = tokenizer or tokmod.IdsTokenizer(self.vocab_size)
             self.chance: float | None = answer_chance(data, vocab_size, **params)
@@ -531,7 +532,7 @@ class ReasoningStream:
         return collate(self.eval_examples(indices), self.max_len, self.reserve)
 
     def n_eval(self) -> int | None:
-        return heldout_size(self.name, self.vocab_size, **self.params) if self.kind == "task" else self.n_val
+        return self.n_heldout if self.kind == "task" else self.n_val
 
     def resumed(self, saved: dict[str, Any]) -> str | None:
         """What resuming a checkpoint of data state ``saved`` says (``Trainer._check_data``), else None."""
