@@ -310,7 +310,7 @@ class MoE(nn.Module):
         local = torch.cat([load.float(), n])  # [E + 1]: counts per expert, then all real assignments
         total = local
         if self.training and torch.is_grad_enabled():
-            row = ctx.shared.get(f"moe/{ctx.layer_idx}/applications", 0)  # this application of the layer
+            row = ctx.shared.get(_applications_key(ctx), 0)  # this application of the layer (``_log`` counts them)
             if row >= self.step_load.shape[0]:  # a layer applied more often than before: rows for it
                 more = self.step_load.new_zeros(row + 1 - self.step_load.shape[0], self.step_load.shape[1])
                 self.step_load = torch.cat([self.step_load, more])
@@ -352,8 +352,8 @@ class MoE(nn.Module):
         # an ETD think block (or a Dr.LLM repeat) applies this layer several times in one call, each
         # application adding its own aux loss: counts are summed over the applications, the others
         # are their mean (the call's context counts them in ``shared``, a per-call scratch dict)
-        n = ctx.shared.get(p + "applications", 0) + 1
-        ctx.shared[p + "applications"] = n
+        n = ctx.shared.get(_applications_key(ctx), 0) + 1
+        ctx.shared[_applications_key(ctx)] = n
         if n == 1:
             ctx.stats[p + "tokens_per_expert"] = load
             ctx.stats[p + "dropped"] = dropped
@@ -364,6 +364,11 @@ class MoE(nn.Module):
         ctx.stats[p + "dropped"] = ctx.stats[p + "dropped"] + dropped
         for k, v in means.items():
             ctx.stats[p + k] = torch.lerp(ctx.stats[p + k], v.to(ctx.stats[p + k].dtype), 1.0 / n)  # running mean
+
+
+def _applications_key(ctx: StepContext) -> str:
+    """The call's count of this layer's applications so far (``ctx.shared``, a per-call scratch dict)."""
+    return f"moe/{ctx.layer_idx}/applications"
 
 
 class _FirstRunFactor(torch.autograd.Function):
