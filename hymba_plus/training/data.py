@@ -513,6 +513,14 @@ class Batch:
         """The distinct rows: ``unique``, or every row."""
         return self.input_ids.shape[0] if self.unique is None else self.unique
 
+    def wrapped(self, indices: range, n: int | None) -> "Batch":
+        """This batch of held-out rows ``indices`` of a set of ``n`` (None: unbounded), marked where
+        indices past the last one wrapped around to fill it (``unique``: the rows before them)."""
+        real = len(indices) if n is None else sum(1 for i in indices if i < n)
+        if real < len(indices):
+            self.unique = real
+        return self
+
     def scored_labels(self) -> Tensor:
         """``labels`` with the repeated rows blanked (-100, or NaN for numeric targets): not scored."""
         if self.rows == self.labels.shape[0]:
@@ -562,12 +570,7 @@ class ReasoningBatches:
     def eval(self, indices: range) -> Batch:
         """Held-out examples ``indices`` (a file's wrap around past the last one to fill the batch;
         ``unique`` says how many rows are distinct, as ``TextStream.eval``)."""
-        b = self._batch(self.inner.eval(indices))
-        n = self.inner.n_eval()
-        real = len(indices) if n is None else sum(1 for i in indices if i < n)
-        if real < len(indices):
-            b.unique = real
-        return b
+        return self._batch(self.inner.eval(indices)).wrapped(indices, self.inner.n_eval())
 
     def n_eval(self) -> int | None:
         return self.inner.n_eval()
@@ -618,11 +621,7 @@ class TaskStream:
         says how many rows are distinct (the trainer's evaluation counts only those)."""
         n = len(self.heldout.keys)
         rows = torch.tensor([i % n for i in indices], dtype=torch.long)
-        b = Batch(self.heldout.ids[rows], self.heldout.labels[rows])
-        real = sum(1 for i in indices if i < n)
-        if real < len(indices):
-            b.unique = real
-        return b
+        return Batch(self.heldout.ids[rows], self.heldout.labels[rows]).wrapped(indices, n)
 
     def n_eval(self) -> int | None:
         return self.n_heldout
@@ -759,11 +758,7 @@ class TextStream:
     def eval(self, indices: range) -> Batch:
         """Held-out windows ``indices``, wrapping around past the last one to fill the batch;
         ``unique`` says how many rows are distinct (the trainer's evaluation counts only those)."""
-        b = self._batch([self.n_train + (i % self.n_val) for i in indices])
-        real = sum(1 for i in indices if i < self.n_val)
-        if real < len(indices):
-            b.unique = real
-        return b
+        return self._batch([self.n_train + (i % self.n_val) for i in indices]).wrapped(indices, self.n_val)
 
     def n_eval(self) -> int | None:
         return self.n_val

@@ -359,11 +359,7 @@ class SeriesStream:
         """Validation windows ``indices``, wrapping around past the last one to fill the batch;
         ``unique`` says how many rows are distinct (the forecast metrics count only those)."""
         n = len(self.val_starts)
-        b = self._windows([self.val_starts[i % n] for i in indices])
-        real = sum(1 for i in indices if i < n)
-        if real < len(indices):
-            b.unique = real
-        return b
+        return self._windows([self.val_starts[i % n] for i in indices]).wrapped(indices, n)
 
     def test(self) -> Batch:
         """Every test window (benchmarks)."""
