@@ -57,9 +57,9 @@ from torch import Tensor
 from . import tokenizer as tokmod
 from .data import BOM, DataError
 from .tasks import (
-    HELDOUT,
     TaskError,
     first_distinct,
+    heldout_count,
     heldout_note,
     predates_heldout,
     redrawn,
@@ -258,7 +258,7 @@ def heldout_size(name: str, vocab_size: int, **params: Any) -> int:
     ``ReasoningTask.space``), without drawing one; ``TaskError`` (one line) where S < 4."""
     p = task_params(name, vocab_size, **params)
     space = REASONING_TASKS[name].space(vocab_size, p)
-    n = min(HELDOUT, space // 4)
+    n = heldout_count(space)
     if n < 1:
         raise too_few_to_hold_out(setting(name, p), space, "questions")
     return n

@@ -288,6 +288,13 @@ def _khop_chance(vocab: int, cfg: Any) -> float:
 HELDOUT = 4096
 
 
+def heldout_count(space: int) -> int:
+    """How many distinct samples a built-in task of ``space`` distinct samples holds out: ``HELDOUT``,
+    or a quarter of a smaller space (so that training keeps most of it and a redraw ends soon); 0 is
+    too few (``too_few_to_hold_out``)."""
+    return min(HELDOUT, space // 4)
+
+
 def sample_key(ids: np.ndarray) -> bytes:
     """What identifies a sample: a 128-bit digest of its token ids (which define its labels)."""
     return hashlib.blake2b(np.ascontiguousarray(ids, dtype=np.int64).tobytes(), digest_size=16).digest()
@@ -368,9 +375,8 @@ class Task:
         return f"{self.name} at {', '.join(parts)}"
 
     def heldout_size(self, seq_len: int, vocab: int, cfg: Any) -> int:
-        """How many distinct samples are held out: ``HELDOUT``, or a quarter of a smaller space (so
-        that training keeps most of it and a redraw ends soon)."""
-        return min(HELDOUT, self.space(seq_len, vocab, cfg) // 4)
+        """How many distinct samples are held out (``heldout_count`` of the task's space)."""
+        return heldout_count(self.space(seq_len, vocab, cfg))
 
     def check(self, seq_len: int, vocab: int, cfg: Any) -> None:
         """``validate``, and a space too small to hold any sample out (``TaskError``, one line)."""
