@@ -14,12 +14,13 @@ from pathlib import Path
 from .loader import ConvertError
 
 
-def _existing_ancestor(path: Path) -> Path:
-    """The nearest ancestor of ``path`` that exists (what creating ``path`` starts from)."""
-    p = path.parent
+def _outermost_missing(path: Path) -> Path | None:
+    """The outermost missing folder above ``path`` (what creating it makes first), or None where
+    ``path``'s parent exists; its parent is the nearest ancestor that exists."""
+    p, missing = path.parent, None
     while not p.exists() and p.parent != p:
-        p = p.parent
-    return p
+        p, missing = p.parent, p
+    return missing
 
 
 def check_output(out: Path) -> None:
@@ -29,7 +30,8 @@ def check_output(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConvertError(f"{out}: already exists and is not an empty folder (nothing overwritten; choose "
                            "another output folder)")
-    base = _existing_ancestor(out.resolve())
+    missing = _outermost_missing(out.resolve())
+    base = out.resolve().parent if missing is None else missing.parent
     if not base.is_dir():
         raise ConvertError(f"{out}: {base} is a file, not a folder")
     if not os.access(base, os.W_OK):
@@ -40,11 +42,8 @@ def check_output(out: Path) -> None:
 def staged(out: Path) -> Iterator[Path]:
     check_output(out)
     parent = out.resolve().parent
-    made = None  # the outermost folder made here: removed again if the conversion fails
-    if not parent.exists():
-        made = parent
-        while not made.parent.exists():
-            made = made.parent
+    made = _outermost_missing(out.resolve())  # the outermost folder made here: removed again if the conversion fails
+    if made is not None:
         parent.mkdir(parents=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
     try:
