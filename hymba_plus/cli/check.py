@@ -51,7 +51,12 @@ def find_recipes(paths: list[str]) -> list[Path]:
         else:
             out.append(p)
     seen: set[str] = set()  # (realpath: Path.resolve raises on a loop of links)
-    return [f for f in out if not (os.path.realpath(f) in seen or seen.add(os.path.realpath(f)))]
+    kept = []
+    for f in out:
+        if (real := os.path.realpath(f)) not in seen:
+            seen.add(real)
+            kept.append(f)
+    return kept
 
 
 class Checked(NamedTuple):

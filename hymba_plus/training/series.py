@@ -372,3 +372,7 @@ class SeriesStream:
         """What a resumed run must train on again: the series' length and a digest of its values
         (another CSV of as many rows trained on silently)."""
         return {"kind": "series", "source": self.series.source, "steps": len(self.values), "values": self.digest}
+
+    def resumed(self, saved: dict[str, Any]) -> str | None:
+        """What resuming a checkpoint of data state ``saved`` says: nothing (a series' state has one form)."""
+        return None

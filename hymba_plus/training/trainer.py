@@ -506,7 +506,7 @@ class Trainer:
         if state is not None:  # the same data cut the same way: another split would train on held-out windows
             saved = state.get("data", {})
             # what the stream keeps or says of a checkpoint from an earlier version (the text order, the held-out set)
-            said = getattr(stream, "resumed", lambda saved: None)(saved)
+            said = stream.resumed(saved)
             if said:
                 self.log(f"--data {self.cfg.data}: the checkpoint {self.resume_from} {said}")
                 now = stream.state()
@@ -564,6 +564,7 @@ class Trainer:
         if broken:  # a fresh start would write over them and over the run's metrics
             raise TrainError(f"--out {self.out}: {broken[-1].name} has no {ckpt_mod.STATE_FILE} (a damaged checkpoint, "
                              "not resumable): move it away, or choose another --out")
+        self.objective_cls = objective_class(self.recipe)
         self.resume_from, state = None, None
         if mode != "no":
             res = ckpt_mod.find_resumable(self.out, warn=self.log)
@@ -578,7 +579,7 @@ class Trainer:
                 self.log(f"--resume auto: no checkpoint in {self.out}: starting from scratch")
                 # (hymba train leaves the recipe's settings unchecked where --out holds checkpoints)
                 validate(self.cfg, self.recipe.model, opts.overrides, opts.recipe_name,
-                         default_data=objective_class(self.recipe).default_data)
+                         default_data=self.objective_cls.default_data)
         self.start_step, self.samples, self.tokens_seen = 0, 0, 0
         self.schedule = Schedule.of(self.cfg)
         self.nothing_to_do: str | None = None
@@ -592,7 +593,6 @@ class Trainer:
         if self.mode != "all" and self.requested == "cuda-graph":
             raise TrainError(f"--cuda-graph: not with --train-only {self.mode} (it captures the full training step)")
         self.new_phase = state is not None and saved_mode != self.mode
-        self.objective_cls = objective_class(self.recipe)
         if self.cfg.data is None:  # neither --data nor train.data: the objective's default (mqar, synthetic)
             self.cfg = dataclasses.replace(self.cfg, data=self.objective_cls.default_data)
         self.phase_change: str | None = None
