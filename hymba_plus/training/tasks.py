@@ -367,10 +367,12 @@ class Task:
     settings: tuple[str, ...] = ()
     #: its number of distinct samples at (seq_len, vocab, cfg) (every sample has positive probability)
     space: Callable[[int, int, Any], int] = lambda seq_len, vocab, cfg: 1 << 64
+    #: its samples depend on the vocabulary size (parity's bits do not): messages name it
+    reads_vocab: bool = True
 
     def setting(self, seq_len: int, vocab: int, cfg: Any) -> str:
         """The settings a message names: ``parity at seq_len 16``, ``mqar at seq_len 8, vocab_size 6``."""
-        parts = [f"seq_len {seq_len}"] + ([f"vocab_size {vocab}"] if self.name != "parity" else [])
+        parts = [f"seq_len {seq_len}"] + ([f"vocab_size {vocab}"] if self.reads_vocab else [])
         parts += [f"{k} {getattr(cfg, k)}" for k in self.settings if getattr(cfg, k, None) is not None]
         return f"{self.name} at {', '.join(parts)}"
 
@@ -414,7 +416,7 @@ TASKS: dict[str, Task] = {
                            _copy_validate, _copy_sample, lambda vocab, cfg: 1.0 / (vocab - 3), ("copy_tokens",),
                            _copy_space),
     "parity": Task("parity", "running parity of a bit stream", _parity_validate, _parity_sample,
-                   lambda vocab, cfg: 0.5, (), _parity_space),
+                   lambda vocab, cfg: 0.5, (), _parity_space, reads_vocab=False),
     "khop": Task("khop", "k-hop pointer chasing on a random cycle", _khop_validate, _khop_sample, _khop_chance,
                  ("khop_hops", "khop_nodes"), _khop_space),
 }
