@@ -330,9 +330,9 @@ class BlockDiffusion(Objective):
             for j, (lo, hi) in enumerate(self.cfg.clip_search.grid):
                 terms, has = self.block_terms(model, ids, scored, seed, lo, hi, core=core)
                 terms = terms[has].double()
-                stats[f"clip_search/{j}_n"] = float(has.sum())
-                stats[f"clip_search/{j}_s1"] = float(terms.sum())
-                stats[f"clip_search/{j}_s2"] = float((terms * terms).sum())
+                stats[f"clip_search/{j}_n"] = has.sum().double()  # (read on the host once, ``eval_sums``)
+                stats[f"clip_search/{j}_s1"] = terms.sum()
+                stats[f"clip_search/{j}_s2"] = (terms * terms).sum()
         return loss, correct, int(m.sum()), ModelOutput(logits=logits, stats=stats or None)
 
     # ------------------------------------------------------------------ clip search (BD3-LM §5)
@@ -387,7 +387,11 @@ class BlockDiffusion(Objective):
 
     def eval_sums(self, out: Any) -> dict[str, float]:
         """The clip search's per-candidate sums (block count, sum and sum of squares of the terms)."""
-        return {k: float(v) for k, v in (out.stats or {}).items() if k.startswith("clip_search/")}
+        items = [(k, v) for k, v in (out.stats or {}).items() if k.startswith("clip_search/")]
+        if not items:
+            return {}
+        values = torch.stack([torch.as_tensor(v, dtype=torch.float64) for _, v in items]).tolist()  # one host read
+        return {k: v for (k, _), v in zip(items, values)}
 
 
 def reference_logits(model, xt: Tensor, x0: Tensor, block_size: int, grad: bool = False) -> Tensor:  # noqa: ANN001
