@@ -1191,16 +1191,14 @@ class Trainer:
         return self.masters.full_precision() if self.masters is not None else contextlib.nullcontext()
 
     def _update_biases(self) -> None:
-        """Call ``update_bias()`` (aux-loss-free MoE balancing) on every module that has one.
-        Under FSDP the load a module counted (its ``load`` buffer) is first summed over
-        ranks, so every rank applies the same bias update. With ``--train-only branches`` only
-        the etd_router's (MoDr balancing) runs: the frozen base's biases stay, its counts are
-        dropped; router training (``--train-only routers``) changes no bias. In every mode the
-        step's global-batch balance counts (MoE ``balance_loss: global_batch``) are zeroed here:
-        the next step counts its own tokens."""
+        """After a step of ``train_step`` (not router training, ``_router_step``, which runs the model in
+        eval mode: it counts no load and changes no bias): call ``update_bias()`` (aux-loss-free MoE
+        balancing) on every module that has one. Under FSDP the load a module counted (its ``load``
+        buffer) is first summed over ranks, so every rank applies the same bias update. With
+        ``--train-only branches`` only the etd_router's (MoDr balancing) runs: the frozen base's biases
+        stay, its counts are dropped. The step's global-batch balance counts (MoE ``balance_loss:
+        global_batch``) are zeroed here: the next step counts its own tokens."""
         reset_step_loads(self.model)
-        if self.mode == "routers":
-            return
         for mod in self.model.modules():
             if mod is self.model or not callable(getattr(mod, "update_bias", None)):
                 continue
