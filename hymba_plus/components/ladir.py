@@ -235,12 +235,11 @@ class LaDiR(nn.Module):
 
     def segment_loss(self, model: Any, z: Tensor, question: Tensor, q_mask: Tensor, target: Tensor,
                      t_mask: Tensor, *, kind: str, outs: list | None = None,
-                     per_row: bool = False, per_token: bool = False) -> tuple[Tensor, Tensor]:
+                     per_row: bool = False) -> tuple[Tensor, Tensor]:
         """(mean CE, token accuracy) of ``target`` (``kind``: "reasoning" or "answer") after
         [question, slots(z) for kind]: the last slot predicts target[0], target[j] predicts
-        target[j + 1]. ``outs`` as in ``encode``. ``per_row``: (each row's mean CE [B], each
-        row's count of correct tokens [B]) instead (held-out evaluation); with ``per_token``, which
-        of its tokens are right [B, Lt] (bool, False where ``t_mask`` is) instead of the count."""
+        target[j + 1]. ``outs`` as in ``encode``. ``per_row``: (each row's mean CE [B], which of its
+        tokens are right [B, Lt] (bool, False where ``t_mask`` is)) instead (held-out evaluation)."""
         B, M = question.shape[0], self.cfg.memory_slots
         x = torch.cat([model.embed_tokens(question), self.slots(z, model.dtype, kind), model.embed_tokens(target)],
                       dim=1)
@@ -256,7 +255,7 @@ class LaDiR(nn.Module):
         cd = compute_dtype(pred)  # float32 for 16-bit logits, float64 stays float64 (as ``lm_loss``)
         if per_row:
             ce = F.cross_entropy(pred.to(cd).transpose(1, 2), tgt, ignore_index=-100, reduction="none")
-            return ce.sum(1) / t_mask.sum(1).clamp(min=1), hits if per_token else hits.sum(1)
+            return ce.sum(1) / t_mask.sum(1).clamp(min=1), hits
         ce = F.cross_entropy(pred.flatten(0, 1).to(cd), tgt.flatten(), ignore_index=-100)
         return ce, hits.sum() / t_mask.sum().clamp(min=1)
 

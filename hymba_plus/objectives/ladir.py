@@ -108,7 +108,7 @@ class LaDiRObjective(Objective):
                 loss = loss + lad.vae_loss(model, seg, generator=g, per_row=True)[0]
             z, _ = lad.sample(model, q, qm, prophet=False, generator=g)
         am = seg["answer_mask"]
-        _, hits = lad.segment_loss(model, z, q, qm, seg["answer"], am, kind="answer", per_row=True, per_token=True)
+        _, hits = lad.segment_loss(model, z, q, qm, seg["answer"], am, kind="answer", per_row=True)
         vm = seg.get("value_mask", am)[:n]  # (without one, e.g. a collate of another caller's: the whole answer)
         hits, am = hits[:n], am[:n]
         valued = vm.any(1)
