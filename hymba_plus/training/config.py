@@ -159,10 +159,11 @@ def builtin_data(cfg: TrainConfig, model) -> str | None:  # noqa: ANN001 - Model
     """The built-in task ``cfg.data`` names for a token model, next-token (``tasks.py``) or reasoning
     (``reasoning.py``), or None (a path; a model without a vocabulary reads series)."""
     from .reasoning import REASONING_TASKS
-    from .tasks import TASKS
 
-    ok = model.vocab_size is not None and cfg.data is not None
-    return cfg.data if ok and (cfg.data in TASKS or cfg.data in REASONING_TASKS) else None
+    if cfg.data is None:
+        return None
+    return builtin_task(cfg, model) or (cfg.data if model.vocab_size is not None and cfg.data in REASONING_TASKS
+                                        else None)
 
 
 #: command-line flag of each field (``hymba train``), where it is not ``--field-name``
@@ -187,6 +188,7 @@ def validate(cfg: TrainConfig, model, overrides: dict | None = None, where: str 
 
     overrides = overrides or {}
     checked = cfg if cfg.data is not None else dataclasses.replace(cfg, data=default_data)
+    task = builtin_data(checked, model)
     for name in overrides:  # (a task flag for a run on another task or on text was ignored silently)
         readers = tasks_reading(name)
         if readers and checked.data not in readers:
@@ -194,7 +196,6 @@ def validate(cfg: TrainConfig, model, overrides: dict | None = None, where: str 
             raise TrainConfigError(f"{flag_of(name)} {overrides[name]}: a setting of the task"
                                    f"{'s' if len(readers) > 1 else ''} {' and '.join(readers)}; this run trains on "
                                    f"{data}")
-        task = builtin_data(checked, model)
         if name in DATA_SETTINGS and task is not None:  # (a data flag a built-in task does not read: ignored silently)
             what, why = DATA_SETTINGS[name]
             raise TrainConfigError(f"{flag_of(name)} {overrides[name]}: {what}: the built-in task {task}"
