@@ -1194,3 +1194,89 @@ def test_the_options_off_keep_the_hash_of_checkpoints_trained_before_them() -> N
                {"cfg_dropout": 0.1}, {"cfg_dropout": 0.1, "cfg_scale": 2.0}]
     hashes = {load_recipe(recipe(**({"flow_draws": 1} | c) if c else {})).hash() for c in changed}
     assert len(hashes) == len(changed) and r.hash() not in hashes
+
+
+def _latents(m) -> list:  # noqa: ANN001
+    """Records the latents ``generate(mode="ladir")`` hands to the slots (the sampler's output)."""
+    seen: list = []
+    slots = m.ladir.slots
+
+    def record(z, dtype, target="answer"):  # noqa: ANN001, ANN202
+        seen.append(z.clone())
+        return slots(z, dtype, target)
+
+    m.ladir.slots = record
+    return seen
+
+
+@torch.no_grad()
+def test_generate_overrides_the_sampler_settings_for_one_call() -> None:
+    """``generate(mode="ladir", cfg_scale=, diversity_scale=, diversity_bandwidth=, diversity_target=,
+    init_noise_scale=)`` sample as a model whose recipe sets that value (same weights, same generator), and
+    differ from the recipe's own setting; the call leaves the recipe as it was; ``stats`` records the settings
+    the sampler used (``hymba generate`` passes its flags here)."""
+    base = dict(cfg_dropout=0.1)
+    torch.manual_seed(0)
+    m = build_model(recipe(**base)).double().eval()
+    seen = _latents(m)
+    ids = torch.randint(3, V, (2, 5), generator=torch.Generator().manual_seed(3))
+    run = dict(max_new_tokens=2, mode="ladir", samples=3, prophet=False)
+    stats: dict = {}
+    m.generate(ids, generator=torch.Generator().manual_seed(0), stats=stats, **run)
+    default = seen.pop()
+    assert (stats["cfg_scale"], stats["diversity_scale"], stats["diversity_bandwidth"], stats["diversity_target"],
+            stats["init_noise_scale"]) == (1.0, 0.0, 0.0, "estimate", 1.0)
+    div = dict(diversity_scale=0.5)
+    for opt in ({"cfg_scale": 2.0}, {"cfg_scale": 0.0}, div, {**div, "diversity_bandwidth": 6.0},
+                {**div, "diversity_target": "velocity"}, {"init_noise_scale": 2.5}):
+        stats = {}
+        m.generate(ids, generator=torch.Generator().manual_seed(0), stats=stats, **run, **opt)
+        got = seen.pop()
+        assert {k: stats[k] for k in opt} == opt
+        ref = build_model(recipe(**base, **opt)).double().eval()
+        ref.load_state_dict(m.state_dict())
+        ref_seen = _latents(ref)
+        ref.generate(ids, generator=torch.Generator().manual_seed(0), **run)
+        torch.testing.assert_close(got, ref_seen.pop(), atol=0, rtol=0, msg=str(opt))
+        assert not torch.equal(got, default), opt
+    assert m.ladir.cfg == load_recipe(recipe(**base)).ladir  # (one call's settings, the recipe untouched)
+    # summary: the sampler's settings that are not the unguided defaults
+    stats = {}
+    m.generate(ids, stats=stats, cfg_scale=2.0, diversity_scale=0.5, init_noise_scale=2.5, **run)
+    assert stats["summary"][0].endswith("; sampler: cfg_scale 2, diversity_scale 0.5 (bandwidth: median, target: "
+                                        "estimate), init_noise_scale 2.5")
+    m.generate(ids, stats=stats, **run)
+    assert "sampler:" not in stats["summary"][0]
+
+
+@pytest.mark.parametrize("kw,says", [
+    ({"cfg_scale": -1.0}, "cfg_scale must be >= 0 (a finite number, as ladir.cfg_scale in a recipe), got -1.0"),
+    ({"cfg_scale": float("inf")}, "cfg_scale must be >= 0"),
+    ({"cfg_scale": True}, "cfg_scale must be >= 0"),
+    ({"diversity_scale": -0.1}, "diversity_scale must be >= 0 (a finite number, as ladir.diversity_scale"),
+    ({"diversity_scale": "0.5"}, "diversity_scale must be >= 0"),
+    ({"diversity_bandwidth": float("nan")}, "diversity_bandwidth must be >= 0"),
+    ({"diversity_target": "state"}, "diversity_target must be 'estimate' or 'velocity' (as ladir.diversity_target in a recipe), got 'state'"),
+    ({"init_noise_scale": 0.0}, "init_noise_scale must be > 0 (a finite number, as ladir.init_noise_scale"),
+])
+def test_generate_refuses_sampler_settings_the_recipe_refuses(kw, says) -> None:
+    """The per-call settings are checked as the recipe's fields are, before any forward."""
+    m = build_model(recipe(cfg_dropout=0.1)).eval()
+    calls: list = []
+    m.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError) as e:
+        m.generate(torch.tensor([[3, 4, 5]]), max_new_tokens=2, mode="ladir", **kw)
+    assert says in str(e.value) and "\n" not in str(e.value) and not calls
+
+
+def test_generate_refuses_guidance_the_denoiser_never_learned() -> None:
+    """``cfg_scale`` != 1 without ``cfg_dropout`` in the recipe is refused per call as in the recipe (1 is
+    the unguided sampler: accepted); a model without a ladir section refuses mode ladir whatever the options."""
+    m = build_model(recipe()).eval()
+    ids = torch.tensor([[3, 4, 5]])
+    with pytest.raises(ValueError, match=r"cfg_scale 2 guides .* ladir.cfg_dropout > 0 \(0 in this recipe\)"):
+        m.generate(ids, max_new_tokens=2, mode="ladir", cfg_scale=2.0)
+    m.generate(ids, max_new_tokens=2, mode="ladir", cfg_scale=1.0)
+    plain = build_model({"name": "p", "model": {"vocab_size": V, "d_model": 32, "block_pattern": "GA"}})
+    with pytest.raises(ValueError, match="ladir section"):
+        plain.generate(ids, max_new_tokens=2, mode="ladir", cfg_scale=2.0)

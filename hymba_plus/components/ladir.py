@@ -112,6 +112,49 @@ def noise(draw: Callable[..., Tensor], shape: tuple[int, ...], device: torch.dev
     return draw(tuple(shape), device=device, generator=generator, dtype=dtype)
 
 
+#: the sampler's settings a call may override (``LaDiR.sample``, ``generate(mode="ladir")``, ``hymba generate``'s
+#: flags): each one's rule as its recipe field's (``core/recipe.py`` ``LaDiRConfig``): (least, strictly greater)
+#: for the numbers, the choices for ``diversity_target``
+SAMPLER_SETTINGS: dict[str, tuple[float, bool] | tuple[str, ...]] = {
+    "cfg_scale": (0.0, False), "diversity_scale": (0.0, False), "diversity_bandwidth": (0.0, False),
+    "diversity_target": ("estimate", "velocity"), "init_noise_scale": (0.0, True)}
+
+
+def sampler_settings(cfg: Any, **given: Any) -> dict[str, Any]:
+    """The sampler's settings for one call: each of ``SAMPLER_SETTINGS`` as ``given`` (None: the recipe's,
+    ``cfg`` a ``LaDiRConfig``), refused in one line (``ValueError``) where the recipe would refuse it: a number
+    outside its field's range or not finite (a bool is no number), a ``diversity_target`` not among its
+    choices, and ``cfg_scale`` != 1 when the recipe has no ``cfg_dropout`` (classifier-free guidance reads
+    the unconditional velocity, which only condition dropout trains: Ho & Salimans 2022, arXiv 2207.12598)."""
+    import numbers
+
+    from ..core.config import brief
+
+    out = {}
+    for name, rule in SAMPLER_SETTINGS.items():
+        v = given.pop(name, None)
+        if v is None:
+            v = getattr(cfg, name)
+        elif isinstance(rule[0], str):
+            if v not in rule:
+                raise ValueError(f"{name} must be {' or '.join(map(repr, rule))} (as ladir.{name} in a recipe), "
+                                 f"got {brief(v)}")
+        else:
+            least, strict = rule
+            if (isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)
+                    or (v <= least if strict else v < least)):
+                raise ValueError(f"{name} must be {'>' if strict else '>='} {least:g} (a finite number, as "
+                                 f"ladir.{name} in a recipe), got {brief(v)}")
+            v = float(v)
+        out[name] = v
+    if given:
+        raise TypeError(f"sampler_settings: no setting {', '.join(map(repr, given))}")
+    if out["cfg_scale"] != 1.0 and cfg.cfg_dropout == 0.0:
+        raise ValueError(f"cfg_scale {out['cfg_scale']:g} guides with the unconditional velocity, which the "
+                         "denoiser learns only with ladir.cfg_dropout > 0 (0 in this recipe)")
+    return out
+
+
 @contextmanager
 def reading(model: nn.Module) -> Iterator[None]:
     """``model`` in eval mode (no dropout, MoE capacity drops or balancing counts: as inference
@@ -368,7 +411,9 @@ class LaDiR(nn.Module):
                prophet: bool | None = None, generator: Generators = None,
                z0: Tensor | None = None, qcache: HybridCache | None = None,
                cond: Tensor | None = None, stats: dict | None = None, samples: int = 1,
-               diversity_scale: float | None = None, cfg_scale: float | None = None) -> tuple[Tensor, Tensor]:
+               diversity_scale: float | None = None, cfg_scale: float | None = None,
+               diversity_bandwidth: float | None = None, diversity_target: str | None = None,
+               init_noise_scale: float | None = None) -> tuple[Tensor, Tensor]:
         """Euler sampling of z from noise given the (right-padded) question: (z [B, M, latent],
         steps used per row [B]). The noise is ``init_noise_scale`` times N(0, I) (LaDiR's
         ``denoise`` starts from ``torch.randn(...) * 2.5``), or ``z0`` as given. With Prophet (``prophet``; default: the recipe's setting) a row
@@ -385,17 +430,19 @@ class LaDiR(nn.Module):
         the conditional and the unconditional (``null_mask``) velocities of one denoiser call over
         the rows doubled (Ho & Salimans 2022, Eq. 6, on velocities; LaDiR's code: ``inference_step``,
         two calls, for w > 1 only); the diversity kick is added to that v (as in LaDiR's
-        ``denoise_with_reward_guidance_and_diversity``); w = 1 is the unguided sampler, bit for bit."""
+        ``denoise_with_reward_guidance_and_diversity``); w = 1 is the unguided sampler, bit for bit.
+        ``diversity_bandwidth``, ``diversity_target``, ``init_noise_scale``: default the recipe's too; every
+        setting given is checked as its recipe field is (``sampler_settings``)."""
         cfg = self.cfg
         steps = steps or cfg.inference_steps
         prophet = cfg.prophet.enabled if prophet is None else prophet
-        gamma = cfg.diversity_scale if diversity_scale is None else diversity_scale
-        w = cfg.cfg_scale if cfg_scale is None else cfg_scale
-        if not w >= 0:
-            raise ValueError(f"LaDiR.sample: cfg_scale must be >= 0, got {w}")
-        if w != 1.0 and cfg.cfg_dropout == 0.0:
-            raise ValueError(f"LaDiR.sample: cfg_scale {w:g} guides with the unconditional velocity, which the "
-                             "denoiser learns only with ladir.cfg_dropout > 0 (0 in this recipe)")
+        try:
+            run = sampler_settings(cfg, cfg_scale=cfg_scale, diversity_scale=diversity_scale,
+                                   diversity_bandwidth=diversity_bandwidth, diversity_target=diversity_target,
+                                   init_noise_scale=init_noise_scale)
+        except ValueError as e:
+            raise ValueError(f"LaDiR.sample: {e}") from None
+        gamma, w = run["diversity_scale"], run["cfg_scale"]
         B, M = question.shape[0], cfg.memory_slots
         if B % samples:
             raise ValueError(f"LaDiR.sample: {B} rows are not questions of {samples} samples each")
@@ -410,7 +457,7 @@ class LaDiR(nn.Module):
         cd = compute_dtype(wd)  # the state's dtype: float32 for a 16-bit denoiser, float64 stays float64
         cond = cond.to(cd)
         z = z0.clone().to(cd) if z0 is not None else \
-            cfg.init_noise_scale * noise(torch.randn, (B, M, cfg.latent_dim), dev, generator, cd)
+            run["init_noise_scale"] * noise(torch.randn, (B, M, cfg.latent_dim), dev, generator, cd)
         used = torch.full((B,), steps, dtype=torch.long, device=dev)
         active = torch.ones(B, dtype=torch.bool, device=dev)
         dt = 1.0 / steps
@@ -424,8 +471,8 @@ class LaDiR(nn.Module):
             else:
                 v = self.denoiser(z.to(wd), t, cond.to(wd), q_mask).to(cd)
             if gamma > 0 and samples > 1:  # (otherwise exactly the unguided sampler)
-                at = v if cfg.diversity_target == "velocity" else z + (1.0 - i * dt) * v  # the estimate of z_1
-                v = v + gamma * self.repulsion(at, active, samples, cfg.diversity_bandwidth)
+                at = v if run["diversity_target"] == "velocity" else z + (1.0 - i * dt) * v  # the estimate of z_1
+                v = v + gamma * self.repulsion(at, active, samples, run["diversity_bandwidth"])
             z = torch.where(active[:, None, None], z + dt * v, z)
             if prophet and (i + 1) % cfg.prophet.check_every == 0 and i + 1 < steps:
                 est = z + (1.0 - (i + 1) * dt) * v  # the estimate of z_1 from the last velocity

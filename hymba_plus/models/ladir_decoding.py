@@ -5,7 +5,7 @@ which is then copied to each of its ``samples`` rows (``HybridCache.reorder``: o
 question, not per sample); its final hidden states condition the flow denoiser, which samples
 ``samples`` latent reasonings per question in parallel (``steps`` Euler steps, Prophet early exit unless
 ``prophet=False``; with ``ladir.diversity_scale``, the diversity guidance between a question's
-samples; with ``ladir.cfg_scale``, classifier-free guidance); each latent's M slot embeddings enter that question's cache once, after
+samples; with ``ladir.cfg_scale``, classifier-free guidance; each setting overridable per call); each latent's M slot embeddings enter that question's cache once, after
 the question (like meta tokens); the answer is decoded autoregressively after them. With
 several samples the answer is the majority vote over the samples' answers (ties: the
 first sample). ``stats``: denoising steps used per row (``steps_used``, its mean, and the
@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..components.ladir import sampler_settings
 from ..core.config import brief
 from .generation import GENERATORS, RESERVED, check_length, continue_ar, int_at_least
 
@@ -46,13 +47,24 @@ def generate_ladir(
     steps: int | None = None,
     prophet: bool | None = None,
     samples: int | None = None,
+    cfg_scale: float | None = None,
+    diversity_scale: float | None = None,
+    diversity_bandwidth: float | None = None,
+    diversity_target: str | None = None,
+    init_noise_scale: float | None = None,
 ) -> Tensor:
     """Question -> sampled latents -> answer (module docstring). ``steps``: Euler steps
     (default ``ladir.inference_steps``); ``prophet``: early exit on/off (default: the recipe's);
-    ``samples``: latents per question (default ``ladir.samples``)."""
+    ``samples``: latents per question (default ``ladir.samples``). ``cfg_scale``, ``diversity_scale``,
+    ``diversity_bandwidth``, ``diversity_target``, ``init_noise_scale``: the sampler's settings for this call
+    (``LaDiR.sample``; default the recipe's ``ladir`` fields), checked as the recipe's are before any forward
+    (``components.ladir.sampler_settings``: ranges, and ``cfg_scale`` != 1 only with ``ladir.cfg_dropout``)."""
     lad = model.ladir
     if lad is None:
         raise ValueError("mode ladir needs a model with latent reasoning (a recipe with a ladir section)")
+    run = sampler_settings(lad.cfg, cfg_scale=cfg_scale, diversity_scale=diversity_scale,
+                           diversity_bandwidth=diversity_bandwidth, diversity_target=diversity_target,
+                           init_noise_scale=init_noise_scale)
     S = samples if samples is not None else lad.cfg.samples
     for name, v in (("samples", S), ("steps", steps if steps is not None else 1)):
         if not int_at_least(v, 1):
@@ -81,7 +93,7 @@ def generate_ladir(
         q, qm, cond = q.repeat_interleave(S, 0), qm.repeat_interleave(S, 0), cond.repeat_interleave(S, 0)
     sampled: dict = {}
     z, used = lad.sample(model, q, qm, steps=steps, prophet=prophet, generator=generator, qcache=cache, cond=cond,
-                         stats=sampled, samples=S)  # (the diversity guidance acts between a question's samples)
+                         stats=sampled, samples=S, **run)  # (the diversity guidance acts between a question's samples)
     last = model(inputs_embeds=lad.slots(z, model.dtype), input_ids=None, cache=cache, check_inputs=False,
                  logits_to_keep=1).logits[:, -1]  # the slots enter the cache once
     new = continue_ar(model, cache, last, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator,
@@ -104,13 +116,29 @@ def generate_ladir(
         forwards = 1 + sampled["lm_forwards"] + 1 + max(n - 1, 0)
         stats.update(forwards=forwards, tokens=n * B, tokens_per_forward=n / forwards, steps=steps,
                      steps_used=used.view(B, S).tolist(), mean_steps=float(used.float().mean()),
-                     early_exits=int((used < steps).sum()), samples=S, vote_agreement=agreement.tolist())
+                     early_exits=int((used < steps).sum()), samples=S, vote_agreement=agreement.tolist(), **run)
         stats["summary"] = [
             "ladir: denoising steps used " + ", ".join(f"{u}" + (" (Prophet exit)" if u < steps else "")
                                                        for u in row)
             + f" of {steps} per latent sample; answer vote agreement {stats['vote_agreement'][i]:.2f}"
-            for i, row in enumerate(stats["steps_used"])]
+            + guidance(run) for i, row in enumerate(stats["steps_used"])]
     return torch.cat([input_ids, new], dim=1)
+
+
+def guidance(run: dict) -> str:
+    """The summary line's note of the sampler settings ``run`` (``sampler_settings``) that change the unguided
+    sampler (``cfg_scale`` != 1, ``diversity_scale`` > 0 with its bandwidth and target, ``init_noise_scale``
+    != 1), e.g. ``; sampler: cfg_scale 2, init_noise_scale 2.5``; empty when none does."""
+    parts = []
+    if run["cfg_scale"] != 1.0:
+        parts.append(f"cfg_scale {run['cfg_scale']:g}")
+    if run["diversity_scale"] > 0:
+        bw = f"{run['diversity_bandwidth']:g}" if run["diversity_bandwidth"] > 0 else "median"
+        parts.append(f"diversity_scale {run['diversity_scale']:g} (bandwidth: {bw}, target: "
+                     f"{run['diversity_target']})")
+    if run["init_noise_scale"] != 1.0:
+        parts.append(f"init_noise_scale {run['init_noise_scale']:g}")
+    return "; sampler: " + ", ".join(parts) if parts else ""
 
 
 GENERATORS["ladir"] = generate_ladir  # the decoding modes live in generation.GENERATORS
