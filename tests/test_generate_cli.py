@@ -3,6 +3,7 @@ checkpoint's tokenizer, and one-line errors."""
 
 from __future__ import annotations
 
+import functools
 import io
 import sys
 
@@ -236,3 +237,100 @@ def test_python_warnings_are_one_line_notices_and_the_api_keeps_its_own(ckpts, c
     lines = [ln for ln in err.splitlines() if "recipe hash" in ln]
     assert rc == 0 and len(lines) == 1 and lines[0].startswith("warning: ") and "UserWarning" not in err, err
     assert ".py:" not in err and warnings.showwarning is before
+
+
+LADIR = {"name": "ladir-gen", "model": {"vocab_size": 24, "d_model": 32, "max_seq_len": 48, "block_pattern": "GD | GA"},
+         "components": {"gated_attn": {"n_heads": 2}, "gdn": {"n_heads": 2, "head_dim": 16}, "mlp": {"d_hidden": 64}},
+         "ladir": {"latent_dim": 8, "memory_slots": 2, "inference_steps": 4, "denoiser_layers": 1,
+                   "denoiser_heads": 2},
+         "objective": {"kind": "ladir"}}
+
+
+@pytest.fixture(scope="module")
+def ladir_ckpts(tmp_path_factory):
+    """Two LaDiR checkpoints: ``plain`` (no condition dropout: no guidance) and ``cfg`` (cfg_dropout 0.1)."""
+    root = tmp_path_factory.mktemp("ladir-gen")
+    for name, extra in (("plain", {}), ("cfg", {"cfg_dropout": 0.1})):
+        torch.manual_seed(0)
+        model = build_model({**LADIR, "ladir": {**LADIR["ladir"], **extra}})
+        model.save_pretrained(root / name, extra_files={"tokenizer.json": IdsTokenizer(24).to_json()})
+    return root
+
+
+LADIR_FLAGS = {"--samples": ("samples", "3", 3), "--cfg-scale": ("cfg_scale", "2.5", 2.5),
+               "--diversity-scale": ("diversity_scale", "0.5", 0.5),
+               "--diversity-bandwidth": ("diversity_bandwidth", "0.7", 0.7),
+               "--diversity-target": ("diversity_target", "velocity", "velocity"),
+               "--init-noise-scale": ("init_noise_scale", "2.5", 2.5)}
+
+
+def test_ladir_flags_reach_the_sampler_for_this_run(ladir_ckpts, capsys, monkeypatch):
+    """``--samples``, ``--cfg-scale``, ``--diversity-scale``, ``--diversity-bandwidth``, ``--diversity-target``
+    and ``--init-noise-scale`` go to ``generate(mode="ladir")`` (which samples with them as a recipe setting
+    them would: ``test_ladir.py``), the stderr line names the settings; without them, the recipe's."""
+    from hymba_plus.models import ladir_decoding
+
+    seen: list = []
+    real = ladir_decoding.GENERATORS["ladir"]
+
+    @functools.wraps(real)  # (its signature: the options generate and the flags' checks read)
+    def spy(model, input_ids, **kw):  # noqa: ANN001, ANN202
+        seen.append(kw)
+        return real(model, input_ids, **kw)
+
+    monkeypatch.setitem(ladir_decoding.GENERATORS, "ladir", spy)
+    base = [str(ladir_ckpts / "cfg"), "--mode", "ladir", "--prompt", "3 4 5", "--max-new-tokens", "2"]
+    rc, _, err = gen(capsys, *base)
+    assert rc == 0, err
+    assert not set(seen.pop()) & {o for o, _, _ in LADIR_FLAGS.values()}  # the recipe's settings
+    argv = [a for flag, (_, text, _) in LADIR_FLAGS.items() for a in (flag, text)]
+    rc, _, err = gen(capsys, *base, *argv)
+    assert rc == 0, err
+    kw = seen.pop()
+    assert {o: kw[o] for o, _, _ in LADIR_FLAGS.values()} == {o: v for o, _, v in LADIR_FLAGS.values()}
+    assert ("; sampler: cfg_scale 2.5, diversity_scale 0.5 (bandwidth: 0.7, target: velocity), init_noise_scale 2.5"
+            in err), err
+    assert load_recipe_of(ladir_ckpts / "cfg").ladir.cfg_scale == 1.0  # (nothing written back)
+
+
+def load_recipe_of(ckpt):
+    from hymba_plus import load_recipe
+
+    return load_recipe(ckpt / "recipe.yaml")
+
+
+@pytest.mark.parametrize("ckpt,args,code,needle", [
+    ("cfg", ["--cfg-scale", "-1"], 2, "--cfg-scale -1.0: must be >= 0"),
+    ("cfg", ["--cfg-scale", "nan"], 2, "--cfg-scale: must be a finite number"),
+    ("cfg", ["--diversity-scale", "-0.5"], 2, "--diversity-scale -0.5: must be >= 0"),
+    ("cfg", ["--diversity-bandwidth", "-1"], 2, "--diversity-bandwidth -1.0: must be >= 0"),
+    ("cfg", ["--diversity-target", "state"], 2, "--diversity-target: invalid choice: 'state'"),
+    ("cfg", ["--init-noise-scale", "0"], 2, "--init-noise-scale 0.0: must be > 0"),
+    ("cfg", ["--samples", "0"], 2, "--samples 0: must be in 1..64"),
+    ("cfg", ["--samples", "65"], 2, "--samples 65: must be in 1..64"),
+    # the recipe's refusal: guidance needs the unconditional velocity that only condition dropout trains
+    ("plain", ["--cfg-scale", "2"], 2, "--cfg-scale 2: guides with the unconditional velocity, which the denoiser "
+                                       "learns only with ladir.cfg_dropout > 0 (0 in "),
+])
+def test_bad_ladir_flags_are_one_line(ladir_ckpts, capsys, ckpt, args, code, needle):
+    try:
+        rc, out, err = gen(capsys, str(ladir_ckpts / ckpt), "--mode", "ladir", "--prompt", "3 4 5", *args)
+    except SystemExit as e:  # argparse's usage error (the flag's type or choices)
+        cap = capsys.readouterr()
+        rc, out, err = int(e.code), cap.out, cap.err
+    assert rc == code and "Traceback" not in err and len(err.strip().splitlines()) == 1 and needle in err, err
+    assert out == ""
+
+
+def test_ladir_flags_need_a_ladir_model_and_mode(ladir_ckpts, ckpts, capsys):
+    """Unguided ``--cfg-scale 1`` passes without condition dropout (as in a recipe); the flags are refused
+    in one line for another mode, and for a model without a ladir section."""
+    rc, _, err = gen(capsys, str(ladir_ckpts / "plain"), "--mode", "ladir", "--prompt", "3 4 5", "--cfg-scale", "1",
+                     "--max-new-tokens", "2")
+    assert rc == 0, err
+    for flag, (_, text, _) in LADIR_FLAGS.items():
+        rc, out, err = gen(capsys, str(ladir_ckpts / "cfg"), "--prompt", "3 4 5", flag, text)
+        assert rc == 2 and err.strip().endswith(f"{flag}: only for --mode ladir") and out == "", err
+        rc, out, err = gen(capsys, str(ckpts / "ids"), "--mode", "ladir", "--prompt", "3 4 5", flag, text)
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and out == "", err
+        assert f"{flag}: {ckpts / 'ids'} is not a LaDiR model (its recipe has no ladir section)" in err, err

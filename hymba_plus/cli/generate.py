@@ -41,7 +41,10 @@ the same guarantee and the same stderr line (``mtp: k 2, acceptance rate ...``).
 
 ``--mode ladir`` (models with a ``ladir`` section): latent reasoning before the answer
 (``models/ladir_decoding.py``); one stderr line per prompt gives the denoising steps each
-latent sample used and whether Prophet stopped it early.
+latent sample used and whether Prophet stopped it early (and the sampler's settings that guide it).
+``--steps``, ``--samples``, ``--cfg-scale``, ``--diversity-scale``, ``--diversity-bandwidth``,
+``--diversity-target`` and ``--init-noise-scale`` override the recipe's ``ladir`` settings for this run
+(each checked as the recipe's field; ``--cfg-scale`` != 1 needs ``ladir.cfg_dropout`` > 0).
 
 ``--mode forecast --data SERIES.csv`` (models trained with the ``forecast`` objective, which
 read numbers, not text): writes the forecast CSV and a PNG plot (``cli/forecast.py``).
@@ -109,6 +112,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(each origin forecast from its own window) and print MASE / CRPS next to seasonal naive")
     p.add_argument("--out", type=path_text, default=None, metavar="FILE.csv",
                    help="forecast: the forecast CSV (default: forecast.csv); the plot is FILE.png")
+    p.add_argument("--samples", type=int, default=None, metavar="N",
+                   help="ladir: latent samples per question, 1..64 as ladir.samples (the answer is their "
+                        "majority vote; default: ladir.samples)")
+    p.add_argument("--cfg-scale", type=finite_float, default=None, metavar="W",
+                   help="ladir: classifier-free guidance w >= 0 at every Euler step (1: unguided; w != 1 needs a "
+                        "model trained with ladir.cfg_dropout > 0; default: ladir.cfg_scale)")
+    p.add_argument("--diversity-scale", type=finite_float, default=None, metavar="GAMMA",
+                   help="ladir: diversity guidance gamma >= 0 between a question's samples (0: off; acts with "
+                        "--samples >= 2; default: ladir.diversity_scale)")
+    p.add_argument("--diversity-bandwidth", type=finite_float, default=None, metavar="SIGMA",
+                   help="ladir: the diversity kernel's sigma >= 0 (0: each step's median distance between the "
+                        "samples; default: ladir.diversity_bandwidth)")
+    p.add_argument("--diversity-target", default=None, choices=("estimate", "velocity"),
+                   help="ladir: where the diversity kernel reads the samples: their estimates of z_1 or their "
+                        "velocities (default: ladir.diversity_target)")
+    p.add_argument("--init-noise-scale", type=finite_float, default=None, metavar="S",
+                   help="ladir: std of the sampler's starting noise, > 0 (default: ladir.init_noise_scale)")
     p.add_argument("--think-iterations", type=int, default=None, metavar="N",
                    help="ETD models: think iterations to run, 1..max_iterations (default: the model's "
                         "iterations; with ACT halting max_iterations, each token halting on its own)")
@@ -161,7 +181,17 @@ def mode_flags(args: argparse.Namespace) -> tuple[tuple[str, str, Any], ...]:
     """(flag, the decoders' option, its value or None) for the flags that only some modes take."""
     return (("--draft", "draft", args.draft), ("--k", "k", args.k), ("--block-size", "block_size", args.block_size),
             ("--threshold", "threshold", args.threshold), ("--steps", "steps", args.steps),
-            ("--engine", "engine", args.engine))
+            ("--engine", "engine", args.engine), *ladir_flags(args))
+
+
+def ladir_flags(args: argparse.Namespace) -> tuple[tuple[str, str, Any], ...]:
+    """(flag, generate's option, its value or None) for the flags of ``--mode ladir`` alone: the latent
+    samples and the sampler's settings (``components.ladir.SAMPLER_SETTINGS``), for this run only."""
+    return (("--samples", "samples", args.samples), ("--cfg-scale", "cfg_scale", args.cfg_scale),
+            ("--diversity-scale", "diversity_scale", args.diversity_scale),
+            ("--diversity-bandwidth", "diversity_bandwidth", args.diversity_bandwidth),
+            ("--diversity-target", "diversity_target", args.diversity_target),
+            ("--init-noise-scale", "init_noise_scale", args.init_noise_scale))
 
 
 def modes_taking(option: str) -> list[str]:
@@ -205,6 +235,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from ..models.generation import end_tokens, reserved_positions
+    from ..models.ladir_decoding import MAX_SAMPLES
     from ..models.lm import CheckpointError, from_pretrained
     from ..training.distributed import pick_device
     from ..training.tokenizer import ByteTokenizer, StreamDecoder, TokenizerError, for_checkpoint
@@ -225,6 +256,14 @@ def _run(args: argparse.Namespace) -> int:
             raise UsageError(f"{flag}: only for --mode {' or '.join(modes)}")
     if args.k is not None and args.k < 1:
         raise UsageError(f"--k {args.k}: must be >= 1")
+    if args.samples is not None and not 1 <= args.samples <= MAX_SAMPLES:
+        raise UsageError(f"--samples {args.samples}: must be in 1..{MAX_SAMPLES} (as ladir.samples)")
+    for flag, value, strict in (("--cfg-scale", args.cfg_scale, False),
+                                ("--diversity-scale", args.diversity_scale, False),
+                                ("--diversity-bandwidth", args.diversity_bandwidth, False),
+                                ("--init-noise-scale", args.init_noise_scale, True)):
+        if value is not None and (value <= 0 if strict else value < 0):
+            raise UsageError(f"{flag} {value}: must be {'>' if strict else '>='} 0")
     if isinstance(args.threshold, float) and args.threshold <= 0:
         raise UsageError(f"--threshold {args.threshold}: must be > 0, or none (the --steps schedule)")
     if args.mode == "speculative" and args.draft is None:
@@ -293,6 +332,12 @@ def _run(args: argparse.Namespace) -> int:
         if args.think_iterations > etd.cap:
             raise UsageError(f"--think-iterations {args.think_iterations}: the model holds states for at most "
                              f"{etd.cap} think iterations (model.etd.max_iterations)")
+    given = [(flag, value) for flag, _, value in ladir_flags(args) if value is not None]
+    if given and model.ladir is None:  # (--mode ladir: checked above)
+        raise UsageError(f"{given[0][0]}: {ckpt} is not a LaDiR model (its recipe has no ladir section)")
+    if args.cfg_scale is not None and args.cfg_scale != 1.0 and model.ladir.cfg.cfg_dropout == 0.0:
+        raise UsageError(f"--cfg-scale {args.cfg_scale:g}: guides with the unconditional velocity, which the "
+                         f"denoiser learns only with ladir.cfg_dropout > 0 (0 in {ckpt}'s recipe)")
     V = model.config.vocab_size
     if tok.vocab_size > V:
         raise UserError(f"{ckpt / 'tokenizer.json'}: {tok.vocab_size} tokens but the model has vocab_size {V}")
@@ -370,7 +415,8 @@ def _run(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         msg = str(e).splitlines()[0]
-        flag = next((f for k, f in (("every prompt", "--prompt"), ("draft model", "--draft"), ("k must", "--k"),
+        flag = next((f for k, f in (*((o, f) for f, o, _ in ladir_flags(args)),  # (ladir's option names first)
+                                    ("every prompt", "--prompt"), ("draft model", "--draft"), ("k must", "--k"),
                                     ("block_size", "--block-size"),
                                     ("threshold", "--threshold"), ("steps", "--steps"), ("mode", "--mode"),
                                     ("think_iterations", "--think-iterations"), ("engine", "--engine"),
