@@ -108,6 +108,9 @@ def test_training_out_folder_resolves_to_its_newest_checkpoint(ckpts, capsys, tm
     (["--prompt", "1", "--engine", "graph"], 1, "--engine: engine='graph' needs a CUDA device"),
     # (was the API's line after loading the model, exit 1: "threshold must be a number > 0 (or None ...)")
     (["--prompt", "1", "--mode", "block_diffusion", "--threshold", "0"], 2, "--threshold 0.0: must be > 0, or none"),
+    # (were exit 1 after loading the model: "--block-size: block_size must be an integer >= 1, got 0")
+    (["--prompt", "1", "--mode", "block_diffusion", "--block-size", "0"], 2, "--block-size 0: must be >= 1"),
+    (["--prompt", "1", "--mode", "block_diffusion", "--steps", "-1"], 2, "--steps -1: must be >= 1"),
     # (was the API's "--eos: eos_token_id must be a token id in [0, 256) ... (or None: no end token), got [999]")
     (["--prompt", "1", "--eos", "2,999"], 1, "--eos 2,999: token id 999 is outside [0, 256)"),
 ])
@@ -308,6 +311,8 @@ def load_recipe_of(ckpt):
     ("cfg", ["--init-noise-scale", "0"], 2, "--init-noise-scale 0.0: must be > 0"),
     ("cfg", ["--samples", "0"], 2, "--samples 0: must be in 1..64"),
     ("cfg", ["--samples", "65"], 2, "--samples 65: must be in 1..64"),
+    # (was exit 1 after loading the model, the API's line: "--steps: steps must be an integer >= 1, got 0")
+    ("cfg", ["--steps", "0"], 2, "--steps 0: must be >= 1"),
     # the recipe's refusal: guidance needs the unconditional velocity that only condition dropout trains
     ("plain", ["--cfg-scale", "2"], 2, "--cfg-scale 2: guides with the unconditional velocity, which the denoiser "
                                        "learns only with ladir.cfg_dropout > 0 (0 in "),

@@ -254,8 +254,9 @@ def _run(args: argparse.Namespace) -> int:
         modes = modes_taking(option)
         if value is not None and args.mode not in modes:
             raise UsageError(f"{flag}: only for --mode {' or '.join(modes)}")
-    if args.k is not None and args.k < 1:
-        raise UsageError(f"--k {args.k}: must be >= 1")
+    for flag, value in (("--k", args.k), ("--block-size", args.block_size), ("--steps", args.steps)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} {value}: must be >= 1")
     if args.samples is not None and not 1 <= args.samples <= MAX_SAMPLES:
         raise UsageError(f"--samples {args.samples}: must be in 1..{MAX_SAMPLES} (as ladir.samples)")
     for flag, value, strict in (("--cfg-scale", args.cfg_scale, False),
