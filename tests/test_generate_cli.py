@@ -95,24 +95,29 @@ def test_training_out_folder_resolves_to_its_newest_checkpoint(ckpts, capsys, tm
 
 
 @pytest.mark.parametrize("args,code,needle", [
-    (["--prompt", "1", "--mode", "nope"], 1, "--mode: unknown generation mode 'nope'"),
-    (["--prompt", "1 2", "--max-new-tokens", "47"], 1, "--max-new-tokens 47"),
-    (["--prompt", " ".join(["3"] * 60)], 1, "longer than the model's max_seq_len"),
-    (["--prompt", " ".join(["3"] * 48)], 1, "--prompt: 48 tokens, as long as the model's max_seq_len (48) allows: no "
+    # a flag's value, on its own or given the checkpoint's recipe, is a usage error: exit 2 (these were 1)
+    (["--prompt", "1", "--mode", "nope"], 2, "--mode: unknown generation mode 'nope'"),
+    (["--prompt", "1", "--mode", "mtp"], 2, "--mode: mode mtp needs a model with MTP modules"),
+    (["--prompt", "1", "--mode", "ladir"], 2, "--mode: mode ladir needs a model with latent reasoning"),
+    (["--prompt", "1", "--mode", "block_diffusion"], 2, "--mode: mode block_diffusion needs a model trained"),
+    (["--mode", "forecast", "--data", "x.csv"], 2, "is a token model (objective next_token), not a forecaster"),
+    (["--prompt", "1 2", "--max-new-tokens", "47"], 2, "--max-new-tokens 47"),
+    (["--prompt", " ".join(["3"] * 60)], 2, "longer than the model's max_seq_len"),
+    (["--prompt", " ".join(["3"] * 48)], 2, "--prompt: 48 tokens, as long as the model's max_seq_len (48) allows: no "
                                             "room for a new token"),  # (it said 'longer than')
-    (["--prompt", "1 x"], 1, "--prompt '1 x'"),
-    (["--prompt", "1 999"], 1, "outside [0, 256)"),
+    (["--prompt", "1 x"], 2, "--prompt '1 x'"),
+    (["--prompt", "1 999"], 2, "outside [0, 256)"),
     (["--prompt", "1", "--top-p", "1.5"], 2, "--top-p"),
     (["--prompt", "1", "--max-new-tokens", "0"], 2, "--max-new-tokens"),
     (["--prompt", "1", "--engine", "static", "--mode", "block_diffusion"], 2, "--engine: only for --mode ar"),
-    (["--prompt", "1", "--engine", "graph"], 1, "--engine: engine='graph' needs a CUDA device"),
+    (["--prompt", "1", "--engine", "graph"], 2, "--engine: engine='graph' needs a CUDA device"),
     # (was the API's line after loading the model, exit 1: "threshold must be a number > 0 (or None ...)")
     (["--prompt", "1", "--mode", "block_diffusion", "--threshold", "0"], 2, "--threshold 0.0: must be > 0, or none"),
     # (were exit 1 after loading the model: "--block-size: block_size must be an integer >= 1, got 0")
     (["--prompt", "1", "--mode", "block_diffusion", "--block-size", "0"], 2, "--block-size 0: must be >= 1"),
     (["--prompt", "1", "--mode", "block_diffusion", "--steps", "-1"], 2, "--steps -1: must be >= 1"),
     # (was the API's "--eos: eos_token_id must be a token id in [0, 256) ... (or None: no end token), got [999]")
-    (["--prompt", "1", "--eos", "2,999"], 1, "--eos 2,999: token id 999 is outside [0, 256)"),
+    (["--prompt", "1", "--eos", "2,999"], 2, "--eos 2,999: token id 999 is outside [0, 256)"),
 ])
 def test_bad_generate_input_is_one_line(ckpts, capsys, args, code, needle):
     rc, out, err = gen(capsys, str(ckpts / "ids"), *args)

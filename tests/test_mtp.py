@@ -391,8 +391,8 @@ def test_cli_mode_mtp(tmp_path, capsys) -> None:
     assert "mtp: k 2, acceptance rate" in cap.err and "tokens per trunk forward" in cap.err
     rc = main(["generate", str(tmp_path / "ckpt"), "--prompt", "3 4 5", "--mode", "mtp", "--k", "3"])
     err = capsys.readouterr().err
-    assert rc != 0 and err.count("\n") == 1 and "--k" in err and "[1, 2]" in err
+    assert rc == 2 and err.count("\n") == 1 and "--k" in err and "[1, 2]" in err
     rc = main(["generate", str(tmp_path / "ckpt"), "--prompt", "3", "--mode", "mtp"])  # shorter than the depth
     err = capsys.readouterr().err
-    assert rc == 1 and err.startswith("hymba generate: --prompt: mode mtp: every prompt (input_ids' rows")
+    assert rc == 2 and err.startswith("hymba generate: --prompt: mode mtp: every prompt (input_ids' rows")
     assert "needs at least 2 tokens" in err

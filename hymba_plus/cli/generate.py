@@ -168,7 +168,7 @@ def end_ids(args: argparse.Namespace, ckpt: Path, tokenizer: Any, vocab_size: in
             return None
         bad = next((i for i in args.eos if not 0 <= i < vocab_size), None)
         if bad is not None:
-            raise UserError(f"--eos {','.join(map(str, args.eos))}: token id {bad} is outside [0, {vocab_size})")
+            raise UsageError(f"--eos {','.join(map(str, args.eos))}: token id {bad} is outside [0, {vocab_size})")
         return args.eos
     try:
         cfg = generation_config(ckpt, vocab_size)
@@ -300,7 +300,7 @@ def _run(args: argparse.Namespace) -> int:
 
         return run_forecast(args, model, ckpt)
     if args.mode == "forecast":
-        raise UserError(f"--mode forecast: {ckpt} is a token model (objective "
+        raise UsageError(f"--mode forecast: {ckpt} is a token model (objective "
                         f"{getattr(model.objective.cfg, 'kind', 'next_token')}), not a forecaster")
     try:
         tok = for_checkpoint(ckpt, model.config.vocab_size)
@@ -348,16 +348,16 @@ def _run(args: argparse.Namespace) -> int:
         try:
             ids = tok.encode(text)
         except TokenizerError as e:
-            raise UserError(f"--prompt {text!r}: {e}") from None
+            raise UsageError(f"--prompt {text!r}: {e}") from None
         if not ids:
-            raise UserError(f"--prompt {text!r}: empty after tokenization")
+            raise UsageError(f"--prompt {text!r}: empty after tokenization")
         prompts.append(ids)
     T = max(len(p) for p in prompts)
     reserved = reserved_positions(model, args.mode)  # e.g. ladir's memory slots take positions too
     max_len = model.config.max_seq_len - reserved
     room = f"max_seq_len ({model.config.max_seq_len}" + (f" less {reserved} for --mode {args.mode})" if reserved else ")")
     if T >= max_len:  # (a prompt that fills it leaves no room for a new token)
-        raise UserError(f"--prompt: {T} tokens, {'longer than' if T > max_len else 'as long as'} the model's {room} "
+        raise UsageError(f"--prompt: {T} tokens, {'longer than' if T > max_len else 'as long as'} the model's {room} "
                         "allows: no room for a new token")
     if draft is not None and T >= draft.config.max_seq_len:  # (generate's message said: max_new_tokens <= 0)
         raise UserError(f"--draft {draft_ckpt}: its max_seq_len ({draft.config.max_seq_len}) leaves no room for a new "
@@ -367,7 +367,7 @@ def _run(args: argparse.Namespace) -> int:
         if draft is not None:  # the draft reads the whole sequence too
             args.max_new_tokens = max(min(args.max_new_tokens, draft.config.max_seq_len - T), 1)
     if T + args.max_new_tokens > max_len:
-        raise UserError(f"--max-new-tokens {args.max_new_tokens}: prompt ({T} tokens) + new tokens exceed the "
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens}: prompt ({T} tokens) + new tokens exceed the "
                         f"model's {room}; use at most {max_len - T}")
     B = len(prompts)
     input_ids = torch.zeros(B, T, dtype=torch.long)
@@ -424,7 +424,8 @@ def _run(args: argparse.Namespace) -> int:
                                     ("eos_token_id", "--eos"))
                      if k in msg),
                     "--max-new-tokens")
-        raise UserError(f"{flag}: {msg}") from None
+        # a flag's value the model cannot take (exit 2); "--draft": the draft checkpoint's own limit (exit 1)
+        raise (UserError if flag == "--draft" else UsageError)(f"{flag}: {msg}") from None
     except RuntimeError as e:
         if "probability tensor contains" not in str(e):
             raise
