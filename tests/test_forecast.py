@@ -662,6 +662,21 @@ def test_cli_rolling_scores_r_origins_with_their_horizon_observed(tmp_path, caps
     assert capsys.readouterr().err.strip() == "hymba generate: --rolling 0: must be >= 1 (backtest origins)"
 
 
+def test_a_horizon_the_model_cannot_roll_to_is_a_usage_error(tmp_path, capsys) -> None:
+    """--horizon past what the model's max_seq_len lets it roll to is a flag value the checkpoint cannot
+    take: one line, exit 2 (it was exit 1), nothing written."""
+    m = build_model(recipe("GD | GA", horizon=10)).eval()
+    m.save_pretrained(tmp_path / "m")
+    data = write_csv(tmp_path / "s.csv", good_rows(60))
+    out = tmp_path / "o" / "f.csv"
+    rc = main(["generate", str(tmp_path / "m"), "--mode", "forecast", "--data", str(data), "--horizon", "1000000",
+               "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("hymba generate: --horizon: max_new_tokens 1000000: at most ") and "fit this model" in err
+    assert not out.parent.exists()
+
+
 def test_info_shows_the_forecast_task(capsys) -> None:
     assert main(["info", str(REPO / "configs" / "forecast_tiny.yaml")]) == 0
     text = capsys.readouterr().out
