@@ -295,7 +295,7 @@ def test_hymba_train_with_activation_checkpointing_has_the_plain_runs_losses(tmp
     assert losses("ac") == pytest.approx(losses("plain"), rel=1e-6)
     rc = main(["train", str(rec), "--out", str(tmp_path / "c"), "--activation-checkpoint", "1", "--compile", *common])
     err = capsys.readouterr().err
-    assert rc == 1 and err.count("\n") == 1 and "--activation-checkpoint: not with --compile" in err
+    assert rc == 2 and err.count("\n") == 1 and "--activation-checkpoint: not with --compile" in err
     assert not (tmp_path / "c").exists()
 
 

@@ -331,6 +331,18 @@ def test_train_only_without_the_parts_is_a_one_line_error(tmp_path, capsys, reci
     assert not out.exists()
 
 
+def test_cuda_graph_with_router_training_is_a_usage_error(tmp_path, capsys):
+    """Flags that do not go together (the trainer finds them once it has the model): exit 2, as the CLI's own
+    checks (they were exit 1), nothing written."""
+    recipe = write(tmp_path, with_router(layer_router={**ETD["components"]["etd_router"]["layer_router"]}))
+    out = tmp_path / "o"
+    rc = main(["train", recipe, "--out", str(out), "--steps", "2", "--train-only", "routers", "--cuda-graph",
+               "--device", "cpu", *FAST])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("hymba train: --cuda-graph: not with --train-only routers"), err
+    assert not out.exists()
+
+
 def test_trainer_api_rejects_a_mode_the_model_cannot_train(tmp_path):
     from hymba_plus.core.recipe import load_recipe
     from hymba_plus.training.config import TrainConfig

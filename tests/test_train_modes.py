@@ -93,7 +93,7 @@ def test_explicit_cuda_graph_on_the_cpu_is_an_error(tmp_path, capsys):
     rc = main(["train", write_recipe(tmp_path), "--out", str(tmp_path / "g"), "--mode", "cuda-graph", "--device",
                "cpu", "--steps", "1", *FAST])
     err = capsys.readouterr().err.strip()
-    assert rc == 1 and err.splitlines()[-1] == "hymba train: --cuda-graph needs a CUDA device (the model is on cpu)"
+    assert rc == 2 and err.splitlines()[-1] == "hymba train: --cuda-graph needs a CUDA device (the model is on cpu)"
 
 
 def test_auto_on_the_cpu_is_eager_silently_and_recorded(tmp_path, capsys):

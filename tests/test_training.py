@@ -520,8 +520,8 @@ def test_bad_flags_are_one_line_errors(tmp_path, capsys):
         (["--steps", "0"], 2, "--steps 0"),
         (["--data", "mqar", "--seq-len", "2"], 2, "--data mqar"),
         (["--data", str(tmp_path / "missing.txt")], 1, "missing.txt: no such file"),
-        (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:99"], 1, "--device"),
-        (["--stop-after", "9", "--steps", "3"], 1, "--stop-after 9"),
+        (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:99"], 2, "--device"),
+        (["--stop-after", "9", "--steps", "3"], 2, "--stop-after 9"),  # (both were exit 1)
     ]
     for flags, code, needle in cases:
         rc = main(["train", recipe, "--out", str(tmp_path / "o"), *FAST, *flags])

@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     from ..training.signals import EXIT_INTERRUPTED
     from ..training.tasks import TaskError
     from ..training.tokenizer import TokenizerError
-    from ..training.trainer import RunOptions, TrainError, TrainInterrupted, train
+    from ..training.trainer import RunOptions, TrainError, TrainInterrupted, TrainUsageError, train
 
     init = None
     recipe_path = Path(args.recipe)
@@ -232,6 +232,8 @@ def run(args: argparse.Namespace) -> int:
                       distill=Path(args.distill) if args.distill is not None else None)
     try:
         summary = train(recipe, cfg, opts)
+    except TrainUsageError as e:  # flags the run cannot take, found once it has the model and device
+        raise UsageError(str(e)) from None
     except (TrainError, DataError, TokenizerError, CheckpointError, TaskError, TrainConfigError) as e:
         raise UserError(str(e)) from None
     except TrainInterrupted as e:

@@ -128,6 +128,12 @@ class TrainError(RuntimeError):
     """The run cannot go on (non-finite loss, unusable output folder): one line."""
 
 
+class TrainUsageError(TrainError):
+    """A flag's value or flags together that the run cannot take (``--cuda-graph`` without CUDA, with
+    ``--train-only``; ``--stop-after`` past ``--steps``; a ``--device`` this machine lacks): one line;
+    ``hymba train`` exits 2 on it, as on its own usage errors."""
+
+
 class TrainInterrupted(Exception):
     """The run stopped at a signal after saving what a checkpoint can keep (exit 130)."""
 
@@ -467,8 +473,8 @@ class Trainer:
         fails (bad data, task, checkpoint or --out leave nothing behind)."""
         try:
             self.info = dist_mod.init(self.opts.device)
-        except ValueError as e:
-            raise TrainError(str(e)) from None
+        except ValueError as e:  # (pick_device: --device names no device of this machine)
+            raise TrainUsageError(str(e)) from None
         if self.info.device.type == "cuda":  # (pick_device: always indexed) one process on cuda:N too, not only
             # torchrun's (distributed.init): the CUDA graphs' side stream and pool, synchronize() and other
             # current-device work (cuda_graph.py) went to device 0; the caller's device back after the run
@@ -551,7 +557,7 @@ class Trainer:
         try:
             self.requested, self.compile_mode = opts.train_mode()
         except ValueError as e:
-            raise TrainError(str(e)) from None
+            raise TrainUsageError(str(e)) from None
         self.run_mode = "eager"
         if self.out.exists() and not self.out.is_dir():
             raise TrainError(f"--out {self.out}: exists and is not a folder")
@@ -591,7 +597,7 @@ class Trainer:
         if problem is not None:
             raise TrainError(problem)
         if self.mode != "all" and self.requested == "cuda-graph":
-            raise TrainError(f"--cuda-graph: not with --train-only {self.mode} (it captures the full training step)")
+            raise TrainUsageError(f"--cuda-graph: not with --train-only {self.mode} (it captures the full training step)")
         self.new_phase = state is not None and saved_mode != self.mode
         if self.cfg.data is None:  # neither --data nor train.data: the objective's default (mqar, synthetic)
             self.cfg = dataclasses.replace(self.cfg, data=self.objective_cls.default_data)
@@ -616,7 +622,7 @@ class Trainer:
                 self.replan_note = before.describe_change(self.schedule, self.start_step, self.cfg.lr)
         cfg = self.cfg
         if opts.stop_after is not None and opts.stop_after > cfg.steps:
-            raise TrainError(f"--stop-after {opts.stop_after}: must be <= --steps ({cfg.steps})")
+            raise TrainUsageError(f"--stop-after {opts.stop_after}: must be <= --steps ({cfg.steps})")
         stop = opts.stop_after if opts.stop_after is not None else cfg.steps
         if self.start_step >= stop:
             until = f"--stop-after {stop}" if opts.stop_after is not None else f"{cfg.steps}"
@@ -700,7 +706,7 @@ class Trainer:
             from .distill import DistillError, load_teacher
 
             if self.requested == "cuda-graph" or self.mode != "all":
-                raise TrainError("--distill: not with --cuda-graph or --train-only")
+                raise TrainUsageError("--distill: not with --cuda-graph or --train-only")
             try:
                 self.teacher = load_teacher(self.distill_from, model, self.info.device, cfg.seq_len,
                                             getattr(self.stream, "tokenizer", None))
@@ -722,13 +728,13 @@ class Trainer:
             raise TrainError(problem)
         why = {"compile": self.objective.eager_because, "cuda-graph": self.objective.graph_because}.get(self.requested)
         if why is not None:
-            raise TrainError(f"--{self.requested}: not available for the {self.objective.cfg.kind} objective ({why})")
+            raise TrainUsageError(f"--{self.requested}: not available for the {self.objective.cfg.kind} objective ({why})")
         if self.requested == "compile" and cfg.activation_checkpoint:
-            raise TrainError("--activation-checkpoint: not with --compile (torch.compile cannot trace the hooks that "
+            raise TrainUsageError("--activation-checkpoint: not with --compile (torch.compile cannot trace the hooks that "
                              "keep a recomputed block's second run from repeating its statistics and balancing "
                              "counts); use it with --mode eager, cuda-graph or auto")
         if self.requested == "cuda-graph" and self._routing():
-            raise TrainError("--cuda-graph: not while the Dr.LLM layer routers are on (the captured step has no "
+            raise TrainUsageError("--cuda-graph: not while the Dr.LLM layer routers are on (the captured step has no "
                              "routes input; eager steps train at full depth with all-execute routes)")
         if self.resume_from is not None:  # the random streams last: what setup builds (the teacher's
             # initialisation) drew from them, which the uninterrupted run did before its first step
@@ -814,11 +820,11 @@ class Trainer:
         """Capture the training step in CUDA graphs (``--cuda-graph``), at the run's batch shape;
         any failure is a TrainError."""
         if self.compile_mode is not None:
-            raise TrainError("--cuda-graph: use it instead of --compile / --compile-mode, not with them")
+            raise TrainUsageError("--cuda-graph: use it instead of --compile / --compile-mode, not with them")
         if self.info.enabled:
-            raise TrainError("--cuda-graph: one process only (FSDP2's collectives are not captured)")
+            raise TrainUsageError("--cuda-graph: one process only (FSDP2's collectives are not captured)")
         if self.info.device.type != "cuda":
-            raise TrainError(f"--cuda-graph needs a CUDA device (the model is on {self.info.device})")
+            raise TrainUsageError(f"--cuda-graph needs a CUDA device (the model is on {self.info.device})")
         try:
             with _rng_kept(self.info.device):  # the warm-up passes' dropout draws: not the run's
                 return self._graph_step()
