@@ -584,10 +584,18 @@ def test_the_printed_resume_command_resumes_a_run_with_flags_the_recipe_would_re
     assert main(["train", str(r), "--out", out, "--resume", "--no-progress"]) == 0, capsys.readouterr().err
     assert [x["step"] for x in _rows(Path(out))][-1] == 4
     capsys.readouterr()
+    # a flag the resumed run cannot take is a usage error, exit 2, as without checkpoints (it was exit 1)
+    before = sorted(p.name for p in Path(out).iterdir())
+    for extra in ([], ["--resume"]):
+        rc = main(["train", str(r), "--out", out, "--seq-len", "100", "--no-progress", *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and "--seq-len 100: must be <= model.max_seq_len (64)" in err, err
+    assert sorted(p.name for p in Path(out).iterdir()) == before
     for extra in ([], ["--resume", "auto"]):  # nothing to resume: the recipe's defaults are refused in one line
         rc = main(["train", str(r), "--out", str(tmp_path / "fresh"), "--no-progress", *extra])
         err = capsys.readouterr().err
-        assert rc in (1, 2) and "train.seq_len: must be <= model.max_seq_len (64), got 128" in err, err
+        # a default no one set, which the recipe's model does not take: set --seq-len (usage, exit 2)
+        assert rc == 2 and "train.seq_len: must be <= model.max_seq_len (64), got 128" in err, err
         assert not (tmp_path / "fresh" / "step-1").exists()
 
 

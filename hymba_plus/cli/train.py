@@ -205,8 +205,8 @@ def run(args: argparse.Namespace) -> int:
     except TrainConfigError as e:
         # resuming, the checkpoint's settings take the recipe's place (the trainer checks them with the
         # flags): the recipe's own (or its defaults) must not stop the command a run prints to resume it
-        if args.resume == "no" or not ckpt_mod.list_checkpoints(out):
-            raise UsageError(str(e)) from None
+        if args.resume == "no" or not ckpt_mod.list_checkpoints(out):  # a flag's: usage; the recipe's: input
+            raise (UsageError if e.flag is not None else UserError)(str(e)) from None
     compile_mode = args.compile_mode or ("default" if args.compile or args.mode == "compile" else None)
     if args.cuda_graph and compile_mode is not None:
         raise UsageError("--cuda-graph: use it instead of --compile / --compile-mode, not with them")
@@ -234,7 +234,9 @@ def run(args: argparse.Namespace) -> int:
         summary = train(recipe, cfg, opts)
     except TrainUsageError as e:  # flags the run cannot take, found once it has the model and device
         raise UsageError(str(e)) from None
-    except (TrainError, DataError, TokenizerError, CheckpointError, TaskError, TrainConfigError) as e:
+    except TrainConfigError as e:  # resuming: the flags against the checkpoint's settings
+        raise (UsageError if e.flag is not None else UserError)(str(e)) from None
+    except (TrainError, DataError, TokenizerError, CheckpointError, TaskError) as e:
         raise UserError(str(e)) from None
     except TrainInterrupted as e:
         import os

@@ -175,7 +175,13 @@ def flag_of(field_name: str) -> str:
 
 
 class TrainConfigError(ValueError):
-    """A train setting out of range, phrased with the flag or recipe key it came from."""
+    """A train setting out of range, phrased with the flag or recipe key it came from; ``flag``: the
+    command-line flag that gave it, or that sets a default no one set (``hymba train`` exits 2, a usage
+    error), None where a checkpoint's saved settings hold the value (exit 1, bad input)."""
+
+    def __init__(self, message: str, flag: str | None = None):
+        super().__init__(message)
+        self.flag = flag
 
 
 def validate(cfg: TrainConfig, model, overrides: dict | None = None, where: str = "the recipe",
@@ -195,16 +201,19 @@ def validate(cfg: TrainConfig, model, overrides: dict | None = None, where: str 
             data = checked.data + (" (the default data)" if cfg.data is None else "")
             raise TrainConfigError(f"{flag_of(name)} {overrides[name]}: a setting of the task"
                                    f"{'s' if len(readers) > 1 else ''} {' and '.join(readers)}; this run trains on "
-                                   f"{data}")
+                                   f"{data}", flag=flag_of(name))
         if name in DATA_SETTINGS and task is not None:  # (a data flag a built-in task does not read: ignored silently)
             what, why = DATA_SETTINGS[name]
             raise TrainConfigError(f"{flag_of(name)} {overrides[name]}: {what}: the built-in task {task}"
-                                   f"{' (the default data)' if cfg.data is None else ''} {why}")
+                                   f"{' (the default data)' if cfg.data is None else ''} {why}", flag=flag_of(name))
     for key, msg in [*range_errors(checked), *cross_errors(checked, model)]:
         name = key.split(".")[0]
         if name in overrides:
-            raise TrainConfigError(f"{flag_of(name)} {overrides[name]}: {msg}")
+            raise TrainConfigError(f"{flag_of(name)} {overrides[name]}: {msg}", flag=flag_of(name))
         field = TrainConfig.__dataclass_fields__.get(name)
-        if field is not None and getattr(cfg, name) == field.default:  # a default the model does not take
+        default = field is not None and getattr(cfg, name) == field.default
+        if default:  # a default the model does not take
             msg += f" (the default: set {flag_of(name)} or train.{name})"
-        raise TrainConfigError(f"{where}: {section}.{key}: {msg}")
+        # a default no one set asks for the flag (usage); a recipe's or a checkpoint's setting is bad input
+        raise TrainConfigError(f"{where}: {section}.{key}: {msg}",
+                               flag=flag_of(name) if default and section == "train" else None)
