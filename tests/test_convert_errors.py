@@ -176,6 +176,21 @@ def test_usage_errors_exit_2(sharded, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_an_architecture_flag_the_export_cannot_take_exits_2(tmp_path, capsys):
+    """--architecture naming no supported class, or one that cannot express the checkpoint's recipe, is a flag
+    value the export cannot take: one line, exit 2 (both were exit 1), nothing written."""
+    from hymba_plus import build_model
+
+    build_model({"name": "x", "model": {"vocab_size": 64, "d_model": 32, "block_pattern": "GD | GA"},
+                 "components": {"gdn": {"n_heads": 2}, "gated_attn": {"n_heads": 2}}}).save_pretrained(tmp_path / "a")
+    for arch, says in (("Bogus", "--architecture Bogus: not supported (supported: "),
+                       ("LlamaForCausalLM", "(LlamaForCausalLM cannot express it)")):
+        rc = main(["convert", str(tmp_path / "a"), str(tmp_path / "hf"), "--architecture", arch])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and says in err and "Traceback" not in err, err
+        assert not (tmp_path / "hf").exists()
+
+
 @pytest.mark.parametrize("edit, expect", [
     (lambda c: c.update(num_experts_per_tok=1, norm_topk_prob=True),
      "config.json: norm_topk_prob: true with num_experts_per_tok 1"),

@@ -47,7 +47,7 @@ def parse_size(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..convert import ConvertError, export_hf, hybridize, import_hf
+    from ..convert import ConvertError, ConvertOptionError, export_hf, hybridize, import_hf
     from ..core.recipe import RecipeError
 
     src, out = Path(args.src), Path(args.out)
@@ -80,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
                 raise UsageError("--architecture / --max-shard-size: only when exporting (SRC has recipe.yaml)")
             import_hf(src, out, name=args.name, tokenizer=not args.no_tokenizer)
             what = "hymba_plus checkpoint"
+    except ConvertOptionError as e:  # an option's value the conversion cannot take: usage
+        raise UsageError(str(e).splitlines()[0]) from None
     except (ConvertError, RecipeError) as e:
         raise UserError(str(e).splitlines()[0]) from None
     print(f"wrote {what}: {out}")

@@ -15,6 +15,6 @@ from .exporter import export_hf
 from .families import FAMILIES
 from .hybridize import hybridize
 from .importer import import_hf
-from .loader import ConvertError
+from .loader import ConvertError, ConvertOptionError
 
-__all__ = ["FAMILIES", "ConvertError", "export_hf", "hybridize", "import_hf"]
+__all__ = ["FAMILIES", "ConvertError", "ConvertOptionError", "export_hf", "hybridize", "import_hf"]

@@ -24,7 +24,7 @@ from ..models.lm import GENERATION_CONFIG, CheckpointError, generation_config
 from ..training.tokenizer import TokenizerError, side_files
 from .families import family_for_recipe
 from .importer import check_rules, meta_state
-from .loader import ConvertError, ShardedReader, ShardWriter, dtype_name
+from .loader import ConvertError, ConvertOptionError, ShardedReader, ShardWriter, dtype_name
 from .staging import check_output, staged
 
 
@@ -44,8 +44,9 @@ def export_hf(ckpt: str | Path, out: str | Path, *, architecture: str | None = N
         raise ConvertError(e.errors[0]) from None
     fam = family_for_recipe(recipe, architecture)
     problems = fam.problems(recipe)
-    if problems:
-        raise ConvertError(f"{path}: {problems[0]} ({fam.architecture} cannot express it)")
+    if problems:  # (the class asked for: that option's value; the simplest that fits: the recipe's)
+        raise (ConvertError if architecture is None else ConvertOptionError)(
+            f"{path}: {problems[0]} ({fam.architecture} cannot express it)")
     reader = ShardedReader(ckpt)
     ours = meta_state(recipe)
     rules = fam.rules(recipe)

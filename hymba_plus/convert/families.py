@@ -6,7 +6,7 @@ from typing import Any
 
 from .family import Family
 from .llama import Llama
-from .loader import ConvertError
+from .loader import ConvertError, ConvertOptionError
 from .qwen3 import Qwen3
 from .qwen3_moe import Qwen3Moe
 from .qwen3_next import Qwen3Next
@@ -38,7 +38,7 @@ def family_for_recipe(recipe: Any, architecture: str | None = None) -> Family:
     Qwen3-MoE; q/k norms: Qwen3; else Llama)."""
     if architecture is not None:
         if architecture not in FAMILIES:
-            raise ConvertError(f"--architecture {architecture}: not supported (supported: {', '.join(FAMILIES)})")
+            raise ConvertOptionError(f"--architecture {architecture}: not supported (supported: {', '.join(FAMILIES)})")
         return FAMILIES[architecture]
     mixers = {s.mixer for s in recipe.layers}
     ffns = {s.ffn for s in recipe.layers}

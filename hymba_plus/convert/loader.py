@@ -28,6 +28,11 @@ class ConvertError(ValueError):
     """A conversion that cannot go ahead: one line naming the file (and tensor or key)."""
 
 
+class ConvertOptionError(ConvertError):
+    """An option's value the conversion cannot take (an ``architecture`` that is no supported class, or one
+    that cannot express the recipe): one line naming the option; ``hymba convert`` exits 2 on it."""
+
+
 class ShardedReader:
     """The tensors of ``model.safetensors``, else of the shards ``model.safetensors.index.json`` names."""
 
