@@ -173,9 +173,10 @@ def test_prepare_never_replaces_the_folder_it_reads(tmp_path, capsys) -> None:
     data = tmp_path / "d"
     data.mkdir()
     (data / "a.txt").write_text("some text to tokenize\n")
-    for src in (data, data / "a.txt"):
-        err = _one_line_error(capsys, main(["prepare", str(src), "--out", str(data), "--force"]))
-        assert "holds the data" in err
+    for src in (data, data / "a.txt"):  # arguments that do not go together: exit 2, as generate's --out (was 1)
+        rc = main(["prepare", str(src), "--out", str(data), "--force"])
+        err = _one_line_error(capsys, rc)
+        assert rc == 2 and "holds the data" in err
     assert [p.name for p in data.iterdir()] == ["a.txt"]
 
 
@@ -183,9 +184,9 @@ def test_forecast_out_is_never_the_data_file(forecaster, tmp_path, capsys) -> No
     ck, csv = forecaster
     data = tmp_path / "s.csv"
     shutil.copy(csv, data)
-    err = _one_line_error(capsys, main(["generate", str(ck), "--mode", "forecast", "--data", str(data), "--out",
-                                        str(data)]))
-    assert "is the --data file itself" in err and data.read_text() == csv.read_text()
+    rc = main(["generate", str(ck), "--mode", "forecast", "--data", str(data), "--out", str(data)])
+    err = _one_line_error(capsys, rc)
+    assert rc == 2 and "is the --data file itself" in err and data.read_text() == csv.read_text()
 
 
 def test_a_path_the_system_refuses_is_one_line(tmp_path, capsys) -> None:

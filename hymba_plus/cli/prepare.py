@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from . import UsageError, UserError, path_text
 
@@ -27,6 +28,9 @@ def run(args: argparse.Namespace) -> int:
 
     if not 1 <= args.shard_tokens <= MAX_SHARD_TOKENS:  # a shard is one buffer in memory while it fills
         raise UsageError(f"--shard-tokens {args.shard_tokens}: must be in 1 .. {MAX_SHARD_TOKENS:,}")
+    src, dst = Path(args.data).resolve(), Path(args.out).resolve()
+    if dst == src or dst in src.parents:  # (prepare refuses it too, as bad input: here arguments that clash)
+        raise UsageError(f"{args.out}: holds the data {args.data} itself; choose an --out outside it")
     try:
         tok = tokmod.load_file(args.tokenizer) if args.tokenizer else tokmod.ByteTokenizer()
         if tok.kind == "tokenizers" and tok.eos_id is None:  # (documents then run into each other in training)
