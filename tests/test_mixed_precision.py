@@ -148,15 +148,25 @@ def test_bf16_weights_need_bf16_precision(tmp_path, capsys):
     out = tmp_path / "x"
     rc = main(["train", recipe, "--out", str(out), "--param-dtype", "bfloat16", "--precision", "fp32", "--steps", "1",
                "--device", "cpu", "--no-progress"])
-    assert rc != 0
+    assert rc == 2  # flags that do not go together: a usage error (it was exit 1)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--param-dtype bfloat16" in err[0] and "precision fp32" in err[0]
     rc = main(["train", recipe, "--out", str(out), "--param-dtype", "bfloat16", "--steps", "1", "--device", "cpu",
                "--no-progress"])  # precision auto: float32 on a CPU
-    assert rc != 0
+    assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["hymba train: --param-dtype bfloat16 needs bf16 precision (precision auto on cpu is float32): "
                    "add --precision bf16"]
+    assert not (out / "step-1").exists()
+    # the recipe's train: section asking for it, no flag: the recipe's setting, exit 1
+    import yaml
+
+    d = yaml.safe_load(Path(recipe).read_text())
+    d["train"] = {**(d.get("train") or {}), "param_dtype": "bfloat16", "steps": 1}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
+    rc = main(["train", str(tmp_path / "r.yaml"), "--out", str(out), "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "--param-dtype bfloat16 needs bf16 precision" in err[0], err
     assert not (out / "step-1").exists()
 
 

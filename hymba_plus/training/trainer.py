@@ -677,8 +677,10 @@ class Trainer:
         bf16_flag = ("--param-dtype" if cfg.param_dtype == "bfloat16"
                      else "--fsdp-param-dtype" if self.info.enabled and cfg.fsdp_param_dtype == "bfloat16" else None)
         if bf16_flag is not None and not isinstance(_autocast(cfg, self.info.device), torch.autocast):
-            raise TrainError(f"{bf16_flag} bfloat16 needs bf16 precision (precision {cfg.precision} on "
-                             f"{self.info.device.type} is float32): add --precision bf16")
+            flagged = any(k in opts.overrides for k in ("param_dtype", "fsdp_param_dtype", "precision"))
+            raise (TrainUsageError if flagged else TrainError)(  # (flags that clash, or the recipe's train: section)
+                f"{bf16_flag} bfloat16 needs bf16 precision (precision {cfg.precision} on "
+                f"{self.info.device.type} is float32): add --precision bf16")
         if self.info.enabled:
             dist_mod.shard_model(model, self.info, torch.bfloat16 if bf16_flag else None)
             # every rank built the same model from cfg.seed; from here each draws its own noise (block
