@@ -2,7 +2,8 @@
 ``add_arguments(parser)`` and ``run(args) -> int``; ``COMMANDS`` lists them.
 
 Errors the user can fix (bad recipe, missing file, bad flag) print one line to stderr and
-exit non-zero — never a traceback. Exit codes: 0 ok, 1 invalid input / failed, 2 usage.
+exit non-zero — never a traceback. Exit codes: 0 ok, 1 invalid input / failed, 2 usage (README.md,
+"Exit codes": a flag's value the checkpoint or recipe cannot take is usage; a file's contents are input).
 Python warnings raised while a command runs print as one line each, ``warning: MESSAGE``.
 """
 
@@ -53,11 +54,13 @@ def seed_int(text: str) -> int:
 
 
 class UsageError(Exception):
-    """Bad command-line usage: exit 2."""
+    """Bad command-line usage: a flag's value (out of range, or one the checkpoint or recipe cannot take)
+    or flags that do not go together: one line, exit 2."""
 
 
 class UserError(Exception):
-    """Bad input (file, checkpoint, data): one line, exit 1."""
+    """Bad input (file, checkpoint, data: missing, or contents invalid) or a run that cannot go on: one
+    line, exit 1."""
 
 
 #: an argument longer than this is shortened (``core.config.brief``) where argparse echoes it
