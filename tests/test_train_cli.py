@@ -636,8 +636,18 @@ def test_a_reasoning_task_too_long_for_max_seq_len_fails_at_setup(tmp_path, caps
     rc = main(["train", str(ROOT / "configs" / "ladir_tiny.yaml"), "--data", "chain_arith", "--chain-steps", "100",
                "--steps", "1", "--batch-size", "2", "--no-progress", "--out", str(out)])
     err = capsys.readouterr().err
-    assert rc == 1 and err.count("\n") == 1 and "--chain-steps" in err and "max_seq_len" in err, err
+    # the flag's value the recipe's model cannot take: a usage error, exit 2 (as --seq-len past max_seq_len; was 1)
+    assert rc == 2 and err.count("\n") == 1 and "--chain-steps" in err and "max_seq_len" in err, err
     assert "collate" not in err and not out.exists()
+    import yaml
+
+    d = yaml.safe_load((ROOT / "configs" / "ladir_tiny.yaml").read_text())
+    d["train"] = {**(d.get("train") or {}), "chain_steps": 100}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
+    rc = main(["train", str(tmp_path / "r.yaml"), "--data", "chain_arith", "--steps", "1", "--batch-size", "2",
+               "--no-progress", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "an example has 304 tokens" in err and not out.exists(), err
 
 
 def test_a_plot_that_cannot_be_drawn_is_one_line_and_the_run_still_saves(tmp_path, capsys):

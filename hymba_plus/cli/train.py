@@ -236,7 +236,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     except TrainConfigError as e:  # resuming: the flags against the checkpoint's settings
         raise (UsageError if e.flag is not None else UserError)(str(e)) from None
-    except (TrainError, DataError, TokenizerError, CheckpointError, TaskError) as e:
+    except TaskError as e:  # task settings the model cannot take: a flag's or the defaults' (usage), the recipe's (input)
+        flagged = any(s in overrides for s in e.settings) or bool(e.settings) and all(
+            getattr(cfg, s) is None for s in e.settings)
+        raise (UsageError if flagged else UserError)(str(e)) from None
+    except (TrainError, DataError, TokenizerError, CheckpointError) as e:
         raise UserError(str(e)) from None
     except TrainInterrupted as e:
         import os

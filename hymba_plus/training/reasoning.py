@@ -466,7 +466,8 @@ class ReasoningStream:
                 if max_len is not None else None
             if problem:
                 raise TaskError(f"{data}: an example {problem} (the model's max_seq_len): lower --chain-steps / "
-                                "--chain-values (train.chain_steps / chain_values) or raise model.max_seq_len")
+                                "--chain-values (train.chain_steps / chain_values) or raise model.max_seq_len",
+                                settings=("chain_steps", "chain_values"))
             return
         if params:
             raise TaskError(f"task parameters ({', '.join(sorted(params))}) apply to built-in tasks only, "

@@ -45,7 +45,13 @@ from torch import Tensor
 
 
 class TaskError(ValueError):
-    """A task that cannot be built for this seq_len / vocab (one line)."""
+    """A task that cannot be built for this seq_len / vocab (one line); ``settings``: the train settings
+    (``TrainConfig`` fields) whose values it refuses, where it names them (``hymba train``: exit 2 when a
+    flag gave one, or none was set)."""
+
+    def __init__(self, message: str, settings: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.settings = settings
 
 
 # --------------------------------------------------------------------------- MQAR (torch, batched)
