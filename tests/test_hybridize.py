@@ -188,8 +188,9 @@ def test_distill_is_refused_for_other_objectives_in_one_line(tmp_path, capsys, c
     rc = main(["train", str(cfg), "--distill", str(tmp_path / "t"), "--out", str(tmp_path / "o"), "--steps", "1",
                "--data", data, "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 1 and "--distill: only for next-token training (the recipe's objective is " in err[-1], err
-    assert "Traceback" not in "\n".join(err)
+    # a flag the recipe's objective does not read: a usage error, exit 2 (was 1), nothing written
+    assert rc == 2 and "--distill: only for next-token training (the recipe's objective is " in err[-1], err
+    assert "Traceback" not in "\n".join(err) and len(err) == 1 and not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("teacher, msg", [

@@ -666,7 +666,7 @@ def test_compile_mode_must_be_known(tmp_path, capsys):
 
 def test_cuda_graph_flag_errors_are_one_line(tmp_path, capsys):
     recipe = write_recipe(tmp_path)
-    assert main(["train", recipe, "--out", str(tmp_path / "g"), "--cuda-graph", "--device", "cpu", *FAST]) == 1
+    assert main(["train", recipe, "--out", str(tmp_path / "g"), "--cuda-graph", "--device", "cpu", *FAST]) == 2
     err = capsys.readouterr().err
     assert "--cuda-graph needs a CUDA device" in err and "Traceback" not in err
     assert not list((tmp_path / "g").glob("step-*"))

@@ -183,6 +183,9 @@ def run(args: argparse.Namespace) -> int:
     kind = recipe.objective.kind if recipe.objective is not None else "next_token"
     if args.ladir_stage is not None and kind != "ladir":  # (it was ignored silently)
         raise UsageError(f"--ladir-stage {args.ladir_stage}: only for objective ladir (the recipe's is {kind})")
+    if args.distill is not None and kind != "next_token":  # (training/distill.py refuses it too, as the API's)
+        raise UsageError(f"--distill: only for next-token training (the recipe's objective is {kind}; it must be "
+                         "next_token)")
     unread = next((d for d in NOT_FORECAST if getattr(args, d) is not None), None) if kind == "forecast" else None
     if unread is not None:  # (they were ignored silently)
         raise UsageError(f"--{unread.replace('_', '-')} {getattr(args, unread)}: does not apply to objective forecast "
