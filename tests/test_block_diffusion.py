@@ -816,8 +816,18 @@ def test_seq_len_flag_not_a_multiple_of_block_size_is_one_line(tmp_path, capsys)
     rc = main(["train", str(ROOT / "configs" / "bd_tiny.yaml"), "--out", str(tmp_path / "run"), "--steps", "2",
                "--batch-size", "2", "--seq-len", "30", "--no-progress"])
     err = capsys.readouterr().err
-    assert rc in (1, 2) and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert "30" in err and "block_size" in err
+    # the flag's value the recipe's objective cannot take: a usage error, exit 2 (it was 1)
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "30" in err and "block_size" in err and not (tmp_path / "run").exists()
+    # the recipe's own train.seq_len: bad input, refused at load, exit 1
+    d = yaml.safe_load((ROOT / "configs" / "bd_tiny.yaml").read_text())
+    d["train"] = {**(d.get("train") or {}), "seq_len": 30}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
+    rc = main(["train", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "2",
+               "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and len(err.strip().splitlines()) == 1 and "train.seq_len: must be a multiple of" in err, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_eval_noise_is_per_row_so_the_batch_split_does_not_matter():

@@ -726,8 +726,8 @@ class Trainer:
                      f"temperature {d.temperature:g}) is unused: no teacher (--distill TEACHER_CKPT names one)")
         self.objective.configure(cfg)
         problem = self.objective.run_problem(cfg)
-        if problem is not None:
-            raise TrainError(problem)
+        if problem is not None:  # a flag's or a default's value (load_recipe refuses a train: section's)
+            raise TrainUsageError(problem)
         why = {"compile": self.objective.eager_because, "cuda-graph": self.objective.graph_because}.get(self.requested)
         if why is not None:
             raise TrainUsageError(f"--{self.requested}: not available for the {self.objective.cfg.kind} objective ({why})")
