@@ -765,3 +765,89 @@ def test_moe_statistics_cover_every_think_application(monkeypatch, every):
     assert float(moe.load.sum()) == real  # (a recomputation in the backward adds nothing)
     want_aux = sum(a[0] for a in seen)
     assert float(out.aux_loss.detach()) == pytest.approx(float(want_aux), rel=1e-5)
+
+
+def _etd_host_reads(monkeypatch) -> list[str]:  # noqa: ANN001
+    """Count the host reads (``bool`` / ``item`` / ``tolist`` of a tensor) made from ``models/etd.py``."""
+    import sys
+
+    seen = []
+    for name in ("__bool__", "item", "tolist"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, _name=name):  # noqa: ANN001, ANN002, ANN202
+            if sys._getframe(1).f_code.co_filename.endswith("models/etd.py"):
+                seen.append(f"{_name}@{sys._getframe(1).f_code.co_name}")
+            return _real(self, *a)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return seen
+
+
+def _act_model(mixer: str = "gdn", cap: int = 4):  # noqa: ANN202
+    d = _recipe(mixer, halting={"kind": "act", "threshold": 0.9, "init_bias": 0.0})
+    d["model"]["etd"].update(iterations=cap, max_iterations=cap)
+    torch.manual_seed(0)
+    model = build_model(d).train()
+    with torch.no_grad():
+        model.embed.weight.mul_(20.0)  # tokens that halt at different iterations
+        model.etd_router.halt.weight.normal_(0, 1.0)
+    return model
+
+
+@pytest.mark.parametrize("n_iter", [1, 2, 4])
+def test_act_reads_the_device_once_per_later_think_iteration(monkeypatch, n_iter):
+    """ACT asks the device once before each think iteration after the first (does every token still
+    think, does any), in one transfer, and not at all before the first, where every real token thinks
+    by construction. (Before: a read at iteration 0 and two per later iteration, 2n - 1 in all; each
+    a graph break under torch.compile.)"""
+    model = _act_model()
+    ids = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(1))
+    seen = _etd_host_reads(monkeypatch)
+    out = model(ids, labels=ids, think_iterations=n_iter)
+    assert seen == ["tolist@_still_thinking"] * (n_iter - 1), seen
+    if n_iter == 4:  # tokens halted at different iterations: the masked path ran too
+        assert 1.0 < float(out.stats["etd/iterations"]) < 4.0
+
+
+def test_act_with_one_think_iteration_compiles_without_a_graph_break():
+    """With one think iteration ACT reads nothing (iteration 0 runs every real token: no read of
+    ``running == real``, a graph break at every compiled ACT forward before)."""
+    model = _act_model()
+    ids = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(lambda i: model(i, labels=i, think_iterations=1).loss)(ids).graph_break_count == 0
+
+
+def test_act_compiled_equals_eager_with_early_exit():
+    """ACT compiled (aot_eager: the traced ops; Dynamo breaks the graph at the read before each later
+    iteration) equals eager, loss, statistics and every gradient, on a model whose tokens halt after
+    iteration 1 or 2 of 3: iteration 1 takes the masked path, and the loop ends before iteration 2."""
+    d = {"name": "etd", "model": {"vocab_size": V, "d_model": 32, "max_seq_len": 64, "meta_tokens": 0, "ffn": "none",
+                                  "block_pattern": "gated_attn | gated_attn",
+                                  "etd": {"encoder_layers": 0, "think_layers": 1, "decoder_layers": 1,
+                                          "iterations": 3, "max_iterations": 3}},
+         "components": {"gated_attn": {"n_heads": 2, "head_dim": 8},
+                        "etd_router": {"halting": {"kind": "act", "threshold": 0.9, "init_bias": 1.0}}}}
+    torch.manual_seed(0)
+    model = build_model(d).train()
+    with torch.no_grad():
+        model.embed.weight.mul_(20.0)
+        model.etd_router.halt.weight.normal_(0, 0.3)
+    ids = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(1))
+
+    def step(i):  # noqa: ANN001, ANN202
+        out = model(i, labels=i)
+        return out.loss, out.stats["etd/iterations"]
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss, iters = step(ids)
+    assert set(model.structure._n_used.flatten().tolist()) == {1.0, 2.0}  # halted at 1 and 2: no iteration 3
+    want = torch.autograd.grad(loss, params)
+    torch._dynamo.reset()
+    closs, citers = torch.compile(step, backend="aot_eager")(ids)
+    got = torch.autograd.grad(closs, params)
+    assert float(citers) == float(iters)
+    torch.testing.assert_close(closs, loss, rtol=1e-6, atol=1e-6)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

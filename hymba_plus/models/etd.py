@@ -244,6 +244,22 @@ class ETDStack:
         dist.all_reduce(hit, op=dist.ReduceOp.MAX)
         return bool(hit)
 
+    def _still_thinking(self, running: Tensor, real: Tensor) -> tuple[bool, bool]:
+        """ACT before a later think iteration: (does every real token still think, does any), in one
+        host read (a graph break under torch.compile), the second over every rank when sharded
+        (``_any``). Every: the blocks take the call's own context, the un-padded path (a mask of
+        every real token means the same but sends the fast kernels' work to the padded reference
+        paths: fla's chunked delta rule and causal conv, flash SDPA's ``is_causal``). None: the
+        loop ends, as the iterations left would add nothing (a static loop under torch.compile
+        would run them on no token, at most ``max_iterations - 1`` extra iterations, and still
+        read ``every``). (Two reads a later iteration before, and one at iteration 0, where
+        ``running == real`` by construction.)"""
+        every = (running == real).all()
+        if self.collective:
+            return bool(every), self._any(running)
+        every, some = torch.stack([every, running.any()]).tolist()
+        return every, some
+
     def _apply(self, slot: int, x: Tensor, active: Tensor | None, gate: Tensor | None = None) -> Tensor:
         """The application(s) of one slot: skipped, executed or repeated per row (its route)."""
         block = self._blocks[self.slots[slot].block]
@@ -291,13 +307,18 @@ class ETDStack:
         # would push the text's routing away from the branches it chose
         meta_free = ctx.positions >= ctx.n_meta if ctx.n_meta else None
         for it in range(n_iter):
+            active = None  # iteration 0: every real token thinks (running == real), known without a read
+            if act and it:
+                every, some = self._still_thinking(running, real)
+                if not some:  # every token halted: the iterations left would change nothing
+                    break
+                active = None if every else running
             gate = None
             if router.n_branches:
                 counted = running if act else self._valid
                 if meta_free is not None:
                     counted = meta_free if counted is None else counted & meta_free
                 gate, _ = router.choose_branches(x, counted)
-            active = running if act and not bool((running == real).all()) else None
             for b in self.think:
                 x = self._apply(self.index[Slot("think", b, it)], x, active, gate)
             if act:
@@ -310,8 +331,6 @@ class ETDStack:
                 ponder = ponder + torch.where(halt, n_used + (1.0 - cum), torch.zeros_like(cum))
                 cum = torch.where(running & ~halt, cum + p, cum)
                 running = running & ~halt
-                if not last and not self._any(running):
-                    break
         if router.n_branches and router.training and ctx.collect:  # MoDr: each branch's share since the bias update
             ctx.stats["etd/branch_load"] = (router.load / router.load.sum().clamp_min(1)).detach()
         if not act:
