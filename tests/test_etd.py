@@ -767,6 +767,15 @@ def test_moe_statistics_cover_every_think_application(monkeypatch, every):
     assert float(out.aux_loss.detach()) == pytest.approx(float(want_aux), rel=1e-5)
 
 
+def _small_etd(iterations: int, **router) -> dict:
+    """One attention think layer and one decoder layer, no ffn: quick to trace."""
+    return {"name": "etd", "model": {"vocab_size": V, "d_model": 32, "max_seq_len": 64, "meta_tokens": 0,
+                                     "ffn": "none", "block_pattern": "gated_attn | gated_attn",
+                                     "etd": {"encoder_layers": 0, "think_layers": 1, "decoder_layers": 1,
+                                             "iterations": iterations, "max_iterations": iterations}},
+            "components": {"gated_attn": {"n_heads": 2, "head_dim": 8}, "etd_router": router}}
+
+
 def _etd_host_reads(monkeypatch) -> list[str]:  # noqa: ANN001
     """Count the host reads (``bool`` / ``item`` / ``tolist`` of a tensor) made from ``models/etd.py``."""
     import sys
@@ -823,14 +832,8 @@ def test_act_compiled_equals_eager_with_early_exit():
     """ACT compiled (aot_eager: the traced ops; Dynamo breaks the graph at the read before each later
     iteration) equals eager, loss, statistics and every gradient, on a model whose tokens halt after
     iteration 1 or 2 of 3: iteration 1 takes the masked path, and the loop ends before iteration 2."""
-    d = {"name": "etd", "model": {"vocab_size": V, "d_model": 32, "max_seq_len": 64, "meta_tokens": 0, "ffn": "none",
-                                  "block_pattern": "gated_attn | gated_attn",
-                                  "etd": {"encoder_layers": 0, "think_layers": 1, "decoder_layers": 1,
-                                          "iterations": 3, "max_iterations": 3}},
-         "components": {"gated_attn": {"n_heads": 2, "head_dim": 8},
-                        "etd_router": {"halting": {"kind": "act", "threshold": 0.9, "init_bias": 1.0}}}}
     torch.manual_seed(0)
-    model = build_model(d).train()
+    model = build_model(_small_etd(3, halting={"kind": "act", "threshold": 0.9, "init_bias": 1.0})).train()
     with torch.no_grad():
         model.embed.weight.mul_(20.0)
         model.etd_router.halt.weight.normal_(0, 0.3)
@@ -851,3 +854,67 @@ def test_act_compiled_equals_eager_with_early_exit():
     torch.testing.assert_close(closs, loss, rtol=1e-6, atol=1e-6)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _drllm_model(halting: str = "none", small: bool = False):  # noqa: ANN202
+    torch.manual_seed(0)
+    router = {"layer_router": {"enabled": True, "hidden": 8}, "halting": {"kind": halting}}
+    if small:
+        return build_model(_small_etd(2, **router)).train()
+    d = _recipe("gdn", **router)
+    d["model"]["etd"]["max_iterations"] = 3
+    return build_model(d).train()
+
+
+@pytest.mark.parametrize("halting", ["none", "act"])
+def test_untrained_layer_routers_read_nothing_and_compile_without_a_graph_break(monkeypatch, halting):
+    """Dr.LLM routers before router training (the base trains as a plain ETD model, every route
+    execute) cost no host read: ``routing`` read the ``routes_on`` buffer at every forward, and each
+    slot read its all-execute route twice (every row executes? any repeats?); each read was a graph
+    break under torch.compile (7 in this model's training forward). With ACT, one think iteration."""
+    model = _drllm_model(halting)
+    ids = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(1))
+    kw = {"think_iterations": 1} if halting == "act" else {}
+    seen = _etd_host_reads(monkeypatch)
+    model(ids, labels=ids, **kw)
+    assert seen == []
+    monkeypatch.undo()
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(lambda i: model(i, labels=i, **kw).loss)(ids).graph_break_count == 0
+
+
+def test_routing_follows_enable_routes_and_a_loaded_state():
+    """``routing`` (kept on the host) follows ``enable_routes`` and the ``routes_on`` buffer of a
+    loaded state dict, both ways."""
+    on, off = _drllm_model(), _drllm_model()
+    on.etd_router.enable_routes()
+    assert on.etd_router.routing and not off.etd_router.routing
+    off.load_state_dict(on.state_dict())
+    assert off.etd_router.routing and bool(off.etd_router.routes_on)
+    on.etd_router.enable_routes(False)
+    assert not on.etd_router.routing
+    off.load_state_dict(on.state_dict())
+    assert not off.etd_router.routing
+    ids = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(1))
+    off.etd_router.load_state_dict({k.removeprefix("etd_router."): v for k, v in _drllm_model().state_dict().items()
+                                    if k.startswith("etd_router.")} | {"routes_on": torch.tensor(True)})
+    assert off.etd_router.routing  # the router module's own load too
+    assert off(ids).stats["etd/route_logits"].abs().sum() > 0  # the routers decided the route
+
+
+def test_untrained_layer_routers_compiled_equal_eager():
+    """An ETD model with untrained Dr.LLM routers (all-execute, no reads) compiled (aot_eager) equals
+    eager: loss and every gradient."""
+    model = _drllm_model(small=True)
+    ids = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(1))
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = model(ids, labels=ids).loss
+    want = torch.autograd.grad(loss, params, allow_unused=True)
+    torch._dynamo.reset()
+    closs = torch.compile(lambda i: model(i, labels=i).loss, backend="aot_eager")(ids)
+    got = torch.autograd.grad(closs, params, allow_unused=True)
+    torch.testing.assert_close(closs, loss, rtol=1e-6, atol=1e-6)
+    for a, b in zip(got, want, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

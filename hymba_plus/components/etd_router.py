@@ -183,6 +183,8 @@ class ETDRouter(nn.Module):
             # Dr.LLM retrofits routers to a trained base: until router training switches them on
             # (saved with the weights), every route is all-execute and the routers are not asked
             self.register_buffer("routes_on", torch.zeros((), dtype=torch.bool), persistent=True)
+        # ``routes_on`` on the host (``routing``): set by ``enable_routes``, read from the buffer at load
+        self._routes_on = False
         self.n_branches = cfg.branches.n_branches
         self.branch_router = None
         self._gate: Tensor | None = None  # [B, S, n_branches] set around each think application
@@ -219,10 +221,17 @@ class ETDRouter(nn.Module):
     @property
     def routing(self) -> bool:
         """True once the routers are trained (``enable_routes``): they then decide the routes."""
-        return self.routers is not None and bool(self.routes_on)
+        return self.routers is not None and self._routes_on
 
     def enable_routes(self, on: bool = True) -> None:
         self.routes_on.fill_(on)
+        self._routes_on = bool(on)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.routers is not None:  # one read, at load (``routing`` read the buffer at every forward: a
+            # host sync, and a graph break under torch.compile)
+            self._routes_on = bool(self.routes_on)
 
     def route_logits(self, layer: int, x: Tensor, valid: Tensor | None) -> Tensor:
         assert self.routers is not None

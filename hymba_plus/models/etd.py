@@ -164,7 +164,7 @@ class ETDStack:
                 raise ValueError(f"think_iterations {think_iterations} differs from the {int(extra['iterations'])} "
                                  "this cache was started with")
             extra["iterations"] = torch.tensor(think_iterations)
-        decide = logits_wanted = False
+        decide = logits_wanted = all_execute = False
         if routes is not None and not self.routed:
             raise ValueError("routes: only for ETD models with Dr.LLM layer routers (components.etd_router.layer_router); "
                              "this one routes no layers")
@@ -181,6 +181,9 @@ class ETDStack:
                 routes = extra["routes"]
             decide = routes is None and self.router.routing  # untrained routers: all-execute
             logits_wanted = decide or given  # teacher-forced routes (router training) report logits too
+            # all-execute known on the host: each slot runs once for every row, no read of the route
+            # (sharded, a rank's block calls are still agreed over every rank: ``_any``)
+            all_execute = routes is None and not decide and not self.collective
             if routes is None:  # decided by the routers below, or all-execute while they are off
                 routes = torch.full((B, len(self.slots)), EXECUTE, dtype=torch.long, device=x.device)
             self._route_logits = torch.zeros(B, len(self.slots), 3, device=x.device)
@@ -189,6 +192,7 @@ class ETDStack:
             # tokens still runs is not reached, nor any iteration after the last one run)
             self._reached = torch.zeros(B, len(self.slots), dtype=torch.bool, device=x.device)
         self._routes, self._decide, self._logits_wanted = routes, decide, logits_wanted
+        self._all_execute = self.routed and all_execute
         self._valid, self._ctx, self._blocks, self._cache = valid, ctx, blocks, cache
         try:
             for b in self.enc:
@@ -277,6 +281,10 @@ class ETDStack:
             self._route_used[slot] = True
             if self._decide:
                 self._routes[:, slot] = logits.detach().argmax(-1)
+        if self._all_execute:  # every row executes the slot once: the tokens ``active`` marks, some
+            # (ACT's loop runs an iteration only while a token thinks), and no repeat
+            st = states[self.state_of(slot)] if states is not None else None
+            return run_active(block, x, self._ctx, st, active, self.router, gate, ck)
         route = self._routes[:, slot]
         for rep, need in ((0, EXECUTE), (1, REPEAT)):
             rows = route >= need
