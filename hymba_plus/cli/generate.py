@@ -24,6 +24,10 @@ the model was trained with (forward's ``think_iterations``).
 ``--mode block_diffusion`` (models trained with the ``block_diffusion`` objective) denoises
 block by block (``--block-size``, ``--threshold``, ``--steps``; ``models/generation.py``)
 and prints to stderr the forward passes, tokens per forward and denoising steps per block.
+``--sampler``: ``confidence`` (default: the most confident positions first), or BD3-LM's ancestral
+samplers over random positions on the model's noise schedule, ``ddpm`` (``--steps``: its time grid) or
+``first_hitting`` (one position a step); those take no ``--threshold``, and their positions are drawn
+(``--seed``) even at ``--temperature 0``.
 
 ``--mode speculative --draft DRAFT_CKPT [--k 4]``: lossless speculative decoding
 (``models/generation.py``). The draft checkpoint (a folder or a training ``OUT``, as for
@@ -60,6 +64,9 @@ from typing import Any
 
 from . import UsageError, UserError, finite_float, path_text, seed_int
 
+#: --sampler's choices (``models/generation.py``'s ``SAMPLERS``; not imported here: ``hymba --help`` loads no torch)
+SAMPLERS = ("confidence", "ddpm", "first_hitting")
+
 #: --temperature when not given (a flag left at None, so that --mode forecast can refuse it)
 DEFAULT_TEMPERATURE = 0.8
 
@@ -85,6 +92,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="block_diffusion: unmask every token whose probability reaches this (at least one per "
                         "step; >= 1: one per step), or none: the --steps schedule, the most confident "
                         "ceil(masked / steps left) a step (default: 0.9)")
+    p.add_argument("--sampler", default=None, choices=SAMPLERS,
+                   help="block_diffusion: confidence (default) unmasks the most confident positions first; ddpm "
+                        "and first_hitting are BD3-LM's ancestral samplers, which reveal random positions on the "
+                        "model's noise schedule (ddpm: each masked position with probability "
+                        "(alpha_s - alpha_t) / (1 - alpha_t) per step of --steps; first_hitting: one a step)")
     p.add_argument("--steps", type=int, default=None,
                    help="block_diffusion: at most this many denoising steps per block (default: the block size); "
                         "ladir: Euler steps of the latent flow (default: ladir.inference_steps)")
@@ -180,7 +192,8 @@ def end_ids(args: argparse.Namespace, ckpt: Path, tokenizer: Any, vocab_size: in
 def mode_flags(args: argparse.Namespace) -> tuple[tuple[str, str, Any], ...]:
     """(flag, the decoders' option, its value or None) for the flags that only some modes take."""
     return (("--draft", "draft", args.draft), ("--k", "k", args.k), ("--block-size", "block_size", args.block_size),
-            ("--threshold", "threshold", args.threshold), ("--steps", "steps", args.steps),
+            ("--threshold", "threshold", args.threshold), ("--sampler", "sampler", args.sampler),
+            ("--steps", "steps", args.steps),
             ("--engine", "engine", args.engine), *ladir_flags(args))
 
 
@@ -265,6 +278,9 @@ def _run(args: argparse.Namespace) -> int:
                                 ("--init-noise-scale", args.init_noise_scale, True)):
         if value is not None and (value <= 0 if strict else value < 0):
             raise UsageError(f"{flag} {value}: must be {'>' if strict else '>='} 0")
+    if args.threshold is not None and args.sampler not in (None, "confidence"):
+        raise UsageError(f"--threshold: only for --sampler confidence (--sampler {args.sampler} reveals random "
+                         "positions)")
     if isinstance(args.threshold, float) and args.threshold <= 0:
         raise UsageError(f"--threshold {args.threshold}: must be > 0, or none (the --steps schedule)")
     if args.mode == "speculative" and args.draft is None:
@@ -418,7 +434,7 @@ def _run(args: argparse.Namespace) -> int:
         msg = str(e).splitlines()[0]
         flag = next((f for k, f in (*((o, f) for f, o, _ in ladir_flags(args)),  # (ladir's option names first)
                                     ("every prompt", "--prompt"), ("draft model", "--draft"), ("k must", "--k"),
-                                    ("block_size", "--block-size"),
+                                    ("block_size", "--block-size"), ("sampler must", "--sampler"),
                                     ("threshold", "--threshold"), ("steps", "--steps"), ("mode", "--mode"),
                                     ("think_iterations", "--think-iterations"), ("engine", "--engine"),
                                     ("eos_token_id", "--eos"))

@@ -12,11 +12,26 @@ noisy stream, ``core/two_stream.py``), so the cache never moves while a block is
 every still-masked position whose chosen token has probability >= ``threshold`` under the
 model's ``softmax(logits)`` is unmasked (at least the most confident one per row), or, without
 a threshold, the ``ceil(masked / steps left)`` most confident ones so the block finishes in
-``steps`` (most confident first, as LLaDA / Fast-dLLM; BD3-LM's own samplers, which unmask
-uniformly random positions, are not offered). A fully denoised block is committed to the cache
-once, by the ordinary causal forward. A last block that ``max_new_tokens`` cuts is denoised at
-the full ``block_size`` where ``max_seq_len`` leaves room (training never shows a shorter noisy
-block) and cut; the room is the longest prompt's, so in a batch a shorter row's last block may be
+``steps`` (most confident first, as LLaDA / Fast-dLLM): ``sampler="confidence"``, the default.
+``sampler="ddpm"`` and ``"first_hitting"`` are BD3-LM's own ancestral samplers (its code's
+``_ddpm_caching_update`` / ``_semi_ar_sampler``; MDLM, Sahoo et al. 2024, arXiv 2406.07524 Eq. 7),
+which reveal uniformly random positions, on the objective's noise schedule alpha(t) = 1 - m(t)
+(``objectives/block_diffusion.py``'s ``mask_rate``): ``ddpm`` goes down the grid t_i = 1 - i / steps
+(i = 0 .. steps; default ``steps``: the block size, any number allowed) and from t to s reveals each
+still-masked position with probability (alpha_s - alpha_t) / (1 - alpha_t) = 1 - m(s) / m(t),
+independently (m(0) = 0: the last step reveals the rest); ``first_hitting`` (Zheng et al. 2025,
+arXiv 2409.02908 §4, BD3-LM's setting for many steps) jumps straight to the next time a position is
+revealed and reveals exactly one uniformly chosen masked position per step (a ``steps`` budget below the
+block size reveals the rest at its last step). The model takes no t (BD3-LM's ``time_conditioning:
+False``, as training here), so the time of the next reveal changes nothing that is drawn and is not
+drawn; and a ddpm step that reveals nothing runs no forward (the input is unchanged: BD3-LM's cached
+``p_x0``), so ``steps_per_block`` counts the forwards. A revealed token is the model's argmax at
+temperature 0, else drawn from ``filtered_probs`` (temperature, top-k, nucleus top-p as every mode;
+BD3-LM's ``nucleus_p``): which positions are revealed, and when, is random even at temperature 0 (seeded
+by ``generator``). ``threshold`` is the confidence sampler's alone (ignored by the two others).
+A fully denoised block is committed to the cache once, by the ordinary causal forward, whatever the
+sampler. A last block that ``max_new_tokens`` cuts is denoised at the full ``block_size`` where
+``max_seq_len`` leaves room (training never shows a shorter noisy block) and cut; the room is the longest prompt's, so in a batch a shorter row's last block may be
 denoised narrower than it would be alone. Blocks start right after each row's prompt (a prompt whose length is a multiple
 of ``block_size`` matches training's block layout exactly).
 
@@ -63,6 +78,7 @@ import torch
 from torch import Tensor
 
 from ..core.config import brief
+from ..objectives.block_diffusion import mask_rate
 
 #: the least temperature ``filtered_probs`` divides by (float32's smallest normal number): below it,
 #: sampling is greedy up to exact ties
@@ -411,6 +427,28 @@ def token_confidence(logits: Tensor, temperature: float, top_k: int | None, top_
     return tok.view(logits.shape[:-1]), conf.view(logits.shape[:-1])
 
 
+#: ``generate(mode="block_diffusion", sampler=...)``: the most confident positions first (LLaDA /
+#: Fast-dLLM), or BD3-LM's ancestral samplers over uniformly random positions (module docstring)
+SAMPLERS = ("confidence", "ddpm", "first_hitting")
+
+
+def ancestral_reveal(masked: Tensor, p: float, generator: torch.Generator | None) -> Tensor:
+    """[B, W] bool: the masked positions a DDPM step of masked diffusion reveals, each on its own with
+    probability ``p`` = (alpha_s - alpha_t) / (1 - alpha_t) (MDLM Eq. 7; BD3-LM's ``_ddpm_caching_update``:
+    q(x_s | x_t) keeps [MASK] with probability m(s) / m(t))."""
+    if p >= 1.0:
+        return masked
+    return masked & (torch.rand(masked.shape, device=masked.device, generator=generator) < p)
+
+
+def first_hitting_reveal(masked: Tensor, generator: torch.Generator | None) -> Tensor:
+    """[B, W] bool: one uniformly chosen masked position per row that has one (the first-hitting
+    sampler's step, Zheng et al. 2025; BD3-LM's ``first_hitting``): the masked position of the
+    largest uniform draw."""
+    u = torch.rand(masked.shape, device=masked.device, generator=generator).masked_fill(~masked, -1.0)
+    return masked & (torch.arange(masked.shape[1], device=masked.device) == u.argmax(1, keepdim=True))
+
+
 def generate_block_diffusion(
     model: Any,
     input_ids: Tensor,
@@ -427,11 +465,14 @@ def generate_block_diffusion(
     block_size: int | None = None,
     threshold: float | None = 0.9,
     steps: int | None = None,
+    sampler: str = "confidence",
 ) -> Tensor:
     """Block-diffusion sampling (module docstring). ``block_size``: the model's training block
     size by default; ``threshold``: confidence for parallel unmasking (None: ``steps``
     schedule; 1.0 or more: one token per step); ``steps``: the most denoising steps per block
-    (default ``block_size``: one token per step at worst)."""
+    (default ``block_size``: one token per step at worst; ``ddpm``: the steps of its time grid,
+    any number); ``sampler``: ``confidence`` (most confident first), ``ddpm`` or ``first_hitting``
+    (BD3-LM's ancestral samplers: random positions, ``SAMPLERS``)."""
     mask_id = model.objective.mask_token_id
     if mask_id is None:
         raise ValueError("mode block_diffusion needs a model trained with the block_diffusion objective "
@@ -441,6 +482,8 @@ def generate_block_diffusion(
         raise ValueError(f"block_size must be an integer >= 1, got {bs!r}")
     if steps is not None and not int_at_least(steps, 1):
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if not isinstance(sampler, str) or sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {brief(sampler)}")
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)
                                   or not threshold > 0):
         raise ValueError(f"threshold must be a number > 0 (or None for the steps schedule), got {brief(threshold)}")
@@ -466,7 +509,29 @@ def generate_block_diffusion(
         n_steps = min(steps if steps is not None else width, width)
         x = torch.full((B, width), mask_id, dtype=input_ids.dtype, device=dev)
         used = 0
-        while True:
+        if sampler != "confidence":  # BD3-LM's ancestral samplers: random positions
+            if sampler == "ddpm":
+                n_steps = steps if steps is not None else width
+                # m(t_i) on the grid t_i = 1 - i / n_steps (float64: the ratios of small rates)
+                rates = mask_rate(model.objective.cfg,
+                                  1.0 - torch.arange(n_steps + 1, dtype=torch.float64) / n_steps).tolist()
+            for i in range(n_steps):
+                masked = x == mask_id
+                if not bool(masked.any()):
+                    break
+                if sampler == "ddpm":
+                    # from t_i to t_(i+1): (alpha_s - alpha_t) / (1 - alpha_t) = 1 - m(s) / m(t) (1 at s = 0)
+                    p = 1.0 - rates[i + 1] / rates[i] if rates[i] > 0 else 1.0  # (m(t) underflowing: all)
+                    reveal = ancestral_reveal(masked, p, generator)
+                    if not bool(reveal.any()):  # the block is unchanged: no forward (BD3-LM's cached p_x0)
+                        continue
+                else:
+                    reveal = first_hitting_reveal(masked, generator) if i < n_steps - 1 else masked
+                logits = model(x, cache=cache.fork(), bidirectional=True, check_inputs=False).logits
+                forwards += 1
+                used += 1
+                x = torch.where(reveal, sample_next(logits, temperature, top_k, top_p, generator), x)
+        while sampler == "confidence":
             masked = x == mask_id
             if not bool(masked.any()):
                 break
@@ -506,7 +571,9 @@ def generate_block_diffusion(
     _report(stats, forwards=forwards, tokens=n_tokens * B, rows=B, block_size=bs,
             steps_per_block=sum(steps_used) / max(len(steps_used), 1))
     if stats is not None:
-        stats["summary"] = [f"block diffusion: block size {bs}, {forwards} forward passes for {n_tokens} tokens per "
+        stats["sampler"] = sampler
+        name = "block diffusion" if sampler == "confidence" else f"block diffusion ({sampler} sampler)"
+        stats["summary"] = [f"{name}: block size {bs}, {forwards} forward passes for {n_tokens} tokens per "
                             f"row ({stats['tokens_per_forward']:.2f} tokens per forward, prefill and block commits "
                             f"included), {stats['steps_per_block']:.2f} denoising steps per block"]
     if not blocks:
