@@ -98,7 +98,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "model's noise schedule (ddpm: each masked position with probability "
                         "(alpha_s - alpha_t) / (1 - alpha_t) per step of --steps; first_hitting: one a step)")
     p.add_argument("--steps", type=int, default=None,
-                   help="block_diffusion: at most this many denoising steps per block (default: the block size); "
+                   help="block_diffusion: at most this many denoising steps per block (default: the block size; "
+                        "--sampler ddpm: the steps of its time grid, any number); "
                         "ladir: Euler steps of the latent flow (default: ladir.inference_steps)")
     p.add_argument("--draft", type=path_text, default=None, metavar="DRAFT_CKPT",
                    help="speculative: the draft model's checkpoint (same vocabulary)")
