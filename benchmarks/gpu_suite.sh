@@ -44,6 +44,10 @@
 #   fused   pytest -m gpu tests/test_attention.py tests/test_linear.py tests/test_add_norm.py: cuDNN attention first
 #           in SDPA's order, Liger's SwiGLU on the fused gate-up GEMM, the residual add + RMSNorm kernels
 #           (training-path fast paths of the attn row)
+#   flex    pytest -m gpu tests/test_two_stream_attention.py: block diffusion's two-stream attention by FlexAttention
+#           (flex_two_stream: compiled flex_attention with the cached two-stream block mask) == SDPA with the dense mask,
+#           bf16 at L 1024, block 16, 4 meta tokens (MHA, GQA, a 256 window; outputs and q/k/v gradients), and a bf16
+#           block-diffusion training step both ways; not yet run (2026-12-07)
 #   agree   decode_agreement.py in float32 and bf16: our generate (graph / static / dynamic engines, and
 #           the static one with each decode-step fast path off in turn) against our full forward and HF's
 #   modes   pytest -m gpu tests/test_train_modes.py and the CUDA-graph training tests (hymba train --mode auto; the
@@ -247,6 +251,7 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
               step decode_bench 300 python benchmarks/decode.py --device cuda --batches 1 16 --prompts 2048 8192 \
                  --new 64 --repeats 2 --profile --out "$OUT/decode.json" ;;
       fused)  step fused_tests 240 "${PYTEST[@]}" tests/test_attention.py tests/test_linear.py tests/test_add_norm.py ;;
+      flex)   step flex_tests 300 "${PYTEST[@]}" tests/test_two_stream_attention.py ;;
       agree)  for dt in float32 bfloat16; do
                 step "agree_$dt" 200 python benchmarks/decode_agreement.py --device cuda --dtype $dt --batch 4 \
                    --prompt 512 --new 16 --out "$OUT/agree_$dt.json"

@@ -22,7 +22,9 @@ first in SDPA's backend order (probed; the default order otherwise). A chunk on 
 (split-K over the cache slots + a combine kernel) that masks by the slots' positions in
 registers, so no dense ``[B, 1, T, S]`` mask is built per step, and reads only the filled
 slots of the decode engine's static cache (its fill counter is a device tensor: no host sync,
-CUDA-graph capturable); elsewhere the same masked SDPA as before (``visible``).
+CUDA-graph capturable); elsewhere the same masked SDPA as before (``visible``). Block-diffusion
+training's two-stream forward goes through ``kernels.two_stream_attention``: on CUDA FlexAttention
+with a cached block mask that skips the masked tiles, elsewhere SDPA with the dense mask.
 """
 
 from __future__ import annotations
@@ -37,11 +39,11 @@ from ..core.cache import LayerState, StepContext
 from ..core.config import spec
 from ..core.positions import RopeConfig, Rotary, rotary_dim
 from ..core.registry import register
-from ..core.two_stream import two_stream_visible
 from ..kernels.decode_attention import decode_attention, visible
 from ..kernels.linear import project
 from ..kernels.rotary import apply_rope
 from ..kernels.sdpa import causal_attention
+from ..kernels.two_stream_attention import two_stream_attention
 from .norm import RMSNorm
 
 
@@ -258,8 +260,7 @@ class GatedAttention(nn.Module):
         qh = q.transpose(1, 2)
         gqa = self.h != self.hkv
         if ctx.two_stream is not None:  # block-diffusion training: [meta | clean | noisy]
-            mask = two_stream_visible(ctx.two_stream, q.device, self.cfg.window)
-            o = F.scaled_dot_product_attention(qh, k_all, v_all, attn_mask=mask, enable_gqa=gqa)
+            o = two_stream_attention(qh, k_all, v_all, ctx.two_stream, self.cfg.window, enable_gqa=gqa)
         elif fresh and valid is None and self.cfg.window is None and not ctx.bidirectional:
             o = causal_attention(qh, k_all, v_all, enable_gqa=gqa)  # kernels.sdpa: cuDNN first on CUDA
         elif not fresh:  # a chunk on top of a cache: FlashDecoding kernel (CUDA, <= 16 queries) or masked SDPA

@@ -1,0 +1,151 @@
+"""Attention over block-diffusion training's two-stream layout (BD3-LM, Arriola et al. 2025,
+arXiv 2503.09573 §3.2, "vectorised training"; ``core/two_stream.py``): softmax(QK^T/sqrt(d)) V
+over all ``S = M + 2L`` slots of ``[meta (M) | clean x_0 (L) | noisy x_t (L)]``, each query
+slot seeing the key slots of ``two_stream_visible`` (clean and meta: causal, within the window,
+meta always; noisy block j: meta, the clean blocks < j within the window of its position, and its
+own noisy block both ways).
+
+Reference (any device): SDPA with that dense boolean ``[S, S]`` mask: every query-key tile is
+computed and the masked scores thrown away.
+
+Fast path (``flex_two_stream``, CUDA): FlexAttention (Dong et al. 2024, "Flex Attention: A
+Programming Model for Generating Optimized Attention Kernels", arXiv 2412.05496) with
+``two_stream_mask_mod``, the same visibility written per (query slot, key slot) index pair, as
+BD3-LM's code does with its ``block_diff_mask`` (``models/dit.py``, there for its block-causal
+``[x_t | x_0]`` layout). ``create_block_mask`` turns it into a ``BlockMask`` of 128 x 128 tiles
+once per (layout, window, device) (``block_mask``, cached; compiled on CUDA, so the ``[S, S]``
+grid is never materialised): tiles no query of which sees any key (the clean rows' noisy columns, the noisy rows' later clean blocks and other noisy blocks, the
+clean stream's upper triangle, past the window) are skipped; partly visible tiles evaluate the
+mask_mod in registers; fully visible ones skip it. ``flex_attention`` runs compiled
+(``torch.compile``, fullgraph: its fused Triton kernels, forward and backward). GQA through
+``enable_gqa`` (no repeat of K/V). Under autocast q, k and v are cast to autocast's dtype first,
+as SDPA is under autocast. A call that torch.compile traces keeps the reference (as
+``kernels.sdpa``: the dispatch's answer is taken in eager code only); the probe runs the fast path
+on the GPU at a small two-stream shape (meta tokens, a window, GQA, a length off the tile size),
+forward and backward in bf16, against the reference in float32.
+
+Not measured: its speed against the reference on a GPU (nothing here has timed it), nor run on one
+yet (2026-12-07: CPU-tested only, ``tests/test_two_stream_attention.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..core.two_stream import TwoStream, two_stream_visible
+from . import dispatch
+
+FAST = "flex_two_stream"
+
+
+def two_stream_mask_mod(ts: TwoStream, window: int | None = None) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
+    """FlexAttention's ``mask_mod(b, h, q_idx, kv_idx) -> bool`` of ``two_stream_visible(ts,
+    window)``: the same visibility from slot indices alone (no tensor lookups, so Inductor
+    evaluates it in registers). Slot s: noisy when s >= M + L, position s - L there (the clean
+    token's), s elsewhere; block (position - M) // bs from position M on, -1 for meta tokens."""
+    M, L, bs = ts.n_meta, ts.length, ts.block_size
+
+    def slot(idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        noisy = idx >= M + L
+        pos = torch.where(noisy, idx - L, idx)
+        return noisy, pos, torch.where(pos >= M, (pos - M) // bs, -1)
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        q_noisy, q_pos, q_blk = slot(q_idx)
+        k_noisy, k_pos, k_blk = slot(kv_idx)
+        clean_rows = ~q_noisy & ~k_noisy & (k_pos <= q_pos)
+        noisy_sees_clean = q_noisy & ~k_noisy & (k_blk < q_blk)
+        if window is not None:
+            near = (q_pos - k_pos < window) | (k_pos < M)
+            clean_rows, noisy_sees_clean = clean_rows & near, noisy_sees_clean & near
+        return clean_rows | noisy_sees_clean | (q_noisy & k_noisy & (k_blk == q_blk))
+
+    return mask_mod
+
+
+def block_mask(ts: TwoStream, window: int | None, device: torch.device | str,  # noqa: ANN201 - a BlockMask
+               compiled: bool | None = None):
+    """The ``BlockMask`` of ``two_stream_mask_mod(ts, window)`` for ``[S, S]`` on ``device``,
+    made once per (layout, window, device) and cached (every layer and step of a run shares it).
+    ``compiled`` (default: on CUDA) builds it with ``torch.compile(create_block_mask)``, whose
+    Inductor code reduces the mask_mod's values to tiles as it evaluates them; eagerly the
+    mask_mod is evaluated on the whole ``[S, S]`` grid at once (int64 intermediates of 512 MiB
+    each at S 8k)."""
+    device = torch.device(device)
+    return _block_mask(ts, window, str(device), device.type == "cuda" if compiled is None else compiled)
+
+
+@functools.lru_cache(maxsize=64)
+def _block_mask(ts: TwoStream, window: int | None, device: str, compiled: bool):  # noqa: ANN202
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    S = ts.n_meta + 2 * ts.length
+    make = _compiled(create_block_mask) if compiled else create_block_mask
+    return make(two_stream_mask_mod(ts, window), None, None, S, S, device=device)
+
+
+@functools.cache
+def _compiled(fn: Callable) -> Callable:
+    """``torch.compile(fn)``, made once per function."""
+    return torch.compile(fn, fullgraph=True)
+
+
+def flex_two_stream(q: Tensor, k: Tensor, v: Tensor, ts: TwoStream, window: int | None = None, *,
+                    enable_gqa: bool = False, compiled: bool | None = None) -> Tensor:
+    """The fast path itself: q [B, H, S, D], k / v [B, Hkv, S, D] -> [B, H, S, D] by FlexAttention
+    with the cached block mask. ``compiled`` (default: on CUDA) runs ``flex_attention`` compiled;
+    False eagerly (PyTorch's unfused implementation of it, which materialises the scores: how the
+    CPU tests run it)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    dt = dispatch.autocast_dtype(q)
+    q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    fn = _compiled(flex_attention) if (q.is_cuda if compiled is None else compiled) else flex_attention
+    with torch.autocast(q.device.type, enabled=False):
+        return fn(q, k, v, block_mask=block_mask(ts, window, q.device), enable_gqa=enable_gqa)
+
+
+def reference(q: Tensor, k: Tensor, v: Tensor, ts: TwoStream, window: int | None = None, *,
+              enable_gqa: bool = False) -> Tensor:
+    """SDPA with the dense ``two_stream_visible`` mask (the reference, any device)."""
+    mask = two_stream_visible(ts, q.device, window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
+
+
+def two_stream_attention(q: Tensor, k: Tensor, v: Tensor, ts: TwoStream, window: int | None = None, *,
+                         enable_gqa: bool = False) -> Tensor:
+    """q [B, H, S, D], k / v [B, Hkv, S, D] (S = M + 2L) -> the two-stream attention [B, H, S, D]:
+    the fast path where the dispatch takes it (CUDA, eager), else the reference."""
+    if not dispatch.tracing(q) and dispatch.use_fast(FAST, q, k, v):
+        return flex_two_stream(q, k, v, ts, window, enable_gqa=enable_gqa)
+    return reference(q, k, v, ts, window, enable_gqa=enable_gqa)
+
+
+def _probe() -> None:
+    if not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device")
+    from torch.nn.attention.flex_attention import flex_attention  # noqa: F401 - ImportError: unavailable
+
+    ts, window = TwoStream(block_size=16, n_meta=4, length=96), 40  # S = 196: a tile cut short
+    S = ts.n_meta + 2 * ts.length
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, S, 64, generator=g).to("cuda", torch.bfloat16).requires_grad_()
+    k, v = (torch.randn(2, 2, S, 64, generator=g).to("cuda", torch.bfloat16).requires_grad_() for _ in range(2))
+    gy = torch.randn(2, 4, S, 64, generator=g).to("cuda", torch.bfloat16)
+    y = flex_two_stream(q, k, v, ts, window, enable_gqa=True)
+    got = (y, *torch.autograd.grad(y, (q, k, v), gy))
+    ref = reference(q.float(), k.float(), v.float(), ts, window, enable_gqa=True)
+    want = (ref, *torch.autograd.grad(ref, (q, k, v), gy.float()))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        err = dispatch.max_rel_err(a, b)
+        if err > 2e-2:
+            raise RuntimeError(f"FlexAttention's two-stream {name} differs from SDPA with the dense mask ({err:.2e})")
+
+
+dispatch.fast_path(FAST, probe=_probe, doc="FlexAttention with the two-stream block mask (block-diffusion "
+                   "training: masked tiles skipped), compiled, fwd + bwd")

@@ -1,0 +1,232 @@
+"""Block-diffusion training's two-stream attention (``kernels/two_stream_attention.py``): the
+FlexAttention fast path against the reference, SDPA with ``two_stream_visible``'s dense mask.
+
+* the mask_mod is ``two_stream_visible`` exactly, evaluated on the whole [S, S] grid (meta tokens,
+  windows, block sizes that do not divide the length); the block mask skips no tile that holds a
+  visible pair and does skip tiles;
+* the flex path (``flex_attention`` eagerly on the CPU: PyTorch's unfused implementation, whose
+  backward is its math backward) == the reference, outputs and q / k / v gradients in float64,
+  over lengths, block sizes, meta tokens, windows, MHA / GQA / MQA;
+* through the dispatch (the fast path registered for the CPU here, as in tests/test_decode_attention.py)
+  a block-diffusion model's NELBO and parameter gradients are the same both ways, the block mask
+  made once per layout; on the CPU the default is the reference;
+* ``-m gpu``: the compiled fast path (``HYMBA_KERNELS=fast``) against the reference in bf16 at a
+  realistic shape, and a bf16 model step both ways.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hymba_plus import build_model
+from hymba_plus.core.two_stream import TwoStream, two_stream_visible
+from hymba_plus.kernels import dispatch
+from hymba_plus.kernels import two_stream_attention as T
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
+
+
+def grid(ts: TwoStream, window: int | None) -> torch.Tensor:
+    S = ts.n_meta + 2 * ts.length
+    i = torch.arange(S)
+    zero = torch.zeros((), dtype=torch.long)
+    return T.two_stream_mask_mod(ts, window)(zero, zero, i[:, None], i[None, :])
+
+
+LAYOUTS = [(1, 1, 0), (8, 1, 0), (8, 2, 2), (12, 3, 0), (12, 4, 3), (13, 4, 2), (7, 3, 1), (5, 16, 0), (16, 16, 4),
+           (40, 6, 1)]
+
+
+@pytest.mark.parametrize("window", [None, 1, 2, 5, 100])
+@pytest.mark.parametrize("L, bs, M", LAYOUTS)
+def test_mask_mod_is_two_stream_visible_on_the_whole_grid(L, bs, M, window):
+    ts = TwoStream(block_size=bs, n_meta=M, length=L)
+    want = two_stream_visible(ts, torch.device("cpu"), window)
+    assert torch.equal(grid(ts, window), want)
+
+
+@pytest.mark.parametrize("window", [None, 70])
+def test_block_mask_keeps_every_tile_with_a_visible_pair_and_skips_the_others(window):
+    """Tile (i, j) of the block mask (128 x 128) is computed iff some query of tile i sees some key
+    of tile j, so nothing visible is lost and the masked tiles are really skipped."""
+    ts = TwoStream(block_size=64, n_meta=3, length=384)  # S = 771: the last tile cut short
+    S = 3 + 2 * 384
+    dense = two_stream_visible(ts, torch.device("cpu"), window)
+    n = -(-S // 128)
+    padded = torch.zeros(n * 128, n * 128, dtype=torch.bool)
+    padded[:S, :S] = dense
+    want = padded.view(n, 128, n, 128).any(dim=3).any(dim=1)
+    bm = T.block_mask(ts, window, "cpu")
+    got = bm.to_dense()[0, 0].bool()
+    assert torch.equal(got, want)
+    assert 0 < int(got.sum()) < n * n  # tiles are skipped (16 of 49 computed without a window)
+    assert T.block_mask(ts, window, torch.device("cpu")) is bm  # cached
+    if window is not None:  # built as on CUDA (compiled, tile by tile): the same block mask
+        c = T.block_mask(ts, window, "cpu", compiled=True)
+        assert c is not bm and torch.equal(c.to_dense(), bm.to_dense())
+        for a, b in zip(bm.as_tuple(), c.as_tuple()):
+            assert torch.equal(a, b) if isinstance(a, torch.Tensor) else True
+
+
+@pytest.fixture
+def cpu_grad_flex(monkeypatch):
+    """``flex_attention`` refuses inputs that need a gradient on the CPU at its API (its eager
+    implementation has a backward, its CPU kernels none): the check is lifted for these tests so
+    that the gradients of the flex path are compared too."""
+    from torch.nn.attention import flex_attention as fa
+
+    monkeypatch.setattr(fa, "_validate_device", lambda q, k, v: None)
+
+
+CASES = [  # L, bs, M, H, Hkv, window
+    (12, 4, 0, 2, 2, None),
+    (13, 4, 2, 4, 2, None),
+    (16, 1, 3, 4, 1, 5),
+    (20, 6, 1, 2, 2, 3),
+    (9, 16, 2, 2, 1, None),
+    (48, 8, 2, 4, 2, 7),
+]
+
+
+@pytest.mark.parametrize("L, bs, M, H, Hkv, window", CASES)
+def test_flex_path_equals_dense_mask_sdpa_outputs_and_gradients(cpu_grad_flex, L, bs, M, H, Hkv, window):
+    ts = TwoStream(block_size=bs, n_meta=M, length=L)
+    S = M + 2 * L
+    g = torch.Generator().manual_seed(L * 10 + bs)
+    q = (3 * torch.randn(2, H, S, 8, generator=g, dtype=torch.float64)).requires_grad_()
+    k = (3 * torch.randn(2, Hkv, S, 8, generator=g, dtype=torch.float64)).requires_grad_()
+    v = torch.randn(2, Hkv, S, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(2, H, S, 8, generator=g, dtype=torch.float64)
+    gqa = H != Hkv
+    got = T.flex_two_stream(q, k, v, ts, window, enable_gqa=gqa)
+    want = T.reference(q, k, v, ts, window, enable_gqa=gqa)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v), gy), torch.autograd.grad(want, (q, k, v), gy)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+    # (the reference is plain SDPA with the mask)
+    explicit = F.scaled_dot_product_attention(q, k, v, attn_mask=two_stream_visible(ts, q.device, window),
+                                              enable_gqa=gqa)
+    assert torch.equal(want, explicit)
+
+
+def test_on_the_cpu_the_default_is_the_reference(monkeypatch):
+    monkeypatch.delenv("HYMBA_KERNELS", raising=False)
+    called = []
+    monkeypatch.setattr(T, "flex_two_stream", lambda *a, **k: called.append(1))
+    ts = TwoStream(block_size=2, n_meta=1, length=4)
+    q = torch.randn(1, 2, 9, 4)
+    y = T.two_stream_attention(q, q, q, ts)
+    assert not called and torch.equal(y, T.reference(q, q, q, ts))
+
+
+def bd_model(pattern: str, comps: dict, meta: int, bs: int):
+    torch.manual_seed(0)
+    d = {"name": "flex-bd", "model": {"vocab_size": 37, "d_model": 32, "max_seq_len": 48, "block_pattern": pattern,
+                                      "meta_tokens": meta},
+         "components": {"gdn": {"n_heads": 2, "head_dim": 8, "chunk_size": 4}, "mlp": {"d_hidden": 32}, **comps},
+         "objective": {"kind": "block_diffusion", "block_size": bs}}
+    model = build_model(d).double()
+    with torch.no_grad():
+        model.embed.weight.mul_(4.0)
+    return model
+
+
+MODELS = {
+    "GA-meta-gqa": ("GA | GD | GA", {"gated_attn": {"n_heads": 4, "n_kv_heads": 2, "head_dim": 8}}, 2, 4),
+    "GA-window-kv_share": ("GA | GA", {"gated_attn": {"n_heads": 2, "head_dim": 8, "window": 5, "kv_share": True}},
+                           1, 3),
+    "HY-window-mqa": ("HY | GA", {"hymba": {"ssm": "gdn", "attn": {"n_heads": 2, "n_kv_heads": 1, "window": 6}},
+                                 "gated_attn": {"n_heads": 2, "head_dim": 8}}, 0, 2),
+}
+
+
+@pytest.mark.parametrize("case", list(MODELS))
+def test_block_diffusion_loss_and_gradients_equal_both_ways(cpu_grad_flex, monkeypatch, case):
+    """A block-diffusion model's training loss (the NELBO of one noise draw) and its parameter
+    gradients with the two-stream attention on the flex path (registered for the CPU here) ==
+    on the reference; the flex path was taken in every attention layer and the block mask made
+    once per layout and window."""
+    pattern, comps, meta, bs = MODELS[case]
+    model = bd_model(pattern, comps, meta, bs)
+    ids = torch.randint(0, 37, (2, 12), generator=torch.Generator().manual_seed(1))
+    calls = []
+    flex = T.flex_two_stream
+    monkeypatch.setattr(T, "flex_two_stream", lambda *a, **k: calls.append(1) or flex(*a, **k))
+    monkeypatch.setitem(dispatch._FAST, T.FAST, dispatch.FastPath(T.FAST, lambda: None, "test", device="cpu"))
+    T._block_mask.cache_clear()
+    res = {}
+    for mode in ("reference", "fast"):
+        monkeypatch.setenv("HYMBA_KERNELS", mode)
+        model.zero_grad()
+        torch.manual_seed(2)  # the same noise levels and masks both ways
+        out = model.objective.train_forward(model, model, ids, ids)
+        out.loss.backward()
+        res[mode] = (out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    attn = [getattr(b.mixer, "attn", b.mixer) for b in model.blocks if hasattr(b.mixer, "attend")
+            or hasattr(b.mixer, "attn")]
+    assert len(calls) == len(attn) > 0
+    info = T._block_mask.cache_info()  # one block mask a window, every layer and call after the first reuse it
+    assert info.misses == len({a.cfg.window for a in attn}) and info.hits + info.misses == len(calls)
+    torch.testing.assert_close(res["fast"][0], res["reference"][0], rtol=0, atol=1e-12)
+    assert res["fast"][1].keys() == res["reference"][1].keys()
+    for name, g in res["reference"][1].items():
+        torch.testing.assert_close(res["fast"][1][name], g, rtol=1e-9, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).detach().abs().max() / b.detach().abs().max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window, Hkv", [(None, 8), (None, 2), (256, 2)])
+def test_gpu_flex_two_stream_matches_dense_mask_sdpa(monkeypatch, window, Hkv):
+    """CUDA, ``HYMBA_KERNELS=fast`` (a failed probe is an error): the compiled FlexAttention path ==
+    SDPA with the dense mask in float32, bf16 inputs, at B 2, H 8, D 64, L 1024, block 16, 4 meta
+    tokens (S 2052); outputs and q / k / v gradients; then a block-diffusion model's bf16 training
+    step the same both ways."""
+    monkeypatch.setenv("HYMBA_KERNELS", "fast")
+    ts = TwoStream(block_size=16, n_meta=4, length=1024)
+    S = 4 + 2 * 1024
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 8, S, 64, generator=g).to("cuda", torch.bfloat16).requires_grad_()
+    k, v = (torch.randn(2, Hkv, S, 64, generator=g).to("cuda", torch.bfloat16).requires_grad_() for _ in range(2))
+    gy = torch.randn(2, 8, S, 64, generator=g).to("cuda", torch.bfloat16)
+    gqa = Hkv != 8
+    y = T.two_stream_attention(q, k, v, ts, window, enable_gqa=gqa)
+    assert dispatch.statuses()[T.FAST] is True
+    got = (y, *torch.autograd.grad(y, (q, k, v), gy))
+    ref = T.reference(q.float(), k.float(), v.float(), ts, window, enable_gqa=gqa)
+    want = (ref, *torch.autograd.grad(ref, (q, k, v), gy.float()))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert rel_err(a.float(), b.float()) < 2e-2, name
+    attn = {"n_heads": 4, "n_kv_heads": 2, "head_dim": 16, **({} if window is None else {"window": 24})}
+    model = bd_model("GA | GA", {"gated_attn": attn}, 2, 16).float().cuda()
+    ids = torch.randint(0, 37, (2, 48), generator=torch.Generator().manual_seed(1)).cuda()
+    monkeypatch.setenv("HYMBA_KERNELS", "auto")  # the other ops as they run; only the two-stream path differs
+    flex, res = T.flex_two_stream, {}
+    for mode in ("fast", "reference"):
+        monkeypatch.setattr(T, "flex_two_stream", flex if mode == "fast" else
+                            lambda q, k, v, ts, window=None, *, enable_gqa=False: T.reference(
+                                q, k, v, ts, window, enable_gqa=enable_gqa))
+        model.zero_grad()
+        torch.manual_seed(2)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model.objective.train_forward(model, model, ids, ids)
+        out.loss.backward()
+        res[mode] = (out.loss.detach().float(), model.blocks[0].mixer.q_proj.weight.grad.clone())
+    for a, b in zip(res["fast"], res["reference"]):
+        assert rel_err(a, b) < 3e-2
+
+
+def test_a_traced_call_keeps_the_reference(monkeypatch):
+    """Under torch.compile the dispatch's answer is not asked (as ``kernels.sdpa``): the traced
+    two-stream attention is the dense-mask SDPA even where the fast path is registered."""
+    called = []
+    monkeypatch.setattr(T, "flex_two_stream", lambda *a, **k: called.append(1))
+    monkeypatch.setitem(dispatch._FAST, T.FAST, dispatch.FastPath(T.FAST, lambda: None, "test", device="cpu"))
+    ts = TwoStream(block_size=2, n_meta=1, length=4)
+    q = torch.randn(1, 2, 9, 4)
+    y = torch.compile(lambda q: T.two_stream_attention(q, q, q, ts), backend="eager")(q)
+    assert not called and torch.allclose(y, T.reference(q, q, q, ts))
