@@ -133,12 +133,15 @@ def bd_model(pattern: str, comps: dict, meta: int, bs: int):
     return model
 
 
+# attention head dims >= 16 (smaller ones keep the reference: test_head_dims_below_16_keep_the_reference);
+# hymba's attention heads split the SSM's inner width (gdn 2 x 16 here)
 MODELS = {
-    "GA-meta-gqa": ("GA | GD | GA", {"gated_attn": {"n_heads": 4, "n_kv_heads": 2, "head_dim": 8}}, 2, 4),
-    "GA-window-kv_share": ("GA | GA", {"gated_attn": {"n_heads": 2, "head_dim": 8, "window": 5, "kv_share": True}},
+    "GA-meta-gqa": ("GA | GD | GA", {"gated_attn": {"n_heads": 4, "n_kv_heads": 2, "head_dim": 16}}, 2, 4),
+    "GA-window-kv_share": ("GA | GA", {"gated_attn": {"n_heads": 2, "head_dim": 16, "window": 5, "kv_share": True}},
                            1, 3),
     "HY-window-mqa": ("HY | GA", {"hymba": {"ssm": "gdn", "attn": {"n_heads": 2, "n_kv_heads": 1, "window": 6}},
-                                 "gated_attn": {"n_heads": 2, "head_dim": 8}}, 0, 2),
+                                 "gdn": {"n_heads": 2, "head_dim": 16, "chunk_size": 4},
+                                 "gated_attn": {"n_heads": 2, "head_dim": 16}}, 0, 2),
 }
 
 
@@ -230,3 +233,21 @@ def test_a_traced_call_keeps_the_reference(monkeypatch):
     q = torch.randn(1, 2, 9, 4)
     y = torch.compile(lambda q: T.two_stream_attention(q, q, q, ts), backend="eager")(q)
     assert not called and torch.allclose(y, T.reference(q, q, q, ts))
+
+
+@pytest.mark.parametrize("D, Dv, fast", [(8, 8, False), (16, 8, False), (8, 16, False), (16, 16, True),
+                                        (24, 24, True)])
+def test_head_dims_below_16_keep_the_reference(monkeypatch, D, Dv, fast):
+    """FlexAttention's Triton kernels (compiled, CUDA) refuse head dims below 16 when Inductor lowers
+    them ("NYI: embedding dimension of the query, key, and value must be at least 16"), a shape the
+    probe (D 64) never sees: such calls keep the reference instead of reaching the fast path (here
+    registered for the CPU) and failing in the model's first training step."""
+    called = []
+    monkeypatch.setattr(T, "flex_two_stream", lambda *a, **k: called.append(1) or T.reference(*a, **k))
+    monkeypatch.setitem(dispatch._FAST, T.FAST, dispatch.FastPath(T.FAST, lambda: None, "test", device="cpu"))
+    monkeypatch.setenv("HYMBA_KERNELS", "fast")
+    ts = TwoStream(block_size=2, n_meta=1, length=4)
+    q, k, v = torch.randn(1, 2, 9, D), torch.randn(1, 2, 9, D), torch.randn(1, 2, 9, Dv)
+    y = T.two_stream_attention(q, k, v, ts)
+    assert bool(called) == fast
+    assert torch.allclose(y, T.reference(q, k, v, ts))

@@ -20,7 +20,8 @@ mask_mod in registers; fully visible ones skip it. ``flex_attention`` runs compi
 (``torch.compile``, fullgraph: its fused Triton kernels, forward and backward). GQA through
 ``enable_gqa`` (no repeat of K/V). Under autocast q, k and v are cast to autocast's dtype first,
 as SDPA is under autocast. A call that torch.compile traces keeps the reference (as
-``kernels.sdpa``: the dispatch's answer is taken in eager code only); the probe runs the fast path
+``kernels.sdpa``: the dispatch's answer is taken in eager code only), and so does one with a head dim
+below 16 (``supported``: Inductor's FlexAttention kernels refuse those); the probe runs the fast path
 on the GPU at a small two-stream shape (meta tokens, a window, GQA, a length off the tile size),
 forward and backward in bf16, against the reference in float32.
 
@@ -41,6 +42,10 @@ from ..core.two_stream import TwoStream, two_stream_visible
 from . import dispatch
 
 FAST = "flex_two_stream"
+
+#: the least head dim (q / k and v) FlexAttention's Triton kernels take: Inductor refuses smaller ones
+#: when it lowers them ("NYI: embedding dimension ... must be at least 16", ``tl.dot``'s least size)
+MIN_HEAD_DIM = 16
 
 
 def two_stream_mask_mod(ts: TwoStream, window: int | None = None) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
@@ -117,11 +122,17 @@ def reference(q: Tensor, k: Tensor, v: Tensor, ts: TwoStream, window: int | None
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
 
 
+def supported(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Shapes the fast path takes: head dims of at least ``MIN_HEAD_DIM`` (q / k and v); smaller ones
+    (a tiny model's heads) keep the reference, as the probe's D 64 cannot tell."""
+    return min(q.shape[-1], k.shape[-1], v.shape[-1]) >= MIN_HEAD_DIM
+
+
 def two_stream_attention(q: Tensor, k: Tensor, v: Tensor, ts: TwoStream, window: int | None = None, *,
                          enable_gqa: bool = False) -> Tensor:
     """q [B, H, S, D], k / v [B, Hkv, S, D] (S = M + 2L) -> the two-stream attention [B, H, S, D]:
-    the fast path where the dispatch takes it (CUDA, eager), else the reference."""
-    if not dispatch.tracing(q) and dispatch.use_fast(FAST, q, k, v):
+    the fast path where the dispatch takes it (CUDA, eager, head dims >= 16), else the reference."""
+    if supported(q, k, v) and not dispatch.tracing(q) and dispatch.use_fast(FAST, q, k, v):
         return flex_two_stream(q, k, v, ts, window, enable_gqa=enable_gqa)
     return reference(q, k, v, ts, window, enable_gqa=enable_gqa)
 
