@@ -26,8 +26,8 @@ block size reveals the rest at its last step). The model takes no t (BD3-LM's ``
 False``, as training here), so the time of the next reveal changes nothing that is drawn and is not
 drawn; and a ddpm step that reveals nothing runs no forward (the input is unchanged: BD3-LM's cached
 ``p_x0``), so ``steps_per_block`` counts the forwards. A revealed token is the model's argmax at
-temperature 0, else drawn from ``filtered_probs`` (temperature, top-k, nucleus top-p as every mode;
-BD3-LM's ``nucleus_p``): which positions are revealed, and when, is random even at temperature 0 (seeded
+temperature 0, else drawn from ``filtered_probs`` (temperature, top-k, nucleus top-p as in every mode,
+the token that crosses p kept): which positions are revealed, and when, is random even at temperature 0 (seeded
 by ``generator``). ``threshold`` is the confidence sampler's alone (ignored by the two others).
 A fully denoised block is committed to the cache once, by the ordinary causal forward, whatever the
 sampler. A last block that ``max_new_tokens`` cuts is denoised at the full ``block_size`` where
