@@ -126,6 +126,38 @@ def train_mqar(recipe: dict, steps: int = 300, batch: int = 32, seq_len: int = 6
 # --------------------------------------------------------------------------- the checkout guard
 
 #: folders that tooling, not the tests, writes into a checkout (venv, bytecode, build metadata)
+#: the copy task of block diffusion's learning tests: x = [a | a] with a random, the second half scored
+BD_COPY = {"name": "copy", "model": {"vocab_size": 16, "d_model": 32, "max_seq_len": 16, "block_pattern": "GD | GA"},
+           "components": {"gated_attn": {"n_heads": 2, "head_dim": 16}, "gdn": {"n_heads": 2, "head_dim": 16},
+                          "mlp": {"d_hidden": 64}},
+           "objective": {"kind": "block_diffusion", "block_size": 4, "clip": [0.3, 1.0]}}
+
+
+def bd_copy_batch(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """n copy examples of ``BD_COPY`` (ids, labels with the first half -100), drawn from ``g``."""
+    V, half = BD_COPY["model"]["vocab_size"], BD_COPY["model"]["max_seq_len"] // 2
+    a = torch.randint(0, V, (n, half), generator=g)
+    ids = torch.cat([a, a], 1)
+    labels = ids.clone()
+    labels[:, :half] = -100
+    return ids, labels
+
+
+def train_bd_copy(model: torch.nn.Module, steps: int = 120) -> None:
+    """``steps`` AdamW steps (lr 3e-3, batch 32, clip 1) of ``model`` (built from ``BD_COPY``) on the copy task."""
+    obj = model.objective
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        ids, labels = bd_copy_batch(32, g)
+        loss = obj.train_forward(model, model, ids, labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+
 TOOL_DIRS = (".git", ".venv", "__pycache__", ".ruff_cache", ".mypy_cache")
 TOOL_SUFFIXES = (".egg-info",)
 

@@ -18,6 +18,7 @@ from hymba_plus.cli import generate as generate_cli
 from hymba_plus.cli import main
 from hymba_plus.models import generation
 from hymba_plus.objectives.block_diffusion import mask_rate
+from tests.helpers import BD_COPY, bd_copy_batch, train_bd_copy
 
 V = 24
 BASE = {
@@ -234,34 +235,12 @@ def test_a_trained_copy_model_copies_with_every_sampler() -> None:
     """The copy task of ``test_block_diffusion.py`` (x = [a | a], the second half scored), trained
     briefly; then each sampler generates the second half from the first (two blocks of 4). BD3-LM's
     samplers copy about as well as the confidence sampler (which needs no randomness here)."""
-    V2, half = 16, 8
-    d = {"name": "copy", "model": {"vocab_size": V2, "d_model": 32, "max_seq_len": 16, "block_pattern": "GD | GA"},
-         "components": {"gated_attn": {"n_heads": 2, "head_dim": 16}, "gdn": {"n_heads": 2, "head_dim": 16},
-                        "mlp": {"d_hidden": 64}},
-         "objective": {"kind": "block_diffusion", "block_size": 4, "clip": [0.3, 1.0]}}
+    half = 8
     torch.manual_seed(0)
-    model = build_model(d)
-    obj = model.objective
-
-    def batch(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        a = torch.randint(0, V2, (n, half), generator=g)
-        ids = torch.cat([a, a], 1)
-        labels = ids.clone()
-        labels[:, :half] = -100
-        return ids, labels
-
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    g = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(120):
-        ids, labels = batch(32, g)
-        loss = obj.train_forward(model, model, ids, labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+    model = build_model(BD_COPY)
+    train_bd_copy(model, 120)
     model.eval()
-    a = batch(128, torch.Generator().manual_seed(123))[0][:, :half]
+    a = bd_copy_batch(128, torch.Generator().manual_seed(123))[0][:, :half]
     acc = {}
     with torch.no_grad():
         for sampler in generation.SAMPLERS:

@@ -36,6 +36,7 @@ from hymba_plus import RecipeError, build_model, from_pretrained, load_recipe, r
 from hymba_plus.cli import main
 from hymba_plus.objectives import block_diffusion as bd
 from hymba_plus.objectives.block_diffusion import mask_rate, reference_logits, weight
+from tests.helpers import BD_COPY, bd_copy_batch, train_bd_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 V, D = 37, 32
@@ -748,23 +749,10 @@ def test_block_diffusion_learns_to_copy():
     """x = [a | a] with a random: the second half is scored. At t = 1 (every scored token
     masked, the whole block at once) only the clean first half can tell the tokens, so
     accuracy far above chance needs the two-stream context to work."""
-    V2, L, half = 16, 16, 8
-    d = {"name": "copy", "model": {"vocab_size": V2, "d_model": 32, "max_seq_len": L, "block_pattern": "GD | GA"},
-         "components": {"gated_attn": {"n_heads": 2, "head_dim": 16}, "gdn": {"n_heads": 2, "head_dim": 16},
-                        "mlp": {"d_hidden": 64}},
-         "objective": {"kind": "block_diffusion", "block_size": 4, "clip": [0.3, 1.0]}}
     torch.manual_seed(0)
-    model = build_model(d)
+    model = build_model(BD_COPY)
     obj = model.objective
-
-    def batch(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        a = torch.randint(0, V2, (n, half), generator=g)
-        ids = torch.cat([a, a], 1)
-        labels = ids.clone()
-        labels[:, :half] = -100
-        return ids, labels
-
-    ev_ids, ev_labels = batch(256, torch.Generator().manual_seed(123))
+    ev_ids, ev_labels = bd_copy_batch(256, torch.Generator().manual_seed(123))
     scored = ev_labels != -100
 
     def evaluate() -> tuple[float, float]:
@@ -778,16 +766,7 @@ def test_block_diffusion_learns_to_copy():
         return nelbo, acc
 
     nelbo0, acc0 = evaluate()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    g = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(120):
-        ids, labels = batch(32, g)
-        loss = obj.train_forward(model, model, ids, labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+    train_bd_copy(model, 120)
     nelbo1, acc1 = evaluate()
     assert acc0 < 0.2 and nelbo0 > 2.0
     assert nelbo1 < 0.25 * nelbo0, (nelbo0, nelbo1)
