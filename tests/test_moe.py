@@ -244,6 +244,49 @@ def test_inert_slots_take_no_capacity_and_are_not_counted():
     assert int(ctx.stats["moe/0/dropped"]) == 2 * 13 - kept
 
 
+def test_capacity_computed_on_the_device_equals_the_hosts():
+    """``expert_capacity`` of a 0-dim tensor (the real tokens counted on the device, where a trace or a
+    capture cannot read them) gives the int the host computes, over token counts and factors."""
+    for n in range(0, 300, 7):
+        for k, E, f in ((2, 4, 1.0), (2, 16, 1.25), (10, 512, 1.0), (1, 3, 0.5), (4, 7, 2.0 / 3.0)):
+            assert int(K.expert_capacity(torch.tensor(n), k, E, f)) == K.expert_capacity(n, k, E, f), (n, k, E, f)
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["capture", "compile"])
+def test_padded_capacity_in_a_capture_or_trace_drops_as_eager(traced):
+    """A padded chunk in training with a capacity: eagerly the capacity comes from the real tokens (one
+    host read); in a CUDA-graph capture (its branch taken on the CPU: ``as_if_capturing``) or a
+    ``torch.compile`` trace it cannot be read, so the buffers are sized from every slot and the real
+    tokens' capacity, computed on the device, limits what each expert keeps. Same output, gradients and
+    dropped count as eager (before, every slot counted there: more capacity, fewer drops)."""
+    from hymba_plus.kernels import dispatch
+
+    m = _module(n_experts=4, top_k=2, n_shared=0, d_expert=8, capacity_factor=1.0).train()
+    with torch.no_grad():  # skew the router so some experts overflow
+        m.router.weight[0] += 1.0
+    x = torch.randn(2, 10, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    lengths = torch.tensor([10, 3])
+
+    def run(fn):  # noqa: ANN001, ANN202
+        xi = x.clone().requires_grad_()
+        ctx = _ctx(2, 10, lengths)
+        y = fn(xi, ctx)
+        y.sum().backward()
+        return y.detach(), xi.grad, int(ctx.stats["moe/0/dropped"])
+
+    y0, g0, d0 = run(m)
+    assert d0 > 0  # (the case drops: with every slot counted it would drop fewer)
+    assert d0 > 2 * 13 - 4 * K.expert_capacity(20, 2, 4, 1.0)
+    if traced:
+        got = run(torch.compile(m, backend="aot_eager", fullgraph=True))
+    else:
+        with dispatch.as_if_capturing():
+            got = run(m)
+    torch.testing.assert_close(got[0], y0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[1], g0, rtol=1e-12, atol=1e-12)
+    assert got[2] == d0
+
+
 # ----------------------------------------------------------------------------- the seed's config
 
 

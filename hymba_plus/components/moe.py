@@ -210,12 +210,15 @@ class MoE(nn.Module):
         xf = x.reshape(-1, D)
         valid = ctx.valid if ctx is not None else None
         vflat = valid.reshape(-1) if valid is not None else None
-        cap = None
+        cap = limit = None
         if cfg.capacity_factor is not None and self.training:
-            # from the real tokens: one host read where the chunk has padding slots (while a CUDA graph
-            # is captured or the step traced, which cannot read, every slot counts)
+            # from the real tokens: one host read where the chunk has padding slots; while a CUDA graph
+            # is captured or the step traced (no host read) the buffers are sized from every slot and
+            # the real tokens' capacity, computed on the device, limits what an expert keeps: the same drops
             n = xf.shape[0]
-            if vflat is not None and not (dispatch.capturing() or dispatch.tracing(xf)):
+            if vflat is not None and (dispatch.capturing() or dispatch.tracing(xf)):
+                limit = K.expert_capacity(vflat.sum(), cfg.top_k, cfg.n_experts, cfg.capacity_factor)
+            elif vflat is not None:
                 n = int(vflat.sum())
             cap = K.expert_capacity(n, cfg.top_k, cfg.n_experts, cfg.capacity_factor)
         if self._fused(xf, vflat, cap):  # the whole layer as one autograd node (eager CUDA)
@@ -243,7 +246,8 @@ class MoE(nn.Module):
             logits, gate_logit = both[:, : cfg.n_experts], both[:, cfg.n_experts]
         r = K.route(logits, cfg.top_k, cfg.score, cfg.norm_topk, self.expert_bias if self._bias_active else None)
         y, dropped, counts = K.moe_experts(xf, r.experts, r.weights.to(x.dtype), self.w_gate_up, self.w_down,
-                                           capacity=cap, inert=None if vflat is None else ~vflat, impl=self.impl)
+                                           capacity=cap, inert=None if vflat is None else ~vflat, impl=self.impl,
+                                           capacity_limit=limit)
         if self.shared is not None:
             sh = self.shared
             y = K.shared_expert(y, xf, gate_logit, stacked(sh.w_gate, sh.w_up)[0], sh.w_down.weight)

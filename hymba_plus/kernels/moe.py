@@ -941,19 +941,32 @@ class Plan:
         self.counts = torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(
             0, flat, torch.ones_like(flat))
         self.tok = self.order // self.k
+        self._expert = self._rank = None
 
-    @functools.cached_property
+    # (computed on first use and kept; not functools.cached_property, whose lock on Python 3.11 Dynamo
+    # cannot enter: every traced padded MoE layer broke its graph there)
+    @property
     def expert(self) -> Tensor:
-        return self.flat.index_select(0, self.order)
+        if self._expert is None:
+            self._expert = self.flat.index_select(0, self.order)
+        return self._expert
 
-    @functools.cached_property
+    @property
     def rank(self) -> Tensor:
-        starts = self.counts.cumsum(0) - self.counts
-        return self.arange - starts.index_select(0, self.expert)
+        if self._rank is None:
+            starts = self.counts.cumsum(0) - self.counts
+            self._rank = self.arange - starts.index_select(0, self.expert)
+        return self._rank
 
 
-def expert_capacity(n_tokens: int, top_k: int, n_experts: int, factor: float) -> int:
-    """Switch Transformer expert capacity: ceil(factor * tokens * k / experts), at least 1."""
+def expert_capacity(n_tokens: int | Tensor, top_k: int, n_experts: int, factor: float) -> int | Tensor:
+    """Switch Transformer expert capacity: ceil(factor * tokens * k / experts), at least 1. ``n_tokens``
+    a 0-dim tensor (the real tokens counted on the device, where the host cannot read them: a trace
+    or a CUDA-graph capture) gives the same number as a 0-dim long tensor, computed in float64 as
+    Python computes the int."""
+    if isinstance(n_tokens, Tensor):
+        a = -(factor * n_tokens.to(torch.float64) * top_k)
+        return (-torch.div(a, n_experts, rounding_mode="floor")).clamp(min=1).long()
     return max(1, int(-(-factor * n_tokens * top_k // n_experts)))
 
 
@@ -963,11 +976,14 @@ FEW_TOKENS = 64
 
 def moe_experts(x: Tensor, experts: Tensor, weights: Tensor, w_gate_up: Tensor, w_down: Tensor, *,
                 capacity: int | None = None, inert: Tensor | None = None,
-                impl: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+                impl: str = "auto", capacity_limit: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Routed SwiGLU experts for N tokens: ``y_n = sum_j w_nj * FFN_{e_nj}(x_n)``.
 
     x [N, d]; experts, weights [N, k]; w_gate_up [E, d, 2h] (gate columns first); w_down
-    [E, h, d]; capacity: rows per expert (None = dropless); inert [N] bool: slots that are
+    [E, h, d]; capacity: rows per expert (None = dropless); capacity_limit: a 0-dim long tensor
+    <= capacity, the rows an expert keeps where the capacity was computed on the device (the real
+    tokens of a padded chunk, in a trace or CUDA-graph capture: ``capacity`` then sizes the buffers
+    from every slot, the limit drops as the eager step's capacity does); inert [N] bool: slots that are
     not real tokens (they never take capacity and are not counted as dropped); impl:
     ``auto`` (``moe_decode_triton`` for a few tokens without gradients where
     ``decode_supported``, else grouped GEMM where supported and dropless, else padded),
@@ -1012,7 +1028,7 @@ def moe_experts(x: Tensor, experts: Tensor, weights: Tensor, w_gate_up: Tensor, 
         slot = plan.expert * cap + plan.rank
     else:
         cap = capacity
-        keep = plan.rank < cap
+        keep = plan.rank < (cap if capacity_limit is None else capacity_limit)
         real = ~inert.repeat_interleave(k).index_select(0, plan.order) if inert is not None else None
         if real is not None:
             dropped = (~keep & real).sum()
