@@ -25,7 +25,7 @@ from hymba_plus.training.progress import Progress
 from hymba_plus.training.schedule import Schedule, lr_factor
 from hymba_plus.training.signals import StopRequest
 from tests.helpers import tree_changes, tree_snapshot
-from tests.test_checkpoint import FAST, recipe_file  # the tiny 2-layer recipe and fast flags
+from tests.test_checkpoint import FAST, TINY, recipe_file  # the tiny 2-layer recipe and fast flags
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -727,3 +727,27 @@ def test_the_printed_resume_command_never_names_a_checkpoint_keep_last_deleted(t
 
     assert main(shlex.split(last.split("resume with: hymba ")[1]) + ["--no-progress"]) == 0, capsys.readouterr().err
     assert [s for s, _ in ckpt_mod.list_checkpoints(out)] == [8]
+
+
+
+@pytest.mark.parametrize("train, flags, alone", [
+    ({"param_dtype": "bfloat16"}, ["--precision", "fp32"], {"param_dtype": "bfloat16", "precision": "fp32"}),
+    ({"data": "mqar"}, ["--seq-len", "3"], {"data": "mqar", "seq_len": 3}),
+    ({"data": "mqar"}, ["--mqar-pairs", "40"], {"data": "mqar", "mqar_pairs": 40}),
+])
+def test_a_flag_that_clashes_with_a_recipes_train_setting_is_a_usage_error(tmp_path, capsys, train, flags, alone):
+    """A rule across train settings (``TrainConfig.check``) broken by a flag's value against the recipe's
+    train: section (--precision fp32 with train.param_dtype bfloat16; --seq-len 3 for train.data mqar) exited 1
+    naming only the recipe's key, while the same flags against the defaults, or --precision auto on the CPU
+    against the same recipe (the trainer's check), exit 2. The recipe's settings breaking it alone: exit 1."""
+    fast = ["--batch-size", "2", "--warmup", "1", "--no-progress", "--steps", "1"]
+    out = tmp_path / "o"
+    rec = recipe_file(tmp_path, {**TINY, "train": {"seq_len": 16, **train}})
+    rc = main(["train", rec, *fast, "--out", str(out), *flags])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith(f"hymba train: {' '.join(flags)}: "), err
+    assert f"train.{next(iter(train))}" in err and not out.exists(), err  # (and the recipe's setting it meets)
+    rec = recipe_file(tmp_path, {**TINY, "train": {"seq_len": 16, **alone}}, "alone.yaml")
+    rc = main(["train", rec, *fast, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "alone.yaml" in err and not out.exists(), err

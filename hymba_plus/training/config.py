@@ -166,6 +166,17 @@ def builtin_data(cfg: TrainConfig, model) -> str | None:  # noqa: ANN001 - Model
                                         else None)
 
 
+def cross_reads(field_name: str) -> tuple[str, ...]:
+    """The other train settings that ``TrainConfig.check``'s rules under the key ``field_name`` read (a
+    flag giving one of them breaks the rule as much as the key's own value: ``validate`` names that flag)."""
+    from .tasks import TASKS
+
+    if field_name == "data":  # the built-in task's check: seq_len and the tasks' own settings
+        return ("seq_len", *dict.fromkeys(s for task in TASKS.values() for s in task.settings))
+    return {"fsdp_param_dtype": ("precision",), "param_dtype": ("precision", "fsdp_param_dtype"),
+            "tokenizer": ("data",)}.get(field_name, ())
+
+
 #: command-line flag of each field (``hymba train``), where it is not ``--field-name``
 FLAG_NAMES = {"warmup_steps": "--warmup"}
 
@@ -206,10 +217,15 @@ def validate(cfg: TrainConfig, model, overrides: dict | None = None, where: str 
             what, why = DATA_SETTINGS[name]
             raise TrainConfigError(f"{flag_of(name)} {overrides[name]}: {what}: the built-in task {task}"
                                    f"{' (the default data)' if cfg.data is None else ''} {why}", flag=flag_of(name))
-    for key, msg in [*range_errors(checked), *cross_errors(checked, model)]:
+    ranges = list(range_errors(checked))
+    for key, msg in [*ranges, *cross_errors(checked, model)]:
         name = key.split(".")[0]
         if name in overrides:
             raise TrainConfigError(f"{flag_of(name)} {overrides[name]}: {msg}", flag=flag_of(name))
+        given = next((f for f in cross_reads(name) if f in overrides), None) if not ranges else None
+        if given is not None:  # a flag's value against the recipe's (or checkpoint's) setting: the flag's error
+            raise TrainConfigError(f"{flag_of(given)} {overrides[given]}: {where}: {section}.{key}: {msg}",
+                                   flag=flag_of(given))
         field = TrainConfig.__dataclass_fields__.get(name)
         default = field is not None and getattr(cfg, name) == field.default
         if default:  # a default the model does not take
