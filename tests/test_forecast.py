@@ -677,6 +677,26 @@ def test_a_horizon_the_model_cannot_roll_to_is_a_usage_error(tmp_path, capsys) -
     assert not out.parent.exists()
 
 
+
+def test_a_horizon_error_is_typed_apart_from_a_bad_series() -> None:
+    """``hymba generate --mode forecast`` told --horizon's errors (exit 2) from the series' (exit 1) by the
+    message's first words; the horizon's are a ``HorizonError`` (a ValueError), the series' plain ValueErrors."""
+    from hymba_plus.models.forecast_decoding import HorizonError
+
+    m = build_model(recipe("GD | GA", horizon=10)).eval()
+    cfg = m.objective.cfg
+    x = torch.randn(1, cfg.context, cfg.channels, dtype=torch.float64)
+    for n in (0, 10 ** 6):
+        with pytest.raises(HorizonError, match="max_new_tokens"):
+            m.generate(x, max_new_tokens=n, mode="forecast")
+    short = build_model(recipe("GD | GA", horizon=cfg.patch - 1)).eval()
+    with pytest.raises(HorizonError, match="forecasts longer than the horizon"):
+        short.generate(x, max_new_tokens=cfg.patch + 1, mode="forecast")
+    x[0, -1, 0] = math.nan
+    with pytest.raises(ValueError, match="must be finite") as e:
+        m.generate(x, max_new_tokens=5, mode="forecast")
+    assert not isinstance(e.value, HorizonError)
+
 def test_info_shows_the_forecast_task(capsys) -> None:
     assert main(["info", str(REPO / "configs" / "forecast_tiny.yaml")]) == 0
     text = capsys.readouterr().out

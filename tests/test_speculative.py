@@ -328,6 +328,15 @@ def test_errors(drafts) -> None:
     short = make("GD", {"max_seq_len": 6})
     with pytest.raises(ValueError, match="draft model: .*max_seq_len 6"):
         target.generate(ids, 4, mode="speculative", draft=short)
+    # the draft's own limits are typed (hymba generate: exit 1 naming --draft; a flag's value: exit 2)
+    from hymba_plus.models.generation import DraftError
+
+    for draft in (short, other):
+        with pytest.raises(DraftError):
+            target.generate(ids, 4, mode="speculative", draft=draft)
+    with pytest.raises(ValueError) as e:
+        target.generate(ids, 4, mode="speculative", draft=drafts["gdn"], k=0)
+    assert not isinstance(e.value, DraftError)
 
 
 def test_cli_speculative(tmp_path, capsys) -> None:

@@ -60,7 +60,7 @@ def _score(v: float) -> str:
 def run_forecast(args: Any, model: Any, ckpt: Path) -> int:
     import torch
 
-    from ..models.forecast_decoding import rolling_forecasts
+    from ..models.forecast_decoding import HorizonError, rolling_forecasts
     from ..training import forecast_metrics as fm
     from ..training.data import DataError
     from ..training.series import read_csv, small_scale_note
@@ -111,10 +111,10 @@ def run_forecast(args: Any, model: Any, ckpt: Path) -> int:
     stats: dict[str, Any] = {}
     try:
         fut = model.generate(x.to(model.device), max_new_tokens=horizon, mode="forecast", stats=stats)[0].cpu()
-    except ValueError as e:  # a --horizon the model cannot roll to: usage (2); the series' values: input (1)
-        msg = str(e).splitlines()[0]
-        horizon_at_fault = msg.startswith(("max_new_tokens", "forecasts longer than the horizon"))
-        raise (UsageError if horizon_at_fault else UserError)(f"--horizon: {msg}") from None
+    except HorizonError as e:  # a --horizon the model cannot roll to: usage (2)
+        raise UsageError(f"--horizon: {str(e).splitlines()[0]}") from None
+    except ValueError as e:  # the series' values: input (1)
+        raise UserError(f"{args.data}: {str(e).splitlines()[0]}") from None
     try:  # the series up to the last origin: rolling_forecasts' origins end at its end
         back = rolling_forecasts(model, x[:, :T - back_by].to(model.device), rolling - 1) if rolling else None
     except ValueError as e:

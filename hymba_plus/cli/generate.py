@@ -248,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..models.generation import end_tokens, reserved_positions
+    from ..models.generation import DraftError, end_tokens, reserved_positions
     from ..models.ladir_decoding import MAX_SAMPLES
     from ..models.lm import CheckpointError, from_pretrained
     from ..training.distributed import pick_device
@@ -441,8 +441,8 @@ def _run(args: argparse.Namespace) -> int:
                                     ("eos_token_id", "--eos"))
                      if k in msg),
                     "--max-new-tokens")
-        # a flag's value the model cannot take (exit 2); "--draft": the draft checkpoint's own limit (exit 1)
-        raise (UserError if flag == "--draft" else UsageError)(f"{flag}: {msg}") from None
+        # a flag's value the model cannot take (exit 2); a DraftError: the draft checkpoint's own limit (exit 1)
+        raise (UserError if isinstance(e, DraftError) else UsageError)(f"{flag}: {msg}") from None
     except RuntimeError as e:
         if "probability tensor contains" not in str(e):
             raise

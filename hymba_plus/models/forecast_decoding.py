@@ -42,6 +42,11 @@ def _objective(model: Any) -> Any:
     return obj
 
 
+class HorizonError(ValueError):
+    """``max_new_tokens`` (``hymba generate --horizon``) that this model cannot forecast: not an integer >= 1,
+    or past what it can roll to within ``max_seq_len`` (a flag's value: ``hymba generate`` exits 2, while a
+    series it cannot read is a plain ValueError, exit 1)."""
+
 def _check_series(obj: Any, series: Tensor, need: int) -> None:
     cfg = obj.cfg
     if not isinstance(series, Tensor):
@@ -77,16 +82,16 @@ def generate_forecast(
     cfg, head = obj.cfg, obj.ts_head
     _check_series(obj, input_ids, cfg.context)
     if not int_at_least(max_new_tokens, 1):
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {brief(max_new_tokens)}")
+        raise HorizonError(f"max_new_tokens must be an integer >= 1, got {brief(max_new_tokens)}")
     k = (cfg.horizon // cfg.patch) * cfg.patch  # values fed back per round
     if max_new_tokens > cfg.horizon and k == 0:
-        raise ValueError(f"forecasts longer than the horizon ({cfg.horizon}) roll whole patches; this model's "
+        raise HorizonError(f"forecasts longer than the horizon ({cfg.horizon}) roll whole patches; this model's "
                          f"horizon is shorter than one patch ({cfg.patch})")
     # the cache holds the context's patches and each round's k fed-back values: at most max_seq_len patches
     room = model.config.max_seq_len - cfg.context // cfg.patch
     rounds = room // (k // cfg.patch) if k else 0
     if max_new_tokens > cfg.horizon + rounds * k:
-        raise ValueError(f"max_new_tokens {max_new_tokens}: at most {cfg.horizon + rounds * k} steps fit this model "
+        raise HorizonError(f"max_new_tokens {max_new_tokens}: at most {cfg.horizon + rounds * k} steps fit this model "
                          f"(the context's {cfg.context // cfg.patch} patches plus {rounds} rounds of {k} fed-back values "
                          f"within max_seq_len {model.config.max_seq_len} patches, then the horizon {cfg.horizon})")
     x = input_ids[:, -cfg.context:].to(model.device, torch.float64)  # RevIN in float64 (ts_head)

@@ -581,6 +581,11 @@ def generate_block_diffusion(
     return torch.cat([input_ids, *blocks], dim=1)
 
 
+class DraftError(ValueError):
+    """``generate(mode="speculative")``: a draft model that cannot serve the call (another vocabulary, a
+    ``max_seq_len`` too short for the prompt and ``max_new_tokens``): the draft checkpoint's own limit
+    (``hymba generate`` exits 1 naming ``--draft``, where a flag's value the model cannot take exits 2)."""
+
 def generate_speculative(
     model: Any,
     input_ids: Tensor,
@@ -608,13 +613,13 @@ def generate_speculative(
         raise ValueError(f"k must be an integer >= 1 (draft tokens per round), got {k!r}")
     V, Vd = model.config.vocab_size, draft.config.vocab_size
     if V != Vd:
-        raise ValueError(f"the draft model's vocab_size {Vd} differs from the target model's vocab_size {V}: "
+        raise DraftError(f"the draft model's vocab_size {Vd} differs from the target model's vocab_size {V}: "
                          "speculative decoding needs one shared vocabulary")
     check_length(model, input_ids, max_new_tokens, attention_mask)
     try:
         check_length(draft, input_ids, max_new_tokens, attention_mask)
     except ValueError as e:
-        raise ValueError(f"draft model: {e}") from None
+        raise DraftError(f"draft model: {e}") from None
     k = min(k, max(max_new_tokens, 1))  # more draft tokens than will be kept only cost memory (B x (N + k + 1))
     B, N, dev = input_ids.shape[0], max_new_tokens, input_ids.device
     greedy = temperature <= 0
