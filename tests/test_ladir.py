@@ -1249,6 +1249,21 @@ def test_generate_overrides_the_sampler_settings_for_one_call() -> None:
     assert "sampler:" not in stats["summary"][0]
 
 
+
+def test_the_summary_names_the_diversity_guidance_only_where_it_acts() -> None:
+    """With one latent sample per question the diversity guidance (between a question's samples) changes
+    nothing, yet the stderr line said "; sampler: diversity_scale 0.5 (...)" as if it had guided them."""
+    torch.manual_seed(0)
+    m = build_model(recipe()).double().eval()
+    ids = torch.randint(3, V, (1, 5), generator=torch.Generator().manual_seed(3))
+    run = dict(max_new_tokens=2, mode="ladir", prophet=False, diversity_scale=0.5)
+    one: dict = {}
+    m.generate(ids, stats=one, samples=1, **run)
+    assert "sampler:" not in one["summary"][0] and one["diversity_scale"] == 0.5, one["summary"]
+    two: dict = {}
+    m.generate(ids, stats=two, samples=2, **run)
+    assert two["summary"][0].endswith("; sampler: diversity_scale 0.5 (bandwidth: median, target: estimate)")
+
 @pytest.mark.parametrize("kw,says", [
     ({"cfg_scale": -1.0}, "cfg_scale must be >= 0 (a finite number, as ladir.cfg_scale in a recipe), got -1.0"),
     ({"cfg_scale": float("inf")}, "cfg_scale must be >= 0"),

@@ -121,18 +121,19 @@ def generate_ladir(
             "ladir: denoising steps used " + ", ".join(f"{u}" + (" (Prophet exit)" if u < steps else "")
                                                        for u in row)
             + f" of {steps} per latent sample; answer vote agreement {stats['vote_agreement'][i]:.2f}"
-            + guidance(run) for i, row in enumerate(stats["steps_used"])]
+            + guidance(run, S) for i, row in enumerate(stats["steps_used"])]
     return torch.cat([input_ids, new], dim=1)
 
 
-def guidance(run: dict) -> str:
+def guidance(run: dict, samples: int) -> str:
     """The summary line's note of the sampler settings ``run`` (``sampler_settings``) that change the unguided
-    sampler (``cfg_scale`` != 1, ``diversity_scale`` > 0 with its bandwidth and target, ``init_noise_scale``
-    != 1), e.g. ``; sampler: cfg_scale 2, init_noise_scale 2.5``; empty when none does."""
+    sampler (``cfg_scale`` != 1, ``diversity_scale`` > 0 with its bandwidth and target where a question has
+    ``samples`` >= 2 to push apart, ``init_noise_scale`` != 1), e.g. ``; sampler: cfg_scale 2, init_noise_scale
+    2.5``; empty when none does."""
     parts = []
     if run["cfg_scale"] != 1.0:
         parts.append(f"cfg_scale {run['cfg_scale']:g}")
-    if run["diversity_scale"] > 0:
+    if run["diversity_scale"] > 0 and samples > 1:  # (LaDiR.sample: no guidance for a lone sample)
         bw = f"{run['diversity_bandwidth']:g}" if run["diversity_bandwidth"] > 0 else "median"
         parts.append(f"diversity_scale {run['diversity_scale']:g} (bandwidth: {bw}, target: "
                      f"{run['diversity_target']})")
