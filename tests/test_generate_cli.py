@@ -314,6 +314,9 @@ def load_recipe_of(ckpt):
     ("cfg", ["--diversity-bandwidth", "-1"], 2, "--diversity-bandwidth -1.0: must be >= 0"),
     ("cfg", ["--diversity-target", "state"], 2, "--diversity-target: invalid choice: 'state'"),
     ("cfg", ["--init-noise-scale", "0"], 2, "--init-noise-scale 0.0: must be > 0"),
+    # past float32's range, as a recipe's (--diversity-bandwidth 1e308 was an OverflowError traceback)
+    ("cfg", ["--diversity-bandwidth", "1e308"], 2, "--diversity-bandwidth 1e+308: must be within float32's range"),
+    ("cfg", ["--init-noise-scale", "1e39"], 2, "--init-noise-scale 1e+39: must be within float32's range"),
     ("cfg", ["--samples", "0"], 2, "--samples 0: must be in 1..64"),
     ("cfg", ["--samples", "65"], 2, "--samples 65: must be in 1..64"),
     # (was exit 1 after loading the model, the API's line: "--steps: steps must be an integer >= 1, got 0")

@@ -1273,6 +1273,10 @@ def test_the_summary_names_the_diversity_guidance_only_where_it_acts() -> None:
     ({"diversity_bandwidth": float("nan")}, "diversity_bandwidth must be >= 0"),
     ({"diversity_target": "state"}, "diversity_target must be 'estimate' or 'velocity' (as ladir.diversity_target in a recipe), got 'state'"),
     ({"init_noise_scale": 0.0}, "init_noise_scale must be > 0 (a finite number, as ladir.init_noise_scale"),
+    # past float32's range, as the recipe's fields (a bandwidth of 1e308 was an OverflowError traceback)
+    ({"diversity_bandwidth": 1e308}, "diversity_bandwidth must be within float32's range (magnitude <= 3.403e+38, "
+                                     "as ladir.diversity_bandwidth in a recipe), got 1e+308"),
+    ({"init_noise_scale": 1e39}, "init_noise_scale must be within float32's range"),
 ])
 def test_generate_refuses_sampler_settings_the_recipe_refuses(kw, says) -> None:
     """The per-call settings are checked as the recipe's fields are, before any forward."""

@@ -248,6 +248,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
+    from ..core.config import FLOAT_MAX
     from ..models.generation import DraftError, end_tokens, reserved_positions
     from ..models.ladir_decoding import MAX_SAMPLES
     from ..models.lm import CheckpointError, from_pretrained
@@ -279,6 +280,8 @@ def _run(args: argparse.Namespace) -> int:
                                 ("--init-noise-scale", args.init_noise_scale, True)):
         if value is not None and (value <= 0 if strict else value < 0):
             raise UsageError(f"{flag} {value}: must be {'>' if strict else '>='} 0")
+        if value is not None and value > FLOAT_MAX:  # (as a recipe's ladir field: the sampler computes in float32)
+            raise UsageError(f"{flag} {value}: must be within float32's range (<= {FLOAT_MAX:.4g})")
     if args.threshold is not None and args.sampler not in (None, "confidence"):
         raise UsageError(f"--threshold: only for --sampler confidence (--sampler {args.sampler} reveals random "
                          "positions)")

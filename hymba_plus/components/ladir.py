@@ -123,12 +123,12 @@ SAMPLER_SETTINGS: dict[str, tuple[float, bool] | tuple[str, ...]] = {
 def sampler_settings(cfg: Any, **given: Any) -> dict[str, Any]:
     """The sampler's settings for one call: each of ``SAMPLER_SETTINGS`` as ``given`` (None: the recipe's,
     ``cfg`` a ``LaDiRConfig``), refused in one line (``ValueError``) where the recipe would refuse it: a number
-    outside its field's range or not finite (a bool is no number), a ``diversity_target`` not among its
+    outside its field's range, not finite or past float32's range (a bool is no number), a ``diversity_target`` not among its
     choices, and ``cfg_scale`` != 1 when the recipe has no ``cfg_dropout`` (classifier-free guidance reads
     the unconditional velocity, which only condition dropout trains: Ho & Salimans 2022, arXiv 2207.12598)."""
     import numbers
 
-    from ..core.config import brief
+    from ..core.config import FLOAT_MAX, brief
 
     out = {}
     for name, rule in SAMPLER_SETTINGS.items():
@@ -144,6 +144,9 @@ def sampler_settings(cfg: Any, **given: Any) -> dict[str, Any]:
             if (isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)
                     or (v <= least if strict else v < least)):
                 raise ValueError(f"{name} must be {'>' if strict else '>='} {least:g} (a finite number, as "
+                                 f"ladir.{name} in a recipe), got {brief(v)}")
+            if abs(v) > FLOAT_MAX:  # (range_errors' bound on a recipe's float: the sampler's tensors are float32)
+                raise ValueError(f"{name} must be within float32's range (magnitude <= {FLOAT_MAX:.4g}, as "
                                  f"ladir.{name} in a recipe), got {brief(v)}")
             v = float(v)
         out[name] = v
