@@ -301,6 +301,30 @@ def test_ladir_flags_reach_the_sampler_for_this_run(ladir_ckpts, capsys, monkeyp
     assert load_recipe_of(ladir_ckpts / "cfg").ladir.cfg_scale == 1.0  # (nothing written back)
 
 
+def test_prophet_flag_turns_the_early_exit_on_or_off_for_this_run(ladir_ckpts, ckpts, capsys, monkeypatch):
+    """``--no-prophet`` / ``--prophet`` reach ``generate(mode="ladir")`` as ``prophet=False`` / ``True`` (None
+    without either: the recipe's ``ladir.prophet.enabled``); refused for another mode and a non-LaDiR model."""
+    from hymba_plus.models import ladir_decoding
+
+    seen: list = []
+    real = ladir_decoding.GENERATORS["ladir"]
+
+    @functools.wraps(real)
+    def spy(model, input_ids, **kw):  # noqa: ANN001, ANN202
+        seen.append(kw.get("prophet"))
+        return real(model, input_ids, **kw)
+
+    monkeypatch.setitem(ladir_decoding.GENERATORS, "ladir", spy)
+    base = [str(ladir_ckpts / "cfg"), "--mode", "ladir", "--prompt", "3 4 5", "--max-new-tokens", "2"]
+    for extra, want in (((), None), (("--no-prophet",), False), (("--prophet",), True)):
+        rc, _, err = gen(capsys, *base, *extra)
+        assert rc == 0 and seen.pop() is want, err
+    rc, out, err = gen(capsys, str(ladir_ckpts / "cfg"), "--prompt", "3 4 5", "--no-prophet")
+    assert rc == 2 and err.strip().endswith("--prophet/--no-prophet: only for --mode ladir") and out == "", err
+    rc, out, err = gen(capsys, str(ckpts / "ids"), "--mode", "ladir", "--prompt", "3 4 5", "--prophet")
+    assert rc == 2 and "--prophet/--no-prophet: " in err and "is not a LaDiR model" in err and out == "", err
+
+
 def load_recipe_of(ckpt):
     from hymba_plus import load_recipe
 

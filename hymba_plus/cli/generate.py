@@ -47,7 +47,8 @@ the same guarantee and the same stderr line (``mtp: k 2, acceptance rate ...``).
 (``models/ladir_decoding.py``); one stderr line per prompt gives the denoising steps each
 latent sample used and whether Prophet stopped it early (and the sampler's settings that guide it).
 ``--steps``, ``--samples``, ``--cfg-scale``, ``--diversity-scale``, ``--diversity-bandwidth``,
-``--diversity-target`` and ``--init-noise-scale`` override the recipe's ``ladir`` settings for this run
+``--diversity-target``, ``--init-noise-scale`` and ``--prophet`` / ``--no-prophet`` override the recipe's
+``ladir`` settings for this run
 (each checked as the recipe's field; ``--cfg-scale`` != 1 needs ``ladir.cfg_dropout`` > 0).
 
 ``--mode forecast --data SERIES.csv`` (models trained with the ``forecast`` objective, which
@@ -142,6 +143,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "velocities (default: ladir.diversity_target)")
     p.add_argument("--init-noise-scale", type=finite_float, default=None, metavar="S",
                    help="ladir: std of the sampler's starting noise, > 0 (default: ladir.init_noise_scale)")
+    p.add_argument("--prophet", action=argparse.BooleanOptionalAction, default=None,
+                   help="ladir: Prophet's early exit from the denoising steps on or off (default: ladir.prophet.enabled)")
     p.add_argument("--think-iterations", type=int, default=None, metavar="N",
                    help="ETD models: think iterations to run, 1..max_iterations (default: the model's "
                         "iterations; with ACT halting max_iterations, each token halting on its own)")
@@ -205,7 +208,8 @@ def ladir_flags(args: argparse.Namespace) -> tuple[tuple[str, str, Any], ...]:
             ("--diversity-scale", "diversity_scale", args.diversity_scale),
             ("--diversity-bandwidth", "diversity_bandwidth", args.diversity_bandwidth),
             ("--diversity-target", "diversity_target", args.diversity_target),
-            ("--init-noise-scale", "init_noise_scale", args.init_noise_scale))
+            ("--init-noise-scale", "init_noise_scale", args.init_noise_scale),
+            ("--prophet/--no-prophet", "prophet", args.prophet))
 
 
 def modes_taking(option: str) -> list[str]:
