@@ -88,15 +88,22 @@ def test_ddpm_reveals_each_masked_position_with_the_schedules_probability(schedu
     assert not (out == mask_id).any()
 
 
-def test_ddpm_reveal_counts_alone_over_many_rows() -> None:
-    """``ancestral_reveal`` itself: 20000 x 8 masked positions, p = 0.3, and only masked ones revealed."""
-    g = torch.Generator().manual_seed(0)
-    masked = torch.rand(20000, 8, generator=g) < 0.7
-    r = generation.ancestral_reveal(masked, 0.3, g)
-    n = int(masked.sum())
-    assert not (r & ~masked).any()
-    assert abs(int(r.sum()) - 0.3 * n) <= 4 * math.sqrt(n * 0.3 * 0.7)
-    assert torch.equal(generation.ancestral_reveal(masked, 1.0, g), masked)
+@pytest.mark.parametrize("n_steps", [1, 2, 7, 64, 10**10])
+def test_ddpm_reveal_steps_follow_the_schedule_at_any_number_of_steps(n_steps) -> None:
+    """``ddpm_reveal_steps``: 40000 positions' steps; the fraction revealed by step i is 1 - m(t_(i+1))
+    within 4 binomial standard deviations at every step checked (all of a short grid; a spread of
+    steps of a long one), the last step reveals every one left, and 10^10 steps cost no more
+    than ~34 bisection rounds (a grid that size is 80 GB: the per-step form could not build it)."""
+    cfg = make_model(schedule="cosine").objective.cfg
+    n = 40000
+    at = generation.ddpm_reveal_steps(cfg, (n,), n_steps, torch.Generator().manual_seed(0), "cpu")
+    assert at.dtype == torch.long and int(at.min()) >= 0 and int(at.max()) <= n_steps - 1
+    checked = range(n_steps) if n_steps <= 64 else [0, 10**5, 10**9, n_steps // 2, n_steps - 2]
+    for i in checked:
+        p = 1.0 - float(mask_rate(cfg, torch.tensor(1.0 - (i + 1) / n_steps, dtype=torch.float64)))
+        got = int((at <= i).sum())
+        assert abs(got - n * p) <= 4 * math.sqrt(n * p * (1 - p)) + 1e-9, (i, got, n * p)
+    assert int((at <= n_steps - 1).sum()) == n
 
 
 def test_first_hitting_reveals_exactly_one_uniformly_chosen_position_a_step(model) -> None:
@@ -129,16 +136,19 @@ def test_first_hitting_reveals_exactly_one_uniformly_chosen_position_a_step(mode
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "first_hitting"])
-@pytest.mark.parametrize("steps", [None, 1, 3, 40])
+@pytest.mark.parametrize("steps", [None, 1, 3, 40, 10**10])
 def test_every_block_ends_fully_unmasked(model, sampler, steps) -> None:
-    """Whatever the step budget (ddpm: one step reveals all; 40 steps over a block of 4), with a cut last
-    block and a block narrower than block_size where max_seq_len leaves no room."""
+    """Whatever the step budget (ddpm: one step reveals all; 40 or 10^10 steps over a block of 4: at most
+    one forward per step revealing in any row), with a cut last block and a block narrower than block_size where
+    max_seq_len leaves no room."""
     mask_id = model.objective.mask_token_id
     ids = torch.randint(0, V, (4, 5), generator=torch.Generator().manual_seed(6))
     g = torch.Generator().manual_seed(7)
+    st: dict = {}
     out = model.generate(ids, max_new_tokens=10, mode="block_diffusion", sampler=sampler, steps=steps,
-                         temperature=1.0, generator=g)
+                         temperature=1.0, generator=g, stats=st)
     assert out.shape == (4, 15) and not (out == mask_id).any() and ((out >= 0) & (out < V)).all()
+    assert 1 <= st["steps_per_block"] <= 4 * 4, st  # (the mean over blocks; a step revealing in any of 4 rows)
     tight = torch.randint(0, V, (2, 58), generator=torch.Generator().manual_seed(8))  # max_seq_len 64
     out = model.generate(tight, max_new_tokens=6, mode="block_diffusion", sampler=sampler, steps=steps, generator=g)
     assert out.shape == (2, 64) and not (out == mask_id).any()

@@ -25,7 +25,9 @@ revealed and reveals exactly one uniformly chosen masked position per step (a ``
 block size reveals the rest at its last step). The model takes no t (BD3-LM's ``time_conditioning:
 False``, as training here), so the time of the next reveal changes nothing that is drawn and is not
 drawn; and a ddpm step that reveals nothing runs no forward (the input is unchanged: BD3-LM's cached
-``p_x0``), so ``steps_per_block`` counts the forwards. A revealed token is the model's argmax at
+``p_x0``), so ``steps_per_block`` counts the forwards. Each position's ddpm step is drawn at once
+(``ddpm_reveal_steps``: the same law, by bisection over the steps), so a forward runs only at the steps
+that reveal something and any number of steps costs at most one forward per position. A revealed token is the model's argmax at
 temperature 0, else drawn from ``filtered_probs`` (temperature, top-k, nucleus top-p as in every mode,
 the token that crosses p kept): which positions are revealed, and when, is random even at temperature 0 (seeded
 by ``generator``). ``threshold`` is the confidence sampler's alone (ignored by the two others).
@@ -432,13 +434,25 @@ def token_confidence(logits: Tensor, temperature: float, top_k: int | None, top_
 SAMPLERS = ("confidence", "ddpm", "first_hitting")
 
 
-def ancestral_reveal(masked: Tensor, p: float, generator: torch.Generator | None) -> Tensor:
-    """[B, W] bool: the masked positions a DDPM step of masked diffusion reveals, each on its own with
-    probability ``p`` = (alpha_s - alpha_t) / (1 - alpha_t) (MDLM Eq. 7; BD3-LM's ``_ddpm_caching_update``:
-    q(x_s | x_t) keeps [MASK] with probability m(s) / m(t))."""
-    if p >= 1.0:
-        return masked
-    return masked & (torch.rand(masked.shape, device=masked.device, generator=generator) < p)
+def ddpm_reveal_steps(cfg: Any, shape: tuple[int, ...], n_steps: int, generator: torch.Generator | None,
+                      device: torch.device | str) -> Tensor:
+    """[shape] long: the step of a ``n_steps``-step DDPM sampler of masked diffusion at which each
+    position of a fully masked block is revealed, all drawn at once. Going down the grid t_i = 1 - i /
+    n_steps, a masked position is revealed from t_i to t_(i+1) with probability (alpha_s - alpha_t) /
+    (1 - alpha_t) = 1 - m(t_(i+1)) / m(t_i) (MDLM Eq. 7; BD3-LM's ``_ddpm_caching_update``: q(x_s | x_t)
+    keeps [MASK] with probability m(s) / m(t)), so it is still masked after step i with probability
+    m(t_(i+1)) (m(1) = 1): with u ~ U(0, 1) its step is the first i with m(t_(i+1)) < u (the last at
+    the latest: m(0) = 0), found by bisection over the steps (m, ``mask_rate``, is increasing), in
+    float64. The same law as drawing each step's reveals in turn, at a cost that does not grow with
+    ``n_steps`` past its logarithm (any number of steps)."""
+    u = torch.rand(shape, dtype=torch.float64, device=device, generator=generator)
+    lo = torch.zeros(shape, dtype=torch.long, device=device)
+    hi = torch.full(shape, n_steps - 1, dtype=torch.long, device=device)
+    for _ in range(max(1, (n_steps - 1).bit_length())):  # the interval [lo, hi] halves each time
+        mid = (lo + hi) // 2
+        gone = mask_rate(cfg, 1.0 - (mid + 1).to(torch.float64) / n_steps) < u  # revealed by step mid
+        hi, lo = torch.where(gone, mid, hi), torch.where(gone, lo, mid + 1)
+    return lo
 
 
 def first_hitting_reveal(masked: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -509,24 +523,21 @@ def generate_block_diffusion(
         n_steps = min(steps if steps is not None else width, width)
         x = torch.full((B, width), mask_id, dtype=input_ids.dtype, device=dev)
         used = 0
-        if sampler != "confidence":  # BD3-LM's ancestral samplers: random positions
-            if sampler == "ddpm":
-                n_steps = steps if steps is not None else width
-                # m(t_i) on the grid t_i = 1 - i / n_steps (float64: the ratios of small rates)
-                rates = mask_rate(model.objective.cfg,
-                                  1.0 - torch.arange(n_steps + 1, dtype=torch.float64) / n_steps).tolist()
+        if sampler == "ddpm":  # each position's step drawn at once; a forward per step that reveals any
+            # (a step revealing nothing leaves the block unchanged: no forward, BD3-LM's cached p_x0)
+            at = ddpm_reveal_steps(model.objective.cfg, tuple(x.shape), steps if steps is not None else width,
+                                   generator, dev)
+            for i in torch.unique(at).tolist():  # (ascending)
+                logits = model(x, cache=cache.fork(), bidirectional=True, check_inputs=False).logits
+                forwards += 1
+                used += 1
+                x = torch.where(at == i, sample_next(logits, temperature, top_k, top_p, generator), x)
+        elif sampler == "first_hitting":  # BD3-LM's: one uniformly random masked position a step
             for i in range(n_steps):
                 masked = x == mask_id
                 if not bool(masked.any()):
                     break
-                if sampler == "ddpm":
-                    # from t_i to t_(i+1): (alpha_s - alpha_t) / (1 - alpha_t) = 1 - m(s) / m(t) (1 at s = 0)
-                    p = 1.0 - rates[i + 1] / rates[i] if rates[i] > 0 else 1.0  # (m(t) underflowing: all)
-                    reveal = ancestral_reveal(masked, p, generator)
-                    if not bool(reveal.any()):  # the block is unchanged: no forward (BD3-LM's cached p_x0)
-                        continue
-                else:
-                    reveal = first_hitting_reveal(masked, generator) if i < n_steps - 1 else masked
+                reveal = first_hitting_reveal(masked, generator) if i < n_steps - 1 else masked
                 logits = model(x, cache=cache.fork(), bidirectional=True, check_inputs=False).logits
                 forwards += 1
                 used += 1
