@@ -360,6 +360,33 @@ def test_info_kernels_one_line_without_cuda(capsys, monkeypatch):
     assert all(line.endswith("  off (HYMBA_KERNELS=reference)") for line in full[start + 1:])
 
 
+def test_info_kernels_off(capsys, monkeypatch):
+    """``HYMBA_KERNELS_OFF``: the named ops are listed off by it (unprobed), the rest as before; a name
+    that is no registered op is one line naming the variable, the name and the known names, with the
+    exit code of a bad ``HYMBA_KERNELS``."""
+    from hymba_plus.cli import info
+
+    recipe = str(ROOT / "configs" / "gpt_tiny.yaml")
+    monkeypatch.setattr(info, "cuda_available", lambda: True)  # the compact table, as on a GPU machine
+    monkeypatch.setenv("HYMBA_KERNELS_OFF", "flex_two_stream, rope")
+    for flag in ((), ("--kernels",)):
+        code, out, err = run(capsys, "info", recipe, *flag)
+        assert code == 0 and err == []
+        rows = {line.split()[0]: line for line in out[out.index(next(x for x in out if x.startswith("kernels "))) + 1:]}
+        assert {op for op, line in rows.items() if line.endswith("  off (HYMBA_KERNELS_OFF)")} == {"flex_two_stream",
+                                                                                                  "rope"}
+    code, out, _ = run(capsys, "info", recipe, "--json")
+    ks = json.loads("\n".join(out))["kernels"]
+    assert ks["rope"]["available"] is False and ks["rope"]["error"] == "off (HYMBA_KERNELS_OFF)"
+    monkeypatch.setenv("HYMBA_KERNELS", "bogus")
+    bad_mode, _, bad_mode_err = run(capsys, "info", recipe)
+    monkeypatch.delenv("HYMBA_KERNELS")
+    monkeypatch.setenv("HYMBA_KERNELS_OFF", "flex_two_stream,gdnn")
+    code, out, err = run(capsys, "info", recipe)
+    assert code == bad_mode != 0 and len(bad_mode_err) == 1 and out == [] and len(err) == 1
+    assert "HYMBA_KERNELS_OFF" in err[0] and "'gdnn'" in err[0] and "flex_two_stream, gated_rms_norm, gdn," in err[0]
+
+
 def fake_info(cuda: bool, mode: str = "auto") -> dict:
     d = describe(load_recipe(ROOT / "configs" / "gpt_tiny.yaml"))
     d["cuda"], d["kernel_mode"] = cuda, mode

@@ -338,6 +338,71 @@ def test_a_cpu_fast_path_takes_cpu_tensors_and_says_when_it_is_unavailable(monke
     assert dispatch.use_fast("fake_cpu", torch.zeros(2)) is False
 
 
+# --------------------------------------------------------------------------- HYMBA_KERNELS_OFF
+
+
+def _only_fakes(monkeypatch, *specs: tuple[str, Exception | None, str]) -> list[tuple[dispatch.FastPath, list[int]]]:
+    """The registry holds only these fake fast paths (name, probe failure, device) for the test."""
+    monkeypatch.setattr(dispatch, "_FAST", {})
+    return [_fake_path(monkeypatch, name, fail, device) for name, fail, device in specs]
+
+
+@pytest.mark.parametrize("m", ["auto", "fast"])
+def test_kernels_off_takes_the_reference_without_probing(monkeypatch, capsys, m):
+    """``HYMBA_KERNELS_OFF`` names ops whose fast path is off: they take the reference in ``auto`` and
+    ``fast`` mode (no error in ``fast``), their probe never runs (use_fast, probe_all, available; nor
+    inside a capture), no fallback notice is printed, and every other op is dispatched as before.
+    Spaces and empty items are tolerated."""
+    monkeypatch.setenv("HYMBA_KERNELS", m)
+    monkeypatch.setenv("HYMBA_KERNELS_OFF", " fake_off ,, fake_off_cpu, ")
+    (off, calls_off), (on, calls_on), (_, calls_cpu) = _only_fakes(
+        monkeypatch, ("fake_off", RuntimeError("broken kernel"), "cuda"), ("fake_on", None, "cuda"),
+        ("fake_off_cpu", None, "cpu"))
+    assert dispatch.off() == frozenset({"fake_off", "fake_off_cpu"})
+    _capturing(monkeypatch, True)  # a first use inside a capture: no probe, no ProbeInCapture
+    assert dispatch.use_fast("fake_off", _OnCuda()) is False
+    _capturing(monkeypatch, False)
+    for _ in range(2):
+        assert dispatch.use_fast("fake_off", _OnCuda()) is False
+        assert dispatch.use_fast("fake_off_cpu", torch.zeros(2)) is False
+        assert dispatch.use_fast("fake_on", _OnCuda()) is True
+    assert dispatch.probe_all() == {"fake_off": False, "fake_off_cpu": False, "fake_on": True}
+    off_line = "off (HYMBA_KERNELS_OFF)"
+    assert dispatch.available() == {"fake_off": (off.doc, False, off_line), "fake_off_cpu": (off.doc, False, off_line),
+                                    "fake_on": (on.doc, True, "")}
+    assert dispatch.statuses() == {"fake_off": off_line, "fake_off_cpu": off_line, "fake_on": True}
+    assert calls_off == calls_cpu == [] and calls_on == [1] and off.status is None and not off.warned
+    assert capsys.readouterr().err == ""
+    monkeypatch.delenv("HYMBA_KERNELS_OFF")  # back on: probed at its next use, as any fast path
+    assert dispatch.use_fast("fake_off_cpu", torch.zeros(2)) is True and calls_cpu == [1]
+
+
+def test_kernels_off_names_must_be_registered_ops(monkeypatch):
+    """A name that is no registered op is an error in one line naming the variable, the name and the
+    known names, where a bad HYMBA_KERNELS is one (use_fast, probe_all, available; under
+    ``reference`` only where the list is reported); names match as registered (lower case), so a
+    wrong case is such an error too."""
+    monkeypatch.setenv("HYMBA_KERNELS", "auto")
+    _only_fakes(monkeypatch, ("fake_a", None, "cpu"), ("fake_b", None, "cpu"))
+    for bad, named in (("fake_a, nope", "'nope'"), ("FAKE_A", "'FAKE_A'"), ("fake_c,fake_d", "'fake_c', 'fake_d'")):
+        monkeypatch.setenv("HYMBA_KERNELS_OFF", bad)
+        for call in (lambda: dispatch.use_fast("fake_a", torch.zeros(1)), dispatch.probe_all, dispatch.available,
+                     dispatch.statuses):
+            with pytest.raises(ValueError) as ei:
+                call()
+            msg = str(ei.value)
+            assert "\n" not in msg and msg.startswith("HYMBA_KERNELS_OFF") and named in msg
+            assert msg.endswith("known: fake_a, fake_b")
+    monkeypatch.setenv("HYMBA_KERNELS", "reference")  # every path off: calls do not read the list, reports do
+    assert dispatch.use_fast("fake_a", torch.zeros(1)) is False
+    for call in (dispatch.probe_all, dispatch.available, dispatch.statuses):
+        with pytest.raises(ValueError, match="HYMBA_KERNELS_OFF names no registered fast path: 'fake_c'"):
+            call()
+    monkeypatch.setenv("HYMBA_KERNELS", "auto")
+    monkeypatch.setenv("HYMBA_KERNELS_OFF", " , ")  # nothing named: nothing off
+    assert dispatch.off() == frozenset() and dispatch.use_fast("fake_a", torch.zeros(1)) is True
+
+
 @pytest.mark.gpu
 def test_gpu_first_use_inside_a_real_capture_raises_and_caches_nothing(monkeypatch):
     monkeypatch.setenv("HYMBA_KERNELS", "auto")
@@ -413,6 +478,24 @@ def test_a_failed_probe_first_met_inside_a_torch_compile_trace_is_announced_once
     monkeypatch.setenv("HYMBA_KERNELS", "fast")
     torch._dynamo.reset()
     with pytest.raises(Exception, match="HYMBA_KERNELS=fast but the fast path for 'fake_compiled_broken'"):
+        _compiled_caller(fp.name)(torch.ones(2))
+
+
+def test_kernels_off_inside_a_torch_compile_trace(monkeypatch, capsys):
+    """A compiled caller of an op named in ``HYMBA_KERNELS_OFF`` takes the reference (the answer a
+    constant of the graph, one graph), its probe never runs and nothing is printed; a bad name fails
+    the compile naming the variable."""
+    monkeypatch.setenv("HYMBA_KERNELS", "fast")
+    monkeypatch.setenv("HYMBA_KERNELS_OFF", "fake_compiled_off")
+    fp, calls = _fake_path(monkeypatch, "fake_compiled_off", device="cpu")
+    torch._dynamo.reset()
+    f = _compiled_caller(fp.name)
+    for _ in range(2):
+        assert torch.equal(f(torch.ones(2)), torch.full((2,), 3.0))
+    assert calls == [] and fp.status is None and capsys.readouterr().err == ""
+    monkeypatch.setenv("HYMBA_KERNELS_OFF", "fake_compiled_of")
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="HYMBA_KERNELS_OFF names no registered fast path: 'fake_compiled_of'"):
         _compiled_caller(fp.name)(torch.ones(2))
 
 

@@ -105,6 +105,7 @@ def test_readme_cli_sample(cmd, expected, monkeypatch, capsys):
     assert argv[0] in READ_ONLY
     monkeypatch.chdir(ROOT)
     monkeypatch.delenv("HYMBA_KERNELS", raising=False)
+    monkeypatch.delenv("HYMBA_KERNELS_OFF", raising=False)
     monkeypatch.setattr(info, "cuda_available", lambda: False)  # the samples show a CPU machine
     named = [ROOT / a for a in argv[1:] if not a.startswith("-") and (ROOT / a).exists()]
     before = snapshot(named)
@@ -166,6 +167,7 @@ def test_readme_python_block_runs(tmp_path, monkeypatch):
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("HYMBA_KERNELS", raising=False)
+    monkeypatch.delenv("HYMBA_KERNELS_OFF", raising=False)
     env: dict = {}
     exec(compile(block, "README.md (python block)", "exec"), env)
     assert env["out"].logits.shape == (2, 16, 256)

@@ -8,7 +8,8 @@ bytes per sequence at 1k and 32k tokens (a note names the lengths past the recip
 its own), and the fast kernels: one line without CUDA
 (``fast paths: atlas_cpu (CPU: reference paths for the rest)``), a short table with it, every op with its
 fast path and why it is unavailable with ``--kernels`` (under ``HYMBA_KERNELS=reference``: each off
-by the setting, and nothing probed).
+by the setting, and nothing probed; an op named in ``HYMBA_KERNELS_OFF``: ``off (HYMBA_KERNELS_OFF)``,
+unprobed).
 
 The model is built on the meta device (``torch.device("meta")``): every shape is real,
 no memory is allocated, so full-size recipes (40 layers, d_model 2048, 512 experts) are
@@ -340,7 +341,10 @@ ERROR_WIDTH = 60  # the compact table cuts a fast path's error here
 def format_kernels(d: dict, level: str = "auto") -> list[str]:
     """The kernels section. ``full``: every op, its fast path and its status (``hymba info
     --kernels``); ``auto``: one line when the fast paths cannot run (no CUDA, or
-    HYMBA_KERNELS=reference), else one short row per op; ``summary``: always one line (the demo)."""
+    HYMBA_KERNELS=reference), else one short row per op; ``summary``: always one line (the demo).
+    An op named in ``HYMBA_KERNELS_OFF`` is listed ``off (HYMBA_KERNELS_OFF)``."""
+    from ..kernels.dispatch import OFF
+
     if level not in KERNEL_LEVELS:
         raise ValueError(f"kernels level must be one of {', '.join(KERNEL_LEVELS)}, got {level!r}")
     ks, mode = d["kernels"], d["kernel_mode"]
@@ -353,7 +357,8 @@ def format_kernels(d: dict, level: str = "auto") -> list[str]:
         dw = max((len(v["fast_path"]) for v in ks.values()), default=0)
         for op, k in ks.items():
             status = ("off (HYMBA_KERNELS=reference)" if mode == "reference"  # (unprobed: dispatch.available)
-                      else "available" if k["available"] else f"unavailable ({k['error']})")
+                      else "available" if k["available"] else k["error"] if k["error"] == OFF
+                      else f"unavailable ({k['error']})")
             out.append(f"{LABEL}{op.ljust(kw)}  {k['fast_path'].ljust(dw)}  {status}")
         return out
     if mode == "reference":
@@ -372,7 +377,8 @@ def format_kernels(d: dict, level: str = "auto") -> list[str]:
         err = k["error"]
         if len(err) > ERROR_WIDTH:  # cut at a word
             err = err[:ERROR_WIDTH - 4].rsplit(" ", 1)[0] + " ..."
-        out.append(f"{LABEL}{op.ljust(kw)}  {'available' if k['available'] else f'unavailable ({err})'}")
+        status = "available" if k["available"] else OFF if err == OFF else f"unavailable ({err})"
+        out.append(f"{LABEL}{op.ljust(kw)}  {status}")
     return out
 
 

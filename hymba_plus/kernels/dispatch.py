@@ -8,6 +8,7 @@ Each op module registers its fast path's availability probe::
 and asks, at call time, ``use_fast("gdn", x)``. The answer is True only when
 
 * ``HYMBA_KERNELS`` is not ``reference`` (``auto``, the default, or ``fast``),
+* the op is not named in ``HYMBA_KERNELS_OFF`` (``off()``),
 * every given tensor is on the fast path's device (CUDA, unless it was registered for another:
   ``fast_path(..., device="cpu")``), and
 * the probe succeeded (it runs once, also when threads ask at once, with autograd on, autocast
@@ -20,6 +21,16 @@ first time a call on its device falls back because of it ("fast path gdn unavail
 ...): using the reference path"). ``HYMBA_KERNELS=fast`` makes a missing fast path an error
 instead (for benchmarks and GPU tests). ``available()`` reports every op's status (``hymba
 info`` and ARCHITECTURE.md use it; under ``reference``, off, unprobed). Nothing is registered for an op that has no real fast path.
+
+One fast path off: ``HYMBA_KERNELS_OFF=name[,name...]`` (op names as registered, lower case, as
+``hymba info --kernels`` lists them; spaces and empty items are ignored) turns those ops' fast paths
+off and leaves the rest as ``HYMBA_KERNELS`` says: a named op takes its reference path in ``auto``
+and in ``fast`` mode (not an error there), with no notice (the user asked), its probe never runs
+(``use_fast``, ``probe_all``, ``available``), and ``statuses()`` / ``available()`` / ``hymba info``
+show it ``off (HYMBA_KERNELS_OFF)``. A name that is no registered op is a ``ValueError`` naming it
+and the known ops, raised where the list is read: at a ``use_fast`` in ``auto`` or ``fast`` mode,
+and in ``probe_all``, ``available`` (``hymba info``) and ``statuses`` in any mode. Every op is
+registered by then (importing any ``hymba_plus`` module imports every kernel module).
 
 Probes and CUDA graphs: a probe never runs while the current CUDA stream is capturing a graph
 (it would fail for reasons unrelated to its fast path, and the failure, cached, would keep
@@ -224,6 +235,24 @@ def mode() -> str:
     return m
 
 
+#: what ``statuses()`` and ``available()`` say of an op named in ``HYMBA_KERNELS_OFF``
+OFF = "off (HYMBA_KERNELS_OFF)"
+
+
+def off() -> frozenset[str]:
+    """The ops ``HYMBA_KERNELS_OFF`` turns off (comma-separated names as registered; spaces and empty
+    items ignored). A name that is no registered op is a ValueError naming it and the known ops."""
+    raw = os.environ.get("HYMBA_KERNELS_OFF", "")
+    if not raw:  # (the common case, at every call)
+        return frozenset()
+    names = frozenset(n.strip() for n in raw.split(",") if n.strip())
+    unknown = sorted(names - _FAST.keys())
+    if unknown:
+        raise ValueError(f"HYMBA_KERNELS_OFF names no registered fast path: {', '.join(map(repr, unknown))}; "
+                         f"known: {', '.join(sorted(_FAST))}")
+    return names
+
+
 def use_fast(name: str, *tensors: torch.Tensor) -> bool:
     m = mode()
     if m == "reference":
@@ -238,7 +267,10 @@ def use_fast(name: str, *tensors: torch.Tensor) -> bool:
 
 def _decide(name: str, m: str, on_device: bool) -> bool:
     """``use_fast``'s answer in mode ``m`` (not ``reference``) for a call whose tensors are all on
-    the fast path's device (``on_device``) or not; probes at a first use, says a fallback once."""
+    the fast path's device (``on_device``) or not; probes at a first use, says a fallback once. An op
+    named in ``HYMBA_KERNELS_OFF`` is off: no probe, no notice, no error."""
+    if name in off():
+        return False
     fp = _FAST.get(name)
     if fp is None or not on_device or not fp.ok():
         if m == "fast" and on_device:
@@ -295,8 +327,9 @@ def probe_all(names: Iterable[str] | None = None) -> dict[str, bool]:
     """Run the probes of ``names`` (default: every registered fast path) that have not run
     yet, outside any CUDA-graph capture; returns op -> available. Call it before capturing a
     step in a CUDA graph (a probe cannot run inside a capture). Nothing is probed with
-    ``HYMBA_KERNELS=reference`` (no fast path will be asked for). Prints nothing: the
-    fallback notice comes at a fast path's first use."""
+    ``HYMBA_KERNELS=reference`` (no fast path will be asked for), nor for the ops named in
+    ``HYMBA_KERNELS_OFF`` (False). Prints nothing: the fallback notice comes at a fast path's
+    first use."""
     if capturing():
         raise ProbeInCapture("dispatch.probe_all() was called while a CUDA graph was being captured: call it "
                              "before the capture")
@@ -304,9 +337,10 @@ def probe_all(names: Iterable[str] | None = None) -> dict[str, bool]:
     unknown = [n for n in selected if n not in _FAST]
     if unknown:
         raise KeyError(f"no fast path is registered for {unknown}")
-    if mode() == "reference":
+    m, switched_off = mode(), off()
+    if m == "reference":
         return {n: False for n in selected}
-    return {n: _FAST[n].ok() for n in selected}
+    return {n: n not in switched_off and _FAST[n].ok() for n in selected}
 
 
 def tracing(*tensors: torch.Tensor) -> bool:
@@ -355,9 +389,11 @@ def max_rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def statuses() -> dict[str, bool | str | None]:
-    """op -> True (fast path in use), its probe's error, or None (not asked for yet), without
-    running any probe (``available`` runs them all, compiles included)."""
-    return {n: (fp.error or False) if fp.status is False else fp.status for n, fp in sorted(_FAST.items())}
+    """op -> True (fast path in use), its probe's error, ``OFF`` (named in ``HYMBA_KERNELS_OFF``), or
+    None (not asked for yet), without running any probe (``available`` runs them all, compiles included)."""
+    switched_off = off()
+    return {n: OFF if n in switched_off else (fp.error or False) if fp.status is False else fp.status
+            for n, fp in sorted(_FAST.items())}
 
 
 def device_of(name: str) -> str:
@@ -368,10 +404,13 @@ def device_of(name: str) -> str:
 def available() -> dict[str, tuple[str, bool, str]]:
     """op -> (description, importable here, error). With ``HYMBA_KERNELS=reference`` nothing is
     probed (as in ``probe_all``: no fast path will be asked for) and every path is off by the
-    setting: (description, False, ``"off: HYMBA_KERNELS=reference"``)."""
-    if mode() == "reference":
+    setting: (description, False, ``"off: HYMBA_KERNELS=reference"``); an op named in
+    ``HYMBA_KERNELS_OFF`` is not probed either: (description, False, ``OFF``)."""
+    m, switched_off = mode(), off()
+    if m == "reference":
         return {n: (fp.doc, False, "off: HYMBA_KERNELS=reference") for n, fp in sorted(_FAST.items())}
-    return {n: (fp.doc, fp.ok(), fp.error) for n, fp in sorted(_FAST.items())}
+    return {n: (fp.doc, False, OFF) if n in switched_off else (fp.doc, fp.ok(), fp.error)
+            for n, fp in sorted(_FAST.items())}
 
 
 #: the modules that define the third-party autotuned kernels our fast paths call, by package
