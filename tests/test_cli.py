@@ -387,6 +387,21 @@ def test_info_kernels_off(capsys, monkeypatch):
     assert "HYMBA_KERNELS_OFF" in err[0] and "'gdnn'" in err[0] and "flex_two_stream, gated_rms_norm, gdn," in err[0]
 
 
+@pytest.mark.parametrize("var, value", [("HYMBA_KERNELS", "bogus"), ("HYMBA_KERNELS_OFF", "gdnn")])
+def test_a_bad_kernel_setting_is_one_line_in_every_model_command(capsys, monkeypatch, tmp_path, var, value):
+    """A bad ``HYMBA_KERNELS`` / ``HYMBA_KERNELS_OFF`` is one line naming the variable, exit 1, before
+    anything runs, in every command that runs a model (``hymba train`` raised a traceback at its first
+    kernel call; ``hymba info`` blamed the recipe: "cannot build the model: ValueError: ...")."""
+    monkeypatch.setenv(var, value)
+    recipe = str(ROOT / "configs" / "gpt_tiny.yaml")
+    for argv in (("info", recipe), ("train", recipe, "--steps", "1", "--out", str(tmp_path / "run")),
+                 ("generate", str(tmp_path / "no_checkpoint"))):
+        code, out, err = run(capsys, *argv)
+        assert code == 1 and out == [] and len(err) == 1, (argv, err)
+        assert err[0].startswith(f"hymba {argv[0]}: {var}") and repr(value) in err[0]
+    assert not (tmp_path / "run").exists()
+
+
 def fake_info(cuda: bool, mode: str = "auto") -> dict:
     d = describe(load_recipe(ROOT / "configs" / "gpt_tiny.yaml"))
     d["cuda"], d["kernel_mode"] = cuda, mode

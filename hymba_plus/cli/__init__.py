@@ -63,6 +63,23 @@ class UserError(Exception):
     line, exit 1."""
 
 
+#: the commands that run a model, where the kernel settings (``HYMBA_KERNELS``, ``HYMBA_KERNELS_OFF``) are
+#: checked before anything runs
+KERNEL_COMMANDS = ("info", "train", "generate")
+
+
+def check_kernel_settings() -> None:
+    """A bad ``HYMBA_KERNELS`` or ``HYMBA_KERNELS_OFF`` as one line (``UserError``), before a command runs
+    (``kernels/dispatch.py`` reads them at the first kernel call, deep in a run: a traceback)."""
+    from ..kernels import dispatch
+
+    try:
+        dispatch.mode()
+        dispatch.off()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 #: an argument longer than this is shortened (``core.config.brief``) where argparse echoes it
 ECHO_LIMIT = 80
 
@@ -133,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():  # restores the caller's showwarning (main called from Python)
             warnings.showwarning = _one_line_warning
+            if args.command in KERNEL_COMMANDS:
+                check_kernel_settings()
             return int(modules[args.command].run(args) or 0)
     except UsageError as e:
         print(f"hymba {args.command}: {e}", file=sys.stderr)
