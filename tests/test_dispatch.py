@@ -592,3 +592,26 @@ def test_lifting_saved_tensor_hooks_is_traced_without_a_graph_break():
         (x * 3).sin().sum()  # outside the block: the hooks are back
     y.sum().backward()
     assert len(packed) == 1
+
+
+def test_the_constant_result_mark_is_dynamos_without_importing_dynamo():
+    """``dispatch.assume_constant_result`` sets what ``torch.compiler.assume_constant_result`` sets (a torch
+    upgrade that marks constants another way fails here), and ``import hymba_plus`` no longer imports
+    ``torch._dynamo`` for it (a fresh process: 1.2-1.7 s of every ``hymba`` command's start)."""
+    import subprocess
+    import sys
+
+    import torch._dynamo.decorators as decorators
+
+    def f() -> int:
+        return 1
+
+    def g() -> int:
+        return 1
+
+    ours, theirs = dispatch.assume_constant_result(f), decorators.assume_constant_result(g)
+    assert ours is f and theirs is g
+    assert {k: v for k, v in vars(f).items()} == {k: v for k, v in vars(g).items()} == {"_dynamo_marked_constant": True}
+    code = "import sys, hymba_plus; print('torch._dynamo' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "False", res.stdout + res.stderr

@@ -283,7 +283,17 @@ def _decide(name: str, m: str, on_device: bool) -> bool:
     return True
 
 
-@torch.compiler.assume_constant_result
+def assume_constant_result(fn: Callable) -> Callable:
+    """``torch.compiler.assume_constant_result(fn)`` without importing Dynamo: that function imports
+    ``torch._dynamo`` (1.2-1.7 s, the larger part of ``import hymba_plus``, i.e. of every ``hymba``
+    command's start and every test subprocess) only to set the attribute its decorator sets; a call
+    that Dynamo traces has Dynamo imported anyway. ``tests/test_dispatch.py`` checks that Dynamo's
+    decorator still does just this."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@assume_constant_result
 def _decide_outside_trace(name: str, m: str, on_device: bool) -> bool:
     """``_decide`` for a call that torch.compile is tracing: Dynamo runs this in plain Python at
     trace time and puts the answer in the graph as a constant, so a probe is never traced (traced,
