@@ -176,6 +176,9 @@ class RunOptions:
     route_max_rows: int | None = None  # rows per forward of the search (None: one call per slot)
     distill: Path | None = None  # --distill: the teacher checkpoint (training/distill.py)
     init: Path | None = None  # a checkpoint whose weights a fresh run starts from (RECIPE given as a folder)
+    # a data stream to train on instead of opening ``cfg.data`` (``hymba bench``: random token ids,
+    # ``training/bench.RandomTokens``); it needs ``train(indices)``, ``description``, ``tokenizer`` (None)
+    stream: Any = None
 
     def train_mode(self) -> tuple[str, str | None]:
         """(the requested training mode, the torch.compile mode or None) from ``mode`` and its
@@ -643,10 +646,12 @@ class Trainer:
                        self.objective_cls.segment_reserve(self.recipe))
         # (the checks of the data against a resumed checkpoint run before a re-made OUT/data replaces the old one)
         accept = functools.partial(self._check_data, state=state)
-        if self.info.is_main:
+        if opts.stream is not None:  # (a fresh run's: nothing of a checkpoint's data to check it against)
+            self.stream = opts.stream
+        elif self.info.is_main:
             self.stream = open_stream(*stream_args, accept=accept)
         dist_mod.barrier(self.info)
-        if not self.info.is_main:
+        if not self.info.is_main and opts.stream is None:
             self.stream = open_stream(*stream_args, accept=accept)
         self.carried = self._carried_files()
 
@@ -1358,18 +1363,24 @@ class Trainer:
                                checkpoint=self.resume_from, out=self.out, note=self.nothing_to_do)
             return self._loop()
         finally:
-            if self.masters is not None:
-                self.masters.release()  # the model handed on after the run holds its float32 weights
-            if hasattr(self, "tf32_before"):
-                torch.backends.cuda.matmul.allow_tf32 = self.tf32_before
-            if hasattr(self, "cuda_device_before"):
-                torch.cuda.set_device(self.cuda_device_before)
-            if hasattr(self, "info"):
-                info = self.info
-                if info.enabled:  # the sharded model and optimizer state hold the process group: drop them
-                    vars(self).clear()  # now (a finished run is not used again), see distributed.shutdown
-                    self.info = info
-                dist_mod.shutdown(info)
+            self.close()
+
+    def close(self) -> None:
+        """What ``run`` puts back after the run, also where ``setup`` failed: the bf16 weights' float32
+        masters into the model, the caller's TF32 setting and current CUDA device, the process group
+        (``hymba bench`` calls it after the steps it times)."""
+        if self.masters is not None:
+            self.masters.release()  # the model handed on after the run holds its float32 weights
+        if hasattr(self, "tf32_before"):
+            torch.backends.cuda.matmul.allow_tf32 = self.tf32_before
+        if hasattr(self, "cuda_device_before"):
+            torch.cuda.set_device(self.cuda_device_before)
+        if hasattr(self, "info"):
+            info = self.info
+            if info.enabled:  # the sharded model and optimizer state hold the process group: drop them
+                vars(self).clear()  # now (a finished run is not used again), see distributed.shutdown
+                self.info = info
+            dist_mod.shutdown(info)
 
     def _plot(self) -> None:
         """Redraw ``loss.png``. A plot that cannot be drawn (a folder named loss.png, a full disk, a
