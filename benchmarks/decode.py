@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
 import torch
-from timing import bench, device_arg, gpu_peaks, on_cuda, use_device, versions  # benchmarks/timing.py
+from timing import device_arg, gpu_peaks, on_cuda, use_device, versions  # benchmarks/timing.py
+
+from hymba_plus.training.bench import decode_times, device_label  # (hymba bench's measure)
 
 QWEN3_NEXT_LIKE = {
     "name": "qwen3-next-like",
@@ -53,11 +54,6 @@ def weight_bytes(model, batch: int) -> int:
                              if n.startswith(("w_gate_up", "w_down", "experts")))
                 total -= routed * (1 - cfg.top_k / cfg.n_experts)
     return int(total)
-
-
-def device_label(device: str) -> str:
-    """The JSON's ``device``: the GPU's name (of that index, ``cuda:1`` too), else the CPU's processor."""
-    return torch.cuda.get_device_name(torch.device(device)) if on_cuda(device) else platform.processor() or "cpu"
 
 
 def main() -> None:
@@ -149,29 +145,19 @@ def run(args: argparse.Namespace) -> None:
             for eng in args.engines:
                 if eng == "graph" and not on_cuda(args.device):
                     continue
-                stats: dict = {}
-                try:
-                    with torch.no_grad():
-                        def gen(n: int, ids=ids, eng=eng, stats=stats) -> None:
-                            model.generate(ids, max_new_tokens=n, engine=eng, stats=stats)
-
-                        # median seconds after one warm-up call (the engine for the shape is made there)
-                        t1 = bench(lambda: gen(1), args.device, warmup=1, iters=args.repeats) / 1e3
-                        tn = bench(lambda: gen(args.new), args.device, warmup=1, iters=args.repeats) / 1e3
+                try:  # median of --repeats calls after one warm-up call (the engine for the shape is made there)
+                    got = decode_times(model, ids, args.new, args.device, warmup=1, iters=args.repeats, engine=eng)
                 except torch.OutOfMemoryError as e:
                     rows.append({"batch": B, "prompt": T, "engine": eng, "error": f"out of memory: {e}"[:200]})
                     torch.cuda.empty_cache()
                     continue
-                row = {"batch": B, "prompt": T, "engine": stats.get("engine", eng), "prefill_ms": t1 * 1e3,
-                       "total_tok_s": B * args.new / tn, "weight_stream_limit_ms": limit_ms}
-                if tn > t1:
-                    row["ms_per_step"] = step_ms = (tn - t1) / (args.new - 1) * 1e3
-                    row["decode_tok_s"] = B / step_ms * 1e3
-                else:  # a negative step time is noise, not a measurement
-                    row["note"] = (f"t(new) <= t(1) ({tn * 1e3:.1f} <= {t1 * 1e3:.1f} ms): the decode steps are "
-                                   f"below the timing noise; no step time (raise --new or --repeats)")
-                if stats.get("engine_notice"):
-                    row["notice"] = stats["engine_notice"]
+                t1 = got["prefill_ms"] / 1e3
+                row = {"batch": B, "prompt": T, "engine": got.get("engine", eng), "prefill_ms": got["prefill_ms"],
+                       "total_tok_s": B * args.new / got["total_ms"] * 1e3, "weight_stream_limit_ms": limit_ms}
+                for k, name in (("ms_per_step", "ms_per_step"), ("decode_tokens_per_s", "decode_tok_s"),
+                                ("note", "note"), ("notice", "notice")):
+                    if k in got:
+                        row[name] = got[k]
                 rows.append(row)
                 step = f"{row['ms_per_step']:>8.2f} {row['decode_tok_s']:>8.0f}" if "ms_per_step" in row \
                     else f"{'-':>8} {'-':>8}"

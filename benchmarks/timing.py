@@ -13,6 +13,10 @@ from pathlib import Path
 
 import torch
 
+# one implementation of the timing (the package's, which ``hymba bench`` runs): ``bench`` is its median_ms
+from hymba_plus.training.bench import median_ms as bench  # noqa: F401  (the scripts import it from here)
+from hymba_plus.training.bench import on_cuda
+
 #: datasheet peaks per GPU, matched in order on ``torch.cuda.get_device_name()``: (name part, dense bf16
 #: tensor-core FLOP/s, HBM bytes/s). The H100 rows before the bare "H100" (the SXM part, "H100 80GB HBM3")
 GPU_PEAKS = (
@@ -108,40 +112,9 @@ def use_device(device: str | torch.device) -> None:
         torch.cuda.set_device(dev)
 
 
-def on_cuda(device: str | torch.device) -> bool:
-    """Whether ``device`` ("cuda", "cuda:1", a torch.device) is a GPU: timed with a synchronize."""
-    return torch.device(device).type == "cuda"
-
-
 def bench_dtype(device: str | torch.device) -> torch.dtype:
     """The benchmarks' default dtype: bf16 on a GPU (``cuda``, ``cuda:1``), float32 on the CPU."""
     return torch.bfloat16 if on_cuda(device) else torch.float32
-
-
-def bench(fn: Callable[[], object], device: str, warmup: int = 3, iters: int = 10) -> float:
-    """Median milliseconds of fn() (CUDA events on GPU, perf_counter on CPU). On a GPU the events are
-    recorded on ``device``'s current stream and ``device`` is synchronised (``cuda:1`` while the current
-    device is 0 too: fn() launches on the stream of the device its tensors are on)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if on_cuda(device):
-        dev = torch.device(device)
-        stream = torch.cuda.current_stream(dev)
-        torch.cuda.synchronize(dev)
-        for _ in range(iters):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record(stream)
-            fn()
-            e.record(stream)
-            torch.cuda.synchronize(dev)
-            times.append(s.elapsed_time(e))
-    else:
-        for _ in range(iters):
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def host_times(fn: Callable[[], object], device: str, passes: int) -> list[float]:

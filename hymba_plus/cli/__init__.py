@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("generate", "generate text from a checkpoint, or forecast a series (--mode forecast)"),
     "prepare": ("prepare", "tokenize text files into memory-mapped token shards"),
     "convert": ("convert", "import / export HF transformers checkpoints, or hybridize a pretrained model"),
+    "bench": ("bench", "training-step, prefill and decode throughput of a recipe on one device"),
 }
 
 
@@ -65,7 +66,7 @@ class UserError(Exception):
 
 #: the commands that run a model, where the kernel settings (``HYMBA_KERNELS``, ``HYMBA_KERNELS_OFF``) are
 #: checked before anything runs
-KERNEL_COMMANDS = ("info", "train", "generate")
+KERNEL_COMMANDS = ("info", "train", "generate", "bench")
 
 
 def check_kernel_settings() -> None:

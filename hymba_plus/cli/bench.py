@@ -1,0 +1,130 @@
+"""``hymba bench RECIPE``: training-step, prefill and decode throughput of a recipe's model on one device.
+
+The model is built from the recipe with random weights and trained on random token ids of its vocabulary
+(LaDiR: its default reasoning task; forecasting: the synthetic series): no data files. Each number is the
+median over ``--steps`` timed calls after ``--warmup`` untimed ones, between CUDA events with the device
+synchronised on a GPU (``training/bench.py`` says what each phase runs). The training step is ``hymba
+train``'s own (the objective's loss, the recipe's optimizer, bf16 autocast on CUDA, ``--mode``); prefill and
+decode run with the weights in ``--dtype``. Prints a table; ``--json FILE`` writes the same as JSON (replaced
+if it exists, written only once every phase has run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+from pathlib import Path
+
+from . import UsageError, UserError, path_text
+from .train import TRAIN_MODES
+
+DTYPES = ("float32", "bfloat16")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..training.bench import DEFAULT_RUN, DEFAULT_SHAPE
+
+    (cb, cs), (gb, gs) = DEFAULT_SHAPE["cpu"], DEFAULT_SHAPE["cuda"]
+    (csteps, cwarm, cnew), (gsteps, gwarm, gnew) = DEFAULT_RUN["cpu"], DEFAULT_RUN["cuda"]
+    p.description = (f"{p.description or ''}. Random weights and random token ids (no data files); each number the "
+                     "median over --steps timed calls after --warmup untimed ones.")
+    p.add_argument("recipe", type=path_text, metavar="RECIPE", help="a recipe file")
+    p.add_argument("--device", default="auto", help="auto (default: cuda when available), cpu, cuda, cuda:N")
+    p.add_argument("--batch", type=int, help="sequences per step (default: the recipe's train.batch_size where set, "
+                                             f"else {cb} on the CPU, {gb} on CUDA)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence, the prefill length and the decode prompt "
+                                               "(default: the recipe's train.seq_len where set, else "
+                                               f"{cs} on the CPU, {gs} on CUDA, at most max_seq_len; not for "
+                                               "forecast recipes)")
+    p.add_argument("--steps", type=int, help=f"timed calls per phase (default: {csteps} on the CPU, {gsteps} on CUDA)")
+    p.add_argument("--warmup", type=int, help=f"untimed calls before them (default: {cwarm} on the CPU, {gwarm} on "
+                                              "CUDA; on CUDA the optimizer step's graph is captured at the second "
+                                              "step)")
+    p.add_argument("--mode", choices=TRAIN_MODES, default="auto",
+                   help="how the training step runs, as hymba train --mode (default: auto)")
+    p.add_argument("--decode-tokens", type=int, metavar="N",
+                   help=f"new tokens per timed generate call, >= 2 (default: {cnew} on the CPU, {gnew} on CUDA; at "
+                        "most max_seq_len - 1, the prompt shortened to fit)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="the weights' dtype for prefill and decode (default: bfloat16 on CUDA, float32 on the CPU)")
+    p.add_argument("--json", type=path_text, metavar="FILE",
+                   help="also write the results as JSON to FILE (replaced if it exists)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..core.recipe import RecipeError, load_recipe
+    from ..models.lm import CheckpointError
+    from ..training.bench import BenchSettings, bench_recipe, default_settings, format_report, on_cuda
+    from ..training.data import DataError
+    from ..training.distributed import pick_device
+    from ..training.trainer import TrainError, TrainUsageError
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("one process: run it without torchrun")
+    try:
+        device = str(pick_device(args.device))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    for flag, v, lo in (("--batch", args.batch, 1), ("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
+                        ("--seq-len", args.seq_len, 2), ("--decode-tokens", args.decode_tokens, 2)):
+        if v is not None and v < lo:
+            raise UsageError(f"{flag} {v}: must be >= {lo}")
+    out = Path(args.json) if args.json is not None else None
+    if out is not None and (out.is_dir() or out.name in ("", ".", "..")):
+        raise UsageError(f"--json {args.json}: expected a file name")
+    try:
+        recipe = load_recipe(Path(args.recipe))  # a file (a str that is no path would be read as YAML text)
+    except RecipeError as e:
+        more = f" (and {len(e.errors) - 1} more: hymba check lists them)" if len(e.errors) > 1 else ""
+        raise UserError(" ".join(e.errors[0].split()) + more) from None
+    d = default_settings(recipe, device)
+    forecast = recipe.model.vocab_size is None
+    if forecast and args.seq_len is not None:
+        raise UsageError(f"--seq-len {args.seq_len}: does not apply to objective forecast (windows of "
+                         "objective.context values)")
+    seq_len = args.seq_len if args.seq_len is not None else d["seq_len"]
+    limit = recipe.model.max_seq_len
+    if not forecast and seq_len > limit:
+        raise UsageError(f"--seq-len {seq_len}: must be <= the recipe's max_seq_len ({limit})" if args.seq_len else
+                         f"the recipe's train.seq_len {seq_len} exceeds its max_seq_len ({limit}): pass --seq-len")
+    new = args.decode_tokens if args.decode_tokens is not None else min(d["decode_tokens"], max(limit - 1, 2))
+    if not forecast and new > limit - 1:
+        raise UsageError(f"--decode-tokens {new}: must be <= max_seq_len - 1 ({limit - 1}: a prompt of one token "
+                         "at least)")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if on_cuda(device) else "float32"))
+    settings = BenchSettings(device=device, batch=args.batch or d["batch"], seq_len=seq_len,
+                             steps=args.steps or d["steps"], warmup=d["warmup"] if args.warmup is None else args.warmup,
+                             mode=args.mode, decode_tokens=new, dtype=dtype)
+    try:
+        report = bench_recipe(recipe, settings, recipe_name=args.recipe)
+    except TrainUsageError as e:  # e.g. --mode cuda-graph on the CPU, or for LaDiR
+        raise UsageError(str(e)) from None
+    except (TrainError, DataError, CheckpointError) as e:
+        raise UserError(str(e)) from None
+    except torch.OutOfMemoryError:
+        raise UserError(f"out of memory on {device} at batch {settings.batch}"
+                        + (f" x seq_len {seq_len}" if seq_len else "") + ": lower --batch or --seq-len") from None
+    print(format_report(report))
+    if out is not None:
+        _write(out, report)
+        print(f"wrote {out}")
+    return 0
+
+
+def _write(out: Path, report: dict) -> None:
+    """``report`` as JSON to ``out`` under a temporary name first, then renamed: a failure leaves no file and
+    an old one unchanged (``hymba generate --out``'s rule)."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(report, indent=1) + "\n")
+        os.replace(tmp, out)
+    except OSError as e:
+        raise UserError(f"--json {out}: cannot write ({e.strerror or e})") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()

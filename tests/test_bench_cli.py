@@ -1,0 +1,101 @@
+"""``hymba bench RECIPE`` (cli/bench.py, training/bench.py): every objective of the tiny recipes benches on the CPU
+(training step, prefill, decode; forecasting skips decode and says why), the JSON holds what the table shows and
+the parameters ``hymba info`` counts, and bad arguments and recipes are one line with the README's exit codes,
+nothing written. Tiny shapes, 1 timed step: no number is compared with a time."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from hymba_plus.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--device", "cpu", "--batch", "1", "--steps", "1", "--warmup", "0", "--decode-tokens", "2"]
+
+
+@pytest.mark.parametrize("name", ["gpt_tiny", "mtp_tiny", "bd_tiny", "ladir_tiny", "forecast_tiny"])
+def test_every_objective_benches_with_positive_numbers(tmp_path, capsys, name):
+    """next token, MTP, block diffusion, LaDiR and forecasting: each phase reports positive numbers, the JSON
+    (replacing an older file, as ``generate --out`` does) has every key, parameters as ``hymba info`` counts them."""
+    from hymba_plus.cli.info import describe
+    from hymba_plus.core.recipe import load_recipe
+
+    recipe = ROOT / "configs" / f"{name}.yaml"
+    out = tmp_path / "bench.json"
+    out.write_text("old")
+    args = FAST + ([] if name == "forecast_tiny" else ["--seq-len", "8"])
+    assert main(["bench", str(recipe), *args, "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    r = json.loads(out.read_text())
+    info = describe(load_recipe(recipe))
+    assert (r["params_total"], r["params_active"]) == (info["params_total"], info["params_active"])
+    assert r["torch"] == torch.__version__ and r["device_type"] == "cpu" and r["device"]
+    assert r["settings"]["dtype"] == "float32" and r["settings"]["batch"] == 1
+    t = r["train"]
+    assert t["ms_per_step"] > 0 and t["tokens_per_s"] > 0 and t["tokens_per_step"] > 0
+    assert t["mode"] == "eager" and t["precision"] == "float32" and t["optimizer"] and "peak_memory_bytes" not in t
+    assert r["prefill"]["ms"] > 0 and r["prefill"]["tokens_per_s"] > 0 and r["prefill"]["tokens"] > 0
+    d = r["decode"]
+    if name == "forecast_tiny":
+        assert "generates no tokens" in d["skipped"] and "skipped: a forecasting model" in table
+        assert t["tokens_per_step"] == 12  # patch tokens: 96 / 8 values, one channel, batch 1
+    else:
+        assert d["prefill_ms"] > 0 and d["total_ms"] > 0 and d["new_tokens"] == 2 and d["prompt"] == 8
+        # two tiny timings may invert (noise): then a note instead of a step time, never a negative one
+        assert d.get("ms_per_step", 1) > 0 and ("ms_per_step" in d) != ("note" in d)
+    if name in ("gpt_tiny", "mtp_tiny", "bd_tiny"):  # random token ids, every position a token
+        assert t["tokens_per_step"] == 8 and "random token ids" in t["data"]
+    assert "train step" in table and "prefill" in table and f"wrote {out}" in table
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--batch", "0"], "--batch 0: must be >= 1"),
+    (["--steps", "0"], "--steps 0: must be >= 1"),
+    (["--warmup", "-1"], "--warmup -1: must be >= 0"),
+    (["--decode-tokens", "1"], "--decode-tokens 1: must be >= 2"),
+    (["--decode-tokens", "512"], "--decode-tokens 512: must be <= max_seq_len - 1 (511"),
+    (["--seq-len", "1"], "--seq-len 1: must be >= 2"),
+    (["--seq-len", "100000"], "--seq-len 100000: must be <= the recipe's max_seq_len (512)"),
+    (["--device", "cuda"], "--device cuda: CUDA is not available on this machine"),
+    (["--device", "tpu"], "--device tpu: expected auto, cpu, cuda or cuda:N"),
+    (["--mode", "fast"], "argument --mode: invalid choice: 'fast'"),
+    (["--mode", "cuda-graph"], "--cuda-graph needs a CUDA device"),
+])
+def test_bad_arguments_are_one_line_exit_2_nothing_written(tmp_path, capsys, monkeypatch, args, needle):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "bench.json"
+    try:
+        rc = main(["bench", str(ROOT / "configs" / "gpt_tiny.yaml"), "--device", "cpu", "--steps", "1", "--warmup", "0",
+                   "--batch", "1", "--seq-len", "8", *args, "--json", str(out)])
+    except SystemExit as e:  # argparse's own errors (cli._parser_class: one line, exit 2)
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_bad_recipe_missing_file_json_folder_and_forecast_seq_len(tmp_path, capsys, monkeypatch):
+    """A bad recipe: its first error as FILE:LINE: key (exit 1); a missing recipe (1); --json naming a folder and
+    --seq-len for a forecast recipe (usage, 2); a bad HYMBA_KERNELS (1, before anything runs). Nothing written."""
+    out = tmp_path / "bench.json"
+    bad = ROOT / "tests" / "bad_recipes" / "kv_heads_not_dividing.yaml"
+    cases = [
+        ([str(bad)], 1, f"{bad}:11: components.gated_attn.n_kv_heads: must divide n_heads"),
+        ([str(tmp_path / "none.yaml")], 1, "none.yaml"),
+        ([str(ROOT / "configs" / "forecast_tiny.yaml"), "--seq-len", "8"], 2,
+         "--seq-len 8: does not apply to objective forecast"),
+    ]
+    for args, code, needle in cases:
+        assert main(["bench", *args, *FAST, "--json", str(out)]) == code
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert main(["bench", str(ROOT / "configs" / "gpt_tiny.yaml"), *FAST, "--json", str(tmp_path)]) == 2
+    assert "--json" in capsys.readouterr().err
+    monkeypatch.setenv("HYMBA_KERNELS", "fastest")
+    assert main(["bench", str(ROOT / "configs" / "gpt_tiny.yaml"), *FAST, "--json", str(out)]) == 1
+    assert "HYMBA_KERNELS" in capsys.readouterr().err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
