@@ -38,6 +38,7 @@ def test_every_objective_benches_with_positive_numbers(tmp_path, capsys, name):
     t = r["train"]
     assert t["ms_per_step"] > 0 and t["tokens_per_s"] > 0 and t["tokens_per_step"] > 0
     assert t["mode"] == "eager" and t["precision"] == "float32" and t["optimizer"] and "peak_memory_bytes" not in t
+    assert any(line.startswith("optimizer: ") for line in t["log"])  # the trainer's set-up lines
     assert r["prefill"]["ms"] > 0 and r["prefill"]["tokens_per_s"] > 0 and r["prefill"]["tokens"] > 0
     d = r["decode"]
     if name == "forecast_tiny":

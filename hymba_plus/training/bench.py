@@ -26,6 +26,7 @@ examples for LaDiR, patch tokens (batch x channels x context / patch, channel-in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import platform
@@ -200,7 +201,9 @@ def bench_recipe(recipe: Any, s: BenchSettings, recipe_name: str = "the recipe",
                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The report of ``hymba bench`` (the module docstring): {recipe, device, torch, params_total /
     params_active (``hymba info``'s count), settings, train, prefill, decode}; each phase a dict of its
-    numbers, or {skipped: why}. Raises what ``Trainer`` raises (TrainError, TrainUsageError, ...)."""
+    numbers, or {skipped: why}; ``train.log``: the lines the trainer's set-up said (model, optimizer, the
+    training mode and why), unless ``log`` takes them. Raises what ``Trainer`` raises (TrainError,
+    TrainUsageError, ...)."""
     from ..cli.info import describe
     from ..objectives import objective_class
     from .config import TrainConfig
@@ -259,7 +262,7 @@ def bench_recipe(recipe: Any, s: BenchSettings, recipe_name: str = "the recipe",
                 train = {"ms_per_step": ms, "tokens_per_step": tok, "tokens_per_s": tok / ms * 1e3,
                          "mode": trainer.run_mode, "precision": _autocast_name(trainer.cfg, dev),
                          "optimizer": trainer.split.describe(), "data": trainer.stream.description,
-                         "grad_accum": trainer.cfg.grad_accum}
+                         "grad_accum": trainer.cfg.grad_accum, "log": notes}
                 if on_cuda(dev):
                     train["peak_memory_bytes"] = torch.cuda.max_memory_allocated(dev)
                 report["train"] = train
@@ -276,10 +279,13 @@ def bench_recipe(recipe: Any, s: BenchSettings, recipe_name: str = "the recipe",
     if on_cuda(dev):
         torch.cuda.empty_cache()
     model = model.to(dtype=s.dtype).eval()
-    if "prefill" in s.phases:
-        report["prefill"] = _prefill(model, recipe, s, dev, obj_cls)
-    if "decode" in s.phases:
-        report["decode"] = _decode(model, recipe, s, dev, obj_cls)
+    # cuda:N the current device meanwhile (the trainer made it so for its steps): the decode engine's CUDA-graph
+    # capture and the calls that take no device act on the current one
+    with torch.cuda.device(dev) if on_cuda(dev) else contextlib.nullcontext():
+        if "prefill" in s.phases:
+            report["prefill"] = _prefill(model, recipe, s, dev, obj_cls)
+        if "decode" in s.phases:
+            report["decode"] = _decode(model, recipe, s, dev, obj_cls)
     return report
 
 
