@@ -451,6 +451,127 @@ def _rng_kept(dev: torch.device) -> contextlib.AbstractContextManager:
                                  if cuda else [], device_type="cuda")
 
 
+def saved_train_config(state: dict[str, Any], ckpt: Path, recipe: Recipe) -> TrainConfig:
+    """The ``TrainConfig`` a checkpoint's trainer state (``state``, of ``ckpt``) was trained with, typed as a
+    recipe's ``train:`` section is (a ``CheckpointError`` naming the file and key otherwise); a tokenizer
+    saved with a built-in task (which reads none) dropped."""
+    saved = state.get("train_config")
+    if not isinstance(saved, dict):
+        raise ckpt_mod.CheckpointError(f"{ckpt / ckpt_mod.STATE_FILE}: no train_config")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    saved = {k: v for k, v in saved.items() if k in known}
+    # typed as a recipe's train: section is (a wrong type was a traceback in the run, or ran silently)
+    from ..core.recipe import _Errors, _to_dataclass
+
+    errs = _Errors("", None)
+    base = _to_dataclass(TrainConfig, saved, "train_config.", errs)
+    if base is None:  # (the line of the message: "<recipe>:1: key: ...", meaningless in JSON)
+        raise ckpt_mod.CheckpointError(f"{ckpt / ckpt_mod.STATE_FILE}: {errs.items[0].split(': ', 1)[1]}")
+    if base.tokenizer is not None and builtin_task(base, recipe.model) is not None:
+        base = dataclasses.replace(base, tokenizer=None)  # saved, unread, before validate refused it
+    return base
+
+
+@dataclass
+class HeldOut:
+    """What ``evaluate_held_out`` measured: the metrics (``eval_*``, as the run logs them), the batches
+    it ran, the distinct held-out rows they held (examples, windows), their input tokens (0 for a
+    forecaster's numeric windows and for reasoning examples, whose rows are padded) and the items ``eval_loss`` is the mean over (``Objective.eval_weight``
+    summed: scored next-token targets, masked tokens, observed forecast targets, LaDiR's examples)."""
+
+    metrics: dict[str, float]
+    batches: int
+    rows: int
+    tokens: int
+    items: float
+
+
+def eval_batch_count(requested: int | None, n_eval: int | None, batch_size: int, world: int = 1) -> int:
+    """Batches of an evaluation: ``requested`` (``train.eval_batches``), never more than the held-out
+    rows ``n_eval`` need (a last batch wraps around); ``requested`` None: every held-out row once."""
+    if n_eval is None:
+        if requested is None:
+            raise ValueError("an unbounded held-out set has no last batch")
+        return requested
+    need = math.ceil(n_eval / (batch_size * world))
+    return max(1, need if requested is None else min(requested, need))
+
+
+def all_execute_routes(model: Any, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Routes [batch_size, slots] that execute every slot (the routers' all-execute baseline)."""
+    return torch.full((batch_size, len(model.structure.slots)), EXECUTE, dtype=torch.long, device=device)
+
+
+@torch.no_grad()
+def evaluate_held_out(model: Any, fwd: Any, stream: Any, cfg: TrainConfig, info: Any, n_batches: int | None,
+                      step: int | None = None, routing: bool = False, compiled: bool = False) -> HeldOut:
+    """The held-out evaluation of ``Trainer.evaluate`` (its docstring says what it measures) and of
+    ``hymba eval``: ``n_batches`` batches of ``cfg.batch_size`` held-out rows of ``stream`` (capped by
+    ``eval_batch_count``; None: all of them), each through ``model.objective.eval_batch`` under the
+    run's autocast, batch k of rank r starting at held-out row ``(k * world + r) * batch_size`` (the
+    row index seeds an objective's noise); ``routing``: the model's Dr.LLM routers decide its routes,
+    and the batches are also evaluated all-execute; ``compiled``: ``fwd`` is a torch.compile'd step."""
+    dev = info.device
+    objective = model.objective
+    model.eval()
+    objective.eval_begin(step)
+    B = cfg.batch_size
+    n_batches = eval_batch_count(n_batches, stream.n_eval(), B, info.world)
+    runs = [""] + (["_all_execute"] if routing else [])
+    sums = {r: [0.0, 0, 0, 0.0] for r in runs}  # loss x rows, correct, scored, applications per row
+    extra: dict[str, float] = {}  # the objective's own metric sums (eval_sums), of the first run
+    rows = 0.0  # the weight of the batches' losses: the items they scored (the objective's eval_weight:
+    # next token, the scored next-token targets; forecast, the observed targets; ladir, the distinct rows)
+    seen = [0.0, 0.0]  # distinct rows and their input tokens
+    for k in range(n_batches):
+        start = (k * info.world + info.rank) * B
+        batch = stream.eval(range(start, start + B))
+        # a batch that wraps around the held-out set: its repeats are not scored
+        ids, labels = batch.input_ids.to(dev), batch.scored_labels().to(dev)
+        seen[0] += batch.rows
+        seen[1] += batch.rows * ids.shape[1] if batch.segments is None and not ids.is_floating_point() else 0
+        w = 0.0
+        for run in runs:
+            kw = {"routes": all_execute_routes(model, ids.shape[0], dev)} if run else {}
+            if compiled:
+                torch.compiler.cudagraph_mark_step_begin()
+            with _autocast(cfg, dev):
+                loss, c, t, out = model.run(objective.eval_batch, fwd, model, ids, labels, seed=start, batch=batch,
+                                            **kw)
+            if not run:
+                for key, v in objective.eval_sums(out).items():
+                    extra[key] = extra.get(key, 0.0) + v
+                w = objective.eval_weight(out, ids, labels, batch)
+            acc = sums[run]
+            acc[0] += loss * w if w else 0.0  # (a batch that scored nothing: NaN or 0 loss, no weight)
+            acc[1], acc[2] = acc[1] + c, acc[2] + t
+            if len(runs) > 1:
+                apps = model.structure.applications(out.stats["etd/routes"], routes_mod.default_iterations(model),
+                                                    out.stats["etd/route_reached"])
+                acc[3] += float(apps.float().mean())
+        rows += w
+    keys = sorted(extra)
+    flat = dist_mod.all_reduce([v for r in runs for v in sums[r]] + [extra[k] for k in keys] + [rows, *seen], info,
+                               op="sum")
+    rows, seen = flat[-3], flat[-2:]
+    extra = dict(zip(keys, flat[4 * len(runs):-3]))
+    res: dict[str, float] = {}
+    for i, run in enumerate(runs):
+        loss_sum, correct, total, apps = flat[4 * i: 4 * i + 4]
+        eval_loss = loss_sum / rows if rows > 0 else float("nan")  # (nothing scored: no loss, not 0)
+        res[f"eval_loss{run}"] = eval_loss
+        if stream.metric == "accuracy":
+            res[f"eval_accuracy{run}"] = correct / max(total, 1)
+        elif stream.metric == "ppl":
+            res[f"eval_ppl{run}"] = math.exp(min(eval_loss, 50.0))
+        if len(runs) > 1:
+            res[f"eval_applications{run}"] = apps / (n_batches * info.world)
+    if keys:  # e.g. forecast: mse, mae, mase, crps and the seasonal-naive baseline's
+        res.update({f"eval_{k}": v for k, v in objective.eval_results(extra).items()})
+    res.update(objective.eval_end(extra))  # e.g. block diffusion's searched clip range
+    return HeldOut(res, n_batches, int(seen[0]), int(seen[1]), rows)
+
+
 class Trainer:
     def __init__(self, recipe: Recipe, cfg: TrainConfig, opts: RunOptions):
         self.recipe = recipe
@@ -925,21 +1046,7 @@ class Trainer:
 
     def _resumed_config(self, state: dict[str, Any]) -> tuple[TrainConfig, TrainConfig]:
         """(the config the checkpoint was trained with, that config with this run's flags)."""
-        saved = state.get("train_config")
-        if not isinstance(saved, dict):
-            raise ckpt_mod.CheckpointError(f"{self.resume_from / ckpt_mod.STATE_FILE}: no train_config")
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        saved = {k: v for k, v in saved.items() if k in known}
-        # typed as a recipe's train: section is (a wrong type was a traceback in the run, or ran silently)
-        from ..core.recipe import _Errors, _to_dataclass
-
-        errs = _Errors("", None)
-        base = _to_dataclass(TrainConfig, saved, "train_config.", errs)
-        if base is None:  # (the line of the message: "<recipe>:1: key: ...", meaningless in JSON)
-            raise ckpt_mod.CheckpointError(f"{self.resume_from / ckpt_mod.STATE_FILE}: "
-                                           f"{errs.items[0].split(': ', 1)[1]}")
-        if base.tokenizer is not None and builtin_task(base, self.recipe.model) is not None:
-            base = dataclasses.replace(base, tokenizer=None)  # saved, unread, before validate refused it
+        base = saved_train_config(state, self.resume_from, self.recipe)
         cfg = dataclasses.replace(base, **self.opts.overrides)
         validate(cfg, self.recipe.model, self.opts.overrides, str(self.resume_from / ckpt_mod.STATE_FILE),
                  section="train_config", default_data=self.objective_cls.default_data)  # (as its type errors: the key of that file, not the recipe's train.)
@@ -984,8 +1091,7 @@ class Trainer:
         return getattr(self, "routes_on", False)
 
     def _all_execute(self, batch_size: int) -> torch.Tensor:
-        return torch.full((batch_size, len(self.model.structure.slots)), EXECUTE, dtype=torch.long,
-                          device=self.info.device)
+        return all_execute_routes(self.model, batch_size, self.info.device)
 
     def train_step(self, step: int) -> dict[str, Any]:
         if self.mode == "routers":
@@ -1232,7 +1338,6 @@ class Trainer:
         return (f"step {step + 1}: {what}; stopping ({keep}). Try a lower --lr, more warmup "
                 f"or a smaller grad_clip")
 
-    @torch.no_grad()
     def evaluate(self, step: int | None = None) -> dict[str, float]:
         """Held-out loss and accuracy (or perplexity) of the model, teacher-forced over whole
         held-out sequences; ``eval_loss`` is the mean over every scored item (each batch's mean
@@ -1245,65 +1350,8 @@ class Trainer:
         from the prompt at the prefill, so where answers follow a prompt, a route here can
         differ from the one generation takes. ``step``: the training step it follows (the
         objective's ``eval_begin`` / ``eval_end`` around it: block diffusion's clip search)."""
-        cfg, dev, info = self.cfg, self.info.device, self.info
-        self.model.eval()
-        self.objective.eval_begin(step)
-        B = cfg.batch_size
-        n_batches = cfg.eval_batches
-        n_eval = self.stream.n_eval()
-        if n_eval is not None:  # never more batches than held-out windows need
-            n_batches = max(1, min(n_batches, math.ceil(n_eval / (B * info.world))))
-        runs = [""] + (["_all_execute"] if self._routing() else [])
-        sums = {r: [0.0, 0, 0, 0.0] for r in runs}  # loss x rows, correct, scored, applications per row
-        extra: dict[str, float] = {}  # the objective's own metric sums (eval_sums), of the first run
-        rows = 0.0  # the weight of the batches' losses: the items they scored (the objective's eval_weight:
-        # next token, the scored next-token targets; forecast, the observed targets; ladir, the distinct rows)
-        for k in range(n_batches):
-            start = (k * info.world + info.rank) * B
-            batch = self.stream.eval(range(start, start + B))
-            # a batch that wraps around the held-out set: its repeats are not scored
-            ids, labels = batch.input_ids.to(dev), batch.scored_labels().to(dev)
-            w = 0.0
-            for run in runs:
-                kw = {"routes": self._all_execute(ids.shape[0])} if run else {}
-                if self.compile_mode is not None:
-                    torch.compiler.cudagraph_mark_step_begin()
-                with _autocast(cfg, dev):
-                    loss, c, t, out = self.model.run(self.objective.eval_batch, self.fwd, self.model, ids, labels,
-                                                     seed=start, batch=batch, **kw)
-                if not run:
-                    for key, v in self.objective.eval_sums(out).items():
-                        extra[key] = extra.get(key, 0.0) + v
-                    w = self.objective.eval_weight(out, ids, labels, batch)
-                acc = sums[run]
-                acc[0] += loss * w if w else 0.0  # (a batch that scored nothing: NaN or 0 loss, no weight)
-                acc[1], acc[2] = acc[1] + c, acc[2] + t
-                if len(runs) > 1:
-                    apps = self.model.structure.applications(out.stats["etd/routes"],
-                                                             routes_mod.default_iterations(self.model),
-                                                             out.stats["etd/route_reached"])
-                    acc[3] += float(apps.float().mean())
-            rows += w
-        keys = sorted(extra)
-        flat = dist_mod.all_reduce([v for r in runs for v in sums[r]] + [extra[k] for k in keys] + [rows], info,
-                                   op="sum")
-        rows = flat[-1]
-        extra = dict(zip(keys, flat[4 * len(runs):-1]))
-        res: dict[str, float] = {}
-        for i, run in enumerate(runs):
-            loss_sum, correct, total, apps = flat[4 * i: 4 * i + 4]
-            eval_loss = loss_sum / rows if rows > 0 else float("nan")  # (nothing scored: no loss, not 0)
-            res[f"eval_loss{run}"] = eval_loss
-            if self.stream.metric == "accuracy":
-                res[f"eval_accuracy{run}"] = correct / max(total, 1)
-            elif self.stream.metric == "ppl":
-                res[f"eval_ppl{run}"] = math.exp(min(eval_loss, 50.0))
-            if len(runs) > 1:
-                res[f"eval_applications{run}"] = apps / (n_batches * info.world)
-        if keys:  # e.g. forecast: mse, mae, mase, crps and the seasonal-naive baseline's
-            res.update({f"eval_{k}": v for k, v in self.objective.eval_results(extra).items()})
-        res.update(self.objective.eval_end(extra))  # e.g. block diffusion's searched clip range
-        return res
+        return evaluate_held_out(self.model, self.fwd, self.stream, self.cfg, self.info, self.cfg.eval_batches,
+                                 step=step, routing=self._routing(), compiled=self.compile_mode is not None).metrics
 
     def save(self, step: int, eval_pending: bool = False) -> Path:
         """The checkpoint of step ``step``; ``eval_pending``: saved before the evaluation due at that
