@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("info", "layer table, parameters, cache bytes of a recipe"),
     "train": ("train", "train a model from a recipe (checkpoints, metrics, loss plot)"),
     "generate": ("generate", "generate text from a checkpoint, or forecast a series (--mode forecast)"),
+    "eval": ("eval", "evaluate a checkpoint on held-out data (the run's own eval metrics), without training"),
     "prepare": ("prepare", "tokenize text files into memory-mapped token shards"),
     "convert": ("convert", "import / export HF transformers checkpoints, or hybridize a pretrained model"),
     "bench": ("bench", "training-step, prefill and decode throughput of a recipe on one device"),
@@ -66,7 +67,7 @@ class UserError(Exception):
 
 #: the commands that run a model, where the kernel settings (``HYMBA_KERNELS``, ``HYMBA_KERNELS_OFF``) are
 #: checked before anything runs
-KERNEL_COMMANDS = ("info", "train", "generate", "bench")
+KERNEL_COMMANDS = ("info", "train", "generate", "eval", "bench")
 
 
 def check_kernel_settings() -> None:
