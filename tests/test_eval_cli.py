@@ -86,6 +86,8 @@ def test_every_tiny_objective_evaluates_as_its_run_logged(config, flags, capsys,
     out = train(tmp_path, str(REPO / f"configs/{config}.yaml"), "run", *flags)
     r = evaluate(capsys, out, tmp=tmp_path)
     assert r["metrics"] == logged_eval(out) and r["rows"] > 0 and r["scored"] > 0
+    if config == "bd_tiny":  # a --seq-len the objective cannot take (blocks of 4 tile each sequence): usage
+        one_line(capsys, call(["eval", str(out), "--device", "cpu", "--seq-len", "18"]), 2, "block_size")
 
 
 def call(argv: list[str]) -> int:

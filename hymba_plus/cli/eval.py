@@ -135,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
     model.objective.configure(cfg)
     problem = model.objective.run_problem(cfg)
     if problem is not None:
-        raise (UsageError if overrides else UserError)(problem)
+        flagged = any(k in problem for k in overrides)  # a flag's value (e.g. --seq-len), else the checkpoint's
+        raise (UsageError if flagged else UserError)(problem)
     model.objective.load_train_state(state.get("objective") or {})
     saved_tok = ckpt / "tokenizer.json"
     tokenizer = cfg.tokenizer
