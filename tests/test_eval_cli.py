@@ -133,6 +133,11 @@ def test_eval_refusals_are_one_line_and_write_nothing(runs, capsys, tmp_path):
     one_line(capsys, call(["eval", str(tmp_path / "ck")]), 1, "trainer_state.json")
 
 
+def test_eval_checks_the_kernel_settings_first(runs, capsys, monkeypatch):
+    monkeypatch.setenv("HYMBA_KERNELS", "bogus")
+    one_line(capsys, call(["eval", str(runs[1]), "--device", "cpu"]), 1, "HYMBA_KERNELS")
+
+
 def test_eval_json_replaces_an_existing_file(runs, capsys, tmp_path):
     _, task, _ = runs
     (tmp_path / "eval.json").write_text("old")
