@@ -14,6 +14,7 @@ import importlib
 import math
 import sys
 import warnings
+from pathlib import Path
 from typing import NoReturn
 
 from ..core.config import brief
@@ -63,6 +64,25 @@ class UsageError(Exception):
 class UserError(Exception):
     """Bad input (file, checkpoint, data: missing, or contents invalid) or a run that cannot go on: one
     line, exit 1."""
+
+
+def write_output(out: Path, text: str, flag: str) -> None:
+    """``text`` to the file ``out`` (a command's output named by ``flag``, e.g. ``--json``) under a temporary
+    name first, then renamed over it: a failure leaves neither the temporary file nor an old ``out`` changed
+    (``hymba generate --out``'s rule); one ``UserError`` line naming the flag and the path."""
+    import contextlib
+    import os
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise UserError(f"{flag} {brief(str(out), 80)}: cannot write ({e.strerror or e})") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 #: the commands that run a model, where the kernel settings (``HYMBA_KERNELS``, ``HYMBA_KERNELS_OFF``) are

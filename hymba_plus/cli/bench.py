@@ -12,12 +12,11 @@ if it exists, written only once every phase has run).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 from pathlib import Path
 
-from . import UsageError, UserError, path_text
+from . import UsageError, UserError, path_text, write_output
 from .train import TRAIN_MODES
 
 DTYPES = ("float32", "bfloat16")
@@ -110,21 +109,6 @@ def run(args: argparse.Namespace) -> int:
                         + (f" x seq_len {seq_len}" if seq_len else "") + ": lower --batch or --seq-len") from None
     print(format_report(report))
     if out is not None:
-        _write(out, report)
+        write_output(out, json.dumps(report, indent=1) + "\n", "--json")
         print(f"wrote {out}")
     return 0
-
-
-def _write(out: Path, report: dict) -> None:
-    """``report`` as JSON to ``out`` under a temporary name first, then renamed: a failure leaves no file and
-    an old one unchanged (``hymba generate --out``'s rule)."""
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(report, indent=1) + "\n")
-        os.replace(tmp, out)
-    except OSError as e:
-        raise UserError(f"--json {out}: cannot write ({e.strerror or e})") from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()

@@ -28,16 +28,14 @@ replacing an existing file, as ``generate --out``).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from . import UsageError, UserError, path_text, seed_int
+from . import UsageError, UserError, path_text, seed_int, write_output
 
 #: flag dest -> TrainConfig field, for the flags that override the checkpoint's settings
 _FIELDS = {"data": "data", "batch_size": "batch_size", "seq_len": "seq_len", "seed": "seed"}
@@ -77,7 +75,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..core.config import brief
     from ..models.lm import CheckpointError, from_pretrained
     from ..objectives import objective_class
     from ..training import checkpoint as ckpt_mod
@@ -181,16 +178,7 @@ def run(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in lines)
     text = "\n".join(f"{k:<{width}}  {v}" for k, v in lines)
     if out_json is not None:
-        tmp_json = out_json.with_name(f".{out_json.name}.tmp-{os.getpid()}")
-        try:  # under a temporary name first: a failure leaves neither it nor an old file changed
-            out_json.parent.mkdir(parents=True, exist_ok=True)
-            tmp_json.write_text(json.dumps(_jsonable(report), indent=1) + "\n")
-            os.replace(tmp_json, out_json)
-        except OSError as e:
-            raise UserError(f"--json {brief(str(out_json), 80)}: cannot write ({e.strerror or e})") from None
-        finally:
-            with contextlib.suppress(OSError):
-                tmp_json.unlink()
+        write_output(out_json, json.dumps(_jsonable(report), indent=1) + "\n", "--json")
     print(text)
     return 0
 
