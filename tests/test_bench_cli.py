@@ -100,3 +100,18 @@ def test_bad_recipe_missing_file_json_folder_and_forecast_seq_len(tmp_path, caps
     assert main(["bench", str(ROOT / "configs" / "gpt_tiny.yaml"), *FAST, "--json", str(out)]) == 1
     assert "HYMBA_KERNELS" in capsys.readouterr().err
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_closed_pipe_ends_quietly_with_141(tmp_path):
+    """`hymba bench ... | head -0`: the reader is gone before the table is printed; the command ends as
+    hymba check and hymba info do (exit 141, as if killed by SIGPIPE, nothing on stderr), not with
+    'hymba bench: Broken pipe' and exit 1."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "hymba_plus", "bench", str(ROOT / "configs" / "gpt_tiny.yaml"),
+                             *FAST], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # long before the interpreter has imported torch
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 141, err
+    assert err == ""

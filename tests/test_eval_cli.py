@@ -143,3 +143,18 @@ def test_eval_json_replaces_an_existing_file(runs, capsys, tmp_path):
     (tmp_path / "eval.json").write_text("old")
     assert evaluate(capsys, task, tmp=tmp_path)["step"] == 2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".eval.json")]
+
+
+def test_closed_pipe_ends_quietly_with_141(runs, tmp_path):
+    """`hymba eval CKPT | head -0`: the reader is gone before the table is printed; the command ends as
+    hymba check and hymba info do (exit 141, as if killed by SIGPIPE, nothing on stderr), not with
+    'hymba eval: Broken pipe' and exit 1."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "hymba_plus", "eval", str(runs[1]), "--device", "cpu"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # long before the interpreter has imported torch
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 141, err
+    assert err == ""

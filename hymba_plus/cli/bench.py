@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from . import UsageError, UserError, path_text, write_output
+from .check import emit
 from .train import TRAIN_MODES
 
 DTYPES = ("float32", "bfloat16")
@@ -107,8 +108,8 @@ def run(args: argparse.Namespace) -> int:
     except torch.OutOfMemoryError:
         raise UserError(f"out of memory on {device} at batch {settings.batch}"
                         + (f" x seq_len {seq_len}" if seq_len else "") + ": lower --batch or --seq-len") from None
-    print(format_report(report))
+    emit(format_report(report))  # (a closed pipe: exit 141, quietly, as hymba check and info)
     if out is not None:
         write_output(out, json.dumps(report, indent=1) + "\n", "--json")
-        print(f"wrote {out}")
+        emit(f"wrote {out}")
     return 0

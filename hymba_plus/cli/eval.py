@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from . import UsageError, UserError, path_text, seed_int, write_output
+from .check import emit
 
 #: flag dest -> TrainConfig field, for the flags that override the checkpoint's settings
 _FIELDS = {"data": "data", "batch_size": "batch_size", "seq_len": "seq_len", "seed": "seed"}
@@ -179,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
     text = "\n".join(f"{k:<{width}}  {v}" for k, v in lines)
     if out_json is not None:
         write_output(out_json, json.dumps(_jsonable(report), indent=1) + "\n", "--json")
-    print(text)
+    emit(text)  # (a closed pipe: exit 141, quietly, as hymba check and info)
     return 0
 
 
