@@ -64,7 +64,8 @@ def test_every_objective_benches_with_positive_numbers(tmp_path, capsys, name):
     (["--device", "cuda"], "--device cuda: CUDA is not available on this machine"),
     (["--device", "tpu"], "--device tpu: expected auto, cpu, cuda or cuda:N"),
     (["--mode", "fast"], "argument --mode: invalid choice: 'fast'"),
-    (["--mode", "cuda-graph"], "--cuda-graph needs a CUDA device"),
+    # the trainer's messages name hymba train's --cuda-graph / --compile, flags hymba bench does not have
+    (["--mode", "cuda-graph"], "--mode cuda-graph needs a CUDA device"),
 ])
 def test_bad_arguments_are_one_line_exit_2_nothing_written(tmp_path, capsys, monkeypatch, args, needle):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -115,3 +116,14 @@ def test_closed_pipe_ends_quietly_with_141(tmp_path):
     err = proc.stderr.read()
     assert proc.wait(timeout=300) == 141, err
     assert err == ""
+
+
+def test_a_mode_the_objective_cannot_take_names_the_mode_flag(tmp_path, capsys):
+    """LaDiR under torch.compile: the trainer refuses '--compile: ...' (hymba train's alias); hymba bench has only
+    --mode, so its line names --mode compile (usage, exit 2, nothing written)."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(ROOT / "configs" / "ladir_tiny.yaml"), *FAST, "--mode", "compile",
+                 "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hymba bench: --mode compile: not available for the ladir objective"), err
+    assert "--compile:" not in err and len(err.strip().splitlines()) == 1 and not out.exists()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from pathlib import Path
 
 from . import UsageError, UserError, path_text, write_output
@@ -51,6 +52,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the weights' dtype for prefill and decode (default: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--json", type=path_text, metavar="FILE",
                    help="also write the results as JSON to FILE (replaced if it exists)")
+
+
+def mode_flag(message: str) -> str:
+    """A trainer's message with hymba train's aliases ``--cuda-graph`` / ``--compile``, which hymba bench does
+    not have, written as the flag it has: ``--mode cuda-graph`` / ``--mode compile``."""
+    return re.sub(r"--(cuda-graph|compile)(?![\w-])", r"--mode \1", message)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,8 +108,8 @@ def run(args: argparse.Namespace) -> int:
                              mode=args.mode, decode_tokens=new, dtype=dtype)
     try:
         report = bench_recipe(recipe, settings, recipe_name=args.recipe)
-    except TrainUsageError as e:  # e.g. --mode cuda-graph on the CPU, or for LaDiR
-        raise UsageError(str(e)) from None
+    except TrainUsageError as e:  # e.g. --mode cuda-graph on the CPU, or --mode compile for LaDiR
+        raise UsageError(mode_flag(str(e))) from None
     except (TrainError, DataError, CheckpointError) as e:
         raise UserError(str(e)) from None
     except torch.OutOfMemoryError:
