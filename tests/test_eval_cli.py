@@ -158,3 +158,19 @@ def test_closed_pipe_ends_quietly_with_141(runs, tmp_path):
     err = proc.stderr.read()
     assert proc.wait(timeout=300) == 141, err
     assert err == ""
+
+
+def test_a_multi_process_runs_eval_covers_every_process_batches(runs, capsys, tmp_path):
+    """A run of W processes evaluated ``train.eval_batches`` batches on each (batch k of rank r: held-out rows
+    from (k * W + r) * batch_size), W x eval_batches in all: hymba eval's default is all of them, the rows and
+    the numbers that run logged. The 2-step task run (eval_batches 2, one process) evaluated exactly what a
+    2-process run with eval_batches 1 would: its checkpoint, relabelled so, must give the same numbers."""
+    _, task, _ = runs
+    ck = tmp_path / "ck"
+    shutil.copytree(task / "step-2", ck)
+    state = json.loads((ck / "trainer_state.json").read_text())
+    state["world_size"], state["train_config"]["eval_batches"] = 2, 1
+    (ck / "trainer_state.json").write_text(json.dumps(state))
+    r = evaluate(capsys, ck, tmp=tmp_path)
+    assert r["batches"] == 2 and r["rows"] == 4 and r["metrics"] == logged_eval(task)
+    assert evaluate(capsys, ck, "--batches", "1", tmp=tmp_path)["rows"] == 2  # a given count: batches, as asked

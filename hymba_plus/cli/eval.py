@@ -15,7 +15,8 @@ Its settings default to those the checkpoint was trained with (``trainer_state.j
 defaults): the data (``--data``: a built-in task, a text file or folder, token shards of ``hymba
 prepare``, a reasoning task or JSONL file, a series CSV), its held-out split (the same rule as
 training: a text's last ``val_frac`` of windows, a task's held-out samples drawn from the seed, a
-series' last part), ``--batch-size``, ``--seq-len``, ``--seed`` and the batches (``train.eval_batches``;
+series' last part), ``--batch-size``, ``--seq-len``, ``--seed`` and the batches (``train.eval_batches`` times the run's
+processes, which each evaluated that many;
 ``--batches all``: every held-out row once). With the defaults, the numbers equal the ones the run
 logged at the checkpoint's step (``metrics.jsonl``), on a device of the same kind (the run's
 ``precision``: ``auto`` is bf16 autocast on CUDA, float32 on the CPU). Text is tokenized with the checkpoint's
@@ -68,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens per sequence: the windows of text, a task's length (default: the checkpoint's)")
     p.add_argument("--batches", type=batches_arg, default=None, metavar="N|all",
                    help="batches to evaluate, or all: every held-out row once (default: the checkpoint's "
-                        "train.eval_batches, as its run evaluated)")
+                        "train.eval_batches times its run's processes, as its run evaluated)")
     p.add_argument("--seed", type=seed_int, default=None,
                    help="the seed a task's held-out samples are drawn from (default: the checkpoint's)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
@@ -116,6 +117,9 @@ def run(args: argparse.Namespace) -> int:
             base, where, section = recipe.train or TrainConfig(), str(ckpt / "recipe.yaml"), "train"
     except CheckpointError as e:
         raise UserError(str(e)) from None
+    world = state.get("world_size", 1)  # the processes of the run that saved it (torchrun)
+    if not isinstance(world, int) or isinstance(world, bool) or world < 1:
+        raise UserError(f"{ckpt / ckpt_mod.STATE_FILE}: world_size {world!r} is not a number of processes >= 1")
     overrides = {field: getattr(args, dest) for dest, field in _FIELDS.items() if getattr(args, dest) is not None}
     unread = next((d for d in NOT_FORECAST if d in overrides), None) if kind == "forecast" else None
     if unread is not None:
@@ -153,8 +157,10 @@ def run(args: argparse.Namespace) -> int:
             if args.batches == "all" and n_eval is None:
                 raise UsageError(f"--batches all: the held-out set of {cfg.data} has no end; give a number")
             router = getattr(model, "etd_router", None)
+            # the run's W processes each evaluated eval_batches batches (rank r's k-th: rows from (k W + r) B):
+            # W x eval_batches here, one process, are the same rows
             res = evaluate_held_out(model, model, stream, cfg, DistInfo(device=device),
-                                    None if args.batches == "all" else args.batches or cfg.eval_batches,
+                                    None if args.batches == "all" else args.batches or cfg.eval_batches * world,
                                     routing=bool(getattr(router, "routing", False)))
     except TaskError as e:  # a flag's value the task cannot take (usage), the checkpoint's (input)
         flagged = any(s in overrides for s in e.settings)
