@@ -127,3 +127,16 @@ def test_a_mode_the_objective_cannot_take_names_the_mode_flag(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("hymba bench: --mode compile: not available for the ladir objective"), err
     assert "--compile:" not in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_an_even_number_of_timed_steps_counts_whole_tokens(tmp_path, capsys):
+    """The median over 2 timed steps of 8 tokens each is 8, a count: the table read '8.0 tokens' and the JSON
+    8.0 (statistics.median of an even count is a mean)."""
+    out = tmp_path / "bench.json"
+    args = ["--device", "cpu", "--batch", "1", "--seq-len", "8", "--steps", "2", "--warmup", "0",
+            "--decode-tokens", "2"]
+    assert main(["bench", str(ROOT / "configs" / "gpt_tiny.yaml"), *args, "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    t = json.loads(out.read_text())["train"]
+    assert t["tokens_per_step"] == 8 and isinstance(t["tokens_per_step"], int)
+    assert "  8 tokens, eager" in table and "8.0 tokens" not in table, table

@@ -259,6 +259,7 @@ def bench_recipe(recipe: Any, s: BenchSettings, recipe_name: str = "the recipe",
 
                 times = step_times(step, dev, s.warmup, s.steps)
                 ms, tok = statistics.median(times), statistics.median(tokens[s.warmup:])
+                tok = int(tok) if float(tok).is_integer() else tok  # (a count: the median of 2 steps is a mean)
                 train = {"ms_per_step": ms, "tokens_per_step": tok, "tokens_per_s": tok / ms * 1e3,
                          "mode": trainer.run_mode, "precision": _autocast_name(trainer.cfg, dev),
                          "optimizer": trainer.split.describe(), "data": trainer.stream.description,
