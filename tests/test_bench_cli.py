@@ -106,16 +106,20 @@ def test_bad_recipe_missing_file_json_folder_and_forecast_seq_len(tmp_path, caps
 def test_closed_pipe_ends_quietly_with_141(tmp_path):
     """`hymba bench ... | head -0`: the reader is gone before the table is printed; the command ends as
     hymba check and hymba info do (exit 141, as if killed by SIGPIPE, nothing on stderr), not with
-    'hymba bench: Broken pipe' and exit 1."""
+    'hymba bench: Broken pipe' and exit 1. The --json file, measured by then, is written all the same (as
+    hymba eval's)."""
     import subprocess
     import sys
 
+    out = tmp_path / "bench.json"
     proc = subprocess.Popen([sys.executable, "-m", "hymba_plus", "bench", str(ROOT / "configs" / "gpt_tiny.yaml"),
-                             *FAST], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             *FAST, "--json", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     proc.stdout.close()  # long before the interpreter has imported torch
     err = proc.stderr.read()
     assert proc.wait(timeout=300) == 141, err
     assert err == ""
+    assert json.loads(out.read_text())["train"]["tokens_per_step"] > 0
 
 
 def test_a_mode_the_objective_cannot_take_names_the_mode_flag(tmp_path, capsys):
