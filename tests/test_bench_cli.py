@@ -27,7 +27,7 @@ def test_every_objective_benches_with_positive_numbers(tmp_path, capsys, name):
     recipe = ROOT / "configs" / f"{name}.yaml"
     out = tmp_path / "bench.json"
     out.write_text("old")
-    args = FAST + ([] if name == "forecast_tiny" else ["--seq-len", "8"])
+    args = FAST[:-2] if name == "forecast_tiny" else FAST + ["--seq-len", "8"]  # (no --decode-tokens: no decode)
     assert main(["bench", str(recipe), *args, "--json", str(out)]) == 0
     table = capsys.readouterr().out
     r = json.loads(out.read_text())
@@ -90,9 +90,12 @@ def test_bad_recipe_missing_file_json_folder_and_forecast_seq_len(tmp_path, caps
         ([str(tmp_path / "none.yaml")], 1, "none.yaml"),
         ([str(ROOT / "configs" / "forecast_tiny.yaml"), "--seq-len", "8"], 2,
          "--seq-len 8: does not apply to objective forecast"),
+        # forecasting generates no tokens (decode is skipped): the flag would do nothing
+        ([str(ROOT / "configs" / "forecast_tiny.yaml"), "--decode-tokens", "5"], 2,
+         "--decode-tokens 5: does not apply to objective forecast"),
     ]
     for args, code, needle in cases:
-        assert main(["bench", *args, *FAST, "--json", str(out)]) == code
+        assert main(["bench", *args, *FAST[:-2], "--json", str(out)]) == code
         err = capsys.readouterr().err
         assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert main(["bench", str(ROOT / "configs" / "gpt_tiny.yaml"), *FAST, "--json", str(tmp_path)]) == 2

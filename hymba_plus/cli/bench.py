@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how the training step runs, as hymba train --mode (default: auto)")
     p.add_argument("--decode-tokens", type=int, metavar="N",
                    help=f"new tokens per timed generate call, >= 2 (default: {cnew} on the CPU, {gnew} on CUDA; at "
-                        "most max_seq_len - 1, the prompt shortened to fit)")
+                        "most max_seq_len - 1, the prompt shortened to fit; not for forecast recipes)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="the weights' dtype for prefill and decode (default: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--json", type=path_text, metavar="FILE",
@@ -93,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
     if forecast and args.seq_len is not None:
         raise UsageError(f"--seq-len {args.seq_len}: does not apply to objective forecast (windows of "
                          "objective.context values)")
+    if forecast and args.decode_tokens is not None:
+        raise UsageError(f"--decode-tokens {args.decode_tokens}: does not apply to objective forecast (it generates "
+                         "no tokens: decode is skipped)")
     seq_len = args.seq_len if args.seq_len is not None else d["seq_len"]
     limit = recipe.model.max_seq_len
     if not forecast and seq_len > limit:
