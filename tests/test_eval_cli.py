@@ -174,3 +174,6 @@ def test_a_multi_process_runs_eval_covers_every_process_batches(runs, capsys, tm
     r = evaluate(capsys, ck, tmp=tmp_path)
     assert r["batches"] == 2 and r["rows"] == 4 and r["metrics"] == logged_eval(task)
     assert evaluate(capsys, ck, "--batches", "1", tmp=tmp_path)["rows"] == 2  # a given count: batches, as asked
+    state["world_size"] = 0  # a damaged state (read_state takes counts >= 0): one line naming file and key, exit 1
+    (ck / "trainer_state.json").write_text(json.dumps(state))
+    one_line(capsys, call(["eval", str(ck), "--device", "cpu"]), 1, "trainer_state.json: world_size 0")

@@ -117,8 +117,8 @@ def run(args: argparse.Namespace) -> int:
             base, where, section = recipe.train or TrainConfig(), str(ckpt / "recipe.yaml"), "train"
     except CheckpointError as e:
         raise UserError(str(e)) from None
-    world = state.get("world_size", 1)  # the processes of the run that saved it (torchrun)
-    if not isinstance(world, int) or isinstance(world, bool) or world < 1:
+    world = state.get("world_size", 1)  # the processes of the run that saved it (torchrun; read_state: a count)
+    if world < 1:
         raise UserError(f"{ckpt / ckpt_mod.STATE_FILE}: world_size {world!r} is not a number of processes >= 1")
     overrides = {field: getattr(args, dest) for dest, field in _FIELDS.items() if getattr(args, dest) is not None}
     unread = next((d for d in NOT_FORECAST if d in overrides), None) if kind == "forecast" else None
