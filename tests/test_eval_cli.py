@@ -138,6 +138,13 @@ def test_eval_checks_the_kernel_settings_first(runs, capsys, monkeypatch):
     one_line(capsys, call(["eval", str(runs[1]), "--device", "cpu"]), 1, "HYMBA_KERNELS")
 
 
+def test_eval_under_torchrun_is_refused(runs, capsys, monkeypatch):
+    """One process evaluates (as ``hymba bench``): under torchrun every process ran the whole evaluation
+    and printed it (and all wrote one --json); now one usage line, exit 2, before the checkpoint loads."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    one_line(capsys, call(["eval", str(runs[1]), "--device", "cpu"]), 2, "one process: run it without torchrun")
+
+
 def test_eval_json_replaces_an_existing_file(runs, capsys, tmp_path):
     _, task, _ = runs
     (tmp_path / "eval.json").write_text("old")

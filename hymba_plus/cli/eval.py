@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
     from .generate import resolve_checkpoint
     from .train import NOT_FORECAST
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # (each process would evaluate everything: as hymba bench)
+        raise UsageError("one process: run it without torchrun")
     for flag, v in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
         if v is not None and v < 1:
             raise UsageError(f"{flag} {v}: must be >= 1")
