@@ -147,3 +147,70 @@ def test_an_even_number_of_timed_steps_counts_whole_tokens(tmp_path, capsys):
     t = json.loads(out.read_text())["train"]
     assert t["tokens_per_step"] == 8 and isinstance(t["tokens_per_step"], int)
     assert "  8 tokens, eager" in table and "8.0 tokens" not in table, table
+
+
+@pytest.mark.parametrize("name, mode, measure, keys, brief", [
+    ("mtp_tiny", "mtp", "step", ("acceptance_rate", "tokens_per_target_forward", "k"), "mtp: acceptance "),
+    ("bd_tiny", "block_diffusion", "call", ("tokens_per_forward", "steps_per_block", "block_size"),
+     "block_diffusion: "),
+])
+def test_decode_mode_times_the_models_own_decoder(tmp_path, capsys, name, mode, measure, keys, brief):
+    """--decode-mode: MTP's self-speculative decoding (ms per step over the generated tokens) and block
+    diffusion (whole blocks per forward: ms per new token of the whole call) run with their own stats in the
+    JSON and a short form in the table."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(ROOT / "configs" / f"{name}.yaml"), *FAST[:-1], "4", "--seq-len", "8",
+                 "--decode-mode", mode, "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    r = json.loads(out.read_text())
+    d = r["decode"]
+    assert r["settings"]["decode_mode"] == d["mode"] == mode and d["measure"] == measure
+    assert d["new_tokens"] == 4 and d["prompt"] == 8 and d["prefill_ms"] > 0 and d["total_ms"] > 0
+    if measure == "call":  # no step time: the whole call over its new tokens, never a note
+        assert d["ms_per_token"] == pytest.approx(d["total_ms"] / 4) and "ms_per_step" not in d
+        assert d["decode_tokens_per_s"] > 0 and "ms/token of the whole call" in table
+    else:
+        assert d.get("ms_per_step", 1) > 0 and ("ms_per_step" in d) != ("note" in d)
+    assert all(k in d["stats"] for k in keys) and d["stats"]["tokens"] == 4, d["stats"]
+    if "ms_per_step" in d or "ms_per_token" in d:
+        assert brief in table, table
+
+
+def test_default_decode_mode_is_ar_and_its_row_unchanged(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(ROOT / "configs" / "mtp_tiny.yaml"), *FAST, "--seq-len", "8", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    d = json.loads(out.read_text())["decode"]
+    assert d["mode"] == "ar" and d["measure"] == "step" and d["engine"] == "dynamic" and "acceptance_rate" not in d["stats"]
+    assert "mtp:" not in table and ("ms/step, 2 new after 8, float32, engine dynamic\n" in table + "\n"
+                                     or "note" in d), table
+
+
+@pytest.mark.parametrize("recipe, args, needle", [
+    ("gpt_tiny", ["--decode-mode", "mtp"], "--decode-mode mtp: {}: needs a model with MTP modules (the recipe has "
+                                           "no model.mtp)"),
+    ("mtp_tiny", ["--decode-mode", "block_diffusion"], "--decode-mode block_diffusion: {}: needs a model trained "
+                                                       "with the block_diffusion objective (the recipe's objective "
+                                                       "is next_token)"),
+    ("bd_tiny", ["--decode-mode", "ladir"], "--decode-mode ladir: {}: needs a model with latent reasoning"),
+    ("mtp_tiny", ["--decode-mode", "speculative"], "--decode-mode speculative: needs a draft model"),
+    ("gpt_tiny", ["--decode-mode", "fast"], "--decode-mode fast: expected ar, block_diffusion, mtp or ladir"),
+    ("forecast_tiny", ["--decode-mode", "ar"], "--decode-mode ar: does not apply to objective forecast"),
+])
+def test_a_decode_mode_the_model_cannot_run_is_refused_before_timing(tmp_path, capsys, monkeypatch, recipe, args,
+                                                                      needle):
+    """A mode the recipe's model cannot run: one line naming --decode-mode and why, exit 2, before the training
+    step (Trainer is never made) and nothing written."""
+    from hymba_plus.training import trainer
+
+    def no_training(*a, **k):
+        raise AssertionError("the training step ran before the refusal")
+
+    monkeypatch.setattr(trainer.Trainer, "__init__", no_training)
+    out = tmp_path / "bench.json"
+    path = str(ROOT / "configs" / f"{recipe}.yaml")
+    rest = FAST[:-2] if recipe == "forecast_tiny" else FAST + ["--seq-len", "8"]
+    assert main(["bench", path, *rest, *args, "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert needle.format(path) in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not out.exists()

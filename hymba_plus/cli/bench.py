@@ -25,7 +25,7 @@ DTYPES = ("float32", "bfloat16")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..training.bench import DEFAULT_RUN, DEFAULT_SHAPE
+    from ..training.bench import CALL_MEASURED, DECODE_MODES, DEFAULT_RUN, DEFAULT_SHAPE
 
     (cb, cs), (gb, gs) = DEFAULT_SHAPE["cpu"], DEFAULT_SHAPE["cuda"]
     (csteps, cwarm, cnew), (gsteps, gwarm, gnew) = DEFAULT_RUN["cpu"], DEFAULT_RUN["cuda"]
@@ -48,6 +48,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-tokens", type=int, metavar="N",
                    help=f"new tokens per timed generate call, >= 2 (default: {cnew} on the CPU, {gnew} on CUDA; at "
                         "most max_seq_len - 1, the prompt shortened to fit; not for forecast recipes)")
+    p.add_argument("--decode-mode", metavar="MODE",
+                   help=f"the decoder decode times, generate's mode: {', '.join(DECODE_MODES)} (default: ar; "
+                        "block_diffusion: models trained with that objective, mtp: with model.mtp, ladir: with a "
+                        "ladir section; speculative needs a draft model: not here). Greedy; ms per step as "
+                        f"(t(N) - t(1)) / (N - 1), but {', '.join(CALL_MEASURED)}: ms per new token of the whole "
+                        "call; the decoder's stats in the table and the JSON")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="the weights' dtype for prefill and decode (default: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--json", type=path_text, metavar="FILE",
@@ -65,7 +71,17 @@ def run(args: argparse.Namespace) -> int:
 
     from ..core.recipe import RecipeError, load_recipe
     from ..models.lm import CheckpointError
-    from ..training.bench import BenchSettings, bench_recipe, default_settings, format_report, on_cuda
+    from ..training.bench import (
+        DECODE_MODES,
+        BenchSettings,
+        bench_recipe,
+        decode_mode_problem,
+        decode_prompt,
+        decode_reserved,
+        default_settings,
+        format_report,
+        on_cuda,
+    )
     from ..training.data import DataError
     from ..training.distributed import pick_device
     from ..training.trainer import TrainError, TrainUsageError
@@ -80,6 +96,12 @@ def run(args: argparse.Namespace) -> int:
                         ("--seq-len", args.seq_len, 2), ("--decode-tokens", args.decode_tokens, 2)):
         if v is not None and v < lo:
             raise UsageError(f"{flag} {v}: must be >= {lo}")
+    mode = args.decode_mode or "ar"
+    if mode == "speculative":
+        raise UsageError("--decode-mode speculative: needs a draft model, a second checkpoint (hymba generate "
+                         "--mode speculative --draft); hymba bench times the recipe's one model")
+    if mode not in DECODE_MODES:
+        raise UsageError(f"--decode-mode {mode}: expected {', '.join(DECODE_MODES[:-1])} or {DECODE_MODES[-1]}")
     out = Path(args.json) if args.json is not None else None
     if out is not None and (out.is_dir() or out.name in ("", ".", "..")):
         raise UsageError(f"--json {args.json}: expected a file name")
@@ -96,19 +118,29 @@ def run(args: argparse.Namespace) -> int:
     if forecast and args.decode_tokens is not None:
         raise UsageError(f"--decode-tokens {args.decode_tokens}: does not apply to objective forecast (it generates "
                          "no tokens: decode is skipped)")
+    if forecast and args.decode_mode is not None:
+        raise UsageError(f"--decode-mode {mode}: does not apply to objective forecast (it generates no tokens: "
+                         "decode is skipped)")
     seq_len = args.seq_len if args.seq_len is not None else d["seq_len"]
     limit = recipe.model.max_seq_len
     if not forecast and seq_len > limit:
         raise UsageError(f"--seq-len {seq_len}: must be <= the recipe's max_seq_len ({limit})" if args.seq_len else
                          f"the recipe's train.seq_len {seq_len} exceeds its max_seq_len ({limit}): pass --seq-len")
-    new = args.decode_tokens if args.decode_tokens is not None else min(d["decode_tokens"], max(limit - 1, 2))
-    if not forecast and new > limit - 1:
+    reserved = decode_reserved(recipe, mode)  # e.g. LaDiR's memory slots take positions too
+    room = limit - 1 - reserved
+    new = args.decode_tokens if args.decode_tokens is not None else min(d["decode_tokens"], max(room, 2))
+    if not forecast and new > room:
         raise UsageError(f"--decode-tokens {new}: must be <= max_seq_len - 1 ({limit - 1}: a prompt of one token "
-                         "at least)")
+                         "at least)" if not reserved else f"--decode-tokens {new}: must be <= max_seq_len - 1 - "
+                         f"{reserved} ({room}: a prompt of one token at least, and {reserved} positions for "
+                         f"--decode-mode {mode})")
+    why = None if forecast else decode_mode_problem(recipe, mode, decode_prompt(recipe, seq_len, new, reserved))
+    if why is not None:  # before anything is timed
+        raise UsageError(f"--decode-mode {mode}: {args.recipe}: {why}")
     dtype = getattr(torch, args.dtype or ("bfloat16" if on_cuda(device) else "float32"))
     settings = BenchSettings(device=device, batch=args.batch or d["batch"], seq_len=seq_len,
                              steps=args.steps or d["steps"], warmup=d["warmup"] if args.warmup is None else args.warmup,
-                             mode=args.mode, decode_tokens=new, dtype=dtype)
+                             mode=args.mode, decode_tokens=new, dtype=dtype, decode_mode=mode)
     try:
         report = bench_recipe(recipe, settings, recipe_name=args.recipe)
     except TrainUsageError as e:  # e.g. --mode cuda-graph on the CPU, or --mode compile for LaDiR

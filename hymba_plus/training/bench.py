@@ -15,10 +15,16 @@ current stream with the device synchronised after each call (``step_times``), on
 2. prefill: a forward without gradients of [batch, seq_len] random ids into a fresh cache, last logits only
    (what ``generate`` does before its first new token); forecasting: one ``forecast`` of [batch, context,
    channels] random values;
-3. decode: ``model.generate`` greedy (mode ar, the default engine) after a prompt of ``seq_len`` ids
-   (shortened to fit ``max_seq_len``), timed with ``new`` and with 1 new tokens: ms per step =
-   (t(new) - t(1)) / (new - 1), so prefill and the engine's one-time set-up do not count
-   (``benchmarks/decode.py``'s measure); forecasting models generate no tokens and skip it.
+3. decode: ``model.generate`` greedy in ``--decode-mode`` (``DECODE_MODES``; ar, the default engine, by
+   default) after a prompt of ``seq_len`` ids (shortened to fit ``max_seq_len``, less the positions the mode
+   reserves: LaDiR's memory slots), timed with ``new`` and with 1 new tokens: ms per step =
+   (t(new) - t(1)) / (new - 1), so prefill and the engine's one-time set-up (LaDiR: the latent sampling)
+   do not count (``benchmarks/decode.py``'s measure; MTP: a step is one generated token on average over the
+   rounds); block diffusion, whose forwards denoise whole blocks, is timed as the whole call instead: ms per
+   generated token = t(new) / new, prompt prefill included (``CALL_MEASURED``). The decoder's own ``stats``
+   (MTP: acceptance rate, tokens per trunk forward; block diffusion: tokens per forward, denoising steps per
+   block; LaDiR: the Euler steps used) are those of the last timed call. Forecasting models generate no
+   tokens and skip it.
 
 Tokens are the positions the model runs: batch x seq_len x grad_accum for token data, the padded reasoning
 examples for LaDiR, patch tokens (batch x channels x context / patch, channel-independent) for forecasting.
@@ -46,6 +52,35 @@ from .data import Batch
 DEFAULT_SHAPE = {"cpu": (2, 64), "cuda": (8, 2048)}
 #: (timed steps, warm-up steps, decode tokens) by device type
 DEFAULT_RUN = {"cpu": (3, 1, 16), "cuda": (10, 3, 64)}
+#: the ``generate`` modes ``hymba bench --decode-mode`` times: those of ``generation.GENERATORS`` that run with
+#: the one model (``speculative`` needs a draft model; ``forecast`` generates no tokens)
+DECODE_MODES = ("ar", "block_diffusion", "mtp", "ladir")
+#: modes whose forward is not one token's step (a block per denoising pass): timed as the whole call
+CALL_MEASURED = ("block_diffusion",)
+
+
+def decode_mode_problem(recipe: Any, mode: str, prompt: int) -> str | None:
+    """Why the recipe's model cannot ``generate(mode=mode)`` from a ``prompt``-token prompt (None: it can):
+    the generators' own conditions (``models/generation.py``, ``mtp_decoding.py``, ``ladir_decoding.py``),
+    read from the recipe, so that ``hymba bench`` refuses before it times anything."""
+    kind = recipe.objective.kind if recipe.objective is not None else "next_token"
+    if mode == "block_diffusion" and kind != "block_diffusion":
+        return f"needs a model trained with the block_diffusion objective (the recipe's objective is {kind})"
+    if mode == "mtp":
+        if recipe.model.mtp is None:
+            return "needs a model with MTP modules (the recipe has no model.mtp)"
+        if prompt < recipe.model.mtp.depth:
+            return (f"drafts {recipe.model.mtp.depth} tokens a round (model.mtp.depth) from a prompt of as many at "
+                    f"least, got a {prompt}-token prompt: raise --seq-len or lower --decode-tokens")
+    if mode == "ladir" and recipe.ladir is None:
+        return "needs a model with latent reasoning (the recipe has no ladir section)"
+    return None
+
+
+def decode_reserved(recipe: Any, mode: str) -> int:
+    """Positions ``mode`` takes besides the prompt and the new tokens (``generation.reserved_positions``, from
+    the recipe): LaDiR's memory slots."""
+    return recipe.ladir.memory_slots if mode == "ladir" and recipe.ladir is not None else 0
 
 
 def on_cuda(device: str | torch.device) -> bool:
@@ -92,11 +127,14 @@ def device_label(device: str | torch.device) -> str:
 
 
 def decode_times(model: Any, ids: torch.Tensor, new: int, device: str | torch.device, warmup: int = 1,
-                 iters: int = 3, **gen_kw: Any) -> dict[str, Any]:
+                 iters: int = 3, per_call: bool = False, **gen_kw: Any) -> dict[str, Any]:
     """Greedy ``model.generate`` of ``new`` tokens after the prompt ``ids`` [B, T], and of 1: {prefill_ms
-    (t(1)), total_ms (t(new)), engine (``stats['engine']``, where the decoder says), and ms_per_step and
-    decode_tokens_per_s = B / step, or note where t(new) <= t(1): steps below the timing noise}. Each time is
-    the median of ``iters`` calls after ``warmup`` (the engine for the shape is made there). ``new`` >= 2."""
+    (t(1)), total_ms (t(new)), engine (``stats['engine']``, where the decoder says), stats (the decoder's
+    ``stats`` of the last call), measure, and ms_per_step and decode_tokens_per_s = B / step (measure
+    ``step``), or note where t(new) <= t(1): steps below the timing noise}. ``per_call`` (a decoder whose
+    forward is not one token's step): measure ``call``, ms_per_token = t(new) / new and decode_tokens_per_s =
+    B x new / t(new) instead. Each time is the median of ``iters`` calls after ``warmup`` (the engine for the
+    shape is made there). ``new`` >= 2."""
     stats: dict = {}
 
     def gen(n: int) -> None:
@@ -105,12 +143,16 @@ def decode_times(model: Any, ids: torch.Tensor, new: int, device: str | torch.de
     with torch.no_grad():
         t1 = median_ms(lambda: gen(1), device, warmup, iters)
         tn = median_ms(lambda: gen(new), device, warmup, iters)
-    out: dict[str, Any] = {"prefill_ms": t1, "total_ms": tn}
+    out: dict[str, Any] = {"prefill_ms": t1, "total_ms": tn, "measure": "call" if per_call else "step",
+                           "stats": {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in stats.items()}}
     if stats.get("engine") is not None:
         out["engine"] = stats["engine"]
     if stats.get("engine_notice"):
         out["notice"] = stats["engine_notice"]
-    if tn > t1:
+    if per_call:
+        out["ms_per_token"] = tn / new
+        out["decode_tokens_per_s"] = ids.shape[0] * new / tn * 1e3
+    elif tn > t1:
         out["ms_per_step"] = step = (tn - t1) / (new - 1)
         out["decode_tokens_per_s"] = ids.shape[0] / step * 1e3
     else:  # a negative step time is noise, not a measurement
@@ -167,6 +209,7 @@ class BenchSettings:
     mode: str  # hymba train --mode
     decode_tokens: int
     dtype: torch.dtype  # the weights' dtype for prefill and decode
+    decode_mode: str = "ar"  # generate's mode (DECODE_MODES)
     phases: tuple[str, ...] = ("train", "prefill", "decode")
 
 
@@ -219,7 +262,7 @@ def bench_recipe(recipe: Any, s: BenchSettings, recipe_name: str = "the recipe",
         "device": device_label(dev), "device_type": dev.type, "torch": torch.__version__,
         "params_total": info["params_total"], "params_active": info["params_active"],
         "settings": {"batch": s.batch, "seq_len": s.seq_len, "steps": s.steps, "warmup": s.warmup, "mode": s.mode,
-                     "decode_tokens": s.decode_tokens, "dtype": str(s.dtype).replace("torch.", "")},
+                     "decode_tokens": s.decode_tokens, "decode_mode": s.decode_mode, "dtype": str(s.dtype).replace("torch.", "")},
     }
     base = recipe.train if recipe.train is not None else TrainConfig()
     over: dict[str, Any] = {"batch_size": s.batch, "steps": s.warmup + s.steps, "data": obj_cls.default_data}
@@ -311,21 +354,42 @@ def _prefill(model: Any, recipe: Any, s: BenchSettings, dev: torch.device, obj_c
     return {"ms": ms, "tokens": tokens, "tokens_per_s": tokens / ms * 1e3}
 
 
-def decode_prompt(recipe: Any, seq_len: int, new: int) -> int:
-    """The decode benchmark's prompt length: ``seq_len``, shortened so that prompt + ``new`` fit
-    ``max_seq_len``."""
-    return min(seq_len, recipe.model.max_seq_len - new)
+def decode_prompt(recipe: Any, seq_len: int, new: int, reserved: int = 0) -> int:
+    """The decode benchmark's prompt length: ``seq_len``, shortened so that prompt + ``new`` + the ``reserved``
+    positions of the mode (``decode_reserved``) fit ``max_seq_len``."""
+    return min(seq_len, recipe.model.max_seq_len - new - reserved)
 
 
 def _decode(model: Any, recipe: Any, s: BenchSettings, dev: torch.device, obj_cls: Any) -> dict[str, Any]:
     if obj_cls.needs_series:
         return {"skipped": "a forecasting model generates no tokens (it forecasts a horizon in one forward: "
                            "see prefill)"}
-    prompt = decode_prompt(recipe, s.seq_len, s.decode_tokens)
+    prompt = decode_prompt(recipe, s.seq_len, s.decode_tokens, decode_reserved(recipe, s.decode_mode))
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(0, recipe.model.vocab_size, (s.batch, prompt), generator=g).to(dev)
-    out = decode_times(model, ids, s.decode_tokens, dev, warmup=max(s.warmup, 1), iters=s.steps)
-    return {"prompt": prompt, "new_tokens": s.decode_tokens, **out}
+    out = decode_times(model, ids, s.decode_tokens, dev, warmup=max(s.warmup, 1), iters=s.steps,
+                       per_call=s.decode_mode in CALL_MEASURED, mode=s.decode_mode)
+    return {"mode": s.decode_mode, "prompt": prompt, "new_tokens": s.decode_tokens, **out}
+
+
+def decoder_brief(d: dict[str, Any]) -> str:
+    """The table's short form of a decoder's ``stats`` (``decode_times``), for the modes but ar: e.g. ``mtp:
+    acceptance 0.50, 1.50 tokens/trunk forward``; empty for ar (its engine is said apart)."""
+    st, mode = d.get("stats", {}), d.get("mode", "ar")
+    if mode == "ar":
+        return ""
+    parts = []
+    if "acceptance_rate" in st:
+        parts.append(f"acceptance {st['acceptance_rate']:.2f}")
+    if "tokens_per_target_forward" in st:
+        parts.append(f"{st['tokens_per_target_forward']:.2f} tokens/trunk forward")
+    elif "tokens_per_forward" in st:
+        parts.append(f"{st['tokens_per_forward']:.2f} tokens/forward")
+    if "steps_per_block" in st:
+        parts.append(f"{st['steps_per_block']:.2f} steps/block")
+    if "mean_steps" in st:
+        parts.append(f"{st['mean_steps']:.2f} of {st['steps']} latent steps")
+    return f", {mode}: " + ", ".join(parts) if parts else f", {mode}"
 
 
 def _num(v: float) -> str:
@@ -353,10 +417,11 @@ def format_report(r: dict[str, Any]) -> str:
     if d is not None:
         if "skipped" in d:
             rows.append(("decode", "-", "-", f"skipped: {d['skipped']}"))
-        elif "ms_per_step" in d:
-            rows.append(("decode", _num(d["ms_per_step"]), _num(d["decode_tokens_per_s"]),
-                         f"ms/step, {d['new_tokens']} new after {d['prompt']}, {st['dtype']}"
-                         + (f", engine {d['engine']}" if "engine" in d else "")))
+        elif "ms_per_step" in d or "ms_per_token" in d:
+            per = ("ms/step" if "ms_per_step" in d else "ms/token of the whole call")
+            rows.append(("decode", _num(d.get("ms_per_step", d.get("ms_per_token"))), _num(d["decode_tokens_per_s"]),
+                         f"{per}, {d['new_tokens']} new after {d['prompt']}, {st['dtype']}"
+                         + (f", engine {d['engine']}" if "engine" in d else "") + decoder_brief(d)))
         else:
             rows.append(("decode", "-", "-", d["note"]))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
