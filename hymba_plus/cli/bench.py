@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..core.recipe import RecipeError, load_recipe
+    from ..models.generation import reserved_positions
     from ..models.lm import CheckpointError
     from ..training.bench import (
         DECODE_MODES,
@@ -77,7 +78,6 @@ def run(args: argparse.Namespace) -> int:
         bench_recipe,
         decode_mode_problem,
         decode_prompt,
-        decode_reserved,
         default_settings,
         format_report,
         on_cuda,
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     if not forecast and seq_len > limit:
         raise UsageError(f"--seq-len {seq_len}: must be <= the recipe's max_seq_len ({limit})" if args.seq_len else
                          f"the recipe's train.seq_len {seq_len} exceeds its max_seq_len ({limit}): pass --seq-len")
-    reserved = decode_reserved(recipe, mode)  # e.g. LaDiR's memory slots take positions too
+    reserved = reserved_positions(recipe, mode)  # e.g. LaDiR's memory slots take positions too
     room = limit - 1 - reserved
     new = args.decode_tokens if args.decode_tokens is not None else min(d["decode_tokens"], max(room, 2))
     if not forecast and new > room:

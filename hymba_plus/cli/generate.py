@@ -377,7 +377,7 @@ def _run(args: argparse.Namespace) -> int:
             raise UsageError(f"--prompt {text!r}: empty after tokenization")
         prompts.append(ids)
     T = max(len(p) for p in prompts)
-    reserved = reserved_positions(model, args.mode)  # e.g. ladir's memory slots take positions too
+    reserved = reserved_positions(model.recipe, args.mode)  # e.g. ladir's memory slots take positions too
     max_len = model.config.max_seq_len - reserved
     room = f"max_seq_len ({model.config.max_seq_len}" + (f" less {reserved} for --mode {args.mode})" if reserved else ")")
     if T >= max_len:  # (a prompt that fills it leaves no room for a new token)

@@ -159,14 +159,16 @@ def sample_next(
 
 
 #: positions a decoding mode adds to the sequence besides the prompt and the new tokens, by mode
-#: (e.g. ladir's memory slots), registered next to the mode's generator
+#: (e.g. ladir's memory slots), registered next to the mode's generator; read from the recipe (so
+#: ``hymba bench`` can check them before it builds the model)
 RESERVED: dict[str, Callable[[Any], int]] = {}
 
 
-def reserved_positions(model: Any, mode: str) -> int:
-    """Positions ``mode`` takes besides the prompt and the new tokens (0 for most modes)."""
+def reserved_positions(recipe: Any, mode: str) -> int:
+    """Positions ``mode`` takes besides the prompt and the new tokens (0 for most modes), for a model
+    of ``recipe`` (a model's ``.recipe``)."""
     fn = RESERVED.get(mode)
-    return fn(model) if fn is not None else 0
+    return fn(recipe) if fn is not None else 0
 
 
 def int_at_least(v: Any, least: int) -> bool:

@@ -143,4 +143,4 @@ def guidance(run: dict, samples: int) -> str:
 
 
 GENERATORS["ladir"] = generate_ladir  # the decoding modes live in generation.GENERATORS
-RESERVED["ladir"] = lambda model: model.ladir.cfg.memory_slots if model.ladir is not None else 0
+RESERVED["ladir"] = lambda recipe: recipe.ladir.memory_slots if recipe.ladir is not None else 0

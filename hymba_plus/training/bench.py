@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from ..models.generation import reserved_positions
 from .data import Batch
 
 #: defaults where neither a flag nor the recipe's ``train:`` section sets them: (batch, seq_len) on the CPU
@@ -75,12 +76,6 @@ def decode_mode_problem(recipe: Any, mode: str, prompt: int) -> str | None:
     if mode == "ladir" and recipe.ladir is None:
         return "needs a model with latent reasoning (the recipe has no ladir section)"
     return None
-
-
-def decode_reserved(recipe: Any, mode: str) -> int:
-    """Positions ``mode`` takes besides the prompt and the new tokens (``generation.reserved_positions``, from
-    the recipe): LaDiR's memory slots."""
-    return recipe.ladir.memory_slots if mode == "ladir" and recipe.ladir is not None else 0
 
 
 def on_cuda(device: str | torch.device) -> bool:
@@ -356,7 +351,7 @@ def _prefill(model: Any, recipe: Any, s: BenchSettings, dev: torch.device, obj_c
 
 def decode_prompt(recipe: Any, seq_len: int, new: int, reserved: int = 0) -> int:
     """The decode benchmark's prompt length: ``seq_len``, shortened so that prompt + ``new`` + the ``reserved``
-    positions of the mode (``decode_reserved``) fit ``max_seq_len``."""
+    positions of the mode (``generation.reserved_positions``) fit ``max_seq_len``."""
     return min(seq_len, recipe.model.max_seq_len - new - reserved)
 
 
@@ -364,7 +359,7 @@ def _decode(model: Any, recipe: Any, s: BenchSettings, dev: torch.device, obj_cl
     if obj_cls.needs_series:
         return {"skipped": "a forecasting model generates no tokens (it forecasts a horizon in one forward: "
                            "see prefill)"}
-    prompt = decode_prompt(recipe, s.seq_len, s.decode_tokens, decode_reserved(recipe, s.decode_mode))
+    prompt = decode_prompt(recipe, s.seq_len, s.decode_tokens, reserved_positions(recipe, s.decode_mode))
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(0, recipe.model.vocab_size, (s.batch, prompt), generator=g).to(dev)
     out = decode_times(model, ids, s.decode_tokens, dev, warmup=max(s.warmup, 1), iters=s.steps,
