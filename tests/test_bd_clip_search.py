@@ -114,7 +114,7 @@ def test_block_terms_and_variance_equal_a_hand_computation():
 
 def _patch_terms(monkeypatch, flat: tuple[float, float]):
     """Per-block terms: constant for the range ``flat`` (zero variance), spread for the others."""
-    def fake(self, model, ids, scored, seed, lo, hi, core=None):  # noqa: ANN001
+    def fake(self, model, ids, scored, seed, lo, hi, core=None, drawn=None):  # noqa: ANN001
         B, nb = ids.shape[0], ids.shape[1] // self.cfg.block_size
         g = torch.Generator().manual_seed(seed)
         terms = torch.full((B, nb), 2.0) if (lo, hi) == flat else 1.0 + hi * torch.rand((B, nb), generator=g)
@@ -136,7 +136,7 @@ def test_search_picks_the_range_of_least_variance(monkeypatch):
     assert obj.train_state() == {"clip": [0.45, 0.95]}
     # equal variances: the first candidate
     monkeypatch.setattr(bd.BlockDiffusion, "block_terms",
-                        lambda self, model, ids, scored, seed, lo, hi, core=None: (torch.ones(ids.shape[0], 3),
+                        lambda self, model, ids, scored, seed, lo, hi, core=None, drawn=None: (torch.ones(ids.shape[0], 3),
                                                                        torch.ones(ids.shape[0], 3, dtype=torch.bool)))
     obj.eval_begin(4)
     obj.eval_end(obj.eval_sums(obj.eval_batch(model, model, ids, ids, seed=0)[3]))
@@ -311,3 +311,31 @@ def test_a_search_an_interrupt_skipped_runs_on_resume(tmp_path, monkeypatch, cap
         assert seen == whole
     else:  # step 1 searched (0.45, 0.95); step 2's search, after the checkpoint, chose (0.3, 0.8): kept on resume
         assert seen == [(0.3, 0.8), (0.45, 0.95), (0.3, 0.8), (0.3, 0.8)]
+
+
+def test_the_candidate_drawn_as_the_evaluation_reuses_its_forward(monkeypatch):
+    """A searching evaluation runs the model once per candidate range, not again for the one whose
+    draws are the evaluation's own ([0, 1]: the same seeded levels and masks), and its terms are
+    those ``block_terms`` computes by its own forward."""
+    grid = [[0.3, 0.8], [0.0, 1.0]]
+    model = make(tiny(clip_search={"grid": grid}))
+    obj = model.objective
+    obj.configure(type("T", (), {"eval_every": 2})())
+    ids = torch.randint(0, V, (3, 12), generator=torch.Generator().manual_seed(1))
+    scored = ids != -100
+    calls = []
+    core = bd.BlockDiffusion.core
+
+    def counted(self, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls.append(1)
+        return core(self, *a, **kw)
+    monkeypatch.setattr(bd.BlockDiffusion, "core", counted)
+    obj.eval_begin(2)
+    _, _, _, out = obj.eval_batch(model, model, ids, ids, seed=4)
+    assert len(calls) == 1 + 1  # the evaluation's forward, then [0.3, 0.8]'s
+    sums = obj.eval_sums(out)
+    terms, has = obj.block_terms(model, ids, scored, 4, 0.0, 1.0)
+    terms = terms[has].double()
+    assert sums["clip_search/1_n"] == float(has.sum())
+    assert sums["clip_search/1_s1"] == pytest.approx(float(terms.sum()), rel=1e-12)
+    assert sums["clip_search/1_s2"] == pytest.approx(float((terms * terms).sum()), rel=1e-12)

@@ -328,7 +328,11 @@ class BlockDiffusion(Objective):
         stats = dict(stats)
         if self._search:
             for j, (lo, hi) in enumerate(self.cfg.clip_search.grid):
-                terms, has = self.block_terms(model, ids, scored, seed, lo, hi, core=core)
+                # a candidate drawing as this evaluation does (levels from [eps, 1], no resampling: the same
+                # seeded draws) reuses its forward rather than running it again
+                same = lo <= T_EPS and hi >= 1.0
+                terms, has = self.block_terms(model, ids, scored, seed, lo, hi, core=core,
+                                              drawn=(t, masked, logits) if same else None)
                 terms = terms[has].double()
                 stats[f"clip_search/{j}_n"] = has.sum().double()  # (read on the host once, ``eval_sums``)
                 stats[f"clip_search/{j}_s1"] = terms.sum()
@@ -337,16 +341,21 @@ class BlockDiffusion(Objective):
 
     # ------------------------------------------------------------------ clip search (BD3-LM §5)
     def block_terms(self, model, ids: Tensor, scored: Tensor, seed: int, lo: float, hi: float,  # noqa: ANN001
-                    core: Any = None) -> tuple[Tensor, Tensor]:
+                    core: Any = None, drawn: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """([B, nb] float32 per-block NELBO terms ``w(t_b) * sum_{i in b, masked, scored} CE_i / block_size``
         with levels from [lo, hi] and the masks training draws there (``resample`` included), [B, nb]
         bool: the block scores a token). Row i's noise is seeded by ``seed + i``, as ``eval_batch``'s,
         so every candidate range maps the same uniforms (common random numbers). The logits come from
-        ``core`` (``eval_batch``'s: compiled under ``--mode compile``), by default ``self.core`` on ``model``."""
+        ``core`` (``eval_batch``'s: compiled under ``--mode compile``), by default ``self.core`` on ``model``;
+        ``drawn``: (t, masked, logits) of these draws already run (``eval_batch``'s own, for the candidate
+        that draws as it does), used instead of drawing and running them again."""
         bs = self.cfg.block_size
         B, L = ids.shape
-        t, xt, masked = self.seeded_noise(ids, seed, lo, hi)
-        _, logits, _, _ = (core or self.core_of(model, model))(xt, ids, masked, t, scored)
+        if drawn is not None:
+            t, masked, logits = drawn
+        else:
+            t, xt, masked = self.seeded_noise(ids, seed, lo, hi)
+            _, logits, _, _ = (core or self.core_of(model, model))(xt, ids, masked, t, scored)
         per = self.weighted_ce(logits, ids, masked, t, scored)
         return per.view(B, L // bs, bs).sum(-1) / bs, scored.view(B, L // bs, bs).any(-1)
 
