@@ -326,19 +326,10 @@ class MoE(nn.Module):
                 self.step_load[row] += add
             total = self.step_load[row].clone()  # (a view would share the buffer's version counter: the
             # next application's in-place update would invalidate what this loss saved for its backward)
-        # as ``K.load_balancing_loss`` of the step's counts, op for op, but the factors made from them are
-        # kept by this run (``_FirstRunFactor``): a checkpointed block's recomputation would read the row
-        # as a later call of the model before the backward left it (LaDiR's encoder, then decoder, pass)
-        E = probs.shape[-1]
-        load_t = total[: cfg.n_experts]
-        if valid is None:
-            n_tok = max(probs.shape[0], 1)
-            lb = _FirstRunFactor.apply(probs.sum(0), load_t).sum() * (E / (n_tok * n_tok * k))
-        else:
-            m = valid.to(probs.dtype)
-            n_tok = m.sum().clamp_min(1.0)
-            p_mean = (probs * m[:, None]).sum(0) / n_tok
-            lb = E * _FirstRunFactor.apply(p_mean, load_t / (n_tok * k)).sum()
+        # ``K.load_balancing_loss`` of the step's counts, the factors made from them kept by this run
+        # (``_FirstRunFactor``): a checkpointed block's recomputation would read the row as a later call of
+        # the model before the backward left it (LaDiR's encoder, then decoder, pass)
+        lb = K.load_balancing_loss(probs, total[: cfg.n_experts], k, valid, weigh=_FirstRunFactor.apply)
         return _FirstRunFactor.apply(lb, local[-1].to(lb.dtype) / total[-1].to(lb.dtype).clamp_min(1.0))
 
     def _log(self, ctx: StepContext, aux: Tensor | None, load: Tensor, dropped: Tensor, entropy: Tensor,

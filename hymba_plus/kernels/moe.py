@@ -63,6 +63,7 @@ it. The layer (``components.moe``) then takes the composed form instead of ``moe
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -148,22 +149,26 @@ def expert_load(experts: Tensor, n_experts: int, valid: Tensor | None = None) ->
     return torch.zeros(n_experts, dtype=torch.float32, device=flat.device).scatter_add_(0, flat, ones)
 
 
-def load_balancing_loss(probs: Tensor, load: Tensor, top_k: int, valid: Tensor | None = None) -> Tensor:
+def load_balancing_loss(probs: Tensor, load: Tensor, top_k: int, valid: Tensor | None = None,
+                        weigh: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
     """Switch / GShard balancing loss ``E * sum_e f_e P_e`` (Switch Transformer Eq. 4-6).
 
     f_e = share of the (real) token->expert assignments that chose expert e (sums to 1),
     P_e = mean router probability of expert e over real tokens. Equals 1 when routing is
     uniform, grows with imbalance. Only P carries gradient (f comes from the argmax).
+    ``weigh(P, f)``: how the router's term is multiplied by the counts' (by default ``P * f``;
+    global-batch balance keeps its first run's counts for the backward, ``components/moe.py``).
     """
+    mul = torch.mul if weigh is None else weigh
     E = probs.shape[-1]
     if valid is None:  # token count known on the host: no tensor made from a Python number
         n = max(probs.shape[0], 1)
-        return (load * probs.sum(0)).sum() * (E / (n * n * top_k))
+        return mul(probs.sum(0), load).sum() * (E / (n * n * top_k))
     m = valid.to(probs.dtype)
     n = m.sum().clamp_min(1.0)
     p_mean = (probs * m[:, None]).sum(0) / n
     f = load / (n * top_k)
-    return E * (f * p_mean).sum()
+    return E * mul(p_mean, f).sum()
 
 
 def router_z_loss(logits: Tensor, valid: Tensor | None = None, lse: Tensor | None = None) -> Tensor:
