@@ -48,6 +48,10 @@
 #           (flex_two_stream: compiled flex_attention with the cached two-stream block mask) == SDPA with the dense mask,
 #           bf16 at L 1024, block 16, 4 meta tokens (MHA, GQA, a 256 window; outputs and q/k/v gradients), and a bf16
 #           block-diffusion training step both ways; not yet run (2026-12-07)
+#   owed1   what session 43 built and could not run (no GPU lent): the flex step's tests, the compiled grouped MoE
+#           tests (tests/test_moe.py -k compiled_grouped), hymba bench configs/moe_bench.yaml on CUDA
+#   owed2   hymba train --mode compile of configs/quad_hybrid_tiny.yaml and configs/bd_tiny.yaml (30 steps each), then
+#           the block-diffusion CUDA-graph training test (FlexAttention inside the capture)
 #   agree   decode_agreement.py in float32 and bf16: our generate (graph / static / dynamic engines, and
 #           the static one with each decode-step fast path off in turn) against our full forward and HF's
 #   modes   pytest -m gpu tests/test_train_modes.py and the CUDA-graph training tests (hymba train --mode auto; the
@@ -252,6 +256,13 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
                  --new 64 --repeats 2 --profile --out "$OUT/decode.json" ;;
       fused)  step fused_tests 240 "${PYTEST[@]}" tests/test_attention.py tests/test_linear.py tests/test_add_norm.py ;;
       flex)   step flex_tests 300 "${PYTEST[@]}" tests/test_two_stream_attention.py ;;
+      owed1)  step flex_tests 240 "${PYTEST[@]}" tests/test_two_stream_attention.py
+              step moe_compiled_tests 120 "${PYTEST[@]}" tests/test_moe.py -k compiled_grouped
+              step bench_moe 150 python -m hymba_plus bench configs/moe_bench.yaml --device cuda --steps 10 --json "$OUT/bench_moe.json" ;;
+      owed2)  step compile_quad 200 python -m hymba_plus train configs/quad_hybrid_tiny.yaml --mode compile --steps 30 --no-progress \
+                 --out /tmp/runs/quad_compile
+              step compile_bd 200 python -m hymba_plus train configs/bd_tiny.yaml --mode compile --steps 30 --no-progress --out /tmp/runs/bd_compile
+              step bd_graphed_tests 150 "${PYTEST[@]}" tests/test_train_modes.py -k block_diffusion ;;
       agree)  for dt in float32 bfloat16; do
                 step "agree_$dt" 200 python benchmarks/decode_agreement.py --device cuda --dtype $dt --batch 4 \
                    --prompt 512 --new 16 --out "$OUT/agree_$dt.json"
