@@ -210,6 +210,27 @@ def test_errors(model) -> None:
     assert generate_cli.SAMPLERS == generation.SAMPLERS  # the CLI's copy (it imports no torch for --help)
 
 
+@pytest.mark.parametrize("sampler", ["ddpm", "first_hitting"])
+@pytest.mark.parametrize("threshold", [0.9, 0.5, None])
+def test_a_threshold_given_to_a_random_position_sampler_is_refused(model, sampler, threshold) -> None:
+    """``threshold`` is the confidence sampler's alone: given with ddpm / first_hitting (even the
+    confidence sampler's default 0.9, or None: the steps schedule) it is refused in one line naming
+    both, as ``hymba generate --sampler ddpm --threshold X`` is, not silently ignored."""
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError) as e:
+        model.generate(ids, max_new_tokens=2, mode="block_diffusion", sampler=sampler, threshold=threshold)
+    msg = str(e.value)
+    assert "\n" not in msg and f"threshold={threshold!r}" in msg and f"sampler={sampler!r}" in msg
+    # not given: each sampler runs (the confidence sampler at its default 0.9)
+    st: dict = {}
+    model.generate(ids, max_new_tokens=2, mode="block_diffusion", sampler=sampler, stats=st)
+    assert st["sampler"] == sampler
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, V, (2, 4), generator=g)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, mode="block_diffusion"),
+                       model.generate(ids, max_new_tokens=8, mode="block_diffusion", threshold=0.9))
+
+
 def test_cli_sampler_flag(tmp_path, capsys) -> None:
     from hymba_plus.training.tokenizer import IdsTokenizer
 

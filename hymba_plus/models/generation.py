@@ -30,7 +30,8 @@ drawn; and a ddpm step that reveals nothing runs no forward (the input is unchan
 that reveal something and any number of steps costs at most one forward per position. A revealed token is the model's argmax at
 temperature 0, else drawn from ``filtered_probs`` (temperature, top-k, nucleus top-p as in every mode,
 the token that crosses p kept): which positions are revealed, and when, is random even at temperature 0 (seeded
-by ``generator``). ``threshold`` is the confidence sampler's alone (ignored by the two others).
+by ``generator``). ``threshold`` is the confidence sampler's alone (default 0.9; given with the two
+others, even as None, it is refused).
 A fully denoised block is committed to the cache once, by the ordinary causal forward, whatever the
 sampler. A last block that ``max_new_tokens`` cuts is denoised at the full ``block_size`` where
 ``max_seq_len`` leaves room (training never shows a shorter noisy block) and cut; the room is the longest prompt's, so in a batch a shorter row's last block may be
@@ -435,6 +436,12 @@ def token_confidence(logits: Tensor, temperature: float, top_k: int | None, top_
 #: Fast-dLLM), or BD3-LM's ancestral samplers over uniformly random positions (module docstring)
 SAMPLERS = ("confidence", "ddpm", "first_hitting")
 
+#: the confidence sampler's ``threshold`` when none is given
+CONFIDENCE_THRESHOLD = 0.9
+
+#: ``generate_block_diffusion``'s ``threshold`` not given (None is a given value: the steps schedule)
+_NOT_GIVEN = object()
+
 
 def ddpm_reveal_steps(cfg: Any, shape: tuple[int, ...], n_steps: int, generator: torch.Generator | None,
                       device: torch.device | str) -> Tensor:
@@ -479,13 +486,13 @@ def generate_block_diffusion(
     streamer: Callable[[Tensor], Any] | None = None,
     stats: dict | None = None,
     block_size: int | None = None,
-    threshold: float | None = 0.9,
+    threshold: float | None = _NOT_GIVEN,  # type: ignore[assignment]
     steps: int | None = None,
     sampler: str = "confidence",
 ) -> Tensor:
     """Block-diffusion sampling (module docstring). ``block_size``: the model's training block
-    size by default; ``threshold``: confidence for parallel unmasking (None: ``steps``
-    schedule; 1.0 or more: one token per step); ``steps``: the most denoising steps per block
+    size by default; ``threshold``: confidence for parallel unmasking (default 0.9; None: ``steps``
+    schedule; 1.0 or more: one token per step; the confidence sampler's alone); ``steps``: the most denoising steps per block
     (default ``block_size``: one token per step at worst; ``ddpm``: the steps of its time grid,
     any number); ``sampler``: ``confidence`` (most confident first), ``ddpm`` or ``first_hitting``
     (BD3-LM's ancestral samplers: random positions, ``SAMPLERS``)."""
@@ -500,6 +507,11 @@ def generate_block_diffusion(
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if not isinstance(sampler, str) or sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {brief(sampler)}")
+    if threshold is _NOT_GIVEN:
+        threshold = CONFIDENCE_THRESHOLD if sampler == "confidence" else None
+    elif sampler != "confidence":
+        raise ValueError(f"threshold={brief(threshold)}: only for sampler='confidence' (sampler={sampler!r} reveals "
+                         "random positions)")
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)
                                   or not threshold > 0):
         raise ValueError(f"threshold must be a number > 0 (or None for the steps schedule), got {brief(threshold)}")
