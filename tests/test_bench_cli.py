@@ -214,3 +214,59 @@ def test_a_decode_mode_the_model_cannot_run_is_refused_before_timing(tmp_path, c
     err = capsys.readouterr().err
     assert needle.format(path) in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name, mode, args, options, stats", [
+    ("bd_tiny", "block_diffusion", ["--block-size", "2", "--sampler", "ddpm", "--decode-steps", "3"],
+     {"block_size": 2, "sampler": "ddpm", "steps": 3}, {"block_size": 2, "sampler": "ddpm"}),
+    ("bd_tiny", "block_diffusion", ["--threshold", "none", "--decode-steps", "1"], {"threshold": None, "steps": 1},
+     {"steps_per_block": 1.0, "sampler": "confidence"}),
+    ("mtp_tiny", "mtp", ["--k", "1"], {"k": 1}, {"k": 1}),
+    ("ladir_tiny", "ladir", ["--decode-steps", "2", "--samples", "1", "--no-prophet"],
+     {"steps": 2, "samples": 1, "prophet": False}, {"steps": 2, "samples": 1}),
+])
+def test_decode_mode_takes_generates_decoder_flags(tmp_path, capsys, name, mode, args, options, stats):
+    """--decode-mode MODE times the decoder with generate's own flags for that mode (--decode-steps: generate's
+    --steps, bench's --steps being the timed calls); the given ones are in the JSON's settings.decode_options and
+    the decoder ran with them (its stats)."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(ROOT / "configs" / f"{name}.yaml"), *FAST[:-1], "4", "--seq-len", "8",
+                 "--decode-mode", mode, *args, "--json", str(out)]) == 0, capsys.readouterr().err
+    r = json.loads(out.read_text())
+    assert r["settings"]["decode_options"] == options
+    assert {k: r["decode"]["stats"][k] for k in stats} == stats, r["decode"]["stats"]
+
+
+@pytest.mark.parametrize("recipe, args, needle", [
+    ("gpt_tiny", ["--k", "2"], "--k: only for --decode-mode mtp"),
+    ("mtp_tiny", ["--decode-mode", "mtp", "--sampler", "ddpm"], "--sampler: only for --decode-mode block_diffusion"),
+    ("gpt_tiny", ["--decode-steps", "2"], "--decode-steps: only for --decode-mode block_diffusion or ladir"),
+    ("ladir_tiny", ["--decode-mode", "ladir", "--threshold", "0.5"], "--threshold: only for --decode-mode "
+                                                                      "block_diffusion"),
+    ("bd_tiny", ["--decode-mode", "block_diffusion", "--samples", "2"], "--samples: only for --decode-mode ladir"),
+    ("bd_tiny", ["--decode-mode", "block_diffusion", "--sampler", "ddpm", "--threshold", "0.5"],
+     "--threshold: only for --sampler confidence"),
+    ("bd_tiny", ["--decode-mode", "block_diffusion", "--threshold", "0"], "--threshold 0.0: must be > 0"),
+    ("bd_tiny", ["--decode-mode", "block_diffusion", "--block-size", "0"], "--block-size 0: must be >= 1"),
+    ("bd_tiny", ["--decode-mode", "block_diffusion", "--decode-steps", "0"], "--decode-steps 0: must be >= 1"),
+    ("mtp_tiny", ["--decode-mode", "mtp", "--k", "3"], "--k: must be <= model.mtp.depth (2), got 3"),
+    ("ladir_tiny", ["--decode-mode", "ladir", "--samples", "0"], "--samples 0: must be in 1..64"),
+    ("ladir_tiny", ["--decode-mode", "ladir", "--cfg-scale", "2"], "--cfg-scale: cfg_scale"),
+])
+def test_a_decoder_flag_another_mode_or_the_model_cannot_take_is_refused_before_timing(
+        tmp_path, capsys, monkeypatch, recipe, args, needle):
+    """generate's decoder flags in hymba bench: one for another --decode-mode, a value generate refuses, or one the
+    recipe's model cannot take (MTP's --k past its depth, LaDiR's guidance without cfg_dropout) is one line, exit
+    2, before the training step (Trainer is never made), nothing written."""
+    from hymba_plus.training import trainer
+
+    def no_training(*a, **k):
+        raise AssertionError("the training step ran before the refusal")
+
+    monkeypatch.setattr(trainer.Trainer, "__init__", no_training)
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(ROOT / "configs" / f"{recipe}.yaml"), *FAST, "--seq-len", "8", *args,
+                 "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not out.exists()

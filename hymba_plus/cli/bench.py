@@ -19,9 +19,13 @@ from pathlib import Path
 
 from . import UsageError, UserError, path_text, write_output
 from .check import emit
+from .generate import add_decoder_arguments, check_decoder_values, decoder_flags, decoder_options, modes_taking
 from .train import TRAIN_MODES
 
 DTYPES = ("float32", "bfloat16")
+
+#: hymba generate's ``--steps`` (denoising / Euler steps) here: bench's ``--steps`` counts timed calls
+DECODE_STEPS = "--decode-steps"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,6 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "ladir section; speculative needs a draft model: not here). Greedy; ms per step as "
                         f"(t(N) - t(1)) / (N - 1), but {', '.join(CALL_MEASURED)}: ms per new token of the whole "
                         "call; the decoder's stats in the table and the JSON")
+    # the decoders' own settings, hymba generate's flags for the same modes (its --steps: --decode-steps here)
+    add_decoder_arguments(p, steps_flag=DECODE_STEPS)
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="the weights' dtype for prefill and decode (default: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--json", type=path_text, metavar="FILE",
@@ -77,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         BenchSettings,
         bench_recipe,
         decode_mode_problem,
+        decode_options_problem,
         decode_prompt,
         default_settings,
         format_report,
@@ -102,6 +109,12 @@ def run(args: argparse.Namespace) -> int:
                          "--mode speculative --draft); hymba bench times the recipe's one model")
     if mode not in DECODE_MODES:
         raise UsageError(f"--decode-mode {mode}: expected {', '.join(DECODE_MODES[:-1])} or {DECODE_MODES[-1]}")
+    for flag, option, value in decoder_flags(args, DECODE_STEPS):  # generate's checks, --decode-mode for --mode
+        modes = [m for m in modes_taking(option) if m in DECODE_MODES]
+        if value is not None and mode not in modes:
+            raise UsageError(f"{flag}: only for --decode-mode {' or '.join(modes)}")
+    check_decoder_values(args, DECODE_STEPS)
+    options = decoder_options(args, DECODE_STEPS)
     out = Path(args.json) if args.json is not None else None
     if out is not None and (out.is_dir() or out.name in ("", ".", "..")):
         raise UsageError(f"--json {args.json}: expected a file name")
@@ -137,10 +150,15 @@ def run(args: argparse.Namespace) -> int:
     why = None if forecast else decode_mode_problem(recipe, mode, decode_prompt(recipe, seq_len, new, reserved))
     if why is not None:  # before anything is timed
         raise UsageError(f"--decode-mode {mode}: {args.recipe}: {why}")
+    problem = None if forecast else decode_options_problem(recipe, mode, options)
+    if problem is not None:
+        option, why = problem
+        raise UsageError(f"{next(f for f, o, _ in decoder_flags(args, DECODE_STEPS) if o == option)}: {why}")
     dtype = getattr(torch, args.dtype or ("bfloat16" if on_cuda(device) else "float32"))
     settings = BenchSettings(device=device, batch=args.batch or d["batch"], seq_len=seq_len,
                              steps=args.steps or d["steps"], warmup=d["warmup"] if args.warmup is None else args.warmup,
-                             mode=args.mode, decode_tokens=new, dtype=dtype, decode_mode=mode)
+                             mode=args.mode, decode_tokens=new, dtype=dtype, decode_mode=mode,
+                             decode_options=options)
     try:
         report = bench_recipe(recipe, settings, recipe_name=args.recipe)
     except TrainUsageError as e:  # e.g. --mode cuda-graph on the CPU, or --mode compile for LaDiR

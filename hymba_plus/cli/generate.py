@@ -87,26 +87,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default="ar", help="decoding mode: ar (default), block_diffusion (models trained "
                    "with that objective), speculative (with --draft), mtp (models with model.mtp) or ladir "
                    "(models with a ladir section) or forecast (models trained with the forecast objective: --data)")
-    p.add_argument("--block-size", type=int, default=None,
-                   help="block_diffusion: tokens per block (default: the model's training block size)")
-    p.add_argument("--threshold", type=threshold_arg, default=None,
-                   help="block_diffusion: unmask every token whose probability reaches this (at least one per "
-                        "step; >= 1: one per step), or none: the --steps schedule, the most confident "
-                        "ceil(masked / steps left) a step (default: 0.9)")
-    p.add_argument("--sampler", default=None, choices=SAMPLERS,
-                   help="block_diffusion: confidence (default) unmasks the most confident positions first; ddpm "
-                        "and first_hitting are BD3-LM's ancestral samplers, which reveal random positions on the "
-                        "model's noise schedule (ddpm: each masked position with probability "
-                        "(alpha_s - alpha_t) / (1 - alpha_t) per step of --steps; first_hitting: one a step)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="block_diffusion: at most this many denoising steps per block (default: the block size; "
-                        "--sampler ddpm: the steps of its time grid, any number); "
-                        "ladir: Euler steps of the latent flow (default: ladir.inference_steps)")
     p.add_argument("--draft", type=path_text, default=None, metavar="DRAFT_CKPT",
                    help="speculative: the draft model's checkpoint (same vocabulary)")
-    p.add_argument("--k", type=int, default=None,
-                   help="speculative: tokens the draft proposes per round (default: 4); mtp: drafts per round, "
-                        "1..model.mtp.depth (default: the depth)")
+    add_decoder_arguments(p)
     p.add_argument("--engine", default=None, choices=("auto", "graph", "static", "dynamic"),
                    help="--mode ar: graph = each step replayed from a CUDA graph over static caches (CUDA), "
                         "static = static caches without the graph, dynamic = the growing cache; auto (default) "
@@ -126,6 +109,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(each origin forecast from its own window) and print MASE / CRPS next to seasonal naive")
     p.add_argument("--out", type=path_text, default=None, metavar="FILE.csv",
                    help="forecast: the forecast CSV (default: forecast.csv); the plot is FILE.png")
+    p.add_argument("--think-iterations", type=int, default=None, metavar="N",
+                   help="ETD models: think iterations to run, 1..max_iterations (default: the model's "
+                        "iterations; with ACT halting max_iterations, each token halting on its own)")
+
+
+def add_decoder_arguments(p: argparse.ArgumentParser, steps_flag: str = "--steps") -> None:
+    """The flags of the decoders' own settings, each for the modes whose generator takes it (block_diffusion:
+    ``--block-size``, ``--threshold``, ``--sampler``, ``--steps``; mtp and speculative: ``--k``; ladir: ``--steps``,
+    ``--samples`` and the sampler's settings): ``hymba generate``'s, and ``hymba bench --decode-mode``'s, which
+    names ``--steps`` ``steps_flag`` (its ``--steps`` counts timed calls). ``decoder_flags`` reads them back and
+    ``check_decoder_values`` checks their values."""
+    p.add_argument("--block-size", type=int, default=None,
+                   help="block_diffusion: tokens per block (default: the model's training block size)")
+    p.add_argument("--threshold", type=threshold_arg, default=None,
+                   help="block_diffusion: unmask every token whose probability reaches this (at least one per "
+                        f"step; >= 1: one per step), or none: the {steps_flag} schedule, the most confident "
+                        "ceil(masked / steps left) a step (default: 0.9)")
+    p.add_argument("--sampler", default=None, choices=SAMPLERS,
+                   help="block_diffusion: confidence (default) unmasks the most confident positions first; ddpm "
+                        "and first_hitting are BD3-LM's ancestral samplers, which reveal random positions on the "
+                        "model's noise schedule (ddpm: each masked position with probability "
+                        f"(alpha_s - alpha_t) / (1 - alpha_t) per step of {steps_flag}; first_hitting: one a step)")
+    p.add_argument(steps_flag, type=int, default=None,
+                   help="block_diffusion: at most this many denoising steps per block (default: the block size; "
+                        "--sampler ddpm: the steps of its time grid, any number); "
+                        "ladir: Euler steps of the latent flow (default: ladir.inference_steps)")
+    p.add_argument("--k", type=int, default=None,
+                   help="speculative: tokens the draft proposes per round (default: 4); mtp: drafts per round, "
+                        "1..model.mtp.depth (default: the depth)")
     p.add_argument("--samples", type=int, default=None, metavar="N",
                    help="ladir: latent samples per question, 1..64 as ladir.samples (the answer is their "
                         "majority vote; default: ladir.samples)")
@@ -145,9 +157,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ladir: std of the sampler's starting noise, > 0 (default: ladir.init_noise_scale)")
     p.add_argument("--prophet", action=argparse.BooleanOptionalAction, default=None,
                    help="ladir: Prophet's early exit from the denoising steps on or off (default: ladir.prophet.enabled)")
-    p.add_argument("--think-iterations", type=int, default=None, metavar="N",
-                   help="ETD models: think iterations to run, 1..max_iterations (default: the model's "
-                        "iterations; with ACT halting max_iterations, each token halting on its own)")
 
 
 #: ``--threshold none``: no threshold (the steps schedule); None is "not given"
@@ -195,10 +204,54 @@ def end_ids(args: argparse.Namespace, ckpt: Path, tokenizer: Any, vocab_size: in
 
 def mode_flags(args: argparse.Namespace) -> tuple[tuple[str, str, Any], ...]:
     """(flag, the decoders' option, its value or None) for the flags that only some modes take."""
-    return (("--draft", "draft", args.draft), ("--k", "k", args.k), ("--block-size", "block_size", args.block_size),
+    return (("--draft", "draft", args.draft), *decoder_flags(args)[:5], ("--engine", "engine", args.engine),
+            *ladir_flags(args))
+
+
+def decoder_flags(args: argparse.Namespace, steps_flag: str = "--steps") -> tuple[tuple[str, str, Any], ...]:
+    """(flag, the decoders' option, its value or None) for ``add_decoder_arguments``' flags, ``--steps`` named
+    ``steps_flag``: ``--k``, ``--block-size``, ``--threshold``, ``--sampler``, ``--steps``, then ``ladir_flags``."""
+    steps = getattr(args, steps_flag.removeprefix("--").replace("-", "_"))
+    return (("--k", "k", args.k), ("--block-size", "block_size", args.block_size),
             ("--threshold", "threshold", args.threshold), ("--sampler", "sampler", args.sampler),
-            ("--steps", "steps", args.steps),
-            ("--engine", "engine", args.engine), *ladir_flags(args))
+            (steps_flag, "steps", steps), *ladir_flags(args))
+
+
+def decoder_options(args: argparse.Namespace, steps_flag: str = "--steps") -> dict[str, Any]:
+    """generate's options from the given ``decoder_flags`` (``--threshold none``: None, the steps schedule)."""
+    options = {opt: value for _, opt, value in decoder_flags(args, steps_flag) if value is not None}
+    if options.get("threshold") == NO_THRESHOLD:
+        options["threshold"] = None
+    return options
+
+
+def check_decoder_values(args: argparse.Namespace, steps_flag: str = "--steps") -> None:
+    """``decoder_flags``' values as generate refuses them before loading anything (exit 2): counts >= 1,
+    ``--samples`` within ladir.samples' range, the ladir sampler's numbers within theirs, ``--threshold`` > 0
+    and only with the confidence sampler. What depends on the model (``--k`` past ``model.mtp.depth``,
+    ``--cfg-scale`` without ``ladir.cfg_dropout``) is the decoder's own check."""
+    from ..core.config import FLOAT_MAX
+    from ..models.ladir_decoding import MAX_SAMPLES
+
+    steps = getattr(args, steps_flag.removeprefix("--").replace("-", "_"))
+    for flag, value in (("--k", args.k), ("--block-size", args.block_size), (steps_flag, steps)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} {value}: must be >= 1")
+    if args.samples is not None and not 1 <= args.samples <= MAX_SAMPLES:
+        raise UsageError(f"--samples {args.samples}: must be in 1..{MAX_SAMPLES} (as ladir.samples)")
+    for flag, value, strict in (("--cfg-scale", args.cfg_scale, False),
+                                ("--diversity-scale", args.diversity_scale, False),
+                                ("--diversity-bandwidth", args.diversity_bandwidth, False),
+                                ("--init-noise-scale", args.init_noise_scale, True)):
+        if value is not None and (value <= 0 if strict else value < 0):
+            raise UsageError(f"{flag} {value}: must be {'>' if strict else '>='} 0")
+        if value is not None and value > FLOAT_MAX:  # (as a recipe's ladir field: the sampler computes in float32)
+            raise UsageError(f"{flag} {value}: must be within float32's range (<= {FLOAT_MAX:.4g})")
+    if args.threshold is not None and args.sampler not in (None, "confidence"):
+        raise UsageError(f"--threshold: only for --sampler confidence (--sampler {args.sampler} reveals random "
+                         "positions)")
+    if isinstance(args.threshold, float) and args.threshold <= 0:
+        raise UsageError(f"--threshold {args.threshold}: must be > 0, or none (the {steps_flag} schedule)")
 
 
 def ladir_flags(args: argparse.Namespace) -> tuple[tuple[str, str, Any], ...]:
@@ -252,9 +305,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..core.config import FLOAT_MAX
     from ..models.generation import DraftError, end_tokens, reserved_positions
-    from ..models.ladir_decoding import MAX_SAMPLES
     from ..models.lm import CheckpointError, from_pretrained
     from ..training.distributed import pick_device
     from ..training.tokenizer import ByteTokenizer, StreamDecoder, TokenizerError, for_checkpoint
@@ -273,24 +324,7 @@ def _run(args: argparse.Namespace) -> int:
         modes = modes_taking(option)
         if value is not None and args.mode not in modes:
             raise UsageError(f"{flag}: only for --mode {' or '.join(modes)}")
-    for flag, value in (("--k", args.k), ("--block-size", args.block_size), ("--steps", args.steps)):
-        if value is not None and value < 1:
-            raise UsageError(f"{flag} {value}: must be >= 1")
-    if args.samples is not None and not 1 <= args.samples <= MAX_SAMPLES:
-        raise UsageError(f"--samples {args.samples}: must be in 1..{MAX_SAMPLES} (as ladir.samples)")
-    for flag, value, strict in (("--cfg-scale", args.cfg_scale, False),
-                                ("--diversity-scale", args.diversity_scale, False),
-                                ("--diversity-bandwidth", args.diversity_bandwidth, False),
-                                ("--init-noise-scale", args.init_noise_scale, True)):
-        if value is not None and (value <= 0 if strict else value < 0):
-            raise UsageError(f"{flag} {value}: must be {'>' if strict else '>='} 0")
-        if value is not None and value > FLOAT_MAX:  # (as a recipe's ladir field: the sampler computes in float32)
-            raise UsageError(f"{flag} {value}: must be within float32's range (<= {FLOAT_MAX:.4g})")
-    if args.threshold is not None and args.sampler not in (None, "confidence"):
-        raise UsageError(f"--threshold: only for --sampler confidence (--sampler {args.sampler} reveals random "
-                         "positions)")
-    if isinstance(args.threshold, float) and args.threshold <= 0:
-        raise UsageError(f"--threshold {args.threshold}: must be > 0, or none (the --steps schedule)")
+    check_decoder_values(args)
     if args.mode == "speculative" and args.draft is None:
         raise UsageError("--mode speculative needs --draft DRAFT_CKPT (the draft model's checkpoint)")
     try:
@@ -422,9 +456,7 @@ def _run(args: argparse.Namespace) -> int:
     if etd is not None:
         hooks = watch_prefill(model, prefill, args.think_iterations)
     # the mode's own settings: each flag goes to the decoders that take it (checked above)
-    options = {opt: value for _, opt, value in mode_flags(args) if value is not None}
-    if options.get("threshold") == NO_THRESHOLD:
-        options["threshold"] = None
+    options = {**decoder_options(args), **({"engine": args.engine} if args.engine is not None else {})}
     if draft is not None:
         options["draft"] = draft  # the loaded model, not its path
     stats: dict[str, Any] = {}

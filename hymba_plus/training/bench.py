@@ -16,9 +16,10 @@ current stream with the device synchronised after each call (``step_times``), on
    (what ``generate`` does before its first new token); forecasting: one ``forecast`` of [batch, context,
    channels] random values;
 3. decode: ``model.generate`` greedy in ``--decode-mode`` (``DECODE_MODES``; ar, the default engine, by
-   default) after a prompt of ``seq_len`` ids (shortened to fit ``max_seq_len``, less the positions the mode
-   reserves: LaDiR's memory slots), timed with ``new`` and with 1 new tokens: ms per step =
-   (t(new) - t(1)) / (new - 1), so prefill and the engine's one-time set-up (LaDiR: the latent sampling)
+   default), with the mode's options given (``BenchSettings.decode_options``: ``hymba generate``'s flags for it,
+   e.g. MTP's ``k``, block diffusion's ``block_size`` / ``threshold`` / ``sampler`` / ``steps``) after a prompt
+   of ``seq_len`` ids (shortened to fit ``max_seq_len``, less the positions the mode reserves: LaDiR's memory
+   slots), timed with ``new`` and with 1 new tokens: ms per step = (t(new) - t(1)) / (new - 1), so prefill and the engine's one-time set-up (LaDiR: the latent sampling)
    do not count (``benchmarks/decode.py``'s measure; MTP: a step is one generated token on average over the
    rounds); block diffusion, whose forwards denoise whole blocks, is timed as the whole call instead: ms per
    generated token = t(new) / new, prompt prefill included (``CALL_MEASURED``). The decoder's own ``stats``
@@ -75,6 +76,24 @@ def decode_mode_problem(recipe: Any, mode: str, prompt: int) -> str | None:
                     f"least, got a {prompt}-token prompt: raise --seq-len or lower --decode-tokens")
     if mode == "ladir" and recipe.ladir is None:
         return "needs a model with latent reasoning (the recipe has no ladir section)"
+    return None
+
+
+def decode_options_problem(recipe: Any, mode: str, options: dict[str, Any]) -> tuple[str, str] | None:
+    """(option, why) where the recipe's model cannot ``generate(mode=mode, **options)`` (None: it can): what the
+    decoders check against the model (``mtp_decoding``'s ``k`` up to ``model.mtp.depth``, ``ladir_decoding``'s
+    sampler settings by ``components.ladir.sampler_settings``, e.g. ``cfg_scale`` != 1 only with
+    ``ladir.cfg_dropout``), read from the recipe, so that ``hymba bench`` refuses before it times anything."""
+    if mode == "mtp" and options.get("k") is not None and options["k"] > recipe.model.mtp.depth:
+        return "k", f"must be <= model.mtp.depth ({recipe.model.mtp.depth}), got {options['k']}"
+    if mode == "ladir":
+        from ..components.ladir import SAMPLER_SETTINGS, sampler_settings
+
+        given = {k: v for k, v in options.items() if k in SAMPLER_SETTINGS}
+        try:
+            sampler_settings(recipe.ladir, **given)
+        except ValueError as e:
+            return next((k for k in given if str(e).startswith(k)), next(iter(given))), str(e)
     return None
 
 
@@ -205,6 +224,7 @@ class BenchSettings:
     decode_tokens: int
     dtype: torch.dtype  # the weights' dtype for prefill and decode
     decode_mode: str = "ar"  # generate's mode (DECODE_MODES)
+    decode_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # generate's options for that mode
     phases: tuple[str, ...] = ("train", "prefill", "decode")
 
 
@@ -257,7 +277,8 @@ def bench_recipe(recipe: Any, s: BenchSettings, recipe_name: str = "the recipe",
         "device": device_label(dev), "device_type": dev.type, "torch": torch.__version__,
         "params_total": info["params_total"], "params_active": info["params_active"],
         "settings": {"batch": s.batch, "seq_len": s.seq_len, "steps": s.steps, "warmup": s.warmup, "mode": s.mode,
-                     "decode_tokens": s.decode_tokens, "decode_mode": s.decode_mode, "dtype": str(s.dtype).replace("torch.", "")},
+                     "decode_tokens": s.decode_tokens, "decode_mode": s.decode_mode,
+                     "decode_options": dict(s.decode_options), "dtype": str(s.dtype).replace("torch.", "")},
     }
     base = recipe.train if recipe.train is not None else TrainConfig()
     over: dict[str, Any] = {"batch_size": s.batch, "steps": s.warmup + s.steps, "data": obj_cls.default_data}
@@ -363,7 +384,7 @@ def _decode(model: Any, recipe: Any, s: BenchSettings, dev: torch.device, obj_cl
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(0, recipe.model.vocab_size, (s.batch, prompt), generator=g).to(dev)
     out = decode_times(model, ids, s.decode_tokens, dev, warmup=max(s.warmup, 1), iters=s.steps,
-                       per_call=s.decode_mode in CALL_MEASURED, mode=s.decode_mode)
+                       per_call=s.decode_mode in CALL_MEASURED, mode=s.decode_mode, **s.decode_options)
     return {"mode": s.decode_mode, "prompt": prompt, "new_tokens": s.decode_tokens, **out}
 
 
