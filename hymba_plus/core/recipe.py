@@ -20,7 +20,7 @@ import os
 import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,13 @@ class RecipeError(ValueError):
     def __init__(self, errors: list[str]):
         super().__init__(errors[0] if len(errors) == 1 else "\n".join(errors))
         self.errors = errors
+
+
+class OverrideError(RecipeError):
+    """A malformed override (``load_recipe(..., overrides=)``, ``hymba ... --set KEY=VALUE``): no ``=``, an
+    empty key or key part, a value that is not valid YAML (plain data), a key path through a setting that is
+    not a mapping. One line, ``--set KEY=VALUE: what is wrong``; ``hymba`` exits 2 for it (usage), 1 for a
+    recipe the overrides make invalid (a ``RecipeError``)."""
 
 
 # --------------------------------------------------------------------------- schema
@@ -550,14 +557,28 @@ _LineLoader.add_constructor("tag:yaml.org,2002:bool", _construct_bool)
 
 
 class _Errors:
-    def __init__(self, file: str, root: Any):
+    def __init__(self, file: str, root: Any, overrides: "Sequence[tuple[str, str, str]]" = ()):
         self.file = file
         self.root = root
+        # per override, in the order applied: (the topmost key it added or set, its key path, ``--set KEY=VALUE``
+        # as given): ``components.gdn.n_heads=8`` on a recipe without a gdn section added components.gdn
+        self.overrides = tuple(overrides)
         self.items: list[str] = []
 
-    def line(self, path: str) -> int:
+    def origin(self, path: str) -> tuple[str, str] | None:
+        """(key path, ``--set KEY=VALUE``) of the last override that set or added ``path`` or a key above it,
+        or None: its value came from that override, not from a line of the file."""
+        for top, key, flag in reversed(self.overrides):
+            if path == top or path.startswith((top + ".", top + "[")):
+                return key, flag
+        return None
+
+    def line(self, path: str) -> int | str:
         """Line of the deepest existing key or list item along a key path (``a.b[2].c``; a key
-        may itself hold dots: ``ratios.gated.attn``)."""
+        may itself hold dots: ``ratios.gated.attn``); ``--set KEY=VALUE`` where an override set it."""
+        hit = self.origin(path)
+        if hit is not None:
+            return hit[1]
         node, line = self.root, getattr(self.root, "line", 1) or 1
         rest = path
         while rest:
@@ -577,9 +598,16 @@ class _Errors:
             line, node, rest = node.line_of(key), node[key], rest[len(key):].removeprefix(".")
         return line
 
-    def add(self, path: str, message: str, line: int | None = None) -> None:
-        ln = self.line(path) if line is None else line
-        where = f"{self.file}:{ln}: " if self.file else f"<recipe>:{ln}: "
+    def add(self, path: str, message: str, line: int | str | None = None) -> None:
+        """One error line: ``FILE:LINE: path: message``; ``--set KEY=VALUE: message`` at the key an
+        override set (``--set KEY=VALUE: path: message`` below it), whatever line the caller names;
+        ``line`` may be an override's (``line()`` of another key an override set)."""
+        hit = self.origin(path)
+        if hit is not None:
+            where, path = f"{hit[1]}: ", "" if path == hit[0] else path
+        else:
+            ln = self.line(path) if line is None else line
+            where = f"{ln}: " if isinstance(ln, str) else f"{self.file}:{ln}: " if self.file else f"<recipe>:{ln}: "
         if not path.isprintable():  # a key with a line break or a control character: escaped, one line
             path = "".join(c if c.isprintable() else repr(c)[1:-1] for c in path)
         self.items.append(f"{where}{path}: {message}" if path else f"{where}{message}")
@@ -759,14 +787,24 @@ def _type_name(tp: Any) -> str:
 # --------------------------------------------------------------------------- loading
 
 
-def load_recipe(source: "str | os.PathLike | Mapping | Recipe") -> Recipe:
+def load_recipe(source: "str | os.PathLike | Mapping | Recipe",
+                overrides: "Mapping[str, Any] | Sequence[str] | None" = None) -> Recipe:
     """Load and validate a recipe from a YAML path, a YAML string, a dict or a Recipe. A Recipe is
     checked again (one made with ``dataclasses.replace`` skipped the loader's checks) and returned
     as it is when the loader makes the same of it; otherwise (a section given as a plain dict, a
-    used component without its section) the loader's recipe is returned."""
+    used component without its section) the loader's recipe is returned.
+
+    ``overrides`` (``hymba ... --set KEY=VALUE``): ``{"model.d_model": 256, ...}`` or ``["model.d_model=256",
+    ...]``, applied in order to the parsed recipe before it is validated (``_apply_overrides``); a value
+    given as text is read as YAML (``"null"``: None, ``"[1, 2]"``: a list, ``"{kind: yarn}"``: a mapping).
+    A malformed one is an ``OverrideError``; an error at a key an override set names it (``--set
+    model.d_model=-1: must be >= 1, got -1``) instead of a line of the file. ``source`` is not changed."""
+    sets = parse_overrides(overrides)
     if isinstance(source, Recipe):
-        built = _build(source.to_dict(), "")
-        return source if built == source else built
+        if not sets:
+            built = _build(source.to_dict(), "")
+            return source if built == source else built
+        source = source.to_dict()
     file = ""
     if isinstance(source, Mapping):
         data: Any = source
@@ -776,7 +814,130 @@ def load_recipe(source: "str | os.PathLike | Mapping | Recipe") -> Recipe:
         if data is _NOT_A_PATH:
             raise RecipeError([f"<recipe>:1: {str(source)!r} is neither an existing recipe file nor a "
                                "YAML mapping with 'name' and 'model'"])
-    return _build(data, file)
+    where: list[tuple[str, str, str]] = []
+    if sets:
+        data, where = _apply_overrides(data, sets)
+    return _build(data, file, where)
+
+
+# --------------------------------------------------------------------------- overrides (--set KEY=VALUE)
+
+
+@dataclass(frozen=True)
+class _Override:
+    key: str  # the key path: model.d_model, components.gdn (a key may hold dots: model.layout.ratios.a.b)
+    value: Any  # the value (a text given is read as YAML)
+    flag: str  # how its errors name it: ``--set model.d_model=256``, as given
+
+
+_SET_USAGE = "expected KEY=VALUE (a key path = a YAML value, e.g. model.d_model=256)"
+
+
+def parse_overrides(overrides: Any) -> list[_Override]:
+    """``load_recipe``'s ``overrides`` as a list (an ``OverrideError`` line for a malformed one): what can
+    be checked without the recipe (``hymba``'s ``--set`` flags, before anything is read)."""
+    if overrides is None:
+        return []
+    if isinstance(overrides, Mapping):
+        pairs = []
+        for key, value in overrides.items():
+            if not isinstance(key, str):
+                raise OverrideError([f"--set {_printable(brief(key))}: a key path must be text, got "
+                                     f"{_describe(key)}"])
+            pairs.append((key, value, f"--set {key}={value if isinstance(value, str) else _flow(value)}"))
+    elif isinstance(overrides, Sequence) and not isinstance(overrides, (str, bytes)):
+        pairs = []
+        for item in overrides:
+            if not isinstance(item, str):
+                raise OverrideError([f"overrides: each one is a 'key.path=value' string, got {_describe(item)}"])
+            if "=" not in item:
+                raise OverrideError([f"--set {_printable(item)}: {_SET_USAGE}"])
+            key, value = item.split("=", 1)
+            pairs.append((key.strip(), value, f"--set {item}"))
+    else:
+        raise OverrideError(["overrides: expected a mapping {key.path: value} or a list of 'key.path=value' "
+                             f"strings, got {_describe(overrides)}"])
+    out = []
+    for key, value, flag in pairs:
+        flag = _printable(flag)
+        if not key:
+            raise OverrideError([f"{flag}: empty key ({_SET_USAGE})"])
+        if "" in key.split("."):
+            raise OverrideError([f"{flag}: empty part in the key path {key!r}"])
+        out.append(_Override(key, _override_value(value, key, flag) if isinstance(value, str) else value, flag))
+    return out
+
+
+def _printable(text: str) -> str:
+    """``text`` with line breaks and control characters escaped (an error stays one line)."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _flow(value: Any) -> str:
+    """A value given as data, in YAML flow style (how an error names a ``{key: value}`` override)."""
+    try:
+        text = yaml.dump(value, Dumper=_Dumper, default_flow_style=True, width=math.inf)
+    except yaml.YAMLError:
+        return brief(value)
+    text = text.removesuffix("\n").removesuffix("\n...").strip()
+    return text if len(text) <= 200 else f"{text[:196]}..."
+
+
+def _override_value(text: str, key: str, flag: str) -> Any:
+    """An override's value text read as a recipe's YAML is (``_LineLoader``: YAML 1.2 numbers and booleans,
+    plain data only, no duplicate keys): ``256`` an int, ``null`` None (as is nothing), ``[1, 2]`` a list,
+    ``{kind: yarn}`` a mapping. Anything else is one ``OverrideError`` line naming the override."""
+    loader = _LineLoader(text)
+    try:
+        node = loader.get_single_node()
+        errs = _Errors("", None, [(key, key, flag)])
+        _node_errors(node, key + ".", errs, set())
+        if errs.items:
+            raise OverrideError(errs.items)
+        return loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as e:
+        raise OverrideError([f"{flag}: invalid YAML value: {_printable(str(e.problem or first_line(e)))}"]) from None
+    except yaml.YAMLError as e:  # (a reader error: a character YAML does not allow)
+        raise OverrideError([f"{flag}: invalid YAML value: {_printable(first_line(e))}"]) from None
+    except RecursionError:
+        raise OverrideError([f"{flag}: invalid YAML value: nested more than {MAX_YAML_DEPTH} levels deep"]) from None
+    finally:
+        loader.dispose()
+
+
+def _apply_overrides(data: Any, sets: list[_Override]) -> tuple[Any, list[tuple[str, str, str]]]:
+    """``data`` (the parsed recipe) with each override's key path set to its value, in order: a mapping on
+    the path is copied (``data`` is not changed; a LineDict keeps its lines), a key it lacks added (an empty
+    ``components:`` section, null, is a mapping to fill). Validation follows (``_build``), so the strict
+    checks see the result; a path through a value that is not a mapping is an ``OverrideError``. Also, per
+    override, (the topmost key it added or set, its key path, its flag): ``_Errors.origin``'s."""
+    where = []
+    for ov in sets:
+        data, added = _set_path({} if data is None else data, ov.key, ov, "")
+        where.append((added or ov.key, ov.key, ov.flag))
+    return data, where
+
+
+def _set_path(node: Any, rest: str, ov: _Override, done: str) -> tuple[Any, str | None]:
+    """(``node`` with ``rest`` set, the path of the topmost key added on the way or None)."""
+    if not isinstance(node, Mapping):
+        what = done or "the recipe"
+        raise OverrideError([f"{ov.flag}: {what} is {_describe(node)}, not a mapping"])
+    # the longest existing key the path goes on from (a key may hold dots: model.layout.ratios), else its next part
+    key = max((k for k in node if isinstance(k, str) and (rest == k or rest.startswith(k + "."))),
+              key=len, default=None) or rest.split(".", 1)[0]
+    if isinstance(node, LineDict):
+        out: dict = LineDict(node)
+        out.line, out.key_lines = node.line, dict(node.key_lines)
+    else:
+        out = dict(node)
+    here = f"{done}.{key}" if done else key
+    if key == rest:
+        out[key] = ov.value
+        return out, None
+    sub = node.get(key)
+    out[key], added = _set_path({} if sub is None else sub, rest[len(key) + 1:], ov, here)
+    return out, here if sub is None else added
 
 
 _NOT_A_PATH = object()
@@ -849,8 +1010,8 @@ def _read_source(source: "str | os.PathLike") -> tuple[str, str]:
     return s, ""
 
 
-def _build(data: Any, file: str) -> Recipe:
-    errs = _Errors(file, data)
+def _build(data: Any, file: str, overrides: "Sequence[tuple[str, str, str]]" = ()) -> Recipe:
+    errs = _Errors(file, data, overrides)
     if data is None:
         errs.add("", "empty recipe: expected a mapping with 'name' and 'model'", 1)
         errs.raise_if_any()

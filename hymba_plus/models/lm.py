@@ -604,11 +604,13 @@ def check_device(device: Any, dtype: Any = None) -> None:
         raise ValueError(f"dtype {dtype}: a model's weights are floating point (e.g. torch.float32, torch.bfloat16)")
 
 
-def build_model(recipe: "Recipe | str | os.PathLike | dict", device: Any = None, dtype: Any = None) -> HybridLM:
+def build_model(recipe: "Recipe | str | os.PathLike | dict", device: Any = None, dtype: Any = None,
+                overrides: Any = None) -> HybridLM:
     """Build a HybridLM from a recipe, a recipe path, a YAML string or a dict. A bad ``device``
-    or ``dtype`` is refused before anything is built (``check_device``)."""
+    or ``dtype`` is refused before anything is built (``check_device``). ``overrides``: ``load_recipe``'s
+    (``{"model.d_model": 256}`` or ``["model.d_model=256"]``, set before the recipe is validated)."""
     check_device(device, dtype)
-    model = HybridLM(load_recipe(recipe))
+    model = HybridLM(load_recipe(recipe, overrides=overrides))
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
     return model

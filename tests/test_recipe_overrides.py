@@ -1,0 +1,155 @@
+"""Recipe overrides (``load_recipe(source, overrides=...)``, ``build_model(..., overrides=...)`` and the
+``--set KEY=VALUE`` flag of ``hymba check / info / train / bench``): a key path set in the parsed recipe before
+the strict validation, so every check applies to the result; its errors name the override as given, the
+file's keep their ``FILE:LINE``; a malformed override is one line (exit 2 on the command line), a recipe it
+makes invalid exit 1; a trained run's recipe.yaml holds the overridden recipe."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hymba_plus import build_model, load_recipe
+from hymba_plus.core.recipe import OverrideError, RecipeError
+
+ROOT = Path(__file__).resolve().parents[1]
+GPT_TINY = ROOT / "configs" / "gpt_tiny.yaml"  # d_model 64 at line 4, gated_attn n_heads 4 at line 9
+TINY = {
+    "name": "ovr-tiny",
+    "model": {"vocab_size": 32, "d_model": 32, "max_seq_len": 64, "block_pattern": "GA | GA"},
+    "components": {"gated_attn": {"n_heads": 2}, "mlp": {"d_hidden": 64}},
+}
+
+
+def errors(source, overrides) -> list[str]:
+    with pytest.raises(RecipeError) as e:
+        load_recipe(source, overrides=overrides)
+    for line in e.value.errors:
+        assert "\n" not in line and "Traceback" not in line
+    return e.value.errors
+
+
+# --------------------------------------------------------------------------- the API
+
+
+def test_mapping_and_strings_set_nested_keys():
+    a = load_recipe(GPT_TINY, overrides={"model.d_model": 128, "components.gated_attn.n_heads": 8})
+    b = load_recipe(GPT_TINY, overrides=["model.d_model=128", "components.gated_attn.n_heads = 8"])
+    assert a == b
+    assert a.model.d_model == 128 and a.components["gated_attn"].n_heads == 8
+    assert a.components["gated_attn"].head_dim == 16  # the section's other keys are the file's
+    assert a.hash() != load_recipe(GPT_TINY).hash()
+    assert load_recipe(GPT_TINY, overrides={}) == load_recipe(GPT_TINY) == load_recipe(GPT_TINY, overrides=[])
+
+
+def test_string_values_are_yaml_scalars_and_flow_collections():
+    r = load_recipe(GPT_TINY, overrides=[
+        "model.max_seq_len=1024",  # int
+        "model.n_layers=null",  # None
+        "model.block_pattern=GA | GA | GA",  # text
+        "model.norm.eps=1e-5",  # YAML 1.2 float (no dot)
+        "components.gated_attn.rope={theta: 500000, scaling: {kind: yarn, factor: 4}}",  # a mapping
+        "model.tie_embeddings=false",
+    ])
+    assert r.model.max_seq_len == 1024 and r.model.n_layers is None and len(r.layers) == 3
+    assert r.model.norm.eps == 1e-5 and r.model.tie_embeddings is False
+    rope = r.components["gated_attn"].rope
+    assert rope.theta == 500000.0 and rope.scaling.kind == "yarn" and rope.scaling.factor == 4.0
+    assert rope.fraction == 1.0  # the whole mapping replaced: fraction 0.5 of the file is gone
+    # a list: the block diffusion clip grid
+    bd = load_recipe(ROOT / "configs" / "bd_tiny.yaml", overrides=["objective.clip=[0.2, 0.9]"])
+    assert tuple(bd.objective.clip) == (0.2, 0.9)
+    # a Python value is taken as it is (a string is YAML)
+    assert load_recipe(GPT_TINY, overrides={"name": "x y"}).name == "x y"
+    assert load_recipe(GPT_TINY, overrides={"model.block_pattern": "GA"}).layers[0].mixer == "gated_attn"
+    assert len(load_recipe(GPT_TINY, overrides={"model.block_pattern": "GA"}).layers) == 1
+
+
+def test_an_override_adds_a_section_or_key_the_file_lacks():
+    r = load_recipe(TINY, overrides=["components.gdn.n_heads=4", "model.mtp={depth: 2}", "model.dropout=0.1"])
+    assert r.components["gdn"].n_heads == 4 and r.model.mtp.depth == 2 and r.model.dropout == 0.1
+    t = load_recipe(TINY, overrides=["train.lr=0.01", "train.steps=5"])
+    assert t.train.lr == 0.01 and t.train.steps == 5
+    # a null section (``components:`` with nothing under it) is filled
+    r = load_recipe("name: t\nmodel: {vocab_size: 64, d_model: 32, block_pattern: GA}\ncomponents:\n",
+                    overrides=["components.gated_attn.n_heads=8"])
+    assert r.components["gated_attn"].n_heads == 8
+
+
+def test_replacing_a_whole_section_and_later_overrides_win():
+    r = load_recipe(GPT_TINY, overrides=["components.gated_attn={n_heads: 8}", "model.d_model=32",
+                                         "model.d_model=96"])
+    ga = r.components["gated_attn"]
+    assert (ga.n_heads, ga.n_kv_heads, ga.head_dim) == (8, None, None) and r.model.d_model == 96
+
+
+def test_sources_are_not_changed():
+    d = copy.deepcopy(TINY)
+    r = load_recipe(d, overrides={"model.d_model": 64, "components.mlp.d_hidden": 32})
+    assert d == TINY and r.model.d_model == 64
+    base = load_recipe(TINY)
+    again = load_recipe(base, overrides=["model.d_model=64"])
+    assert base.model.d_model == 32 and again.model.d_model == 64
+    assert load_recipe(base, overrides=[]) is base
+
+
+def test_build_model_takes_overrides():
+    model = build_model(TINY, overrides=["model.d_model=48", "components.gated_attn.n_heads=3"])
+    assert model.recipe.model.d_model == 48 and model.recipe.components["gated_attn"].n_heads == 3
+    assert model.embed.weight.shape[1] == 48
+
+
+def test_errors_at_an_overridden_key_name_the_override():
+    assert errors(GPT_TINY, ["model.d_modl=256"]) == [
+        "--set model.d_modl=256: unknown key (did you mean 'd_model'?)"]
+    assert errors(GPT_TINY, {"model.d_model": -1}) == ["--set model.d_model=-1: must be >= 1, got -1"]
+    assert errors(GPT_TINY, ["model.d_model=abc"]) == [
+        "--set model.d_model=abc: wrong type: expected an integer, got str 'abc'"]
+    # a section the override added: its errors name it too (not the line of the file's components:)
+    assert errors(GPT_TINY, ["components.swa.n_heads=4"]) == [
+        "--set components.swa.n_heads=4: components.swa: unknown component"]
+    # below the overridden key: its path too
+    (e,) = errors(GPT_TINY, ["components.gated_attn={n_heads: 0, n_kv_heads: 2}"])
+    assert e.startswith("--set components.gated_attn={n_heads: 0, n_kv_heads: 2}: components.gated_attn.n_heads: ")
+    # a component the override's pattern uses, at its defaults: named by the override, not the file's pattern line
+    (e,) = errors({**TINY, "model": {**TINY["model"], "d_model": 30}}, ["model.block_pattern=GA | GD"])
+    assert e == ("--set model.block_pattern=GA | GD: components.gdn.n_heads: must divide d_model (30) when head_dim "
+                 "is not given (default; set it under components.gdn)")
+
+
+def test_errors_elsewhere_keep_their_file_line(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({**TINY, "model": {**TINY["model"], "dropout": 2.0}}, sort_keys=False))
+    # line 5: d_model, 7: dropout, 10: gated_attn's n_heads 2, which cannot divide the overridden d_model 33
+    assert errors(p, ["model.d_model=33"]) == [f"{p}:7: model.dropout: must be <= 1.0, got 2.0"]
+    assert errors(p, ["model.d_model=33", "model.dropout=0"]) == [
+        f"{p}:10: components.gated_attn.n_heads: must divide d_model (33) when head_dim is not given"]
+    assert errors(p, ["model.meta_tokens=-1"]) == ["--set model.meta_tokens=-1: must be >= 0, got -1",
+                                                  f"{p}:7: model.dropout: must be <= 1.0, got 2.0"]
+
+
+@pytest.mark.parametrize("given, needle", [
+    ("model.d_model", "--set model.d_model: expected KEY=VALUE"),
+    ("=3", "--set =3: empty key"),
+    ("model..d_model=3", "--set model..d_model=3: empty part in the key path"),
+    ("model.d_model.x=1", "--set model.d_model.x=1: model.d_model is int 64, not a mapping"),
+    ("name.x=1", "--set name.x=1: name is str 'gpt-tiny', not a mapping"),
+    ("model.d_model=[1, 2", "--set model.d_model=[1, 2: invalid YAML value"),
+    ("model.d_model={a: 1, a: 2}", "--set model.d_model={a: 1, a: 2}: model.d_model.a: duplicate key"),
+    ("name=!!python/name:os.system", "is not allowed"),
+])
+def test_malformed_overrides_are_one_line(given, needle):
+    with pytest.raises(OverrideError) as e:
+        load_recipe(GPT_TINY, overrides=[given])
+    assert len(e.value.errors) == 1 and "\n" not in str(e.value)
+    assert needle in str(e.value) and str(e.value).startswith(f"--set {given}"), str(e.value)
+
+
+def test_malformed_override_containers():
+    for bad in ("model.d_model=3", 3, [3], {1: 2}):
+        with pytest.raises(OverrideError) as e:
+            load_recipe(TINY, overrides=bad)
+        assert "\n" not in str(e.value)
