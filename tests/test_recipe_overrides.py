@@ -7,16 +7,19 @@ makes invalid exit 1; a trained run's recipe.yaml holds the overridden recipe.""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
 import yaml
 
-from hymba_plus import build_model, load_recipe
+from hymba_plus import build_model, from_pretrained, load_recipe
+from hymba_plus.cli import main
 from hymba_plus.core.recipe import OverrideError, RecipeError
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT_TINY = ROOT / "configs" / "gpt_tiny.yaml"  # d_model 64 at line 4, gated_attn n_heads 4 at line 9
+FAST = ["--batch-size", "2", "--seq-len", "16", "--warmup", "1", "--eval-every", "100", "--no-progress"]
 TINY = {
     "name": "ovr-tiny",
     "model": {"vocab_size": 32, "d_model": 32, "max_seq_len": 64, "block_pattern": "GA | GA"},
@@ -30,6 +33,13 @@ def errors(source, overrides) -> list[str]:
     for line in e.value.errors:
         assert "\n" not in line and "Traceback" not in line
     return e.value.errors
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
 
 
 # --------------------------------------------------------------------------- the API
@@ -153,3 +163,107 @@ def test_malformed_override_containers():
         with pytest.raises(OverrideError) as e:
             load_recipe(TINY, overrides=bad)
         assert "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------- hymba check / info / bench
+
+
+def test_check_accepts_set(capsys, tmp_path):
+    code, out, _ = run(capsys, "check", str(GPT_TINY), "--set", "model.d_model=128", "--set",
+                       "components.gated_attn.n_heads=8")
+    h = load_recipe(GPT_TINY, overrides={"model.d_model": 128, "components.gated_attn.n_heads": 8}).hash()
+    assert code == 0 and h in out
+    code, _, err = run(capsys, "check", str(GPT_TINY), "--set", "model.d_modl=256")
+    assert code == 1 and err.strip() == "--set model.d_modl=256: unknown key (did you mean 'd_model'?)"
+    for bad in ("model.d_model", "model.d_model.x=1", "model.d_model=[1"):
+        code, _, err = run(capsys, "check", str(GPT_TINY), "--set", bad)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and f"--set {bad}" in err, err
+
+
+def test_info_accepts_set(capsys):
+    code, out, _ = run(capsys, "info", str(GPT_TINY), "--json", "--set", "model.block_pattern=GA | GA | GA")
+    assert code == 0 and len(json.loads(out)["layers"]) == 3
+    code, _, err = run(capsys, "info", str(GPT_TINY), "--set", "model.d_model=-1")
+    assert code == 1 and err.strip() == "--set model.d_model=-1: must be >= 1, got -1"
+    code, _, err = run(capsys, "info", str(GPT_TINY), "--set", "model")
+    assert code == 2 and err.strip().endswith("--set model: expected KEY=VALUE (a key path = a YAML value, e.g. "
+                                              "model.d_model=256)")
+
+
+def test_bench_accepts_set(capsys, tmp_path):
+    out = tmp_path / "b.json"
+    code, _, _ = run(capsys, "bench", str(GPT_TINY), "--device", "cpu", "--batch", "1", "--steps", "1", "--warmup",
+                     "0", "--decode-tokens", "2", "--seq-len", "8", "--set", "model.d_model=32",
+                     "--set", "components.gated_attn={n_heads: 2}", "--json", str(out))
+    r = json.loads(out.read_text())
+    expected = load_recipe(GPT_TINY, overrides=["model.d_model=32", "components.gated_attn={n_heads: 2}"])
+    from hymba_plus.cli.info import describe
+
+    assert code == 0 and r["params_total"] == describe(expected)["params_total"]
+    code, _, err = run(capsys, "bench", str(GPT_TINY), "--device", "cpu", "--set", "model.d_model=-1")
+    assert code == 1 and "--set model.d_model=-1: must be >= 1" in err
+    code, _, err = run(capsys, "bench", str(GPT_TINY), "--device", "cpu", "--set", "=1")
+    assert code == 2 and "--set =1: empty key" in err
+
+
+# --------------------------------------------------------------------------- hymba train
+
+
+def recipe_file(tmp_path: Path) -> str:
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(TINY))
+    return str(p)
+
+
+def test_train_saves_the_overridden_recipe(tmp_path, capsys):
+    r, out = recipe_file(tmp_path), tmp_path / "run"
+    sets = ["--set", "model.d_model=48", "--set", "components.gated_attn.n_heads=3", "--set", "train.lr=0.002"]
+    code, _, err = run(capsys, "train", r, "--out", str(out), "--steps", "2", *FAST, *sets)
+    assert code == 0, err
+    ckpt = sorted(out.glob("step-*"))[-1]
+    saved = load_recipe(ckpt / "recipe.yaml")
+    expected = load_recipe(r, overrides=["model.d_model=48", "components.gated_attn.n_heads=3", "train.lr=0.002"])
+    assert saved == expected and saved.hash() == expected.hash() and saved.train.lr == 0.002
+    m = from_pretrained(ckpt)
+    ref = build_model(r, overrides=["model.d_model=48", "components.gated_attn.n_heads=3"])
+    assert {k: v.shape for k, v in m.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    # resuming with the same --set goes on; the run's own folder as RECIPE needs none
+    code, _, err = run(capsys, "train", r, "--out", str(out), "--steps", "3", *FAST, *sets, "--resume")
+    assert code == 0, err
+    # a --set that changes the model of the checkpoint being resumed: one line, exit 2
+    code, _, err = run(capsys, "train", r, "--out", str(out), "--steps", "4", *FAST, "--resume",
+                       "--set", "model.d_model=64", "--set", "components.gated_attn.n_heads=4")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--set model.d_model=64" in err and "resum" in err
+    # a train setting the resumed run keeps from its checkpoint: refused, with the flag to use
+    code, _, err = run(capsys, "train", r, "--out", str(out), "--steps", "4", *FAST, *sets[:4], "--resume",
+                       "--set", "train.lr=0.005")
+    assert code == 2 and "--set train.lr=0.005" in err and "--lr" in err, err
+    # a checkpoint folder as RECIPE: its weights, so a --set that changes their shapes is refused
+    code, _, err = run(capsys, "train", str(ckpt), "--out", str(tmp_path / "ft"), "--steps", "1", *FAST,
+                       "--set", "model.d_model=96")
+    assert code == 2 and "--set model.d_model=96: changes the weights of the checkpoint" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "ft").exists()
+    # ... and one that keeps them is taken (dropout)
+    code, _, err = run(capsys, "train", str(ckpt), "--out", str(tmp_path / "ft2"), "--steps", "1", *FAST,
+                       "--set", "model.dropout=0.1")
+    assert code == 0, err
+    assert load_recipe(sorted((tmp_path / "ft2").glob("step-*"))[-1] / "recipe.yaml").model.dropout == 0.1
+
+
+def test_train_set_errors(tmp_path, capsys):
+    r = recipe_file(tmp_path)
+    code, _, err = run(capsys, "train", r, "--out", str(tmp_path / "o"), *FAST, "--set", "model.d_model=0")
+    assert code == 1 and err.strip() == "hymba train: --set model.d_model=0: must be >= 1, got 0"
+    code, _, err = run(capsys, "train", r, "--out", str(tmp_path / "o"), *FAST, "--set", "model.d_model")
+    assert code == 2 and "--set model.d_model: expected KEY=VALUE" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_resume_command_keeps_the_model_overrides():
+    from hymba_plus.training.trainer import RunOptions
+
+    opts = RunOptions(out=Path("runs/x"), recipe_name="r.yaml", sets=("model.d_model=48", "train.lr=0.1",
+                                                                     "name=a b"))
+    assert opts.resume_command() == ("hymba train r.yaml --set model.d_model=48 --set 'name=a b' --out runs/x "
+                                     "--resume")

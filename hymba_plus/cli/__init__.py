@@ -123,6 +123,39 @@ def path_text(text: str) -> str:
     return text
 
 
+def add_set_argument(p: argparse.ArgumentParser) -> None:
+    """``--set KEY=VALUE`` (repeatable; ``args.sets``), the recipe overrides of ``check``, ``info``, ``train``
+    and ``bench`` (``core.recipe.load_recipe(..., overrides=)``)."""
+    p.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
+                   help="set a recipe key before the recipe is validated (repeatable): a key path and a YAML value, "
+                        "e.g. --set model.d_model=256 --set components.gdn.n_heads=8 --set 'model.block_pattern=GA | "
+                        "GD' --set 'components.gated_attn.rope={theta: 500000}'; a key the recipe lacks is added, a "
+                        "mapping replaces the whole section. Errors at such a key read `--set KEY=VALUE: ...`")
+
+
+def check_sets(args: argparse.Namespace) -> None:
+    """A malformed ``--set`` (no ``=``, an empty key, a value that is not YAML) as a ``UsageError`` line,
+    before anything is read."""
+    from ..core.recipe import OverrideError, parse_overrides
+
+    try:
+        parse_overrides(args.sets)
+    except OverrideError as e:
+        raise UsageError(str(e)) from None
+
+
+def load_recipe_with_sets(path: "Path | str", args: argparse.Namespace):  # noqa: ANN201 - a Recipe
+    """``load_recipe(path, overrides=args.sets)``: an override that is malformed for this recipe (a key path
+    through a setting that is not a mapping) is a ``UsageError`` (exit 2); a recipe that is invalid, by its
+    file or by an override, a ``RecipeError`` for the command to report (exit 1)."""
+    from ..core.recipe import OverrideError, load_recipe
+
+    try:
+        return load_recipe(path, overrides=args.sets)
+    except OverrideError as e:
+        raise UsageError(str(e)) from None
+
+
 def _parser_class(argv: list[str]) -> type[argparse.ArgumentParser]:
     """An ``ArgumentParser`` (inherited by the subcommands' parsers) whose usage errors are one
     line, ``hymba CMD: MESSAGE (hymba CMD --help lists the flags)``, exit 2 (argparse's own print the

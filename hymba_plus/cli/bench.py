@@ -17,7 +17,7 @@ import os
 import re
 from pathlib import Path
 
-from . import UsageError, UserError, path_text, write_output
+from . import UsageError, UserError, add_set_argument, check_sets, load_recipe_with_sets, path_text, write_output
 from .check import emit
 from .generate import add_decoder_arguments, check_decoder_values, decoder_flags, decoder_options, modes_taking
 from .train import TRAIN_MODES
@@ -63,7 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="the weights' dtype for prefill and decode (default: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--json", type=path_text, metavar="FILE",
-                   help="also write the results as JSON to FILE (replaced if it exists)")
+                   help="also write the results as JSON to FILE (replaced if it exists; with --set: its overrides, "
+                        "and the recipe's hash, in recipe_overrides and recipe_hash)")
+    add_set_argument(p)
 
 
 def mode_flag(message: str) -> str:
@@ -75,7 +77,7 @@ def mode_flag(message: str) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..core.recipe import RecipeError, load_recipe
+    from ..core.recipe import RecipeError
     from ..models.generation import reserved_positions
     from ..models.lm import CheckpointError
     from ..training.bench import (
@@ -95,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError("one process: run it without torchrun")
+    check_sets(args)
     try:
         device = str(pick_device(args.device))
     except ValueError as e:
@@ -119,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     if out is not None and (out.is_dir() or out.name in ("", ".", "..")):
         raise UsageError(f"--json {args.json}: expected a file name")
     try:
-        recipe = load_recipe(Path(args.recipe))  # a file (a str that is no path would be read as YAML text)
+        recipe = load_recipe_with_sets(Path(args.recipe), args)  # a file (a str that is no path would be read as YAML text)
     except RecipeError as e:
         more = f" (and {len(e.errors) - 1} more: hymba check lists them)" if len(e.errors) > 1 else ""
         raise UserError(" ".join(e.errors[0].split()) + more) from None
@@ -168,6 +171,8 @@ def run(args: argparse.Namespace) -> int:
     except torch.OutOfMemoryError:
         raise UserError(f"out of memory on {device} at batch {settings.batch}"
                         + (f" x seq_len {seq_len}" if seq_len else "") + ": lower --batch or --seq-len") from None
+    if args.sets:  # what was timed is not the file's recipe: the JSON says which
+        report["recipe_overrides"], report["recipe_hash"] = list(args.sets), recipe.hash()
     if out is not None:  # first: a closed pipe (exit 141 at the table) keeps what was measured
         write_output(out, json.dumps(report, indent=1) + "\n", "--json")
     emit(format_report(report))  # (a closed pipe: exit 141, quietly, as hymba check and info)

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
-from . import UsageError, path_text
+from . import UsageError, add_set_argument, check_sets, path_text
 
 SUFFIXES = (".yaml", ".yml")
 
@@ -28,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="*", type=path_text, metavar="PATH", help="recipe files or folders (searched recursively)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only problems and the summary")
     p.add_argument("--no-build", action="store_true", help="validate only; do not build on the meta device")
+    add_set_argument(p)  # the same overrides for every recipe checked
 
 
 def find_recipes(paths: list[str]) -> list[Path]:
@@ -68,12 +69,15 @@ class Checked(NamedTuple):
         return f"OK {path} ({self.summary})" + (f": {self.layout}" if self.layout else "")
 
 
-def check_file(path: Path, build: bool = True) -> Checked:
-    """(error lines, summary of the valid recipe, its layout line). Never raises for a bad recipe."""
-    from ..core.recipe import RecipeError, load_recipe
+def check_file(path: Path, build: bool = True, sets: "list[str] | tuple[str, ...]" = ()) -> Checked:
+    """(error lines, summary of the valid recipe, its layout line), with the overrides ``sets`` (``--set``)
+    applied. Never raises for a bad recipe; a ``--set`` malformed for it is a ``UsageError``."""
+    from ..core.recipe import OverrideError, RecipeError, load_recipe
 
     try:
-        recipe = load_recipe(path)
+        recipe = load_recipe(path, overrides=sets)
+    except OverrideError as e:
+        raise UsageError(str(e)) from None
     except RecipeError as e:
         return Checked([" ".join(line.split("\n")) for line in e.errors], "")
     if build:
@@ -110,10 +114,11 @@ def emit(text: str, err: bool = False) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_sets(args)
     files = find_recipes(args.paths)
     bad = 0
     for f in files:
-        result = check_file(f, build=not args.no_build)
+        result = check_file(f, build=not args.no_build, sets=args.sets)
         if result.errors:
             bad += 1
             for line in result.errors:

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from . import path_text
+from . import add_set_argument, check_sets, load_recipe_with_sets, path_text
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_LENS = (1024, 32768)
@@ -57,6 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernels", action="store_true",
                    help="list every fast path, what it is and why it is unavailable (default: one line "
                         "without CUDA, a short table with it)")
+    add_set_argument(p)
 
 
 def mixer_state_nbytes(mixer: Any, seq_len: int, dtype: torch.dtype, n_meta: int = 0) -> int | None:
@@ -547,10 +548,11 @@ def format_etd_cache(etd: dict, dtype: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..core.recipe import RecipeError, load_recipe
+    from ..core.recipe import RecipeError
     from . import UsageError, UserError
     from .check import emit
 
+    check_sets(args)
     try:
         lens = tuple(int(x) for x in args.seq_lens.split(",") if x.strip())
     except ValueError:
@@ -558,7 +560,7 @@ def run(args: argparse.Namespace) -> int:
     if not lens or any(n < 1 for n in lens):
         raise UsageError(f"--seq-lens must be positive integers separated by commas, got {args.seq_lens!r}")
     try:
-        recipe = load_recipe(Path(args.recipe))  # a file (a str that is no path would be read as YAML text)
+        recipe = load_recipe_with_sets(Path(args.recipe), args)  # a file (a str that is no path would be read as YAML text)
     except RecipeError as e:
         for line in e.errors:
             emit(" ".join(line.split("\n")), err=True)

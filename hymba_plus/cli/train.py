@@ -18,8 +18,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
+from typing import Any
 
-from . import UsageError, UserError, finite_float, path_text, seed_int
+from . import (
+    UsageError,
+    UserError,
+    add_set_argument,
+    check_sets,
+    finite_float,
+    load_recipe_with_sets,
+    path_text,
+    seed_int,
+)
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 TRAIN_MODES = ("auto", "eager", "cuda-graph", "compile")  # training/trainer.py's TRAIN_MODES
@@ -61,6 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      "else the defaults shown; flags override both (and, with --resume, the checkpoint's).")
     p.add_argument("recipe", type=path_text, metavar="RECIPE", help="recipe YAML file, or a checkpoint folder: its recipe, starting "
                                                     "from its weights (e.g. one `hymba convert --hybridize` wrote)")
+    add_set_argument(p)  # (a checkpoint folder: only what keeps its weights' shapes; --resume: what keeps its recipe)
     p.add_argument("--distill", type=path_text, metavar="TEACHER_CKPT",
                    help="also learn the teacher checkpoint's logits (KL); weights in the recipe's train.distill "
                         "section (kl_weight, ce_weight, temperature; default 1, 1, 1)")
@@ -155,8 +166,92 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             action.help = (action.help or field.replace("_", " ")) + _default(field)
 
 
+def _check_sets_against_checkpoints(args: argparse.Namespace, recipe, init: Path | None, out: Path) -> None:  # noqa: ANN001
+    """``--set`` where a checkpoint's weights are read (README, "A recipe", Overrides), each refused as one usage
+    line naming the ``--set``: from a checkpoint folder given as RECIPE (``init``) only overrides that keep the
+    shapes of its weights; resuming (``--resume``, a checkpoint in ``out``) only those that keep its recipe's
+    model, components, objective and ladir (what ``checkpoint.check_recipe`` compares) and its ``train``
+    settings, which a resumed run takes from the checkpoint (its flags change them)."""
+    from collections.abc import Mapping
+
+    from ..core.recipe import RecipeError, load_recipe, parse_overrides
+    from ..models.lm import CheckpointError
+    from ..training import checkpoint as ckpt_mod
+
+    if not args.sets:
+        return
+    sets = list(zip(args.sets, parse_overrides(args.sets)))
+    model_sets = [(t, o) for t, o in sets if o.key.split(".")[0] not in ("train", "name")]
+    flags = " ".join(f"--set {t}" for t, _ in model_sets)
+    if init is not None and model_sets:
+        import torch
+
+        from ..models.lm import HybridLM
+
+        try:
+            with torch.device("meta"):
+                shapes = [{k: list(v.shape) for k, v in HybridLM(r).state_dict().items()}
+                          for r in (load_recipe(init / "recipe.yaml"), recipe)]
+        except Exception:  # noqa: BLE001 - a recipe that cannot build: the run reports it, as without --set
+            shapes = None
+        if shapes is not None and shapes[0] != shapes[1]:
+            saved, now = shapes
+            key = next(k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k))
+            raise UsageError(f"{flags}: changes the weights of the checkpoint {init} the run starts from ({key}: "
+                             f"{saved.get(key, 'absent')} there, {now.get(key, 'absent')} with the --set); set only "
+                             "what keeps their shapes, or train from a recipe file")
+    if args.resume == "no" or not ckpt_mod.list_checkpoints(out):
+        return
+    try:
+        found = ckpt_mod.find_resumable(out)
+        if found is None:
+            return
+        ckpt, state = found
+        saved_recipe = load_recipe(ckpt / "recipe.yaml")
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
+    except RecipeError as e:
+        raise UserError(e.errors[0]) from None
+    if ckpt_mod.recipe_difference(saved_recipe, recipe):  # the --set behind it (else the trainer names the file's)
+        there, here = saved_recipe.to_dict(), recipe.to_dict()
+        culprits = [(t, o.key, _at(there, o.key), _at(here, o.key)) for t, o in model_sets
+                    if _at(there, o.key) != _at(here, o.key)]
+        if culprits:
+            _, key, a, b = culprits[0]
+            raise UsageError(f"{' '.join(f'--set {t}' for t, *_ in culprits)}: the checkpoint {ckpt} being resumed "
+                             f"was trained with another recipe ({key}: {a!r} there, {b!r} with the --set): a resumed "
+                             "run keeps its checkpoint's model; drop the --set, or start a new run in another --out")
+    train_sets = [(t, o) for t, o in sets if o.key.split(".")[0] == "train"]
+    if not train_sets or recipe.train is None:
+        return
+    from ..training.trainer import saved_train_config
+
+    try:
+        saved_cfg = saved_train_config(state, ckpt, recipe)
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
+    flag_of = {field: dest for dest, field in _FIELDS.items()}
+    for text, o in train_sets:
+        fields = [o.key.split(".")[1]] if o.key != "train" else list(o.value) if isinstance(o.value, Mapping) else []
+        for f in fields:
+            if hasattr(saved_cfg, f) and getattr(recipe.train, f) != getattr(saved_cfg, f):
+                how = (f"change it with --{flag_of[f].replace('_', '-')}" if f in flag_of
+                       else "it stays the checkpoint's on a resume")
+                raise UsageError(f"--set {text}: a resumed run takes its train settings from its checkpoint {ckpt} "
+                                 f"({f} {getattr(saved_cfg, f)!r} there); {how}")
+
+
+def _at(d: Any, key: str) -> Any:
+    """The value at a key path of a recipe's ``to_dict()`` (None where it has none)."""
+    for part in key.split("."):
+        if not isinstance(d, dict):
+            return None
+        d = d.get(part)
+    return d
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..core.recipe import RecipeError, load_recipe
+    from ..core.recipe import RecipeError
     from ..models.lm import CheckpointError
     from ..objectives import objective_class
     from ..training import checkpoint as ckpt_mod
@@ -167,6 +262,7 @@ def run(args: argparse.Namespace) -> int:
     from ..training.tokenizer import TokenizerError
     from ..training.trainer import RunOptions, TrainError, TrainInterrupted, TrainUsageError, train
 
+    check_sets(args)
     init = None
     recipe_path = Path(args.recipe)
     if recipe_path.is_dir():  # a checkpoint folder: its recipe, starting from its weights
@@ -176,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
     if args.distill is not None and not Path(args.distill).is_dir():
         raise UserError(f"--distill {args.distill}: no such checkpoint folder")
     try:
-        recipe = load_recipe(recipe_path)
+        recipe = load_recipe_with_sets(recipe_path, args)
     except RecipeError as e:
         raise UserError(str(e)) from None
     overrides = {field: getattr(args, dest) for dest, field in _FIELDS.items() if getattr(args, dest) is not None}
@@ -202,6 +298,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"the recipe's name {recipe.name!r} is not a folder name for the default --out runs/NAME: "
                          "pass --out")
     out = Path(args.out) if args.out else Path("runs") / recipe.name
+    _check_sets_against_checkpoints(args, recipe, init, out)
     try:
         cfg = dataclasses.replace(base, **overrides)
         validate(cfg, recipe.model, overrides, args.recipe, default_data=objective_class(recipe).default_data)
@@ -231,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
                       stop_after=args.stop_after, time_limit=args.time_limit, progress=not args.no_progress,
                       progress_interval=args.progress_interval, recipe_name=args.recipe, overrides=overrides,
                       train_only=args.train_only, route_beam=args.route_beam,
-                      route_tolerance=args.route_tolerance, init=init,
+                      route_tolerance=args.route_tolerance, init=init, sets=tuple(args.sets),
                       distill=Path(args.distill) if args.distill is not None else None)
     try:
         summary = train(recipe, cfg, opts)

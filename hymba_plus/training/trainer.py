@@ -176,6 +176,7 @@ class RunOptions:
     route_max_rows: int | None = None  # rows per forward of the search (None: one call per slot)
     distill: Path | None = None  # --distill: the teacher checkpoint (training/distill.py)
     init: Path | None = None  # a checkpoint whose weights a fresh run starts from (RECIPE given as a folder)
+    sets: tuple[str, ...] = ()  # hymba train's --set KEY=VALUE recipe overrides, as given (the resume command's)
     # a data stream to train on instead of opening ``cfg.data`` (``hymba bench``: random token ids,
     # ``training/bench.RandomTokens``); it needs ``train(indices)``, ``description``, ``tokenizer`` (None)
     stream: Any = None
@@ -203,13 +204,15 @@ class RunOptions:
     def resume_command(self, checkpoint: Path | None = None) -> str:
         """The command that resumes the run. A recipe given as a checkpoint folder of the run itself
         (``OUT/step-N``) may be gone by then (``--keep-last``): ``checkpoint``, the run's newest, names the
-        recipe instead (its recipe.yaml is the run's)."""
+        recipe instead (its recipe.yaml is the run's). The ``--set`` overrides follow the recipe, but those of
+        ``train`` settings: a resumed run takes them from its checkpoint (``hymba train`` refuses one that differs)."""
         import shlex
 
         recipe = self.recipe_name
         if checkpoint is not None and Path(recipe).absolute().parent == Path(self.out).absolute():
             recipe = str(checkpoint)
-        return f"hymba train {shlex.quote(recipe)} --out {shlex.quote(str(self.out))} --resume"
+        sets = "".join(f" --set {shlex.quote(s)}" for s in self.sets if s.split("=", 1)[0].strip().split(".")[0] != "train")
+        return f"hymba train {shlex.quote(recipe)}{sets} --out {shlex.quote(str(self.out))} --resume"
 
 
 @dataclass
