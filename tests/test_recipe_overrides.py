@@ -267,3 +267,16 @@ def test_the_resume_command_keeps_the_model_overrides():
                                                                      "name=a b"))
     assert opts.resume_command() == ("hymba train r.yaml --set model.d_model=48 --set 'name=a b' --out runs/x "
                                      "--resume")
+
+
+def test_an_undecodable_or_very_long_override_is_one_short_line(capsys):
+    """A command-line byte that is not UTF-8 reaches Python as a lone surrogate (``$'name=\\xff'``): libyaml's
+    encoder raised UnicodeEncodeError, a traceback. A pasted wall of text is cut where an error echoes it."""
+    with pytest.raises(OverrideError) as e:
+        load_recipe(GPT_TINY, overrides=["name=\udcff"])
+    assert str(e.value) == "--set name=\\udcff: invalid YAML value: not UTF-8 text"
+    code, _, err = run(capsys, "check", str(GPT_TINY), "--set", "name=\udcff")
+    assert code == 2 and err.strip() == "hymba check: --set name=\\udcff: invalid YAML value: not UTF-8 text"
+    with pytest.raises(RecipeError) as e:
+        load_recipe(GPT_TINY, overrides=["model.d_model=" + "x" * 5000])
+    assert len(str(e.value)) < 400 and str(e.value).startswith("--set model.d_model=xxx")

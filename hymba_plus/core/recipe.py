@@ -860,6 +860,8 @@ def parse_overrides(overrides: Any) -> list[_Override]:
     out = []
     for key, value, flag in pairs:
         flag = _printable(flag)
+        if len(flag) > 200:  # (a pasted file as a value: the error echoes its start)
+            flag = f"{flag[:196]}..."
         if not key:
             raise OverrideError([f"{flag}: empty key ({_SET_USAGE})"])
         if "" in key.split("."):
@@ -887,7 +889,10 @@ def _override_value(text: str, key: str, flag: str) -> Any:
     """An override's value text read as a recipe's YAML is (``_LineLoader``: YAML 1.2 numbers and booleans,
     plain data only, no duplicate keys): ``256`` an int, ``null`` None (as is nothing), ``[1, 2]`` a list,
     ``{kind: yarn}`` a mapping. Anything else is one ``OverrideError`` line naming the override."""
-    loader = _LineLoader(text)
+    try:
+        loader = _LineLoader(text)
+    except UnicodeEncodeError:  # a lone surrogate: a command-line byte that is not UTF-8 (libyaml encodes the text)
+        raise OverrideError([f"{flag}: invalid YAML value: not UTF-8 text"]) from None
     try:
         node = loader.get_single_node()
         errs = _Errors("", None, [(key, key, flag)])
