@@ -25,7 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("info", "layer table, parameters, cache bytes of a recipe"),
     "train": ("train", "train a model from a recipe (checkpoints, metrics, loss plot)"),
     "generate": ("generate", "generate text from a checkpoint, or forecast a series (--mode forecast)"),
-    "eval": ("eval", "evaluate a checkpoint on held-out data (the run's own eval metrics), without training"),
+    "eval": ("eval", "evaluate a checkpoint on held-out data (the run's own eval metrics), without training, "
+                     "or on lm-evaluation-harness tasks (--tasks)"),
     "prepare": ("prepare", "tokenize text files into memory-mapped token shards"),
     "convert": ("convert", "import / export HF transformers checkpoints, or hybridize a pretrained model"),
     "bench": ("bench", "training-step, prefill and decode throughput of a recipe on one device"),

@@ -24,6 +24,15 @@ logged at the checkpoint's step (``metrics.jsonl``), on a device of the same kin
 
 Prints a table; ``--json FILE`` also writes it as one JSON object (written whole or not at all,
 replacing an existing file, as ``generate --out``).
+
+``--tasks t1,t2`` runs EleutherAI's lm-evaluation-harness instead (``training/harness.py``'s ``HymbaLM``,
+the optional ``lm_eval`` package: ``pip install 'hymba_plus[eval]'``): the harness's tasks (names, glob
+patterns, task YAML files; ``--include-path DIR`` adds a folder of task YAMLs, which are looked up first:
+when it holds every named task the harness's own ~15k task configs are not indexed), ``--num-fewshot K``,
+``--limit N`` (examples per task; a fraction below 1: that part of each task), ``--batch-size B`` (rows per
+forward, default 8), ``--dtype``; it prints the harness's table and ``--json FILE`` writes its results
+JSON. The held-out flags (``--data``, ``--seq-len``, ``--batches``, ``--seed``) mean nothing there and the
+harness's mean nothing without ``--tasks``: either is refused (exit 2).
 """
 
 from __future__ import annotations
@@ -57,6 +66,43 @@ def batches_arg(text: str) -> int | str:
     return v
 
 
+def tasks_arg(text: str) -> list[str]:
+    """argparse type of ``--tasks``: comma-separated task names (none empty)."""
+    names = [t.strip() for t in text.split(",")]
+    if not names or any(not t for t in names):
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated task names, none empty")
+    return names
+
+
+def fewshot_arg(text: str) -> int:
+    """argparse type of ``--num-fewshot``: an integer >= 0."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
+
+
+def limit_arg(text: str) -> int | float:
+    """argparse type of ``--limit``: an integer >= 1 (examples per task) or a fraction in (0, 1) (the harness's
+    meaning of a limit below 1)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of examples >= 1, or a fraction in (0, 1)") from None
+    if not math.isfinite(v) or v <= 0 or (v >= 1 and not v.is_integer()):
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 or a fraction in (0, 1), got {text}")
+    return int(v) if v >= 1 else v
+
+
+#: flags of one mode: held-out only (dest -> flag), and the harness's (``--tasks`` mode) only
+HELD_OUT_ONLY = {"data": "--data", "seq_len": "--seq-len", "batches": "--batches", "seed": "--seed"}
+HARNESS_ONLY = {"num_fewshot": "--num-fewshot", "limit": "--limit", "include_path": "--include-path",
+                "dtype": "--dtype"}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = (f"{p.description or ''}. Settings default to those the checkpoint was trained with, so "
                      "the numbers match the run's logged eval at that step.")
@@ -65,7 +111,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=path_text, default=None, metavar="PATH|TASK",
                    help="a built-in task, a text file or folder, a `hymba prepare` folder, a reasoning task or "
                         "JSONL file (ladir), a series CSV (forecast) (default: the checkpoint's training data)")
-    p.add_argument("--batch-size", type=int, default=None, help="rows per batch (default: the checkpoint's)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="rows per batch (default: the checkpoint's; with --tasks 8)")
     p.add_argument("--seq-len", type=int, default=None,
                    help="tokens per sequence: the windows of text, a task's length (default: the checkpoint's)")
     p.add_argument("--batches", type=batches_arg, default=None, metavar="N|all",
@@ -75,6 +122,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the seed a task's held-out samples are drawn from (default: the checkpoint's)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--json", type=path_text, default=None, metavar="FILE", help="also write the results as JSON")
+    h = p.add_argument_group("lm-evaluation-harness (--tasks; needs lm_eval: pip install 'hymba_plus[eval]')")
+    h.add_argument("--tasks", type=tasks_arg, default=None, metavar="T1,T2",
+                   help="run the harness's tasks (names, glob patterns or task YAML files) instead of the held-out "
+                        "evaluation")
+    h.add_argument("--num-fewshot", type=fewshot_arg, default=None, metavar="K",
+                   help="few-shot examples per prompt (default: each task's)")
+    h.add_argument("--limit", type=limit_arg, default=None, metavar="N",
+                   help="examples per task (a fraction below 1: that part of each task)")
+    h.add_argument("--include-path", type=path_text, default=None, metavar="DIR",
+                   help="a folder of task YAMLs, looked up before the harness's own")
+    h.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="the weights' dtype for the harness (default float32; log-probabilities in float32)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,6 +151,15 @@ def run(args: argparse.Namespace) -> int:
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # (each process would evaluate everything: as hymba bench)
         raise UsageError("one process: run it without torchrun")
+    if args.tasks is not None:
+        mixed = next((flag for dest, flag in HELD_OUT_ONLY.items() if getattr(args, dest) is not None), None)
+        if mixed is not None:
+            raise UsageError(f"{mixed}: a held-out evaluation flag, not for --tasks (the harness's tasks bring their "
+                             "own data)")
+        return run_harness(args)
+    given = next((flag for dest, flag in HARNESS_ONLY.items() if getattr(args, dest) is not None), None)
+    if given is not None:
+        raise UsageError(f"{given}: only with --tasks (the lm-evaluation-harness)")
     for flag, v in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
         if v is not None and v < 1:
             raise UsageError(f"{flag} {v}: must be >= 1")
@@ -191,6 +259,93 @@ def run(args: argparse.Namespace) -> int:
         write_output(out_json, json.dumps(_jsonable(report), indent=1) + "\n", "--json")
     emit(text)  # (a closed pipe: exit 141, quietly, as hymba check and info)
     return 0
+
+
+def run_harness(args: argparse.Namespace) -> int:
+    """``hymba eval CKPT --tasks ...``: the lm-evaluation-harness on the checkpoint (module docstring)."""
+    from ..training.distributed import pick_device
+    from .generate import resolve_checkpoint
+
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size}: must be >= 1")
+    out_json = Path(args.json) if args.json is not None else None
+    if out_json is not None and (out_json.is_dir() or out_json.name in ("", ".", "..")):
+        raise UsageError(f"--json {args.json}: expected a file name")
+    include = Path(args.include_path) if args.include_path is not None else None
+    if include is not None and not include.is_dir():
+        raise UsageError(f"--include-path {args.include_path}: not a folder (of task YAML files)")
+    try:
+        device = pick_device(args.device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    ckpt = resolve_checkpoint(Path(args.checkpoint))
+    try:
+        import lm_eval  # noqa: F401
+
+        from ..training.harness import HymbaLM
+    except ImportError:
+        raise UserError("--tasks runs EleutherAI's lm-evaluation-harness, which is not installed: pip install "
+                        "'hymba_plus[eval]' (or pip install 'lm_eval>=0.4.9')") from None
+    manager, tasks = _harness_tasks(args.tasks, include)
+    try:
+        lm = HymbaLM(pretrained=ckpt, device=str(device), batch_size=args.batch_size or 8,
+                     dtype=args.dtype or "float32")
+    except ValueError as e:  # (CheckpointError and TokenizerError are ValueErrors)
+        raise UserError(str(e).splitlines()[0]) from None
+    from lm_eval import simple_evaluate
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    try:
+        results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                                  task_manager=manager, log_samples=False)
+    except (ValueError, KeyError, OSError, ConnectionError) as e:  # a task's data or settings, the model's limits
+        raise UserError(f"lm_eval: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    results["hymba"] = {"checkpoint": str(ckpt), "max_seq_len": lm.max_seq_len, "truncated_contexts": lm.truncated}
+    text = make_table(results)
+    if results.get("groups"):
+        text += "\n" + make_table(results, "groups")
+    if lm.truncated:
+        text += (f"\n{lm.truncated} request(s) longer than max_seq_len {lm.max_seq_len}: their contexts were cut "
+                 "from the left")
+    if out_json is not None:
+        write_output(out_json, json.dumps(results, indent=1, default=handle_non_serializable) + "\n", "--json")
+    emit(text.rstrip("\n"))
+    return 0
+
+
+def _harness_tasks(names: list[str], include: Path | None) -> tuple[Any, list[Any]]:
+    """(the harness's ``TaskManager``, the tasks to run) for ``--tasks``: names and glob patterns matched
+    against the index, ``.yaml`` paths loaded as task configs. With ``--include-path`` its folder is indexed
+    alone first; the harness's own task configs (~15k, seconds to index) only when a name is not there. An
+    unknown name or a missing file: one ``UsageError`` line."""
+    import difflib
+
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    yamls = [n for n in names if n.endswith(".yaml")]
+    for y in yamls:
+        if not Path(y).is_file():
+            raise UsageError(f"--tasks {y}: no such task YAML file")
+    named = [n for n in names if not n.endswith(".yaml")]
+    manager = TaskManager(include_path=str(include), include_defaults=False) if include is not None else None
+    if manager is None or any(not manager.match_tasks([n]) for n in named):
+        manager = TaskManager(include_path=str(include) if include is not None else None)
+    tasks: list[Any] = []
+    for n in names:
+        if n.endswith(".yaml"):
+            try:
+                tasks.append(load_yaml(str(Path(n).absolute()), resolve_func=True))
+            except Exception as e:  # (yaml's and the loader's own error types)
+                raise UsageError(f"--tasks {n}: not a task YAML ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+            continue
+        found = manager.match_tasks([n])
+        if not found:
+            near = difflib.get_close_matches(n, manager.all_tasks, n=3)
+            raise UsageError(f"--tasks {n}: unknown task" + (f" (did you mean {', '.join(near)}?)" if near else "")
+                             + "; `lm_eval ls tasks` lists them, --include-path DIR adds a folder of task YAMLs")
+        tasks += [t for t in found if t not in tasks]
+    return manager, tasks
 
 
 def _count(v: float) -> str:
