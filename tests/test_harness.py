@@ -269,3 +269,25 @@ def test_a_forecast_checkpoint_is_refused_in_one_line(tmp_path, capsys, tasks):
     rc = main(["eval", str(tmp_path / "f"), "--device", "cpu", "--tasks", "hymba_tiny_mc", "--include-path",
                str(tasks)])
     one_line(capsys, rc, 1, "objective forecast: not a language model for lm-eval (it reads numbers")
+
+
+def test_a_tokenizers_checkpoint_reads_text_without_special_tokens_after_its_end_token(tmp_path):
+    """A ``tokenizers`` tokenizer with a BOS template: requests are encoded as training encoded documents
+    (no special tokens), and a text without context is scored after the end token (``</s>``)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers, processors, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 4,
+                            trainers.BpeTrainer(vocab_size=200, special_tokens=["[UNK]", "<s>", "</s>"]))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    torch.manual_seed(0)
+    m = build_model(RECIPE).eval()
+    m.save_pretrained(tmp_path / "ck", extra_files={"tokenizer.json": tok.to_str()})
+    lm = HymbaLM(pretrained=str(tmp_path / "ck"), device="cpu", batch_size=2)
+    ids = tok.encode("the lazy dog", add_special_tokens=False).ids
+    assert lm.tok_encode("the lazy dog") == ids and tok.encode("the lazy dog").ids[0] == 1  # no <s>
+    assert lm.prefix_token_id == 2  # </s>
+    (lp,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("the lazy dog",), 0)])
+    assert lp == pytest.approx(-full_nll(m, [2] + ids), rel=1e-5)
