@@ -291,3 +291,20 @@ def test_a_tokenizers_checkpoint_reads_text_without_special_tokens_after_its_end
     assert lm.prefix_token_id == 2  # </s>
     (lp,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("the lazy dog",), 0)])
     assert lp == pytest.approx(-full_nll(m, [2] + ids), rel=1e-5)
+
+
+@pytest.mark.parametrize("old,new,needle", [
+    ('doc_to_text: "{{question}}"', 'doc_to_text: "{{question"', "TemplateSyntaxError"),  # a broken Jinja template
+    ("!function tiny_data.choices", "!function tiny_data.no_such", "has no function 'no_such'"),  # a missing function
+])
+def test_a_task_config_the_harness_cannot_load_is_one_input_line(ckpt, tasks, capsys, old, new, needle):
+    """A task YAML that lm_eval fails to build (its template, its ``!function``) is bad input: one line naming
+    the task and the harness's error (exit 1), not the traceback of lm_eval's loader."""
+    y = tasks / "tiny_mc.yaml"
+    y.write_text(y.read_text().replace(old, new))
+    rc = run(["eval", str(ckpt), "--device", "cpu", "--tasks", "hymba_tiny_mc", "--include-path", str(tasks),
+              "--limit", "1"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("hymba eval")]
+    assert rc == 1 and "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith("hymba eval: --tasks hymba_tiny_mc: lm_eval could not load the task (") and needle in lines[0]

@@ -32,7 +32,8 @@ when it holds every named task the harness's own ~15k task configs are not index
 ``--limit N`` (examples per task; a fraction below 1: that part of each task), ``--batch-size B`` (rows per
 forward, default 8), ``--dtype``; it prints the harness's table and ``--json FILE`` writes its results
 JSON. The held-out flags (``--data``, ``--seq-len``, ``--batches``, ``--seed``) mean nothing there and the
-harness's mean nothing without ``--tasks``: either is refused (exit 2).
+harness's mean nothing without ``--tasks``: either is refused (exit 2). A task config lm_eval cannot load
+(its template, a ``!function``, its data set) is one input line (exit 1), not lm_eval's traceback.
 """
 
 from __future__ import annotations
@@ -323,14 +324,27 @@ def _harness_tasks(names: list[str], include: Path | None) -> tuple[Any, list[An
     from lm_eval.tasks import TaskManager
     from lm_eval.tasks._yaml_loader import load_yaml
 
+    class Manager(TaskManager):
+        """lm_eval's ``TaskManager`` whose ``load`` (``simple_evaluate`` builds the tasks through it, after
+        seeding) turns a task config it cannot build (a Jinja template, a ``!function`` that is not there,
+        an ``output_type``, the data set) into one input line, rather than the loader's traceback."""
+
+        def load(self, task_list: Any) -> Any:
+            try:
+                return super().load(task_list)
+            except Exception as e:  # (jinja2's, yaml's, importlib's, datasets' and the loader's own types)
+                first = str(e).splitlines()[0] if str(e).strip() else ""
+                raise UserError(f"--tasks {','.join(names)}: lm_eval could not load the task ("
+                                f"{type(e).__name__}{': ' + first if first else ''})") from None
+
     yamls = [n for n in names if n.endswith(".yaml")]
     for y in yamls:
         if not Path(y).is_file():
             raise UsageError(f"--tasks {y}: no such task YAML file")
     named = [n for n in names if not n.endswith(".yaml")]
-    manager = TaskManager(include_path=str(include), include_defaults=False) if include is not None else None
+    manager = Manager(include_path=str(include), include_defaults=False) if include is not None else None
     if manager is None or any(not manager.match_tasks([n]) for n in named):
-        manager = TaskManager(include_path=str(include) if include is not None else None)
+        manager = Manager(include_path=str(include) if include is not None else None)
     tasks: list[Any] = []
     for n in names:
         if n.endswith(".yaml"):
