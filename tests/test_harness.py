@@ -308,3 +308,20 @@ def test_a_task_config_the_harness_cannot_load_is_one_input_line(ckpt, tasks, ca
     lines = [ln for ln in err.strip().splitlines() if ln.startswith("hymba eval")]
     assert rc == 1 and "Traceback" not in err and len(lines) == 1, err
     assert lines[0].startswith("hymba eval: --tasks hymba_tiny_mc: lm_eval could not load the task (") and needle in lines[0]
+
+
+def test_an_lm_eval_older_than_the_adapter_reads_is_one_line_naming_the_version(ckpt, capsys, monkeypatch):
+    """lm_eval before 0.4.12 lacks what the adapter reads (``lm_eval.tasks._yaml_loader``, ``TaskManager.load``;
+    0.4.9 also ``normalize_gen_kwargs``): ``--tasks`` says which version it needs, not "not installed" (0.4.9) or
+    an import traceback (0.4.10, 0.4.11); the extras require that version."""
+    import tomllib
+
+    from hymba_plus.cli import eval as eval_cli
+
+    monkeypatch.setattr(eval_cli, "_lm_eval_version", lambda: "0.4.9.2")
+    rc = main(["eval", str(ckpt), "--device", "cpu", "--tasks", "hellaswag"])
+    one_line(capsys, rc, 1, f"--tasks needs lm_eval>={eval_cli.LM_EVAL_MIN} (this is lm_eval 0.4.9.2)")
+    extras = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    for extra in ("eval", "dev"):
+        assert f"lm_eval>={eval_cli.LM_EVAL_MIN}" in extras[extra], extra

@@ -50,6 +50,11 @@ from typing import Any
 from . import UsageError, UserError, path_text, seed_int, write_output
 from .check import emit
 
+#: the oldest lm_eval whose API ``--tasks`` and ``training/harness.py`` read (``lm_eval.tasks._yaml_loader``,
+#: ``TaskManager.load``, ``models.utils.normalize_gen_kwargs``: 0.4.12); pyproject's ``eval`` / ``dev`` extras
+#: require it
+LM_EVAL_MIN = "0.4.12"
+
 #: flag dest -> TrainConfig field, for the flags that override the checkpoint's settings
 _FIELDS = {"data": "data", "batch_size": "batch_size", "seq_len": "seq_len", "seed": "seed"}
 
@@ -282,11 +287,14 @@ def run_harness(args: argparse.Namespace) -> int:
     ckpt = resolve_checkpoint(Path(args.checkpoint))
     try:
         import lm_eval  # noqa: F401
-
-        from ..training.harness import HymbaLM
     except ImportError:
         raise UserError("--tasks runs EleutherAI's lm-evaluation-harness, which is not installed: pip install "
-                        "'hymba_plus[eval]' (or pip install 'lm_eval>=0.4.9')") from None
+                        f"'hymba_plus[eval]' (or pip install 'lm_eval>={LM_EVAL_MIN}')") from None
+    have = _lm_eval_version()
+    if have is not None and _release(have) < _release(LM_EVAL_MIN):
+        raise UserError(f"--tasks needs lm_eval>={LM_EVAL_MIN} (this is lm_eval {have}): pip install -U "
+                        f"'lm_eval>={LM_EVAL_MIN}'")
+    from ..training.harness import HymbaLM
     manager, tasks = _harness_tasks(args.tasks, include)
     try:
         lm = HymbaLM(pretrained=ckpt, device=str(device), batch_size=args.batch_size or 8,
@@ -360,6 +368,29 @@ def _harness_tasks(names: list[str], include: Path | None) -> tuple[Any, list[An
                              + "; `lm_eval ls tasks` lists them, --include-path DIR adds a folder of task YAMLs")
         tasks += [t for t in found if t not in tasks]
     return manager, tasks
+
+
+def _lm_eval_version() -> str | None:
+    """The installed lm_eval's version (its distribution's metadata; None when it has none)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lm_eval")
+    except PackageNotFoundError:
+        return None
+
+
+def _release(v: str) -> tuple[int, ...]:
+    """The leading release numbers of a version text (``0.4.9.2`` -> (0, 4, 9, 2); ``0.4.13.dev1`` -> (0, 4, 13))."""
+    nums = []
+    for part in v.split("."):
+        digits = part[:len(part) - len(part.lstrip("0123456789"))] if part else ""
+        if not digits:
+            break
+        nums.append(int(digits))
+        if digits != part:
+            break
+    return tuple(nums)
 
 
 def _count(v: float) -> str:
