@@ -38,7 +38,9 @@ after ``import hymba_plus.training.harness``. Model arguments: ``pretrained`` (a
 training ``OUT``: its newest intact ``step-N``), ``device`` (auto, cpu, cuda, cuda:N), ``batch_size``
 (rows per forward), ``dtype`` (float32, bfloat16, float16: the weights' dtype; log-probabilities in
 float32), ``max_gen_toks`` (``generate_until``'s default, 256 as the harness's), ``seed`` (sampled
-generations).
+generations). lm_eval's command line passes its own ``--device`` (default ``cuda:0``) and ``--batch_size``
+(default 1) to the model: there ``device`` and ``batch_size`` are those flags, not ``--model_args`` keys
+(lm_eval would pass each twice: a ``TypeError``).
 """
 
 from __future__ import annotations
