@@ -67,6 +67,10 @@ and momentum, recorded inside the kernel's chunk loop by ``atlas_memory(snapshot
 ``P mod C`` tokens of that chunk before ``P`` as the buffer, the ``c-1`` tokens before the
 chunk start as the window tail and the conv inputs before ``P``; all but the memory are
 gathers from the full sequence's keys, values, gates and conv inputs.
+
+A speculative verify chunk (``StepContext.record``) records the cached state after each of
+its positions the same way, on the combined row of the cached forward (``_forward_cached``):
+``HybridLM.rewind`` then gathers each row's accepted state instead of re-running.
 """
 
 from __future__ import annotations
@@ -155,6 +159,9 @@ def _gather_time(x: Tensor, idx: Tensor) -> Tensor:
 
 @register("atlas", config=AtlasConfig, aliases=("ATL",))
 class Atlas(nn.Module):
+    #: a verify chunk records its states at every position (``_forward_cached``)
+    records_states = True
+
     def __init__(self, cfg: AtlasConfig, *, d_model: int, **_: object):
         super().__init__()
         self.cfg = cfg
@@ -260,7 +267,7 @@ class Atlas(nn.Module):
         kw = dict(chunk_size=cfg.chunk_size, window=cfg.window, ns_steps=cfg.ns_steps,
                   muon=cfg.inner_optimizer != "sgd", ns_chunk=cfg.inner_optimizer == "muon_chunk")
         if snapshots is not None:
-            y, W, S = atlas_memory(*args, snapshots=snapshots, **kw)
+            y, W, S = atlas_memory(*args, n_valid=nv, snapshots=snapshots, **kw)
             U = len(snapshots)
             return (y.view(B, H, T, d), [w.view(U, B, H, *w.shape[2:]) for w in W],
                     [s.view(U, B, H, *s.shape[2:]) for s in S])
@@ -274,11 +281,17 @@ class Atlas(nn.Module):
         return [w[None].expand(B, *w.shape) for w in self.memory]
 
     def forward(self, x: Tensor, ctx: StepContext, state: AtlasState | None = None) -> Tensor:
-        q, k, v, gates = self._project(x, ctx, state)
+        record = ctx.record and state is not None
+        qkv = tails = None
+        if record and self.conv_weight is not None:  # the conv tails after each token, from the cache's
+            qkv = self.qkv_proj(x)
+            tails = conv_tails(qkv, torch.arange(x.shape[1] + 1, device=x.device), self.cfg.conv_size - 1,
+                               state.conv)
+        q, k, v, gates = self._project(x, ctx, state, qkv=qkv)
         if state is None:
             y = self._forward_full(q, k, v, gates, ctx.lengths)
         else:
-            y = self._forward_cached(q, k, v, gates, ctx.lengths, state)
+            y = self._forward_cached(q, k, v, gates, ctx.lengths, state, record=record, tails=tails)
         return self._output(y, x)
 
     def _output(self, y: Tensor, x: Tensor) -> Tensor:
@@ -356,7 +369,15 @@ class Atlas(nn.Module):
                                None, return_state=False)
         return y
 
-    def _forward_cached(self, q, k, v, gates, lengths, st: AtlasState):
+    def _forward_cached(self, q, k, v, gates, lengths, st: AtlasState, record: bool = False,
+                        tails: Tensor | None = None):
+        """The cached forward (module docstring). ``record`` (a speculative verify chunk,
+        ``StepContext.record``): also leaves in ``st`` its state after each ``p = 0 .. T`` of
+        the chunk's tokens (``LayerState.record_rows``): the memory and momentum at the start of
+        the chunk ``(n_buf + p) // C`` of the combined row (every chunk start's, and the end's,
+        from one kernel pass, ``atlas_memory(snapshots=...)``), the buffer and window tail as
+        gathers of the combined row, ``tails`` the conv tails. Memory ``T + 1`` states (the
+        memory weights included)."""
         B, H, T, d = q.shape
         C, c = self.cfg.chunk_size, self.cfg.window
         dev = q.device
@@ -365,6 +386,8 @@ class Atlas(nn.Module):
         n_tot = nb + L  # real tokens since the row's last chunk boundary, this call's included
         Tc = int(n_tot.max().item()) if B else 0
         if Tc == 0:
+            if record:  # no row took a token: every position's state is this one (the conv's too)
+                st.record(lambda keep, kmax: None)
             return q.new_zeros(B, H, T, d)
         # combined row = [buffered tokens, new real tokens, inert]; it starts at a chunk boundary
         s = torch.arange(Tc, device=dev)[None]
@@ -377,8 +400,16 @@ class Atlas(nn.Module):
         # (a copy of the initial memory: a call that completes no chunk carried views of the parameters into
         # the cache at batch 1, which an in-place optimizer step would then change under a live cache)
         weights = st.weights if st.weights is not None else [w.clone() for w in self._initial_weights(B)]
-        y_c, W, S = self._memory(q_c, k_c, v_c, g_c, st.tail_k, st.tail_v, st.tail_gamma, weights,
-                                 st.momentum, n_tot, return_state=True)
+        if record:
+            n_chunks = -(-Tc // C)
+            y_c, W_at, S_at = self._memory(q_c, k_c, v_c, g_c, st.tail_k, st.tail_v, st.tail_gamma, weights,
+                                           st.momentum, n_tot, return_state=True,
+                                           snapshots=list(range(n_chunks + 1)))
+            W, S = [w[-1] for w in W_at], [m[-1] for m in S_at]  # the end state: after every complete chunk
+            self._record(st, k_c, v_c, g_c, W_at, S_at, nb, L, tails, T)
+        else:
+            y_c, W, S = self._memory(q_c, k_c, v_c, g_c, st.tail_k, st.tail_v, st.tail_gamma, weights,
+                                     st.momentum, n_tot, return_state=True)
         # outputs of this call's tokens: combined slot n_buf + t
         out_idx = (nb[:, None] + torch.arange(T, device=dev)[None]).clamp(max=Tc - 1)
         y = _gather_time(y_c, out_idx)
@@ -399,3 +430,45 @@ class Atlas(nn.Module):
         st.n_buf = n_new
         st.weights, st.momentum = W, S
         return y
+
+    def _record(self, st: AtlasState, k_c: Tensor, v_c: Tensor, g_c: Tensor, W_at: list[Tensor],
+                S_at: list[Tensor], nb: Tensor, L: Tensor, tails: Tensor | None, T: int) -> None:
+        """``_forward_cached``'s recording (before ``st`` advances): the state after ``p`` of the
+        chunk's tokens for every ``p = 0 .. T`` as a state of batch ``B*(T+1)``; counts past a
+        row's real tokens repeat its state after them (never committed)."""
+        B, H, Tc = k_c.shape[0], k_c.shape[1], k_c.shape[2]
+        C, c = self.cfg.chunk_size, self.cfg.window
+        dev = k_c.device
+        P = T + 1
+        n_p = nb[:, None] + torch.minimum(torch.arange(P, device=dev)[None], L[:, None])  # [B, P] combined tokens
+        start = (n_p // C) * C  # the chunk start at or before each
+        j = torch.arange(C, device=dev)
+        bidx = (start[..., None] + j).clamp(max=Tc - 1).reshape(B, P * C)
+        keep = (j < (n_p - start)[..., None]).reshape(B, 1, P * C, 1)
+
+        def rows(t: Tensor) -> Tensor:  # [B, H, P, ...] -> [B*P, H, ...]
+            return t.transpose(1, 2).reshape(B * P, H, *t.shape[3:])
+
+        def buf(t: Tensor) -> Tensor:
+            return rows((_gather_time(t, bidx) * keep).view(B, H, P, C, t.shape[-1]))
+
+        rec = AtlasState(buf_k=buf(k_c), buf_v=buf(v_c), buf_gates=buf(g_c), n_buf=(n_p - start).reshape(-1),
+                         tail_k=st.tail_k, tail_v=st.tail_v, tail_gamma=st.tail_gamma, conv=tails)
+        if c > 1:  # ext = [tail, combined]; the tail of a chunk starting at s is ext[s : s + c - 1]
+            tidx = (start[..., None] + torch.arange(c - 1, device=dev)).reshape(B, P * (c - 1))
+
+            def tail(old: Tensor, new: Tensor) -> Tensor:
+                t = _gather_time(torch.cat([old, new], dim=2), tidx)
+                return rows(t.view(B, H, P, c - 1, *t.shape[3:]))
+
+            rec.tail_k, rec.tail_v = tail(st.tail_k, k_c), tail(st.tail_v, v_c)
+            rec.tail_gamma = tail(st.tail_gamma, g_c[..., 0])
+        else:
+            rec.tail_k, rec.tail_v, rec.tail_gamma = (t.repeat_interleave(P, 0)
+                                                      for t in (st.tail_k, st.tail_v, st.tail_gamma))
+        # weights at the start of chunk n_p // C: snapshot [U, B, H, out, in] -> [B*P, H, out, in]
+        chunk = (n_p // C).T  # [P, B]
+        b = torch.arange(B, device=dev)[None]
+        at = lambda w: w[chunk, b].transpose(0, 1).reshape(B * P, *w.shape[2:])  # noqa: E731
+        rec.weights, rec.momentum = [at(w) for w in W_at], [at(m) for m in S_at]
+        st.record_rows(rec, T)

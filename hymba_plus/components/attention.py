@@ -171,6 +171,9 @@ def kv_role_of(recipe, layer_idx: int) -> str | None:  # noqa: ANN001 - Recipe
 
 @register("gated_attn", config=GatedAttentionConfig, aliases=("GA", "attn", "attention"))
 class GatedAttention(nn.Module):
+    #: a verify chunk records (its keys: ``_commit`` empties the rejected slots)
+    records_states = True
+
     def __init__(self, cfg: GatedAttentionConfig, *, d_model: int, project_out: bool = True,
                  kv_role: str | None = "auto", recipe=None, layer_idx: int = 0, **_: object):  # noqa: ANN001
         super().__init__()
@@ -272,15 +275,22 @@ class GatedAttention(nn.Module):
                 mask = mask | ~valid[:, :, None]
             o = F.scaled_dot_product_attention(qh, k_all, v_all, attn_mask=mask[:, None], enable_gqa=gqa)
         if state is not None and self.kv_role != "consumer" and state.n is None:
-            self._store(state, k_all, v_all, kpos, ctx)
+            T = qpos.shape[1]
+            self._store(state, k_all, v_all, kpos, ctx.n_meta, extra=T if ctx.record else 0)
+            if ctx.record:  # the keys are the state: a commit empties the rejected tokens' slots
+                state.record(lambda keep, kmax, st=state, base=qpos[:, 0], s_prev=k_all.shape[2] - T, n_meta=ctx.n_meta:
+                             self._commit(st, base, s_prev, n_meta, keep, kmax))
         return o.transpose(1, 2)
 
-    def _store(self, state: AttentionState, k: Tensor, v: Tensor, kpos: Tensor, ctx: StepContext) -> None:
+    def _store(self, state: AttentionState, k: Tensor, v: Tensor, kpos: Tensor, n_meta: int, extra: int = 0) -> None:
+        """Keep k, v, kpos [B, Hkv, S, D] / [B, S] as the state; a windowed layer keeps only the meta
+        tokens and the last ``window - 1`` positions of every row (``extra`` more: a recorded
+        verify chunk of ``extra`` tokens, whose commit may return to any of them), its slots
+        compacted (stable, so in position order) when that frees a column."""
         w = self.cfg.window
         if w is not None:
-            # keep meta tokens and the last (window - 1) positions of every row
             last = kpos.max(dim=1, keepdim=True).values
-            keep = (kpos >= 0) & ((kpos < ctx.n_meta) | (last - kpos < w - 1))
+            keep = (kpos >= 0) & ((kpos < n_meta) | (last - kpos < w - 1 + extra))
             n_keep = int(keep.sum(1).max().item())
             if n_keep < kpos.shape[1]:
                 order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :n_keep]
@@ -288,6 +298,21 @@ class GatedAttention(nn.Module):
                 idx = order[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
                 k, v = k.gather(2, idx), v.gather(2, idx)
         state.k, state.v, state.pos = k, v, kpos
+
+    def _commit(self, state: AttentionState, base: Tensor, s_prev: int, n_meta: int, keep: Tensor,
+                kmax: int) -> None:
+        """A recorded verify chunk's commit (``LayerState.record``): the slots of the rejected
+        tokens (positions ``>= base[b] + keep[b]``) become empty (-1), as a re-run with padding
+        leaves them. Without a window the chunk's slots were appended after ``s_prev``: the
+        columns past ``s_prev + kmax`` go (the re-run's layout exactly); a windowed layer's
+        keys are trimmed again to its window (the same slots per row as the re-run keeps; where
+        neither compacts, the empty slots may sit in other columns)."""
+        pos = state.pos.masked_fill(state.pos >= (base + keep.to(base.device))[:, None], -1)
+        if self.cfg.window is None:
+            n = s_prev + kmax
+            state.k, state.v, state.pos = state.k[:, :, :n], state.v[:, :, :n], pos[:, :n]
+        else:
+            self._store(state, state.k, state.v, pos, n_meta)
 
     def forward(self, x: Tensor, ctx: StepContext, state: AttentionState | None = None) -> Tensor:
         B, T, _ = x.shape

@@ -47,6 +47,10 @@ the ordinary forward plus the cache state at every block start ``offset + j*bloc
 one ``GDNState`` of batch ``B*nb``, in one kernel pass: S from the chunked reference's chunk
 start states advanced inside their chunk (``states_at`` in ``kernels.gdn``), the conv tails
 from ``conv_tails``. ``boundary_inner`` is the same before ``out_proj`` (for hymba).
+
+A speculative verify chunk (``StepContext.record``) records the state after each of its
+positions the same way, continuing from the cache's S and conv tail (``_inner_recorded``):
+``HybridLM.rewind`` then gathers each row's accepted state instead of re-running.
 """
 
 from __future__ import annotations
@@ -139,6 +143,9 @@ class GDNState(LayerState):
 
 @register("gdn", config=GatedDeltaNetConfig, aliases=("GD",))
 class GatedDeltaNet(nn.Module):
+    #: a verify chunk records its states at every position (``_inner_recorded``)
+    records_states = True
+
     def __init__(self, cfg: GatedDeltaNetConfig, *, d_model: int, **_: object):
         super().__init__()
         self.cfg = cfg
@@ -196,6 +203,8 @@ class GatedDeltaNet(nn.Module):
         """Everything before the output projection: [B, T, n_v_heads * value_dim]
         (hymba's SSM heads use this and apply their own shared projection)."""
         conv = state.conv if state is not None else None
+        if ctx.record and state is not None and not state.static:
+            return self._inner_recorded(x, ctx, state)
         if self._split(x):  # q, k, v projected and convolved apart (fla), a|b|z one GEMM when training
             q, k, v, new_conv = self.qkv(x, ctx, conv, split=True)
             a, b, z = project(x, self.a_proj, self.b_proj, self.z_proj)
@@ -222,6 +231,29 @@ class GatedDeltaNet(nn.Module):
         if state is not None:
             state.S = S
             state.conv = new_conv
+        return self._output(o, z)
+
+    def _inner_recorded(self, x: Tensor, ctx: StepContext, state: GDNState) -> Tensor:
+        """``inner`` of a speculative verify chunk (``StepContext.record``): the same output and
+        new state, and in ``state`` a recording of the state after each ``p = 0 .. T`` of the
+        chunk's tokens (``LayerState.record_rows``): S from the chunked reference kernel's
+        per-position states (``states_at = 0 .. T``, continuing from the cache's S; the
+        ``boundary_inner`` machinery with a block start at every position), the conv tails by
+        ``conv_tails`` from the cache's tail. Always the reference kernel (fla exposes no
+        intermediate states; the chunk is k + 1 tokens). Inert slots (padding) leave S as it is,
+        so a row's states past its real tokens repeat its last one (never committed)."""
+        B, T, _ = x.shape
+        qkv, a, b, z = project(x, self.qkv_proj, self.a_proj, self.b_proj, self.z_proj)
+        at = torch.arange(T + 1, device=x.device)
+        tails = (conv_tails(qkv, at, self.cfg.conv_size - 1, state.conv)
+                 if self.conv_weight is not None else None)
+        q, k, v, new_conv = self._qkv_fused(qkv, ctx, state.conv)
+        g, beta = self._decay_beta(a, b, ctx)
+        o, S, S_at = gated_delta_rule(q, k, v, g, beta, initial_state=state.S, output_final_state=True,
+                                      use_qk_l2norm=True, chunk_size=self.cfg.chunk_size,
+                                      delta_rule=self.cfg.delta_rule, states_at=at)
+        state.S, state.conv = S.to(state.S.dtype), new_conv
+        state.record_rows(GDNState(conv=tails, S=S_at.to(state.S.dtype).reshape(B * (T + 1), *S.shape[1:])), T)
         return self._output(o, z)
 
     def boundary_forward(self, x: Tensor, ctx: StepContext, block_size: int, offset: int) -> tuple[Tensor, GDNState]:

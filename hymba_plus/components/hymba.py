@@ -87,6 +87,9 @@ class HymbaState(LayerState):
 
 @register("hymba", config=HymbaConfig, aliases=("HY",))
 class Hymba(nn.Module):
+    #: a verify chunk records: both branches do (attention, and gdn or mamba3)
+    records_states = True
+
     def __init__(self, cfg: HymbaConfig, *, d_model: int, recipe=None, layer_idx: int = 0, **kw: object):  # noqa: ANN001
         super().__init__()
         self.cfg = cfg

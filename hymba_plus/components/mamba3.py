@@ -41,6 +41,10 @@ prefix forward leaves. It runs the reference chunked scan (first the ``offset`` 
 the rest with chunks of ``gcd(chunk_size, bs)``) and takes h from its carries at chunk
 starts, and the previous-token k, v and angle sum from the per-token tensors; no loop over
 blocks beyond the scan's own chunk loop. ``boundary_inner`` is the same before ``out_proj``.
+
+A speculative verify chunk (``StepContext.record``) runs the reference chunked scan with
+``states_at = 0 .. T`` from the cache's carry and records the state after each position
+(``LayerState.record_rows``), so ``HybridLM.rewind`` gathers each row's accepted state.
 """
 
 from __future__ import annotations
@@ -133,6 +137,9 @@ class Mamba3State(LayerState):
 
 @register("mamba3", config=Mamba3Config, aliases=("M3",))
 class Mamba3(nn.Module):
+    #: a verify chunk records its states at every position (``inner``, ``StepContext.record``)
+    records_states = True
+
     def __init__(self, cfg: Mamba3Config, *, d_model: int, **_: object):
         super().__init__()
         self.cfg = cfg
@@ -208,6 +215,15 @@ class Mamba3(nn.Module):
         q, k, x, adt, dt, trap, angles, z = self._project(u)
         kw = dict(D=self.D, mimo_v=self.mimo_x, mimo_z=self.mimo_z, mimo_o=self.mimo_o, pairing=self.pairing)
         carry = state.carry() if state is not None else None
+        if ctx.record and state is not None:  # a speculative verify chunk: the states at every position too
+            y, new, at = mamba3_chunked(q, k, x, adt, dt, trap, angles, self.C_bias, self.B_bias, carry, z=z,
+                                        lengths=ctx.lengths, chunk_size=self.cfg.chunk_size,
+                                        states_at=torch.arange(T + 1, device=u.device), **kw)
+            state.store(new)
+            dt_s = state.h.dtype
+            flat = [t.reshape(Bsz * (T + 1), *t.shape[2:]).to(dt_s) for t in at]
+            state.record_rows(Mamba3State(h=flat[0], k=flat[1], v=flat[2], theta=flat[3]), T)
+            return y.reshape(Bsz, T, self.d_inner).to(u.dtype)
         if T == 1 and state is not None:  # decode: the exact recurrence step (one Triton kernel on CUDA)
             valid = None if ctx.lengths is None else ctx.lengths > 0
             y, new = mamba3_decode(q[:, 0], k[:, 0], x[:, 0], adt[:, 0], dt[:, 0], trap[:, 0], angles[:, 0],

@@ -103,6 +103,60 @@ class LayerState:
             else:
                 _copy_buffer(type(self).__name__, f.name, dst, v)
 
+    # -- recording (speculative verification; ``StepContext.record``)
+    def record(self, commit: Callable[[Tensor, int], None]) -> None:
+        """Called by a layer's recording forward (``StepContext.record``): ``commit(keep, kmax)``
+        sets this state to what it was after the first ``keep[b]`` real tokens of the chunk just
+        run (``kmax = max(keep)``, a host integer), without a forward. A fork never carries it."""
+        self.__dict__["_recording"] = commit
+
+    def record_rows(self, states: "LayerState", n: int) -> None:
+        """``record`` for a state given at every position of the chunk: ``states`` is a state of
+        this type of batch ``B*(n+1)`` whose row ``b*(n+1) + p`` is this state after ``p`` tokens
+        of the chunk (``p = 0 .. n``; the layout of the block-diffusion clean pass,
+        ``boundary_forward``, with a block start at every position). Committing gathers row
+        ``keep[b]`` of every field (``reorder``): memory ``(n+1)`` times the state's until then."""
+        def commit(keep: Tensor, kmax: int) -> None:
+            idx = torch.arange(keep.shape[0], device=keep.device) * (n + 1) + keep
+            states.reorder(idx)
+            for f in dataclasses.fields(self):  # type: ignore[arg-type]
+                if not f.metadata.get("form"):
+                    setattr(self, f.name, getattr(states, f.name))
+
+        self.record(commit)
+
+    def recorded(self) -> bool:
+        """True when a commit can return this state to any position of the last recorded chunk:
+        it holds a recording, or it has no tensor of its own (a KV-sharing consumer, a container
+        such as ``HymbaState``) and every nested state is recorded."""
+        if "_recording" in self.__dict__:
+            return True
+        own = False
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            if isinstance(v, LayerState):
+                if not v.recorded():
+                    return False
+            elif isinstance(v, Tensor) or (isinstance(v, list) and any(isinstance(t, Tensor) for t in v)):
+                own = True
+        return not own
+
+    def commit(self, keep: Tensor, kmax: int) -> None:
+        """Apply the recording (``record``) of this state and its nested states, and drop them."""
+        rec = self.__dict__.pop("_recording", None)
+        if rec is not None:
+            rec(keep, kmax)
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            if isinstance(v := getattr(self, f.name), LayerState):
+                v.commit(keep, kmax)
+
+    def drop_recording(self) -> None:
+        """Forget the recordings of this state and its nested states (their memory too)."""
+        self.__dict__.pop("_recording", None)
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            if isinstance(v := getattr(self, f.name), LayerState):
+                v.drop_recording()
+
     def fork(self) -> "LayerState":
         """A copy that a forward may advance without touching this state. Components replace
         a state's tensors rather than writing into them, so the copy shares the tensors
@@ -159,6 +213,10 @@ class StepContext:
                (MoE ``balance_loss: pooled``, the HF convention).
     collect:   False: layers skip their auxiliary losses and statistics (a decode step, where
                nothing reads them and each would be a few more kernels per layer per token).
+    record:    a speculative verify chunk (``HybridLM.forward(record_states=True)``): every
+               stateful layer that can also leaves in its state how to return to the state
+               after any ``p`` of the chunk's real tokens (``LayerState.record``), so that
+               ``HybridLM.rewind`` gathers each row's accepted state instead of re-running.
     """
 
     positions: Tensor
@@ -172,6 +230,7 @@ class StepContext:
     two_stream: object | None = None
     pooled: dict[str, tuple[Callable[[list], Tensor], list]] = field(default_factory=dict)
     collect: bool = True
+    record: bool = False
 
     def aux_total(self) -> Tensor | None:
         """The sum of the auxiliary losses (per-layer ones plus the pooled ones), or None."""
@@ -213,6 +272,9 @@ class HybridCache:
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.started = False
         self.extra: dict[str, Tensor] = {}
+        #: the chunk the states' recordings belong to (``Recorded``), set by a recording forward
+        #: (``HybridLM.forward(record_states=True)``) and cleared by any other change of the cache
+        self.recorded: Recorded | None = None
 
     def __len__(self) -> int:
         return len(self.states)
@@ -229,6 +291,29 @@ class HybridCache:
         self.pos = self.pos + (lengths if lengths is not None else n_slots)
         self.started = True
 
+    def drop_recording(self) -> None:
+        """Forget the last recorded chunk (every forward on this cache starts so: a recording is
+        only ever committed right after the chunk it came from)."""
+        if self.recorded is not None or any(s is not None and "_recording" in s.__dict__ for s in self.states):
+            for s in self.states:
+                if s is not None:
+                    s.drop_recording()
+        self.recorded = None
+
+    def commit(self, keep: Tensor, kmax: int) -> None:
+        """Return every row to its state after the first ``keep[b]`` tokens of the recorded chunk
+        (``recorded``; ``kmax = max(keep)``): each state's recording (``LayerState.commit``), a
+        gather of the recorded positions, no forward; positions ``base + keep``."""
+        rec = self.recorded
+        if rec is None:
+            raise ValueError("commit: the cache holds no recording of its last forward "
+                             "(forward(..., record_states=True) on a model whose every layer records)")
+        for s in self.states:
+            if s is not None:
+                s.commit(keep, kmax)
+        self.pos = rec.base + keep.to(rec.base.device)
+        self.recorded = None
+
     def reorder(self, index: Tensor) -> None:
         """Select / reorder batch rows (beam search, dropping finished rows): row i of the result is
         row ``index[i]``. ``index``: a 1-D integer tensor of rows in [0, batch_size), refused before
@@ -241,6 +326,7 @@ class HybridCache:
             lo, hi = int(index.min()), int(index.max())
             if lo < 0 or hi >= self.batch_size:
                 raise ValueError(f"reorder: index holds rows outside [0, {self.batch_size}) (min {lo}, max {hi})")
+        self.drop_recording()  # (a recording's rows are the old batch's)
         for s in self.states:
             if s is not None:
                 s.reorder(index)
@@ -264,14 +350,20 @@ class HybridCache:
         """Return every state, the positions and the structure's decisions to ``snapshot``
         (taken from this cache by ``snapshot()``: another cache's, or a fork, of the same shape is refused,
         since it would replace every state silently); the snapshot stays usable."""
-        src = getattr(snapshot, "_snapshot_of", None)
-        if src is None or src() is not self:
-            raise ValueError("restore: the snapshot was not taken from this cache (take it with cache.snapshot())")
-        if len(snapshot.states) != len(self.states) or snapshot.batch_size != self.batch_size:
-            raise ValueError(f"restore: the snapshot has {len(snapshot.states)} states for batch "
-                             f"{snapshot.batch_size}, this cache {len(self.states)} for batch {self.batch_size}")
+        self.check_snapshot(snapshot)
         self.states = [s.fork() if s is not None else None for s in snapshot.states]
         self.pos, self.started, self.extra = snapshot.pos.clone(), snapshot.started, dict(snapshot.extra)
+        self.recorded = None
+
+    def check_snapshot(self, snapshot: "HybridCache", what: str = "restore") -> None:
+        """Refuse (``ValueError`` naming ``what``) a snapshot not taken from this cache by ``snapshot()``
+        or of another shape."""
+        src = getattr(snapshot, "_snapshot_of", None)
+        if src is None or src() is not self:
+            raise ValueError(f"{what}: the snapshot was not taken from this cache (take it with cache.snapshot())")
+        if len(snapshot.states) != len(self.states) or snapshot.batch_size != self.batch_size:
+            raise ValueError(f"{what}: the snapshot has {len(snapshot.states)} states for batch "
+                             f"{snapshot.batch_size}, this cache {len(self.states)} for batch {self.batch_size}")
 
     def fork(self) -> "HybridCache":
         """A cache a forward may advance while this one stays as it is (block diffusion
@@ -297,6 +389,7 @@ class HybridCache:
         if len(src.states) != len(self.states) or src.batch_size != self.batch_size:
             raise ValueError(f"load_: {len(src.states)} states for batch {src.batch_size} into a cache of "
                              f"{len(self.states)} for batch {self.batch_size}")
+        self.drop_recording()
         for dst, s in zip(self.states, src.states):
             if dst is not None:
                 dst.load_(s)
@@ -309,3 +402,19 @@ class HybridCache:
 
     def layer_nbytes(self) -> list[int]:
         return [s.nbytes() if s is not None else 0 for s in self.states]
+
+
+@dataclass
+class Recorded:
+    """What a recording forward ran (``HybridLM.forward(record_states=True)``), so that
+    ``HybridLM.rewind`` commits the recordings only for that chunk on top of that snapshot:
+    ``n`` slots (the chunk's width), ``base`` [B] the rows' positions before it, ``lengths``
+    [B] their real tokens (all ``n`` without padding), ``ids`` [B, n] the tokens (None for
+    ``inputs_embeds``) and ``prefix`` whether each row's real tokens were its first ones (the
+    padding was on the right, so ``ids[b, :keep[b]]`` are the tokens recorded)."""
+
+    n: int
+    base: Tensor
+    lengths: Tensor
+    ids: Tensor | None
+    prefix: Tensor

@@ -318,11 +318,14 @@ def atlas_memory(
     Returns ``y`` [N, T, D] (retrieval with each chunk's start weights) and the weights /
     momentum after the last complete chunk of every row (None when not return_state).
 
-    ``snapshots``: chunk indices (distinct, each < ceil(T / C); rows fully real): instead of
-    the final state, the weights and momentum at the START of each of those chunks, collected
-    inside the chunk loop on the way (block diffusion: a cached run's state at every block
-    start, ``components/atlas.py``), per memory matrix stacked as [len(snapshots), N, out, in]
-    in their order (chunk 0's momentum is the given ``mom`` or zeros).
+    ``snapshots``: chunk indices (distinct, each <= ceil(T / C)): instead of the final state,
+    the weights and momentum at the START of each of those chunks, collected inside the chunk
+    loop on the way (block diffusion: a cached run's state at every block start,
+    ``components/atlas.py``), per memory matrix stacked as [len(snapshots), N, out, in] in
+    their order (chunk 0's momentum is the given ``mom`` or zeros); index ``ceil(T / C)`` is
+    the end state (after every complete chunk). With ``n_valid`` a row's snapshot of a chunk
+    it does not complete is its state after the chunks it does (a speculative verify chunk's
+    recording, ``Atlas`` with ``StepContext.record``).
     """
     impl = _atlas_memory  # traced code traces the reference
     if not dispatch.tracing(qf):
@@ -337,12 +340,11 @@ def atlas_memory(
         return y, W, S
     want = list(snapshots)
     n_chunks = -(-qf.shape[1] // chunk_size)
-    if not want or len(set(want)) != len(want) or any(not 0 <= n < n_chunks for n in want) or n_valid is not None:
-        raise ValueError(f"atlas_memory: snapshots must be distinct chunk indices in [0, {n_chunks}) of fully real "
-                         f"rows (no n_valid), got {want}")
+    if not want or len(set(want)) != len(want) or any(not 0 <= n <= n_chunks for n in want):
+        raise ValueError(f"atlas_memory: snapshots must be distinct chunk indices in [0, {n_chunks}], got {want}")
     y, _, _, snaps = impl(qf, kf, v, gamma, eta, log_theta, log_alpha, params, mom, chunk_size=chunk_size,
-                          window=window, ns_steps=ns_steps, muon=muon, ns_chunk=ns_chunk, n_valid=None,
-                          return_state=False, snapshots=want)
+                          window=window, ns_steps=ns_steps, muon=muon, ns_chunk=ns_chunk, n_valid=n_valid,
+                          return_state=n_chunks in want, snapshots=want)
     W = tuple(torch.stack(ws) for ws in zip(*(snaps[n][0] for n in want)))
     S = tuple(torch.stack(ms) for ms in zip(*(snaps[n][1] for n in want)))
     return y, W, S
@@ -403,11 +405,10 @@ def _atlas_memory(
             new_m = tuple(torch.where(m3, a, b) for a, b in zip(new_m, mom))
         params, mom = new_p, new_m
     if len(ys) < n_chunks:  # chunks after the last update see the same weights
-        for n in want:
-            if n >= len(ys):
-                snaps[n] = (params, mom)
         rest = qf[:, len(ys) * C :]
         ys.append(memory_apply(params, rest))
+    for n in want:  # chunks after the last update (and the end, index n_chunks) start from the last weights
+        snaps.setdefault(n, (params, mom))
     y = torch.cat(ys, dim=1)[:, :T].to(out_dtype)
     cast = lambda ts: tuple(t.to(state_dtype) for t in ts)  # noqa: E731
     snaps = {n: (cast(w), cast(m)) for n, (w, m) in snaps.items()}

@@ -80,14 +80,19 @@ def conv_state_update(xpad: Tensor, lengths: Tensor | None, width: int) -> Tenso
     return xpad.gather(2, idx[:, None, :].expand(B, C, width))
 
 
-def conv_tails(x: Tensor, starts: Tensor, width: int) -> Tensor:
+def conv_tails(x: Tensor, starts: Tensor, width: int, state: Tensor | None = None) -> Tensor:
     """Conv cache states at many places of one sequence at once: for pre-conv inputs
-    x [B, T, C] and start indices ``starts`` [n], the state a cached conv would hold just
-    before token ``starts[j]`` (its last ``width`` inputs, zeros before the sequence start),
-    as [B * n, C, width] (row ``b * n + j``). Used by block diffusion to start every noisy
-    block from the clean prefix (``core.two_stream``)."""
+    x [B, T, C] and start indices ``starts`` [n] (in ``[0, T]``), the state a cached conv would
+    hold just before token ``starts[j]`` (its last ``width`` inputs; before the chunk: ``state``
+    [B, C, width], the conv cache it continues, or zeros at a sequence start), as
+    [B * n, C, width] (row ``b * n + j``). Used by block diffusion to start every noisy block
+    from the clean prefix (``core.two_stream``) and by a speculative verify chunk to record the
+    tail after each of its tokens (``StepContext.record``: ``starts = 0 .. T``)."""
     B, T, C = x.shape
-    xp = F.pad(x, (0, 0, width, 0))  # index i of xp is input i - width
+    if state is None:
+        xp = F.pad(x, (0, 0, width, 0))  # index i of xp is input i - width
+    else:
+        xp = torch.cat([state.to(x.dtype).transpose(1, 2), x], dim=1)
     idx = starts.to(device=x.device, dtype=torch.long)[:, None] + torch.arange(width, device=x.device)  # [n, w]
     tails = xp[:, idx]  # [B, n, w, C]
     return tails.permute(0, 1, 3, 2).reshape(B * starts.numel(), C, width).contiguous()

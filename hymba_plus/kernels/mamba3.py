@@ -538,7 +538,7 @@ def mamba3_chunked(
     q_bias: Tensor, k_bias: Tensor, carry: Mamba3Carry | None = None, *, D: Tensor | None = None,
     z: Tensor | None = None, mimo_v: Tensor | None = None, mimo_z: Tensor | None = None,
     mimo_o: Tensor | None = None, lengths: Tensor | None = None, chunk_size: int = 64,
-    pairing: str = "interleaved", return_starts: bool = False,
+    pairing: str = "interleaved", return_starts: bool = False, states_at: Tensor | None = None,
 ) -> tuple[Tensor, Mamba3Carry] | tuple[Tensor, Mamba3Carry, Mamba3Carry]:
     """Chunked (SSD) form of the same recurrence; no loop over tokens.
 
@@ -551,6 +551,15 @@ def mamba3_chunked(
     ``k [B,c,H,R,N]``, ``v [B,c,H,P]``, ``theta [B,c,H,K]``): entry ``c`` is the carry after
     tokens ``[0, c*L)`` (``L = min(chunk_size, T)``; entry 0 is the input carry). Block
     diffusion (``Mamba3.boundary_forward``) takes the block starts from it.
+
+    ``states_at`` ([m] token counts in ``[0, T]``; not with ``return_starts``) also returns the
+    carry after each of those many tokens, fields with a dim of m after the batch as above
+    (a speculative verify chunk's states at every position, ``Mamba3.inner`` recording): h
+    inside a chunk as its start state decayed plus the chunk's decay-matrix row, i.e.
+    ``h_i = e^{cum_{i-1}} (h_start + fold) + sum_{s<i} M[i-1, s] k_s v_s^T`` (the same terms as
+    the outputs; no loop over tokens), the previous-token k, v and angle sum gathered. With
+    ``lengths``, counts past a row's real tokens give its state after them but for k, v, theta
+    (inert tokens'); read only counts up to ``lengths[b]``.
     """
     Bsz, T, R, G, N = q.shape
     H, P = v.shape[2], v.shape[3]
@@ -558,6 +567,8 @@ def mamba3_chunked(
     dev = v.device
     if return_starts and lengths is not None:
         raise ValueError("return_starts needs lengths=None (every slot real)")
+    if return_starts and states_at is not None:
+        raise ValueError("mamba3_chunked: return_starts or states_at, not both")
     if carry is None:
         carry = zero_carry(Bsz, H, N, P, R, angles.shape[-1], dev, cdt)
     dt, adt = dt.to(cdt), adt.to(cdt)
@@ -595,6 +606,7 @@ def mamba3_chunked(
     seg = (cum[..., :, None] - cum[..., None, :]).masked_fill(~incl, float("-inf"))
     # M[t, s] = exp(cum_t - cum_s) * (gamma_s + [s < t] w_{s+1}): trapezoid-weighted decay matrix
     M = torch.exp(seg) * g_all[..., None, :] - torch.diag_embed(w_next)
+    M1 = M  # [B,H,c,L,L] before the rank repeat (states_at)
     if R > 1:
         M = M.repeat_interleave(R, dim=-1).repeat_interleave(R, dim=-2)
     y = ((qf @ kf.transpose(-1, -2)) * M) @ vf  # [B,H,c,L*R,P]
@@ -628,6 +640,23 @@ def mamba3_chunked(
         last_k = torch.where(has[:, None, None, None], kr[rows, idx], carry.k.to(cdt))
         last_v = torch.where(has[:, None, None], v[rows, idx].to(cdt), carry.v.to(cdt))
         last_th = torch.where(has[:, None, None], theta[rows, idx], carry.theta.to(cdt))
+    if states_at is not None:
+        at = states_at.to(device=dev, dtype=torch.long)
+        n_st = at // L  # the chunk a count falls in (nc: the end, only for at == T == nc*L)
+        n_in = n_st.clamp(max=nc - 1)
+        i = at - n_st * L  # tokens of that chunk already taken
+        t = (i - 1).clamp(min=0)
+        Mrow = M1[:, :, n_in, t]  # [B,H,m,L]: row i-1 of the chunk's decay matrix
+        h_in = (torch.einsum("bhms,bhmsrn,bhmsrp->bhmnp", Mrow, kc[:, :, n_in], vc[:, :, n_in])
+                + torch.exp(cum[:, :, n_in, t])[..., None, None] * s0[:, :, n_in])
+        h_at = torch.stack(h_starts + [h], dim=2)[:, :, n_st]  # i = 0: the carry at the chunk start
+        h_at = torch.where((i > 0)[:, None, None], h_in, h_at).transpose(1, 2)  # [B,m,H,N,P]
+        prev = (at - 1).clamp(min=0)
+        first = (at == 0)[None, :, None, None]
+        at_k = torch.where(first[..., None], carry.k.to(cdt)[:, None], kr[:, prev])  # [B,m,H,R,N]
+        at_v = torch.where(first, carry.v.to(cdt)[:, None], v[:, prev].to(cdt))  # [B,m,H,P]
+        at_th = torch.where(first, carry.theta.to(cdt)[:, None], theta[:, prev])  # [B,m,H,K]
+        return out, Mamba3Carry(h, last_k, last_v, last_th), Mamba3Carry(h_at, at_k, at_v, at_th)
     if not return_starts:
         return out, Mamba3Carry(h, last_k, last_v, last_th)
     # chunk c starts after token c*L - 1: its previous-token terms and angle sum, gathered

@@ -51,7 +51,10 @@ one is replaced by a draw from ``normalize(max(0, p - q))``, and if all are kept
 drawn from ``p`` (``p``, ``q``: target and draft distributions after the same temperature,
 top-k and top-p as ``sample_next``), so every token has the target's own distribution. Rows
 keep different counts: both caches go back with ``HybridLM.rewind`` (restore the round's
-snapshot, re-run each row's kept tokens in one forward: exact for every state type) — the
+snapshot, re-run each row's kept tokens in one forward: exact for every state type; the
+target's verify forward, with ``record_states`` (the default) on a target whose every layer
+records, keeps each layer's state after every position of the chunk, and its rollback is then a
+gather, no forward; the draft, fed one token a forward, always re-runs) — the
 target only when some row rejected a draft, the draft only when some row kept less than it
 fed; when rows kept all their drafts (the draft fed all but the last) the draft takes one
 cached step of its last draft (gpt-fast's catch-up) instead of re-running all ``k + 1``. A
@@ -59,7 +62,8 @@ row never passes ``max_new_tokens`` (it is offered fewer drafts near the end; ro
 finished or hit EOS stand still through padding) and stops at EOS like ``ar``. The output is
 ``ar``'s: token for token when greedy (up to floating-point ties), in distribution when
 sampling. ``stats`` adds ``target_forwards`` (prefill + verify + rewind, also ``forwards``),
-``verify_forwards``, ``rewind_forwards``, ``draft_forwards`` (prefill, draft steps, catch-ups
+``verify_forwards``, ``rewind_forwards`` (rollbacks that re-ran tokens; ``recorded_rewinds``: those that
+gathered recorded states), ``draft_forwards`` (prefill, draft steps, catch-ups
 and ``draft_rewind_forwards``), ``rounds``, ``proposed`` / ``accepted`` drafts,
 ``acceptance_rate`` and ``tokens_per_target_forward`` (per row).
 
@@ -626,9 +630,12 @@ def generate_speculative(
     stats: dict | None = None,
     draft: Any = None,
     k: int = 4,
+    record_states: bool = True,
 ) -> Tensor:
     """Lossless draft-model speculative decoding (module docstring). ``draft``: a smaller
-    ``HybridLM`` with the same ``vocab_size``; ``k``: tokens the draft proposes per round."""
+    ``HybridLM`` with the same ``vocab_size``; ``k``: tokens the draft proposes per round;
+    ``record_states``: the target's verify forward records per-position states so its rollback
+    needs no forward (``HybridLM.forward``; False: always re-run; the output is the same)."""
     if draft is None:
         raise ValueError("mode speculative needs a draft model: generate(..., mode='speculative', draft=small_model)")
     if not all(hasattr(draft, a) for a in ("config", "new_cache", "rewind")):  # a path, a state dict, ...
@@ -636,6 +643,8 @@ def generate_speculative(
                         f"{type(draft).__name__} {brief(draft)}")
     if not int_at_least(k, 1):
         raise ValueError(f"k must be an integer >= 1 (draft tokens per round), got {k!r}")
+    if not isinstance(record_states, bool):
+        raise ValueError(f"record_states must be True or False, got {record_states!r}")
     V, Vd = model.config.vocab_size, draft.config.vocab_size
     if V != Vd:
         raise DraftError(f"the draft model's vocab_size {Vd} differs from the target model's vocab_size {V}: "
@@ -659,10 +668,11 @@ def generate_speculative(
     cache = model.new_cache(B, device=dev)
     first = model(input_ids, attention_mask=attention_mask, cache=cache,
                   logits_to_keep=1).logits[:, -1]  # checks the prompt's ids
-    n_target = n_verify = n_rewind = n_draft = n_draft_rewind = rounds = 0
+    n_target = n_verify = n_rewind = n_recorded = n_draft = n_draft_rewind = rounds = 0
     n_target += 1
     if N == 0:
         _report(stats, forwards=1, tokens=0, rows=B, target_forwards=1, verify_forwards=0, rewind_forwards=0,
+                recorded_rewinds=0,
                 draft_forwards=0, draft_rewind_forwards=0, rounds=0, proposed=0, accepted=0, acceptance_rate=0.0,
                 tokens_per_target_forward=0.0, k=k)
         return input_ids
@@ -718,7 +728,8 @@ def generate_speculative(
         snap = cache.snapshot()
         fed = torch.where(active, k_row + 1, 0)
         vmask = None if n_active == B and k_min == K else (cols[None, : K + 1] < fed[:, None]).long()
-        tlogits = model(ids, attention_mask=vmask, cache=cache, check_inputs=False).logits  # [B, K + 1, V]
+        tlogits = model(ids, attention_mask=vmask, cache=cache, check_inputs=False,
+                        record_states=record_states).logits  # [B, K + 1, V]
         n_target += 1
         n_verify += 1
         if greedy:  # the one-hot case of the rule below, without building the distributions
@@ -756,9 +767,11 @@ def generate_speculative(
         need_t, back, n_behind = torch.stack([(going & (n_new != fed)).any(), (keep_d < k_row).any(),
                                               behind.sum()]).tolist()
         if need_t:
-            model.rewind(cache, snap, ids, n_new)
-            n_target += 1
-            n_rewind += 1
+            if model.rewind(cache, snap, ids, n_new):
+                n_target += 1
+                n_rewind += 1
+            else:
+                n_recorded += 1
         if back:
             draft.rewind(dcache, dsnap, ids.to(ddev), keep_d.to(ddev))
             n_draft += 1
@@ -771,7 +784,7 @@ def generate_speculative(
     tokens = L * B
     n_prop, n_acc_total = int(proposed), int(accepted)
     _report(stats, forwards=n_target, tokens=tokens, rows=B, target_forwards=n_target, verify_forwards=n_verify,
-            rewind_forwards=n_rewind, draft_forwards=n_draft, draft_rewind_forwards=n_draft_rewind, rounds=rounds,
+            rewind_forwards=n_rewind, recorded_rewinds=n_recorded, draft_forwards=n_draft, draft_rewind_forwards=n_draft_rewind, rounds=rounds,
             proposed=n_prop, accepted=n_acc_total, acceptance_rate=n_acc_total / n_prop if n_prop else 0.0,
             tokens_per_target_forward=tokens / (n_target * B), k=k)
     if stats is not None:

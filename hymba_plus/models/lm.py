@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from ..blocks import Block
 from ..components.norm import RMSNorm
 from ..core import registry
-from ..core.cache import HybridCache, StepContext
+from ..core.cache import HybridCache, Recorded, StepContext
 from ..core.config import brief
 from ..core.recipe import Recipe, RecipeError, load_recipe
 from ..core.recompute import Checkpointing
@@ -152,6 +152,7 @@ class HybridLM(nn.Module):
         logits_to_keep: int = 0,
         return_logits: bool = True,
         collect_aux: bool = True,
+        record_states: bool = False,
     ) -> ModelOutput:
         """Logits [B, T, V] for ``input_ids`` [B, T] (or ``inputs_embeds`` [B, T, D]). ``T = 0``: logits
         [B, 0, V], and a cache stays as it was (but for an empty cache's meta tokens, which enter then).
@@ -193,6 +194,14 @@ class HybridLM(nn.Module):
         balance / z losses, routing statistics; ``StepContext.collect``): ``aux_loss`` and
         ``stats`` are then None. The decoding loops pass it for every token after the prompt.
 
+        ``record_states=True`` (a speculative verify chunk on ``cache``): every layer also keeps in
+        its cache state how to return to its state after any number of the chunk's real tokens
+        (``StepContext.record``; memory about ``T + 1`` times the recurrent states), so that
+        ``rewind`` right after this call gathers each row's kept state instead of running a
+        forward. Taken where every layer records (``records_states``) and the cache has started
+        (no meta tokens enter); otherwise ignored (``rewind`` then re-runs). Any later call on
+        the cache drops the recording.
+
         ``check_inputs=False`` skips them too: the decoding loop of ``models/generation.py``
         for tokens the model sampled itself (``generate`` checked the whole length up front)
         and the training loop, whose data streams are validated at setup (token ids below
@@ -225,8 +234,11 @@ class HybridLM(nn.Module):
             lengths = valid.sum(1)
         base = cache.pos if cache is not None else torch.zeros(B, dtype=torch.long, device=x.device)
         positions = base[:, None] + torch.arange(S, device=x.device)[None]
+        record = bool(record_states) and cache is not None and not add_meta and S > 0 and self.records_states
+        if cache is not None:
+            cache.drop_recording()  # (a recording belongs to the call that made it)
         ctx = StepContext(positions=positions, lengths=lengths, n_meta=n_meta, bidirectional=bidirectional,
-                          collect=collect_aux)
+                          collect=collect_aux, record=record)
         structure_options = {k: v for k, v in (("routes", routes), ("think_iterations", think_iterations))
                              if v is not None}
         if S:  # (no token and no meta token, T = 0: empty logits, the cache as it was)
@@ -241,6 +253,15 @@ class HybridLM(nn.Module):
         h = self.norm(x)
         if cache is not None and S:
             cache.advance(lengths, S)
+        if record:
+            if all(s is None or s.recorded() for s in cache.states):
+                full = torch.full_like(base, S)
+                prefix = (valid == (torch.arange(S, device=x.device)[None] < lengths[:, None])).all(1) \
+                    if valid is not None else torch.ones_like(base, dtype=torch.bool)
+                cache.recorded = Recorded(n=S, base=base, lengths=lengths if lengths is not None else full,
+                                          ids=input_ids if inputs_embeds is None else None, prefix=prefix)
+            else:  # a state that cannot record (a static decode-engine buffer): rewind re-runs
+                cache.drop_recording()
         trunk = x if return_hidden else None
         if order is not None:  # undo the compaction
             idx = order[..., None].expand(-1, -1, h.shape[-1])
@@ -418,14 +439,31 @@ class HybridLM(nn.Module):
         pass, LaDiR's) instead of ``forward``; on one process it is a plain call."""
         return fn(*args, **kwargs)
 
-    def rewind(self, cache: HybridCache, snapshot: HybridCache, ids: Tensor, keep: Tensor) -> None:
+    @property
+    def records_states(self) -> bool:
+        """Whether a verify chunk can record its per-position states (``forward(record_states=True)``):
+        a plain stack (no ETD: its iterations and routes are not recorded) whose every mixer
+        records (gdn, mamba3, ATLAS, gated attention, hymba, none)."""
+        return isinstance(self.structure, PlainStack) and all(
+            b.mixer is None or getattr(b.mixer, "records_states", False) for b in self.blocks)
+
+    def rewind(self, cache: HybridCache, snapshot: HybridCache, ids: Tensor, keep: Tensor) -> bool:
         """Roll ``cache`` back to the state after ``snapshot`` plus the first ``keep[b]`` tokens
-        of ``ids[b]`` (the tokens fed since the snapshot): exact for every state type (KV with
-        windows and meta tokens, conv, gdn / mamba3 / ATLAS states, hymba, ETD iterations and
-        routes), by restoring the snapshot and running the kept tokens again in one forward
-        (per-row lengths through the padding rule). Speculative decoding calls it after a
-        verify chunk with each row's accepted length. Raises ``ValueError``, before the cache
-        changes, unless ``ids`` is [B, n] and ``keep`` [B] holds integers in [0, n] (B: the cache's rows)."""
+        of ``ids[b]`` (the tokens fed since the snapshot). Speculative decoding calls it after a
+        verify chunk with each row's accepted length. Two ways, both exact for their state types:
+
+        * the verify chunk was the cache's last call, made with ``forward(..., record_states=True)``
+          on a model whose every layer records (``records_states``; ``cache.recorded``), on top of
+          ``snapshot``, with these ``ids`` (padding only on the right, ``keep[b]`` within row b's
+          real tokens): each state is set to its recorded state after ``keep[b]`` tokens (a
+          gather, ``HybridCache.commit``; no forward; returns False);
+        * otherwise (ETD models, a chunk not recorded or not this one): restore the snapshot and
+          run the kept tokens again in one forward (per-row lengths through the padding rule;
+          every state type: KV with windows and meta tokens, conv, gdn / mamba3 / ATLAS states,
+          hymba, ETD iterations and routes); returns True (False when no row keeps a token).
+
+        Raises ``ValueError``, before the cache changes, unless ``ids`` is [B, n] and ``keep`` [B]
+        holds integers in [0, n] (B: the cache's rows), or for a snapshot not of this cache."""
         B = cache.batch_size
         if not (isinstance(ids, Tensor) and ids.ndim == 2 and ids.shape[0] == B):
             raise ValueError(f"rewind: ids must be [{B}, n] (the tokens fed since the snapshot), got "
@@ -433,15 +471,31 @@ class HybridLM(nn.Module):
         if not (isinstance(keep, Tensor) and keep.shape == (B,) and not keep.is_floating_point()):
             raise ValueError(f"rewind: keep must be an integer tensor [{B}], got "
                              f"{f'{keep.dtype} {list(keep.shape)}' if isinstance(keep, Tensor) else type(keep).__name__}")
-        lo, n = torch.stack([keep.min(), keep.max()]).tolist() if B else (0, 0)  # the one read of keep
+        rec = cache.recorded
+        if rec is not None and not (ids.shape[1] == rec.n and (rec.ids is None or rec.ids.shape == ids.shape)):
+            rec = None
+        reads = [keep.min(), keep.max()] if B else []
+        if rec is not None and B:  # (read with keep: this recording is the chunk on top of the snapshot)
+            k = keep.to(rec.base.device)
+            ok = (snapshot.pos.to(rec.base.device) == rec.base).all() & (k <= rec.lengths).all() & rec.prefix.all()
+            if rec.ids is not None:
+                ok = ok & (ids.to(rec.ids.device) == rec.ids).all()
+            reads.append(ok.to(keep.dtype))
+        vals = torch.stack(reads).tolist() if B else [0, 0]  # the one read of keep
+        lo, n = vals[0], vals[1]
         if not 0 <= lo <= n <= ids.shape[1]:
             raise ValueError(f"rewind: keep must be in [0, {ids.shape[1]}] (the tokens fed), got {keep.tolist()}")
+        if rec is not None and len(vals) > 2 and vals[2]:
+            cache.check_snapshot(snapshot, "rewind")
+            cache.commit(keep.to(device=rec.base.device, dtype=torch.long), n)
+            return False
         cache.restore(snapshot)
         if n == 0:  # (no row keeps a token)
-            return
+            return False
         keep = keep.to(device=ids.device, dtype=torch.long)
         mask = (torch.arange(n, device=ids.device)[None] < keep[:, None]).long()
         self(ids[:, :n], attention_mask=None if bool(mask.all()) else mask, cache=cache, check_inputs=False)
+        return True
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()

@@ -22,8 +22,11 @@ positions whose inputs are *verified* tokens, s <= P - i ("committed"). A round:
    norm(max(0, p - q)), and a fully accepted round samples one more token from p: the
    tokens are distributed exactly as sampling from the trunk alone (top-k / top-p apply to
    p and q alike);
-4. **roll back** the trunk to ``[c, accepted drafts]`` per row (``HybridLM.rewind``: restore
-   the snapshot, re-run the kept tokens; skipped when every row kept everything), and
+4. **roll back** the trunk to ``[c, accepted drafts]`` per row (``HybridLM.rewind``: with
+   ``record_states`` (the default) and a trunk whose every layer records, the verify forward
+   kept each layer's state after every chunk position and the rollback gathers each row's, no
+   forward; else restore the snapshot and re-run the kept tokens; skipped when every row
+   kept everything), and
    **commit** the a + 1 newly verified positions to every module's cache in one forward
    per module (per-row lengths through the padding rule). With k below the depth, modules
    k + 1 .. depth never draft and never run, and a prompt needs k tokens (not the depth).
@@ -35,7 +38,8 @@ can still emit after c, and few enough that every live row's verify chunk stays 
 Rows that reach ``max_new_tokens`` or EOS are finished: their output is fixed and their
 caches, never read again, keep what the live rows keep most (so they never force a rewind forward, nor
 grow the caches faster than the live rows). ``stats``: trunk forwards (prefill + verify + rewind), module forwards,
-drafts proposed and accepted, acceptance rate, tokens per trunk forward.
+drafts proposed and accepted, acceptance rate, tokens per trunk forward; ``rewind_forwards`` counts the rollbacks
+that re-ran tokens, ``recorded_rewinds`` those that gathered recorded states instead.
 """
 
 from __future__ import annotations
@@ -87,10 +91,13 @@ def generate_mtp(
     streamer: Callable[[Tensor], Any] | None = None,
     stats: dict | None = None,
     k: int | None = None,
+    record_states: bool = True,
 ) -> Tensor:
     """Self-speculative decoding with the MTP modules (module docstring); ``k``: drafts per
     round, 1 .. model.mtp.depth (default: the depth). ``streamer`` gets each round's new
-    tokens of row 0 one by one."""
+    tokens of row 0 one by one. ``record_states``: the verify forward records per-position
+    states so a rollback needs no forward (``HybridLM.forward``; False: always re-run, as
+    before; the output is the same either way)."""
     mtp = model.mtp
     if mtp is None:
         raise ValueError("mode mtp needs a model with MTP modules (a recipe with model.mtp)")
@@ -98,6 +105,8 @@ def generate_mtp(
     k = D if k is None else k
     if not int_at_least(k, 1) or k > D:
         raise ValueError(f"k must be an integer in [1, {D}] (model.mtp.depth), got {k!r}")
+    if not isinstance(record_states, bool):
+        raise ValueError(f"record_states must be True or False, got {record_states!r}")
     check_length(model, input_ids, max_new_tokens, attention_mask)
     B, T = input_ids.shape
     dev = input_ids.device
@@ -158,7 +167,7 @@ def generate_mtp(
         done |= emitted >= max_new_tokens
         if streamer is not None:
             streamed = flush(1)
-    forwards, rewinds, proposed, accepted_total, rounds = 1, 0, 0, 0, 0
+    forwards, rewinds, recorded, proposed, accepted_total, rounds = 1, 0, 0, 0, 0, 0
     rows = torch.arange(B, device=dev)
     room_seq = model.config.max_seq_len - L  # real tokens a row's trunk cache may still take, after its prompt
     while True:
@@ -192,7 +201,7 @@ def generate_mtp(
         # 2. verify [c, d_1 .. d_kr] in one trunk forward
         snap = cache.snapshot()
         chunk = torch.cat([c[:, None], d], 1)
-        vo = model(chunk, cache=cache, return_hidden=True, check_inputs=False)
+        vo = model(chunk, cache=cache, return_hidden=True, check_inputs=False, record_states=record_states)
         forwards += 1
         # 3. accept
         p = sample(vo.logits)
@@ -204,9 +213,11 @@ def generate_mtp(
         # grows the caches by kr + 1 slots a round)
         keep = torch.where(live, a + 1, torch.where(live, a + 1, 0).max())
         if not bool((keep == kr + 1).all()):
-            model.rewind(cache, snap, chunk, keep)
-            forwards += 1
-            rewinds += 1
+            if model.rewind(cache, snap, chunk, keep):
+                forwards += 1
+                rewinds += 1
+            else:
+                recorded += 1
         # every module that drafts (1 .. k) commits the a + 1 positions whose inputs are now verified
         j = torch.arange(kr + 1, device=dev)[None]
         new_tok = torch.where(j < a[:, None], torch.cat([d, nxt[:, None]], 1), nxt[:, None])  # d_1 .. d_a, next
@@ -250,7 +261,8 @@ def generate_mtp(
         new = torch.where(after, torch.full_like(new, eos.fill), new)
     if stats is not None:  # the same keys as mode speculative where they mean the same
         tokens_per_row = float(emitted.float().mean())
-        stats.update(forwards=forwards, target_forwards=forwards, rewind_forwards=rewinds, mtp_forwards=m_fwd,
+        stats.update(forwards=forwards, target_forwards=forwards, rewind_forwards=rewinds, recorded_rewinds=recorded,
+                     mtp_forwards=m_fwd,
                      rounds=rounds, k=k, proposed=proposed, accepted=accepted_total,
                      acceptance_rate=accepted_total / max(proposed, 1), tokens=int(emitted.sum()),
                      tokens_per_forward=tokens_per_row / forwards, tokens_per_target_forward=tokens_per_row / forwards)
