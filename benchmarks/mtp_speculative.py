@@ -15,9 +15,15 @@ is lossless). Prints a table and writes JSON with the device (default
 ``--draft-steps`` also trains a draft model of ``--draft-pattern`` (default one Gated DeltaNet
 layer) on the same task and decodes with ``mode="speculative"`` (k = 4); tokens/s are
 wall-clock over the whole greedy decode.
+Each speculative setting runs twice: with the verify chunk's per-position states recorded
+(``record_states=True``, the default: a rollback gathers each row's accepted state, no forward)
+and, in the row marked ``rerun``, without (``record_states=False``: restore the snapshot and
+re-run the accepted tokens, as before recording was built).
 ``rewind share``: the fraction of a second decode (synchronised around each rollback) spent in
-the target's ``HybridLM.rewind`` (restore the snapshot, re-run the accepted tokens): the most a
-rollback from kept per-token states, with no re-run forward, could save.
+the target's ``HybridLM.rewind`` (the gather, or the restore and re-run).
+
+    python benchmarks/mtp_speculative.py --steps 60 --seq-len 32 --copy-tokens 8 --eval-size 8 \
+        --d-model 32 --batches 1 8 --draft-steps 30 --repeats 5     (the smallest run: a shared CPU)
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ def main() -> None:
                     "--eval-size)")
     ap.add_argument("--draft-steps", type=int, default=0, help="also train a draft model (--draft-pattern) this "
                     "many steps and decode with mode speculative (0: no)")
+    ap.add_argument("--repeats", type=int, default=1, help="time each decode this many times and report the "
+                    "median (a shared machine's outliers)")
     ap.add_argument("--save", type=Path, default=None, help="keep the trained checkpoint here (reused if it exists)")
     ap.add_argument("--out", type=Path, default=None,
                     help="JSON file (default: benchmarks/results/mtp_speculative_<device>.json, e.g. _cpu)")
@@ -109,26 +117,28 @@ def main() -> None:
     def timed(prompts, **kw):  # noqa: ANN001, ANN202
         stats: dict = {}
         model.generate(prompts[:1], max_new_tokens=4, **kw)  # warm-up
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        out = model.generate(prompts, max_new_tokens=args.copy_tokens, stats=stats, **kw)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return out, time.perf_counter() - t, stats
+        times = []
+        for _ in range(max(args.repeats, 1)):
+            sync()
+            t = time.perf_counter()
+            out = model.generate(prompts, max_new_tokens=args.copy_tokens, stats=stats, **kw)
+            sync()
+            times.append(time.perf_counter() - t)
+        return out, sorted(times)[len(times) // 2], stats
 
     def rewind_share(prompts, **kw):  # noqa: ANN001, ANN202
-        """Seconds inside ``HybridLM.rewind`` (restore + re-run of the kept tokens) and the whole
-        decode, both timed with a device sync around each rollback: the most a per-token-state
-        rollback (no re-run forward) could save."""
+        """Seconds inside ``HybridLM.rewind`` (the gather of recorded states, or the restore and
+        re-run of the kept tokens) and the whole decode, both timed with a device sync around each
+        rollback."""
         inner, spent = model.rewind, [0.0]
 
         def timed_rewind(*a, **k):  # noqa: ANN002, ANN003, ANN202
             sync()
             t0 = time.perf_counter()
-            inner(*a, **k)
+            ran = inner(*a, **k)
             sync()
             spent[0] += time.perf_counter() - t0
+            return ran
 
         model.rewind = timed_rewind
         try:
@@ -152,32 +162,35 @@ def main() -> None:
                      "trunk_forwards_per_token": st_ar["forwards"] / args.copy_tokens,
                      "copy_accuracy": float((ar[:, n_prompt:] == want).float().mean())})
         for k in range(1, args.depth + 1):
-            out, t, st = timed(p, mode="mtp", k=k)
-            assert torch.equal(out, ar), "greedy mtp decoding differs from ar"
-            rw, tot = rewind_share(p, mode="mtp", k=k)
-            rows.append({"batch": batch, "decoding": f"mtp k={k}", "seconds": t, "rewind_share": rw / tot,
-                         "trunk_forwards_per_token": st["forwards"] / args.copy_tokens,
-                         "acceptance_rate": st["acceptance_rate"], "rewind_forwards": st["rewind_forwards"],
-                         "mtp_forwards": st["mtp_forwards"], "rounds": st["rounds"],
-                         "copy_accuracy": float((out[:, n_prompt:] == want).float().mean())})
+            for record in (True, False):
+                out, t, st = timed(p, mode="mtp", k=k, record_states=record)
+                assert torch.equal(out, ar), "greedy mtp decoding differs from ar"
+                rw, tot = rewind_share(p, mode="mtp", k=k, record_states=record)
+                rows.append({"batch": batch, "decoding": f"mtp k={k}" + ("" if record else " rerun"), "seconds": t,
+                             "rewind_share": rw / tot, "trunk_forwards_per_token": st["forwards"] / args.copy_tokens,
+                             "acceptance_rate": st["acceptance_rate"], "rewind_forwards": st["rewind_forwards"],
+                             "recorded_rewinds": st["recorded_rewinds"], "mtp_forwards": st["mtp_forwards"],
+                             "rounds": st["rounds"], "copy_accuracy": float((out[:, n_prompt:] == want).float().mean())})
         if draft is not None:
-            out, t, st = timed(p, mode="speculative", draft=draft, k=4)
-            assert torch.equal(out, ar), "greedy speculative decoding differs from ar"
-            rw, tot = rewind_share(p, mode="speculative", draft=draft, k=4)
-            rows.append({"batch": batch, "decoding": "draft k=4", "seconds": t, "rewind_share": rw / tot,
-                         "trunk_forwards_per_token": st["target_forwards"] / args.copy_tokens,
-                         "acceptance_rate": st["acceptance_rate"], "rewind_forwards": st["rewind_forwards"],
-                         "draft_forwards": st["draft_forwards"], "rounds": st["rounds"],
-                         "copy_accuracy": float((out[:, n_prompt:] == want).float().mean())})
+            for record in (True, False):
+                out, t, st = timed(p, mode="speculative", draft=draft, k=4, record_states=record)
+                assert torch.equal(out, ar), "greedy speculative decoding differs from ar"
+                rw, tot = rewind_share(p, mode="speculative", draft=draft, k=4, record_states=record)
+                rows.append({"batch": batch, "decoding": "draft k=4" + ("" if record else " rerun"), "seconds": t,
+                             "rewind_share": rw / tot,
+                             "trunk_forwards_per_token": st["target_forwards"] / args.copy_tokens,
+                             "acceptance_rate": st["acceptance_rate"], "rewind_forwards": st["rewind_forwards"],
+                             "recorded_rewinds": st["recorded_rewinds"], "draft_forwards": st["draft_forwards"],
+                             "rounds": st["rounds"], "copy_accuracy": float((out[:, n_prompt:] == want).float().mean())})
     for row in rows:
         row["tokens_per_second"] = row["batch"] * args.copy_tokens / row["seconds"]
     print(f"trained {args.steps} steps in {secs:.0f}s; last train losses: "
           + ", ".join(f"{k} {last[k]:.3f}" for k in last if k.startswith("mtp/") or k == "loss"))
-    print(f"{'batch':>5} {'decoding':<10} {'copy acc':>8} {'accept':>7} {'trunk fwd/token':>15} {'seconds':>8} "
+    print(f"{'batch':>5} {'decoding':<16} {'copy acc':>8} {'accept':>7} {'trunk fwd/token':>15} {'seconds':>8} "
           f"{'tok/s':>8} {'rewind share':>12}")
     for row in rows:
         acc = f"{row['acceptance_rate']:.3f}" if "acceptance_rate" in row else "-"
-        print(f"{row['batch']:>5} {row['decoding']:<10} {row['copy_accuracy']:>8.3f} {acc:>7} "
+        print(f"{row['batch']:>5} {row['decoding']:<16} {row['copy_accuracy']:>8.3f} {acc:>7} "
               f"{row['trunk_forwards_per_token']:>15.3f} {row['seconds']:>8.3f} {row['tokens_per_second']:>8.0f} "
               + (f"{row['rewind_share']:>12.3f}" if "rewind_share" in row else f"{'-':>12}"))
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({platform.machine()})"
