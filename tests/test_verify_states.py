@@ -306,6 +306,8 @@ def test_mtp_and_speculative_equal_ar_with_and_without_recording() -> None:
     assert runs[True]["rewind_forwards"] == 0 and runs[True]["recorded_rewinds"] > 0, runs[True]
     assert runs[False]["rewind_forwards"] > 0 and runs[False]["recorded_rewinds"] == 0, runs[False]
     assert runs[True]["target_forwards"] == runs[False]["target_forwards"] - runs[False]["rewind_forwards"]
+    assert f"{runs[True]['recorded_rewinds']} rollbacks from recorded states" in runs[True]["summary"][0]
+    assert "recorded states" not in runs[False]["summary"][0]
     with pytest.raises(ValueError, match="record_states must be True or False"):
         target.generate(ids, 4, mode="speculative", draft=draft, record_states=1)
 

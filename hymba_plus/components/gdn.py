@@ -244,7 +244,7 @@ class GatedDeltaNet(nn.Module):
         so a row's states past its real tokens repeat its last one (never committed)."""
         B, T, _ = x.shape
         qkv, a, b, z = project(x, self.qkv_proj, self.a_proj, self.b_proj, self.z_proj)
-        at = torch.arange(T + 1, device=x.device)
+        at = torch.arange(T + 1)  # (on the host: states_at's range check then reads no device tensor)
         tails = (conv_tails(qkv, at, self.cfg.conv_size - 1, state.conv)
                  if self.conv_weight is not None else None)
         q, k, v, new_conv = self._qkv_fused(qkv, ctx, state.conv)

@@ -410,11 +410,14 @@ def continue_ar(model: Any, cache: Any, last: Tensor, max_new_tokens: int, tempe
 def speculative_summary(mode: str, stats: dict, model_word: str = "target") -> str:
     """The one-line report of a speculative decoder (``stats["summary"]``; ``hymba generate``
     prints it): ``speculative: k 4, acceptance rate 0.81 (52 of 64 drafts), 3.20 tokens per
-    target forward (20 forwards, 4 of them rollbacks), 16 rounds``."""
+    target forward (20 forwards, 4 of them rollbacks), 16 rounds``; rollbacks that gathered
+    recorded states (no forward) are named after the forwards: ``(16 forwards, 0 of them
+    rollbacks; 4 rollbacks from recorded states)``."""
+    recorded = stats.get("recorded_rewinds", 0)
     return (f"{mode}: k {stats['k']}, acceptance rate {stats['acceptance_rate']:.2f} ({stats['accepted']} of "
             f"{stats['proposed']} drafts), {stats['tokens_per_target_forward']:.2f} tokens per {model_word} forward "
-            f"({stats['target_forwards']} forwards, {stats['rewind_forwards']} of them rollbacks), "
-            f"{stats['rounds']} rounds")
+            f"({stats['target_forwards']} forwards, {stats['rewind_forwards']} of them rollbacks"
+            + (f"; {recorded} rollbacks from recorded states" if recorded else "") + f"), {stats['rounds']} rounds")
 
 
 def _report(stats: dict | None, forwards: int, tokens: int, rows: int, **more: Any) -> None:
