@@ -312,7 +312,7 @@ def test_mtp_and_speculative_equal_ar_with_and_without_recording() -> None:
     assert runs[True]["target_forwards"] == runs[False]["target_forwards"] - runs[False]["rewind_forwards"]
     assert f"{runs[True]['recorded_rewinds']} rollbacks from recorded states" in runs[True]["summary"][0]
     assert "recorded states" not in runs[False]["summary"][0]
-    with pytest.raises(ValueError, match="record_states must be True or False"):
+    with pytest.raises(ValueError, match="record_states must be True, False or None"):
         target.generate(ids, 4, mode="speculative", draft=draft, record_states=1)
 
     mtp_comps = {**comps, "mlp": {"d_hidden": 64}}
@@ -331,3 +331,17 @@ def test_mtp_and_speculative_equal_ar_with_and_without_recording() -> None:
         runs[record] = s
     assert runs[True]["rewind_forwards"] == 0 and runs[True]["recorded_rewinds"] > 0, runs[True]
     assert runs[False]["rewind_forwards"] == runs[True]["recorded_rewinds"] > 0, runs[False]
+
+
+def test_recording_is_the_default_off_cuda_only():
+    """The speculative modes record by default where the recorded chunk's reference kernels are what
+    runs anyway (the CPU); on CUDA the default is the re-run (a recorded chunk would replace fla's /
+    mamba-ssm's kernels); True / False are taken as given, anything else is one ValueError."""
+    from hymba_plus.models.generation import record_by_default
+
+    assert record_by_default(None, torch.device("cpu")) is True
+    assert record_by_default(None, torch.device("cuda", 0)) is False
+    assert record_by_default(True, torch.device("cuda")) is True
+    assert record_by_default(False, torch.device("cpu")) is False
+    with pytest.raises(ValueError, match="record_states must be True, False or None"):
+        record_by_default(1, torch.device("cpu"))

@@ -52,7 +52,7 @@ drawn from ``p`` (``p``, ``q``: target and draft distributions after the same te
 top-k and top-p as ``sample_next``), so every token has the target's own distribution. Rows
 keep different counts: both caches go back with ``HybridLM.rewind`` (restore the round's
 snapshot, re-run each row's kept tokens in one forward: exact for every state type; the
-target's verify forward, with ``record_states`` (the default) on a target whose every layer
+target's verify forward, with ``record_states`` (the default off CUDA: ``record_by_default``) on a target whose every layer
 records, keeps each layer's state after every position of the chunk, and its rollback is then a
 gather, no forward; the draft, fed one token a forward, always re-runs) — the
 target only when some row rejected a draft, the draft only when some row kept less than it
@@ -613,6 +613,19 @@ def generate_block_diffusion(
     return torch.cat([input_ids, *blocks], dim=1)
 
 
+def record_by_default(record_states: bool | None, device: torch.device) -> bool:
+    """Speculative decoding's ``record_states`` (``None``: the default for ``device``): a verify chunk
+    recorded (``HybridLM.forward(record_states=True)``) runs the mixers' reference kernels, which is
+    what the CPU runs anyway; on CUDA it would replace fla's / mamba-ssm's kernels in every verify
+    forward to save the re-run of rounds with a rejected draft, a trade not yet timed on a GPU, so
+    there the default stays the re-run (``record_states=True`` asks for recording)."""
+    if record_states is None:
+        return torch.device(device).type != "cuda"
+    if not isinstance(record_states, bool):
+        raise ValueError(f"record_states must be True, False or None (the device's default), got {record_states!r}")
+    return record_states
+
+
 class DraftError(ValueError):
     """``generate(mode="speculative")``: a draft model that cannot serve the call (another vocabulary, a
     ``max_seq_len`` too short for the prompt and ``max_new_tokens``): the draft checkpoint's own limit
@@ -633,7 +646,7 @@ def generate_speculative(
     stats: dict | None = None,
     draft: Any = None,
     k: int = 4,
-    record_states: bool = True,
+    record_states: bool | None = None,
 ) -> Tensor:
     """Lossless draft-model speculative decoding (module docstring). ``draft``: a smaller
     ``HybridLM`` with the same ``vocab_size``; ``k``: tokens the draft proposes per round;
@@ -646,8 +659,7 @@ def generate_speculative(
                         f"{type(draft).__name__} {brief(draft)}")
     if not int_at_least(k, 1):
         raise ValueError(f"k must be an integer >= 1 (draft tokens per round), got {k!r}")
-    if not isinstance(record_states, bool):
-        raise ValueError(f"record_states must be True or False, got {record_states!r}")
+    record_states = record_by_default(record_states, input_ids.device)
     V, Vd = model.config.vocab_size, draft.config.vocab_size
     if V != Vd:
         raise DraftError(f"the draft model's vocab_size {Vd} differs from the target model's vocab_size {V}: "

@@ -23,7 +23,7 @@ positions whose inputs are *verified* tokens, s <= P - i ("committed"). A round:
    tokens are distributed exactly as sampling from the trunk alone (top-k / top-p apply to
    p and q alike);
 4. **roll back** the trunk to ``[c, accepted drafts]`` per row (``HybridLM.rewind``: with
-   ``record_states`` (the default) and a trunk whose every layer records, the verify forward
+   ``record_states`` (the default off CUDA: ``record_by_default``) and a trunk whose every layer records, the verify forward
    kept each layer's state after every chunk position and the rollback gathers each row's, no
    forward; else restore the snapshot and re-run the kept tokens; skipped when every row
    kept everything), and
@@ -59,6 +59,7 @@ from .generation import (
     end_tokens,
     filtered_probs,
     int_at_least,
+    record_by_default,
     speculative_summary,
 )
 
@@ -91,7 +92,7 @@ def generate_mtp(
     streamer: Callable[[Tensor], Any] | None = None,
     stats: dict | None = None,
     k: int | None = None,
-    record_states: bool = True,
+    record_states: bool | None = None,
 ) -> Tensor:
     """Self-speculative decoding with the MTP modules (module docstring); ``k``: drafts per
     round, 1 .. model.mtp.depth (default: the depth). ``streamer`` gets each round's new
@@ -105,8 +106,7 @@ def generate_mtp(
     k = D if k is None else k
     if not int_at_least(k, 1) or k > D:
         raise ValueError(f"k must be an integer in [1, {D}] (model.mtp.depth), got {k!r}")
-    if not isinstance(record_states, bool):
-        raise ValueError(f"record_states must be True or False, got {record_states!r}")
+    record_states = record_by_default(record_states, input_ids.device)
     check_length(model, input_ids, max_new_tokens, attention_mask)
     B, T = input_ids.shape
     dev = input_ids.device
