@@ -50,6 +50,9 @@
 #           block-diffusion training step both ways; not yet run (2026-12-07)
 #   owed1   what session 43 built and could not run (no GPU lent): the flex step's tests, the compiled grouped MoE
 #           tests (tests/test_moe.py -k compiled_grouped), hymba bench configs/moe_bench.yaml on CUDA
+#   record  mtp_speculative.py on CUDA: speculative decoding with the verify chunk's states recorded (reference
+#           gdn / mamba3 kernels in every verify forward, no re-run) against the re-run (fla / mamba-ssm kernels),
+#           the trade that decides record_states' CUDA default (generation.record_by_default; off there until timed)
 #   owed2   hymba train --mode compile of configs/quad_hybrid_tiny.yaml and configs/bd_tiny.yaml (30 steps each), then
 #           the block-diffusion CUDA-graph training test (FlexAttention inside the capture)
 #   agree   decode_agreement.py in float32 and bf16: our generate (graph / static / dynamic engines, and
@@ -259,6 +262,8 @@ for s in "${@:-moe mamba3 gdn atlas mixers}"; do
       owed1)  step flex_tests 240 "${PYTEST[@]}" tests/test_two_stream_attention.py
               step moe_compiled_tests 120 "${PYTEST[@]}" tests/test_moe.py -k compiled_grouped
               step bench_moe 150 python -m hymba_plus bench configs/moe_bench.yaml --device cuda --steps 10 --json "$OUT/bench_moe.json" ;;
+      record) step record_mtp 400 python benchmarks/mtp_speculative.py --device cuda --steps 400 --batches 1 16 \
+                 --draft-steps 200 --repeats 3 --out "$OUT/mtp_speculative_record_cuda.json" ;;
       owed2)  step compile_quad 200 python -m hymba_plus train configs/quad_hybrid_tiny.yaml --mode compile --steps 30 --no-progress \
                  --out /tmp/runs/quad_compile
               step compile_bd 200 python -m hymba_plus train configs/bd_tiny.yaml --mode compile --steps 30 --no-progress --out /tmp/runs/bd_compile

@@ -16,7 +16,7 @@ is lossless). Prints a table and writes JSON with the device (default
 layer) on the same task and decodes with ``mode="speculative"`` (k = 4); tokens/s are
 wall-clock over the whole greedy decode.
 Each speculative setting runs twice: with the verify chunk's per-position states recorded
-(``record_states=True``, the default: a rollback gathers each row's accepted state, no forward)
+(``record_states=True``, the default off CUDA: a rollback gathers each row's accepted state, no forward)
 and, in the row marked ``rerun``, without (``record_states=False``: restore the snapshot and
 re-run the accepted tokens, as before recording was built).
 ``rewind share``: the fraction of a second decode (synchronised around each rollback) spent in
