@@ -280,3 +280,25 @@ def test_an_undecodable_or_very_long_override_is_one_short_line(capsys):
     with pytest.raises(RecipeError) as e:
         load_recipe(GPT_TINY, overrides=["model.d_model=" + "x" * 5000])
     assert len(str(e.value)) < 400 and str(e.value).startswith("--set model.d_model=xxx")
+
+
+@pytest.mark.parametrize("text, line", [
+    ("- a\n- b\n", "<recipe>:1: a recipe must be a mapping with 'name' and 'model', got a list"),
+    ("name: x\nmodel: 3\n", "<recipe>:2: model: must be a mapping, got int 3"),
+    ("name: x\nmodel: {vocab_size: 8, d_model: 8, block_pattern: GA}\ncomponents: []\n",
+     "<recipe>:3: components: must be a mapping"),
+])
+def test_a_file_not_a_mapping_where_an_override_goes_is_the_files_error(text, line, capsys, tmp_path):
+    """An override's key path through a value the file gives where the recipe takes a mapping (a recipe file
+    that is a list, ``model: 3``) was an OverrideError blaming the --set (hymba check exit 2, a folder's check
+    cut short); it is the file's own error, with its line."""
+    with pytest.raises(RecipeError) as e:
+        load_recipe(text, overrides=["model.d_model=8", "components.gated_attn.n_heads=2"])
+    assert not isinstance(e.value, OverrideError) and e.value.errors[0].startswith(line), e.value.errors
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    code, out, err = run(capsys, "check", str(p), str(GPT_TINY), "--set", "model.d_model=8")
+    assert code == 1 and err.startswith(f"{p}:") and f"OK {GPT_TINY}" in out, (out, err)
+    # a valid file: a path through its scalar is the override's mistake (exit 2)
+    with pytest.raises(OverrideError):
+        load_recipe(GPT_TINY, overrides=["model.d_model.x=1"])

@@ -816,7 +816,14 @@ def load_recipe(source: "str | os.PathLike | Mapping | Recipe",
                                "YAML mapping with 'name' and 'model'"])
     where: list[tuple[str, str, str]] = []
     if sets:
-        data, where = _apply_overrides(data, sets)
+        try:
+            data, where = _apply_overrides(data, sets)
+        except OverrideError:
+            # a key path through a value that is not a mapping: the file's mistake where the recipe takes a
+            # mapping there (a file that is a list, ``model: 3``): its own errors, with their lines (exit 1);
+            # the override's (exit 2) where the file is valid (``model.d_model.x=1``)
+            _build(data, file)
+            raise
     return _build(data, file, where)
 
 
@@ -914,8 +921,9 @@ def _apply_overrides(data: Any, sets: list[_Override]) -> tuple[Any, list[tuple[
     """``data`` (the parsed recipe) with each override's key path set to its value, in order: a mapping on
     the path is copied (``data`` is not changed; a LineDict keeps its lines), a key it lacks added (an empty
     ``components:`` section, null, is a mapping to fill). Validation follows (``_build``), so the strict
-    checks see the result; a path through a value that is not a mapping is an ``OverrideError``. Also, per
-    override, (the topmost key it added or set, its key path, its flag): ``_Errors.origin``'s."""
+    checks see the result; a path through a value that is not a mapping is an ``OverrideError``
+    (``load_recipe``: the file's own errors where it is invalid). Also, per override, (the topmost key it
+    added or set, its key path, its flag): ``_Errors.origin``'s."""
     where = []
     for ov in sets:
         data, added = _set_path({} if data is None else data, ov.key, ov, "")
