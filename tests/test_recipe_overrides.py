@@ -302,3 +302,22 @@ def test_a_file_not_a_mapping_where_an_override_goes_is_the_files_error(text, li
     # a valid file: a path through its scalar is the override's mistake (exit 2)
     with pytest.raises(OverrideError):
         load_recipe(GPT_TINY, overrides=["model.d_model.x=1"])
+
+
+def test_check_of_several_recipes_names_the_recipe_of_an_override_error(capsys, tmp_path):
+    """``hymba check A B --set ...`` (or a folder) printed an error at an overridden key as ``--set KEY=VALUE:
+    ...`` alone, once per recipe: which recipe it was for could not be told; with several recipes it is named."""
+    code, out, err = run(capsys, "check", str(GPT_TINY), str(ROOT / "configs" / "hymba_tiny.yaml"),
+                         "--set", "model.d_model=-1")
+    assert code == 1 and err.splitlines()[:2] == [
+        f"{GPT_TINY}: --set model.d_model=-1: must be >= 1, got -1",
+        f"{ROOT / 'configs' / 'hymba_tiny.yaml'}: --set model.d_model=-1: must be >= 1, got -1"], err
+    # a --set malformed for one of them (a path through its scalar): the usage line names that recipe
+    full = ROOT / "configs" / "quad_hybrid_full.yaml"
+    code, out, err = run(capsys, "check", str(GPT_TINY), str(full), "--set", "model.layout.ratios.gdn.x=1")
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        f"hymba check: {full}: --set model.layout.ratios.gdn.x=1: model.layout.ratios.gdn is float 0.35, "
+        "not a mapping"), err
+    # one recipe: as before (the file is the command's only one)
+    code, _, err = run(capsys, "check", str(GPT_TINY), "--set", "model.d_model=-1")
+    assert code == 1 and err.strip() == "--set model.d_model=-1: must be >= 1, got -1"

@@ -117,12 +117,16 @@ def run(args: argparse.Namespace) -> int:
     check_sets(args)
     files = find_recipes(args.paths)
     bad = 0
+    several = len(files) > 1  # an error at an overridden key (``--set KEY=VALUE: ...``) then names its recipe
     for f in files:
-        result = check_file(f, build=not args.no_build, sets=args.sets)
+        try:
+            result = check_file(f, build=not args.no_build, sets=args.sets)
+        except UsageError as e:
+            raise UsageError(f"{f}: {e}" if several else str(e)) from None
         if result.errors:
             bad += 1
             for line in result.errors:
-                emit(line, err=True)
+                emit(f"{f}: {line}" if several and line.startswith("--set ") else line, err=True)
         elif not args.quiet:
             emit(result.ok_line(f))
     if len(files) > 1 or args.quiet:
