@@ -321,3 +321,18 @@ def test_check_of_several_recipes_names_the_recipe_of_an_override_error(capsys, 
     # one recipe: as before (the file is the command's only one)
     code, _, err = run(capsys, "check", str(GPT_TINY), "--set", "model.d_model=-1")
     assert code == 1 and err.strip() == "--set model.d_model=-1: must be >= 1, got -1"
+
+
+def test_resuming_with_a_train_set_its_flag_overrides(tmp_path, capsys):
+    """``--set train.lr=X --lr Y``: the flag wins (as in a fresh run), so the checkpoint holds lr Y. The same
+    command with ``--resume`` was refused ('--set train.lr=X: ... (lr Y there); change it with --lr', which it
+    did): a --set of a setting a flag gives changes nothing on a resume; one without its flag is still refused."""
+    r, out = recipe_file(tmp_path), tmp_path / "run"
+    cmd = ["train", r, "--out", str(out), "--steps", "3", *FAST, "--set", "train.lr=0.002", "--lr", "0.005"]
+    code, _, err = run(capsys, *cmd, "--stop-after", "1")
+    assert code == 0, err
+    code, _, err = run(capsys, *cmd, "--resume")
+    assert code == 0 and (out / "step-3").is_dir(), err
+    code, _, err = run(capsys, "train", r, "--out", str(out), "--steps", "4", *FAST, "--set", "train.lr=0.002",
+                       "--resume")
+    assert code == 2 and "--set train.lr=0.002" in err and "(lr 0.005 there); change it with --lr" in err, err

@@ -171,7 +171,8 @@ def _check_sets_against_checkpoints(args: argparse.Namespace, recipe, init: Path
     line naming the ``--set``: from a checkpoint folder given as RECIPE (``init``) only overrides that keep the
     shapes of its weights; resuming (``--resume``, a checkpoint in ``out``) only those that keep its recipe's
     model, components, objective and ladir (what ``checkpoint.check_recipe`` compares) and its ``train``
-    settings, which a resumed run takes from the checkpoint (its flags change them)."""
+    settings, which a resumed run takes from the checkpoint (its flags change them: a ``--set train.KEY`` whose
+    flag is given too is not checked, the flag sets it)."""
     from collections.abc import Mapping
 
     from ..core.recipe import RecipeError, load_recipe, parse_overrides
@@ -231,9 +232,12 @@ def _check_sets_against_checkpoints(args: argparse.Namespace, recipe, init: Path
     except CheckpointError as e:
         raise UserError(str(e)) from None
     flag_of = {field: dest for dest, field in _FIELDS.items()}
+    flagged = {field for dest, field in _FIELDS.items() if getattr(args, dest) is not None}
     for text, o in train_sets:
         fields = [o.key.split(".")[1]] if o.key != "train" else list(o.value) if isinstance(o.value, Mapping) else []
         for f in fields:
+            if f in flagged:  # its flag sets it (over the checkpoint's, as over a recipe's): the --set changes nothing
+                continue
             if hasattr(saved_cfg, f) and getattr(recipe.train, f) != getattr(saved_cfg, f):
                 how = (f"change it with --{flag_of[f].replace('_', '-')}" if f in flag_of
                        else "it stays the checkpoint's on a resume")
