@@ -336,3 +336,24 @@ def test_resuming_with_a_train_set_its_flag_overrides(tmp_path, capsys):
     code, _, err = run(capsys, "train", r, "--out", str(out), "--steps", "4", *FAST, "--set", "train.lr=0.002",
                        "--resume")
     assert code == 2 and "--set train.lr=0.002" in err and "(lr 0.005 there); change it with --lr" in err, err
+
+
+def test_train_refusals_name_the_override_on_one_short_line(tmp_path, capsys):
+    """hymba train's refusals of a --set (a checkpoint folder's weight shapes, a resumed checkpoint's model or
+    train settings) echoed the --set as given: a line break in it (a YAML value may fold lines) split the error,
+    a pasted wall of text was printed whole. They name it as every other override error does: escaped, cut."""
+    r, out = recipe_file(tmp_path), tmp_path / "run"
+    code, _, err = run(capsys, "train", r, "--out", str(out), "--steps", "2", *FAST, "--stop-after", "1")
+    assert code == 0, err
+    ckpt = out / "step-1"
+    long = "model.block_pattern=GA |" + " " * 400 + "GA | GA"
+    for argv in (["train", str(ckpt), "--out", str(tmp_path / "ft"), "--set", "model.block_pattern=GA |\n GA | GA"],
+                 ["train", str(ckpt), "--out", str(tmp_path / "ft"), "--set", long],
+                 ["train", r, "--out", str(out), "--resume", "--set", "model.d_model=\n 48"],
+                 ["train", r, "--out", str(out), "--resume", "--set", "train.lr=\n 0.005"]):
+        code, _, err = run(capsys, *argv, "--steps", "2", *FAST)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and len(err) < 600, err
+        assert err.startswith("hymba train: --set ") and ("\\n" in err or "..." in err), err
+    with pytest.raises(OverrideError) as e:  # no '=': cut too
+        load_recipe(GPT_TINY, overrides=["x" * 5000])
+    assert len(str(e.value)) < 400, len(str(e.value))

@@ -183,7 +183,7 @@ def _check_sets_against_checkpoints(args: argparse.Namespace, recipe, init: Path
         return
     sets = list(zip(args.sets, parse_overrides(args.sets)))
     model_sets = [(t, o) for t, o in sets if o.key.split(".")[0] not in ("train", "name")]
-    flags = " ".join(f"--set {t}" for t, _ in model_sets)
+    flags = " ".join(o.flag for _, o in model_sets)  # (as the recipe's errors name them: escaped, cut)
     if init is not None and model_sets:
         import torch
 
@@ -215,11 +215,11 @@ def _check_sets_against_checkpoints(args: argparse.Namespace, recipe, init: Path
         raise UserError(e.errors[0]) from None
     if ckpt_mod.recipe_difference(saved_recipe, recipe):  # the --set behind it (else the trainer names the file's)
         there, here = saved_recipe.to_dict(), recipe.to_dict()
-        culprits = [(t, o.key, _at(there, o.key), _at(here, o.key)) for t, o in model_sets
+        culprits = [(o.flag, o.key, _at(there, o.key), _at(here, o.key)) for _, o in model_sets
                     if _at(there, o.key) != _at(here, o.key)]
         if culprits:
             _, key, a, b = culprits[0]
-            raise UsageError(f"{' '.join(f'--set {t}' for t, *_ in culprits)}: the checkpoint {ckpt} being resumed "
+            raise UsageError(f"{' '.join(flag for flag, *_ in culprits)}: the checkpoint {ckpt} being resumed "
                              f"was trained with another recipe ({key}: {a!r} there, {b!r} with the --set): a resumed "
                              "run keeps its checkpoint's model; drop the --set, or start a new run in another --out")
     train_sets = [(t, o) for t, o in sets if o.key.split(".")[0] == "train"]
@@ -233,7 +233,7 @@ def _check_sets_against_checkpoints(args: argparse.Namespace, recipe, init: Path
         raise UserError(str(e)) from None
     flag_of = {field: dest for dest, field in _FIELDS.items()}
     flagged = {field for dest, field in _FIELDS.items() if getattr(args, dest) is not None}
-    for text, o in train_sets:
+    for _, o in train_sets:
         fields = [o.key.split(".")[1]] if o.key != "train" else list(o.value) if isinstance(o.value, Mapping) else []
         for f in fields:
             if f in flagged:  # its flag sets it (over the checkpoint's, as over a recipe's): the --set changes nothing
@@ -241,7 +241,7 @@ def _check_sets_against_checkpoints(args: argparse.Namespace, recipe, init: Path
             if hasattr(saved_cfg, f) and getattr(recipe.train, f) != getattr(saved_cfg, f):
                 how = (f"change it with --{flag_of[f].replace('_', '-')}" if f in flag_of
                        else "it stays the checkpoint's on a resume")
-                raise UsageError(f"--set {text}: a resumed run takes its train settings from its checkpoint {ckpt} "
+                raise UsageError(f"{o.flag}: a resumed run takes its train settings from its checkpoint {ckpt} "
                                  f"({f} {getattr(saved_cfg, f)!r} there); {how}")
 
 

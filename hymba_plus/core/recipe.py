@@ -858,7 +858,7 @@ def parse_overrides(overrides: Any) -> list[_Override]:
             if not isinstance(item, str):
                 raise OverrideError([f"overrides: each one is a 'key.path=value' string, got {_describe(item)}"])
             if "=" not in item:
-                raise OverrideError([f"--set {_printable(item)}: {_SET_USAGE}"])
+                raise OverrideError([f"{_cut(_printable(f'--set {item}'))}: {_SET_USAGE}"])
             key, value = item.split("=", 1)
             pairs.append((key.strip(), value, f"--set {item}"))
     else:
@@ -866,15 +866,18 @@ def parse_overrides(overrides: Any) -> list[_Override]:
                              f"strings, got {_describe(overrides)}"])
     out = []
     for key, value, flag in pairs:
-        flag = _printable(flag)
-        if len(flag) > 200:  # (a pasted file as a value: the error echoes its start)
-            flag = f"{flag[:196]}..."
+        flag = _cut(_printable(flag))
         if not key:
             raise OverrideError([f"{flag}: empty key ({_SET_USAGE})"])
         if "" in key.split("."):
             raise OverrideError([f"{flag}: empty part in the key path {key!r}"])
         out.append(_Override(key, _override_value(value, key, flag) if isinstance(value, str) else value, flag))
     return out
+
+
+def _cut(flag: str) -> str:
+    """An override as an error names it, cut to 200 characters (a pasted file as a value: its start)."""
+    return flag if len(flag) <= 200 else f"{flag[:196]}..."
 
 
 def _printable(text: str) -> str:
