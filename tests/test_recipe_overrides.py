@@ -357,3 +357,16 @@ def test_train_refusals_name_the_override_on_one_short_line(tmp_path, capsys):
     with pytest.raises(OverrideError) as e:  # no '=': cut too
         load_recipe(GPT_TINY, overrides=["x" * 5000])
     assert len(str(e.value)) < 400, len(str(e.value))
+
+
+def test_info_says_the_recipe_is_overridden(capsys):
+    """``hymba info FILE --set ...`` described the overridden recipe under 'recipe FILE' (JSON: source FILE)
+    with nothing saying it was not the file's (the hash differs from the file's): as bench's JSON, info's
+    names the overrides."""
+    code, out, _ = run(capsys, "info", str(GPT_TINY), "--json", "--set", "model.d_model=96")
+    d = json.loads(out)
+    assert code == 0 and d["recipe_overrides"] == ["model.d_model=96"] and d["d_model"] == 96
+    code, out, _ = run(capsys, "info", str(GPT_TINY), "--set", "model.d_model=96", "--set", "name=a b")
+    assert code == 0 and out.splitlines()[0] == f"recipe      {GPT_TINY} --set model.d_model=96 --set 'name=a b'"
+    code, out, _ = run(capsys, "info", str(GPT_TINY), "--json")
+    assert code == 0 and "recipe_overrides" not in json.loads(out)

@@ -36,6 +36,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -385,10 +386,13 @@ def format_kernels(d: dict, level: str = "auto") -> list[str]:
 
 def format_info(d: dict, kernels: str = "auto") -> str:
     """The text ``hymba info`` prints; ``kernels``: how much of the kernel table (``format_kernels``)."""
+    from ..core.recipe import _printable  # (an override with a line break: still one line)
+
     lens = list(d["cache_bytes"])
     layout = (d.get("layout") or {}).get("line")
     out = [
-        f"recipe      {d['source'] or '<recipe>'}",
+        f"recipe      {d['source'] or '<recipe>'}"
+        + "".join(f" --set {shlex.quote(_printable(s))}" for s in d.get("recipe_overrides", ())),
         f"name        {d['name']}  (hash {d['hash']})",
         (f"model       vocab {d['vocab_size']}, d_model {d['d_model']}, max_seq_len {d['max_seq_len']}, "
          f"meta tokens {d['meta_tokens']}, {'tied' if d['tie_embeddings'] else 'untied'} embeddings"
@@ -569,5 +573,7 @@ def run(args: argparse.Namespace) -> int:
         d = describe(recipe, DTYPES[args.dtype], lens)
     except Exception as e:  # noqa: BLE001 - a component that cannot build: one line, not a traceback
         raise UserError(f"{args.recipe}: cannot build the model: {type(e).__name__}: {e}") from None
+    if args.sets:  # what is described is not the file's recipe (nor its hash): say which, as bench's JSON does
+        d["recipe_overrides"] = list(args.sets)
     emit(json.dumps(d, indent=1) if args.json else format_info(d, "full" if args.kernels else "auto"))
     return 0
