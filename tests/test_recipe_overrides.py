@@ -370,3 +370,14 @@ def test_info_says_the_recipe_is_overridden(capsys):
     assert code == 0 and out.splitlines()[0] == f"recipe      {GPT_TINY} --set model.d_model=96 --set 'name=a b'"
     code, out, _ = run(capsys, "info", str(GPT_TINY), "--json")
     assert code == 0 and "recipe_overrides" not in json.loads(out)
+
+
+def test_train_reports_an_invalid_recipe_on_one_line(tmp_path, capsys):
+    """A recipe with several errors (two bad --sets) printed them as several lines, all but the first without
+    'hymba train: ' (README, Exit codes: each error one line): the first, and how many more (as hymba bench)."""
+    r = recipe_file(tmp_path)
+    code, _, err = run(capsys, "train", r, "--out", str(tmp_path / "o"), *FAST, "--set", "model.d_model=0",
+                       "--set", "model.vocab_size=0")
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("hymba train: --set model.") and err.strip().endswith(
+        "(and 1 more: hymba check lists them)"), err

@@ -277,8 +277,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--distill {args.distill}: no such checkpoint folder")
     try:
         recipe = load_recipe_with_sets(recipe_path, args)
-    except RecipeError as e:
-        raise UserError(str(e)) from None
+    except RecipeError as e:  # one line (README, Exit codes): the first error, and how many more (as hymba bench)
+        more = f" (and {len(e.errors) - 1} more: hymba check lists them)" if len(e.errors) > 1 else ""
+        raise UserError(" ".join(e.errors[0].split("\n")) + more) from None
     overrides = {field: getattr(args, dest) for dest, field in _FIELDS.items() if getattr(args, dest) is not None}
     kind = recipe.objective.kind if recipe.objective is not None else "next_token"
     if args.ladir_stage is not None and kind != "ladir":  # (it was ignored silently)
