@@ -381,3 +381,19 @@ def test_train_reports_an_invalid_recipe_on_one_line(tmp_path, capsys):
     assert code == 1 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("hymba train: --set model.") and err.strip().endswith(
         "(and 1 more: hymba check lists them)"), err
+
+
+def test_a_resumed_run_keeps_the_checkpoints_train_section_in_its_recipe(tmp_path, capsys):
+    """A run trained with ``--set train.lr=X`` and resumed by the command it printed (which drops train
+    --sets: a resumed run takes its settings from the checkpoint) wrote later checkpoints' recipe.yaml
+    without the train section its first ones had. A resumed run's checkpoints keep the resumed
+    checkpoint's train section, so every checkpoint's recipe.yaml is the run's recipe."""
+    r, out = recipe_file(tmp_path), tmp_path / "run"
+    code, _, err = run(capsys, "train", r, "--out", str(out), "--steps", "3", *FAST, "--set", "train.lr=0.002",
+                       "--stop-after", "1")
+    assert code == 0, err
+    first = load_recipe(out / "step-1" / "recipe.yaml")
+    assert first.train is not None and first.train.lr == 0.002
+    code, _, err = run(capsys, "train", r, "--out", str(out), "--steps", "3", *FAST, "--resume")
+    assert code == 0 and (out / "step-3").is_dir(), err
+    assert load_recipe(out / "step-3" / "recipe.yaml") == first

@@ -368,8 +368,9 @@ def recipe_difference(a: Any, b: Any) -> str | None:
     return walk(da, db, "")
 
 
-def check_recipe(ckpt: Path, recipe: Any, recipe_name: str) -> None:
-    """CheckpointError unless ``ckpt`` was trained with ``recipe``'s model, components, objective and ladir."""
+def check_recipe(ckpt: Path, recipe: Any, recipe_name: str) -> Any:
+    """CheckpointError unless ``ckpt`` was trained with ``recipe``'s model, components, objective and ladir;
+    else the checkpoint's recipe."""
     from ..core.recipe import RecipeError, load_recipe
 
     try:
@@ -380,6 +381,7 @@ def check_recipe(ckpt: Path, recipe: Any, recipe_name: str) -> None:
     if diff:
         raise CheckpointError(f"{ckpt / 'recipe.yaml'}: was trained with another recipe than {recipe_name} "
                               f"({diff.replace(' vs ', ' in the checkpoint, ', 1)} in {recipe_name})")
+    return saved
 
 
 def load_model_state(ckpt: Path, recipe: Any, recipe_name: str) -> dict[str, torch.Tensor]:

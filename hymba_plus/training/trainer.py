@@ -703,7 +703,10 @@ class Trainer:
             res = ckpt_mod.find_resumable(self.out, warn=self.log)
             if res is not None:
                 self.resume_from, state = res
-                ckpt_mod.check_recipe(self.resume_from, self.recipe, opts.recipe_name)
+                saved = ckpt_mod.check_recipe(self.resume_from, self.recipe, opts.recipe_name)
+                # its settings are the checkpoint's (``_resumed_config``), so is the train section its
+                # checkpoints save: the run's recipe, whatever --set train.X the resuming command dropped
+                self.recipe = dataclasses.replace(self.recipe, train=saved.train)
             elif mode == "yes":
                 where = "does not exist" if not self.out.exists() else "holds no checkpoint"
                 raise TrainError(f"--resume: {self.out} {where} (a mistyped --out?); use --resume auto to start "
