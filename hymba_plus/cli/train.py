@@ -53,6 +53,7 @@ _FIELDS = {
     "mqar_pairs": "mqar_pairs", "copy_tokens": "copy_tokens", "val_frac": "val_frac",
     "khop_hops": "khop_hops", "khop_nodes": "khop_nodes", "ladir_stage": "ladir_stage",
     "chain_steps": "chain_steps", "chain_values": "chain_values", "activation_checkpoint": "activation_checkpoint",
+    "log_to": "log_to",
 }
 
 
@@ -156,6 +157,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--route-tolerance", type=finite_float, metavar="NATS",
                    help="router training: how much loss per row above all-execute's a target route may cost; "
                         "smaller keeps accuracy, larger skips more (default: 0.02; --resume: the run's)")
+    p.add_argument("--log-to", metavar="TARGETS",
+                   help="also log every metrics.jsonl row to tensorboard (OUT/tb), wandb (OUT/wandb; WANDB_MODE, "
+                        "WANDB_PROJECT) or both: tensorboard,wandb (needs pip install 'hymba_plus[log]'); none: "
+                        "neither (default: none)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar on a terminal, no progress lines without one")
     p.add_argument("--progress-interval", type=finite_float, default=10.0, metavar="SECONDS",

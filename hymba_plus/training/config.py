@@ -104,6 +104,10 @@ class TrainConfig:
     keep_last: int = spec(2, min=1, doc="checkpoints kept in OUT")
     distill: DistillConfig | None = spec(None, doc="weights of --distill TEACHER_CKPT (default when unset: "
                                                    "kl_weight 1, ce_weight 1, temperature 1)")
+    # None (unset) = none, so that recipes written before the key keep their hashes (Recipe.hash)
+    log_to: str | None = spec(None, doc="mirror metrics.jsonl's rows to tensorboard (OUT/tb), wandb (OUT/wandb) or "
+                                        "both (tensorboard,wandb), rank 0 (training/tracking.py); unset or none: "
+                                        "neither")
 
     def check(self, model):  # noqa: ANN001 - ModelConfig
         if self.fsdp_param_dtype == "bfloat16" and self.precision == "fp32":
@@ -115,6 +119,12 @@ class TrainConfig:
         # a model without vocabulary (forecast) reads windows whose length its objective sets
         if self.seq_len > model.max_seq_len and model.vocab_size is not None:
             yield "seq_len", f"must be <= model.max_seq_len ({model.max_seq_len}), got {self.seq_len}"
+        from .tracking import parse_targets
+
+        try:
+            parse_targets(self.log_to)
+        except ValueError as e:
+            yield "log_to", str(e)
         from .tasks import TASKS, TaskError
 
         name = builtin_task(self, model)

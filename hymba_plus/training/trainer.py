@@ -34,8 +34,10 @@ every ~10 s elsewhere), ``OUT/metrics.jsonl`` (one JSON
 object per optimizer step; eval metrics on eval steps; MoE routing stats when the model
 reports them), ``OUT/loss.png`` redrawn at every eval (one warning line if it cannot be: the run goes
 on), ``OUT/step-N/`` checkpoints
-(``checkpoint.py``) and a final summary line. A fresh run moves an earlier run's metrics and
-plot aside (``metrics.jsonl.1``, ...; an ``--out`` with checkpoints needs ``--resume``).
+(``checkpoint.py``), with ``--log-to`` every row mirrored to TensorBoard (``OUT/tb``) / W&B
+(``tracking.py``: flushed at each checkpoint, closed at the end), and a final summary line. A fresh
+run moves an earlier run's metrics, plot and ``tb`` aside (``metrics.jsonl.1``, ...; an ``--out``
+with checkpoints needs ``--resume``).
 
 Resume (``--resume``): the newest intact checkpoint (corrupt newer ones are skipped with a
 warning, and kept) gives the weights, the optimizer state, the step, the data position and
@@ -122,6 +124,7 @@ from .optim import build_optimizer, clip_grad_norm_, set_lr
 from .progress import Progress
 from .schedule import Schedule
 from .signals import StopRequest
+from .tracking import TB_DIR, ExperimentLog, LoggerError, MissingPackage, check_available, parse_targets, run_config
 
 
 class TrainError(RuntimeError):
@@ -751,6 +754,13 @@ class Trainer:
                 # said after `resumed from` (below): a resume refused on the way (its data) re-plans nothing
                 self.replan_note = before.describe_change(self.schedule, self.start_step, self.cfg.lr)
         cfg = self.cfg
+        self.log_targets = parse_targets(cfg.log_to)  # (checked: validate)
+        try:  # before anything is built or written: a missing package is one line
+            given_as = ("--log-to" if "log_to" in opts.overrides else f"{opts.recipe_name}: train.log_to"
+                        if state is None else f"{self.resume_from / ckpt_mod.STATE_FILE}: train_config.log_to")
+            check_available(self.log_targets, given_as)
+        except MissingPackage as e:
+            raise TrainError(str(e)) from None
         if opts.stop_after is not None and opts.stop_after > cfg.steps:
             raise TrainUsageError(f"--stop-after {opts.stop_after}: must be <= --steps ({cfg.steps})")
         stop = opts.stop_after if opts.stop_after is not None else cfg.steps
@@ -1059,16 +1069,19 @@ class Trainer:
         return base, cfg
 
     def _set_aside_earlier_metrics(self) -> None:
-        """A fresh run in an ``--out`` that holds an earlier run's ``metrics.jsonl`` / ``loss.png``
-        but no checkpoint (that run failed before its first one; checkpoints need ``--resume``):
-        move them aside with the next free number (``metrics.jsonl.1``, ``loss.png.1``) and say
-        so, rather than write over them. An empty ``metrics.jsonl`` holds nothing: replaced."""
+        """A fresh run in an ``--out`` that holds an earlier run's ``metrics.jsonl`` / ``loss.png`` /
+        TensorBoard folder ``tb`` but no checkpoint (that run failed before its first one; checkpoints
+        need ``--resume``): move them aside with the next free number (``metrics.jsonl.1``, ``loss.png.1``,
+        ``tb.1``) and say so, rather than write over them (or add to them). An empty ``metrics.jsonl``
+        holds nothing: replaced."""
+        tb = self.out / TB_DIR
         old = [p for p in (self.out / "metrics.jsonl", self.out / "loss.png")
                if p.is_file() and (p.name == "loss.png" or p.stat().st_size > 0)]
+        old += [tb] if tb.is_dir() and any(tb.iterdir()) else []
         if not old:
             return
         n = 1
-        while any((self.out / f"{name}.{n}").exists() for name in ("metrics.jsonl", "loss.png")):
+        while any((self.out / f"{name}.{n}").exists() for name in ("metrics.jsonl", "loss.png", TB_DIR)):
             n += 1
         for p in old:
             os.replace(p, p.with_name(f"{p.name}.{n}"))
@@ -1481,7 +1494,15 @@ class Trainer:
         loss = float("nan")
         step = self.start_step
         warm: list[float] = []  # seconds of the run's first step and of the optimizer graph's capture (_rate)
+        tracker: ExperimentLog | None = None
+        ended = False
         try:
+            if info.is_main and self.log_targets:  # --log-to (tracking.py): rank 0, as metrics.jsonl
+                try:
+                    tracker = ExperimentLog(self.out, self.log_targets, run_config(self.recipe, cfg), self.start_step,
+                                            resumed=self.resume_from is not None)
+                except LoggerError as e:
+                    raise TrainError(str(e)) from None
             with StopRequest(say=self.log) as signals:
                 for step in range(self.start_step, stop):
                     t0 = time.perf_counter()
@@ -1510,6 +1531,8 @@ class Trainer:
                         # interrupt skipped for good (a --resume then had nothing to do)
                         last_ckpt, saved_step = self.save(n, eval_pending=True), n
                         interrupted = False
+                        if tracker is not None:
+                            tracker.flush()
                         self.log(f"{signals.requested} in the last step: saved step {n}; the final evaluation "
                                  "follows (another signal stops it)")
                     if (n % cfg.eval_every == 0 or last) and not interrupted:
@@ -1521,12 +1544,16 @@ class Trainer:
                     if metrics_file is not None:
                         metrics_file.write(json.dumps(row) + "\n")
                         metrics_file.flush()
+                    if tracker is not None:
+                        tracker.log(row)
                     if "eval_loss" in row and info.is_main:
                         self._plot()
                     self.progress.update(n, loss, rate, row["lr"])
                     if (n % cfg.save_every == 0 or last or interrupted) and n > saved_step:
                         skipped = interrupted and (n % cfg.eval_every == 0 or last)  # (the evaluation above)
                         last_ckpt, saved_step = self.save(n, eval_pending=skipped), n
+                        if tracker is not None:
+                            tracker.flush()
                     if interrupted:
                         newest = last_ckpt or self.resume_from
                         raise TrainInterrupted(n, newest, self.opts.resume_command(newest))
@@ -1535,7 +1562,13 @@ class Trainer:
                             self.log(f"--time-limit {self.opts.time_limit:g}s reached at step {n}: stopping "
                                      f"(continue with --resume)")
                         break
+            ended = True
+        except TrainInterrupted:
+            ended = True  # (a checkpoint was saved: the run stopped as asked)
+            raise
         finally:
+            if tracker is not None:
+                tracker.close(failed=not ended)
             self.progress.close()
             if metrics_file is not None:
                 metrics_file.close()
