@@ -87,6 +87,17 @@ def test_a_tensorboard_run_logs_every_row_of_metrics_jsonl_with_its_names_steps_
     assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(acc.PluginTagToContent("hparams"))
 
 
+def test_moe_routing_statistics_are_logged_one_scalar_per_expert(tmp_path, capsys):
+    out = tmp_path / "run"
+    rec = str(Path(__file__).resolve().parents[1] / "configs" / "quad_hybrid_tiny.yaml")
+    rc = main(["train", rec, *FAST, "--steps", "2", "--out", str(out), "--log-to", "tensorboard"])
+    assert rc == 0, capsys.readouterr().err
+    got, row = tb_scalars(out), rows(out)[0]
+    loads = next(k for k in row if k.endswith("/tokens_per_expert"))
+    assert [got[f"{loads}/{i}"][0] for i in range(len(row[loads]))] == [(1, f32(v)) for v in row[loads]]
+    assert "train/aux_loss" in got and same(got, expected(out))
+
+
 def test_a_resume_after_an_interrupt_continues_tb_without_a_step_twice(tmp_path, monkeypatch, capsys):
     out, rec = tmp_path / "run", recipe_file(tmp_path)
     flags = [*FAST, "--steps", "6", "--eval-every", "3", "--save-every", "100", "--out", str(out)]
