@@ -659,12 +659,12 @@ def generate_speculative(
                         f"{type(draft).__name__} {brief(draft)}")
     if not int_at_least(k, 1):
         raise ValueError(f"k must be an integer >= 1 (draft tokens per round), got {k!r}")
-    record_states = record_by_default(record_states, input_ids.device)
     V, Vd = model.config.vocab_size, draft.config.vocab_size
     if V != Vd:
         raise DraftError(f"the draft model's vocab_size {Vd} differs from the target model's vocab_size {V}: "
                          "speculative decoding needs one shared vocabulary")
     check_length(model, input_ids, max_new_tokens, attention_mask)
+    record_states = record_by_default(record_states, input_ids.device)  # (input_ids checked: a tensor)
     try:
         check_length(draft, input_ids, max_new_tokens, attention_mask)
     except ValueError as e:

@@ -106,8 +106,8 @@ def generate_mtp(
     k = D if k is None else k
     if not int_at_least(k, 1) or k > D:
         raise ValueError(f"k must be an integer in [1, {D}] (model.mtp.depth), got {k!r}")
-    record_states = record_by_default(record_states, input_ids.device)
     check_length(model, input_ids, max_new_tokens, attention_mask)
+    record_states = record_by_default(record_states, input_ids.device)  # (input_ids checked: a tensor)
     B, T = input_ids.shape
     dev = input_ids.device
     valid = attention_mask.to(torch.bool) if attention_mask is not None else torch.ones(B, T, dtype=torch.bool,
