@@ -345,3 +345,42 @@ def test_recording_is_the_default_off_cuda_only():
     assert record_by_default(False, torch.device("cpu")) is False
     with pytest.raises(ValueError, match="record_states must be True, False or None"):
         record_by_default(1, torch.device("cpu"))
+
+
+@torch.no_grad()
+def test_a_recorded_cache_is_freed_by_reference_counting() -> None:
+    """A recording must not hold its own state (a reference cycle): a cache whose last forward
+    recorded (a speculative decoder's last round, when no row rejected a draft), or whose recorded
+    states a restore replaced, frees its tensors (KV, recurrent states, the per-position
+    recording) when dropped, without waiting for Python's cycle collector (GPU memory)."""
+    import gc
+    import weakref
+
+    model = make("every-mixer")
+    g = torch.Generator().manual_seed(6)
+    prompt, mask = left_padded(2, 5, g, [0, 1])
+    chunk = torch.randint(0, V, (2, 3), generator=g)
+    model(chunk, cache=prefilled(model, prompt, mask), record_states=True)  # (first calls: lazy set-ups)
+
+    def alive(refs: list) -> int:
+        return sum(r() is not None for r in refs)
+
+    gc.collect()
+    gc.disable()
+    try:
+        cache = prefilled(model, prompt, mask)
+        model(chunk, cache=cache, record_states=True)
+        assert cache.recorded is not None
+        refs = [weakref.ref(t) for s in cache.states if s is not None for _, t in s.tensors()]
+        del cache
+        assert alive(refs) == 0
+        cache = prefilled(model, prompt, mask)
+        snap = cache.snapshot()
+        model(chunk, cache=cache, record_states=True)
+        held = {id(t) for s in snap.states if s is not None for _, t in s.tensors()}
+        refs = [weakref.ref(t) for s in cache.states if s is not None for _, t in s.tensors() if id(t) not in held]
+        assert refs
+        cache.restore(snap)  # (the recorded states are replaced)
+        assert alive(refs) == 0
+    finally:
+        gc.enable()

@@ -387,7 +387,7 @@ class Atlas(nn.Module):
         Tc = int(n_tot.max().item()) if B else 0
         if Tc == 0:
             if record:  # no row took a token: every position's state is this one (the conv's too)
-                st.record(lambda keep, kmax: None)
+                st.record(lambda state, keep, kmax: None)
             return q.new_zeros(B, H, T, d)
         # combined row = [buffered tokens, new real tokens, inert]; it starts at a chunk boundary
         s = torch.arange(Tc, device=dev)[None]

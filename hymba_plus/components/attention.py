@@ -278,7 +278,7 @@ class GatedAttention(nn.Module):
             T = qpos.shape[1]
             self._store(state, k_all, v_all, kpos, ctx.n_meta, extra=T if ctx.record else 0)
             if ctx.record:  # the keys are the state: a commit empties the rejected tokens' slots
-                state.record(lambda keep, kmax, st=state, base=qpos[:, 0], s_prev=k_all.shape[2] - T, n_meta=ctx.n_meta:
+                state.record(lambda st, keep, kmax, base=qpos[:, 0], s_prev=k_all.shape[2] - T, n_meta=ctx.n_meta:
                              self._commit(st, base, s_prev, n_meta, keep, kmax))
         return o.transpose(1, 2)
 

@@ -104,10 +104,13 @@ class LayerState:
                 _copy_buffer(type(self).__name__, f.name, dst, v)
 
     # -- recording (speculative verification; ``StepContext.record``)
-    def record(self, commit: Callable[[Tensor, int], None]) -> None:
-        """Called by a layer's recording forward (``StepContext.record``): ``commit(keep, kmax)``
-        sets this state to what it was after the first ``keep[b]`` real tokens of the chunk just
-        run (``kmax = max(keep)``, a host integer), without a forward. A fork never carries it."""
+    def record(self, commit: Callable[["LayerState", Tensor, int], None]) -> None:
+        """Called by a layer's recording forward (``StepContext.record``): ``commit(state, keep,
+        kmax)`` sets ``state`` (this one) to what it was after the first ``keep[b]`` real tokens of
+        the chunk just run (``kmax = max(keep)``, a host integer), without a forward. A fork never
+        carries it. ``commit`` is given the state rather than holding it: a recording that held
+        its own state would be a reference cycle, and a dropped cache (its KV, its states, the
+        recording) would wait for Python's cycle collector instead of being freed at once."""
         self.__dict__["_recording"] = commit
 
     def record_rows(self, states: "LayerState", n: int) -> None:
@@ -116,12 +119,12 @@ class LayerState:
         of the chunk (``p = 0 .. n``; the layout of the block-diffusion clean pass,
         ``boundary_forward``, with a block start at every position). Committing gathers row
         ``keep[b]`` of every field (``reorder``): memory ``(n+1)`` times the state's until then."""
-        def commit(keep: Tensor, kmax: int) -> None:
+        def commit(state: LayerState, keep: Tensor, kmax: int) -> None:
             idx = torch.arange(keep.shape[0], device=keep.device) * (n + 1) + keep
             states.reorder(idx)
-            for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            for f in dataclasses.fields(state):  # type: ignore[arg-type]
                 if not f.metadata.get("form"):
-                    setattr(self, f.name, getattr(states, f.name))
+                    setattr(state, f.name, getattr(states, f.name))
 
         self.record(commit)
 
@@ -145,7 +148,7 @@ class LayerState:
         """Apply the recording (``record``) of this state and its nested states, and drop them."""
         rec = self.__dict__.pop("_recording", None)
         if rec is not None:
-            rec(keep, kmax)
+            rec(self, keep, kmax)
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             if isinstance(v := getattr(self, f.name), LayerState):
                 v.commit(keep, kmax)
