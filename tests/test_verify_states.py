@@ -384,3 +384,24 @@ def test_a_recorded_cache_is_freed_by_reference_counting() -> None:
         assert alive(refs) == 0
     finally:
         gc.enable()
+
+
+@torch.no_grad()
+def test_a_recording_that_cannot_complete_leaves_no_nested_recording() -> None:
+    """On a static (decode-engine) cache hymba's attention cannot record but its mamba3 branch
+    does: the forward then drops every recording, the nested ones too (each holds ``n + 1``
+    states), not only those of the layers' own states."""
+    comps = {**COMPS, "hymba": {"ssm": "mamba3", "attn": {"n_heads": 2, "head_dim": 16, "window": 3}}}
+    r = {"name": "vs", "model": {"vocab_size": V, "d_model": 32, "max_seq_len": 64, "block_pattern": "GA | HY"},
+         "components": comps}
+    torch.manual_seed(0)
+    model = build_model(r).double().eval()
+    g = torch.Generator().manual_seed(7)
+    prompt, mask = left_padded(2, 4, g, [0, 1])
+    chunk = torch.randint(0, V, (2, 3), generator=g)
+    cache = prefilled(model, prompt, mask).static_copy(32)
+    model(chunk, cache=cache, record_states=True)
+    assert cache.recorded is None
+    held = [name for i, s in enumerate(cache.states) if s is not None
+            for name, x in leaves(s, str(i)) if "_recording" in x.__dict__]
+    assert held == []

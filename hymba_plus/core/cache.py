@@ -296,7 +296,9 @@ class HybridCache:
 
     def drop_recording(self) -> None:
         """Forget the last recorded chunk (every forward on this cache starts so: a recording is
-        only ever committed right after the chunk it came from)."""
+        only ever committed right after the chunk it came from). A recording exists only where
+        ``recorded`` is set (a recording forward that cannot complete drops every state's, nested
+        ones too), so the check reads the layers' own states only."""
         if self.recorded is not None or any(s is not None and "_recording" in s.__dict__ for s in self.states):
             for s in self.states:
                 if s is not None:

@@ -260,8 +260,12 @@ class HybridLM(nn.Module):
                     if valid is not None else torch.ones_like(base, dtype=torch.bool)
                 cache.recorded = Recorded(n=S, base=base, lengths=lengths if lengths is not None else full,
                                           ids=input_ids if inputs_embeds is None else None, prefix=prefix)
-            else:  # a state that cannot record (a static decode-engine buffer): rewind re-runs
-                cache.drop_recording()
+            else:  # a state that cannot record (a static decode-engine buffer): rewind re-runs; every
+                # recording goes, nested ones too (hymba's mamba3 beside its static attention), so that
+                # a recording exists only where cache.recorded is set (what drop_recording checks)
+                for s in cache.states:
+                    if s is not None:
+                        s.drop_recording()
         trunk = x if return_hidden else None
         if order is not None:  # undo the compaction
             idx = order[..., None].expand(-1, -1, h.shape[-1])
