@@ -23,7 +23,9 @@ re-run the accepted tokens, as before recording was built).
 the target's ``HybridLM.rewind`` (the gather, or the restore and re-run).
 
     python benchmarks/mtp_speculative.py --steps 60 --seq-len 32 --copy-tokens 8 --eval-size 8 \
-        --d-model 32 --batches 1 8 --draft-steps 30 --repeats 5     (the smallest run: a shared CPU)
+        --d-model 32 --batches 1 8 --draft-steps 30 --repeats 5 \
+        --out benchmarks/results/mtp_speculative_record_cpu.json     (the smallest run: a shared CPU;
+        without --out it would replace the default file, mtp_speculative_cpu.json, another run's)
 """
 
 from __future__ import annotations
