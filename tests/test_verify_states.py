@@ -405,3 +405,19 @@ def test_a_recording_that_cannot_complete_leaves_no_nested_recording() -> None:
     held = [name for i, s in enumerate(cache.states) if s is not None
             for name, x in leaves(s, str(i)) if "_recording" in x.__dict__]
     assert held == []
+
+
+@torch.no_grad()
+def test_a_snapshot_of_another_batch_is_refused_in_one_line() -> None:
+    """``rewind`` after a recorded chunk with a snapshot of another cache of another batch size:
+    the one-line ValueError ``restore`` gives, not a shape error from comparing positions."""
+    model = make("every-mixer")
+    g = torch.Generator().manual_seed(8)
+    prompt, mask = left_padded(2, 4, g, [0, 1])
+    chunk = torch.randint(0, V, (2, 3), generator=g)
+    other = prefilled(model, torch.randint(0, V, (3, 4), generator=g), None)
+    cache = prefilled(model, prompt, mask)
+    model(chunk, cache=cache, record_states=True)
+    with pytest.raises(ValueError, match="rewind: the snapshot was not taken from this cache"):
+        model.rewind(cache, other.snapshot(), chunk, torch.tensor([1, 2]))
+    assert cache.recorded is not None  # (unchanged)

@@ -475,6 +475,7 @@ class HybridLM(nn.Module):
         if not (isinstance(keep, Tensor) and keep.shape == (B,) and not keep.is_floating_point()):
             raise ValueError(f"rewind: keep must be an integer tensor [{B}], got "
                              f"{f'{keep.dtype} {list(keep.shape)}' if isinstance(keep, Tensor) else type(keep).__name__}")
+        cache.check_snapshot(snapshot, "rewind")  # (first: the recording's checks compare its positions)
         rec = cache.recorded
         if rec is not None and not (ids.shape[1] == rec.n and (rec.ids is None or rec.ids.shape == ids.shape)):
             rec = None
@@ -490,7 +491,6 @@ class HybridLM(nn.Module):
         if not 0 <= lo <= n <= ids.shape[1]:
             raise ValueError(f"rewind: keep must be in [0, {ids.shape[1]}] (the tokens fed), got {keep.tolist()}")
         if rec is not None and len(vals) > 2 and vals[2]:
-            cache.check_snapshot(snapshot, "rewind")
             cache.commit(keep.to(device=rec.base.device, dtype=torch.long), n)
             return False
         cache.restore(snapshot)
