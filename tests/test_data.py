@@ -818,11 +818,12 @@ def test_shards_content_digest_from_checksums_or_from_the_files(tmp_path):
 
 def test_a_text_folder_with_an_index_json_of_its_own_is_text(tmp_path):
     """A folder of text whose index.json is not ours (no hymba-shards format key) was refused as 'not a hymba
-    shard index'; it is text. A folder of our shards with a broken index.json is still refused."""
+    shard index'; it is data (a .json file is read as JSON Lines: its objects' "text" are documents). A folder of
+    our shards with a broken index.json is still refused."""
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "a.txt").write_text(TEXT)
-    (corpus / "index.json").write_text(json.dumps({"pages": ["a.txt"]}))
+    (corpus / "index.json").write_text(json.dumps({"pages": ["a.txt"], "text": "an index page"}))
     cfg = TrainConfig()
     s = open_stream(str(corpus), 32, 256, 0, cfg, tmp_path / "run" / "data")
     assert isinstance(s, TextStream) and s.shards.source == str(corpus)
@@ -962,9 +963,9 @@ def test_a_folder_hymba_wrote_given_as_the_text_is_refused(tmp_path, capsys):
         rc = main(["train", rec, "--data", str(folder), "--out", str(tmp_path / "r2"), *common])
         one_line_error(capsys, rc, 1, f"{folder}: {what} written by hymba, not text")
         assert not (tmp_path / "r2").exists()
-    mine = tmp_path / "mine"  # a text folder with a metrics.jsonl of its own at its top is text
+    mine = tmp_path / "mine"  # a text folder with a metrics.jsonl of its own at its top is data (JSON Lines)
     mine.mkdir()
-    (mine / "metrics.jsonl").write_text(TEXT * 3)
+    (mine / "metrics.jsonl").write_text(json.dumps({"text": TEXT * 3}) + "\n")
     assert prepare(mine, tmp_path / "s3")["tokens"] == len((TEXT * 3).encode())
 
 

@@ -222,6 +222,10 @@ def test_documented_commands_and_flags_exist():
         p = argparse.ArgumentParser()
         importlib.import_module(f"hymba_plus.cli.{module}").add_arguments(p)
         flags[name] = set(p._option_string_actions)
+        for a in p._actions:  # a command of actions (`hymba tokenizer train`): its actions' flags
+            if isinstance(a, argparse._SubParsersAction):
+                for sub in a.choices.values():
+                    flags[name] |= set(sub._option_string_actions)
     seen, wrong = 0, []
     for doc in DOCS:
         for cmd in documented_commands(doc.read_text()):

@@ -27,7 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("generate", "generate text from a checkpoint, or forecast a series (--mode forecast)"),
     "eval": ("eval", "evaluate a checkpoint on held-out data (the run's own eval metrics), without training, "
                      "or on lm-evaluation-harness tasks (--tasks)"),
-    "prepare": ("prepare", "tokenize text files into memory-mapped token shards"),
+    "prepare": ("prepare", "tokenize text, JSON Lines or Parquet files into memory-mapped token shards"),
+    "tokenizer": ("tokenizer", "train a byte-level BPE tokenizer on text data (hymba tokenizer train)"),
     "convert": ("convert", "import / export HF transformers checkpoints, or hybridize a pretrained model"),
     "bench": ("bench", "training-step, prefill and decode throughput of a recipe on one device"),
 }

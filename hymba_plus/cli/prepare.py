@@ -1,4 +1,5 @@
-"""``hymba prepare DATA --out SHARDS``: tokenize a text file or folder into token shards
+"""``hymba prepare DATA --out SHARDS``: tokenize a file or folder of text, JSON Lines or Parquet (plain or
+compressed: training/readers.py) into token shards
 (uint16/uint32 ``.bin`` files + ``index.json``) that ``hymba train --data SHARDS`` reads
 through ``numpy.memmap`` (hymba_plus/training/data.py)."""
 
@@ -15,10 +16,15 @@ MAX_SHARD_TOKENS = 1 << 28
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data", type=path_text, metavar="DATA", help="a text file or a folder of text files")
+    p.add_argument("data", type=path_text, metavar="DATA",
+                   help="a file or a folder of files: text (a file is a document), JSON Lines (.jsonl / .json: a "
+                        "document a line) or Parquet (.parquet: a document a row); .gz / .zst: compressed")
     p.add_argument("--out", type=path_text, required=True, help="folder to write the shards and index.json into")
     p.add_argument("--tokenizer", type=path_text, help="a `tokenizers` JSON file (default: bytes)")
     p.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard file (default 16M)")
+    p.add_argument("--text-field", default="text", metavar="NAME",
+                   help="the field of a JSON Lines object, the column of a Parquet file, that holds a document's "
+                        "text (default text)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
 
 
@@ -37,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"note: {args.tokenizer} names no end token (a tokenizer_config.json eos_token beside it, or one "
                   f"of {', '.join(tokmod.END_TOKENS)}): documents follow each other without a separator",
                   file=sys.stderr)
-        index = prepare(args.data, args.out, tok, shard_tokens=args.shard_tokens, force=args.force, progress=True)
+        index = prepare(args.data, args.out, tok, shard_tokens=args.shard_tokens, force=args.force, progress=True,
+                        text_field=args.text_field)
     except (DataError, tokmod.TokenizerError) as e:
         raise UserError(str(e)) from None
     print(f"{args.out}: {index['tokens']:,} tokens in {len(index['shards'])} shard(s) of {index['dtype']} "

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import math
 import os
@@ -41,7 +42,9 @@ import torch
 from torch import Tensor
 
 from ..core.config import brief, first_line
+from . import readers
 from . import tokenizer as tokmod
+from .readers import BOM, DataError  # noqa: F401 - BOM: series.py and reasoning.py read it from here
 from .tasks import TASKS, HeldOut, Task, heldout_note, predates_heldout
 
 INDEX = "index.json"
@@ -50,11 +53,9 @@ FORMAT = "hymba-shards"
 #: 3: a document's later pieces encoded without the tokenizer's start-of-text prefix space
 #: 4: pieces cut before a lone space between words (never inside a whitespace run), else a lone line
 #:    break; a file read in one block is one piece
-VERSION = 4
-
-
-class DataError(ValueError):
-    """Unusable data (missing, empty, corrupt, too short): one line naming the file."""
+#: 5: JSON Lines / Parquet files (``readers``) are read as documents, compressed files decompressed (a
+#:    ``.jsonl`` file was text before)
+VERSION = 5
 
 
 # --------------------------------------------------------------------------- prepare
@@ -133,7 +134,10 @@ def _is_shards(d: Path) -> bool:
 
 
 def _binary(f: Path) -> bool:
-    """Whether a file has a NUL byte in its first 8 KiB (what no text file has)."""
+    """Whether a file has a NUL byte in its first 8 KiB (what no text file has); a compressed text file's
+    decompressed bytes are looked at, a JSON Lines or Parquet file (``readers.kind_of``) is not binary."""
+    if readers.binary_by_nature(f):
+        return readers.kind_of(f)[0] == readers.TEXT and b"\0" in readers.head(f)
     try:
         with open(f, "rb") as fh:
             return b"\0" in fh.read(8192)
@@ -149,50 +153,122 @@ def fingerprint(files: list[Path]) -> list[dict[str, Any]]:
     return out
 
 
-#: the UTF-8 byte-order mark that Windows tools put at a text file's start (not part of the text)
-BOM = b"\xef\xbb\xbf"
-
-
 def _chunks(f: Path, tok: Any, chunk_bytes: int = 1 << 22) -> Iterator[np.ndarray]:
-    """Token arrays of one file, read in pieces (a text piece ends before a space between words), then its end
-    mark (``_end_mark``); a leading byte-order mark is skipped. A ``tokenizers`` tokenizer encodes the pieces
-    without its special tokens (its post-processor would put e.g. a BOS at every piece's start, mid-document),
-    the later ones as continuations (no start-of-text prefix space: ``HFTokenizer.continuation``). A file of no
-    tokens (empty, a byte-order mark alone, whitespace the tokenizer drops) is no document: no end mark."""
-    try:
-        fh = open(f, "rb")
-        if fh.read(len(BOM)) != BOM:
-            fh.seek(0)
-    except OSError as e:
-        raise DataError(f"{f}: cannot read ({e.strerror})") from None
+    """Token arrays of one text file (decompressed: ``readers.Stream``), read in pieces (a text piece ends
+    before a space between words), then its end mark (``_end_mark``); a leading byte-order mark is skipped.
+    A ``tokenizers`` tokenizer encodes the pieces without its special tokens (its post-processor would put
+    e.g. a BOS at every piece's start, mid-document), the later ones as continuations (no start-of-text prefix
+    space: ``HFTokenizer.continuation``). A file of no tokens (empty, a byte-order mark alone, whitespace the
+    tokenizer drops) is no document: no end mark."""
+    yield from _document(readers.Stream(f), tok, chunk_bytes)
+
+
+def _document(fh: Any, tok: Any, chunk_bytes: int = 1 << 22) -> Iterator[np.ndarray]:
+    """Token arrays of one document read from ``fh`` (``_pieces``), then its end mark where it has tokens."""
     tokens = 0
-    for arr in _pieces(fh, tok, chunk_bytes):
+    last = [b""]
+    for arr in _pieces(fh, tok, chunk_bytes, last):
         tokens += arr.size
         yield arr
     if tokens:
-        yield _end_mark(f, tok)
+        yield _end_mark(tok, last[0])
 
 
-def _encoded(f: Path, tok: Any) -> Iterator[np.ndarray]:
-    """``_chunks`` of ``f``, a tokenizer's failure named with the file."""
+def _encoded(f: Path, tok: Any, text_field: str = "text") -> Iterator[np.ndarray]:
+    """Token arrays of ``f``: a text file's one document (``_chunks``), or a JSON Lines / Parquet file's
+    documents (``_batch_ids``); a tokenizer's failure named with the file."""
+    if readers.kind_of(f)[0] != readers.TEXT:
+        for texts, where in readers.batches(f, text_field):
+            yield _batch_ids(texts, where, tok)
+        return
     try:
         yield from _chunks(f, tok)
     except tokmod.TokenizerError as e:
         raise DataError(f"{f}: {e}") from None
 
 
-def _end_mark(f: Path, tok: Any) -> np.ndarray:
-    """What follows a document in the shards: the tokenizer's end token (``eos_id``) where it has one,
-    else, for bytes, a line break where the file does not end with one (so that documents never run
-    into each other); nothing otherwise."""
+def _batch_ids(texts: list[str], where: Callable[[int], str], tok: Any, chunk_bytes: int = 1 << 22) -> np.ndarray:
+    """The tokens of a batch of documents (``readers.batches``), each followed by its end mark (``_end_ids``,
+    as a text file's), the same ids as each document in a text file of its own (``_chunks``): bytes as one
+    array of the UTF-8 of the documents and their line breaks (no per-token work in Python); a ``tokenizers``
+    tokenizer through its multi-threaded ``encode_batch`` (without special tokens, as ``_pieces``), but a
+    document of ``chunk_bytes // 16`` bytes or more, which a text file's reading would encode in pieces, in
+    those pieces (``_document``). A document of no tokens is no document (no end mark)."""
+    if tok.kind == "bytes":
+        parts = []
+        for i, t in enumerate(texts):
+            try:
+                b = t.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate ("\ud800" in a JSON string)
+                raise DataError(f"{where(i)}: not valid UTF-8 text (character {e.start}: {t[e.start]!r})") from None
+            if b:
+                parts.append(b)
+                if b[-1:] != b"\n":
+                    parts.append(b"\n")
+        return np.frombuffer(b"".join(parts), dtype=np.uint8)
+    if tok.kind != "tokenizers":
+        encoded = [tok.encode(t) for t in texts]
+        long: dict[int, np.ndarray] = {}
+    else:
+        want = chunk_bytes // 16  # (a text file shorter than this is read and encoded as one piece: _pieces)
+        sizes = [len(t) if 4 * len(t) < want else len(t.encode("utf-8", errors="surrogatepass")) for t in texts]
+        short = [i for i, n in enumerate(sizes) if n < want]
+        try:
+            ids = tok.encode_batch([texts[i] for i in short], add_special_tokens=False)
+        except tokmod.TokenizerError as e:
+            bad = next((i for i in short if not _utf8(texts[i])), None)
+            if bad is not None:
+                raise DataError(f"{where(bad)}: not valid UTF-8 text (a lone surrogate)") from None
+            raise DataError(f"{where(short[0])}..{where(short[-1])}: {e}") from None
+        encoded = [[] for _ in texts]
+        for i, v in zip(short, ids):
+            encoded[i] = v
+        long = {}
+        for i, n in enumerate(sizes):
+            if n >= want:
+                if not _utf8(texts[i]):
+                    raise DataError(f"{where(i)}: not valid UTF-8 text (a lone surrogate)")
+                try:
+                    long[i] = np.concatenate([np.zeros(0, dtype=np.int64), *_document(
+                        io.BytesIO(texts[i].encode("utf-8")), tok, chunk_bytes)])
+                except tokmod.TokenizerError as e:
+                    raise DataError(f"{where(i)}: {e}") from None
+    flat: list[int] = []
+    pieces = []
+    for i, v in enumerate(encoded):
+        if i in long:
+            pieces.append(np.asarray(flat, dtype=np.int64))
+            pieces.append(long[i])
+            flat = []
+        elif v:
+            flat.extend(v)
+            flat.extend(_end_ids(tok, texts[i][-1:].encode("utf-8", errors="surrogatepass")))
+    pieces.append(np.asarray(flat, dtype=np.int64))
+    return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+
+
+def _utf8(text: str) -> bool:
+    """Whether a text can be encoded to UTF-8 (no lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _end_ids(tok: Any, last: bytes) -> list[int]:
+    """What follows a document of tokens in the shards (every format's one rule; ``last``: the document's
+    last byte): the tokenizer's end token (``eos_id``) where it has one, else, for bytes, a line break
+    where the document does not end with one (so that documents never run into each other); nothing
+    otherwise."""
     if tok.eos_id is not None:
-        return np.asarray([tok.eos_id], dtype=np.int64)
-    if tok.kind == "bytes" and f.stat().st_size:
-        with open(f, "rb") as fh:
-            fh.seek(-1, os.SEEK_END)
-            if fh.read(1) != b"\n":
-                return np.asarray([10], dtype=np.int64)
-    return np.zeros(0, dtype=np.int64)
+        return [tok.eos_id]
+    return [10] if tok.kind == "bytes" and last != b"\n" else []
+
+
+def _end_mark(tok: Any, last: bytes) -> np.ndarray:
+    """``_end_ids`` as an array."""
+    return np.asarray(_end_ids(tok, last), dtype=np.int64)
 
 
 #: the ASCII whitespace bytes (``_cut``)
@@ -243,7 +319,9 @@ def _cut(data: bytes, sep: int) -> int:
     return 0
 
 
-def _pieces(fh: Any, tok: Any, chunk_bytes: int) -> Iterator[np.ndarray]:
+def _pieces(fh: Any, tok: Any, chunk_bytes: int, last: list[bytes] | None = None) -> Iterator[np.ndarray]:
+    """``last[0]``: set to the document's last byte."""
+    last = [b""] if last is None else last
     first = [True]
     at = [0, 1]  # the next piece's byte offset in the file and its line (for the error below)
 
@@ -266,6 +344,7 @@ def _pieces(fh: Any, tok: Any, chunk_bytes: int) -> Iterator[np.ndarray]:
     with fh:
         if tok.kind == "bytes":
             while block := fh.read(chunk_bytes):
+                last[0] = block[-1:]
                 yield np.frombuffer(block, dtype=np.uint8)
             return
         at[0] = fh.tell()  # (past a byte-order mark)
@@ -275,6 +354,7 @@ def _pieces(fh: Any, tok: Any, chunk_bytes: int) -> Iterator[np.ndarray]:
             block = fh.read(want)
             data = rest + block
             if len(block) < want:  # the file's end (a short read of a file): the rest is one piece
+                last[0] = data[-1:]
                 if data:
                     yield np.asarray(encode(data), dtype=np.int64)
                 return
@@ -296,9 +376,10 @@ def _pieces(fh: Any, tok: Any, chunk_bytes: int) -> Iterator[np.ndarray]:
 
 def prepare(source: str | os.PathLike, out: str | os.PathLike, tokenizer: Any = None,
             shard_tokens: int = 1 << 24, force: bool = False, progress: bool = False,
-            exclude: tuple[str | os.PathLike, ...] = ()) -> dict[str, Any]:
-    """Tokenize a text file or folder into token shards in ``out``; returns the index. Each file is
-    a document, followed by the tokenizer's end token (``_end_mark``). ``out`` and ``exclude``
+            exclude: tuple[str | os.PathLike, ...] = (), text_field: str = "text") -> dict[str, Any]:
+    """Tokenize a text file or folder into token shards in ``out``; returns the index. Each text file is
+    a document, and so is each row of a JSON Lines or Parquet file (its string ``text_field``:
+    ``readers``), each followed by the tokenizer's end token (``_end_ids``). ``out`` and ``exclude``
     folders inside a source folder are not read.
 
     Written into a temporary sibling folder and renamed, so ``out`` is either the old
@@ -349,7 +430,7 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, tokenizer: Any = 
         bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="prepare", disable=None)
     try:
         for f in files:
-            for arr in _encoded(f, tok):
+            for arr in _encoded(f, tok, text_field):
                 top = int(arr.max()) if arr.size else -1
                 if top >= tok.vocab_size:
                     raise DataError(f"{f}: tokenizer produced id {top} >= its vocab {tok.vocab_size}")

@@ -166,8 +166,15 @@ class HFTokenizer:
             self._continuation = Tokenizer.from_str(json.dumps(obj))
         return self._continuation
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tok.encode_batch(texts)]
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """Token ids of each text, as ``encode(text, add_special_tokens)`` (not ``continues``), encoded on
+        the library's threads (``encode_batch_fast``, without the offsets, where it has it: tokenizers
+        >= 0.21). An encoding error of the library is a ``TokenizerError``."""
+        fn = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
+        try:
+            return [e.ids for e in fn(texts, add_special_tokens=add_special_tokens)]
+        except Exception as e:  # the library raises its own Exception type
+            raise TokenizerError(f"cannot encode the text ({first_line(e)})") from None
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids)
@@ -295,3 +302,34 @@ class StreamDecoder:
         new = text[self.shown :]
         self.shown = len(text)
         return new
+
+
+#: the end token of a tokenizer ``train_bpe`` trains (id 0; GPT-2's): one of ``END_TOKENS``, so that
+#: ``hymba prepare`` ends documents with it and ``hymba generate`` stops at it
+END_TOKEN = "<|endoftext|>"
+
+
+def train_bpe(texts: Any, vocab_size: int, min_frequency: int = 2, special_tokens: tuple[str, ...] = (),
+              progress: bool = False) -> str:
+    """A byte-level BPE (GPT-2's scheme: Radford et al. 2019, "Language Models are Unsupervised Multitask
+    Learners" §2.2; BPE: Sennrich et al. 2016) trained by the ``tokenizers`` library on ``texts`` (an
+    iterable of strings: ``readers.texts``), as its JSON: ``models.BPE`` merges learnt by ``BpeTrainer``
+    over the words the ``ByteLevel`` pre-tokenizer splits (no prefix space: a text's first word is
+    encoded as it stands, so any text decodes back to itself), the 256 byte symbols always in the
+    vocabulary (no unknown token), ``ByteLevel`` decoder; ``END_TOKEN`` is special token 0, then
+    ``special_tokens``. The vocabulary has at most ``vocab_size`` tokens (fewer where the text has no
+    more pairs seen ``min_frequency`` times). Errors of the text's reader propagate."""
+    try:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    except ImportError:
+        raise TokenizerError("training a tokenizer needs the optional package 'tokenizers' "
+                             "(pip install 'hymba_plus[text]')") from None
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=progress,
+                                  special_tokens=[END_TOKEN, *special_tokens],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok.to_str()

@@ -1,0 +1,259 @@
+"""``hymba prepare`` on the corpora researchers have (JSON Lines, Parquet, gzip / zstd: training/readers.py)
+and ``hymba tokenizer train`` (a byte-level BPE of the ``tokenizers`` library): every format gives the shards of
+the same documents as text files, bad rows are one line naming file and line / row, and --out is untouched."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from hymba_plus.cli import main
+from hymba_plus.training import readers
+from hymba_plus.training.data import DataError, TokenShards, prepare
+from hymba_plus.training.tokenizer import END_TOKEN, from_json, load_file, train_bpe
+
+#: documents: unicode, one ending in a line break, an empty one (no document), leading / inner spaces
+DOCS = ["The quick brown fox jumps over the lazy dog.", "Ünïcödé ✓ text\nwith two lines\n", "",
+        "  leading spaces and  double  spaces", "a\n\nb", "last one " * 30]
+
+
+def _txt_folder(folder: Path, docs: list[str]) -> Path:
+    folder.mkdir()
+    for i, d in enumerate(docs):
+        (folder / f"{i:03d}.txt").write_bytes(d.encode())
+    return folder
+
+
+def _jsonl(docs: list[str], field: str = "text") -> bytes:
+    return "".join(json.dumps({"id": i, field: d}) + "\n" for i, d in enumerate(docs)).encode()
+
+
+def _zst(data: bytes) -> bytes:
+    zstandard = pytest.importorskip("zstandard")
+    return zstandard.ZstdCompressor().compress(data)
+
+
+def _parquet(path: Path, docs: list, field: str = "text", rows_per_group: int | None = None) -> Path:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"id": list(range(len(docs))), field: docs}), path, row_group_size=rows_per_group)
+    return path
+
+
+def _shards(folder: Path) -> tuple[bytes, dict]:
+    index = json.loads((folder / "index.json").read_text())
+    data = b"".join((folder / s["file"]).read_bytes() for s in index["shards"])
+    return data, {k: index[k] for k in ("dtype", "tokens", "max_id", "vocab_size", "tokenizer")}
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory) -> Path:
+    """A byte-level BPE trained by ``train_bpe`` on the documents (its JSON file)."""
+    pytest.importorskip("tokenizers")
+    p = tmp_path_factory.mktemp("bpe") / "bpe.json"
+    p.write_text(train_bpe(iter(DOCS * 3), vocab_size=300, min_frequency=1))
+    return p
+
+
+@pytest.mark.parametrize("tok", ["bytes", "bpe"])
+def test_every_format_gives_the_shards_of_the_same_documents_as_text_files(tmp_path, tok, bpe):
+    """JSON Lines (.jsonl, .json, gzip, zstd), Parquet (several row groups) and compressed text files:
+    the shards of a folder of one .txt file per document, bit for bit (each followed by the end token, or
+    for bytes a line break where it does not end with one; an empty document is none)."""
+    t = load_file(bpe) if tok == "bpe" else None
+    prepare(_txt_folder(tmp_path / "txt", DOCS), tmp_path / "s-txt", t)
+    want = _shards(tmp_path / "s-txt")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jsonl").write_bytes(_jsonl(DOCS))
+    (src / "a.json").write_bytes(_jsonl(DOCS).replace(b"\n", b"\r\n") + b"\n\n")  # CRLF, blank lines
+    (src / "a.jsonl.gz").write_bytes(gzip.compress(_jsonl(DOCS)))
+    (src / "a.jsonl.zst").write_bytes(_zst(_jsonl(DOCS)))
+    (src / "b.jsonl").write_bytes(b"\xef\xbb\xbf" + _jsonl(DOCS, "content")[:-1])  # a BOM, no last line break
+    _parquet(src / "a.parquet", DOCS, rows_per_group=2)
+    for name in ("a.jsonl", "a.json", "a.jsonl.gz", "a.jsonl.zst", "a.parquet"):
+        prepare(src / name, tmp_path / f"s-{name}", t)
+        assert _shards(tmp_path / f"s-{name}") == want, name
+    prepare(src / "b.jsonl", tmp_path / "s-b", t, text_field="content")
+    assert _shards(tmp_path / "s-b") == want
+    gz = tmp_path / "gz"
+    gz.mkdir()
+    for f in sorted((tmp_path / "txt").iterdir()):  # compressed text files: the same documents
+        (gz / (f.name + (".gz" if int(f.stem) % 2 else ".zst"))).write_bytes(
+            gzip.compress(f.read_bytes()) if int(f.stem) % 2 else _zst(f.read_bytes()))
+    prepare(gz, tmp_path / "s-gz", t)
+    assert _shards(tmp_path / "s-gz") == want
+    # a folder mixing them, read in its sorted walk: the documents of each in turn
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "1.jsonl.gz").write_bytes(gzip.compress(_jsonl(DOCS[:2])))
+    _parquet(mixed / "2.parquet", DOCS[2:4])
+    (mixed / "3.txt").write_text(DOCS[4])
+    (mixed / "4.jsonl").write_bytes(_jsonl(DOCS[5:]))
+    prepare(mixed, tmp_path / "s-mixed", t)
+    assert _shards(tmp_path / "s-mixed") == want
+
+
+def test_encode_batch_equals_the_per_document_encoding(tmp_path, bpe, monkeypatch):
+    """Documents are encoded by tokenizers' encode_batch on batches: the ids of encoding each on its own
+    (without special tokens: a BOS template's tokens are not put in), whatever the batch size; a document
+    longer than a text file's piece is encoded in pieces as that file (the same shards)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    obj = json.loads(bpe.read_text())
+    tok = tokenizers.Tokenizer.from_str(json.dumps(obj))
+    tok.post_processor = tokenizers.processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[
+        ("<|endoftext|>", 0)])
+    t = from_json(tok.to_str())
+    texts = [d for d in DOCS if d] + ["x" * 50, " café\t\n  ", "\u00e9t\u00e9 ✓✓"]
+    assert t.encode_batch(texts, add_special_tokens=False) == [t.encode(s, add_special_tokens=False) for s in texts]
+    assert t.encode_batch(texts)[0][0] == 0  # (the template: what prepare leaves out)
+    long_doc = ("word " * 60_000) + "end"  # 300 KB: past a text file's first piece (256 KiB)
+    docs = [*DOCS, long_doc, "after"]
+    (tmp_path / "d.jsonl").write_bytes(_jsonl(docs))
+    prepare(_txt_folder(tmp_path / "txt", docs), tmp_path / "s-txt", t)
+    want = _shards(tmp_path / "s-txt")
+    for n in (1, 3, readers.BATCH_DOCS):
+        monkeypatch.setattr(readers, "BATCH_DOCS", n)
+        prepare(tmp_path / "d.jsonl", tmp_path / f"s{n}", t)
+        assert _shards(tmp_path / f"s{n}") == want, n
+    assert TokenShards(tmp_path / "s1").shard(0)[:3].tolist() != [0, 0, 0]
+
+
+BAD_ROWS = [
+    (b'{"text": "a"}\n{"text": "b"}\n{"txt": "c"}\n', ":3: no \"text\" field (its fields: ['txt']"),
+    (b'{"text": "a"}\n{"text": 7}\n', ':2: "text" is a number, not a string'),
+    (b'{"text": null}\n', ':1: "text" is null, not a string'),
+    (b'{"text": "a"}\n\n{"text": "b",}\n', ":3: not JSON (Expecting property name"),
+    (b'["a"]\n', ":1: an array, not a JSON object"),
+    (b'{"text": "a \xff"}\n', ":1: not UTF-8 text at column 13"),
+]
+
+
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize("data,needle", BAD_ROWS)
+def test_a_bad_jsonl_row_is_one_line_naming_file_and_line_and_out_is_untouched(tmp_path, capsys, data, needle,
+                                                                                compress):
+    f = tmp_path / ("bad.jsonl.gz" if compress else "bad.jsonl")
+    f.write_bytes(gzip.compress(data) if compress else data)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    for extra in ([], ["--force"]):
+        rc = main(["prepare", str(f), "--out", str(out), *extra])
+        err = capsys.readouterr().err
+        assert rc == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        if extra:  # (without --force: refused as not empty before any reading)
+            assert f"hymba prepare: {f}{needle}" in err, err
+        assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "old"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary folder left
+    rc = main(["prepare", str(f), "--out", str(tmp_path / "new")])
+    assert rc == 1 and f"{f}{needle}" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+def test_a_bad_parquet_file_is_one_line_naming_file_and_row(tmp_path, capsys):
+    """Rows counted from 0 (as pyarrow and pandas index them); a null in the 2nd record batch names its row."""
+    cases = [
+        (_parquet(tmp_path / "null.parquet", ["a"] * 1500 + [None, "b"]), ': row 1500: "text" is null, not a string'),
+        (_parquet(tmp_path / "ints.parquet", [1, 2]), ': row 0: "text" is int64, not a string'),
+        (_parquet(tmp_path / "col.parquet", ["a"], field="content"),
+         ": no column \"text\" (its columns: ['id', 'content']; --text-field"),
+    ]
+    (tmp_path / "junk.parquet").write_bytes(b"PAR1 not really")
+    cases.append((tmp_path / "junk.parquet", ": not a readable Parquet file"))
+    for f, needle in cases:
+        rc = main(["prepare", str(f), "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert rc == 1 and len(err.strip().splitlines()) == 1 and f"hymba prepare: {f}{needle}" in err, err
+        assert not (tmp_path / "out").exists()
+    assert main(["prepare", str(tmp_path / "col.parquet"), "--out", str(tmp_path / "out"),
+                 "--text-field", "content"]) == 0
+
+
+def test_a_folder_with_a_bad_row_in_a_later_file_writes_nothing(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("fine text")
+    (src / "b.jsonl.zst").write_bytes(_zst(_jsonl(["x", "y"]) + b'{"text": ["no"]}\n'))
+    rc = main(["prepare", str(src), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"{src / 'b.jsonl.zst'}:3: \"text\" is an array, not a string" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    (src / "b.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd not zstd")  # a corrupt compressed file: one line too
+    rc = main(["prepare", str(src), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"{src / 'b.jsonl.zst'}: cannot read" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_kind_of():
+    k = readers.kind_of
+    assert k(Path("a.jsonl")) == ("jsonl", None) and k(Path("a.JSON.GZ")) == ("jsonl", "gzip")
+    assert k(Path("c4-train.00000-of-01024.json.gz")) == ("jsonl", "gzip")
+    assert k(Path("x.parquet")) == ("parquet", None) and k(Path("v1.2.jsonl.zst")) == ("jsonl", "zstd")
+    assert k(Path("notes.txt.gz")) == ("text", "gzip") and k(Path("README")) == ("text", None)
+    assert k(Path("book.md")) == ("text", None) and k(Path("b.zst")) == ("text", "zstd")
+
+
+def test_trained_tokenizer_round_trips_and_ends_documents_with_its_end_token(tmp_path, capsys):
+    """``hymba tokenizer train``: a byte-level BPE whose end token prepare and generate find (<|endoftext|>,
+    id 0), that decodes any text back to itself (bytes never unknown), from JSON Lines as from text."""
+    pytest.importorskip("tokenizers")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jsonl.gz").write_bytes(gzip.compress(_jsonl(DOCS * 20)))
+    (src / "b.txt").write_text("the lazy dog sleeps " * 200)
+    out = tmp_path / "tok.json"
+    assert main(["tokenizer", "train", str(src), "--vocab-size", "320", "--out", str(out),
+                 "--special-tokens", "<pad>", "<mask>"]) == 0
+    assert "a byte-level BPE of 320 tokens" in capsys.readouterr().out
+    t = load_file(out)
+    assert t.vocab_size == 320 and t.eos_id == 0 and t.tok.id_to_token(0) == END_TOKEN
+    assert [t.tok.token_to_id(s) for s in ("<pad>", "<mask>")] == [1, 2]
+    assert len(t.encode("the lazy dog")) < len("the lazy dog")  # merges learnt
+    for text in [*DOCS, "  never seen: 日本語 ☃ \t\r\n end ", "\x00\x7f"]:
+        assert t.decode(t.encode(text, add_special_tokens=False)) == text
+    rc = main(["tokenizer", "train", str(src), "--vocab-size", "320", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "already exists (use --force" in err
+    for args, needle in [(["--vocab-size", "200"], "--vocab-size 200: must be at least 257"),
+                         (["--vocab-size", "300", "--special-tokens", "</s>"], "--special-tokens </s>: an end token"),
+                         (["--vocab-size", "300", "--special-tokens", "<a>", "<a>"], "<a>: given twice")]:
+        rc = main(["tokenizer", "train", str(src), "--out", str(tmp_path / "t2.json"), *args])
+        err = capsys.readouterr().err
+        assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    (src / "c.jsonl").write_text('{"text": "ok"}\n{"body": "x"}\n')  # the trainer reads as prepare does
+    rc = main(["tokenizer", "train", str(src), "--vocab-size", "300", "--out", str(tmp_path / "t3.json")])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"{src / 'c.jsonl'}:2: no \"text\" field" in err and not (tmp_path / "t3.json").exists()
+
+
+def test_prepare_and_train_with_a_trained_tokenizer(tmp_path, capsys):
+    """The two steps a researcher takes: train the tokenizer on the corpus, prepare the corpus with it,
+    then ``hymba train --data SHARDS --tokenizer TOK`` runs (the shards' tokenizer is the file's)."""
+    pytest.importorskip("tokenizers")
+    (tmp_path / "c.jsonl").write_bytes(_jsonl([f"document {i}: " + " ".join(DOCS) for i in range(40)]))
+    tok = tmp_path / "tok.json"
+    assert main(["tokenizer", "train", str(tmp_path / "c.jsonl"), "--vocab-size", "300", "--out", str(tok)]) == 0
+    assert main(["prepare", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "s"), "--tokenizer", str(tok)]) == 0
+    shards = TokenShards(tmp_path / "s")
+    ids = np.asarray(shards.shard(0))
+    assert int((ids == 0).sum()) == 40 and ids[-1] == 0  # one end token a document
+    recipe = {"name": "bpe-tiny", "model": {"vocab_size": 320, "d_model": 32, "max_seq_len": 64, "block_pattern": "GA"},
+              "components": {"gated_attn": {"n_heads": 2}, "mlp": {"d_hidden": 64}}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    capsys.readouterr()
+    rc = main(["train", str(tmp_path / "r.yaml"), "--data", str(tmp_path / "s"), "--tokenizer", str(tok),
+               "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "2", "--seq-len", "32",
+               "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    assert (tmp_path / "run" / "step-2" / "tokenizer.json").read_text() == tok.read_text()
+
+
+def test_an_empty_jsonl_document_list_is_empty(tmp_path):
+    (tmp_path / "e.jsonl").write_text('{"text": ""}\n\n')
+    with pytest.raises(DataError, match="e.jsonl: empty"):
+        prepare(tmp_path / "e.jsonl", tmp_path / "s")
