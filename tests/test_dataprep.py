@@ -131,6 +131,7 @@ BAD_ROWS = [
     (b'{"text": "a"}\n\n{"text": "b",}\n', ":3: not JSON (Expecting property name"),
     (b'["a"]\n', ":1: an array, not a JSON object"),
     (b'{"text": "a \xff"}\n', ":1: not UTF-8 text at column 13"),
+    (b'{"text": "ok"}\n{"text": "a\\ud800"}\n', ":2: not valid UTF-8 text (character 1: '\\ud800')"),
 ]
 
 
@@ -257,3 +258,10 @@ def test_an_empty_jsonl_document_list_is_empty(tmp_path):
     (tmp_path / "e.jsonl").write_text('{"text": ""}\n\n')
     with pytest.raises(DataError, match="e.jsonl: empty"):
         prepare(tmp_path / "e.jsonl", tmp_path / "s")
+
+
+def test_a_lone_surrogate_in_a_json_string_is_named_with_its_line_for_a_bpe_too(tmp_path, bpe):
+    (tmp_path / "d.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "x\\udc80 y"}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:2: not valid UTF-8 text \(a lone surrogate\)"):
+        prepare(tmp_path / "d.jsonl", tmp_path / "s", load_file(bpe))
+    assert not (tmp_path / "s").exists()

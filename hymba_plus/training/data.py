@@ -203,11 +203,15 @@ def _batch_ids(texts: list[str], where: Callable[[int], str], tok: Any, chunk_by
                 raise DataError(f"{where(i)}: not valid UTF-8 text (character {e.start}: {t[e.start]!r})") from None
             if b:
                 parts.append(b)
-                if b[-1:] != b"\n":
-                    parts.append(b"\n")
+                parts.append(bytes(_end_ids(tok, b[-1:])))
         return np.frombuffer(b"".join(parts), dtype=np.uint8)
     if tok.kind != "tokenizers":
-        encoded = [tok.encode(t) for t in texts]
+        encoded = []
+        for i, t in enumerate(texts):
+            try:
+                encoded.append(tok.encode(t))
+            except tokmod.TokenizerError as e:
+                raise DataError(f"{where(i)}: {e}") from None
         long: dict[int, np.ndarray] = {}
     else:
         want = chunk_bytes // 16  # (a text file shorter than this is read and encoded as one piece: _pieces)
