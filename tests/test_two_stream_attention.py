@@ -133,15 +133,15 @@ def bd_model(pattern: str, comps: dict, meta: int, bs: int):
     return model
 
 
-# attention head dims >= 16 (smaller ones keep the reference: test_head_dims_below_16_keep_the_reference);
-# hymba's attention heads split the SSM's inner width (gdn 2 x 16 here)
+# attention head dims >= T.MIN_HEAD_DIM, 32 (smaller ones keep the reference: test_small_head_dims_keep_the_reference);
+# hymba's attention heads split the SSM's inner width (gdn 2 x 32 here)
 MODELS = {
-    "GA-meta-gqa": ("GA | GD | GA", {"gated_attn": {"n_heads": 4, "n_kv_heads": 2, "head_dim": 16}}, 2, 4),
-    "GA-window-kv_share": ("GA | GA", {"gated_attn": {"n_heads": 2, "head_dim": 16, "window": 5, "kv_share": True}},
+    "GA-meta-gqa": ("GA | GD | GA", {"gated_attn": {"n_heads": 4, "n_kv_heads": 2, "head_dim": 32}}, 2, 4),
+    "GA-window-kv_share": ("GA | GA", {"gated_attn": {"n_heads": 2, "head_dim": 32, "window": 5, "kv_share": True}},
                            1, 3),
     "HY-window-mqa": ("HY | GA", {"hymba": {"ssm": "gdn", "attn": {"n_heads": 2, "n_kv_heads": 1, "window": 6}},
-                                 "gdn": {"n_heads": 2, "head_dim": 16, "chunk_size": 4},
-                                 "gated_attn": {"n_heads": 2, "head_dim": 16}}, 0, 2),
+                                 "gdn": {"n_heads": 2, "head_dim": 32, "chunk_size": 4},
+                                 "gated_attn": {"n_heads": 2, "head_dim": 32}}, 0, 2),
 }
 
 
@@ -204,7 +204,7 @@ def test_gpu_flex_two_stream_matches_dense_mask_sdpa(monkeypatch, window, Hkv):
     want = (ref, *torch.autograd.grad(ref, (q, k, v), gy.float()))
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         assert rel_err(a.float(), b.float()) < 2e-2, name
-    attn = {"n_heads": 4, "n_kv_heads": 2, "head_dim": 16, **({} if window is None else {"window": 24})}
+    attn = {"n_heads": 4, "n_kv_heads": 2, "head_dim": 32, **({} if window is None else {"window": 24})}
     model = bd_model("GA | GA", {"gated_attn": attn}, 2, 16).float().cuda()
     ids = torch.randint(0, 37, (2, 48), generator=torch.Generator().manual_seed(1)).cuda()
     monkeypatch.setenv("HYMBA_KERNELS", "auto")  # the other ops as they run; only the two-stream path differs
@@ -219,8 +219,44 @@ def test_gpu_flex_two_stream_matches_dense_mask_sdpa(monkeypatch, window, Hkv):
             out = model.objective.train_forward(model, model, ids, ids)
         out.loss.backward()
         res[mode] = (out.loss.detach().float(), model.blocks[0].mixer.q_proj.weight.grad.clone())
+    assert dispatch.statuses()[T.FAST] is True  # (the model's call compiled: no fallback at a call)
     for a, b in zip(res["fast"], res["reference"]):
         assert rel_err(a, b) < 3e-2
+
+
+def test_a_compile_failure_at_a_call_falls_back_once(monkeypatch, capsys):
+    """On an H100 the probe (D 64) passed and a block-diffusion model's first call failed in Inductor's
+    lowering of flex_attention for its shapes (NoValidChoicesError, a traceback ending the run). A
+    compile failure at a call computes nothing, so under ``auto`` the call runs the reference, the fast
+    path is off from then on and one line says so; ``HYMBA_KERNELS=fast`` raises it; any other error
+    is raised as it is."""
+    from torch._inductor.exc import InductorError
+
+    calls = []
+
+    def failing(*a, **k):
+        calls.append(1)
+        raise InductorError(RuntimeError("NoValidChoicesError: No choices to select"), None)
+
+    monkeypatch.setattr(T, "flex_two_stream", failing)
+    monkeypatch.setitem(dispatch._FAST, T.FAST, dispatch.FastPath(T.FAST, lambda: None, "test", device="cpu"))
+    ts = TwoStream(block_size=2, n_meta=1, length=4)
+    q, k, v = (torch.randn(1, 2, 9, 32) for _ in range(3))
+    monkeypatch.setenv("HYMBA_KERNELS", "fast")
+    with pytest.raises(InductorError):
+        T.two_stream_attention(q, k, v, ts)
+    monkeypatch.setenv("HYMBA_KERNELS", "auto")
+    for _ in range(2):
+        assert torch.equal(T.two_stream_attention(q, k, v, ts), T.reference(q, k, v, ts))
+    assert len(calls) == 2  # (fast: raised; auto: failed once, then the reference without trying)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"fast path {T.FAST} unavailable (failed at a call after its probe passed: InductorError: "
+                   "RuntimeError: NoValidChoicesError: No choices to select): using the reference path"], err
+    assert str(dispatch.statuses()[T.FAST]).startswith("failed at a call after its probe passed")
+    monkeypatch.setitem(dispatch._FAST, T.FAST, dispatch.FastPath(T.FAST, lambda: None, "test", device="cpu"))
+    monkeypatch.setattr(T, "flex_two_stream", lambda *a, **kw: (_ for _ in ()).throw(ValueError("a bug")))
+    with pytest.raises(ValueError, match="a bug"):
+        T.two_stream_attention(q, k, v, ts)
 
 
 def test_a_traced_call_keeps_the_reference(monkeypatch):
@@ -235,12 +271,13 @@ def test_a_traced_call_keeps_the_reference(monkeypatch):
     assert not called and torch.allclose(y, T.reference(q, q, q, ts))
 
 
-@pytest.mark.parametrize("D, Dv, fast", [(8, 8, False), (16, 8, False), (8, 16, False), (16, 16, True),
-                                        (24, 24, True)])
-def test_head_dims_below_16_keep_the_reference(monkeypatch, D, Dv, fast):
+@pytest.mark.parametrize("D, Dv, fast", [(8, 8, False), (16, 8, False), (8, 16, False), (16, 16, False),
+                                        (24, 24, False), (32, 16, False), (32, 32, True), (48, 40, True)])
+def test_small_head_dims_keep_the_reference(monkeypatch, D, Dv, fast):
     """FlexAttention's Triton kernels (compiled, CUDA) refuse head dims below 16 when Inductor lowers
-    them ("NYI: embedding dimension of the query, key, and value must be at least 16"), a shape the
-    probe (D 64) never sees: such calls keep the reference instead of reaching the fast path (here
+    them ("NYI: embedding dimension of the query, key, and value must be at least 16"), and on an H100 a
+    model's head dim 16 failed the lowering too (NoValidChoicesError), shapes the probe (D 64) never
+    sees: calls below ``MIN_HEAD_DIM`` (32) keep the reference instead of reaching the fast path (here
     registered for the CPU) and failing in the model's first training step."""
     called = []
     monkeypatch.setattr(T, "flex_two_stream", lambda *a, **k: called.append(1) or T.reference(*a, **k))

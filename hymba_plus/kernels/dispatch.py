@@ -221,6 +221,21 @@ def fast_path(name: str, probe: Callable[[], Any], doc: str, device: str = "cuda
     _FAST[name] = FastPath(name, probe, doc, device=device)
 
 
+def failed_at_run(name: str, err: BaseException) -> None:
+    """A fast path that passed its probe failed at a call before computing anything (e.g. a compile
+    for a shape the probe did not have): under ``HYMBA_KERNELS=fast`` ``err`` is raised; under
+    ``auto`` the fast path is off for the rest of the process, said once in one line
+    (``unavailable_line``), and the caller runs the reference for this call."""
+    if mode() == "fast":
+        raise err
+    fp = _FAST[name]
+    first = f"{type(err).__name__}: {err}".strip().splitlines()[0]
+    fp.status, fp.error = False, f"failed at a call after its probe passed: {first}"
+    if not fp.warned:
+        fp.warned = True
+        print(unavailable_line(fp), file=sys.stderr, flush=True)
+
+
 def forget(name: str) -> None:
     """Drop the fast path's probe result, so that its next use probes again (after a change of
     the settings the probe ran under, e.g. ``kernels.atlas.settings``)."""

@@ -21,12 +21,18 @@ mask_mod in registers; fully visible ones skip it. ``flex_attention`` runs compi
 ``enable_gqa`` (no repeat of K/V). Under autocast q, k and v are cast to autocast's dtype first,
 as SDPA is under autocast. A call that torch.compile traces keeps the reference (as
 ``kernels.sdpa``: the dispatch's answer is taken in eager code only), and so does one with a head dim
-below 16 (``supported``: Inductor's FlexAttention kernels refuse those); the probe runs the fast path
-on the GPU at a small two-stream shape (meta tokens, a window, GQA, a length off the tile size),
-forward and backward in bf16, against the reference in float32.
+below ``MIN_HEAD_DIM``, 32 (``supported``: Inductor's FlexAttention kernels refuse head dims below 16,
+and a model's 16 failed their lowering on an H100); the probe runs the fast path on the GPU at a small
+two-stream shape (meta tokens, a window, GQA, a length off the tile size), forward and backward in
+bf16, against the reference in float32. A compile failure at a later call (a shape the probe did not
+have) computes nothing: that call runs the reference and the fast path is off from then on, said once
+(``dispatch.failed_at_run``; ``HYMBA_KERNELS=fast`` raises it).
 
-Not measured: its speed against the reference on a GPU (nothing here has timed it), nor run on one
-yet (2026-12-07: CPU-tested only, ``tests/test_two_stream_attention.py``).
+GPU (H100, torch 2.11, 2026-12-07, ``gpu_suite.sh flex``): the kernel-level comparison passed (B 2,
+H 8, D 64, L 1024, block 16, 4 meta, MHA / GQA, with and without a 256 window: outputs and q / k / v
+gradients against the float32 reference within 2e-2); a block-diffusion model with head dim 16 then
+failed Inductor's lowering (NoValidChoicesError), which led to the two guards above; the model step at
+head dim 32 is not yet run on a GPU. Not measured: its speed against the reference.
 """
 
 from __future__ import annotations
@@ -43,9 +49,11 @@ from . import dispatch
 
 FAST = "flex_two_stream"
 
-#: the least head dim (q / k and v) FlexAttention's Triton kernels take: Inductor refuses smaller ones
-#: when it lowers them ("NYI: embedding dimension ... must be at least 16", ``tl.dot``'s least size)
-MIN_HEAD_DIM = 16
+#: the least head dim (q / k and v) the fast path takes: Inductor refuses head dims below 16 when it lowers
+#: FlexAttention's Triton kernels ("NYI: embedding dimension ... must be at least 16", ``tl.dot``'s least
+#: size), and on an H100 (torch 2.11, 2026-12-07) a block-diffusion model with head dim 16 failed the
+#: lowering too (NoValidChoicesError) where the probe's 64 passed: 32 and up, as NATTEN allows compiled flex
+MIN_HEAD_DIM = 32
 
 
 def two_stream_mask_mod(ts: TwoStream, window: int | None = None) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
@@ -131,9 +139,20 @@ def supported(q: Tensor, k: Tensor, v: Tensor) -> bool:
 def two_stream_attention(q: Tensor, k: Tensor, v: Tensor, ts: TwoStream, window: int | None = None, *,
                          enable_gqa: bool = False) -> Tensor:
     """q [B, H, S, D], k / v [B, Hkv, S, D] (S = M + 2L) -> the two-stream attention [B, H, S, D]:
-    the fast path where the dispatch takes it (CUDA, eager, head dims >= 16), else the reference."""
+    the fast path where the dispatch takes it (CUDA, eager, head dims >= ``MIN_HEAD_DIM``), else the
+    reference; a compile failure at a call turns the fast path off, said once (``dispatch.failed_at_run``)."""
     if supported(q, k, v) and not dispatch.tracing(q) and dispatch.use_fast(FAST, q, k, v):
-        return flex_two_stream(q, k, v, ts, window, enable_gqa=enable_gqa)
+        try:
+            return flex_two_stream(q, k, v, ts, window, enable_gqa=enable_gqa)
+        except Exception as e:  # noqa: BLE001 - only a compile failure falls back (below)
+            from torch._dynamo.exc import TorchDynamoException
+
+            if not isinstance(e, TorchDynamoException):
+                raise
+            # torch.compile could not build flex_attention for this call's shapes (its probe's were fine):
+            # an H100 lowered the probe's D 64 but not a model's D 16 (NoValidChoicesError), 2026-12-07.
+            # Nothing was computed yet, so the reference gives this call's exact result
+            dispatch.failed_at_run(FAST, e)
     return reference(q, k, v, ts, window, enable_gqa=enable_gqa)
 
 
