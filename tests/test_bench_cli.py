@@ -270,3 +270,23 @@ def test_a_decoder_flag_another_mode_or_the_model_cannot_take_is_refused_before_
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert not out.exists()
+
+
+def test_bench_probes_only_the_fast_paths_its_run_uses(tmp_path, capsys, monkeypatch):
+    """``hymba bench`` counted the parameters with ``hymba info``'s ``describe``, which ran every registered
+    probe: on a fresh H100 ``hymba bench configs/moe_bench.yaml`` (attention + MoE) spent its 150 s compiling
+    Mamba-3's MIMO TileLang kernels before timing anything. It probes only what its run asks for, and the JSON
+    says which fast paths the run used (``dispatch.statuses()``: no probe of its own)."""
+    from hymba_plus.kernels import dispatch
+
+    probed = []
+    monkeypatch.setitem(dispatch._FAST, "unused_op", dispatch.FastPath("unused_op", lambda: probed.append(1),
+                                                                       "an op no layer of gpt_tiny calls",
+                                                                       device="cpu"))
+    out = tmp_path / "b.json"
+    assert main(["bench", str(ROOT / "configs" / "gpt_tiny.yaml"), *FAST, "--seq-len", "8",
+                 "--json", str(out)]) == 0
+    capsys.readouterr()
+    assert probed == []
+    kernels = json.loads(out.read_text())["kernels"]
+    assert kernels["unused_op"] is None and set(kernels) == set(dispatch._FAST)

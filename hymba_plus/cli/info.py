@@ -90,8 +90,11 @@ def _active(module: torch.nn.Module | None) -> int:
                                 if m is not module and getattr(m, "active_parameters", None) is not None)
 
 
-def describe(recipe: Any, dtype: torch.dtype = torch.float32, seq_lens: tuple[int, ...] = DEFAULT_LENS) -> dict:
-    """Everything ``hymba info`` prints, as a dict (built on the meta device)."""
+def describe(recipe: Any, dtype: torch.dtype = torch.float32, seq_lens: tuple[int, ...] = DEFAULT_LENS,
+             probe: bool = True) -> dict:
+    """Everything ``hymba info`` prints, as a dict (built on the meta device). ``probe=False``: its
+    ``kernels`` are left out, so that no fast path's probe runs (``dispatch.available`` runs them all, compiles
+    included: minutes of TileLang on a fresh GPU machine for ops a recipe may not use)."""
     from ..core.pattern import format_pattern
     from ..kernels import dispatch
     from ..models.lm import HybridLM
@@ -129,7 +132,7 @@ def describe(recipe: Any, dtype: torch.dtype = torch.float32, seq_lens: tuple[in
         mtp_cache = _sum_states([{str(n): mixer_state_nbytes(b.mixer, max(n + 1 - i, 0), dtype) for n in seq_lens}
                                  for i, b in enumerate(model.mtp.blocks, 1)], seq_lens)
     kernels = {op: {"fast_path": doc, "available": ok, "error": err, "device": dispatch.device_of(op)}
-               for op, (doc, ok, err) in dispatch.available().items()}
+               for op, (doc, ok, err) in dispatch.available().items()} if probe else None
     layout = None
     if m.layout is not None:
         from ..core.pattern import layout_rounding, ratio_counts

@@ -268,7 +268,7 @@ def bench_recipe(recipe: Any, s: BenchSettings, recipe_name: str = "the recipe",
     from .trainer import RunOptions, Trainer
 
     dev = torch.device(s.device)
-    info = describe(recipe, seq_lens=(s.seq_len or 1,))
+    info = describe(recipe, seq_lens=(s.seq_len or 1,), probe=False)  # (the run probes what it uses)
     obj_cls = objective_class(recipe)
     kind = recipe.objective.kind if recipe.objective is not None else "next_token"
     report: dict[str, Any] = {
@@ -346,6 +346,9 @@ def bench_recipe(recipe: Any, s: BenchSettings, recipe_name: str = "the recipe",
             report["prefill"] = _prefill(model, recipe, s, dev, obj_cls)
         if "decode" in s.phases:
             report["decode"] = _decode(model, recipe, s, dev, obj_cls)
+    from ..kernels import dispatch
+
+    report["kernels"] = dispatch.statuses()  # the fast paths the run asked for (True / why not), None: not asked
     return report
 
 
