@@ -265,3 +265,37 @@ def test_a_lone_surrogate_in_a_json_string_is_named_with_its_line_for_a_bpe_too(
     with pytest.raises(DataError, match=r"d\.jsonl:2: not valid UTF-8 text \(a lone surrogate\)"):
         prepare(tmp_path / "d.jsonl", tmp_path / "s", load_file(bpe))
     assert not (tmp_path / "s").exists()
+
+
+def _corpus_bytes() -> bytes:
+    """JSON Lines of varied words (compresses ~3x, so that a half of the compressed file is mid-stream)."""
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in rng.integers(0, 5000, 60_000)]
+    return _jsonl([" ".join(words[i:i + 60]) for i in range(0, len(words), 60)])
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".txt.gz"])
+@pytest.mark.parametrize("damage", ["truncated", "flipped"])
+def test_a_damaged_compressed_file_is_one_line_and_out_is_untouched(tmp_path, capsys, suffix, damage):
+    """A compressed file cut short (an interrupted download) or with corrupt bytes in its deflate / zstd
+    stream: one line naming the file, exit 1, nothing written -- never a traceback (zlib's own error) nor
+    the shards of the part before the cut (a zstd stream reader ends at the end of its input, mid-frame)."""
+    data = _corpus_bytes()
+    packed = gzip.compress(data) if suffix.endswith(".gz") else _zst(data)
+    if damage == "truncated":
+        packed = packed[:len(packed) // 2]
+    else:  # inside the compressed stream (zstd frames with a checksum: the zstd CLI's default)
+        if suffix.endswith(".zst"):
+            packed = pytest.importorskip("zstandard").ZstdCompressor(write_checksum=True).compress(data)
+        b = bytearray(packed)
+        for i in range(200, 264):  # (in the first deflate block: zlib's error, not the CRC's at the end)
+            b[i] ^= 0x55
+        packed = bytes(b)
+    f = tmp_path / f"d{suffix}"
+    f.write_bytes(packed)
+    out = tmp_path / "out"
+    rc = main(["prepare", str(f), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"hymba prepare: {f}: cannot read (" in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == [f.name]

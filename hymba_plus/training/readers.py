@@ -20,6 +20,7 @@ from __future__ import annotations
 import codecs
 import gzip
 import json
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ class Stream:
         except OSError as e:
             raise DataError(f"{self.f}: cannot read ({e.strerror or e})") from None
         if compression == "gzip":
+            self.errors += (zlib.error,)  # (corrupt deflate data: zlib's own error, not an OSError)
             raw = gzip.GzipFile(fileobj=raw, mode="rb")
             self._file = raw.fileobj
         elif compression == "zstd":
