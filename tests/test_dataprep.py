@@ -274,7 +274,7 @@ def _corpus_bytes() -> bytes:
     return _jsonl([" ".join(words[i:i + 60]) for i in range(0, len(words), 60)])
 
 
-@pytest.mark.parametrize("suffix", [".jsonl.gz", ".txt.gz"])
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".jsonl.zst", ".txt.gz", ".txt.zst"])
 @pytest.mark.parametrize("damage", ["truncated", "flipped"])
 def test_a_damaged_compressed_file_is_one_line_and_out_is_untouched(tmp_path, capsys, suffix, damage):
     """A compressed file cut short (an interrupted download) or with corrupt bytes in its deflate / zstd
@@ -299,3 +299,15 @@ def test_a_damaged_compressed_file_is_one_line_and_out_is_untouched(tmp_path, ca
     assert rc == 1 and f"hymba prepare: {f}: cannot read (" in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == [f.name]
+
+
+def test_a_zst_file_of_several_frames_is_read_whole(tmp_path):
+    """Concatenated frames (``cat a.zst b.zst``, pzstd's output) and an empty file: every frame's bytes."""
+    docs = [*DOCS, "after the first frame"]
+    (tmp_path / "d.jsonl.zst").write_bytes(_zst(_jsonl(docs[:3])) + _zst(_jsonl(docs[3:])))
+    prepare(tmp_path / "d.jsonl.zst", tmp_path / "s")
+    prepare(_txt_folder(tmp_path / "txt", docs), tmp_path / "s-txt")
+    assert _shards(tmp_path / "s") == _shards(tmp_path / "s-txt")
+    (tmp_path / "e.txt.zst").write_bytes(b"")
+    with readers.Stream(tmp_path / "e.txt.zst") as s:
+        assert s.read(10) == b""

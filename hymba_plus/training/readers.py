@@ -85,7 +85,7 @@ class Stream:
                 raise DataError(f"{self.f}: reading zstd needs the optional package 'zstandard' "
                                 "(pip install 'hymba_plus[data]')") from None
             self.errors += (zstandard.ZstdError,)
-            raw = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
+            raw = _ZstdFrames(raw, zstandard)
         self.raw = raw
         self.head = b""
         self.pos = 0
@@ -124,6 +124,44 @@ class Stream:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _ZstdFrames:
+    """A ``.zst`` file's decompressed bytes, its frames one after another (``cat a.zst b.zst``, pzstd), through
+    zstandard's ``decompressobj`` fed ``CHUNK`` compressed bytes at a time (its output so bounded); a file that
+    ends inside a frame (cut short: an interrupted download) is an ``EOFError``, as gzip's. (zstandard's
+    ``stream_reader`` ends there in silence, as at a frame's end: the first part of the file was read as all
+    of it.)"""
+
+    CHUNK = 1 << 14
+
+    def __init__(self, fh: Any, zstandard: Any):
+        self.fh = fh
+        self.dctx = zstandard.ZstdDecompressor()
+        self.obj = self.dctx.decompressobj()
+        self.fed = False  # whether the current frame has had bytes
+        self.out = bytearray()
+        self.done = False
+
+    def read(self, n: int) -> bytes:
+        while len(self.out) < n and not self.done:
+            data = self.fh.read(self.CHUNK)
+            if not data:
+                self.done = True
+                if self.fed and not self.obj.eof:
+                    raise EOFError("the file ends inside a zstd frame: cut short?")
+            while data:
+                if self.obj.eof:  # the next frame
+                    self.obj = self.dctx.decompressobj()
+                self.out += self.obj.decompress(data)
+                self.fed = True
+                data = self.obj.unused_data if self.obj.eof else b""
+        out = bytes(self.out[:n])
+        del self.out[:n]
+        return out
+
+    def close(self) -> None:
+        self.fh.close()
 
 
 def head(f: Path, n: int = 8192) -> bytes:
