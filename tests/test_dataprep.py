@@ -311,3 +311,13 @@ def test_a_zst_file_of_several_frames_is_read_whole(tmp_path):
     (tmp_path / "e.txt.zst").write_bytes(b"")
     with readers.Stream(tmp_path / "e.txt.zst") as s:
         assert s.read(10) == b""
+
+
+@pytest.mark.parametrize("data,offset", [(b"abc\xe2\x82\xacd\xffe", 7), (b"hello world \xe2\x82", 12),
+                                         (b"ab \xe2\x82\xac \xe2\x82", 7)])
+def test_the_tokenizer_trainers_reader_names_the_offset_of_the_first_bad_byte(tmp_path, data, offset):
+    """``readers.texts`` (``hymba tokenizer train``'s text) names the byte where the UTF-8 goes wrong, also
+    where a character began in the block before (the decoder's pending bytes) or the file ends inside one."""
+    (tmp_path / "t.txt").write_bytes(data)
+    with pytest.raises(DataError, match=rf"t\.txt: not UTF-8 text near byte offset {offset} "):
+        list(readers.texts(tmp_path / "t.txt", "text", block=4))

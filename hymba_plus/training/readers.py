@@ -297,7 +297,7 @@ def texts(f: Path, field: str, block: int = 1 << 20) -> Iterator[str]:
     rest = ""
     with Stream(f) as s:
         while True:
-            start = s.tell()
+            start = s.tell() - len(decoder.getstate()[0])  # (the error counts from a character begun before)
             data = s.read(block)
             try:
                 text = rest + decoder.decode(data, final=not data)
