@@ -162,7 +162,7 @@ def test_a_bad_parquet_file_is_one_line_naming_file_and_row(tmp_path, capsys):
         (_parquet(tmp_path / "null.parquet", ["a"] * 1500 + [None, "b"]), ': row 1500: "text" is null, not a string'),
         (_parquet(tmp_path / "ints.parquet", [1, 2]), ': row 0: "text" is int64, not a string'),
         (_parquet(tmp_path / "col.parquet", ["a"], field="content"),
-         ": no column \"text\" (its columns: ['id', 'content']; --text-field"),
+         ": no column \"text\" (its columns: ['id', 'content']; hymba prepare --text-field"),
     ]
     (tmp_path / "junk.parquet").write_bytes(b"PAR1 not really")
     cases.append((tmp_path / "junk.parquet", ": not a readable Parquet file"))
@@ -321,3 +321,20 @@ def test_the_tokenizer_trainers_reader_names_the_offset_of_the_first_bad_byte(tm
     (tmp_path / "t.txt").write_bytes(data)
     with pytest.raises(DataError, match=rf"t\.txt: not UTF-8 text near byte offset {offset} "):
         list(readers.texts(tmp_path / "t.txt", "text", block=4))
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_train_on_json_lines_without_a_text_field_names_a_flag_it_has(tmp_path, capsys, kind):
+    """``hymba train --data x.jsonl`` reads the field ``text`` (it has no --text-field): a corpus whose text
+    is in another field is pointed to ``hymba prepare --text-field``, not to a flag ``hymba train`` refuses."""
+    if kind == "jsonl":
+        f = tmp_path / "c.jsonl"
+        f.write_bytes(_jsonl(["a document"] * 3, field="content"))
+    else:
+        f = _parquet(tmp_path / "c.parquet", ["a document"] * 3, field="content")
+    rc = main(["train", "configs/gpt_tiny.yaml", "--data", str(f), "--out", str(tmp_path / "run"), "--steps", "1",
+               "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and len(err.strip().splitlines()) == 1, err
+    assert "'content'" in err and "hymba prepare --text-field" in err, err
+    assert not (tmp_path / "run").exists()

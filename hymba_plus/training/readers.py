@@ -41,6 +41,9 @@ BOM = b"\xef\xbb\xbf"
 #: a batch of documents (``batches``): at most this many, and at most ``BATCH_CHARS`` characters past the first
 BATCH_DOCS = 1024
 BATCH_CHARS = 1 << 23
+#: where the text field is missing: the flags that name another (``hymba train --data`` has none, it reads
+#: ``text``: shards of another field come from ``hymba prepare``)
+FIELD_HINT = "hymba prepare --text-field / hymba tokenizer train --text-field name the one to read"
 
 
 def kind_of(f: Path) -> tuple[str, str | None]:
@@ -216,8 +219,7 @@ def jsonl_batches(f: Path, field: str) -> Iterator[Batch]:
                     raise DataError(f'{f}:{n}: {_json_kind(obj)}, not a JSON object with a "{field}" string '
                                     "(a .jsonl or .json file is read as JSON Lines: one object a line)")
                 if field not in obj:
-                    raise DataError(f'{f}:{n}: no "{field}" field (its fields: {brief(list(obj), 80)}; '
-                                    "--text-field names the one to read)")
+                    raise DataError(f'{f}:{n}: no "{field}" field (its fields: {brief(list(obj), 80)}; {FIELD_HINT})')
                 text = obj[field]
                 if not isinstance(text, str):
                     raise DataError(f'{f}:{n}: "{field}" is {_json_kind(text)}, not a string')
@@ -250,8 +252,7 @@ def parquet_batches(f: Path, field: str) -> Iterator[Batch]:
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{f}: not a readable Parquet file ({first_line(e)})") from None
     if field not in schema.names:
-        raise DataError(f'{f}: no column "{field}" (its columns: {brief(schema.names, 80)}; '
-                        "--text-field names the one to read)")
+        raise DataError(f'{f}: no column "{field}" (its columns: {brief(schema.names, 80)}; {FIELD_HINT})')
     typ = schema.field(field).type
     if pa.types.is_dictionary(typ):
         typ = typ.value_type
