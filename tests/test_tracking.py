@@ -218,3 +218,33 @@ def test_a_wandb_offline_run_logs_the_same_rows_into_out_wandb_and_resumes_its_r
     want = [(r["step"], scalars(r)) for r in rows(out)]
     assert [s for s, _ in want] == [1, 2, 3, 4] and history == want, (history, want)
     assert same(tb_scalars(out), expected(out))  # both at once
+
+
+def test_an_error_mid_run_keeps_its_line_when_closing_the_logs_fails_too(tmp_path, monkeypatch, capsys):
+    """A run that fails (here: its third step) closes the logs; a close that fails too (a full disk: the
+    event writer's thread re-raises its write error) is a warning line, and the run's own error stays the
+    last line (it was replaced by the close's OSError)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from hymba_plus.training.trainer import Trainer, TrainError
+
+    train_step, close = Trainer.train_step, SummaryWriter.close
+
+    def failing_step(self, step):  # noqa: ANN001, ANN202
+        if step == 2:
+            raise TrainError("step 3: the data went away")
+        return train_step(self, step)
+
+    def full_disk(self):  # noqa: ANN001, ANN202
+        close(self)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Trainer, "train_step", failing_step)
+    monkeypatch.setattr(SummaryWriter, "close", full_disk)
+    out = tmp_path / "run"
+    rc = main(["train", recipe_file(tmp_path), *FAST, "--steps", "4", "--out", str(out), "--log-to", "tensorboard"])
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 1 and err[-1] == "hymba train: step 3: the data went away", err
+    assert err[-2] == "warning: --log-to: the logs were not closed cleanly (No space left on device)", err
+    assert [r["step"] for r in rows(out)] == [1, 2]  # metrics.jsonl closed with both rows
+

@@ -183,9 +183,12 @@ class ExperimentLog:
             self.tb.flush()
 
     def close(self, failed: bool = False) -> None:
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
-        if self.wandb is not None:
-            self.wandb.finish(exit_code=1 if failed else 0)
-            self.wandb = None
+        """Close both loggers, the second one too when closing the first fails (its error then raised
+        after: TensorBoard's writer thread re-raises a write error, a full disk, at its close)."""
+        tb, run, self.tb, self.wandb = self.tb, self.wandb, None, None
+        try:
+            if tb is not None:
+                tb.close()
+        finally:
+            if run is not None:
+                run.finish(exit_code=1 if failed else 0)

@@ -1567,11 +1567,17 @@ class Trainer:
             ended = True  # (a checkpoint was saved: the run stopped as asked)
             raise
         finally:
-            if tracker is not None:
-                tracker.close(failed=not ended)
             self.progress.close()
             if metrics_file is not None:
                 metrics_file.close()
+            if tracker is not None:
+                try:
+                    tracker.close(failed=not ended)
+                except Exception as e:  # noqa: BLE001 - the run's own error (propagating) is the one to say
+                    if ended:
+                        raise
+                    why = e.strerror if isinstance(e, OSError) and e.strerror else brief(first_line(e), 120)
+                    self.log(f"warning: --log-to: the logs were not closed cleanly ({why})")
         if info.device.type == "cuda":  # the last optimizer step's device time counts
             t0 = time.perf_counter()
             torch.cuda.synchronize(info.device)
