@@ -248,3 +248,24 @@ def test_an_error_mid_run_keeps_its_line_when_closing_the_logs_fails_too(tmp_pat
     assert err[-2] == "warning: --log-to: the logs were not closed cleanly (No space left on device)", err
     assert [r["step"] for r in rows(out)] == [1, 2]  # metrics.jsonl closed with both rows
 
+
+def test_a_logger_that_cannot_start_says_where_and_why(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "tb").write_text("not a folder")
+    rc = main(["train", recipe_file(tmp_path), *FAST, "--steps", "2", "--out", str(out), "--log-to", "tensorboard"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.splitlines()[-1] == f"hymba train: --log-to tensorboard: cannot start ({out / 'tb'}: File exists)", err
+
+
+def test_a_wandb_mode_wandb_cannot_take_is_named(tmp_path, monkeypatch, capsys):
+    """W&B checks its settings (WANDB_MODE, ...) with pydantic, whose message starts '1 validation error for
+    Settings': the setting and the value it refused are named instead (nothing reaches the network)."""
+    pytest.importorskip("wandb")
+    offline_wandb(monkeypatch, tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "ofline")
+    out = tmp_path / "run"
+    rc = main(["train", recipe_file(tmp_path), *FAST, "--steps", "2", "--out", str(out), "--log-to", "wandb"])
+    err = capsys.readouterr().err.splitlines()
+    want = """hymba train: --log-to wandb: cannot start ("mode 'ofline': Input should be 'online', 'offline'"""
+    assert rc == 1 and err[-1].startswith(want), err

@@ -106,6 +106,26 @@ def run_config(recipe: Any, cfg: Any) -> dict[str, Any]:
     return flat
 
 
+def _why(e: Exception) -> str:
+    """What a logger that cannot start says: an OSError's path and reason (``OUT/tb: File exists``); a
+    pydantic ``ValidationError`` (W&B checks its settings, ``WANDB_MODE`` among them, with pydantic: its
+    first line, ``1 validation error for Settings``, names nothing) the setting, the value and why; else
+    the error's first line."""
+    from ..core.config import brief, first_line
+
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    errors = getattr(e, "errors", None)
+    if isinstance(e, ValueError) and callable(errors):
+        try:
+            first = errors()[0]
+            where = ".".join(str(x) for x in first["loc"])
+            return brief(f"{where} {brief(first['input'])}: {first['msg']}", 160)
+        except Exception:  # noqa: BLE001, S110 - not pydantic's: its first line below
+            pass
+    return brief(first_line(e), 160)
+
+
 class LoggerError(RuntimeError):
     """A logger that cannot start (W&B online without a login, a log folder that cannot be written): one
     line naming the target."""
@@ -128,10 +148,7 @@ class ExperimentLog:
                 self.wandb = self._wandb(out, config, resumed)
         except Exception as e:
             self.close(failed=True)
-            from ..core.config import brief, first_line
-
-            why = e.strerror if isinstance(e, OSError) and e.strerror else brief(first_line(e), 160)
-            raise LoggerError(f"--log-to {name}: cannot start ({why})") from None
+            raise LoggerError(f"--log-to {name}: cannot start ({_why(e)})") from None
         except BaseException:
             self.close(failed=True)
             raise
