@@ -4,6 +4,7 @@ Newton–Schulz, so the updates are the same up to float rounding)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -66,19 +67,28 @@ def one_and_two(tmp_path: Path, recipe: dict, steps: int, *two_args: str) -> tup
 def test_fsdp2_two_gloo_processes_match_one_process_and_resume(tmp_path):
     """One process trains steps 1-3, FSDP2 on 2 processes resumes for steps 4-5 (loading and
     sharding the optimizer state), one process resumes the FSDP checkpoint for step 6; the
-    losses and weights equal those of one uninterrupted process."""
+    losses and weights equal those of one uninterrupted process. The FSDP2 resume also logs to
+    TensorBoard (--log-to, when installed): rank 0 alone writes OUT/tb."""
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(RECIPE))
     chain, single = tmp_path / "chain", tmp_path / "single"
+    tensorboard = importlib.util.find_spec("tensorboard") is not None  # (in dev) --log-to under torchrun
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         assert main(["train", str(recipe), "--out", str(single), "--batch-size", "4", *COMMON]) == 0
         assert main(["train", str(recipe), "--out", str(chain), "--batch-size", "4", "--stop-after", "3", *COMMON]) == 0
         r = torchrun(["train", str(recipe), "--out", str(chain), "--batch-size", "2", "--resume", "--stop-after", "5",
-                      *COMMON])
+                      *COMMON, *(["--log-to", "tensorboard"] if tensorboard else [])])
         assert r.returncode == 0, r.stderr[-3000:]
         assert "x2 (FSDP2)" in r.stderr and r.stdout.count("done: 5 of 6 steps") == 1  # rank 0 alone reports
+        if tensorboard:  # rank 0 alone logs too (training/tracking.py): one event file, steps 4 and 5
+            from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+            assert len(list((chain / "tb").glob("events.out.tfevents.*"))) == 1
+            acc = EventAccumulator(str(chain / "tb"))
+            acc.Reload()
+            assert [e.step for e in acc.Scalars("train/loss")] == [4, 5]
         state = json.loads((chain / "step-5" / "trainer_state.json").read_text())
         assert state["world_size"] == 2 and state["samples"] == 5 * 4
         assert main(["train", str(recipe), "--out", str(chain), "--batch-size", "4", "--resume", *COMMON]) == 0
