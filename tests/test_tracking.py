@@ -261,11 +261,15 @@ def test_a_logger_that_cannot_start_says_where_and_why(tmp_path, capsys):
 def test_a_wandb_mode_wandb_cannot_take_is_named(tmp_path, monkeypatch, capsys):
     """W&B checks its settings (WANDB_MODE, ...) with pydantic, whose message starts '1 validation error for
     Settings': the setting and the value it refused are named instead (nothing reaches the network)."""
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
     offline_wandb(monkeypatch, tmp_path)
     monkeypatch.setenv("WANDB_MODE", "ofline")
     out = tmp_path / "run"
-    rc = main(["train", recipe_file(tmp_path), *FAST, "--steps", "2", "--out", str(out), "--log-to", "wandb"])
+    wandb.teardown()  # W&B reads the environment once a process (wandb.setup): an earlier test's offline mode
+    try:
+        rc = main(["train", recipe_file(tmp_path), *FAST, "--steps", "2", "--out", str(out), "--log-to", "wandb"])
+    finally:
+        wandb.teardown()
     err = capsys.readouterr().err.splitlines()
     want = """hymba train: --log-to wandb: cannot start ("mode 'ofline': Input should be 'online', 'offline'"""
     assert rc == 1 and err[-1].startswith(want), err
