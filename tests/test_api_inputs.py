@@ -302,6 +302,7 @@ def test_block_diffusion_labels_exclude_the_mask_id() -> None:
     ({"max_new_tokens": None}, "max_new_tokens must be an integer >= 1, got None"),
     ({"max_new_tokens": 5, "temperature": 0.7}, "generate(mode='forecast') takes no temperature"),
     ({"max_new_tokens": 5, "eos_token_id": 3, "top_k": 2}, "takes no top_k, eos_token_id"),
+    ({"max_new_tokens": 5, "min_p": 0.1}, "generate(mode='forecast') takes no min_p"),
 ])
 def test_forecast_checks_its_arguments_before_any_work(models, kw, says) -> None:
     """The longest forecast that fits the cache is 432 steps for forecast_tiny (12 context patches plus 17

@@ -83,6 +83,9 @@ def test_sampling_flags_are_seeded(ckpts, capsys):
     greedy = gen(capsys, *base, "--temperature", "0")[1]
     top1 = gen(capsys, *base, "--temperature", "0.7", "--top-k", "1", "--seed", "5")[1]
     assert top1 == greedy
+    # --min-p 1 keeps the top token alone (min-p sampling: p >= min_p x the top token's probability)
+    assert gen(capsys, *base, "--temperature", "1.5", "--min-p", "1", "--seed", "5")[1] == greedy
+    assert gen(capsys, *base, "--temperature", "1.5", "--min-p", "0.05", "--seed", "5")[1] != greedy
 
 
 def test_training_out_folder_resolves_to_its_newest_checkpoint(ckpts, capsys, tmp_path):
@@ -108,6 +111,9 @@ def test_training_out_folder_resolves_to_its_newest_checkpoint(ckpts, capsys, tm
     (["--prompt", "1 x"], 2, "--prompt '1 x'"),
     (["--prompt", "1 999"], 2, "outside [0, 256)"),
     (["--prompt", "1", "--top-p", "1.5"], 2, "--top-p"),
+    (["--prompt", "1", "--min-p", "1.5"], 2, "--min-p 1.5: must be in [0, 1]"),
+    (["--prompt", "1", "--min-p", "-0.1"], 2, "--min-p -0.1: must be in [0, 1]"),
+    (["--mode", "forecast", "--data", "x.csv", "--min-p", "0.1"], 2, "--min-p: not for --mode forecast"),
     (["--prompt", "1", "--max-new-tokens", "0"], 2, "--max-new-tokens"),
     (["--prompt", "1", "--engine", "static", "--mode", "block_diffusion"], 2, "--engine: only for --mode ar"),
     (["--prompt", "1", "--engine", "graph"], 2, "--engine: engine='graph' needs a CUDA device"),

@@ -312,9 +312,11 @@ def test_accept_rule_is_exact_speculative_sampling() -> None:
 
 
 @torch.no_grad()
-def test_sampled_tokens_match_ar_sampling() -> None:
+@pytest.mark.parametrize("top_k,min_p", [(4, None), (None, 0.5)])
+def test_sampled_tokens_match_ar_sampling(top_k, min_p) -> None:
     """With temperature > 0 the first two new tokens of mode mtp have the trunk's joint
-    distribution p(x1) p(x2 | x1) (chi-square over every pair seen, many rows at once)."""
+    distribution p(x1) p(x2 | x1) (chi-square over every pair seen, many rows at once), with
+    top-k or min-p filtering p and q alike."""
     torch.manual_seed(0)
     m = build_model(recipe(pattern="GD | GA", depth=2, block="GA")).double().eval()
     with torch.no_grad():  # keep the draft different from the trunk: many rejections
@@ -323,14 +325,15 @@ def test_sampled_tokens_match_ar_sampling() -> None:
     N = 6000
     prompt = torch.tensor([[1, 2, 3, 4]]).expand(N, -1)
     st: dict = {}  # 3 tokens: x2 comes from the accept / resample rule (with 2, a round drafts nothing)
-    out = m.generate(prompt, max_new_tokens=3, mode="mtp", temperature=1.0, top_k=4,
+    out = m.generate(prompt, max_new_tokens=3, mode="mtp", temperature=1.0, top_k=top_k, min_p=min_p,
                      generator=torch.Generator().manual_seed(5), stats=st)
     assert 0.1 < st["acceptance_rate"] < 0.9 and st["proposed"] == N, st  # one draft a row, often rejected
     x1, x2 = out[:, 4], out[:, 5]
-    p1 = filtered_probs(m(prompt[:1]).logits[0, -1], 1.0, 4, None)
+    p1 = filtered_probs(m(prompt[:1]).logits[0, -1], 1.0, top_k, None, min_p)
     pairs = torch.stack([torch.arange(V).repeat_interleave(V), torch.arange(V).repeat(V)], 1)
     ctx = torch.cat([prompt[:1].expand(V, -1), torch.arange(V)[:, None]], 1)
-    p2 = filtered_probs(m(ctx).logits[:, -1], 1.0, 4, None)  # [V (x1), V (x2)]
+    p2 = filtered_probs(m(ctx).logits[:, -1], 1.0, top_k, None, min_p)  # [V (x1), V (x2)]
+    assert 0 < int((p1 == 0).sum()) < V  # the filter drops some tokens (min-p 0.5: 6 of the 16)
     joint = (p1[:, None] * p2).flatten()
     counts = torch.bincount(x1 * V + x2, minlength=V * V).double()
     keep = joint * N > 5  # the usual chi-square validity rule

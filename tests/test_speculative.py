@@ -229,14 +229,15 @@ def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def exact_joint(model, prompt: torch.Tensor, n: int, temp: float, top_k, top_p) -> torch.Tensor:  # noqa: ANN001
+def exact_joint(model, prompt: torch.Tensor, n: int, temp: float, top_k, top_p,  # noqa: ANN001
+                min_p=None) -> torch.Tensor:  # noqa: ANN001
     """P(t_1 .. t_n | prompt) [V] * n under the filtered target distribution, from full
     (uncached) forwards of every continuation."""
     Vs = model.config.vocab_size
     joint = torch.ones(1, dtype=torch.float64)
     seqs = prompt[None]  # [M, T]: every continuation so far
     for _ in range(n):
-        p = filtered_probs(model(seqs).logits[:, -1], temp, top_k, top_p).double()  # [M, V]
+        p = filtered_probs(model(seqs).logits[:, -1], temp, top_k, top_p, min_p).double()  # [M, V]
         joint = (joint[:, None] * p).flatten()
         M = seqs.shape[0]
         seqs = torch.cat([seqs.repeat_interleave(Vs, 0), torch.arange(Vs).repeat(M)[:, None]], 1)
@@ -252,11 +253,13 @@ def joint_counts(tokens: torch.Tensor, Vs: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("temp,top_k,top_p", [(1.0, None, None), (0.8, 3, 0.9)])
-def test_sampling_has_the_target_distribution(temp, top_k, top_p) -> None:
+@pytest.mark.parametrize("temp,top_k,top_p,min_p", [(1.0, None, None, None), (0.8, 3, 0.9, None),
+                                                    (1.2, None, None, 0.3)])
+def test_sampling_has_the_target_distribution(temp, top_k, top_p, min_p) -> None:
     """4 tokens from one prompt, 8000 rows at once: the first comes from the prefill, the
     next three from one round (2 drafts + the bonus, or a correction and one more round).
-    Their joint law must be the target's, computed exactly from full forwards."""
+    Their joint law must be the target's, computed exactly from full forwards (min-p: p and q
+    filtered alike, the law stays the target's)."""
     Vs, N, R = 4, 4, 8000
     comps = {"gdn": {**COMPS["gdn"], "chunk_size": 4}, "gated_attn": {"n_heads": 2, "head_dim": 16},
              "mlp": COMPS["mlp"]}
@@ -264,13 +267,14 @@ def test_sampling_has_the_target_distribution(temp, top_k, top_p) -> None:
     draft = make("GA", {}, seed=7, vocab=Vs, head_scale=4.0, comps=comps).float()  # disagrees often
     prompt = torch.tensor([1, 3, 0, 2])
     ids = prompt[None].repeat(R, 1)
-    opts = {"temperature": temp, "top_k": top_k, "top_p": top_p}
+    opts = {"temperature": temp, "top_k": top_k, "top_p": top_p, "min_p": min_p}
     st: dict = {}
     out = target.generate(ids, N, mode="speculative", draft=draft, k=3, generator=torch.Generator().manual_seed(0),
                           stats=st, **opts)
     assert 0.2 < st["acceptance_rate"] < 0.8, st  # many rejections: the residual draws matter
     new = out[:, prompt.numel():]
-    exact = exact_joint(target, prompt, N, temp, top_k, top_p)
+    exact = exact_joint(target, prompt, N, temp, top_k, top_p, min_p)
+    assert min_p is None or 0 < int((exact == 0).sum())  # min-p drops some continuations
     p_123 = chi_square_p(joint_counts(new[:, :3], Vs), exact.sum(3))  # the first round's tokens
     p_234 = chi_square_p(joint_counts(new[:, 1:], Vs), exact.sum(0))  # drafts, bonus, the next round
     p_all = chi_square_p(joint_counts(new, Vs), exact)

@@ -83,6 +83,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: off)")
     p.add_argument("--top-p", type=finite_float, default=None,
                    help="sample among the most likely tokens whose probabilities sum to p, in (0, 1] (default: off)")
+    p.add_argument("--min-p", type=finite_float, default=None,
+                   help="min-p sampling: keep the tokens whose probability (after --temperature) is at least this "
+                        "times the most likely token's, in [0, 1] (0: off; applied after --top-k and --top-p, as "
+                        "HF's; default: off)")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the sampling generator (default: 0)")
     p.add_argument("--mode", default="ar", help="decoding mode: ar (default), block_diffusion (models trained "
                    "with that objective), speculative (with --draft), mtp (models with model.mtp) or ladir "
@@ -318,6 +322,8 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(f"--top-k {args.top_k}: must be >= 1")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UsageError(f"--top-p {args.top_p}: must be in (0, 1]")
+    if args.min_p is not None and not 0 <= args.min_p <= 1:
+        raise UsageError(f"--min-p {args.min_p}: must be in [0, 1]")
     if args.think_iterations is not None and args.think_iterations < 1:
         raise UsageError(f"--think-iterations {args.think_iterations}: must be >= 1")
     for flag, option, value in mode_flags(args):
@@ -337,7 +343,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(f"{series_flags[0]}: only for --mode forecast")
     token_flags = [f for f, v in (("--prompt", args.prompt), ("--max-new-tokens", args.max_new_tokens),
                                   ("--temperature", args.temperature),
-                                  ("--top-k", args.top_k), ("--top-p", args.top_p),
+                                  ("--top-k", args.top_k), ("--top-p", args.top_p), ("--min-p", args.min_p),
                                   ("--think-iterations", args.think_iterations), ("--eos", args.eos)) if v is not None]
     if token_flags and args.mode == "forecast":
         raise UsageError(f"{token_flags[0]}: not for --mode forecast (it reads --data; --horizon sets the length)")
@@ -466,7 +472,7 @@ def _run(args: argparse.Namespace) -> int:
         out = model.generate(
             input_ids.to(device), max_new_tokens=args.max_new_tokens, mode=args.mode,
             temperature=DEFAULT_TEMPERATURE if args.temperature is None else args.temperature, top_k=args.top_k,
-            top_p=args.top_p,
+            top_p=args.top_p, min_p=args.min_p,
             attention_mask=mask.to(device) if bool((mask == 0).any()) else None,
             eos_token_id=eos, generator=gen, streamer=streamer if stream else None, stats=stats, **options,
         )
@@ -477,7 +483,7 @@ def _run(args: argparse.Namespace) -> int:
                                     ("block_size", "--block-size"), ("sampler must", "--sampler"),
                                     ("threshold", "--threshold"), ("steps", "--steps"), ("mode", "--mode"),
                                     ("think_iterations", "--think-iterations"), ("engine", "--engine"),
-                                    ("eos_token_id", "--eos"))
+                                    ("eos_token_id", "--eos"), ("min_p", "--min-p"))
                      if k in msg),
                     "--max-new-tokens")
         # a flag's value the model cannot take (exit 2); a DraftError: the draft checkpoint's own limit (exit 1)

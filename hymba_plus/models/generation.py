@@ -28,8 +28,8 @@ drawn; and a ddpm step that reveals nothing runs no forward (the input is unchan
 ``p_x0``), so ``steps_per_block`` counts the forwards. Each position's ddpm step is drawn at once
 (``ddpm_reveal_steps``: the same law, by bisection over the steps), so a forward runs only at the steps
 that reveal something and any number of steps costs at most one forward per position. A revealed token is the model's argmax at
-temperature 0, else drawn from ``filtered_probs`` (temperature, top-k, nucleus top-p as in every mode,
-the token that crosses p kept): which positions are revealed, and when, is random even at temperature 0 (seeded
+temperature 0, else drawn from ``filtered_probs`` (temperature, top-k, nucleus top-p, min-p as in every
+mode, the token that crosses p kept): which positions are revealed, and when, is random even at temperature 0 (seeded
 by ``generator``). ``threshold`` is the confidence sampler's alone (default 0.9; given with the two
 others, even as None, it is refused).
 A fully denoised block is committed to the cache once, by the ordinary causal forward, whatever the
@@ -49,7 +49,7 @@ the target's argmax is kept, then the target's token at the first mismatch (or t
 Sampling: ``d_i`` is kept with probability ``min(1, p(d_i) / q(d_i))``, the first rejected
 one is replaced by a draw from ``normalize(max(0, p - q))``, and if all are kept the bonus is
 drawn from ``p`` (``p``, ``q``: target and draft distributions after the same temperature,
-top-k and top-p as ``sample_next``), so every token has the target's own distribution. Rows
+top-k, top-p and min-p as ``sample_next``), so every token has the target's own distribution. Rows
 keep different counts: both caches go back with ``HybridLM.rewind`` (restore the round's
 snapshot, re-run each row's kept tokens in one forward: exact for every state type; the
 target's verify forward, with ``record_states`` (the default off CUDA: ``record_by_default``) on a target whose every layer
@@ -93,10 +93,16 @@ MIN_TEMPERATURE = 1.1754944e-38
 
 
 def filtered_probs(logits: Tensor, temperature: float, top_k: int | None = None,
-                   top_p: float | None = None) -> Tensor:
+                   top_p: float | None = None, min_p: float | None = None) -> Tensor:
     """The distribution ``sample_next`` draws from at ``temperature > 0`` (float32 probabilities
     over the last dim): temperature-scaled, restricted to top-k, then to the nucleus top-p
-    (a token is dropped when the mass before it already reaches top_p; the top one stays)."""
+    (a token is dropped when the mass before it already reaches top_p; the top one stays), then
+    to min-p (Nguyen et al. 2024, "Turning Up the Heat: Min-p Sampling", arXiv 2407.01082: a token
+    stays when its probability after temperature is at least ``min_p`` times the top token's).
+    The order is HF's default processors' (temperature, top-k, top-p, then ``MinPLogitsWarper``);
+    min-p reads only the ratio p_i / p_max, which top-k's and top-p's renormalising leaves as it
+    is, so the result is the intersection of the three sets (min-p before top-p would give
+    another nucleus). min_p None or 0: off; 1: the top token (and its exact ties) alone."""
     logits = logits.float()
     # the max first and float32's smallest normal as the least temperature: a tiny one is greedy, not nan
     logits = (logits - logits.amax(-1, keepdim=True)) / max(temperature, MIN_TEMPERATURE)
@@ -110,6 +116,10 @@ def filtered_probs(logits: Tensor, temperature: float, top_k: int | None = None,
         drop[..., 0] = False  # the top one stays, however small top_p (1e-300 is 0 in float32)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    if min_p:
+        # p_i >= min_p * p_max <=> log(p_i / p_max) = logits_i >= log(min_p): the logits are already
+        # shifted by their max and scaled, so the top one is 0 and always stays (no host sync: a mask)
+        logits = logits.masked_fill(logits < math.log(min_p), float("-inf"))
     return logits.softmax(-1)
 
 
@@ -154,13 +164,14 @@ def sample_next(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
+    min_p: float | None = None,
 ) -> Tensor:
     """Pick one token per row from logits [B, V]: greedy at temperature 0, else sampled
-    from the temperature-scaled distribution restricted to top-k and nucleus (top-p)
+    from the temperature-scaled distribution restricted to top-k, nucleus (top-p) and min-p
     (``filtered_probs``)."""
     if temperature <= 0:
         return logits.argmax(-1)
-    return draw(filtered_probs(logits, temperature, top_k, top_p), generator)
+    return draw(filtered_probs(logits, temperature, top_k, top_p, min_p), generator)
 
 
 #: positions a decoding mode adds to the sequence besides the prompt and the new tokens, by mode
@@ -225,10 +236,11 @@ def check_eos(eos_token_id: Any, vocab_size: int | None = None) -> None:
 
 
 def check_sampling(temperature: Any, top_k: Any, top_p: Any, eos_token_id: Any = None, stats: Any = None,
-                   vocab_size: int | None = None) -> None:
+                   vocab_size: int | None = None, min_p: Any = None) -> None:
     """Refuse sampling settings outside their meaning (one line each, before any work):
     ``temperature`` a finite number >= 0 (0: greedy), ``top_k`` None (off) or an integer >= 1,
-    ``top_p`` None (off) or a number in (0, 1] (1: off), ``eos_token_id`` None, a token id of the
+    ``top_p`` None (off) or a number in (0, 1] (1: off), ``min_p`` None or a number in [0, 1]
+    (None / 0: off), ``eos_token_id`` None, a token id of the
     vocabulary or a list of them (``check_eos``), ``stats`` None or a dict. ``HybridLM.generate`` calls it."""
     check_eos(eos_token_id, vocab_size)
     if stats is not None and not isinstance(stats, dict):
@@ -241,6 +253,9 @@ def check_sampling(temperature: Any, top_k: Any, top_p: Any, eos_token_id: Any =
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real)
                               or not 0 < top_p <= 1):
         raise ValueError(f"top_p must be a number in (0, 1] (or None: off), got {brief(top_p)}")
+    if min_p is not None and (isinstance(min_p, bool) or not isinstance(min_p, numbers.Real)
+                              or not 0 <= min_p <= 1):
+        raise ValueError(f"min_p must be a number in [0, 1] (or None / 0: off), got {brief(min_p)}")
 
 
 def check_prompt(input_ids: Any, attention_mask: Any = None, min_tokens: int = 1) -> None:
@@ -337,6 +352,7 @@ def generate_ar(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    min_p: float | None = None,
     attention_mask: Tensor | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
@@ -365,7 +381,7 @@ def generate_ar(
         eng = engine_for(model, cache, max_new_tokens, graph=kind == "graph")
         cache, step = None, eng.step  # the engine holds its own copy of the cache
     new = continue_ar(model, cache, out.logits[:, -1], max_new_tokens, temperature, top_k, top_p, eos_token_id,
-                      generator, streamer, step=step)
+                      generator, streamer, step=step, min_p=min_p)
     more = {"engine": eng.mode if eng is not None else "dynamic"}
     if eng is not None and eng.notice:
         more["engine_notice"] = eng.notice
@@ -377,7 +393,7 @@ def generate_ar(
 def continue_ar(model: Any, cache: Any, last: Tensor, max_new_tokens: int, temperature: float = 0.0,
                 top_k: int | None = None, top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
                 generator: torch.Generator | None = None, streamer: Callable[[Tensor], Any] | None = None,
-                step: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+                step: Callable[[Tensor], Tensor] | None = None, min_p: float | None = None) -> Tensor:
     """Autoregressive decoding on a cache that already holds the context, from the logits
     ``last`` [B, V] of its last position: the new tokens [B, n] (n < max_new_tokens only when
     every row has ended with EOS; after a row's EOS, EOS). ``step`` (tokens [B] -> logits
@@ -392,7 +408,7 @@ def continue_ar(model: Any, cache: Any, last: Tensor, max_new_tokens: int, tempe
     done = torch.zeros(B, dtype=torch.bool, device=last.device)
     new = []
     for _ in range(max_new_tokens):
-        nxt = sample_next(last, temperature, top_k, top_p, generator)
+        nxt = sample_next(last, temperature, top_k, top_p, generator, min_p)
         if eos is not None:
             nxt = torch.where(done, torch.full_like(nxt, eos.fill), nxt)
             done |= eos.hit(nxt)
@@ -426,7 +442,7 @@ def _report(stats: dict | None, forwards: int, tokens: int, rows: int, **more: A
 
 
 def token_confidence(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                     generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+                     generator: torch.Generator | None, min_p: float | None = None) -> tuple[Tensor, Tensor]:
     """(token, its confidence) per position of logits [..., V]: the token greedy at temperature 0,
     else drawn from the filtered, temperature-scaled distribution (``filtered_probs``); its
     confidence is its probability under the model's own ``softmax(logits)`` in both cases, as in
@@ -434,7 +450,8 @@ def token_confidence(logits: Tensor, temperature: float, top_k: int | None, top_
     confidence ~1 and unmask a whole block in one step)."""
     flat = logits.reshape(-1, logits.shape[-1]).float()
     probs = flat.softmax(-1)
-    tok = probs.argmax(-1) if temperature <= 0 else draw(filtered_probs(flat, temperature, top_k, top_p), generator)
+    tok = probs.argmax(-1) if temperature <= 0 else draw(filtered_probs(flat, temperature, top_k, top_p, min_p),
+                                                         generator)
     conf = probs.gather(-1, tok[:, None]).squeeze(-1)
     return tok.view(logits.shape[:-1]), conf.view(logits.shape[:-1])
 
@@ -487,6 +504,7 @@ def generate_block_diffusion(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    min_p: float | None = None,
     attention_mask: Tensor | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
@@ -552,7 +570,7 @@ def generate_block_diffusion(
                 logits = model(x, cache=cache.fork(), bidirectional=True, check_inputs=False).logits
                 forwards += 1
                 used += 1
-                x = torch.where(at == i, sample_next(logits, temperature, top_k, top_p, generator), x)
+                x = torch.where(at == i, sample_next(logits, temperature, top_k, top_p, generator, min_p), x)
         elif sampler == "first_hitting":  # BD3-LM's: one uniformly random masked position a step
             for i in range(n_steps):
                 masked = x == mask_id
@@ -562,7 +580,7 @@ def generate_block_diffusion(
                 logits = model(x, cache=cache.fork(), bidirectional=True, check_inputs=False).logits
                 forwards += 1
                 used += 1
-                x = torch.where(reveal, sample_next(logits, temperature, top_k, top_p, generator), x)
+                x = torch.where(reveal, sample_next(logits, temperature, top_k, top_p, generator, min_p), x)
         while sampler == "confidence":
             masked = x == mask_id
             if not bool(masked.any()):
@@ -571,7 +589,7 @@ def generate_block_diffusion(
             logits = model(x, cache=cache.fork(), bidirectional=True, check_inputs=False).logits
             forwards += 1
             used += 1
-            tok, conf = token_confidence(logits, temperature, top_k, top_p, generator)
+            tok, conf = token_confidence(logits, temperature, top_k, top_p, generator, min_p)
             conf = conf.masked_fill(~masked, -1.0)
             if threshold is not None and used < n_steps:  # >= 1: one token per step
                 accept = masked & (conf >= threshold) if threshold < 1 else torch.zeros_like(masked)
@@ -639,6 +657,7 @@ def generate_speculative(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    min_p: float | None = None,
     attention_mask: Tensor | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
@@ -675,7 +694,7 @@ def generate_speculative(
     ddev = draft.device
 
     def target_dist(logits: Tensor) -> Tensor:
-        return logits if greedy else filtered_probs(logits, temperature, top_k, top_p)
+        return logits if greedy else filtered_probs(logits, temperature, top_k, top_p, min_p)
 
     def pick(dist: Tensor) -> Tensor:  # dist: raw logits (greedy) or probabilities
         return dist.argmax(-1) if greedy else draw(dist, generator)
@@ -753,8 +772,8 @@ def generate_speculative(
             nxt = tlogits[rows, n_acc].argmax(-1)
         else:
             Q = torch.stack(q_list, 1) if K else tlogits.new_zeros(B, 0, V)  # [B, K, V]
-            n_acc, nxt = accept_drafts(filtered_probs(tlogits, temperature, top_k, top_p), Q, drafts, generator,
-                                       limit=k_row)
+            n_acc, nxt = accept_drafts(filtered_probs(tlogits, temperature, top_k, top_p, min_p), Q, drafts,
+                                       generator, limit=k_row)
         # 3. commit per row: the accepted drafts, then the target's token; up to the first EOS
         new = torch.cat([drafts, drafts.new_zeros(B, 1)], 1).scatter(1, n_acc[:, None], nxt[:, None])
         n_new = torch.where(active, n_acc + 1, 0)

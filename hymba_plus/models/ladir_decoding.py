@@ -39,6 +39,7 @@ def generate_ladir(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    min_p: float | None = None,
     attention_mask: Tensor | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
@@ -97,7 +98,7 @@ def generate_ladir(
     last = model(inputs_embeds=lad.slots(z, model.dtype), input_ids=None, cache=cache, check_inputs=False,
                  logits_to_keep=1).logits[:, -1]  # the slots enter the cache once
     new = continue_ar(model, cache, last, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator,
-                      streamer if S == 1 else None)
+                      streamer if S == 1 else None, min_p=min_p)
     n = new.shape[1]
     if S > 1:  # majority vote over each question's samples
         per = new.view(B, S, n)

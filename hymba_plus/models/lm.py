@@ -516,9 +516,13 @@ class HybridLM(nn.Module):
         generator: torch.Generator | None = None,
         streamer: Callable[[Tensor], Any] | None = None,
         stats: dict | None = None,
+        min_p: float | None = None,
         **options: Any,
     ) -> Tensor:
-        """Cached generation; returns prompt + new tokens [B, T + n]. ``temperature=0`` is greedy.
+        """Cached generation; returns prompt + new tokens [B, T + n]. ``temperature=0`` is greedy;
+        above it, tokens are drawn from the temperature-scaled distribution restricted to ``top_k``,
+        nucleus ``top_p`` and ``min_p`` (min-p sampling, arXiv 2407.01082: tokens whose probability is
+        at least ``min_p`` times the top token's), in HF's order (``generation.filtered_probs``).
 
         ``stats``: a dict the decoder fills (forward passes, tokens, tokens per forward, ...).
         ``options``: the mode's own settings (``block_diffusion``: ``block_size``,
@@ -527,8 +531,8 @@ class HybridLM(nn.Module):
         Raises, before any work, ``TypeError`` for ``input_ids`` that are not an integer tensor
         (or a ``draft`` that is not a model) and ``ValueError`` for an empty prompt, a
         ``temperature`` below 0 (or not finite), ``top_k`` below 1, ``top_p`` outside (0, 1] (None
-        is "off" for both), or when the longest prompt row (real tokens) plus ``max_new_tokens``
-        exceeds ``max_seq_len``; at the prefill, ``ValueError`` for an id outside the vocabulary
+        is "off" for both), ``min_p`` outside [0, 1] (None or 0: off), or when the longest prompt row
+        (real tokens) plus ``max_new_tokens`` exceeds ``max_seq_len``; at the prefill, ``ValueError`` for an id outside the vocabulary
         (``forward``'s checks); the decoding steps skip the checks."""
         from .generation import GENERATORS, check_sampling
 
@@ -545,12 +549,12 @@ class HybridLM(nn.Module):
                                     if set(allowed) - _COMMON else ""))
         # the common arguments a mode names (a forecast samples no tokens): given to one that does not, refused
         common = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                      attention_mask=attention_mask, eos_token_id=eos_token_id, generator=generator,
+                      min_p=min_p, attention_mask=attention_mask, eos_token_id=eos_token_id, generator=generator,
                       streamer=streamer, stats=stats)
         given = [k for k, v in common.items() if k not in allowed and (v != 0.0 if k == "temperature" else v is not None)]
         if given:
             raise ValueError(f"generate(mode={mode!r}) takes no {', '.join(given)}")
-        check_sampling(temperature, top_k, top_p, eos_token_id, stats, self.config.vocab_size)
+        check_sampling(temperature, top_k, top_p, eos_token_id, stats, self.config.vocab_size, min_p)
         if streamer is not None and not callable(streamer):  # (e.g. an HF streamer object: put / end, no call)
             raise TypeError(f"streamer must be a callable, called with each new token column [B] (or None), got "
                             f"{type(streamer).__name__} {brief(streamer)}")
@@ -606,7 +610,7 @@ class HybridLM(nn.Module):
             os.replace(p / f"{name}.tmp", p / name)
 
 
-_COMMON = {"max_new_tokens", "temperature", "top_k", "top_p", "attention_mask", "eos_token_id", "generator",
+_COMMON = {"max_new_tokens", "temperature", "top_k", "top_p", "min_p", "attention_mask", "eos_token_id", "generator",
            "streamer", "stats"}  # generate()'s own arguments; the rest of a decoder's keywords are its options
 
 

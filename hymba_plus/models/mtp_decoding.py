@@ -64,12 +64,13 @@ from .generation import (
 )
 
 
-def distribution(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None) -> Tensor:
+def distribution(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                 min_p: float | None = None) -> Tensor:
     """The distribution a token is drawn from: one-hot at the argmax for temperature 0 (so greedy
     is the same accept / reject rule), else ``generation.filtered_probs``."""
     if temperature <= 0:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    return filtered_probs(logits, temperature, top_k, top_p)
+    return filtered_probs(logits, temperature, top_k, top_p, min_p)
 
 
 def _gather_at(x: Tensor, idx: Tensor) -> Tensor:
@@ -86,6 +87,7 @@ def generate_mtp(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    min_p: float | None = None,
     attention_mask: Tensor | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
@@ -118,7 +120,7 @@ def generate_mtp(
                          f"least {k} tokens (k, the drafts per round; model.mtp.depth by default), "
                          f"got {int(L.min())}")
     n_meta = model.config.meta_tokens
-    sample = lambda logits: distribution(logits, temperature, top_k, top_p)  # noqa: E731
+    sample = lambda logits: distribution(logits, temperature, top_k, top_p, min_p)  # noqa: E731
     head = lambda h: model.lm_head(model.norm(h))  # noqa: E731
 
     # prefill: the trunk, then each module that drafts (1 .. k; the deeper ones never run) commits the

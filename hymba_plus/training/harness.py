@@ -73,7 +73,7 @@ NOT_AN_LM = {
 
 #: generation settings of a request that ``generate_until`` takes besides ``until`` and the token budget
 #: (``normalize_gen_kwargs``' ``do_sample`` / ``temperature`` included)
-GEN_KEYS = ("do_sample", "temperature", "top_k", "top_p")
+GEN_KEYS = ("do_sample", "temperature", "top_k", "top_p", "min_p")
 
 
 class _AllStopped(Exception):
@@ -286,7 +286,7 @@ class HymbaLM(TemplateLM):
     @torch.no_grad()
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         """Each request's completion: ``model.generate`` (the ``ar`` decoder, one cached prefill then one
-        token per step; greedy, or sampled at the request's ``temperature`` / ``top_k`` / ``top_p`` from
+        token per step; greedy, or sampled at the request's ``temperature`` / ``top_k`` / ``top_p`` / ``min_p`` from
         this model's ``seed``) of at most ``max_gen_toks`` tokens (the request's, else the model argument),
         cut at the first of the request's ``until`` strings and at the end token. Requests with the same
         settings batch together, longest context first, left-padded; a context is cut from the left to
@@ -315,7 +315,7 @@ class HymbaLM(TemplateLM):
 
     def _gen_settings(self, gen_kwargs: dict) -> dict[str, Any]:
         """A request's generation settings: ``until`` (a list of strings), ``max_gen_toks``, ``temperature``
-        (0: greedy), ``top_k``, ``top_p``; any other key is a one-line ``ValueError``."""
+        (0: greedy), ``top_k``, ``top_p``, ``min_p``; any other key is a one-line ``ValueError``."""
         if not isinstance(gen_kwargs, dict):
             raise ValueError(f"generate_until: generation settings must be a dict, got {type(gen_kwargs).__name__}")
         kw = normalize_gen_kwargs(copy.deepcopy(gen_kwargs), self.max_gen_toks)
@@ -333,7 +333,7 @@ class HymbaLM(TemplateLM):
                              f"(the model's max_seq_len {self.max_seq_len} less one context token)")
         temperature = float(kw.get("temperature") or 0.0) if kw.get("do_sample") else 0.0
         return {"until": [u for u in until if u], "max_gen_toks": n, "temperature": temperature,
-                "top_k": kw.get("top_k"), "top_p": kw.get("top_p")}
+                "top_k": kw.get("top_k"), "top_p": kw.get("top_p"), "min_p": kw.get("min_p")}
 
     def _generate(self, prompts: list[list[int]], settings: dict[str, Any]) -> list[str]:
         """Completions of the token-id ``prompts`` (one left-padded batch), cut at the stop strings and EOS."""
@@ -365,7 +365,7 @@ class HymbaLM(TemplateLM):
         try:
             self.model.generate(ids.to(dev), max_new_tokens=settings["max_gen_toks"],
                                 temperature=settings["temperature"], top_k=settings["top_k"],
-                                top_p=settings["top_p"], attention_mask=mask.to(dev) if padded else None,
+                                top_p=settings["top_p"], min_p=settings["min_p"], attention_mask=mask.to(dev) if padded else None,
                                 eos_token_id=self.eos or None, generator=self.generator, streamer=watch)
         except _AllStopped:
             pass
