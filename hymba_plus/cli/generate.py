@@ -13,6 +13,12 @@ writes an imported HF model's there), else the tokenizer's end token (the ``eos_
 ``tokenizer_config.json`` beside its ``tokenizer.json``, else the first of ``training.tokenizer.END_TOKENS``
 in its vocabulary: ``</s>``, ``<|endoftext|>``, ``<|end_of_text|>``, ``<eos>``, ``[SEP]``, ...).
 
+``--stop TEXT`` (repeatable; text tokenizers only): a row ends at the first occurrence of any stop
+string in its generated text and is printed without it; the run ends once every row has stopped;
+streamed, the last ``len(longest stop) - 1`` characters are held back until no stop string can end
+there (``training.tokenizer.StopWatch``, the harness's ``generate_until`` rule). ``block_diffusion``
+streams whole denoised blocks: it stops after the block that holds the stop string.
+
 ETD checkpoints (``model.etd``) print, after generation and to stderr, one line per prompt
 row: the think iterations used (ACT: also the mean over the prompt's tokens, meta tokens
 included, at the prefill) and, when the model has Dr.LLM layer routers, the route the
@@ -103,6 +109,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "checkpoint's generation_config.json eos_token_id, else the tokenizer's end token")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, auto")
     p.add_argument("--no-stream", action="store_true", help="print the whole completion at the end")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop string (repeatable): a row ends at the first occurrence of any in its generated text, "
+                        "printed without it; the run ends once every row has (text tokenizers only)")
     p.add_argument("--data", type=path_text, default=None, metavar="SERIES.csv",
                    help="forecast: the series to forecast (a timestamp column, then one column per channel)")
     p.add_argument("--horizon", type=int, default=None,
@@ -312,7 +321,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..models.generation import DraftError, end_tokens, reserved_positions
     from ..models.lm import CheckpointError, from_pretrained
     from ..training.distributed import pick_device
-    from ..training.tokenizer import ByteTokenizer, StreamDecoder, TokenizerError, for_checkpoint
+    from ..training.tokenizer import AllStopped, ByteTokenizer, StopWatch, StreamDecoder, TokenizerError, for_checkpoint
 
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
@@ -326,6 +335,8 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(f"--min-p {args.min_p}: must be in [0, 1]")
     if args.think_iterations is not None and args.think_iterations < 1:
         raise UsageError(f"--think-iterations {args.think_iterations}: must be >= 1")
+    if args.stop is not None and not all(args.stop):
+        raise UsageError("--stop: an empty stop string (it would end every row before its first token)")
     for flag, option, value in mode_flags(args):
         modes = modes_taking(option)
         if value is not None and args.mode not in modes:
@@ -344,7 +355,8 @@ def _run(args: argparse.Namespace) -> int:
     token_flags = [f for f, v in (("--prompt", args.prompt), ("--max-new-tokens", args.max_new_tokens),
                                   ("--temperature", args.temperature),
                                   ("--top-k", args.top_k), ("--top-p", args.top_p), ("--min-p", args.min_p),
-                                  ("--think-iterations", args.think_iterations), ("--eos", args.eos)) if v is not None]
+                                  ("--think-iterations", args.think_iterations), ("--eos", args.eos),
+                                  ("--stop", args.stop)) if v is not None]
     if token_flags and args.mode == "forecast":
         raise UsageError(f"{token_flags[0]}: not for --mode forecast (it reads --data; --horizon sets the length)")
     if args.mode != "forecast" and not args.prompt:
@@ -370,6 +382,8 @@ def _run(args: argparse.Namespace) -> int:
         tok = for_checkpoint(ckpt, model.config.vocab_size)
     except TokenizerError as e:
         raise UserError(str(e)) from None
+    if args.stop is not None and tok.kind == "ids":
+        raise UsageError(f"--stop: stop strings need a text tokenizer; {ckpt} reads token ids (no text to match)")
     if not (ckpt / "tokenizer.json").is_file():  # e.g. save_pretrained's folders; hymba train always writes one
         print(f"{ckpt}: no tokenizer.json: the prompt is read as "
               f"{'UTF-8 bytes' if isinstance(tok, ByteTokenizer) else 'token ids'}", file=sys.stderr)
@@ -457,6 +471,25 @@ def _run(args: argparse.Namespace) -> int:
         if text:
             sys.stdout.write(text)
         sys.stdout.flush()
+
+    # --stop: every row's text watched (training.tokenizer.StopWatch, as the harness's generate_until); streamed,
+    # row 0 is printed up to what no stop string can still cover; the call ends once every row has stopped
+    watch = StopWatch(tok.decode, B, args.stop, ends, prefixes=prompts) if args.stop else None
+    shown = [0]
+
+    def stop_streamer(nxt: torch.Tensor) -> None:
+        if stream and not started:
+            started.append(True)
+            sys.stdout.write(decoder.flush())
+        over = watch.push(nxt)
+        if stream:
+            text = watch.shown(0)
+            if len(text) > shown[0]:
+                sys.stdout.write(text[shown[0]:])
+                sys.stdout.flush()
+                shown[0] = len(text)
+        if over:
+            raise AllStopped
     prefill: list = []  # (cache, stats) of the model's first call: generate's prefill
     hooks = []
     if etd is not None:
@@ -474,8 +507,11 @@ def _run(args: argparse.Namespace) -> int:
             temperature=DEFAULT_TEMPERATURE if args.temperature is None else args.temperature, top_k=args.top_k,
             top_p=args.top_p, min_p=args.min_p,
             attention_mask=mask.to(device) if bool((mask == 0).any()) else None,
-            eos_token_id=eos, generator=gen, streamer=streamer if stream else None, stats=stats, **options,
+            eos_token_id=eos, generator=gen, streamer=stop_streamer if watch is not None else streamer if stream else None,
+            stats=stats, **options,
         )
+    except AllStopped:  # every row met a stop string (or its end token): the watch holds the tokens
+        out = None
     except ValueError as e:
         msg = str(e).splitlines()[0]
         flag = next((f for k, f in (*((o, f) for f, o, _ in ladir_flags(args)),  # (ladir's option names first)
@@ -498,15 +534,20 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         for h in hooks:
             h.remove()
-    if stream:
+    if stream and watch is not None:
+        sys.stdout.write(("" if started else decoder.flush()) + watch.completion(0)[shown[0]:] + "\n")
+    elif stream:
         sys.stdout.write(decoder.flush() + "\n")
     else:
         for i, p in enumerate(prompts):
-            new = out[i, T:].tolist()
-            stop = next((j for j, t in enumerate(new) if t in ends), None)
-            if stop is not None:
-                new = new[:stop]
-            text = tok.decode(p + new)  # one sequence: decoded apart, SentencePiece / WordPiece lost the space
+            if watch is not None:  # the row's text cut before its first stop string
+                text = tok.decode(p) + watch.completion(i)
+            else:
+                new = out[i, T:].tolist()
+                stop = next((j for j, t in enumerate(new) if t in ends), None)
+                if stop is not None:
+                    new = new[:stop]
+                text = tok.decode(p + new)  # one sequence: decoded apart, SentencePiece / WordPiece lost the space
             print(text if B == 1 else f"[{i}] {text}")
     summary = stats.get("summary") or []  # the decoder's own report (models/generation.py)
     if stats.get("engine_notice"):  # a graph was asked for and could not be captured: say so

@@ -58,7 +58,8 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-from torch import Tensor
+
+from .tokenizer import AllStopped, StopWatch, cut_at  # noqa: F401 - (cut_at: the harness's until rule, re-exported)
 
 #: ``dtype=`` names -> the weights' dtype
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -74,11 +75,6 @@ NOT_AN_LM = {
 #: generation settings of a request that ``generate_until`` takes besides ``until`` and the token budget
 #: (``normalize_gen_kwargs``' ``do_sample`` / ``temperature`` included)
 GEN_KEYS = ("do_sample", "temperature", "top_k", "top_p", "min_p")
-
-
-class _AllStopped(Exception):
-    """Raised by ``generate_until``'s streamer once every row of the batch has stopped (a stop string or EOS):
-    ends ``generate`` early, the tokens being collected by the streamer itself."""
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -343,23 +339,8 @@ class HymbaLM(TemplateLM):
         for r, p in enumerate(prompts):
             ids[r, T - len(p):] = torch.tensor(p)
             mask[r, T - len(p):] = 1
-        until, ends = settings["until"], set(self.eos)
-        new: list[list[int]] = [[] for _ in range(B)]
-        done = [False] * B
-
-        def watch(column: Tensor) -> None:  # each new token column [B]
-            for r, t in enumerate(column.tolist()):
-                if done[r]:
-                    continue
-                if t in ends:
-                    done[r] = True
-                    continue
-                new[r].append(t)
-                if until and any(u in self.tok_decode(new[r]) for u in until):
-                    done[r] = True
-            if all(done):
-                raise _AllStopped
-
+        # each new token column [B]; raises AllStopped once every row has met a stop string or the end token
+        watch = StopWatch(self.tok_decode, B, settings["until"], self.eos)
         dev = self._device
         padded = bool((mask == 0).any())
         try:
@@ -367,20 +348,13 @@ class HymbaLM(TemplateLM):
                                 temperature=settings["temperature"], top_k=settings["top_k"],
                                 top_p=settings["top_p"], min_p=settings["min_p"], attention_mask=mask.to(dev) if padded else None,
                                 eos_token_id=self.eos or None, generator=self.generator, streamer=watch)
-        except _AllStopped:
+        except AllStopped:
             pass
-        return [cut_at(self.tok_decode(toks), until) for toks in new]
+        return [watch.completion(r) for r in range(B)]
 
 
 if __name__ != "__main__":  # (run as a script, main() imports this module under its name, which registers it)
     register_model("hymba")(HymbaLM)
-
-
-def cut_at(text: str, until: Sequence[str]) -> str:
-    """``text`` before the first occurrence of any of ``until`` (the whole text when none occurs)."""
-    cuts = [text.find(u) for u in until if u]
-    cuts = [c for c in cuts if c >= 0]
-    return text[:min(cuts)] if cuts else text
 
 
 def _count(name: str, value: Any, least: int = 1) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -302,6 +303,74 @@ class StreamDecoder:
         new = text[self.shown :]
         self.shown = len(text)
         return new
+
+
+def cut_at(text: str, until: Sequence[str]) -> str:
+    """``text`` before the first occurrence of any of ``until`` (the whole text when none occurs)."""
+    cuts = [text.find(u) for u in until if u]
+    cuts = [c for c in cuts if c >= 0]
+    return text[:min(cuts)] if cuts else text
+
+
+class AllStopped(Exception):
+    """Raised by a ``StopWatch`` streamer once every row of the batch has stopped (a stop string or an end
+    token): it ends ``generate`` early, the tokens being collected by the watch itself."""
+
+
+class StopWatch:
+    """Text-level stop strings for one ``generate`` call (HF's ``stop_strings``, lm_eval's ``until``),
+    fed each new token column [B] as ``generate``'s streamer: a row is over at its first end id (``ends``,
+    not kept) or once its generated text holds any of ``stops``; ``push`` says when every row is over
+    (``__call__`` raises ``AllStopped`` then, to end the call early). ``completion(r)``: row r's generated
+    text cut before its first stop string. ``prefixes``: each row's prompt ids, which its new ids are
+    decoded after (SentencePiece's Metaspace drops a sequence's leading space, as ``StreamDecoder``); without
+    them the new ids are decoded alone. ``shown(r)``: the part of the text that may be printed now while
+    streaming: all of ``completion(r)`` once the row is over, else the text less its last ``len(longest stop)
+    - 1`` characters (a stop string may still end there) and a trailing U+FFFD (an unfinished UTF-8
+    sequence). ``hymba generate --stop`` and the harness's ``generate_until`` both watch through it."""
+
+    def __init__(self, decode: Callable[[list[int]], str], rows: int, stops: Sequence[str] = (),
+                 ends: Iterable[int] = (), prefixes: Sequence[Sequence[int]] | None = None):
+        self.decode, self.stops, self.ends = decode, [s for s in stops if s], set(ends)
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.new: list[list[int]] = [[] for _ in range(rows)]
+        self.done = [False] * rows
+        self.prefixes = [list(p) for p in prefixes] if prefixes is not None else [[] for _ in range(rows)]
+        self._skip = [len(decode(p)) if p else 0 for p in self.prefixes]
+
+    def text(self, r: int) -> str:
+        """Row r's generated text so far (its end token excluded)."""
+        if not self.prefixes[r]:
+            return self.decode(self.new[r])
+        return self.decode(self.prefixes[r] + self.new[r])[self._skip[r]:]
+
+    def push(self, column: Any) -> bool:
+        """Take one new token column (a tensor [B] or ids); True once every row is over."""
+        for r, t in enumerate(column.tolist() if hasattr(column, "tolist") else column):
+            if self.done[r]:
+                continue
+            if t in self.ends:
+                self.done[r] = True
+                continue
+            self.new[r].append(t)
+            if self.stops:
+                text = self.text(r)
+                if any(s in text for s in self.stops):
+                    self.done[r] = True
+        return all(self.done)
+
+    def __call__(self, column: Any) -> None:
+        if self.push(column):
+            raise AllStopped
+
+    def completion(self, r: int) -> str:
+        return cut_at(self.text(r), self.stops)
+
+    def shown(self, r: int) -> str:
+        if self.done[r]:
+            return self.completion(r)
+        text = self.text(r).rstrip("\ufffd")
+        return text[:max(len(text) - self.hold, 0)]
 
 
 #: the end token of a tokenizer ``train_bpe`` trains (id 0; GPT-2's): one of ``END_TOKENS``, so that
