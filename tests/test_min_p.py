@@ -118,8 +118,7 @@ def test_every_mode_takes_min_p() -> None:
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="the graph engine needs CUDA"))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_engines_draw_the_same_tokens(device) -> None:
     """The engines run the same sampler on the step's logits (the CUDA graph captures the forward; the draw
     is ``sample_next`` outside it, no host read added): with one seed, the same tokens."""
