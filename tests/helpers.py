@@ -60,6 +60,23 @@ def tiny_recipe(pattern: str, components: dict | None = None, **model) -> dict:
     return {"name": "test", "model": m, "components": components or {}}
 
 
+def float64_model(name: str, pattern: str, extra: dict, comps: dict, vocab_size: int = 20):  # noqa: ANN201
+    """A float64 eval-mode model of ``pattern`` (d 32, max_seq_len 64) with seed 0, as the cache tests build
+    theirs (``tests/test_rollback.py``, ``tests/test_verify_states.py``); ``extra`` with an ``etd`` section also
+    gets an ACT halting + layer router whose routes are on."""
+    comps = dict(comps)
+    if "etd" in extra:
+        comps["etd_router"] = {"halting": {"kind": "act", "threshold": 0.9},
+                               "layer_router": {"enabled": True, "hidden": 8, "windows": 2}}
+    r = {"name": name, "model": {"vocab_size": vocab_size, "d_model": 32, "max_seq_len": 64, "block_pattern": pattern,
+                                 **extra}, "components": comps}
+    torch.manual_seed(0)
+    m = build_model(r).double().eval()
+    if m.etd_router is not None:
+        m.etd_router.enable_routes()
+    return m
+
+
 def mqar_overwrite_batch(batch_size: int, seq_len: int, vocab_size: int, n_pairs: int,
                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """MQAR with overwritten keys: ``n_pairs`` keys, each written twice with two different values

@@ -11,8 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hymba_plus import build_model
-from tests.helpers import EVERY_COMPONENT
+from tests.helpers import EVERY_COMPONENT, float64_model
 
 V = 20
 COMPS = {**EVERY_COMPONENT, "gated_attn": {**EVERY_COMPONENT["gated_attn"], "window": 5},
@@ -27,17 +26,7 @@ RECIPES = {
 
 def make(name: str):  # noqa: ANN201
     pattern, extra = RECIPES[name]
-    comps = dict(COMPS)
-    if "etd" in extra:
-        comps["etd_router"] = {"halting": {"kind": "act", "threshold": 0.9},
-                               "layer_router": {"enabled": True, "hidden": 8, "windows": 2}}
-    r = {"name": "rb", "model": {"vocab_size": V, "d_model": 32, "max_seq_len": 64, "block_pattern": pattern,
-                                 **extra}, "components": comps}
-    torch.manual_seed(0)
-    m = build_model(r).double().eval()
-    if m.etd_router is not None:
-        m.etd_router.enable_routes()
-    return m
+    return float64_model("rb", pattern, extra, COMPS, V)
 
 
 @pytest.fixture(scope="module", params=list(RECIPES))

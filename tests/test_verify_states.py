@@ -20,7 +20,7 @@ from hymba_plus.components.attention import AttentionState
 from hymba_plus.core.cache import LayerState
 from hymba_plus.kernels.conv import causal_conv1d_ref, conv_tails
 from hymba_plus.kernels.mamba3 import mamba3_chunked
-from tests.helpers import EVERY_COMPONENT
+from tests.helpers import EVERY_COMPONENT, float64_model
 
 V = 20
 COMPS = {**EVERY_COMPONENT, "gated_attn": {**EVERY_COMPONENT["gated_attn"], "window": 5},
@@ -41,19 +41,10 @@ RECIPES = {
 
 def make(name: str):  # noqa: ANN201
     pattern, extra, comps = RECIPES[name] if name in RECIPES else ("GD | GA | M3 | GA", {}, COMPS)
-    comps = dict(comps)
     if name == "etd":
         extra = {"etd": {"encoder_layers": 1, "think_layers": 2, "decoder_layers": 1, "iterations": 2,
                          "max_iterations": 3}}
-        comps["etd_router"] = {"halting": {"kind": "act", "threshold": 0.9},
-                               "layer_router": {"enabled": True, "hidden": 8, "windows": 2}}
-    r = {"name": "vs", "model": {"vocab_size": V, "d_model": 32, "max_seq_len": 64, "block_pattern": pattern,
-                                 **extra}, "components": comps}
-    torch.manual_seed(0)
-    m = build_model(r).double().eval()
-    if m.etd_router is not None:
-        m.etd_router.enable_routes()
-    return m
+    return float64_model("vs", pattern, extra, comps, V)
 
 
 @pytest.fixture(scope="module", params=list(RECIPES))
