@@ -152,3 +152,18 @@ def test_bad_stop_is_one_usage_line(ckpts, capsys, ckpt, args, needle):
     rc, out, err = gen(capsys, str(ckpts / ckpt), *args)
     assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1 and needle in err, err
 
+
+
+def test_an_unfinished_character_is_no_stop_string() -> None:
+    """A U+FFFD that stands for an unfinished UTF-8 sequence at the text's end (bytes, byte-level BPE) is not
+    text yet: a stop string holding U+FFFD (the replacement character itself) matches only a finished one."""
+    tok = ByteTokenizer()
+    w = StopWatch(tok.decode, 2, stops=["\ufffd"])
+    assert not w.push([0xC3, 0xFF])  # row 0: the first byte of "é"; row 1: a byte that is never UTF-8
+    assert w.done == [False, False] and w.text(0) == "\ufffd"
+    assert not w.push([0xA9, ord("x")])  # row 0's "é" is finished: no stop; row 1's U+FFFD is text, followed
+    assert w.done == [False, True] and w.text(0) == "é" and w.completion(1) == ""
+    # a U+FFFD at the end may still be an unfinished character: the row goes on, but its completion so far is
+    # cut there (were the call to end now, the text would hold it); one more token makes it text
+    assert not w.push([0xFF, ord("y")]) and w.completion(0) == "é"
+    assert w.push([ord("z"), ord("y")]) and w.completion(0) == "é" and w.shown(0) == "é"

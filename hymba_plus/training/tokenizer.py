@@ -320,7 +320,8 @@ class AllStopped(Exception):
 class StopWatch:
     """Text-level stop strings for one ``generate`` call (HF's ``stop_strings``, lm_eval's ``until``),
     fed each new token column [B] as ``generate``'s streamer: a row is over at its first end id (``ends``,
-    not kept) or once its generated text holds any of ``stops``; ``push`` says when every row is over
+    not kept) or once its generated text, less a trailing U+FFFD (an unfinished UTF-8 sequence), holds any
+    of ``stops``; ``push`` says when every row is over
     (``__call__`` raises ``AllStopped`` then, to end the call early). ``completion(r)``: row r's generated
     text cut before its first stop string. ``prefixes``: each row's prompt ids, which its new ids are
     decoded after (SentencePiece's Metaspace drops a sequence's leading space, as ``StreamDecoder``); without
@@ -354,7 +355,9 @@ class StopWatch:
                 continue
             self.new[r].append(t)
             if self.stops:
-                text = self.text(r)
+                # less a trailing U+FFFD: an unfinished UTF-8 sequence is no text yet (a stop string holding
+                # U+FFFD would match the first byte of "é"); it is matched once the next token finishes it
+                text = self.text(r).rstrip("\ufffd")
                 if any(s in text for s in self.stops):
                     self.done[r] = True
         return all(self.done)
