@@ -328,7 +328,10 @@ class StopWatch:
     them the new ids are decoded alone. ``shown(r)``: the part of the text that may be printed now while
     streaming: all of ``completion(r)`` once the row is over, else the text less its last ``len(longest stop)
     - 1`` characters (a stop string may still end there) and a trailing U+FFFD (an unfinished UTF-8
-    sequence). ``hymba generate --stop`` and the harness's ``generate_until`` both watch through it."""
+    sequence). ``hymba generate --stop`` and the harness's ``generate_until`` both watch through it.
+    Cost: each ``push`` re-decodes a live row's whole text (its prefix included) and searches it, as
+    ``StreamDecoder`` re-decodes, so n new tokens cost O(n (P + n)) decoded tokens per row (P: the prefix's
+    length): a tokenizer's decode is not prefix-safe in general (merged bytes, Metaspace, WordPiece)."""
 
     def __init__(self, decode: Callable[[list[int]], str], rows: int, stops: Sequence[str] = (),
                  ends: Iterable[int] = (), prefixes: Sequence[Sequence[int]] | None = None):
