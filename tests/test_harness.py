@@ -325,3 +325,16 @@ def test_an_lm_eval_older_than_the_adapter_reads_is_one_line_naming_the_version(
         "optional-dependencies"]
     for extra in ("eval", "dev"):
         assert f"lm_eval>={eval_cli.LM_EVAL_MIN}" in extras[extra], extra
+
+
+def test_do_sample_without_a_temperature_samples_at_one(model):
+    """``do_sample: true`` with no temperature decoded greedily (the temperature read as 0); HF's generate
+    (the harness's reference model) samples at its default temperature 1.0. An explicit 0 stays greedy, and
+    without do_sample the harness's rule holds (greedy unless a temperature > 0 turns sampling on)."""
+    lm = lm_of(model)
+    assert lm._gen_settings({"do_sample": True, "until": ["\n"]})["temperature"] == 1.0
+    assert lm._gen_settings({"do_sample": True, "temperature": 0.0})["temperature"] == 0.0
+    assert lm._gen_settings({"do_sample": True, "temperature": 0.7})["temperature"] == 0.7
+    assert lm._gen_settings({"temperature": 0.7})["temperature"] == 0.7
+    assert lm._gen_settings({"do_sample": False, "temperature": 0.7})["temperature"] == 0.0
+    assert lm._gen_settings({})["temperature"] == 0.0

@@ -311,7 +311,8 @@ class HymbaLM(TemplateLM):
 
     def _gen_settings(self, gen_kwargs: dict) -> dict[str, Any]:
         """A request's generation settings: ``until`` (a list of strings), ``max_gen_toks``, ``temperature``
-        (0: greedy), ``top_k``, ``top_p``, ``min_p``; any other key is a one-line ``ValueError``."""
+        (0: greedy; ``do_sample`` without one: 1.0, as HF's generate), ``top_k``, ``top_p``, ``min_p``; any other
+        key is a one-line ``ValueError``."""
         if not isinstance(gen_kwargs, dict):
             raise ValueError(f"generate_until: generation settings must be a dict, got {type(gen_kwargs).__name__}")
         kw = normalize_gen_kwargs(copy.deepcopy(gen_kwargs), self.max_gen_toks)
@@ -327,7 +328,9 @@ class HymbaLM(TemplateLM):
         if n < 1 or n > self.max_seq_len - self.reserved - 1:
             raise ValueError(f"generate_until: max_gen_toks {n} must be in 1..{self.max_seq_len - self.reserved - 1} "
                              f"(the model's max_seq_len {self.max_seq_len} less one context token)")
-        temperature = float(kw.get("temperature") or 0.0) if kw.get("do_sample") else 0.0
+        # do_sample without a temperature samples at 1.0, as HF's generate (its GenerationConfig default)
+        t = kw.get("temperature")
+        temperature = (1.0 if t is None else float(t)) if kw.get("do_sample") else 0.0
         return {"until": [u for u in until if u], "max_gen_toks": n, "temperature": temperature,
                 "top_k": kw.get("top_k"), "top_p": kw.get("top_p"), "min_p": kw.get("min_p")}
 
