@@ -332,9 +332,13 @@ def test_do_sample_without_a_temperature_samples_at_one(model):
     (the harness's reference model) samples at its default temperature 1.0. An explicit 0 stays greedy, and
     without do_sample the harness's rule holds (greedy unless a temperature > 0 turns sampling on)."""
     lm = lm_of(model)
-    assert lm._gen_settings({"do_sample": True, "until": ["\n"]})["temperature"] == 1.0
-    assert lm._gen_settings({"do_sample": True, "temperature": 0.0})["temperature"] == 0.0
-    assert lm._gen_settings({"do_sample": True, "temperature": 0.7})["temperature"] == 0.7
-    assert lm._gen_settings({"temperature": 0.7})["temperature"] == 0.7
-    assert lm._gen_settings({"do_sample": False, "temperature": 0.7})["temperature"] == 0.0
-    assert lm._gen_settings({})["temperature"] == 0.0
+
+    def temperature(**kw) -> float:
+        return lm._gen_settings({"max_gen_toks": 8, **kw})["temperature"]
+
+    assert temperature(do_sample=True, until=["\n"]) == 1.0
+    assert temperature(do_sample=True, temperature=0.0) == 0.0
+    assert temperature(do_sample=True, temperature=0.7) == 0.7
+    assert temperature(temperature=0.7) == 0.7
+    assert temperature(do_sample=False, temperature=0.7) == 0.0
+    assert temperature() == 0.0
