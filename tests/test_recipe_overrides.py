@@ -397,3 +397,11 @@ def test_a_resumed_run_keeps_the_checkpoints_train_section_in_its_recipe(tmp_pat
     code, _, err = run(capsys, "train", r, "--out", str(out), "--steps", "3", *FAST, "--resume")
     assert code == 0 and (out / "step-3").is_dir(), err
     assert load_recipe(out / "step-3" / "recipe.yaml") == first
+
+
+def test_override_error_is_exported_with_recipe_error():
+    """``hymba_plus.OverrideError`` beside ``hymba_plus.RecipeError`` (it was importable from core.recipe only)."""
+    import hymba_plus
+
+    assert hymba_plus.OverrideError is OverrideError and issubclass(OverrideError, hymba_plus.RecipeError)
+    assert "OverrideError" in hymba_plus.__all__
