@@ -14,6 +14,7 @@ import importlib
 import math
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -45,17 +46,28 @@ def finite_float(text: str) -> float:
     return v
 
 
+def int_in(lo: int, hi: int | None = None, name: str = "int") -> Callable[[str], int]:
+    """An argparse type: an integer in ``lo .. hi`` (no upper bound when ``hi`` is None); ``name`` is the
+    type's name in argparse's 'invalid ... value' line."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {text}" if hi is None
+                                             else f"must be in {lo} .. {hi}, got {text}")
+        return v
+
+    parse.__name__ = name
+    return parse
+
+
 def seed_int(text: str) -> int:
     """argparse type of ``--seed``: an integer in 0 .. ``training.config.SEED_MAX``."""
     from ..training.config import SEED_MAX
 
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if not 0 <= v <= SEED_MAX:
-        raise argparse.ArgumentTypeError(f"must be in 0 .. {SEED_MAX}, got {text}")
-    return v
+    return int_in(0, SEED_MAX)(text)
 
 
 class UsageError(Exception):

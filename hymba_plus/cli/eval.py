@@ -47,7 +47,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from . import UsageError, UserError, path_text, seed_int, write_output
+from . import UsageError, UserError, int_in, path_text, seed_int, write_output
 from .check import emit
 
 #: the oldest lm_eval whose API ``--tasks`` and ``training/harness.py`` read (``lm_eval.tasks._yaml_loader``,
@@ -64,12 +64,9 @@ def batches_arg(text: str) -> int | str:
     if text.strip().lower() == "all":
         return "all"
     try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: a number of batches >= 1, or all") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1 (or all), got {text}")
-    return v
+        return int_in(1)(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e} (or all)") from None
 
 
 def tasks_arg(text: str) -> list[str]:
@@ -80,15 +77,8 @@ def tasks_arg(text: str) -> list[str]:
     return names
 
 
-def fewshot_arg(text: str) -> int:
-    """argparse type of ``--num-fewshot``: an integer >= 0."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return v
+#: argparse type of ``--num-fewshot``: an integer >= 0
+fewshot_arg = int_in(0, name="fewshot_arg")
 
 
 def limit_arg(text: str) -> int | float:

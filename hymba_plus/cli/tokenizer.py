@@ -11,17 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import UsageError, UserError, path_text, write_output
+from . import UsageError, UserError, int_in, path_text, write_output
 
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return v
+_positive = int_in(1, name="positive int")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
