@@ -88,6 +88,10 @@ def run_active(block: nn.Module, x: Tensor, ctx: StepContext, state, active: Ten
 class PlainStack:
     """Every block once, in order: state i belongs to block i."""
 
+    #: a verify chunk's per-position states can be recorded when every mixer records them
+    #: (``HybridLM.records_states``): the stack itself keeps no state of its own
+    records_states = True
+
     def __init__(self, n_blocks: int):
         self.slots = [Slot("stack", i) for i in range(n_blocks)]
         self.checkpointing = Checkpointing()
@@ -112,6 +116,10 @@ class PlainStack:
 class ETDStack:
     """Encoder once, think ``iterations`` times (tied weights, own states), decoder once;
     adaptive halting, Dr.LLM routes and MoDr branches from the ``etd_router``."""
+
+    #: its think iterations and routes are decisions of the chunk, not recorded per position: a speculative
+    #: rollback re-runs the kept tokens (``HybridLM.rewind``)
+    records_states = False
 
     def __init__(self, etd, router: ETDRouter, n_blocks: int):  # noqa: ANN001 - ETDConfig
         self.etd, self.router = etd, router

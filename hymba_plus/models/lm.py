@@ -446,9 +446,9 @@ class HybridLM(nn.Module):
     @property
     def records_states(self) -> bool:
         """Whether a verify chunk can record its per-position states (``forward(record_states=True)``):
-        a plain stack (no ETD: its iterations and routes are not recorded) whose every mixer
-        records (gdn, mamba3, ATLAS, gated attention, hymba, none)."""
-        return isinstance(self.structure, PlainStack) and all(
+        a structure that records (``records_states``: a plain stack; ETD's iterations and routes are not
+        recorded) whose every mixer records (gdn, mamba3, ATLAS, gated attention, hymba, none)."""
+        return getattr(self.structure, "records_states", False) and all(
             b.mixer is None or getattr(b.mixer, "records_states", False) for b in self.blocks)
 
     def rewind(self, cache: HybridCache, snapshot: HybridCache, ids: Tensor, keep: Tensor) -> bool:
