@@ -214,7 +214,10 @@ class RunOptions:
         recipe = self.recipe_name
         if checkpoint is not None and Path(recipe).absolute().parent == Path(self.out).absolute():
             recipe = str(checkpoint)
-        sets = "".join(f" --set {shlex.quote(s)}" for s in self.sets if s.split("=", 1)[0].strip().split(".")[0] != "train")
+        from ..core.recipe import parse_overrides  # (the sets were parsed when the recipe loaded: no error here)
+
+        sets = "".join(f" --set {shlex.quote(s)}" for s, o in zip(self.sets, parse_overrides(list(self.sets)))
+                       if o.key.split(".")[0] != "train")
         return f"hymba train {shlex.quote(recipe)}{sets} --out {shlex.quote(str(self.out))} --resume"
 
 
