@@ -80,6 +80,17 @@ class UserError(Exception):
     line, exit 1."""
 
 
+def output_file(text: str | None, flag: str = "--json") -> Path | None:
+    """The file a command's ``flag`` (``--json FILE``) names, checked before any work: a folder or a name
+    that is no file name is a usage line (exit 2); None when not given. ``write_output`` writes it."""
+    if text is None:
+        return None
+    out = Path(text)
+    if out.is_dir() or out.name in ("", ".", ".."):
+        raise UsageError(f"{flag} {text}: expected a file name")
+    return out
+
+
 def write_output(out: Path, text: str, flag: str) -> None:
     """``text`` to the file ``out`` (a command's output named by ``flag``, e.g. ``--json``) under a temporary
     name first, then renamed over it: a failure leaves neither the temporary file nor an old ``out`` changed

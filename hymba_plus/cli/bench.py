@@ -17,7 +17,16 @@ import os
 import re
 from pathlib import Path
 
-from . import UsageError, UserError, add_set_argument, check_sets, load_recipe_with_sets, path_text, write_output
+from . import (
+    UsageError,
+    UserError,
+    add_set_argument,
+    check_sets,
+    load_recipe_with_sets,
+    output_file,
+    path_text,
+    write_output,
+)
 from .check import emit
 from .generate import add_decoder_arguments, check_decoder_values, decoder_flags, decoder_options, modes_taking
 from .train import TRAIN_MODES
@@ -118,9 +127,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"{flag}: only for --decode-mode {' or '.join(modes)}")
     check_decoder_values(args, DECODE_STEPS)
     options = decoder_options(args, DECODE_STEPS)
-    out = Path(args.json) if args.json is not None else None
-    if out is not None and (out.is_dir() or out.name in ("", ".", "..")):
-        raise UsageError(f"--json {args.json}: expected a file name")
+    out = output_file(args.json)
     try:
         recipe = load_recipe_with_sets(Path(args.recipe), args)  # a file (a str that is no path would be read as YAML text)
     except RecipeError as e:

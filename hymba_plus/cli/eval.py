@@ -47,7 +47,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from . import UsageError, UserError, int_in, path_text, seed_int, write_output
+from . import UsageError, UserError, int_in, output_file, path_text, seed_int, write_output
 from .check import emit
 
 #: the oldest lm_eval whose API ``--tasks`` and ``training/harness.py`` read (``lm_eval.tasks._yaml_loader``,
@@ -159,9 +159,7 @@ def run(args: argparse.Namespace) -> int:
     for flag, v in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
         if v is not None and v < 1:
             raise UsageError(f"{flag} {v}: must be >= 1")
-    out_json = Path(args.json) if args.json is not None else None
-    if out_json is not None and (out_json.is_dir() or out_json.name in ("", ".", "..")):
-        raise UsageError(f"--json {args.json}: expected a file name")
+    out_json = output_file(args.json)
     try:
         device = pick_device(args.device)
     except ValueError as e:
@@ -264,9 +262,7 @@ def run_harness(args: argparse.Namespace) -> int:
 
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size {args.batch_size}: must be >= 1")
-    out_json = Path(args.json) if args.json is not None else None
-    if out_json is not None and (out_json.is_dir() or out_json.name in ("", ".", "..")):
-        raise UsageError(f"--json {args.json}: expected a file name")
+    out_json = output_file(args.json)
     include = Path(args.include_path) if args.include_path is not None else None
     if include is not None and not include.is_dir():
         raise UsageError(f"--include-path {args.include_path}: not a folder (of task YAML files)")
