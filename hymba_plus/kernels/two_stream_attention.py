@@ -17,7 +17,8 @@ once per (layout, window, device) (``block_mask``, cached; compiled on CUDA, so 
 grid is never materialised): tiles no query of which sees any key (the clean rows' noisy columns, the noisy rows' later clean blocks and other noisy blocks, the
 clean stream's upper triangle, past the window) are skipped; partly visible tiles evaluate the
 mask_mod in registers; fully visible ones skip it. ``flex_attention`` runs compiled
-(``torch.compile``, fullgraph: its fused Triton kernels, forward and backward). GQA through
+(``torch.compile``, fullgraph, static shapes: its fused Triton kernels, forward and backward; one
+compilation per shape). GQA through
 ``enable_gqa`` (no repeat of K/V). Under autocast q, k and v are cast to autocast's dtype first,
 as SDPA is under autocast. A call that torch.compile traces keeps the reference (as
 ``kernels.sdpa``: the dispatch's answer is taken in eager code only), and so does one with a head dim
@@ -31,8 +32,11 @@ have) computes nothing: that call runs the reference and the fast path is off fr
 GPU (H100, torch 2.11, 2026-12-07, ``gpu_suite.sh flex``): the kernel-level comparison passed (B 2,
 H 8, D 64, L 1024, block 16, 4 meta, MHA / GQA, with and without a 256 window: outputs and q / k / v
 gradients against the float32 reference within 2e-2); a block-diffusion model with head dim 16 then
-failed Inductor's lowering (NoValidChoicesError), which led to the two guards above; the model step at
-head dim 32 is not yet run on a GPU. Not measured: its speed against the reference.
+failed Inductor's lowering (NoValidChoicesError), which led to the two guards above. On 2026-12-08 (H100)
+the model step at head dim 32 failed the same way after the kernel test's D 64 had compiled: the
+second shape recompiled with symbolic sizes (Dynamo's automatic dynamic), and a symbolic head dim has
+no valid FlexAttention config; the fallback ran the reference, said in one line. Hence static shapes.
+Not measured: its speed against the reference.
 """
 
 from __future__ import annotations
@@ -103,9 +107,9 @@ def _block_mask(ts: TwoStream, window: int | None, device: str, compiled: bool):
 
 
 @functools.cache
-def _compiled(fn: Callable) -> Callable:
-    """``torch.compile(fn)``, made once per function."""
-    return torch.compile(fn, fullgraph=True)
+def _compiled(fn: Callable, dynamic: bool | None = None) -> Callable:
+    """``torch.compile(fn, dynamic=dynamic)``, made once per (function, dynamic)."""
+    return torch.compile(fn, fullgraph=True, dynamic=dynamic)
 
 
 def flex_two_stream(q: Tensor, k: Tensor, v: Tensor, ts: TwoStream, window: int | None = None, *,
@@ -118,7 +122,10 @@ def flex_two_stream(q: Tensor, k: Tensor, v: Tensor, ts: TwoStream, window: int 
 
     dt = dispatch.autocast_dtype(q)
     q, k, v = q.to(dt), k.to(dt), v.to(dt)
-    fn = _compiled(flex_attention) if (q.is_cuda if compiled is None else compiled) else flex_attention
+    # static shapes: a second shape would otherwise recompile with symbolic sizes (Dynamo's automatic
+    # dynamic), and Inductor's FlexAttention templates found no valid config for a symbolic head dim
+    # (NoValidChoicesError on an H100, 2026-12-08: the probe's D 64 then a model's D 32)
+    fn = _compiled(flex_attention, False) if (q.is_cuda if compiled is None else compiled) else flex_attention
     with torch.autocast(q.device.type, enabled=False):
         return fn(q, k, v, block_mask=block_mask(ts, window, q.device), enable_gqa=enable_gqa)
 
