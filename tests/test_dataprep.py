@@ -162,7 +162,7 @@ def test_a_bad_parquet_file_is_one_line_naming_file_and_row(tmp_path, capsys):
         (_parquet(tmp_path / "null.parquet", ["a"] * 1500 + [None, "b"]), ': row 1500: "text" is null, not a string'),
         (_parquet(tmp_path / "ints.parquet", [1, 2]), ': row 0: "text" is int64, not a string'),
         (_parquet(tmp_path / "col.parquet", ["a"], field="content"),
-         ": no column \"text\" (its columns: ['id', 'content']; hymba prepare --text-field"),
+         ": no column \"text\" (its columns: ['id', 'content']; hymba prepare / hymba train / hymba tokenizer train --text-field"),
     ]
     (tmp_path / "junk.parquet").write_bytes(b"PAR1 not really")
     cases.append((tmp_path / "junk.parquet", ": not a readable Parquet file"))
@@ -324,9 +324,9 @@ def test_the_tokenizer_trainers_reader_names_the_offset_of_the_first_bad_byte(tm
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "parquet"])
-def test_train_on_json_lines_without_a_text_field_names_a_flag_it_has(tmp_path, capsys, kind):
-    """``hymba train --data x.jsonl`` reads the field ``text`` (it has no --text-field): a corpus whose text
-    is in another field is pointed to ``hymba prepare --text-field``, not to a flag ``hymba train`` refuses."""
+def test_train_on_json_lines_without_its_text_field_names_the_flag(tmp_path, capsys, kind):
+    """``hymba train --data x.jsonl`` reads the field ``text`` unless ``--text-field`` names another: a corpus
+    whose text is in another field is one line naming the file, its fields and the flags that read one."""
     if kind == "jsonl":
         f = tmp_path / "c.jsonl"
         f.write_bytes(_jsonl(["a document"] * 3, field="content"))
@@ -336,5 +336,66 @@ def test_train_on_json_lines_without_a_text_field_names_a_flag_it_has(tmp_path, 
                "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 1 and len(err.strip().splitlines()) == 1, err
-    assert "'content'" in err and "hymba prepare --text-field" in err, err
+    assert str(f) in err and "'content'" in err and "hymba train / hymba tokenizer train --text-field" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_text_field_reads_that_field_and_a_resume_keeps_it(tmp_path, capsys):
+    """``hymba train --text-field NAME`` reads the documents of a JSON Lines file's field NAME, the same tokens
+    as ``hymba prepare --text-field NAME`` makes; the checkpoint records it (train_config), so that a plain
+    ``--resume`` (the command a run prints) reads the same field; another field on a resume is other data: the
+    run's OUT/data cache is re-made for it, not reused."""
+    from tests.test_checkpoint import FAST, recipe_file
+
+    f = tmp_path / "c.jsonl"
+    f.write_text("".join(json.dumps({"text": d.upper(), "content": d}) + "\n" for d in DOCS * 4))
+    recipe = recipe_file(tmp_path, {"name": "tf", "model": {"vocab_size": 256, "d_model": 32, "max_seq_len": 64,
+                                                             "block_pattern": "GA"},
+                                    "components": {"gated_attn": {"n_heads": 2}, "mlp": {"d_hidden": 64}}})
+    out = tmp_path / "run"
+    args = ["train", recipe, "--data", str(f), "--out", str(out), *FAST, "--save-every", "1"]
+    assert main([*args, "--text-field", "content", "--steps", "1"]) == 0, capsys.readouterr().err
+    assert main(["prepare", str(f), "--out", str(tmp_path / "s"), "--text-field", "content"]) == 0
+    capsys.readouterr()
+    assert _shards(out / "data") == _shards(tmp_path / "s")
+    assert json.loads((out / "data" / "index.json").read_text())["text_field"] == "content"
+    state = json.loads((out / "step-1" / "trainer_state.json").read_text())
+    assert state["train_config"]["text_field"] == "content"
+    assert main([*args, "--steps", "2", "--resume"]) == 0, capsys.readouterr().err  # the checkpoint's field
+    capsys.readouterr()
+    assert (out / "step-2").is_dir() and _shards(out / "data") == _shards(tmp_path / "s")
+    # another field of the same source files: its tokens (not the cache of "content"), other data than the
+    # checkpoint's: refused, naming the field it was trained on; OUT/data stays the cache it trained on
+    rc = main([*args, "--steps", "3", "--resume", "--text-field", "text"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "other data" in err and "--text-field content" in err, err
+    assert len(err.strip().splitlines()) == 1 and _shards(out / "data") == _shards(tmp_path / "s")
+
+
+@pytest.mark.parametrize("bad, needle", [({"content": 3}, '"content" is a number, not a string'),
+                                         ({"text": "x"}, 'no "content" field')])
+def test_train_text_field_bad_row_is_one_line_naming_file_and_line(tmp_path, capsys, bad, needle):
+    f = tmp_path / "c.jsonl"
+    f.write_text(json.dumps({"content": "a document"}) + "\n" + json.dumps(bad) + "\n")
+    rc = main(["train", "configs/gpt_tiny.yaml", "--data", str(f), "--out", str(tmp_path / "run"), "--steps", "1",
+               "--no-progress", "--text-field", "content"])
+    err = capsys.readouterr().err
+    assert rc == 1 and len(err.strip().splitlines()) == 1 and f"{f}:2: {needle}" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("data", ["mqar", "shards"])
+def test_train_text_field_where_no_text_is_read_is_refused(tmp_path, capsys, data):
+    """``--text-field`` names where text is read: a built-in task reads none (usage error, as its --tokenizer),
+    shards made from another field (or from text files) are not re-read (one line naming the shards' field)."""
+    if data == "shards":
+        (tmp_path / "c.jsonl").write_bytes(_jsonl(DOCS * 4))
+        assert main(["prepare", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "s")]) == 0
+        data = str(tmp_path / "s")
+    capsys.readouterr()
+    rc = main(["train", "configs/gpt_tiny.yaml", "--data", data, "--out", str(tmp_path / "run"), "--steps", "1",
+               "--no-progress", "--text-field", "content"])
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--text-field content" in err, err
+    assert rc == (2 if data == "mqar" else 1), err
     assert not (tmp_path / "run").exists()

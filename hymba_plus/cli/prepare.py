@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import UsageError, UserError, path_text
+from . import UsageError, UserError, add_text_field_argument, path_text
 
 #: the largest shard: its token buffer (4 bytes a token at most) is held in memory while it fills
 MAX_SHARD_TOKENS = 1 << 28
@@ -22,9 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=path_text, required=True, help="folder to write the shards and index.json into")
     p.add_argument("--tokenizer", type=path_text, help="a `tokenizers` JSON file (default: bytes)")
     p.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard file (default 16M)")
-    p.add_argument("--text-field", default="text", metavar="NAME",
-                   help="the field of a JSON Lines object, the column of a Parquet file, that holds a document's "
-                        "text (default text)")
+    add_text_field_argument(p)
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
 
 

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import UsageError, UserError, int_in, path_text, write_output
+from . import UsageError, UserError, add_text_field_argument, int_in, path_text, write_output
 
 _positive = int_in(1, name="positive int")
 
@@ -27,9 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--vocab-size", type=_positive, required=True, metavar="N",
                    help="the vocabulary's size: the 256 bytes, the special tokens and the merges learnt")
     t.add_argument("--out", type=path_text, required=True, help="the tokenizer JSON file to write")
-    t.add_argument("--text-field", default="text", metavar="NAME",
-                   help="the field of a JSON Lines object, the column of a Parquet file, that holds a document's "
-                        "text (default text)")
+    add_text_field_argument(t)
     t.add_argument("--min-frequency", type=_positive, default=2, metavar="N",
                    help="merge only pairs seen at least N times (default 2)")
     t.add_argument("--special-tokens", nargs="+", default=[], metavar="TOKEN",

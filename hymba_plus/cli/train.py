@@ -24,6 +24,7 @@ from . import (
     UsageError,
     UserError,
     add_set_argument,
+    add_text_field_argument,
     check_sets,
     finite_float,
     load_recipe_with_sets,
@@ -39,7 +40,7 @@ MAX_ROUTE_BEAM = 64
 
 #: flags (dests) a forecast run does not read: its windows are objective.context + horizon values of a
 #: series (training/series.py), split by time, no tokens, no built-in task
-NOT_FORECAST = ("seq_len", "tokenizer", "val_frac", "mqar_pairs", "copy_tokens", "khop_hops", "khop_nodes",
+NOT_FORECAST = ("seq_len", "tokenizer", "text_field", "val_frac", "mqar_pairs", "copy_tokens", "khop_hops", "khop_nodes",
                 "chain_steps", "chain_values")
 
 #: flag dest -> TrainConfig field
@@ -48,7 +49,7 @@ _FIELDS = {
     "lr": "lr", "muon_lr": "muon_lr", "weight_decay": "weight_decay", "optimizer": "optimizer",
     "schedule": "schedule", "warmup": "warmup_steps", "grad_clip": "grad_clip", "precision": "precision",
     "tf32": "tf32", "fsdp_param_dtype": "fsdp_param_dtype", "param_dtype": "param_dtype",
-    "seed": "seed", "data": "data", "tokenizer": "tokenizer", "eval_every": "eval_every",
+    "seed": "seed", "data": "data", "tokenizer": "tokenizer", "text_field": "text_field", "eval_every": "eval_every",
     "eval_batches": "eval_batches", "save_every": "save_every", "keep_last": "keep_last",
     "mqar_pairs": "mqar_pairs", "copy_tokens": "copy_tokens", "val_frac": "val_frac",
     "khop_hops": "khop_hops", "khop_nodes": "khop_nodes", "ladir_stage": "ladir_stage",
@@ -83,6 +84,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                   "chain_arith); forecast recipes: a series CSV (timestamp column, then numeric columns) or "
                                   "synthetic (the default)")
     p.add_argument("--tokenizer", type=path_text, help="a `tokenizers` JSON file for text and reasoning data (default: bytes)")
+    add_text_field_argument(p, default=None)  # (prepare's; unset: a resumed run's is its checkpoint's)
     p.add_argument("--mqar-pairs", type=int, help="mqar: key/value pairs per sequence (default: min(seq_len / 4, vocab_size / 2 - 1))")
     p.add_argument("--copy-tokens", type=int, help="selective_copy: tokens to copy (default: seq_len / 8)")
     p.add_argument("--khop-hops", type=int, help="khop: pointers followed per query")
@@ -289,6 +291,9 @@ def run(args: argparse.Namespace) -> int:
     kind = recipe.objective.kind if recipe.objective is not None else "next_token"
     if args.ladir_stage is not None and kind != "ladir":  # (it was ignored silently)
         raise UsageError(f"--ladir-stage {args.ladir_stage}: only for objective ladir (the recipe's is {kind})")
+    if args.text_field is not None and objective_class(recipe).needs_segments:  # (it was ignored silently)
+        raise UsageError(f"--text-field {args.text_field}: the objective {kind} reads reasoning data (rows of "
+                         "question, reasoning, answer), not text")
     if args.distill is not None and kind != "next_token":  # (training/distill.py refuses it too, as the API's)
         raise UsageError(f"--distill: only for next-token training (the recipe's objective is {kind}; it must be "
                          "next_token)")

@@ -87,6 +87,9 @@ class TrainConfig:
     data: str | None = spec(None, doc="built-in task name or a path (default: the objective's: mqar; forecast: "
                                       "synthetic)")
     tokenizer: str | None = spec(None, doc="a `tokenizers` JSON file (default: bytes)")
+    # None (unset) = text, so that recipes written before the key keep their hashes (Recipe.hash)
+    text_field: str | None = spec(None, doc="the field of a JSON Lines object, the column of a Parquet file, that "
+                                            "holds a document's text (unset: text), as hymba prepare --text-field")
     val_frac: float = spec(0.05, gt=0.0, max=0.5, doc="held-out fraction of a text corpus or a reasoning file")
     mqar_pairs: int | None = spec(None, min=1, doc="MQAR key/value pairs (default: min(seq_len/4, vocab/2 - 1))")
     copy_tokens: int | None = spec(None, min=1, doc="selective copy: tokens to copy (default: seq_len/8)")
@@ -131,6 +134,8 @@ class TrainConfig:
         if self.tokenizer is not None and name is not None:  # (was dropped silently)
             yield "tokenizer", f"encodes text (a file or folder, reasoning data): the built-in task {name} makes " \
                                "token ids of its own"
+        if self.text_field is not None and name is not None:
+            yield "text_field", f"names the field of JSON Lines / Parquet text: the built-in task {name} reads no text"
         if name is not None:
             try:
                 TASKS[name].check(self.seq_len, model.vocab_size, self)
@@ -161,6 +166,7 @@ def tasks_reading(field_name: str) -> tuple[str, ...]:
 
 #: the data settings a built-in task does not read (``validate``): what each is for, and why a task has no use for it
 DATA_SETTINGS = {"tokenizer": ("encodes text (a file or folder, reasoning data)", "makes token ids of its own"),
+                 "text_field": ("names the field of JSON Lines / Parquet text", "reads no text"),
                  "val_frac": ("the held-out fraction of text, shards or a reasoning file",
                               "holds out a fixed set of its own examples")}
 
@@ -184,7 +190,7 @@ def cross_reads(field_name: str) -> tuple[str, ...]:
     if field_name == "data":  # the built-in task's check: seq_len and the tasks' own settings
         return ("seq_len", *dict.fromkeys(s for task in TASKS.values() for s in task.settings))
     return {"fsdp_param_dtype": ("precision",), "param_dtype": ("precision", "fsdp_param_dtype"),
-            "tokenizer": ("data",)}.get(field_name, ())
+            "tokenizer": ("data",), "text_field": ("data",)}.get(field_name, ())
 
 
 #: command-line flag of each field (``hymba train``), where it is not ``--field-name``

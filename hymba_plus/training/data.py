@@ -251,6 +251,11 @@ def _batch_ids(texts: list[str], where: Callable[[int], str], tok: Any, chunk_by
     return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
 
+def _structured(files: list[Path]) -> bool:
+    """Whether some of ``files`` are JSON Lines or Parquet (their documents read from a field)."""
+    return any(readers.kind_of(f)[0] != readers.TEXT for f in files)
+
+
 def _utf8(text: str) -> bool:
     """Whether a text can be encoded to UTF-8 (no lone surrogate)."""
     try:
@@ -458,6 +463,8 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, tokenizer: Any = 
         }
         if getattr(tok, "files", None):  # its side files (special tokens, chat template): checkpoints carry them
             index["tokenizer_files"] = tok.files
+        if _structured(files):  # the field its documents were read from (``hymba train``'s cache, shards checked)
+            index["text_field"] = text_field
         (tmp / INDEX).write_text(json.dumps(index, indent=1))
         _replace(tmp, out)
     except OSError as e:
@@ -895,6 +902,7 @@ def _text_stream(data: str, seq_len: int, vocab_size: int, seed: int, cfg: Any, 
     replaces it only once the stream is accepted."""
     staged = None
     p = Path(data)
+    field = getattr(cfg, "text_field", None)  # (None: unset, read as prepare's default)
     if not p.exists():
         from .reasoning import REASONING_TASKS
 
@@ -911,6 +919,11 @@ def _text_stream(data: str, seq_len: int, vocab_size: int, seed: int, cfg: Any, 
             want = tokmod.load_file(tokenizer_path).to_json()
             if want != shards.tokenizer_json:
                 raise DataError(f"{p / INDEX}: these shards were made with another tokenizer than {tokenizer_path}")
+        made = shards.index.get("text_field")
+        if field is not None and field != made:  # (shards are tokens: no field of theirs is read again)
+            how = f'the field "{made}"' if made is not None else "text files, or before prepare recorded the field"
+            raise DataError(f"{p}: token shards made from {how}: --text-field {field} names the field of JSON "
+                            "Lines / Parquet data (prepare it with hymba prepare --text-field)")
     else:
         tok = tokmod.load_file(tokenizer_path) if tokenizer_path else tokmod.ByteTokenizer()
         assert cache_dir is not None
@@ -918,12 +931,14 @@ def _text_stream(data: str, seq_len: int, vocab_size: int, seed: int, cfg: Any, 
         files = list_sources(p, exclude=(run_dir,))
         if sum(f.stat().st_size for f in files) == 0:
             raise DataError(f"{p}: empty (no text)")
+        field = field or "text"
         shards = None
         if (cache_dir / INDEX).exists():
             try:
                 cached = TokenShards(cache_dir)
                 if (cached.index.get("sources") == fingerprint(files) and cached.tokenizer_json == tok.to_json()
-                        and cached.tokenizer_files == getattr(tok, "files", {}) and cached.index.get("version") == VERSION):
+                        and cached.tokenizer_files == getattr(tok, "files", {}) and cached.index.get("version") == VERSION
+                        and cached.index.get("text_field", "text" if _structured(files) else None) == (field if _structured(files) else None)):
                     shards = cached
             except DataError:
                 shards = None
@@ -934,7 +949,7 @@ def _text_stream(data: str, seq_len: int, vocab_size: int, seed: int, cfg: Any, 
                                 f"tokenized into OUT/data): move it away, or choose another --out")
             # written beside the cache: a resume refused for this data (``accept``) keeps the cache it trained on
             staged = cache_dir.parent / f".{cache_dir.name}.new-{os.getpid()}"
-            prepare(p, staged, tok, force=True, exclude=(run_dir,))
+            prepare(p, staged, tok, force=True, exclude=(run_dir,), text_field=field)
             shards = TokenShards(staged)
         shards.source = str(p)  # what messages name (the cache folder is ours, not the user's)
     try:

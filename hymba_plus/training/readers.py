@@ -1,4 +1,5 @@
-"""The documents of a corpus file, for ``hymba prepare`` and ``hymba tokenizer train`` (one reader for both).
+"""The documents of a corpus file, for ``hymba prepare``, ``hymba train --data`` (through ``data.prepare``) and
+``hymba tokenizer train`` (one reader for all).
 
 A file's format is its name's (``kind_of``):
 
@@ -41,9 +42,8 @@ BOM = b"\xef\xbb\xbf"
 #: a batch of documents (``batches``): at most this many, and at most ``BATCH_CHARS`` characters past the first
 BATCH_DOCS = 1024
 BATCH_CHARS = 1 << 23
-#: where the text field is missing: the flags that name another (``hymba train --data`` has none, it reads
-#: ``text``: shards of another field come from ``hymba prepare``)
-FIELD_HINT = "hymba prepare --text-field / hymba tokenizer train --text-field name the one to read"
+#: where the text field is missing: the flags that name another
+FIELD_HINT = "hymba prepare / hymba train / hymba tokenizer train --text-field name the one to read"
 
 
 def kind_of(f: Path) -> tuple[str, str | None]:

@@ -667,6 +667,9 @@ class Trainer:
                 what, name, fix = digest
                 if diff == "values" and saved.get("source") == now.get("source") == "synthetic" and was != self.cfg.seed:
                     fix = f"--seed {was} (the synthetic series is drawn from the seed)"
+                field = (state.get("train_config") or {}).get("text_field")
+                if diff == "content" and field != self.cfg.text_field:  # (the same files, another field of them)
+                    fix = f"--text-field {field or 'text'} (the field it read)"
                 raise TrainError(f"--data {self.cfg.data}: the checkpoint {self.resume_from} was trained on {what} "
                                  f"({name} {saved[diff]} there, {now[diff]} now): resume with {fix}, or start a new run")
             if diff is not None:
