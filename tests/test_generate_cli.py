@@ -377,3 +377,36 @@ def test_ladir_flags_need_a_ladir_model_and_mode(ladir_ckpts, ckpts, capsys):
         rc, out, err = gen(capsys, str(ckpts / "ids"), "--mode", "ladir", "--prompt", "3 4 5", flag, text)
         assert rc == 2 and len(err.strip().splitlines()) == 1 and out == "", err
         assert f"{flag}: {ckpts / 'ids'} is not a LaDiR model (its recipe has no ladir section)" in err, err
+
+
+@pytest.mark.parametrize("mode,samples", [("ar", 1), ("ladir", 1), ("ladir", 3)])
+def test_a_streamer_that_ends_the_call_leaves_the_stats_so_far(ladir_ckpts, mode, samples):
+    """``hymba generate --stop`` ends a call by raising from its streamer (``AllStopped``): the decoder's stats
+    and summary are those of the tokens so far (the streamer's columns, the one it stopped at included), as a
+    call of that many tokens fills them; they were empty (no summary line printed). LaDiR with several samples
+    decodes each whole before the vote, then streams the voted answer: its stats are the whole call's."""
+    from hymba_plus.models.lm import from_pretrained
+    from hymba_plus.training.tokenizer import AllStopped
+
+    torch.manual_seed(0)
+    model = build_model(RECIPE) if mode == "ar" else from_pretrained(ladir_ckpts / "plain")
+    ids = torch.tensor([[3, 4, 5], [6, 7, 8]])
+    opts = {"samples": samples} if mode == "ladir" else {}
+    seen = []
+
+    def stop_at_2(col: torch.Tensor) -> None:
+        seen.append(col)
+        if len(seen) == 2:
+            raise AllStopped
+
+    stats: dict = {}
+    torch.manual_seed(1)
+    with pytest.raises(AllStopped):
+        model.generate(ids, max_new_tokens=6, mode=mode, temperature=0.0, streamer=stop_at_2, stats=stats, **opts)
+    whole: dict = {}
+    n = 2 if samples == 1 else 6
+    torch.manual_seed(1)
+    model.generate(ids, max_new_tokens=n, mode=mode, temperature=0.0, stats=whole, **opts)
+    assert stats["tokens"] == n * 2 and stats == whole, (stats, whole)
+    if mode == "ladir":
+        assert stats["summary"][0].startswith("ladir: denoising steps used"), stats

@@ -167,3 +167,32 @@ def test_an_unfinished_character_is_no_stop_string() -> None:
     # cut there (were the call to end now, the text would hold it); one more token makes it text
     assert not w.push([0xFF, ord("y")]) and w.completion(0) == "é"
     assert w.push([ord("z"), ord("y")]) and w.completion(0) == "é" and w.shown(0) == "é"
+
+
+#: the summary line of each decoder that prints one (models/generation.py, mtp_decoding.py): its counts
+SUMMARY = {"speculative": r"speculative: k 3, .* \((\d+) forwards, .*\), (\d+) rounds$",
+           "mtp": r"mtp: k \d+, .* \((\d+) forwards, .*\), (\d+) rounds$",
+           "block_diffusion": r"block diffusion: block size 4, (\d+) forward passes for (\d+) tokens per row"}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_call_ended_by_its_stop_strings_prints_the_decoders_summary_so_far(ckpts, capsys, mode):
+    """A call that every row's stop string ends early printed no summary line (the decoders filled ``stats`` at
+    their end, which the stop skipped): it prints the decoder's line of what it ran (the rounds, the blocks up
+    to the stop), fewer forwards than the whole call's; ar has none either way."""
+    import re
+
+    name, flags = MODES[mode]
+    flags = [f.format(words=ckpts / "words") for f in flags]
+    ck = str(ckpts / name)
+    rc, out, full_err = gen(capsys, ck, "--prompt", P0, *BASE, *flags, "--no-stream")
+    assert rc == 0, full_err
+    stop, _ = pick_stop(out[len(P0):-1])
+    rc, _, err = gen(capsys, ck, "--prompt", P0, *BASE, *flags, "--stop", stop)
+    assert rc == 0, err
+    if mode == "ar":
+        assert full_err == err == ""
+        return
+    (whole,), (part,) = ([re.match(SUMMARY[mode], line) for line in e.splitlines()] for e in (full_err, err))
+    assert whole and part, (full_err, err)
+    assert int(part[1]) < int(whole[1]) and int(part[2]) <= int(whole[2]), (full_err, err)

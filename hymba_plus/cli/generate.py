@@ -17,7 +17,9 @@ in its vocabulary: ``</s>``, ``<|endoftext|>``, ``<|end_of_text|>``, ``<eos>``, 
 string in its generated text and is printed without it; the run ends once every row has stopped;
 streamed, the last ``len(longest stop) - 1`` characters are held back until no stop string can end
 there (``training.tokenizer.StopWatch``, the harness's ``generate_until`` rule). ``block_diffusion``
-streams whole denoised blocks: it stops after the block that holds the stop string.
+streams whole denoised blocks: it stops after the block that holds the stop string. A call so ended
+prints the decoder's summary line (speculative, mtp, block diffusion, ladir) of what it ran up to the stop
+(``generation.reporting``): the rounds or blocks done, the tokens they made (past the stop string too).
 
 ETD checkpoints (``model.etd``) print, after generation and to stderr, one line per prompt
 row: the think iterations used (ACT: also the mean over the prompt's tokens, meta tokens

@@ -380,13 +380,16 @@ def generate_ar(
     if kind != "dynamic" and max_new_tokens > 1:
         eng = engine_for(model, cache, max_new_tokens, graph=kind == "graph")
         cache, step = None, eng.step  # the engine holds its own copy of the cache
+
+    def report(n: int) -> None:  # n tokens a row: prefill + one per token but the last
+        more = {"engine": eng.mode if eng is not None else "dynamic"}
+        if eng is not None and eng.notice:
+            more["engine_notice"] = eng.notice
+        _report(stats, forwards=max(n, 1), tokens=n * B, rows=B, **more)
+
     new = continue_ar(model, cache, out.logits[:, -1], max_new_tokens, temperature, top_k, top_p, eos_token_id,
-                      generator, streamer, step=step, min_p=min_p)
-    more = {"engine": eng.mode if eng is not None else "dynamic"}
-    if eng is not None and eng.notice:
-        more["engine_notice"] = eng.notice
-    # prefill + one per token but the last
-    _report(stats, forwards=max(new.shape[1], 1), tokens=new.shape[1] * B, rows=B, **more)
+                      generator, reporting(streamer, report), step=step, min_p=min_p)
+    report(new.shape[1])
     return torch.cat([input_ids, new], dim=1)
 
 
@@ -439,6 +442,28 @@ def speculative_summary(mode: str, stats: dict, model_word: str = "target") -> s
 def _report(stats: dict | None, forwards: int, tokens: int, rows: int, **more: Any) -> None:
     if stats is not None:
         stats.update(forwards=forwards, tokens=tokens, tokens_per_forward=tokens / max(forwards * rows, 1), **more)
+
+
+def reporting(streamer: Callable[[Tensor], Any] | None, report: Callable[[int], None]) -> Callable[[Tensor], Any] | None:
+    """``streamer`` for a decoder whose ``stats`` (and ``stats["summary"]``) ``report(columns)`` fills at its
+    end: a streamer's exception that ends the call early (``hymba generate --stop``: ``AllStopped`` once every
+    row met a stop string) fills them first, as far as the call went, then goes on. ``columns``: the token
+    columns the streamer was given, the one it stopped at included. The decoders call it where their counts
+    are whole (after a round, a block, a token), so the partial stats are those of a shorter call."""
+    if streamer is None:
+        return None
+    columns = 0
+
+    def call(x: Tensor) -> Any:
+        nonlocal columns
+        columns += 1
+        try:
+            return streamer(x)
+        except Exception:
+            report(columns)
+            raise
+
+    return call
 
 
 def token_confidence(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
@@ -554,6 +579,19 @@ def generate_block_diffusion(
     rows = torch.arange(B, device=dev)
     forwards, blocks, steps_used = int(prefill), [], []
     room = model.config.max_seq_len - longest  # positions after the longest prompt
+
+    def report(_: int = 0) -> None:  # the blocks denoised so far (a stop: the streamer is called after each)
+        n_tokens = sum(b.shape[1] for b in blocks)
+        _report(stats, forwards=forwards, tokens=n_tokens * B, rows=B, block_size=bs,
+                steps_per_block=sum(steps_used) / max(len(steps_used), 1))
+        if stats is not None:
+            stats["sampler"] = sampler
+            name = "block diffusion" if sampler == "confidence" else f"block diffusion ({sampler} sampler)"
+            stats["summary"] = [f"{name}: block size {bs}, {forwards} forward passes for {n_tokens} tokens per "
+                                f"row ({stats['tokens_per_forward']:.2f} tokens per forward, prefill and block "
+                                f"commits included), {stats['steps_per_block']:.2f} denoising steps per block"]
+
+    streamer = reporting(streamer, report)
     for start in range(0, max_new_tokens, bs):
         size = min(bs, max_new_tokens - start)  # the tokens this block gives
         # a last, partial block is denoised at the full block size where it fits (as every noisy
@@ -617,15 +655,7 @@ def generate_block_diffusion(
         if start + size < max_new_tokens:  # commit the denoised block: the ordinary cached forward
             model(x, cache=cache, check_inputs=False)
             forwards += 1
-    n_tokens = sum(b.shape[1] for b in blocks)
-    _report(stats, forwards=forwards, tokens=n_tokens * B, rows=B, block_size=bs,
-            steps_per_block=sum(steps_used) / max(len(steps_used), 1))
-    if stats is not None:
-        stats["sampler"] = sampler
-        name = "block diffusion" if sampler == "confidence" else f"block diffusion ({sampler} sampler)"
-        stats["summary"] = [f"{name}: block size {bs}, {forwards} forward passes for {n_tokens} tokens per "
-                            f"row ({stats['tokens_per_forward']:.2f} tokens per forward, prefill and block commits "
-                            f"included), {stats['steps_per_block']:.2f} denoising steps per block"]
+    report()
     if not blocks:
         return input_ids
     return torch.cat([input_ids, *blocks], dim=1)
@@ -728,6 +758,19 @@ def generate_speculative(
     cols = torch.arange(k + 1, device=dev)
     rows = torch.arange(B, device=dev)
     streamed = 0
+
+    def report(_: int = 0) -> None:  # the rounds run so far (a stop: the streamer is called between rounds)
+        tokens = int(produced.max()) * B
+        n_prop, n_acc_total = int(proposed), int(accepted)
+        _report(stats, forwards=n_target, tokens=tokens, rows=B, target_forwards=n_target, verify_forwards=n_verify,
+                rewind_forwards=n_rewind, recorded_rewinds=n_recorded, draft_forwards=n_draft,
+                draft_rewind_forwards=n_draft_rewind, rounds=rounds, proposed=n_prop, accepted=n_acc_total,
+                acceptance_rate=n_acc_total / n_prop if n_prop else 0.0,
+                tokens_per_target_forward=tokens / (n_target * B), k=k)
+        if stats is not None:
+            stats["summary"] = [speculative_summary("speculative", stats)]
+
+    streamer = reporting(streamer, report)
     while True:
         active = ~done & (produced < N)
         # drafts per row this round: a row never passes max_new_tokens (rows that are over: 0)
@@ -814,16 +857,8 @@ def generate_speculative(
             m = None if n_behind == B else behind.long()[:, None].to(ddev)
             draft(ids.gather(1, k_row[:, None]).to(ddev), attention_mask=m, cache=dcache, check_inputs=False)
             n_draft += 1
-    L = int(produced.max())
-    tokens = L * B
-    n_prop, n_acc_total = int(proposed), int(accepted)
-    _report(stats, forwards=n_target, tokens=tokens, rows=B, target_forwards=n_target, verify_forwards=n_verify,
-            rewind_forwards=n_rewind, recorded_rewinds=n_recorded, draft_forwards=n_draft, draft_rewind_forwards=n_draft_rewind, rounds=rounds,
-            proposed=n_prop, accepted=n_acc_total, acceptance_rate=n_acc_total / n_prop if n_prop else 0.0,
-            tokens_per_target_forward=tokens / (n_target * B), k=k)
-    if stats is not None:
-        stats["summary"] = [speculative_summary("speculative", stats)]
-    return torch.cat([input_ids, out[:, :L]], dim=1)
+    report()
+    return torch.cat([input_ids, out[:, :int(produced.max())]], dim=1)
 
 
 GENERATORS: dict[str, Callable[..., Tensor]] = {"ar": generate_ar, "block_diffusion": generate_block_diffusion,

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..components.ladir import sampler_settings
 from ..core.config import brief
-from .generation import GENERATORS, RESERVED, check_length, continue_ar, int_at_least
+from .generation import GENERATORS, RESERVED, check_length, continue_ar, int_at_least, reporting
 
 #: the most latents per question (the recipe schema's bound on ``ladir.samples``)
 MAX_SAMPLES = 64
@@ -97,22 +97,11 @@ def generate_ladir(
                          stats=sampled, samples=S, **run)  # (the diversity guidance acts between a question's samples)
     last = model(inputs_embeds=lad.slots(z, model.dtype), input_ids=None, cache=cache, check_inputs=False,
                  logits_to_keep=1).logits[:, -1]  # the slots enter the cache once
-    new = continue_ar(model, cache, last, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator,
-                      streamer if S == 1 else None, min_p=min_p)
-    n = new.shape[1]
-    if S > 1:  # majority vote over each question's samples
-        per = new.view(B, S, n)
-        same = (per[:, :, None] == per[:, None]).all(-1)  # [B, S, S]
-        votes = same.sum(-1)
-        best = votes.argmax(-1)  # first of the most voted
-        agreement = votes.gather(1, best[:, None]).squeeze(1).float() / S
-        new = per[torch.arange(B, device=dev), best]
-        if streamer is not None:  # the voted answer, column by column, once it is known
-            for j in range(n):
-                streamer(new[:, j])
-    else:
-        agreement = torch.ones(B, device=dev)
-    if stats is not None:
+    agreement = torch.ones(B, device=dev)  # (one sample: no vote)
+
+    def report(n: int) -> None:  # n answer tokens (a stop: those streamed; the latents are whole by then)
+        if stats is None:
+            return
         # prefill (B rows) + Prophet's checks + the slots + one per answer token but the last (B x S rows)
         forwards = 1 + sampled["lm_forwards"] + 1 + max(n - 1, 0)
         stats.update(forwards=forwards, tokens=n * B, tokens_per_forward=n / forwards, steps=steps,
@@ -123,6 +112,22 @@ def generate_ladir(
                                                        for u in row)
             + f" of {steps} per latent sample; answer vote agreement {stats['vote_agreement'][i]:.2f}"
             + guidance(run, S) for i, row in enumerate(stats["steps_used"])]
+
+    new = continue_ar(model, cache, last, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator,
+                      reporting(streamer, report) if S == 1 else None, min_p=min_p)
+    n = new.shape[1]
+    if S > 1:  # majority vote over each question's samples
+        per = new.view(B, S, n)
+        same = (per[:, :, None] == per[:, None]).all(-1)  # [B, S, S]
+        votes = same.sum(-1)
+        best = votes.argmax(-1)  # first of the most voted
+        agreement = votes.gather(1, best[:, None]).squeeze(1).float() / S
+        new = per[torch.arange(B, device=dev), best]
+        voted = reporting(streamer, lambda _: report(n))  # (the whole answer was decoded before it streams)
+        if voted is not None:  # the voted answer, column by column, once it is known
+            for j in range(n):
+                voted(new[:, j])
+    report(n)
     return torch.cat([input_ids, new], dim=1)
 
 

@@ -60,6 +60,7 @@ from .generation import (
     filtered_probs,
     int_at_least,
     record_by_default,
+    reporting,
     speculative_summary,
 )
 
@@ -152,6 +153,19 @@ def generate_mtp(
     fill = eos.fill if eos is not None else 0  # after a row's EOS: EOS (as generate_ar)
     out_tokens = torch.full((B, max_new_tokens + k + 1), fill, dtype=input_ids.dtype, device=dev)
     streamed = 0
+    forwards, rewinds, recorded, proposed, accepted_total, rounds = 1, 0, 0, 0, 0, 0
+
+    def report(_: int = 0) -> None:  # the rounds run so far (a stop: the streamer is called after each)
+        if stats is not None:  # the same keys as mode speculative where they mean the same
+            tokens_per_row = float(emitted.float().mean())
+            stats.update(forwards=forwards, target_forwards=forwards, rewind_forwards=rewinds,
+                         recorded_rewinds=recorded, mtp_forwards=m_fwd, rounds=rounds, k=k, proposed=proposed,
+                         accepted=accepted_total, acceptance_rate=accepted_total / max(proposed, 1),
+                         tokens=int(emitted.sum()), tokens_per_forward=tokens_per_row / forwards,
+                         tokens_per_target_forward=tokens_per_row / forwards)
+            stats["summary"] = [speculative_summary("mtp", stats, "trunk")]
+
+    streamer = reporting(streamer, report)
 
     def flush(upto: int) -> int:
         """Stream the columns ``streamed .. upto - 1``, which every row has produced (a finished row's
@@ -169,7 +183,6 @@ def generate_mtp(
         done |= emitted >= max_new_tokens
         if streamer is not None:
             streamed = flush(1)
-    forwards, rewinds, recorded, proposed, accepted_total, rounds = 1, 0, 0, 0, 0, 0
     rows = torch.arange(B, device=dev)
     room_seq = model.config.max_seq_len - L  # real tokens a row's trunk cache may still take, after its prompt
     while True:
@@ -261,14 +274,7 @@ def generate_mtp(
     if eos is not None:  # after a row's EOS, EOS (as generate_ar)
         after = (torch.arange(length, device=dev)[None] >= emitted[:, None]) | eos.after(new)
         new = torch.where(after, torch.full_like(new, eos.fill), new)
-    if stats is not None:  # the same keys as mode speculative where they mean the same
-        tokens_per_row = float(emitted.float().mean())
-        stats.update(forwards=forwards, target_forwards=forwards, rewind_forwards=rewinds, recorded_rewinds=recorded,
-                     mtp_forwards=m_fwd,
-                     rounds=rounds, k=k, proposed=proposed, accepted=accepted_total,
-                     acceptance_rate=accepted_total / max(proposed, 1), tokens=int(emitted.sum()),
-                     tokens_per_forward=tokens_per_row / forwards, tokens_per_target_forward=tokens_per_row / forwards)
-        stats["summary"] = [speculative_summary("mtp", stats, "trunk")]
+    report()
     return torch.cat([input_ids, new], dim=1) if max_new_tokens > 0 else input_ids
 
 
