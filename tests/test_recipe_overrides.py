@@ -405,3 +405,39 @@ def test_override_error_is_exported_with_recipe_error():
 
     assert hymba_plus.OverrideError is OverrideError and issubclass(OverrideError, hymba_plus.RecipeError)
     assert "OverrideError" in hymba_plus.__all__
+
+
+# --------------------------------------------------------------------------- list items: KEY[N]
+
+BD_TINY = ROOT / "configs" / "bd_tiny.yaml"  # objective: {..., clip: [0.3, 0.8]} at line 18
+
+
+def test_a_list_item_is_set_as_key_index():
+    """``KEY[N]`` sets item N of an existing list (as errors name items: ``objective.clip[1]``), the other items
+    the file's; nested lists ``grid[1][0]``; the recipe's checks see the result and name the ``--set``."""
+    r = load_recipe(BD_TINY, overrides=["objective.clip[1]=0.9"])
+    assert r.objective.clip == (0.3, 0.9)
+    r = load_recipe(BD_TINY, overrides=["objective.clip_search={grid: [[0.0, 1.0], [0.3, 0.8]]}",
+                                        "objective.clip_search.grid[1][0]=0.2"])
+    assert r.objective.clip_search.grid == ((0.0, 1.0), (0.2, 0.8))
+    assert load_recipe(BD_TINY, overrides={"objective.clip[0]": 0.1}).objective.clip == (0.1, 0.8)
+    assert errors(BD_TINY, ["objective.clip[1]=abc"]) == [
+        "--set objective.clip[1]=abc: wrong type: expected a number, got str 'abc'"]
+
+
+@pytest.mark.parametrize("given, needle", [
+    ("objective.clip[2]=0.5", "objective.clip[2]: no such item (objective.clip has 2 items: [0] .. [1])"),
+    ("objective.clip[-1]=0.5", "objective.clip[-1]: no such item (objective.clip has 2 items: [0] .. [1]; "
+                               "an index counts from 0, never from the end)"),
+    ("objective.clip.0=0.5", "objective.clip is a list, not a mapping (its items: objective.clip[0] .. [1])"),
+    ("objective[0]=1", "objective is a mapping, not a list"),
+    ("objective.clip[x]=1", "objective.clip[x]: a list item is KEY[N], N an index from 0"),
+    ("objective.clip[0=1", "objective.clip[0: a list item is KEY[N], N an index from 0"),
+    ("objective.kind[0]=1", "objective.kind is str 'block_diffusion', not a list"),
+    ("[0]=1", "empty part in the key path"),
+])
+def test_a_wrong_list_item_path_is_one_line_naming_the_set(given, needle):
+    with pytest.raises(OverrideError) as e:
+        load_recipe(BD_TINY, overrides=[given])
+    assert len(e.value.errors) == 1 and str(e.value).startswith(f"--set {given}: ") and needle in str(e.value), \
+        str(e.value)

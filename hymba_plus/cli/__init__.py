@@ -154,8 +154,8 @@ def add_set_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
                    help="set a recipe key before the recipe is validated (repeatable): a key path and a YAML value, "
                         "e.g. --set model.d_model=256 --set components.gdn.n_heads=8 --set 'model.block_pattern=GA | "
-                        "GD' --set 'components.gated_attn.rope={theta: 500000}'; a key the recipe lacks is added, a "
-                        "mapping replaces the whole section. Errors at such a key read `--set KEY=VALUE: ...`")
+                        "GD' --set 'components.gated_attn.rope={theta: 500000}' --set 'objective.clip[1]=0.9' (an existing "
+                        "list item, from 0); a key the recipe lacks is added, a mapping replaces the whole section. Errors at such a key read `--set KEY=VALUE: ...`")
 
 
 def add_text_field_argument(p: argparse.ArgumentParser, default: str | None = "text") -> None:

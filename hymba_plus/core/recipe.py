@@ -837,6 +837,9 @@ class _Override:
     flag: str  # how its errors name it: ``--set model.d_model=256``, as given
 
 
+#: a key path's part naming list items: ``grid[1]``, ``grid[1][0]`` (a negative index is refused at the list)
+_ITEMS = re.compile(r"[^\[\]]+(\[-?\d+\])+")
+
 _SET_USAGE = "expected KEY=VALUE (a key path = a YAML value, e.g. model.d_model=256)"
 
 
@@ -869,8 +872,12 @@ def parse_overrides(overrides: Any) -> list[_Override]:
         flag = _cut(_printable(flag))
         if not key:
             raise OverrideError([f"{flag}: empty key ({_SET_USAGE})"])
-        if "" in key.split("."):
+        parts = key.split(".")
+        if "" in parts or any(p.startswith("[") for p in parts):
             raise OverrideError([f"{flag}: empty part in the key path {key!r}"])
+        bad = next((i for i, p in enumerate(parts) if ("[" in p or "]" in p) and not _ITEMS.fullmatch(p)), None)
+        if bad is not None:  # (an item is KEY[N]: as errors name list items, objective.grid[1])
+            raise OverrideError([f"{flag}: {'.'.join(parts[:bad + 1])}: a list item is KEY[N], N an index from 0"])
         out.append(_Override(key, _override_value(value, key, flag) if isinstance(value, str) else value, flag))
     return out
 
@@ -924,7 +931,8 @@ def _apply_overrides(data: Any, sets: list[_Override]) -> tuple[Any, list[tuple[
     """``data`` (the parsed recipe) with each override's key path set to its value, in order: a mapping on
     the path is copied (``data`` is not changed; a LineDict keeps its lines), a key it lacks added (an empty
     ``components:`` section, null, is a mapping to fill). Validation follows (``_build``), so the strict
-    checks see the result; a path through a value that is not a mapping is an ``OverrideError``
+    checks see the result; ``KEY[N]`` is item N of an existing list (``objective.clip[1]``, as errors name list
+    items; set, never added); a path through a value that is not a mapping (or list) is an ``OverrideError``
     (``load_recipe``: the file's own errors where it is invalid). Also, per override, (the topmost key it
     added or set, its key path, its flag): ``_Errors.origin``'s."""
     where = []
@@ -935,13 +943,35 @@ def _apply_overrides(data: Any, sets: list[_Override]) -> tuple[Any, list[tuple[
 
 
 def _set_path(node: Any, rest: str, ov: _Override, done: str) -> tuple[Any, str | None]:
-    """(``node`` with ``rest`` set, the path of the topmost key added on the way or None)."""
+    """(``node`` with ``rest`` set, the path of the topmost key added on the way or None). ``rest`` starting with
+    ``[N]``: item N of the list ``node`` (an existing one: no item is added)."""
+    if rest.startswith("["):
+        if not isinstance(node, list):
+            kind = "a mapping" if isinstance(node, Mapping) else _describe(node)
+            raise OverrideError([f"{ov.flag}: {done} is {kind}, not a list"])
+        m = re.match(r"\[(-?\d+)\]", rest)
+        i, n = int(m.group(1)), len(node)
+        if not 0 <= i < n:
+            items = f"{n} item{'s' if n != 1 else ''}" + (f": [0] .. [{n - 1}]" if n else "")
+            raise OverrideError([f"{ov.flag}: {done}[{m.group(1)}]: no such item ({done} has {items}"
+                                 + ("; an index counts from 0, never from the end)" if i < 0 else ")")])
+        items_out = LineList(node)
+        items_out.item_lines = getattr(node, "item_lines", ())
+        after = rest[m.end():]
+        here = f"{done}[{i}]"
+        if not after:
+            items_out[i] = ov.value
+            return items_out, None
+        sub = node[i]
+        items_out[i], added = _set_path({} if sub is None else sub, after.removeprefix("."), ov, here)
+        return items_out, here if sub is None else added
     if not isinstance(node, Mapping):
         what = done or "the recipe"
-        raise OverrideError([f"{ov.flag}: {what} is {_describe(node)}, not a mapping"])
+        hint = f" (its items: {what}[0] .. [{len(node) - 1}])" if isinstance(node, list) and node else ""
+        raise OverrideError([f"{ov.flag}: {what} is {_describe(node)}, not a mapping{hint}"])
     # the longest existing key the path goes on from (a key may hold dots: model.layout.ratios), else its next part
-    key = max((k for k in node if isinstance(k, str) and (rest == k or rest.startswith(k + "."))),
-              key=len, default=None) or rest.split(".", 1)[0]
+    key = max((k for k in node if isinstance(k, str) and (rest == k or rest.startswith((k + ".", k + "[")))),
+              key=len, default=None) or re.split(r"[.\[]", rest, maxsplit=1)[0]
     if isinstance(node, LineDict):
         out: dict = LineDict(node)
         out.line, out.key_lines = node.line, dict(node.key_lines)
@@ -952,7 +982,8 @@ def _set_path(node: Any, rest: str, ov: _Override, done: str) -> tuple[Any, str 
         out[key] = ov.value
         return out, None
     sub = node.get(key)
-    out[key], added = _set_path({} if sub is None else sub, rest[len(key) + 1:], ov, here)
+    after = rest[len(key):]  # ".more" or "[N]..."
+    out[key], added = _set_path({} if sub is None else sub, after.removeprefix("."), ov, here)
     return out, here if sub is None else added
 
 
