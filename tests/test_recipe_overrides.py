@@ -441,3 +441,16 @@ def test_a_wrong_list_item_path_is_one_line_naming_the_set(given, needle):
         load_recipe(BD_TINY, overrides=[given])
     assert len(e.value.errors) == 1 and str(e.value).startswith(f"--set {given}: ") and needle in str(e.value), \
         str(e.value)
+
+
+def test_resuming_with_a_list_item_set_names_the_set(tmp_path, capsys):
+    """A resumed run refuses a --set that changes its checkpoint's recipe naming the --set (exit 2); a list
+    item's (``objective.clip[0]``) was not found in the recipes (a key named ``clip[0]``), and the refusal
+    named the recipe file as holding the new value (exit 1)."""
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", str(BD_TINY), "--out", str(out), "--steps", "2", *FAST, "--stop-after", "1")
+    assert code == 0, err
+    code, _, err = run(capsys, "train", str(BD_TINY), "--out", str(out), "--steps", "2", *FAST, "--resume",
+                       "--set", "objective.clip[0]=0.1")
+    assert code == 2 and err.startswith("hymba train: --set objective.clip[0]=0.1: the checkpoint "), err
+    assert "(objective.clip[0]: 0.3 there, 0.1 with the --set)" in err and len(err.strip().splitlines()) == 1, err

@@ -253,11 +253,17 @@ def _check_sets_against_checkpoints(args: argparse.Namespace, recipe, init: Path
 
 
 def _at(d: Any, key: str) -> Any:
-    """The value at a key path of a recipe's ``to_dict()`` (None where it has none)."""
-    for part in key.split("."):
-        if not isinstance(d, dict):
+    """The value at a key path of a recipe's ``to_dict()``, list items ``KEY[N]`` too (None where it has none)."""
+    import re
+
+    for part in re.findall(r"\[\d+\]|[^.\[]+", key):
+        if part.startswith("["):
+            i = int(part[1:-1])
+            d = d[i] if isinstance(d, (list, tuple)) and i < len(d) else None
+        elif isinstance(d, dict):
+            d = d.get(part)
+        else:
             return None
-        d = d.get(part)
     return d
 
 
