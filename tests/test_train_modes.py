@@ -672,8 +672,53 @@ def test_gpu_mtp_is_graphed_and_equals_eager(tmp_path, capsys):
 @pytest.mark.gpu
 def test_gpu_block_diffusion_is_graphed_and_equals_eager(tmp_path, capsys):
     """Block diffusion: its whole step (noise draws, two-stream forward, NELBO) is captured, and its losses
-    equal an eager run's (the replays draw the noise an eager run draws: they read the generator's state)."""
+    equal an eager run's (the replays draw the noise an eager run draws: they read the generator's state).
+    bd_tiny's attention heads (16) keep the dense-mask SDPA; FlexAttention in the capture: the next test."""
     _graphed_equals_eager(tmp_path, capsys, "bd_tiny.yaml", FAST)
+
+
+#: ``hymba train configs/bd_tiny.yaml`` with attention heads the two-stream FlexAttention path takes (head dims
+#: of at least ``kernels.two_stream_attention.MIN_HEAD_DIM``, 32; bd_tiny's own 16 keep the dense-mask SDPA)
+BD_FLEX_SETS = ["--set", "components.gated_attn.head_dim=32"]
+
+
+def test_the_flex_block_diffusion_recipe_takes_the_flex_path(monkeypatch):
+    """The recipe test_gpu_block_diffusion_with_flex_attention_is_graphed_and_equals_eager trains (bd_tiny with
+    ``BD_FLEX_SETS``) sends every attention layer's two-stream call to the fast path; bd_tiny as shipped sends
+    none (its head dim 16 is below ``MIN_HEAD_DIM``). The fast path is registered for the CPU here, with the
+    reference standing in for FlexAttention."""
+    from hymba_plus.kernels import two_stream_attention as T
+
+    monkeypatch.setitem(dispatch._FAST, T.FAST, dispatch.FastPath(T.FAST, lambda: None, "test", device="cpu"))
+    calls = []
+
+    def stand_in(q, k, v, ts, window=None, *, enable_gqa=False):  # noqa: ANN001, ANN202
+        calls.append(q.shape[-1])
+        return T.reference(q, k, v, ts, window, enable_gqa=enable_gqa)
+
+    monkeypatch.setattr(T, "flex_two_stream", stand_in)
+    monkeypatch.setenv("HYMBA_KERNELS", "auto")
+    path = Path(__file__).resolve().parents[1] / "configs" / "bd_tiny.yaml"
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    for sets, want in (([], []), (BD_FLEX_SETS[1::2], [32, 32])):  # bd_tiny: two GA layers
+        torch.manual_seed(0)
+        model = build_model(load_recipe(path, sets)).train()
+        calls.clear()
+        model.objective.train_forward(model, model, ids, ids)
+        assert calls == want, (sets, calls)
+
+
+@pytest.mark.gpu
+def test_gpu_block_diffusion_with_flex_attention_is_graphed_and_equals_eager(tmp_path, capsys):
+    """Block diffusion with the two-stream attention by FlexAttention (``flex_two_stream``: compiled
+    flex_attention with the cached block mask) inside the captured step: bd_tiny with 32-wide attention heads
+    (``BD_FLEX_SETS``) is captured whole, its losses equal an eager run's, and the fast path was asked for and
+    never fell back (its status True: None had it not been asked, its error had a call failed)."""
+    from hymba_plus.kernels import two_stream_attention as T
+
+    dispatch.forget(T.FAST)  # (asked for by an earlier test in this process: this run's answer only)
+    _graphed_equals_eager(tmp_path, capsys, "bd_tiny.yaml", [*FAST, *BD_FLEX_SETS])
+    assert dispatch.statuses()[T.FAST] is True, dispatch.statuses()[T.FAST]
 
 
 @pytest.mark.gpu
