@@ -454,3 +454,14 @@ def test_resuming_with_a_list_item_set_names_the_set(tmp_path, capsys):
                        "--set", "objective.clip[0]=0.1")
     assert code == 2 and err.startswith("hymba train: --set objective.clip[0]=0.1: the checkpoint "), err
     assert "(objective.clip[0]: 0.3 there, 0.1 with the --set)" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("given, rule", [
+    ("objective.clip[0]=2", "objective.clip: must be [beta, omega] with 0 <= beta <= omega <= 1, got [2, 0.8]"),
+    ("objective.clip[1]=0.1", "objective.clip: must be [beta, omega] with 0 <= beta <= omega <= 1, got [0.3, 0.1]"),
+])
+def test_a_list_rule_broken_by_a_set_item_names_the_set(given, rule):
+    """A check of the whole list (``objective.clip``'s order) that an item's ``--set`` breaks names that ``--set``,
+    as a key's own check does; it named the file's line of the list (``bd_tiny.yaml:18``), which holds a valid one."""
+    assert errors(BD_TINY, [given]) == [f"--set {given}: {rule}"]
+

@@ -567,9 +567,10 @@ class _Errors:
 
     def origin(self, path: str) -> tuple[str, str] | None:
         """(key path, ``--set KEY=VALUE``) of the last override that set or added ``path`` or a key above it,
-        or None: its value came from that override, not from a line of the file."""
+        or an item of the list ``path`` (a check of the whole list, ``objective.clip``'s order, that an item's
+        ``--set`` broke), or None: its value came from that override, not from a line of the file."""
         for top, key, flag in reversed(self.overrides):
-            if path == top or path.startswith((top + ".", top + "[")):
+            if path == top or path.startswith((top + ".", top + "[")) or top.startswith(path + "["):
                 return key, flag
         return None
 
