@@ -465,3 +465,13 @@ def test_a_list_rule_broken_by_a_set_item_names_the_set(given, rule):
     as a key's own check does; it named the file's line of the list (``bd_tiny.yaml:18``), which holds a valid one."""
     assert errors(BD_TINY, [given]) == [f"--set {given}: {rule}"]
 
+
+@pytest.mark.parametrize("given, path", [("objective.nope[0]=1", "objective.nope"),
+                                         ("objective.clip_search.grid[0]=[0.1, 0.2]", "objective.clip_search.grid")])
+def test_an_item_of_a_list_the_recipe_lacks_is_named_absent(given, path):
+    """``KEY[N]`` of a key the recipe does not hold (an item is set, never added): one line naming the list's key
+    it lacks; it read ``objective.nope is a mapping, not a list`` (the empty mapping put in its place)."""
+    with pytest.raises(OverrideError) as e:
+        load_recipe(BD_TINY, overrides=[given])
+    assert e.value.errors == [f"--set {given}: {path}: not in the recipe (KEY[N] sets an item of an existing list; "
+                              f"set the whole list: --set KEY=[...])"], e.value.errors

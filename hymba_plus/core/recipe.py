@@ -984,6 +984,9 @@ def _set_path(node: Any, rest: str, ov: _Override, done: str) -> tuple[Any, str 
         return out, None
     sub = node.get(key)
     after = rest[len(key):]  # ".more" or "[N]..."
+    if sub is None and after.startswith("["):  # (an empty mapping in its place read "... is a mapping, not a list")
+        raise OverrideError([f"{ov.flag}: {here}: {'null' if key in node else 'not in the recipe'} (KEY[N] sets an "
+                             "item of an existing list; set the whole list: --set KEY=[...])"])
     out[key], added = _set_path({} if sub is None else sub, after.removeprefix("."), ov, here)
     return out, here if sub is None else added
 
