@@ -399,3 +399,28 @@ def test_train_text_field_where_no_text_is_read_is_refused(tmp_path, capsys, dat
     assert len(err.strip().splitlines()) == 1 and "--text-field content" in err, err
     assert rc == (2 if data == "mqar" else 1), err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("data", ["mqar", "shards"])
+def test_eval_of_a_text_field_checkpoint_on_data_that_reads_no_field(tmp_path, capsys, data):
+    """``hymba eval CKPT --data X`` of a checkpoint trained with ``--text-field`` (train_config.text_field): a
+    built-in task reads no text and shards are tokens, so the checkpoint's field is not theirs to match (as its
+    tokenizer is dropped for a task); both were refused, naming ``--text-field``, a flag eval has not."""
+    from tests.test_checkpoint import FAST, recipe_file
+
+    f = tmp_path / "c.jsonl"
+    f.write_text("".join(json.dumps({"content": d}) + "\n" for d in DOCS * 4))
+    recipe = recipe_file(tmp_path, {"name": "tf", "model": {"vocab_size": 256, "d_model": 32, "max_seq_len": 64,
+                                                             "block_pattern": "GA"},
+                                    "components": {"gated_attn": {"n_heads": 2}, "mlp": {"d_hidden": 64}}})
+    out = tmp_path / "run"
+    assert main(["train", recipe, "--data", str(f), "--out", str(out), *FAST, "--steps", "1",
+                 "--text-field", "content"]) == 0, capsys.readouterr().err
+    if data == "shards":
+        (tmp_path / "t.jsonl").write_bytes(_jsonl(DOCS * 4))
+        assert main(["prepare", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "s")]) == 0
+        data = str(tmp_path / "s")
+    capsys.readouterr()
+    rc = main(["eval", str(out / "step-1"), "--data", data, "--batches", "1", "--seq-len", "16"])
+    err = capsys.readouterr().err
+    assert rc == 0 and "text-field" not in err, err

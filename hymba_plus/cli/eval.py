@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     from ..objectives import objective_class
     from ..training import checkpoint as ckpt_mod
     from ..training.config import TrainConfig, TrainConfigError, builtin_task, validate
-    from ..training.data import DataError, open_stream
+    from ..training.data import DataError, open_stream, shard_folder
     from ..training.distributed import DistInfo, pick_device
     from ..training.tasks import TaskError
     from ..training.tokenizer import TokenizerError, load_file
@@ -195,6 +195,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, data=cls.default_data)
     if cfg.tokenizer is not None and builtin_task(cfg, recipe.model) is not None:  # --data TASK: reads no tokenizer
         cfg = dataclasses.replace(cfg, tokenizer=None)
+    if cfg.text_field is not None and (builtin_task(cfg, recipe.model) is not None or shard_folder(Path(cfg.data))):
+        cfg = dataclasses.replace(cfg, text_field=None)  # the run's field: --data TASK reads no text, shards are tokens
     try:
         validate(cfg, recipe.model, overrides, where, section=section, default_data=cls.default_data)
     except TrainConfigError as e:

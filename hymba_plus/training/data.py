@@ -133,6 +133,13 @@ def _is_shards(d: Path) -> bool:
         return False
 
 
+def shard_folder(p: Path) -> bool:
+    """Whether ``--data`` ``p`` is read as token shards: an index.json of our format, or (so that a broken index
+    is refused, not trained on as text) one beside prepare's first shard file; a text folder with an index.json
+    of its own is text."""
+    return p.is_dir() and (p / INDEX).exists() and (_is_shards(p) or (p / "shard-00000.bin").is_file())
+
+
 def _binary(f: Path) -> bool:
     """Whether a file has a NUL byte in its first 8 KiB (what no text file has); a compressed text file's
     decompressed bytes are looked at, a JSON Lines or Parquet file (``readers.kind_of``) is not binary."""
@@ -913,7 +920,7 @@ def _text_stream(data: str, seq_len: int, vocab_size: int, seed: int, cfg: Any, 
                         f"objective ladir: {', '.join(REASONING_TASKS)})")
     # our shards: an index.json of our format, or (so that a broken index is refused, not trained on as text) one
     # beside prepare's first shard file; a text folder with an index.json of its own is text
-    if p.is_dir() and (p / INDEX).exists() and (_is_shards(p) or (p / "shard-00000.bin").is_file()):
+    if shard_folder(p):
         shards = TokenShards(p)
         if tokenizer_path is not None:
             want = tokmod.load_file(tokenizer_path).to_json()
