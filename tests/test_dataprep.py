@@ -424,3 +424,35 @@ def test_eval_of_a_text_field_checkpoint_on_data_that_reads_no_field(tmp_path, c
     rc = main(["eval", str(out / "step-1"), "--data", data, "--batches", "1", "--seq-len", "16"])
     err = capsys.readouterr().err
     assert rc == 0 and "text-field" not in err, err
+
+
+@pytest.mark.parametrize("case", ["other field", "text named", "edited"])
+def test_a_resume_refused_for_its_data_names_the_field_only_where_it_changed(tmp_path, capsys, case):
+    """Resuming on another field of the same files is other data, whose token count differs as a rule: the
+    refusal names the field the checkpoint read (it named only --data, --seq-len and --val-frac unless the token
+    count was the same); ``--text-field text`` is the unset field (None, read as text), so where the files
+    themselves changed the fix is not that flag (it was: "resume with --text-field text", the flag given)."""
+    from tests.test_checkpoint import FAST, recipe_file
+
+    f = tmp_path / "c.jsonl"
+    f.write_text("".join(json.dumps({"text": d + " and more", "content": d}) + "\n" for d in DOCS * 4))
+    recipe = recipe_file(tmp_path, {"name": "tf", "model": {"vocab_size": 256, "d_model": 32, "max_seq_len": 64,
+                                                             "block_pattern": "GA"},
+                                    "components": {"gated_attn": {"n_heads": 2}, "mlp": {"d_hidden": 64}}})
+    out = tmp_path / "run"
+    args = ["train", recipe, "--data", str(f), "--out", str(out), *FAST, "--save-every", "1"]
+    first = ["--text-field", "content"] if case == "other field" else []
+    assert main([*args, "--steps", "1", *first]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    if case == "edited":  # as many tokens, other ones
+        f.write_text(f.read_text().replace("quick", "QUICK"))
+    rc = main([*args, "--steps", "2", "--resume", "--text-field", "text"])
+    err = capsys.readouterr().err
+    if case == "text named":  # the same field (and data): it resumes
+        assert rc == 0 and (out / "step-2").is_dir(), err
+        return
+    assert rc == 1 and len(err.strip().splitlines()) == 1, err
+    if case == "other field":
+        assert "resume with --text-field content (the field it read)" in err, err
+    else:
+        assert "--text-field" not in err and "resume with the data it was trained on" in err, err

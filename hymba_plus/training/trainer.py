@@ -663,13 +663,17 @@ class Trainer:
             digest = {"values": ("other values", "digest", "the same series"),
                       "content": ("other data", "content digest", "the data it was trained on")}.get(diff)
             was = (state.get("train_config") or {}).get("seed")
+            # another field of the same JSON Lines / Parquet files (unset is text): other tokens, as a rule as
+            # many fewer or more (tokens, n_train differ before the content digest does)
+            field = (state.get("train_config") or {}).get("text_field") or "text"
+            if (diff in ("tokens", "n_train", "content") and field != (self.cfg.text_field or "text")
+                    and getattr(getattr(stream, "shards", None), "index", {}).get("text_field") is not None):
+                digest = ("other data", {"content": "content digest"}.get(diff, diff),
+                          f"--text-field {field} (the field it read)")
             if digest is not None:
                 what, name, fix = digest
                 if diff == "values" and saved.get("source") == now.get("source") == "synthetic" and was != self.cfg.seed:
                     fix = f"--seed {was} (the synthetic series is drawn from the seed)"
-                field = (state.get("train_config") or {}).get("text_field")
-                if diff == "content" and field != self.cfg.text_field:  # (the same files, another field of them)
-                    fix = f"--text-field {field or 'text'} (the field it read)"
                 raise TrainError(f"--data {self.cfg.data}: the checkpoint {self.resume_from} was trained on {what} "
                                  f"({name} {saved[diff]} there, {now[diff]} now): resume with {fix}, or start a new run")
             if diff is not None:
