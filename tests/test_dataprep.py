@@ -456,3 +456,18 @@ def test_a_resume_refused_for_its_data_names_the_field_only_where_it_changed(tmp
         assert "resume with --text-field content (the field it read)" in err, err
     else:
         assert "--text-field" not in err and "resume with the data it was trained on" in err, err
+
+
+def test_train_reads_the_field_it_is_given_even_an_empty_name(tmp_path, capsys):
+    """``hymba train --text-field ''`` names the field "" (as ``hymba prepare --text-field ''`` reads it): a file
+    without one is refused as prepare refuses it; it read the field ``text`` silently (``field or "text"``) and
+    recorded "" in its checkpoints."""
+    f = tmp_path / "c.jsonl"
+    f.write_bytes(_jsonl(DOCS * 4))
+    rc = main(["prepare", str(f), "--out", str(tmp_path / "s"), "--text-field", ""])
+    assert rc == 1 and f'{f}:1: no "" field' in capsys.readouterr().err
+    rc = main(["train", "configs/gpt_tiny.yaml", "--data", str(f), "--out", str(tmp_path / "run"), "--steps", "1",
+               "--no-progress", "--text-field", ""])
+    err = capsys.readouterr().err
+    assert rc == 1 and len(err.strip().splitlines()) == 1 and f'{f}:1: no "" field' in err, err
+    assert not (tmp_path / "run").exists()

@@ -938,7 +938,7 @@ def _text_stream(data: str, seq_len: int, vocab_size: int, seed: int, cfg: Any, 
         files = list_sources(p, exclude=(run_dir,))
         if sum(f.stat().st_size for f in files) == 0:
             raise DataError(f"{p}: empty (no text)")
-        field = field or "text"
+        field = "text" if field is None else field  # ("": the field named "", as prepare reads it)
         shards = None
         if (cache_dir / INDEX).exists():
             try:

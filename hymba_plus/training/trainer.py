@@ -665,8 +665,10 @@ class Trainer:
             was = (state.get("train_config") or {}).get("seed")
             # another field of the same JSON Lines / Parquet files (unset is text): other tokens, as a rule as
             # many fewer or more (tokens, n_train differ before the content digest does)
-            field = (state.get("train_config") or {}).get("text_field") or "text"
-            if (diff in ("tokens", "n_train", "content") and field != (self.cfg.text_field or "text")
+            field = (state.get("train_config") or {}).get("text_field")
+            field = "text" if field is None else field
+            if (diff in ("tokens", "n_train", "content") and field != ("text" if self.cfg.text_field is None
+                                                                        else self.cfg.text_field)
                     and getattr(getattr(stream, "shards", None), "index", {}).get("text_field") is not None):
                 digest = ("other data", {"content": "content digest"}.get(diff, diff),
                           f"--text-field {field} (the field it read)")
