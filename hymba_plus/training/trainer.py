@@ -663,8 +663,8 @@ class Trainer:
             digest = {"values": ("other values", "digest", "the same series"),
                       "content": ("other data", "content digest", "the data it was trained on")}.get(diff)
             was = (state.get("train_config") or {}).get("seed")
-            # another field of the same JSON Lines / Parquet files (unset is text): other tokens, as a rule as
-            # many fewer or more (tokens, n_train differ before the content digest does)
+            # another field of the same JSON Lines / Parquet files (unset is text): other tokens, as a rule another
+            # count of them (tokens, n_train differ before the content digest does)
             field = (state.get("train_config") or {}).get("text_field")
             field = "text" if field is None else field
             if (diff in ("tokens", "n_train", "content") and field != ("text" if self.cfg.text_field is None
