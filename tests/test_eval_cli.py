@@ -88,6 +88,12 @@ def test_every_tiny_objective_evaluates_as_its_run_logged(config, flags, capsys,
     assert r["metrics"] == logged_eval(out) and r["rows"] > 0 and r["scored"] > 0
     if config == "bd_tiny":  # a --seq-len the objective cannot take (blocks of 4 tile each sequence): usage
         one_line(capsys, call(["eval", str(out), "--device", "cpu", "--seq-len", "18"]), 2, "block_size")
+    if config == "forecast_tiny":  # (a series: no text, no field; hymba train refuses it too)
+        one_line(capsys, call(["eval", str(out), "--device", "cpu", "--text-field", "v"]), 2,
+                 "--text-field v: does not apply to objective forecast")
+    if config == "ladir_tiny":  # (rows of question, reasoning, answer; hymba train refuses it too)
+        one_line(capsys, call(["eval", str(out), "--device", "cpu", "--text-field", "v"]), 2,
+                 "--text-field v: the objective ladir reads reasoning data")
 
 
 def call(argv: list[str]) -> int:
@@ -184,3 +190,54 @@ def test_a_multi_process_runs_eval_covers_every_process_batches(runs, capsys, tm
     state["world_size"] = 0  # a damaged state (read_state takes counts >= 0): one line naming file and key, exit 1
     (ck / "trainer_state.json").write_text(json.dumps(state))
     one_line(capsys, call(["eval", str(ck), "--device", "cpu"]), 1, "trainer_state.json: world_size 0")
+
+
+def test_eval_text_field_reads_that_field_of_json_lines(capsys, tmp_path):
+    """``hymba eval CKPT --data X.jsonl`` reads the checkpoint's ``train.text_field`` (unset: ``text``);
+    ``--text-field NAME`` (``hymba train``'s and ``hymba prepare``'s flag) reads another: a file whose text is
+    in another field was one line naming hymba prepare's / train's / tokenizer train's flag, none of eval's."""
+    from tests.test_checkpoint import FAST
+
+    docs = [f"document {i}: the quick brown fox jumps over the lazy dog." for i in range(40)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"content": d}) + "\n" for d in docs))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"id": i, "body": d}) + "\n" for i, d in enumerate(docs)))
+    out = tmp_path / "run"
+    assert main(["train", str(REPO / "configs/gpt_tiny.yaml"), "--data", str(tmp_path / "c.jsonl"), "--out", str(out),
+                 *FAST, "--steps", "1", "--device", "cpu", "--text-field", "content"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    ck = out / "step-1"
+    other = tmp_path / "b.jsonl"
+    rc = call(["eval", str(ck), "--device", "cpu", "--data", str(other)])  # the checkpoint's field, not in b.jsonl
+    err = capsys.readouterr().err
+    one = err.strip()
+    assert rc == 1 and len(one.splitlines()) == 1 and one.startswith("hymba eval: ") and "Traceback" not in err, err
+    assert f'{other}:1: no "content" field' in one and "--text-field names the one to read" in one, err
+    assert "hymba prepare" not in one and "hymba train" not in one, err
+    r = evaluate(capsys, ck, "--data", str(other), "--text-field", "body", "--batches", "1", tmp=tmp_path)
+    assert r["rows"] > 0 and r["metrics"]["eval_loss"] > 0
+    # the same documents under the field the run read: the same windows, the same numbers
+    same = evaluate(capsys, ck, "--data", str(tmp_path / "c.jsonl"), "--batches", "1", tmp=tmp_path)
+    assert same["metrics"] == r["metrics"]
+    assert evaluate(capsys, ck, "--data", str(tmp_path / "c.jsonl"), "--text-field", "content", "--batches", "1",
+                    tmp=tmp_path)["metrics"] == r["metrics"]
+
+
+def test_eval_text_field_is_refused_where_no_field_is_read(runs, capsys, tmp_path):
+    """A built-in task reads no text (usage, as ``hymba train``'s); shards are tokens: the field must be the
+    one they were made from (their index.json), as ``hymba train --data SHARDS`` (one input line); the
+    harness (``--tasks``) brings its own data."""
+    tmp, task, text = runs
+    one_line(capsys, call(["eval", str(text), "--device", "cpu", "--data", "mqar", "--seq-len", "16",
+                           "--text-field", "body"]), 2, "--text-field body: names the field of JSON Lines / Parquet "
+             "text: the built-in task mqar reads no text")
+    one_line(capsys, call(["eval", str(task), "--device", "cpu", "--text-field", "body"]), 2,
+             "--text-field body: names the field")  # (the checkpoint's data: mqar)
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": TEXT}) + "\n" for _ in range(4)))
+    assert main(["prepare", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "s")]) == 0
+    capsys.readouterr()
+    one_line(capsys, call(["eval", str(text), "--device", "cpu", "--data", str(tmp_path / "s"), "--text-field",
+                           "body"]), 1, 'token shards made from the field "text": --text-field body')
+    assert evaluate(capsys, text, "--data", str(tmp_path / "s"), "--text-field", "text", "--batches", "1",
+                    tmp=tmp_path)["rows"] > 0
+    one_line(capsys, call(["eval", str(text), "--tasks", "x", "--text-field", "body"]), 2,
+             "--text-field: a held-out evaluation flag")

@@ -160,8 +160,9 @@ def add_set_argument(p: argparse.ArgumentParser) -> None:
 
 def add_text_field_argument(p: argparse.ArgumentParser, default: str | None = "text") -> None:
     """``--text-field NAME`` (``args.text_field``): the field of a JSON Lines row, the column of a Parquet file,
-    read as a document (``training/readers.py``), of ``prepare``, ``tokenizer train`` and ``train`` (``default``
-    None there: unset, a train setting a resumed run takes from its checkpoint; read as ``text``)."""
+    read as a document (``training/readers.py``), of ``prepare``, ``tokenizer train``, ``train`` and ``eval``
+    (``default`` None in the last two: unset, a train setting a resumed run, an evaluated checkpoint, takes from
+    its checkpoint; read as ``text``)."""
     p.add_argument("--text-field", default=default, metavar="NAME",
                    help="the field of a JSON Lines object, the column of a Parquet file, that holds a document's "
                         "text (default text)")

@@ -15,7 +15,9 @@ Its settings default to those the checkpoint was trained with (``trainer_state.j
 defaults): the data (``--data``: a built-in task, a text file or folder, token shards of ``hymba
 prepare``, a reasoning task or JSONL file, a series CSV), its held-out split (the same rule as
 training: a text's last ``val_frac`` of windows, a task's held-out samples drawn from the seed, a
-series' last part), ``--batch-size``, ``--seq-len``, ``--seed`` and the batches (``train.eval_batches`` times the run's
+series' last part), the field of JSON Lines / Parquet text (``--text-field``: the checkpoint's
+``train.text_field``, unset ``text``; refused where no text is read, a built-in task, reasoning data, a series;
+token shards: the field they were made from, as ``hymba train``), ``--batch-size``, ``--seq-len``, ``--seed`` and the batches (``train.eval_batches`` times the run's
 processes, which each evaluated that many;
 ``--batches all``: every held-out row once). With the defaults, the numbers equal the ones the run
 logged at the checkpoint's step (``metrics.jsonl``), on a device of the same kind (the run's
@@ -31,7 +33,7 @@ patterns, task YAML files; ``--include-path DIR`` adds a folder of task YAMLs, w
 when it holds every named task the harness's own ~15k task configs are not indexed), ``--num-fewshot K``,
 ``--limit N`` (examples per task; a fraction below 1: that part of each task), ``--batch-size B`` (rows per
 forward, default 8), ``--dtype``; it prints the harness's table and ``--json FILE`` writes its results
-JSON. The held-out flags (``--data``, ``--seq-len``, ``--batches``, ``--seed``) mean nothing there and the
+JSON. The held-out flags (``--data``, ``--text-field``, ``--seq-len``, ``--batches``, ``--seed``) mean nothing there and the
 harness's mean nothing without ``--tasks``: either is refused (exit 2). A task config lm_eval cannot load
 (its template, a ``!function``, its data set) is one input line (exit 1), not lm_eval's traceback.
 """
@@ -47,7 +49,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from . import UsageError, UserError, int_in, output_file, path_text, seed_int, write_output
+from . import UsageError, UserError, add_text_field_argument, int_in, output_file, path_text, seed_int, write_output
 from .check import emit
 
 #: the oldest lm_eval whose API ``--tasks`` and ``training/harness.py`` read (``lm_eval.tasks._yaml_loader``,
@@ -56,7 +58,7 @@ from .check import emit
 LM_EVAL_MIN = "0.4.12"
 
 #: flag dest -> TrainConfig field, for the flags that override the checkpoint's settings
-_FIELDS = {"data": "data", "batch_size": "batch_size", "seq_len": "seq_len", "seed": "seed"}
+_FIELDS = {"data": "data", "batch_size": "batch_size", "seq_len": "seq_len", "seed": "seed", "text_field": "text_field"}
 
 
 def batches_arg(text: str) -> int | str:
@@ -94,7 +96,8 @@ def limit_arg(text: str) -> int | float:
 
 
 #: flags of one mode: held-out only (dest -> flag), and the harness's (``--tasks`` mode) only
-HELD_OUT_ONLY = {"data": "--data", "seq_len": "--seq-len", "batches": "--batches", "seed": "--seed"}
+HELD_OUT_ONLY = {"data": "--data", "seq_len": "--seq-len", "batches": "--batches", "seed": "--seed",
+                 "text_field": "--text-field"}
 HARNESS_ONLY = {"num_fewshot": "--num-fewshot", "limit": "--limit", "include_path": "--include-path",
                 "dtype": "--dtype"}
 
@@ -107,6 +110,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=path_text, default=None, metavar="PATH|TASK",
                    help="a built-in task, a text file or folder, a `hymba prepare` folder, a reasoning task or "
                         "JSONL file (ladir), a series CSV (forecast) (default: the checkpoint's training data)")
+    add_text_field_argument(p, default=None)  # (train's and prepare's; unset: the checkpoint's field)
+    p._actions[-1].help = p._actions[-1].help.replace("(default text)", "(default: the checkpoint's, else text; "
+                                                      "shards: the field they were made from)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="rows per batch (default: the checkpoint's; with --tasks 8)")
     p.add_argument("--seq-len", type=int, default=None,
@@ -190,13 +196,18 @@ def run(args: argparse.Namespace) -> int:
     if unread is not None:
         raise UsageError(f"--{unread.replace('_', '-')} {overrides[unread]}: does not apply to objective forecast "
                          "(windows of objective.context + horizon values, split by time)")
+    if "text_field" in overrides and cls.needs_segments:  # (as hymba train's)
+        raise UsageError(f"--text-field {args.text_field}: the objective {kind} reads reasoning data (rows of "
+                         "question, reasoning, answer), not text")
     cfg = dataclasses.replace(base, **overrides)
     if cfg.data is None:
         cfg = dataclasses.replace(cfg, data=cls.default_data)
     if cfg.tokenizer is not None and builtin_task(cfg, recipe.model) is not None:  # --data TASK: reads no tokenizer
         cfg = dataclasses.replace(cfg, tokenizer=None)
-    if cfg.text_field is not None and (builtin_task(cfg, recipe.model) is not None or shard_folder(Path(cfg.data))):
+    if "text_field" not in overrides and cfg.text_field is not None and (
+            builtin_task(cfg, recipe.model) is not None or shard_folder(Path(cfg.data))):
         cfg = dataclasses.replace(cfg, text_field=None)  # the run's field: --data TASK reads no text, shards are tokens
+    # (a --text-field given: validate refuses it for a built-in task, open_stream one that is not the shards' field)
     try:
         validate(cfg, recipe.model, overrides, where, section=section, default_data=cls.default_data)
     except TrainConfigError as e:

@@ -42,8 +42,9 @@ BOM = b"\xef\xbb\xbf"
 #: a batch of documents (``batches``): at most this many, and at most ``BATCH_CHARS`` characters past the first
 BATCH_DOCS = 1024
 BATCH_CHARS = 1 << 23
-#: where the text field is missing: the flags that name another
-FIELD_HINT = "hymba prepare / hymba train / hymba tokenizer train --text-field name the one to read"
+#: where the text field is missing: the flag that names another, of every command that reads such files (hymba
+#: prepare, train, eval, tokenizer train), whose name begins the error's line (``hymba CMD: FILE:LINE: ...``)
+FIELD_HINT = "--text-field names the one to read"
 
 
 def kind_of(f: Path) -> tuple[str, str | None]:
