@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -472,3 +473,37 @@ def test_train_reads_the_field_it_is_given_even_an_empty_name(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 1 and len(err.strip().splitlines()) == 1 and f'{f}:1: no "" field' in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_set_train_text_field_with_data_flag_trains(tmp_path, capsys):
+    """``--set train.text_field=content --data c.jsonl``: the recipe's train section was checked as it loaded,
+    before the flags applied, so its data was the default (mqar) and the field was refused as 'reads no text'
+    (``--set train.tokenizer`` likewise). A recipe that does not name its data leaves it to ``--data`` (or the
+    objective's default): the rule is checked on the effective data (``training.config.validate``), refused
+    where that is a built-in task."""
+    from hymba_plus.core.recipe import RecipeError, load_recipe
+
+    f = tmp_path / "c.jsonl"
+    f.write_bytes(_jsonl(DOCS * 8, field="content"))
+    out = tmp_path / "run"
+    args = ["train", "configs/gpt_tiny.yaml", "--out", str(out), "--steps", "1", "--batch-size", "2", "--seq-len",
+            "16", "--no-progress", "--device", "cpu"]
+    rc = main([*args, "--set", "train.text_field=content", "--data", str(f)])
+    assert rc == 0, capsys.readouterr().err
+    assert json.loads((out / "step-1" / "trainer_state.json").read_text())["train_config"]["text_field"] == "content"
+    assert json.loads((out / "data" / "index.json").read_text())["text_field"] == "content"
+    shutil.rmtree(out)
+    capsys.readouterr()
+    # the effective data a built-in task: still refused, one line, nothing written (the default: the recipe's key)
+    for extra, code, needle in [([], 1, "configs/gpt_tiny.yaml: train.text_field: names the field of JSON Lines / "
+                                        "Parquet text: the built-in task mqar reads no text"),
+                                (["--data", "mqar"], 2, "--data mqar: configs/gpt_tiny.yaml: train.text_field: "),
+                                (["--set", "train.data=mqar"], 1, "--set train.text_field=content: names the field")]:
+        rc = main([*args, "--set", "train.text_field=content", *extra])
+        err = capsys.readouterr().err
+        assert rc == code and len(err.strip().splitlines()) == 1 and needle in err, err
+        assert not out.exists()
+    # a recipe's tokenizer without its data: the flag's (--data) decides; with a task named, refused as it loads
+    assert load_recipe("configs/gpt_tiny.yaml", overrides=["train.tokenizer=t.json"]).train.tokenizer == "t.json"
+    with pytest.raises(RecipeError, match="the built-in task mqar makes token ids of its own"):
+        load_recipe("configs/gpt_tiny.yaml", overrides=["train.data=mqar", "train.tokenizer=t.json"])

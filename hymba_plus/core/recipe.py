@@ -1190,9 +1190,14 @@ def _build(data: Any, file: str, overrides: "Sequence[tuple[str, str, str]]" = (
         errs.raise_if_any()
         # rules across fields only where the recipe sets the key: a section that sets a few keys
         # leaves the others to their defaults or to ``hymba train``'s flags, and the effective
-        # settings are checked in full there (``training.config.validate``)
+        # settings are checked in full there (``training.config.validate``); a rule that reads the
+        # data (a tokenizer, a text field: for text, not a built-in task) only where the recipe names
+        # it: unset, the data is ``--data``'s or the objective's default, known to ``hymba train`` alone
+        from ..training.config import cross_reads
+
         for k, msg in cross_errors(train, model, "train."):
-            if k.removeprefix("train.").split(".")[0] in data["train"]:
+            key = k.removeprefix("train.").split(".")[0]
+            if key in data["train"] and ("data" in data["train"] or "data" not in cross_reads(key)):
                 errs.add(k, msg)
         errs.raise_if_any()
 
