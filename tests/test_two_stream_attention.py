@@ -259,6 +259,37 @@ def test_a_compile_failure_at_a_call_falls_back_once(monkeypatch, capsys):
         T.two_stream_attention(q, k, v, ts)
 
 
+def test_a_shape_past_the_recompile_limit_runs_the_reference_and_keeps_the_fast_path(monkeypatch, capsys):
+    """flex_attention compiles with static shapes and fullgraph, so a shape past torch.compile's
+    recompile limit raises FailOnRecompileLimitHit (not a TorchDynamoException, and Dynamo does not
+    run it eagerly under fullgraph): such a call runs the reference, one line says so once, the
+    fast path stays on for the shapes compiled before; ``HYMBA_KERNELS=fast`` raises it."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    compiled = {(1, 2, 9, 32)}  # the shapes "compiled" before the limit
+
+    def flex(q, k, v, ts, window=None, *, enable_gqa=False):
+        if tuple(q.shape) not in compiled:
+            raise FailOnRecompileLimitHit("Hard failure due to fullgraph=True")
+        return T.reference(q, k, v, ts, window, enable_gqa=enable_gqa) + 1  # (tells the paths apart)
+
+    monkeypatch.setattr(T, "flex_two_stream", flex)
+    monkeypatch.setattr(T, "recompile_limit_hits", 0)
+    monkeypatch.setitem(dispatch._FAST, T.FAST, dispatch.FastPath(T.FAST, lambda: None, "test", device="cpu"))
+    monkeypatch.setenv("HYMBA_KERNELS", "auto")
+    ts = TwoStream(block_size=2, n_meta=1, length=4)
+    old, new = torch.randn(1, 2, 9, 32), torch.randn(2, 2, 9, 32)
+    for _ in range(2):
+        assert torch.equal(T.two_stream_attention(new, new, new, ts), T.reference(new, new, new, ts))
+        assert torch.equal(T.two_stream_attention(old, old, old, ts), T.reference(old, old, old, ts) + 1)
+    assert T.recompile_limit_hits == 2 and dispatch.statuses()[T.FAST] is True
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"fast path {T.FAST}: torch.compile's recompile limit reached"), err
+    monkeypatch.setenv("HYMBA_KERNELS", "fast")
+    with pytest.raises(FailOnRecompileLimitHit):
+        T.two_stream_attention(new, new, new, ts)
+
+
 def test_a_traced_call_keeps_the_reference(monkeypatch):
     """Under torch.compile the dispatch's answer is not asked (as ``kernels.sdpa``): the traced
     two-stream attention is the dense-mask SDPA even where the fast path is registered."""

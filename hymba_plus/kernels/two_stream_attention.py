@@ -27,7 +27,9 @@ and a model's 16 failed their lowering on an H100); the probe runs the fast path
 two-stream shape (meta tokens, a window, GQA, a length off the tile size), forward and backward in
 bf16, against the reference in float32. A compile failure at a later call (a shape the probe did not
 have) computes nothing: that call runs the reference and the fast path is off from then on, said once
-(``dispatch.failed_at_run``; ``HYMBA_KERNELS=fast`` raises it).
+(``dispatch.failed_at_run``; ``HYMBA_KERNELS=fast`` raises it). A shape past torch.compile's recompile limit
+(one compiled graph a shape, ``torch._dynamo.config.recompile_limit`` of them, 8 by default) runs its calls on the
+reference, said once (``HYMBA_KERNELS=fast`` raises); the shapes compiled before keep the fast path.
 
 GPU (H100, torch 2.11, 2026-12-07, ``gpu_suite.sh flex``): the kernel-level comparison passed (B 2,
 H 8, D 64, L 1024, block 16, 4 meta, MHA / GQA, with and without a 256 window: outputs and q / k / v
@@ -42,6 +44,7 @@ Not measured: its speed against the reference.
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 
 import torch
@@ -52,6 +55,9 @@ from ..core.two_stream import TwoStream, two_stream_visible
 from . import dispatch
 
 FAST = "flex_two_stream"
+
+#: calls in this process whose shape came past torch.compile's recompile limit (they ran the reference)
+recompile_limit_hits = 0
 
 #: the least head dim (q / k and v) the fast path takes: Inductor refuses head dims below 16 when it lowers
 #: FlexAttention's Triton kernels ("NYI: embedding dimension ... must be at least 16", ``tl.dot``'s least
@@ -152,8 +158,19 @@ def two_stream_attention(q: Tensor, k: Tensor, v: Tensor, ts: TwoStream, window:
         try:
             return flex_two_stream(q, k, v, ts, window, enable_gqa=enable_gqa)
         except Exception as e:  # noqa: BLE001 - only a compile failure falls back (below)
-            from torch._dynamo.exc import TorchDynamoException
+            from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
 
+            if isinstance(e, FailOnRecompileLimitHit) and dispatch.mode() != "fast":
+                # a shape past torch.compile's recompile limit (static shapes: one graph a shape; under
+                # fullgraph Dynamo raises instead of running eagerly): this call takes the reference, the
+                # shapes compiled before stay on the fast path, said once
+                global recompile_limit_hits
+                recompile_limit_hits += 1
+                if recompile_limit_hits == 1:
+                    print(f"fast path {FAST}: torch.compile's recompile limit reached "
+                          f"(torch._dynamo.config.recompile_limit = {torch._dynamo.config.recompile_limit} shapes); "
+                          "calls of new shapes use the reference path", file=sys.stderr, flush=True)
+                return reference(q, k, v, ts, window, enable_gqa=enable_gqa)
             if not isinstance(e, TorchDynamoException):
                 raise
             # torch.compile could not build flex_attention for this call's shapes (its probe's were fine):
