@@ -290,6 +290,36 @@ def test_a_shape_past_the_recompile_limit_runs_the_reference_and_keeps_the_fast_
         T.two_stream_attention(new, new, new, ts)
 
 
+def test_a_shape_past_the_recompile_limit_is_not_compiled_again(monkeypatch):
+    """Past the recompile limit Dynamo does not remember the refusal under fullgraph: each later call of that
+    shape re-ran every guard, tried to compile again and logged Dynamo's five-line 'hit config.recompile_limit'
+    warning (every layer, every step), so the path's 'said once' was not. A shape (with what else the compiled
+    call is specialised on) that hit the limit now goes to the reference without entering the compiled
+    function; the shapes compiled before keep it. Real torch.compile (backend eager, a limit of 1)."""
+    tries = []
+    compiled = torch.compile(lambda q, k, v: T.reference(q, k, v, ts) + 1, fullgraph=True, dynamic=False,
+                             backend="eager")
+
+    def flex(q, k, v, ts, window=None, *, enable_gqa=False):
+        tries.append(tuple(q.shape))
+        return compiled(q, k, v)
+
+    monkeypatch.setattr(T, "flex_two_stream", flex)
+    monkeypatch.setattr(T, "recompile_limit_hits", 0)
+    monkeypatch.setattr(T, "past_recompile_limit", set(), raising=False)
+    monkeypatch.setitem(dispatch._FAST, T.FAST, dispatch.FastPath(T.FAST, lambda: None, "test", device="cpu"))
+    monkeypatch.setenv("HYMBA_KERNELS", "auto")
+    ts = TwoStream(block_size=2, n_meta=1, length=4)
+    old, new = torch.randn(1, 2, 9, 32), torch.randn(2, 2, 9, 32)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        assert torch.equal(T.two_stream_attention(old, old, old, ts), T.reference(old, old, old, ts) + 1)
+        for _ in range(3):
+            assert torch.equal(T.two_stream_attention(new, new, new, ts), T.reference(new, new, new, ts))
+            assert torch.equal(T.two_stream_attention(old, old, old, ts), T.reference(old, old, old, ts) + 1)
+    assert tries.count((2, 2, 9, 32)) == 1 and tries.count((1, 2, 9, 32)) == 4, tries
+    assert T.recompile_limit_hits == 3 and dispatch.statuses()[T.FAST] is True
+
+
 def test_a_traced_call_keeps_the_reference(monkeypatch):
     """Under torch.compile the dispatch's answer is not asked (as ``kernels.sdpa``): the traced
     two-stream attention is the dense-mask SDPA even where the fast path is registered."""

@@ -28,8 +28,10 @@ two-stream shape (meta tokens, a window, GQA, a length off the tile size), forwa
 bf16, against the reference in float32. A compile failure at a later call (a shape the probe did not
 have) computes nothing: that call runs the reference and the fast path is off from then on, said once
 (``dispatch.failed_at_run``; ``HYMBA_KERNELS=fast`` raises it). A shape past torch.compile's recompile limit
-(one compiled graph a shape, ``torch._dynamo.config.recompile_limit`` of them, 8 by default) runs its calls on the
-reference, said once (``HYMBA_KERNELS=fast`` raises); the shapes compiled before keep the fast path.
+(one compiled graph a shape, grad mode, dtype and layout, ``torch._dynamo.config.recompile_limit`` of them, 8 by
+default) runs its calls on the reference, said once (``HYMBA_KERNELS=fast`` raises); the shapes compiled before keep
+the fast path. Such a shape is not tried again (``past_recompile_limit``): under fullgraph Dynamo keeps no record of
+the refusal, so each of its calls would re-run the guards and log torch's recompile-limit warning again.
 
 GPU (H100, torch 2.11, 2026-12-07, ``gpu_suite.sh flex``): the kernel-level comparison passed (B 2,
 H 8, D 64, L 1024, block 16, 4 meta, MHA / GQA, with and without a 256 window: outputs and q / k / v
@@ -58,6 +60,10 @@ FAST = "flex_two_stream"
 
 #: calls in this process whose shape came past torch.compile's recompile limit (they ran the reference)
 recompile_limit_hits = 0
+#: the calls (``_call_key``) that came past the recompile limit: they go to the reference without entering the
+#: compiled function (under fullgraph Dynamo keeps no record of the refusal: each such call re-ran the guards,
+#: tried to compile again and logged its recompile-limit warning, every layer of every step)
+past_recompile_limit: set[tuple] = set()
 
 #: the least head dim (q / k and v) the fast path takes: Inductor refuses head dims below 16 when it lowers
 #: FlexAttention's Triton kernels ("NYI: embedding dimension ... must be at least 16", ``tl.dot``'s least
@@ -149,12 +155,24 @@ def supported(q: Tensor, k: Tensor, v: Tensor) -> bool:
     return min(q.shape[-1], k.shape[-1], v.shape[-1]) >= MIN_HEAD_DIM
 
 
+def _call_key(q: Tensor, k: Tensor, v: Tensor, ts: TwoStream, window: int | None, enable_gqa: bool) -> tuple:
+    """What the compiled ``flex_attention`` of a call is specialised on (static shapes): q / k / v's sizes,
+    strides, dtypes and requires_grad, autocast's dtype, grad mode, the layout and window (its block mask), GQA."""
+    return (str(q.device), dispatch.autocast_dtype(q), torch.is_grad_enabled(), ts, window, enable_gqa,
+            *((tuple(t.shape), t.stride(), t.dtype, t.requires_grad) for t in (q, k, v)))
+
+
 def two_stream_attention(q: Tensor, k: Tensor, v: Tensor, ts: TwoStream, window: int | None = None, *,
                          enable_gqa: bool = False) -> Tensor:
     """q [B, H, S, D], k / v [B, Hkv, S, D] (S = M + 2L) -> the two-stream attention [B, H, S, D]:
     the fast path where the dispatch takes it (CUDA, eager, head dims >= ``MIN_HEAD_DIM``), else the
     reference; a compile failure at a call turns the fast path off, said once (``dispatch.failed_at_run``)."""
+    global recompile_limit_hits
     if supported(q, k, v) and not dispatch.tracing(q) and dispatch.use_fast(FAST, q, k, v):
+        key = _call_key(q, k, v, ts, window, enable_gqa)
+        if key in past_recompile_limit and dispatch.mode() != "fast":  # (refused before: not tried again)
+            recompile_limit_hits += 1
+            return reference(q, k, v, ts, window, enable_gqa=enable_gqa)
         try:
             return flex_two_stream(q, k, v, ts, window, enable_gqa=enable_gqa)
         except Exception as e:  # noqa: BLE001 - only a compile failure falls back (below)
@@ -162,9 +180,9 @@ def two_stream_attention(q: Tensor, k: Tensor, v: Tensor, ts: TwoStream, window:
 
             if isinstance(e, FailOnRecompileLimitHit) and dispatch.mode() != "fast":
                 # a shape past torch.compile's recompile limit (static shapes: one graph a shape; under
-                # fullgraph Dynamo raises instead of running eagerly): this call takes the reference, the
-                # shapes compiled before stay on the fast path, said once
-                global recompile_limit_hits
+                # fullgraph Dynamo raises instead of running eagerly): this call and the later ones of its
+                # key take the reference, the shapes compiled before stay on the fast path, said once
+                past_recompile_limit.add(key)
                 recompile_limit_hits += 1
                 if recompile_limit_hits == 1:
                     print(f"fast path {FAST}: torch.compile's recompile limit reached "
