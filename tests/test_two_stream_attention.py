@@ -320,6 +320,44 @@ def test_a_shape_past_the_recompile_limit_is_not_compiled_again(monkeypatch):
     assert T.recompile_limit_hits == 3 and dispatch.statuses()[T.FAST] is True
 
 
+def test_a_backward_lowering_failure_falls_back_at_the_forward_call(monkeypatch, capsys):
+    """With static shapes AOTAutograd lowers a compiled graph's backward lazily, at the first backward: a
+    lowering failure there (a shape the probe did not have; NoValidChoicesError on an H100 came from these
+    templates) was a traceback in ``loss.backward()``, after the forward had run on the fast path, out of the
+    fallback's reach. The backward is now lowered with the forward (``force_non_lazy_backward_lowering``), so
+    its failure is the forward call's compile failure: the reference, one line. Real torch.compile (AOTAutograd
+    with a backward compiler that fails) of a stand-in for flex_attention (the reference)."""
+    import functools
+
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def bw(gm, example_inputs):
+        raise RuntimeError("NoValidChoicesError: No choices to select (backward)")
+
+    backend = aot_autograd(fw_compiler=lambda gm, ex: make_boxed_func(gm), bw_compiler=bw)
+    ts = TwoStream(block_size=2, n_meta=1, length=4)
+
+    def attend(q, k, v, *, block_mask, enable_gqa):  # (flex_attention's signature; its CPU eager code: the reference)
+        return T.reference(q, k, v, ts, enable_gqa=enable_gqa)
+
+    monkeypatch.setattr(T, "_compiled", lambda fn, dynamic=None: torch.compile(attend, fullgraph=True, dynamic=False,
+                                                                               backend=backend))
+    monkeypatch.setattr(T, "flex_two_stream", functools.partial(T.flex_two_stream, compiled=True))
+    monkeypatch.setitem(dispatch._FAST, T.FAST, dispatch.FastPath(T.FAST, lambda: None, "test", device="cpu"))
+    monkeypatch.setenv("HYMBA_KERNELS", "auto")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 9, 32, generator=g, requires_grad=True) for _ in range(3))
+    y = T.two_stream_attention(q, k, v, ts)
+    y.sum().backward()
+    ref = T.reference(*(t.detach().requires_grad_() for t in (q, k, v)), ts)
+    assert torch.equal(y, ref)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"fast path {T.FAST} unavailable (failed at a call after its probe "
+                                               "passed: BackendCompilerFailed"), err
+    assert str(dispatch.statuses()[T.FAST]).startswith("failed at a call after its probe passed")
+
+
 def test_a_traced_call_keeps_the_reference(monkeypatch):
     """Under torch.compile the dispatch's answer is not asked (as ``kernels.sdpa``): the traced
     two-stream attention is the dense-mask SDPA even where the fast path is registered."""

@@ -27,7 +27,9 @@ and a model's 16 failed their lowering on an H100); the probe runs the fast path
 two-stream shape (meta tokens, a window, GQA, a length off the tile size), forward and backward in
 bf16, against the reference in float32. A compile failure at a later call (a shape the probe did not
 have) computes nothing: that call runs the reference and the fast path is off from then on, said once
-(``dispatch.failed_at_run``; ``HYMBA_KERNELS=fast`` raises it). A shape past torch.compile's recompile limit
+(``dispatch.failed_at_run``; ``HYMBA_KERNELS=fast`` raises it). The backward is lowered with the forward
+(``_backward_lowered_with_forward``; static shapes would leave it to the first ``loss.backward()``, past the
+fallback), so its failure is the forward call's. A shape past torch.compile's recompile limit
 (one compiled graph a shape, grad mode, dtype and layout, ``torch._dynamo.config.recompile_limit`` of them, 8 by
 default) runs its calls on the reference, said once (``HYMBA_KERNELS=fast`` raises); the shapes compiled before keep
 the fast path. Such a shape is not tried again (``past_recompile_limit``): under fullgraph Dynamo keeps no record of
@@ -137,9 +139,24 @@ def flex_two_stream(q: Tensor, k: Tensor, v: Tensor, ts: TwoStream, window: int 
     # static shapes: a second shape would otherwise recompile with symbolic sizes (Dynamo's automatic
     # dynamic), and Inductor's FlexAttention templates found no valid config for a symbolic head dim
     # (NoValidChoicesError on an H100, 2026-12-08: the probe's D 64 then a model's D 32)
-    fn = _compiled(flex_attention, False) if (q.is_cuda if compiled is None else compiled) else flex_attention
-    with torch.autocast(q.device.type, enabled=False):
+    use_compiled = q.is_cuda if compiled is None else compiled
+    fn = _compiled(flex_attention, False) if use_compiled else flex_attention
+    with torch.autocast(q.device.type, enabled=False), _backward_lowered_with_forward(use_compiled):
         return fn(q, k, v, block_mask=block_mask(ts, window, q.device), enable_gqa=enable_gqa)
+
+
+def _backward_lowered_with_forward(compiled: bool):  # noqa: ANN202 - a context manager
+    """Under static shapes AOTAutograd lowers a graph's backward lazily, at its first backward (no symbolic
+    sizes saved for it): a lowering failure there (a shape the probe did not have) would come out of
+    ``loss.backward()`` after the forward ran on the fast path, out of ``two_stream_attention``'s fallback.
+    Lowered with the forward (``torch._functorch.config.force_non_lazy_backward_lowering``), its failure is
+    the compiling call's, which nothing has computed yet: that call runs the reference."""
+    import contextlib
+
+    cfg = torch._functorch.config
+    if not compiled or not hasattr(cfg, "force_non_lazy_backward_lowering"):
+        return contextlib.nullcontext()
+    return cfg.patch(force_non_lazy_backward_lowering=True)
 
 
 def reference(q: Tensor, k: Tensor, v: Tensor, ts: TwoStream, window: int | None = None, *,
