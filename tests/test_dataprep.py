@@ -507,3 +507,25 @@ def test_set_train_text_field_with_data_flag_trains(tmp_path, capsys):
     assert load_recipe("configs/gpt_tiny.yaml", overrides=["train.tokenizer=t.json"]).train.tokenizer == "t.json"
     with pytest.raises(RecipeError, match="the built-in task mqar makes token ids of its own"):
         load_recipe("configs/gpt_tiny.yaml", overrides=["train.data=mqar", "train.tokenizer=t.json"])
+
+
+def test_a_reasoning_recipe_naming_a_text_field_is_refused(tmp_path, capsys):
+    """LaDiR reads reasoning data (rows of question, reasoning, answer), never a text field: ``--text-field`` is
+    refused for it, and a recipe's ``train.text_field`` was too as it loaded (checked on the default data, mqar).
+    Since that rule waits for the effective data, ``train.text_field`` of a LaDiR recipe without ``train.data``
+    trained silently without reading it (a reasoning task is no built-in next-token task). Refused again, one
+    line naming the key, nothing written."""
+    y = tmp_path / "ladir.yaml"
+    y.write_text(Path("configs/ladir_tiny.yaml").read_text().replace("train: {seq_len: 32, batch_size: 16}",
+                                                                        "train: {seq_len: 32, batch_size: 16, "
+                                                                        "text_field: content}"))
+    assert "text_field: content" in y.read_text()
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out), "--steps", "1", "--no-progress", "--device", "cpu"]
+    for argv, needle in [([str(y)], f"{y}: train.text_field: content: the objective ladir reads reasoning data"),
+                         (["configs/ladir_tiny.yaml", "--set", "train.text_field=content"],
+                          "--set train.text_field=content: the objective ladir reads reasoning data")]:
+        rc = main([*args[:1], *argv, *args[1:]])
+        err = capsys.readouterr().err
+        assert rc == 1 and len(err.strip().splitlines()) == 1 and needle in err, err
+        assert not out.exists()

@@ -300,6 +300,13 @@ def run(args: argparse.Namespace) -> int:
     if args.text_field is not None and objective_class(recipe).needs_segments:  # (it was ignored silently)
         raise UsageError(f"--text-field {args.text_field}: the objective {kind} reads reasoning data (rows of "
                          "question, reasoning, answer), not text")
+    field = recipe.train.text_field if recipe.train is not None else None
+    if args.text_field is None and field is not None and objective_class(recipe).needs_segments:
+        # the recipe's key (its data-reading rule waits for the effective data, and reasoning data is no
+        # built-in next-token task: it trained without reading it)
+        given = next((s for s in reversed(args.sets or []) if s.split("=", 1)[0].strip() == "train.text_field"), None)
+        raise UserError(f"{f'--set {given}' if given else f'{recipe_path}: train.text_field: {field}'}: the objective "
+                        f"{kind} reads reasoning data (rows of question, reasoning, answer), not text")
     if args.distill is not None and kind != "next_token":  # (training/distill.py refuses it too, as the API's)
         raise UsageError(f"--distill: only for next-token training (the recipe's objective is {kind}; it must be "
                          "next_token)")
